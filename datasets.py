@@ -1,0 +1,610 @@
+"""PMAD data: class settings, the training set, MVTec-format test sets, a visual-token cache.
+
+Layouts
+  training (ImageNet layout, written by setup_train_dataset.py):
+    <root>/train/<class>/<stem>.<ext>        normal training images
+    <root>/fg_mask/<class>/<stem>.png        foreground masks (method.md 4)
+  test (MVTec layout: MVTec AD, BTAD, MPDD, the demo set):
+    <root>/<class>/test/<defect>/<stem>.<ext>        'good' (or BTAD's 'ok') is normal
+    <root>/<class>/ground_truth/<defect>/<stem>_mask.<ext>   (or <stem>.<ext>, BTAD)
+
+Bad input is never replaced by another sample (method.md 9.6): an unreadable or missing
+file is an error naming it; with ``skip_bad_images=True`` every file is decoded once at
+construction and the bad ones are listed in a warning and left out.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Sequence, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from tqdm import tqdm
+
+OBJECTS = ["bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
+           "toothbrush", "transistor", "zipper"]
+TEXTURES = ["carpet", "grid", "leather", "tile", "wood"]
+MVTEC_CLASSES = sorted(OBJECTS + TEXTURES)
+SETTINGS = ("multi_class", "obj2tex", "tex2obj", "leave_one_out")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NORMAL_DIRS = ("good", "ok")  # normal-image folder: MVTec AD / MPDD, BTAD
+
+TRAIN_LAYOUT = ("<root>/train/<class>/<image>.png (from MVTec's <class>/train/good), "
+                "<root>/fg_mask/<class>/<image stem>.png")
+TEST_LAYOUT = ("<root>/<class>/test/<defect>/<image>.png ('good' = normal), "
+               "<root>/<class>/ground_truth/<defect>/<image stem>_mask.png")
+FIX_BAD_FILE = ("replace the file, or pass skip_bad_images=True (--skip_bad_images) to "
+                "leave bad files out")
+FIX_FG_MASK = ("unpack the released masks with `python setup_train_dataset.py --data_path "
+               "<MVTec AD> --fg_mask_zip fg_mask.zip` (or estimate them with "
+               "--make_fg_masks), or use fg_mask=False (every patch counts as foreground)")
+# Preprocessing of the token image; stored in the token cache so that a change of it
+# invalidates the cached tokens.
+TOKEN_PREPROCESS = "resize-bicubic-antialias+center-crop+to-tensor"
+TOKEN_CACHE_FORMAT = 1
+_SAVE_EVERY_BATCHES = 50  # token cache: partial saves so a crash loses little work
+
+_Item = TypeVar("_Item")
+
+
+class LayoutError(FileNotFoundError):
+    """A dataset folder is not laid out as expected (missing folders, no images)."""
+
+
+class BadFileError(RuntimeError):
+    """An image or mask file is missing, unreadable or inconsistent with its image."""
+
+
+# ----------------------------------------------------------------------------------------
+# Class settings
+# ----------------------------------------------------------------------------------------
+def setting_classes(setting: str, unseen_classes: str | Sequence[str] | None = None,
+                    available: Iterable[str] | None = None) -> tuple[list[str], list[str]]:
+    """(train classes, test classes) of a PMAD setting (method.md 4).
+
+    `available` are the class folders of the data at hand (default: MVTec AD's 15); it
+    makes 'multi_class' and 'leave_one_out' work for any class set. 'obj2tex' and
+    'tex2obj' split MVTec AD's objects and textures and need all 15 classes.
+    """
+    pool = MVTEC_CLASSES if available is None else sorted(set(available))
+    if not pool:
+        raise ValueError("setting_classes: no available classes")
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; valid settings: {', '.join(SETTINGS)}")
+    unseen = [unseen_classes] if isinstance(unseen_classes, str) else list(unseen_classes or [])
+    if setting != "leave_one_out":
+        if unseen:
+            raise ValueError(f"unseen classes {unseen} only apply to 'leave_one_out'; "
+                             f"{setting!r} fixes its test classes")
+        if setting == "multi_class":
+            return list(pool), list(pool)
+        missing = [c for c in MVTEC_CLASSES if c not in pool]
+        if missing:
+            raise ValueError(f"{setting!r} splits MVTec AD into objects and textures and "
+                             f"needs all 15 classes; missing: {', '.join(missing)} "
+                             f"(available: {', '.join(pool)}). For other class sets use "
+                             "'multi_class' or 'leave_one_out'")
+        if setting == "obj2tex":
+            return list(OBJECTS), list(TEXTURES)
+        return list(TEXTURES), list(OBJECTS)
+    if len(unseen) != 1:
+        raise ValueError(f"'leave_one_out' needs exactly one unseen class, got {unseen}; "
+                         f"valid classes: {', '.join(pool)}")
+    if unseen[0] not in pool:
+        raise ValueError(f"unknown class {unseen[0]!r}; valid classes: {', '.join(pool)}")
+    return [c for c in pool if c != unseen[0]], [unseen[0]]
+
+
+def list_images(folder: str) -> list[str]:
+    """Image files directly in `folder`, sorted by name (a fixed order keeps runs
+    reproducible). Hidden files (e.g. macOS '._000.png' companions) are not images."""
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+            and os.path.isfile(os.path.join(folder, f))]
+
+
+def _subdirs(folder: str) -> list[str]:
+    return sorted(d for d in os.listdir(folder)
+                  if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
+
+
+def list_train_classes(root: str) -> list[str]:
+    """Class folders of a training set in ImageNet layout (<root>/train/<class>)."""
+    train_dir = os.path.join(root, "train")
+    if not os.path.isdir(train_dir):
+        raise LayoutError(f"{train_dir} does not exist; expected {TRAIN_LAYOUT}. Fix: "
+                          f"python setup_train_dataset.py --data_path <MVTec AD> --root {root}")
+    return _subdirs(train_dir)
+
+
+def list_test_classes(root: str) -> list[str]:
+    """Class folders of a set in MVTec layout (those holding a test/ folder)."""
+    if not os.path.isdir(root):
+        raise LayoutError(f"{root} does not exist; expected {TEST_LAYOUT}")
+    return [c for c in _subdirs(root) if os.path.isdir(os.path.join(root, c, "test"))]
+
+
+def fg_mask_path(root: str, class_name: str, image_path: str) -> str:
+    """Foreground-mask file of a training image, from the folder structure (not by
+    replacing the text 'train' in the path, method.md 9.8)."""
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    return os.path.join(root, "fg_mask", class_name, stem + ".png")
+
+
+def _check_classes(classes: Sequence[str]) -> list[str]:
+    classes = [classes] if isinstance(classes, str) else list(classes)
+    if not classes:
+        raise ValueError("no classes given")
+    dupes = sorted({c for c in classes if classes.count(c) > 1})
+    if dupes:
+        raise ValueError(f"classes listed twice: {', '.join(dupes)}")
+    return classes
+
+
+def list_train_samples(root: str, classes: Sequence[str]) -> list[tuple[str, int]]:
+    """(image path, class index) over <root>/train/<class>/*, class index = position in
+    `classes`; every missing folder is listed in one error."""
+    available = list_train_classes(root)
+    samples, problems = [], []
+    for idx, name in enumerate(classes):
+        folder = os.path.join(root, "train", name)
+        files = list_images(folder) if os.path.isdir(folder) else None
+        if files is None:
+            problems.append(f"{folder} (class folder missing)")
+        elif not files:
+            problems.append(f"{folder} (no image files {'/'.join(IMAGE_EXTENSIONS)})")
+        else:
+            samples += [(f, idx) for f in files]
+    if problems:
+        raise LayoutError("training set is incomplete:\n  " + "\n  ".join(problems)
+                          + f"\nexpected {TRAIN_LAYOUT}; classes present: "
+                          f"{', '.join(available) or 'none'}")
+    return samples
+
+
+# ----------------------------------------------------------------------------------------
+# Decoding and transforms
+# ----------------------------------------------------------------------------------------
+def _resize_crop(size: int) -> list:
+    return [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(size), T.ToTensor()]
+
+
+def build_transforms(img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                     std: Sequence[float] = IMAGENET_DEFAULT_STD) -> T.Compose:
+    """ViT / ProtoFlow input: Resize(bicubic, antialias) + CenterCrop + mean/std
+    (method.md 4, 7)."""
+    return T.Compose(_resize_crop(img_size) + [T.Normalize(mean, std)])
+
+
+def build_token_transform(token_size: int) -> T.Compose:
+    """Tokenizer input: the same resize and crop at the tokenizer's size, RGB in [0, 1]."""
+    return T.Compose(_resize_crop(token_size))
+
+
+def mask_to_tensor(mask: Image.Image, size: int) -> torch.Tensor:
+    """Binary mask image -> BoolTensor (size, size): Resize(nearest) + CenterCrop, aligned
+    with the image."""
+    mask = T.functional.resize(mask, size, interpolation=T.InterpolationMode.NEAREST)
+    mask = T.functional.center_crop(mask, size)
+    return torch.from_numpy(np.asarray(mask) > 0)
+
+
+def patch_any(mask: torch.Tensor, patch_size: int = 16) -> torch.Tensor:
+    """(..., H, W) bool -> (..., L) bool, row-major: a patch is set if any of its pixels is."""
+    h, w = mask.shape[-2:]
+    grid = mask.reshape(*mask.shape[:-2], h // patch_size, patch_size, w // patch_size,
+                        patch_size)
+    return grid.any(-1).any(-2).flatten(-2)  # (..., h/p, w/p) -> (..., L)
+
+
+def _missing(path: str, kind: str, fix: str) -> BadFileError:
+    return BadFileError(f"{kind} {path} does not exist; {fix}")
+
+
+def open_rgb(path: str) -> Image.Image:
+    """Fully decoded RGB image; grey (also 16-bit) and palette images are converted."""
+    if not os.path.isfile(path):
+        raise _missing(path, "image", FIX_BAD_FILE)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode.startswith("I"):  # 16/32-bit grey: keep the top 8 bits
+                arr = np.asarray(img).astype(np.int64)
+                shift = 8 if arr.max(initial=0) > 255 else 0
+                img = Image.fromarray((arr >> shift).clip(0, 255).astype(np.uint8))
+            return img.convert("RGB")
+    except Exception as e:  # any decoder failure means the file is bad
+        raise BadFileError(f"cannot read image {path}: {e}; {FIX_BAD_FILE}") from e
+
+
+def open_mask(path: str, kind: str = "mask", fix: str = FIX_BAD_FILE) -> Image.Image:
+    """Binary 'L' image (0/255), binarised at half the file's maximum so that 0/1, 0/255
+    and lightly compressed masks all work."""
+    if not os.path.isfile(path):
+        raise _missing(path, kind, fix)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            arr = np.asarray(img if img.mode.startswith("I") else img.convert("L"))
+    except Exception as e:
+        raise BadFileError(f"cannot read {kind} {path}: {e}; {fix}") from e
+    top = float(arr.max(initial=0))
+    binary = arr > top / 2 if top > 0 else np.zeros(arr.shape, bool)
+    return Image.fromarray(binary.astype(np.uint8) * 255)
+
+
+def _check_aspect(mask: Image.Image, mask_path: str, image: Image.Image, image_path: str,
+                  fix: str) -> None:
+    """Image and mask are resized and cropped separately: they align iff their aspect
+    ratios agree (sizes may differ)."""
+    (mw, mh), (iw, ih) = mask.size, image.size
+    if abs(mw * ih - iw * mh) > 0.01 * iw * mh:
+        raise BadFileError(f"{mask_path} is {mw}x{mh} but its image {image_path} is "
+                           f"{iw}x{ih}: they cannot be aligned; {fix}")
+
+
+def _drop_bad_files(items: list[_Item], check: Callable[[_Item], object],
+                    what: str) -> tuple[list[_Item], list[str]]:
+    """Decode every item once (threads: PIL releases the GIL while decoding); return the
+    good items and one message per bad one, and warn listing all bad ones."""
+    def run(item: _Item) -> str | None:
+        try:
+            check(item)
+        except BadFileError as e:
+            return str(e)
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = list(tqdm(pool.map(run, items), total=len(items),
+                            desc=f"checking {what}", disable=len(items) < 100))
+    bad = [r for r in results if r is not None]
+    if bad:
+        warnings.warn(f"{what}: left out {len(bad)} bad file(s) of {len(items)}:\n  "
+                      + "\n  ".join(bad), stacklevel=3)
+    return [it for it, r in zip(items, results) if r is None], bad
+
+
+# ----------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------
+class TrainImageDataset(Dataset):
+    """Normal training images as (transform(RGB image), class index), for ProtoFlow and
+    its prototypes (which bring their own augmentation)."""
+
+    def __init__(self, root: str, classes: Sequence[str],
+                 transform: Callable[[Image.Image], object] | None = None,
+                 skip_bad_images: bool = False) -> None:
+        self.root, self.classes, self.transform = root, _check_classes(classes), transform
+        self.samples = list_train_samples(root, self.classes)
+        self.bad_files: list[str] = []
+        if skip_bad_images:
+            self.samples, self.bad_files = _drop_bad_files(
+                self.samples, lambda s: open_rgb(s[0]), "training images")
+            _require_each_class(self.samples, self.classes, root)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[object, int]:
+        path, class_idx = self.samples[index]
+        image = open_rgb(path)
+        return (self.transform(image) if self.transform else image), class_idx
+
+
+def _require_each_class(samples: list[tuple], classes: list[str], root: str) -> None:
+    left = {s[1] for s in samples}
+    empty = [c for i, c in enumerate(classes) if i not in left]
+    if empty:
+        raise BadFileError(f"no usable images left for class(es) {', '.join(empty)} in "
+                           f"{root} after leaving out bad files (see the warning above)")
+
+
+class _TokenImageDataset(Dataset):
+    """Image + token image (or cached tokens) for a list of image files; shared by the
+    training and the test sets, and the interface `cache_tokens` works on."""
+    image_paths: list[str]
+
+    def __init__(self, token_size: int, img_size: int, mean: Sequence[float],
+                 std: Sequence[float], patch_size: int) -> None:
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.token_size, self.img_size, self.patch_size = token_size, img_size, patch_size
+        self.num_patches = (img_size // patch_size) ** 2
+        self.transform = build_transforms(img_size, mean, std)
+        self.token_transform = build_token_transform(token_size)
+        self.tokens: torch.Tensor | None = None  # (N, L) once cached
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def load_token_image(self, index: int) -> torch.Tensor:
+        """(3, S, S) in [0, 1] at the tokenizer's size."""
+        return self.token_transform(open_rgb(self.image_paths[index]))
+
+    def attach_tokens(self, tokens: torch.Tensor) -> None:
+        """Serve precomputed tokens (N, L) instead of token images from now on."""
+        if tokens.shape != (len(self), self.num_patches) or tokens.is_floating_point():
+            raise ValueError(f"tokens must be an integer tensor ({len(self)}, "
+                             f"{self.num_patches}), got {tuple(tokens.shape)} {tokens.dtype}")
+        self.tokens = tokens
+
+    def _encode(self, index: int, image: Image.Image) -> dict[str, torch.Tensor]:
+        out = {"image": self.transform(image)}  # (3, img_size, img_size)
+        if self.tokens is None:
+            out["token_image"] = self.token_transform(image)  # (3, S, S)
+        else:
+            out["tokens"] = self.tokens[index].long()  # (L,)
+        return out
+
+
+class PretrainDataset(_TokenImageDataset):
+    """Training set of the reconstruction ViT (method.md 4): per sample the normalised
+    image, the token image (or cached tokens), the foreground patch mask and the class.
+
+    fg_mask=False needs no mask files and marks every patch as foreground, so that
+    foreground-limited masking degenerates to masking anywhere.
+    """
+
+    def __init__(self, root: str, classes: Sequence[str], token_size: int,
+                 img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD, patch_size: int = 16,
+                 fg_mask: bool = True, skip_bad_images: bool = False) -> None:
+        super().__init__(token_size, img_size, mean, std, patch_size)
+        self.root, self.classes = root, _check_classes(classes)
+        items = [(p, c, fg_mask_path(root, self.classes[c], p) if fg_mask else None)
+                 for p, c in list_train_samples(root, self.classes)]
+        self.bad_files: list[str] = []
+        if skip_bad_images:
+            items, self.bad_files = _drop_bad_files(items, self._load, "training images")
+            _require_each_class(items, self.classes, root)
+        elif fg_mask:
+            _require_masks(items, root, self.classes)
+        self.samples = [(p, c) for p, c, _ in items]  # (image path, class index)
+        self.image_paths = [p for p, _, _ in items]
+        self.mask_paths = [m for _, _, m in items]  # None entries when fg_mask=False
+
+    def _load(self, item: tuple[str, int, str | None]) -> tuple[Image.Image, Image.Image | None]:
+        path, _, mask_path = item
+        image = open_rgb(path)
+        if mask_path is None:
+            return image, None
+        mask = open_mask(mask_path, "foreground mask", FIX_FG_MASK)
+        _check_aspect(mask, mask_path, image, path, FIX_FG_MASK)
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        path, class_idx = self.samples[index]
+        image, mask = self._load((path, class_idx, self.mask_paths[index]))
+        out = self._encode(index, image)
+        if mask is None:
+            out["fg_mask"] = torch.ones(self.num_patches, dtype=torch.bool)
+        else:
+            pixels = mask_to_tensor(mask, self.img_size)  # (img_size, img_size)
+            out["fg_mask"] = patch_any(pixels, self.patch_size)  # (L,)
+        out["class_idx"], out["index"] = class_idx, index
+        return out
+
+
+def _require_masks(items: list[tuple[str, int, str]], root: str, classes: list[str]) -> None:
+    """Checked up front (a stat per file) so that a missing mask stops training at the
+    start, not hours into it."""
+    missing = [(c, m) for _, c, m in items if not os.path.isfile(m)]
+    if not missing:
+        return
+    lines = []
+    for idx, name in enumerate(classes):
+        files = [m for c, m in missing if c == idx]
+        total = sum(1 for _, c, _ in items if c == idx)
+        if files and len(files) == total:
+            lines.append(f"{os.path.join(root, 'fg_mask', name)}/ (no masks for any of "
+                         f"its {total} images)")
+        else:
+            lines += files
+    shown = lines[:20] + ([f"... and {len(lines) - 20} more"] if len(lines) > 20 else [])
+    raise BadFileError(f"{len(missing)} foreground mask(s) missing:\n  " + "\n  ".join(shown)
+                       + f"\nFix: {FIX_FG_MASK}")
+
+
+def _find_gt_mask(gt_dir: str, listing: set[str], stem: str) -> str | None:
+    for name in [stem + "_mask" + ext for ext in IMAGE_EXTENSIONS] + \
+                [stem + ext for ext in IMAGE_EXTENSIONS]:
+        if name in listing:
+            return os.path.join(gt_dir, name)
+    return None
+
+
+class MVTecTestDataset(_TokenImageDataset):
+    """One class of a set in MVTec layout (method.md 7): image, token image, label
+    (0 = normal), ground-truth mask, name ('<defect>_<stem>', unique within the class),
+    defect type."""
+
+    def __init__(self, root: str, class_name: str, token_size: int, img_size: int = 224,
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD, patch_size: int = 16,
+                 skip_bad_images: bool = False) -> None:
+        super().__init__(token_size, img_size, mean, std, patch_size)
+        self.root, self.class_name = root, class_name
+        items, missing = self._list(root, class_name)
+        if missing and not skip_bad_images:
+            raise BadFileError(f"{len(missing)} ground-truth mask(s) missing:\n  "
+                               + "\n  ".join(missing) + f"\nFix: {FIX_BAD_FILE}")
+        self.bad_files: list[str] = []
+        if skip_bad_images:
+            items, self.bad_files = _drop_bad_files(items, self._load,
+                                                    f"test images of {class_name}")
+            if not items:
+                raise BadFileError(f"no usable test images left in {root}/{class_name}")
+        # (image path, label, defect type, gt-mask path or None)
+        self.samples = items
+        self.image_paths = [s[0] for s in items]
+        self.labels = [s[1] for s in items]
+        self.defect_types = [s[2] for s in items]
+        self.mask_paths = [s[3] for s in items]
+
+    @staticmethod
+    def _list(root: str, class_name: str) -> tuple[list[tuple], list[str]]:
+        test_dir = os.path.join(root, class_name, "test")
+        if not os.path.isdir(test_dir):
+            what = "class folder" if not os.path.isdir(os.path.join(root, class_name)) \
+                else "test folder"
+            found = list_test_classes(root)
+            raise LayoutError(f"{test_dir} does not exist ({what} missing); expected "
+                              f"{TEST_LAYOUT}; classes present in {root}: "
+                              f"{', '.join(found) or 'none'}")
+        items, missing, empty = [], [], []
+        for defect in _subdirs(test_dir):
+            files = list_images(os.path.join(test_dir, defect))
+            if not files:
+                empty.append(os.path.join(test_dir, defect))
+            label = 0 if defect in NORMAL_DIRS else 1
+            gt_dir = os.path.join(root, class_name, "ground_truth", defect)
+            listing = set(os.listdir(gt_dir)) if label and os.path.isdir(gt_dir) else set()
+            for f in files:
+                stem = os.path.splitext(os.path.basename(f))[0]
+                mask = _find_gt_mask(gt_dir, listing, stem) if label else None
+                if label and mask is None:
+                    missing.append(f"{os.path.join(gt_dir, stem)}_mask.png (or "
+                                   f"{stem}.png) for {f}")
+                    # BadFileError at load time names the file if it is kept
+                    mask = os.path.join(gt_dir, stem + "_mask.png")
+                items.append((f, label, defect, mask))
+        if not items:
+            raise LayoutError(f"no test images under {test_dir} (empty folders: "
+                              f"{', '.join(empty) or 'no defect folders'}); expected "
+                              f"{TEST_LAYOUT}")
+        return items, missing
+
+    def _load(self, item: tuple) -> tuple[Image.Image, Image.Image | None]:
+        path, _, _, mask_path = item
+        image = open_rgb(path)
+        if mask_path is None:
+            return image, None
+        mask = open_mask(mask_path, "ground-truth mask")
+        _check_aspect(mask, mask_path, image, path, FIX_BAD_FILE)
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        item = self.samples[index]
+        image, mask = self._load(item)
+        out: dict[str, object] = dict(self._encode(index, image))
+        if mask is None:
+            gt = torch.zeros(1, self.img_size, self.img_size)
+        else:
+            gt = mask_to_tensor(mask, self.img_size).float()[None]  # (1, S, S) in {0, 1}
+        stem = os.path.splitext(os.path.basename(item[0]))[0]
+        out.update(label=item[1], gt_mask=gt, name=f"{item[2]}_{stem}", defect_type=item[2],
+                   index=index)
+        return out
+
+
+# ----------------------------------------------------------------------------------------
+# Visual-token cache
+# ----------------------------------------------------------------------------------------
+class _TokenImages(Dataset):
+    def __init__(self, dataset: _TokenImageDataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> tuple[int, torch.Tensor]:
+        return self.indices[j], self.dataset.load_token_image(self.indices[j])
+
+
+def token_cache_path(cache_dir: str, fingerprint: str) -> str:
+    return os.path.join(cache_dir, f"tokens_{fingerprint[:32]}.pt")
+
+
+def _stamp(path: str) -> tuple[str, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise BadFileError(f"image {path} is not accessible: {e}; {FIX_BAD_FILE}") from e
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns
+
+
+def _load_token_store(path: str, fingerprint: str, preprocess: str
+                      ) -> dict[str, tuple[tuple[int, int], torch.Tensor]]:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        ok = (payload["format"] == TOKEN_CACHE_FORMAT and payload["fingerprint"] == fingerprint
+              and payload["preprocess"] == preprocess)
+    except Exception as e:  # a cache can always be rebuilt; say so and do it
+        warnings.warn(f"token cache {path} is unreadable ({e}); recomputing it", stacklevel=3)
+        return {}
+    if not ok:
+        return {}
+    stamps, tokens = payload["stamps"].tolist(), payload["tokens"]
+    return {p: (tuple(s), tokens[i]) for i, (p, s) in enumerate(zip(payload["paths"], stamps))}
+
+
+def _save_token_store(path: str, fingerprint: str, preprocess: str,
+                      store: dict[str, tuple[tuple[int, int], torch.Tensor]]) -> None:
+    """Atomic (temp file + os.replace): a crash or a concurrent reader never sees half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    paths = sorted(store)
+    payload = {"format": TOKEN_CACHE_FORMAT, "fingerprint": fingerprint,
+               "preprocess": preprocess, "paths": paths,
+               "stamps": torch.tensor([store[p][0] for p in paths], dtype=torch.long),  # (N, 2)
+               "tokens": torch.stack([store[p][1] for p in paths])}  # (N, L) int32
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def cache_tokens(dataset: _TokenImageDataset, tokenizer, cache_dir: str, batch_size: int = 32,
+                 device: str | torch.device = "cpu", num_workers: int = 0) -> dict[str, int]:
+    """Tokenize every image of `dataset` once and make the dataset serve 'tokens' (L,)
+    instead of 'token_image', so that a training step runs no tokenizer.
+
+    Valid because the token image is never augmented and the tokenizer is frozen.
+    Cache file: one per tokenizer fingerprint (sha256 of its weights) in `cache_dir`,
+    also tagged with the token preprocessing. Entry key: the image's real path, size and
+    mtime_ns; a stat per file costs microseconds where hashing MVTec AD's gigabytes would
+    take a minute per start, and rewriting an image changes its mtime. Only misses are
+    computed; entries of other datasets sharing the file are kept.
+    """
+    if tokenizer.image_size != dataset.token_size:
+        raise ValueError(f"the dataset makes {dataset.token_size} px token images but the "
+                         f"tokenizer takes {tokenizer.image_size} px: build the dataset with "
+                         f"token_size={tokenizer.image_size}")
+    fingerprint = str(tokenizer.fingerprint)
+    preprocess = f"{TOKEN_PREPROCESS}-{dataset.token_size}"
+    path = token_cache_path(cache_dir, fingerprint)
+    store = _load_token_store(path, fingerprint, preprocess)
+    stamps = [_stamp(p) for p in dataset.image_paths]
+    misses = [i for i, (real, *stat) in enumerate(stamps)
+              if real not in store or store[real][0] != tuple(stat)]
+    vocab = getattr(tokenizer, "vocab_size", None)
+    loader = DataLoader(_TokenImages(dataset, misses), batch_size=batch_size,
+                        num_workers=num_workers, shuffle=False)
+    for step, (indices, images) in enumerate(tqdm(loader, desc="visual tokens",
+                                                  disable=not misses)):
+        with torch.inference_mode():
+            codes = tokenizer.get_codebook_indices(images.to(device))  # (B, L)
+        if codes.shape != (len(indices), dataset.num_patches) or codes.is_floating_point():
+            raise ValueError(f"tokenizer returned {tuple(codes.shape)} {codes.dtype} for "
+                             f"{len(indices)} images; expected integer codes "
+                             f"({len(indices)}, {dataset.num_patches}) for the dataset's "
+                             f"{dataset.img_size // dataset.patch_size}^2 patch grid")
+        codes = codes.to("cpu", torch.int32, copy=True)  # outside inference mode
+        if vocab is not None and (codes.min() < 0 or codes.max() >= vocab):
+            raise ValueError(f"tokenizer returned codes outside [0, {vocab})")
+        for i, row in zip(indices.tolist(), codes):
+            real, *stat = stamps[i]
+            store[real] = (tuple(stat), row)
+        if (step + 1) % _SAVE_EVERY_BATCHES == 0:
+            _save_token_store(path, fingerprint, preprocess, store)
+    if misses:
+        _save_token_store(path, fingerprint, preprocess, store)
+    dataset.attach_tokens(torch.stack([store[real][1] for real, *_ in stamps]))  # (N, L)
+    return {"hits": len(stamps) - len(misses), "misses": len(misses)}

@@ -1,0 +1,439 @@
+"""Convert an MVTec-format dataset into the ImageNet layout PMAD trains on (method.md 4).
+
+  <data_path>/<class>/train/good/*   ->  <root>/train/<class>/*
+  <data_path>/<class>/test/good/*    ->  <root>/val/<class>/*
+  released fg_mask.zip               ->  <root>/fg_mask/<class>/<stem>.png  (--fg_mask_zip)
+  estimated foreground masks         ->  <root>/fg_mask/<class>/<stem>.png  (--make_fg_masks)
+
+The layout is checked before anything is written; re-running skips identical files.
+`--make_demo DIR` first writes the offline demo set (demo_data.py) into DIR.
+
+  python setup_train_dataset.py --data_path data/mvtec_anomaly_detection --fg_mask_zip fg_mask.zip
+"""
+from __future__ import annotations
+
+import argparse
+import filecmp
+import os
+import shutil
+import stat
+import sys
+import zipfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePosixPath
+from typing import Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from tqdm import tqdm
+
+from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, BadFileError,
+                      LayoutError, fg_mask_path, list_images, open_rgb)
+
+DEFAULT_ROOT = "data/Mvtec-ImageNet"
+DEMO_ROOT = "data/demo_imagenet"
+SOURCE_LAYOUT = "<data_path>/<class>/train/good/*.png and <data_path>/<class>/test/good/*.png"
+WORK_SIZE = 256  # mask estimation runs at this longest side, then is resized back
+MIN_FG_FRACTION = 0.005  # an estimated mask smaller than this is treated as failed
+
+
+# ----------------------------------------------------------------------------------------
+# Copy / hard-link the images
+# ----------------------------------------------------------------------------------------
+def _normal_dir(class_dir: str, split: str) -> str | None:
+    for name in NORMAL_DIRS:
+        path = os.path.join(class_dir, split, name)
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def find_classes(data_path: str, classes: Sequence[str] | None) -> list[str]:
+    """The classes to convert: those asked for, else every class folder in `data_path`
+    (all 15 when it is MVTec AD, so that a half-extracted download is caught)."""
+    if not os.path.isdir(data_path):
+        raise LayoutError(f"{data_path} does not exist; expected {SOURCE_LAYOUT}. "
+                          "Download MVTec AD and pass its folder as --data_path")
+    if classes:
+        return list(dict.fromkeys(classes))
+    found = sorted(d for d in os.listdir(data_path)
+                   if os.path.isdir(os.path.join(data_path, d, "train")))
+    if not found:
+        raise LayoutError(f"no class folders with a train/ folder in {data_path}; "
+                          f"expected {SOURCE_LAYOUT}")
+    missing = [c for c in MVTEC_CLASSES if c not in found]
+    if set(found) & set(MVTEC_CLASSES) and missing:
+        raise LayoutError(f"{data_path} looks like MVTec AD but lacks the class folders "
+                          f"{', '.join(missing)}; extract the full download, or pass "
+                          "--classes to convert a subset")
+    return found
+
+
+def plan_copies(data_path: str, root: str, classes: Sequence[str]
+                ) -> dict[str, dict[str, list[tuple[str, str]]]]:
+    """{class: {'train'|'val': [(source, destination)]}}; every missing folder of every
+    class is listed in one error before anything is written."""
+    plan, problems = {}, []
+    for name in classes:
+        class_dir = os.path.join(data_path, name)
+        if not os.path.isdir(class_dir):
+            problems.append(f"{class_dir} (class folder missing)")
+            continue
+        plan[name] = {}
+        for split, out in (("train", "train"), ("test", "val")):
+            src_dir = _normal_dir(class_dir, split)
+            files = list_images(src_dir) if src_dir else []
+            if src_dir is None:
+                problems.append(f"{os.path.join(class_dir, split, 'good')} (folder missing)")
+            elif not files:
+                problems.append(f"{src_dir} (no image files {'/'.join(IMAGE_EXTENSIONS)})")
+            plan[name][out] = [(f, os.path.join(root, out, name, os.path.basename(f)))
+                               for f in files]
+    if problems:
+        raise LayoutError(f"{data_path} is not a complete MVTec-format dataset; missing:\n  "
+                          + "\n  ".join(problems) + f"\nexpected {SOURCE_LAYOUT}")
+    return plan
+
+
+def _identical(src: str, dst: str, link: bool) -> bool:
+    """Hard link; when copying also same size and mtime (copy2 keeps the mtime, as
+    rsync's quick check assumes) or same bytes. With --link an earlier copy is replaced
+    by a link."""
+    if os.path.samefile(src, dst):
+        return True
+    if link:
+        return False
+    a, b = os.stat(src), os.stat(dst)
+    if a.st_size != b.st_size:
+        return False
+    return a.st_mtime_ns == b.st_mtime_ns or filecmp.cmp(src, dst, shallow=False)
+
+
+def _place(src: str, dst: str, link: bool) -> None:
+    """Copy or hard-link through a temporary name, so that a crash leaves no half file."""
+    tmp = f"{dst}.tmp{os.getpid()}"
+    if link:
+        try:
+            os.link(src, tmp)
+        except OSError as e:
+            raise OSError(f"--link: cannot hard-link {src} to {tmp} ({e}); data_path and root "
+                          "must be on the same file system, or drop --link to copy") from e
+    else:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def sync_files(pairs: list[tuple[str, str]], link: bool, desc: str) -> Counter:
+    """Counter of 'new', 'unchanged', 'replaced' (a destination differing from its source,
+    or with --link a copy instead of a link)."""
+    counts: Counter = Counter()
+    for src, dst in tqdm(pairs, desc=desc, unit="file"):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if os.path.lexists(dst):
+            if _identical(src, dst, link):
+                counts["unchanged"] += 1
+                continue
+            counts["replaced"] += 1
+        else:
+            counts["new"] += 1
+        _place(src, dst, link)
+    return counts
+
+
+def _extra_files(plan: dict[str, dict[str, list[tuple[str, str]]]]) -> list[str]:
+    """Destination images that no source file maps to (kept, and they will be trained on)."""
+    notes = []
+    for pairs_by_split in plan.values():
+        for pairs in pairs_by_split.values():
+            folder = os.path.dirname(pairs[0][1])
+            extra = set(list_images(folder)) - {dst for _, dst in pairs}
+            if extra:
+                notes.append(f"{folder}: {len(extra)} image(s) not in the source, left in "
+                             f"place (e.g. {sorted(extra)[0]})")
+    return notes
+
+
+# ----------------------------------------------------------------------------------------
+# Released foreground masks
+# ----------------------------------------------------------------------------------------
+def _zip_unsafe(info: zipfile.ZipInfo) -> bool:
+    name = info.filename.replace("\\", "/")
+    parts = PurePosixPath(name).parts
+    is_link = stat.S_ISLNK(info.external_attr >> 16)
+    return (name.startswith("/") or ".." in parts or (bool(parts) and ":" in parts[0])
+            or is_link)
+
+
+def _zip_target(info: zipfile.ZipInfo) -> tuple[str, str] | None:
+    """(class, file name) of a mask entry, with or without a top 'fg_mask/' folder (or any
+    one top folder); None for entries that are not masks."""
+    parts = PurePosixPath(info.filename.replace("\\", "/")).parts
+    if "fg_mask" in parts[:-1]:
+        parts = parts[len(parts) - 1 - parts[::-1].index("fg_mask"):][1:]
+    elif len(parts) == 3:
+        parts = parts[1:]
+    if len(parts) != 2 or not parts[1].lower().endswith(IMAGE_EXTENSIONS):
+        return None
+    return parts[0], parts[1]
+
+
+class FgMaskZip:
+    """The released fg_mask.zip, checked on opening (before anything is written)."""
+
+    def __init__(self, path: str, classes: Sequence[str]) -> None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--fg_mask_zip {path} does not exist; download "
+                                    "fg_mask.zip (see README) or use --make_fg_masks")
+        self.path = path
+        with zipfile.ZipFile(path) as zf:
+            infos = [i for i in zf.infolist() if not i.is_dir()]
+        unsafe = [i.filename for i in infos if _zip_unsafe(i)]
+        if unsafe:
+            raise ValueError(f"{path}: refusing to unpack, entries point outside the target "
+                             f"folder (absolute, '..', drive or link): {', '.join(unsafe)}")
+        self.entries, self.ignored, self.other_classes = [], [], Counter()
+        for info in infos:
+            parts = PurePosixPath(info.filename).parts
+            if parts[0] == "__MACOSX" or parts[-1].startswith("."):
+                continue  # archiver metadata, not data
+            target = _zip_target(info)
+            if target is None:
+                self.ignored.append(info.filename)
+            elif target[0] in classes:
+                self.entries.append((info, *target))
+            else:
+                self.other_classes[target[0]] += 1
+
+    def unpack(self, root: str) -> Counter:
+        counts: Counter = Counter()
+        with zipfile.ZipFile(self.path) as zf:
+            for info, name, filename in tqdm(self.entries, desc="fg masks", unit="file"):
+                dst = os.path.join(root, "fg_mask", name, filename)
+                data = zf.read(info)
+                if os.path.isfile(dst):
+                    with open(dst, "rb") as f:
+                        if f.read() == data:
+                            counts["unchanged"] += 1
+                            continue
+                    counts["replaced"] += 1
+                else:
+                    counts["new"] += 1
+                _write_atomic(dst, data)
+        return counts
+
+
+def _write_atomic(dst: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, dst)
+
+
+# ----------------------------------------------------------------------------------------
+# Estimated foreground masks
+# ----------------------------------------------------------------------------------------
+def _largest_components(fg: np.ndarray, keep_fraction: float) -> np.ndarray:
+    """Components at least `keep_fraction` of the largest one's area (several-part
+    objects survive, specks do not)."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return fg.astype(bool)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = 1 + np.flatnonzero(areas >= keep_fraction * areas.max())
+    return np.isin(labels, keep)
+
+
+def estimate_fg_mask(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) bool foreground.
+
+    MVTec AD's objects lie on a plain backdrop: pixels whose colour is far from the
+    median colour of the image border are the object. The threshold is half of Otsu's
+    on that distance (objects often have parts close to the backdrop, and a mask that
+    errs towards foreground is the safe side) but above the border's own noise; closing,
+    opening, hole filling and the largest components clean it up, and a slight dilation
+    adds a margin.
+    """
+    h, w = image.shape[:2]
+    scale = min(1.0, WORK_SIZE / max(h, w))
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    small = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA).astype(np.float32)
+    small = cv2.GaussianBlur(small, (5, 5), 0)  # (sh, sw, 3)
+    b = max(1, round(0.04 * min(sh, sw)))
+    border = np.concatenate([small[:b].reshape(-1, 3), small[-b:].reshape(-1, 3),
+                             small[:, :b].reshape(-1, 3), small[:, -b:].reshape(-1, 3)])
+    background = np.median(border, axis=0)  # (3,)
+    dist = np.linalg.norm(small - background, axis=-1)  # (sh, sw)
+    noise = np.percentile(np.linalg.norm(border - background, axis=-1), 95)
+    otsu, _ = cv2.threshold(np.clip(dist, 0, 255).astype(np.uint8), 0, 255,
+                            cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    fg = (dist > max(otsu / 2, 2 * noise + 10)).astype(np.uint8)
+    k = max(3, round(0.02 * min(sh, sw)) | 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, kernel)
+    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, kernel)
+    fg = _largest_components(ndimage.binary_fill_holes(fg), keep_fraction=0.1)
+    fg = cv2.dilate(fg.astype(np.uint8), kernel)
+    return cv2.resize(fg, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def make_fg_masks(root: str, classes: Sequence[str], textures: Sequence[str] = TEXTURES
+                  ) -> dict[str, Counter]:
+    """Estimate a mask for every training image that has none ('existing' masks, e.g.
+    released ones, are kept). Textures are foreground everywhere; an object mask that
+    comes out (nearly) empty is written all-foreground and counted as 'failed'."""
+    jobs = [(name, path) for name in classes
+            for path in list_images(os.path.join(root, "train", name))]
+
+    def run(job: tuple[str, str]) -> str:
+        name, path = job
+        dst = fg_mask_path(root, name, path)
+        if os.path.isfile(dst):
+            return "existing"
+        image = np.asarray(open_rgb(path))  # (H, W, 3)
+        status = "texture"
+        if name in textures:
+            fg = np.ones(image.shape[:2], bool)
+        else:
+            fg = estimate_fg_mask(image)
+            status = "estimated"
+            if fg.mean() < MIN_FG_FRACTION:
+                fg[:] = True
+                status = "failed"
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        tmp = f"{dst}.tmp{os.getpid()}"
+        Image.fromarray(fg.astype(np.uint8) * 255).save(tmp, format="PNG")
+        os.replace(tmp, dst)
+        return status
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # cv2 frees the GIL
+        statuses = list(tqdm(pool.map(run, jobs), total=len(jobs), desc="estimating fg masks",
+                             unit="image"))
+    out = {name: Counter() for name in classes}
+    for (name, _), status in zip(jobs, statuses):
+        out[name][status] += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------
+def _mask_coverage(root: str, name: str) -> tuple[int, int]:
+    """(training images with a foreground mask, training images)."""
+    images = list_images(os.path.join(root, "train", name))
+    return sum(os.path.isfile(fg_mask_path(root, name, p)) for p in images), len(images)
+
+
+def _table(root: str, classes: Sequence[str]) -> str:
+    rows = [("class", "train", "val", "fg_mask")]
+    totals = [0, 0, 0]
+    for name in classes:
+        with_mask, n_train = _mask_coverage(root, name)
+        n_val = len(list_images(os.path.join(root, "val", name)))
+        totals = [totals[0] + n_train, totals[1] + n_val, totals[2] + with_mask]
+        rows.append((name, str(n_train), str(n_val), str(with_mask)))
+    rows.append(("total", *map(str, totals)))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{r[0]:<{width}}  {r[1]:>6}  {r[2]:>6}  {r[3]:>7}" for r in rows)
+
+
+def _counts(c: Counter) -> str:
+    return ", ".join(f"{c[k]} {k}" for k in ("new", "unchanged", "replaced"))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_path", help="MVTec-format dataset (e.g. data/mvtec_anomaly_detection)")
+    p.add_argument("--root", help=f"output folder (default {DEFAULT_ROOT}; "
+                                  f"{DEMO_ROOT} with --make_demo)")
+    p.add_argument("--link", action="store_true",
+                   help="hard-link instead of copying (same file system only)")
+    p.add_argument("--classes", nargs="+", help="classes to convert (default: all found)")
+    p.add_argument("--fg_mask_zip", help="released fg_mask.zip to unpack into <root>/fg_mask")
+    p.add_argument("--make_fg_masks", action="store_true",
+                   help="estimate foreground masks for training images that have none")
+    p.add_argument("--make_demo", metavar="DIR",
+                   help="first write the offline demo set (MVTec format) into DIR and use it "
+                        "as --data_path")
+    p.add_argument("--seed", type=int, default=0, help="seed of the demo set (--make_demo)")
+    args = p.parse_args(argv)
+    if args.make_demo:
+        if args.data_path and os.path.abspath(args.data_path) != os.path.abspath(args.make_demo):
+            p.error("--make_demo DIR is the data path; do not also pass a different --data_path")
+        args.data_path = args.make_demo
+    elif not args.data_path:
+        p.error("--data_path is required (or --make_demo DIR)")
+    args.root = args.root or (DEMO_ROOT if args.make_demo else DEFAULT_ROOT)
+    return args
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.make_demo:
+        from demo_data import make_demo_dataset
+        extra = {"classes": args.classes} if args.classes else {}
+        written = make_demo_dataset(args.make_demo, args.root, seed=args.seed, **extra)
+        print(f"demo set: {len(written)} classes written to {args.make_demo} "
+              f"(foreground masks in {os.path.join(args.root, 'fg_mask')})")
+    classes = find_classes(args.data_path, args.classes)
+    plan = plan_copies(args.data_path, args.root, classes)
+    masks = FgMaskZip(args.fg_mask_zip, classes) if args.fg_mask_zip else None
+
+    verb = "hard-linking" if args.link else "copying"
+    for split in ("train", "val"):
+        pairs = [pair for name in classes for pair in plan[name][split]]
+        counts = sync_files(pairs, args.link, f"{verb} {split}")
+        print(f"{split}: {_counts(counts)}")
+    for note in _extra_files(plan):
+        print(f"note: {note}")
+
+    if masks is not None:
+        print(f"fg_mask.zip: {_counts(masks.unpack(args.root))}")
+        if masks.other_classes:
+            print("fg_mask.zip: not unpacked (classes not converted): "
+                  + ", ".join(f"{k} ({v})" for k, v in sorted(masks.other_classes.items())))
+        if masks.ignored:
+            print(f"fg_mask.zip: {len(masks.ignored)} entries are not <class>/<mask> files and "
+                  f"were not unpacked, e.g. {masks.ignored[0]}")
+    if args.make_fg_masks:
+        stats = make_fg_masks(args.root, classes)
+        total = sum(stats.values(), Counter())
+        print(f"fg masks: {total['estimated']} estimated, {total['texture']} texture "
+              f"(all foreground), {total['existing']} already present")
+        failed = {k: v["failed"] for k, v in stats.items() if v["failed"]}
+        if failed:
+            print("fg masks: estimation found no object, wrote all-foreground masks for: "
+                  + ", ".join(f"{k} ({v})" for k, v in failed.items()))
+        print("note: estimated masks (border colour + threshold + morphology) approximate "
+              "the released ones; prefer the released fg_mask.zip (--fg_mask_zip) to "
+              "reproduce the paper")
+
+    print()
+    print(_table(args.root, classes))
+    uncovered = []
+    for name in classes:
+        with_mask, n_train = _mask_coverage(args.root, name)
+        if with_mask < n_train:
+            uncovered.append(f"{name} ({n_train - with_mask} of {n_train})")
+    if uncovered:
+        print("training images without a foreground mask: " + ", ".join(uncovered)
+              + "; use --fg_mask_zip fg_mask.zip or --make_fg_masks (or train with "
+              "foreground masks off)")
+    print(f"training set ready in {args.root}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (OSError, ValueError, BadFileError, zipfile.BadZipFile) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""datasets.py on small generated trees: settings, the training and test sets, bad files,
+wrong layouts, the foreground patch mask and the visual-token cache."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+from datasets import (MVTEC_CLASSES, OBJECTS, TEXTURES, BadFileError, LayoutError,
+                      MVTecTestDataset, PretrainDataset, TrainImageDataset, cache_tokens,
+                      patch_any, setting_classes, token_cache_path)
+
+MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]
+STD = torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
+# bottle: RGB 96 x 64 (W x H), uniform colour per image; carpet: grey 128 x 128
+BOTTLE_COLOURS = [(200, 30, 90), (20, 140, 250), (90, 220, 10)]
+CARPET_GREYS = [40, 130, 230]
+FG_PIXEL = (20, 56)  # (y, x) in the 96-wide bottle image -> (20, 40) after the centre crop
+
+
+def _save(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.fixture
+def train_root(tmp_path: Path) -> Path:
+    """ImageNet layout under a path that itself contains 'train' (method.md 9.8)."""
+    root = tmp_path / "train_data" / "inet"
+    for i, colour in enumerate(BOTTLE_COLOURS):
+        _save(root / "train" / "bottle" / f"{i:03d}.png", np.full((64, 96, 3), colour, np.uint8))
+        mask = np.zeros((64, 96), np.uint8)
+        mask[FG_PIXEL] = 255
+        _save(root / "fg_mask" / "bottle" / f"{i:03d}.png", mask)
+    for i, grey in enumerate(CARPET_GREYS):
+        _save(root / "train" / "carpet" / f"{i:03d}.png", np.full((128, 128), grey, np.uint8))
+        _save(root / "fg_mask" / "carpet" / f"{i:03d}.png", np.full((128, 128), 255, np.uint8))
+    return root
+
+
+def _pretrain(root: Path, **kw) -> PretrainDataset:
+    return PretrainDataset(str(root), ["bottle", "carpet"], token_size=32, img_size=64, **kw)
+
+
+# ----------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------
+def test_setting_classes_presets():
+    assert setting_classes("multi_class") == (MVTEC_CLASSES, MVTEC_CLASSES)
+    assert len(MVTEC_CLASSES) == 15 and MVTEC_CLASSES == sorted(OBJECTS + TEXTURES)
+    assert setting_classes("obj2tex") == (OBJECTS, TEXTURES)
+    assert setting_classes("tex2obj") == (TEXTURES, OBJECTS)
+    train, test = setting_classes("leave_one_out", "screw")
+    assert test == ["screw"] and len(train) == 14 and "screw" not in train
+    assert setting_classes("leave_one_out", ["wood"])[1] == ["wood"]
+
+
+def test_setting_classes_other_class_sets():
+    demo = ["gravel", "brick", "coins"]
+    assert setting_classes("multi_class", available=demo) == (sorted(demo), sorted(demo))
+    assert setting_classes("leave_one_out", "coins", available=demo) == (["brick", "gravel"],
+                                                                         ["coins"])
+    with pytest.raises(ValueError, match="needs all 15 classes.*bottle"):
+        setting_classes("obj2tex", available=demo)
+    with pytest.raises(ValueError, match="unknown class 'screw'; valid classes: brick, coins"):
+        setting_classes("leave_one_out", "screw", available=demo)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("leave_one_out",), "exactly one unseen class"),
+    (("leave_one_out", ["screw", "wood"]), "exactly one unseen class"),
+    (("leave_one_out", "srew"), "unknown class 'srew'; valid classes: bottle, cable"),
+    (("obj2tex", "wood"), "only apply to 'leave_one_out'"),
+    (("cross_class",), "valid settings: multi_class, obj2tex, tex2obj, leave_one_out"),
+])
+def test_setting_classes_errors(args, message):
+    with pytest.raises(ValueError, match=message):
+        setting_classes(*args)
+
+
+# ----------------------------------------------------------------------------------------
+# Training set
+# ----------------------------------------------------------------------------------------
+def test_pretrain_sample_values(train_root):
+    ds = _pretrain(train_root)
+    assert len(ds) == 6 and ds.classes == ["bottle", "carpet"]
+    assert ds.samples[0] == (str(train_root / "train" / "bottle" / "000.png"), 0)
+    assert ds.mask_paths[0] == str(train_root / "fg_mask" / "bottle" / "000.png")
+    item = ds[1]
+    assert set(item) == {"image", "token_image", "fg_mask", "class_idx", "index"}
+    colour = torch.tensor(BOTTLE_COLOURS[1], dtype=torch.float32)[:, None, None] / 255
+    assert item["image"].shape == (3, 64, 64)
+    torch.testing.assert_close(item["image"], ((colour - MEAN) / STD).expand(3, 64, 64))
+    assert item["token_image"].shape == (3, 32, 32)
+    torch.testing.assert_close(item["token_image"], colour.expand(3, 32, 32))
+    assert item["class_idx"] == 0 and item["index"] == 1
+
+
+def test_grey_image_becomes_rgb(train_root):
+    item = _pretrain(train_root)[4]  # carpet 001, grey 130, 128 px -> 64 px
+    grey = torch.full((3, 1, 1), CARPET_GREYS[1] / 255)
+    assert item["class_idx"] == 1
+    torch.testing.assert_close(item["image"], ((grey - MEAN) / STD).expand(3, 64, 64),
+                               atol=1.5 / 255 / 0.225, rtol=0)
+    torch.testing.assert_close(item["token_image"], grey.expand(3, 32, 32), atol=1.5 / 255,
+                               rtol=0)
+    assert item["fg_mask"].all()
+
+
+def test_fg_patch_mask_single_pixel(train_root):
+    fg = _pretrain(train_root)[0]["fg_mask"]
+    assert fg.dtype == torch.bool and fg.shape == (16,)  # (64 / 16) ** 2
+    assert fg.nonzero().flatten().tolist() == [1 * 4 + 2]  # pixel (20, 40) after the crop
+
+
+def test_patch_any_batched():
+    mask = torch.zeros(2, 64, 64, dtype=torch.bool)
+    mask[0, 17, 33] = True  # patch (1, 2)
+    mask[1, 63, 0] = True  # patch (3, 0)
+    mask[1, 0, 15] = True  # patch (0, 0)
+    out = patch_any(mask, 16)
+    assert out.shape == (2, 16)
+    assert out[0].nonzero().flatten().tolist() == [6]
+    assert out[1].nonzero().flatten().tolist() == [0, 12]
+
+
+def test_fg_mask_off_and_missing(train_root):
+    os.remove(train_root / "fg_mask" / "bottle" / "002.png")
+    with pytest.raises(BadFileError, match=r"bottle/002\.png(.|\n)*--fg_mask_zip"):
+        _pretrain(train_root)
+    with pytest.warns(UserWarning, match=r"left out 1 bad file(.|\n)*bottle/002\.png"):
+        ds = _pretrain(train_root, skip_bad_images=True)
+    assert len(ds) == 5 and not any(p.endswith("bottle/002.png") for p in ds.image_paths)
+    assert len(ds.bad_files) == 1
+    os.rename(train_root / "fg_mask", train_root / "masks_elsewhere")
+    with pytest.raises(BadFileError, match=r"fg_mask/carpet/ \(no masks for any of its 3"):
+        _pretrain(train_root)
+    ds = _pretrain(train_root, fg_mask=False)
+    assert len(ds) == 6 and ds[0]["fg_mask"].all() and ds[0]["fg_mask"].shape == (16,)
+
+
+def test_corrupt_image_is_an_error_or_left_out(train_root):
+    bad = train_root / "train" / "bottle" / "001.png"
+    _truncate(bad)
+    ds = _pretrain(train_root)
+    with pytest.raises(BadFileError, match=f"cannot read image {bad}"):
+        ds[1]
+    assert ds[2]["index"] == 2
+    with pytest.warns(UserWarning, match=str(bad)):
+        ds = _pretrain(train_root, skip_bad_images=True)
+    assert len(ds) == 5 and str(bad) not in ds.image_paths
+    # no substitution: the kept samples are exactly the readable files, in order
+    assert [os.path.basename(p) for p in ds.image_paths] == ["000.png", "002.png", "000.png",
+                                                             "001.png", "002.png"]
+    torch.testing.assert_close(ds[1]["token_image"][:, 0, 0],
+                               torch.tensor(BOTTLE_COLOURS[2]) / 255.0)
+
+
+def test_mask_of_other_aspect_ratio_is_bad(train_root):
+    _save(train_root / "fg_mask" / "bottle" / "000.png", np.zeros((64, 64), np.uint8))
+    with pytest.raises(BadFileError, match="is 64x64 but its image .* is 96x64"):
+        _pretrain(train_root)[0]
+
+
+def test_train_image_dataset(train_root):
+    ds = TrainImageDataset(str(train_root), ["carpet", "bottle"], transform=T.ToTensor())
+    assert len(ds) == 6
+    image, class_idx = ds[0]
+    assert class_idx == 0 and image.shape == (3, 128, 128)  # grey carpet -> RGB
+    torch.testing.assert_close(image, torch.full((3, 128, 128), CARPET_GREYS[0] / 255))
+    assert ds[3][1] == 1 and ds[3][0].shape == (3, 64, 96)
+    _truncate(train_root / "train" / "carpet" / "002.png")
+    with pytest.warns(UserWarning, match="carpet/002.png"):
+        assert len(TrainImageDataset(str(train_root), ["carpet"], skip_bad_images=True)) == 2
+
+
+def test_training_layout_errors(train_root, tmp_path):
+    with pytest.raises(LayoutError, match=r"train does not exist(.|\n)*setup_train_dataset"):
+        _pretrain(tmp_path / "nowhere")
+    with pytest.raises(LayoutError) as err:
+        PretrainDataset(str(train_root), ["bottle", "cable", "pill"], token_size=32)
+    msg = str(err.value)
+    assert "train/cable (class folder missing)" in msg and "train/pill (class folder" in msg
+    assert "classes present: bottle, carpet" in msg and "<root>/train/<class>" in msg
+    (train_root / "train" / "wood").mkdir()
+    with pytest.raises(LayoutError, match="train/wood \\(no image files"):
+        PretrainDataset(str(train_root), ["wood"], token_size=32, fg_mask=False)
+    with pytest.raises(ValueError, match="listed twice: bottle"):
+        _pretrain(train_root).__class__(str(train_root), ["bottle", "bottle"], 32)
+
+
+def test_dataloader_batches(train_root):
+    batch = next(iter(DataLoader(_pretrain(train_root), batch_size=4)))
+    assert batch["image"].shape == (4, 3, 64, 64) and batch["token_image"].shape == (4, 3, 32, 32)
+    assert batch["fg_mask"].shape == (4, 16) and batch["class_idx"].tolist() == [0, 0, 0, 1]
+
+
+# ----------------------------------------------------------------------------------------
+# Test set (MVTec layout)
+# ----------------------------------------------------------------------------------------
+@pytest.fixture
+def mvtec_root(tmp_path: Path) -> Path:
+    root = tmp_path / "mvtec"
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        _save(root / "bottle" / "test" / "good" / f"{i:03d}.png",
+              rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        _save(root / "bottle" / "test" / "broken" / f"{i:03d}.png",
+              rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    square = np.zeros((128, 128), np.uint8)
+    square[32:64, 64:96] = 255  # 32 x 32 at full size -> 16 x 16 = 256 pixels at 64 px
+    _save(root / "bottle" / "ground_truth" / "broken" / "000_mask.png", square)
+    _save(root / "bottle" / "ground_truth" / "broken" / "001_mask.png", square // 255)  # 0/1
+    # BTAD naming: ok / ko, masks without the _mask suffix, grey .bmp images
+    _save(root / "01" / "test" / "ok" / "0000.bmp", np.full((64, 64), 90, np.uint8))
+    _save(root / "01" / "test" / "ko" / "0000.bmp", np.full((64, 64), 90, np.uint8))
+    _save(root / "01" / "ground_truth" / "ko" / "0000.png", square[::2, ::2])
+    return root
+
+
+def test_mvtec_test_dataset(mvtec_root):
+    ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
+    assert ds.labels == [1, 1, 0, 0] and ds.defect_types == ["broken"] * 2 + ["good"] * 2
+    for i in range(2):
+        item = ds[i]
+        assert item["label"] == 1 and item["defect_type"] == "broken"
+        assert item["name"] == f"broken_{i:03d}"
+        gt = item["gt_mask"]
+        assert gt.shape == (1, 64, 64) and gt.dtype == torch.float32
+        assert set(gt.unique().tolist()) == {0.0, 1.0} and gt.sum() == 256
+        assert gt[0, 16:32, 32:48].all()
+    item = ds[2]
+    assert item["label"] == 0 and item["gt_mask"].sum() == 0 and item["name"] == "good_000"
+    assert item["image"].shape == (3, 64, 64) and item["token_image"].shape == (3, 32, 32)
+
+
+def test_btad_layout(mvtec_root):
+    ds = MVTecTestDataset(str(mvtec_root), "01", token_size=32, img_size=64)
+    assert ds.labels == [1, 0] and ds.mask_paths[1] is None
+    assert ds.mask_paths[0].endswith("ground_truth/ko/0000.png") and ds[0]["gt_mask"].sum() == 256
+    assert ds[1]["image"].shape == (3, 64, 64)
+
+
+def test_missing_or_corrupt_gt_mask(mvtec_root):
+    os.remove(mvtec_root / "bottle" / "ground_truth" / "broken" / "001_mask.png")
+    with pytest.raises(BadFileError, match=r"1 ground-truth mask\(s\) missing(.|\n)*001_mask"):
+        MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
+    _truncate(mvtec_root / "bottle" / "ground_truth" / "broken" / "000_mask.png")
+    with pytest.warns(UserWarning, match=r"left out 2 bad file(.|\n)*000_mask(.|\n)*001_mask"):
+        ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64,
+                              skip_bad_images=True)
+    assert ds.labels == [0, 0] and len(ds.bad_files) == 2
+
+
+def test_mvtec_layout_errors(mvtec_root):
+    with pytest.raises(LayoutError,
+                       match=r"class folder missing(.|\n)*classes present.*01, bottle"):
+        MVTecTestDataset(str(mvtec_root), "cable", token_size=32)
+    (mvtec_root / "screw").mkdir()
+    with pytest.raises(LayoutError, match="screw/test does not exist \\(test folder missing\\)"):
+        MVTecTestDataset(str(mvtec_root), "screw", token_size=32)
+
+
+# ----------------------------------------------------------------------------------------
+# Token cache
+# ----------------------------------------------------------------------------------------
+class FakeTokenizer:
+    """Deterministic stand-in: the code of a cell is its quantised mean intensity."""
+
+    def __init__(self, weight_file: Path, image_size: int = 32, grid: int = 4) -> None:
+        self.image_size, self.grid, self.vocab_size = image_size, grid, 64
+        self.fingerprint = hashlib.sha256(weight_file.read_bytes()).hexdigest()
+        self.calls = self.images = 0
+
+    def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.images += len(images)
+        cells = F.adaptive_avg_pool2d(images, self.grid).mean(1)  # (N, g, g)
+        return (cells * 63.99).long().flatten(1)  # (N, g * g)
+
+
+def test_token_cache_hits_and_invalidation(train_root, tmp_path):
+    weights = tmp_path / "tokenizer.pth"
+    weights.write_bytes(b"weights v1")
+    cache_dir = tmp_path / "cache"
+    tok = FakeTokenizer(weights)
+    ds = _pretrain(train_root)
+    expected = tok.get_codebook_indices(torch.stack([ds.load_token_image(i) for i in range(6)]))
+    tok.calls = tok.images = 0
+
+    assert cache_tokens(ds, tok, str(cache_dir), batch_size=4) == {"hits": 0, "misses": 6}
+    assert (tok.calls, tok.images) == (2, 6)
+    item = ds[3]
+    assert "token_image" not in item and item["tokens"].dtype == torch.long
+    assert torch.equal(item["tokens"], expected[3])
+    assert os.listdir(cache_dir) == [os.path.basename(token_cache_path(str(cache_dir),
+                                                                       tok.fingerprint))]
+
+    # second epoch / next run: a fresh dataset, everything from the cache, tokenizer idle
+    ds2 = _pretrain(train_root)
+    assert cache_tokens(ds2, tok, str(cache_dir)) == {"hits": 6, "misses": 0}
+    assert tok.calls == 2
+    batch = next(iter(DataLoader(ds2, batch_size=6)))
+    assert torch.equal(batch["tokens"], expected) and "token_image" not in batch
+
+    # an image rewritten -> only that one recomputed
+    path = train_root / "train" / "carpet" / "000.png"
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert cache_tokens(_pretrain(train_root), tok, str(cache_dir)) == {"hits": 5, "misses": 1}
+    assert tok.images == 7
+
+    # new tokenizer weights -> new fingerprint -> everything recomputed, in a new file
+    weights.write_bytes(b"weights v2")
+    tok2 = FakeTokenizer(weights)
+    assert cache_tokens(_pretrain(train_root), tok2, str(cache_dir)) == {"hits": 0, "misses": 6}
+    assert tok2.images == 6 and len(os.listdir(cache_dir)) == 2
+
+
+def test_token_cache_checks(train_root, mvtec_root, tmp_path):
+    weights = tmp_path / "tok.pth"
+    weights.write_bytes(b"w")
+    with pytest.raises(ValueError, match="token_size=16"):
+        cache_tokens(_pretrain(train_root), FakeTokenizer(weights, image_size=16), str(tmp_path))
+    with pytest.raises(ValueError, match=r"expected integer codes \(4, 16\)"):
+        cache_tokens(_pretrain(train_root), FakeTokenizer(weights, grid=2), str(tmp_path),
+                     batch_size=4)
+    # a damaged cache file is rebuilt, with a warning
+    tok = FakeTokenizer(weights)
+    Path(token_cache_path(str(tmp_path), tok.fingerprint)).write_bytes(b"not a torch file")
+    test_set = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert cache_tokens(test_set, tok, str(tmp_path)) == {"hits": 0, "misses": 4}
+    assert test_set[0]["tokens"].shape == (16,) and "token_image" not in test_set[0]
+    assert cache_tokens(test_set, tok, str(tmp_path)) == {"hits": 4, "misses": 0}

@@ -1,0 +1,261 @@
+"""setup_train_dataset.py end to end on generated MVTec-format trees: conversion,
+idempotence, hard links, layout errors, the mask zip (and path traversal), estimated
+masks and the --make_demo wiring."""
+from __future__ import annotations
+
+import io
+import os
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datasets import PretrainDataset
+from setup_train_dataset import estimate_fg_mask, main
+
+def _save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _make_mvtec(root: Path, classes=("bottle", "carpet"), n_train: int = 3, n_good: int = 2,
+                seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        for i in range(n_train):
+            _save(root / name / "train" / "good" / f"{i:03d}.png",
+                  rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        for i in range(n_good):
+            _save(root / name / "test" / "good" / f"{i:03d}.png",
+                  rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        _save(root / name / "test" / "crack" / "000.png",
+              rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    (root / "license.txt").write_text("not a class")
+    return root
+
+
+def _run(*argv: str) -> int:
+    return main([str(a) for a in argv])
+
+
+def _sources(data: Path) -> list[tuple[Path, Path]]:
+    """(source, relative destination) of every image the conversion should write."""
+    pairs = []
+    for src in sorted(data.glob("*/train/good/*.png")):
+        pairs.append((src, Path("train") / src.parts[-4] / src.name))
+    for src in sorted(data.glob("*/test/good/*.png")):
+        pairs.append((src, Path("val") / src.parts[-4] / src.name))
+    return pairs
+
+
+def test_convert_idempotent_and_replaces_changed(tmp_path, capsys):
+    data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "inet"
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle", "carpet") == 0
+    out = capsys.readouterr().out
+    pairs = _sources(data)
+    assert len(pairs) == 10
+    for src, rel in pairs:
+        assert (root / rel).read_bytes() == src.read_bytes()
+    assert sorted(p.relative_to(root) for p in root.rglob("*.png")) == sorted(r for _, r in pairs)
+    assert "train: 6 new, 0 unchanged, 0 replaced" in out and "val: 4 new" in out
+    assert [line.split() for line in out.splitlines() if line.startswith("bottle")] == \
+        [["bottle", "3", "2", "0"]]
+    assert "total" in out and "without a foreground mask: bottle (3 of 3)" in out
+
+    mtimes = {rel: (root / rel).stat().st_mtime_ns for _, rel in pairs}
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle", "carpet") == 0
+    out = capsys.readouterr().out
+    assert "train: 0 new, 6 unchanged, 0 replaced" in out and "val: 0 new, 4 unchanged" in out
+    assert {rel: (root / rel).stat().st_mtime_ns for _, rel in pairs} == mtimes
+    assert not list(root.rglob("*.tmp*"))
+
+    _save(data / "carpet" / "train" / "good" / "001.png", np.zeros((32, 32, 3), np.uint8))
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle", "carpet") == 0
+    assert "train: 0 new, 5 unchanged, 1 replaced" in capsys.readouterr().out
+    assert (root / "train" / "carpet" / "001.png").read_bytes() == \
+        (data / "carpet" / "train" / "good" / "001.png").read_bytes()
+
+
+def test_link_makes_hard_links(tmp_path, capsys):
+    data, root = _make_mvtec(tmp_path / "mvtec", classes=("bottle",)), tmp_path / "inet"
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle") == 0  # copies
+    assert (root / "train" / "bottle" / "000.png").stat().st_nlink == 1
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle", "--link") == 0
+    assert "train: 0 new, 0 unchanged, 3 replaced" in capsys.readouterr().out
+    for src, rel in _sources(data):
+        assert (root / rel).stat().st_ino == src.stat().st_ino
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle", "--link") == 0
+    assert "train: 0 new, 3 unchanged, 0 replaced" in capsys.readouterr().out
+
+
+def test_layout_errors_list_everything_before_writing(tmp_path, capsys):
+    data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "inet"
+    for f in (data / "bottle" / "test" / "good").iterdir():
+        f.unlink()
+    (data / "carpet" / "train" / "good").rename(data / "carpet" / "train" / "normal")
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle", "carpet",
+                "cable") == 2
+    err = capsys.readouterr().err
+    assert "bottle/test/good (no image files" in err
+    assert "carpet/train/good (folder missing)" in err
+    assert "cable (class folder missing)" in err and "expected <data_path>/<class>" in err
+    assert not root.exists()
+    assert _run("--data_path", tmp_path / "absent", "--root", root) == 2
+    assert "absent does not exist" in capsys.readouterr().err
+
+
+def test_default_classes_catch_partial_mvtec(tmp_path, capsys):
+    data = _make_mvtec(tmp_path / "mvtec")
+    assert _run("--data_path", data, "--root", tmp_path / "inet") == 2
+    err = capsys.readouterr().err
+    assert "lacks the class folders cable, capsule, grid" in err and "--classes" in err
+    other = _make_mvtec(tmp_path / "other", classes=("gizmo", "widget"))
+    assert _run("--data_path", other, "--root", tmp_path / "inet2") == 0  # not MVTec: all found
+    assert sorted(os.listdir(tmp_path / "inet2" / "train")) == ["gizmo", "widget"]
+
+
+def _mask_bytes(i: int) -> bytes:
+    """PNG of a 32 x 32 mask with rows i..i+7, columns 4..19 set."""
+    arr = np.zeros((32, 32), np.uint8)
+    arr[i:i + 8, 4:20] = 255
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("prefix", ["fg_mask/", "", "Mvtec-ImageNet/fg_mask/"])
+def test_fg_mask_zip(tmp_path, capsys, prefix):
+    data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "inet"
+    zpath = tmp_path / "fg_mask.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        if prefix:
+            zf.writestr(prefix, b"")  # directory entry
+        for i in range(3):
+            zf.writestr(f"{prefix}bottle/{i:03d}.png", _mask_bytes(i))
+        zf.writestr(f"{prefix}screw/000.png", _mask_bytes(0))
+        zf.writestr("__MACOSX/._bottle", b"junk")
+    argv = ["--data_path", data, "--root", root, "--classes", "bottle", "carpet",
+            "--fg_mask_zip", zpath]
+    assert _run(*argv) == 0
+    out = capsys.readouterr().out
+    for i in range(3):
+        assert (root / "fg_mask" / "bottle" / f"{i:03d}.png").read_bytes() == _mask_bytes(i)
+    assert "fg_mask.zip: 3 new" in out and "not unpacked (classes not converted): screw (1)" in out
+    assert "without a foreground mask: carpet (3 of 3)" in out
+    assert not (root / "fg_mask" / "screw").exists()
+    assert [line.split() for line in out.splitlines() if line.startswith("bottle")] == \
+        [["bottle", "3", "2", "3"]]
+    ds = PretrainDataset(str(root), ["bottle"], token_size=16, img_size=32)
+    assert ds[2]["fg_mask"].tolist() == [True, True, False, False]  # rows 2-9, cols 4-19
+    assert _run(*argv) == 0
+    assert "fg_mask.zip: 0 new, 3 unchanged" in capsys.readouterr().out
+
+
+def test_fg_mask_zip_path_traversal_refused(tmp_path, capsys):
+    data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "work" / "inet"
+    zpath = tmp_path / "evil.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("fg_mask/bottle/000.png", _mask_bytes(0))
+        zf.writestr("fg_mask/../../evil.png", b"x")
+        zf.writestr("/abs.png", b"x")
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle",
+                "--fg_mask_zip", zpath) == 2
+    err = capsys.readouterr().err
+    assert "refusing to unpack" in err and "fg_mask/../../evil.png" in err and "/abs.png" in err
+    assert not root.exists() and not list(tmp_path.rglob("evil.png"))
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle",
+                "--fg_mask_zip", tmp_path / "missing.zip") == 2
+    assert "missing.zip does not exist" in capsys.readouterr().err
+
+
+def _planted(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, np.ndarray,
+                                                                 np.ndarray]:
+    """A red disk (the object, radius 24) on a uniform grey backdrop with sensor noise;
+    also each pixel's distance from the disk's centre."""
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.integers(40, size - 40, 2)
+    radius = np.hypot(yy - cy, xx - cx)
+    disk = radius <= 24
+    img = np.full((size, size, 3), 120.0) + rng.normal(0, 3, (size, size, 3))
+    img[disk] = (200, 40, 40)
+    return img.clip(0, 255).astype(np.uint8), disk, radius
+
+
+def test_estimate_fg_mask_finds_planted_object():
+    rng = np.random.default_rng(1)
+    img, disk, radius = _planted(rng, 300)
+    img[10:13, 280:283] = (255, 255, 0)  # a speck, not the object
+    fg = estimate_fg_mask(img)
+    assert fg.shape == disk.shape and fg.dtype == bool
+    assert fg[disk].all()  # covers the object
+    assert not fg[radius > 24 + 0.04 * 300].any()  # within a margin of 4% of the image
+    assert not estimate_fg_mask(np.full((64, 64, 3), 77, np.uint8)).any()
+
+
+def test_make_fg_masks(tmp_path, capsys):
+    data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "inet"
+    rng = np.random.default_rng(2)
+    disks = []
+    for i in range(3):
+        img, disk, _ = _planted(rng)
+        _save(data / "bottle" / "train" / "good" / f"{i:03d}.png", img)
+        disks.append(disk)
+    kept = np.zeros((128, 128), np.uint8)
+    _save(root / "fg_mask" / "bottle" / "002.png", kept)  # e.g. a released mask
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle", "carpet",
+                "--make_fg_masks") == 0
+    out = capsys.readouterr().out
+    assert "fg masks: 2 estimated, 3 texture (all foreground), 1 already present" in out
+    assert "prefer the released fg_mask.zip" in out
+    for i in range(2):
+        fg = np.asarray(Image.open(root / "fg_mask" / "bottle" / f"{i:03d}.png")) > 0
+        assert fg[disks[i]].all() and (fg & disks[i]).sum() / (fg | disks[i]).sum() > 0.6
+    assert not np.asarray(Image.open(root / "fg_mask" / "bottle" / "002.png")).any()
+    for i in range(3):
+        assert np.asarray(Image.open(root / "fg_mask" / "carpet" / f"{i:03d}.png")).min() == 255
+    assert "without a foreground mask" not in out
+
+
+def test_make_demo_wiring(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_make_demo_dataset(mvtec_root, imagenet_root, seed=0, classes=None):
+        calls.append((mvtec_root, imagenet_root, seed, classes))
+        _make_mvtec(Path(mvtec_root), classes=("gizmo",))
+        for i in range(3):
+            _save(Path(imagenet_root) / "fg_mask" / "gizmo" / f"{i:03d}.png",
+                  np.full((32, 32), 255, np.uint8))
+        return {"gizmo": {"train/good": 3}}
+
+    monkeypatch.setitem(sys.modules, "demo_data",
+                        types.SimpleNamespace(make_demo_dataset=fake_make_demo_dataset))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--make_demo", "data/demo_mvtec"]) == 0
+    assert calls == [("data/demo_mvtec", "data/demo_imagenet", 0, None)]
+    out = capsys.readouterr().out
+    assert [line.split() for line in out.splitlines() if line.startswith("gizmo")] == \
+        [["gizmo", "3", "2", "3"]]
+    assert sorted(os.listdir(tmp_path / "data" / "demo_imagenet" / "train" / "gizmo")) == \
+        ["000.png", "001.png", "002.png"]
+    assert main(["--make_demo", "d", "--root", "elsewhere", "--classes", "gizmo",
+                 "--seed", "3"]) == 0
+    assert calls[-1] == ("d", "elsewhere", 3, ["gizmo"])
+    with pytest.raises(SystemExit):
+        main(["--make_demo", "d", "--data_path", "other"])
+
+
+def test_make_demo_real_one_class(tmp_path, capsys):
+    """With demo_data.py's real generator: its masks land where PretrainDataset reads them."""
+    demo, root = tmp_path / "demo_mvtec", tmp_path / "demo_inet"
+    assert main(["--make_demo", str(demo), "--root", str(root), "--classes", "coins"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("coins")]
+    n_train = len(os.listdir(demo / "coins" / "train" / "good"))
+    assert rows == [["coins", str(n_train), str(len(os.listdir(demo / "coins" / "test" / "good"))),
+                     str(n_train)]]
+    fg = PretrainDataset(str(root), ["coins"], token_size=112)[0]["fg_mask"]
+    assert 0 < fg.sum() < fg.numel()  # an object with a real foreground
