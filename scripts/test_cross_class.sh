@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Evaluate a cross-class PMAD checkpoint on the classes it never saw, both protocols:
+#
+#   bash scripts/test_cross_class.sh                          # textures -> objects
+#   FROM_OBJ_TO_TEXTURE=1 bash scripts/test_cross_class.sh    # objects -> textures
+#
+# CKPT defaults to the released checkpoint of the chosen direction; everything else as in
+# scripts/test_multi_class.sh.
+set -euo pipefail
+
+case "${FROM_OBJ_TO_TEXTURE:-0}" in
+    0|""|false|no) export SETTING=tex2obj; default_ckpt=weights/checkpoint_844_894.pth ;;
+    *) export SETTING=obj2tex; default_ckpt=weights/checkpoint_976_931.pth ;;
+esac
+export CKPT=${CKPT:-$default_ckpt}
+exec bash "$(dirname "$0")/test_multi_class.sh" "$@"

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Evaluate a PMAD checkpoint in the multi-class setting (all classes of DATA_PATH), under
+# both protocols: `clean` (leak-free, default of run_test.py) and `paper` (the published
+# numbers' protocol, which chooses with the test labels).
+#
+#   bash scripts/test_multi_class.sh
+#   PROTOCOLS=paper bash scripts/test_multi_class.sh --save_heatmaps 4
+#
+# Paths come from environment variables (defaults below); extra arguments are passed on
+# to run_test.py. Results: OUTPUT_DIR/<protocol>/results.{json,md,csv}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SETTING=${SETTING:-multi_class}
+DATA_PATH=${DATA_PATH:-data/mvtec_anomaly_detection}
+MODEL=${MODEL:-vit_base_patch16_224_8k_vocab}
+CKPT=${CKPT:-weights/vit_base_16_checkpoint_962_955.pth}
+TOKENIZER=${TOKENIZER:-dall-e}
+TOKENIZER_WEIGHT_PATH=${TOKENIZER_WEIGHT_PATH:-weights/tokenizer}
+PROTOFLOW_WEIGHTS=${PROTOFLOW_WEIGHTS:-weights/protoflow}
+PROTOTYPES_DIR=${PROTOTYPES_DIR:-weights/prototypes}
+OUTPUT_DIR=${OUTPUT_DIR:-output_dir/test_${SETTING}}
+PROTOCOLS=${PROTOCOLS:-clean paper}
+
+for protocol in $PROTOCOLS; do
+    python run_test.py \
+        --setting "$SETTING" \
+        --model "$MODEL" \
+        --ckpt "$CKPT" \
+        --data_path "$DATA_PATH" \
+        --tokenizer_model "$TOKENIZER" \
+        --tokenizer_weight_path "$TOKENIZER_WEIGHT_PATH" \
+        --protoflow_weights "$PROTOFLOW_WEIGHTS" \
+        --prototypes_dir "$PROTOTYPES_DIR" \
+        --protocol "$protocol" \
+        --output_dir "$OUTPUT_DIR/$protocol" \
+        "$@"
+done

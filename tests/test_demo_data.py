@@ -1,0 +1,247 @@
+"""Tests for demo_data.py: the MVTec-format demo set made from scikit-image's photographs."""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage as ndi
+
+import demo_data
+from demo_data import (DEFECT_TYPES, DEMO_CLASSES, DEMO_OBJECTS, DEMO_TEXTURES,
+                       make_demo_dataset, render_defect, render_normal)
+
+SMALL = dict(classes=["brick", "coins"], n_train=8, n_test_good=4, n_test_defect=4)
+
+
+def _hashes(root: str) -> dict[str, str]:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".png"):
+                path = os.path.join(dirpath, f)
+                with open(path, "rb") as fh:
+                    out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    mvtec, imagenet = str(root / "mvtec"), str(root / "imagenet")
+    start = time.perf_counter()
+    counts = make_demo_dataset(mvtec, imagenet, seed=0, **SMALL)
+    return mvtec, imagenet, counts, time.perf_counter() - start
+
+
+def _load(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def test_class_lists():
+    assert DEMO_CLASSES == sorted(DEMO_TEXTURES + DEMO_OBJECTS)
+    assert len(DEMO_TEXTURES) >= 3 and len(DEMO_OBJECTS) >= 2
+    assert not set(DEMO_TEXTURES) & set(DEMO_OBJECTS)
+    for name in DEMO_CLASSES:
+        assert name == name.lower() and name.isidentifier()
+
+
+def test_photographs_ship_with_scikit_image():
+    # Everything the set is made from lies inside the installed wheel: nothing to download.
+    files = (list(demo_data._TEXTURE_PHOTOS.values()) + list(demo_data._FOREIGN_PHOTOS)
+             + [spec[0] for spec in demo_data._OBJECT_SPECS.values()])
+    for f in files:
+        assert os.path.isfile(os.path.join(demo_data._data_dir(), f)), f
+
+
+def test_small_set_is_fast(small_set):
+    assert small_set[3] < 10.0
+
+
+def test_layout_and_counts_match_mvtec(small_set):
+    mvtec, _, counts, _ = small_set
+    assert sorted(d for d in os.listdir(mvtec) if not d.startswith(".")) == ["brick", "coins"]
+    for cls in SMALL["classes"]:
+        base = os.path.join(mvtec, cls)
+        assert sorted(os.listdir(base)) == ["ground_truth", "test", "train"]
+        assert os.listdir(os.path.join(base, "train")) == ["good"]
+        assert sorted(os.listdir(os.path.join(base, "train", "good"))) == [
+            f"{i:03d}.png" for i in range(8)]
+        assert sorted(os.listdir(os.path.join(base, "test"))) == sorted((*DEFECT_TYPES, "good"))
+        assert sorted(os.listdir(os.path.join(base, "test", "good"))) == [
+            f"{i:03d}.png" for i in range(4)]
+        assert sorted(os.listdir(os.path.join(base, "ground_truth"))) == sorted(DEFECT_TYPES)
+        for t in DEFECT_TYPES:
+            assert os.listdir(os.path.join(base, "test", t)) == ["000.png"]
+            assert os.listdir(os.path.join(base, "ground_truth", t)) == ["000_mask.png"]
+        expected = {"train/good": 8, "test/good": 4} | {f"test/{t}": 1 for t in DEFECT_TYPES}
+        assert counts[cls] == expected
+
+
+def test_images_and_masks(small_set):
+    mvtec = small_set[0]
+    for cls in SMALL["classes"]:
+        for t in DEFECT_TYPES:
+            img = _load(os.path.join(mvtec, cls, "test", t, "000.png"))
+            mask = _load(os.path.join(mvtec, cls, "ground_truth", t, "000_mask.png"))
+            assert img.shape == (256, 256, 3) and img.dtype == np.uint8
+            assert mask.shape == (256, 256) and mask.dtype == np.uint8
+            assert set(np.unique(mask)) == {0, 255}
+            assert 0.003 < (mask > 0).mean() < 0.15, (cls, t)
+
+
+def test_saved_defects_are_render_defect(small_set):
+    # The files are exactly what render_defect gives for that image's generator, so the
+    # mask checks below on render_defect hold for the written set.
+    mvtec = small_set[0]
+    for j, (t, k, area) in enumerate(demo_data._defect_sizes(4)):
+        s = render_defect("coins", t, demo_data._rng(0, "coins", 2, j), area)
+        np.testing.assert_array_equal(_load(os.path.join(mvtec, "coins", "test", t,
+                                                          f"{k:03d}.png")), s.defective)
+        np.testing.assert_array_equal(
+            _load(os.path.join(mvtec, "coins", "ground_truth", t, f"{k:03d}_mask.png")) > 0,
+            s.mask)
+
+
+@pytest.mark.parametrize("cls", DEMO_CLASSES)
+def test_mask_is_where_the_image_changed(cls):
+    for i, t in enumerate(DEFECT_TYPES):
+        s = render_defect(cls, t, np.random.default_rng(100 + i), area_fraction=0.04)
+        diff = np.abs(s.clean.astype(int) - s.defective).max(-1)
+        assert s.mask.any()
+        # Nothing changed outside the mask beyond the threshold, nothing at all outside
+        # the region the defect touched.
+        assert diff[~s.mask].max() <= demo_data._CHANGE_THRESHOLD, (cls, t)
+        assert (diff[~s.applied] == 0).all(), (cls, t)
+        assert not (s.mask & ~s.applied).any(), (cls, t)
+        # Tight, not a loose box: most mask pixels changed visibly.
+        assert (diff[s.mask] > demo_data._CHANGE_THRESHOLD).mean() > 0.75, (cls, t)
+        if cls in DEMO_OBJECTS:  # defects lie on the object (or its anti-aliased rim)
+            assert ndi.distance_transform_edt(~s.foreground)[s.mask].max() <= 2, (cls, t)
+
+
+@pytest.mark.parametrize("t", ["foreign", "stain", "missing"])
+def test_defect_sizes_follow_area_fraction(t):
+    small = render_defect("gravel", t, np.random.default_rng(1), area_fraction=0.01).mask
+    large = render_defect("gravel", t, np.random.default_rng(1), area_fraction=0.09).mask
+    assert 0.005 < small.mean() < 0.02
+    assert 0.06 < large.mean() < 0.13
+
+
+def test_defect_sizes_spread_per_type():
+    sizes = demo_data._defect_sizes(20)
+    assert [t for t, _, _ in sizes[:4]] == list(DEFECT_TYPES)
+    for t in DEFECT_TYPES:
+        areas = [a for tt, _, a in sizes if tt == t]
+        assert len(areas) == 5 and areas == sorted(areas)
+        assert 0.01 < areas[0] < 0.02 and 0.09 < areas[-1] <= 0.1
+
+
+def test_scratch_is_thin_and_long():
+    s = render_defect("brick", "scratch", np.random.default_rng(3), area_fraction=0.02)
+    ys, xs = np.nonzero(s.mask)
+    extent = max(np.ptp(ys), np.ptp(xs))
+    assert extent > 0.25 * 256
+    assert s.mask.sum() / extent < 12  # a few pixels wide
+
+
+def test_stain_changes_colour():
+    s = render_defect("grass", "stain", np.random.default_rng(5), area_fraction=0.05)
+    rgb = s.defective[s.mask].astype(float)
+    # grass is a grey photo: the stain makes it clearly coloured
+    assert (rgb.max(1) - rgb.min(1)).mean() > 40
+    clean = s.clean[s.mask].astype(float)
+    assert (clean.max(1) - clean.min(1)).mean() < 15
+
+
+def test_foreground_masks(small_set):
+    mvtec, imagenet, _, _ = small_set
+    for cls in SMALL["classes"]:
+        train = sorted(os.listdir(os.path.join(mvtec, cls, "train", "good")))
+        assert sorted(os.listdir(os.path.join(imagenet, "fg_mask", cls))) == train
+        for f in train:
+            fg = _load(os.path.join(imagenet, "fg_mask", cls, f))
+            assert fg.shape == (256, 256) and set(np.unique(fg)) <= {0, 255}
+            if cls in DEMO_TEXTURES:
+                assert (fg == 255).all()
+            else:
+                assert 0.1 < (fg > 0).mean() < 0.6
+                # the coin is brighter than the dark backdrop it was placed on
+                img = _load(os.path.join(mvtec, cls, "train", "good", f)).mean(-1)
+                assert img[fg > 0].mean() > img[fg == 0].mean() + 40
+
+
+def test_coffee_foreground_is_cup_and_saucer():
+    img, fg = render_normal("coffee", np.random.default_rng(0))
+    assert 0.3 < fg.mean() < 0.8
+    ys, xs = np.nonzero(fg)
+    # one object near the centre, not touching the frame
+    assert abs(ys.mean() - 128) < 30 and abs(xs.mean() - 128) < 30
+    assert not (fg[0].any() or fg[-1].any() or fg[:, 0].any() or fg[:, -1].any())
+    # red saucer on a pale backdrop
+    r, b = img[..., 0].astype(float), img[..., 2].astype(float)
+    assert (r - b)[fg].mean() > 60 and abs((r - b)[~fg].mean()) < 25
+
+
+def test_normal_images_vary():
+    imgs = [render_normal(c, np.random.default_rng(i))[0].astype(float)
+            for c in ("gravel", "coins") for i in range(3)]
+    for a in range(len(imgs)):
+        for b in range(a + 1, len(imgs)):
+            assert np.abs(imgs[a] - imgs[b]).mean() > 2
+
+
+def test_deterministic_by_seed(small_set, tmp_path):
+    mvtec, imagenet = small_set[0], small_set[1]
+    reference = _hashes(mvtec) | {f"fg/{k}": v for k, v in _hashes(imagenet).items()}
+    # Same seed, classes in another order: byte-identical files.
+    again = dict(SMALL, classes=["coins", "brick"])
+    make_demo_dataset(str(tmp_path / "a"), str(tmp_path / "ai"), seed=0, **again)
+    same = _hashes(str(tmp_path / "a")) | {
+        f"fg/{k}": v for k, v in _hashes(str(tmp_path / "ai")).items()}
+    assert same == reference
+    make_demo_dataset(str(tmp_path / "b"), str(tmp_path / "bi"), seed=1, **SMALL)
+    other = _hashes(str(tmp_path / "b"))
+    assert other.keys() == _hashes(mvtec).keys()
+    changed = [k for k in other if other[k] != reference[k]]
+    assert len(changed) == len(other)
+
+
+def test_rewrite_leaves_no_stale_files(tmp_path):
+    mvtec, imagenet = str(tmp_path / "m"), str(tmp_path / "i")
+    make_demo_dataset(mvtec, imagenet, classes=["grass"], n_train=3, n_test_good=2,
+                      n_test_defect=8)
+    counts = make_demo_dataset(mvtec, imagenet, classes=["grass"], n_train=2,
+                               n_test_good=1, n_test_defect=2)
+    assert counts["grass"] == {"train/good": 2, "test/good": 1, "test/foreign": 1,
+                               "test/scratch": 1}
+    assert sorted(os.listdir(os.path.join(mvtec, "grass", "test"))) == [
+        "foreign", "good", "scratch"]
+    assert sorted(os.listdir(os.path.join(mvtec, "grass", "ground_truth"))) == [
+        "foreign", "scratch"]
+    assert sorted(os.listdir(os.path.join(imagenet, "fg_mask", "grass"))) == [
+        "000.png", "001.png"]
+
+
+def test_refuses_to_delete_foreign_folders(tmp_path):
+    (tmp_path / "m" / "brick").mkdir(parents=True)
+    (tmp_path / "m" / "brick" / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="brick"):
+        make_demo_dataset(str(tmp_path / "m"), str(tmp_path / "i"), classes=["brick"],
+                          n_train=1, n_test_good=1, n_test_defect=1)
+    assert (tmp_path / "m" / "brick" / "mine.txt").read_text() == "keep me"
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="brick"):
+        make_demo_dataset(str(tmp_path), str(tmp_path), classes=["bottle"])
+    with pytest.raises(ValueError, match="n_train"):
+        make_demo_dataset(str(tmp_path), str(tmp_path), n_train=0)
+    with pytest.raises(ValueError, match="scratch"):
+        render_defect("brick", "crack", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="gravel"):
+        render_normal("cable", np.random.default_rng(0))
