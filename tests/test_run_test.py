@@ -1,0 +1,117 @@
+"""run_test.py: both protocols end to end, the scoring pieces, and the label-blind clean
+protocol."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+import run_test
+
+
+def _args(world, tmp_path, protocol: str, *extra: str):
+    return run_test.get_args_parser().parse_args([
+        "--model", world.model, "--ckpt", str(world.pmad_ckpt),
+        "--tokenizer_model", "kmeans", "--tokenizer_weight_path", str(world.tokenizer),
+        "--protoflow_weights", str(world.protoflow),
+        "--prototypes_dir", str(world.prototypes_dir),
+        "--data_path", str(world.mvtec_root), "--protocol", protocol,
+        "--output_dir", str(tmp_path / protocol), "--batch_size", "8", "--num_workers", "0",
+        "--device", "cpu", "--amp", "none", *extra])
+
+
+def test_gaussian_blur_equals_scipy() -> None:
+    maps = torch.rand(3, 40, 33, dtype=torch.float64)
+    ours = run_test.gaussian_blur(maps, 4.0).numpy()
+    ref = np.stack([gaussian_filter(m, sigma=4) for m in maps.numpy()])
+    np.testing.assert_allclose(ours, ref, atol=1e-12)
+
+
+def test_random_masks_exact_count_and_seeded() -> None:
+    a = run_test.random_masks(50, 196, 37, torch.Generator().manual_seed(1))
+    b = run_test.random_masks(50, 196, 37, torch.Generator().manual_seed(1))
+    assert (a.sum(1) == 37).all() and torch.equal(a, b)
+    assert a.float().mean(0).std() < 0.15  # spread over all positions
+
+
+def test_resolve_weights_file(tmp_path) -> None:
+    (tmp_path / "a.pt").write_bytes(b"x")
+    assert run_test.resolve_weights_file(str(tmp_path)).endswith("a.pt")
+    (tmp_path / "b.pt").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="holds 2 files"):
+        run_test.resolve_weights_file(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="weights/README.md"):
+        run_test.resolve_weights_file(str(tmp_path / "missing"))
+
+
+@pytest.fixture(scope="module")
+def clean_run(tiny_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean")
+    return run_test.main(_args(tiny_world, out, "clean", "--save_heatmaps", "2")), out
+
+
+def test_clean_protocol_end_to_end(clean_run, tiny_world) -> None:
+    results, out = clean_run
+    assert results["protocol"] == "clean"
+    assert list(results["classes"]) == tiny_world.classes
+    saved = json.loads((out / "clean" / "results.json").read_text())
+    assert saved["protocol"] == "clean" and len(saved["checkpoints"]["pmad"]) == 64
+    for name, record in saved["classes"].items():
+        assert record["num_images"] == 8 and record["num_anomalous"] == 4
+        assert record["mask_ratio"] == run_test.CLASS_MASK_RATIOS.get(name, 0.3)
+        for key in run_test.METRIC_KEYS:
+            assert 0.0 <= record[key] <= 1.0
+            assert 0.0 <= record["protoflow_only"][key] <= 1.0
+    mean = np.mean([r["image_auroc"] for r in saved["classes"].values()])
+    assert saved["mean"]["image_auroc"] == pytest.approx(mean)
+    table = (out / "clean" / "results.md").read_text()
+    assert "Protocol: **clean**" in table and "Brick" in table and "Mean" in table
+    csv_lines = (out / "clean" / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 3 + 2  # header, 2 classes + mean, 2 ProtoFlow rows
+    heatmaps = sorted((out / "clean" / "heatmaps" / "coins").glob("*.png"))
+    assert len(heatmaps) == 2
+
+
+def test_paper_protocol_reports_best_ratio_per_metric(tiny_world, tmp_path) -> None:
+    results = run_test.main(_args(tiny_world, tmp_path, "paper", "--classes", "coins"))
+    record = results["classes"]["coins"]
+    assert len(record["per_ratio"]) == 24
+    for key in run_test.METRIC_KEYS:
+        values = [v[key] for v in record["per_ratio"].values()]
+        assert record[key] == max(v for v in values if not math.isnan(v))
+        assert record["per_ratio"][f"{record[key + '_ratio']:.2f}"][key] == record[key]
+
+
+def test_clean_protocol_score_maps_ignore_labels(tiny_world) -> None:
+    """Shuffling the test labels (with their masks) changes the metrics, never the maps."""
+    import timm
+
+    import datasets
+    from modeling_discrete_vae import create_tokenizer
+    from protoflow import ProtoFlow
+
+    model = timm.create_model(tiny_world.model, pretrained=False)
+    run_test.modeling_pmad.load_checkpoint(model, str(tiny_world.pmad_ckpt))
+    model.eval()
+    tokenizer = create_tokenizer("kmeans", str(tiny_world.tokenizer))
+    pf = ProtoFlow(str(tiny_world.protoflow), str(tiny_world.prototypes_dir))
+    ds = datasets.MVTecTestDataset(tiny_world.mvtec_root, "brick", token_size=224)
+    data = run_test.collect_class(ds, tokenizer, pf, "brick", 8, torch.device("cpu"))
+    kwargs = dict(protocol="clean", ratio=0.3, threshold=pf.threshold, sigma=4.0,
+                  batch_size=8, device=torch.device("cpu"), amp="none", seed=0)
+    _, maps = run_test.evaluate_class(model, data, "brick", **kwargs)
+    perm = np.random.default_rng(0).permutation(len(data.labels))
+    assert (data.labels[perm] != data.labels).any()
+    data.labels, data.gt_masks = data.labels[perm], data.gt_masks[perm]
+    _, shuffled = run_test.evaluate_class(model, data, "brick", **kwargs)
+    assert torch.equal(maps["pmad"], shuffled["pmad"])
+    assert torch.equal(maps["protoflow"], shuffled["protoflow"])
+
+
+def test_missing_class_is_a_clear_error(tiny_world, tmp_path) -> None:
+    with pytest.raises(ValueError, match="available"):
+        run_test.main(_args(tiny_world, tmp_path, "clean", "--classes", "screw"))
