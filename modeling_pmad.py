@@ -1,0 +1,414 @@
+"""The reconstruction ViT of PMAD: BEiT's masked-image-modelling transformer.
+
+Same layout and key names as BEiT's pretraining model, so the released BEiT pt22k and
+PMAD checkpoints load unchanged (method.md section 2). Attention runs through
+``F.scaled_dot_product_attention`` with the shared relative position bias as its additive
+mask; ``Attention.fused_attn = False`` selects the explicit-softmax formulation (kept as
+the numerical reference for tests and the baseline for bench/bench_model.py).
+
+``Block``, ``Attention`` and ``PatchEmbed`` are reused by the ViT visual tokenizer in
+modeling_discrete_vae.py (no layer scale, absolute position embedding there).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import pickle
+import re
+from functools import partial
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.models import register_model
+from torch import nn
+
+__all__ = [
+    "PatchEmbed", "Attention", "Block", "RelativePositionBias",
+    "VisionTransformerForMaskedImageModeling", "relative_position_index",
+    "set_fused_attn", "read_weights_file", "unwrap_state_dict", "load_state_dict_checked",
+    "load_checkpoint",
+]
+
+_logger = logging.getLogger(__name__)
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def _trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    # timm's inverse-CDF sampler: torch's rejection sampler is ~15x slower on CPU
+    return trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens; the grid follows from `img_size` / `patch_size`."""
+
+    def __init__(self, img_size: int | tuple[int, int] = 224,
+                 patch_size: int | tuple[int, int] = 16, in_chans: int = 3,
+                 embed_dim: int = 768) -> None:
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
+            raise ValueError(f"image size {self.img_size} is not a multiple of the patch "
+                             f"size {self.patch_size}")
+        self.grid_size = (self.img_size[0] // self.patch_size[0],
+                          self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size,
+                              stride=self.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"input is {tuple(x.shape[-2:])} pixels, the model was built for "
+                             f"{self.img_size}: resize the images or build the model with "
+                             f"img_size={x.shape[-1]}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, L, D)
+
+
+def relative_position_index(grid_size: tuple[int, int]) -> torch.Tensor:
+    """BEiT's (L+1, L+1) index into the relative position bias table.
+
+    Patch pairs map to (dh + Gh - 1) * (2 Gw - 1) + (dw + Gw - 1); the last three table rows
+    are cls->patch (row 0), patch->cls (column 0) and cls->cls ([0, 0]).
+    """
+    gh, gw = grid_size
+    coords = torch.stack(torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij"))
+    coords = coords.flatten(1)  # (2, L)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (L, L, 2)
+    num_distances = (2 * gh - 1) * (2 * gw - 1)
+    index = torch.empty(gh * gw + 1, gh * gw + 1, dtype=torch.long)
+    index[1:, 1:] = (rel[..., 0] + gh - 1) * (2 * gw - 1) + (rel[..., 1] + gw - 1)
+    index[0, :] = num_distances
+    index[:, 0] = num_distances + 1
+    index[0, 0] = num_distances + 2
+    return index
+
+
+class RelativePositionBias(nn.Module):
+    """One relative position bias shared by every block (BEiT `use_shared_rel_pos_bias`)."""
+
+    def __init__(self, grid_size: tuple[int, int], num_heads: int) -> None:
+        super().__init__()
+        self.grid_size = tuple(grid_size)
+        num_relative = (2 * grid_size[0] - 1) * (2 * grid_size[1] - 1) + 3
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_relative, num_heads))
+        # Persistent: the released checkpoints carry it, so it stays in the state dict.
+        self.register_buffer("relative_position_index", relative_position_index(grid_size))
+
+    def forward(self) -> torch.Tensor:
+        t = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(t, t, -1).permute(2, 0, 1).contiguous()  # (H, T, T)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with BEiT's q/v biases (k has none).
+
+    ``fused_attn`` True: ``F.scaled_dot_product_attention`` with the relative bias as the
+    additive mask; False: the explicit softmax(q k^T * scale + bias) v formulation.
+    """
+
+    fused_attn: bool = True
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+        n, t, d = x.shape  # (N, T, D)
+        qkv_bias = None
+        if self.q_bias is not None:
+            qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, qkv_bias)  # (N, T, 3D)
+        qkv = qkv.reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (N, H, T, hd) each
+        if self.fused_attn:
+            mask = None if rel_pos_bias is None else rel_pos_bias.to(q.dtype).unsqueeze(0)
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask,  # (1, H, T, T) broadcast over N
+                dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (N, H, T, T)
+            if rel_pos_bias is not None:
+                attn = attn + rel_pos_bias.unsqueeze(0)
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = attn @ v  # (N, H, T, hd)
+        x = x.transpose(1, 2).reshape(n, t, d)  # (N, T, D)
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; layer scale (`gamma_1`, `gamma_2`) iff `init_values`."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0, init_values: float | None = None,
+                 norm_layer: Callable[[int], nn.Module] = LayerNorm) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                              proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        if init_values:
+            self.gamma_1 = nn.Parameter(init_values * torch.ones(dim))
+            self.gamma_2 = nn.Parameter(init_values * torch.ones(dim))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gamma_1 is None:
+            x = x + self.drop_path(self.attn(self.norm1(x), rel_pos_bias))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), rel_pos_bias))
+        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+
+
+def set_fused_attn(model: nn.Module, enabled: bool) -> None:
+    """Switch every Attention in `model` between SDPA (True) and explicit softmax (False)."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fused_attn = enabled
+
+
+class VisionTransformerForMaskedImageModeling(nn.Module):
+    """BEiT masked image modelling: predict the visual token of each masked patch."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 vocab_size: int = 8192, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, init_values: float | None = None,
+                 use_abs_pos_emb: bool = True, use_shared_rel_pos_bias: bool = False,
+                 init_std: float = 0.02) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.num_features = self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = (nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+                          if use_abs_pos_emb else None)
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.rel_pos_bias = (RelativePositionBias(self.patch_embed.grid_size, num_heads)
+                             if use_shared_rel_pos_bias else None)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear decay rule
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+                  attn_drop=attn_drop_rate, drop_path=dpr[i], init_values=init_values)
+            for i in range(depth)])
+        self.norm = LayerNorm(embed_dim)
+        self.lm_head = nn.Linear(embed_dim, vocab_size)
+        self.init_std = init_std
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        std = self.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                _trunc_normal_(m.weight, std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for p in (self.cls_token, self.mask_token, self.pos_embed):
+            if p is not None:
+                _trunc_normal_(p, std)
+        with torch.no_grad():  # depth-scaled residual projections (BEiT fix_init_weight)
+            for layer_id, blk in enumerate(self.blocks, start=1):
+                blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+                blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def forward_features(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+        """Final-normed tokens, cls first: (N, 1 + L, D)."""
+        x = self.patch_embed(x)  # (N, L, D)
+        n, num_patches, _ = x.shape
+        if bool_masked_pos.dtype != torch.bool or tuple(bool_masked_pos.shape) != (n, num_patches):
+            raise ValueError(f"bool_masked_pos must be a bool tensor of shape {(n, num_patches)}, "
+                             f"got {bool_masked_pos.dtype} {tuple(bool_masked_pos.shape)}")
+        # Type promotion keeps the residual stream in the parameters' dtype under autocast.
+        x = torch.where(bool_masked_pos.unsqueeze(-1), self.mask_token, x)
+        x = torch.cat((self.cls_token.expand(n, -1, -1), x), dim=1)  # (N, T, D)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        x = self.pos_drop(x)
+        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        for blk in self.blocks:
+            x = blk(x, rel_pos_bias)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor,
+                return_all_tokens: bool = False) -> torch.Tensor:
+        """Token logits: (M, V) for the masked patches in `x[bool_masked_pos]` order
+        (batch-major, then position), or (N, L, V) with `return_all_tokens`."""
+        x = self.forward_features(x, bool_masked_pos)[:, 1:]  # (N, L, D)
+        if return_all_tokens:
+            return self.lm_head(x)  # (N, L, V)
+        return self.lm_head(x[bool_masked_pos])  # (M, V)
+
+
+_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _create(pretrained: bool, config: dict[str, Any], **kwargs: Any
+            ) -> VisionTransformerForMaskedImageModeling:
+    for key in _TIMM_ONLY_KWARGS:
+        kwargs.pop(key, None)
+    if pretrained:
+        raise ValueError("no weights are downloaded: build with pretrained=False and load a "
+                         "local file with modeling_pmad.load_checkpoint(model, path)")
+    # PMAD's layout by default: shared relative bias, no absolute position embedding.
+    defaults = dict(use_shared_rel_pos_bias=True, use_abs_pos_emb=False)
+    return VisionTransformerForMaskedImageModeling(**{**defaults, **config, **kwargs})
+
+
+@register_model
+def vit_tiny_patch16_224_8k_vocab(pretrained: bool = False, **kwargs: Any
+                                  ) -> VisionTransformerForMaskedImageModeling:
+    return _create(pretrained, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3,
+                                    init_values=0.1), **kwargs)
+
+
+@register_model
+def vit_small_patch16_224_8k_vocab(pretrained: bool = False, **kwargs: Any
+                                   ) -> VisionTransformerForMaskedImageModeling:
+    return _create(pretrained, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6,
+                                    init_values=0.1), **kwargs)
+
+
+@register_model
+def vit_base_patch16_224_8k_vocab(pretrained: bool = False, **kwargs: Any
+                                  ) -> VisionTransformerForMaskedImageModeling:
+    return _create(pretrained, dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                                    init_values=0.1), **kwargs)
+
+
+@register_model
+def vit_large_patch16_224_8k_vocab(pretrained: bool = False, **kwargs: Any
+                                   ) -> VisionTransformerForMaskedImageModeling:
+    return _create(pretrained, dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+                                    init_values=1e-5), **kwargs)
+
+
+# ---------------------------------------------------------------- checkpoint loading
+
+def read_weights_file(path: str | os.PathLike) -> Any:
+    """torch.load(weights_only=True) with errors that name the file.
+
+    `argparse.Namespace` is the one extra class allowed: PMAD's training checkpoints carry
+    their arguments as one (method.md 2).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} not found (see weights/README.md "
+                                "for where each file goes)")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if refused is None:
+            raise ValueError(f"{path} is not a readable PyTorch weights file (truncated "
+                             f"download, or not a checkpoint): {e}. Download it again.") from e
+        raise ValueError(f"{path} contains the Python object '{refused.group(1)}', which a "
+                         "weights file does not need: refusing to unpickle it (unpickling can "
+                         "run code). Use the originally released file.") from None
+    except Exception as e:  # truncated zip, not a pickle, ...
+        raise ValueError(f"{path} is not a readable PyTorch weights file (truncated download, "
+                         f"or not a checkpoint): {type(e).__name__}: {str(e).rstrip('.')}. "
+                         "Download it again.") from e
+
+
+def unwrap_state_dict(obj: Any, path: str | os.PathLike,
+                      keys: tuple[str, ...] = ("model", "module")) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: under the first of `keys` present, or `obj`."""
+    if isinstance(obj, dict):
+        for key in keys:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                       for k, v in obj.items()):
+            return obj
+    found = sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__
+    raise ValueError(f"{os.fspath(path)} holds no state dict (expected a dict of tensors, "
+                     f"bare or under {' / '.join(map(repr, keys))}); found {found}")
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor],
+                            source: str | os.PathLike, assign: bool = False
+                            ) -> tuple[list[str], list[str]]:
+    """`model.load_state_dict(strict=False)` that raises on any shape mismatch.
+
+    Returns (missing, unexpected); the caller decides which of them are acceptable.
+    `assign` adopts the file's tensors (for a model built on the meta device).
+    """
+    own = model.state_dict()
+    for key, tensor in state_dict.items():
+        if key in own and own[key].shape != tensor.shape:
+            raise ValueError(f"{os.fspath(source)}: '{key}' has shape {tuple(tensor.shape)} "
+                             f"in the file but {tuple(own[key].shape)} in "
+                             f"{type(model).__name__}: a checkpoint of a different model "
+                             "(size or image size)")
+    if assign:  # adopted tensors keep the model's dtypes
+        state_dict = {k: v.to(own[k].dtype) if k in own else v for k, v in state_dict.items()}
+    result = model.load_state_dict(state_dict, strict=False, assign=assign)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+# Buffers rebuilt from the patch grid at construction: a file without them lacks nothing.
+_DERIVED_SUFFIXES = ("relative_position_index",)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike,
+                    strict: bool = False) -> dict[str, list[str]]:
+    """Load a BEiT pt22k or PMAD checkpoint ({'model'|'module': sd} or a bare state dict).
+
+    Returns dict(missing=[...], unexpected=[...]), both also logged as warnings. Missing
+    derived buffers (relative_position_index) are not counted. A file sharing no key
+    with the model, or any shape mismatch, is an error; `strict` makes any missing or
+    unexpected key an error too (use it when evaluating released weights).
+    """
+    state_dict = unwrap_state_dict(read_weights_file(path), path)
+    own_keys = set(model.state_dict())
+    if not own_keys & set(state_dict):
+        raise ValueError(f"{os.fspath(path)} shares no key with {type(model).__name__} (its "
+                         f"keys start {sorted(state_dict)[:4]}): a checkpoint of another model")
+    missing, unexpected = load_state_dict_checked(model, state_dict, path)
+    missing = [k for k in missing if not k.endswith(_DERIVED_SUFFIXES)]
+    if strict and (missing or unexpected):
+        raise ValueError(f"{os.fspath(path)} does not match {type(model).__name__}: "
+                         f"missing {missing}, unexpected {unexpected}")
+    if missing:
+        _logger.warning("%s: %d model keys not in the file keep their initial values: %s",
+                        path, len(missing), missing)
+    if unexpected:
+        _logger.warning("%s: %d keys in the file are not used by the model: %s",
+                        path, len(unexpected), unexpected)
+    _logger.info("loaded %s (%d tensors)", path, len(state_dict) - len(unexpected))
+    return {"missing": missing, "unexpected": unexpected}

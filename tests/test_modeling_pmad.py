@@ -1,0 +1,372 @@
+"""The reconstruction ViT: released key layout, numerics, masking, checkpoint loading."""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from timm.models.beit import Beit
+
+from modeling_pmad import Attention, load_checkpoint, relative_position_index, set_fused_attn
+
+FORMATS = Path(__file__).resolve().parents[1].parent / "shared/reference/formats"
+PMAD_KWARGS = dict(pretrained=False, drop_path_rate=0.1, use_shared_rel_pos_bias=True,
+                   use_abs_pos_emb=False, init_values=0.1)
+TINY = "vit_tiny_patch16_224_8k_vocab"
+
+
+def read_format(name: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """(key, shape, dtype) per line of a formats/*.txt file."""
+    rows = []
+    for line in (FORMATS / name).read_text().splitlines():
+        key, rest = line.split(" ", 1)
+        shape, dtype = rest.rsplit(" ", 1)
+        rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()),
+                     dtype))
+    return rows
+
+
+def build(name: str = TINY, **kwargs) -> torch.nn.Module:
+    return timm.create_model(name, **{**PMAD_KWARGS, **kwargs})
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial values everywhere (biases, gammas and the bias table start constant)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def rows_of(state_dict: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(k, tuple(v.shape), str(v.dtype).removeprefix("torch."))
+            for k, v in state_dict.items()]
+
+
+# ------------------------------------------------------------------- layout and config
+
+@pytest.mark.parametrize("name, fmt", [("vit_base_patch16_224_8k_vocab", "pmad_vit_base.txt"),
+                                       ("vit_large_patch16_224_8k_vocab", "pmad_vit_large.txt")])
+def test_state_dict_equals_released_format(name, fmt):
+    with torch.device("meta"):  # keys and shapes only: no memory, no init time
+        model = build(name)
+    assert rows_of(model.state_dict()) == read_format(fmt)
+
+
+def test_base_checkpoint_file_round_trip(tmp_path):
+    """A random-weight file in the released layout, read back through load_checkpoint."""
+    source = build("vit_base_patch16_224_8k_vocab")
+    path = tmp_path / "beit_base_patch16_224_pt22k.pth"
+    torch.save({"model": source.state_dict()}, path)
+    assert rows_of(torch.load(path, weights_only=True, mmap=True)["model"]) == \
+        read_format("pmad_vit_base.txt")
+    target = build("vit_base_patch16_224_8k_vocab")
+    assert load_checkpoint(target, path, strict=True) == {"missing": [], "unexpected": []}
+    assert torch.equal(target.lm_head.weight, source.lm_head.weight)
+    assert torch.equal(target.blocks[11].attn.qkv.weight, source.blocks[11].attn.qkv.weight)
+
+
+@pytest.mark.parametrize("name, dim, heads", [(TINY, 192, 3),
+                                              ("vit_small_patch16_224_8k_vocab", 384, 6)])
+def test_small_configs(name, dim, heads):
+    with torch.device("meta"):
+        model = build(name)
+    assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == (dim, 12, heads)
+    assert model.vocab_size == model.lm_head.out_features == 8192
+    assert model.patch_embed.grid_size == (14, 14) and model.patch_embed.num_patches == 196
+    assert model.patch_embed.patch_size == (16, 16)
+    assert model.pos_embed is None and model.rel_pos_bias is not None
+
+
+def test_pretrained_download_refused():
+    with pytest.raises(ValueError, match="load_checkpoint"):
+        timm.create_model(TINY, pretrained=True)
+
+
+@torch.no_grad()
+def test_init():
+    model = build(depth=4)
+    assert torch.equal(model.blocks[0].gamma_1, torch.full((192,), 0.1))
+    assert torch.equal(model.blocks[3].attn.q_bias, torch.zeros(192))
+    assert torch.equal(model.rel_pos_bias.relative_position_bias_table, torch.zeros(732, 3))
+    assert 0.015 < model.mask_token.std() < 0.025 and model.mask_token.abs().max() <= 0.04
+    # block i (from 1) has its residual projections divided by sqrt(2 i)
+    ratio = model.blocks[0].mlp.fc2.weight.std() / model.blocks[3].mlp.fc2.weight.std()
+    assert ratio == pytest.approx(math.sqrt(4), rel=0.03)
+    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
+
+
+def test_relative_position_index_formula():
+    index = relative_position_index((14, 14))
+    i = torch.arange(196)
+    hi, wi = (i // 14)[:, None], (i % 14)[:, None]
+    hj, wj = (i // 14)[None, :], (i % 14)[None, :]
+    assert torch.equal(index[1:, 1:], (hi - hj + 13) * 27 + (wi - wj + 13))
+    assert (index[0, 1:] == 729).all() and (index[1:, 0] == 730).all() and index[0, 0] == 731
+
+
+def test_image_size_is_a_parameter():
+    model = build(img_size=96, depth=2).eval()
+    assert model.patch_embed.grid_size == (6, 6)
+    assert model.rel_pos_bias.relative_position_bias_table.shape == (11 * 11 + 3, 3)
+    assert model.rel_pos_bias.relative_position_index.shape == (37, 37)
+    mask = torch.zeros(2, 36, dtype=torch.bool)
+    mask[:, :5] = True
+    assert model(torch.randn(2, 3, 96, 96), mask).shape == (10, 8192)
+    with pytest.raises(ValueError, match="img_size=224"):
+        model(torch.randn(1, 3, 224, 224), torch.zeros(1, 196, dtype=torch.bool))
+
+
+def test_mask_must_be_bool_of_grid_shape():
+    model = build(depth=1).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with pytest.raises(ValueError, match="bool"):
+        model(x, torch.zeros(1, 196, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(1, 196\)"):
+        model(x, torch.zeros(1, 195, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------------ numerics
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return randomize_(build(depth=3)).eval()
+
+
+def test_masked_logits_are_masked_rows_of_all_tokens(tiny):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 3, 224, 224, generator=gen)
+    mask = torch.rand(3, 196, generator=gen) < torch.tensor([[0.1], [0.4], [0.7]])
+    with torch.no_grad():
+        masked = tiny(x, mask)
+        full = tiny(x, mask, return_all_tokens=True)
+    assert masked.shape == (int(mask.sum()), 8192) and full.shape == (3, 196, 8192)
+    torch.testing.assert_close(masked, full[mask], rtol=0, atol=1e-5)
+
+
+def test_masked_patch_content_is_hidden(tiny):
+    """A masked patch's pixels reach no output; an unmasked patch's do."""
+    x = torch.randn(1, 3, 224, 224)
+    mask = torch.zeros(1, 196, dtype=torch.bool)
+    mask[0, 20] = True  # patch (1, 6): rows 16-31, columns 96-111
+    y = x.clone()
+    y[..., 16:32, 96:112] += 3.0
+    z = x.clone()
+    z[..., 0:16, 0:16] += 3.0  # patch 0, visible
+    with torch.no_grad():
+        ref = tiny(x, mask, return_all_tokens=True)
+        assert torch.equal(tiny(y, mask, return_all_tokens=True), ref)
+        assert (tiny(z, mask, return_all_tokens=True) - ref).abs().max() > 1e-2
+
+
+def test_sdpa_attention_equals_explicit_softmax():
+    torch.manual_seed(0)
+    attn = Attention(64, num_heads=4).train()  # train: dropout 0 -> deterministic
+    with torch.no_grad():
+        attn.q_bias.normal_()
+        attn.v_bias.normal_()
+    x = torch.randn(2, 50, 64)
+    bias = torch.randn(4, 50, 50, requires_grad=True)
+    outs, grads = [], []
+    for fused in (True, False):
+        attn.fused_attn = fused
+        out = attn(x, bias)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append((bias.grad.clone(), attn.qkv.weight.grad.clone()))
+        bias.grad = None
+        attn.zero_grad()
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-5)
+
+
+def test_model_sdpa_equals_explicit_softmax(tiny):
+    x = torch.randn(2, 3, 224, 224)
+    mask = torch.rand(2, 196) < 0.3
+    with torch.no_grad():
+        fused = tiny(x, mask, return_all_tokens=True)
+        set_fused_attn(tiny, False)
+        try:
+            explicit = tiny(x, mask, return_all_tokens=True)
+        finally:
+            set_fused_attn(tiny, True)
+    torch.testing.assert_close(fused, explicit, rtol=1e-4, atol=1e-4)
+
+
+def test_encoder_equals_timm_beit(tiny):
+    """Independent reference: timm's BEiT with the same weights gives the same tokens."""
+    ref = Beit(img_size=224, embed_dim=192, depth=3, num_heads=3, init_values=0.1,
+               use_abs_pos_emb=False, use_shared_rel_pos_bias=True, global_pool="token",
+               num_classes=0).eval()
+    missing, unexpected = ref.load_state_dict(tiny.state_dict(), strict=False)
+    assert missing == []
+    assert sorted(unexpected) == ["lm_head.bias", "lm_head.weight", "mask_token",
+                                  "rel_pos_bias.relative_position_index"]
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ours = tiny.forward_features(x, torch.zeros(2, 196, dtype=torch.bool))
+        torch.testing.assert_close(ours, ref.forward_features(x), rtol=1e-4, atol=1e-4)
+
+
+def test_drop_path_only_in_train_mode():
+    model = randomize_(build(depth=2, drop_path_rate=0.5))
+    x, mask = torch.randn(2, 3, 224, 224), torch.zeros(2, 196, dtype=torch.bool)
+    with torch.no_grad():
+        model.train()
+        torch.manual_seed(0)
+        a = model(x, mask, return_all_tokens=True)
+        torch.manual_seed(1)
+        b = model(x, mask, return_all_tokens=True)
+        model.eval()
+        assert not torch.equal(a, b)
+        assert torch.equal(model(x, mask, return_all_tokens=True),
+                           model(x, mask, return_all_tokens=True))
+
+
+def test_bf16_autocast_close_to_fp32(tiny):
+    x, mask = torch.randn(2, 3, 224, 224), torch.rand(2, 196) < 0.4
+    with torch.no_grad():
+        ref = tiny(x, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = tiny(x, mask)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max() < 0.1 * ref.std()
+    assert (low.float().argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+# ------------------------------------------------------------------- checkpoint loading
+
+@pytest.fixture(scope="module")
+def source_model():
+    return randomize_(build(depth=2), seed=3)
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize("layout", ["model", "module", "bare"])
+def test_load_checkpoint_layouts(tmp_path, source_model, layout):
+    sd = source_model.state_dict()
+    path = tmp_path / "ckpt.pth"
+    torch.save(sd if layout == "bare" else {layout: sd}, path)
+    target = build(depth=2)
+    assert load_checkpoint(target, path) == {"missing": [], "unexpected": []}
+    assert_same_weights(target, source_model)
+
+
+def test_load_pmad_training_checkpoint(tmp_path, source_model):
+    """PMAD saves model, optimizer, epoch, scaler and args (an argparse.Namespace)."""
+    model = build(depth=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()  # fills the optimizer state with tensors
+    path = tmp_path / "checkpoint-19.pth"
+    torch.save({"model": source_model.state_dict(), "optimizer": opt.state_dict(), "epoch": 19,
+                "scaler": torch.amp.GradScaler("cpu").state_dict(),
+                "args": argparse.Namespace(model="vit_base_patch16_224_8k_vocab", lr=1.5e-3,
+                                           data_path="data/Mvtec-ImageNet", mask_ratio=0.3)},
+               path)
+    target = build(depth=2)
+    assert load_checkpoint(target, path, strict=True) == {"missing": [], "unexpected": []}
+    assert_same_weights(target, source_model)
+
+
+def test_missing_and_unexpected_are_reported(tmp_path, source_model, caplog):
+    sd = dict(source_model.state_dict())
+    del sd["lm_head.weight"], sd["rel_pos_bias.relative_position_index"]
+    sd["blocks.0.attn.relative_position_bias_table"] = torch.zeros(732, 3)
+    path = tmp_path / "partial.pth"
+    torch.save({"model": sd}, path)
+    target = build(depth=2)
+    with caplog.at_level(logging.WARNING, logger="modeling_pmad"):
+        report = load_checkpoint(target, path)
+    # the index buffer is rebuilt from the grid, so it is not missing
+    assert report == {"missing": ["lm_head.weight"],
+                      "unexpected": ["blocks.0.attn.relative_position_bias_table"]}
+    assert "lm_head.weight" in caplog.text
+    assert "blocks.0.attn.relative_position_bias_table" in caplog.text
+    assert torch.equal(target.lm_head.bias, source_model.lm_head.bias)
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        load_checkpoint(build(depth=2), path, strict=True)
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path):
+    path = tmp_path / "small.pth"
+    torch.save({"model": build("vit_small_patch16_224_8k_vocab", depth=1).state_dict()}, path)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(build(depth=1), path)
+    msg = str(err.value)
+    assert str(path) in msg and "'cls_token'" in msg
+    assert "(1, 1, 384)" in msg and "(1, 1, 192)" in msg
+
+
+def test_checkpoint_of_another_model_is_an_error(tmp_path):
+    path = tmp_path / "vit_tokenizer.pth"
+    torch.save({"model": {"encoder.cls_token": torch.zeros(1, 1, 192),
+                          "quantize.embedding.weight": torch.zeros(8, 32)}}, path)
+    with pytest.raises(ValueError, match="shares no key"):
+        load_checkpoint(build(depth=1), path)
+    torch.save({"optimizer": {}, "epoch": 3}, path)
+    with pytest.raises(ValueError, match="holds no state dict"):
+        load_checkpoint(build(depth=1), path)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_truncated_checkpoint_names_file(tmp_path, source_model, legacy):
+    path = tmp_path / "truncated.pth"
+    torch.save({"model": source_model.state_dict()}, path,
+               _use_new_zipfile_serialization=not legacy)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.pth.*Download it again"):
+        load_checkpoint(build(depth=2), path)
+
+
+def test_non_checkpoint_and_missing_file(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("not a checkpoint\n")
+    with pytest.raises(ValueError, match="notes.pth"):
+        load_checkpoint(build(depth=1), path)
+    with pytest.raises(FileNotFoundError, match="absent.pth"):
+        load_checkpoint(build(depth=1), tmp_path / "absent.pth")
+
+
+class _Hostile:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.sentinel}",)
+
+
+def test_hostile_pickle_is_refused(tmp_path, source_model):
+    sentinel = tmp_path / "pwned"
+    path = tmp_path / "hostile.pth"
+    torch.save({"model": source_model.state_dict(), "args": _Hostile(sentinel)}, path)
+    with pytest.raises(ValueError, match=r"hostile.pth contains the Python object "
+                                         r"'(posix|os)\.system'.*refusing"):
+        load_checkpoint(build(depth=2), path)
+    assert not sentinel.exists()
+
+
+def test_only_namespace_is_allowed_besides_tensors(tmp_path, source_model):
+    path = tmp_path / "odd_args.pth"
+    torch.save({"model": source_model.state_dict(), "args": Path("x")}, path)
+    with pytest.raises(ValueError, match="odd_args.pth contains the Python object 'pathlib"):
+        load_checkpoint(build(depth=2), path)
+

@@ -1,0 +1,404 @@
+"""Visual tokenizers: released file formats, safe loading, token semantics."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import pickletools
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.beit import Beit
+
+import modeling_discrete_vae as dv
+from modeling_discrete_vae import (DalleEncoder, VQKDTokenizer, create_tokenizer,
+                                   fit_kmeans_tokenizer, register_tokenizer, save_dalle_encoder,
+                                   spherical_kmeans)
+
+FORMATS = Path(__file__).resolve().parents[1].parent / "shared/reference/formats"
+SMALL_DALLE = dict(n_hid=16, vocab_size=64)  # same layout as OpenAI's, 1/16 of the width
+
+
+def read_format(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{key: (shape, dtype)} of a formats/*.txt file."""
+    rows = {}
+    for line in (FORMATS / name).read_text().splitlines():
+        key, rest = line.split(" ", 1)
+        shape, dtype = rest.rsplit(" ", 1)
+        rows[key] = (tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype)
+    return rows
+
+
+def layout(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+            for k, v in state_dict.items()}
+
+
+def token_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Smooth synthetic RGB in [0, 1], (n, 3, size, size)."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 8, 8, generator=gen)
+    return F.interpolate(coarse, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pickle_globals(path: Path) -> set[str]:
+    """'module name' of every GLOBAL opcode in a torch file's object pickle(s)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            streams = [z.read(n) for n in z.namelist() if n.endswith("data.pkl")]
+        ops = [op for s in streams for op in pickletools.genops(s)]
+    else:  # legacy: magic, protocol, sys_info, object, storage keys, raw storages
+        with open(path, "rb") as f:
+            ops = [op for _ in range(5) for op in pickletools.genops(f)]
+    return {arg for op, arg, _ in ops if op.name == "GLOBAL"}
+
+
+class _Hostile:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.sentinel}",)
+
+
+# ---------------------------------------------------------------------------- registry
+
+def test_registry(monkeypatch):
+    assert dv.available_tokenizers() == ["dall-e", "kmeans", "vit_tokenizer"]
+    monkeypatch.setattr(dv, "_TOKENIZERS", dict(dv._TOKENIZERS))
+    with pytest.raises(ValueError, match=r"\['dall-e', 'kmeans', 'vit_tokenizer'\]"):
+        create_tokenizer("vqgan", "x")
+    with pytest.raises(ValueError, match="already registered"):
+        register_tokenizer("dall-e")(lambda path, device: None)
+
+    class Identity(torch.nn.Module):
+        image_size, vocab_size, fingerprint = 32, 4, "abc"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def get_codebook_indices(self, images):
+            return torch.zeros(images.shape[0], 4, dtype=torch.long)
+
+    register_tokenizer("identity")(lambda path, device: Identity())
+    assert "identity" in dv.available_tokenizers()
+    tok = create_tokenizer("identity", "unused")
+    assert not tok.training and not tok.w.requires_grad
+    register_tokenizer("incomplete")(lambda path, device: torch.nn.Identity())
+    with pytest.raises(TypeError, match="image_size"):
+        create_tokenizer("incomplete", "unused")
+
+
+# ------------------------------------------------------------------------------ DALL-E
+
+def dalle_reference(sd: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """method.md 3 written out with functional ops, from the state dict alone."""
+    def conv(x, name, pad):
+        return F.conv2d(x, sd[f"{name}.w"], sd[f"{name}.b"], padding=pad)
+
+    x = conv(0.8 * images + 0.1, "blocks.input", 3)
+    for g in range(1, 5):
+        for b in (1, 2):
+            name = f"blocks.group_{g}.block_{b}"
+            identity = conv(x, f"{name}.id_path", 0) if f"{name}.id_path.w" in sd else x
+            h = x
+            for c, pad in ((1, 1), (2, 1), (3, 1), (4, 0)):
+                h = conv(F.relu(h), f"{name}.res_path.conv_{c}", pad)
+            x = identity + h / 64  # post_gain 1 / n_layers^2, n_layers = 8
+        if g < 4:
+            x = F.max_pool2d(x, 2)
+    return conv(F.relu(x), "blocks.output.conv", 0).argmax(1).flatten(1)
+
+
+@pytest.fixture(scope="module")
+def small_dalle(tmp_path_factory):
+    torch.manual_seed(0)
+    encoder = DalleEncoder(**SMALL_DALLE)
+    folder = tmp_path_factory.mktemp("tokenizer")
+    save_dalle_encoder(encoder, folder / "encoder.pkl")
+    return encoder, folder
+
+
+def test_dalle_released_format_full_size(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "encoder.pkl"
+    save_dalle_encoder(DalleEncoder(), path)
+    assert {"dall_e.encoder Encoder", "dall_e.encoder EncoderBlock",
+            "dall_e.utils Conv2d"} <= pickle_globals(path)
+    assert not any(g.startswith("modeling_discrete_vae") for g in pickle_globals(path))
+    tok = create_tokenizer("dall-e", path)
+    assert layout(tok.encoder.state_dict()) == read_format("dalle_encoder.txt")
+    assert (tok.image_size, tok.vocab_size) == (112, 8192)
+    tokens = tok.get_codebook_indices(token_images(1, 112))
+    assert tokens.shape == (1, 196) and tokens.dtype == torch.long
+    assert 0 <= tokens.min() and tokens.max() < 8192
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_dalle_both_serialization_formats(tmp_path, small_dalle, legacy):
+    encoder, _ = small_dalle
+    path = tmp_path / "encoder.pkl"
+    save_dalle_encoder(encoder, path, legacy_format=legacy)
+    assert zipfile.is_zipfile(path) != legacy
+    assert "dall_e.encoder Encoder" in pickle_globals(path)
+    tok = create_tokenizer("dall-e", path)
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(tok.encoder.state_dict()[key], value), key
+    assert tok.encoder.n_hid == 16 and tok.vocab_size == 64
+
+
+def test_dalle_tokens(small_dalle):
+    encoder, folder = small_dalle
+    tok = create_tokenizer("dall-e", folder)  # the folder holding encoder.pkl
+    images = token_images(3, 112)
+    tokens = tok.get_codebook_indices(images)
+    assert tokens.shape == (3, 196) and tokens.dtype == torch.long
+    assert 0 <= tokens.min() and tokens.max() < 64 and len(tokens.unique()) > 3
+    assert torch.equal(tokens, dalle_reference(encoder.state_dict(), images))
+    assert torch.equal(tokens, create_tokenizer("dall-e", folder / "encoder.pkl")
+                       .get_codebook_indices(images))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the caller's precision is ignored
+        assert torch.equal(tok.get_codebook_indices(images), tokens)
+    assert tok.fingerprint == sha256(folder / "encoder.pkl")
+    assert not tok.training and not any(p.requires_grad for p in tok.parameters())
+
+
+def test_dalle_input_checks(small_dalle):
+    tok = create_tokenizer("dall-e", small_dalle[1])
+    with pytest.raises(ValueError, match=r"\(N, 3, 112, 112\)"):
+        tok.get_codebook_indices(token_images(1, 224))
+    normalised = (token_images(1, 112) - 0.45) / 0.225
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        tok.get_codebook_indices(normalised)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_dalle_hostile_pickle_is_refused(tmp_path, legacy):
+    sentinel = tmp_path / "pwned"
+    path = tmp_path / "encoder.pkl"
+    torch.save(_Hostile(sentinel), path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(ValueError, match=r"encoder.pkl names the global '(posix|os)\.system'"):
+        create_tokenizer("dall-e", path)
+    assert not sentinel.exists()
+
+
+def test_dalle_hostile_header_and_nested_payload_are_refused(tmp_path):
+    sentinel = tmp_path / "pwned"
+    bare = tmp_path / "bare.pkl"  # a plain pickle: torch reads it as the legacy header
+    bare.write_bytes(pickle.dumps(_Hostile(sentinel), protocol=2))
+    with pytest.raises(ValueError, match="system"):
+        create_tokenizer("dall-e", bare)
+    encoder = DalleEncoder(**SMALL_DALLE)
+    encoder.blocks.input.payload = _Hostile(sentinel)  # inside a well-formed encoder
+    nested = tmp_path / "nested.pkl"
+    save_dalle_encoder(encoder, nested)
+    with pytest.raises(ValueError, match="system"):
+        create_tokenizer("dall-e", nested)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_dalle_truncated_file(tmp_path, small_dalle, legacy):
+    path = tmp_path / "encoder.pkl"
+    save_dalle_encoder(small_dalle[0], path, legacy_format=legacy)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="encoder.pkl is not a readable pickled DALL-E"):
+        create_tokenizer("dall-e", path)
+
+
+def test_dalle_wrong_contents(tmp_path):
+    with pytest.raises(FileNotFoundError, match="encoder.pkl"):
+        create_tokenizer("dall-e", tmp_path)  # folder without encoder.pkl
+    state = tmp_path / "state_dict.pkl"
+    torch.save(DalleEncoder(**SMALL_DALLE).state_dict(), state)
+    with pytest.raises(ValueError, match="holds a OrderedDict, not DALL-E"):
+        create_tokenizer("dall-e", state)
+    encoder = DalleEncoder(**SMALL_DALLE)
+    encoder.n_hid = 32  # attributes and tensors disagree
+    odd = tmp_path / "odd.pkl"
+    save_dalle_encoder(encoder, odd)
+    with pytest.raises(ValueError, match=r"odd.pkl: 'blocks.input.w' has shape \(16, 3, 7, 7\)"):
+        create_tokenizer("dall-e", odd)
+
+
+# ------------------------------------------------------------------------- ViT (VQ-KD)
+
+RELEASED_VQKD = read_format("vit_tokenizer.txt") if FORMATS.is_dir() else {}
+IGNORED_KEYS = sorted(k for k in RELEASED_VQKD if VQKDTokenizer.IGNORED.match(k))
+TINY_VQKD = dict(embed_dim=128, depth=2, num_heads=2, num_codes=64)
+
+
+def write_vqkd(path: Path, tokenizer: VQKDTokenizer, wrapper: str = "model",
+               edit=None) -> Path:
+    """A VQ-KD file: the tokenizer's tensors plus the released keys it does not use."""
+    gen = torch.Generator().manual_seed(1)
+    state = dict(tokenizer.state_dict())
+    state.update({k: torch.randn(RELEASED_VQKD[k][0], generator=gen) for k in IGNORED_KEYS})
+    if edit is not None:
+        edit(state)
+    torch.save({wrapper: state}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_vqkd(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = VQKDTokenizer(**TINY_VQKD)
+    path = write_vqkd(tmp_path_factory.mktemp("vqkd") / "vit_tokenizer.pth", tok)
+    return tok, path
+
+
+def test_vqkd_released_format_full_size(tmp_path):
+    torch.manual_seed(0)
+    path = write_vqkd(tmp_path / "vit_tokenizer.pth", VQKDTokenizer())
+    file_layout = layout(torch.load(path, weights_only=True)["model"])
+    assert file_layout == RELEASED_VQKD
+    tok = create_tokenizer("vit_tokenizer", path)
+    assert sorted(tok.ignored_keys) == IGNORED_KEYS
+    assert layout(tok.state_dict()) == {k: v for k, v in RELEASED_VQKD.items()
+                                        if k not in IGNORED_KEYS}
+    assert (tok.image_size, tok.vocab_size, len(tok.encoder.blocks)) == (224, 8192, 12)
+    assert tok.encoder.blocks[0].attn.num_heads == 12
+    tokens = tok.get_codebook_indices(token_images(1, 224))
+    assert tokens.shape == (1, 196) and 0 <= tokens.min() and tokens.max() < 8192
+
+
+def test_vqkd_tokens_are_nearest_raw_codebook_rows(tiny_vqkd, caplog):
+    ref, path = tiny_vqkd
+    with caplog.at_level(logging.INFO, logger="modeling_discrete_vae"):
+        tok = create_tokenizer("vit_tokenizer", path)
+    assert f"ignored {len(IGNORED_KEYS)} keys" in caplog.text
+    images = token_images(3, 224)
+    tokens = tok.get_codebook_indices(images)
+    assert tokens.shape == (3, 196) and tokens.dtype == torch.long
+    assert 0 <= tokens.min() and tokens.max() < 64 and len(tokens.unique()) > 3
+    with torch.no_grad():
+        z = F.normalize(ref.encode_task_layer(ref.encoder(images * 2 - 1)), dim=-1)
+        codes = ref.quantize.embedding.weight  # random rows of unequal norm: used as stored
+        expected = torch.cdist(z, codes.expand(3, -1, -1)).argmin(-1)
+    assert torch.equal(tokens, expected)
+    assert torch.equal(tok.get_codebook_indices(images), tokens)
+    assert tok.fingerprint == sha256(path)
+
+
+def test_vqkd_encoder_equals_timm_vit():
+    """Independent reference: timm's BEiT/ViT with abs. position embedding, fc_norm."""
+    tok = VQKDTokenizer(**TINY_VQKD)
+    ref = Beit(img_size=224, embed_dim=128, depth=2, num_heads=2, use_abs_pos_emb=True,
+               global_pool="avg", num_classes=0).eval()
+    encoder_sd = {k.removeprefix("encoder."): v for k, v in tok.state_dict().items()
+                  if k.startswith("encoder.")}
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(2)
+        for key in ("blocks.0.attn.q_bias", "blocks.1.attn.v_bias"):
+            encoder_sd[key] = torch.randn(128, generator=gen)  # biases start at zero
+        assert ref.load_state_dict(encoder_sd, strict=True)
+        tok.encoder.load_state_dict(encoder_sd)
+        x = torch.randn(2, 3, 224, 224)
+        expected = ref.fc_norm(ref.forward_features(x)[:, 1:])
+        torch.testing.assert_close(tok.encoder(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_vqkd_state_dict_wrapper(tmp_path, tiny_vqkd):
+    path = write_vqkd(tmp_path / "sd.pth", tiny_vqkd[0], wrapper="state_dict")
+    images = token_images(1, 224)
+    assert torch.equal(create_tokenizer("vit_tokenizer", path).get_codebook_indices(images),
+                       create_tokenizer("vit_tokenizer", tiny_vqkd[1])
+                       .get_codebook_indices(images))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda sd: sd.pop("encoder.blocks.1.attn.q_bias"), "missing.*encoder.blocks.1.attn.q_bias"),
+    (lambda sd: sd.update({"encoder.norm.weight": torch.ones(128)}), "unexpected.*encoder.norm"),
+    (lambda sd: sd.update({"encode_task_layer.2.bias": torch.zeros(16)}),
+     r"'encode_task_layer.2.bias' has shape \(16,\) in the file but \(32,\)"),
+])
+def test_vqkd_file_must_match_exactly(tmp_path, tiny_vqkd, edit, message):
+    path = write_vqkd(tmp_path / "bad.pth", tiny_vqkd[0], edit=edit)
+    with pytest.raises(ValueError, match=f"bad.pth.*{message}"):
+        create_tokenizer("vit_tokenizer", path)
+
+
+def test_vqkd_wrong_model_and_truncated(tmp_path, tiny_vqkd):
+    pmad = tmp_path / "checkpoint.pth"
+    torch.save({"model": {"cls_token": torch.zeros(1, 1, 768),
+                          "lm_head.weight": torch.zeros(8192, 768)}}, pmad)
+    with pytest.raises(ValueError, match="checkpoint.pth is not a VQ-KD tokenizer"):
+        create_tokenizer("vit_tokenizer", pmad)
+    truncated = tmp_path / "truncated.pth"
+    data = tiny_vqkd[1].read_bytes()
+    truncated.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match="truncated.pth is not a readable"):
+        create_tokenizer("vit_tokenizer", truncated)
+
+
+# ----------------------------------------------------------------------------- k-means
+
+def test_spherical_kmeans_recovers_clusters():
+    gen = torch.Generator().manual_seed(0)
+    centers = F.normalize(torch.randn(6, 16, generator=gen), dim=1)
+    labels = torch.arange(600) % 6
+    x = F.normalize(centers[labels] + 0.05 * torch.randn(600, 16, generator=gen), dim=1)
+    found = spherical_kmeans(x, 6, iters=10, seed=0)
+    assert torch.allclose(found.norm(dim=1), torch.ones(6))
+    similarity = centers @ found.t()  # each true center has one found centroid next to it
+    assert (similarity.max(dim=1).values > 0.99).all()
+    assert sorted(similarity.argmax(dim=1).tolist()) == list(range(6))
+    assert torch.equal(spherical_kmeans(x, 6, iters=10, seed=0), found)  # seeded
+    with pytest.raises(ValueError, match="600 feature vectors cannot make 601"):
+        spherical_kmeans(x, 601)
+
+
+@pytest.fixture(scope="module")
+def kmeans_file(tmp_path_factory):
+    batches = [token_images(4, 224, seed=s) for s in (0, 1)]
+    path = tmp_path_factory.mktemp("kmeans") / "kmeans.pth"
+    assert fit_kmeans_tokenizer(batches, path, vocab_size=16, iters=5) == str(path)
+    return path, batches
+
+
+def test_kmeans_file_format(kmeans_file):
+    path, _ = kmeans_file
+    obj = torch.load(path, weights_only=True)
+    assert set(obj) == {"tokenizer", "backbone", "out_index", "backbone_state_dict",
+                        "codebook", "image_size"}
+    assert (obj["tokenizer"], obj["backbone"], obj["out_index"], obj["image_size"]) == (
+        "kmeans", "efficientnet_lite0", 3, 224)
+    assert obj["codebook"].shape == (16, 112)
+    assert torch.allclose(obj["codebook"].norm(dim=1), torch.ones(16))
+
+
+def test_kmeans_tokens(kmeans_file):
+    path, batches = kmeans_file
+    tok = create_tokenizer("kmeans", path)
+    assert (tok.image_size, tok.vocab_size, tok.fingerprint) == (224, 16, sha256(path))
+    images = torch.cat(batches)
+    tokens = tok.get_codebook_indices(images)
+    assert tokens.shape == (8, 196) and tokens.dtype == torch.long
+    assert 0 <= tokens.min() and tokens.max() < 16 and len(tokens.unique()) > 4
+    with torch.no_grad():
+        normalised = (images - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) \
+            / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        feats = tok.features.backbone(normalised)[0]  # (8, 112, 14, 14)
+        feats = F.normalize(feats.flatten(2).transpose(1, 2), dim=-1)
+        expected = torch.cdist(feats, tok.codebook.expand(8, -1, -1)).argmin(-1)
+    assert torch.equal(tokens, expected)
+
+
+def test_kmeans_rejects_other_files(tmp_path, tiny_vqkd):
+    with pytest.raises(ValueError, match="vit_tokenizer.pth is not a k-means tokenizer"):
+        create_tokenizer("kmeans", tiny_vqkd[1])
+    with pytest.raises(ValueError, match="needs backbone_weights"):
+        fit_kmeans_tokenizer([], tmp_path / "x.pth", backbone="resnet18")
