@@ -360,6 +360,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="first write the offline demo set (MVTec format) into DIR and use it "
                         "as --data_path")
     p.add_argument("--seed", type=int, default=0, help="seed of the demo set (--make_demo)")
+    p.add_argument("--demo_counts", type=int, nargs=3, default=[40, 20, 20],
+                   metavar=("TRAIN", "TEST_GOOD", "TEST_DEFECT"),
+                   help="demo images per class: train, good test, defective test")
     args = p.parse_args(argv)
     if args.make_demo:
         if args.data_path and os.path.abspath(args.data_path) != os.path.abspath(args.make_demo):
@@ -374,8 +377,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> None:
     if args.make_demo:
         from demo_data import make_demo_dataset
-        extra = {"classes": args.classes} if args.classes else {}
-        written = make_demo_dataset(args.make_demo, args.root, seed=args.seed, **extra)
+        n_train, n_test_good, n_test_defect = args.demo_counts
+        written = make_demo_dataset(args.make_demo, args.root, seed=args.seed,
+                                    classes=args.classes, n_train=n_train,
+                                    n_test_good=n_test_good, n_test_defect=n_test_defect)
         print(f"demo set: {len(written)} classes written to {args.make_demo} "
               f"(foreground masks in {os.path.join(args.root, 'fg_mask')})")
     classes = find_classes(args.data_path, args.classes)
