@@ -1,0 +1,805 @@
+"""ProtoFlow: PMAD's proposal masks and abnormality maps (method.md section 6).
+
+Each patch feature of a frozen CNN, minus its nearest normal prototype of the image's
+class, is scored by a conditional normalizing flow; a low likelihood marks an anomalous
+patch. Subtracting the class's own prototypes makes the flow class-agnostic, which is why
+it also works on classes it never saw in training.
+
+Two commands build everything from normal training images (ImageNet layout,
+``<root>/train/<class>/*``):
+
+    python protoflow.py prototypes --data_path data/mvtec_imagenet --classes bottle cable \
+        --output_dir weights/prototypes
+    python protoflow.py train --data_path data/mvtec_imagenet --setting multi_class \
+        --prototypes_dir weights/prototypes --output weights/protoflow/multi_class.pt
+
+Both hold out the same seeded 10 % of each class's images (``--holdout``, ``--seed``),
+so that the image-score threshold stored with the flow comes from normal images that
+neither the prototypes nor the flow have seen.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import FrEIA.framework as Ff
+import FrEIA.modules as Fm
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import special_ortho_group
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+from torchvision import transforms as T
+from tqdm import tqdm
+
+import datasets
+from backbones import create_backbone
+from utils import (JsonlLog, build_sampler, capture_rng_state, cosine_scheduler,
+                   load_checkpoint_file, restore_rng_state, save_on_master, seed_everything)
+
+DEFAULT_BACKBONE = "tf_efficientnet_b6"  # architecture of a file that names none
+# timm 0.3.2's `tf_efficientnet_b6` (the original's encoder) is the AutoAugment ImageNet
+# checkpoint; timm >= 0.9 defaults to the Noisy-Student one, so the tag is explicit.
+DEFAULT_ENCODER = "tf_efficientnet_b6.aa_in1k"
+DEFAULT_OUT_INDICES = (2, 3)
+DEFAULT_N_BLOCKS = 8
+COND_DIM = 128
+CORESET_FILE = "coreset.npy"
+CORESET_META = "coreset.json"
+THRESHOLD_QUANTILE = 0.99
+SCORE_QUANTILES = (0.5, 0.9, 0.95, 0.99)
+
+Rng = np.random.Generator | torch.Generator
+
+
+@dataclass
+class Proposals:
+    """ProtoFlow's output for one class's image set (method.md 6)."""
+    log_likelihood: Tensor        # (N, h, w) per-dim log-likelihood, unnormalised
+    abnormality_maps: Tensor      # (N, H, W) max(prob) - prob over the set
+    image_scores: Tensor          # (N,) max over patches of -logp (set-independent)
+    is_anomalous: Tensor | None   # (N,) bool: image_scores > stored threshold
+    masks: dict[float, Tensor]    # ratio -> (N, L) bool, True = proposed (masked) patch
+
+
+# ----------------------------------------------------------------------------- features
+def extract_features(encoder: nn.Module, images: Tensor) -> Tensor:
+    """Two-scale patch features: (N, 3, H, W) -> (N, C, H/8, W/8).
+
+    Each map is smoothed by AvgPool2d(3, 1, 1) (neighbourhood context, as in PatchCore);
+    the coarser maps are nearest-upsampled to the stride-8 grid and concatenated after it.
+    """
+    maps = [F.avg_pool2d(m, 3, 1, 1) for m in encoder(images)]  # [(N, C1, H/8, W/8), ...]
+    size = maps[0].shape[-2:]
+    return torch.cat([maps[0]] + [F.interpolate(m, size=size, mode="nearest")
+                                  for m in maps[1:]], dim=1)
+
+
+def patch_rows(features: Tensor) -> Tensor:
+    """(N, C, h, w) -> (N * h * w, C), row-major over each image's grid."""
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+
+
+def train_transform(img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                    std: Sequence[float] = IMAGENET_DEFAULT_STD):
+    """Flow-training augmentation (method.md 6): RandomResizedCrop(scale 0.2-1, bicubic)
+    + horizontal flip. Prototypes and held-out scores use the test transform instead
+    (datasets.build_transforms), so that they match the features seen at test time."""
+    return T.Compose([T.RandomResizedCrop(img_size, scale=(0.2, 1.0),
+                                          interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+
+# ----------------------------------------------------------------------------- prototypes
+def _numpy_rng(rng: Rng | None, default_seed: int = 0) -> np.random.Generator:
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, torch.Generator):
+        return np.random.default_rng(int(torch.randint(2 ** 62, (1,), generator=rng)))
+    return np.random.default_rng(default_seed)
+
+
+def greedy_coreset(features: Tensor, n: int, projection_dim: int | None = None,
+                   device: str | torch.device | None = None, rng: Rng | None = None,
+                   progress: bool = True) -> Tensor:
+    """Greedy k-center (minimax facility location) selection: indices (n,) in pick order.
+
+    Each pick is the point farthest from all earlier picks, which keeps the covering
+    radius (the farthest any point lies from its nearest pick) within twice the optimum
+    for n centres (Gonzalez's 2-approximation). The start is drawn from `rng`
+    (index 0 without one). `projection_dim` selects on a Gaussian random projection
+    (Johnson-Lindenstrauss: distances kept up to a small factor) to save time; the
+    returned indices address the original features. One pick costs one matrix-vector
+    product over all points, on `device` (the GPU when given).
+    """
+    m, c = features.shape  # (M, C)
+    if not 1 <= n <= m:
+        raise ValueError(f"coreset size {n} must lie in [1, {m}] (the number of features)")
+    device = torch.device(device) if device is not None else features.device
+    x = features.to(device=device, dtype=torch.float32)  # (M, C)
+    gen = _numpy_rng(rng)
+    if projection_dim is not None and projection_dim < c:
+        proj = torch.from_numpy(gen.standard_normal((c, projection_dim), dtype=np.float32))
+        x = x @ (proj.to(device) / math.sqrt(projection_dim))  # (M, d)
+    sq = (x * x).sum(1)  # (M,)
+    start = int(gen.integers(m)) if rng is not None else 0
+    picks = torch.empty(n, dtype=torch.long, device=device)
+    picks[0] = start
+    # squared distances |x|^2 - 2 x.c + |c|^2: one pass over x per pick (memory-bound)
+    min_dist = torch.addmv(sq, x, x[start], alpha=-2).add_(sq[start])  # (M,)
+    for i in tqdm(range(1, n), desc="coreset", disable=not progress or n < 2,
+                  mininterval=1.0, leave=False):
+        j = torch.argmax(min_dist)
+        picks[i] = j
+        dist = torch.addmv(sq, x, x[j], alpha=-2).add_(sq[j])  # (M,)
+        torch.minimum(min_dist, dist, out=min_dist)
+    return picks.cpu()
+
+
+def nearest_prototype(features: Tensor, prototypes: Tensor, chunk: int = 4096
+                      ) -> tuple[Tensor, Tensor]:
+    """L2 distance (P,) and index (P,) of each feature's nearest prototype (M, C).
+
+    Chunked so that the (chunk, M) distance block stays small whatever P is.
+    """
+    dists, idxs = [], []
+    for part in features.split(chunk):  # (chunk, C)
+        d, i = torch.cdist(part, prototypes).min(dim=1)  # (chunk,)
+        dists.append(d)
+        idxs.append(i)
+    return torch.cat(dists), torch.cat(idxs)
+
+
+@torch.inference_mode()
+def build_prototypes(encoder: nn.Module, loader: Iterable, coreset_ratio: float = 0.01,
+                     projection_dim: int | None = None, device: str | torch.device = "cpu",
+                     rng: Rng | None = None) -> np.ndarray:
+    """A class's prototypes: the coreset of all its patch features, float32 (M, C)."""
+    feats = []
+    for batch in tqdm(loader, desc="features", leave=False):
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        feats.append(patch_rows(extract_features(encoder, images.to(device))).cpu())
+    if not feats:
+        raise ValueError("no images to build prototypes from")
+    feats = torch.cat(feats)  # (n_images * h * w, C)
+    n = max(1, int(len(feats) * coreset_ratio))
+    idx = greedy_coreset(feats, n, projection_dim=projection_dim, device=device, rng=rng)
+    return feats[idx].numpy().astype(np.float32)
+
+
+def save_prototypes(prototypes_dir: str, class_name: str, prototypes: np.ndarray,
+                    meta: dict) -> str:
+    """Write <dir>/<class>/coreset.npy (float32 (M, C)) and coreset.json (how it was made)."""
+    folder = os.path.join(prototypes_dir, class_name)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, CORESET_FILE)
+    tmp = os.path.join(folder, f".{CORESET_FILE}.tmp-{os.getpid()}.npy")
+    np.save(tmp, prototypes.astype(np.float32))
+    os.replace(tmp, path)
+    with open(os.path.join(folder, CORESET_META), "w") as f:
+        json.dump(meta, f, indent=1)
+    return path
+
+
+def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
+                    backbone: str | None = None,
+                    out_indices: Sequence[int] | None = None) -> Tensor:
+    """<dir>/<class>/coreset.npy as float32 (M, C), checked against the flow's encoder."""
+    path = os.path.join(prototypes_dir, class_name, CORESET_FILE)
+    make = (f"python protoflow.py prototypes --data_path <ImageNet-layout root> --classes "
+            f"{class_name} --output_dir {prototypes_dir} --encoder {backbone or DEFAULT_BACKBONE}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no prototypes for class '{class_name}': {path} is missing; "
+                                f"make them with `{make}`")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable .npy array ({e}); rebuild it with "
+                         f"`{make}`") from e
+    if arr.ndim != 2 or arr.shape[1] != feature_dim or len(arr) == 0:
+        raise ValueError(f"{path} holds shape {arr.shape}, the ProtoFlow encoder gives "
+                         f"(M, {feature_dim}) features; rebuild it with `{make}`")
+    meta_path = os.path.join(prototypes_dir, class_name, CORESET_META)
+    if backbone is not None and os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        made = (_architecture(meta.get("backbone", "")), list(meta.get("out_indices", [])))
+        want = (_architecture(backbone), list(out_indices or DEFAULT_OUT_INDICES))
+        if made != want:
+            raise ValueError(f"{path} was made with encoder {made}, the ProtoFlow file uses "
+                             f"{want}; rebuild it with `{make}`")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{path} contains non-finite values; rebuild it with `{make}`")
+    return torch.from_numpy(arr.astype(np.float32))
+
+
+def _architecture(name: str) -> str:
+    """timm model name without its pretrained tag ('tf_efficientnet_b6.aa_in1k' -> ...b6)."""
+    return name.split(".")[0]
+
+
+def holdout_split(labels: Sequence[int], class_names: Sequence[str], fraction: float,
+                  seed: int = 0) -> tuple[list[int], list[int]]:
+    """(kept, held_out) sample indices: per class a seeded round(fraction * n) (at least
+    one when fraction > 0).
+
+    The draw is seeded by the class *name* and uses the class's samples in dataset
+    order, so the same images are held out whether the class is alone (prototypes) or
+    among others (flow training).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout fraction {fraction} must lie in [0, 1)")
+    labels = np.asarray(labels)
+    kept, held = [], []
+    for k, name in enumerate(class_names):
+        idx = np.flatnonzero(labels == k)
+        n_hold = 0 if fraction == 0 or len(idx) == 0 else max(1, round(fraction * len(idx)))
+        if n_hold >= len(idx) > 0:
+            raise ValueError(f"class '{name}' has {len(idx)} training image(s): too few to "
+                             f"hold out {n_hold} (--holdout {fraction}); add images or "
+                             "pass --holdout 0")
+        gen = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        mask = np.zeros(len(idx), dtype=bool)
+        mask[gen.choice(len(idx), n_hold, replace=False)] = True
+        kept += idx[~mask].tolist()
+        held += idx[mask].tolist()
+    return sorted(kept), sorted(held)
+
+
+# ----------------------------------------------------------------------------- flow
+def positional_encoding_2d(channels: int, h: int, w: int) -> Tensor:
+    """Sinusoidal position code (channels, h, w): first half the column, second the row.
+
+    Frequencies exp(-ln(1e4) * 2k / (channels / 2)); sin on even, cos on odd channels.
+    """
+    if channels % 4:
+        raise ValueError(f"positional encoding needs a multiple of 4 channels, got {channels}")
+    half = channels // 2
+    freq = torch.exp(torch.arange(0, half, 2, dtype=torch.float32) * -(math.log(1e4) / half))
+    col = torch.arange(w, dtype=torch.float32)[:, None] * freq  # (w, half/2)
+    row = torch.arange(h, dtype=torch.float32)[:, None] * freq  # (h, half/2)
+    pe = torch.zeros(channels, h, w)
+    pe[0:half:2] = col.sin().T[:, None, :].expand(-1, h, -1)
+    pe[1:half:2] = col.cos().T[:, None, :].expand(-1, h, -1)
+    pe[half::2] = row.sin().T[:, :, None].expand(-1, -1, w)
+    pe[half + 1::2] = row.cos().T[:, :, None].expand(-1, -1, w)
+    return pe
+
+
+def _subnet(c_in: int, c_out: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(c_in, 2 * c_in), nn.ReLU(), nn.Linear(2 * c_in, c_out))
+
+
+def build_flow(dim: int, n_blocks: int = DEFAULT_N_BLOCKS, cond_dim: int = COND_DIM,
+               rng: Rng | None = None) -> Ff.SequenceINN:
+    """FrEIA SequenceINN(dim) of conditional AllInOneBlocks (method.md 6).
+
+    FrEIA draws each block's fixed rotation from numpy's global generator; with `rng`
+    they are redrawn from it, so that a seed fixes the whole flow.
+    """
+    flow = Ff.SequenceINN(dim)
+    for _ in range(n_blocks):
+        flow.append(Fm.AllInOneBlock, cond=0, cond_shape=(cond_dim,),
+                    subnet_constructor=_subnet, affine_clamping=1.9,
+                    global_affine_type="SOFTPLUS", permute_soft=True)
+    if rng is not None:
+        gen = _numpy_rng(rng)
+        with torch.no_grad():
+            for block in flow.module_list:
+                w = torch.from_numpy(special_ortho_group.rvs(dim, random_state=gen)).float()
+                block.w_perm.copy_(w)
+                block.w_perm_inv.copy_(w.T)
+    return flow
+
+
+def flow_log_likelihood(flow: Ff.SequenceINN, x: Tensor, cond: Tensor) -> Tensor:
+    """Per-dim log-likelihood (P,) of rows x (P, C) under the flow with condition (P, D):
+    (C * -0.5 ln(2 pi) - 0.5 |z|^2 + log|det J|) / C."""
+    z, log_jac_det = flow(x, c=[cond])  # (P, C), (P,)
+    c = x.shape[1]
+    return (c * -0.5 * math.log(2 * math.pi) - 0.5 * z.pow(2).sum(1) + log_jac_det) / c
+
+
+def flow_loss(logp: Tensor) -> Tensor:
+    """mean(-log sigmoid(logp)); logsigmoid keeps it finite for very negative logp."""
+    return -F.logsigmoid(logp).mean()
+
+
+def patch_log_likelihood(encoder: nn.Module, flow: Ff.SequenceINN, images: Tensor,
+                         prototypes: Sequence[Tensor], class_idx: Tensor) -> Tensor:
+    """Per-patch log-likelihood (N, h, w) of images (N, 3, H, W) of classes class_idx (N,),
+    each scored against its own class's prototypes[class_idx] (M_k, C)."""
+    features = extract_features(encoder, images)  # (N, C, h, w)
+    n, c, h, w = features.shape
+    rows = features.permute(0, 2, 3, 1).reshape(n, h * w, c)  # (N, h*w, C)
+    residual = torch.empty_like(rows)
+    for k in class_idx.unique().tolist():
+        sel = class_idx == k
+        part = rows[sel].reshape(-1, c)  # (n_k * h*w, C)
+        _, idx = nearest_prototype(part, prototypes[k])
+        residual[sel] = (part - prototypes[k][idx]).reshape(-1, h * w, c)
+    cond_dim = flow.module_list[0].condition_channels
+    pos = positional_encoding_2d(cond_dim, h, w).to(rows)  # (D, h, w)
+    cond = pos.permute(1, 2, 0).reshape(1, h * w, cond_dim).expand(n, -1, -1)  # (N, h*w, D)
+    logp = flow_log_likelihood(flow, residual.reshape(-1, c), cond.reshape(-1, cond_dim))
+    return logp.reshape(n, h, w)
+
+
+# ----------------------------------------------------------------------------- proposals
+def proposals_from_log_likelihood(logp: Tensor, mask_ratios: Sequence[float],
+                                  image_size: int | tuple[int, int] = 224,
+                                  grid: tuple[int, int] = (14, 14),
+                                  threshold: float | None = None) -> Proposals:
+    """Proposal masks and abnormality maps of a whole set of logp maps (N, h, w).
+
+    The normalisation (subtract the set's maximum, exp, max(prob) - prob) runs over the
+    whole given set, as in method.md 6, so pass a class's full test set at once. The
+    masks' per-image ranking and the image scores do not depend on the set.
+    """
+    if logp.ndim != 3 or len(logp) == 0:
+        raise ValueError(f"logp must be a non-empty (N, h, w) tensor, got {tuple(logp.shape)}")
+    if not torch.isfinite(logp).all():
+        raise ValueError("logp contains non-finite values: the flow or its input diverged")
+    bad = [r for r in mask_ratios if not 0.0 <= r <= 1.0]
+    if bad:
+        raise ValueError(f"mask ratios must lie in [0, 1], got {bad}")
+    logp = logp.float()
+    prob = torch.exp(logp - logp.max())[:, None]  # (N, 1, h, w)
+    anomaly = prob.max() - prob
+    coarse = F.interpolate(anomaly, size=tuple(grid), mode="bilinear",
+                           align_corners=True).flatten(1)  # (N, L)
+    num_patches = coarse.shape[1]
+    order = coarse.argsort(dim=1, descending=True, stable=True)  # (N, L)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(num_patches).expand_as(order).contiguous())
+    masks = {r: rank < int(num_patches * r) for r in mask_ratios}
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    fine = F.interpolate(prob, size=size, mode="bilinear", align_corners=True)[:, 0]
+    abnormality = fine.max() - fine  # (N, H, W)
+    image_scores = -logp.flatten(1).amin(dim=1)  # (N,)
+    is_anomalous = image_scores > threshold if threshold is not None else None
+    return Proposals(logp, abnormality, image_scores, is_anomalous, masks)
+
+
+# ----------------------------------------------------------------------------- files
+def check_state_dict(module: nn.Module, state_dict: dict[str, Tensor], path: str,
+                     field: str, limit: int = 50) -> None:
+    """Load strictly, or raise naming every key that differs (missing, unexpected, shape)."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in state_dict
+              and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{name} ({len(keys)}): {keys[:limit]}" + (" ..." if len(keys) > limit else "")
+                 for name, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("shape mismatches", shapes)) if keys]
+        raise ValueError(f"{path}: '{field}' does not fit the model built for it; "
+                         + "; ".join(parts) + ". The file was made for another backbone or "
+                         "flow size, or by a library version with other key names.")
+    module.load_state_dict(state_dict, strict=True)
+
+
+def flow_shape(decoder_state_dict: dict[str, Tensor], path: str) -> tuple[int, int]:
+    """(feature_dim, n_blocks) read from a flow state dict's keys and shapes."""
+    blocks = {int(k.split(".")[1]) for k in decoder_state_dict if k.startswith("module_list.")}
+    scale = decoder_state_dict.get("module_list.0.global_scale")
+    if not blocks or scale is None:
+        raise ValueError(f"{path}: 'decoder_state_dict' has no module_list.<i>.global_scale "
+                         "keys; it is not a ProtoFlow flow")
+    return int(scale.shape[-1]), len(blocks)
+
+
+def save_protoflow(path: str, encoder: nn.Module, flow: Ff.SequenceINN, *, backbone: str,
+                   out_indices: Sequence[int], classes: Sequence[str],
+                   normal_scores: Tensor | None = None, normal_classes: Tensor | None = None,
+                   threshold_quantile: float = THRESHOLD_QUANTILE,
+                   extra: dict | None = None) -> dict:
+    """The released layout {'encoder_state_dict', 'decoder_state_dict'} plus our fields.
+
+    The image-score threshold is the `threshold_quantile` of held-out normal images'
+    scores (with fewer than 100 images the 0.99 quantile lies between the two largest).
+    Everything is a tensor or a plain type, so torch.load(weights_only=True) reads it.
+    """
+    stats, threshold = None, None
+    if normal_scores is not None and len(normal_scores):
+        s = normal_scores.double().cpu()
+        threshold = float(torch.quantile(s, threshold_quantile))
+        stats = {"scores": s.float(), "count": len(s), "mean": float(s.mean()),
+                 "std": float(s.std()) if len(s) > 1 else 0.0, "min": float(s.min()),
+                 "max": float(s.max()),
+                 "quantiles": {f"q{q:g}": float(torch.quantile(s, q)) for q in SCORE_QUANTILES}}
+        if normal_classes is not None:
+            stats["class_idx"] = normal_classes.long().cpu()
+    feature_dim, n_blocks = flow_shape(flow.state_dict(), path)
+    obj = {"encoder_state_dict": encoder.state_dict(), "decoder_state_dict": flow.state_dict(),
+           "backbone": backbone, "out_indices": list(out_indices), "n_blocks": n_blocks,
+           "feature_dim": feature_dim, "image_score_threshold": threshold,
+           "threshold_quantile": threshold_quantile if threshold is not None else None,
+           "normal_image_scores": stats, "classes": list(classes), **(extra or {})}
+    save_on_master(obj, path)
+    return obj
+
+
+def load_protoflow_file(path: str) -> dict:
+    """A ProtoFlow file via torch.load(weights_only=True), with errors that name it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ProtoFlow weights {path} not found: download the released "
+                                "file or train one with `python protoflow.py train ...`")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable ProtoFlow file ({e}); download or "
+                         "train it again") from e
+    if not isinstance(obj, dict) or "decoder_state_dict" not in obj:
+        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path} has no 'decoder_state_dict' ({keys}); it is not a "
+                         "ProtoFlow file")
+    return obj
+
+
+class ProtoFlow:
+    """A trained ProtoFlow: encoder + flow from one file, prototypes from a folder.
+
+    A file carrying 'encoder_state_dict' (the released files and ours) is self-contained:
+    the backbone is built without pretrained weights and loaded strictly from it. For a
+    file without one, `encoder_weights` (a local file) or timm's download supplies it.
+    """
+
+    def __init__(self, weights_path: str, prototypes_dir: str, device: str = "cpu",
+                 encoder_weights: str | None = None) -> None:
+        ckpt = load_protoflow_file(weights_path)
+        self.weights_path = weights_path
+        self.prototypes_dir = prototypes_dir
+        self.device = torch.device(device)
+        self.backbone = ckpt.get("backbone", DEFAULT_BACKBONE)
+        self.out_indices = tuple(ckpt.get("out_indices", DEFAULT_OUT_INDICES))
+        self.feature_dim, self.n_blocks = flow_shape(ckpt["decoder_state_dict"], weights_path)
+        for key, have in (("feature_dim", self.feature_dim), ("n_blocks", self.n_blocks)):
+            if key in ckpt and ckpt[key] != have:
+                raise ValueError(f"{weights_path}: '{key}' says {ckpt[key]}, the flow's "
+                                 f"weights have {have}; the file is inconsistent")
+        self.threshold: float | None = ckpt.get("image_score_threshold")
+        self.normal_image_scores: dict | None = ckpt.get("normal_image_scores")
+        self.classes: list[str] | None = ckpt.get("classes")
+
+        if "encoder_state_dict" in ckpt:
+            if encoder_weights is not None:
+                raise ValueError(f"{weights_path} carries its own encoder weights, which the "
+                                 "flow was trained with; drop encoder_weights "
+                                 f"({encoder_weights})")
+            encoder = create_backbone(self.backbone, self.out_indices)
+            check_state_dict(encoder, ckpt["encoder_state_dict"], weights_path,
+                             "encoder_state_dict")
+        else:  # a download needs the original's weights tag when the file names none
+            encoder = create_backbone(ckpt.get("backbone", DEFAULT_ENCODER), self.out_indices,
+                                      weights=encoder_weights,
+                                      pretrained=encoder_weights is None)
+        channels = sum(encoder.feature_info.channels())
+        if channels != self.feature_dim:
+            raise ValueError(f"{weights_path}: the flow takes {self.feature_dim}-dim features "
+                             f"but {self.backbone} out_indices {self.out_indices} gives "
+                             f"{channels}")
+        flow = build_flow(self.feature_dim, self.n_blocks)
+        check_state_dict(flow, ckpt["decoder_state_dict"], weights_path, "decoder_state_dict")
+        self.encoder = encoder.to(self.device).eval()
+        self.flow = flow.to(self.device).eval()
+        self._prototypes: dict[str, Tensor] = {}
+
+    def prototypes(self, class_name: str) -> Tensor:
+        """The class's prototypes (M, C) on the device, loaded once."""
+        if class_name not in self._prototypes:
+            self._prototypes[class_name] = load_prototypes(
+                self.prototypes_dir, class_name, self.feature_dim, self.backbone,
+                self.out_indices).to(self.device)
+        return self._prototypes[class_name]
+
+    @torch.inference_mode()
+    def log_likelihood(self, images: Tensor, class_name: str) -> Tensor:
+        """Per-patch log-likelihood (N, H/8, W/8) on the CPU, for ImageNet-normalised
+        images (N, 3, H, W) of one class."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
+        protos = self.prototypes(class_name)
+        x = images.to(self.device, torch.float32)
+        class_idx = torch.zeros(len(x), dtype=torch.long, device=self.device)
+        return patch_log_likelihood(self.encoder, self.flow, x, [protos], class_idx).cpu()
+
+    def propose(self, images: Tensor | Iterable[Tensor], class_name: str,
+                mask_ratios: Sequence[float], batch_size: int = 32,
+                grid: tuple[int, int] | None = None, patch_size: int = 16) -> Proposals:
+        """Everything for a class's image set from ONE encoder + flow pass: proposal masks
+        for every ratio, abnormality maps, image scores and normal/anomalous calls.
+
+        `images` is the whole set (N, 3, H, W) or an iterable of batches; the grid
+        defaults to (H // patch_size, W // patch_size).
+        """
+        batches = images.split(batch_size) if isinstance(images, Tensor) else images
+        logps, size = [], None
+        for batch in tqdm(batches, desc=f"ProtoFlow {class_name}", leave=False):
+            size = tuple(batch.shape[-2:])
+            logps.append(self.log_likelihood(batch, class_name))
+        if not logps:
+            raise ValueError(f"no images given for class '{class_name}'")
+        grid = grid or (size[0] // patch_size, size[1] // patch_size)
+        return proposals_from_log_likelihood(torch.cat(logps), mask_ratios, image_size=size,
+                                             grid=grid, threshold=self.threshold)
+
+
+# ----------------------------------------------------------------------------- training
+def train_flow(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
+               prototypes: Sequence[Tensor], epochs: int, lr: float = 2e-4,
+               warmup_epochs: int = 2, device: str | torch.device = "cpu",
+               optimizer: torch.optim.Optimizer | None = None, start_epoch: int = 0,
+               epoch_end: Callable[[int, float, torch.optim.Optimizer], None] | None = None
+               ) -> list[float]:
+    """Train the flow on (images, class_idx) batches; returns each epoch's mean loss.
+
+    Adam; per-step lr: linear warm-up from lr/10 over `warmup_epochs`, then cosine to
+    lr * 1e-3 (method.md 6). The encoder stays frozen. A non-finite loss stops training
+    with an error instead of corrupting the weights. `epoch_end(epoch, loss, optimizer)`
+    runs after each epoch (checkpoints).
+    """
+    steps = len(loader)
+    schedule = cosine_scheduler(lr, lr * 1e-3, epochs, steps, warmup_epochs=warmup_epochs,
+                                start_warmup_value=lr / 10)
+    params = [p for p in flow.parameters() if p.requires_grad]
+    optimizer = optimizer or torch.optim.Adam(params, lr=lr)
+    protos = [p.to(device) for p in prototypes]
+    encoder.eval()
+    flow.train()
+    losses = []
+    for epoch in range(start_epoch, epochs):
+        if hasattr(getattr(loader, "sampler", None), "set_epoch"):
+            loader.sampler.set_epoch(epoch)  # the order is a function of (seed, epoch)
+        total, count = 0.0, 0
+        bar = tqdm(loader, desc=f"flow epoch {epoch + 1}/{epochs}", leave=False)
+        for step, (images, class_idx) in enumerate(bar):
+            for group in optimizer.param_groups:
+                group["lr"] = float(schedule[epoch * steps + step])
+            images = images.to(device, non_blocking=True)
+            logp = patch_log_likelihood(encoder, flow, images, protos,
+                                        class_idx.to(device))  # (N, h, w)
+            loss = flow_loss(logp)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite flow loss at epoch {epoch + 1}, step "
+                                         f"{step + 1}: check the images and prototypes for "
+                                         f"NaN/inf, or lower --lr (now {lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(images)
+            count += len(images)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        losses.append(total / max(count, 1))
+        if epoch_end is not None:
+            epoch_end(epoch, losses[-1], optimizer)
+    flow.eval()
+    return losses
+
+
+@torch.inference_mode()
+def image_scores(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
+                 prototypes: Sequence[Tensor], device: str | torch.device = "cpu"
+                 ) -> tuple[Tensor, Tensor]:
+    """Set-independent image scores (max over patches of -logp) and class indices (N,)."""
+    protos = [p.to(device) for p in prototypes]
+    flow.eval()
+    scores, classes = [], []
+    for images, class_idx in tqdm(loader, desc="held-out scores", leave=False):
+        logp = patch_log_likelihood(encoder, flow, images.to(device), protos,
+                                    class_idx.to(device))
+        scores.append(-logp.flatten(1).amin(dim=1).cpu())
+        classes.append(class_idx.cpu())
+    return torch.cat(scores), torch.cat(classes)
+
+
+# ----------------------------------------------------------------------------- commands
+# Training arguments that must not change when a run is resumed.
+RESUME_KEYS = ("data_path", "classes", "encoder", "out_indices", "encoder_weights", "holdout",
+               "seed", "batch_size", "img_size", "epochs", "lr", "warmup_epochs", "n_blocks")
+
+
+def _encoder_from_args(args) -> nn.Module:
+    return create_backbone(args.encoder, tuple(args.out_indices), weights=args.encoder_weights,
+                           pretrained=args.encoder_weights is None).to(args.device)
+
+
+def _loader(dataset, indices: list[int], args, train: bool = False):
+    subset = Subset(dataset, indices)
+    return DataLoader(subset, batch_size=args.batch_size, num_workers=args.num_workers,
+                      sampler=build_sampler(subset, args.seed) if train else None,
+                      pin_memory=torch.device(args.device).type == "cuda")
+
+
+def run_prototypes(args) -> list[str]:
+    """`prototypes` command: <output_dir>/<class>/coreset.npy for each class."""
+    classes = args.classes or datasets.list_train_classes(args.data_path)
+    encoder = _encoder_from_args(args)
+    transform = datasets.build_transforms(args.img_size)
+    paths = []
+    for name in classes:
+        dataset = datasets.TrainImageDataset(args.data_path, [name], transform,
+                                             skip_bad_images=args.skip_bad_images)
+        kept, held = holdout_split([c for _, c in dataset.samples], [name], args.holdout,
+                                   args.seed)
+        if args.num_shots is not None:
+            if not 1 <= args.num_shots <= len(kept):
+                raise ValueError(f"--num_shots {args.num_shots}: class '{name}' has "
+                                 f"{len(kept)} usable images ({len(held)} held out)")
+            kept = kept[:args.num_shots]  # the first K in file-name order
+        protos = build_prototypes(encoder, _loader(dataset, kept, args), args.coreset_ratio,
+                                  args.projection_dim, args.device,
+                                  rng=np.random.default_rng([args.seed, zlib.crc32(name.encode())]))
+        meta = {"backbone": args.encoder, "out_indices": list(args.out_indices),
+                "encoder_weights": args.encoder_weights, "num_images": len(kept),
+                "num_shots": args.num_shots, "holdout": args.holdout, "seed": args.seed,
+                "held_out": [os.path.basename(dataset.samples[i][0]) for i in held],
+                "coreset_ratio": args.coreset_ratio, "projection_dim": args.projection_dim,
+                "img_size": args.img_size, "shape": list(protos.shape)}
+        paths.append(save_prototypes(args.output_dir, name, protos, meta))
+        print(f"{name}: {len(kept)} images ({len(held)} held out) -> {len(protos)} "
+              f"prototypes -> {paths[-1]}", flush=True)
+    return paths
+
+
+def _check_prototype_holdout(prototypes_dir: str, held_out: dict[str, list[str]]) -> None:
+    """The held-out images must be unseen by the prototypes too, or the threshold is low:
+    the prototypes' coreset.json must list the same held-out files."""
+    for name, files in held_out.items():
+        meta_path = os.path.join(prototypes_dir, name, CORESET_META)
+        if not os.path.isfile(meta_path):
+            print(f"[protoflow] {meta_path} missing (released prototypes?): the held-out "
+                  f"images of '{name}' may be among the prototypes' images, which would "
+                  "make the stored threshold too low", flush=True)
+            continue
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if sorted(meta.get("held_out", [])) != sorted(files):
+            raise ValueError(f"{meta_path}: the prototypes were made with other held-out "
+                             f"images (--holdout {meta.get('holdout')} --seed "
+                             f"{meta.get('seed')}) than this training holds out; use the "
+                             "same --holdout, --seed and --skip_bad_images for both commands, "
+                             "or rebuild the prototypes, so that held-out images stay unseen")
+
+
+def run_train(args) -> dict:
+    """`train` command: the flow on the seen classes' images, last epoch kept (no model
+    selection with test labels), threshold from held-out normal images."""
+    classes = args.classes or datasets.setting_classes(
+        args.setting, args.unseen_classes,
+        available=datasets.list_train_classes(args.data_path))[0]
+    args.classes = list(classes)
+    seed_everything(args.seed)
+    encoder = _encoder_from_args(args)
+    feature_dim = sum(encoder.feature_info.channels())
+    prototypes = [load_prototypes(args.prototypes_dir, c, feature_dim, args.encoder,
+                                  args.out_indices).to(args.device) for c in classes]
+    train_set = datasets.TrainImageDataset(args.data_path, classes,
+                                           train_transform(args.img_size),
+                                           skip_bad_images=args.skip_bad_images)
+    eval_set = copy.copy(train_set)  # the same images, the test transform
+    eval_set.transform = datasets.build_transforms(args.img_size)
+    kept, held = holdout_split([c for _, c in train_set.samples], classes, args.holdout,
+                               args.seed)
+    if held:
+        held_names = {c: [] for c in classes}
+        for i in held:
+            path, k = train_set.samples[i]
+            held_names[classes[k]].append(os.path.basename(path))
+        _check_prototype_holdout(args.prototypes_dir, held_names)
+    flow = build_flow(feature_dim, args.n_blocks,
+                      rng=np.random.default_rng(args.seed)).to(args.device)
+    optimizer = torch.optim.Adam([p for p in flow.parameters() if p.requires_grad], lr=args.lr)
+
+    resume_path = args.output + ".resume"
+    start_epoch = 0
+    run_args = {k: getattr(args, k) for k in RESUME_KEYS}
+    if os.path.exists(resume_path):
+        if not args.resume:
+            raise FileExistsError(f"{resume_path} holds an unfinished run: pass --resume to "
+                                  "continue it, or delete the file to start over")
+        state = load_checkpoint_file(resume_path)
+        changed = {k: (state["args"].get(k), v) for k, v in run_args.items()
+                   if state["args"].get(k) != v}
+        if changed:
+            raise ValueError(f"{resume_path} was made with other arguments "
+                             f"(saved, now): {changed}; use the same ones or delete it")
+        flow.load_state_dict(state["flow"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng_state(state["rng"])
+        start_epoch = state["epoch"] + 1
+        print(f"[protoflow] resuming {resume_path} at epoch {start_epoch + 1}", flush=True)
+    log = JsonlLog(args.output + ".log.jsonl", start_epoch)
+
+    def epoch_end(epoch: int, loss: float, opt: torch.optim.Optimizer) -> None:
+        log.write({"epoch": epoch, "loss": loss, "lr": opt.param_groups[0]["lr"]})
+        print(f"[protoflow] epoch {epoch + 1}/{args.epochs} loss {loss:.5f}", flush=True)
+        save_on_master({"flow": flow.state_dict(), "optimizer": opt.state_dict(),
+                        "epoch": epoch, "args": run_args, "rng": capture_rng_state()},
+                       resume_path)
+
+    print(f"[protoflow] {len(classes)} classes, {len(kept)} training images, {len(held)} "
+          f"held out; {args.epochs} epochs on {args.device}", flush=True)
+    train_flow(encoder, flow, _loader(train_set, kept, args, train=True), prototypes,
+               args.epochs, args.lr, args.warmup_epochs, args.device, optimizer=optimizer,
+               start_epoch=start_epoch, epoch_end=epoch_end)
+    scores, score_classes = (image_scores(encoder, flow, _loader(eval_set, held, args),
+                                          prototypes, args.device)
+                             if held else (None, None))
+    obj = save_protoflow(args.output, encoder, flow, backbone=args.encoder,
+                         out_indices=args.out_indices, classes=classes, normal_scores=scores,
+                         normal_classes=score_classes, threshold_quantile=args.threshold_quantile,
+                         extra={"train_args": run_args})
+    if os.path.exists(resume_path):
+        os.remove(resume_path)
+    threshold = obj["image_score_threshold"]
+    print(f"[protoflow] wrote {args.output}; image-score threshold "
+          + (f"{threshold:.4f} (q{args.threshold_quantile:g} of {len(held)} held-out images)"
+             if threshold is not None else "none (--holdout 0)"), flush=True)
+    return obj
+
+
+def _add_common_args(p) -> None:
+    p.add_argument("--data_path", required=True,
+                   help="training images in ImageNet layout: <root>/train/<class>/*")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER,
+                   help="timm backbone name (a tag selects timm's pretrained weights)")
+    p.add_argument("--out_indices", type=int, nargs="+", default=list(DEFAULT_OUT_INDICES))
+    p.add_argument("--encoder_weights", default=None,
+                   help="local backbone weights (timm or efficientnet-pytorch file); "
+                        "without it timm downloads the pretrained weights")
+    p.add_argument("--holdout", type=float, default=0.1,
+                   help="fraction of each class's images held out (threshold calibration)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--img_size", type=int, default=224)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--skip_bad_images", action="store_true",
+                   help="leave unreadable images out (listed) instead of stopping")
+
+
+def main(argv: Sequence[str] | None = None) -> object:
+    import argparse
+    parser = argparse.ArgumentParser("protoflow.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    pp = sub.add_parser("prototypes", help="build <output_dir>/<class>/coreset.npy")
+    _add_common_args(pp)
+    pp.add_argument("--classes", nargs="+", default=None, help="default: every class folder")
+    pp.add_argument("--output_dir", default="weights/prototypes")
+    pp.add_argument("--coreset_ratio", type=float, default=0.01)
+    pp.add_argument("--projection_dim", type=int, default=None,
+                    help="select the coreset on a random projection to this many dims")
+    pp.add_argument("--num_shots", type=int, default=None,
+                    help="use only the first K (file-name order) non-held-out images")
+    tp = sub.add_parser("train", help="train the flow, write the ProtoFlow file")
+    _add_common_args(tp)
+    tp.add_argument("--classes", nargs="+", default=None, help="overrides --setting")
+    tp.add_argument("--setting", default="multi_class",
+                    choices=["multi_class", "obj2tex", "tex2obj", "leave_one_out"])
+    tp.add_argument("--unseen_classes", nargs="*", default=None)
+    tp.add_argument("--prototypes_dir", default="weights/prototypes")
+    tp.add_argument("--output", required=True, help="e.g. weights/protoflow/multi_class.pt")
+    tp.add_argument("--epochs", type=int, default=200)
+    tp.add_argument("--lr", type=float, default=2e-4)
+    tp.add_argument("--warmup_epochs", type=int, default=2)
+    tp.add_argument("--n_blocks", type=int, default=DEFAULT_N_BLOCKS)
+    tp.add_argument("--threshold_quantile", type=float, default=THRESHOLD_QUANTILE)
+    tp.add_argument("--resume", action="store_true",
+                    help="continue the unfinished run saved in <output>.resume")
+    args = parser.parse_args(argv)
+    return run_prototypes(args) if args.command == "prototypes" else run_train(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,498 @@
+"""protoflow.py: released-file layout and strict loading, prototypes (coreset, nearest
+search, hold-out), the flow's maths, training, proposals on a real-feature planted
+defect, the one-pass ratio sweep, and the two commands end to end."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from skimage import data as skdata
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+import protoflow as pf
+from backbones import create_backbone, lite0_weights_path
+
+FORMAT_DIRS = [os.environ.get("PMAD_FORMATS", ""),
+               os.path.join(os.path.dirname(__file__), "..", "shared", "reference", "formats"),
+               "/work/shared/reference/formats"]
+LITE0_DIM = 40 + 112
+
+
+def _format_file(name: str) -> str | None:
+    for folder in FORMAT_DIRS:
+        path = os.path.join(folder, name)
+        if folder and os.path.isfile(path):
+            return path
+    return None
+
+
+def _read_format(path: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """'<key> (<shape>) <dtype>' lines -> [(key, shape, dtype)]."""
+    rows = []
+    for line in open(path).read().splitlines():
+        key, rest = line.split(" ", 1)
+        shape, dtype = rest.rsplit(" ", 1)
+        rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()),
+                     dtype))
+    return rows
+
+
+def _layout(state_dict: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in
+            state_dict.items()]
+
+
+def _normalise(gray: np.ndarray) -> torch.Tensor:
+    """(N, H, W) grey in [0, 1] -> (N, 3, H, W) ImageNet-normalised."""
+    t = torch.from_numpy(gray.astype(np.float32))[:, None].expand(-1, 3, -1, -1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
+    return (t - mean) / std
+
+
+def _crops(image: np.ndarray, n: int, rng: np.random.Generator, size: int = 224) -> np.ndarray:
+    ys = rng.integers(0, image.shape[0] - size, n)
+    xs = rng.integers(0, image.shape[1] - size, n)
+    return np.stack([image[y:y + size, x:x + size] for y, x in zip(ys, xs)])
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def lite0() -> nn.Module:
+    """The shipped ImageNet EfficientNet-Lite0: real features make the defect test mean
+    something."""
+    return create_backbone("efficientnet_lite0", (2, 3), weights=lite0_weights_path())
+
+
+@pytest.fixture(scope="module")
+def brick_set() -> dict[str, torch.Tensor]:
+    """Brick crops (normal) and one crop with a grass patch on grid cells rows 6-9,
+    cols 7-10 (16 of 196 patches)."""
+    rng = np.random.default_rng(0)
+    brick = skdata.brick().astype(np.float32) / 255  # (512, 512)
+    grass = skdata.grass().astype(np.float32) / 255
+    normal = _crops(brick, 12, rng)  # (12, 224, 224)
+    defect = normal[8].copy()
+    defect[96:160, 112:176] = grass[:64, :64]
+    defect_cells = torch.zeros(14, 14, dtype=torch.bool)
+    defect_cells[6:10, 7:11] = True
+    return {"train": _normalise(normal[:6]), "holdout": _normalise(normal[6:8]),
+            "test": _normalise(np.concatenate([defect[None], normal[9:]])),
+            "defect_cells": defect_cells.flatten()}
+
+
+@pytest.fixture(scope="module")
+def trained(lite0, brick_set, tmp_path_factory) -> dict:
+    """Lite0 prototypes of the brick crops, a 1-block flow trained a few steps, saved in
+    our layout (encoder included) with a threshold from two held-out normal crops."""
+    train = brick_set["train"]
+    with torch.inference_mode():
+        feats = pf.patch_rows(pf.extract_features(lite0, train))  # (6 * 784, 152)
+    protos = feats[pf.greedy_coreset(feats, len(feats) // 10, progress=False)]
+    flow = pf.build_flow(LITE0_DIM, 1, rng=np.random.default_rng(0))
+    zeros = torch.zeros(3, dtype=torch.long)
+    loader = [(train[:3], zeros), (train[3:], zeros)]
+    with torch.no_grad():
+        before = pf.flow_loss(pf.patch_log_likelihood(lite0, flow, train, [protos],
+                                                      torch.zeros(6, dtype=torch.long)))
+    lrs = []
+    losses = pf.train_flow(lite0, flow, loader, [protos], epochs=4, lr=1e-3, warmup_epochs=2,
+                           epoch_end=lambda e, loss, opt: lrs.append(opt.param_groups[0]["lr"]))
+    with torch.no_grad():
+        after = pf.flow_loss(pf.patch_log_likelihood(lite0, flow, train, [protos],
+                                                     torch.zeros(6, dtype=torch.long)))
+    scores, classes = pf.image_scores(lite0, flow, [(brick_set["holdout"], zeros[:2])],
+                                      [protos])
+    root = tmp_path_factory.mktemp("trained")
+    proto_dir = root / "prototypes"
+    pf.save_prototypes(str(proto_dir), "brick", protos.numpy(),
+                       {"backbone": "efficientnet_lite0", "out_indices": [2, 3]})
+    path = str(root / "protoflow.pt")
+    pf.save_protoflow(path, lite0, flow, backbone="efficientnet_lite0", out_indices=(2, 3),
+                      classes=["brick"], normal_scores=scores, normal_classes=classes)
+    return {"flow": flow, "protos": protos, "losses": losses, "lrs": lrs, "before": before,
+            "after": after, "path": path, "proto_dir": str(proto_dir), "scores": scores}
+
+
+@pytest.fixture(scope="module")
+def b6_state() -> dict[str, torch.Tensor]:
+    return create_backbone("tf_efficientnet_b6", (2, 3)).state_dict()
+
+
+@pytest.fixture(scope="module")
+def flow272() -> nn.Module:
+    """The released flow's shape: 272 channels, 8 blocks."""
+    return pf.build_flow(272, 8, rng=np.random.default_rng(1))
+
+
+# ----------------------------------------------------------------------------- features
+class _FixedMaps(nn.Module):
+    def __init__(self, maps: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.maps = maps
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.maps
+
+
+def test_extract_features_pools_upsamples_and_concatenates():
+    g = torch.Generator().manual_seed(0)
+    fine, coarse = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 5, 2, 2, generator=g)
+    out = pf.extract_features(_FixedMaps([fine, coarse]), torch.zeros(2, 3, 32, 32))
+    assert out.shape == (2, 8, 4, 4)
+    # AvgPool2d(3, 1, 1) counts the zero padding: a corner averages 4 values over 9
+    assert torch.allclose(out[0, 0, 0, 0], fine[0, 0, :2, :2].sum() / 9)
+    assert torch.allclose(out[1, 2, 1, 2], fine[1, 2, 0:3, 1:4].mean())
+    pooled = F.avg_pool2d(coarse, 3, 1, 1)
+    for i in range(4):  # nearest x2: coarse cell (i // 2, j // 2)
+        for j in range(4):
+            assert torch.equal(out[:, 3:, i, j], pooled[:, :, i // 2, j // 2])
+
+
+def test_lite0_features_shape(lite0):
+    with torch.inference_mode():
+        out = pf.extract_features(lite0, torch.zeros(1, 3, 224, 224))
+    assert out.shape == (1, LITE0_DIM, 28, 28)
+
+
+# ----------------------------------------------------------------------------- formats
+def test_decoder_keys_match_released_format(flow272):
+    expected = []
+    for i in range(8):
+        p = f"module_list.{i}."
+        expected += [(p + "global_scale", (1, 272), "float32"),
+                     (p + "global_offset", (1, 272), "float32"),
+                     (p + "w_perm", (272, 272), "float32"),
+                     (p + "w_perm_inv", (272, 272), "float32"),
+                     (p + "subnet.0.weight", (528, 264), "float32"),
+                     (p + "subnet.0.bias", (528,), "float32"),
+                     (p + "subnet.2.weight", (272, 528), "float32"),
+                     (p + "subnet.2.bias", (272,), "float32")]
+    assert _layout(flow272.state_dict()) == expected
+    path = _format_file("protoflow_decoder.txt")
+    if path is not None:
+        assert _read_format(path) == expected
+
+
+def test_released_layout_file_loads_strictly_with_defaults(b6_state, flow272, tmp_path):
+    path = _format_file("protoflow_encoder.txt")  # 978 keys: read, not written out here
+    if path is not None:
+        assert _layout(b6_state) == _read_format(path)
+    else:
+        warnings.warn("formats/protoflow_encoder.txt not found (set PMAD_FORMATS): the "
+                      "encoder keys were not compared with the released list")
+    torch.save({"encoder_state_dict": b6_state, "decoder_state_dict": flow272.state_dict()},
+               tmp_path / "released.pt")
+    protos = torch.randn(40, 272, generator=torch.Generator().manual_seed(0))
+    np.save(tmp_path / "proto.npy", protos.numpy())
+    (tmp_path / "p" / "bottle").mkdir(parents=True)
+    os.replace(tmp_path / "proto.npy", tmp_path / "p" / "bottle" / pf.CORESET_FILE)
+
+    model = pf.ProtoFlow(str(tmp_path / "released.pt"), str(tmp_path / "p"))
+    assert (model.backbone, model.out_indices, model.n_blocks, model.feature_dim) == (
+        "tf_efficientnet_b6", (2, 3), 8, 272)
+    assert model.threshold is None
+    for k, v in b6_state.items():
+        assert torch.equal(model.encoder.state_dict()[k], v), k
+    for k, v in flow272.state_dict().items():
+        assert torch.equal(model.flow.state_dict()[k], v), k
+    logp = model.log_likelihood(torch.zeros(1, 3, 64, 64), "bottle")  # small: b6 is slow
+    assert logp.shape == (1, 8, 8) and torch.isfinite(logp).all()
+
+
+def test_wrong_encoder_keys_are_named(b6_state, flow272, tmp_path):
+    state = dict(b6_state)
+    state["blocks.0.0.conv_dw.weights"] = state.pop("blocks.0.0.conv_dw.weight")
+    state["conv_head.weight"] = torch.zeros(1)
+    torch.save({"encoder_state_dict": state, "decoder_state_dict": flow272.state_dict()},
+               tmp_path / "bad.pt")
+    with pytest.raises(ValueError) as err:
+        pf.ProtoFlow(str(tmp_path / "bad.pt"), str(tmp_path))
+    msg = str(err.value)
+    for key in ("blocks.0.0.conv_dw.weight", "blocks.0.0.conv_dw.weights", "conv_head.weight",
+                "bad.pt", "missing keys (1)", "unexpected keys (2)"):
+        assert key in msg
+
+
+def test_file_with_encoder_refuses_encoder_weights(trained):
+    with pytest.raises(ValueError, match="carries its own encoder"):
+        pf.ProtoFlow(trained["path"], trained["proto_dir"], encoder_weights="x.pth")
+
+
+def test_saved_file_is_weights_only_with_our_fields(trained):
+    obj = torch.load(trained["path"], map_location="cpu", weights_only=True)
+    scores = trained["scores"].double()
+    assert obj["backbone"] == "efficientnet_lite0" and obj["out_indices"] == [2, 3]
+    assert (obj["n_blocks"], obj["feature_dim"], obj["classes"]) == (1, LITE0_DIM, ["brick"])
+    assert obj["image_score_threshold"] == pytest.approx(float(torch.quantile(scores, 0.99)))
+    stats = obj["normal_image_scores"]
+    assert stats["count"] == 2 and stats["max"] == pytest.approx(float(scores.max()))
+    assert torch.equal(stats["class_idx"], torch.zeros(2, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- prototypes
+def test_nearest_prototype_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    feats, protos = torch.randn(1000, 32, generator=g), torch.randn(77, 32, generator=g)
+    dist, idx = pf.nearest_prototype(feats, protos, chunk=128)
+    brute = (feats[:, None] - protos[None]).pow(2).sum(-1).sqrt()  # (1000, 77)
+    assert torch.equal(idx, brute.argmin(1))
+    assert torch.allclose(dist, brute.min(1).values, atol=1e-4)
+
+
+def _min_dist(points: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    return (points[:, None] - centers[None]).pow(2).sum(-1).min(1).values  # (M,)
+
+
+def test_coreset_greedy_order_and_covering_radius():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(20, 16, generator=g) * 5
+    feats = (centers[torch.randint(0, 20, (2000,), generator=g)]
+             + torch.randn(2000, 16, generator=g)).double()
+    n = 40
+    idx = pf.greedy_coreset(feats, n, rng=np.random.default_rng(3), progress=False)
+    assert idx.shape == (n,) and len(set(idx.tolist())) == n
+    for i in range(1, n):  # each pick is the farthest point from the earlier picks
+        d = _min_dist(feats, feats[idx[:i]])
+        assert d[idx[i]] == pytest.approx(float(d.max()), rel=1e-6)
+    radius = _min_dist(feats, feats[idx]).max().sqrt()
+    for seed in range(5):
+        rand = torch.randperm(2000, generator=torch.Generator().manual_seed(seed))[:n]
+        assert radius <= _min_dist(feats, feats[rand]).max().sqrt()
+    projected = pf.greedy_coreset(feats, n, projection_dim=8, rng=np.random.default_rng(3),
+                                  progress=False)
+    assert len(set(projected.tolist())) == n
+    assert _min_dist(feats, feats[projected]).max().sqrt() < 2 * radius
+
+
+def test_holdout_split_is_per_class_and_independent_of_other_classes():
+    labels = [0] * 20 + [1] * 9
+    kept, held = pf.holdout_split(labels, ["a", "b"], 0.1, seed=0)
+    assert sorted(kept + held) == list(range(29))
+    assert sum(i < 20 for i in held) == 2 and sum(i >= 20 for i in held) == 1
+    alone_kept, alone_held = pf.holdout_split([0] * 9, ["b"], 0.1, seed=0)
+    assert [i - 20 for i in held if i >= 20] == alone_held
+    assert pf.holdout_split(labels, ["a", "b"], 0.1, seed=1)[1] != held
+    assert pf.holdout_split(labels, ["a", "b"], 0.0)[1] == []
+    with pytest.raises(ValueError, match="too few"):
+        pf.holdout_split([0], ["a"], 0.1)
+
+
+def test_missing_or_mismatched_prototypes_error(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        pf.load_prototypes(str(tmp_path), "bottle", 272)
+    assert str(tmp_path / "bottle" / "coreset.npy") in str(err.value)
+    assert "python protoflow.py prototypes" in str(err.value)
+    (tmp_path / "bottle").mkdir()
+    np.save(tmp_path / "bottle" / "coreset.npy", np.zeros((5, 152), np.float32))
+    with pytest.raises(ValueError, match=r"\(M, 272\)"):
+        pf.load_prototypes(str(tmp_path), "bottle", 272)
+    (tmp_path / "bottle" / "coreset.json").write_text(json.dumps(
+        {"backbone": "resnet18", "out_indices": [2, 3]}))
+    with pytest.raises(ValueError, match="resnet18"):
+        pf.load_prototypes(str(tmp_path), "bottle", 152, "efficientnet_lite0", (2, 3))
+    assert pf.load_prototypes(str(tmp_path), "bottle", 152).shape == (5, 152)
+
+
+# ----------------------------------------------------------------------------- flow maths
+def test_positional_encoding_values():
+    pe = pf.positional_encoding_2d(128, 28, 28)
+    assert pe.shape == (128, 28, 28)
+    r, c = 5, 11
+    for k in range(32):
+        freq = math.exp(-math.log(1e4) * 2 * k / 64)
+        assert pe[2 * k, r, c] == pytest.approx(math.sin(c * freq), abs=1e-5)
+        assert pe[2 * k + 1, r, c] == pytest.approx(math.cos(c * freq), abs=1e-5)
+        assert pe[64 + 2 * k, r, c] == pytest.approx(math.sin(r * freq), abs=1e-5)
+        assert pe[64 + 2 * k + 1, r, c] == pytest.approx(math.cos(r * freq), abs=1e-5)
+    assert torch.equal(pe[:64, 0], pe[:64, 27]) and torch.equal(pe[64:, :, 0], pe[64:, :, 27])
+
+
+def test_log_likelihood_is_change_of_variables():
+    torch.manual_seed(0)
+    dim, cond_dim = 6, 4
+    flow = pf.build_flow(dim, 2, cond_dim=cond_dim, rng=np.random.default_rng(0)).double()
+    with torch.no_grad():  # move away from the identity-like initialisation
+        for p in flow.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    x, cond = torch.randn(5, dim).double(), torch.randn(5, cond_dim).double()
+    logp = pf.flow_log_likelihood(flow, x, cond)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    for i in range(5):
+        jac = torch.autograd.functional.jacobian(
+            lambda v: flow(v[None], c=[cond[i:i + 1]])[0][0], x[i])  # (dim, dim)
+        z = flow(x[i:i + 1], c=[cond[i:i + 1]])[0][0]
+        expected = (normal.log_prob(z).sum() + torch.linalg.slogdet(jac)[1]) / dim
+        # 1e-6: the rotations are stored in float32, orthogonal (|det| = 1) to ~1e-7
+        assert logp[i].item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_flow_loss_is_minus_log_sigmoid_and_finite():
+    logp = torch.tensor([-2000.0, -1.0, 0.0, 3.0])
+    assert torch.isfinite(pf.flow_loss(logp))
+    small = logp[1:]
+    assert pf.flow_loss(small).item() == pytest.approx(
+        (-torch.log(torch.sigmoid(small))).mean().item(), rel=1e-6)
+
+
+def test_training_lowers_loss_with_warmup_then_cosine(trained):
+    assert trained["after"] < trained["before"] - 1e-3
+    assert trained["losses"][-1] < trained["losses"][0]
+    lr = 1e-3  # 2 steps/epoch, warm-up 2 epochs from lr/10; lr at each epoch's last step
+    expected = [lr / 10 + (lr - lr / 10) / 3, lr,
+                lr * 1e-3 + 0.5 * (lr - lr * 1e-3) * (1 + math.cos(math.pi / 4)),
+                lr * 1e-3 + 0.5 * (lr - lr * 1e-3) * (1 + math.cos(3 * math.pi / 4))]
+    assert trained["lrs"] == pytest.approx(expected)
+
+
+def test_non_finite_loss_stops_training(lite0, brick_set):
+    flow = pf.build_flow(LITE0_DIM, 1)
+    loader = [(brick_set["train"][:1] * float("nan"), torch.zeros(1, dtype=torch.long))]
+    with pytest.raises(FloatingPointError, match="non-finite flow loss"):
+        pf.train_flow(lite0, flow, loader, [torch.zeros(3, LITE0_DIM)], epochs=1)
+
+
+# ----------------------------------------------------------------------------- proposals
+def test_proposals_normalise_over_the_whole_set():
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(3, 28, 28, generator=g) - 3
+    logp[1, 3, 3] = 3.0  # the set's maximum lies in another image than the first
+    ratios = [0.1, 0.25]
+    out = pf.proposals_from_log_likelihood(logp, ratios, threshold=5.0)
+    prob = torch.exp(logp - logp.max())[:, None]
+    fine = F.interpolate(prob, size=(224, 224), mode="bilinear", align_corners=True)[:, 0]
+    assert torch.allclose(out.abnormality_maps, fine.max() - fine)
+    alone = pf.proposals_from_log_likelihood(logp[:1], ratios)
+    assert not torch.allclose(alone.abnormality_maps, out.abnormality_maps[:1])
+    coarse = F.interpolate(prob.max() - prob, size=(14, 14), mode="bilinear",
+                           align_corners=True).flatten(1)  # (3, 196)
+    for r in ratios:
+        k = int(196 * r)
+        assert out.masks[r].shape == (3, 196) and out.masks[r].dtype == torch.bool
+        assert out.masks[r].sum(1).tolist() == [k] * 3
+        for i in range(3):  # the k most anomalous cells
+            top = set(coarse[i].topk(k).indices.tolist())
+            assert set(out.masks[r][i].nonzero().flatten().tolist()) == top
+        assert torch.equal(alone.masks[r][0], out.masks[r][0])
+    scores = -logp.flatten(1).min(1).values
+    assert torch.equal(out.image_scores, scores) and torch.equal(alone.image_scores, scores[:1])
+    assert torch.equal(out.is_anomalous, scores > 5.0) and alone.is_anomalous is None
+    with pytest.raises(ValueError, match="non-finite"):
+        pf.proposals_from_log_likelihood(torch.full((1, 4, 4), float("nan")), ratios)
+
+
+def test_planted_defect_is_proposed(trained, brick_set):
+    model = pf.ProtoFlow(trained["path"], trained["proto_dir"])  # encoder from the file
+    ratios = [16 / 196 + 1e-9, 0.2, 0.3]
+    out = model.propose(brick_set["test"], "brick", ratios, batch_size=2)
+    cells = brick_set["defect_cells"]  # 16 of 196 patches
+    # chance overlaps: 16 * 16 / 196 = 1.3, 16 * 39 / 196 = 3.2, 16 * 58 / 196 = 4.7 cells
+    assert out.masks[ratios[0]][0][cells].sum() >= 9
+    assert out.masks[ratios[1]][0][cells].sum() >= 14
+    assert out.masks[ratios[2]][0][cells].all()
+    row, col = divmod(int(out.abnormality_maps[0].argmax()), 224)
+    assert 96 - 8 <= row < 160 + 8 and 112 - 8 <= col < 176 + 8
+    assert out.image_scores[0] > 2 * out.image_scores[1:].max()
+    # two held-out crops are a thin calibration set: only the defect's call is certain
+    assert model.threshold < out.image_scores[0] / 2 and out.is_anomalous[0]
+    assert torch.equal(out.is_anomalous, out.image_scores > model.threshold)
+
+
+def test_ratio_sweep_is_one_pass(trained, brick_set):
+    model = pf.ProtoFlow(trained["path"], trained["proto_dir"])
+    calls = []
+    model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    ratios = [round(0.02 * i, 2) for i in range(1, 25)]
+    images = brick_set["test"]  # 4 images, batches of 3 -> 2 encoder calls
+    out = model.propose(images, "brick", ratios, batch_size=3)
+    assert len(calls) == 2
+    assert sorted(out.masks) == ratios
+    for r in ratios:
+        assert out.masks[r].sum(1).tolist() == [int(196 * r)] * len(images)
+    for a, b in zip(ratios, ratios[1:]):  # nested: a larger ratio adds patches
+        assert (out.masks[a] <= out.masks[b]).all()
+    assert torch.allclose(out.log_likelihood, model.log_likelihood(images, "brick"))
+
+
+# ----------------------------------------------------------------------------- commands
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory) -> dict:
+    """Two texture classes of five 96 px photos each, and their prototypes."""
+    root = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(1)
+    for name, source in (("brick", skdata.brick()), ("gravel", skdata.gravel())):
+        folder = root / "data" / "train" / name
+        folder.mkdir(parents=True)
+        for i, crop in enumerate(_crops(source, 5, rng, size=96)):
+            Image.fromarray(crop).convert("RGB").save(folder / f"{i:03d}.png")
+    common = ["--data_path", str(root / "data"), "--encoder", "efficientnet_lite0",
+              "--encoder_weights", lite0_weights_path(), "--num_workers", "0",
+              "--device", "cpu", "--batch_size", "4"]
+    protos = str(root / "prototypes")
+    paths = pf.main(["prototypes", *common, "--output_dir", protos, "--coreset_ratio", "0.05",
+                     "--projection_dim", "64"])
+    train = ["train", *common, "--prototypes_dir", protos, "--epochs", "2", "--n_blocks", "1"]
+    out = str(root / "flow" / "pf.pt")
+    return {"root": root, "common": common, "protos": protos, "paths": paths, "train": train,
+            "out": out, "trained": pf.main(train + ["--output", out])}
+
+
+def test_prototypes_command(cli):
+    protos = cli["protos"]
+    assert [os.path.relpath(p, protos) for p in cli["paths"]] == ["brick/coreset.npy",
+                                                                 "gravel/coreset.npy"]
+    meta = json.loads(open(os.path.join(protos, "brick", "coreset.json")).read())
+    assert meta["num_images"] == 4 and len(meta["held_out"]) == 1  # 5 images, 10 % held out
+    assert np.load(cli["paths"][0]).shape == (int(4 * 784 * 0.05), LITE0_DIM)
+    shot = pf.main(["prototypes", *cli["common"], "--output_dir", str(cli["root"] / "shot"),
+                    "--classes", "gravel", "--num_shots", "1"])
+    assert np.load(shot[0]).shape == (int(784 * 0.01), LITE0_DIM)
+    with pytest.raises(ValueError, match="--num_shots 9"):
+        pf.main(["prototypes", *cli["common"], "--output_dir", str(cli["root"] / "shot"),
+                 "--classes", "gravel", "--num_shots", "9"])
+
+
+def test_train_command_writes_a_loadable_file(cli):
+    out, obj = cli["out"], cli["trained"]
+    with pytest.raises(ValueError, match="other held-out"):
+        pf.main(cli["train"] + ["--output", str(cli["root"] / "x.pt"), "--holdout", "0.4"])
+    assert obj["classes"] == ["brick", "gravel"] and obj["normal_image_scores"]["count"] == 2
+    assert not os.path.exists(out + ".resume")
+    assert [r["epoch"] for r in map(json.loads, open(out + ".log.jsonl"))] == [0, 1]
+    model = pf.ProtoFlow(out, cli["protos"])
+    assert model.threshold == pytest.approx(obj["image_score_threshold"])
+    assert model.backbone == "efficientnet_lite0" and model.n_blocks == 1
+    open(out + ".resume", "wb").close()
+    with pytest.raises(FileExistsError, match="--resume"):
+        pf.main(cli["train"] + ["--output", out])
+
+
+def test_train_resumes_exactly_after_a_crash(cli, monkeypatch):
+    straight = cli["trained"]
+    crashed = str(cli["root"] / "b.pt")
+    calls, original = [], pf.patch_log_likelihood
+
+    def crash_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # 8 images, batch 4: the first step of the second epoch
+            raise RuntimeError("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pf, "patch_log_likelihood", crash_in_epoch_two)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pf.main(cli["train"] + ["--output", crashed])
+    monkeypatch.setattr(pf, "patch_log_likelihood", original)
+    assert os.path.exists(crashed + ".resume")
+    resumed = pf.main(cli["train"] + ["--output", crashed, "--resume"])
+    for key, value in straight["decoder_state_dict"].items():
+        assert torch.equal(resumed["decoder_state_dict"][key], value), key
+    assert resumed["image_score_threshold"] == straight["image_score_threshold"]
