@@ -78,3 +78,17 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
                              out_indices=(2, 3), classes=classes,
                              normal_scores=torch.tensor([1.0, 2.0, 3.0]))
     return TinyWorld(mvtec, imagenet, classes, tokenizer, ckpt, pf, prototypes_dir)
+
+
+FORMATS = Path(__file__).resolve().parent / "formats"
+
+
+def read_format(name: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """(key, shape, dtype) per line of a released file's key list (tests/formats/*.txt)."""
+    rows = []
+    for line in (FORMATS / name).read_text().splitlines():
+        key, rest = line.split(" ", 1)
+        shape, dtype = rest.rsplit(" ", 1)
+        rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()),
+                     dtype))
+    return rows

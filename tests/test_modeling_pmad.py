@@ -12,23 +12,12 @@ import timm
 import torch
 from timm.models.beit import Beit
 
+from conftest import read_format
 from modeling_pmad import Attention, load_checkpoint, relative_position_index, set_fused_attn
 
-FORMATS = Path(__file__).resolve().parents[1].parent / "shared/reference/formats"
 PMAD_KWARGS = dict(pretrained=False, drop_path_rate=0.1, use_shared_rel_pos_bias=True,
                    use_abs_pos_emb=False, init_values=0.1)
 TINY = "vit_tiny_patch16_224_8k_vocab"
-
-
-def read_format(name: str) -> list[tuple[str, tuple[int, ...], str]]:
-    """(key, shape, dtype) per line of a formats/*.txt file."""
-    rows = []
-    for line in (FORMATS / name).read_text().splitlines():
-        key, rest = line.split(" ", 1)
-        shape, dtype = rest.rsplit(" ", 1)
-        rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()),
-                     dtype))
-    return rows
 
 
 def build(name: str = TINY, **kwargs) -> torch.nn.Module:

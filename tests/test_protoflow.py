@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -18,31 +17,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 import protoflow as pf
+from conftest import read_format
 from backbones import create_backbone, lite0_weights_path
 
-FORMAT_DIRS = [os.environ.get("PMAD_FORMATS", ""),
-               os.path.join(os.path.dirname(__file__), "..", "shared", "reference", "formats"),
-               "/work/shared/reference/formats"]
 LITE0_DIM = 40 + 112
-
-
-def _format_file(name: str) -> str | None:
-    for folder in FORMAT_DIRS:
-        path = os.path.join(folder, name)
-        if folder and os.path.isfile(path):
-            return path
-    return None
-
-
-def _read_format(path: str) -> list[tuple[str, tuple[int, ...], str]]:
-    """'<key> (<shape>) <dtype>' lines -> [(key, shape, dtype)]."""
-    rows = []
-    for line in open(path).read().splitlines():
-        key, rest = line.split(" ", 1)
-        shape, dtype = rest.rsplit(" ", 1)
-        rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()),
-                     dtype))
-    return rows
 
 
 def _layout(state_dict: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...], str]]:
@@ -177,18 +155,11 @@ def test_decoder_keys_match_released_format(flow272):
                      (p + "subnet.2.weight", (272, 528), "float32"),
                      (p + "subnet.2.bias", (272,), "float32")]
     assert _layout(flow272.state_dict()) == expected
-    path = _format_file("protoflow_decoder.txt")
-    if path is not None:
-        assert _read_format(path) == expected
+    assert read_format("protoflow_decoder.txt") == expected
 
 
 def test_released_layout_file_loads_strictly_with_defaults(b6_state, flow272, tmp_path):
-    path = _format_file("protoflow_encoder.txt")  # 978 keys: read, not written out here
-    if path is not None:
-        assert _layout(b6_state) == _read_format(path)
-    else:
-        warnings.warn("formats/protoflow_encoder.txt not found (set PMAD_FORMATS): the "
-                      "encoder keys were not compared with the released list")
+    assert _layout(b6_state) == read_format("protoflow_encoder.txt")
     torch.save({"encoder_state_dict": b6_state, "decoder_state_dict": flow272.state_dict()},
                tmp_path / "released.pt")
     protos = torch.randn(40, 272, generator=torch.Generator().manual_seed(0))

@@ -14,23 +14,18 @@ import torch
 import torch.nn.functional as F
 from timm.models.beit import Beit
 
+import conftest
 import modeling_discrete_vae as dv
 from modeling_discrete_vae import (DalleEncoder, VQKDTokenizer, create_tokenizer,
                                    fit_kmeans_tokenizer, register_tokenizer, save_dalle_encoder,
                                    spherical_kmeans)
 
-FORMATS = Path(__file__).resolve().parents[1].parent / "shared/reference/formats"
 SMALL_DALLE = dict(n_hid=16, vocab_size=64)  # same layout as OpenAI's, 1/16 of the width
 
 
 def read_format(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{key: (shape, dtype)} of a formats/*.txt file."""
-    rows = {}
-    for line in (FORMATS / name).read_text().splitlines():
-        key, rest = line.split(" ", 1)
-        shape, dtype = rest.rsplit(" ", 1)
-        rows[key] = (tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype)
-    return rows
+    """{key: (shape, dtype)} of a released file's key list."""
+    return {key: (shape, dtype) for key, shape, dtype in conftest.read_format(name)}
 
 
 def layout(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -235,7 +230,7 @@ def test_dalle_wrong_contents(tmp_path):
 
 # ------------------------------------------------------------------------- ViT (VQ-KD)
 
-RELEASED_VQKD = read_format("vit_tokenizer.txt") if FORMATS.is_dir() else {}
+RELEASED_VQKD = read_format("vit_tokenizer.txt")
 IGNORED_KEYS = sorted(k for k in RELEASED_VQKD if VQKDTokenizer.IGNORED.match(k))
 TINY_VQKD = dict(embed_dim=128, depth=2, num_heads=2, num_codes=64)
 

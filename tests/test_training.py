@@ -1,0 +1,344 @@
+"""Training end to end on CPU: tiny ViT, a generated ImageNet-layout set with foreground
+masks, a random-weight DALL-E encoder written in OpenAI's pickled-module format.
+
+Covers: two epochs + checkpoints + logs; loss falling on a repeated batch; exact resume
+after a crash (loss, weights, optimiser, dynamic-masking state); a NaN stopping the run
+with the previous checkpoint intact; each setting's class set; 2-process torchrun/gloo.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import datasets
+import engine
+import modeling_pmad
+import run_pretraining
+import utils
+from masking_generator import CLASS_MASK_RATIOS, num_masked
+from modeling_discrete_vae import DalleEncoder, save_dalle_encoder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "vit_tiny_patch16_224_8k_vocab"
+TWO_CLASSES = ("bottle", "carpet")
+
+
+def _write_class(root: str, name: str, n: int, rng: np.random.Generator) -> None:
+    os.makedirs(os.path.join(root, "train", name))
+    os.makedirs(os.path.join(root, "fg_mask", name))
+    for i in range(n):
+        img = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)  # upsampled: smooth texture
+        Image.fromarray(img).resize((32, 32), Image.BILINEAR).save(
+            os.path.join(root, "train", name, f"{i:03d}.png"))
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8 + i % 4:24, 6:26] = 255
+        Image.fromarray(mask).save(os.path.join(root, "fg_mask", name, f"{i:03d}.png"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Data sets, tokenizer file and a shared token cache, made once for the module."""
+    base = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(0)
+    two = str(base / "two")
+    for name in TWO_CLASSES:
+        _write_class(two, name, 4, rng)
+    every = str(base / "every")
+    for name in datasets.MVTEC_CLASSES:
+        _write_class(every, name, 1, rng)
+    torch.manual_seed(0)
+    tok_dir = base / "tokenizer"
+    tok_dir.mkdir()
+    save_dalle_encoder(DalleEncoder(n_hid=8, n_blk_per_group=1, use_mixed_precision=False),
+                       tok_dir / "encoder.pkl")
+    return {"two": two, "every": every, "tokenizer": str(tok_dir),
+            "cache": str(base / "token_cache"), "base": base}
+
+
+def _argv(env: dict, out: str, *extra: str, data: str | None = None) -> list[str]:
+    return ["--model", TINY, "--tokenizer_model", "dall-e",
+            "--tokenizer_weight_path", env["tokenizer"], "--data_path", data or env["two"],
+            "--output_dir", out, "--token_cache_dir", env["cache"], "--batch_size", "2",
+            "--epochs", "2", "--warmup_epochs", "0", "--lr", "1e-3",
+            "--max_steps_per_epoch", "1", "--num_workers", "0", "--no_init", "--amp", "none",
+            "--device", "cpu", "--dynamic_masking_start", "1", "--seed", "0",
+            "--deterministic", *extra]
+
+
+def _args(env: dict, out: str, *extra: str, data: str | None = None):
+    return run_pretraining.get_args_parser().parse_args(_argv(env, out, *extra, data=data))
+
+
+def _masked_total(class_names: list[str]) -> int:
+    return sum(num_masked(CLASS_MASK_RATIOS[c], 196) for c in class_names)
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+    """An uninterrupted 2-epoch run (the baseline of the resume test)."""
+    out = str(env["base"] / "reference")
+    summary = run_pretraining.main(_args(env, out, "--log_dir", str(env["base"] / "tb")))
+    return out, summary
+
+
+def test_two_epochs_write_checkpoints_and_logs(env, reference):
+    out, summary = reference
+    assert summary["train_classes"] == list(TWO_CLASSES) and summary["num_images"] == 8
+    assert sorted(os.listdir(out)) == ["checkpoint-1.pth", "checkpoint-last.pth", "log.txt"]
+    log = utils.read_jsonl(os.path.join(out, "log.txt"))
+    assert [r["epoch"] for r in log] == [0, 1]
+    for r in log:
+        assert math.isfinite(r["train_loss"]) and 0 < r["train_loss"] < 20
+        assert 0 <= r["train_mlm_acc"] <= 1 and r["train_grad_norm"] > 0
+    assert log[0]["n_parameters"] > 5e6
+    # per-step cosine over 2 steps: lr, then min_lr + (lr - min_lr) / 2
+    assert log[0]["train_lr"] == pytest.approx(1e-3)
+    assert log[1]["train_lr"] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert log[1]["train_loss"] < log[0]["train_loss"]
+
+    ckpt = utils.load_checkpoint_file(os.path.join(out, "checkpoint-last.pth"))
+    assert ckpt["epoch"] == 1 and ckpt["world_size"] == 1 and len(ckpt["rng"]) == 1
+    assert ckpt["args"]["model"] == TINY and ckpt["args"]["setting"] == "multi_class"
+    assert set(ckpt) >= {"model", "optimizer", "scaler", "dynamic_masking", "sampler_seed"}
+    dyn = ckpt["dynamic_masking"]
+    assert dyn["class_names"] == list(TWO_CLASSES)
+    # 2 epochs x 1 step x 2 samples, each masked with exactly its class's m patches
+    per_sample = [num_masked(CLASS_MASK_RATIOS[c], 196) for c in TWO_CLASSES]
+    per_class = dyn["count"].sum(1).tolist()
+    assert all(n % m == 0 for n, m in zip(per_class, per_sample))
+    assert sum(n // m for n, m in zip(per_class, per_sample)) == 4
+    # also usable as an initialisation / test checkpoint
+    fresh = timm.create_model(TINY)
+    assert modeling_pmad.load_checkpoint(fresh, os.path.join(out, "checkpoint-1.pth"),
+                                         strict=True) == {"missing": [], "unexpected": []}
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(env["base"] / "tb"))
+
+
+def test_loss_falls_on_a_repeated_batch():
+    torch.manual_seed(0)
+    model = timm.create_model(TINY, depth=2, drop_path_rate=0.0)  # 2 blocks: fast
+    opt = torch.optim.AdamW(utils.param_groups_weight_decay(model, 0.05), lr=1e-3)
+    scaler = utils.make_grad_scaler("cpu", "none")
+    images = torch.randn(2, 3, 224, 224)
+    tokens = torch.randint(0, 8192, (2, 196))
+    masks = torch.rand(2, 196) < 0.3
+    outs = [engine.train_step(model, images, tokens, masks, opt, scaler, clip_grad=3.0)
+            for _ in range(6)]
+    losses = [o.loss for o in outs]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[0] == pytest.approx(math.log(8192), abs=1.0)  # near-uniform at init
+    assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 1.0
+    assert 0.0 <= outs[-1].mlm_acc <= 1.0 and outs[0].grad_norm > 0
+    pl = outs[-1].patch_losses
+    assert pl.shape == (2, 196) and (pl[~masks] == 0).all() and (pl[masks] > 0).all()
+
+
+def test_patch_losses_match_full_logits():
+    torch.manual_seed(1)
+    model = timm.create_model(TINY, depth=2).eval()
+    images = torch.randn(2, 3, 224, 224)
+    tokens = torch.randint(0, 8192, (2, 196))
+    masks = torch.rand(2, 196) < 0.25
+    with torch.no_grad():
+        got = engine.patch_losses(model, images, tokens, masks)
+        logits = model(images, masks, return_all_tokens=True)  # (2, 196, V)
+    want = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")
+    want = want.view(2, 196) * masks
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_weighted_mean_keeps_the_loss_scale():
+    v = torch.tensor([1.0, 2.0, 6.0])
+    assert engine.weighted_mean(v, None).item() == 3.0
+    assert engine.weighted_mean(v, torch.full((3,), 2.25)).item() == 3.0
+    assert engine.weighted_mean(v, torch.tensor([1.0, 1.0, 4.0])).item() == 27.0 / 6.0
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(epoch_to_crash: int, monkeypatch, action=None):
+    real = engine.train_one_epoch
+
+    def wrapped(model, *a, epoch, **k):
+        if epoch == epoch_to_crash:
+            if action is None:
+                raise _Crash
+            action(model)
+        return real(model, *a, epoch=epoch, **k)
+
+    monkeypatch.setattr(engine, "train_one_epoch", wrapped)
+
+
+def test_resume_after_crash_equals_uninterrupted_run(env, reference, monkeypatch):
+    ref_out, _ = reference
+    out = str(env["base"] / "resumed")
+    _crash_at(1, monkeypatch)
+    with pytest.raises(_Crash):
+        run_pretraining.main(_args(env, out))
+    assert utils.load_checkpoint_file(os.path.join(out, "checkpoint-last.pth"))["epoch"] == 0
+    monkeypatch.undo()
+    summary = run_pretraining.main(_args(env, out))  # --auto_resume is the default
+    assert summary["start_epoch"] == 1
+
+    ref_log = utils.read_jsonl(os.path.join(ref_out, "log.txt"))
+    log = utils.read_jsonl(os.path.join(out, "log.txt"))
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert log[1]["train_loss"] == ref_log[1]["train_loss"]
+    assert log[1]["train_grad_norm"] == ref_log[1]["train_grad_norm"]
+    a = utils.load_checkpoint_file(os.path.join(ref_out, "checkpoint-last.pth"))
+    b = utils.load_checkpoint_file(os.path.join(out, "checkpoint-last.pth"))
+    for key in ("loss_sum", "count"):
+        assert torch.equal(a["dynamic_masking"][key], b["dynamic_masking"][key])
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["rng"][0]["mask_rng"] == b["rng"][0]["mask_rng"]
+
+
+def test_resume_refuses_other_arguments(env, reference):
+    out, _ = reference
+    with pytest.raises(ValueError, match="--batch_size 2 .now 1."):
+        run_pretraining.main(_args(env, out, "--batch_size", "1"))
+
+
+def test_nan_stops_the_run_and_keeps_the_last_checkpoint(env, monkeypatch):
+    out = str(env["base"] / "nan")
+    _crash_at(1, monkeypatch, action=lambda m: m.lm_head.weight.data.fill_(math.nan))
+    with pytest.raises(engine.NonFiniteLossError) as info:
+        run_pretraining.main(_args(env, out))
+    msg = str(info.value)
+    assert "non-finite loss" in msg and "at epoch 1, step 0" in msg
+    assert "checkpoint-last.pth" in msg
+    assert any(os.path.join("train", c, "") in msg for c in TWO_CLASSES)
+    assert sorted(os.listdir(out)) == ["checkpoint-last.pth", "log.txt"]
+    ckpt = utils.load_checkpoint_file(os.path.join(out, "checkpoint-last.pth"))
+    assert ckpt["epoch"] == 0
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert [r["epoch"] for r in utils.read_jsonl(os.path.join(out, "log.txt"))] == [0]
+
+
+def test_missing_init_checkpoint_is_a_clear_error(env, tmp_path):
+    argv = [a for a in _argv(env, str(tmp_path)) if a != "--no_init"]
+    args = run_pretraining.get_args_parser().parse_args(
+        argv + ["--init_ckpt", str(tmp_path / "beit.pth")])
+    with pytest.raises(FileNotFoundError, match="--no_init"):
+        run_pretraining.main(args)
+
+
+@pytest.mark.parametrize("setting, extra, expected", [
+    ("multi_class", [], datasets.MVTEC_CLASSES),
+    ("obj2tex", [], datasets.OBJECTS),
+    ("tex2obj", [], datasets.TEXTURES),
+    ("leave_one_out", ["--unseen_classes", "screw"],
+     [c for c in datasets.MVTEC_CLASSES if c != "screw"]),
+])
+def test_each_setting_trains_on_exactly_its_classes(env, tmp_path, monkeypatch, setting,
+                                                     extra, expected):
+    """The epoch is replaced by a pass over its batches (training itself is covered
+    above): what reaches the training step is exactly the setting's classes."""
+    seen: list[str] = []
+
+    def one_pass(model, data_loader, *a, num_steps, class_names, **k):
+        for batch in _first_batches(data_loader, num_steps):
+            seen.extend(class_names[i] for i in batch["class_idx"].tolist())
+        return {"loss": 0.0}
+
+    monkeypatch.setattr(engine, "train_one_epoch", one_pass)
+    args = _args(env, str(tmp_path), "--setting", setting, *extra, "--epochs", "1",
+                 "--batch_size", "1", "--max_steps_per_epoch", "100", data=env["every"])
+    summary = run_pretraining.main(args)
+    assert summary["train_classes"] == sorted(expected) and summary["num_steps"] == len(expected)
+    assert sorted(seen) == sorted(expected)  # one image per class, each seen once
+    ckpt = utils.load_checkpoint_file(os.path.join(tmp_path, "checkpoint-last.pth"))
+    assert ckpt["dynamic_masking"]["class_names"] == sorted(expected)
+
+
+def _first_batches(loader, n: int):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_from_obj_to_texture_alias():
+    parse = run_pretraining.get_args_parser().parse_args
+    assert run_pretraining.resolve_setting(parse(["--from_obj_to_texture"])) == "obj2tex"
+    assert run_pretraining.resolve_setting(parse([])) == "multi_class"
+    with pytest.raises(ValueError, match="only one"):
+        run_pretraining.resolve_setting(parse(["--from_obj_to_texture", "--setting", "tex2obj"]))
+
+
+_RECORDER = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import engine, run_pretraining
+real, seen = engine.train_one_epoch, []
+def recording(model, data_loader, *a, **k):
+    def batches():
+        for batch in data_loader:
+            seen.extend(batch["index"].tolist())
+            yield batch
+    return real(model, batches(), *a, **k)
+engine.train_one_epoch = recording
+run_pretraining.main(run_pretraining.get_args_parser().parse_args())
+with open(os.path.join({out!r}, "seen%s.json" % os.environ["RANK"]), "w") as f:
+    json.dump(seen, f)
+"""
+
+
+def test_torchrun_two_processes_on_gloo(env, tmp_path):
+    out, rec = str(tmp_path / "out"), tmp_path / "seen"
+    rec.mkdir()
+    script = tmp_path / "recorder.py"
+    script.write_text(_RECORDER.format(repo=REPO, out=str(rec)))
+    argv = _argv(env, out, "--epochs", "1", "--max_steps_per_epoch", "2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", "2", str(script), *argv]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = [json.loads((rec / f"seen{r}.json").read_text()) for r in range(2)]
+    assert len(seen[0]) == len(seen[1]) == 4  # 2 steps x batch 2 on each rank
+    assert set(seen[0]).isdisjoint(seen[1]) and sorted(seen[0] + seen[1]) == list(range(8))
+    assert sorted(os.listdir(out)) == ["checkpoint-0.pth", "checkpoint-last.pth", "log.txt"]
+    ckpt = utils.load_checkpoint_file(os.path.join(out, "checkpoint-last.pth"))
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert ckpt["rng"][0]["mask_rng"] != ckpt["rng"][1]["mask_rng"]
+    # statistics of both ranks' batches, all-reduced: every image's masked patches
+    assert int(ckpt["dynamic_masking"]["count"].sum()) == _masked_total(["bottle", "carpet"] * 4)
+    assert [r["epoch"] for r in utils.read_jsonl(os.path.join(out, "log.txt"))] == [0]
+
+
+def test_shell_scripts_build_the_torchrun_command(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "torchrun").write_text("#!/usr/bin/env bash\necho \"$@\"\n")
+    (fake / "torchrun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "NPROC": "3"}
+    run = lambda script, **e: subprocess.run(  # noqa: E731
+        ["bash", f"scripts/{script}", "--epochs", "7"], cwd=REPO, capture_output=True,
+        text=True, env={**env, **e}, check=True).stdout.split()
+    multi = run("train_multi_class.sh")
+    assert multi[multi.index("--nproc_per_node") + 1] == "3"
+    assert "run_pretraining.py" in multi and multi[-2:] == ["--epochs", "7"]
+    assert multi[multi.index("--setting") + 1] == "multi_class"
+    assert multi[multi.index("--data_path") + 1] == "data/Mvtec-ImageNet"
+    tex2obj = run("train_cross_class.sh")
+    assert tex2obj[tex2obj.index("--setting") + 1] == "tex2obj"
+    assert "--from_obj_to_texture" not in tex2obj
+    obj2tex = run("train_cross_class.sh", FROM_OBJ_TO_TEXTURE="1", DATA_PATH="/d")
+    assert "--from_obj_to_texture" in obj2tex
+    assert obj2tex[obj2tex.index("--setting") + 1] == "obj2tex"
+    assert obj2tex[obj2tex.index("--output_dir") + 1] == "output_dir/obj2tex"
+    again = run("train_cross_class.sh", FROM_OBJ_TO_TEXTURE="0")  # off
+    assert again[again.index("--setting") + 1] == "tex2obj"
+    assert obj2tex[obj2tex.index("--data_path") + 1] == "/d"

@@ -1,0 +1,337 @@
+"""utils.py: schedules, parameter groups, atomic checkpoints, exact RNG resume, logs,
+distributed helpers (one process and a 2-process gloo group)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import utils
+
+
+# ----------------------------------------------------------------------------- schedules
+def test_cosine_scheduler_warmup_then_half_cosine():
+    s = utils.cosine_scheduler(1.0, 0.1, epochs=5, niter_per_ep=4, warmup_epochs=2)
+    assert s.shape == (20,)
+    np.testing.assert_allclose(s[:8], np.linspace(0.0, 1.0, 8))
+    rest = s[8:]
+    # i-th cosine step: final + (base - final) / 2 * (1 + cos(pi * i / 12))
+    expected = [0.1 + 0.45 * (1 + math.cos(math.pi * i / 12)) for i in range(12)]
+    np.testing.assert_allclose(rest, expected)
+    assert rest[0] == pytest.approx(1.0)
+    assert np.all(np.diff(rest) < 0) and rest[-1] > 0.1
+
+
+def test_cosine_scheduler_warmup_steps_override_and_constant():
+    s = utils.cosine_scheduler(2.0, 0.0, epochs=2, niter_per_ep=5, warmup_epochs=1,
+                               start_warmup_value=1.0, warmup_steps=3)
+    np.testing.assert_allclose(s[:3], [1.0, 1.5, 2.0])
+    assert len(s) == 10
+    np.testing.assert_allclose(utils.cosine_scheduler(0.05, 0.05, 3, 7), 0.05)
+
+
+# ----------------------------------------------------------------------------- parameter groups
+class _Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, 4))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 4))
+        self.fc = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.gamma = nn.Parameter(torch.ones(4))
+        self.frozen = nn.Parameter(torch.ones(4, 4), requires_grad=False)
+
+
+def test_param_groups_skip_1d_bias_cls_pos_but_decay_mask_token():
+    model = _Toy()
+    no_decay, decay = utils.param_groups_weight_decay(model, 0.05)
+    name = {id(p): n for n, p in model.named_parameters()}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+    assert sorted(name[id(p)] for p in no_decay["params"]) == [
+        "cls_token", "fc.bias", "gamma", "norm.bias", "norm.weight", "pos_embed"]
+    assert sorted(name[id(p)] for p in decay["params"]) == ["fc.weight", "mask_token"]
+
+
+def test_set_step_hyperparams_leaves_undecayed_group_at_zero():
+    opt = torch.optim.AdamW(utils.param_groups_weight_decay(_Toy(), 0.05), lr=1.0)
+    utils.set_step_hyperparams(opt, lr=0.3, weight_decay=0.02)
+    assert [g["lr"] for g in opt.param_groups] == [0.3, 0.3]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.02]
+
+
+# ----------------------------------------------------------------------------- autocast
+def test_amp_choices():
+    assert utils.resolve_amp("none", "cpu") == "none"
+    assert utils.resolve_amp(None, "cpu") == utils.default_amp("cpu")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
+        utils.resolve_amp("fp16", "cpu")
+    with pytest.raises(ValueError, match="choose one of"):
+        utils.resolve_amp("fp8", "cpu")
+    a = torch.randn(4, 4)
+    with utils.amp_autocast("cpu", "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+    with utils.amp_autocast("cpu", "none"):
+        assert (a @ a).dtype == torch.float32
+    assert not utils.make_grad_scaler("cpu", "bf16").is_enabled()
+
+
+def test_deterministic_mode_is_scoped():
+    before = torch.are_deterministic_algorithms_enabled()
+    with utils.deterministic_algorithms(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.are_deterministic_algorithms_enabled() == before
+    with utils.deterministic_algorithms(False):
+        assert torch.are_deterministic_algorithms_enabled() == before
+
+
+# ----------------------------------------------------------------------------- RNG
+def _draws(mask_rng: np.random.Generator) -> tuple:
+    return (random.random(), float(np.random.rand()), float(np.random.randn()),
+            torch.rand(3).tolist(), mask_rng.integers(0, 1 << 30, 3).tolist())
+
+
+def test_rng_capture_restore_is_exact():
+    utils.seed_everything(5)
+    mask_rng = np.random.default_rng(7)
+    np.random.randn()  # leave a cached gaussian in numpy's legacy state
+    state = utils.capture_rng_state(mask_rng)
+    first = _draws(mask_rng)
+    utils.seed_everything(99)
+    mask_rng2 = np.random.default_rng(1)
+    utils.restore_rng_state(state, mask_rng2)
+    assert _draws(mask_rng2) == first
+
+
+def test_seed_differs_per_rank():
+    assert utils.seed_everything(3, rank=1) == 4
+    a = torch.rand(2)
+    utils.seed_everything(3, rank=0)
+    assert not torch.equal(a, torch.rand(2))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class _FakeDynamicState:
+    def __init__(self) -> None:
+        self.sums = torch.zeros(2, 4)
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = state["sums"].clone()
+
+
+def _trained(seed: int):
+    torch.manual_seed(seed)
+    model = _Toy()
+    opt = torch.optim.AdamW(utils.param_groups_weight_decay(model, 0.05), lr=0.1)
+    model.fc(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_training_state_round_trip(tmp_path):
+    model, opt = _trained(0)
+    scaler = utils.make_grad_scaler("cpu", "none")
+    dyn = _FakeDynamicState()
+    dyn.sums += 3.5
+    mask_rng = np.random.default_rng(11)
+    paths = utils.save_training_state(
+        str(tmp_path), [4, "last"], epoch=4, model=model, optimizer=opt, scaler=scaler,
+        args={"lr": 0.1, "opt_betas": [0.9, 0.999], "resume": None},
+        dynamic_masking=dyn.state_dict(), sampler_seed=123, mask_rng=mask_rng)
+    assert [os.path.basename(p) for p in paths] == ["checkpoint-4.pth", "checkpoint-last.pth"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4.pth", "checkpoint-last.pth"]
+    expected = _draws(mask_rng)
+
+    model2, opt2 = _trained(1)
+    dyn2, rng2 = _FakeDynamicState(), np.random.default_rng(0)
+    info = utils.load_training_state(paths[1], model=model2, optimizer=opt2, scaler=scaler,
+                                     dynamic_state=dyn2, mask_rng=rng2)
+    assert info["start_epoch"] == 5 and info["sampler_seed"] == 123 and info["rng_restored"]
+    assert info["args"]["opt_betas"] == [0.9, 0.999]
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    sa, sb = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
+    assert torch.equal(dyn2.sums, torch.full((2, 4), 3.5))
+    assert _draws(rng2) == expected
+
+
+def test_model_only_file_starts_at_epoch_zero(tmp_path):
+    model, _ = _trained(0)
+    torch.save({"model": model.state_dict()}, tmp_path / "released.pth")
+    info = utils.load_training_state(str(tmp_path / "released.pth"), model=_Toy())
+    assert info["start_epoch"] == 0 and not info["rng_restored"]
+
+
+def test_original_namespace_args_load_as_dict(tmp_path):
+    path = tmp_path / "orig.pth"
+    torch.save({"model": {}, "epoch": 3,
+                "args": argparse.Namespace(lr=1.5e-3, model="vit_base_patch16_224_8k_vocab")},
+               path)
+    ckpt = utils.load_checkpoint_file(str(path))
+    assert ckpt["args"] == {"lr": 1.5e-3, "model": "vit_base_patch16_224_8k_vocab"}
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint-last.pth")
+    utils.save_on_master({"epoch": 1, "w": torch.ones(3)}, path)
+
+    real_save = torch.save
+
+    def crash(obj, f, *a, **k):
+        real_save({"epoch": 2, "w": torch.zeros(100)}, f)  # part of the bytes, then death
+        f.truncate(40)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        utils.save_on_master({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["checkpoint-last.pth"]  # no temp file left behind
+    ckpt = utils.load_checkpoint_file(path)
+    assert ckpt["epoch"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
+
+
+def test_one_write_for_several_names_then_independent_files(tmp_path):
+    d = str(tmp_path)
+    numbered, last = utils.checkpoint_path(d, 19), utils.checkpoint_path(d, "last")
+    utils.save_on_master({"epoch": 19}, [numbered, last])
+    utils.save_on_master({"epoch": 20}, last)  # replaces 'last' only
+    assert utils.load_checkpoint_file(numbered)["epoch"] == 19
+    assert utils.load_checkpoint_file(last)["epoch"] == 20
+    assert sorted(os.listdir(d)) == ["checkpoint-19.pth", "checkpoint-last.pth"]
+
+
+def test_find_latest_checkpoint_skips_partial_and_temp_files(tmp_path):
+    d = str(tmp_path)
+    assert utils.find_latest_checkpoint(d) is None
+    for epoch in (19, 39):
+        utils.save_on_master({"epoch": epoch}, utils.checkpoint_path(d, epoch))
+    utils.save_on_master({"epoch": 41}, utils.checkpoint_path(d, "last"))
+    # a temp file of a newer write in flight, a truncated newer file, an unrelated name
+    utils.save_on_master({"epoch": 60}, os.path.join(d, ".checkpoint-last.pth.tmp-1"))
+    with open(utils.checkpoint_path(d, 59), "wb") as f:
+        f.write(b"PK\x03\x04 truncated")
+    utils.save_on_master({"epoch": 99}, os.path.join(d, "checkpoint-best.pth"))
+    assert utils.find_latest_checkpoint(d) == utils.checkpoint_path(d, "last")
+    os.remove(utils.checkpoint_path(d, "last"))
+    assert utils.find_latest_checkpoint(d) == utils.checkpoint_path(d, 39)
+
+
+def test_unreadable_checkpoint_error_names_file(tmp_path):
+    bad = tmp_path / "checkpoint-3.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint-3.pth is not a complete"):
+        utils.load_checkpoint_file(str(bad))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        utils.load_checkpoint_file(str(tmp_path / "missing.pth"))
+
+
+# ----------------------------------------------------------------------------- logs
+def test_metric_logger_averages():
+    ml = utils.MetricLogger(window_size=2)
+    for v in (1.0, 2.0, 6.0):
+        ml.update(loss=v, lr=None)
+    assert ml.meters["loss"].avg == 4.0 and ml.summary() == {"loss": 3.0}
+
+
+def test_jsonl_log_drops_epochs_being_redone(tmp_path):
+    path = str(tmp_path / "log.txt")
+    log = utils.JsonlLog(path)
+    for e in range(4):
+        log.write({"epoch": e, "train_loss": float(e)})
+    utils.JsonlLog(path, start_epoch=2).write({"epoch": 2, "train_loss": 9.0})
+    assert [(r["epoch"], r["train_loss"]) for r in utils.read_jsonl(path)] == [
+        (0, 0.0), (1, 1.0), (2, 9.0)]
+
+
+def test_tensorboard_writer_on_rank0(tmp_path):
+    assert utils.make_tensorboard_writer(None) is None
+    w = utils.make_tensorboard_writer(str(tmp_path / "tb"))
+    w.add_scalar("train/loss", 1.5, 0)
+    w.close()
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+
+
+# ----------------------------------------------------------------------------- distributed
+def test_single_process_without_torchrun(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    env = utils.init_distributed("cpu")
+    assert (env.rank, env.world_size, env.distributed) == (0, 1, False)
+    assert not utils.is_dist_avail_and_initialized()
+    assert utils.get_world_size() == 1 and utils.is_main_process()
+    assert utils.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert utils.all_reduce_sum(torch.tensor([2.0])).item() == 2.0
+    sampler = utils.build_sampler(list(range(7)), seed=0)
+    sampler.set_epoch(1)
+    order1 = list(sampler)
+    assert sorted(order1) == list(range(7))
+    sampler.set_epoch(1)
+    assert list(sampler) == order1
+
+
+def test_world_size_without_master_addr_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        utils.init_distributed("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = utils.init_distributed("cpu")
+    try:
+        sampler = utils.build_sampler(list(range(10)), seed=3)
+        sampler.set_epoch(0)
+        ml = utils.MetricLogger()
+        ml.update(loss=float(rank + 1))  # ranks: 1 and 2 -> global average 1.5
+        ml.synchronize_between_processes()
+        utils.save_training_state(out_dir, ["last"], epoch=0, model=_Toy(),
+                                  optimizer=torch.optim.SGD(_Toy().parameters(), lr=1),
+                                  scaler=utils.make_grad_scaler("cpu", "none"), args={},
+                                  dynamic_masking=None, sampler_seed=3,
+                                  mask_rng=np.random.default_rng(rank))
+        result = {"rank": env.rank, "world": utils.get_world_size(),
+                  "indices": list(sampler), "loss": ml.summary()["loss"],
+                  "gathered": utils.all_gather_object(env.rank * 10)}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        utils.cleanup_distributed()
+
+
+def test_two_process_gloo_group(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    r = [json.load(open(tmp_path / f"rank{i}.json")) for i in range(2)]
+    assert [x["world"] for x in r] == [2, 2]
+    assert set(r[0]["indices"]).isdisjoint(r[1]["indices"])
+    assert sorted(r[0]["indices"] + r[1]["indices"]) == list(range(10))
+    assert r[0]["loss"] == r[1]["loss"] == 1.5
+    assert r[0]["gathered"] == [0, 10]
+    ckpt = utils.load_checkpoint_file(str(tmp_path / "checkpoint-last.pth"))
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert ckpt["rng"][0]["mask_rng"] == np.random.default_rng(0).bit_generator.state
+    assert ckpt["rng"][1]["mask_rng"] == np.random.default_rng(1).bit_generator.state
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth", "rank0.json", "rank1.json"]
