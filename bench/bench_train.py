@@ -1,0 +1,207 @@
+"""Training throughput (images/s) of run_pretraining's step, in one run:
+
+  models tiny and base; CPU fp32 and bf16 (batch 4); CUDA, when present, fp32 and bf16
+  at batch 4 and 64; each without the token cache (the tokenizer runs inside the step)
+  and with it (datasets.cache_tokens, as run_pretraining does).
+
+Per row: the end-to-end step rate (engine.train_one_epoch: loading, masks, forward,
+backward, AdamW), the data loader's own rate (iterating the same loader, no model) and
+the ratio to the row's baseline (fp32 without cache, same device/model/batch), all
+measured in this run. On a GPU the step must not wait on data: the loader rate has to
+stay above the step rate.
+
+The data are synthetic PNGs of MVTec size (--image_px, default 1024) with foreground
+masks; the tokenizer is a random-weight DALL-E encoder of the released size, written in
+OpenAI's format (or --tokenizer_weight_path for the real one).
+
+  python bench/bench_train.py                       # everything this machine has
+  python bench/bench_train.py --models tiny --steps 3 --image_px 256   # quick CPU look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Iterable, Iterator
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import datasets  # noqa: E402
+import engine  # noqa: E402
+import modeling_pmad  # noqa: E402,F401  (registers the ViTs with timm)
+import utils  # noqa: E402
+from masking_generator import DynamicMaskingState, MaskGenerator  # noqa: E402
+from modeling_discrete_vae import DalleEncoder, create_tokenizer, save_dalle_encoder  # noqa: E402
+
+MODELS = {"tiny": "vit_tiny_patch16_224_8k_vocab", "base": "vit_base_patch16_224_8k_vocab"}
+CLASSES = ("bottle", "carpet")
+
+
+def make_data(root: str, num_images: int, px: int, seed: int = 0) -> None:
+    """<root>/train/<class>/*.png and <root>/fg_mask/<class>/*.png, smooth random RGB."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(CLASSES):
+        for sub in ("train", "fg_mask"):
+            os.makedirs(os.path.join(root, sub, name), exist_ok=True)
+        for i in range(num_images // len(CLASSES)):
+            small = rng.integers(0, 256, (px // 32, px // 32, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((px, px), Image.BICUBIC).save(
+                os.path.join(root, "train", name, f"{i:03d}.png"))
+            mask = np.zeros((px, px), np.uint8)
+            mask[px // 8:px - px // 8, px // 6:px - px // 6] = 255
+            Image.fromarray(mask).save(os.path.join(root, "fg_mask", name, f"{i:03d}.png"))
+
+
+def make_tokenizer_file(folder: str) -> str:
+    torch.manual_seed(0)
+    save_dalle_encoder(DalleEncoder(), os.path.join(folder, "encoder.pkl"))
+    return folder
+
+
+def loader_for(dataset, batch_size: int, num_batches: int, num_workers: int,
+               device: torch.device) -> torch.utils.data.DataLoader:
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True,
+                                             num_samples=batch_size * num_batches)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                       num_workers=num_workers, drop_last=True,
+                                       pin_memory=device.type == "cuda",
+                                       persistent_workers=False)
+
+
+def timed(loader: Iterable, stamps: list[float]) -> Iterator:
+    """Yield the loader's batches, stamping each request: the engine asks for batch i+1
+    right after step i, so consecutive stamps bound one whole step (data included)."""
+    it = iter(loader)
+    while True:
+        stamps.append(time.perf_counter())
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        yield batch
+
+
+def median_rate(stamps: list[float], skip: int, batch_size: int) -> float:
+    """images/s from the median step time after `skip` warm-up steps (robust to other
+    processes' bursts on a shared machine)."""
+    return batch_size / statistics.median(np.diff(stamps)[skip:])
+
+
+def loader_rate(dataset, batch_size: int, steps: int, warmup: int, num_workers: int,
+                device: torch.device) -> float:
+    """images/s of the loader alone, batches moved to the device."""
+    stamps: list[float] = []
+    loader = loader_for(dataset, batch_size, warmup + steps, num_workers, device)
+    for batch in timed(loader, stamps):
+        batch["image"].to(device, non_blocking=True)
+        sync(device)
+    return median_rate(stamps, warmup, batch_size)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_rate(model_name: str, dataset, tokenizer, amp: str, batch_size: int, steps: int,
+              warmup: int, num_workers: int, device: torch.device) -> float:
+    """images/s of engine.train_one_epoch (dynamic masking on: the most work per step).
+
+    train_step synchronises with the device twice per step (the non-finite checks), so
+    the stamps bound whole steps on a GPU too."""
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, drop_path_rate=0.1, init_values=0.1).to(device)
+    optimizer = torch.optim.AdamW(utils.param_groups_weight_decay(model, 0.05), lr=1e-4)
+    grid = model.patch_embed.grid_size
+    n = warmup + steps
+    schedule = np.full(n, 1e-4)
+    stamps: list[float] = []
+    engine.train_one_epoch(
+        model, timed(loader_for(dataset, batch_size, n, num_workers, device), stamps),
+        optimizer, utils.make_grad_scaler(device, amp), epoch=0, num_steps=n,
+        device=device, mask_generator=MaskGenerator(window_size=grid),
+        dynamic_state=DynamicMaskingState(list(CLASSES), grid[0] * grid[1]),
+        class_names=list(CLASSES), mask_rng=np.random.default_rng(0),
+        lr_schedule=schedule, wd_schedule=schedule * 500, dynamic_masking_start=0,
+        clip_grad=3.0, amp=amp, progress=False,
+        tokenizer=None if dataset.tokens is not None else tokenizer)
+    sync(device)
+    stamps.append(time.perf_counter())
+    return median_rate(stamps, warmup, batch_size)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--steps", type=int, default=5, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--image_px", type=int, default=1024, help="MVTec images are 700-1024 px")
+    p.add_argument("--num_images", type=int, default=32)
+    p.add_argument("--num_workers", type=int, default=None,
+                   help="loader workers (default: 0 on CPU, min(8, cores - 2) on CUDA)")
+    p.add_argument("--tokenizer_weight_path", default=None,
+                   help="a real DALL-E encoder.pkl folder (default: random weights)")
+    p.add_argument("--devices", nargs="+", default=None, help="default: cpu (+ cuda)")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args()
+
+    devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data")
+        make_data(data, args.num_images, args.image_px)
+        tok_path = args.tokenizer_weight_path or make_tokenizer_file(tmp)
+        for dev_name in devices:
+            device = torch.device(dev_name)
+            workers = args.num_workers if args.num_workers is not None else (
+                0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) - 2)))
+            amps = ["none"] + (["bf16"] if device.type == "cpu"
+                               or utils.bf16_supported(device) else [])
+            batches = [4] if device.type == "cpu" else [4, 64]
+            tokenizer = create_tokenizer("dall-e", tok_path, device)
+            plain = datasets.PretrainDataset(data, CLASSES, tokenizer.image_size)
+            cached = datasets.PretrainDataset(data, CLASSES, tokenizer.image_size)
+            t0 = time.perf_counter()
+            datasets.cache_tokens(cached, tokenizer, os.path.join(tmp, "cache", dev_name),
+                                  device=device)
+            fill = len(cached) / (time.perf_counter() - t0)
+            print(f"[{dev_name}] token cache filled at {fill:.1f} images/s "
+                  f"({len(cached)} images, {args.image_px} px, {workers} loader workers)",
+                  flush=True)
+            for batch in batches:
+                load = {name: loader_rate(ds, batch, args.steps, args.warmup, workers,
+                                          device)
+                        for name, ds in (("no cache", plain), ("cache", cached))}
+                for key in args.models:
+                    baseline = None
+                    for amp in amps:
+                        for name, ds in (("no cache", plain), ("cache", cached)):
+                            rate = step_rate(MODELS[key], ds, tokenizer, amp, batch,
+                                             args.steps, args.warmup, workers, device)
+                            baseline = baseline or rate
+                            row = {"device": dev_name, "model": key, "amp": amp,
+                                   "batch": batch, "tokens": name, "step_img_s": rate,
+                                   "loader_img_s": load[name], "ratio": rate / baseline}
+                            rows.append(row)
+                            print(f"{dev_name:5s} {key:5s} {amp:5s} batch {batch:3d} "
+                                  f"{name:9s} step {rate:8.2f} img/s  loader "
+                                  f"{load[name]:8.1f} img/s  x{rate / baseline:5.2f} vs "
+                                  "fp32 no cache"
+                                  + ("  LOADER-BOUND" if load[name] < rate * 1.2 else ""),
+                                  flush=True)
+            del tokenizer
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

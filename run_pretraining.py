@@ -1,0 +1,335 @@
+"""Train PMAD's reconstruction ViT (masked visual-token prediction) on normal images.
+
+One process:      python run_pretraining.py --data_path data/Mvtec-ImageNet ...
+Several GPUs:     torchrun --nproc_per_node 8 run_pretraining.py ...   (scripts/train_*.sh)
+
+Settings (method.md 4): multi_class (every class of --data_path), obj2tex (the 10 MVTec
+objects), tex2obj (the 5 textures), leave_one_out (all but --unseen_classes).
+Outputs in --output_dir: checkpoint-last.pth (every epoch), checkpoint-<epoch>.pth (every
+--save_ckpt_freq epochs and the last), log.txt (one JSON object per epoch), the token
+cache; TensorBoard events in --log_dir. Re-running the same command resumes from the
+newest complete checkpoint (--auto_resume, on by default as in BEiT).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+import datasets
+import engine
+import modeling_discrete_vae
+import modeling_pmad
+import utils
+from masking_generator import CLASS_MASK_RATIOS, DynamicMaskingState, MaskGenerator
+
+INCEPTION_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # BEiT's mean/std without the flag
+# Arguments that must match for a resumed run to continue the same training.
+RESUME_MUST_MATCH = ("model", "setting", "unseen_classes", "epochs", "batch_size",
+                     "input_size", "tokenizer_model")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("PMAD pre-training", add_help=True)
+    # model
+    p.add_argument("--model", default="vit_base_patch16_224_8k_vocab",
+                   help="timm name registered by modeling_pmad")
+    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--drop_path", type=float, default=0.1, metavar="PCT")
+    p.add_argument("--layer_scale_init_value", type=float, default=0.1,
+                   help="0.1 for base, 1e-5 for large (method.md 2)")
+    p.add_argument("--init_ckpt", default="weights/beit_base_patch16_224_pt22k.pth",
+                   help="BEiT self-supervised ImageNet-22k checkpoint to start from")
+    p.add_argument("--no_init", action="store_true",
+                   help="start from random weights instead of --init_ckpt")
+    # visual tokenizer
+    p.add_argument("--tokenizer_model", default="dall-e",
+                   choices=sorted(modeling_discrete_vae._TOKENIZERS))
+    p.add_argument("--tokenizer_weight_path", default="weights/tokenizer",
+                   help="the tokenizer file, or the folder holding it (dall-e: encoder.pkl)")
+    p.add_argument("--fit_kmeans_tokenizer", action="store_true",
+                   help="kmeans only: when --tokenizer_weight_path does not exist, fit the "
+                        "tokenizer on this run's training images first (the offline demo)")
+    p.add_argument("--kmeans_vocab_size", type=int, default=512,
+                   help="codebook size for --fit_kmeans_tokenizer")
+    p.add_argument("--token_cache_dir", default=None,
+                   help="where visual tokens are cached (default <output_dir>/token_cache)")
+    # masking
+    p.add_argument("--mask_ratio", type=float, default=0.3,
+                   help="mask ratio of classes without a ratio of their own (method.md 5)")
+    p.add_argument("--dynamic_masking_start", type=int, default=100,
+                   help="first epoch of dynamic masking and rank-weighted loss")
+    p.add_argument("--fg_mask", action=argparse.BooleanOptionalAction, default=True,
+                   help="read foreground masks from <data_path>/fg_mask (--no-fg_mask: "
+                        "data without them; foreground-limited masking then uses all patches)")
+    # optimisation
+    p.add_argument("--batch_size", type=int, default=4, help="per process")
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--min_lr", type=float, default=1e-5)
+    p.add_argument("--warmup_epochs", type=int, default=10)
+    p.add_argument("--warmup_steps", type=int, default=-1,
+                   help="warm-up length in steps; overrides --warmup_epochs when > 0")
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--weight_decay_end", type=float, default=None,
+                   help="final weight decay of its cosine schedule (default: constant)")
+    p.add_argument("--opt_betas", type=float, nargs=2, default=[0.9, 0.999], metavar="BETA")
+    p.add_argument("--opt_eps", type=float, default=1e-8)
+    p.add_argument("--clip_grad", type=float, default=3.0, help="0 or less: no clipping")
+    p.add_argument("--amp", default=None, choices=utils.AMP_CHOICES,
+                   help="autocast (default: bf16 where supported, else none; fp16 with a "
+                        "loss scaler on CUDA only)")
+    # data
+    p.add_argument("--data_path", default="data/Mvtec-ImageNet",
+                   help="ImageNet layout: <data_path>/train/<class>/*.png, "
+                        "<data_path>/fg_mask/<class>/*.png")
+    p.add_argument("--setting", default=None, choices=datasets.SETTINGS,
+                   help="default multi_class (obj2tex with --from_obj_to_texture)")
+    p.add_argument("--unseen_classes", nargs="*", default=None,
+                   help="leave_one_out: the class left out of training")
+    p.add_argument("--from_obj_to_texture", action="store_true",
+                   help="the original's switch: same as --setting obj2tex")
+    p.add_argument("--imagenet_default_mean_and_std", action=argparse.BooleanOptionalAction,
+                   default=True, help="ImageNet mean/std (else 0.5/0.5, BEiT's alternative)")
+    p.add_argument("--skip_bad_images", action="store_true",
+                   help="leave out unreadable images (listed) instead of stopping")
+    p.add_argument("--num_workers", type=int, default=10)
+    p.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
+    # run
+    p.add_argument("--output_dir", default="output_dir")
+    p.add_argument("--log_dir", default=None, help="TensorBoard folder (none if unset)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true",
+                   help="bitwise-reproducible kernels (slower): a resumed run then equals "
+                        "an uninterrupted one exactly, not just to rounding")
+    p.add_argument("--resume", default="", help="checkpoint to resume from")
+    p.add_argument("--auto_resume", action="store_true")
+    p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
+    p.set_defaults(auto_resume=True)
+    p.add_argument("--save_ckpt_freq", type=int, default=20)
+    p.add_argument("--max_steps_per_epoch", type=int, default=None,
+                   help="cap the steps of each epoch (tests, demos)")
+    return p
+
+
+def resolve_setting(args: argparse.Namespace) -> str:
+    if args.from_obj_to_texture:
+        if args.setting not in (None, "obj2tex"):
+            raise ValueError(f"--from_obj_to_texture means --setting obj2tex, but --setting "
+                             f"{args.setting} was given: pass only one of them")
+        return "obj2tex"
+    return args.setting or "multi_class"
+
+
+def build_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
+    return timm.create_model(args.model, pretrained=False, drop_path_rate=args.drop_path,
+                             use_shared_rel_pos_bias=True, use_abs_pos_emb=False,
+                             init_values=args.layer_scale_init_value, vocab_size=vocab_size,
+                             img_size=args.input_size)
+
+
+def load_init(model: torch.nn.Module, path: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--init_ckpt {path} not found: download beit_base_patch16_224_pt22k.pth (links "
+            "in README.md, 'Download Pretrained Weights'; see weights/README.md) into "
+            "weights/, point --init_ckpt at it, or pass --no_init to train from scratch")
+    result = modeling_pmad.load_checkpoint(model, path)
+    utils.main_print(f"[init] {path}: missing {result['missing']}, "
+                     f"unexpected {result['unexpected']}")
+
+
+def fit_kmeans(args: argparse.Namespace, train_classes: list[str]) -> None:
+    """Fit the demo's k-means tokenizer on the training images (rank 0; the others wait)
+    unless the file exists already."""
+    if args.tokenizer_model != "kmeans":
+        raise ValueError(f"--fit_kmeans_tokenizer needs --tokenizer_model kmeans, not "
+                         f"{args.tokenizer_model}")
+    if os.path.exists(args.tokenizer_weight_path):
+        return
+    if utils.is_main_process():
+        images = datasets.TrainImageDataset(args.data_path, train_classes,
+                                            datasets.build_token_transform(args.input_size))
+        batches = (x for x, _ in torch.utils.data.DataLoader(
+            images, batch_size=32, num_workers=args.num_workers))
+        utils.main_print(f"[tokenizer] fitting {args.kmeans_vocab_size} k-means codes on "
+                         f"{len(images)} images -> {args.tokenizer_weight_path}")
+        modeling_discrete_vae.fit_kmeans_tokenizer(
+            batches, args.tokenizer_weight_path, vocab_size=args.kmeans_vocab_size,
+            seed=args.seed, image_size=args.input_size)
+    utils.barrier()
+
+
+def check_resume_args(saved: dict | None, args: dict, path: str) -> None:
+    """A resumed run continues the saved one; a different schedule or class set would
+    silently become another experiment."""
+    if not saved:
+        return
+    diff = {k: (saved.get(k), args.get(k)) for k in RESUME_MUST_MATCH
+            if k in saved and saved.get(k) != args.get(k)}
+    if diff:
+        raise ValueError(f"{path} was trained with other arguments: " + ", ".join(
+            f"--{k} {a!r} (now {b!r})" for k, (a, b) in diff.items())
+            + "; use the same arguments, another --output_dir, or --no_auto_resume")
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train; returns a summary (classes, images, epochs run, last epoch's metrics)."""
+    env = utils.init_distributed(args.device)
+    try:
+        with utils.deterministic_algorithms(args.deterministic):
+            return _train(args, env)
+    finally:
+        utils.cleanup_distributed()
+
+
+def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
+    device = env.device
+    args.setting = resolve_setting(args)
+    args.amp = utils.resolve_amp(args.amp, device)
+    args.token_cache_dir = args.token_cache_dir or os.path.join(args.output_dir, "token_cache")
+    if utils.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+    utils.main_print(json.dumps(vars(args), indent=1))
+    available = datasets.list_train_classes(args.data_path)
+    train_classes, _ = datasets.setting_classes(args.setting, args.unseen_classes, available)
+    if args.fit_kmeans_tokenizer:
+        fit_kmeans(args, train_classes)
+
+    utils.seed_everything(args.seed, env.rank)  # after the k-means fit, which draws too
+    mask_rng = np.random.default_rng((args.seed, env.rank))
+    tokenizer = modeling_discrete_vae.create_tokenizer(
+        args.tokenizer_model, args.tokenizer_weight_path, device)
+    mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+                 if args.imagenet_default_mean_and_std else INCEPTION_MEAN_STD)
+    model = build_model(args, tokenizer.vocab_size)
+    patch_size = model.patch_embed.patch_size[0]
+    dataset = datasets.PretrainDataset(
+        args.data_path, train_classes, token_size=tokenizer.image_size,
+        img_size=args.input_size, mean=mean, std=std, patch_size=patch_size,
+        fg_mask=args.fg_mask, skip_bad_images=args.skip_bad_images)
+    # Rank 0 fills the cache; the others then find every entry in it.
+    for turn in ((0,), tuple(range(1, env.world_size))):
+        if env.rank in turn:
+            stats = datasets.cache_tokens(dataset, tokenizer, args.token_cache_dir,
+                                          device=device)
+            utils.main_print(f"[tokens] {stats['hits']} cached, {stats['misses']} computed "
+                             f"in {args.token_cache_dir}")
+        utils.barrier()
+    del tokenizer  # not needed again: every step reads cached tokens
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    utils.main_print(f"[data] setting {args.setting}: {len(dataset)} images of "
+                     f"{len(train_classes)} classes {train_classes}")
+
+    sampler = utils.build_sampler(dataset, seed=args.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
+        persistent_workers=args.num_workers > 0)
+    num_steps = len(loader)
+    if args.max_steps_per_epoch is not None:
+        num_steps = min(num_steps, args.max_steps_per_epoch)
+    if num_steps < 1:
+        raise ValueError(f"{len(dataset)} training images make no full batch of "
+                         f"--batch_size {args.batch_size} on each of {env.world_size} "
+                         "process(es): lower --batch_size or use fewer processes")
+
+    model.to(device)
+    model_without_ddp = model
+    optimizer = torch.optim.AdamW(
+        utils.param_groups_weight_decay(model_without_ddp, args.weight_decay),
+        lr=args.lr, betas=tuple(args.opt_betas), eps=args.opt_eps)
+    scaler = utils.make_grad_scaler(device, args.amp)
+    dynamic_state = DynamicMaskingState(train_classes, model.patch_embed.num_patches)
+    mask_generator = MaskGenerator(window_size=model.patch_embed.grid_size,
+                                   class_ratios=CLASS_MASK_RATIOS,
+                                   default_ratio=args.mask_ratio)
+    lr_schedule = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, num_steps,
+                                         warmup_epochs=args.warmup_epochs,
+                                         warmup_steps=args.warmup_steps)
+    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, num_steps)
+
+    resume = args.resume or (utils.find_latest_checkpoint(args.output_dir)
+                             if args.auto_resume else None)
+    start_epoch = 0
+    if resume:
+        # Last, so that the restored random states are exactly those at the save.
+        header = utils.load_checkpoint_file(resume, mmap=True)
+        if "optimizer" in header and "epoch" in header:
+            check_resume_args(header.get("args"), vars(args), resume)
+        del header
+        info = utils.load_training_state(resume, model=model_without_ddp,
+                                         optimizer=optimizer, scaler=scaler,
+                                         dynamic_state=dynamic_state, mask_rng=mask_rng)
+        start_epoch = info["start_epoch"]
+        if info["sampler_seed"] is not None:
+            sampler.seed = info["sampler_seed"]
+        utils.main_print(f"[resume] {resume}: continuing at epoch {start_epoch}")
+    elif not args.no_init:
+        load_init(model_without_ddp, args.init_ckpt)
+    if env.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    utils.main_print(f"[model] {args.model}: {n_parameters / 1e6:.1f} M parameters; "
+                     f"{num_steps} steps/epoch x {args.batch_size} x {env.world_size} "
+                     f"process(es); amp {args.amp}; device {device}")
+    log = utils.JsonlLog(os.path.join(args.output_dir, "log.txt"), start_epoch)
+    log_writer = utils.make_tensorboard_writer(args.log_dir, purge_step=start_epoch * num_steps)
+    sample_names = [os.path.relpath(p, args.data_path) for p, _ in dataset.samples]
+    stats: dict[str, float] = {}
+    saved: list[str] = []
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            sampler.set_epoch(epoch)
+            stats = engine.train_one_epoch(
+                model, loader, optimizer, scaler, epoch=epoch, num_steps=num_steps,
+                device=device, mask_generator=mask_generator, dynamic_state=dynamic_state,
+                class_names=train_classes, mask_rng=mask_rng, lr_schedule=lr_schedule,
+                wd_schedule=wd_schedule, dynamic_masking_start=args.dynamic_masking_start,
+                clip_grad=args.clip_grad, amp=args.amp, patch_size=patch_size,
+                sample_names=sample_names, log_writer=log_writer)
+            names: list[int | str] = ["last"]
+            if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
+                names.append(epoch)
+            saved = utils.save_training_state(
+                args.output_dir, names, epoch=epoch, model=model_without_ddp,
+                optimizer=optimizer, scaler=scaler, args=vars(args),
+                dynamic_masking=dynamic_state.state_dict(), sampler_seed=sampler.seed,
+                mask_rng=mask_rng)
+            log.write({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
+                       "n_parameters": n_parameters})
+            utils.main_print(f"[epoch {epoch}] " + ", ".join(
+                f"{k} {v:.4g}" for k, v in stats.items()) + f" -> {saved[-1]}")
+    except engine.NonFiniteLossError as e:
+        last = utils.find_latest_checkpoint(args.output_dir)
+        raise engine.NonFiniteLossError(
+            f"{e}. Training stopped before the optimiser step; the last good checkpoint "
+            f"is {last or 'none (no epoch finished)'}. Fix the cause (lower --lr, "
+            "--amp bf16/none instead of fp16, check the named images), then re-run to "
+            "resume from it") from None
+    finally:
+        if log_writer is not None:
+            log_writer.close()
+    return {"train_classes": train_classes, "num_images": len(dataset),
+            "num_steps": num_steps, "start_epoch": start_epoch, "stats": stats,
+            "checkpoints": saved}
+
+
+if __name__ == "__main__":
+    cli_args = get_args_parser().parse_args()
+    try:
+        main(cli_args)
+    except engine.NonFiniteLossError as err:
+        print(f"[rank {os.environ.get('RANK', 0)}] {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
