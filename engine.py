@@ -135,7 +135,7 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable[dict],
                     class_names: Sequence[str], mask_rng: np.random.Generator,
                     lr_schedule: np.ndarray, wd_schedule: np.ndarray,
                     dynamic_masking_start: int, clip_grad: float | None = None,
-                    amp: str = "none", patch_size: int = 16,
+                    amp: str = "none", patch_size: int = 16, freq_mode: str = "patch",
                     tokenizer: nn.Module | None = None,
                     sample_names: Sequence[str] | None = None,
                     log_writer: Any | None = None, progress: bool = True
@@ -165,7 +165,7 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable[dict],
         tokens = _tokens_of(batch, tokenizer, device)  # (N, L)
         class_idx = batch["class_idx"]  # (N,)
         names = [class_names[i] for i in class_idx.tolist()]
-        freq = frequency_weights(images, patch_size=patch_size).cpu()  # (N, L)
+        freq = frequency_weights(images, patch_size=patch_size, mode=freq_mode).cpu()  # (N, L)
         dyn = dynamic_state.weights(class_idx) if dynamic else None  # (N, L)
         masks = mask_generator(names, batch.get("fg_mask"), freq, dyn, rng=mask_rng)
         loss_weights = rank_loss_weights(masks, dyn)[masks] if dynamic else None  # (M,)

@@ -65,6 +65,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="mask ratio of classes without a ratio of their own (method.md 5)")
     p.add_argument("--dynamic_masking_start", type=int, default=100,
                    help="first epoch of dynamic masking and rank-weighted loss")
+    p.add_argument("--freq_mode", default="patch", choices=["patch", "global"],
+                   help="frequency-based masking weights: each patch's own spectrum (the "
+                        "paper's intent), or 'global': the original code's patchified "
+                        "whole-image spectrum")
     p.add_argument("--fg_mask", action=argparse.BooleanOptionalAction, default=True,
                    help="read foreground masks from <data_path>/fg_mask (--no-fg_mask: "
                         "data without them; foreground-limited masking then uses all patches)")
@@ -298,7 +302,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
                 class_names=train_classes, mask_rng=mask_rng, lr_schedule=lr_schedule,
                 wd_schedule=wd_schedule, dynamic_masking_start=args.dynamic_masking_start,
                 clip_grad=args.clip_grad, amp=args.amp, patch_size=patch_size,
-                sample_names=sample_names, log_writer=log_writer)
+                freq_mode=args.freq_mode, sample_names=sample_names, log_writer=log_writer)
             names: list[int | str] = ["last"]
             if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
                 names.append(epoch)

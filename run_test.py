@@ -251,23 +251,27 @@ def write_results(results: dict, output_dir: Path, protocol: str) -> str:
 
 def save_heatmaps(data: ClassData, maps: torch.Tensor, out_dir: Path, count: int,
                   mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-    """image | ground truth | score-map overlay, for the first normal and anomalous images."""
+    """image | ground truth | score-map overlay, anomalous images spread over the defect
+    types, then normal ones; one colour scale per class, so normal images look cool."""
     from PIL import Image
     import cv2
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    order = np.argsort(-data.labels, kind="stable")  # anomalous first, then normal
-    picks = list(order[: (count + 1) // 2]) + list(order[::-1][: count // 2])
+    anomalous, normal = np.flatnonzero(data.labels == 1), np.flatnonzero(data.labels == 0)
+    n_anomalous = min(len(anomalous), max(count - len(normal), (count + 1) // 2))
+    picks = [anomalous[int(j)] for j in np.linspace(0, len(anomalous) - 1, n_anomalous)
+             ] if n_anomalous else []
+    picks += list(normal[: count - len(picks)])
     lo, hi = float(maps.min()), float(maps.max())
-    for i in picks[:count]:
+    for i in picks:
         img = data.images[i] * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
         img = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
         gt = np.repeat((data.gt_masks[i].numpy() * 255).astype(np.uint8)[..., None], 3, 2)
         heat = ((maps[i].numpy() - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8)
         heat = cv2.applyColorMap(heat, cv2.COLORMAP_JET)[..., ::-1]
         overlay = (0.5 * img + 0.5 * heat).astype(np.uint8)
-        stem = f"{data.defect_types[i]}_{Path(data.names[i]).stem}"
-        Image.fromarray(np.concatenate([img, gt, overlay], axis=1)).save(out_dir / f"{stem}.png")
+        Image.fromarray(np.concatenate([img, gt, overlay], axis=1)).save(
+            out_dir / f"{data.names[i]}.png")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -331,13 +335,13 @@ def main(args: argparse.Namespace) -> dict:
         classes = datasets.setting_classes(setting, args.unseen_classes,
                                            available=available)[1]
 
-    model = timm.create_model(args.model, pretrained=False, drop_path_rate=0.0,
-                              use_shared_rel_pos_bias=True, use_abs_pos_emb=False,
-                              init_values=0.1)
-    modeling_pmad.load_checkpoint(model, args.ckpt)
-    model.to(device).eval()
     tokenizer = create_tokenizer(args.tokenizer_model, args.tokenizer_weight_path,
                                  device=str(device))
+    model = timm.create_model(args.model, pretrained=False, drop_path_rate=0.0,
+                              use_shared_rel_pos_bias=True, use_abs_pos_emb=False,
+                              init_values=0.1, vocab_size=tokenizer.vocab_size)
+    modeling_pmad.load_checkpoint(model, args.ckpt, strict=True)
+    model.to(device).eval()
     args.protoflow_weights = resolve_weights_file(args.protoflow_weights)
     protoflow = ProtoFlow(args.protoflow_weights, args.prototypes_dir, device=str(device),
                           encoder_weights=args.encoder_weights)

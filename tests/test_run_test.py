@@ -72,8 +72,9 @@ def test_clean_protocol_end_to_end(clean_run, tiny_world) -> None:
     assert "Protocol: **clean**" in table and "Brick" in table and "Mean" in table
     csv_lines = (out / "clean" / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 3 + 2  # header, 2 classes + mean, 2 ProtoFlow rows
-    heatmaps = sorted((out / "clean" / "heatmaps" / "coins").glob("*.png"))
-    assert len(heatmaps) == 2
+    heatmaps = sorted(p.name for p in (out / "clean" / "heatmaps" / "coins").glob("*.png"))
+    assert len(heatmaps) == 2 and heatmaps[1].startswith("good_")
+    assert not heatmaps[0].startswith("good_")  # one anomalous, one normal
 
 
 def test_paper_protocol_reports_best_ratio_per_metric(tiny_world, tmp_path) -> None:

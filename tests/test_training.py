@@ -356,3 +356,18 @@ def test_shell_scripts_build_the_torchrun_command(tmp_path):
     again = run("train_cross_class.sh", FROM_OBJ_TO_TEXTURE="0")  # off
     assert again[again.index("--setting") + 1] == "tex2obj"
     assert obj2tex[obj2tex.index("--data_path") + 1] == "/d"
+
+
+@pytest.mark.parametrize("mode", ["patch", "global"])
+def test_freq_mode_reaches_the_frequency_weights(env, tmp_path, monkeypatch, mode):
+    """--freq_mode global keeps the original code's whole-image spectrum on request."""
+    modes: list[str] = []
+    real = engine.frequency_weights
+
+    def spy(images, patch_size=16, mode="patch"):
+        modes.append(mode)
+        return real(images, patch_size=patch_size, mode=mode)
+
+    monkeypatch.setattr(engine, "frequency_weights", spy)
+    run_pretraining.main(_args(env, str(tmp_path), "--epochs", "1", "--freq_mode", mode))
+    assert modes and set(modes) == {mode}
