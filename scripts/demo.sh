@@ -17,7 +17,7 @@ DATA_DIR=${DATA_DIR:-data}
 MVTEC=$DATA_DIR/demo_mvtec
 IMAGENET=$DATA_DIR/demo_imagenet
 CLASSES=${DEMO_CLASSES:-}
-PF_EPOCHS=${PF_EPOCHS:-8}
+PF_EPOCHS=${PF_EPOCHS:-3}
 VIT_EPOCHS=${VIT_EPOCHS:-30}
 DEVICE=${DEVICE:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
 LITE0=$("$PY" -c 'from backbones import lite0_weights_path; print(lite0_weights_path())')
@@ -26,6 +26,10 @@ class_args=()
 start=$SECONDS
 step() { printf '\n==> [%dm%02ds] %s\n' $(((SECONDS - start) / 60)) $(((SECONDS - start) % 60)) "$*"; }
 
+# a fresh run each time: the demo's own outputs only
+rm -rf "$DEMO_DIR/prototypes" "$DEMO_DIR/protoflow.pt" "$DEMO_DIR/protoflow.pt.log.jsonl" \
+       "$DEMO_DIR/kmeans_tokenizer.pth" "$DEMO_DIR/pmad" "$DEMO_DIR/results"
+
 step "1/6 demo data set from scikit-image photographs -> $MVTEC, $IMAGENET"
 "$PY" setup_train_dataset.py --make_demo "$MVTEC" --root "$IMAGENET" "${class_args[@]}" \
     --demo_counts "${DEMO_TRAIN:-40}" "${DEMO_TEST_GOOD:-20}" "${DEMO_TEST_DEFECT:-20}"
@@ -33,7 +37,7 @@ step "1/6 demo data set from scikit-image photographs -> $MVTEC, $IMAGENET"
 step "2/6 ProtoFlow prototypes (k-center coreset of Lite0 patch features)"
 "$PY" protoflow.py prototypes --data_path "$IMAGENET" "${class_args[@]}" \
     --encoder efficientnet_lite0 --encoder_weights "$LITE0" \
-    --output_dir "$DEMO_DIR/prototypes" --coreset_ratio 0.1 --device "$DEVICE" --num_workers 2
+    --output_dir "$DEMO_DIR/prototypes" --coreset_ratio 0.05 --device "$DEVICE" --num_workers 2
 
 step "3/6 ProtoFlow flow ($PF_EPOCHS epochs)"
 "$PY" protoflow.py train --data_path "$IMAGENET" "${class_args[@]}" \

@@ -17,6 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+KMEANS_VOCAB = 32
 
 
 @dataclass
@@ -54,13 +55,13 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
 
     train = datasets.TrainImageDataset(imagenet, classes, datasets.build_token_transform(224))
     images = (x for x, _ in DataLoader(train, batch_size=8))
-    tokenizer = Path(fit_kmeans_tokenizer(images, base / "kmeans.pth", vocab_size=32,
+    tokenizer = Path(fit_kmeans_tokenizer(images, base / "kmeans.pth", vocab_size=KMEANS_VOCAB,
                                           iters=5))
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224_8k_vocab", pretrained=False,
                               use_shared_rel_pos_bias=True, use_abs_pos_emb=False,
-                              init_values=0.1)
+                              init_values=0.1, vocab_size=KMEANS_VOCAB)
     ckpt = base / "pmad_tiny.pth"
     torch.save({"model": model.state_dict(), "epoch": 0}, ckpt)
 

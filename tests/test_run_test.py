@@ -11,6 +11,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 import run_test
+from conftest import KMEANS_VOCAB
 
 
 def _args(world, tmp_path, protocol: str, *extra: str):
@@ -95,7 +96,7 @@ def test_clean_protocol_score_maps_ignore_labels(tiny_world) -> None:
     from modeling_discrete_vae import create_tokenizer
     from protoflow import ProtoFlow
 
-    model = timm.create_model(tiny_world.model, pretrained=False)
+    model = timm.create_model(tiny_world.model, pretrained=False, vocab_size=KMEANS_VOCAB)
     run_test.modeling_pmad.load_checkpoint(model, str(tiny_world.pmad_ckpt))
     model.eval()
     tokenizer = create_tokenizer("kmeans", str(tiny_world.tokenizer))
