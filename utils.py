@@ -74,7 +74,10 @@ def init_distributed(device: str | torch.device = "cpu",
 
 
 def cleanup_distributed() -> None:
+    """Tear the group down once every rank is done with it (gloo aborts a process whose
+    peer leaves while a collective is still in flight)."""
     if is_dist_avail_and_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
