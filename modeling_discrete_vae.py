@@ -34,7 +34,8 @@ from torch import nn
 
 from backbones import create_backbone, lite0_weights_path
 from modeling_pmad import (Block, LayerNorm, PatchEmbed, load_state_dict_checked,
-                           read_weights_file, unwrap_state_dict)
+                           unwrap_state_dict)
+from utils import read_weights_file
 
 __all__ = [
     "register_tokenizer", "available_tokenizers", "create_tokenizer", "file_sha256",

@@ -11,12 +11,9 @@ modeling_discrete_vae.py (no layer scale, absolute position embedding there).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
-import pickle
-import re
 from functools import partial
 from typing import Any, Callable
 
@@ -26,10 +23,12 @@ from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import register_model
 from torch import nn
 
+from utils import read_weights_file
+
 __all__ = [
     "PatchEmbed", "Attention", "Block", "RelativePositionBias",
     "VisionTransformerForMaskedImageModeling", "relative_position_index",
-    "set_fused_attn", "read_weights_file", "unwrap_state_dict", "load_state_dict_checked",
+    "set_fused_attn", "unwrap_state_dict", "load_state_dict_checked",
     "load_checkpoint",
 ]
 
@@ -316,33 +315,6 @@ def vit_large_patch16_224_8k_vocab(pretrained: bool = False, **kwargs: Any
 
 
 # ---------------------------------------------------------------- checkpoint loading
-
-def read_weights_file(path: str | os.PathLike) -> Any:
-    """torch.load(weights_only=True) with errors that name the file.
-
-    `argparse.Namespace` is the one extra class allowed: PMAD's training checkpoints carry
-    their arguments as one (method.md 2).
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file {path} not found (see weights/README.md "
-                                "for where each file goes)")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if refused is None:
-            raise ValueError(f"{path} is not a readable PyTorch weights file (truncated "
-                             f"download, or not a checkpoint): {e}. Download it again.") from e
-        raise ValueError(f"{path} contains the Python object '{refused.group(1)}', which a "
-                         "weights file does not need: refusing to unpickle it (unpickling can "
-                         "run code). Use the originally released file.") from None
-    except Exception as e:  # truncated zip, not a pickle, ...
-        raise ValueError(f"{path} is not a readable PyTorch weights file (truncated download, "
-                         f"or not a checkpoint): {type(e).__name__}: {str(e).rstrip('.')}. "
-                         "Download it again.") from e
-
 
 def unwrap_state_dict(obj: Any, path: str | os.PathLike,
                       keys: tuple[str, ...] = ("model", "module")) -> dict[str, torch.Tensor]:

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 import datasets
 from backbones import create_backbone
-from utils import (JsonlLog, build_sampler, capture_rng_state, cosine_scheduler,
+from utils import (JsonlLog, build_sampler, read_weights_file, capture_rng_state, cosine_scheduler,
                    load_checkpoint_file, restore_rng_state, save_on_master, seed_everything)
 
 DEFAULT_BACKBONE = "tf_efficientnet_b6"  # architecture of a file that names none
@@ -431,15 +431,12 @@ def save_protoflow(path: str, encoder: nn.Module, flow: Ff.SequenceINN, *, backb
 
 
 def load_protoflow_file(path: str) -> dict:
-    """A ProtoFlow file via torch.load(weights_only=True), with errors that name it."""
+    """A ProtoFlow file (weights_only), with errors that name it and the fix."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ProtoFlow weights {path} not found: download the released "
                                 "file or train one with `python protoflow.py train ...`")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable ProtoFlow file ({e}); download or "
-                         "train it again") from e
+    obj = read_weights_file(path, "Download it again, or train one with `python "
+                                  "protoflow.py train ...`.")
     if not isinstance(obj, dict) or "decoder_state_dict" not in obj:
         keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path} has no 'decoder_state_dict' ({keys}); it is not a "

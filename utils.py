@@ -11,6 +11,7 @@ import datetime
 import glob
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -348,17 +349,38 @@ def save_on_master(obj: dict, path: str | Sequence[str]) -> None:
             os.close(fd)
 
 
+def read_weights_file(path: str | os.PathLike, fix: str = "Download it again.",
+                      mmap: bool = False) -> Any:
+    """torch.load(weights_only=True) with errors that name the file and say `fix`.
+
+    `argparse.Namespace` is the one extra class allowed: PMAD's training checkpoints carry
+    their arguments as one (method.md 2).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} not found (see weights/README.md "
+                                "for where each file goes)")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if refused is None:
+            raise ValueError(f"{path} is not a readable PyTorch weights file (truncated "
+                             f"or not a checkpoint): {e}. {fix}") from e
+        raise ValueError(f"{path} contains the Python object '{refused.group(1)}', which a "
+                         "weights file does not need: refusing to unpickle it (unpickling can "
+                         "run code). Use the originally released file.") from None
+    except Exception as e:  # truncated zip, not a pickle, ...
+        raise ValueError(f"{path} is not a readable PyTorch weights file (truncated "
+                         f"or not a checkpoint): {type(e).__name__}: "
+                         f"{str(e).rstrip('.')}. {fix}") from e
+
+
 def load_checkpoint_file(path: str, mmap: bool = False) -> dict:
     """torch.load(weights_only=True); argparse.Namespace (the original's 'args') allowed,
     and turned into a plain dict."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise ValueError(f"{path} is not a complete torch checkpoint ({e}): delete it or "
-                         "resume from an earlier one") from e
+    ckpt = read_weights_file(path, "Delete it or resume from an earlier checkpoint.", mmap)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     if isinstance(ckpt.get("args"), argparse.Namespace):

@@ -235,7 +235,7 @@ def test_find_latest_checkpoint_skips_partial_and_temp_files(tmp_path):
 def test_unreadable_checkpoint_error_names_file(tmp_path):
     bad = tmp_path / "checkpoint-3.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="checkpoint-3.pth is not a complete"):
+    with pytest.raises(ValueError, match="checkpoint-3.pth is not a readable"):
         utils.load_checkpoint_file(str(bad))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         utils.load_checkpoint_file(str(tmp_path / "missing.pth"))

@@ -1,0 +1,63 @@
+"""backbones.py: the shipped ImageNet EfficientNet-Lite0 maps onto timm and really
+classifies; bad files give clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from skimage import data as skdata
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from backbones import (create_backbone, create_classifier, lite0_weights_path,
+                       map_efficientnet_pytorch)
+
+IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def test_lite0_mapping_is_one_to_one_by_shape() -> None:
+    shipped = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+    reference = create_classifier("efficientnet_lite0").state_dict()
+    mapped = map_efficientnet_pytorch(shipped, reference)
+    assert list(mapped) == list(reference)
+    assert all(mapped[k].shape == reference[k].shape for k in reference)
+    assert torch.equal(mapped["conv_stem.weight"], shipped["_conv_stem.weight"])
+    assert torch.equal(mapped["classifier.bias"], shipped["_fc.bias"])
+
+
+def test_lite0_classifies_a_real_cat_photo() -> None:
+    model = create_classifier("efficientnet_lite0", lite0_weights_path())
+    img = torch.from_numpy(skdata.chelsea()).permute(2, 0, 1).float()[None] / 255
+    img = F.interpolate(img, size=(224, 224), mode="bilinear", antialias=True)
+    x = (img - torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]) / \
+        torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
+    with torch.inference_mode():
+        probs = model(x).softmax(-1)[0]
+    assert probs.argmax().item() in IMAGENET_CATS
+    assert probs[list(IMAGENET_CATS)].sum() > 0.8
+
+
+def test_features_only_backbone_carries_the_weights() -> None:
+    backbone = create_backbone("efficientnet_lite0", (2, 3), lite0_weights_path())
+    full = create_classifier("efficientnet_lite0", lite0_weights_path())
+    assert backbone.feature_info.channels() == [40, 112]
+    assert torch.equal(backbone.conv_stem.weight, full.conv_stem.weight)
+    assert not any(p.requires_grad for p in backbone.parameters())
+    feats = backbone(torch.zeros(1, 3, 224, 224))
+    assert [tuple(f.shape) for f in feats] == [(1, 40, 28, 28), (1, 112, 14, 14)]
+
+
+def test_bad_weight_files_are_clear_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="missing.pth not found"):
+        create_classifier("efficientnet_lite0", str(tmp_path / "missing.pth"))
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(open(lite0_weights_path(), "rb").read()[:5000])
+    with pytest.raises(ValueError, match="truncated.pth is not a readable"):
+        create_classifier("efficientnet_lite0", str(truncated))
+    other = tmp_path / "b0.pth"
+    torch.save(create_classifier("efficientnet_b0").state_dict(), other)
+    with pytest.raises(ValueError, match="b0.pth"):
+        create_classifier("efficientnet_lite0", str(other))
+    shipped = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+    shipped["_conv_stem.weight"] = shipped["_conv_stem.weight"][:8]
+    with pytest.raises(ValueError, match="'_conv_stem.weight' has shape"):
+        map_efficientnet_pytorch(shipped, create_classifier("efficientnet_lite0").state_dict())
