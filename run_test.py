@@ -149,9 +149,11 @@ def evaluate_class(model: torch.nn.Module, data: ClassData, class_name: str, *,
         # threshold of the test labels.
         threshold = metrics.f1_optimal_threshold(data.labels, proposals.image_scores.numpy())
     if threshold is None:
-        raise ValueError("the ProtoFlow file stores no normal-data threshold: retrain it "
-                         "with `python protoflow.py train ...`, or use --protocol paper")
-    anomalous = torch.as_tensor(proposals.image_scores > threshold).cpu()  # (N,)
+        # A released ProtoFlow file stores no normal-data threshold: without test labels
+        # the only label-free call is to give every image ProtoFlow's proposal mask.
+        anomalous = torch.ones(len(data.labels), dtype=torch.bool)
+    else:
+        anomalous = torch.as_tensor(proposals.image_scores > threshold).cpu()  # (N,)
     generator = torch.Generator().manual_seed(seed)
     per_ratio, best_maps = {}, {}
     for r in ratios:
@@ -166,7 +168,7 @@ def evaluate_class(model: torch.nn.Module, data: ClassData, class_name: str, *,
             best_maps["pmad"] = maps
     proto_maps = gaussian_blur(abnormality, sigma)
     record = {"num_images": len(data.labels), "num_anomalous": int(data.labels.sum()),
-              "threshold": float(threshold),
+              "threshold": None if threshold is None else float(threshold),
               "called_anomalous": int(anomalous.sum()),
               "protoflow_only": evaluate_maps(data, proto_maps)}
     if protocol == "clean":
@@ -346,6 +348,10 @@ def main(args: argparse.Namespace) -> dict:
     protoflow = ProtoFlow(args.protoflow_weights, args.prototypes_dir, device=str(device),
                           encoder_weights=args.encoder_weights)
     img_size = model.patch_embed.img_size[0]
+    if args.protocol == "clean" and protoflow.threshold is None:
+        print(f"[run_test] {args.protoflow_weights} stores no threshold from normal images "
+              "(a released file): every image gets ProtoFlow's proposal mask. `python "
+              "protoflow.py train ...` writes a file with one.")
 
     results = {"protocol": args.protocol, "setting": setting, "classes": {},
                "args": vars(args), "amp": amp,

@@ -117,3 +117,23 @@ def test_clean_protocol_score_maps_ignore_labels(tiny_world) -> None:
 def test_missing_class_is_a_clear_error(tiny_world, tmp_path) -> None:
     with pytest.raises(ValueError, match="available"):
         run_test.main(_args(tiny_world, tmp_path, "clean", "--classes", "screw"))
+
+
+def test_clean_protocol_without_a_stored_threshold_proposes_for_every_image(tiny_world,
+                                                                            tmp_path):
+    """A released ProtoFlow file has no threshold: the clean protocol still runs, label-free,
+    with ProtoFlow's proposal for every image."""
+    released = tmp_path / "released_protoflow.pt"
+    obj = torch.load(tiny_world.protoflow, map_location="cpu", weights_only=True)
+    torch.save({k: obj[k] for k in ("encoder_state_dict", "decoder_state_dict")}, released)
+    args = _args(tiny_world, tmp_path, "clean", "--classes", "coins")
+    args.protoflow_weights = str(released)
+    args.encoder_weights = None
+    with pytest.raises(ValueError, match="encoder_state_dict. does not fit"):
+        run_test.main(args)  # no 'backbone' field: the default b6 does not fit lite0 files
+    obj_named = {**{k: obj[k] for k in ("encoder_state_dict", "decoder_state_dict")},
+                 "backbone": obj["backbone"], "out_indices": obj["out_indices"]}
+    torch.save(obj_named, released)
+    record = run_test.main(args)["classes"]["coins"]
+    assert record["threshold"] is None
+    assert record["called_anomalous"] == record["num_images"]
