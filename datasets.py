@@ -27,6 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
+from utils import save_on_master
+
 OBJECTS = ["bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
            "toothbrush", "transistor", "zipper"]
 TEXTURES = ["carpet", "grid", "leather", "tile", "wood"]
@@ -64,6 +66,24 @@ class BadFileError(RuntimeError):
 # ----------------------------------------------------------------------------------------
 # Class settings
 # ----------------------------------------------------------------------------------------
+def resolve_setting(setting: str | None, from_obj_to_texture: bool = False) -> str:
+    """--setting with the original's --from_obj_to_texture alias folded in."""
+    if from_obj_to_texture:
+        if setting not in (None, "obj2tex"):
+            raise ValueError(f"--from_obj_to_texture means --setting obj2tex, but --setting "
+                             f"{setting} was given: pass only one of them")
+        return "obj2tex"
+    return setting or "multi_class"
+
+
+def normalization(imagenet_default_mean_and_std: bool = True
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std): ImageNet's, or BEiT's 0.5/0.5 without --imagenet_default_mean_and_std."""
+    if imagenet_default_mean_and_std:
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
 def setting_classes(setting: str, unseen_classes: str | Sequence[str] | None = None,
                     available: Iterable[str] | None = None) -> tuple[list[str], list[str]]:
     """(train classes, test classes) of a PMAD setting (method.md 4).
@@ -549,16 +569,13 @@ def _load_token_store(path: str, fingerprint: str, preprocess: str
 
 def _save_token_store(path: str, fingerprint: str, preprocess: str,
                       store: dict[str, tuple[tuple[int, int], torch.Tensor]]) -> None:
-    """Atomic (temp file + os.replace): a crash or a concurrent reader never sees half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """Atomic: a crash or a concurrent reader never sees half a file."""
     paths = sorted(store)
     payload = {"format": TOKEN_CACHE_FORMAT, "fingerprint": fingerprint,
                "preprocess": preprocess, "paths": paths,
                "stamps": torch.tensor([store[p][0] for p in paths], dtype=torch.long),  # (N, 2)
                "tokens": torch.stack([store[p][1] for p in paths])}  # (N, L) int32
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_on_master(payload, path)
 
 
 def cache_tokens(dataset: _TokenImageDataset, tokenizer, cache_dir: str, batch_size: int = 32,

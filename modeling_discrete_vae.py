@@ -35,7 +35,7 @@ from torch import nn
 from backbones import create_backbone, lite0_weights_path
 from modeling_pmad import (Block, LayerNorm, PatchEmbed, load_state_dict_checked,
                            unwrap_state_dict)
-from utils import read_weights_file
+from utils import read_weights_file, save_on_master
 
 __all__ = [
     "register_tokenizer", "available_tokenizers", "create_tokenizer", "file_sha256",
@@ -585,10 +585,7 @@ def fit_kmeans_tokenizer(images: Iterable[torch.Tensor], out_path: str | os.Path
         raise ValueError("fit_kmeans_tokenizer got no images")
     codebook = spherical_kmeans(torch.cat(feats), vocab_size, iters, seed)  # (K, C)
     out_path = os.fspath(out_path)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
-    torch.save({"tokenizer": "kmeans", "backbone": backbone, "out_index": out_index,
-                "backbone_state_dict": features.backbone.state_dict(), "codebook": codebook,
-                "image_size": image_size}, tmp)
-    os.replace(tmp, out_path)  # never leave a half-written tokenizer behind
+    save_on_master({"tokenizer": "kmeans", "backbone": backbone, "out_index": out_index,
+                    "backbone_state_dict": features.backbone.state_dict(),
+                    "codebook": codebook, "image_size": image_size}, out_path)  # atomic
     return out_path

@@ -20,7 +20,6 @@ import sys
 import numpy as np
 import timm
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import datasets
 import engine
@@ -29,7 +28,6 @@ import modeling_pmad
 import utils
 from masking_generator import CLASS_MASK_RATIOS, DynamicMaskingState, MaskGenerator
 
-INCEPTION_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # BEiT's mean/std without the flag
 # Arguments that must match for a resumed run to continue the same training.
 RESUME_MUST_MATCH = ("model", "setting", "unseen_classes", "epochs", "batch_size",
                      "input_size", "tokenizer_model")
@@ -123,15 +121,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_setting(args: argparse.Namespace) -> str:
-    if args.from_obj_to_texture:
-        if args.setting not in (None, "obj2tex"):
-            raise ValueError(f"--from_obj_to_texture means --setting obj2tex, but --setting "
-                             f"{args.setting} was given: pass only one of them")
-        return "obj2tex"
-    return args.setting or "multi_class"
-
-
 def build_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
     return timm.create_model(args.model, pretrained=False, drop_path_rate=args.drop_path,
                              use_shared_rel_pos_bias=True, use_abs_pos_emb=False,
@@ -196,7 +185,7 @@ def main(args: argparse.Namespace) -> dict:
 
 def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     device = env.device
-    args.setting = resolve_setting(args)
+    args.setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
     args.amp = utils.resolve_amp(args.amp, device)
     args.token_cache_dir = args.token_cache_dir or os.path.join(args.output_dir, "token_cache")
     if utils.is_main_process():
@@ -211,8 +200,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     mask_rng = np.random.default_rng((args.seed, env.rank))
     tokenizer = modeling_discrete_vae.create_tokenizer(
         args.tokenizer_model, args.tokenizer_weight_path, device)
-    mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-                 if args.imagenet_default_mean_and_std else INCEPTION_MEAN_STD)
+    mean, std = datasets.normalization(args.imagenet_default_mean_and_std)
     model = build_model(args, tokenizer.vocab_size)
     patch_size = model.patch_embed.patch_size[0]
     dataset = datasets.PretrainDataset(

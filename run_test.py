@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -23,7 +21,6 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from tqdm import tqdm
 
 import datasets
@@ -31,7 +28,7 @@ import metrics
 import modeling_pmad  # noqa: F401  (registers the ViTs with timm)
 from engine import patch_losses
 from masking_generator import CLASS_MASK_RATIOS, num_masked
-from modeling_discrete_vae import create_tokenizer
+from modeling_discrete_vae import create_tokenizer, file_sha256
 from protoflow import ProtoFlow, proposals_from_log_likelihood
 from utils import amp_autocast, resolve_amp
 
@@ -205,16 +202,6 @@ def resolve_weights_file(path: str, pattern: str = "*.pt") -> str:
     return str(found[0])
 
 
-def sha256(path: str | None) -> str | None:
-    if path is None or not os.path.isfile(path):
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def format_table(results: dict, protocol: str) -> str:
     """A markdown table shaped like the README's, plus the field's other metrics."""
     head = ("| Category | Image/Pixel AUC | Pixel AUPRO | Image AP | Pixel AP | "
@@ -290,7 +277,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="local backbone weights for a ProtoFlow file without an encoder")
     p.add_argument("--data_path", default="data/mvtec_anomaly_detection",
                    help="a folder in MVTec layout (MVTec AD, BTAD, MPDD, the demo set)")
-    p.add_argument("--setting", default="multi_class",
+    p.add_argument("--setting", default=None,
                    choices=["multi_class", "obj2tex", "tex2obj", "leave_one_out"])
     p.add_argument("--unseen_classes", nargs="*", default=None)
     p.add_argument("--from_obj_to_texture", action="store_true",
@@ -320,13 +307,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     amp = resolve_amp(args.amp, device)
-    mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-                 if args.imagenet_default_mean_and_std else ((0.5,) * 3, (0.5,) * 3))
-    setting = "obj2tex" if args.from_obj_to_texture else args.setting
+    mean, std = datasets.normalization(args.imagenet_default_mean_and_std)
+    setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
     root = Path(args.data_path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--data_path {root} does not exist: see data/README.md")
-    available = sorted(d.name for d in root.iterdir() if (d / "test").is_dir())
+    available = datasets.list_test_classes(str(root))
     if args.classes:
         unknown = sorted(set(args.classes) - set(available))
         if unknown:
@@ -355,8 +339,8 @@ def main(args: argparse.Namespace) -> dict:
 
     results = {"protocol": args.protocol, "setting": setting, "classes": {},
                "args": vars(args), "amp": amp,
-               "checkpoints": {"pmad": sha256(args.ckpt),
-                               "protoflow": sha256(args.protoflow_weights),
+               "checkpoints": {"pmad": file_sha256(args.ckpt),
+                               "protoflow": file_sha256(args.protoflow_weights),
                                "tokenizer": tokenizer.fingerprint},
                "versions": {"python": platform.python_version(), "torch": torch.__version__,
                             "timm": timm.__version__, "numpy": np.__version__}}

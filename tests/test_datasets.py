@@ -17,7 +17,7 @@ from torchvision import transforms as T
 
 from datasets import (MVTEC_CLASSES, OBJECTS, TEXTURES, BadFileError, LayoutError,
                       MVTecTestDataset, PretrainDataset, TrainImageDataset, cache_tokens,
-                      patch_any, setting_classes, token_cache_path)
+                      normalization, patch_any, setting_classes, token_cache_path)
 
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]
 STD = torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
@@ -348,3 +348,8 @@ def test_token_cache_checks(train_root, mvtec_root, tmp_path):
         assert cache_tokens(test_set, tok, str(tmp_path)) == {"hits": 0, "misses": 4}
     assert test_set[0]["tokens"].shape == (16,) and "token_image" not in test_set[0]
     assert cache_tokens(test_set, tok, str(tmp_path)) == {"hits": 4, "misses": 0}
+
+
+def test_normalization_follows_the_flag():
+    assert normalization(True) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert normalization(False) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

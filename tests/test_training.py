@@ -285,10 +285,12 @@ def test_kmeans_tokenizer_fitted_once_and_vocab_follows_it(env, tmp_path):
 
 def test_from_obj_to_texture_alias():
     parse = run_pretraining.get_args_parser().parse_args
-    assert run_pretraining.resolve_setting(parse(["--from_obj_to_texture"])) == "obj2tex"
-    assert run_pretraining.resolve_setting(parse([])) == "multi_class"
+    assert parse(["--from_obj_to_texture"]).from_obj_to_texture
+    assert datasets.resolve_setting(None, True) == "obj2tex"
+    assert datasets.resolve_setting("obj2tex", True) == "obj2tex"
+    assert datasets.resolve_setting(None) == "multi_class"
     with pytest.raises(ValueError, match="only one"):
-        run_pretraining.resolve_setting(parse(["--from_obj_to_texture", "--setting", "tex2obj"]))
+        datasets.resolve_setting("tex2obj", True)
 
 
 _RECORDER = """
