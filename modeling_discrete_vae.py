@@ -460,18 +460,24 @@ def _build_vit_tokenizer(weight_path: str, device: torch.device) -> VQKDTokenize
 # ----------------------------------------------------------------------------- k-means
 
 class CNNPatchFeatures(nn.Module):
-    """l2-normalised stride-16 features of a frozen timm CNN, one per 16 x 16 patch."""
+    """l2-normalised features of a frozen timm CNN, one per 16 x 16 patch.
 
-    def __init__(self, backbone: str, out_index: int = 3, image_size: int = 224,
+    A feature map finer than stride 16 is average-pooled over each patch: stride-4
+    features keep thin defects (scratches) and colour changes that stride-16 features
+    blur, so their codes make a sharper masked-token cross-entropy (README, demo).
+    """
+
+    def __init__(self, backbone: str, out_index: int = 1, image_size: int = 224,
                  weights: str | None = None) -> None:
         super().__init__()
         self.backbone_name, self.out_index, self.image_size = backbone, out_index, image_size
         self.backbone = create_backbone(backbone, out_indices=(out_index,), weights=weights)
         reduction = self.backbone.feature_info.reduction()[0]
-        if reduction != 16 or image_size % 16:
+        if reduction > 16 or 16 % reduction or image_size % 16:
             raise ValueError(f"{backbone} output {out_index} has stride {reduction} and the "
-                             f"image size is {image_size}: patch tokens need stride 16 and a "
-                             "multiple of 16")
+                             f"image size is {image_size}: patch tokens need a stride that "
+                             "divides 16 and an image size that is a multiple of 16")
+        self.pool = 16 // reduction
         self.channels = self.backbone.feature_info.channels()[0]
         self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1),
                              persistent=False)
@@ -479,7 +485,8 @@ class CNNPatchFeatures(nn.Module):
                              persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        feats = self.backbone((images - self.mean) / self.std)[0]  # (N, C, S/16, S/16)
+        feats = self.backbone((images - self.mean) / self.std)[0]  # (N, C, S/r, S/r)
+        feats = F.avg_pool2d(feats, self.pool)  # (N, C, S/16, S/16)
         return F.normalize(feats.flatten(2).transpose(1, 2), dim=-1)  # (N, L, C)
 
 
@@ -563,9 +570,9 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) ->
 
 @torch.no_grad()
 def fit_kmeans_tokenizer(images: Iterable[torch.Tensor], out_path: str | os.PathLike,
-                         vocab_size: int = 512, backbone: str = "efficientnet_lite0",
+                         vocab_size: int = 1024, backbone: str = "efficientnet_lite0",
                          backbone_weights: str | None = None, iters: int = 20,
-                         seed: int = 0, out_index: int = 3, image_size: int = 224) -> str:
+                         seed: int = 0, out_index: int = 1, image_size: int = 224) -> str:
     """Fit a k-means tokenizer on batches of (N, 3, S, S) RGB in [0, 1]; write it to
     `out_path` (loadable with weights_only) and return the path.
 

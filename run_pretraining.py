@@ -54,8 +54,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit_kmeans_tokenizer", action="store_true",
                    help="kmeans only: when --tokenizer_weight_path does not exist, fit the "
                         "tokenizer on this run's training images first (the offline demo)")
-    p.add_argument("--kmeans_vocab_size", type=int, default=512,
+    p.add_argument("--kmeans_vocab_size", type=int, default=1024,
                    help="codebook size for --fit_kmeans_tokenizer")
+    p.add_argument("--kmeans_out_index", type=int, default=1,
+                   help="for --fit_kmeans_tokenizer: the EfficientNet-Lite0 feature level the "
+                        "codes cluster (1: stride 4, pooled per patch; 3: stride 16)")
     p.add_argument("--token_cache_dir", default=None,
                    help="where visual tokens are cached (default <output_dir>/token_cache)")
     # masking
@@ -156,7 +159,7 @@ def fit_kmeans(args: argparse.Namespace, train_classes: list[str]) -> None:
                          f"{len(images)} images -> {args.tokenizer_weight_path}")
         modeling_discrete_vae.fit_kmeans_tokenizer(
             batches, args.tokenizer_weight_path, vocab_size=args.kmeans_vocab_size,
-            seed=args.seed, image_size=args.input_size)
+            seed=args.seed, out_index=args.kmeans_out_index, image_size=args.input_size)
     utils.barrier()
 
 

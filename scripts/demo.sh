@@ -50,7 +50,7 @@ step "4/6 k-means visual tokenizer + tiny PMAD ViT from scratch ($VIT_EPOCHS epo
 "$PY" run_pretraining.py --model vit_tiny_patch16_224_8k_vocab --no_init \
     --data_path "$IMAGENET" \
     --tokenizer_model kmeans --tokenizer_weight_path "$DEMO_DIR/kmeans_tokenizer.pth" \
-    --fit_kmeans_tokenizer --kmeans_vocab_size "${KMEANS_VOCAB:-256}" \
+    --fit_kmeans_tokenizer --kmeans_vocab_size "${KMEANS_VOCAB:-1024}" \
     --output_dir "$DEMO_DIR/pmad" --epochs "$VIT_EPOCHS" --warmup_epochs 2 \
     --batch_size 16 --lr 1.5e-3 --dynamic_masking_start $((VIT_EPOCHS / 2)) \
     --save_ckpt_freq "$VIT_EPOCHS" --num_workers 2 --device "$DEVICE" --no_auto_resume

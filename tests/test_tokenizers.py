@@ -370,9 +370,21 @@ def test_kmeans_file_format(kmeans_file):
     assert set(obj) == {"tokenizer", "backbone", "out_index", "backbone_state_dict",
                         "codebook", "image_size"}
     assert (obj["tokenizer"], obj["backbone"], obj["out_index"], obj["image_size"]) == (
-        "kmeans", "efficientnet_lite0", 3, 224)
-    assert obj["codebook"].shape == (16, 112)
+        "kmeans", "efficientnet_lite0", 1, 224)
+    assert obj["codebook"].shape == (16, 24)  # Lite0 stride-4 features: 24 channels
     assert torch.allclose(obj["codebook"].norm(dim=1), torch.ones(16))
+
+
+def _expected_tokens(tok, images: torch.Tensor, pool: int) -> torch.Tensor:
+    """The nearest codeword to each patch's mean feature, written out by hand."""
+    with torch.no_grad():
+        normalised = (images - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) \
+            / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        feats = tok.features.backbone(normalised)[0]  # (N, C, 224 / r, 224 / r)
+        n, c = feats.shape[:2]
+        feats = feats.view(n, c, 14, pool, 14, pool).mean(dim=(3, 5))  # (N, C, 14, 14)
+        feats = F.normalize(feats.flatten(2).transpose(1, 2), dim=-1)
+        return torch.cdist(feats, tok.codebook.expand(n, -1, -1)).argmin(-1)  # (N, 196)
 
 
 def test_kmeans_tokens(kmeans_file):
@@ -383,13 +395,19 @@ def test_kmeans_tokens(kmeans_file):
     tokens = tok.get_codebook_indices(images)
     assert tokens.shape == (8, 196) and tokens.dtype == torch.long
     assert 0 <= tokens.min() and tokens.max() < 16 and len(tokens.unique()) > 4
-    with torch.no_grad():
-        normalised = (images - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) \
-            / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        feats = tok.features.backbone(normalised)[0]  # (8, 112, 14, 14)
-        feats = F.normalize(feats.flatten(2).transpose(1, 2), dim=-1)
-        expected = torch.cdist(feats, tok.codebook.expand(8, -1, -1)).argmin(-1)
-    assert torch.equal(tokens, expected)
+    assert torch.equal(tokens, _expected_tokens(tok, images, pool=4))
+
+
+def test_kmeans_stride16_features_need_no_pooling(tmp_path):
+    batches = [token_images(4, 224, seed=s) for s in (0, 1)]
+    path = fit_kmeans_tokenizer(batches, tmp_path / "k16.pth", vocab_size=8, iters=3,
+                                out_index=3)
+    tok = create_tokenizer("kmeans", path)
+    assert tok.codebook.shape == (8, 112) and tok.features.pool == 1
+    images = torch.cat(batches)
+    assert torch.equal(tok.get_codebook_indices(images), _expected_tokens(tok, images, 1))
+    with pytest.raises(ValueError, match="output 4 has stride 32.*divides 16"):
+        fit_kmeans_tokenizer(batches, tmp_path / "k32.pth", vocab_size=8, out_index=4)
 
 
 def test_kmeans_rejects_other_files(tmp_path, tiny_vqkd):

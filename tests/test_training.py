@@ -273,9 +273,12 @@ def test_kmeans_tokenizer_fitted_once_and_vocab_follows_it(env, tmp_path):
     tok = str(tmp_path / "kmeans.pth")
     argv = _argv(env, str(tmp_path / "out"), "--epochs", "1", "--tokenizer_model", "kmeans",
                  "--tokenizer_weight_path", tok, "--fit_kmeans_tokenizer",
-                 "--kmeans_vocab_size", "16", "--token_cache_dir", str(tmp_path / "cache"))
+                 "--kmeans_vocab_size", "16", "--kmeans_out_index", "2",
+                 "--token_cache_dir", str(tmp_path / "cache"))
     run_pretraining.main(run_pretraining.get_args_parser().parse_args(argv))
     stamp = os.stat(tok).st_mtime_ns
+    saved = torch.load(tok, weights_only=True)
+    assert saved["out_index"] == 2 and saved["codebook"].shape == (16, 40)  # stride 8
     ckpt = utils.load_checkpoint_file(str(tmp_path / "out" / "checkpoint-last.pth"))
     assert ckpt["model"]["lm_head.weight"].shape == (16, 192)  # the tokenizer's 16 codes
     argv[argv.index("--output_dir") + 1] = str(tmp_path / "out2")
