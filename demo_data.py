@@ -1,19 +1,26 @@
-"""A small MVTec-format anomaly-detection set made from real photographs, offline.
+"""Small MVTec-format anomaly-detection sets made from real photographs, offline.
 
 MVTec AD and the released weights sit behind gigabyte downloads; the demo and CI still
 need real images with real defects. scikit-image ships a handful of photographs inside
-its wheel (brick, grass, gravel, coins, coffee, ...), so every class here is built from
-those: textures are crops of a texture photo, objects are a foreground segmented out of a
-photo and placed on a plain backdrop. Defects are cut, drawn or blended into the image,
-and each ground-truth mask is the set of pixels that really changed.
+its wheel, so every class here is built from those: textures are crops of a texture photo,
+objects are a foreground segmented out of a photo and placed on a plain backdrop. Defects
+are cut, drawn or blended into the image, and each ground-truth mask is the set of pixels
+that really changed.
 
-Classes: brick, grass, gravel (textures: crops of the grey texture photos); coins (one
-ancient coin segmented from the coins photo, on a dark grey backdrop); coffee (cup,
-saucer and spoon segmented from the coffee photo, on a pale backdrop). Defect types:
-foreign (a piece of another photo), scratch, stain, missing (backdrop through a bite or
-hole; on textures a sunken smoothed patch or a dark hole), from ~1% to ~10% of the image.
+Two worlds, from disjoint photographs and defect kinds (`WORLDS`):
 
-`setup_train_dataset.py --make_demo` calls `make_demo_dataset`.
+- ``main``, the set the demo's recipe was chosen on: textures brick, grass, gravel;
+  objects coins (one ancient coin) and coffee (cup, saucer, spoon). Defects: foreign (a
+  piece of another photo), scratch, stain, missing (a bite or hole; on textures a sunken
+  smoothed patch or a dark hole), ~1% to ~10% of the image.
+- ``heldout``, the set that only *reports*: it exists to catch recipes tuned to the main
+  set. Textures cell (grey microscope noise), moon (grey crater field), tissue (a stained
+  tissue section); objects retina (a fundus photograph on black) and logo (scikit-image's
+  logo on a grey backdrop). Defects are smaller (~0.3% to ~3%), fainter, and of the kinds
+  MVTec AD has that the main set lacks: colour (luminance kept, hue changed), crack,
+  hole, contamination (specks) and thread (a loose fibre).
+
+`setup_train_dataset.py --make_demo DIR [--demo_world heldout]` calls `make_demo_dataset`.
 """
 from __future__ import annotations
 
@@ -30,13 +37,37 @@ from PIL import Image
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
-DEMO_TEXTURES = ["brick", "grass", "gravel"]
-DEMO_OBJECTS = ["coffee", "coins"]
-DEMO_CLASSES = sorted(DEMO_TEXTURES + DEMO_OBJECTS)
-DEFECT_TYPES = ("foreign", "scratch", "stain", "missing")
+
+
+@dataclass(frozen=True)
+class DemoWorld:
+    """One demo set: its classes, defect kinds and defect sizes."""
+    textures: tuple[str, ...]
+    objects: tuple[str, ...]
+    defect_types: tuple[str, ...]
+    area_range: tuple[float, float]  # defect area, fraction of the image: smallest, largest
+    min_visible: float  # a defect that changed less of the image than this is redrawn
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(self.textures + self.objects)
+
+
+WORLDS = {
+    "main": DemoWorld(("brick", "grass", "gravel"), ("coffee", "coins"),
+                      ("foreign", "scratch", "stain", "missing"), (0.01, 0.10), 0.003),
+    "heldout": DemoWorld(("cell", "moon", "tissue"), ("logo", "retina"),
+                         ("colour", "crack", "hole", "contamination", "thread"),
+                         (0.003, 0.03), 0.0015),
+}
+DEMO_TEXTURES = list(WORLDS["main"].textures)
+DEMO_OBJECTS = list(WORLDS["main"].objects)
+DEMO_CLASSES = WORLDS["main"].classes
+DEFECT_TYPES = WORLDS["main"].defect_types
 
 # Photographs inside scikit-image's data folder; none needs a download.
-_TEXTURE_PHOTOS = {"brick": "brick.png", "grass": "grass.png", "gravel": "gravel.png"}
+_TEXTURE_PHOTOS = {"brick": "brick.png", "grass": "grass.png", "gravel": "gravel.png",
+                   "cell": "cell.png", "moon": "moon.png", "tissue": "ihc.png"}
 _FOREIGN_PHOTOS = ("chelsea.png", "astronaut.png", "ihc.png", "motorcycle_left.png",
                    "coffee.png")
 # Objects: source photo, object extent as a fraction of the canvas, backdrop RGB.
@@ -44,6 +75,8 @@ _FOREIGN_PHOTOS = ("chelsea.png", "astronaut.png", "ihc.png", "motorcycle_left.p
 _OBJECT_SPECS = {
     "coins": ("coins.png", 0.58, (0.24, 0.24, 0.24)),
     "coffee": ("coffee.png", 0.82, (0.80, 0.78, 0.74)),
+    "retina": ("retina.jpg", 0.84, (0.02, 0.02, 0.02)),
+    "logo": ("logo.png", 0.72, (0.55, 0.57, 0.60)),
 }
 _CHANGE_THRESHOLD = 10  # uint8 levels; a pixel whose change exceeds this is defective
 _MARKER = ".pmad_demo.json"
@@ -105,12 +138,35 @@ def _coffee_mask(rgb: np.ndarray) -> np.ndarray:
     return labels == 1 + int(np.argmax(ndi.sum(fg, labels, range(1, n + 1))))
 
 
+def _disc_mask(rgb: np.ndarray) -> np.ndarray:
+    """The bright fundus disc of skimage's retina photo on its black surround."""
+    disc = ndi.binary_fill_holes(ndi.binary_opening(rgb.max(-1) > 0.12, iterations=2))
+    labels, n = ndi.label(disc)
+    return labels == 1 + int(np.argmax(ndi.sum(disc, labels, range(1, n + 1))))
+
+
+def _alpha_mask(filename: str) -> np.ndarray:
+    """The opaque pixels of a photo with an alpha channel (skimage's logo)."""
+    with Image.open(os.path.join(_data_dir(), filename)) as im:
+        return np.asarray(im.convert("RGBA"))[..., 3] > 127
+
+
+def _object_mask(class_name: str, rgb: np.ndarray) -> np.ndarray:
+    if class_name == "coins":
+        return _coin_mask(rgb[..., 0])
+    if class_name == "coffee":
+        return _coffee_mask(rgb)
+    if class_name == "retina":
+        return _disc_mask(rgb)
+    return _alpha_mask(_OBJECT_SPECS[class_name][0])
+
+
 @lru_cache(maxsize=None)
 def _cutout(class_name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     """The object's pixels and soft alpha, cropped and resized to its nominal canvas size."""
     filename, extent, _ = _OBJECT_SPECS[class_name]
     rgb = _photo(filename)
-    mask = _coin_mask(rgb[..., 0]) if class_name == "coins" else _coffee_mask(rgb)
+    mask = _object_mask(class_name, rgb)
     ys, xs = np.nonzero(mask)
     m = 4
     y0, y1 = max(ys.min() - m, 0), min(ys.max() + m + 1, mask.shape[0])
@@ -201,9 +257,17 @@ def _object_scene(class_name: str, rng: np.random.Generator, size: int) -> _Scen
     return _Scene(_OBJECT_SPECS[class_name][0], layer, alpha, background, _Light.sample(rng))
 
 
+def world_of(class_name: str) -> DemoWorld:
+    """The demo world a class belongs to (the worlds share no class)."""
+    for world in WORLDS.values():
+        if class_name in world.classes:
+            return world
+    raise ValueError(f"unknown demo class '{class_name}'; choose from "
+                     + "; ".join(f"{k}: {w.classes}" for k, w in WORLDS.items()))
+
+
 def _scene(class_name: str, rng: np.random.Generator, size: int) -> _Scene:
-    if class_name not in DEMO_CLASSES:
-        raise ValueError(f"unknown demo class '{class_name}'; choose from {DEMO_CLASSES}")
+    world_of(class_name)
     if class_name in _TEXTURE_PHOTOS:
         return _texture_scene(class_name, rng, size)
     return _object_scene(class_name, rng, size)
@@ -309,18 +373,9 @@ def _scratch(rng: np.random.Generator, img: np.ndarray, scene: _Scene,
     fg = scene.foreground
     if not fg.all():  # keep the scratch to the object's extent
         length = min(length, 0.9 * np.sqrt(fg.sum()))
-    n_seg = int(rng.integers(2, 5))
-    heading = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.uniform(-0.45, 0.45, n_seg))
-    steps = np.stack([np.cos(heading), np.sin(heading)], 1) * length / n_seg
-    pts = np.concatenate([np.zeros((1, 2)), np.cumsum(steps, 0)])  # (n_seg + 1, 2) x, y
-    y, x = _pick(rng, _centre_region(scene, length / 2))
-    pts += np.array([x, y]) - (pts.min(0) + pts.max(0)) / 2  # centred on the chosen point
-    lo, hi = pts.min(0), pts.max(0)  # then moved inside the frame where it fits
-    pts += np.clip(4 - lo, 0, None) - np.clip(hi - (size - 5), 0, None)
-    canvas = np.zeros((size, size), np.uint8)
-    cv2.polylines(canvas, [np.rint(pts * 4).astype(np.int32)], False, 255,
-                  thickness=width, lineType=cv2.LINE_AA, shift=2)
-    alpha = canvas.astype(np.float32) / 255 * rng.uniform(0.85, 1.0) * fg
+    pts = _jagged(rng, length, int(rng.integers(2, 5)), 0.45, rng.uniform(0, 2 * np.pi))
+    pts = _place_path(pts, _pick(rng, _centre_region(scene, length / 2)), size)
+    alpha = _draw_paths([pts], size, width) * rng.uniform(0.85, 1.0) * fg
     local = float(img[alpha > 0.5].mean()) if (alpha > 0.5).any() else 0.5
     tone = rng.uniform(0.9, 1.0) if local < 0.5 else rng.uniform(0.0, 0.1)
     colour = np.clip(tone + rng.uniform(-0.04, 0.04, 3), 0, 1).astype(np.float32)
@@ -334,6 +389,15 @@ _STAIN_COLOURS = np.array([[0.60, 0.25, 0.05], [0.10, 0.50, 0.42], [0.85, 0.70, 
                           np.float32)
 
 
+def _far_colour(rng: np.random.Generator, img: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """One of _STAIN_COLOURS far from the region's mean colour (no red stain on a red
+    saucer)."""
+    mean = img[region].mean(0) if region.any() else img.reshape(-1, 3).mean(0)
+    distance = np.abs(_STAIN_COLOURS - mean).sum(1)
+    far = np.flatnonzero(distance >= 0.5 * distance.max())
+    return _STAIN_COLOURS[far[rng.integers(len(far))]]
+
+
 def _stain(rng: np.random.Generator, img: np.ndarray, scene: _Scene,
            area: float) -> tuple[np.ndarray, np.ndarray]:
     """A soft-edged colour blob that keeps the structure underneath (liquid, rust)."""
@@ -342,12 +406,7 @@ def _stain(rng: np.random.Generator, img: np.ndarray, scene: _Scene,
     sigma = rng.uniform(1.5, 4.0)
     alpha = cv2.GaussianBlur(blob, (0, 0), sigma) * rng.uniform(0.65, 0.9) * scene.foreground
     alpha[alpha < 0.01] = 0
-    region = blob > 0.5
-    mean = img[region].mean(0) if region.any() else img.reshape(-1, 3).mean(0)
-    # A colour far from what is underneath (no red stain on a red saucer).
-    distance = np.abs(_STAIN_COLOURS - mean).sum(1)
-    far = np.flatnonzero(distance >= 0.5 * distance.max())
-    colour = _STAIN_COLOURS[far[rng.integers(len(far))]]
+    colour = _far_colour(rng, img, blob > 0.5)
     lum = img.mean(-1, keepdims=True)
     tinted = np.clip(colour * (0.55 + 0.9 * lum), 0, 1)
     a = alpha[..., None]
@@ -379,7 +438,135 @@ def _missing(rng: np.random.Generator, img: np.ndarray, scene: _Scene,
     return removed, scene.render(scene.alpha - removed)
 
 
-_DEFECTS = {"foreign": _foreign, "scratch": _scratch, "stain": _stain, "missing": _missing}
+def _place_path(points: np.ndarray, centre: tuple[float, float], size: int) -> np.ndarray:
+    """Points (k, 2) as x, y, centred on `centre` (y, x), then moved inside the frame."""
+    pts = points + np.array([centre[1], centre[0]]) - (points.min(0) + points.max(0)) / 2
+    lo, hi = pts.min(0), pts.max(0)
+    return pts + np.clip(4 - lo, 0, None) - np.clip(hi - (size - 5), 0, None)
+
+
+def _draw_paths(paths: list[np.ndarray], size: int, width: int) -> np.ndarray:
+    """Anti-aliased polylines (x, y points) -> float coverage (S, S) in [0, 1]."""
+    canvas = np.zeros((size, size), np.uint8)
+    cv2.polylines(canvas, [np.rint(p * 4).astype(np.int32) for p in paths], False, 255,
+                  thickness=width, lineType=cv2.LINE_AA, shift=2)
+    return canvas.astype(np.float32) / 255
+
+
+def _jagged(rng: np.random.Generator, length: float, n_seg: int, turn: float,
+            heading: float) -> np.ndarray:
+    """A random walk of n_seg equal steps whose heading turns by up to +-turn per step."""
+    headings = heading + np.cumsum(rng.uniform(-turn, turn, n_seg))
+    steps = np.stack([np.cos(headings), np.sin(headings)], 1) * length / n_seg
+    return np.concatenate([np.zeros((1, 2)), np.cumsum(steps, 0)])  # (n_seg + 1, 2)
+
+
+def _local_tone(rng: np.random.Generator, img: np.ndarray, where: np.ndarray,
+                offset: tuple[float, float]) -> float:
+    """A grey level that differs from the image under `where` by U(offset): darker on
+    light surfaces, lighter on dark ones."""
+    local = float(img[where].mean()) if where.any() else 0.5
+    step = rng.uniform(*offset)
+    return local - step if local > 0.5 else local + step
+
+
+def _crack(rng: np.random.Generator, img: np.ndarray, scene: _Scene,
+           area: float) -> tuple[np.ndarray, np.ndarray]:
+    """A hairline fracture: a jagged line with one or two branches that darkens, by a
+    fraction, whatever lies under it."""
+    size = img.shape[0]
+    width = max(1, int(round(rng.uniform(1.0, 2.5) * size / 256)))
+    length = float(np.clip(area / width, 0.12 * size, 0.6 * size))
+    if not scene.foreground.all():
+        length = min(length, 0.7 * np.sqrt(scene.foreground.sum()))
+    trunk = _jagged(rng, length, int(rng.integers(6, 12)), 0.6, rng.uniform(0, 2 * np.pi))
+    trunk = _place_path(trunk, _pick(rng, _centre_region(scene, length / 2)), size)
+    paths = [trunk]
+    for _ in range(int(rng.integers(1, 3))):
+        start = trunk[rng.integers(1, len(trunk) - 1)]
+        branch = _jagged(rng, length * rng.uniform(0.2, 0.4), 4, 0.5,
+                         rng.uniform(0, 2 * np.pi))
+        paths.append(np.clip(branch + start, 2, size - 3))
+    alpha = _draw_paths(paths, size, width) * scene.foreground
+    depth = rng.uniform(0.4, 0.65)
+    return alpha, img * (1 - depth * alpha[..., None])
+
+
+def _colour(rng: np.random.Generator, img: np.ndarray, scene: _Scene,
+            area: float) -> tuple[np.ndarray, np.ndarray]:
+    """A discoloured region: brightness kept, hue moved part of the way to a colour far
+    from the surface's own (a faint relative of the stain)."""
+    size = img.shape[0]
+    blob = _blob(rng, size, _pick(rng, _centre_region(scene, np.sqrt(area / np.pi))), area)
+    alpha = cv2.GaussianBlur(blob, (0, 0), rng.uniform(1.0, 2.5)) * scene.foreground
+    alpha[alpha < 0.01] = 0
+    colour = _far_colour(rng, img, blob > 0.5)
+    lum = img.mean(-1, keepdims=True)
+    tinted = np.clip(lum * colour / colour.mean(), 0, 1)
+    a = alpha[..., None] * rng.uniform(0.3, 0.5)
+    return alpha, img * (1 - a) + tinted * a
+
+
+def _hole(rng: np.random.Generator, img: np.ndarray, scene: _Scene,
+          area: float) -> tuple[np.ndarray, np.ndarray]:
+    """A small round pit: a dark hollow with a lit crescent on the side facing the light."""
+    size = img.shape[0]
+    pit = _blob(rng, size, _pick(rng, _centre_region(scene, np.sqrt(area / np.pi))), area)
+    pit *= scene.foreground
+    phi = rng.uniform(0, 2 * np.pi)
+    shift = max(1.0, 0.25 * np.sqrt(area / np.pi))
+    move = np.float32([[1, 0, shift * np.cos(phi)], [0, 1, shift * np.sin(phi)]])
+    crescent = np.clip(cv2.warpAffine(pit, move, (size, size)) - pit, 0, 1) * scene.foreground
+    fill = np.clip(rng.uniform(0.05, 0.2) + rng.normal(0, 0.01, img.shape), 0, 1)
+    out = img * (1 - pit[..., None]) + fill.astype(np.float32) * pit[..., None]
+    out = np.clip(out + crescent[..., None] * rng.uniform(0.12, 0.25), 0, 1)
+    return np.maximum(pit, crescent), out
+
+
+def _contamination(rng: np.random.Generator, img: np.ndarray, scene: _Scene,
+                   area: float) -> tuple[np.ndarray, np.ndarray]:
+    """Specks of foreign material (chips, dust) scattered around one spot."""
+    size = img.shape[0]
+    n = int(rng.integers(3, 9))
+    spread = 2.5 * np.sqrt(area / np.pi)
+    centre = np.array(_pick(rng, _centre_region(scene, spread)))
+    alpha = np.zeros((size, size), np.float32)
+    for _ in range(n):
+        at = np.clip(centre + rng.normal(0, spread / 2, 2), 3, size - 4)
+        alpha = np.maximum(alpha, _blob(rng, size, (float(at[0]), float(at[1])),
+                                        max(area / n, 6.0)))
+    alpha *= scene.foreground * rng.uniform(0.75, 0.95)
+    tone = _local_tone(rng, img, alpha > 0.5, (0.3, 0.5))
+    colour = np.clip(tone + rng.uniform(-0.05, 0.05, 3), 0, 1).astype(np.float32)
+    a = alpha[..., None]
+    return alpha, img * (1 - a) + colour * a
+
+
+def _thread(rng: np.random.Generator, img: np.ndarray, scene: _Scene,
+            area: float) -> tuple[np.ndarray, np.ndarray]:
+    """A loose fibre lying on the surface: a thin, faint, gently curved line."""
+    size = img.shape[0]
+    width = max(1, int(round(rng.uniform(1.0, 2.0) * size / 256)))
+    length = float(np.clip(area / width, 0.15 * size, 0.5 * size))
+    if not scene.foreground.all():
+        length = min(length, 0.7 * np.sqrt(scene.foreground.sum()))
+    heading = rng.uniform(0, 2 * np.pi)
+    along = np.array([np.cos(heading), np.sin(heading)])
+    bend = np.array([-along[1], along[0]]) * rng.uniform(-0.4, 0.4) * length
+    t = np.linspace(0, 1, 32)[:, None]  # a quadratic Bezier curve
+    p0, p2 = -along * length / 2, along * length / 2
+    curve = (1 - t) ** 2 * p0 + 2 * t * (1 - t) * bend + t ** 2 * p2
+    curve = _place_path(curve, _pick(rng, _centre_region(scene, length / 2)), size)
+    alpha = _draw_paths([curve], size, width) * scene.foreground * rng.uniform(0.6, 0.85)
+    tone = _local_tone(rng, img, alpha > 0.3, (0.15, 0.3))
+    colour = np.clip(tone + rng.uniform(-0.03, 0.03, 3), 0, 1).astype(np.float32)
+    a = alpha[..., None]
+    return alpha, img * (1 - a) + colour * a
+
+
+_DEFECTS = {"foreign": _foreign, "scratch": _scratch, "stain": _stain, "missing": _missing,
+            "colour": _colour, "crack": _crack, "hole": _hole,
+            "contamination": _contamination, "thread": _thread}
 
 
 def render_defect(class_name: str, defect_type: str, rng: np.random.Generator,
@@ -391,8 +578,10 @@ def render_defect(class_name: str, defect_type: str, rng: np.random.Generator,
     neither a loose box nor missing the faint rim of a soft stain. Shots whose defect came
     out too faint are redrawn from the same generator, so the result stays deterministic.
     """
-    if defect_type not in DEFECT_TYPES:
-        raise ValueError(f"unknown defect type '{defect_type}'; choose from {DEFECT_TYPES}")
+    world = world_of(class_name)
+    if defect_type not in world.defect_types:
+        raise ValueError(f"unknown defect type '{defect_type}' for '{class_name}'; choose "
+                         f"from {world.defect_types}")
     target = area_fraction * size * size
     for _ in range(20):
         scene = _scene(class_name, rng, size)
@@ -405,7 +594,7 @@ def render_defect(class_name: str, defect_type: str, rng: np.random.Generator,
         changed = np.abs(clean.astype(np.int16) - defective).max(-1) > _CHANGE_THRESHOLD
         closed = ndi.binary_fill_holes(ndi.binary_closing(changed, iterations=3))
         mask = changed | (closed & applied & fg)
-        if mask.sum() >= max(0.5 * applied.sum(), 0.003 * size * size):
+        if mask.sum() >= max(0.5 * applied.sum(), world.min_visible * size * size):
             return DefectSample(clean, defective, mask, fg, applied, defect_type)
     raise RuntimeError(f"could not place a visible '{defect_type}' defect on '{class_name}' "
                        "in 20 tries: this is a bug in demo_data.py")
@@ -440,32 +629,39 @@ def _fresh_dir(root: str, sub: str) -> str:
     return path
 
 
-def _defect_sizes(n: int) -> list[tuple[str, int, float]]:
+def _defect_sizes(n: int, world: DemoWorld = WORLDS["main"]) -> list[tuple[str, int, float]]:
     """(defect type, index within type, area fraction): types in turn, each type's sizes
-    spread from ~1% to ~10% of the image."""
-    counts = {t: len(range(i, n, len(DEFECT_TYPES))) for i, t in enumerate(DEFECT_TYPES)}
+    spread over the world's area range (main: ~1% to ~10% of the image)."""
+    types = world.defect_types
+    lo, hi = world.area_range
+    counts = {t: len(range(i, n, len(types))) for i, t in enumerate(types)}
     out = []
     for j in range(n):
-        t = DEFECT_TYPES[j % len(DEFECT_TYPES)]
-        k = j // len(DEFECT_TYPES)
-        out.append((t, k, 0.01 + 0.09 * (k + 0.5) / counts[t]))
+        t = types[j % len(types)]
+        k = j // len(types)
+        out.append((t, k, lo + (hi - lo) * (k + 0.5) / counts[t]))
     return out
 
 
 def make_demo_dataset(mvtec_root: str, imagenet_root: str, seed: int = 0,
                       classes: list[str] | None = None, n_train: int = 40,
                       n_test_good: int = 20, n_test_defect: int = 20,
-                      size: int = 256) -> dict[str, dict[str, int]]:
-    """Write the demo set in MVTec layout plus foreground masks of the train images.
+                      size: int = 256, world: str = "main") -> dict[str, dict[str, int]]:
+    """Write a demo set (`WORLDS[world]`) in MVTec layout plus foreground masks of the
+    train images.
 
     mvtec_root/<class>/{train/good, test/good, test/<defect>, ground_truth/<defect>} and
     imagenet_root/fg_mask/<class>/<stem>.png (0/255; stems of train/good). Returns image
     counts per class and folder, e.g. {'brick': {'train/good': 40, 'test/scratch': 5}}.
     """
-    classes = list(DEMO_CLASSES if classes is None else classes)
-    unknown = sorted(set(classes) - set(DEMO_CLASSES))
+    if world not in WORLDS:
+        raise ValueError(f"unknown demo world '{world}'; choose from {sorted(WORLDS)}")
+    spec = WORLDS[world]
+    classes = list(spec.classes if classes is None else classes)
+    unknown = sorted(set(classes) - set(spec.classes))
     if unknown:
-        raise ValueError(f"unknown demo classes {unknown}; choose from {DEMO_CLASSES}")
+        raise ValueError(f"unknown classes {unknown} for demo world '{world}'; choose from "
+                         f"{spec.classes}")
     if n_train < 1 or n_test_good < 1 or n_test_defect < 1:
         raise ValueError("make_demo_dataset needs n_train, n_test_good and n_test_defect "
                          f">= 1 (got {n_train}, {n_test_good}, {n_test_defect})")
@@ -473,8 +669,8 @@ def make_demo_dataset(mvtec_root: str, imagenet_root: str, seed: int = 0,
         raise ValueError(f"size={size} is too small for visible defects; use >= 64")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer (got {seed!r})")
-    params = dict(seed=seed, classes=classes, n_train=n_train, n_test_good=n_test_good,
-                  n_test_defect=n_test_defect, size=size)
+    params = dict(world=world, seed=seed, classes=classes, n_train=n_train,
+                  n_test_good=n_test_good, n_test_defect=n_test_defect, size=size)
     counts: dict[str, dict[str, int]] = {}
     for cls in classes:
         _check_overwrite(mvtec_root, cls)
@@ -505,7 +701,7 @@ def make_demo_dataset(mvtec_root: str, imagenet_root: str, seed: int = 0,
             _save_png(img, os.path.join(good_dir, f"{i:03d}.png"))
             bar.update()
         c["test/good"] = n_test_good
-        for j, (dtype, k, area) in enumerate(_defect_sizes(n_test_defect)):
+        for j, (dtype, k, area) in enumerate(_defect_sizes(n_test_defect, spec)):
             img_dir = os.path.join(base, "test", dtype)
             gt_dir = os.path.join(base, "ground_truth", dtype)
             os.makedirs(img_dir, exist_ok=True)

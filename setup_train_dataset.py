@@ -359,6 +359,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--make_demo", metavar="DIR",
                    help="first write the offline demo set (MVTec format) into DIR and use it "
                         "as --data_path")
+    p.add_argument("--demo_world", default="main", choices=["main", "heldout"],
+                   help="--make_demo: the main demo set, or the held-out one (other "
+                        "photographs and defect kinds; demo_data.py)")
     p.add_argument("--seed", type=int, default=0, help="seed of the demo set (--make_demo)")
     p.add_argument("--demo_counts", type=int, nargs=3, default=[40, 20, 20],
                    metavar=("TRAIN", "TEST_GOOD", "TEST_DEFECT"),
@@ -380,7 +383,8 @@ def run(args: argparse.Namespace) -> None:
         n_train, n_test_good, n_test_defect = args.demo_counts
         written = make_demo_dataset(args.make_demo, args.root, seed=args.seed,
                                     classes=args.classes, n_train=n_train,
-                                    n_test_good=n_test_good, n_test_defect=n_test_defect)
+                                    n_test_good=n_test_good, n_test_defect=n_test_defect,
+                                    world=args.demo_world)
         print(f"demo set: {len(written)} classes written to {args.make_demo} "
               f"(foreground masks in {os.path.join(args.root, 'fg_mask')})")
     classes = find_classes(args.data_path, args.classes)

@@ -107,10 +107,15 @@ def test_saved_defects_are_render_defect(small_set):
             s.mask)
 
 
-@pytest.mark.parametrize("cls", DEMO_CLASSES)
+ALL_CLASSES = [c for w in demo_data.WORLDS.values() for c in w.classes]
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES)
 def test_mask_is_where_the_image_changed(cls):
-    for i, t in enumerate(DEFECT_TYPES):
-        s = render_defect(cls, t, np.random.default_rng(100 + i), area_fraction=0.04)
+    world = demo_data.world_of(cls)
+    area = 0.04 if world is demo_data.WORLDS["main"] else 0.015
+    for i, t in enumerate(world.defect_types):
+        s = render_defect(cls, t, np.random.default_rng(100 + i), area_fraction=area)
         diff = np.abs(s.clean.astype(int) - s.defective).max(-1)
         assert s.mask.any()
         # Nothing changed outside the mask beyond the threshold, nothing at all outside
@@ -120,7 +125,7 @@ def test_mask_is_where_the_image_changed(cls):
         assert not (s.mask & ~s.applied).any(), (cls, t)
         # Tight, not a loose box: most mask pixels changed visibly.
         assert (diff[s.mask] > demo_data._CHANGE_THRESHOLD).mean() > 0.75, (cls, t)
-        if cls in DEMO_OBJECTS:  # defects lie on the object (or its anti-aliased rim)
+        if cls in world.objects:  # defects lie on the object (or its anti-aliased rim)
             assert ndi.distance_transform_edt(~s.foreground)[s.mask].max() <= 2, (cls, t)
 
 
@@ -245,3 +250,63 @@ def test_bad_arguments(tmp_path):
         render_defect("brick", "crack", np.random.default_rng(0))
     with pytest.raises(ValueError, match="gravel"):
         render_normal("cable", np.random.default_rng(0))
+
+
+def test_heldout_world_shares_nothing_with_main():
+    main, held = demo_data.WORLDS["main"], demo_data.WORLDS["heldout"]
+    assert not set(main.classes) & set(held.classes)
+    assert not set(main.defect_types) & set(held.defect_types)
+    photos = {c: (demo_data._TEXTURE_PHOTOS.get(c) or demo_data._OBJECT_SPECS[c][0])
+              for c in main.classes + held.classes}
+    assert not {photos[c] for c in main.classes} & {photos[c] for c in held.classes}
+    for name in held.classes:  # every photograph ships with scikit-image
+        assert os.path.isfile(os.path.join(demo_data._data_dir(), photos[name])), name
+    # harder: smaller defects than the main world's smallest
+    assert held.area_range[1] <= main.area_range[0] * 3 and held.area_range[0] < 0.005
+
+
+def test_heldout_defect_sizes_and_kinds():
+    held = demo_data.WORLDS["heldout"]
+    sizes = demo_data._defect_sizes(25, held)
+    assert [t for t, _, _ in sizes[:5]] == list(held.defect_types)
+    for t in held.defect_types:
+        areas = [a for tt, _, a in sizes if tt == t]
+        assert len(areas) == 5 and areas == sorted(areas)
+        assert 0.003 < areas[0] < 0.006 and 0.025 < areas[-1] <= 0.03
+    for t in held.defect_types:  # the smallest defects still change a visible area
+        s = render_defect("moon", t, np.random.default_rng(11), area_fraction=0.0057)
+        assert 0.0015 <= s.mask.mean() < 0.02, t
+
+
+def test_heldout_colour_keeps_brightness():
+    s = render_defect("cell", "colour", np.random.default_rng(4), area_fraction=0.02)
+    clean, bad = s.clean[s.mask].astype(float), s.defective[s.mask].astype(float)
+    # a grey photo turns coloured, but its brightness moves far less than its hue
+    assert (bad.max(1) - bad.min(1)).mean() > (clean.max(1) - clean.min(1)).mean() + 10
+    assert abs(bad.mean() - clean.mean()) < 12
+
+
+def test_heldout_crack_and_thread_are_thin():
+    for t in ("crack", "thread"):
+        s = render_defect("tissue", t, np.random.default_rng(6), area_fraction=0.01)
+        ys, xs = np.nonzero(s.mask)
+        extent = max(np.ptp(ys), np.ptp(xs))
+        assert extent > 0.1 * 256, t
+        assert s.mask.sum() / extent < 8, t  # a few pixels wide
+
+
+def test_make_heldout_set(tmp_path):
+    counts = make_demo_dataset(str(tmp_path / "m"), str(tmp_path / "i"), world="heldout",
+                               classes=["retina"], n_train=2, n_test_good=1, n_test_defect=5)
+    held = demo_data.WORLDS["heldout"]
+    assert counts["retina"] == {"train/good": 2, "test/good": 1} | {
+        f"test/{t}": 1 for t in held.defect_types}
+    fg = _load(str(tmp_path / "i" / "fg_mask" / "retina" / "000.png")) > 0
+    assert 0.3 < fg.mean() < 0.8  # the fundus disc, not the black surround
+    with pytest.raises(ValueError, match="heldout"):
+        make_demo_dataset(str(tmp_path / "x"), str(tmp_path / "y"), world="heldout",
+                          classes=["brick"])
+    with pytest.raises(ValueError, match="unknown demo world"):
+        make_demo_dataset(str(tmp_path / "x"), str(tmp_path / "y"), world="other")
+    with pytest.raises(ValueError, match="colour"):
+        render_defect("retina", "scratch", np.random.default_rng(0))

@@ -224,9 +224,9 @@ def test_make_demo_wiring(tmp_path, monkeypatch, capsys):
     calls = []
 
     def fake_make_demo_dataset(mvtec_root, imagenet_root, seed=0, classes=None, n_train=40,
-                               n_test_good=20, n_test_defect=20):
+                               n_test_good=20, n_test_defect=20, world="main"):
         calls.append((mvtec_root, imagenet_root, seed, classes,
-                      (n_train, n_test_good, n_test_defect)))
+                      (n_train, n_test_good, n_test_defect), world))
         _make_mvtec(Path(mvtec_root), classes=("gizmo",))
         for i in range(3):
             _save(Path(imagenet_root) / "fg_mask" / "gizmo" / f"{i:03d}.png",
@@ -237,15 +237,15 @@ def test_make_demo_wiring(tmp_path, monkeypatch, capsys):
                         types.SimpleNamespace(make_demo_dataset=fake_make_demo_dataset))
     monkeypatch.chdir(tmp_path)
     assert main(["--make_demo", "data/demo_mvtec"]) == 0
-    assert calls == [("data/demo_mvtec", "data/demo_imagenet", 0, None, (40, 20, 20))]
+    assert calls == [("data/demo_mvtec", "data/demo_imagenet", 0, None, (40, 20, 20), "main")]
     out = capsys.readouterr().out
     assert [line.split() for line in out.splitlines() if line.startswith("gizmo")] == \
         [["gizmo", "3", "2", "3"]]
     assert sorted(os.listdir(tmp_path / "data" / "demo_imagenet" / "train" / "gizmo")) == \
         ["000.png", "001.png", "002.png"]
     assert main(["--make_demo", "d", "--root", "elsewhere", "--classes", "gizmo",
-                 "--seed", "3", "--demo_counts", "5", "2", "3"]) == 0
-    assert calls[-1] == ("d", "elsewhere", 3, ["gizmo"], (5, 2, 3))
+                 "--seed", "3", "--demo_counts", "5", "2", "3", "--demo_world", "heldout"]) == 0
+    assert calls[-1] == ("d", "elsewhere", 3, ["gizmo"], (5, 2, 3), "heldout")
     with pytest.raises(SystemExit):
         main(["--make_demo", "d", "--data_path", "other"])
 
