@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -401,6 +402,32 @@ def compute_metrics(labels: np.ndarray | torch.Tensor, image_scores: np.ndarray 
         'pixel_ap': _ap(pixel, 'pixel_ap'),
         'image_f1_max': _f1_max(image, 'image_f1_max')[0],
     }
+
+
+def per_defect_metrics(labels: np.ndarray | torch.Tensor, defect_types: Sequence[str],
+                       image_scores: np.ndarray | torch.Tensor,
+                       gt_masks: np.ndarray | torch.Tensor,
+                       score_maps: np.ndarray | torch.Tensor,
+                       normal_type: str = 'good') -> dict[str, dict[str, float]]:
+    """Where a method wins and loses: per defect type, image AUROC of that type's images
+    against the normal ones, and pixel AUROC over the normal images plus that type's.
+
+    labels (N,), defect_types N names ('good' for normal images), image_scores (N,),
+    gt_masks and score_maps (N, H, W). -> {type: {'image_auroc', 'pixel_auroc', 'count'}}.
+    """
+    y = _to_numpy(labels).reshape(-1).astype(bool)
+    types = np.asarray(list(defect_types))
+    if types.shape != y.shape:
+        raise ValueError(f'metrics.py: {types.size} defect types for {y.size} labels')
+    scores, masks, maps = _to_numpy(image_scores), _to_numpy(gt_masks), _to_numpy(score_maps)
+    normal = ~y
+    out = {}
+    for t in sorted(set(types[y].tolist())):
+        sel = normal | (types == t)
+        out[t] = {'image_auroc': image_auroc(y[sel], scores[sel]),
+                  'pixel_auroc': pixel_auroc(masks[sel], maps[sel]),
+                  'count': int((types == t).sum())}
+    return out
 
 
 def mean_metrics(per_class: dict[str, dict]) -> dict[str, float]:

@@ -322,3 +322,26 @@ def test_large_input_memory_is_bounded():
     assert peak < 6 * maps.size  # bytes: ~5.05 B/pixel measured
     assert got['pixel_auroc'] == pytest.approx(0.875, abs=0.003)
     assert got['pixel_aupro'] == pytest.approx(0.65, abs=0.005)
+
+
+def test_per_defect_metrics_hand_computed():
+    # 3 normal images, 2 'crack' and 1 'hole'; 1x2-pixel maps, the right pixel defective
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    types = ["good", "good", "good", "crack", "crack", "hole"]
+    scores = np.array([0.1, 0.5, 0.3, 0.4, 0.9, 0.2])
+    gts = np.zeros((6, 1, 2))
+    gts[3:, 0, 1] = 1
+    maps = np.zeros((6, 1, 2))
+    maps[:, 0, 1] = [0.0, 0.2, 0.0, 0.5, 0.1, 0.3]
+    out = metrics.per_defect_metrics(labels, types, scores, gts, maps)
+    assert sorted(out) == ["crack", "hole"]
+    # crack vs good: 0.4 beats 0.1, 0.3 (not 0.5); 0.9 beats all -> 5 of 6 pairs
+    assert out["crack"]["image_auroc"] == pytest.approx(5 / 6)
+    assert out["hole"]["image_auroc"] == pytest.approx(1 / 3)  # 0.2 beats only 0.1
+    assert out["crack"]["count"] == 2 and out["hole"]["count"] == 1
+    # crack pixels 0.5, 0.1 against the 8 normal pixels of good + crack images
+    normal = [0, 0, 0, 0.2, 0, 0, 0, 0]  # left pixels of crack images are 0 too
+    expected = roc_auc_score([0] * 8 + [1, 1], normal + [0.5, 0.1])
+    assert out["crack"]["pixel_auroc"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="defect types"):
+        metrics.per_defect_metrics(labels, types[:5], scores, gts, maps)
