@@ -60,6 +60,21 @@ SCORE_QUANTILES = (0.5, 0.9, 0.95, 0.99)
 Rng = np.random.Generator | torch.Generator
 
 
+def image_score(logp: Tensor) -> Tensor:
+    """ProtoFlow's image score: the largest patch anomaly, max over patches of -logp.
+
+    logp (N, h, w) -> (N,). It depends on the image alone, not on the set it is in, so
+    a threshold computed on held-out normal images applies to any test image.
+    """
+    return -logp.flatten(1).amin(dim=1)
+
+
+def is_anomalous(scores: Tensor, threshold: float) -> Tensor:
+    """ProtoFlow's normal/anomalous call: strictly above the threshold (a score equal to
+    the threshold, e.g. the held-out quantile itself, is normal)."""
+    return scores > threshold
+
+
 @dataclass
 class Proposals:
     """ProtoFlow's output for one class's image set (method.md 6)."""
@@ -68,6 +83,46 @@ class Proposals:
     image_scores: Tensor          # (N,) max over patches of -logp (set-independent)
     is_anomalous: Tensor | None   # (N,) bool: image_scores > stored threshold
     masks: dict[float, Tensor]    # ratio -> (N, L) bool, True = proposed (masked) patch
+    rank: Tensor                  # (N, L) long: 0 = the patch ProtoFlow finds most anomalous
+
+    def test_ranks(self, anomalous: Tensor | None = None,
+                   generator: torch.Generator | None = None) -> Tensor:
+        """The proposal rule (method.md 7), as the order in which a test image's patches
+        are masked: (N, L) long, a patch of rank < m is in the image's m-patch mask.
+
+        Images called anomalous are masked in proposal order (most anomalous first), so
+        the defect is hidden from the context that predicts it; the others in a uniformly
+        random order drawn from `generator`. `anomalous` None calls every image
+        anomalous, the label-free default of the clean protocol: no call can then leave
+        a defect out of the mask.
+        """
+        if anomalous is None:
+            return self.rank
+        n, num_patches = self.rank.shape
+        order = torch.rand(n, num_patches, generator=generator).argsort(dim=1)  # (N, L)
+        rand = torch.empty_like(order)
+        rand.scatter_(1, order, torch.arange(num_patches).expand_as(order).contiguous())
+        return torch.where(anomalous.to(self.rank.device)[:, None], self.rank,
+                           rand.to(self.rank.device))
+
+    def test_masks(self, ratio: float, anomalous: Tensor | None = None,
+                   generator: torch.Generator | None = None) -> Tensor:
+        """(N, L) bool: the int(L * ratio) first patches of `test_ranks`."""
+        return self.test_ranks(anomalous, generator) < int(self.rank.shape[1] * ratio)
+
+
+def covering_masks(ranks: Tensor, ratio: float) -> list[Tensor]:
+    """Masks that together mask every patch exactly once, in the order `ranks` (N, L).
+
+    Pass k masks ranks [k m, (k + 1) m), m = int(L * ratio): pass 0 is the test mask, so
+    the likeliest defect patches are predicted from a context without them, and later
+    passes score the rest instead of leaving them at 0. -> ceil(L / m) masks (N, L) bool.
+    """
+    num_patches = ranks.shape[1]
+    m = int(num_patches * ratio)
+    if m < 1:
+        raise ValueError(f"mask ratio {ratio} masks no patch of {num_patches}")
+    return [(ranks >= k) & (ranks < k + m) for k in range(0, num_patches, m)]
 
 
 # ----------------------------------------------------------------------------- features
@@ -314,22 +369,31 @@ def flow_loss(logp: Tensor) -> Tensor:
 
 
 def patch_log_likelihood(encoder: nn.Module, flow: Ff.SequenceINN, images: Tensor,
-                         prototypes: Sequence[Tensor], class_idx: Tensor) -> Tensor:
+                         prototypes: Sequence[Tensor], class_idx: Tensor,
+                         return_distance: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Per-patch log-likelihood (N, h, w) of images (N, 3, H, W) of classes class_idx (N,),
-    each scored against its own class's prototypes[class_idx] (M_k, C)."""
+    each scored against its own class's prototypes[class_idx] (M_k, C).
+
+    With `return_distance`, also each patch's L2 distance to its nearest prototype
+    (N, h, w): PatchCore's patch score on the same memory bank, for free.
+    """
     features = extract_features(encoder, images)  # (N, C, h, w)
     n, c, h, w = features.shape
     rows = features.permute(0, 2, 3, 1).reshape(n, h * w, c)  # (N, h*w, C)
     residual = torch.empty_like(rows)
+    distance = rows.new_empty(n, h * w)
     for k in class_idx.unique().tolist():
         sel = class_idx == k
         part = rows[sel].reshape(-1, c)  # (n_k * h*w, C)
-        _, idx = nearest_prototype(part, prototypes[k])
+        dist, idx = nearest_prototype(part, prototypes[k])
         residual[sel] = (part - prototypes[k][idx]).reshape(-1, h * w, c)
+        distance[sel] = dist.reshape(-1, h * w)
     cond_dim = flow.module_list[0].condition_channels
     pos = positional_encoding_2d(cond_dim, h, w).to(rows)  # (D, h, w)
     cond = pos.permute(1, 2, 0).reshape(1, h * w, cond_dim).expand(n, -1, -1)  # (N, h*w, D)
     logp = flow_log_likelihood(flow, residual.reshape(-1, c), cond.reshape(-1, cond_dim))
+    if return_distance:
+        return logp.reshape(n, h, w), distance.reshape(n, h, w)
     return logp.reshape(n, h, w)
 
 
@@ -364,9 +428,9 @@ def proposals_from_log_likelihood(logp: Tensor, mask_ratios: Sequence[float],
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     fine = F.interpolate(prob, size=size, mode="bilinear", align_corners=True)[:, 0]
     abnormality = fine.max() - fine  # (N, H, W)
-    image_scores = -logp.flatten(1).amin(dim=1)  # (N,)
-    is_anomalous = image_scores > threshold if threshold is not None else None
-    return Proposals(logp, abnormality, image_scores, is_anomalous, masks)
+    scores = image_score(logp)  # (N,)
+    called = is_anomalous(scores, threshold) if threshold is not None else None
+    return Proposals(logp, abnormality, scores, called, masks, rank)
 
 
 # ----------------------------------------------------------------------------- files
@@ -501,35 +565,22 @@ class ProtoFlow:
         return self._prototypes[class_name]
 
     @torch.inference_mode()
-    def log_likelihood(self, images: Tensor, class_name: str) -> Tensor:
-        """Per-patch log-likelihood (N, H/8, W/8) on the CPU, for ImageNet-normalised
-        images (N, 3, H, W) of one class."""
+    def scores(self, images: Tensor, class_name: str) -> tuple[Tensor, Tensor]:
+        """Per-patch log-likelihood and nearest-prototype distance, each (N, H/8, W/8) on
+        the CPU, for ImageNet-normalised images (N, 3, H, W) of one class: one encoder
+        pass gives ProtoFlow's scores and the PatchCore baseline's."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
         protos = self.prototypes(class_name)
         x = images.to(self.device, torch.float32)
         class_idx = torch.zeros(len(x), dtype=torch.long, device=self.device)
-        return patch_log_likelihood(self.encoder, self.flow, x, [protos], class_idx).cpu()
+        logp, dist = patch_log_likelihood(self.encoder, self.flow, x, [protos], class_idx,
+                                          return_distance=True)
+        return logp.cpu(), dist.cpu()
 
-    def propose(self, images: Tensor | Iterable[Tensor], class_name: str,
-                mask_ratios: Sequence[float], batch_size: int = 32,
-                grid: tuple[int, int] | None = None, patch_size: int = 16) -> Proposals:
-        """Everything for a class's image set from ONE encoder + flow pass: proposal masks
-        for every ratio, abnormality maps, image scores and normal/anomalous calls.
-
-        `images` is the whole set (N, 3, H, W) or an iterable of batches; the grid
-        defaults to (H // patch_size, W // patch_size).
-        """
-        batches = images.split(batch_size) if isinstance(images, Tensor) else images
-        logps, size = [], None
-        for batch in tqdm(batches, desc=f"ProtoFlow {class_name}", leave=False):
-            size = tuple(batch.shape[-2:])
-            logps.append(self.log_likelihood(batch, class_name))
-        if not logps:
-            raise ValueError(f"no images given for class '{class_name}'")
-        grid = grid or (size[0] // patch_size, size[1] // patch_size)
-        return proposals_from_log_likelihood(torch.cat(logps), mask_ratios, image_size=size,
-                                             grid=grid, threshold=self.threshold)
+    def log_likelihood(self, images: Tensor, class_name: str) -> Tensor:
+        """Per-patch log-likelihood (N, H/8, W/8) on the CPU (see `scores`)."""
+        return self.scores(images, class_name)[0]
 
 
 # ----------------------------------------------------------------------------- training
@@ -595,7 +646,7 @@ def image_scores(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
     for images, class_idx in tqdm(loader, desc="held-out scores", leave=False):
         logp = patch_log_likelihood(encoder, flow, images.to(device), protos,
                                     class_idx.to(device))
-        scores.append(-logp.flatten(1).amin(dim=1).cpu())
+        scores.append(image_score(logp).cpu())
         classes.append(class_idx.cpu())
     return torch.cat(scores), torch.cat(classes)
 

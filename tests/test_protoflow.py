@@ -361,10 +361,63 @@ def test_proposals_normalise_over_the_whole_set():
         pf.proposals_from_log_likelihood(torch.full((1, 4, 4), float("nan")), ratios)
 
 
+def _planted(n: int = 3) -> torch.Tensor:
+    """logp (n, 14, 14) whose anomaly order is known: image i's patch p is the (p+1)-th
+    most likely for even i, the reverse for odd i; one patch of image 0 is very unlikely."""
+    base = torch.arange(196, dtype=torch.float32).reshape(14, 14) / 196
+    logp = torch.stack([base if i % 2 == 0 else base.flip(0, 1) for i in range(n)])
+    logp[0, 5, 7] = -50.0
+    return logp
+
+
+def test_test_ranks_follow_the_planted_anomaly():
+    out = pf.proposals_from_log_likelihood(_planted(), [0.1], image_size=14, grid=(14, 14))
+    # the least likely patch is ranked first; then the rest from least to most likely
+    assert int(out.rank[0, 5 * 14 + 7]) == 0
+    assert out.rank[0, 0] == 1 and out.rank[0, 195] == 195
+    assert out.rank[1, 195] == 0 and out.rank[1, 0] == 195  # the flipped image
+    masks = out.test_masks(0.1)  # every image anomalous: pure proposals
+    assert masks.sum(1).tolist() == [19, 19, 19]
+    assert set(masks[0].nonzero().flatten().tolist()) == {5 * 14 + 7, *range(18)}
+    assert set(masks[1].nonzero().flatten().tolist()) == set(range(196 - 19, 196))
+
+
+def test_test_masks_random_for_images_called_normal():
+    out = pf.proposals_from_log_likelihood(_planted(4), [0.2], image_size=14, grid=(14, 14))
+    called = torch.tensor([True, False, True, False])
+    a = out.test_masks(0.2, called, torch.Generator().manual_seed(3))
+    b = out.test_masks(0.2, called, torch.Generator().manual_seed(3))
+    c = out.test_masks(0.2, called, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a[1], c[1])
+    assert a.sum(1).tolist() == [39] * 4
+    assert torch.equal(a[called], out.test_masks(0.2)[called])  # proposals kept
+    assert not torch.equal(a[1], out.test_masks(0.2)[1])  # a random draw instead
+
+
+def test_covering_masks_score_every_patch_once():
+    out = pf.proposals_from_log_likelihood(_planted(), [0.3], image_size=14, grid=(14, 14))
+    passes = pf.covering_masks(out.test_ranks(), 0.3)
+    assert len(passes) == 4  # m = 58: 58 + 58 + 58 + 22 = 196
+    assert torch.equal(passes[0], out.test_masks(0.3))
+    assert [int(p[0].sum()) for p in passes] == [58, 58, 58, 22]
+    total = torch.stack(passes).long().sum(0)  # (N, L): how often each patch is masked
+    assert (total == 1).all()
+    with pytest.raises(ValueError, match="masks no patch"):
+        pf.covering_masks(out.test_ranks(), 0.001)
+
+
+def test_anomalous_call_is_strict_at_the_threshold():
+    scores = torch.tensor([0.5, 1.0, 1.0 + 1e-6, 2.0])
+    assert pf.is_anomalous(scores, 1.0).tolist() == [False, False, True, True]
+    logp = torch.tensor([[[-1.0, 0.5]], [[-3.0, 0.0]]])  # (2, 1, 2)
+    assert pf.image_score(logp).tolist() == [1.0, 3.0]
+
+
 def test_planted_defect_is_proposed(trained, brick_set):
     model = pf.ProtoFlow(trained["path"], trained["proto_dir"])  # encoder from the file
     ratios = [16 / 196 + 1e-9, 0.2, 0.3]
-    out = model.propose(brick_set["test"], "brick", ratios, batch_size=2)
+    out = pf.proposals_from_log_likelihood(model.log_likelihood(brick_set["test"], "brick"),
+                                           ratios, threshold=model.threshold)
     cells = brick_set["defect_cells"]  # 16 of 196 patches
     # chance overlaps: 16 * 16 / 196 = 1.3, 16 * 39 / 196 = 3.2, 16 * 58 / 196 = 4.7 cells
     assert out.masks[ratios[0]][0][cells].sum() >= 9
@@ -378,14 +431,28 @@ def test_planted_defect_is_proposed(trained, brick_set):
     assert torch.equal(out.is_anomalous, out.image_scores > model.threshold)
 
 
+def test_prototype_distance_is_patchcore_score(trained, brick_set):
+    """ProtoFlow.scores gives, from the same pass, each patch's L2 distance to its
+    nearest prototype: PatchCore's score on the same memory bank."""
+    model = pf.ProtoFlow(trained["path"], trained["proto_dir"])
+    images = brick_set["test"][:2]
+    logp, dist = model.scores(images, "brick")
+    assert torch.equal(logp, model.log_likelihood(images, "brick"))
+    feats = pf.patch_rows(pf.extract_features(model.encoder, images))  # (2 * 28 * 28, C)
+    expected = torch.cdist(feats, model.prototypes("brick")).min(dim=1).values
+    assert dist.shape == logp.shape == (2, 28, 28)
+    torch.testing.assert_close(dist.flatten(), expected, rtol=1e-4, atol=1e-4)
+    assert dist[0].max() > 2 * dist[1].max()  # the planted defect is far from every prototype
+
+
 def test_ratio_sweep_is_one_pass(trained, brick_set):
     model = pf.ProtoFlow(trained["path"], trained["proto_dir"])
     calls = []
     model.encoder.register_forward_hook(lambda *_: calls.append(1))
     ratios = [round(0.02 * i, 2) for i in range(1, 25)]
-    images = brick_set["test"]  # 4 images, batches of 3 -> 2 encoder calls
-    out = model.propose(images, "brick", ratios, batch_size=3)
-    assert len(calls) == 2
+    images = brick_set["test"]  # 4 images: one encoder call
+    out = pf.proposals_from_log_likelihood(model.log_likelihood(images, "brick"), ratios)
+    assert len(calls) == 1
     assert sorted(out.masks) == ratios
     for r in ratios:
         assert out.masks[r].sum(1).tolist() == [int(196 * r)] * len(images)
