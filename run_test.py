@@ -27,14 +27,33 @@ import datasets
 import metrics
 import modeling_pmad  # noqa: F401  (registers the ViTs with timm)
 from engine import patch_losses
-from masking_generator import CLASS_MASK_RATIOS, num_masked
+from masking_generator import CLASS_MASK_RATIOS
 from modeling_discrete_vae import create_tokenizer, file_sha256
-from protoflow import ProtoFlow, proposals_from_log_likelihood
+from protoflow import (Proposals, ProtoFlow, covering_masks, is_anomalous,
+                       proposals_from_log_likelihood)
 from utils import amp_autocast, resolve_amp
 
 PAPER_RATIOS = tuple(round(0.02 * i, 2) for i in range(1, 25))  # 0.02 ... 0.48
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_ap", "pixel_ap",
                "image_f1_max")
+BASELINES = {"protoflow_only": "ProtoFlow map alone", "patchcore": "PatchCore",
+             "ce_only": "ViT cross-entropy alone"}
+CLEAN_MASKS = ("proposal", "threshold")
+UNMASKED = ("cover", "zero")
+IMAGE_SCORES = ("max", "topk")
+
+
+@dataclass(frozen=True)
+class CleanOptions:
+    """The clean protocol's label-free choices (run_test.py --clean_masks, --unmasked,
+    --image_score); see evaluate_clean."""
+    masks: str = "proposal"
+    unmasked: str = "cover"
+    image_score: str = "max"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"masks": self.masks, "unmasked": self.unmasked,
+                "image_score": self.image_score}
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -64,6 +83,7 @@ class ClassData:
     images: torch.Tensor          # (N, 3, S, S) normalised
     tokens: torch.Tensor          # (N, L) visual token ids
     log_likelihood: torch.Tensor  # (N, h, w) ProtoFlow
+    prototype_distance: torch.Tensor  # (N, h, w) nearest-prototype L2 (PatchCore)
     labels: np.ndarray            # (N,) 0 normal / 1 anomalous (read only for metrics)
     gt_masks: torch.Tensor        # (N, S, S) {0, 1}
     names: list[str] = field(default_factory=list)
@@ -74,111 +94,205 @@ class ClassData:
 def collect_class(dataset: torch.utils.data.Dataset, tokenizer: torch.nn.Module,
                   protoflow: ProtoFlow, class_name: str, batch_size: int,
                   device: torch.device, num_workers: int = 0) -> ClassData:
-    """One pass over a class: tokens and ProtoFlow log-likelihoods, computed once."""
+    """One pass over a class: tokens, ProtoFlow log-likelihoods and prototype distances,
+    computed once."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers)
-    images, tokens, logps, labels, gts, names, defects = [], [], [], [], [], [], []
+    images, tokens, logps, dists, labels, gts, names, defects = [], [], [], [], [], [], [], []
     for batch in tqdm(loader, desc=f"{class_name}: tokens + ProtoFlow", leave=False):
         x = batch["image"].to(device)
         tokens.append(tokenizer.get_codebook_indices(batch["token_image"].to(device)).cpu())
-        logps.append(protoflow.log_likelihood(x, class_name).float().cpu())
+        logp, dist = protoflow.scores(x, class_name)
+        logps.append(logp.float())
+        dists.append(dist.float())
         images.append(batch["image"])
         labels.append(batch["label"])
         gts.append(batch["gt_mask"][:, 0])
         names += list(batch["name"])
         defects += list(batch["defect_type"])
-    return ClassData(torch.cat(images), torch.cat(tokens), torch.cat(logps),
+    return ClassData(torch.cat(images), torch.cat(tokens), torch.cat(logps), torch.cat(dists),
                      torch.cat(labels).numpy().astype(np.int64), torch.cat(gts),
                      names, defects)
 
 
-def random_masks(n: int, num_patches: int, m: int, generator: torch.Generator) -> torch.Tensor:
-    """m uniformly random patches per image, for images ProtoFlow calls normal."""
-    order = torch.rand(n, num_patches, generator=generator).argsort(dim=1)  # (N, L)
-    masks = torch.zeros(n, num_patches, dtype=torch.bool)
-    masks.scatter_(1, order[:, :m], True)
-    return masks
-
-
+# ----------------------------------------------------------------------------- scores
 @torch.inference_mode()
-def pmad_score_maps(model: torch.nn.Module, data: ClassData, masks: torch.Tensor,
-                    abnormality_maps: torch.Tensor, sigma: float, batch_size: int,
-                    device: torch.device, amp: str) -> torch.Tensor:
-    """Masked-token cross-entropy, upsampled, times ProtoFlow's map, smoothed: (N, S, S)."""
-    grid = model.patch_embed.grid_size
-    size = data.images.shape[-1]
+def masked_token_scores(model: torch.nn.Module, data: ClassData, masks: torch.Tensor,
+                        batch_size: int, device: torch.device, amp: str) -> torch.Tensor:
+    """PMAD's masked-token score (method.md 7): each masked patch's token cross-entropy,
+    0 at visible patches. masks (N, L) bool -> (N, L) float32 on the CPU."""
     out = []
     for i in range(0, len(data.images), batch_size):
         x = data.images[i:i + batch_size].to(device)
         with amp_autocast(device, amp):
             ce = patch_losses(model, x, data.tokens[i:i + batch_size].to(device),
                               masks[i:i + batch_size].to(device))
-        ce = ce.float().view(-1, 1, *grid)  # (B, 1, 14, 14)
-        up = F.interpolate(ce, size=(size, size), mode="bilinear", align_corners=True)
-        out.append(up[:, 0].cpu() * abnormality_maps[i:i + batch_size])
-    return gaussian_blur(torch.cat(out), sigma)
+        out.append(ce.float().cpu())
+    return torch.cat(out)
 
 
-def evaluate_maps(data: ClassData, maps: torch.Tensor, pixel_maps: torch.Tensor | None = None
-                  ) -> dict[str, float]:
-    """The field's metric set for one class; image score = the map's maximum."""
-    image_scores = maps.flatten(1).amax(dim=1)
-    return metrics.compute_metrics(data.labels, image_scores.numpy(), data.gt_masks.numpy(),
-                                   (maps if pixel_maps is None else pixel_maps).numpy())
+def covered_token_scores(model: torch.nn.Module, data: ClassData, passes: list[torch.Tensor],
+                         batch_size: int, device: torch.device, amp: str) -> torch.Tensor:
+    """Masked-token scores of every patch: the passes (disjoint (N, L) masks covering
+    the grid) are scored one after the other and their scores added. -> (N, L)."""
+    return sum(masked_token_scores(model, data, m, batch_size, device, amp) for m in passes)
 
 
-def evaluate_class(model: torch.nn.Module, data: ClassData, class_name: str, *,
-                   protocol: str, ratio: float | None, threshold: float | None,
-                   sigma: float, batch_size: int, device: torch.device, amp: str,
-                   seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Metrics of PMAD and of ProtoFlow's abnormality map alone for one class.
+def upsample(patch_scores: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Tensor:
+    """(N, h * w) or (N, h, w) patch scores -> (N, S, S), bilinear with aligned corners
+    (method.md 6-7: every map of the method is resized this way)."""
+    x = patch_scores.float().reshape(-1, 1, *grid)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
 
-    Returns the result record and the final maps (for heatmaps).
+
+def pmad_maps(token_scores: torch.Tensor, abnormality: torch.Tensor, grid: tuple[int, int],
+              sigma: float) -> torch.Tensor:
+    """The abnormality map of PMAD (method.md 7): masked-token scores (N, L), upsampled,
+    times ProtoFlow's abnormality map (N, S, S), Gaussian-smoothed. -> (N, S, S)."""
+    return gaussian_blur(upsample(token_scores, grid, abnormality.shape[-1]) * abnormality,
+                         sigma)
+
+
+def image_scores(maps: torch.Tensor, how: str = "max") -> torch.Tensor:
+    """(N, S, S) -> (N,): the map's maximum (the paper), or the mean of its top 1 %
+    of pixels ('topk': less swayed by one bright spot)."""
+    flat = maps.flatten(1)
+    if how == "max":
+        return flat.amax(dim=1)
+    if how == "topk":
+        return flat.topk(max(1, flat.shape[1] // 100), dim=1).values.mean(dim=1)
+    raise ValueError(f"unknown image score {how!r}; choose from {IMAGE_SCORES}")
+
+
+def evaluate_maps(data: ClassData, maps: torch.Tensor, pixel_maps: torch.Tensor | None = None,
+                  scores: torch.Tensor | None = None) -> dict[str, float]:
+    """The field's metric set for one class (image score: the map's maximum unless given),
+    plus the per-defect-type breakdown."""
+    scores = maps.flatten(1).amax(dim=1) if scores is None else scores
+    pixel = maps if pixel_maps is None else pixel_maps
+    record = metrics.compute_metrics(data.labels, scores.numpy(), data.gt_masks.numpy(),
+                                     pixel.numpy())
+    record["per_defect"] = metrics.per_defect_metrics(
+        data.labels, data.defect_types, scores.numpy(), data.gt_masks.numpy(), pixel.numpy())
+    return record
+
+
+def baselines(data: ClassData, proposals: Proposals, token_scores: torch.Tensor | None,
+              grid: tuple[int, int], sigma: float) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The rows every table prints beside PMAD, from what the class's pass computed:
+    ProtoFlow's abnormality map alone, PatchCore (each patch's distance to its nearest
+    prototype: the prototypes are a PatchCore memory bank) and, given the covering
+    passes' token scores, the ViT's cross-entropy alone. Each is upsampled and smoothed
+    as PMAD's map is; image score = the map's maximum."""
+    size = data.images.shape[-1]
+    maps = {"protoflow_only": gaussian_blur(proposals.abnormality_maps.float().cpu(), sigma),
+            "patchcore": gaussian_blur(upsample(data.prototype_distance,
+                                                tuple(data.prototype_distance.shape[1:]),
+                                                size), sigma)}
+    if token_scores is not None:
+        maps["ce_only"] = gaussian_blur(upsample(token_scores, grid, size), sigma)
+    return {name: evaluate_maps(data, m) for name, m in maps.items()}, maps
+
+
+def mask_diagnostics(data: ClassData, masks: torch.Tensor, anomalous: torch.Tensor,
+                     grid: tuple[int, int]) -> dict[str, float | int]:
+    """Why a PMAD map can miss a defect: how many anomalous images got the proposal mask,
+    and what fraction of their defect pixels lay in masked patches (scored with the
+    defect hidden from the context)."""
+    size = data.gt_masks.shape[-1]
+    per_patch = F.adaptive_avg_pool2d(data.gt_masks[:, None].float(), grid).flatten(1)  # (N, L)
+    bad = torch.as_tensor(data.labels == 1)
+    total = per_patch[bad].sum()
+    covered = (per_patch * masks.float())[bad].sum()
+    return {"anomalous_with_proposal": int((anomalous & bad).sum()),
+            "anomalous_images": int(bad.sum()),
+            "masked_defect_fraction": float(covered / total) if total > 0 else math.nan,
+            "pixels_per_patch": (size // grid[0]) * (size // grid[1])}
+
+
+# ----------------------------------------------------------------------------- protocols
+def evaluate_clean(model: torch.nn.Module, data: ClassData, *, ratio: float,
+                   threshold: float | None, options: CleanOptions, sigma: float,
+                   batch_size: int, device: torch.device, amp: str, seed: int
+                   ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The clean protocol: no test label is read before every score exists.
+
+    Masks: ProtoFlow's proposal for every image ('proposal'), or for those its stored
+    normal-data threshold calls anomalous ('threshold': the others get random masks).
+    Visible patches score 0 ('zero', as the paper) or are scored too, each in the
+    covering pass that masks it ('cover'). Image score: options.image_score.
     """
-    num_patches = model.patch_embed.num_patches
-    ratios = PAPER_RATIOS if protocol == "paper" else (ratio,)
-    proposals = proposals_from_log_likelihood(
-        data.log_likelihood, list(ratios), image_size=data.images.shape[-1],
-        grid=tuple(model.patch_embed.grid_size))
-    abnormality = proposals.abnormality_maps.float().cpu()  # (N, S, S)
-    if protocol == "paper":
-        # The published protocol: ProtoFlow's normal/anomalous call at the F1-optimal
-        # threshold of the test labels.
-        threshold = metrics.f1_optimal_threshold(data.labels, proposals.image_scores.numpy())
-    if threshold is None:
-        # A released ProtoFlow file stores no normal-data threshold: without test labels
-        # the only label-free call is to give every image ProtoFlow's proposal mask.
-        anomalous = torch.ones(len(data.labels), dtype=torch.bool)
-    else:
-        anomalous = torch.as_tensor(proposals.image_scores > threshold).cpu()  # (N,)
+    grid = tuple(model.patch_embed.grid_size)
+    proposals = proposals_from_log_likelihood(data.log_likelihood, [ratio],
+                                              image_size=data.images.shape[-1], grid=grid)
+    call = options.masks == "threshold" and threshold is not None
+    anomalous = is_anomalous(proposals.image_scores, threshold) if call else None
+    ranks = proposals.test_ranks(anomalous, torch.Generator().manual_seed(seed))
+    passes = covering_masks(ranks, ratio)
+    if options.unmasked == "zero":
+        passes = passes[:1]
+    token_scores = covered_token_scores(model, data, passes, batch_size, device, amp)
+    maps = pmad_maps(token_scores, proposals.abnormality_maps.float().cpu(), grid, sigma)
+    record = evaluate_maps(data, maps, scores=image_scores(maps, options.image_score))
+    rows, base_maps = baselines(data, proposals,
+                                token_scores if options.unmasked == "cover" else None,
+                                grid, sigma)
+    record.update(rows)
+    called = torch.ones(len(data.labels), dtype=torch.bool) if anomalous is None else anomalous
+    record.update(mask_ratio=ratio, threshold=threshold if call else None,
+                  called_anomalous=int(called.sum()), clean_options=options.as_dict(),
+                  diagnostics=mask_diagnostics(data, passes[0], called, grid))
+    return record, {"pmad": maps, **base_maps}
+
+
+def sweep_mask_ratios(model: torch.nn.Module, data: ClassData, proposals: Proposals,
+                      anomalous: torch.Tensor, ratios: tuple[float, ...], *, sigma: float,
+                      batch_size: int, device: torch.device, amp: str, seed: int
+                      ) -> tuple[dict[float, dict], dict[float, torch.Tensor]]:
+    """PMAD's metrics at every mask ratio from one set of tokens and ProtoFlow maps: only
+    the ViT runs again per ratio. Pixel metrics on maps smoothed a second time, as the
+    original does. -> per-ratio records and maps."""
+    grid = tuple(model.patch_embed.grid_size)
+    abnormality = proposals.abnormality_maps.float().cpu()
     generator = torch.Generator().manual_seed(seed)
-    per_ratio, best_maps = {}, {}
+    per_ratio, maps = {}, {}
     for r in ratios:
-        m = num_masked(r, num_patches)
-        masks = torch.where(anomalous[:, None], proposals.masks[r].cpu(),
-                            random_masks(len(anomalous), num_patches, m, generator))
-        maps = pmad_score_maps(model, data, masks, abnormality, sigma, batch_size, device,
-                               amp)
-        pixel_maps = gaussian_blur(maps, sigma) if protocol == "paper" else None
-        per_ratio[r] = evaluate_maps(data, maps, pixel_maps)
-        if protocol == "clean" or r == _best_ratio(per_ratio, "image_auroc"):
-            best_maps["pmad"] = maps
-    proto_maps = gaussian_blur(abnormality, sigma)
-    record = {"num_images": len(data.labels), "num_anomalous": int(data.labels.sum()),
-              "threshold": None if threshold is None else float(threshold),
-              "called_anomalous": int(anomalous.sum()),
-              "protoflow_only": evaluate_maps(data, proto_maps)}
-    if protocol == "clean":
-        record.update(per_ratio[ratio], mask_ratio=ratio)
-    else:
-        record["per_ratio"] = {f"{r:.2f}": v for r, v in per_ratio.items()}
-        for key in METRIC_KEYS:
-            best = _best_ratio(per_ratio, key)
-            record[key] = per_ratio[best][key]
-            record[f"{key}_ratio"] = best
-        record["mask_ratio"] = record["image_auroc_ratio"]
-    best_maps["protoflow"] = proto_maps
-    return record, best_maps
+        masks = proposals.test_masks(r, anomalous, generator)
+        scores = masked_token_scores(model, data, masks, batch_size, device, amp)
+        maps[r] = pmad_maps(scores, abnormality, grid, sigma)
+        per_ratio[r] = evaluate_maps(data, maps[r], gaussian_blur(maps[r], sigma))
+    return per_ratio, maps
+
+
+def evaluate_paper(model: torch.nn.Module, data: ClassData, *, sigma: float, batch_size: int,
+                   device: torch.device, amp: str, seed: int
+                   ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The paper protocol (method.md 7), which reads the test labels twice: ProtoFlow's
+    call at the F1-optimal threshold of the test scores, and the best of 24 mask ratios
+    per metric. It reproduces the published numbers; it is not a deployable score."""
+    grid = tuple(model.patch_embed.grid_size)
+    proposals = proposals_from_log_likelihood(data.log_likelihood, list(PAPER_RATIOS),
+                                              image_size=data.images.shape[-1], grid=grid)
+    threshold = metrics.f1_optimal_threshold(data.labels, proposals.image_scores.numpy())
+    anomalous = is_anomalous(proposals.image_scores, threshold).cpu()
+    per_ratio, maps = sweep_mask_ratios(model, data, proposals, anomalous, PAPER_RATIOS,
+                                        sigma=sigma, batch_size=batch_size, device=device,
+                                        amp=amp, seed=seed)
+    record = {"per_ratio": {f"{r:.2f}": {k: v for k, v in rec.items() if k != "per_defect"}
+                            for r, rec in per_ratio.items()}}
+    for key in METRIC_KEYS:
+        best = _best_ratio(per_ratio, key)
+        record[key] = per_ratio[best][key]
+        record[f"{key}_ratio"] = best
+    best = record["image_auroc_ratio"]
+    record.update(mask_ratio=best, per_defect=per_ratio[best]["per_defect"],
+                  threshold=float(threshold), called_anomalous=int(anomalous.sum()),
+                  diagnostics=mask_diagnostics(data, proposals.test_masks(best, anomalous,
+                                               torch.Generator().manual_seed(seed)),
+                                               anomalous, grid))
+    rows, base_maps = baselines(data, proposals, None, grid, sigma)
+    record.update(rows)
+    return record, {"pmad": maps[best], **base_maps}
 
 
 def _best_ratio(per_ratio: dict[float, dict], key: str) -> float:
@@ -202,11 +316,38 @@ def resolve_weights_file(path: str, pattern: str = "*.pt") -> str:
     return str(found[0])
 
 
+def _methods(results: dict) -> list[tuple[str, str]]:
+    """(key, label) of PMAD and of every baseline present in the results."""
+    first = next(iter(results["classes"].values()))
+    return [("pmad", "**PMAD**")] + [(k, label) for k, label in BASELINES.items() if k in first]
+
+
+def summarize(results: dict) -> None:
+    """Means over classes of PMAD and each baseline, and per defect type."""
+    classes = results["classes"]
+    results["mean"] = metrics.mean_metrics(classes)
+    for key, _ in _methods(results)[1:]:
+        results[f"mean_{key}"] = metrics.mean_metrics({c: r[key] for c, r in classes.items()})
+    per_defect: dict[str, dict[str, dict[str, float]]] = {}
+    for key, _ in _methods(results):
+        values: dict[str, dict[str, list[float]]] = {}
+        for r in classes.values():
+            for t, m in (r if key == "pmad" else r[key])["per_defect"].items():
+                for metric in ("image_auroc", "pixel_auroc"):
+                    values.setdefault(t, {}).setdefault(metric, []).append(m[metric])
+        per_defect[key] = {t: {k: float(np.mean(v)) for k, v in ms.items()}
+                           for t, ms in values.items()}
+    results["per_defect_mean"] = per_defect
+
+
 def format_table(results: dict, protocol: str) -> str:
-    """A markdown table shaped like the README's, plus the field's other metrics."""
+    """Markdown: PMAD per class shaped like the paper's table, the baselines' means in
+    the same table, then the per-defect-type view and the mask diagnostics."""
     head = ("| Category | Image/Pixel AUC | Pixel AUPRO | Image AP | Pixel AP | "
             "Image F1-max | Mask ratio |\n|:--|:--:|:--:|:--:|:--:|:--:|:--:|")
-    rows = [f"Protocol: **{protocol}**", "", head]
+    rows = [f"Protocol: **{protocol}**"
+            + (f" ({', '.join(f'{k} {v}' for k, v in results['clean_options'].items())})"
+               if results.get("clean_options") else ""), "", head]
 
     def row(name: str, r: dict) -> str:
         ratio = r.get("mask_ratio")
@@ -216,8 +357,26 @@ def format_table(results: dict, protocol: str) -> str:
 
     for name, r in results["classes"].items():
         rows.append(row(name.replace("_", " ").capitalize(), r))
-    rows.append(row("**Mean**", results["mean"]))
-    rows.append(row("*ProtoFlow map alone (mean)*", results["mean_protoflow_only"]))
+    rows.append(row("**Mean (PMAD)**", results["mean"]))
+    for key, label in _methods(results)[1:]:
+        rows.append(row(f"*{label} (mean)*", results[f"mean_{key}"]))
+    methods = _methods(results)
+    types = sorted({t for per in results["per_defect_mean"].values() for t in per})
+    rows += ["", "Image/pixel AUROC per defect type (mean over the classes that have it):",
+             "", "| Defect type | " + " | ".join(label for _, label in methods) + " |",
+             "|:--|" + ":--:|" * len(methods)]
+    for t in types:
+        cells = []
+        for key, _ in methods:
+            m = results["per_defect_mean"][key].get(t)
+            cells.append("" if m is None else f"{m['image_auroc']:.3f}/{m['pixel_auroc']:.3f}")
+        rows.append(f"| {t} | " + " | ".join(cells) + " |")
+    rows += ["", "| Category | anomalous images given the proposal mask | defect pixels "
+                 "masked |", "|:--|:--:|:--:|"]
+    for name, r in results["classes"].items():
+        d = r["diagnostics"]
+        rows.append(f"| {name} | {d['anomalous_with_proposal']}/{d['anomalous_images']} | "
+                    f"{d['masked_defect_fraction']:.2f} |")
     return "\n".join(rows)
 
 
@@ -229,12 +388,13 @@ def write_results(results: dict, output_dir: Path, protocol: str) -> str:
     with open(output_dir / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["protocol", "class", "method", *METRIC_KEYS, "mask_ratio"])
-        for name, r in list(results["classes"].items()) + [("mean", results["mean"])]:
-            writer.writerow([protocol, name, "pmad", *(r[k] for k in METRIC_KEYS),
-                             r.get("mask_ratio", "")])
-        for name, r in results["classes"].items():
-            p = r["protoflow_only"]
-            writer.writerow([protocol, name, "protoflow_only", *(p[k] for k in METRIC_KEYS), ""])
+        for key, _ in _methods(results):
+            for name, r in results["classes"].items():
+                m = r if key == "pmad" else r[key]
+                writer.writerow([protocol, name, key, *(m[k] for k in METRIC_KEYS),
+                                 r.get("mask_ratio", "") if key == "pmad" else ""])
+            mean = results["mean" if key == "pmad" else f"mean_{key}"]
+            writer.writerow([protocol, "mean", key, *(mean[k] for k in METRIC_KEYS), ""])
     return table
 
 
@@ -284,6 +444,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the original's switch: same as --setting obj2tex")
     p.add_argument("--classes", nargs="*", default=None, help="evaluate exactly these")
     p.add_argument("--protocol", default="clean", choices=["clean", "paper"])
+    p.add_argument("--clean_masks", default=CleanOptions.masks, choices=CLEAN_MASKS,
+                   help="clean protocol: ProtoFlow's proposal mask for every image, or only "
+                        "for images its stored normal-data threshold calls anomalous (the "
+                        "others: random masks)")
+    p.add_argument("--unmasked", default=CleanOptions.unmasked, choices=UNMASKED,
+                   help="clean protocol: score every patch, each in the covering pass that "
+                        "masks it, or leave visible patches at 0 (the paper)")
+    p.add_argument("--image_score", default=CleanOptions.image_score, choices=IMAGE_SCORES,
+                   help="clean protocol: the score map's maximum (the paper) or the mean of "
+                        "its top 1%% of pixels")
     p.add_argument("--mask_ratio", type=float, default=None,
                    help="clean protocol: one ratio for every class (default: the "
                         "per-class ratios of the paper's Table 6, 0.3 for other classes)")
@@ -332,12 +502,15 @@ def main(args: argparse.Namespace) -> dict:
     protoflow = ProtoFlow(args.protoflow_weights, args.prototypes_dir, device=str(device),
                           encoder_weights=args.encoder_weights)
     img_size = model.patch_embed.img_size[0]
-    if args.protocol == "clean" and protoflow.threshold is None:
+    options = CleanOptions(args.clean_masks, args.unmasked, args.image_score)
+    if (args.protocol == "clean" and options.masks == "threshold"
+            and protoflow.threshold is None):
         print(f"[run_test] {args.protoflow_weights} stores no threshold from normal images "
               "(a released file): every image gets ProtoFlow's proposal mask. `python "
               "protoflow.py train ...` writes a file with one.")
 
     results = {"protocol": args.protocol, "setting": setting, "classes": {},
+               "clean_options": options.as_dict() if args.protocol == "clean" else None,
                "args": vars(args), "amp": amp,
                "checkpoints": {"pmad": file_sha256(args.ckpt),
                                "protoflow": file_sha256(args.protoflow_weights),
@@ -352,18 +525,27 @@ def main(args: argparse.Namespace) -> dict:
                                             skip_bad_images=args.skip_bad_images)
         data = collect_class(dataset, tokenizer, protoflow, class_name, args.batch_size,
                              device, args.num_workers)
-        ratio = args.mask_ratio or CLASS_MASK_RATIOS.get(class_name, args.default_mask_ratio)
-        record, maps = evaluate_class(model, data, class_name, protocol=args.protocol,
-                                      ratio=ratio, threshold=protoflow.threshold,
-                                      sigma=args.sigma, batch_size=args.batch_size,
-                                      device=device, amp=amp, seed=args.seed)
+        if args.protocol == "paper":
+            record, maps = evaluate_paper(model, data, sigma=args.sigma,
+                                          batch_size=args.batch_size, device=device, amp=amp,
+                                          seed=args.seed)
+        else:
+            ratio = (args.mask_ratio if args.mask_ratio is not None
+                     else CLASS_MASK_RATIOS.get(class_name, args.default_mask_ratio))
+            record, maps = evaluate_clean(model, data, ratio=ratio,
+                                          threshold=protoflow.threshold, options=options,
+                                          sigma=args.sigma, batch_size=args.batch_size,
+                                          device=device, amp=amp, seed=args.seed)
+        record.update(num_images=len(data.labels), num_anomalous=int(data.labels.sum()))
         results["classes"][class_name] = record
+        d = record["diagnostics"]
+        tqdm.write(f"[run_test] {class_name}: {d['anomalous_with_proposal']} of "
+                   f"{d['anomalous_images']} anomalous images got the proposal mask; "
+                   f"{d['masked_defect_fraction']:.0%} of defect pixels masked")
         if args.save_heatmaps:
             save_heatmaps(data, maps["pmad"], out_dir / "heatmaps" / class_name,
                           args.save_heatmaps, mean, std)
-    results["mean"] = metrics.mean_metrics(results["classes"])
-    results["mean_protoflow_only"] = metrics.mean_metrics(
-        {c: r["protoflow_only"] for c, r in results["classes"].items()})
+    summarize(results)
     results["seconds"] = time.time() - start
     table = write_results(results, out_dir, args.protocol)
     print(table)

@@ -32,13 +32,6 @@ def test_gaussian_blur_equals_scipy() -> None:
     np.testing.assert_allclose(ours, ref, atol=1e-12)
 
 
-def test_random_masks_exact_count_and_seeded() -> None:
-    a = run_test.random_masks(50, 196, 37, torch.Generator().manual_seed(1))
-    b = run_test.random_masks(50, 196, 37, torch.Generator().manual_seed(1))
-    assert (a.sum(1) == 37).all() and torch.equal(a, b)
-    assert a.float().mean(0).std() < 0.15  # spread over all positions
-
-
 def test_resolve_weights_file(tmp_path) -> None:
     (tmp_path / "a.pt").write_bytes(b"x")
     assert run_test.resolve_weights_file(str(tmp_path)).endswith("a.pt")
@@ -72,7 +65,13 @@ def test_clean_protocol_end_to_end(clean_run, tiny_world) -> None:
     table = (out / "clean" / "results.md").read_text()
     assert "Protocol: **clean**" in table and "Brick" in table and "Mean" in table
     csv_lines = (out / "clean" / "results.csv").read_text().splitlines()
-    assert len(csv_lines) == 1 + 3 + 2  # header, 2 classes + mean, 2 ProtoFlow rows
+    # header; PMAD and 3 baselines, each 2 classes + mean
+    assert len(csv_lines) == 1 + 4 * 3
+    assert {line.split(",")[2] for line in csv_lines[1:]} == {
+        "pmad", "protoflow_only", "patchcore", "ce_only"}
+    for key in ("mean_protoflow_only", "mean_patchcore", "mean_ce_only"):
+        assert set(run_test.METRIC_KEYS) <= set(saved[key])
+    assert "| PatchCore" in table and "Defect type" in table
     heatmaps = sorted(p.name for p in (out / "clean" / "heatmaps" / "coins").glob("*.png"))
     assert len(heatmaps) == 2 and heatmaps[1].startswith("good_")
     assert not heatmaps[0].startswith("good_")  # one anomalous, one normal
@@ -103,13 +102,14 @@ def test_clean_protocol_score_maps_ignore_labels(tiny_world) -> None:
     pf = ProtoFlow(str(tiny_world.protoflow), str(tiny_world.prototypes_dir))
     ds = datasets.MVTecTestDataset(tiny_world.mvtec_root, "brick", token_size=224)
     data = run_test.collect_class(ds, tokenizer, pf, "brick", 8, torch.device("cpu"))
-    kwargs = dict(protocol="clean", ratio=0.3, threshold=pf.threshold, sigma=4.0,
-                  batch_size=8, device=torch.device("cpu"), amp="none", seed=0)
-    _, maps = run_test.evaluate_class(model, data, "brick", **kwargs)
+    kwargs = dict(ratio=0.3, threshold=pf.threshold, options=run_test.CleanOptions(),
+                  sigma=4.0, batch_size=8, device=torch.device("cpu"), amp="none", seed=0)
+    _, maps = run_test.evaluate_clean(model, data, **kwargs)
     perm = np.random.default_rng(0).permutation(len(data.labels))
     assert (data.labels[perm] != data.labels).any()
     data.labels, data.gt_masks = data.labels[perm], data.gt_masks[perm]
-    _, shuffled = run_test.evaluate_class(model, data, "brick", **kwargs)
+    data.defect_types = [data.defect_types[i] for i in perm]
+    _, shuffled = run_test.evaluate_clean(model, data, **kwargs)
     assert torch.equal(maps["pmad"], shuffled["pmad"])
     assert torch.equal(maps["protoflow"], shuffled["protoflow"])
 
@@ -134,6 +134,119 @@ def test_clean_protocol_without_a_stored_threshold_proposes_for_every_image(tiny
     obj_named = {**{k: obj[k] for k in ("encoder_state_dict", "decoder_state_dict")},
                  "backbone": obj["backbone"], "out_indices": obj["out_indices"]}
     torch.save(obj_named, released)
+    args.clean_masks = "threshold"
     record = run_test.main(args)["classes"]["coins"]
     assert record["threshold"] is None
     assert record["called_anomalous"] == record["num_images"]
+
+
+# ----------------------------------------------------------------------------- by hand
+class ConstantViT(torch.nn.Module):
+    """A stand-in ViT whose prediction is the same for every masked patch: token 0 with
+    probability 3/4, token 1 with 1/4. So a patch's masked-token score is known by
+    construction: log(4/3) for token 0, log 4 for token 1."""
+
+    def __init__(self, grid: tuple[int, int] = (2, 2)) -> None:
+        super().__init__()
+        self.patch_embed = type("PE", (), {"grid_size": grid,
+                                           "num_patches": grid[0] * grid[1]})()
+        self.logits = torch.log(torch.tensor([0.75, 0.25]))
+
+    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(int(bool_masked_pos.sum()), 2)
+
+
+CE0, CE1 = math.log(4 / 3), math.log(4)
+
+
+def _hand_data(size: int = 3) -> run_test.ClassData:
+    """Two 2x2-patch images (S x S pixels). Image 0 is normal; image 1 has a defect in
+    its bottom-right patch (3), whose token is the rare one and whose ProtoFlow
+    log-likelihood is low."""
+    logp = torch.zeros(2, 2, 2)
+    logp[1, 1, 1] = -math.log(4.0)  # prob 1/4 relative to the set's maximum
+    logp[0, 0, 0] = -math.log(2.0)  # a mildly unusual normal patch
+    tokens = torch.zeros(2, 4, dtype=torch.long)
+    tokens[1, 3] = 1
+    gt = torch.zeros(2, size, size)
+    gt[1, -1, -1] = 1
+    return run_test.ClassData(torch.zeros(2, 3, size, size), tokens, logp, -logp,
+                              np.array([0, 1]), gt, ["good_000", "bad_000"],
+                              ["good", "crack"])
+
+
+def test_pmad_map_of_a_2x2_patch_case_by_hand() -> None:
+    """CE per patch, bilinear (aligned corners) to 3x3, times ProtoFlow's abnormality map
+    (max(prob) - prob over the set, resized the same way); sigma 0: no smoothing."""
+    data = _hand_data()
+    record, maps = run_test.evaluate_clean(
+        ConstantViT(), data, ratio=0.5, threshold=None, options=run_test.CleanOptions(),
+        sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
+    # image 1: patch CEs [CE0, CE0; CE0, CE1] -> 3x3 corners + midpoints
+    ce1 = torch.tensor([[CE0, CE0, CE0],
+                        [CE0, (3 * CE0 + CE1) / 4, (CE0 + CE1) / 2],
+                        [CE0, (CE0 + CE1) / 2, CE1]])
+    # prob (relative to the set's max, 1): image 1 [1, 1; 1, 1/4] -> 3x3
+    prob1 = torch.tensor([[1.0, 1.0, 1.0],
+                          [1.0, (3 + 0.25) / 4, (1 + 0.25) / 2],
+                          [1.0, (1 + 0.25) / 2, 0.25]])
+    prob0 = torch.tensor([[0.5, 0.75, 1.0], [0.75, 0.875, 1.0], [1.0, 1.0, 1.0]])
+    assert torch.allclose(maps["pmad"][1], ce1 * (1 - prob1), atol=1e-6)
+    assert torch.allclose(maps["pmad"][0], CE0 * (1 - prob0), atol=1e-6)
+    assert maps["pmad"][1, 2, 2] == pytest.approx(CE1 * 0.75, abs=1e-6)
+    assert record["image_auroc"] == 1.0  # 0.75 log 4 > 0.5 log(4/3)
+    # the baselines from the same pass: ProtoFlow's map alone, PatchCore's distances
+    assert torch.allclose(maps["protoflow_only"][1], 1 - prob1, atol=1e-6)
+    assert maps["patchcore"][1, 2, 2] == pytest.approx(math.log(4), abs=1e-6)
+    assert torch.allclose(maps["ce_only"][1], ce1, atol=1e-6)
+
+
+def test_a_defect_left_unmasked_is_scored_by_the_covering_pass() -> None:
+    """The stored threshold calls the defective image normal, so its mask is random and
+    (with this seed) misses the defect patch. With visible patches at 0 ('zero', the
+    paper) the defect scores 0, below the normal image's scores; the covering pass
+    scores it, above every pixel of the normal image."""
+    data = _hand_data()
+    kw = dict(ratio=0.5, threshold=1e9, sigma=0.0, batch_size=2,
+              device=torch.device("cpu"), amp="none")
+    seed = next(s for s in range(100) if not run_test.proposals_from_log_likelihood(
+        data.log_likelihood, [0.5], image_size=3, grid=(2, 2)).test_masks(
+        0.5, torch.tensor([False, False]), torch.Generator().manual_seed(s))[1, 3])
+    zero, maps0 = run_test.evaluate_clean(
+        ConstantViT(), data, options=run_test.CleanOptions("threshold", "zero"), seed=seed,
+        **kw)
+    cover, maps1 = run_test.evaluate_clean(
+        ConstantViT(), data, options=run_test.CleanOptions("threshold", "cover"), seed=seed,
+        **kw)
+    assert zero["called_anomalous"] == cover["called_anomalous"] == 0
+    assert zero["diagnostics"]["masked_defect_fraction"] == 0.0
+    assert maps0["pmad"][1, 2, 2] == 0.0 and maps0["pmad"][0].max() > 0
+    assert maps1["pmad"][1, 2, 2] == pytest.approx(CE1 * 0.75, abs=1e-6)
+    assert maps1["pmad"][1, 2, 2] > maps1["pmad"][0].max()
+    assert cover["image_auroc"] == 1.0
+
+
+def test_mask_diagnostics_by_hand() -> None:
+    data = _hand_data(size=4)  # 2x2 pixels per patch
+    data.gt_masks[1] = 0
+    data.gt_masks[1, 2:, 2:] = 1  # all of patch 3
+    data.gt_masks[1, 0, 0] = 1  # one pixel of patch 0
+    masks = torch.tensor([[True, False, False, False], [False, False, False, True]])
+    d = run_test.mask_diagnostics(data, masks, torch.tensor([True, True]), (2, 2))
+    assert d["masked_defect_fraction"] == pytest.approx(4 / 5)
+    assert d["anomalous_with_proposal"] == 1 and d["anomalous_images"] == 1
+    d = run_test.mask_diagnostics(data, masks, torch.tensor([True, False]), (2, 2))
+    assert d["anomalous_with_proposal"] == 0
+
+
+def test_image_scores() -> None:
+    maps = torch.zeros(2, 10, 10)
+    maps[0, 0, 0] = 5.0  # one bright pixel
+    maps[1, :1] = 1.0  # a bright row of 10 pixels
+    assert run_test.image_scores(maps, "max").tolist() == [5.0, 1.0]
+    assert run_test.image_scores(maps, "topk").tolist() == [5.0, 1.0]  # top 1 % = 1 pixel
+    maps = torch.zeros(1, 20, 20)
+    maps[0, 0, :4] = torch.tensor([4.0, 2.0, 1.0, 1.0])
+    assert run_test.image_scores(maps, "topk").tolist() == [2.0]  # mean of the top 4
+    with pytest.raises(ValueError, match="unknown image score"):
+        run_test.image_scores(maps, "median")
