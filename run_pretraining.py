@@ -202,7 +202,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     utils.seed_everything(args.seed, env.rank)  # after the k-means fit, which draws too
     mask_rng = np.random.default_rng((args.seed, env.rank))
     tokenizer = modeling_discrete_vae.create_tokenizer(
-        args.tokenizer_model, args.tokenizer_weight_path, device)
+        args.tokenizer_model, args.tokenizer_weight_path, device, amp=args.amp)
     mean, std = datasets.normalization(args.imagenet_default_mean_and_std)
     model = build_model(args, tokenizer.vocab_size)
     patch_size = model.patch_embed.patch_size[0]

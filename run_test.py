@@ -322,7 +322,7 @@ def main(args: argparse.Namespace) -> dict:
                                            available=available)[1]
 
     tokenizer = create_tokenizer(args.tokenizer_model, args.tokenizer_weight_path,
-                                 device=str(device))
+                                 device=str(device), amp=amp)
     model = timm.create_model(args.model, pretrained=False, drop_path_rate=0.0,
                               use_shared_rel_pos_bias=True, use_abs_pos_emb=False,
                               init_values=0.1, vocab_size=tokenizer.vocab_size)
