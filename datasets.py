@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from utils import save_on_master
+from utils import main_print, save_on_master
 
 OBJECTS = ["bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
            "toothbrush", "transistor", "zipper"]
@@ -134,12 +134,35 @@ def _subdirs(folder: str) -> list[str]:
                   if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
 
 
+def resolve_train_root(path: str) -> str:
+    """The ImageNet-layout root for a --data_path given either as the root or as its
+    `train/` folder (the original scripts pass `data/Mvtec-ImageNet/train`).
+
+    `path` is taken for the train folder when it is named `train`, has no `train/` of its
+    own, and holds class folders or has `fg_mask/` beside it. Says so in one line (rank 0).
+    """
+    path = os.path.normpath(path)
+    if (os.path.basename(path) != "train" or not os.path.isdir(path)
+            or os.path.isdir(os.path.join(path, "train"))):
+        return path
+    parent = os.path.dirname(path) or "."
+    if not (_subdirs(path) or os.path.isdir(os.path.join(parent, "fg_mask"))):
+        return path
+    main_print(f"[data] {path} is the train/ folder of an ImageNet-layout set: using {parent} "
+               "(its train/ and fg_mask/)")
+    return parent
+
+
 def list_train_classes(root: str) -> list[str]:
     """Class folders of a training set in ImageNet layout (<root>/train/<class>)."""
     train_dir = os.path.join(root, "train")
     if not os.path.isdir(train_dir):
-        raise LayoutError(f"{train_dir} does not exist; expected {TRAIN_LAYOUT}. Fix: "
-                          f"python setup_train_dataset.py --data_path <MVTec AD> --root {root}")
+        target = os.path.dirname(os.path.normpath(root)) if os.path.basename(
+            os.path.normpath(root)) == "train" else root
+        raise LayoutError(f"{train_dir} does not exist; expected {TRAIN_LAYOUT}. Fix: pass "
+                          "the folder holding train/ and fg_mask/ as --data_path, or make it "
+                          f"with `python setup_train_dataset.py --data_path <MVTec AD> --root "
+                          f"{target}`")
     return _subdirs(train_dir)
 
 

@@ -748,7 +748,8 @@ def run_train(args) -> dict:
 
 def _add_common_args(p) -> None:
     p.add_argument("--data_path", required=True,
-                   help="training images in ImageNet layout: <root>/train/<class>/*")
+                   help="training images in ImageNet layout: <root>/train/<class>/* (the "
+                        "root, or its train/ folder)")
     p.add_argument("--encoder", default=DEFAULT_ENCODER,
                    help="timm backbone name (a tag selects timm's pretrained weights)")
     p.add_argument("--out_indices", type=int, nargs="+", default=list(DEFAULT_OUT_INDICES))
@@ -795,6 +796,7 @@ def main(argv: Sequence[str] | None = None) -> object:
     tp.add_argument("--resume", action="store_true",
                     help="continue the unfinished run saved in <output>.resume")
     args = parser.parse_args(argv)
+    args.data_path = datasets.resolve_train_root(args.data_path)
     return run_prototypes(args) if args.command == "prototypes" else run_train(args)
 
 

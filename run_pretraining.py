@@ -93,7 +93,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     # data
     p.add_argument("--data_path", default="data/Mvtec-ImageNet",
                    help="ImageNet layout: <data_path>/train/<class>/*.png, "
-                        "<data_path>/fg_mask/<class>/*.png")
+                        "<data_path>/fg_mask/<class>/*.png (<data_path>/train, the "
+                        "original scripts' form, is accepted too)")
     p.add_argument("--setting", default=None, choices=datasets.SETTINGS,
                    help="default multi_class (obj2tex with --from_obj_to_texture)")
     p.add_argument("--unseen_classes", nargs="*", default=None,
@@ -189,6 +190,7 @@ def main(args: argparse.Namespace) -> dict:
 def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     device = env.device
     args.setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
+    args.data_path = datasets.resolve_train_root(args.data_path)
     args.amp = utils.resolve_amp(args.amp, device)
     args.token_cache_dir = args.token_cache_dir or os.path.join(args.output_dir, "token_cache")
     if utils.is_main_process():

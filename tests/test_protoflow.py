@@ -432,6 +432,20 @@ def test_prototypes_command(cli):
                  "--classes", "gravel", "--num_shots", "9"])
 
 
+def test_commands_take_the_train_folder_as_data_path(cli, capsys):
+    """--data_path <root>/train (the original scripts' form) reads the same images."""
+    common = list(cli["common"])
+    root = common[common.index("--data_path") + 1]
+    runs = {}
+    for form, data in (("root", root), ("train", os.path.join(root, "train"))):
+        common[common.index("--data_path") + 1] = data
+        runs[form] = pf.main(["prototypes", *common, "--output_dir",
+                              str(cli["root"] / f"form_{form}"), "--classes", "brick",
+                              "--num_shots", "1"])
+    assert f"using {root} (its train/ and fg_mask/)" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(runs["root"][0]), np.load(runs["train"][0]))
+
+
 def test_train_command_writes_a_loadable_file(cli):
     out, obj = cli["out"], cli["trained"]
     with pytest.raises(ValueError, match="other held-out"):

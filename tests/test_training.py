@@ -296,6 +296,28 @@ def test_from_obj_to_texture_alias():
         datasets.resolve_setting("tex2obj", True)
 
 
+def test_original_command_line_trains(env, tmp_path, capsys):
+    """The original scripts' form: --data_path <root>/train and their flags."""
+    out = tmp_path / "out"
+    argv = _argv(env, str(out), "--epochs", "1", "--mask_ratio", "0.25", "--clip_grad", "2.0",
+                 "--drop_path", "0.05", "--layer_scale_init_value", "0.2",
+                 "--imagenet_default_mean_and_std", "--from_obj_to_texture",
+                 data=os.path.join(env["every"], "train"))
+    summary = run_pretraining.main(run_pretraining.get_args_parser().parse_args(argv))
+    assert f"{env['every']}/train is the train/ folder" in capsys.readouterr().out
+    assert summary["train_classes"] == datasets.OBJECTS and summary["num_images"] == 10
+    assert math.isfinite(summary["stats"]["loss"])
+    ckpt = utils.load_checkpoint_file(str(out / "checkpoint-last.pth"))
+    args = ckpt["args"]
+    assert args["data_path"] == env["every"] and args["setting"] == "obj2tex"
+    assert (args["mask_ratio"], args["clip_grad"], args["drop_path"]) == (0.25, 2.0, 0.05)
+    assert args["imagenet_default_mean_and_std"] and args["tokenizer_weight_path"] == env[
+        "tokenizer"]
+    # layer scale starts at 0.2 and moved by one AdamW step of lr 1e-3 at most
+    gamma = ckpt["model"]["blocks.0.gamma_1"]
+    assert (gamma - 0.2).abs().max() < 2e-3 and not torch.all(gamma == 0.2)
+
+
 _RECORDER = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
