@@ -18,7 +18,6 @@ import os
 import sys
 
 import numpy as np
-import timm
 import torch
 
 import datasets
@@ -37,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("PMAD pre-training", add_help=True)
     # model
     p.add_argument("--model", default="vit_base_patch16_224_8k_vocab",
-                   help="timm name registered by modeling_pmad")
+                   choices=sorted(modeling_pmad.PMAD_MODELS))
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--drop_path", type=float, default=0.1, metavar="PCT")
     p.add_argument("--layer_scale_init_value", type=float, default=0.1,
@@ -125,13 +124,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
-    return timm.create_model(args.model, pretrained=False, drop_path_rate=args.drop_path,
-                             use_shared_rel_pos_bias=True, use_abs_pos_emb=False,
-                             init_values=args.layer_scale_init_value, vocab_size=vocab_size,
-                             img_size=args.input_size)
-
-
 def load_init(model: torch.nn.Module, path: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -206,7 +198,10 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     tokenizer = modeling_discrete_vae.create_tokenizer(
         args.tokenizer_model, args.tokenizer_weight_path, device, amp=args.amp)
     mean, std = datasets.normalization(args.imagenet_default_mean_and_std)
-    model = build_model(args, tokenizer.vocab_size)
+    model = modeling_pmad.build_pmad(args.model, vocab_size=tokenizer.vocab_size,
+                                     img_size=args.input_size,
+                                     init_values=args.layer_scale_init_value,
+                                     drop_path_rate=args.drop_path)
     patch_size = model.patch_embed.patch_size[0]
     dataset = datasets.PretrainDataset(
         args.data_path, train_classes, token_size=tokenizer.image_size,

@@ -25,12 +25,12 @@ from tqdm import tqdm
 
 import datasets
 import metrics
-import modeling_pmad  # noqa: F401  (registers the ViTs with timm)
+import modeling_pmad
 from engine import patch_losses
 from masking_generator import CLASS_MASK_RATIOS, num_masked
 from modeling_discrete_vae import create_tokenizer, file_sha256
 from protoflow import ProtoFlow, proposals_from_log_likelihood
-from utils import amp_autocast, resolve_amp
+from utils import amp_autocast, read_weights_file, resolve_amp
 
 PAPER_RATIOS = tuple(round(0.02 * i, 2) for i in range(1, 25))  # 0.02 ... 0.48
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_ap", "pixel_ap",
@@ -265,10 +265,16 @@ def save_heatmaps(data: ClassData, maps: torch.Tensor, out_dir: Path, count: int
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("PMAD evaluation", add_help=True)
-    p.add_argument("--model", default="vit_base_patch16_224_8k_vocab")
     p.add_argument("--ckpt", default="weights/vit_base_16_checkpoint_962_955.pth",
                    help="PMAD checkpoint (run_pretraining.py output or a released file)")
-    p.add_argument("--tokenizer_model", default="dall-e")
+    # Default None: taken from the checkpoint's training arguments, else the paper's
+    # (modeling_pmad.PAPER_EVAL_CONFIG); a flag given explicitly wins.
+    p.add_argument("--model", default=None, choices=sorted(modeling_pmad.PMAD_MODELS))
+    p.add_argument("--input_size", type=int, default=None)
+    p.add_argument("--layer_scale_init_value", type=float, default=None)
+    p.add_argument("--imagenet_default_mean_and_std", action=argparse.BooleanOptionalAction,
+                   default=None)
+    p.add_argument("--tokenizer_model", default=None)
     p.add_argument("--tokenizer_weight_path", default="weights/tokenizer")
     p.add_argument("--protoflow_weights", default="weights/protoflow",
                    help="a ProtoFlow file, or a folder holding exactly one .pt file")
@@ -294,8 +300,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
                    help="autocast for the ViT (default: bf16 where supported)")
-    p.add_argument("--imagenet_default_mean_and_std", action=argparse.BooleanOptionalAction,
-                   default=True)
     p.add_argument("--output_dir", default="output_dir/test")
     p.add_argument("--save_heatmaps", type=int, default=0, metavar="N",
                    help="write N heatmap PNGs per class")
@@ -307,6 +311,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     amp = resolve_amp(args.amp, device)
+    checkpoint = read_weights_file(args.ckpt)
+    config, notes = modeling_pmad.resolve_eval_config(vars(args), checkpoint, args.ckpt)
+    print("\n".join(f"[run_test] {note}" for note in notes))
+    vars(args).update(config)
     mean, std = datasets.normalization(args.imagenet_default_mean_and_std)
     setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
     root = Path(args.data_path)
@@ -323,10 +331,16 @@ def main(args: argparse.Namespace) -> dict:
 
     tokenizer = create_tokenizer(args.tokenizer_model, args.tokenizer_weight_path,
                                  device=str(device), amp=amp)
-    model = timm.create_model(args.model, pretrained=False, drop_path_rate=0.0,
-                              use_shared_rel_pos_bias=True, use_abs_pos_emb=False,
-                              init_values=0.1, vocab_size=tokenizer.vocab_size)
-    modeling_pmad.load_checkpoint(model, args.ckpt, strict=True)
+    vocab_size = modeling_pmad.checkpoint_vocab_size(checkpoint, args.ckpt)
+    if vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"{args.ckpt} predicts {vocab_size} visual tokens but the "
+                         f"{args.tokenizer_model} tokenizer {args.tokenizer_weight_path} has "
+                         f"{tokenizer.vocab_size}: evaluate with the tokenizer it was trained on")
+    model = modeling_pmad.build_pmad(args.model, vocab_size=vocab_size,
+                                     img_size=args.input_size,
+                                     init_values=args.layer_scale_init_value)
+    modeling_pmad.load_checkpoint(model, args.ckpt, strict=True, checkpoint=checkpoint)
+    del checkpoint
     model.to(device).eval()
     args.protoflow_weights = resolve_weights_file(args.protoflow_weights)
     protoflow = ProtoFlow(args.protoflow_weights, args.prototypes_dir, device=str(device),

@@ -137,3 +137,57 @@ def test_clean_protocol_without_a_stored_threshold_proposes_for_every_image(tiny
     record = run_test.main(args)["classes"]["coins"]
     assert record["threshold"] is None
     assert record["called_anomalous"] == record["num_images"]
+
+
+@pytest.fixture(scope="module")
+def trained_112(tiny_world, tmp_path_factory):
+    """A checkpoint of ours trained with non-default model settings: 112 px, layer scale
+    0.05, 0.5/0.5 normalisation, its own 16-code k-means tokenizer at 112 px."""
+    import run_pretraining
+    base = tmp_path_factory.mktemp("trained_112")
+    tokenizer = str(base / "kmeans_112.pth")
+    argv = ["--model", tiny_world.model, "--input_size", "112",
+            "--layer_scale_init_value", "0.05", "--no-imagenet_default_mean_and_std",
+            "--tokenizer_model", "kmeans", "--tokenizer_weight_path", tokenizer,
+            "--fit_kmeans_tokenizer", "--kmeans_vocab_size", "16",
+            "--data_path", str(tiny_world.imagenet_root), "--output_dir", str(base / "out"),
+            "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "2",
+            "--max_steps_per_epoch", "1", "--num_workers", "0", "--no_init", "--amp", "none",
+            "--device", "cpu"]
+    run_pretraining.main(run_pretraining.get_args_parser().parse_args(argv))
+    return {"ckpt": str(base / "out" / "checkpoint-last.pth"), "tokenizer": tokenizer}
+
+
+def _eval_argv(world, trained, out, *extra: str) -> list[str]:
+    """No model flag repeated from training: the checkpoint's arguments decide them."""
+    return ["--ckpt", trained["ckpt"], "--tokenizer_weight_path", trained["tokenizer"],
+            "--protoflow_weights", str(world.protoflow),
+            "--prototypes_dir", str(world.prototypes_dir), "--data_path", str(world.mvtec_root),
+            "--classes", "coins", "--output_dir", str(out), "--batch_size", "8",
+            "--num_workers", "0", "--device", "cpu", "--amp", "none", *extra]
+
+
+def test_checkpoint_evaluates_with_its_own_settings(tiny_world, trained_112, tmp_path, capsys):
+    argv = _eval_argv(tiny_world, trained_112, tmp_path)
+    results = run_test.main(run_test.get_args_parser().parse_args(argv))
+    out = capsys.readouterr().out
+    assert f"[run_test] {trained_112['ckpt']} stores its training arguments" in out
+    assert "override" not in out
+    args = results["args"]
+    assert (args["model"], args["input_size"], args["layer_scale_init_value"]) == (
+        tiny_world.model, 112, 0.05)
+    assert args["imagenet_default_mean_and_std"] is False and args["tokenizer_model"] == "kmeans"
+    record = results["classes"]["coins"]
+    assert record["num_images"] == 8 and 0 <= record["image_auroc"] <= 1
+    # An explicit flag wins and is reported; here it cannot fit the weights: a clear error.
+    with pytest.raises(ValueError, match=r"rel_pos_bias.* has shape .*image size"):
+        run_test.main(run_test.get_args_parser().parse_args(argv + ["--input_size", "224"]))
+    assert "--input_size 224 (checkpoint: 112)" in capsys.readouterr().out
+
+
+def test_tokenizer_of_another_vocabulary_is_refused(tiny_world, trained_112, tmp_path):
+    argv = _eval_argv(tiny_world, trained_112, tmp_path)
+    argv[argv.index("--tokenizer_weight_path") + 1] = str(tiny_world.tokenizer)
+    with pytest.raises(ValueError, match=f"predicts 16 visual tokens but the kmeans tokenizer "
+                                         f"{tiny_world.tokenizer} has {KMEANS_VOCAB}"):
+        run_test.main(run_test.get_args_parser().parse_args(argv))
