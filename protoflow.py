@@ -403,11 +403,14 @@ def save_protoflow(path: str, encoder: nn.Module, flow: Ff.SequenceINN, *, backb
                    out_indices: Sequence[int], classes: Sequence[str],
                    normal_scores: Tensor | None = None, normal_classes: Tensor | None = None,
                    threshold_quantile: float = THRESHOLD_QUANTILE,
+                   mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                   std: Sequence[float] = IMAGENET_DEFAULT_STD,
                    extra: dict | None = None) -> dict:
     """The released layout {'encoder_state_dict', 'decoder_state_dict'} plus our fields.
 
     The image-score threshold is the `threshold_quantile` of held-out normal images'
     scores (with fewer than 100 images the 0.99 quantile lies between the two largest).
+    `mean`, `std`: the input normalisation the encoder and flow were trained with.
     Everything is a tensor or a plain type, so torch.load(weights_only=True) reads it.
     """
     stats, threshold = None, None
@@ -425,9 +428,27 @@ def save_protoflow(path: str, encoder: nn.Module, flow: Ff.SequenceINN, *, backb
            "backbone": backbone, "out_indices": list(out_indices), "n_blocks": n_blocks,
            "feature_dim": feature_dim, "image_score_threshold": threshold,
            "threshold_quantile": threshold_quantile if threshold is not None else None,
-           "normal_image_scores": stats, "classes": list(classes), **(extra or {})}
+           "normal_image_scores": stats, "classes": list(classes),
+           "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+           **(extra or {})}
     save_on_master(obj, path)
     return obj
+
+
+def file_normalization(obj: dict, path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) a ProtoFlow file was trained with; a released file records none and
+    was trained on ImageNet-normalised images (method.md 6)."""
+    norm = obj.get("normalization")
+    if norm is None:
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    try:
+        mean, std = (tuple(float(v) for v in norm[k]) for k in ("mean", "std"))
+    except (KeyError, TypeError, ValueError):
+        mean = std = ()
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"{path}: 'normalization' {norm!r} is not {{'mean': [3 floats], "
+                         "'std': [3 positive floats]}; the file is damaged")
+    return mean, std
 
 
 def load_protoflow_file(path: str) -> dict:
@@ -450,11 +471,17 @@ class ProtoFlow:
     A file carrying 'encoder_state_dict' (the released files and ours) is self-contained:
     the backbone is built without pretrained weights and loaded strictly from it. For a
     file without one, `encoder_weights` (a local file) or timm's download supplies it.
+    `input_normalization` (mean, std) is how the images given to `log_likelihood` are
+    normalised (default: as the file was trained); they are converted to the file's own.
     """
 
     def __init__(self, weights_path: str, prototypes_dir: str, device: str = "cpu",
-                 encoder_weights: str | None = None) -> None:
+                 encoder_weights: str | None = None,
+                 input_normalization: tuple[Sequence[float], Sequence[float]] | None = None
+                 ) -> None:
         ckpt = load_protoflow_file(weights_path)
+        self.normalization = file_normalization(ckpt, weights_path)
+        self.input_normalization = input_normalization or self.normalization
         self.weights_path = weights_path
         self.prototypes_dir = prototypes_dir
         self.device = torch.device(device)
@@ -501,15 +528,30 @@ class ProtoFlow:
         return self._prototypes[class_name]
 
     @torch.inference_mode()
-    def log_likelihood(self, images: Tensor, class_name: str) -> Tensor:
-        """Per-patch log-likelihood (N, H/8, W/8) on the CPU, for ImageNet-normalised
-        images (N, 3, H, W) of one class."""
+    def log_likelihood(self, images: Tensor, class_name: str,
+                       normalization: tuple[Sequence[float], Sequence[float]] | None = None
+                       ) -> Tensor:
+        """Per-patch log-likelihood (N, H/8, W/8) on the CPU for normalised images
+        (N, 3, H, W) of one class; `normalization` (mean, std) is theirs (default
+        `input_normalization`), converted to the one ProtoFlow was trained with."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
         protos = self.prototypes(class_name)
-        x = images.to(self.device, torch.float32)
+        x = self._renormalize(images.to(self.device, torch.float32),
+                              normalization or self.input_normalization)
         class_idx = torch.zeros(len(x), dtype=torch.long, device=self.device)
         return patch_log_likelihood(self.encoder, self.flow, x, [protos], class_idx).cpu()
+
+    def _renormalize(self, x: Tensor, normalization: tuple[Sequence[float], Sequence[float]]
+                     ) -> Tensor:
+        """(N, 3, H, W) normalised by `normalization` -> normalised by ProtoFlow's own."""
+        given = tuple(tuple(float(v) for v in t) for t in normalization)
+        if given == self.normalization:
+            return x
+        (mean_in, std_in), (mean, std) = (
+            (torch.tensor(t, device=x.device).view(1, 3, 1, 1) for t in pair)
+            for pair in (given, self.normalization))
+        return (x * std_in + mean_in - mean) / std
 
     def propose(self, images: Tensor | Iterable[Tensor], class_name: str,
                 mask_ratios: Sequence[float], batch_size: int = 32,

@@ -343,8 +343,9 @@ def main(args: argparse.Namespace) -> dict:
     del checkpoint
     model.to(device).eval()
     args.protoflow_weights = resolve_weights_file(args.protoflow_weights)
+    # ProtoFlow is given the ViT's images and converts them to its own normalisation.
     protoflow = ProtoFlow(args.protoflow_weights, args.prototypes_dir, device=str(device),
-                          encoder_weights=args.encoder_weights)
+                          encoder_weights=args.encoder_weights, input_normalization=(mean, std))
     img_size = model.patch_embed.img_size[0]
     if args.protocol == "clean" and protoflow.threshold is None:
         print(f"[run_test] {args.protoflow_weights} stores no threshold from normal images "

@@ -167,7 +167,16 @@ def _eval_argv(world, trained, out, *extra: str) -> list[str]:
             "--num_workers", "0", "--device", "cpu", "--amp", "none", *extra]
 
 
-def test_checkpoint_evaluates_with_its_own_settings(tiny_world, trained_112, tmp_path, capsys):
+def test_checkpoint_evaluates_with_its_own_settings(tiny_world, trained_112, tmp_path, capsys,
+                                                    monkeypatch):
+    log_likelihoods = []  # what ProtoFlow computes in each run
+
+    def recording(self, *a, **k):
+        log_likelihoods.append(original(self, *a, **k))
+        return log_likelihoods[-1]
+
+    original = run_test.ProtoFlow.log_likelihood
+    monkeypatch.setattr(run_test.ProtoFlow, "log_likelihood", recording)
     argv = _eval_argv(tiny_world, trained_112, tmp_path)
     results = run_test.main(run_test.get_args_parser().parse_args(argv))
     out = capsys.readouterr().out
@@ -179,7 +188,18 @@ def test_checkpoint_evaluates_with_its_own_settings(tiny_world, trained_112, tmp
     assert args["imagenet_default_mean_and_std"] is False and args["tokenizer_model"] == "kmeans"
     record = results["classes"]["coins"]
     assert record["num_images"] == 8 and 0 <= record["image_auroc"] <= 1
-    # An explicit flag wins and is reported; here it cannot fit the weights: a clear error.
+    # An explicit flag wins and is reported. ProtoFlow converts the ViT's normalisation
+    # to its own (ImageNet's): its log-likelihoods do not depend on the flag.
+    half = torch.cat(log_likelihoods)  # (8, 14, 14)
+    log_likelihoods.clear()
+    imagenet = run_test.main(run_test.get_args_parser().parse_args(
+        argv + ["--imagenet_default_mean_and_std"]))
+    assert ("given flags override the checkpoint's training arguments: "
+            "--imagenet_default_mean_and_std True (checkpoint: False)") in capsys.readouterr().out
+    assert imagenet["args"]["imagenet_default_mean_and_std"] is True
+    assert half.shape == (8, 14, 14)
+    torch.testing.assert_close(half, torch.cat(log_likelihoods), atol=1e-4, rtol=1e-5)
+    # Here an explicit flag cannot fit the weights: a clear error.
     with pytest.raises(ValueError, match=r"rel_pos_bias.* has shape .*image size"):
         run_test.main(run_test.get_args_parser().parse_args(argv + ["--input_size", "224"]))
     assert "--input_size 224 (checkpoint: 112)" in capsys.readouterr().out
