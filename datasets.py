@@ -3,12 +3,12 @@
 Layouts
   training (ImageNet layout, written by setup_train_dataset.py):
     <root>/train/<class>/<stem>.<ext>        normal training images
-    <root>/fg_mask/<class>/<stem>.png        foreground masks (method.md 4)
+    <root>/fg_mask/<class>/<stem>.png        foreground masks (docs/method.md 4)
   test (MVTec layout: MVTec AD, BTAD, MPDD, the demo set):
     <root>/<class>/test/<defect>/<stem>.<ext>        'good' (or BTAD's 'ok') is normal
     <root>/<class>/ground_truth/<defect>/<stem>_mask.<ext>   (or <stem>.<ext>, BTAD)
 
-Bad input is never replaced by another sample (method.md 9.6): an unreadable or missing
+Bad input is never replaced by another sample (docs/method.md 9.6): an unreadable or missing
 file is an error naming it; with ``skip_bad_images=True`` every file is decoded once at
 construction and the bad ones are listed in a warning and left out.
 """
@@ -86,7 +86,7 @@ def normalization(imagenet_default_mean_and_std: bool = True
 
 def setting_classes(setting: str, unseen_classes: str | Sequence[str] | None = None,
                     available: Iterable[str] | None = None) -> tuple[list[str], list[str]]:
-    """(train classes, test classes) of a PMAD setting (method.md 4).
+    """(train classes, test classes) of a PMAD setting (docs/method.md 4).
 
     `available` are the class folders of the data at hand (default: MVTec AD's 15); it
     makes 'multi_class' and 'leave_one_out' work for any class set. 'obj2tex' and
@@ -175,7 +175,7 @@ def list_test_classes(root: str) -> list[str]:
 
 def fg_mask_path(root: str, class_name: str, image_path: str) -> str:
     """Foreground-mask file of a training image, from the folder structure (not by
-    replacing the text 'train' in the path, method.md 9.8)."""
+    replacing the text 'train' in the path, docs/method.md 9.8)."""
     stem = os.path.splitext(os.path.basename(image_path))[0]
     return os.path.join(root, "fg_mask", class_name, stem + ".png")
 
@@ -222,7 +222,7 @@ def _resize_crop(size: int) -> list:
 def build_transforms(img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                      std: Sequence[float] = IMAGENET_DEFAULT_STD) -> T.Compose:
     """ViT / ProtoFlow input: Resize(bicubic, antialias) + CenterCrop + mean/std
-    (method.md 4, 7)."""
+    (docs/method.md 4, 7)."""
     return T.Compose(_resize_crop(img_size) + [T.Normalize(mean, std)])
 
 
@@ -388,7 +388,7 @@ class _TokenImageDataset(Dataset):
 
 
 class PretrainDataset(_TokenImageDataset):
-    """Training set of the reconstruction ViT (method.md 4): per sample the normalised
+    """Training set of the reconstruction ViT (docs/method.md 4): per sample the normalised
     image, the token image (or cached tokens), the foreground patch mask and the class.
 
     fg_mask=False needs no mask files and marks every patch as foreground, so that
@@ -464,7 +464,7 @@ def _find_gt_mask(gt_dir: str, listing: set[str], stem: str) -> str | None:
 
 
 class MVTecTestDataset(_TokenImageDataset):
-    """One class of a set in MVTec layout (method.md 7): image, token image, label
+    """One class of a set in MVTec layout (docs/method.md 7): image, token image, label
     (0 = normal), ground-truth mask, name ('<defect>_<stem>', unique within the class),
     defect type."""
 

@@ -1,4 +1,4 @@
-"""Frozen visual tokenizers: image -> one discrete code per 16 x 16 patch (method.md 3).
+"""Frozen visual tokenizers: image -> one discrete code per 16 x 16 patch (docs/method.md 3).
 
 `create_tokenizer(name, weight_path, device, amp)` builds one from a local file; more
 kinds plug in through `register_tokenizer`. Every tokenizer is an eval-mode module with

@@ -1,7 +1,7 @@
 """The reconstruction ViT of PMAD: BEiT's masked-image-modelling transformer.
 
 Same layout and key names as BEiT's pretraining model, so the released BEiT pt22k and
-PMAD checkpoints load unchanged (method.md section 2). Attention runs through
+PMAD checkpoints load unchanged (docs/method.md section 2). Attention runs through
 ``F.scaled_dot_product_attention`` with the shared relative position bias as its additive
 mask; ``Attention.fused_attn = False`` selects the explicit-softmax formulation (kept as
 the numerical reference for tests and the baseline for bench/bench_model.py).
@@ -327,7 +327,7 @@ def build_pmad(model: str, *, vocab_size: int, img_size: int = 224,
                ) -> VisionTransformerForMaskedImageModeling:
     """PMAD's ViT in its paper layout (shared relative position bias, no absolute position
     embedding); `init_values` None keeps the model's own layer scale (base 0.1, large
-    1e-5, method.md 2). The one builder of run_pretraining.py and run_test.py."""
+    1e-5, docs/method.md 2). The one builder of run_pretraining.py and run_test.py."""
     if model not in PMAD_MODELS:
         raise ValueError(f"unknown model {model!r}: choose one of {sorted(PMAD_MODELS)}")
     layer_scale = {} if init_values is None else {"init_values": init_values}
@@ -339,7 +339,7 @@ def build_pmad(model: str, *, vocab_size: int, img_size: int = 224,
 # ---------------------------------------------------------------- checkpoint loading
 
 # Evaluation settings a checkpoint's training arguments decide, with the paper's values
-# for a released file that stores none (method.md 2; layer scale None: the model's own).
+# for a released file that stores none (docs/method.md 2; layer scale None: the model's own).
 PAPER_EVAL_CONFIG: dict[str, Any] = {
     "model": "vit_base_patch16_224_8k_vocab", "input_size": 224,
     "layer_scale_init_value": None, "imagenet_default_mean_and_std": True,

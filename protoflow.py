@@ -1,4 +1,4 @@
-"""ProtoFlow: PMAD's proposal masks and abnormality maps (method.md section 6).
+"""ProtoFlow: PMAD's proposal masks and abnormality maps (docs/method.md section 6).
 
 Each patch feature of a frozen CNN, minus its nearest normal prototype of the image's
 class, is scored by a conditional normalizing flow; a low likelihood marks an anomalous
@@ -62,7 +62,7 @@ Rng = np.random.Generator | torch.Generator
 
 @dataclass
 class Proposals:
-    """ProtoFlow's output for one class's image set (method.md 6)."""
+    """ProtoFlow's output for one class's image set (docs/method.md 6)."""
     log_likelihood: Tensor        # (N, h, w) per-dim log-likelihood, unnormalised
     abnormality_maps: Tensor      # (N, H, W) max(prob) - prob over the set
     image_scores: Tensor          # (N,) max over patches of -logp (set-independent)
@@ -90,7 +90,7 @@ def patch_rows(features: Tensor) -> Tensor:
 
 def train_transform(img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                     std: Sequence[float] = IMAGENET_DEFAULT_STD):
-    """Flow-training augmentation (method.md 6): RandomResizedCrop(scale 0.2-1, bicubic)
+    """Flow-training augmentation (docs/method.md 6): RandomResizedCrop(scale 0.2-1, bicubic)
     + horizontal flip. Prototypes and held-out scores use the test transform instead
     (datasets.build_transforms), so that they match the features seen at test time."""
     return T.Compose([T.RandomResizedCrop(img_size, scale=(0.2, 1.0),
@@ -280,7 +280,7 @@ def _subnet(c_in: int, c_out: int) -> nn.Module:
 
 def build_flow(dim: int, n_blocks: int = DEFAULT_N_BLOCKS, cond_dim: int = COND_DIM,
                rng: Rng | None = None) -> Ff.SequenceINN:
-    """FrEIA SequenceINN(dim) of conditional AllInOneBlocks (method.md 6).
+    """FrEIA SequenceINN(dim) of conditional AllInOneBlocks (docs/method.md 6).
 
     FrEIA draws each block's fixed rotation from numpy's global generator; with `rng`
     they are redrawn from it, so that a seed fixes the whole flow.
@@ -341,7 +341,7 @@ def proposals_from_log_likelihood(logp: Tensor, mask_ratios: Sequence[float],
     """Proposal masks and abnormality maps of a whole set of logp maps (N, h, w).
 
     The normalisation (subtract the set's maximum, exp, max(prob) - prob) runs over the
-    whole given set, as in method.md 6, so pass a class's full test set at once. The
+    whole given set, as in docs/method.md 6, so pass a class's full test set at once. The
     masks' per-image ranking and the image scores do not depend on the set.
     """
     if logp.ndim != 3 or len(logp) == 0:
@@ -437,7 +437,7 @@ def save_protoflow(path: str, encoder: nn.Module, flow: Ff.SequenceINN, *, backb
 
 def file_normalization(obj: dict, path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) a ProtoFlow file was trained with; a released file records none and
-    was trained on ImageNet-normalised images (method.md 6)."""
+    was trained on ImageNet-normalised images (docs/method.md 6)."""
     norm = obj.get("normalization")
     if norm is None:
         return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
@@ -584,7 +584,7 @@ def train_flow(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
     """Train the flow on (images, class_idx) batches; returns each epoch's mean loss.
 
     Adam; per-step lr: linear warm-up from lr/10 over `warmup_epochs`, then cosine to
-    lr * 1e-3 (method.md 6). The encoder stays frozen. A non-finite loss stops training
+    lr * 1e-3 (docs/method.md 6). The encoder stays frozen. A non-finite loss stops training
     with an error instead of corrupting the weights. `epoch_end(epoch, loss, optimizer)`
     runs after each epoch (checkpoints).
     """

@@ -3,7 +3,7 @@
 One process:      python run_pretraining.py --data_path data/Mvtec-ImageNet ...
 Several GPUs:     torchrun --nproc_per_node 8 run_pretraining.py ...   (scripts/train_*.sh)
 
-Settings (method.md 4): multi_class (every class of --data_path), obj2tex (the 10 MVTec
+Settings (docs/method.md 4): multi_class (every class of --data_path), obj2tex (the 10 MVTec
 objects), tex2obj (the 5 textures), leave_one_out (all but --unseen_classes).
 Outputs in --output_dir: checkpoint-last.pth (every epoch), checkpoint-<epoch>.pth (every
 --save_ckpt_freq epochs and the last), log.txt (one JSON object per epoch), the token
@@ -40,7 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--drop_path", type=float, default=0.1, metavar="PCT")
     p.add_argument("--layer_scale_init_value", type=float, default=0.1,
-                   help="0.1 for base, 1e-5 for large (method.md 2)")
+                   help="0.1 for base, 1e-5 for large (docs/method.md 2)")
     p.add_argument("--init_ckpt", default="weights/beit_base_patch16_224_pt22k.pth",
                    help="BEiT self-supervised ImageNet-22k checkpoint to start from")
     p.add_argument("--no_init", action="store_true",
@@ -62,7 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="where visual tokens are cached (default <output_dir>/token_cache)")
     # masking
     p.add_argument("--mask_ratio", type=float, default=0.3,
-                   help="mask ratio of classes without a ratio of their own (method.md 5)")
+                   help="mask ratio of classes without a ratio of their own (docs/method.md 5)")
     p.add_argument("--dynamic_masking_start", type=int, default=100,
                    help="first epoch of dynamic masking and rank-weighted loss")
     p.add_argument("--freq_mode", default="patch", choices=["patch", "global"],

@@ -1,4 +1,4 @@
-"""Convert an MVTec-format dataset into the ImageNet layout PMAD trains on (method.md 4).
+"""Convert an MVTec-format dataset into the ImageNet layout PMAD trains on (docs/method.md 4).
 
   <data_path>/<class>/train/good/*   ->  <root>/train/<class>/*
   <data_path>/<class>/test/good/*    ->  <root>/val/<class>/*

@@ -42,7 +42,7 @@ def _truncate(path: Path) -> None:
 
 @pytest.fixture
 def train_root(tmp_path: Path) -> Path:
-    """ImageNet layout under a path that itself contains 'train' (method.md 9.8)."""
+    """ImageNet layout under a path that itself contains 'train' (docs/method.md 9.8)."""
     root = tmp_path / "train_data" / "inet"
     for i, colour in enumerate(BOTTLE_COLOURS):
         _save(root / "train" / "bottle" / f"{i:03d}.png", np.full((64, 96, 3), colour, np.uint8))

@@ -103,7 +103,7 @@ def test_registry(monkeypatch):
 # ------------------------------------------------------------------------------ DALL-E
 
 def dalle_reference(sd: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-    """method.md 3 written out with functional ops, from the state dict alone."""
+    """docs/method.md 3 written out with functional ops, from the state dict alone."""
     def conv(x, name, pad):
         return F.conv2d(x, sd[f"{name}.w"], sd[f"{name}.b"], padding=pad)
 
@@ -427,7 +427,7 @@ def test_kmeans_rejects_other_files(tmp_path, tiny_vqkd):
 # Stand-ins for OpenAI's `dall_e.utils` and `dall_e.encoder`, declared as OpenAI declares
 # them: attrs classes whose fields are `attr.ib`s, except Encoder.group_count, a plain
 # class attribute that a pickled instance does not store. The forward methods follow
-# method.md 3 (fp16 convolutions on CUDA only), independently of modeling_discrete_vae.
+# docs/method.md 3 (fp16 convolutions on CUDA only), independently of modeling_discrete_vae.
 OPENAI_UTILS = '''
 import math
 import attr
