@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -25,6 +24,7 @@ import engine
 import modeling_pmad
 import run_pretraining
 import utils
+from conftest import run_command
 from masking_generator import CLASS_MASK_RATIOS, num_masked
 from modeling_discrete_vae import DalleEncoder, save_dalle_encoder
 
@@ -344,8 +344,7 @@ def test_torchrun_two_processes_on_gloo(env, tmp_path):
     argv = _argv(env, out, "--epochs", "1", "--max_steps_per_epoch", "2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc_per_node", "2", str(script), *argv]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_command(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     seen = [json.loads((rec / f"seen{r}.json").read_text()) for r in range(2)]
     assert len(seen[0]) == len(seen[1]) == 4  # 2 steps x batch 2 on each rank
@@ -365,9 +364,11 @@ def test_shell_scripts_build_the_torchrun_command(tmp_path):
     (fake / "torchrun").write_text("#!/usr/bin/env bash\necho \"$@\"\n")
     (fake / "torchrun").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "NPROC": "3"}
-    run = lambda script, **e: subprocess.run(  # noqa: E731
-        ["bash", f"scripts/{script}", "--epochs", "7"], cwd=REPO, capture_output=True,
-        text=True, env={**env, **e}, check=True).stdout.split()
+    def run(script: str, **e: str) -> list[str]:
+        proc = run_command(["bash", f"scripts/{script}", "--epochs", "7"], cwd=REPO,
+                           env={**env, **e})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
     multi = run("train_multi_class.sh")
     assert multi[multi.index("--nproc_per_node") + 1] == "3"
     assert "run_pretraining.py" in multi and multi[-2:] == ["--epochs", "7"]
