@@ -263,6 +263,19 @@ def save_heatmaps(data: ClassData, maps: torch.Tensor, out_dir: Path, count: int
             out_dir / f"{data.names[i]}.png")
 
 
+def mask_ratio_arg(text: str) -> float:
+    """argparse type of a mask ratio: a fraction of the patches, strictly inside (0, 1)."""
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < ratio < 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"{text} is outside (0, 1): a mask ratio is the fraction of patches masked, "
+            "e.g. 0.3 (the paper's Table 6 ratios lie between 0.04 and 0.48)")
+    return ratio
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("PMAD evaluation", add_help=True)
     p.add_argument("--ckpt", default="weights/vit_base_16_checkpoint_962_955.pth",
@@ -290,10 +303,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the original's switch: same as --setting obj2tex")
     p.add_argument("--classes", nargs="*", default=None, help="evaluate exactly these")
     p.add_argument("--protocol", default="clean", choices=["clean", "paper"])
-    p.add_argument("--mask_ratio", type=float, default=None,
+    p.add_argument("--mask_ratio", type=mask_ratio_arg, default=None,
                    help="clean protocol: one ratio for every class (default: the "
                         "per-class ratios of the paper's Table 6, 0.3 for other classes)")
-    p.add_argument("--default_mask_ratio", type=float, default=0.3)
+    p.add_argument("--default_mask_ratio", type=mask_ratio_arg, default=0.3)
     p.add_argument("--sigma", type=float, default=4.0)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--num_workers", type=int, default=2)
@@ -388,5 +401,16 @@ def main(args: argparse.Namespace) -> dict:
     return results
 
 
+def exit_status(results: dict) -> int:
+    """0 when every class was evaluated, else 1 (listed on stderr): a class fails when it
+    is in results['failed'] or any of its metrics is not finite."""
+    failed = list(results.get("failed", {})) + [
+        name for name, record in results["classes"].items()
+        if not all(math.isfinite(record.get(k, math.nan)) for k in METRIC_KEYS)]
+    if failed:
+        print(f"[run_test] failed classes: {', '.join(dict.fromkeys(failed))}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main(get_args_parser().parse_args()) else 1)
+    sys.exit(exit_status(main(get_args_parser().parse_args())))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -14,15 +15,18 @@ import run_test
 from conftest import KMEANS_VOCAB
 
 
+def _args_list(world, tmp_path, protocol: str, *extra: str) -> list[str]:
+    return ["--model", world.model, "--ckpt", str(world.pmad_ckpt),
+            "--tokenizer_model", "kmeans", "--tokenizer_weight_path", str(world.tokenizer),
+            "--protoflow_weights", str(world.protoflow),
+            "--prototypes_dir", str(world.prototypes_dir),
+            "--data_path", str(world.mvtec_root), "--protocol", protocol,
+            "--output_dir", str(tmp_path / protocol), "--batch_size", "8",
+            "--num_workers", "0", "--device", "cpu", "--amp", "none", *extra]
+
+
 def _args(world, tmp_path, protocol: str, *extra: str):
-    return run_test.get_args_parser().parse_args([
-        "--model", world.model, "--ckpt", str(world.pmad_ckpt),
-        "--tokenizer_model", "kmeans", "--tokenizer_weight_path", str(world.tokenizer),
-        "--protoflow_weights", str(world.protoflow),
-        "--prototypes_dir", str(world.prototypes_dir),
-        "--data_path", str(world.mvtec_root), "--protocol", protocol,
-        "--output_dir", str(tmp_path / protocol), "--batch_size", "8", "--num_workers", "0",
-        "--device", "cpu", "--amp", "none", *extra])
+    return run_test.get_args_parser().parse_args(_args_list(world, tmp_path, protocol, *extra))
 
 
 def test_gaussian_blur_equals_scipy() -> None:
@@ -211,3 +215,37 @@ def test_tokenizer_of_another_vocabulary_is_refused(tiny_world, trained_112, tmp
     with pytest.raises(ValueError, match=f"predicts 16 visual tokens but the kmeans tokenizer "
                                          f"{tiny_world.tokenizer} has {KMEANS_VOCAB}"):
         run_test.main(run_test.get_args_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("value", ["0", "1", "-0.2", "1.5", "nan", "x"])
+def test_mask_ratio_outside_0_1_is_refused(value, capsys):
+    parse = run_test.get_args_parser().parse_args
+    for flag in ("--mask_ratio", "--default_mask_ratio"):
+        with pytest.raises(SystemExit) as exit_info:
+            parse([flag, value])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: " in err
+        assert "outside (0, 1)" in err or "'x' is not a number" in err
+    assert parse(["--mask_ratio", "0.04"]).mask_ratio == 0.04
+
+
+def test_exit_status_is_non_zero_when_a_class_fails(capsys):
+    ok = dict.fromkeys(run_test.METRIC_KEYS, 0.9)
+    assert run_test.exit_status({"classes": {"bottle": ok, "cable": ok}}) == 0
+    assert capsys.readouterr().err == ""
+    nan = {**ok, "pixel_aupro": math.nan}
+    assert run_test.exit_status({"classes": {"bottle": ok, "cable": nan}}) == 1
+    assert capsys.readouterr().err == "[run_test] failed classes: cable\n"
+    assert run_test.exit_status({"classes": {"bottle": ok},
+                                 "failed": {"screw": "unreadable image"}}) == 1
+    assert "failed classes: screw" in capsys.readouterr().err
+
+
+def test_command_line_exit_codes(tiny_world, tmp_path):
+    from conftest import ROOT, run_command
+    base = [sys.executable, "run_test.py", *_args_list(tiny_world, tmp_path, "clean")]
+    bad_ratio = run_command(base + ["--mask_ratio", "0"], cwd=ROOT)
+    assert bad_ratio.returncode == 2 and "--mask_ratio: 0 is outside (0, 1)" in bad_ratio.stderr
+    no_class = run_command(base + ["--classes", "screw"], cwd=ROOT)
+    assert no_class.returncode == 1 and "classes ['screw'] have no" in no_class.stderr
