@@ -3,12 +3,12 @@
 Layouts
   training (ImageNet layout, written by setup_train_dataset.py):
     <root>/train/<class>/<stem>.<ext>        normal training images
-    <root>/fg_mask/<class>/<stem>.png        foreground masks (method.md 4)
+    <root>/fg_mask/<class>/<stem>.png        foreground masks (docs/method.md 4)
   test (MVTec layout: MVTec AD, BTAD, MPDD, the demo set):
     <root>/<class>/test/<defect>/<stem>.<ext>        'good' (or BTAD's 'ok') is normal
     <root>/<class>/ground_truth/<defect>/<stem>_mask.<ext>   (or <stem>.<ext>, BTAD)
 
-Bad input is never replaced by another sample (method.md 9.6): an unreadable or missing
+Bad input is never replaced by another sample (docs/method.md 9.6): an unreadable or missing
 file is an error naming it; with ``skip_bad_images=True`` every file is decoded once at
 construction and the bad ones are listed in a warning and left out.
 """
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from utils import save_on_master
+from utils import main_print, save_on_master
 
 OBJECTS = ["bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
            "toothbrush", "transistor", "zipper"]
@@ -86,7 +86,7 @@ def normalization(imagenet_default_mean_and_std: bool = True
 
 def setting_classes(setting: str, unseen_classes: str | Sequence[str] | None = None,
                     available: Iterable[str] | None = None) -> tuple[list[str], list[str]]:
-    """(train classes, test classes) of a PMAD setting (method.md 4).
+    """(train classes, test classes) of a PMAD setting (docs/method.md 4).
 
     `available` are the class folders of the data at hand (default: MVTec AD's 15); it
     makes 'multi_class' and 'leave_one_out' work for any class set. 'obj2tex' and
@@ -134,12 +134,35 @@ def _subdirs(folder: str) -> list[str]:
                   if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
 
 
+def resolve_train_root(path: str) -> str:
+    """The ImageNet-layout root for a --data_path given either as the root or as its
+    `train/` folder (the original scripts pass `data/Mvtec-ImageNet/train`).
+
+    `path` is taken for the train folder when it is named `train`, has no `train/` of its
+    own, and holds class folders or has `fg_mask/` beside it. Says so in one line (rank 0).
+    """
+    path = os.path.normpath(path)
+    if (os.path.basename(path) != "train" or not os.path.isdir(path)
+            or os.path.isdir(os.path.join(path, "train"))):
+        return path
+    parent = os.path.dirname(path) or "."
+    if not (_subdirs(path) or os.path.isdir(os.path.join(parent, "fg_mask"))):
+        return path
+    main_print(f"[data] {path} is the train/ folder of an ImageNet-layout set: using {parent} "
+               "(its train/ and fg_mask/)")
+    return parent
+
+
 def list_train_classes(root: str) -> list[str]:
     """Class folders of a training set in ImageNet layout (<root>/train/<class>)."""
     train_dir = os.path.join(root, "train")
     if not os.path.isdir(train_dir):
-        raise LayoutError(f"{train_dir} does not exist; expected {TRAIN_LAYOUT}. Fix: "
-                          f"python setup_train_dataset.py --data_path <MVTec AD> --root {root}")
+        target = os.path.dirname(os.path.normpath(root)) if os.path.basename(
+            os.path.normpath(root)) == "train" else root
+        raise LayoutError(f"{train_dir} does not exist; expected {TRAIN_LAYOUT}. Fix: pass "
+                          "the folder holding train/ and fg_mask/ as --data_path, or make it "
+                          f"with `python setup_train_dataset.py --data_path <MVTec AD> --root "
+                          f"{target}`")
     return _subdirs(train_dir)
 
 
@@ -152,7 +175,7 @@ def list_test_classes(root: str) -> list[str]:
 
 def fg_mask_path(root: str, class_name: str, image_path: str) -> str:
     """Foreground-mask file of a training image, from the folder structure (not by
-    replacing the text 'train' in the path, method.md 9.8)."""
+    replacing the text 'train' in the path, docs/method.md 9.8)."""
     stem = os.path.splitext(os.path.basename(image_path))[0]
     return os.path.join(root, "fg_mask", class_name, stem + ".png")
 
@@ -199,7 +222,7 @@ def _resize_crop(size: int) -> list:
 def build_transforms(img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                      std: Sequence[float] = IMAGENET_DEFAULT_STD) -> T.Compose:
     """ViT / ProtoFlow input: Resize(bicubic, antialias) + CenterCrop + mean/std
-    (method.md 4, 7)."""
+    (docs/method.md 4, 7)."""
     return T.Compose(_resize_crop(img_size) + [T.Normalize(mean, std)])
 
 
@@ -365,7 +388,7 @@ class _TokenImageDataset(Dataset):
 
 
 class PretrainDataset(_TokenImageDataset):
-    """Training set of the reconstruction ViT (method.md 4): per sample the normalised
+    """Training set of the reconstruction ViT (docs/method.md 4): per sample the normalised
     image, the token image (or cached tokens), the foreground patch mask and the class.
 
     fg_mask=False needs no mask files and marks every patch as foreground, so that
@@ -441,7 +464,7 @@ def _find_gt_mask(gt_dir: str, listing: set[str], stem: str) -> str | None:
 
 
 class MVTecTestDataset(_TokenImageDataset):
-    """One class of a set in MVTec layout (method.md 7): image, token image, label
+    """One class of a set in MVTec layout (docs/method.md 7): image, token image, label
     (0 = normal), ground-truth mask, name ('<defect>_<stem>', unique within the class),
     defect type."""
 

@@ -1,6 +1,6 @@
 """PMAD's masked-token training epoch, and the per-patch loss that scoring reuses.
 
-One step: draw the batch's masks in this process (combinational masking, method.md 5),
+One step: draw the batch's masks in this process (combinational masking, docs/method.md 5),
 predict the visual tokens of the masked patches, take the cross-entropy (rank-weighted
 once dynamic masking has started), step AdamW with the scheduled lr / weight decay, and
 feed the per-patch losses back into the dynamic-masking statistics.
@@ -52,7 +52,7 @@ def patch_losses(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
                  masks: torch.Tensor) -> torch.Tensor:
     """(N, L) float: each masked patch's token cross-entropy in place, 0 elsewhere.
 
-    The PMAD anomaly score of a patch (method.md 7); the caller chooses no_grad/autocast.
+    The PMAD anomaly score of a patch (docs/method.md 7); the caller chooses no_grad/autocast.
     """
     ce, _ = masked_token_ce(model, images, tokens, masks)
     return scatter_masked(ce, masks)

@@ -1,8 +1,8 @@
-"""Masks for PMAD's masked-token pre-training (method.md section 5).
+"""Masks for PMAD's masked-token pre-training (docs/method.md section 5).
 
 Each training sample draws one of twelve masking variants: region (foreground-limited or
 all patches) x weighting (frequency, dynamic, uniform) x shape (block-wise or random).
-Everything here is exact where the original code was not (method.md section 9, items 2,
+Everything here is exact where the original code was not (docs/method.md section 9, items 2,
 5, 7, 9, 10): exactly ``num_masked`` patches always, sampling without replacement,
 caller's weights never written to, ratios keyed by class name, grid sizes as arguments,
 and dynamic-masking statistics that live in the training process, update from any batch
@@ -153,7 +153,7 @@ def _place_blocks(m: int, masked: int, free: int, height: int, width: int,
                   table: _CornerTable | None, allowed: np.ndarray | None,
                   draws: list, rng: np.random.Generator,
                   min_block: int, max_block: int) -> tuple[int, list[Rect]]:
-    """Block-wise placement of one sample (method.md 5); may stop short of m.
+    """Block-wise placement of one sample (docs/method.md 5); may stop short of m.
 
     m: patches wanted; masked: bitset already masked (region-first); free: bitset of
     patches a block may still add. ``table`` None draws corners uniformly over the grid;
@@ -330,7 +330,7 @@ def generate(num_masked: int, *, window_size: tuple[int, int] = (14, 14),
     draws each block's top-left corner in proportion to them among the corners where
     the block fits (and, region-limited, that lie in the region).
 
-    'block' follows method.md 5 (BEiT's block masking): area ~ U(min_block, min(m -
+    'block' follows docs/method.md 5 (BEiT's block masking): area ~ U(min_block, min(m -
     masked, max_block)), aspect exp(U(ln .3, ln 1/.3)), up to 10 tries per block, a
     block is accepted when it adds 1..(m - masked) new patches. Region-limited blocks
     are clipped to the region so the mask stays inside it. max_block None means m
@@ -458,7 +458,7 @@ class DynamicMaskingState:
     """Running mean of the masked patches' losses per class and patch position.
 
     Lives in the training process (never in DataLoader workers, whose copies go stale:
-    method.md 9.2). Sums and counts are kept, not means, so that batches of any size
+    docs/method.md 9.2). Sums and counts are kept, not means, so that batches of any size
     and sums across ranks combine exactly.
 
     Distributed: each rank also keeps the deltas it added since the last
@@ -596,7 +596,7 @@ class Variants(NamedTuple):
 
 
 class MaskGenerator:
-    """Combinational masking (method.md 5): per sample a region, a weighting and a
+    """Combinational masking (docs/method.md 5): per sample a region, a weighting and a
     shape are drawn independently, and m = int(L * ratio of the sample's class).
 
     Fallbacks, by design: a sample that draws frequency or dynamic weighting while those

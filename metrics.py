@@ -321,7 +321,7 @@ def f1_optimal_threshold(labels: np.ndarray | torch.Tensor, scores: np.ndarray |
                          ) -> float:
     """Threshold t whose call "anomalous iff score > t" maximises F1.
 
-    The paper protocol picks ProtoFlow's normal/anomalous threshold this way (method.md 7)
+    The paper protocol picks ProtoFlow's normal/anomalous threshold this way (docs/method.md 7)
     and the project calls with `>` (protoflow.Proposals.is_anomalous). The F1-optimal call
     is "score >= v" for an anomalous score v (among equal F1 the lowest v, highest recall,
     as `thresholds[argmax(f1)]` over scikit-learn's precision_recall_curve); t is the

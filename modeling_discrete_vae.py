@@ -1,10 +1,11 @@
-"""Frozen visual tokenizers: image -> one discrete code per 16 x 16 patch (method.md 3).
+"""Frozen visual tokenizers: image -> one discrete code per 16 x 16 patch (docs/method.md 3).
 
-`create_tokenizer(name, weight_path, device)` builds one from a local file; more kinds
-plug in through `register_tokenizer`. Every tokenizer is an eval-mode module with
+`create_tokenizer(name, weight_path, device, amp)` builds one from a local file; more
+kinds plug in through `register_tokenizer`. Every tokenizer is an eval-mode module with
 `image_size`, `vocab_size`, `fingerprint` (sha256 of its weight file, the key of token
-caches) and `get_codebook_indices(images)`: RGB in [0, 1], (N, 3, S, S) -> (N, L) long,
-each applying its own input mapping.
+caches; DALL-E's has an 'fp16-' prefix when it computes in fp16) and
+`get_codebook_indices(images)`: RGB in [0, 1], (N, 3, S, S) -> (N, L) long, each
+applying its own input mapping.
 
 - 'dall-e': OpenAI's DALL-E dVAE encoder. `encoder.pkl` is a whole pickled module; it is
   unpickled through an allow-list that maps its `dall_e.*` classes onto the classes below
@@ -24,7 +25,7 @@ import re
 import types
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,9 @@ def available_tokenizers() -> list[str]:
 
 
 def create_tokenizer(name: str, weight_path: str | os.PathLike,
-                     device: str | torch.device = "cpu") -> nn.Module:
-    """A frozen, eval-mode tokenizer `name` loaded from the local `weight_path`."""
+                     device: str | torch.device = "cpu", amp: str = "none") -> nn.Module:
+    """A frozen, eval-mode tokenizer `name` loaded from the local `weight_path`; `amp`
+    is the run's resolved --amp (only DALL-E's precision follows it, on CUDA)."""
     if name not in _TOKENIZERS:
         raise ValueError(f"unknown tokenizer '{name}': choose one of {available_tokenizers()}")
     tokenizer = _TOKENIZERS[name](os.fspath(weight_path), torch.device(device))
@@ -74,6 +76,8 @@ def create_tokenizer(name: str, weight_path: str | os.PathLike,
         if not hasattr(tokenizer, attr):
             raise TypeError(f"tokenizer '{name}' ({type(tokenizer).__name__}) lacks `{attr}`")
     tokenizer.requires_grad_(False)
+    if hasattr(tokenizer, "set_amp"):
+        tokenizer.set_amp(amp)
     return tokenizer.to(device).eval()
 
 
@@ -99,7 +103,7 @@ def _check_token_images(images: torch.Tensor, image_size: int, name: str) -> Non
 
 class _FrozenTokenizer(nn.Module):
     """Common frame: input checks, no autograd, no autocast (tokens must not depend on the
-    caller's precision settings)."""
+    caller's autocast; DALL-E's precision follows --amp only through `set_amp`)."""
 
     image_size: int
     vocab_size: int
@@ -107,6 +111,9 @@ class _FrozenTokenizer(nn.Module):
 
     def _indices(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def set_amp(self, amp: str) -> None:
+        """The run's --amp; tokenizers compute in fp32 whatever it is, except DALL-E."""
 
     @torch.no_grad()
     def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
@@ -121,8 +128,12 @@ class _FrozenTokenizer(nn.Module):
 # ------------------------------------------------------------------------------ DALL-E
 
 class DalleConv2d(nn.Module):
-    """DALL-E's `dall_e.utils.Conv2d`: parameters `w`, `b`; 'same' padding; fp16 on CUDA
-    when `use_float16` (as the original computes)."""
+    """DALL-E's `dall_e.utils.Conv2d`: parameters `w`, `b`; 'same' padding.
+
+    With `use_float16` it computes in the precision of its input: the tokenizer feeds fp16
+    on CUDA under --amp, as OpenAI's encoder computes there (its convolutions cast to fp16
+    on CUDA), and fp32 otherwise. Without it, always fp32 (the output convolution).
+    """
 
     def __init__(self, n_in: int, n_out: int, kw: int, use_float16: bool = True) -> None:
         super().__init__()
@@ -132,8 +143,8 @@ class DalleConv2d(nn.Module):
         self.b = nn.Parameter(torch.zeros(n_out), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_float16 and x.is_cuda:
-            x, w, b = x.half(), self.w.half(), self.b.half()
+        if self.use_float16 and x.dtype == torch.float16:
+            x, w, b = x, self.w.half(), self.b.half()
         else:
             x, w, b = x.float(), self.w, self.b
         return F.conv2d(x, w, b, padding=(self.kw - 1) // 2)
@@ -246,24 +257,36 @@ _dalle_pickle_module.Unpickler = _DalleUnpickler
 _dalle_pickle_module.load = _dalle_load
 
 
-def _module_tensors(module: Any, path: str, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Parameters and buffers of an unpickled module, read from its __dict__ directly so
-    that no hook or method carried by the pickle is invoked."""
-    state = vars(module)
-    tensors = {}
-    for field in ("_parameters", "_buffers"):
-        for key, value in state.get(field, {}).items():
-            if value is not None and not isinstance(value, torch.Tensor):
-                raise ValueError(f"{path}: {prefix}{key} is a {type(value).__name__}, "
-                                 "not a tensor")
-            if value is not None:
-                tensors[prefix + key] = value.detach()
-    for name, child in state.get("_modules", {}).items():
+# Fields of OpenAI's attrs `Encoder` declared as plain class attributes (no `attr.ib`):
+# the class holds them, so a pickled instance's __dict__ does not, and the file
+# cannot store them. Their values are those of OpenAI's class.
+DALLE_CLASS_DEFAULTS = {"group_count": 4}
+
+
+def _pickled_modules(module: Any, path: str, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted name, module) over an unpickled module tree, read from each __dict__
+    directly so that no hook or method carried by the pickle is invoked."""
+    yield prefix.rstrip("."), module
+    for name, child in vars(module).get("_modules", {}).items():
         if child is None:
             continue
         if not isinstance(child, nn.Module):
             raise ValueError(f"{path}: {prefix}{name} is a {type(child).__name__}, not a module")
-        tensors.update(_module_tensors(child, path, f"{prefix}{name}."))
+        yield from _pickled_modules(child, path, f"{prefix}{name}.")
+
+
+def _module_tensors(module: Any, path: str) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of an unpickled module tree, by state-dict key."""
+    tensors = {}
+    for name, sub in _pickled_modules(module, path):
+        prefix = f"{name}." if name else ""
+        for field in ("_parameters", "_buffers"):
+            for key, value in vars(sub).get(field, {}).items():
+                if value is not None and not isinstance(value, torch.Tensor):
+                    raise ValueError(f"{path}: {prefix}{key} is a {type(value).__name__}, "
+                                     "not a tensor")
+                if value is not None:
+                    tensors[prefix + key] = value.detach()
     return tensors
 
 
@@ -289,7 +312,7 @@ def load_dalle_encoder(path: str | os.PathLike) -> DalleEncoder:
     if not isinstance(obj, DalleEncoder):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not DALL-E's pickled "
                          "dall_e.encoder.Encoder")
-    config = {k: vars(obj).get(k) for k in DalleEncoder.CONFIG}
+    config = {k: vars(obj).get(k, DALLE_CLASS_DEFAULTS.get(k)) for k in DalleEncoder.CONFIG}
     if not all(isinstance(v, int) for v in config.values()):
         raise ValueError(f"{path}: encoder attributes {config} are not the DALL-E encoder's")
     with torch.device("meta"):  # no random init: every tensor comes from the file
@@ -299,6 +322,16 @@ def load_dalle_encoder(path: str | os.PathLike) -> DalleEncoder:
     if missing or unexpected:
         raise ValueError(f"{path} does not match a DALL-E encoder with {config}: missing "
                          f"{missing[:6]}, unexpected {unexpected[:6]}")
+    # Each convolution keeps the file's precision flag (OpenAI's encoder sets it per
+    # convolution, independently of its `use_mixed_precision`).
+    flags = {name: vars(m).get("use_float16") for name, m in _pickled_modules(obj, path)
+             if isinstance(m, DalleConv2d)}
+    for name, conv in encoder.named_modules():
+        if isinstance(conv, DalleConv2d):
+            if not isinstance(flags.get(name), bool):
+                raise ValueError(f"{path}: convolution {name} has use_float16 "
+                                 f"{flags.get(name)!r}, not a bool")
+            conv.use_float16 = flags[name]
     return encoder
 
 
@@ -335,20 +368,39 @@ def save_dalle_encoder(encoder: DalleEncoder, path: str | os.PathLike,
 
 
 class DalleTokenizer(_FrozenTokenizer):
-    """DALL-E dVAE tokens: argmax of the encoder's logits on (1 - 2 eps) x + eps."""
+    """DALL-E dVAE tokens: argmax of the encoder's logits on (1 - 2 eps) x + eps.
+
+    On CUDA under --amp the convolutions run in fp16, as OpenAI's encoder runs there
+    (tokens then differ from fp32 ones on a few near-tied patches); on the CPU, and with
+    --amp none, in fp32. The fingerprint says which (the token cache keys on it).
+    """
 
     LOGIT_LAPLACE_EPS = 0.1
 
-    def __init__(self, encoder: DalleEncoder, fingerprint: str, image_size: int = 112) -> None:
+    def __init__(self, encoder: DalleEncoder, file_sha: str, image_size: int = 112) -> None:
         super().__init__()
         self.encoder = encoder
         self.image_size = image_size
         self.vocab_size = encoder.vocab_size
-        self.fingerprint = fingerprint
+        self.file_sha = file_sha
+        self.fp16_on_cuda = False
+
+    def set_amp(self, amp: str) -> None:
+        self.fp16_on_cuda = amp != "none"
+
+    @property
+    def computes_fp16(self) -> bool:
+        return self.fp16_on_cuda and self.encoder.blocks.input.w.is_cuda
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of encoder.pkl, prefixed 'fp16-' when the tokens are computed in fp16."""
+        return ("fp16-" if self.computes_fp16 else "") + self.file_sha
 
     def _indices(self, images: torch.Tensor) -> torch.Tensor:
         eps = self.LOGIT_LAPLACE_EPS
-        logits = self.encoder((1 - 2 * eps) * images + eps)  # (N, V, S/8, S/8)
+        x = (1 - 2 * eps) * images + eps  # fp32, as the original maps pixels
+        logits = self.encoder(x.half() if self.computes_fp16 else x)  # (N, V, S/8, S/8)
         return logits.argmax(dim=1).flatten(1)  # (N, L)
 
 

@@ -1,7 +1,7 @@
 """The reconstruction ViT of PMAD: BEiT's masked-image-modelling transformer.
 
 Same layout and key names as BEiT's pretraining model, so the released BEiT pt22k and
-PMAD checkpoints load unchanged (method.md section 2). Attention runs through
+PMAD checkpoints load unchanged (docs/method.md section 2). Attention runs through
 ``F.scaled_dot_product_attention`` with the shared relative position bias as its additive
 mask; ``Attention.fused_attn = False`` selects the explicit-softmax formulation (kept as
 the numerical reference for tests and the baseline for bench/bench_model.py).
@@ -11,6 +11,7 @@ modeling_discrete_vae.py (no layer scale, absolute position embedding there).
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
@@ -28,8 +29,9 @@ from utils import read_weights_file
 __all__ = [
     "PatchEmbed", "Attention", "Block", "RelativePositionBias",
     "VisionTransformerForMaskedImageModeling", "relative_position_index",
-    "set_fused_attn", "unwrap_state_dict", "load_state_dict_checked",
-    "load_checkpoint",
+    "set_fused_attn", "build_pmad", "PMAD_MODELS", "unwrap_state_dict",
+    "load_state_dict_checked", "load_checkpoint", "checkpoint_args", "resolve_eval_config",
+    "checkpoint_vocab_size", "PAPER_EVAL_CONFIG",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -314,7 +316,79 @@ def vit_large_patch16_224_8k_vocab(pretrained: bool = False, **kwargs: Any
                                     init_values=1e-5), **kwargs)
 
 
+PMAD_MODELS = {f.__name__: f for f in (vit_tiny_patch16_224_8k_vocab,
+                                        vit_small_patch16_224_8k_vocab,
+                                        vit_base_patch16_224_8k_vocab,
+                                        vit_large_patch16_224_8k_vocab)}
+
+
+def build_pmad(model: str, *, vocab_size: int, img_size: int = 224,
+               init_values: float | None = None, drop_path_rate: float = 0.0
+               ) -> VisionTransformerForMaskedImageModeling:
+    """PMAD's ViT in its paper layout (shared relative position bias, no absolute position
+    embedding); `init_values` None keeps the model's own layer scale (base 0.1, large
+    1e-5, docs/method.md 2). The one builder of run_pretraining.py and run_test.py."""
+    if model not in PMAD_MODELS:
+        raise ValueError(f"unknown model {model!r}: choose one of {sorted(PMAD_MODELS)}")
+    layer_scale = {} if init_values is None else {"init_values": init_values}
+    return PMAD_MODELS[model](vocab_size=vocab_size, img_size=img_size,
+                              drop_path_rate=drop_path_rate, use_shared_rel_pos_bias=True,
+                              use_abs_pos_emb=False, **layer_scale)
+
+
 # ---------------------------------------------------------------- checkpoint loading
+
+# Evaluation settings a checkpoint's training arguments decide, with the paper's values
+# for a released file that stores none (docs/method.md 2; layer scale None: the model's own).
+PAPER_EVAL_CONFIG: dict[str, Any] = {
+    "model": "vit_base_patch16_224_8k_vocab", "input_size": 224,
+    "layer_scale_init_value": None, "imagenet_default_mean_and_std": True,
+    "tokenizer_model": "dall-e"}
+
+
+def checkpoint_args(checkpoint: Any) -> dict[str, Any] | None:
+    """A checkpoint's training arguments: ours store a dict, the original code's an
+    argparse.Namespace (read by utils.read_weights_file's allow-list); None if absent."""
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    return args if isinstance(args, dict) else None
+
+
+def resolve_eval_config(given: dict[str, Any], checkpoint: Any, path: str | os.PathLike
+                        ) -> tuple[dict[str, Any], list[str]]:
+    """The evaluation settings of PAPER_EVAL_CONFIG's keys: each from `given` when not
+    None (a flag given explicitly), else from the checkpoint's training arguments, else
+    the paper's. Returns (config, notes); the notes name the source and each given value
+    that differs from the checkpoint's."""
+    saved = checkpoint_args(checkpoint) or {}
+    config, overridden = {}, []
+    for key, paper in PAPER_EVAL_CONFIG.items():
+        if given.get(key) is not None:
+            config[key] = given[key]
+            if key in saved and saved[key] != given[key]:
+                overridden.append(f"--{key} {given[key]} (checkpoint: {saved[key]})")
+        else:
+            config[key] = saved.get(key, paper)
+    path = os.fspath(path)
+    notes = [f"{path} stores {'its training arguments' if saved else 'no training arguments'}"
+             f": model settings {config}"
+             + ("" if saved else " (given flags, else the paper's)")]
+    if overridden:
+        notes.append("given flags override the checkpoint's training arguments: "
+                     + ", ".join(overridden))
+    return config, notes
+
+
+def checkpoint_vocab_size(checkpoint: Any, path: str | os.PathLike) -> int:
+    """The number of visual tokens the checkpoint predicts (rows of `lm_head.weight`)."""
+    weight = unwrap_state_dict(checkpoint, path).get("lm_head.weight")
+    if weight is None or weight.ndim != 2:
+        raise ValueError(f"{os.fspath(path)} has no 2-d lm_head.weight: not a PMAD / BEiT "
+                         "masked-image-modelling checkpoint")
+    return weight.shape[0]
+
+
 
 def unwrap_state_dict(obj: Any, path: str | os.PathLike,
                       keys: tuple[str, ...] = ("model", "module")) -> dict[str, torch.Tensor]:
@@ -357,16 +431,19 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
 _DERIVED_SUFFIXES = ("relative_position_index",)
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike,
-                    strict: bool = False) -> dict[str, list[str]]:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = False,
+                    checkpoint: Any = None) -> dict[str, list[str]]:
     """Load a BEiT pt22k or PMAD checkpoint ({'model'|'module': sd} or a bare state dict).
 
     Returns dict(missing=[...], unexpected=[...]), both also logged as warnings. Missing
     derived buffers (relative_position_index) are not counted. A file sharing no key
     with the model, or any shape mismatch, is an error; `strict` makes any missing or
     unexpected key an error too (use it when evaluating released weights).
+    `checkpoint`: the file's contents when the caller has read them already.
     """
-    state_dict = unwrap_state_dict(read_weights_file(path), path)
+    if checkpoint is None:
+        checkpoint = read_weights_file(path)
+    state_dict = unwrap_state_dict(checkpoint, path)
     own_keys = set(model.state_dict())
     if not own_keys & set(state_dict):
         raise ValueError(f"{os.fspath(path)} shares no key with {type(model).__name__} (its "

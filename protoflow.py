@@ -1,4 +1,4 @@
-"""ProtoFlow: PMAD's proposal masks and abnormality maps (method.md section 6).
+"""ProtoFlow: PMAD's proposal masks and abnormality maps (docs/method.md section 6).
 
 Each patch feature of a frozen CNN, minus its nearest normal prototype of the image's
 class, is scored by a conditional normalizing flow; a low likelihood marks an anomalous
@@ -77,7 +77,7 @@ def is_anomalous(scores: Tensor, threshold: float) -> Tensor:
 
 @dataclass
 class Proposals:
-    """ProtoFlow's output for one class's image set (method.md 6)."""
+    """ProtoFlow's output for one class's image set (docs/method.md 6)."""
     log_likelihood: Tensor        # (N, h, w) per-dim log-likelihood, unnormalised
     abnormality_maps: Tensor      # (N, H, W) max(prob) - prob over the set
     image_scores: Tensor          # (N,) max over patches of -logp (set-independent)
@@ -145,7 +145,7 @@ def patch_rows(features: Tensor) -> Tensor:
 
 def train_transform(img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                     std: Sequence[float] = IMAGENET_DEFAULT_STD):
-    """Flow-training augmentation (method.md 6): RandomResizedCrop(scale 0.2-1, bicubic)
+    """Flow-training augmentation (docs/method.md 6): RandomResizedCrop(scale 0.2-1, bicubic)
     + horizontal flip. Prototypes and held-out scores use the test transform instead
     (datasets.build_transforms), so that they match the features seen at test time."""
     return T.Compose([T.RandomResizedCrop(img_size, scale=(0.2, 1.0),
@@ -335,7 +335,7 @@ def _subnet(c_in: int, c_out: int) -> nn.Module:
 
 def build_flow(dim: int, n_blocks: int = DEFAULT_N_BLOCKS, cond_dim: int = COND_DIM,
                rng: Rng | None = None) -> Ff.SequenceINN:
-    """FrEIA SequenceINN(dim) of conditional AllInOneBlocks (method.md 6).
+    """FrEIA SequenceINN(dim) of conditional AllInOneBlocks (docs/method.md 6).
 
     FrEIA draws each block's fixed rotation from numpy's global generator; with `rng`
     they are redrawn from it, so that a seed fixes the whole flow.
@@ -405,7 +405,7 @@ def proposals_from_log_likelihood(logp: Tensor, mask_ratios: Sequence[float],
     """Proposal masks and abnormality maps of a whole set of logp maps (N, h, w).
 
     The normalisation (subtract the set's maximum, exp, max(prob) - prob) runs over the
-    whole given set, as in method.md 6, so pass a class's full test set at once. The
+    whole given set, as in docs/method.md 6, so pass a class's full test set at once. The
     masks' per-image ranking and the image scores do not depend on the set.
     """
     if logp.ndim != 3 or len(logp) == 0:
@@ -467,11 +467,14 @@ def save_protoflow(path: str, encoder: nn.Module, flow: Ff.SequenceINN, *, backb
                    out_indices: Sequence[int], classes: Sequence[str],
                    normal_scores: Tensor | None = None, normal_classes: Tensor | None = None,
                    threshold_quantile: float = THRESHOLD_QUANTILE,
+                   mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                   std: Sequence[float] = IMAGENET_DEFAULT_STD,
                    extra: dict | None = None) -> dict:
     """The released layout {'encoder_state_dict', 'decoder_state_dict'} plus our fields.
 
     The image-score threshold is the `threshold_quantile` of held-out normal images'
     scores (with fewer than 100 images the 0.99 quantile lies between the two largest).
+    `mean`, `std`: the input normalisation the encoder and flow were trained with.
     Everything is a tensor or a plain type, so torch.load(weights_only=True) reads it.
     """
     stats, threshold = None, None
@@ -489,9 +492,27 @@ def save_protoflow(path: str, encoder: nn.Module, flow: Ff.SequenceINN, *, backb
            "backbone": backbone, "out_indices": list(out_indices), "n_blocks": n_blocks,
            "feature_dim": feature_dim, "image_score_threshold": threshold,
            "threshold_quantile": threshold_quantile if threshold is not None else None,
-           "normal_image_scores": stats, "classes": list(classes), **(extra or {})}
+           "normal_image_scores": stats, "classes": list(classes),
+           "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+           **(extra or {})}
     save_on_master(obj, path)
     return obj
+
+
+def file_normalization(obj: dict, path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) a ProtoFlow file was trained with; a released file records none and
+    was trained on ImageNet-normalised images (docs/method.md 6)."""
+    norm = obj.get("normalization")
+    if norm is None:
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    try:
+        mean, std = (tuple(float(v) for v in norm[k]) for k in ("mean", "std"))
+    except (KeyError, TypeError, ValueError):
+        mean = std = ()
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"{path}: 'normalization' {norm!r} is not {{'mean': [3 floats], "
+                         "'std': [3 positive floats]}; the file is damaged")
+    return mean, std
 
 
 def load_protoflow_file(path: str) -> dict:
@@ -514,11 +535,17 @@ class ProtoFlow:
     A file carrying 'encoder_state_dict' (the released files and ours) is self-contained:
     the backbone is built without pretrained weights and loaded strictly from it. For a
     file without one, `encoder_weights` (a local file) or timm's download supplies it.
+    `input_normalization` (mean, std) is how the images given to `log_likelihood` are
+    normalised (default: as the file was trained); they are converted to the file's own.
     """
 
     def __init__(self, weights_path: str, prototypes_dir: str, device: str = "cpu",
-                 encoder_weights: str | None = None) -> None:
+                 encoder_weights: str | None = None,
+                 input_normalization: tuple[Sequence[float], Sequence[float]] | None = None
+                 ) -> None:
         ckpt = load_protoflow_file(weights_path)
+        self.normalization = file_normalization(ckpt, weights_path)
+        self.input_normalization = input_normalization or self.normalization
         self.weights_path = weights_path
         self.prototypes_dir = prototypes_dir
         self.device = torch.device(device)
@@ -565,22 +592,40 @@ class ProtoFlow:
         return self._prototypes[class_name]
 
     @torch.inference_mode()
-    def scores(self, images: Tensor, class_name: str) -> tuple[Tensor, Tensor]:
+    def scores(self, images: Tensor, class_name: str,
+               normalization: tuple[Sequence[float], Sequence[float]] | None = None
+               ) -> tuple[Tensor, Tensor]:
         """Per-patch log-likelihood and nearest-prototype distance, each (N, H/8, W/8) on
-        the CPU, for ImageNet-normalised images (N, 3, H, W) of one class: one encoder
-        pass gives ProtoFlow's scores and the PatchCore baseline's."""
+        the CPU, for normalised images (N, 3, H, W) of one class: one encoder pass gives
+        ProtoFlow's scores and the PatchCore baseline's. `normalization` (mean, std) is
+        the images' (default `input_normalization`), converted to the one ProtoFlow was
+        trained with."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
         protos = self.prototypes(class_name)
-        x = images.to(self.device, torch.float32)
+        x = self._renormalize(images.to(self.device, torch.float32),
+                              normalization or self.input_normalization)
         class_idx = torch.zeros(len(x), dtype=torch.long, device=self.device)
         logp, dist = patch_log_likelihood(self.encoder, self.flow, x, [protos], class_idx,
                                           return_distance=True)
         return logp.cpu(), dist.cpu()
 
-    def log_likelihood(self, images: Tensor, class_name: str) -> Tensor:
+    def log_likelihood(self, images: Tensor, class_name: str,
+                       normalization: tuple[Sequence[float], Sequence[float]] | None = None
+                       ) -> Tensor:
         """Per-patch log-likelihood (N, H/8, W/8) on the CPU (see `scores`)."""
-        return self.scores(images, class_name)[0]
+        return self.scores(images, class_name, normalization)[0]
+
+    def _renormalize(self, x: Tensor, normalization: tuple[Sequence[float], Sequence[float]]
+                     ) -> Tensor:
+        """(N, 3, H, W) normalised by `normalization` -> normalised by ProtoFlow's own."""
+        given = tuple(tuple(float(v) for v in t) for t in normalization)
+        if given == self.normalization:
+            return x
+        (mean_in, std_in), (mean, std) = (
+            (torch.tensor(t, device=x.device).view(1, 3, 1, 1) for t in pair)
+            for pair in (given, self.normalization))
+        return (x * std_in + mean_in - mean) / std
 
 
 # ----------------------------------------------------------------------------- training
@@ -593,7 +638,7 @@ def train_flow(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
     """Train the flow on (images, class_idx) batches; returns each epoch's mean loss.
 
     Adam; per-step lr: linear warm-up from lr/10 over `warmup_epochs`, then cosine to
-    lr * 1e-3 (method.md 6). The encoder stays frozen. A non-finite loss stops training
+    lr * 1e-3 (docs/method.md 6). The encoder stays frozen. A non-finite loss stops training
     with an error instead of corrupting the weights. `epoch_end(epoch, loss, optimizer)`
     runs after each epoch (checkpoints).
     """
@@ -799,7 +844,8 @@ def run_train(args) -> dict:
 
 def _add_common_args(p) -> None:
     p.add_argument("--data_path", required=True,
-                   help="training images in ImageNet layout: <root>/train/<class>/*")
+                   help="training images in ImageNet layout: <root>/train/<class>/* (the "
+                        "root, or its train/ folder)")
     p.add_argument("--encoder", default=DEFAULT_ENCODER,
                    help="timm backbone name (a tag selects timm's pretrained weights)")
     p.add_argument("--out_indices", type=int, nargs="+", default=list(DEFAULT_OUT_INDICES))
@@ -846,6 +892,7 @@ def main(argv: Sequence[str] | None = None) -> object:
     tp.add_argument("--resume", action="store_true",
                     help="continue the unfinished run saved in <output>.resume")
     args = parser.parse_args(argv)
+    args.data_path = datasets.resolve_train_root(args.data_path)
     return run_prototypes(args) if args.command == "prototypes" else run_train(args)
 
 

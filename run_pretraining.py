@@ -3,7 +3,7 @@
 One process:      python run_pretraining.py --data_path data/Mvtec-ImageNet ...
 Several GPUs:     torchrun --nproc_per_node 8 run_pretraining.py ...   (scripts/train_*.sh)
 
-Settings (method.md 4): multi_class (every class of --data_path), obj2tex (the 10 MVTec
+Settings (docs/method.md 4): multi_class (every class of --data_path), obj2tex (the 10 MVTec
 objects), tex2obj (the 5 textures), leave_one_out (all but --unseen_classes).
 Outputs in --output_dir: checkpoint-last.pth (every epoch), checkpoint-<epoch>.pth (every
 --save_ckpt_freq epochs and the last), log.txt (one JSON object per epoch), the token
@@ -18,7 +18,6 @@ import os
 import sys
 
 import numpy as np
-import timm
 import torch
 
 import datasets
@@ -37,11 +36,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("PMAD pre-training", add_help=True)
     # model
     p.add_argument("--model", default="vit_base_patch16_224_8k_vocab",
-                   help="timm name registered by modeling_pmad")
+                   choices=sorted(modeling_pmad.PMAD_MODELS))
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--drop_path", type=float, default=0.1, metavar="PCT")
     p.add_argument("--layer_scale_init_value", type=float, default=0.1,
-                   help="0.1 for base, 1e-5 for large (method.md 2)")
+                   help="0.1 for base, 1e-5 for large (docs/method.md 2)")
     p.add_argument("--init_ckpt", default="weights/beit_base_patch16_224_pt22k.pth",
                    help="BEiT self-supervised ImageNet-22k checkpoint to start from")
     p.add_argument("--no_init", action="store_true",
@@ -63,7 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="where visual tokens are cached (default <output_dir>/token_cache)")
     # masking
     p.add_argument("--mask_ratio", type=float, default=0.3,
-                   help="mask ratio of classes without a ratio of their own (method.md 5)")
+                   help="mask ratio of classes without a ratio of their own (docs/method.md 5)")
     p.add_argument("--dynamic_masking_start", type=int, default=100,
                    help="first epoch of dynamic masking and rank-weighted loss")
     p.add_argument("--freq_mode", default="patch", choices=["patch", "global"],
@@ -93,7 +92,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     # data
     p.add_argument("--data_path", default="data/Mvtec-ImageNet",
                    help="ImageNet layout: <data_path>/train/<class>/*.png, "
-                        "<data_path>/fg_mask/<class>/*.png")
+                        "<data_path>/fg_mask/<class>/*.png (<data_path>/train, the "
+                        "original scripts' form, is accepted too)")
     p.add_argument("--setting", default=None, choices=datasets.SETTINGS,
                    help="default multi_class (obj2tex with --from_obj_to_texture)")
     p.add_argument("--unseen_classes", nargs="*", default=None,
@@ -122,13 +122,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_steps_per_epoch", type=int, default=None,
                    help="cap the steps of each epoch (tests, demos)")
     return p
-
-
-def build_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
-    return timm.create_model(args.model, pretrained=False, drop_path_rate=args.drop_path,
-                             use_shared_rel_pos_bias=True, use_abs_pos_emb=False,
-                             init_values=args.layer_scale_init_value, vocab_size=vocab_size,
-                             img_size=args.input_size)
 
 
 def load_init(model: torch.nn.Module, path: str) -> None:
@@ -189,6 +182,7 @@ def main(args: argparse.Namespace) -> dict:
 def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     device = env.device
     args.setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
+    args.data_path = datasets.resolve_train_root(args.data_path)
     args.amp = utils.resolve_amp(args.amp, device)
     args.token_cache_dir = args.token_cache_dir or os.path.join(args.output_dir, "token_cache")
     if utils.is_main_process():
@@ -202,9 +196,12 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     utils.seed_everything(args.seed, env.rank)  # after the k-means fit, which draws too
     mask_rng = np.random.default_rng((args.seed, env.rank))
     tokenizer = modeling_discrete_vae.create_tokenizer(
-        args.tokenizer_model, args.tokenizer_weight_path, device)
+        args.tokenizer_model, args.tokenizer_weight_path, device, amp=args.amp)
     mean, std = datasets.normalization(args.imagenet_default_mean_and_std)
-    model = build_model(args, tokenizer.vocab_size)
+    model = modeling_pmad.build_pmad(args.model, vocab_size=tokenizer.vocab_size,
+                                     img_size=args.input_size,
+                                     init_values=args.layer_scale_init_value,
+                                     drop_path_rate=args.drop_path)
     patch_size = model.patch_embed.patch_size[0]
     dataset = datasets.PretrainDataset(
         args.data_path, train_classes, token_size=tokenizer.image_size,

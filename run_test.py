@@ -25,13 +25,13 @@ from tqdm import tqdm
 
 import datasets
 import metrics
-import modeling_pmad  # noqa: F401  (registers the ViTs with timm)
+import modeling_pmad
 from engine import patch_losses
 from masking_generator import CLASS_MASK_RATIOS
 from modeling_discrete_vae import create_tokenizer, file_sha256
 from protoflow import (Proposals, ProtoFlow, covering_masks, is_anomalous,
                        proposals_from_log_likelihood)
-from utils import amp_autocast, resolve_amp
+from utils import amp_autocast, read_weights_file, resolve_amp
 
 PAPER_RATIOS = tuple(round(0.02 * i, 2) for i in range(1, 25))  # 0.02 ... 0.48
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_ap", "pixel_ap",
@@ -423,12 +423,31 @@ def save_heatmaps(data: ClassData, maps: torch.Tensor, out_dir: Path, count: int
             out_dir / f"{data.names[i]}.png")
 
 
+def mask_ratio_arg(text: str) -> float:
+    """argparse type of a mask ratio: a fraction of the patches, strictly inside (0, 1)."""
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < ratio < 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"{text} is outside (0, 1): a mask ratio is the fraction of patches masked, "
+            "e.g. 0.3 (the paper's Table 6 ratios lie between 0.04 and 0.48)")
+    return ratio
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("PMAD evaluation", add_help=True)
-    p.add_argument("--model", default="vit_base_patch16_224_8k_vocab")
     p.add_argument("--ckpt", default="weights/vit_base_16_checkpoint_962_955.pth",
                    help="PMAD checkpoint (run_pretraining.py output or a released file)")
-    p.add_argument("--tokenizer_model", default="dall-e")
+    # Default None: taken from the checkpoint's training arguments, else the paper's
+    # (modeling_pmad.PAPER_EVAL_CONFIG); a flag given explicitly wins.
+    p.add_argument("--model", default=None, choices=sorted(modeling_pmad.PMAD_MODELS))
+    p.add_argument("--input_size", type=int, default=None)
+    p.add_argument("--layer_scale_init_value", type=float, default=None)
+    p.add_argument("--imagenet_default_mean_and_std", action=argparse.BooleanOptionalAction,
+                   default=None)
+    p.add_argument("--tokenizer_model", default=None)
     p.add_argument("--tokenizer_weight_path", default="weights/tokenizer")
     p.add_argument("--protoflow_weights", default="weights/protoflow",
                    help="a ProtoFlow file, or a folder holding exactly one .pt file")
@@ -454,18 +473,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_score", default=CleanOptions.image_score, choices=IMAGE_SCORES,
                    help="clean protocol: the score map's maximum (the paper) or the mean of "
                         "its top 1%% of pixels")
-    p.add_argument("--mask_ratio", type=float, default=None,
+    p.add_argument("--mask_ratio", type=mask_ratio_arg, default=None,
                    help="clean protocol: one ratio for every class (default: the "
                         "per-class ratios of the paper's Table 6, 0.3 for other classes)")
-    p.add_argument("--default_mask_ratio", type=float, default=0.3)
+    p.add_argument("--default_mask_ratio", type=mask_ratio_arg, default=0.3)
     p.add_argument("--sigma", type=float, default=4.0)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
                    help="autocast for the ViT (default: bf16 where supported)")
-    p.add_argument("--imagenet_default_mean_and_std", action=argparse.BooleanOptionalAction,
-                   default=True)
     p.add_argument("--output_dir", default="output_dir/test")
     p.add_argument("--save_heatmaps", type=int, default=0, metavar="N",
                    help="write N heatmap PNGs per class")
@@ -477,6 +494,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     amp = resolve_amp(args.amp, device)
+    checkpoint = read_weights_file(args.ckpt)
+    config, notes = modeling_pmad.resolve_eval_config(vars(args), checkpoint, args.ckpt)
+    print("\n".join(f"[run_test] {note}" for note in notes))
+    vars(args).update(config)
     mean, std = datasets.normalization(args.imagenet_default_mean_and_std)
     setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
     root = Path(args.data_path)
@@ -492,15 +513,22 @@ def main(args: argparse.Namespace) -> dict:
                                            available=available)[1]
 
     tokenizer = create_tokenizer(args.tokenizer_model, args.tokenizer_weight_path,
-                                 device=str(device))
-    model = timm.create_model(args.model, pretrained=False, drop_path_rate=0.0,
-                              use_shared_rel_pos_bias=True, use_abs_pos_emb=False,
-                              init_values=0.1, vocab_size=tokenizer.vocab_size)
-    modeling_pmad.load_checkpoint(model, args.ckpt, strict=True)
+                                 device=str(device), amp=amp)
+    vocab_size = modeling_pmad.checkpoint_vocab_size(checkpoint, args.ckpt)
+    if vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"{args.ckpt} predicts {vocab_size} visual tokens but the "
+                         f"{args.tokenizer_model} tokenizer {args.tokenizer_weight_path} has "
+                         f"{tokenizer.vocab_size}: evaluate with the tokenizer it was trained on")
+    model = modeling_pmad.build_pmad(args.model, vocab_size=vocab_size,
+                                     img_size=args.input_size,
+                                     init_values=args.layer_scale_init_value)
+    modeling_pmad.load_checkpoint(model, args.ckpt, strict=True, checkpoint=checkpoint)
+    del checkpoint
     model.to(device).eval()
     args.protoflow_weights = resolve_weights_file(args.protoflow_weights)
+    # ProtoFlow is given the ViT's images and converts them to its own normalisation.
     protoflow = ProtoFlow(args.protoflow_weights, args.prototypes_dir, device=str(device),
-                          encoder_weights=args.encoder_weights)
+                          encoder_weights=args.encoder_weights, input_normalization=(mean, std))
     img_size = model.patch_embed.img_size[0]
     options = CleanOptions(args.clean_masks, args.unmasked, args.image_score)
     if (args.protocol == "clean" and options.masks == "threshold"
@@ -555,5 +583,16 @@ def main(args: argparse.Namespace) -> dict:
     return results
 
 
+def exit_status(results: dict) -> int:
+    """0 when every class was evaluated, else 1 (listed on stderr): a class fails when it
+    is in results['failed'] or any of its metrics is not finite."""
+    failed = list(results.get("failed", {})) + [
+        name for name, record in results["classes"].items()
+        if not all(math.isfinite(record.get(k, math.nan)) for k in METRIC_KEYS)]
+    if failed:
+        print(f"[run_test] failed classes: {', '.join(dict.fromkeys(failed))}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main(get_args_parser().parse_args()) else 1)
+    sys.exit(exit_status(main(get_args_parser().parse_args())))

@@ -1,4 +1,4 @@
-"""Convert an MVTec-format dataset into the ImageNet layout PMAD trains on (method.md 4).
+"""Convert an MVTec-format dataset into the ImageNet layout PMAD trains on (docs/method.md 4).
 
   <data_path>/<class>/train/good/*   ->  <root>/train/<class>/*
   <data_path>/<class>/test/good/*    ->  <root>/val/<class>/*
@@ -31,7 +31,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, BadFileError,
-                      LayoutError, fg_mask_path, list_images, open_rgb)
+                      LayoutError, fg_mask_path, list_images, open_rgb, resolve_train_root)
 
 DEFAULT_ROOT = "data/Mvtec-ImageNet"
 DEMO_ROOT = "data/demo_imagenet"
@@ -373,7 +373,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.data_path = args.make_demo
     elif not args.data_path:
         p.error("--data_path is required (or --make_demo DIR)")
-    args.root = args.root or (DEMO_ROOT if args.make_demo else DEFAULT_ROOT)
+    args.root = resolve_train_root(args.root or (DEMO_ROOT if args.make_demo else DEFAULT_ROOT))
     return args
 
 

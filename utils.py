@@ -247,7 +247,7 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float,
     layer-scale gammas), biases and the names in `skip_list`.
 
     The default skip list is `model.no_weight_decay()` plus cls_token and pos_embed
-    (method.md 2, BEiT). The mask token (1, 1, D) is decayed, as in BEiT's pretraining.
+    (docs/method.md 2, BEiT). The mask token (1, 1, D) is decayed, as in BEiT's pretraining.
     """
     if skip_list is None:
         skip_list = set(NO_WEIGHT_DECAY)
@@ -354,7 +354,7 @@ def read_weights_file(path: str | os.PathLike, fix: str = "Download it again.",
     """torch.load(weights_only=True) with errors that name the file and say `fix`.
 
     `argparse.Namespace` is the one extra class allowed: PMAD's training checkpoints carry
-    their arguments as one (method.md 2).
+    their arguments as one (docs/method.md 2).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -30,10 +30,10 @@ from modeling_discrete_vae import DalleEncoder, create_tokenizer, save_dalle_enc
 from modeling_pmad import set_fused_attn  # noqa: E402
 
 
-def build(tmp: str, args) -> tuple:
+def build(tmp: str, args, amp: str) -> tuple:
     torch.manual_seed(0)
     save_dalle_encoder(DalleEncoder(), os.path.join(tmp, "encoder.pkl"))
-    tokenizer = create_tokenizer("dall-e", tmp, device=args.device)
+    tokenizer = create_tokenizer("dall-e", tmp, device=args.device, amp=amp)
     model = timm.create_model(args.model, pretrained=False).to(args.device).eval()
     encoder = create_backbone(args.encoder, (2, 3))
     dim = sum(encoder.feature_info.channels())
@@ -67,7 +67,7 @@ def main() -> None:
     gts[labels == 1, 100:140, 100:140] = 1
 
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        tokenizer, model, protoflow = build(tmp, args)
+        tokenizer, model, protoflow = build(tmp, args, amp)
         num_patches = model.patch_embed.num_patches
 
         def ours(protocol: str) -> None:

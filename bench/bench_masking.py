@@ -1,6 +1,6 @@
 """Masks per second of masking_generator against a plain per-sample Python loop.
 
-The baseline implements the same rules (method.md 5) the straightforward way: one
+The baseline implements the same rules (docs/method.md 5) the straightforward way: one
 sample at a time, a 2-D numpy mask per block try, numpy's choice for weighted draws.
 Both run in this process on one thread. Usage: python bench/bench_masking.py [--seconds S]
 """

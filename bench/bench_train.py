@@ -166,7 +166,7 @@ def main() -> None:
             amps = ["none"] + (["bf16"] if device.type == "cpu"
                                or utils.bf16_supported(device) else [])
             batches = [4] if device.type == "cpu" else [4, 64]
-            tokenizer = create_tokenizer("dall-e", tok_path, device)
+            tokenizer = create_tokenizer("dall-e", tok_path, device, amp=utils.default_amp(device))
             plain = datasets.PretrainDataset(data, CLASSES, tokenizer.image_size)
             cached = datasets.PretrainDataset(data, CLASSES, tokenizer.image_size)
             t0 = time.perf_counter()

@@ -7,32 +7,34 @@
 #   PROTOCOLS=paper bash scripts/test_multi_class.sh --save_heatmaps 4
 #
 # Paths come from environment variables (defaults below); extra arguments are passed on
-# to run_test.py. Results: OUTPUT_DIR/<protocol>/results.{json,md,csv}.
+# to run_test.py. MODEL and TOKENIZER are passed only when set: by default run_test.py
+# takes the model, image size, layer scale, normalisation and tokenizer kind from the
+# checkpoint's training arguments (the paper's for a released file without them).
+# Results: OUTPUT_DIR/<protocol>/results.{json,md,csv}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SETTING=${SETTING:-multi_class}
 DATA_PATH=${DATA_PATH:-data/mvtec_anomaly_detection}
-MODEL=${MODEL:-vit_base_patch16_224_8k_vocab}
 CKPT=${CKPT:-weights/vit_base_16_checkpoint_962_955.pth}
-TOKENIZER=${TOKENIZER:-dall-e}
 TOKENIZER_WEIGHT_PATH=${TOKENIZER_WEIGHT_PATH:-weights/tokenizer}
 PROTOFLOW_WEIGHTS=${PROTOFLOW_WEIGHTS:-weights/protoflow}
 PROTOTYPES_DIR=${PROTOTYPES_DIR:-weights/prototypes}
 OUTPUT_DIR=${OUTPUT_DIR:-output_dir/test_${SETTING}}
 PROTOCOLS=${PROTOCOLS:-clean paper}
+given=()
+[[ -n "${MODEL:-}" ]] && given+=(--model "$MODEL")
+[[ -n "${TOKENIZER:-}" ]] && given+=(--tokenizer_model "$TOKENIZER")
 
 for protocol in $PROTOCOLS; do
     python run_test.py \
         --setting "$SETTING" \
-        --model "$MODEL" \
         --ckpt "$CKPT" \
         --data_path "$DATA_PATH" \
-        --tokenizer_model "$TOKENIZER" \
         --tokenizer_weight_path "$TOKENIZER_WEIGHT_PATH" \
         --protoflow_weights "$PROTOFLOW_WEIGHTS" \
         --prototypes_dir "$PROTOTYPES_DIR" \
         --protocol "$protocol" \
         --output_dir "$OUTPUT_DIR/$protocol" \
-        "$@"
+        ${given[@]+"${given[@]}"} "$@"
 done

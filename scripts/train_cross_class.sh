@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train PMAD's ViT-B/16 in a cross-class setting (method.md 4):
+# Train PMAD's ViT-B/16 in a cross-class setting (docs/method.md 4):
 #
 #   bash scripts/train_cross_class.sh                          # textures -> objects
 #   FROM_OBJ_TO_TEXTURE=1 bash scripts/train_cross_class.sh    # objects -> textures

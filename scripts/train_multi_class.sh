@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train PMAD's ViT-B/16 in the multi-class setting (all classes of DATA_PATH; the 15 of
-# MVTec AD), with the paper's hyperparameters (method.md 4).
+# MVTec AD), with the paper's hyperparameters (docs/method.md 4).
 #
 #   bash scripts/train_multi_class.sh                       # 1 GPU
 #   NPROC=8 bash scripts/train_multi_class.sh               # 8 GPUs of this machine

@@ -7,10 +7,14 @@ PMAD and ProtoFlow files in the released formats, and real prototypes.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,12 +77,53 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
         protos = protoflow.build_prototypes(encoder, loader, coreset_ratio=0.05)
         protoflow.save_prototypes(str(prototypes_dir), name, protos,
                                   {"backbone": "efficientnet_lite0", "out_indices": [2, 3]})
-    flow = protoflow.build_flow(sum(encoder.feature_info.channels()), n_blocks=2)
+    flow = protoflow.build_flow(sum(encoder.feature_info.channels()), n_blocks=2,
+                                rng=np.random.default_rng(0))  # FrEIA's default: unseeded
     pf = base / "protoflow.pt"
     protoflow.save_protoflow(str(pf), encoder, flow, backbone="efficientnet_lite0",
                              out_indices=(2, 3), classes=classes,
                              normal_scores=torch.tensor([1.0, 2.0, 3.0]))
     return TinyWorld(mvtec, imagenet, classes, tokenizer, ckpt, pf, prototypes_dir)
+
+
+# Child processes get these hang guards. They are far above any normal run time (a loaded
+# 2-core CI machine included): they catch a deadlock, they do not time anything.
+HANG_GUARD_S = 1800
+
+
+def run_command(cmd: list[str], *, timeout: float = HANG_GUARD_S, **kwargs
+                ) -> subprocess.CompletedProcess:
+    """subprocess.run(capture_output=True, text=True) in a process group of its own; the
+    whole group (the command and every process it started) is killed when it returns or
+    hangs past `timeout`, so that no child outlives the test."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        hung = False
+    except subprocess.TimeoutExpired:
+        hung = True
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if hung:
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd[:4]))} ... hung for {timeout} s; its process group "
+                    f"was killed\nstdout: {out[-2000:]}\nstderr: {err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def join_processes(context, timeout: float = HANG_GUARD_S) -> None:
+    """Join torch.multiprocessing children (start_processes(join=False)); a child's error
+    is raised; children still running after `timeout` (a hang) are killed."""
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"{len(context.processes)} child processes hung for {timeout} s; "
+                        "killed")
 
 
 FORMATS = Path(__file__).resolve().parent / "formats"

@@ -17,7 +17,9 @@ from torchvision import transforms as T
 
 from datasets import (MVTEC_CLASSES, OBJECTS, TEXTURES, BadFileError, LayoutError,
                       MVTecTestDataset, PretrainDataset, TrainImageDataset, cache_tokens,
-                      normalization, patch_any, setting_classes, token_cache_path)
+                      list_train_classes,
+                      normalization, patch_any, resolve_train_root, setting_classes,
+                      token_cache_path)
 
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]
 STD = torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
@@ -40,7 +42,7 @@ def _truncate(path: Path) -> None:
 
 @pytest.fixture
 def train_root(tmp_path: Path) -> Path:
-    """ImageNet layout under a path that itself contains 'train' (method.md 9.8)."""
+    """ImageNet layout under a path that itself contains 'train' (docs/method.md 9.8)."""
     root = tmp_path / "train_data" / "inet"
     for i, colour in enumerate(BOTTLE_COLOURS):
         _save(root / "train" / "bottle" / f"{i:03d}.png", np.full((64, 96, 3), colour, np.uint8))
@@ -202,6 +204,32 @@ def test_training_layout_errors(train_root, tmp_path):
         PretrainDataset(str(train_root), ["wood"], token_size=32, fg_mask=False)
     with pytest.raises(ValueError, match="listed twice: bottle"):
         _pretrain(train_root).__class__(str(train_root), ["bottle", "bottle"], 32)
+
+
+def test_train_root_or_its_train_folder(train_root, tmp_path, capsys):
+    """--data_path as the root, or as <root>/train (the original scripts' form)."""
+    root = str(train_root)
+    assert resolve_train_root(root) == root and capsys.readouterr().out == ""
+    assert resolve_train_root(root + "/train/") == root
+    assert capsys.readouterr().out.strip() == (
+        f"[data] {root}/train is the train/ folder of an ImageNet-layout set: using {root} "
+        "(its train/ and fg_mask/)")
+    assert list_train_classes(resolve_train_root(root + "/train")) == ["bottle", "carpet"]
+    (tmp_path / "masks_only" / "fg_mask").mkdir(parents=True)  # classes not made yet
+    (tmp_path / "masks_only" / "train").mkdir()
+    assert resolve_train_root(str(tmp_path / "masks_only" / "train")) == str(
+        tmp_path / "masks_only")
+    # Not an ImageNet train folder: left as given (the dataset then names what is missing).
+    assert resolve_train_root(str(train_root / "fg_mask")) == str(train_root / "fg_mask")
+    assert resolve_train_root(str(tmp_path / "nowhere")) == str(tmp_path / "nowhere")
+    empty = tmp_path / "empty" / "train"
+    empty.mkdir(parents=True)
+    assert resolve_train_root(str(empty)) == str(empty)
+    with pytest.raises(LayoutError) as err:
+        list_train_classes(str(empty))
+    msg = str(err.value)  # advice names the root, never <root>/train
+    assert f"{empty}/train does not exist" in msg and "folder holding train/ and fg_mask/" in msg
+    assert msg.endswith(f"--root {tmp_path / 'empty'}`")
 
 
 def test_dataloader_batches(train_root):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
+
+from conftest import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,8 +16,7 @@ def test_demo_script_detects_defects(tmp_path: Path) -> None:
            "DEMO_CLASSES": "brick coins", "DEMO_TRAIN": "10", "DEMO_TEST_GOOD": "6",
            "DEMO_TEST_DEFECT": "8", "PF_EPOCHS": "1", "VIT_EPOCHS": "2", "DEVICE": "cpu",
            "KMEANS_VOCAB": "32"}
-    run = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+    run = run_command(["bash", "scripts/demo.sh"], cwd=ROOT, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "| Brick |" in run.stdout and "6/6 done" in run.stdout
     results = json.loads((tmp_path / "demo" / "results" / "results.json").read_text())

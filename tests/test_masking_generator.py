@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
-import time
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 from scipy import stats
 
 import masking_generator as mg
+from conftest import join_processes
 
 L = 196
 GRID = (14, 14)
@@ -519,7 +519,7 @@ def test_dynamic_state_all_reduce_noop_without_distributed():
 
 
 def _reduce_worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)  # forked child: keep clear of the parent's thread pool
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=2)
     try:
@@ -537,14 +537,10 @@ def _reduce_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def test_dynamic_state_all_reduce_two_ranks_exact():
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_reduce_worker, args=(os.path.join(tmp, "init"), tmp),
-                                 nprocs=2, join=False, start_method="fork")
-        deadline = time.monotonic() + 120
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail("two-rank all_reduce did not finish in 120 s")
+        # spawn, not fork: a forked child inherits the parent's OpenMP thread pool state
+        join_processes(mp.start_processes(_reduce_worker,
+                                          args=(os.path.join(tmp, "init"), tmp), nprocs=2,
+                                          join=False, start_method="spawn"))
         states = [torch.load(os.path.join(tmp, f"rank{r}.pth"), weights_only=True)
                   for r in range(2)]
     streams = [_stream(r + 10, 20) for r in range(2)]

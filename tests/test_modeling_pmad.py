@@ -359,3 +359,67 @@ def test_only_namespace_is_allowed_besides_tensors(tmp_path, source_model):
     with pytest.raises(ValueError, match="odd_args.pth contains the Python object 'pathlib"):
         load_checkpoint(build(depth=2), path)
 
+
+
+# ------------------------------------------------------------ builder and eval settings
+
+def test_build_pmad_is_the_paper_layout():
+    from modeling_pmad import build_pmad
+    model = build_pmad(TINY, vocab_size=40, img_size=112, init_values=0.05, drop_path_rate=0.1)
+    assert model.patch_embed.num_patches == 49 and model.lm_head.out_features == 40
+    assert model.pos_embed is None and model.rel_pos_bias is not None
+    assert torch.all(model.blocks[3].gamma_2 == 0.05)
+    assert model.blocks[-1].drop_path.drop_prob == pytest.approx(0.1)
+    assert torch.all(build_pmad(TINY, vocab_size=8).blocks[0].gamma_1 == 0.1)  # its own
+    assert build_pmad(TINY, vocab_size=8, init_values=0).blocks[0].gamma_1 is None
+    with pytest.raises(ValueError, match="unknown model 'vit_huge'.*vit_base_patch16"):
+        build_pmad("vit_huge", vocab_size=8)
+
+
+def _eval_checkpoint(path: Path, args) -> Path:
+    torch.save({"model": {"lm_head.weight": torch.zeros(40, 8)}, "epoch": 3,
+                **({} if args is None else {"args": args})}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["ours", "original"])
+def test_eval_config_from_checkpoint_args(tmp_path, kind):
+    """Our checkpoints store args as a dict, the original's as an argparse.Namespace: both
+    are read without unpickling anything else."""
+    from modeling_pmad import checkpoint_vocab_size, resolve_eval_config
+    from utils import read_weights_file
+    saved = dict(model=TINY, input_size=112, layer_scale_init_value=0.05,
+                 imagenet_default_mean_and_std=False, tokenizer_model="kmeans", lr=1e-3)
+    args = saved if kind == "ours" else argparse.Namespace(**saved)
+    path = _eval_checkpoint(tmp_path / "ckpt.pth", args)
+    checkpoint = read_weights_file(path)
+    none = dict(model=None, input_size=None, layer_scale_init_value=None,
+                imagenet_default_mean_and_std=None, tokenizer_model=None, ckpt="x")
+    config, notes = resolve_eval_config(none, checkpoint, path)
+    assert config == {k: saved[k] for k in config} and len(config) == 5
+    assert len(notes) == 1 and "stores its training arguments" in notes[0]
+    assert checkpoint_vocab_size(checkpoint, path) == 40
+    # explicit flags win; each one that differs is reported, on one line
+    given = {**none, "input_size": 112, "imagenet_default_mean_and_std": True,
+             "tokenizer_model": "dall-e"}
+    config, notes = resolve_eval_config(given, checkpoint, path)
+    assert config["imagenet_default_mean_and_std"] and config["tokenizer_model"] == "dall-e"
+    assert config["input_size"] == 112 and config["model"] == TINY
+    assert notes[1] == ("given flags override the checkpoint's training arguments: "
+                        "--imagenet_default_mean_and_std True (checkpoint: False), "
+                        "--tokenizer_model dall-e (checkpoint: kmeans)")
+
+
+def test_eval_config_of_a_released_file_is_the_papers(tmp_path):
+    from modeling_pmad import PAPER_EVAL_CONFIG, resolve_eval_config
+    from utils import read_weights_file
+    path = _eval_checkpoint(tmp_path / "released.pth", None)
+    config, notes = resolve_eval_config({"input_size": None}, read_weights_file(path), path)
+    assert config == PAPER_EVAL_CONFIG == {
+        "model": "vit_base_patch16_224_8k_vocab", "input_size": 224,
+        "layer_scale_init_value": None, "imagenet_default_mean_and_std": True,
+        "tokenizer_model": "dall-e"}
+    assert notes == [f"{path} stores no training arguments: model settings {config} "
+                     "(given flags, else the paper's)"]
+    config, notes = resolve_eval_config({"model": TINY}, read_weights_file(path), path)
+    assert config["model"] == TINY and len(notes) == 1  # nothing to disagree with

@@ -207,6 +207,37 @@ def test_saved_file_is_weights_only_with_our_fields(trained):
     stats = obj["normal_image_scores"]
     assert stats["count"] == 2 and stats["max"] == pytest.approx(float(scores.max()))
     assert torch.equal(stats["class_idx"], torch.zeros(2, dtype=torch.long))
+    assert obj["normalization"] == {"mean": list(IMAGENET_DEFAULT_MEAN),
+                                    "std": list(IMAGENET_DEFAULT_STD)}
+
+
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # BEiT's alternative (--no-imagenet_default_...)
+
+
+def test_log_likelihood_converts_the_images_normalisation(trained, brick_set, tmp_path):
+    """Images normalised for the ViT with 0.5/0.5 score as the ImageNet-normalised ones
+    ProtoFlow was trained on."""
+    imagenet = brick_set["test"][:3]
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    half = (imagenet * std + mean - 0.5) / 0.5
+    model = pf.ProtoFlow(trained["path"], trained["proto_dir"])
+    assert model.normalization == (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+    expected = model.log_likelihood(imagenet, "brick")  # (3, 28, 28)
+    torch.testing.assert_close(model.log_likelihood(half, "brick", normalization=HALF),
+                               expected, atol=1e-4, rtol=1e-5)
+    vit_side = pf.ProtoFlow(trained["path"], trained["proto_dir"], input_normalization=HALF)
+    torch.testing.assert_close(vit_side.log_likelihood(half, "brick"), expected,
+                               atol=1e-4, rtol=1e-5)
+    assert (model.log_likelihood(half, "brick") - expected).abs().max() > 0.1  # unconverted
+    # a released file records no normalisation: ImageNet's; a damaged record is an error
+    obj = torch.load(trained["path"], map_location="cpu", weights_only=True)
+    released = tmp_path / "released.pt"
+    torch.save({k: v for k, v in obj.items() if k != "normalization"}, released)
+    assert pf.ProtoFlow(str(released), trained["proto_dir"]).normalization == model.normalization
+    torch.save({**obj, "normalization": {"mean": [0.5, 0.5], "std": [1, 1, 1]}}, released)
+    with pytest.raises(ValueError, match="released.pt: 'normalization'.*damaged"):
+        pf.ProtoFlow(str(released), trained["proto_dir"])
 
 
 # ----------------------------------------------------------------------------- prototypes
@@ -499,11 +530,26 @@ def test_prototypes_command(cli):
                  "--classes", "gravel", "--num_shots", "9"])
 
 
+def test_commands_take_the_train_folder_as_data_path(cli, capsys):
+    """--data_path <root>/train (the original scripts' form) reads the same images."""
+    common = list(cli["common"])
+    root = common[common.index("--data_path") + 1]
+    runs = {}
+    for form, data in (("root", root), ("train", os.path.join(root, "train"))):
+        common[common.index("--data_path") + 1] = data
+        runs[form] = pf.main(["prototypes", *common, "--output_dir",
+                              str(cli["root"] / f"form_{form}"), "--classes", "brick",
+                              "--num_shots", "1"])
+    assert f"using {root} (its train/ and fg_mask/)" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(runs["root"][0]), np.load(runs["train"][0]))
+
+
 def test_train_command_writes_a_loadable_file(cli):
     out, obj = cli["out"], cli["trained"]
     with pytest.raises(ValueError, match="other held-out"):
         pf.main(cli["train"] + ["--output", str(cli["root"] / "x.pt"), "--holdout", "0.4"])
     assert obj["classes"] == ["brick", "gravel"] and obj["normal_image_scores"]["count"] == 2
+    assert obj["normalization"]["mean"] == list(IMAGENET_DEFAULT_MEAN)
     assert not os.path.exists(out + ".resume")
     assert [r["epoch"] for r in map(json.loads, open(out + ".log.jsonl"))] == [0, 1]
     model = pf.ProtoFlow(out, cli["protos"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -14,15 +15,18 @@ import run_test
 from conftest import KMEANS_VOCAB
 
 
+def _args_list(world, tmp_path, protocol: str, *extra: str) -> list[str]:
+    return ["--model", world.model, "--ckpt", str(world.pmad_ckpt),
+            "--tokenizer_model", "kmeans", "--tokenizer_weight_path", str(world.tokenizer),
+            "--protoflow_weights", str(world.protoflow),
+            "--prototypes_dir", str(world.prototypes_dir),
+            "--data_path", str(world.mvtec_root), "--protocol", protocol,
+            "--output_dir", str(tmp_path / protocol), "--batch_size", "8",
+            "--num_workers", "0", "--device", "cpu", "--amp", "none", *extra]
+
+
 def _args(world, tmp_path, protocol: str, *extra: str):
-    return run_test.get_args_parser().parse_args([
-        "--model", world.model, "--ckpt", str(world.pmad_ckpt),
-        "--tokenizer_model", "kmeans", "--tokenizer_weight_path", str(world.tokenizer),
-        "--protoflow_weights", str(world.protoflow),
-        "--prototypes_dir", str(world.prototypes_dir),
-        "--data_path", str(world.mvtec_root), "--protocol", protocol,
-        "--output_dir", str(tmp_path / protocol), "--batch_size", "8", "--num_workers", "0",
-        "--device", "cpu", "--amp", "none", *extra])
+    return run_test.get_args_parser().parse_args(_args_list(world, tmp_path, protocol, *extra))
 
 
 def test_gaussian_blur_equals_scipy() -> None:
@@ -250,3 +254,111 @@ def test_image_scores() -> None:
     assert run_test.image_scores(maps, "topk").tolist() == [2.0]  # mean of the top 4
     with pytest.raises(ValueError, match="unknown image score"):
         run_test.image_scores(maps, "median")
+
+@pytest.fixture(scope="module")
+def trained_112(tiny_world, tmp_path_factory):
+    """A checkpoint of ours trained with non-default model settings: 112 px, layer scale
+    0.05, 0.5/0.5 normalisation, its own 16-code k-means tokenizer at 112 px."""
+    import run_pretraining
+    base = tmp_path_factory.mktemp("trained_112")
+    tokenizer = str(base / "kmeans_112.pth")
+    argv = ["--model", tiny_world.model, "--input_size", "112",
+            "--layer_scale_init_value", "0.05", "--no-imagenet_default_mean_and_std",
+            "--tokenizer_model", "kmeans", "--tokenizer_weight_path", tokenizer,
+            "--fit_kmeans_tokenizer", "--kmeans_vocab_size", "16",
+            "--data_path", str(tiny_world.imagenet_root), "--output_dir", str(base / "out"),
+            "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "2",
+            "--max_steps_per_epoch", "1", "--num_workers", "0", "--no_init", "--amp", "none",
+            "--device", "cpu"]
+    run_pretraining.main(run_pretraining.get_args_parser().parse_args(argv))
+    return {"ckpt": str(base / "out" / "checkpoint-last.pth"), "tokenizer": tokenizer}
+
+
+def _eval_argv(world, trained, out, *extra: str) -> list[str]:
+    """No model flag repeated from training: the checkpoint's arguments decide them."""
+    return ["--ckpt", trained["ckpt"], "--tokenizer_weight_path", trained["tokenizer"],
+            "--protoflow_weights", str(world.protoflow),
+            "--prototypes_dir", str(world.prototypes_dir), "--data_path", str(world.mvtec_root),
+            "--classes", "coins", "--output_dir", str(out), "--batch_size", "8",
+            "--num_workers", "0", "--device", "cpu", "--amp", "none", *extra]
+
+
+def test_checkpoint_evaluates_with_its_own_settings(tiny_world, trained_112, tmp_path, capsys,
+                                                    monkeypatch):
+    log_likelihoods = []  # what ProtoFlow computes in each run
+
+    def recording(self, *a, **k):
+        out = original(self, *a, **k)
+        log_likelihoods.append(out[0])
+        return out
+
+    original = run_test.ProtoFlow.scores
+    monkeypatch.setattr(run_test.ProtoFlow, "scores", recording)
+    argv = _eval_argv(tiny_world, trained_112, tmp_path)
+    results = run_test.main(run_test.get_args_parser().parse_args(argv))
+    out = capsys.readouterr().out
+    assert f"[run_test] {trained_112['ckpt']} stores its training arguments" in out
+    assert "override" not in out
+    args = results["args"]
+    assert (args["model"], args["input_size"], args["layer_scale_init_value"]) == (
+        tiny_world.model, 112, 0.05)
+    assert args["imagenet_default_mean_and_std"] is False and args["tokenizer_model"] == "kmeans"
+    record = results["classes"]["coins"]
+    assert record["num_images"] == 8 and 0 <= record["image_auroc"] <= 1
+    # An explicit flag wins and is reported. ProtoFlow converts the ViT's normalisation
+    # to its own (ImageNet's): its log-likelihoods do not depend on the flag.
+    half = torch.cat(log_likelihoods)  # (8, 14, 14)
+    log_likelihoods.clear()
+    imagenet = run_test.main(run_test.get_args_parser().parse_args(
+        argv + ["--imagenet_default_mean_and_std"]))
+    assert ("given flags override the checkpoint's training arguments: "
+            "--imagenet_default_mean_and_std True (checkpoint: False)") in capsys.readouterr().out
+    assert imagenet["args"]["imagenet_default_mean_and_std"] is True
+    assert half.shape == (8, 14, 14)
+    torch.testing.assert_close(half, torch.cat(log_likelihoods), atol=1e-4, rtol=1e-5)
+    # Here an explicit flag cannot fit the weights: a clear error.
+    with pytest.raises(ValueError, match=r"rel_pos_bias.* has shape .*image size"):
+        run_test.main(run_test.get_args_parser().parse_args(argv + ["--input_size", "224"]))
+    assert "--input_size 224 (checkpoint: 112)" in capsys.readouterr().out
+
+
+def test_tokenizer_of_another_vocabulary_is_refused(tiny_world, trained_112, tmp_path):
+    argv = _eval_argv(tiny_world, trained_112, tmp_path)
+    argv[argv.index("--tokenizer_weight_path") + 1] = str(tiny_world.tokenizer)
+    with pytest.raises(ValueError, match=f"predicts 16 visual tokens but the kmeans tokenizer "
+                                         f"{tiny_world.tokenizer} has {KMEANS_VOCAB}"):
+        run_test.main(run_test.get_args_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("value", ["0", "1", "-0.2", "1.5", "nan", "x"])
+def test_mask_ratio_outside_0_1_is_refused(value, capsys):
+    parse = run_test.get_args_parser().parse_args
+    for flag in ("--mask_ratio", "--default_mask_ratio"):
+        with pytest.raises(SystemExit) as exit_info:
+            parse([flag, value])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: " in err
+        assert "outside (0, 1)" in err or "'x' is not a number" in err
+    assert parse(["--mask_ratio", "0.04"]).mask_ratio == 0.04
+
+
+def test_exit_status_is_non_zero_when_a_class_fails(capsys):
+    ok = dict.fromkeys(run_test.METRIC_KEYS, 0.9)
+    assert run_test.exit_status({"classes": {"bottle": ok, "cable": ok}}) == 0
+    assert capsys.readouterr().err == ""
+    nan = {**ok, "pixel_aupro": math.nan}
+    assert run_test.exit_status({"classes": {"bottle": ok, "cable": nan}}) == 1
+    assert capsys.readouterr().err == "[run_test] failed classes: cable\n"
+    assert run_test.exit_status({"classes": {"bottle": ok},
+                                 "failed": {"screw": "unreadable image"}}) == 1
+    assert "failed classes: screw" in capsys.readouterr().err
+
+
+def test_command_line_exit_codes(tiny_world, tmp_path):
+    from conftest import ROOT, run_command
+    base = [sys.executable, "run_test.py", *_args_list(tiny_world, tmp_path, "clean")]
+    bad_ratio = run_command(base + ["--mask_ratio", "0"], cwd=ROOT)
+    assert bad_ratio.returncode == 2 and "--mask_ratio: 0 is outside (0, 1)" in bad_ratio.stderr
+    no_class = run_command(base + ["--classes", "screw"], cwd=ROOT)
+    assert no_class.returncode == 1 and "classes ['screw'] have no" in no_class.stderr

@@ -73,6 +73,12 @@ def test_convert_idempotent_and_replaces_changed(tmp_path, capsys):
     assert {rel: (root / rel).stat().st_mtime_ns for _, rel in pairs} == mtimes
     assert not list(root.rglob("*.tmp*"))
 
+    # --root given as the existing set's train/ folder: the set itself, not <root>/train/train
+    assert _run("--data_path", data, "--root", root / "train", "--classes", "bottle") == 0
+    out = capsys.readouterr().out
+    assert f"using {root} (its train/ and fg_mask/)" in out and "train: 0 new, 3 unchanged" in out
+    assert not (root / "train" / "train").exists()
+
     _save(data / "carpet" / "train" / "good" / "001.png", np.zeros((32, 32, 3), np.uint8))
     assert _run("--data_path", data, "--root", root, "--classes", "bottle", "carpet") == 0
     assert "train: 0 new, 5 unchanged, 1 replaced" in capsys.readouterr().out

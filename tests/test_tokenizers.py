@@ -1,11 +1,16 @@
 """Visual tokenizers: released file formats, safe loading, token semantics."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
 import logging
 import os
 import pickle
 import pickletools
+import sys
+import types
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -98,7 +103,7 @@ def test_registry(monkeypatch):
 # ------------------------------------------------------------------------------ DALL-E
 
 def dalle_reference(sd: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-    """method.md 3 written out with functional ops, from the state dict alone."""
+    """docs/method.md 3 written out with functional ops, from the state dict alone."""
     def conv(x, name, pad):
         return F.conv2d(x, sd[f"{name}.w"], sd[f"{name}.b"], padding=pad)
 
@@ -415,3 +420,236 @@ def test_kmeans_rejects_other_files(tmp_path, tiny_vqkd):
         create_tokenizer("kmeans", tiny_vqkd[1])
     with pytest.raises(ValueError, match="needs backbone_weights"):
         fit_kmeans_tokenizer([], tmp_path / "x.pth", backbone="resnet18")
+
+
+# ------------------------------------------------- DALL-E as OpenAI's own code pickles it
+
+# Stand-ins for OpenAI's `dall_e.utils` and `dall_e.encoder`, declared as OpenAI declares
+# them: attrs classes whose fields are `attr.ib`s, except Encoder.group_count, a plain
+# class attribute that a pickled instance does not store. The forward methods follow
+# docs/method.md 3 (fp16 convolutions on CUDA only), independently of modeling_discrete_vae.
+OPENAI_UTILS = '''
+import math
+import attr
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@attr.s(eq=False)
+class Conv2d(nn.Module):
+    n_in: int = attr.ib()
+    n_out: int = attr.ib()
+    kw: int = attr.ib()
+    use_float16: bool = attr.ib(default=True)
+    device: torch.device = attr.ib(default=torch.device("cpu"))
+    requires_grad: bool = attr.ib(default=False)
+
+    def __attrs_post_init__(self):
+        super().__init__()
+        w = torch.randn(self.n_out, self.n_in, self.kw, self.kw)
+        w = w / math.sqrt(self.n_in * self.kw ** 2)
+        self.w, self.b = nn.Parameter(w), nn.Parameter(0.1 * torch.randn(self.n_out))
+
+    def forward(self, x):
+        if self.use_float16 and self.w.is_cuda:
+            x, w, b = x.half(), self.w.half(), self.b.half()
+        else:
+            x, w, b = x.float(), self.w, self.b
+        return F.conv2d(x, w, b, padding=(self.kw - 1) // 2)
+'''
+
+OPENAI_ENCODER = '''
+from collections import OrderedDict
+import attr
+import torch
+from torch import nn
+from dall_e.utils import Conv2d
+
+
+@attr.s(eq=False, repr=False)
+class EncoderBlock(nn.Module):
+    n_in: int = attr.ib()
+    n_out: int = attr.ib()
+    n_layers: int = attr.ib()
+    device: torch.device = attr.ib(default=None)
+    requires_grad: bool = attr.ib(default=False)
+
+    def __attrs_post_init__(self):
+        super().__init__()
+        self.n_hid = self.n_out // 4
+        self.post_gain = 1 / (self.n_layers ** 2)
+        conv = lambda i, o, k: Conv2d(i, o, k, device=self.device, requires_grad=self.requires_grad)
+        self.id_path = conv(self.n_in, self.n_out, 1) if self.n_in != self.n_out else nn.Identity()
+        self.res_path = nn.Sequential(OrderedDict([
+            ("relu_1", nn.ReLU()), ("conv_1", conv(self.n_in, self.n_hid, 3)),
+            ("relu_2", nn.ReLU()), ("conv_2", conv(self.n_hid, self.n_hid, 3)),
+            ("relu_3", nn.ReLU()), ("conv_3", conv(self.n_hid, self.n_hid, 3)),
+            ("relu_4", nn.ReLU()), ("conv_4", conv(self.n_hid, self.n_out, 1))]))
+
+    def forward(self, x):
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+@attr.s(eq=False, repr=False)
+class Encoder(nn.Module):
+    group_count: int = 4
+    n_hid: int = attr.ib(default=256)
+    n_blk_per_group: int = attr.ib(default=2)
+    input_channels: int = attr.ib(default=3)
+    vocab_size: int = attr.ib(default=8192)
+    device: torch.device = attr.ib(default=torch.device("cpu"))
+    requires_grad: bool = attr.ib(default=False)
+    use_mixed_precision: bool = attr.ib(default=True)
+
+    def __attrs_post_init__(self):
+        super().__init__()
+        n_layers = self.group_count * self.n_blk_per_group
+        conv = lambda i, o, k, **kw: Conv2d(i, o, k, device=self.device,
+                                            requires_grad=self.requires_grad, **kw)
+        block = lambda i, o: EncoderBlock(i, o, n_layers, device=self.device,
+                                          requires_grad=self.requires_grad)
+        widths = [self.n_hid * 2 ** g for g in range(self.group_count)]
+        groups = [("input", conv(self.input_channels, self.n_hid, 7))]
+        n_in = self.n_hid
+        for g, width in enumerate(widths, start=1):
+            layers = [(f"block_{i + 1}", block(n_in if i == 0 else width, width))
+                      for i in range(self.n_blk_per_group)]
+            if g < self.group_count:
+                layers.append(("pool", nn.MaxPool2d(kernel_size=2)))
+            groups.append((f"group_{g}", nn.Sequential(OrderedDict(layers))))
+            n_in = width
+        groups.append(("output", nn.Sequential(OrderedDict([
+            ("relu", nn.ReLU()), ("conv", conv(n_in, self.vocab_size, 1, use_float16=False))]))))
+        self.blocks = nn.Sequential(OrderedDict(groups))
+
+    def forward(self, x):
+        return self.blocks(x)
+'''
+
+
+def _attr_standin() -> types.ModuleType:
+    """What of `attr` the stand-ins use, for machines without attrs: `attr.ib` fields
+    become __init__ arguments set on the instance, anything else stays on the class."""
+    attr = types.ModuleType("attr")
+
+    class _Field:
+        def __init__(self, default=None, required=True):
+            self.default, self.required = default, required
+
+    def ib(default=_Field):
+        return _Field() if default is _Field else _Field(default, required=False)
+
+    def s(**_options):
+        def decorate(cls):
+            fields = [(k, v) for k, v in vars(cls).items() if isinstance(v, _Field)]
+            for k, _ in fields:
+                delattr(cls, k)
+
+            def __init__(self, *args, **kwargs):
+                values = dict(zip([k for k, _ in fields], args), **kwargs)
+                for k, f in fields:
+                    if k not in values and f.required:
+                        raise TypeError(f"missing argument {k}")
+                    setattr(self, k, values.get(k, f.default))
+                self.__attrs_post_init__()
+
+            cls.__init__ = __init__
+            return cls
+        return decorate
+
+    attr.ib, attr.s = ib, s
+    return attr
+
+
+@contextlib.contextmanager
+def openai_dall_e_modules(use_attrs: bool):
+    """`dall_e`, `dall_e.utils`, `dall_e.encoder` in sys.modules, removed on exit."""
+    names = ("attr", "dall_e", "dall_e.utils", "dall_e.encoder")
+    saved = {n: sys.modules[n] for n in names if n in sys.modules}
+    try:
+        if not use_attrs:
+            sys.modules["attr"] = _attr_standin()
+        package = types.ModuleType("dall_e")
+        package.__path__ = []
+        sys.modules["dall_e"] = package
+        for name, source in (("utils", OPENAI_UTILS), ("encoder", OPENAI_ENCODER)):
+            module = types.ModuleType(f"dall_e.{name}")
+            sys.modules[module.__name__] = module
+            setattr(package, name, module)
+            exec(compile(source, f"<dall_e/{name}.py>", "exec"), vars(module))
+        yield sys.modules["dall_e.encoder"]
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+
+
+ATTRS_BACKENDS = [pytest.param(True, id="attrs", marks=pytest.mark.skipif(
+                      importlib.util.find_spec("attr") is None, reason="attrs not installed")),
+                  pytest.param(False, id="attrs-standin")]
+
+
+@pytest.mark.parametrize("use_attrs", ATTRS_BACKENDS)
+def test_dalle_pickled_by_openais_classes(tmp_path, use_attrs):
+    images = token_images(3, 112)
+    with openai_dall_e_modules(use_attrs) as openai:
+        torch.manual_seed(0)
+        original = openai.Encoder(n_hid=16, vocab_size=64)
+        state = vars(original)
+        assert "group_count" not in state and original.group_count == 4
+        assert {"n_hid", "n_blk_per_group", "input_channels", "vocab_size", "device",
+                "requires_grad", "use_mixed_precision", "training", "_modules"} <= set(state)
+        conv_state = vars(original.blocks.group_2.block_1.id_path)
+        assert {"n_in", "n_out", "kw", "use_float16", "device", "requires_grad"} <= set(
+            conv_state) and set(conv_state["_parameters"]) == {"w", "b"}
+        with torch.no_grad():
+            expected = original(0.8 * images + 0.1).argmax(1).flatten(1)  # (3, 196)
+        paths = {"zip": tmp_path / "zip.pkl", "legacy": tmp_path / "legacy.pkl"}
+        with warnings.catch_warnings():  # legacy format: no source file for the classes
+            warnings.simplefilter("ignore", UserWarning)
+            torch.save(original, paths["zip"])
+            torch.save(original, paths["legacy"], _use_new_zipfile_serialization=False)
+    assert "dall_e.encoder" not in sys.modules  # a user has no dall_e package
+    assert len(expected.unique()) > 5
+    for fmt, path in paths.items():
+        assert zipfile.is_zipfile(path) == (fmt == "zip")
+        assert {"dall_e.encoder Encoder", "dall_e.encoder EncoderBlock",
+                "dall_e.utils Conv2d"} <= pickle_globals(path)
+        tok = create_tokenizer("dall-e", path)
+        assert tok.encoder.group_count == 4 and tok.encoder.n_hid == 16, fmt
+        flags = {n: m.use_float16 for n, m in tok.encoder.named_modules()
+                 if isinstance(m, dv.DalleConv2d)}
+        assert flags.pop("blocks.output.conv") is False and all(flags.values()), fmt
+        assert torch.equal(tok.get_codebook_indices(images), expected), fmt
+
+
+def test_dalle_missing_instance_field_is_refused(tmp_path):
+    encoder = DalleEncoder(**SMALL_DALLE)
+    del encoder.n_blk_per_group  # an instance field (attr.ib): always in OpenAI's pickle
+    path = tmp_path / "encoder.pkl"
+    save_dalle_encoder(encoder, path)
+    with pytest.raises(ValueError, match=r"'n_blk_per_group': None.*not the DALL-E encoder"):
+        create_tokenizer("dall-e", path)
+
+
+def test_dalle_precision_follows_amp_on_cuda_only(small_dalle):
+    encoder, folder = small_dalle
+    images = token_images(3, 112)
+    fp32 = create_tokenizer("dall-e", folder)
+    amp = create_tokenizer("dall-e", folder, amp="bf16")
+    assert not amp.computes_fp16  # on the CPU: fp32 whatever --amp is
+    assert amp.fingerprint == fp32.fingerprint == sha256(folder / "encoder.pkl")
+    assert torch.equal(amp.get_codebook_indices(images), fp32.get_codebook_indices(images))
+    # The fp16 path (taken on CUDA): fp16 convolutions, the output convolution in fp32.
+    dtypes = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: dtypes.__setitem__(n, o.dtype))
+             for n, m in amp.encoder.named_modules() if isinstance(m, dv.DalleConv2d)]
+    with torch.no_grad():
+        logits = amp.encoder((0.8 * images + 0.1).half())
+    for h in hooks:
+        h.remove()
+    assert dtypes.pop("blocks.output.conv") == torch.float32 == logits.dtype
+    assert set(dtypes.values()) == {torch.float16}
+    agree = (logits.argmax(1).flatten(1) == fp32.get_codebook_indices(images)).float().mean()
+    assert agree > 0.9

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -25,6 +24,7 @@ import engine
 import modeling_pmad
 import run_pretraining
 import utils
+from conftest import run_command
 from masking_generator import CLASS_MASK_RATIOS, num_masked
 from modeling_discrete_vae import DalleEncoder, save_dalle_encoder
 
@@ -296,6 +296,28 @@ def test_from_obj_to_texture_alias():
         datasets.resolve_setting("tex2obj", True)
 
 
+def test_original_command_line_trains(env, tmp_path, capsys):
+    """The original scripts' form: --data_path <root>/train and their flags."""
+    out = tmp_path / "out"
+    argv = _argv(env, str(out), "--epochs", "1", "--mask_ratio", "0.25", "--clip_grad", "2.0",
+                 "--drop_path", "0.05", "--layer_scale_init_value", "0.2",
+                 "--imagenet_default_mean_and_std", "--from_obj_to_texture",
+                 data=os.path.join(env["every"], "train"))
+    summary = run_pretraining.main(run_pretraining.get_args_parser().parse_args(argv))
+    assert f"{env['every']}/train is the train/ folder" in capsys.readouterr().out
+    assert summary["train_classes"] == datasets.OBJECTS and summary["num_images"] == 10
+    assert math.isfinite(summary["stats"]["loss"])
+    ckpt = utils.load_checkpoint_file(str(out / "checkpoint-last.pth"))
+    args = ckpt["args"]
+    assert args["data_path"] == env["every"] and args["setting"] == "obj2tex"
+    assert (args["mask_ratio"], args["clip_grad"], args["drop_path"]) == (0.25, 2.0, 0.05)
+    assert args["imagenet_default_mean_and_std"] and args["tokenizer_weight_path"] == env[
+        "tokenizer"]
+    # layer scale starts at 0.2 and moved by one AdamW step of lr 1e-3 at most
+    gamma = ckpt["model"]["blocks.0.gamma_1"]
+    assert (gamma - 0.2).abs().max() < 2e-3 and not torch.all(gamma == 0.2)
+
+
 _RECORDER = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
@@ -322,8 +344,7 @@ def test_torchrun_two_processes_on_gloo(env, tmp_path):
     argv = _argv(env, out, "--epochs", "1", "--max_steps_per_epoch", "2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc_per_node", "2", str(script), *argv]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_command(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     seen = [json.loads((rec / f"seen{r}.json").read_text()) for r in range(2)]
     assert len(seen[0]) == len(seen[1]) == 4  # 2 steps x batch 2 on each rank
@@ -343,9 +364,11 @@ def test_shell_scripts_build_the_torchrun_command(tmp_path):
     (fake / "torchrun").write_text("#!/usr/bin/env bash\necho \"$@\"\n")
     (fake / "torchrun").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "NPROC": "3"}
-    run = lambda script, **e: subprocess.run(  # noqa: E731
-        ["bash", f"scripts/{script}", "--epochs", "7"], cwd=REPO, capture_output=True,
-        text=True, env={**env, **e}, check=True).stdout.split()
+    def run(script: str, **e: str) -> list[str]:
+        proc = run_command(["bash", f"scripts/{script}", "--epochs", "7"], cwd=REPO,
+                           env={**env, **e})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
     multi = run("train_multi_class.sh")
     assert multi[multi.index("--nproc_per_node") + 1] == "3"
     assert "run_pretraining.py" in multi and multi[-2:] == ["--epochs", "7"]

@@ -7,15 +7,16 @@ import json
 import math
 import os
 import random
-import socket
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 import utils
+from conftest import join_processes
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -292,15 +293,13 @@ def test_world_size_without_master_addr_is_a_clear_error(monkeypatch):
         utils.init_distributed("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    # The group meets through a file, not a port (a free port found beforehand can be
+    # taken by another process before rank 0 binds it); init_distributed then joins it.
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=2)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     env = utils.init_distributed("cpu")
     try:
         sampler = utils.build_sampler(list(range(10)), seed=3)
@@ -323,7 +322,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_process_gloo_group(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    join_processes(mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)),
+                                      nprocs=2, join=False, start_method="spawn"))
     r = [json.load(open(tmp_path / f"rank{i}.json")) for i in range(2)]
     assert [x["world"] for x in r] == [2, 2]
     assert set(r[0]["indices"]).isdisjoint(r[1]["indices"])
@@ -334,4 +334,5 @@ def test_two_process_gloo_group(tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert ckpt["rng"][0]["mask_rng"] == np.random.default_rng(0).bit_generator.state
     assert ckpt["rng"][1]["mask_rng"] == np.random.default_rng(1).bit_generator.state
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth", "rank0.json", "rank1.json"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth", "init", "rank0.json",
+                                            "rank1.json"]
