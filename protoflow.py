@@ -80,6 +80,7 @@ class Proposals:
     """ProtoFlow's output for one class's image set (docs/method.md 6)."""
     log_likelihood: Tensor        # (N, h, w) per-dim log-likelihood, unnormalised
     abnormality_maps: Tensor      # (N, H, W) max(prob) - prob over the set
+    log_abnormality_maps: Tensor  # (N, H, W) max(logp) - logp over the set, unsaturated
     image_scores: Tensor          # (N,) max over patches of -logp (set-independent)
     is_anomalous: Tensor | None   # (N,) bool: image_scores > stored threshold
     masks: dict[float, Tensor]    # ratio -> (N, L) bool, True = proposed (masked) patch
@@ -406,7 +407,9 @@ def proposals_from_log_likelihood(logp: Tensor, mask_ratios: Sequence[float],
 
     The normalisation (subtract the set's maximum, exp, max(prob) - prob) runs over the
     whole given set, as in docs/method.md 6, so pass a class's full test set at once. The
-    masks' per-image ranking and the image scores do not depend on the set.
+    masks' per-image ranking and the image scores do not depend on the set. Besides the
+    paper's abnormality map, its unsaturated log form max(logp) - logp (the clean
+    protocol's default, see run_test.py --abnormality).
     """
     if logp.ndim != 3 or len(logp) == 0:
         raise ValueError(f"logp must be a non-empty (N, h, w) tensor, got {tuple(logp.shape)}")
@@ -428,9 +431,13 @@ def proposals_from_log_likelihood(logp: Tensor, mask_ratios: Sequence[float],
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     fine = F.interpolate(prob, size=size, mode="bilinear", align_corners=True)[:, 0]
     abnormality = fine.max() - fine  # (N, H, W)
+    # The same map in log units: prob = exp(logp - max) saturates, so 1 - prob is ~1 on
+    # every clearly anomalous patch and no longer ranks them; -log(prob) does.
+    log_abnormality = F.interpolate((logp.max() - logp)[:, None], size=size, mode="bilinear",
+                                    align_corners=True)[:, 0]  # (N, H, W)
     scores = image_score(logp)  # (N,)
     called = is_anomalous(scores, threshold) if threshold is not None else None
-    return Proposals(logp, abnormality, scores, called, masks, rank)
+    return Proposals(logp, abnormality, log_abnormality, scores, called, masks, rank)
 
 
 # ----------------------------------------------------------------------------- files

@@ -40,19 +40,25 @@ BASELINES = {"protoflow_only": "ProtoFlow map alone", "patchcore": "PatchCore",
              "ce_only": "ViT cross-entropy alone"}
 CLEAN_MASKS = ("proposal", "threshold")
 UNMASKED = ("cover", "zero")
+ABNORMALITY = ("log", "paper")
+COMBINE = ("weighted", "product")
 IMAGE_SCORES = ("max", "topk")
 
 
 @dataclass(frozen=True)
 class CleanOptions:
     """The clean protocol's label-free choices (run_test.py --clean_masks, --unmasked,
-    --image_score); see evaluate_clean."""
+    --abnormality, --combine, --image_score); see evaluate_clean. The paper's choices
+    are 'threshold', 'zero', 'paper', 'product', 'max'."""
     masks: str = "proposal"
     unmasked: str = "cover"
+    abnormality: str = "log"
+    combine: str = "weighted"
     image_score: str = "max"
 
     def as_dict(self) -> dict[str, str]:
         return {"masks": self.masks, "unmasked": self.unmasked,
+                "abnormality": self.abnormality, "combine": self.combine,
                 "image_score": self.image_score}
 
 
@@ -146,11 +152,25 @@ def upsample(patch_scores: torch.Tensor, grid: tuple[int, int], size: int) -> to
 
 
 def pmad_maps(token_scores: torch.Tensor, abnormality: torch.Tensor, grid: tuple[int, int],
-              sigma: float) -> torch.Tensor:
-    """The abnormality map of PMAD (method.md 7): masked-token scores (N, L), upsampled,
-    times ProtoFlow's abnormality map (N, S, S), Gaussian-smoothed. -> (N, S, S)."""
-    return gaussian_blur(upsample(token_scores, grid, abnormality.shape[-1]) * abnormality,
-                         sigma)
+              sigma: float, combine: str = "product", vocab_size: int | None = None
+              ) -> torch.Tensor:
+    """PMAD's score map: masked-token scores (N, L), upsampled, and ProtoFlow's
+    abnormality map (N, S, S), combined, then Gaussian-smoothed. -> (N, S, S).
+
+    'product' (the paper, docs/method.md 7): CE x abnormality. 'weighted': abnormality x
+    (1 + CE / ln V), ProtoFlow's map raised where the ViT finds the token surprising (CE
+    = ln V is as surprising as a uniform guess over the V tokens). A patch the ViT
+    predicts well keeps ProtoFlow's score instead of dropping to ~0, so a ViT that
+    has learned little cannot drown ProtoFlow's evidence in its noise.
+    """
+    ce = upsample(token_scores, grid, abnormality.shape[-1])  # (N, S, S)
+    if combine == "product":
+        return gaussian_blur(ce * abnormality, sigma)
+    if combine == "weighted":
+        if vocab_size is None or vocab_size < 2:
+            raise ValueError(f"combine='weighted' needs the vocabulary size, got {vocab_size}")
+        return gaussian_blur(abnormality * (1 + ce / math.log(vocab_size)), sigma)
+    raise ValueError(f"unknown combination {combine!r}; choose from {COMBINE}")
 
 
 def image_scores(maps: torch.Tensor, how: str = "max") -> torch.Tensor:
@@ -177,15 +197,16 @@ def evaluate_maps(data: ClassData, maps: torch.Tensor, pixel_maps: torch.Tensor 
     return record
 
 
-def baselines(data: ClassData, proposals: Proposals, token_scores: torch.Tensor | None,
+def baselines(data: ClassData, abnormality: torch.Tensor, token_scores: torch.Tensor | None,
               grid: tuple[int, int], sigma: float) -> tuple[dict, dict[str, torch.Tensor]]:
     """The rows every table prints beside PMAD, from what the class's pass computed:
-    ProtoFlow's abnormality map alone, PatchCore (each patch's distance to its nearest
-    prototype: the prototypes are a PatchCore memory bank) and, given the covering
-    passes' token scores, the ViT's cross-entropy alone. Each is upsampled and smoothed
-    as PMAD's map is; image score = the map's maximum."""
+    ProtoFlow's abnormality map alone (the one PMAD's map uses, (N, S, S)), PatchCore
+    (each patch's distance to its nearest prototype: the prototypes are a PatchCore
+    memory bank) and, given the covering passes' token scores, the ViT's cross-entropy
+    alone. Each is upsampled and smoothed as PMAD's map is; image score = the map's
+    maximum."""
     size = data.images.shape[-1]
-    maps = {"protoflow_only": gaussian_blur(proposals.abnormality_maps.float().cpu(), sigma),
+    maps = {"protoflow_only": gaussian_blur(abnormality, sigma),
             "patchcore": gaussian_blur(upsample(data.prototype_distance,
                                                 tuple(data.prototype_distance.shape[1:]),
                                                 size), sigma)}
@@ -232,9 +253,12 @@ def evaluate_clean(model: torch.nn.Module, data: ClassData, *, ratio: float,
     if options.unmasked == "zero":
         passes = passes[:1]
     token_scores = covered_token_scores(model, data, passes, batch_size, device, amp)
-    maps = pmad_maps(token_scores, proposals.abnormality_maps.float().cpu(), grid, sigma)
+    abnormality = (proposals.abnormality_maps if options.abnormality == "paper"
+                   else proposals.log_abnormality_maps).float().cpu()
+    maps = pmad_maps(token_scores, abnormality, grid, sigma, options.combine,
+                     model.lm_head.out_features)
     record = evaluate_maps(data, maps, scores=image_scores(maps, options.image_score))
-    rows, base_maps = baselines(data, proposals,
+    rows, base_maps = baselines(data, abnormality,
                                 token_scores if options.unmasked == "cover" else None,
                                 grid, sigma)
     record.update(rows)
@@ -290,7 +314,8 @@ def evaluate_paper(model: torch.nn.Module, data: ClassData, *, sigma: float, bat
                   diagnostics=mask_diagnostics(data, proposals.test_masks(best, anomalous,
                                                torch.Generator().manual_seed(seed)),
                                                anomalous, grid))
-    rows, base_maps = baselines(data, proposals, None, grid, sigma)
+    rows, base_maps = baselines(data, proposals.abnormality_maps.float().cpu(), None, grid,
+                                sigma)
     record.update(rows)
     return record, {"pmad": maps[best], **base_maps}
 
@@ -470,6 +495,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--unmasked", default=CleanOptions.unmasked, choices=UNMASKED,
                    help="clean protocol: score every patch, each in the covering pass that "
                         "masks it, or leave visible patches at 0 (the paper)")
+    p.add_argument("--abnormality", default=CleanOptions.abnormality, choices=ABNORMALITY,
+                   help="clean protocol: ProtoFlow's abnormality map in log units, "
+                        "max(logp) - logp, or the paper's 1 - exp(logp - max(logp)), which "
+                        "saturates at 1 on clearly anomalous patches")
+    p.add_argument("--combine", default=CleanOptions.combine, choices=COMBINE,
+                   help="clean protocol: abnormality x (1 + CE / ln V), or the paper's "
+                        "CE x abnormality")
     p.add_argument("--image_score", default=CleanOptions.image_score, choices=IMAGE_SCORES,
                    help="clean protocol: the score map's maximum (the paper) or the mean of "
                         "its top 1%% of pixels")
@@ -530,7 +562,8 @@ def main(args: argparse.Namespace) -> dict:
     protoflow = ProtoFlow(args.protoflow_weights, args.prototypes_dir, device=str(device),
                           encoder_weights=args.encoder_weights, input_normalization=(mean, std))
     img_size = model.patch_embed.img_size[0]
-    options = CleanOptions(args.clean_masks, args.unmasked, args.image_score)
+    options = CleanOptions(args.clean_masks, args.unmasked, args.abnormality, args.combine,
+                           args.image_score)
     if (args.protocol == "clean" and options.masks == "threshold"
             and protoflow.threshold is None):
         print(f"[run_test] {args.protoflow_weights} stores no threshold from normal images "

@@ -114,8 +114,9 @@ def test_clean_protocol_score_maps_ignore_labels(tiny_world) -> None:
     data.labels, data.gt_masks = data.labels[perm], data.gt_masks[perm]
     data.defect_types = [data.defect_types[i] for i in perm]
     _, shuffled = run_test.evaluate_clean(model, data, **kwargs)
-    assert torch.equal(maps["pmad"], shuffled["pmad"])
-    assert torch.equal(maps["protoflow"], shuffled["protoflow"])
+    assert maps.keys() == shuffled.keys() == {"pmad", "protoflow_only", "patchcore", "ce_only"}
+    for key in maps:
+        assert torch.equal(maps[key], shuffled[key]), key
 
 
 def test_missing_class_is_a_clear_error(tiny_world, tmp_path) -> None:
@@ -154,6 +155,7 @@ class ConstantViT(torch.nn.Module):
         super().__init__()
         self.patch_embed = type("PE", (), {"grid_size": grid,
                                            "num_patches": grid[0] * grid[1]})()
+        self.lm_head = torch.nn.Linear(1, 2)  # V = 2 tokens
         self.logits = torch.log(torch.tensor([0.75, 0.25]))
 
     def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
@@ -179,12 +181,16 @@ def _hand_data(size: int = 3) -> run_test.ClassData:
                               ["good", "crack"])
 
 
+PAPER_MAP = run_test.CleanOptions("proposal", "cover", "paper", "product")
+
+
 def test_pmad_map_of_a_2x2_patch_case_by_hand() -> None:
-    """CE per patch, bilinear (aligned corners) to 3x3, times ProtoFlow's abnormality map
-    (max(prob) - prob over the set, resized the same way); sigma 0: no smoothing."""
+    """The paper's map: CE per patch, bilinear (aligned corners) to 3x3, times ProtoFlow's
+    abnormality map (max(prob) - prob over the set, resized the same way); sigma 0: no
+    smoothing."""
     data = _hand_data()
     record, maps = run_test.evaluate_clean(
-        ConstantViT(), data, ratio=0.5, threshold=None, options=run_test.CleanOptions(),
+        ConstantViT(), data, ratio=0.5, threshold=None, options=PAPER_MAP,
         sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
     # image 1: patch CEs [CE0, CE0; CE0, CE1] -> 3x3 corners + midpoints
     ce1 = torch.tensor([[CE0, CE0, CE0],
@@ -205,6 +211,27 @@ def test_pmad_map_of_a_2x2_patch_case_by_hand() -> None:
     assert torch.allclose(maps["ce_only"][1], ce1, atol=1e-6)
 
 
+def test_weighted_log_map_of_a_2x2_patch_case_by_hand() -> None:
+    """The clean protocol's default map: ProtoFlow's abnormality in log units,
+    max(logp) - logp, times 1 + CE / ln V (V = 2 here)."""
+    data = _hand_data()
+    record, maps = run_test.evaluate_clean(
+        ConstantViT(), data, ratio=0.5, threshold=None, options=run_test.CleanOptions(),
+        sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
+    ln4 = math.log(4)
+    a1 = torch.tensor([[0, 0, 0], [0, ln4 / 4, ln4 / 2], [0, ln4 / 2, ln4]])  # image 1
+    ce1 = torch.tensor([[CE0, CE0, CE0],
+                        [CE0, (3 * CE0 + CE1) / 4, (CE0 + CE1) / 2],
+                        [CE0, (CE0 + CE1) / 2, CE1]])
+    assert torch.allclose(maps["pmad"][1], a1 * (1 + ce1 / math.log(2)), atol=1e-6)
+    assert maps["pmad"][1, 2, 2] == pytest.approx(3 * ln4, abs=1e-6)  # CE1 = 2 ln 2
+    assert maps["pmad"][0, 0, 0] == pytest.approx(math.log(2) * (1 + CE0 / math.log(2)))
+    assert torch.allclose(maps["protoflow_only"][1], a1, atol=1e-6)  # the same map alone
+    assert record["clean_options"] == {"masks": "proposal", "unmasked": "cover",
+                                       "abnormality": "log", "combine": "weighted",
+                                       "image_score": "max"}
+
+
 def test_a_defect_left_unmasked_is_scored_by_the_covering_pass() -> None:
     """The stored threshold calls the defective image normal, so its mask is random and
     (with this seed) misses the defect patch. With visible patches at 0 ('zero', the
@@ -217,11 +244,17 @@ def test_a_defect_left_unmasked_is_scored_by_the_covering_pass() -> None:
         data.log_likelihood, [0.5], image_size=3, grid=(2, 2)).test_masks(
         0.5, torch.tensor([False, False]), torch.Generator().manual_seed(s))[1, 3])
     zero, maps0 = run_test.evaluate_clean(
-        ConstantViT(), data, options=run_test.CleanOptions("threshold", "zero"), seed=seed,
-        **kw)
+        ConstantViT(), data, options=run_test.CleanOptions("threshold", "zero", "paper",
+                                                           "product"), seed=seed, **kw)
     cover, maps1 = run_test.evaluate_clean(
-        ConstantViT(), data, options=run_test.CleanOptions("threshold", "cover"), seed=seed,
-        **kw)
+        ConstantViT(), data, options=run_test.CleanOptions("threshold", "cover", "paper",
+                                                           "product"), seed=seed, **kw)
+    weighted, maps2 = run_test.evaluate_clean(
+        ConstantViT(), data, options=run_test.CleanOptions("threshold", "zero", "paper",
+                                                           "weighted"), seed=seed, **kw)
+    # weighted: a visible patch keeps ProtoFlow's score (factor 1), above the normal image
+    assert maps2["pmad"][1, 2, 2] == pytest.approx(0.75, abs=1e-6)
+    assert maps2["pmad"][1, 2, 2] > maps2["pmad"][0].max() and weighted["image_auroc"] == 1
     assert zero["called_anomalous"] == cover["called_anomalous"] == 0
     assert zero["diagnostics"]["masked_defect_fraction"] == 0.0
     assert maps0["pmad"][1, 2, 2] == 0.0 and maps0["pmad"][0].max() > 0
