@@ -564,6 +564,7 @@ class ProtoFlow:
                 raise ValueError(f"{weights_path}: '{key}' says {ckpt[key]}, the flow's "
                                  f"weights have {have}; the file is inconsistent")
         self.threshold: float | None = ckpt.get("image_score_threshold")
+        self.threshold_quantile: float | None = ckpt.get("threshold_quantile")
         self.normal_image_scores: dict | None = ckpt.get("normal_image_scores")
         self.classes: list[str] | None = ckpt.get("classes")
 
@@ -589,6 +590,20 @@ class ProtoFlow:
         self.encoder = encoder.to(self.device).eval()
         self.flow = flow.to(self.device).eval()
         self._prototypes: dict[str, Tensor] = {}
+
+    def threshold_for(self, class_name: str) -> float | None:
+        """The image-score threshold for one class: the stored quantile of the class's
+        own held-out normal images when the file has them, else the file's threshold over
+        all classes (None for a released file, which stores none)."""
+        stats = self.normal_image_scores
+        if (stats is None or self.classes is None or class_name not in self.classes
+                or "class_idx" not in stats):
+            return self.threshold
+        scores = stats["scores"][stats["class_idx"] == self.classes.index(class_name)]
+        if len(scores) == 0:
+            return self.threshold
+        quantile = self.threshold_quantile or THRESHOLD_QUANTILE
+        return float(torch.quantile(scores.double(), quantile))
 
     def prototypes(self, class_name: str) -> Tensor:
         """The class's prototypes (M, C) on the device, loaded once."""

@@ -490,8 +490,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="clean", choices=["clean", "paper"])
     p.add_argument("--clean_masks", default=CleanOptions.masks, choices=CLEAN_MASKS,
                    help="clean protocol: ProtoFlow's proposal mask for every image, or only "
-                        "for images its stored normal-data threshold calls anomalous (the "
-                        "others: random masks)")
+                        "for images above the class's threshold from held-out normal images "
+                        "stored in the ProtoFlow file (the others: random masks)")
     p.add_argument("--unmasked", default=CleanOptions.unmasked, choices=UNMASKED,
                    help="clean protocol: score every patch, each in the covering pass that "
                         "masks it, or leave visible patches at 0 (the paper)")
@@ -594,7 +594,8 @@ def main(args: argparse.Namespace) -> dict:
             ratio = (args.mask_ratio if args.mask_ratio is not None
                      else CLASS_MASK_RATIOS.get(class_name, args.default_mask_ratio))
             record, maps = evaluate_clean(model, data, ratio=ratio,
-                                          threshold=protoflow.threshold, options=options,
+                                          threshold=protoflow.threshold_for(class_name),
+                                          options=options,
                                           sigma=args.sigma, batch_size=args.batch_size,
                                           device=device, amp=amp, seed=args.seed)
         record.update(num_images=len(data.labels), num_anomalous=int(data.labels.sum()))

@@ -580,3 +580,22 @@ def test_train_resumes_exactly_after_a_crash(cli, monkeypatch):
     for key, value in straight["decoder_state_dict"].items():
         assert torch.equal(resumed["decoder_state_dict"][key], value), key
     assert resumed["image_score_threshold"] == straight["image_score_threshold"]
+
+
+def test_threshold_per_class_from_held_out_images(lite0, tmp_path):
+    """The clean protocol's --clean_masks threshold calls each class with the quantile of
+    its own held-out normal images; a class without any uses the file's threshold."""
+    path = str(tmp_path / "pf.pt")
+    scores = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0])
+    pf.save_protoflow(path, lite0, pf.build_flow(LITE0_DIM, 1), backbone="efficientnet_lite0",
+                      out_indices=(2, 3), classes=["a", "b", "c"], normal_scores=scores,
+                      normal_classes=torch.tensor([0, 0, 0, 1, 1]), threshold_quantile=0.5)
+    model = pf.ProtoFlow(path, str(tmp_path))
+    assert model.threshold == 3.0  # median of all five
+    assert model.threshold_for("a") == 2.0 and model.threshold_for("b") == 15.0
+    assert model.threshold_for("c") == 3.0 and model.threshold_for("unseen") == 3.0
+    released = str(tmp_path / "released.pt")
+    obj = torch.load(path, weights_only=True)
+    torch.save({k: obj[k] for k in ("encoder_state_dict", "decoder_state_dict", "backbone",
+                                    "out_indices")}, released)
+    assert pf.ProtoFlow(released, str(tmp_path)).threshold_for("a") is None
