@@ -1,17 +1,17 @@
 """Masks for PMAD's masked-token pre-training (method.md section 5).
 
-Each training sample draws one of twelve masking variants: region (foreground-limited or
-all patches) x weighting (frequency, dynamic, uniform) x shape (block-wise or random).
-Everything here is exact where the original code was not (method.md section 9, items 2,
-5, 7, 9, 10): exactly ``num_masked`` patches always, sampling without replacement,
-caller's weights never written to, ratios keyed by class name, grid sizes as arguments,
-and dynamic-masking statistics that live in the training process, update from any batch
-size, reduce across ranks and go into checkpoints.
+The file has two parts. Part 1 states the paper's rules and is meant to be read: per
+sample m = int(L * r) patches with the class's ratio r; a region (foreground-limited or
+all patches), a weighting (frequency, dynamic or uniform) and a shape (block-wise or
+random) drawn independently; the block-wise try and its acceptance; the frequency and
+dynamic weights and the rank-weighted loss. Part 2 draws masks that follow exactly those
+rules, fast, and is private.
 
-Speed: random masks of a whole batch come from one sort of exponential race keys; block
-placement runs per sample over Python integers used as bitsets of the patch grid (a
-block is one precomputed pattern shifted to its corner), so a try costs a few integer
-operations instead of numpy calls.
+Everything is exact where the original code was not (method.md section 9, items 2, 5,
+7, 9, 10): exactly ``num_masked`` patches always, sampling without replacement, caller's
+weights never written to, ratios keyed by class name, grid sizes as arguments, and
+dynamic-masking statistics that live in the training process, update from any batch
+size, reduce across ranks and go into checkpoints.
 """
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+Rng = np.random.Generator | torch.Generator | None
+Rect = tuple[int, int, int, int]  # (top, left, height, width) in patches
+
+
+# =====================================================================================
+# Part 1: the paper's rules (method.md 5)
+# =====================================================================================
 CLASS_MASK_RATIOS: dict[str, float] = {
     "carpet": 0.16, "grid": 0.16, "leather": 0.12, "tile": 0.38, "wood": 0.46,
     "bottle": 0.42, "cable": 0.28, "capsule": 0.16, "hazelnut": 0.36, "metal_nut": 0.48,
@@ -33,10 +40,6 @@ WEIGHTINGS = ("frequency", "dynamic", "uniform")
 MIN_BLOCK = 4  # patches; BEiT's and the paper's lower bound of a block's area
 MAX_TRIES = 10  # tries per block before block placement gives up and tops up
 LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
-_CHUNK_TRIES = 24  # block tries drawn at once per sample (a mask needs ~8)
-
-Rng = np.random.Generator | torch.Generator | None
-Rect = tuple[int, int, int, int]  # (top, left, height, width) in patches
 
 
 def num_masked(ratio: float, num_patches: int) -> int:
@@ -47,331 +50,126 @@ def num_masked(ratio: float, num_patches: int) -> int:
     return int(num_patches * ratio)
 
 
-def as_numpy_rng(rng: Rng) -> np.random.Generator:
-    """One numpy Generator for all draws; a torch.Generator seeds it with one draw."""
-    if rng is None:
-        return np.random.default_rng()
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if isinstance(rng, torch.Generator):
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=rng).item())
-        return np.random.default_rng(seed)
-    raise TypeError(f"masking_generator: rng must be a numpy.random.Generator, a "
-                    f"torch.Generator or None, got {type(rng).__name__}")
+def _block_size(u_area: float, sqrt_aspect: float, remaining: int, min_block: int,
+                max_block: int) -> tuple[int, int]:
+    """(h, w) of one block try: area ~ U(min_block, min(remaining, max_block)) (BEiT's
+    order when that bound is below min_block), aspect ratio ar = exp(U(ln 0.3, ln 1/0.3))
+    given as sqrt(ar), h = round(sqrt(area * ar)), w = round(sqrt(area / ar))."""
+    side = math.sqrt(min_block + (min(remaining, max_block) - min_block) * u_area)
+    return round(side * sqrt_aspect), round(side / sqrt_aspect)
 
 
-def _to_numpy(x, dtype, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Read-only view/copy of a tensor or array; the caller's data is never written."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x)
-    if arr.shape != shape:
-        raise ValueError(f"masking_generator: {name} has shape {tuple(arr.shape)}, "
-                         f"expected {shape}")
-    if dtype is bool:
-        if arr.dtype != np.bool_:
-            raise TypeError(f"masking_generator: {name} must be boolean (True = patch in "
-                            f"the region), got dtype {arr.dtype}")
-        return arr
-    arr = arr.astype(np.float64, copy=False)
-    if not np.isfinite(arr).all() or (arr < 0).any():
-        raise ValueError(f"masking_generator: {name} must be finite and >= 0")
-    return arr
+def _accepts(new: int, remaining: int) -> bool:
+    """A block is kept when it adds between 1 and the remaining number of patches."""
+    return 0 < new <= remaining
 
 
-@functools.lru_cache(maxsize=16)
-def _block_patterns(height: int, width: int) -> tuple[tuple[int, ...], ...]:
-    """patterns[h][w]: bitset of an h x w block at the top-left corner of the grid.
+class Variants(NamedTuple):
+    """The variant each sample used, after fallbacks (numpy arrays of shape (N,))."""
+    region: np.ndarray  # bool: foreground-limited
+    weighting: np.ndarray  # int: index into WEIGHTINGS
+    block: np.ndarray  # bool: block-wise (else random)
 
-    Bit i is patch i (row-major), so the block at (top, left) is the pattern shifted left
-    by top * width + left.
+
+class MaskGenerator:
+    """Combinational masking (method.md 5): per sample a region, a weighting and a
+    shape are drawn independently, and m = int(L * ratio of the sample's class).
+
+    One mask holds exactly m patches:
+    - region: when the region holds at least m patches the mask lies inside it;
+      otherwise the whole region is masked first and the rest comes from outside;
+    - weights (>= 0) bias the choice: 'random' draws patches without replacement in
+      proportion to them (weight-0 patches only once no positive one is left); 'block'
+      draws each block's top-left corner in proportion to them among the corners where
+      the block fits and that lie in the region (uniformly over those corners when they
+      all weigh 0);
+    - 'block' (BEiT's block masking): repeat block tries (_block_size, _accepts), up to
+      MAX_TRIES per block; region-limited blocks are clipped to the region. max_block
+      None means m (BEiT's default: one block may take all m patches). When a block
+      fails MAX_TRIES tries the placement stops (as BEiT) and the missing patches are
+      topped up as in 'random' (weighted, region first), so the count is always exact.
+
+    Fallbacks, by design: a sample that draws frequency or dynamic weighting while those
+    weights are None (dynamic masking starts at epoch 100; frequency weights may be
+    disabled) is masked with uniform weights; one that draws the foreground region while
+    fg_masks is None (datasets without foreground masks) uses all patches. ``sample``
+    returns the variants actually used, for logging.
     """
-    rows = [0] + [(1 << w) - 1 for w in range(1, width + 1)]
-    out = []
-    for h in range(height + 1):
-        out.append(tuple(sum(rows[w] << (width * i) for i in range(h))
-                         for w in range(width + 1)))
-    return tuple(out)
 
+    def __init__(self, window_size: tuple[int, int] = (14, 14),
+                 class_ratios: dict[str, float] = CLASS_MASK_RATIOS,
+                 default_ratio: float = 0.3, p_region: float = 0.5,
+                 p_weighting: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
+                 p_block: float = 0.5, min_block: int = MIN_BLOCK,
+                 max_block: int | None = None):
+        self.window_size = (int(window_size[0]), int(window_size[1]))
+        self.num_patches = self.window_size[0] * self.window_size[1]
+        self.class_ratios = dict(class_ratios)
+        self.default_ratio = float(default_ratio)
+        for name, r in [*self.class_ratios.items(), ("default_ratio", default_ratio)]:
+            num_masked(r, self.num_patches)  # validates the ratio
+        pw = np.asarray(p_weighting, dtype=np.float64)
+        if pw.shape != (3,) or (pw < 0).any() or not math.isclose(pw.sum(), 1.0):
+            raise ValueError(f"MaskGenerator: p_weighting {tuple(p_weighting)} must be 3 "
+                             f"probabilities {WEIGHTINGS} summing to 1")
+        for name, p in (("p_region", p_region), ("p_block", p_block)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"MaskGenerator: {name} = {p} must lie in [0, 1]")
+        self.p_region, self.p_block = float(p_region), float(p_block)
+        self._cum_weighting = np.cumsum(pw)[:2]
+        self.min_block, self.max_block = min_block, max_block
+        self._m_cache: dict[str, int] = {}
 
-def _bits_from_bool(rows: np.ndarray) -> list[int]:
-    """(n, L) bool -> n Python ints, bit i = column i."""
-    packed = np.packbits(rows, axis=1, bitorder="little")  # (n, ceil(L / 8))
-    buf, size = packed.tobytes(), packed.shape[1]
-    return [int.from_bytes(buf[i * size:(i + 1) * size], "little")
-            for i in range(len(packed))]
+    def ratio_for(self, class_name: str) -> float:
+        return self.class_ratios.get(class_name, self.default_ratio)
 
+    def num_masked_for(self, class_name: str) -> int:
+        m = self._m_cache.get(class_name)
+        if m is None:
+            m = self._m_cache[class_name] = num_masked(self.ratio_for(class_name),
+                                                       self.num_patches)
+        return m
 
-def _bool_from_bits(bits: Sequence[int], num_patches: int) -> np.ndarray:
-    """n Python ints -> (n, L) bool."""
-    nbytes = (num_patches + 7) // 8
-    buf = b"".join(b.to_bytes(nbytes, "little") for b in bits)
-    packed = np.frombuffer(buf, np.uint8).reshape(len(bits), nbytes)
-    return np.unpackbits(packed, axis=1, bitorder="little")[:, :num_patches].view(bool)
+    def __call__(self, class_names: Sequence[str], fg_masks=None, freq_weights=None,
+                 dyn_weights=None, rng: Rng = None) -> torch.Tensor:
+        """class_names N names; fg_masks (N, L) bool; *_weights (N, L) -> (N, L) bool."""
+        return self.sample(class_names, fg_masks, freq_weights, dyn_weights, rng)[0]
 
-
-class _CornerTable:
-    """Cumulative corner weights of one sample: draws a block's top-left corner in
-    proportion to the weights among the corners where an h x w block fits.
-
-    rows[r][c] = sum of weights[r, :c+1]; cols[c][r] = sum of rows[:r+1][c]. A corner
-    for a block whose corner must lie in [0, rmax] x [0, cmax] is two bisections.
-    """
-    __slots__ = ("rows", "cols")
-
-    def __init__(self, rows: list[list[float]], cols: list[list[float]]):
-        self.rows, self.cols = rows, cols
-
-    @staticmethod
-    def build(weights: np.ndarray) -> list[_CornerTable]:
-        """weights (k, H, W) -> k tables, with one cumsum and one tolist for all."""
-        rows = np.cumsum(weights, axis=2)  # (k, H, W)
-        cols = np.cumsum(rows, axis=1).transpose(0, 2, 1)  # (k, W, H)
-        return [_CornerTable(r, c) for r, c in zip(rows.tolist(), cols.tolist())]
-
-    def draw(self, u: float, rmax: int, cmax: int) -> tuple[int, int] | None:
-        col = self.cols[cmax]
-        total = col[rmax]
-        if total <= 0.0:
-            return None
-        x = u * total
-        r = bisect_right(col, x, 0, rmax)
-        base = col[r - 1] if r else 0.0
-        return r, bisect_right(self.rows[r], x - base, 0, cmax)
-
-
-def _try_draws(rng: np.random.Generator, n: int) -> list[list[list[float]]]:
-    """Per sample 4 flat lists of _CHUNK_TRIES per-try draws: u for the area, sqrt of
-    the aspect ratio, u for the top and u for the left of the corner (flat lists: small
-    nested lists cost more to build than the tries themselves)."""
-    u = rng.random((n, 4, _CHUNK_TRIES))
-    u[:, 1] = np.exp(0.5 * (LOG_ASPECT[0] + (LOG_ASPECT[1] - LOG_ASPECT[0]) * u[:, 1]))
-    return u.tolist()
-
-
-def _place_blocks(m: int, masked: int, free: int, height: int, width: int,
-                  table: _CornerTable | None, allowed: np.ndarray | None,
-                  draws: list, rng: np.random.Generator,
-                  min_block: int, max_block: int) -> tuple[int, list[Rect]]:
-    """Block-wise placement of one sample (method.md 5); may stop short of m.
-
-    m: patches wanted; masked: bitset already masked (region-first); free: bitset of
-    patches a block may still add. ``table`` None draws corners uniformly over the grid;
-    else by its weights, and uniformly over ``allowed`` (H, W) when all corners where a
-    block of the drawn size fits weigh zero. ``draws`` from _try_draws, refilled from
-    rng when used up. Returns (masked bitset, blocks placed). Gives up after MAX_TRIES
-    failed tries of one block (as BEiT); the caller tops up.
-    """
-    patterns = _block_patterns(height, width)
-    rects: list[Rect] = []
-    rem = m - masked.bit_count()
-    areas, aspects, tops, lefts = draws
-    i = 0  # next unused try
-    fallback = None
-    while rem > 0:
-        hi = min(rem, max_block)
-        for _ in range(MAX_TRIES):
-            if i == _CHUNK_TRIES:
-                (areas, aspects, tops, lefts), i = _try_draws(rng, 1)[0], 0
-            u_area, sqrt_ar, u_top, u_left = areas[i], aspects[i], tops[i], lefts[i]
-            i += 1
-            # area ~ U(min_block, hi) (BEiT's order when hi < min_block)
-            side = math.sqrt(min_block + (hi - min_block) * u_area)
-            h, w = round(side * sqrt_ar), round(side / sqrt_ar)
-            if not (0 < h <= height and 0 < w <= width):
-                continue
-            if table is None:
-                top, left = int(u_top * (height - h + 1)), int(u_left * (width - w + 1))
-            else:
-                corner = table.draw(u_top, height - h, width - w)
-                if corner is None:  # all fitting corners weigh 0: uniform over allowed
-                    if fallback is None:
-                        fallback = _CornerTable.build(allowed[None] * 1.0)[0]
-                    corner = fallback.draw(u_top, height - h, width - w)
-                    if corner is None:
-                        continue
-                top, left = corner
-            rect = patterns[h][w] << (top * width + left)
-            new = (rect & free).bit_count()
-            if 0 < new <= rem:
-                masked |= rect & free
-                free &= ~rect
-                rem -= new
-                rects.append((top, left, h, w))
-                break
+    def sample(self, class_names: Sequence[str], fg_masks=None, freq_weights=None,
+               dyn_weights=None, rng: Rng = None) -> tuple[torch.Tensor, Variants]:
+        """As __call__, also returning the variants used per sample."""
+        if isinstance(class_names, str):
+            raise TypeError("MaskGenerator: class_names must be a list of names, one per "
+                            "sample, not a single string")
+        n, L = len(class_names), self.num_patches
+        rng = as_numpy_rng(rng)
+        m = np.fromiter((self.num_masked_for(c) for c in class_names), np.int64, n)
+        u = rng.random((n, 3))
+        region = u[:, 0] < self.p_region
+        weighting = np.searchsorted(self._cum_weighting, u[:, 1], side="right")
+        block = u[:, 2] < self.p_block
+        if fg_masks is None:
+            region[:] = False
+            regions = None
         else:
-            break
-    return masked, rects
-
-
-def _fill(pre: np.ndarray, m: np.ndarray, region: np.ndarray, weights: np.ndarray,
-          rng: np.random.Generator) -> np.ndarray:
-    """Complete each row to exactly m[i] patches, keeping ``pre``; region first.
-
-    pre/region (n, L) bool, weights (n, L) >= 0, m (n,). Order of preference: already
-    masked; region patches with weight > 0 in an exponential race (the k smallest E / w,
-    E ~ Exp(1), are a draw of k without replacement in proportion to w); region patches
-    of weight 0 (uniform, only once the positive ones are used up); then the same two
-    tiers outside the region. One sort: key = log E - log w + tier * 4096 (|log E - log
-    w| < 1500 for any float64 weight, so tiers never mix).
-    """
-    n, L = pre.shape
-    e = rng.standard_exponential((n, L))
-    pos = weights > 0
-    key = np.log(np.maximum(e, 1e-300))
-    key -= np.log(np.where(pos, weights, 1.0))
-    key += 4096.0 * np.where(pre, 0, np.where(region, 1, 3) + ~pos)
-    order = np.argsort(key, axis=1)  # (n, L)
-    take = np.arange(L)[None, :] < m[:, None]  # (n, L)
-    out = np.zeros((n, L), dtype=bool)
-    out[np.repeat(np.arange(n), m), order[take]] = True
-    return out
-
-
-def _generate_np(m: np.ndarray, window_size: tuple[int, int], regions: np.ndarray | None,
-                 weights: np.ndarray | None, block: np.ndarray, rng: np.random.Generator,
-                 min_block: int, max_block: int | None,
-                 rects_out: list[list[Rect]] | None = None,
-                 blocks_only: bool = False) -> np.ndarray:
-    """Batched core of generate/generate_batch; arrays already validated."""
-    height, width = window_size
-    n, L = len(m), height * width
-    region = np.ones((n, L), bool) if regions is None else regions  # (n, L)
-    w = np.ones((n, L)) if weights is None else weights  # (n, L)
-    pre = np.zeros((n, L), bool)
-    bidx = np.flatnonzero(block)
-    if len(bidx):
-        reg_b, w_b, m_b = region[bidx], w[bidx], m[bidx]
-        big = reg_b.sum(1) >= m_b  # region holds all m patches
-        allowed = np.where(big[:, None], reg_b, True)  # (nb, L)
-        first = np.where(big[:, None], False, reg_b)  # region-first pre-mask
-        uniform = allowed.all(1) & (w_b == w_b[:, :1]).all(1)
-        tables: list[_CornerTable | None] = [None] * len(bidx)
-        weighted = np.flatnonzero(~uniform)
-        if len(weighted):
-            cw = (w_b[weighted] * allowed[weighted]).reshape(-1, height, width)  # (k, H, W)
-            for j, t in zip(weighted.tolist(), _CornerTable.build(cw)):
-                tables[j] = t
-        masked_bits = _bits_from_bool(first)
-        free_bits = _bits_from_bool(allowed & ~first)
-        draws = _try_draws(rng, len(bidx))
-        allowed_hw = allowed.reshape(-1, height, width)
-        placed = []
-        for j, table in enumerate(tables):
-            mj = int(m_b[j])
-            bits, rects = _place_blocks(
-                mj, masked_bits[j], free_bits[j], height, width, table, allowed_hw[j],
-                draws[j], rng, min_block, mj if max_block is None else max_block)
-            placed.append(bits)
-            if rects_out is not None:
-                rects_out.append(rects)
-        pre[bidx] = _bool_from_bits(placed, L)
-    if blocks_only:
-        return pre
-    return _fill(pre, m, region, w, rng)
-
-
-def _validate_batch(num_masked, n: int | None, window_size: tuple[int, int], regions,
-                    weights, block) -> tuple[np.ndarray, np.ndarray | None,
-                                              np.ndarray | None, np.ndarray]:
-    height, width = (int(s) for s in window_size)
-    if height < 1 or width < 1:
-        raise ValueError(f"masking_generator: window_size {window_size} must be positive")
-    L = height * width
-    m = np.atleast_1d(np.asarray(num_masked, dtype=np.int64))
-    if n is not None and len(m) == 1:
-        m = np.repeat(m, n)
-    n = len(m)
-    if (m < 0).any() or (m > L).any():
-        raise ValueError(f"masking_generator: num_masked {m.tolist()} must lie in "
-                         f"[0, {L}] for a {height}x{width} grid")
-    regions = None if regions is None else _to_numpy(regions, bool, "region", (n, L))
-    weights = None if weights is None else _to_numpy(weights, float, "weights", (n, L))
-    block = np.broadcast_to(np.asarray(block, dtype=bool), (n,))
-    return m, regions, weights, block
-
-
-def generate_batch(num_masked: int | Sequence[int] | np.ndarray, *,
-                   window_size: tuple[int, int] = (14, 14),
-                   regions: torch.Tensor | np.ndarray | None = None,
-                   weights: torch.Tensor | np.ndarray | None = None,
-                   block: bool | Sequence[bool] | np.ndarray = True,
-                   rng: Rng = None, min_block: int = MIN_BLOCK,
-                   max_block: int | None = None) -> torch.Tensor:
-    """Masks of a batch in one pass; see ``generate`` for the rules of one mask.
-
-    num_masked int or (N,), regions (N, L) bool, weights (N, L) >= 0, block bool or (N,)
-    -> BoolTensor (N, L). With scalars only, N is taken from regions/weights (else 1).
-    """
-    n = None
-    for arr in (regions, weights):
-        if arr is not None:
-            n = len(arr)
-    if np.ndim(block) == 1:
-        n = len(block)
-    m, regions, weights, block = _validate_batch(num_masked, n, window_size, regions,
-                                                 weights, block)
-    out = _generate_np(m, tuple(window_size), regions, weights, block, as_numpy_rng(rng),
-                       min_block, max_block)
-    return torch.from_numpy(out)
-
-
-def generate(num_masked: int, *, window_size: tuple[int, int] = (14, 14),
-             region: torch.Tensor | np.ndarray | None = None,
-             weights: torch.Tensor | np.ndarray | None = None, shape: str = "block",
-             rng: Rng = None, min_block: int = MIN_BLOCK,
-             max_block: int | None = None) -> torch.Tensor:
-    """One mask of exactly ``num_masked`` patches -> BoolTensor (H*W,).
-
-    region (L,) bool: when it holds at least num_masked patches the mask lies inside it;
-    otherwise the whole region is masked first and the rest comes from outside.
-    weights (L,) >= 0 bias the choice: 'random' draws patches without replacement in
-    proportion to them (weight-0 patches only once no positive one is left); 'block'
-    draws each block's top-left corner in proportion to them among the corners where
-    the block fits (and, region-limited, that lie in the region).
-
-    'block' follows method.md 5 (BEiT's block masking): area ~ U(min_block, min(m -
-    masked, max_block)), aspect exp(U(ln .3, ln 1/.3)), up to 10 tries per block, a
-    block is accepted when it adds 1..(m - masked) new patches. Region-limited blocks
-    are clipped to the region so the mask stays inside it. max_block None means m
-    (BEiT's default: one block may take all m patches). When a block fails 10 tries the
-    placement stops (as BEiT) and the missing patches are topped up as in 'random'
-    (weighted, region first), so the count is always exact.
-    """
-    if shape not in ("block", "random"):
-        raise ValueError(f"masking_generator.generate: shape must be 'block' or "
-                         f"'random', got {shape!r}")
-    regions = None if region is None else _as_row(region)
-    weights = None if weights is None else _as_row(weights)
-    return generate_batch([num_masked], window_size=window_size, regions=regions,
-                          weights=weights, block=[shape == "block"], rng=rng,
-                          min_block=min_block, max_block=max_block)[0]
-
-
-def place_blocks(num_masked: int, *, window_size: tuple[int, int] = (14, 14),
-                 region: torch.Tensor | np.ndarray | None = None,
-                 weights: torch.Tensor | np.ndarray | None = None, rng: Rng = None,
-                 min_block: int = MIN_BLOCK, max_block: int | None = None
-                 ) -> tuple[torch.Tensor, list[Rect]]:
-    """The block part of ``generate(shape='block')``, before its top-up.
-
-    Returns (BoolTensor (L,), blocks as (top, left, h, w)); with the same seed, generate
-    draws exactly these blocks and then adds num_masked - mask.sum() patches. Lets tests
-    and users see that block-wise masks are unions of the returned rectangles (clipped
-    to the region; plus the whole region when it is smaller than num_masked).
-    """
-    regions = None if region is None else _as_row(region)
-    weights = None if weights is None else _as_row(weights)
-    m, regions, weights, block = _validate_batch([num_masked], None, window_size, regions,
-                                                 weights, [True])
-    rects: list[list[Rect]] = []
-    out = _generate_np(m, tuple(window_size), regions, weights, block, as_numpy_rng(rng),
-                       min_block, max_block, rects_out=rects, blocks_only=True)
-    return torch.from_numpy(out[0]), rects[0]
-
-
-def _as_row(x) -> torch.Tensor | np.ndarray:
-    return x[None] if isinstance(x, (torch.Tensor, np.ndarray)) else np.asarray(x)[None]
+            fg = _to_numpy(fg_masks, bool, "fg_masks", (n, L))
+            regions = np.where(region[:, None], fg, True)
+        sources = [None if src is None else
+                   _to_numpy(src, float, f"{WEIGHTINGS[i]} weights", (n, L))
+                   for i, src in enumerate((freq_weights, dyn_weights))]
+        for i, src in enumerate(sources):
+            if src is None:
+                weighting[weighting == i] = 2
+        weights = None
+        if (weighting < 2).any():
+            weights = np.ones((n, L))  # (N, L)
+            for i, src in enumerate(sources):
+                rows = weighting == i
+                if rows.any():
+                    weights[rows] = src[rows]
+        out = _draw_masks(m, self.window_size, regions, weights, block, rng,
+                          self.min_block, self.max_block)
+        return torch.from_numpy(out), Variants(region, weighting, block)
 
 
 def frequency_weights(images: torch.Tensor, patch_size: int = 16, mode: str = "patch",
@@ -588,95 +386,321 @@ class DynamicMaskingState:
         self._delta_count.zero_()
 
 
-class Variants(NamedTuple):
-    """The variant each sample used, after fallbacks (numpy arrays of shape (N,))."""
-    region: np.ndarray  # bool: foreground-limited
-    weighting: np.ndarray  # int: index into WEIGHTINGS
-    block: np.ndarray  # bool: block-wise (else random)
+# =====================================================================================
+# Part 2: exact and fast drawing (private)
+# =====================================================================================
+# Random masks of a whole batch come from one sort of exponential race keys; block
+# placement runs per sample over Python integers used as bitsets of the patch grid (a
+# block is one precomputed pattern shifted to its corner), so a try costs a few integer
+# operations instead of numpy calls.
+_CHUNK_TRIES = 24  # block tries drawn at once per sample (a mask needs ~8)
 
 
-class MaskGenerator:
-    """Combinational masking (method.md 5): per sample a region, a weighting and a
-    shape are drawn independently, and m = int(L * ratio of the sample's class).
+def as_numpy_rng(rng: Rng) -> np.random.Generator:
+    """One numpy Generator for all draws; a torch.Generator seeds it with one draw."""
+    if rng is None:
+        return np.random.default_rng()
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, torch.Generator):
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=rng).item())
+        return np.random.default_rng(seed)
+    raise TypeError(f"masking_generator: rng must be a numpy.random.Generator, a "
+                    f"torch.Generator or None, got {type(rng).__name__}")
 
-    Fallbacks, by design: a sample that draws frequency or dynamic weighting while those
-    weights are None (dynamic masking starts at epoch 100; frequency weights may be
-    disabled) is masked with uniform weights; one that draws the foreground region while
-    fg_masks is None (datasets without foreground masks) uses all patches. ``sample``
-    returns the variants actually used, for logging.
+
+def _to_numpy(x, dtype, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Read-only view/copy of a tensor or array; the caller's data is never written."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.shape != shape:
+        raise ValueError(f"masking_generator: {name} has shape {tuple(arr.shape)}, "
+                         f"expected {shape}")
+    if dtype is bool:
+        if arr.dtype != np.bool_:
+            raise TypeError(f"masking_generator: {name} must be boolean (True = patch in "
+                            f"the region), got dtype {arr.dtype}")
+        return arr
+    arr = arr.astype(np.float64, copy=False)
+    if not np.isfinite(arr).all() or (arr < 0).any():
+        raise ValueError(f"masking_generator: {name} must be finite and >= 0")
+    return arr
+
+
+@functools.lru_cache(maxsize=16)
+def _block_patterns(height: int, width: int) -> tuple[tuple[int, ...], ...]:
+    """patterns[h][w]: bitset of an h x w block at the top-left corner of the grid.
+
+    Bit i is patch i (row-major), so the block at (top, left) is the pattern shifted left
+    by top * width + left.
     """
+    rows = [0] + [(1 << w) - 1 for w in range(1, width + 1)]
+    out = []
+    for h in range(height + 1):
+        out.append(tuple(sum(rows[w] << (width * i) for i in range(h))
+                         for w in range(width + 1)))
+    return tuple(out)
 
-    def __init__(self, window_size: tuple[int, int] = (14, 14),
-                 class_ratios: dict[str, float] = CLASS_MASK_RATIOS,
-                 default_ratio: float = 0.3, p_region: float = 0.5,
-                 p_weighting: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
-                 p_block: float = 0.5, min_block: int = MIN_BLOCK,
-                 max_block: int | None = None):
-        self.window_size = (int(window_size[0]), int(window_size[1]))
-        self.num_patches = self.window_size[0] * self.window_size[1]
-        self.class_ratios = dict(class_ratios)
-        self.default_ratio = float(default_ratio)
-        for name, r in [*self.class_ratios.items(), ("default_ratio", default_ratio)]:
-            num_masked(r, self.num_patches)  # validates the ratio
-        pw = np.asarray(p_weighting, dtype=np.float64)
-        if pw.shape != (3,) or (pw < 0).any() or not math.isclose(pw.sum(), 1.0):
-            raise ValueError(f"MaskGenerator: p_weighting {tuple(p_weighting)} must be 3 "
-                             f"probabilities {WEIGHTINGS} summing to 1")
-        for name, p in (("p_region", p_region), ("p_block", p_block)):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"MaskGenerator: {name} = {p} must lie in [0, 1]")
-        self.p_region, self.p_block = float(p_region), float(p_block)
-        self._cum_weighting = np.cumsum(pw)[:2]
-        self.min_block, self.max_block = min_block, max_block
-        self._m_cache: dict[str, int] = {}
 
-    def ratio_for(self, class_name: str) -> float:
-        return self.class_ratios.get(class_name, self.default_ratio)
+def _bits_from_bool(rows: np.ndarray) -> list[int]:
+    """(n, L) bool -> n Python ints, bit i = column i."""
+    packed = np.packbits(rows, axis=1, bitorder="little")  # (n, ceil(L / 8))
+    buf, size = packed.tobytes(), packed.shape[1]
+    return [int.from_bytes(buf[i * size:(i + 1) * size], "little")
+            for i in range(len(packed))]
 
-    def num_masked_for(self, class_name: str) -> int:
-        m = self._m_cache.get(class_name)
-        if m is None:
-            m = self._m_cache[class_name] = num_masked(self.ratio_for(class_name),
-                                                       self.num_patches)
-        return m
 
-    def __call__(self, class_names: Sequence[str], fg_masks=None, freq_weights=None,
-                 dyn_weights=None, rng: Rng = None) -> torch.Tensor:
-        """class_names N names; fg_masks (N, L) bool; *_weights (N, L) -> (N, L) bool."""
-        return self.sample(class_names, fg_masks, freq_weights, dyn_weights, rng)[0]
+def _bool_from_bits(bits: Sequence[int], num_patches: int) -> np.ndarray:
+    """n Python ints -> (n, L) bool."""
+    nbytes = (num_patches + 7) // 8
+    buf = b"".join(b.to_bytes(nbytes, "little") for b in bits)
+    packed = np.frombuffer(buf, np.uint8).reshape(len(bits), nbytes)
+    return np.unpackbits(packed, axis=1, bitorder="little")[:, :num_patches].view(bool)
 
-    def sample(self, class_names: Sequence[str], fg_masks=None, freq_weights=None,
-               dyn_weights=None, rng: Rng = None) -> tuple[torch.Tensor, Variants]:
-        """As __call__, also returning the variants used per sample."""
-        if isinstance(class_names, str):
-            raise TypeError("MaskGenerator: class_names must be a list of names, one per "
-                            "sample, not a single string")
-        n, L = len(class_names), self.num_patches
-        rng = as_numpy_rng(rng)
-        m = np.fromiter((self.num_masked_for(c) for c in class_names), np.int64, n)
-        u = rng.random((n, 3))
-        region = u[:, 0] < self.p_region
-        weighting = np.searchsorted(self._cum_weighting, u[:, 1], side="right")
-        block = u[:, 2] < self.p_block
-        if fg_masks is None:
-            region[:] = False
-            regions = None
+
+class _CornerTable:
+    """Cumulative corner weights of one sample: draws a block's top-left corner in
+    proportion to the weights among the corners where an h x w block fits.
+
+    rows[r][c] = sum of weights[r, :c+1]; cols[c][r] = sum of rows[:r+1][c]. A corner
+    for a block whose corner must lie in [0, rmax] x [0, cmax] is two bisections.
+    """
+    __slots__ = ("rows", "cols")
+
+    def __init__(self, rows: list[list[float]], cols: list[list[float]]):
+        self.rows, self.cols = rows, cols
+
+    @staticmethod
+    def build(weights: np.ndarray) -> list[_CornerTable]:
+        """weights (k, H, W) -> k tables, with one cumsum and one tolist for all."""
+        rows = np.cumsum(weights, axis=2)  # (k, H, W)
+        cols = np.cumsum(rows, axis=1).transpose(0, 2, 1)  # (k, W, H)
+        return [_CornerTable(r, c) for r, c in zip(rows.tolist(), cols.tolist())]
+
+    def draw(self, u: float, rmax: int, cmax: int) -> tuple[int, int] | None:
+        col = self.cols[cmax]
+        total = col[rmax]
+        if total <= 0.0:
+            return None
+        x = u * total
+        r = bisect_right(col, x, 0, rmax)
+        base = col[r - 1] if r else 0.0
+        return r, bisect_right(self.rows[r], x - base, 0, cmax)
+
+
+def _try_draws(rng: np.random.Generator, n: int) -> list[list[list[float]]]:
+    """Per sample 4 flat lists of _CHUNK_TRIES per-try draws: u for the area, sqrt of
+    the aspect ratio, u for the top and u for the left of the corner (flat lists: small
+    nested lists cost more to build than the tries themselves)."""
+    u = rng.random((n, 4, _CHUNK_TRIES))
+    u[:, 1] = np.exp(0.5 * (LOG_ASPECT[0] + (LOG_ASPECT[1] - LOG_ASPECT[0]) * u[:, 1]))
+    return u.tolist()
+
+
+def _place_blocks_bitset(m: int, masked: int, free: int, height: int, width: int,
+                         table: _CornerTable | None, allowed: np.ndarray | None,
+                         draws: list, rng: np.random.Generator,
+                         min_block: int, max_block: int) -> tuple[int, list[Rect]]:
+    """Block-wise placement of one sample (_block_size, _accepts); may stop short of m.
+
+    m: patches wanted; masked: bitset already masked (region-first); free: bitset of
+    patches a block may still add. ``table`` None draws corners uniformly over the grid;
+    else by its weights, and uniformly over ``allowed`` (H, W) when all corners where a
+    block of the drawn size fits weigh zero. ``draws`` from _try_draws, refilled from
+    rng when used up. Returns (masked bitset, blocks placed). Gives up after MAX_TRIES
+    failed tries of one block (as BEiT); the caller tops up.
+    """
+    patterns = _block_patterns(height, width)
+    rects: list[Rect] = []
+    rem = m - masked.bit_count()
+    areas, aspects, tops, lefts = draws
+    i = 0  # next unused try
+    fallback = None
+    while rem > 0:
+        for _ in range(MAX_TRIES):
+            if i == _CHUNK_TRIES:
+                (areas, aspects, tops, lefts), i = _try_draws(rng, 1)[0], 0
+            u_area, sqrt_ar, u_top, u_left = areas[i], aspects[i], tops[i], lefts[i]
+            i += 1
+            h, w = _block_size(u_area, sqrt_ar, rem, min_block, max_block)
+            if not (0 < h <= height and 0 < w <= width):
+                continue
+            if table is None:
+                top, left = int(u_top * (height - h + 1)), int(u_left * (width - w + 1))
+            else:
+                corner = table.draw(u_top, height - h, width - w)
+                if corner is None:  # all fitting corners weigh 0: uniform over allowed
+                    if fallback is None:
+                        fallback = _CornerTable.build(allowed[None] * 1.0)[0]
+                    corner = fallback.draw(u_top, height - h, width - w)
+                    if corner is None:
+                        continue
+                top, left = corner
+            rect = patterns[h][w] << (top * width + left)
+            new = (rect & free).bit_count()
+            if _accepts(new, rem):
+                masked |= rect & free
+                free &= ~rect
+                rem -= new
+                rects.append((top, left, h, w))
+                break
         else:
-            fg = _to_numpy(fg_masks, bool, "fg_masks", (n, L))
-            regions = np.where(region[:, None], fg, True)
-        sources = [None if src is None else
-                   _to_numpy(src, float, f"{WEIGHTINGS[i]} weights", (n, L))
-                   for i, src in enumerate((freq_weights, dyn_weights))]
-        for i, src in enumerate(sources):
-            if src is None:
-                weighting[weighting == i] = 2
-        weights = None
-        if (weighting < 2).any():
-            weights = np.ones((n, L))  # (N, L)
-            for i, src in enumerate(sources):
-                rows = weighting == i
-                if rows.any():
-                    weights[rows] = src[rows]
-        out = _generate_np(m, self.window_size, regions, weights, block, rng,
-                           self.min_block, self.max_block)
-        return torch.from_numpy(out), Variants(region, weighting, block)
+            break
+    return masked, rects
+
+
+def _fill(pre: np.ndarray, m: np.ndarray, region: np.ndarray, weights: np.ndarray,
+          rng: np.random.Generator) -> np.ndarray:
+    """Complete each row to exactly m[i] patches, keeping ``pre``; region first.
+
+    pre/region (n, L) bool, weights (n, L) >= 0, m (n,). Order of preference: already
+    masked; region patches with weight > 0 in an exponential race (the k smallest E / w,
+    E ~ Exp(1), are a draw of k without replacement in proportion to w); region patches
+    of weight 0 (uniform, only once the positive ones are used up); then the same two
+    tiers outside the region. One sort: key = log E - log w + tier * 4096 (|log E - log
+    w| < 1500 for any float64 weight, so tiers never mix).
+    """
+    n, L = pre.shape
+    e = rng.standard_exponential((n, L))
+    pos = weights > 0
+    key = np.log(np.maximum(e, 1e-300))
+    key -= np.log(np.where(pos, weights, 1.0))
+    key += 4096.0 * np.where(pre, 0, np.where(region, 1, 3) + ~pos)
+    order = np.argsort(key, axis=1)  # (n, L)
+    take = np.arange(L)[None, :] < m[:, None]  # (n, L)
+    out = np.zeros((n, L), dtype=bool)
+    out[np.repeat(np.arange(n), m), order[take]] = True
+    return out
+
+
+def _draw_masks(m: np.ndarray, window_size: tuple[int, int], regions: np.ndarray | None,
+                weights: np.ndarray | None, block: np.ndarray, rng: np.random.Generator,
+                min_block: int, max_block: int | None,
+                rects_out: list[list[Rect]] | None = None,
+                blocks_only: bool = False) -> np.ndarray:
+    """Masks (N, L) bool of validated arrays: blocks where ``block``, then the top-up."""
+    height, width = window_size
+    n, L = len(m), height * width
+    region = np.ones((n, L), bool) if regions is None else regions  # (n, L)
+    w = np.ones((n, L)) if weights is None else weights  # (n, L)
+    pre = np.zeros((n, L), bool)
+    bidx = np.flatnonzero(block)
+    if len(bidx):
+        reg_b, w_b, m_b = region[bidx], w[bidx], m[bidx]
+        big = reg_b.sum(1) >= m_b  # region holds all m patches
+        allowed = np.where(big[:, None], reg_b, True)  # (nb, L)
+        first = np.where(big[:, None], False, reg_b)  # region-first pre-mask
+        uniform = allowed.all(1) & (w_b == w_b[:, :1]).all(1)
+        tables: list[_CornerTable | None] = [None] * len(bidx)
+        weighted = np.flatnonzero(~uniform)
+        if len(weighted):
+            cw = (w_b[weighted] * allowed[weighted]).reshape(-1, height, width)  # (k, H, W)
+            for j, t in zip(weighted.tolist(), _CornerTable.build(cw)):
+                tables[j] = t
+        masked_bits = _bits_from_bool(first)
+        free_bits = _bits_from_bool(allowed & ~first)
+        draws = _try_draws(rng, len(bidx))
+        allowed_hw = allowed.reshape(-1, height, width)
+        placed = []
+        for j, table in enumerate(tables):
+            mj = int(m_b[j])
+            bits, rects = _place_blocks_bitset(
+                mj, masked_bits[j], free_bits[j], height, width, table, allowed_hw[j],
+                draws[j], rng, min_block, mj if max_block is None else max_block)
+            placed.append(bits)
+            if rects_out is not None:
+                rects_out.append(rects)
+        pre[bidx] = _bool_from_bits(placed, L)
+    if blocks_only:
+        return pre
+    return _fill(pre, m, region, w, rng)
+
+
+def _validate_batch(num_masked, n: int | None, window_size: tuple[int, int], regions,
+                    weights, block) -> tuple[np.ndarray, np.ndarray | None,
+                                              np.ndarray | None, np.ndarray]:
+    height, width = (int(s) for s in window_size)
+    if height < 1 or width < 1:
+        raise ValueError(f"masking_generator: window_size {window_size} must be positive")
+    L = height * width
+    m = np.atleast_1d(np.asarray(num_masked, dtype=np.int64))
+    if n is not None and len(m) == 1:
+        m = np.repeat(m, n)
+    n = len(m)
+    if (m < 0).any() or (m > L).any():
+        raise ValueError(f"masking_generator: num_masked {m.tolist()} must lie in "
+                         f"[0, {L}] for a {height}x{width} grid")
+    regions = None if regions is None else _to_numpy(regions, bool, "region", (n, L))
+    weights = None if weights is None else _to_numpy(weights, float, "weights", (n, L))
+    block = np.broadcast_to(np.asarray(block, dtype=bool), (n,))
+    return m, regions, weights, block
+
+
+def _generate_batch(num_masked: int | Sequence[int] | np.ndarray, *,
+                    window_size: tuple[int, int] = (14, 14),
+                    regions: torch.Tensor | np.ndarray | None = None,
+                    weights: torch.Tensor | np.ndarray | None = None,
+                    block: bool | Sequence[bool] | np.ndarray = True,
+                    rng: Rng = None, min_block: int = MIN_BLOCK,
+                    max_block: int | None = None) -> torch.Tensor:
+    """Masks of a batch in one pass, by MaskGenerator's rules for one mask (tests and
+    bench/ call it with a chosen variant).
+
+    num_masked int or (N,), regions (N, L) bool, weights (N, L) >= 0, block bool or (N,)
+    -> BoolTensor (N, L). With scalars only, N is taken from regions/weights (else 1).
+    """
+    n = None
+    for arr in (regions, weights):
+        if arr is not None:
+            n = len(arr)
+    if np.ndim(block) == 1:
+        n = len(block)
+    m, regions, weights, block = _validate_batch(num_masked, n, window_size, regions,
+                                                 weights, block)
+    out = _draw_masks(m, tuple(window_size), regions, weights, block, as_numpy_rng(rng),
+                      min_block, max_block)
+    return torch.from_numpy(out)
+
+
+def _generate(num_masked: int, *, window_size: tuple[int, int] = (14, 14),
+              region: torch.Tensor | np.ndarray | None = None,
+              weights: torch.Tensor | np.ndarray | None = None, shape: str = "block",
+              rng: Rng = None, min_block: int = MIN_BLOCK,
+              max_block: int | None = None) -> torch.Tensor:
+    """One mask of exactly ``num_masked`` patches -> BoolTensor (H*W,), region (L,)
+    bool, weights (L,) >= 0, shape 'block' or 'random' (MaskGenerator's rules)."""
+    if shape not in ("block", "random"):
+        raise ValueError(f"masking_generator: shape must be 'block' or 'random', got "
+                         f"{shape!r}")
+    regions = None if region is None else _as_row(region)
+    weights = None if weights is None else _as_row(weights)
+    return _generate_batch([num_masked], window_size=window_size, regions=regions,
+                           weights=weights, block=[shape == "block"], rng=rng,
+                           min_block=min_block, max_block=max_block)[0]
+
+
+def _blocks_only(num_masked: int, *, window_size: tuple[int, int] = (14, 14),
+                 region: torch.Tensor | np.ndarray | None = None,
+                 weights: torch.Tensor | np.ndarray | None = None, rng: Rng = None,
+                 min_block: int = MIN_BLOCK, max_block: int | None = None
+                 ) -> tuple[torch.Tensor, list[Rect]]:
+    """The block part of ``_generate(shape='block')``, before its top-up.
+
+    Returns (BoolTensor (L,), blocks as (top, left, h, w)); with the same seed, _generate
+    draws exactly these blocks and then adds num_masked - mask.sum() patches. Lets tests
+    check that block-wise masks are unions of the returned rectangles (clipped to the
+    region; plus the whole region when it is smaller than num_masked).
+    """
+    regions = None if region is None else _as_row(region)
+    weights = None if weights is None else _as_row(weights)
+    m, regions, weights, block = _validate_batch([num_masked], None, window_size, regions,
+                                                 weights, [True])
+    rects: list[list[Rect]] = []
+    out = _draw_masks(m, tuple(window_size), regions, weights, block, as_numpy_rng(rng),
+                      min_block, max_block, rects_out=rects, blocks_only=True)
+    return torch.from_numpy(out[0]), rects[0]
+
+
+def _as_row(x) -> torch.Tensor | np.ndarray:
+    return x[None] if isinstance(x, (torch.Tensor, np.ndarray)) else np.asarray(x)[None]

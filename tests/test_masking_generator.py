@@ -76,7 +76,7 @@ def test_generate_exact_count_region_and_region_first(shape):
         for _ in range(12):
             region = _region(rng, region_kind, m)
             weights = _weights(rng, weight_kind)
-            mask = mg.generate(m, region=region, weights=weights, shape=shape, rng=rng)
+            mask = mg._generate(m, region=region, weights=weights, shape=shape, rng=rng)
             assert mask.dtype == torch.bool and mask.shape == (L,)
             assert int(mask.sum()) == m
             if region is None:
@@ -96,7 +96,7 @@ def test_generate_nonsquare_grid_and_torch_inputs():
     region[:30] = True
     for shape in ("block", "random"):
         for m in (0, 5, 20, 30, 40, 63):
-            mask = mg.generate(m, window_size=(7, 9), region=region,
+            mask = mg._generate(m, window_size=(7, 9), region=region,
                                weights=torch.rand(63, generator=rng), shape=shape, rng=rng)
             assert mask.shape == (63,) and int(mask.sum()) == m
             assert (mask[:30].all() if m >= 30 else not mask[30:].any())
@@ -109,7 +109,7 @@ def test_generate_batch_matches_rules_per_row():
     regions = rng.random((n, L)) < rng.random((n, 1))
     weights = rng.random((n, L)) * (rng.random((n, L)) < 0.9)
     block = rng.random(n) < 0.5
-    masks = mg.generate_batch(m, regions=regions, weights=weights, block=block, rng=rng)
+    masks = mg._generate_batch(m, regions=regions, weights=weights, block=block, rng=rng)
     assert masks.shape == (n, L)
     assert (masks.sum(1).numpy() == m).all()
     big = regions.sum(1) >= m
@@ -124,29 +124,29 @@ def test_zero_weight_patches_come_last_in_random():
     zero = rng.choice(L, 10, replace=False)
     w[zero] = 0.0
     for _ in range(200):
-        mask = mg.generate(186, weights=w, shape="random", rng=rng).numpy()
+        mask = mg._generate(186, weights=w, shape="random", rng=rng).numpy()
         assert mask[w > 0].all() and mask.sum() == 186
-        mask = mg.generate(190, weights=w, shape="random", rng=rng).numpy()
+        mask = mg._generate(190, weights=w, shape="random", rng=rng).numpy()
         assert mask[w > 0].all() and mask[zero].sum() == 4
-    all_zero = mg.generate(30, weights=np.zeros(L), shape="block", rng=rng)
+    all_zero = mg._generate(30, weights=np.zeros(L), shape="block", rng=rng)
     assert int(all_zero.sum()) == 30
 
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="num_masked"):
-        mg.generate(197)
+        mg._generate(197)
     with pytest.raises(ValueError, match="shape"):
-        mg.generate(3, shape="blocks")
+        mg._generate(3, shape="blocks")
     with pytest.raises(ValueError, match=">= 0"):
-        mg.generate(3, weights=-np.ones(L))
+        mg._generate(3, weights=-np.ones(L))
     with pytest.raises(ValueError, match="finite"):
-        mg.generate(3, weights=np.full(L, np.nan))
+        mg._generate(3, weights=np.full(L, np.nan))
     with pytest.raises(ValueError, match="shape"):
-        mg.generate(3, region=np.ones(100, bool))
+        mg._generate(3, region=np.ones(100, bool))
     with pytest.raises(TypeError, match="boolean"):
-        mg.generate(3, region=np.ones(L))
+        mg._generate(3, region=np.ones(L))
     with pytest.raises(TypeError, match="rng"):
-        mg.generate(3, rng=42)
+        mg._generate(3, rng=42)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -163,7 +163,7 @@ def test_block_masks_are_unions_of_placed_rectangles(region_kind, weight_kind):
         region = _region(rng, region_kind, m)
         weights = _weights(rng, weight_kind)
         seed = int(rng.integers(2 ** 31))
-        placed, rects = mg.place_blocks(m, region=region, weights=weights,
+        placed, rects = mg._blocks_only(m, region=region, weights=weights,
                                         rng=np.random.default_rng(seed))
         placed = placed.numpy()
         union = _rect_union(rects)
@@ -181,7 +181,7 @@ def test_block_masks_are_unions_of_placed_rectangles(region_kind, weight_kind):
         else:  # region first, then blocks anywhere
             assert (placed == (union | region)).all()
         assert placed.sum() <= m
-        full = mg.generate(m, region=region, weights=weights, shape="block",
+        full = mg._generate(m, region=region, weights=weights, shape="block",
                            rng=np.random.default_rng(seed)).numpy()
         assert full.sum() == m and (full >= placed).all()  # same blocks, then top-up
         topups += placed.sum() < m
@@ -197,8 +197,8 @@ def test_block_masks_are_blockier_than_random():
         g = masks.reshape(-1, 14, 14)
         return ((g[:, 1:] != g[:, :-1]).sum((1, 2)) + (g[:, :, 1:] != g[:, :, :-1]).sum((1, 2))).mean()
 
-    blocks = mg.generate_batch(58, block=np.ones(500, bool), rng=rng).numpy()
-    randoms = mg.generate_batch(58, block=np.zeros(500, bool), rng=rng).numpy()
+    blocks = mg._generate_batch(58, block=np.ones(500, bool), rng=rng).numpy()
+    randoms = mg._generate_batch(58, block=np.zeros(500, bool), rng=rng).numpy()
     assert boundary(blocks) < 0.5 * boundary(randoms)
 
 
@@ -211,7 +211,7 @@ def test_block_corner_follows_weights_chi_square():
     region[[0, 5, 10]] = False  # corners (0,0), (1,1), (2,2) excluded
     counts = np.zeros((3, 3))
     for _ in range(3000):
-        _, rects = mg.place_blocks(4, window_size=(4, 4), region=region, weights=w, rng=rng,
+        _, rects = mg._blocks_only(4, window_size=(4, 4), region=region, weights=w, rng=rng,
                                    max_block=4)
         top, left, h, ww = rects[0]
         if (h, ww) == (2, 2):
@@ -227,7 +227,7 @@ def test_block_corner_uniform_without_weights_chi_square():
     rng = np.random.default_rng(10)
     counts = np.zeros((3, 3))
     for _ in range(3000):
-        _, rects = mg.place_blocks(4, window_size=(4, 4), rng=rng, max_block=4)
+        _, rects = mg._blocks_only(4, window_size=(4, 4), rng=rng, max_block=4)
         top, left, h, w = rects[0]
         if (h, w) == (2, 2):
             counts[top, left] += 1
@@ -244,8 +244,8 @@ def test_block_corner_falls_back_to_uniform_when_fitting_corners_weigh_zero():
     w[:, 5] = 1.0
     fallback_corners, weighted_ok, n_thin = set(), True, 0
     for _ in range(400):
-        placed, rects = mg.place_blocks(8, window_size=(6, 6), weights=w.ravel(), rng=rng)
-        assert int(mg.generate(8, window_size=(6, 6), weights=w.ravel(), rng=rng).sum()) == 8
+        placed, rects = mg._blocks_only(8, window_size=(6, 6), weights=w.ravel(), rng=rng)
+        assert int(mg._generate(8, window_size=(6, 6), weights=w.ravel(), rng=rng).sum()) == 8
         for top, left, h, ww in rects:
             fits = w[:6 - h + 1, :6 - ww + 1]
             if fits.sum() > 0:
@@ -263,7 +263,7 @@ def test_random_single_pick_follows_weights_chi_square():
     rng = np.random.default_rng(11)
     w = rng.random(L) + 0.5
     n = 20000
-    masks = mg.generate_batch(1, weights=np.tile(w, (n, 1)), block=np.zeros(n, bool),
+    masks = mg._generate_batch(1, weights=np.tile(w, (n, 1)), block=np.zeros(n, bool),
                               rng=rng).numpy()
     counts = masks.sum(0)
     assert counts.sum() == n
@@ -276,7 +276,7 @@ def test_random_pairs_follow_sampling_without_replacement_chi_square():
     rng = np.random.default_rng(12)
     w = np.array([0.1, 0.2, 0.4, 0.8, 1.0, 2.0])
     n = 20000
-    masks = mg.generate_batch(2, window_size=(2, 3), weights=np.tile(w, (n, 1)),
+    masks = mg._generate_batch(2, window_size=(2, 3), weights=np.tile(w, (n, 1)),
                               block=np.zeros(n, bool), rng=rng).numpy()
     total = w.sum()
     pairs = list(itertools.combinations(range(6), 2))
@@ -295,7 +295,7 @@ def test_random_region_uniform_chi_square():
     rng = np.random.default_rng(13)
     region = rng.random(L) < 0.5
     n = 6000
-    masks = mg.generate_batch(5, regions=np.tile(region, (n, 1)), block=np.zeros(n, bool),
+    masks = mg._generate_batch(5, regions=np.tile(region, (n, 1)), block=np.zeros(n, bool),
                               rng=rng).numpy()
     counts = masks.sum(0)
     assert counts[~region].sum() == 0
@@ -312,8 +312,8 @@ def test_callers_inputs_are_not_modified():
     gen = mg.MaskGenerator(p_weighting=(0.5, 0.5, 0.0))
     for _ in range(50):
         gen(["bottle"] * 8, fg, w_np, w_t, rng=rng)
-        mg.generate(50, weights=w_t[0], region=fg[0], rng=rng)
-        mg.generate(50, weights=w_np[0], shape="random", rng=rng)
+        mg._generate(50, weights=w_t[0], region=fg[0], rng=rng)
+        mg._generate(50, weights=w_np[0], shape="random", rng=rng)
     assert np.array_equal(w_np, copies[0])
     assert torch.equal(w_t, copies[1]) and torch.equal(fg, copies[2])
 
@@ -635,5 +635,5 @@ def test_reproducible_with_same_seed():
         c = gen(names, fg, freq, dyn, rng=make(124))
         assert torch.equal(a, b) and not torch.equal(a, c)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert torch.equal(mg.generate(40, rng=g1), mg.generate(40, rng=g2))
-    assert torch.equal(mg.generate(40, rng=g1), mg.generate(40, rng=g2))  # stream advances
+    assert torch.equal(mg._generate(40, rng=g1), mg._generate(40, rng=g2))
+    assert torch.equal(mg._generate(40, rng=g1), mg._generate(40, rng=g2))  # stream advances
