@@ -369,15 +369,20 @@ class PretrainDataset(_TokenImageDataset):
     image, the token image (or cached tokens), the foreground patch mask and the class.
 
     fg_mask=False needs no mask files and marks every patch as foreground, so that
-    foreground-limited masking degenerates to masking anywhere.
+    foreground-limited masking degenerates to masking anywhere. ``freq_weights``
+    (MaskingPolicy.frequency: (1, 3, H, W) -> (1, L)) adds each image's frequency
+    weights, computed here, in the loader's workers, so that masks are drawn from
+    host-resident inputs.
     """
 
     def __init__(self, root: str, classes: Sequence[str], token_size: int,
                  img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                  std: Sequence[float] = IMAGENET_DEFAULT_STD, patch_size: int = 16,
-                 fg_mask: bool = True, skip_bad_images: bool = False) -> None:
+                 fg_mask: bool = True, skip_bad_images: bool = False,
+                 freq_weights: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__(token_size, img_size, mean, std, patch_size)
         self.root, self.classes = root, _check_classes(classes)
+        self.freq_weights = freq_weights
         items = [(p, c, fg_mask_path(root, self.classes[c], p) if fg_mask else None)
                  for p, c in list_train_samples(root, self.classes)]
         self.bad_files: list[str] = []
@@ -408,6 +413,8 @@ class PretrainDataset(_TokenImageDataset):
         else:
             pixels = mask_to_tensor(mask, self.img_size)  # (img_size, img_size)
             out["fg_mask"] = patch_any(pixels, self.patch_size)  # (L,)
+        if self.freq_weights is not None:
+            out["freq_weights"] = self.freq_weights(out["image"][None])[0]  # (L,)
         out["class_idx"], out["index"] = class_idx, index
         return out
 

@@ -18,8 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 import utils
-from masking_generator import (DynamicMaskingState, MaskGenerator, frequency_weights,
-                               rank_loss_weights)
+from masking_generator import MaskingPolicy
 
 
 class NonFiniteLossError(RuntimeError):
@@ -128,60 +127,60 @@ def _tokens_of(batch: dict, tokenizer: nn.Module | None, device: torch.device) -
     return tokenizer.get_codebook_indices(batch["token_image"].to(device, non_blocking=True))
 
 
+@dataclass
+class TrainConfig:
+    """Settings shared by every step of a run."""
+    lr_schedule: np.ndarray  # (epochs * num_steps,) per-step learning rate
+    wd_schedule: np.ndarray  # (epochs * num_steps,) per-step weight decay
+    num_steps: int  # steps per epoch
+    clip_grad: float | None = None  # max gradient norm; None or <= 0: no clipping
+    amp: str = "none"  # utils.AMP_CHOICES
+
+
 def train_one_epoch(model: nn.Module, data_loader: Iterable[dict],
-                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
-                    epoch: int, num_steps: int, device: torch.device,
-                    mask_generator: MaskGenerator, dynamic_state: DynamicMaskingState,
-                    class_names: Sequence[str], mask_rng: np.random.Generator,
-                    lr_schedule: np.ndarray, wd_schedule: np.ndarray,
-                    dynamic_masking_start: int, clip_grad: float | None = None,
-                    amp: str = "none", patch_size: int = 16, freq_mode: str = "patch",
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    policy: MaskingPolicy, config: TrainConfig, *, epoch: int,
                     tokenizer: nn.Module | None = None,
                     sample_names: Sequence[str] | None = None,
                     log_writer: Any | None = None, progress: bool = True
                     ) -> dict[str, float]:
-    """Train `num_steps` batches of `data_loader`; returns the epoch's metrics averaged
-    over steps and ranks (loss, mlm_acc, lr, weight_decay, grad_norm[, loss_scale]).
+    """Train `config.num_steps` batches of `data_loader` on `policy.device`; returns the
+    epoch's metrics averaged over steps and ranks (loss, mlm_acc, lr, weight_decay,
+    grad_norm[, loss_scale]).
 
     Step i of the epoch uses lr_schedule[epoch * num_steps + i] (same for weight decay).
-    From `dynamic_masking_start` on, masks may draw on the dynamic weights and the loss
-    is rank-weighted. The dynamic statistics are updated from every batch and
-    all-reduced every step (a (2, C, L) tensor), so all ranks draw masks from, and
-    checkpoint, identical statistics.
+    The policy draws each batch's masks (and, once dynamic masking has started, the
+    rank weights of its loss) and takes back the per-patch losses.
     """
     model.train()
+    device = policy.device
     metrics = utils.MetricLogger()
-    dynamic = epoch >= dynamic_masking_start
+    num_steps = config.num_steps
     bar = tqdm(total=num_steps, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False,
                disable=not (progress and utils.is_main_process()))
     it = iter(data_loader)
     for step in range(num_steps):
         batch = next(it)
         global_step = epoch * num_steps + step
-        lr, wd = float(lr_schedule[global_step]), float(wd_schedule[global_step])
+        lr = float(config.lr_schedule[global_step])
+        wd = float(config.wd_schedule[global_step])
         utils.set_step_hyperparams(optimizer, lr, wd)
 
         images = batch["image"].to(device, non_blocking=True)  # (N, 3, H, W)
         tokens = _tokens_of(batch, tokenizer, device)  # (N, L)
-        class_idx = batch["class_idx"]  # (N,)
-        names = [class_names[i] for i in class_idx.tolist()]
-        freq = frequency_weights(images, patch_size=patch_size, mode=freq_mode).cpu()  # (N, L)
-        dyn = dynamic_state.weights(class_idx) if dynamic else None  # (N, L)
-        masks = mask_generator(names, batch.get("fg_mask"), freq, dyn, rng=mask_rng)
-        loss_weights = rank_loss_weights(masks, dyn)[masks] if dynamic else None  # (M,)
-
+        drawn = policy.draw(batch["class_idx"], batch.get("fg_mask"),
+                            batch.get("freq_weights"), epoch)
         try:
-            out = train_step(model, images, tokens, masks.to(device, non_blocking=True),
-                             optimizer, scaler, loss_weights=None if loss_weights is None
-                             else loss_weights.to(device), clip_grad=clip_grad, amp=amp)
+            out = train_step(model, images, tokens, drawn.masks, optimizer, scaler,
+                             loss_weights=drawn.loss_weights, clip_grad=config.clip_grad,
+                             amp=config.amp)
         except NonFiniteLossError as e:
             where = f"at epoch {epoch}, step {step} (global step {global_step})"
             if sample_names is not None:
                 where += "; this rank's samples: " + ", ".join(
                     sample_names[i] for i in batch["index"].tolist())
             raise NonFiniteLossError(f"{e} {where}") from None
-        dynamic_state.update(class_idx, masks, out.patch_losses)
-        dynamic_state.all_reduce()
+        policy.observe(batch["class_idx"], drawn.masks, out.patch_losses)
 
         values = {"loss": out.loss, "mlm_acc": out.mlm_acc, "lr": lr, "weight_decay": wd,
                   "grad_norm": out.grad_norm, "loss_scale": out.loss_scale}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from bisect import bisect_right
+from collections import deque
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -256,17 +257,10 @@ class DynamicMaskingState:
     """Running mean of the masked patches' losses per class and patch position.
 
     Lives in the training process (never in DataLoader workers, whose copies go stale:
-    method.md 9.2). Sums and counts are kept, not means, so that batches of any size
-    and sums across ranks combine exactly.
-
-    Distributed: each rank also keeps the deltas it added since the last
-    ``all_reduce()``; the reduction sums only those deltas and adds the total of the
-    other ranks' deltas, so nothing is counted twice however often it is called. Call
-    ``all_reduce()`` before ``state_dict()`` (e.g. at the end of each epoch) so that all
-    ranks hold, and the checkpoint saves, the same global statistics.
-
-    ``device``: where the statistics live; pass the device of the patch losses so that
-    ``update`` needs no transfer (and no synchronisation) per step.
+    method.md 9.2), on the training device. Sums and counts are kept, not means, so that
+    batches of any size and sums across ranks combine exactly. Distributed: ``update``
+    all-reduces each batch's sums and counts before adding them, so every rank holds,
+    and every checkpoint saves, the same global statistics.
     """
 
     def __init__(self, class_names: Sequence[str], num_patches: int,
@@ -281,8 +275,6 @@ class DynamicMaskingState:
         shape = (len(names), self.num_patches)
         self._sum = torch.zeros(shape, dtype=torch.float64, device=self.device)
         self._count = torch.zeros(shape, dtype=torch.int64, device=self.device)
-        self._delta_sum = torch.zeros_like(self._sum)
-        self._delta_count = torch.zeros_like(self._count)
 
     @property
     def counts(self) -> torch.Tensor:
@@ -294,34 +286,36 @@ class DynamicMaskingState:
         return torch.where(self._count > 0, self._sum / self._count.clamp(min=1), math.nan)
 
     def update(self, class_idx: torch.Tensor, masks: torch.Tensor,
-               patch_losses: torch.Tensor) -> None:
-        """Add one batch: class_idx (N,), masks (N, L) bool, patch_losses (N, L).
+               patch_losses: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Add one batch: class_idx (N,) in [0, C), masks (N, L) bool, patch_losses (N, L);
+        ``valid`` (0-d bool) False adds nothing (a step whose loss was not finite).
 
-        Losses are read at masked positions only.
+        Losses are read at masked positions only. Runs on the statistics' device without
+        reading it on the host (no boolean indexing, no checks of values); inputs on
+        another device are copied without waiting. A non-finite loss at a masked
+        position makes the statistics non-finite, which the next draw reports.
         """
         L = self.num_patches
-        class_idx = torch.as_tensor(class_idx, device=self.device).long().reshape(-1)
-        masks = torch.as_tensor(masks, device=self.device)
+        class_idx = _to_device(torch.as_tensor(class_idx), self.device).long().reshape(-1)
         n = class_idx.numel()
-        if masks.shape != (n, L) or patch_losses.shape != (n, L):
+        if tuple(masks.shape) != (n, L) or tuple(patch_losses.shape) != (n, L):
             raise ValueError(f"DynamicMaskingState.update: masks {tuple(masks.shape)} and "
                              f"patch_losses {tuple(patch_losses.shape)} must be ({n}, {L})")
-        if n and (class_idx.min() < 0 or class_idx.max() >= len(self.class_names)):
-            raise ValueError(f"DynamicMaskingState.update: class indices must lie in "
-                             f"[0, {len(self.class_names)}), got {class_idx.tolist()}")
-        masks = masks.bool()
-        flat = (class_idx[:, None] * L + torch.arange(L, device=self.device))[masks]  # (M,)
-        vals = patch_losses.detach().to(self.device, torch.float64)[masks]  # (M,)
-        if not torch.isfinite(vals).all():
-            raise ValueError("DynamicMaskingState.update: non-finite loss at a masked "
-                             "patch; fix the loss before updating the statistics")
-        ones = torch.ones_like(flat)
-        for s, c in ((self._sum, self._count), (self._delta_sum, self._delta_count)):
-            s.view(-1).index_add_(0, flat, vals)
-            c.view(-1).index_add_(0, flat, ones)
+        keep = _to_device(torch.as_tensor(masks), self.device).bool()  # (N, L)
+        if valid is not None:
+            keep = keep & valid.to(self.device, non_blocking=True)
+        losses = _to_device(patch_losses.detach(), self.device).double()
+        flat = (class_idx[:, None] * L + torch.arange(L, device=self.device)).reshape(-1)
+        batch = torch.zeros(2, self._sum.numel(), dtype=torch.float64, device=self.device)
+        batch[0].index_add_(0, flat, torch.where(keep, losses, 0.0).reshape(-1))
+        batch[1].index_add_(0, flat, keep.reshape(-1).double())
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch, op=dist.ReduceOp.SUM)  # (2, C * L)
+        self._sum += batch[0].view_as(self._sum)
+        self._count += batch[1].view_as(self._count).long()  # integers, exact in float64
 
-    def weights(self, class_idx: torch.Tensor) -> torch.Tensor:
-        """class_idx (N,) -> (N, L) float32 in [0, 1], min-max normalised per class.
+    def class_weights(self) -> torch.Tensor:
+        """(C, L) float32 in [0, 1], min-max normalised per class.
 
         Positions of a class that were never masked take the mean of its seen positions
         (neutral: neither favoured nor avoided); a class without statistics is uniform.
@@ -330,25 +324,12 @@ class DynamicMaskingState:
         seen = self._count > 0
         n_seen = seen.sum(1, keepdim=True)
         class_mean = torch.where(seen, mean, 0.0).sum(1, keepdim=True) / n_seen.clamp(min=1)
-        filled = torch.where(seen, mean, class_mean)  # (C, L)
-        idx = torch.as_tensor(class_idx, device=self.device).long().reshape(-1)
-        return _min_max(filled)[idx].float()
+        return _min_max(torch.where(seen, mean, class_mean)).float()  # (C, L)
 
-    def all_reduce(self, group=None) -> None:
-        """Sum the deltas of all ranks since the last call; no-op without distributed."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        delta = torch.stack([self._delta_sum, self._delta_count.double()])  # (2, C, L)
-        device = self.device
-        if dist.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        total = delta.to(device)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-        total = total.to(self.device)
-        self._sum += total[0] - self._delta_sum
-        self._count += total[1].round().long() - self._delta_count
-        self._delta_sum.zero_()
-        self._delta_count.zero_()
+    def weights(self, class_idx: torch.Tensor) -> torch.Tensor:
+        """class_idx (N,) -> (N, L) float32: each sample's class's row of class_weights."""
+        idx = _to_device(torch.as_tensor(class_idx), self.device).long().reshape(-1)
+        return self.class_weights()[idx]
 
     def state_dict(self) -> dict:
         return {"class_names": list(self.class_names), "num_patches": self.num_patches,
@@ -382,8 +363,127 @@ class DynamicMaskingState:
         perm = torch.tensor([names.index(c) for c in self.class_names])
         self._sum = loss_sum[perm].to(self.device, torch.float64).clone()
         self._count = count[perm].to(self.device, torch.int64).clone()
-        self._delta_sum.zero_()
-        self._delta_count.zero_()
+
+
+class MaskBatch(NamedTuple):
+    """One batch's masks on the training device, as the training step takes them."""
+    masks: torch.Tensor  # (N, L) bool
+    index: torch.Tensor  # (M,) int64: row-major positions of the masked patches
+    loss_weights: torch.Tensor | None  # (M,) float32 (1 + q)^2; None before dynamic masking
+
+
+_DYNAMIC_LAG = 2  # draw k of an epoch uses the statistics after step k - 2 (see draw)
+
+
+class MaskingPolicy:
+    """How each training sample is masked and its loss weighted, over a whole run
+    (method.md 5): owns the combinational generator, the dynamic-masking statistics and
+    the epoch from which they are used, the frequency weights' mode, the random stream
+    and the training device.
+
+    Masks are drawn on the host from host-resident inputs (the loader's class indices,
+    foreground masks and frequency weights, which ``frequency`` computes per image in
+    the loader's workers): the block placement's tries depend on each other, so a
+    device version would either run a data-dependent loop (a host sync per try) or a
+    fixed number of tries (not the rules). The masks go to the device without waiting.
+    The dynamic statistics stay on the device; each draw uses a host copy of their
+    weights taken ``_DYNAMIC_LAG`` steps earlier (at an epoch's first two draws: the
+    statistics at the epoch's start, read once per epoch), so the host never waits for
+    the step in flight and the choice of statistics is the same on every device.
+    """
+
+    def __init__(self, generator: MaskGenerator, class_names: Sequence[str], *,
+                 dynamic_start: int, freq_mode: str | None = "patch", patch_size: int = 16,
+                 seed: int | Sequence[int] = 0, device: torch.device | str = "cpu"):
+        if freq_mode not in (None, "patch", "global"):
+            raise ValueError(f"MaskingPolicy: freq_mode must be 'patch', 'global' or None "
+                             f"(no frequency weighting), got {freq_mode!r}")
+        self.generator = generator
+        self.class_names = list(class_names)
+        self.dynamic_start = int(dynamic_start)
+        self.freq_mode = freq_mode
+        self.device = torch.device(device)
+        self.dynamic = DynamicMaskingState(self.class_names, generator.num_patches,
+                                           self.device)
+        self.rng = np.random.default_rng(seed)
+        # (1, C, H, W) -> (1, L), picklable: the dataset calls it in the loader's workers
+        self.frequency = None if freq_mode is None else functools.partial(
+            frequency_weights, patch_size=patch_size, mode=freq_mode)
+        self._epoch: int | None = None
+        self._host_weights: np.ndarray | None = None  # (C, L) the draws use now
+        self._pending: deque[_HostCopy] = deque()  # later copies, oldest first
+
+    def draw(self, class_idx: torch.Tensor, fg_masks: torch.Tensor | None,
+             freq_weights: torch.Tensor | None, epoch: int) -> MaskBatch:
+        """Masks of one batch: class_idx (N,), fg_masks (N, L) bool or None (all
+        patches), freq_weights (N, L) from ``frequency`` (required unless freq_mode is
+        None), all on the host -> MaskBatch on the device.
+
+        From ``dynamic_start`` on, samples may draw dynamic weights and the loss is
+        rank-weighted by them (rank_loss_weights).
+        """
+        if epoch != self._epoch:
+            self._epoch, self._host_weights = epoch, None
+            self._pending.clear()
+        idx = np.asarray(torch.as_tensor(class_idx).numpy(), dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self.class_names)):
+            raise ValueError(f"MaskingPolicy.draw: class indices must lie in "
+                             f"[0, {len(self.class_names)}), got {idx.tolist()}")
+        if self.frequency is not None and freq_weights is None:
+            raise ValueError("MaskingPolicy.draw: the batch has no frequency weights; build "
+                             "the dataset with freq_weights=policy.frequency")
+        dyn = self._dynamic_weights()[idx] if epoch >= self.dynamic_start else None
+        masks = self.generator([self.class_names[i] for i in idx], fg_masks,
+                               freq_weights if self.frequency is not None else None, dyn,
+                               rng=self.rng)  # (N, L) bool, host
+        index = masks.reshape(-1).nonzero().squeeze(1)  # (M,), host
+        loss_weights = None
+        if dyn is not None:
+            ranked = rank_loss_weights(masks, torch.from_numpy(dyn))  # (N, L)
+            loss_weights = _to_device(ranked.reshape(-1)[index], self.device)
+        return MaskBatch(_to_device(masks, self.device), _to_device(index, self.device),
+                         loss_weights)
+
+    def observe(self, class_idx: torch.Tensor, masks: torch.Tensor,
+                patch_losses: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Feed one step's per-patch losses (N, L) back into the dynamic statistics, on
+        the device; ``valid`` (0-d bool) False drops the step. Call once per draw."""
+        self.dynamic.update(class_idx, masks, patch_losses, valid)
+        if self._epoch is not None and self._epoch >= self.dynamic_start:
+            self._pending.append(_HostCopy(self.dynamic.class_weights()))
+
+    def _dynamic_weights(self) -> np.ndarray:
+        """(C, L) host copy of the dynamic weights, _DYNAMIC_LAG steps old."""
+        while len(self._pending) >= _DYNAMIC_LAG:
+            self._host_weights = self._pending.popleft().numpy()
+        if self._host_weights is None:  # an epoch's first draw: read the device once
+            self._host_weights = self.dynamic.class_weights().cpu().numpy()
+        return self._host_weights
+
+    def state_dict(self) -> dict:
+        """The statistics and every rank's random state; call on every rank (it gathers
+        the ranks' states)."""
+        state = self.rng.bit_generator.state
+        if dist.is_available() and dist.is_initialized():
+            states: list = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)
+        else:
+            states = [state]
+        return {"dynamic_masking": self.dynamic.state_dict(), "mask_rng": states}
+
+    def load_state_dict(self, state: dict) -> bool:
+        """Load what state_dict saved; returns whether this rank's random state was
+        restored (not when the checkpoint holds another number of ranks)."""
+        self.dynamic.load_state_dict(state["dynamic_masking"])
+        self._epoch, self._host_weights = None, None
+        self._pending.clear()
+        states = state.get("mask_rng") or []
+        rank, world = ((dist.get_rank(), dist.get_world_size())
+                       if dist.is_available() and dist.is_initialized() else (0, 1))
+        if len(states) != world or states[rank] is None:
+            return False
+        self.rng.bit_generator.state = states[rank]
+        return True
 
 
 # =====================================================================================
@@ -394,6 +494,35 @@ class DynamicMaskingState:
 # block is one precomputed pattern shifted to its corner), so a try costs a few integer
 # operations instead of numpy calls.
 _CHUNK_TRIES = 24  # block tries drawn at once per sample (a mask needs ~8)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device` without the host waiting: host tensors are pinned first for CUDA."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+class _HostCopy:
+    """A device tensor's copy in host memory, started without waiting; ``numpy()``
+    waits for that copy only (not for later work on the device)."""
+
+    def __init__(self, t: torch.Tensor):
+        self._event = None
+        if t.device.type == "cuda":
+            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._host.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = t.to("cpu", copy=True)
+
+    def numpy(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.numpy()
 
 
 def as_numpy_rng(rng: Rng) -> np.random.Generator:

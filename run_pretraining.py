@@ -17,7 +17,6 @@ import json
 import os
 import sys
 
-import numpy as np
 import timm
 import torch
 
@@ -26,7 +25,7 @@ import engine
 import modeling_discrete_vae
 import modeling_pmad
 import utils
-from masking_generator import CLASS_MASK_RATIOS, DynamicMaskingState, MaskGenerator
+from masking_generator import CLASS_MASK_RATIOS, MaskGenerator, MaskingPolicy
 
 # Arguments that must match for a resumed run to continue the same training.
 RESUME_MUST_MATCH = ("model", "setting", "unseen_classes", "epochs", "batch_size",
@@ -200,16 +199,21 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
         fit_kmeans(args, train_classes)
 
     utils.seed_everything(args.seed, env.rank)  # after the k-means fit, which draws too
-    mask_rng = np.random.default_rng((args.seed, env.rank))
     tokenizer = modeling_discrete_vae.create_tokenizer(
         args.tokenizer_model, args.tokenizer_weight_path, device)
     mean, std = datasets.normalization(args.imagenet_default_mean_and_std)
     model = build_model(args, tokenizer.vocab_size)
     patch_size = model.patch_embed.patch_size[0]
+    policy = MaskingPolicy(
+        MaskGenerator(window_size=model.patch_embed.grid_size,
+                      class_ratios=CLASS_MASK_RATIOS, default_ratio=args.mask_ratio),
+        train_classes, dynamic_start=args.dynamic_masking_start, freq_mode=args.freq_mode,
+        patch_size=patch_size, seed=(args.seed, env.rank), device=device)
     dataset = datasets.PretrainDataset(
         args.data_path, train_classes, token_size=tokenizer.image_size,
         img_size=args.input_size, mean=mean, std=std, patch_size=patch_size,
-        fg_mask=args.fg_mask, skip_bad_images=args.skip_bad_images)
+        fg_mask=args.fg_mask, skip_bad_images=args.skip_bad_images,
+        freq_weights=policy.frequency)
     # Rank 0 fills the cache; the others then find every entry in it.
     for turn in ((0,), tuple(range(1, env.world_size))):
         if env.rank in turn:
@@ -243,15 +247,13 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
         utils.param_groups_weight_decay(model_without_ddp, args.weight_decay),
         lr=args.lr, betas=tuple(args.opt_betas), eps=args.opt_eps)
     scaler = utils.make_grad_scaler(device, args.amp)
-    dynamic_state = DynamicMaskingState(train_classes, model.patch_embed.num_patches)
-    mask_generator = MaskGenerator(window_size=model.patch_embed.grid_size,
-                                   class_ratios=CLASS_MASK_RATIOS,
-                                   default_ratio=args.mask_ratio)
     lr_schedule = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, num_steps,
                                          warmup_epochs=args.warmup_epochs,
                                          warmup_steps=args.warmup_steps)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, num_steps)
+    config = engine.TrainConfig(lr_schedule, wd_schedule, num_steps,
+                                clip_grad=args.clip_grad, amp=args.amp)
 
     resume = args.resume or (utils.find_latest_checkpoint(args.output_dir)
                              if args.auto_resume else None)
@@ -264,7 +266,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
         del header
         info = utils.load_training_state(resume, model=model_without_ddp,
                                          optimizer=optimizer, scaler=scaler,
-                                         dynamic_state=dynamic_state, mask_rng=mask_rng)
+                                         masking=policy)
         start_epoch = info["start_epoch"]
         if info["sampler_seed"] is not None:
             sampler.seed = info["sampler_seed"]
@@ -287,21 +289,16 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     try:
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch)
-            stats = engine.train_one_epoch(
-                model, loader, optimizer, scaler, epoch=epoch, num_steps=num_steps,
-                device=device, mask_generator=mask_generator, dynamic_state=dynamic_state,
-                class_names=train_classes, mask_rng=mask_rng, lr_schedule=lr_schedule,
-                wd_schedule=wd_schedule, dynamic_masking_start=args.dynamic_masking_start,
-                clip_grad=args.clip_grad, amp=args.amp, patch_size=patch_size,
-                freq_mode=args.freq_mode, sample_names=sample_names, log_writer=log_writer)
+            stats = engine.train_one_epoch(model, loader, optimizer, scaler, policy, config,
+                                           epoch=epoch, sample_names=sample_names,
+                                           log_writer=log_writer)
             names: list[int | str] = ["last"]
             if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
                 names.append(epoch)
             saved = utils.save_training_state(
                 args.output_dir, names, epoch=epoch, model=model_without_ddp,
                 optimizer=optimizer, scaler=scaler, args=vars(args),
-                dynamic_masking=dynamic_state.state_dict(), sampler_seed=sampler.seed,
-                mask_rng=mask_rng)
+                masking=policy.state_dict(), sampler_seed=sampler.seed)
             log.write({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
                        "n_parameters": n_parameters})
             utils.main_print(f"[epoch {epoch}] " + ", ".join(

@@ -276,8 +276,9 @@ def set_step_hyperparams(optimizer: torch.optim.Optimizer, lr: float,
 
 
 # ----------------------------------------------------------------------------- RNG state
-def capture_rng_state(mask_rng: np.random.Generator | None = None) -> dict:
-    """All random streams of this process, in types a weights_only load accepts."""
+def capture_rng_state() -> dict:
+    """The global random streams of this process, in types a weights_only load accepts
+    (the masks' own stream is MaskingPolicy's)."""
     np_state = np.random.get_state(legacy=False)
     state = {
         "python": random.getstate(),
@@ -287,12 +288,11 @@ def capture_rng_state(mask_rng: np.random.Generator | None = None) -> dict:
                   "gauss": float(np_state["gauss"])},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "mask_rng": mask_rng.bit_generator.state if mask_rng is not None else None,
     }
     return state
 
 
-def restore_rng_state(state: dict, mask_rng: np.random.Generator | None = None) -> None:
+def restore_rng_state(state: dict) -> None:
     random.setstate(_as_tuple(state["python"]))
     np_state = state["numpy"]
     np.random.set_state({"bit_generator": "MT19937",
@@ -302,8 +302,6 @@ def restore_rng_state(state: dict, mask_rng: np.random.Generator | None = None) 
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
-    if mask_rng is not None and state.get("mask_rng") is not None:
-        mask_rng.bit_generator.state = state["mask_rng"]
 
 
 def _as_tuple(obj: Any) -> Any:
@@ -416,22 +414,22 @@ def find_latest_checkpoint(output_dir: str) -> str | None:
 def save_training_state(output_dir: str, names: Iterable[int | str], *, epoch: int,
                         model: nn.Module, optimizer: torch.optim.Optimizer,
                         scaler: torch.amp.GradScaler, args: dict,
-                        dynamic_masking: dict | None, sampler_seed: int,
-                        mask_rng: np.random.Generator | None) -> list[str]:
+                        masking: dict | None, sampler_seed: int) -> list[str]:
     """Write checkpoint-<name>.pth for each name; call on EVERY rank (the RNG states of
-    all ranks are gathered so that each can resume its own streams).
+    all ranks are gathered so that each can resume its own streams). ``masking`` is
+    MaskingPolicy.state_dict() (itself gathered from every rank).
 
     `model` is the unwrapped module (no DDP 'module.' prefix), so the file also loads as
     an initialisation or test checkpoint ({'model': state_dict, ...}).
     """
-    rng = all_gather_object(capture_rng_state(mask_rng))
+    rng = all_gather_object(capture_rng_state())
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "epoch": epoch,
         "args": args,
-        "dynamic_masking": dynamic_masking,
+        "masking": masking,
         "sampler_seed": sampler_seed,
         "world_size": get_world_size(),
         "rng": rng,
@@ -445,11 +443,12 @@ def save_training_state(output_dir: str, names: Iterable[int | str], *, epoch: i
 def load_training_state(path: str, *, model: nn.Module,
                         optimizer: torch.optim.Optimizer | None = None,
                         scaler: torch.amp.GradScaler | None = None,
-                        dynamic_state: Any | None = None,
-                        mask_rng: np.random.Generator | None = None) -> dict:
+                        masking: Any | None = None) -> dict:
     """Restore what save_training_state wrote; returns {'start_epoch', 'sampler_seed',
-    'rng_restored'}. A file holding only 'model' (a released checkpoint) loads the
-    weights and starts at epoch 0."""
+    'rng_restored', 'args'}. A file holding only 'model' (a released checkpoint) loads
+    the weights and starts at epoch 0. ``masking``: a MaskingPolicy; checkpoints of the
+    earlier layout (top-level 'dynamic_masking', each rank's 'mask_rng' in 'rng') load
+    too."""
     ckpt = load_checkpoint_file(path)
     if "model" not in ckpt:
         raise ValueError(f"{path} has no 'model' entry (keys {sorted(ckpt)[:8]})")
@@ -462,18 +461,30 @@ def load_training_state(path: str, *, model: nn.Module,
         optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    if dynamic_state is not None and ckpt.get("dynamic_masking") is not None:
-        dynamic_state.load_state_dict(ckpt["dynamic_masking"])
-    info["start_epoch"] = int(ckpt["epoch"]) + 1
     rng = ckpt.get("rng") or []
+    masking_state = masking_state_of(ckpt)
+    if masking is not None and masking_state is not None:
+        masking.load_state_dict(masking_state)
+    info["start_epoch"] = int(ckpt["epoch"]) + 1
     if len(rng) == get_world_size():
-        restore_rng_state(rng[get_rank()], mask_rng)
+        restore_rng_state(rng[get_rank()])
         info["rng_restored"] = True
     else:
         main_print(f"[resume] {path} holds the random states of {len(rng)} process(es), "
                    f"this run has {get_world_size()}: random streams restart from --seed "
                    "(weights, optimiser and dynamic masking are restored exactly)")
     return info
+
+
+def masking_state_of(ckpt: dict) -> dict | None:
+    """The checkpoint's MaskingPolicy state; the earlier layout (top-level
+    'dynamic_masking', each rank's 'mask_rng' inside 'rng') converted."""
+    if ckpt.get("masking") is not None:
+        return ckpt["masking"]
+    if ckpt.get("dynamic_masking") is None:
+        return None
+    return {"dynamic_masking": ckpt["dynamic_masking"],
+            "mask_rng": [r.get("mask_rng") for r in ckpt.get("rng") or []]}
 
 
 # ----------------------------------------------------------------------------- logging

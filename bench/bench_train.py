@@ -38,7 +38,7 @@ import datasets  # noqa: E402
 import engine  # noqa: E402
 import modeling_pmad  # noqa: E402,F401  (registers the ViTs with timm)
 import utils  # noqa: E402
-from masking_generator import DynamicMaskingState, MaskGenerator  # noqa: E402
+from masking_generator import MaskGenerator, MaskingPolicy  # noqa: E402
 from modeling_discrete_vae import DalleEncoder, create_tokenizer, save_dalle_encoder  # noqa: E402
 
 MODELS = {"tiny": "vit_tiny_patch16_224_8k_vocab", "base": "vit_base_patch16_224_8k_vocab"}
@@ -120,22 +120,22 @@ def step_rate(model_name: str, dataset, tokenizer, amp: str, batch_size: int, st
     torch.manual_seed(0)
     model = timm.create_model(model_name, drop_path_rate=0.1, init_values=0.1).to(device)
     optimizer = torch.optim.AdamW(utils.param_groups_weight_decay(model, 0.05), lr=1e-4)
-    grid = model.patch_embed.grid_size
     n = warmup + steps
     schedule = np.full(n, 1e-4)
     stamps: list[float] = []
     engine.train_one_epoch(
         model, timed(loader_for(dataset, batch_size, n, num_workers, device), stamps),
-        optimizer, utils.make_grad_scaler(device, amp), epoch=0, num_steps=n,
-        device=device, mask_generator=MaskGenerator(window_size=grid),
-        dynamic_state=DynamicMaskingState(list(CLASSES), grid[0] * grid[1]),
-        class_names=list(CLASSES), mask_rng=np.random.default_rng(0),
-        lr_schedule=schedule, wd_schedule=schedule * 500, dynamic_masking_start=0,
-        clip_grad=3.0, amp=amp, progress=False,
-        tokenizer=None if dataset.tokens is not None else tokenizer)
+        optimizer, utils.make_grad_scaler(device, amp), make_policy(device),
+        engine.TrainConfig(schedule, schedule * 500, n, clip_grad=3.0, amp=amp),
+        epoch=0, progress=False, tokenizer=None if dataset.tokens is not None else tokenizer)
     sync(device)
     stamps.append(time.perf_counter())
     return median_rate(stamps, warmup, batch_size)
+
+
+def make_policy(device: torch.device) -> MaskingPolicy:
+    """Dynamic masking from the first step: the most work per step."""
+    return MaskingPolicy(MaskGenerator(), list(CLASSES), dynamic_start=0, device=device)
 
 
 def main() -> None:
@@ -167,8 +167,11 @@ def main() -> None:
                                or utils.bf16_supported(device) else [])
             batches = [4] if device.type == "cpu" else [4, 64]
             tokenizer = create_tokenizer("dall-e", tok_path, device)
-            plain = datasets.PretrainDataset(data, CLASSES, tokenizer.image_size)
-            cached = datasets.PretrainDataset(data, CLASSES, tokenizer.image_size)
+            freq = make_policy(device).frequency
+            plain = datasets.PretrainDataset(data, CLASSES, tokenizer.image_size,
+                                             freq_weights=freq)
+            cached = datasets.PretrainDataset(data, CLASSES, tokenizer.image_size,
+                                              freq_weights=freq)
             t0 = time.perf_counter()
             datasets.cache_tokens(cached, tokenizer, os.path.join(tmp, "cache", dev_name),
                                   device=device)

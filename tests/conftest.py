@@ -6,10 +6,13 @@ PMAD and ProtoFlow files in the released formats, and real prototypes.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -93,3 +96,27 @@ def read_format(name: str) -> list[tuple[str, tuple[int, ...], str]]:
         rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()),
                      dtype))
     return rows
+
+
+def run_ranks(fn: Callable[..., None], args: tuple, nprocs: int = 2,
+              timeout_s: float = 120.0) -> list[int]:
+    """Run fn(rank, *args) in `nprocs` freshly spawned processes (no fork of this
+    threaded process) and return their exit codes; a process still running after
+    `timeout_s` (a hang) is killed and the test fails."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=fn, args=(rank, *args)) for rank in range(nprocs)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+        if hung:
+            pytest.fail(f"rank(s) {hung} still running after {timeout_s:.0f} s: a hang")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [p.exitcode for p in procs]

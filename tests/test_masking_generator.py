@@ -4,16 +4,15 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from scipy import stats
 
 import masking_generator as mg
+from conftest import run_ranks
 
 L = 196
 GRID = (14, 14)
@@ -476,9 +475,13 @@ def test_dynamic_state_weights_min_max_fill_and_uniform():
     w = state.weights(torch.tensor([0, 1, 0]))
     np.testing.assert_allclose(w[0].numpy(), [0.0, 1 / 3, 1.0, (10 / 3 - 2) / 3], rtol=1e-6)
     assert torch.equal(w[1], torch.ones(4)) and torch.equal(w[0], w[2])
-    with pytest.raises(ValueError, match="non-finite"):
-        state.update(torch.tensor([0]), masks[:1], torch.full((1, 4), float("inf")))
-    with pytest.raises(ValueError, match="class indices"):
+    assert torch.equal(state.class_weights()[0], w[0])
+    before = state.state_dict()
+    state.update(torch.tensor([0]), masks[:1], torch.full((1, 4), float("nan")),
+                 valid=torch.tensor(False))  # a dropped step adds nothing, NaN or not
+    assert torch.equal(state.state_dict()["loss_sum"], before["loss_sum"])
+    assert torch.equal(state.state_dict()["count"], before["count"])
+    with pytest.raises((IndexError, RuntimeError)):
         state.update(torch.tensor([3]), masks[:1], losses[:1])
     with pytest.raises(ValueError, match="must be"):
         state.update(torch.tensor([0]), masks, losses)
@@ -507,44 +510,23 @@ def test_dynamic_state_dict_roundtrip_by_class_name(tmp_path):
         other.load_state_dict(bad)
 
 
-def test_dynamic_state_all_reduce_noop_without_distributed():
-    class_idx, masks, losses = _stream(2, 10)
-    state = mg.DynamicMaskingState(CLASSES, 12)
-    state.update(class_idx, masks, losses)
-    before = state.state_dict()
-    state.all_reduce()
-    after = state.state_dict()
-    assert torch.equal(before["loss_sum"], after["loss_sum"])
-    assert torch.equal(before["count"], after["count"])
-
-
 def _reduce_worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)  # forked child: keep clear of the parent's thread pool
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=2)
     try:
         class_idx, masks, losses = _stream(rank + 10, 20)
         state = mg.DynamicMaskingState(CLASSES, 12)
         state.update(class_idx[:10], masks[:10], losses[:10])
-        state.all_reduce()
-        state.all_reduce()  # nothing new: must not count again
         state.update(class_idx[10:], masks[10:], losses[10:])
-        state.all_reduce()
         torch.save(state.state_dict(), os.path.join(out_dir, f"rank{rank}.pth"))
     finally:
         dist.destroy_process_group()
 
 
-def test_dynamic_state_all_reduce_two_ranks_exact():
+def test_dynamic_state_update_sums_over_two_ranks_exactly():
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_reduce_worker, args=(os.path.join(tmp, "init"), tmp),
-                                 nprocs=2, join=False, start_method="fork")
-        deadline = time.monotonic() + 120
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail("two-rank all_reduce did not finish in 120 s")
+        assert run_ranks(_reduce_worker, (os.path.join(tmp, "init"), tmp)) == [0, 0]
         states = [torch.load(os.path.join(tmp, f"rank{r}.pth"), weights_only=True)
                   for r in range(2)]
     streams = [_stream(r + 10, 20) for r in range(2)]
@@ -555,6 +537,107 @@ def test_dynamic_state_all_reduce_two_ranks_exact():
         with np.errstate(invalid="ignore"):
             got = s["loss_sum"].numpy() / s["count"].numpy()
         np.testing.assert_allclose(got, means, rtol=1e-12, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- MaskingPolicy
+
+def _policy(dynamic_start: int = 0, device: str = "cpu", **generator) -> mg.MaskingPolicy:
+    return mg.MaskingPolicy(mg.MaskGenerator(**generator), CLASSES,
+                            dynamic_start=dynamic_start, seed=3, device=device)
+
+
+def _batch(seed: int, n: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    class_idx = torch.randint(0, 3, (n,), generator=g)
+    fg = torch.rand(n, L, generator=g) < 0.6
+    freq = torch.rand(n, L, generator=g)
+    losses = torch.rand(n, L, generator=g) * 4
+    return class_idx, fg, freq, losses
+
+
+def test_policy_draw_counts_index_and_loss_weights():
+    policy = _policy(dynamic_start=1)
+    class_idx, fg, freq, losses = _batch(0)
+    m = [mg.num_masked(mg.CLASS_MASK_RATIOS[CLASSES[i]], L) for i in class_idx.tolist()]
+    before = policy.draw(class_idx, fg, freq, epoch=0)
+    assert before.masks.shape == (6, L) and before.masks.sum(1).tolist() == m
+    assert torch.equal(before.index, before.masks.reshape(-1).nonzero().squeeze(1))
+    assert before.loss_weights is None  # no rank weighting before dynamic masking
+    policy.observe(class_idx, before.masks, losses)
+    after = policy.draw(class_idx, fg, freq, epoch=1)
+    dyn = policy.dynamic.weights(class_idx)  # what epoch 1 draws from
+    ranked = mg.rank_loss_weights(after.masks, dyn).reshape(-1)[after.index]
+    assert torch.equal(after.loss_weights, ranked) and after.loss_weights.shape == (sum(m),)
+    with pytest.raises(ValueError, match="frequency weights"):
+        policy.draw(class_idx, fg, None, epoch=1)
+    with pytest.raises(ValueError, match="class indices"):
+        policy.draw(torch.tensor([3]), None, torch.rand(1, L), epoch=1)
+
+
+def test_policy_draw_k_uses_the_statistics_after_step_k_minus_2():
+    """The host never waits for the step in flight: within an epoch, draw k takes the
+    dynamic weights as they were after observe k - 2 (the epoch's start for k < 2)."""
+    policy = _policy(p_weighting=(0, 1, 0))
+    seen = []
+    generate = policy.generator
+
+    def spy(names, fg, freq, dyn, rng):
+        seen.append(dyn.copy())
+        return generate(names, fg, freq, dyn, rng=rng)
+
+    policy.generator = spy
+    after = []  # the class weights after each observe
+    for epoch in (0, 1):
+        for k in range(4):
+            class_idx, fg, freq, losses = _batch(10 * epoch + k)
+            drawn = policy.draw(class_idx, fg, freq, epoch)
+            policy.observe(class_idx, drawn.masks, losses)
+            after.append((class_idx, policy.dynamic.class_weights().numpy()))
+    start = [np.ones((3, L), np.float32), after[3][1]]  # each epoch's starting weights
+    for step, dyn in enumerate(seen):
+        epoch, k = divmod(step, 4)
+        table = start[epoch] if k < 2 else after[4 * epoch + k - 2][1]
+        class_idx = _batch(10 * epoch + k)[0].numpy()
+        np.testing.assert_array_equal(dyn, table[class_idx])
+
+
+def test_policy_state_dict_resumes_identical_draws():
+    a = _policy()
+    for k in range(3):
+        class_idx, fg, freq, losses = _batch(k)
+        a.observe(class_idx, a.draw(class_idx, fg, freq, epoch=0).masks, losses)
+    b = _policy()
+    b.load_state_dict(a.state_dict())
+    for k in range(3):
+        class_idx, fg, freq, losses = _batch(100 + k)
+        da, db = (p.draw(class_idx, fg, freq, epoch=1) for p in (a, b))
+        assert torch.equal(da.masks, db.masks)
+        assert torch.equal(da.loss_weights, db.loss_weights)
+        for p, d in ((a, da), (b, db)):
+            p.observe(class_idx, d.masks, losses)
+    assert torch.equal(a.dynamic.counts, b.dynamic.counts)
+
+
+def test_policy_statistics_live_on_its_device():
+    """Host inputs, statistics and masks on the policy's device ('meta' has no data, so
+    any read of the device on the host would fail here)."""
+    policy = _policy(dynamic_start=5, device="meta")
+    class_idx, fg, freq, losses = _batch(0)
+    drawn = policy.draw(class_idx, fg, freq, epoch=0)
+    assert drawn.masks.device.type == drawn.index.device.type == "meta"
+    valid = torch.ones((), dtype=torch.bool, device="meta")
+    policy.observe(class_idx, drawn.masks, losses.to("meta"), valid=valid)
+    assert policy.dynamic.counts.device.type == "meta"
+    assert policy.dynamic.mean_losses().device.type == "meta"
+
+
+def test_policy_non_finite_statistics_stop_the_next_draw():
+    policy = _policy()
+    class_idx, fg, freq, losses = _batch(0)
+    drawn = policy.draw(class_idx, fg, freq, epoch=0)
+    policy.observe(class_idx, drawn.masks, torch.full_like(losses, float("inf")))
+    with pytest.raises(ValueError, match="finite"):
+        policy.draw(class_idx, fg, freq, epoch=1)
 
 
 # --------------------------------------------------------------------------- MaskGenerator

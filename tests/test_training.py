@@ -22,6 +22,7 @@ from PIL import Image
 
 import datasets
 import engine
+import masking_generator
 import modeling_pmad
 import run_pretraining
 import utils
@@ -109,8 +110,8 @@ def test_two_epochs_write_checkpoints_and_logs(env, reference):
     ckpt = utils.load_checkpoint_file(os.path.join(out, "checkpoint-last.pth"))
     assert ckpt["epoch"] == 1 and ckpt["world_size"] == 1 and len(ckpt["rng"]) == 1
     assert ckpt["args"]["model"] == TINY and ckpt["args"]["setting"] == "multi_class"
-    assert set(ckpt) >= {"model", "optimizer", "scaler", "dynamic_masking", "sampler_seed"}
-    dyn = ckpt["dynamic_masking"]
+    assert set(ckpt) >= {"model", "optimizer", "scaler", "masking", "sampler_seed"}
+    dyn = ckpt["masking"]["dynamic_masking"]
     assert dyn["class_names"] == list(TWO_CLASSES)
     # 2 epochs x 1 step x 2 samples, each masked with exactly its class's m patches
     per_sample = [num_masked(CLASS_MASK_RATIOS[c], 196) for c in TWO_CLASSES]
@@ -200,10 +201,11 @@ def test_resume_after_crash_equals_uninterrupted_run(env, reference, monkeypatch
     a = utils.load_checkpoint_file(os.path.join(ref_out, "checkpoint-last.pth"))
     b = utils.load_checkpoint_file(os.path.join(out, "checkpoint-last.pth"))
     for key in ("loss_sum", "count"):
-        assert torch.equal(a["dynamic_masking"][key], b["dynamic_masking"][key])
+        assert torch.equal(a["masking"]["dynamic_masking"][key],
+                           b["masking"]["dynamic_masking"][key])
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert a["rng"][0]["mask_rng"] == b["rng"][0]["mask_rng"]
+    assert a["masking"]["mask_rng"] == b["masking"]["mask_rng"]
 
 
 def test_resume_refuses_other_arguments(env, reference):
@@ -249,9 +251,9 @@ def test_each_setting_trains_on_exactly_its_classes(env, tmp_path, monkeypatch, 
     above): what reaches the training step is exactly the setting's classes."""
     seen: list[str] = []
 
-    def one_pass(model, data_loader, *a, num_steps, class_names, **k):
-        for batch in _first_batches(data_loader, num_steps):
-            seen.extend(class_names[i] for i in batch["class_idx"].tolist())
+    def one_pass(model, data_loader, optimizer, scaler, policy, config, **k):
+        for batch in _first_batches(data_loader, config.num_steps):
+            seen.extend(policy.class_names[i] for i in batch["class_idx"].tolist())
         return {"loss": 0.0}
 
     monkeypatch.setattr(engine, "train_one_epoch", one_pass)
@@ -261,7 +263,7 @@ def test_each_setting_trains_on_exactly_its_classes(env, tmp_path, monkeypatch, 
     assert summary["train_classes"] == sorted(expected) and summary["num_steps"] == len(expected)
     assert sorted(seen) == sorted(expected)  # one image per class, each seen once
     ckpt = utils.load_checkpoint_file(os.path.join(tmp_path, "checkpoint-last.pth"))
-    assert ckpt["dynamic_masking"]["class_names"] == sorted(expected)
+    assert ckpt["masking"]["dynamic_masking"]["class_names"] == sorted(expected)
 
 
 def _first_batches(loader, n: int):
@@ -331,9 +333,11 @@ def test_torchrun_two_processes_on_gloo(env, tmp_path):
     assert sorted(os.listdir(out)) == ["checkpoint-0.pth", "checkpoint-last.pth", "log.txt"]
     ckpt = utils.load_checkpoint_file(os.path.join(out, "checkpoint-last.pth"))
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
-    assert ckpt["rng"][0]["mask_rng"] != ckpt["rng"][1]["mask_rng"]
+    rngs = ckpt["masking"]["mask_rng"]
+    assert len(rngs) == 2 and rngs[0] != rngs[1]
     # statistics of both ranks' batches, all-reduced: every image's masked patches
-    assert int(ckpt["dynamic_masking"]["count"].sum()) == _masked_total(["bottle", "carpet"] * 4)
+    count = ckpt["masking"]["dynamic_masking"]["count"]
+    assert int(count.sum()) == _masked_total(["bottle", "carpet"] * 4)
     assert [r["epoch"] for r in utils.read_jsonl(os.path.join(out, "log.txt"))] == [0]
 
 
@@ -367,12 +371,12 @@ def test_shell_scripts_build_the_torchrun_command(tmp_path):
 def test_freq_mode_reaches_the_frequency_weights(env, tmp_path, monkeypatch, mode):
     """--freq_mode global keeps the original code's whole-image spectrum on request."""
     modes: list[str] = []
-    real = engine.frequency_weights
+    real = masking_generator.frequency_weights
 
     def spy(images, patch_size=16, mode="patch"):
         modes.append(mode)
         return real(images, patch_size=patch_size, mode=mode)
 
-    monkeypatch.setattr(engine, "frequency_weights", spy)
+    monkeypatch.setattr(masking_generator, "frequency_weights", spy)
     run_pretraining.main(_args(env, str(tmp_path), "--epochs", "1", "--freq_mode", mode))
     assert modes and set(modes) == {mode}

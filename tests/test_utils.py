@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import utils
+from masking_generator import MaskGenerator, MaskingPolicy
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -96,21 +97,20 @@ def test_deterministic_mode_is_scoped():
 
 
 # ----------------------------------------------------------------------------- RNG
-def _draws(mask_rng: np.random.Generator) -> tuple:
+def _draws(policy: MaskingPolicy | None = None) -> tuple:
+    masks = () if policy is None else tuple(policy.rng.integers(0, 1 << 30, 3).tolist())
     return (random.random(), float(np.random.rand()), float(np.random.randn()),
-            torch.rand(3).tolist(), mask_rng.integers(0, 1 << 30, 3).tolist())
+            torch.rand(3).tolist(), masks)
 
 
 def test_rng_capture_restore_is_exact():
     utils.seed_everything(5)
-    mask_rng = np.random.default_rng(7)
     np.random.randn()  # leave a cached gaussian in numpy's legacy state
-    state = utils.capture_rng_state(mask_rng)
-    first = _draws(mask_rng)
+    state = utils.capture_rng_state()
+    first = _draws()
     utils.seed_everything(99)
-    mask_rng2 = np.random.default_rng(1)
-    utils.restore_rng_state(state, mask_rng2)
-    assert _draws(mask_rng2) == first
+    utils.restore_rng_state(state)
+    assert _draws() == first
 
 
 def test_seed_differs_per_rank():
@@ -121,15 +121,15 @@ def test_seed_differs_per_rank():
 
 
 # ----------------------------------------------------------------------------- checkpoints
-class _FakeDynamicState:
-    def __init__(self) -> None:
-        self.sums = torch.zeros(2, 4)
+def _policy(seed: int) -> MaskingPolicy:
+    return MaskingPolicy(MaskGenerator(window_size=(2, 2)), ["a", "b"], dynamic_start=0,
+                         seed=seed)
 
-    def state_dict(self) -> dict:
-        return {"sums": self.sums.clone()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.sums = state["sums"].clone()
+def _observed(policy: MaskingPolicy) -> MaskingPolicy:
+    masks = torch.tensor([[True, False, True, False]])
+    policy.observe(torch.tensor([1]), masks, torch.tensor([[3.5, 0.0, 1.5, 0.0]]))
+    return policy
 
 
 def _trained(seed: int):
@@ -144,21 +144,19 @@ def _trained(seed: int):
 def test_training_state_round_trip(tmp_path):
     model, opt = _trained(0)
     scaler = utils.make_grad_scaler("cpu", "none")
-    dyn = _FakeDynamicState()
-    dyn.sums += 3.5
-    mask_rng = np.random.default_rng(11)
+    policy = _observed(_policy(11))
     paths = utils.save_training_state(
         str(tmp_path), [4, "last"], epoch=4, model=model, optimizer=opt, scaler=scaler,
         args={"lr": 0.1, "opt_betas": [0.9, 0.999], "resume": None},
-        dynamic_masking=dyn.state_dict(), sampler_seed=123, mask_rng=mask_rng)
+        masking=policy.state_dict(), sampler_seed=123)
     assert [os.path.basename(p) for p in paths] == ["checkpoint-4.pth", "checkpoint-last.pth"]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-4.pth", "checkpoint-last.pth"]
-    expected = _draws(mask_rng)
+    expected = _draws(policy)
 
     model2, opt2 = _trained(1)
-    dyn2, rng2 = _FakeDynamicState(), np.random.default_rng(0)
+    policy2 = _policy(0)
     info = utils.load_training_state(paths[1], model=model2, optimizer=opt2, scaler=scaler,
-                                     dynamic_state=dyn2, mask_rng=rng2)
+                                     masking=policy2)
     assert info["start_epoch"] == 5 and info["sampler_seed"] == 123 and info["rng_restored"]
     assert info["args"]["opt_betas"] == [0.9, 0.999]
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
@@ -166,8 +164,29 @@ def test_training_state_round_trip(tmp_path):
     sa, sb = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
-    assert torch.equal(dyn2.sums, torch.full((2, 4), 3.5))
-    assert _draws(rng2) == expected
+    torch.testing.assert_close(policy2.dynamic.mean_losses(), policy.dynamic.mean_losses(),
+                               equal_nan=True, rtol=0, atol=0)
+    assert int(policy2.dynamic.counts.sum()) == 2
+    assert _draws(policy2) == expected
+
+
+def test_earlier_checkpoint_layout_restores_dynamic_masking_and_mask_stream(tmp_path):
+    """Checkpoints written before MaskingPolicy: 'dynamic_masking' at the top and each
+    rank's 'mask_rng' inside 'rng'."""
+    model, opt = _trained(0)
+    policy = _observed(_policy(11))
+    state = policy.state_dict()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 2,
+                "dynamic_masking": state["dynamic_masking"], "sampler_seed": 0,
+                "rng": [dict(utils.capture_rng_state(), mask_rng=state["mask_rng"][0])]},
+               tmp_path / "old.pth")
+    expected = _draws(policy)
+    policy2 = _policy(0)
+    info = utils.load_training_state(str(tmp_path / "old.pth"), model=_trained(1)[0],
+                                     masking=policy2)
+    assert info["start_epoch"] == 3
+    assert torch.equal(policy2.dynamic.counts, policy.dynamic.counts)
+    assert _draws(policy2)[-1] == expected[-1]
 
 
 def test_model_only_file_starts_at_epoch_zero(tmp_path):
@@ -311,8 +330,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         utils.save_training_state(out_dir, ["last"], epoch=0, model=_Toy(),
                                   optimizer=torch.optim.SGD(_Toy().parameters(), lr=1),
                                   scaler=utils.make_grad_scaler("cpu", "none"), args={},
-                                  dynamic_masking=None, sampler_seed=3,
-                                  mask_rng=np.random.default_rng(rank))
+                                  masking=_policy(rank).state_dict(), sampler_seed=3)
         result = {"rank": env.rank, "world": utils.get_world_size(),
                   "indices": list(sampler), "loss": ml.summary()["loss"],
                   "gathered": utils.all_gather_object(env.rank * 10)}
@@ -332,6 +350,6 @@ def test_two_process_gloo_group(tmp_path):
     assert r[0]["gathered"] == [0, 10]
     ckpt = utils.load_checkpoint_file(str(tmp_path / "checkpoint-last.pth"))
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
-    assert ckpt["rng"][0]["mask_rng"] == np.random.default_rng(0).bit_generator.state
-    assert ckpt["rng"][1]["mask_rng"] == np.random.default_rng(1).bit_generator.state
+    assert ckpt["masking"]["mask_rng"] == [np.random.default_rng(r).bit_generator.state
+                                           for r in range(2)]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth", "rank0.json", "rank1.json"]
