@@ -137,9 +137,9 @@ def greedy_coreset(features: Tensor, n: int, projection_dim: int | None = None,
     min_dist = torch.addmv(sq, x, x[start], alpha=-2).add_(sq[start])  # (M,)
     for i in tqdm(range(1, n), desc="coreset", disable=not progress or n < 2,
                   mininterval=1.0, leave=False):
-        j = torch.argmax(min_dist)
-        picks[i] = j
-        dist = torch.addmv(sq, x, x[j], alpha=-2).add_(sq[j])  # (M,)
+        j = torch.argmax(min_dist, dim=0, keepdim=True)  # (1,): stays on the device
+        picks[i:i + 1] = j
+        dist = torch.addmv(sq, x, x.index_select(0, j)[0], alpha=-2).add_(sq[j])  # (M,)
         torch.minimum(min_dist, dist, out=min_dist)
     return picks.cpu()
 
@@ -316,16 +316,21 @@ def flow_loss(logp: Tensor) -> Tensor:
 def patch_log_likelihood(encoder: nn.Module, flow: Ff.SequenceINN, images: Tensor,
                          prototypes: Sequence[Tensor], class_idx: Tensor) -> Tensor:
     """Per-patch log-likelihood (N, h, w) of images (N, 3, H, W) of classes class_idx (N,),
-    each scored against its own class's prototypes[class_idx] (M_k, C)."""
+    each scored against its own class's prototypes[class_idx] (M_k, C).
+
+    The images are grouped by class on the host: pass class_idx on the CPU (as the
+    loader gives it), else reading it waits for the device.
+    """
     features = extract_features(encoder, images)  # (N, C, h, w)
     n, c, h, w = features.shape
     rows = features.permute(0, 2, 3, 1).reshape(n, h * w, c)  # (N, h*w, C)
     residual = torch.empty_like(rows)
-    for k in class_idx.unique().tolist():
-        sel = class_idx == k
-        part = rows[sel].reshape(-1, c)  # (n_k * h*w, C)
+    classes = class_idx.cpu().numpy()
+    for k in np.unique(classes).tolist():
+        sel = torch.from_numpy(np.flatnonzero(classes == k)).to(rows.device, non_blocking=True)
+        part = rows.index_select(0, sel).reshape(-1, c)  # (n_k * h*w, C)
         _, idx = nearest_prototype(part, prototypes[k])
-        residual[sel] = (part - prototypes[k][idx]).reshape(-1, h * w, c)
+        residual.index_copy_(0, sel, (part - prototypes[k][idx]).reshape(-1, h * w, c))
     cond_dim = flow.module_list[0].condition_channels
     pos = positional_encoding_2d(cond_dim, h, w).to(rows)  # (D, h, w)
     cond = pos.permute(1, 2, 0).reshape(1, h * w, cond_dim).expand(n, -1, -1)  # (N, h*w, D)
@@ -359,7 +364,8 @@ def proposals_from_log_likelihood(logp: Tensor, mask_ratios: Sequence[float],
     num_patches = coarse.shape[1]
     order = coarse.argsort(dim=1, descending=True, stable=True)  # (N, L)
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(num_patches).expand_as(order).contiguous())
+    rank.scatter_(1, order, torch.arange(num_patches, device=order.device).expand_as(order)
+                  .contiguous())
     masks = {r: rank < int(num_patches * r) for r in mask_ratios}
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     fine = F.interpolate(prob, size=size, mode="bilinear", align_corners=True)[:, 0]
@@ -508,7 +514,7 @@ class ProtoFlow:
             raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
         protos = self.prototypes(class_name)
         x = images.to(self.device, torch.float32)
-        class_idx = torch.zeros(len(x), dtype=torch.long, device=self.device)
+        class_idx = torch.zeros(len(x), dtype=torch.long)  # host: grouped there
         return patch_log_likelihood(self.encoder, self.flow, x, [protos], class_idx).cpu()
 
     def propose(self, images: Tensor | Iterable[Tensor], class_name: str,
@@ -564,8 +570,7 @@ def train_flow(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
             for group in optimizer.param_groups:
                 group["lr"] = float(schedule[epoch * steps + step])
             images = images.to(device, non_blocking=True)
-            logp = patch_log_likelihood(encoder, flow, images, protos,
-                                        class_idx.to(device))  # (N, h, w)
+            logp = patch_log_likelihood(encoder, flow, images, protos, class_idx)  # (N, h, w)
             loss = flow_loss(logp)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite flow loss at epoch {epoch + 1}, step "
@@ -593,8 +598,7 @@ def image_scores(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
     flow.eval()
     scores, classes = [], []
     for images, class_idx in tqdm(loader, desc="held-out scores", leave=False):
-        logp = patch_log_likelihood(encoder, flow, images.to(device), protos,
-                                    class_idx.to(device))
+        logp = patch_log_likelihood(encoder, flow, images.to(device), protos, class_idx)
         scores.append(-logp.flatten(1).amin(dim=1).cpu())
         classes.append(class_idx.cpu())
     return torch.cat(scores), torch.cat(classes)

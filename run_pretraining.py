@@ -243,9 +243,8 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
 
     model.to(device)
     model_without_ddp = model
-    optimizer = torch.optim.AdamW(
-        utils.param_groups_weight_decay(model_without_ddp, args.weight_decay),
-        lr=args.lr, betas=tuple(args.opt_betas), eps=args.opt_eps)
+    optimizer = utils.build_optimizer(model_without_ddp, args.lr, args.weight_decay,
+                                      tuple(args.opt_betas), args.opt_eps, device)
     scaler = utils.make_grad_scaler(device, args.amp)
     lr_schedule = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, num_steps,
                                          warmup_epochs=args.warmup_epochs,
@@ -306,7 +305,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     except engine.NonFiniteLossError as e:
         last = utils.find_latest_checkpoint(args.output_dir)
         raise engine.NonFiniteLossError(
-            f"{e}. Training stopped before the optimiser step; the last good checkpoint "
+            f"{e}. No checkpoint was written after it; the last good checkpoint "
             f"is {last or 'none (no epoch finished)'}. Fix the cause (lower --lr, "
             "--amp bf16/none instead of fp16, check the named images), then re-run to "
             "resume from it") from None

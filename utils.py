@@ -266,6 +266,17 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float,
             {"params": decay, "weight_decay": weight_decay}]
 
 
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                    device: str | torch.device = "cpu") -> torch.optim.AdamW:
+    """AdamW over param_groups_weight_decay; fused (one kernel per step) on CUDA and
+    CPU, which also lets engine.train_step skip a failed step without reading the
+    device on the host."""
+    fused = torch.device(device).type in ("cuda", "cpu")
+    return torch.optim.AdamW(param_groups_weight_decay(model, weight_decay), lr=lr,
+                             betas=tuple(betas), eps=eps, fused=fused or None)
+
+
 def set_step_hyperparams(optimizer: torch.optim.Optimizer, lr: float,
                          weight_decay: float) -> None:
     """Per-step lr for every group; weight decay only for groups that decay at all."""

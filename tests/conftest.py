@@ -16,6 +16,7 @@ from typing import Callable
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -120,3 +121,35 @@ def run_ranks(fn: Callable[..., None], args: tuple, nprocs: int = 2,
                 p.kill()
                 p.join()
     return [p.exitcode for p in procs]
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Records the aten calls that make the host wait for the device on a GPU: reads
+    of a value (item, bool, tolist of a device tensor), ops whose output size depends
+    on the data (nonzero, boolean indexing, unique, ...) and blocking copies to the
+    host. On the CPU nothing waits, but the same calls run, so a CPU test finds them."""
+
+    _READS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal",
+              "aten::nonzero", "aten::masked_select", "aten::_unique", "aten::_unique2",
+              "aten::unique_dim", "aten::unique_consecutive", "aten::repeat_interleave"}
+    _INDEXING = {"aten::index", "aten::index_put", "aten::index_put_",
+                 "aten::_index_put_impl_"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name in self._READS or (name in self._INDEXING and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for i in (args[1] or ()))):
+            self.calls.append(str(func))
+        elif name in ("aten::_to_copy", "aten::copy_") and not kwargs.get("non_blocking", (
+                len(args) > 2 and args[2])):
+            src = args[1] if name == "aten::copy_" else args[0]
+            dst = args[0].device if name == "aten::copy_" else kwargs.get("device")
+            if dst is not None and torch.device(dst).type == "cpu" and src.device.type != "cpu":
+                self.calls.append(f"{func} from {src.device}")
+        return func(*args, **kwargs)
