@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from utils import save_on_master
+from utils import all_gather_object, get_rank, get_world_size, save_on_master
 
 OBJECTS = ["bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
            "toothbrush", "transistor", "zipper"]
@@ -49,7 +49,7 @@ FIX_FG_MASK = ("unpack the released masks with `python setup_train_dataset.py --
 # Preprocessing of the token image; stored in the token cache so that a change of it
 # invalidates the cached tokens.
 TOKEN_PREPROCESS = "resize-bicubic-antialias+center-crop+to-tensor"
-TOKEN_CACHE_FORMAT = 1
+TOKEN_CACHE_FORMAT = 2  # 2: the compute key (device, precision)
 _SAVE_EVERY_BATCHES = 50  # token cache: partial saves so a crash loses little work
 
 _Item = TypeVar("_Item")
@@ -545,8 +545,26 @@ class _TokenImages(Dataset):
         return self.indices[j], self.dataset.load_token_image(self.indices[j])
 
 
-def token_cache_path(cache_dir: str, fingerprint: str) -> str:
-    return os.path.join(cache_dir, f"tokens_{fingerprint[:32]}.pt")
+def token_cache_path(cache_dir: str, fingerprint: str, compute: str = "cpu") -> str:
+    return os.path.join(cache_dir, f"tokens_{fingerprint[:32]}_{compute}.pt")
+
+
+def token_compute_key(tokenizer: torch.nn.Module, device: str | torch.device) -> str:
+    """What a tokenizer's codes depend on besides its weights and the preprocessing:
+    the device type and its arithmetic. On CUDA, DALL-E's convolutions run in fp16 and
+    cuDNN convolutions (and matmuls, when allowed) in TF32, so codes made there can
+    differ from the CPU's float32 ones: each gets its own cache."""
+    device = torch.device(device)
+    parts = [device.type, f"mm-{torch.get_float32_matmul_precision()}"]
+    if device.type == "cuda":
+        modules = tokenizer.modules() if isinstance(tokenizer, torch.nn.Module) else ()
+        if any(getattr(m, "use_float16", False) for m in modules):
+            parts.append("fp16")
+        if torch.backends.cudnn.allow_tf32:
+            parts.append("tf32conv")
+        if torch.backends.cuda.matmul.allow_tf32:
+            parts.append("tf32mm")
+    return "-".join(parts)
 
 
 def _stamp(path: str) -> tuple[str, int, int]:
@@ -557,14 +575,14 @@ def _stamp(path: str) -> tuple[str, int, int]:
     return os.path.realpath(path), st.st_size, st.st_mtime_ns
 
 
-def _load_token_store(path: str, fingerprint: str, preprocess: str
+def _load_token_store(path: str, fingerprint: str, preprocess: str, compute: str
                       ) -> dict[str, tuple[tuple[int, int], torch.Tensor]]:
     if not os.path.isfile(path):
         return {}
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         ok = (payload["format"] == TOKEN_CACHE_FORMAT and payload["fingerprint"] == fingerprint
-              and payload["preprocess"] == preprocess)
+              and payload["preprocess"] == preprocess and payload["compute"] == compute)
     except Exception as e:  # a cache can always be rebuilt; say so and do it
         warnings.warn(f"token cache {path} is unreadable ({e}); recomputing it", stacklevel=3)
         return {}
@@ -574,12 +592,12 @@ def _load_token_store(path: str, fingerprint: str, preprocess: str
     return {p: (tuple(s), tokens[i]) for i, (p, s) in enumerate(zip(payload["paths"], stamps))}
 
 
-def _save_token_store(path: str, fingerprint: str, preprocess: str,
+def _save_token_store(path: str, fingerprint: str, preprocess: str, compute: str,
                       store: dict[str, tuple[tuple[int, int], torch.Tensor]]) -> None:
     """Atomic: a crash or a concurrent reader never sees half a file."""
     paths = sorted(store)
     payload = {"format": TOKEN_CACHE_FORMAT, "fingerprint": fingerprint,
-               "preprocess": preprocess, "paths": paths,
+               "preprocess": preprocess, "compute": compute, "paths": paths,
                "stamps": torch.tensor([store[p][0] for p in paths], dtype=torch.long),  # (N, 2)
                "tokens": torch.stack([store[p][1] for p in paths])}  # (N, L) int32
     save_on_master(payload, path)
@@ -591,11 +609,14 @@ def cache_tokens(dataset: _TokenImageDataset, tokenizer, cache_dir: str, batch_s
     instead of 'token_image', so that a training step runs no tokenizer.
 
     Valid because the token image is never augmented and the tokenizer is frozen.
-    Cache file: one per tokenizer fingerprint (sha256 of its weights) in `cache_dir`,
-    also tagged with the token preprocessing. Entry key: the image's real path, size and
-    mtime_ns; a stat per file costs microseconds where hashing MVTec AD's gigabytes would
-    take a minute per start, and rewriting an image changes its mtime. Only misses are
-    computed; entries of other datasets sharing the file are kept.
+    Cache file: one per tokenizer fingerprint (sha256 of its weights) and compute key
+    (token_compute_key: device type and precision) in `cache_dir`, also tagged with the
+    token preprocessing. Entry key: the image's real path, size and mtime_ns; a stat
+    per file costs microseconds where hashing MVTec AD's gigabytes would take a minute
+    per start, and rewriting an image changes its mtime. Only misses are computed;
+    entries of other datasets sharing the file are kept. Distributed: call on every
+    rank; each tokenizes its share of the misses, the shares are gathered, rank 0
+    writes the file.
     """
     if tokenizer.image_size != dataset.token_size:
         raise ValueError(f"the dataset makes {dataset.token_size} px token images but the "
@@ -603,16 +624,19 @@ def cache_tokens(dataset: _TokenImageDataset, tokenizer, cache_dir: str, batch_s
                          f"token_size={tokenizer.image_size}")
     fingerprint = str(tokenizer.fingerprint)
     preprocess = f"{TOKEN_PREPROCESS}-{dataset.token_size}"
-    path = token_cache_path(cache_dir, fingerprint)
-    store = _load_token_store(path, fingerprint, preprocess)
+    compute = token_compute_key(tokenizer, device)
+    path = token_cache_path(cache_dir, fingerprint, compute)
+    store = _load_token_store(path, fingerprint, preprocess, compute)
     stamps = [_stamp(p) for p in dataset.image_paths]
     misses = [i for i, (real, *stat) in enumerate(stamps)
               if real not in store or store[real][0] != tuple(stat)]
     vocab = getattr(tokenizer, "vocab_size", None)
-    loader = DataLoader(_TokenImages(dataset, misses), batch_size=batch_size,
+    mine = misses[get_rank()::get_world_size()]
+    loader = DataLoader(_TokenImages(dataset, mine), batch_size=batch_size,
                         num_workers=num_workers, shuffle=False)
+    computed: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
     for step, (indices, images) in enumerate(tqdm(loader, desc="visual tokens",
-                                                  disable=not misses)):
+                                                  disable=not mine)):
         with torch.inference_mode():
             codes = tokenizer.get_codebook_indices(images.to(device))  # (B, L)
         if codes.shape != (len(indices), dataset.num_patches) or codes.is_floating_point():
@@ -625,10 +649,13 @@ def cache_tokens(dataset: _TokenImageDataset, tokenizer, cache_dir: str, batch_s
             raise ValueError(f"tokenizer returned codes outside [0, {vocab})")
         for i, row in zip(indices.tolist(), codes):
             real, *stat = stamps[i]
-            store[real] = (tuple(stat), row)
+            computed[real] = store[real] = (tuple(stat), row)
         if (step + 1) % _SAVE_EVERY_BATCHES == 0:
-            _save_token_store(path, fingerprint, preprocess, store)
+            _save_token_store(path, fingerprint, preprocess, compute, store)
+    if get_world_size() > 1:
+        for part in all_gather_object(computed):
+            store.update(part)
     if misses:
-        _save_token_store(path, fingerprint, preprocess, store)
+        _save_token_store(path, fingerprint, preprocess, compute, store)
     dataset.attach_tokens(torch.stack([store[real][1] for real, *_ in stamps]))  # (N, L)
     return {"hits": len(stamps) - len(misses), "misses": len(misses)}

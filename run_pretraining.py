@@ -177,12 +177,9 @@ def check_resume_args(saved: dict | None, args: dict, path: str) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     """Train; returns a summary (classes, images, epochs run, last epoch's metrics)."""
-    env = utils.init_distributed(args.device)
-    try:
-        with utils.deterministic_algorithms(args.deterministic):
-            return _train(args, env)
-    finally:
-        utils.cleanup_distributed()
+    with utils.deterministic_algorithms(args.deterministic), \
+            utils.distributed(args.device) as env:
+        return _train(args, env)
 
 
 def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
@@ -214,14 +211,11 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
         img_size=args.input_size, mean=mean, std=std, patch_size=patch_size,
         fg_mask=args.fg_mask, skip_bad_images=args.skip_bad_images,
         freq_weights=policy.frequency)
-    # Rank 0 fills the cache; the others then find every entry in it.
-    for turn in ((0,), tuple(range(1, env.world_size))):
-        if env.rank in turn:
-            stats = datasets.cache_tokens(dataset, tokenizer, args.token_cache_dir,
-                                          device=device)
-            utils.main_print(f"[tokens] {stats['hits']} cached, {stats['misses']} computed "
-                             f"in {args.token_cache_dir}")
-        utils.barrier()
+    # Every rank tokenizes its share of the missing images (loader workers decode them).
+    stats = datasets.cache_tokens(dataset, tokenizer, args.token_cache_dir, device=device,
+                                  num_workers=args.num_workers)
+    utils.main_print(f"[tokens] {stats['hits']} cached, {stats['misses']} computed in "
+                     f"{args.token_cache_dir}")
     del tokenizer  # not needed again: every step reads cached tokens
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -265,7 +259,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
         del header
         info = utils.load_training_state(resume, model=model_without_ddp,
                                          optimizer=optimizer, scaler=scaler,
-                                         masking=policy)
+                                         masking=policy, device=device)
         start_epoch = info["start_epoch"]
         if info["sampler_seed"] is not None:
             sampler.seed = info["sampler_seed"]
@@ -273,8 +267,10 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     elif not args.no_init:
         load_init(model_without_ddp, args.init_ckpt)
     if env.distributed:
+        # the only buffer, relative_position_index, is a constant: nothing to broadcast
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
 
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     utils.main_print(f"[model] {args.model}: {n_parameters / 1e6:.1f} M parameters; "

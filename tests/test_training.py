@@ -307,8 +307,9 @@ _RECORDER = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
 import engine, run_pretraining
-real, seen = engine.train_one_epoch, []
+real, seen, ddp = engine.train_one_epoch, [], {{}}
 def recording(model, data_loader, *a, **k):
+    ddp["broadcast_buffers"] = model.broadcast_buffers
     def batches():
         for batch in data_loader:
             seen.extend(batch["index"].tolist())
@@ -317,7 +318,7 @@ def recording(model, data_loader, *a, **k):
 engine.train_one_epoch = recording
 run_pretraining.main(run_pretraining.get_args_parser().parse_args())
 with open(os.path.join({out!r}, "seen%s.json" % os.environ["RANK"]), "w") as f:
-    json.dump(seen, f)
+    json.dump(dict(ddp, seen=seen), f)
 """
 
 
@@ -332,7 +333,9 @@ def test_torchrun_two_processes_on_gloo(env, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    seen = [json.loads((rec / f"seen{r}.json").read_text()) for r in range(2)]
+    records = [json.loads((rec / f"seen{r}.json").read_text()) for r in range(2)]
+    assert not any(r["broadcast_buffers"] for r in records)  # a constant index only
+    seen = [r["seen"] for r in records]
     assert len(seen[0]) == len(seen[1]) == 4  # 2 steps x batch 2 on each rank
     assert set(seen[0]).isdisjoint(seen[1]) and sorted(seen[0] + seen[1]) == list(range(8))
     assert sorted(os.listdir(out)) == ["checkpoint-0.pth", "checkpoint-last.pth", "log.txt"]

@@ -7,15 +7,15 @@ import json
 import math
 import os
 import random
-import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import utils
+from conftest import run_ranks
 from masking_generator import MaskGenerator, MaskingPolicy
 
 
@@ -86,11 +86,14 @@ def test_amp_choices():
     assert not utils.make_grad_scaler("cpu", "bf16").is_enabled()
 
 
-def test_deterministic_mode_is_scoped():
+def test_deterministic_mode_is_strict_and_scoped(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     before = torch.are_deterministic_algorithms_enabled()
     with utils.deterministic_algorithms(True):
         assert torch.are_deterministic_algorithms_enabled()
-        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        # strict: a kernel without a deterministic version raises, it does not just warn
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert torch.are_deterministic_algorithms_enabled() == before
     with utils.deterministic_algorithms(False):
         assert torch.are_deterministic_algorithms_enabled() == before
@@ -111,6 +114,22 @@ def test_rng_capture_restore_is_exact():
     utils.seed_everything(99)
     utils.restore_rng_state(state)
     assert _draws() == first
+
+
+def test_cpu_random_state_restores_no_cuda_stream_and_says_so():
+    """A checkpoint written on the CPU holds no CUDA state: restoring it for a CUDA run
+    reports False (the CPU streams are restored) instead of claiming success."""
+    utils.seed_everything(5)
+    state = utils.capture_rng_state()
+    assert state["cuda"] is None or not torch.cuda.is_available()
+    first = _draws()
+    utils.seed_everything(99)
+    assert utils.restore_rng_state(state, "cpu") is True
+    assert _draws() == first
+    if state["cuda"] is None:
+        utils.seed_everything(99)
+        assert utils.restore_rng_state(state, "cuda") is False
+        assert _draws() == first
 
 
 def test_seed_differs_per_rank():
@@ -311,17 +330,10 @@ def test_world_size_without_master_addr_is_a_clear_error(monkeypatch):
         utils.init_distributed("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    env = utils.init_distributed("cpu")
-    try:
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    with utils.distributed("cpu", timeout_min=2, init_method=f"file://{init_file}") as env:
         sampler = utils.build_sampler(list(range(10)), seed=3)
         sampler.set_epoch(0)
         ml = utils.MetricLogger()
@@ -336,12 +348,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                   "gathered": utils.all_gather_object(env.rank * 10)}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
-    finally:
-        utils.cleanup_distributed()
 
 
 def test_two_process_gloo_group(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    init = tmp_path.parent / f"{tmp_path.name}-init"
+    assert run_ranks(_worker, (str(init), str(tmp_path))) == [0, 0]
     r = [json.load(open(tmp_path / f"rank{i}.json")) for i in range(2)]
     assert [x["world"] for x in r] == [2, 2]
     assert set(r[0]["indices"]).isdisjoint(r[1]["indices"])
@@ -353,3 +364,28 @@ def test_two_process_gloo_group(tmp_path):
     assert ckpt["masking"]["mask_rng"] == [np.random.default_rng(r).bit_generator.state
                                            for r in range(2)]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth", "rank0.json", "rank1.json"]
+
+
+def _failing_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """Rank 1 raises (a bad image, an OOM) while rank 0 waits in an all-reduce, as in
+    DDP's gradient all-reduce."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        with utils.distributed("cpu", timeout_min=10, init_method=f"file://{init_file}"):
+            if rank == 1:
+                raise RuntimeError("rank 1 could not read an image")
+            utils.all_reduce_sum(torch.ones(1))
+    except BaseException as e:
+        Path(out_dir, f"rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+        raise
+
+
+def test_a_failing_rank_ends_every_rank(tmp_path):
+    """No barrier after an exception: the failing rank leaves the group at once, the
+    waiting rank's collective fails, and both exit with an error long before the
+    group's 10-minute timeout (a hang fails run_ranks after 120 s)."""
+    init = tmp_path.parent / f"{tmp_path.name}-init"
+    assert run_ranks(_failing_rank, (str(init), str(tmp_path))) == [1, 1]
+    assert "could not read an image" in (tmp_path / "rank1.txt").read_text()
+    assert (tmp_path / "rank0.txt").read_text()  # its all-reduce failed
