@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from utils import all_gather_object, get_rank, get_world_size, save_on_master
+from utils import all_gather_object, get_rank, get_world_size, save_on_master, to_device
 
 OBJECTS = ["bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
            "toothbrush", "transistor", "zipper"]
@@ -201,6 +201,18 @@ def build_transforms(img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAU
     """ViT / ProtoFlow input: Resize(bicubic, antialias) + CenterCrop + mean/std
     (method.md 4, 7)."""
     return T.Compose(_resize_crop(img_size) + [T.Normalize(mean, std)])
+
+
+def to_uint8(image: Image.Image) -> torch.Tensor:
+    """RGB image -> (3, H, W) uint8, the values ToTensor divides by 255."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def normalize_uint8(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+                    ) -> torch.Tensor:
+    """(..., 3, H, W) uint8 -> float32 (x / 255 - mean) / std, mean/std (3, 1, 1): the
+    arithmetic of ToTensor + Normalize, so the result is the same to the bit."""
+    return images.float().div(255).sub(mean).div(std)
 
 
 def build_token_transform(token_size: int) -> T.Compose:
@@ -383,6 +395,9 @@ class PretrainDataset(_TokenImageDataset):
         super().__init__(token_size, img_size, mean, std, patch_size)
         self.root, self.classes = root, _check_classes(classes)
         self.freq_weights = freq_weights
+        self.resize = T.Compose(_resize_crop(img_size)[:2])  # build_transforms' PIL steps
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         items = [(p, c, fg_mask_path(root, self.classes[c], p) if fg_mask else None)
                  for p, c in list_train_samples(root, self.classes)]
         self.bad_files: list[str] = []
@@ -405,18 +420,109 @@ class PretrainDataset(_TokenImageDataset):
         return image, mask
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        return self.item(index)
+
+    def item(self, index: int, uint8: bool = False) -> dict[str, torch.Tensor | int]:
+        """Sample `index`: 'image' (3, S, S) normalised (or 'image_u8' (3, S, S) uint8,
+        resized and cropped, with `uint8`: what ImageCache keeps), 'fg_mask' (L,),
+        'freq_weights' (L,) when set, 'tokens' (L,) once cached (else 'token_image'),
+        'class_idx', 'index'."""
         path, class_idx = self.samples[index]
         image, mask = self._load((path, class_idx, self.mask_paths[index]))
-        out = self._encode(index, image)
+        pixels = to_uint8(self.resize(image))  # (3, S, S)
+        normalized = normalize_uint8(pixels, self.mean, self.std)
+        out: dict[str, torch.Tensor | int] = (
+            {"image_u8": pixels} if uint8 else {"image": normalized})
+        if self.tokens is None:
+            out["token_image"] = self.token_transform(image)  # (3, S_tok, S_tok)
+        else:
+            out["tokens"] = self.tokens[index].long()  # (L,)
         if mask is None:
             out["fg_mask"] = torch.ones(self.num_patches, dtype=torch.bool)
         else:
-            pixels = mask_to_tensor(mask, self.img_size)  # (img_size, img_size)
-            out["fg_mask"] = patch_any(pixels, self.patch_size)  # (L,)
+            fg = mask_to_tensor(mask, self.img_size)  # (img_size, img_size)
+            out["fg_mask"] = patch_any(fg, self.patch_size)  # (L,)
         if self.freq_weights is not None:
-            out["freq_weights"] = self.freq_weights(out["image"][None])[0]  # (L,)
+            out["freq_weights"] = self.freq_weights(normalized[None])[0]  # (L,)
         out["class_idx"], out["index"] = class_idx, index
         return out
+
+
+class _Decoded(Dataset):
+    """A PretrainDataset's samples `indices` with uint8 images, for ImageCache's fill."""
+
+    def __init__(self, dataset: PretrainDataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor | int]:
+        return self.dataset.item(self.indices[j], uint8=True)
+
+
+class ImageCache:
+    """A small training set decoded and resized once (--cache_images), then served in
+    batches like DataLoader(dataset, DistributedSampler(seed), drop_last=True): the
+    same batches, to the bit, in one process.
+
+    Kept: the uint8 images and the visual tokens in host memory ('ram', pinned for a
+    GPU) or on `device` ('device'); the foreground patch masks, frequency weights and
+    class indices on the host, where MaskingPolicy draws the masks. Each batch's images
+    are normalised on `device`. PretrainDataset has no random augmentation, so nothing
+    else is left to do per step. With DDP each rank decodes and keeps its own shard
+    (every world_size-th sample) and shuffles it per epoch; the epochs are as long on
+    every rank. Iterate after set_epoch(epoch), as a DistributedSampler.
+    """
+
+    def __init__(self, dataset: PretrainDataset, batch_size: int, *, where: str,
+                 device: str | torch.device, seed: int = 0, num_workers: int = 0) -> None:
+        if where not in ("ram", "device"):
+            raise ValueError(f"--cache_images {where!r}: choose 'ram' or 'device'")
+        if dataset.tokens is None:
+            raise ValueError("ImageCache needs the visual tokens: call cache_tokens first")
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.seed, self.epoch = seed, 0
+        world = get_world_size()
+        shard = list(range(get_rank(), len(dataset), world))[:len(dataset) // world]
+        parts: dict[str, list[torch.Tensor]] = {}
+        loader = DataLoader(_Decoded(dataset, shard), batch_size=64, num_workers=num_workers,
+                            generator=torch.Generator())  # the global stream untouched
+        for batch in tqdm(loader, desc="decoding images once", disable=len(shard) < 256):
+            for key, value in batch.items():
+                parts.setdefault(key, []).append(value)
+        store = {key: torch.cat(values) for key, values in parts.items()}
+        keep = self.device if where == "device" else torch.device("cpu")
+        pin = where == "ram" and self.device.type == "cuda"
+        for key in ("image_u8", "tokens"):  # (n, 3, S, S) uint8, (n, L) int64
+            store[key] = store[key].pin_memory() if pin else store[key].to(keep)
+        self.store = store
+        self.mean, self.std = dataset.mean.to(self.device), dataset.std.to(self.device)
+        self.num_steps = len(shard) // batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)  # DistributedSampler's
+        order = torch.randperm(len(self.store["index"]), generator=g)  # (n,), host
+        kept = self.store["image_u8"].device
+        order_kept = order.to(kept)  # one copy per epoch when the images are on the device
+        for step in range(self.num_steps):
+            rows = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            sel, sel_kept = order[rows], order_kept[rows]
+            images = self.store["image_u8"].index_select(0, sel_kept)  # (B, 3, S, S) uint8
+            batch = {key: self.store[key].index_select(0, sel)
+                     for key in ("fg_mask", "freq_weights", "class_idx", "index")
+                     if key in self.store}
+            batch["image"] = normalize_uint8(to_device(images, self.device), self.mean,
+                                             self.std)  # (B, 3, S, S) float32
+            batch["tokens"] = to_device(self.store["tokens"].index_select(0, sel_kept),
+                                        self.device)
+            yield batch
 
 
 def _require_masks(items: list[tuple[str, int, str]], root: str, classes: list[str]) -> None:

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from utils import to_device
+
 Rng = np.random.Generator | torch.Generator | None
 Rect = tuple[int, int, int, int]  # (top, left, height, width) in patches
 
@@ -296,15 +298,15 @@ class DynamicMaskingState:
         position makes the statistics non-finite, which the next draw reports.
         """
         L = self.num_patches
-        class_idx = _to_device(torch.as_tensor(class_idx), self.device).long().reshape(-1)
+        class_idx = to_device(torch.as_tensor(class_idx), self.device).long().reshape(-1)
         n = class_idx.numel()
         if tuple(masks.shape) != (n, L) or tuple(patch_losses.shape) != (n, L):
             raise ValueError(f"DynamicMaskingState.update: masks {tuple(masks.shape)} and "
                              f"patch_losses {tuple(patch_losses.shape)} must be ({n}, {L})")
-        keep = _to_device(torch.as_tensor(masks), self.device).bool()  # (N, L)
+        keep = to_device(torch.as_tensor(masks), self.device).bool()  # (N, L)
         if valid is not None:
             keep = keep & valid.to(self.device, non_blocking=True)
-        losses = _to_device(patch_losses.detach(), self.device).double()
+        losses = to_device(patch_losses.detach(), self.device).double()
         flat = (class_idx[:, None] * L + torch.arange(L, device=self.device)).reshape(-1)
         batch = torch.zeros(2, self._sum.numel(), dtype=torch.float64, device=self.device)
         batch[0].index_add_(0, flat, torch.where(keep, losses, 0.0).reshape(-1))
@@ -328,7 +330,7 @@ class DynamicMaskingState:
 
     def weights(self, class_idx: torch.Tensor) -> torch.Tensor:
         """class_idx (N,) -> (N, L) float32: each sample's class's row of class_weights."""
-        idx = _to_device(torch.as_tensor(class_idx), self.device).long().reshape(-1)
+        idx = to_device(torch.as_tensor(class_idx), self.device).long().reshape(-1)
         return self.class_weights()[idx]
 
     def state_dict(self) -> dict:
@@ -440,8 +442,8 @@ class MaskingPolicy:
         loss_weights = None
         if dyn is not None:
             ranked = rank_loss_weights(masks, torch.from_numpy(dyn))  # (N, L)
-            loss_weights = _to_device(ranked.reshape(-1)[index], self.device)
-        return MaskBatch(_to_device(masks, self.device), _to_device(index, self.device),
+            loss_weights = to_device(ranked.reshape(-1)[index], self.device)
+        return MaskBatch(to_device(masks, self.device), to_device(index, self.device),
                          loss_weights)
 
     def observe(self, class_idx: torch.Tensor, masks: torch.Tensor,
@@ -494,15 +496,6 @@ class MaskingPolicy:
 # block is one precomputed pattern shifted to its corner), so a try costs a few integer
 # operations instead of numpy calls.
 _CHUNK_TRIES = 24  # block tries drawn at once per sample (a mask needs ~8)
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """t on `device` without the host waiting: host tensors are pinned first for CUDA."""
-    if t.device == device:
-        return t
-    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
 
 
 class _HostCopy:

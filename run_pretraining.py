@@ -103,6 +103,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    default=True, help="ImageNet mean/std (else 0.5/0.5, BEiT's alternative)")
     p.add_argument("--skip_bad_images", action="store_true",
                    help="leave out unreadable images (listed) instead of stopping")
+    p.add_argument("--cache_images", default="none", choices=["none", "ram", "device"],
+                   help="decode and resize every training image once and keep it (uint8, "
+                        "with its tokens) in RAM or on the device: no PNG decoding per "
+                        "epoch, for small sets such as MVTec AD (0.55 GB at 224 px); "
+                        "with DDP each process keeps its share")
     p.add_argument("--num_workers", type=int, default=10)
     p.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
     # run
@@ -222,11 +227,19 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     utils.main_print(f"[data] setting {args.setting}: {len(dataset)} images of "
                      f"{len(train_classes)} classes {train_classes}")
 
-    sampler = utils.build_sampler(dataset, seed=args.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
-        persistent_workers=args.num_workers > 0)
+    if args.cache_images == "none":
+        sampler = utils.build_sampler(dataset, seed=args.seed)
+        # its own generator: each epoch's iterator then leaves the global stream (drop
+        # path) alone, as ImageCache does
+        loader = torch.utils.data.DataLoader(
+            dataset, sampler=sampler, batch_size=args.batch_size,
+            num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
+            drop_last=True, persistent_workers=args.num_workers > 0,
+            generator=torch.Generator().manual_seed(args.seed))
+    else:  # the same batches, from memory; it orders them itself, like the sampler
+        loader = sampler = datasets.ImageCache(
+            dataset, args.batch_size, where=args.cache_images, device=device,
+            seed=args.seed, num_workers=args.num_workers)
     num_steps = len(loader)
     if args.max_steps_per_epoch is not None:
         num_steps = min(num_steps, args.max_steps_per_epoch)

@@ -124,6 +124,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def to_device(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """`t` on `device` without the host waiting: host tensors are pinned first for CUDA
+    (a copy from pageable memory would wait)."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place (a no-op in one process); returns the tensor."""
     if is_dist_avail_and_initialized():

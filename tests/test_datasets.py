@@ -388,6 +388,34 @@ def test_token_cache_fill_is_shared_by_the_ranks(train_root, tmp_path):
     assert cache_tokens(ds, tok, str(out / "cache")) == {"hits": 6, "misses": 0}
 
 
+def test_image_cache_serves_the_dataloader_batches_exactly(train_root):
+    """--cache_images: decoded once, the same batches as the DataLoader path to the bit
+    (no augmentation to replay), in RAM and 'on the device' (here the CPU)."""
+    from masking_generator import frequency_weights
+    freq = lambda x: frequency_weights(x, patch_size=16)  # noqa: E731
+    ds = _pretrain(train_root, freq_weights=freq)
+    ds.attach_tokens(torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(0)))
+    image = datasets.build_transforms(64)(Image.open(ds.image_paths[1]).convert("RGB"))
+    assert torch.equal(ds[1]["image"], image)  # the normalisation is build_transforms'
+    sampler = utils.build_sampler(ds, seed=5)
+    loader = DataLoader(ds, sampler=sampler, batch_size=2, drop_last=True)
+    caches = [datasets.ImageCache(ds, 2, where=w, device="cpu", seed=5) for w in ("ram",
+                                                                               "device")]
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        want = list(loader)
+        for cache in caches:
+            cache.set_epoch(epoch)
+            got = list(cache)
+            assert len(got) == len(cache) == 3
+            for a, b in zip(got, want):
+                assert a.keys() == b.keys()
+                assert all(torch.equal(a[k], b[k]) for k in a)
+    assert caches[0].store["image_u8"].dtype == torch.uint8
+    with pytest.raises(ValueError, match="cache_tokens"):
+        datasets.ImageCache(_pretrain(train_root), 2, where="ram", device="cpu")
+
+
 def test_token_cache_checks(train_root, mvtec_root, tmp_path):
     weights = tmp_path / "tok.pth"
     weights.write_bytes(b"w")

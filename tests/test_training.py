@@ -213,6 +213,18 @@ def test_resume_after_crash_equals_uninterrupted_run(env, reference, monkeypatch
     assert a["masking"]["mask_rng"] == b["masking"]["mask_rng"]
 
 
+def test_cached_images_train_exactly_like_the_dataloader(env, reference, tmp_path):
+    """--cache_images serves the DataLoader's batches to the bit: the same run."""
+    ref_out, _ = reference
+    run_pretraining.main(_args(env, str(tmp_path), "--cache_images", "device"))
+    ref_log = utils.read_jsonl(os.path.join(ref_out, "log.txt"))
+    log = utils.read_jsonl(os.path.join(tmp_path, "log.txt"))
+    assert [r["train_loss"] for r in log] == [r["train_loss"] for r in ref_log]
+    a = utils.load_checkpoint_file(os.path.join(ref_out, "checkpoint-last.pth"))["model"]
+    b = utils.load_checkpoint_file(os.path.join(tmp_path, "checkpoint-last.pth"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_refuses_other_arguments(env, reference):
     out, _ = reference
     with pytest.raises(ValueError, match="--batch_size 2 .now 1."):
