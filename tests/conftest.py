@@ -38,6 +38,11 @@ class TinyWorld:
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
+    return build_tiny_world(tmp_path_factory.mktemp("tiny_world"))
+
+
+def build_tiny_world(base: Path) -> TinyWorld:
+    """The world's files under `base` (also used by bench/gpu_check.py)."""
     import timm
     from torch.utils.data import DataLoader
 
@@ -49,7 +54,6 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
     from modeling_discrete_vae import fit_kmeans_tokenizer
     from setup_train_dataset import main as setup_main
 
-    base = tmp_path_factory.mktemp("tiny_world")
     mvtec, imagenet = base / "mvtec", base / "imagenet"
     classes = ["brick", "coins"]
     make_demo_dataset(mvtec, imagenet, seed=0, classes=classes, n_train=6, n_test_good=4,
