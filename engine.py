@@ -188,6 +188,11 @@ class TrainConfig:
     amp: str = "none"  # utils.AMP_CHOICES
     sync_every: int = 20  # steps between the host's reads of the metrics (and the stop)
 
+    def __post_init__(self) -> None:
+        if self.sync_every < 1 or self.num_steps < 1:
+            raise ValueError(f"TrainConfig: sync_every ({self.sync_every}) and num_steps "
+                             f"({self.num_steps}) must be at least 1")
+
 
 # per-step metrics kept on the device until the next read
 _COLUMNS = ("loss", "loss_all_ranks", "mlm_acc", "grad_norm", "loss_scale", "failed")

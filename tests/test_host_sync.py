@@ -129,11 +129,30 @@ def test_forward_and_statistics_on_fake_cuda_tensors():
 
 def test_failed_step_keeps_the_weights_and_stops_at_the_next_read(monkeypatch):
     """Step 2 of 5 has a NaN loss; reads every 4 steps: steps 2 and 3 leave the weights
-    alone, the read after step 3 raises naming step 2, and step 4 never runs."""
+    and the optimiser bit for bit as step 1 left them, the read after step 3 raises
+    naming step 2, and step 4 never runs. (Compared within one run: a second run may
+    round differently when the BLAS picks another thread count.)"""
     batches = _batches(5)
     batches[2]["image"][0, 0, 0, 0] = math.nan
     model, policy = _model(), _policy()
     optimizer = utils.build_optimizer(model, 1e-3, 0.05)
+    after_step, real_step = [], engine.train_step
+
+    def step_and_snapshot(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        after_step.append(({k: v.clone() for k, v in model.state_dict().items()},
+                           optimizer.state_dict()["state"][0]["exp_avg"].clone()))
+        return out
+
+    after_observe, real_observe = [], policy.observe
+
+    def observe_and_snapshot(*args, **kwargs):
+        out = real_observe(*args, **kwargs)
+        after_observe.append(policy.dynamic.counts.clone())
+        return out
+
+    monkeypatch.setattr(engine, "train_step", step_and_snapshot)
+    monkeypatch.setattr(policy, "observe", observe_and_snapshot)
     seen = []
     with pytest.raises(engine.NonFiniteLossError) as info:
         engine.train_one_epoch(model, (seen.append(b) or b for b in batches), optimizer,
@@ -143,17 +162,16 @@ def test_failed_step_keeps_the_weights_and_stops_at_the_next_read(monkeypatch):
                                progress=False)
     msg = str(info.value)
     assert "non-finite loss" in msg and "at epoch 3, step 2 (global step 17)" in msg
-    assert "img4, img5" in msg and len(seen) == 4
-    reference, ref_policy = _model(), _policy()
-    ref_optimizer = utils.build_optimizer(reference, 1e-3, 0.05)
-    engine.train_one_epoch(reference, batches[:2], ref_optimizer,
-                           utils.make_grad_scaler("cpu", "none"), ref_policy,
-                           _config(2, 4), epoch=3, progress=False)
-    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
-        assert torch.equal(a, b)
+    assert "img4, img5" in msg and len(seen) == 4 and len(after_step) == 4
+    weights_1, exp_avg_1 = after_step[1]
+    assert not torch.equal(after_step[0][1], exp_avg_1)  # step 1 did update
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights_1[name]), name
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], exp_avg_1)
     assert optimizer.state_dict()["state"][0]["step"].item() == 2
     # the failed steps added nothing to the dynamic statistics either
-    assert torch.equal(policy.dynamic.counts, ref_policy.dynamic.counts)
+    assert len(after_observe) == 4 and after_observe[1].sum() > 0
+    assert torch.equal(policy.dynamic.counts, after_observe[1])
 
 
 def test_coreset_picks_stay_on_the_device():
@@ -192,3 +210,11 @@ def test_proposals_make_their_tensors_on_the_input_device():
     with torch.device("meta"):
         out = protoflow.proposals_from_log_likelihood(logp, [0.1, 0.3])
     assert out.masks[0.1].device.type == "cpu" and int(out.masks[0.3][0].sum()) == 58
+
+
+@pytest.mark.parametrize("sync_every, num_steps", [(0, 5), (3, 0)])
+def test_train_config_rejects_empty_schedules(sync_every, num_steps):
+    """A zero read interval or an epoch of no steps would never read the metrics."""
+    lr = np.full(4, 1e-3)
+    with pytest.raises(ValueError, match="must be at least 1"):
+        engine.TrainConfig(lr, lr, num_steps, sync_every=sync_every)
