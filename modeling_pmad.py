@@ -264,12 +264,20 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
         return self.norm(x)
 
     def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor,
-                return_all_tokens: bool = False) -> torch.Tensor:
+                return_all_tokens: bool = False,
+                masked_index: torch.Tensor | None = None) -> torch.Tensor:
         """Token logits: (M, V) for the masked patches in `x[bool_masked_pos]` order
-        (batch-major, then position), or (N, L, V) with `return_all_tokens`."""
+        (batch-major, then position), or (N, L, V) with `return_all_tokens`.
+
+        masked_index (M,): those patches' row-major positions, when the caller knows
+        them (MaskBatch.index); boolean indexing would count them on the host, which
+        waits for the device.
+        """
         x = self.forward_features(x, bool_masked_pos)[:, 1:]  # (N, L, D)
         if return_all_tokens:
             return self.lm_head(x)  # (N, L, V)
+        if masked_index is not None:
+            return self.lm_head(x.flatten(0, 1).index_select(0, masked_index))  # (M, V)
         return self.lm_head(x[bool_masked_pos])  # (M, V)
 
 

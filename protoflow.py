@@ -168,9 +168,9 @@ def greedy_coreset(features: Tensor, n: int, projection_dim: int | None = None,
     min_dist = torch.addmv(sq, x, x[start], alpha=-2).add_(sq[start])  # (M,)
     for i in tqdm(range(1, n), desc="coreset", disable=not progress or n < 2,
                   mininterval=1.0, leave=False):
-        j = torch.argmax(min_dist)
-        picks[i] = j
-        dist = torch.addmv(sq, x, x[j], alpha=-2).add_(sq[j])  # (M,)
+        j = torch.argmax(min_dist, dim=0, keepdim=True)  # (1,): stays on the device
+        picks[i:i + 1] = j
+        dist = torch.addmv(sq, x, x.index_select(0, j)[0], alpha=-2).add_(sq[j])  # (M,)
         torch.minimum(min_dist, dist, out=min_dist)
     return picks.cpu()
 
@@ -330,12 +330,13 @@ def patch_log_likelihood(encoder: nn.Module, flow: Ff.SequenceINN, images: Tenso
     rows = features.permute(0, 2, 3, 1).reshape(n, h * w, c)  # (N, h*w, C)
     residual = torch.empty_like(rows)
     distance = rows.new_empty(n, h * w)
-    for k in class_idx.unique().tolist():
-        sel = class_idx == k
-        part = rows[sel].reshape(-1, c)  # (n_k * h*w, C)
+    classes = class_idx.cpu().numpy()  # grouped on the host: no wait when passed on the CPU
+    for k in np.unique(classes).tolist():
+        sel = torch.from_numpy(np.flatnonzero(classes == k)).to(rows.device, non_blocking=True)
+        part = rows.index_select(0, sel).reshape(-1, c)  # (n_k * h*w, C)
         dist, idx = nearest_prototype(part, prototypes[k])
-        residual[sel] = (part - prototypes[k][idx]).reshape(-1, h * w, c)
-        distance[sel] = dist.reshape(-1, h * w)
+        residual.index_copy_(0, sel, (part - prototypes[k][idx]).reshape(-1, h * w, c))
+        distance.index_copy_(0, sel, dist.reshape(-1, h * w))
     cond_dim = flow.module_list[0].condition_channels
     pos = positional_encoding_2d(cond_dim, h, w).to(rows)  # (D, h, w)
     cond = pos.permute(1, 2, 0).reshape(1, h * w, cond_dim).expand(n, -1, -1)  # (N, h*w, D)
@@ -373,7 +374,8 @@ def proposals_from_log_likelihood(logp: Tensor, mask_ratios: Sequence[float],
     num_patches = coarse.shape[1]
     order = coarse.argsort(dim=1, descending=True, stable=True)  # (N, L)
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(num_patches).expand_as(order).contiguous())
+    rank.scatter_(1, order, torch.arange(num_patches, device=order.device).expand_as(order)
+                  .contiguous())
     masks = {r: rank < int(num_patches * r) for r in mask_ratios}
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     fine = F.interpolate(prob, size=size, mode="bilinear", align_corners=True)[:, 0]
@@ -574,7 +576,7 @@ class ProtoFlow:
         protos = self.prototypes(class_name)
         x = self._renormalize(images.to(self.device, torch.float32),
                               normalization or self.input_normalization)
-        class_idx = torch.zeros(len(x), dtype=torch.long, device=self.device)
+        class_idx = torch.zeros(len(x), dtype=torch.long)  # on the host, where it is grouped
         logp, dist = patch_log_likelihood(self.encoder, self.flow, x, [protos], class_idx,
                                           return_distance=True)
         return logp.cpu(), dist.cpu()

@@ -110,8 +110,7 @@ def train_flow(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
             for group in optimizer.param_groups:
                 group["lr"] = float(schedule[epoch * steps + step])
             images = images.to(device, non_blocking=True)
-            logp = patch_log_likelihood(encoder, flow, images, protos,
-                                        class_idx.to(device))  # (N, h, w)
+            logp = patch_log_likelihood(encoder, flow, images, protos, class_idx)  # (N, h, w)
             loss = flow_loss(logp)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite flow loss at epoch {epoch + 1}, step "
@@ -139,8 +138,7 @@ def image_scores(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
     flow.eval()
     scores, classes = [], []
     for images, class_idx in tqdm(loader, desc="held-out scores", leave=False):
-        logp = patch_log_likelihood(encoder, flow, images.to(device), protos,
-                                    class_idx.to(device))
+        logp = patch_log_likelihood(encoder, flow, images.to(device), protos, class_idx)
         scores.append(image_score(logp).cpu())
         classes.append(class_idx.cpu())
     return torch.cat(scores), torch.cat(classes)
