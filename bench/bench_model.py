@@ -106,7 +106,8 @@ def check_same_network(ours: torch.nn.Module, original: OriginalViT, device: tor
 
 
 def median_seconds(fns: dict[str, Callable[[], None]], reps: int, warmup: int,
-                   device: torch.device) -> dict[str, float]:
+                   device: torch.device, clock: Callable[[], float] = time.perf_counter
+                   ) -> dict[str, float]:
     """Median seconds per call of each function, timed interleaved in alternating order."""
     def sync() -> None:
         if device.type == "cuda":
@@ -120,10 +121,10 @@ def median_seconds(fns: dict[str, Callable[[], None]], reps: int, warmup: int,
     for rep in range(reps):
         for name in names if rep % 2 == 0 else names[::-1]:
             sync()
-            start = time.perf_counter()
+            start = clock()
             fns[name]()
             sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -143,7 +144,8 @@ def matmul_share(fn: Callable[[], None], device: torch.device) -> float:
 
 
 def bench_device(model_name: str, device: torch.device, precisions: list[str],
-                 batches: list[int], reps: int, warmup: int, compile_: bool) -> Iterator[dict]:
+                 batches: list[int], reps: int, warmup: int, compile_: bool,
+                 clock: Callable[[], float]) -> Iterator[dict]:
     """One result row per (precision, batch, step), as soon as it is measured."""
     ours, original = build_pair(model_name, device)
     logit_diff, grad_diff = check_same_network(ours, original, device)
@@ -186,7 +188,7 @@ def bench_device(model_name: str, device: torch.device, precisions: list[str],
                 for model in models.values():
                     model.train(train)
                 fns = {name: step_fn(name, train) for name in models}
-                seconds = median_seconds(fns, reps, warmup, device)
+                seconds = median_seconds(fns, reps, warmup, device, clock)
                 share = matmul_share(fns["original"], device)
                 yield dict(device=device.type, precision=precision, batch=batch, step=step,
                            seconds=seconds, matmul_share=share)
@@ -218,6 +220,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: this process's CPU time, steadier than wall time on a "
+                             "machine shared with other jobs (CPU only, with --threads 1)")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile of our model")
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"],
@@ -229,10 +234,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and (torch.get_num_threads() != 1 or "cuda" in args.devices
+                                and torch.cuda.is_available()):
+        parser.error("--clock cpu measures one CPU thread: add --threads 1 and --devices cpu")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     print(f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, timm {timm.__version__}, "
           f"{args.model}, median of {args.reps} interleaved calls after {args.warmup} "
-          f"warm-up, mask ratio {MASK_RATIO}")
+          f"warm-up, {args.clock} clock, mask ratio {MASK_RATIO}")
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
           f"threads, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"bf16 autocast pays here: {modeling_pmad.bf16_supported('cpu')}")
@@ -247,9 +256,10 @@ def main() -> None:
     header = format_header(args.compile)
     for device, precisions, batches in runs:
         rows = bench_device(args.model, device, precisions, batches, args.reps,
-                            args.warmup, args.compile)
-        print(header, "-" * len(header), sep="\n", flush=True)
-        for row in rows:
+                            args.warmup, args.compile, clock)
+        for i, row in enumerate(rows):
+            if i == 0:
+                print(header, "-" * len(header), sep="\n")
             print(format_row(row), flush=True)
     print("speed-up = original time / ours; bound = 1 / matmul share of the original, the "
           "most any implementation running the same matrix products can gain")
