@@ -143,8 +143,9 @@ class Attention(nn.Module):
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, qkv_bias)  # (N, T, 3D)
-        qkv = qkv.view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (N, H, T, hd) each
+        # split, not unbind: its backward writes the three gradients into one (N, T, 3D)
+        q, k, v = (part.view(n, t, self.num_heads, self.head_dim).transpose(1, 2)
+                   for part in qkv.split(d, dim=-1))  # (N, H, T, hd) each
         x = scaled_dot_product(q, k, v, rel_pos_bias, self.scale,
                                self.attn_drop.p if self.training else 0.0,
                                explicit=not self.fused_attn)  # (N, H, T, hd)
