@@ -47,12 +47,13 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-_TOKENIZERS: dict[str, Callable[[str, torch.device], nn.Module]] = {}
+_TOKENIZERS: dict[str, Callable[[str], nn.Module]] = {}
 
 
 def register_tokenizer(name: str) -> Callable:
-    """Decorator registering `builder(weight_path, device) -> tokenizer module` as `name`."""
-    def decorator(builder: Callable[[str, torch.device], nn.Module]) -> Callable:
+    """Decorator registering `builder(weight_path) -> tokenizer module` as `name`; the
+    module is built on the CPU and create_tokenizer moves it to the run's device."""
+    def decorator(builder: Callable[[str], nn.Module]) -> Callable:
         if name in _TOKENIZERS:
             raise ValueError(f"tokenizer '{name}' is already registered")
         _TOKENIZERS[name] = builder
@@ -71,7 +72,7 @@ def create_tokenizer(name: str, weight_path: str | os.PathLike,
     is the run's resolved --amp (only DALL-E's precision follows it, on CUDA)."""
     if name not in _TOKENIZERS:
         raise ValueError(f"unknown tokenizer '{name}': choose one of {available_tokenizers()}")
-    tokenizer = _TOKENIZERS[name](os.fspath(weight_path), torch.device(device))
+    tokenizer = _TOKENIZERS[name](os.fspath(weight_path))
     for attr in ("image_size", "vocab_size", "fingerprint", "get_codebook_indices"):
         if not hasattr(tokenizer, attr):
             raise TypeError(f"tokenizer '{name}' ({type(tokenizer).__name__}) lacks `{attr}`")
@@ -405,7 +406,7 @@ class DalleTokenizer(_FrozenTokenizer):
 
 
 @register_tokenizer("dall-e")
-def _build_dalle(weight_path: str, device: torch.device) -> DalleTokenizer:
+def _build_dalle(weight_path: str) -> DalleTokenizer:
     path = os.path.join(weight_path, "encoder.pkl") if os.path.isdir(weight_path) else weight_path
     return DalleTokenizer(load_dalle_encoder(path), file_sha256(path))
 
@@ -491,7 +492,7 @@ def _vqkd_config(state_dict: dict[str, torch.Tensor], path: str) -> dict[str, in
 
 
 @register_tokenizer("vit_tokenizer")
-def _build_vit_tokenizer(weight_path: str, device: torch.device) -> VQKDTokenizer:
+def _build_vit_tokenizer(weight_path: str) -> VQKDTokenizer:
     state_dict = unwrap_state_dict(read_weights_file(weight_path), weight_path,
                                    keys=("model", "state_dict"))
     ignored = [k for k in state_dict if VQKDTokenizer.IGNORED.match(k)]
@@ -566,7 +567,7 @@ _KMEANS_FIELDS = ("backbone", "out_index", "backbone_state_dict", "codebook", "i
 
 
 @register_tokenizer("kmeans")
-def _build_kmeans(weight_path: str, device: torch.device) -> KMeansTokenizer:
+def _build_kmeans(weight_path: str) -> KMeansTokenizer:
     obj = read_weights_file(weight_path)
     if not isinstance(obj, dict) or obj.get("tokenizer") != "kmeans" or any(
             f not in obj for f in _KMEANS_FIELDS):

@@ -46,7 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="start from random weights instead of --init_ckpt")
     # visual tokenizer
     p.add_argument("--tokenizer_model", default="dall-e",
-                   choices=sorted(modeling_discrete_vae._TOKENIZERS))
+                   choices=modeling_discrete_vae.available_tokenizers())
     p.add_argument("--tokenizer_weight_path", default="weights/tokenizer",
                    help="the tokenizer file, or the folder holding it (dall-e: encoder.pkl)")
     p.add_argument("--fit_kmeans_tokenizer", action="store_true",

@@ -79,7 +79,7 @@ def test_registry(monkeypatch):
     with pytest.raises(ValueError, match=r"\['dall-e', 'kmeans', 'vit_tokenizer'\]"):
         create_tokenizer("vqgan", "x")
     with pytest.raises(ValueError, match="already registered"):
-        register_tokenizer("dall-e")(lambda path, device: None)
+        register_tokenizer("dall-e")(lambda path: None)
 
     class Identity(torch.nn.Module):
         image_size, vocab_size, fingerprint = 32, 4, "abc"
@@ -91,11 +91,11 @@ def test_registry(monkeypatch):
         def get_codebook_indices(self, images):
             return torch.zeros(images.shape[0], 4, dtype=torch.long)
 
-    register_tokenizer("identity")(lambda path, device: Identity())
+    register_tokenizer("identity")(lambda path: Identity())
     assert "identity" in dv.available_tokenizers()
     tok = create_tokenizer("identity", "unused")
     assert not tok.training and not tok.w.requires_grad
-    register_tokenizer("incomplete")(lambda path, device: torch.nn.Identity())
+    register_tokenizer("incomplete")(lambda path: torch.nn.Identity())
     with pytest.raises(TypeError, match="image_size"):
         create_tokenizer("incomplete", "unused")
 
