@@ -34,8 +34,7 @@ from protoflow import (Proposals, ProtoFlow, covering_masks, is_anomalous,
 from utils import amp_autocast, read_weights_file, resolve_amp
 
 PAPER_RATIOS = tuple(round(0.02 * i, 2) for i in range(1, 25))  # 0.02 ... 0.48
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_ap", "pixel_ap",
-               "image_f1_max")
+METRIC_KEYS = metrics.METRIC_NAMES
 BASELINES = {"protoflow_only": "ProtoFlow map alone", "patchcore": "PatchCore",
              "ce_only": "ViT cross-entropy alone"}
 CLEAN_MASKS = ("proposal", "threshold")
@@ -369,7 +368,7 @@ def format_table(results: dict, protocol: str) -> str:
     """Markdown: PMAD per class shaped like the paper's table, the baselines' means in
     the same table, then the per-defect-type view and the mask diagnostics."""
     head = ("| Category | Image/Pixel AUC | Pixel AUPRO | Image AP | Pixel AP | "
-            "Image F1-max | Mask ratio |\n|:--|:--:|:--:|:--:|:--:|:--:|:--:|")
+            "Image F1-max | Pixel F1-max | Mask ratio |\n|:--|" + ":--:|" * 7)
     rows = [f"Protocol: **{protocol}**"
             + (f" ({', '.join(f'{k} {v}' for k, v in results['clean_options'].items())})"
                if results.get("clean_options") else ""), "", head]
@@ -378,7 +377,8 @@ def format_table(results: dict, protocol: str) -> str:
         ratio = r.get("mask_ratio")
         return (f"| {name} | {r['image_auroc']:.3f}/{r['pixel_auroc']:.3f} | "
                 f"{r['pixel_aupro']:.3f} | {r['image_ap']:.3f} | {r['pixel_ap']:.3f} | "
-                f"{r['image_f1_max']:.3f} | {'' if ratio is None else f'{ratio:.2f}'} |")
+                f"{r['image_f1_max']:.3f} | {r['pixel_f1_max']:.3f} | "
+                f"{'' if ratio is None else f'{ratio:.2f}'} |")
 
     for name, r in results["classes"].items():
         rows.append(row(name.replace("_", " ").capitalize(), r))
