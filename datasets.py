@@ -547,6 +547,34 @@ class MVTecTestDataset(_TokenImageDataset):
         return out
 
 
+class ImageListDataset(_TokenImageDataset):
+    """Unlabelled images to score (predict.py): image, token image, name, index; the
+    same transforms as the test set, so an image scores as it would in run_test.py."""
+
+    def __init__(self, image_paths: Sequence[str], names: Sequence[str], token_size: int,
+                 img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD, patch_size: int = 16,
+                 skip_bad_images: bool = False) -> None:
+        super().__init__(token_size, img_size, mean, std, patch_size)
+        if len(image_paths) != len(names) or not image_paths:
+            raise ValueError(f"ImageListDataset needs one name per image and at least one "
+                             f"image, got {len(image_paths)} images, {len(names)} names")
+        items = list(zip(image_paths, names))
+        self.bad_files: list[str] = []
+        if skip_bad_images:
+            items, self.bad_files = _drop_bad_files(items, lambda it: open_rgb(it[0]), "images")
+            if not items:
+                raise BadFileError(f"none of the {len(image_paths)} images is readable (see "
+                                   "the warning above)")
+        self.image_paths = [p for p, _ in items]
+        self.names = [n for _, n in items]
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        out: dict[str, object] = dict(self._encode(index, open_rgb(self.image_paths[index])))
+        out.update(name=self.names[index], index=index)
+        return out
+
+
 # ----------------------------------------------------------------------------------------
 # Visual-token cache
 # ----------------------------------------------------------------------------------------
