@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from utils import main_print, save_on_master
+from utils import all_gather_object, get_rank, get_world_size, main_print, save_on_master, to_device
 
 OBJECTS = ["bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
            "toothbrush", "transistor", "zipper"]
@@ -49,7 +49,7 @@ FIX_FG_MASK = ("unpack the released masks with `python setup_train_dataset.py --
 # Preprocessing of the token image; stored in the token cache so that a change of it
 # invalidates the cached tokens.
 TOKEN_PREPROCESS = "resize-bicubic-antialias+center-crop+to-tensor"
-TOKEN_CACHE_FORMAT = 1
+TOKEN_CACHE_FORMAT = 2  # 2: the compute key (device, precision)
 _SAVE_EVERY_BATCHES = 50  # token cache: partial saves so a crash loses little work
 
 _Item = TypeVar("_Item")
@@ -226,6 +226,18 @@ def build_transforms(img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAU
     return T.Compose(_resize_crop(img_size) + [T.Normalize(mean, std)])
 
 
+def to_uint8(image: Image.Image) -> torch.Tensor:
+    """RGB image -> (3, H, W) uint8, the values ToTensor divides by 255."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def normalize_uint8(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+                    ) -> torch.Tensor:
+    """(..., 3, H, W) uint8 -> float32 (x / 255 - mean) / std, mean/std (3, 1, 1): the
+    arithmetic of ToTensor + Normalize, so the result is the same to the bit."""
+    return images.float().div(255).sub(mean).div(std)
+
+
 def build_token_transform(token_size: int) -> T.Compose:
     """Tokenizer input: the same resize and crop at the tokenizer's size, RGB in [0, 1]."""
     return T.Compose(_resize_crop(token_size))
@@ -392,15 +404,23 @@ class PretrainDataset(_TokenImageDataset):
     image, the token image (or cached tokens), the foreground patch mask and the class.
 
     fg_mask=False needs no mask files and marks every patch as foreground, so that
-    foreground-limited masking degenerates to masking anywhere.
+    foreground-limited masking degenerates to masking anywhere. ``freq_weights``
+    (MaskingPolicy.frequency: (1, 3, H, W) -> (1, L)) adds each image's frequency
+    weights, computed here, in the loader's workers, so that masks are drawn from
+    host-resident inputs.
     """
 
     def __init__(self, root: str, classes: Sequence[str], token_size: int,
                  img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                  std: Sequence[float] = IMAGENET_DEFAULT_STD, patch_size: int = 16,
-                 fg_mask: bool = True, skip_bad_images: bool = False) -> None:
+                 fg_mask: bool = True, skip_bad_images: bool = False,
+                 freq_weights: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__(token_size, img_size, mean, std, patch_size)
         self.root, self.classes = root, _check_classes(classes)
+        self.freq_weights = freq_weights
+        self.resize = T.Compose(_resize_crop(img_size)[:2])  # build_transforms' PIL steps
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         items = [(p, c, fg_mask_path(root, self.classes[c], p) if fg_mask else None)
                  for p, c in list_train_samples(root, self.classes)]
         self.bad_files: list[str] = []
@@ -423,16 +443,109 @@ class PretrainDataset(_TokenImageDataset):
         return image, mask
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        return self.item(index)
+
+    def item(self, index: int, uint8: bool = False) -> dict[str, torch.Tensor | int]:
+        """Sample `index`: 'image' (3, S, S) normalised (or 'image_u8' (3, S, S) uint8,
+        resized and cropped, with `uint8`: what ImageCache keeps), 'fg_mask' (L,),
+        'freq_weights' (L,) when set, 'tokens' (L,) once cached (else 'token_image'),
+        'class_idx', 'index'."""
         path, class_idx = self.samples[index]
         image, mask = self._load((path, class_idx, self.mask_paths[index]))
-        out = self._encode(index, image)
+        pixels = to_uint8(self.resize(image))  # (3, S, S)
+        normalized = normalize_uint8(pixels, self.mean, self.std)
+        out: dict[str, torch.Tensor | int] = (
+            {"image_u8": pixels} if uint8 else {"image": normalized})
+        if self.tokens is None:
+            out["token_image"] = self.token_transform(image)  # (3, S_tok, S_tok)
+        else:
+            out["tokens"] = self.tokens[index].long()  # (L,)
         if mask is None:
             out["fg_mask"] = torch.ones(self.num_patches, dtype=torch.bool)
         else:
-            pixels = mask_to_tensor(mask, self.img_size)  # (img_size, img_size)
-            out["fg_mask"] = patch_any(pixels, self.patch_size)  # (L,)
+            fg = mask_to_tensor(mask, self.img_size)  # (img_size, img_size)
+            out["fg_mask"] = patch_any(fg, self.patch_size)  # (L,)
+        if self.freq_weights is not None:
+            out["freq_weights"] = self.freq_weights(normalized[None])[0]  # (L,)
         out["class_idx"], out["index"] = class_idx, index
         return out
+
+
+class _Decoded(Dataset):
+    """A PretrainDataset's samples `indices` with uint8 images, for ImageCache's fill."""
+
+    def __init__(self, dataset: PretrainDataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor | int]:
+        return self.dataset.item(self.indices[j], uint8=True)
+
+
+class ImageCache:
+    """A small training set decoded and resized once (--cache_images), then served in
+    batches like DataLoader(dataset, DistributedSampler(seed), drop_last=True): the
+    same batches, to the bit, in one process.
+
+    Kept: the uint8 images and the visual tokens in host memory ('ram', pinned for a
+    GPU) or on `device` ('device'); the foreground patch masks, frequency weights and
+    class indices on the host, where MaskingPolicy draws the masks. Each batch's images
+    are normalised on `device`. PretrainDataset has no random augmentation, so nothing
+    else is left to do per step. With DDP each rank decodes and keeps its own shard
+    (every world_size-th sample) and shuffles it per epoch; the epochs are as long on
+    every rank. Iterate after set_epoch(epoch), as a DistributedSampler.
+    """
+
+    def __init__(self, dataset: PretrainDataset, batch_size: int, *, where: str,
+                 device: str | torch.device, seed: int = 0, num_workers: int = 0) -> None:
+        if where not in ("ram", "device"):
+            raise ValueError(f"--cache_images {where!r}: choose 'ram' or 'device'")
+        if dataset.tokens is None:
+            raise ValueError("ImageCache needs the visual tokens: call cache_tokens first")
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.seed, self.epoch = seed, 0
+        world = get_world_size()
+        shard = list(range(get_rank(), len(dataset), world))[:len(dataset) // world]
+        parts: dict[str, list[torch.Tensor]] = {}
+        loader = DataLoader(_Decoded(dataset, shard), batch_size=64, num_workers=num_workers,
+                            generator=torch.Generator())  # the global stream untouched
+        for batch in tqdm(loader, desc="decoding images once", disable=len(shard) < 256):
+            for key, value in batch.items():
+                parts.setdefault(key, []).append(value)
+        store = {key: torch.cat(values) for key, values in parts.items()}
+        keep = self.device if where == "device" else torch.device("cpu")
+        pin = where == "ram" and self.device.type == "cuda"
+        for key in ("image_u8", "tokens"):  # (n, 3, S, S) uint8, (n, L) int64
+            store[key] = store[key].pin_memory() if pin else store[key].to(keep)
+        self.store = store
+        self.mean, self.std = dataset.mean.to(self.device), dataset.std.to(self.device)
+        self.num_steps = len(shard) // batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)  # DistributedSampler's
+        order = torch.randperm(len(self.store["index"]), generator=g)  # (n,), host
+        kept = self.store["image_u8"].device
+        order_kept = order.to(kept)  # one copy per epoch when the images are on the device
+        for step in range(self.num_steps):
+            rows = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            sel, sel_kept = order[rows], order_kept[rows]
+            images = self.store["image_u8"].index_select(0, sel_kept)  # (B, 3, S, S) uint8
+            batch = {key: self.store[key].index_select(0, sel)
+                     for key in ("fg_mask", "freq_weights", "class_idx", "index")
+                     if key in self.store}
+            batch["image"] = normalize_uint8(to_device(images, self.device), self.mean,
+                                             self.std)  # (B, 3, S, S) float32
+            batch["tokens"] = to_device(self.store["tokens"].index_select(0, sel_kept),
+                                        self.device)
+            yield batch
 
 
 def _require_masks(items: list[tuple[str, int, str]], root: str, classes: list[str]) -> None:
@@ -589,8 +702,26 @@ class _TokenImages(Dataset):
         return self.indices[j], self.dataset.load_token_image(self.indices[j])
 
 
-def token_cache_path(cache_dir: str, fingerprint: str) -> str:
-    return os.path.join(cache_dir, f"tokens_{fingerprint[:32]}.pt")
+def token_cache_path(cache_dir: str, fingerprint: str, compute: str = "cpu") -> str:
+    return os.path.join(cache_dir, f"tokens_{fingerprint[:32]}_{compute}.pt")
+
+
+def token_compute_key(tokenizer: torch.nn.Module, device: str | torch.device) -> str:
+    """What a tokenizer's codes depend on besides its weights and the preprocessing:
+    the device type and its arithmetic. On CUDA, DALL-E's convolutions run in fp16 and
+    cuDNN convolutions (and matmuls, when allowed) in TF32, so codes made there can
+    differ from the CPU's float32 ones: each gets its own cache."""
+    device = torch.device(device)
+    parts = [device.type, f"mm-{torch.get_float32_matmul_precision()}"]
+    if device.type == "cuda":
+        modules = tokenizer.modules() if isinstance(tokenizer, torch.nn.Module) else ()
+        if any(getattr(m, "use_float16", False) for m in modules):
+            parts.append("fp16")
+        if torch.backends.cudnn.allow_tf32:
+            parts.append("tf32conv")
+        if torch.backends.cuda.matmul.allow_tf32:
+            parts.append("tf32mm")
+    return "-".join(parts)
 
 
 def _stamp(path: str) -> tuple[str, int, int]:
@@ -601,14 +732,14 @@ def _stamp(path: str) -> tuple[str, int, int]:
     return os.path.realpath(path), st.st_size, st.st_mtime_ns
 
 
-def _load_token_store(path: str, fingerprint: str, preprocess: str
+def _load_token_store(path: str, fingerprint: str, preprocess: str, compute: str
                       ) -> dict[str, tuple[tuple[int, int], torch.Tensor]]:
     if not os.path.isfile(path):
         return {}
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         ok = (payload["format"] == TOKEN_CACHE_FORMAT and payload["fingerprint"] == fingerprint
-              and payload["preprocess"] == preprocess)
+              and payload["preprocess"] == preprocess and payload["compute"] == compute)
     except Exception as e:  # a cache can always be rebuilt; say so and do it
         warnings.warn(f"token cache {path} is unreadable ({e}); recomputing it", stacklevel=3)
         return {}
@@ -618,12 +749,12 @@ def _load_token_store(path: str, fingerprint: str, preprocess: str
     return {p: (tuple(s), tokens[i]) for i, (p, s) in enumerate(zip(payload["paths"], stamps))}
 
 
-def _save_token_store(path: str, fingerprint: str, preprocess: str,
+def _save_token_store(path: str, fingerprint: str, preprocess: str, compute: str,
                       store: dict[str, tuple[tuple[int, int], torch.Tensor]]) -> None:
     """Atomic: a crash or a concurrent reader never sees half a file."""
     paths = sorted(store)
     payload = {"format": TOKEN_CACHE_FORMAT, "fingerprint": fingerprint,
-               "preprocess": preprocess, "paths": paths,
+               "preprocess": preprocess, "compute": compute, "paths": paths,
                "stamps": torch.tensor([store[p][0] for p in paths], dtype=torch.long),  # (N, 2)
                "tokens": torch.stack([store[p][1] for p in paths])}  # (N, L) int32
     save_on_master(payload, path)
@@ -635,11 +766,14 @@ def cache_tokens(dataset: _TokenImageDataset, tokenizer, cache_dir: str, batch_s
     instead of 'token_image', so that a training step runs no tokenizer.
 
     Valid because the token image is never augmented and the tokenizer is frozen.
-    Cache file: one per tokenizer fingerprint (sha256 of its weights) in `cache_dir`,
-    also tagged with the token preprocessing. Entry key: the image's real path, size and
-    mtime_ns; a stat per file costs microseconds where hashing MVTec AD's gigabytes would
-    take a minute per start, and rewriting an image changes its mtime. Only misses are
-    computed; entries of other datasets sharing the file are kept.
+    Cache file: one per tokenizer fingerprint (sha256 of its weights) and compute key
+    (token_compute_key: device type and precision) in `cache_dir`, also tagged with the
+    token preprocessing. Entry key: the image's real path, size and mtime_ns; a stat
+    per file costs microseconds where hashing MVTec AD's gigabytes would take a minute
+    per start, and rewriting an image changes its mtime. Only misses are computed;
+    entries of other datasets sharing the file are kept. Distributed: call on every
+    rank; each tokenizes its share of the misses, the shares are gathered, rank 0
+    writes the file.
     """
     if tokenizer.image_size != dataset.token_size:
         raise ValueError(f"the dataset makes {dataset.token_size} px token images but the "
@@ -647,16 +781,19 @@ def cache_tokens(dataset: _TokenImageDataset, tokenizer, cache_dir: str, batch_s
                          f"token_size={tokenizer.image_size}")
     fingerprint = str(tokenizer.fingerprint)
     preprocess = f"{TOKEN_PREPROCESS}-{dataset.token_size}"
-    path = token_cache_path(cache_dir, fingerprint)
-    store = _load_token_store(path, fingerprint, preprocess)
+    compute = token_compute_key(tokenizer, device)
+    path = token_cache_path(cache_dir, fingerprint, compute)
+    store = _load_token_store(path, fingerprint, preprocess, compute)
     stamps = [_stamp(p) for p in dataset.image_paths]
     misses = [i for i, (real, *stat) in enumerate(stamps)
               if real not in store or store[real][0] != tuple(stat)]
     vocab = getattr(tokenizer, "vocab_size", None)
-    loader = DataLoader(_TokenImages(dataset, misses), batch_size=batch_size,
+    mine = misses[get_rank()::get_world_size()]
+    loader = DataLoader(_TokenImages(dataset, mine), batch_size=batch_size,
                         num_workers=num_workers, shuffle=False)
+    computed: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
     for step, (indices, images) in enumerate(tqdm(loader, desc="visual tokens",
-                                                  disable=not misses)):
+                                                  disable=not mine)):
         with torch.inference_mode():
             codes = tokenizer.get_codebook_indices(images.to(device))  # (B, L)
         if codes.shape != (len(indices), dataset.num_patches) or codes.is_floating_point():
@@ -669,10 +806,13 @@ def cache_tokens(dataset: _TokenImageDataset, tokenizer, cache_dir: str, batch_s
             raise ValueError(f"tokenizer returned codes outside [0, {vocab})")
         for i, row in zip(indices.tolist(), codes):
             real, *stat = stamps[i]
-            store[real] = (tuple(stat), row)
+            computed[real] = store[real] = (tuple(stat), row)
         if (step + 1) % _SAVE_EVERY_BATCHES == 0:
-            _save_token_store(path, fingerprint, preprocess, store)
+            _save_token_store(path, fingerprint, preprocess, compute, store)
+    if get_world_size() > 1:
+        for part in all_gather_object(computed):
+            store.update(part)
     if misses:
-        _save_token_store(path, fingerprint, preprocess, store)
+        _save_token_store(path, fingerprint, preprocess, compute, store)
     dataset.attach_tokens(torch.stack([store[real][1] for real, *_ in stamps]))  # (N, L)
     return {"hits": len(stamps) - len(misses), "misses": len(misses)}

@@ -1,9 +1,15 @@
 """PMAD's masked-token training epoch, and the per-patch loss that scoring reuses.
 
-One step: draw the batch's masks in this process (combinational masking, docs/method.md 5),
-predict the visual tokens of the masked patches, take the cross-entropy (rank-weighted
-once dynamic masking has started), step AdamW with the scheduled lr / weight decay, and
-feed the per-patch losses back into the dynamic-masking statistics.
+One step: the masking policy draws the batch's masks (combinational masking,
+docs/method.md 5), the ViT predicts the visual tokens of the masked patches, the
+cross-entropy (rank-weighted once dynamic masking has started) steps AdamW with the
+scheduled lr / weight decay, and the per-patch losses go back to the policy.
+
+A step never waits for the device: its metrics and its non-finite check stay there,
+and the host reads them every `TrainConfig.sync_every` steps and at the epoch's end.
+A failed step (non-finite loss, or gradient without fp16's loss scaler) makes that
+step and every later one of the epoch skip the optimiser update on the device, on
+every rank alike, and the next read raises NonFiniteLossError naming the first one.
 """
 from __future__ import annotations
 
@@ -18,33 +24,44 @@ from torch import nn
 from tqdm import tqdm
 
 import utils
-from masking_generator import (DynamicMaskingState, MaskGenerator, frequency_weights,
-                               rank_loss_weights)
+from masking_generator import MaskBatch, MaskingPolicy
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient norm is NaN/inf; raised before the optimiser steps, so
-    the weights and the last checkpoint stay as they were."""
+    """The loss or the gradient norm is NaN/inf. The failed step and those after it
+    left the weights as they were, and no checkpoint is written after it."""
+
+
+def masked_tokens(tokens: torch.Tensor, masks: torch.Tensor,
+                  index: torch.Tensor | None = None) -> torch.Tensor:
+    """tokens (N, L) -> (M,) at the masked patches, in `x[masks]` order; `index` (M,)
+    (MaskBatch.index) gives the same without counting the masks on the host."""
+    return tokens[masks] if index is None else tokens.reshape(-1)[index]
 
 
 def masked_token_ce(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
-                    masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    masks: torch.Tensor, index: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of each masked patch's visual token, in `x[masks]` order.
 
-    images (N, 3, H, W), tokens (N, L) long, masks (N, L) bool
+    images (N, 3, H, W), tokens (N, L) long, masks (N, L) bool, index (M,) or None
     -> (ce (M,) float32, logits (M, V)); the CE is taken in float32 whatever autocast
     produced the logits.
     """
-    logits = model(images, bool_masked_pos=masks)  # (M, V)
-    labels = tokens[masks]  # (M,)
+    logits = model(images, bool_masked_pos=masks, masked_index=index)  # (M, V)
+    labels = masked_tokens(tokens, masks, index)  # (M,)
     ce = F.cross_entropy(logits.float(), labels, reduction="none")  # (M,)
     return ce, logits
 
 
-def scatter_masked(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def scatter_masked(values: torch.Tensor, masks: torch.Tensor,
+                   index: torch.Tensor | None = None) -> torch.Tensor:
     """values (M,) in `x[masks]` order -> (N, L), 0 at unmasked patches."""
     out = values.new_zeros(masks.shape)
-    out[masks] = values
+    if index is None:
+        out[masks] = values
+    else:
+        out.view(-1).index_copy_(0, index, values)
     return out
 
 
@@ -69,51 +86,84 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.T
 
 @dataclass
 class StepOutput:
-    loss: float  # this rank's loss
-    mlm_acc: float  # fraction of masked patches whose token is predicted exactly
-    grad_norm: float  # before clipping
+    """One step's results, all on the device (reading one on the host waits for it)."""
+    loss: torch.Tensor  # () this rank's loss
+    loss_all_ranks: torch.Tensor  # () the loss summed over ranks
+    mlm_acc: torch.Tensor  # () fraction of masked patches whose token is predicted exactly
+    grad_norm: torch.Tensor  # () before clipping
     patch_losses: torch.Tensor  # (N, L) detached, 0 at unmasked patches
-    loss_scale: float | None  # fp16 only
+    failed: torch.Tensor  # () bool: this step, or an earlier one it was told of, failed
 
 
 def train_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
-               masks: torch.Tensor, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, *, loss_weights: torch.Tensor | None = None,
-               clip_grad: float | None = None, amp: str = "none") -> StepOutput:
-    """Forward, non-finite check, backward, clip, step.
+               batch: MaskBatch, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, *, clip_grad: float | None = None,
+               amp: str = "none", failed: torch.Tensor | None = None) -> StepOutput:
+    """Forward, backward, clip, optimiser step, with no read of the device on the host.
 
-    images (N, 3, H, W), tokens (N, L), masks (N, L) bool, loss_weights (M,) or None.
-    The loss is summed over ranks before the check, so a NaN on any rank stops every
-    rank at the same step (instead of the others hanging in the gradient all-reduce).
-    Raises NonFiniteLossError before the optimiser is touched.
+    images (N, 3, H, W), tokens (N, L), batch from MaskingPolicy.draw. The step fails
+    when the loss summed over ranks is not finite, or, without fp16's loss scaler
+    (which skips such steps by design and lowers its scale), when the gradient norm is
+    not finite; with `failed` (an earlier step failed) it fails too. A failed step
+    leaves the weights and the optimiser as they were, identically on every rank
+    (the loss is all-reduced, the gradients are DDP's), and the caller raises
+    NonFiniteLossError when it next reads `failed`.
     """
     with utils.amp_autocast(images.device, amp):
-        ce, logits = masked_token_ce(model, images, tokens, masks)  # (M,), (M, V)
-    loss = weighted_mean(ce, loss_weights)
-    total = utils.all_reduce_sum(loss.detach().float().reshape(1).clone())
-    if not math.isfinite(total.item()):
-        raise NonFiniteLossError(f"non-finite loss (this rank {loss.item()}, summed over "
-                                 f"ranks {total.item()})")
+        ce, logits = masked_token_ce(model, images, tokens, batch.masks, batch.index)
+    loss = weighted_mean(ce, batch.loss_weights)
+    total = utils.all_reduce_sum(loss.detach().float().reshape(1).clone())[0]
+    fail = ~torch.isfinite(total)
+    if failed is not None:
+        fail = fail | failed
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]
+              if p.grad is not None]
+    _poison_grad_if(params, fail)  # every non-finite check below now skips the update
     scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(
         params, clip_grad if clip_grad and clip_grad > 0 else math.inf)
-    with torch.no_grad():
-        acc = (logits.argmax(-1) == tokens[masks]).float().mean()
-    # one device sync for the metrics and the gradient check
-    loss_value, acc_value, norm_value = torch.stack(
-        [loss.detach().float(), acc, grad_norm.float()]).tolist()
-    if not scaler.is_enabled() and not math.isfinite(norm_value):
-        # fp16's scaler skips such steps by design; without it the weights would be lost
-        raise NonFiniteLossError(f"non-finite gradient norm {norm_value} with a finite "
-                                 f"loss {loss_value}")
-    scaler.step(optimizer)
+    if not scaler.is_enabled():
+        fail = ~torch.isfinite(grad_norm)
+    _step_unless(optimizer, scaler, fail)
     scaler.update()
-    return StepOutput(loss=loss_value, mlm_acc=acc_value, grad_norm=norm_value,
-                      patch_losses=scatter_masked(ce.detach(), masks),
-                      loss_scale=scaler.get_scale() if scaler.is_enabled() else None)
+    with torch.no_grad():
+        acc = (logits.argmax(-1) == masked_tokens(tokens, batch.masks, batch.index)
+               ).float().mean()
+    return StepOutput(loss=loss.detach(), loss_all_ranks=total, mlm_acc=acc,
+                      grad_norm=grad_norm.detach(),
+                      patch_losses=scatter_masked(ce.detach(), batch.masks, batch.index),
+                      failed=fail)
+
+
+def _poison_grad_if(params: list[torch.Tensor], fail: torch.Tensor) -> None:
+    """Make one gradient element NaN where `fail`, on the device: the loss scaler's and
+    the gradient norm's non-finite checks then skip the update."""
+    if params:
+        first = params[0].grad.view(-1)[:1]
+        first.copy_(torch.where(fail, torch.nan, first))
+
+
+def _step_unless(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 skip: torch.Tensor) -> None:
+    """optimizer.step() unless `skip` (() bool on the device).
+
+    Fused AdamW skips on the device, from a found_inf flag (the protocol GradScaler
+    uses with it); fp16's scaler finds the poisoned gradient itself. An optimiser
+    without a fused kernel makes this read `skip` on the host.
+    """
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+    elif all(group.get("fused") for group in optimizer.param_groups):
+        optimizer.found_inf = skip.float()
+        optimizer.grad_scale = None
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
+    elif not bool(skip):
+        optimizer.step()
 
 
 def _tokens_of(batch: dict, tokenizer: nn.Module | None, device: torch.device) -> torch.Tensor:
@@ -128,70 +178,118 @@ def _tokens_of(batch: dict, tokenizer: nn.Module | None, device: torch.device) -
     return tokenizer.get_codebook_indices(batch["token_image"].to(device, non_blocking=True))
 
 
+@dataclass
+class TrainConfig:
+    """Settings shared by every step of a run."""
+    lr_schedule: np.ndarray  # (epochs * num_steps,) per-step learning rate
+    wd_schedule: np.ndarray  # (epochs * num_steps,) per-step weight decay
+    num_steps: int  # steps per epoch
+    clip_grad: float | None = None  # max gradient norm; None or <= 0: no clipping
+    amp: str = "none"  # utils.AMP_CHOICES
+    sync_every: int = 20  # steps between the host's reads of the metrics (and the stop)
+
+    def __post_init__(self) -> None:
+        if self.sync_every < 1 or self.num_steps < 1:
+            raise ValueError(f"TrainConfig: sync_every ({self.sync_every}) and num_steps "
+                             f"({self.num_steps}) must be at least 1")
+
+
+# per-step metrics kept on the device until the next read
+_COLUMNS = ("loss", "loss_all_ranks", "mlm_acc", "grad_norm", "loss_scale", "failed")
+
+
 def train_one_epoch(model: nn.Module, data_loader: Iterable[dict],
-                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
-                    epoch: int, num_steps: int, device: torch.device,
-                    mask_generator: MaskGenerator, dynamic_state: DynamicMaskingState,
-                    class_names: Sequence[str], mask_rng: np.random.Generator,
-                    lr_schedule: np.ndarray, wd_schedule: np.ndarray,
-                    dynamic_masking_start: int, clip_grad: float | None = None,
-                    amp: str = "none", patch_size: int = 16, freq_mode: str = "patch",
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    policy: MaskingPolicy, config: TrainConfig, *, epoch: int,
                     tokenizer: nn.Module | None = None,
                     sample_names: Sequence[str] | None = None,
                     log_writer: Any | None = None, progress: bool = True
                     ) -> dict[str, float]:
-    """Train `num_steps` batches of `data_loader`; returns the epoch's metrics averaged
-    over steps and ranks (loss, mlm_acc, lr, weight_decay, grad_norm[, loss_scale]).
+    """Train `config.num_steps` batches of `data_loader` on `policy.device`; returns the
+    epoch's metrics averaged over steps and ranks (loss, mlm_acc, lr, weight_decay,
+    grad_norm[, loss_scale]).
 
     Step i of the epoch uses lr_schedule[epoch * num_steps + i] (same for weight decay).
-    From `dynamic_masking_start` on, masks may draw on the dynamic weights and the loss
-    is rank-weighted. The dynamic statistics are updated from every batch and
-    all-reduced every step (a (2, C, L) tensor), so all ranks draw masks from, and
-    checkpoint, identical statistics.
+    The policy draws each batch's masks (and, once dynamic masking has started, the
+    rank weights of its loss) and takes back the per-patch losses.
     """
     model.train()
+    device, num_steps = policy.device, config.num_steps
     metrics = utils.MetricLogger()
-    dynamic = epoch >= dynamic_masking_start
+    history = torch.zeros(num_steps, len(_COLUMNS), device=device)  # (steps, columns)
+    failed = torch.zeros((), dtype=torch.bool, device=device)
+    hyper: list[tuple[float, float]] = []  # (lr, weight decay) per step, host
+    indices: list[list[int]] = []  # each step's sample indices on this rank, host
     bar = tqdm(total=num_steps, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False,
                disable=not (progress and utils.is_main_process()))
     it = iter(data_loader)
     for step in range(num_steps):
         batch = next(it)
         global_step = epoch * num_steps + step
-        lr, wd = float(lr_schedule[global_step]), float(wd_schedule[global_step])
-        utils.set_step_hyperparams(optimizer, lr, wd)
+        hyper.append((float(config.lr_schedule[global_step]),
+                      float(config.wd_schedule[global_step])))
+        utils.set_step_hyperparams(optimizer, *hyper[-1])
+        indices.append(batch["index"].tolist() if "index" in batch else [])
 
         images = batch["image"].to(device, non_blocking=True)  # (N, 3, H, W)
         tokens = _tokens_of(batch, tokenizer, device)  # (N, L)
-        class_idx = batch["class_idx"]  # (N,)
-        names = [class_names[i] for i in class_idx.tolist()]
-        freq = frequency_weights(images, patch_size=patch_size, mode=freq_mode).cpu()  # (N, L)
-        dyn = dynamic_state.weights(class_idx) if dynamic else None  # (N, L)
-        masks = mask_generator(names, batch.get("fg_mask"), freq, dyn, rng=mask_rng)
-        loss_weights = rank_loss_weights(masks, dyn)[masks] if dynamic else None  # (M,)
+        drawn = policy.draw(batch["class_idx"], batch.get("fg_mask"),
+                            batch.get("freq_weights"), epoch)
+        out = train_step(model, images, tokens, drawn, optimizer, scaler,
+                         clip_grad=config.clip_grad, amp=config.amp, failed=failed)
+        policy.observe(batch["class_idx"], drawn.masks, out.patch_losses, valid=~out.failed)
+        failed = out.failed
+        scale = scaler._get_scale_async() if scaler.is_enabled() else None
+        history[step] = torch.stack([
+            out.loss.float(), out.loss_all_ranks, out.mlm_acc, out.grad_norm.float(),
+            torch.full((), math.nan, device=device) if scale is None else scale.float(),
+            failed.float()])
+        bar.update()
+        if (step + 1) % config.sync_every == 0 or step + 1 == num_steps:
+            first = step + 1 - (step % config.sync_every + 1)
+            rows = _read_rows(history, first, step + 1)
+            _log_rows(rows, first, hyper, metrics, log_writer, epoch * num_steps)
+            _raise_if_failed(rows, first, epoch, num_steps, indices, sample_names)
+            bar.set_postfix(metrics.postfix(), refresh=False)
+    bar.close()
+    metrics.synchronize_between_processes(device)
+    return metrics.summary()
 
-        try:
-            out = train_step(model, images, tokens, masks.to(device, non_blocking=True),
-                             optimizer, scaler, loss_weights=None if loss_weights is None
-                             else loss_weights.to(device), clip_grad=clip_grad, amp=amp)
-        except NonFiniteLossError as e:
-            where = f"at epoch {epoch}, step {step} (global step {global_step})"
-            if sample_names is not None:
-                where += "; this rank's samples: " + ", ".join(
-                    sample_names[i] for i in batch["index"].tolist())
-            raise NonFiniteLossError(f"{e} {where}") from None
-        dynamic_state.update(class_idx, masks, out.patch_losses)
-        dynamic_state.all_reduce()
 
-        values = {"loss": out.loss, "mlm_acc": out.mlm_acc, "lr": lr, "weight_decay": wd,
-                  "grad_norm": out.grad_norm, "loss_scale": out.loss_scale}
+def _read_rows(history: torch.Tensor, start: int, stop: int) -> list[dict[str, float]]:
+    """The host's one read of the device per `sync_every` steps: rows [start, stop)."""
+    return [dict(zip(_COLUMNS, row)) for row in history[start:stop].tolist()]
+
+
+def _log_rows(rows: list[dict[str, float]], first: int, hyper: list[tuple[float, float]],
+              metrics: utils.MetricLogger, log_writer: Any | None, step0: int) -> None:
+    for i, row in enumerate(rows, start=first):
+        lr, wd = hyper[i]
+        values = {"loss": row["loss"], "mlm_acc": row["mlm_acc"], "lr": lr,
+                  "weight_decay": wd, "grad_norm": row["grad_norm"],
+                  "loss_scale": None if math.isnan(row["loss_scale"]) else row["loss_scale"]}
         metrics.update(**values)
         if log_writer is not None:
             for key, value in values.items():
                 if value is not None:
-                    log_writer.add_scalar(f"train/{key}", value, global_step)
-        bar.set_postfix(metrics.postfix(), refresh=False)
-        bar.update()
-    bar.close()
-    metrics.synchronize_between_processes(device)
-    return metrics.summary()
+                    log_writer.add_scalar(f"train/{key}", value, step0 + i)
+
+
+def _raise_if_failed(rows: list[dict[str, float]], first: int, epoch: int, num_steps: int,
+                     indices: list[list[int]], sample_names: Sequence[str] | None) -> None:
+    """NonFiniteLossError naming the first failed step of `rows`, if any (every rank
+    reads the same flags at the same step, so all raise together)."""
+    bad = [i for i, row in enumerate(rows, start=first) if row["failed"]]
+    if not bad:
+        return
+    step, row = bad[0], rows[bad[0] - first]
+    if math.isfinite(row["loss_all_ranks"]):
+        what = (f"non-finite gradient norm {row['grad_norm']} with a finite loss "
+                f"{row['loss']}")
+    else:
+        what = (f"non-finite loss (this rank {row['loss']}, summed over ranks "
+                f"{row['loss_all_ranks']})")
+    where = f"at epoch {epoch}, step {step} (global step {epoch * num_steps + step})"
+    if sample_names is not None and indices[step]:
+        where += "; this rank's samples: " + ", ".join(sample_names[i] for i in indices[step])
+    raise NonFiniteLossError(f"{what} {where}; the weights are those before this step")

@@ -1,10 +1,13 @@
 """The reconstruction ViT of PMAD: BEiT's masked-image-modelling transformer.
 
 Same layout and key names as BEiT's pretraining model, so the released BEiT pt22k and
-PMAD checkpoints load unchanged (docs/method.md section 2). Attention runs through
-``F.scaled_dot_product_attention`` with the shared relative position bias as its additive
-mask; ``Attention.fused_attn = False`` selects the explicit-softmax formulation (kept as
-the numerical reference for tests and the baseline for bench/bench_model.py).
+PMAD checkpoints load unchanged (docs/method.md section 2). The shared relative position bias
+is gathered once per forward; attention (`scaled_dot_product`) takes SDPA's fused kernels
+with it as the additive mask wherever they apply, the explicit softmax form elsewhere
+(``Attention.fused_attn = False`` forces the latter). Residual branches are added with
+layer scale and stochastic depth in one pass, and with masked-token logits only the
+masked rows go through the last block's projection and MLP, the final norm and `lm_head`.
+bench/bench_model.py measures this against the original code's computation.
 
 ``Block``, ``Attention`` and ``PatchEmbed`` are reused by the ViT visual tokenizer in
 modeling_discrete_vae.py (no layer scale, absolute position embedding there).
@@ -20,11 +23,11 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import Mlp, to_2tuple, trunc_normal_
 from timm.models import register_model
 from torch import nn
 
-from utils import read_weights_file
+from utils import bf16_supported, read_weights_file
 
 __all__ = [
     "PatchEmbed", "Attention", "Block", "RelativePositionBias",
@@ -109,8 +112,8 @@ class RelativePositionBias(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with BEiT's q/v biases (k has none).
 
-    ``fused_attn`` True: ``F.scaled_dot_product_attention`` with the relative bias as the
-    additive mask; False: the explicit softmax(q k^T * scale + bias) v formulation.
+    ``fused_attn`` True: the fastest exact formulation for the device (see
+    `scaled_dot_product`); False: always the explicit softmax(q k^T * scale + bias) v.
     """
 
     fused_attn: bool = True
@@ -133,31 +136,63 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, T, D) -> (N, T, D); with `rows` (flat indices into the N x T tokens) only
+        those tokens are projected: (len(rows), D)."""
         n, t, d = x.shape  # (N, T, D)
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, qkv_bias)  # (N, T, 3D)
-        qkv = qkv.reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (N, H, T, hd) each
-        if self.fused_attn:
-            mask = None if rel_pos_bias is None else rel_pos_bias.to(q.dtype).unsqueeze(0)
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask,  # (1, H, T, T) broadcast over N
-                dropout_p=self.attn_drop.p if self.training else 0.0)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # (N, H, T, T)
-            if rel_pos_bias is not None:
-                attn = attn + rel_pos_bias.unsqueeze(0)
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = attn @ v  # (N, H, T, hd)
+        # split, not unbind: its backward writes the three gradients into one (N, T, 3D)
+        q, k, v = (part.view(n, t, self.num_heads, self.head_dim).transpose(1, 2)
+                   for part in qkv.split(d, dim=-1))  # (N, H, T, hd) each
+        x = scaled_dot_product(q, k, v, rel_pos_bias, self.scale,
+                               self.attn_drop.p if self.training else 0.0,
+                               explicit=not self.fused_attn)  # (N, H, T, hd)
         x = x.transpose(1, 2).reshape(n, t, d)  # (N, T, D)
+        if rows is not None:
+            x = x.view(n * t, d).index_select(0, rows)  # (M, D)
         return self.proj_drop(self.proj(x))
 
 
+def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       bias: torch.Tensor | None, scale: float, dropout_p: float = 0.0,
+                       explicit: bool = False) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v for (N, H, T, hd) q, k, v and an (H, T, T) bias.
+
+    SDPA where it runs a fused kernel. On the CPU a bias that needs a gradient (training)
+    sends SDPA to its unfused math path, which costs more than the explicit form (extra
+    passes for the scaling and its -inf guard), so the explicit form runs there.
+    On a CPU where bf16 matmuls do not pay (`utils.bf16_supported`; without AMX, torch's
+    bf16 batched matmul is several times slower than its fp32 one) bf16/fp16 inputs are
+    computed in fp32, as torch's own CPU math path does; the result is then fp32.
+    """
+    if q.device.type == "cpu" and q.dtype != torch.float32 and not bf16_supported("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return scaled_dot_product(q.float(), k.float(), v.float(), bias, scale,
+                                      dropout_p, explicit)
+    needs_bias_grad = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+    if not explicit and not (q.device.type == "cpu" and needs_bias_grad):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if bias is None else bias.to(q.dtype).unsqueeze(0),
+            dropout_p=dropout_p, scale=scale)  # (1, H, T, T) mask: the CPU flash kernel's shape
+    attn = (q * scale) @ k.transpose(-2, -1)  # (N, H, T, T)
+    if bias is not None:
+        attn = attn.add_(bias.to(attn.dtype))  # in place: the product's backward needs q, k only
+    attn = attn.softmax(dim=-1)
+    if dropout_p:
+        attn = F.dropout(attn, dropout_p)
+    return attn @ v  # (N, H, T, hd)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block; layer scale (`gamma_1`, `gamma_2`) iff `init_values`."""
+    """Pre-norm transformer block; layer scale (`gamma_1`, `gamma_2`) iff `init_values`.
+
+    Each residual branch is added as ``x + drop_path(gamma * branch)`` in one `addcmul`:
+    the per-sample stochastic-depth factor is folded into the (D,) layer scale.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
@@ -167,7 +202,7 @@ class Block(nn.Module):
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
                               proj_drop=drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_path = drop_path  # probability of skipping a branch, per sample
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
         if init_values:
@@ -176,12 +211,34 @@ class Block(nn.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.gamma_1 is None:
-            x = x + self.drop_path(self.attn(self.norm1(x), rel_pos_bias))
-            return x + self.drop_path(self.mlp(self.norm2(x)))
-        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), rel_pos_bias))
-        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+    def _branch_scale(self, gamma: torch.Tensor | None, n: int, x: torch.Tensor,
+                      samples: torch.Tensor | None) -> torch.Tensor | None:
+        """gamma times the per-sample stochastic-depth factor, broadcastable to the
+        residual: (N, 1, 1|D) for (N, T, D) tokens, (M, 1|D) for rows of `samples`;
+        gamma alone outside training; None = 1."""
+        if not (self.training and self.drop_path > 0.0):
+            return gamma
+        keep = 1.0 - self.drop_path
+        draw = x.new_empty(n, 1).bernoulli_(keep).div_(keep)  # (N, 1)
+        draw = draw.unsqueeze(1) if samples is None else draw.index_select(0, samples)
+        return draw if gamma is None else gamma * draw
+
+    @staticmethod
+    def _add(x: torch.Tensor, scale: torch.Tensor | None, branch: torch.Tensor) -> torch.Tensor:
+        return x + branch if scale is None else torch.addcmul(x, scale, branch)
+
+    def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, T, D) -> (N, T, D); with `rows` (flat indices into the N x T tokens) every
+        token still attends, but only those rows go on: (len(rows), D)."""
+        n, t, d = x.shape
+        samples = None if rows is None else torch.div(rows, t, rounding_mode="floor")
+        branch = self.attn(self.norm1(x), rel_pos_bias, rows)  # (N, T, D) or (M, D)
+        if rows is not None:
+            x = x.reshape(n * t, d).index_select(0, rows)  # (M, D)
+        x = self._add(x, self._branch_scale(self.gamma_1, n, x, samples), branch)
+        branch = self.mlp(self.norm2(x))
+        return self._add(x, self._branch_scale(self.gamma_2, n, x, samples), branch)
 
 
 def set_fused_attn(model: nn.Module, enabled: bool) -> None:
@@ -245,8 +302,13 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
-    def forward_features(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
-        """Final-normed tokens, cls first: (N, 1 + L, D)."""
+    def forward_features(self, x: torch.Tensor, bool_masked_pos: torch.Tensor,
+                         masked_only: bool = False,
+                         masked_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed tokens, cls first: (N, 1 + L, D). With `masked_only`, the masked
+        patches' tokens alone, (M, D) in `x[bool_masked_pos]` order: the last block's
+        row-wise part (projection, MLP) and the final norm then run on those rows only.
+        masked_index (M,): as in `forward`."""
         x = self.patch_embed(x)  # (N, L, D)
         n, num_patches, _ = x.shape
         if bool_masked_pos.dtype != torch.bool or tuple(bool_masked_pos.shape) != (n, num_patches):
@@ -258,19 +320,31 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed
         x = self.pos_drop(x)
-        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
-        for blk in self.blocks:
-            x = blk(x, rel_pos_bias)
+        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (H, T, T)
+        rows = None
+        if masked_only:
+            if masked_index is None:
+                masked_index = bool_masked_pos.flatten().nonzero().squeeze(1)  # (M,)
+            # into the N x T tokens: patch p of image b is row b * T + 1 + p (cls first)
+            rows = masked_index + masked_index.div(num_patches, rounding_mode="floor") + 1
+        for i, blk in enumerate(self.blocks, start=1):
+            x = blk(x, rel_pos_bias, rows if i == len(self.blocks) else None)
         return self.norm(x)
 
     def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor,
-                return_all_tokens: bool = False) -> torch.Tensor:
+                return_all_tokens: bool = False,
+                masked_index: torch.Tensor | None = None) -> torch.Tensor:
         """Token logits: (M, V) for the masked patches in `x[bool_masked_pos]` order
-        (batch-major, then position), or (N, L, V) with `return_all_tokens`."""
-        x = self.forward_features(x, bool_masked_pos)[:, 1:]  # (N, L, D)
+        (batch-major, then position), or (N, L, V) with `return_all_tokens`.
+
+        masked_index (M,): those patches' row-major positions, when the caller knows
+        them (MaskBatch.index); finding them from the boolean mask counts them on the
+        host, which waits for the device.
+        """
         if return_all_tokens:
-            return self.lm_head(x)  # (N, L, V)
-        return self.lm_head(x[bool_masked_pos])  # (M, V)
+            return self.lm_head(self.forward_features(x, bool_masked_pos)[:, 1:])  # (N, L, V)
+        return self.lm_head(self.forward_features(x, bool_masked_pos, masked_only=True,
+                                                  masked_index=masked_index))  # (M, V)
 
 
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")

@@ -5,27 +5,16 @@ class, is scored by a conditional normalizing flow; a low likelihood marks an an
 patch. Subtracting the class's own prototypes makes the flow class-agnostic, which is why
 it also works on classes it never saw in training.
 
-Two commands build everything from normal training images (ImageNet layout,
-``<root>/train/<class>/*``):
-
-    python protoflow.py prototypes --data_path data/mvtec_imagenet --classes bottle cable \
-        --output_dir weights/prototypes
-    python protoflow.py train --data_path data/mvtec_imagenet --setting multi_class \
-        --prototypes_dir weights/prototypes --output weights/protoflow/multi_class.pt
-
-Both hold out the same seeded 10 % of each class's images (``--holdout``, ``--seed``),
-so that the image-score threshold stored with the flow comes from normal images that
-neither the prototypes nor the flow have seen.
+This module is the model: features, prototypes (k-center coreset), the flow, proposals
+and abnormality maps, and the file format. `run_protoflow.py` builds the prototypes and
+trains the flow.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
-import sys
-import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import FrEIA.framework as Ff
@@ -36,14 +25,10 @@ import torch.nn.functional as F
 from scipy.stats import special_ortho_group
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
-from torchvision import transforms as T
 from tqdm import tqdm
 
-import datasets
 from backbones import create_backbone
-from utils import (JsonlLog, build_sampler, read_weights_file, capture_rng_state, cosine_scheduler,
-                   load_checkpoint_file, restore_rng_state, save_on_master, seed_everything)
+from utils import read_weights_file, save_on_master
 
 DEFAULT_BACKBONE = "tf_efficientnet_b6"  # architecture of a file that names none
 # timm 0.3.2's `tf_efficientnet_b6` (the original's encoder) is the AutoAugment ImageNet
@@ -148,16 +133,6 @@ def patch_rows(features: Tensor) -> Tensor:
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
-def train_transform(img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-                    std: Sequence[float] = IMAGENET_DEFAULT_STD):
-    """Flow-training augmentation (docs/method.md 6): RandomResizedCrop(scale 0.2-1, bicubic)
-    + horizontal flip. Prototypes and held-out scores use the test transform instead
-    (datasets.build_transforms), so that they match the features seen at test time."""
-    return T.Compose([T.RandomResizedCrop(img_size, scale=(0.2, 1.0),
-                                          interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
-
-
 # ----------------------------------------------------------------------------- prototypes
 def _numpy_rng(rng: Rng | None, default_seed: int = 0) -> np.random.Generator:
     if isinstance(rng, np.random.Generator):
@@ -197,9 +172,9 @@ def greedy_coreset(features: Tensor, n: int, projection_dim: int | None = None,
     min_dist = torch.addmv(sq, x, x[start], alpha=-2).add_(sq[start])  # (M,)
     for i in tqdm(range(1, n), desc="coreset", disable=not progress or n < 2,
                   mininterval=1.0, leave=False):
-        j = torch.argmax(min_dist)
-        picks[i] = j
-        dist = torch.addmv(sq, x, x[j], alpha=-2).add_(sq[j])  # (M,)
+        j = torch.argmax(min_dist, dim=0, keepdim=True)  # (1,): stays on the device
+        picks[i:i + 1] = j
+        dist = torch.addmv(sq, x, x.index_select(0, j)[0], alpha=-2).add_(sq[j])  # (M,)
         torch.minimum(min_dist, dist, out=min_dist)
     return picks.cpu()
 
@@ -254,7 +229,7 @@ def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
                     out_indices: Sequence[int] | None = None) -> Tensor:
     """<dir>/<class>/coreset.npy as float32 (M, C), checked against the flow's encoder."""
     path = os.path.join(prototypes_dir, class_name, CORESET_FILE)
-    make = (f"python protoflow.py prototypes --data_path <ImageNet-layout root> --classes "
+    make = (f"python run_protoflow.py prototypes --data_path <ImageNet-layout root> --classes "
             f"{class_name} --output_dir {prototypes_dir} --encoder {backbone or DEFAULT_BACKBONE}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no prototypes for class '{class_name}': {path} is missing; "
@@ -284,34 +259,6 @@ def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
 def _architecture(name: str) -> str:
     """timm model name without its pretrained tag ('tf_efficientnet_b6.aa_in1k' -> ...b6)."""
     return name.split(".")[0]
-
-
-def holdout_split(labels: Sequence[int], class_names: Sequence[str], fraction: float,
-                  seed: int = 0) -> tuple[list[int], list[int]]:
-    """(kept, held_out) sample indices: per class a seeded round(fraction * n) (at least
-    one when fraction > 0).
-
-    The draw is seeded by the class *name* and uses the class's samples in dataset
-    order, so the same images are held out whether the class is alone (prototypes) or
-    among others (flow training).
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"holdout fraction {fraction} must lie in [0, 1)")
-    labels = np.asarray(labels)
-    kept, held = [], []
-    for k, name in enumerate(class_names):
-        idx = np.flatnonzero(labels == k)
-        n_hold = 0 if fraction == 0 or len(idx) == 0 else max(1, round(fraction * len(idx)))
-        if n_hold >= len(idx) > 0:
-            raise ValueError(f"class '{name}' has {len(idx)} training image(s): too few to "
-                             f"hold out {n_hold} (--holdout {fraction}); add images or "
-                             "pass --holdout 0")
-        gen = np.random.default_rng([seed, zlib.crc32(name.encode())])
-        mask = np.zeros(len(idx), dtype=bool)
-        mask[gen.choice(len(idx), n_hold, replace=False)] = True
-        kept += idx[~mask].tolist()
-        held += idx[mask].tolist()
-    return sorted(kept), sorted(held)
 
 
 # ----------------------------------------------------------------------------- flow
@@ -387,12 +334,13 @@ def patch_log_likelihood(encoder: nn.Module, flow: Ff.SequenceINN, images: Tenso
     rows = features.permute(0, 2, 3, 1).reshape(n, h * w, c)  # (N, h*w, C)
     residual = torch.empty_like(rows)
     distance = rows.new_empty(n, h * w)
-    for k in class_idx.unique().tolist():
-        sel = class_idx == k
-        part = rows[sel].reshape(-1, c)  # (n_k * h*w, C)
+    classes = class_idx.cpu().numpy()  # grouped on the host: no wait when passed on the CPU
+    for k in np.unique(classes).tolist():
+        sel = torch.from_numpy(np.flatnonzero(classes == k)).to(rows.device, non_blocking=True)
+        part = rows.index_select(0, sel).reshape(-1, c)  # (n_k * h*w, C)
         dist, idx = nearest_prototype(part, prototypes[k])
-        residual[sel] = (part - prototypes[k][idx]).reshape(-1, h * w, c)
-        distance[sel] = dist.reshape(-1, h * w)
+        residual.index_copy_(0, sel, (part - prototypes[k][idx]).reshape(-1, h * w, c))
+        distance.index_copy_(0, sel, dist.reshape(-1, h * w))
     cond_dim = flow.module_list[0].condition_channels
     pos = positional_encoding_2d(cond_dim, h, w).to(rows)  # (D, h, w)
     cond = pos.permute(1, 2, 0).reshape(1, h * w, cond_dim).expand(n, -1, -1)  # (N, h*w, D)
@@ -430,7 +378,8 @@ def proposals_from_log_likelihood(logp: Tensor, mask_ratios: Sequence[float],
     num_patches = coarse.shape[1]
     order = coarse.argsort(dim=1, descending=True, stable=True)  # (N, L)
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(num_patches).expand_as(order).contiguous())
+    rank.scatter_(1, order, torch.arange(num_patches, device=order.device).expand_as(order)
+                  .contiguous())
     masks = {r: rank < int(num_patches * r) for r in mask_ratios}
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     fine = F.interpolate(prob, size=size, mode="bilinear", align_corners=True)[:, 0]
@@ -530,9 +479,9 @@ def load_protoflow_file(path: str) -> dict:
     """A ProtoFlow file (weights_only), with errors that name it and the fix."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ProtoFlow weights {path} not found: download the released "
-                                "file or train one with `python protoflow.py train ...`")
+                                "file or train one with `python run_protoflow.py train ...`")
     obj = read_weights_file(path, "Download it again, or train one with `python "
-                                  "protoflow.py train ...`.")
+                                  "run_protoflow.py train ...`.")
     if not isinstance(obj, dict) or "decoder_state_dict" not in obj:
         keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path} has no 'decoder_state_dict' ({keys}); it is not a "
@@ -631,7 +580,7 @@ class ProtoFlow:
         protos = self.prototypes(class_name)
         x = self._renormalize(images.to(self.device, torch.float32),
                               normalization or self.input_normalization)
-        class_idx = torch.zeros(len(x), dtype=torch.long, device=self.device)
+        class_idx = torch.zeros(len(x), dtype=torch.long)  # on the host, where it is grouped
         logp, dist = patch_log_likelihood(self.encoder, self.flow, x, [protos], class_idx,
                                           return_distance=True)
         return logp.cpu(), dist.cpu()
@@ -652,275 +601,3 @@ class ProtoFlow:
             (torch.tensor(t, device=x.device).view(1, 3, 1, 1) for t in pair)
             for pair in (given, self.normalization))
         return (x * std_in + mean_in - mean) / std
-
-
-# ----------------------------------------------------------------------------- training
-def train_flow(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
-               prototypes: Sequence[Tensor], epochs: int, lr: float = 2e-4,
-               warmup_epochs: int = 2, device: str | torch.device = "cpu",
-               optimizer: torch.optim.Optimizer | None = None, start_epoch: int = 0,
-               epoch_end: Callable[[int, float, torch.optim.Optimizer], None] | None = None
-               ) -> list[float]:
-    """Train the flow on (images, class_idx) batches; returns each epoch's mean loss.
-
-    Adam; per-step lr: linear warm-up from lr/10 over `warmup_epochs`, then cosine to
-    lr * 1e-3 (docs/method.md 6). The encoder stays frozen. A non-finite loss stops training
-    with an error instead of corrupting the weights. `epoch_end(epoch, loss, optimizer)`
-    runs after each epoch (checkpoints).
-    """
-    steps = len(loader)
-    schedule = cosine_scheduler(lr, lr * 1e-3, epochs, steps, warmup_epochs=warmup_epochs,
-                                start_warmup_value=lr / 10)
-    params = [p for p in flow.parameters() if p.requires_grad]
-    optimizer = optimizer or torch.optim.Adam(params, lr=lr)
-    protos = [p.to(device) for p in prototypes]
-    encoder.eval()
-    flow.train()
-    losses = []
-    for epoch in range(start_epoch, epochs):
-        if hasattr(getattr(loader, "sampler", None), "set_epoch"):
-            loader.sampler.set_epoch(epoch)  # the order is a function of (seed, epoch)
-        total, count = 0.0, 0
-        bar = tqdm(loader, desc=f"flow epoch {epoch + 1}/{epochs}", leave=False)
-        for step, (images, class_idx) in enumerate(bar):
-            for group in optimizer.param_groups:
-                group["lr"] = float(schedule[epoch * steps + step])
-            images = images.to(device, non_blocking=True)
-            logp = patch_log_likelihood(encoder, flow, images, protos,
-                                        class_idx.to(device))  # (N, h, w)
-            loss = flow_loss(logp)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite flow loss at epoch {epoch + 1}, step "
-                                         f"{step + 1}: check the images and prototypes for "
-                                         f"NaN/inf, or lower --lr (now {lr})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(images)
-            count += len(images)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        losses.append(total / max(count, 1))
-        if epoch_end is not None:
-            epoch_end(epoch, losses[-1], optimizer)
-    flow.eval()
-    return losses
-
-
-@torch.inference_mode()
-def image_scores(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
-                 prototypes: Sequence[Tensor], device: str | torch.device = "cpu"
-                 ) -> tuple[Tensor, Tensor]:
-    """Set-independent image scores (max over patches of -logp) and class indices (N,)."""
-    protos = [p.to(device) for p in prototypes]
-    flow.eval()
-    scores, classes = [], []
-    for images, class_idx in tqdm(loader, desc="held-out scores", leave=False):
-        logp = patch_log_likelihood(encoder, flow, images.to(device), protos,
-                                    class_idx.to(device))
-        scores.append(image_score(logp).cpu())
-        classes.append(class_idx.cpu())
-    return torch.cat(scores), torch.cat(classes)
-
-
-# ----------------------------------------------------------------------------- commands
-# Training arguments that must not change when a run is resumed.
-RESUME_KEYS = ("data_path", "classes", "encoder", "out_indices", "encoder_weights", "holdout",
-               "seed", "batch_size", "img_size", "epochs", "lr", "warmup_epochs", "n_blocks")
-
-
-def _encoder_from_args(args) -> nn.Module:
-    return create_backbone(args.encoder, tuple(args.out_indices), weights=args.encoder_weights,
-                           pretrained=args.encoder_weights is None).to(args.device)
-
-
-def _loader(dataset, indices: list[int], args, train: bool = False):
-    subset = Subset(dataset, indices)
-    return DataLoader(subset, batch_size=args.batch_size, num_workers=args.num_workers,
-                      sampler=build_sampler(subset, args.seed) if train else None,
-                      pin_memory=torch.device(args.device).type == "cuda")
-
-
-def run_prototypes(args) -> list[str]:
-    """`prototypes` command: <output_dir>/<class>/coreset.npy for each class."""
-    classes = args.classes or datasets.list_train_classes(args.data_path)
-    encoder = _encoder_from_args(args)
-    transform = datasets.build_transforms(args.img_size)
-    paths = []
-    for name in classes:
-        dataset = datasets.TrainImageDataset(args.data_path, [name], transform,
-                                             skip_bad_images=args.skip_bad_images)
-        kept, held = holdout_split([c for _, c in dataset.samples], [name], args.holdout,
-                                   args.seed)
-        if args.num_shots is not None:
-            if not 1 <= args.num_shots <= len(kept):
-                raise ValueError(f"--num_shots {args.num_shots}: class '{name}' has "
-                                 f"{len(kept)} usable images ({len(held)} held out)")
-            kept = kept[:args.num_shots]  # the first K in file-name order
-        protos = build_prototypes(encoder, _loader(dataset, kept, args), args.coreset_ratio,
-                                  args.projection_dim, args.device,
-                                  rng=np.random.default_rng([args.seed, zlib.crc32(name.encode())]))
-        meta = {"backbone": args.encoder, "out_indices": list(args.out_indices),
-                "encoder_weights": args.encoder_weights, "num_images": len(kept),
-                "num_shots": args.num_shots, "holdout": args.holdout, "seed": args.seed,
-                "held_out": [os.path.basename(dataset.samples[i][0]) for i in held],
-                "coreset_ratio": args.coreset_ratio, "projection_dim": args.projection_dim,
-                "img_size": args.img_size, "shape": list(protos.shape)}
-        paths.append(save_prototypes(args.output_dir, name, protos, meta))
-        print(f"{name}: {len(kept)} images ({len(held)} held out) -> {len(protos)} "
-              f"prototypes -> {paths[-1]}", flush=True)
-    return paths
-
-
-def _check_prototype_holdout(prototypes_dir: str, held_out: dict[str, list[str]]) -> None:
-    """The held-out images must be unseen by the prototypes too, or the threshold is low:
-    the prototypes' coreset.json must list the same held-out files."""
-    for name, files in held_out.items():
-        meta_path = os.path.join(prototypes_dir, name, CORESET_META)
-        if not os.path.isfile(meta_path):
-            print(f"[protoflow] {meta_path} missing (released prototypes?): the held-out "
-                  f"images of '{name}' may be among the prototypes' images, which would "
-                  "make the stored threshold too low", flush=True)
-            continue
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if sorted(meta.get("held_out", [])) != sorted(files):
-            raise ValueError(f"{meta_path}: the prototypes were made with other held-out "
-                             f"images (--holdout {meta.get('holdout')} --seed "
-                             f"{meta.get('seed')}) than this training holds out; use the "
-                             "same --holdout, --seed and --skip_bad_images for both commands, "
-                             "or rebuild the prototypes, so that held-out images stay unseen")
-
-
-def run_train(args) -> dict:
-    """`train` command: the flow on the seen classes' images, last epoch kept (no model
-    selection with test labels), threshold from held-out normal images."""
-    classes = args.classes or datasets.setting_classes(
-        args.setting, args.unseen_classes,
-        available=datasets.list_train_classes(args.data_path))[0]
-    args.classes = list(classes)
-    seed_everything(args.seed)
-    encoder = _encoder_from_args(args)
-    feature_dim = sum(encoder.feature_info.channels())
-    prototypes = [load_prototypes(args.prototypes_dir, c, feature_dim, args.encoder,
-                                  args.out_indices).to(args.device) for c in classes]
-    train_set = datasets.TrainImageDataset(args.data_path, classes,
-                                           train_transform(args.img_size),
-                                           skip_bad_images=args.skip_bad_images)
-    eval_set = copy.copy(train_set)  # the same images, the test transform
-    eval_set.transform = datasets.build_transforms(args.img_size)
-    kept, held = holdout_split([c for _, c in train_set.samples], classes, args.holdout,
-                               args.seed)
-    if held:
-        held_names = {c: [] for c in classes}
-        for i in held:
-            path, k = train_set.samples[i]
-            held_names[classes[k]].append(os.path.basename(path))
-        _check_prototype_holdout(args.prototypes_dir, held_names)
-    flow = build_flow(feature_dim, args.n_blocks,
-                      rng=np.random.default_rng(args.seed)).to(args.device)
-    optimizer = torch.optim.Adam([p for p in flow.parameters() if p.requires_grad], lr=args.lr)
-
-    resume_path = args.output + ".resume"
-    start_epoch = 0
-    run_args = {k: getattr(args, k) for k in RESUME_KEYS}
-    if os.path.exists(resume_path):
-        if not args.resume:
-            raise FileExistsError(f"{resume_path} holds an unfinished run: pass --resume to "
-                                  "continue it, or delete the file to start over")
-        state = load_checkpoint_file(resume_path)
-        changed = {k: (state["args"].get(k), v) for k, v in run_args.items()
-                   if state["args"].get(k) != v}
-        if changed:
-            raise ValueError(f"{resume_path} was made with other arguments "
-                             f"(saved, now): {changed}; use the same ones or delete it")
-        flow.load_state_dict(state["flow"])
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng_state(state["rng"])
-        start_epoch = state["epoch"] + 1
-        print(f"[protoflow] resuming {resume_path} at epoch {start_epoch + 1}", flush=True)
-    log = JsonlLog(args.output + ".log.jsonl", start_epoch)
-
-    def epoch_end(epoch: int, loss: float, opt: torch.optim.Optimizer) -> None:
-        log.write({"epoch": epoch, "loss": loss, "lr": opt.param_groups[0]["lr"]})
-        print(f"[protoflow] epoch {epoch + 1}/{args.epochs} loss {loss:.5f}", flush=True)
-        save_on_master({"flow": flow.state_dict(), "optimizer": opt.state_dict(),
-                        "epoch": epoch, "args": run_args, "rng": capture_rng_state()},
-                       resume_path)
-
-    print(f"[protoflow] {len(classes)} classes, {len(kept)} training images, {len(held)} "
-          f"held out; {args.epochs} epochs on {args.device}", flush=True)
-    train_flow(encoder, flow, _loader(train_set, kept, args, train=True), prototypes,
-               args.epochs, args.lr, args.warmup_epochs, args.device, optimizer=optimizer,
-               start_epoch=start_epoch, epoch_end=epoch_end)
-    scores, score_classes = (image_scores(encoder, flow, _loader(eval_set, held, args),
-                                          prototypes, args.device)
-                             if held else (None, None))
-    obj = save_protoflow(args.output, encoder, flow, backbone=args.encoder,
-                         out_indices=args.out_indices, classes=classes, normal_scores=scores,
-                         normal_classes=score_classes, threshold_quantile=args.threshold_quantile,
-                         extra={"train_args": run_args})
-    if os.path.exists(resume_path):
-        os.remove(resume_path)
-    threshold = obj["image_score_threshold"]
-    print(f"[protoflow] wrote {args.output}; image-score threshold "
-          + (f"{threshold:.4f} (q{args.threshold_quantile:g} of {len(held)} held-out images)"
-             if threshold is not None else "none (--holdout 0)"), flush=True)
-    return obj
-
-
-def _add_common_args(p) -> None:
-    p.add_argument("--data_path", required=True,
-                   help="training images in ImageNet layout: <root>/train/<class>/* (the "
-                        "root, or its train/ folder)")
-    p.add_argument("--encoder", default=DEFAULT_ENCODER,
-                   help="timm backbone name (a tag selects timm's pretrained weights)")
-    p.add_argument("--out_indices", type=int, nargs="+", default=list(DEFAULT_OUT_INDICES))
-    p.add_argument("--encoder_weights", default=None,
-                   help="local backbone weights (timm or efficientnet-pytorch file); "
-                        "without it timm downloads the pretrained weights")
-    p.add_argument("--holdout", type=float, default=0.1,
-                   help="fraction of each class's images held out (threshold calibration)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--img_size", type=int, default=224)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--skip_bad_images", action="store_true",
-                   help="leave unreadable images out (listed) instead of stopping")
-
-
-def main(argv: Sequence[str] | None = None) -> object:
-    import argparse
-    parser = argparse.ArgumentParser("protoflow.py", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    pp = sub.add_parser("prototypes", help="build <output_dir>/<class>/coreset.npy")
-    _add_common_args(pp)
-    pp.add_argument("--classes", nargs="+", default=None, help="default: every class folder")
-    pp.add_argument("--output_dir", default="weights/prototypes")
-    pp.add_argument("--coreset_ratio", type=float, default=0.01)
-    pp.add_argument("--projection_dim", type=int, default=None,
-                    help="select the coreset on a random projection to this many dims")
-    pp.add_argument("--num_shots", type=int, default=None,
-                    help="use only the first K (file-name order) non-held-out images")
-    tp = sub.add_parser("train", help="train the flow, write the ProtoFlow file")
-    _add_common_args(tp)
-    tp.add_argument("--classes", nargs="+", default=None, help="overrides --setting")
-    tp.add_argument("--setting", default="multi_class",
-                    choices=["multi_class", "obj2tex", "tex2obj", "leave_one_out"])
-    tp.add_argument("--unseen_classes", nargs="*", default=None)
-    tp.add_argument("--prototypes_dir", default="weights/prototypes")
-    tp.add_argument("--output", required=True, help="e.g. weights/protoflow/multi_class.pt")
-    tp.add_argument("--epochs", type=int, default=200)
-    tp.add_argument("--lr", type=float, default=2e-4)
-    tp.add_argument("--warmup_epochs", type=int, default=2)
-    tp.add_argument("--n_blocks", type=int, default=DEFAULT_N_BLOCKS)
-    tp.add_argument("--threshold_quantile", type=float, default=THRESHOLD_QUANTILE)
-    tp.add_argument("--resume", action="store_true",
-                    help="continue the unfinished run saved in <output>.resume")
-    args = parser.parse_args(argv)
-    args.data_path = datasets.resolve_train_root(args.data_path)
-    return run_prototypes(args) if args.command == "prototypes" else run_train(args)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

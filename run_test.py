@@ -668,7 +668,7 @@ def main(args: argparse.Namespace) -> dict:
             and m.protoflow.threshold is None):
         print(f"[run_test] {args.protoflow_weights} stores no threshold from normal images "
               "(a released file): every image gets ProtoFlow's proposal mask. `python "
-              "protoflow.py train ...` writes a file with one.")
+              "run_protoflow.py train ...` writes a file with one.")
 
     results = {"protocol": args.protocol, "setting": setting, "classes": {},
                "clean_options": options.as_dict() if args.protocol == "clean" else None,

@@ -41,14 +41,15 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(device: str | torch.device = "cpu",
-                     timeout_min: float = 60.0) -> DistEnv:
+def init_distributed(device: str | torch.device = "cpu", timeout_min: float = 60.0,
+                     init_method: str = "env://") -> DistEnv:
     """Join the process group that torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK.
 
     Without those variables (a plain `python run_pretraining.py`) this is one process and
     no group is created. nccl on CUDA, gloo on CPU. Each CUDA process takes the GPU of its
-    LOCAL_RANK. The timeout is long because rank 0 fills the token cache while the others
-    wait at a barrier.
+    LOCAL_RANK. The timeout bounds the longest wait at a collective (the token cache
+    fill, a k-means fit on rank 0). `init_method` other than env:// (e.g. file://)
+    needs no MASTER_ADDR/MASTER_PORT.
     """
     device = torch.device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -62,12 +63,12 @@ def init_distributed(device: str | torch.device = "cpu",
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        for var in ("MASTER_ADDR", "MASTER_PORT"):
+        for var in ("MASTER_ADDR", "MASTER_PORT") if init_method == "env://" else ():
             if var not in os.environ:
                 raise RuntimeError(f"WORLD_SIZE={world_size} but {var} is not set: start "
                                    "several processes with torchrun (scripts/train_*.sh)")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank,
+        dist.init_process_group(backend=backend, init_method=init_method, rank=rank,
                                 world_size=world_size,
                                 timeout=datetime.timedelta(minutes=timeout_min),
                                 device_id=device if device.type == "cuda" else None)
@@ -80,6 +81,26 @@ def cleanup_distributed() -> None:
     if is_dist_avail_and_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(device: str | torch.device = "cpu", timeout_min: float = 60.0,
+                init_method: str = "env://") -> Iterator[DistEnv]:
+    """init_distributed for the block; on success, a barrier and the group's end.
+
+    On an exception the group ends at once, with no barrier, and the exception goes
+    on: the other ranks may be waiting in DDP's gradient all-reduce, where a barrier
+    would never meet them (a hang until the timeout). Their collective then fails, and
+    torchrun ends the job with this rank's error.
+    """
+    env = init_distributed(device, timeout_min, init_method)
+    try:
+        yield env
+    except BaseException:
+        if is_dist_avail_and_initialized():
+            dist.destroy_process_group()
+        raise
+    cleanup_distributed()
 
 
 def is_dist_avail_and_initialized() -> bool:
@@ -101,6 +122,17 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if is_dist_avail_and_initialized():
         dist.barrier()
+
+
+def to_device(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """`t` on `device` without the host waiting: host tensors are pinned first for CUDA
+    (a copy from pageable memory would wait)."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -149,9 +181,15 @@ def build_sampler(dataset: torch.utils.data.Dataset, seed: int, shuffle: bool = 
 @contextlib.contextmanager
 def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
     """Bitwise-reproducible kernels inside the block (some are slower, mostly on GPU),
-    then the previous mode again. Without it, CPU and GPU backward passes may differ in
-    the last bits between runs, so a resumed run matches an uninterrupted one only to
-    rounding."""
+    then the previous mode again, so that a resumed run equals an uninterrupted one.
+
+    Strict: an op without a deterministic kernel raises (naming it) instead of running,
+    e.g. a non-deterministic CUDA attention backward. CUBLAS_WORKSPACE_CONFIG=:4096:8
+    (unless set) makes cuBLAS deterministic; it must be set before CUDA's first matrix
+    product, so enter this block before any. On the CPU the kernels PMAD uses are
+    deterministic already: there the flag makes torch.empty fill its memory (NaN) and
+    would name any op that is not, and it changes no result.
+    """
     if not enabled:
         yield
         return
@@ -159,7 +197,7 @@ def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
                 torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.backends.cudnn.benchmark)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True, warn_only=False)
     torch.backends.cudnn.benchmark = False
     try:
         yield
@@ -266,6 +304,17 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float,
             {"params": decay, "weight_decay": weight_decay}]
 
 
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                    device: str | torch.device = "cpu") -> torch.optim.AdamW:
+    """AdamW over param_groups_weight_decay; fused (one kernel per step) on CUDA and
+    CPU, which also lets engine.train_step skip a failed step without reading the
+    device on the host."""
+    fused = torch.device(device).type in ("cuda", "cpu")
+    return torch.optim.AdamW(param_groups_weight_decay(model, weight_decay), lr=lr,
+                             betas=tuple(betas), eps=eps, fused=fused or None)
+
+
 def set_step_hyperparams(optimizer: torch.optim.Optimizer, lr: float,
                          weight_decay: float) -> None:
     """Per-step lr for every group; weight decay only for groups that decay at all."""
@@ -276,8 +325,9 @@ def set_step_hyperparams(optimizer: torch.optim.Optimizer, lr: float,
 
 
 # ----------------------------------------------------------------------------- RNG state
-def capture_rng_state(mask_rng: np.random.Generator | None = None) -> dict:
-    """All random streams of this process, in types a weights_only load accepts."""
+def capture_rng_state() -> dict:
+    """The global random streams of this process, in types a weights_only load accepts
+    (the masks' own stream is MaskingPolicy's)."""
     np_state = np.random.get_state(legacy=False)
     state = {
         "python": random.getstate(),
@@ -286,13 +336,16 @@ def capture_rng_state(mask_rng: np.random.Generator | None = None) -> dict:
                   "has_gauss": int(np_state["has_gauss"]),
                   "gauss": float(np_state["gauss"])},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "mask_rng": mask_rng.bit_generator.state if mask_rng is not None else None,
+        # this rank's own GPU only (each rank uses one; the others' states are not its own)
+        "cuda": (torch.cuda.get_rng_state(torch.cuda.current_device())
+                 if torch.cuda.is_available() and torch.cuda.is_initialized() else None),
     }
     return state
 
 
-def restore_rng_state(state: dict, mask_rng: np.random.Generator | None = None) -> None:
+def restore_rng_state(state: dict, device: str | torch.device = "cpu") -> bool:
+    """Restore capture_rng_state's streams; returns False when `device` is a GPU whose
+    stream the state does not hold (written on the CPU): that stream restarts."""
     random.setstate(_as_tuple(state["python"]))
     np_state = state["numpy"]
     np.random.set_state({"bit_generator": "MT19937",
@@ -300,10 +353,16 @@ def restore_rng_state(state: dict, mask_rng: np.random.Generator | None = None) 
                                    "pos": np_state["pos"]},
                          "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
-    if mask_rng is not None and state.get("mask_rng") is not None:
-        mask_rng.bit_generator.state = state["mask_rng"]
+    if torch.device(device).type != "cuda":
+        return True
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # earlier layout: every GPU's state
+        index = torch.cuda.current_device()
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is None:
+        return False
+    torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
+    return True
 
 
 def _as_tuple(obj: Any) -> Any:
@@ -416,22 +475,22 @@ def find_latest_checkpoint(output_dir: str) -> str | None:
 def save_training_state(output_dir: str, names: Iterable[int | str], *, epoch: int,
                         model: nn.Module, optimizer: torch.optim.Optimizer,
                         scaler: torch.amp.GradScaler, args: dict,
-                        dynamic_masking: dict | None, sampler_seed: int,
-                        mask_rng: np.random.Generator | None) -> list[str]:
+                        masking: dict | None, sampler_seed: int) -> list[str]:
     """Write checkpoint-<name>.pth for each name; call on EVERY rank (the RNG states of
-    all ranks are gathered so that each can resume its own streams).
+    all ranks are gathered so that each can resume its own streams). ``masking`` is
+    MaskingPolicy.state_dict() (itself gathered from every rank).
 
     `model` is the unwrapped module (no DDP 'module.' prefix), so the file also loads as
     an initialisation or test checkpoint ({'model': state_dict, ...}).
     """
-    rng = all_gather_object(capture_rng_state(mask_rng))
+    rng = all_gather_object(capture_rng_state())
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "epoch": epoch,
         "args": args,
-        "dynamic_masking": dynamic_masking,
+        "masking": masking,
         "sampler_seed": sampler_seed,
         "world_size": get_world_size(),
         "rng": rng,
@@ -445,11 +504,13 @@ def save_training_state(output_dir: str, names: Iterable[int | str], *, epoch: i
 def load_training_state(path: str, *, model: nn.Module,
                         optimizer: torch.optim.Optimizer | None = None,
                         scaler: torch.amp.GradScaler | None = None,
-                        dynamic_state: Any | None = None,
-                        mask_rng: np.random.Generator | None = None) -> dict:
+                        masking: Any | None = None,
+                        device: str | torch.device = "cpu") -> dict:
     """Restore what save_training_state wrote; returns {'start_epoch', 'sampler_seed',
-    'rng_restored'}. A file holding only 'model' (a released checkpoint) loads the
-    weights and starts at epoch 0."""
+    'rng_restored', 'args'}. A file holding only 'model' (a released checkpoint) loads
+    the weights and starts at epoch 0. ``masking``: a MaskingPolicy; checkpoints of the
+    earlier layout (top-level 'dynamic_masking', each rank's 'mask_rng' in 'rng') load
+    too."""
     ckpt = load_checkpoint_file(path)
     if "model" not in ckpt:
         raise ValueError(f"{path} has no 'model' entry (keys {sorted(ckpt)[:8]})")
@@ -462,18 +523,33 @@ def load_training_state(path: str, *, model: nn.Module,
         optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    if dynamic_state is not None and ckpt.get("dynamic_masking") is not None:
-        dynamic_state.load_state_dict(ckpt["dynamic_masking"])
-    info["start_epoch"] = int(ckpt["epoch"]) + 1
     rng = ckpt.get("rng") or []
+    masking_state = masking_state_of(ckpt)
+    if masking is not None and masking_state is not None:
+        masking.load_state_dict(masking_state)
+    info["start_epoch"] = int(ckpt["epoch"]) + 1
     if len(rng) == get_world_size():
-        restore_rng_state(rng[get_rank()], mask_rng)
-        info["rng_restored"] = True
+        info["rng_restored"] = restore_rng_state(rng[get_rank()], device)
+        if not info["rng_restored"]:
+            main_print(f"[resume] {path} holds no CUDA random state (written on the CPU): "
+                       "the CUDA stream (drop-path) restarts from --seed; weights, "
+                       "optimiser, masking and the CPU streams are restored exactly")
     else:
         main_print(f"[resume] {path} holds the random states of {len(rng)} process(es), "
                    f"this run has {get_world_size()}: random streams restart from --seed "
                    "(weights, optimiser and dynamic masking are restored exactly)")
     return info
+
+
+def masking_state_of(ckpt: dict) -> dict | None:
+    """The checkpoint's MaskingPolicy state; the earlier layout (top-level
+    'dynamic_masking', each rank's 'mask_rng' inside 'rng') converted."""
+    if ckpt.get("masking") is not None:
+        return ckpt["masking"]
+    if ckpt.get("dynamic_masking") is None:
+        return None
+    return {"dynamic_masking": ckpt["dynamic_masking"],
+            "mask_rng": [r.get("mask_rng") for r in ckpt.get("rng") or []]}
 
 
 # ----------------------------------------------------------------------------- logging

@@ -73,13 +73,17 @@ def main() -> None:
         def ours(protocol: str) -> None:
             tokens = torch.cat([tokenizer.get_codebook_indices(t.to(device)).cpu()
                                 for t in token_images.split(args.batch_size)])
-            logp = torch.cat([protoflow.log_likelihood(x, "c")
-                              for x in images.split(args.batch_size)])
-            data = run_test.ClassData(images, tokens, logp, labels, gts)
-            run_test.evaluate_class(model, data, "c", protocol=protocol, ratio=0.3,
-                                    threshold=protoflow.threshold, sigma=4.0,
-                                    batch_size=args.batch_size, device=device, amp=amp,
-                                    seed=0)
+            logp, dist = (torch.cat(t) for t in zip(*[protoflow.scores(x, "c")
+                                                      for x in images.split(args.batch_size)]))
+            data = run_test.ClassData(images, tokens, logp, dist, labels, gts,
+                                      defect_types=["good" if y == 0 else "bad" for y in labels])
+            common = dict(sigma=4.0, batch_size=args.batch_size, device=device, amp=amp,
+                          seed=0)
+            if protocol == "paper":
+                run_test.evaluate_paper(model, data, **common)
+            else:
+                run_test.evaluate_clean(model, data, ratio=0.3, threshold=protoflow.threshold,
+                                        options=run_test.CleanOptions(), **common)
 
         def baseline() -> None:
             set_fused_attn(model, False)

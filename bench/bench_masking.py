@@ -158,9 +158,9 @@ def main() -> None:
                                        p_block), 4, args.seconds)
         print(f"{label:26s} {ours[4]:10.0f} {ours[64]:10.0f} {base:10.0f} "
               f"{ours[4] / base:8.1f} {ours[64] / base:9.1f}")
-    single = {s: masks_per_second(lambda: mg.generate(58, shape=s, rng=rng), 1,
+    single = {s: masks_per_second(lambda: mg._generate(58, shape=s, rng=rng), 1,
                                   args.seconds)[0] for s in ("block", "random")}
-    print(f"generate() one mask at a time, m=58: block {single['block']:.0f}/s, "
+    print(f"_generate() one mask at a time, m=58: block {single['block']:.0f}/s, "
           f"random {single['random']:.0f}/s")
     print(f"combinational per wall-second (shared machine): ours b=4 "
           f"{walls['combinational', 4]:.0f}, b=64 {walls['combinational', 64]:.0f}, "

@@ -1,32 +1,67 @@
-"""Speed of the reconstruction ViT: SDPA attention against the explicit-softmax baseline.
+"""Speed of the reconstruction ViT against the original PMAD/BEiT network, in one run.
 
-Both variants run in this one process on the same model (`Attention.fused_attn`), so the
-ratio compares like with like. Forward = eval-mode masked-token logits; train step =
-forward + masked cross-entropy + backward + AdamW. CPU: batch 4 in fp32 and bf16
-autocast. CUDA (when present): bf16 autocast at batches 4, 32, 128.
+Baseline: bench/original_beit.py, the published code's computation (explicit softmax
+attention with the fp32 relative bias, cat'ed q/v bias, timm-0.3 DropPath/Mlp), loaded
+with our model's state dict; the script first checks that both give the same logits and
+gradients. Steps: eval forward (masked-token logits under inference_mode) and train step
+(forward + masked cross-entropy + backward + AdamW, one identical AdamW per model). CPU:
+fp32 and bf16 autocast; CUDA (when present): bf16 at --cuda-batches. The variants are
+timed interleaved, in alternating order, and each figure is a median.
 
-    python bench/bench_model.py [--iters 10] [--warmup 2] [--devices cpu cuda]
+The "layer share" column is the fraction of the baseline's time in the products of its
+linear layers and patch embedding (torch.profiler, one extra call): any implementation of
+this network computes the same products, so with the same kernels 1 / (layer share)
+bounds its speed-up ("bound"). Attention's products are not counted: kernels differ there.
+
+    python bench/bench_model.py [--model vit_tiny_patch16_224_8k_vocab] [--cpu-batch 8]
+        [--reps 7] [--threads 1] [--compile] [--devices cpu cuda]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
-import resource
+import statistics
 import sys
 import time
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import timm  # noqa: E402
 
-from modeling_pmad import set_fused_attn  # noqa: E402  (registers the models with timm)
+import modeling_pmad  # noqa: E402, F401  (registers the models with timm)
+from bench.original_beit import OriginalViT  # noqa: E402
 
 MASK_RATIO = 0.4
+# Leaf ops of nn.Linear / F.linear and of the patch convolution, forward and backward
+# (attention's products run as bmm: not listed).
+LAYER_OPS = ("aten::mm", "aten::addmm", "aten::mkldnn_convolution",
+             "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward",
+             "aten::convolution_backward", "aten::cudnn_convolution")
+
+
+def build_pair(model_name: str, device: torch.device) -> tuple[torch.nn.Module, OriginalViT]:
+    """Our model with non-trivial weights and the baseline holding the same state dict."""
+    torch.manual_seed(0)
+    ours = timm.create_model(model_name, pretrained=False, drop_path_rate=0.1)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # biases, gammas and the bias table start constant
+        for p in ours.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    blk = ours.blocks[0]
+    original = OriginalViT(img_size=ours.patch_embed.img_size[0],
+                           patch_size=ours.patch_embed.patch_size[0],
+                           vocab_size=ours.vocab_size, embed_dim=ours.embed_dim,
+                           depth=len(ours.blocks), num_heads=blk.attn.num_heads,
+                           mlp_ratio=blk.mlp.fc1.out_features / ours.embed_dim,
+                           drop_path_rate=0.1, init_values=0.1)
+    original.load_state_dict(ours.state_dict(), strict=True)
+    return ours.to(device), original.to(device)
 
 
 def make_batch(batch: int, num_patches: int, vocab: int, device: torch.device,
@@ -40,117 +75,208 @@ def make_batch(batch: int, num_patches: int, vocab: int, device: torch.device,
     return images, mask.to(device), targets.to(device)
 
 
-def timed(fn: Callable[[], None], iters: int, warmup: int, device: torch.device
-          ) -> tuple[float, float | None]:
-    """Seconds per call, and peak CUDA memory in GiB over the timed calls (None on CPU)."""
-    for _ in range(warmup):
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def check_same_network(ours: torch.nn.Module, original: OriginalViT, device: torch.device
+                       ) -> tuple[float, float]:
+    """fp32, eval mode: max relative difference of the masked-token logits (with
+    gradients and under inference_mode: our model runs different attention kernels) and
+    of all parameter gradients. Raises when above 1e-4."""
+    images, mask, targets = make_batch(2, ours.patch_embed.num_patches, ours.vocab_size,
+                                       device, torch.Generator().manual_seed(1))
+    results = []
+    for model in (ours, original):
+        model.eval().zero_grad(set_to_none=True)
+        with torch.inference_mode():
+            inference = model(images, mask)  # (M, V)
+        logits = model(images, mask)
+        F.cross_entropy(logits, targets).backward()
+        results.append((inference, logits.detach(), dict(model.named_parameters())))
+        model.train()
+    (ours_inf, ours_logits, ours_params), (orig_inf, orig_logits, orig_params) = results
+    logit_diff = max(max_rel_diff(ours_logits, orig_logits), max_rel_diff(ours_inf, orig_inf))
+    grad_diff = max(max_rel_diff(p.grad, orig_params[name].grad)
+                    for name, p in ours_params.items())
+    ours.zero_grad(set_to_none=True)
+    original.zero_grad(set_to_none=True)
+    if logit_diff > 1e-4 or grad_diff > 1e-4:
+        raise AssertionError(f"the baseline is not the same network: logits differ by "
+                             f"{logit_diff:.2e}, gradients by {grad_diff:.2e} (relative)")
+    return logit_diff, grad_diff
+
+
+def median_seconds(fns: dict[str, Callable[[], None]], reps: int, warmup: int,
+                   device: torch.device, clock: Callable[[], float] = time.perf_counter
+                   ) -> dict[str, float]:
+    """Median seconds per call of each function, timed interleaved in alternating order."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            sync()
+            start = clock()
+            fns[name]()
+            sync()
+            times[name].append(clock() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def layer_share(fn: Callable[[], None], device: torch.device) -> float:
+    """Fraction of one call's time spent in LAYER_OPS (CUDA: their kernels' time)."""
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - start) / iters
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    return seconds, peak
+    events = prof.key_averages()
+    if cuda:
+        total = sum(e.self_device_time_total for e in events)
+        part = sum(e.device_time_total for e in events if e.key in LAYER_OPS)
+    else:
+        total = sum(e.self_cpu_time_total for e in events)
+        part = sum(e.self_cpu_time_total for e in events if e.key in LAYER_OPS)
+    return part / total if total else float("nan")
 
 
 def bench_device(model_name: str, device: torch.device, precisions: list[str],
-                 batches: list[int], iters: int, warmup: int) -> Iterator[dict]:
+                 batches: list[int], reps: int, warmup: int, compile_: bool,
+                 clock: Callable[[], float]) -> Iterator[dict]:
     """One result row per (precision, batch, step), as soon as it is measured."""
-    model = timm.create_model(model_name, pretrained=False, drop_path_rate=0.1,
-                              use_shared_rel_pos_bias=True, use_abs_pos_emb=False,
-                              init_values=0.1).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-3, weight_decay=0.05)
+    ours, original = build_pair(model_name, device)
+    logit_diff, grad_diff = check_same_network(ours, original, device)
+    print(f"same network ({device.type}, fp32): logits within {logit_diff:.1e}, "
+          f"gradients within {grad_diff:.1e} (max relative difference)", flush=True)
+    models = {"original": original, "ours": ours}
+    if compile_:
+        models["compiled"] = torch.compile(ours)
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.05)
+                  for name, m in models.items() if name != "compiled"}
+    optimizers["compiled"] = optimizers["ours"]
     gen = torch.Generator().manual_seed(0)
     for precision in precisions:
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                                  enabled=precision == "bf16")
         for batch in batches:
-            images, mask, targets = make_batch(batch, model.patch_embed.num_patches,
-                                               model.vocab_size, device, gen)
+            images, mask, targets = make_batch(batch, ours.patch_embed.num_patches,
+                                               ours.vocab_size, device, gen)
 
-            @torch.no_grad()
-            def forward() -> None:
-                with autocast:
-                    model(images, mask)  # (M, V)
+            def step_fn(name: str, train: bool) -> Callable[[], None]:
+                model, optimizer = models[name], optimizers[name]
 
-            def train_step() -> None:
-                with autocast:
-                    logits = model(images, mask)  # (M, V)
-                loss = F.cross_entropy(logits.float(), targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                def autocast() -> torch.autocast:
+                    return torch.autocast(device.type, dtype=torch.bfloat16,
+                                          enabled=precision == "bf16")
 
-            for step, fn, train in (("forward", forward, False), ("train", train_step, True)):
-                model.train(train)
-                result = {}
-                for attention in ("sdpa", "explicit"):
-                    set_fused_attn(model, attention == "sdpa")
-                    try:
-                        result[attention] = timed(fn, iters, warmup, device)
-                    except torch.OutOfMemoryError:  # the explicit baseline may not fit
-                        optimizer.zero_grad(set_to_none=True)
-                        torch.cuda.empty_cache()
-                        result[attention] = None
-                set_fused_attn(model, True)
+                def forward() -> None:
+                    with torch.inference_mode(), autocast():
+                        model(images, mask)  # (M, V)
+
+                def train_step() -> None:
+                    with autocast():
+                        logits = model(images, mask)  # (M, V)
+                    loss = F.cross_entropy(logits.float(), targets)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+
+                return train_step if train else forward
+
+            for step, train in (("forward", False), ("train", True)):
+                for model in models.values():
+                    model.train(train)
+                fns = {name: step_fn(name, train) for name in models}
+                seconds = median_seconds(fns, reps, warmup, device, clock)
+                share = layer_share(fns["original"], device)
                 yield dict(device=device.type, precision=precision, batch=batch, step=step,
-                           result=result,
-                           max_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                           / 2 ** 20)
+                           seconds=seconds, layer_share=share)
 
 
-HEADER = (f"{'device':6} {'prec':4} {'batch':>5} {'step':8} {'sdpa img/s':>11} "
-          f"{'explicit img/s':>15} {'speed-up':>9} {'peak GiB sdpa/expl':>19} "
-          f"{'max RSS GiB':>11}")
+def format_header(compile_: bool) -> str:
+    head = (f"{'device':6} {'prec':4} {'batch':>5} {'step':7} {'original img/s':>14} "
+            f"{'ours img/s':>10} {'speed-up':>8}")
+    if compile_:
+        head += f" {'compiled img/s':>14} {'speed-up':>8}"
+    return head + f" {'layer share':>11} {'bound':>6}"
 
 
 def format_row(r: dict) -> str:
-    """Out-of-memory variants show as 'OOM'."""
-    sdpa, expl = r["result"]["sdpa"], r["result"]["explicit"]
-    speed = [f"{r['batch'] / res[0]:.2f}" if res else "OOM" for res in (sdpa, expl)]
-    ratio = f"{expl[0] / sdpa[0]:.2f}x" if sdpa and expl else "n/a"
-    memory = "n/a" if r["device"] == "cpu" else "/".join(
-        f"{res[1]:.2f}" if res else "OOM" for res in (sdpa, expl))
-    return (f"{r['device']:6} {r['precision']:4} {r['batch']:>5} {r['step']:8} "
-            f"{speed[0]:>11} {speed[1]:>15} {ratio:>9} {memory:>19} "
-            f"{r['max_rss_gib']:>11.2f}")
+    s = r["seconds"]
+    row = (f"{r['device']:6} {r['precision']:4} {r['batch']:>5} {r['step']:7} "
+           f"{r['batch'] / s['original']:>14.2f} {r['batch'] / s['ours']:>10.2f} "
+           f"{s['original'] / s['ours']:>7.2f}x")
+    if "compiled" in s:
+        row += (f" {r['batch'] / s['compiled']:>14.2f} "
+                f"{s['original'] / s['compiled']:>7.2f}x")
+    return row + f" {r['layer_share']:>11.0%} {1 / r['layer_share']:>5.2f}x"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_base_patch16_224_8k_vocab")
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=7, help="timed calls per variant")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: this process's CPU time, steadier than wall time on a "
+                             "machine shared with other jobs (CPU only, with --threads 1)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile of our model")
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"],
                         choices=["cpu", "cuda"], help="cuda is skipped when absent")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
+                        choices=["fp32", "bf16"], help="CPU precisions")
     parser.add_argument("--cpu-batch", type=int, default=4)
     parser.add_argument("--cuda-batches", type=int, nargs="+", default=[4, 32, 128])
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and (torch.get_num_threads() != 1 or "cuda" in args.devices
+                                and torch.cuda.is_available()):
+        parser.error("--clock cpu measures one CPU thread: add --threads 1 and --devices cpu")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
-    print(f"torch {torch.__version__}, timm {timm.__version__}, {args.model}, "
-          f"{args.iters} timed iterations after {args.warmup} warm-up, mask ratio {MASK_RATIO}")
-    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{torch.get_num_threads()} torch threads")
+    print(f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, timm {timm.__version__}, "
+          f"{args.model}, median of {args.reps} interleaved calls after {args.warmup} "
+          f"warm-up, {args.clock} clock, mask ratio {MASK_RATIO}")
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
+          f"threads, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"bf16 autocast pays here: {modeling_pmad.bf16_supported('cpu')}")
     runs = []
     if "cpu" in args.devices:
-        runs.append((torch.device("cpu"), ["fp32", "bf16"], [args.cpu_batch]))
+        runs.append((torch.device("cpu"), args.precisions, [args.cpu_batch]))
     if "cuda" in args.devices and torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
         runs.append((torch.device("cuda"), ["bf16"], args.cuda_batches))
     elif "cuda" in args.devices:
         print("CUDA: not available, skipped")
-    print(HEADER, "-" * len(HEADER), sep="\n", flush=True)
+    header = format_header(args.compile)
     for device, precisions, batches in runs:
-        for row in bench_device(args.model, device, precisions, batches, args.iters,
-                                args.warmup):
+        rows = bench_device(args.model, device, precisions, batches, args.reps,
+                            args.warmup, args.compile, clock)
+        for i, row in enumerate(rows):
+            if i == 0:
+                print(header, "-" * len(header), sep="\n")
             print(format_row(row), flush=True)
-    print("speed-up = explicit-softmax time / SDPA time; peak GiB: CUDA allocator peak per "
-          "variant; max RSS: this process's high-water mark so far (CPU)")
+    print("speed-up = original time / ours; bound = 1 / layer share: the most any "
+          "implementation can gain that computes the linear layers with the same kernels")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

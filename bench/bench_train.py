@@ -1,8 +1,10 @@
 """Training throughput (images/s) of run_pretraining's step, in one run:
 
   models tiny and base; CPU fp32 and bf16 (batch 4); CUDA, when present, fp32 and bf16
-  at batch 4 and 64; each without the token cache (the tokenizer runs inside the step)
-  and with it (datasets.cache_tokens, as run_pretraining does).
+  at batch 4 and 64; each without the token cache (the tokenizer runs inside the step),
+  with it (datasets.cache_tokens, as run_pretraining does), and with the images decoded
+  once and kept in RAM (--cache_images ram) or, on CUDA, on the device
+  (--cache_images device).
 
 Per row: the end-to-end step rate (engine.train_one_epoch: loading, masks, forward,
 backward, AdamW), the data loader's own rate (iterating the same loader, no model) and
@@ -20,13 +22,14 @@ OpenAI's format (or --tokenizer_weight_path for the real one).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import timm
@@ -38,7 +41,7 @@ import datasets  # noqa: E402
 import engine  # noqa: E402
 import modeling_pmad  # noqa: E402,F401  (registers the ViTs with timm)
 import utils  # noqa: E402
-from masking_generator import DynamicMaskingState, MaskGenerator  # noqa: E402
+from masking_generator import MaskGenerator, MaskingPolicy  # noqa: E402
 from modeling_discrete_vae import DalleEncoder, create_tokenizer, save_dalle_encoder  # noqa: E402
 
 MODELS = {"tiny": "vit_tiny_patch16_224_8k_vocab", "base": "vit_base_patch16_224_8k_vocab"}
@@ -95,12 +98,36 @@ def median_rate(stamps: list[float], skip: int, batch_size: int) -> float:
     return batch_size / statistics.median(np.diff(stamps)[skip:])
 
 
-def loader_rate(dataset, batch_size: int, steps: int, warmup: int, num_workers: int,
-                device: torch.device) -> float:
+def epochs_of(cache: datasets.ImageCache, num_batches: int) -> Iterator[dict]:
+    """`num_batches` batches of an ImageCache, epoch after epoch."""
+    if len(cache) == 0:
+        raise ValueError("--num_images is smaller than one batch")
+    for epoch in itertools.count():
+        cache.set_epoch(epoch)
+        for batch in cache:
+            if num_batches == 0:
+                return
+            num_batches -= 1
+            yield batch
+
+
+def sources(plain, cached, batch_size: int, num_workers: int, device: torch.device
+            ) -> dict[str, Callable[[int], Iterable[dict]]]:
+    """name -> (number of batches -> batches) for each data path."""
+    out = {"no cache": lambda n: loader_for(plain, batch_size, n, num_workers, device),
+           "cache": lambda n: loader_for(cached, batch_size, n, num_workers, device)}
+    for where in ("ram", "device") if device.type == "cuda" else ("ram",):
+        cache = datasets.ImageCache(cached, batch_size, where=where, device=device,
+                                    num_workers=num_workers)
+        out[f"cache+{where}"] = lambda n, c=cache: epochs_of(c, n)
+    return out
+
+
+def loader_rate(make: Callable[[int], Iterable[dict]], batch_size: int, steps: int,
+                warmup: int, device: torch.device) -> float:
     """images/s of the loader alone, batches moved to the device."""
     stamps: list[float] = []
-    loader = loader_for(dataset, batch_size, warmup + steps, num_workers, device)
-    for batch in timed(loader, stamps):
+    for batch in timed(make(warmup + steps), stamps):
         batch["image"].to(device, non_blocking=True)
         sync(device)
     return median_rate(stamps, warmup, batch_size)
@@ -111,31 +138,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_rate(model_name: str, dataset, tokenizer, amp: str, batch_size: int, steps: int,
-              warmup: int, num_workers: int, device: torch.device) -> float:
+def step_rate(model_name: str, make: Callable[[int], Iterable[dict]], tokenizer, amp: str,
+              batch_size: int, steps: int, warmup: int, device: torch.device) -> float:
     """images/s of engine.train_one_epoch (dynamic masking on: the most work per step).
 
-    train_step synchronises with the device twice per step (the non-finite checks), so
-    the stamps bound whole steps on a GPU too."""
+    No step waits for the device, but dynamic masking reads the statistics of two steps
+    back, so the host runs at most two steps ahead of a GPU: in the steady state the
+    stamps' spacing is the device's step time."""
     torch.manual_seed(0)
     model = timm.create_model(model_name, drop_path_rate=0.1, init_values=0.1).to(device)
-    optimizer = torch.optim.AdamW(utils.param_groups_weight_decay(model, 0.05), lr=1e-4)
-    grid = model.patch_embed.grid_size
+    optimizer = utils.build_optimizer(model, 1e-4, 0.05, device=device)
     n = warmup + steps
     schedule = np.full(n, 1e-4)
     stamps: list[float] = []
     engine.train_one_epoch(
-        model, timed(loader_for(dataset, batch_size, n, num_workers, device), stamps),
-        optimizer, utils.make_grad_scaler(device, amp), epoch=0, num_steps=n,
-        device=device, mask_generator=MaskGenerator(window_size=grid),
-        dynamic_state=DynamicMaskingState(list(CLASSES), grid[0] * grid[1]),
-        class_names=list(CLASSES), mask_rng=np.random.default_rng(0),
-        lr_schedule=schedule, wd_schedule=schedule * 500, dynamic_masking_start=0,
-        clip_grad=3.0, amp=amp, progress=False,
-        tokenizer=None if dataset.tokens is not None else tokenizer)
+        model, timed(make(n), stamps), optimizer, utils.make_grad_scaler(device, amp),
+        make_policy(device),
+        engine.TrainConfig(schedule, schedule * 500, n, clip_grad=3.0, amp=amp),
+        epoch=0, progress=False, tokenizer=tokenizer)
     sync(device)
     stamps.append(time.perf_counter())
     return median_rate(stamps, warmup, batch_size)
+
+
+def make_policy(device: torch.device) -> MaskingPolicy:
+    """Dynamic masking from the first step: the most work per step."""
+    return MaskingPolicy(MaskGenerator(), list(CLASSES), dynamic_start=0, device=device)
 
 
 def main() -> None:
@@ -157,7 +185,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data")
-        make_data(data, args.num_images, args.image_px)
+        # an ImageCache serves whole epochs: at least two batches of the largest size
+        make_data(data, max(args.num_images, 128 if "cuda" in devices else 8),
+                  args.image_px)
         tok_path = args.tokenizer_weight_path or make_tokenizer_file(tmp)
         for dev_name in devices:
             device = torch.device(dev_name)
@@ -167,8 +197,11 @@ def main() -> None:
                                or utils.bf16_supported(device) else [])
             batches = [4] if device.type == "cpu" else [4, 64]
             tokenizer = create_tokenizer("dall-e", tok_path, device, amp=utils.default_amp(device))
-            plain = datasets.PretrainDataset(data, CLASSES, tokenizer.image_size)
-            cached = datasets.PretrainDataset(data, CLASSES, tokenizer.image_size)
+            freq = make_policy(device).frequency
+            plain = datasets.PretrainDataset(data, CLASSES, tokenizer.image_size,
+                                             freq_weights=freq)
+            cached = datasets.PretrainDataset(data, CLASSES, tokenizer.image_size,
+                                              freq_weights=freq)
             t0 = time.perf_counter()
             datasets.cache_tokens(cached, tokenizer, os.path.join(tmp, "cache", dev_name),
                                   device=device)
@@ -177,24 +210,29 @@ def main() -> None:
                   f"({len(cached)} images, {args.image_px} px, {workers} loader workers)",
                   flush=True)
             for batch in batches:
-                load = {name: loader_rate(ds, batch, args.steps, args.warmup, workers,
-                                          device)
-                        for name, ds in (("no cache", plain), ("cache", cached))}
+                paths = sources(plain, cached, batch, workers, device)
+                load = {name: loader_rate(make, batch, args.steps, args.warmup, device)
+                        for name, make in paths.items()}
                 for key in args.models:
                     baseline = None
                     for amp in amps:
-                        for name, ds in (("no cache", plain), ("cache", cached)):
-                            rate = step_rate(MODELS[key], ds, tokenizer, amp, batch,
-                                             args.steps, args.warmup, workers, device)
+                        loader_path = None
+                        for name, make in paths.items():
+                            rate = step_rate(MODELS[key], make,
+                                             tokenizer if name == "no cache" else None,
+                                             amp, batch, args.steps, args.warmup, device)
                             baseline = baseline or rate
+                            loader_path = rate if name == "cache" else loader_path
                             row = {"device": dev_name, "model": key, "amp": amp,
-                                   "batch": batch, "tokens": name, "step_img_s": rate,
+                                   "batch": batch, "data": name, "step_img_s": rate,
                                    "loader_img_s": load[name], "ratio": rate / baseline}
                             rows.append(row)
+                            vs_loader = (f"  x{rate / loader_path:5.2f} vs DataLoader + "
+                                         "token cache" if name.startswith("cache+") else "")
                             print(f"{dev_name:5s} {key:5s} {amp:5s} batch {batch:3d} "
-                                  f"{name:9s} step {rate:8.2f} img/s  loader "
+                                  f"{name:12s} step {rate:8.2f} img/s  loader "
                                   f"{load[name]:8.1f} img/s  x{rate / baseline:5.2f} vs "
-                                  "fp32 no cache"
+                                  "fp32 no cache" + vs_loader
                                   + ("  LOADER-BOUND" if load[name] < rate * 1.2 else ""),
                                   flush=True)
             del tokenizer

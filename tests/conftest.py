@@ -6,6 +6,7 @@ PMAD and ProtoFlow files in the released formats, and real prototypes.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -13,10 +14,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,6 +41,11 @@ class TinyWorld:
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
+    return build_tiny_world(tmp_path_factory.mktemp("tiny_world"))
+
+
+def build_tiny_world(base: Path) -> TinyWorld:
+    """The world's files under `base` (also used by bench/gpu_check.py)."""
     import timm
     from torch.utils.data import DataLoader
 
@@ -49,7 +57,6 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
     from modeling_discrete_vae import fit_kmeans_tokenizer
     from setup_train_dataset import main as setup_main
 
-    base = tmp_path_factory.mktemp("tiny_world")
     mvtec, imagenet = base / "mvtec", base / "imagenet"
     classes = ["brick", "coins"]
     make_demo_dataset(mvtec, imagenet, seed=0, classes=classes, n_train=6, n_test_good=4,
@@ -114,18 +121,6 @@ def run_command(cmd: list[str], *, timeout: float = HANG_GUARD_S, **kwargs
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def join_processes(context, timeout: float = HANG_GUARD_S) -> None:
-    """Join torch.multiprocessing children (start_processes(join=False)); a child's error
-    is raised; children still running after `timeout` (a hang) are killed."""
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail(f"{len(context.processes)} child processes hung for {timeout} s; "
-                        "killed")
-
-
 FORMATS = Path(__file__).resolve().parent / "formats"
 
 
@@ -138,3 +133,59 @@ def read_format(name: str) -> list[tuple[str, tuple[int, ...], str]]:
         rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()),
                      dtype))
     return rows
+
+
+def run_ranks(fn: Callable[..., None], args: tuple, nprocs: int = 2,
+              timeout_s: float = 600.0) -> list[int]:
+    """Run fn(rank, *args) in `nprocs` freshly spawned processes (no fork of this
+    threaded process) and return their exit codes; a process still running after
+    `timeout_s` (a hang) is killed and the test fails."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=fn, args=(rank, *args)) for rank in range(nprocs)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+        if hung:
+            pytest.fail(f"rank(s) {hung} still running after {timeout_s:.0f} s: a hang")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [p.exitcode for p in procs]
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Records the aten calls that make the host wait for the device on a GPU: reads
+    of a value (item, bool, tolist of a device tensor), ops whose output size depends
+    on the data (nonzero, boolean indexing, unique, ...) and blocking copies to the
+    host. On the CPU nothing waits, but the same calls run, so a CPU test finds them."""
+
+    _READS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal",
+              "aten::nonzero", "aten::masked_select", "aten::_unique", "aten::_unique2",
+              "aten::unique_dim", "aten::unique_consecutive", "aten::repeat_interleave"}
+    _INDEXING = {"aten::index", "aten::index_put", "aten::index_put_",
+                 "aten::_index_put_impl_"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name in self._READS or (name in self._INDEXING and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for i in (args[1] or ()))):
+            self.calls.append(str(func))
+        elif name in ("aten::_to_copy", "aten::copy_") and not kwargs.get("non_blocking", (
+                len(args) > 2 and args[2])):
+            src = args[1] if name == "aten::copy_" else args[0]
+            dst = args[0].device if name == "aten::copy_" else kwargs.get("device")
+            if dst is not None and torch.device(dst).type == "cpu" and src.device.type != "cpu":
+                self.calls.append(f"{func} from {src.device}")
+        return func(*args, **kwargs)

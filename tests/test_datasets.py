@@ -15,11 +15,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
+import datasets
+import utils
+from conftest import run_ranks
 from datasets import (MVTEC_CLASSES, OBJECTS, TEXTURES, BadFileError, LayoutError,
                       MVTecTestDataset, PretrainDataset, TrainImageDataset, cache_tokens,
                       list_train_classes,
                       normalization, patch_any, resolve_train_root, setting_classes,
-                      token_cache_path)
+                      token_cache_path, token_compute_key)
 
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]
 STD = torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
@@ -336,8 +339,8 @@ def test_token_cache_hits_and_invalidation(train_root, tmp_path):
     item = ds[3]
     assert "token_image" not in item and item["tokens"].dtype == torch.long
     assert torch.equal(item["tokens"], expected[3])
-    assert os.listdir(cache_dir) == [os.path.basename(token_cache_path(str(cache_dir),
-                                                                       tok.fingerprint))]
+    assert os.listdir(cache_dir) == [os.path.basename(token_cache_path(
+        str(cache_dir), tok.fingerprint, token_compute_key(tok, "cpu")))]
 
     # second epoch / next run: a fresh dataset, everything from the cache, tokenizer idle
     ds2 = _pretrain(train_root)
@@ -360,6 +363,86 @@ def test_token_cache_hits_and_invalidation(train_root, tmp_path):
     assert tok2.images == 6 and len(os.listdir(cache_dir)) == 2
 
 
+def test_token_cache_is_kept_per_device_and_precision(train_root, tmp_path, monkeypatch):
+    """Codes made on a GPU (DALL-E in fp16, TF32 convolutions) are not those of the CPU:
+    a cache filled under one compute key is never read under another."""
+    from modeling_discrete_vae import DalleEncoder
+    dalle = DalleEncoder(n_hid=4, n_blk_per_group=1)  # use_mixed_precision: fp16 on CUDA
+    assert token_compute_key(dalle, "cpu") == f"cpu-mm-{torch.get_float32_matmul_precision()}"
+    cuda = token_compute_key(dalle, "cuda")
+    assert cuda.startswith("cuda-") and "fp16" in cuda.split("-")
+    assert ("tf32conv" in cuda) == torch.backends.cudnn.allow_tf32
+    assert "fp16" not in token_compute_key(
+        DalleEncoder(n_hid=4, n_blk_per_group=1, use_mixed_precision=False), "cuda")
+    weights = tmp_path / "tokenizer.pth"
+    weights.write_bytes(b"w")
+    tok = FakeTokenizer(weights)
+    cache_dir = str(tmp_path / "cache")
+    assert cache_tokens(_pretrain(train_root), tok, cache_dir) == {"hits": 0, "misses": 6}
+    monkeypatch.setattr(datasets, "token_compute_key", lambda t, d: cuda)
+    assert cache_tokens(_pretrain(train_root), tok, cache_dir) == {"hits": 0, "misses": 6}
+    assert cache_tokens(_pretrain(train_root), tok, cache_dir) == {"hits": 6, "misses": 0}
+    assert len(os.listdir(cache_dir)) == 2
+
+
+def _fill_worker(rank: int, init_file: str, root: str, weights: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    with utils.distributed("cpu", timeout_min=2, init_method=f"file://{init_file}"):
+        tok = FakeTokenizer(Path(weights))
+        ds = _pretrain(Path(root))
+        stats = cache_tokens(ds, tok, os.path.join(out_dir, "cache"), batch_size=2)
+        torch.save({"stats": stats, "images": tok.images, "tokens": ds.tokens},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_token_cache_fill_is_shared_by_the_ranks(train_root, tmp_path):
+    """Each of 2 ranks tokenizes half of the missing images; both end with all tokens,
+    and the file rank 0 writes holds all of them."""
+    weights = tmp_path / "tokenizer.pth"
+    weights.write_bytes(b"w")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert run_ranks(_fill_worker, (str(tmp_path / "init"), str(train_root), str(weights),
+                                    str(out))) == [0, 0]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["images"] for r in ranks] == [3, 3]
+    assert all(r["stats"] == {"hits": 0, "misses": 6} for r in ranks)
+    tok = FakeTokenizer(weights)
+    ds = _pretrain(train_root)
+    expected = tok.get_codebook_indices(torch.stack([ds.load_token_image(i) for i in range(6)]))
+    assert all(torch.equal(r["tokens"].long(), expected) for r in ranks)
+    assert cache_tokens(ds, tok, str(out / "cache")) == {"hits": 6, "misses": 0}
+
+
+def test_image_cache_serves_the_dataloader_batches_exactly(train_root):
+    """--cache_images: decoded once, the same batches as the DataLoader path to the bit
+    (no augmentation to replay), in RAM and 'on the device' (here the CPU)."""
+    from masking_generator import frequency_weights
+    freq = lambda x: frequency_weights(x, patch_size=16)  # noqa: E731
+    ds = _pretrain(train_root, freq_weights=freq)
+    ds.attach_tokens(torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(0)))
+    image = datasets.build_transforms(64)(Image.open(ds.image_paths[1]).convert("RGB"))
+    assert torch.equal(ds[1]["image"], image)  # the normalisation is build_transforms'
+    sampler = utils.build_sampler(ds, seed=5)
+    loader = DataLoader(ds, sampler=sampler, batch_size=2, drop_last=True)
+    caches = [datasets.ImageCache(ds, 2, where=w, device="cpu", seed=5) for w in ("ram",
+                                                                               "device")]
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        want = list(loader)
+        for cache in caches:
+            cache.set_epoch(epoch)
+            got = list(cache)
+            assert len(got) == len(cache) == 3
+            for a, b in zip(got, want):
+                assert a.keys() == b.keys()
+                assert all(torch.equal(a[k], b[k]) for k in a)
+    assert caches[0].store["image_u8"].dtype == torch.uint8
+    with pytest.raises(ValueError, match="cache_tokens"):
+        datasets.ImageCache(_pretrain(train_root), 2, where="ram", device="cpu")
+
+
 def test_token_cache_checks(train_root, mvtec_root, tmp_path):
     weights = tmp_path / "tok.pth"
     weights.write_bytes(b"w")
@@ -370,7 +453,8 @@ def test_token_cache_checks(train_root, mvtec_root, tmp_path):
                      batch_size=4)
     # a damaged cache file is rebuilt, with a warning
     tok = FakeTokenizer(weights)
-    Path(token_cache_path(str(tmp_path), tok.fingerprint)).write_bytes(b"not a torch file")
+    Path(token_cache_path(str(tmp_path), tok.fingerprint, token_compute_key(tok, "cpu"))
+         ).write_bytes(b"not a torch file")
     test_set = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
     with pytest.warns(UserWarning, match="unreadable"):
         assert cache_tokens(test_set, tok, str(tmp_path)) == {"hits": 0, "misses": 4}

@@ -14,17 +14,26 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_script_detects_defects(tmp_path: Path) -> None:
     env = {**os.environ, "DEMO_DIR": str(tmp_path / "demo"), "DATA_DIR": str(tmp_path / "data"),
            "DEMO_CLASSES": "brick coins", "DEMO_TRAIN": "10", "DEMO_TEST_GOOD": "6",
-           "DEMO_TEST_DEFECT": "8", "PF_EPOCHS": "1", "VIT_EPOCHS": "2", "DEVICE": "cpu",
-           "KMEANS_VOCAB": "32"}
+           "DEMO_TEST_DEFECT": "8", "HELDOUT_CLASSES": "retina", "HELDOUT_TRAIN": "16",
+           "HELDOUT_TEST_GOOD": "4", "HELDOUT_TEST_DEFECT": "5", "PF_EPOCHS": "1",
+           "VIT_EPOCHS": "2", "DEVICE": "cpu", "KMEANS_VOCAB": "32"}
     run = run_command(["bash", "scripts/demo.sh"], cwd=ROOT, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "| Brick |" in run.stdout and "6/6 done" in run.stdout
-    results = json.loads((tmp_path / "demo" / "results" / "results.json").read_text())
+    assert "| Brick |" in run.stdout and "| Retina |" in run.stdout and "] done" in run.stdout
+    assert "### main world" in run.stdout and "### heldout world" in run.stdout
+    results = json.loads((tmp_path / "demo" / "main" / "results" / "results.json").read_text())
     assert results["protocol"] == "clean" and list(results["classes"]) == ["brick", "coins"]
     for record in results["classes"].values():
         assert record["num_images"] == 14 and record["num_anomalous"] == 8
+        assert record["diagnostics"]["anomalous_with_proposal"] == 8
     assert results["mean"]["image_auroc"] >= 0.8
     assert results["mean"]["pixel_auroc"] >= 0.8
-    assert results["mean_protoflow_only"]["pixel_auroc"] >= 0.8
-    heatmaps = list((tmp_path / "demo" / "results" / "heatmaps" / "coins").glob("*.png"))
+    for baseline in ("protoflow_only", "patchcore", "ce_only"):
+        assert results[f"mean_{baseline}"]["pixel_auroc"] >= 0.5, baseline
+    heatmaps = list((tmp_path / "demo" / "main" / "results" / "heatmaps" / "coins").glob("*.png"))
     assert len(heatmaps) == 6
+    held = json.loads((tmp_path / "demo" / "heldout" / "results" / "results.json").read_text())
+    assert list(held["classes"]) == ["retina"]
+    assert held["classes"]["retina"]["num_images"] == 9
+    assert sorted(held["per_defect_mean"]["pmad"]) == [
+        "colour", "contamination", "crack", "hole", "thread"]

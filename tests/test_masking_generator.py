@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from scipy import stats
 
 import masking_generator as mg
-from conftest import join_processes
+from conftest import run_ranks
 
 L = 196
 GRID = (14, 14)
@@ -76,7 +75,7 @@ def test_generate_exact_count_region_and_region_first(shape):
         for _ in range(12):
             region = _region(rng, region_kind, m)
             weights = _weights(rng, weight_kind)
-            mask = mg.generate(m, region=region, weights=weights, shape=shape, rng=rng)
+            mask = mg._generate(m, region=region, weights=weights, shape=shape, rng=rng)
             assert mask.dtype == torch.bool and mask.shape == (L,)
             assert int(mask.sum()) == m
             if region is None:
@@ -96,7 +95,7 @@ def test_generate_nonsquare_grid_and_torch_inputs():
     region[:30] = True
     for shape in ("block", "random"):
         for m in (0, 5, 20, 30, 40, 63):
-            mask = mg.generate(m, window_size=(7, 9), region=region,
+            mask = mg._generate(m, window_size=(7, 9), region=region,
                                weights=torch.rand(63, generator=rng), shape=shape, rng=rng)
             assert mask.shape == (63,) and int(mask.sum()) == m
             assert (mask[:30].all() if m >= 30 else not mask[30:].any())
@@ -109,7 +108,7 @@ def test_generate_batch_matches_rules_per_row():
     regions = rng.random((n, L)) < rng.random((n, 1))
     weights = rng.random((n, L)) * (rng.random((n, L)) < 0.9)
     block = rng.random(n) < 0.5
-    masks = mg.generate_batch(m, regions=regions, weights=weights, block=block, rng=rng)
+    masks = mg._generate_batch(m, regions=regions, weights=weights, block=block, rng=rng)
     assert masks.shape == (n, L)
     assert (masks.sum(1).numpy() == m).all()
     big = regions.sum(1) >= m
@@ -124,29 +123,29 @@ def test_zero_weight_patches_come_last_in_random():
     zero = rng.choice(L, 10, replace=False)
     w[zero] = 0.0
     for _ in range(200):
-        mask = mg.generate(186, weights=w, shape="random", rng=rng).numpy()
+        mask = mg._generate(186, weights=w, shape="random", rng=rng).numpy()
         assert mask[w > 0].all() and mask.sum() == 186
-        mask = mg.generate(190, weights=w, shape="random", rng=rng).numpy()
+        mask = mg._generate(190, weights=w, shape="random", rng=rng).numpy()
         assert mask[w > 0].all() and mask[zero].sum() == 4
-    all_zero = mg.generate(30, weights=np.zeros(L), shape="block", rng=rng)
+    all_zero = mg._generate(30, weights=np.zeros(L), shape="block", rng=rng)
     assert int(all_zero.sum()) == 30
 
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="num_masked"):
-        mg.generate(197)
+        mg._generate(197)
     with pytest.raises(ValueError, match="shape"):
-        mg.generate(3, shape="blocks")
+        mg._generate(3, shape="blocks")
     with pytest.raises(ValueError, match=">= 0"):
-        mg.generate(3, weights=-np.ones(L))
+        mg._generate(3, weights=-np.ones(L))
     with pytest.raises(ValueError, match="finite"):
-        mg.generate(3, weights=np.full(L, np.nan))
+        mg._generate(3, weights=np.full(L, np.nan))
     with pytest.raises(ValueError, match="shape"):
-        mg.generate(3, region=np.ones(100, bool))
+        mg._generate(3, region=np.ones(100, bool))
     with pytest.raises(TypeError, match="boolean"):
-        mg.generate(3, region=np.ones(L))
+        mg._generate(3, region=np.ones(L))
     with pytest.raises(TypeError, match="rng"):
-        mg.generate(3, rng=42)
+        mg._generate(3, rng=42)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -163,7 +162,7 @@ def test_block_masks_are_unions_of_placed_rectangles(region_kind, weight_kind):
         region = _region(rng, region_kind, m)
         weights = _weights(rng, weight_kind)
         seed = int(rng.integers(2 ** 31))
-        placed, rects = mg.place_blocks(m, region=region, weights=weights,
+        placed, rects = mg._blocks_only(m, region=region, weights=weights,
                                         rng=np.random.default_rng(seed))
         placed = placed.numpy()
         union = _rect_union(rects)
@@ -181,7 +180,7 @@ def test_block_masks_are_unions_of_placed_rectangles(region_kind, weight_kind):
         else:  # region first, then blocks anywhere
             assert (placed == (union | region)).all()
         assert placed.sum() <= m
-        full = mg.generate(m, region=region, weights=weights, shape="block",
+        full = mg._generate(m, region=region, weights=weights, shape="block",
                            rng=np.random.default_rng(seed)).numpy()
         assert full.sum() == m and (full >= placed).all()  # same blocks, then top-up
         topups += placed.sum() < m
@@ -197,8 +196,8 @@ def test_block_masks_are_blockier_than_random():
         g = masks.reshape(-1, 14, 14)
         return ((g[:, 1:] != g[:, :-1]).sum((1, 2)) + (g[:, :, 1:] != g[:, :, :-1]).sum((1, 2))).mean()
 
-    blocks = mg.generate_batch(58, block=np.ones(500, bool), rng=rng).numpy()
-    randoms = mg.generate_batch(58, block=np.zeros(500, bool), rng=rng).numpy()
+    blocks = mg._generate_batch(58, block=np.ones(500, bool), rng=rng).numpy()
+    randoms = mg._generate_batch(58, block=np.zeros(500, bool), rng=rng).numpy()
     assert boundary(blocks) < 0.5 * boundary(randoms)
 
 
@@ -211,7 +210,7 @@ def test_block_corner_follows_weights_chi_square():
     region[[0, 5, 10]] = False  # corners (0,0), (1,1), (2,2) excluded
     counts = np.zeros((3, 3))
     for _ in range(3000):
-        _, rects = mg.place_blocks(4, window_size=(4, 4), region=region, weights=w, rng=rng,
+        _, rects = mg._blocks_only(4, window_size=(4, 4), region=region, weights=w, rng=rng,
                                    max_block=4)
         top, left, h, ww = rects[0]
         if (h, ww) == (2, 2):
@@ -227,7 +226,7 @@ def test_block_corner_uniform_without_weights_chi_square():
     rng = np.random.default_rng(10)
     counts = np.zeros((3, 3))
     for _ in range(3000):
-        _, rects = mg.place_blocks(4, window_size=(4, 4), rng=rng, max_block=4)
+        _, rects = mg._blocks_only(4, window_size=(4, 4), rng=rng, max_block=4)
         top, left, h, w = rects[0]
         if (h, w) == (2, 2):
             counts[top, left] += 1
@@ -244,8 +243,8 @@ def test_block_corner_falls_back_to_uniform_when_fitting_corners_weigh_zero():
     w[:, 5] = 1.0
     fallback_corners, weighted_ok, n_thin = set(), True, 0
     for _ in range(400):
-        placed, rects = mg.place_blocks(8, window_size=(6, 6), weights=w.ravel(), rng=rng)
-        assert int(mg.generate(8, window_size=(6, 6), weights=w.ravel(), rng=rng).sum()) == 8
+        placed, rects = mg._blocks_only(8, window_size=(6, 6), weights=w.ravel(), rng=rng)
+        assert int(mg._generate(8, window_size=(6, 6), weights=w.ravel(), rng=rng).sum()) == 8
         for top, left, h, ww in rects:
             fits = w[:6 - h + 1, :6 - ww + 1]
             if fits.sum() > 0:
@@ -263,7 +262,7 @@ def test_random_single_pick_follows_weights_chi_square():
     rng = np.random.default_rng(11)
     w = rng.random(L) + 0.5
     n = 20000
-    masks = mg.generate_batch(1, weights=np.tile(w, (n, 1)), block=np.zeros(n, bool),
+    masks = mg._generate_batch(1, weights=np.tile(w, (n, 1)), block=np.zeros(n, bool),
                               rng=rng).numpy()
     counts = masks.sum(0)
     assert counts.sum() == n
@@ -276,7 +275,7 @@ def test_random_pairs_follow_sampling_without_replacement_chi_square():
     rng = np.random.default_rng(12)
     w = np.array([0.1, 0.2, 0.4, 0.8, 1.0, 2.0])
     n = 20000
-    masks = mg.generate_batch(2, window_size=(2, 3), weights=np.tile(w, (n, 1)),
+    masks = mg._generate_batch(2, window_size=(2, 3), weights=np.tile(w, (n, 1)),
                               block=np.zeros(n, bool), rng=rng).numpy()
     total = w.sum()
     pairs = list(itertools.combinations(range(6), 2))
@@ -295,7 +294,7 @@ def test_random_region_uniform_chi_square():
     rng = np.random.default_rng(13)
     region = rng.random(L) < 0.5
     n = 6000
-    masks = mg.generate_batch(5, regions=np.tile(region, (n, 1)), block=np.zeros(n, bool),
+    masks = mg._generate_batch(5, regions=np.tile(region, (n, 1)), block=np.zeros(n, bool),
                               rng=rng).numpy()
     counts = masks.sum(0)
     assert counts[~region].sum() == 0
@@ -312,8 +311,8 @@ def test_callers_inputs_are_not_modified():
     gen = mg.MaskGenerator(p_weighting=(0.5, 0.5, 0.0))
     for _ in range(50):
         gen(["bottle"] * 8, fg, w_np, w_t, rng=rng)
-        mg.generate(50, weights=w_t[0], region=fg[0], rng=rng)
-        mg.generate(50, weights=w_np[0], shape="random", rng=rng)
+        mg._generate(50, weights=w_t[0], region=fg[0], rng=rng)
+        mg._generate(50, weights=w_np[0], shape="random", rng=rng)
     assert np.array_equal(w_np, copies[0])
     assert torch.equal(w_t, copies[1]) and torch.equal(fg, copies[2])
 
@@ -476,9 +475,13 @@ def test_dynamic_state_weights_min_max_fill_and_uniform():
     w = state.weights(torch.tensor([0, 1, 0]))
     np.testing.assert_allclose(w[0].numpy(), [0.0, 1 / 3, 1.0, (10 / 3 - 2) / 3], rtol=1e-6)
     assert torch.equal(w[1], torch.ones(4)) and torch.equal(w[0], w[2])
-    with pytest.raises(ValueError, match="non-finite"):
-        state.update(torch.tensor([0]), masks[:1], torch.full((1, 4), float("inf")))
-    with pytest.raises(ValueError, match="class indices"):
+    assert torch.equal(state.class_weights()[0], w[0])
+    before = state.state_dict()
+    state.update(torch.tensor([0]), masks[:1], torch.full((1, 4), float("nan")),
+                 valid=torch.tensor(False))  # a dropped step adds nothing, NaN or not
+    assert torch.equal(state.state_dict()["loss_sum"], before["loss_sum"])
+    assert torch.equal(state.state_dict()["count"], before["count"])
+    with pytest.raises((IndexError, RuntimeError)):
         state.update(torch.tensor([3]), masks[:1], losses[:1])
     with pytest.raises(ValueError, match="must be"):
         state.update(torch.tensor([0]), masks, losses)
@@ -507,17 +510,6 @@ def test_dynamic_state_dict_roundtrip_by_class_name(tmp_path):
         other.load_state_dict(bad)
 
 
-def test_dynamic_state_all_reduce_noop_without_distributed():
-    class_idx, masks, losses = _stream(2, 10)
-    state = mg.DynamicMaskingState(CLASSES, 12)
-    state.update(class_idx, masks, losses)
-    before = state.state_dict()
-    state.all_reduce()
-    after = state.state_dict()
-    assert torch.equal(before["loss_sum"], after["loss_sum"])
-    assert torch.equal(before["count"], after["count"])
-
-
 def _reduce_worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -526,21 +518,15 @@ def _reduce_worker(rank: int, init_file: str, out_dir: str) -> None:
         class_idx, masks, losses = _stream(rank + 10, 20)
         state = mg.DynamicMaskingState(CLASSES, 12)
         state.update(class_idx[:10], masks[:10], losses[:10])
-        state.all_reduce()
-        state.all_reduce()  # nothing new: must not count again
         state.update(class_idx[10:], masks[10:], losses[10:])
-        state.all_reduce()
         torch.save(state.state_dict(), os.path.join(out_dir, f"rank{rank}.pth"))
     finally:
         dist.destroy_process_group()
 
 
-def test_dynamic_state_all_reduce_two_ranks_exact():
+def test_dynamic_state_update_sums_over_two_ranks_exactly():
     with tempfile.TemporaryDirectory() as tmp:
-        # spawn, not fork: a forked child inherits the parent's OpenMP thread pool state
-        join_processes(mp.start_processes(_reduce_worker,
-                                          args=(os.path.join(tmp, "init"), tmp), nprocs=2,
-                                          join=False, start_method="spawn"))
+        assert run_ranks(_reduce_worker, (os.path.join(tmp, "init"), tmp)) == [0, 0]
         states = [torch.load(os.path.join(tmp, f"rank{r}.pth"), weights_only=True)
                   for r in range(2)]
     streams = [_stream(r + 10, 20) for r in range(2)]
@@ -551,6 +537,107 @@ def test_dynamic_state_all_reduce_two_ranks_exact():
         with np.errstate(invalid="ignore"):
             got = s["loss_sum"].numpy() / s["count"].numpy()
         np.testing.assert_allclose(got, means, rtol=1e-12, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- MaskingPolicy
+
+def _policy(dynamic_start: int = 0, device: str = "cpu", **generator) -> mg.MaskingPolicy:
+    return mg.MaskingPolicy(mg.MaskGenerator(**generator), CLASSES,
+                            dynamic_start=dynamic_start, seed=3, device=device)
+
+
+def _batch(seed: int, n: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    class_idx = torch.randint(0, 3, (n,), generator=g)
+    fg = torch.rand(n, L, generator=g) < 0.6
+    freq = torch.rand(n, L, generator=g)
+    losses = torch.rand(n, L, generator=g) * 4
+    return class_idx, fg, freq, losses
+
+
+def test_policy_draw_counts_index_and_loss_weights():
+    policy = _policy(dynamic_start=1)
+    class_idx, fg, freq, losses = _batch(0)
+    m = [mg.num_masked(mg.CLASS_MASK_RATIOS[CLASSES[i]], L) for i in class_idx.tolist()]
+    before = policy.draw(class_idx, fg, freq, epoch=0)
+    assert before.masks.shape == (6, L) and before.masks.sum(1).tolist() == m
+    assert torch.equal(before.index, before.masks.reshape(-1).nonzero().squeeze(1))
+    assert before.loss_weights is None  # no rank weighting before dynamic masking
+    policy.observe(class_idx, before.masks, losses)
+    after = policy.draw(class_idx, fg, freq, epoch=1)
+    dyn = policy.dynamic.weights(class_idx)  # what epoch 1 draws from
+    ranked = mg.rank_loss_weights(after.masks, dyn).reshape(-1)[after.index]
+    assert torch.equal(after.loss_weights, ranked) and after.loss_weights.shape == (sum(m),)
+    with pytest.raises(ValueError, match="frequency weights"):
+        policy.draw(class_idx, fg, None, epoch=1)
+    with pytest.raises(ValueError, match="class indices"):
+        policy.draw(torch.tensor([3]), None, torch.rand(1, L), epoch=1)
+
+
+def test_policy_draw_k_uses_the_statistics_after_step_k_minus_2():
+    """The host never waits for the step in flight: within an epoch, draw k takes the
+    dynamic weights as they were after observe k - 2 (the epoch's start for k < 2)."""
+    policy = _policy(p_weighting=(0, 1, 0))
+    seen = []
+    generate = policy.generator
+
+    def spy(names, fg, freq, dyn, rng):
+        seen.append(dyn.copy())
+        return generate(names, fg, freq, dyn, rng=rng)
+
+    policy.generator = spy
+    after = []  # the class weights after each observe
+    for epoch in (0, 1):
+        for k in range(4):
+            class_idx, fg, freq, losses = _batch(10 * epoch + k)
+            drawn = policy.draw(class_idx, fg, freq, epoch)
+            policy.observe(class_idx, drawn.masks, losses)
+            after.append((class_idx, policy.dynamic.class_weights().numpy()))
+    start = [np.ones((3, L), np.float32), after[3][1]]  # each epoch's starting weights
+    for step, dyn in enumerate(seen):
+        epoch, k = divmod(step, 4)
+        table = start[epoch] if k < 2 else after[4 * epoch + k - 2][1]
+        class_idx = _batch(10 * epoch + k)[0].numpy()
+        np.testing.assert_array_equal(dyn, table[class_idx])
+
+
+def test_policy_state_dict_resumes_identical_draws():
+    a = _policy()
+    for k in range(3):
+        class_idx, fg, freq, losses = _batch(k)
+        a.observe(class_idx, a.draw(class_idx, fg, freq, epoch=0).masks, losses)
+    b = _policy()
+    b.load_state_dict(a.state_dict())
+    for k in range(3):
+        class_idx, fg, freq, losses = _batch(100 + k)
+        da, db = (p.draw(class_idx, fg, freq, epoch=1) for p in (a, b))
+        assert torch.equal(da.masks, db.masks)
+        assert torch.equal(da.loss_weights, db.loss_weights)
+        for p, d in ((a, da), (b, db)):
+            p.observe(class_idx, d.masks, losses)
+    assert torch.equal(a.dynamic.counts, b.dynamic.counts)
+
+
+def test_policy_statistics_live_on_its_device():
+    """Host inputs, statistics and masks on the policy's device ('meta' has no data, so
+    any read of the device on the host would fail here)."""
+    policy = _policy(dynamic_start=5, device="meta")
+    class_idx, fg, freq, losses = _batch(0)
+    drawn = policy.draw(class_idx, fg, freq, epoch=0)
+    assert drawn.masks.device.type == drawn.index.device.type == "meta"
+    valid = torch.ones((), dtype=torch.bool, device="meta")
+    policy.observe(class_idx, drawn.masks, losses.to("meta"), valid=valid)
+    assert policy.dynamic.counts.device.type == "meta"
+    assert policy.dynamic.mean_losses().device.type == "meta"
+
+
+def test_policy_non_finite_statistics_stop_the_next_draw():
+    policy = _policy()
+    class_idx, fg, freq, losses = _batch(0)
+    drawn = policy.draw(class_idx, fg, freq, epoch=0)
+    policy.observe(class_idx, drawn.masks, torch.full_like(losses, float("inf")))
+    with pytest.raises(ValueError, match="finite"):
+        policy.draw(class_idx, fg, freq, epoch=1)
 
 
 # --------------------------------------------------------------------------- MaskGenerator
@@ -631,5 +718,5 @@ def test_reproducible_with_same_seed():
         c = gen(names, fg, freq, dyn, rng=make(124))
         assert torch.equal(a, b) and not torch.equal(a, c)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert torch.equal(mg.generate(40, rng=g1), mg.generate(40, rng=g2))
-    assert torch.equal(mg.generate(40, rng=g1), mg.generate(40, rng=g2))  # stream advances
+    assert torch.equal(mg._generate(40, rng=g1), mg._generate(40, rng=g2))
+    assert torch.equal(mg._generate(40, rng=g1), mg._generate(40, rng=g2))  # stream advances

@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.models.beit import Beit
 
 from conftest import read_format
-from modeling_pmad import Attention, load_checkpoint, relative_position_index, set_fused_attn
+from bench.original_beit import OriginalViT
+from modeling_pmad import (Block, bf16_supported, load_checkpoint, relative_position_index,
+                           scaled_dot_product, set_fused_attn)
 
 PMAD_KWARGS = dict(pretrained=False, drop_path_rate=0.1, use_shared_rel_pos_bias=True,
                    use_abs_pos_emb=False, init_values=0.1)
@@ -155,26 +158,53 @@ def test_masked_patch_content_is_hidden(tiny):
         assert (tiny(z, mask, return_all_tokens=True) - ref).abs().max() > 1e-2
 
 
-def test_sdpa_attention_equals_explicit_softmax():
-    torch.manual_seed(0)
-    attn = Attention(64, num_heads=4).train()  # train: dropout 0 -> deterministic
-    with torch.no_grad():
-        attn.q_bias.normal_()
-        attn.v_bias.normal_()
-    x = torch.randn(2, 50, 64)
-    bias = torch.randn(4, 50, 50, requires_grad=True)
-    outs, grads = [], []
-    for fused in (True, False):
-        attn.fused_attn = fused
-        out = attn(x, bias)
+def attention_inputs(dtype: torch.dtype = torch.float32, requires_grad: bool = False):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 50, 16, generator=gen).to(dtype).requires_grad_(requires_grad)
+               for _ in range(3))  # (N, H, T, hd)
+    bias = torch.randn(4, 50, 50, generator=gen).requires_grad_(requires_grad)  # (H, T, T)
+    return q, k, v, bias
+
+
+def test_fused_attention_equals_explicit_softmax():
+    """Without gradients the CPU runs SDPA's fused kernel; explicit=True the softmax form."""
+    q, k, v, bias = attention_inputs()
+    fused = scaled_dot_product(q, k, v, bias, 0.25)
+    explicit = scaled_dot_product(q, k, v, bias, 0.25, explicit=True)
+    reference = torch.softmax(q @ k.transpose(-2, -1) * 0.25 + bias, dim=-1) @ v
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(explicit, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_gradients_equal_torch_sdpa():
+    """With a bias that needs a gradient the CPU runs the explicit form; its gradients for
+    q, k, v and the bias equal those of torch's own SDPA (its math path)."""
+    grads = []
+    for ours in (True, False):
+        q, k, v, bias = attention_inputs(requires_grad=True)
+        if ours:
+            out = scaled_dot_product(q, k, v, bias, 0.25)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0),
+                                                 scale=0.25)
         out.square().sum().backward()
-        outs.append(out.detach())
-        grads.append((bias.grad.clone(), attn.qkv.weight.grad.clone()))
-        bias.grad = None
-        attn.zero_grad()
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-5)
+        grads.append([t.grad for t in (q, k, v, bias)])
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_bf16_attention_on_cpu(requires_grad):
+    """bf16 inputs: computed in fp32 where bf16 matmuls do not pay on this CPU."""
+    q, k, v, bias = attention_inputs(torch.bfloat16, requires_grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = scaled_dot_product(q, k, v, bias, 0.25)
+    expected_dtype = torch.bfloat16 if bf16_supported("cpu") else torch.float32
+    assert out.dtype == expected_dtype
+    reference = torch.softmax(q.float() @ k.float().transpose(-2, -1) * 0.25 + bias.float(),
+                              dim=-1) @ v.float()
+    tol = 0.0 if expected_dtype == torch.float32 else 0.02
+    assert (out.float() - reference).abs().max() <= tol + 1e-5
 
 
 def test_model_sdpa_equals_explicit_softmax(tiny):
@@ -190,8 +220,10 @@ def test_model_sdpa_equals_explicit_softmax(tiny):
     torch.testing.assert_close(fused, explicit, rtol=1e-4, atol=1e-4)
 
 
-def test_encoder_equals_timm_beit(tiny):
-    """Independent reference: timm's BEiT with the same weights gives the same tokens."""
+@pytest.mark.parametrize("grad", [False, True])
+def test_encoder_equals_timm_beit(tiny, grad):
+    """Independent reference: timm's BEiT with the same weights gives the same tokens,
+    with the fused attention kernel (no grad) and the explicit form (grad)."""
     ref = Beit(img_size=224, embed_dim=192, depth=3, num_heads=3, init_values=0.1,
                use_abs_pos_emb=False, use_shared_rel_pos_bias=True, global_pool="token",
                num_classes=0).eval()
@@ -200,9 +232,65 @@ def test_encoder_equals_timm_beit(tiny):
     assert sorted(unexpected) == ["lm_head.bias", "lm_head.weight", "mask_token",
                                   "rel_pos_bias.relative_position_index"]
     x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         ours = tiny.forward_features(x, torch.zeros(2, 196, dtype=torch.bool))
         torch.testing.assert_close(ours, ref.forward_features(x), rtol=1e-4, atol=1e-4)
+
+
+def test_original_style_baseline_is_the_same_network():
+    """bench/original_beit.py (the speed baseline) loads our state dict unchanged and
+    gives the same masked-token logits and gradients."""
+    ours = randomize_(build(depth=2)).eval()
+    original = OriginalViT(embed_dim=192, depth=2, num_heads=3).eval()
+    original.load_state_dict(ours.state_dict(), strict=True)
+    gen = torch.Generator().manual_seed(2)
+    x, mask = torch.randn(2, 3, 224, 224, generator=gen), torch.rand(2, 196, generator=gen) < 0.4
+    outs = []
+    for model in (ours, original):
+        logits = model(x, mask)
+        logits.square().mean().backward()
+        outs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
+    assert outs[0][1].keys() == outs[1][1].keys()
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(grad, outs[1][1][name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_masked_only_path_equals_all_tokens_in_training():
+    """The last block runs its projection and MLP on the masked rows only: same logits,
+    stochastic depth (same draws) and gradients as taking those rows of all tokens."""
+    model = randomize_(build(depth=2, drop_path_rate=0.5)).train()
+    gen = torch.Generator().manual_seed(4)
+    x, mask = torch.randn(4, 3, 224, 224, generator=gen), torch.rand(4, 196, generator=gen) < 0.4
+    outs = []
+    for all_tokens in (False, True):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        logits = model(x, mask, return_all_tokens=all_tokens)
+        logits = logits[mask] if all_tokens else logits
+        logits.square().mean().backward()
+        outs.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    for ours, reference in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_drop_path_drops_whole_samples():
+    """Stochastic depth: a sample's branch is dropped entirely or scaled by 1 / keep."""
+    torch.manual_seed(0)
+    block = Block(32, 4, drop_path=0.5, init_values=0.5)
+    with torch.no_grad():
+        block.mlp.fc2.weight.zero_()  # the MLP branch adds nothing: only attention's shows
+        block.mlp.fc2.bias.zero_()
+    x = torch.randn(16, 10, 32)
+    with torch.no_grad():
+        branch = block.eval()(x) - x  # gamma * attention, (16, 10, 32)
+        torch.manual_seed(1)
+        trained = block.train()(x) - x
+    kept = trained.flatten(1).abs().amax(1) > 0  # (16,)
+    assert 0 < kept.sum() < 16
+    torch.testing.assert_close(trained[kept], 2 * branch[kept], rtol=1e-5, atol=1e-6)
+    assert torch.equal(trained[~kept], torch.zeros_like(trained[~kept]))
 
 
 def test_drop_path_only_in_train_mode():
@@ -369,7 +457,7 @@ def test_build_pmad_is_the_paper_layout():
     assert model.patch_embed.num_patches == 49 and model.lm_head.out_features == 40
     assert model.pos_embed is None and model.rel_pos_bias is not None
     assert torch.all(model.blocks[3].gamma_2 == 0.05)
-    assert model.blocks[-1].drop_path.drop_prob == pytest.approx(0.1)
+    assert model.blocks[-1].drop_path == pytest.approx(0.1)
     assert torch.all(build_pmad(TINY, vocab_size=8).blocks[0].gamma_1 == 0.1)  # its own
     assert build_pmad(TINY, vocab_size=8, init_values=0).blocks[0].gamma_1 is None
     with pytest.raises(ValueError, match="unknown model 'vit_huge'.*vit_base_patch16"):

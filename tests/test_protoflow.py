@@ -1,6 +1,6 @@
-"""protoflow.py: released-file layout and strict loading, prototypes (coreset, nearest
-search, hold-out), the flow's maths, training, proposals on a real-feature planted
-defect, the one-pass ratio sweep, and the two commands end to end."""
+"""protoflow.py and run_protoflow.py: released-file layout and strict loading, prototypes
+(coreset, nearest search, hold-out), the flow's maths, training, proposals on a
+real-feature planted defect, the one-pass ratio sweep, and the two commands end to end."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 import protoflow as pf
+import run_protoflow as rpf
 from conftest import read_format
 from backbones import create_backbone, lite0_weights_path
 
@@ -82,12 +83,12 @@ def trained(lite0, brick_set, tmp_path_factory) -> dict:
         before = pf.flow_loss(pf.patch_log_likelihood(lite0, flow, train, [protos],
                                                       torch.zeros(6, dtype=torch.long)))
     lrs = []
-    losses = pf.train_flow(lite0, flow, loader, [protos], epochs=4, lr=1e-3, warmup_epochs=2,
+    losses = rpf.train_flow(lite0, flow, loader, [protos], epochs=4, lr=1e-3, warmup_epochs=2,
                            epoch_end=lambda e, loss, opt: lrs.append(opt.param_groups[0]["lr"]))
     with torch.no_grad():
         after = pf.flow_loss(pf.patch_log_likelihood(lite0, flow, train, [protos],
                                                      torch.zeros(6, dtype=torch.long)))
-    scores, classes = pf.image_scores(lite0, flow, [(brick_set["holdout"], zeros[:2])],
+    scores, classes = rpf.image_scores(lite0, flow, [(brick_set["holdout"], zeros[:2])],
                                       [protos])
     root = tmp_path_factory.mktemp("trained")
     proto_dir = root / "prototypes"
@@ -277,22 +278,22 @@ def test_coreset_greedy_order_and_covering_radius():
 
 def test_holdout_split_is_per_class_and_independent_of_other_classes():
     labels = [0] * 20 + [1] * 9
-    kept, held = pf.holdout_split(labels, ["a", "b"], 0.1, seed=0)
+    kept, held = rpf.holdout_split(labels, ["a", "b"], 0.1, seed=0)
     assert sorted(kept + held) == list(range(29))
     assert sum(i < 20 for i in held) == 2 and sum(i >= 20 for i in held) == 1
-    alone_kept, alone_held = pf.holdout_split([0] * 9, ["b"], 0.1, seed=0)
+    alone_kept, alone_held = rpf.holdout_split([0] * 9, ["b"], 0.1, seed=0)
     assert [i - 20 for i in held if i >= 20] == alone_held
-    assert pf.holdout_split(labels, ["a", "b"], 0.1, seed=1)[1] != held
-    assert pf.holdout_split(labels, ["a", "b"], 0.0)[1] == []
+    assert rpf.holdout_split(labels, ["a", "b"], 0.1, seed=1)[1] != held
+    assert rpf.holdout_split(labels, ["a", "b"], 0.0)[1] == []
     with pytest.raises(ValueError, match="too few"):
-        pf.holdout_split([0], ["a"], 0.1)
+        rpf.holdout_split([0], ["a"], 0.1)
 
 
 def test_missing_or_mismatched_prototypes_error(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         pf.load_prototypes(str(tmp_path), "bottle", 272)
     assert str(tmp_path / "bottle" / "coreset.npy") in str(err.value)
-    assert "python protoflow.py prototypes" in str(err.value)
+    assert "python run_protoflow.py prototypes" in str(err.value)
     (tmp_path / "bottle").mkdir()
     np.save(tmp_path / "bottle" / "coreset.npy", np.zeros((5, 152), np.float32))
     with pytest.raises(ValueError, match=r"\(M, 272\)"):
@@ -360,7 +361,7 @@ def test_non_finite_loss_stops_training(lite0, brick_set):
     flow = pf.build_flow(LITE0_DIM, 1)
     loader = [(brick_set["train"][:1] * float("nan"), torch.zeros(1, dtype=torch.long))]
     with pytest.raises(FloatingPointError, match="non-finite flow loss"):
-        pf.train_flow(lite0, flow, loader, [torch.zeros(3, LITE0_DIM)], epochs=1)
+        rpf.train_flow(lite0, flow, loader, [torch.zeros(3, LITE0_DIM)], epochs=1)
 
 
 # ----------------------------------------------------------------------------- proposals
@@ -512,12 +513,12 @@ def cli(tmp_path_factory) -> dict:
               "--encoder_weights", lite0_weights_path(), "--num_workers", "0",
               "--device", "cpu", "--batch_size", "4"]
     protos = str(root / "prototypes")
-    paths = pf.main(["prototypes", *common, "--output_dir", protos, "--coreset_ratio", "0.05",
+    paths = rpf.main(["prototypes", *common, "--output_dir", protos, "--coreset_ratio", "0.05",
                      "--projection_dim", "64"])
     train = ["train", *common, "--prototypes_dir", protos, "--epochs", "2", "--n_blocks", "1"]
     out = str(root / "flow" / "pf.pt")
     return {"root": root, "common": common, "protos": protos, "paths": paths, "train": train,
-            "out": out, "trained": pf.main(train + ["--output", out])}
+            "out": out, "trained": rpf.main(train + ["--output", out])}
 
 
 def test_prototypes_command(cli):
@@ -527,11 +528,11 @@ def test_prototypes_command(cli):
     meta = json.loads(open(os.path.join(protos, "brick", "coreset.json")).read())
     assert meta["num_images"] == 4 and len(meta["held_out"]) == 1  # 5 images, 10 % held out
     assert np.load(cli["paths"][0]).shape == (int(4 * 784 * 0.05), LITE0_DIM)
-    shot = pf.main(["prototypes", *cli["common"], "--output_dir", str(cli["root"] / "shot"),
+    shot = rpf.main(["prototypes", *cli["common"], "--output_dir", str(cli["root"] / "shot"),
                     "--classes", "gravel", "--num_shots", "1"])
     assert np.load(shot[0]).shape == (int(784 * 0.01), LITE0_DIM)
     with pytest.raises(ValueError, match="--num_shots 9"):
-        pf.main(["prototypes", *cli["common"], "--output_dir", str(cli["root"] / "shot"),
+        rpf.main(["prototypes", *cli["common"], "--output_dir", str(cli["root"] / "shot"),
                  "--classes", "gravel", "--num_shots", "9"])
 
 
@@ -542,7 +543,7 @@ def test_commands_take_the_train_folder_as_data_path(cli, capsys):
     runs = {}
     for form, data in (("root", root), ("train", os.path.join(root, "train"))):
         common[common.index("--data_path") + 1] = data
-        runs[form] = pf.main(["prototypes", *common, "--output_dir",
+        runs[form] = rpf.main(["prototypes", *common, "--output_dir",
                               str(cli["root"] / f"form_{form}"), "--classes", "brick",
                               "--num_shots", "1"])
     assert f"using {root} (its train/ and fg_mask/)" in capsys.readouterr().out
@@ -552,7 +553,7 @@ def test_commands_take_the_train_folder_as_data_path(cli, capsys):
 def test_train_command_writes_a_loadable_file(cli):
     out, obj = cli["out"], cli["trained"]
     with pytest.raises(ValueError, match="other held-out"):
-        pf.main(cli["train"] + ["--output", str(cli["root"] / "x.pt"), "--holdout", "0.4"])
+        rpf.main(cli["train"] + ["--output", str(cli["root"] / "x.pt"), "--holdout", "0.4"])
     assert obj["classes"] == ["brick", "gravel"] and obj["normal_image_scores"]["count"] == 2
     assert obj["normalization"]["mean"] == list(IMAGENET_DEFAULT_MEAN)
     assert not os.path.exists(out + ".resume")
@@ -562,7 +563,7 @@ def test_train_command_writes_a_loadable_file(cli):
     assert model.backbone == "efficientnet_lite0" and model.n_blocks == 1
     open(out + ".resume", "wb").close()
     with pytest.raises(FileExistsError, match="--resume"):
-        pf.main(cli["train"] + ["--output", out])
+        rpf.main(cli["train"] + ["--output", out])
 
 
 def test_train_resumes_exactly_after_a_crash(cli, monkeypatch):
@@ -576,12 +577,12 @@ def test_train_resumes_exactly_after_a_crash(cli, monkeypatch):
             raise RuntimeError("simulated crash")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pf, "patch_log_likelihood", crash_in_epoch_two)
+    monkeypatch.setattr(rpf, "patch_log_likelihood", crash_in_epoch_two)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        pf.main(cli["train"] + ["--output", crashed])
-    monkeypatch.setattr(pf, "patch_log_likelihood", original)
+        rpf.main(cli["train"] + ["--output", crashed])
+    monkeypatch.setattr(rpf, "patch_log_likelihood", original)
     assert os.path.exists(crashed + ".resume")
-    resumed = pf.main(cli["train"] + ["--output", crashed, "--resume"])
+    resumed = rpf.main(cli["train"] + ["--output", crashed, "--resume"])
     for key, value in straight["decoder_state_dict"].items():
         assert torch.equal(resumed["decoder_state_dict"][key], value), key
     assert resumed["image_score_threshold"] == straight["image_score_threshold"]

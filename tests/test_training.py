@@ -21,11 +21,12 @@ from PIL import Image
 
 import datasets
 import engine
+import masking_generator
 import modeling_pmad
 import run_pretraining
 import utils
 from conftest import run_command
-from masking_generator import CLASS_MASK_RATIOS, num_masked
+from masking_generator import CLASS_MASK_RATIOS, MaskBatch, num_masked
 from modeling_discrete_vae import DalleEncoder, save_dalle_encoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,8 +110,8 @@ def test_two_epochs_write_checkpoints_and_logs(env, reference):
     ckpt = utils.load_checkpoint_file(os.path.join(out, "checkpoint-last.pth"))
     assert ckpt["epoch"] == 1 and ckpt["world_size"] == 1 and len(ckpt["rng"]) == 1
     assert ckpt["args"]["model"] == TINY and ckpt["args"]["setting"] == "multi_class"
-    assert set(ckpt) >= {"model", "optimizer", "scaler", "dynamic_masking", "sampler_seed"}
-    dyn = ckpt["dynamic_masking"]
+    assert set(ckpt) >= {"model", "optimizer", "scaler", "masking", "sampler_seed"}
+    dyn = ckpt["masking"]["dynamic_masking"]
     assert dyn["class_names"] == list(TWO_CLASSES)
     # 2 epochs x 1 step x 2 samples, each masked with exactly its class's m patches
     per_sample = [num_masked(CLASS_MASK_RATIOS[c], 196) for c in TWO_CLASSES]
@@ -124,18 +125,23 @@ def test_two_epochs_write_checkpoints_and_logs(env, reference):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(env["base"] / "tb"))
 
 
+def _mask_batch(masks: torch.Tensor) -> MaskBatch:
+    return MaskBatch(masks, masks.reshape(-1).nonzero().squeeze(1), None)
+
+
 def test_loss_falls_on_a_repeated_batch():
     torch.manual_seed(0)
     model = timm.create_model(TINY, depth=2, drop_path_rate=0.0)  # 2 blocks: fast
-    opt = torch.optim.AdamW(utils.param_groups_weight_decay(model, 0.05), lr=1e-3)
+    opt = utils.build_optimizer(model, 1e-3, 0.05)
+    assert opt.param_groups[0]["fused"]
     scaler = utils.make_grad_scaler("cpu", "none")
     images = torch.randn(2, 3, 224, 224)
     tokens = torch.randint(0, 8192, (2, 196))
     masks = torch.rand(2, 196) < 0.3
-    outs = [engine.train_step(model, images, tokens, masks, opt, scaler, clip_grad=3.0)
-            for _ in range(6)]
-    losses = [o.loss for o in outs]
-    assert all(math.isfinite(v) for v in losses)
+    outs = [engine.train_step(model, images, tokens, _mask_batch(masks), opt, scaler,
+                              clip_grad=3.0) for _ in range(6)]
+    losses = [o.loss.item() for o in outs]
+    assert all(math.isfinite(v) for v in losses) and not any(o.failed for o in outs)
     assert losses[0] == pytest.approx(math.log(8192), abs=1.0)  # near-uniform at init
     assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 1.0
     assert 0.0 <= outs[-1].mlm_acc <= 1.0 and outs[0].grad_norm > 0
@@ -200,10 +206,23 @@ def test_resume_after_crash_equals_uninterrupted_run(env, reference, monkeypatch
     a = utils.load_checkpoint_file(os.path.join(ref_out, "checkpoint-last.pth"))
     b = utils.load_checkpoint_file(os.path.join(out, "checkpoint-last.pth"))
     for key in ("loss_sum", "count"):
-        assert torch.equal(a["dynamic_masking"][key], b["dynamic_masking"][key])
+        assert torch.equal(a["masking"]["dynamic_masking"][key],
+                           b["masking"]["dynamic_masking"][key])
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert a["rng"][0]["mask_rng"] == b["rng"][0]["mask_rng"]
+    assert a["masking"]["mask_rng"] == b["masking"]["mask_rng"]
+
+
+def test_cached_images_train_exactly_like_the_dataloader(env, reference, tmp_path):
+    """--cache_images serves the DataLoader's batches to the bit: the same run."""
+    ref_out, _ = reference
+    run_pretraining.main(_args(env, str(tmp_path), "--cache_images", "device"))
+    ref_log = utils.read_jsonl(os.path.join(ref_out, "log.txt"))
+    log = utils.read_jsonl(os.path.join(tmp_path, "log.txt"))
+    assert [r["train_loss"] for r in log] == [r["train_loss"] for r in ref_log]
+    a = utils.load_checkpoint_file(os.path.join(ref_out, "checkpoint-last.pth"))["model"]
+    b = utils.load_checkpoint_file(os.path.join(tmp_path, "checkpoint-last.pth"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_other_arguments(env, reference):
@@ -249,9 +268,9 @@ def test_each_setting_trains_on_exactly_its_classes(env, tmp_path, monkeypatch, 
     above): what reaches the training step is exactly the setting's classes."""
     seen: list[str] = []
 
-    def one_pass(model, data_loader, *a, num_steps, class_names, **k):
-        for batch in _first_batches(data_loader, num_steps):
-            seen.extend(class_names[i] for i in batch["class_idx"].tolist())
+    def one_pass(model, data_loader, optimizer, scaler, policy, config, **k):
+        for batch in _first_batches(data_loader, config.num_steps):
+            seen.extend(policy.class_names[i] for i in batch["class_idx"].tolist())
         return {"loss": 0.0}
 
     monkeypatch.setattr(engine, "train_one_epoch", one_pass)
@@ -261,7 +280,7 @@ def test_each_setting_trains_on_exactly_its_classes(env, tmp_path, monkeypatch, 
     assert summary["train_classes"] == sorted(expected) and summary["num_steps"] == len(expected)
     assert sorted(seen) == sorted(expected)  # one image per class, each seen once
     ckpt = utils.load_checkpoint_file(os.path.join(tmp_path, "checkpoint-last.pth"))
-    assert ckpt["dynamic_masking"]["class_names"] == sorted(expected)
+    assert ckpt["masking"]["dynamic_masking"]["class_names"] == sorted(expected)
 
 
 def _first_batches(loader, n: int):
@@ -322,8 +341,9 @@ _RECORDER = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
 import engine, run_pretraining
-real, seen = engine.train_one_epoch, []
+real, seen, ddp = engine.train_one_epoch, [], {{}}
 def recording(model, data_loader, *a, **k):
+    ddp["broadcast_buffers"] = model.broadcast_buffers
     def batches():
         for batch in data_loader:
             seen.extend(batch["index"].tolist())
@@ -332,7 +352,7 @@ def recording(model, data_loader, *a, **k):
 engine.train_one_epoch = recording
 run_pretraining.main(run_pretraining.get_args_parser().parse_args())
 with open(os.path.join({out!r}, "seen%s.json" % os.environ["RANK"]), "w") as f:
-    json.dump(seen, f)
+    json.dump(dict(ddp, seen=seen), f)
 """
 
 
@@ -346,15 +366,19 @@ def test_torchrun_two_processes_on_gloo(env, tmp_path):
            "--nproc_per_node", "2", str(script), *argv]
     proc = run_command(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    seen = [json.loads((rec / f"seen{r}.json").read_text()) for r in range(2)]
+    records = [json.loads((rec / f"seen{r}.json").read_text()) for r in range(2)]
+    assert not any(r["broadcast_buffers"] for r in records)  # a constant index only
+    seen = [r["seen"] for r in records]
     assert len(seen[0]) == len(seen[1]) == 4  # 2 steps x batch 2 on each rank
     assert set(seen[0]).isdisjoint(seen[1]) and sorted(seen[0] + seen[1]) == list(range(8))
     assert sorted(os.listdir(out)) == ["checkpoint-0.pth", "checkpoint-last.pth", "log.txt"]
     ckpt = utils.load_checkpoint_file(os.path.join(out, "checkpoint-last.pth"))
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
-    assert ckpt["rng"][0]["mask_rng"] != ckpt["rng"][1]["mask_rng"]
+    rngs = ckpt["masking"]["mask_rng"]
+    assert len(rngs) == 2 and rngs[0] != rngs[1]
     # statistics of both ranks' batches, all-reduced: every image's masked patches
-    assert int(ckpt["dynamic_masking"]["count"].sum()) == _masked_total(["bottle", "carpet"] * 4)
+    count = ckpt["masking"]["dynamic_masking"]["count"]
+    assert int(count.sum()) == _masked_total(["bottle", "carpet"] * 4)
     assert [r["epoch"] for r in utils.read_jsonl(os.path.join(out, "log.txt"))] == [0]
 
 
@@ -390,12 +414,12 @@ def test_shell_scripts_build_the_torchrun_command(tmp_path):
 def test_freq_mode_reaches_the_frequency_weights(env, tmp_path, monkeypatch, mode):
     """--freq_mode global keeps the original code's whole-image spectrum on request."""
     modes: list[str] = []
-    real = engine.frequency_weights
+    real = masking_generator.frequency_weights
 
     def spy(images, patch_size=16, mode="patch"):
         modes.append(mode)
         return real(images, patch_size=patch_size, mode=mode)
 
-    monkeypatch.setattr(engine, "frequency_weights", spy)
+    monkeypatch.setattr(masking_generator, "frequency_weights", spy)
     run_pretraining.main(_args(env, str(tmp_path), "--epochs", "1", "--freq_mode", mode))
     assert modes and set(modes) == {mode}

@@ -7,16 +7,16 @@ import json
 import math
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import utils
-from conftest import join_processes
+from conftest import run_ranks
+from masking_generator import MaskGenerator, MaskingPolicy
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -86,32 +86,50 @@ def test_amp_choices():
     assert not utils.make_grad_scaler("cpu", "bf16").is_enabled()
 
 
-def test_deterministic_mode_is_scoped():
+def test_deterministic_mode_is_strict_and_scoped(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     before = torch.are_deterministic_algorithms_enabled()
     with utils.deterministic_algorithms(True):
         assert torch.are_deterministic_algorithms_enabled()
-        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        # strict: a kernel without a deterministic version raises, it does not just warn
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert torch.are_deterministic_algorithms_enabled() == before
     with utils.deterministic_algorithms(False):
         assert torch.are_deterministic_algorithms_enabled() == before
 
 
 # ----------------------------------------------------------------------------- RNG
-def _draws(mask_rng: np.random.Generator) -> tuple:
+def _draws(policy: MaskingPolicy | None = None) -> tuple:
+    masks = () if policy is None else tuple(policy.rng.integers(0, 1 << 30, 3).tolist())
     return (random.random(), float(np.random.rand()), float(np.random.randn()),
-            torch.rand(3).tolist(), mask_rng.integers(0, 1 << 30, 3).tolist())
+            torch.rand(3).tolist(), masks)
 
 
 def test_rng_capture_restore_is_exact():
     utils.seed_everything(5)
-    mask_rng = np.random.default_rng(7)
     np.random.randn()  # leave a cached gaussian in numpy's legacy state
-    state = utils.capture_rng_state(mask_rng)
-    first = _draws(mask_rng)
+    state = utils.capture_rng_state()
+    first = _draws()
     utils.seed_everything(99)
-    mask_rng2 = np.random.default_rng(1)
-    utils.restore_rng_state(state, mask_rng2)
-    assert _draws(mask_rng2) == first
+    utils.restore_rng_state(state)
+    assert _draws() == first
+
+
+def test_cpu_random_state_restores_no_cuda_stream_and_says_so():
+    """A checkpoint written on the CPU holds no CUDA state: restoring it for a CUDA run
+    reports False (the CPU streams are restored) instead of claiming success."""
+    utils.seed_everything(5)
+    state = utils.capture_rng_state()
+    assert state["cuda"] is None or not torch.cuda.is_available()
+    first = _draws()
+    utils.seed_everything(99)
+    assert utils.restore_rng_state(state, "cpu") is True
+    assert _draws() == first
+    if state["cuda"] is None:
+        utils.seed_everything(99)
+        assert utils.restore_rng_state(state, "cuda") is False
+        assert _draws() == first
 
 
 def test_seed_differs_per_rank():
@@ -122,15 +140,15 @@ def test_seed_differs_per_rank():
 
 
 # ----------------------------------------------------------------------------- checkpoints
-class _FakeDynamicState:
-    def __init__(self) -> None:
-        self.sums = torch.zeros(2, 4)
+def _policy(seed: int) -> MaskingPolicy:
+    return MaskingPolicy(MaskGenerator(window_size=(2, 2)), ["a", "b"], dynamic_start=0,
+                         seed=seed)
 
-    def state_dict(self) -> dict:
-        return {"sums": self.sums.clone()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.sums = state["sums"].clone()
+def _observed(policy: MaskingPolicy) -> MaskingPolicy:
+    masks = torch.tensor([[True, False, True, False]])
+    policy.observe(torch.tensor([1]), masks, torch.tensor([[3.5, 0.0, 1.5, 0.0]]))
+    return policy
 
 
 def _trained(seed: int):
@@ -145,21 +163,19 @@ def _trained(seed: int):
 def test_training_state_round_trip(tmp_path):
     model, opt = _trained(0)
     scaler = utils.make_grad_scaler("cpu", "none")
-    dyn = _FakeDynamicState()
-    dyn.sums += 3.5
-    mask_rng = np.random.default_rng(11)
+    policy = _observed(_policy(11))
     paths = utils.save_training_state(
         str(tmp_path), [4, "last"], epoch=4, model=model, optimizer=opt, scaler=scaler,
         args={"lr": 0.1, "opt_betas": [0.9, 0.999], "resume": None},
-        dynamic_masking=dyn.state_dict(), sampler_seed=123, mask_rng=mask_rng)
+        masking=policy.state_dict(), sampler_seed=123)
     assert [os.path.basename(p) for p in paths] == ["checkpoint-4.pth", "checkpoint-last.pth"]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-4.pth", "checkpoint-last.pth"]
-    expected = _draws(mask_rng)
+    expected = _draws(policy)
 
     model2, opt2 = _trained(1)
-    dyn2, rng2 = _FakeDynamicState(), np.random.default_rng(0)
+    policy2 = _policy(0)
     info = utils.load_training_state(paths[1], model=model2, optimizer=opt2, scaler=scaler,
-                                     dynamic_state=dyn2, mask_rng=rng2)
+                                     masking=policy2)
     assert info["start_epoch"] == 5 and info["sampler_seed"] == 123 and info["rng_restored"]
     assert info["args"]["opt_betas"] == [0.9, 0.999]
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
@@ -167,8 +183,29 @@ def test_training_state_round_trip(tmp_path):
     sa, sb = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
-    assert torch.equal(dyn2.sums, torch.full((2, 4), 3.5))
-    assert _draws(rng2) == expected
+    torch.testing.assert_close(policy2.dynamic.mean_losses(), policy.dynamic.mean_losses(),
+                               equal_nan=True, rtol=0, atol=0)
+    assert int(policy2.dynamic.counts.sum()) == 2
+    assert _draws(policy2) == expected
+
+
+def test_earlier_checkpoint_layout_restores_dynamic_masking_and_mask_stream(tmp_path):
+    """Checkpoints written before MaskingPolicy: 'dynamic_masking' at the top and each
+    rank's 'mask_rng' inside 'rng'."""
+    model, opt = _trained(0)
+    policy = _observed(_policy(11))
+    state = policy.state_dict()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 2,
+                "dynamic_masking": state["dynamic_masking"], "sampler_seed": 0,
+                "rng": [dict(utils.capture_rng_state(), mask_rng=state["mask_rng"][0])]},
+               tmp_path / "old.pth")
+    expected = _draws(policy)
+    policy2 = _policy(0)
+    info = utils.load_training_state(str(tmp_path / "old.pth"), model=_trained(1)[0],
+                                     masking=policy2)
+    assert info["start_epoch"] == 3
+    assert torch.equal(policy2.dynamic.counts, policy.dynamic.counts)
+    assert _draws(policy2)[-1] == expected[-1]
 
 
 def test_model_only_file_starts_at_epoch_zero(tmp_path):
@@ -294,14 +331,9 @@ def test_world_size_without_master_addr_is_a_clear_error(monkeypatch):
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    # The group meets through a file, not a port (a free port found beforehand can be
-    # taken by another process before rank 0 binds it); init_distributed then joins it.
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=2)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    env = utils.init_distributed("cpu")
-    try:
+    torch.set_num_threads(1)
+    with utils.distributed("cpu", timeout_min=2, init_method=f"file://{init_file}") as env:
         sampler = utils.build_sampler(list(range(10)), seed=3)
         sampler.set_epoch(0)
         ml = utils.MetricLogger()
@@ -310,20 +342,17 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         utils.save_training_state(out_dir, ["last"], epoch=0, model=_Toy(),
                                   optimizer=torch.optim.SGD(_Toy().parameters(), lr=1),
                                   scaler=utils.make_grad_scaler("cpu", "none"), args={},
-                                  dynamic_masking=None, sampler_seed=3,
-                                  mask_rng=np.random.default_rng(rank))
+                                  masking=_policy(rank).state_dict(), sampler_seed=3)
         result = {"rank": env.rank, "world": utils.get_world_size(),
                   "indices": list(sampler), "loss": ml.summary()["loss"],
                   "gathered": utils.all_gather_object(env.rank * 10)}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
-    finally:
-        utils.cleanup_distributed()
 
 
 def test_two_process_gloo_group(tmp_path):
-    join_processes(mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)),
-                                      nprocs=2, join=False, start_method="spawn"))
+    init = tmp_path.parent / f"{tmp_path.name}-init"
+    assert run_ranks(_worker, (str(init), str(tmp_path))) == [0, 0]
     r = [json.load(open(tmp_path / f"rank{i}.json")) for i in range(2)]
     assert [x["world"] for x in r] == [2, 2]
     assert set(r[0]["indices"]).isdisjoint(r[1]["indices"])
@@ -332,7 +361,31 @@ def test_two_process_gloo_group(tmp_path):
     assert r[0]["gathered"] == [0, 10]
     ckpt = utils.load_checkpoint_file(str(tmp_path / "checkpoint-last.pth"))
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
-    assert ckpt["rng"][0]["mask_rng"] == np.random.default_rng(0).bit_generator.state
-    assert ckpt["rng"][1]["mask_rng"] == np.random.default_rng(1).bit_generator.state
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth", "init", "rank0.json",
-                                            "rank1.json"]
+    assert ckpt["masking"]["mask_rng"] == [np.random.default_rng(r).bit_generator.state
+                                           for r in range(2)]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth", "rank0.json", "rank1.json"]
+
+
+def _failing_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """Rank 1 raises (a bad image, an OOM) while rank 0 waits in an all-reduce, as in
+    DDP's gradient all-reduce."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        with utils.distributed("cpu", timeout_min=10, init_method=f"file://{init_file}"):
+            if rank == 1:
+                raise RuntimeError("rank 1 could not read an image")
+            utils.all_reduce_sum(torch.ones(1))
+    except BaseException as e:
+        Path(out_dir, f"rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+        raise
+
+
+def test_a_failing_rank_ends_every_rank(tmp_path):
+    """No barrier after an exception: the failing rank leaves the group at once, the
+    waiting rank's collective fails, and both exit with an error long before the
+    group's 10-minute timeout (a hang fails run_ranks after 300 s)."""
+    init = tmp_path.parent / f"{tmp_path.name}-init"
+    assert run_ranks(_failing_rank, (str(init), str(tmp_path)), timeout_s=300) == [1, 1]
+    assert "could not read an image" in (tmp_path / "rank1.txt").read_text()
+    assert (tmp_path / "rank0.txt").read_text()  # its all-reduce failed

@@ -1,0 +1,220 @@
+"""No host synchronisation in a training step (issue: the host must never wait for the
+GPU between steps), checked on the CPU:
+
+- HostSyncCounter (conftest) lists every aten call that would make the host wait on a
+  GPU (item/bool, nonzero and boolean indexing, unique, blocking copies to the host);
+- FakeTensorMode runs the step on tensors without data, where any such read raises;
+- the host reads the device only at the planned points (every `sync_every` steps);
+- a failed step stops the epoch with the weights of the step before it.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import engine
+import masking_generator as mg
+import modeling_pmad  # noqa: F401  (registers the ViTs)
+import protoflow
+import utils
+from conftest import HostSyncCounter
+
+TINY = "vit_tiny_patch16_224_8k_vocab"
+CLASSES = ["bottle", "carpet"]
+VOCAB = 64
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(TINY, depth=2, drop_path_rate=0.0, vocab_size=VOCAB)
+
+
+def _batches(n: int, batch_size: int = 2, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        images = torch.randn(batch_size, 3, 224, 224, generator=g)
+        out.append({"image": images,
+                    "tokens": torch.randint(0, VOCAB, (batch_size, 196), generator=g),
+                    "class_idx": torch.arange(batch_size) % 2,
+                    "fg_mask": torch.rand(batch_size, 196, generator=g) < 0.7,
+                    "freq_weights": mg.frequency_weights(images),
+                    "index": torch.arange(i * batch_size, (i + 1) * batch_size)})
+    return out
+
+
+def _policy(dynamic_start: int = 0) -> mg.MaskingPolicy:
+    return mg.MaskingPolicy(mg.MaskGenerator(), CLASSES, dynamic_start=dynamic_start,
+                            seed=1)
+
+
+def _config(num_steps: int, sync_every: int) -> engine.TrainConfig:
+    lr = np.full(4 * num_steps, 1e-3)  # epochs 0-3
+    return engine.TrainConfig(lr, lr * 50, num_steps, clip_grad=3.0,
+                              sync_every=sync_every)
+
+
+def test_train_one_epoch_reads_the_device_only_at_planned_points(monkeypatch):
+    """Steps and statistics updates make no call that waits for the device; the host
+    reads the metrics every `sync_every` steps and at the end (5 steps, every 3)."""
+    model, policy = _model(), _policy()
+    counter, reads = HostSyncCounter(), []
+    real_step, real_observe, real_read = engine.train_step, policy.observe, engine._read_rows
+
+    def counted(fn):
+        def run(*a, **k):
+            with counter:
+                return fn(*a, **k)
+        return run
+
+    def read(history, start, stop):
+        reads.append((start, stop))
+        return real_read(history, start, stop)
+
+    monkeypatch.setattr(engine, "train_step", counted(real_step))
+    monkeypatch.setattr(policy, "observe", counted(real_observe))
+    monkeypatch.setattr(engine, "_read_rows", read)
+    stats = engine.train_one_epoch(model, _batches(5), utils.build_optimizer(model, 1e-3, 0.05),
+                                   utils.make_grad_scaler("cpu", "none"), policy,
+                                   _config(5, 3), epoch=0, progress=False)
+    assert counter.calls == []
+    assert reads == [(0, 3), (3, 5)]
+    assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+    assert int(policy.dynamic.counts.sum()) > 0
+
+
+def test_train_step_on_tensors_without_data():
+    """FakeTensorMode: a read of any value (item, bool, tolist, nonzero) raises."""
+    batch = _batches(1)[0]
+    policy = _policy()
+    drawn = policy.draw(batch["class_idx"], batch["fg_mask"], batch["freq_weights"], 0)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        model = _model()
+        optimizer = utils.build_optimizer(model, 1e-3, 0.05)
+        stats = mg.MaskingPolicy(mg.MaskGenerator(), CLASSES, dynamic_start=0)
+        fake = mg.MaskBatch(*(mode.from_tensor(t) for t in drawn))
+        images, tokens = mode.from_tensor(batch["image"]), mode.from_tensor(batch["tokens"])
+        failed = None
+        for _ in range(2):
+            out = engine.train_step(model, images, tokens, fake, optimizer,
+                                    utils.make_grad_scaler("cpu", "none"), clip_grad=3.0,
+                                    failed=failed)
+            failed = out.failed
+            stats.observe(batch["class_idx"], fake.masks, out.patch_losses, valid=~failed)
+    assert optimizer.state_dict()["state"][0]["step"] is not None
+
+
+def test_forward_and_statistics_on_fake_cuda_tensors():
+    """Every tensor of the loss and of the statistics update follows the device of its
+    inputs: on fake CUDA tensors a stray CPU tensor raises (no GPU needed)."""
+    batch = _batches(1)[0]
+    drawn = _policy().draw(batch["class_idx"], batch["fg_mask"], batch["freq_weights"], 0)
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
+        model = _model()
+        policy = mg.MaskingPolicy(mg.MaskGenerator(), CLASSES, dynamic_start=5,
+                                  device="cuda")
+        masks, index, weights = (t.to("cuda") for t in drawn)
+        ce, _ = engine.masked_token_ce(model, batch["image"].to("cuda"),
+                                       batch["tokens"].to("cuda"), masks, index)
+        loss = engine.weighted_mean(ce, weights)
+        losses = engine.scatter_masked(ce.detach(), masks, index)
+        policy.observe(batch["class_idx"], masks, losses, valid=torch.isfinite(loss))
+        assert loss.device.type == "cuda" and policy.dynamic.counts.device.type == "cuda"
+
+
+def test_failed_step_keeps_the_weights_and_stops_at_the_next_read(monkeypatch):
+    """Step 2 of 5 has a NaN loss; reads every 4 steps: steps 2 and 3 leave the weights
+    and the optimiser bit for bit as step 1 left them, the read after step 3 raises
+    naming step 2, and step 4 never runs. (Compared within one run: a second run may
+    round differently when the BLAS picks another thread count.)"""
+    batches = _batches(5)
+    batches[2]["image"][0, 0, 0, 0] = math.nan
+    model, policy = _model(), _policy()
+    optimizer = utils.build_optimizer(model, 1e-3, 0.05)
+    after_step, real_step = [], engine.train_step
+
+    def step_and_snapshot(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        after_step.append(({k: v.clone() for k, v in model.state_dict().items()},
+                           optimizer.state_dict()["state"][0]["exp_avg"].clone()))
+        return out
+
+    after_observe, real_observe = [], policy.observe
+
+    def observe_and_snapshot(*args, **kwargs):
+        out = real_observe(*args, **kwargs)
+        after_observe.append(policy.dynamic.counts.clone())
+        return out
+
+    monkeypatch.setattr(engine, "train_step", step_and_snapshot)
+    monkeypatch.setattr(policy, "observe", observe_and_snapshot)
+    seen = []
+    with pytest.raises(engine.NonFiniteLossError) as info:
+        engine.train_one_epoch(model, (seen.append(b) or b for b in batches), optimizer,
+                               utils.make_grad_scaler("cpu", "none"), policy,
+                               _config(5, 4), epoch=3, sample_names=[f"img{i}" for i in
+                                                                      range(10)],
+                               progress=False)
+    msg = str(info.value)
+    assert "non-finite loss" in msg and "at epoch 3, step 2 (global step 17)" in msg
+    assert "img4, img5" in msg and len(seen) == 4 and len(after_step) == 4
+    weights_1, exp_avg_1 = after_step[1]
+    assert not torch.equal(after_step[0][1], exp_avg_1)  # step 1 did update
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights_1[name]), name
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], exp_avg_1)
+    assert optimizer.state_dict()["state"][0]["step"].item() == 2
+    # the failed steps added nothing to the dynamic statistics either
+    assert len(after_observe) == 4 and after_observe[1].sum() > 0
+    assert torch.equal(policy.dynamic.counts, after_observe[1])
+
+
+def test_coreset_picks_stay_on_the_device():
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    with HostSyncCounter() as counter:
+        picks = protoflow.greedy_coreset(x, 20, progress=False)
+    assert counter.calls == []
+    d = torch.cdist(x, x)
+    assert picks[0] == 0 and int(picks[1]) == int(d[0].argmax())  # farthest from pick 0
+
+
+def test_patch_log_likelihood_groups_classes_on_the_host():
+    encoder = torch.nn.Conv2d(3, 4, 8, stride=8)
+    flow = protoflow.build_flow(4, n_blocks=1)
+    protos = [torch.randn(5, 4), torch.randn(7, 4)]
+    images = torch.randn(3, 3, 32, 32)
+    class_idx = torch.tensor([1, 0, 1])
+    extract = protoflow.extract_features
+    protoflow.extract_features = lambda enc, x: enc(x)
+    try:
+        with torch.no_grad(), HostSyncCounter() as counter:
+            logp = protoflow.patch_log_likelihood(encoder, flow, images, protos, class_idx)
+        with torch.no_grad():
+            one = protoflow.patch_log_likelihood(encoder, flow, images[1:2], protos,
+                                                 class_idx[1:2])
+    finally:
+        protoflow.extract_features = extract
+    assert counter.calls == [] and logp.shape == (3, 4, 4)
+    torch.testing.assert_close(logp[1:2], one)
+
+
+def test_proposals_make_their_tensors_on_the_input_device():
+    """Under a 'meta' default device, a tensor made without a device lands on meta and
+    cannot mix with the CPU input."""
+    logp = torch.randn(2, 28, 28)
+    with torch.device("meta"):
+        out = protoflow.proposals_from_log_likelihood(logp, [0.1, 0.3])
+    assert out.masks[0.1].device.type == "cpu" and int(out.masks[0.3][0].sum()) == 58
+
+
+@pytest.mark.parametrize("sync_every, num_steps", [(0, 5), (3, 0)])
+def test_train_config_rejects_empty_schedules(sync_every, num_steps):
+    """A zero read interval or an epoch of no steps would never read the metrics."""
+    lr = np.full(4, 1e-3)
+    with pytest.raises(ValueError, match="must be at least 1"):
+        engine.TrainConfig(lr, lr, num_steps, sync_every=sync_every)
