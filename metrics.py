@@ -382,17 +382,23 @@ def pixel_aupro(gt_masks: np.ndarray | torch.Tensor, score_maps: np.ndarray | to
 
 
 def compute_metrics(labels: np.ndarray | torch.Tensor, image_scores: np.ndarray | torch.Tensor,
-                    gt_masks: np.ndarray | torch.Tensor, score_maps: np.ndarray | torch.Tensor,
+                    gt_masks: np.ndarray | torch.Tensor | None,
+                    score_maps: np.ndarray | torch.Tensor,
                     fpr_limit: float = 0.3) -> dict[str, float]:
     """All METRIC_NAMES for one class; each set is sorted once and shared by its metrics.
 
     labels (N,) {0, 1}; image_scores (N,); gt_masks (N, H, W) {0, 1}; score_maps (N, H, W)
     (torch or numpy; (N, 1, H, W) accepted). A normal-labelled image with anomalous pixels
-    is refused: it means labels and masks are misaligned.
+    is refused: it means labels and masks are misaligned. gt_masks None (a set with image
+    labels only, e.g. a custom set): the pixel metrics are undefined (nan).
     """
     _check_fpr_limit(fpr_limit)
     y, s = _image_arrays(labels, image_scores)
     image = _rank(y, s, 'image scores')
+    if gt_masks is None:
+        known = {'image_auroc': _auroc(image, 'image_auroc'), 'image_ap': _ap(image, 'image_ap'),
+                 'image_f1_max': _f1_max(image, 'image_f1_max')[0]}
+        return {k: known.get(k, float('nan')) for k in METRIC_NAMES}
     masks, maps = _pixel_arrays(gt_masks, score_maps)
     if masks.shape[0] != y.shape[0]:
         raise ValueError(f'metrics.py: {y.shape[0]} labels but {masks.shape[0]} masks; pass '
@@ -416,26 +422,29 @@ def compute_metrics(labels: np.ndarray | torch.Tensor, image_scores: np.ndarray 
 
 def per_defect_metrics(labels: np.ndarray | torch.Tensor, defect_types: Sequence[str],
                        image_scores: np.ndarray | torch.Tensor,
-                       gt_masks: np.ndarray | torch.Tensor,
+                       gt_masks: np.ndarray | torch.Tensor | None,
                        score_maps: np.ndarray | torch.Tensor,
                        normal_type: str = 'good') -> dict[str, dict[str, float]]:
     """Where a method wins and loses: per defect type, image AUROC of that type's images
     against the normal ones, and pixel AUROC over the normal images plus that type's.
 
     labels (N,), defect_types N names ('good' for normal images), image_scores (N,),
-    gt_masks and score_maps (N, H, W). -> {type: {'image_auroc', 'pixel_auroc', 'count'}}.
+    gt_masks and score_maps (N, H, W); gt_masks None: pixel AUROC nan.
+    -> {type: {'image_auroc', 'pixel_auroc', 'count'}}.
     """
     y = _to_numpy(labels).reshape(-1).astype(bool)
     types = np.asarray(list(defect_types))
     if types.shape != y.shape:
         raise ValueError(f'metrics.py: {types.size} defect types for {y.size} labels')
-    scores, masks, maps = _to_numpy(image_scores), _to_numpy(gt_masks), _to_numpy(score_maps)
+    scores, maps = _to_numpy(image_scores), _to_numpy(score_maps)
+    masks = None if gt_masks is None else _to_numpy(gt_masks)
     normal = ~y
     out = {}
     for t in sorted(set(types[y].tolist())):
         sel = normal | (types == t)
         out[t] = {'image_auroc': image_auroc(y[sel], scores[sel]),
-                  'pixel_auroc': pixel_auroc(masks[sel], maps[sel]),
+                  'pixel_auroc': (float('nan') if masks is None
+                                  else pixel_auroc(masks[sel], maps[sel])),
                   'count': int((types == t).sum())}
     return out
 

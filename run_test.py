@@ -25,12 +25,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import datasets
+import heatmaps
 import metrics
 import modeling_pmad
 from engine import patch_losses
 from masking_generator import CLASS_MASK_RATIOS
 from modeling_discrete_vae import create_tokenizer, file_sha256
-from protoflow import (Proposals, ProtoFlow, covering_masks, is_anomalous,
+from protoflow import (Proposals, ProtoFlow, covering_masks, image_score, is_anomalous,
                        proposals_from_log_likelihood)
 from utils import amp_autocast, read_weights_file, resolve_amp
 
@@ -106,7 +107,8 @@ def collect_class(dataset: torch.utils.data.Dataset, tokenizer: torch.nn.Module,
     """One pass over a class: tokens, ProtoFlow log-likelihoods and prototype distances,
     computed once, and each image file's SHA-256 (it seeds the image's random test
     mask). `dataset` yields 'image', 'token_image', 'name', 'index' and, for a labelled
-    test set, 'label', 'gt_mask', 'defect_type'; its `image_paths` are the files."""
+    test set, 'label', 'gt_mask', 'defect_type'; its `image_paths` are the files. A set
+    whose `has_ground_truth` is False (a custom set) keeps no masks."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers)
     images, tokens, logps, dists, labels, gts, names, defects, ids = ([] for _ in range(9))
@@ -121,8 +123,9 @@ def collect_class(dataset: torch.utils.data.Dataset, tokenizer: torch.nn.Module,
         ids += [file_sha256(dataset.image_paths[int(i)]) for i in batch["index"]]
         if "label" in batch:
             labels.append(batch["label"])
-            gts.append(batch["gt_mask"][:, 0])
             defects += list(batch["defect_type"])
+            if getattr(dataset, "has_ground_truth", True):
+                gts.append(batch["gt_mask"][:, 0])
     return ClassData(torch.cat(images), torch.cat(tokens), torch.cat(logps), torch.cat(dists),
                      torch.cat(labels).numpy().astype(np.int64) if labels else None,
                      torch.cat(gts) if gts else None, names, defects, ids)
@@ -205,10 +208,10 @@ def evaluate_maps(data: ClassData, maps: torch.Tensor, pixel_maps: torch.Tensor 
     plus the per-defect-type breakdown."""
     scores = maps.flatten(1).amax(dim=1) if scores is None else scores
     pixel = maps if pixel_maps is None else pixel_maps
-    record = metrics.compute_metrics(data.labels, scores.numpy(), data.gt_masks.numpy(),
-                                     pixel.numpy())
-    record["per_defect"] = metrics.per_defect_metrics(
-        data.labels, data.defect_types, scores.numpy(), data.gt_masks.numpy(), pixel.numpy())
+    gt = None if data.gt_masks is None else data.gt_masks.numpy()
+    record = metrics.compute_metrics(data.labels, scores.numpy(), gt, pixel.numpy())
+    record["per_defect"] = metrics.per_defect_metrics(data.labels, data.defect_types,
+                                                      scores.numpy(), gt, pixel.numpy())
     return record
 
 
@@ -234,15 +237,18 @@ def mask_diagnostics(data: ClassData, masks: torch.Tensor, anomalous: torch.Tens
                      grid: tuple[int, int]) -> dict[str, float | int]:
     """Why a PMAD map can miss a defect: how many anomalous images got the proposal mask,
     and what fraction of their defect pixels lay in masked patches (scored with the
-    defect hidden from the context)."""
-    size = data.gt_masks.shape[-1]
-    per_patch = F.adaptive_avg_pool2d(data.gt_masks[:, None].float(), grid).flatten(1)  # (N, L)
+    defect hidden from the context; nan without ground-truth masks)."""
+    size = data.images.shape[-1]
     bad = torch.as_tensor(data.labels == 1)
-    total = per_patch[bad].sum()
-    covered = (per_patch * masks.float())[bad].sum()
+    fraction = math.nan
+    if data.gt_masks is not None:
+        per_patch = F.adaptive_avg_pool2d(data.gt_masks[:, None].float(), grid).flatten(1)  # (N, L)
+        total = per_patch[bad].sum()
+        covered = (per_patch * masks.float())[bad].sum()
+        fraction = float(covered / total) if total > 0 else math.nan
     return {"anomalous_with_proposal": int((anomalous & bad).sum()),
             "anomalous_images": int(bad.sum()),
-            "masked_defect_fraction": float(covered / total) if total > 0 else math.nan,
+            "masked_defect_fraction": fraction,
             "pixels_per_patch": (size // grid[0]) * (size // grid[1])}
 
 
@@ -472,29 +478,22 @@ def write_results(results: dict, output_dir: Path, protocol: str) -> str:
     return table
 
 
-def save_heatmaps(data: ClassData, maps: torch.Tensor, out_dir: Path, count: int,
+def save_heatmaps(data: ClassData, maps: torch.Tensor, scores: torch.Tensor,
+                  threshold: float | None, out_dir: Path, count: int,
                   mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-    """image | ground truth | score-map overlay, anomalous images spread over the defect
-    types, then normal ones; one colour scale per class, so normal images look cool."""
-    from PIL import Image
-    import cv2
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    anomalous, normal = np.flatnonzero(data.labels == 1), np.flatnonzero(data.labels == 0)
-    n_anomalous = min(len(anomalous), max(count - len(normal), (count + 1) // 2))
-    picks = [anomalous[int(j)] for j in np.linspace(0, len(anomalous) - 1, n_anomalous)
-             ] if n_anomalous else []
-    picks += list(normal[: count - len(picks)])
-    lo, hi = float(maps.min()), float(maps.max())
-    for i in picks:
-        img = data.images[i] * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
-        img = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-        gt = np.repeat((data.gt_masks[i].numpy() * 255).astype(np.uint8)[..., None], 3, 2)
-        heat = ((maps[i].numpy() - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8)
-        heat = cv2.applyColorMap(heat, cv2.COLORMAP_JET)[..., ::-1]
-        overlay = (0.5 * img + 0.5 * heat).astype(np.uint8)
-        Image.fromarray(np.concatenate([img, gt, overlay], axis=1)).save(
-            out_dir / f"{data.names[i]}.png")
+    """--save_heatmaps N: the N most and the N least anomalous images (PMAD's image score
+    `scores`, (N,)) of each defect type and of the normal images, each as image | ground
+    truth | overlay with a colour bar on one scale per class, captioned with its scores,
+    ProtoFlow's `threshold` and the decision (heatmaps.py)."""
+    scale = heatmaps.ColourScale.of(maps)
+    protoflow_scores = image_score(data.log_likelihood)
+    for i, note in heatmaps.extremes_per_type(scores.tolist(), data.defect_types, count):
+        caption = heatmaps.Caption(data.names[i], float(scores[i]), float(protoflow_scores[i]),
+                                   threshold, truth=data.defect_types[i], note=note)
+        gt = None if data.gt_masks is None else data.gt_masks[i].numpy()
+        heatmaps.save_png(heatmaps.render(heatmaps.to_uint8_image(data.images[i], mean, std),
+                                          maps[i].numpy(), scale, caption, gt),
+                          out_dir / f"{data.names[i]}.png")
 
 
 def mask_ratio_arg(text: str) -> float:
@@ -585,7 +584,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_clean_args(p)
     p.add_argument("--output_dir", default="output_dir/test")
     p.add_argument("--save_heatmaps", type=int, default=0, metavar="N",
-                   help="write N heatmap PNGs per class")
+                   help="per class, write heatmap PNGs of the N most and the N least "
+                        "anomalous images of each defect type (and of the normal images)")
     return p
 
 
@@ -694,15 +694,22 @@ def main(args: argparse.Namespace) -> dict:
             record, maps = evaluate_clean(m.model, data, ratio=class_mask_ratio(args, class_name),
                                           threshold=m.protoflow.threshold_for(class_name),
                                           options=options, **kwargs)
-        record.update(num_images=len(data.labels), num_anomalous=int(data.labels.sum()))
+        record.update(num_images=len(data.labels), num_anomalous=int(data.labels.sum()),
+                      ground_truth=data.gt_masks is not None)
         results["classes"][class_name] = record
         d = record["diagnostics"]
         tqdm.write(f"[run_test] {class_name}: {d['anomalous_with_proposal']} of "
                    f"{d['anomalous_images']} anomalous images got the proposal mask; "
-                   f"{d['masked_defect_fraction']:.0%} of defect pixels masked")
+                   + (f"{d['masked_defect_fraction']:.0%} of defect pixels masked"
+                      if data.gt_masks is not None else
+                      f"no {root}/{class_name}/ground_truth folder: pixel metrics undefined"))
         if args.save_heatmaps:
-            save_heatmaps(data, maps["pmad"], out_dir / "heatmaps" / class_name,
-                          args.save_heatmaps, m.mean, m.std)
+            scores = (image_scores(maps["pmad"], options.image_score)
+                      if args.protocol == "clean" else image_scores(maps["pmad"]))
+            threshold = (record["threshold"] if args.protocol == "paper"
+                         else m.protoflow.threshold_for(class_name))
+            save_heatmaps(data, maps["pmad"], scores, threshold,
+                          out_dir / "heatmaps" / class_name, args.save_heatmaps, m.mean, m.std)
     summarize(results)
     results["seconds"] = time.time() - start
     table = write_results(results, out_dir, args.protocol)
@@ -718,7 +725,8 @@ def exit_status(results: dict) -> int:
     is in results['failed'] or any of its metrics is not finite."""
     failed = list(results.get("failed", {})) + [
         name for name, record in results["classes"].items()
-        if not all(math.isfinite(record.get(k, math.nan)) for k in METRIC_KEYS)]
+        if not all(math.isfinite(record.get(k, math.nan)) for k in METRIC_KEYS
+                   if record.get("ground_truth", True) or k not in metrics.PIXEL_METRICS)]
     if failed:
         print(f"[run_test] failed classes: {', '.join(dict.fromkeys(failed))}", file=sys.stderr)
     return 1 if failed else 0

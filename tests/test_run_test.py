@@ -9,8 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+import heatmaps
 import run_test
 from conftest import KMEANS_VOCAB
 
@@ -49,7 +51,7 @@ def test_resolve_weights_file(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def clean_run(tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean")
-    return run_test.main(_args(tiny_world, out, "clean", "--save_heatmaps", "2")), out
+    return run_test.main(_args(tiny_world, out, "clean", "--save_heatmaps", "1")), out
 
 
 def test_clean_protocol_end_to_end(clean_run, tiny_world) -> None:
@@ -76,9 +78,16 @@ def test_clean_protocol_end_to_end(clean_run, tiny_world) -> None:
     for key in ("mean_protoflow_only", "mean_patchcore", "mean_ce_only"):
         assert set(run_test.METRIC_KEYS) <= set(saved[key])
     assert "| PatchCore" in table and "Defect type" in table
-    heatmaps = sorted(p.name for p in (out / "clean" / "heatmaps" / "coins").glob("*.png"))
-    assert len(heatmaps) == 2 and heatmaps[1].startswith("good_")
-    assert not heatmaps[0].startswith("good_")  # one anomalous, one normal
+    # --save_heatmaps 1: the most and the least anomalous image of each defect type
+    test_dir = tiny_world.mvtec_root / "coins" / "test"
+    per_type = {d.name: len(list(d.glob("*.png"))) for d in test_dir.iterdir()}
+    pngs = sorted((out / "clean" / "heatmaps" / "coins").glob("*.png"))
+    assert len(pngs) == sum(min(2, n) for n in per_type.values())
+    for t in per_type:
+        assert any(p.name.startswith(f"{t}_") for p in pngs)
+    with Image.open(pngs[0]) as png:  # image | ground truth | overlay | colour bar; caption
+        assert png.width == 3 * (224 + heatmaps.GAP) + heatmaps.BAR_WIDTH + heatmaps.BAR_LABELS
+        assert png.height == 224 + 4 * heatmaps.LINE_HEIGHT + 6
 
 
 def test_paper_protocol_reports_best_ratio_per_metric(tiny_world, tmp_path) -> None:
@@ -158,7 +167,8 @@ class ConstantViT(torch.nn.Module):
         self.lm_head = torch.nn.Linear(1, 2)  # V = 2 tokens
         self.logits = torch.log(torch.tensor([0.75, 0.25]))
 
-    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor,
+                masked_index: torch.Tensor | None = None) -> torch.Tensor:
         return self.logits.expand(int(bool_masked_pos.sum()), 2)
 
 
