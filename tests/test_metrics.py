@@ -237,6 +237,15 @@ def test_compute_metrics_equals_single_metrics_and_accepts_torch():
     assert from_torch == got
     half = pixel_auroc(torch.from_numpy(masks), torch.from_numpy(maps).bfloat16())
     assert half == pytest.approx(got['pixel_auroc'], abs=0.02)
+    # image labels only (a custom set): the image metrics, the pixel ones undefined
+    no_gt = compute_metrics(labels, scores, None, maps)
+    assert list(no_gt) == list(METRIC_NAMES)
+    for k in METRIC_NAMES:
+        assert np.isnan(no_gt[k]) if k.startswith('pixel_') else no_gt[k] == got[k]
+    per_type = metrics.per_defect_metrics(labels, ['good' if y == 0 else 'cut' for y in labels],
+                                          scores, None, maps)
+    assert per_type['cut']['image_auroc'] == got['image_auroc']
+    assert np.isnan(per_type['cut']['pixel_auroc'])
 
 
 def test_only_normal_images_gives_nan_with_warnings():
