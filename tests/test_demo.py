@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_script_detects_defects(tmp_path: Path) -> None:
     env = {**os.environ, "DEMO_DIR": str(tmp_path / "demo"), "DATA_DIR": str(tmp_path / "data"),
            "DEMO_CLASSES": "brick coins", "DEMO_TRAIN": "10", "DEMO_TEST_GOOD": "6",
-           "DEMO_TEST_DEFECT": "8", "HELDOUT_CLASSES": "retina", "HELDOUT_TRAIN": "16",
+           "DEMO_TEST_DEFECT": "8", "DEMO_HELDOUT": "1", "HELDOUT_CLASSES": "retina", "HELDOUT_TRAIN": "16",
            "HELDOUT_TEST_GOOD": "4", "HELDOUT_TEST_DEFECT": "5", "PF_EPOCHS": "1",
            "VIT_EPOCHS": "2", "DEVICE": "cpu", "KMEANS_VOCAB": "32"}
     run = run_command(["bash", "scripts/demo.sh"], cwd=ROOT, env=env)
