@@ -33,6 +33,9 @@ OBJECTS = ["bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw
            "toothbrush", "transistor", "zipper"]
 TEXTURES = ["carpet", "grid", "leather", "tile", "wood"]
 MVTEC_CLASSES = sorted(OBJECTS + TEXTURES)
+# VisA (Zou et al., ECCV 2022): all objects; multi-class runs use the 12 together.
+VISA_CLASSES = ["candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1",
+                "macaroni2", "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum"]
 SETTINGS = ("multi_class", "obj2tex", "tex2obj", "leave_one_out")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_DIRS = ("good", "ok")  # normal-image folder: MVTec AD / MPDD, BTAD
@@ -579,7 +582,10 @@ def _find_gt_mask(gt_dir: str, listing: set[str], stem: str) -> str | None:
 class MVTecTestDataset(_TokenImageDataset):
     """One class of a set in MVTec layout (docs/method.md 7): image, token image, label
     (0 = normal), ground-truth mask, name ('<defect>_<stem>', unique within the class),
-    defect type."""
+    defect type.
+
+    A class without a ground_truth/ folder (a custom set, setup_train_dataset.py --custom)
+    has image labels only: `has_ground_truth` is False and every gt_mask is zeros."""
 
     def __init__(self, root: str, class_name: str, token_size: int, img_size: int = 224,
                  mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
@@ -587,7 +593,8 @@ class MVTecTestDataset(_TokenImageDataset):
                  skip_bad_images: bool = False) -> None:
         super().__init__(token_size, img_size, mean, std, patch_size)
         self.root, self.class_name = root, class_name
-        items, missing = self._list(root, class_name)
+        self.has_ground_truth = os.path.isdir(os.path.join(root, class_name, "ground_truth"))
+        items, missing = self._list(root, class_name, self.has_ground_truth)
         if missing and not skip_bad_images:
             raise BadFileError(f"{len(missing)} ground-truth mask(s) missing:\n  "
                                + "\n  ".join(missing) + f"\nFix: {FIX_BAD_FILE}")
@@ -605,7 +612,8 @@ class MVTecTestDataset(_TokenImageDataset):
         self.mask_paths = [s[3] for s in items]
 
     @staticmethod
-    def _list(root: str, class_name: str) -> tuple[list[tuple], list[str]]:
+    def _list(root: str, class_name: str, has_ground_truth: bool
+              ) -> tuple[list[tuple], list[str]]:
         test_dir = os.path.join(root, class_name, "test")
         if not os.path.isdir(test_dir):
             what = "class folder" if not os.path.isdir(os.path.join(root, class_name)) \
@@ -620,12 +628,13 @@ class MVTecTestDataset(_TokenImageDataset):
             if not files:
                 empty.append(os.path.join(test_dir, defect))
             label = 0 if defect in NORMAL_DIRS else 1
+            pixel_labels = label and has_ground_truth
             gt_dir = os.path.join(root, class_name, "ground_truth", defect)
-            listing = set(os.listdir(gt_dir)) if label and os.path.isdir(gt_dir) else set()
+            listing = set(os.listdir(gt_dir)) if pixel_labels and os.path.isdir(gt_dir) else set()
             for f in files:
                 stem = os.path.splitext(os.path.basename(f))[0]
-                mask = _find_gt_mask(gt_dir, listing, stem) if label else None
-                if label and mask is None:
+                mask = _find_gt_mask(gt_dir, listing, stem) if pixel_labels else None
+                if pixel_labels and mask is None:
                     missing.append(f"{os.path.join(gt_dir, stem)}_mask.png (or "
                                    f"{stem}.png) for {f}")
                     # BadFileError at load time names the file if it is kept
@@ -657,6 +666,34 @@ class MVTecTestDataset(_TokenImageDataset):
         stem = os.path.splitext(os.path.basename(item[0]))[0]
         out.update(label=item[1], gt_mask=gt, name=f"{item[2]}_{stem}", defect_type=item[2],
                    index=index)
+        return out
+
+
+class ImageListDataset(_TokenImageDataset):
+    """Unlabelled images to score (predict.py): image, token image, name, index; the
+    same transforms as the test set, so an image scores as it would in run_test.py."""
+
+    def __init__(self, image_paths: Sequence[str], names: Sequence[str], token_size: int,
+                 img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD, patch_size: int = 16,
+                 skip_bad_images: bool = False) -> None:
+        super().__init__(token_size, img_size, mean, std, patch_size)
+        if len(image_paths) != len(names) or not image_paths:
+            raise ValueError(f"ImageListDataset needs one name per image and at least one "
+                             f"image, got {len(image_paths)} images, {len(names)} names")
+        items = list(zip(image_paths, names))
+        self.bad_files: list[str] = []
+        if skip_bad_images:
+            items, self.bad_files = _drop_bad_files(items, lambda it: open_rgb(it[0]), "images")
+            if not items:
+                raise BadFileError(f"none of the {len(image_paths)} images is readable (see "
+                                   "the warning above)")
+        self.image_paths = [p for p, _ in items]
+        self.names = [n for _, n in items]
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        out: dict[str, object] = dict(self._encode(index, open_rgb(self.image_paths[index])))
+        out.update(name=self.names[index], index=index)
         return out
 
 

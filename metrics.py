@@ -1,4 +1,4 @@
-"""Anomaly-detection metrics: image/pixel AUROC, pixel AUPRO, image/pixel AP, image F1-max.
+"""Anomaly-detection metrics: image/pixel AUROC, pixel AUPRO, image/pixel AP, image/pixel F1-max.
 
 Every metric here is exact (no binning, no threshold subsampling) and memory-bounded, so
 that the whole MVTec AD test set (1,725 x 224 x 224 = 86.6M pixels) fits on a laptop.
@@ -42,7 +42,8 @@ import torch
 from scipy import ndimage
 
 METRIC_NAMES = ('image_auroc', 'pixel_auroc', 'pixel_aupro', 'image_ap', 'pixel_ap',
-                'image_f1_max')
+                'image_f1_max', 'pixel_f1_max')
+PIXEL_METRICS = tuple(k for k in METRIC_NAMES if k.startswith('pixel_'))
 
 # 8-connectivity, as the official MVTec AD evaluation (`compute_pro` labels ground-truth
 # regions with scipy.ndimage.label(gt, np.ones((3, 3)))) and anomalib (OpenCV
@@ -356,6 +357,14 @@ def pixel_ap(gt_masks: np.ndarray | torch.Tensor, score_maps: np.ndarray | torch
     return _ap(_pixel_ranked(gt_masks, score_maps, regions=False), 'pixel_ap')
 
 
+def pixel_f1_max(gt_masks: np.ndarray | torch.Tensor, score_maps: np.ndarray | torch.Tensor
+                 ) -> float:
+    """gt_masks (N, H, W) {0, 1}, score_maps (N, H, W) -> best pixel-level F1 over all
+    thresholds (ADer's benchmark reports it beside AUPRO and AP). Exact: every anomalous
+    pixel's score is tried as the threshold, by binary search in the sorted scores."""
+    return _f1_max(_pixel_ranked(gt_masks, score_maps, regions=False), 'pixel_f1_max')[0]
+
+
 def pixel_aupro(gt_masks: np.ndarray | torch.Tensor, score_maps: np.ndarray | torch.Tensor,
                 fpr_limit: float = 0.3) -> float:
     """Normalised area under the per-region-overlap curve up to FPR `fpr_limit`.
@@ -373,17 +382,23 @@ def pixel_aupro(gt_masks: np.ndarray | torch.Tensor, score_maps: np.ndarray | to
 
 
 def compute_metrics(labels: np.ndarray | torch.Tensor, image_scores: np.ndarray | torch.Tensor,
-                    gt_masks: np.ndarray | torch.Tensor, score_maps: np.ndarray | torch.Tensor,
+                    gt_masks: np.ndarray | torch.Tensor | None,
+                    score_maps: np.ndarray | torch.Tensor,
                     fpr_limit: float = 0.3) -> dict[str, float]:
     """All METRIC_NAMES for one class; each set is sorted once and shared by its metrics.
 
     labels (N,) {0, 1}; image_scores (N,); gt_masks (N, H, W) {0, 1}; score_maps (N, H, W)
     (torch or numpy; (N, 1, H, W) accepted). A normal-labelled image with anomalous pixels
-    is refused: it means labels and masks are misaligned.
+    is refused: it means labels and masks are misaligned. gt_masks None (a set with image
+    labels only, e.g. a custom set): the pixel metrics are undefined (nan).
     """
     _check_fpr_limit(fpr_limit)
     y, s = _image_arrays(labels, image_scores)
     image = _rank(y, s, 'image scores')
+    if gt_masks is None:
+        known = {'image_auroc': _auroc(image, 'image_auroc'), 'image_ap': _ap(image, 'image_ap'),
+                 'image_f1_max': _f1_max(image, 'image_f1_max')[0]}
+        return {k: known.get(k, float('nan')) for k in METRIC_NAMES}
     masks, maps = _pixel_arrays(gt_masks, score_maps)
     if masks.shape[0] != y.shape[0]:
         raise ValueError(f'metrics.py: {y.shape[0]} labels but {masks.shape[0]} masks; pass '
@@ -401,31 +416,35 @@ def compute_metrics(labels: np.ndarray | torch.Tensor, image_scores: np.ndarray 
         'image_ap': _ap(image, 'image_ap'),
         'pixel_ap': _ap(pixel, 'pixel_ap'),
         'image_f1_max': _f1_max(image, 'image_f1_max')[0],
+        'pixel_f1_max': _f1_max(pixel, 'pixel_f1_max')[0],
     }
 
 
 def per_defect_metrics(labels: np.ndarray | torch.Tensor, defect_types: Sequence[str],
                        image_scores: np.ndarray | torch.Tensor,
-                       gt_masks: np.ndarray | torch.Tensor,
+                       gt_masks: np.ndarray | torch.Tensor | None,
                        score_maps: np.ndarray | torch.Tensor,
                        normal_type: str = 'good') -> dict[str, dict[str, float]]:
     """Where a method wins and loses: per defect type, image AUROC of that type's images
     against the normal ones, and pixel AUROC over the normal images plus that type's.
 
     labels (N,), defect_types N names ('good' for normal images), image_scores (N,),
-    gt_masks and score_maps (N, H, W). -> {type: {'image_auroc', 'pixel_auroc', 'count'}}.
+    gt_masks and score_maps (N, H, W); gt_masks None: pixel AUROC nan.
+    -> {type: {'image_auroc', 'pixel_auroc', 'count'}}.
     """
     y = _to_numpy(labels).reshape(-1).astype(bool)
     types = np.asarray(list(defect_types))
     if types.shape != y.shape:
         raise ValueError(f'metrics.py: {types.size} defect types for {y.size} labels')
-    scores, masks, maps = _to_numpy(image_scores), _to_numpy(gt_masks), _to_numpy(score_maps)
+    scores, maps = _to_numpy(image_scores), _to_numpy(score_maps)
+    masks = None if gt_masks is None else _to_numpy(gt_masks)
     normal = ~y
     out = {}
     for t in sorted(set(types[y].tolist())):
         sel = normal | (types == t)
         out[t] = {'image_auroc': image_auroc(y[sel], scores[sel]),
-                  'pixel_auroc': pixel_auroc(masks[sel], maps[sel]),
+                  'pixel_auroc': (float('nan') if masks is None
+                                  else pixel_auroc(masks[sel], maps[sel])),
                   'count': int((types == t).sum())}
     return out
 

@@ -72,29 +72,33 @@ class Proposals:
     rank: Tensor                  # (N, L) long: 0 = the patch ProtoFlow finds most anomalous
 
     def test_ranks(self, anomalous: Tensor | None = None,
-                   generator: torch.Generator | None = None) -> Tensor:
+                   seeds: Sequence[int] | None = None) -> Tensor:
         """The proposal rule (method.md 7), as the order in which a test image's patches
         are masked: (N, L) long, a patch of rank < m is in the image's m-patch mask.
 
         Images called anomalous are masked in proposal order (most anomalous first), so
         the defect is hidden from the context that predicts it; the others in a uniformly
-        random order drawn from `generator`. `anomalous` None calls every image
-        anomalous, the label-free default of the clean protocol: no call can then leave
-        a defect out of the mask.
+        random order drawn from their own seed, `seeds[i]` (one per image, derived from
+        the image itself: the same image gets the same random mask in any batch, set or
+        order). `anomalous` None calls every image anomalous, the label-free default of
+        the clean protocol: no call can then leave a defect out of the mask.
         """
         if anomalous is None:
             return self.rank
         n, num_patches = self.rank.shape
-        order = torch.rand(n, num_patches, generator=generator).argsort(dim=1)  # (N, L)
-        rand = torch.empty_like(order)
-        rand.scatter_(1, order, torch.arange(num_patches).expand_as(order).contiguous())
+        if seeds is None or len(seeds) != n:
+            raise ValueError(f"images called normal get random masks: pass one seed per image "
+                             f"({n}), got {None if seeds is None else len(seeds)}")
+        rand = torch.stack([torch.randperm(num_patches,
+                                           generator=torch.Generator().manual_seed(int(s)))
+                            for s in seeds])  # (N, L): a uniformly random rank per patch
         return torch.where(anomalous.to(self.rank.device)[:, None], self.rank,
                            rand.to(self.rank.device))
 
     def test_masks(self, ratio: float, anomalous: Tensor | None = None,
-                   generator: torch.Generator | None = None) -> Tensor:
+                   seeds: Sequence[int] | None = None) -> Tensor:
         """(N, L) bool: the int(L * ratio) first patches of `test_ranks`."""
-        return self.test_ranks(anomalous, generator) < int(self.rank.shape[1] * ratio)
+        return self.test_ranks(anomalous, seeds) < int(self.rank.shape[1] * ratio)
 
 
 def covering_masks(ranks: Tensor, ratio: float) -> list[Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import platform
@@ -24,18 +25,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import datasets
+import heatmaps
 import metrics
 import modeling_pmad
 from engine import patch_losses
 from masking_generator import CLASS_MASK_RATIOS
 from modeling_discrete_vae import create_tokenizer, file_sha256
-from protoflow import (Proposals, ProtoFlow, covering_masks, is_anomalous,
+from protoflow import (Proposals, ProtoFlow, covering_masks, image_score, is_anomalous,
                        proposals_from_log_likelihood)
 from utils import amp_autocast, read_weights_file, resolve_amp
 
 PAPER_RATIOS = tuple(round(0.02 * i, 2) for i in range(1, 25))  # 0.02 ... 0.48
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_ap", "pixel_ap",
-               "image_f1_max")
+METRIC_KEYS = metrics.METRIC_NAMES
 BASELINES = {"protoflow_only": "ProtoFlow map alone", "patchcore": "PatchCore",
              "ce_only": "ViT cross-entropy alone"}
 CLEAN_MASKS = ("proposal", "threshold")
@@ -85,15 +86,18 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 @dataclass
 class ClassData:
-    """Everything a class's evaluation needs that does not depend on the mask ratio."""
+    """Everything a class's evaluation needs that does not depend on the mask ratio. The
+    labels, masks and defect types are read only for metrics; unlabelled images
+    (predict.py) have none."""
     images: torch.Tensor          # (N, 3, S, S) normalised
     tokens: torch.Tensor          # (N, L) visual token ids
     log_likelihood: torch.Tensor  # (N, h, w) ProtoFlow
     prototype_distance: torch.Tensor  # (N, h, w) nearest-prototype L2 (PatchCore)
-    labels: np.ndarray            # (N,) 0 normal / 1 anomalous (read only for metrics)
-    gt_masks: torch.Tensor        # (N, S, S) {0, 1}
+    labels: np.ndarray | None     # (N,) 0 normal / 1 anomalous
+    gt_masks: torch.Tensor | None  # (N, S, S) {0, 1}
     names: list[str] = field(default_factory=list)
     defect_types: list[str] = field(default_factory=list)
+    image_ids: list[str] = field(default_factory=list)  # SHA-256 of each image file
 
 
 @torch.inference_mode()
@@ -101,10 +105,13 @@ def collect_class(dataset: torch.utils.data.Dataset, tokenizer: torch.nn.Module,
                   protoflow: ProtoFlow, class_name: str, batch_size: int,
                   device: torch.device, num_workers: int = 0) -> ClassData:
     """One pass over a class: tokens, ProtoFlow log-likelihoods and prototype distances,
-    computed once."""
+    computed once, and each image file's SHA-256 (it seeds the image's random test
+    mask). `dataset` yields 'image', 'token_image', 'name', 'index' and, for a labelled
+    test set, 'label', 'gt_mask', 'defect_type'; its `image_paths` are the files. A set
+    whose `has_ground_truth` is False (a custom set) keeps no masks."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers)
-    images, tokens, logps, dists, labels, gts, names, defects = [], [], [], [], [], [], [], []
+    images, tokens, logps, dists, labels, gts, names, defects, ids = ([] for _ in range(9))
     for batch in tqdm(loader, desc=f"{class_name}: tokens + ProtoFlow", leave=False):
         x = batch["image"].to(device)
         tokens.append(tokenizer.get_codebook_indices(batch["token_image"].to(device)).cpu())
@@ -112,13 +119,24 @@ def collect_class(dataset: torch.utils.data.Dataset, tokenizer: torch.nn.Module,
         logps.append(logp.float())
         dists.append(dist.float())
         images.append(batch["image"])
-        labels.append(batch["label"])
-        gts.append(batch["gt_mask"][:, 0])
         names += list(batch["name"])
-        defects += list(batch["defect_type"])
+        ids += [file_sha256(dataset.image_paths[int(i)]) for i in batch["index"]]
+        if "label" in batch:
+            labels.append(batch["label"])
+            defects += list(batch["defect_type"])
+            if getattr(dataset, "has_ground_truth", True):
+                gts.append(batch["gt_mask"][:, 0])
     return ClassData(torch.cat(images), torch.cat(tokens), torch.cat(logps), torch.cat(dists),
-                     torch.cat(labels).numpy().astype(np.int64), torch.cat(gts),
-                     names, defects)
+                     torch.cat(labels).numpy().astype(np.int64) if labels else None,
+                     torch.cat(gts) if gts else None, names, defects, ids)
+
+
+def mask_seeds(image_ids: list[str], seed: int) -> list[int]:
+    """One seed per image for its random test mask: a hash of the image file's SHA-256
+    and --seed, so an image gets the same mask in run_test.py and predict.py, in any
+    batch and any set."""
+    return [int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "little")
+            >> 1 for i in image_ids]
 
 
 # ----------------------------------------------------------------------------- scores
@@ -128,7 +146,7 @@ def masked_token_scores(model: torch.nn.Module, data: ClassData, masks: torch.Te
     """PMAD's masked-token score (method.md 7): each masked patch's token cross-entropy,
     0 at visible patches. masks (N, L) bool -> (N, L) float32 on the CPU."""
     out = []
-    for i in range(0, len(data.images), batch_size):
+    for i in tqdm(range(0, len(data.images), batch_size), desc="ViT", leave=False):
         x = data.images[i:i + batch_size].to(device)
         with amp_autocast(device, amp):
             ce = patch_losses(model, x, data.tokens[i:i + batch_size].to(device),
@@ -190,16 +208,16 @@ def evaluate_maps(data: ClassData, maps: torch.Tensor, pixel_maps: torch.Tensor 
     plus the per-defect-type breakdown."""
     scores = maps.flatten(1).amax(dim=1) if scores is None else scores
     pixel = maps if pixel_maps is None else pixel_maps
-    record = metrics.compute_metrics(data.labels, scores.numpy(), data.gt_masks.numpy(),
-                                     pixel.numpy())
-    record["per_defect"] = metrics.per_defect_metrics(
-        data.labels, data.defect_types, scores.numpy(), data.gt_masks.numpy(), pixel.numpy())
+    gt = None if data.gt_masks is None else data.gt_masks.numpy()
+    record = metrics.compute_metrics(data.labels, scores.numpy(), gt, pixel.numpy())
+    record["per_defect"] = metrics.per_defect_metrics(data.labels, data.defect_types,
+                                                      scores.numpy(), gt, pixel.numpy())
     return record
 
 
-def baselines(data: ClassData, abnormality: torch.Tensor, token_scores: torch.Tensor | None,
-              grid: tuple[int, int], sigma: float) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The rows every table prints beside PMAD, from what the class's pass computed:
+def baseline_maps(data: ClassData, abnormality: torch.Tensor, token_scores: torch.Tensor | None,
+                  grid: tuple[int, int], sigma: float) -> dict[str, torch.Tensor]:
+    """The maps every table scores beside PMAD's, from what the class's pass computed:
     ProtoFlow's abnormality map alone (the one PMAD's map uses, (N, S, S)), PatchCore
     (each patch's distance to its nearest prototype: the prototypes are a PatchCore
     memory bank) and, given the covering passes' token scores, the ViT's cross-entropy
@@ -212,43 +230,63 @@ def baselines(data: ClassData, abnormality: torch.Tensor, token_scores: torch.Te
                                                 size), sigma)}
     if token_scores is not None:
         maps["ce_only"] = gaussian_blur(upsample(token_scores, grid, size), sigma)
-    return {name: evaluate_maps(data, m) for name, m in maps.items()}, maps
+    return maps
 
 
 def mask_diagnostics(data: ClassData, masks: torch.Tensor, anomalous: torch.Tensor,
                      grid: tuple[int, int]) -> dict[str, float | int]:
     """Why a PMAD map can miss a defect: how many anomalous images got the proposal mask,
     and what fraction of their defect pixels lay in masked patches (scored with the
-    defect hidden from the context)."""
-    size = data.gt_masks.shape[-1]
-    per_patch = F.adaptive_avg_pool2d(data.gt_masks[:, None].float(), grid).flatten(1)  # (N, L)
+    defect hidden from the context; nan without ground-truth masks)."""
+    size = data.images.shape[-1]
     bad = torch.as_tensor(data.labels == 1)
-    total = per_patch[bad].sum()
-    covered = (per_patch * masks.float())[bad].sum()
+    fraction = math.nan
+    if data.gt_masks is not None:
+        per_patch = F.adaptive_avg_pool2d(data.gt_masks[:, None].float(), grid).flatten(1)  # (N, L)
+        total = per_patch[bad].sum()
+        covered = (per_patch * masks.float())[bad].sum()
+        fraction = float(covered / total) if total > 0 else math.nan
     return {"anomalous_with_proposal": int((anomalous & bad).sum()),
             "anomalous_images": int(bad.sum()),
-            "masked_defect_fraction": float(covered / total) if total > 0 else math.nan,
+            "masked_defect_fraction": fraction,
             "pixels_per_patch": (size // grid[0]) * (size // grid[1])}
 
 
 # ----------------------------------------------------------------------------- protocols
-def evaluate_clean(model: torch.nn.Module, data: ClassData, *, ratio: float,
-                   threshold: float | None, options: CleanOptions, sigma: float,
-                   batch_size: int, device: torch.device, amp: str, seed: int
-                   ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The clean protocol: no test label is read before every score exists.
+@dataclass
+class CleanScores:
+    """The clean protocol's label-free scores of one set of a class's images."""
+    maps: torch.Tensor              # (N, S, S) PMAD's score maps
+    image_scores: torch.Tensor      # (N,) PMAD's image scores
+    protoflow_scores: torch.Tensor  # (N,) ProtoFlow's image scores (set-independent)
+    anomalous: torch.Tensor | None  # (N,) bool ProtoFlow's call at the threshold, if any
+    proposal: torch.Tensor          # (N,) bool: the image got ProtoFlow's proposal mask
+    test_masks: torch.Tensor        # (N, L) bool the first (test) mask of each image
+    baseline_maps: dict[str, torch.Tensor]  # name -> (N, S, S), see baseline_maps
 
-    Masks: ProtoFlow's proposal for every image ('proposal'), or for those its stored
-    normal-data threshold calls anomalous ('threshold': the others get random masks).
-    Visible patches score 0 ('zero', as the paper) or are scored too, each in the
-    covering pass that masks it ('cover'). Image score: options.image_score.
+
+def clean_scores(model: torch.nn.Module, data: ClassData, *, ratio: float,
+                 threshold: float | None, options: CleanOptions, sigma: float,
+                 batch_size: int, device: torch.device, amp: str, seed: int) -> CleanScores:
+    """Every score of the clean protocol, from images alone (no label is read): the one
+    computation behind run_test.py's clean protocol and predict.py.
+
+    ProtoFlow's abnormality map is normalised over the whole set given (docs/method.md
+    6), so a set's scores equal run_test.py's when it is the class's test set. Masks:
+    ProtoFlow's proposal for every image ('proposal'), or for those its stored
+    normal-data threshold calls anomalous ('threshold': the others get random masks,
+    each seeded from the image file's bytes, `mask_seeds`). Visible patches score 0
+    ('zero', as the paper) or are scored too, each in the covering pass that masks it
+    ('cover'). Image score: options.image_score.
     """
     grid = tuple(model.patch_embed.grid_size)
     proposals = proposals_from_log_likelihood(data.log_likelihood, [ratio],
                                               image_size=data.images.shape[-1], grid=grid)
-    call = options.masks == "threshold" and threshold is not None
-    anomalous = is_anomalous(proposals.image_scores, threshold) if call else None
-    ranks = proposals.test_ranks(anomalous, torch.Generator().manual_seed(seed))
+    anomalous = (is_anomalous(proposals.image_scores, threshold).cpu()
+                 if threshold is not None else None)
+    call = anomalous if options.masks == "threshold" else None
+    seeds = mask_seeds(data.image_ids, seed) if call is not None else None
+    ranks = proposals.test_ranks(call, seeds)
     passes = covering_masks(ranks, ratio)
     if options.unmasked == "zero":
         passes = passes[:1]
@@ -257,16 +295,32 @@ def evaluate_clean(model: torch.nn.Module, data: ClassData, *, ratio: float,
                    else proposals.log_abnormality_maps).float().cpu()
     maps = pmad_maps(token_scores, abnormality, grid, sigma, options.combine,
                      model.lm_head.out_features)
-    record = evaluate_maps(data, maps, scores=image_scores(maps, options.image_score))
-    rows, base_maps = baselines(data, abnormality,
-                                token_scores if options.unmasked == "cover" else None,
-                                grid, sigma)
-    record.update(rows)
-    called = torch.ones(len(data.labels), dtype=torch.bool) if anomalous is None else anomalous
-    record.update(mask_ratio=ratio, threshold=threshold if call else None,
-                  called_anomalous=int(called.sum()), clean_options=options.as_dict(),
-                  diagnostics=mask_diagnostics(data, passes[0], called, grid))
-    return record, {"pmad": maps, **base_maps}
+    proposal = torch.ones(len(maps), dtype=torch.bool) if call is None else call
+    return CleanScores(maps, image_scores(maps, options.image_score),
+                       proposals.image_scores.float().cpu(), anomalous, proposal, passes[0],
+                       baseline_maps(data, abnormality,
+                                     token_scores if options.unmasked == "cover" else None,
+                                     grid, sigma))
+
+
+def evaluate_clean(model: torch.nn.Module, data: ClassData, *, ratio: float,
+                   threshold: float | None, options: CleanOptions, sigma: float,
+                   batch_size: int, device: torch.device, amp: str, seed: int
+                   ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The clean protocol: `clean_scores` (no test label is read before every score
+    exists), then the metrics of PMAD and of each baseline."""
+    scores = clean_scores(model, data, ratio=ratio, threshold=threshold, options=options,
+                          sigma=sigma, batch_size=batch_size, device=device, amp=amp,
+                          seed=seed)
+    record = evaluate_maps(data, scores.maps, scores=scores.image_scores)
+    record.update({name: evaluate_maps(data, m) for name, m in scores.baseline_maps.items()})
+    record.update(mask_ratio=ratio,
+                  threshold=threshold if options.masks == "threshold" else None,
+                  called_anomalous=int(scores.proposal.sum()),
+                  clean_options=options.as_dict(),
+                  diagnostics=mask_diagnostics(data, scores.test_masks, scores.proposal,
+                                               tuple(model.patch_embed.grid_size)))
+    return record, {"pmad": scores.maps, **scores.baseline_maps}
 
 
 def sweep_mask_ratios(model: torch.nn.Module, data: ClassData, proposals: Proposals,
@@ -275,13 +329,14 @@ def sweep_mask_ratios(model: torch.nn.Module, data: ClassData, proposals: Propos
                       ) -> tuple[dict[float, dict], dict[float, torch.Tensor]]:
     """PMAD's metrics at every mask ratio from one set of tokens and ProtoFlow maps: only
     the ViT runs again per ratio. Pixel metrics on maps smoothed a second time, as the
-    original does. -> per-ratio records and maps."""
+    original does. Images called normal get random masks, each in its own order (seeded
+    from the image file, `mask_seeds`) at every ratio. -> per-ratio records and maps."""
     grid = tuple(model.patch_embed.grid_size)
     abnormality = proposals.abnormality_maps.float().cpu()
-    generator = torch.Generator().manual_seed(seed)
+    seeds = mask_seeds(data.image_ids, seed)
     per_ratio, maps = {}, {}
     for r in ratios:
-        masks = proposals.test_masks(r, anomalous, generator)
+        masks = proposals.test_masks(r, anomalous, seeds)
         scores = masked_token_scores(model, data, masks, batch_size, device, amp)
         maps[r] = pmad_maps(scores, abnormality, grid, sigma)
         per_ratio[r] = evaluate_maps(data, maps[r], gaussian_blur(maps[r], sigma))
@@ -311,12 +366,11 @@ def evaluate_paper(model: torch.nn.Module, data: ClassData, *, sigma: float, bat
     best = record["image_auroc_ratio"]
     record.update(mask_ratio=best, per_defect=per_ratio[best]["per_defect"],
                   threshold=float(threshold), called_anomalous=int(anomalous.sum()),
-                  diagnostics=mask_diagnostics(data, proposals.test_masks(best, anomalous,
-                                               torch.Generator().manual_seed(seed)),
-                                               anomalous, grid))
-    rows, base_maps = baselines(data, proposals.abnormality_maps.float().cpu(), None, grid,
-                                sigma)
-    record.update(rows)
+                  diagnostics=mask_diagnostics(data, proposals.test_masks(
+                      best, anomalous, mask_seeds(data.image_ids, seed)), anomalous, grid))
+    base_maps = baseline_maps(data, proposals.abnormality_maps.float().cpu(), None, grid,
+                              sigma)
+    record.update({name: evaluate_maps(data, m) for name, m in base_maps.items()})
     return record, {"pmad": maps[best], **base_maps}
 
 
@@ -369,7 +423,7 @@ def format_table(results: dict, protocol: str) -> str:
     """Markdown: PMAD per class shaped like the paper's table, the baselines' means in
     the same table, then the per-defect-type view and the mask diagnostics."""
     head = ("| Category | Image/Pixel AUC | Pixel AUPRO | Image AP | Pixel AP | "
-            "Image F1-max | Mask ratio |\n|:--|:--:|:--:|:--:|:--:|:--:|:--:|")
+            "Image F1-max | Pixel F1-max | Mask ratio |\n|:--|" + ":--:|" * 7)
     rows = [f"Protocol: **{protocol}**"
             + (f" ({', '.join(f'{k} {v}' for k, v in results['clean_options'].items())})"
                if results.get("clean_options") else ""), "", head]
@@ -378,7 +432,8 @@ def format_table(results: dict, protocol: str) -> str:
         ratio = r.get("mask_ratio")
         return (f"| {name} | {r['image_auroc']:.3f}/{r['pixel_auroc']:.3f} | "
                 f"{r['pixel_aupro']:.3f} | {r['image_ap']:.3f} | {r['pixel_ap']:.3f} | "
-                f"{r['image_f1_max']:.3f} | {'' if ratio is None else f'{ratio:.2f}'} |")
+                f"{r['image_f1_max']:.3f} | {r['pixel_f1_max']:.3f} | "
+                f"{'' if ratio is None else f'{ratio:.2f}'} |")
 
     for name, r in results["classes"].items():
         rows.append(row(name.replace("_", " ").capitalize(), r))
@@ -423,29 +478,22 @@ def write_results(results: dict, output_dir: Path, protocol: str) -> str:
     return table
 
 
-def save_heatmaps(data: ClassData, maps: torch.Tensor, out_dir: Path, count: int,
+def save_heatmaps(data: ClassData, maps: torch.Tensor, scores: torch.Tensor,
+                  threshold: float | None, out_dir: Path, count: int,
                   mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-    """image | ground truth | score-map overlay, anomalous images spread over the defect
-    types, then normal ones; one colour scale per class, so normal images look cool."""
-    from PIL import Image
-    import cv2
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    anomalous, normal = np.flatnonzero(data.labels == 1), np.flatnonzero(data.labels == 0)
-    n_anomalous = min(len(anomalous), max(count - len(normal), (count + 1) // 2))
-    picks = [anomalous[int(j)] for j in np.linspace(0, len(anomalous) - 1, n_anomalous)
-             ] if n_anomalous else []
-    picks += list(normal[: count - len(picks)])
-    lo, hi = float(maps.min()), float(maps.max())
-    for i in picks:
-        img = data.images[i] * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
-        img = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-        gt = np.repeat((data.gt_masks[i].numpy() * 255).astype(np.uint8)[..., None], 3, 2)
-        heat = ((maps[i].numpy() - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8)
-        heat = cv2.applyColorMap(heat, cv2.COLORMAP_JET)[..., ::-1]
-        overlay = (0.5 * img + 0.5 * heat).astype(np.uint8)
-        Image.fromarray(np.concatenate([img, gt, overlay], axis=1)).save(
-            out_dir / f"{data.names[i]}.png")
+    """--save_heatmaps N: the N most and the N least anomalous images (PMAD's image score
+    `scores`, (N,)) of each defect type and of the normal images, each as image | ground
+    truth | overlay with a colour bar on one scale per class, captioned with its scores,
+    ProtoFlow's `threshold` and the decision (heatmaps.py)."""
+    scale = heatmaps.ColourScale.of(maps)
+    protoflow_scores = image_score(data.log_likelihood)
+    for i, note in heatmaps.extremes_per_type(scores.tolist(), data.defect_types, count):
+        caption = heatmaps.Caption(data.names[i], float(scores[i]), float(protoflow_scores[i]),
+                                   threshold, truth=data.defect_types[i], note=note)
+        gt = None if data.gt_masks is None else data.gt_masks[i].numpy()
+        heatmaps.save_png(heatmaps.render(heatmaps.to_uint8_image(data.images[i], mean, std),
+                                          maps[i].numpy(), scale, caption, gt),
+                          out_dir / f"{data.names[i]}.png")
 
 
 def mask_ratio_arg(text: str) -> float:
@@ -461,8 +509,9 @@ def mask_ratio_arg(text: str) -> float:
     return ratio
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("PMAD evaluation", add_help=True)
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags naming the PMAD checkpoint, tokenizer and ProtoFlow files (run_test.py,
+    predict.py)."""
     p.add_argument("--ckpt", default="weights/vit_base_16_checkpoint_962_955.pth",
                    help="PMAD checkpoint (run_pretraining.py output or a released file)")
     # Default None: taken from the checkpoint's training arguments, else the paper's
@@ -479,19 +528,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--prototypes_dir", default="weights/prototypes")
     p.add_argument("--encoder_weights", default=None,
                    help="local backbone weights for a ProtoFlow file without an encoder")
-    p.add_argument("--data_path", default="data/mvtec_anomaly_detection",
-                   help="a folder in MVTec layout (MVTec AD, BTAD, MPDD, the demo set)")
-    p.add_argument("--setting", default=None,
-                   choices=["multi_class", "obj2tex", "tex2obj", "leave_one_out"])
-    p.add_argument("--unseen_classes", nargs="*", default=None)
-    p.add_argument("--from_obj_to_texture", action="store_true",
-                   help="the original's switch: same as --setting obj2tex")
-    p.add_argument("--classes", nargs="*", default=None, help="evaluate exactly these")
-    p.add_argument("--protocol", default="clean", choices=["clean", "paper"])
+
+
+def add_clean_args(p: argparse.ArgumentParser) -> None:
+    """The clean protocol's label-free choices and the run's settings (run_test.py,
+    predict.py)."""
     p.add_argument("--clean_masks", default=CleanOptions.masks, choices=CLEAN_MASKS,
                    help="clean protocol: ProtoFlow's proposal mask for every image, or only "
                         "for images above the class's threshold from held-out normal images "
-                        "stored in the ProtoFlow file (the others: random masks)")
+                        "stored in the ProtoFlow file (the others: random masks, each seeded "
+                        "from the image file)")
     p.add_argument("--unmasked", default=CleanOptions.unmasked, choices=UNMASKED,
                    help="clean protocol: score every patch, each in the covering pass that "
                         "masks it, or leave visible patches at 0 (the paper)")
@@ -515,15 +561,55 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
                    help="autocast for the ViT (default: bf16 where supported)")
+    p.add_argument("--skip_bad_images", action="store_true",
+                   help="list unreadable images and leave them out (default: stop and name "
+                        "the file)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="mixed into each image's random-mask seed (--clean_masks threshold, "
+                        "the paper protocol)")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("PMAD evaluation", add_help=True)
+    add_model_args(p)
+    p.add_argument("--data_path", default="data/mvtec_anomaly_detection",
+                   help="a folder in MVTec layout (MVTec AD, BTAD, MPDD, the demo set)")
+    p.add_argument("--setting", default=None,
+                   choices=["multi_class", "obj2tex", "tex2obj", "leave_one_out"])
+    p.add_argument("--unseen_classes", nargs="*", default=None)
+    p.add_argument("--from_obj_to_texture", action="store_true",
+                   help="the original's switch: same as --setting obj2tex")
+    p.add_argument("--classes", nargs="*", default=None, help="evaluate exactly these")
+    p.add_argument("--protocol", default="clean", choices=["clean", "paper"])
+    add_clean_args(p)
     p.add_argument("--output_dir", default="output_dir/test")
     p.add_argument("--save_heatmaps", type=int, default=0, metavar="N",
-                   help="write N heatmap PNGs per class")
-    p.add_argument("--skip_bad_images", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+                   help="per class, write heatmap PNGs of the N most and the N least "
+                        "anomalous images of each defect type (and of the normal images)")
     return p
 
 
-def main(args: argparse.Namespace) -> dict:
+@dataclass
+class Models:
+    """What scoring a class needs, built from run_test.py's / predict.py's flags."""
+    model: torch.nn.Module
+    tokenizer: torch.nn.Module
+    protoflow: ProtoFlow
+    device: torch.device
+    amp: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def img_size(self) -> int:
+        return self.model.patch_embed.img_size[0]
+
+
+def load_models(args: argparse.Namespace) -> Models:
+    """The ViT as the checkpoint was trained (its stored settings, explicit flags win and
+    are reported; `args` is updated with them), its tokenizer (vocabulary checked) and
+    ProtoFlow, which is given the ViT's images and converts them to its own
+    normalisation."""
     device = torch.device(args.device)
     amp = resolve_amp(args.amp, device)
     checkpoint = read_weights_file(args.ckpt)
@@ -531,19 +617,6 @@ def main(args: argparse.Namespace) -> dict:
     print("\n".join(f"[run_test] {note}" for note in notes))
     vars(args).update(config)
     mean, std = datasets.normalization(args.imagenet_default_mean_and_std)
-    setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
-    root = Path(args.data_path)
-    available = datasets.list_test_classes(str(root))
-    if args.classes:
-        unknown = sorted(set(args.classes) - set(available))
-        if unknown:
-            raise ValueError(f"classes {unknown} have no {root}/<class>/test folder; "
-                             f"available: {available}")
-        classes = list(args.classes)
-    else:
-        classes = datasets.setting_classes(setting, args.unseen_classes,
-                                           available=available)[1]
-
     tokenizer = create_tokenizer(args.tokenizer_model, args.tokenizer_weight_path,
                                  device=str(device), amp=amp)
     vocab_size = modeling_pmad.checkpoint_vocab_size(checkpoint, args.ckpt)
@@ -558,55 +631,85 @@ def main(args: argparse.Namespace) -> dict:
     del checkpoint
     model.to(device).eval()
     args.protoflow_weights = resolve_weights_file(args.protoflow_weights)
-    # ProtoFlow is given the ViT's images and converts them to its own normalisation.
     protoflow = ProtoFlow(args.protoflow_weights, args.prototypes_dir, device=str(device),
                           encoder_weights=args.encoder_weights, input_normalization=(mean, std))
-    img_size = model.patch_embed.img_size[0]
-    options = CleanOptions(args.clean_masks, args.unmasked, args.abnormality, args.combine,
-                           args.image_score)
+    return Models(model, tokenizer, protoflow, device, amp, mean, std)
+
+
+def clean_options(args: argparse.Namespace) -> CleanOptions:
+    return CleanOptions(args.clean_masks, args.unmasked, args.abnormality, args.combine,
+                        args.image_score)
+
+
+def class_mask_ratio(args: argparse.Namespace, class_name: str) -> float:
+    """--mask_ratio, else the paper's Table 6 ratio of the class, else --default_mask_ratio."""
+    if args.mask_ratio is not None:
+        return args.mask_ratio
+    return CLASS_MASK_RATIOS.get(class_name, args.default_mask_ratio)
+
+
+def main(args: argparse.Namespace) -> dict:
+    setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
+    root = Path(args.data_path)
+    available = datasets.list_test_classes(str(root))
+    if args.classes:
+        unknown = sorted(set(args.classes) - set(available))
+        if unknown:
+            raise ValueError(f"classes {unknown} have no {root}/<class>/test folder; "
+                             f"available: {available}")
+        classes = list(args.classes)
+    else:
+        classes = datasets.setting_classes(setting, args.unseen_classes,
+                                           available=available)[1]
+
+    m = load_models(args)
+    options = clean_options(args)
     if (args.protocol == "clean" and options.masks == "threshold"
-            and protoflow.threshold is None):
+            and m.protoflow.threshold is None):
         print(f"[run_test] {args.protoflow_weights} stores no threshold from normal images "
               "(a released file): every image gets ProtoFlow's proposal mask. `python "
               "run_protoflow.py train ...` writes a file with one.")
 
     results = {"protocol": args.protocol, "setting": setting, "classes": {},
                "clean_options": options.as_dict() if args.protocol == "clean" else None,
-               "args": vars(args), "amp": amp,
+               "args": vars(args), "amp": m.amp,
                "checkpoints": {"pmad": file_sha256(args.ckpt),
                                "protoflow": file_sha256(args.protoflow_weights),
-                               "tokenizer": tokenizer.fingerprint},
+                               "tokenizer": m.tokenizer.fingerprint},
                "versions": {"python": platform.python_version(), "torch": torch.__version__,
                             "timm": timm.__version__, "numpy": np.__version__}}
     out_dir = Path(args.output_dir)
     start = time.time()
     for class_name in tqdm(classes, desc=f"evaluating ({args.protocol} protocol)"):
-        dataset = datasets.MVTecTestDataset(root, class_name, token_size=tokenizer.image_size,
-                                            img_size=img_size, mean=mean, std=std,
+        dataset = datasets.MVTecTestDataset(root, class_name, token_size=m.tokenizer.image_size,
+                                            img_size=m.img_size, mean=m.mean, std=m.std,
                                             skip_bad_images=args.skip_bad_images)
-        data = collect_class(dataset, tokenizer, protoflow, class_name, args.batch_size,
-                             device, args.num_workers)
+        data = collect_class(dataset, m.tokenizer, m.protoflow, class_name, args.batch_size,
+                             m.device, args.num_workers)
+        kwargs = dict(sigma=args.sigma, batch_size=args.batch_size, device=m.device, amp=m.amp,
+                      seed=args.seed)
         if args.protocol == "paper":
-            record, maps = evaluate_paper(model, data, sigma=args.sigma,
-                                          batch_size=args.batch_size, device=device, amp=amp,
-                                          seed=args.seed)
+            record, maps = evaluate_paper(m.model, data, **kwargs)
         else:
-            ratio = (args.mask_ratio if args.mask_ratio is not None
-                     else CLASS_MASK_RATIOS.get(class_name, args.default_mask_ratio))
-            record, maps = evaluate_clean(model, data, ratio=ratio,
-                                          threshold=protoflow.threshold_for(class_name),
-                                          options=options,
-                                          sigma=args.sigma, batch_size=args.batch_size,
-                                          device=device, amp=amp, seed=args.seed)
-        record.update(num_images=len(data.labels), num_anomalous=int(data.labels.sum()))
+            record, maps = evaluate_clean(m.model, data, ratio=class_mask_ratio(args, class_name),
+                                          threshold=m.protoflow.threshold_for(class_name),
+                                          options=options, **kwargs)
+        record.update(num_images=len(data.labels), num_anomalous=int(data.labels.sum()),
+                      ground_truth=data.gt_masks is not None)
         results["classes"][class_name] = record
         d = record["diagnostics"]
         tqdm.write(f"[run_test] {class_name}: {d['anomalous_with_proposal']} of "
                    f"{d['anomalous_images']} anomalous images got the proposal mask; "
-                   f"{d['masked_defect_fraction']:.0%} of defect pixels masked")
+                   + (f"{d['masked_defect_fraction']:.0%} of defect pixels masked"
+                      if data.gt_masks is not None else
+                      f"no {root}/{class_name}/ground_truth folder: pixel metrics undefined"))
         if args.save_heatmaps:
-            save_heatmaps(data, maps["pmad"], out_dir / "heatmaps" / class_name,
-                          args.save_heatmaps, mean, std)
+            scores = (image_scores(maps["pmad"], options.image_score)
+                      if args.protocol == "clean" else image_scores(maps["pmad"]))
+            threshold = (record["threshold"] if args.protocol == "paper"
+                         else m.protoflow.threshold_for(class_name))
+            save_heatmaps(data, maps["pmad"], scores, threshold,
+                          out_dir / "heatmaps" / class_name, args.save_heatmaps, m.mean, m.std)
     summarize(results)
     results["seconds"] = time.time() - start
     table = write_results(results, out_dir, args.protocol)
@@ -622,7 +725,8 @@ def exit_status(results: dict) -> int:
     is in results['failed'] or any of its metrics is not finite."""
     failed = list(results.get("failed", {})) + [
         name for name, record in results["classes"].items()
-        if not all(math.isfinite(record.get(k, math.nan)) for k in METRIC_KEYS)]
+        if not all(math.isfinite(record.get(k, math.nan)) for k in METRIC_KEYS
+                   if record.get("ground_truth", True) or k not in metrics.PIXEL_METRICS)]
     if failed:
         print(f"[run_test] failed classes: {', '.join(dict.fromkeys(failed))}", file=sys.stderr)
     return 1 if failed else 0

@@ -6,9 +6,15 @@
   estimated foreground masks         ->  <root>/fg_mask/<class>/<stem>.png  (--make_fg_masks)
 
 The layout is checked before anything is written; re-running skips identical files.
-`--make_demo DIR` first writes the offline demo set (demo_data.py) into DIR.
+`--make_demo DIR` first writes the offline demo set (demo_data.py) into DIR; `--visa DIR`
+and `--custom DIR` first convert VisA or a folder of your own images into the MVTec
+layout at --data_path (dataset_converters.py).
 
   python setup_train_dataset.py --data_path data/mvtec_anomaly_detection --fg_mask_zip fg_mask.zip
+  python setup_train_dataset.py --visa data/VisA_20220922 --data_path data/visa_mvtec \
+      --root data/VisA-ImageNet --make_fg_masks
+  python setup_train_dataset.py --custom my_images --data_path data/my_mvtec \
+      --root data/my-ImageNet --make_fg_masks --textures fabric
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from dataset_converters import DEFAULT_TEST_FRACTION, convert_custom, convert_visa
 from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, BadFileError,
                       LayoutError, fg_mask_path, list_images, open_rgb, resolve_train_root)
 
@@ -356,6 +363,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--fg_mask_zip", help="released fg_mask.zip to unpack into <root>/fg_mask")
     p.add_argument("--make_fg_masks", action="store_true",
                    help="estimate foreground masks for training images that have none")
+    p.add_argument("--textures", nargs="+", default=[], metavar="CLASS",
+                   help="--make_fg_masks: these classes are textures (foreground everywhere), "
+                        f"besides MVTec AD's {', '.join(TEXTURES)}; other classes get an "
+                        "estimated object mask")
+    p.add_argument("--visa", metavar="DIR",
+                   help="first convert VisA (DIR/split_csv/1cls.csv, its 1-class split) into "
+                        "the MVTec layout at --data_path")
+    p.add_argument("--custom", metavar="DIR",
+                   help="first convert your own images, DIR/<class>/good/* and optionally "
+                        "DIR/<class>/<defect>/* (no masks), into the MVTec layout at "
+                        "--data_path")
+    p.add_argument("--custom_test_fraction", type=float, default=DEFAULT_TEST_FRACTION,
+                   help="--custom: fraction of the normal images held out to test/good")
     p.add_argument("--make_demo", metavar="DIR",
                    help="first write the offline demo set (MVTec format) into DIR and use it "
                         "as --data_path")
@@ -367,6 +387,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    metavar=("TRAIN", "TEST_GOOD", "TEST_DEFECT"),
                    help="demo images per class: train, good test, defective test")
     args = p.parse_args(argv)
+    sources = [f for f in ("make_demo", "visa", "custom") if getattr(args, f)]
+    if len(sources) > 1:
+        p.error(f"--{' and --'.join(sources)} each write the data set: pass one")
+    if (args.visa or args.custom) and not args.data_path:
+        p.error(f"--{sources[0]} needs --data_path: the folder the MVTec-layout copy is "
+                "written to (e.g. data/visa_mvtec)")
+    if args.textures and not args.make_fg_masks:
+        p.error("--textures decides how foreground masks are estimated: add --make_fg_masks")
     if args.make_demo:
         if args.data_path and os.path.abspath(args.data_path) != os.path.abspath(args.make_demo):
             p.error("--make_demo DIR is the data path; do not also pass a different --data_path")
@@ -387,7 +415,20 @@ def run(args: argparse.Namespace) -> None:
                                     world=args.demo_world)
         print(f"demo set: {len(written)} classes written to {args.make_demo} "
               f"(foreground masks in {os.path.join(args.root, 'fg_mask')})")
-    classes = find_classes(args.data_path, args.classes)
+    def sync(pairs: list[tuple[str, str]], desc: str) -> Counter:
+        return sync_files(pairs, args.link, desc)
+
+    classes = args.classes
+    if args.visa:
+        classes = list(convert_visa(args.visa, args.data_path, sync, args.classes))
+    elif args.custom:
+        written = convert_custom(args.custom, args.data_path, sync, args.custom_test_fraction)
+        classes = [c for c in written if not args.classes or c in args.classes]
+    classes = find_classes(args.data_path, classes)
+    unknown = sorted(set(args.textures) - set(classes))
+    if unknown:
+        raise ValueError(f"--textures {' '.join(unknown)}: not among the classes converted "
+                         f"({', '.join(classes)})")
     plan = plan_copies(args.data_path, args.root, classes)
     masks = FgMaskZip(args.fg_mask_zip, classes) if args.fg_mask_zip else None
 
@@ -408,7 +449,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"fg_mask.zip: {len(masks.ignored)} entries are not <class>/<mask> files and "
                   f"were not unpacked, e.g. {masks.ignored[0]}")
     if args.make_fg_masks:
-        stats = make_fg_masks(args.root, classes)
+        stats = make_fg_masks(args.root, classes, textures=[*TEXTURES, *args.textures])
         total = sum(stats.values(), Counter())
         print(f"fg masks: {total['estimated']} estimated, {total['texture']} texture "
               f"(all foreground), {total['existing']} already present")

@@ -68,7 +68,7 @@ run_world() {
         --tokenizer_model kmeans --tokenizer_weight_path "$out/kmeans_tokenizer.pth" \
         --protoflow_weights "$out/protoflow.pt" --prototypes_dir "$out/prototypes" \
         --data_path "$mvtec" "${class_args[@]}" --protocol clean \
-        --output_dir "$out/results" --save_heatmaps 6 --batch_size 16 \
+        --output_dir "$out/results" --save_heatmaps 2 --batch_size 16 \
         --num_workers 2 --device "$DEVICE"
 }
 

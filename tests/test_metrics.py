@@ -12,7 +12,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 import metrics
 from metrics import (METRIC_NAMES, UndefinedMetricWarning, compute_metrics,
                      f1_optimal_threshold, image_ap, image_auroc, image_f1_max, mean_metrics,
-                     pixel_ap, pixel_aupro, pixel_auroc)
+                     pixel_ap, pixel_aupro, pixel_auroc, pixel_f1_max)
 
 
 # ---------------------------------------------------------------- reference implementations
@@ -137,6 +137,8 @@ def test_pixel_auroc_and_ap_hand_computed():
     assert pixel_auroc(masks, maps) == pytest.approx((1 + 4 / 6) / 2, abs=1e-15)
     # precision at 0.9: 1/1; at 0.25: 2 / (2 + 2 normal pixels at 0.3)
     assert pixel_ap(masks, maps) == pytest.approx((1 + 0.5) / 2, abs=1e-15)
+    # F1 at 0.9: 2 / (1 + 0 + 2); at 0.25: 4 / (2 + 2 + 2)
+    assert pixel_f1_max(masks, maps) == pytest.approx(2 / 3, abs=1e-15)
 
 
 @pytest.mark.parametrize('dtype', [np.float32, np.float64])
@@ -186,6 +188,7 @@ def test_pixel_metrics_match_sklearn(seed, dtype, monkeypatch):
     y, s = masks.ravel(), maps.ravel()
     assert pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
     assert pixel_ap(masks, maps) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    assert pixel_f1_max(masks, maps) == pytest.approx(sklearn_f1_max(y, s)[0], abs=1e-12)
 
 
 # ---------------------------------------------------------------- AUPRO against the definition
@@ -225,6 +228,7 @@ def test_compute_metrics_equals_single_metrics_and_accepts_torch():
         'image_ap': image_ap(labels, scores),
         'pixel_ap': pixel_ap(masks, maps),
         'image_f1_max': image_f1_max(labels, scores),
+        'pixel_f1_max': pixel_f1_max(masks, maps),
     }
     # torch, float {0, 1} masks with a channel axis as the test dataset yields them
     from_torch = compute_metrics(torch.from_numpy(labels), torch.from_numpy(scores),
@@ -233,6 +237,15 @@ def test_compute_metrics_equals_single_metrics_and_accepts_torch():
     assert from_torch == got
     half = pixel_auroc(torch.from_numpy(masks), torch.from_numpy(maps).bfloat16())
     assert half == pytest.approx(got['pixel_auroc'], abs=0.02)
+    # image labels only (a custom set): the image metrics, the pixel ones undefined
+    no_gt = compute_metrics(labels, scores, None, maps)
+    assert list(no_gt) == list(METRIC_NAMES)
+    for k in METRIC_NAMES:
+        assert np.isnan(no_gt[k]) if k.startswith('pixel_') else no_gt[k] == got[k]
+    per_type = metrics.per_defect_metrics(labels, ['good' if y == 0 else 'cut' for y in labels],
+                                          scores, None, maps)
+    assert per_type['cut']['image_auroc'] == got['image_auroc']
+    assert np.isnan(per_type['cut']['pixel_auroc'])
 
 
 def test_only_normal_images_gives_nan_with_warnings():

@@ -417,13 +417,18 @@ def test_test_ranks_follow_the_planted_anomaly():
 def test_test_masks_random_for_images_called_normal():
     out = pf.proposals_from_log_likelihood(_planted(4), [0.2], image_size=14, grid=(14, 14))
     called = torch.tensor([True, False, True, False])
-    a = out.test_masks(0.2, called, torch.Generator().manual_seed(3))
-    b = out.test_masks(0.2, called, torch.Generator().manual_seed(3))
-    c = out.test_masks(0.2, called, torch.Generator().manual_seed(4))
-    assert torch.equal(a, b) and not torch.equal(a[1], c[1])
+    a = out.test_masks(0.2, called, [11, 12, 13, 14])
+    b = out.test_masks(0.2, called, [11, 12, 13, 14])
+    c = out.test_masks(0.2, called, [11, 99, 13, 14])
+    assert torch.equal(a, b) and not torch.equal(a[1], c[1]) and torch.equal(a[3], c[3])
     assert a.sum(1).tolist() == [39] * 4
     assert torch.equal(a[called], out.test_masks(0.2)[called])  # proposals kept
     assert not torch.equal(a[1], out.test_masks(0.2)[1])  # a random draw instead
+    # an image's random mask comes from its own seed, not from its place in the batch
+    swapped = out.test_masks(0.2, called.flip(0), [14, 13, 12, 11])
+    assert torch.equal(swapped[0], a[3]) and torch.equal(swapped[2], a[1])
+    with pytest.raises(ValueError, match="one seed per image"):
+        out.test_masks(0.2, called)
 
 
 def test_covering_masks_score_every_patch_once():

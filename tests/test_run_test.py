@@ -9,8 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+import heatmaps
 import run_test
 from conftest import KMEANS_VOCAB
 
@@ -49,7 +51,7 @@ def test_resolve_weights_file(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def clean_run(tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean")
-    return run_test.main(_args(tiny_world, out, "clean", "--save_heatmaps", "2")), out
+    return run_test.main(_args(tiny_world, out, "clean", "--save_heatmaps", "1")), out
 
 
 def test_clean_protocol_end_to_end(clean_run, tiny_world) -> None:
@@ -76,9 +78,16 @@ def test_clean_protocol_end_to_end(clean_run, tiny_world) -> None:
     for key in ("mean_protoflow_only", "mean_patchcore", "mean_ce_only"):
         assert set(run_test.METRIC_KEYS) <= set(saved[key])
     assert "| PatchCore" in table and "Defect type" in table
-    heatmaps = sorted(p.name for p in (out / "clean" / "heatmaps" / "coins").glob("*.png"))
-    assert len(heatmaps) == 2 and heatmaps[1].startswith("good_")
-    assert not heatmaps[0].startswith("good_")  # one anomalous, one normal
+    # --save_heatmaps 1: the most and the least anomalous image of each defect type
+    test_dir = tiny_world.mvtec_root / "coins" / "test"
+    per_type = {d.name: len(list(d.glob("*.png"))) for d in test_dir.iterdir()}
+    pngs = sorted((out / "clean" / "heatmaps" / "coins").glob("*.png"))
+    assert len(pngs) == sum(min(2, n) for n in per_type.values())
+    for t in per_type:
+        assert any(p.name.startswith(f"{t}_") for p in pngs)
+    with Image.open(pngs[0]) as png:  # image | ground truth | overlay | colour bar; caption
+        assert png.width == 3 * (224 + heatmaps.GAP) + heatmaps.BAR_WIDTH + heatmaps.BAR_LABELS
+        assert png.height == 224 + 4 * heatmaps.LINE_HEIGHT + 6
 
 
 def test_paper_protocol_reports_best_ratio_per_metric(tiny_world, tmp_path) -> None:
@@ -179,7 +188,7 @@ def _hand_data(size: int = 3) -> run_test.ClassData:
     gt[1, -1, -1] = 1
     return run_test.ClassData(torch.zeros(2, 3, size, size), tokens, logp, -logp,
                               np.array([0, 1]), gt, ["good_000", "bad_000"],
-                              ["good", "crack"])
+                              ["good", "crack"], ["sha-of-good_000", "sha-of-bad_000"])
 
 
 PAPER_MAP = run_test.CleanOptions("proposal", "cover", "paper", "product")
@@ -243,7 +252,7 @@ def test_a_defect_left_unmasked_is_scored_by_the_covering_pass() -> None:
               device=torch.device("cpu"), amp="none")
     seed = next(s for s in range(100) if not run_test.proposals_from_log_likelihood(
         data.log_likelihood, [0.5], image_size=3, grid=(2, 2)).test_masks(
-        0.5, torch.tensor([False, False]), torch.Generator().manual_seed(s))[1, 3])
+        0.5, torch.tensor([False, False]), run_test.mask_seeds(data.image_ids, s))[1, 3])
     zero, maps0 = run_test.evaluate_clean(
         ConstantViT(), data, options=run_test.CleanOptions("threshold", "zero", "paper",
                                                            "product"), seed=seed, **kw)

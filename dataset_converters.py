@@ -1,0 +1,175 @@
+"""Other data sets into the MVTec layout every PMAD tool reads (setup_train_dataset.py
+--visa / --custom).
+
+  VisA:    <visa>/split_csv/1cls.csv + <visa>/<class>/Data/{Images,Masks}/...
+           -> <out>/<class>/{train/good, test/good, test/bad, ground_truth/bad}
+  custom:  <src>/<class>/good/* and optionally <src>/<class>/<defect>/* (no masks)
+           -> <out>/<class>/{train/good, test/good, test/<defect>}, no ground_truth/
+
+Every input is checked before anything is written, and one error lists every problem.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from datasets import NORMAL_DIRS, VISA_CLASSES, BadFileError, LayoutError, list_images
+
+VISA_SPLIT = os.path.join("split_csv", "1cls.csv")
+VISA_COLUMNS = ["object", "split", "label", "image", "mask"]
+VISA_LAYOUT = ("<visa>/split_csv/1cls.csv (columns object, split, label, image, mask) and "
+               "the files it names, e.g. <visa>/candle/Data/Images/Normal/0000.JPG")
+CUSTOM_LAYOUT = "<custom>/<class>/good/*.png and optionally <custom>/<class>/<defect>/*.png"
+DEFAULT_TEST_FRACTION = 0.2
+
+Sync = Callable[[list[tuple[str, str]], str], Counter]  # (pairs, progress text) -> counts
+
+
+def _write_binary_mask(src: str, dst: str) -> None:
+    """VisA's masks hold a region id per defect pixel (1, 2, ...): every non-zero pixel
+    is a defect (255), as VisA's own split script binarises them."""
+    try:
+        with Image.open(src) as img:
+            arr = np.asarray(img)
+    except Exception as e:  # any decoder failure means the file is bad
+        raise BadFileError(f"cannot read VisA mask {src}: {e}; replace the file from the "
+                           "VisA download") from e
+    defect = arr != 0 if arr.ndim == 2 else (arr != 0).any(axis=-1)  # (H, W)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.tmp{os.getpid()}.png"
+    Image.fromarray(defect.astype(np.uint8) * 255).save(tmp)
+    os.replace(tmp, dst)
+
+
+def read_visa_split(visa_dir: str, classes: Sequence[str] | None = None
+                    ) -> dict[str, list[dict[str, str]]]:
+    """{class: rows of split_csv/1cls.csv}, every named file checked to exist."""
+    path = os.path.join(visa_dir, VISA_SPLIT)
+    if not os.path.isfile(path):
+        raise LayoutError(f"{path} does not exist; --visa takes the extracted VisA folder: "
+                          f"{VISA_LAYOUT}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != VISA_COLUMNS:
+            raise LayoutError(f"{path} has columns {reader.fieldnames}, expected "
+                              f"{VISA_COLUMNS} (VisA's 1-class split)")
+        rows = list(reader)
+    wanted = set(classes) if classes else None
+    by_class: dict[str, list[dict[str, str]]] = {}
+    problems = []
+    for k, row in enumerate(rows, start=2):
+        if wanted is not None and row["object"] not in wanted:
+            continue
+        if row["split"] not in ("train", "test") or row["label"] not in ("normal", "anomaly"):
+            problems.append(f"line {k}: split {row['split']!r} / label {row['label']!r} (expected "
+                            "train/test and normal/anomaly)")
+            continue
+        if row["split"] == "train" and row["label"] == "anomaly":
+            problems.append(f"line {k}: an anomalous training image (the 1-class split has none)")
+        needed = [row["image"]] + ([row["mask"]] if row["label"] == "anomaly" else [])
+        if row["label"] == "anomaly" and not row["mask"]:
+            problems.append(f"line {k}: anomalous image {row['image']} names no mask")
+        problems += [f"{os.path.join(visa_dir, p)} (line {k}) missing" for p in needed
+                     if p and not os.path.isfile(os.path.join(visa_dir, p))]
+        by_class.setdefault(row["object"], []).append(row)
+    if wanted is not None:
+        problems += [f"class {c!r} has no row" for c in sorted(wanted - set(by_class))]
+    else:
+        missing = sorted(set(VISA_CLASSES) - set(by_class))
+        if missing:
+            problems.append(f"VisA's classes {missing} have no row (a partial split file? "
+                            "pass --classes to convert a subset)")
+    if problems:
+        raise LayoutError(f"VisA at {visa_dir} cannot be converted:\n  "
+                          + "\n  ".join(problems[:20])
+                          + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20
+                             else "") + f"\nexpected {VISA_LAYOUT}")
+    return by_class
+
+
+def convert_visa(visa_dir: str, out: str, sync: Sync, classes: Sequence[str] | None = None
+                 ) -> dict[str, Counter]:
+    """VisA's 1-class split into the MVTec layout under `out`: normal training images in
+    train/good, test images in test/good and test/bad, each anomalous image's mask
+    binarised to ground_truth/bad/<stem>_mask.png. Images are copied as they are, as
+    VisA's split script does (every loader here resizes). -> {class: image counts}."""
+    by_class = read_visa_split(visa_dir, classes)
+    pairs: list[tuple[str, str]] = []
+    masks: list[tuple[str, str]] = []
+    counts: dict[str, Counter] = {}
+    for name, rows in sorted(by_class.items()):
+        counts[name] = Counter()
+        for row in rows:
+            folder = "good" if row["label"] == "normal" else "bad"
+            image = os.path.join(visa_dir, row["image"])
+            pairs.append((image, os.path.join(out, name, row["split"], folder,
+                                              os.path.basename(image))))
+            counts[name][f"{row['split']}/{folder}"] += 1
+            if folder == "bad":
+                stem = os.path.splitext(os.path.basename(image))[0]
+                masks.append((os.path.join(visa_dir, row["mask"]),
+                              os.path.join(out, name, "ground_truth", "bad",
+                                           f"{stem}_mask.png")))
+    counts_all = sync(pairs, "VisA images")
+    for src, dst in masks:
+        _write_binary_mask(src, dst)
+    print(f"VisA -> {out}: images {', '.join(f'{v} {k}' for k, v in counts_all.items())}; "
+          f"{len(masks)} masks binarised")
+    return counts
+
+
+def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
+                ) -> dict[str, list[tuple[str, str]]]:
+    """{class: [(source, destination)]} of a custom set. Every round(1 / test_fraction)-th
+    normal image (sorted by name) is held out to test/good, the rest train; each other
+    folder of a class is a defect type, copied to test/<defect>. No ground_truth/ is
+    written: run_test.py then reports the pixel metrics as undefined."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"--custom_test_fraction {test_fraction} is outside (0, 1)")
+    if not os.path.isdir(src):
+        raise LayoutError(f"{src} does not exist; --custom expects {CUSTOM_LAYOUT}")
+    step = max(2, round(1 / test_fraction))
+    plan: dict[str, list[tuple[str, str]]] = {}
+    problems = []
+    for name in sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d))):
+        folders = sorted(d for d in os.listdir(os.path.join(src, name))
+                         if os.path.isdir(os.path.join(src, name, d)))
+        normal = [d for d in folders if d in NORMAL_DIRS]
+        if len(normal) != 1:
+            problems.append(f"{os.path.join(src, name)}: needs one folder of normal images "
+                            f"named {' or '.join(NORMAL_DIRS)}, found {folders}")
+            continue
+        good = list_images(os.path.join(src, name, normal[0]))
+        if len(good) < 2:
+            problems.append(f"{os.path.join(src, name, normal[0])}: {len(good)} image(s); at "
+                            "least 2 normal images (one to train on, one held out)")
+            continue
+        pairs = [(f, os.path.join(out, name, "test" if k % step == step - 1 else "train",
+                                  "good", os.path.basename(f))) for k, f in enumerate(good)]
+        for defect in folders:
+            if defect not in NORMAL_DIRS:
+                pairs += [(f, os.path.join(out, name, "test", defect, os.path.basename(f)))
+                          for f in list_images(os.path.join(src, name, defect))]
+        plan[name] = pairs
+    if not plan and not problems:
+        problems.append(f"no class folders in {src}")
+    if problems:
+        raise LayoutError("the custom set cannot be converted:\n  " + "\n  ".join(problems)
+                          + f"\nexpected {CUSTOM_LAYOUT}")
+    return plan
+
+
+def convert_custom(src: str, out: str, sync: Sync,
+                   test_fraction: float = DEFAULT_TEST_FRACTION) -> list[str]:
+    """`plan_custom`, then copy; -> the classes written."""
+    plan = plan_custom(src, out, test_fraction)
+    counts = sync([p for pairs in plan.values() for p in pairs], "custom images")
+    print(f"custom set -> {out}: {len(plan)} classes; images "
+          f"{', '.join(f'{v} {k}' for k, v in counts.items())}; no ground-truth masks: "
+          "pixel metrics are undefined")
+    return sorted(plan)

@@ -1,0 +1,159 @@
+"""Heatmap PNGs that explain themselves: the image, its ground truth when there is one,
+the score map over the image with a colour bar, and a caption with the image's score,
+the normal/anomalous threshold and the decision.
+
+One colour scale per class (`ColourScale`, from all of the class's maps): a normal
+image then looks cool and an anomalous one hot, and two images of a class compare.
+Drawn with OpenCV only (no plotting library).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+FONT_SCALE = 0.42
+LINE_HEIGHT = 16  # pixels per caption line at FONT_SCALE
+BAR_WIDTH = 14
+BAR_LABELS = 58  # room right of the colour bar for its tick labels
+TICKS = 5
+GAP = 4
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+RED, GREEN, GREY = (200, 30, 30), (20, 140, 40), (90, 90, 90)
+
+
+@dataclass(frozen=True)
+class ColourScale:
+    """The score range [low, high] mapped onto the colour map, shared by a class's PNGs."""
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, maps: torch.Tensor | np.ndarray) -> "ColourScale":
+        """The range of every pixel of every map (N, H, W) of a class."""
+        arr = maps.detach().cpu().float().numpy() if isinstance(maps, torch.Tensor) else maps
+        low, high = float(np.min(arr)), float(np.max(arr))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError("heatmaps: the score maps contain NaN or infinite values")
+        return cls(low, high)
+
+    def colours(self, values: np.ndarray) -> np.ndarray:
+        """Scores (H, W) -> RGB uint8 (H, W, 3) on the jet colour map (blue low, red high)."""
+        span = max(self.high - self.low, 1e-12)
+        level = np.clip((values - self.low) / span, 0.0, 1.0)
+        grey = np.round(level * 255).astype(np.uint8)
+        return cv2.applyColorMap(grey, cv2.COLORMAP_JET)[..., ::-1]
+
+
+@dataclass(frozen=True)
+class Caption:
+    """What the caption says about one image. `threshold` is ProtoFlow's normal/anomalous
+    threshold on `protoflow_score` (None: the ProtoFlow file stores none, so no decision);
+    `truth` is the test set's label ('good' or the defect type) when there is one."""
+    name: str
+    pmad_score: float
+    protoflow_score: float
+    threshold: float | None
+    truth: str | None = None
+    note: str | None = None
+
+    @property
+    def decision(self) -> str | None:
+        """'anomalous' / 'normal' (ProtoFlow's call: strictly above the threshold)."""
+        if self.threshold is None:
+            return None
+        return "anomalous" if self.protoflow_score > self.threshold else "normal"
+
+    def lines(self) -> list[tuple[str, tuple[int, int, int]]]:
+        """(text, RGB colour) per caption line."""
+        out = [(self.name + (f"  [{self.note}]" if self.note else ""), BLACK),
+               (f"PMAD image score {self.pmad_score:.4g}", BLACK)]
+        if self.threshold is None:
+            out.append((f"ProtoFlow score {self.protoflow_score:.4g}; no stored threshold: "
+                        "no decision", GREY))
+        else:
+            sign = ">" if self.decision == "anomalous" else "<="
+            out.append((f"ProtoFlow score {self.protoflow_score:.4g} {sign} threshold "
+                        f"{self.threshold:.4g}: {self.decision.upper()}",
+                        RED if self.decision == "anomalous" else GREEN))
+        if self.truth is not None:
+            out.append((f"ground truth: {self.truth}", GREY))
+        return out
+
+
+def to_uint8_image(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+                   ) -> np.ndarray:
+    """A normalised image (3, H, W) -> RGB uint8 (H, W, 3)."""
+    x = image.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    return (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def _colour_bar(height: int, scale: ColourScale) -> np.ndarray:
+    """The colour bar (high at the top) with TICKS labelled values: (H, W, 3) uint8."""
+    panel = np.full((height, BAR_WIDTH + BAR_LABELS, 3), 255, np.uint8)
+    values = np.linspace(scale.high, scale.low, height)[:, None].repeat(BAR_WIDTH, 1)
+    panel[:, :BAR_WIDTH] = scale.colours(values)
+    for k in range(TICKS):
+        y = round(k * (height - 1) / (TICKS - 1))
+        value = scale.high - k * (scale.high - scale.low) / (TICKS - 1)
+        cv2.line(panel, (BAR_WIDTH, y), (BAR_WIDTH + 3, y), BLACK, 1)
+        baseline = min(max(y + 4, 9), height - 2)
+        cv2.putText(panel, f"{value:.3g}", (BAR_WIDTH + 5, baseline), FONT, 0.36, BLACK, 1,
+                    cv2.LINE_AA)
+    return panel
+
+
+def render(image: np.ndarray, score_map: np.ndarray, scale: ColourScale, caption: Caption,
+           gt_mask: np.ndarray | None = None) -> np.ndarray:
+    """image (H, W, 3) uint8, score_map (H, W), gt_mask (H, W) {0, 1} or None ->
+    RGB uint8: [image | ground truth | overlay + colour bar] above the caption."""
+    h, w = score_map.shape
+    overlay = (0.5 * image.astype(np.float32) + 0.5 * scale.colours(score_map)).astype(np.uint8)
+    panels = [image]
+    if gt_mask is not None:
+        panels.append(np.repeat((np.asarray(gt_mask) > 0).astype(np.uint8)[..., None] * 255,
+                                3, axis=2))
+    panels.append(overlay)
+    gap = np.full((h, GAP, 3), 255, np.uint8)
+    row = [p for panel in panels for p in (panel, gap)] + [_colour_bar(h, scale)]
+    top = np.concatenate(row, axis=1)
+    lines = caption.lines()
+    text = np.full((LINE_HEIGHT * len(lines) + 6, top.shape[1], 3), 255, np.uint8)
+    for k, (line, colour) in enumerate(lines):
+        cv2.putText(text, line, (4, LINE_HEIGHT * (k + 1)), FONT, FONT_SCALE, colour, 1,
+                    cv2.LINE_AA)
+    return np.concatenate([top, text], axis=0)
+
+
+def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def extremes_per_type(scores: Sequence[float], types: Sequence[str], count: int
+                      ) -> list[tuple[int, str]]:
+    """The `count` highest- and `count` lowest-scored images of every type (defect type,
+    or 'good'): [(index, 'most anomalous k/n' | 'least anomalous k/n')], each image once,
+    types in sorted order, most anomalous first. Ties keep the data set's order."""
+    picks: list[tuple[int, str]] = []
+    scores = np.asarray(scores, dtype=np.float64)
+    types = list(types)
+    for t in sorted(set(types)):
+        idx = np.array([i for i, u in enumerate(types) if u == t])
+        order = idx[np.argsort(-scores[idx], kind="stable")]  # most anomalous first
+        n = len(order)
+        chosen: dict[int, str] = {}
+        for k, i in enumerate(order[:count]):
+            chosen[int(i)] = f"{t}: most anomalous {k + 1}/{n}"
+        for k, i in enumerate(order[::-1][:count]):
+            chosen.setdefault(int(i), f"{t}: least anomalous {k + 1}/{n}")
+        rank = {int(i): r for r, i in enumerate(order)}
+        picks += sorted(chosen.items(), key=lambda item: rank[item[0]])
+    return picks

@@ -1,0 +1,211 @@
+"""Score new images with a trained PMAD: no ground truth, no MVTec layout.
+
+    python predict.py path/to/images --class_name bottle \
+        --ckpt output_dir/pmad/checkpoint-last.pth --tokenizer_weight_path weights/tokenizer \
+        --protoflow_weights weights/protoflow/multi_class.pt --prototypes_dir weights/prototypes \
+        --output_dir output_dir/predict --maps
+
+Inputs are folders (searched recursively), image files or glob patterns. Each image is
+scored exactly as run_test.py's clean protocol scores a test image (run_test.clean_scores,
+the same flags and defaults): `predictions.csv` holds per image its PMAD score, its
+ProtoFlow score, ProtoFlow's stored normal-data threshold for the class and the decision
+at it. ProtoFlow's abnormality map, and so PMAD's map and score, is normalised over the
+images of a class given together (docs/method.md 6): they are one normalisation set, as a
+class's test set is in run_test.py. ProtoFlow's score and the decision depend on the
+image alone.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import datasets
+import heatmaps
+import run_test
+
+OUTPUT_COLUMNS = ("image", "class", "name", "pmad_score", "protoflow_score", "threshold",
+                  "decision")
+
+
+class InputError(ValueError):
+    """The images given on the command line cannot be used as asked."""
+
+
+def _is_image(path: str) -> bool:
+    name = os.path.basename(path)
+    return name.lower().endswith(datasets.IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _glob_base(pattern: str) -> str:
+    """The folder part of a glob pattern before its first wildcard."""
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return str(Path(*fixed)) if fixed else "."
+
+
+def _expand(spec: str) -> tuple[str, list[str], bool]:
+    """(base folder, image files, is_folder) of one input: a folder (recursive), an
+    image file or a glob pattern."""
+    if os.path.isdir(spec):
+        files = sorted(str(p) for p in Path(spec).rglob("*") if p.is_file() and _is_image(str(p)))
+        return spec, files, True
+    if os.path.isfile(spec):
+        if not _is_image(spec):
+            raise InputError(f"{spec} is not an image file ({'/'.join(datasets.IMAGE_EXTENSIONS)})")
+        return os.path.dirname(spec) or ".", [spec], False
+    if glob.has_magic(spec):
+        files = sorted(f for f in glob.glob(spec, recursive=True)
+                       if os.path.isfile(f) and _is_image(f))
+        return _glob_base(spec), files, False
+    raise InputError(f"{spec} does not exist: give a folder, an image file or a glob pattern "
+                     "(quote it, e.g. 'images/*.png')")
+
+
+def find_images(inputs: list[str], class_name: str | None, class_from_folder: bool
+                ) -> dict[str, list[tuple[str, str]]]:
+    """{class: [(image path, name)]}. The name is the image's path below its input's
+    folder, separators as '_' and without extension (MVTec test trees give run_test.py's
+    '<defect>_<stem>'); it names the heatmap and .npy files.
+
+    With `class_from_folder` the class is the first folder below a folder input, or the
+    image's parent folder for files and glob patterns."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    seen: set[str] = set()
+    for spec in inputs:
+        base, files, is_folder = _expand(spec)
+        if not files:
+            raise InputError(f"no images ({'/'.join(datasets.IMAGE_EXTENSIONS)}) in {spec}")
+        for f in files:
+            real = os.path.realpath(f)
+            if real in seen:
+                continue
+            seen.add(real)
+            rel = Path(os.path.relpath(f, base))
+            if class_from_folder:
+                if is_folder:
+                    if len(rel.parts) < 2:
+                        raise InputError(f"{f} lies directly in {spec}; with "
+                                         f"--class_from_folder put images in {spec}/<class>/")
+                    cls, rel = rel.parts[0], Path(*rel.parts[1:])
+                else:
+                    cls = Path(f).parent.name
+            else:
+                cls = class_name
+            name = "_".join(rel.with_suffix("").parts)
+            groups.setdefault(cls, []).append((f, name))
+    for cls, items in groups.items():  # names must be unique within a class (file names)
+        counts: dict[str, int] = {}
+        for k, (f, name) in enumerate(items):
+            counts[name] = counts.get(name, 0) + 1
+            if counts[name] > 1:
+                items[k] = (f, f"{name}_{counts[name]}")
+    return groups
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("PMAD prediction on new images", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="IMAGES",
+                   help="folders (searched recursively), image files or glob patterns")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--class_name", help="the class of every image (its prototypes are "
+                                            "<prototypes_dir>/<class>/coreset.npy)")
+    which.add_argument("--class_from_folder", action="store_true",
+                       help="the class is the first folder below each input folder (the "
+                            "parent folder for files and glob patterns)")
+    run_test.add_model_args(p)
+    run_test.add_clean_args(p)
+    p.add_argument("--output_dir", default="output_dir/predict")
+    p.add_argument("--maps", action="store_true",
+                   help="write one heatmap PNG per image: image | score map with colour "
+                        "bar, one scale per class, caption with scores and decision")
+    p.add_argument("--save_npy", action="store_true",
+                   help="write each image's PMAD score map as float32 .npy (S x S)")
+    return p
+
+
+def predict(args: argparse.Namespace) -> list[dict[str, object]]:
+    groups = find_images(args.inputs, args.class_name, args.class_from_folder)
+    m = run_test.load_models(args)
+    for cls in groups:  # a missing class fails before any image is scored
+        m.protoflow.prototypes(cls)
+    options = run_test.clean_options(args)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, object]] = []
+    skipped: list[str] = []
+    for cls in tqdm(sorted(groups), desc="classes", disable=len(groups) < 2):
+        paths, names = zip(*groups[cls])
+        dataset = datasets.ImageListDataset(list(paths), list(names),
+                                            token_size=m.tokenizer.image_size,
+                                            img_size=m.img_size, mean=m.mean, std=m.std,
+                                            skip_bad_images=args.skip_bad_images)
+        skipped += dataset.bad_files
+        data = run_test.collect_class(dataset, m.tokenizer, m.protoflow, cls, args.batch_size,
+                                      m.device, args.num_workers)
+        threshold = m.protoflow.threshold_for(cls)
+        scores = run_test.clean_scores(m.model, data, ratio=run_test.class_mask_ratio(args, cls),
+                                       threshold=threshold, options=options, sigma=args.sigma,
+                                       batch_size=args.batch_size, device=m.device, amp=m.amp,
+                                       seed=args.seed)
+        scale = heatmaps.ColourScale.of(scores.maps) if args.maps else None
+        for i, name in enumerate(data.names):
+            caption = heatmaps.Caption(name, float(scores.image_scores[i]),
+                                       float(scores.protoflow_scores[i]), threshold)
+            rows.append({"image": dataset.image_paths[i], "class": cls, "name": name,
+                         "pmad_score": caption.pmad_score,
+                         "protoflow_score": caption.protoflow_score,
+                         "threshold": "" if threshold is None else threshold,
+                         "decision": caption.decision or ""})
+            if scale is not None:
+                image = heatmaps.to_uint8_image(data.images[i], m.mean, m.std)
+                heatmaps.save_png(heatmaps.render(image, scores.maps[i].numpy(), scale, caption),
+                                  out_dir / "heatmaps" / cls / f"{name}.png")
+            if args.save_npy:
+                path = out_dir / "maps" / cls / f"{name}.npy"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, scores.maps[i].numpy().astype(np.float32))
+        if threshold is None:
+            print(f"[predict] {args.protoflow_weights} stores no normal-data threshold for "
+                  f"'{cls}' (a released file): scores only, no decision")
+    with open(out_dir / "predictions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=OUTPUT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    if skipped:
+        (out_dir / "skipped_images.txt").write_text("\n".join(skipped) + "\n")
+        print(f"[predict] left out {len(skipped)} unreadable image(s), listed in "
+              f"{out_dir / 'skipped_images.txt'}")
+    for cls in sorted(groups):
+        mine = [r for r in rows if r["class"] == cls]
+        called = sum(r["decision"] == "anomalous" for r in mine)
+        print(f"[predict] {cls}: {len(mine)} images, {called} anomalous")
+    print(f"predictions: {out_dir / 'predictions.csv'}"
+          + (f"; heatmaps: {out_dir / 'heatmaps'}" if args.maps else "")
+          + (f"; maps: {out_dir / 'maps'}" if args.save_npy else ""))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        predict(args)
+    except (InputError, datasets.BadFileError, datasets.LayoutError, FileNotFoundError) as e:
+        print(f"predict.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

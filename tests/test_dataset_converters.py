@@ -1,0 +1,193 @@
+"""setup_train_dataset.py --visa / --custom / --textures (dataset_converters.py): a
+VisA-shaped tree converts, trains one tiny epoch and evaluates; a custom set without
+masks evaluates with pixel metrics undefined; --textures changes the foreground masks."""
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dataset_converters
+import run_protoflow
+import run_pretraining
+import run_test
+from backbones import lite0_weights_path
+from setup_train_dataset import main as setup_main
+
+VISA_NAMES = {"brick": "candle", "coins": "pcb1"}  # tiny-world class -> VisA class
+
+
+def _visa_tree(world, base: Path) -> Path:
+    """The tiny world's images in VisA's layout: JPEG images under
+    <class>/Data/Images/{Normal,Anomaly}, masks holding region ids (1, 2) under
+    <class>/Data/Masks/Anomaly, and split_csv/1cls.csv naming them."""
+    visa = base / "VisA"
+    rows = []
+    for src_name, name in VISA_NAMES.items():
+        src = world.mvtec_root / src_name
+        images = visa / name / "Data" / "Images"
+        (images / "Normal").mkdir(parents=True)
+        (images / "Anomaly").mkdir(parents=True)
+        (visa / name / "Data" / "Masks" / "Anomaly").mkdir(parents=True)
+        k = 0
+        for split, folder in (("train", "train/good"), ("test", "test/good")):
+            for f in sorted((src / folder).glob("*.png")):
+                rel = f"{name}/Data/Images/Normal/{k:04d}.JPG"
+                Image.open(f).convert("RGB").save(visa / rel, format="JPEG", quality=95)
+                rows.append([name, split, "normal", rel, ""])
+                k += 1
+        for j, f in enumerate(sorted(p for p in (src / "test").glob("*/*.png")
+                                     if p.parent.name != "good")):
+            rel = f"{name}/Data/Images/Anomaly/{j:03d}.JPG"
+            Image.open(f).convert("RGB").save(visa / rel, format="JPEG", quality=95)
+            gt = np.asarray(Image.open(src / "ground_truth" / f.parent.name
+                                       / f"{f.stem}_mask.png")) > 0
+            ids = (gt * (1 + j % 2)).astype(np.uint8)  # region id 1 or 2, not 255
+            mask_rel = f"{name}/Data/Masks/Anomaly/{j:03d}.png"
+            Image.fromarray(ids).save(visa / mask_rel)
+            rows.append([name, "test", "anomaly", rel, mask_rel])
+    (visa / "split_csv").mkdir()
+    with open(visa / "split_csv" / "1cls.csv", "w", newline="") as f:
+        csv.writer(f).writerows([dataset_converters.VISA_COLUMNS, *rows])
+    return visa
+
+
+def _eval_argv(world, ckpt: str, protoflow: str, protos: str, data: str, out: Path,
+               classes: list[str]) -> list[str]:
+    return ["--ckpt", ckpt, "--tokenizer_model", "kmeans",
+            "--tokenizer_weight_path", str(world.tokenizer), "--protoflow_weights", protoflow,
+            "--prototypes_dir", protos, "--data_path", data, "--classes", *classes,
+            "--output_dir", str(out), "--batch_size", "8", "--num_workers", "0",
+            "--device", "cpu", "--amp", "none"]
+
+
+def test_visa_converts_trains_one_epoch_and_evaluates(tiny_world, tmp_path):
+    visa = _visa_tree(tiny_world, tmp_path)
+    mvtec, root = tmp_path / "visa_mvtec", tmp_path / "visa_imagenet"
+    assert setup_main(["--visa", str(visa), "--data_path", str(mvtec), "--root", str(root),
+                       "--classes", "candle", "pcb1"]) == 0
+    for name in VISA_NAMES.values():
+        assert len(list((mvtec / name / "train" / "good").glob("*.JPG"))) == 6
+        assert len(list((mvtec / name / "test" / "good").glob("*.JPG"))) == 4
+        bad = sorted((mvtec / name / "test" / "bad").glob("*.JPG"))
+        assert len(bad) == 4
+        assert (mvtec / name / "test" / "bad" / "001.JPG").read_bytes() == (
+            visa / name / "Data" / "Images" / "Anomaly" / "001.JPG").read_bytes()  # as is
+        for j in range(4):  # region ids 1 and 2 both become 255
+            source = np.asarray(Image.open(visa / name / "Data" / "Masks" / "Anomaly"
+                                           / f"{j:03d}.png"))
+            mask = np.asarray(Image.open(mvtec / name / "ground_truth" / "bad"
+                                         / f"{j:03d}_mask.png"))
+            assert set(np.unique(mask)) == {0, 255}
+            np.testing.assert_array_equal(mask == 255, source != 0)
+        assert len(list((root / "train" / name).glob("*.JPG"))) == 6
+
+    # one tiny epoch of each model on the converted data, then the clean protocol
+    common = ["--data_path", str(root), "--encoder", "efficientnet_lite0",
+              "--encoder_weights", lite0_weights_path(), "--num_workers", "0",
+              "--device", "cpu", "--batch_size", "8"]
+    protos, flow = str(tmp_path / "prototypes"), str(tmp_path / "protoflow.pt")
+    run_protoflow.main(["prototypes", *common, "--output_dir", protos, "--coreset_ratio",
+                        "0.05"])
+    run_protoflow.main(["train", *common, "--prototypes_dir", protos, "--epochs", "1",
+                        "--warmup_epochs", "0", "--n_blocks", "1", "--output", flow])
+    out = tmp_path / "vit"
+    run_pretraining.main(run_pretraining.get_args_parser().parse_args([
+        "--model", tiny_world.model, "--tokenizer_model", "kmeans",
+        "--tokenizer_weight_path", str(tiny_world.tokenizer), "--data_path", str(root),
+        "--no-fg_mask", "--output_dir", str(out), "--epochs", "1", "--warmup_epochs", "0",
+        "--batch_size", "4", "--max_steps_per_epoch", "1", "--num_workers", "0",
+        "--no_init", "--amp", "none", "--device", "cpu"]))
+    results = run_test.main(run_test.get_args_parser().parse_args(_eval_argv(
+        tiny_world, str(out / "checkpoint-last.pth"), flow, protos, str(mvtec),
+        tmp_path / "eval", ["candle", "pcb1"])))
+    assert run_test.exit_status(results) == 0
+    for name in ("candle", "pcb1"):
+        record = results["classes"][name]
+        assert record["num_images"] == 8 and record["num_anomalous"] == 4
+        assert record["ground_truth"] is True
+        assert 0.0 <= record["pixel_f1_max"] <= 1.0 and 0.0 <= record["image_auroc"] <= 1.0
+
+
+def test_visa_split_is_checked_before_writing(tmp_path):
+    with pytest.raises(dataset_converters.LayoutError, match="1cls.csv does not exist"):
+        dataset_converters.read_visa_split(str(tmp_path))
+    (tmp_path / "split_csv").mkdir()
+    split = tmp_path / "split_csv" / "1cls.csv"
+    split.write_text("object,split,label,image\n")
+    with pytest.raises(dataset_converters.LayoutError, match="has columns"):
+        dataset_converters.read_visa_split(str(tmp_path))
+    split.write_text("object,split,label,image,mask\n"
+                     "candle,train,normal,candle/a.JPG,\n"
+                     "candle,test,anomaly,candle/b.JPG,\n"
+                     "candle,train,anomaly,candle/c.JPG,candle/c.png\n")
+    with pytest.raises(dataset_converters.LayoutError) as err:
+        dataset_converters.read_visa_split(str(tmp_path), ["candle"])
+    text = str(err.value)
+    assert f"{tmp_path / 'candle' / 'a.JPG'} (line 2) missing" in text
+    assert "line 3: anomalous image candle/b.JPG names no mask" in text
+    assert "line 4: an anomalous training image" in text
+    with pytest.raises(dataset_converters.LayoutError, match=r"classes \['capsules'"):
+        dataset_converters.read_visa_split(str(tmp_path))
+
+
+def test_custom_set_has_image_metrics_only(tiny_world, tmp_path):
+    """good/ and defect/ folders without masks: every 5th normal image is held out, the
+    defect images are a test defect type, and run_test reports pixel metrics as nan."""
+    src = tmp_path / "mine" / "coins"
+    good = sorted((tiny_world.mvtec_root / "coins").glob("t*/good/*.png"))
+    for k, f in enumerate(good):
+        (src / "good").mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, src / "good" / f"{k:03d}.png")
+    for f in sorted((tiny_world.mvtec_root / "coins" / "test").glob("*/*.png")):
+        if f.parent.name != "good":
+            (src / "defect").mkdir(exist_ok=True)
+            shutil.copy(f, src / "defect" / f"{f.parent.name}_{f.name}")
+    mvtec = tmp_path / "mine_mvtec"
+    assert setup_main(["--custom", str(tmp_path / "mine"), "--data_path", str(mvtec),
+                       "--root", str(tmp_path / "mine_imagenet")]) == 0
+    held = sorted(p.name for p in (mvtec / "coins" / "test" / "good").iterdir())
+    assert held == [f"{k:03d}.png" for k in range(4, len(good), 5)]
+    assert len(list((mvtec / "coins" / "train" / "good").iterdir())) == len(good) - len(held)
+    assert len(list((mvtec / "coins" / "test" / "defect").iterdir())) == 4
+    assert not (mvtec / "coins" / "ground_truth").exists()
+
+    results = run_test.main(run_test.get_args_parser().parse_args(
+        ["--model", tiny_world.model] + _eval_argv(
+            tiny_world, str(tiny_world.pmad_ckpt), str(tiny_world.protoflow),
+            str(tiny_world.prototypes_dir), str(mvtec), tmp_path / "eval", ["coins"])))
+    record = results["classes"]["coins"]
+    assert record["ground_truth"] is False
+    assert 0.0 <= record["image_auroc"] <= 1.0 and 0.0 <= record["image_f1_max"] <= 1.0
+    assert all(math.isnan(record[k]) for k in ("pixel_auroc", "pixel_aupro", "pixel_f1_max"))
+    assert math.isnan(record["per_defect"]["defect"]["pixel_auroc"])
+    assert run_test.exit_status(results) == 0  # undefined pixel metrics are no failure
+    with pytest.raises(dataset_converters.LayoutError, match="one folder of normal images"):
+        dataset_converters.plan_custom(str(tmp_path / "mine_mvtec"), str(tmp_path / "x"))
+
+
+def test_textures_change_the_foreground_masks(tiny_world, tmp_path, capsys):
+    """coins is an object: its estimated masks leave background out; named a texture,
+    every pixel is foreground."""
+    masks = {}
+    for run, extra in (("object", []), ("texture", ["--textures", "coins"])):
+        root = tmp_path / run
+        assert setup_main(["--data_path", str(tiny_world.mvtec_root), "--root", str(root),
+                           "--classes", "coins", "--make_fg_masks", *extra]) == 0
+        masks[run] = [np.asarray(Image.open(p)) > 0
+                      for p in sorted((root / "fg_mask" / "coins").glob("*.png"))]
+    assert len(masks["texture"]) == len(masks["object"]) == 6
+    assert all(m.all() for m in masks["texture"])
+    assert np.mean([m.mean() for m in masks["object"]]) < 0.9
+    with pytest.raises(SystemExit):
+        setup_main(["--data_path", str(tiny_world.mvtec_root), "--textures", "coins"])
+    assert "add --make_fg_masks" in capsys.readouterr().err
+    assert setup_main(["--data_path", str(tiny_world.mvtec_root), "--root",
+                       str(tmp_path / "x"), "--classes", "coins", "--make_fg_masks",
+                       "--textures", "tiles"]) == 2
+    assert "--textures tiles: not among the classes" in capsys.readouterr().err

@@ -1,0 +1,74 @@
+"""heatmaps.py: the colour scale, the layout of a PNG, its caption, and which images
+--save_heatmaps picks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import heatmaps
+from heatmaps import Caption, ColourScale
+
+
+def test_colour_scale_is_shared_and_clipped():
+    scale = ColourScale.of(torch.tensor([[[0.0, 1.0]], [[3.0, 4.0]]]))
+    assert (scale.low, scale.high) == (0.0, 4.0)
+    below, lo, hi, above, mid = scale.colours(np.array([[-1.0, 0.0, 4.0, 9.0, 2.0]]))[0]
+    assert (below == lo).all() and (above == hi).all()  # clipped to the class's range
+    assert lo[2] > 100 and lo[0] < 50 and hi[0] > 100 and hi[2] < 50  # blue low, red high
+    assert not (mid == lo).all() and not (mid == hi).all()
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ColourScale.of(torch.tensor([[[0.0, float("nan")]]]))
+
+
+def test_caption_says_score_threshold_and_decision():
+    above = Caption("crack_001", 2.5, 7.0, 6.0, truth="crack")
+    assert above.decision == "anomalous"
+    text = [line for line, _ in above.lines()]
+    assert text[0] == "crack_001"
+    assert "PMAD image score 2.5" in text[1]
+    assert text[2] == "ProtoFlow score 7 > threshold 6: ANOMALOUS"
+    assert text[3] == "ground truth: crack"
+    at = Caption("good_000", 1.0, 6.0, 6.0)  # the threshold itself is normal
+    assert at.decision == "normal" and "<= threshold 6: NORMAL" in at.lines()[2][0]
+    none = Caption("x", 1.0, 6.0, None)
+    assert none.decision is None and "no stored threshold" in none.lines()[2][0]
+
+
+def test_render_layout():
+    """image | ground truth | overlay, a colour bar from the class's high (top) to low
+    (bottom), caption lines below; without ground truth one panel fewer."""
+    h = w = 32
+    image = np.full((h, w, 3), 128, np.uint8)
+    score = np.zeros((h, w))
+    score[:8, :8] = 10.0
+    scale = ColourScale(0.0, 10.0)
+    caption = Caption("crack_001", 10.0, 7.0, 6.0, truth="crack")
+    gt = np.zeros((h, w))
+    gt[:8, :8] = 1
+    out = heatmaps.render(image, score, scale, caption, gt)
+    panel = w + heatmaps.GAP
+    bar_x = 3 * panel
+    assert out.shape == (h + heatmaps.LINE_HEIGHT * 4 + 6,
+                         bar_x + heatmaps.BAR_WIDTH + heatmaps.BAR_LABELS, 3)
+    assert (out[:h, :w] == 128).all()  # the image
+    assert (out[:8, panel:panel + 8] == 255).all() and (out[9:h, panel + 9:panel + w] == 0).all()
+    overlay = out[:h, 2 * panel:2 * panel + w].astype(int)
+    hot, cold = overlay[2, 2], overlay[20, 20]
+    assert hot[0] > cold[0] and hot[2] < cold[2]  # red where the score is high
+    bar = out[:h, bar_x + 2].astype(int)
+    assert bar[0][0] > bar[0][2] and bar[-1][2] > bar[-1][0]  # high on top, low at the bottom
+    assert (out[h:] < 200).any()  # caption text was drawn
+    without = heatmaps.render(image, score, scale, Caption("x", 1.0, 1.0, None))
+    assert without.shape[1] == out.shape[1] - panel
+
+
+def test_extremes_per_type():
+    scores = [0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8]
+    types = ["good", "good", "good", "good", "crack", "crack", "hole"]
+    picks = heatmaps.extremes_per_type(scores, types, 1)
+    assert picks == [(4, "crack: most anomalous 1/2"), (5, "crack: least anomalous 1/2"),
+                     (1, "good: most anomalous 1/4"), (0, "good: least anomalous 1/4"),
+                     (6, "hole: most anomalous 1/1")]
+    two = heatmaps.extremes_per_type(scores, types, 2)
+    assert [i for i, _ in two] == [4, 5, 1, 2, 3, 0, 6]  # each image once

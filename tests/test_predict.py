@@ -1,0 +1,141 @@
+"""predict.py: scores equal the clean protocol's, outputs, inputs, bad images."""
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import datasets
+import predict
+import run_test
+
+
+def _model_args(world) -> list[str]:
+    return ["--model", world.model, "--ckpt", str(world.pmad_ckpt), "--tokenizer_model", "kmeans",
+            "--tokenizer_weight_path", str(world.tokenizer),
+            "--protoflow_weights", str(world.protoflow),
+            "--prototypes_dir", str(world.prototypes_dir), "--batch_size", "8",
+            "--num_workers", "0", "--device", "cpu", "--amp", "none"]
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "predictions.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _clean_protocol_scores(world, class_name: str, *extra: str) -> dict[str, tuple]:
+    """What run_test.py's clean protocol computes for each test image of the class:
+    name -> (PMAD score, ProtoFlow score, PMAD map)."""
+    args = run_test.get_args_parser().parse_args(_model_args(world) + list(extra))
+    m = run_test.load_models(args)
+    dataset = datasets.MVTecTestDataset(world.mvtec_root, class_name,
+                                        token_size=m.tokenizer.image_size,
+                                        img_size=m.img_size, mean=m.mean, std=m.std)
+    data = run_test.collect_class(dataset, m.tokenizer, m.protoflow, class_name, 8, m.device)
+    s = run_test.clean_scores(m.model, data, ratio=run_test.class_mask_ratio(args, class_name),
+                              threshold=m.protoflow.threshold_for(class_name),
+                              options=run_test.clean_options(args), sigma=args.sigma,
+                              batch_size=8, device=m.device, amp=m.amp, seed=args.seed)
+    return {n: (float(s.image_scores[i]), float(s.protoflow_scores[i]), s.maps[i])
+            for i, n in enumerate(data.names)}
+
+
+def test_predict_reproduces_the_clean_protocol(tiny_world, tmp_path):
+    """The demo's test images of a class, given together, score as in run_test.py's clean
+    protocol; the CSV, one heatmap PNG per image and the raw maps are written."""
+    out = tmp_path / "pred"
+    pattern = str(tiny_world.mvtec_root / "coins" / "test" / "*" / "*.png")
+    assert predict.main([pattern, "--class_name", "coins", "--output_dir", str(out),
+                         "--maps", "--save_npy", *_model_args(tiny_world)]) == 0
+    rows = _rows(out)
+    expected = _clean_protocol_scores(tiny_world, "coins")
+    assert sorted(r["name"] for r in rows) == sorted(expected) and len(rows) == 8
+    threshold = float(torch.load(tiny_world.protoflow, weights_only=True)[
+        "image_score_threshold"])
+    for r in rows:
+        pmad, protoflow, score_map = expected[r["name"]]
+        assert r["class"] == "coins" and Path(r["image"]).is_file()
+        assert float(r["pmad_score"]) == pytest.approx(pmad, abs=1e-5)
+        assert float(r["protoflow_score"]) == pytest.approx(protoflow, abs=1e-5)
+        assert float(r["threshold"]) == pytest.approx(threshold)
+        assert r["decision"] == ("anomalous" if protoflow > threshold else "normal")
+        saved = np.load(out / "maps" / "coins" / f"{r['name']}.npy")
+        assert saved.dtype == np.float32 and saved.shape == (224, 224)
+        np.testing.assert_allclose(saved, score_map.numpy(), atol=1e-5)
+        with Image.open(out / "heatmaps" / "coins" / f"{r['name']}.png") as png:
+            assert png.width > 2 * 224 and png.height > 224  # image | overlay + bar, caption
+
+
+def test_random_masks_follow_the_image_not_the_batch(tiny_world):
+    """--clean_masks threshold with a threshold that calls every image normal: every image
+    gets a random mask, seeded from its own bytes, so the same image gets the same mask
+    in another order and another batch."""
+    args = run_test.get_args_parser().parse_args(_model_args(tiny_world)
+                                                 + ["--clean_masks", "threshold"])
+    m = run_test.load_models(args)
+    files = sorted((tiny_world.mvtec_root / "coins" / "test").glob("*/*.png"))[:3]
+
+    def masks_of(paths: list[Path]) -> dict[str, torch.Tensor]:
+        ds = datasets.ImageListDataset([str(p) for p in paths],
+                                       [f"{p.parent.name}_{p.stem}" for p in paths],
+                                       token_size=m.tokenizer.image_size, mean=m.mean,
+                                       std=m.std)
+        data = run_test.collect_class(ds, m.tokenizer, m.protoflow, "coins", 2, m.device)
+        s = run_test.clean_scores(m.model, data, ratio=0.3, threshold=1e9,
+                                  options=run_test.clean_options(args), sigma=4.0,
+                                  batch_size=2, device=m.device, amp=m.amp, seed=0)
+        assert not s.proposal.any() and not s.anomalous.any()
+        return dict(zip(data.names, s.test_masks))
+
+    forward, backward = masks_of(files), masks_of(files[::-1])
+    assert forward.keys() == backward.keys()
+    for name in forward:
+        assert torch.equal(forward[name], backward[name])
+    first, second = list(forward.values())[:2]
+    assert not torch.equal(first, second)  # each image its own draw
+
+
+def test_class_from_folder_and_bad_images(tiny_world, tmp_path, capsys):
+    inbox = tmp_path / "inbox"
+    for cls in ("brick", "coins"):
+        for src in sorted((tiny_world.mvtec_root / cls / "test" / "good").glob("*.png"))[:2]:
+            (inbox / cls).mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, inbox / cls / src.name)
+    (inbox / "coins" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    argv = [str(inbox), "--class_from_folder", "--output_dir", str(out),
+            *_model_args(tiny_world)]
+    assert predict.main(argv) == 2
+    assert f"cannot read image {inbox / 'coins' / 'broken.png'}" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="left out 1 bad file"):
+        assert predict.main(argv + ["--skip_bad_images"]) == 0
+    rows = _rows(out)
+    assert sorted((r["class"], r["name"]) for r in rows) == [
+        ("brick", "000"), ("brick", "001"), ("coins", "000"), ("coins", "001")]
+    assert "broken.png" in (out / "skipped_images.txt").read_text()
+    (inbox / "stray.png").write_bytes(b"")
+    assert predict.main(argv) == 2
+    assert "lies directly in" in capsys.readouterr().err
+
+
+def test_inputs_are_checked(tmp_path):
+    with pytest.raises(predict.InputError, match="does not exist"):
+        predict.find_images([str(tmp_path / "nothing")], "x", False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(predict.InputError, match="no images"):
+        predict.find_images([str(tmp_path / "empty")], "x", False)
+    for rel in ("a/1.png", "b/1.png", "b/c/2.JPG"):
+        (tmp_path / "imgs" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "imgs" / rel).write_bytes(b"")
+    groups = predict.find_images([str(tmp_path / "imgs"), str(tmp_path / "imgs" / "a" / "1.png")],
+                                 "x", False)
+    assert [n for _, n in groups["x"]] == ["a_1", "b_1", "b_c_2"]  # the file given twice: once
+    groups = predict.find_images([str(tmp_path / "imgs" / "*" / "1.png"),
+                                  str(tmp_path / "imgs" / "b" / "1.png")], "x", False)
+    assert [n for _, n in groups["x"]] == ["a_1", "b_1"]
+    assert predict._glob_base("data/x/*/y/*.png") == str(Path("data/x"))
