@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from utils import (BadFileError, LayoutError, all_gather_object, get_rank, get_world_size,
-                   main_print, save_on_master, to_device)
+from utils import (BadFileError, FlagError, LayoutError, all_gather_object, get_rank,
+                   get_world_size, main_print, save_on_master, to_device)
 
 OBJECTS = ["bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
            "toothbrush", "transistor", "zipper"]
@@ -62,8 +62,8 @@ def resolve_setting(setting: str | None, from_obj_to_texture: bool = False) -> s
     """--setting with the original's --from_obj_to_texture alias folded in."""
     if from_obj_to_texture:
         if setting not in (None, "obj2tex"):
-            raise ValueError(f"--from_obj_to_texture means --setting obj2tex, but --setting "
-                             f"{setting} was given: pass only one of them")
+            raise FlagError(f"--from_obj_to_texture means --setting obj2tex, but --setting "
+                            f"{setting} was given: pass only one of them")
         return "obj2tex"
     return setting or "multi_class"
 
@@ -86,30 +86,30 @@ def setting_classes(setting: str, unseen_classes: str | Sequence[str] | None = N
     """
     pool = MVTEC_CLASSES if available is None else sorted(set(available))
     if not pool:
-        raise ValueError("setting_classes: no available classes")
+        raise FlagError("setting_classes: no available classes")
     if setting not in SETTINGS:
-        raise ValueError(f"unknown setting {setting!r}; valid settings: {', '.join(SETTINGS)}")
+        raise FlagError(f"unknown setting {setting!r}; valid settings: {', '.join(SETTINGS)}")
     unseen = [unseen_classes] if isinstance(unseen_classes, str) else list(unseen_classes or [])
     if setting != "leave_one_out":
         if unseen:
-            raise ValueError(f"unseen classes {unseen} only apply to 'leave_one_out'; "
-                             f"{setting!r} fixes its test classes")
+            raise FlagError(f"unseen classes {unseen} only apply to 'leave_one_out'; "
+                            f"{setting!r} fixes its test classes")
         if setting == "multi_class":
             return list(pool), list(pool)
         missing = [c for c in MVTEC_CLASSES if c not in pool]
         if missing:
-            raise ValueError(f"{setting!r} splits MVTec AD into objects and textures and "
-                             f"needs all 15 classes; missing: {', '.join(missing)} "
-                             f"(available: {', '.join(pool)}). For other class sets use "
-                             "'multi_class' or 'leave_one_out'")
+            raise FlagError(f"{setting!r} splits MVTec AD into objects and textures and "
+                            f"needs all 15 classes; missing: {', '.join(missing)} "
+                            f"(available: {', '.join(pool)}). For other class sets use "
+                            "'multi_class' or 'leave_one_out'")
         if setting == "obj2tex":
             return list(OBJECTS), list(TEXTURES)
         return list(TEXTURES), list(OBJECTS)
     if len(unseen) != 1:
-        raise ValueError(f"'leave_one_out' needs exactly one unseen class, got {unseen}; "
-                         f"valid classes: {', '.join(pool)}")
+        raise FlagError(f"'leave_one_out' needs exactly one unseen class, got {unseen}; "
+                        f"valid classes: {', '.join(pool)}")
     if unseen[0] not in pool:
-        raise ValueError(f"unknown class {unseen[0]!r}; valid classes: {', '.join(pool)}")
+        raise FlagError(f"unknown class {unseen[0]!r}; valid classes: {', '.join(pool)}")
     return [c for c in pool if c != unseen[0]], [unseen[0]]
 
 
