@@ -257,6 +257,15 @@ def list_train_samples(root: str, classes: Sequence[str]) -> list[tuple[str, int
     return samples
 
 
+def check_train_classes(root: str, classes: Sequence[str], fg_mask: bool = True) -> None:
+    """The training set's class folders and (with `fg_mask`) every image's foreground
+    mask file, checked with a stat per file before any work."""
+    samples = list_train_samples(root, classes)
+    if fg_mask:
+        _require_masks([(p, c, fg_mask_path(root, classes[c], p)) for p, c in samples], root,
+                       list(classes))
+
+
 # ----------------------------------------------------------------------------------------
 # Decoding and transforms
 # ----------------------------------------------------------------------------------------
