@@ -246,6 +246,12 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     args.token_cache_dir = args.token_cache_dir or os.path.join(args.output_dir, "token_cache")
     train_classes, resume, header = check_inputs(args)
     utils.main_print(json.dumps(vars(args), indent=1))
+    done = header.get("epoch") if header is not None and "optimizer" in header else None
+    if isinstance(done, int) and done + 1 >= args.epochs:
+        utils.main_print(f"[resume] nothing to do: {resume} has trained {done + 1} epoch(s) "
+                         f"of --epochs {args.epochs}; pass a larger --epochs to extend the run")
+        return {"train_classes": train_classes, "num_images": 0, "num_steps": 0,
+                "start_epoch": done + 1, "stats": {}, "checkpoints": []}
     if args.fit_kmeans_tokenizer:
         fit_kmeans(args, train_classes)
 
@@ -330,10 +336,6 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
         if info["sampler_seed"] is not None:
             sampler.seed = info["sampler_seed"]
         utils.main_print(f"[resume] {resume}: continuing at epoch {start_epoch}")
-        if start_epoch >= args.epochs:
-            utils.main_print(f"[resume] nothing to do: {resume} has trained {start_epoch} "
-                             f"epoch(s), --epochs is {args.epochs}; pass a larger --epochs "
-                             "to extend the run")
     elif not args.no_init:
         load_init(model_without_ddp, args.init_ckpt)
     if env.distributed:
