@@ -27,8 +27,8 @@ TINY = "vit_tiny_patch16_224_8k_vocab"
 
 _HARNESS = r"""
 import contextlib, io, json, os, runpy, shutil, sys, traceback
-out = []
-for case in json.load(open(sys.argv[1])):
+spec, result, out = sys.argv[1], sys.argv[2], []
+for case in json.load(open(spec)):
     exec(case.get("pre", ""))
     sys.argv = [case["script"], *case["argv"]]
     err, std = io.StringIO(), io.StringIO()
@@ -44,7 +44,7 @@ for case in json.load(open(sys.argv[1])):
     out.append({"code": code, "err": err.getvalue(), "out": std.getvalue()})
     if case.get("snapshot"):
         shutil.copytree(case["snapshot"][0], case["snapshot"][1])
-json.dump(out, open(sys.argv[2], "w"))
+json.dump(out, open(result, "w"))
 """
 
 
