@@ -67,9 +67,13 @@ class DiskFullError(UserError, OSError):
 def cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run an entry point's `main` and return its exit status: `main`'s int result (0
     for anything else); 2 for a UserError (or one of `user_errors`), printed as one
-    `error: <message>` line with no traceback. Any other exception keeps its traceback."""
+    `error: <message>` line with no traceback; 130 for Ctrl-C. Any other exception
+    keeps its traceback."""
     try:
         result = main()
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        return 130
     except (UserError, *user_errors) as e:
         several = os.environ.get("WORLD_SIZE", "1") != "1"
         prefix = f"[rank {os.environ.get('RANK', 0)}] " if several else ""

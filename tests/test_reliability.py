@@ -397,3 +397,16 @@ def test_F14_finished_classes_survive_an_error_and_ctrl_c_and_resume(tiny_world,
     partial = [json.loads(x)["class"]
                for x in (out / "results.partial.jsonl").read_text().splitlines()]
     assert partial == ["brick", "coins"]
+
+
+def test_cli_prints_user_errors_as_one_line_and_keeps_other_tracebacks(capsys):
+    def bad_flag() -> None:
+        raise utils.FlagError("--x 0: give at least 1")
+
+    assert utils.cli(bad_flag) == 2
+    assert capsys.readouterr().err == "error: --x 0: give at least 1\n"
+    assert utils.cli(lambda: 1) == 1 and utils.cli(lambda: {"a": 1}) == 0
+    with pytest.raises(ZeroDivisionError):  # a bug: its traceback is kept
+        utils.cli(lambda: 1 / 0)
+    assert utils.cli(lambda: open("/nonexistent/x"), user_errors=(OSError,)) == 2
+    assert "error: [Errno 2]" in capsys.readouterr().err
