@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from utils import all_gather_object, get_rank, get_world_size, main_print, save_on_master, to_device
+from utils import (BadFileError, FlagError, LayoutError, all_gather_object, get_rank,
+                   get_world_size, main_print, save_on_master, to_device)
 
 OBJECTS = ["bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
            "toothbrush", "transistor", "zipper"]
@@ -44,11 +45,10 @@ TRAIN_LAYOUT = ("<root>/train/<class>/<image>.png (from MVTec's <class>/train/go
                 "<root>/fg_mask/<class>/<image stem>.png")
 TEST_LAYOUT = ("<root>/<class>/test/<defect>/<image>.png ('good' = normal), "
                "<root>/<class>/ground_truth/<defect>/<image stem>_mask.png")
-FIX_BAD_FILE = ("replace the file, or pass skip_bad_images=True (--skip_bad_images) to "
-                "leave bad files out")
+FIX_BAD_FILE = "replace the file, or pass --skip_bad_images to leave bad files out"
 FIX_FG_MASK = ("unpack the released masks with `python setup_train_dataset.py --data_path "
                "<MVTec AD> --fg_mask_zip fg_mask.zip` (or estimate them with "
-               "--make_fg_masks), or use fg_mask=False (every patch counts as foreground)")
+               "--make_fg_masks), or train with --no-fg_mask (every patch counts as foreground)")
 # Preprocessing of the token image; stored in the token cache so that a change of it
 # invalidates the cached tokens.
 TOKEN_PREPROCESS = "resize-bicubic-antialias+center-crop+to-tensor"
@@ -58,14 +58,6 @@ _SAVE_EVERY_BATCHES = 50  # token cache: partial saves so a crash loses little w
 _Item = TypeVar("_Item")
 
 
-class LayoutError(FileNotFoundError):
-    """A dataset folder is not laid out as expected (missing folders, no images)."""
-
-
-class BadFileError(RuntimeError):
-    """An image or mask file is missing, unreadable or inconsistent with its image."""
-
-
 # ----------------------------------------------------------------------------------------
 # Class settings
 # ----------------------------------------------------------------------------------------
@@ -73,8 +65,8 @@ def resolve_setting(setting: str | None, from_obj_to_texture: bool = False) -> s
     """--setting with the original's --from_obj_to_texture alias folded in."""
     if from_obj_to_texture:
         if setting not in (None, "obj2tex"):
-            raise ValueError(f"--from_obj_to_texture means --setting obj2tex, but --setting "
-                             f"{setting} was given: pass only one of them")
+            raise FlagError(f"--from_obj_to_texture means --setting obj2tex, but --setting "
+                            f"{setting} was given: pass only one of them")
         return "obj2tex"
     return setting or "multi_class"
 
@@ -97,30 +89,30 @@ def setting_classes(setting: str, unseen_classes: str | Sequence[str] | None = N
     """
     pool = MVTEC_CLASSES if available is None else sorted(set(available))
     if not pool:
-        raise ValueError("setting_classes: no available classes")
+        raise FlagError("setting_classes: no available classes")
     if setting not in SETTINGS:
-        raise ValueError(f"unknown setting {setting!r}; valid settings: {', '.join(SETTINGS)}")
+        raise FlagError(f"unknown setting {setting!r}; valid settings: {', '.join(SETTINGS)}")
     unseen = [unseen_classes] if isinstance(unseen_classes, str) else list(unseen_classes or [])
     if setting != "leave_one_out":
         if unseen:
-            raise ValueError(f"unseen classes {unseen} only apply to 'leave_one_out'; "
-                             f"{setting!r} fixes its test classes")
+            raise FlagError(f"unseen classes {unseen} only apply to 'leave_one_out'; "
+                            f"{setting!r} fixes its test classes")
         if setting == "multi_class":
             return list(pool), list(pool)
         missing = [c for c in MVTEC_CLASSES if c not in pool]
         if missing:
-            raise ValueError(f"{setting!r} splits MVTec AD into objects and textures and "
-                             f"needs all 15 classes; missing: {', '.join(missing)} "
-                             f"(available: {', '.join(pool)}). For other class sets use "
-                             "'multi_class' or 'leave_one_out'")
+            raise FlagError(f"{setting!r} splits MVTec AD into objects and textures and "
+                            f"needs all 15 classes; missing: {', '.join(missing)} "
+                            f"(available: {', '.join(pool)}). For other class sets use "
+                            "'multi_class' or 'leave_one_out'")
         if setting == "obj2tex":
             return list(OBJECTS), list(TEXTURES)
         return list(TEXTURES), list(OBJECTS)
     if len(unseen) != 1:
-        raise ValueError(f"'leave_one_out' needs exactly one unseen class, got {unseen}; "
-                         f"valid classes: {', '.join(pool)}")
+        raise FlagError(f"'leave_one_out' needs exactly one unseen class, got {unseen}; "
+                        f"valid classes: {', '.join(pool)}")
     if unseen[0] not in pool:
-        raise ValueError(f"unknown class {unseen[0]!r}; valid classes: {', '.join(pool)}")
+        raise FlagError(f"unknown class {unseen[0]!r}; valid classes: {', '.join(pool)}")
     return [c for c in pool if c != unseen[0]], [unseen[0]]
 
 
@@ -176,6 +168,60 @@ def list_test_classes(root: str) -> list[str]:
     return [c for c in _subdirs(root) if os.path.isdir(os.path.join(root, c, "test"))]
 
 
+def find_test_classes(root: str) -> list[str]:
+    """list_test_classes, or a LayoutError with the expected layout and the nearest
+    folder that has it (a class folder's parent, a sub-folder holding the set)."""
+    available = list_test_classes(root)
+    if available:
+        return available
+    root = os.path.normpath(root)
+    parent = os.path.dirname(root) or "."
+    if os.path.isdir(os.path.join(root, "test")):
+        hint = (f"{root} is one class's folder: pass its parent, --data_path {parent} "
+                f"--classes {os.path.basename(root)}")
+    elif os.path.isdir(os.path.join(root, "train")):
+        hint = (f"{root} looks like an ImageNet-layout training set (train/<class>): "
+                "evaluation reads the MVTec-format set it was made from (the --data_path "
+                "given to setup_train_dataset.py)")
+    else:
+        nearest = [os.path.join(root, d) for d in _subdirs(root)
+                   if list_test_classes(os.path.join(root, d))]
+        hint = (f"did you mean --data_path {nearest[0]}?" if nearest else
+                "pass the folder of an MVTec-format set (MVTec AD, BTAD, MPDD, the demo set)")
+    raise LayoutError(f"--data_path {root} holds no <class>/test folder; expected "
+                      f"{TEST_LAYOUT}. {hint}")
+
+
+def check_test_classes(root: str, classes: Sequence[str], skip_bad_images: bool = False
+                       ) -> None:
+    """Every class's layout, and (unless bad files are skipped) every ground-truth mask's
+    presence and size against its image, from file headers: all problems of all classes
+    in one error before any work, not when class N is reached."""
+    problems = []
+    for name in classes:
+        items, missing = MVTecTestDataset._list(root, name)
+        if skip_bad_images:
+            continue
+        problems += missing
+        for image_path, _, _, mask_path in items:
+            if mask_path is None or not os.path.isfile(mask_path):
+                continue
+            try:
+                with Image.open(image_path) as image, Image.open(mask_path) as mask:
+                    sizes = image.size, mask.size
+            except Exception as e:  # not even a header
+                problems.append(f"cannot read {image_path} or {mask_path}: {e}")
+                continue
+            problem = _aspect_problem(sizes[1], mask_path, sizes[0], image_path)
+            if problem:
+                problems.append(problem)
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"]
+                                 if len(problems) > 20 else [])
+        raise BadFileError(f"{len(problems)} test file problem(s):\n  " + "\n  ".join(shown)
+                           + f"\nFix: {FIX_BAD_FILE}")
+
+
 def fg_mask_path(root: str, class_name: str, image_path: str) -> str:
     """Foreground-mask file of a training image, from the folder structure (not by
     replacing the text 'train' in the path, docs/method.md 9.8)."""
@@ -212,6 +258,15 @@ def list_train_samples(root: str, classes: Sequence[str]) -> list[tuple[str, int
                           + f"\nexpected {TRAIN_LAYOUT}; classes present: "
                           f"{', '.join(available) or 'none'}")
     return samples
+
+
+def check_train_classes(root: str, classes: Sequence[str], fg_mask: bool = True) -> None:
+    """The training set's class folders and (with `fg_mask`) every image's foreground
+    mask file, checked with a stat per file before any work."""
+    samples = list_train_samples(root, classes)
+    if fg_mask:
+        _require_masks([(p, c, fg_mask_path(root, classes[c], p)) for p, c in samples], root,
+                       list(classes))
 
 
 # ----------------------------------------------------------------------------------------
@@ -298,14 +353,22 @@ def open_mask(path: str, kind: str = "mask", fix: str = FIX_BAD_FILE) -> Image.I
     return Image.fromarray(binary.astype(np.uint8) * 255)
 
 
-def _check_aspect(mask: Image.Image, mask_path: str, image: Image.Image, image_path: str,
-                  fix: str) -> None:
+def _aspect_problem(mask_size: tuple[int, int], mask_path: str, image_size: tuple[int, int],
+                    image_path: str) -> str | None:
     """Image and mask are resized and cropped separately: they align iff their aspect
     ratios agree (sizes may differ)."""
-    (mw, mh), (iw, ih) = mask.size, image.size
+    (mw, mh), (iw, ih) = mask_size, image_size
     if abs(mw * ih - iw * mh) > 0.01 * iw * mh:
-        raise BadFileError(f"{mask_path} is {mw}x{mh} but its image {image_path} is "
-                           f"{iw}x{ih}: they cannot be aligned; {fix}")
+        return (f"{mask_path} is {mw}x{mh} but its image {image_path} is {iw}x{ih}: they "
+                "cannot be aligned")
+    return None
+
+
+def _check_aspect(mask: Image.Image, mask_path: str, image: Image.Image, image_path: str,
+                  fix: str) -> None:
+    problem = _aspect_problem(mask.size, mask_path, image.size, image_path)
+    if problem:
+        raise BadFileError(f"{problem}; {fix}")
 
 
 def _drop_bad_files(items: list[_Item], check: Callable[[_Item], object],

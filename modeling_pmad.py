@@ -27,7 +27,7 @@ from timm.layers import Mlp, to_2tuple, trunc_normal_
 from timm.models import register_model
 from torch import nn
 
-from utils import bf16_supported, read_weights_file
+from utils import CheckpointError, bf16_supported, read_weights_file
 
 __all__ = [
     "PatchEmbed", "Attention", "Block", "RelativePositionBias",
@@ -458,10 +458,9 @@ def checkpoint_vocab_size(checkpoint: Any, path: str | os.PathLike) -> int:
     """The number of visual tokens the checkpoint predicts (rows of `lm_head.weight`)."""
     weight = unwrap_state_dict(checkpoint, path).get("lm_head.weight")
     if weight is None or weight.ndim != 2:
-        raise ValueError(f"{os.fspath(path)} has no 2-d lm_head.weight: not a PMAD / BEiT "
-                         "masked-image-modelling checkpoint")
+        raise CheckpointError(f"{os.fspath(path)} has no 2-d lm_head.weight: not a PMAD / "
+                              "BEiT masked-image-modelling checkpoint")
     return weight.shape[0]
-
 
 
 def unwrap_state_dict(obj: Any, path: str | os.PathLike,
@@ -476,8 +475,8 @@ def unwrap_state_dict(obj: Any, path: str | os.PathLike,
                        for k, v in obj.items()):
             return obj
     found = sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__
-    raise ValueError(f"{os.fspath(path)} holds no state dict (expected a dict of tensors, "
-                     f"bare or under {' / '.join(map(repr, keys))}); found {found}")
+    raise CheckpointError(f"{os.fspath(path)} holds no state dict (expected a dict of "
+                          f"tensors, bare or under {' / '.join(map(repr, keys))}); found {found}")
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor],
@@ -491,10 +490,10 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
     own = model.state_dict()
     for key, tensor in state_dict.items():
         if key in own and own[key].shape != tensor.shape:
-            raise ValueError(f"{os.fspath(source)}: '{key}' has shape {tuple(tensor.shape)} "
-                             f"in the file but {tuple(own[key].shape)} in "
-                             f"{type(model).__name__}: a checkpoint of a different model "
-                             "(size or image size)")
+            raise CheckpointError(f"{os.fspath(source)}: '{key}' has shape "
+                                  f"{tuple(tensor.shape)} in the file but "
+                                  f"{tuple(own[key].shape)} in {type(model).__name__}: a "
+                                  "checkpoint of a different model (size or image size)")
     if assign:  # adopted tensors keep the model's dtypes
         state_dict = {k: v.to(own[k].dtype) if k in own else v for k, v in state_dict.items()}
     result = model.load_state_dict(state_dict, strict=False, assign=assign)
@@ -520,13 +519,14 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Fa
     state_dict = unwrap_state_dict(checkpoint, path)
     own_keys = set(model.state_dict())
     if not own_keys & set(state_dict):
-        raise ValueError(f"{os.fspath(path)} shares no key with {type(model).__name__} (its "
-                         f"keys start {sorted(state_dict)[:4]}): a checkpoint of another model")
+        raise CheckpointError(f"{os.fspath(path)} shares no key with {type(model).__name__} "
+                              f"(its keys start {sorted(state_dict)[:4]}): a checkpoint of "
+                              "another model")
     missing, unexpected = load_state_dict_checked(model, state_dict, path)
     missing = [k for k in missing if not k.endswith(_DERIVED_SUFFIXES)]
     if strict and (missing or unexpected):
-        raise ValueError(f"{os.fspath(path)} does not match {type(model).__name__}: "
-                         f"missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"{os.fspath(path)} does not match {type(model).__name__}: "
+                              f"missing {missing}, unexpected {unexpected}")
     if missing:
         _logger.warning("%s: %d model keys not in the file keep their initial values: %s",
                         path, len(missing), missing)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from backbones import create_backbone
-from utils import read_weights_file, save_on_master
+from utils import CheckpointError, MissingFileError, read_weights_file, save_on_master
 
 DEFAULT_BACKBONE = "tf_efficientnet_b6"  # architecture of a file that names none
 # timm 0.3.2's `tf_efficientnet_b6` (the original's encoder) is the AutoAugment ImageNet
@@ -232,13 +232,13 @@ def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
     make = (f"python run_protoflow.py prototypes --data_path <ImageNet-layout root> --classes "
             f"{class_name} --output_dir {prototypes_dir} --encoder {backbone or DEFAULT_BACKBONE}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no prototypes for class '{class_name}': {path} is missing; "
-                                f"make them with `{make}`")
+        raise MissingFileError(f"no prototypes for class '{class_name}': {path} is missing; "
+                               f"make them with `{make}`")
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable .npy array ({e}); rebuild it with "
-                         f"`{make}`") from e
+        raise CheckpointError(f"{path} is not a readable .npy array ({e}); rebuild it with "
+                              f"`{make}`") from None
     if arr.ndim != 2 or arr.shape[1] != feature_dim or len(arr) == 0:
         raise ValueError(f"{path} holds shape {arr.shape}, the ProtoFlow encoder gives "
                          f"(M, {feature_dim}) features; rebuild it with `{make}`")

@@ -60,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--token_cache_dir", default=None,
                    help="where visual tokens are cached (default <output_dir>/token_cache)")
     # masking
-    p.add_argument("--mask_ratio", type=float, default=0.3,
+    p.add_argument("--mask_ratio", type=utils.mask_ratio_arg, default=0.3,
                    help="mask ratio of classes without a ratio of their own (docs/method.md 5)")
     p.add_argument("--dynamic_masking_start", type=int, default=100,
                    help="first epoch of dynamic masking and rank-weighted loss")
@@ -72,9 +72,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="read foreground masks from <data_path>/fg_mask (--no-fg_mask: "
                         "data without them; foreground-limited masking then uses all patches)")
     # optimisation
-    p.add_argument("--batch_size", type=int, default=4, help="per process")
-    p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--batch_size", type=utils.int_at_least(1), default=4, help="per process")
+    p.add_argument("--epochs", type=utils.int_at_least(1, "nothing to do"), default=300)
+    p.add_argument("--lr", type=utils.positive_float, default=1.5e-3)
     p.add_argument("--min_lr", type=float, default=1e-5)
     p.add_argument("--warmup_epochs", type=int, default=10)
     p.add_argument("--warmup_steps", type=int, default=-1,
@@ -108,7 +108,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "with its tokens) in RAM or on the device: no PNG decoding per "
                         "epoch, for small sets such as MVTec AD (0.55 GB at 224 px); "
                         "with DDP each process keeps its share")
-    p.add_argument("--num_workers", type=int, default=10)
+    p.add_argument("--num_workers", type=utils.int_at_least(0), default=10)
     p.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
     # run
     p.add_argument("--output_dir", default="output_dir")
@@ -118,19 +118,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true",
                    help="bitwise-reproducible kernels (slower): a resumed run then equals "
                         "an uninterrupted one exactly, not just to rounding")
-    p.add_argument("--resume", default="", help="checkpoint to resume from")
+    p.add_argument("--resume", default="",
+                   help="checkpoint to resume from, or a run's folder (its newest complete "
+                        "checkpoint); a finished run resumed with a larger --epochs is "
+                        "extended")
     p.add_argument("--auto_resume", action="store_true")
     p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
     p.set_defaults(auto_resume=True)
-    p.add_argument("--save_ckpt_freq", type=int, default=20)
-    p.add_argument("--max_steps_per_epoch", type=int, default=None,
+    p.add_argument("--save_ckpt_freq", type=utils.int_at_least(1), default=20)
+    p.add_argument("--max_steps_per_epoch", type=utils.int_at_least(1), default=None,
                    help="cap the steps of each epoch (tests, demos)")
     return p
 
 
 def load_init(model: torch.nn.Module, path: str) -> None:
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise utils.MissingFileError(
             f"--init_ckpt {path} not found: download beit_base_patch16_224_pt22k.pth (links "
             "in README.md, 'Download Pretrained Weights'; see weights/README.md) into "
             "weights/, point --init_ckpt at it, or pass --no_init to train from scratch")
@@ -143,8 +146,8 @@ def fit_kmeans(args: argparse.Namespace, train_classes: list[str]) -> None:
     """Fit the demo's k-means tokenizer on the training images (rank 0; the others wait)
     unless the file exists already."""
     if args.tokenizer_model != "kmeans":
-        raise ValueError(f"--fit_kmeans_tokenizer needs --tokenizer_model kmeans, not "
-                         f"{args.tokenizer_model}")
+        raise utils.FlagError(f"--fit_kmeans_tokenizer needs --tokenizer_model kmeans, not "
+                              f"{args.tokenizer_model}")
     if os.path.exists(args.tokenizer_weight_path):
         return
     if utils.is_main_process():
@@ -160,17 +163,72 @@ def fit_kmeans(args: argparse.Namespace, train_classes: list[str]) -> None:
     utils.barrier()
 
 
-def check_resume_args(saved: dict | None, args: dict, path: str) -> None:
+def resolve_resume(args: argparse.Namespace) -> str | None:
+    """The checkpoint to resume from: --resume (a file, or the newest complete
+    checkpoint in a folder), else with --auto_resume the newest in --output_dir."""
+    if not args.resume:
+        return utils.find_latest_checkpoint(args.output_dir) if args.auto_resume else None
+    if os.path.isdir(args.resume):
+        found = utils.find_latest_checkpoint(args.resume)
+        if found is None:
+            raise utils.CheckpointError(f"--resume {args.resume}: the folder holds no complete "
+                                        "checkpoint-<epoch>.pth or checkpoint-last.pth; name a "
+                                        "checkpoint file")
+        return found
+    if not os.path.isfile(args.resume):
+        raise utils.MissingFileError(f"--resume {args.resume} not found: name a checkpoint "
+                                     "file, or the --output_dir of the run to resume")
+    return args.resume
+
+
+def check_resume_args(saved: dict | None, args: dict, path: str, epoch: int | None = None,
+                      explicit: bool = False) -> None:
     """A resumed run continues the saved one; a different schedule or class set would
-    silently become another experiment."""
+    silently become another experiment. One exception: a finished run (its last epoch
+    `epoch` saved) resumed with a larger --epochs is extended, and says so."""
     if not saved:
         return
     diff = {k: (saved.get(k), args.get(k)) for k in RESUME_MUST_MATCH
             if k in saved and saved.get(k) != args.get(k)}
+    done = None if epoch is None else epoch + 1
+    if "epochs" in diff and done is not None:
+        old, new = diff["epochs"]
+        if isinstance(old, int) and done >= old:  # finished: more epochs extend it
+            del diff["epochs"]
+            if new > done:
+                utils.main_print(f"[resume] {path} finished its {old} epochs: extending the "
+                                 f"run to {new} epochs (the learning-rate schedule is "
+                                 f"recomputed for {new} epochs and continues at epoch {done})")
     if diff:
-        raise ValueError(f"{path} was trained with other arguments: " + ", ".join(
+        fix = ("resume another checkpoint" if explicit else
+               "another --output_dir, or --no_auto_resume to start afresh in this one")
+        if "epochs" in diff:
+            fix += (f"; to train longer, first finish its {diff['epochs'][0]} epochs, then "
+                    "re-run with a larger --epochs")
+        raise utils.CheckpointError(f"{path} was trained with other arguments: " + ", ".join(
             f"--{k} {a!r} (now {b!r})" for k, (a, b) in diff.items())
-            + "; use the same arguments, another --output_dir, or --no_auto_resume")
+            + f"; use the same arguments or {fix}")
+
+
+def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict | None]:
+    """Everything checkable before a model or the data is loaded: the output folder
+    (created, writable; stale temporary files removed), the data's layout and masks,
+    the checkpoint to resume and its arguments. -> (train classes, resume path, its
+    contents memory-mapped)."""
+    if utils.is_main_process():
+        utils.prepare_output_dir(args.output_dir, "--output_dir")
+        for folder in (args.output_dir, args.token_cache_dir):
+            utils.remove_stale_tmp_files(folder)
+    available = datasets.list_train_classes(args.data_path)
+    train_classes, _ = datasets.setting_classes(args.setting, args.unseen_classes, available)
+    datasets.check_train_classes(args.data_path, train_classes,
+                                 args.fg_mask and not args.skip_bad_images)
+    resume = resolve_resume(args)
+    header = utils.load_checkpoint_file(resume, mmap=True) if resume else None
+    if header is not None and "optimizer" in header and "epoch" in header:
+        check_resume_args(header.get("args"), vars(args), resume, header["epoch"],
+                          explicit=bool(args.resume))
+    return train_classes, resume, header
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -186,11 +244,14 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     args.data_path = datasets.resolve_train_root(args.data_path)
     args.amp = utils.resolve_amp(args.amp, device)
     args.token_cache_dir = args.token_cache_dir or os.path.join(args.output_dir, "token_cache")
-    if utils.is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
+    train_classes, resume, header = check_inputs(args)
     utils.main_print(json.dumps(vars(args), indent=1))
-    available = datasets.list_train_classes(args.data_path)
-    train_classes, _ = datasets.setting_classes(args.setting, args.unseen_classes, available)
+    done = header.get("epoch") if header is not None and "optimizer" in header else None
+    if isinstance(done, int) and done + 1 >= args.epochs:
+        utils.main_print(f"[resume] nothing to do: {resume} has trained {done + 1} epoch(s) "
+                         f"of --epochs {args.epochs}; pass a larger --epochs to extend the run")
+        return {"train_classes": train_classes, "num_images": 0, "num_steps": 0,
+                "start_epoch": done + 1, "stats": {}, "checkpoints": []}
     if args.fit_kmeans_tokenizer:
         fit_kmeans(args, train_classes)
 
@@ -202,6 +263,12 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
                                      img_size=args.input_size,
                                      init_values=args.layer_scale_init_value,
                                      drop_path_rate=args.drop_path)
+    if header is not None:  # shapes and keys, before the data is read
+        try:
+            modeling_pmad.load_checkpoint(model, resume, strict=True, checkpoint=header)
+        except utils.CheckpointError as e:
+            raise utils.CheckpointError(f"{e}; resume it with the --model and --input_size "
+                                        "it was trained with") from None
     patch_size = model.patch_embed.patch_size[0]
     policy = MaskingPolicy(
         MaskGenerator(window_size=model.patch_embed.grid_size,
@@ -258,15 +325,10 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     config = engine.TrainConfig(lr_schedule, wd_schedule, num_steps,
                                 clip_grad=args.clip_grad, amp=args.amp)
 
-    resume = args.resume or (utils.find_latest_checkpoint(args.output_dir)
-                             if args.auto_resume else None)
     start_epoch = 0
+    del header
     if resume:
         # Last, so that the restored random states are exactly those at the save.
-        header = utils.load_checkpoint_file(resume, mmap=True)
-        if "optimizer" in header and "epoch" in header:
-            check_resume_args(header.get("args"), vars(args), resume)
-        del header
         info = utils.load_training_state(resume, model=model_without_ddp,
                                          optimizer=optimizer, scaler=scaler,
                                          masking=policy, device=device)
@@ -323,10 +385,14 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
             "checkpoints": saved}
 
 
-if __name__ == "__main__":
-    cli_args = get_args_parser().parse_args()
+def _cli_main() -> int:
     try:
-        main(cli_args)
+        main(get_args_parser().parse_args())
     except engine.NonFiniteLossError as err:
         print(f"[rank {os.environ.get('RANK', 0)}] {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(utils.cli(_cli_main))

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import FrEIA.framework as Ff
 import numpy as np
+import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
@@ -36,8 +37,10 @@ from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_
                        THRESHOLD_QUANTILE, build_flow, build_prototypes, flow_loss,
                        image_score, load_prototypes, patch_log_likelihood, save_protoflow,
                        save_prototypes)
-from utils import (JsonlLog, build_sampler, capture_rng_state, cosine_scheduler,
-                   load_checkpoint_file, restore_rng_state, save_on_master, seed_everything)
+from utils import (CheckpointError, FlagError, JsonlLog, build_sampler, capture_rng_state, cli,
+                   cosine_scheduler, int_at_least, load_checkpoint_file, positive_float,
+                   prepare_output_dir, remove_stale_tmp_files, restore_rng_state,
+                   save_on_master, seed_everything)
 
 
 def train_transform(img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
@@ -60,16 +63,16 @@ def holdout_split(labels: Sequence[int], class_names: Sequence[str], fraction: f
     among others (flow training).
     """
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"holdout fraction {fraction} must lie in [0, 1)")
+        raise FlagError(f"holdout fraction {fraction} must lie in [0, 1)")
     labels = np.asarray(labels)
     kept, held = [], []
     for k, name in enumerate(class_names):
         idx = np.flatnonzero(labels == k)
         n_hold = 0 if fraction == 0 or len(idx) == 0 else max(1, round(fraction * len(idx)))
         if n_hold >= len(idx) > 0:
-            raise ValueError(f"class '{name}' has {len(idx)} training image(s): too few to "
-                             f"hold out {n_hold} (--holdout {fraction}); add images or "
-                             "pass --holdout 0")
+            raise FlagError(f"class '{name}' has {len(idx)} training image(s): too few to "
+                            f"hold out {n_hold} (--holdout {fraction}); add images or "
+                            "pass --holdout 0")
         gen = np.random.default_rng([seed, zlib.crc32(name.encode())])
         mask = np.zeros(len(idx), dtype=bool)
         mask[gen.choice(len(idx), n_hold, replace=False)] = True
@@ -174,9 +177,9 @@ def run_prototypes(args) -> list[str]:
         kept, held = holdout_split([c for _, c in dataset.samples], [name], args.holdout,
                                    args.seed)
         if args.num_shots is not None:
-            if not 1 <= args.num_shots <= len(kept):
-                raise ValueError(f"--num_shots {args.num_shots}: class '{name}' has "
-                                 f"{len(kept)} usable images ({len(held)} held out)")
+            if args.num_shots > len(kept):
+                raise FlagError(f"--num_shots {args.num_shots}: class '{name}' has "
+                                f"{len(kept)} usable images ({len(held)} held out)")
             kept = kept[:args.num_shots]  # the first K in file-name order
         protos = build_prototypes(encoder, _loader(dataset, kept, args), args.coreset_ratio,
                                   args.projection_dim, args.device,
@@ -206,11 +209,11 @@ def _check_prototype_holdout(prototypes_dir: str, held_out: dict[str, list[str]]
         with open(meta_path) as f:
             meta = json.load(f)
         if sorted(meta.get("held_out", [])) != sorted(files):
-            raise ValueError(f"{meta_path}: the prototypes were made with other held-out "
-                             f"images (--holdout {meta.get('holdout')} --seed "
-                             f"{meta.get('seed')}) than this training holds out; use the "
-                             "same --holdout, --seed and --skip_bad_images for both commands, "
-                             "or rebuild the prototypes, so that held-out images stay unseen")
+            raise FlagError(f"{meta_path}: the prototypes were made with other held-out "
+                            f"images (--holdout {meta.get('holdout')} --seed "
+                            f"{meta.get('seed')}) than this training holds out; use the "
+                            "same --holdout, --seed and --skip_bad_images for both commands, "
+                            "or rebuild the prototypes, so that held-out images stay unseen")
 
 
 def run_train(args) -> dict:
@@ -247,14 +250,14 @@ def run_train(args) -> dict:
     run_args = {k: getattr(args, k) for k in RESUME_KEYS}
     if os.path.exists(resume_path):
         if not args.resume:
-            raise FileExistsError(f"{resume_path} holds an unfinished run: pass --resume to "
-                                  "continue it, or delete the file to start over")
+            raise FlagError(f"{resume_path} holds an unfinished run: pass --resume to "
+                            "continue it, or delete the file to start over")
         state = load_checkpoint_file(resume_path)
         changed = {k: (state["args"].get(k), v) for k, v in run_args.items()
                    if state["args"].get(k) != v}
         if changed:
-            raise ValueError(f"{resume_path} was made with other arguments "
-                             f"(saved, now): {changed}; use the same ones or delete it")
+            raise CheckpointError(f"{resume_path} was made with other arguments "
+                                  f"(saved, now): {changed}; use the same ones or delete it")
         flow.load_state_dict(state["flow"])
         optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state["rng"])
@@ -303,9 +306,9 @@ def _add_common_args(p) -> None:
     p.add_argument("--holdout", type=float, default=0.1,
                    help="fraction of each class's images held out (threshold calibration)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--img_size", type=int, default=224)
+    p.add_argument("--batch_size", type=int_at_least(1), default=32)
+    p.add_argument("--num_workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1))
+    p.add_argument("--img_size", type=int_at_least(1), default=224)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip_bad_images", action="store_true",
                    help="leave unreadable images out (listed) instead of stopping")
@@ -322,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> object:
     pp.add_argument("--coreset_ratio", type=float, default=0.01)
     pp.add_argument("--projection_dim", type=int, default=None,
                     help="select the coreset on a random projection to this many dims")
-    pp.add_argument("--num_shots", type=int, default=None,
+    pp.add_argument("--num_shots", type=int_at_least(1), default=None,
                     help="use only the first K (file-name order) non-held-out images")
     tp = sub.add_parser("train", help="train the flow, write the ProtoFlow file")
     _add_common_args(tp)
@@ -332,8 +335,8 @@ def main(argv: Sequence[str] | None = None) -> object:
     tp.add_argument("--unseen_classes", nargs="*", default=None)
     tp.add_argument("--prototypes_dir", default="weights/prototypes")
     tp.add_argument("--output", required=True, help="e.g. weights/protoflow/multi_class.pt")
-    tp.add_argument("--epochs", type=int, default=200)
-    tp.add_argument("--lr", type=float, default=2e-4)
+    tp.add_argument("--epochs", type=int_at_least(1, "nothing to do"), default=200)
+    tp.add_argument("--lr", type=positive_float, default=2e-4)
     tp.add_argument("--warmup_epochs", type=int, default=2)
     tp.add_argument("--n_blocks", type=int, default=DEFAULT_N_BLOCKS)
     tp.add_argument("--threshold_quantile", type=float, default=THRESHOLD_QUANTILE)
@@ -341,8 +344,30 @@ def main(argv: Sequence[str] | None = None) -> object:
                     help="continue the unfinished run saved in <output>.resume")
     args = parser.parse_args(argv)
     args.data_path = datasets.resolve_train_root(args.data_path)
+    check_inputs(args)
     return run_prototypes(args) if args.command == "prototypes" else run_train(args)
 
 
+def check_inputs(args) -> None:
+    """Before the encoder or any image is loaded: the backbone name, the data's layout
+    and classes, the output folder (created, writable; stale temporary files removed)."""
+    if not timm.is_model(args.encoder):
+        raise FlagError(f"--encoder {args.encoder} is not a timm model name, e.g. "
+                        f"{DEFAULT_ENCODER} (timm.list_models() lists them)")
+    available = datasets.list_train_classes(args.data_path)
+    unknown = sorted(set(args.classes or []) - set(available))
+    if unknown:
+        raise FlagError(f"--classes: {unknown} have no {args.data_path}/train/<class> folder; "
+                        f"available: {available}")
+    if args.command == "prototypes":
+        prepare_output_dir(args.output_dir, "--output_dir")
+        return
+    if os.path.isdir(args.output):
+        raise FlagError(f"--output {args.output} is a folder: name the file to write, e.g. "
+                        f"{os.path.join(args.output, 'multi_class.pt')}")
+    folder = prepare_output_dir(os.path.dirname(args.output) or ".", "--output's folder")
+    remove_stale_tmp_files(folder)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli(lambda: main(sys.argv[1:])))

@@ -33,7 +33,8 @@ from masking_generator import CLASS_MASK_RATIOS
 from modeling_discrete_vae import create_tokenizer, file_sha256
 from protoflow import (Proposals, ProtoFlow, covering_masks, image_score, is_anomalous,
                        proposals_from_log_likelihood)
-from utils import amp_autocast, read_weights_file, resolve_amp
+from utils import (FlagError, MissingFileError, amp_autocast, cli, int_at_least, mask_ratio_arg,
+                   prepare_output_dir, read_weights_file, resolve_amp)
 
 PAPER_RATIOS = tuple(round(0.02 * i, 2) for i in range(1, 25))  # 0.02 ... 0.48
 METRIC_KEYS = metrics.METRIC_NAMES
@@ -386,10 +387,10 @@ def resolve_weights_file(path: str, pattern: str = "*.pt") -> str:
     if p.is_file():
         return str(p)
     if not p.is_dir():
-        raise FileNotFoundError(f"{p} does not exist: see weights/README.md")
+        raise MissingFileError(f"{p} does not exist: see weights/README.md")
     found = sorted(p.glob(pattern))
     if len(found) != 1:
-        raise FileNotFoundError(f"{p} holds {len(found)} files matching {pattern} "
+        raise MissingFileError(f"{p} holds {len(found)} files matching {pattern} "
                                 f"({[f.name for f in found]}): name one with "
                                 "--protoflow_weights")
     return str(found[0])
@@ -496,19 +497,6 @@ def save_heatmaps(data: ClassData, maps: torch.Tensor, scores: torch.Tensor,
                           out_dir / f"{data.names[i]}.png")
 
 
-def mask_ratio_arg(text: str) -> float:
-    """argparse type of a mask ratio: a fraction of the patches, strictly inside (0, 1)."""
-    try:
-        ratio = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < ratio < 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(
-            f"{text} is outside (0, 1): a mask ratio is the fraction of patches masked, "
-            "e.g. 0.3 (the paper's Table 6 ratios lie between 0.04 and 0.48)")
-    return ratio
-
-
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The flags naming the PMAD checkpoint, tokenizer and ProtoFlow files (run_test.py,
     predict.py)."""
@@ -556,8 +544,8 @@ def add_clean_args(p: argparse.ArgumentParser) -> None:
                         "per-class ratios of the paper's Table 6, 0.3 for other classes)")
     p.add_argument("--default_mask_ratio", type=mask_ratio_arg, default=0.3)
     p.add_argument("--sigma", type=float, default=4.0)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--batch_size", type=int_at_least(1), default=32)
+    p.add_argument("--num_workers", type=int_at_least(0), default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
                    help="autocast for the ViT (default: bf16 where supported)")
@@ -583,10 +571,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="clean", choices=["clean", "paper"])
     add_clean_args(p)
     p.add_argument("--output_dir", default="output_dir/test")
-    p.add_argument("--save_heatmaps", type=int, default=0, metavar="N",
+    p.add_argument("--save_heatmaps", type=int_at_least(0), default=0, metavar="N",
                    help="per class, write heatmap PNGs of the N most and the N least "
                         "anomalous images of each defect type (and of the normal images)")
+    p.add_argument("--resume_eval", action="store_true",
+                   help="skip the classes already in <output_dir>/results.partial.jsonl "
+                        "(written as each class finishes) from an earlier, stopped run")
     return p
+
+
+def select_classes(args: argparse.Namespace, setting: str) -> list[str]:
+    """The classes to evaluate, checked against the data (layout, masks) before any work."""
+    root = args.data_path
+    available = datasets.find_test_classes(root)
+    if args.classes:
+        unknown = sorted(set(args.classes) - set(available))
+        if unknown:
+            raise FlagError(f"--classes: {unknown} have no {root}/<class>/test folder; "
+                            f"available: {available}")
+        classes = list(args.classes)
+    else:
+        classes = datasets.setting_classes(setting, args.unseen_classes,
+                                           available=available)[1]
+    datasets.check_test_classes(root, classes, args.skip_bad_images)
+    return classes
 
 
 @dataclass
@@ -621,9 +629,10 @@ def load_models(args: argparse.Namespace) -> Models:
                                  device=str(device), amp=amp)
     vocab_size = modeling_pmad.checkpoint_vocab_size(checkpoint, args.ckpt)
     if vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"{args.ckpt} predicts {vocab_size} visual tokens but the "
-                         f"{args.tokenizer_model} tokenizer {args.tokenizer_weight_path} has "
-                         f"{tokenizer.vocab_size}: evaluate with the tokenizer it was trained on")
+        raise FlagError(f"{args.ckpt} predicts {vocab_size} visual tokens but the "
+                        f"{args.tokenizer_model} tokenizer {args.tokenizer_weight_path} has "
+                        f"{tokenizer.vocab_size}: evaluate with the tokenizer it was trained "
+                        "on (--tokenizer_weight_path)")
     model = modeling_pmad.build_pmad(args.model, vocab_size=vocab_size,
                                      img_size=args.input_size,
                                      init_values=args.layer_scale_init_value)
@@ -649,19 +658,10 @@ def class_mask_ratio(args: argparse.Namespace, class_name: str) -> float:
 
 
 def main(args: argparse.Namespace) -> dict:
+    out_dir = Path(prepare_output_dir(args.output_dir, "--output_dir"))
     setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
+    classes = select_classes(args, setting)
     root = Path(args.data_path)
-    available = datasets.list_test_classes(str(root))
-    if args.classes:
-        unknown = sorted(set(args.classes) - set(available))
-        if unknown:
-            raise ValueError(f"classes {unknown} have no {root}/<class>/test folder; "
-                             f"available: {available}")
-        classes = list(args.classes)
-    else:
-        classes = datasets.setting_classes(setting, args.unseen_classes,
-                                           available=available)[1]
-
     m = load_models(args)
     options = clean_options(args)
     if (args.protocol == "clean" and options.masks == "threshold"
@@ -678,38 +678,106 @@ def main(args: argparse.Namespace) -> dict:
                                "tokenizer": m.tokenizer.fingerprint},
                "versions": {"python": platform.python_version(), "torch": torch.__version__,
                             "timm": timm.__version__, "numpy": np.__version__}}
-    out_dir = Path(args.output_dir)
     start = time.time()
-    for class_name in tqdm(classes, desc=f"evaluating ({args.protocol} protocol)"):
-        dataset = datasets.MVTecTestDataset(root, class_name, token_size=m.tokenizer.image_size,
-                                            img_size=m.img_size, mean=m.mean, std=m.std,
-                                            skip_bad_images=args.skip_bad_images)
-        data = collect_class(dataset, m.tokenizer, m.protoflow, class_name, args.batch_size,
-                             m.device, args.num_workers)
-        kwargs = dict(sigma=args.sigma, batch_size=args.batch_size, device=m.device, amp=m.amp,
-                      seed=args.seed)
-        if args.protocol == "paper":
-            record, maps = evaluate_paper(m.model, data, **kwargs)
-        else:
-            record, maps = evaluate_clean(m.model, data, ratio=class_mask_ratio(args, class_name),
-                                          threshold=m.protoflow.threshold_for(class_name),
-                                          options=options, **kwargs)
-        record.update(num_images=len(data.labels), num_anomalous=int(data.labels.sum()),
-                      ground_truth=data.gt_masks is not None)
-        results["classes"][class_name] = record
-        d = record["diagnostics"]
-        tqdm.write(f"[run_test] {class_name}: {d['anomalous_with_proposal']} of "
-                   f"{d['anomalous_images']} anomalous images got the proposal mask; "
-                   + (f"{d['masked_defect_fraction']:.0%} of defect pixels masked"
-                      if data.gt_masks is not None else
-                      f"no {root}/{class_name}/ground_truth folder: pixel metrics undefined"))
-        if args.save_heatmaps:
-            scores = (image_scores(maps["pmad"], options.image_score)
-                      if args.protocol == "clean" else image_scores(maps["pmad"]))
-            threshold = (record["threshold"] if args.protocol == "paper"
-                         else m.protoflow.threshold_for(class_name))
-            save_heatmaps(data, maps["pmad"], scores, threshold,
-                          out_dir / "heatmaps" / class_name, args.save_heatmaps, m.mean, m.std)
+    partial = PartialResults(out_dir / "results.partial.jsonl", {
+        "data_path": str(root), "setting": setting, "protocol": args.protocol,
+        "clean_options": results["clean_options"], "mask_ratio": args.mask_ratio,
+        "default_mask_ratio": args.default_mask_ratio, "sigma": args.sigma,
+        "seed": args.seed, "skip_bad_images": args.skip_bad_images,
+        "checkpoints": results["checkpoints"]}, args.resume_eval)
+    class_name = None
+    try:
+        for class_name in tqdm(classes, desc=f"evaluating ({args.protocol} protocol)"):
+            if class_name in partial.done:
+                results["classes"][class_name] = partial.done[class_name]
+                tqdm.write(f"[run_test] {class_name}: done in an earlier run ({partial.path})")
+                continue
+            results["classes"][class_name] = evaluate_class(args, m, options, root, out_dir,
+                                                            class_name)
+            partial.add(class_name, results["classes"][class_name])
+    except (Exception, KeyboardInterrupt) as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        results["failed"] = {class_name: "interrupted (Ctrl-C)" if interrupted
+                             else f"{type(e).__name__}: {e}"}
+        print(f"[run_test] {'interrupted' if interrupted else 'stopped'} in class "
+              f"{class_name}; the {len(results['classes'])} class(es) finished are kept in "
+              f"{partial.path} and the table below; re-run with --resume_eval to skip them",
+              file=sys.stderr, flush=True)
+        _report(results, out_dir, args, start)
+        if interrupted:
+            return results
+        raise
+    _report(results, out_dir, args, start)
+    return results
+
+
+def evaluate_class(args: argparse.Namespace, m: "Models", options: CleanOptions, root: Path,
+                   out_dir: Path, class_name: str) -> dict:
+    """One class under args.protocol: its record, its diagnostics line, its heatmaps."""
+    dataset = datasets.MVTecTestDataset(root, class_name, token_size=m.tokenizer.image_size,
+                                        img_size=m.img_size, mean=m.mean, std=m.std,
+                                        skip_bad_images=args.skip_bad_images)
+    data = collect_class(dataset, m.tokenizer, m.protoflow, class_name, args.batch_size,
+                         m.device, args.num_workers)
+    kwargs = dict(sigma=args.sigma, batch_size=args.batch_size, device=m.device, amp=m.amp,
+                  seed=args.seed)
+    if args.protocol == "paper":
+        record, maps = evaluate_paper(m.model, data, **kwargs)
+    else:
+        record, maps = evaluate_clean(m.model, data, ratio=class_mask_ratio(args, class_name),
+                                      threshold=m.protoflow.threshold_for(class_name),
+                                      options=options, **kwargs)
+    record.update(num_images=len(data.labels), num_anomalous=int(data.labels.sum()),
+                  ground_truth=data.gt_masks is not None)
+    d = record["diagnostics"]
+    tqdm.write(f"[run_test] {class_name}: {d['anomalous_with_proposal']} of "
+               f"{d['anomalous_images']} anomalous images got the proposal mask; "
+               + (f"{d['masked_defect_fraction']:.0%} of defect pixels masked"
+                  if data.gt_masks is not None else
+                  f"no {root}/{class_name}/ground_truth folder: pixel metrics undefined"))
+    if args.save_heatmaps:
+        scores = (image_scores(maps["pmad"], options.image_score)
+                  if args.protocol == "clean" else image_scores(maps["pmad"]))
+        threshold = (record["threshold"] if args.protocol == "paper"
+                     else m.protoflow.threshold_for(class_name))
+        save_heatmaps(data, maps["pmad"], scores, threshold,
+                      out_dir / "heatmaps" / class_name, args.save_heatmaps, m.mean, m.std)
+    return record
+
+
+class PartialResults:
+    """Each finished class's record, one JSON line as soon as it is done, so that an
+    error or Ctrl-C in class N loses none of classes 1 ... N-1; `key` (what the records
+    depend on) must match for a resumed run to reuse them."""
+
+    def __init__(self, path: Path, key: dict, resume: bool) -> None:
+        self.path, self.key = path, json.loads(json.dumps(key, default=str))
+        self.done: dict[str, dict] = {}
+        if not resume:
+            path.unlink(missing_ok=True)
+            return
+        lines = path.read_text().splitlines() if path.is_file() else []
+        for line in filter(str.strip, lines):
+            entry = json.loads(line)
+            if entry["key"] != self.key:
+                changed = sorted(k for k in self.key if entry["key"].get(k) != self.key[k])
+                raise FlagError(f"--resume_eval: {path} holds results of another evaluation "
+                                f"(it differs in {', '.join(changed)}): pass that run's "
+                                "flags, or drop --resume_eval to start afresh")
+            self.done[entry["class"]] = entry["record"]
+
+    def add(self, class_name: str, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"class": class_name, "key": self.key, "record": record},
+                               default=float) + "\n")
+
+
+def _report(results: dict, out_dir: Path, args: argparse.Namespace, start: float) -> None:
+    """The table of the classes finished (all, or those before a failure), printed and
+    written."""
+    if not results["classes"]:
+        print("[run_test] no class finished: no table written", file=sys.stderr)
+        return
     summarize(results)
     results["seconds"] = time.time() - start
     table = write_results(results, out_dir, args.protocol)
@@ -717,7 +785,6 @@ def main(args: argparse.Namespace) -> dict:
     print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}, "
           f"{out_dir / 'results.csv'}"
           + (f"; heatmaps: {out_dir / 'heatmaps'}" if args.save_heatmaps else ""))
-    return results
 
 
 def exit_status(results: dict) -> int:
@@ -733,4 +800,4 @@ def exit_status(results: dict) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_status(main(get_args_parser().parse_args())))
+    sys.exit(cli(lambda: exit_status(main(get_args_parser().parse_args()))))

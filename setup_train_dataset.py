@@ -39,6 +39,7 @@ from tqdm import tqdm
 from dataset_converters import DEFAULT_TEST_FRACTION, convert_custom, convert_visa
 from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, BadFileError,
                       LayoutError, fg_mask_path, list_images, open_rgb, resolve_train_root)
+from utils import cli, prepare_output_dir
 
 DEFAULT_ROOT = "data/Mvtec-ImageNet"
 DEMO_ROOT = "data/demo_imagenet"
@@ -287,11 +288,12 @@ def estimate_fg_mask(image: np.ndarray) -> np.ndarray:
     return cv2.resize(fg, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
-def make_fg_masks(root: str, classes: Sequence[str], textures: Sequence[str] = TEXTURES
-                  ) -> dict[str, Counter]:
+def make_fg_masks(root: str, classes: Sequence[str], textures: Sequence[str] = TEXTURES,
+                  sources: dict[str, str] | None = None) -> dict[str, Counter]:
     """Estimate a mask for every training image that has none ('existing' masks, e.g.
     released ones, are kept). Textures are foreground everywhere; an object mask that
-    comes out (nearly) empty is written all-foreground and counted as 'failed'."""
+    comes out (nearly) empty is written all-foreground and counted as 'failed'.
+    `sources`: each copied image's source, which an unreadable image's error names."""
     jobs = [(name, path) for name in classes
             for path in list_images(os.path.join(root, "train", name))]
 
@@ -300,7 +302,15 @@ def make_fg_masks(root: str, classes: Sequence[str], textures: Sequence[str] = T
         dst = fg_mask_path(root, name, path)
         if os.path.isfile(dst):
             return "existing"
-        image = np.asarray(open_rgb(path))  # (H, W, 3)
+        try:
+            image = np.asarray(open_rgb(path))  # (H, W, 3)
+        except BadFileError as e:
+            source = (sources or {}).get(path)
+            if source is None or e.__cause__ is None:
+                raise
+            raise BadFileError(f"cannot read image {source} (copied to {path}): "
+                               f"{e.__cause__}; replace it in --data_path (e.g. extract "
+                               "MVTec AD again) and re-run") from None
         status = "texture"
         if name in textures:
             fg = np.ones(image.shape[:2], bool)
@@ -431,6 +441,7 @@ def run(args: argparse.Namespace) -> None:
                          f"({', '.join(classes)})")
     plan = plan_copies(args.data_path, args.root, classes)
     masks = FgMaskZip(args.fg_mask_zip, classes) if args.fg_mask_zip else None
+    prepare_output_dir(args.root, "--root")
 
     verb = "hard-linking" if args.link else "copying"
     for split in ("train", "val"):
@@ -449,7 +460,9 @@ def run(args: argparse.Namespace) -> None:
             print(f"fg_mask.zip: {len(masks.ignored)} entries are not <class>/<mask> files and "
                   f"were not unpacked, e.g. {masks.ignored[0]}")
     if args.make_fg_masks:
-        stats = make_fg_masks(args.root, classes, textures=[*TEXTURES, *args.textures])
+        stats = make_fg_masks(args.root, classes, textures=[*TEXTURES, *args.textures],
+                              sources={dst: src for name in classes
+                                       for src, dst in plan[name]["train"]})
         total = sum(stats.values(), Counter())
         print(f"fg masks: {total['estimated']} estimated, {total['texture']} texture "
               f"(all foreground), {total['existing']} already present")
@@ -477,12 +490,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except (OSError, ValueError, BadFileError, zipfile.BadZipFile) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli(lambda: run(args), user_errors=(OSError, ValueError, zipfile.BadZipFile))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import errno
 import glob
 import json
 import os
@@ -15,9 +16,11 @@ import pickle
 import random
 import re
 import shutil
+import sys
+import zipfile
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +29,148 @@ from torch import nn
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+|last)\.pth$")
 NO_WEIGHT_DECAY = ("cls_token", "pos_embed")
+# what save_on_master and JsonlLog name their temporary files: <name>.tmp-<writer's pid>
+TMP_PATTERN = re.compile(r"\.tmp-(\d+)$")
+
+
+# ----------------------------------------------------------------------------- user errors
+class UserError(Exception):
+    """A user's mistake (a flag, a path, an input file): `cli` prints it as
+    `error: <message>` and exits 2, without a traceback. The message names the flag or
+    file and the fix."""
+
+
+class LayoutError(UserError, FileNotFoundError):
+    """A dataset folder is not laid out as expected (missing folders, no images)."""
+
+
+class BadFileError(UserError, RuntimeError):
+    """An image or mask file is missing, unreadable or inconsistent with its image."""
+
+
+class MissingFileError(BadFileError, FileNotFoundError):
+    """A file named by a flag (weights, checkpoint) does not exist."""
+
+
+class FlagError(UserError, ValueError):
+    """A flag's value is out of range or contradicts another flag."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint or weights file is unreadable, refused or of another model or run."""
+
+
+class DiskFullError(UserError, OSError):
+    """The disk filled up while writing; what was there before is intact."""
+
+
+def cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run an entry point's `main` and return its exit status: `main`'s int result (0
+    for anything else); 2 for a UserError (or one of `user_errors`), printed as one
+    `error: <message>` line with no traceback; 130 for Ctrl-C. Any other exception
+    keeps its traceback."""
+    try:
+        result = main()
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        return 130
+    except (UserError, *user_errors) as e:
+        several = os.environ.get("WORLD_SIZE", "1") != "1"
+        prefix = f"[rank {os.environ.get('RANK', 0)}] " if several else ""
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+# ----------------------------------------------------------------------------- flag checks
+def int_at_least(low: int, zero_note: str = "") -> Callable[[str], int]:
+    """argparse type: an integer >= low (`zero_note` says what 0 would mean)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            note = f" ({zero_note})" if value == 0 and zero_note else ""
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}{note}")
+        return value
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def mask_ratio_arg(text: str) -> float:
+    """argparse type of a mask ratio: a fraction of the patches, strictly inside (0, 1)."""
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < ratio < 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"{text} is outside (0, 1): a mask ratio is the fraction of patches masked, "
+            "e.g. 0.3 (the paper's Table 6 ratios lie between 0.04 and 0.48)")
+    return ratio
+
+
+def prepare_output_dir(path: str | os.PathLike, flag: str) -> str:
+    """Create the output folder `path` (given as `flag`) and prove it writable, before
+    any work whose results would go there."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FlagError(f"{flag} {path} is a file, not a folder: pass a folder (it is "
+                        "created if missing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise FlagError(f"{flag} {path} cannot be written ({e.strerror or e}): pass a "
+                        "folder you can write to") from None
+    return path
+
+
+def remove_stale_tmp_files(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporary files (`<name>.tmp-<pid>`) that writers killed mid-write left
+    in `folder`: those whose pid is no process on this machine. Returns their paths."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        match = TMP_PATTERN.search(name)
+        path = os.path.join(folder, name)
+        if match is None or not os.path.isfile(path) or _alive(int(match.group(1))):
+            continue
+        size = os.path.getsize(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+            removed.append(path)
+            print(f"[cleanup] removed {path} ({size / 2 ** 20:.1f} MiB), left by process "
+                  f"{match.group(1)} that ended mid-write", flush=True)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -385,10 +530,24 @@ def save_on_master(obj: dict, path: str | Sequence[str]) -> None:
     os.makedirs(folder, exist_ok=True)
     tmps = [os.path.join(folder, f".{os.path.basename(p)}.tmp-{os.getpid()}") for p in paths]
     try:
-        with open(tmps[0], "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmps[0], "wb") as raw:
+            f = _CheckpointFile(raw)
+            try:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(raw.fileno())
+            except (OSError, RuntimeError) as e:
+                # torch reports a failed write as "unexpected pos": the errno is the writer's
+                cause = f.error if isinstance(f.error, OSError) else e
+                if getattr(cause, "errno", None) == errno.ENOSPC:
+                    intact = [p for p in paths if os.path.exists(p)]
+                    raise DiskFullError(
+                        f"no space left in {folder}; "
+                        + (f"{intact[0]} is intact" if intact else "no earlier checkpoint "
+                           "was there")
+                        + ": free space (or choose another --output_dir) and re-run to "
+                        "resume") from None
+                raise
         for tmp in tmps[1:]:
             try:
                 os.link(tmps[0], tmp)
@@ -408,6 +567,42 @@ def save_on_master(obj: dict, path: str | Sequence[str]) -> None:
             os.close(fd)
 
 
+class _CheckpointFile:
+    """The file torch.save writes to; keeps the OSError of a failed write (torch itself
+    reports only "unexpected pos")."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.error = raw, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.raw.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.raw.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # tell, seek, ...: the file's own
+        return getattr(self.raw, name)
+
+
+def _torch_error_text(e: BaseException) -> str:
+    """torch.load's error without its advice to retry with weights_only=False (the
+    unsafe step that is refused here)."""
+    text = str(e)
+    inner = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+    if inner:
+        return inner.group(1).strip().rstrip(".")
+    sentences = re.split(r"(?<=\.)\s+", text.splitlines()[0] if text else "")
+    return " ".join(s for s in sentences if "weights_only" not in s).strip().rstrip(".")
+
+
 def read_weights_file(path: str | os.PathLike, fix: str = "Download it again.",
                       mmap: bool = False) -> Any:
     """torch.load(weights_only=True) with errors that name the file and say `fix`.
@@ -416,24 +611,29 @@ def read_weights_file(path: str | os.PathLike, fix: str = "Download it again.",
     their arguments as one (docs/method.md 2).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise MissingFileError(f"weights file {path} is a folder: name the file in it")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file {path} not found (see weights/README.md "
-                                "for where each file goes)")
+        raise MissingFileError(f"weights file {path} not found (see weights/README.md "
+                               "for where each file goes)")
+    mmap = mmap and zipfile.is_zipfile(path)  # a legacy (non-zip) file cannot be mapped
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         refused = re.search(r"GLOBAL ([\w.]+)", str(e))
         if refused is None:
-            raise ValueError(f"{path} is not a readable PyTorch weights file (truncated "
-                             f"or not a checkpoint): {e}. {fix}") from e
-        raise ValueError(f"{path} contains the Python object '{refused.group(1)}', which a "
-                         "weights file does not need: refusing to unpickle it (unpickling can "
-                         "run code). Use the originally released file.") from None
+            raise CheckpointError(f"{path} is not a readable PyTorch weights file (truncated "
+                                  f"or not a checkpoint): {_torch_error_text(e)}. {fix}"
+                                  ) from None
+        raise CheckpointError(f"{path} contains the Python object '{refused.group(1)}', "
+                              "which a weights file does not need: refusing to unpickle it "
+                              "(unpickling can run code). Use the originally released "
+                              "file.") from None
     except Exception as e:  # truncated zip, not a pickle, ...
-        raise ValueError(f"{path} is not a readable PyTorch weights file (truncated "
-                         f"or not a checkpoint): {type(e).__name__}: "
-                         f"{str(e).rstrip('.')}. {fix}") from e
+        raise CheckpointError(f"{path} is not a readable PyTorch weights file (truncated "
+                              f"or not a checkpoint): {type(e).__name__}: "
+                              f"{_torch_error_text(e)}. {fix}") from None
 
 
 def load_checkpoint_file(path: str, mmap: bool = False) -> dict:
@@ -441,7 +641,7 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> dict:
     and turned into a plain dict."""
     ckpt = read_weights_file(path, "Delete it or resume from an earlier checkpoint.", mmap)
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     if isinstance(ckpt.get("args"), argparse.Namespace):
         ckpt["args"] = vars(ckpt["args"])
     return ckpt
@@ -464,7 +664,7 @@ def find_latest_checkpoint(output_dir: str) -> str | None:
             continue
         try:
             epoch = load_checkpoint_file(path, mmap=True).get("epoch")
-        except ValueError:
+        except CheckpointError:
             print(f"[auto_resume] skipping unreadable {path}", flush=True)
             continue
         if isinstance(epoch, int) and epoch > best_epoch:
@@ -513,7 +713,7 @@ def load_training_state(path: str, *, model: nn.Module,
     too."""
     ckpt = load_checkpoint_file(path)
     if "model" not in ckpt:
-        raise ValueError(f"{path} has no 'model' entry (keys {sorted(ckpt)[:8]})")
+        raise CheckpointError(f"{path} has no 'model' entry (keys {sorted(ckpt)[:8]})")
     model.load_state_dict(ckpt["model"], strict=True)
     info = {"start_epoch": 0, "sampler_seed": ckpt.get("sampler_seed"),
             "rng_restored": False, "args": ckpt.get("args")}

@@ -19,6 +19,7 @@ from torch import nn
 import protoflow as pf
 import run_protoflow as rpf
 from conftest import read_format
+from utils import FlagError
 from backbones import create_backbone, lite0_weights_path
 
 LITE0_DIM = 40 + 112
@@ -562,7 +563,7 @@ def test_train_command_writes_a_loadable_file(cli):
     assert model.threshold == pytest.approx(obj["image_score_threshold"])
     assert model.backbone == "efficientnet_lite0" and model.n_blocks == 1
     open(out + ".resume", "wb").close()
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(FlagError, match="--resume"):
         rpf.main(cli["train"] + ["--output", out])
 
 

@@ -404,4 +404,5 @@ def test_command_line_exit_codes(tiny_world, tmp_path):
     bad_ratio = run_command(base + ["--mask_ratio", "0"], cwd=ROOT)
     assert bad_ratio.returncode == 2 and "--mask_ratio: 0 is outside (0, 1)" in bad_ratio.stderr
     no_class = run_command(base + ["--classes", "screw"], cwd=ROOT)
-    assert no_class.returncode == 1 and "classes ['screw'] have no" in no_class.stderr
+    assert no_class.returncode == 2 and "--classes: ['screw'] have no" in no_class.stderr
+    assert "Traceback" not in no_class.stderr

@@ -1,0 +1,412 @@
+"""Bad input and faults through the entry points (issue 15): each is refused before any
+work with exit code 2 and one `error:` line (no traceback), or works as a user would
+expect, and no finished work is lost.
+
+The machine is slow to import torch (seconds per process), so each group of cases runs
+in ONE child process: `_run_cases` executes the entry points' own `__main__` blocks
+(runpy) one after the other, with each case's stderr/stdout captured apart.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import run_pretraining
+import utils
+from conftest import ROOT, run_command
+
+TINY = "vit_tiny_patch16_224_8k_vocab"
+
+_HARNESS = r"""
+import contextlib, io, json, os, runpy, shutil, sys, traceback
+spec, result, out = sys.argv[1], sys.argv[2], []
+for case in json.load(open(spec)):
+    exec(case.get("pre", ""))
+    sys.argv = [case["script"], *case["argv"]]
+    err, std = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
+        try:
+            runpy.run_path(case["script"], run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    out.append({"code": code, "err": err.getvalue(), "out": std.getvalue()})
+    if case.get("snapshot"):
+        shutil.copytree(case["snapshot"][0], case["snapshot"][1])
+json.dump(out, open(result, "w"))
+"""
+
+
+def _run_cases(tmp: Path, cases: dict[str, dict]) -> dict[str, dict]:
+    """{name: {'script', 'argv', optional 'pre' (Python run first), 'snapshot' (copy
+    folder [0] to [1] after the run)}} -> {name: {'code', 'err', 'out'}}, in order, in
+    one child process."""
+    spec, result = tmp / "cases.json", tmp / "results.json"
+    spec.write_text(json.dumps(list(cases.values())))
+    proc = run_command([sys.executable, "-c", _HARNESS, str(spec), str(result)], cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(zip(cases, json.loads(result.read_text())))
+
+
+def _clear_error(result: dict, *words: str) -> str:
+    """Exit code 2, no traceback, an `error:` line holding every word; returns stderr."""
+    err = result["err"]
+    assert result["code"] == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "error:" in err
+    for w in words:
+        assert w in err, f"{w!r} not in:\n{err[-3000:]}"
+    return err
+
+
+def _test_argv(world, out, *extra: str, data: Path | None = None) -> list[str]:
+    return ["--model", world.model, "--ckpt", str(world.pmad_ckpt),
+            "--tokenizer_model", "kmeans", "--tokenizer_weight_path", str(world.tokenizer),
+            "--protoflow_weights", str(world.protoflow),
+            "--prototypes_dir", str(world.prototypes_dir),
+            "--data_path", str(data or world.mvtec_root), "--output_dir", str(out),
+            "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--amp", "none",
+            *extra]
+
+
+def _train_argv(world, out, *extra: str, data: Path | None = None) -> list[str]:
+    return ["--model", TINY, "--tokenizer_model", "kmeans",
+            "--tokenizer_weight_path", str(world.tokenizer),
+            "--data_path", str(data or world.imagenet_root), "--output_dir", str(out),
+            "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "2",
+            "--max_steps_per_epoch", "1", "--num_workers", "0", "--no_init", "--amp", "none",
+            "--device", "cpu", *extra]
+
+
+def _truncate(path: Path) -> bytes:
+    """Cut an image file to half (its header stays readable); returns the original."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    return data
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Equal records (NaN, an undefined metric, equals NaN here)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True, timeout=600)
+    return int(proc.stdout)
+
+
+# ----------------------------------------------------------------------------- fast refusals
+@pytest.fixture(scope="module")
+def refused(tiny_world, tmp_path_factory):
+    """Every case that must be refused before any work, run in one child process."""
+    tmp = tmp_path_factory.mktemp("refused")
+    w = tiny_world
+    a_file = tmp / "a_file"
+    a_file.write_text("not a folder")
+    garbage = tmp / "garbage.pth"
+    garbage.write_bytes(b"\x80\x02 this is not a checkpoint" * 50)
+    # a wrong-aspect ground-truth mask in the LAST class to be evaluated
+    aspect = tmp / "aspect"
+    shutil.copytree(w.mvtec_root, aspect)
+    gt = sorted((aspect / "coins" / "ground_truth").rglob("*.png"))[0]
+    from PIL import Image
+    Image.new("L", (40, 20), 255).save(gt)
+    # training data without foreground masks
+    no_fg = tmp / "no_fg"
+    shutil.copytree(w.imagenet_root / "train", no_fg / "train")
+    # setup_train_dataset on an MVTec tree holding one truncated training image
+    bad_src = tmp / "bad_src"
+    shutil.copytree(w.mvtec_root, bad_src)
+    bad_png = sorted((bad_src / "coins" / "train" / "good").glob("*.png"))[0]
+    _truncate(bad_png)
+    # --resume: a checkpoint of a smaller model (the tiny one against a small model),
+    # and the same file in torch's legacy (non-zip) format
+    legacy = tmp / "legacy.pth"
+    torch.save(torch.load(w.pmad_ckpt, weights_only=True), legacy,
+               _use_new_zipfile_serialization=False)
+    small = ["--model", "vit_small_patch16_224_8k_vocab"]
+    protos = ["prototypes", "--data_path", str(w.imagenet_root), "--encoder",
+              "efficientnet_lite0", "--output_dir", str(tmp / "protos")]
+    rt, rp, rf, st = "run_test.py", "run_pretraining.py", "run_protoflow.py", \
+        "setup_train_dataset.py"
+    cases = {
+        "F1_imagenet": (rt, _test_argv(w, tmp / "o1", data=w.imagenet_root)),
+        "F1_class": (rt, _test_argv(w, tmp / "o2", data=w.mvtec_root / "coins")),
+        "F3_smaller": (rp, _train_argv(w, tmp / "t1", "--resume", str(w.pmad_ckpt),
+                                       "--no_auto_resume") + small),
+        "F3_legacy": (rp, _train_argv(w, tmp / "t2", "--resume", str(legacy)) + small),
+        "F3_no_ckpt_dir": (rp, _train_argv(w, tmp / "t3", "--resume", str(tmp))),
+        "F4_file": (rt, _test_argv(w, a_file)),
+        "F4_train_file": (rp, _train_argv(w, a_file)),
+        "F6": (rp, _train_argv(w, tmp / "t4", "--mask_ratio", "0")),
+        "F7_epochs_neg": (rp, _train_argv(w, tmp / "t5", "--epochs", "-1")),
+        "F7_epochs_0": (rp, _train_argv(w, tmp / "t5", "--epochs", "0")),
+        "F7_batch_train": (rp, _train_argv(w, tmp / "t5", "--batch_size", "0")),
+        "F7_batch_test": (rt, _test_argv(w, tmp / "o3", "--batch_size", "0")),
+        "F7_lr": (rp, _train_argv(w, tmp / "t5", "--lr", "-1")),
+        "F7_model": (rp, _train_argv(w, tmp / "t5", "--model", "vit_foo")),
+        "F7_steps": (rp, _train_argv(w, tmp / "t5", "--max_steps_per_epoch", "0")),
+        "F8": (rt, _test_argv(w, tmp / "o4", "--save_heatmaps", "-3")),
+        "F9_zero": (rf, protos + ["--num_shots", "0"]),
+        "F9_neg": (rf, protos + ["--num_shots", "-2"]),
+        "F11": (st, ["--data_path", str(bad_src), "--root", str(tmp / "converted"),
+                     "--classes", *w.classes, "--make_fg_masks"]),
+        "fg_mask_fix": (rp, _train_argv(w, tmp / "t6", data=no_fg)),
+        "weights_advice": (rt, _test_argv(w, tmp / "o5") + ["--ckpt", str(garbage)]),
+        "aspect": (rt, _test_argv(w, tmp / "o6", data=aspect)),
+    }
+    results = _run_cases(tmp, {k: {"script": s, "argv": a} for k, (s, a) in cases.items()})
+    return results, {"tmp": tmp, "a_file": a_file, "bad_png": bad_png, "legacy": legacy}
+
+
+def test_F1_a_set_of_another_layout_names_the_layout_and_the_nearest_path(refused,
+                                                                          tiny_world):
+    results, _ = refused
+    err = _clear_error(results["F1_imagenet"], f"--data_path {tiny_world.imagenet_root} "
+                       "holds no <class>/test folder", "expected <root>/<class>/test/",
+                       "ImageNet-layout training set")
+    assert "no available classes" not in err
+    _clear_error(results["F1_class"], "is one class's folder: pass its parent, --data_path "
+                 f"{tiny_world.mvtec_root} --classes coins")
+
+
+def test_F3_resume_of_another_model_is_one_line(refused):
+    results, paths = refused
+    err = _clear_error(results["F3_smaller"], "has shape", "in the file but",
+                       "resume it with the --model and --input_size it was trained with")
+    assert "size mismatch" not in err
+    # the legacy (non-zip) format is read (no mmap error) and checked the same way
+    err = _clear_error(results["F3_legacy"], str(paths["legacy"]), "has shape")
+    assert "mmap" not in err
+    _clear_error(results["F3_no_ckpt_dir"], f"--resume {paths['tmp']}: the folder holds no "
+                 "complete checkpoint")
+
+
+def test_F4_an_output_dir_that_is_a_file_is_refused_before_work(refused):
+    results, paths = refused
+    for case in ("F4_file", "F4_train_file"):
+        _clear_error(results[case], f"--output_dir {paths['a_file']} is a file, not a folder")
+    assert "tokens + ProtoFlow" not in results["F4_file"]["err"]  # nothing evaluated
+    assert paths["a_file"].read_text() == "not a folder"
+
+
+def test_F6_mask_ratio_0_is_refused(refused):
+    _clear_error(refused[0]["F6"], "argument --mask_ratio: 0 is outside (0, 1)")
+
+
+@pytest.mark.parametrize("case, words", [
+    ("F7_epochs_neg", "argument --epochs: -1 is less than 1"),
+    ("F7_epochs_0", "argument --epochs: 0 is less than 1 (nothing to do)"),
+    ("F7_batch_train", "argument --batch_size: 0 is less than 1"),
+    ("F7_batch_test", "argument --batch_size: 0 is less than 1"),
+    ("F7_lr", "argument --lr: -1 is not a positive number"),
+    ("F7_model", "argument --model: invalid choice: 'vit_foo' (choose from "
+                 "'vit_base_patch16_224_8k_vocab'"),
+    ("F7_steps", "argument --max_steps_per_epoch: 0 is less than 1"),
+])
+def test_F7_flags_out_of_range_are_refused(refused, case, words):
+    _clear_error(refused[0][case], words)
+
+
+def test_F8_negative_heatmap_count_is_refused_before_work(refused):
+    _clear_error(refused[0]["F8"], "argument --save_heatmaps: -3 is less than 0")
+    assert not (refused[1]["tmp"] / "o4").exists()
+
+
+def test_F9_num_shots_below_1_is_refused(refused):
+    _clear_error(refused[0]["F9_zero"], "argument --num_shots: 0 is less than 1")
+    _clear_error(refused[0]["F9_neg"], "argument --num_shots: -2 is less than 1")
+
+
+def test_F11_setup_names_the_source_file_and_no_foreign_flag(refused):
+    err = _clear_error(refused[0]["F11"], f"cannot read image {refused[1]['bad_png']}",
+                       "copied to", "replace it in --data_path")
+    assert "--skip_bad_images" not in err and "skip_bad_images=True" not in err
+
+
+def test_missing_fg_masks_name_the_real_flag(refused):
+    err = _clear_error(refused[0]["fg_mask_fix"], "foreground mask(s) missing", "--no-fg_mask")
+    assert "fg_mask=False" not in err
+
+
+def test_unreadable_weights_do_not_advise_weights_only_false(refused):
+    err = _clear_error(refused[0]["weights_advice"], "is not a readable PyTorch weights file")
+    assert "weights_only" not in err
+
+
+def test_every_mask_size_is_checked_before_the_first_class(refused):
+    result = refused[0]["aspect"]
+    _clear_error(result, "is 40x20 but its image", "coins/ground_truth")
+    assert "brick" not in result["out"] and "tokens + ProtoFlow" not in result["err"]
+    assert not (refused[1]["tmp"] / "o6" / "results.partial.jsonl").exists()
+
+
+def test_legacy_checkpoint_reads_memory_mapped(refused):
+    ckpt = utils.load_checkpoint_file(str(refused[1]["legacy"]), mmap=True)
+    assert set(ckpt) == {"model", "epoch"}
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def finished_run(tiny_world, tmp_path_factory):
+    """A finished 1-epoch run (made in this process: it is the starting point)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run_pretraining.main(run_pretraining.get_args_parser().parse_args(
+        _train_argv(tiny_world, out)))
+    assert utils.load_checkpoint_file(str(out / "checkpoint-last.pth"))["epoch"] == 0
+    return out
+
+
+def test_F10_F4b_resume_extend_folder_disk_full_and_stale_files(finished_run, tiny_world,
+                                                                tmp_path):
+    w = tiny_world
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    full = tmp_path / "full"
+    shutil.copytree(finished_run, full)
+    stale = run / f".checkpoint-last.pth.tmp-{_dead_pid()}"
+    stale.write_bytes(b"x" * 1000)
+    live = run / f".checkpoint-last.pth.tmp-{os.getpid()}"  # a live writer's: kept
+    live.write_bytes(b"x")
+    before = (full / "checkpoint-last.pth").read_bytes()
+    enospc = ("import utils\n"
+              "def _full(self, data):\n"
+              "    self.error = OSError(28, 'No space left on device')\n"
+              "    raise self.error\n"
+              "utils._CheckpointFile.write = _full\n")
+    results = _run_cases(tmp_path, {
+        "F10": {"script": "run_pretraining.py", "argv": _train_argv(
+            w, run, "--resume", str(run / "checkpoint-last.pth"), "--no_auto_resume",
+            "--epochs", "2")},
+        "folder": {"script": "run_pretraining.py", "argv": _train_argv(
+            w, tmp_path / "elsewhere", "--resume", str(run), "--epochs", "2")},
+        "F4b": {"script": "run_pretraining.py", "pre": enospc,
+                "argv": _train_argv(w, full, "--epochs", "2")},
+    })
+    f10 = results["F10"]
+    assert f10["code"] == 0, f10["err"][-3000:]
+    assert "finished its 1 epochs: extending the run to 2 epochs" in f10["out"]
+    assert "--no_auto_resume" not in f10["out"] + f10["err"]
+    assert utils.load_checkpoint_file(str(run / "checkpoint-last.pth"))["epoch"] == 1
+    assert (run / "checkpoint-1.pth").is_file()
+    assert f"[cleanup] removed {stale}" in f10["out"]
+    assert not stale.exists() and live.exists()
+    # --resume <folder>: its newest checkpoint; all epochs done: said, not silent
+    folder = results["folder"]
+    assert folder["code"] == 0, folder["err"][-3000:]
+    assert (f"[resume] nothing to do: {run / 'checkpoint-1.pth'} has trained 2 epoch(s) of "
+            "--epochs 2; pass a larger --epochs") in folder["out"]
+    assert not (tmp_path / "elsewhere" / "token_cache").exists()  # said before any work
+    # disk full while writing epoch 1's checkpoint: one line, the old one intact
+    _clear_error(results["F4b"], f"no space left in {full}; {full / 'checkpoint-last.pth'} "
+                 "is intact")
+    assert "unexpected pos" not in results["F4b"]["err"]
+    assert (full / "checkpoint-last.pth").read_bytes() == before
+    assert not [p for p in os.listdir(full) if ".tmp-" in p]
+
+
+def test_F10_unfinished_run_with_other_epochs_names_the_way_to_extend():
+    with pytest.raises(utils.CheckpointError) as info:
+        run_pretraining.check_resume_args({"epochs": 3}, {"epochs": 5}, "c.pth", epoch=0,
+                                          explicit=True)
+    msg = str(info.value)
+    assert "--epochs 3 (now 5)" in msg and "first finish its 3 epochs" in msg
+    assert "--no_auto_resume" not in msg
+    with pytest.raises(utils.CheckpointError, match="--no_auto_resume"):
+        run_pretraining.check_resume_args({"epochs": 3}, {"epochs": 5}, "c.pth", epoch=0)
+
+
+def test_disk_full_in_save_on_master(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoint-last.pth"
+    utils.save_on_master({"epoch": 0}, str(target))
+    def full(self, data: bytes) -> int:
+        self.error = OSError(errno.ENOSPC, "No space left on device")
+        raise self.error
+
+    monkeypatch.setattr(utils._CheckpointFile, "write", full)
+    with pytest.raises(utils.DiskFullError, match=f"no space left in {tmp_path}; "
+                                                  f"{target} is intact"):
+        utils.save_on_master({"epoch": 1}, str(target))
+    assert torch.load(target, weights_only=True) == {"epoch": 0}
+    assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
+
+
+# ----------------------------------------------------------------------------- evaluation
+def test_F14_finished_classes_survive_an_error_and_ctrl_c_and_resume(tiny_world, tmp_path):
+    w = tiny_world
+    data = tmp_path / "mvtec"
+    shutil.copytree(w.mvtec_root, data)
+    bad = sorted((data / "coins" / "test").rglob("*.png"))[0]
+    original = _truncate(bad)
+    out = tmp_path / "out"
+    interrupt = ("import datasets\n"
+                 "_real = datasets.MVTecTestDataset\n"
+                 "class _Interrupted(_real):\n"
+                 "    def __init__(self, root, name, *a, **k):\n"
+                 "        if name == 'coins':\n"
+                 "            raise KeyboardInterrupt\n"
+                 "        super().__init__(root, name, *a, **k)\n"
+                 "datasets.MVTecTestDataset = _Interrupted\n")
+    restore = (f"open({str(bad)!r}, 'wb').write(bytes.fromhex({original.hex()!r}))\n"
+               "datasets.MVTecTestDataset = _real\n")
+    argv = _test_argv(w, out, "--classes", "brick", "coins", data=data)
+    results = _run_cases(tmp_path, {
+        "error": {"script": "run_test.py", "argv": argv,
+                  "snapshot": [str(out), str(tmp_path / "after_error")]},
+        "ctrl_c": {"script": "run_test.py", "argv": argv + ["--resume_eval"], "pre": interrupt,
+                   "snapshot": [str(out), str(tmp_path / "after_ctrl_c")]},
+        "resume": {"script": "run_test.py", "argv": argv + ["--resume_eval"], "pre": restore},
+    })
+    # a bad file in the 2nd class: one error line; the 1st class is written
+    _clear_error(results["error"], f"cannot read image {bad}")
+    after = tmp_path / "after_error"
+    lines = [json.loads(x) for x in (after / "results.partial.jsonl").read_text().splitlines()]
+    assert [x["class"] for x in lines] == ["brick"]
+    assert 0 <= lines[0]["record"]["image_auroc"] <= 1
+    saved = json.loads((after / "results.json").read_text())
+    assert list(saved["classes"]) == ["brick"] and list(saved["failed"]) == ["coins"]
+    assert "| Brick |" in (after / "results.md").read_text()
+    assert "| Brick |" in results["error"]["out"]
+    # Ctrl-C in the 2nd class of a resumed run: brick reused (not recomputed), kept
+    ctrl_c = results["ctrl_c"]
+    assert ctrl_c["code"] == 1 and "Traceback" not in ctrl_c["err"]
+    assert "brick: done in an earlier run" in ctrl_c["out"] + ctrl_c["err"]
+    assert "interrupted in class coins" in ctrl_c["err"]
+    saved = json.loads((tmp_path / "after_ctrl_c" / "results.json").read_text())
+    assert saved["failed"] == {"coins": "interrupted (Ctrl-C)"}
+    assert _same(saved["classes"]["brick"], lines[0]["record"])
+    # fixed, resumed: only coins is evaluated; the table has both
+    resume = results["resume"]
+    assert resume["code"] == 0, resume["err"][-3000:]
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["classes"]) == ["brick", "coins"] and "failed" not in saved
+    assert _same(saved["classes"]["brick"], lines[0]["record"])
+    partial = [json.loads(x)["class"]
+               for x in (out / "results.partial.jsonl").read_text().splitlines()]
+    assert partial == ["brick", "coins"]
+
+
+def test_cli_prints_user_errors_as_one_line_and_keeps_other_tracebacks(capsys):
+    def bad_flag() -> None:
+        raise utils.FlagError("--x 0: give at least 1")
+
+    assert utils.cli(bad_flag) == 2
+    assert capsys.readouterr().err == "error: --x 0: give at least 1\n"
+    assert utils.cli(lambda: 1) == 1 and utils.cli(lambda: {"a": 1}) == 0
+    with pytest.raises(ZeroDivisionError):  # a bug: its traceback is kept
+        utils.cli(lambda: 1 / 0)
+    assert utils.cli(lambda: open("/nonexistent/x"), user_errors=(OSError,)) == 2
+    assert "error: [Errno 2]" in capsys.readouterr().err
