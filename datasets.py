@@ -199,7 +199,8 @@ def check_test_classes(root: str, classes: Sequence[str], skip_bad_images: bool 
     in one error before any work, not when class N is reached."""
     problems = []
     for name in classes:
-        items, missing = MVTecTestDataset._list(root, name)
+        items, missing = MVTecTestDataset._list(
+            root, name, os.path.isdir(os.path.join(root, name, "ground_truth")))
         if skip_bad_images:
             continue
         problems += missing
