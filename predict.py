@@ -29,13 +29,14 @@ from tqdm import tqdm
 import datasets
 import heatmaps
 import run_test
+import utils
 
 OUTPUT_COLUMNS = ("image", "class", "name", "pmad_score", "protoflow_score", "threshold",
                   "decision")
 
 
-class InputError(ValueError):
-    """The images given on the command line cannot be used as asked."""
+class InputError(utils.UserError, ValueError):
+    """A path or glob given to predict.py that names no usable image."""
 
 
 def _is_image(path: str) -> bool:
@@ -137,12 +138,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def predict(args: argparse.Namespace) -> list[dict[str, object]]:
     groups = find_images(args.inputs, args.class_name, args.class_from_folder)
+    out_dir = Path(utils.prepare_output_dir(args.output_dir, "--output_dir"))
     m = run_test.load_models(args)
     for cls in groups:  # a missing class fails before any image is scored
         m.protoflow.prototypes(cls)
     options = run_test.clean_options(args)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, object]] = []
     skipped: list[str] = []
     for cls in tqdm(sorted(groups), desc="classes", disable=len(groups) < 2):
@@ -199,12 +199,7 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        predict(args)
-    except (InputError, datasets.BadFileError, datasets.LayoutError, FileNotFoundError) as e:
-        print(f"predict.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return utils.cli(lambda: predict(args))  # 0, 2 for a user's mistake, 130 for Ctrl-C
 
 
 if __name__ == "__main__":

@@ -139,3 +139,12 @@ def test_inputs_are_checked(tmp_path):
                                   str(tmp_path / "imgs" / "b" / "1.png")], "x", False)
     assert [n for _, n in groups["x"]] == ["a_1", "b_1"]
     assert predict._glob_base("data/x/*/y/*.png") == str(Path("data/x"))
+
+
+def test_a_missing_input_is_one_error_line_and_exit_2(tmp_path, capsys):
+    """A user's mistake: `error: <message>` naming the path, no traceback, status 2."""
+    missing = tmp_path / "no_such_folder"
+    assert predict.main([str(missing), "--class_name", "coins",
+                         "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(missing) in err and "Traceback" not in err
