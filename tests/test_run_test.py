@@ -158,7 +158,8 @@ class ConstantViT(torch.nn.Module):
         self.lm_head = torch.nn.Linear(1, 2)  # V = 2 tokens
         self.logits = torch.log(torch.tensor([0.75, 0.25]))
 
-    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor,
+                masked_index: torch.Tensor | None = None) -> torch.Tensor:
         return self.logits.expand(int(bool_masked_pos.sum()), 2)
 
 
