@@ -465,6 +465,27 @@ def test_dynamic_state_update_matches_brute_force(batch_size):
     np.testing.assert_allclose(state.mean_losses().numpy(), means, rtol=1e-12, equal_nan=True)
 
 
+def test_dynamic_state_update_adds_the_other_ranks_batch(monkeypatch):
+    """A fake two-rank world whose other rank drew the same batch: the all-reduce doubles
+    the batch's sums and counts, so every count doubles and the means stay."""
+    calls = []
+
+    def all_reduce(tensor, op=None):
+        calls.append(op)
+        tensor.mul_(2)
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    class_idx, masks, losses = _stream(3, 8)
+    state = mg.DynamicMaskingState(CLASSES, 12)
+    state.update(class_idx, masks, losses)
+    means, counts = _brute_means(class_idx, masks, losses, 3, 12)
+    assert calls == [dist.ReduceOp.SUM] and counts.sum() > 0
+    assert np.array_equal(state.counts.numpy(), 2 * counts)
+    np.testing.assert_allclose(state.mean_losses().numpy(), means, rtol=1e-12, equal_nan=True)
+
+
 def test_dynamic_state_weights_min_max_fill_and_uniform():
     state = mg.DynamicMaskingState(CLASSES, 4)
     assert torch.equal(state.weights(torch.tensor([0, 2])), torch.ones(2, 4))

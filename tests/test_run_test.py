@@ -264,6 +264,32 @@ def test_a_defect_left_unmasked_is_scored_by_the_covering_pass() -> None:
     assert cover["image_auroc"] == 1.0
 
 
+def test_paper_protocol_per_ratio_values_and_best_ratio_by_hand() -> None:
+    """The paper protocol on the 2x2-patch case: L = 4 patches, so ratios below 0.25 mask
+    no patch (every map is 0: image AUROC 0.5) and ratios from 0.26 mask one. The
+    F1-optimal threshold lies between the image scores ln 2 and ln 4, so only the
+    defective image is called anomalous and gets its proposal, the defect patch: CE1 x
+    0.75 at its corner, above anything the normal image's one random patch can score
+    (at most CE0 x 0.5). So the best image AUROC, 1.0, comes first at 0.26."""
+    data = _hand_data()
+    record, maps = run_test.evaluate_paper(ConstantViT(), data, sigma=0.0, batch_size=2,
+                                           device=torch.device("cpu"), amp="none", seed=0)
+    assert record["threshold"] == pytest.approx((math.log(2) + math.log(4)) / 2)
+    assert record["called_anomalous"] == 1
+    per_ratio = record["per_ratio"]
+    assert list(per_ratio) == [f"{r:.2f}" for r in run_test.PAPER_RATIOS]
+    for r in run_test.PAPER_RATIOS:
+        expected = 0.5 if r < 0.25 else 1.0
+        assert per_ratio[f"{r:.2f}"]["image_auroc"] == expected, r
+        assert per_ratio[f"{r:.2f}"]["image_f1_max"] == pytest.approx(
+            2 / 3 if r < 0.25 else 1.0), r  # all tied: everything called anomalous
+    assert record["image_auroc"] == 1.0 and record["image_auroc_ratio"] == 0.26
+    assert record["mask_ratio"] == 0.26
+    assert maps["pmad"][1, 2, 2] == pytest.approx(CE1 * 0.75, abs=1e-6)
+    assert maps["pmad"][0].max() <= CE0 * 0.5 + 1e-6
+    assert record["diagnostics"]["masked_defect_fraction"] == 1.0
+
+
 def test_mask_diagnostics_by_hand() -> None:
     data = _hand_data(size=4)  # 2x2 pixels per patch
     data.gt_masks[1] = 0

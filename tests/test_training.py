@@ -149,6 +149,65 @@ def test_loss_falls_on_a_repeated_batch():
     assert pl.shape == (2, 196) and (pl[~masks] == 0).all() and (pl[masks] > 0).all()
 
 
+class _ScaledLogits(torch.nn.Module):
+    """A stand-in ViT: the same logits `scale * w` for every masked patch, V = 4. With
+    w = 0 and every token 0, the loss is ln 4 and its gradient w.r.t. w is
+    scale * (softmax - onehot) = scale * [-3/4, 1/4, 1/4, 1/4], of norm scale * sqrt(3/4):
+    known by construction."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4))
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor,
+                masked_index: torch.Tensor | None = None) -> torch.Tensor:
+        return (self.scale * self.w).expand(int(bool_masked_pos.sum()), 4)
+
+
+def _sgd_step(scale: float, clip_grad: float | None) -> tuple[engine.StepOutput, torch.Tensor]:
+    """One train_step with plain SGD at lr 1: the update is minus the clipped gradient."""
+    model = _ScaledLogits(scale)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    masks = torch.zeros(2, 4, dtype=torch.bool)
+    masks[0, 1] = masks[1, 2] = masks[1, 3] = True
+    out = engine.train_step(model, torch.zeros(2, 3, 2, 2), torch.zeros(2, 4, dtype=torch.long),
+                            _mask_batch(masks), opt, utils.make_grad_scaler("cpu", "none"),
+                            clip_grad=clip_grad)
+    return out, model.w.detach().clone()  # the update, since w started at 0
+
+
+def test_a_huge_gradient_is_clipped_to_clip_grad():
+    grad = torch.tensor([-0.75, 0.25, 0.25, 0.25])
+    out, update = _sgd_step(1e4, clip_grad=0.5)
+    assert out.loss.item() == pytest.approx(math.log(4))
+    assert out.grad_norm.item() == pytest.approx(1e4 * math.sqrt(0.75), rel=1e-6)  # before
+    assert update.norm().item() == pytest.approx(0.5, rel=1e-6)  # after: --clip_grad
+    torch.testing.assert_close(update, -0.5 * grad / grad.norm())  # same direction
+    _, unclipped = _sgd_step(1e4, clip_grad=None)  # None (or <= 0): no clipping
+    torch.testing.assert_close(unclipped, -1e4 * grad)
+    _, small = _sgd_step(1.0, clip_grad=3.0)  # below the limit: left as it is
+    torch.testing.assert_close(small, -grad)
+
+
+def test_loss_all_ranks_is_the_sum_over_ranks(monkeypatch):
+    """A fake two-rank world whose other rank has the same loss: all_reduce doubles it."""
+    import torch.distributed as dist
+    calls = []
+
+    def all_reduce(tensor, op=None):
+        calls.append(op)
+        tensor.mul_(2)
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    out, _ = _sgd_step(1.0, clip_grad=3.0)
+    assert calls == [dist.ReduceOp.SUM]
+    assert out.loss.item() == pytest.approx(math.log(4))
+    assert out.loss_all_ranks.item() == pytest.approx(2 * math.log(4))
+
+
 def test_patch_losses_match_full_logits():
     torch.manual_seed(1)
     model = timm.create_model(TINY, depth=2).eval()
