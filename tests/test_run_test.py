@@ -290,6 +290,26 @@ def test_paper_protocol_per_ratio_values_and_best_ratio_by_hand() -> None:
     assert record["diagnostics"]["masked_defect_fraction"] == 1.0
 
 
+def test_a_score_equal_to_the_threshold_is_called_normal() -> None:
+    """The clean protocol's threshold call is strict: the defective image's score (ln 4,
+    its least likely patch) as the threshold calls it normal; the next float32 below
+    calls it anomalous."""
+    data = _hand_data()
+    score = run_test.proposals_from_log_likelihood(data.log_likelihood, [0.5], image_size=3,
+                                                   grid=(2, 2)).image_scores[1].item()
+    assert score == pytest.approx(math.log(4))
+    kw = dict(ratio=0.5, options=run_test.CleanOptions("threshold", "zero", "paper", "product"),
+              sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
+    at, _ = run_test.evaluate_clean(ConstantViT(), data, threshold=score, **kw)
+    lower = torch.nextafter(torch.tensor(score), torch.tensor(0.0)).item()  # float32
+    below, maps = run_test.evaluate_clean(ConstantViT(), data, threshold=lower, **kw)
+    assert at["called_anomalous"] == 0 and at["threshold"] == score
+    assert at["diagnostics"]["anomalous_with_proposal"] == 0
+    assert below["called_anomalous"] == 1
+    assert below["diagnostics"]["anomalous_with_proposal"] == 1
+    assert maps["pmad"][1, 2, 2] == pytest.approx(CE1 * 0.75, abs=1e-6)  # defect masked
+
+
 def test_mask_diagnostics_by_hand() -> None:
     data = _hand_data(size=4)  # 2x2 pixels per patch
     data.gt_masks[1] = 0
