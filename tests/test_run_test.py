@@ -442,3 +442,58 @@ def test_command_line_exit_codes(tiny_world, tmp_path):
     assert bad_ratio.returncode == 2 and "--mask_ratio: 0 is outside (0, 1)" in bad_ratio.stderr
     no_class = run_command(base + ["--classes", "screw"], cwd=ROOT)
     assert no_class.returncode == 1 and "classes ['screw'] have no" in no_class.stderr
+
+
+# ----------------------------------------------------------------------------- flags
+def test_evaluation_flags_reach_their_consumers(tiny_world, tmp_path, monkeypatch):
+    """One clean run with every clean-protocol flag away from its default, the test class
+    chosen by --setting leave_one_out --unseen_classes, an unreadable test image left out
+    (--skip_bad_images) and a ProtoFlow file without its encoder (--encoder_weights)."""
+    import shutil
+
+    from backbones import lite0_weights_path
+    data = tmp_path / "mvtec"
+    shutil.copytree(tiny_world.mvtec_root, data)
+    bad = sorted((data / "coins" / "test" / "good").iterdir())[0]
+    bad.write_bytes(b"not a png")
+    no_encoder = tmp_path / "protoflow_no_encoder.pt"
+    obj = torch.load(tiny_world.protoflow, map_location="cpu", weights_only=True)
+    torch.save({k: v for k, v in obj.items() if k != "encoder_state_dict"}, no_encoder)
+    seen = []
+    original = run_test.evaluate_clean
+
+    def recording(model, data, **kwargs):
+        seen.append(kwargs)
+        return original(model, data, **kwargs)
+
+    monkeypatch.setattr(run_test, "evaluate_clean", recording)
+    argv = _args_list(tiny_world, tmp_path, "clean", "--setting", "leave_one_out",
+                      "--unseen_classes", "coins", "--clean_masks", "threshold",
+                      "--unmasked", "zero", "--abnormality", "paper", "--combine", "product",
+                      "--image_score", "topk", "--mask_ratio", "0.2", "--sigma", "2",
+                      "--seed", "7", "--skip_bad_images", "--encoder_weights",
+                      lite0_weights_path())
+    argv[argv.index("--data_path") + 1] = str(data)
+    argv[argv.index("--protoflow_weights") + 1] = str(no_encoder)
+    results = run_test.main(run_test.get_args_parser().parse_args(argv))
+    assert list(results["classes"]) == ["coins"]  # the unseen class only
+    record = results["classes"]["coins"]
+    assert record["num_images"] == 7 and record["num_anomalous"] == 4
+    from protoflow import THRESHOLD_QUANTILE  # of the world's normal scores [1, 2, 3]
+    assert record["mask_ratio"] == 0.2
+    assert record["threshold"] == pytest.approx(np.quantile([1.0, 2.0, 3.0], THRESHOLD_QUANTILE))
+    assert record["clean_options"] == {"masks": "threshold", "unmasked": "zero",
+                                       "abnormality": "paper", "combine": "product",
+                                       "image_score": "topk"}
+    assert "ce_only" not in record  # 'zero': no covering passes, no CE-alone row
+    (kwargs,) = seen
+    assert kwargs["sigma"] == 2.0 and kwargs["seed"] == 7 and kwargs["ratio"] == 0.2
+
+
+def test_from_obj_to_texture_selects_the_obj2tex_test_classes(tiny_world, tmp_path):
+    """The original's switch is --setting obj2tex: MVTec AD's textures as test classes,
+    which this two-class world does not have (a clear error naming the setting)."""
+    with pytest.raises(ValueError, match="'obj2tex' splits MVTec AD"):
+        run_test.main(_args(tiny_world, tmp_path, "clean", "--from_obj_to_texture"))
+    with pytest.raises(ValueError, match="'tex2obj' splits MVTec AD"):
+        run_test.main(_args(tiny_world, tmp_path, "clean", "--setting", "tex2obj"))
