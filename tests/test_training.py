@@ -562,6 +562,7 @@ def test_resume_flags_choose_the_start_epoch(env, flagged, monkeypatch):
     args = ("--max_steps_per_epoch", "2")
     calls = _record_epochs(monkeypatch)
     assert run_pretraining.main(_args(env, out, *args))["start_epoch"] == 2  # auto: done
+    assert run_pretraining.main(_args(env, out, *args, "--auto_resume"))["start_epoch"] == 2
     assert calls == []
     first = os.path.join(out, "checkpoint-0.pth")
     resumed = run_pretraining.main(_args(env, out, *args, "--resume", first))
