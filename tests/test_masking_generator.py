@@ -595,6 +595,24 @@ def test_policy_draw_counts_index_and_loss_weights():
         policy.draw(torch.tensor([3]), None, torch.rand(1, L), epoch=1)
 
 
+def test_dynamic_weights_change_the_masks_from_dynamic_start():
+    """Known by construction: once class 0's first m positions have the highest observed
+    loss and every other position 0, a dynamic-weighted random mask from `dynamic_start`
+    on is exactly those m patches (zero-weight patches come last); before, it is uniform."""
+    policy = _policy(dynamic_start=1, p_region=0.0, p_weighting=(0, 1, 0), p_block=0.0)
+    m = mg.num_masked(mg.CLASS_MASK_RATIOS[CLASSES[0]], L)
+    class_idx = torch.zeros(4, dtype=torch.long)
+    planted = torch.zeros(L, dtype=torch.bool)
+    planted[:m] = True
+    freq = torch.rand(4, L, generator=torch.Generator().manual_seed(0))  # never drawn
+    before = policy.draw(class_idx, None, freq, epoch=0)
+    policy.observe(class_idx, torch.ones(4, L, dtype=torch.bool), planted.double().expand(4, L))
+    after = policy.draw(class_idx, None, freq, epoch=1)
+    assert before.masks.sum(1).tolist() == after.masks.sum(1).tolist() == [m] * 4
+    assert not (before.masks == planted).all(1).any()
+    assert (after.masks == planted).all()
+
+
 def test_policy_draw_k_uses_the_statistics_after_step_k_minus_2():
     """The host never waits for the step in flight: within an epoch, draw k takes the
     dynamic weights as they were after observe k - 2 (the epoch's start for k < 2)."""

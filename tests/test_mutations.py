@@ -113,6 +113,12 @@ def loss_not_all_reduced(mp: pytest.MonkeyPatch) -> None:
     plant(mp, utils, "all_reduce_sum", lambda tensor: tensor)
 
 
+def dynamic_weights_uniform(mp: pytest.MonkeyPatch) -> None:
+    """The dynamic statistics never reach the masks (uniform class weights)."""
+    mp.setattr(masking_generator.DynamicMaskingState, "class_weights",
+               lambda self: torch.ones(len(self.class_names), self.num_patches))
+
+
 def aupro_without_its_limit(mp: pytest.MonkeyPatch) -> None:
     """AUPRO integrated over the whole FPR range instead of up to fpr_limit (0.3)."""
     original = metrics._aupro
@@ -147,6 +153,8 @@ MUTATIONS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], list[Callable[[
             test_masking_generator.test_dynamic_state_update_adds_the_other_ranks_batch)]),
     "skipped all-reduce of the loss": (loss_not_all_reduced, [
         _with_monkeypatch(test_training.test_loss_all_ranks_is_the_sum_over_ranks)]),
+    "dynamic weights not used": (dynamic_weights_uniform, [
+        test_masking_generator.test_dynamic_weights_change_the_masks_from_dynamic_start]),
     "AUPRO integration limit": (aupro_without_its_limit, [
         test_metrics.test_pixel_aupro_interpolates_inside_a_tie_group]),
 }
