@@ -113,6 +113,13 @@ def loss_not_all_reduced(mp: pytest.MonkeyPatch) -> None:
     plant(mp, utils, "all_reduce_sum", lambda tensor: tensor)
 
 
+def proposals_of_the_likeliest_patches(mp: pytest.MonkeyPatch) -> None:
+    """The log-likelihood's sign flipped: proposals mask the likeliest patches first."""
+    original = protoflow.proposals_from_log_likelihood
+    plant(mp, protoflow, "proposals_from_log_likelihood",
+          lambda logp, *a, **k: original(-logp, *a, **k))
+
+
 def dynamic_weights_uniform(mp: pytest.MonkeyPatch) -> None:
     """The dynamic statistics never reach the masks (uniform class weights)."""
     mp.setattr(masking_generator.DynamicMaskingState, "class_weights",
@@ -153,6 +160,9 @@ MUTATIONS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], list[Callable[[
             test_masking_generator.test_dynamic_state_update_adds_the_other_ranks_batch)]),
     "skipped all-reduce of the loss": (loss_not_all_reduced, [
         _with_monkeypatch(test_training.test_loss_all_ranks_is_the_sum_over_ranks)]),
+    "log-likelihood sign in the proposals": (proposals_of_the_likeliest_patches, [
+        test_protoflow.test_test_ranks_follow_the_planted_anomaly,
+        test_run_test.test_pmad_map_of_a_2x2_patch_case_by_hand]),
     "dynamic weights not used": (dynamic_weights_uniform, [
         test_masking_generator.test_dynamic_weights_change_the_masks_from_dynamic_start]),
     "AUPRO integration limit": (aupro_without_its_limit, [
