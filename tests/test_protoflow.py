@@ -615,8 +615,9 @@ def test_command_flags_reach_their_consumers(cli, tmp_path):
     shared = [*common, "--out_indices", "3", "--img_size", "64", "--seed", "1",
               "--holdout", "0.4", "--skip_bad_images"]
     protos = str(tmp_path / "prototypes")
-    (path,) = rpf.main(["prototypes", *shared, "--output_dir", protos, "--classes", "brick",
-                        "--coreset_ratio", "0.1"])
+    with pytest.warns(UserWarning, match="(?s)left out 1 bad file.*bad.png"):
+        (path,) = rpf.main(["prototypes", *shared, "--output_dir", protos, "--classes",
+                            "brick", "--coreset_ratio", "0.1"])
     meta = json.loads(open(os.path.join(protos, "brick", "coreset.json")).read())
     assert meta["out_indices"] == [3] and meta["img_size"] == 64 and meta["seed"] == 1
     # 5 readable images (of 6 files), 40 % held out
@@ -625,10 +626,11 @@ def test_command_flags_reach_their_consumers(cli, tmp_path):
     # 3 images x (64 / 16)^2 patches x 0.1; stride-16 features only: 112 channels
     assert np.load(path).shape == (int(3 * 16 * 0.1), 112)
     out = str(tmp_path / "pf.pt")
-    obj = rpf.main(["train", *shared, "--setting", "leave_one_out", "--unseen_classes",
-                    "gravel", "--prototypes_dir", protos, "--output", out, "--epochs", "2",
-                    "--n_blocks", "1", "--lr", "1e-3", "--warmup_epochs", "1",
-                    "--threshold_quantile", "0.5"])
+    with pytest.warns(UserWarning, match="(?s)left out 1 bad file.*bad.png"):
+        obj = rpf.main(["train", *shared, "--setting", "leave_one_out", "--unseen_classes",
+                        "gravel", "--prototypes_dir", protos, "--output", out, "--epochs", "2",
+                        "--n_blocks", "1", "--lr", "1e-3", "--warmup_epochs", "1",
+                        "--threshold_quantile", "0.5"])
     assert obj["classes"] == ["brick"] and obj["feature_dim"] == 112
     assert obj["out_indices"] == [3]
     # one step per epoch: warm-up from lr / 10, then lr (the cosine's first value)

@@ -475,7 +475,8 @@ def test_evaluation_flags_reach_their_consumers(tiny_world, tmp_path, monkeypatc
                       lite0_weights_path())
     argv[argv.index("--data_path") + 1] = str(data)
     argv[argv.index("--protoflow_weights") + 1] = str(no_encoder)
-    results = run_test.main(run_test.get_args_parser().parse_args(argv))
+    with pytest.warns(UserWarning, match="(?s)left out 1 bad file.*000.png"):
+        results = run_test.main(run_test.get_args_parser().parse_args(argv))
     assert list(results["classes"]) == ["coins"]  # the unseen class only
     record = results["classes"]["coins"]
     assert record["num_images"] == 7 and record["num_anomalous"] == 4

@@ -592,8 +592,9 @@ def test_skip_bad_images_leaves_an_unreadable_image_out(env, tmp_path, monkeypat
     _record_epochs(monkeypatch)
     with pytest.raises(datasets.BadFileError, match="002.png"):
         run_pretraining.main(_args(env, str(tmp_path / "a"), "--epochs", "1", data=str(data)))
-    summary = run_pretraining.main(_args(env, str(tmp_path / "b"), "--epochs", "1",
-                                         "--skip_bad_images", data=str(data)))
+    with pytest.warns(UserWarning, match="(?s)left out 1 bad file.*002.png"):
+        summary = run_pretraining.main(_args(env, str(tmp_path / "b"), "--epochs", "1",
+                                             "--skip_bad_images", data=str(data)))
     assert summary["num_images"] == 7
 
 
