@@ -465,6 +465,27 @@ def test_dynamic_state_update_matches_brute_force(batch_size):
     np.testing.assert_allclose(state.mean_losses().numpy(), means, rtol=1e-12, equal_nan=True)
 
 
+def test_dynamic_state_update_adds_the_other_ranks_batch(monkeypatch):
+    """A fake two-rank world whose other rank drew the same batch: the all-reduce doubles
+    the batch's sums and counts, so every count doubles and the means stay."""
+    calls = []
+
+    def all_reduce(tensor, op=None):
+        calls.append(op)
+        tensor.mul_(2)
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    class_idx, masks, losses = _stream(3, 8)
+    state = mg.DynamicMaskingState(CLASSES, 12)
+    state.update(class_idx, masks, losses)
+    means, counts = _brute_means(class_idx, masks, losses, 3, 12)
+    assert calls == [dist.ReduceOp.SUM] and counts.sum() > 0
+    assert np.array_equal(state.counts.numpy(), 2 * counts)
+    np.testing.assert_allclose(state.mean_losses().numpy(), means, rtol=1e-12, equal_nan=True)
+
+
 def test_dynamic_state_weights_min_max_fill_and_uniform():
     state = mg.DynamicMaskingState(CLASSES, 4)
     assert torch.equal(state.weights(torch.tensor([0, 2])), torch.ones(2, 4))
@@ -572,6 +593,24 @@ def test_policy_draw_counts_index_and_loss_weights():
         policy.draw(class_idx, fg, None, epoch=1)
     with pytest.raises(ValueError, match="class indices"):
         policy.draw(torch.tensor([3]), None, torch.rand(1, L), epoch=1)
+
+
+def test_dynamic_weights_change_the_masks_from_dynamic_start():
+    """Known by construction: once class 0's first m positions have the highest observed
+    loss and every other position 0, a dynamic-weighted random mask from `dynamic_start`
+    on is exactly those m patches (zero-weight patches come last); before, it is uniform."""
+    policy = _policy(dynamic_start=1, p_region=0.0, p_weighting=(0, 1, 0), p_block=0.0)
+    m = mg.num_masked(mg.CLASS_MASK_RATIOS[CLASSES[0]], L)
+    class_idx = torch.zeros(4, dtype=torch.long)
+    planted = torch.zeros(L, dtype=torch.bool)
+    planted[:m] = True
+    freq = torch.rand(4, L, generator=torch.Generator().manual_seed(0))  # never drawn
+    before = policy.draw(class_idx, None, freq, epoch=0)
+    policy.observe(class_idx, torch.ones(4, L, dtype=torch.bool), planted.double().expand(4, L))
+    after = policy.draw(class_idx, None, freq, epoch=1)
+    assert before.masks.sum(1).tolist() == after.masks.sum(1).tolist() == [m] * 4
+    assert not (before.masks == planted).all(1).any()
+    assert (after.masks == planted).all()
 
 
 def test_policy_draw_k_uses_the_statistics_after_step_k_minus_2():

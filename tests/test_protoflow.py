@@ -606,3 +606,42 @@ def test_threshold_per_class_from_held_out_images(lite0, tmp_path):
     torch.save({k: obj[k] for k in ("encoder_state_dict", "decoder_state_dict", "backbone",
                                     "out_indices")}, released)
     assert pf.ProtoFlow(released, str(tmp_path)).threshold_for("a") is None
+
+
+def test_command_flags_reach_their_consumers(cli, tmp_path):
+    """Both commands with the shared flags away from their defaults (stride-16 features
+    only, 64 px images, another seed, an unreadable image left out) and the train
+    command's class selection, schedule and threshold quantile."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(cli["root"] / "data", data)
+    (data / "train" / "brick" / "bad.png").write_bytes(b"not a png")
+    common = list(cli["common"])
+    common[common.index("--data_path") + 1] = str(data)
+    shared = [*common, "--out_indices", "3", "--img_size", "64", "--seed", "1",
+              "--holdout", "0.4", "--skip_bad_images"]
+    protos = str(tmp_path / "prototypes")
+    with pytest.warns(UserWarning, match="(?s)left out 1 bad file.*bad.png"):
+        (path,) = rpf.main(["prototypes", *shared, "--output_dir", protos, "--classes",
+                            "brick", "--coreset_ratio", "0.1"])
+    meta = json.loads(open(os.path.join(protos, "brick", "coreset.json")).read())
+    assert meta["out_indices"] == [3] and meta["img_size"] == 64 and meta["seed"] == 1
+    # 5 readable images (of 6 files), 40 % held out
+    assert meta["num_images"] == 3 and len(meta["held_out"]) == 2
+    assert "bad.png" not in meta["held_out"]
+    # 3 images x (64 / 16)^2 patches x 0.1; stride-16 features only: 112 channels
+    assert np.load(path).shape == (int(3 * 16 * 0.1), 112)
+    out = str(tmp_path / "pf.pt")
+    with pytest.warns(UserWarning, match="(?s)left out 1 bad file.*bad.png"):
+        obj = rpf.main(["train", *shared, "--setting", "leave_one_out", "--unseen_classes",
+                        "gravel", "--prototypes_dir", protos, "--output", out, "--epochs", "2",
+                        "--n_blocks", "1", "--lr", "1e-3", "--warmup_epochs", "1",
+                        "--threshold_quantile", "0.5"])
+    assert obj["classes"] == ["brick"] and obj["feature_dim"] == 112
+    assert obj["out_indices"] == [3]
+    # one step per epoch: warm-up from lr / 10, then lr (the cosine's first value)
+    lrs = [r["lr"] for r in map(json.loads, open(out + ".log.jsonl"))]
+    assert lrs == pytest.approx([1e-4, 1e-3])
+    scores = obj["normal_image_scores"]["scores"].double()
+    assert len(scores) == 2 and obj["threshold_quantile"] == 0.5
+    assert obj["image_score_threshold"] == pytest.approx(float(scores.mean()))  # the median

@@ -273,6 +273,52 @@ def test_a_defect_left_unmasked_is_scored_by_the_covering_pass() -> None:
     assert cover["image_auroc"] == 1.0
 
 
+def test_paper_protocol_per_ratio_values_and_best_ratio_by_hand() -> None:
+    """The paper protocol on the 2x2-patch case: L = 4 patches, so ratios below 0.25 mask
+    no patch (every map is 0: image AUROC 0.5) and ratios from 0.26 mask one. The
+    F1-optimal threshold lies between the image scores ln 2 and ln 4, so only the
+    defective image is called anomalous and gets its proposal, the defect patch: CE1 x
+    0.75 at its corner, above anything the normal image's one random patch can score
+    (at most CE0 x 0.5). So the best image AUROC, 1.0, comes first at 0.26."""
+    data = _hand_data()
+    record, maps = run_test.evaluate_paper(ConstantViT(), data, sigma=0.0, batch_size=2,
+                                           device=torch.device("cpu"), amp="none", seed=0)
+    assert record["threshold"] == pytest.approx((math.log(2) + math.log(4)) / 2)
+    assert record["called_anomalous"] == 1
+    per_ratio = record["per_ratio"]
+    assert list(per_ratio) == [f"{r:.2f}" for r in run_test.PAPER_RATIOS]
+    for r in run_test.PAPER_RATIOS:
+        expected = 0.5 if r < 0.25 else 1.0
+        assert per_ratio[f"{r:.2f}"]["image_auroc"] == expected, r
+        assert per_ratio[f"{r:.2f}"]["image_f1_max"] == pytest.approx(
+            2 / 3 if r < 0.25 else 1.0), r  # all tied: everything called anomalous
+    assert record["image_auroc"] == 1.0 and record["image_auroc_ratio"] == 0.26
+    assert record["mask_ratio"] == 0.26
+    assert maps["pmad"][1, 2, 2] == pytest.approx(CE1 * 0.75, abs=1e-6)
+    assert maps["pmad"][0].max() <= CE0 * 0.5 + 1e-6
+    assert record["diagnostics"]["masked_defect_fraction"] == 1.0
+
+
+def test_a_score_equal_to_the_threshold_is_called_normal() -> None:
+    """The clean protocol's threshold call is strict: the defective image's score (ln 4,
+    its least likely patch) as the threshold calls it normal; the next float32 below
+    calls it anomalous."""
+    data = _hand_data()
+    score = run_test.proposals_from_log_likelihood(data.log_likelihood, [0.5], image_size=3,
+                                                   grid=(2, 2)).image_scores[1].item()
+    assert score == pytest.approx(math.log(4))
+    kw = dict(ratio=0.5, options=run_test.CleanOptions("threshold", "zero", "paper", "product"),
+              sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
+    at, _ = run_test.evaluate_clean(ConstantViT(), data, threshold=score, **kw)
+    lower = torch.nextafter(torch.tensor(score), torch.tensor(0.0)).item()  # float32
+    below, maps = run_test.evaluate_clean(ConstantViT(), data, threshold=lower, **kw)
+    assert at["called_anomalous"] == 0 and at["threshold"] == score
+    assert at["diagnostics"]["anomalous_with_proposal"] == 0
+    assert below["called_anomalous"] == 1
+    assert below["diagnostics"]["anomalous_with_proposal"] == 1
+    assert maps["pmad"][1, 2, 2] == pytest.approx(CE1 * 0.75, abs=1e-6)  # defect masked
+
+
 def test_mask_diagnostics_by_hand() -> None:
     data = _hand_data(size=4)  # 2x2 pixels per patch
     data.gt_masks[1] = 0
@@ -406,3 +452,59 @@ def test_command_line_exit_codes(tiny_world, tmp_path):
     no_class = run_command(base + ["--classes", "screw"], cwd=ROOT)
     assert no_class.returncode == 2 and "--classes: ['screw'] have no" in no_class.stderr
     assert "Traceback" not in no_class.stderr
+
+
+# ----------------------------------------------------------------------------- flags
+def test_evaluation_flags_reach_their_consumers(tiny_world, tmp_path, monkeypatch):
+    """One clean run with every clean-protocol flag away from its default, the test class
+    chosen by --setting leave_one_out --unseen_classes, an unreadable test image left out
+    (--skip_bad_images) and a ProtoFlow file without its encoder (--encoder_weights)."""
+    import shutil
+
+    from backbones import lite0_weights_path
+    data = tmp_path / "mvtec"
+    shutil.copytree(tiny_world.mvtec_root, data)
+    bad = sorted((data / "coins" / "test" / "good").iterdir())[0]
+    bad.write_bytes(b"not a png")
+    no_encoder = tmp_path / "protoflow_no_encoder.pt"
+    obj = torch.load(tiny_world.protoflow, map_location="cpu", weights_only=True)
+    torch.save({k: v for k, v in obj.items() if k != "encoder_state_dict"}, no_encoder)
+    seen = []
+    original = run_test.evaluate_clean
+
+    def recording(model, data, **kwargs):
+        seen.append(kwargs)
+        return original(model, data, **kwargs)
+
+    monkeypatch.setattr(run_test, "evaluate_clean", recording)
+    argv = _args_list(tiny_world, tmp_path, "clean", "--setting", "leave_one_out",
+                      "--unseen_classes", "coins", "--clean_masks", "threshold",
+                      "--unmasked", "zero", "--abnormality", "paper", "--combine", "product",
+                      "--image_score", "topk", "--mask_ratio", "0.2", "--sigma", "2",
+                      "--seed", "7", "--skip_bad_images", "--encoder_weights",
+                      lite0_weights_path())
+    argv[argv.index("--data_path") + 1] = str(data)
+    argv[argv.index("--protoflow_weights") + 1] = str(no_encoder)
+    with pytest.warns(UserWarning, match="(?s)left out 1 bad file.*000.png"):
+        results = run_test.main(run_test.get_args_parser().parse_args(argv))
+    assert list(results["classes"]) == ["coins"]  # the unseen class only
+    record = results["classes"]["coins"]
+    assert record["num_images"] == 7 and record["num_anomalous"] == 4
+    from protoflow import THRESHOLD_QUANTILE  # of the world's normal scores [1, 2, 3]
+    assert record["mask_ratio"] == 0.2
+    assert record["threshold"] == pytest.approx(np.quantile([1.0, 2.0, 3.0], THRESHOLD_QUANTILE))
+    assert record["clean_options"] == {"masks": "threshold", "unmasked": "zero",
+                                       "abnormality": "paper", "combine": "product",
+                                       "image_score": "topk"}
+    assert "ce_only" not in record  # 'zero': no covering passes, no CE-alone row
+    (kwargs,) = seen
+    assert kwargs["sigma"] == 2.0 and kwargs["seed"] == 7 and kwargs["ratio"] == 0.2
+
+
+def test_from_obj_to_texture_selects_the_obj2tex_test_classes(tiny_world, tmp_path):
+    """The original's switch is --setting obj2tex: MVTec AD's textures as test classes,
+    which this two-class world does not have (a clear error naming the setting)."""
+    with pytest.raises(ValueError, match="'obj2tex' splits MVTec AD"):
+        run_test.main(_args(tiny_world, tmp_path, "clean", "--from_obj_to_texture"))
+    with pytest.raises(ValueError, match="'tex2obj' splits MVTec AD"):
+        run_test.main(_args(tiny_world, tmp_path, "clean", "--setting", "tex2obj"))

@@ -149,6 +149,65 @@ def test_loss_falls_on_a_repeated_batch():
     assert pl.shape == (2, 196) and (pl[~masks] == 0).all() and (pl[masks] > 0).all()
 
 
+class _ScaledLogits(torch.nn.Module):
+    """A stand-in ViT: the same logits `scale * w` for every masked patch, V = 4. With
+    w = 0 and every token 0, the loss is ln 4 and its gradient w.r.t. w is
+    scale * (softmax - onehot) = scale * [-3/4, 1/4, 1/4, 1/4], of norm scale * sqrt(3/4):
+    known by construction."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4))
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor,
+                masked_index: torch.Tensor | None = None) -> torch.Tensor:
+        return (self.scale * self.w).expand(int(bool_masked_pos.sum()), 4)
+
+
+def _sgd_step(scale: float, clip_grad: float | None) -> tuple[engine.StepOutput, torch.Tensor]:
+    """One train_step with plain SGD at lr 1: the update is minus the clipped gradient."""
+    model = _ScaledLogits(scale)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    masks = torch.zeros(2, 4, dtype=torch.bool)
+    masks[0, 1] = masks[1, 2] = masks[1, 3] = True
+    out = engine.train_step(model, torch.zeros(2, 3, 2, 2), torch.zeros(2, 4, dtype=torch.long),
+                            _mask_batch(masks), opt, utils.make_grad_scaler("cpu", "none"),
+                            clip_grad=clip_grad)
+    return out, model.w.detach().clone()  # the update, since w started at 0
+
+
+def test_a_huge_gradient_is_clipped_to_clip_grad():
+    grad = torch.tensor([-0.75, 0.25, 0.25, 0.25])
+    out, update = _sgd_step(1e4, clip_grad=0.5)
+    assert out.loss.item() == pytest.approx(math.log(4))
+    assert out.grad_norm.item() == pytest.approx(1e4 * math.sqrt(0.75), rel=1e-6)  # before
+    assert update.norm().item() == pytest.approx(0.5, rel=1e-6)  # after: --clip_grad
+    torch.testing.assert_close(update, -0.5 * grad / grad.norm())  # same direction
+    _, unclipped = _sgd_step(1e4, clip_grad=None)  # None (or <= 0): no clipping
+    torch.testing.assert_close(unclipped, -1e4 * grad)
+    _, small = _sgd_step(1.0, clip_grad=3.0)  # below the limit: left as it is
+    torch.testing.assert_close(small, -grad)
+
+
+def test_loss_all_ranks_is_the_sum_over_ranks(monkeypatch):
+    """A fake two-rank world whose other rank has the same loss: all_reduce doubles it."""
+    import torch.distributed as dist
+    calls = []
+
+    def all_reduce(tensor, op=None):
+        calls.append(op)
+        tensor.mul_(2)
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    out, _ = _sgd_step(1.0, clip_grad=3.0)
+    assert calls == [dist.ReduceOp.SUM]
+    assert out.loss.item() == pytest.approx(math.log(4))
+    assert out.loss_all_ranks.item() == pytest.approx(2 * math.log(4))
+
+
 def test_patch_losses_match_full_logits():
     torch.manual_seed(1)
     model = timm.create_model(TINY, depth=2).eval()
@@ -423,3 +482,136 @@ def test_freq_mode_reaches_the_frequency_weights(env, tmp_path, monkeypatch, mod
     monkeypatch.setattr(masking_generator, "frequency_weights", spy)
     run_pretraining.main(_args(env, str(tmp_path), "--epochs", "1", "--freq_mode", mode))
     assert modes and set(modes) == {mode}
+
+
+# ----------------------------------------------------------------------------- flags
+def _record_epochs(monkeypatch) -> list[dict]:
+    """engine.train_one_epoch replaced by a record of what reaches it, with each epoch's
+    first batch (training itself is covered above)."""
+    calls: list[dict] = []
+
+    def record(model, data_loader, optimizer, scaler, policy, config, *, epoch, **k):
+        calls.append(dict(model=model, loader=data_loader, optimizer=optimizer, scaler=scaler,
+                          policy=policy, config=config, epoch=epoch,
+                          batch=next(iter(data_loader))))
+        return {"loss": 0.0}
+
+    monkeypatch.setattr(engine, "train_one_epoch", record)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def flagged(env, tmp_path_factory):
+    """One run with every optimiser, schedule and output flag away from its default."""
+    out = tmp_path_factory.mktemp("flagged")
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _record_epochs(mp)
+        summary = run_pretraining.main(_args(
+            env, str(out), "--lr", "0.01", "--min_lr", "0.001", "--warmup_steps", "2",
+            "--max_steps_per_epoch", "2", "--weight_decay", "0.2", "--weight_decay_end", "0.02",
+            "--opt_betas", "0.8", "0.95", "--opt_eps", "1e-6", "--clip_grad", "1.5",
+            "--amp", "bf16", "--dynamic_masking_start", "5", "--save_ckpt_freq", "1",
+            "--pin_mem"))
+    return {"out": out, "calls": calls, "summary": summary}
+
+
+def test_optimiser_and_schedule_flags_reach_their_consumers(flagged):
+    calls = flagged["calls"]
+    assert [c["epoch"] for c in calls] == [0, 1]
+    config = calls[0]["config"]
+    assert config.num_steps == 2  # --max_steps_per_epoch 2: 4 steps in all
+    # --warmup_steps 2 (over --warmup_epochs 0): 0, lr; then a half cosine to --min_lr
+    np.testing.assert_allclose(config.lr_schedule, [0.0, 0.01, 0.01, 0.001 + 0.0045])
+    # weight decay: a cosine from --weight_decay to --weight_decay_end, no warm-up
+    c = math.cos(math.pi / 4)
+    np.testing.assert_allclose(config.wd_schedule, [0.2, 0.02 + 0.09 * (1 + c), 0.11,
+                                                    0.02 + 0.09 * (1 - c)])
+    assert config.clip_grad == 1.5 and config.amp == "bf16"
+    groups = calls[0]["optimizer"].param_groups
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.2]
+    assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in groups)
+    assert calls[0]["policy"].dynamic_start == 5
+    assert calls[0]["loader"].pin_memory is False  # --pin_mem pins for CUDA only
+    # --save_ckpt_freq 1: a numbered checkpoint every epoch (default 20: the last only)
+    assert sorted(os.listdir(flagged["out"])) == ["checkpoint-0.pth", "checkpoint-1.pth",
+                                                  "checkpoint-last.pth", "log.txt"]
+
+
+def test_amp_bf16_runs_the_vit_in_bfloat16(flagged):
+    """--amp bf16 reaches the step's autocast (on a one-block ViT of the same kind, for
+    speed): the logits are bfloat16, the loss (float32 cross-entropy) and the gradient
+    norm finite."""
+    run = flagged["calls"][0]
+    batch, config = run["batch"], run["config"]
+    torch.manual_seed(0)
+    model = timm.create_model(TINY, depth=1, vocab_size=16)
+    dtypes = []
+    model.lm_head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    drawn = run["policy"].draw(batch["class_idx"], batch.get("fg_mask"),
+                               batch.get("freq_weights"), 0)
+    out = engine.train_step(model, batch["image"], batch["tokens"] % 16, drawn,
+                            utils.build_optimizer(model, 1e-3, 0.05), run["scaler"],
+                            clip_grad=config.clip_grad, amp=config.amp)
+    assert dtypes == [torch.bfloat16]
+    assert out.loss.dtype == torch.float32 and math.isfinite(out.loss.item())
+    assert math.isfinite(out.grad_norm.item()) and not out.failed
+
+
+def test_resume_flags_choose_the_start_epoch(env, flagged, monkeypatch):
+    out = str(flagged["out"])
+    args = ("--max_steps_per_epoch", "2")
+    calls = _record_epochs(monkeypatch)
+    assert run_pretraining.main(_args(env, out, *args))["start_epoch"] == 2  # auto: done
+    assert run_pretraining.main(_args(env, out, *args, "--auto_resume"))["start_epoch"] == 2
+    assert calls == []
+    first = os.path.join(out, "checkpoint-0.pth")
+    resumed = run_pretraining.main(_args(env, out, *args, "--resume", first))
+    assert resumed["start_epoch"] == 1 and [c["epoch"] for c in calls] == [1]
+    calls.clear()
+    fresh = run_pretraining.main(_args(env, out, *args, "--no_auto_resume"))
+    assert fresh["start_epoch"] == 0 and [c["epoch"] for c in calls] == [0, 1]
+
+
+def test_fg_mask_flag_limits_masking_to_the_foreground_or_not(env, flagged, tmp_path,
+                                                              monkeypatch):
+    """The training images' foreground masks reach the batches (patches outside the
+    object are False); --no-fg_mask counts every patch as foreground."""
+    with_masks = flagged["calls"][0]["batch"]["fg_mask"]  # (N, L)
+    assert with_masks.shape == (2, 196) and not with_masks.all() and with_masks.any()
+    calls = _record_epochs(monkeypatch)
+    run_pretraining.main(_args(env, str(tmp_path), "--no-fg_mask", "--epochs", "1"))
+    assert calls[0]["batch"]["fg_mask"].all()
+
+
+def test_skip_bad_images_leaves_an_unreadable_image_out(env, tmp_path, monkeypatch):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(env["two"], data)
+    bad = data / "train" / "carpet" / "002.png"
+    bad.write_bytes(b"not a png")
+    _record_epochs(monkeypatch)
+    with pytest.raises(datasets.BadFileError, match="002.png"):
+        run_pretraining.main(_args(env, str(tmp_path / "a"), "--epochs", "1", data=str(data)))
+    with pytest.warns(UserWarning, match="(?s)left out 1 bad file.*002.png"):
+        summary = run_pretraining.main(_args(env, str(tmp_path / "b"), "--epochs", "1",
+                                             "--skip_bad_images", data=str(data)))
+    assert summary["num_images"] == 7
+
+
+def test_init_ckpt_loads_a_beit_checkpoint(env, tmp_path, monkeypatch):
+    """The success path of --init_ckpt (without --no_init): every weight of the file."""
+    source = timm.create_model(TINY, pretrained=False, use_shared_rel_pos_bias=True,
+                               use_abs_pos_emb=False, init_values=0.1)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_()
+    path = tmp_path / "beit.pth"
+    torch.save({"model": source.state_dict()}, path)
+    calls = _record_epochs(monkeypatch)
+    argv = [a for a in _argv(env, str(tmp_path / "out"), "--epochs", "1") if a != "--no_init"]
+    run_pretraining.main(run_pretraining.get_args_parser().parse_args(
+        argv + ["--init_ckpt", str(path)]))
+    loaded = calls[0]["model"].state_dict()
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded[key], value), key
