@@ -122,8 +122,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="checkpoint to resume from, or a run's folder (its newest complete "
                         "checkpoint); a finished run resumed with a larger --epochs is "
                         "extended")
-    p.add_argument("--auto_resume", action="store_true")
-    p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
+    p.add_argument("--auto_resume", action="store_true",
+                   help="resume from the newest checkpoint in --output_dir (the default; the "
+                        "flag is BEiT's, kept so that its command lines run unchanged)")
+    p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume",
+                   help="start afresh even when --output_dir holds a checkpoint")
     p.set_defaults(auto_resume=True)
     p.add_argument("--save_ckpt_freq", type=utils.int_at_least(1), default=20)
     p.add_argument("--max_steps_per_epoch", type=utils.int_at_least(1), default=None,

@@ -1,7 +1,6 @@
 """Convert an MVTec-format dataset into the ImageNet layout PMAD trains on (docs/method.md 4).
 
   <data_path>/<class>/train/good/*   ->  <root>/train/<class>/*
-  <data_path>/<class>/test/good/*    ->  <root>/val/<class>/*
   released fg_mask.zip               ->  <root>/fg_mask/<class>/<stem>.png  (--fg_mask_zip)
   estimated foreground masks         ->  <root>/fg_mask/<class>/<stem>.png  (--make_fg_masks)
 
@@ -82,8 +81,9 @@ def find_classes(data_path: str, classes: Sequence[str] | None) -> list[str]:
 
 def plan_copies(data_path: str, root: str, classes: Sequence[str]
                 ) -> dict[str, dict[str, list[tuple[str, str]]]]:
-    """{class: {'train'|'val': [(source, destination)]}}; every missing folder of every
-    class is listed in one error before anything is written."""
+    """{class: {'train': [(source, destination)]}}: the normal training images, the only
+    ones training reads; every missing folder of every class is listed in one error
+    before anything is written."""
     plan, problems = {}, []
     for name in classes:
         class_dir = os.path.join(data_path, name)
@@ -91,14 +91,13 @@ def plan_copies(data_path: str, root: str, classes: Sequence[str]
             problems.append(f"{class_dir} (class folder missing)")
             continue
         plan[name] = {}
-        for split, out in (("train", "train"), ("test", "val")):
-            src_dir = _normal_dir(class_dir, split)
-            files = list_images(src_dir) if src_dir else []
-            if src_dir is None:
-                problems.append(f"{os.path.join(class_dir, split, 'good')} (folder missing)")
-            elif not files:
-                problems.append(f"{src_dir} (no image files {'/'.join(IMAGE_EXTENSIONS)})")
-            plan[name][out] = [(f, os.path.join(root, out, name, os.path.basename(f)))
+        src_dir = _normal_dir(class_dir, "train")
+        files = list_images(src_dir) if src_dir else []
+        if src_dir is None:
+            problems.append(f"{os.path.join(class_dir, 'train', 'good')} (folder missing)")
+        elif not files:
+            problems.append(f"{src_dir} (no image files {'/'.join(IMAGE_EXTENSIONS)})")
+        plan[name]["train"] = [(f, os.path.join(root, "train", name, os.path.basename(f)))
                                for f in files]
     if problems:
         raise LayoutError(f"{data_path} is not a complete MVTec-format dataset; missing:\n  "
@@ -345,16 +344,15 @@ def _mask_coverage(root: str, name: str) -> tuple[int, int]:
 
 
 def _table(root: str, classes: Sequence[str]) -> str:
-    rows = [("class", "train", "val", "fg_mask")]
-    totals = [0, 0, 0]
+    rows = [("class", "train", "fg_mask")]
+    totals = [0, 0]
     for name in classes:
         with_mask, n_train = _mask_coverage(root, name)
-        n_val = len(list_images(os.path.join(root, "val", name)))
-        totals = [totals[0] + n_train, totals[1] + n_val, totals[2] + with_mask]
-        rows.append((name, str(n_train), str(n_val), str(with_mask)))
+        totals = [totals[0] + n_train, totals[1] + with_mask]
+        rows.append((name, str(n_train), str(with_mask)))
     rows.append(("total", *map(str, totals)))
     width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{r[0]:<{width}}  {r[1]:>6}  {r[2]:>6}  {r[3]:>7}" for r in rows)
+    return "\n".join(f"{r[0]:<{width}}  {r[1]:>6}  {r[2]:>7}" for r in rows)
 
 
 def _counts(c: Counter) -> str:
@@ -444,10 +442,8 @@ def run(args: argparse.Namespace) -> None:
     prepare_output_dir(args.root, "--root")
 
     verb = "hard-linking" if args.link else "copying"
-    for split in ("train", "val"):
-        pairs = [pair for name in classes for pair in plan[name][split]]
-        counts = sync_files(pairs, args.link, f"{verb} {split}")
-        print(f"{split}: {_counts(counts)}")
+    pairs = [pair for name in classes for pair in plan[name]["train"]]
+    print(f"train: {_counts(sync_files(pairs, args.link, f'{verb} train'))}")
     for note in _extra_files(plan):
         print(f"note: {note}")
 

@@ -156,6 +156,12 @@ def test_custom_set_has_image_metrics_only(tiny_world, tmp_path):
     assert len(list((mvtec / "coins" / "train" / "good").iterdir())) == len(good) - len(held)
     assert len(list((mvtec / "coins" / "test" / "defect").iterdir())) == 4
     assert not (mvtec / "coins" / "ground_truth").exists()
+    half = tmp_path / "half_mvtec"  # --custom_test_fraction 0.5: every 2nd normal image
+    assert setup_main(["--custom", str(tmp_path / "mine"), "--data_path", str(half),
+                       "--root", str(tmp_path / "half_imagenet"),
+                       "--custom_test_fraction", "0.5"]) == 0
+    assert sorted(p.name for p in (half / "coins" / "test" / "good").iterdir()) == \
+        [f"{k:03d}.png" for k in range(1, len(good), 2)]
 
     results = run_test.main(run_test.get_args_parser().parse_args(
         ["--model", tiny_world.model] + _eval_argv(

@@ -14,6 +14,7 @@ from typing import Callable
 
 import pytest
 
+import predict
 import run_pretraining
 import run_protoflow
 import run_test
@@ -54,12 +55,16 @@ def _flags(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, tuple
 
 ENTRY_POINTS = {
     "run_pretraining.py": (run_pretraining.get_args_parser,
-                           ["test_training.py", "test_run_test.py"]),
-    "run_test.py": (run_test.get_args_parser, ["test_run_test.py"]),
+                           ["test_training.py", "test_run_test.py", "test_reliability.py"]),
+    "run_test.py": (run_test.get_args_parser, ["test_run_test.py", "test_reliability.py"]),
     "run_protoflow.py": (lambda: _parser_of(lambda: run_protoflow.main([])),
-                         ["test_protoflow.py"]),
+                         ["test_protoflow.py", "test_reliability.py"]),
     "setup_train_dataset.py": (lambda: _parser_of(lambda: setup_train_dataset.parse_args([])),
-                               ["test_setup_train_dataset.py", "conftest.py"]),
+                               ["test_setup_train_dataset.py", "conftest.py",
+                                "test_dataset_converters.py", "test_reliability.py"]),
+    # predict.py's model and clean-protocol flags are run_test's (add_model_args,
+    # add_clean_args): their effects are asserted in run_test's tests
+    "predict.py": (predict.get_args_parser, ["test_predict.py", "test_run_test.py"]),
 }
 
 # flag -> why no test passes it

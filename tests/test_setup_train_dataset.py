@@ -47,8 +47,6 @@ def _sources(data: Path) -> list[tuple[Path, Path]]:
     pairs = []
     for src in sorted(data.glob("*/train/good/*.png")):
         pairs.append((src, Path("train") / src.parts[-4] / src.name))
-    for src in sorted(data.glob("*/test/good/*.png")):
-        pairs.append((src, Path("val") / src.parts[-4] / src.name))
     return pairs
 
 
@@ -57,19 +55,19 @@ def test_convert_idempotent_and_replaces_changed(tmp_path, capsys):
     assert _run("--data_path", data, "--root", root, "--classes", "bottle", "carpet") == 0
     out = capsys.readouterr().out
     pairs = _sources(data)
-    assert len(pairs) == 10
+    assert len(pairs) == 6
     for src, rel in pairs:
         assert (root / rel).read_bytes() == src.read_bytes()
     assert sorted(p.relative_to(root) for p in root.rglob("*.png")) == sorted(r for _, r in pairs)
-    assert "train: 6 new, 0 unchanged, 0 replaced" in out and "val: 4 new" in out
+    assert "train: 6 new, 0 unchanged, 0 replaced" in out and "val:" not in out
     assert [line.split() for line in out.splitlines() if line.startswith("bottle")] == \
-        [["bottle", "3", "2", "0"]]
+        [["bottle", "3", "0"]]
     assert "total" in out and "without a foreground mask: bottle (3 of 3)" in out
 
     mtimes = {rel: (root / rel).stat().st_mtime_ns for _, rel in pairs}
     assert _run("--data_path", data, "--root", root, "--classes", "bottle", "carpet") == 0
     out = capsys.readouterr().out
-    assert "train: 0 new, 6 unchanged, 0 replaced" in out and "val: 0 new, 4 unchanged" in out
+    assert "train: 0 new, 6 unchanged, 0 replaced" in out
     assert {rel: (root / rel).stat().st_mtime_ns for _, rel in pairs} == mtimes
     assert not list(root.rglob("*.tmp*"))
 
@@ -100,13 +98,13 @@ def test_link_makes_hard_links(tmp_path, capsys):
 
 def test_layout_errors_list_everything_before_writing(tmp_path, capsys):
     data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "inet"
-    for f in (data / "bottle" / "test" / "good").iterdir():
+    for f in (data / "bottle" / "train" / "good").iterdir():
         f.unlink()
     (data / "carpet" / "train" / "good").rename(data / "carpet" / "train" / "normal")
     assert _run("--data_path", data, "--root", root, "--classes", "bottle", "carpet",
                 "cable") == 2
     err = capsys.readouterr().err
-    assert "bottle/test/good (no image files" in err
+    assert "bottle/train/good (no image files" in err
     assert "carpet/train/good (folder missing)" in err
     assert "cable (class folder missing)" in err and "expected <data_path>/<class>" in err
     assert not root.exists()
@@ -154,7 +152,7 @@ def test_fg_mask_zip(tmp_path, capsys, prefix):
     assert "without a foreground mask: carpet (3 of 3)" in out
     assert not (root / "fg_mask" / "screw").exists()
     assert [line.split() for line in out.splitlines() if line.startswith("bottle")] == \
-        [["bottle", "3", "2", "3"]]
+        [["bottle", "3", "3"]]
     ds = PretrainDataset(str(root), ["bottle"], token_size=16, img_size=32)
     assert ds[2]["fg_mask"].tolist() == [True, True, False, False]  # rows 2-9, cols 4-19
     assert _run(*argv) == 0
@@ -246,7 +244,7 @@ def test_make_demo_wiring(tmp_path, monkeypatch, capsys):
     assert calls == [("data/demo_mvtec", "data/demo_imagenet", 0, None, (40, 20, 20), "main")]
     out = capsys.readouterr().out
     assert [line.split() for line in out.splitlines() if line.startswith("gizmo")] == \
-        [["gizmo", "3", "2", "3"]]
+        [["gizmo", "3", "3"]]
     assert sorted(os.listdir(tmp_path / "data" / "demo_imagenet" / "train" / "gizmo")) == \
         ["000.png", "001.png", "002.png"]
     assert main(["--make_demo", "d", "--root", "elsewhere", "--classes", "gizmo",
@@ -263,7 +261,6 @@ def test_make_demo_real_one_class(tmp_path, capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if line.startswith("coins")]
     n_train = len(os.listdir(demo / "coins" / "train" / "good"))
-    assert rows == [["coins", str(n_train), str(len(os.listdir(demo / "coins" / "test" / "good"))),
-                     str(n_train)]]
+    assert rows == [["coins", str(n_train), str(n_train)]]
     fg = PretrainDataset(str(root), ["coins"], token_size=112)[0]["fg_mask"]
     assert 0 < fg.sum() < fg.numel()  # an object with a real foreground
