@@ -6,6 +6,7 @@ Everything here takes plain arguments; argparse lives in run_pretraining.py.
 from __future__ import annotations
 
 import argparse
+import math
 import contextlib
 import datetime
 import errno
@@ -97,28 +98,27 @@ def int_at_least(low: int, zero_note: str = "") -> Callable[[str], int]:
     return parse
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
+def _float_in(text: str, low: float, high: float, problem: str) -> float:
+    """`text` as a number strictly inside (low, high) (nan never is), else `problem`."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    if not low < value < high:
+        raise argparse.ArgumentTypeError(f"{text} {problem}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _float_in(text, 0.0, math.inf, "is not a positive number")
 
 
 def mask_ratio_arg(text: str) -> float:
     """argparse type of a mask ratio: a fraction of the patches, strictly inside (0, 1)."""
-    try:
-        ratio = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < ratio < 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(
-            f"{text} is outside (0, 1): a mask ratio is the fraction of patches masked, "
-            "e.g. 0.3 (the paper's Table 6 ratios lie between 0.04 and 0.48)")
-    return ratio
+    return _float_in(text, 0.0, 1.0, "is outside (0, 1): a mask ratio is the fraction of "
+                     "patches masked, e.g. 0.3 (the paper's Table 6 ratios lie between "
+                     "0.04 and 0.48)")
 
 
 def prepare_output_dir(path: str | os.PathLike, flag: str) -> str:

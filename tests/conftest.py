@@ -121,6 +121,28 @@ def run_command(cmd: list[str], *, timeout: float = HANG_GUARD_S, **kwargs
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@pytest.fixture
+def two_rank_world(monkeypatch: pytest.MonkeyPatch) -> list:
+    """fake_two_rank_world as a fixture."""
+    return fake_two_rank_world(monkeypatch)
+
+
+def fake_two_rank_world(monkeypatch: pytest.MonkeyPatch) -> list:
+    """A fake initialised two-rank group whose other rank holds the same tensor: every
+    all_reduce doubles its input. Returns the list of the reductions' ops."""
+    import torch.distributed as dist
+    calls = []
+
+    def all_reduce(tensor: torch.Tensor, op=None, **_) -> None:
+        calls.append(op)
+        tensor.mul_(2)
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    return calls
+
+
 FORMATS = Path(__file__).resolve().parent / "formats"
 
 

@@ -465,18 +465,10 @@ def test_dynamic_state_update_matches_brute_force(batch_size):
     np.testing.assert_allclose(state.mean_losses().numpy(), means, rtol=1e-12, equal_nan=True)
 
 
-def test_dynamic_state_update_adds_the_other_ranks_batch(monkeypatch):
+def test_dynamic_state_update_adds_the_other_ranks_batch(two_rank_world):
     """A fake two-rank world whose other rank drew the same batch: the all-reduce doubles
     the batch's sums and counts, so every count doubles and the means stay."""
-    calls = []
-
-    def all_reduce(tensor, op=None):
-        calls.append(op)
-        tensor.mul_(2)
-
-    monkeypatch.setattr(dist, "is_available", lambda: True)
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    calls = two_rank_world
     class_idx, masks, losses = _stream(3, 8)
     state = mg.DynamicMaskingState(CLASSES, 12)
     state.update(class_idx, masks, losses)

@@ -32,6 +32,7 @@ import test_modeling_pmad
 import test_protoflow
 import test_run_test
 import test_training
+from conftest import fake_two_rank_world
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,10 +133,10 @@ def aupro_without_its_limit(mp: pytest.MonkeyPatch) -> None:
     plant(mp, metrics, "_aupro", lambda ranked, fpr_limit, name: original(ranked, 1.0, name))
 
 
-def _with_monkeypatch(test: Callable[..., None]) -> Callable[[], None]:
+def _in_two_rank_world(test: Callable[[list], None]) -> Callable[[], None]:
     def run() -> None:
         with pytest.MonkeyPatch.context() as mp:
-            test(mp)
+            test(fake_two_rank_world(mp))
     run.__name__ = test.__name__
     return run
 
@@ -156,10 +157,10 @@ MUTATIONS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], list[Callable[[
     "normalisation swap": (normalisation_swapped, [
         test_datasets.test_normalization_follows_the_flag]),
     "skipped all-reduce of the dynamic statistics": (dynamic_statistics_not_all_reduced, [
-        _with_monkeypatch(
+        _in_two_rank_world(
             test_masking_generator.test_dynamic_state_update_adds_the_other_ranks_batch)]),
     "skipped all-reduce of the loss": (loss_not_all_reduced, [
-        _with_monkeypatch(test_training.test_loss_all_ranks_is_the_sum_over_ranks)]),
+        _in_two_rank_world(test_training.test_loss_all_ranks_is_the_sum_over_ranks)]),
     "log-likelihood sign in the proposals": (proposals_of_the_likeliest_patches, [
         test_protoflow.test_test_ranks_follow_the_planted_anomaly,
         test_run_test.test_pmad_map_of_a_2x2_patch_case_by_hand]),

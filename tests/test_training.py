@@ -190,18 +190,10 @@ def test_a_huge_gradient_is_clipped_to_clip_grad():
     torch.testing.assert_close(small, -grad)
 
 
-def test_loss_all_ranks_is_the_sum_over_ranks(monkeypatch):
+def test_loss_all_ranks_is_the_sum_over_ranks(two_rank_world):
     """A fake two-rank world whose other rank has the same loss: all_reduce doubles it."""
     import torch.distributed as dist
-    calls = []
-
-    def all_reduce(tensor, op=None):
-        calls.append(op)
-        tensor.mul_(2)
-
-    monkeypatch.setattr(dist, "is_available", lambda: True)
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    calls = two_rank_world
     out, _ = _sgd_step(1.0, clip_grad=3.0)
     assert calls == [dist.ReduceOp.SUM]
     assert out.loss.item() == pytest.approx(math.log(4))
