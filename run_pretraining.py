@@ -140,7 +140,15 @@ def load_init(model: torch.nn.Module, path: str) -> None:
             f"--init_ckpt {path} not found: download beit_base_patch16_224_pt22k.pth (links "
             "in README.md, 'Download Pretrained Weights'; see weights/README.md) into "
             "weights/, point --init_ckpt at it, or pass --no_init to train from scratch")
-    result = modeling_pmad.load_checkpoint(model, path)
+    state_dict = modeling_pmad.unwrap_state_dict(utils.read_weights_file(path), path)
+    head, file_head = model.lm_head.weight.shape, state_dict.get("lm_head.weight")
+    if file_head is not None and file_head.shape != head:
+        # BEiT's pt22k head predicts DALL-E's 8,192 codes; another tokenizer needs its own
+        utils.main_print(f"[init] {path}: its lm_head predicts {file_head.shape[0]} visual "
+                         f"tokens, this run's tokenizer has {head[0]}: the head starts from "
+                         "random weights, every other layer from the file")
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("lm_head.")}
+    result = modeling_pmad.load_checkpoint(model, path, checkpoint=state_dict)
     utils.main_print(f"[init] {path}: missing {result['missing']}, "
                      f"unexpected {result['unexpected']}")
 

@@ -607,3 +607,29 @@ def test_init_ckpt_loads_a_beit_checkpoint(env, tmp_path, monkeypatch):
     loaded = calls[0]["model"].state_dict()
     for key, value in source.state_dict().items():
         assert torch.equal(loaded[key], value), key
+
+
+def test_init_ckpt_of_another_vocabulary_keeps_all_but_the_head(tmp_path, capsys):
+    """BEiT's pt22k file (an 8,192-code head) into a model of a 32-code tokenizer: every
+    layer but lm_head comes from the file, the head keeps its initial weights, and the
+    log says so."""
+    source = timm.create_model(TINY, pretrained=False, use_shared_rel_pos_bias=True,
+                               use_abs_pos_emb=False, init_values=0.1, vocab_size=8192)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_()
+    path = tmp_path / "beit.pth"
+    torch.save({"model": source.state_dict()}, path)
+    target = timm.create_model(TINY, pretrained=False, use_shared_rel_pos_bias=True,
+                               use_abs_pos_emb=False, init_values=0.1, vocab_size=32)
+    head = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("lm_head.")}
+    run_pretraining.load_init(target, str(path))
+    loaded = target.state_dict()
+    for key, value in source.state_dict().items():
+        if key.startswith("lm_head."):
+            assert torch.equal(loaded[key], head[key]) and loaded[key].shape[0] == 32, key
+        else:
+            assert torch.equal(loaded[key], value), key
+    assert "its lm_head predicts 8192 visual tokens, this run's tokenizer has 32" in \
+        capsys.readouterr().out
