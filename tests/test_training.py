@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -590,16 +591,23 @@ def test_skip_bad_images_leaves_an_unreadable_image_out(env, tmp_path, monkeypat
     assert summary["num_images"] == 7
 
 
-def test_init_ckpt_loads_a_beit_checkpoint(env, tmp_path, monkeypatch):
-    """The success path of --init_ckpt (without --no_init): every weight of the file."""
+def _beit_like_file(tmp_path, **kwargs) -> tuple[torch.nn.Module, Path]:
+    """A tiny BEiT-layout model with random (not initial) weights, saved as BEiT saves:
+    {'model': state_dict}."""
     source = timm.create_model(TINY, pretrained=False, use_shared_rel_pos_bias=True,
-                               use_abs_pos_emb=False, init_values=0.1)
+                               use_abs_pos_emb=False, init_values=0.1, **kwargs)
     torch.manual_seed(3)
     with torch.no_grad():
         for p in source.parameters():
             p.normal_()
     path = tmp_path / "beit.pth"
     torch.save({"model": source.state_dict()}, path)
+    return source, path
+
+
+def test_init_ckpt_loads_a_beit_checkpoint(env, tmp_path, monkeypatch):
+    """The success path of --init_ckpt (without --no_init): every weight of the file."""
+    source, path = _beit_like_file(tmp_path)
     calls = _record_epochs(monkeypatch)
     argv = [a for a in _argv(env, str(tmp_path / "out"), "--epochs", "1") if a != "--no_init"]
     run_pretraining.main(run_pretraining.get_args_parser().parse_args(
@@ -613,14 +621,7 @@ def test_init_ckpt_of_another_vocabulary_keeps_all_but_the_head(tmp_path, capsys
     """BEiT's pt22k file (an 8,192-code head) into a model of a 32-code tokenizer: every
     layer but lm_head comes from the file, the head keeps its initial weights, and the
     log says so."""
-    source = timm.create_model(TINY, pretrained=False, use_shared_rel_pos_bias=True,
-                               use_abs_pos_emb=False, init_values=0.1, vocab_size=8192)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in source.parameters():
-            p.normal_()
-    path = tmp_path / "beit.pth"
-    torch.save({"model": source.state_dict()}, path)
+    source, path = _beit_like_file(tmp_path, vocab_size=8192)
     target = timm.create_model(TINY, pretrained=False, use_shared_rel_pos_bias=True,
                                use_abs_pos_emb=False, init_values=0.1, vocab_size=32)
     head = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("lm_head.")}
