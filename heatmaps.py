@@ -12,11 +12,18 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image
+
+from protoflow import image_score
+
+if TYPE_CHECKING:
+    from protocols import ClassData
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 FONT_SCALE = 0.42
@@ -157,3 +164,20 @@ def extremes_per_type(scores: Sequence[float], types: Sequence[str], count: int
         rank = {int(i): r for r, i in enumerate(order)}
         picks += sorted(chosen.items(), key=lambda item: rank[item[0]])
     return picks
+
+
+def save_heatmaps(data: ClassData, maps: torch.Tensor, scores: torch.Tensor,
+                  threshold: float | None, out_dir: Path, count: int,
+                  mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """run_test.py --save_heatmaps N: the N most and the N least anomalous images (PMAD's
+    image score `scores`, (N,)) of each defect type and of the normal images, each as
+    image | ground truth | overlay with a colour bar on one scale per class, captioned
+    with its scores, ProtoFlow's `threshold` and the decision."""
+    scale = ColourScale.of(maps)
+    protoflow_scores = image_score(data.log_likelihood)  # (N,)
+    for i, note in extremes_per_type(scores.tolist(), data.defect_types, count):
+        caption = Caption(data.names[i], float(scores[i]), float(protoflow_scores[i]),
+                          threshold, truth=data.defect_types[i], note=note)
+        gt = None if data.gt_masks is None else data.gt_masks[i].numpy()
+        save_png(render(to_uint8_image(data.images[i], mean, std), maps[i].numpy(), scale,
+                        caption, gt), out_dir / f"{data.names[i]}.png")

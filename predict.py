@@ -6,7 +6,7 @@
         --output_dir output_dir/predict --maps
 
 Inputs are folders (searched recursively), image files or glob patterns. Each image is
-scored exactly as run_test.py's clean protocol scores a test image (run_test.clean_scores,
+scored exactly as run_test.py's clean protocol scores a test image (protocols.clean_scores,
 the same flags and defaults): `predictions.csv` holds per image its PMAD score, its
 ProtoFlow score, ProtoFlow's stored normal-data threshold for the class and the decision
 at it. ProtoFlow's abnormality map, and so PMAD's map and score, is normalised over the
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import datasets
 import heatmaps
+import protocols
 import run_test
 import utils
 
@@ -152,10 +153,10 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
                                             img_size=m.img_size, mean=m.mean, std=m.std,
                                             skip_bad_images=args.skip_bad_images)
         skipped += dataset.bad_files
-        data = run_test.collect_class(dataset, m.tokenizer, m.protoflow, cls, args.batch_size,
+        data = protocols.collect_class(dataset, m.tokenizer, m.protoflow, cls, args.batch_size,
                                       m.device, args.num_workers)
         threshold = m.protoflow.threshold_for(cls)
-        scores = run_test.clean_scores(m.model, data, ratio=run_test.class_mask_ratio(args, cls),
+        scores = protocols.clean_scores(m.model, data, ratio=run_test.class_mask_ratio(args, cls),
                                        threshold=threshold, options=options, sigma=args.sigma,
                                        batch_size=args.batch_size, device=m.device, amp=m.amp,
                                        seed=args.seed)

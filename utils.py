@@ -636,6 +636,22 @@ def read_weights_file(path: str | os.PathLike, fix: str = "Download it again.",
                               f"{_torch_error_text(e)}. {fix}") from None
 
 
+def resolve_weights_file(path: str, flag: str, pattern: str = "*.pt") -> str:
+    """A file, or a folder holding exactly one file matching `pattern` (the layout of
+    weights/: one file per folder)."""
+    folder = os.fspath(path)
+    if os.path.isfile(folder):
+        return folder
+    if not os.path.isdir(folder):
+        raise MissingFileError(f"{flag} {folder} does not exist: see weights/README.md")
+    found = sorted(glob.glob(os.path.join(glob.escape(folder), pattern)))
+    if len(found) != 1:
+        raise MissingFileError(f"{folder} holds {len(found)} files matching {pattern} "
+                               f"({[os.path.basename(f) for f in found]}): name one with "
+                               f"{flag}")
+    return found[0]
+
+
 def load_checkpoint_file(path: str, mmap: bool = False) -> dict:
     """torch.load(weights_only=True); argparse.Namespace (the original's 'args') allowed,
     and turned into a plain dict."""

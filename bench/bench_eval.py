@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import protoflow as pf  # noqa: E402
-import run_test  # noqa: E402
+import protocols  # noqa: E402
+import utils  # noqa: E402
 from backbones import create_backbone  # noqa: E402
 from engine import patch_losses  # noqa: E402
 from masking_generator import num_masked  # noqa: E402
@@ -58,7 +59,7 @@ def main() -> None:
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"])
     args = p.parse_args()
     device = torch.device(args.device)
-    amp = run_test.resolve_amp(args.amp, device)
+    amp = utils.resolve_amp(args.amp, device)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.images, 3, 224, 224, generator=g)
     token_images = torch.rand(args.images, 3, 112, 112, generator=g)
@@ -75,24 +76,24 @@ def main() -> None:
                                 for t in token_images.split(args.batch_size)])
             logp, dist = (torch.cat(t) for t in zip(*[protoflow.scores(x, "c")
                                                       for x in images.split(args.batch_size)]))
-            data = run_test.ClassData(images, tokens, logp, dist, labels, gts,
+            data = protocols.ClassData(images, tokens, logp, dist, labels, gts,
                                       defect_types=["good" if y == 0 else "bad" for y in labels])
             common = dict(sigma=4.0, batch_size=args.batch_size, device=device, amp=amp,
                           seed=0)
             if protocol == "paper":
-                run_test.evaluate_paper(model, data, **common)
+                protocols.evaluate_paper(model, data, **common)
             else:
-                run_test.evaluate_clean(model, data, ratio=0.3, threshold=protoflow.threshold,
-                                        options=run_test.CleanOptions(), **common)
+                protocols.evaluate_clean(model, data, ratio=0.3, threshold=protoflow.threshold,
+                                        options=protocols.CleanOptions(), **common)
 
         def baseline() -> None:
             set_fused_attn(model, False)
-            for r in run_test.PAPER_RATIOS:
+            for r in protocols.PAPER_RATIOS:
                 for i in range(args.images):
                     tokens = tokenizer.get_codebook_indices(token_images[i:i + 1].to(device))
                     logp = protoflow.log_likelihood(images[i:i + 1], "c")
                     prop = pf.proposals_from_log_likelihood(logp, [r])
-                    with run_test.amp_autocast(device, amp):
+                    with utils.amp_autocast(device, amp):
                         patch_losses(model, images[i:i + 1].to(device), tokens,
                                      prop.masks[r].to(device))
             set_fused_attn(model, True)

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 import engine  # noqa: E402
+import metrics  # noqa: E402
 import modeling_pmad  # noqa: E402,F401  (registers the ViTs)
 import run_pretraining  # noqa: E402
 import run_test  # noqa: E402
@@ -285,7 +286,7 @@ def check_run_test(args, device: torch.device) -> str:
     worst = 0.0
     for name, record in results["cpu"].items():
         other = results[device.type][name]
-        for key in run_test.METRIC_KEYS:
+        for key in metrics.METRIC_NAMES:
             worst = max(worst, abs(record[key] - other[key]),
                         abs(record["protoflow_only"][key] - other["protoflow_only"][key]))
     if worst > 1e-3:

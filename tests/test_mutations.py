@@ -22,8 +22,8 @@ import datasets
 import masking_generator
 import metrics
 import modeling_pmad
+import protocols
 import protoflow
-import run_test
 import utils
 import test_datasets
 import test_masking_generator
@@ -52,9 +52,9 @@ def plant(monkeypatch: pytest.MonkeyPatch, module, name: str, bug: Callable) -> 
 
 # ----------------------------------------------------------------------------- the bugs
 def dropped_abnormality_map(mp: pytest.MonkeyPatch) -> None:
-    """run_test's score map without ProtoFlow's abnormality map (CE alone)."""
-    original = run_test.pmad_maps
-    plant(mp, run_test, "pmad_maps", lambda scores, abnormality, *a, **k: original(
+    """PMAD's score map without ProtoFlow's abnormality map (CE alone)."""
+    original = protocols.pmad_maps
+    plant(mp, protocols, "pmad_maps", lambda scores, abnormality, *a, **k: original(
         scores, torch.ones_like(abnormality), *a, **k))
 
 

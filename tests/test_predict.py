@@ -12,6 +12,7 @@ from PIL import Image
 
 import datasets
 import predict
+import protocols
 import run_test
 
 
@@ -36,8 +37,8 @@ def _clean_protocol_scores(world, class_name: str, *extra: str) -> dict[str, tup
     dataset = datasets.MVTecTestDataset(world.mvtec_root, class_name,
                                         token_size=m.tokenizer.image_size,
                                         img_size=m.img_size, mean=m.mean, std=m.std)
-    data = run_test.collect_class(dataset, m.tokenizer, m.protoflow, class_name, 8, m.device)
-    s = run_test.clean_scores(m.model, data, ratio=run_test.class_mask_ratio(args, class_name),
+    data = protocols.collect_class(dataset, m.tokenizer, m.protoflow, class_name, 8, m.device)
+    s = protocols.clean_scores(m.model, data, ratio=run_test.class_mask_ratio(args, class_name),
                               threshold=m.protoflow.threshold_for(class_name),
                               options=run_test.clean_options(args), sigma=args.sigma,
                               batch_size=8, device=m.device, amp=m.amp, seed=args.seed)
@@ -85,8 +86,8 @@ def test_random_masks_follow_the_image_not_the_batch(tiny_world):
                                        [f"{p.parent.name}_{p.stem}" for p in paths],
                                        token_size=m.tokenizer.image_size, mean=m.mean,
                                        std=m.std)
-        data = run_test.collect_class(ds, m.tokenizer, m.protoflow, "coins", 2, m.device)
-        s = run_test.clean_scores(m.model, data, ratio=0.3, threshold=1e9,
+        data = protocols.collect_class(ds, m.tokenizer, m.protoflow, "coins", 2, m.device)
+        s = protocols.clean_scores(m.model, data, ratio=0.3, threshold=1e9,
                                   options=run_test.clean_options(args), sigma=4.0,
                                   batch_size=2, device=m.device, amp=m.amp, seed=0)
         assert not s.proposal.any() and not s.anomalous.any()

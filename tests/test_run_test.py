@@ -13,6 +13,12 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 import heatmaps
+import masking_generator
+import metrics
+import modeling_pmad
+import protocols
+import protoflow
+import reporting
 import run_test
 from conftest import KMEANS_VOCAB
 
@@ -33,19 +39,9 @@ def _args(world, tmp_path, protocol: str, *extra: str):
 
 def test_gaussian_blur_equals_scipy() -> None:
     maps = torch.rand(3, 40, 33, dtype=torch.float64)
-    ours = run_test.gaussian_blur(maps, 4.0).numpy()
+    ours = protocols.gaussian_blur(maps, 4.0).numpy()
     ref = np.stack([gaussian_filter(m, sigma=4) for m in maps.numpy()])
     np.testing.assert_allclose(ours, ref, atol=1e-12)
-
-
-def test_resolve_weights_file(tmp_path) -> None:
-    (tmp_path / "a.pt").write_bytes(b"x")
-    assert run_test.resolve_weights_file(str(tmp_path)).endswith("a.pt")
-    (tmp_path / "b.pt").write_bytes(b"x")
-    with pytest.raises(FileNotFoundError, match="holds 2 files"):
-        run_test.resolve_weights_file(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="weights/README.md"):
-        run_test.resolve_weights_file(str(tmp_path / "missing"))
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +58,8 @@ def test_clean_protocol_end_to_end(clean_run, tiny_world) -> None:
     assert saved["protocol"] == "clean" and len(saved["checkpoints"]["pmad"]) == 64
     for name, record in saved["classes"].items():
         assert record["num_images"] == 8 and record["num_anomalous"] == 4
-        assert record["mask_ratio"] == run_test.CLASS_MASK_RATIOS.get(name, 0.3)
-        for key in run_test.METRIC_KEYS:
+        assert record["mask_ratio"] == masking_generator.CLASS_MASK_RATIOS.get(name, 0.3)
+        for key in metrics.METRIC_NAMES:
             assert 0.0 <= record[key] <= 1.0
             assert 0.0 <= record["protoflow_only"][key] <= 1.0
     mean = np.mean([r["image_auroc"] for r in saved["classes"].values()])
@@ -76,7 +72,7 @@ def test_clean_protocol_end_to_end(clean_run, tiny_world) -> None:
     assert {line.split(",")[2] for line in csv_lines[1:]} == {
         "pmad", "protoflow_only", "patchcore", "ce_only"}
     for key in ("mean_protoflow_only", "mean_patchcore", "mean_ce_only"):
-        assert set(run_test.METRIC_KEYS) <= set(saved[key])
+        assert set(metrics.METRIC_NAMES) <= set(saved[key])
     assert "| PatchCore" in table and "Defect type" in table
     # --save_heatmaps 1: the most and the least anomalous image of each defect type
     test_dir = tiny_world.mvtec_root / "coins" / "test"
@@ -94,7 +90,7 @@ def test_paper_protocol_reports_best_ratio_per_metric(tiny_world, tmp_path) -> N
     results = run_test.main(_args(tiny_world, tmp_path, "paper", "--classes", "coins"))
     record = results["classes"]["coins"]
     assert len(record["per_ratio"]) == 24
-    for key in run_test.METRIC_KEYS:
+    for key in metrics.METRIC_NAMES:
         values = [v[key] for v in record["per_ratio"].values()]
         assert record[key] == max(v for v in values if not math.isnan(v))
         assert record["per_ratio"][f"{record[key + '_ratio']:.2f}"][key] == record[key]
@@ -109,20 +105,20 @@ def test_clean_protocol_score_maps_ignore_labels(tiny_world) -> None:
     from protoflow import ProtoFlow
 
     model = timm.create_model(tiny_world.model, pretrained=False, vocab_size=KMEANS_VOCAB)
-    run_test.modeling_pmad.load_checkpoint(model, str(tiny_world.pmad_ckpt))
+    modeling_pmad.load_checkpoint(model, str(tiny_world.pmad_ckpt))
     model.eval()
     tokenizer = create_tokenizer("kmeans", str(tiny_world.tokenizer))
     pf = ProtoFlow(str(tiny_world.protoflow), str(tiny_world.prototypes_dir))
     ds = datasets.MVTecTestDataset(tiny_world.mvtec_root, "brick", token_size=224)
-    data = run_test.collect_class(ds, tokenizer, pf, "brick", 8, torch.device("cpu"))
-    kwargs = dict(ratio=0.3, threshold=pf.threshold, options=run_test.CleanOptions(),
+    data = protocols.collect_class(ds, tokenizer, pf, "brick", 8, torch.device("cpu"))
+    kwargs = dict(ratio=0.3, threshold=pf.threshold, options=protocols.CleanOptions(),
                   sigma=4.0, batch_size=8, device=torch.device("cpu"), amp="none", seed=0)
-    _, maps = run_test.evaluate_clean(model, data, **kwargs)
+    _, maps = protocols.evaluate_clean(model, data, **kwargs)
     perm = np.random.default_rng(0).permutation(len(data.labels))
     assert (data.labels[perm] != data.labels).any()
     data.labels, data.gt_masks = data.labels[perm], data.gt_masks[perm]
     data.defect_types = [data.defect_types[i] for i in perm]
-    _, shuffled = run_test.evaluate_clean(model, data, **kwargs)
+    _, shuffled = protocols.evaluate_clean(model, data, **kwargs)
     assert maps.keys() == shuffled.keys() == {"pmad", "protoflow_only", "patchcore", "ce_only"}
     for key in maps:
         assert torch.equal(maps[key], shuffled[key]), key
@@ -175,7 +171,7 @@ class ConstantViT(torch.nn.Module):
 CE0, CE1 = math.log(4 / 3), math.log(4)
 
 
-def _hand_data(size: int = 3) -> run_test.ClassData:
+def _hand_data(size: int = 3) -> protocols.ClassData:
     """Two 2x2-patch images (S x S pixels). Image 0 is normal; image 1 has a defect in
     its bottom-right patch (3), whose token is the rare one and whose ProtoFlow
     log-likelihood is low."""
@@ -186,12 +182,12 @@ def _hand_data(size: int = 3) -> run_test.ClassData:
     tokens[1, 3] = 1
     gt = torch.zeros(2, size, size)
     gt[1, -1, -1] = 1
-    return run_test.ClassData(torch.zeros(2, 3, size, size), tokens, logp, -logp,
+    return protocols.ClassData(torch.zeros(2, 3, size, size), tokens, logp, -logp,
                               np.array([0, 1]), gt, ["good_000", "bad_000"],
                               ["good", "crack"], ["sha-of-good_000", "sha-of-bad_000"])
 
 
-PAPER_MAP = run_test.CleanOptions("proposal", "cover", "paper", "product")
+PAPER_MAP = protocols.CleanOptions("proposal", "cover", "paper", "product")
 
 
 def test_pmad_map_of_a_2x2_patch_case_by_hand() -> None:
@@ -199,7 +195,7 @@ def test_pmad_map_of_a_2x2_patch_case_by_hand() -> None:
     abnormality map (max(prob) - prob over the set, resized the same way); sigma 0: no
     smoothing."""
     data = _hand_data()
-    record, maps = run_test.evaluate_clean(
+    record, maps = protocols.evaluate_clean(
         ConstantViT(), data, ratio=0.5, threshold=None, options=PAPER_MAP,
         sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
     # image 1: patch CEs [CE0, CE0; CE0, CE1] -> 3x3 corners + midpoints
@@ -225,8 +221,8 @@ def test_weighted_log_map_of_a_2x2_patch_case_by_hand() -> None:
     """The clean protocol's default map: ProtoFlow's abnormality in log units,
     max(logp) - logp, times 1 + CE / ln V (V = 2 here)."""
     data = _hand_data()
-    record, maps = run_test.evaluate_clean(
-        ConstantViT(), data, ratio=0.5, threshold=None, options=run_test.CleanOptions(),
+    record, maps = protocols.evaluate_clean(
+        ConstantViT(), data, ratio=0.5, threshold=None, options=protocols.CleanOptions(),
         sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
     ln4 = math.log(4)
     a1 = torch.tensor([[0, 0, 0], [0, ln4 / 4, ln4 / 2], [0, ln4 / 2, ln4]])  # image 1
@@ -250,17 +246,17 @@ def test_a_defect_left_unmasked_is_scored_by_the_covering_pass() -> None:
     data = _hand_data()
     kw = dict(ratio=0.5, threshold=1e9, sigma=0.0, batch_size=2,
               device=torch.device("cpu"), amp="none")
-    seed = next(s for s in range(100) if not run_test.proposals_from_log_likelihood(
+    seed = next(s for s in range(100) if not protoflow.proposals_from_log_likelihood(
         data.log_likelihood, [0.5], image_size=3, grid=(2, 2)).test_masks(
-        0.5, torch.tensor([False, False]), run_test.mask_seeds(data.image_ids, s))[1, 3])
-    zero, maps0 = run_test.evaluate_clean(
-        ConstantViT(), data, options=run_test.CleanOptions("threshold", "zero", "paper",
+        0.5, torch.tensor([False, False]), protocols.mask_seeds(data.image_ids, s))[1, 3])
+    zero, maps0 = protocols.evaluate_clean(
+        ConstantViT(), data, options=protocols.CleanOptions("threshold", "zero", "paper",
                                                            "product"), seed=seed, **kw)
-    cover, maps1 = run_test.evaluate_clean(
-        ConstantViT(), data, options=run_test.CleanOptions("threshold", "cover", "paper",
+    cover, maps1 = protocols.evaluate_clean(
+        ConstantViT(), data, options=protocols.CleanOptions("threshold", "cover", "paper",
                                                            "product"), seed=seed, **kw)
-    weighted, maps2 = run_test.evaluate_clean(
-        ConstantViT(), data, options=run_test.CleanOptions("threshold", "zero", "paper",
+    weighted, maps2 = protocols.evaluate_clean(
+        ConstantViT(), data, options=protocols.CleanOptions("threshold", "zero", "paper",
                                                            "weighted"), seed=seed, **kw)
     # weighted: a visible patch keeps ProtoFlow's score (factor 1), above the normal image
     assert maps2["pmad"][1, 2, 2] == pytest.approx(0.75, abs=1e-6)
@@ -281,13 +277,13 @@ def test_paper_protocol_per_ratio_values_and_best_ratio_by_hand() -> None:
     0.75 at its corner, above anything the normal image's one random patch can score
     (at most CE0 x 0.5). So the best image AUROC, 1.0, comes first at 0.26."""
     data = _hand_data()
-    record, maps = run_test.evaluate_paper(ConstantViT(), data, sigma=0.0, batch_size=2,
+    record, maps = protocols.evaluate_paper(ConstantViT(), data, sigma=0.0, batch_size=2,
                                            device=torch.device("cpu"), amp="none", seed=0)
     assert record["threshold"] == pytest.approx((math.log(2) + math.log(4)) / 2)
     assert record["called_anomalous"] == 1
     per_ratio = record["per_ratio"]
-    assert list(per_ratio) == [f"{r:.2f}" for r in run_test.PAPER_RATIOS]
-    for r in run_test.PAPER_RATIOS:
+    assert list(per_ratio) == [f"{r:.2f}" for r in protocols.PAPER_RATIOS]
+    for r in protocols.PAPER_RATIOS:
         expected = 0.5 if r < 0.25 else 1.0
         assert per_ratio[f"{r:.2f}"]["image_auroc"] == expected, r
         assert per_ratio[f"{r:.2f}"]["image_f1_max"] == pytest.approx(
@@ -304,14 +300,14 @@ def test_a_score_equal_to_the_threshold_is_called_normal() -> None:
     its least likely patch) as the threshold calls it normal; the next float32 below
     calls it anomalous."""
     data = _hand_data()
-    score = run_test.proposals_from_log_likelihood(data.log_likelihood, [0.5], image_size=3,
+    score = protoflow.proposals_from_log_likelihood(data.log_likelihood, [0.5], image_size=3,
                                                    grid=(2, 2)).image_scores[1].item()
     assert score == pytest.approx(math.log(4))
-    kw = dict(ratio=0.5, options=run_test.CleanOptions("threshold", "zero", "paper", "product"),
+    kw = dict(ratio=0.5, options=protocols.CleanOptions("threshold", "zero", "paper", "product"),
               sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
-    at, _ = run_test.evaluate_clean(ConstantViT(), data, threshold=score, **kw)
+    at, _ = protocols.evaluate_clean(ConstantViT(), data, threshold=score, **kw)
     lower = torch.nextafter(torch.tensor(score), torch.tensor(0.0)).item()  # float32
-    below, maps = run_test.evaluate_clean(ConstantViT(), data, threshold=lower, **kw)
+    below, maps = protocols.evaluate_clean(ConstantViT(), data, threshold=lower, **kw)
     assert at["called_anomalous"] == 0 and at["threshold"] == score
     assert at["diagnostics"]["anomalous_with_proposal"] == 0
     assert below["called_anomalous"] == 1
@@ -325,10 +321,10 @@ def test_mask_diagnostics_by_hand() -> None:
     data.gt_masks[1, 2:, 2:] = 1  # all of patch 3
     data.gt_masks[1, 0, 0] = 1  # one pixel of patch 0
     masks = torch.tensor([[True, False, False, False], [False, False, False, True]])
-    d = run_test.mask_diagnostics(data, masks, torch.tensor([True, True]), (2, 2))
+    d = protocols.mask_diagnostics(data, masks, torch.tensor([True, True]), (2, 2))
     assert d["masked_defect_fraction"] == pytest.approx(4 / 5)
     assert d["anomalous_with_proposal"] == 1 and d["anomalous_images"] == 1
-    d = run_test.mask_diagnostics(data, masks, torch.tensor([True, False]), (2, 2))
+    d = protocols.mask_diagnostics(data, masks, torch.tensor([True, False]), (2, 2))
     assert d["anomalous_with_proposal"] == 0
 
 
@@ -336,13 +332,13 @@ def test_image_scores() -> None:
     maps = torch.zeros(2, 10, 10)
     maps[0, 0, 0] = 5.0  # one bright pixel
     maps[1, :1] = 1.0  # a bright row of 10 pixels
-    assert run_test.image_scores(maps, "max").tolist() == [5.0, 1.0]
-    assert run_test.image_scores(maps, "topk").tolist() == [5.0, 1.0]  # top 1 % = 1 pixel
+    assert protocols.image_scores(maps, "max").tolist() == [5.0, 1.0]
+    assert protocols.image_scores(maps, "topk").tolist() == [5.0, 1.0]  # top 1 % = 1 pixel
     maps = torch.zeros(1, 20, 20)
     maps[0, 0, :4] = torch.tensor([4.0, 2.0, 1.0, 1.0])
-    assert run_test.image_scores(maps, "topk").tolist() == [2.0]  # mean of the top 4
+    assert protocols.image_scores(maps, "topk").tolist() == [2.0]  # mean of the top 4
     with pytest.raises(ValueError, match="unknown image score"):
-        run_test.image_scores(maps, "median")
+        protocols.image_scores(maps, "median")
 
 @pytest.fixture(scope="module")
 def trained_112(tiny_world, tmp_path_factory):
@@ -381,8 +377,8 @@ def test_checkpoint_evaluates_with_its_own_settings(tiny_world, trained_112, tmp
         log_likelihoods.append(out[0])
         return out
 
-    original = run_test.ProtoFlow.scores
-    monkeypatch.setattr(run_test.ProtoFlow, "scores", recording)
+    original = protoflow.ProtoFlow.scores
+    monkeypatch.setattr(protoflow.ProtoFlow, "scores", recording)
     argv = _eval_argv(tiny_world, trained_112, tmp_path)
     results = run_test.main(run_test.get_args_parser().parse_args(argv))
     out = capsys.readouterr().out
@@ -433,13 +429,13 @@ def test_mask_ratio_outside_0_1_is_refused(value, capsys):
 
 
 def test_exit_status_is_non_zero_when_a_class_fails(capsys):
-    ok = dict.fromkeys(run_test.METRIC_KEYS, 0.9)
-    assert run_test.exit_status({"classes": {"bottle": ok, "cable": ok}}) == 0
+    ok = dict.fromkeys(metrics.METRIC_NAMES, 0.9)
+    assert reporting.exit_status({"classes": {"bottle": ok, "cable": ok}}) == 0
     assert capsys.readouterr().err == ""
     nan = {**ok, "pixel_aupro": math.nan}
-    assert run_test.exit_status({"classes": {"bottle": ok, "cable": nan}}) == 1
+    assert reporting.exit_status({"classes": {"bottle": ok, "cable": nan}}) == 1
     assert capsys.readouterr().err == "[run_test] failed classes: cable\n"
-    assert run_test.exit_status({"classes": {"bottle": ok},
+    assert reporting.exit_status({"classes": {"bottle": ok},
                                  "failed": {"screw": "unreadable image"}}) == 1
     assert "failed classes: screw" in capsys.readouterr().err
 
@@ -470,7 +466,7 @@ def test_evaluation_flags_reach_their_consumers(tiny_world, tmp_path, monkeypatc
     obj = torch.load(tiny_world.protoflow, map_location="cpu", weights_only=True)
     torch.save({k: v for k, v in obj.items() if k != "encoder_state_dict"}, no_encoder)
     seen = []
-    original = run_test.evaluate_clean
+    original = protocols.evaluate_clean
 
     def recording(model, data, **kwargs):
         seen.append(kwargs)

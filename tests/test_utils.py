@@ -389,3 +389,16 @@ def test_a_failing_rank_ends_every_rank(tmp_path):
     assert run_ranks(_failing_rank, (str(init), str(tmp_path)), timeout_s=300) == [1, 1]
     assert "could not read an image" in (tmp_path / "rank1.txt").read_text()
     assert (tmp_path / "rank0.txt").read_text()  # its all-reduce failed
+
+
+def test_resolve_weights_file_takes_a_file_or_a_folder_of_one(tmp_path) -> None:
+    (tmp_path / "a.pt").write_bytes(b"x")
+    assert utils.resolve_weights_file(str(tmp_path), "--w") == str(tmp_path / "a.pt")
+    assert utils.resolve_weights_file(str(tmp_path / "a.pt"), "--w") == str(tmp_path / "a.pt")
+    (tmp_path / "b.pt").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError,
+                       match=r"holds 2 files .*'a.pt', 'b.pt'.*name one with --w"):
+        utils.resolve_weights_file(str(tmp_path), "--w")
+    with pytest.raises(FileNotFoundError,
+                       match="--w .*missing does not exist: see weights/README.md"):
+        utils.resolve_weights_file(str(tmp_path / "missing"), "--w")

@@ -1,0 +1,161 @@
+"""An evaluation's report, readable and kept: results.json, results.md (PMAD per class
+beside the baselines' means, the per-defect-type view, the mask diagnostics),
+results.csv, and results.partial.jsonl, written as each class finishes so that a
+crash or Ctrl-C loses no finished class. The exit status says whether every class
+was evaluated.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import metrics
+from utils import FlagError
+
+BASELINES = {"protoflow_only": "ProtoFlow map alone", "patchcore": "PatchCore",
+             "ce_only": "ViT cross-entropy alone"}
+
+
+def _methods(results: dict) -> list[tuple[str, str]]:
+    """(key, label) of PMAD and of every baseline present in the results."""
+    first = next(iter(results["classes"].values()))
+    return [("pmad", "**PMAD**")] + [(k, label) for k, label in BASELINES.items() if k in first]
+
+
+def summarize(results: dict) -> None:
+    """Means over classes of PMAD and each baseline, and per defect type."""
+    classes = results["classes"]
+    results["mean"] = metrics.mean_metrics(classes)
+    for key, _ in _methods(results)[1:]:
+        results[f"mean_{key}"] = metrics.mean_metrics({c: r[key] for c, r in classes.items()})
+    per_defect: dict[str, dict[str, dict[str, float]]] = {}
+    for key, _ in _methods(results):
+        values: dict[str, dict[str, list[float]]] = {}
+        for r in classes.values():
+            for t, m in (r if key == "pmad" else r[key])["per_defect"].items():
+                for metric in ("image_auroc", "pixel_auroc"):
+                    values.setdefault(t, {}).setdefault(metric, []).append(m[metric])
+        per_defect[key] = {t: {k: float(np.mean(v)) for k, v in ms.items()}
+                           for t, ms in values.items()}
+    results["per_defect_mean"] = per_defect
+
+
+def format_table(results: dict, protocol: str) -> str:
+    """Markdown: PMAD per class shaped like the paper's table, the baselines' means in
+    the same table, then the per-defect-type view and the mask diagnostics."""
+    head = ("| Category | Image/Pixel AUC | Pixel AUPRO | Image AP | Pixel AP | "
+            "Image F1-max | Pixel F1-max | Mask ratio |\n|:--|" + ":--:|" * 7)
+    rows = [f"Protocol: **{protocol}**"
+            + (f" ({', '.join(f'{k} {v}' for k, v in results['clean_options'].items())})"
+               if results.get("clean_options") else ""), "", head]
+
+    def row(name: str, r: dict) -> str:
+        ratio = r.get("mask_ratio")
+        return (f"| {name} | {r['image_auroc']:.3f}/{r['pixel_auroc']:.3f} | "
+                f"{r['pixel_aupro']:.3f} | {r['image_ap']:.3f} | {r['pixel_ap']:.3f} | "
+                f"{r['image_f1_max']:.3f} | {r['pixel_f1_max']:.3f} | "
+                f"{'' if ratio is None else f'{ratio:.2f}'} |")
+
+    for name, r in results["classes"].items():
+        rows.append(row(name.replace("_", " ").capitalize(), r))
+    rows.append(row("**Mean (PMAD)**", results["mean"]))
+    for key, label in _methods(results)[1:]:
+        rows.append(row(f"*{label} (mean)*", results[f"mean_{key}"]))
+    methods = _methods(results)
+    types = sorted({t for per in results["per_defect_mean"].values() for t in per})
+    rows += ["", "Image/pixel AUROC per defect type (mean over the classes that have it):",
+             "", "| Defect type | " + " | ".join(label for _, label in methods) + " |",
+             "|:--|" + ":--:|" * len(methods)]
+    for t in types:
+        cells = []
+        for key, _ in methods:
+            m = results["per_defect_mean"][key].get(t)
+            cells.append("" if m is None else f"{m['image_auroc']:.3f}/{m['pixel_auroc']:.3f}")
+        rows.append(f"| {t} | " + " | ".join(cells) + " |")
+    rows += ["", "| Category | anomalous images given the proposal mask | defect pixels "
+                 "masked |", "|:--|:--:|:--:|"]
+    for name, r in results["classes"].items():
+        d = r["diagnostics"]
+        rows.append(f"| {name} | {d['anomalous_with_proposal']}/{d['anomalous_images']} | "
+                    f"{d['masked_defect_fraction']:.2f} |")
+    return "\n".join(rows)
+
+
+def write_results(results: dict, output_dir: Path, protocol: str) -> str:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table = format_table(results, protocol)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    (output_dir / "results.md").write_text(table + "\n")
+    with open(output_dir / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["protocol", "class", "method", *metrics.METRIC_NAMES, "mask_ratio"])
+        for key, _ in _methods(results):
+            for name, r in results["classes"].items():
+                m = r if key == "pmad" else r[key]
+                writer.writerow([protocol, name, key, *(m[k] for k in metrics.METRIC_NAMES),
+                                 r.get("mask_ratio", "") if key == "pmad" else ""])
+            mean = results["mean" if key == "pmad" else f"mean_{key}"]
+            writer.writerow([protocol, "mean", key, *(mean[k] for k in metrics.METRIC_NAMES), ""])
+    return table
+
+
+
+class PartialResults:
+    """Each finished class's record, one JSON line as soon as it is done, so that an
+    error or Ctrl-C in class N loses none of classes 1 ... N-1; `key` (what the records
+    depend on) must match for a resumed run to reuse them."""
+
+    def __init__(self, path: Path, key: dict, resume: bool) -> None:
+        self.path, self.key = path, json.loads(json.dumps(key, default=str))
+        self.done: dict[str, dict] = {}
+        if not resume:
+            path.unlink(missing_ok=True)
+            return
+        lines = path.read_text().splitlines() if path.is_file() else []
+        for line in filter(str.strip, lines):
+            entry = json.loads(line)
+            if entry["key"] != self.key:
+                changed = sorted(k for k in self.key if entry["key"].get(k) != self.key[k])
+                raise FlagError(f"--resume_eval: {path} holds results of another evaluation "
+                                f"(it differs in {', '.join(changed)}): pass that run's "
+                                "flags, or drop --resume_eval to start afresh")
+            self.done[entry["class"]] = entry["record"]
+
+    def add(self, class_name: str, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"class": class_name, "key": self.key, "record": record},
+                               default=float) + "\n")
+
+
+def exit_status(results: dict) -> int:
+    """0 when every class was evaluated, else 1 (listed on stderr): a class fails when it
+    is in results['failed'] or any of its metrics is not finite."""
+    failed = list(results.get("failed", {})) + [
+        name for name, record in results["classes"].items()
+        if not all(math.isfinite(record.get(k, math.nan)) for k in metrics.METRIC_NAMES
+                   if record.get("ground_truth", True) or k not in metrics.PIXEL_METRICS)]
+    if failed:
+        print(f"[run_test] failed classes: {', '.join(dict.fromkeys(failed))}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def report(results: dict, out_dir: Path, protocol: str, start: float, heatmaps: bool
+           ) -> None:
+    """The table of the classes finished (all, or those before a failure), printed and
+    written."""
+    if not results["classes"]:
+        print("[run_test] no class finished: no table written", file=sys.stderr)
+        return
+    summarize(results)
+    results["seconds"] = time.time() - start
+    table = write_results(results, out_dir, protocol)
+    print(table)
+    print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}, "
+          f"{out_dir / 'results.csv'}"
+          + (f"; heatmaps: {out_dir / 'heatmaps'}" if heatmaps else ""))
