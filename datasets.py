@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from utils import (BadFileError, FlagError, LayoutError, all_gather_object, get_rank,
-                   get_world_size, main_print, save_on_master, to_device)
+from utils import (BadFileError, FlagError, LayoutError, all_gather_object, build_sampler,
+                   get_rank, get_world_size, main_print, save_on_master, to_device)
 
 OBJECTS = ["bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
            "toothbrush", "transistor", "zipper"]
@@ -613,6 +613,27 @@ class ImageCache:
             batch["tokens"] = to_device(self.store["tokens"].index_select(0, sel_kept),
                                         self.device)
             yield batch
+
+
+def build_train_loader(dataset: PretrainDataset, batch_size: int, *, cache_images: str,
+                       device: torch.device, seed: int, num_workers: int, pin_memory: bool
+                       ) -> tuple[Iterable[dict], DistributedSampler | ImageCache]:
+    """The training batches (run_pretraining.py --cache_images) and what orders them
+    (call its `set_epoch(epoch)` before each epoch): a DataLoader over a
+    DistributedSampler, or the same batches from an ImageCache, which orders them itself.
+    Full batches only, so that every rank steps as often."""
+    if cache_images != "none":
+        cache = ImageCache(dataset, batch_size, where=cache_images, device=device,
+                           seed=seed, num_workers=num_workers)
+        return cache, cache
+    sampler = build_sampler(dataset, seed=seed)
+    # its own generator: each epoch's iterator then leaves the global stream (drop path)
+    # alone, as ImageCache does
+    loader = DataLoader(dataset, sampler=sampler, batch_size=batch_size,
+                        num_workers=num_workers, pin_memory=pin_memory and device.type == "cuda",
+                        drop_last=True, persistent_workers=num_workers > 0,
+                        generator=torch.Generator().manual_seed(seed))
+    return loader, sampler
 
 
 def _require_masks(items: list[tuple[str, int, str]], root: str, classes: list[str]) -> None:

@@ -27,7 +27,8 @@ from timm.layers import Mlp, to_2tuple, trunc_normal_
 from timm.models import register_model
 from torch import nn
 
-from utils import CheckpointError, bf16_supported, read_weights_file
+from utils import (CheckpointError, MissingFileError, bf16_supported, main_print,
+                   read_weights_file)
 
 __all__ = [
     "PatchEmbed", "Attention", "Block", "RelativePositionBias",
@@ -535,3 +536,24 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Fa
                         path, len(unexpected), unexpected)
     _logger.info("loaded %s (%d tensors)", path, len(state_dict) - len(unexpected))
     return {"missing": missing, "unexpected": unexpected}
+
+
+def load_init_checkpoint(model: nn.Module, path: str) -> None:
+    """run_pretraining.py --init_ckpt: start from BEiT's self-supervised weights. Its
+    head predicts DALL-E's 8,192 codes; with another tokenizer the head keeps its
+    initial weights and every other layer is loaded."""
+    if not os.path.isfile(path):
+        raise MissingFileError(
+            f"--init_ckpt {path} not found: download beit_base_patch16_224_pt22k.pth (links "
+            "in README.md, 'Download Pretrained Weights'; see weights/README.md) into "
+            "weights/, point --init_ckpt at it, or pass --no_init to train from scratch")
+    state_dict = unwrap_state_dict(read_weights_file(path), path)
+    head, file_head = model.lm_head.weight.shape, state_dict.get("lm_head.weight")
+    if file_head is not None and file_head.shape != head:
+        main_print(f"[init] {path}: its lm_head predicts {file_head.shape[0]} visual "
+                   f"tokens, this run's tokenizer has {head[0]}: the head starts from "
+                   "random weights, every other layer from the file")
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("lm_head.")}
+    result = load_checkpoint(model, path, checkpoint=state_dict)
+    main_print(f"[init] {path}: missing {result['missing']}, "
+               f"unexpected {result['unexpected']}")

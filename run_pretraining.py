@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any, Iterable
 
 import torch
 
@@ -33,7 +34,14 @@ RESUME_MUST_MATCH = ("model", "setting", "unseen_classes", "epochs", "batch_size
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("PMAD pre-training", add_help=True)
-    # model
+    for add in (_add_model_args, _add_masking_args, _add_optimisation_args, _add_data_args,
+                _add_run_args):
+        add(p)
+    return p
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """The ViT, its initialisation and its visual tokenizer."""
     p.add_argument("--model", default="vit_base_patch16_224_8k_vocab",
                    choices=sorted(modeling_pmad.PMAD_MODELS))
     p.add_argument("--input_size", type=int, default=224)
@@ -44,7 +52,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="BEiT self-supervised ImageNet-22k checkpoint to start from")
     p.add_argument("--no_init", action="store_true",
                    help="start from random weights instead of --init_ckpt")
-    # visual tokenizer
     p.add_argument("--tokenizer_model", default="dall-e",
                    choices=modeling_discrete_vae.available_tokenizers())
     p.add_argument("--tokenizer_weight_path", default="weights/tokenizer",
@@ -59,7 +66,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "codes cluster (1: stride 4, pooled per patch; 3: stride 16)")
     p.add_argument("--token_cache_dir", default=None,
                    help="where visual tokens are cached (default <output_dir>/token_cache)")
-    # masking
+
+
+def _add_masking_args(p: argparse.ArgumentParser) -> None:
+    """Combinational and dynamic masking (docs/method.md 5)."""
     p.add_argument("--mask_ratio", type=utils.mask_ratio_arg, default=0.3,
                    help="mask ratio of classes without a ratio of their own (docs/method.md 5)")
     p.add_argument("--dynamic_masking_start", type=int, default=100,
@@ -71,7 +81,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fg_mask", action=argparse.BooleanOptionalAction, default=True,
                    help="read foreground masks from <data_path>/fg_mask (--no-fg_mask: "
                         "data without them; foreground-limited masking then uses all patches)")
-    # optimisation
+
+
+def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
+    """AdamW, its cosine schedules, clipping and autocast (BEiT's flags and defaults)."""
     p.add_argument("--batch_size", type=utils.int_at_least(1), default=4, help="per process")
     p.add_argument("--epochs", type=utils.int_at_least(1, "nothing to do"), default=300)
     p.add_argument("--lr", type=utils.positive_float, default=1.5e-3)
@@ -88,7 +101,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default=None, choices=utils.AMP_CHOICES,
                    help="autocast (default: bf16 where supported, else none; fp16 with a "
                         "loss scaler on CUDA only)")
-    # data
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """The training set (ImageNet layout), its classes and how it is read."""
     p.add_argument("--data_path", default="data/Mvtec-ImageNet",
                    help="ImageNet layout: <data_path>/train/<class>/*.png, "
                         "<data_path>/fg_mask/<class>/*.png (<data_path>/train, the "
@@ -110,7 +126,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "with DDP each process keeps its share")
     p.add_argument("--num_workers", type=utils.int_at_least(0), default=10)
     p.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
-    # run
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Outputs, device, seeding and resumption."""
     p.add_argument("--output_dir", default="output_dir")
     p.add_argument("--log_dir", default=None, help="TensorBoard folder (none if unset)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -131,26 +150,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_ckpt_freq", type=utils.int_at_least(1), default=20)
     p.add_argument("--max_steps_per_epoch", type=utils.int_at_least(1), default=None,
                    help="cap the steps of each epoch (tests, demos)")
-    return p
-
-
-def load_init(model: torch.nn.Module, path: str) -> None:
-    if not os.path.isfile(path):
-        raise utils.MissingFileError(
-            f"--init_ckpt {path} not found: download beit_base_patch16_224_pt22k.pth (links "
-            "in README.md, 'Download Pretrained Weights'; see weights/README.md) into "
-            "weights/, point --init_ckpt at it, or pass --no_init to train from scratch")
-    state_dict = modeling_pmad.unwrap_state_dict(utils.read_weights_file(path), path)
-    head, file_head = model.lm_head.weight.shape, state_dict.get("lm_head.weight")
-    if file_head is not None and file_head.shape != head:
-        # BEiT's pt22k head predicts DALL-E's 8,192 codes; another tokenizer needs its own
-        utils.main_print(f"[init] {path}: its lm_head predicts {file_head.shape[0]} visual "
-                         f"tokens, this run's tokenizer has {head[0]}: the head starts from "
-                         "random weights, every other layer from the file")
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("lm_head.")}
-    result = modeling_pmad.load_checkpoint(model, path, checkpoint=state_dict)
-    utils.main_print(f"[init] {path}: missing {result['missing']}, "
-                     f"unexpected {result['unexpected']}")
 
 
 def fit_kmeans(args: argparse.Namespace, train_classes: list[str]) -> None:
@@ -174,53 +173,6 @@ def fit_kmeans(args: argparse.Namespace, train_classes: list[str]) -> None:
     utils.barrier()
 
 
-def resolve_resume(args: argparse.Namespace) -> str | None:
-    """The checkpoint to resume from: --resume (a file, or the newest complete
-    checkpoint in a folder), else with --auto_resume the newest in --output_dir."""
-    if not args.resume:
-        return utils.find_latest_checkpoint(args.output_dir) if args.auto_resume else None
-    if os.path.isdir(args.resume):
-        found = utils.find_latest_checkpoint(args.resume)
-        if found is None:
-            raise utils.CheckpointError(f"--resume {args.resume}: the folder holds no complete "
-                                        "checkpoint-<epoch>.pth or checkpoint-last.pth; name a "
-                                        "checkpoint file")
-        return found
-    if not os.path.isfile(args.resume):
-        raise utils.MissingFileError(f"--resume {args.resume} not found: name a checkpoint "
-                                     "file, or the --output_dir of the run to resume")
-    return args.resume
-
-
-def check_resume_args(saved: dict | None, args: dict, path: str, epoch: int | None = None,
-                      explicit: bool = False) -> None:
-    """A resumed run continues the saved one; a different schedule or class set would
-    silently become another experiment. One exception: a finished run (its last epoch
-    `epoch` saved) resumed with a larger --epochs is extended, and says so."""
-    if not saved:
-        return
-    diff = {k: (saved.get(k), args.get(k)) for k in RESUME_MUST_MATCH
-            if k in saved and saved.get(k) != args.get(k)}
-    done = None if epoch is None else epoch + 1
-    if "epochs" in diff and done is not None:
-        old, new = diff["epochs"]
-        if isinstance(old, int) and done >= old:  # finished: more epochs extend it
-            del diff["epochs"]
-            if new > done:
-                utils.main_print(f"[resume] {path} finished its {old} epochs: extending the "
-                                 f"run to {new} epochs (the learning-rate schedule is "
-                                 f"recomputed for {new} epochs and continues at epoch {done})")
-    if diff:
-        fix = ("resume another checkpoint" if explicit else
-               "another --output_dir, or --no_auto_resume to start afresh in this one")
-        if "epochs" in diff:
-            fix += (f"; to train longer, first finish its {diff['epochs'][0]} epochs, then "
-                    "re-run with a larger --epochs")
-        raise utils.CheckpointError(f"{path} was trained with other arguments: " + ", ".join(
-            f"--{k} {a!r} (now {b!r})" for k, (a, b) in diff.items())
-            + f"; use the same arguments or {fix}")
-
-
 def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict | None]:
     """Everything checkable before a model or the data is loaded: the output folder
     (created, writable; stale temporary files removed), the data's layout and masks,
@@ -234,11 +186,11 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict 
     train_classes, _ = datasets.setting_classes(args.setting, args.unseen_classes, available)
     datasets.check_train_classes(args.data_path, train_classes,
                                  args.fg_mask and not args.skip_bad_images)
-    resume = resolve_resume(args)
+    resume = utils.resolve_resume(args.resume, args.auto_resume, args.output_dir)
     header = utils.load_checkpoint_file(resume, mmap=True) if resume else None
     if header is not None and "optimizer" in header and "epoch" in header:
-        check_resume_args(header.get("args"), vars(args), resume, header["epoch"],
-                          explicit=bool(args.resume))
+        utils.check_resume_args(header.get("args"), vars(args), resume, RESUME_MUST_MATCH,
+                                header["epoch"], explicit=bool(args.resume))
     return train_classes, resume, header
 
 
@@ -250,10 +202,11 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
-    device = env.device
+    """Checks, then tokens, model, masking policy, data and optimiser, in the order that
+    keeps the random streams of a resumed run equal to an uninterrupted one's."""
     args.setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
     args.data_path = datasets.resolve_train_root(args.data_path)
-    args.amp = utils.resolve_amp(args.amp, device)
+    args.amp = utils.resolve_amp(args.amp, env.device)
     args.token_cache_dir = args.token_cache_dir or os.path.join(args.output_dir, "token_cache")
     train_classes, resume, header = check_inputs(args)
     utils.main_print(json.dumps(vars(args), indent=1))
@@ -265,16 +218,52 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
                 "start_epoch": done + 1, "stats": {}, "checkpoints": []}
     if args.fit_kmeans_tokenizer:
         fit_kmeans(args, train_classes)
-
     utils.seed_everything(args.seed, env.rank)  # after the k-means fit, which draws too
+    model, policy, dataset = build_model_and_data(args, env, train_classes, resume, header)
+    del header
+    loader, sampler = datasets.build_train_loader(
+        dataset, args.batch_size, cache_images=args.cache_images, device=env.device,
+        seed=args.seed, num_workers=args.num_workers, pin_memory=args.pin_mem)
+    num_steps = min(len(loader), args.max_steps_per_epoch or len(loader))
+    if num_steps < 1:
+        raise ValueError(f"{len(dataset)} training images make no full batch of "
+                         f"--batch_size {args.batch_size} on each of {env.world_size} "
+                         "process(es): lower --batch_size or use fewer processes")
+    model.to(env.device)
+    optimizer, scaler, config = build_optimisation(args, model, num_steps, env.device)
+    start_epoch = 0
+    if resume:
+        # Last, so that the restored random states are exactly those at the save.
+        info = utils.load_training_state(resume, model=model, optimizer=optimizer,
+                                         scaler=scaler, masking=policy, device=env.device)
+        start_epoch = info["start_epoch"]
+        if info["sampler_seed"] is not None:
+            sampler.seed = info["sampler_seed"]
+        utils.main_print(f"[resume] {resume}: continuing at epoch {start_epoch}")
+    elif not args.no_init:
+        modeling_pmad.load_init_checkpoint(model, args.init_ckpt)
+    names = [os.path.relpath(p, args.data_path) for p, _ in dataset.samples]
+    stats, saved = fit(args, env, model, loader, sampler, optimizer, scaler, policy, config,
+                       start_epoch, names)
+    return {"train_classes": train_classes, "num_images": len(dataset),
+            "num_steps": num_steps, "start_epoch": start_epoch, "stats": stats,
+            "checkpoints": saved}
+
+
+def build_model_and_data(args: argparse.Namespace, env: utils.DistEnv, train_classes: list[str],
+                         resume: str | None, header: dict | None
+                         ) -> tuple[torch.nn.Module, MaskingPolicy, datasets.PretrainDataset]:
+    """The ViT (its shapes checked against the checkpoint to resume before any data is
+    read), the masking policy, and the training set with every image's visual tokens
+    cached (each rank tokenizes its share of the missing ones)."""
     tokenizer = modeling_discrete_vae.create_tokenizer(
-        args.tokenizer_model, args.tokenizer_weight_path, device, amp=args.amp)
+        args.tokenizer_model, args.tokenizer_weight_path, env.device, amp=args.amp)
     mean, std = datasets.normalization(args.imagenet_default_mean_and_std)
     model = modeling_pmad.build_pmad(args.model, vocab_size=tokenizer.vocab_size,
                                      img_size=args.input_size,
                                      init_values=args.layer_scale_init_value,
                                      drop_path_rate=args.drop_path)
-    if header is not None:  # shapes and keys, before the data is read
+    if header is not None:
         try:
             modeling_pmad.load_checkpoint(model, resume, strict=True, checkpoint=header)
         except utils.CheckpointError as e:
@@ -285,83 +274,62 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
         MaskGenerator(window_size=model.patch_embed.grid_size,
                       class_ratios=CLASS_MASK_RATIOS, default_ratio=args.mask_ratio),
         train_classes, dynamic_start=args.dynamic_masking_start, freq_mode=args.freq_mode,
-        patch_size=patch_size, seed=(args.seed, env.rank), device=device)
+        patch_size=patch_size, seed=(args.seed, env.rank), device=env.device)
     dataset = datasets.PretrainDataset(
         args.data_path, train_classes, token_size=tokenizer.image_size,
         img_size=args.input_size, mean=mean, std=std, patch_size=patch_size,
         fg_mask=args.fg_mask, skip_bad_images=args.skip_bad_images,
         freq_weights=policy.frequency)
-    # Every rank tokenizes its share of the missing images (loader workers decode them).
-    stats = datasets.cache_tokens(dataset, tokenizer, args.token_cache_dir, device=device,
+    stats = datasets.cache_tokens(dataset, tokenizer, args.token_cache_dir, device=env.device,
                                   num_workers=args.num_workers)
     utils.main_print(f"[tokens] {stats['hits']} cached, {stats['misses']} computed in "
                      f"{args.token_cache_dir}")
     del tokenizer  # not needed again: every step reads cached tokens
-    if device.type == "cuda":
+    if env.device.type == "cuda":
         torch.cuda.empty_cache()
     utils.main_print(f"[data] setting {args.setting}: {len(dataset)} images of "
                      f"{len(train_classes)} classes {train_classes}")
+    return model, policy, dataset
 
-    if args.cache_images == "none":
-        sampler = utils.build_sampler(dataset, seed=args.seed)
-        # its own generator: each epoch's iterator then leaves the global stream (drop
-        # path) alone, as ImageCache does
-        loader = torch.utils.data.DataLoader(
-            dataset, sampler=sampler, batch_size=args.batch_size,
-            num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
-            drop_last=True, persistent_workers=args.num_workers > 0,
-            generator=torch.Generator().manual_seed(args.seed))
-    else:  # the same batches, from memory; it orders them itself, like the sampler
-        loader = sampler = datasets.ImageCache(
-            dataset, args.batch_size, where=args.cache_images, device=device,
-            seed=args.seed, num_workers=args.num_workers)
-    num_steps = len(loader)
-    if args.max_steps_per_epoch is not None:
-        num_steps = min(num_steps, args.max_steps_per_epoch)
-    if num_steps < 1:
-        raise ValueError(f"{len(dataset)} training images make no full batch of "
-                         f"--batch_size {args.batch_size} on each of {env.world_size} "
-                         "process(es): lower --batch_size or use fewer processes")
 
-    model.to(device)
-    model_without_ddp = model
-    optimizer = utils.build_optimizer(model_without_ddp, args.lr, args.weight_decay,
+def build_optimisation(args: argparse.Namespace, model: torch.nn.Module, num_steps: int,
+                       device: torch.device
+                       ) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler, engine.TrainConfig]:
+    """AdamW (no decay on biases, norms and the relative position tables), the loss
+    scaler, and the per-step cosine schedules of lr and weight decay."""
+    optimizer = utils.build_optimizer(model, args.lr, args.weight_decay,
                                       tuple(args.opt_betas), args.opt_eps, device)
-    scaler = utils.make_grad_scaler(device, args.amp)
     lr_schedule = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, num_steps,
                                          warmup_epochs=args.warmup_epochs,
                                          warmup_steps=args.warmup_steps)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, num_steps)
-    config = engine.TrainConfig(lr_schedule, wd_schedule, num_steps,
-                                clip_grad=args.clip_grad, amp=args.amp)
+    return (optimizer, utils.make_grad_scaler(device, args.amp),
+            engine.TrainConfig(lr_schedule, wd_schedule, num_steps, clip_grad=args.clip_grad,
+                               amp=args.amp))
 
-    start_epoch = 0
-    del header
-    if resume:
-        # Last, so that the restored random states are exactly those at the save.
-        info = utils.load_training_state(resume, model=model_without_ddp,
-                                         optimizer=optimizer, scaler=scaler,
-                                         masking=policy, device=device)
-        start_epoch = info["start_epoch"]
-        if info["sampler_seed"] is not None:
-            sampler.seed = info["sampler_seed"]
-        utils.main_print(f"[resume] {resume}: continuing at epoch {start_epoch}")
-    elif not args.no_init:
-        load_init(model_without_ddp, args.init_ckpt)
+
+def fit(args: argparse.Namespace, env: utils.DistEnv, model: torch.nn.Module,
+        loader: Iterable[dict], sampler: Any, optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler, policy: MaskingPolicy, config: engine.TrainConfig,
+        start_epoch: int, sample_names: list[str]) -> tuple[dict[str, float], list[str]]:
+    """The epochs from `start_epoch`: each ends with checkpoint-last.pth (and
+    checkpoint-<epoch>.pth every --save_ckpt_freq epochs and at the last) and a log.txt
+    line. A non-finite loss stops the run and names the last good checkpoint.
+    -> (the last epoch's metrics, the checkpoints it wrote)."""
+    model_without_ddp = model
     if env.distributed:
         # the only buffer, relative_position_index, is a constant: nothing to broadcast
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
             broadcast_buffers=False)
-
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     utils.main_print(f"[model] {args.model}: {n_parameters / 1e6:.1f} M parameters; "
-                     f"{num_steps} steps/epoch x {args.batch_size} x {env.world_size} "
-                     f"process(es); amp {args.amp}; device {device}")
+                     f"{config.num_steps} steps/epoch x {args.batch_size} x {env.world_size} "
+                     f"process(es); amp {args.amp}; device {env.device}")
     log = utils.JsonlLog(os.path.join(args.output_dir, "log.txt"), start_epoch)
-    log_writer = utils.make_tensorboard_writer(args.log_dir, purge_step=start_epoch * num_steps)
-    sample_names = [os.path.relpath(p, args.data_path) for p, _ in dataset.samples]
+    log_writer = utils.make_tensorboard_writer(args.log_dir,
+                                               purge_step=start_epoch * config.num_steps)
     stats: dict[str, float] = {}
     saved: list[str] = []
     try:
@@ -391,9 +359,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     finally:
         if log_writer is not None:
             log_writer.close()
-    return {"train_classes": train_classes, "num_images": len(dataset),
-            "num_steps": num_steps, "start_epoch": start_epoch, "stats": stats,
-            "checkpoints": saved}
+    return stats, saved
 
 
 def _cli_main() -> int:

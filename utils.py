@@ -757,6 +757,54 @@ def load_training_state(path: str, *, model: nn.Module,
     return info
 
 
+def resolve_resume(resume: str, auto_resume: bool, output_dir: str) -> str | None:
+    """The checkpoint to resume from: --resume (a file, or the newest complete
+    checkpoint in a folder), else with --auto_resume the newest in --output_dir."""
+    if not resume:
+        return find_latest_checkpoint(output_dir) if auto_resume else None
+    if os.path.isdir(resume):
+        found = find_latest_checkpoint(resume)
+        if found is None:
+            raise CheckpointError(f"--resume {resume}: the folder holds no complete "
+                                  "checkpoint-<epoch>.pth or checkpoint-last.pth; name a "
+                                  "checkpoint file")
+        return found
+    if not os.path.isfile(resume):
+        raise MissingFileError(f"--resume {resume} not found: name a checkpoint "
+                               "file, or the --output_dir of the run to resume")
+    return resume
+
+
+def check_resume_args(saved: dict | None, args: dict, path: str, must_match: Sequence[str],
+                      epoch: int | None = None, explicit: bool = False) -> None:
+    """A resumed run continues the saved one; a different schedule or class set would
+    silently become another experiment. One exception: a finished run (its last epoch
+    `epoch` saved) resumed with a larger --epochs is extended, and says so. `must_match`:
+    the argument names that define the experiment."""
+    if not saved:
+        return
+    diff = {k: (saved.get(k), args.get(k)) for k in must_match
+            if k in saved and saved.get(k) != args.get(k)}
+    done = None if epoch is None else epoch + 1
+    if "epochs" in diff and done is not None:
+        old, new = diff["epochs"]
+        if isinstance(old, int) and done >= old:  # finished: more epochs extend it
+            del diff["epochs"]
+            if new > done:
+                main_print(f"[resume] {path} finished its {old} epochs: extending the "
+                           f"run to {new} epochs (the learning-rate schedule is "
+                           f"recomputed for {new} epochs and continues at epoch {done})")
+    if diff:
+        fix = ("resume another checkpoint" if explicit else
+               "another --output_dir, or --no_auto_resume to start afresh in this one")
+        if "epochs" in diff:
+            fix += (f"; to train longer, first finish its {diff['epochs'][0]} epochs, then "
+                    "re-run with a larger --epochs")
+        raise CheckpointError(f"{path} was trained with other arguments: " + ", ".join(
+            f"--{k} {a!r} (now {b!r})" for k, (a, b) in diff.items())
+            + f"; use the same arguments or {fix}")
+
+
 def masking_state_of(ckpt: dict) -> dict | None:
     """The checkpoint's MaskingPolicy state; the earlier layout (top-level
     'dynamic_masking', each rank's 'mask_rng' inside 'rng') converted."""

@@ -320,13 +320,14 @@ def test_F10_F4b_resume_extend_folder_disk_full_and_stale_files(finished_run, ti
 
 def test_F10_unfinished_run_with_other_epochs_names_the_way_to_extend():
     with pytest.raises(utils.CheckpointError) as info:
-        run_pretraining.check_resume_args({"epochs": 3}, {"epochs": 5}, "c.pth", epoch=0,
-                                          explicit=True)
+        utils.check_resume_args({"epochs": 3}, {"epochs": 5}, "c.pth",
+                                run_pretraining.RESUME_MUST_MATCH, epoch=0, explicit=True)
     msg = str(info.value)
     assert "--epochs 3 (now 5)" in msg and "first finish its 3 epochs" in msg
     assert "--no_auto_resume" not in msg
     with pytest.raises(utils.CheckpointError, match="--no_auto_resume"):
-        run_pretraining.check_resume_args({"epochs": 3}, {"epochs": 5}, "c.pth", epoch=0)
+        utils.check_resume_args({"epochs": 3}, {"epochs": 5}, "c.pth",
+                                run_pretraining.RESUME_MUST_MATCH, epoch=0)
 
 
 def test_disk_full_in_save_on_master(tmp_path, monkeypatch):

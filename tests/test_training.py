@@ -625,7 +625,7 @@ def test_init_ckpt_of_another_vocabulary_keeps_all_but_the_head(tmp_path, capsys
     target = timm.create_model(TINY, pretrained=False, use_shared_rel_pos_bias=True,
                                use_abs_pos_emb=False, init_values=0.1, vocab_size=32)
     head = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("lm_head.")}
-    run_pretraining.load_init(target, str(path))
+    modeling_pmad.load_init_checkpoint(target, str(path))
     loaded = target.state_dict()
     for key, value in source.state_dict().items():
         if key.startswith("lm_head."):
