@@ -30,7 +30,7 @@ import test_masking_generator
 import test_metrics
 import test_modeling_pmad
 import test_protoflow
-import test_run_test
+import test_protocols
 import test_training
 from conftest import fake_two_rank_world
 
@@ -143,11 +143,11 @@ def _in_two_rank_world(test: Callable[[list], None]) -> Callable[[], None]:
 
 MUTATIONS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], list[Callable[[], None]]]] = {
     "dropped abnormality map": (dropped_abnormality_map, [
-        test_run_test.test_pmad_map_of_a_2x2_patch_case_by_hand,
-        test_run_test.test_weighted_log_map_of_a_2x2_patch_case_by_hand]),
+        test_protocols.test_pmad_map_of_a_2x2_patch_case_by_hand,
+        test_protocols.test_weighted_log_map_of_a_2x2_patch_case_by_hand]),
     ">= for > in the anomalous call": (anomalous_at_the_threshold, [
         test_protoflow.test_anomalous_call_is_strict_at_the_threshold,
-        test_run_test.test_a_score_equal_to_the_threshold_is_called_normal]),
+        test_protocols.test_a_score_equal_to_the_threshold_is_called_normal]),
     "no gradient clipping": (no_gradient_clipping, [
         test_training.test_a_huge_gradient_is_clipped_to_clip_grad]),
     "relative-position offset": (relative_position_without_offset, [
@@ -163,7 +163,7 @@ MUTATIONS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], list[Callable[[
         _in_two_rank_world(test_training.test_loss_all_ranks_is_the_sum_over_ranks)]),
     "log-likelihood sign in the proposals": (proposals_of_the_likeliest_patches, [
         test_protoflow.test_test_ranks_follow_the_planted_anomaly,
-        test_run_test.test_pmad_map_of_a_2x2_patch_case_by_hand]),
+        test_protocols.test_pmad_map_of_a_2x2_patch_case_by_hand]),
     "dynamic weights not used": (dynamic_weights_uniform, [
         test_masking_generator.test_dynamic_weights_change_the_masks_from_dynamic_start]),
     "AUPRO integration limit": (aupro_without_its_limit, [

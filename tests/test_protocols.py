@@ -1,0 +1,212 @@
+"""protocols.py by hand: PMAD's score map, the covering passes, the paper protocol's
+ratio sweep, the anomalous call and the diagnostics, on tiny cases whose answers are
+known by construction (not by re-running the product's own expressions)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+import protocols
+import protoflow
+
+
+def test_gaussian_blur_equals_scipy() -> None:
+    maps = torch.rand(3, 40, 33, dtype=torch.float64)
+    ours = protocols.gaussian_blur(maps, 4.0).numpy()
+    ref = np.stack([gaussian_filter(m, sigma=4) for m in maps.numpy()])
+    np.testing.assert_allclose(ours, ref, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- by hand
+class ConstantViT(torch.nn.Module):
+    """A stand-in ViT whose prediction is the same for every masked patch: token 0 with
+    probability 3/4, token 1 with 1/4. So a patch's masked-token score is known by
+    construction: log(4/3) for token 0, log 4 for token 1."""
+
+    def __init__(self, grid: tuple[int, int] = (2, 2)) -> None:
+        super().__init__()
+        self.patch_embed = type("PE", (), {"grid_size": grid,
+                                           "num_patches": grid[0] * grid[1]})()
+        self.lm_head = torch.nn.Linear(1, 2)  # V = 2 tokens
+        self.logits = torch.log(torch.tensor([0.75, 0.25]))
+
+    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor,
+                masked_index: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits.expand(int(bool_masked_pos.sum()), 2)
+
+
+CE0, CE1 = math.log(4 / 3), math.log(4)
+
+
+def _hand_data(size: int = 3) -> protocols.ClassData:
+    """Two 2x2-patch images (S x S pixels). Image 0 is normal; image 1 has a defect in
+    its bottom-right patch (3), whose token is the rare one and whose ProtoFlow
+    log-likelihood is low."""
+    logp = torch.zeros(2, 2, 2)
+    logp[1, 1, 1] = -math.log(4.0)  # prob 1/4 relative to the set's maximum
+    logp[0, 0, 0] = -math.log(2.0)  # a mildly unusual normal patch
+    tokens = torch.zeros(2, 4, dtype=torch.long)
+    tokens[1, 3] = 1
+    gt = torch.zeros(2, size, size)
+    gt[1, -1, -1] = 1
+    return protocols.ClassData(torch.zeros(2, 3, size, size), tokens, logp, -logp,
+                              np.array([0, 1]), gt, ["good_000", "bad_000"],
+                              ["good", "crack"], ["sha-of-good_000", "sha-of-bad_000"])
+
+
+PAPER_MAP = protocols.CleanOptions("proposal", "cover", "paper", "product")
+
+
+def test_pmad_map_of_a_2x2_patch_case_by_hand() -> None:
+    """The paper's map: CE per patch, bilinear (aligned corners) to 3x3, times ProtoFlow's
+    abnormality map (max(prob) - prob over the set, resized the same way); sigma 0: no
+    smoothing."""
+    data = _hand_data()
+    record, maps = protocols.evaluate_clean(
+        ConstantViT(), data, ratio=0.5, threshold=None, options=PAPER_MAP,
+        sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
+    # image 1: patch CEs [CE0, CE0; CE0, CE1] -> 3x3 corners + midpoints
+    ce1 = torch.tensor([[CE0, CE0, CE0],
+                        [CE0, (3 * CE0 + CE1) / 4, (CE0 + CE1) / 2],
+                        [CE0, (CE0 + CE1) / 2, CE1]])
+    # prob (relative to the set's max, 1): image 1 [1, 1; 1, 1/4] -> 3x3
+    prob1 = torch.tensor([[1.0, 1.0, 1.0],
+                          [1.0, (3 + 0.25) / 4, (1 + 0.25) / 2],
+                          [1.0, (1 + 0.25) / 2, 0.25]])
+    prob0 = torch.tensor([[0.5, 0.75, 1.0], [0.75, 0.875, 1.0], [1.0, 1.0, 1.0]])
+    assert torch.allclose(maps["pmad"][1], ce1 * (1 - prob1), atol=1e-6)
+    assert torch.allclose(maps["pmad"][0], CE0 * (1 - prob0), atol=1e-6)
+    assert maps["pmad"][1, 2, 2] == pytest.approx(CE1 * 0.75, abs=1e-6)
+    assert record["image_auroc"] == 1.0  # 0.75 log 4 > 0.5 log(4/3)
+    # the baselines from the same pass: ProtoFlow's map alone, PatchCore's distances
+    assert torch.allclose(maps["protoflow_only"][1], 1 - prob1, atol=1e-6)
+    assert maps["patchcore"][1, 2, 2] == pytest.approx(math.log(4), abs=1e-6)
+    assert torch.allclose(maps["ce_only"][1], ce1, atol=1e-6)
+
+
+def test_weighted_log_map_of_a_2x2_patch_case_by_hand() -> None:
+    """The clean protocol's default map: ProtoFlow's abnormality in log units,
+    max(logp) - logp, times 1 + CE / ln V (V = 2 here)."""
+    data = _hand_data()
+    record, maps = protocols.evaluate_clean(
+        ConstantViT(), data, ratio=0.5, threshold=None, options=protocols.CleanOptions(),
+        sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
+    ln4 = math.log(4)
+    a1 = torch.tensor([[0, 0, 0], [0, ln4 / 4, ln4 / 2], [0, ln4 / 2, ln4]])  # image 1
+    ce1 = torch.tensor([[CE0, CE0, CE0],
+                        [CE0, (3 * CE0 + CE1) / 4, (CE0 + CE1) / 2],
+                        [CE0, (CE0 + CE1) / 2, CE1]])
+    assert torch.allclose(maps["pmad"][1], a1 * (1 + ce1 / math.log(2)), atol=1e-6)
+    assert maps["pmad"][1, 2, 2] == pytest.approx(3 * ln4, abs=1e-6)  # CE1 = 2 ln 2
+    assert maps["pmad"][0, 0, 0] == pytest.approx(math.log(2) * (1 + CE0 / math.log(2)))
+    assert torch.allclose(maps["protoflow_only"][1], a1, atol=1e-6)  # the same map alone
+    assert record["clean_options"] == {"masks": "proposal", "unmasked": "cover",
+                                       "abnormality": "log", "combine": "weighted",
+                                       "image_score": "max"}
+
+
+def test_a_defect_left_unmasked_is_scored_by_the_covering_pass() -> None:
+    """The stored threshold calls the defective image normal, so its mask is random and
+    (with this seed) misses the defect patch. With visible patches at 0 ('zero', the
+    paper) the defect scores 0, below the normal image's scores; the covering pass
+    scores it, above every pixel of the normal image."""
+    data = _hand_data()
+    kw = dict(ratio=0.5, threshold=1e9, sigma=0.0, batch_size=2,
+              device=torch.device("cpu"), amp="none")
+    seed = next(s for s in range(100) if not protoflow.proposals_from_log_likelihood(
+        data.log_likelihood, [0.5], image_size=3, grid=(2, 2)).test_masks(
+        0.5, torch.tensor([False, False]), protocols.mask_seeds(data.image_ids, s))[1, 3])
+    zero, maps0 = protocols.evaluate_clean(
+        ConstantViT(), data, options=protocols.CleanOptions("threshold", "zero", "paper",
+                                                           "product"), seed=seed, **kw)
+    cover, maps1 = protocols.evaluate_clean(
+        ConstantViT(), data, options=protocols.CleanOptions("threshold", "cover", "paper",
+                                                           "product"), seed=seed, **kw)
+    weighted, maps2 = protocols.evaluate_clean(
+        ConstantViT(), data, options=protocols.CleanOptions("threshold", "zero", "paper",
+                                                           "weighted"), seed=seed, **kw)
+    # weighted: a visible patch keeps ProtoFlow's score (factor 1), above the normal image
+    assert maps2["pmad"][1, 2, 2] == pytest.approx(0.75, abs=1e-6)
+    assert maps2["pmad"][1, 2, 2] > maps2["pmad"][0].max() and weighted["image_auroc"] == 1
+    assert zero["called_anomalous"] == cover["called_anomalous"] == 0
+    assert zero["diagnostics"]["masked_defect_fraction"] == 0.0
+    assert maps0["pmad"][1, 2, 2] == 0.0 and maps0["pmad"][0].max() > 0
+    assert maps1["pmad"][1, 2, 2] == pytest.approx(CE1 * 0.75, abs=1e-6)
+    assert maps1["pmad"][1, 2, 2] > maps1["pmad"][0].max()
+    assert cover["image_auroc"] == 1.0
+
+
+def test_paper_protocol_per_ratio_values_and_best_ratio_by_hand() -> None:
+    """The paper protocol on the 2x2-patch case: L = 4 patches, so ratios below 0.25 mask
+    no patch (every map is 0: image AUROC 0.5) and ratios from 0.26 mask one. The
+    F1-optimal threshold lies between the image scores ln 2 and ln 4, so only the
+    defective image is called anomalous and gets its proposal, the defect patch: CE1 x
+    0.75 at its corner, above anything the normal image's one random patch can score
+    (at most CE0 x 0.5). So the best image AUROC, 1.0, comes first at 0.26."""
+    data = _hand_data()
+    record, maps = protocols.evaluate_paper(ConstantViT(), data, sigma=0.0, batch_size=2,
+                                           device=torch.device("cpu"), amp="none", seed=0)
+    assert record["threshold"] == pytest.approx((math.log(2) + math.log(4)) / 2)
+    assert record["called_anomalous"] == 1
+    per_ratio = record["per_ratio"]
+    assert list(per_ratio) == [f"{r:.2f}" for r in protocols.PAPER_RATIOS]
+    for r in protocols.PAPER_RATIOS:
+        expected = 0.5 if r < 0.25 else 1.0
+        assert per_ratio[f"{r:.2f}"]["image_auroc"] == expected, r
+        assert per_ratio[f"{r:.2f}"]["image_f1_max"] == pytest.approx(
+            2 / 3 if r < 0.25 else 1.0), r  # all tied: everything called anomalous
+    assert record["image_auroc"] == 1.0 and record["image_auroc_ratio"] == 0.26
+    assert record["mask_ratio"] == 0.26
+    assert maps["pmad"][1, 2, 2] == pytest.approx(CE1 * 0.75, abs=1e-6)
+    assert maps["pmad"][0].max() <= CE0 * 0.5 + 1e-6
+    assert record["diagnostics"]["masked_defect_fraction"] == 1.0
+
+
+def test_a_score_equal_to_the_threshold_is_called_normal() -> None:
+    """The clean protocol's threshold call is strict: the defective image's score (ln 4,
+    its least likely patch) as the threshold calls it normal; the next float32 below
+    calls it anomalous."""
+    data = _hand_data()
+    score = protoflow.proposals_from_log_likelihood(data.log_likelihood, [0.5], image_size=3,
+                                                   grid=(2, 2)).image_scores[1].item()
+    assert score == pytest.approx(math.log(4))
+    kw = dict(ratio=0.5, options=protocols.CleanOptions("threshold", "zero", "paper", "product"),
+              sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
+    at, _ = protocols.evaluate_clean(ConstantViT(), data, threshold=score, **kw)
+    lower = torch.nextafter(torch.tensor(score), torch.tensor(0.0)).item()  # float32
+    below, maps = protocols.evaluate_clean(ConstantViT(), data, threshold=lower, **kw)
+    assert at["called_anomalous"] == 0 and at["threshold"] == score
+    assert at["diagnostics"]["anomalous_with_proposal"] == 0
+    assert below["called_anomalous"] == 1
+    assert below["diagnostics"]["anomalous_with_proposal"] == 1
+    assert maps["pmad"][1, 2, 2] == pytest.approx(CE1 * 0.75, abs=1e-6)  # defect masked
+
+
+def test_mask_diagnostics_by_hand() -> None:
+    data = _hand_data(size=4)  # 2x2 pixels per patch
+    data.gt_masks[1] = 0
+    data.gt_masks[1, 2:, 2:] = 1  # all of patch 3
+    data.gt_masks[1, 0, 0] = 1  # one pixel of patch 0
+    masks = torch.tensor([[True, False, False, False], [False, False, False, True]])
+    d = protocols.mask_diagnostics(data, masks, torch.tensor([True, True]), (2, 2))
+    assert d["masked_defect_fraction"] == pytest.approx(4 / 5)
+    assert d["anomalous_with_proposal"] == 1 and d["anomalous_images"] == 1
+    d = protocols.mask_diagnostics(data, masks, torch.tensor([True, False]), (2, 2))
+    assert d["anomalous_with_proposal"] == 0
+
+
+def test_image_scores() -> None:
+    maps = torch.zeros(2, 10, 10)
+    maps[0, 0, 0] = 5.0  # one bright pixel
+    maps[1, :1] = 1.0  # a bright row of 10 pixels
+    assert protocols.image_scores(maps, "max").tolist() == [5.0, 1.0]
+    assert protocols.image_scores(maps, "topk").tolist() == [5.0, 1.0]  # top 1 % = 1 pixel
+    maps = torch.zeros(1, 20, 20)
+    maps[0, 0, :4] = torch.tensor([4.0, 2.0, 1.0, 1.0])
+    assert protocols.image_scores(maps, "topk").tolist() == [2.0]  # mean of the top 4
+    with pytest.raises(ValueError, match="unknown image score"):
+        protocols.image_scores(maps, "median")
