@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -270,6 +271,34 @@ def check_train_classes(root: str, classes: Sequence[str], fg_mask: bool = True)
                        list(classes))
 
 
+def holdout_split(labels: Sequence[int], class_names: Sequence[str], fraction: float,
+                  seed: int = 0) -> tuple[list[int], list[int]]:
+    """(kept, held_out) sample indices: per class a seeded round(fraction * n) (at least
+    one when fraction > 0).
+
+    The draw is seeded by the class *name* and uses the class's samples in dataset
+    order, so the same images are held out whether the class is alone (prototypes) or
+    among others (flow training).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise FlagError(f"holdout fraction {fraction} must lie in [0, 1)")
+    labels = np.asarray(labels)
+    kept, held = [], []
+    for k, name in enumerate(class_names):
+        idx = np.flatnonzero(labels == k)
+        n_hold = 0 if fraction == 0 or len(idx) == 0 else max(1, round(fraction * len(idx)))
+        if n_hold >= len(idx) > 0:
+            raise FlagError(f"class '{name}' has {len(idx)} training image(s): too few to "
+                            f"hold out {n_hold} (--holdout {fraction}); add images or "
+                            "pass --holdout 0")
+        gen = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        mask = np.zeros(len(idx), dtype=bool)
+        mask[gen.choice(len(idx), n_hold, replace=False)] = True
+        kept += idx[~mask].tolist()
+        held += idx[mask].tolist()
+    return sorted(kept), sorted(held)
+
+
 # ----------------------------------------------------------------------------------------
 # Decoding and transforms
 # ----------------------------------------------------------------------------------------
@@ -283,6 +312,16 @@ def build_transforms(img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAU
     """ViT / ProtoFlow input: Resize(bicubic, antialias) + CenterCrop + mean/std
     (docs/method.md 4, 7)."""
     return T.Compose(_resize_crop(img_size) + [T.Normalize(mean, std)])
+
+
+def flow_train_transform(img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                         std: Sequence[float] = IMAGENET_DEFAULT_STD) -> T.Compose:
+    """Flow-training augmentation (docs/method.md 6): RandomResizedCrop(scale 0.2-1, bicubic)
+    + horizontal flip. Prototypes and held-out scores use the test transform instead
+    (build_transforms), so that they match the features seen at test time."""
+    return T.Compose([T.RandomResizedCrop(img_size, scale=(0.2, 1.0),
+                                          interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
 def to_uint8(image: Image.Image) -> torch.Tensor:

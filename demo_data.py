@@ -643,6 +643,43 @@ def _defect_sizes(n: int, world: DemoWorld = WORLDS["main"]) -> list[tuple[str, 
     return out
 
 
+def _write_class(cls: str, mvtec_root: str, imagenet_root: str, spec: DemoWorld, seed: int,
+                 size: int, n_train: int, n_test_good: int, n_test_defect: int,
+                 bar: tqdm) -> dict[str, int]:
+    """One class's folders, written afresh: train/good with a foreground mask per image,
+    test/good, and each defect type's test images with their ground truth; image counts
+    per folder."""
+    base = _fresh_dir(mvtec_root, cls)
+    fg_dir = _fresh_dir(imagenet_root, os.path.join("fg_mask", cls))
+    c: dict[str, int] = {}
+    train_dir = os.path.join(base, "train", "good")
+    os.makedirs(train_dir)
+    for i in range(n_train):
+        img, fg = render_normal(cls, _rng(seed, cls, 0, i), size)
+        _save_png(img, os.path.join(train_dir, f"{i:03d}.png"))
+        _save_png(fg.astype(np.uint8) * 255, os.path.join(fg_dir, f"{i:03d}.png"))
+        bar.update()
+    c["train/good"] = n_train
+    good_dir = os.path.join(base, "test", "good")
+    os.makedirs(good_dir)
+    for i in range(n_test_good):
+        img, _ = render_normal(cls, _rng(seed, cls, 1, i), size)
+        _save_png(img, os.path.join(good_dir, f"{i:03d}.png"))
+        bar.update()
+    c["test/good"] = n_test_good
+    for j, (dtype, k, area) in enumerate(_defect_sizes(n_test_defect, spec)):
+        img_dir = os.path.join(base, "test", dtype)
+        gt_dir = os.path.join(base, "ground_truth", dtype)
+        os.makedirs(img_dir, exist_ok=True)
+        os.makedirs(gt_dir, exist_ok=True)
+        s = render_defect(cls, dtype, _rng(seed, cls, 2, j), area, size)
+        _save_png(s.defective, os.path.join(img_dir, f"{k:03d}.png"))
+        _save_png(s.mask.astype(np.uint8) * 255, os.path.join(gt_dir, f"{k:03d}_mask.png"))
+        c[f"test/{dtype}"] = c.get(f"test/{dtype}", 0) + 1
+        bar.update()
+    return c
+
+
 def make_demo_dataset(mvtec_root: str, imagenet_root: str, seed: int = 0,
                       classes: list[str] | None = None, n_train: int = 40,
                       n_test_good: int = 20, n_test_defect: int = 20,
@@ -683,34 +720,7 @@ def make_demo_dataset(mvtec_root: str, imagenet_root: str, seed: int = 0,
                desc="demo set")
     for cls in classes:
         bar.set_postfix_str(cls)
-        base = _fresh_dir(mvtec_root, cls)
-        fg_dir = _fresh_dir(imagenet_root, os.path.join("fg_mask", cls))
-        c: dict[str, int] = {}
-        train_dir = os.path.join(base, "train", "good")
-        os.makedirs(train_dir)
-        for i in range(n_train):
-            img, fg = render_normal(cls, _rng(seed, cls, 0, i), size)
-            _save_png(img, os.path.join(train_dir, f"{i:03d}.png"))
-            _save_png(fg.astype(np.uint8) * 255, os.path.join(fg_dir, f"{i:03d}.png"))
-            bar.update()
-        c["train/good"] = n_train
-        good_dir = os.path.join(base, "test", "good")
-        os.makedirs(good_dir)
-        for i in range(n_test_good):
-            img, _ = render_normal(cls, _rng(seed, cls, 1, i), size)
-            _save_png(img, os.path.join(good_dir, f"{i:03d}.png"))
-            bar.update()
-        c["test/good"] = n_test_good
-        for j, (dtype, k, area) in enumerate(_defect_sizes(n_test_defect, spec)):
-            img_dir = os.path.join(base, "test", dtype)
-            gt_dir = os.path.join(base, "ground_truth", dtype)
-            os.makedirs(img_dir, exist_ok=True)
-            os.makedirs(gt_dir, exist_ok=True)
-            s = render_defect(cls, dtype, _rng(seed, cls, 2, j), area, size)
-            _save_png(s.defective, os.path.join(img_dir, f"{k:03d}.png"))
-            _save_png(s.mask.astype(np.uint8) * 255, os.path.join(gt_dir, f"{k:03d}_mask.png"))
-            c[f"test/{dtype}"] = c.get(f"test/{dtype}", 0) + 1
-            bar.update()
-        counts[cls] = c
+        counts[cls] = _write_class(cls, mvtec_root, imagenet_root, spec, seed, size, n_train,
+                                   n_test_good, n_test_defect, bar)
     bar.close()
     return counts

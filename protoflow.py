@@ -5,16 +5,16 @@ class, is scored by a conditional normalizing flow; a low likelihood marks an an
 patch. Subtracting the class's own prototypes makes the flow class-agnostic, which is why
 it also works on classes it never saw in training.
 
-This module is the model: features, prototypes (k-center coreset), the flow, proposals
-and abnormality maps, and the file format. `run_protoflow.py` builds the prototypes and
-trains the flow.
+This module is the model: features, prototypes (k-center coreset), the flow and its
+training loop, proposals and abnormality maps, and the file format. `run_protoflow.py`
+is the command that builds the prototypes and trains the flow.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import FrEIA.framework as Ff
@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from backbones import create_backbone
-from utils import CheckpointError, MissingFileError, read_weights_file, save_on_master
+from utils import (CheckpointError, MissingFileError, cosine_scheduler, read_weights_file,
+                   save_on_master)
 
 DEFAULT_BACKBONE = "tf_efficientnet_b6"  # architecture of a file that names none
 # timm 0.3.2's `tf_efficientnet_b6` (the original's encoder) is the AutoAugment ImageNet
@@ -348,6 +349,56 @@ def patch_log_likelihood(encoder: nn.Module, flow: Ff.SequenceINN, images: Tenso
     if return_distance:
         return logp.reshape(n, h, w), distance.reshape(n, h, w)
     return logp.reshape(n, h, w)
+
+
+def train_flow(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
+               prototypes: Sequence[Tensor], epochs: int, lr: float = 2e-4,
+               warmup_epochs: int = 2, device: str | torch.device = "cpu",
+               optimizer: torch.optim.Optimizer | None = None, start_epoch: int = 0,
+               epoch_end: Callable[[int, float, torch.optim.Optimizer], None] | None = None
+               ) -> list[float]:
+    """Train the flow on (images, class_idx) batches; returns each epoch's mean loss.
+
+    Adam; per-step lr: linear warm-up from lr/10 over `warmup_epochs`, then cosine to
+    lr * 1e-3 (docs/method.md 6). The encoder stays frozen. A non-finite loss stops training
+    with an error instead of corrupting the weights. `epoch_end(epoch, loss, optimizer)`
+    runs after each epoch (checkpoints).
+    """
+    steps = len(loader)
+    schedule = cosine_scheduler(lr, lr * 1e-3, epochs, steps, warmup_epochs=warmup_epochs,
+                                start_warmup_value=lr / 10)
+    params = [p for p in flow.parameters() if p.requires_grad]
+    optimizer = optimizer or torch.optim.Adam(params, lr=lr)
+    protos = [p.to(device) for p in prototypes]
+    encoder.eval()
+    flow.train()
+    losses = []
+    for epoch in range(start_epoch, epochs):
+        if hasattr(getattr(loader, "sampler", None), "set_epoch"):
+            loader.sampler.set_epoch(epoch)  # the order is a function of (seed, epoch)
+        total, count = 0.0, 0
+        bar = tqdm(loader, desc=f"flow epoch {epoch + 1}/{epochs}", leave=False)
+        for step, (images, class_idx) in enumerate(bar):
+            for group in optimizer.param_groups:
+                group["lr"] = float(schedule[epoch * steps + step])
+            images = images.to(device, non_blocking=True)
+            logp = patch_log_likelihood(encoder, flow, images, protos, class_idx)  # (N, h, w)
+            loss = flow_loss(logp)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite flow loss at epoch {epoch + 1}, step "
+                                         f"{step + 1}: check the images and prototypes for "
+                                         f"NaN/inf, or lower --lr (now {lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(images)
+            count += len(images)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        losses.append(total / max(count, 1))
+        if epoch_end is not None:
+            epoch_end(epoch, losses[-1], optimizer)
+    flow.eval()
+    return losses
 
 
 # ----------------------------------------------------------------------------- proposals

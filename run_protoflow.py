@@ -10,7 +10,8 @@ Two commands (ImageNet layout, ``<root>/train/<class>/*``; ``--data_path`` also 
 
 Both hold out the same seeded 10 % of each class's images (``--holdout``, ``--seed``),
 so that the image-score threshold stored with the flow comes from normal images that
-neither the prototypes nor the flow have seen. The model itself is in protoflow.py.
+neither the prototypes nor the flow have seen. The model and its training loop are in
+protoflow.py, the held-out split and the flow's augmentation in datasets.py.
 """
 from __future__ import annotations
 
@@ -19,117 +20,25 @@ import json
 import os
 import sys
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import FrEIA.framework as Ff
 import numpy as np
 import timm
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
-from torchvision import transforms as T
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import datasets
 from backbones import create_backbone
 from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_OUT_INDICES,
-                       THRESHOLD_QUANTILE, build_flow, build_prototypes, flow_loss,
-                       image_score, load_prototypes, patch_log_likelihood, save_protoflow,
-                       save_prototypes)
+                       THRESHOLD_QUANTILE, build_flow, build_prototypes, image_score,
+                       load_prototypes, patch_log_likelihood, save_protoflow, save_prototypes,
+                       train_flow)
 from utils import (CheckpointError, FlagError, JsonlLog, build_sampler, capture_rng_state, cli,
-                   cosine_scheduler, int_at_least, load_checkpoint_file, positive_float,
-                   prepare_output_dir, remove_stale_tmp_files, restore_rng_state,
-                   save_on_master, seed_everything)
-
-
-def train_transform(img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-                    std: Sequence[float] = IMAGENET_DEFAULT_STD):
-    """Flow-training augmentation (docs/method.md 6): RandomResizedCrop(scale 0.2-1, bicubic)
-    + horizontal flip. Prototypes and held-out scores use the test transform instead
-    (datasets.build_transforms), so that they match the features seen at test time."""
-    return T.Compose([T.RandomResizedCrop(img_size, scale=(0.2, 1.0),
-                                          interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
-
-
-def holdout_split(labels: Sequence[int], class_names: Sequence[str], fraction: float,
-                  seed: int = 0) -> tuple[list[int], list[int]]:
-    """(kept, held_out) sample indices: per class a seeded round(fraction * n) (at least
-    one when fraction > 0).
-
-    The draw is seeded by the class *name* and uses the class's samples in dataset
-    order, so the same images are held out whether the class is alone (prototypes) or
-    among others (flow training).
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise FlagError(f"holdout fraction {fraction} must lie in [0, 1)")
-    labels = np.asarray(labels)
-    kept, held = [], []
-    for k, name in enumerate(class_names):
-        idx = np.flatnonzero(labels == k)
-        n_hold = 0 if fraction == 0 or len(idx) == 0 else max(1, round(fraction * len(idx)))
-        if n_hold >= len(idx) > 0:
-            raise FlagError(f"class '{name}' has {len(idx)} training image(s): too few to "
-                            f"hold out {n_hold} (--holdout {fraction}); add images or "
-                            "pass --holdout 0")
-        gen = np.random.default_rng([seed, zlib.crc32(name.encode())])
-        mask = np.zeros(len(idx), dtype=bool)
-        mask[gen.choice(len(idx), n_hold, replace=False)] = True
-        kept += idx[~mask].tolist()
-        held += idx[mask].tolist()
-    return sorted(kept), sorted(held)
-
-
-# ----------------------------------------------------------------------------- training
-def train_flow(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
-               prototypes: Sequence[Tensor], epochs: int, lr: float = 2e-4,
-               warmup_epochs: int = 2, device: str | torch.device = "cpu",
-               optimizer: torch.optim.Optimizer | None = None, start_epoch: int = 0,
-               epoch_end: Callable[[int, float, torch.optim.Optimizer], None] | None = None
-               ) -> list[float]:
-    """Train the flow on (images, class_idx) batches; returns each epoch's mean loss.
-
-    Adam; per-step lr: linear warm-up from lr/10 over `warmup_epochs`, then cosine to
-    lr * 1e-3 (docs/method.md 6). The encoder stays frozen. A non-finite loss stops training
-    with an error instead of corrupting the weights. `epoch_end(epoch, loss, optimizer)`
-    runs after each epoch (checkpoints).
-    """
-    steps = len(loader)
-    schedule = cosine_scheduler(lr, lr * 1e-3, epochs, steps, warmup_epochs=warmup_epochs,
-                                start_warmup_value=lr / 10)
-    params = [p for p in flow.parameters() if p.requires_grad]
-    optimizer = optimizer or torch.optim.Adam(params, lr=lr)
-    protos = [p.to(device) for p in prototypes]
-    encoder.eval()
-    flow.train()
-    losses = []
-    for epoch in range(start_epoch, epochs):
-        if hasattr(getattr(loader, "sampler", None), "set_epoch"):
-            loader.sampler.set_epoch(epoch)  # the order is a function of (seed, epoch)
-        total, count = 0.0, 0
-        bar = tqdm(loader, desc=f"flow epoch {epoch + 1}/{epochs}", leave=False)
-        for step, (images, class_idx) in enumerate(bar):
-            for group in optimizer.param_groups:
-                group["lr"] = float(schedule[epoch * steps + step])
-            images = images.to(device, non_blocking=True)
-            logp = patch_log_likelihood(encoder, flow, images, protos, class_idx)  # (N, h, w)
-            loss = flow_loss(logp)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite flow loss at epoch {epoch + 1}, step "
-                                         f"{step + 1}: check the images and prototypes for "
-                                         f"NaN/inf, or lower --lr (now {lr})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(images)
-            count += len(images)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        losses.append(total / max(count, 1))
-        if epoch_end is not None:
-            epoch_end(epoch, losses[-1], optimizer)
-    flow.eval()
-    return losses
+                   int_at_least, load_checkpoint_file, positive_float, prepare_output_dir,
+                   remove_stale_tmp_files, restore_rng_state, save_on_master, seed_everything)
 
 
 @torch.inference_mode()
@@ -174,7 +83,7 @@ def run_prototypes(args) -> list[str]:
     for name in classes:
         dataset = datasets.TrainImageDataset(args.data_path, [name], transform,
                                              skip_bad_images=args.skip_bad_images)
-        kept, held = holdout_split([c for _, c in dataset.samples], [name], args.holdout,
+        kept, held = datasets.holdout_split([c for _, c in dataset.samples], [name], args.holdout,
                                    args.seed)
         if args.num_shots is not None:
             if args.num_shots > len(kept):
@@ -216,6 +125,50 @@ def _check_prototype_holdout(prototypes_dir: str, held_out: dict[str, list[str]]
                             "or rebuild the prototypes, so that held-out images stay unseen")
 
 
+def _flow_data(args, classes: list[str]) -> tuple[Dataset, Dataset, list[int], list[int]]:
+    """The training images (flow augmentation), the same images with the test transform,
+    and the (kept, held-out) split; the prototypes must not have seen the held-out ones."""
+    train_set = datasets.TrainImageDataset(args.data_path, classes,
+                                           datasets.flow_train_transform(args.img_size),
+                                           skip_bad_images=args.skip_bad_images)
+    eval_set = copy.copy(train_set)  # the same images, the test transform
+    eval_set.transform = datasets.build_transforms(args.img_size)
+    kept, held = datasets.holdout_split([c for _, c in train_set.samples], classes,
+                                        args.holdout, args.seed)
+    if held:
+        held_names = {c: [] for c in classes}
+        for i in held:
+            path, k = train_set.samples[i]
+            held_names[classes[k]].append(os.path.basename(path))
+        _check_prototype_holdout(args.prototypes_dir, held_names)
+    return train_set, eval_set, kept, held
+
+
+def _resume(args, flow: Ff.SequenceINN, optimizer: torch.optim.Optimizer,
+            run_args: dict) -> int:
+    """The epoch to start at: 0, or the one after the last saved in <output>.resume, whose
+    flow, optimizer and RNG state are restored (only with --resume and unchanged
+    RESUME_KEYS, so that a resumed run is the run it continues)."""
+    resume_path = args.output + ".resume"
+    if not os.path.exists(resume_path):
+        return 0
+    if not args.resume:
+        raise FlagError(f"{resume_path} holds an unfinished run: pass --resume to "
+                        "continue it, or delete the file to start over")
+    state = load_checkpoint_file(resume_path)
+    changed = {k: (state["args"].get(k), v) for k, v in run_args.items()
+               if state["args"].get(k) != v}
+    if changed:
+        raise CheckpointError(f"{resume_path} was made with other arguments "
+                              f"(saved, now): {changed}; use the same ones or delete it")
+    flow.load_state_dict(state["flow"])
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng_state(state["rng"])
+    start_epoch = state["epoch"] + 1
+    print(f"[protoflow] resuming {resume_path} at epoch {start_epoch + 1}", flush=True)
+    return start_epoch
+
+
 def run_train(args) -> dict:
     """`train` command: the flow on the seen classes' images, last epoch kept (no model
     selection with test labels), threshold from held-out normal images."""
@@ -228,41 +181,13 @@ def run_train(args) -> dict:
     feature_dim = sum(encoder.feature_info.channels())
     prototypes = [load_prototypes(args.prototypes_dir, c, feature_dim, args.encoder,
                                   args.out_indices).to(args.device) for c in classes]
-    train_set = datasets.TrainImageDataset(args.data_path, classes,
-                                           train_transform(args.img_size),
-                                           skip_bad_images=args.skip_bad_images)
-    eval_set = copy.copy(train_set)  # the same images, the test transform
-    eval_set.transform = datasets.build_transforms(args.img_size)
-    kept, held = holdout_split([c for _, c in train_set.samples], classes, args.holdout,
-                               args.seed)
-    if held:
-        held_names = {c: [] for c in classes}
-        for i in held:
-            path, k = train_set.samples[i]
-            held_names[classes[k]].append(os.path.basename(path))
-        _check_prototype_holdout(args.prototypes_dir, held_names)
+    train_set, eval_set, kept, held = _flow_data(args, classes)
     flow = build_flow(feature_dim, args.n_blocks,
                       rng=np.random.default_rng(args.seed)).to(args.device)
     optimizer = torch.optim.Adam([p for p in flow.parameters() if p.requires_grad], lr=args.lr)
-
     resume_path = args.output + ".resume"
-    start_epoch = 0
     run_args = {k: getattr(args, k) for k in RESUME_KEYS}
-    if os.path.exists(resume_path):
-        if not args.resume:
-            raise FlagError(f"{resume_path} holds an unfinished run: pass --resume to "
-                            "continue it, or delete the file to start over")
-        state = load_checkpoint_file(resume_path)
-        changed = {k: (state["args"].get(k), v) for k, v in run_args.items()
-                   if state["args"].get(k) != v}
-        if changed:
-            raise CheckpointError(f"{resume_path} was made with other arguments "
-                                  f"(saved, now): {changed}; use the same ones or delete it")
-        flow.load_state_dict(state["flow"])
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng_state(state["rng"])
-        start_epoch = state["epoch"] + 1
-        print(f"[protoflow] resuming {resume_path} at epoch {start_epoch + 1}", flush=True)
+    start_epoch = _resume(args, flow, optimizer, run_args)
     log = JsonlLog(args.output + ".log.jsonl", start_epoch)
 
     def epoch_end(epoch: int, loss: float, opt: torch.optim.Optimizer) -> None:

@@ -21,35 +21,25 @@ import argparse
 import filecmp
 import os
 import shutil
-import stat
 import sys
 import zipfile
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import PurePosixPath
 from typing import Sequence
 
-import cv2
-import numpy as np
-from PIL import Image
-from scipy import ndimage
 from tqdm import tqdm
 
 from dataset_converters import DEFAULT_TEST_FRACTION, convert_custom, convert_visa
-from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, BadFileError,
-                      LayoutError, fg_mask_path, list_images, open_rgb, resolve_train_root)
+from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, LayoutError,
+                      list_images, resolve_train_root)
+from fg_masks import FgMaskZip, make_fg_masks, mask_coverage
 from utils import cli, prepare_output_dir
 
 DEFAULT_ROOT = "data/Mvtec-ImageNet"
 DEMO_ROOT = "data/demo_imagenet"
 SOURCE_LAYOUT = "<data_path>/<class>/train/good/*.png and <data_path>/<class>/test/good/*.png"
-WORK_SIZE = 256  # mask estimation runs at this longest side, then is resized back
-MIN_FG_FRACTION = 0.005  # an estimated mask smaller than this is treated as failed
 
 
-# ----------------------------------------------------------------------------------------
-# Copy / hard-link the images
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------ copy / hard-link the images
 def _normal_dir(class_dir: str, split: str) -> str | None:
     for name in NORMAL_DIRS:
         path = os.path.join(class_dir, split, name)
@@ -163,198 +153,7 @@ def _extra_files(plan: dict[str, dict[str, list[tuple[str, str]]]]) -> list[str]
     return notes
 
 
-# ----------------------------------------------------------------------------------------
-# Released foreground masks
-# ----------------------------------------------------------------------------------------
-def _zip_unsafe(info: zipfile.ZipInfo) -> bool:
-    name = info.filename.replace("\\", "/")
-    parts = PurePosixPath(name).parts
-    is_link = stat.S_ISLNK(info.external_attr >> 16)
-    return (name.startswith("/") or ".." in parts or (bool(parts) and ":" in parts[0])
-            or is_link)
-
-
-def _zip_target(info: zipfile.ZipInfo) -> tuple[str, str] | None:
-    """(class, file name) of a mask entry, with or without a top 'fg_mask/' folder (or any
-    one top folder); None for entries that are not masks."""
-    parts = PurePosixPath(info.filename.replace("\\", "/")).parts
-    if "fg_mask" in parts[:-1]:
-        parts = parts[len(parts) - 1 - parts[::-1].index("fg_mask"):][1:]
-    elif len(parts) == 3:
-        parts = parts[1:]
-    if len(parts) != 2 or not parts[1].lower().endswith(IMAGE_EXTENSIONS):
-        return None
-    return parts[0], parts[1]
-
-
-class FgMaskZip:
-    """The released fg_mask.zip, checked on opening (before anything is written)."""
-
-    def __init__(self, path: str, classes: Sequence[str]) -> None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--fg_mask_zip {path} does not exist; download "
-                                    "fg_mask.zip (see README) or use --make_fg_masks")
-        self.path = path
-        with zipfile.ZipFile(path) as zf:
-            infos = [i for i in zf.infolist() if not i.is_dir()]
-        unsafe = [i.filename for i in infos if _zip_unsafe(i)]
-        if unsafe:
-            raise ValueError(f"{path}: refusing to unpack, entries point outside the target "
-                             f"folder (absolute, '..', drive or link): {', '.join(unsafe)}")
-        self.entries, self.ignored, self.other_classes = [], [], Counter()
-        for info in infos:
-            parts = PurePosixPath(info.filename).parts
-            if parts[0] == "__MACOSX" or parts[-1].startswith("."):
-                continue  # archiver metadata, not data
-            target = _zip_target(info)
-            if target is None:
-                self.ignored.append(info.filename)
-            elif target[0] in classes:
-                self.entries.append((info, *target))
-            else:
-                self.other_classes[target[0]] += 1
-
-    def unpack(self, root: str) -> Counter:
-        counts: Counter = Counter()
-        with zipfile.ZipFile(self.path) as zf:
-            for info, name, filename in tqdm(self.entries, desc="fg masks", unit="file"):
-                dst = os.path.join(root, "fg_mask", name, filename)
-                data = zf.read(info)
-                if os.path.isfile(dst):
-                    with open(dst, "rb") as f:
-                        if f.read() == data:
-                            counts["unchanged"] += 1
-                            continue
-                    counts["replaced"] += 1
-                else:
-                    counts["new"] += 1
-                _write_atomic(dst, data)
-        return counts
-
-
-def _write_atomic(dst: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = f"{dst}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, dst)
-
-
-# ----------------------------------------------------------------------------------------
-# Estimated foreground masks
-# ----------------------------------------------------------------------------------------
-def _largest_components(fg: np.ndarray, keep_fraction: float) -> np.ndarray:
-    """Components at least `keep_fraction` of the largest one's area (several-part
-    objects survive, specks do not)."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
-    if n <= 1:
-        return fg.astype(bool)
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    keep = 1 + np.flatnonzero(areas >= keep_fraction * areas.max())
-    return np.isin(labels, keep)
-
-
-def estimate_fg_mask(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H, W) bool foreground.
-
-    MVTec AD's objects lie on a plain backdrop: pixels whose colour is far from the
-    median colour of the image border are the object. The threshold is half of Otsu's
-    on that distance (objects often have parts close to the backdrop, and a mask that
-    errs towards foreground is the safe side) but above the border's own noise; closing,
-    opening, hole filling and the largest components clean it up, and a slight dilation
-    adds a margin.
-    """
-    h, w = image.shape[:2]
-    scale = min(1.0, WORK_SIZE / max(h, w))
-    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
-    small = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA).astype(np.float32)
-    small = cv2.GaussianBlur(small, (5, 5), 0)  # (sh, sw, 3)
-    b = max(1, round(0.04 * min(sh, sw)))
-    border = np.concatenate([small[:b].reshape(-1, 3), small[-b:].reshape(-1, 3),
-                             small[:, :b].reshape(-1, 3), small[:, -b:].reshape(-1, 3)])
-    background = np.median(border, axis=0)  # (3,)
-    dist = np.linalg.norm(small - background, axis=-1)  # (sh, sw)
-    noise = np.percentile(np.linalg.norm(border - background, axis=-1), 95)
-    otsu, _ = cv2.threshold(np.clip(dist, 0, 255).astype(np.uint8), 0, 255,
-                            cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    fg = (dist > max(otsu / 2, 2 * noise + 10)).astype(np.uint8)
-    k = max(3, round(0.02 * min(sh, sw)) | 1)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
-    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, kernel)
-    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, kernel)
-    fg = _largest_components(ndimage.binary_fill_holes(fg), keep_fraction=0.1)
-    fg = cv2.dilate(fg.astype(np.uint8), kernel)
-    return cv2.resize(fg, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-
-
-def make_fg_masks(root: str, classes: Sequence[str], textures: Sequence[str] = TEXTURES,
-                  sources: dict[str, str] | None = None) -> dict[str, Counter]:
-    """Estimate a mask for every training image that has none ('existing' masks, e.g.
-    released ones, are kept). Textures are foreground everywhere; an object mask that
-    comes out (nearly) empty is written all-foreground and counted as 'failed'.
-    `sources`: each copied image's source, which an unreadable image's error names."""
-    jobs = [(name, path) for name in classes
-            for path in list_images(os.path.join(root, "train", name))]
-
-    def run(job: tuple[str, str]) -> str:
-        name, path = job
-        dst = fg_mask_path(root, name, path)
-        if os.path.isfile(dst):
-            return "existing"
-        try:
-            image = np.asarray(open_rgb(path))  # (H, W, 3)
-        except BadFileError as e:
-            source = (sources or {}).get(path)
-            if source is None or e.__cause__ is None:
-                raise
-            raise BadFileError(f"cannot read image {source} (copied to {path}): "
-                               f"{e.__cause__}; replace it in --data_path (e.g. extract "
-                               "MVTec AD again) and re-run") from None
-        status = "texture"
-        if name in textures:
-            fg = np.ones(image.shape[:2], bool)
-        else:
-            fg = estimate_fg_mask(image)
-            status = "estimated"
-            if fg.mean() < MIN_FG_FRACTION:
-                fg[:] = True
-                status = "failed"
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        tmp = f"{dst}.tmp{os.getpid()}"
-        Image.fromarray(fg.astype(np.uint8) * 255).save(tmp, format="PNG")
-        os.replace(tmp, dst)
-        return status
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # cv2 frees the GIL
-        statuses = list(tqdm(pool.map(run, jobs), total=len(jobs), desc="estimating fg masks",
-                             unit="image"))
-    out = {name: Counter() for name in classes}
-    for (name, _), status in zip(jobs, statuses):
-        out[name][status] += 1
-    return out
-
-
-# ----------------------------------------------------------------------------------------
-# Entry point
-# ----------------------------------------------------------------------------------------
-def _mask_coverage(root: str, name: str) -> tuple[int, int]:
-    """(training images with a foreground mask, training images)."""
-    images = list_images(os.path.join(root, "train", name))
-    return sum(os.path.isfile(fg_mask_path(root, name, p)) for p in images), len(images)
-
-
-def _table(root: str, classes: Sequence[str]) -> str:
-    rows = [("class", "train", "fg_mask")]
-    totals = [0, 0]
-    for name in classes:
-        with_mask, n_train = _mask_coverage(root, name)
-        totals = [totals[0] + n_train, totals[1] + with_mask]
-        rows.append((name, str(n_train), str(with_mask)))
-    rows.append(("total", *map(str, totals)))
-    width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{r[0]:<{width}}  {r[1]:>6}  {r[2]:>7}" for r in rows)
-
-
+# ------------------------------------------------------------------------------ entry point
 def _counts(c: Counter) -> str:
     return ", ".join(f"{c[k]} {k}" for k in ("new", "unchanged", "replaced"))
 
@@ -413,16 +212,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace) -> None:
-    if args.make_demo:
-        from demo_data import make_demo_dataset
-        n_train, n_test_good, n_test_defect = args.demo_counts
-        written = make_demo_dataset(args.make_demo, args.root, seed=args.seed,
-                                    classes=args.classes, n_train=n_train,
-                                    n_test_good=n_test_good, n_test_defect=n_test_defect,
-                                    world=args.demo_world)
-        print(f"demo set: {len(written)} classes written to {args.make_demo} "
-              f"(foreground masks in {os.path.join(args.root, 'fg_mask')})")
+def _make_demo(args: argparse.Namespace) -> None:
+    """--make_demo: the offline demo set, written as the MVTec-format --data_path with its
+    foreground masks already under --root."""
+    from demo_data import make_demo_dataset
+    n_train, n_test_good, n_test_defect = args.demo_counts
+    written = make_demo_dataset(args.make_demo, args.root, seed=args.seed,
+                                classes=args.classes, n_train=n_train,
+                                n_test_good=n_test_good, n_test_defect=n_test_defect,
+                                world=args.demo_world)
+    print(f"demo set: {len(written)} classes written to {args.make_demo} "
+          f"(foreground masks in {os.path.join(args.root, 'fg_mask')})")
+
+
+def _source_classes(args: argparse.Namespace) -> list[str]:
+    """The classes to convert, once --visa or --custom has written the MVTec layout at
+    --data_path; --textures must name some of them."""
     def sync(pairs: list[tuple[str, str]], desc: str) -> Counter:
         return sync_files(pairs, args.link, desc)
 
@@ -437,6 +242,34 @@ def run(args: argparse.Namespace) -> None:
     if unknown:
         raise ValueError(f"--textures {' '.join(unknown)}: not among the classes converted "
                          f"({', '.join(classes)})")
+    return classes
+
+
+def _report(root: str, classes: Sequence[str]) -> None:
+    """Per class the training images and how many have a foreground mask; the classes
+    with uncovered images are named, since training would stop on them."""
+    coverage = {name: mask_coverage(root, name) for name in classes}  # (with mask, images)
+    rows = [("class", "train", "fg_mask"),
+            *((name, str(n), str(m)) for name, (m, n) in coverage.items()),
+            ("total", str(sum(n for _, n in coverage.values())),
+             str(sum(m for m, _ in coverage.values())))]
+    width = max(len(r[0]) for r in rows)
+    print()
+    print("\n".join(f"{r[0]:<{width}}  {r[1]:>6}  {r[2]:>7}" for r in rows))
+    uncovered = [f"{name} ({n - m} of {n})" for name, (m, n) in coverage.items() if m < n]
+    if uncovered:
+        print("training images without a foreground mask: " + ", ".join(uncovered)
+              + "; use --fg_mask_zip fg_mask.zip or --make_fg_masks (or train with "
+              "foreground masks off)")
+    print(f"training set ready in {root}")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Check everything (layout, mask zip, --root) before writing anything; then the
+    images, the foreground masks (released, then estimated) and the report."""
+    if args.make_demo:
+        _make_demo(args)
+    classes = _source_classes(args)
     plan = plan_copies(args.data_path, args.root, classes)
     masks = FgMaskZip(args.fg_mask_zip, classes) if args.fg_mask_zip else None
     prepare_output_dir(args.root, "--root")
@@ -446,42 +279,14 @@ def run(args: argparse.Namespace) -> None:
     print(f"train: {_counts(sync_files(pairs, args.link, f'{verb} train'))}")
     for note in _extra_files(plan):
         print(f"note: {note}")
-
     if masks is not None:
         print(f"fg_mask.zip: {_counts(masks.unpack(args.root))}")
-        if masks.other_classes:
-            print("fg_mask.zip: not unpacked (classes not converted): "
-                  + ", ".join(f"{k} ({v})" for k, v in sorted(masks.other_classes.items())))
-        if masks.ignored:
-            print(f"fg_mask.zip: {len(masks.ignored)} entries are not <class>/<mask> files and "
-                  f"were not unpacked, e.g. {masks.ignored[0]}")
+        for note in masks.skipped():
+            print(f"fg_mask.zip: {note}")
     if args.make_fg_masks:
-        stats = make_fg_masks(args.root, classes, textures=[*TEXTURES, *args.textures],
-                              sources={dst: src for name in classes
-                                       for src, dst in plan[name]["train"]})
-        total = sum(stats.values(), Counter())
-        print(f"fg masks: {total['estimated']} estimated, {total['texture']} texture "
-              f"(all foreground), {total['existing']} already present")
-        failed = {k: v["failed"] for k, v in stats.items() if v["failed"]}
-        if failed:
-            print("fg masks: estimation found no object, wrote all-foreground masks for: "
-                  + ", ".join(f"{k} ({v})" for k, v in failed.items()))
-        print("note: estimated masks (border colour + threshold + morphology) approximate "
-              "the released ones; prefer the released fg_mask.zip (--fg_mask_zip) to "
-              "reproduce the paper")
-
-    print()
-    print(_table(args.root, classes))
-    uncovered = []
-    for name in classes:
-        with_mask, n_train = _mask_coverage(args.root, name)
-        if with_mask < n_train:
-            uncovered.append(f"{name} ({n_train - with_mask} of {n_train})")
-    if uncovered:
-        print("training images without a foreground mask: " + ", ".join(uncovered)
-              + "; use --fg_mask_zip fg_mask.zip or --make_fg_masks (or train with "
-              "foreground masks off)")
-    print(f"training set ready in {args.root}")
+        make_fg_masks(args.root, classes, textures=[*TEXTURES, *args.textures],
+                      sources={dst: src for src, dst in pairs})
+    _report(args.root, classes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from skimage import data as skdata
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+import datasets
 import protoflow as pf
 import run_protoflow as rpf
 from conftest import read_format
@@ -84,8 +85,8 @@ def trained(lite0, brick_set, tmp_path_factory) -> dict:
         before = pf.flow_loss(pf.patch_log_likelihood(lite0, flow, train, [protos],
                                                       torch.zeros(6, dtype=torch.long)))
     lrs = []
-    losses = rpf.train_flow(lite0, flow, loader, [protos], epochs=4, lr=1e-3, warmup_epochs=2,
-                           epoch_end=lambda e, loss, opt: lrs.append(opt.param_groups[0]["lr"]))
+    losses = pf.train_flow(lite0, flow, loader, [protos], epochs=4, lr=1e-3, warmup_epochs=2,
+                          epoch_end=lambda e, loss, opt: lrs.append(opt.param_groups[0]["lr"]))
     with torch.no_grad():
         after = pf.flow_loss(pf.patch_log_likelihood(lite0, flow, train, [protos],
                                                      torch.zeros(6, dtype=torch.long)))
@@ -279,15 +280,15 @@ def test_coreset_greedy_order_and_covering_radius():
 
 def test_holdout_split_is_per_class_and_independent_of_other_classes():
     labels = [0] * 20 + [1] * 9
-    kept, held = rpf.holdout_split(labels, ["a", "b"], 0.1, seed=0)
+    kept, held = datasets.holdout_split(labels, ["a", "b"], 0.1, seed=0)
     assert sorted(kept + held) == list(range(29))
     assert sum(i < 20 for i in held) == 2 and sum(i >= 20 for i in held) == 1
-    alone_kept, alone_held = rpf.holdout_split([0] * 9, ["b"], 0.1, seed=0)
+    alone_kept, alone_held = datasets.holdout_split([0] * 9, ["b"], 0.1, seed=0)
     assert [i - 20 for i in held if i >= 20] == alone_held
-    assert rpf.holdout_split(labels, ["a", "b"], 0.1, seed=1)[1] != held
-    assert rpf.holdout_split(labels, ["a", "b"], 0.0)[1] == []
+    assert datasets.holdout_split(labels, ["a", "b"], 0.1, seed=1)[1] != held
+    assert datasets.holdout_split(labels, ["a", "b"], 0.0)[1] == []
     with pytest.raises(ValueError, match="too few"):
-        rpf.holdout_split([0], ["a"], 0.1)
+        datasets.holdout_split([0], ["a"], 0.1)
 
 
 def test_missing_or_mismatched_prototypes_error(tmp_path):
@@ -362,7 +363,7 @@ def test_non_finite_loss_stops_training(lite0, brick_set):
     flow = pf.build_flow(LITE0_DIM, 1)
     loader = [(brick_set["train"][:1] * float("nan"), torch.zeros(1, dtype=torch.long))]
     with pytest.raises(FloatingPointError, match="non-finite flow loss"):
-        rpf.train_flow(lite0, flow, loader, [torch.zeros(3, LITE0_DIM)], epochs=1)
+        pf.train_flow(lite0, flow, loader, [torch.zeros(3, LITE0_DIM)], epochs=1)
 
 
 # ----------------------------------------------------------------------------- proposals
@@ -578,10 +579,10 @@ def test_train_resumes_exactly_after_a_crash(cli, monkeypatch):
             raise RuntimeError("simulated crash")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(rpf, "patch_log_likelihood", crash_in_epoch_two)
+    monkeypatch.setattr(pf, "patch_log_likelihood", crash_in_epoch_two)
     with pytest.raises(RuntimeError, match="simulated crash"):
         rpf.main(cli["train"] + ["--output", crashed])
-    monkeypatch.setattr(rpf, "patch_log_likelihood", original)
+    monkeypatch.setattr(pf, "patch_log_likelihood", original)
     assert os.path.exists(crashed + ".resume")
     resumed = rpf.main(cli["train"] + ["--output", crashed, "--resume"])
     for key, value in straight["decoder_state_dict"].items():

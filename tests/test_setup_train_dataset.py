@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from datasets import PretrainDataset
-from setup_train_dataset import estimate_fg_mask, main
+from fg_masks import estimate_fg_mask
+from setup_train_dataset import main
 
 def _save(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

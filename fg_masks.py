@@ -1,0 +1,239 @@
+"""Foreground masks of the training images: which pixels are the object.
+
+Combinational masking (masking_generator.py, docs/method.md 5) draws half of its masks
+from the foreground patches only, so that the ViT learns to reconstruct the object
+rather than the plain backdrop around it. The paper releases its masks for MVTec AD as
+fg_mask.zip, unpacked here; where there are none (VisA, your own images) they are
+estimated here. Both end up as <root>/fg_mask/<class>/<stem>.png, the file
+`datasets.fg_mask_path` names.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import zipfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePosixPath
+from typing import Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from tqdm import tqdm
+
+from datasets import (IMAGE_EXTENSIONS, TEXTURES, BadFileError, fg_mask_path, list_images,
+                      open_rgb)
+
+WORK_SIZE = 256  # mask estimation runs at this longest side, then is resized back
+MIN_FG_FRACTION = 0.005  # an estimated mask smaller than this is treated as failed
+
+
+# ----------------------------------------------------------------------------------------
+# Released foreground masks
+# ----------------------------------------------------------------------------------------
+def _zip_unsafe(info: zipfile.ZipInfo) -> bool:
+    name = info.filename.replace("\\", "/")
+    parts = PurePosixPath(name).parts
+    is_link = stat.S_ISLNK(info.external_attr >> 16)
+    return (name.startswith("/") or ".." in parts or (bool(parts) and ":" in parts[0])
+            or is_link)
+
+
+def _zip_target(info: zipfile.ZipInfo) -> tuple[str, str] | None:
+    """(class, file name) of a mask entry, with or without a top 'fg_mask/' folder (or any
+    one top folder); None for entries that are not masks."""
+    parts = PurePosixPath(info.filename.replace("\\", "/")).parts
+    if "fg_mask" in parts[:-1]:
+        parts = parts[len(parts) - 1 - parts[::-1].index("fg_mask"):][1:]
+    elif len(parts) == 3:
+        parts = parts[1:]
+    if len(parts) != 2 or not parts[1].lower().endswith(IMAGE_EXTENSIONS):
+        return None
+    return parts[0], parts[1]
+
+
+class FgMaskZip:
+    """The released fg_mask.zip, checked on opening (before anything is written)."""
+
+    def __init__(self, path: str, classes: Sequence[str]) -> None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--fg_mask_zip {path} does not exist; download "
+                                    "fg_mask.zip (see README) or use --make_fg_masks")
+        self.path = path
+        with zipfile.ZipFile(path) as zf:
+            infos = [i for i in zf.infolist() if not i.is_dir()]
+        unsafe = [i.filename for i in infos if _zip_unsafe(i)]
+        if unsafe:
+            raise ValueError(f"{path}: refusing to unpack, entries point outside the target "
+                             f"folder (absolute, '..', drive or link): {', '.join(unsafe)}")
+        self.entries, self.ignored, self.other_classes = [], [], Counter()
+        for info in infos:
+            parts = PurePosixPath(info.filename).parts
+            if parts[0] == "__MACOSX" or parts[-1].startswith("."):
+                continue  # archiver metadata, not data
+            target = _zip_target(info)
+            if target is None:
+                self.ignored.append(info.filename)
+            elif target[0] in classes:
+                self.entries.append((info, *target))
+            else:
+                self.other_classes[target[0]] += 1
+
+    def skipped(self) -> list[str]:
+        """What the zip holds that is not unpacked, one line each: masks of classes not
+        converted, entries that are not <class>/<mask> files."""
+        notes = []
+        if self.other_classes:
+            notes.append("not unpacked (classes not converted): " + ", ".join(
+                f"{k} ({v})" for k, v in sorted(self.other_classes.items())))
+        if self.ignored:
+            notes.append(f"{len(self.ignored)} entries are not <class>/<mask> files and were "
+                         f"not unpacked, e.g. {self.ignored[0]}")
+        return notes
+
+    def unpack(self, root: str) -> Counter:
+        """Write the entries to <root>/fg_mask/<class>/<file>; a Counter of 'new',
+        'unchanged' and 'replaced', so that re-running rewrites nothing identical."""
+        counts: Counter = Counter()
+        with zipfile.ZipFile(self.path) as zf:
+            for info, name, filename in tqdm(self.entries, desc="fg masks", unit="file"):
+                dst = os.path.join(root, "fg_mask", name, filename)
+                data = zf.read(info)
+                if os.path.isfile(dst):
+                    with open(dst, "rb") as f:
+                        if f.read() == data:
+                            counts["unchanged"] += 1
+                            continue
+                    counts["replaced"] += 1
+                else:
+                    counts["new"] += 1
+                _write_atomic(dst, data)
+        return counts
+
+
+def _write_atomic(dst: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, dst)
+
+
+# ----------------------------------------------------------------------------------------
+# Estimated foreground masks
+# ----------------------------------------------------------------------------------------
+def _largest_components(fg: np.ndarray, keep_fraction: float) -> np.ndarray:
+    """Components at least `keep_fraction` of the largest one's area (several-part
+    objects survive, specks do not)."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return fg.astype(bool)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = 1 + np.flatnonzero(areas >= keep_fraction * areas.max())
+    return np.isin(labels, keep)
+
+
+def estimate_fg_mask(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) bool foreground.
+
+    MVTec AD's objects lie on a plain backdrop: pixels whose colour is far from the
+    median colour of the image border are the object. The threshold is half of Otsu's
+    on that distance (objects often have parts close to the backdrop, and a mask that
+    errs towards foreground is the safe side) but above the border's own noise; closing,
+    opening, hole filling and the largest components clean it up, and a slight dilation
+    adds a margin.
+    """
+    h, w = image.shape[:2]
+    scale = min(1.0, WORK_SIZE / max(h, w))
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    small = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA).astype(np.float32)
+    small = cv2.GaussianBlur(small, (5, 5), 0)  # (sh, sw, 3)
+    b = max(1, round(0.04 * min(sh, sw)))
+    border = np.concatenate([small[:b].reshape(-1, 3), small[-b:].reshape(-1, 3),
+                             small[:, :b].reshape(-1, 3), small[:, -b:].reshape(-1, 3)])
+    background = np.median(border, axis=0)  # (3,)
+    dist = np.linalg.norm(small - background, axis=-1)  # (sh, sw)
+    noise = np.percentile(np.linalg.norm(border - background, axis=-1), 95)
+    otsu, _ = cv2.threshold(np.clip(dist, 0, 255).astype(np.uint8), 0, 255,
+                            cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    fg = (dist > max(otsu / 2, 2 * noise + 10)).astype(np.uint8)
+    k = max(3, round(0.02 * min(sh, sw)) | 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, kernel)
+    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, kernel)
+    fg = _largest_components(ndimage.binary_fill_holes(fg), keep_fraction=0.1)
+    fg = cv2.dilate(fg.astype(np.uint8), kernel)
+    return cv2.resize(fg, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def _write_mask(root: str, name: str, path: str, textures: Sequence[str],
+                sources: dict[str, str] | None) -> str:
+    """One training image's mask, unless it has one; its status ('existing', 'texture',
+    'estimated' or 'failed')."""
+    dst = fg_mask_path(root, name, path)
+    if os.path.isfile(dst):
+        return "existing"
+    try:
+        image = np.asarray(open_rgb(path))  # (H, W, 3)
+    except BadFileError as e:
+        source = (sources or {}).get(path)
+        if source is None or e.__cause__ is None:
+            raise
+        raise BadFileError(f"cannot read image {source} (copied to {path}): "
+                           f"{e.__cause__}; replace it in --data_path (e.g. extract "
+                           "MVTec AD again) and re-run") from None
+    status = "texture"
+    if name in textures:
+        fg = np.ones(image.shape[:2], bool)
+    else:
+        fg = estimate_fg_mask(image)
+        status = "estimated"
+        if fg.mean() < MIN_FG_FRACTION:
+            fg[:] = True
+            status = "failed"
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.tmp{os.getpid()}"
+    Image.fromarray(fg.astype(np.uint8) * 255).save(tmp, format="PNG")
+    os.replace(tmp, dst)
+    return status
+
+
+def make_fg_masks(root: str, classes: Sequence[str], textures: Sequence[str] = TEXTURES,
+                  sources: dict[str, str] | None = None) -> dict[str, Counter]:
+    """Estimate a mask for every training image that has none ('existing' masks, e.g.
+    released ones, are kept), and print how many of each kind. Textures are foreground
+    everywhere; an object mask that comes out (nearly) empty is written all-foreground and
+    counted as 'failed'. `sources`: each copied image's source, which an unreadable
+    image's error names."""
+    jobs = [(name, path) for name in classes
+            for path in list_images(os.path.join(root, "train", name))]
+
+    def run(job: tuple[str, str]) -> str:
+        return _write_mask(root, *job, textures, sources)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # cv2 frees the GIL
+        statuses = list(tqdm(pool.map(run, jobs), total=len(jobs), desc="estimating fg masks",
+                             unit="image"))
+    out = {name: Counter() for name in classes}
+    for (name, _), status in zip(jobs, statuses):
+        out[name][status] += 1
+    total = sum(out.values(), Counter())
+    print(f"fg masks: {total['estimated']} estimated, {total['texture']} texture "
+          f"(all foreground), {total['existing']} already present")
+    failed = {k: v["failed"] for k, v in out.items() if v["failed"]}
+    if failed:
+        print("fg masks: estimation found no object, wrote all-foreground masks for: "
+              + ", ".join(f"{k} ({v})" for k, v in failed.items()))
+    print("note: estimated masks (border colour + threshold + morphology) approximate "
+          "the released ones; prefer the released fg_mask.zip (--fg_mask_zip) to "
+          "reproduce the paper")
+    return out
+
+
+def mask_coverage(root: str, name: str) -> tuple[int, int]:
+    """(training images with a foreground mask, training images)."""
+    images = list_images(os.path.join(root, "train", name))
+    return sum(os.path.isfile(fg_mask_path(root, name, p)) for p in images), len(images)
+
