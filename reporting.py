@@ -88,6 +88,8 @@ def format_table(results: dict, protocol: str) -> str:
 
 
 def write_results(results: dict, output_dir: Path, protocol: str) -> str:
+    """results.json (everything), results.md (the table, returned) and results.csv (one
+    row per class and method, for plotting) in `output_dir`."""
     output_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(results, protocol)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))

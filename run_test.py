@@ -195,6 +195,8 @@ def class_mask_ratio(args: argparse.Namespace, class_name: str) -> float:
 
 
 def main(args: argparse.Namespace) -> dict:
+    """Evaluate each selected class under args.protocol, keeping each finished class in
+    results.partial.jsonl; returns the results, which are also printed and written."""
     out_dir = Path(prepare_output_dir(args.output_dir, "--output_dir"))
     setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
     classes = select_classes(args, setting)
