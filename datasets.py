@@ -660,18 +660,23 @@ def build_train_loader(dataset: PretrainDataset, batch_size: int, *, cache_image
     """The training batches (run_pretraining.py --cache_images) and what orders them
     (call its `set_epoch(epoch)` before each epoch): a DataLoader over a
     DistributedSampler, or the same batches from an ImageCache, which orders them itself.
-    Full batches only, so that every rank steps as often."""
+    Full batches only, so that every rank steps as often; none is an error."""
     if cache_images != "none":
-        cache = ImageCache(dataset, batch_size, where=cache_images, device=device,
-                           seed=seed, num_workers=num_workers)
-        return cache, cache
-    sampler = build_sampler(dataset, seed=seed)
-    # its own generator: each epoch's iterator then leaves the global stream (drop path)
-    # alone, as ImageCache does
-    loader = DataLoader(dataset, sampler=sampler, batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=pin_memory and device.type == "cuda",
-                        drop_last=True, persistent_workers=num_workers > 0,
-                        generator=torch.Generator().manual_seed(seed))
+        loader = sampler = ImageCache(dataset, batch_size, where=cache_images, device=device,
+                                      seed=seed, num_workers=num_workers)
+    else:
+        sampler = build_sampler(dataset, seed=seed)
+        # its own generator: each epoch's iterator then leaves the global stream (drop
+        # path) alone, as ImageCache does
+        loader = DataLoader(dataset, sampler=sampler, batch_size=batch_size,
+                            num_workers=num_workers,
+                            pin_memory=pin_memory and device.type == "cuda", drop_last=True,
+                            persistent_workers=num_workers > 0,
+                            generator=torch.Generator().manual_seed(seed))
+    if len(loader) < 1:
+        raise ValueError(f"{len(dataset)} training images make no full batch of "
+                         f"--batch_size {batch_size} on each of {get_world_size()} "
+                         "process(es): lower --batch_size or use fewer processes")
     return loader, sampler
 
 

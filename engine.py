@@ -1,4 +1,5 @@
-"""PMAD's masked-token training epoch, and the per-patch loss that scoring reuses.
+"""PMAD's masked-token training: the per-patch loss that scoring reuses, one step, one
+epoch, and the run's epochs with their checkpoints (`fit`).
 
 One step: the masking policy draws the batch's masks (combinational masking,
 docs/method.md 5), the ViT predicts the visual tokens of the masked patches, the
@@ -14,6 +15,7 @@ every rank alike, and the next read raises NonFiniteLossError naming the first o
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -254,6 +256,59 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable[dict],
     bar.close()
     metrics.synchronize_between_processes(device)
     return metrics.summary()
+
+
+def fit(model: nn.Module, data_loader: Iterable[dict], sampler: Any,
+        optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, policy: MaskingPolicy,
+        config: TrainConfig, *, start_epoch: int, epochs: int, output_dir: str,
+        save_ckpt_freq: int, run_args: dict, log_dir: str | None = None,
+        sample_names: Sequence[str] | None = None) -> tuple[dict[str, float], list[str]]:
+    """The epochs [start_epoch, epochs) of a run, the model wrapped in DDP when a process
+    group is up (its one buffer, relative_position_index, is constant). Each ends
+    with checkpoint-last.pth (and checkpoint-<epoch>.pth every `save_ckpt_freq` epochs
+    and at the last: weights, optimiser, scaler, masking policy, sampler seed and
+    `run_args`) and a line of <output_dir>/log.txt. A non-finite loss stops the run and
+    names the last good checkpoint. -> (the last epoch's metrics, the checkpoints it wrote).
+    """
+    unwrapped, device = model, policy.device
+    if utils.is_dist_avail_and_initialized():
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+    n_parameters = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+    utils.main_print(f"[model] {n_parameters / 1e6:.1f} M trainable parameters")
+    log = utils.JsonlLog(os.path.join(output_dir, "log.txt"), start_epoch)
+    log_writer = utils.make_tensorboard_writer(log_dir, purge_step=start_epoch * config.num_steps)
+    stats: dict[str, float] = {}
+    saved: list[str] = []
+    try:
+        for epoch in range(start_epoch, epochs):
+            sampler.set_epoch(epoch)
+            stats = train_one_epoch(model, data_loader, optimizer, scaler, policy, config,
+                                    epoch=epoch, sample_names=sample_names,
+                                    log_writer=log_writer)
+            names: list[int | str] = ["last"]
+            if (epoch + 1) % save_ckpt_freq == 0 or epoch + 1 == epochs:
+                names.append(epoch)
+            saved = utils.save_training_state(
+                output_dir, names, epoch=epoch, model=unwrapped, optimizer=optimizer,
+                scaler=scaler, args=run_args, masking=policy.state_dict(),
+                sampler_seed=sampler.seed)
+            log.write({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
+                       "n_parameters": n_parameters})
+            utils.main_print(f"[epoch {epoch}] " + ", ".join(
+                f"{k} {v:.4g}" for k, v in stats.items()) + f" -> {saved[-1]}")
+    except NonFiniteLossError as e:
+        last = utils.find_latest_checkpoint(output_dir)
+        raise NonFiniteLossError(
+            f"{e}. No checkpoint was written after it; the last good checkpoint "
+            f"is {last or 'none (no epoch finished)'}. Fix the cause (lower --lr, "
+            "--amp bf16/none instead of fp16, check the named images), then re-run to "
+            "resume from it") from None
+    finally:
+        if log_writer is not None:
+            log_writer.close()
+    return stats, saved
 
 
 def _read_rows(history: torch.Tensor, start: int, stop: int) -> list[dict[str, float]]:

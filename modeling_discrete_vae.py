@@ -33,6 +33,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from torch import nn
 
+import datasets
 from backbones import create_backbone, lite0_weights_path
 from modeling_pmad import (Block, LayerNorm, PatchEmbed, load_state_dict_checked,
                            unwrap_state_dict)
@@ -42,7 +43,7 @@ __all__ = [
     "register_tokenizer", "available_tokenizers", "create_tokenizer", "file_sha256",
     "DalleConv2d", "DalleEncoderBlock", "DalleEncoder", "DalleTokenizer", "load_dalle_encoder",
     "save_dalle_encoder", "ViTEncoder", "VQKDTokenizer", "CNNPatchFeatures", "KMeansTokenizer",
-    "spherical_kmeans", "fit_kmeans_tokenizer",
+    "spherical_kmeans", "fit_kmeans_tokenizer", "fit_kmeans_on_folder",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -649,3 +650,18 @@ def fit_kmeans_tokenizer(images: Iterable[torch.Tensor], out_path: str | os.Path
                     "backbone_state_dict": features.backbone.state_dict(),
                     "codebook": codebook, "image_size": image_size}, out_path)  # atomic
     return out_path
+
+
+def fit_kmeans_on_folder(data_path: str, classes: list[str], out_path: str, *,
+                         vocab_size: int = 1024, seed: int = 0, out_index: int = 1,
+                         image_size: int = 224, num_workers: int = 0) -> str:
+    """`fit_kmeans_tokenizer` on every training image of `classes` under an ImageNet-layout
+    `data_path` (the offline demo's tokenizer, fitted on the run's own training set)."""
+    images = datasets.TrainImageDataset(data_path, classes,
+                                        datasets.build_token_transform(image_size))
+    print(f"[tokenizer] fitting {vocab_size} k-means codes on {len(images)} images -> "
+          f"{out_path}", flush=True)
+    batches = (x for x, _ in torch.utils.data.DataLoader(images, batch_size=32,
+                                                           num_workers=num_workers))
+    return fit_kmeans_tokenizer(batches, out_path, vocab_size=vocab_size, seed=seed,
+                                out_index=out_index, image_size=image_size)

@@ -1,14 +1,12 @@
 """Train PMAD's reconstruction ViT (masked visual-token prediction) on normal images.
 
-One process:      python run_pretraining.py --data_path data/Mvtec-ImageNet ...
-Several GPUs:     torchrun --nproc_per_node 8 run_pretraining.py ...   (scripts/train_*.sh)
+One process:  python run_pretraining.py --data_path data/Mvtec-ImageNet ...
+Several GPUs: torchrun --nproc_per_node 8 run_pretraining.py ...   (scripts/train_*.sh)
 
-Settings (docs/method.md 4): multi_class (every class of --data_path), obj2tex (the 10 MVTec
-objects), tex2obj (the 5 textures), leave_one_out (all but --unseen_classes).
-Outputs in --output_dir: checkpoint-last.pth (every epoch), checkpoint-<epoch>.pth (every
---save_ckpt_freq epochs and the last), log.txt (one JSON object per epoch), the token
-cache; TensorBoard events in --log_dir. Re-running the same command resumes from the
-newest complete checkpoint (--auto_resume, on by default as in BEiT).
+--setting (docs/method.md 4): multi_class, obj2tex, tex2obj or leave_one_out. --output_dir
+gets checkpoint-last.pth (every epoch), checkpoint-<epoch>.pth (every --save_ckpt_freq
+epochs and the last), log.txt (a JSON line per epoch) and the token cache. The same
+command again resumes from the newest complete checkpoint (--auto_resume, as in BEiT).
 """
 from __future__ import annotations
 
@@ -16,8 +14,6 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Iterable
-
 import torch
 
 import datasets
@@ -50,37 +46,33 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="0.1 for base, 1e-5 for large (docs/method.md 2)")
     p.add_argument("--init_ckpt", default="weights/beit_base_patch16_224_pt22k.pth",
                    help="BEiT self-supervised ImageNet-22k checkpoint to start from")
-    p.add_argument("--no_init", action="store_true",
-                   help="start from random weights instead of --init_ckpt")
+    p.add_argument("--no_init", action="store_true", help="random weights, not --init_ckpt")
     p.add_argument("--tokenizer_model", default="dall-e",
                    choices=modeling_discrete_vae.available_tokenizers())
     p.add_argument("--tokenizer_weight_path", default="weights/tokenizer",
-                   help="the tokenizer file, or the folder holding it (dall-e: encoder.pkl)")
+                   help="the tokenizer file, or its folder (dall-e: encoder.pkl)")
     p.add_argument("--fit_kmeans_tokenizer", action="store_true",
-                   help="kmeans only: when --tokenizer_weight_path does not exist, fit the "
-                        "tokenizer on this run's training images first (the offline demo)")
-    p.add_argument("--kmeans_vocab_size", type=int, default=1024,
-                   help="codebook size for --fit_kmeans_tokenizer")
+                   help="kmeans: fit the tokenizer on the training images first when "
+                        "--tokenizer_weight_path does not exist (the offline demo)")
+    p.add_argument("--kmeans_vocab_size", type=int, default=1024)
     p.add_argument("--kmeans_out_index", type=int, default=1,
-                   help="for --fit_kmeans_tokenizer: the EfficientNet-Lite0 feature level the "
-                        "codes cluster (1: stride 4, pooled per patch; 3: stride 16)")
-    p.add_argument("--token_cache_dir", default=None,
-                   help="where visual tokens are cached (default <output_dir>/token_cache)")
+                   help="EfficientNet-Lite0 level the k-means codes cluster (1: stride 4, "
+                        "pooled per patch; 3: stride 16)")
+    p.add_argument("--token_cache_dir", default=None, help="default <output_dir>/token_cache")
 
 
 def _add_masking_args(p: argparse.ArgumentParser) -> None:
     """Combinational and dynamic masking (docs/method.md 5)."""
     p.add_argument("--mask_ratio", type=utils.mask_ratio_arg, default=0.3,
-                   help="mask ratio of classes without a ratio of their own (docs/method.md 5)")
+                   help="mask ratio of classes without a ratio of their own")
     p.add_argument("--dynamic_masking_start", type=int, default=100,
                    help="first epoch of dynamic masking and rank-weighted loss")
     p.add_argument("--freq_mode", default="patch", choices=["patch", "global"],
-                   help="frequency-based masking weights: each patch's own spectrum (the "
-                        "paper's intent), or 'global': the original code's patchified "
-                        "whole-image spectrum")
+                   help="frequency weights from each patch's spectrum (the paper's intent) "
+                        "or, 'global', the original code's patchified image spectrum")
     p.add_argument("--fg_mask", action=argparse.BooleanOptionalAction, default=True,
-                   help="read foreground masks from <data_path>/fg_mask (--no-fg_mask: "
-                        "data without them; foreground-limited masking then uses all patches)")
+                   help="read <data_path>/fg_mask (--no-fg_mask: foreground masking uses "
+                        "every patch)")
 
 
 def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
@@ -90,25 +82,22 @@ def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=utils.positive_float, default=1.5e-3)
     p.add_argument("--min_lr", type=float, default=1e-5)
     p.add_argument("--warmup_epochs", type=int, default=10)
-    p.add_argument("--warmup_steps", type=int, default=-1,
-                   help="warm-up length in steps; overrides --warmup_epochs when > 0")
+    p.add_argument("--warmup_steps", type=int, default=-1, help="> 0: overrides warmup_epochs")
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--weight_decay_end", type=float, default=None,
-                   help="final weight decay of its cosine schedule (default: constant)")
+                   help="end of weight decay's cosine schedule (default: constant)")
     p.add_argument("--opt_betas", type=float, nargs=2, default=[0.9, 0.999], metavar="BETA")
     p.add_argument("--opt_eps", type=float, default=1e-8)
     p.add_argument("--clip_grad", type=float, default=3.0, help="0 or less: no clipping")
     p.add_argument("--amp", default=None, choices=utils.AMP_CHOICES,
-                   help="autocast (default: bf16 where supported, else none; fp16 with a "
-                        "loss scaler on CUDA only)")
+                   help="autocast (default: bf16 where it pays, else none; fp16 CUDA only)")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     """The training set (ImageNet layout), its classes and how it is read."""
     p.add_argument("--data_path", default="data/Mvtec-ImageNet",
-                   help="ImageNet layout: <data_path>/train/<class>/*.png, "
-                        "<data_path>/fg_mask/<class>/*.png (<data_path>/train, the "
-                        "original scripts' form, is accepted too)")
+                   help="<data_path>/train/<class>/*.png and <data_path>/fg_mask/<class>/"
+                        "*.png (or <data_path>/train, as the original scripts pass it)")
     p.add_argument("--setting", default=None, choices=datasets.SETTINGS,
                    help="default multi_class (obj2tex with --from_obj_to_texture)")
     p.add_argument("--unseen_classes", nargs="*", default=None,
@@ -120,10 +109,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip_bad_images", action="store_true",
                    help="leave out unreadable images (listed) instead of stopping")
     p.add_argument("--cache_images", default="none", choices=["none", "ram", "device"],
-                   help="decode and resize every training image once and keep it (uint8, "
-                        "with its tokens) in RAM or on the device: no PNG decoding per "
-                        "epoch, for small sets such as MVTec AD (0.55 GB at 224 px); "
-                        "with DDP each process keeps its share")
+                   help="decode every image once and keep it with its tokens in RAM or on "
+                        "the device (MVTec AD: 0.55 GB at 224 px; each DDP rank its share)")
     p.add_argument("--num_workers", type=utils.int_at_least(0), default=10)
     p.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
 
@@ -136,14 +123,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true",
                    help="bitwise-reproducible kernels (slower): a resumed run then equals "
-                        "an uninterrupted one exactly, not just to rounding")
+                        "an uninterrupted one exactly")
     p.add_argument("--resume", default="",
-                   help="checkpoint to resume from, or a run's folder (its newest complete "
-                        "checkpoint); a finished run resumed with a larger --epochs is "
-                        "extended")
+                   help="checkpoint, or a run's folder (its newest complete checkpoint); "
+                        "a larger --epochs extends a finished run")
     p.add_argument("--auto_resume", action="store_true",
-                   help="resume from the newest checkpoint in --output_dir (the default; the "
-                        "flag is BEiT's, kept so that its command lines run unchanged)")
+                   help="resume from --output_dir's newest checkpoint (the default; BEiT's flag)")
     p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume",
                    help="start afresh even when --output_dir holds a checkpoint")
     p.set_defaults(auto_resume=True)
@@ -152,32 +137,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="cap the steps of each epoch (tests, demos)")
 
 
-def fit_kmeans(args: argparse.Namespace, train_classes: list[str]) -> None:
-    """Fit the demo's k-means tokenizer on the training images (rank 0; the others wait)
-    unless the file exists already."""
-    if args.tokenizer_model != "kmeans":
+def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict | None]:
+    """Everything checkable before a model or the data is loaded: flags, output folder,
+    the data's layout and masks, the checkpoint to resume and its arguments.
+    -> (train classes, resume path, its contents memory-mapped)."""
+    if args.fit_kmeans_tokenizer and args.tokenizer_model != "kmeans":
         raise utils.FlagError(f"--fit_kmeans_tokenizer needs --tokenizer_model kmeans, not "
                               f"{args.tokenizer_model}")
-    if os.path.exists(args.tokenizer_weight_path):
-        return
-    if utils.is_main_process():
-        images = datasets.TrainImageDataset(args.data_path, train_classes,
-                                            datasets.build_token_transform(args.input_size))
-        batches = (x for x, _ in torch.utils.data.DataLoader(
-            images, batch_size=32, num_workers=args.num_workers))
-        utils.main_print(f"[tokenizer] fitting {args.kmeans_vocab_size} k-means codes on "
-                         f"{len(images)} images -> {args.tokenizer_weight_path}")
-        modeling_discrete_vae.fit_kmeans_tokenizer(
-            batches, args.tokenizer_weight_path, vocab_size=args.kmeans_vocab_size,
-            seed=args.seed, out_index=args.kmeans_out_index, image_size=args.input_size)
-    utils.barrier()
-
-
-def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict | None]:
-    """Everything checkable before a model or the data is loaded: the output folder
-    (created, writable; stale temporary files removed), the data's layout and masks,
-    the checkpoint to resume and its arguments. -> (train classes, resume path, its
-    contents memory-mapped)."""
     if utils.is_main_process():
         utils.prepare_output_dir(args.output_dir, "--output_dir")
         for folder in (args.output_dir, args.token_cache_dir):
@@ -216,8 +182,14 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
                          f"of --epochs {args.epochs}; pass a larger --epochs to extend the run")
         return {"train_classes": train_classes, "num_images": 0, "num_steps": 0,
                 "start_epoch": done + 1, "stats": {}, "checkpoints": []}
-    if args.fit_kmeans_tokenizer:
-        fit_kmeans(args, train_classes)
+    if args.fit_kmeans_tokenizer and not os.path.exists(args.tokenizer_weight_path):
+        if utils.is_main_process():  # the other ranks wait for the file
+            modeling_discrete_vae.fit_kmeans_on_folder(
+                args.data_path, train_classes, args.tokenizer_weight_path,
+                vocab_size=args.kmeans_vocab_size, seed=args.seed,
+                out_index=args.kmeans_out_index, image_size=args.input_size,
+                num_workers=args.num_workers)
+        utils.barrier()
     utils.seed_everything(args.seed, env.rank)  # after the k-means fit, which draws too
     model, policy, dataset = build_model_and_data(args, env, train_classes, resume, header)
     del header
@@ -225,37 +197,43 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
         dataset, args.batch_size, cache_images=args.cache_images, device=env.device,
         seed=args.seed, num_workers=args.num_workers, pin_memory=args.pin_mem)
     num_steps = min(len(loader), args.max_steps_per_epoch or len(loader))
-    if num_steps < 1:
-        raise ValueError(f"{len(dataset)} training images make no full batch of "
-                         f"--batch_size {args.batch_size} on each of {env.world_size} "
-                         "process(es): lower --batch_size or use fewer processes")
-    model.to(env.device)
     optimizer, scaler, config = build_optimisation(args, model, num_steps, env.device)
-    start_epoch = 0
-    if resume:
-        # Last, so that the restored random states are exactly those at the save.
-        info = utils.load_training_state(resume, model=model, optimizer=optimizer,
-                                         scaler=scaler, masking=policy, device=env.device)
-        start_epoch = info["start_epoch"]
-        if info["sampler_seed"] is not None:
-            sampler.seed = info["sampler_seed"]
-        utils.main_print(f"[resume] {resume}: continuing at epoch {start_epoch}")
-    elif not args.no_init:
-        modeling_pmad.load_init_checkpoint(model, args.init_ckpt)
-    names = [os.path.relpath(p, args.data_path) for p, _ in dataset.samples]
-    stats, saved = fit(args, env, model, loader, sampler, optimizer, scaler, policy, config,
-                       start_epoch, names)
+    start_epoch = restore(args, model, optimizer, scaler, policy, sampler, resume, env.device)
+    utils.main_print(f"[model] {args.model}; {num_steps} steps/epoch x {args.batch_size} x "
+                     f"{env.world_size} process(es); amp {args.amp}; device {env.device}")
+    stats, saved = engine.fit(
+        model, loader, sampler, optimizer, scaler, policy, config, start_epoch=start_epoch,
+        epochs=args.epochs, output_dir=args.output_dir, save_ckpt_freq=args.save_ckpt_freq,
+        run_args=vars(args), log_dir=args.log_dir,
+        sample_names=[os.path.relpath(p, args.data_path) for p, _ in dataset.samples])
     return {"train_classes": train_classes, "num_images": len(dataset),
             "num_steps": num_steps, "start_epoch": start_epoch, "stats": stats,
             "checkpoints": saved}
 
 
+def restore(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, policy: MaskingPolicy, sampler: Any,
+            resume: str | None, device: torch.device) -> int:
+    """Resume (called last: the random states restored are then those at the save), or
+    BEiT's initialisation unless --no_init. -> the first epoch to train."""
+    if not resume:
+        if not args.no_init:
+            modeling_pmad.load_init_checkpoint(model, args.init_ckpt)
+        return 0
+    info = utils.load_training_state(resume, model=model, optimizer=optimizer, scaler=scaler,
+                                     masking=policy, device=device)
+    if info["sampler_seed"] is not None:
+        sampler.seed = info["sampler_seed"]
+    utils.main_print(f"[resume] {resume}: continuing at epoch {info['start_epoch']}")
+    return info["start_epoch"]
+
+
 def build_model_and_data(args: argparse.Namespace, env: utils.DistEnv, train_classes: list[str],
                          resume: str | None, header: dict | None
                          ) -> tuple[torch.nn.Module, MaskingPolicy, datasets.PretrainDataset]:
-    """The ViT (its shapes checked against the checkpoint to resume before any data is
-    read), the masking policy, and the training set with every image's visual tokens
-    cached (each rank tokenizes its share of the missing ones)."""
+    """The ViT on the device (its shapes checked against the checkpoint to resume before
+    any data is read), the masking policy, and the training set with every image's
+    visual tokens cached (each rank tokenizes its share of the missing ones)."""
     tokenizer = modeling_discrete_vae.create_tokenizer(
         args.tokenizer_model, args.tokenizer_weight_path, env.device, amp=args.amp)
     mean, std = datasets.normalization(args.imagenet_default_mean_and_std)
@@ -289,7 +267,7 @@ def build_model_and_data(args: argparse.Namespace, env: utils.DistEnv, train_cla
         torch.cuda.empty_cache()
     utils.main_print(f"[data] setting {args.setting}: {len(dataset)} images of "
                      f"{len(train_classes)} classes {train_classes}")
-    return model, policy, dataset
+    return model.to(env.device), policy, dataset
 
 
 def build_optimisation(args: argparse.Namespace, model: torch.nn.Module, num_steps: int,
@@ -307,59 +285,6 @@ def build_optimisation(args: argparse.Namespace, model: torch.nn.Module, num_ste
     return (optimizer, utils.make_grad_scaler(device, args.amp),
             engine.TrainConfig(lr_schedule, wd_schedule, num_steps, clip_grad=args.clip_grad,
                                amp=args.amp))
-
-
-def fit(args: argparse.Namespace, env: utils.DistEnv, model: torch.nn.Module,
-        loader: Iterable[dict], sampler: Any, optimizer: torch.optim.Optimizer,
-        scaler: torch.amp.GradScaler, policy: MaskingPolicy, config: engine.TrainConfig,
-        start_epoch: int, sample_names: list[str]) -> tuple[dict[str, float], list[str]]:
-    """The epochs from `start_epoch`: each ends with checkpoint-last.pth (and
-    checkpoint-<epoch>.pth every --save_ckpt_freq epochs and at the last) and a log.txt
-    line. A non-finite loss stops the run and names the last good checkpoint.
-    -> (the last epoch's metrics, the checkpoints it wrote)."""
-    model_without_ddp = model
-    if env.distributed:
-        # the only buffer, relative_position_index, is a constant: nothing to broadcast
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            broadcast_buffers=False)
-    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    utils.main_print(f"[model] {args.model}: {n_parameters / 1e6:.1f} M parameters; "
-                     f"{config.num_steps} steps/epoch x {args.batch_size} x {env.world_size} "
-                     f"process(es); amp {args.amp}; device {env.device}")
-    log = utils.JsonlLog(os.path.join(args.output_dir, "log.txt"), start_epoch)
-    log_writer = utils.make_tensorboard_writer(args.log_dir,
-                                               purge_step=start_epoch * config.num_steps)
-    stats: dict[str, float] = {}
-    saved: list[str] = []
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch)
-            stats = engine.train_one_epoch(model, loader, optimizer, scaler, policy, config,
-                                           epoch=epoch, sample_names=sample_names,
-                                           log_writer=log_writer)
-            names: list[int | str] = ["last"]
-            if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
-                names.append(epoch)
-            saved = utils.save_training_state(
-                args.output_dir, names, epoch=epoch, model=model_without_ddp,
-                optimizer=optimizer, scaler=scaler, args=vars(args),
-                masking=policy.state_dict(), sampler_seed=sampler.seed)
-            log.write({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
-                       "n_parameters": n_parameters})
-            utils.main_print(f"[epoch {epoch}] " + ", ".join(
-                f"{k} {v:.4g}" for k, v in stats.items()) + f" -> {saved[-1]}")
-    except engine.NonFiniteLossError as e:
-        last = utils.find_latest_checkpoint(args.output_dir)
-        raise engine.NonFiniteLossError(
-            f"{e}. No checkpoint was written after it; the last good checkpoint "
-            f"is {last or 'none (no epoch finished)'}. Fix the cause (lower --lr, "
-            "--amp bf16/none instead of fp16, check the named images), then re-run to "
-            "resume from it") from None
-    finally:
-        if log_writer is not None:
-            log_writer.close()
-    return stats, saved
 
 
 def _cli_main() -> int:

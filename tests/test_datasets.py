@@ -443,6 +443,21 @@ def test_image_cache_serves_the_dataloader_batches_exactly(train_root):
         datasets.ImageCache(_pretrain(train_root), 2, where="ram", device="cpu")
 
 
+def test_train_loader_refuses_a_set_without_one_full_batch(train_root):
+    """6 images make 3 batches of 2 and 1 of 6; a batch of 7 would never step, so
+    build_train_loader says so (with and without the image cache) instead of training
+    nothing."""
+    ds = _pretrain(train_root)
+    ds.attach_tokens(torch.zeros(6, 16, dtype=torch.long))
+    kw = dict(device=torch.device("cpu"), seed=0, num_workers=0, pin_memory=False)
+    for cache in ("none", "ram"):
+        assert len(datasets.build_train_loader(ds, 2, cache_images=cache, **kw)[0]) == 3
+        assert len(datasets.build_train_loader(ds, 6, cache_images=cache, **kw)[0]) == 1
+        with pytest.raises(ValueError, match="6 training images make no full batch of "
+                                             "--batch_size 7 on each of 1 process"):
+            datasets.build_train_loader(ds, 7, cache_images=cache, **kw)
+
+
 def test_token_cache_checks(train_root, mvtec_root, tmp_path):
     weights = tmp_path / "tok.pth"
     weights.write_bytes(b"w")
