@@ -262,21 +262,24 @@ def fit(model: nn.Module, data_loader: Iterable[dict], sampler: Any,
         optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, policy: MaskingPolicy,
         config: TrainConfig, *, start_epoch: int, epochs: int, output_dir: str,
         save_ckpt_freq: int, run_args: dict, log_dir: str | None = None,
-        sample_names: Sequence[str] | None = None) -> tuple[dict[str, float], list[str]]:
-    """The epochs [start_epoch, epochs) of a run, the model wrapped in DDP when a process
-    group is up (its one buffer, relative_position_index, is constant). Each ends
+        distributed: bool = False, sample_names: Sequence[str] | None = None
+        ) -> tuple[dict[str, float], list[str]]:
+    """The epochs [start_epoch, epochs) of a run, the model wrapped in DDP when
+    `distributed` (its one buffer, relative_position_index, is constant). Each ends
     with checkpoint-last.pth (and checkpoint-<epoch>.pth every `save_ckpt_freq` epochs
     and at the last: weights, optimiser, scaler, masking policy, sampler seed and
     `run_args`) and a line of <output_dir>/log.txt. A non-finite loss stops the run and
     names the last good checkpoint. -> (the last epoch's metrics, the checkpoints it wrote).
     """
     unwrapped, device = model, policy.device
-    if utils.is_dist_avail_and_initialized():
+    if distributed:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)
     n_parameters = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-    utils.main_print(f"[model] {n_parameters / 1e6:.1f} M trainable parameters")
+    utils.main_print(f"[model] {n_parameters / 1e6:.1f} M trainable parameters; "
+                     f"{config.num_steps} steps/epoch on each of {utils.get_world_size()} "
+                     f"process(es); amp {config.amp}; device {device}")
     log = utils.JsonlLog(os.path.join(output_dir, "log.txt"), start_epoch)
     log_writer = utils.make_tensorboard_writer(log_dir, purge_step=start_epoch * config.num_steps)
     stats: dict[str, float] = {}

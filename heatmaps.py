@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from protoflow import image_score
 
 if TYPE_CHECKING:
     from protocols import ClassData
@@ -167,14 +166,13 @@ def extremes_per_type(scores: Sequence[float], types: Sequence[str], count: int
 
 
 def save_heatmaps(data: ClassData, maps: torch.Tensor, scores: torch.Tensor,
-                  threshold: float | None, out_dir: Path, count: int,
-                  mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+                  protoflow_scores: torch.Tensor, threshold: float | None, out_dir: Path,
+                  count: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
     """run_test.py --save_heatmaps N: the N most and the N least anomalous images (PMAD's
     image score `scores`, (N,)) of each defect type and of the normal images, each as
     image | ground truth | overlay with a colour bar on one scale per class, captioned
-    with its scores, ProtoFlow's `threshold` and the decision."""
+    with its scores (ProtoFlow's too, (N,)), ProtoFlow's `threshold` and the decision."""
     scale = ColourScale.of(maps)
-    protoflow_scores = image_score(data.log_likelihood)  # (N,)
     for i, note in extremes_per_type(scores.tolist(), data.defect_types, count):
         caption = Caption(data.names[i], float(scores[i]), float(protoflow_scores[i]),
                           threshold, truth=data.defect_types[i], note=note)

@@ -297,9 +297,10 @@ def clean_scores(model: torch.nn.Module, data: ClassData, *, ratio: float,
 def evaluate_clean(model: torch.nn.Module, data: ClassData, *, ratio: float,
                    threshold: float | None, options: CleanOptions, sigma: float,
                    batch_size: int, device: torch.device, amp: str, seed: int
-                   ) -> tuple[dict, dict[str, torch.Tensor]]:
+                   ) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The clean protocol: `clean_scores` (no test label is read before every score
-    exists), then the metrics of PMAD and of each baseline."""
+    exists), then the metrics of PMAD and of each baseline. -> (record, maps: 'pmad' and
+    each baseline's (N, S, S), image scores: 'pmad' and 'protoflow' (N,))."""
     scores = clean_scores(model, data, ratio=ratio, threshold=threshold, options=options,
                           sigma=sigma, batch_size=batch_size, device=device, amp=amp,
                           seed=seed)
@@ -311,7 +312,8 @@ def evaluate_clean(model: torch.nn.Module, data: ClassData, *, ratio: float,
                   clean_options=options.as_dict(),
                   diagnostics=mask_diagnostics(data, scores.test_masks, scores.proposal,
                                                tuple(model.patch_embed.grid_size)))
-    return record, {"pmad": scores.maps, **scores.baseline_maps}
+    return (record, {"pmad": scores.maps, **scores.baseline_maps},
+            {"pmad": scores.image_scores, "protoflow": scores.protoflow_scores})
 
 
 def sweep_mask_ratios(model: torch.nn.Module, data: ClassData, proposals: Proposals,
@@ -336,10 +338,12 @@ def sweep_mask_ratios(model: torch.nn.Module, data: ClassData, proposals: Propos
 
 def evaluate_paper(model: torch.nn.Module, data: ClassData, *, sigma: float, batch_size: int,
                    device: torch.device, amp: str, seed: int
-                   ) -> tuple[dict, dict[str, torch.Tensor]]:
+                   ) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The paper protocol (method.md 7), which reads the test labels twice: ProtoFlow's
     call at the F1-optimal threshold of the test scores, and the best of 24 mask ratios
-    per metric. It reproduces the published numbers; it is not a deployable score."""
+    per metric. It reproduces the published numbers; it is not a deployable score.
+    Returns as `evaluate_clean` does; PMAD's maps and image scores at the ratio of the
+    best image AUROC."""
     grid = tuple(model.patch_embed.grid_size)
     proposals = proposals_from_log_likelihood(data.log_likelihood, list(PAPER_RATIOS),
                                               image_size=data.images.shape[-1], grid=grid)
@@ -362,7 +366,8 @@ def evaluate_paper(model: torch.nn.Module, data: ClassData, *, sigma: float, bat
     base_maps = baseline_maps(data, proposals.abnormality_maps.float().cpu(), None, grid,
                               sigma)
     record.update({name: evaluate_maps(data, m) for name, m in base_maps.items()})
-    return record, {"pmad": maps[best], **base_maps}
+    return (record, {"pmad": maps[best], **base_maps},
+            {"pmad": image_scores(maps[best]), "protoflow": proposals.image_scores.float().cpu()})
 
 
 def _best_ratio(per_ratio: dict[float, dict], key: str) -> float:

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+
 import torch
 
 import datasets
@@ -199,12 +200,10 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     num_steps = min(len(loader), args.max_steps_per_epoch or len(loader))
     optimizer, scaler, config = build_optimisation(args, model, num_steps, env.device)
     start_epoch = restore(args, model, optimizer, scaler, policy, sampler, resume, env.device)
-    utils.main_print(f"[model] {args.model}; {num_steps} steps/epoch x {args.batch_size} x "
-                     f"{env.world_size} process(es); amp {args.amp}; device {env.device}")
     stats, saved = engine.fit(
         model, loader, sampler, optimizer, scaler, policy, config, start_epoch=start_epoch,
         epochs=args.epochs, output_dir=args.output_dir, save_ckpt_freq=args.save_ckpt_freq,
-        run_args=vars(args), log_dir=args.log_dir,
+        run_args=vars(args), log_dir=args.log_dir, distributed=env.distributed,
         sample_names=[os.path.relpath(p, args.data_path) for p, _ in dataset.samples])
     return {"train_classes": train_classes, "num_images": len(dataset),
             "num_steps": num_steps, "start_epoch": start_epoch, "stats": stats,
@@ -212,7 +211,8 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
 
 
 def restore(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler, policy: MaskingPolicy, sampler: Any,
+            scaler: torch.amp.GradScaler, policy: MaskingPolicy,
+            sampler: torch.utils.data.DistributedSampler | datasets.ImageCache,
             resume: str | None, device: torch.device) -> int:
     """Resume (called last: the random states restored are then those at the save), or
     BEiT's initialisation unless --no_init. -> the first epoch to train."""

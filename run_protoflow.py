@@ -144,12 +144,11 @@ def _flow_data(args, classes: list[str]) -> tuple[Dataset, Dataset, list[int], l
     return train_set, eval_set, kept, held
 
 
-def _resume(args, flow: Ff.SequenceINN, optimizer: torch.optim.Optimizer,
-            run_args: dict) -> int:
-    """The epoch to start at: 0, or the one after the last saved in <output>.resume, whose
-    flow, optimizer and RNG state are restored (only with --resume and unchanged
-    RESUME_KEYS, so that a resumed run is the run it continues)."""
-    resume_path = args.output + ".resume"
+def _resume(args, resume_path: str, flow: Ff.SequenceINN,
+            optimizer: torch.optim.Optimizer, run_args: dict) -> int:
+    """The epoch to start at: 0, or the one after the last saved in `resume_path`
+    (<output>.resume), whose flow, optimizer and RNG state are restored (only with
+    --resume and unchanged RESUME_KEYS, so that a resumed run is the run it continues)."""
     if not os.path.exists(resume_path):
         return 0
     if not args.resume:
@@ -187,7 +186,7 @@ def run_train(args) -> dict:
     optimizer = torch.optim.Adam([p for p in flow.parameters() if p.requires_grad], lr=args.lr)
     resume_path = args.output + ".resume"
     run_args = {k: getattr(args, k) for k in RESUME_KEYS}
-    start_epoch = _resume(args, flow, optimizer, run_args)
+    start_epoch = _resume(args, resume_path, flow, optimizer, run_args)
     log = JsonlLog(args.output + ".log.jsonl", start_epoch)
 
     def epoch_end(epoch: int, loss: float, opt: torch.optim.Optimizer) -> None:

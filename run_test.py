@@ -2,7 +2,7 @@
 
 The entry point: flags, the three files a test needs (`load_models`), the class loop
 with its partial results. The scoring and both protocols are in protocols.py, the
-tables and files in results.py. The ``clean`` protocol (default) reads no test label
+tables and files in reporting.py. The ``clean`` protocol (default) reads no test label
 before all scores exist; the ``paper`` protocol reproduces the published numbers,
 which choose ProtoFlow's threshold and the mask ratio with the test labels.
 """
@@ -26,8 +26,7 @@ from heatmaps import save_heatmaps
 from masking_generator import CLASS_MASK_RATIOS
 from modeling_discrete_vae import create_tokenizer, file_sha256
 from protocols import (ABNORMALITY, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED,
-                       CleanOptions, collect_class, evaluate_clean, evaluate_paper,
-                       image_scores)
+                       CleanOptions, collect_class, evaluate_clean, evaluate_paper)
 from protoflow import ProtoFlow
 from reporting import PartialResults, exit_status, report
 from utils import (FlagError, cli, int_at_least, mask_ratio_arg, prepare_output_dir,
@@ -261,11 +260,11 @@ def evaluate_class(args: argparse.Namespace, m: "Models", options: CleanOptions,
     kwargs = dict(sigma=args.sigma, batch_size=args.batch_size, device=m.device, amp=m.amp,
                   seed=args.seed)
     if args.protocol == "paper":
-        record, maps = evaluate_paper(m.model, data, **kwargs)
+        record, maps, scores = evaluate_paper(m.model, data, **kwargs)
     else:
-        record, maps = evaluate_clean(m.model, data, ratio=class_mask_ratio(args, class_name),
-                                      threshold=m.protoflow.threshold_for(class_name),
-                                      options=options, **kwargs)
+        record, maps, scores = evaluate_clean(
+            m.model, data, ratio=class_mask_ratio(args, class_name),
+            threshold=m.protoflow.threshold_for(class_name), options=options, **kwargs)
     record.update(num_images=len(data.labels), num_anomalous=int(data.labels.sum()),
                   ground_truth=data.gt_masks is not None)
     d = record["diagnostics"]
@@ -275,11 +274,9 @@ def evaluate_class(args: argparse.Namespace, m: "Models", options: CleanOptions,
                   if data.gt_masks is not None else
                   f"no {root}/{class_name}/ground_truth folder: pixel metrics undefined"))
     if args.save_heatmaps:
-        scores = (image_scores(maps["pmad"], options.image_score)
-                  if args.protocol == "clean" else image_scores(maps["pmad"]))
         threshold = (record["threshold"] if args.protocol == "paper"
                      else m.protoflow.threshold_for(class_name))
-        save_heatmaps(data, maps["pmad"], scores, threshold,
+        save_heatmaps(data, maps["pmad"], scores["pmad"], scores["protoflow"], threshold,
                       out_dir / "heatmaps" / class_name, args.save_heatmaps, m.mean, m.std)
     return record
 

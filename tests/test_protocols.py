@@ -66,7 +66,7 @@ def test_pmad_map_of_a_2x2_patch_case_by_hand() -> None:
     abnormality map (max(prob) - prob over the set, resized the same way); sigma 0: no
     smoothing."""
     data = _hand_data()
-    record, maps = protocols.evaluate_clean(
+    record, maps, _ = protocols.evaluate_clean(
         ConstantViT(), data, ratio=0.5, threshold=None, options=PAPER_MAP,
         sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
     # image 1: patch CEs [CE0, CE0; CE0, CE1] -> 3x3 corners + midpoints
@@ -92,7 +92,7 @@ def test_weighted_log_map_of_a_2x2_patch_case_by_hand() -> None:
     """The clean protocol's default map: ProtoFlow's abnormality in log units,
     max(logp) - logp, times 1 + CE / ln V (V = 2 here)."""
     data = _hand_data()
-    record, maps = protocols.evaluate_clean(
+    record, maps, scores = protocols.evaluate_clean(
         ConstantViT(), data, ratio=0.5, threshold=None, options=protocols.CleanOptions(),
         sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
     ln4 = math.log(4)
@@ -104,6 +104,11 @@ def test_weighted_log_map_of_a_2x2_patch_case_by_hand() -> None:
     assert maps["pmad"][1, 2, 2] == pytest.approx(3 * ln4, abs=1e-6)  # CE1 = 2 ln 2
     assert maps["pmad"][0, 0, 0] == pytest.approx(math.log(2) * (1 + CE0 / math.log(2)))
     assert torch.allclose(maps["protoflow_only"][1], a1, atol=1e-6)  # the same map alone
+    # the image scores returned (the heatmaps' captions): PMAD's map maximum, ProtoFlow's
+    # max over patches of -logp
+    assert scores["pmad"][1] == pytest.approx(3 * ln4, abs=1e-6)
+    assert torch.equal(scores["pmad"], maps["pmad"].flatten(1).amax(1))
+    assert torch.allclose(scores["protoflow"], torch.tensor([math.log(2), ln4]))
     assert record["clean_options"] == {"masks": "proposal", "unmasked": "cover",
                                        "abnormality": "log", "combine": "weighted",
                                        "image_score": "max"}
@@ -120,13 +125,13 @@ def test_a_defect_left_unmasked_is_scored_by_the_covering_pass() -> None:
     seed = next(s for s in range(100) if not protoflow.proposals_from_log_likelihood(
         data.log_likelihood, [0.5], image_size=3, grid=(2, 2)).test_masks(
         0.5, torch.tensor([False, False]), protocols.mask_seeds(data.image_ids, s))[1, 3])
-    zero, maps0 = protocols.evaluate_clean(
+    zero, maps0, _ = protocols.evaluate_clean(
         ConstantViT(), data, options=protocols.CleanOptions("threshold", "zero", "paper",
                                                            "product"), seed=seed, **kw)
-    cover, maps1 = protocols.evaluate_clean(
+    cover, maps1, _ = protocols.evaluate_clean(
         ConstantViT(), data, options=protocols.CleanOptions("threshold", "cover", "paper",
                                                            "product"), seed=seed, **kw)
-    weighted, maps2 = protocols.evaluate_clean(
+    weighted, maps2, _ = protocols.evaluate_clean(
         ConstantViT(), data, options=protocols.CleanOptions("threshold", "zero", "paper",
                                                            "weighted"), seed=seed, **kw)
     # weighted: a visible patch keeps ProtoFlow's score (factor 1), above the normal image
@@ -148,10 +153,13 @@ def test_paper_protocol_per_ratio_values_and_best_ratio_by_hand() -> None:
     0.75 at its corner, above anything the normal image's one random patch can score
     (at most CE0 x 0.5). So the best image AUROC, 1.0, comes first at 0.26."""
     data = _hand_data()
-    record, maps = protocols.evaluate_paper(ConstantViT(), data, sigma=0.0, batch_size=2,
-                                           device=torch.device("cpu"), amp="none", seed=0)
+    record, maps, scores = protocols.evaluate_paper(ConstantViT(), data, sigma=0.0,
+                                                    batch_size=2, device=torch.device("cpu"),
+                                                    amp="none", seed=0)
     assert record["threshold"] == pytest.approx((math.log(2) + math.log(4)) / 2)
     assert record["called_anomalous"] == 1
+    assert torch.equal(scores["pmad"], maps["pmad"].flatten(1).amax(1))  # at the best ratio
+    assert torch.allclose(scores["protoflow"], torch.tensor([math.log(2), math.log(4)]))
     per_ratio = record["per_ratio"]
     assert list(per_ratio) == [f"{r:.2f}" for r in protocols.PAPER_RATIOS]
     for r in protocols.PAPER_RATIOS:
@@ -176,9 +184,9 @@ def test_a_score_equal_to_the_threshold_is_called_normal() -> None:
     assert score == pytest.approx(math.log(4))
     kw = dict(ratio=0.5, options=protocols.CleanOptions("threshold", "zero", "paper", "product"),
               sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
-    at, _ = protocols.evaluate_clean(ConstantViT(), data, threshold=score, **kw)
+    at, _, _ = protocols.evaluate_clean(ConstantViT(), data, threshold=score, **kw)
     lower = torch.nextafter(torch.tensor(score), torch.tensor(0.0)).item()  # float32
-    below, maps = protocols.evaluate_clean(ConstantViT(), data, threshold=lower, **kw)
+    below, maps, _ = protocols.evaluate_clean(ConstantViT(), data, threshold=lower, **kw)
     assert at["called_anomalous"] == 0 and at["threshold"] == score
     assert at["diagnostics"]["anomalous_with_proposal"] == 0
     assert below["called_anomalous"] == 1

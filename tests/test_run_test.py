@@ -105,12 +105,12 @@ def test_clean_protocol_score_maps_ignore_labels(tiny_world) -> None:
     data = protocols.collect_class(ds, tokenizer, pf, "brick", 8, torch.device("cpu"))
     kwargs = dict(ratio=0.3, threshold=pf.threshold, options=protocols.CleanOptions(),
                   sigma=4.0, batch_size=8, device=torch.device("cpu"), amp="none", seed=0)
-    _, maps = protocols.evaluate_clean(model, data, **kwargs)
+    _, maps, _ = protocols.evaluate_clean(model, data, **kwargs)
     perm = np.random.default_rng(0).permutation(len(data.labels))
     assert (data.labels[perm] != data.labels).any()
     data.labels, data.gt_masks = data.labels[perm], data.gt_masks[perm]
     data.defect_types = [data.defect_types[i] for i in perm]
-    _, shuffled = protocols.evaluate_clean(model, data, **kwargs)
+    _, shuffled, _ = protocols.evaluate_clean(model, data, **kwargs)
     assert maps.keys() == shuffled.keys() == {"pmad", "protoflow_only", "patchcore", "ce_only"}
     for key in maps:
         assert torch.equal(maps[key], shuffled[key]), key
