@@ -165,6 +165,15 @@ def extremes_per_type(scores: Sequence[float], types: Sequence[str], count: int
     return picks
 
 
+def save_one(image: torch.Tensor, score_map: torch.Tensor, scale: ColourScale,
+             caption: Caption, path: str | os.PathLike, mean: Sequence[float],
+             std: Sequence[float], gt_mask: torch.Tensor | None = None) -> None:
+    """One image's PNG: normalised image (3, H, W), its map (H, W), its ground truth
+    (H, W) or None, drawn on the class's `scale`; run_test.py's and predict.py's."""
+    save_png(render(to_uint8_image(image, mean, std), score_map.numpy(), scale, caption,
+                    None if gt_mask is None else gt_mask.numpy()), path)
+
+
 def save_heatmaps(data: ClassData, maps: torch.Tensor, scores: torch.Tensor,
                   protoflow_scores: torch.Tensor, threshold: float | None, out_dir: Path,
                   count: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
@@ -176,6 +185,5 @@ def save_heatmaps(data: ClassData, maps: torch.Tensor, scores: torch.Tensor,
     for i, note in extremes_per_type(scores.tolist(), data.defect_types, count):
         caption = Caption(data.names[i], float(scores[i]), float(protoflow_scores[i]),
                           threshold, truth=data.defect_types[i], note=note)
-        gt = None if data.gt_masks is None else data.gt_masks[i].numpy()
-        save_png(render(to_uint8_image(data.images[i], mean, std), maps[i].numpy(), scale,
-                        caption, gt), out_dir / f"{data.names[i]}.png")
+        save_one(data.images[i], maps[i], scale, caption, out_dir / f"{data.names[i]}.png",
+                 mean, std, None if data.gt_masks is None else data.gt_masks[i])

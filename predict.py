@@ -171,9 +171,8 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
                          "threshold": "" if threshold is None else threshold,
                          "decision": caption.decision or ""})
             if scale is not None:
-                image = heatmaps.to_uint8_image(data.images[i], m.mean, m.std)
-                heatmaps.save_png(heatmaps.render(image, scores.maps[i].numpy(), scale, caption),
-                                  out_dir / "heatmaps" / cls / f"{name}.png")
+                heatmaps.save_one(data.images[i], scores.maps[i], scale, caption,
+                                  out_dir / "heatmaps" / cls / f"{name}.png", m.mean, m.std)
             if args.save_npy:
                 path = out_dir / "maps" / cls / f"{name}.npy"
                 path.parent.mkdir(parents=True, exist_ok=True)

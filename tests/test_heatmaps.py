@@ -72,3 +72,19 @@ def test_extremes_per_type():
                      (6, "hole: most anomalous 1/1")]
     two = heatmaps.extremes_per_type(scores, types, 2)
     assert [i for i, _ in two] == [4, 5, 1, 2, 3, 0, 6]  # each image once
+
+
+def test_save_one_writes_the_rendered_png(tmp_path):
+    """save_one denormalises the image and writes exactly what render draws."""
+    from PIL import Image
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+    image = torch.zeros(3, 16, 16)  # normalised: the mean colour
+    score = torch.zeros(16, 16)
+    score[4:8, 4:8] = 3.0
+    gt = (score > 0).float()
+    scale, caption = ColourScale(0.0, 3.0), Caption("a", 3.0, 2.0, 1.0, truth="crack")
+    heatmaps.save_one(image, score, scale, caption, tmp_path / "c" / "a.png", mean, std, gt)
+    written = np.asarray(Image.open(tmp_path / "c" / "a.png"))
+    rgb = np.full((16, 16, 3), [128, 102, 76], np.uint8)
+    assert (written[:16, :16] == rgb).all()
+    assert (written == heatmaps.render(rgb, score.numpy(), scale, caption, gt.numpy())).all()
