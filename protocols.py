@@ -212,8 +212,8 @@ def baseline_maps(data: ClassData, abnormality: torch.Tensor, token_scores: torc
     ProtoFlow's abnormality map alone (the one PMAD's map uses, (N, S, S)), PatchCore
     (each patch's distance to its nearest prototype: the prototypes are a PatchCore
     memory bank) and, given the covering passes' token scores, the ViT's cross-entropy
-    alone. Each is upsampled and smoothed as PMAD's map is; image score = the map's
-    maximum."""
+    alone. Each is upsampled and smoothed as PMAD's map is, and its image score is taken
+    by PMAD's rule (`image_scores`; the paper protocol: the maximum)."""
     size = data.images.shape[-1]
     maps = {"protoflow_only": gaussian_blur(abnormality, sigma),
             "patchcore": gaussian_blur(upsample(data.prototype_distance,
@@ -305,7 +305,8 @@ def evaluate_clean(model: torch.nn.Module, data: ClassData, *, ratio: float,
                           sigma=sigma, batch_size=batch_size, device=device, amp=amp,
                           seed=seed)
     record = evaluate_maps(data, scores.maps, scores=scores.image_scores)
-    record.update({name: evaluate_maps(data, m) for name, m in scores.baseline_maps.items()})
+    record.update({name: evaluate_maps(data, m, scores=image_scores(m, options.image_score))
+                   for name, m in scores.baseline_maps.items()})
     record.update(mask_ratio=ratio,
                   threshold=threshold if options.masks == "threshold" else None,
                   called_anomalous=int(scores.proposal.sum()),

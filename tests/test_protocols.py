@@ -207,6 +207,25 @@ def test_mask_diagnostics_by_hand() -> None:
     assert d["anomalous_with_proposal"] == 0
 
 
+def test_baselines_take_their_image_score_by_pmads_rule(monkeypatch) -> None:
+    """With --image_score topk, the baseline rows' image scores are their maps' top-1 %
+    means too (not their maxima), so the table compares like with like."""
+    seen = []
+    real = protocols.metrics.compute_metrics
+    monkeypatch.setattr(protocols.metrics, "compute_metrics",
+                        lambda labels, scores, *a: seen.append(scores) or real(labels, scores, *a))
+    options = protocols.CleanOptions(image_score="topk")
+    _, maps, _ = protocols.evaluate_clean(
+        ConstantViT(), _hand_data(size=20), ratio=0.5, threshold=None, options=options,
+        sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
+    names = ["pmad", "protoflow_only", "patchcore", "ce_only"]
+    assert len(seen) == len(names)
+    for name, scores in zip(names, seen):
+        top4 = maps[name].flatten(1).topk(4, dim=1).values.mean(1)  # 1 % of 400 pixels
+        assert np.allclose(scores, top4.numpy())
+        assert (scores < maps[name].flatten(1).amax(1).numpy()).any()
+
+
 def test_image_scores() -> None:
     maps = torch.zeros(2, 10, 10)
     maps[0, 0, 0] = 5.0  # one bright pixel
