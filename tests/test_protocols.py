@@ -4,6 +4,7 @@ known by construction (not by re-running the product's own expressions)."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -237,3 +238,30 @@ def test_image_scores() -> None:
     assert protocols.image_scores(maps, "topk").tolist() == [2.0]  # mean of the top 4
     with pytest.raises(ValueError, match="unknown image score"):
         protocols.image_scores(maps, "median")
+
+
+def test_bench_score_variants_rows_by_hand(monkeypatch) -> None:
+    """bench/score_variants.py (README's issue-11 tables): its default row is the clean
+    protocol's map and score, the CE-weight rows scale CE / ln V, and the image-only
+    rows score each map by one rule."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                                             "bench"))
+    import score_variants
+    data = _hand_data()
+    kw = dict(sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none")
+    rows = score_variants.variant_scores(ConstantViT(), data, 0.5, **kw)
+    _, maps, scores = protocols.evaluate_clean(ConstantViT(), data, ratio=0.5, threshold=None,
+                                               options=protocols.CleanOptions(), seed=0, **kw)
+    assert torch.equal(rows["default"][1], maps["pmad"])
+    assert torch.equal(rows["default"][0], scores["pmad"])
+    ln4 = math.log(4)  # image 1's defect pixel: abnormality ln 4, CE1 = 2 ln 2 = 2 ln V
+    assert rows["CE weight x0.5"][1][1, 2, 2] == pytest.approx(ln4 * 2, abs=1e-6)
+    assert rows["CE weight x2"][1][1, 2, 2] == pytest.approx(ln4 * 5, abs=1e-6)
+    # every covering scores each patch once with the same constant ViT: the average is CE
+    assert torch.allclose(rows["CE averaged over 5 coverings"][1], maps["pmad"])
+    assert torch.equal(rows["protoflow_only"][0], maps["protoflow_only"].flatten(1).amax(1))
+    assert rows["image: rank sum with ProtoFlow"][0].tolist() == [2.0, 4.0]
+    assert rows["image: product with ProtoFlow"][0][1] == pytest.approx(3 * ln4 * ln4)
+    auc = score_variants.aurocs(data, rows)
+    assert auc["default"]["image_auroc"] == 1.0 and math.isnan(
+        auc["image: top 1 % [pmad]"]["pixel_auroc"])
