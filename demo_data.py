@@ -20,7 +20,8 @@ Two worlds, from disjoint photographs and defect kinds (`WORLDS`):
   MVTec AD has that the main set lacks: colour (luminance kept, hue changed), crack,
   hole, contamination (specks) and thread (a loose fibre).
 
-`setup_train_dataset.py --make_demo DIR [--demo_world heldout]` calls `make_demo_dataset`.
+`setup_train_dataset.py --make_demo DIR [--demo_world heldout] [--demo_defect_area LO HI]`
+calls `make_demo_dataset`; the last flag redraws a world's defects at other sizes.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import json
 import os
 import shutil
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import cv2
@@ -570,15 +571,19 @@ _DEFECTS = {"foreign": _foreign, "scratch": _scratch, "stain": _stain, "missing"
 
 
 def render_defect(class_name: str, defect_type: str, rng: np.random.Generator,
-                  area_fraction: float = 0.04, size: int = 256) -> DefectSample:
+                  area_fraction: float = 0.04, size: int = 256,
+                  min_visible: float | None = None) -> DefectSample:
     """One shot with and without a defect of about `area_fraction` of the image.
 
     The mask is taken from the actual pixel change (then holes inside the changed blob are
     closed, never beyond the region the defect touched or off the object), so it is
     neither a loose box nor missing the faint rim of a soft stain. Shots whose defect came
-    out too faint are redrawn from the same generator, so the result stays deterministic.
+    out too faint (changed less than `min_visible` of the image; default: the world's) are
+    redrawn from the same generator, so the result stays deterministic.
     """
     world = world_of(class_name)
+    if min_visible is None:
+        min_visible = world.min_visible
     if defect_type not in world.defect_types:
         raise ValueError(f"unknown defect type '{defect_type}' for '{class_name}'; choose "
                          f"from {world.defect_types}")
@@ -594,7 +599,7 @@ def render_defect(class_name: str, defect_type: str, rng: np.random.Generator,
         changed = np.abs(clean.astype(np.int16) - defective).max(-1) > _CHANGE_THRESHOLD
         closed = ndi.binary_fill_holes(ndi.binary_closing(changed, iterations=3))
         mask = changed | (closed & applied & fg)
-        if mask.sum() >= max(0.5 * applied.sum(), world.min_visible * size * size):
+        if mask.sum() >= max(0.5 * applied.sum(), min_visible * size * size):
             return DefectSample(clean, defective, mask, fg, applied, defect_type)
     raise RuntimeError(f"could not place a visible '{defect_type}' defect on '{class_name}' "
                        "in 20 tries: this is a bug in demo_data.py")
@@ -672,7 +677,7 @@ def _write_class(cls: str, mvtec_root: str, imagenet_root: str, spec: DemoWorld,
         gt_dir = os.path.join(base, "ground_truth", dtype)
         os.makedirs(img_dir, exist_ok=True)
         os.makedirs(gt_dir, exist_ok=True)
-        s = render_defect(cls, dtype, _rng(seed, cls, 2, j), area, size)
+        s = render_defect(cls, dtype, _rng(seed, cls, 2, j), area, size, spec.min_visible)
         _save_png(s.defective, os.path.join(img_dir, f"{k:03d}.png"))
         _save_png(s.mask.astype(np.uint8) * 255, os.path.join(gt_dir, f"{k:03d}_mask.png"))
         c[f"test/{dtype}"] = c.get(f"test/{dtype}", 0) + 1
@@ -683,9 +688,16 @@ def _write_class(cls: str, mvtec_root: str, imagenet_root: str, spec: DemoWorld,
 def make_demo_dataset(mvtec_root: str, imagenet_root: str, seed: int = 0,
                       classes: list[str] | None = None, n_train: int = 40,
                       n_test_good: int = 20, n_test_defect: int = 20,
-                      size: int = 256, world: str = "main") -> dict[str, dict[str, int]]:
+                      size: int = 256, world: str = "main",
+                      defect_area: tuple[float, float] | None = None
+                      ) -> dict[str, dict[str, int]]:
     """Write a demo set (`WORLDS[world]`) in MVTec layout plus foreground masks of the
     train images.
+
+    `defect_area` (smallest, largest fraction of the image) replaces the world's defect
+    sizes, so one world can be drawn again with other defects (README's tuning draws: the
+    main world with 0.1-1 % defects); a defect that changed less than half the smallest
+    area is then redrawn.
 
     mvtec_root/<class>/{train/good, test/good, test/<defect>, ground_truth/<defect>} and
     imagenet_root/fg_mask/<class>/<stem>.png (0/255; stems of train/good). Returns image
@@ -706,8 +718,15 @@ def make_demo_dataset(mvtec_root: str, imagenet_root: str, seed: int = 0,
         raise ValueError(f"size={size} is too small for visible defects; use >= 64")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer (got {seed!r})")
+    if defect_area is not None:
+        lo, hi = defect_area
+        if not 0 < lo <= hi <= 0.3:
+            raise ValueError(f"defect_area must be (smallest, largest) with 0 < smallest <= "
+                             f"largest <= 0.3 of the image (got {tuple(defect_area)})")
+        spec = replace(spec, area_range=(lo, hi), min_visible=lo / 2)
     params = dict(world=world, seed=seed, classes=classes, n_train=n_train,
-                  n_test_good=n_test_good, n_test_defect=n_test_defect, size=size)
+                  n_test_good=n_test_good, n_test_defect=n_test_defect, size=size,
+                  defect_area=list(spec.area_range))
     counts: dict[str, dict[str, int]] = {}
     for cls in classes:
         _check_overwrite(mvtec_root, cls)

@@ -13,7 +13,9 @@
 # world only; 1: also the held-out world), DEMO_CLASSES / HELDOUT_CLASSES (all),
 # DEMO_TRAIN/DEMO_TEST_GOOD/DEMO_TEST_DEFECT and HELDOUT_TRAIN/HELDOUT_TEST_GOOD/
 # HELDOUT_TEST_DEFECT (images per class), PF_EPOCHS, VIT_EPOCHS, KMEANS_VOCAB (tokenizer
-# codebook size), DEVICE (cpu, or cuda when present).
+# codebook size), DEVICE (cpu, or cuda when present), and for the main world only
+# DEMO_SEED (0) and DEMO_DEFECT_AREA ("SMALLEST LARGEST" fractions of the image; README's
+# tuning draws are DEMO_DEFECT_AREA="0.001 0.01" with DEMO_SEED=0 and 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure_requirements.sh
@@ -27,9 +29,10 @@ LITE0=$("$PY" -c 'from backbones import lite0_weights_path; print(lite0_weights_
 start=$SECONDS
 step() { printf '\n==> [%dm%02ds] %s\n' $(((SECONDS - start) / 60)) $(((SECONDS - start) % 60)) "$*"; }
 
-# run_world NAME WORLD "CLASSES" TRAIN TEST_GOOD TEST_DEFECT: the whole recipe on one world
+# run_world NAME WORLD "CLASSES" TRAIN TEST_GOOD TEST_DEFECT [setup_train_dataset.py flags]:
+# the whole recipe on one world
 run_world() {
-    local name=$1 world=$2 classes=$3 out=$DEMO_DIR/$1
+    local name=$1 world=$2 classes=$3 out=$DEMO_DIR/$1 draw_args=("${@:7}")
     local mvtec=$DATA_DIR/demo_${1}_mvtec imagenet=$DATA_DIR/demo_${1}_imagenet
     local class_args=()
     [[ -n "$classes" ]] && class_args=(--classes $classes)
@@ -39,7 +42,7 @@ run_world() {
 
     step "[$name] 1/5 demo data set ($world world) from scikit-image photographs -> $mvtec"
     "$PY" setup_train_dataset.py --make_demo "$mvtec" --root "$imagenet" "${class_args[@]}" \
-        --demo_world "$world" --demo_counts "$4" "$5" "$6"
+        --demo_world "$world" --demo_counts "$4" "$5" "$6" "${draw_args[@]}"
 
     step "[$name] 2/5 ProtoFlow prototypes (k-center coreset of Lite0 patch features)"
     "$PY" run_protoflow.py prototypes --data_path "$imagenet" "${class_args[@]}" \
@@ -72,8 +75,10 @@ run_world() {
         --num_workers 2 --device "$DEVICE"
 }
 
+main_draw=(--seed "${DEMO_SEED:-0}")
+[[ -n "${DEMO_DEFECT_AREA:-}" ]] && main_draw+=(--demo_defect_area $DEMO_DEFECT_AREA)
 run_world main main "${DEMO_CLASSES:-}" "${DEMO_TRAIN:-40}" "${DEMO_TEST_GOOD:-20}" \
-    "${DEMO_TEST_DEFECT:-20}"
+    "${DEMO_TEST_DEFECT:-20}" "${main_draw[@]}"
 worlds=(main)
 if [[ "${DEMO_HELDOUT:-0}" == 1 ]]; then
     run_world heldout heldout "${HELDOUT_CLASSES:-}" "${HELDOUT_TRAIN:-30}" \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from conftest import run_command
@@ -40,3 +41,36 @@ def test_demo_script_detects_defects(tmp_path: Path) -> None:
     assert held["classes"]["retina"]["num_images"] == 9
     assert sorted(held["per_defect_mean"]["pmad"]) == [
         "colour", "contamination", "crack", "hole", "thread"]
+
+
+def test_demo_script_draw_knobs_reach_the_main_world_only(tmp_path: Path) -> None:
+    """DEMO_SEED and DEMO_DEFECT_AREA (README's tuning draws) are passed to the main world's
+    setup_train_dataset.py and never to the held-out world's. The entry points are stubbed:
+    this checks the script's wiring, the fast demo test above checks the recipe."""
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "python"
+    stub.write_text(f"""#!/usr/bin/env bash
+case "$1" in
+  *.py) echo "$*" >> {log}
+        if [[ "$1" == run_test.py ]]; then
+            while [[ $# -gt 0 && "$1" != --output_dir ]]; do shift; done
+            mkdir -p "$2" && echo "| stub |" > "$2/results.md"
+        fi ;;
+  *) exec {sys.executable} "$@" ;;
+esac
+""")
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "DEMO_DIR": str(tmp_path / "demo"),
+           "DATA_DIR": str(tmp_path / "data"), "DEMO_HELDOUT": "1", "DEMO_SEED": "1",
+           "DEMO_DEFECT_AREA": "0.001 0.01", "DEVICE": "cpu"}
+    run = run_command(["bash", "scripts/demo.sh"], cwd=ROOT, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    setups = [line.split() for line in log.read_text().splitlines()
+              if line.startswith("setup_train_dataset.py")]
+    assert len(setups) == 2
+    main, held = setups
+    assert main[main.index("--demo_world") + 1] == "main"
+    assert main[main.index("--seed") + 1] == "1"
+    assert main[main.index("--demo_defect_area") + 1:] == ["0.001", "0.01"]
+    assert held[held.index("--demo_world") + 1] == "heldout"
+    assert "--seed" not in held and "--demo_defect_area" not in held

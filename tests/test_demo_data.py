@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -208,6 +209,38 @@ def test_deterministic_by_seed(small_set, tmp_path):
     assert other.keys() == _hashes(mvtec).keys()
     changed = [k for k in other if other[k] != reference[k]]
     assert len(changed) == len(other)
+
+
+def test_defect_area_redraws_a_world_with_other_defect_sizes(tmp_path):
+    """README's tuning draws: the main world's photographs and normal images, with the
+    defects drawn at 0.1-1 % of the image instead of 1-10 %."""
+    kw = dict(classes=["gravel"], n_train=2, n_test_good=1, n_test_defect=8)
+    make_demo_dataset(str(tmp_path / "d"), str(tmp_path / "di"), **kw)
+    make_demo_dataset(str(tmp_path / "s"), str(tmp_path / "si"), defect_area=(0.001, 0.01), **kw)
+    default, small = _hashes(str(tmp_path / "d")), _hashes(str(tmp_path / "s"))
+    assert default.keys() == small.keys()
+    assert [k for k in default if default[k] == small[k]] == [
+        k for k in default if "good" in k]  # normal images unchanged, every defect redrawn
+
+    def areas(root):
+        gt = os.path.join(root, "gravel", "ground_truth")
+        return sorted((_load(os.path.join(gt, t, f)) > 0).mean()
+                      for t in os.listdir(gt) for f in os.listdir(os.path.join(gt, t)))
+    assert 0.0005 <= min(areas(tmp_path / "s")) and max(areas(tmp_path / "s")) < 0.02
+    assert min(areas(tmp_path / "d")) > 0.01
+    with open(tmp_path / "s" / demo_data._MARKER) as f:
+        assert json.load(f)["defect_area"] == [0.001, 0.01]
+    for bad in ((0.0, 0.01), (0.02, 0.01), (0.1, 0.5)):
+        with pytest.raises(ValueError, match="defect_area"):
+            make_demo_dataset(str(tmp_path / "x"), str(tmp_path / "xi"), defect_area=bad, **kw)
+
+
+def test_min_visible_redraws_faint_defects():
+    s = render_defect("gravel", "stain", np.random.default_rng(2), area_fraction=0.002)
+    assert s.mask.mean() < 0.01
+    with pytest.raises(RuntimeError, match="20 tries"):  # no 0.2 % stain changes 5 % of it
+        render_defect("gravel", "stain", np.random.default_rng(2), area_fraction=0.002,
+                      min_visible=0.05)
 
 
 def test_rewrite_leaves_no_stale_files(tmp_path):

@@ -229,9 +229,10 @@ def test_make_demo_wiring(tmp_path, monkeypatch, capsys):
     calls = []
 
     def fake_make_demo_dataset(mvtec_root, imagenet_root, seed=0, classes=None, n_train=40,
-                               n_test_good=20, n_test_defect=20, world="main"):
+                               n_test_good=20, n_test_defect=20, world="main",
+                               defect_area=None):
         calls.append((mvtec_root, imagenet_root, seed, classes,
-                      (n_train, n_test_good, n_test_defect), world))
+                      (n_train, n_test_good, n_test_defect), world, defect_area))
         _make_mvtec(Path(mvtec_root), classes=("gizmo",))
         for i in range(3):
             _save(Path(imagenet_root) / "fg_mask" / "gizmo" / f"{i:03d}.png",
@@ -242,7 +243,8 @@ def test_make_demo_wiring(tmp_path, monkeypatch, capsys):
                         types.SimpleNamespace(make_demo_dataset=fake_make_demo_dataset))
     monkeypatch.chdir(tmp_path)
     assert main(["--make_demo", "data/demo_mvtec"]) == 0
-    assert calls == [("data/demo_mvtec", "data/demo_imagenet", 0, None, (40, 20, 20), "main")]
+    assert calls == [("data/demo_mvtec", "data/demo_imagenet", 0, None, (40, 20, 20), "main",
+                      None)]
     out = capsys.readouterr().out
     assert [line.split() for line in out.splitlines() if line.startswith("gizmo")] == \
         [["gizmo", "3", "3"]]
@@ -250,9 +252,14 @@ def test_make_demo_wiring(tmp_path, monkeypatch, capsys):
         ["000.png", "001.png", "002.png"]
     assert main(["--make_demo", "d", "--root", "elsewhere", "--classes", "gizmo",
                  "--seed", "3", "--demo_counts", "5", "2", "3", "--demo_world", "heldout"]) == 0
-    assert calls[-1] == ("d", "elsewhere", 3, ["gizmo"], (5, 2, 3), "heldout")
+    assert calls[-1] == ("d", "elsewhere", 3, ["gizmo"], (5, 2, 3), "heldout", None)
+    assert main(["--make_demo", "d", "--demo_defect_area", "0.001", "0.01"]) == 0
+    assert calls[-1][-1] == (0.001, 0.01)
     with pytest.raises(SystemExit):
         main(["--make_demo", "d", "--data_path", "other"])
+    with pytest.raises(SystemExit):
+        main(["--data_path", "d", "--demo_defect_area", "0.001", "0.01"])
+    assert "add --make_demo" in capsys.readouterr().err
 
 
 def test_make_demo_real_one_class(tmp_path, capsys):
