@@ -201,7 +201,7 @@ def _write_mask(root: str, name: str, path: str, textures: Sequence[str],
 
 
 def make_fg_masks(root: str, classes: Sequence[str], textures: Sequence[str] = TEXTURES,
-                  sources: dict[str, str] | None = None) -> dict[str, Counter]:
+                  sources: dict[str, str] | None = None) -> None:
     """Estimate a mask for every training image that has none ('existing' masks, e.g.
     released ones, are kept), and print how many of each kind. Textures are foreground
     everywhere; an object mask that comes out (nearly) empty is written all-foreground and
@@ -229,7 +229,6 @@ def make_fg_masks(root: str, classes: Sequence[str], textures: Sequence[str] = T
     print("note: estimated masks (border colour + threshold + morphology) approximate "
           "the released ones; prefer the released fg_mask.zip (--fg_mask_zip) to "
           "reproduce the paper")
-    return out
 
 
 def mask_coverage(root: str, name: str) -> tuple[int, int]:

@@ -645,7 +645,10 @@ def resolve_weights_file(path: str, flag: str, pattern: str = "*.pt") -> str:
     if not os.path.isdir(folder):
         raise MissingFileError(f"{flag} {folder} does not exist: see weights/README.md")
     found = sorted(glob.glob(os.path.join(glob.escape(folder), pattern)))
-    if len(found) != 1:
+    if not found:
+        raise MissingFileError(f"{folder} holds no file matching {pattern} (it holds "
+                               f"{sorted(os.listdir(folder))}): name the file with {flag}")
+    if len(found) > 1:
         raise MissingFileError(f"{folder} holds {len(found)} files matching {pattern} "
                                f"({[os.path.basename(f) for f in found]}): name one with "
                                f"{flag}")

@@ -402,3 +402,10 @@ def test_resolve_weights_file_takes_a_file_or_a_folder_of_one(tmp_path) -> None:
     with pytest.raises(FileNotFoundError,
                        match="--w .*missing does not exist: see weights/README.md"):
         utils.resolve_weights_file(str(tmp_path / "missing"), "--w")
+    # none matches: the error shows what the folder does hold (a hidden or misnamed file)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / ".protoflow.pt").write_bytes(b"x")
+    (tmp_path / "other" / "protoflow.pth").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=r"holds no file matching \*\.pt \(it holds "
+                       r"\['.protoflow.pt', 'protoflow.pth'\]\): name the file with --w"):
+        utils.resolve_weights_file(str(tmp_path / "other"), "--w")
