@@ -29,13 +29,36 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
 import run_test  # noqa: E402
+from engine import scatter_masked  # noqa: E402
 from protocols import (ClassData, baseline_maps, collect_class, covered_token_scores,  # noqa: E402
                        gaussian_blur, image_scores, upsample)
 from protoflow import covering_masks, proposals_from_log_likelihood  # noqa: E402
+from utils import amp_autocast  # noqa: E402
 
 CE_WEIGHTS = (0.5, 0.25, 2.0)
 RANDOM_COVERINGS = 4
 IMAGE_SIGMAS = (8.0, 16.0)
+
+
+@torch.no_grad()
+def prediction_stats(model: torch.nn.Module, data: ClassData, passes: list[torch.Tensor],
+                     batch_size: int, device: torch.device, amp: str
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the ViT expected at each patch, masked as for its CE: the entropy of its
+    predicted token distribution, and -log of its likeliest token's probability; each
+    (N, L). A texture the ViT cannot predict has a high CE everywhere; these say how
+    much of a patch's CE it expected anyway."""
+    entropy = torch.zeros(data.tokens.shape)
+    top = torch.zeros(data.tokens.shape)
+    for masks in passes:
+        for i in range(0, len(data.images), batch_size):
+            m = masks[i:i + batch_size].to(device)
+            with amp_autocast(device, amp):
+                logits = model(data.images[i:i + batch_size].to(device), bool_masked_pos=m)
+            log_p = logits.float().log_softmax(-1)  # (M, V)
+            entropy[i:i + batch_size] += scatter_masked(-(log_p.exp() * log_p).sum(-1), m).cpu()
+            top[i:i + batch_size] += scatter_masked(-log_p.amax(-1), m).cpu()
+    return entropy, top
 
 
 def variant_scores(model: torch.nn.Module, data: ClassData, ratio: float, sigma: float,
@@ -47,8 +70,9 @@ def variant_scores(model: torch.nn.Module, data: ClassData, ratio: float, sigma:
     proposals = proposals_from_log_likelihood(data.log_likelihood, [ratio], image_size=size,
                                               grid=grid)
     ranks = proposals.test_ranks(None, None)  # (N, L) every image gets its proposal mask
-    ce = covered_token_scores(model, data, covering_masks(ranks, ratio), batch_size, device,
-                              amp)  # (N, L): the default covering
+    passes = covering_masks(ranks, ratio)
+    ce = covered_token_scores(model, data, passes, batch_size, device, amp)  # (N, L)
+    entropy, top = prediction_stats(model, data, passes, batch_size, device, amp)
     g = torch.Generator().manual_seed(seed)
     ce_avg = ce.clone()
     for _ in range(RANDOM_COVERINGS):
@@ -72,6 +96,11 @@ def variant_scores(model: torch.nn.Module, data: ClassData, ratio: float, sigma:
         rows[f"CE weight x{w:g}"] = (image_scores(m), m)
     m = weighted(ce_avg, 1.0, sigma)
     rows[f"CE averaged over {1 + RANDOM_COVERINGS} coverings"] = (image_scores(m), m)
+    for name, scores in (("CE - entropy (at least 0)", (ce - entropy).clamp(min=0)),
+                         ("CE x (1 - entropy / ln V)", ce * (1 - entropy / ln_v).clamp(min=0)),
+                         ("CE - CE of the likeliest token", ce - top)):
+        m = weighted(scores, 1.0, sigma)
+        rows[name] = (image_scores(m), m)
     pf_max, pmad_max = image_scores(base["protoflow_only"]), image_scores(pmad)
     rows["image: rank sum with ProtoFlow"] = (
         torch.tensor(rankdata(pmad_max) + rankdata(pf_max)), None)
@@ -118,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in results[classes[0]]:
         img = np.mean([results[c][row]["image_auroc"] for c in classes])
         pix = np.mean([results[c][row]["pixel_auroc"] for c in classes])
-        print(f"  {row:42s} {img:.3f}" + ("" if math.isnan(pix) else f" / {pix:.3f}"))
+        # 4 decimals: over a demo world's few hundred image pairs a mean often ends in
+        # 5 at the 4th, and 3 decimals would round it up or down by float noise
+        print(f"  {row:42s} {img:.4f}" + ("" if math.isnan(pix) else f" / {pix:.4f}"))
     print(f"per class: {path}")
     return 0
 

@@ -259,6 +259,17 @@ def test_bench_score_variants_rows_by_hand(monkeypatch) -> None:
     assert rows["CE weight x2"][1][1, 2, 2] == pytest.approx(ln4 * 5, abs=1e-6)
     # every covering scores each patch once with the same constant ViT: the average is CE
     assert torch.allclose(rows["CE averaged over 5 coverings"][1], maps["pmad"])
+    # the ViT predicts [3/4, 1/4] everywhere: entropy H, likeliest token's CE log(4/3)
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    for row, defect_ce in (("CE - entropy (at least 0)", CE1 - h),
+                           ("CE x (1 - entropy / ln V)", CE1 * (1 - h / math.log(2))),
+                           ("CE - CE of the likeliest token", CE1 - CE0)):
+        assert rows[row][1][1, 2, 2] == pytest.approx(ln4 * (1 + defect_ce / math.log(2)),
+                                                      abs=1e-6), row
+    # normal patches: CE - H < 0 is clamped, CE0 - CE0 = 0: ProtoFlow's map is left
+    assert torch.allclose(rows["CE - entropy (at least 0)"][1][0], maps["protoflow_only"][0])
+    assert torch.allclose(rows["CE - CE of the likeliest token"][1][0],
+                          maps["protoflow_only"][0])
     assert torch.equal(rows["protoflow_only"][0], maps["protoflow_only"].flatten(1).amax(1))
     assert rows["image: rank sum with ProtoFlow"][0].tolist() == [2.0, 4.0]
     assert rows["image: product with ProtoFlow"][0][1] == pytest.approx(3 * ln4 * ln4)
