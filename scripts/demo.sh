@@ -12,8 +12,8 @@
 # Knobs (environment): DEMO_DIR (output_dir/demo), DATA_DIR (data), DEMO_HELDOUT (0: main
 # world only; 1: also the held-out world), DEMO_CLASSES / HELDOUT_CLASSES (all),
 # DEMO_TRAIN/DEMO_TEST_GOOD/DEMO_TEST_DEFECT and HELDOUT_TRAIN/HELDOUT_TEST_GOOD/
-# HELDOUT_TEST_DEFECT (images per class), PF_EPOCHS, VIT_EPOCHS, KMEANS_VOCAB (tokenizer
-# codebook size), DEVICE (cpu, or cuda when present), and for the main world only
+# HELDOUT_TEST_DEFECT (images per class), PF_EPOCHS, VIT_MODEL (vit_tiny_patch16_224_8k_vocab;
+# README measures vit_small_... too), VIT_EPOCHS, KMEANS_VOCAB (tokenizer codebook size), DEVICE (cpu, or cuda when present), and for the main world only
 # DEMO_SEED (0) and DEMO_DEFECT_AREA ("SMALLEST LARGEST" fractions of the image; README's
 # tuning draws are DEMO_DEFECT_AREA="0.001 0.01" with DEMO_SEED=0 and 1).
 set -euo pipefail
@@ -23,6 +23,7 @@ source scripts/ensure_requirements.sh
 DEMO_DIR=${DEMO_DIR:-output_dir/demo}
 DATA_DIR=${DATA_DIR:-data}
 PF_EPOCHS=${PF_EPOCHS:-3}
+VIT_MODEL=${VIT_MODEL:-vit_tiny_patch16_224_8k_vocab}
 VIT_EPOCHS=${VIT_EPOCHS:-30}
 DEVICE=${DEVICE:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
 LITE0=$("$PY" -c 'from backbones import lite0_weights_path; print(lite0_weights_path())')
@@ -56,8 +57,8 @@ run_world() {
         --epochs "$PF_EPOCHS" --warmup_epochs 1 --n_blocks 4 --lr 1e-3 --batch_size 16 \
         --device "$DEVICE" --num_workers 2
 
-    step "[$name] 4/5 k-means visual tokenizer + tiny PMAD ViT from scratch ($VIT_EPOCHS epochs)"
-    "$PY" run_pretraining.py --model vit_tiny_patch16_224_8k_vocab --no_init \
+    step "[$name] 4/5 k-means visual tokenizer + PMAD ViT from scratch ($VIT_MODEL, $VIT_EPOCHS epochs)"
+    "$PY" run_pretraining.py --model "$VIT_MODEL" --no_init \
         --data_path "$imagenet" \
         --tokenizer_model kmeans --tokenizer_weight_path "$out/kmeans_tokenizer.pth" \
         --fit_kmeans_tokenizer --kmeans_vocab_size "${KMEANS_VOCAB:-1024}" \
@@ -66,7 +67,7 @@ run_world() {
         --save_ckpt_freq "$VIT_EPOCHS" --num_workers 2 --device "$DEVICE" --no_auto_resume
 
     step "[$name] 5/5 evaluation, clean protocol, with the baselines"
-    "$PY" run_test.py --model vit_tiny_patch16_224_8k_vocab \
+    "$PY" run_test.py --model "$VIT_MODEL" \
         --ckpt "$out/pmad/checkpoint-last.pth" \
         --tokenizer_model kmeans --tokenizer_weight_path "$out/kmeans_tokenizer.pth" \
         --protoflow_weights "$out/protoflow.pt" --prototypes_dir "$out/prototypes" \

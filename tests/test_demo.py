@@ -43,10 +43,11 @@ def test_demo_script_detects_defects(tmp_path: Path) -> None:
         "colour", "contamination", "crack", "hole", "thread"]
 
 
-def test_demo_script_draw_knobs_reach_the_main_world_only(tmp_path: Path) -> None:
+def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
     """DEMO_SEED and DEMO_DEFECT_AREA (README's tuning draws) are passed to the main world's
-    setup_train_dataset.py and never to the held-out world's. The entry points are stubbed:
-    this checks the script's wiring, the fast demo test above checks the recipe."""
+    setup_train_dataset.py and never to the held-out world's; VIT_MODEL to training and
+    evaluation on both. The entry points are stubbed: this checks the script's wiring, the
+    fast demo test above checks the recipe."""
     log = tmp_path / "calls.log"
     stub = tmp_path / "python"
     stub.write_text(f"""#!/usr/bin/env bash
@@ -62,11 +63,12 @@ esac
     stub.chmod(0o755)
     env = {**os.environ, "PYTHON": str(stub), "DEMO_DIR": str(tmp_path / "demo"),
            "DATA_DIR": str(tmp_path / "data"), "DEMO_HELDOUT": "1", "DEMO_SEED": "1",
-           "DEMO_DEFECT_AREA": "0.001 0.01", "DEVICE": "cpu"}
+           "DEMO_DEFECT_AREA": "0.001 0.01", "DEVICE": "cpu",
+           "VIT_MODEL": "vit_small_patch16_224_8k_vocab"}
     run = run_command(["bash", "scripts/demo.sh"], cwd=ROOT, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    setups = [line.split() for line in log.read_text().splitlines()
-              if line.startswith("setup_train_dataset.py")]
+    calls = [line.split() for line in log.read_text().splitlines()]
+    setups = [c for c in calls if c[0] == "setup_train_dataset.py"]
     assert len(setups) == 2
     main, held = setups
     assert main[main.index("--demo_world") + 1] == "main"
@@ -74,3 +76,6 @@ esac
     assert main[main.index("--demo_defect_area") + 1:] == ["0.001", "0.01"]
     assert held[held.index("--demo_world") + 1] == "heldout"
     assert "--seed" not in held and "--demo_defect_area" not in held
+    vits = [c for c in calls if c[0] in ("run_pretraining.py", "run_test.py")]
+    assert [c[0] for c in vits] == ["run_pretraining.py", "run_test.py"] * 2
+    assert {c[c.index("--model") + 1] for c in vits} == {"vit_small_patch16_224_8k_vocab"}
