@@ -61,6 +61,8 @@ WORLDS = {
                          ("colour", "crack", "hole", "contamination", "thread"),
                          (0.003, 0.03), 0.0015),
 }
+# What `make_demo_dataset(defect_area=...)` can draw on every class: smallest, largest.
+DEFECT_AREA_BOUNDS = (0.001, 0.2)
 DEMO_TEXTURES = list(WORLDS["main"].textures)
 DEMO_OBJECTS = list(WORLDS["main"].objects)
 DEMO_CLASSES = WORLDS["main"].classes
@@ -601,8 +603,9 @@ def render_defect(class_name: str, defect_type: str, rng: np.random.Generator,
         mask = changed | (closed & applied & fg)
         if mask.sum() >= max(0.5 * applied.sum(), min_visible * size * size):
             return DefectSample(clean, defective, mask, fg, applied, defect_type)
-    raise RuntimeError(f"could not place a visible '{defect_type}' defect on '{class_name}' "
-                       "in 20 tries: this is a bug in demo_data.py")
+    raise RuntimeError(f"could not place a visible '{defect_type}' defect of {area_fraction:g} "
+                       f"of the image on '{class_name}' in 20 tries (a defect must change at "
+                       f"least {min_visible:g} of it)")
 
 
 def _rng(seed: int, class_name: str, split: int, index: int) -> np.random.Generator:
@@ -694,10 +697,10 @@ def make_demo_dataset(mvtec_root: str, imagenet_root: str, seed: int = 0,
     """Write a demo set (`WORLDS[world]`) in MVTec layout plus foreground masks of the
     train images.
 
-    `defect_area` (smallest, largest fraction of the image) replaces the world's defect
-    sizes, so one world can be drawn again with other defects (README's tuning draws: the
-    main world with 0.1-1 % defects); a defect that changed less than half the smallest
-    area is then redrawn.
+    `defect_area` (smallest, largest fraction of the image, within DEFECT_AREA_BOUNDS)
+    replaces the world's defect sizes, so one world can be drawn again with other defects
+    (README's tuning draws: the main world with 0.1-1 % defects); a defect that changed
+    less than half the smallest area (or the world's minimum, if lower) is then redrawn.
 
     mvtec_root/<class>/{train/good, test/good, test/<defect>, ground_truth/<defect>} and
     imagenet_root/fg_mask/<class>/<stem>.png (0/255; stems of train/good). Returns image
@@ -720,10 +723,12 @@ def make_demo_dataset(mvtec_root: str, imagenet_root: str, seed: int = 0,
         raise ValueError(f"seed must be a non-negative integer (got {seed!r})")
     if defect_area is not None:
         lo, hi = defect_area
-        if not 0 < lo <= hi <= 0.3:
-            raise ValueError(f"defect_area must be (smallest, largest) with 0 < smallest <= "
-                             f"largest <= 0.3 of the image (got {tuple(defect_area)})")
-        spec = replace(spec, area_range=(lo, hi), min_visible=lo / 2)
+        if not DEFECT_AREA_BOUNDS[0] <= lo <= hi <= DEFECT_AREA_BOUNDS[1]:
+            raise ValueError(f"defect_area must be (smallest, largest) with "
+                             f"{DEFECT_AREA_BOUNDS[0]} <= smallest <= largest <= "
+                             f"{DEFECT_AREA_BOUNDS[1]} of the image (got {tuple(defect_area)})")
+        # thin defects change fewer pixels than their area: never stricter than the world
+        spec = replace(spec, area_range=(lo, hi), min_visible=min(spec.min_visible, lo / 2))
     params = dict(world=world, seed=seed, classes=classes, n_train=n_train,
                   n_test_good=n_test_good, n_test_defect=n_test_defect, size=size,
                   defect_area=list(spec.area_range))
@@ -739,7 +744,13 @@ def make_demo_dataset(mvtec_root: str, imagenet_root: str, seed: int = 0,
                desc="demo set")
     for cls in classes:
         bar.set_postfix_str(cls)
-        counts[cls] = _write_class(cls, mvtec_root, imagenet_root, spec, seed, size, n_train,
-                                   n_test_good, n_test_defect, bar)
+        try:
+            counts[cls] = _write_class(cls, mvtec_root, imagenet_root, spec, seed, size,
+                                       n_train, n_test_good, n_test_defect, bar)
+        except RuntimeError as err:
+            if defect_area is None:
+                raise
+            raise ValueError(f"defect_area {tuple(defect_area)}: {err}; choose sizes nearer "
+                             f"the world's {WORLDS[world].area_range}") from err
     bar.close()
     return counts

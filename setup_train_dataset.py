@@ -195,8 +195,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="demo images per class: train, good test, defective test")
     p.add_argument("--demo_defect_area", type=float, nargs=2, metavar=("SMALLEST", "LARGEST"),
                    help="--make_demo: defect sizes as fractions of the image, instead of the "
-                        "world's (main 0.01 0.1, heldout 0.003 0.03); README's tuning draws "
-                        "are the main world with 0.001 0.01")
+                        "world's (demo_data.WORLDS); README's tuning draws are the main world "
+                        "with 0.001 0.01")
     args = p.parse_args(argv)
     sources = [f for f in ("make_demo", "visa", "custom") if getattr(args, f)]
     if len(sources) > 1:
@@ -212,8 +212,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.data_path = args.make_demo
     elif not args.data_path:
         p.error("--data_path is required (or --make_demo DIR)")
-    if args.demo_defect_area and not args.make_demo:
-        p.error("--demo_defect_area sets the sizes of the demo set's defects: add --make_demo DIR")
+    if args.demo_defect_area:
+        if not args.make_demo:
+            p.error("--demo_defect_area sets the sizes of the demo set's defects: add "
+                    "--make_demo DIR")
+        from demo_data import DEFECT_AREA_BOUNDS
+        lo, hi = args.demo_defect_area
+        if not DEFECT_AREA_BOUNDS[0] <= lo <= hi <= DEFECT_AREA_BOUNDS[1]:
+            p.error(f"--demo_defect_area {lo:g} {hi:g}: give SMALLEST <= LARGEST within "
+                    f"{DEFECT_AREA_BOUNDS[0]:g}-{DEFECT_AREA_BOUNDS[1]:g} (fractions of the "
+                    "image)")
     args.root = resolve_train_root(args.root or (DEMO_ROOT if args.make_demo else DEFAULT_ROOT))
     return args
 

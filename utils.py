@@ -646,8 +646,12 @@ def resolve_weights_file(path: str, flag: str, pattern: str = "*.pt") -> str:
         raise MissingFileError(f"{flag} {folder} does not exist: see weights/README.md")
     found = sorted(glob.glob(os.path.join(glob.escape(folder), pattern)))
     if not found:
-        raise MissingFileError(f"{folder} holds no file matching {pattern} (it holds "
-                               f"{sorted(os.listdir(folder))}): name the file with {flag}")
+        held = sorted(os.listdir(folder))
+        if not held:
+            raise MissingFileError(f"{flag} {folder} is empty: see weights/README.md")
+        shown = ", ".join(held[:10]) + (f", ... {len(held) - 10} more" if len(held) > 10 else "")
+        raise MissingFileError(f"{folder} holds no file matching {pattern} (it holds {shown}): "
+                               f"name the file with {flag}")
     if len(found) > 1:
         raise MissingFileError(f"{folder} holds {len(found)} files matching {pattern} "
                                f"({[os.path.basename(f) for f in found]}): name one with "

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
 import run_test  # noqa: E402
-from engine import scatter_masked  # noqa: E402
+from engine import masked_token_ce, scatter_masked  # noqa: E402
 from protocols import (ClassData, baseline_maps, collect_class, covered_token_scores,  # noqa: E402
                        gaussian_blur, image_scores, upsample)
 from protoflow import covering_masks, proposals_from_log_likelihood  # noqa: E402
@@ -40,25 +41,26 @@ RANDOM_COVERINGS = 4
 IMAGE_SIGMAS = (8.0, 16.0)
 
 
-@torch.no_grad()
-def prediction_stats(model: torch.nn.Module, data: ClassData, passes: list[torch.Tensor],
-                     batch_size: int, device: torch.device, amp: str
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the ViT expected at each patch, masked as for its CE: the entropy of its
-    predicted token distribution, and -log of its likeliest token's probability; each
-    (N, L). A texture the ViT cannot predict has a high CE everywhere; these say how
-    much of a patch's CE it expected anyway."""
-    entropy = torch.zeros(data.tokens.shape)
-    top = torch.zeros(data.tokens.shape)
+@torch.inference_mode()
+def covering_stats(model: torch.nn.Module, data: ClassData, passes: list[torch.Tensor],
+                   batch_size: int, device: torch.device, amp: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From one ViT pass per covering mask: each patch's masked-token CE (what
+    protocols.covered_token_scores computes), the entropy of the predicted token
+    distribution, and the CE of the likeliest token; each (N, L). A texture the ViT cannot
+    predict has a high CE everywhere: the last two say how much of it the ViT expected."""
+    ce, entropy, top = (torch.zeros(data.tokens.shape) for _ in range(3))
     for masks in passes:
-        for i in range(0, len(data.images), batch_size):
+        for i in tqdm(range(0, len(data.images), batch_size), desc="ViT", leave=False):
             m = masks[i:i + batch_size].to(device)
             with amp_autocast(device, amp):
-                logits = model(data.images[i:i + batch_size].to(device), bool_masked_pos=m)
+                token_ce, logits = masked_token_ce(model, data.images[i:i + batch_size].to(device),
+                                                   data.tokens[i:i + batch_size].to(device), m)
             log_p = logits.float().log_softmax(-1)  # (M, V)
+            ce[i:i + batch_size] += scatter_masked(token_ce, m).cpu()
             entropy[i:i + batch_size] += scatter_masked(-(log_p.exp() * log_p).sum(-1), m).cpu()
             top[i:i + batch_size] += scatter_masked(-log_p.amax(-1), m).cpu()
-    return entropy, top
+    return ce, entropy, top
 
 
 def variant_scores(model: torch.nn.Module, data: ClassData, ratio: float, sigma: float,
@@ -70,9 +72,8 @@ def variant_scores(model: torch.nn.Module, data: ClassData, ratio: float, sigma:
     proposals = proposals_from_log_likelihood(data.log_likelihood, [ratio], image_size=size,
                                               grid=grid)
     ranks = proposals.test_ranks(None, None)  # (N, L) every image gets its proposal mask
-    passes = covering_masks(ranks, ratio)
-    ce = covered_token_scores(model, data, passes, batch_size, device, amp)  # (N, L)
-    entropy, top = prediction_stats(model, data, passes, batch_size, device, amp)
+    ce, entropy, top = covering_stats(model, data, covering_masks(ranks, ratio), batch_size,
+                                      device, amp)  # (N, L) each: the default covering
     g = torch.Generator().manual_seed(seed)
     ce_avg = ce.clone()
     for _ in range(RANDOM_COVERINGS):

@@ -12,10 +12,13 @@
 # Knobs (environment): DEMO_DIR (output_dir/demo), DATA_DIR (data), DEMO_HELDOUT (0: main
 # world only; 1: also the held-out world), DEMO_CLASSES / HELDOUT_CLASSES (all),
 # DEMO_TRAIN/DEMO_TEST_GOOD/DEMO_TEST_DEFECT and HELDOUT_TRAIN/HELDOUT_TEST_GOOD/
-# HELDOUT_TEST_DEFECT (images per class), PF_EPOCHS, VIT_MODEL (vit_tiny_patch16_224_8k_vocab;
-# README measures vit_small_... too), VIT_EPOCHS, KMEANS_VOCAB (tokenizer codebook size), DEVICE (cpu, or cuda when present), and for the main world only
-# DEMO_SEED (0) and DEMO_DEFECT_AREA ("SMALLEST LARGEST" fractions of the image; README's
-# tuning draws are DEMO_DEFECT_AREA="0.001 0.01" with DEMO_SEED=0 and 1).
+# HELDOUT_TEST_DEFECT (images per class), PF_EPOCHS, VIT_MODEL
+# (vit_tiny_patch16_224_8k_vocab; README also measures vit_small_patch16_224_8k_vocab),
+# VIT_EPOCHS, KMEANS_VOCAB (tokenizer codebook size), DEVICE (cpu, or cuda when present).
+# Another draw of the main world: DEMO_SEED (0) and DEMO_DEFECT_AREA ("SMALLEST LARGEST",
+# fractions of the image); README's tuning draws are DEMO_DEFECT_AREA="0.001 0.01" with
+# DEMO_SEED=0 and 1. A draw is named after them (e.g. main_seed1_area0.001-0.01), so it
+# never overwrites the main world's data or results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure_requirements.sh
@@ -57,7 +60,8 @@ run_world() {
         --epochs "$PF_EPOCHS" --warmup_epochs 1 --n_blocks 4 --lr 1e-3 --batch_size 16 \
         --device "$DEVICE" --num_workers 2
 
-    step "[$name] 4/5 k-means visual tokenizer + PMAD ViT from scratch ($VIT_MODEL, $VIT_EPOCHS epochs)"
+    step "[$name] 4/5 k-means visual tokenizer + PMAD ViT ($VIT_MODEL) from scratch" \
+        "($VIT_EPOCHS epochs)"
     "$PY" run_pretraining.py --model "$VIT_MODEL" --no_init \
         --data_path "$imagenet" \
         --tokenizer_model kmeans --tokenizer_weight_path "$out/kmeans_tokenizer.pth" \
@@ -76,11 +80,18 @@ run_world() {
         --num_workers 2 --device "$DEVICE"
 }
 
-main_draw=(--seed "${DEMO_SEED:-0}")
-[[ -n "${DEMO_DEFECT_AREA:-}" ]] && main_draw+=(--demo_defect_area $DEMO_DEFECT_AREA)
-run_world main main "${DEMO_CLASSES:-}" "${DEMO_TRAIN:-40}" "${DEMO_TEST_GOOD:-20}" \
+main_name=main main_draw=(--seed "${DEMO_SEED:-0}")
+if [[ -n "${DEMO_SEED:-}" ]]; then
+    main_name+=_seed$DEMO_SEED
+fi
+if [[ -n "${DEMO_DEFECT_AREA:-}" ]]; then
+    read -r area_lo area_hi <<< "$DEMO_DEFECT_AREA"
+    main_name+=_area$area_lo-$area_hi
+    main_draw+=(--demo_defect_area "$area_lo" "${area_hi:-}")
+fi
+run_world "$main_name" main "${DEMO_CLASSES:-}" "${DEMO_TRAIN:-40}" "${DEMO_TEST_GOOD:-20}" \
     "${DEMO_TEST_DEFECT:-20}" "${main_draw[@]}"
-worlds=(main)
+worlds=("$main_name")
 if [[ "${DEMO_HELDOUT:-0}" == 1 ]]; then
     run_world heldout heldout "${HELDOUT_CLASSES:-}" "${HELDOUT_TRAIN:-30}" \
         "${HELDOUT_TEST_GOOD:-20}" "${HELDOUT_TEST_DEFECT:-25}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -43,39 +44,63 @@ def test_demo_script_detects_defects(tmp_path: Path) -> None:
         "colour", "contamination", "crack", "hole", "thread"]
 
 
-def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
-    """DEMO_SEED and DEMO_DEFECT_AREA (README's tuning draws) are passed to the main world's
-    setup_train_dataset.py and never to the held-out world's; VIT_MODEL to training and
-    evaluation on both. The entry points are stubbed: this checks the script's wiring, the
-    fast demo test above checks the recipe."""
+def _stubbed_demo_calls(tmp_path: Path, **knobs: str) -> list[list[str]]:
+    """scripts/demo.sh with its Python entry points stubbed: the argument lists each got,
+    in order (run_test.py's stub writes the results.md the script prints)."""
     log = tmp_path / "calls.log"
+    log.unlink(missing_ok=True)
     stub = tmp_path / "python"
     stub.write_text(f"""#!/usr/bin/env bash
 case "$1" in
-  *.py) echo "$*" >> {log}
+  *.py) printf '%s\\n' "$@" @@ >> {shlex.quote(str(log))}
         if [[ "$1" == run_test.py ]]; then
             while [[ $# -gt 0 && "$1" != --output_dir ]]; do shift; done
             mkdir -p "$2" && echo "| stub |" > "$2/results.md"
         fi ;;
-  *) exec {sys.executable} "$@" ;;
+  *) exec {shlex.quote(sys.executable)} "$@" ;;
 esac
 """)
     stub.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(stub), "DEMO_DIR": str(tmp_path / "demo"),
-           "DATA_DIR": str(tmp_path / "data"), "DEMO_HELDOUT": "1", "DEMO_SEED": "1",
-           "DEMO_DEFECT_AREA": "0.001 0.01", "DEVICE": "cpu",
-           "VIT_MODEL": "vit_small_patch16_224_8k_vocab"}
+    env = {k: v for k, v in os.environ.items()  # only the knobs given here
+           if not k.startswith(("DEMO_", "HELDOUT_", "VIT_", "PF_", "KMEANS_"))}
+    env |= {"PYTHON": str(stub), "DEMO_DIR": str(tmp_path / "demo"),
+            "DATA_DIR": str(tmp_path / "data"), "DEVICE": "cpu", **knobs}
     run = run_command(["bash", "scripts/demo.sh"], cwd=ROOT, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    calls = [line.split() for line in log.read_text().splitlines()]
+    return [call.strip("\n").split("\n") for call in log.read_text().split("@@\n")[:-1]]
+
+
+def _arg(call: list[str], flag: str, n: int = 1) -> list[str]:
+    i = call.index(flag)
+    return call[i + 1:i + 1 + n]
+
+
+def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
+    """DEMO_SEED and DEMO_DEFECT_AREA (README's tuning draws) reach the main world's
+    setup_train_dataset.py, each value its own argument, and name the draw's folders; the
+    held-out world never gets them. VIT_MODEL reaches training and evaluation. This checks
+    the script's wiring; the fast demo test above checks the recipe."""
+    calls = _stubbed_demo_calls(tmp_path, DEMO_HELDOUT="1", DEMO_SEED="1",
+                                DEMO_DEFECT_AREA="0.001 0.01",
+                                VIT_MODEL="vit_small_patch16_224_8k_vocab")
     setups = [c for c in calls if c[0] == "setup_train_dataset.py"]
     assert len(setups) == 2
     main, held = setups
-    assert main[main.index("--demo_world") + 1] == "main"
-    assert main[main.index("--seed") + 1] == "1"
-    assert main[main.index("--demo_defect_area") + 1:] == ["0.001", "0.01"]
-    assert held[held.index("--demo_world") + 1] == "heldout"
+    draw = "main_seed1_area0.001-0.01"
+    assert _arg(main, "--make_demo") == [str(tmp_path / "data" / f"demo_{draw}_mvtec")]
+    assert _arg(main, "--demo_world") == ["main"] and _arg(main, "--seed") == ["1"]
+    assert _arg(main, "--demo_defect_area", 2) == ["0.001", "0.01"]
+    assert _arg(held, "--demo_world") == ["heldout"]
     assert "--seed" not in held and "--demo_defect_area" not in held
     vits = [c for c in calls if c[0] in ("run_pretraining.py", "run_test.py")]
     assert [c[0] for c in vits] == ["run_pretraining.py", "run_test.py"] * 2
-    assert {c[c.index("--model") + 1] for c in vits} == {"vit_small_patch16_224_8k_vocab"}
+    assert {_arg(c, "--model")[0] for c in vits} == {"vit_small_patch16_224_8k_vocab"}
+    assert _arg(vits[1], "--output_dir") == [str(tmp_path / "demo" / draw / "results")]
+    # unset: the main world itself, seed 0, the world's defect sizes, the tiny ViT
+    calls = _stubbed_demo_calls(tmp_path)
+    main = calls[0]
+    assert _arg(main, "--make_demo") == [str(tmp_path / "data" / "demo_main_mvtec")]
+    assert _arg(main, "--seed") == ["0"] and "--demo_defect_area" not in main
+    assert "heldout" not in str(calls)
+    assert {_arg(c, "--model")[0] for c in calls if c[0] == "run_test.py"} == {
+        "vit_tiny_patch16_224_8k_vocab"}

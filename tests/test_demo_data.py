@@ -214,7 +214,7 @@ def test_deterministic_by_seed(small_set, tmp_path):
 def test_defect_area_redraws_a_world_with_other_defect_sizes(tmp_path):
     """README's tuning draws: the main world's photographs and normal images, with the
     defects drawn at 0.1-1 % of the image instead of 1-10 %."""
-    kw = dict(classes=["gravel"], n_train=2, n_test_good=1, n_test_defect=8)
+    kw = dict(classes=["gravel"], n_train=2, n_test_good=1, n_test_defect=20)
     make_demo_dataset(str(tmp_path / "d"), str(tmp_path / "di"), **kw)
     make_demo_dataset(str(tmp_path / "s"), str(tmp_path / "si"), defect_area=(0.001, 0.01), **kw)
     default, small = _hashes(str(tmp_path / "d")), _hashes(str(tmp_path / "s"))
@@ -230,9 +230,20 @@ def test_defect_area_redraws_a_world_with_other_defect_sizes(tmp_path):
     assert min(areas(tmp_path / "d")) > 0.01
     with open(tmp_path / "s" / demo_data._MARKER) as f:
         assert json.load(f)["defect_area"] == [0.001, 0.01]
-    for bad in ((0.0, 0.01), (0.02, 0.01), (0.1, 0.5)):
-        with pytest.raises(ValueError, match="defect_area"):
+    for bad in ((0.0005, 0.01), (0.02, 0.01), (0.1, 0.5)):
+        with pytest.raises(ValueError, match="defect_area must be"):
             make_demo_dataset(str(tmp_path / "x"), str(tmp_path / "xi"), defect_area=bad, **kw)
+    # larger defects: thin ones (thread, crack) change fewer pixels than their area, and
+    # are not held to half the smallest area when the world asks less
+    counts = make_demo_dataset(str(tmp_path / "h"), str(tmp_path / "hi"), world="heldout",
+                               classes=["cell"], n_train=1, n_test_good=1, n_test_defect=10,
+                               defect_area=(0.02, 0.1))
+    assert counts["cell"]["test/thread"] == 2
+    # a size the renderer cannot make visible: an error that names the setting, not a bug
+    with pytest.raises(ValueError, match=r"defect_area \(0.002, 0.002\): .*'hole' .*'cell'"):
+        make_demo_dataset(str(tmp_path / "h"), str(tmp_path / "hi"), world="heldout",
+                          classes=["cell"], n_train=1, n_test_good=1, n_test_defect=5,
+                          defect_area=(0.002, 0.002))
 
 
 def test_min_visible_redraws_faint_defects():
@@ -241,6 +252,13 @@ def test_min_visible_redraws_faint_defects():
     with pytest.raises(RuntimeError, match="20 tries"):  # no 0.2 % stain changes 5 % of it
         render_defect("gravel", "stain", np.random.default_rng(2), area_fraction=0.002,
                       min_visible=0.05)
+    # a 0.2 % foreign patch changes ~0.26 %: below the main world's 0.3 %, so only a lower
+    # min_visible (a tuning draw's) accepts it
+    with pytest.raises(RuntimeError, match="at least 0.003"):
+        render_defect("gravel", "foreign", np.random.default_rng(0), area_fraction=0.002)
+    s = render_defect("gravel", "foreign", np.random.default_rng(0), area_fraction=0.002,
+                      min_visible=0.0005)
+    assert 0.0005 <= s.mask.mean() < 0.003
 
 
 def test_rewrite_leaves_no_stale_files(tmp_path):

@@ -259,20 +259,44 @@ def test_bench_score_variants_rows_by_hand(monkeypatch) -> None:
     assert rows["CE weight x2"][1][1, 2, 2] == pytest.approx(ln4 * 5, abs=1e-6)
     # every covering scores each patch once with the same constant ViT: the average is CE
     assert torch.allclose(rows["CE averaged over 5 coverings"][1], maps["pmad"])
-    # the ViT predicts [3/4, 1/4] everywhere: entropy H, likeliest token's CE log(4/3)
-    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
-    for row, defect_ce in (("CE - entropy (at least 0)", CE1 - h),
-                           ("CE x (1 - entropy / ln V)", CE1 * (1 - h / math.log(2))),
-                           ("CE - CE of the likeliest token", CE1 - CE0)):
-        assert rows[row][1][1, 2, 2] == pytest.approx(ln4 * (1 + defect_ce / math.log(2)),
-                                                      abs=1e-6), row
-    # normal patches: CE - H < 0 is clamped, CE0 - CE0 = 0: ProtoFlow's map is left
-    assert torch.allclose(rows["CE - entropy (at least 0)"][1][0], maps["protoflow_only"][0])
-    assert torch.allclose(rows["CE - CE of the likeliest token"][1][0],
-                          maps["protoflow_only"][0])
     assert torch.equal(rows["protoflow_only"][0], maps["protoflow_only"].flatten(1).amax(1))
     assert rows["image: rank sum with ProtoFlow"][0].tolist() == [2.0, 4.0]
     assert rows["image: product with ProtoFlow"][0][1] == pytest.approx(3 * ln4 * ln4)
     auc = score_variants.aurocs(data, rows)
     assert auc["default"]["image_auroc"] == 1.0 and math.isnan(
         auc["image: top 1 % [pmad]"]["pixel_auroc"])
+
+
+class PositionalViT(ConstantViT):
+    """Predicts token 0 with a probability that depends on the patch: 0.6, 0.7, 0.9, 0.8
+    for patches 0-3, so each patch's entropy and likeliest token differ."""
+    P0 = torch.tensor([0.6, 0.7, 0.9, 0.8])
+
+    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor,
+                masked_index: torch.Tensor | None = None) -> torch.Tensor:
+        p0 = self.P0[bool_masked_pos.nonzero()[:, 1]]  # (M,) in x[masks] order
+        return torch.stack([p0, 1 - p0], dim=1).log()
+
+
+def test_bench_score_variants_expectation_rows_by_hand(monkeypatch) -> None:
+    """The rows that subtract what the ViT expected, patch by patch: the defect (image 1,
+    patch 3, rare token 1) and image 0's mildly unusual patch 0 (token 0)."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                                             "bench"))
+    import score_variants
+    rows = score_variants.variant_scores(PositionalViT(), _hand_data(), 0.5, sigma=0.0,
+                                         batch_size=2, device=torch.device("cpu"), amp="none")
+
+    def entropy(p: float) -> float:
+        return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    ln2 = math.log(2)  # ln V
+    defect = dict(ce=-math.log(0.2), h=entropy(0.8), top=-math.log(0.8))  # patch 3, token 1
+    normal = dict(ce=-math.log(0.6), h=entropy(0.6), top=-math.log(0.6))  # patch 0, token 0
+    for (img, y, x), abnormality, s in (((1, 2, 2), math.log(4), defect),
+                                        ((0, 0, 0), ln2, normal)):
+        for row, score in (("CE - entropy (at least 0)", max(s["ce"] - s["h"], 0.0)),
+                           ("CE x (1 - entropy / ln V)", s["ce"] * (1 - s["h"] / ln2)),
+                           ("CE - CE of the likeliest token", s["ce"] - s["top"])):
+            assert rows[row][1][img, y, x] == pytest.approx(abnormality * (1 + score / ln2),
+                                                            abs=1e-6), (row, img)
+    assert rows["CE - entropy (at least 0)"][1][0, 0, 0] == pytest.approx(ln2)  # clamped

@@ -239,8 +239,9 @@ def test_make_demo_wiring(tmp_path, monkeypatch, capsys):
                   np.full((32, 32), 255, np.uint8))
         return {"gizmo": {"train/good": 3}}
 
-    monkeypatch.setitem(sys.modules, "demo_data",
-                        types.SimpleNamespace(make_demo_dataset=fake_make_demo_dataset))
+    import demo_data
+    monkeypatch.setitem(sys.modules, "demo_data", types.SimpleNamespace(
+        make_demo_dataset=fake_make_demo_dataset, DEFECT_AREA_BOUNDS=demo_data.DEFECT_AREA_BOUNDS))
     monkeypatch.chdir(tmp_path)
     assert main(["--make_demo", "data/demo_mvtec"]) == 0
     assert calls == [("data/demo_mvtec", "data/demo_imagenet", 0, None, (40, 20, 20), "main",
@@ -260,6 +261,11 @@ def test_make_demo_wiring(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["--data_path", "d", "--demo_defect_area", "0.001", "0.01"])
     assert "add --make_demo" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--make_demo", "d", "--demo_defect_area", "0.01", "0.001"])
+    assert "--demo_defect_area 0.01 0.001: give SMALLEST <= LARGEST within 0.001-0.2" in \
+        capsys.readouterr().err
+    assert len(calls) == 3  # nothing written
 
 
 def test_make_demo_real_one_class(tmp_path, capsys):

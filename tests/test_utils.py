@@ -407,5 +407,13 @@ def test_resolve_weights_file_takes_a_file_or_a_folder_of_one(tmp_path) -> None:
     (tmp_path / "other" / ".protoflow.pt").write_bytes(b"x")
     (tmp_path / "other" / "protoflow.pth").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match=r"holds no file matching \*\.pt \(it holds "
-                       r"\['.protoflow.pt', 'protoflow.pth'\]\): name the file with --w"):
+                       r"\.protoflow\.pt, protoflow\.pth\): name the file with --w"):
         utils.resolve_weights_file(str(tmp_path / "other"), "--w")
+    for i in range(12):
+        (tmp_path / "other" / f"x{i:02d}.txt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"protoflow\.pth, x00\.txt, .*x07\.txt, "
+                       r"\.\.\. 4 more\)"):
+        utils.resolve_weights_file(str(tmp_path / "other"), "--w")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="--w .*empty is empty: see weights/README.md"):
+        utils.resolve_weights_file(str(tmp_path / "empty"), "--w")
