@@ -14,7 +14,10 @@
 # DEMO_TRAIN/DEMO_TEST_GOOD/DEMO_TEST_DEFECT and HELDOUT_TRAIN/HELDOUT_TEST_GOOD/
 # HELDOUT_TEST_DEFECT (images per class), PF_EPOCHS, VIT_MODEL
 # (vit_tiny_patch16_224_8k_vocab; README also measures vit_small_patch16_224_8k_vocab),
-# VIT_EPOCHS, KMEANS_VOCAB (tokenizer codebook size), DEVICE (cpu, or cuda when present).
+# VIT_INIT (unset: the ViT starts from random weights; a file such as
+# weights/beit_base_patch16_224_pt22k.pth: from BEiT's, as in the paper, with VIT_MODEL
+# vit_base_patch16_224_8k_vocab), VIT_EPOCHS, KMEANS_VOCAB (tokenizer codebook size),
+# DEVICE (cpu, or cuda when present).
 # Another draw of the main world: DEMO_SEED (0) and DEMO_DEFECT_AREA ("SMALLEST LARGEST",
 # fractions of the image); README's tuning draws are DEMO_DEFECT_AREA="0.001 0.01" with
 # DEMO_SEED=0 and 1. A draw is named after them (e.g. main_seed1_area0.001-0.01), so it
@@ -29,6 +32,10 @@ PF_EPOCHS=${PF_EPOCHS:-3}
 VIT_MODEL=${VIT_MODEL:-vit_tiny_patch16_224_8k_vocab}
 VIT_EPOCHS=${VIT_EPOCHS:-30}
 DEVICE=${DEVICE:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
+VIT_START=(--no_init)
+if [[ -n "${VIT_INIT:-}" ]]; then
+    VIT_START=(--init_ckpt "$VIT_INIT")
+fi
 LITE0=$("$PY" -c 'from backbones import lite0_weights_path; print(lite0_weights_path())')
 start=$SECONDS
 step() { printf '\n==> [%dm%02ds] %s\n' $(((SECONDS - start) / 60)) $(((SECONDS - start) % 60)) "$*"; }
@@ -60,9 +67,9 @@ run_world() {
         --epochs "$PF_EPOCHS" --warmup_epochs 1 --n_blocks 4 --lr 1e-3 --batch_size 16 \
         --device "$DEVICE" --num_workers 2
 
-    step "[$name] 4/5 k-means visual tokenizer + PMAD ViT ($VIT_MODEL) from scratch" \
-        "($VIT_EPOCHS epochs)"
-    "$PY" run_pretraining.py --model "$VIT_MODEL" --no_init \
+    step "[$name] 4/5 k-means visual tokenizer + PMAD ViT ($VIT_MODEL, from" \
+        "${VIT_INIT:-scratch}, $VIT_EPOCHS epochs)"
+    "$PY" run_pretraining.py --model "$VIT_MODEL" "${VIT_START[@]}" \
         --data_path "$imagenet" \
         --tokenizer_model kmeans --tokenizer_weight_path "$out/kmeans_tokenizer.pth" \
         --fit_kmeans_tokenizer --kmeans_vocab_size "${KMEANS_VOCAB:-1024}" \

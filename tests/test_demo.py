@@ -78,11 +78,13 @@ def _arg(call: list[str], flag: str, n: int = 1) -> list[str]:
 def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
     """DEMO_SEED and DEMO_DEFECT_AREA (README's tuning draws) reach the main world's
     setup_train_dataset.py, each value its own argument, and name the draw's folders; the
-    held-out world never gets them. VIT_MODEL reaches training and evaluation. This checks
+    held-out world never gets them. VIT_MODEL reaches training and evaluation, VIT_INIT
+    training (random weights without it). This checks
     the script's wiring; the fast demo test above checks the recipe."""
     calls = _stubbed_demo_calls(tmp_path, DEMO_HELDOUT="1", DEMO_SEED="1",
                                 DEMO_DEFECT_AREA="0.001 0.01",
-                                VIT_MODEL="vit_small_patch16_224_8k_vocab")
+                                VIT_MODEL="vit_base_patch16_224_8k_vocab",
+                                VIT_INIT="weights/my beit.pth")
     setups = [c for c in calls if c[0] == "setup_train_dataset.py"]
     assert len(setups) == 2
     main, held = setups
@@ -94,7 +96,9 @@ def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
     assert "--seed" not in held and "--demo_defect_area" not in held
     vits = [c for c in calls if c[0] in ("run_pretraining.py", "run_test.py")]
     assert [c[0] for c in vits] == ["run_pretraining.py", "run_test.py"] * 2
-    assert {_arg(c, "--model")[0] for c in vits} == {"vit_small_patch16_224_8k_vocab"}
+    assert {_arg(c, "--model")[0] for c in vits} == {"vit_base_patch16_224_8k_vocab"}
+    for train in vits[::2]:  # BEiT's weights, not random ones
+        assert _arg(train, "--init_ckpt") == ["weights/my beit.pth"] and "--no_init" not in train
     assert _arg(vits[1], "--output_dir") == [str(tmp_path / "demo" / draw / "results")]
     # unset: the main world itself, seed 0, the world's defect sizes, the tiny ViT
     calls = _stubbed_demo_calls(tmp_path)
@@ -104,3 +108,5 @@ def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
     assert "heldout" not in str(calls)
     assert {_arg(c, "--model")[0] for c in calls if c[0] == "run_test.py"} == {
         "vit_tiny_patch16_224_8k_vocab"}
+    train = next(c for c in calls if c[0] == "run_pretraining.py")
+    assert "--no_init" in train and "--init_ckpt" not in train
