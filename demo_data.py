@@ -61,7 +61,8 @@ WORLDS = {
                          ("colour", "crack", "hole", "contamination", "thread"),
                          (0.003, 0.03), 0.0015),
 }
-# What `make_demo_dataset(defect_area=...)` can draw on every class: smallest, largest.
+# The defect sizes `make_demo_dataset(defect_area=...)` accepts: smallest, largest. Near
+# the lower end some kinds cannot be made visible on some classes (a ValueError names them).
 DEFECT_AREA_BOUNDS = (0.001, 0.2)
 DEMO_TEXTURES = list(WORLDS["main"].textures)
 DEMO_OBJECTS = list(WORLDS["main"].objects)
@@ -604,8 +605,9 @@ def render_defect(class_name: str, defect_type: str, rng: np.random.Generator,
         if mask.sum() >= max(0.5 * applied.sum(), min_visible * size * size):
             return DefectSample(clean, defective, mask, fg, applied, defect_type)
     raise RuntimeError(f"could not place a visible '{defect_type}' defect of {area_fraction:g} "
-                       f"of the image on '{class_name}' in 20 tries (a defect must change at "
-                       f"least {min_visible:g} of it)")
+                       f"of the image on '{class_name}' in 20 tries (a defect must visibly "
+                       f"change at least half the pixels it touched and {min_visible:g} of "
+                       "the image)")
 
 
 def _rng(seed: int, class_name: str, split: int, index: int) -> np.random.Generator:
@@ -748,6 +750,7 @@ def make_demo_dataset(mvtec_root: str, imagenet_root: str, seed: int = 0,
             counts[cls] = _write_class(cls, mvtec_root, imagenet_root, spec, seed, size,
                                        n_train, n_test_good, n_test_defect, bar)
         except RuntimeError as err:
+            bar.close()
             if defect_area is None:
                 raise
             raise ValueError(f"defect_area {tuple(defect_area)}: {err}; choose sizes nearer "

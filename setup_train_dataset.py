@@ -195,8 +195,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="demo images per class: train, good test, defective test")
     p.add_argument("--demo_defect_area", type=float, nargs=2, metavar=("SMALLEST", "LARGEST"),
                    help="--make_demo: defect sizes as fractions of the image, instead of the "
-                        "world's (demo_data.WORLDS); README's tuning draws are the main world "
-                        "with 0.001 0.01")
+                        "world's (demo_data.WORLDS), within 0.001-0.2 (near 0.001 some kinds "
+                        "cannot be made visible: an error names them); README's tuning draws "
+                        "are the main world with 0.001 0.01")
     args = p.parse_args(argv)
     sources = [f for f in ("make_demo", "visa", "custom") if getattr(args, f)]
     if len(sources) > 1:

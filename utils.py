@@ -636,6 +636,12 @@ def read_weights_file(path: str | os.PathLike, fix: str = "Download it again.",
                               f"{_torch_error_text(e)}. {fix}") from None
 
 
+def _some_names(names: list[str], limit: int = 10) -> str:
+    """The first `limit` names for an error message, and how many more there are."""
+    more = f", ... {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 def resolve_weights_file(path: str, flag: str, pattern: str = "*.pt") -> str:
     """A file, or a folder holding exactly one file matching `pattern` (the layout of
     weights/: one file per folder)."""
@@ -649,13 +655,12 @@ def resolve_weights_file(path: str, flag: str, pattern: str = "*.pt") -> str:
         held = sorted(os.listdir(folder))
         if not held:
             raise MissingFileError(f"{flag} {folder} is empty: see weights/README.md")
-        shown = ", ".join(held[:10]) + (f", ... {len(held) - 10} more" if len(held) > 10 else "")
-        raise MissingFileError(f"{folder} holds no file matching {pattern} (it holds {shown}): "
-                               f"name the file with {flag}")
+        raise MissingFileError(f"{folder} holds no file matching {pattern} (it holds "
+                               f"{_some_names(held)}): name the file with {flag}")
     if len(found) > 1:
         raise MissingFileError(f"{folder} holds {len(found)} files matching {pattern} "
-                               f"({[os.path.basename(f) for f in found]}): name one with "
-                               f"{flag}")
+                               f"({_some_names([os.path.basename(f) for f in found])}): name "
+                               f"one with {flag}")
     return found[0]
 
 

@@ -21,7 +21,8 @@
 # Another draw of the main world: DEMO_SEED (0) and DEMO_DEFECT_AREA ("SMALLEST LARGEST",
 # fractions of the image); README's tuning draws are DEMO_DEFECT_AREA="0.001 0.01" with
 # DEMO_SEED=0 and 1. A draw is named after them (e.g. main_seed1_area0.001-0.01), so it
-# never overwrites the main world's data or results.
+# never overwrites the main world's data or results. Relative paths are taken from the
+# repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure_requirements.sh
@@ -35,6 +36,21 @@ DEVICE=${DEVICE:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_availab
 VIT_START=(--no_init)
 if [[ -n "${VIT_INIT:-}" ]]; then
     VIT_START=(--init_ckpt "$VIT_INIT")
+fi
+# the main world's draw: its setup_train_dataset.py flags and the name of its folders
+main_name=main main_draw=(--seed "${DEMO_SEED:-0}")
+if [[ -n "${DEMO_SEED:-}" ]]; then
+    main_name+=_seed$DEMO_SEED
+fi
+if [[ -n "${DEMO_DEFECT_AREA:-}" ]]; then
+    read -ra area <<< "$DEMO_DEFECT_AREA"
+    if [[ ${#area[@]} -ne 2 ]]; then
+        echo "DEMO_DEFECT_AREA='$DEMO_DEFECT_AREA': give two fractions of the image," \
+             "SMALLEST LARGEST (e.g. \"0.001 0.01\")" >&2
+        exit 2
+    fi
+    main_name+=_area${area[0]}-${area[1]}
+    main_draw+=(--demo_defect_area "${area[@]}")
 fi
 LITE0=$("$PY" -c 'from backbones import lite0_weights_path; print(lite0_weights_path())')
 start=$SECONDS
@@ -87,15 +103,6 @@ run_world() {
         --num_workers 2 --device "$DEVICE"
 }
 
-main_name=main main_draw=(--seed "${DEMO_SEED:-0}")
-if [[ -n "${DEMO_SEED:-}" ]]; then
-    main_name+=_seed$DEMO_SEED
-fi
-if [[ -n "${DEMO_DEFECT_AREA:-}" ]]; then
-    read -r area_lo area_hi <<< "$DEMO_DEFECT_AREA"
-    main_name+=_area$area_lo-$area_hi
-    main_draw+=(--demo_defect_area "$area_lo" "${area_hi:-}")
-fi
 run_world "$main_name" main "${DEMO_CLASSES:-}" "${DEMO_TRAIN:-40}" "${DEMO_TEST_GOOD:-20}" \
     "${DEMO_TEST_DEFECT:-20}" "${main_draw[@]}"
 worlds=("$main_name")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_script_detects_defects(tmp_path: Path) -> None:
-    env = {**os.environ, "DEMO_DIR": str(tmp_path / "demo"), "DATA_DIR": str(tmp_path / "data"),
+    env = {**_knob_free_env(), "DEMO_DIR": str(tmp_path / "demo"),
+           "DATA_DIR": str(tmp_path / "data"),
            "DEMO_CLASSES": "brick coins", "DEMO_TRAIN": "10", "DEMO_TEST_GOOD": "6",
            "DEMO_TEST_DEFECT": "8", "DEMO_HELDOUT": "1", "HELDOUT_CLASSES": "retina", "HELDOUT_TRAIN": "16",
            "HELDOUT_TEST_GOOD": "4", "HELDOUT_TEST_DEFECT": "5", "PF_EPOCHS": "1",
@@ -44,9 +46,18 @@ def test_demo_script_detects_defects(tmp_path: Path) -> None:
         "colour", "contamination", "crack", "hole", "thread"]
 
 
-def _stubbed_demo_calls(tmp_path: Path, **knobs: str) -> list[list[str]]:
-    """scripts/demo.sh with its Python entry points stubbed: the argument lists each got,
-    in order (run_test.py's stub writes the results.md the script prints)."""
+def _knob_free_env() -> dict[str, str]:
+    """The environment without demo.sh's knobs, so a user's exported DEMO_SEED or
+    VIT_MODEL cannot change what a test runs."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("DEMO_", "HELDOUT_", "VIT_", "PF_", "KMEANS_"))}
+
+
+def _stubbed_demo(tmp_path: Path, **knobs: str
+                  ) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """scripts/demo.sh with its Python entry points stubbed: the finished run and the
+    argument lists each entry point got, in order (run_test.py's stub writes the
+    results.md the script prints)."""
     log = tmp_path / "calls.log"
     log.unlink(missing_ok=True)
     stub = tmp_path / "python"
@@ -57,17 +68,22 @@ case "$1" in
             while [[ $# -gt 0 && "$1" != --output_dir ]]; do shift; done
             mkdir -p "$2" && echo "| stub |" > "$2/results.md"
         fi ;;
+  -c) echo /stub/lite0.pth ;;  # the Lite0 weights' path
   *) exec {shlex.quote(sys.executable)} "$@" ;;
 esac
 """)
     stub.chmod(0o755)
-    env = {k: v for k, v in os.environ.items()  # only the knobs given here
-           if not k.startswith(("DEMO_", "HELDOUT_", "VIT_", "PF_", "KMEANS_"))}
-    env |= {"PYTHON": str(stub), "DEMO_DIR": str(tmp_path / "demo"),
-            "DATA_DIR": str(tmp_path / "data"), "DEVICE": "cpu", **knobs}
+    env = _knob_free_env() | {"PYTHON": str(stub), "DEMO_DIR": str(tmp_path / "demo"),
+                              "DATA_DIR": str(tmp_path / "data"), "DEVICE": "cpu", **knobs}
     run = run_command(["bash", "scripts/demo.sh"], cwd=ROOT, env=env)
+    calls = log.read_text().split("@@\n")[:-1] if log.exists() else []
+    return run, [call.removesuffix("\n").split("\n") for call in calls]
+
+
+def _stubbed_demo_calls(tmp_path: Path, **knobs: str) -> list[list[str]]:
+    run, calls = _stubbed_demo(tmp_path, **knobs)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return [call.strip("\n").split("\n") for call in log.read_text().split("@@\n")[:-1]]
+    return calls
 
 
 def _arg(call: list[str], flag: str, n: int = 1) -> list[str]:
@@ -100,6 +116,8 @@ def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
     for train in vits[::2]:  # BEiT's weights, not random ones
         assert _arg(train, "--init_ckpt") == ["weights/my beit.pth"] and "--no_init" not in train
     assert _arg(vits[1], "--output_dir") == [str(tmp_path / "demo" / draw / "results")]
+    assert {_arg(c, "--encoder_weights")[0] for c in calls if c[0] == "run_protoflow.py"} == {
+        "/stub/lite0.pth"}
     # unset: the main world itself, seed 0, the world's defect sizes, the tiny ViT
     calls = _stubbed_demo_calls(tmp_path)
     main = calls[0]
@@ -110,3 +128,8 @@ def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
         "vit_tiny_patch16_224_8k_vocab"}
     train = next(c for c in calls if c[0] == "run_pretraining.py")
     assert "--no_init" in train and "--init_ckpt" not in train
+    # a malformed size pair stops the script before it writes or deletes anything
+    for bad in ("0.001", "0.001 0.01 0.1"):
+        run, calls = _stubbed_demo(tmp_path, DEMO_DEFECT_AREA=bad)
+        assert run.returncode == 2 and calls == []
+        assert "give two fractions of the image, SMALLEST LARGEST" in run.stderr

@@ -254,7 +254,7 @@ def test_min_visible_redraws_faint_defects():
                       min_visible=0.05)
     # a 0.2 % foreign patch changes ~0.26 %: below the main world's 0.3 %, so only a lower
     # min_visible (a tuning draw's) accepts it
-    with pytest.raises(RuntimeError, match="at least 0.003"):
+    with pytest.raises(RuntimeError, match="half the pixels it touched and 0.003 of"):
         render_defect("gravel", "foreign", np.random.default_rng(0), area_fraction=0.002)
     s = render_defect("gravel", "foreign", np.random.default_rng(0), area_fraction=0.002,
                       min_visible=0.0005)

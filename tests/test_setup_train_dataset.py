@@ -265,6 +265,10 @@ def test_make_demo_wiring(tmp_path, monkeypatch, capsys):
         main(["--make_demo", "d", "--demo_defect_area", "0.01", "0.001"])
     assert "--demo_defect_area 0.01 0.001: give SMALLEST <= LARGEST within 0.001-0.2" in \
         capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--make_demo", "d", "--demo_defect_area", "0.1", "0.5"])
+    assert "--demo_defect_area 0.1 0.5: give SMALLEST <= LARGEST within 0.001-0.2" in \
+        capsys.readouterr().err
     assert len(calls) == 3  # nothing written
 
 

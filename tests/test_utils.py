@@ -397,7 +397,8 @@ def test_resolve_weights_file_takes_a_file_or_a_folder_of_one(tmp_path) -> None:
     assert utils.resolve_weights_file(str(tmp_path / "a.pt"), "--w") == str(tmp_path / "a.pt")
     (tmp_path / "b.pt").write_bytes(b"x")
     with pytest.raises(FileNotFoundError,
-                       match=r"holds 2 files .*'a.pt', 'b.pt'.*name one with --w"):
+                       match=r"holds 2 files matching \*\.pt \(a\.pt, b\.pt\): name one with "
+                             r"--w"):
         utils.resolve_weights_file(str(tmp_path), "--w")
     with pytest.raises(FileNotFoundError,
                        match="--w .*missing does not exist: see weights/README.md"):
@@ -413,6 +414,11 @@ def test_resolve_weights_file_takes_a_file_or_a_folder_of_one(tmp_path) -> None:
         (tmp_path / "other" / f"x{i:02d}.txt").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"protoflow\.pth, x00\.txt, .*x07\.txt, "
                        r"\.\.\. 4 more\)"):
+        utils.resolve_weights_file(str(tmp_path / "other"), "--w")
+    for i in range(12):
+        (tmp_path / "other" / f"w{i:02d}.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"holds 12 files matching \*\.pt \(w00\.pt, "
+                       r".*w09\.pt, \.\.\. 2 more\): name one"):
         utils.resolve_weights_file(str(tmp_path / "other"), "--w")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="--w .*empty is empty: see weights/README.md"):
