@@ -9,7 +9,8 @@ default and the baselines, every row from the same models and the same pass.
         --prototypes_dir output_dir/demo/heldout/prototypes \
         --data_path data/demo_heldout_mvtec --output_dir output_dir/variants_heldout
 
-Takes run_test.py's flags. Prints mean image AUROC / pixel AUROC per row and writes
+Takes run_test.py's flags. The rows calibrated on normal images read each class's
+<data_path>/<class>/train/good. Prints mean image AUROC / pixel AUROC per row and writes
 <output_dir>/score_variants.json (per class). Image-score rows score every map by the
 same rule, shown as PMAD (ProtoFlow, PatchCore). Choose on one world, report another.
 """
@@ -32,8 +33,8 @@ import datasets  # noqa: E402
 import run_test  # noqa: E402
 from engine import masked_token_ce, scatter_masked  # noqa: E402
 from protocols import (ClassData, baseline_maps, collect_class, covered_token_scores,  # noqa: E402
-                       gaussian_blur, image_scores, upsample)
-from protoflow import covering_masks, proposals_from_log_likelihood  # noqa: E402
+                       gaussian_blur, image_scores, pmad_maps)
+from protoflow import Proposals, covering_masks, proposals_from_log_likelihood  # noqa: E402
 from utils import amp_autocast  # noqa: E402
 
 CE_WEIGHTS = (0.5, 0.25, 2.0)
@@ -43,77 +44,115 @@ IMAGE_SIGMAS = (8.0, 16.0)
 
 @torch.inference_mode()
 def covering_stats(model: torch.nn.Module, data: ClassData, passes: list[torch.Tensor],
-                   batch_size: int, device: torch.device, amp: str
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From one ViT pass per covering mask: each patch's masked-token CE (what
-    protocols.covered_token_scores computes), the entropy of the predicted token
-    distribution, and the CE of the likeliest token; each (N, L). A texture the ViT cannot
-    predict has a high CE everywhere: the last two say how much of it the ViT expected."""
-    ce, entropy, top = (torch.zeros(data.tokens.shape) for _ in range(3))
+                   batch_size: int, device: torch.device, amp: str,
+                   codebook: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """From one ViT pass per covering mask, each (N, L): 'ce', each patch's masked-token
+    CE (what protocols.covered_token_scores computes); 'entropy' of the predicted token
+    distribution and 'top', the CE of the likeliest token (a texture the ViT cannot
+    predict has a high CE everywhere: these say how much of it the ViT expected); with a
+    k-means `codebook` (V, C) of unit rows, 'codeword': 1 - the cosine between the
+    predicted distribution's expected codeword and the true one (a near miss in feature
+    space costs little)."""
+    stats = {k: torch.zeros(data.tokens.shape) for k in ("ce", "entropy", "top")}
+    if codebook is not None:
+        stats["codeword"] = torch.zeros(data.tokens.shape)
     for masks in passes:
         for i in tqdm(range(0, len(data.images), batch_size), desc="ViT", leave=False):
             m = masks[i:i + batch_size].to(device)
+            tokens = data.tokens[i:i + batch_size].to(device)
             with amp_autocast(device, amp):
-                token_ce, logits = masked_token_ce(model, data.images[i:i + batch_size].to(device),
-                                                   data.tokens[i:i + batch_size].to(device), m)
+                ce, logits = masked_token_ce(model, data.images[i:i + batch_size].to(device),
+                                             tokens, m)
             log_p = logits.float().log_softmax(-1)  # (M, V)
-            ce[i:i + batch_size] += scatter_masked(token_ce, m).cpu()
-            entropy[i:i + batch_size] += scatter_masked(-(log_p.exp() * log_p).sum(-1), m).cpu()
-            top[i:i + batch_size] += scatter_masked(-log_p.amax(-1), m).cpu()
-    return ce, entropy, top
+            found = {"ce": ce, "entropy": -(log_p.exp() * log_p).sum(-1), "top": -log_p.amax(-1)}
+            if codebook is not None:
+                code = codebook.to(device).float()
+                expected = log_p.exp() @ code  # (M, C)
+                found["codeword"] = 1 - (expected * code[tokens[m]]).sum(-1)
+            for k, v in found.items():
+                stats[k][i:i + batch_size] += scatter_masked(v, m).cpu()
+    return stats
+
+
+def token_means(scores: torch.Tensor, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(V,) mean score of each token over (N, L) scores, 0 for a token never seen."""
+    total = torch.zeros(vocab).index_add_(0, tokens.flatten(), scores.flatten())
+    count = torch.zeros(vocab).index_add_(0, tokens.flatten(), torch.ones(scores.numel()))
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros(vocab))
+
+
+def _default_covering(data: ClassData, ratio: float, grid: tuple[int, int]
+                      ) -> tuple[Proposals, list[torch.Tensor]]:
+    """The clean protocol's default: every image gets its proposal mask, and every patch
+    is masked once across the covering passes."""
+    proposals = proposals_from_log_likelihood(data.log_likelihood, [ratio],
+                                              image_size=data.images.shape[-1], grid=grid)
+    return proposals, covering_masks(proposals.test_ranks(None, None), ratio)
 
 
 def variant_scores(model: torch.nn.Module, data: ClassData, ratio: float, sigma: float,
-                   batch_size: int, device: torch.device, amp: str, seed: int = 0
+                   batch_size: int, device: torch.device, amp: str, seed: int = 0,
+                   train: ClassData | None = None, codebook: torch.Tensor | None = None
                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Row name -> (image scores (N,), pixel map (N, S, S) or None for image-only rows)."""
+    """Row name -> (image scores (N,), pixel map (N, S, S) or None for image-only rows).
+    `train`: the class's train/good images, for the rows calibrated on them; `codebook`:
+    the k-means tokenizer's, for the codeword row."""
     grid = tuple(model.patch_embed.grid_size)
-    size = data.images.shape[-1]
-    proposals = proposals_from_log_likelihood(data.log_likelihood, [ratio], image_size=size,
-                                              grid=grid)
-    ranks = proposals.test_ranks(None, None)  # (N, L) every image gets its proposal mask
-    ce, entropy, top = covering_stats(model, data, covering_masks(ranks, ratio), batch_size,
-                                      device, amp)  # (N, L) each: the default covering
+    proposals, passes = _default_covering(data, ratio, grid)
+    stats = covering_stats(model, data, passes, batch_size, device, amp, codebook)
+    ce, entropy, top = stats["ce"], stats["entropy"], stats["top"]  # (N, L) each
     g = torch.Generator().manual_seed(seed)
     ce_avg = ce.clone()
     for _ in range(RANDOM_COVERINGS):
-        order = torch.rand(ranks.shape, generator=g).argsort(1).argsort(1)  # random ranks
+        order = torch.rand(data.tokens.shape, generator=g).argsort(1).argsort(1)  # random ranks
         ce_avg += covered_token_scores(model, data, covering_masks(order, ratio), batch_size,
                                        device, amp)
     ce_avg /= 1 + RANDOM_COVERINGS
     abnormality = proposals.log_abnormality_maps.float().cpu()  # (N, S, S)
-    ln_v = math.log(model.lm_head.out_features)
+    vocab = model.lm_head.out_features
+    ln_v = math.log(vocab)
 
-    def weighted(token_scores: torch.Tensor, weight: float, smooth: float) -> torch.Tensor:
-        # the clean protocol's 'weighted' map (protocols.pmad_maps) with CE's weight scaled
-        return gaussian_blur(abnormality * (1 + weight * upsample(token_scores, grid, size)
-                                            / ln_v), smooth)
+    def weighted(token_scores: torch.Tensor, smooth: float = sigma) -> torch.Tensor:
+        # the clean protocol's map, abnormality x (1 + CE / ln V), of other token scores
+        return pmad_maps(token_scores, abnormality, grid, smooth, "weighted", vocab)
 
     base = baseline_maps(data, abnormality, ce, grid, sigma)
-    pmad = weighted(ce, 1.0, sigma)
+    pmad = weighted(ce)
     rows = {"default": (image_scores(pmad), pmad)}
     for w in CE_WEIGHTS:
-        m = weighted(ce, w, sigma)
+        m = weighted(w * ce)
         rows[f"CE weight x{w:g}"] = (image_scores(m), m)
-    m = weighted(ce_avg, 1.0, sigma)
+    m = weighted(ce_avg)
     rows[f"CE averaged over {1 + RANDOM_COVERINGS} coverings"] = (image_scores(m), m)
-    for name, scores in (("CE - entropy (at least 0)", (ce - entropy).clamp(min=0)),
-                         ("CE x (1 - entropy / ln V)", ce * (1 - entropy / ln_v).clamp(min=0)),
-                         ("CE - CE of the likeliest token", ce - top)):
-        m = weighted(scores, 1.0, sigma)
+    calibrated = {  # (N, L) token scores in place of CE
+        "CE - entropy (at least 0)": (ce - entropy).clamp(min=0),
+        "CE x (1 - entropy / ln V)": ce * (1 - entropy / ln_v).clamp(min=0),
+        "CE - CE of the likeliest token": ce - top,
+        "CE - per-position median over the test set (at least 0)":
+            (ce - ce.median(0).values).clamp(min=0)}
+    if train is not None:
+        train_ce = covered_token_scores(model, train, _default_covering(train, ratio, grid)[1],
+                                        batch_size, device, amp)  # (N_train, L)
+        mean, std = train_ce.mean(0), train_ce.std(0).clamp(min=1e-3)  # (L,) per position
+        calibrated["CE - per-position mean on train/good (at least 0)"] = (ce - mean).clamp(min=0)
+        calibrated["the same as a z-score, halved"] = ((ce - mean) / std).clamp(min=0) * 0.5
+        calibrated["CE - mean CE of the same token on train/good (at least 0)"] = (
+            ce - token_means(train_ce, train.tokens, vocab)[data.tokens]).clamp(min=0)
+    if codebook is not None:  # in place of CE / ln V
+        calibrated["1 - expected cosine to the true codeword"] = stats["codeword"] * ln_v
+    for name, scores in calibrated.items():
+        m = weighted(scores)
         rows[name] = (image_scores(m), m)
     pf_max, pmad_max = image_scores(base["protoflow_only"]), image_scores(pmad)
     rows["image: rank sum with ProtoFlow"] = (
         torch.tensor(rankdata(pmad_max) + rankdata(pf_max)), None)
     rows["image: product with ProtoFlow"] = (pmad_max * pf_max, None)
     rows.update({k: (image_scores(m), m) for k, m in base.items()})
-    patchcore_raw = upsample(data.prototype_distance, tuple(data.prototype_distance.shape[1:]),
-                             size)
+    raw = {"pmad": weighted(ce, 0.0)} | baseline_maps(data, abnormality, None, grid, 0.0)
     for s in IMAGE_SIGMAS:
-        for name, raw in (("pmad", weighted(ce, 1.0, 0.0)), ("protoflow_only", abnormality),
-                          ("patchcore", patchcore_raw)):
-            rows[f"image: max at sigma {s:g} [{name}]"] = (image_scores(gaussian_blur(raw, s)),
-                                                         None)
+        for name in ("pmad", "protoflow_only", "patchcore"):
+            rows[f"image: max at sigma {s:g} [{name}]"] = (
+                image_scores(gaussian_blur(raw[name], s)), None)
     for name, m in (("pmad", pmad), ("protoflow_only", base["protoflow_only"]),
                     ("patchcore", base["patchcore"])):
         rows[f"image: top 1 % [{name}]"] = (image_scores(m, "topk"), None)
@@ -138,8 +177,19 @@ def main(argv: list[str] | None = None) -> int:
         ds = datasets.MVTecTestDataset(args.data_path, cls, token_size=m.tokenizer.image_size,
                                        img_size=m.img_size, mean=m.mean, std=m.std)
         data = collect_class(ds, m.tokenizer, m.protoflow, cls, args.batch_size, m.device)
+        train_dir = os.path.join(args.data_path, cls, "train", "good")
+        paths = datasets.list_images(train_dir) if os.path.isdir(train_dir) else []
+        if not paths:
+            raise SystemExit(f"{train_dir} holds no images: the train/good calibration rows "
+                             "need the class's normal training images in the MVTec layout")
+        train = collect_class(
+            datasets.ImageListDataset(paths, [os.path.basename(p) for p in paths],
+                                      token_size=m.tokenizer.image_size, img_size=m.img_size,
+                                      mean=m.mean, std=m.std),
+            m.tokenizer, m.protoflow, cls, args.batch_size, m.device)
         rows = variant_scores(m.model, data, run_test.class_mask_ratio(args, cls), args.sigma,
-                              args.batch_size, m.device, m.amp, args.seed)
+                              args.batch_size, m.device, m.amp, args.seed, train,
+                              getattr(m.tokenizer, "codebook", None))
         results[cls] = aurocs(data, rows)
     path = os.path.join(args.output_dir, "score_variants.json")
     with open(path, "w") as f:
@@ -148,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in results[classes[0]]:
         img = np.mean([results[c][row]["image_auroc"] for c in classes])
         pix = np.mean([results[c][row]["pixel_auroc"] for c in classes])
-        # 4 decimals: over a demo world's few hundred image pairs a mean often ends in
-        # 5 at the 4th, and 3 decimals would round it up or down by float noise
-        print(f"  {row:42s} {img:.4f}" + ("" if math.isnan(pix) else f" / {pix:.4f}"))
+        # image AUROC with 4 decimals: over a demo world's few hundred image pairs its
+        # mean often ends in 5 at the 4th, which 3 would round up or down by float noise
+        print(f"  {row:58s} {img:.4f}" + ("" if math.isnan(pix) else f" / {pix:.3f}"))
     print(f"per class: {path}")
     return 0
 

@@ -240,13 +240,19 @@ def test_image_scores() -> None:
         protocols.image_scores(maps, "median")
 
 
-def test_bench_score_variants_rows_by_hand(monkeypatch) -> None:
-    """bench/score_variants.py (README's issue-11 tables): its default row is the clean
-    protocol's map and score, the CE-weight rows scale CE / ln V, and the image-only
-    rows score each map by one rule."""
+@pytest.fixture
+def score_variants(monkeypatch):
+    """bench/score_variants.py, imported as a module."""
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)),
                                              "bench"))
     import score_variants
+    return score_variants
+
+
+def test_bench_score_variants_rows_by_hand(score_variants) -> None:
+    """bench/score_variants.py (README's issue-11 tables): its default row is the clean
+    protocol's map and score, the CE-weight rows scale CE / ln V, and the image-only
+    rows score each map by one rule."""
     data = _hand_data()
     kw = dict(sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none")
     rows = score_variants.variant_scores(ConstantViT(), data, 0.5, **kw)
@@ -278,12 +284,9 @@ class PositionalViT(ConstantViT):
         return torch.stack([p0, 1 - p0], dim=1).log()
 
 
-def test_bench_score_variants_expectation_rows_by_hand(monkeypatch) -> None:
+def test_bench_score_variants_expectation_rows_by_hand(score_variants) -> None:
     """The rows that subtract what the ViT expected, patch by patch: the defect (image 1,
     patch 3, rare token 1) and image 0's mildly unusual patch 0 (token 0)."""
-    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)),
-                                             "bench"))
-    import score_variants
     rows = score_variants.variant_scores(PositionalViT(), _hand_data(), 0.5, sigma=0.0,
                                          batch_size=2, device=torch.device("cpu"), amp="none")
 
@@ -300,3 +303,26 @@ def test_bench_score_variants_expectation_rows_by_hand(monkeypatch) -> None:
             assert rows[row][1][img, y, x] == pytest.approx(abnormality * (1 + score / ln2),
                                                             abs=1e-6), (row, img)
     assert rows["CE - entropy (at least 0)"][1][0, 0, 0] == pytest.approx(ln2)  # clamped
+
+
+def test_bench_score_variants_calibration_rows_by_hand(score_variants) -> None:
+    """The rows calibrated on train/good (here the two hand images themselves), on the test
+    set, and the codeword row, at the defect pixel (image 1, patch 3: CE ln 5, abnormality
+    ln 4); patch 3's CEs over the images are [-ln 0.8, ln 5]."""
+    data = _hand_data()
+    rows = score_variants.variant_scores(PositionalViT(), data, 0.5, sigma=0.0, batch_size=2,
+                                         device=torch.device("cpu"), amp="none", train=data,
+                                         codebook=torch.eye(2))
+    ln2, ln4 = math.log(2), math.log(4)
+    expected = {  # the token score at the defect patch, in place of CE
+        "CE - per-position mean on train/good (at least 0)": ln2,  # ln 5 - ln 2.5
+        "the same as a z-score, halved": 0.5 * ln2 / (ln4 / math.sqrt(2)),
+        "CE - mean CE of the same token on train/good (at least 0)": 0.0,  # token 1: ln 5
+        "CE - per-position median over the test set (at least 0)": ln4,  # the lower: -ln 0.8
+        "1 - expected cosine to the true codeword": 0.8 * ln2}  # codeword (0.8, 0.2) vs (0, 1)
+    for row, score in expected.items():
+        assert rows[row][1][1, 2, 2] == pytest.approx(ln4 * (1 + score / ln2), abs=1e-6), row
+    plain = score_variants.variant_scores(PositionalViT(), data, 0.5, sigma=0.0, batch_size=2,
+                                          device=torch.device("cpu"), amp="none")
+    needs_more = set(expected) - {"CE - per-position median over the test set (at least 0)"}
+    assert needs_more.isdisjoint(plain)  # no train images, no codebook: those rows are not made
