@@ -55,10 +55,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit_kmeans_tokenizer", action="store_true",
                    help="kmeans: fit the tokenizer on the training images first when "
                         "--tokenizer_weight_path does not exist (the offline demo)")
-    p.add_argument("--kmeans_vocab_size", type=int, default=1024)
-    p.add_argument("--kmeans_out_index", type=int, default=1,
-                   help="EfficientNet-Lite0 level the k-means codes cluster (1: stride 4, "
-                        "pooled per patch; 3: stride 16)")
+    p.add_argument("--kmeans_vocab_size", type=utils.int_at_least(2), default=1024)
+    p.add_argument("--kmeans_out_index", type=int, choices=(0, 1, 2, 3), default=1,
+                   help="EfficientNet-Lite0 level the k-means codes cluster, pooled per "
+                        "patch (0: stride 2; 1: stride 4; 2: stride 8; 3: stride 16)")
     p.add_argument("--token_cache_dir", default=None, help="default <output_dir>/token_cache")
 
 

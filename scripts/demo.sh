@@ -16,8 +16,9 @@
 # (vit_tiny_patch16_224_8k_vocab; README also measures vit_small_patch16_224_8k_vocab),
 # VIT_INIT (unset: the ViT starts from random weights; a file such as
 # weights/beit_base_patch16_224_pt22k.pth: from BEiT's, as in the paper, with VIT_MODEL
-# vit_base_patch16_224_8k_vocab), VIT_EPOCHS, KMEANS_VOCAB (tokenizer codebook size),
-# DEVICE (cpu, or cuda when present).
+# vit_base_patch16_224_8k_vocab), VIT_EPOCHS, KMEANS_VOCAB (tokenizer codebook size, 1024),
+# KMEANS_OUT_INDEX (the Lite0 stage the tokenizer clusters: 1, stride 4; 2, stride 8;
+# 3, stride 16), DEVICE (cpu, or cuda when present).
 # Another draw of the main world: DEMO_SEED (0) and DEMO_DEFECT_AREA ("SMALLEST LARGEST",
 # fractions of the image); README's tuning draws are DEMO_DEFECT_AREA="0.001 0.01" with
 # DEMO_SEED=0 and 1. A draw is named after them (e.g. main_seed1_area0.001-0.01), so it
@@ -89,6 +90,7 @@ run_world() {
         --data_path "$imagenet" \
         --tokenizer_model kmeans --tokenizer_weight_path "$out/kmeans_tokenizer.pth" \
         --fit_kmeans_tokenizer --kmeans_vocab_size "${KMEANS_VOCAB:-1024}" \
+        --kmeans_out_index "${KMEANS_OUT_INDEX:-1}" \
         --output_dir "$out/pmad" --epochs "$VIT_EPOCHS" --warmup_epochs 2 \
         --batch_size 16 --lr 1.5e-3 --dynamic_masking_start $((VIT_EPOCHS / 2)) \
         --save_ckpt_freq "$VIT_EPOCHS" --num_workers 2 --device "$DEVICE" --no_auto_resume

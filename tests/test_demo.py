@@ -95,12 +95,12 @@ def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
     """DEMO_SEED and DEMO_DEFECT_AREA (README's tuning draws) reach the main world's
     setup_train_dataset.py, each value its own argument, and name the draw's folders; the
     held-out world never gets them. VIT_MODEL reaches training and evaluation, VIT_INIT
-    training (random weights without it). This checks
-    the script's wiring; the fast demo test above checks the recipe."""
+    and KMEANS_OUT_INDEX training (random weights and stride-4 codes without them). This
+    checks the script's wiring; the fast demo test above checks the recipe."""
     calls = _stubbed_demo_calls(tmp_path, DEMO_HELDOUT="1", DEMO_SEED="1",
                                 DEMO_DEFECT_AREA="0.001 0.01",
                                 VIT_MODEL="vit_base_patch16_224_8k_vocab",
-                                VIT_INIT="weights/my beit.pth")
+                                VIT_INIT="weights/my beit.pth", KMEANS_OUT_INDEX="2")
     setups = [c for c in calls if c[0] == "setup_train_dataset.py"]
     assert len(setups) == 2
     main, held = setups
@@ -115,6 +115,7 @@ def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
     assert {_arg(c, "--model")[0] for c in vits} == {"vit_base_patch16_224_8k_vocab"}
     for train in vits[::2]:  # BEiT's weights, not random ones
         assert _arg(train, "--init_ckpt") == ["weights/my beit.pth"] and "--no_init" not in train
+        assert _arg(train, "--kmeans_out_index") == ["2"]  # stride-8 codes
     assert _arg(vits[1], "--output_dir") == [str(tmp_path / "demo" / draw / "results")]
     assert {_arg(c, "--encoder_weights")[0] for c in calls if c[0] == "run_protoflow.py"} == {
         "/stub/lite0.pth"}
@@ -128,6 +129,7 @@ def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
         "vit_tiny_patch16_224_8k_vocab"}
     train = next(c for c in calls if c[0] == "run_pretraining.py")
     assert "--no_init" in train and "--init_ckpt" not in train
+    assert _arg(train, "--kmeans_out_index") == ["1"]  # stride-4 codes
     # a malformed size pair stops the script before it writes or deletes anything
     for bad in ("0.001", "0.001 0.01 0.1"):
         run, calls = _stubbed_demo(tmp_path, DEMO_DEFECT_AREA=bad)

@@ -159,6 +159,8 @@ def refused(tiny_world, tmp_path_factory):
         "F7_lr": (rp, _train_argv(w, tmp / "t5", "--lr", "-1")),
         "F7_model": (rp, _train_argv(w, tmp / "t5", "--model", "vit_foo")),
         "F7_steps": (rp, _train_argv(w, tmp / "t5", "--max_steps_per_epoch", "0")),
+        "F7_codes": (rp, _train_argv(w, tmp / "t5", "--kmeans_vocab_size", "1")),
+        "F7_stage": (rp, _train_argv(w, tmp / "t5", "--kmeans_out_index", "4")),
         "F8": (rt, _test_argv(w, tmp / "o4", "--save_heatmaps", "-3")),
         "F9_zero": (rf, protos + ["--num_shots", "0"]),
         "F9_neg": (rf, protos + ["--num_shots", "-2"]),
@@ -216,6 +218,8 @@ def test_F6_mask_ratio_0_is_refused(refused):
     ("F7_model", "argument --model: invalid choice: 'vit_foo' (choose from "
                  "'vit_base_patch16_224_8k_vocab'"),
     ("F7_steps", "argument --max_steps_per_epoch: 0 is less than 1"),
+    ("F7_codes", "argument --kmeans_vocab_size: 1 is less than 2"),
+    ("F7_stage", "argument --kmeans_out_index: invalid choice: 4 (choose from 0, 1, 2, 3)"),
 ])
 def test_F7_flags_out_of_range_are_refused(refused, case, words):
     _clear_error(refused[0][case], words)
