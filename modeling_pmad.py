@@ -544,9 +544,9 @@ def load_init_checkpoint(model: nn.Module, path: str) -> None:
     initial weights and every other layer is loaded."""
     if not os.path.isfile(path):
         raise MissingFileError(
-            f"--init_ckpt {path} not found: download beit_base_patch16_224_pt22k.pth (links "
-            "in README.md, 'Download Pretrained Weights'; see weights/README.md) into "
-            "weights/, point --init_ckpt at it, or pass --no_init to train from scratch")
+            f"--init_ckpt {path} not found: download beit_base_patch16_224_pt22k.pth (its "
+            "link is in weights/README.md) into weights/, point --init_ckpt at it, or pass "
+            "--no_init to train from scratch")
     state_dict = unwrap_state_dict(read_weights_file(path), path)
     head, file_head = model.lm_head.weight.shape, state_dict.get("lm_head.weight")
     if file_head is not None and file_head.shape != head:
