@@ -82,7 +82,7 @@ def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=utils.int_at_least(1, "nothing to do"), default=300)
     p.add_argument("--lr", type=utils.positive_float, default=1.5e-3)
     p.add_argument("--min_lr", type=float, default=1e-5)
-    p.add_argument("--warmup_epochs", type=int, default=10)
+    p.add_argument("--warmup_epochs", type=utils.int_at_least(0), default=10)
     p.add_argument("--warmup_steps", type=int, default=-1, help="> 0: overrides warmup_epochs")
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--weight_decay_end", type=float, default=None,

@@ -37,8 +37,9 @@ from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_
                        load_prototypes, patch_log_likelihood, save_protoflow, save_prototypes,
                        train_flow)
 from utils import (CheckpointError, FlagError, JsonlLog, build_sampler, capture_rng_state, cli,
-                   int_at_least, load_checkpoint_file, positive_float, prepare_output_dir,
-                   remove_stale_tmp_files, restore_rng_state, save_on_master, seed_everything)
+                   fraction_arg, int_at_least, load_checkpoint_file, positive_float,
+                   prepare_output_dir, remove_stale_tmp_files, restore_rng_state,
+                   save_on_master, seed_everything)
 
 
 @torch.inference_mode()
@@ -246,8 +247,9 @@ def main(argv: Sequence[str] | None = None) -> object:
     _add_common_args(pp)
     pp.add_argument("--classes", nargs="+", default=None, help="default: every class folder")
     pp.add_argument("--output_dir", default="weights/prototypes")
-    pp.add_argument("--coreset_ratio", type=float, default=0.01)
-    pp.add_argument("--projection_dim", type=int, default=None,
+    pp.add_argument("--coreset_ratio", type=fraction_arg(include_one=True), default=0.01,
+                    help="fraction of the patch features kept as prototypes")
+    pp.add_argument("--projection_dim", type=int_at_least(1), default=None,
                     help="select the coreset on a random projection to this many dims")
     pp.add_argument("--num_shots", type=int_at_least(1), default=None,
                     help="use only the first K (file-name order) non-held-out images")
@@ -261,9 +263,9 @@ def main(argv: Sequence[str] | None = None) -> object:
     tp.add_argument("--output", required=True, help="e.g. weights/protoflow/multi_class.pt")
     tp.add_argument("--epochs", type=int_at_least(1, "nothing to do"), default=200)
     tp.add_argument("--lr", type=positive_float, default=2e-4)
-    tp.add_argument("--warmup_epochs", type=int, default=2)
-    tp.add_argument("--n_blocks", type=int, default=DEFAULT_N_BLOCKS)
-    tp.add_argument("--threshold_quantile", type=float, default=THRESHOLD_QUANTILE)
+    tp.add_argument("--warmup_epochs", type=int_at_least(0), default=2)
+    tp.add_argument("--n_blocks", type=int_at_least(1), default=DEFAULT_N_BLOCKS)
+    tp.add_argument("--threshold_quantile", type=fraction_arg(), default=THRESHOLD_QUANTILE)
     tp.add_argument("--resume", action="store_true",
                     help="continue the unfinished run saved in <output>.resume")
     args = parser.parse_args(argv)

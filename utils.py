@@ -114,6 +114,13 @@ def positive_float(text: str) -> float:
     return _float_in(text, 0.0, math.inf, "is not a positive number")
 
 
+def fraction_arg(include_one: bool = False) -> Callable[[str], float]:
+    """argparse type: a fraction in (0, 1), or in (0, 1] with `include_one`."""
+    high = math.nextafter(1.0, 2.0) if include_one else 1.0
+    where = "(0, 1]" if include_one else "(0, 1)"
+    return lambda text: _float_in(text, 0.0, high, f"is outside {where}")
+
+
 def mask_ratio_arg(text: str) -> float:
     """argparse type of a mask ratio: a fraction of the patches, strictly inside (0, 1)."""
     return _float_in(text, 0.0, 1.0, "is outside (0, 1): a mask ratio is the fraction of "

@@ -161,6 +161,11 @@ def refused(tiny_world, tmp_path_factory):
         "F7_steps": (rp, _train_argv(w, tmp / "t5", "--max_steps_per_epoch", "0")),
         "F7_codes": (rp, _train_argv(w, tmp / "t5", "--kmeans_vocab_size", "1")),
         "F7_stage": (rp, _train_argv(w, tmp / "t5", "--kmeans_out_index", "4")),
+        "F7_warmup": (rp, _train_argv(w, tmp / "t5", "--warmup_epochs", "-1")),
+        "F7_coreset_0": (rf, protos + ["--coreset_ratio", "0"]),
+        "F7_coreset_2": (rf, protos + ["--coreset_ratio", "2"]),
+        "F7_quantile": (rf, ["train", "--data_path", str(w.imagenet_root), "--output",
+                             str(tmp / "pf.pt"), "--threshold_quantile", "1"]),
         "F8": (rt, _test_argv(w, tmp / "o4", "--save_heatmaps", "-3")),
         "F9_zero": (rf, protos + ["--num_shots", "0"]),
         "F9_neg": (rf, protos + ["--num_shots", "-2"]),
@@ -220,6 +225,10 @@ def test_F6_mask_ratio_0_is_refused(refused):
     ("F7_steps", "argument --max_steps_per_epoch: 0 is less than 1"),
     ("F7_codes", "argument --kmeans_vocab_size: 1 is less than 2"),
     ("F7_stage", "argument --kmeans_out_index: invalid choice: 4 (choose from 0, 1, 2, 3)"),
+    ("F7_warmup", "argument --warmup_epochs: -1 is less than 0"),
+    ("F7_coreset_0", "argument --coreset_ratio: 0 is outside (0, 1]"),
+    ("F7_coreset_2", "argument --coreset_ratio: 2 is outside (0, 1]"),
+    ("F7_quantile", "argument --threshold_quantile: 1 is outside (0, 1)"),
 ])
 def test_F7_flags_out_of_range_are_refused(refused, case, words):
     _clear_error(refused[0][case], words)
