@@ -153,6 +153,13 @@ def list_train_classes(root: str) -> list[str]:
     """Class folders of a training set in ImageNet layout (<root>/train/<class>)."""
     train_dir = os.path.join(root, "train")
     if not os.path.isdir(train_dir):
+        if os.path.isdir(root) and list_test_classes(root):  # an MVTec-layout set
+            name = os.path.basename(os.path.abspath(root))
+            raise LayoutError(
+                f"{root} is a set in MVTec layout ({TEST_LAYOUT}); training reads "
+                f"{TRAIN_LAYOUT}. Fix: make that copy with `python setup_train_dataset.py "
+                f"--data_path {root} --root data/{name}-ImageNet` and pass "
+                f"--data_path data/{name}-ImageNet")
         target = os.path.dirname(os.path.normpath(root)) if os.path.basename(
             os.path.normpath(root)) == "train" else root
         raise LayoutError(f"{train_dir} does not exist; expected {TRAIN_LAYOUT}. Fix: pass "

@@ -233,6 +233,16 @@ def test_train_root_or_its_train_folder(train_root, tmp_path, capsys):
     msg = str(err.value)  # advice names the root, never <root>/train
     assert f"{empty}/train does not exist" in msg and "folder holding train/ and fg_mask/" in msg
     assert msg.endswith(f"--root {tmp_path / 'empty'}`")
+    # an MVTec-layout set given for training: convert it into a folder of its own
+    mvtec = tmp_path / "my_set"
+    (mvtec / "widget" / "test" / "good").mkdir(parents=True)
+    (mvtec / "widget" / "train" / "good").mkdir(parents=True)
+    with pytest.raises(LayoutError) as err:
+        list_train_classes(str(mvtec))
+    msg = str(err.value)
+    assert f"{mvtec} is a set in MVTec layout" in msg
+    assert msg.endswith(f"`python setup_train_dataset.py --data_path {mvtec} --root "
+                        "data/my_set-ImageNet` and pass --data_path data/my_set-ImageNet")
 
 
 def test_dataloader_batches(train_root):
