@@ -7,6 +7,8 @@
            -> <out>/<class>/{train/good, test/good, test/<defect>}, no ground_truth/
 
 Every input is checked before anything is written, and one error lists every problem.
+A custom class folder in the output holds exactly its latest split: a re-run removes
+what the new split no longer lists there.
 """
 from __future__ import annotations
 
@@ -123,20 +125,54 @@ def convert_visa(visa_dir: str, out: str, sync: Sync, classes: Sequence[str] | N
     return counts
 
 
-def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
-                ) -> dict[str, list[tuple[str, str]]]:
-    """{class: [(source, destination)]} of a custom set. Every round(1 / test_fraction)-th
-    normal image (sorted by name) is held out to test/good, the rest train; each other
-    folder of a class is a defect type, copied to test/<defect>. No ground_truth/ is
-    written: run_test.py then reports the pixel metrics as undefined."""
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"--custom_test_fraction {test_fraction} is outside (0, 1)")
+def held_out(n: int, test_fraction: float) -> list[bool]:
+    """Which of `n` sorted normal images go to test/good: round(n * test_fraction),
+    evenly spread, at least 1 (a class without normal test images has no image AUROC)
+    and at most n - 1 (one to train on). When n * test_fraction is whole, a fraction 1/s
+    holds out every s-th image."""
+    m = min(n - 1, max(1, round(n * test_fraction)))
+    return [(k + 1) * m // n > k * m // n for k in range(n)]
+
+
+def _check_apart(src: str, out: str) -> None:
+    """The conversion deletes files in <out>/<class> that its split does not list: the
+    source must not lie there (nor the output in the source, where it would be read as a
+    class on the next run)."""
+    a, b = os.path.realpath(src), os.path.realpath(out)
+    if os.path.commonpath([a, b]) in (a, b):
+        raise LayoutError(f"--data_path {out} and --custom {src} overlap; write the MVTec "
+                          "layout to a folder outside the custom set (and vice versa)")
+
+
+def _custom_classes(src: str, classes: Sequence[str] | None) -> list[str]:
+    """The class folders of `src` to convert: all, or those named, each of which must
+    exist (a misspelt name would otherwise match nothing)."""
     if not os.path.isdir(src):
         raise LayoutError(f"{src} does not exist; --custom expects {CUSTOM_LAYOUT}")
-    step = max(2, round(1 / test_fraction))
+    found = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
+    if not classes:
+        return found
+    unknown = [c for c in dict.fromkeys(classes) if c not in found]
+    if unknown:
+        raise LayoutError(f"--classes {' '.join(unknown)}: no such class folder in {src}; "
+                          f"its classes are {', '.join(found) or '(none)'}")
+    return sorted(set(classes))
+
+
+def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION,
+                classes: Sequence[str] | None = None) -> dict[str, list[tuple[str, str]]]:
+    """{class: [(source, destination)]} of a custom set (every class folder, or those in
+    `classes`). `held_out` picks the normal images (sorted by name) that go to test/good,
+    the rest train; each other folder of a class is a defect type, copied to
+    test/<defect>. No ground_truth/ is written: run_test.py then reports the pixel
+    metrics as undefined."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"--custom_test_fraction {test_fraction} is outside (0, 1)")
+    names = _custom_classes(src, classes)
+    _check_apart(src, out)
     plan: dict[str, list[tuple[str, str]]] = {}
     problems = []
-    for name in sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d))):
+    for name in names:
         folders = sorted(d for d in os.listdir(os.path.join(src, name))
                          if os.path.isdir(os.path.join(src, name, d)))
         normal = [d for d in folders if d in NORMAL_DIRS]
@@ -146,11 +182,13 @@ def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
             continue
         good = list_images(os.path.join(src, name, normal[0]))
         if len(good) < 2:
-            problems.append(f"{os.path.join(src, name, normal[0])}: {len(good)} image(s); at "
-                            "least 2 normal images (one to train on, one held out)")
+            problems.append(f"{os.path.join(src, name, normal[0])}: {len(good)} image(s); add "
+                            "normal images until it has at least 2 (one to train on, one held "
+                            "out), or remove the class folder")
             continue
-        pairs = [(f, os.path.join(out, name, "test" if k % step == step - 1 else "train",
-                                  "good", os.path.basename(f))) for k, f in enumerate(good)]
+        pairs = [(f, os.path.join(out, name, "test" if test else "train", "good",
+                                  os.path.basename(f)))
+                 for f, test in zip(good, held_out(len(good), test_fraction))]
         for defect in folders:
             if defect not in NORMAL_DIRS:
                 pairs += [(f, os.path.join(out, name, "test", defect, os.path.basename(f)))
@@ -164,12 +202,33 @@ def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
     return plan
 
 
+def remove_unlisted(folder: str, keep: set[str]) -> int:
+    """Delete every file under `folder` not in `keep`, and the folders left empty, so
+    that a re-run with another split leaves no image where the new split does not put it
+    (a test image left in train/ would be trained on). -> files removed."""
+    keep = {os.path.normpath(p) for p in keep}
+    removed = 0
+    for parent, _, files in os.walk(folder, topdown=False):
+        for f in files:
+            path = os.path.normpath(os.path.join(parent, f))
+            if path not in keep:
+                os.remove(path)
+                removed += 1
+        if parent != folder and not os.listdir(parent):
+            os.rmdir(parent)
+    return removed
+
+
 def convert_custom(src: str, out: str, sync: Sync,
-                   test_fraction: float = DEFAULT_TEST_FRACTION) -> list[str]:
-    """`plan_custom`, then copy; -> the classes written."""
-    plan = plan_custom(src, out, test_fraction)
+                   test_fraction: float = DEFAULT_TEST_FRACTION,
+                   classes: Sequence[str] | None = None) -> list[str]:
+    """`plan_custom`, then copy, then remove what an earlier run left in the converted
+    class folders that this plan does not list; -> the classes written."""
+    plan = plan_custom(src, out, test_fraction, classes)
     counts = sync([p for pairs in plan.values() for p in pairs], "custom images")
+    removed = sum(remove_unlisted(os.path.join(out, name), {dst for _, dst in pairs})
+                  for name, pairs in plan.items())
     print(f"custom set -> {out}: {len(plan)} classes; images "
-          f"{', '.join(f'{v} {k}' for k, v in counts.items())}; no ground-truth masks: "
-          "pixel metrics are undefined")
+          f"{', '.join(f'{v} {k}' for k, v in counts.items())}; {removed} file(s) this split "
+          "does not list removed; no ground-truth masks: pixel metrics are undefined")
     return sorted(plan)

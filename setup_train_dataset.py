@@ -4,7 +4,8 @@
   released fg_mask.zip               ->  <root>/fg_mask/<class>/<stem>.png  (--fg_mask_zip)
   estimated foreground masks         ->  <root>/fg_mask/<class>/<stem>.png  (--make_fg_masks)
 
-The layout is checked before anything is written; re-running skips identical files.
+The layout is checked before anything is written; re-running skips identical files
+(and after --custom removes those its new split no longer lists).
 `--make_demo DIR` first writes the offline demo set (demo_data.py) into DIR; `--visa DIR`
 and `--custom DIR` first convert VisA or a folder of your own images into the MVTec
 layout at --data_path (dataset_converters.py).
@@ -28,7 +29,8 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from dataset_converters import DEFAULT_TEST_FRACTION, convert_custom, convert_visa
+from dataset_converters import (DEFAULT_TEST_FRACTION, convert_custom, convert_visa,
+                                remove_unlisted)
 from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, LayoutError,
                       list_images, resolve_train_root)
 from fg_masks import FgMaskZip, make_fg_masks, mask_coverage
@@ -153,6 +155,14 @@ def _extra_files(plan: dict[str, dict[str, list[tuple[str, str]]]]) -> list[str]
     return notes
 
 
+def _remove_untrained(plan: dict[str, dict[str, list[tuple[str, str]]]], root: str) -> int:
+    """Delete the files in <root>/train/<class> the plan does not list: after --custom
+    remade the split, an image it now holds out must not stay in the training copy."""
+    return sum(remove_unlisted(os.path.join(root, "train", name),
+                               {dst for _, dst in splits["train"]})
+               for name, splits in plan.items())
+
+
 # ------------------------------------------------------------------------------ entry point
 def _counts(c: Counter) -> str:
     return ", ".join(f"{c[k]} {k}" for k in ("new", "unchanged", "replaced"))
@@ -182,7 +192,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "DIR/<class>/<defect>/* (no masks), into the MVTec layout at "
                         "--data_path")
     p.add_argument("--custom_test_fraction", type=float, default=DEFAULT_TEST_FRACTION,
-                   help="--custom: fraction of the normal images held out to test/good")
+                   help="--custom: fraction of each class's normal images held out to "
+                        "test/good (rounded, evenly spread; at least 1, never all)")
     p.add_argument("--make_demo", metavar="DIR",
                    help="first write the offline demo set (MVTec format) into DIR and use it "
                         "as --data_path")
@@ -251,8 +262,8 @@ def _source_classes(args: argparse.Namespace) -> list[str]:
     if args.visa:
         classes = list(convert_visa(args.visa, args.data_path, sync, args.classes))
     elif args.custom:
-        written = convert_custom(args.custom, args.data_path, sync, args.custom_test_fraction)
-        classes = [c for c in written if not args.classes or c in args.classes]
+        classes = convert_custom(args.custom, args.data_path, sync, args.custom_test_fraction,
+                                 args.classes)
     classes = find_classes(args.data_path, classes)
     unknown = sorted(set(args.textures) - set(classes))
     if unknown:
@@ -293,6 +304,9 @@ def run(args: argparse.Namespace) -> None:
     verb = "hard-linking" if args.link else "copying"
     pairs = [pair for name in classes for pair in plan[name]["train"]]
     print(f"train: {_counts(sync_files(pairs, args.link, f'{verb} train'))}")
+    if args.custom:
+        print(f"train: {_remove_untrained(plan, args.root)} file(s) the custom split does not "
+              "train on removed")
     for note in _extra_files(plan):
         print(f"note: {note}")
     if masks is not None:

@@ -1,6 +1,8 @@
 """setup_train_dataset.py --visa / --custom / --textures (dataset_converters.py): a
 VisA-shaped tree converts, trains one tiny epoch and evaluates; a custom set without
-masks evaluates with pixel metrics undefined; --textures changes the foreground masks."""
+masks evaluates with pixel metrics undefined; its held-out fraction is honoured, a
+re-run leaves exactly the new split, and misspelt classes, too-small classes and an
+output overlapping the source are refused; --textures changes the foreground masks."""
 from __future__ import annotations
 
 import csv
@@ -198,3 +200,95 @@ def test_textures_change_the_foreground_masks(tiny_world, tmp_path, capsys):
                        str(tmp_path / "x"), "--classes", "coins", "--make_fg_masks",
                        "--textures", "tiles"]) == 2
     assert "--textures tiles: not among the classes" in capsys.readouterr().err
+
+
+def _custom_set(base: Path, good: dict[str, int], seed: int = 0) -> Path:
+    """<base>/<class>/good/000.png ... (16x16 noise, `good[class]` of them) and two
+    <class>/scratch/ images per class."""
+    rng = np.random.default_rng(seed)
+    for name, n in good.items():
+        for folder, count in (("good", n), ("scratch", 2)):
+            (base / name / folder).mkdir(parents=True)
+            for k in range(count):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                    base / name / folder / f"{k:03d}.png")
+    return base
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_held_out_honours_the_fraction():
+    """round(n * fraction) evenly spread, at least 1 and at most n - 1; a fraction 1/s of
+    a multiple of s is every s-th image, as before."""
+    def held(n, f):
+        return [k for k, test in enumerate(dataset_converters.held_out(n, f)) if test]
+    assert held(10, 0.2) == [4, 9] and held(20, 0.2) == [4, 9, 14, 19]
+    assert held(10, 0.5) == [1, 3, 5, 7, 9]
+    assert held(10, 0.7) == [1, 2, 4, 5, 7, 8, 9]  # 7 of 10, not every 2nd
+    assert held(12, 0.2) == [5, 11]  # round(2.4)
+    assert held(3, 0.2) == [2]  # round(0.6): one, not none
+    assert held(2, 0.1) == [1] and held(2, 0.9) == [1]  # one each side
+
+
+def test_custom_rerun_leaves_exactly_the_new_split(tmp_path, capsys):
+    """A second conversion with another fraction moves images instead of copying them
+    into both train/ and test/, in the MVTec layout and in the training copy; what the
+    conversion does not own stays."""
+    src = _custom_set(tmp_path / "mine", {"gadget": 10, "widget": 3})
+    dst, root = tmp_path / "mvtec", tmp_path / "inet"
+    argv = ["--custom", str(src), "--data_path", str(dst), "--root", str(root)]
+    assert setup_main(argv) == 0
+    assert _names(dst / "gadget" / "test" / "good") == ["004.png", "009.png"]
+    assert _names(dst / "widget" / "test" / "good") == ["002.png"]  # 3 images: one held out
+    (dst / "notes.txt").write_text("mine")
+    (dst / "other" / "train" / "good").mkdir(parents=True)
+    (dst / "other" / "train" / "good" / "x.png").write_bytes(b"not converted here")
+    (dst / "gadget" / "ground_truth" / "scratch").mkdir(parents=True)
+    (dst / "gadget" / "ground_truth" / "scratch" / "000_mask.png").write_bytes(b"stale")
+    capsys.readouterr()
+
+    assert setup_main([*argv, "--custom_test_fraction", "0.5"]) == 0
+    out = capsys.readouterr().out
+    gadget_test = [f"{k:03d}.png" for k in (1, 3, 5, 7, 9)]
+    gadget_train = [f"{k:03d}.png" for k in (0, 2, 4, 6, 8)]
+    assert _names(dst / "gadget" / "test" / "good") == gadget_test
+    assert _names(dst / "gadget" / "train" / "good") == gadget_train
+    assert _names(dst / "widget" / "test" / "good") == ["001.png", "002.png"]
+    assert _names(dst / "widget" / "train" / "good") == ["000.png"]
+    assert _names(dst / "gadget") == ["test", "train"]  # the stale ground_truth/ went
+    assert _names(root / "train" / "gadget") == gadget_train
+    assert _names(root / "train" / "widget") == ["000.png"]
+    # gadget 1, 3, 5, 7 left train, 4 left test, ground_truth's mask; widget 1 left train
+    assert "7 file(s) this split does not list removed" in out
+    assert "train: 5 file(s) the custom split does not train on removed" in out
+    assert (dst / "notes.txt").read_text() == "mine"
+    assert (dst / "other" / "train" / "good" / "x.png").exists()
+
+
+def test_custom_classes_and_folders_checked_before_writing(tmp_path, capsys):
+    src = _custom_set(tmp_path / "mine", {"gadget": 4, "widget": 4})
+    dst = tmp_path / "mvtec"
+    base = ["--custom", str(src), "--data_path", str(dst), "--root", str(tmp_path / "inet")]
+    assert setup_main([*base, "--classes", "widgit"]) == 2
+    err = capsys.readouterr().err
+    assert (f"--classes widgit: no such class folder in {src}; its classes are gadget, widget"
+            in err)
+    assert not dst.exists()
+    assert setup_main([*base, "--classes", "widget"]) == 0
+    assert _names(dst) == ["widget"]  # only the class asked for
+
+    shutil.rmtree(src / "gadget" / "good")
+    (src / "gadget" / "good").mkdir()
+    Image.new("RGB", (16, 16)).save(src / "gadget" / "good" / "000.png")
+    assert setup_main(base) == 2
+    assert (f"{src / 'gadget' / 'good'}: 1 image(s); add normal images until it has at "
+            "least 2" in capsys.readouterr().err)
+    assert not (dst / "gadget").exists()
+
+    for inside in (src, src / "out"):  # its clean-up would reach the source images
+        assert setup_main(["--custom", str(src), "--data_path", str(inside)]) == 2
+        assert "overlap; write the MVTec layout to a folder outside" in capsys.readouterr().err
+    assert _names(src) == ["gadget", "widget"]
+    assert _names(src / "widget" / "good") == ["000.png", "001.png", "002.png", "003.png"]
