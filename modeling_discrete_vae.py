@@ -37,7 +37,7 @@ import datasets
 from backbones import create_backbone, lite0_weights_path
 from modeling_pmad import (Block, LayerNorm, PatchEmbed, load_state_dict_checked,
                            unwrap_state_dict)
-from utils import read_weights_file, save_on_master
+from utils import CheckpointError, FlagError, MissingFileError, read_weights_file, save_on_master
 
 __all__ = [
     "register_tokenizer", "available_tokenizers", "create_tokenizer", "file_sha256",
@@ -72,7 +72,8 @@ def create_tokenizer(name: str, weight_path: str | os.PathLike,
     """A frozen, eval-mode tokenizer `name` loaded from the local `weight_path`; `amp`
     is the run's resolved --amp (only DALL-E's precision follows it, on CUDA)."""
     if name not in _TOKENIZERS:
-        raise ValueError(f"unknown tokenizer '{name}': choose one of {available_tokenizers()}")
+        raise FlagError(f"unknown tokenizer '{name}' (--tokenizer_model): choose one of "
+                        f"{available_tokenizers()}")
     tokenizer = _TOKENIZERS[name](os.fspath(weight_path))
     for attr in ("image_size", "vocab_size", "fingerprint", "get_codebook_indices"):
         if not hasattr(tokenizer, attr):
@@ -273,7 +274,8 @@ def _pickled_modules(module: Any, path: str, prefix: str = "") -> Iterator[tuple
         if child is None:
             continue
         if not isinstance(child, nn.Module):
-            raise ValueError(f"{path}: {prefix}{name} is a {type(child).__name__}, not a module")
+            raise CheckpointError(f"{path}: {prefix}{name} is a {type(child).__name__}, not a "
+                                  "module")
         yield from _pickled_modules(child, path, f"{prefix}{name}.")
 
 
@@ -285,8 +287,8 @@ def _module_tensors(module: Any, path: str) -> dict[str, torch.Tensor]:
         for field in ("_parameters", "_buffers"):
             for key, value in vars(sub).get(field, {}).items():
                 if value is not None and not isinstance(value, torch.Tensor):
-                    raise ValueError(f"{path}: {prefix}{key} is a {type(value).__name__}, "
-                                     "not a tensor")
+                    raise CheckpointError(f"{path}: {prefix}{key} is a "
+                                          f"{type(value).__name__}, not a tensor")
                 if value is not None:
                     tensors[prefix + key] = value.detach()
     return tensors
@@ -296,8 +298,9 @@ def load_dalle_encoder(path: str | os.PathLike) -> DalleEncoder:
     """OpenAI's pickled `encoder.pkl` (zip or torch 1.x legacy format) as a DalleEncoder."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"DALL-E encoder {path} not found: download "
-                                "https://cdn.openai.com/dall-e/encoder.pkl to weights/tokenizer/")
+        raise MissingFileError(f"DALL-E encoder {path} not found: download "
+                               f"https://cdn.openai.com/dall-e/encoder.pkl to {path}, or give "
+                               "its location with --tokenizer_weight_path")
     try:
         with warnings.catch_warnings():
             # Its pickled source is OpenAI's; we deliberately compute with our classes.
@@ -305,25 +308,29 @@ def load_dalle_encoder(path: str | os.PathLike) -> DalleEncoder:
             obj = torch.load(path, map_location="cpu", pickle_module=_dalle_pickle_module,
                              weights_only=False)
     except ForbiddenGlobalError as e:
-        raise ValueError(f"{path} names the global '{e.global_name}', which OpenAI's DALL-E "
-                         "encoder does not contain; refusing to unpickle it (a pickle can run "
-                         "code). Use the original encoder.pkl.") from None
+        raise CheckpointError(f"{path} names the global '{e.global_name}', which OpenAI's "
+                              "DALL-E encoder does not contain; refusing to unpickle it (a "
+                              "pickle can run code). Use the original encoder.pkl.") from None
     except Exception as e:
-        raise ValueError(f"{path} is not a readable pickled DALL-E encoder (truncated download?)"
-                         f": {type(e).__name__}: {e}. Download encoder.pkl again.") from e
+        raise CheckpointError(f"{path} is not a readable pickled DALL-E encoder (truncated "
+                              f"download?): {type(e).__name__}: {e}. Download encoder.pkl "
+                              "again.") from e
     if not isinstance(obj, DalleEncoder):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not DALL-E's pickled "
-                         "dall_e.encoder.Encoder")
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not DALL-E's pickled "
+                              "dall_e.encoder.Encoder: give encoder.pkl with "
+                              "--tokenizer_weight_path")
     config = {k: vars(obj).get(k, DALLE_CLASS_DEFAULTS.get(k)) for k in DalleEncoder.CONFIG}
     if not all(isinstance(v, int) for v in config.values()):
-        raise ValueError(f"{path}: encoder attributes {config} are not the DALL-E encoder's")
+        raise CheckpointError(f"{path}: encoder attributes {config} are not the DALL-E "
+                              "encoder's; use the original encoder.pkl")
     with torch.device("meta"):  # no random init: every tensor comes from the file
         encoder = DalleEncoder(**config)
     missing, unexpected = load_state_dict_checked(encoder, _module_tensors(obj, path), path,
                                                   assign=True)
     if missing or unexpected:
-        raise ValueError(f"{path} does not match a DALL-E encoder with {config}: missing "
-                         f"{missing[:6]}, unexpected {unexpected[:6]}")
+        raise CheckpointError(f"{path} does not match a DALL-E encoder with {config}: "
+                              f"missing {missing[:6]}, unexpected {unexpected[:6]}; use the "
+                              "original encoder.pkl")
     # Each convolution keeps the file's precision flag (OpenAI's encoder sets it per
     # convolution, independently of its `use_mixed_precision`).
     flags = {name: vars(m).get("use_float16") for name, m in _pickled_modules(obj, path)
@@ -331,8 +338,9 @@ def load_dalle_encoder(path: str | os.PathLike) -> DalleEncoder:
     for name, conv in encoder.named_modules():
         if isinstance(conv, DalleConv2d):
             if not isinstance(flags.get(name), bool):
-                raise ValueError(f"{path}: convolution {name} has use_float16 "
-                                 f"{flags.get(name)!r}, not a bool")
+                raise CheckpointError(f"{path}: convolution {name} has use_float16 "
+                                      f"{flags.get(name)!r}, not a bool; use the original "
+                                      "encoder.pkl")
             conv.use_float16 = flags[name]
     return encoder
 
@@ -483,8 +491,9 @@ def _vqkd_config(state_dict: dict[str, torch.Tensor], path: str) -> dict[str, in
         num_codes, code_dim = state_dict["quantize.embedding.weight"].shape
         num_patches = state_dict["encoder.pos_embed"].shape[1] - 1
     except KeyError as e:
-        raise ValueError(f"{path} is not a VQ-KD tokenizer: no {e} (keys start "
-                         f"{sorted(state_dict)[:4]})") from None
+        raise CheckpointError(f"{path} is not a VQ-KD tokenizer: no {e} (keys start "
+                              f"{sorted(state_dict)[:4]}); give vit_tokenizer.pth with "
+                              "--tokenizer_weight_path") from None
     depth = 1 + max((int(m.group(1)) for k in state_dict
                      if (m := re.match(r"encoder\.blocks\.(\d+)\.", k))), default=-1)
     grid = math.isqrt(num_patches)
@@ -503,8 +512,9 @@ def _build_vit_tokenizer(weight_path: str) -> VQKDTokenizer:
                                   fingerprint=file_sha256(weight_path))
     missing, unexpected = load_state_dict_checked(tokenizer, used, weight_path, assign=True)
     if missing or unexpected:
-        raise ValueError(f"{weight_path} is not a VQ-KD ViT tokenizer this code can load: "
-                         f"missing {missing[:6]}, unexpected {unexpected[:6]}")
+        raise CheckpointError(f"{weight_path} is not a VQ-KD ViT tokenizer this code can "
+                              f"load: missing {missing[:6]}, unexpected {unexpected[:6]}; give "
+                              "vit_tokenizer.pth with --tokenizer_weight_path")
     tokenizer.ignored_keys = ignored
     _logger.info("%s: ignored %d keys not needed for tokenizing (decoder, EMA statistics, "
                  "teacher, loss, scaling)", weight_path, len(ignored))
@@ -572,14 +582,17 @@ def _build_kmeans(weight_path: str) -> KMeansTokenizer:
     obj = read_weights_file(weight_path)
     if not isinstance(obj, dict) or obj.get("tokenizer") != "kmeans" or any(
             f not in obj for f in _KMEANS_FIELDS):
-        raise ValueError(f"{weight_path} is not a k-means tokenizer file (needs 'tokenizer': "
-                         f"'kmeans' and {_KMEANS_FIELDS}); make one with fit_kmeans_tokenizer")
+        raise CheckpointError(f"{weight_path} is not a k-means tokenizer file (needs "
+                              f"'tokenizer': 'kmeans' and {_KMEANS_FIELDS}): give one with "
+                              "--tokenizer_weight_path, or make one with fit_kmeans_tokenizer "
+                              "(run_pretraining.py --fit_kmeans_tokenizer)")
     features = CNNPatchFeatures(obj["backbone"], obj["out_index"], obj["image_size"])
     missing, unexpected = load_state_dict_checked(features.backbone,
                                                   obj["backbone_state_dict"], weight_path)
     if missing or unexpected:
-        raise ValueError(f"{weight_path}: backbone weights do not fit {obj['backbone']}: "
-                         f"missing {missing[:6]}, unexpected {unexpected[:6]}")
+        raise CheckpointError(f"{weight_path}: backbone weights do not fit {obj['backbone']}"
+                              f": missing {missing[:6]}, unexpected {unexpected[:6]}; fit the "
+                              "tokenizer again")
     return KMeansTokenizer(features, obj["codebook"], file_sha256(weight_path))
 
 

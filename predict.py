@@ -34,6 +34,7 @@ import utils
 
 OUTPUT_COLUMNS = ("image", "class", "name", "pmad_score", "protoflow_score", "threshold",
                   "decision")
+SKIPPED_FILE = "skipped_images.txt"  # the images --skip_bad_images left out, if any
 
 
 class InputError(utils.UserError, ValueError):
@@ -106,13 +107,26 @@ def find_images(inputs: list[str], class_name: str | None, class_from_folder: bo
                 cls = class_name
             name = "_".join(rel.with_suffix("").parts)
             groups.setdefault(cls, []).append((f, name))
-    for cls, items in groups.items():  # names must be unique within a class (file names)
-        counts: dict[str, int] = {}
-        for k, (f, name) in enumerate(items):
-            counts[name] = counts.get(name, 0) + 1
-            if counts[name] > 1:
-                items[k] = (f, f"{name}_{counts[name]}")
+    for cls, items in groups.items():  # the names name files: unique within a class
+        files, names = zip(*items)
+        groups[cls] = list(zip(files, unique_names(list(names))))
     return groups
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """`names` made unique, as they name a class's output files: a repeated name gets
+    the first `_<k>` suffix (k = 2, 3, ...) that no other name has or gets, so 'a/b.png',
+    'a_b.png', 'a_b_2.png' give a_b, a_b_3, a_b_2 and no file overwrites another."""
+    taken, seen, unique = set(names), set(), []
+    for name in names:
+        new, k = name, 1
+        while name in seen and new in taken:
+            k += 1
+            new = f"{name}_{k}"
+        taken.add(new)
+        seen.add(name)
+        unique.append(new)
+    return unique
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -141,6 +155,7 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
     """Each class's images scored as the clean protocol does: rows of predictions.csv."""
     groups = find_images(args.inputs, args.class_name, args.class_from_folder)
     out_dir = Path(utils.prepare_output_dir(args.output_dir, "--output_dir"))
+    (out_dir / SKIPPED_FILE).unlink(missing_ok=True)  # an earlier run's list is not this one's
     m = run_test.load_models(args)
     for cls in groups:  # a missing class fails before any image is scored
         m.protoflow.prototypes(cls)
@@ -185,9 +200,9 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
         writer.writeheader()
         writer.writerows(rows)
     if skipped:
-        (out_dir / "skipped_images.txt").write_text("\n".join(skipped) + "\n")
+        (out_dir / SKIPPED_FILE).write_text("\n".join(skipped) + "\n")
         print(f"[predict] left out {len(skipped)} unreadable image(s), listed in "
-              f"{out_dir / 'skipped_images.txt'}")
+              f"{out_dir / SKIPPED_FILE}")
     for cls in sorted(groups):
         mine = [r for r in rows if r["class"] == cls]
         called = sum(r["decision"] == "anomalous" for r in mine)

@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -92,7 +93,8 @@ def write_results(results: dict, output_dir: Path, protocol: str) -> str:
     row per class and method, for plotting) in `output_dir`."""
     output_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(results, protocol)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    (output_dir / "results.json").write_text(
+        json.dumps(_finite_or_null(results), indent=2, default=float, allow_nan=False))
     (output_dir / "results.md").write_text(table + "\n")
     with open(output_dir / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -107,14 +109,29 @@ def write_results(results: dict, output_dir: Path, protocol: str) -> str:
     return table
 
 
+def _finite_or_null(value: Any) -> Any:
+    """`value` with every nan or infinite float as None: JSON has no NaN (JavaScript's
+    JSON.parse and jq refuse Python's bare `NaN`), so an undefined metric is null."""
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
 
 class PartialResults:
     """Each finished class's record, one JSON line as soon as it is done, so that an
     error or Ctrl-C in class N loses none of classes 1 ... N-1; `key` (what the records
-    depend on) must match for a resumed run to reuse them."""
+    depend on) and the class's part of it in `class_keys` (its own files) must match
+    for a resumed run to reuse a record. Only the classes of `class_keys` are read."""
 
-    def __init__(self, path: Path, key: dict, resume: bool) -> None:
-        self.path, self.key = path, json.loads(json.dumps(key, default=str))
+    def __init__(self, path: Path, key: dict, class_keys: dict[str, dict], resume: bool
+                 ) -> None:
+        self.path = path
+        self.keys = {c: json.loads(json.dumps({**key, **k}, default=str))
+                     for c, k in class_keys.items()}
         self.done: dict[str, dict] = {}
         if not resume:
             path.unlink(missing_ok=True)
@@ -122,8 +139,12 @@ class PartialResults:
         lines = path.read_text().splitlines() if path.is_file() else []
         for line in filter(str.strip, lines):
             entry = json.loads(line)
-            if entry["key"] != self.key:
-                changed = sorted(k for k in self.key if entry["key"].get(k) != self.key[k])
+            want = self.keys.get(entry["class"])
+            if want is None:
+                continue
+            if entry["key"] != want:
+                changed = sorted(k for k in want.keys() | entry["key"].keys()
+                                 if entry["key"].get(k) != want.get(k))
                 raise FlagError(f"--resume_eval: {path} holds results of another evaluation "
                                 f"(it differs in {', '.join(changed)}): pass that run's "
                                 "flags, or drop --resume_eval to start afresh")
@@ -131,8 +152,8 @@ class PartialResults:
 
     def add(self, class_name: str, record: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps({"class": class_name, "key": self.key, "record": record},
-                               default=float) + "\n")
+            f.write(json.dumps({"class": class_name, "key": self.keys[class_name],
+                                "record": record}, default=float) + "\n")
 
 
 def exit_status(results: dict) -> int:

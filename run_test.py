@@ -9,6 +9,7 @@ which choose ProtoFlow's threshold and the mask ratio with the test labels.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -24,10 +25,10 @@ import datasets
 import modeling_pmad
 from heatmaps import save_heatmaps
 from masking_generator import CLASS_MASK_RATIOS
-from modeling_discrete_vae import create_tokenizer, file_sha256
+from modeling_discrete_vae import available_tokenizers, create_tokenizer, file_sha256
 from protocols import (ABNORMALITY, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED,
                        CleanOptions, collect_class, evaluate_clean, evaluate_paper)
-from protoflow import ProtoFlow
+from protoflow import CORESET_FILE, ProtoFlow
 from reporting import PartialResults, exit_status, report
 from utils import (FlagError, cli, int_at_least, mask_ratio_arg, prepare_output_dir,
                    read_weights_file, resolve_amp, resolve_weights_file)
@@ -45,7 +46,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer_scale_init_value", type=float, default=None)
     p.add_argument("--imagenet_default_mean_and_std", action=argparse.BooleanOptionalAction,
                    default=None)
-    p.add_argument("--tokenizer_model", default=None)
+    p.add_argument("--tokenizer_model", default=None, choices=available_tokenizers())
     p.add_argument("--tokenizer_weight_path", default="weights/tokenizer")
     p.add_argument("--protoflow_weights", default="weights/protoflow",
                    help="a ProtoFlow file, or a folder holding exactly one .pt file")
@@ -193,6 +194,34 @@ def class_mask_ratio(args: argparse.Namespace, class_name: str) -> float:
     return CLASS_MASK_RATIOS.get(class_name, args.default_mask_ratio)
 
 
+def file_fingerprints(args: argparse.Namespace, m: Models) -> dict[str, str | None]:
+    """The files behind every class's scores, by content (sha256; the tokenizer's
+    fingerprint also says whether DALL-E computes in fp16)."""
+    return {"pmad": file_sha256(args.ckpt), "protoflow": file_sha256(args.protoflow_weights),
+            "tokenizer": m.tokenizer.fingerprint,
+            "encoder": None if args.encoder_weights is None else file_sha256(args.encoder_weights)}
+
+
+def prototypes_sha256(prototypes_dir: str, class_name: str) -> str | None:
+    """A class's prototypes by content; None when missing (ProtoFlow names the file and
+    the fix when the class is scored)."""
+    path = os.path.join(prototypes_dir, class_name, CORESET_FILE)
+    return file_sha256(path) if os.path.isfile(path) else None
+
+
+def resume_key(args: argparse.Namespace, results: dict) -> dict:
+    """Every setting and file (by content) a class's record depends on but its
+    prototypes: --resume_eval reuses a record only when all of it matches. Left out:
+    the class selection, the output, and --device / --batch_size / --num_workers, which
+    change the scores only by rounding."""
+    return {"data_path": str(Path(args.data_path)), "setting": results["setting"],
+            "protocol": args.protocol, "clean_options": results["clean_options"],
+            "mask_ratio": args.mask_ratio, "default_mask_ratio": args.default_mask_ratio,
+            "sigma": args.sigma, "seed": args.seed, "skip_bad_images": args.skip_bad_images,
+            **{k: getattr(args, k) for k in modeling_pmad.PAPER_EVAL_CONFIG},
+            "amp": results["amp"], **results["checkpoints"]}
+
+
 def main(args: argparse.Namespace) -> dict:
     """Evaluate each selected class under args.protocol, keeping each finished class in
     results.partial.jsonl; returns the results, which are also printed and written."""
@@ -210,19 +239,14 @@ def main(args: argparse.Namespace) -> dict:
 
     results = {"protocol": args.protocol, "setting": setting, "classes": {},
                "clean_options": options.as_dict() if args.protocol == "clean" else None,
-               "args": vars(args), "amp": m.amp,
-               "checkpoints": {"pmad": file_sha256(args.ckpt),
-                               "protoflow": file_sha256(args.protoflow_weights),
-                               "tokenizer": m.tokenizer.fingerprint},
+               "args": vars(args), "amp": m.amp, "checkpoints": file_fingerprints(args, m),
+               "prototypes": {c: prototypes_sha256(args.prototypes_dir, c) for c in classes},
                "versions": {"python": platform.python_version(), "torch": torch.__version__,
                             "timm": timm.__version__, "numpy": np.__version__}}
     start = time.time()
-    partial = PartialResults(out_dir / "results.partial.jsonl", {
-        "data_path": str(root), "setting": setting, "protocol": args.protocol,
-        "clean_options": results["clean_options"], "mask_ratio": args.mask_ratio,
-        "default_mask_ratio": args.default_mask_ratio, "sigma": args.sigma,
-        "seed": args.seed, "skip_bad_images": args.skip_bad_images,
-        "checkpoints": results["checkpoints"]}, args.resume_eval)
+    partial = PartialResults(out_dir / "results.partial.jsonl", resume_key(args, results),
+                             {c: {"prototypes": sha} for c, sha in results["prototypes"].items()},
+                             args.resume_eval)
     class_name = None
     try:
         for class_name in tqdm(classes, desc=f"evaluating ({args.protocol} protocol)"):

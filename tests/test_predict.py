@@ -122,6 +122,11 @@ def test_class_from_folder_and_bad_images(tiny_world, tmp_path, capsys):
     (inbox / "stray.png").write_bytes(b"")
     assert predict.main(argv) == 2
     assert "lies directly in" in capsys.readouterr().err
+    # fixed: a clean run leaves no list of the earlier run's skipped images behind
+    (inbox / "stray.png").unlink()
+    (inbox / "coins" / "broken.png").unlink()
+    assert predict.main(argv) == 0
+    assert not (out / "skipped_images.txt").exists() and len(_rows(out)) == 4
 
 
 def test_inputs_are_checked(tmp_path):
@@ -140,6 +145,36 @@ def test_inputs_are_checked(tmp_path):
                                   str(tmp_path / "imgs" / "b" / "1.png")], "x", False)
     assert [n for _, n in groups["x"]] == ["a_1", "b_1"]
     assert predict._glob_base("data/x/*/y/*.png") == str(Path("data/x"))
+
+
+def test_output_names_are_unique_even_against_suffixed_names(tmp_path):
+    """'a/b.png' and 'a_b.png' both map to a_b; the repeat must not take a_b_2, the
+    name of 'a_b_2.png', or one image's heatmap and .npy would overwrite another's."""
+    for rel in ("a/b.png", "a_b.png", "a_b_2.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (items,) = predict.find_images([str(tmp_path)], "x", False).values()
+    assert {Path(f).relative_to(tmp_path).as_posix(): n for f, n in items} == {
+        "a/b.png": "a_b", "a_b.png": "a_b_3", "a_b_2.png": "a_b_2"}
+    assert predict.unique_names(["x", "x_2", "x", "x_2", "x"]) == [
+        "x", "x_2", "x_3", "x_2_2", "x_4"]
+
+
+def test_tokenizer_mistakes_are_one_error_line(tiny_world, tmp_path, capsys):
+    """--tokenizer_model takes only a registered tokenizer; a PMAD checkpoint given as
+    the k-means tokenizer is one `error:` line naming it, exit 2."""
+    image = str(tiny_world.mvtec_root / "coins" / "test" / "good" / "000.png")
+    with pytest.raises(SystemExit) as exit_info:
+        predict.get_args_parser().parse_args([image, "--class_name", "coins",
+                                              "--tokenizer_model", "foo"])
+    assert exit_info.value.code == 2
+    assert "argument --tokenizer_model: invalid choice: 'foo'" in capsys.readouterr().err
+    argv = [image, "--class_name", "coins", "--output_dir", str(tmp_path / "out"),
+            *_model_args(tiny_world), "--tokenizer_weight_path", str(tiny_world.pmad_ckpt)]
+    assert predict.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tiny_world.pmad_ckpt} is not a k-means tokenizer file")
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_a_missing_input_is_one_error_line_and_exit_2(tmp_path, capsys):

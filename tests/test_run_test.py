@@ -2,8 +2,10 @@
 protocol on real files, the checkpoint's own settings, flags and exit codes."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 import sys
 
 import numpy as np
@@ -19,6 +21,7 @@ import protocols
 import protoflow
 import reporting
 import run_test
+import utils
 from conftest import KMEANS_VOCAB
 
 
@@ -306,3 +309,108 @@ def test_from_obj_to_texture_selects_the_obj2tex_test_classes(tiny_world, tmp_pa
         run_test.main(_args(tiny_world, tmp_path, "clean", "--from_obj_to_texture"))
     with pytest.raises(ValueError, match="'tex2obj' splits MVTec AD"):
         run_test.main(_args(tiny_world, tmp_path, "clean", "--setting", "tex2obj"))
+
+
+# ------------------------------------------------------------------- user errors, reports
+def test_tokenizer_mistakes_are_one_error_line(tiny_world, tmp_path, capsys):
+    """An unknown --tokenizer_model is an argparse error; a folder without encoder.pkl or
+    a PMAD checkpoint given as the k-means tokenizer is one `error:` line naming the
+    path, exit 2 (what run_test.py's __main__ runs)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_test.get_args_parser().parse_args(["--tokenizer_model", "foo"])
+    assert exit_info.value.code == 2
+    assert "argument --tokenizer_model: invalid choice: 'foo'" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for model, path, message in (
+            ("dall-e", empty, f"error: DALL-E encoder {empty / 'encoder.pkl'} not found"),
+            ("kmeans", tiny_world.pmad_ckpt,
+             f"error: {tiny_world.pmad_ckpt} is not a k-means tokenizer file")):
+        args = _args(tiny_world, tmp_path, "clean", "--tokenizer_model", model,
+                     "--tokenizer_weight_path", str(path))
+        assert utils.cli(lambda: run_test.main(args)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _strict_json(path) -> dict:
+    """results.json as JavaScript's JSON.parse reads it: no bare NaN or Infinity."""
+    def refuse(constant: str):
+        raise AssertionError(f"{path} holds a bare {constant}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.mark.filterwarnings("ignore::metrics.UndefinedMetricWarning")
+def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_world,
+                                                                         tmp_path, capsys):
+    """The resume key holds the model settings, --amp and every file by content (the
+    class's prototypes too): copied prototypes are reused, other prototypes or another
+    --amp are refused by name. The class has no ground truth (pixel metrics nan), as a
+    custom set: the records with nan are reused and results.json holds null."""
+    data = tmp_path / "mvtec"
+    shutil.copytree(tiny_world.mvtec_root / "coins", data / "coins")
+    shutil.rmtree(data / "coins" / "ground_truth")
+    argv = _args_list(tiny_world, tmp_path, "clean", "--classes", "coins")
+    argv[argv.index("--data_path") + 1] = str(data)
+    parse = run_test.get_args_parser().parse_args
+    first = run_test.main(parse(argv))["classes"]["coins"]
+    out = tmp_path / "clean"
+    (line,) = [json.loads(x) for x in (out / "results.partial.jsonl").read_text().splitlines()]
+    coreset = tiny_world.prototypes_dir / "coins" / protoflow.CORESET_FILE
+    assert line["key"]["prototypes"] == _sha256(coreset)
+    assert (line["key"]["model"], line["key"]["input_size"], line["key"]["amp"]) == (
+        tiny_world.model, 224, "none")
+    assert line["key"]["tokenizer_model"] == "kmeans" and line["key"]["encoder"] is None
+    assert line["key"]["pmad"] == _sha256(tiny_world.pmad_ckpt)
+    assert line["key"]["tokenizer"] == _sha256(tiny_world.tokenizer)
+    assert line["key"]["protoflow"] == _sha256(tiny_world.protoflow)
+    assert math.isnan(first["pixel_auroc"]) and 0 <= first["image_auroc"] <= 1
+
+    same = tmp_path / "same_prototypes"
+    shutil.copytree(tiny_world.prototypes_dir, same)
+    capsys.readouterr()
+    again = run_test.main(parse(argv + ["--resume_eval", "--prototypes_dir", str(same)]))
+    assert "coins: done in an earlier run" in capsys.readouterr().out
+    assert again["classes"]["coins"]["image_auroc"] == first["image_auroc"]
+    saved = _strict_json(out / "results.json")["classes"]["coins"]
+    assert saved["pixel_auroc"] is None and saved["image_auroc"] == first["image_auroc"]
+
+    other = tmp_path / "other_prototypes"
+    shutil.copytree(tiny_world.prototypes_dir, other)
+    np.save(other / "coins" / protoflow.CORESET_FILE, np.load(coreset)[:-1])
+    with pytest.raises(utils.FlagError, match=r"\(it differs in prototypes\)"):
+        run_test.main(parse(argv + ["--resume_eval", "--prototypes_dir", str(other)]))
+    with pytest.raises(utils.FlagError, match=r"\(it differs in amp\)"):
+        run_test.main(parse(argv + ["--resume_eval", "--amp", "bf16"]))
+
+
+def test_results_json_writes_null_for_undefined_metrics(tmp_path):
+    """JSON has no NaN: an undefined metric (a class without masks) is null in
+    results.json, numpy floats included; results.md shows nan; the results in memory
+    keep nan (exit_status reads them)."""
+    record = {**dict.fromkeys(metrics.METRIC_NAMES, 0.9),
+              **dict.fromkeys(metrics.PIXEL_METRICS, math.nan), "image_ap": np.float32(0.5),
+              "pixel_ap": np.float32("nan"), "mask_ratio": 0.3, "ground_truth": False,
+              "per_defect": {"crack": {"image_auroc": 0.8, "pixel_auroc": math.nan}},
+              "diagnostics": {"anomalous_with_proposal": 2, "anomalous_images": 4,
+                              "masked_defect_fraction": math.nan}}
+    results = {"protocol": "clean", "clean_options": None, "classes": {"tiles": record},
+               "seconds": math.inf}
+    with pytest.warns(metrics.UndefinedMetricWarning):
+        reporting.summarize(results)
+    reporting.write_results(results, tmp_path, "clean")
+    saved = _strict_json(tmp_path / "results.json")
+    tiles = saved["classes"]["tiles"]
+    assert [tiles[k] for k in metrics.METRIC_NAMES] == [0.9, None, None, 0.5, None, 0.9, None]
+    assert tiles["per_defect"] == {"crack": {"image_auroc": 0.8, "pixel_auroc": None}}
+    assert tiles["diagnostics"]["masked_defect_fraction"] is None and saved["seconds"] is None
+    assert saved["mean"]["pixel_aupro"] is None and saved["mean"]["image_auroc"] == 0.9
+    assert saved["per_defect_mean"]["pmad"]["crack"] == {"image_auroc": 0.8,
+                                                         "pixel_auroc": None}
+    table = (tmp_path / "results.md").read_text()
+    assert "| Tiles | 0.900/nan | nan | 0.500 | nan | 0.900 | nan | 0.30 |" in table
+    assert math.isnan(results["classes"]["tiles"]["pixel_auroc"])

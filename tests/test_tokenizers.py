@@ -21,6 +21,7 @@ from timm.models.beit import Beit
 
 import conftest
 import modeling_discrete_vae as dv
+import utils
 from modeling_discrete_vae import (DalleEncoder, VQKDTokenizer, create_tokenizer,
                                    fit_kmeans_tokenizer, register_tokenizer, save_dalle_encoder,
                                    spherical_kmeans)
@@ -76,7 +77,7 @@ class _Hostile:
 def test_registry(monkeypatch):
     assert dv.available_tokenizers() == ["dall-e", "kmeans", "vit_tokenizer"]
     monkeypatch.setattr(dv, "_TOKENIZERS", dict(dv._TOKENIZERS))
-    with pytest.raises(ValueError, match=r"\['dall-e', 'kmeans', 'vit_tokenizer'\]"):
+    with pytest.raises(utils.FlagError, match=r"\['dall-e', 'kmeans', 'vit_tokenizer'\]"):
         create_tokenizer("vqgan", "x")
     with pytest.raises(ValueError, match="already registered"):
         register_tokenizer("dall-e")(lambda path: None)
@@ -219,11 +220,11 @@ def test_dalle_truncated_file(tmp_path, small_dalle, legacy):
 
 
 def test_dalle_wrong_contents(tmp_path):
-    with pytest.raises(FileNotFoundError, match="encoder.pkl"):
+    with pytest.raises(utils.MissingFileError, match="encoder.pkl"):
         create_tokenizer("dall-e", tmp_path)  # folder without encoder.pkl
     state = tmp_path / "state_dict.pkl"
     torch.save(DalleEncoder(**SMALL_DALLE).state_dict(), state)
-    with pytest.raises(ValueError, match="holds a OrderedDict, not DALL-E"):
+    with pytest.raises(utils.CheckpointError, match="holds a OrderedDict, not DALL-E"):
         create_tokenizer("dall-e", state)
     encoder = DalleEncoder(**SMALL_DALLE)
     encoder.n_hid = 32  # attributes and tensors disagree
@@ -231,6 +232,30 @@ def test_dalle_wrong_contents(tmp_path):
     save_dalle_encoder(encoder, odd)
     with pytest.raises(ValueError, match=r"odd.pkl: 'blocks.input.w' has shape \(16, 3, 7, 7\)"):
         create_tokenizer("dall-e", odd)
+
+
+def test_tokenizer_mistakes_are_one_error_line(tmp_path, capsys):
+    """A missing or wrong tokenizer file, or an unknown name, is a user's mistake: through
+    utils.cli (run_test.py, predict.py, run_pretraining.py) one `error:` line that names
+    the path given and the fix, exit 2."""
+    pmad = tmp_path / "checkpoint-last.pth"  # a PMAD checkpoint given as the tokenizer
+    torch.save({"model": {"lm_head.weight": torch.zeros(8, 4)}, "epoch": 0}, pmad)
+    pkl = tmp_path / "encoder.pkl"
+    cases = [
+        ("dall-e", tmp_path, f"DALL-E encoder {pkl} not found: download "
+                             f"https://cdn.openai.com/dall-e/encoder.pkl to {pkl}, or give its "
+                             "location with --tokenizer_weight_path"),
+        ("kmeans", pmad, f"{pmad} is not a k-means tokenizer file (needs 'tokenizer': "
+                         "'kmeans' and"),
+        ("vit_tokenizer", pmad, f"{pmad} is not a VQ-KD tokenizer: no 'encoder.cls_token'"),
+        ("vqgan", pmad, "unknown tokenizer 'vqgan' (--tokenizer_model): choose one of "
+                        "['dall-e', 'kmeans', 'vit_tokenizer']"),
+    ]
+    for name, path, message in cases:
+        assert utils.cli(lambda: create_tokenizer(name, path)) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+        assert "Traceback" not in err and "weights/tokenizer" not in err
 
 
 # ------------------------------------------------------------------------- ViT (VQ-KD)
