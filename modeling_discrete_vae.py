@@ -503,6 +503,8 @@ def _vqkd_config(state_dict: dict[str, torch.Tensor], path: str) -> dict[str, in
 
 @register_tokenizer("vit_tokenizer")
 def _build_vit_tokenizer(weight_path: str) -> VQKDTokenizer:
+    if os.path.isdir(weight_path):  # weights/tokenizer, as the original scripts pass it
+        weight_path = os.path.join(weight_path, "vit_tokenizer.pth")
     state_dict = unwrap_state_dict(read_weights_file(weight_path), weight_path,
                                    keys=("model", "state_dict"))
     ignored = [k for k in state_dict if VQKDTokenizer.IGNORED.match(k)]

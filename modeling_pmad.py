@@ -449,6 +449,11 @@ def resolve_eval_config(given: dict[str, Any], checkpoint: Any, path: str | os.P
     notes = [f"{path} stores {'its training arguments' if saved else 'no training arguments'}"
              f": model settings {config}"
              + ("" if saved else " (given flags, else the paper's)")]
+    if not saved and given.get("tokenizer_model") is None:
+        notes.append("the file does not say which tokenizer it was trained with: this uses "
+                     "the paper's, --tokenizer_model dall-e. The authors' later scripts "
+                     "train with vit_tokenizer; for such a file pass --tokenizer_model "
+                     "vit_tokenizer (both have 8192 codes, so nothing else tells them apart)")
     if overridden:
         notes.append("given flags override the checkpoint's training arguments: "
                      + ", ".join(overridden))

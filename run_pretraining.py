@@ -136,6 +136,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save_ckpt_freq", type=utils.int_at_least(1), default=20)
     p.add_argument("--max_steps_per_epoch", type=utils.int_at_least(1), default=None,
                    help="cap the steps of each epoch (tests, demos)")
+    # `python -m torch.distributed.launch` (the original scripts' launcher) appends this;
+    # torchrun sets LOCAL_RANK instead, which utils.distributed reads either way
+    p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                   help=argparse.SUPPRESS)
 
 
 def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict | None]:
@@ -163,6 +167,8 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict 
 
 def main(args: argparse.Namespace) -> dict:
     """Train; returns a summary (classes, images, epochs run, last epoch's metrics)."""
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     with utils.deterministic_algorithms(args.deterministic), \
             utils.distributed(args.device) as env:
         return _train(args, env)

@@ -134,6 +134,20 @@ def select_classes(args: argparse.Namespace, setting: str) -> list[str]:
     return classes
 
 
+def check_unseen(args: argparse.Namespace, setting: str, classes: list[str],
+                 protoflow: ProtoFlow) -> None:
+    """A cross-class evaluation (obj2tex, tex2obj, leave_one_out) scores classes its
+    models never saw: a ProtoFlow file whose flow trained on one of them would leak
+    them into the scores. Our files record their classes; a released one does not."""
+    trained = set(protoflow.classes or ())
+    leaked = sorted(trained & set(classes))
+    if setting != "multi_class" and leaked:
+        raise FlagError(f"--protoflow_weights {args.protoflow_weights} was trained on "
+                        f"{', '.join(leaked)}, which the {setting} setting evaluates as "
+                        "unseen: train one on the seen classes (`python run_protoflow.py "
+                        f"train --setting {setting} ...`) and pass it")
+
+
 @dataclass
 class Models:
     """What scoring a class needs, built from run_test.py's / predict.py's flags."""
@@ -230,6 +244,7 @@ def main(args: argparse.Namespace) -> dict:
     classes = select_classes(args, setting)
     root = Path(args.data_path)
     m = load_models(args)
+    check_unseen(args, setting, classes, m.protoflow)
     options = clean_options(args)
     if (args.protocol == "clean" and options.masks == "threshold"
             and m.protoflow.threshold is None):

@@ -6,10 +6,11 @@
 #   bash scripts/test_multi_class.sh
 #   PROTOCOLS=paper bash scripts/test_multi_class.sh --save_heatmaps 4
 #
-# Paths come from environment variables (defaults below); extra arguments are passed on
-# to run_test.py. MODEL and TOKENIZER are passed only when set: by default run_test.py
-# takes the model, image size, layer scale, normalisation and tokenizer kind from the
-# checkpoint's training arguments (the paper's for a released file without them).
+# Paths come from environment variables (defaults below; PYTHON names the interpreter,
+# python3 by default); extra arguments are passed on to run_test.py. MODEL and TOKENIZER
+# (e.g. vit_tokenizer) are passed only when set: by default run_test.py takes the model,
+# image size, layer scale, normalisation and tokenizer kind from the checkpoint's
+# training arguments (the paper's for a released file without them).
 # Results: OUTPUT_DIR/<protocol>/results.{json,md,csv}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,7 @@ given=()
 [[ -n "${TOKENIZER:-}" ]] && given+=(--tokenizer_model "$TOKENIZER")
 
 for protocol in $PROTOCOLS; do
-    python run_test.py \
+    "${PYTHON:-python3}" run_test.py \
         --setting "$SETTING" \
         --ckpt "$CKPT" \
         --data_path "$DATA_PATH" \

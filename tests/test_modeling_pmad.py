@@ -508,6 +508,12 @@ def test_eval_config_of_a_released_file_is_the_papers(tmp_path):
         "layer_scale_init_value": None, "imagenet_default_mean_and_std": True,
         "tokenizer_model": "dall-e"}
     assert notes == [f"{path} stores no training arguments: model settings {config} "
-                     "(given flags, else the paper's)"]
-    config, notes = resolve_eval_config({"model": TINY}, read_weights_file(path), path)
-    assert config["model"] == TINY and len(notes) == 1  # nothing to disagree with
+                     "(given flags, else the paper's)",
+                     "the file does not say which tokenizer it was trained with: this uses "
+                     "the paper's, --tokenizer_model dall-e. The authors' later scripts "
+                     "train with vit_tokenizer; for such a file pass --tokenizer_model "
+                     "vit_tokenizer (both have 8192 codes, so nothing else tells them apart)"]
+    config, notes = resolve_eval_config({"model": TINY, "tokenizer_model": "vit_tokenizer"},
+                                        read_weights_file(path), path)
+    assert config["model"] == TINY and config["tokenizer_model"] == "vit_tokenizer"
+    assert len(notes) == 1  # nothing to disagree with, the tokenizer given

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -269,6 +271,7 @@ def test_evaluation_flags_reach_their_consumers(tiny_world, tmp_path, monkeypatc
     bad.write_bytes(b"not a png")
     no_encoder = tmp_path / "protoflow_no_encoder.pt"
     obj = torch.load(tiny_world.protoflow, map_location="cpu", weights_only=True)
+    obj["classes"] = [c for c in obj["classes"] if c != "coins"]  # the flow never saw it
     torch.save({k: v for k, v in obj.items() if k != "encoder_state_dict"}, no_encoder)
     seen = []
     original = protocols.evaluate_clean
@@ -300,6 +303,25 @@ def test_evaluation_flags_reach_their_consumers(tiny_world, tmp_path, monkeypatc
     assert "ce_only" not in record  # 'zero': no covering passes, no CE-alone row
     (kwargs,) = seen
     assert kwargs["sigma"] == 2.0 and kwargs["seed"] == 7 and kwargs["ratio"] == 0.2
+
+
+def test_a_protoflow_trained_on_an_unseen_class_is_refused(tiny_world, tmp_path):
+    """A cross-class evaluation with a ProtoFlow whose flow trained on the class it
+    evaluates as unseen would leak it into the scores: refused, before any work, naming
+    the file and the fix. The multi-class setting evaluates the classes it trained on."""
+    argv = _args_list(tiny_world, tmp_path / "loo", "clean", "--setting", "leave_one_out",
+                      "--unseen_classes", "coins")
+    with pytest.raises(utils.FlagError, match=(
+            f"--protoflow_weights {tiny_world.protoflow} was trained on coins, which the "
+            r"leave_one_out setting evaluates as unseen: train one on the seen classes \(`"
+            "python run_protoflow.py train --setting leave_one_out")):
+        run_test.main(run_test.get_args_parser().parse_args(argv))
+    assert not (tmp_path / "loo" / "clean" / "results.partial.jsonl").exists()
+    released = SimpleNamespace(classes=None)  # a released file: nothing to check
+    run_test.check_unseen(SimpleNamespace(protoflow_weights="x.pt"), "leave_one_out",
+                          ["coins"], released)
+    run_test.check_unseen(SimpleNamespace(protoflow_weights="x.pt"), "multi_class", ["coins"],
+                          SimpleNamespace(classes=["coins"]))
 
 
 def test_from_obj_to_texture_selects_the_obj2tex_test_classes(tiny_world, tmp_path):
@@ -414,3 +436,47 @@ def test_results_json_writes_null_for_undefined_metrics(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| Tiles | 0.900/nan | nan | 0.500 | nan | 0.900 | nan | 0.30 |" in table
     assert math.isnan(results["classes"]["tiles"]["pixel_auroc"])
+
+
+def test_shell_scripts_build_the_run_test_commands(tmp_path):
+    """scripts/test_multi_class.sh and test_cross_class.sh: one run_test.py call per
+    protocol, each setting with its released checkpoint, MODEL / TOKENIZER passed only
+    when set, extra arguments last."""
+    from conftest import ROOT, run_command
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "python"
+    stub.write_text(f"#!/usr/bin/env bash\nprintf '%s\\n' \"$@\" @@ >> {log}\n")
+    stub.chmod(0o755)
+
+    def calls(script: str, **env: str) -> list[list[str]]:
+        log.unlink(missing_ok=True)
+        clean_env = {k: v for k, v in os.environ.items() if k not in (
+            "SETTING", "CKPT", "MODEL", "TOKENIZER", "PROTOCOLS", "FROM_OBJ_TO_TEXTURE",
+            "OUTPUT_DIR", "DATA_PATH", "PROTOFLOW_WEIGHTS", "TOKENIZER_WEIGHT_PATH")}
+        run = run_command(["bash", f"scripts/{script}", "--save_heatmaps", "4"], cwd=ROOT,
+                          env={**clean_env, "PYTHON": str(stub), **env})
+        assert run.returncode == 0, run.stderr
+        return [c.strip("\n").split("\n") for c in log.read_text().split("@@\n")[:-1]]
+
+    def arg(call: list[str], flag: str) -> str:
+        return call[call.index(flag) + 1]
+
+    multi = calls("test_multi_class.sh")
+    assert [c[0] for c in multi] == ["run_test.py"] * 2
+    assert [arg(c, "--protocol") for c in multi] == ["clean", "paper"]
+    assert [arg(c, "--output_dir") for c in multi] == [
+        "output_dir/test_multi_class/clean", "output_dir/test_multi_class/paper"]
+    for c in multi:
+        assert arg(c, "--setting") == "multi_class" and c[-2:] == ["--save_heatmaps", "4"]
+        assert arg(c, "--ckpt") == "weights/vit_base_16_checkpoint_962_955.pth"
+        assert arg(c, "--tokenizer_weight_path") == "weights/tokenizer"
+        assert "--model" not in c and "--tokenizer_model" not in c  # the checkpoint's
+    (vit,) = calls("test_multi_class.sh", TOKENIZER="vit_tokenizer", PROTOCOLS="paper")
+    assert arg(vit, "--tokenizer_model") == "vit_tokenizer" and arg(vit, "--protocol") == "paper"
+    tex2obj = calls("test_cross_class.sh", PROTOCOLS="clean")[0]
+    assert arg(tex2obj, "--setting") == "tex2obj"
+    assert arg(tex2obj, "--ckpt") == "weights/checkpoint_844_894.pth"
+    obj2tex = calls("test_cross_class.sh", PROTOCOLS="clean", FROM_OBJ_TO_TEXTURE="1")[0]
+    assert arg(obj2tex, "--setting") == "obj2tex"
+    assert arg(obj2tex, "--ckpt") == "weights/checkpoint_976_931.pth"
+    assert arg(obj2tex, "--output_dir") == "output_dir/test_obj2tex/clean"

@@ -344,6 +344,19 @@ def test_vqkd_state_dict_wrapper(tmp_path, tiny_vqkd):
                        .get_codebook_indices(images))
 
 
+def test_vqkd_from_its_folder(tiny_vqkd, tmp_path):
+    """The original scripts' --tokenizer_weight_path weights/tokenizer: the folder's
+    vit_tokenizer.pth, as DALL-E's folder gives its encoder.pkl."""
+    folder = Path(tiny_vqkd[1]).parent
+    images = token_images(2, 224)
+    from_folder = create_tokenizer("vit_tokenizer", folder)
+    assert from_folder.fingerprint == create_tokenizer("vit_tokenizer", tiny_vqkd[1]).fingerprint
+    assert torch.equal(from_folder.get_codebook_indices(images),
+                       tiny_vqkd[0].get_codebook_indices(images))
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'vit_tokenizer.pth'}"):
+        create_tokenizer("vit_tokenizer", tmp_path)  # a folder without it
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda sd: sd.pop("encoder.blocks.1.attn.q_bias"), "missing.*encoder.blocks.1.attn.q_bias"),
     (lambda sd: sd.update({"encoder.norm.weight": torch.ones(128)}), "unexpected.*encoder.norm"),

@@ -357,6 +357,25 @@ def test_kmeans_tokenizer_fitted_once_and_vocab_follows_it(env, tmp_path):
     assert os.stat(tok).st_mtime_ns == stamp  # an existing tokenizer is never refitted
 
 
+def test_the_original_launchers_local_rank_flag(monkeypatch):
+    """`python -m torch.distributed.launch` (the original scripts) appends --local-rank=N
+    (--local_rank N before torch 2.0); it reaches utils.distributed as LOCAL_RANK unless
+    the launcher set that itself."""
+    parse = run_pretraining.get_args_parser().parse_args
+    assert parse(["--local-rank=1"]).local_rank == 1
+    assert parse(["--local_rank", "2"]).local_rank == 2
+    assert parse([]).local_rank is None
+    ranks = []
+    monkeypatch.setattr(run_pretraining, "_train", lambda args, env: ranks.append(
+        (os.environ["LOCAL_RANK"], env.local_rank)))
+    monkeypatch.setenv("LOCAL_RANK", "0")  # recorded, so that the test leaves none behind
+    monkeypatch.delenv("LOCAL_RANK")
+    run_pretraining.main(parse(["--local-rank=1", "--device", "cpu"]))
+    monkeypatch.setenv("LOCAL_RANK", "0")  # torchrun's variable wins
+    run_pretraining.main(parse(["--local-rank=1", "--device", "cpu"]))
+    assert ranks == [("1", 1), ("0", 0)]
+
+
 def test_from_obj_to_texture_alias():
     parse = run_pretraining.get_args_parser().parse_args
     assert parse(["--from_obj_to_texture"]).from_obj_to_texture
