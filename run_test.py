@@ -37,8 +37,10 @@ from utils import (FlagError, cli, int_at_least, mask_ratio_arg, prepare_output_
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The flags naming the PMAD checkpoint, tokenizer and ProtoFlow files (run_test.py,
     predict.py)."""
-    p.add_argument("--ckpt", default="weights/vit_base_16_checkpoint_962_955.pth",
-                   help="PMAD checkpoint (run_pretraining.py output or a released file)")
+    p.add_argument("--ckpt", "--model_path", dest="ckpt",
+                   default="weights/vit_base_16_checkpoint_962_955.pth",
+                   help="PMAD checkpoint (run_pretraining.py output or a released file; "
+                        "--model_path is the original test scripts' name)")
     # Default None: taken from the checkpoint's training arguments, else the paper's
     # (modeling_pmad.PAPER_EVAL_CONFIG); a flag given explicitly wins.
     p.add_argument("--model", default=None, choices=sorted(modeling_pmad.PMAD_MODELS))

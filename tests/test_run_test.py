@@ -480,3 +480,11 @@ def test_shell_scripts_build_the_run_test_commands(tmp_path):
     assert arg(obj2tex, "--setting") == "obj2tex"
     assert arg(obj2tex, "--ckpt") == "weights/checkpoint_976_931.pth"
     assert arg(obj2tex, "--output_dir") == "output_dir/test_obj2tex/clean"
+
+
+def test_the_original_test_scripts_checkpoint_flag():
+    """The original test_multi_class.py names the checkpoint --model_path."""
+    parse = run_test.get_args_parser().parse_args
+    assert parse(["--model_path", "w/a.pth"]).ckpt == "w/a.pth"
+    assert parse(["--ckpt", "w/b.pth"]).ckpt == "w/b.pth"
+    assert parse([]).ckpt == "weights/vit_base_16_checkpoint_962_955.pth"
