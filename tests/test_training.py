@@ -523,7 +523,7 @@ def flagged(env, tmp_path_factory):
             "--max_steps_per_epoch", "2", "--weight_decay", "0.2", "--weight_decay_end", "0.02",
             "--opt_betas", "0.8", "0.95", "--opt_eps", "1e-6", "--clip_grad", "1.5",
             "--amp", "bf16", "--dynamic_masking_start", "5", "--save_ckpt_freq", "1",
-            "--pin_mem"))
+            "--pin_mem", "--mask_ratio", "0.25"))
     return {"out": out, "calls": calls, "summary": summary}
 
 
@@ -543,6 +543,12 @@ def test_optimiser_and_schedule_flags_reach_their_consumers(flagged):
     assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.2]
     assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in groups)
     assert calls[0]["policy"].dynamic_start == 5
+    # --mask_ratio is the ratio of a class without one of its own (the paper's Table 6)
+    generator = calls[0]["policy"].generator
+    n = generator.num_patches
+    assert generator.num_masked_for("widget") == int(n * 0.25)
+    assert generator.num_masked_for("bottle") == int(n * 0.42)
+    assert int(generator(["widget", "widget"]).sum()) == 2 * int(n * 0.25)
     assert calls[0]["loader"].pin_memory is False  # --pin_mem pins for CUDA only
     # --save_ckpt_freq 1: a numbered checkpoint every epoch (default 20: the last only)
     assert sorted(os.listdir(flagged["out"])) == ["checkpoint-0.pth", "checkpoint-1.pth",
