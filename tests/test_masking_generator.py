@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import tempfile
 
@@ -254,6 +255,38 @@ def test_block_corner_falls_back_to_uniform_when_fitting_corners_weigh_zero():
                 fallback_corners.add((top, left))
     assert weighted_ok and n_thin > 20
     assert len(fallback_corners) > 10  # spread over the grid, not stuck
+
+
+class _ConstantRng:
+    """A numpy-like generator whose every uniform draw is `u`."""
+
+    def __init__(self, u: float) -> None:
+        self.u = u
+
+    def random(self, shape) -> np.ndarray:
+        return np.full(shape, self.u)
+
+
+def test_block_aspect_ratio_spans_exactly_0_3_to_1_over_0_3():
+    """A block try's aspect ratio is exp(U(ln 0.3, ln 1/0.3)) (BEiT): the extreme
+    uniform draws give exactly 0.3 and 1/0.3 (as sqrt(ar)), and an area-20 block then
+    has h = round(sqrt(20 * 0.3)) = 2, w = round(sqrt(20 / 0.3)) = 8 (and 8 x 2)."""
+    low = mg._try_draws(_ConstantRng(0.0), 2)  # [sample][area, sqrt(ar), top, left][try]
+    high = mg._try_draws(_ConstantRng(1.0), 2)
+    assert np.allclose(low[0][1] + low[1][1], math.sqrt(0.3), rtol=1e-12, atol=0)
+    assert np.allclose(high[0][1] + high[1][1], math.sqrt(1 / 0.3), rtol=1e-12, atol=0)
+    assert mg._block_size(1.0, math.sqrt(0.3), 20, 4, 20) == (2, 8)
+    assert mg._block_size(1.0, math.sqrt(1 / 0.3), 20, 4, 20) == (8, 2)
+
+
+def test_block_log_aspect_is_uniform_on_ln_0_3_to_ln_1_over_0_3():
+    """The log aspect ratios 2 ln sqrt(ar) of real draws stay in [ln 0.3, -ln 0.3] and
+    follow the uniform law there (Kolmogorov-Smirnov)."""
+    draws = mg._try_draws(np.random.default_rng(21), 100)  # 100 x 24 tries
+    log_ar = 2 * np.log(np.array([sample[1] for sample in draws]).ravel())
+    lo, hi = math.log(0.3), math.log(1 / 0.3)
+    assert lo - 1e-12 <= log_ar.min() and log_ar.max() <= hi + 1e-12
+    assert stats.kstest(log_ar, stats.uniform(loc=lo, scale=hi - lo).cdf).pvalue > ALPHA
 
 
 # --------------------------------------------------------------------------- weights

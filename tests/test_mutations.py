@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import datasets
+import engine
 import masking_generator
 import metrics
 import modeling_pmad
@@ -26,6 +27,7 @@ import protocols
 import protoflow
 import utils
 import test_datasets
+import test_engine
 import test_masking_generator
 import test_metrics
 import test_modeling_pmad
@@ -133,6 +135,75 @@ def aupro_without_its_limit(mp: pytest.MonkeyPatch) -> None:
     plant(mp, metrics, "_aupro", lambda ranked, fpr_limit, name: original(ranked, 1.0, name))
 
 
+def pmad_map_not_smoothed(mp: pytest.MonkeyPatch) -> None:
+    """PMAD's map returned without its Gaussian blur (sigma ignored)."""
+    original = protocols.pmad_maps
+    plant(mp, protocols, "pmad_maps", lambda scores, abnormality, grid, sigma, *a, **k:
+          original(scores, abnormality, grid, 0.0, *a, **k))
+
+
+def baseline_maps_not_smoothed(mp: pytest.MonkeyPatch) -> None:
+    """The baselines' maps returned without their Gaussian blur (sigma ignored)."""
+    original = protocols.baseline_maps
+    plant(mp, protocols, "baseline_maps", lambda data, abnormality, token_scores, grid,
+          sigma: original(data, abnormality, token_scores, grid, 0.0))
+
+
+def pixel_metrics_smoothed_once(mp: pytest.MonkeyPatch) -> None:
+    """The paper protocol's pixel metrics on PMAD's map without the second smoothing
+    (the pixel maps evaluate_maps is given are ignored)."""
+    original = protocols.evaluate_maps
+    plant(mp, protocols, "evaluate_maps", lambda data, maps, pixel_maps=None, scores=None:
+          original(data, maps, None, scores))
+
+
+def mask_seeds_ignore_the_seed(mp: pytest.MonkeyPatch) -> None:
+    """Every --seed gives the images the random test masks of seed 0."""
+    original = protocols.mask_seeds
+    plant(mp, protocols, "mask_seeds", lambda image_ids, seed: original(image_ids, 0))
+
+
+def aspect_range_widened(mp: pytest.MonkeyPatch) -> None:
+    """Block aspect ratios drawn from [0.15, 6.7] instead of BEiT's [0.3, 1/0.3]."""
+    mp.setattr(masking_generator, "LOG_ASPECT", (math.log(0.15), math.log(6.7)))
+
+
+def prototypes_of_class_0(mp: pytest.MonkeyPatch) -> None:
+    """prototypes[0] for prototypes[k]: a mixed batch is scored against class 0's bank."""
+    original = protoflow.patch_log_likelihood
+    plant(mp, protoflow, "patch_log_likelihood",
+          lambda encoder, flow, images, prototypes, *a, **k: original(
+              encoder, flow, images, [prototypes[0]] * len(prototypes), *a, **k))
+
+
+def loss_weights_ignored(mp: pytest.MonkeyPatch) -> None:
+    """train_step's loss as weighted_mean(ce, None): the rank weights never reach it."""
+    original = engine.weighted_mean
+    plant(mp, engine, "weighted_mean", lambda values, weights: original(values, None))
+
+
+def patch_losses_scattered_reversed(mp: pytest.MonkeyPatch) -> None:
+    """scatter_masked's index path writes values.flip(0): each masked patch gets another's
+    loss."""
+    original = engine.scatter_masked
+    plant(mp, engine, "scatter_masked", lambda values, masks, index=None: original(
+        values if index is None else values.flip(0), masks, index))
+
+
+def mlm_acc_against_the_next_patch(mp: pytest.MonkeyPatch) -> None:
+    """train_step's accuracy compares the predictions with the next patch's token
+    (index + 1); the loss's targets stay right."""
+    original = engine.masked_tokens
+
+    def targets(tokens, masks, index=None):
+        if sys._getframe(1).f_code.co_name != "train_step":
+            return original(tokens, masks, index)
+        index = masks.reshape(-1).nonzero()[:, 0] if index is None else index
+        return original(tokens, masks, (index + 1) % tokens.numel())
+
+    plant(mp, engine, "masked_tokens", targets)
+
+
 def _in_two_rank_world(test: Callable[[list], None]) -> Callable[[], None]:
     def run() -> None:
         with pytest.MonkeyPatch.context() as mp:
@@ -168,6 +239,26 @@ MUTATIONS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], list[Callable[[
         test_masking_generator.test_dynamic_weights_change_the_masks_from_dynamic_start]),
     "AUPRO integration limit": (aupro_without_its_limit, [
         test_metrics.test_pixel_aupro_interpolates_inside_a_tie_group]),
+    "PMAD map not smoothed": (pmad_map_not_smoothed, [
+        test_protocols.test_clean_maps_are_gaussian_smoothed_with_sigma,
+        test_protocols.test_paper_protocol_smooths_twice_for_the_pixel_metrics]),
+    "baseline maps not smoothed": (baseline_maps_not_smoothed, [
+        test_protocols.test_clean_maps_are_gaussian_smoothed_with_sigma]),
+    "pixel metrics without the second smoothing": (pixel_metrics_smoothed_once, [
+        test_protocols.test_paper_protocol_smooths_twice_for_the_pixel_metrics]),
+    "mask seeds ignore --seed": (mask_seeds_ignore_the_seed, [
+        test_protocols.test_mask_seeds_depend_on_the_seed_and_the_image_alone]),
+    "block aspect range widened": (aspect_range_widened, [
+        test_masking_generator.test_block_aspect_ratio_spans_exactly_0_3_to_1_over_0_3,
+        test_masking_generator.test_block_log_aspect_is_uniform_on_ln_0_3_to_ln_1_over_0_3]),
+    "mixed batch scored against class 0's prototypes": (prototypes_of_class_0, [
+        test_protoflow.test_mixed_batch_scores_each_image_against_its_own_class]),
+    "loss weights ignored": (loss_weights_ignored, [
+        test_engine.test_train_step_loss_uses_the_rank_weights]),
+    "patch losses scattered reversed": (patch_losses_scattered_reversed, [
+        test_engine.test_train_step_patch_losses_sit_at_their_patches]),
+    "mlm_acc against a wrong target": (mlm_acc_against_the_next_patch, [
+        test_engine.test_train_step_mlm_acc_counts_exact_token_predictions]),
 }
 
 

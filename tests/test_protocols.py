@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
+from sklearn.metrics import roc_auc_score
 
 import protocols
 import protoflow
@@ -62,6 +63,29 @@ def _hand_data(size: int = 3) -> protocols.ClassData:
 PAPER_MAP = protocols.CleanOptions("proposal", "cover", "paper", "product")
 
 
+def _hand_maps() -> dict[str, torch.Tensor]:
+    """The 2x2-patch case's unsmoothed 3x3 maps at ratio 0.5 with covering passes and the
+    paper's product, by hand: every map is its 2x2 patch values resized bilinearly with
+    aligned corners (corners kept, edge midpoints the mean of 2, the centre the mean of 4)."""
+    # image 1: patch CEs [CE0, CE0; CE0, CE1]; image 0: every token is 0, so CE0 everywhere
+    ce1 = torch.tensor([[CE0, CE0, CE0],
+                        [CE0, (3 * CE0 + CE1) / 4, (CE0 + CE1) / 2],
+                        [CE0, (CE0 + CE1) / 2, CE1]])
+    # prob (relative to the set's max, 1): image 1 [1, 1; 1, 1/4], image 0 [1/2, 1; 1, 1]
+    prob1 = torch.tensor([[1.0, 1.0, 1.0],
+                          [1.0, (3 + 0.25) / 4, (1 + 0.25) / 2],
+                          [1.0, (1 + 0.25) / 2, 0.25]])
+    prob0 = torch.tensor([[0.5, 0.75, 1.0], [0.75, 0.875, 1.0], [1.0, 1.0, 1.0]])
+    # PatchCore: the distances -logp, image 0 [ln 2, 0; 0, 0], image 1 [0, 0; 0, ln 4]
+    ln2, ln4 = math.log(2), math.log(4)
+    dist0 = torch.tensor([[ln2, ln2 / 2, 0.0], [ln2 / 2, ln2 / 4, 0.0], [0.0, 0.0, 0.0]])
+    dist1 = torch.tensor([[0.0, 0.0, 0.0], [0.0, ln4 / 4, ln4 / 2], [0.0, ln4 / 2, ln4]])
+    return {"pmad": torch.stack([CE0 * (1 - prob0), ce1 * (1 - prob1)]),
+            "protoflow_only": torch.stack([1 - prob0, 1 - prob1]),
+            "patchcore": torch.stack([dist0, dist1]),
+            "ce_only": torch.stack([torch.full((3, 3), CE0), ce1])}
+
+
 def test_pmad_map_of_a_2x2_patch_case_by_hand() -> None:
     """The paper's map: CE per patch, bilinear (aligned corners) to 3x3, times ProtoFlow's
     abnormality map (max(prob) - prob over the set, resized the same way); sigma 0: no
@@ -70,23 +94,61 @@ def test_pmad_map_of_a_2x2_patch_case_by_hand() -> None:
     record, maps, _ = protocols.evaluate_clean(
         ConstantViT(), data, ratio=0.5, threshold=None, options=PAPER_MAP,
         sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
-    # image 1: patch CEs [CE0, CE0; CE0, CE1] -> 3x3 corners + midpoints
-    ce1 = torch.tensor([[CE0, CE0, CE0],
-                        [CE0, (3 * CE0 + CE1) / 4, (CE0 + CE1) / 2],
-                        [CE0, (CE0 + CE1) / 2, CE1]])
-    # prob (relative to the set's max, 1): image 1 [1, 1; 1, 1/4] -> 3x3
-    prob1 = torch.tensor([[1.0, 1.0, 1.0],
-                          [1.0, (3 + 0.25) / 4, (1 + 0.25) / 2],
-                          [1.0, (1 + 0.25) / 2, 0.25]])
-    prob0 = torch.tensor([[0.5, 0.75, 1.0], [0.75, 0.875, 1.0], [1.0, 1.0, 1.0]])
-    assert torch.allclose(maps["pmad"][1], ce1 * (1 - prob1), atol=1e-6)
-    assert torch.allclose(maps["pmad"][0], CE0 * (1 - prob0), atol=1e-6)
+    hand = _hand_maps()
+    assert torch.allclose(maps["pmad"], hand["pmad"], atol=1e-6)
     assert maps["pmad"][1, 2, 2] == pytest.approx(CE1 * 0.75, abs=1e-6)
     assert record["image_auroc"] == 1.0  # 0.75 log 4 > 0.5 log(4/3)
-    # the baselines from the same pass: ProtoFlow's map alone, PatchCore's distances
-    assert torch.allclose(maps["protoflow_only"][1], 1 - prob1, atol=1e-6)
+    # the baselines from the same pass: ProtoFlow's map alone, PatchCore's distances, CE
+    for name in ("protoflow_only", "patchcore", "ce_only"):
+        assert torch.allclose(maps[name], hand[name], atol=1e-6), name
     assert maps["patchcore"][1, 2, 2] == pytest.approx(math.log(4), abs=1e-6)
-    assert torch.allclose(maps["ce_only"][1], ce1, atol=1e-6)
+
+
+def _scipy_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """scipy's Gaussian filter, image by image, as gaussian_blur documents it."""
+    return np.stack([gaussian_filter(m, sigma=sigma, mode="reflect", truncate=4.0)
+                     for m in maps])
+
+
+def test_clean_maps_are_gaussian_smoothed_with_sigma() -> None:
+    """sigma 1: PMAD's map and every baseline map are the by-hand unsmoothed maps smoothed
+    by scipy's gaussian_filter (reflect, truncate 4), and the image score is the smoothed
+    map's maximum."""
+    _, maps, scores = protocols.evaluate_clean(
+        ConstantViT(), _hand_data(), ratio=0.5, threshold=None, options=PAPER_MAP,
+        sigma=1.0, batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
+    for name, sharp in _hand_maps().items():
+        expected = _scipy_blur(sharp.double().numpy(), 1.0)
+        assert np.abs(expected - sharp.numpy()).max() > 0.05, name  # smoothing shows
+        np.testing.assert_allclose(maps[name].numpy(), expected, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(scores["pmad"].numpy(),
+                               _scipy_blur(_hand_maps()["pmad"].double().numpy(), 1.0)
+                               .reshape(2, -1).max(1), atol=1e-6)
+
+
+def test_paper_protocol_smooths_twice_for_the_pixel_metrics() -> None:
+    """The paper protocol at sigma 1: PMAD's map is the sigma-0 map smoothed once, and each
+    ratio's pixel AUROC is taken on the map smoothed a second time (method.md: the
+    original smooths again before the pixel metrics). Image 1's ground truth is a diagonal
+    scratch, on which once- and twice-smoothed maps rank the pixels differently. Every
+    ratio from 0.26 to 0.48 masks one patch, the same one (the maps are equal); below
+    0.25 none (all-zero maps: AUROC 0.5)."""
+    data = _hand_data(size=4)
+    data.gt_masks[1] = torch.eye(4)
+    kw = dict(batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
+    _, sharp, _ = protocols.evaluate_paper(ConstantViT(), data, sigma=0.0, **kw)
+    record, maps, _ = protocols.evaluate_paper(ConstantViT(), data, sigma=1.0, **kw)
+    assert record["mask_ratio"] == 0.26
+    once = _scipy_blur(sharp["pmad"].double().numpy(), 1.0)
+    twice = _scipy_blur(once, 1.0)
+    np.testing.assert_allclose(maps["pmad"].numpy(), once, atol=1e-6)
+    gt = data.gt_masks.numpy().ravel() > 0
+    auroc_twice = roc_auc_score(gt, twice.ravel())
+    assert abs(auroc_twice - roc_auc_score(gt, once.ravel())) > 0.05  # the data tells them apart
+    for r in protocols.PAPER_RATIOS:
+        expected = 0.5 if r < 0.25 else auroc_twice
+        assert record["per_ratio"][f"{r:.2f}"]["pixel_auroc"] == pytest.approx(
+            expected, abs=1e-12), r
 
 
 def test_weighted_log_map_of_a_2x2_patch_case_by_hand() -> None:
@@ -173,6 +235,27 @@ def test_paper_protocol_per_ratio_values_and_best_ratio_by_hand() -> None:
     assert maps["pmad"][1, 2, 2] == pytest.approx(CE1 * 0.75, abs=1e-6)
     assert maps["pmad"][0].max() <= CE0 * 0.5 + 1e-6
     assert record["diagnostics"]["masked_defect_fraction"] == 1.0
+
+
+def test_mask_seeds_depend_on_the_seed_and_the_image_alone() -> None:
+    """--seed reaches each image's random test mask: another seed gives other seeds and
+    other masks, the same seed the same ones, and an image's seed does not depend on the
+    other images of its set."""
+    ids = [f"sha-{i}" for i in range(6)]
+    s0, s0_again, s1 = (protocols.mask_seeds(ids, 0), protocols.mask_seeds(ids, 0),
+                        protocols.mask_seeds(ids, 1))
+    assert s0 == s0_again and len(set(s0)) == 6
+    assert all(a != b for a, b in zip(s0, s1))
+    assert all(0 <= s < 2 ** 63 for s in s0 + s1)  # valid torch.Generator seeds
+    assert protocols.mask_seeds(ids[3:4], 0) == s0[3:4]
+    # the masks they drive: every image called normal, 39 of 196 patches at random
+    logp = torch.zeros(6, 14, 14)
+    proposals = protoflow.proposals_from_log_likelihood(logp, [0.2], image_size=14,
+                                                        grid=(14, 14))
+    normal = torch.zeros(6, dtype=torch.bool)
+    m0, m0_again, m1 = (proposals.test_masks(0.2, normal, s) for s in (s0, s0_again, s1))
+    assert torch.equal(m0, m0_again) and m0.sum(1).tolist() == [39] * 6
+    assert all(not torch.equal(a, b) for a, b in zip(m0, m1))
 
 
 def test_a_score_equal_to_the_threshold_is_called_normal() -> None:

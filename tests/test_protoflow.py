@@ -253,6 +253,46 @@ def test_nearest_prototype_equals_brute_force():
     assert torch.allclose(dist, brute.min(1).values, atol=1e-4)
 
 
+class _PoolEncoder(nn.Module):
+    """A stand-in encoder: one feature map, the image average-pooled over 8x8 cells."""
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [F.avg_pool2d(x, 8)]
+
+
+def test_mixed_batch_scores_each_image_against_its_own_class():
+    """A batch of a class-0 and a class-1 image: each image's log-likelihood and
+    nearest-prototype distances equal those of the image scored alone against its own
+    class's prototypes alone; the class-1 image's distances are torch.cdist's to the
+    nearest of prototypes[1]."""
+    torch.manual_seed(0)
+    flow = pf.build_flow(4, 2, cond_dim=8, rng=np.random.default_rng(0)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # away from the identity-like initialisation
+        for p in flow.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    images = torch.randn(2, 4, 16, 16, generator=g)  # 2x2 patches of 4 features each
+    protos = [torch.randn(5, 4, generator=g), torch.randn(7, 4, generator=g) + 3.0]
+    encoder = _PoolEncoder()
+    with torch.no_grad():
+        logp, dist = pf.patch_log_likelihood(encoder, flow, images, protos,
+                                             torch.tensor([0, 1]), return_distance=True)
+        assert logp.shape == dist.shape == (2, 2, 2)
+        for i in (0, 1):
+            alone = pf.patch_log_likelihood(encoder, flow, images[i:i + 1], [protos[i]],
+                                            torch.tensor([0]), return_distance=True)
+            torch.testing.assert_close(logp[i:i + 1], alone[0])
+            torch.testing.assert_close(dist[i:i + 1], alone[1])
+        wrong = pf.patch_log_likelihood(encoder, flow, images[1:], [protos[0]],
+                                        torch.tensor([0]))
+    assert (wrong - logp[1:]).abs().max() > 0.1  # the class's bank matters here
+    feats = F.avg_pool2d(F.avg_pool2d(images[1:], 8), 3, 1, 1)  # (1, 4, 2, 2)
+    rows = feats.permute(0, 2, 3, 1).reshape(4, 4)  # row-major patches
+    expected = torch.cdist(rows, protos[1]).min(dim=1).values.reshape(1, 2, 2)
+    torch.testing.assert_close(dist[1:], expected)
+
+
 def _min_dist(points: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     return (points[:, None] - centers[None]).pow(2).sum(-1).min(1).values  # (M,)
 
