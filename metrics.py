@@ -326,23 +326,27 @@ def f1_optimal_threshold(labels: np.ndarray | torch.Tensor, scores: np.ndarray |
     and the project calls with `>` (protoflow.Proposals.is_anomalous). The F1-optimal call
     is "score >= v" for an anomalous score v (among equal F1 the lowest v, highest recall,
     as `thresholds[argmax(f1)]` over scikit-learn's precision_recall_curve); t is the
-    float64 midpoint between v and the next lower score, so `score >= t` makes the same
-    call too, unless v and that score are adjacent floats (then t is the lower score and
-    only `>` is exact). A decision threshold cannot be nan: a set without anomalies raises.
+    midpoint between v and the next lower score, so `score >= t` makes the same call too,
+    unless v and that score are adjacent floats (then t is the lower score and only `>`
+    is exact). t is computed in the scores' own precision: torch and numpy compare a
+    float32 score with a float64 threshold by rounding the threshold to float32, which
+    would turn a float64 t just below v back into v. A decision threshold cannot be nan:
+    a set without anomalies raises.
     """
     r = _image_ranked(labels, scores)
     if r.pos.size == 0:
         raise ValueError(f'metrics.py: f1_optimal_threshold needs anomalous samples, got '
                          f'{r.neg.size} normal and none anomalous; use a threshold from '
                          f'normal data (the clean protocol) instead')
-    v = _f1_max(r, 'f1_optimal_threshold')[1]
+    real = r.pos.dtype.type  # the scores' precision
+    v = real(_f1_max(r, 'f1_optimal_threshold')[1])
     below = [side[i - 1] for side in (r.pos, r.neg)
              if (i := int(np.searchsorted(side, v, 'left'))) > 0]
     if not below:
-        return float(np.nextafter(v, -np.inf))
-    lower = float(max(below))
-    t = (lower + v) / 2
-    return t if lower < t < v else lower
+        return float(np.nextafter(v, real(-np.inf)))
+    lower = real(max(below))
+    t = real((float(lower) + float(v)) / 2)
+    return float(t if lower < t < v else lower)
 
 
 def pixel_auroc(gt_masks: np.ndarray | torch.Tensor, score_maps: np.ndarray | torch.Tensor

@@ -97,6 +97,24 @@ def test_f1_threshold_between_adjacent_floats():
     assert f1_optimal_threshold(labels, scores) == lower  # '>' still exact
 
 
+def test_f1_threshold_in_the_scores_precision():
+    """float32 scores (ProtoFlow's) are compared with the threshold in float32: a float64
+    threshold just below the lowest score would round back onto it and call that image
+    normal. Here the F1-optimal call is every image anomalous (F1 8/9, not 3/4)."""
+    scores = np.array([0.3, 0.5, 0.7, 0.9, 0.4], dtype=np.float32)
+    labels = [1, 1, 0, 1, 1]
+    t = f1_optimal_threshold(labels, scores)
+    assert t == float(np.nextafter(np.float32(0.3), np.float32(0)))
+    assert (scores > t).all() and (torch.from_numpy(scores) > t).all()
+    # adjacent float32 values: the midpoint rounds onto one of them, so t is the lower
+    v = np.float32(0.5)
+    lower = np.nextafter(v, np.float32(0))
+    scores = np.array([0.9, lower, v], dtype=np.float32)
+    t = f1_optimal_threshold([1, 0, 1], scores)
+    assert t == float(lower)
+    assert (torch.from_numpy(scores) > t).tolist() == [True, False, True]
+
+
 def test_pixel_aupro_interpolates_inside_a_tie_group():
     # one region of 2 pixels [0.9, 0.7]; normal pixels [0.7, 0.7, 0.1, 0.1]
     # curve (0, 0) -> (0, 0.5) -> (0.5, 1) -> (1, 1); at FPR 0.3 PRO = 0.8

@@ -129,7 +129,7 @@ def test_clean_maps_are_gaussian_smoothed_with_sigma() -> None:
 def test_paper_protocol_smooths_twice_for_the_pixel_metrics() -> None:
     """The paper protocol at sigma 1: PMAD's map is the sigma-0 map smoothed once, and each
     ratio's pixel AUROC is taken on the map smoothed a second time (method.md: the
-    original smooths again before the pixel metrics). Image 1's ground truth is a diagonal
+    original smooths again before the pixel metrics), and so are the baselines'. Image 1's ground truth is a diagonal
     scratch, on which once- and twice-smoothed maps rank the pixels differently. Every
     ratio from 0.26 to 0.48 masks one patch, the same one (the maps are equal); below
     0.25 none (all-zero maps: AUROC 0.5)."""
@@ -149,6 +149,10 @@ def test_paper_protocol_smooths_twice_for_the_pixel_metrics() -> None:
         expected = 0.5 if r < 0.25 else auroc_twice
         assert record["per_ratio"][f"{r:.2f}"]["pixel_auroc"] == pytest.approx(
             expected, abs=1e-12), r
+    for name in ("protoflow_only", "patchcore"):  # the baselines' rows alike
+        twice = _scipy_blur(maps[name].double().numpy(), 1.0)
+        assert record[name]["pixel_auroc"] == pytest.approx(
+            roc_auc_score(gt, twice.ravel()), abs=1e-12), name
 
 
 def test_weighted_log_map_of_a_2x2_patch_case_by_hand() -> None:
