@@ -35,6 +35,13 @@ WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 RED, GREEN, GREY = (200, 30, 30), (20, 140, 40), (90, 90, 90)
 
 
+def _require_finite(value: float, what: str) -> None:
+    """NaN compares false with everything: a NaN score or threshold would be called
+    NORMAL, and a NaN score ranked least anomalous. Refuse it, naming `what`."""
+    if not math.isfinite(value):
+        raise ValueError(f"heatmaps: {what} is {value}, not a finite number")
+
+
 @dataclass(frozen=True)
 class ColourScale:
     """The score range [low, high] mapped onto the colour map, shared by a class's PNGs."""
@@ -69,6 +76,14 @@ class Caption:
     threshold: float | None
     truth: str | None = None
     note: str | None = None
+
+    def __post_init__(self) -> None:
+        """A NaN would otherwise caption as NORMAL (see _require_finite)."""
+        for what, value in (("PMAD image score", self.pmad_score),
+                            ("ProtoFlow score", self.protoflow_score),
+                            ("ProtoFlow threshold", self.threshold)):
+            if value is not None:
+                _require_finite(value, f"{self.name}'s {what}")
 
     @property
     def decision(self) -> str | None:
@@ -151,6 +166,8 @@ def extremes_per_type(scores: Sequence[float], types: Sequence[str], count: int
     picks: list[tuple[int, str]] = []
     scores = np.asarray(scores, dtype=np.float64)
     types = list(types)
+    for i, score in enumerate(scores.tolist()):
+        _require_finite(score, f"the image score of image {i} ({types[i]})")
     for t in sorted(set(types)):
         idx = np.array([i for i, u in enumerate(types) if u == t])
         order = idx[np.argsort(-scores[idx], kind="stable")]  # most anomalous first

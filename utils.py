@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import sys
+import tarfile
 import zipfile
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -78,9 +79,23 @@ def cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = 
     except (UserError, *user_errors) as e:
         several = os.environ.get("WORLD_SIZE", "1") != "1"
         prefix = f"[rank {os.environ.get('RANK', 0)}] " if several else ""
-        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        print(f"{prefix}error: {_user_message(e)}", file=sys.stderr, flush=True)
         return 2
     return result if isinstance(result, int) else 0
+
+
+def _user_message(e: BaseException) -> str:
+    """`e`'s message. torch re-raises an error from a DataLoader worker as "Caught X in
+    DataLoader worker process N.", the worker's traceback, then the original
+    "module.X: message"; of that, only the original message is for the user."""
+    text = str(e)
+    if not re.match(r"Caught \w+ in .*\.\nOriginal Traceback", text):
+        return text
+    kind = type(e)
+    name = (kind.__qualname__ if kind.__module__ in ("__main__", "builtins")
+            else f"{kind.__module__}.{kind.__qualname__}")  # as traceback writes it
+    _, found, message = text.rpartition(f"\n{name}: ")
+    return message.rstrip("\n") if found else text
 
 
 # ----------------------------------------------------------------------------- flag checks
@@ -607,7 +622,49 @@ def _torch_error_text(e: BaseException) -> str:
     if inner:
         return inner.group(1).strip().rstrip(".")
     sentences = re.split(r"(?<=\.)\s+", text.splitlines()[0] if text else "")
-    return " ".join(s for s in sentences if "weights_only" not in s).strip().rstrip(".")
+    advice = ("weights_only", "trusted source")
+    return " ".join(s for s in sentences if not any(a in s for a in advice)
+                    ).strip().rstrip(".")
+
+
+def _all_zero(path: str) -> bool:
+    """Whether every byte of `path` is 0 (space reserved by a download or copy that
+    never wrote its data); False for a file that cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                if chunk != bytes(len(chunk)):
+                    return False
+    except OSError:
+        return False
+    return True
+
+
+def _unreadable_weights_error(path: str, e: Exception, fix: str) -> CheckpointError:
+    """The error for a file torch.load refused: the object it refused to unpickle; or
+    what the file plainly is (empty, all zero bytes, a tar archive, cut short) where
+    torch's own message is empty or only its unsafe advice; else torch's reason."""
+    refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if isinstance(e, pickle.UnpicklingError) and refused:
+        return CheckpointError(f"{path} contains the Python object '{refused.group(1)}', "
+                               "which a weights file does not need: refusing to unpickle "
+                               "it (unpickling can run code). Use the originally released "
+                               "file.")
+    size, text = os.path.getsize(path), _torch_error_text(e)
+    if size == 0 or _all_zero(path):
+        return CheckpointError(f"{path} is not a PyTorch checkpoint ({size} bytes"
+                               f"{', all zero' if size else ''}: an empty or interrupted "
+                               f"download, copy or save?). {fix}")
+    if not text and tarfile.is_tarfile(path):
+        return CheckpointError(f"{path} is a tar archive, not a PyTorch checkpoint: unpack "
+                               "it and name the checkpoint inside")
+    if not text and isinstance(e, EOFError):
+        return CheckpointError(f"{path} is not a complete PyTorch checkpoint ({size} bytes, "
+                               f"ending early: an interrupted download, copy or save?). {fix}")
+    kind = "" if isinstance(e, pickle.UnpicklingError) else type(e).__name__
+    return CheckpointError(f"{path} is not a readable PyTorch weights file (truncated or "
+                           f"not a checkpoint): {': '.join(filter(None, (kind, text)))}. "
+                           f"{fix}")
 
 
 def read_weights_file(path: str | os.PathLike, fix: str = "Download it again.",
@@ -627,20 +684,8 @@ def read_weights_file(path: str | os.PathLike, fix: str = "Download it again.",
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if refused is None:
-            raise CheckpointError(f"{path} is not a readable PyTorch weights file (truncated "
-                                  f"or not a checkpoint): {_torch_error_text(e)}. {fix}"
-                                  ) from None
-        raise CheckpointError(f"{path} contains the Python object '{refused.group(1)}', "
-                              "which a weights file does not need: refusing to unpickle it "
-                              "(unpickling can run code). Use the originally released "
-                              "file.") from None
-    except Exception as e:  # truncated zip, not a pickle, ...
-        raise CheckpointError(f"{path} is not a readable PyTorch weights file (truncated "
-                              f"or not a checkpoint): {type(e).__name__}: "
-                              f"{_torch_error_text(e)}. {fix}") from None
+    except Exception as e:  # refused object, truncated zip, not a pickle, ...
+        raise _unreadable_weights_error(path, e, fix) from None
 
 
 def _some_names(names: list[str], limit: int = 10) -> str:

@@ -35,6 +35,18 @@ def test_caption_says_score_threshold_and_decision():
     assert none.decision is None and "no stored threshold" in none.lines()[2][0]
 
 
+@pytest.mark.parametrize("scores, threshold, value", [
+    ((1.0, 7.0), float("nan"), "good_000's ProtoFlow threshold is nan"),
+    ((1.0, float("nan")), 6.0, "good_000's ProtoFlow score is nan"),
+    ((float("inf"), 7.0), None, "good_000's PMAD image score is inf"),
+], ids=["threshold", "protoflow", "pmad"])
+def test_caption_refuses_a_non_finite_score_or_threshold(scores, threshold, value):
+    """NaN compares false: 'score 7 <= threshold nan: NORMAL' would be drawn in green."""
+    with pytest.raises(ValueError) as e:
+        Caption("good_000", *scores, threshold)
+    assert str(e.value) == f"heatmaps: {value}, not a finite number"
+
+
 def test_render_layout():
     """image | ground truth | overlay, a colour bar from the class's high (top) to low
     (bottom), caption lines below; without ground truth one panel fewer."""
@@ -72,6 +84,10 @@ def test_extremes_per_type():
                      (6, "hole: most anomalous 1/1")]
     two = heatmaps.extremes_per_type(scores, types, 2)
     assert [i for i, _ in two] == [4, 5, 1, 2, 3, 0, 6]  # each image once
+    with pytest.raises(ValueError) as e:  # NaN sorts as the least anomalous
+        heatmaps.extremes_per_type([0.1, 0.9, float("nan"), 0.3], ["good"] * 4, 1)
+    assert str(e.value) == ("heatmaps: the image score of image 2 (good) is nan, not a "
+                            "finite number")
 
 
 def test_save_one_writes_the_rendered_png(tmp_path):

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +280,37 @@ def test_unreadable_checkpoint_error_names_file(tmp_path):
         utils.load_checkpoint_file(str(tmp_path / "missing.pth"))
 
 
+def _tar_of(path: Path, data: bytes) -> None:
+    """A tar archive at `path` holding one file of `data`."""
+    (path.parent / "inside.pt").write_bytes(data)
+    with tarfile.open(path, "w") as tar:
+        tar.add(path.parent / "inside.pt", "inside.pt")
+
+
+@pytest.mark.parametrize("name, write, reason", [
+    ("empty.pth", lambda p: p.write_bytes(b""),
+     "is not a PyTorch checkpoint (0 bytes: an empty or interrupted download, copy or "
+     "save?). Download it again."),
+    ("zeros.pth", lambda p: p.write_bytes(bytes(100_000)),
+     "is not a PyTorch checkpoint (100000 bytes, all zero: an empty or interrupted "
+     "download, copy or save?). Download it again."),
+    ("cut.pth", lambda p: (torch.save({"w": torch.zeros(9)}, p,
+                                      _use_new_zipfile_serialization=False),
+                           p.write_bytes(p.read_bytes()[:20])),
+     "is not a complete PyTorch checkpoint (20 bytes, ending early: an interrupted "
+     "download, copy or save?). Download it again."),
+    ("archive.pth", lambda p: _tar_of(p, b"x" * 600),
+     "is a tar archive, not a PyTorch checkpoint: unpack it and name the checkpoint inside"),
+], ids=["empty", "zeros", "cut-short", "tar"])
+def test_files_torch_says_nothing_about_are_described(tmp_path, name, write, reason):
+    """torch's own text for these is empty ("EOFError: .") or only its advice to unpickle
+    unsafely ("Do it only if you got the file from a trusted source.")."""
+    write(tmp_path / name)
+    with pytest.raises(utils.CheckpointError) as e:
+        utils.read_weights_file(tmp_path / name)
+    assert str(e.value) == f"{tmp_path / name} {reason}"
+
+
 # ----------------------------------------------------------------------------- logs
 def test_metric_logger_averages():
     ml = utils.MetricLogger(window_size=2)
@@ -303,6 +335,25 @@ def test_tensorboard_writer_on_rank0(tmp_path):
     w.add_scalar("train/loss", 1.5, 0)
     w.close()
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+
+
+# ----------------------------------------------------------------------------- cli
+class _UnreadableImages(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        raise utils.BadFileError(f"cannot read image data/x_{i}.png (0 bytes): replace it")
+
+
+def test_cli_prints_an_error_from_a_dataloader_worker_as_its_one_line(capsys):
+    """torch re-raises it as "Caught BadFileError in DataLoader worker process 0." and the
+    worker's traceback; the user sees the original message only."""
+    loader = torch.utils.data.DataLoader(_UnreadableImages(), num_workers=1,
+                                         multiprocessing_context="fork")
+    assert utils.cli(lambda: next(iter(loader))) == 2
+    assert capsys.readouterr().err == ("error: cannot read image data/x_0.png (0 bytes): "
+                                       "replace it\n")
 
 
 # ----------------------------------------------------------------------------- distributed
