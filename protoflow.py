@@ -226,12 +226,20 @@ def save_prototypes(prototypes_dir: str, class_name: str, prototypes: np.ndarray
 
 
 def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
-                    backbone: str | None = None,
-                    out_indices: Sequence[int] | None = None) -> Tensor:
-    """<dir>/<class>/coreset.npy as float32 (M, C), checked against the flow's encoder."""
+                    backbone: str | None = None, out_indices: Sequence[int] | None = None,
+                    flags: dict | None = None) -> Tensor:
+    """<dir>/<class>/coreset.npy as float32 (M, C), checked against the flow's encoder.
+
+    `flags`: the run's flags it shares with the `prototypes` command (run_protoflow.py
+    train passes them; encoder_weights and img_size required). The encoder weights and
+    image size that coreset.json records must then be this run's, since other ones give
+    other features; and the rebuild command in the errors repeats the flags.
+    """
     path = os.path.join(prototypes_dir, class_name, CORESET_FILE)
-    make = (f"python run_protoflow.py prototypes --data_path <ImageNet-layout root> --classes "
-            f"{class_name} --output_dir {prototypes_dir} --encoder {backbone or DEFAULT_BACKBONE}")
+    make = "python run_protoflow.py prototypes " + _command_flags({
+        "data_path": "<ImageNet-layout root>", "classes": class_name,
+        "output_dir": prototypes_dir, "encoder": backbone or DEFAULT_BACKBONE,
+        "out_indices": out_indices, **(flags or {})})
     if not os.path.isfile(path):
         raise MissingFileError(f"no prototypes for class '{class_name}': {path} is missing; "
                                f"make them with `{make}`")
@@ -241,8 +249,8 @@ def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
         raise CheckpointError(f"{path} is not a readable .npy array ({e}); rebuild it with "
                               f"`{make}`") from None
     if arr.ndim != 2 or arr.shape[1] != feature_dim or len(arr) == 0:
-        raise ValueError(f"{path} holds shape {arr.shape}, the ProtoFlow encoder gives "
-                         f"(M, {feature_dim}) features; rebuild it with `{make}`")
+        raise CheckpointError(f"{path} holds shape {arr.shape}, the ProtoFlow encoder gives "
+                              f"(M, {feature_dim}) features; rebuild it with `{make}`")
     meta_path = os.path.join(prototypes_dir, class_name, CORESET_META)
     if backbone is not None and os.path.isfile(meta_path):
         with open(meta_path) as f:
@@ -250,11 +258,48 @@ def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
         made = (_architecture(meta.get("backbone", "")), list(meta.get("out_indices", [])))
         want = (_architecture(backbone), list(out_indices or DEFAULT_OUT_INDICES))
         if made != want:
-            raise ValueError(f"{path} was made with encoder {made}, the ProtoFlow file uses "
-                             f"{want}; rebuild it with `{make}`")
+            raise CheckpointError(f"{path} was made with encoder {made}, the ProtoFlow file "
+                                  f"uses {want}; rebuild it with `{make}`")
+        if flags is not None:
+            made_with = {"encoder weights": _weights_source(
+                meta.get("backbone"), meta.get("encoder_weights", "unrecorded")),
+                "--img_size": meta.get("img_size", "unrecorded")}
+            this_run = {"encoder weights": _weights_source(backbone, flags["encoder_weights"]),
+                        "--img_size": flags["img_size"]}
+            differ = [f"{k} {v} (this run: {this_run[k]})" for k, v in made_with.items()
+                      if _resolved(v) != _resolved(this_run[k])]
+            if differ:
+                raise CheckpointError(f"{path} was made with {', '.join(differ)}, which give "
+                                      f"other features; rebuild it with `{make}`")
     if not np.isfinite(arr).all():
-        raise ValueError(f"{path} contains non-finite values; rebuild it with `{make}`")
+        raise CheckpointError(f"{path} contains non-finite values; rebuild it with `{make}`")
     return torch.from_numpy(arr.astype(np.float32))
+
+
+def _weights_source(backbone: str | None, encoder_weights: str | None) -> str:
+    """Where an encoder's weights come from, as coreset.json records it: the local
+    --encoder_weights file, else timm's pretrained ones of the tagged --encoder name."""
+    return encoder_weights if encoder_weights is not None else f"timm's pretrained {backbone}"
+
+
+def _resolved(value: object) -> object:
+    """A weights file by its real path (a relative and an absolute name of one file
+    agree); any other recorded value as it is."""
+    return os.path.realpath(value) if isinstance(value, str) and os.path.isfile(value) \
+        else value
+
+
+def _command_flags(flags: dict) -> str:
+    """'--name value' per flag: a list's items in turn, a True switch alone, None and
+    False left out."""
+    parts = []
+    for name, value in flags.items():
+        if value is None or value is False:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = " ".join(map(str, value))
+        parts.append(f"--{name}" if value is True else f"--{name} {value}")
+    return " ".join(parts)
 
 
 def _architecture(name: str) -> str:
@@ -360,9 +405,10 @@ def train_flow(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
     """Train the flow on (images, class_idx) batches; returns each epoch's mean loss.
 
     Adam; per-step lr: linear warm-up from lr/10 over `warmup_epochs`, then cosine to
-    lr * 1e-3 (docs/method.md 6). The encoder stays frozen. A non-finite loss stops training
-    with an error instead of corrupting the weights. `epoch_end(epoch, loss, optimizer)`
-    runs after each epoch (checkpoints).
+    lr * 1e-3 (docs/method.md 6). The encoder stays frozen. A non-finite loss, or non-finite
+    weights at an epoch's end (the last step's damage, which no loss shows), stops training
+    with FloatingPointError before `epoch_end(epoch, loss, optimizer)`, which runs after
+    each epoch (checkpoints), so that no diverged flow is saved.
     """
     steps = len(loader)
     schedule = cosine_scheduler(lr, lr * 1e-3, epochs, steps, warmup_epochs=warmup_epochs,
@@ -394,6 +440,9 @@ def train_flow(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
             total += loss.item() * len(images)
             count += len(images)
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise FloatingPointError(f"non-finite flow weights at the end of epoch {epoch + 1}: "
+                                     f"the training diverged; lower --lr (now {lr})")
         losses.append(total / max(count, 1))
         if epoch_end is not None:
             epoch_end(epoch, losses[-1], optimizer)

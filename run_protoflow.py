@@ -32,10 +32,11 @@ from tqdm import tqdm
 
 import datasets
 from backbones import create_backbone
-from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_OUT_INDICES,
-                       THRESHOLD_QUANTILE, build_flow, build_prototypes, image_score,
-                       load_prototypes, patch_log_likelihood, save_protoflow, save_prototypes,
-                       train_flow)
+from modeling_discrete_vae import file_sha256
+from protoflow import (CORESET_FILE, CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS,
+                       DEFAULT_OUT_INDICES, THRESHOLD_QUANTILE, build_flow, build_prototypes,
+                       image_score, load_prototypes, patch_log_likelihood, save_protoflow,
+                       save_prototypes, train_flow)
 from utils import (CheckpointError, FlagError, JsonlLog, build_sampler, capture_rng_state, cli,
                    fraction_arg, int_at_least, load_checkpoint_file, positive_float,
                    prepare_output_dir, remove_stale_tmp_files, restore_rng_state,
@@ -58,9 +59,14 @@ def image_scores(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
 
 
 # ----------------------------------------------------------------------------- commands
-# Training arguments that must not change when a run is resumed.
+# Training arguments that must not change when a run is resumed (and the prototypes'
+# content, run_args["prototypes"]: a changed --prototypes_dir or rebuilt prototypes).
 RESUME_KEYS = ("data_path", "classes", "encoder", "out_indices", "encoder_weights", "holdout",
-               "seed", "batch_size", "img_size", "epochs", "lr", "warmup_epochs", "n_blocks")
+               "seed", "batch_size", "img_size", "epochs", "lr", "warmup_epochs", "n_blocks",
+               "skip_bad_images")
+# The flags `train` shares with `prototypes`: the prototypes' rebuild command repeats them.
+PROTOTYPE_FLAGS = ("data_path", "encoder_weights", "img_size", "holdout", "seed",
+                   "skip_bad_images")
 
 
 def _encoder_from_args(args) -> nn.Module:
@@ -149,18 +155,36 @@ def _resume(args, resume_path: str, flow: Ff.SequenceINN,
             optimizer: torch.optim.Optimizer, run_args: dict) -> int:
     """The epoch to start at: 0, or the one after the last saved in `resume_path`
     (<output>.resume), whose flow, optimizer and RNG state are restored (only with
-    --resume and unchanged RESUME_KEYS, so that a resumed run is the run it continues)."""
+    --resume and unchanged `run_args`, so that a resumed run is the run it continues).
+    A file that records only some of `run_args` (an older version's) is refused: it
+    cannot be shown to continue this run."""
     if not os.path.exists(resume_path):
+        if args.resume:
+            raise FlagError(f"--resume: {resume_path} does not exist, so --output "
+                            f"{args.output} has no unfinished run to continue; drop --resume "
+                            "to start afresh")
         return 0
     if not args.resume:
         raise FlagError(f"{resume_path} holds an unfinished run: pass --resume to "
                         "continue it, or delete the file to start over")
     state = load_checkpoint_file(resume_path)
-    changed = {k: (state["args"].get(k), v) for k, v in run_args.items()
-               if state["args"].get(k) != v}
-    if changed:
-        raise CheckpointError(f"{resume_path} was made with other arguments "
-                              f"(saved, now): {changed}; use the same ones or delete it")
+    saved = state["args"]
+    unrecorded = [k for k in run_args if k not in saved]
+    if unrecorded:
+        raise CheckpointError(f"{resume_path} records no {unrecorded} (an older "
+                              "run_protoflow.py wrote it), so it cannot be checked against "
+                              "this run; delete it to start over")
+    changed = {k: (saved[k], v) for k, v in run_args.items()
+               if k != "prototypes" and saved[k] != v}
+    protos = [c for c, digest in run_args["prototypes"].items()
+              if saved["prototypes"].get(c) != digest]
+    differ = [f"arguments (saved, now): {changed}"] if changed else []
+    if protos:
+        differ.append(f"prototypes for {protos} than --prototypes_dir {args.prototypes_dir} "
+                      "holds")
+    if differ:
+        raise CheckpointError(f"{resume_path} was made with other {'; other '.join(differ)}; "
+                              "use the same ones or delete it to start over")
     flow.load_state_dict(state["flow"])
     optimizer.load_state_dict(state["optimizer"])
     restore_rng_state(state["rng"])
@@ -179,14 +203,17 @@ def run_train(args) -> dict:
     seed_everything(args.seed)
     encoder = _encoder_from_args(args)
     feature_dim = sum(encoder.feature_info.channels())
+    flags = {k: getattr(args, k) for k in PROTOTYPE_FLAGS}
     prototypes = [load_prototypes(args.prototypes_dir, c, feature_dim, args.encoder,
-                                  args.out_indices).to(args.device) for c in classes]
+                                  args.out_indices, flags).to(args.device) for c in classes]
     train_set, eval_set, kept, held = _flow_data(args, classes)
     flow = build_flow(feature_dim, args.n_blocks,
                       rng=np.random.default_rng(args.seed)).to(args.device)
     optimizer = torch.optim.Adam([p for p in flow.parameters() if p.requires_grad], lr=args.lr)
     resume_path = args.output + ".resume"
     run_args = {k: getattr(args, k) for k in RESUME_KEYS}
+    run_args["prototypes"] = {c: file_sha256(os.path.join(args.prototypes_dir, c, CORESET_FILE))
+                              for c in classes}
     start_epoch = _resume(args, resume_path, flow, optimizer, run_args)
     log = JsonlLog(args.output + ".log.jsonl", start_epoch)
 
@@ -205,6 +232,12 @@ def run_train(args) -> dict:
     scores, score_classes = (image_scores(encoder, flow, _loader(eval_set, held, args),
                                           prototypes, args.device)
                              if held else (None, None))
+    if scores is not None and not torch.isfinite(scores).all():  # then the threshold is too
+        raise FloatingPointError(
+            f"the flow after epoch {args.epochs} gives non-finite scores to "
+            f"{int((~torch.isfinite(scores)).sum())} of {len(scores)} held-out images: the "
+            f"training diverged; lower --lr (now {args.lr}) and start afresh (delete "
+            f"{resume_path}, which holds this run)")
     obj = save_protoflow(args.output, encoder, flow, backbone=args.encoder,
                          out_indices=args.out_indices, classes=classes, normal_scores=scores,
                          normal_classes=score_classes, threshold_quantile=args.threshold_quantile,

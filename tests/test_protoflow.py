@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -19,8 +20,9 @@ from torch import nn
 import datasets
 import protoflow as pf
 import run_protoflow as rpf
+import utils
 from conftest import read_format
-from utils import FlagError
+from utils import CheckpointError, FlagError, MissingFileError
 from backbones import create_backbone, lite0_weights_path
 
 LITE0_DIM = 40 + 112
@@ -332,19 +334,65 @@ def test_holdout_split_is_per_class_and_independent_of_other_classes():
 
 
 def test_missing_or_mismatched_prototypes_error(tmp_path):
-    with pytest.raises(FileNotFoundError) as err:
+    """Each refusal is a CheckpointError (`error:` line, exit 2) naming the file and the
+    command that rebuilds it, with the run's flags when it gives them."""
+    path = str(tmp_path / "bottle" / "coreset.npy")
+    make = (f"python run_protoflow.py prototypes --data_path <ImageNet-layout root> --classes "
+            f"bottle --output_dir {tmp_path} --encoder")
+    with pytest.raises(MissingFileError) as err:
         pf.load_prototypes(str(tmp_path), "bottle", 272)
-    assert str(tmp_path / "bottle" / "coreset.npy") in str(err.value)
-    assert "python run_protoflow.py prototypes" in str(err.value)
+    assert str(err.value) == (f"no prototypes for class 'bottle': {path} is missing; make them "
+                              f"with `{make} tf_efficientnet_b6`")
     (tmp_path / "bottle").mkdir()
-    np.save(tmp_path / "bottle" / "coreset.npy", np.zeros((5, 152), np.float32))
-    with pytest.raises(ValueError, match=r"\(M, 272\)"):
+    np.save(path, np.zeros((5, 152), np.float32))
+    with pytest.raises(CheckpointError) as err:
         pf.load_prototypes(str(tmp_path), "bottle", 272)
-    (tmp_path / "bottle" / "coreset.json").write_text(json.dumps(
-        {"backbone": "resnet18", "out_indices": [2, 3]}))
-    with pytest.raises(ValueError, match="resnet18"):
+    assert str(err.value) == (f"{path} holds shape (5, 152), the ProtoFlow encoder gives "
+                              f"(M, 272) features; rebuild it with `{make} tf_efficientnet_b6`")
+    meta = tmp_path / "bottle" / "coreset.json"
+    meta.write_text(json.dumps({"backbone": "resnet18", "out_indices": [2, 3]}))
+    with pytest.raises(CheckpointError) as err:
         pf.load_prototypes(str(tmp_path), "bottle", 152, "efficientnet_lite0", (2, 3))
+    assert str(err.value) == (
+        f"{path} was made with encoder ('resnet18', [2, 3]), the ProtoFlow file uses "
+        f"('efficientnet_lite0', [2, 3]); rebuild it with `{make} efficientnet_lite0 "
+        "--out_indices 2 3`")
     assert pf.load_prototypes(str(tmp_path), "bottle", 152).shape == (5, 152)
+    # a training run's flags: its encoder weights and image size must be the prototypes'
+    flags = {"data_path": "/data", "encoder_weights": "b.pth", "img_size": 64,
+             "holdout": 0.1, "seed": 0, "skip_bad_images": True}
+    rebuild = (f"rebuild it with `python run_protoflow.py prototypes --data_path /data --classes "
+               f"bottle --output_dir {tmp_path} --encoder efficientnet_lite0 --out_indices 2 3 "
+               "--encoder_weights b.pth --img_size 64 --holdout 0.1 --seed 0 --skip_bad_images`")
+    for made, differ in (
+            ({"encoder_weights": "a.pth", "img_size": 224},
+             "encoder weights a.pth (this run: b.pth), --img_size 224 (this run: 64)"),
+            ({"encoder_weights": "b.pth", "img_size": 224}, "--img_size 224 (this run: 64)"),
+            ({}, "encoder weights unrecorded (this run: b.pth), --img_size unrecorded "
+                 "(this run: 64)")):
+        meta.write_text(json.dumps({"backbone": "efficientnet_lite0", "out_indices": [2, 3],
+                                    **made}))
+        with pytest.raises(CheckpointError) as err:
+            pf.load_prototypes(str(tmp_path), "bottle", 152, "efficientnet_lite0", (2, 3), flags)
+        assert str(err.value) == f"{path} was made with {differ}, which give other features; " \
+                                 + rebuild
+    meta.write_text(json.dumps({"backbone": "efficientnet_lite0.ra_in1k", "out_indices": [2, 3],
+                                "encoder_weights": "b.pth", "img_size": 64}))
+    assert pf.load_prototypes(str(tmp_path), "bottle", 152, "efficientnet_lite0", (2, 3),
+                              flags).shape == (5, 152)  # a local file: the tag is not used
+    # without a local file the tagged name is the weights: timm's other checkpoint differs
+    meta.write_text(json.dumps({"backbone": "efficientnet_lite0.ra_in1k", "out_indices": [2, 3],
+                                "encoder_weights": None, "img_size": 64}))
+    with pytest.raises(CheckpointError, match=r"made with encoder weights timm's pretrained "
+                       r"efficientnet_lite0\.ra_in1k \(this run: timm's pretrained "
+                       r"efficientnet_lite0\), which"):
+        pf.load_prototypes(str(tmp_path), "bottle", 152, "efficientnet_lite0", (2, 3),
+                           {**flags, "encoder_weights": None})
+    np.save(path, np.full((5, 152), np.nan, np.float32))
+    with pytest.raises(CheckpointError) as err:
+        pf.load_prototypes(str(tmp_path), "bottle", 152)
+    assert str(err.value) == (f"{path} contains non-finite values; rebuild it with "
+                              f"`{make} tf_efficientnet_b6`")
 
 
 # ----------------------------------------------------------------------------- flow maths
@@ -404,6 +452,22 @@ def test_non_finite_loss_stops_training(lite0, brick_set):
     loader = [(brick_set["train"][:1] * float("nan"), torch.zeros(1, dtype=torch.long))]
     with pytest.raises(FloatingPointError, match="non-finite flow loss"):
         pf.train_flow(lite0, flow, loader, [torch.zeros(3, LITE0_DIM)], epochs=1)
+
+
+def test_weights_diverged_by_an_epochs_last_step_stop_training(lite0, brick_set):
+    """The last step's damage shows in no loss (here a NaN gradient under a finite loss,
+    as a backward overflow gives): the weights are checked at the epoch's end, before
+    `epoch_end` would checkpoint them."""
+    flow = pf.build_flow(LITE0_DIM, 1)
+    flow.module_list[0].global_scale.register_hook(lambda g: torch.full_like(g, float("nan")))
+    loader = [(brick_set["train"][:1], torch.zeros(1, dtype=torch.long))]
+    ends = []
+    with pytest.raises(FloatingPointError) as err:
+        pf.train_flow(lite0, flow, loader, [torch.zeros(3, LITE0_DIM)], epochs=1, lr=1e-3,
+                      warmup_epochs=0, epoch_end=lambda *a: ends.append(a))
+    assert str(err.value) == ("non-finite flow weights at the end of epoch 1: the training "
+                              "diverged; lower --lr (now 0.001)")
+    assert ends == []
 
 
 # ----------------------------------------------------------------------------- proposals
@@ -608,9 +672,9 @@ def test_train_command_writes_a_loadable_file(cli):
         rpf.main(cli["train"] + ["--output", out])
 
 
-def test_train_resumes_exactly_after_a_crash(cli, monkeypatch):
-    straight = cli["trained"]
-    crashed = str(cli["root"] / "b.pt")
+def _crash_in_epoch_two(cli: dict, monkeypatch, output: str) -> None:
+    """The `cli` training run to --output `output`, crashed in its second epoch: its
+    <output>.resume holds the first."""
     calls, original = [], pf.patch_log_likelihood
 
     def crash_in_epoch_two(*args, **kwargs):
@@ -621,13 +685,95 @@ def test_train_resumes_exactly_after_a_crash(cli, monkeypatch):
 
     monkeypatch.setattr(pf, "patch_log_likelihood", crash_in_epoch_two)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        rpf.main(cli["train"] + ["--output", crashed])
+        rpf.main(cli["train"] + ["--output", output])
     monkeypatch.setattr(pf, "patch_log_likelihood", original)
-    assert os.path.exists(crashed + ".resume")
+    assert os.path.exists(output + ".resume")
+
+
+def test_train_resumes_exactly_after_a_crash(cli, monkeypatch):
+    straight = cli["trained"]
+    crashed = str(cli["root"] / "b.pt")
+    _crash_in_epoch_two(cli, monkeypatch, crashed)
     resumed = rpf.main(cli["train"] + ["--output", crashed, "--resume"])
     for key, value in straight["decoder_state_dict"].items():
         assert torch.equal(resumed["decoder_state_dict"][key], value), key
     assert resumed["image_score_threshold"] == straight["image_score_threshold"]
+
+
+def test_resume_refuses_other_prototypes_or_skip_bad_images_or_an_older_file(
+        cli, monkeypatch, tmp_path):
+    """The prototypes are compared by content: rebuilt ones in another --prototypes_dir are
+    refused, the same files copied elsewhere resume. A .resume file from before these
+    checks records neither and is refused."""
+    crashed = str(cli["root"] / "c.pt")
+    resume = crashed + ".resume"
+    _crash_in_epoch_two(cli, monkeypatch, crashed)
+    argv = cli["train"] + ["--output", crashed, "--resume"]
+    copy, other = tmp_path / "copy", tmp_path / "other"
+    shutil.copytree(cli["protos"], copy)
+    shutil.copytree(cli["protos"], other)
+    np.save(other / "gravel" / "coreset.npy", np.load(other / "gravel" / "coreset.npy") * 1.01)
+    with pytest.raises(CheckpointError) as err:
+        rpf.main(argv + ["--prototypes_dir", str(other)])
+    assert str(err.value) == (f"{resume} was made with other prototypes for ['gravel'] than "
+                              f"--prototypes_dir {other} holds; use the same ones or delete it "
+                              "to start over")
+    with pytest.raises(CheckpointError) as err:
+        rpf.main(argv + ["--skip_bad_images"])
+    assert str(err.value) == (f"{resume} was made with other arguments (saved, now): "
+                              "{'skip_bad_images': (False, True)}; use the same ones or delete "
+                              "it to start over")
+    state = utils.load_checkpoint_file(resume)
+    older = {**state, "args": {k: v for k, v in state["args"].items()
+                               if k not in ("skip_bad_images", "prototypes")}}
+    torch.save(older, resume)
+    with pytest.raises(CheckpointError) as err:
+        rpf.main(argv)
+    assert str(err.value) == (f"{resume} records no ['skip_bad_images', 'prototypes'] (an older "
+                              "run_protoflow.py wrote it), so it cannot be checked against "
+                              "this run; delete it to start over")
+    torch.save(state, resume)
+    resumed = rpf.main(argv + ["--prototypes_dir", str(copy)])
+    for key, value in cli["trained"]["decoder_state_dict"].items():
+        assert torch.equal(resumed["decoder_state_dict"][key], value), key
+
+
+def test_resume_without_a_resume_file_is_refused(cli):
+    out = str(cli["root"] / "fresh.pt")
+    with pytest.raises(FlagError) as err:
+        rpf.main(cli["train"] + ["--output", out, "--resume"])
+    assert str(err.value) == (f"--resume: {out}.resume does not exist, so --output {out} has "
+                              "no unfinished run to continue; drop --resume to start afresh")
+    assert not os.path.exists(out) and not os.path.exists(out + ".log.jsonl")
+
+
+def test_train_refuses_prototypes_of_another_image_size(cli, capsys):
+    """One `error:` line and exit 2, naming the file and the command that rebuilds it."""
+    argv = cli["train"] + ["--output", str(cli["root"] / "size.pt"), "--img_size", "64"]
+    assert utils.cli(lambda: rpf.main(argv)) == 2
+    data = os.path.normpath(cli["common"][cli["common"].index("--data_path") + 1])
+    weights = cli["common"][cli["common"].index("--encoder_weights") + 1]
+    assert capsys.readouterr().err == (
+        f"error: {os.path.join(cli['protos'], 'brick', 'coreset.npy')} was made with --img_size "
+        "224 (this run: 64), which give other features; rebuild it with `python "
+        f"run_protoflow.py prototypes --data_path {data} --classes brick --output_dir "
+        f"{cli['protos']} --encoder efficientnet_lite0 --out_indices 2 3 --encoder_weights "
+        f"{weights} --img_size 64 --holdout 0.1 --seed 0`\n")
+    assert not os.path.exists(cli["root"] / "size.pt")
+
+
+def test_train_refuses_a_flow_diverged_in_its_last_step(cli):
+    """The loss before the one step was finite; the step left a flow whose held-out scores
+    are inf: no file, and the error says to lower --lr."""
+    out = str(cli["root"] / "diverged.pt")
+    with pytest.raises(FloatingPointError) as err:
+        rpf.main(cli["train"] + ["--output", out, "--epochs", "1", "--warmup_epochs", "0",
+                                 "--lr", "1e3", "--batch_size", "10"])
+    assert str(err.value) == (
+        "the flow after epoch 1 gives non-finite scores to 2 of 2 held-out images: the "
+        f"training diverged; lower --lr (now 1000.0) and start afresh (delete {out}.resume, "
+        "which holds this run)")
+    assert not os.path.exists(out)
 
 
 def test_threshold_per_class_from_held_out_images(lite0, tmp_path):
