@@ -14,6 +14,7 @@ construction and the bad ones are listed in a warning and left out.
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 import zlib
@@ -22,7 +23,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
@@ -50,6 +51,9 @@ FIX_BAD_FILE = "replace the file, or pass --skip_bad_images to leave bad files o
 FIX_FG_MASK = ("unpack the released masks with `python setup_train_dataset.py --data_path "
                "<MVTec AD> --fg_mask_zip fg_mask.zip` (or estimate them with "
                "--make_fg_masks), or train with --no-fg_mask (every patch counts as foreground)")
+FIX_BAD_FG_MASK = ("regenerate them with `python setup_train_dataset.py --data_path <MVTec AD> "
+                   "--make_fg_masks` (it replaces unreadable and mis-shaped masks), or unpack "
+                   "the released masks again with --fg_mask_zip fg_mask.zip")
 # Preprocessing of the token image; stored in the token cache so that a change of it
 # invalidates the cached tokens.
 TOKEN_PREPROCESS = "resize-bicubic-antialias+center-crop+to-tensor"
@@ -225,10 +229,16 @@ def check_test_classes(root: str, classes: Sequence[str], skip_bad_images: bool 
             if problem:
                 problems.append(problem)
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"]
-                                 if len(problems) > 20 else [])
-        raise BadFileError(f"{len(problems)} test file problem(s):\n  " + "\n  ".join(shown)
-                           + f"\nFix: {FIX_BAD_FILE}")
+        raise BadFileError(f"{len(problems)} test file problem(s):{bullet_list(problems)}"
+                           f"\nFix: {FIX_BAD_FILE}")
+
+
+def bullet_list(lines: Sequence[str], limit: int = 20) -> str:
+    """The first `limit` lines, each on a new indented line, then how many more: an
+    error naming thousands of files stays readable."""
+    shown = list(lines[:limit]) + ([f"... and {len(lines) - limit} more"]
+                                   if len(lines) > limit else [])
+    return "".join(f"\n  {line}" for line in shown)
 
 
 def fg_mask_path(root: str, class_name: str, image_path: str) -> str:
@@ -269,13 +279,77 @@ def list_train_samples(root: str, classes: Sequence[str]) -> list[tuple[str, int
     return samples
 
 
-def check_train_classes(root: str, classes: Sequence[str], fg_mask: bool = True) -> None:
+def check_train_classes(root: str, classes: Sequence[str], fg_mask: bool = True
+                        ) -> list[tuple[str, int]]:
     """The training set's class folders and (with `fg_mask`) every image's foreground
-    mask file, checked with a stat per file before any work."""
+    mask: present, readable and of its image's aspect ratio, from file headers before
+    any work. -> the training samples (list_train_samples)."""
     samples = list_train_samples(root, classes)
     if fg_mask:
-        _require_masks([(p, c, fg_mask_path(root, classes[c], p)) for p, c in samples], root,
-                       list(classes))
+        items = [(p, c, fg_mask_path(root, classes[c], p)) for p, c in samples]
+        _require_masks(items, root, list(classes))
+        check_fg_masks([(p, m) for p, _, m in items])
+    return samples
+
+
+def fg_mask_problem(mask: str | io.BytesIO, image_path: str, mask_name: str | None = None
+                    ) -> str | None:
+    """Why the foreground mask `mask` (a file, or the bytes of a zip entry named
+    `mask_name`) cannot serve its image: unreadable, or of another aspect ratio; None if
+    it can. No pixel is decoded: PIL reads the sizes from the headers and verify() walks
+    the mask's chunks and checksums, which catches an empty or truncated file (the size
+    alone does not) at ~0.1 ms per 1024 px mask, where a full decode takes ~5 ms."""
+    name = mask_name or mask
+    try:
+        with Image.open(mask) as img:
+            mask_size = img.size
+            img.verify()
+    except Exception as e:  # any failure means training could not read it
+        return f"{name} (mask of {image_path}) is unreadable: {_unreadable(e)}"
+    try:
+        with Image.open(image_path) as img:
+            image_size = img.size
+    except Exception as e:
+        return f"image {image_path} (of mask {name}) is unreadable: {_unreadable(e)}"
+    return _aspect_problem(mask_size, name, image_size, image_path)
+
+
+def _unreadable(e: Exception) -> str:
+    if isinstance(e, UnidentifiedImageError):  # its text names a path or a BytesIO object
+        return "empty, cut short or not an image"
+    return str(e) or type(e).__name__
+
+
+def check_fg_masks(pairs: Iterable[tuple[str, str]]) -> None:
+    """Every present mask of the (image, mask) pairs readable and of its image's aspect
+    ratio (fg_mask_problem); all problems in one error, so that training does not stop
+    on one of them after tokenizing every image."""
+    problems = [p for p in (fg_mask_problem(m, i) for i, m in pairs if os.path.isfile(m)) if p]
+    if problems:
+        raise bad_fg_masks_error(problems, FIX_BAD_FG_MASK)
+
+
+def bad_fg_masks_error(problems: Sequence[str], fix: str) -> BadFileError:
+    """One error for the masks on disk and those in a zip, with the fix that applies."""
+    return BadFileError(f"{len(problems)} foreground mask(s) unreadable or not of their "
+                        f"image's aspect ratio:{bullet_list(problems)}\nFix: {fix}")
+
+
+def require_full_batch(num_images: int, batch_size: int, cache_images: str) -> None:
+    """Training steps on full batches only (every rank steps as often), so each rank
+    needs at least `batch_size` samples. DistributedSampler (drop_last=False) gives each
+    of W ranks ceil(N / W), padding by repeats; ImageCache keeps floor(N / W). Checked
+    before tokenizing, from the image count."""
+    world = get_world_size()
+    per_rank = num_images // world if cache_images != "none" else -(-num_images // world)
+    if per_rank >= batch_size:
+        return
+    share = (f"each of {world} processes gets {per_rank} of the {num_images} training images"
+             if world > 1 else f"there are {num_images} training images")
+    fixes = ([f"pass --batch_size {per_rank} or less"] if per_rank else []) + (
+        ["use fewer processes"] if world > 1 else [])
+    raise FlagError(f"--batch_size {batch_size} makes no full batch: {share}. Fix: "
+                    + ", or ".join(fixes))
 
 
 def holdout_split(labels: Sequence[int], class_names: Sequence[str], fraction: float,
@@ -405,6 +479,9 @@ def _aspect_problem(mask_size: tuple[int, int], mask_path: str, image_size: tupl
     """Image and mask are resized and cropped separately: they align iff their aspect
     ratios agree (sizes may differ)."""
     (mw, mh), (iw, ih) = mask_size, image_size
+    # 1 % relative: a mask saved at a rounded size of a rescaled image (1024 -> 699x700)
+    # passes; after Resize + CenterCrop to 224 px it is off by at most ~2 px, well
+    # inside a 16 px patch. Anything further off (100x300 for 256x256) is another image.
     if abs(mw * ih - iw * mh) > 0.01 * iw * mh:
         return (f"{mask_path} is {mw}x{mh} but its image {image_path} is {iw}x{ih}: they "
                 "cannot be aligned")
@@ -668,6 +745,7 @@ def build_train_loader(dataset: PretrainDataset, batch_size: int, *, cache_image
     (call its `set_epoch(epoch)` before each epoch): a DataLoader over a
     DistributedSampler, or the same batches from an ImageCache, which orders them itself.
     Full batches only, so that every rank steps as often; none is an error."""
+    require_full_batch(len(dataset), batch_size, cache_images)
     if cache_images != "none":
         loader = sampler = ImageCache(dataset, batch_size, where=cache_images, device=device,
                                       seed=seed, num_workers=num_workers)
@@ -680,10 +758,6 @@ def build_train_loader(dataset: PretrainDataset, batch_size: int, *, cache_image
                             pin_memory=pin_memory and device.type == "cuda", drop_last=True,
                             persistent_workers=num_workers > 0,
                             generator=torch.Generator().manual_seed(seed))
-    if len(loader) < 1:
-        raise ValueError(f"{len(dataset)} training images make no full batch of "
-                         f"--batch_size {batch_size} on each of {get_world_size()} "
-                         "process(es): lower --batch_size or use fewer processes")
     return loader, sampler
 
 
@@ -702,9 +776,8 @@ def _require_masks(items: list[tuple[str, int, str]], root: str, classes: list[s
                          f"its {total} images)")
         else:
             lines += files
-    shown = lines[:20] + ([f"... and {len(lines) - 20} more"] if len(lines) > 20 else [])
-    raise BadFileError(f"{len(missing)} foreground mask(s) missing:\n  " + "\n  ".join(shown)
-                       + f"\nFix: {FIX_FG_MASK}")
+    raise BadFileError(f"{len(missing)} foreground mask(s) missing:{bullet_list(lines)}"
+                       f"\nFix: {FIX_FG_MASK}")
 
 
 def _find_gt_mask(gt_dir: str, listing: set[str], stem: str) -> str | None:

@@ -9,6 +9,7 @@ estimated here. Both end up as <root>/fg_mask/<class>/<stem>.png, the file
 """
 from __future__ import annotations
 
+import io
 import os
 import stat
 import zipfile
@@ -23,7 +24,8 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from datasets import (IMAGE_EXTENSIONS, TEXTURES, BadFileError, fg_mask_path, list_images,
+from datasets import (IMAGE_EXTENSIONS, TEXTURES, BadFileError, bad_fg_masks_error,
+                      bullet_list, check_fg_masks, fg_mask_path, fg_mask_problem, list_images,
                       open_rgb)
 
 WORK_SIZE = 256  # mask estimation runs at this longest side, then is resized back
@@ -55,9 +57,12 @@ def _zip_target(info: zipfile.ZipInfo) -> tuple[str, str] | None:
 
 
 class FgMaskZip:
-    """The released fg_mask.zip, checked on opening (before anything is written)."""
+    """The released fg_mask.zip, checked on opening (before anything is written).
 
-    def __init__(self, path: str, classes: Sequence[str]) -> None:
+    `images`: {class: its training images} (the sources, before copying); every mask of
+    one of them must be readable and of its aspect ratio."""
+
+    def __init__(self, path: str, images: dict[str, Sequence[str]]) -> None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--fg_mask_zip {path} does not exist; download "
                                     "fg_mask.zip (see README) or use --make_fg_masks")
@@ -76,10 +81,31 @@ class FgMaskZip:
             target = _zip_target(info)
             if target is None:
                 self.ignored.append(info.filename)
-            elif target[0] in classes:
+            elif target[0] in images:
                 self.entries.append((info, *target))
             else:
                 self.other_classes[target[0]] += 1
+        self._check(images)
+
+    def _check(self, images: dict[str, Sequence[str]]) -> None:
+        """A bad mask refused here, naming the entry and its image, instead of unpacked
+        and found by training. Masks of no training image are never read: not checked."""
+        image_of = {(name, os.path.basename(fg_mask_path("", name, p))): p
+                    for name, paths in images.items() for p in paths}
+        problems = []
+        with zipfile.ZipFile(self.path) as zf:
+            for info, name, filename in self.entries:
+                image = image_of.get((name, filename))
+                if image is None:
+                    continue
+                problem = fg_mask_problem(io.BytesIO(zf.read(info)), image,
+                                          f"{self.path}:{info.filename}")
+                if problem:
+                    problems.append(problem)
+        if problems:
+            raise bad_fg_masks_error(problems, "download the released fg_mask.zip again (see "
+                                     "README), or leave out --fg_mask_zip and estimate the "
+                                     "masks with --make_fg_masks (nothing was unpacked)")
 
     def skipped(self) -> list[str]:
         """What the zip holds that is not unpacked, one line each: masks of classes not
@@ -169,12 +195,15 @@ def estimate_fg_mask(image: np.ndarray) -> np.ndarray:
 
 
 def _write_mask(root: str, name: str, path: str, textures: Sequence[str],
-                sources: dict[str, str] | None) -> str:
-    """One training image's mask, unless it has one; its status ('existing', 'texture',
-    'estimated' or 'failed')."""
+                sources: dict[str, str] | None) -> tuple[str, str | None]:
+    """One training image's mask, unless it has a good one; its status ('existing',
+    'texture', 'estimated' or 'failed') and what was wrong with the mask it replaced
+    (unreadable or mis-shaped: training would refuse it)."""
     dst = fg_mask_path(root, name, path)
-    if os.path.isfile(dst):
-        return "existing"
+    exists = os.path.isfile(dst)
+    replaced = fg_mask_problem(dst, path) if exists else None
+    if exists and replaced is None:
+        return "existing", None
     try:
         image = np.asarray(open_rgb(path))  # (H, W, 3)
     except BadFileError as e:
@@ -197,12 +226,13 @@ def _write_mask(root: str, name: str, path: str, textures: Sequence[str],
     tmp = f"{dst}.tmp{os.getpid()}"
     Image.fromarray(fg.astype(np.uint8) * 255).save(tmp, format="PNG")
     os.replace(tmp, dst)
-    return status
+    return status, replaced
 
 
 def make_fg_masks(root: str, classes: Sequence[str], textures: Sequence[str] = TEXTURES,
                   sources: dict[str, str] | None = None) -> None:
-    """Estimate a mask for every training image that has none ('existing' masks, e.g.
+    """Estimate a mask for every training image that has none, or one training would
+    refuse (unreadable or mis-shaped: listed as replaced; good 'existing' masks, e.g.
     released ones, are kept), and print how many of each kind. Textures are foreground
     everywhere; an object mask that comes out (nearly) empty is written all-foreground and
     counted as 'failed'. `sources`: each copied image's source, which an unreadable
@@ -214,14 +244,18 @@ def make_fg_masks(root: str, classes: Sequence[str], textures: Sequence[str] = T
         return _write_mask(root, *job, textures, sources)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # cv2 frees the GIL
-        statuses = list(tqdm(pool.map(run, jobs), total=len(jobs), desc="estimating fg masks",
-                             unit="image"))
+        results = list(tqdm(pool.map(run, jobs), total=len(jobs), desc="estimating fg masks",
+                            unit="image"))
     out = {name: Counter() for name in classes}
-    for (name, _), status in zip(jobs, statuses):
+    for (name, _), (status, _) in zip(jobs, results):
         out[name][status] += 1
     total = sum(out.values(), Counter())
     print(f"fg masks: {total['estimated']} estimated, {total['texture']} texture "
           f"(all foreground), {total['existing']} already present")
+    replaced = [problem for _, problem in results if problem]
+    if replaced:
+        print(f"fg masks: replaced {len(replaced)} unreadable or mis-shaped mask(s):"
+              + bullet_list(replaced))
     failed = {k: v["failed"] for k, v in out.items() if v["failed"]}
     if failed:
         print("fg masks: estimation found no object, wrote all-foreground masks for: "
@@ -231,8 +265,14 @@ def make_fg_masks(root: str, classes: Sequence[str], textures: Sequence[str] = T
           "reproduce the paper")
 
 
-def mask_coverage(root: str, name: str) -> tuple[int, int]:
-    """(training images with a foreground mask, training images)."""
-    images = list_images(os.path.join(root, "train", name))
-    return sum(os.path.isfile(fg_mask_path(root, name, p)) for p in images), len(images)
+def mask_coverage(root: str, classes: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """Per class (training images with a foreground mask, training images); a
+    BadFileError lists the masks present that training would refuse (check_fg_masks),
+    so that a set is never reported ready with them."""
+    pairs = {name: [(p, fg_mask_path(root, name, p))
+                    for p in list_images(os.path.join(root, "train", name))]
+             for name in classes}
+    check_fg_masks([pair for name in classes for pair in pairs[name]])
+    return {name: (sum(os.path.isfile(m) for _, m in pairs[name]), len(pairs[name]))
+            for name in classes}
 

@@ -144,8 +144,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict | None]:
     """Everything checkable before a model or the data is loaded: flags, output folder,
-    the data's layout and masks, the checkpoint to resume and its arguments.
-    -> (train classes, resume path, its contents memory-mapped)."""
+    the data's layout and masks, --batch_size against the image count, the checkpoint
+    to resume and its arguments. -> (train classes, resume path, its contents
+    memory-mapped)."""
     if args.fit_kmeans_tokenizer and args.tokenizer_model != "kmeans":
         raise utils.FlagError(f"--fit_kmeans_tokenizer needs --tokenizer_model kmeans, not "
                               f"{args.tokenizer_model}")
@@ -155,8 +156,9 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict 
             utils.remove_stale_tmp_files(folder)
     available = datasets.list_train_classes(args.data_path)
     train_classes, _ = datasets.setting_classes(args.setting, args.unseen_classes, available)
-    datasets.check_train_classes(args.data_path, train_classes,
-                                 args.fg_mask and not args.skip_bad_images)
+    samples = datasets.check_train_classes(args.data_path, train_classes,
+                                           args.fg_mask and not args.skip_bad_images)
+    datasets.require_full_batch(len(samples), args.batch_size, args.cache_images)
     resume = utils.resolve_resume(args.resume, args.auto_resume, args.output_dir)
     header = utils.load_checkpoint_file(resume, mmap=True) if resume else None
     if header is not None and "optimizer" in header and "epoch" in header:

@@ -274,8 +274,9 @@ def _source_classes(args: argparse.Namespace) -> list[str]:
 
 def _report(root: str, classes: Sequence[str]) -> None:
     """Per class the training images and how many have a foreground mask; the classes
-    with uncovered images are named, since training would stop on them."""
-    coverage = {name: mask_coverage(root, name) for name in classes}  # (with mask, images)
+    with uncovered images are named, since training would stop on them, and masks it
+    would refuse (unreadable, mis-shaped) are an error (mask_coverage)."""
+    coverage = mask_coverage(root, classes)  # {class: (with mask, images)}
     rows = [("class", "train", "fg_mask"),
             *((name, str(n), str(m)) for name, (m, n) in coverage.items()),
             ("total", str(sum(n for _, n in coverage.values())),
@@ -298,7 +299,8 @@ def run(args: argparse.Namespace) -> None:
         _make_demo(args)
     classes = _source_classes(args)
     plan = plan_copies(args.data_path, args.root, classes)
-    masks = FgMaskZip(args.fg_mask_zip, classes) if args.fg_mask_zip else None
+    masks = FgMaskZip(args.fg_mask_zip, {name: [src for src, _ in plan[name]["train"]]
+                                         for name in classes}) if args.fg_mask_zip else None
     prepare_output_dir(args.root, "--root")
 
     verb = "hard-linking" if args.link else "copying"

@@ -182,6 +182,32 @@ def test_mask_of_other_aspect_ratio_is_bad(train_root):
         _pretrain(train_root)[0]
 
 
+def test_check_train_classes_refuses_unreadable_or_misshaped_masks(train_root):
+    """Before any work, from headers: an empty mask, one of another aspect ratio and a
+    truncated one whose size still reads are named with their images; a mask within
+    1 % of its image's aspect ratio (192x127 for 96x64) passes."""
+    fg, train = train_root / "fg_mask", train_root / "train"
+    assert len(datasets.check_train_classes(str(train_root), ["bottle", "carpet"])) == 6
+    (fg / "bottle" / "000.png").write_bytes(b"")
+    _save(fg / "bottle" / "001.png", np.zeros((300, 100), np.uint8))
+    _save(fg / "bottle" / "002.png", np.zeros((127, 192), np.uint8))
+    _truncate(fg / "carpet" / "001.png")
+    assert Image.open(fg / "carpet" / "001.png").size == (128, 128)  # the header survives
+    with pytest.raises(BadFileError) as err:
+        datasets.check_train_classes(str(train_root), ["bottle", "carpet"])
+    assert str(err.value) == (
+        "3 foreground mask(s) unreadable or not of their image's aspect ratio:\n"
+        f"  {fg}/bottle/000.png (mask of {train}/bottle/000.png) is unreadable: empty, cut "
+        "short or not an image\n"
+        f"  {fg}/bottle/001.png is 100x300 but its image {train}/bottle/001.png is 96x64: "
+        "they cannot be aligned\n"
+        f"  {fg}/carpet/001.png (mask of {train}/carpet/001.png) is unreadable: Truncated "
+        "File Read\n"
+        f"Fix: {datasets.FIX_BAD_FG_MASK}")
+    assert len(datasets.check_train_classes(str(train_root), ["bottle", "carpet"],
+                                            fg_mask=False)) == 6
+
+
 def test_train_image_dataset(train_root):
     ds = TrainImageDataset(str(train_root), ["carpet", "bottle"], transform=T.ToTensor())
     assert len(ds) == 6
@@ -463,9 +489,33 @@ def test_train_loader_refuses_a_set_without_one_full_batch(train_root):
     for cache in ("none", "ram"):
         assert len(datasets.build_train_loader(ds, 2, cache_images=cache, **kw)[0]) == 3
         assert len(datasets.build_train_loader(ds, 6, cache_images=cache, **kw)[0]) == 1
-        with pytest.raises(ValueError, match="6 training images make no full batch of "
-                                             "--batch_size 7 on each of 1 process"):
+        with pytest.raises(utils.FlagError) as err:
             datasets.build_train_loader(ds, 7, cache_images=cache, **kw)
+        assert str(err.value) == ("--batch_size 7 makes no full batch: there are 6 training "
+                                  "images. Fix: pass --batch_size 6 or less")
+
+
+def test_full_batch_rule_per_rank_matches_the_sampler_and_the_cache(train_root, monkeypatch):
+    """4 ranks, 6 images: DistributedSampler pads each rank to ceil(6/4) = 2 samples,
+    ImageCache keeps floor(6/4) = 1; require_full_batch allows exactly the batch sizes
+    whose loaders have a step."""
+    monkeypatch.setattr(utils, "get_world_size", lambda: 4)  # build_sampler's
+    monkeypatch.setattr(datasets, "get_world_size", lambda: 4)
+    ds = _pretrain(train_root)
+    ds.attach_tokens(torch.zeros(6, 16, dtype=torch.long))
+    kw = dict(device=torch.device("cpu"), seed=0, num_workers=0, pin_memory=False)
+    assert len(datasets.build_train_loader(ds, 2, cache_images="none", **kw)[0]) == 1
+    assert len(datasets.build_train_loader(ds, 1, cache_images="ram", **kw)[0]) == 1
+    for batch_size, cache, per_rank in ((3, "none", 2), (2, "ram", 1)):
+        with pytest.raises(utils.FlagError) as err:
+            datasets.require_full_batch(6, batch_size, cache)
+        assert str(err.value) == (
+            f"--batch_size {batch_size} makes no full batch: each of 4 processes gets "
+            f"{per_rank} of the 6 training images. Fix: pass --batch_size {per_rank} or "
+            "less, or use fewer processes")
+    with pytest.raises(utils.FlagError, match="gets 0 of the 3 training images. Fix: use "
+                                              "fewer processes$"):
+        datasets.require_full_batch(3, 1, "ram")
 
 
 def test_token_cache_checks(train_root, mvtec_root, tmp_path):

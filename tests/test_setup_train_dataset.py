@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets import PretrainDataset
+from datasets import FIX_BAD_FG_MASK, PretrainDataset
 from fg_masks import estimate_fg_mask
 from setup_train_dataset import main
 
@@ -160,6 +160,61 @@ def test_fg_mask_zip(tmp_path, capsys, prefix):
     assert "fg_mask.zip: 0 new, 3 unchanged" in capsys.readouterr().out
 
 
+def _png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 255).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_fg_mask_zip_with_bad_masks_is_refused_before_writing(tmp_path, capsys):
+    """A 100x300 mask for a 32x32 image and an empty one are named with their images;
+    nothing is written. Masks of no converted image (screw, bottle/999) are never read,
+    so they are not checked."""
+    data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "inet"
+    zpath = tmp_path / "fg_mask.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("fg_mask/bottle/000.png", _png(100, 300))
+        zf.writestr("fg_mask/bottle/001.png", b"")
+        zf.writestr("fg_mask/bottle/002.png", _png(32, 32))
+        zf.writestr("fg_mask/bottle/999.png", b"")
+        zf.writestr("fg_mask/screw/000.png", b"")
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle",
+                "--fg_mask_zip", zpath) == 2
+    good = data / "bottle" / "train" / "good"
+    assert capsys.readouterr().err == (
+        "error: 2 foreground mask(s) unreadable or not of their image's aspect ratio:\n"
+        f"  {zpath}:fg_mask/bottle/000.png is 100x300 but its image {good}/000.png is 32x32: "
+        "they cannot be aligned\n"
+        f"  {zpath}:fg_mask/bottle/001.png (mask of {good}/001.png) is unreadable: empty, cut "
+        "short or not an image\n"
+        "Fix: download the released fg_mask.zip again (see README), or leave out "
+        "--fg_mask_zip and estimate the masks with --make_fg_masks (nothing was unpacked)\n")
+    assert not root.exists()
+
+
+def test_bad_masks_present_are_refused_not_reported_ready(tmp_path, capsys):
+    """Masks already in <root>/fg_mask (an earlier run, a hand copy) are checked too:
+    the set is not reported ready with masks training would refuse."""
+    data, root = _make_mvtec(tmp_path / "mvtec", classes=("bottle",)), tmp_path / "inet"
+    masks = root / "fg_mask" / "bottle"
+    masks.mkdir(parents=True)
+    (masks / "000.png").write_bytes(_png(32, 32))
+    (masks / "001.png").write_bytes(_png(64, 32))
+    _save(masks / "002.png", np.random.default_rng(0).integers(0, 256, (32, 32), np.uint8))
+    (masks / "002.png").write_bytes((masks / "002.png").read_bytes()[:500])  # cut short
+    assert Image.open(masks / "002.png").size == (32, 32)  # its header still reads
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle") == 2
+    captured = capsys.readouterr()
+    images = root / "train" / "bottle"
+    assert captured.err[captured.err.index("error:"):] == (  # after the progress bars
+        "error: 2 foreground mask(s) unreadable or not of their image's aspect ratio:\n"
+        f"  {masks}/001.png is 64x32 but its image {images}/001.png is 32x32: they cannot be "
+        "aligned\n"
+        f"  {masks}/002.png (mask of {images}/002.png) is unreadable: Truncated File Read\n"
+        f"Fix: {FIX_BAD_FG_MASK}\n")
+    assert "training set ready" not in captured.out
+
+
 def test_fg_mask_zip_path_traversal_refused(tmp_path, capsys):
     data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "work" / "inet"
     zpath = tmp_path / "evil.zip"
@@ -211,10 +266,17 @@ def test_make_fg_masks(tmp_path, capsys):
         disks.append(disk)
     kept = np.zeros((128, 128), np.uint8)
     _save(root / "fg_mask" / "bottle" / "002.png", kept)  # e.g. a released mask
+    (root / "fg_mask" / "bottle" / "001.png").write_bytes(b"")  # broken ones: regenerated
+    _save(root / "fg_mask" / "carpet" / "000.png", np.zeros((32, 64), np.uint8))
     assert _run("--data_path", data, "--root", root, "--classes", "bottle", "carpet",
                 "--make_fg_masks") == 0
     out = capsys.readouterr().out
     assert "fg masks: 2 estimated, 3 texture (all foreground), 1 already present" in out
+    assert ("fg masks: replaced 2 unreadable or mis-shaped mask(s):\n"
+            f"  {root}/fg_mask/bottle/001.png (mask of {root}/train/bottle/001.png) is "
+            "unreadable: empty, cut short or not an image\n"
+            f"  {root}/fg_mask/carpet/000.png is 64x32 but its image "
+            f"{root}/train/carpet/000.png is 32x32: they cannot be aligned\n") in out
     assert "prefer the released fg_mask.zip" in out
     for i in range(2):
         fg = np.asarray(Image.open(root / "fg_mask" / "bottle" / f"{i:03d}.png")) > 0

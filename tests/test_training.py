@@ -307,6 +307,50 @@ def test_missing_init_checkpoint_is_a_clear_error(env, tmp_path):
         run_pretraining.main(args)
 
 
+def _refused_before_tokenizing(args, monkeypatch, capsys) -> str:
+    """Run through the command line's error handling with a tokenizer that must not be
+    built; -> the `error:` line(s) it printed, having exited 2."""
+    def no_tokenizer(*_, **__):
+        raise AssertionError("the tokenizer was built before the inputs were refused")
+
+    monkeypatch.setattr(run_pretraining.modeling_discrete_vae, "create_tokenizer", no_tokenizer)
+    assert utils.cli(lambda: run_pretraining.main(args)) == 2
+    return capsys.readouterr().err
+
+
+def test_batch_size_above_the_image_count_is_refused_before_tokenizing(env, tmp_path,
+                                                                        monkeypatch, capsys):
+    """8 images make no batch of 9 (or of 5 per rank on 2 ranks): a FlagError naming both
+    numbers, before the tokenizer is built."""
+    args = _args(env, str(tmp_path), "--batch_size", "9")
+    assert _refused_before_tokenizing(args, monkeypatch, capsys) == (
+        "error: --batch_size 9 makes no full batch: there are 8 training images. Fix: pass "
+        "--batch_size 8 or less\n")
+    monkeypatch.setattr(datasets, "get_world_size", lambda: 2)
+    args = _args(env, str(tmp_path), "--batch_size", "5")
+    assert _refused_before_tokenizing(args, monkeypatch, capsys) == (
+        "error: --batch_size 5 makes no full batch: each of 2 processes gets 4 of the 8 "
+        "training images. Fix: pass --batch_size 4 or less, or use fewer processes\n")
+
+
+def test_bad_fg_masks_are_refused_before_tokenizing(env, tmp_path, monkeypatch, capsys):
+    """A mask of another aspect ratio and an empty one stop the run at its checks, each
+    named with its image and the fix, not at the first batch that reads them."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(env["two"], data)
+    Image.fromarray(np.zeros((300, 100), np.uint8)).save(data / "fg_mask" / "bottle" / "001.png")
+    (data / "fg_mask" / "carpet" / "003.png").write_bytes(b"")
+    args = _args(env, str(tmp_path / "out"), data=str(data))
+    assert _refused_before_tokenizing(args, monkeypatch, capsys) == (
+        "error: 2 foreground mask(s) unreadable or not of their image's aspect ratio:\n"
+        f"  {data}/fg_mask/bottle/001.png is 100x300 but its image {data}/train/bottle/001.png"
+        " is 32x32: they cannot be aligned\n"
+        f"  {data}/fg_mask/carpet/003.png (mask of {data}/train/carpet/003.png) is "
+        "unreadable: empty, cut short or not an image\n"
+        f"Fix: {datasets.FIX_BAD_FG_MASK}\n")
+
+
 @pytest.mark.parametrize("setting, extra, expected", [
     ("multi_class", [], datasets.MVTEC_CLASSES),
     ("obj2tex", [], datasets.OBJECTS),
