@@ -7,8 +7,8 @@
            -> <out>/<class>/{train/good, test/good, test/<defect>}, no ground_truth/
 
 Every input is checked before anything is written, and one error lists every problem.
-A custom class folder in the output holds exactly its latest split: a re-run removes
-what the new split no longer lists there.
+A custom class's train/ and test/ folders in the output hold exactly its latest split: a
+re-run removes what the new split no longer lists there.
 """
 from __future__ import annotations
 
@@ -223,11 +223,12 @@ def convert_custom(src: str, out: str, sync: Sync,
                    test_fraction: float = DEFAULT_TEST_FRACTION,
                    classes: Sequence[str] | None = None) -> list[str]:
     """`plan_custom`, then copy, then remove what an earlier run left in the converted
-    class folders that this plan does not list; -> the classes written."""
+    classes' train/ and test/ folders that this plan does not list (a ground_truth/ the
+    user added stays); -> the classes written."""
     plan = plan_custom(src, out, test_fraction, classes)
     counts = sync([p for pairs in plan.values() for p in pairs], "custom images")
-    removed = sum(remove_unlisted(os.path.join(out, name), {dst for _, dst in pairs})
-                  for name, pairs in plan.items())
+    removed = sum(remove_unlisted(os.path.join(out, name, split), {dst for _, dst in pairs})
+                  for name, pairs in plan.items() for split in ("train", "test"))
     print(f"custom set -> {out}: {len(plan)} classes; images "
           f"{', '.join(f'{v} {k}' for k, v in counts.items())}; {removed} file(s) this split "
           "does not list removed; no ground-truth masks: pixel metrics are undefined")

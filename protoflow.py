@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from backbones import create_backbone
+from modeling_discrete_vae import file_sha256
 from utils import (CheckpointError, MissingFileError, cosine_scheduler, read_weights_file,
                    save_on_master)
 
@@ -225,6 +226,13 @@ def save_prototypes(prototypes_dir: str, class_name: str, prototypes: np.ndarray
     return path
 
 
+def prototypes_sha256(prototypes_dir: str, class_name: str) -> str | None:
+    """A class's prototypes by content (what a resumed run or evaluation must match);
+    None when missing (loading them names the file and the fix)."""
+    path = os.path.join(prototypes_dir, class_name, CORESET_FILE)
+    return file_sha256(path) if os.path.isfile(path) else None
+
+
 def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
                     backbone: str | None = None, out_indices: Sequence[int] | None = None,
                     flags: dict | None = None) -> Tensor:
@@ -262,12 +270,14 @@ def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
                                   f"uses {want}; rebuild it with `{make}`")
         if flags is not None:
             made_with = {"encoder weights": _weights_source(
-                meta.get("backbone"), meta.get("encoder_weights", "unrecorded")),
-                "--img_size": meta.get("img_size", "unrecorded")}
+                meta.get("backbone"), meta["encoder_weights"]) if "encoder_weights" in meta
+                else None, "--img_size": meta.get("img_size")}
             this_run = {"encoder weights": _weights_source(backbone, flags["encoder_weights"]),
                         "--img_size": flags["img_size"]}
+            # a field an older coreset.json does not record is not checked, as a file
+            # without coreset.json is not
             differ = [f"{k} {v} (this run: {this_run[k]})" for k, v in made_with.items()
-                      if _resolved(v) != _resolved(this_run[k])]
+                      if v is not None and _resolved(v) != _resolved(this_run[k])]
             if differ:
                 raise CheckpointError(f"{path} was made with {', '.join(differ)}, which give "
                                       f"other features; rebuild it with `{make}`")
@@ -619,6 +629,15 @@ class ProtoFlow:
         self.threshold: float | None = ckpt.get("image_score_threshold")
         self.threshold_quantile: float | None = ckpt.get("threshold_quantile")
         self.normal_image_scores: dict | None = ckpt.get("normal_image_scores")
+        scores = None if self.normal_image_scores is None else \
+            self.normal_image_scores.get("scores")
+        if (self.threshold is not None and not math.isfinite(self.threshold)) or (
+                scores is not None and not torch.isfinite(torch.as_tensor(scores)).all()):
+            # written by a diverged flow before training checked for one
+            raise CheckpointError(f"{weights_path} stores a non-finite image-score threshold "
+                                  f"({self.threshold}) or held-out scores: its flow diverged. "
+                                  "Train it again (`python run_protoflow.py train ...`, with a "
+                                  "lower --lr)")
         self.classes: list[str] | None = ckpt.get("classes")
 
         if "encoder_state_dict" in ckpt:

@@ -32,11 +32,10 @@ from tqdm import tqdm
 
 import datasets
 from backbones import create_backbone
-from modeling_discrete_vae import file_sha256
-from protoflow import (CORESET_FILE, CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS,
-                       DEFAULT_OUT_INDICES, THRESHOLD_QUANTILE, build_flow, build_prototypes,
-                       image_score, load_prototypes, patch_log_likelihood, save_protoflow,
-                       save_prototypes, train_flow)
+from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_OUT_INDICES,
+                       THRESHOLD_QUANTILE, build_flow, build_prototypes, image_score,
+                       load_prototypes, patch_log_likelihood, prototypes_sha256,
+                       save_protoflow, save_prototypes, train_flow)
 from utils import (CheckpointError, FlagError, JsonlLog, build_sampler, capture_rng_state, cli,
                    fraction_arg, int_at_least, load_checkpoint_file, positive_float,
                    prepare_output_dir, remove_stale_tmp_files, restore_rng_state,
@@ -101,7 +100,8 @@ def run_prototypes(args) -> list[str]:
                                   args.projection_dim, args.device,
                                   rng=np.random.default_rng([args.seed, zlib.crc32(name.encode())]))
         meta = {"backbone": args.encoder, "out_indices": list(args.out_indices),
-                "encoder_weights": args.encoder_weights, "num_images": len(kept),
+                "encoder_weights": None if args.encoder_weights is None  # from any folder
+                else os.path.abspath(args.encoder_weights), "num_images": len(kept),
                 "num_shots": args.num_shots, "holdout": args.holdout, "seed": args.seed,
                 "held_out": [os.path.basename(dataset.samples[i][0]) for i in held],
                 "coreset_ratio": args.coreset_ratio, "projection_dim": args.projection_dim,
@@ -212,8 +212,7 @@ def run_train(args) -> dict:
     optimizer = torch.optim.Adam([p for p in flow.parameters() if p.requires_grad], lr=args.lr)
     resume_path = args.output + ".resume"
     run_args = {k: getattr(args, k) for k in RESUME_KEYS}
-    run_args["prototypes"] = {c: file_sha256(os.path.join(args.prototypes_dir, c, CORESET_FILE))
-                              for c in classes}
+    run_args["prototypes"] = {c: prototypes_sha256(args.prototypes_dir, c) for c in classes}
     start_epoch = _resume(args, resume_path, flow, optimizer, run_args)
     log = JsonlLog(args.output + ".log.jsonl", start_epoch)
 

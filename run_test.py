@@ -9,7 +9,6 @@ which choose ProtoFlow's threshold and the mask ratio with the test labels.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import time
@@ -28,7 +27,7 @@ from masking_generator import CLASS_MASK_RATIOS
 from modeling_discrete_vae import available_tokenizers, create_tokenizer, file_sha256
 from protocols import (ABNORMALITY, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED,
                        CleanOptions, collect_class, evaluate_clean, evaluate_paper)
-from protoflow import CORESET_FILE, ProtoFlow
+from protoflow import ProtoFlow, prototypes_sha256
 from reporting import PartialResults, exit_status, report
 from utils import (FlagError, cli, int_at_least, mask_ratio_arg, prepare_output_dir,
                    read_weights_file, resolve_amp, resolve_weights_file)
@@ -142,8 +141,12 @@ def check_unseen(args: argparse.Namespace, setting: str, classes: list[str],
     models never saw: a ProtoFlow file whose flow trained on one of them would leak
     them into the scores. Our files record their classes; a released one does not."""
     trained = set(protoflow.classes or ())
-    leaked = sorted(trained & set(classes))
-    if setting != "multi_class" and leaked:
+    if setting == "multi_class" or not trained:
+        return
+    unseen = datasets.setting_classes(setting, args.unseen_classes,
+                                      available=datasets.find_test_classes(args.data_path))[1]
+    leaked = sorted(trained & set(unseen) & set(classes))  # --classes may pick seen ones
+    if leaked:
         raise FlagError(f"--protoflow_weights {args.protoflow_weights} was trained on "
                         f"{', '.join(leaked)}, which the {setting} setting evaluates as "
                         "unseen: train one on the seen classes (`python run_protoflow.py "
@@ -216,13 +219,6 @@ def file_fingerprints(args: argparse.Namespace, m: Models) -> dict[str, str | No
     return {"pmad": file_sha256(args.ckpt), "protoflow": file_sha256(args.protoflow_weights),
             "tokenizer": m.tokenizer.fingerprint,
             "encoder": None if args.encoder_weights is None else file_sha256(args.encoder_weights)}
-
-
-def prototypes_sha256(prototypes_dir: str, class_name: str) -> str | None:
-    """A class's prototypes by content; None when missing (ProtoFlow names the file and
-    the fix when the class is scored)."""
-    path = os.path.join(prototypes_dir, class_name, CORESET_FILE)
-    return file_sha256(path) if os.path.isfile(path) else None
 
 
 def resume_key(args: argparse.Namespace, results: dict) -> dict:

@@ -34,7 +34,7 @@ from dataset_converters import (DEFAULT_TEST_FRACTION, convert_custom, convert_v
 from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, LayoutError,
                       list_images, resolve_train_root)
 from fg_masks import FgMaskZip, make_fg_masks, mask_coverage
-from utils import cli, prepare_output_dir
+from utils import cli, fraction_arg, prepare_output_dir
 
 DEFAULT_ROOT = "data/Mvtec-ImageNet"
 DEMO_ROOT = "data/demo_imagenet"
@@ -191,7 +191,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="first convert your own images, DIR/<class>/good/* and optionally "
                         "DIR/<class>/<defect>/* (no masks), into the MVTec layout at "
                         "--data_path")
-    p.add_argument("--custom_test_fraction", type=float, default=DEFAULT_TEST_FRACTION,
+    p.add_argument("--custom_test_fraction", type=fraction_arg(), default=DEFAULT_TEST_FRACTION,
                    help="--custom: fraction of each class's normal images held out to "
                         "test/good (rounded, evenly spread; at least 1, never all)")
     p.add_argument("--make_demo", metavar="DIR",

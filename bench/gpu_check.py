@@ -262,6 +262,14 @@ def _run_test_argv(world, device: str, out: Path) -> list[str]:
             "--device", device, "--amp", "none"]
 
 
+def _metric_diff(a: float | None, b: float | None) -> float:
+    """|a - b| of one metric on two devices; results.json writes an undefined metric as
+    null, which must be undefined on both."""
+    if a is None or b is None:
+        return 0.0 if a is b else math.inf
+    return abs(a - b)
+
+
 def check_run_test(args, device: torch.device) -> str:
     """run_test.py (clean protocol) on the demo-like tiny set, on the device and on the
     CPU: every metric within 1e-3."""
@@ -287,8 +295,9 @@ def check_run_test(args, device: torch.device) -> str:
     for name, record in results["cpu"].items():
         other = results[device.type][name]
         for key in metrics.METRIC_NAMES:
-            worst = max(worst, abs(record[key] - other[key]),
-                        abs(record["protoflow_only"][key] - other["protoflow_only"][key]))
+            worst = max(worst, _metric_diff(record[key], other[key]),
+                        _metric_diff(record["protoflow_only"][key],
+                                     other["protoflow_only"][key]))
     if worst > 1e-3:
         raise RuntimeError(f"metrics on {device.type} and cpu differ by up to {worst:.2e}")
     return f"{device.type} vs cpu: {len(results['cpu'])} classes, max metric diff {worst:.1e}"

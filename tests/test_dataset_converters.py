@@ -235,7 +235,7 @@ def test_held_out_honours_the_fraction():
 def test_custom_rerun_leaves_exactly_the_new_split(tmp_path, capsys):
     """A second conversion with another fraction moves images instead of copying them
     into both train/ and test/, in the MVTec layout and in the training copy; what the
-    conversion does not own stays."""
+    conversion does not own (a ground_truth/ the user added) stays."""
     src = _custom_set(tmp_path / "mine", {"gadget": 10, "widget": 3})
     dst, root = tmp_path / "mvtec", tmp_path / "inet"
     argv = ["--custom", str(src), "--data_path", str(dst), "--root", str(root)]
@@ -246,7 +246,7 @@ def test_custom_rerun_leaves_exactly_the_new_split(tmp_path, capsys):
     (dst / "other" / "train" / "good").mkdir(parents=True)
     (dst / "other" / "train" / "good" / "x.png").write_bytes(b"not converted here")
     (dst / "gadget" / "ground_truth" / "scratch").mkdir(parents=True)
-    (dst / "gadget" / "ground_truth" / "scratch" / "000_mask.png").write_bytes(b"stale")
+    (dst / "gadget" / "ground_truth" / "scratch" / "000_mask.png").write_bytes(b"mine")
     capsys.readouterr()
 
     assert setup_main([*argv, "--custom_test_fraction", "0.5"]) == 0
@@ -257,11 +257,12 @@ def test_custom_rerun_leaves_exactly_the_new_split(tmp_path, capsys):
     assert _names(dst / "gadget" / "train" / "good") == gadget_train
     assert _names(dst / "widget" / "test" / "good") == ["001.png", "002.png"]
     assert _names(dst / "widget" / "train" / "good") == ["000.png"]
-    assert _names(dst / "gadget") == ["test", "train"]  # the stale ground_truth/ went
+    assert _names(dst / "gadget") == ["ground_truth", "test", "train"]  # the user's stays
+    assert (dst / "gadget" / "ground_truth" / "scratch" / "000_mask.png").read_bytes() == b"mine"
     assert _names(root / "train" / "gadget") == gadget_train
     assert _names(root / "train" / "widget") == ["000.png"]
-    # gadget 1, 3, 5, 7 left train, 4 left test, ground_truth's mask; widget 1 left train
-    assert "7 file(s) this split does not list removed" in out
+    # gadget 1, 3, 5, 7 left train, 4 left test; widget 1 left train
+    assert "6 file(s) this split does not list removed" in out
     assert "train: 5 file(s) the custom split does not train on removed" in out
     assert (dst / "notes.txt").read_text() == "mine"
     assert (dst / "other" / "train" / "good" / "x.png").exists()
@@ -287,6 +288,12 @@ def test_custom_classes_and_folders_checked_before_writing(tmp_path, capsys):
             "least 2" in capsys.readouterr().err)
     assert not (dst / "gadget").exists()
 
+    for fraction in ("0", "1"):  # nothing held out, or nothing to train on
+        with pytest.raises(SystemExit) as exit_:
+            setup_main([*base, "--custom_test_fraction", fraction])
+        assert exit_.value.code == 2
+        assert (f"argument --custom_test_fraction: {fraction} is outside (0, 1)"
+                in capsys.readouterr().err)
     for inside in (src, src / "out"):  # its clean-up would reach the source images
         assert setup_main(["--custom", str(src), "--data_path", str(inside)]) == 2
         assert "overlap; write the MVTec layout to a folder outside" in capsys.readouterr().err

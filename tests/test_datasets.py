@@ -206,6 +206,11 @@ def test_check_train_classes_refuses_unreadable_or_misshaped_masks(train_root):
         f"Fix: {datasets.FIX_BAD_FG_MASK}")
     assert len(datasets.check_train_classes(str(train_root), ["bottle", "carpet"],
                                             fg_mask=False)) == 6
+    # an unreadable image with a good mask is the image's problem, which its loader names
+    # with its own fix (--skip_bad_images), not a mask problem
+    (train / "carpet" / "000.png").write_bytes(b"")
+    assert datasets.fg_mask_problem(str(fg / "carpet" / "000.png"),
+                                    str(train / "carpet" / "000.png")) is None
 
 
 def test_train_image_dataset(train_root):

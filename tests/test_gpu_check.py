@@ -1,6 +1,7 @@
 """bench/gpu_check.sh: its CPU parts run (the dry run), its figures' formulas hold."""
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -39,3 +40,12 @@ def test_a_check_without_a_gpu_fails_in_one_line():
     proc = subprocess.run([sys.executable, "bench/gpu_check.py", "attention_grads"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and proc.stdout.startswith("FAIL no CUDA device")
+
+
+def test_metric_diff_treats_undefined_metrics_as_a_pair():
+    """results.json writes an undefined metric as null: null on both devices agrees, null
+    on one only is the largest difference (a nan used to slip past max())."""
+    diff = gpu_check._metric_diff
+    assert diff(0.75, 0.7495) == pytest.approx(5e-4)
+    assert diff(None, None) == 0.0
+    assert diff(None, 0.5) == math.inf and diff(0.5, None) == math.inf

@@ -368,14 +368,16 @@ def test_missing_or_mismatched_prototypes_error(tmp_path):
             ({"encoder_weights": "a.pth", "img_size": 224},
              "encoder weights a.pth (this run: b.pth), --img_size 224 (this run: 64)"),
             ({"encoder_weights": "b.pth", "img_size": 224}, "--img_size 224 (this run: 64)"),
-            ({}, "encoder weights unrecorded (this run: b.pth), --img_size unrecorded "
-                 "(this run: 64)")):
+            ({"img_size": 224}, "--img_size 224 (this run: 64)")):  # weights unrecorded
         meta.write_text(json.dumps({"backbone": "efficientnet_lite0", "out_indices": [2, 3],
                                     **made}))
         with pytest.raises(CheckpointError) as err:
             pf.load_prototypes(str(tmp_path), "bottle", 152, "efficientnet_lite0", (2, 3), flags)
         assert str(err.value) == f"{path} was made with {differ}, which give other features; " \
                                  + rebuild
+    meta.write_text(json.dumps({"backbone": "efficientnet_lite0", "out_indices": [2, 3]}))
+    assert pf.load_prototypes(str(tmp_path), "bottle", 152, "efficientnet_lite0", (2, 3),
+                              flags).shape == (5, 152)  # an older coreset.json: not checked
     meta.write_text(json.dumps({"backbone": "efficientnet_lite0.ra_in1k", "out_indices": [2, 3],
                                 "encoder_weights": "b.pth", "img_size": 64}))
     assert pf.load_prototypes(str(tmp_path), "bottle", 152, "efficientnet_lite0", (2, 3),
@@ -633,6 +635,7 @@ def test_prototypes_command(cli):
                                                                  "gravel/coreset.npy"]
     meta = json.loads(open(os.path.join(protos, "brick", "coreset.json")).read())
     assert meta["num_images"] == 4 and len(meta["held_out"]) == 1  # 5 images, 10 % held out
+    assert meta["encoder_weights"] == os.path.abspath(lite0_weights_path())  # any folder's
     assert np.load(cli["paths"][0]).shape == (int(4 * 784 * 0.05), LITE0_DIM)
     shot = rpf.main(["prototypes", *cli["common"], "--output_dir", str(cli["root"] / "shot"),
                     "--classes", "gravel", "--num_shots", "1"])
@@ -793,6 +796,15 @@ def test_threshold_per_class_from_held_out_images(lite0, tmp_path):
     torch.save({k: obj[k] for k in ("encoder_state_dict", "decoder_state_dict", "backbone",
                                     "out_indices")}, released)
     assert pf.ProtoFlow(released, str(tmp_path)).threshold_for("a") is None
+    # a file a diverged flow wrote before training checked for one: refused at load
+    diverged = str(tmp_path / "diverged.pt")
+    pf.save_protoflow(diverged, lite0, pf.build_flow(LITE0_DIM, 1),
+                      backbone="efficientnet_lite0", out_indices=(2, 3), classes=["a"],
+                      normal_scores=torch.tensor([1.0, float("inf")]))
+    with pytest.raises(CheckpointError, match=(
+            f"{diverged} stores a non-finite image-score threshold \\(nan\\) or held-out "
+            "scores: its flow diverged")):
+        pf.ProtoFlow(diverged, str(tmp_path))
 
 
 def test_command_flags_reach_their_consumers(cli, tmp_path):

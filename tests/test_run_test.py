@@ -322,6 +322,10 @@ def test_a_protoflow_trained_on_an_unseen_class_is_refused(tiny_world, tmp_path)
                           ["coins"], released)
     run_test.check_unseen(SimpleNamespace(protoflow_weights="x.pt"), "multi_class", ["coins"],
                           SimpleNamespace(classes=["coins"]))
+    # --classes picking a class the setting trains on: not an unseen one, not a leak
+    seen = SimpleNamespace(protoflow_weights="x.pt", unseen_classes=["coins"],
+                           data_path=str(tiny_world.mvtec_root))
+    run_test.check_unseen(seen, "leave_one_out", ["brick"], SimpleNamespace(classes=["brick"]))
 
 
 def test_from_obj_to_texture_selects_the_obj2tex_test_classes(tiny_world, tmp_path):
