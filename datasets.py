@@ -207,8 +207,9 @@ def find_test_classes(root: str) -> list[str]:
 def check_test_classes(root: str, classes: Sequence[str], skip_bad_images: bool = False
                        ) -> None:
     """Every class's layout, and (unless bad files are skipped) every ground-truth mask's
-    presence and size against its image, from file headers: all problems of all classes
-    in one error before any work, not when class N is reached."""
+    presence, integrity and size against its image, from file headers and the mask's
+    chunks: all problems of all classes in one error before any work, not when class N
+    is reached."""
     problems = []
     for name in classes:
         items, missing = MVTecTestDataset._list(
@@ -222,8 +223,9 @@ def check_test_classes(root: str, classes: Sequence[str], skip_bad_images: bool 
             try:
                 with Image.open(image_path) as image, Image.open(mask_path) as mask:
                     sizes = image.size, mask.size
-            except Exception as e:  # not even a header
-                problems.append(f"cannot read {image_path} or {mask_path}: {e}")
+                    mask.verify()  # a truncated mask whose header survives (~0.1 ms)
+            except Exception as e:  # not even a header, or a mask cut short
+                problems.append(f"cannot read {image_path} or {mask_path}: {_unreadable(e)}")
                 continue
             problem = _aspect_problem(sizes[1], mask_path, sizes[0], image_path)
             if problem:

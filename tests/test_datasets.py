@@ -339,6 +339,22 @@ def test_missing_or_corrupt_gt_mask(mvtec_root):
     assert ds.labels == [0, 0] and len(ds.bad_files) == 2
 
 
+def test_check_test_classes_finds_a_cut_short_ground_truth_mask(mvtec_root):
+    """run_test.py's check before any class runs: a ground-truth mask cut short whose
+    header still reads is named up front, not when its class is reached."""
+    mask = mvtec_root / "bottle" / "ground_truth" / "broken" / "000_mask.png"
+    datasets.check_test_classes(str(mvtec_root), ["bottle"])  # the set as made: fine
+    _truncate(mask)
+    with Image.open(mask) as cut:
+        assert cut.size == (128, 128)  # the header survives
+    with pytest.raises(BadFileError) as err:
+        datasets.check_test_classes(str(mvtec_root), ["bottle"])
+    assert str(err.value).startswith(
+        f"1 test file problem(s):\n  cannot read {mvtec_root}/bottle/test/broken/000.png or "
+        f"{mask}: Truncated File Read\nFix: ")
+    datasets.check_test_classes(str(mvtec_root), ["bottle"], skip_bad_images=True)
+
+
 def test_mvtec_layout_errors(mvtec_root):
     with pytest.raises(LayoutError,
                        match=r"class folder missing(.|\n)*classes present.*01, bottle"):
