@@ -30,7 +30,8 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from utils import (BadFileError, FlagError, LayoutError, all_gather_object, build_sampler,
-                   get_rank, get_world_size, main_print, save_on_master, to_device)
+                   bullet_list, get_rank, get_world_size, main_print, save_on_master,
+                   to_device)
 
 OBJECTS = ["bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
            "toothbrush", "transistor", "zipper"]
@@ -233,14 +234,6 @@ def check_test_classes(root: str, classes: Sequence[str], skip_bad_images: bool 
     if problems:
         raise BadFileError(f"{len(problems)} test file problem(s):{bullet_list(problems)}"
                            f"\nFix: {FIX_BAD_FILE}")
-
-
-def bullet_list(lines: Sequence[str], limit: int = 20) -> str:
-    """The first `limit` lines, each on a new indented line, then how many more: an
-    error naming thousands of files stays readable."""
-    shown = list(lines[:limit]) + ([f"... and {len(lines) - limit} more"]
-                                   if len(lines) > limit else [])
-    return "".join(f"\n  {line}" for line in shown)
 
 
 def fg_mask_path(root: str, class_name: str, image_path: str) -> str:

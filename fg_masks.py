@@ -25,8 +25,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from datasets import (IMAGE_EXTENSIONS, TEXTURES, BadFileError, bad_fg_masks_error,
-                      bullet_list, check_fg_masks, fg_mask_path, fg_mask_problem, list_images,
-                      open_rgb)
+                      check_fg_masks, fg_mask_path, fg_mask_problem, list_images, open_rgb)
+from utils import bullet_list
 
 WORK_SIZE = 256  # mask estimation runs at this longest side, then is resized back
 MIN_FG_FRACTION = 0.005  # an estimated mask smaller than this is treated as failed

@@ -688,10 +688,21 @@ def read_weights_file(path: str | os.PathLike, fix: str = "Download it again.",
         raise _unreadable_weights_error(path, e, fix) from None
 
 
+def _capped(items: Sequence[str], limit: int) -> list[str]:
+    """The first `limit` items, then how many more: a message naming thousands of files
+    stays readable."""
+    return list(items[:limit]) + ([f"... {len(items) - limit} more"]
+                                  if len(items) > limit else [])
+
+
 def _some_names(names: list[str], limit: int = 10) -> str:
-    """The first `limit` names for an error message, and how many more there are."""
-    more = f", ... {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+    """The first `limit` names for an error message, on one line."""
+    return ", ".join(_capped(names, limit))
+
+
+def bullet_list(lines: Sequence[str], limit: int = 20) -> str:
+    """The first `limit` lines for an error message, each on a new indented line."""
+    return "".join(f"\n  {line}" for line in _capped(lines, limit))
 
 
 def resolve_weights_file(path: str, flag: str, pattern: str = "*.pt") -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import shlex
 import subprocess
 import sys
 import time
@@ -96,6 +97,44 @@ def build_tiny_world(base: Path) -> TinyWorld:
 # Child processes get these hang guards. They are far above any normal run time (a loaded
 # 2-core CI machine included): they catch a deadlock, they do not time anything.
 HANG_GUARD_S = 1800
+
+
+def python_stub(folder: Path, on_script: str = "") -> tuple[Path, Path]:
+    """A `python` for testing scripts/*.sh without running the entry points: each
+    `X.py ARGS` call is logged (one argument per line, then `@@`) and runs only the bash
+    `on_script`; `-c` (demo.sh's query for the Lite0 weights' path) prints
+    /stub/lite0.pth; anything else runs the real interpreter. -> (stub, log)."""
+    log, stub = folder / "calls.log", folder / "python"
+    log.unlink(missing_ok=True)
+    stub.write_text(f"""#!/usr/bin/env bash
+case "$1" in
+  *.py) printf '%s\\n' "$@" @@ >> {shlex.quote(str(log))}
+        {on_script} ;;
+  -c) echo /stub/lite0.pth ;;
+  *) exec {shlex.quote(sys.executable)} "$@" ;;
+esac
+""")
+    stub.chmod(0o755)
+    return stub, log
+
+
+def stub_calls(log: Path) -> list[list[str]]:
+    """The argument lists the stub of `python_stub` logged, in order."""
+    calls = log.read_text().split("@@\n")[:-1] if log.exists() else []
+    return [call.removesuffix("\n").split("\n") for call in calls]
+
+
+def arg(call: list[str], flag: str, n: int = 1) -> list[str]:
+    """The `n` values after `flag` in a logged call."""
+    i = call.index(flag)
+    return call[i + 1:i + 1 + n]
+
+
+def truncate(path: Path) -> bytes:
+    """Cut a file to half (an image's header stays readable); returns the original."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    return data
 
 
 def run_command(cmd: list[str], *, timeout: float = HANG_GUARD_S, **kwargs

@@ -17,7 +17,7 @@ from torchvision import transforms as T
 
 import datasets
 import utils
-from conftest import run_ranks
+from conftest import run_ranks, truncate
 from datasets import (MVTEC_CLASSES, OBJECTS, TEXTURES, BadFileError, LayoutError,
                       MVTecTestDataset, PretrainDataset, TrainImageDataset, cache_tokens,
                       list_train_classes,
@@ -36,11 +36,6 @@ def _save(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
     return path
-
-
-def _truncate(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
 
 
 @pytest.fixture
@@ -161,7 +156,7 @@ def test_fg_mask_off_and_missing(train_root):
 
 def test_corrupt_image_is_an_error_or_left_out(train_root):
     bad = train_root / "train" / "bottle" / "001.png"
-    _truncate(bad)
+    truncate(bad)
     ds = _pretrain(train_root)
     with pytest.raises(BadFileError, match=f"cannot read image {bad}"):
         ds[1]
@@ -191,7 +186,7 @@ def test_check_train_classes_refuses_unreadable_or_misshaped_masks(train_root):
     (fg / "bottle" / "000.png").write_bytes(b"")
     _save(fg / "bottle" / "001.png", np.zeros((300, 100), np.uint8))
     _save(fg / "bottle" / "002.png", np.zeros((127, 192), np.uint8))
-    _truncate(fg / "carpet" / "001.png")
+    truncate(fg / "carpet" / "001.png")
     assert Image.open(fg / "carpet" / "001.png").size == (128, 128)  # the header survives
     with pytest.raises(BadFileError) as err:
         datasets.check_train_classes(str(train_root), ["bottle", "carpet"])
@@ -220,7 +215,7 @@ def test_train_image_dataset(train_root):
     assert class_idx == 0 and image.shape == (3, 128, 128)  # grey carpet -> RGB
     torch.testing.assert_close(image, torch.full((3, 128, 128), CARPET_GREYS[0] / 255))
     assert ds[3][1] == 1 and ds[3][0].shape == (3, 64, 96)
-    _truncate(train_root / "train" / "carpet" / "002.png")
+    truncate(train_root / "train" / "carpet" / "002.png")
     with pytest.warns(UserWarning, match="carpet/002.png"):
         assert len(TrainImageDataset(str(train_root), ["carpet"], skip_bad_images=True)) == 2
 
@@ -332,7 +327,7 @@ def test_missing_or_corrupt_gt_mask(mvtec_root):
     os.remove(mvtec_root / "bottle" / "ground_truth" / "broken" / "001_mask.png")
     with pytest.raises(BadFileError, match=r"1 ground-truth mask\(s\) missing(.|\n)*001_mask"):
         MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
-    _truncate(mvtec_root / "bottle" / "ground_truth" / "broken" / "000_mask.png")
+    truncate(mvtec_root / "bottle" / "ground_truth" / "broken" / "000_mask.png")
     with pytest.warns(UserWarning, match=r"left out 2 bad file(.|\n)*000_mask(.|\n)*001_mask"):
         ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64,
                               skip_bad_images=True)
@@ -344,7 +339,7 @@ def test_check_test_classes_finds_a_cut_short_ground_truth_mask(mvtec_root):
     header still reads is named up front, not when its class is reached."""
     mask = mvtec_root / "bottle" / "ground_truth" / "broken" / "000_mask.png"
     datasets.check_test_classes(str(mvtec_root), ["bottle"])  # the set as made: fine
-    _truncate(mask)
+    truncate(mask)
     with Image.open(mask) as cut:
         assert cut.size == (128, 128)  # the header survives
     with pytest.raises(BadFileError) as err:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
-import sys
 from pathlib import Path
 
-from conftest import run_command
+from conftest import arg, python_stub, run_command, stub_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,37 +56,20 @@ def _stubbed_demo(tmp_path: Path, **knobs: str
     """scripts/demo.sh with its Python entry points stubbed: the finished run and the
     argument lists each entry point got, in order (run_test.py's stub writes the
     results.md the script prints)."""
-    log = tmp_path / "calls.log"
-    log.unlink(missing_ok=True)
-    stub = tmp_path / "python"
-    stub.write_text(f"""#!/usr/bin/env bash
-case "$1" in
-  *.py) printf '%s\\n' "$@" @@ >> {shlex.quote(str(log))}
-        if [[ "$1" == run_test.py ]]; then
+    stub, log = python_stub(tmp_path, on_script="""if [[ "$1" == run_test.py ]]; then
             while [[ $# -gt 0 && "$1" != --output_dir ]]; do shift; done
             mkdir -p "$2" && echo "| stub |" > "$2/results.md"
-        fi ;;
-  -c) echo /stub/lite0.pth ;;  # the Lite0 weights' path
-  *) exec {shlex.quote(sys.executable)} "$@" ;;
-esac
-""")
-    stub.chmod(0o755)
+        fi""")
     env = _knob_free_env() | {"PYTHON": str(stub), "DEMO_DIR": str(tmp_path / "demo"),
                               "DATA_DIR": str(tmp_path / "data"), "DEVICE": "cpu", **knobs}
     run = run_command(["bash", "scripts/demo.sh"], cwd=ROOT, env=env)
-    calls = log.read_text().split("@@\n")[:-1] if log.exists() else []
-    return run, [call.removesuffix("\n").split("\n") for call in calls]
+    return run, stub_calls(log)
 
 
 def _stubbed_demo_calls(tmp_path: Path, **knobs: str) -> list[list[str]]:
     run, calls = _stubbed_demo(tmp_path, **knobs)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return calls
-
-
-def _arg(call: list[str], flag: str, n: int = 1) -> list[str]:
-    i = call.index(flag)
-    return call[i + 1:i + 1 + n]
 
 
 def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
@@ -105,31 +86,31 @@ def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
     assert len(setups) == 2
     main, held = setups
     draw = "main_seed1_area0.001-0.01"
-    assert _arg(main, "--make_demo") == [str(tmp_path / "data" / f"demo_{draw}_mvtec")]
-    assert _arg(main, "--demo_world") == ["main"] and _arg(main, "--seed") == ["1"]
-    assert _arg(main, "--demo_defect_area", 2) == ["0.001", "0.01"]
-    assert _arg(held, "--demo_world") == ["heldout"]
+    assert arg(main, "--make_demo") == [str(tmp_path / "data" / f"demo_{draw}_mvtec")]
+    assert arg(main, "--demo_world") == ["main"] and arg(main, "--seed") == ["1"]
+    assert arg(main, "--demo_defect_area", 2) == ["0.001", "0.01"]
+    assert arg(held, "--demo_world") == ["heldout"]
     assert "--seed" not in held and "--demo_defect_area" not in held
     vits = [c for c in calls if c[0] in ("run_pretraining.py", "run_test.py")]
     assert [c[0] for c in vits] == ["run_pretraining.py", "run_test.py"] * 2
-    assert {_arg(c, "--model")[0] for c in vits} == {"vit_base_patch16_224_8k_vocab"}
+    assert {arg(c, "--model")[0] for c in vits} == {"vit_base_patch16_224_8k_vocab"}
     for train in vits[::2]:  # BEiT's weights, not random ones
-        assert _arg(train, "--init_ckpt") == ["weights/my beit.pth"] and "--no_init" not in train
-        assert _arg(train, "--kmeans_out_index") == ["2"]  # stride-8 codes
-    assert _arg(vits[1], "--output_dir") == [str(tmp_path / "demo" / draw / "results")]
-    assert {_arg(c, "--encoder_weights")[0] for c in calls if c[0] == "run_protoflow.py"} == {
+        assert arg(train, "--init_ckpt") == ["weights/my beit.pth"] and "--no_init" not in train
+        assert arg(train, "--kmeans_out_index") == ["2"]  # stride-8 codes
+    assert arg(vits[1], "--output_dir") == [str(tmp_path / "demo" / draw / "results")]
+    assert {arg(c, "--encoder_weights")[0] for c in calls if c[0] == "run_protoflow.py"} == {
         "/stub/lite0.pth"}
     # unset: the main world itself, seed 0, the world's defect sizes, the tiny ViT
     calls = _stubbed_demo_calls(tmp_path)
     main = calls[0]
-    assert _arg(main, "--make_demo") == [str(tmp_path / "data" / "demo_main_mvtec")]
-    assert _arg(main, "--seed") == ["0"] and "--demo_defect_area" not in main
+    assert arg(main, "--make_demo") == [str(tmp_path / "data" / "demo_main_mvtec")]
+    assert arg(main, "--seed") == ["0"] and "--demo_defect_area" not in main
     assert "heldout" not in str(calls)
-    assert {_arg(c, "--model")[0] for c in calls if c[0] == "run_test.py"} == {
+    assert {arg(c, "--model")[0] for c in calls if c[0] == "run_test.py"} == {
         "vit_tiny_patch16_224_8k_vocab"}
     train = next(c for c in calls if c[0] == "run_pretraining.py")
     assert "--no_init" in train and "--init_ckpt" not in train
-    assert _arg(train, "--kmeans_out_index") == ["1"]  # stride-4 codes
+    assert arg(train, "--kmeans_out_index") == ["1"]  # stride-4 codes
     # a malformed size pair stops the script before it writes or deletes anything
     for bad in ("0.001", "0.001 0.01 0.1"):
         run, calls = _stubbed_demo(tmp_path, DEMO_DEFECT_AREA=bad)

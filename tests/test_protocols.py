@@ -411,6 +411,18 @@ def test_bench_score_variants_calibration_rows_by_hand(score_variants) -> None:
         "1 - expected cosine to the true codeword": 0.8 * ln2}  # codeword (0.8, 0.2) vs (0, 1)
     for row, score in expected.items():
         assert rows[row][1][1, 2, 2] == pytest.approx(ln4 * (1 + score / ln2), abs=1e-6), row
+    # calibrated on the training images given, not the test set: with the normal image
+    # (twice) as train/good, patch 3's mean CE is -ln 0.8, so the defect scores
+    # ln 5 + ln 0.8
+    twice = [0, 0]
+    normal = protocols.ClassData(data.images[twice], data.tokens[twice],
+                                 data.log_likelihood[twice], data.prototype_distance[twice],
+                                 data.labels[twice], data.gt_masks[twice], ["a", "b"],
+                                 ["good", "good"], ["sha-a", "sha-b"])
+    rows = score_variants.variant_scores(PositionalViT(), data, 0.5, sigma=0.0, batch_size=2,
+                                         device=torch.device("cpu"), amp="none", train=normal)
+    row = "CE - per-position mean on train/good (at least 0)"
+    assert rows[row][1][1, 2, 2] == pytest.approx(ln4 * (1 + ln4 / ln2), abs=1e-6)
     plain = score_variants.variant_scores(PositionalViT(), data, 0.5, sigma=0.0, batch_size=2,
                                           device=torch.device("cpu"), amp="none")
     needs_more = set(expected) - {"CE - per-position median over the test set (at least 0)"}

@@ -390,6 +390,9 @@ def test_missing_or_mismatched_prototypes_error(tmp_path):
                        r"efficientnet_lite0\), which"):
         pf.load_prototypes(str(tmp_path), "bottle", 152, "efficientnet_lite0", (2, 3),
                            {**flags, "encoder_weights": None})
+    meta.unlink()  # the authors' release: coreset.npy alone, nothing recorded to compare
+    assert pf.load_prototypes(str(tmp_path), "bottle", 152, "efficientnet_lite0", (2, 3),
+                              flags).shape == (5, 152)
     np.save(path, np.full((5, 152), np.nan, np.float32))
     with pytest.raises(CheckpointError) as err:
         pf.load_prototypes(str(tmp_path), "bottle", 152)

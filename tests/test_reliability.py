@@ -21,7 +21,7 @@ import torch
 
 import run_pretraining
 import utils
-from conftest import ROOT, run_command
+from conftest import ROOT, run_command, truncate
 
 TINY = "vit_tiny_patch16_224_8k_vocab"
 
@@ -90,13 +90,6 @@ def _train_argv(world, out, *extra: str, data: Path | None = None) -> list[str]:
             "--device", "cpu", *extra]
 
 
-def _truncate(path: Path) -> bytes:
-    """Cut an image file to half (its header stays readable); returns the original."""
-    data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
-    return data
-
-
 def _same(a: dict, b: dict) -> bool:
     """Equal records (NaN, an undefined metric, equals NaN here)."""
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
@@ -131,7 +124,7 @@ def refused(tiny_world, tmp_path_factory):
     bad_src = tmp / "bad_src"
     shutil.copytree(w.mvtec_root, bad_src)
     bad_png = sorted((bad_src / "coins" / "train" / "good").glob("*.png"))[0]
-    _truncate(bad_png)
+    truncate(bad_png)
     # --resume: a checkpoint of a smaller model (the tiny one against a small model),
     # and the same file in torch's legacy (non-zip) format
     legacy = tmp / "legacy.pth"
@@ -364,7 +357,7 @@ def test_F14_finished_classes_survive_an_error_and_ctrl_c_and_resume(tiny_world,
     data = tmp_path / "mvtec"
     shutil.copytree(w.mvtec_root, data)
     bad = sorted((data / "coins" / "test").rglob("*.png"))[0]
-    original = _truncate(bad)
+    original = truncate(bad)
     out = tmp_path / "out"
     interrupt = ("import datasets\n"
                  "_real = datasets.MVTecTestDataset\n"

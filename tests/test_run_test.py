@@ -446,11 +446,8 @@ def test_shell_scripts_build_the_run_test_commands(tmp_path):
     """scripts/test_multi_class.sh and test_cross_class.sh: one run_test.py call per
     protocol, each setting with its released checkpoint, MODEL / TOKENIZER passed only
     when set, extra arguments last."""
-    from conftest import ROOT, run_command
-    log = tmp_path / "calls.log"
-    stub = tmp_path / "python"
-    stub.write_text(f"#!/usr/bin/env bash\nprintf '%s\\n' \"$@\" @@ >> {log}\n")
-    stub.chmod(0o755)
+    from conftest import ROOT, arg, python_stub, run_command, stub_calls
+    stub, log = python_stub(tmp_path)
 
     def calls(script: str, **env: str) -> list[list[str]]:
         log.unlink(missing_ok=True)
@@ -460,30 +457,28 @@ def test_shell_scripts_build_the_run_test_commands(tmp_path):
         run = run_command(["bash", f"scripts/{script}", "--save_heatmaps", "4"], cwd=ROOT,
                           env={**clean_env, "PYTHON": str(stub), **env})
         assert run.returncode == 0, run.stderr
-        return [c.strip("\n").split("\n") for c in log.read_text().split("@@\n")[:-1]]
-
-    def arg(call: list[str], flag: str) -> str:
-        return call[call.index(flag) + 1]
+        return stub_calls(log)
 
     multi = calls("test_multi_class.sh")
     assert [c[0] for c in multi] == ["run_test.py"] * 2
-    assert [arg(c, "--protocol") for c in multi] == ["clean", "paper"]
-    assert [arg(c, "--output_dir") for c in multi] == [
+    assert [arg(c, "--protocol")[0] for c in multi] == ["clean", "paper"]
+    assert [arg(c, "--output_dir")[0] for c in multi] == [
         "output_dir/test_multi_class/clean", "output_dir/test_multi_class/paper"]
     for c in multi:
-        assert arg(c, "--setting") == "multi_class" and c[-2:] == ["--save_heatmaps", "4"]
-        assert arg(c, "--ckpt") == "weights/vit_base_16_checkpoint_962_955.pth"
-        assert arg(c, "--tokenizer_weight_path") == "weights/tokenizer"
+        assert arg(c, "--setting")[0] == "multi_class" and c[-2:] == ["--save_heatmaps", "4"]
+        assert arg(c, "--ckpt")[0] == "weights/vit_base_16_checkpoint_962_955.pth"
+        assert arg(c, "--tokenizer_weight_path")[0] == "weights/tokenizer"
         assert "--model" not in c and "--tokenizer_model" not in c  # the checkpoint's
     (vit,) = calls("test_multi_class.sh", TOKENIZER="vit_tokenizer", PROTOCOLS="paper")
-    assert arg(vit, "--tokenizer_model") == "vit_tokenizer" and arg(vit, "--protocol") == "paper"
+    assert arg(vit, "--tokenizer_model") == ["vit_tokenizer"]
+    assert arg(vit, "--protocol") == ["paper"]
     tex2obj = calls("test_cross_class.sh", PROTOCOLS="clean")[0]
-    assert arg(tex2obj, "--setting") == "tex2obj"
-    assert arg(tex2obj, "--ckpt") == "weights/checkpoint_844_894.pth"
+    assert arg(tex2obj, "--setting")[0] == "tex2obj"
+    assert arg(tex2obj, "--ckpt")[0] == "weights/checkpoint_844_894.pth"
     obj2tex = calls("test_cross_class.sh", PROTOCOLS="clean", FROM_OBJ_TO_TEXTURE="1")[0]
-    assert arg(obj2tex, "--setting") == "obj2tex"
-    assert arg(obj2tex, "--ckpt") == "weights/checkpoint_976_931.pth"
-    assert arg(obj2tex, "--output_dir") == "output_dir/test_obj2tex/clean"
+    assert arg(obj2tex, "--setting")[0] == "obj2tex"
+    assert arg(obj2tex, "--ckpt")[0] == "weights/checkpoint_976_931.pth"
+    assert arg(obj2tex, "--output_dir")[0] == "output_dir/test_obj2tex/clean"
 
 
 def test_the_original_test_scripts_checkpoint_flag():

@@ -474,3 +474,12 @@ def test_resolve_weights_file_takes_a_file_or_a_folder_of_one(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="--w .*empty is empty: see weights/README.md"):
         utils.resolve_weights_file(str(tmp_path / "empty"), "--w")
+
+
+def test_bullet_list_caps_long_listings():
+    """An error naming many files lists the first ones, one per indented line, then how
+    many more (the same cap as the one-line listings above)."""
+    assert utils.bullet_list(["a", "b"]) == "\n  a\n  b"
+    assert utils.bullet_list([f"f{i}" for i in range(5)], limit=3) == (
+        "\n  f0\n  f1\n  f2\n  ... 2 more")
+    assert utils.bullet_list([]) == ""
