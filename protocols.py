@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import metrics
-from engine import patch_losses
+from engine import masked_token_ce, scatter_masked
 from modeling_discrete_vae import file_sha256
 from protoflow import (Proposals, ProtoFlow, covering_masks, is_anomalous,
                        proposals_from_log_likelihood)
@@ -132,18 +133,28 @@ def mask_seeds(image_ids: list[str], seed: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- scores
 @torch.inference_mode()
+def vit_batches(model: torch.nn.Module, data: ClassData, masks: torch.Tensor,
+                batch_size: int, device: torch.device, amp: str
+                ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The ViT over a class's images in batches, under autocast: per batch (its slice
+    of the images, ce (M,) float32 and logits (M, V) of its masked patches in
+    `x[masks]` order, and its masks (n, L) on the device). The one ViT loop of the
+    scoring; bench/score_variants.py reads the logits too."""
+    for i in tqdm(range(0, len(data.images), batch_size), desc="ViT", leave=False):
+        rows = slice(i, i + batch_size)
+        m = masks[rows].to(device)  # (n, L)
+        with amp_autocast(device, amp):
+            ce, logits = masked_token_ce(model, data.images[rows].to(device),
+                                         data.tokens[rows].to(device), m)
+        yield rows, ce, logits, m
+
+
 def masked_token_scores(model: torch.nn.Module, data: ClassData, masks: torch.Tensor,
                         batch_size: int, device: torch.device, amp: str) -> torch.Tensor:
     """PMAD's masked-token score (method.md 7): each masked patch's token cross-entropy,
     0 at visible patches. masks (N, L) bool -> (N, L) float32 on the CPU."""
-    out = []
-    for i in tqdm(range(0, len(data.images), batch_size), desc="ViT", leave=False):
-        x = data.images[i:i + batch_size].to(device)
-        with amp_autocast(device, amp):
-            ce = patch_losses(model, x, data.tokens[i:i + batch_size].to(device),
-                              masks[i:i + batch_size].to(device))
-        out.append(ce.float().cpu())
-    return torch.cat(out)
+    return torch.cat([scatter_masked(ce, m).cpu()
+                      for _, ce, _, m in vit_batches(model, data, masks, batch_size, device, amp)])
 
 
 def covered_token_scores(model: torch.nn.Module, data: ClassData, passes: list[torch.Tensor],

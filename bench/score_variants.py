@@ -25,17 +25,15 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
-from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
 import run_test  # noqa: E402
-from engine import masked_token_ce, scatter_masked  # noqa: E402
+from engine import scatter_masked  # noqa: E402
 from protocols import (ClassData, baseline_maps, collect_class, covered_token_scores,  # noqa: E402
-                       gaussian_blur, image_scores, pmad_maps)
+                       gaussian_blur, image_scores, pmad_maps, vit_batches)
 from protoflow import Proposals, covering_masks, proposals_from_log_likelihood  # noqa: E402
-from utils import amp_autocast  # noqa: E402
 
 CE_WEIGHTS = (0.5, 0.25, 2.0)
 RANDOM_COVERINGS = 4
@@ -56,21 +54,16 @@ def covering_stats(model: torch.nn.Module, data: ClassData, passes: list[torch.T
     stats = {k: torch.zeros(data.tokens.shape) for k in ("ce", "entropy", "top")}
     if codebook is not None:
         stats["codeword"] = torch.zeros(data.tokens.shape)
+        code = codebook.to(device).float()  # (V, C)
     for masks in passes:
-        for i in tqdm(range(0, len(data.images), batch_size), desc="ViT", leave=False):
-            m = masks[i:i + batch_size].to(device)
-            tokens = data.tokens[i:i + batch_size].to(device)
-            with amp_autocast(device, amp):
-                ce, logits = masked_token_ce(model, data.images[i:i + batch_size].to(device),
-                                             tokens, m)
+        for rows, ce, logits, m in vit_batches(model, data, masks, batch_size, device, amp):
             log_p = logits.float().log_softmax(-1)  # (M, V)
             found = {"ce": ce, "entropy": -(log_p.exp() * log_p).sum(-1), "top": -log_p.amax(-1)}
             if codebook is not None:
-                code = codebook.to(device).float()
                 expected = log_p.exp() @ code  # (M, C)
-                found["codeword"] = 1 - (expected * code[tokens[m]]).sum(-1)
+                found["codeword"] = 1 - (expected * code[data.tokens[rows].to(device)[m]]).sum(-1)
             for k, v in found.items():
-                stats[k][i:i + batch_size] += scatter_masked(v, m).cpu()
+                stats[k][rows] += scatter_masked(v, m).cpu()
     return stats
 
 
