@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from datasets import NORMAL_DIRS, VISA_CLASSES, BadFileError, LayoutError, list_images
+from utils import write_atomic
 
 VISA_SPLIT = os.path.join("split_csv", "1cls.csv")
 VISA_COLUMNS = ["object", "split", "label", "image", "mask"]
@@ -43,9 +44,8 @@ def _write_binary_mask(src: str, dst: str) -> None:
                            "VisA download") from e
     defect = arr != 0 if arr.ndim == 2 else (arr != 0).any(axis=-1)  # (H, W)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = f"{dst}.tmp{os.getpid()}.png"
-    Image.fromarray(defect.astype(np.uint8) * 255).save(tmp)
-    os.replace(tmp, dst)
+    mask = Image.fromarray(defect.astype(np.uint8) * 255)
+    write_atomic(dst, lambda tmp: mask.save(tmp, format="PNG"))
 
 
 def read_visa_split(visa_dir: str, classes: Sequence[str] | None = None

@@ -41,6 +41,8 @@ MVTEC_CLASSES = sorted(OBJECTS + TEXTURES)
 VISA_CLASSES = ["candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1",
                 "macaroni2", "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum"]
 SETTINGS = ("multi_class", "obj2tex", "tex2obj", "leave_one_out")
+IMAGE_CACHES = ("ram", "device")  # where ImageCache keeps the decoded images
+CACHE_IMAGES = ("none", *IMAGE_CACHES)  # run_pretraining.py --cache_images
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_DIRS = ("good", "ok")  # normal-image folder: MVTec AD / MPDD, BTAD
 
@@ -686,7 +688,7 @@ class ImageCache:
 
     def __init__(self, dataset: PretrainDataset, batch_size: int, *, where: str,
                  device: str | torch.device, seed: int = 0, num_workers: int = 0) -> None:
-        if where not in ("ram", "device"):
+        if where not in IMAGE_CACHES:
             raise ValueError(f"--cache_images {where!r}: choose 'ram' or 'device'")
         if dataset.tokens is None:
             raise ValueError("ImageCache needs the visual tokens: call cache_tokens first")
@@ -974,8 +976,9 @@ def _save_token_store(path: str, fingerprint: str, preprocess: str, compute: str
     save_on_master(payload, path)
 
 
-def cache_tokens(dataset: _TokenImageDataset, tokenizer, cache_dir: str, batch_size: int = 32,
-                 device: str | torch.device = "cpu", num_workers: int = 0) -> dict[str, int]:
+def cache_tokens(dataset: _TokenImageDataset, tokenizer: torch.nn.Module, cache_dir: str,
+                 batch_size: int = 32, device: str | torch.device = "cpu",
+                 num_workers: int = 0) -> dict[str, int]:
     """Tokenize every image of `dataset` once and make the dataset serve 'tokens' (L,)
     instead of 'token_image', so that a training step runs no tokenizer.
 

@@ -15,7 +15,7 @@ import stat
 import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import cv2
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from datasets import (IMAGE_EXTENSIONS, TEXTURES, BadFileError, bad_fg_masks_error,
                       check_fg_masks, fg_mask_path, fg_mask_problem, list_images, open_rgb)
-from utils import bullet_list
+from utils import bullet_list, write_atomic
 
 WORK_SIZE = 256  # mask estimation runs at this longest side, then is resized back
 MIN_FG_FRACTION = 0.005  # an estimated mask smaller than this is treated as failed
@@ -135,16 +135,13 @@ class FgMaskZip:
                     counts["replaced"] += 1
                 else:
                     counts["new"] += 1
-                _write_atomic(dst, data)
+                _write_bytes(dst, data)
         return counts
 
 
-def _write_atomic(dst: str, data: bytes) -> None:
+def _write_bytes(dst: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = f"{dst}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, dst)
+    write_atomic(dst, lambda tmp: Path(tmp).write_bytes(data))
 
 
 # ----------------------------------------------------------------------------------------
@@ -223,9 +220,8 @@ def _write_mask(root: str, name: str, path: str, textures: Sequence[str],
             fg[:] = True
             status = "failed"
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = f"{dst}.tmp{os.getpid()}"
-    Image.fromarray(fg.astype(np.uint8) * 255).save(tmp, format="PNG")
-    os.replace(tmp, dst)
+    mask = Image.fromarray(fg.astype(np.uint8) * 255)
+    write_atomic(dst, lambda tmp: mask.save(tmp, format="PNG"))
     return status, replaced
 
 

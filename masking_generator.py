@@ -29,6 +29,7 @@ from utils import to_device
 
 Rng = np.random.Generator | torch.Generator | None
 Rect = tuple[int, int, int, int]  # (top, left, height, width) in patches
+Array = torch.Tensor | np.ndarray  # per-sample masks or weights, on the host
 
 
 # =====================================================================================
@@ -40,6 +41,7 @@ CLASS_MASK_RATIOS: dict[str, float] = {
     "pill": 0.48, "screw": 0.04, "toothbrush": 0.22, "transistor": 0.48, "zipper": 0.20,
 }
 WEIGHTINGS = ("frequency", "dynamic", "uniform")
+FREQ_MODES = ("patch", "global")  # frequency_weights' spectra: per patch, whole image
 MIN_BLOCK = 4  # patches; BEiT's and the paper's lower bound of a block's area
 MAX_TRIES = 10  # tries per block before block placement gives up and tops up
 LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
@@ -133,13 +135,15 @@ class MaskGenerator:
                                                        self.num_patches)
         return m
 
-    def __call__(self, class_names: Sequence[str], fg_masks=None, freq_weights=None,
-                 dyn_weights=None, rng: Rng = None) -> torch.Tensor:
+    def __call__(self, class_names: Sequence[str], fg_masks: Array | None = None,
+                 freq_weights: Array | None = None, dyn_weights: Array | None = None,
+                 rng: Rng = None) -> torch.Tensor:
         """class_names N names; fg_masks (N, L) bool; *_weights (N, L) -> (N, L) bool."""
         return self.sample(class_names, fg_masks, freq_weights, dyn_weights, rng)[0]
 
-    def sample(self, class_names: Sequence[str], fg_masks=None, freq_weights=None,
-               dyn_weights=None, rng: Rng = None) -> tuple[torch.Tensor, Variants]:
+    def sample(self, class_names: Sequence[str], fg_masks: Array | None = None,
+               freq_weights: Array | None = None, dyn_weights: Array | None = None,
+               rng: Rng = None) -> tuple[torch.Tensor, Variants]:
         """As __call__, also returning the variants used per sample."""
         if isinstance(class_names, str):
             raise TypeError("MaskGenerator: class_names must be a list of names, one per "
@@ -208,8 +212,8 @@ def frequency_weights(images: torch.Tensor, patch_size: int = 16, mode: str = "p
         spec = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1)).abs()  # (N, C, H, W)
         energy = spec.sum(1).reshape(n, gh, p, gw, p).sum((2, 4))  # (N, gh, gw)
     else:
-        raise ValueError(f"masking_generator.frequency_weights: mode must be 'patch' or "
-                         f"'global', got {mode!r}")
+        raise ValueError(f"masking_generator.frequency_weights: mode must be one of "
+                         f"{FREQ_MODES}, got {mode!r}")
     return _min_max(energy.reshape(n, gh * gw).double()).float()
 
 
@@ -395,22 +399,21 @@ class MaskingPolicy:
     """
 
     def __init__(self, generator: MaskGenerator, class_names: Sequence[str], *,
-                 dynamic_start: int, freq_mode: str | None = "patch", patch_size: int = 16,
+                 dynamic_start: int, freq_mode: str = "patch", patch_size: int = 16,
                  seed: int | Sequence[int] = 0, device: torch.device | str = "cpu"):
-        if freq_mode not in (None, "patch", "global"):
-            raise ValueError(f"MaskingPolicy: freq_mode must be 'patch', 'global' or None "
-                             f"(no frequency weighting), got {freq_mode!r}")
+        if freq_mode not in FREQ_MODES:
+            raise ValueError(f"MaskingPolicy: freq_mode must be one of {FREQ_MODES} (how "
+                             f"frequency_weights takes the spectrum), got {freq_mode!r}")
         self.generator = generator
         self.class_names = list(class_names)
         self.dynamic_start = int(dynamic_start)
-        self.freq_mode = freq_mode
         self.device = torch.device(device)
         self.dynamic = DynamicMaskingState(self.class_names, generator.num_patches,
                                            self.device)
         self.rng = np.random.default_rng(seed)
         # (1, C, H, W) -> (1, L), picklable: the dataset calls it in the loader's workers
-        self.frequency = None if freq_mode is None else functools.partial(
-            frequency_weights, patch_size=patch_size, mode=freq_mode)
+        self.frequency = functools.partial(frequency_weights, patch_size=patch_size,
+                                           mode=freq_mode)
         self._epoch: int | None = None
         self._host_weights: np.ndarray | None = None  # (C, L) the draws use now
         self._pending: deque[_HostCopy] = deque()  # later copies, oldest first
@@ -418,8 +421,8 @@ class MaskingPolicy:
     def draw(self, class_idx: torch.Tensor, fg_masks: torch.Tensor | None,
              freq_weights: torch.Tensor | None, epoch: int) -> MaskBatch:
         """Masks of one batch: class_idx (N,), fg_masks (N, L) bool or None (all
-        patches), freq_weights (N, L) from ``frequency`` (required unless freq_mode is
-        None), all on the host -> MaskBatch on the device.
+        patches), freq_weights (N, L) from ``frequency`` (required), all on the host ->
+        MaskBatch on the device.
 
         From ``dynamic_start`` on, samples may draw dynamic weights and the loss is
         rank-weighted by them (rank_loss_weights).
@@ -431,13 +434,12 @@ class MaskingPolicy:
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self.class_names)):
             raise ValueError(f"MaskingPolicy.draw: class indices must lie in "
                              f"[0, {len(self.class_names)}), got {idx.tolist()}")
-        if self.frequency is not None and freq_weights is None:
+        if freq_weights is None:
             raise ValueError("MaskingPolicy.draw: the batch has no frequency weights; build "
                              "the dataset with freq_weights=policy.frequency")
         dyn = self._dynamic_weights()[idx] if epoch >= self.dynamic_start else None
         masks = self.generator([self.class_names[i] for i in idx], fg_masks,
-                               freq_weights if self.frequency is not None else None, dyn,
-                               rng=self.rng)  # (N, L) bool, host
+                               freq_weights, dyn, rng=self.rng)  # (N, L) bool, host
         index = masks.reshape(-1).nonzero().squeeze(1)  # (M,), host
         loss_weights = None
         if dyn is not None:

@@ -323,7 +323,7 @@ def f1_optimal_threshold(labels: np.ndarray | torch.Tensor, scores: np.ndarray |
     """Threshold t whose call "anomalous iff score > t" maximises F1.
 
     The paper protocol picks ProtoFlow's normal/anomalous threshold this way (docs/method.md 7)
-    and the project calls with `>` (protoflow.Proposals.is_anomalous). The F1-optimal call
+    and the project calls with `>` (protoflow.is_anomalous). The F1-optimal call
     is "score >= v" for an anomalous score v (among equal F1 the lowest v, highest recall,
     as `thresholds[argmax(f1)]` over scikit-learn's precision_recall_curve); t is the
     midpoint between v and the next lower score, so `score >= t` makes the same call too,
@@ -427,8 +427,8 @@ def compute_metrics(labels: np.ndarray | torch.Tensor, image_scores: np.ndarray 
 def per_defect_metrics(labels: np.ndarray | torch.Tensor, defect_types: Sequence[str],
                        image_scores: np.ndarray | torch.Tensor,
                        gt_masks: np.ndarray | torch.Tensor | None,
-                       score_maps: np.ndarray | torch.Tensor,
-                       normal_type: str = 'good') -> dict[str, dict[str, float]]:
+                       score_maps: np.ndarray | torch.Tensor
+                       ) -> dict[str, dict[str, float]]:
     """Where a method wins and loses: per defect type, image AUROC of that type's images
     against the normal ones, and pixel AUROC over the normal images plus that type's.
 

@@ -16,7 +16,6 @@ applying its own input mapping.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -37,10 +36,11 @@ import datasets
 from backbones import create_backbone, lite0_weights_path
 from modeling_pmad import (Block, LayerNorm, PatchEmbed, load_state_dict_checked,
                            unwrap_state_dict)
-from utils import CheckpointError, FlagError, MissingFileError, read_weights_file, save_on_master
+from utils import (CheckpointError, FlagError, MissingFileError, file_sha256, read_weights_file,
+                   save_on_master)
 
 __all__ = [
-    "register_tokenizer", "available_tokenizers", "create_tokenizer", "file_sha256",
+    "register_tokenizer", "available_tokenizers", "create_tokenizer",
     "DalleConv2d", "DalleEncoderBlock", "DalleEncoder", "DalleTokenizer", "load_dalle_encoder",
     "save_dalle_encoder", "ViTEncoder", "VQKDTokenizer", "CNNPatchFeatures", "KMeansTokenizer",
     "spherical_kmeans", "fit_kmeans_tokenizer", "fit_kmeans_on_folder",
@@ -82,14 +82,6 @@ def create_tokenizer(name: str, weight_path: str | os.PathLike,
     if hasattr(tokenizer, "set_amp"):
         tokenizer.set_amp(amp)
     return tokenizer.to(device).eval()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_token_images(images: torch.Tensor, image_size: int, name: str) -> None:

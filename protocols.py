@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -25,10 +25,9 @@ from tqdm import tqdm
 
 import metrics
 from engine import masked_token_ce, scatter_masked
-from modeling_discrete_vae import file_sha256
 from protoflow import (Proposals, ProtoFlow, covering_masks, is_anomalous,
                        proposals_from_log_likelihood)
-from utils import amp_autocast
+from utils import amp_autocast, file_sha256
 
 PAPER_RATIOS = tuple(round(0.02 * i, 2) for i in range(1, 25))  # 0.02 ... 0.48
 CLEAN_MASKS = ("proposal", "threshold")
@@ -50,9 +49,7 @@ class CleanOptions:
     image_score: str = "max"
 
     def as_dict(self) -> dict[str, str]:
-        return {"masks": self.masks, "unmasked": self.unmasked,
-                "abnormality": self.abnormality, "combine": self.combine,
-                "image_score": self.image_score}
+        return asdict(self)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -208,7 +205,7 @@ def evaluate_maps(data: ClassData, maps: torch.Tensor, pixel_maps: torch.Tensor 
                   scores: torch.Tensor | None = None) -> dict[str, float]:
     """The field's metric set for one class (image score: the map's maximum unless given),
     plus the per-defect-type breakdown."""
-    scores = maps.flatten(1).amax(dim=1) if scores is None else scores
+    scores = image_scores(maps, "max") if scores is None else scores
     pixel = maps if pixel_maps is None else pixel_maps
     gt = None if data.gt_masks is None else data.gt_masks.numpy()
     record = metrics.compute_metrics(data.labels, scores.numpy(), gt, pixel.numpy())
@@ -282,7 +279,7 @@ def clean_scores(model: torch.nn.Module, data: ClassData, *, ratio: float,
     ('cover'). Image score: options.image_score.
     """
     grid = tuple(model.patch_embed.grid_size)
-    proposals = proposals_from_log_likelihood(data.log_likelihood, [ratio],
+    proposals = proposals_from_log_likelihood(data.log_likelihood,
                                               image_size=data.images.shape[-1], grid=grid)
     anomalous = (is_anomalous(proposals.image_scores, threshold).cpu()
                  if threshold is not None else None)
@@ -357,7 +354,7 @@ def evaluate_paper(model: torch.nn.Module, data: ClassData, *, sigma: float, bat
     Returns as `evaluate_clean` does; PMAD's maps and image scores at the ratio of the
     best image AUROC."""
     grid = tuple(model.patch_embed.grid_size)
-    proposals = proposals_from_log_likelihood(data.log_likelihood, list(PAPER_RATIOS),
+    proposals = proposals_from_log_likelihood(data.log_likelihood,
                                               image_size=data.images.shape[-1], grid=grid)
     threshold = metrics.f1_optimal_threshold(data.labels, proposals.image_scores.numpy())
     anomalous = is_anomalous(proposals.image_scores, threshold).cpu()

@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from backbones import create_backbone
-from modeling_discrete_vae import file_sha256
-from utils import (CheckpointError, MissingFileError, cosine_scheduler, read_weights_file,
-                   save_on_master)
+from masking_generator import num_masked
+from utils import (CheckpointError, MissingFileError, cosine_scheduler, file_sha256,
+                   read_weights_file, save_on_master, write_atomic)
 
 DEFAULT_BACKBONE = "tf_efficientnet_b6"  # architecture of a file that names none
 # timm 0.3.2's `tf_efficientnet_b6` (the original's encoder) is the AutoAugment ImageNet
@@ -69,8 +69,6 @@ class Proposals:
     abnormality_maps: Tensor      # (N, H, W) max(prob) - prob over the set
     log_abnormality_maps: Tensor  # (N, H, W) max(logp) - logp over the set, unsaturated
     image_scores: Tensor          # (N,) max over patches of -logp (set-independent)
-    is_anomalous: Tensor | None   # (N,) bool: image_scores > stored threshold
-    masks: dict[float, Tensor]    # ratio -> (N, L) bool, True = proposed (masked) patch
     rank: Tensor                  # (N, L) long: 0 = the patch ProtoFlow finds most anomalous
 
     def test_ranks(self, anomalous: Tensor | None = None,
@@ -99,19 +97,20 @@ class Proposals:
 
     def test_masks(self, ratio: float, anomalous: Tensor | None = None,
                    seeds: Sequence[int] | None = None) -> Tensor:
-        """(N, L) bool: the int(L * ratio) first patches of `test_ranks`."""
-        return self.test_ranks(anomalous, seeds) < int(self.rank.shape[1] * ratio)
+        """(N, L) bool: the `num_masked(ratio, L)` first patches of `test_ranks`."""
+        return self.test_ranks(anomalous, seeds) < num_masked(ratio, self.rank.shape[1])
 
 
 def covering_masks(ranks: Tensor, ratio: float) -> list[Tensor]:
     """Masks that together mask every patch exactly once, in the order `ranks` (N, L).
 
-    Pass k masks ranks [k m, (k + 1) m), m = int(L * ratio): pass 0 is the test mask, so
-    the likeliest defect patches are predicted from a context without them, and later
-    passes score the rest instead of leaving them at 0. -> ceil(L / m) masks (N, L) bool.
+    Pass k masks ranks [k m, (k + 1) m), m = num_masked(ratio, L): pass 0 is the test
+    mask, so the likeliest defect patches are predicted from a context without them, and
+    later passes score the rest instead of leaving them at 0. -> ceil(L / m) masks (N, L)
+    bool.
     """
     num_patches = ranks.shape[1]
-    m = int(num_patches * ratio)
+    m = num_masked(ratio, num_patches)
     if m < 1:
         raise ValueError(f"mask ratio {ratio} masks no patch of {num_patches}")
     return [(ranks >= k) & (ranks < k + m) for k in range(0, num_patches, m)]
@@ -218,12 +217,15 @@ def save_prototypes(prototypes_dir: str, class_name: str, prototypes: np.ndarray
     folder = os.path.join(prototypes_dir, class_name)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, CORESET_FILE)
-    tmp = os.path.join(folder, f".{CORESET_FILE}.tmp-{os.getpid()}.npy")
-    np.save(tmp, prototypes.astype(np.float32))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: _save_npy(tmp, prototypes.astype(np.float32)))
     with open(os.path.join(folder, CORESET_META), "w") as f:
         json.dump(meta, f, indent=1)
     return path
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to a name
+        np.save(f, array)
 
 
 def prototypes_sha256(prototypes_dir: str, class_name: str) -> str | None:
@@ -461,15 +463,14 @@ def train_flow(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
 
 
 # ----------------------------------------------------------------------------- proposals
-def proposals_from_log_likelihood(logp: Tensor, mask_ratios: Sequence[float],
-                                  image_size: int | tuple[int, int] = 224,
-                                  grid: tuple[int, int] = (14, 14),
-                                  threshold: float | None = None) -> Proposals:
-    """Proposal masks and abnormality maps of a whole set of logp maps (N, h, w).
+def proposals_from_log_likelihood(logp: Tensor, image_size: int | tuple[int, int] = 224,
+                                  grid: tuple[int, int] = (14, 14)) -> Proposals:
+    """Proposal ranks and abnormality maps of a whole set of logp maps (N, h, w); the
+    masks of a ratio are `Proposals.test_masks`.
 
     The normalisation (subtract the set's maximum, exp, max(prob) - prob) runs over the
     whole given set, as in docs/method.md 6, so pass a class's full test set at once. The
-    masks' per-image ranking and the image scores do not depend on the set. Besides the
+    per-image ranking and the image scores do not depend on the set. Besides the
     paper's abnormality map, its unsaturated log form max(logp) - logp (the clean
     protocol's default, see run_test.py --abnormality).
     """
@@ -477,9 +478,6 @@ def proposals_from_log_likelihood(logp: Tensor, mask_ratios: Sequence[float],
         raise ValueError(f"logp must be a non-empty (N, h, w) tensor, got {tuple(logp.shape)}")
     if not torch.isfinite(logp).all():
         raise ValueError("logp contains non-finite values: the flow or its input diverged")
-    bad = [r for r in mask_ratios if not 0.0 <= r <= 1.0]
-    if bad:
-        raise ValueError(f"mask ratios must lie in [0, 1], got {bad}")
     logp = logp.float()
     prob = torch.exp(logp - logp.max())[:, None]  # (N, 1, h, w)
     anomaly = prob.max() - prob
@@ -490,7 +488,6 @@ def proposals_from_log_likelihood(logp: Tensor, mask_ratios: Sequence[float],
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(num_patches, device=order.device).expand_as(order)
                   .contiguous())
-    masks = {r: rank < int(num_patches * r) for r in mask_ratios}
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     fine = F.interpolate(prob, size=size, mode="bilinear", align_corners=True)[:, 0]
     abnormality = fine.max() - fine  # (N, H, W)
@@ -498,9 +495,7 @@ def proposals_from_log_likelihood(logp: Tensor, mask_ratios: Sequence[float],
     # every clearly anomalous patch and no longer ranks them; -log(prob) does.
     log_abnormality = F.interpolate((logp.max() - logp)[:, None], size=size, mode="bilinear",
                                     align_corners=True)[:, 0]  # (N, H, W)
-    scores = image_score(logp)  # (N,)
-    called = is_anomalous(scores, threshold) if threshold is not None else None
-    return Proposals(logp, abnormality, log_abnormality, scores, called, masks, rank)
+    return Proposals(logp, abnormality, log_abnormality, image_score(logp), rank)
 
 
 # ----------------------------------------------------------------------------- files

@@ -22,7 +22,7 @@ import engine
 import modeling_discrete_vae
 import modeling_pmad
 import utils
-from masking_generator import CLASS_MASK_RATIOS, MaskGenerator, MaskingPolicy
+from masking_generator import CLASS_MASK_RATIOS, FREQ_MODES, MaskGenerator, MaskingPolicy
 
 # Arguments that must match for a resumed run to continue the same training.
 RESUME_MUST_MATCH = ("model", "setting", "unseen_classes", "epochs", "batch_size",
@@ -68,7 +68,7 @@ def _add_masking_args(p: argparse.ArgumentParser) -> None:
                    help="mask ratio of classes without a ratio of their own")
     p.add_argument("--dynamic_masking_start", type=int, default=100,
                    help="first epoch of dynamic masking and rank-weighted loss")
-    p.add_argument("--freq_mode", default="patch", choices=["patch", "global"],
+    p.add_argument("--freq_mode", default="patch", choices=FREQ_MODES,
                    help="frequency weights from each patch's spectrum (the paper's intent) "
                         "or, 'global', the original code's patchified image spectrum")
     p.add_argument("--fg_mask", action=argparse.BooleanOptionalAction, default=True,
@@ -109,7 +109,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    default=True, help="ImageNet mean/std (else 0.5/0.5, BEiT's alternative)")
     p.add_argument("--skip_bad_images", action="store_true",
                    help="leave out unreadable images (listed) instead of stopping")
-    p.add_argument("--cache_images", default="none", choices=["none", "ram", "device"],
+    p.add_argument("--cache_images", default="none", choices=datasets.CACHE_IMAGES,
                    help="decode every image once and keep it with its tokens in RAM or on "
                         "the device (MVTec AD: 0.55 GB at 224 px; each DDP rank its share)")
     p.add_argument("--num_workers", type=utils.int_at_least(0), default=10)

@@ -15,6 +15,7 @@ protoflow.py, the held-out split and the flow's augmentation in datasets.py.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -43,10 +44,12 @@ from utils import (CheckpointError, FlagError, JsonlLog, build_sampler, capture_
 
 
 @torch.inference_mode()
-def image_scores(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
-                 prototypes: Sequence[Tensor], device: str | torch.device = "cpu"
-                 ) -> tuple[Tensor, Tensor]:
-    """Set-independent image scores (max over patches of -logp) and class indices (N,)."""
+def held_out_scores(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
+                    prototypes: Sequence[Tensor], device: str | torch.device = "cpu"
+                    ) -> tuple[Tensor, Tensor]:
+    """ProtoFlow's image scores (N,) of the held-out normal images, which calibrate the
+    stored threshold (set-independent: max over patches of -logp), and their class
+    indices (N,)."""
     protos = [p.to(device) for p in prototypes]
     flow.eval()
     scores, classes = [], []
@@ -68,19 +71,20 @@ PROTOTYPE_FLAGS = ("data_path", "encoder_weights", "img_size", "holdout", "seed"
                    "skip_bad_images")
 
 
-def _encoder_from_args(args) -> nn.Module:
+def _encoder_from_args(args: argparse.Namespace) -> nn.Module:
     return create_backbone(args.encoder, tuple(args.out_indices), weights=args.encoder_weights,
                            pretrained=args.encoder_weights is None).to(args.device)
 
 
-def _loader(dataset, indices: list[int], args, train: bool = False):
+def _loader(dataset: Dataset, indices: list[int], args: argparse.Namespace,
+            train: bool = False) -> DataLoader:
     subset = Subset(dataset, indices)
     return DataLoader(subset, batch_size=args.batch_size, num_workers=args.num_workers,
                       sampler=build_sampler(subset, args.seed) if train else None,
                       pin_memory=torch.device(args.device).type == "cuda")
 
 
-def run_prototypes(args) -> list[str]:
+def run_prototypes(args: argparse.Namespace) -> list[str]:
     """`prototypes` command: <output_dir>/<class>/coreset.npy for each class."""
     classes = args.classes or datasets.list_train_classes(args.data_path)
     encoder = _encoder_from_args(args)
@@ -89,8 +93,8 @@ def run_prototypes(args) -> list[str]:
     for name in classes:
         dataset = datasets.TrainImageDataset(args.data_path, [name], transform,
                                              skip_bad_images=args.skip_bad_images)
-        kept, held = datasets.holdout_split([c for _, c in dataset.samples], [name], args.holdout,
-                                   args.seed)
+        kept, held = datasets.holdout_split([c for _, c in dataset.samples], [name],
+                                            args.holdout, args.seed)
         if args.num_shots is not None:
             if args.num_shots > len(kept):
                 raise FlagError(f"--num_shots {args.num_shots}: class '{name}' has "
@@ -132,7 +136,8 @@ def _check_prototype_holdout(prototypes_dir: str, held_out: dict[str, list[str]]
                             "or rebuild the prototypes, so that held-out images stay unseen")
 
 
-def _flow_data(args, classes: list[str]) -> tuple[Dataset, Dataset, list[int], list[int]]:
+def _flow_data(args: argparse.Namespace, classes: list[str]
+               ) -> tuple[Dataset, Dataset, list[int], list[int]]:
     """The training images (flow augmentation), the same images with the test transform,
     and the (kept, held-out) split; the prototypes must not have seen the held-out ones."""
     train_set = datasets.TrainImageDataset(args.data_path, classes,
@@ -151,7 +156,7 @@ def _flow_data(args, classes: list[str]) -> tuple[Dataset, Dataset, list[int], l
     return train_set, eval_set, kept, held
 
 
-def _resume(args, resume_path: str, flow: Ff.SequenceINN,
+def _resume(args: argparse.Namespace, resume_path: str, flow: Ff.SequenceINN,
             optimizer: torch.optim.Optimizer, run_args: dict) -> int:
     """The epoch to start at: 0, or the one after the last saved in `resume_path`
     (<output>.resume), whose flow, optimizer and RNG state are restored (only with
@@ -193,7 +198,7 @@ def _resume(args, resume_path: str, flow: Ff.SequenceINN,
     return start_epoch
 
 
-def run_train(args) -> dict:
+def run_train(args: argparse.Namespace) -> dict:
     """`train` command: the flow on the seen classes' images, last epoch kept (no model
     selection with test labels), threshold from held-out normal images."""
     classes = args.classes or datasets.setting_classes(
@@ -228,8 +233,8 @@ def run_train(args) -> dict:
     train_flow(encoder, flow, _loader(train_set, kept, args, train=True), prototypes,
                args.epochs, args.lr, args.warmup_epochs, args.device, optimizer=optimizer,
                start_epoch=start_epoch, epoch_end=epoch_end)
-    scores, score_classes = (image_scores(encoder, flow, _loader(eval_set, held, args),
-                                          prototypes, args.device)
+    scores, score_classes = (held_out_scores(encoder, flow, _loader(eval_set, held, args),
+                                             prototypes, args.device)
                              if held else (None, None))
     if scores is not None and not torch.isfinite(scores).all():  # then the threshold is too
         raise FloatingPointError(
@@ -250,7 +255,7 @@ def run_train(args) -> dict:
     return obj
 
 
-def _add_common_args(p) -> None:
+def _add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data_path", required=True,
                    help="training images in ImageNet layout: <root>/train/<class>/* (the "
                         "root, or its train/ folder)")
@@ -271,8 +276,7 @@ def _add_common_args(p) -> None:
                    help="leave unreadable images out (listed) instead of stopping")
 
 
-def main(argv: Sequence[str] | None = None) -> object:
-    import argparse
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("run_protoflow.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     pp = sub.add_parser("prototypes", help="build <output_dir>/<class>/coreset.npy")
@@ -288,8 +292,7 @@ def main(argv: Sequence[str] | None = None) -> object:
     tp = sub.add_parser("train", help="train the flow, write the ProtoFlow file")
     _add_common_args(tp)
     tp.add_argument("--classes", nargs="+", default=None, help="overrides --setting")
-    tp.add_argument("--setting", default="multi_class",
-                    choices=["multi_class", "obj2tex", "tex2obj", "leave_one_out"])
+    tp.add_argument("--setting", default="multi_class", choices=datasets.SETTINGS)
     tp.add_argument("--unseen_classes", nargs="*", default=None)
     tp.add_argument("--prototypes_dir", default="weights/prototypes")
     tp.add_argument("--output", required=True, help="e.g. weights/protoflow/multi_class.pt")
@@ -300,13 +303,19 @@ def main(argv: Sequence[str] | None = None) -> object:
     tp.add_argument("--threshold_quantile", type=fraction_arg(), default=THRESHOLD_QUANTILE)
     tp.add_argument("--resume", action="store_true",
                     help="continue the unfinished run saved in <output>.resume")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> list[str] | dict:
+    """Run the `prototypes` or `train` command: its written paths, or the ProtoFlow file's
+    content."""
+    args = get_args_parser().parse_args(argv)
     args.data_path = datasets.resolve_train_root(args.data_path)
     check_inputs(args)
     return run_prototypes(args) if args.command == "prototypes" else run_train(args)
 
 
-def check_inputs(args) -> None:
+def check_inputs(args: argparse.Namespace) -> None:
     """Before the encoder or any image is loaded: the backbone name, the data's layout
     and classes, the output folder (created, writable; stale temporary files removed)."""
     if not timm.is_model(args.encoder):

@@ -24,13 +24,14 @@ import datasets
 import modeling_pmad
 from heatmaps import save_heatmaps
 from masking_generator import CLASS_MASK_RATIOS
-from modeling_discrete_vae import available_tokenizers, create_tokenizer, file_sha256
+from modeling_discrete_vae import available_tokenizers, create_tokenizer
 from protocols import (ABNORMALITY, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED,
                        CleanOptions, collect_class, evaluate_clean, evaluate_paper)
 from protoflow import ProtoFlow, prototypes_sha256
 from reporting import PartialResults, exit_status, report
-from utils import (FlagError, cli, int_at_least, mask_ratio_arg, prepare_output_dir,
-                   read_weights_file, resolve_amp, resolve_weights_file)
+from utils import (AMP_CHOICES, FlagError, cli, file_sha256, float_at_least, int_at_least,
+                   mask_ratio_arg, prepare_output_dir, read_weights_file, resolve_amp,
+                   resolve_weights_file)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -81,11 +82,13 @@ def add_clean_args(p: argparse.ArgumentParser) -> None:
                    help="clean protocol: one ratio for every class (default: the "
                         "per-class ratios of the paper's Table 6, 0.3 for other classes)")
     p.add_argument("--default_mask_ratio", type=mask_ratio_arg, default=0.3)
-    p.add_argument("--sigma", type=float, default=4.0)
+    p.add_argument("--sigma", type=float_at_least(0), default=4.0,
+                   help="std in pixels of the Gaussian that smooths every score map "
+                        "(the paper: 4; 0: no smoothing)")
     p.add_argument("--batch_size", type=int_at_least(1), default=32)
     p.add_argument("--num_workers", type=int_at_least(0), default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
+    p.add_argument("--amp", default=None, choices=AMP_CHOICES,
                    help="autocast for the ViT (default: bf16 where supported)")
     p.add_argument("--skip_bad_images", action="store_true",
                    help="list unreadable images and leave them out (default: stop and name "
@@ -100,8 +103,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--data_path", default="data/mvtec_anomaly_detection",
                    help="a folder in MVTec layout (MVTec AD, BTAD, MPDD, the demo set)")
-    p.add_argument("--setting", default=None,
-                   choices=["multi_class", "obj2tex", "tex2obj", "leave_one_out"])
+    p.add_argument("--setting", default=None, choices=datasets.SETTINGS)
     p.add_argument("--unseen_classes", nargs="*", default=None)
     p.add_argument("--from_obj_to_texture", action="store_true",
                    help="the original's switch: same as --setting obj2tex")
@@ -286,7 +288,7 @@ def main(args: argparse.Namespace) -> dict:
     return results
 
 
-def evaluate_class(args: argparse.Namespace, m: "Models", options: CleanOptions, root: Path,
+def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, root: Path,
                    out_dir: Path, class_name: str) -> dict:
     """One class under args.protocol: its record, its diagnostics line, its heatmaps."""
     dataset = datasets.MVTecTestDataset(root, class_name, token_size=m.tokenizer.image_size,
@@ -316,7 +318,6 @@ def evaluate_class(args: argparse.Namespace, m: "Models", options: CleanOptions,
         save_heatmaps(data, maps["pmad"], scores["pmad"], scores["protoflow"], threshold,
                       out_dir / "heatmaps" / class_name, args.save_heatmaps, m.mean, m.std)
     return record
-
 
 
 if __name__ == "__main__":

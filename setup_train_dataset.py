@@ -33,8 +33,9 @@ from dataset_converters import (DEFAULT_TEST_FRACTION, convert_custom, convert_v
                                 remove_unlisted)
 from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, LayoutError,
                       list_images, resolve_train_root)
+from demo_data import DEFECT_AREA_BOUNDS, WORLDS, make_demo_dataset
 from fg_masks import FgMaskZip, make_fg_masks, mask_coverage
-from utils import cli, fraction_arg, prepare_output_dir
+from utils import cli, fraction_arg, prepare_output_dir, write_atomic
 
 DEFAULT_ROOT = "data/Mvtec-ImageNet"
 DEMO_ROOT = "data/demo_imagenet"
@@ -112,17 +113,17 @@ def _identical(src: str, dst: str, link: bool) -> bool:
 
 
 def _place(src: str, dst: str, link: bool) -> None:
-    """Copy or hard-link through a temporary name, so that a crash leaves no half file."""
-    tmp = f"{dst}.tmp{os.getpid()}"
-    if link:
-        try:
-            os.link(src, tmp)
-        except OSError as e:
-            raise OSError(f"--link: cannot hard-link {src} to {tmp} ({e}); data_path and root "
-                          "must be on the same file system, or drop --link to copy") from e
-    else:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+    """Copy or hard-link through a temporary name (`write_atomic`), so that a crash
+    leaves no half file."""
+    write_atomic(dst, lambda tmp: _link(src, tmp) if link else shutil.copy2(src, tmp))
+
+
+def _link(src: str, tmp: str) -> None:
+    try:
+        os.link(src, tmp)
+    except OSError as e:
+        raise OSError(f"--link: cannot hard-link {src} to {tmp} ({e}); data_path and root "
+                      "must be on the same file system, or drop --link to copy") from e
 
 
 def sync_files(pairs: list[tuple[str, str]], link: bool, desc: str) -> Counter:
@@ -168,7 +169,7 @@ def _counts(c: Counter) -> str:
     return ", ".join(f"{c[k]} {k}" for k in ("new", "unchanged", "replaced"))
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_path", help="MVTec-format dataset (e.g. data/mvtec_anomaly_detection)")
@@ -197,7 +198,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--make_demo", metavar="DIR",
                    help="first write the offline demo set (MVTec format) into DIR and use it "
                         "as --data_path")
-    p.add_argument("--demo_world", default="main", choices=["main", "heldout"],
+    p.add_argument("--demo_world", default="main", choices=tuple(WORLDS),
                    help="--make_demo: the main demo set, or the held-out one (other "
                         "photographs and defect kinds; demo_data.py)")
     p.add_argument("--seed", type=int, default=0, help="seed of the demo set (--make_demo)")
@@ -209,6 +210,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "world's (demo_data.WORLDS), within 0.001-0.2 (near 0.001 some kinds "
                         "cannot be made visible: an error names them); README's tuning draws "
                         "are the main world with 0.001 0.01")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The flags, checked together (one data source; the options each needs)."""
+    p = get_args_parser()
     args = p.parse_args(argv)
     sources = [f for f in ("make_demo", "visa", "custom") if getattr(args, f)]
     if len(sources) > 1:
@@ -228,7 +235,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if not args.make_demo:
             p.error("--demo_defect_area sets the sizes of the demo set's defects: add "
                     "--make_demo DIR")
-        from demo_data import DEFECT_AREA_BOUNDS
         lo, hi = args.demo_defect_area
         if not DEFECT_AREA_BOUNDS[0] <= lo <= hi <= DEFECT_AREA_BOUNDS[1]:
             p.error(f"--demo_defect_area {lo:g} {hi:g}: give SMALLEST <= LARGEST within "
@@ -241,7 +247,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _make_demo(args: argparse.Namespace) -> None:
     """--make_demo: the offline demo set, written as the MVTec-format --data_path with its
     foreground masks already under --root."""
-    from demo_data import make_demo_dataset
     n_train, n_test_good, n_test_defect = args.demo_counts
     written = make_demo_dataset(args.make_demo, args.root, seed=args.seed,
                                 classes=args.classes, n_train=n_train,

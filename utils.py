@@ -1,7 +1,10 @@
-"""Training plumbing: torchrun/DDP set-up, seeding, autocast, schedules, optimiser
+"""Plumbing shared by the commands: user errors and the argparse types of their flags,
+atomic file writes, torchrun/DDP set-up, seeding, autocast, schedules, optimiser
 parameter groups, atomic checkpoints with exact resume, metric and log writers.
 
-Everything here takes plain arguments; argparse lives in run_pretraining.py.
+Everything here takes plain arguments; the five entry points (run_pretraining.py,
+run_test.py, run_protoflow.py, predict.py, setup_train_dataset.py) parse the command
+line with these types.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import contextlib
 import datetime
 import errno
 import glob
+import hashlib
 import json
 import os
 import pickle
@@ -31,7 +35,7 @@ from torch import nn
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+|last)\.pth$")
 NO_WEIGHT_DECAY = ("cls_token", "pos_embed")
-# what save_on_master and JsonlLog name their temporary files: <name>.tmp-<writer's pid>
+# the temporary files write_atomic fills (tmp_name): .<name>.tmp-<writer's pid>
 TMP_PATTERN = re.compile(r"\.tmp-(\d+)$")
 
 
@@ -129,6 +133,12 @@ def positive_float(text: str) -> float:
     return _float_in(text, 0.0, math.inf, "is not a positive number")
 
 
+def float_at_least(low: float) -> Callable[[str], float]:
+    """argparse type: a finite number >= low."""
+    return lambda text: _float_in(text, math.nextafter(low, -math.inf), math.inf,
+                                  f"is not a finite number >= {low:g}")
+
+
 def fraction_arg(include_one: bool = False) -> Callable[[str], float]:
     """argparse type: a fraction in (0, 1), or in (0, 1] with `include_one`."""
     high = math.nextafter(1.0, 2.0) if include_one else 1.0
@@ -162,9 +172,42 @@ def prepare_output_dir(path: str | os.PathLike, flag: str) -> str:
     return path
 
 
+# ----------------------------------------------------------------------------- files
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Fill `path` whole or not at all: `write(tmp)` writes the temporary file
+    `tmp_name(path)` in the same folder, which then replaces `path` (os.replace). On
+    failure the temporary file is removed and `path` keeps its old content; a writer
+    killed mid-write leaves one that `remove_stale_tmp_files` recognises."""
+    path = os.fspath(path)
+    tmp = tmp_name(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def tmp_name(path: str) -> str:
+    """The temporary file `write_atomic` fills before the rename: .<name>.tmp-<pid> in
+    the folder of `path` (hidden, named by the writer's process for the cleaner)."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """A file's SHA-256 hex digest, read in 4 MiB chunks (any size, little memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def remove_stale_tmp_files(folder: str | os.PathLike) -> list[str]:
-    """Remove the temporary files (`<name>.tmp-<pid>`) that writers killed mid-write left
-    in `folder`: those whose pid is no process on this machine. Returns their paths."""
+    """Remove the temporary files (`tmp_name`: `.<name>.tmp-<pid>`) that writers killed
+    mid-write left in `folder`: those whose pid is no process on this machine. Returns
+    their paths."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         return []
@@ -541,52 +584,54 @@ def _as_tuple(obj: Any) -> Any:
 def save_on_master(obj: dict, path: str | Sequence[str]) -> None:
     """Write `obj` atomically on rank 0 to one or more paths in the same folder.
 
-    Serialised once to a temporary file (fsync'ed); each further path gets a hard link
-    (a copy where links are unsupported) under its own temporary name; each then takes
-    its place with os.replace. A crash at any point leaves every previous file whole.
+    Serialised once (fsync'ed) through `write_atomic`; each further path gets a hard
+    link to it (a copy where links are unsupported), also through `write_atomic`. A crash
+    at any point leaves every previous file whole.
     """
     if not is_main_process():
         return
     paths = [path] if isinstance(path, str) else list(path)
     folder = os.path.dirname(os.path.abspath(paths[0]))
     os.makedirs(folder, exist_ok=True)
-    tmps = [os.path.join(folder, f".{os.path.basename(p)}.tmp-{os.getpid()}") for p in paths]
-    try:
-        with open(tmps[0], "wb") as raw:
-            f = _CheckpointFile(raw)
-            try:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(raw.fileno())
-            except (OSError, RuntimeError) as e:
-                # torch reports a failed write as "unexpected pos": the errno is the writer's
-                cause = f.error if isinstance(f.error, OSError) else e
-                if getattr(cause, "errno", None) == errno.ENOSPC:
-                    intact = [p for p in paths if os.path.exists(p)]
-                    raise DiskFullError(
-                        f"no space left in {folder}; "
-                        + (f"{intact[0]} is intact" if intact else "no earlier checkpoint "
-                           "was there")
-                        + ": free space (or choose another --output_dir) and re-run to "
-                        "resume") from None
-                raise
-        for tmp in tmps[1:]:
-            try:
-                os.link(tmps[0], tmp)
-            except OSError:
-                shutil.copyfile(tmps[0], tmp)
-        for tmp, p in zip(tmps, paths):
-            os.replace(tmp, p)
-    finally:
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    write_atomic(paths[0], lambda tmp: _save_fsynced(obj, tmp, paths, folder))
+    for p in paths[1:]:
+        write_atomic(p, lambda tmp: _link_or_copy(paths[0], tmp))
     with contextlib.suppress(OSError):  # make the renames themselves durable
         fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _save_fsynced(obj: dict, tmp: str, paths: Sequence[str], folder: str) -> None:
+    """torch.save to `tmp`, fsync'ed; a full disk raises DiskFullError naming the
+    checkpoint that is still intact."""
+    with open(tmp, "wb") as raw:
+        f = _CheckpointFile(raw)
+        try:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(raw.fileno())
+        except (OSError, RuntimeError) as e:
+            # torch reports a failed write as "unexpected pos": the errno is the writer's
+            cause = f.error if isinstance(f.error, OSError) else e
+            if getattr(cause, "errno", None) == errno.ENOSPC:
+                intact = [p for p in paths if os.path.exists(p)]
+                raise DiskFullError(
+                    f"no space left in {folder}; "
+                    + (f"{intact[0]} is intact" if intact else "no earlier checkpoint "
+                       "was there")
+                    + ": free space (or choose another --output_dir) and re-run to "
+                    "resume") from None
+            raise
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 class _CheckpointFile:
@@ -959,10 +1004,7 @@ class JsonlLog:
                 lines = [ln for ln in f if ln.strip()]
             kept = [ln for ln in lines if _line_epoch(ln) < start_epoch]
             if len(kept) != len(lines):
-                tmp = f"{path}.tmp-{os.getpid()}"
-                with open(tmp, "w") as f:
-                    f.writelines(kept)
-                os.replace(tmp, path)
+                write_atomic(path, lambda tmp: _write_lines(tmp, kept))
 
     def write(self, record: dict) -> None:
         if not is_main_process():
@@ -971,16 +1013,16 @@ class JsonlLog:
             f.write(json.dumps(record) + "\n")
 
 
+def _write_lines(path: str, lines: list[str]) -> None:
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
 def _line_epoch(line: str) -> float:
     try:
         return float(json.loads(line).get("epoch", -1))
     except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
         return -1.0
-
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
 
 
 def make_tensorboard_writer(log_dir: str | None, purge_step: int | None = None

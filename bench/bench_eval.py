@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=2)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"])
+    p.add_argument("--amp", default=None, choices=utils.AMP_CHOICES)
     args = p.parse_args()
     device = torch.device(args.device)
     amp = utils.resolve_amp(args.amp, device)
@@ -92,10 +92,10 @@ def main() -> None:
                 for i in range(args.images):
                     tokens = tokenizer.get_codebook_indices(token_images[i:i + 1].to(device))
                     logp = protoflow.log_likelihood(images[i:i + 1], "c")
-                    prop = pf.proposals_from_log_likelihood(logp, [r])
+                    prop = pf.proposals_from_log_likelihood(logp)
                     with utils.amp_autocast(device, amp):
                         patch_losses(model, images[i:i + 1].to(device), tokens,
-                                     prop.masks[r].to(device))
+                                     prop.test_masks(r).to(device))
             set_fused_attn(model, True)
 
         ours("clean")  # warm-up

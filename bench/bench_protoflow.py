@@ -78,10 +78,13 @@ def bench_proposals(args, device: torch.device) -> None:
         images = torch.randn(args.images, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         print(f"proposals: {args.backbone} + {args.n_blocks}-block flow, {args.images} images, "
               f"batch {args.batch_size}, {args.prototypes} prototypes, {device}")
-        def propose(ratios: list[float]) -> pf.Proposals:
-            logp = torch.cat([model.log_likelihood(b, "bench")
-                              for b in images.split(args.batch_size)])
-            return pf.proposals_from_log_likelihood(logp, ratios)
+        def masks(logp: torch.Tensor, ratios: list[float]) -> list[torch.Tensor]:
+            proposals = pf.proposals_from_log_likelihood(logp)
+            return [proposals.test_masks(r) for r in ratios]
+
+        def propose(ratios: list[float]) -> list[torch.Tensor]:
+            return masks(torch.cat([model.log_likelihood(b, "bench")
+                                    for b in images.split(args.batch_size)]), ratios)
 
         propose(RATIOS[:1])  # warm-up
         one, _ = timed(lambda: propose(RATIOS), device)
@@ -90,7 +93,7 @@ def bench_proposals(args, device: torch.device) -> None:
         print(f"  24 passes, 1 ratio    {sweep:8.2f} s  -> one pass is x{sweep / one:5.1f} "
               "faster")
         logp = torch.randn(args.class_images, 28, 28)
-        t, _ = timed(lambda: pf.proposals_from_log_likelihood(logp, RATIOS), device)
+        t, _ = timed(lambda: masks(logp, RATIOS), device)
         print(f"  masks + maps only ({args.class_images} precomputed logp maps, 24 ratios) "
               f"{t:6.3f} s")
 

@@ -35,7 +35,7 @@ import modeling_pmad  # noqa: E402,F401  (registers the ViTs)
 import run_pretraining  # noqa: E402
 import run_test  # noqa: E402
 import utils  # noqa: E402
-from masking_generator import MaskGenerator, MaskingPolicy, frequency_weights  # noqa: E402
+from masking_generator import MaskGenerator, MaskingPolicy  # noqa: E402
 
 CHECKS = ("train_bf16", "fp16_scaler", "sync_free", "attention_grads", "dalle_tokens",
           "run_test", "torchrun")
@@ -65,24 +65,6 @@ def peak_tflops(name: str, given: float | None) -> float | None:
     return None
 
 
-def synthetic_batches(n: int, batch_size: int, vocab: int, seed: int = 0) -> list[dict]:
-    """Host batches (pinned when CUDA is present) as the loader gives them."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        images = torch.randn(batch_size, 3, 224, 224, generator=g)
-        batch = {"image": images,
-                 "tokens": torch.randint(0, vocab, (batch_size, 196), generator=g),
-                 "class_idx": torch.arange(batch_size) % 2,
-                 "fg_mask": torch.rand(batch_size, 196, generator=g) < 0.7,
-                 "freq_weights": frequency_weights(images),
-                 "index": torch.arange(i * batch_size, (i + 1) * batch_size)}
-        if torch.cuda.is_available():
-            batch = {k: v.pin_memory() for k, v in batch.items()}
-        out.append(batch)
-    return out
-
-
 def train(model_name: str, batch_size: int, steps: int, amp: str, device: torch.device,
           wrap=None, dry_run: bool = False) -> tuple[float, dict]:
     """(images/s of `steps` timed steps after 2 warm-up steps, the epoch's metrics);
@@ -94,7 +76,10 @@ def train(model_name: str, batch_size: int, steps: int, amp: str, device: torch.
     optimizer = utils.build_optimizer(model, 1e-4, 0.05, device=device)
     scaler = utils.make_grad_scaler(device, amp)
     policy = MaskingPolicy(MaskGenerator(), ["a", "b"], dynamic_start=0, device=device)
-    batches = synthetic_batches(steps + 2, batch_size, vocab)
+    threads = torch.get_num_threads()
+    from conftest import synthetic_batches  # host batches, pinned as the loader's are
+    torch.set_num_threads(threads)  # conftest's 2 are for the tests' machine
+    batches = synthetic_batches(steps + 2, batch_size, vocab, pin=torch.cuda.is_available())
     lr = np.full(2 * steps + 2, 1e-4)  # epoch 0: 2 steps, epoch 1: `steps`
     config = engine.TrainConfig(lr, lr * 500, 2, clip_grad=3.0, amp=amp)
     engine.train_one_epoch(model, batches[:2], optimizer, scaler, policy, config, epoch=0,
@@ -252,16 +237,6 @@ def _tiny_world(workdir: Path):
                      base / "prototypes")
 
 
-def _run_test_argv(world, device: str, out: Path) -> list[str]:
-    return ["--model", world.model, "--ckpt", str(world.pmad_ckpt),
-            "--tokenizer_model", "kmeans", "--tokenizer_weight_path", str(world.tokenizer),
-            "--protoflow_weights", str(world.protoflow),
-            "--prototypes_dir", str(world.prototypes_dir),
-            "--data_path", str(world.mvtec_root), "--protocol", "clean",
-            "--output_dir", str(out), "--batch_size", "8", "--num_workers", "0",
-            "--device", device, "--amp", "none"]
-
-
 def _metric_diff(a: float | None, b: float | None) -> float:
     """|a - b| of one metric on two devices; results.json writes an undefined metric as
     null, which must be undefined on both."""
@@ -279,13 +254,15 @@ def check_run_test(args, device: torch.device) -> str:
         world = TinyWorld(*(workdir / n for n in ("mvtec", "imagenet")), ["brick"],
                           *(workdir / n for n in ("t.pth", "c.pth", "p.pt", "protos")))
         for dev in ("cuda", "cpu"):
-            run_test.get_args_parser().parse_args(_run_test_argv(world, dev, workdir / dev))
+            run_test.get_args_parser().parse_args(
+                world.run_test_argv(workdir / dev, "--protocol", "clean", device=dev))
         return "command lines for cuda and cpu parse (not run)"
     world = _tiny_world(workdir)
     results = {}
     for dev in (device.type, "cpu"):
         out = workdir / f"run_test_{dev}"
-        cmd = [sys.executable, str(REPO / "run_test.py"), *_run_test_argv(world, dev, out)]
+        cmd = [sys.executable, str(REPO / "run_test.py"),
+               *world.run_test_argv(out, "--protocol", "clean", device=dev)]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=150)
         if proc.returncode:
             raise RuntimeError(f"run_test.py --device {dev} failed: {proc.stderr[-800:]}")

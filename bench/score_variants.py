@@ -78,7 +78,7 @@ def _default_covering(data: ClassData, ratio: float, grid: tuple[int, int]
                       ) -> tuple[Proposals, list[torch.Tensor]]:
     """The clean protocol's default: every image gets its proposal mask, and every patch
     is masked once across the covering passes."""
-    proposals = proposals_from_log_likelihood(data.log_likelihood, [ratio],
+    proposals = proposals_from_log_likelihood(data.log_likelihood,
                                               image_size=data.images.shape[-1], grid=grid)
     return proposals, covering_masks(proposals.test_ranks(None, None), ratio)
 

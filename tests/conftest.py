@@ -6,6 +6,7 @@ PMAD and ProtoFlow files in the released formats, and real prototypes.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -38,6 +39,23 @@ class TinyWorld:
     protoflow: Path
     prototypes_dir: Path
     model: str = "vit_tiny_patch16_224_8k_vocab"
+
+    def model_argv(self, device: str = "cpu") -> list[str]:
+        """The flags of run_test.py and predict.py that load the world's PMAD checkpoint,
+        tokenizer, ProtoFlow and prototypes, with batches of 8 in the main process and
+        no autocast."""
+        return ["--model", self.model, "--ckpt", str(self.pmad_ckpt),
+                "--tokenizer_model", "kmeans", "--tokenizer_weight_path", str(self.tokenizer),
+                "--protoflow_weights", str(self.protoflow),
+                "--prototypes_dir", str(self.prototypes_dir), "--batch_size", "8",
+                "--num_workers", "0", "--device", device, "--amp", "none"]
+
+    def run_test_argv(self, out: Path, *extra: str, data: Path | None = None,
+                      device: str = "cpu") -> list[str]:
+        """run_test.py's command line on the world's MVTec folder (or `data`), results
+        under `out`; `extra` comes last, so a flag repeated there wins."""
+        return [*self.model_argv(device), "--data_path", str(data or self.mvtec_root),
+                "--output_dir", str(out), *extra]
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +110,30 @@ def build_tiny_world(base: Path) -> TinyWorld:
                              out_indices=(2, 3), classes=classes,
                              normal_scores=torch.tensor([1.0, 2.0, 3.0]))
     return TinyWorld(mvtec, imagenet, classes, tokenizer, ckpt, pf, prototypes_dir)
+
+
+def synthetic_batches(n: int, batch_size: int, vocab: int, seed: int = 0,
+                      pin: bool = False) -> list[dict]:
+    """`n` training batches as the loader gives them, made on the host from `seed`:
+    224 px images, 196 tokens below `vocab`, classes 0 and 1 alternating, ~70 %
+    foreground, their frequency weights and sample indices; pinned with `pin` (also
+    used by bench/gpu_check.py)."""
+    from masking_generator import frequency_weights
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        images = torch.randn(batch_size, 3, 224, 224, generator=g)
+        batch = {"image": images,
+                 "tokens": torch.randint(0, vocab, (batch_size, 196), generator=g),
+                 "class_idx": torch.arange(batch_size) % 2,
+                 "fg_mask": torch.rand(batch_size, 196, generator=g) < 0.7,
+                 "freq_weights": frequency_weights(images),
+                 "index": torch.arange(i * batch_size, (i + 1) * batch_size)}
+        if pin:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        out.append(batch)
+    return out
 
 
 # Child processes get these hang guards. They are far above any normal run time (a loaded
@@ -183,6 +225,12 @@ def fake_two_rank_world(monkeypatch: pytest.MonkeyPatch) -> list:
 
 
 FORMATS = Path(__file__).resolve().parent / "formats"
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines log (log.txt, *.log.jsonl), blank lines skipped."""
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
 
 
 def read_format(name: str) -> list[tuple[str, tuple[int, ...], str]]:

@@ -22,7 +22,7 @@ import masking_generator as mg
 import modeling_pmad  # noqa: F401  (registers the ViTs)
 import protoflow
 import utils
-from conftest import HostSyncCounter
+from conftest import HostSyncCounter, synthetic_batches
 
 TINY = "vit_tiny_patch16_224_8k_vocab"
 CLASSES = ["bottle", "carpet"]
@@ -32,20 +32,6 @@ VOCAB = 64
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return timm.create_model(TINY, depth=2, drop_path_rate=0.0, vocab_size=VOCAB)
-
-
-def _batches(n: int, batch_size: int = 2, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        images = torch.randn(batch_size, 3, 224, 224, generator=g)
-        out.append({"image": images,
-                    "tokens": torch.randint(0, VOCAB, (batch_size, 196), generator=g),
-                    "class_idx": torch.arange(batch_size) % 2,
-                    "fg_mask": torch.rand(batch_size, 196, generator=g) < 0.7,
-                    "freq_weights": mg.frequency_weights(images),
-                    "index": torch.arange(i * batch_size, (i + 1) * batch_size)})
-    return out
 
 
 def _policy(dynamic_start: int = 0) -> mg.MaskingPolicy:
@@ -79,7 +65,8 @@ def test_train_one_epoch_reads_the_device_only_at_planned_points(monkeypatch):
     monkeypatch.setattr(engine, "train_step", counted(real_step))
     monkeypatch.setattr(policy, "observe", counted(real_observe))
     monkeypatch.setattr(engine, "_read_rows", read)
-    stats = engine.train_one_epoch(model, _batches(5), utils.build_optimizer(model, 1e-3, 0.05),
+    stats = engine.train_one_epoch(model, synthetic_batches(5, 2, VOCAB),
+                                   utils.build_optimizer(model, 1e-3, 0.05),
                                    utils.make_grad_scaler("cpu", "none"), policy,
                                    _config(5, 3), epoch=0, progress=False)
     assert counter.calls == []
@@ -90,7 +77,7 @@ def test_train_one_epoch_reads_the_device_only_at_planned_points(monkeypatch):
 
 def test_train_step_on_tensors_without_data():
     """FakeTensorMode: a read of any value (item, bool, tolist, nonzero) raises."""
-    batch = _batches(1)[0]
+    batch = synthetic_batches(1, 2, VOCAB)[0]
     policy = _policy()
     drawn = policy.draw(batch["class_idx"], batch["fg_mask"], batch["freq_weights"], 0)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -106,13 +93,27 @@ def test_train_step_on_tensors_without_data():
                                     failed=failed)
             failed = out.failed
             stats.observe(batch["class_idx"], fake.masks, out.patch_losses, valid=~failed)
-    assert optimizer.state_dict()["state"][0]["step"] is not None
+    # the step's outputs: scalars, the failure flag, the masked CE put back per patch
+    for name in ("loss", "loss_all_ranks", "mlm_acc", "grad_norm"):
+        value = getattr(out, name)
+        assert (value.shape, value.dtype) == (torch.Size([]), torch.float32), name
+    assert (out.failed.shape, out.failed.dtype) == (torch.Size([]), torch.bool)
+    assert int(drawn.masks.sum()) == len(drawn.index) < 2 * 196  # some patches unmasked
+    assert (out.patch_losses.shape, out.patch_losses.dtype) == ((2, 196), torch.float32)
+    # AdamW stepped every parameter: moments of the parameter's shape
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) > 30 and set(optimizer.state) == set(params)
+    for p in params:
+        state = optimizer.state[p]
+        assert state["step"].shape == () and state["exp_avg"].shape == p.shape
+        assert state["exp_avg_sq"].shape == p.shape
+    assert stats.dynamic.counts.shape == (2, 196)
 
 
 def test_forward_and_statistics_on_fake_cuda_tensors():
     """Every tensor of the loss and of the statistics update follows the device of its
     inputs: on fake CUDA tensors a stray CPU tensor raises (no GPU needed)."""
-    batch = _batches(1)[0]
+    batch = synthetic_batches(1, 2, VOCAB)[0]
     drawn = _policy().draw(batch["class_idx"], batch["fg_mask"], batch["freq_weights"], 0)
     with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
         model = _model()
@@ -132,7 +133,7 @@ def test_failed_step_keeps_the_weights_and_stops_at_the_next_read(monkeypatch):
     and the optimiser bit for bit as step 1 left them, the read after step 3 raises
     naming step 2, and step 4 never runs. (Compared within one run: a second run may
     round differently when the BLAS picks another thread count.)"""
-    batches = _batches(5)
+    batches = synthetic_batches(5, 2, VOCAB)
     batches[2]["image"][0, 0, 0, 0] = math.nan
     model, policy = _model(), _policy()
     optimizer = utils.build_optimizer(model, 1e-3, 0.05)
@@ -208,8 +209,10 @@ def test_proposals_make_their_tensors_on_the_input_device():
     cannot mix with the CPU input."""
     logp = torch.randn(2, 28, 28)
     with torch.device("meta"):
-        out = protoflow.proposals_from_log_likelihood(logp, [0.1, 0.3])
-    assert out.masks[0.1].device.type == "cpu" and int(out.masks[0.3][0].sum()) == 58
+        out = protoflow.proposals_from_log_likelihood(logp)
+        masks = out.test_masks(0.3)
+    assert out.rank.device.type == "cpu" and out.abnormality_maps.device.type == "cpu"
+    assert masks.device.type == "cpu" and masks.sum(1).tolist() == [58, 58]
 
 
 @pytest.mark.parametrize("sync_every, num_steps", [(0, 5), (3, 0)])

@@ -704,6 +704,22 @@ def test_policy_non_finite_statistics_stop_the_next_draw():
         policy.draw(class_idx, fg, freq, epoch=1)
 
 
+def test_policy_frequency_weights_follow_freq_mode():
+    """Each of FREQ_MODES gives the loader's frequency function that mode's weights; any
+    other value (None included: there is no run without frequency weights) is refused."""
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for mode in mg.FREQ_MODES:
+        policy = mg.MaskingPolicy(mg.MaskGenerator(window_size=(2, 2)), CLASSES,
+                                  dynamic_start=0, freq_mode=mode)
+        assert torch.equal(policy.frequency(images), mg.frequency_weights(images, 16, mode))
+    assert not torch.equal(mg.frequency_weights(images, 16, "patch"),
+                           mg.frequency_weights(images, 16, "global"))
+    for bad in (None, "local"):
+        with pytest.raises(ValueError, match=r"freq_mode must be one of \('patch', "
+                                             r"'global'\)"):
+            mg.MaskingPolicy(mg.MaskGenerator(), CLASSES, dynamic_start=0, freq_mode=bad)
+
+
 # --------------------------------------------------------------------------- MaskGenerator
 
 def test_mask_generator_per_class_ratio_by_name():

@@ -16,14 +16,6 @@ import protocols
 import run_test
 
 
-def _model_args(world) -> list[str]:
-    return ["--model", world.model, "--ckpt", str(world.pmad_ckpt), "--tokenizer_model", "kmeans",
-            "--tokenizer_weight_path", str(world.tokenizer),
-            "--protoflow_weights", str(world.protoflow),
-            "--prototypes_dir", str(world.prototypes_dir), "--batch_size", "8",
-            "--num_workers", "0", "--device", "cpu", "--amp", "none"]
-
-
 def _rows(out: Path) -> list[dict[str, str]]:
     with open(out / "predictions.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -32,7 +24,7 @@ def _rows(out: Path) -> list[dict[str, str]]:
 def _clean_protocol_scores(world, class_name: str, *extra: str) -> dict[str, tuple]:
     """What run_test.py's clean protocol computes for each test image of the class:
     name -> (PMAD score, ProtoFlow score, PMAD map)."""
-    args = run_test.get_args_parser().parse_args(_model_args(world) + list(extra))
+    args = run_test.get_args_parser().parse_args(world.model_argv() + list(extra))
     m = run_test.load_models(args)
     dataset = datasets.MVTecTestDataset(world.mvtec_root, class_name,
                                         token_size=m.tokenizer.image_size,
@@ -52,7 +44,7 @@ def test_predict_reproduces_the_clean_protocol(tiny_world, tmp_path):
     out = tmp_path / "pred"
     pattern = str(tiny_world.mvtec_root / "coins" / "test" / "*" / "*.png")
     assert predict.main([pattern, "--class_name", "coins", "--output_dir", str(out),
-                         "--maps", "--save_npy", *_model_args(tiny_world)]) == 0
+                         "--maps", "--save_npy", *tiny_world.model_argv()]) == 0
     rows = _rows(out)
     expected = _clean_protocol_scores(tiny_world, "coins")
     assert sorted(r["name"] for r in rows) == sorted(expected) and len(rows) == 8
@@ -76,7 +68,7 @@ def test_random_masks_follow_the_image_not_the_batch(tiny_world):
     """--clean_masks threshold with a threshold that calls every image normal: every image
     gets a random mask, seeded from its own bytes, so the same image gets the same mask
     in another order and another batch."""
-    args = run_test.get_args_parser().parse_args(_model_args(tiny_world)
+    args = run_test.get_args_parser().parse_args(tiny_world.model_argv()
                                                  + ["--clean_masks", "threshold"])
     m = run_test.load_models(args)
     files = sorted((tiny_world.mvtec_root / "coins" / "test").glob("*/*.png"))[:3]
@@ -110,7 +102,7 @@ def test_class_from_folder_and_bad_images(tiny_world, tmp_path, capsys):
     (inbox / "coins" / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
     argv = [str(inbox), "--class_from_folder", "--output_dir", str(out),
-            *_model_args(tiny_world)]
+            *tiny_world.model_argv()]
     assert predict.main(argv) == 2
     assert f"cannot read image {inbox / 'coins' / 'broken.png'}" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="left out 1 bad file"):
@@ -170,7 +162,7 @@ def test_tokenizer_mistakes_are_one_error_line(tiny_world, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "argument --tokenizer_model: invalid choice: 'foo'" in capsys.readouterr().err
     argv = [image, "--class_name", "coins", "--output_dir", str(tmp_path / "out"),
-            *_model_args(tiny_world), "--tokenizer_weight_path", str(tiny_world.pmad_ckpt)]
+            *tiny_world.model_argv(), "--tokenizer_weight_path", str(tiny_world.pmad_ckpt)]
     assert predict.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tiny_world.pmad_ckpt} is not a k-means tokenizer file")

@@ -4,7 +4,6 @@ known by construction (not by re-running the product's own expressions)."""
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -129,10 +128,10 @@ def test_clean_maps_are_gaussian_smoothed_with_sigma() -> None:
 def test_paper_protocol_smooths_twice_for_the_pixel_metrics() -> None:
     """The paper protocol at sigma 1: PMAD's map is the sigma-0 map smoothed once, and each
     ratio's pixel AUROC is taken on the map smoothed a second time (method.md: the
-    original smooths again before the pixel metrics), and so are the baselines'. Image 1's ground truth is a diagonal
-    scratch, on which once- and twice-smoothed maps rank the pixels differently. Every
-    ratio from 0.26 to 0.48 masks one patch, the same one (the maps are equal); below
-    0.25 none (all-zero maps: AUROC 0.5)."""
+    original smooths again before the pixel metrics), and so are the baselines'. Image
+    1's ground truth is a diagonal scratch, on which once- and twice-smoothed maps rank
+    the pixels differently. Every ratio from 0.26 to 0.48 masks one patch, the same one
+    (the maps are equal); below 0.25 none (all-zero maps: AUROC 0.5)."""
     data = _hand_data(size=4)
     data.gt_masks[1] = torch.eye(4)
     kw = dict(batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
@@ -192,7 +191,7 @@ def test_a_defect_left_unmasked_is_scored_by_the_covering_pass() -> None:
     kw = dict(ratio=0.5, threshold=1e9, sigma=0.0, batch_size=2,
               device=torch.device("cpu"), amp="none")
     seed = next(s for s in range(100) if not protoflow.proposals_from_log_likelihood(
-        data.log_likelihood, [0.5], image_size=3, grid=(2, 2)).test_masks(
+        data.log_likelihood, image_size=3, grid=(2, 2)).test_masks(
         0.5, torch.tensor([False, False]), protocols.mask_seeds(data.image_ids, s))[1, 3])
     zero, maps0, _ = protocols.evaluate_clean(
         ConstantViT(), data, options=protocols.CleanOptions("threshold", "zero", "paper",
@@ -256,8 +255,7 @@ def test_mask_seeds_depend_on_the_seed_and_the_image_alone() -> None:
     assert protocols.mask_seeds(ids[3:4], 0) == s0[3:4]
     # the masks they drive: every image called normal, 39 of 196 patches at random
     logp = torch.zeros(6, 14, 14)
-    proposals = protoflow.proposals_from_log_likelihood(logp, [0.2], image_size=14,
-                                                        grid=(14, 14))
+    proposals = protoflow.proposals_from_log_likelihood(logp, image_size=14, grid=(14, 14))
     normal = torch.zeros(6, dtype=torch.bool)
     m0, m0_again, m1 = (proposals.test_masks(0.2, normal, s) for s in (s0, s0_again, s1))
     assert torch.equal(m0, m0_again) and m0.sum(1).tolist() == [39] * 6
@@ -269,7 +267,7 @@ def test_a_score_equal_to_the_threshold_is_called_normal() -> None:
     its least likely patch) as the threshold calls it normal; the next float32 below
     calls it anomalous."""
     data = _hand_data()
-    score = protoflow.proposals_from_log_likelihood(data.log_likelihood, [0.5], image_size=3,
+    score = protoflow.proposals_from_log_likelihood(data.log_likelihood, image_size=3,
                                                    grid=(2, 2)).image_scores[1].item()
     assert score == pytest.approx(math.log(4))
     kw = dict(ratio=0.5, options=protocols.CleanOptions("threshold", "zero", "paper", "product"),
@@ -327,103 +325,3 @@ def test_image_scores() -> None:
     assert protocols.image_scores(maps, "topk").tolist() == [2.0]  # mean of the top 4
     with pytest.raises(ValueError, match="unknown image score"):
         protocols.image_scores(maps, "median")
-
-
-@pytest.fixture
-def score_variants(monkeypatch):
-    """bench/score_variants.py, imported as a module."""
-    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)),
-                                             "bench"))
-    import score_variants
-    return score_variants
-
-
-def test_bench_score_variants_rows_by_hand(score_variants) -> None:
-    """bench/score_variants.py (README's issue-11 tables): its default row is the clean
-    protocol's map and score, the CE-weight rows scale CE / ln V, and the image-only
-    rows score each map by one rule."""
-    data = _hand_data()
-    kw = dict(sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none")
-    rows = score_variants.variant_scores(ConstantViT(), data, 0.5, **kw)
-    _, maps, scores = protocols.evaluate_clean(ConstantViT(), data, ratio=0.5, threshold=None,
-                                               options=protocols.CleanOptions(), seed=0, **kw)
-    assert torch.equal(rows["default"][1], maps["pmad"])
-    assert torch.equal(rows["default"][0], scores["pmad"])
-    ln4 = math.log(4)  # image 1's defect pixel: abnormality ln 4, CE1 = 2 ln 2 = 2 ln V
-    assert rows["CE weight x0.5"][1][1, 2, 2] == pytest.approx(ln4 * 2, abs=1e-6)
-    assert rows["CE weight x2"][1][1, 2, 2] == pytest.approx(ln4 * 5, abs=1e-6)
-    # every covering scores each patch once with the same constant ViT: the average is CE
-    assert torch.allclose(rows["CE averaged over 5 coverings"][1], maps["pmad"])
-    assert torch.equal(rows["protoflow_only"][0], maps["protoflow_only"].flatten(1).amax(1))
-    assert rows["image: rank sum with ProtoFlow"][0].tolist() == [2.0, 4.0]
-    assert rows["image: product with ProtoFlow"][0][1] == pytest.approx(3 * ln4 * ln4)
-    auc = score_variants.aurocs(data, rows)
-    assert auc["default"]["image_auroc"] == 1.0 and math.isnan(
-        auc["image: top 1 % [pmad]"]["pixel_auroc"])
-
-
-class PositionalViT(ConstantViT):
-    """Predicts token 0 with a probability that depends on the patch: 0.6, 0.7, 0.9, 0.8
-    for patches 0-3, so each patch's entropy and likeliest token differ."""
-    P0 = torch.tensor([0.6, 0.7, 0.9, 0.8])
-
-    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor,
-                masked_index: torch.Tensor | None = None) -> torch.Tensor:
-        p0 = self.P0[bool_masked_pos.nonzero()[:, 1]]  # (M,) in x[masks] order
-        return torch.stack([p0, 1 - p0], dim=1).log()
-
-
-def test_bench_score_variants_expectation_rows_by_hand(score_variants) -> None:
-    """The rows that subtract what the ViT expected, patch by patch: the defect (image 1,
-    patch 3, rare token 1) and image 0's mildly unusual patch 0 (token 0)."""
-    rows = score_variants.variant_scores(PositionalViT(), _hand_data(), 0.5, sigma=0.0,
-                                         batch_size=2, device=torch.device("cpu"), amp="none")
-
-    def entropy(p: float) -> float:
-        return -(p * math.log(p) + (1 - p) * math.log(1 - p))
-    ln2 = math.log(2)  # ln V
-    defect = dict(ce=-math.log(0.2), h=entropy(0.8), top=-math.log(0.8))  # patch 3, token 1
-    normal = dict(ce=-math.log(0.6), h=entropy(0.6), top=-math.log(0.6))  # patch 0, token 0
-    for (img, y, x), abnormality, s in (((1, 2, 2), math.log(4), defect),
-                                        ((0, 0, 0), ln2, normal)):
-        for row, score in (("CE - entropy (at least 0)", max(s["ce"] - s["h"], 0.0)),
-                           ("CE x (1 - entropy / ln V)", s["ce"] * (1 - s["h"] / ln2)),
-                           ("CE - CE of the likeliest token", s["ce"] - s["top"])):
-            assert rows[row][1][img, y, x] == pytest.approx(abnormality * (1 + score / ln2),
-                                                            abs=1e-6), (row, img)
-    assert rows["CE - entropy (at least 0)"][1][0, 0, 0] == pytest.approx(ln2)  # clamped
-
-
-def test_bench_score_variants_calibration_rows_by_hand(score_variants) -> None:
-    """The rows calibrated on train/good (here the two hand images themselves), on the test
-    set, and the codeword row, at the defect pixel (image 1, patch 3: CE ln 5, abnormality
-    ln 4); patch 3's CEs over the images are [-ln 0.8, ln 5]."""
-    data = _hand_data()
-    rows = score_variants.variant_scores(PositionalViT(), data, 0.5, sigma=0.0, batch_size=2,
-                                         device=torch.device("cpu"), amp="none", train=data,
-                                         codebook=torch.eye(2))
-    ln2, ln4 = math.log(2), math.log(4)
-    expected = {  # the token score at the defect patch, in place of CE
-        "CE - per-position mean on train/good (at least 0)": ln2,  # ln 5 - ln 2.5
-        "the same as a z-score, halved": 0.5 * ln2 / (ln4 / math.sqrt(2)),
-        "CE - mean CE of the same token on train/good (at least 0)": 0.0,  # token 1: ln 5
-        "CE - per-position median over the test set (at least 0)": ln4,  # the lower: -ln 0.8
-        "1 - expected cosine to the true codeword": 0.8 * ln2}  # codeword (0.8, 0.2) vs (0, 1)
-    for row, score in expected.items():
-        assert rows[row][1][1, 2, 2] == pytest.approx(ln4 * (1 + score / ln2), abs=1e-6), row
-    # calibrated on the training images given, not the test set: with the normal image
-    # (twice) as train/good, patch 3's mean CE is -ln 0.8, so the defect scores
-    # ln 5 + ln 0.8
-    twice = [0, 0]
-    normal = protocols.ClassData(data.images[twice], data.tokens[twice],
-                                 data.log_likelihood[twice], data.prototype_distance[twice],
-                                 data.labels[twice], data.gt_masks[twice], ["a", "b"],
-                                 ["good", "good"], ["sha-a", "sha-b"])
-    rows = score_variants.variant_scores(PositionalViT(), data, 0.5, sigma=0.0, batch_size=2,
-                                         device=torch.device("cpu"), amp="none", train=normal)
-    row = "CE - per-position mean on train/good (at least 0)"
-    assert rows[row][1][1, 2, 2] == pytest.approx(ln4 * (1 + ln4 / ln2), abs=1e-6)
-    plain = score_variants.variant_scores(PositionalViT(), data, 0.5, sigma=0.0, batch_size=2,
-                                          device=torch.device("cpu"), amp="none")
-    needs_more = set(expected) - {"CE - per-position median over the test set (at least 0)"}
-    assert needs_more.isdisjoint(plain)  # no train images, no codebook: those rows are not made

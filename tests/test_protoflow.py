@@ -92,8 +92,8 @@ def trained(lite0, brick_set, tmp_path_factory) -> dict:
     with torch.no_grad():
         after = pf.flow_loss(pf.patch_log_likelihood(lite0, flow, train, [protos],
                                                      torch.zeros(6, dtype=torch.long)))
-    scores, classes = rpf.image_scores(lite0, flow, [(brick_set["holdout"], zeros[:2])],
-                                      [protos])
+    scores, classes = rpf.held_out_scores(lite0, flow, [(brick_set["holdout"], zeros[:2])],
+                                          [protos])
     root = tmp_path_factory.mktemp("trained")
     proto_dir = root / "prototypes"
     pf.save_prototypes(str(proto_dir), "brick", protos.numpy(),
@@ -481,27 +481,29 @@ def test_proposals_normalise_over_the_whole_set():
     logp = torch.randn(3, 28, 28, generator=g) - 3
     logp[1, 3, 3] = 3.0  # the set's maximum lies in another image than the first
     ratios = [0.1, 0.25]
-    out = pf.proposals_from_log_likelihood(logp, ratios, threshold=5.0)
+    out = pf.proposals_from_log_likelihood(logp)
     prob = torch.exp(logp - logp.max())[:, None]
     fine = F.interpolate(prob, size=(224, 224), mode="bilinear", align_corners=True)[:, 0]
     assert torch.allclose(out.abnormality_maps, fine.max() - fine)
-    alone = pf.proposals_from_log_likelihood(logp[:1], ratios)
+    alone = pf.proposals_from_log_likelihood(logp[:1])
     assert not torch.allclose(alone.abnormality_maps, out.abnormality_maps[:1])
     coarse = F.interpolate(prob.max() - prob, size=(14, 14), mode="bilinear",
                            align_corners=True).flatten(1)  # (3, 196)
     for r in ratios:
         k = int(196 * r)
-        assert out.masks[r].shape == (3, 196) and out.masks[r].dtype == torch.bool
-        assert out.masks[r].sum(1).tolist() == [k] * 3
+        masks = out.test_masks(r)
+        assert masks.shape == (3, 196) and masks.dtype == torch.bool
+        assert masks.sum(1).tolist() == [k] * 3
         for i in range(3):  # the k most anomalous cells
             top = set(coarse[i].topk(k).indices.tolist())
-            assert set(out.masks[r][i].nonzero().flatten().tolist()) == top
-        assert torch.equal(alone.masks[r][0], out.masks[r][0])
+            assert set(masks[i].nonzero().flatten().tolist()) == top
+        assert torch.equal(alone.test_masks(r)[0], masks[0])
     scores = -logp.flatten(1).min(1).values
     assert torch.equal(out.image_scores, scores) and torch.equal(alone.image_scores, scores[:1])
-    assert torch.equal(out.is_anomalous, scores > 5.0) and alone.is_anomalous is None
     with pytest.raises(ValueError, match="non-finite"):
-        pf.proposals_from_log_likelihood(torch.full((1, 4, 4), float("nan")), ratios)
+        pf.proposals_from_log_likelihood(torch.full((1, 4, 4), float("nan")))
+    with pytest.raises(ValueError, match=r"ratio 1.5 is outside \[0, 1\]"):
+        out.test_masks(1.5)
 
 
 def _planted(n: int = 3) -> torch.Tensor:
@@ -514,7 +516,7 @@ def _planted(n: int = 3) -> torch.Tensor:
 
 
 def test_test_ranks_follow_the_planted_anomaly():
-    out = pf.proposals_from_log_likelihood(_planted(), [0.1], image_size=14, grid=(14, 14))
+    out = pf.proposals_from_log_likelihood(_planted(), image_size=14, grid=(14, 14))
     # the least likely patch is ranked first; then the rest from least to most likely
     assert int(out.rank[0, 5 * 14 + 7]) == 0
     assert out.rank[0, 0] == 1 and out.rank[0, 195] == 195
@@ -526,7 +528,7 @@ def test_test_ranks_follow_the_planted_anomaly():
 
 
 def test_test_masks_random_for_images_called_normal():
-    out = pf.proposals_from_log_likelihood(_planted(4), [0.2], image_size=14, grid=(14, 14))
+    out = pf.proposals_from_log_likelihood(_planted(4), image_size=14, grid=(14, 14))
     called = torch.tensor([True, False, True, False])
     a = out.test_masks(0.2, called, [11, 12, 13, 14])
     b = out.test_masks(0.2, called, [11, 12, 13, 14])
@@ -543,7 +545,7 @@ def test_test_masks_random_for_images_called_normal():
 
 
 def test_covering_masks_score_every_patch_once():
-    out = pf.proposals_from_log_likelihood(_planted(), [0.3], image_size=14, grid=(14, 14))
+    out = pf.proposals_from_log_likelihood(_planted(), image_size=14, grid=(14, 14))
     passes = pf.covering_masks(out.test_ranks(), 0.3)
     assert len(passes) == 4  # m = 58: 58 + 58 + 58 + 22 = 196
     assert torch.equal(passes[0], out.test_masks(0.3))
@@ -564,19 +566,18 @@ def test_anomalous_call_is_strict_at_the_threshold():
 def test_planted_defect_is_proposed(trained, brick_set):
     model = pf.ProtoFlow(trained["path"], trained["proto_dir"])  # encoder from the file
     ratios = [16 / 196 + 1e-9, 0.2, 0.3]
-    out = pf.proposals_from_log_likelihood(model.log_likelihood(brick_set["test"], "brick"),
-                                           ratios, threshold=model.threshold)
+    out = pf.proposals_from_log_likelihood(model.log_likelihood(brick_set["test"], "brick"))
     cells = brick_set["defect_cells"]  # 16 of 196 patches
     # chance overlaps: 16 * 16 / 196 = 1.3, 16 * 39 / 196 = 3.2, 16 * 58 / 196 = 4.7 cells
-    assert out.masks[ratios[0]][0][cells].sum() >= 9
-    assert out.masks[ratios[1]][0][cells].sum() >= 14
-    assert out.masks[ratios[2]][0][cells].all()
+    assert out.test_masks(ratios[0])[0][cells].sum() >= 9
+    assert out.test_masks(ratios[1])[0][cells].sum() >= 14
+    assert out.test_masks(ratios[2])[0][cells].all()
     row, col = divmod(int(out.abnormality_maps[0].argmax()), 224)
     assert 96 - 8 <= row < 160 + 8 and 112 - 8 <= col < 176 + 8
     assert out.image_scores[0] > 2 * out.image_scores[1:].max()
     # two held-out crops are a thin calibration set: only the defect's call is certain
-    assert model.threshold < out.image_scores[0] / 2 and out.is_anomalous[0]
-    assert torch.equal(out.is_anomalous, out.image_scores > model.threshold)
+    called = pf.is_anomalous(out.image_scores, model.threshold)
+    assert model.threshold < out.image_scores[0] / 2 and called[0]
 
 
 def test_prototype_distance_is_patchcore_score(trained, brick_set):
@@ -599,13 +600,13 @@ def test_ratio_sweep_is_one_pass(trained, brick_set):
     model.encoder.register_forward_hook(lambda *_: calls.append(1))
     ratios = [round(0.02 * i, 2) for i in range(1, 25)]
     images = brick_set["test"]  # 4 images: one encoder call
-    out = pf.proposals_from_log_likelihood(model.log_likelihood(images, "brick"), ratios)
+    out = pf.proposals_from_log_likelihood(model.log_likelihood(images, "brick"))
     assert len(calls) == 1
-    assert sorted(out.masks) == ratios
+    masks = {r: out.test_masks(r) for r in ratios}
     for r in ratios:
-        assert out.masks[r].sum(1).tolist() == [int(196 * r)] * len(images)
+        assert masks[r].sum(1).tolist() == [int(196 * r)] * len(images)
     for a, b in zip(ratios, ratios[1:]):  # nested: a larger ratio adds patches
-        assert (out.masks[a] <= out.masks[b]).all()
+        assert (masks[a] <= masks[b]).all()
     assert torch.allclose(out.log_likelihood, model.log_likelihood(images, "brick"))
 
 

@@ -71,16 +71,6 @@ def _clear_error(result: dict, *words: str) -> str:
     return err
 
 
-def _test_argv(world, out, *extra: str, data: Path | None = None) -> list[str]:
-    return ["--model", world.model, "--ckpt", str(world.pmad_ckpt),
-            "--tokenizer_model", "kmeans", "--tokenizer_weight_path", str(world.tokenizer),
-            "--protoflow_weights", str(world.protoflow),
-            "--prototypes_dir", str(world.prototypes_dir),
-            "--data_path", str(data or world.mvtec_root), "--output_dir", str(out),
-            "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--amp", "none",
-            *extra]
-
-
 def _train_argv(world, out, *extra: str, data: Path | None = None) -> list[str]:
     return ["--model", TINY, "--tokenizer_model", "kmeans",
             "--tokenizer_weight_path", str(world.tokenizer),
@@ -136,19 +126,19 @@ def refused(tiny_world, tmp_path_factory):
     rt, rp, rf, st = "run_test.py", "run_pretraining.py", "run_protoflow.py", \
         "setup_train_dataset.py"
     cases = {
-        "F1_imagenet": (rt, _test_argv(w, tmp / "o1", data=w.imagenet_root)),
-        "F1_class": (rt, _test_argv(w, tmp / "o2", data=w.mvtec_root / "coins")),
+        "F1_imagenet": (rt, w.run_test_argv(tmp / "o1", data=w.imagenet_root)),
+        "F1_class": (rt, w.run_test_argv(tmp / "o2", data=w.mvtec_root / "coins")),
         "F3_smaller": (rp, _train_argv(w, tmp / "t1", "--resume", str(w.pmad_ckpt),
                                        "--no_auto_resume") + small),
         "F3_legacy": (rp, _train_argv(w, tmp / "t2", "--resume", str(legacy)) + small),
         "F3_no_ckpt_dir": (rp, _train_argv(w, tmp / "t3", "--resume", str(tmp))),
-        "F4_file": (rt, _test_argv(w, a_file)),
+        "F4_file": (rt, w.run_test_argv(a_file)),
         "F4_train_file": (rp, _train_argv(w, a_file)),
         "F6": (rp, _train_argv(w, tmp / "t4", "--mask_ratio", "0")),
         "F7_epochs_neg": (rp, _train_argv(w, tmp / "t5", "--epochs", "-1")),
         "F7_epochs_0": (rp, _train_argv(w, tmp / "t5", "--epochs", "0")),
         "F7_batch_train": (rp, _train_argv(w, tmp / "t5", "--batch_size", "0")),
-        "F7_batch_test": (rt, _test_argv(w, tmp / "o3", "--batch_size", "0")),
+        "F7_batch_test": (rt, w.run_test_argv(tmp / "o3", "--batch_size", "0")),
         "F7_lr": (rp, _train_argv(w, tmp / "t5", "--lr", "-1")),
         "F7_model": (rp, _train_argv(w, tmp / "t5", "--model", "vit_foo")),
         "F7_steps": (rp, _train_argv(w, tmp / "t5", "--max_steps_per_epoch", "0")),
@@ -159,14 +149,14 @@ def refused(tiny_world, tmp_path_factory):
         "F7_coreset_2": (rf, protos + ["--coreset_ratio", "2"]),
         "F7_quantile": (rf, ["train", "--data_path", str(w.imagenet_root), "--output",
                              str(tmp / "pf.pt"), "--threshold_quantile", "1"]),
-        "F8": (rt, _test_argv(w, tmp / "o4", "--save_heatmaps", "-3")),
+        "F8": (rt, w.run_test_argv(tmp / "o4", "--save_heatmaps", "-3")),
         "F9_zero": (rf, protos + ["--num_shots", "0"]),
         "F9_neg": (rf, protos + ["--num_shots", "-2"]),
         "F11": (st, ["--data_path", str(bad_src), "--root", str(tmp / "converted"),
                      "--classes", *w.classes, "--make_fg_masks"]),
         "fg_mask_fix": (rp, _train_argv(w, tmp / "t6", data=no_fg)),
-        "weights_advice": (rt, _test_argv(w, tmp / "o5") + ["--ckpt", str(garbage)]),
-        "aspect": (rt, _test_argv(w, tmp / "o6", data=aspect)),
+        "weights_advice": (rt, w.run_test_argv(tmp / "o5") + ["--ckpt", str(garbage)]),
+        "aspect": (rt, w.run_test_argv(tmp / "o6", data=aspect)),
     }
     results = _run_cases(tmp, {k: {"script": s, "argv": a} for k, (s, a) in cases.items()})
     return results, {"tmp": tmp, "a_file": a_file, "bad_png": bad_png, "legacy": legacy}
@@ -369,7 +359,7 @@ def test_F14_finished_classes_survive_an_error_and_ctrl_c_and_resume(tiny_world,
                  "datasets.MVTecTestDataset = _Interrupted\n")
     restore = (f"open({str(bad)!r}, 'wb').write(bytes.fromhex({original.hex()!r}))\n"
                "datasets.MVTecTestDataset = _real\n")
-    argv = _test_argv(w, out, "--classes", "brick", "coins", data=data)
+    argv = w.run_test_argv(out, "--classes", "brick", "coins", data=data)
     results = _run_cases(tmp_path, {
         "error": {"script": "run_test.py", "argv": argv,
                   "snapshot": [str(out), str(tmp_path / "after_error")]},

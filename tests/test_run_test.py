@@ -27,18 +27,13 @@ import utils
 from conftest import KMEANS_VOCAB
 
 
-def _args_list(world, tmp_path, protocol: str, *extra: str) -> list[str]:
-    return ["--model", world.model, "--ckpt", str(world.pmad_ckpt),
-            "--tokenizer_model", "kmeans", "--tokenizer_weight_path", str(world.tokenizer),
-            "--protoflow_weights", str(world.protoflow),
-            "--prototypes_dir", str(world.prototypes_dir),
-            "--data_path", str(world.mvtec_root), "--protocol", protocol,
-            "--output_dir", str(tmp_path / protocol), "--batch_size", "8",
-            "--num_workers", "0", "--device", "cpu", "--amp", "none", *extra]
+def _argv(world, tmp_path, protocol: str, *extra: str) -> list[str]:
+    """run_test.py on the tiny world under --protocol, results in tmp_path/<protocol>."""
+    return world.run_test_argv(tmp_path / protocol, "--protocol", protocol, *extra)
 
 
 def _args(world, tmp_path, protocol: str, *extra: str):
-    return run_test.get_args_parser().parse_args(_args_list(world, tmp_path, protocol, *extra))
+    return run_test.get_args_parser().parse_args(_argv(world, tmp_path, protocol, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +230,29 @@ def test_mask_ratio_outside_0_1_is_refused(value, capsys):
     assert parse(["--mask_ratio", "0.04"]).mask_ratio == 0.04
 
 
+def test_negative_sigma_is_refused(capsys):
+    parse = run_test.get_args_parser().parse_args
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["--sigma", "-1"])
+    assert exit_info.value.code == 2
+    assert "argument --sigma: -1 is not a finite number >= 0" in capsys.readouterr().err
+    assert parse(["--sigma", "0"]).sigma == 0.0  # no smoothing
+
+
+def test_default_mask_ratio_is_the_ratio_of_a_class_without_its_own():
+    """--default_mask_ratio masks a class outside the paper's Table 6 (every demo class);
+    a Table-6 class keeps its own ratio; --mask_ratio overrides both."""
+    parse = run_test.get_args_parser().parse_args
+    ratio = run_test.class_mask_ratio
+    assert "coins" not in masking_generator.CLASS_MASK_RATIOS
+    assert masking_generator.CLASS_MASK_RATIOS["bottle"] == 0.42
+    assert ratio(parse([]), "coins") == 0.3 and ratio(parse([]), "bottle") == 0.42
+    given = parse(["--default_mask_ratio", "0.2"])
+    assert ratio(given, "coins") == 0.2 and ratio(given, "bottle") == 0.42
+    both = parse(["--default_mask_ratio", "0.2", "--mask_ratio", "0.1"])
+    assert ratio(both, "coins") == ratio(both, "bottle") == 0.1
+
+
 def test_exit_status_is_non_zero_when_a_class_fails(capsys):
     ok = dict.fromkeys(metrics.METRIC_NAMES, 0.9)
     assert reporting.exit_status({"classes": {"bottle": ok, "cable": ok}}) == 0
@@ -249,7 +267,7 @@ def test_exit_status_is_non_zero_when_a_class_fails(capsys):
 
 def test_command_line_exit_codes(tiny_world, tmp_path):
     from conftest import ROOT, run_command
-    base = [sys.executable, "run_test.py", *_args_list(tiny_world, tmp_path, "clean")]
+    base = [sys.executable, "run_test.py", *_argv(tiny_world, tmp_path, "clean")]
     bad_ratio = run_command(base + ["--mask_ratio", "0"], cwd=ROOT)
     assert bad_ratio.returncode == 2 and "--mask_ratio: 0 is outside (0, 1)" in bad_ratio.stderr
     no_class = run_command(base + ["--classes", "screw"], cwd=ROOT)
@@ -281,7 +299,7 @@ def test_evaluation_flags_reach_their_consumers(tiny_world, tmp_path, monkeypatc
         return original(model, data, **kwargs)
 
     monkeypatch.setattr(run_test, "evaluate_clean", recording)
-    argv = _args_list(tiny_world, tmp_path, "clean", "--setting", "leave_one_out",
+    argv = _argv(tiny_world, tmp_path, "clean", "--setting", "leave_one_out",
                       "--unseen_classes", "coins", "--clean_masks", "threshold",
                       "--unmasked", "zero", "--abnormality", "paper", "--combine", "product",
                       "--image_score", "topk", "--mask_ratio", "0.2", "--sigma", "2",
@@ -309,7 +327,7 @@ def test_a_protoflow_trained_on_an_unseen_class_is_refused(tiny_world, tmp_path)
     """A cross-class evaluation with a ProtoFlow whose flow trained on the class it
     evaluates as unseen would leak it into the scores: refused, before any work, naming
     the file and the fix. The multi-class setting evaluates the classes it trained on."""
-    argv = _args_list(tiny_world, tmp_path / "loo", "clean", "--setting", "leave_one_out",
+    argv = _argv(tiny_world, tmp_path / "loo", "clean", "--setting", "leave_one_out",
                       "--unseen_classes", "coins")
     with pytest.raises(utils.FlagError, match=(
             f"--protoflow_weights {tiny_world.protoflow} was trained on coins, which the "
@@ -380,7 +398,7 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
     data = tmp_path / "mvtec"
     shutil.copytree(tiny_world.mvtec_root / "coins", data / "coins")
     shutil.rmtree(data / "coins" / "ground_truth")
-    argv = _args_list(tiny_world, tmp_path, "clean", "--classes", "coins")
+    argv = _argv(tiny_world, tmp_path, "clean", "--classes", "coins")
     argv[argv.index("--data_path") + 1] = str(data)
     parse = run_test.get_args_parser().parse_args
     first = run_test.main(parse(argv))["classes"]["coins"]

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
-import types
 import zipfile
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import setup_train_dataset
 from conftest import truncate
 from datasets import FIX_BAD_FG_MASK, PretrainDataset
 from fg_masks import estimate_fg_mask
@@ -302,9 +301,7 @@ def test_make_demo_wiring(tmp_path, monkeypatch, capsys):
                   np.full((32, 32), 255, np.uint8))
         return {"gizmo": {"train/good": 3}}
 
-    import demo_data
-    monkeypatch.setitem(sys.modules, "demo_data", types.SimpleNamespace(
-        make_demo_dataset=fake_make_demo_dataset, DEFECT_AREA_BOUNDS=demo_data.DEFECT_AREA_BOUNDS))
+    monkeypatch.setattr(setup_train_dataset, "make_demo_dataset", fake_make_demo_dataset)
     monkeypatch.chdir(tmp_path)
     assert main(["--make_demo", "data/demo_mvtec"]) == 0
     assert calls == [("data/demo_mvtec", "data/demo_imagenet", 0, None, (40, 20, 20), "main",

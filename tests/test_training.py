@@ -26,7 +26,7 @@ import masking_generator
 import modeling_pmad
 import run_pretraining
 import utils
-from conftest import run_command
+from conftest import read_jsonl, run_command
 from masking_generator import CLASS_MASK_RATIOS, MaskBatch, num_masked
 from modeling_discrete_vae import DalleEncoder, save_dalle_encoder
 
@@ -97,7 +97,7 @@ def test_two_epochs_write_checkpoints_and_logs(env, reference):
     out, summary = reference
     assert summary["train_classes"] == list(TWO_CLASSES) and summary["num_images"] == 8
     assert sorted(os.listdir(out)) == ["checkpoint-1.pth", "checkpoint-last.pth", "log.txt"]
-    log = utils.read_jsonl(os.path.join(out, "log.txt"))
+    log = read_jsonl(os.path.join(out, "log.txt"))
     assert [r["epoch"] for r in log] == [0, 1]
     for r in log:
         assert math.isfinite(r["train_loss"]) and 0 < r["train_loss"] < 20
@@ -250,8 +250,8 @@ def test_resume_after_crash_equals_uninterrupted_run(env, reference, monkeypatch
     summary = run_pretraining.main(_args(env, out))  # --auto_resume is the default
     assert summary["start_epoch"] == 1
 
-    ref_log = utils.read_jsonl(os.path.join(ref_out, "log.txt"))
-    log = utils.read_jsonl(os.path.join(out, "log.txt"))
+    ref_log = read_jsonl(os.path.join(ref_out, "log.txt"))
+    log = read_jsonl(os.path.join(out, "log.txt"))
     assert [r["epoch"] for r in log] == [0, 1]
     assert log[1]["train_loss"] == ref_log[1]["train_loss"]
     assert log[1]["train_grad_norm"] == ref_log[1]["train_grad_norm"]
@@ -269,8 +269,8 @@ def test_cached_images_train_exactly_like_the_dataloader(env, reference, tmp_pat
     """--cache_images serves the DataLoader's batches to the bit: the same run."""
     ref_out, _ = reference
     run_pretraining.main(_args(env, str(tmp_path), "--cache_images", "device"))
-    ref_log = utils.read_jsonl(os.path.join(ref_out, "log.txt"))
-    log = utils.read_jsonl(os.path.join(tmp_path, "log.txt"))
+    ref_log = read_jsonl(os.path.join(ref_out, "log.txt"))
+    log = read_jsonl(os.path.join(tmp_path, "log.txt"))
     assert [r["train_loss"] for r in log] == [r["train_loss"] for r in ref_log]
     a = utils.load_checkpoint_file(os.path.join(ref_out, "checkpoint-last.pth"))["model"]
     b = utils.load_checkpoint_file(os.path.join(tmp_path, "checkpoint-last.pth"))["model"]
@@ -296,7 +296,7 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(env, monkeypatch):
     ckpt = utils.load_checkpoint_file(os.path.join(out, "checkpoint-last.pth"))
     assert ckpt["epoch"] == 0
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
-    assert [r["epoch"] for r in utils.read_jsonl(os.path.join(out, "log.txt"))] == [0]
+    assert [r["epoch"] for r in read_jsonl(os.path.join(out, "log.txt"))] == [0]
 
 
 def test_missing_init_checkpoint_is_a_clear_error(env, tmp_path):
@@ -494,7 +494,7 @@ def test_torchrun_two_processes_on_gloo(env, tmp_path):
     # statistics of both ranks' batches, all-reduced: every image's masked patches
     count = ckpt["masking"]["dynamic_masking"]["count"]
     assert int(count.sum()) == _masked_total(["bottle", "carpet"] * 4)
-    assert [r["epoch"] for r in utils.read_jsonl(os.path.join(out, "log.txt"))] == [0]
+    assert [r["epoch"] for r in read_jsonl(os.path.join(out, "log.txt"))] == [0]
 
 
 def test_shell_scripts_build_the_torchrun_command(tmp_path):
@@ -567,7 +567,7 @@ def flagged(env, tmp_path_factory):
             "--max_steps_per_epoch", "2", "--weight_decay", "0.2", "--weight_decay_end", "0.02",
             "--opt_betas", "0.8", "0.95", "--opt_eps", "1e-6", "--clip_grad", "1.5",
             "--amp", "bf16", "--dynamic_masking_start", "5", "--save_ckpt_freq", "1",
-            "--pin_mem", "--mask_ratio", "0.25"))
+            "--mask_ratio", "0.25"))
     return {"out": out, "calls": calls, "summary": summary}
 
 
@@ -593,7 +593,6 @@ def test_optimiser_and_schedule_flags_reach_their_consumers(flagged):
     assert generator.num_masked_for("widget") == int(n * 0.25)
     assert generator.num_masked_for("bottle") == int(n * 0.42)
     assert int(generator(["widget", "widget"]).sum()) == 2 * int(n * 0.25)
-    assert calls[0]["loader"].pin_memory is False  # --pin_mem pins for CUDA only
     # --save_ckpt_freq 1: a numbered checkpoint every epoch (default 20: the last only)
     assert sorted(os.listdir(flagged["out"])) == ["checkpoint-0.pth", "checkpoint-1.pth",
                                                   "checkpoint-last.pth", "log.txt"]
@@ -624,14 +623,35 @@ def test_resume_flags_choose_the_start_epoch(env, flagged, monkeypatch):
     args = ("--max_steps_per_epoch", "2")
     calls = _record_epochs(monkeypatch)
     assert run_pretraining.main(_args(env, out, *args))["start_epoch"] == 2  # auto: done
-    assert run_pretraining.main(_args(env, out, *args, "--auto_resume"))["start_epoch"] == 2
-    assert calls == []
+    # --auto_resume (BEiT's flag, the default) after --no_auto_resume: the last one wins
+    again = run_pretraining.main(_args(env, out, *args, "--no_auto_resume", "--auto_resume"))
+    assert again["start_epoch"] == 2 and calls == []
     first = os.path.join(out, "checkpoint-0.pth")
     resumed = run_pretraining.main(_args(env, out, *args, "--resume", first))
     assert resumed["start_epoch"] == 1 and [c["epoch"] for c in calls] == [1]
     calls.clear()
     fresh = run_pretraining.main(_args(env, out, *args, "--no_auto_resume"))
     assert fresh["start_epoch"] == 0 and [c["epoch"] for c in calls] == [0, 1]
+
+
+def test_pin_mem_is_asked_of_the_loader_by_default_and_not_with_no_pin_mem(env, tmp_path,
+                                                                            monkeypatch):
+    """What run_pretraining asks of datasets.build_train_loader (which pins on CUDA only,
+    so a CPU loader never shows it)."""
+    asked = []
+
+    class _Built(Exception):
+        pass
+
+    def record(*a, pin_memory, **k):
+        asked.append(pin_memory)
+        raise _Built  # the loader's request is all this test reads
+
+    monkeypatch.setattr(datasets, "build_train_loader", record)
+    for i, flags in enumerate([(), ("--pin_mem",), ("--no-pin_mem",)]):
+        with pytest.raises(_Built):
+            run_pretraining.main(_args(env, str(tmp_path / str(i)), *flags))
+    assert asked == [True, True, False]
 
 
 def test_fg_mask_flag_limits_masking_to_the_foreground_or_not(env, flagged, tmp_path,

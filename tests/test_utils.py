@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import utils
-from conftest import run_ranks
+from conftest import read_jsonl, run_ranks
 from masking_generator import MaskGenerator, MaskingPolicy
 
 
@@ -245,6 +245,63 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert ckpt["epoch"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
 
 
+def test_failed_write_atomic_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "mask.png"
+    utils.write_atomic(path, lambda tmp: Path(tmp).write_bytes(b"old"))
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["mask.png"]
+
+    def fail(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half")  # part of the bytes, then an error
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        utils.write_atomic(path, fail)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["mask.png"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_the_stale_tmp_cleaner_removes_what_a_killed_write_atomic_left(tmp_path):
+    """A writer killed mid-write leaves tmp_name(path), named by its pid; once that
+    process is gone, remove_stale_tmp_files removes it and only it."""
+    names = ["coreset.npy", "mask.png", "checkpoint-last.pth", "log.txt"]
+    for name in names:  # every kind of file the project writes through write_atomic
+        tmp = os.path.basename(utils.tmp_name(str(tmp_path / name)))
+        assert tmp == f".{name}.tmp-{os.getpid()}"
+        assert int(utils.TMP_PATTERN.search(tmp).group(1)) == os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the writer, killed after writing part of the file
+        try:
+            utils.write_atomic(tmp_path / "coreset.npy",
+                               lambda tmp: (Path(tmp).write_bytes(b"half"), os._exit(0)))
+        finally:
+            os._exit(1)
+    assert os.waitpid(pid, 0)[1] == 0
+    (tmp_path / "mask.png").write_bytes(b"whole")
+    live = Path(utils.tmp_name(str(tmp_path / "log.txt")))  # this process's write: kept
+    live.write_bytes(b"x")
+    left = tmp_path / f".coreset.npy.tmp-{pid}"
+    assert sorted(os.listdir(tmp_path)) == sorted([left.name, "mask.png", live.name])
+    assert utils.remove_stale_tmp_files(tmp_path) == [str(left)]
+    assert sorted(os.listdir(tmp_path)) == sorted(["mask.png", live.name])
+
+
+def test_float_at_least_takes_the_bound_and_refuses_below_it():
+    """run_test.py's and predict.py's --sigma: 0 (no smoothing) is allowed; a negative
+    value, which would silently also mean no smoothing, is refused, as are inf and nan."""
+    sigma = utils.float_at_least(0)
+    assert sigma("0") == 0.0 and sigma("4") == 4.0 and sigma("0.5") == 0.5
+    for bad in ("-0.5", "inf", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError) as err:
+            sigma(bad)
+        assert str(err.value) == f"{bad} is not a finite number >= 0"
+    with pytest.raises(argparse.ArgumentTypeError, match="'x' is not a number"):
+        sigma("x")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sigma", type=sigma)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sigma", "-1"])
+
+
 def test_one_write_for_several_names_then_independent_files(tmp_path):
     d = str(tmp_path)
     numbered, last = utils.checkpoint_path(d, 19), utils.checkpoint_path(d, "last")
@@ -325,7 +382,7 @@ def test_jsonl_log_drops_epochs_being_redone(tmp_path):
     for e in range(4):
         log.write({"epoch": e, "train_loss": float(e)})
     utils.JsonlLog(path, start_epoch=2).write({"epoch": 2, "train_loss": 9.0})
-    assert [(r["epoch"], r["train_loss"]) for r in utils.read_jsonl(path)] == [
+    assert [(r["epoch"], r["train_loss"]) for r in read_jsonl(path)] == [
         (0, 0.0), (1, 1.0), (2, 9.0)]
 
 

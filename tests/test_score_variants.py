@@ -1,0 +1,112 @@
+"""bench/score_variants.py (README's issue-11 tables) by hand: its rows on the tiny
+cases of test_protocols.py, whose answers are known by construction."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import protocols
+from test_protocols import ConstantViT, _hand_data
+
+
+@pytest.fixture
+def score_variants(monkeypatch):
+    """bench/score_variants.py, imported as a module."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                                             "bench"))
+    import score_variants
+    return score_variants
+
+
+def test_bench_score_variants_rows_by_hand(score_variants) -> None:
+    """bench/score_variants.py (README's issue-11 tables): its default row is the clean
+    protocol's map and score, the CE-weight rows scale CE / ln V, and the image-only
+    rows score each map by one rule."""
+    data = _hand_data()
+    kw = dict(sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none")
+    rows = score_variants.variant_scores(ConstantViT(), data, 0.5, **kw)
+    _, maps, scores = protocols.evaluate_clean(ConstantViT(), data, ratio=0.5, threshold=None,
+                                               options=protocols.CleanOptions(), seed=0, **kw)
+    assert torch.equal(rows["default"][1], maps["pmad"])
+    assert torch.equal(rows["default"][0], scores["pmad"])
+    ln4 = math.log(4)  # image 1's defect pixel: abnormality ln 4, CE1 = 2 ln 2 = 2 ln V
+    assert rows["CE weight x0.5"][1][1, 2, 2] == pytest.approx(ln4 * 2, abs=1e-6)
+    assert rows["CE weight x2"][1][1, 2, 2] == pytest.approx(ln4 * 5, abs=1e-6)
+    # every covering scores each patch once with the same constant ViT: the average is CE
+    assert torch.allclose(rows["CE averaged over 5 coverings"][1], maps["pmad"])
+    assert torch.equal(rows["protoflow_only"][0], maps["protoflow_only"].flatten(1).amax(1))
+    assert rows["image: rank sum with ProtoFlow"][0].tolist() == [2.0, 4.0]
+    assert rows["image: product with ProtoFlow"][0][1] == pytest.approx(3 * ln4 * ln4)
+    auc = score_variants.aurocs(data, rows)
+    assert auc["default"]["image_auroc"] == 1.0 and math.isnan(
+        auc["image: top 1 % [pmad]"]["pixel_auroc"])
+
+
+class PositionalViT(ConstantViT):
+    """Predicts token 0 with a probability that depends on the patch: 0.6, 0.7, 0.9, 0.8
+    for patches 0-3, so each patch's entropy and likeliest token differ."""
+    P0 = torch.tensor([0.6, 0.7, 0.9, 0.8])
+
+    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor,
+                masked_index: torch.Tensor | None = None) -> torch.Tensor:
+        p0 = self.P0[bool_masked_pos.nonzero()[:, 1]]  # (M,) in x[masks] order
+        return torch.stack([p0, 1 - p0], dim=1).log()
+
+
+def test_bench_score_variants_expectation_rows_by_hand(score_variants) -> None:
+    """The rows that subtract what the ViT expected, patch by patch: the defect (image 1,
+    patch 3, rare token 1) and image 0's mildly unusual patch 0 (token 0)."""
+    rows = score_variants.variant_scores(PositionalViT(), _hand_data(), 0.5, sigma=0.0,
+                                         batch_size=2, device=torch.device("cpu"), amp="none")
+
+    def entropy(p: float) -> float:
+        return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    ln2 = math.log(2)  # ln V
+    defect = dict(ce=-math.log(0.2), h=entropy(0.8), top=-math.log(0.8))  # patch 3, token 1
+    normal = dict(ce=-math.log(0.6), h=entropy(0.6), top=-math.log(0.6))  # patch 0, token 0
+    for (img, y, x), abnormality, s in (((1, 2, 2), math.log(4), defect),
+                                        ((0, 0, 0), ln2, normal)):
+        for row, score in (("CE - entropy (at least 0)", max(s["ce"] - s["h"], 0.0)),
+                           ("CE x (1 - entropy / ln V)", s["ce"] * (1 - s["h"] / ln2)),
+                           ("CE - CE of the likeliest token", s["ce"] - s["top"])):
+            assert rows[row][1][img, y, x] == pytest.approx(abnormality * (1 + score / ln2),
+                                                            abs=1e-6), (row, img)
+    assert rows["CE - entropy (at least 0)"][1][0, 0, 0] == pytest.approx(ln2)  # clamped
+
+
+def test_bench_score_variants_calibration_rows_by_hand(score_variants) -> None:
+    """The rows calibrated on train/good (here the two hand images themselves), on the test
+    set, and the codeword row, at the defect pixel (image 1, patch 3: CE ln 5, abnormality
+    ln 4); patch 3's CEs over the images are [-ln 0.8, ln 5]."""
+    data = _hand_data()
+    rows = score_variants.variant_scores(PositionalViT(), data, 0.5, sigma=0.0, batch_size=2,
+                                         device=torch.device("cpu"), amp="none", train=data,
+                                         codebook=torch.eye(2))
+    ln2, ln4 = math.log(2), math.log(4)
+    expected = {  # the token score at the defect patch, in place of CE
+        "CE - per-position mean on train/good (at least 0)": ln2,  # ln 5 - ln 2.5
+        "the same as a z-score, halved": 0.5 * ln2 / (ln4 / math.sqrt(2)),
+        "CE - mean CE of the same token on train/good (at least 0)": 0.0,  # token 1: ln 5
+        "CE - per-position median over the test set (at least 0)": ln4,  # the lower: -ln 0.8
+        "1 - expected cosine to the true codeword": 0.8 * ln2}  # codeword (0.8, 0.2) vs (0, 1)
+    for row, score in expected.items():
+        assert rows[row][1][1, 2, 2] == pytest.approx(ln4 * (1 + score / ln2), abs=1e-6), row
+    # calibrated on the training images given, not the test set: with the normal image
+    # (twice) as train/good, patch 3's mean CE is -ln 0.8, so the defect scores
+    # ln 5 + ln 0.8
+    twice = [0, 0]
+    normal = protocols.ClassData(data.images[twice], data.tokens[twice],
+                                 data.log_likelihood[twice], data.prototype_distance[twice],
+                                 data.labels[twice], data.gt_masks[twice], ["a", "b"],
+                                 ["good", "good"], ["sha-a", "sha-b"])
+    rows = score_variants.variant_scores(PositionalViT(), data, 0.5, sigma=0.0, batch_size=2,
+                                         device=torch.device("cpu"), amp="none", train=normal)
+    row = "CE - per-position mean on train/good (at least 0)"
+    assert rows[row][1][1, 2, 2] == pytest.approx(ln4 * (1 + ln4 / ln2), abs=1e-6)
+    plain = score_variants.variant_scores(PositionalViT(), data, 0.5, sigma=0.0, batch_size=2,
+                                          device=torch.device("cpu"), amp="none")
+    needs_more = set(expected) - {"CE - per-position median over the test set (at least 0)"}
+    assert needs_more.isdisjoint(plain)  # no train images, no codebook: those rows are not made
