@@ -268,8 +268,9 @@ def fit(model: nn.Module, data_loader: Iterable[dict], sampler: Any,
     `distributed` (its one buffer, relative_position_index, is constant). Each ends
     with checkpoint-last.pth (and checkpoint-<epoch>.pth every `save_ckpt_freq` epochs
     and at the last: weights, optimiser, scaler, masking policy, sampler seed and
-    `run_args`) and a line of <output_dir>/log.txt. A non-finite loss stops the run and
-    names the last good checkpoint. -> (the last epoch's metrics, the checkpoints it wrote).
+    `run_args`), after a line of <output_dir>/log.txt. A non-finite loss stops the run
+    and names the last good checkpoint. -> (the last epoch's metrics, the checkpoints it
+    wrote).
     """
     unwrapped, device = model, policy.device
     if distributed:
@@ -290,6 +291,11 @@ def fit(model: nn.Module, data_loader: Iterable[dict], sampler: Any,
             stats = train_one_epoch(model, data_loader, optimizer, scaler, policy, config,
                                     epoch=epoch, sample_names=sample_names,
                                     log_writer=log_writer)
+            # the log line first: a crash before the checkpoint is written makes the
+            # resumed run redo this epoch, and JsonlLog drops its line then; the other
+            # order would lose the line of an epoch saved just before a crash for good
+            log.write({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
+                       "n_parameters": n_parameters})
             names: list[int | str] = ["last"]
             if (epoch + 1) % save_ckpt_freq == 0 or epoch + 1 == epochs:
                 names.append(epoch)
@@ -297,17 +303,16 @@ def fit(model: nn.Module, data_loader: Iterable[dict], sampler: Any,
                 output_dir, names, epoch=epoch, model=unwrapped, optimizer=optimizer,
                 scaler=scaler, args=run_args, masking=policy.state_dict(),
                 sampler_seed=sampler.seed)
-            log.write({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
-                       "n_parameters": n_parameters})
             utils.main_print(f"[epoch {epoch}] " + ", ".join(
                 f"{k} {v:.4g}" for k, v in stats.items()) + f" -> {saved[-1]}")
     except NonFiniteLossError as e:
         last = utils.find_latest_checkpoint(output_dir)
         raise NonFiniteLossError(
             f"{e}. No checkpoint was written after it; the last good checkpoint "
-            f"is {last or 'none (no epoch finished)'}. Fix the cause (lower --lr, "
-            "--amp bf16/none instead of fp16, check the named images), then re-run to "
-            "resume from it") from None
+            f"is {last or 'none (no epoch finished)'}. Fix the cause (--amp bf16/none "
+            "instead of fp16, the named images), then re-run to resume from it; a lower "
+            "--lr is a new run (a resume refuses a changed schedule): another --output_dir, "
+            "or --no_auto_resume") from None
     finally:
         if log_writer is not None:
             log_writer.close()

@@ -153,6 +153,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def predict(args: argparse.Namespace) -> list[dict[str, object]]:
     """Each class's images scored as the clean protocol does: rows of predictions.csv."""
+    run_test.check_device_flags(args)
     groups = find_images(args.inputs, args.class_name, args.class_from_folder)
     out_dir = Path(utils.prepare_output_dir(args.output_dir, "--output_dir"))
     (out_dir / SKIPPED_FILE).unlink(missing_ok=True)  # an earlier run's list is not this one's

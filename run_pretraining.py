@@ -6,13 +6,18 @@ Several GPUs: torchrun --nproc_per_node 8 run_pretraining.py ...   (scripts/trai
 --setting (docs/method.md 4): multi_class, obj2tex, tex2obj or leave_one_out. --output_dir
 gets checkpoint-last.pth (every epoch), checkpoint-<epoch>.pth (every --save_ckpt_freq
 epochs and the last), log.txt (a JSON line per epoch) and the token cache. The same
-command again resumes from the newest complete checkpoint (--auto_resume, as in BEiT).
+command again resumes from the newest complete checkpoint (--auto_resume, as in BEiT),
+with the flags that define the run unchanged (RESUME_MUST_MATCH). A run that does not
+continue the folder's checkpoints (--no_auto_resume, --resume of another folder) first
+moves them, log.txt and TensorBoard events kept there to <output_dir>/previous-<UTC time>/.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 
 import torch
@@ -22,11 +27,24 @@ import engine
 import modeling_discrete_vae
 import modeling_pmad
 import utils
-from masking_generator import CLASS_MASK_RATIOS, FREQ_MODES, MaskGenerator, MaskingPolicy
+from masking_generator import (CLASS_MASK_RATIOS, FREQ_MODES, MaskGenerator, MaskingPolicy,
+                               num_masked)
 
-# Arguments that must match for a resumed run to continue the same training.
+# Arguments that must match for a resumed run to continue the same training: the model
+# and data, the optimiser and its per-step schedules (recomputed from these flags at every
+# start, also when a finished run is extended with a larger --epochs: the remaining steps
+# follow them, warm-up included, which sets where the cosine starts), and the masking.
+# A changed one would make a run that is neither the old experiment nor a new one, and
+# be recorded as the whole run's in every later checkpoint. Only --epochs may grow, once
+# a run is finished (utils.check_resume_args).
 RESUME_MUST_MATCH = ("model", "setting", "unseen_classes", "epochs", "batch_size",
-                     "input_size", "tokenizer_model")
+                     "input_size", "tokenizer_model", "imagenet_default_mean_and_std",
+                     "drop_path", "max_steps_per_epoch",
+                     "lr", "min_lr", "warmup_epochs", "warmup_steps", "weight_decay",
+                     "weight_decay_end", "opt_betas", "opt_eps", "clip_grad",
+                     "mask_ratio", "dynamic_masking_start", "freq_mode", "fg_mask")
+# The DALL-E encoder tokenizes 112 px images at stride 8: 14 x 14 tokens per image.
+DALLE_TOKEN_GRID = 14
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -131,7 +149,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auto_resume", action="store_true",
                    help="resume from --output_dir's newest checkpoint (the default; BEiT's flag)")
     p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume",
-                   help="start afresh even when --output_dir holds a checkpoint")
+                   help="start afresh even when --output_dir holds a checkpoint (that run's "
+                        "checkpoints and log.txt move to <output_dir>/previous-<UTC time>/)")
     p.set_defaults(auto_resume=True)
     p.add_argument("--save_ckpt_freq", type=utils.int_at_least(1), default=20)
     p.add_argument("--max_steps_per_epoch", type=utils.int_at_least(1), default=None,
@@ -150,12 +169,14 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict 
     if args.fit_kmeans_tokenizer and args.tokenizer_model != "kmeans":
         raise utils.FlagError(f"--fit_kmeans_tokenizer needs --tokenizer_model kmeans, not "
                               f"{args.tokenizer_model}")
+    grid = check_image_grid(args)
     if utils.is_main_process():
         utils.prepare_output_dir(args.output_dir, "--output_dir")
         for folder in (args.output_dir, args.token_cache_dir):
             utils.remove_stale_tmp_files(folder)
     available = datasets.list_train_classes(args.data_path)
     train_classes, _ = datasets.setting_classes(args.setting, args.unseen_classes, available)
+    check_mask_counts(args, train_classes, grid)
     samples = datasets.check_train_classes(args.data_path, train_classes,
                                            args.fg_mask and not args.skip_bad_images)
     datasets.require_full_batch(len(samples), args.batch_size, args.cache_images)
@@ -165,6 +186,104 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict 
         utils.check_resume_args(header.get("args"), vars(args), resume, RESUME_MUST_MATCH,
                                 header["epoch"], explicit=bool(args.resume))
     return train_classes, resume, header
+
+
+def patch_size_of(model: str) -> int:
+    """The patch size of a registered model, from its name (vit_*_patch16_*)."""
+    found = re.search(r"_patch(\d+)_", model)
+    if found is None:
+        raise ValueError(f"{model}: the model name gives no _patch<N>_ size")
+    return int(found.group(1))
+
+
+def tokenizer_grid(args: argparse.Namespace) -> tuple[int, str] | None:
+    """(side of the token grid the tokenizer gives each image, what gives it), read
+    without building the tokenizer; None where the grid follows --input_size (a k-means
+    tokenizer this run fits), for a tokenizer kind it does not know, or for a file of
+    another kind (the tokenizer's loader then names the problem)."""
+    kind, path = args.tokenizer_model, args.tokenizer_weight_path
+    if kind == "dall-e":
+        return DALLE_TOKEN_GRID, "the dall-e tokenizer (112 px token images, stride 8)"
+    if kind == "kmeans":
+        if args.fit_kmeans_tokenizer and not os.path.exists(path):
+            return None
+        obj = utils.read_weights_file(path, mmap=True)
+        size = obj.get("image_size") if isinstance(obj, dict) else None
+        if not isinstance(size, int):
+            return None
+        return size // 16, f"the kmeans tokenizer {path} (fitted at {size} px)"
+    if kind == "vit_tokenizer":
+        if os.path.isdir(path):  # as modeling_discrete_vae's loader reads a folder
+            path = os.path.join(path, "vit_tokenizer.pth")
+        state = modeling_pmad.unwrap_state_dict(utils.read_weights_file(path, mmap=True),
+                                                path, keys=("model", "state_dict"))
+        pos = state.get("encoder.pos_embed")
+        if pos is None or pos.ndim != 3:
+            return None
+        side = math.isqrt(pos.shape[1] - 1)  # patch tokens after the cls token
+        return side, f"the vit_tokenizer {path} ({side * 16} px token images, patch 16)"
+    return None
+
+
+def check_image_grid(args: argparse.Namespace) -> int:
+    """--input_size against the model's patch size and the tokenizer's token grid (a
+    mismatch would fail only after every image is tokenized, with a shape error).
+    -> the side of the patch grid."""
+    patch = patch_size_of(args.model)
+    if args.input_size < patch or args.input_size % patch:
+        low = max(patch, args.input_size // patch * patch)
+        raise utils.FlagError(f"--input_size {args.input_size} is not a multiple of "
+                              f"{args.model}'s patch size {patch}: pass e.g. {low} or "
+                              f"{low + patch} (224 for the released tokenizers)")
+    grid = args.input_size // patch
+    found = tokenizer_grid(args)
+    if found is not None and found[0] != grid:
+        side, source = found
+        refit = (f", or fit a tokenizer at {args.input_size} px (--fit_kmeans_tokenizer with "
+                 "a new --tokenizer_weight_path)" if args.tokenizer_model == "kmeans" else "")
+        raise utils.FlagError(f"--input_size {args.input_size} makes a {grid}x{grid} patch "
+                              f"grid but {source} gives {side}x{side} tokens per image: pass "
+                              f"--input_size {side * patch}{refit}")
+    return grid
+
+
+def build_mask_generator(args: argparse.Namespace, grid: int) -> MaskGenerator:
+    """The combinational mask generator: each class's ratio of the paper's Table 6,
+    --mask_ratio for a class without one."""
+    return MaskGenerator(window_size=(grid, grid), class_ratios=CLASS_MASK_RATIOS,
+                         default_ratio=args.mask_ratio)
+
+
+def check_mask_counts(args: argparse.Namespace, train_classes: list[str], grid: int) -> None:
+    """Every training class masks at least one patch per image: a mask of int(L r) = 0
+    patches leaves no token to predict, and the loss (a mean over none) is NaN."""
+    generator = build_mask_generator(args, grid)
+    L = generator.num_patches
+    empty = [c for c in train_classes if generator.num_masked_for(c) < 1]
+    if not empty:
+        return
+    problems = []
+    defaulted = [c for c in empty if c not in CLASS_MASK_RATIOS]
+    if defaulted:
+        r = args.mask_ratio
+        least = math.ceil(1e4 / L) / 1e4
+        while num_masked(least, L) < 1:
+            least += 1e-4
+        problems.append(f"--mask_ratio {r:g} masks no patch of class(es) "
+                        f"{', '.join(defaulted)}, which have no ratio of their own "
+                        f"(int({L} x {r:g}) = 0 of the {L} patches at --input_size "
+                        f"{args.input_size}): pass --mask_ratio {least:g} or more")
+    own = [c for c in empty if c in CLASS_MASK_RATIOS]
+    if own:
+        side = grid
+        while any(num_masked(CLASS_MASK_RATIOS[c], side * side) < 1 for c in own):
+            side += 1
+        shown = f"{CLASS_MASK_RATIOS[own[0]]:g}" if len(own) == 1 else "r"
+        problems.append("the paper's Table 6 mask ratio of class(es) " + ", ".join(
+            f"{c} ({CLASS_MASK_RATIOS[c]:g})" for c in own) + " masks no patch at "
+            f"--input_size {args.input_size} (int({L} x {shown}) = 0 of the {L} patches): pass "
+            f"--input_size {side * args.input_size // grid} or more")
+    raise utils.FlagError("; and ".join(problems))
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -191,6 +310,8 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
                          f"of --epochs {args.epochs}; pass a larger --epochs to extend the run")
         return {"train_classes": train_classes, "num_images": 0, "num_steps": 0,
                 "start_epoch": done + 1, "stats": {}, "checkpoints": []}
+    if not _continues_output_dir(resume, args.output_dir):
+        set_aside_previous_run(args)
     if args.fit_kmeans_tokenizer and not os.path.exists(args.tokenizer_weight_path):
         if utils.is_main_process():  # the other ranks wait for the file
             modeling_discrete_vae.fit_kmeans_on_folder(
@@ -216,6 +337,34 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     return {"train_classes": train_classes, "num_images": len(dataset),
             "num_steps": num_steps, "start_epoch": start_epoch, "stats": stats,
             "checkpoints": saved}
+
+
+def _continues_output_dir(resume: str | None, output_dir: str) -> bool:
+    """Whether this run resumes a checkpoint of --output_dir itself (else it starts there
+    afresh, or from another folder's checkpoint)."""
+    return resume is not None and (os.path.realpath(os.path.dirname(os.path.abspath(resume)))
+                                   == os.path.realpath(output_dir))
+
+
+def set_aside_previous_run(args: argparse.Namespace) -> None:
+    """Before a run that does not continue --output_dir's checkpoints writes there: an
+    earlier run's checkpoints, log.txt and TensorBoard events inside --output_dir move to
+    <output_dir>/previous-<UTC time>/ (utils.archive_previous_run), once, on rank 0,
+    after every rank has looked for its checkpoint to resume."""
+    utils.barrier()
+    if utils.is_main_process():
+        moved = utils.archive_previous_run(args.output_dir, args.log_dir)
+        if moved is not None:
+            folder, paths = moved
+            checkpoints = [p for p in paths if utils.CHECKPOINT_PATTERN.match(p)]
+            others = ["log.txt"] if "log.txt" in paths else []
+            events = len(paths) - len(checkpoints) - len(others)
+            others += [f"{events} TensorBoard event file(s)"] if events else []
+            print(f"[output_dir] {args.output_dir} holds an earlier run that this one does "
+                  f"not continue: moved its {len(checkpoints)} checkpoint(s)"
+                  + "".join(f", {o}" for o in others) + f" to {folder} (nothing deleted)",
+                  flush=True)
+    utils.barrier()
 
 
 def restore(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -257,9 +406,8 @@ def build_model_and_data(args: argparse.Namespace, env: utils.DistEnv, train_cla
                                         "it was trained with") from None
     patch_size = model.patch_embed.patch_size[0]
     policy = MaskingPolicy(
-        MaskGenerator(window_size=model.patch_embed.grid_size,
-                      class_ratios=CLASS_MASK_RATIOS, default_ratio=args.mask_ratio),
-        train_classes, dynamic_start=args.dynamic_masking_start, freq_mode=args.freq_mode,
+        build_mask_generator(args, model.patch_embed.grid_size[0]), train_classes,
+        dynamic_start=args.dynamic_masking_start, freq_mode=args.freq_mode,
         patch_size=patch_size, seed=(args.seed, env.rank), device=env.device)
     dataset = datasets.PretrainDataset(
         args.data_path, train_classes, token_size=tokenizer.image_size,
@@ -281,8 +429,10 @@ def build_model_and_data(args: argparse.Namespace, env: utils.DistEnv, train_cla
 def build_optimisation(args: argparse.Namespace, model: torch.nn.Module, num_steps: int,
                        device: torch.device
                        ) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler, engine.TrainConfig]:
-    """AdamW (no decay on biases, norms and the relative position tables), the loss
-    scaler, and the per-step cosine schedules of lr and weight decay."""
+    """AdamW (no decay on 1-d parameters, i.e. biases, norms and layer scales, nor on
+    cls_token and pos_embed; the relative position bias tables are 2-d and decayed, as in
+    BEiT and docs/method.md 2), the loss scaler, and the per-step cosine schedules of lr
+    and weight decay."""
     optimizer = utils.build_optimizer(model, args.lr, args.weight_decay,
                                       tuple(args.opt_betas), args.opt_eps, device)
     lr_schedule = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, num_steps,

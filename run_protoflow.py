@@ -39,8 +39,8 @@ from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_
                        save_protoflow, save_prototypes, train_flow)
 from utils import (CheckpointError, FlagError, JsonlLog, build_sampler, capture_rng_state, cli,
                    fraction_arg, int_at_least, load_checkpoint_file, positive_float,
-                   prepare_output_dir, remove_stale_tmp_files, restore_rng_state,
-                   save_on_master, seed_everything)
+                   prepare_output_dir, remove_stale_tmp_files, resolve_device,
+                   restore_rng_state, save_on_master, seed_everything)
 
 
 @torch.inference_mode()
@@ -317,7 +317,9 @@ def main(argv: Sequence[str] | None = None) -> list[str] | dict:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Before the encoder or any image is loaded: the backbone name, the data's layout
-    and classes, the output folder (created, writable; stale temporary files removed)."""
+    and classes, the output folder (created, writable; stale temporary files removed).
+    First --device: a GPU torch cannot see is one `error:` line, not a traceback."""
+    resolve_device(args.device)
     if not timm.is_model(args.encoder):
         raise FlagError(f"--encoder {args.encoder} is not a timm model name, e.g. "
                         f"{DEFAULT_ENCODER} (timm.list_models() lists them)")

@@ -31,7 +31,7 @@ from protoflow import ProtoFlow, prototypes_sha256
 from reporting import PartialResults, exit_status, report
 from utils import (AMP_CHOICES, FlagError, cli, file_sha256, float_at_least, int_at_least,
                    mask_ratio_arg, prepare_output_dir, read_weights_file, resolve_amp,
-                   resolve_weights_file)
+                   resolve_device, resolve_weights_file)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -120,6 +120,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_device_flags(args: argparse.Namespace) -> torch.device:
+    """--device and --amp before any work (run_test.py, predict.py): a GPU torch cannot
+    see, or fp16 off CUDA, is one `error:` line, not a traceback at the first model."""
+    device = resolve_device(args.device)
+    resolve_amp(args.amp, device)
+    return device
+
+
 def select_classes(args: argparse.Namespace, setting: str) -> list[str]:
     """The classes to evaluate, checked against the data (layout, masks) before any work."""
     root = args.data_path
@@ -176,7 +184,7 @@ def load_models(args: argparse.Namespace) -> Models:
     are reported; `args` is updated with them), its tokenizer (vocabulary checked) and
     ProtoFlow, which is given the ViT's images and converts them to its own
     normalisation."""
-    device = torch.device(args.device)
+    device = check_device_flags(args)
     amp = resolve_amp(args.amp, device)
     checkpoint = read_weights_file(args.ckpt)
     config, notes = modeling_pmad.resolve_eval_config(vars(args), checkpoint, args.ckpt)
@@ -239,6 +247,7 @@ def resume_key(args: argparse.Namespace, results: dict) -> dict:
 def main(args: argparse.Namespace) -> dict:
     """Evaluate each selected class under args.protocol, keeping each finished class in
     results.partial.jsonl; returns the results, which are also printed and written."""
+    check_device_flags(args)
     out_dir = Path(prepare_output_dir(args.output_dir, "--output_dir"))
     setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
     classes = select_classes(args, setting)

@@ -261,16 +261,13 @@ def init_distributed(device: str | torch.device = "cpu", timeout_min: float = 60
     fill, a k-means fit on rank 0). `init_method` other than env:// (e.g. file://)
     needs no MASTER_ADDR/MASTER_PORT.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU: "
-                               "pass --device cpu or install a CUDA build of torch")
         if device.index is None or world_size > 1:
-            device = torch.device("cuda", local_rank)
+            device = resolve_device(f"cuda:{local_rank}", "this process's GPU (LOCAL_RANK)")
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         for var in ("MASTER_ADDR", "MASTER_PORT") if init_method == "env://" else ():
@@ -283,6 +280,27 @@ def init_distributed(device: str | torch.device = "cpu", timeout_min: float = 60
                                 timeout=datetime.timedelta(minutes=timeout_min),
                                 device_id=device if device.type == "cuda" else None)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def resolve_device(device: str | torch.device, flag: str = "--device") -> torch.device:
+    """`device` as a torch.device, checked before any work: a name torch knows and, for
+    CUDA, a GPU this process can see (otherwise torch fails later, with a traceback)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise FlagError(f"{flag} {device!r} is not a device: pass cpu, cuda or "
+                        "cuda:<index>") from None
+    if resolved.type != "cuda":
+        return resolved
+    if not torch.cuda.is_available():
+        raise FlagError(f"{flag} {device} was asked for but torch sees no CUDA GPU: pass "
+                        "--device cpu, or install a CUDA build of torch")
+    count = torch.cuda.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise FlagError(f"{flag} {device}: torch sees {count} CUDA GPU(s), cuda:0 to "
+                        f"cuda:{count - 1}; pass one of them (with torchrun: at most "
+                        f"--nproc_per_node {count})")
+    return resolved
 
 
 def cleanup_distributed() -> None:
@@ -441,15 +459,16 @@ def default_amp(device: str | torch.device) -> str:
 
 
 def resolve_amp(amp: str | None, device: str | torch.device) -> str:
-    """Validate an --amp choice for this device (None -> default_amp)."""
+    """Validate an --amp choice for this device (None -> default_amp); a FlagError (one
+    `error:` line) for a choice the device cannot run."""
     device = torch.device(device)
     if amp is None:
         return default_amp(device)
     if amp not in AMP_CHOICES:
-        raise ValueError(f"--amp {amp!r}: choose one of {AMP_CHOICES}")
+        raise FlagError(f"--amp {amp!r}: choose one of {AMP_CHOICES}")
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device (its loss scaler is CUDA-only "
-                         "here): use --amp bf16 or --amp none on the CPU")
+        raise FlagError(f"--amp fp16 needs a CUDA device (its loss scaler is CUDA-only "
+                        f"here), not --device {device}: use --amp bf16 or --amp none there")
     return amp
 
 
@@ -790,14 +809,14 @@ def checkpoint_path(output_dir: str, name: int | str) -> str:
 def find_latest_checkpoint(output_dir: str) -> str | None:
     """The complete checkpoint with the highest stored epoch, or None.
 
-    Only `checkpoint-<n>.pth` and `checkpoint-last.pth` count (temporary files are
-    dot-files with another suffix); each is opened memory-mapped (cheap) to read its
-    epoch, and one that cannot be read, e.g. truncated by a full disk, is skipped.
+    Only `checkpoint-<n>.pth` and `checkpoint-last.pth` files directly in `output_dir`
+    count (temporary files are dot-files with another suffix; an earlier run moved to a
+    subfolder by `archive_previous_run` is not looked at); each is opened memory-mapped
+    (cheap) to read its epoch, and one that cannot be read, e.g. truncated by a full
+    disk, is skipped.
     """
     best, best_epoch = None, -1
-    for path in sorted(glob.glob(os.path.join(output_dir, "checkpoint-*.pth"))):
-        if not CHECKPOINT_PATTERN.match(os.path.basename(path)):
-            continue
+    for path in checkpoint_files(output_dir):
         try:
             epoch = load_checkpoint_file(path, mmap=True).get("epoch")
         except CheckpointError:
@@ -806,6 +825,60 @@ def find_latest_checkpoint(output_dir: str) -> str | None:
         if isinstance(epoch, int) and epoch > best_epoch:
             best, best_epoch = path, epoch
     return best
+
+
+def checkpoint_files(output_dir: str) -> list[str]:
+    """The files `checkpoint-<n>.pth` / `checkpoint-last.pth` directly in `output_dir`
+    (never in a subfolder), sorted by name."""
+    if not os.path.isdir(output_dir):
+        return []
+    return [os.path.join(output_dir, name) for name in sorted(os.listdir(output_dir))
+            if CHECKPOINT_PATTERN.match(name)
+            and os.path.isfile(os.path.join(output_dir, name))]
+
+
+PREVIOUS_RUN_PREFIX = "previous-"
+
+
+def archive_previous_run(output_dir: str, log_dir: str | None = None,
+                         now: datetime.datetime | None = None) -> tuple[str, list[str]] | None:
+    """Move an earlier run's checkpoints, its log.txt and, when `log_dir` lies inside
+    `output_dir`, its TensorBoard event files into a new `<output_dir>/previous-<UTC
+    time>/` (same relative paths), before a run that does not continue them starts
+    there: otherwise --auto_resume would later pick the old run's newer epochs, and the
+    new log.txt would overwrite the old one. Nothing is deleted. Call on rank 0 only.
+    -> (the folder, the paths moved, relative to `output_dir`), or None when
+    `output_dir` holds no checkpoint."""
+    checkpoints = checkpoint_files(output_dir)
+    if not checkpoints:
+        return None
+    moving = [os.path.basename(p) for p in checkpoints]
+    if os.path.isfile(os.path.join(output_dir, "log.txt")):
+        moving.append("log.txt")
+    if log_dir and _inside(log_dir, output_dir) and os.path.isdir(log_dir):
+        rel = os.path.relpath(os.path.realpath(log_dir), os.path.realpath(output_dir))
+        moving += [os.path.normpath(os.path.join(rel, name))
+                   for name in sorted(os.listdir(log_dir))
+                   if name.startswith("events.out.tfevents.")
+                   and os.path.isfile(os.path.join(log_dir, name))]
+    stamp = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    base = folder = os.path.join(output_dir, f"{PREVIOUS_RUN_PREFIX}{stamp}")
+    n = 1
+    while os.path.exists(folder):  # two fresh starts within a second: -2, -3, ...
+        n += 1
+        folder = f"{base}-{n}"
+    os.makedirs(folder)
+    for rel in moving:
+        target = os.path.join(folder, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.rename(os.path.join(output_dir, rel), target)  # same file system: atomic
+    return folder, moving
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies below it (real paths: links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 def save_training_state(output_dir: str, names: Iterable[int | str], *, epoch: int,
@@ -916,13 +989,15 @@ def check_resume_args(saved: dict | None, args: dict, path: str, must_match: Seq
                            f"recomputed for {new} epochs and continues at epoch {done})")
     if diff:
         fix = ("resume another checkpoint" if explicit else
-               "another --output_dir, or --no_auto_resume to start afresh in this one")
+               "start a new run: another --output_dir, or --no_auto_resume in this one "
+               f"(which moves this run's checkpoints and log.txt to {PREVIOUS_RUN_PREFIX}"
+               "<UTC time>/ first)")
         if "epochs" in diff:
             fix += (f"; to train longer, first finish its {diff['epochs'][0]} epochs, then "
                     "re-run with a larger --epochs")
         raise CheckpointError(f"{path} was trained with other arguments: " + ", ".join(
             f"--{k} {a!r} (now {b!r})" for k, (a, b) in diff.items())
-            + f"; use the same arguments or {fix}")
+            + f"; resume it with the same flags, or {fix}")
 
 
 def masking_state_of(ckpt: dict) -> dict | None:
@@ -991,7 +1066,8 @@ class JsonlLog:
     """One JSON object per line, flushed at once (rank 0 only).
 
     On resume, lines of epochs >= `start_epoch` (written after the checkpoint that is
-    being resumed) are dropped, so each epoch appears exactly once.
+    being resumed, or before a checkpoint that was never written: engine.fit writes an
+    epoch's line first) are dropped, so each epoch appears exactly once.
     """
 
     def __init__(self, path: str, start_epoch: int = 0) -> None:

@@ -255,6 +255,45 @@ def test_legacy_checkpoint_reads_memory_mapped(refused):
     assert set(ckpt) == {"model", "epoch"}
 
 
+def test_device_and_amp_mistakes_are_one_line_in_every_entry_point(tiny_world, tmp_path):
+    """--amp fp16 off CUDA, a GPU torch cannot see (torch here sees none), a name that
+    is no device: one `error:` line, exit 2, before any output, through each entry
+    point's __main__ (run_test.py, predict.py and run_protoflow.py included)."""
+    w = tiny_world
+    no_gpu = "import torch\ntorch.cuda.is_available = lambda: False\n"
+    image = str(w.mvtec_root / "coins" / "test" / "good" / "000.png")
+    cases = {
+        "train_fp16": ("run_pretraining.py", _train_argv(w, tmp_path / "t1", "--amp", "fp16")),
+        "train_cuda": ("run_pretraining.py", _train_argv(w, tmp_path / "t2", "--device",
+                                                         "cuda")),
+        "train_448": ("run_pretraining.py", _train_argv(w, tmp_path / "t3", "--input_size",
+                                                        "448")),
+        "test_fp16": ("run_test.py", w.run_test_argv(tmp_path / "o1", "--amp", "fp16")),
+        "test_cuda": ("run_test.py", w.run_test_argv(tmp_path / "o2", "--device", "cuda")),
+        "test_name": ("run_test.py", w.run_test_argv(tmp_path / "o3", "--device", "gpu")),
+        "predict_fp16": ("predict.py", [image, "--class_name", "coins", "--output_dir",
+                                        str(tmp_path / "p1"), *w.model_argv(), "--amp", "fp16"]),
+        "predict_cuda": ("predict.py", [image, "--class_name", "coins", "--output_dir",
+                                        str(tmp_path / "p2"), *w.model_argv("cuda")]),
+        "protoflow_cuda": ("run_protoflow.py", [
+            "prototypes", "--data_path", str(w.imagenet_root), "--encoder",
+            "efficientnet_lite0", "--output_dir", str(tmp_path / "f1"), "--device", "cuda"]),
+    }
+    results = _run_cases(tmp_path, {k: {"script": script, "argv": argv, "pre": no_gpu}
+                                    for k, (script, argv) in cases.items()})
+    fp16 = "--amp fp16 needs a CUDA device (its loss scaler is CUDA-only here), not --device cpu"
+    no_cuda = "--device cuda was asked for but torch sees no CUDA GPU: pass --device cpu"
+    for case in ("train_fp16", "test_fp16", "predict_fp16"):
+        _clear_error(results[case], fp16)
+    for case in ("train_cuda", "test_cuda", "predict_cuda", "protoflow_cuda"):
+        _clear_error(results[case], no_cuda)
+    _clear_error(results["test_name"], "--device 'gpu' is not a device")
+    _clear_error(results["train_448"], "--input_size 448 makes a 28x28 patch grid but the "
+                 f"kmeans tokenizer {w.tokenizer} (fitted at 224 px) gives 14x14 tokens")
+    for folder in ("t1", "t2", "t3", "o1", "o2", "o3", "p1", "p2", "f1"):
+        assert not (tmp_path / folder).exists(), folder  # refused before any output
+
+
 # ----------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def finished_run(tiny_world, tmp_path_factory):

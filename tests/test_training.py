@@ -283,6 +283,127 @@ def test_resume_refuses_other_arguments(env, reference):
         run_pretraining.main(_args(env, out, "--batch_size", "1"))
 
 
+@pytest.mark.parametrize("flags, named", [
+    (("--lr", "5e-4"), "--lr 0.001 (now 0.0005)"),
+    (("--min_lr", "1e-6"), "--min_lr 1e-05 (now 1e-06)"),
+    (("--warmup_epochs", "1"), "--warmup_epochs 0 (now 1)"),
+    (("--warmup_steps", "3"), "--warmup_steps -1 (now 3)"),
+    (("--weight_decay", "0.1"), "--weight_decay 0.05 (now 0.1)"),
+    (("--weight_decay_end", "0.01"), "--weight_decay_end None (now 0.01)"),
+    (("--opt_betas", "0.8", "0.9"), "--opt_betas [0.9, 0.999] (now [0.8, 0.9])"),
+    (("--opt_eps", "1e-6"), "--opt_eps 1e-08 (now 1e-06)"),
+    (("--clip_grad", "1"), "--clip_grad 3.0 (now 1.0)"),
+    (("--drop_path", "0.2"), "--drop_path 0.1 (now 0.2)"),
+    (("--max_steps_per_epoch", "2"), "--max_steps_per_epoch 1 (now 2)"),
+    (("--no-imagenet_default_mean_and_std",),
+     "--imagenet_default_mean_and_std True (now False)"),
+    (("--mask_ratio", "0.25"), "--mask_ratio 0.3 (now 0.25)"),
+    (("--dynamic_masking_start", "5"), "--dynamic_masking_start 1 (now 5)"),
+    (("--freq_mode", "global"), "--freq_mode 'patch' (now 'global')"),
+    (("--no-fg_mask",), "--fg_mask True (now False)"),
+    (("--lr", "5e-4", "--clip_grad", "1"), "--lr 0.001 (now 0.0005), --clip_grad 3.0 (now 1.0)"),
+    # a finished run extended: its remaining steps follow the schedule flags (warm-up
+    # included: it sets where the cosine starts), so they must match too
+    (("--epochs", "3", "--warmup_epochs", "1"), "--warmup_epochs 0 (now 1)"),
+])
+def test_resume_refuses_a_changed_schedule_or_masking(env, reference, flags, named):
+    """A flag that defines the experiment, changed on resume, is named with both values
+    and the two ways on, before any work (nothing is trained or written)."""
+    out, _ = reference
+    before = os.path.getmtime(os.path.join(out, "checkpoint-last.pth"))
+    with pytest.raises(utils.CheckpointError) as info:
+        run_pretraining.main(_args(env, out, *flags))
+    assert str(info.value) == (
+        f"{out}/checkpoint-1.pth was trained with other arguments: {named}; resume it with "
+        "the same flags, or start a new run: another --output_dir, or --no_auto_resume in "
+        "this one (which moves this run's checkpoints and log.txt to previous-<UTC time>/ "
+        "first)")
+    assert os.path.getmtime(os.path.join(out, "checkpoint-last.pth")) == before
+
+
+def test_a_fresh_start_sets_the_earlier_runs_files_aside(env, tmp_path, monkeypatch, capsys):
+    """Run A (4 epochs, numbered checkpoints at epochs 1 and 3), then run B afresh in the
+    same folder (--no_auto_resume, another --lr), stopped in its epoch 2: re-running B
+    resumes B's epoch 1, not A's newer checkpoint-3.pth. A's checkpoints, log.txt and
+    TensorBoard events (its --log_dir is inside --output_dir) are in previous-<time>/."""
+    out, tb = tmp_path / "out", tmp_path / "out" / "tb"
+    common = ("--epochs", "4", "--save_ckpt_freq", "2", "--log_dir", str(tb))
+    _record_epochs(monkeypatch)
+    run_pretraining.main(_args(env, str(out), *common))  # A
+    record = engine.train_one_epoch
+
+    def stop_at_2(*a, epoch, **k):
+        if epoch == 2:
+            raise _Crash
+        return record(*a, epoch=epoch, **k)
+
+    monkeypatch.setattr(engine, "train_one_epoch", stop_at_2)
+    b = ("--lr", "5e-4", *common)
+    capsys.readouterr()
+    with pytest.raises(_Crash):
+        run_pretraining.main(_args(env, str(out), *b, "--no_auto_resume"))
+    previous = [p for p in os.listdir(out) if p.startswith("previous-")]
+    assert len(previous) == 1
+    kept = out / previous[0]
+    assert (f"[output_dir] {out} holds an earlier run that this one does not continue: "
+            f"moved its 3 checkpoint(s), log.txt, 1 TensorBoard event file(s) to {kept} "
+            "(nothing deleted)\n") in capsys.readouterr().out
+    assert sorted(os.listdir(kept)) == ["checkpoint-1.pth", "checkpoint-3.pth",
+                                        "checkpoint-last.pth", "log.txt", "tb"]
+    assert [r["epoch"] for r in read_jsonl(kept / "log.txt")] == [0, 1, 2, 3]
+    for name, epoch in (("checkpoint-3.pth", 3), ("checkpoint-last.pth", 3)):
+        a = utils.load_checkpoint_file(str(kept / name))
+        assert a["epoch"] == epoch and a["args"]["lr"] == 1e-3
+    assert len(os.listdir(kept / "tb")) == 1
+    monkeypatch.setattr(engine, "train_one_epoch", record)
+    summary = run_pretraining.main(_args(env, str(out), *b))  # B again, as a user re-runs it
+    assert summary["start_epoch"] == 2
+    assert [p for p in os.listdir(out) if p.startswith("previous-")] == previous
+    b_last = utils.load_checkpoint_file(str(out / "checkpoint-last.pth"))
+    assert b_last["epoch"] == 3 and b_last["args"]["lr"] == 5e-4
+    assert [r["epoch"] for r in read_jsonl(out / "log.txt")] == [0, 1, 2, 3]
+
+
+def test_the_earlier_run_is_set_aside_by_rank_0_between_barriers(env, tmp_path, monkeypatch):
+    """Every rank has looked for its checkpoint before rank 0 moves the files (barrier),
+    and none starts writing before they are moved (barrier); other ranks move nothing."""
+    events: list[str] = []
+    monkeypatch.setattr(utils, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(utils, "archive_previous_run", lambda *a, **k: events.append("move"))
+    args = _args(env, str(tmp_path))
+    for main_rank in (True, False):
+        monkeypatch.setattr(utils, "is_main_process", lambda: main_rank)
+        run_pretraining.set_aside_previous_run(args)
+    assert events == ["barrier", "move", "barrier", "barrier", "barrier"]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_crash_at_the_checkpoint_keeps_each_epochs_log_line_once(env, tmp_path, monkeypatch,
+                                                                   when):
+    """A crash while epoch 1's checkpoint is written (before it is on disk, or just
+    after) leaves epoch 1's line in log.txt; the re-run's log.txt has each epoch once."""
+    _record_epochs(monkeypatch)
+    real = utils.save_training_state
+
+    def crash(output_dir, names, *, epoch, **k):
+        if epoch == 1 and when == "before":
+            raise _Crash
+        paths = real(output_dir, names, epoch=epoch, **k)
+        if epoch == 1:
+            raise _Crash
+        return paths
+
+    monkeypatch.setattr(utils, "save_training_state", crash)
+    out = tmp_path / "out"
+    with pytest.raises(_Crash):
+        run_pretraining.main(_args(env, str(out)))
+    assert [r["epoch"] for r in read_jsonl(out / "log.txt")] == [0, 1]
+    monkeypatch.setattr(utils, "save_training_state", real)
+    summary = run_pretraining.main(_args(env, str(out)))
+    assert summary["start_epoch"] == (1 if when == "before" else 2)
+    assert [r["epoch"] for r in read_jsonl(out / "log.txt")] == [0, 1]
+
+
 def test_nan_stops_the_run_and_keeps_the_last_checkpoint(env, monkeypatch):
     out = str(env["base"] / "nan")
     _crash_at(1, monkeypatch, action=lambda m: m.lm_head.weight.data.fill_(math.nan))
@@ -349,6 +470,92 @@ def test_bad_fg_masks_are_refused_before_tokenizing(env, tmp_path, monkeypatch, 
         f"  {data}/fg_mask/carpet/003.png (mask of {data}/train/carpet/003.png) is "
         "unreadable: empty, cut short or not an image\n"
         f"Fix: {datasets.FIX_BAD_FG_MASK}\n")
+
+
+def _one_class_data(tmp_path: Path, name: str) -> str:
+    """A training set of one class, 2 images with foreground masks."""
+    root = str(tmp_path / f"data_{name}")
+    _write_class(root, name, 2, np.random.default_rng(0))
+    return root
+
+
+def test_a_mask_ratio_that_masks_no_patch_is_refused_before_tokenizing(env, tmp_path,
+                                                                      monkeypatch, capsys):
+    """int(L r) = 0 would leave nothing to predict and stop the run with a NaN loss that
+    advises a lower --lr: a class without a ratio of its own under --mask_ratio 0.004
+    (196 patches), and screw's own 0.04 at --input_size 64 (16 patches; a k-means
+    tokenizer fitted by the run, so the token grid follows --input_size)."""
+    widget = _one_class_data(tmp_path, "widget")
+    args = _args(env, str(tmp_path / "a"), "--mask_ratio", "0.004", data=widget)
+    assert _refused_before_tokenizing(args, monkeypatch, capsys) == (
+        "error: --mask_ratio 0.004 masks no patch of class(es) widget, which have no ratio "
+        "of their own (int(196 x 0.004) = 0 of the 196 patches at --input_size 224): pass "
+        "--mask_ratio 0.0052 or more\n")
+    assert num_masked(0.0052, 196) == 1
+    screw = _one_class_data(tmp_path, "screw")
+    args = _args(env, str(tmp_path / "b"), "--input_size", "64", "--tokenizer_model", "kmeans",
+                 "--fit_kmeans_tokenizer", "--tokenizer_weight_path", str(tmp_path / "k.pth"),
+                 data=screw)
+    assert _refused_before_tokenizing(args, monkeypatch, capsys) == (
+        "error: the paper's Table 6 mask ratio of class(es) screw (0.04) masks no patch at "
+        "--input_size 64 (int(16 x 0.04) = 0 of the 16 patches): pass --input_size 80 or "
+        "more\n")
+    assert num_masked(0.04, 5 * 5) == 1 and not (tmp_path / "k.pth").exists()  # not fitted
+
+
+def test_a_mask_ratio_only_classes_without_their_own_use_is_not_checked(env, tmp_path,
+                                                                       monkeypatch):
+    """bottle and carpet have their own ratios: --mask_ratio 0.004 is not theirs."""
+    calls = _record_epochs(monkeypatch)
+    run_pretraining.main(_args(env, str(tmp_path), "--mask_ratio", "0.004", "--epochs", "1"))
+    assert len(calls) == 1
+
+
+def _fake_tokenizer_file(path: Path, obj: dict) -> str:
+    torch.save(obj, path)
+    return str(path)
+
+
+def test_device_amp_and_input_size_mistakes_are_refused_before_tokenizing(env, tmp_path,
+                                                                         monkeypatch, capsys):
+    """Each is one `error:` line, exit 2, before the tokenizer is built: --amp fp16 off
+    CUDA, a GPU torch cannot see, an --input_size that is no multiple of the patch size
+    or whose patch grid is not the tokenizer's token grid (DALL-E's and the released
+    ViT tokenizer's 14 x 14, a k-means tokenizer's from its file)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = str(tmp_path / "out")
+
+    def refused(*flags: str) -> str:
+        return _refused_before_tokenizing(_args(env, out, *flags), monkeypatch, capsys)
+
+    assert refused("--amp", "fp16") == (
+        "error: --amp fp16 needs a CUDA device (its loss scaler is CUDA-only here), not "
+        "--device cpu: use --amp bf16 or --amp none there\n")
+    assert refused("--device", "cuda") == (
+        "error: --device cuda was asked for but torch sees no CUDA GPU: pass --device cpu, "
+        "or install a CUDA build of torch\n")
+    assert refused("--device", "gpu") == (
+        "error: --device 'gpu' is not a device: pass cpu, cuda or cuda:<index>\n")
+    assert refused("--input_size", "100") == (
+        f"error: --input_size 100 is not a multiple of {TINY}'s patch size 16: pass e.g. 96 "
+        "or 112 (224 for the released tokenizers)\n")
+    assert refused("--input_size", "448") == (
+        "error: --input_size 448 makes a 28x28 patch grid but the dall-e tokenizer (112 px "
+        "token images, stride 8) gives 14x14 tokens per image: pass --input_size 224\n")
+    vit = _fake_tokenizer_file(tmp_path / "vit_tokenizer.pth",
+                               {"model": {"encoder.pos_embed": torch.zeros(1, 197, 8)}})
+    assert refused("--input_size", "448", "--tokenizer_model", "vit_tokenizer",
+                   "--tokenizer_weight_path", str(tmp_path)) == (
+        f"error: --input_size 448 makes a 28x28 patch grid but the vit_tokenizer {vit} (224 "
+        "px token images, patch 16) gives 14x14 tokens per image: pass --input_size 224\n")
+    kmeans = _fake_tokenizer_file(tmp_path / "kmeans.pth",
+                                  {"tokenizer": "kmeans", "image_size": 224})
+    assert refused("--input_size", "448", "--tokenizer_model", "kmeans",
+                   "--tokenizer_weight_path", kmeans) == (
+        f"error: --input_size 448 makes a 28x28 patch grid but the kmeans tokenizer {kmeans} "
+        "(fitted at 224 px) gives 14x14 tokens per image: pass --input_size 224, or fit a "
+        "tokenizer at 448 px (--fit_kmeans_tokenizer with a new --tokenizer_weight_path)\n")
+    assert not os.path.exists(out)  # refused before the output folder is made
 
 
 @pytest.mark.parametrize("setting, extra, expected", [
@@ -474,9 +681,12 @@ with open(os.path.join({out!r}, "seen%s.json" % os.environ["RANK"]), "w") as f:
 def test_torchrun_two_processes_on_gloo(env, tmp_path):
     out, rec = str(tmp_path / "out"), tmp_path / "seen"
     rec.mkdir()
+    # an earlier run's files, set aside once (rank 0) by this fresh start
+    utils.save_on_master({"epoch": 5}, utils.checkpoint_path(out, 5))
+    Path(out, "log.txt").write_text('{"epoch": 5}\n')
     script = tmp_path / "recorder.py"
     script.write_text(_RECORDER.format(repo=REPO, out=str(rec)))
-    argv = _argv(env, out, "--epochs", "1", "--max_steps_per_epoch", "2")
+    argv = _argv(env, out, "--epochs", "1", "--max_steps_per_epoch", "2", "--no_auto_resume")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc_per_node", "2", str(script), *argv]
     proc = run_command(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -486,7 +696,10 @@ def test_torchrun_two_processes_on_gloo(env, tmp_path):
     seen = [r["seen"] for r in records]
     assert len(seen[0]) == len(seen[1]) == 4  # 2 steps x batch 2 on each rank
     assert set(seen[0]).isdisjoint(seen[1]) and sorted(seen[0] + seen[1]) == list(range(8))
-    assert sorted(os.listdir(out)) == ["checkpoint-0.pth", "checkpoint-last.pth", "log.txt"]
+    *files, previous = sorted(os.listdir(out))
+    assert files == ["checkpoint-0.pth", "checkpoint-last.pth", "log.txt"]
+    assert previous.startswith("previous-")
+    assert sorted(os.listdir(os.path.join(out, previous))) == ["checkpoint-5.pth", "log.txt"]
     ckpt = utils.load_checkpoint_file(os.path.join(out, "checkpoint-last.pth"))
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     rngs = ckpt["masking"]["mask_rng"]
@@ -556,18 +769,20 @@ def _record_epochs(monkeypatch) -> list[dict]:
     return calls
 
 
+FLAGGED = ("--lr", "0.01", "--min_lr", "0.001", "--warmup_steps", "2",
+           "--max_steps_per_epoch", "2", "--weight_decay", "0.2", "--weight_decay_end", "0.02",
+           "--opt_betas", "0.8", "0.95", "--opt_eps", "1e-6", "--clip_grad", "1.5",
+           "--amp", "bf16", "--dynamic_masking_start", "5", "--save_ckpt_freq", "1",
+           "--mask_ratio", "0.25")
+
+
 @pytest.fixture(scope="module")
 def flagged(env, tmp_path_factory):
     """One run with every optimiser, schedule and output flag away from its default."""
     out = tmp_path_factory.mktemp("flagged")
     with pytest.MonkeyPatch.context() as mp:
         calls = _record_epochs(mp)
-        summary = run_pretraining.main(_args(
-            env, str(out), "--lr", "0.01", "--min_lr", "0.001", "--warmup_steps", "2",
-            "--max_steps_per_epoch", "2", "--weight_decay", "0.2", "--weight_decay_end", "0.02",
-            "--opt_betas", "0.8", "0.95", "--opt_eps", "1e-6", "--clip_grad", "1.5",
-            "--amp", "bf16", "--dynamic_masking_start", "5", "--save_ckpt_freq", "1",
-            "--mask_ratio", "0.25"))
+        summary = run_pretraining.main(_args(env, str(out), *FLAGGED))
     return {"out": out, "calls": calls, "summary": summary}
 
 
@@ -620,7 +835,7 @@ def test_amp_bf16_runs_the_vit_in_bfloat16(flagged):
 
 def test_resume_flags_choose_the_start_epoch(env, flagged, monkeypatch):
     out = str(flagged["out"])
-    args = ("--max_steps_per_epoch", "2")
+    args = FLAGGED  # a resume with other flags is refused
     calls = _record_epochs(monkeypatch)
     assert run_pretraining.main(_args(env, out, *args))["start_epoch"] == 2  # auto: done
     # --auto_resume (BEiT's flag, the default) after --no_auto_resume: the last one wins

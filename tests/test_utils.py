@@ -75,9 +75,10 @@ def test_set_step_hyperparams_leaves_undecayed_group_at_zero():
 def test_amp_choices():
     assert utils.resolve_amp("none", "cpu") == "none"
     assert utils.resolve_amp(None, "cpu") == utils.default_amp("cpu")
-    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
+    # a FlagError: the entry points print it as one `error:` line, exit 2
+    with pytest.raises(utils.FlagError, match="fp16 needs a CUDA device .* not --device cpu"):
         utils.resolve_amp("fp16", "cpu")
-    with pytest.raises(ValueError, match="choose one of"):
+    with pytest.raises(utils.FlagError, match="choose one of"):
         utils.resolve_amp("fp8", "cpu")
     a = torch.randn(4, 4)
     with utils.amp_autocast("cpu", "bf16"):
@@ -85,6 +86,27 @@ def test_amp_choices():
     with utils.amp_autocast("cpu", "none"):
         assert (a @ a).dtype == torch.float32
     assert not utils.make_grad_scaler("cpu", "bf16").is_enabled()
+
+
+def test_a_device_torch_cannot_use_is_a_flag_error(monkeypatch):
+    """--device is checked before any work: a name torch does not know, CUDA without a
+    GPU, a GPU index past the last one; each a FlagError naming the flag and the fix."""
+    assert utils.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(utils.FlagError, match="--device 'gpu' is not a device: pass cpu, "
+                                              "cuda or cuda:<index>"):
+        utils.resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(utils.FlagError, match="--device cuda was asked for but torch sees no "
+                                              "CUDA GPU: pass --device cpu"):
+        utils.resolve_device("cuda")
+    with pytest.raises(utils.FlagError, match="torch sees no CUDA GPU"):
+        utils.init_distributed("cuda")  # the entry points' first step
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert utils.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(utils.FlagError, match="--device cuda:2: torch sees 2 CUDA GPU.s., "
+                                              "cuda:0 to cuda:1"):
+        utils.resolve_device("cuda:2")
 
 
 def test_deterministic_mode_is_strict_and_scoped(monkeypatch):
@@ -326,6 +348,62 @@ def test_find_latest_checkpoint_skips_partial_and_temp_files(tmp_path):
     assert utils.find_latest_checkpoint(d) == utils.checkpoint_path(d, "last")
     os.remove(utils.checkpoint_path(d, "last"))
     assert utils.find_latest_checkpoint(d) == utils.checkpoint_path(d, 39)
+
+
+def test_find_latest_checkpoint_looks_at_the_folder_itself_only(tmp_path):
+    """An earlier run set aside in previous-<time>/ (or any subfolder) and a folder that
+    happens to be named like a checkpoint are never resumed from."""
+    d = str(tmp_path)
+    utils.save_on_master({"epoch": 1}, utils.checkpoint_path(d, "last"))
+    utils.save_on_master({"epoch": 9}, os.path.join(d, "previous-20240101T000000Z",
+                                                    "checkpoint-9.pth"))
+    os.makedirs(os.path.join(d, "checkpoint-20.pth"))
+    assert utils.find_latest_checkpoint(d) == utils.checkpoint_path(d, "last")
+    assert utils.checkpoint_files(d) == [utils.checkpoint_path(d, "last")]
+
+
+def _earlier_run(folder: Path) -> dict[str, bytes]:
+    """A finished run's files in `folder`: checkpoints, log.txt, TensorBoard events in
+    tb/, the token cache and a file of the user's. -> {relative path: content}."""
+    files = {"checkpoint-1.pth": b"c1", "checkpoint-3.pth": b"c3",
+             "checkpoint-last.pth": b"cl", "log.txt": b'{"epoch": 0}\n',
+             "tb/events.out.tfevents.1.host": b"ev"}
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    (folder / "token_cache").mkdir()
+    (folder / "token_cache" / "t.npy").write_bytes(b"t")
+    (folder / "notes.md").write_bytes(b"mine")
+    return files
+
+
+def test_archive_previous_run_moves_the_runs_files_and_deletes_nothing(tmp_path):
+    import datetime
+    now = datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert utils.archive_previous_run(str(out), now=now) is None  # nothing there
+    files = _earlier_run(out)
+    folder, moved = utils.archive_previous_run(str(out), str(out / "tb"), now=now)
+    assert folder == str(out / "previous-20240506T070809Z")
+    assert sorted(moved) == sorted(files)
+    for rel, data in files.items():
+        assert (Path(folder) / rel).read_bytes() == data and not (out / rel).exists()
+    # the token cache (reusable) and files that are not the run's stay; tb/ itself too
+    assert sorted(os.listdir(out)) == ["notes.md", "previous-20240506T070809Z", "tb",
+                                       "token_cache"]
+    # a second fresh start in the same second gets its own folder; a --log_dir outside
+    # --output_dir is left alone
+    _earlier_run(tmp_path / "again")
+    elsewhere = tmp_path / "tb_elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "events.out.tfevents.2.host").write_bytes(b"ev")
+    (tmp_path / "again" / "previous-20240506T070809Z").mkdir()
+    folder, moved = utils.archive_previous_run(str(tmp_path / "again"), str(elsewhere),
+                                               now=now)
+    assert folder == str(tmp_path / "again" / "previous-20240506T070809Z-2")
+    assert "log.txt" in moved and not any(m.startswith("tb") for m in moved)
+    assert (elsewhere / "events.out.tfevents.2.host").exists()
 
 
 def test_unreadable_checkpoint_error_names_file(tmp_path):
