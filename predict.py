@@ -160,6 +160,7 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
     m = run_test.load_models(args)
     for cls in groups:  # a missing class fails before any image is scored
         m.protoflow.prototypes(cls)
+    run_test.check_mask_ratios(args, list(groups), m.model.patch_embed.num_patches)
     options = run_test.clean_options(args)
     rows: list[dict[str, object]] = []
     skipped: list[str] = []

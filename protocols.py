@@ -54,7 +54,7 @@ class CleanOptions:
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """scipy.ndimage.gaussian_filter(mode='reflect', truncate=4) on a batch, in torch."""
-    if sigma <= 0:
+    if sigma <= 0 or len(maps) == 0:
         return maps
     radius = int(4.0 * sigma + 0.5)
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)

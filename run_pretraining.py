@@ -183,9 +183,26 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict 
     resume = utils.resolve_resume(args.resume, args.auto_resume, args.output_dir)
     header = utils.load_checkpoint_file(resume, mmap=True) if resume else None
     if header is not None and "optimizer" in header and "epoch" in header:
-        utils.check_resume_args(header.get("args"), vars(args), resume, RESUME_MUST_MATCH,
-                                header["epoch"], explicit=bool(args.resume))
+        saved = header.get("args")
+        utils.check_resume_args(saved and schedule_view(saved), schedule_view(vars(args)),
+                                resume, RESUME_MUST_MATCH, header["epoch"],
+                                explicit=bool(args.resume))
     return train_classes, resume, header
+
+
+def schedule_view(run_args: dict) -> dict:
+    """The arguments as the schedules read them, so that spellings of the same run compare
+    equal on resume: --weight_decay_end equal to --weight_decay is its default (None),
+    --clip_grad <= 0 is no clipping and --warmup_steps <= 0 is unused
+    (build_optimisation, utils.cosine_scheduler)."""
+    view = dict(run_args)
+    if view.get("weight_decay_end") == view.get("weight_decay"):
+        view["weight_decay_end"] = None
+    if view.get("clip_grad") is not None and view["clip_grad"] <= 0:
+        view["clip_grad"] = None
+    if view.get("warmup_steps") is not None and view["warmup_steps"] <= 0:
+        view["warmup_steps"] = -1
+    return view
 
 
 def patch_size_of(model: str) -> int:
@@ -310,8 +327,6 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
                          f"of --epochs {args.epochs}; pass a larger --epochs to extend the run")
         return {"train_classes": train_classes, "num_images": 0, "num_steps": 0,
                 "start_epoch": done + 1, "stats": {}, "checkpoints": []}
-    if not _continues_output_dir(resume, args.output_dir):
-        set_aside_previous_run(args)
     if args.fit_kmeans_tokenizer and not os.path.exists(args.tokenizer_weight_path):
         if utils.is_main_process():  # the other ranks wait for the file
             modeling_discrete_vae.fit_kmeans_on_folder(
@@ -329,6 +344,8 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     num_steps = min(len(loader), args.max_steps_per_epoch or len(loader))
     optimizer, scaler, config = build_optimisation(args, model, num_steps, env.device)
     start_epoch = restore(args, model, optimizer, scaler, policy, sampler, resume, env.device)
+    if not _continues_output_dir(resume, args.output_dir):  # its --init_ckpt is loaded now
+        set_aside_previous_run(args)
     stats, saved = engine.fit(
         model, loader, sampler, optimizer, scaler, policy, config, start_epoch=start_epoch,
         epochs=args.epochs, output_dir=args.output_dir, save_ckpt_freq=args.save_ckpt_freq,

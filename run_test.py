@@ -9,11 +9,13 @@ which choose ProtoFlow's threshold and the mask ratio with the test labels.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import timm
@@ -23,7 +25,7 @@ from tqdm import tqdm
 import datasets
 import modeling_pmad
 from heatmaps import save_heatmaps
-from masking_generator import CLASS_MASK_RATIOS
+from masking_generator import CLASS_MASK_RATIOS, num_masked
 from modeling_discrete_vae import available_tokenizers, create_tokenizer
 from protocols import (ABNORMALITY, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED,
                        CleanOptions, collect_class, evaluate_clean, evaluate_paper)
@@ -223,6 +225,21 @@ def class_mask_ratio(args: argparse.Namespace, class_name: str) -> float:
     return CLASS_MASK_RATIOS.get(class_name, args.default_mask_ratio)
 
 
+def check_mask_ratios(args: argparse.Namespace, classes: Sequence[str], num_patches: int
+                      ) -> None:
+    """Before any image is read: each class's clean-protocol ratio masks at least one of
+    the model's patches (int(L r) >= 1; with none, nothing would be scored)."""
+    empty = sorted({class_mask_ratio(args, c) for c in classes
+                    if num_masked(class_mask_ratio(args, c), num_patches) < 1})
+    if empty:
+        least = math.ceil(1e4 / num_patches) / 1e4
+        while num_masked(least, num_patches) < 1:  # float rounding of L x r
+            least += 1e-4
+        raise FlagError(f"mask ratio {', '.join(f'{r:g}' for r in empty)} masks no patch of "
+                        f"the model's {num_patches} (int({num_patches} x r) = 0): pass "
+                        f"--mask_ratio (or --default_mask_ratio) {least:g} or more")
+
+
 def file_fingerprints(args: argparse.Namespace, m: Models) -> dict[str, str | None]:
     """The files behind every class's scores, by content (sha256; the tokenizer's
     fingerprint also says whether DALL-E computes in fp16)."""
@@ -254,6 +271,8 @@ def main(args: argparse.Namespace) -> dict:
     root = Path(args.data_path)
     m = load_models(args)
     check_unseen(args, setting, classes, m.protoflow)
+    if args.protocol == "clean":
+        check_mask_ratios(args, classes, m.model.patch_embed.num_patches)
     options = clean_options(args)
     if (args.protocol == "clean" and options.masks == "threshold"
             and m.protoflow.threshold is None):

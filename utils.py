@@ -983,7 +983,7 @@ def check_resume_args(saved: dict | None, args: dict, path: str, must_match: Seq
         old, new = diff["epochs"]
         if isinstance(old, int) and done >= old:  # finished: more epochs extend it
             del diff["epochs"]
-            if new > done:
+            if new > done and not diff:
                 main_print(f"[resume] {path} finished its {old} epochs: extending the "
                            f"run to {new} epochs (the learning-rate schedule is "
                            f"recomputed for {new} epochs and continues at epoch {done})")

@@ -11,6 +11,9 @@ Rows (ours / baseline, median of --repeats interleaved rounds):
   batch 1 with explicit-softmax attention, each map smoothed by scipy, then the metrics.
 - clean protocol, one ratio (its covering passes): `protocols.evaluate_clean` against the
   same loop over the passes.
+  Ours also scores the baseline rows (ProtoFlow alone, PatchCore, CE alone) and smooths
+  the paper protocol's maps a second time, which the baseline skips: the speed-ups of
+  these two rows are lower bounds.
 - map smoothing, `--maps` maps: `protocols.gaussian_blur` (one grouped convolution)
   against scipy.ndimage.gaussian_filter map by map.
 

@@ -20,6 +20,7 @@ def test_gaussian_blur_equals_scipy() -> None:
     ours = protocols.gaussian_blur(maps, 4.0).numpy()
     ref = np.stack([gaussian_filter(m, sigma=4) for m in maps.numpy()])
     np.testing.assert_allclose(ours, ref, atol=1e-12)
+    assert protocols.gaussian_blur(maps[:0], 4.0).shape == (0, 40, 33)
 
 
 # ----------------------------------------------------------------------------- by hand

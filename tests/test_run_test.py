@@ -323,6 +323,24 @@ def test_evaluation_flags_reach_their_consumers(tiny_world, tmp_path, monkeypatc
     assert kwargs["sigma"] == 2.0 and kwargs["seed"] == 7 and kwargs["ratio"] == 0.2
 
 
+def test_a_mask_ratio_that_masks_no_patch_is_refused_before_any_class(tiny_world, tmp_path):
+    """int(196 x 0.004) = 0: the clean protocol would have nothing to score. Refused
+    before any image is read, with the least ratio that masks a patch; the paper
+    protocol sweeps its own ratios and ignores the flag."""
+    argv = _argv(tiny_world, tmp_path / "r", "clean", "--mask_ratio", "0.004")
+    with pytest.raises(utils.FlagError, match=(
+            r"^mask ratio 0.004 masks no patch of the model's 196 \(int\(196 x r\) = 0\): "
+            r"pass --mask_ratio \(or --default_mask_ratio\) 0.0052 or more$")):
+        run_test.main(run_test.get_args_parser().parse_args(argv))
+    assert not (tmp_path / "r" / "clean" / "results.partial.jsonl").exists()
+    args = SimpleNamespace(mask_ratio=None, default_mask_ratio=0.004)
+    run_test.check_mask_ratios(args, ["screw"], 196)  # its Table 6 ratio, 0.04: 7 patches
+    with pytest.raises(utils.FlagError, match="mask ratio 0.004 masks no patch"):
+        run_test.check_mask_ratios(args, ["screw", "coins"], 196)
+    run_test.check_mask_ratios(SimpleNamespace(mask_ratio=0.0052, default_mask_ratio=0.3),
+                               ["coins"], 196)
+
+
 def test_a_protoflow_trained_on_an_unseen_class_is_refused(tiny_world, tmp_path):
     """A cross-class evaluation with a ProtoFlow whose flow trained on the class it
     evaluates as unseen would leak it into the scores: refused, before any work, naming

@@ -321,6 +321,29 @@ def test_resume_refuses_a_changed_schedule_or_masking(env, reference, flags, nam
     assert os.path.getmtime(os.path.join(out, "checkpoint-last.pth")) == before
 
 
+def test_resume_accepts_other_spellings_of_the_same_schedule(env, reference):
+    """--weight_decay_end equal to --weight_decay is its default (None) spelt out: the
+    same run, so the finished reference says "nothing to do" instead of refusing."""
+    out, _ = reference
+    summary = run_pretraining.main(_args(env, out, "--weight_decay_end", "0.05"))
+    assert summary["start_epoch"] == 2 and summary["num_steps"] == 0
+
+
+@pytest.mark.parametrize("a, b, same", [
+    ({"weight_decay": 0.05, "weight_decay_end": None},
+     {"weight_decay": 0.05, "weight_decay_end": 0.05}, True),
+    ({"weight_decay": 0.05, "weight_decay_end": None},
+     {"weight_decay": 0.05, "weight_decay_end": 0.01}, False),
+    ({"clip_grad": 0.0}, {"clip_grad": -1.0}, True),
+    ({"clip_grad": None}, {"clip_grad": 0.0}, True),
+    ({"clip_grad": 3.0}, {"clip_grad": 0.0}, False),
+    ({"warmup_steps": 0}, {"warmup_steps": -1}, True),
+    ({"warmup_steps": 0}, {"warmup_steps": 5}, False),
+])
+def test_schedule_view_makes_spellings_of_one_schedule_equal(a, b, same):
+    assert (run_pretraining.schedule_view(a) == run_pretraining.schedule_view(b)) is same
+
+
 def test_a_fresh_start_sets_the_earlier_runs_files_aside(env, tmp_path, monkeypatch, capsys):
     """Run A (4 epochs, numbered checkpoints at epochs 1 and 3), then run B afresh in the
     same folder (--no_auto_resume, another --lr), stopped in its epoch 2: re-running B
@@ -919,6 +942,25 @@ def test_init_ckpt_loads_a_beit_checkpoint(env, tmp_path, monkeypatch):
     loaded = calls[0]["model"].state_dict()
     for key, value in source.state_dict().items():
         assert torch.equal(loaded[key], value), key
+
+
+def test_init_ckpt_in_the_output_dir_is_loaded_before_the_run_is_set_aside(env, tmp_path,
+                                                                           monkeypatch):
+    """A new run (--no_auto_resume, another --lr) in the folder of the run it starts
+    from (--init_ckpt its checkpoint-last.pth): the file is loaded first, then moved to
+    previous-<time>/ with the earlier run's other files."""
+    out = tmp_path / "out"
+    calls = _record_epochs(monkeypatch)
+    run_pretraining.main(_args(env, str(out), "--epochs", "1"))
+    start = utils.load_checkpoint_file(str(out / "checkpoint-last.pth"))["model"]
+    argv = [a for a in _argv(env, str(out), "--epochs", "1", "--lr", "5e-4",
+                             "--no_auto_resume") if a != "--no_init"]
+    run_pretraining.main(run_pretraining.get_args_parser().parse_args(
+        argv + ["--init_ckpt", str(out / "checkpoint-last.pth")]))
+    loaded = calls[-1]["model"].state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in start.items())
+    (previous,) = [p for p in os.listdir(out) if p.startswith("previous-")]
+    assert "checkpoint-last.pth" in os.listdir(out / previous)
 
 
 def test_init_ckpt_of_another_vocabulary_keeps_all_but_the_head(tmp_path, capsys):
