@@ -27,7 +27,7 @@ import metrics
 from engine import masked_token_ce, scatter_masked
 from protoflow import (Proposals, ProtoFlow, covering_masks, is_anomalous,
                        proposals_from_log_likelihood)
-from utils import amp_autocast, file_sha256
+from utils import CheckpointError, amp_autocast, file_sha256
 
 PAPER_RATIOS = tuple(round(0.02 * i, 2) for i in range(1, 25))  # 0.02 ... 0.48
 CLEAN_MASKS = ("proposal", "threshold")
@@ -153,8 +153,17 @@ def masked_token_scores(model: torch.nn.Module, data: ClassData, masks: torch.Te
                         batch_size: int, device: torch.device, amp: str) -> torch.Tensor:
     """PMAD's masked-token score (method.md 7): each masked patch's token cross-entropy,
     0 at visible patches. masks (N, L) bool -> (N, L) float32 on the CPU."""
-    return torch.cat([scatter_masked(ce, m).cpu()
-                      for _, ce, _, m in vit_batches(model, data, masks, batch_size, device, amp)])
+    scores = torch.cat([scatter_masked(ce, m).cpu()
+                        for _, ce, _, m in vit_batches(model, data, masks, batch_size, device,
+                                                       amp)])  # (N, L)
+    bad = ~torch.isfinite(scores).all(dim=1)  # (N,)
+    if bad.any():
+        named = f" ({data.names[int(bad.nonzero()[0])]}, ...)" if data.names else ""
+        raise CheckpointError(f"the ViT gives non-finite token scores to {int(bad.sum())} of "
+                              f"{len(bad)} image(s){named}: its weights (--ckpt) are damaged "
+                              "or its training diverged; use another checkpoint (e.g. an "
+                              "earlier checkpoint-<epoch>.pth) or download it again")
+    return scores
 
 
 def covered_token_scores(model: torch.nn.Module, data: ClassData, passes: list[torch.Tensor],

@@ -477,7 +477,11 @@ def proposals_from_log_likelihood(logp: Tensor, image_size: int | tuple[int, int
     if logp.ndim != 3 or len(logp) == 0:
         raise ValueError(f"logp must be a non-empty (N, h, w) tensor, got {tuple(logp.shape)}")
     if not torch.isfinite(logp).all():
-        raise ValueError("logp contains non-finite values: the flow or its input diverged")
+        raise CheckpointError(f"ProtoFlow gives non-finite log-likelihoods to "
+                              f"{int((~torch.isfinite(logp)).flatten(1).any(1).sum())} of "
+                              f"{len(logp)} image(s): its weights (--protoflow_weights) are "
+                              "damaged or its flow diverged; retrain it (run_protoflow.py "
+                              "train) or download the released file again")
     logp = logp.float()
     prob = torch.exp(logp - logp.max())[:, None]  # (N, 1, h, w)
     anomaly = prob.max() - prob

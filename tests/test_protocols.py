@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 import protocols
 import protoflow
+import utils
 
 
 def test_gaussian_blur_equals_scipy() -> None:
@@ -61,6 +62,22 @@ def _hand_data(size: int = 3) -> protocols.ClassData:
 
 
 PAPER_MAP = protocols.CleanOptions("proposal", "cover", "paper", "product")
+
+
+def test_non_finite_token_scores_name_the_checkpoint() -> None:
+    """A ViT whose weights hold NaN scores NaN: one clear error naming --ckpt and the
+    first image, instead of NaN maps failing later in the metrics or the heat maps."""
+    model = ConstantViT()
+    model.logits = torch.tensor([float("nan"), 0.0])
+    data = _hand_data()
+    masks = torch.tensor([[False, False, False, False], [False, False, False, True]])
+    with pytest.raises(utils.CheckpointError, match=(
+            r"^the ViT gives non-finite token scores to 1 of 2 image\(s\) \(bad_000, ...\): "
+            r"its weights \(--ckpt\) are damaged")):
+        protocols.masked_token_scores(model, data, masks, 2, torch.device("cpu"), "none")
+    model.logits = torch.log(torch.tensor([0.75, 0.25]))
+    scores = protocols.masked_token_scores(model, data, masks, 2, torch.device("cpu"), "none")
+    assert scores[1, 3].item() == pytest.approx(CE1) and scores.sum() == scores[1, 3]
 
 
 def _hand_maps() -> dict[str, torch.Tensor]:

@@ -500,8 +500,12 @@ def test_proposals_normalise_over_the_whole_set():
         assert torch.equal(alone.test_masks(r)[0], masks[0])
     scores = -logp.flatten(1).min(1).values
     assert torch.equal(out.image_scores, scores) and torch.equal(alone.image_scores, scores[:1])
-    with pytest.raises(ValueError, match="non-finite"):
-        pf.proposals_from_log_likelihood(torch.full((1, 4, 4), float("nan")))
+    nan = torch.zeros(3, 4, 4)
+    nan[1, 2, 2] = float("nan")
+    with pytest.raises(CheckpointError, match=(
+            r"^ProtoFlow gives non-finite log-likelihoods to 1 of 3 image\(s\): its weights "
+            r"\(--protoflow_weights\) are damaged or its flow diverged")):
+        pf.proposals_from_log_likelihood(nan)
     with pytest.raises(ValueError, match=r"ratio 1.5 is outside \[0, 1\]"):
         out.test_masks(1.5)
 
