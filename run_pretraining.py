@@ -346,6 +346,8 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     start_epoch = restore(args, model, optimizer, scaler, policy, sampler, resume, env.device)
     if not _continues_output_dir(resume, args.output_dir):  # its --init_ckpt is loaded now
         set_aside_previous_run(args)
+    elif args.resume and isinstance(done, int):  # maybe a roll-back to an older epoch
+        set_aside_previous_run(args, rolled_back=(resume, done))
     stats, saved = engine.fit(
         model, loader, sampler, optimizer, scaler, policy, config, start_epoch=start_epoch,
         epochs=args.epochs, output_dir=args.output_dir, save_ckpt_freq=args.save_ckpt_freq,
@@ -363,13 +365,30 @@ def _continues_output_dir(resume: str | None, output_dir: str) -> bool:
                                    == os.path.realpath(output_dir))
 
 
-def set_aside_previous_run(args: argparse.Namespace) -> None:
+def set_aside_previous_run(args: argparse.Namespace,
+                           rolled_back: tuple[str, int] | None = None) -> None:
     """Before a run that does not continue --output_dir's checkpoints writes there: an
     earlier run's checkpoints, log.txt and TensorBoard events inside --output_dir move to
     <output_dir>/previous-<UTC time>/ (utils.archive_previous_run), once, on rank 0,
-    after every rank has looked for its checkpoint to resume."""
+    after every rank has looked for its checkpoint to resume.
+
+    `rolled_back` = (the checkpoint resumed, its epoch): an explicit --resume of one of
+    --output_dir's own checkpoints; those of later epochs, which this run abandons, move
+    there instead (with a copy of log.txt), so that a later auto-resume continues this
+    run and not the abandoned one. Nothing moves when none is newer."""
     utils.barrier()
-    if utils.is_main_process():
+    if utils.is_main_process() and rolled_back is not None:
+        resume, epoch = rolled_back
+        moved = utils.archive_previous_run(args.output_dir, newer_than=epoch)
+        if moved is not None:
+            folder, paths = moved
+            checkpoints = [p for p in paths if utils.CHECKPOINT_PATTERN.match(p)]
+            copied = ", with a copy of log.txt" if "log.txt" in paths else ""
+            print(f"[resume] {resume} (epoch {epoch}) is older than {args.output_dir}'s "
+                  f"newest checkpoint: moved {', '.join(checkpoints)}, of the later epochs "
+                  f"this run abandons, to {folder}{copied}, so that a later auto-resume "
+                  "continues this run (nothing deleted)", flush=True)
+    elif utils.is_main_process():
         moved = utils.archive_previous_run(args.output_dir, args.log_dir)
         if moved is not None:
             folder, paths = moved

@@ -840,22 +840,53 @@ def checkpoint_files(output_dir: str) -> list[str]:
 PREVIOUS_RUN_PREFIX = "previous-"
 
 
+def checkpoints_newer_than(output_dir: str, epoch: int) -> list[str]:
+    """The checkpoint files directly in `output_dir` (`checkpoint_files`) of an epoch
+    after `epoch`: `checkpoint-<n>.pth` with n > epoch, and `checkpoint-last.pth` when
+    its stored epoch (read memory-mapped, cheap) is; an unreadable one is left out
+    (auto-resume skips it too)."""
+    newer = []
+    for path in checkpoint_files(output_dir):
+        name = CHECKPOINT_PATTERN.match(os.path.basename(path)).group(1)
+        if name == "last":
+            try:
+                saved = load_checkpoint_file(path, mmap=True).get("epoch")
+            except CheckpointError:
+                continue
+            if isinstance(saved, int) and saved > epoch:
+                newer.append(path)
+        elif int(name) > epoch:
+            newer.append(path)
+    return newer
+
+
 def archive_previous_run(output_dir: str, log_dir: str | None = None,
-                         now: datetime.datetime | None = None) -> tuple[str, list[str]] | None:
+                         now: datetime.datetime | None = None,
+                         newer_than: int | None = None) -> tuple[str, list[str]] | None:
     """Move an earlier run's checkpoints, its log.txt and, when `log_dir` lies inside
     `output_dir`, its TensorBoard event files into a new `<output_dir>/previous-<UTC
     time>/` (same relative paths), before a run that does not continue them starts
     there: otherwise --auto_resume would later pick the old run's newer epochs, and the
     new log.txt would overwrite the old one. Nothing is deleted. Call on rank 0 only.
-    -> (the folder, the paths moved, relative to `output_dir`), or None when
-    `output_dir` holds no checkpoint."""
-    checkpoints = checkpoint_files(output_dir)
+
+    `newer_than`: a run rolled back to that epoch of `output_dir`'s own checkpoints
+    (an explicit --resume of an older one): only the checkpoints of later epochs move
+    (`checkpoints_newer_than`), log.txt is copied (the resumed run keeps it, dropping
+    its later lines) and TensorBoard events stay.
+    -> (the folder, the paths moved, or for log.txt with `newer_than` copied, relative
+    to `output_dir`), or None when there is no checkpoint to move."""
+    if newer_than is None:
+        checkpoints = checkpoint_files(output_dir)
+    else:
+        checkpoints = checkpoints_newer_than(output_dir, newer_than)
     if not checkpoints:
         return None
     moving = [os.path.basename(p) for p in checkpoints]
+    copying = []
     if os.path.isfile(os.path.join(output_dir, "log.txt")):
-        moving.append("log.txt")
-    if log_dir and _inside(log_dir, output_dir) and os.path.isdir(log_dir):
+        (moving if newer_than is None else copying).append("log.txt")
+    if newer_than is None and log_dir and _inside(log_dir, output_dir) \
+            and os.path.isdir(log_dir):
         rel = os.path.relpath(os.path.realpath(log_dir), os.path.realpath(output_dir))
         moving += [os.path.normpath(os.path.join(rel, name))
                    for name in sorted(os.listdir(log_dir))
@@ -872,7 +903,9 @@ def archive_previous_run(output_dir: str, log_dir: str | None = None,
         target = os.path.join(folder, rel)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         os.rename(os.path.join(output_dir, rel), target)  # same file system: atomic
-    return folder, moving
+    for rel in copying:
+        shutil.copy2(os.path.join(output_dir, rel), os.path.join(folder, rel))
+    return folder, moving + copying
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -226,6 +226,20 @@ class _Crash(Exception):
     pass
 
 
+def _crash_at_epoch(monkeypatch, crash_epoch: int):
+    """engine.train_one_epoch (as patched now) raising _Crash when it starts
+    `crash_epoch`; returns the one it wraps, to put back for a re-run."""
+    record = engine.train_one_epoch
+
+    def stop(*a, epoch, **k):
+        if epoch == crash_epoch:
+            raise _Crash
+        return record(*a, epoch=epoch, **k)
+
+    monkeypatch.setattr(engine, "train_one_epoch", stop)
+    return record
+
+
 def _crash_at(epoch_to_crash: int, monkeypatch, action=None):
     real = engine.train_one_epoch
 
@@ -353,14 +367,7 @@ def test_a_fresh_start_sets_the_earlier_runs_files_aside(env, tmp_path, monkeypa
     common = ("--epochs", "4", "--save_ckpt_freq", "2", "--log_dir", str(tb))
     _record_epochs(monkeypatch)
     run_pretraining.main(_args(env, str(out), *common))  # A
-    record = engine.train_one_epoch
-
-    def stop_at_2(*a, epoch, **k):
-        if epoch == 2:
-            raise _Crash
-        return record(*a, epoch=epoch, **k)
-
-    monkeypatch.setattr(engine, "train_one_epoch", stop_at_2)
+    record = _crash_at_epoch(monkeypatch, 2)
     b = ("--lr", "5e-4", *common)
     capsys.readouterr()
     with pytest.raises(_Crash):
@@ -385,6 +392,64 @@ def test_a_fresh_start_sets_the_earlier_runs_files_aside(env, tmp_path, monkeypa
     b_last = utils.load_checkpoint_file(str(out / "checkpoint-last.pth"))
     assert b_last["epoch"] == 3 and b_last["args"]["lr"] == 5e-4
     assert [r["epoch"] for r in read_jsonl(out / "log.txt")] == [0, 1, 2, 3]
+
+
+def test_resuming_an_older_checkpoint_of_the_folder_sets_the_newer_ones_aside(
+        env, tmp_path, monkeypatch, capsys):
+    """Run A (4 epochs, checkpoints 1, 3 and last of epoch 3), then rolled back with
+    --resume <out>/checkpoint-1.pth and stopped in its epoch 3, before it saves it:
+    re-running without --resume continues the rolled-back run (its checkpoint-last of
+    epoch 2), not A's abandoned checkpoint-3.pth, which moved to previous-<time>/ with
+    A's checkpoint-last and a copy of log.txt."""
+    out = tmp_path / "out"
+    common = ("--epochs", "4", "--save_ckpt_freq", "2")
+    _record_epochs(monkeypatch)
+    run_pretraining.main(_args(env, str(out), *common))  # A
+    record = _crash_at_epoch(monkeypatch, 3)
+    capsys.readouterr()
+    first = str(out / "checkpoint-1.pth")
+    with pytest.raises(_Crash):
+        run_pretraining.main(_args(env, str(out), *common, "--resume", first))
+    previous = [p for p in os.listdir(out) if p.startswith("previous-")]
+    assert len(previous) == 1
+    kept = out / previous[0]
+    assert (f"[resume] {first} (epoch 1) is older than {out}'s newest checkpoint: moved "
+            f"checkpoint-3.pth, checkpoint-last.pth, of the later epochs this run abandons, "
+            f"to {kept}, with a copy of log.txt, so that a later auto-resume continues this "
+            "run (nothing deleted)\n") in capsys.readouterr().out
+    assert sorted(os.listdir(kept)) == ["checkpoint-3.pth", "checkpoint-last.pth", "log.txt"]
+    assert [r["epoch"] for r in read_jsonl(kept / "log.txt")] == [0, 1, 2, 3]
+    for name in ("checkpoint-3.pth", "checkpoint-last.pth"):
+        assert utils.load_checkpoint_file(str(kept / name))["epoch"] == 3
+    assert sorted(os.listdir(out)) == ["checkpoint-1.pth", "checkpoint-last.pth", "log.txt",
+                                       previous[0]]
+    assert utils.load_checkpoint_file(str(out / "checkpoint-last.pth"))["epoch"] == 2
+    monkeypatch.setattr(engine, "train_one_epoch", record)
+    summary = run_pretraining.main(_args(env, str(out), *common))  # re-run, auto-resume
+    assert summary["start_epoch"] == 3
+    assert [p for p in os.listdir(out) if p.startswith("previous-")] == previous
+    assert utils.load_checkpoint_file(str(out / "checkpoint-last.pth"))["epoch"] == 3
+    assert [r["epoch"] for r in read_jsonl(out / "log.txt")] == [0, 1, 2, 3]
+
+
+def test_resuming_the_folders_newest_checkpoint_sets_nothing_aside(env, tmp_path, monkeypatch,
+                                                                    capsys):
+    """--resume naming --output_dir's newest checkpoint (numbered, or checkpoint-last.pth)
+    abandons nothing: no file moves, between the same barriers, on rank 0."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, epoch in (("checkpoint-1.pth", 1), ("checkpoint-3.pth", 3),
+                        ("checkpoint-last.pth", 3)):
+        torch.save({"epoch": epoch}, out / name)
+    (out / "log.txt").write_text("{}\n")
+    events: list[str] = []
+    monkeypatch.setattr(utils, "barrier", lambda: events.append("barrier"))
+    args = _args(env, str(out))
+    for name in ("checkpoint-3.pth", "checkpoint-last.pth"):
+        run_pretraining.set_aside_previous_run(args, rolled_back=(str(out / name), 3))
+    assert events == ["barrier"] * 4 and "[resume]" not in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["checkpoint-1.pth", "checkpoint-3.pth",
+                                       "checkpoint-last.pth", "log.txt"]
 
 
 def test_the_earlier_run_is_set_aside_by_rank_0_between_barriers(env, tmp_path, monkeypatch):

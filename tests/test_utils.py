@@ -406,6 +406,40 @@ def test_archive_previous_run_moves_the_runs_files_and_deletes_nothing(tmp_path)
     assert (elsewhere / "events.out.tfevents.2.host").exists()
 
 
+def test_archive_previous_run_newer_than_moves_only_later_checkpoints(tmp_path):
+    """A roll-back (newer_than): the checkpoints of later epochs move, log.txt is copied,
+    TensorBoard events stay; nothing moves when the resumed epoch is the newest."""
+    import datetime
+    now = datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc)
+    out = tmp_path / "out"
+    (out / "tb").mkdir(parents=True)
+    for name, epoch in (("checkpoint-1.pth", 1), ("checkpoint-3.pth", 3),
+                        ("checkpoint-last.pth", 3)):
+        torch.save({"epoch": epoch}, out / name)
+    (out / "log.txt").write_text("a\nb\n")
+    (out / "tb" / "events.out.tfevents.1.host").write_bytes(b"ev")
+    for epoch in (3, 4):  # the newest (checkpoint-3 or checkpoint-last), or later
+        assert utils.archive_previous_run(str(out), str(out / "tb"), now=now,
+                                          newer_than=epoch) is None
+    assert sorted(os.listdir(out)) == ["checkpoint-1.pth", "checkpoint-3.pth",
+                                       "checkpoint-last.pth", "log.txt", "tb"]
+    folder, moved = utils.archive_previous_run(str(out), str(out / "tb"), now=now,
+                                               newer_than=1)
+    assert folder == str(out / "previous-20240506T070809Z")
+    assert moved == ["checkpoint-3.pth", "checkpoint-last.pth", "log.txt"]
+    assert sorted(os.listdir(folder)) == ["checkpoint-3.pth", "checkpoint-last.pth",
+                                          "log.txt"]
+    assert (Path(folder) / "log.txt").read_text() == (out / "log.txt").read_text()
+    assert sorted(os.listdir(out)) == ["checkpoint-1.pth", "log.txt",
+                                       "previous-20240506T070809Z", "tb"]
+    assert os.listdir(out / "tb") == ["events.out.tfevents.1.host"]
+    # checkpoint-last of the resumed epoch (or older) stays; an unreadable one too
+    torch.save({"epoch": 1}, out / "checkpoint-last.pth")
+    assert utils.archive_previous_run(str(out), now=now, newer_than=1) is None
+    (out / "checkpoint-last.pth").write_bytes(b"torn")
+    assert utils.archive_previous_run(str(out), now=now, newer_than=1) is None
+
+
 def test_unreadable_checkpoint_error_names_file(tmp_path):
     bad = tmp_path / "checkpoint-3.pth"
     bad.write_bytes(b"not a checkpoint")
