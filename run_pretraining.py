@@ -19,6 +19,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Sequence
 
 import torch
 
@@ -183,9 +184,8 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict 
     resume = utils.resolve_resume(args.resume, args.auto_resume, args.output_dir)
     header = utils.load_checkpoint_file(resume, mmap=True) if resume else None
     if header is not None and "optimizer" in header and "epoch" in header:
-        saved = header.get("args")
-        utils.check_resume_args(saved and schedule_view(saved), schedule_view(vars(args)),
-                                resume, RESUME_MUST_MATCH, header["epoch"],
+        saved, now = resume_views(header.get("args"), vars(args), train_classes)
+        utils.check_resume_args(saved, now, resume, RESUME_MUST_MATCH, header["epoch"],
                                 explicit=bool(args.resume))
     return train_classes, resume, header
 
@@ -203,6 +203,25 @@ def schedule_view(run_args: dict) -> dict:
     if view.get("warmup_steps") is not None and view["warmup_steps"] <= 0:
         view["warmup_steps"] = -1
     return view
+
+
+def resume_views(saved: dict | None, now: dict, train_classes: Sequence[str]
+                 ) -> tuple[dict | None, dict]:
+    """The saved and the current arguments as the run reads them (`schedule_view`), with
+    the flags it does not read on either side left out of the comparison: --warmup_epochs
+    when both set --warmup_steps > 0, --mask_ratio when every training class has its own
+    Table 6 ratio."""
+    if not saved:
+        return saved, schedule_view(now)
+    views = schedule_view(saved), schedule_view(now)
+    unread = []
+    if all((v.get("warmup_steps") or -1) > 0 for v in views):
+        unread.append("warmup_epochs")
+    if all(c in CLASS_MASK_RATIOS for c in train_classes):
+        unread.append("mask_ratio")
+    for view in views:
+        view.update(dict.fromkeys(unread))
+    return views
 
 
 def patch_size_of(model: str) -> int:
@@ -299,7 +318,8 @@ def check_mask_counts(args: argparse.Namespace, train_classes: list[str], grid: 
         problems.append("the paper's Table 6 mask ratio of class(es) " + ", ".join(
             f"{c} ({CLASS_MASK_RATIOS[c]:g})" for c in own) + " masks no patch at "
             f"--input_size {args.input_size} (int({L} x {shown}) = 0 of the {L} patches): pass "
-            f"--input_size {side * args.input_size // grid} or more")
+            f"--input_size {side * args.input_size // grid} or more, with a tokenizer of "
+            "that grid (a k-means tokenizer fitted at that size)")
     raise utils.FlagError("; and ".join(problems))
 
 

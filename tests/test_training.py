@@ -311,7 +311,6 @@ def test_resume_refuses_other_arguments(env, reference):
     (("--max_steps_per_epoch", "2"), "--max_steps_per_epoch 1 (now 2)"),
     (("--no-imagenet_default_mean_and_std",),
      "--imagenet_default_mean_and_std True (now False)"),
-    (("--mask_ratio", "0.25"), "--mask_ratio 0.3 (now 0.25)"),
     (("--dynamic_masking_start", "5"), "--dynamic_masking_start 1 (now 5)"),
     (("--freq_mode", "global"), "--freq_mode 'patch' (now 'global')"),
     (("--no-fg_mask",), "--fg_mask True (now False)"),
@@ -336,10 +335,14 @@ def test_resume_refuses_a_changed_schedule_or_masking(env, reference, flags, nam
 
 
 def test_resume_accepts_other_spellings_of_the_same_schedule(env, reference):
-    """--weight_decay_end equal to --weight_decay is its default (None) spelt out: the
-    same run, so the finished reference says "nothing to do" instead of refusing."""
+    """--weight_decay_end equal to --weight_decay is its default (None) spelt out, and
+    --mask_ratio is unread when every class has its own ratio: the same run, so the
+    finished reference says "nothing to do" instead of refusing."""
     out, _ = reference
     summary = run_pretraining.main(_args(env, out, "--weight_decay_end", "0.05"))
+    assert summary["start_epoch"] == 2 and summary["num_steps"] == 0
+    # every class of the reference has its own Table 6 ratio: --mask_ratio is not read
+    summary = run_pretraining.main(_args(env, out, "--mask_ratio", "0.25"))
     assert summary["start_epoch"] == 2 and summary["num_steps"] == 0
 
 
@@ -356,6 +359,20 @@ def test_resume_accepts_other_spellings_of_the_same_schedule(env, reference):
 ])
 def test_schedule_view_makes_spellings_of_one_schedule_equal(a, b, same):
     assert (run_pretraining.schedule_view(a) == run_pretraining.schedule_view(b)) is same
+
+
+def test_resume_leaves_out_the_flags_the_run_does_not_read():
+    """--warmup_epochs when both runs warm up by --warmup_steps; --mask_ratio when every
+    training class has its own Table 6 ratio. Otherwise both are compared."""
+    saved = {"warmup_steps": 5, "warmup_epochs": 0, "mask_ratio": 0.3}
+    now = {"warmup_steps": 5, "warmup_epochs": 2, "mask_ratio": 0.25}
+    a, b = run_pretraining.resume_views(saved, now, ["bottle", "carpet"])
+    assert a == b
+    a, b = run_pretraining.resume_views(saved, now, ["bottle", "widget"])
+    assert (a["mask_ratio"], b["mask_ratio"]) == (0.3, 0.25) and a["warmup_epochs"] is None
+    a, b = run_pretraining.resume_views(saved, {**now, "warmup_steps": -1}, ["bottle"])
+    assert (a["warmup_epochs"], b["warmup_epochs"]) == (0, 2) and a["mask_ratio"] is None
+    assert run_pretraining.resume_views(None, now, ["bottle"])[0] is None
 
 
 def test_a_fresh_start_sets_the_earlier_runs_files_aside(env, tmp_path, monkeypatch, capsys):
@@ -587,7 +604,7 @@ def test_a_mask_ratio_that_masks_no_patch_is_refused_before_tokenizing(env, tmp_
     assert _refused_before_tokenizing(args, monkeypatch, capsys) == (
         "error: the paper's Table 6 mask ratio of class(es) screw (0.04) masks no patch at "
         "--input_size 64 (int(16 x 0.04) = 0 of the 16 patches): pass --input_size 80 or "
-        "more\n")
+        "more, with a tokenizer of that grid (a k-means tokenizer fitted at that size)\n")
     assert num_masked(0.04, 5 * 5) == 1 and not (tmp_path / "k.pth").exists()  # not fitted
 
 
