@@ -55,6 +55,15 @@ def num_masked(ratio: float, num_patches: int) -> int:
     return int(num_patches * ratio)
 
 
+def min_mask_ratio(num_patches: int) -> float:
+    """The least ratio with 4 decimals that masks a patch (num_masked >= 1), for the
+    errors that refuse one masking none."""
+    ratio = math.ceil(1e4 / num_patches) / 1e4
+    while num_masked(ratio, num_patches) < 1:  # float rounding of L x r
+        ratio += 1e-4
+    return ratio
+
+
 def _block_size(u_area: float, sqrt_aspect: float, remaining: int, min_block: int,
                 max_block: int) -> tuple[int, int]:
     """(h, w) of one block try: area ~ U(min_block, min(remaining, max_block)) (BEiT's

@@ -481,22 +481,35 @@ def _vqkd_config(state_dict: dict[str, torch.Tensor], path: str) -> dict[str, in
     try:
         embed_dim = state_dict["encoder.cls_token"].shape[-1]
         num_codes, code_dim = state_dict["quantize.embedding.weight"].shape
-        num_patches = state_dict["encoder.pos_embed"].shape[1] - 1
+        pos_embed = state_dict["encoder.pos_embed"]
     except KeyError as e:
         raise CheckpointError(f"{path} is not a VQ-KD tokenizer: no {e} (keys start "
                               f"{sorted(state_dict)[:4]}); give vit_tokenizer.pth with "
                               "--tokenizer_weight_path") from None
     depth = 1 + max((int(m.group(1)) for k in state_dict
                      if (m := re.match(r"encoder\.blocks\.(\d+)\.", k))), default=-1)
-    grid = math.isqrt(num_patches)
+    grid = vqkd_grid_side(pos_embed)
     return dict(img_size=grid * 16, embed_dim=embed_dim, depth=depth,
                 num_heads=max(1, embed_dim // 64), code_dim=code_dim, num_codes=num_codes)
 
 
+def vqkd_grid_side(pos_embed: torch.Tensor) -> int:
+    """Side of the ViT tokenizer's token grid: its position embedding (1, 1 + g^2, C)
+    holds the cls token's and g x g patches'."""
+    return math.isqrt(pos_embed.shape[1] - 1)
+
+
+def vit_tokenizer_path(weight_path: str) -> str:
+    """The ViT tokenizer's file: a folder (weights/tokenizer, as the original scripts
+    pass it) means its vit_tokenizer.pth."""
+    if os.path.isdir(weight_path):
+        return os.path.join(weight_path, "vit_tokenizer.pth")
+    return weight_path
+
+
 @register_tokenizer("vit_tokenizer")
 def _build_vit_tokenizer(weight_path: str) -> VQKDTokenizer:
-    if os.path.isdir(weight_path):  # weights/tokenizer, as the original scripts pass it
-        weight_path = os.path.join(weight_path, "vit_tokenizer.pth")
+    weight_path = vit_tokenizer_path(weight_path)
     state_dict = unwrap_state_dict(read_weights_file(weight_path), weight_path,
                                    keys=("model", "state_dict"))
     ignored = [k for k in state_dict if VQKDTokenizer.IGNORED.match(k)]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -29,7 +28,7 @@ import modeling_discrete_vae
 import modeling_pmad
 import utils
 from masking_generator import (CLASS_MASK_RATIOS, FREQ_MODES, MaskGenerator, MaskingPolicy,
-                               num_masked)
+                               min_mask_ratio, num_masked)
 
 # Arguments that must match for a resumed run to continue the same training: the model
 # and data, the optimiser and its per-step schedules (recomputed from these flags at every
@@ -249,14 +248,13 @@ def tokenizer_grid(args: argparse.Namespace) -> tuple[int, str] | None:
             return None
         return size // 16, f"the kmeans tokenizer {path} (fitted at {size} px)"
     if kind == "vit_tokenizer":
-        if os.path.isdir(path):  # as modeling_discrete_vae's loader reads a folder
-            path = os.path.join(path, "vit_tokenizer.pth")
+        path = modeling_discrete_vae.vit_tokenizer_path(path)
         state = modeling_pmad.unwrap_state_dict(utils.read_weights_file(path, mmap=True),
                                                 path, keys=("model", "state_dict"))
         pos = state.get("encoder.pos_embed")
-        if pos is None or pos.ndim != 3:
+        if not isinstance(pos, torch.Tensor) or pos.ndim != 3:
             return None
-        side = math.isqrt(pos.shape[1] - 1)  # patch tokens after the cls token
+        side = modeling_discrete_vae.vqkd_grid_side(pos)
         return side, f"the vit_tokenizer {path} ({side * 16} px token images, patch 16)"
     return None
 
@@ -302,9 +300,7 @@ def check_mask_counts(args: argparse.Namespace, train_classes: list[str], grid: 
     defaulted = [c for c in empty if c not in CLASS_MASK_RATIOS]
     if defaulted:
         r = args.mask_ratio
-        least = math.ceil(1e4 / L) / 1e4
-        while num_masked(least, L) < 1:
-            least += 1e-4
+        least = min_mask_ratio(L)
         problems.append(f"--mask_ratio {r:g} masks no patch of class(es) "
                         f"{', '.join(defaulted)}, which have no ratio of their own "
                         f"(int({L} x {r:g}) = 0 of the {L} patches at --input_size "

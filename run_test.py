@@ -9,7 +9,6 @@ which choose ProtoFlow's threshold and the mask ratio with the test labels.
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import sys
 import time
@@ -25,7 +24,7 @@ from tqdm import tqdm
 import datasets
 import modeling_pmad
 from heatmaps import save_heatmaps
-from masking_generator import CLASS_MASK_RATIOS, num_masked
+from masking_generator import CLASS_MASK_RATIOS, min_mask_ratio, num_masked
 from modeling_discrete_vae import available_tokenizers, create_tokenizer
 from protocols import (ABNORMALITY, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED,
                        CleanOptions, collect_class, evaluate_clean, evaluate_paper)
@@ -122,12 +121,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_device_flags(args: argparse.Namespace) -> torch.device:
-    """--device and --amp before any work (run_test.py, predict.py): a GPU torch cannot
-    see, or fp16 off CUDA, is one `error:` line, not a traceback at the first model."""
+def check_device_flags(args: argparse.Namespace) -> tuple[torch.device, str]:
+    """--device and --amp (run_test.py, predict.py: `load_models`, before any model is
+    read): a GPU torch cannot see, or fp16 off CUDA, is one `error:` line, not a
+    traceback. -> (device, amp)."""
     device = resolve_device(args.device)
-    resolve_amp(args.amp, device)
-    return device
+    return device, resolve_amp(args.amp, device)
 
 
 def select_classes(args: argparse.Namespace, setting: str) -> list[str]:
@@ -186,8 +185,7 @@ def load_models(args: argparse.Namespace) -> Models:
     are reported; `args` is updated with them), its tokenizer (vocabulary checked) and
     ProtoFlow, which is given the ViT's images and converts them to its own
     normalisation."""
-    device = check_device_flags(args)
-    amp = resolve_amp(args.amp, device)
+    device, amp = check_device_flags(args)
     checkpoint = read_weights_file(args.ckpt)
     config, notes = modeling_pmad.resolve_eval_config(vars(args), checkpoint, args.ckpt)
     print("\n".join(f"[run_test] {note}" for note in notes))
@@ -232,9 +230,7 @@ def check_mask_ratios(args: argparse.Namespace, classes: Sequence[str], num_patc
     empty = sorted({class_mask_ratio(args, c) for c in classes
                     if num_masked(class_mask_ratio(args, c), num_patches) < 1})
     if empty:
-        least = math.ceil(1e4 / num_patches) / 1e4
-        while num_masked(least, num_patches) < 1:  # float rounding of L x r
-            least += 1e-4
+        least = min_mask_ratio(num_patches)
         raise FlagError(f"mask ratio {', '.join(f'{r:g}' for r in empty)} masks no patch of "
                         f"the model's {num_patches} (int({num_patches} x r) = 0): pass "
                         f"--mask_ratio (or --default_mask_ratio) {least:g} or more")

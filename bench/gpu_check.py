@@ -76,9 +76,7 @@ def train(model_name: str, batch_size: int, steps: int, amp: str, device: torch.
     optimizer = utils.build_optimizer(model, 1e-4, 0.05, device=device)
     scaler = utils.make_grad_scaler(device, amp)
     policy = MaskingPolicy(MaskGenerator(), ["a", "b"], dynamic_start=0, device=device)
-    threads = torch.get_num_threads()
     from conftest import synthetic_batches  # host batches, pinned as the loader's are
-    torch.set_num_threads(threads)  # conftest's 2 are for the tests' machine
     batches = synthetic_batches(steps + 2, batch_size, vocab, pin=torch.cuda.is_available())
     lr = np.full(2 * steps + 2, 1e-4)  # epoch 0: 2 steps, epoch 1: `steps`
     config = engine.TrainConfig(lr, lr * 500, 2, clip_grad=3.0, amp=amp)

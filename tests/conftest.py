@@ -25,8 +25,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
 KMEANS_VOCAB = 32
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The tests' machine has 2 cores: 2 threads at most. A hook, not an import-time
+    call, so that bench/gpu_check.py can import the helpers here and keep its own."""
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @dataclass

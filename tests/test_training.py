@@ -1035,12 +1035,16 @@ def test_init_ckpt_in_the_output_dir_is_loaded_before_the_run_is_set_aside(env, 
     calls = _record_epochs(monkeypatch)
     run_pretraining.main(_args(env, str(out), "--epochs", "1"))
     start = utils.load_checkpoint_file(str(out / "checkpoint-last.pth"))["model"]
+    # seed 1: a model that did not load the file would start from other weights
     argv = [a for a in _argv(env, str(out), "--epochs", "1", "--lr", "5e-4",
-                             "--no_auto_resume") if a != "--no_init"]
+                             "--no_auto_resume", "--seed", "1") if a != "--no_init"]
     run_pretraining.main(run_pretraining.get_args_parser().parse_args(
         argv + ["--init_ckpt", str(out / "checkpoint-last.pth")]))
     loaded = calls[-1]["model"].state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in start.items())
+    torch.manual_seed(1)
+    fresh = timm.create_model(TINY, pretrained=False).state_dict()
+    assert not all(torch.equal(fresh[k], v) for k, v in start.items())
     (previous,) = [p for p in os.listdir(out) if p.startswith("previous-")]
     assert "checkpoint-last.pth" in os.listdir(out / previous)
 
