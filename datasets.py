@@ -220,19 +220,9 @@ def check_test_classes(root: str, classes: Sequence[str], skip_bad_images: bool 
         if skip_bad_images:
             continue
         problems += missing
-        for image_path, _, _, mask_path in items:
-            if mask_path is None or not os.path.isfile(mask_path):
-                continue
-            try:
-                with Image.open(image_path) as image, Image.open(mask_path) as mask:
-                    sizes = image.size, mask.size
-                    mask.verify()  # a truncated mask whose header survives (~0.1 ms)
-            except Exception as e:  # not even a header, or a mask cut short
-                problems.append(f"cannot read {image_path} or {mask_path}: {_unreadable(e)}")
-                continue
-            problem = _aspect_problem(sizes[1], mask_path, sizes[0], image_path)
-            if problem:
-                problems.append(problem)
+        problems += [p for p in (mask_problem(mask, image, image_required=True)
+                                 for image, _, _, mask in items
+                                 if mask is not None and os.path.isfile(mask)) if p]
     if problems:
         raise BadFileError(f"{len(problems)} test file problem(s):{bullet_list(problems)}"
                            f"\nFix: {FIX_BAD_FILE}")
@@ -289,14 +279,16 @@ def check_train_classes(root: str, classes: Sequence[str], fg_mask: bool = True
     return samples
 
 
-def fg_mask_problem(mask: str | io.BytesIO, image_path: str, mask_name: str | None = None
-                    ) -> str | None:
-    """Why the foreground mask `mask` (a file, or the bytes of a zip entry named
-    `mask_name`) cannot serve its image: unreadable, or of another aspect ratio; None if
-    it can (or if the image itself is unreadable, which the image loader reports with its
-    own fix). No pixel is decoded: PIL reads the sizes from the headers and verify() walks
-    the mask's chunks and checksums, which catches an empty or truncated file (the size
-    alone does not) at ~0.1 ms per 1024 px mask, where a full decode takes ~5 ms."""
+def mask_problem(mask: str | io.BytesIO, image_path: str, mask_name: str | None = None, *,
+                 image_required: bool = False) -> str | None:
+    """Why the mask `mask` (a file, or the bytes of a zip entry named `mask_name`) cannot
+    serve its image: unreadable, or of another aspect ratio; None if it can. An unreadable
+    image is a problem only if `image_required` (test images, checked up front with their
+    ground-truth masks); a training image's own loader names it with its own fix
+    (--skip_bad_images). No pixel is decoded: PIL reads the sizes from the headers and
+    verify() walks the mask's chunks and checksums, which catches an empty or truncated
+    file (the size alone does not) at ~0.1 ms per 1024 px mask, where a full decode takes
+    ~5 ms."""
     name = mask_name or mask
     try:
         with Image.open(mask) as img:
@@ -307,8 +299,8 @@ def fg_mask_problem(mask: str | io.BytesIO, image_path: str, mask_name: str | No
     try:
         with Image.open(image_path) as img:
             image_size = img.size
-    except Exception:  # the image's own problem: its loader names it (--skip_bad_images)
-        return None
+    except Exception as e:
+        return f"{image_path} is unreadable: {_unreadable(e)}" if image_required else None
     return _aspect_problem(mask_size, name, image_size, image_path)
 
 
@@ -320,9 +312,9 @@ def _unreadable(e: Exception) -> str:
 
 def check_fg_masks(pairs: Iterable[tuple[str, str]]) -> None:
     """Every present mask of the (image, mask) pairs readable and of its image's aspect
-    ratio (fg_mask_problem); all problems in one error, so that training does not stop
+    ratio (mask_problem); all problems in one error, so that training does not stop
     on one of them after tokenizing every image."""
-    problems = [p for p in (fg_mask_problem(m, i) for i, m in pairs if os.path.isfile(m)) if p]
+    problems = [p for p in (mask_problem(m, i) for i, m in pairs if os.path.isfile(m)) if p]
     if problems:
         raise bad_fg_masks_error(problems, FIX_BAD_FG_MASK)
 

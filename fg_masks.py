@@ -25,7 +25,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from datasets import (IMAGE_EXTENSIONS, TEXTURES, BadFileError, bad_fg_masks_error,
-                      check_fg_masks, fg_mask_path, fg_mask_problem, list_images, open_rgb)
+                      check_fg_masks, fg_mask_path, list_images, mask_problem, open_rgb)
 from utils import bullet_list, write_atomic
 
 WORK_SIZE = 256  # mask estimation runs at this longest side, then is resized back
@@ -98,7 +98,7 @@ class FgMaskZip:
                 image = image_of.get((name, filename))
                 if image is None:
                     continue
-                problem = fg_mask_problem(io.BytesIO(zf.read(info)), image,
+                problem = mask_problem(io.BytesIO(zf.read(info)), image,
                                           f"{self.path}:{info.filename}")
                 if problem:
                     problems.append(problem)
@@ -198,7 +198,7 @@ def _write_mask(root: str, name: str, path: str, textures: Sequence[str],
     (unreadable or mis-shaped: training would refuse it)."""
     dst = fg_mask_path(root, name, path)
     exists = os.path.isfile(dst)
-    replaced = fg_mask_problem(dst, path) if exists else None
+    replaced = mask_problem(dst, path) if exists else None
     if exists and replaced is None:
         return "existing", None
     try:

@@ -204,8 +204,8 @@ def test_check_train_classes_refuses_unreadable_or_misshaped_masks(train_root):
     # an unreadable image with a good mask is the image's problem, which its loader names
     # with its own fix (--skip_bad_images), not a mask problem
     (train / "carpet" / "000.png").write_bytes(b"")
-    assert datasets.fg_mask_problem(str(fg / "carpet" / "000.png"),
-                                    str(train / "carpet" / "000.png")) is None
+    assert datasets.mask_problem(str(fg / "carpet" / "000.png"),
+                                 str(train / "carpet" / "000.png")) is None
 
 
 def test_train_image_dataset(train_root):
@@ -345,9 +345,22 @@ def test_check_test_classes_finds_a_cut_short_ground_truth_mask(mvtec_root):
     with pytest.raises(BadFileError) as err:
         datasets.check_test_classes(str(mvtec_root), ["bottle"])
     assert str(err.value).startswith(
-        f"1 test file problem(s):\n  cannot read {mvtec_root}/bottle/test/broken/000.png or "
-        f"{mask}: Truncated File Read\nFix: ")
+        f"1 test file problem(s):\n  {mask} (mask of "
+        f"{mvtec_root}/bottle/test/broken/000.png) is unreadable: Truncated File Read\nFix: ")
     datasets.check_test_classes(str(mvtec_root), ["bottle"], skip_bad_images=True)
+
+
+def test_check_test_classes_finds_an_empty_test_image(mvtec_root):
+    """A defective test image that is not an image at all is named up front with its
+    mask's check (a training image's is left to its loader: see
+    test_check_train_classes_refuses_unreadable_or_misshaped_masks)."""
+    image = mvtec_root / "bottle" / "test" / "broken" / "000.png"
+    image.write_bytes(b"")
+    with pytest.raises(BadFileError) as err:
+        datasets.check_test_classes(str(mvtec_root), ["bottle"])
+    assert str(err.value).startswith(
+        f"1 test file problem(s):\n  {image} is unreadable: empty, cut short or not an "
+        "image\nFix: ")
 
 
 def test_mvtec_layout_errors(mvtec_root):
