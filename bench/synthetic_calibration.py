@@ -1,0 +1,158 @@
+"""Per-class CE weight chosen on synthetic defects, measured for README's "On data nobody
+tuned it for": a label-free way to let each class decide how much the ViT's
+cross-entropy should count (0 = ProtoFlow's map alone), rejected there on the tuning draws.
+
+Two steps around bench/score_variants.py, which scores the CE-weight rows:
+
+    # 1. a calibration set from a world's training images only
+    python bench/synthetic_calibration.py make --data_path data/demo_heldout_mvtec \
+        --output_dir output_dir/calibration_heldout
+    # 2. score_variants.py on it and on the real test set (same models, two output dirs)
+    python bench/score_variants.py ... --data_path output_dir/calibration_heldout \
+        --output_dir output_dir/variants_calibration_heldout
+    # 3. each class's weight from the calibration set, scored on the test set
+    python bench/synthetic_calibration.py pick \
+        --calibration output_dir/variants_calibration_heldout/score_variants.json \
+        --test output_dir/variants_heldout/score_variants.json
+
+The calibration set is MVTec-shaped: each class's train/good images as test/good, and
+each with one synthetic defect as test/synth (masks in ground_truth/synth), train/good
+linked to the original. The defects are not demo_data.py's: an irregular blob of
+0.3-3 % of the image, alternately filled with another training image of the class,
+shifted (CutPaste-like), or with a colour shift of the image itself, blended at 60-100 %.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import datasets  # noqa: E402
+
+AREA = (0.003, 0.03)  # fraction of the image a defect covers
+BLEND = (0.6, 1.0)
+# score_variants.py's rows for each CE weight; 0 is ProtoFlow's map alone
+WEIGHT_ROWS = {0.0: "protoflow_only", 0.25: "CE weight x0.25", 0.5: "CE weight x0.5",
+               1.0: "default", 2.0: "CE weight x2"}
+
+
+def blob_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """(h, w) bool: an irregular blob (a random ellipse with a smooth-noise edge) of
+    AREA of the image, away from the border."""
+    area = rng.uniform(*AREA) * h * w
+    noise = gaussian_filter(rng.standard_normal((h, w)), sigma=rng.uniform(3, 8))
+    cy, cx = rng.integers(h // 8, h - h // 8), rng.integers(w // 8, w - w // 8)
+    yy, xx = np.mgrid[:h, :w]
+    dist = np.sqrt((yy - cy) ** 2 / rng.uniform(0.3, 1) + (xx - cx) ** 2 / rng.uniform(0.3, 1))
+    field = -dist / math.sqrt(area / math.pi) + 0.4 * noise / noise.std()
+    return field >= np.quantile(field, 1 - area / (h * w))
+
+
+def synthetic_defect(image: np.ndarray, donor: np.ndarray | None, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 -> (the image with one defect, its (H, W) bool mask). With a
+    `donor` (another image of the class, same size) the blob shows the donor shifted;
+    without, the image's own colours shifted."""
+    x = image.astype(np.float32)
+    h, w, _ = x.shape
+    mask = blob_mask(h, w, rng)
+    alpha = rng.uniform(*BLEND)
+    if donor is not None:
+        fill = np.roll(donor.astype(np.float32),
+                       (rng.integers(-h // 3, h // 3), rng.integers(-w // 3, w // 3)), (0, 1))
+    else:
+        fill = np.clip(x * rng.uniform(0.75, 1.25, size=3) + rng.uniform(-20, 20), 0, 255)
+    soft = gaussian_filter(mask.astype(np.float32), 1.0)[..., None] * alpha  # (H, W, 1)
+    return (x * (1 - soft) + fill * soft).round().clip(0, 255).astype(np.uint8), mask
+
+
+def make(data_path: str, output_dir: str, seed: int) -> None:
+    """The calibration set of every class of `data_path` (see the module docstring)."""
+    if os.path.exists(output_dir) and os.listdir(output_dir):
+        raise SystemExit(f"{output_dir} is not empty: give a new --output_dir")
+    rng = np.random.default_rng(seed)
+    for cls in tqdm(datasets.find_test_classes(data_path), desc="classes"):
+        train = os.path.abspath(os.path.join(data_path, cls, "train", "good"))
+        paths = datasets.list_images(train) if os.path.isdir(train) else []
+        if len(paths) < 2:
+            raise SystemExit(f"{train} needs at least 2 images (a defect borrows another one)")
+        out = os.path.join(output_dir, cls)
+        for sub in ("test/good", "test/synth", "ground_truth/synth", "train"):
+            os.makedirs(os.path.join(out, sub), exist_ok=True)
+        os.symlink(train, os.path.join(out, "train", "good"))
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+        for i, path in enumerate(paths):
+            shutil.copy(path, os.path.join(out, "test", "good"))
+            donor = images[(i + 1 + int(rng.integers(len(paths) - 1))) % len(paths)]
+            bad, mask = synthetic_defect(images[i], donor if i % 2 == 0 else None, rng)
+            stem = os.path.splitext(os.path.basename(path))[0]
+            Image.fromarray(bad).save(os.path.join(out, "test", "synth", stem + ".png"))
+            Image.fromarray(mask.astype(np.uint8) * 255).save(
+                os.path.join(out, "ground_truth", "synth", stem + "_mask.png"))
+    print(f"calibration set: {output_dir}")
+
+
+def pick_weight(aurocs: dict[float, float]) -> float:
+    """The weight of the best calibration image AUROC; on a tie the one nearest the
+    default 1 by factor (then the lighter), so that a calibration set that cannot tell
+    keeps the default."""
+    best = max(aurocs.values())
+    return min((w for w, a in aurocs.items() if a >= best - 1e-9),
+               key=lambda w: abs(math.log2(w)) if w > 0 else math.inf)
+
+
+def pick(calibration: dict, test: dict) -> dict[str, dict[str, float]]:
+    """Per class of `test`: the weight picked on `calibration` (score_variants.json of
+    the calibration set), and the test image AUROC at it, at the default and of
+    ProtoFlow's map alone."""
+    out = {}
+    for cls, rows in test.items():
+        if cls not in calibration:
+            raise SystemExit(f"class {cls} is not in the calibration results")
+        w = pick_weight({w: calibration[cls][r]["image_auroc"] for w, r in WEIGHT_ROWS.items()})
+        out[cls] = {"weight": w, "picked": rows[WEIGHT_ROWS[w]]["image_auroc"],
+                    "default": rows["default"]["image_auroc"],
+                    "protoflow_only": rows["protoflow_only"]["image_auroc"]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="step", required=True)
+    p = sub.add_parser("make", help="write the calibration set")
+    p.add_argument("--data_path", required=True, help="an MVTec-format set (its train/good)")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("pick", help="per-class weights from the calibration set, on the test set")
+    p.add_argument("--calibration", required=True,
+                   help="score_variants.json of the calibration set")
+    p.add_argument("--test", required=True, help="score_variants.json of the test set")
+    args = parser.parse_args(argv)
+    if args.step == "make":
+        make(args.data_path, args.output_dir, args.seed)
+        return 0
+    with open(args.calibration) as f, open(args.test) as g:
+        result = pick(json.load(f), json.load(g))
+    print(f"{'class':10s} {'weight':>6s} {'picked':>7s} {'default':>7s} {'ProtoFlow':>9s}")
+    for cls, r in result.items():
+        print(f"{cls:10s} {r['weight']:6g} {r['picked']:7.3f} {r['default']:7.3f} "
+              f"{r['protoflow_only']:9.3f}")
+    means = {k: np.mean([r[k] for r in result.values()])
+             for k in ("picked", "default", "protoflow_only")}
+    print(f"{'mean':10s} {'':6s} {means['picked']:7.4f} {means['default']:7.4f} "
+          f"{means['protoflow_only']:9.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The bench scripts behind README's held-out experiments besides score_variants.py:
+synthetic_calibration.py (per-class CE weight on synthetic defects: the defects it
+paints, the calibration set it writes, the weight it picks) and mirror_copy.py (the
+mirrored training set)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import datasets
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """bench/ on the import path."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                                             "bench"))
+
+
+@pytest.fixture
+def calib(bench):
+    import synthetic_calibration
+    return synthetic_calibration
+
+
+def _noise_image(seed: int, size: int = 64) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("with_donor", [True, False])
+def test_synthetic_defect_paints_only_its_blob(calib, with_donor: bool) -> None:
+    """The mask covers 0.3-3 % of the image; pixels away from it are untouched, pixels in
+    it changed; the same seed paints the same defect."""
+    image, donor = _noise_image(0), _noise_image(1)
+    out, mask = calib.synthetic_defect(image, donor if with_donor else None,
+                                       np.random.default_rng(3))
+    assert calib.AREA[0] <= mask.mean() <= calib.AREA[1] + 1 / mask.size
+    near = np.zeros_like(mask)  # the mask grown by the 1-px soft edge's reach (4 sigma)
+    for dy in range(-4, 5):
+        for dx in range(-4, 5):
+            near |= np.roll(mask, (dy, dx), (0, 1))
+    assert np.array_equal(out[~near], image[~near])
+    assert (out[mask] != image[mask]).any(axis=-1).mean() > 0.9
+    again, mask2 = calib.synthetic_defect(image, donor if with_donor else None,
+                                          np.random.default_rng(3))
+    assert np.array_equal(again, out) and np.array_equal(mask2, mask)
+
+
+def test_make_writes_a_set_the_test_loader_reads(calib, tmp_path: Path) -> None:
+    """Each training image once as test/good and once, with a masked defect, as
+    test/synth; train/good is the original folder; a second run into it is refused."""
+    src = tmp_path / "src"
+    for cls in ("a", "b"):
+        (src / cls / "train" / "good").mkdir(parents=True)
+        (src / cls / "test" / "good").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(_noise_image(i)).save(src / cls / "train" / "good" / f"{i:03d}.png")
+    out = tmp_path / "calib"
+    calib.make(str(src), str(out), seed=0)
+    assert datasets.list_test_classes(str(out)) == ["a", "b"]
+    assert os.path.realpath(out / "a" / "train" / "good") == str(src / "a" / "train" / "good")
+    ds = datasets.MVTecTestDataset(str(out), "a", token_size=224, img_size=64, patch_size=16)
+    assert sorted(zip(ds.labels, ds.defect_types)) == [(0, "good")] * 3 + [(1, "synth")] * 3
+    for item in (ds[i] for i in range(len(ds))):
+        covered = float(item["gt_mask"].float().mean())
+        assert (covered == 0) if item["label"] == 0 else (0.002 < covered < 0.04)
+    with pytest.raises(SystemExit, match="not empty"):
+        calib.make(str(src), str(out), seed=0)
+
+
+def test_pick_weight_prefers_the_default_on_ties(calib) -> None:
+    assert calib.pick_weight({0.0: 0.9, 0.25: 0.95, 0.5: 0.9, 1.0: 0.94, 2.0: 0.9}) == 0.25
+    assert calib.pick_weight({0.0: 0.9, 0.25: 0.9, 0.5: 0.9, 1.0: 0.9, 2.0: 0.9}) == 1.0
+    assert calib.pick_weight({0.0: 0.9, 0.25: 0.8, 0.5: 0.9, 1.0: 0.8, 2.0: 0.9}) == 0.5
+    assert calib.pick_weight({0.0: 0.9, 0.25: 0.8, 0.5: 0.8, 1.0: 0.8, 2.0: 0.8}) == 0.0
+
+
+def test_pick_scores_each_class_at_its_weight(calib) -> None:
+    def rows(values: list[float]) -> dict:
+        return {r: {"image_auroc": v} for r, v in zip(calib.WEIGHT_ROWS.values(), values)}
+    calibration = {"a": rows([0.9, 0.8, 0.8, 0.8, 0.8]), "b": rows([0.7, 0.7, 0.7, 0.7, 0.7])}
+    test = {"a": rows([0.97, 0.96, 0.95, 0.94, 0.93]), "b": rows([0.5, 0.6, 0.7, 0.8, 0.9])}
+    assert calib.pick(calibration, test) == {
+        "a": {"weight": 0.0, "picked": 0.97, "default": 0.94, "protoflow_only": 0.97},
+        "b": {"weight": 1.0, "picked": 0.8, "default": 0.8, "protoflow_only": 0.5}}
+    with pytest.raises(SystemExit, match="class c"):
+        calib.pick(calibration, {"c": rows([0.5] * 5)})
+
+
+def test_mirror_copy_adds_each_image_and_mask_mirrored(bench, tmp_path: Path) -> None:
+    """Each training image and its foreground mask, as they were and mirrored (m<name>),
+    a set training reads with its masks; a second run into it is refused."""
+    import mirror_copy
+    src = tmp_path / "src"
+    for cls in ("a", "b"):
+        (src / "train" / cls).mkdir(parents=True)
+        (src / "fg_mask" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(_noise_image(i, 32)).save(src / "train" / cls / f"{i}.png")
+            mask = np.zeros((32, 32), np.uint8)
+            mask[:, :8] = 255  # a left band: its mirror is a right band
+            Image.fromarray(mask).save(src / "fg_mask" / cls / f"{i}.png")
+    out = tmp_path / "mirrored"
+    assert mirror_copy.mirror_copy(str(src), str(out)) == 16
+    for sub in ("train", "fg_mask"):
+        assert sorted(os.listdir(out / sub / "b")) == ["0.png", "1.png", "m0.png", "m1.png"]
+        for name in ("0.png", "1.png"):
+            original = np.asarray(Image.open(src / sub / "b" / name))
+            assert np.array_equal(np.asarray(Image.open(out / sub / "b" / name)), original)
+            assert np.array_equal(np.asarray(Image.open(out / sub / "b" / f"m{name}")),
+                                  original[:, ::-1])
+    assert len(datasets.check_train_classes(str(out), ["a", "b"])) == 8
+    with pytest.raises(SystemExit, match="not empty"):
+        mirror_copy.mirror_copy(str(src), str(out))
