@@ -210,9 +210,9 @@ def find_test_classes(root: str) -> list[str]:
 def check_test_classes(root: str, classes: Sequence[str], skip_bad_images: bool = False
                        ) -> None:
     """Every class's layout, and (unless bad files are skipped) every ground-truth mask's
-    presence, integrity and size against its image, from file headers and the mask's
-    chunks: all problems of all classes in one error before any work, not when class N
-    is reached."""
+    presence, integrity and size against its image, and that image's header, from file
+    headers and the mask's chunks: all problems of all classes in one error before any
+    work, not when class N is reached."""
     problems = []
     for name in classes:
         items, missing = MVTecTestDataset._list(

@@ -99,7 +99,7 @@ class FgMaskZip:
                 if image is None:
                     continue
                 problem = mask_problem(io.BytesIO(zf.read(info)), image,
-                                          f"{self.path}:{info.filename}")
+                                       f"{self.path}:{info.filename}")
                 if problem:
                     problems.append(problem)
         if problems:

@@ -11,8 +11,9 @@ default and the baselines, every row from the same models and the same pass.
 
 Takes run_test.py's flags. The rows calibrated on normal images read each class's
 <data_path>/<class>/train/good. Prints mean image AUROC / pixel AUROC per row and writes
-<output_dir>/score_variants.json (per class). Image-score rows score every map by the
-same rule, shown as PMAD (ProtoFlow, PatchCore). Choose on one world, report another.
+<output_dir>/score_variants.json (per class). The sigma and top-1 % rows score every
+map by the same rule, shown as PMAD (ProtoFlow, PatchCore); "ProtoFlow's own score" is
+no map's: the largest -log p of the image's patches. Choose on one world, report another.
 """
 from __future__ import annotations
 
@@ -140,6 +141,10 @@ def variant_scores(model: torch.nn.Module, data: ClassData, ratio: float, sigma:
     rows["image: rank sum with ProtoFlow"] = (
         torch.tensor(rankdata(pmad_max) + rankdata(pf_max)), None)
     rows["image: product with ProtoFlow"] = (pmad_max * pf_max, None)
+    pf_own = proposals.image_scores.float().cpu()  # (N,) max of -log p over the patches
+    rows["image: ProtoFlow's own score (max -log p)"] = (pf_own, None)
+    rows["image: rank sum with ProtoFlow's own score"] = (
+        torch.tensor(rankdata(pmad_max) + rankdata(pf_own)), None)
     rows.update({k: (image_scores(m), m) for k, m in base.items()})
     raw = {"pmad": weighted(ce, 0.0)} | baseline_maps(data, abnormality, None, grid, 0.0)
     for s in IMAGE_SIGMAS:

@@ -2,7 +2,7 @@
 tuned it for": a label-free way to let each class decide how much the ViT's
 cross-entropy should count (0 = ProtoFlow's map alone), rejected there on the tuning draws.
 
-Two steps around bench/score_variants.py, which scores the CE-weight rows:
+Three steps around bench/score_variants.py, which scores the CE-weight rows:
 
     # 1. a calibration set from a world's training images only
     python bench/synthetic_calibration.py make --data_path data/demo_heldout_mvtec \
@@ -76,21 +76,44 @@ def synthetic_defect(image: np.ndarray, donor: np.ndarray | None, rng: np.random
     return (x * (1 - soft) + fill * soft).round().clip(0, 255).astype(np.uint8), mask
 
 
+def class_images(data_path: str) -> dict[str, tuple[str, list[str]]]:
+    """Class -> (its train/good folder, its images), every class checked before anything
+    is written: at least 2 images (a defect borrows another one) of one size (the
+    donor is pasted pixel for pixel). All problems in one error."""
+    found, problems = {}, []
+    for cls in datasets.find_test_classes(data_path):
+        train = os.path.abspath(os.path.join(data_path, cls, "train", "good"))
+        paths = datasets.list_images(train) if os.path.isdir(train) else []
+        if len(paths) < 2:
+            problems.append(f"{train} holds {len(paths)} image(s): a defect borrows another "
+                            "image of the class, so it needs at least 2")
+            continue
+        sizes = {}
+        for p in paths:
+            with Image.open(p) as img:
+                sizes.setdefault(img.size, p)
+        if len(sizes) > 1:
+            (a, pa), (b, pb) = list(sizes.items())[:2]
+            problems.append(f"{pb} is {b[0]}x{b[1]} but {pa} is {a[0]}x{a[1]}: a class's "
+                            "images must share one size")
+            continue
+        found[cls] = (train, paths)
+    if problems:
+        raise SystemExit("cannot make the calibration set:\n  " + "\n  ".join(problems))
+    return found
+
+
 def make(data_path: str, output_dir: str, seed: int) -> None:
     """The calibration set of every class of `data_path` (see the module docstring)."""
     if os.path.exists(output_dir) and os.listdir(output_dir):
         raise SystemExit(f"{output_dir} is not empty: give a new --output_dir")
     rng = np.random.default_rng(seed)
-    for cls in tqdm(datasets.find_test_classes(data_path), desc="classes"):
-        train = os.path.abspath(os.path.join(data_path, cls, "train", "good"))
-        paths = datasets.list_images(train) if os.path.isdir(train) else []
-        if len(paths) < 2:
-            raise SystemExit(f"{train} needs at least 2 images (a defect borrows another one)")
+    for cls, (train, paths) in tqdm(class_images(data_path).items(), desc="classes"):
         out = os.path.join(output_dir, cls)
         for sub in ("test/good", "test/synth", "ground_truth/synth", "train"):
             os.makedirs(os.path.join(out, sub), exist_ok=True)
         os.symlink(train, os.path.join(out, "train", "good"))
-        images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+        images = [np.asarray(datasets.open_rgb(p)) for p in paths]
         for i, path in enumerate(paths):
             shutil.copy(path, os.path.join(out, "test", "good"))
             donor = images[(i + 1 + int(rng.integers(len(paths) - 1))) % len(paths)]
@@ -108,7 +131,7 @@ def pick_weight(aurocs: dict[float, float]) -> float:
     keeps the default."""
     best = max(aurocs.values())
     return min((w for w, a in aurocs.items() if a >= best - 1e-9),
-               key=lambda w: abs(math.log2(w)) if w > 0 else math.inf)
+               key=lambda w: (abs(math.log2(w)) if w > 0 else math.inf, w))
 
 
 def pick(calibration: dict, test: dict) -> dict[str, dict[str, float]]:

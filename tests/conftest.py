@@ -63,6 +63,12 @@ class TinyWorld:
                 "--output_dir", str(out), *extra]
 
 
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/ on the import path, so a test imports its scripts as modules."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
     return build_tiny_world(tmp_path_factory.mktemp("tiny_world"))

@@ -4,6 +4,7 @@ paints, the calibration set it writes, the weight it picks) and mirror_copy.py (
 mirrored training set)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -12,13 +13,7 @@ import pytest
 from PIL import Image
 
 import datasets
-
-
-@pytest.fixture
-def bench(monkeypatch):
-    """bench/ on the import path."""
-    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)),
-                                             "bench"))
+from utils import LayoutError
 
 
 @pytest.fixture
@@ -72,10 +67,35 @@ def test_make_writes_a_set_the_test_loader_reads(calib, tmp_path: Path) -> None:
         calib.make(str(src), str(out), seed=0)
 
 
+def test_make_checks_every_class_before_writing(calib, tmp_path: Path) -> None:
+    """A class with one image and a class with images of two sizes: both named in one
+    error, and nothing written, so the run can be repeated into the same folder."""
+    src = tmp_path / "src"
+    for cls, sizes in (("one", [32]), ("mixed", [32, 48])):
+        (src / cls / "train" / "good").mkdir(parents=True)
+        (src / cls / "test").mkdir()
+        for i, size in enumerate(sizes):
+            Image.fromarray(_noise_image(i, size)).save(src / cls / "train" / "good" / f"{i}.png")
+    out = tmp_path / "calib"
+    with pytest.raises(SystemExit) as err:
+        calib.make(str(src), str(out), seed=0)
+    good = src / "mixed" / "train" / "good"
+    assert str(err.value) == (
+        "cannot make the calibration set:\n"
+        f"  {good}/1.png is 48x48 but {good}/0.png is 32x32: a class's images must share "
+        "one size\n"
+        f"  {src}/one/train/good holds 1 image(s): a defect borrows another image of the "
+        "class, so it needs at least 2")
+    assert not out.exists()
+
+
 def test_pick_weight_prefers_the_default_on_ties(calib) -> None:
+    """The best calibration AUROC wins; a tie keeps the weight nearest 1 by factor, then
+    the lighter, in any order of the weights."""
     assert calib.pick_weight({0.0: 0.9, 0.25: 0.95, 0.5: 0.9, 1.0: 0.94, 2.0: 0.9}) == 0.25
     assert calib.pick_weight({0.0: 0.9, 0.25: 0.9, 0.5: 0.9, 1.0: 0.9, 2.0: 0.9}) == 1.0
     assert calib.pick_weight({0.0: 0.9, 0.25: 0.8, 0.5: 0.9, 1.0: 0.8, 2.0: 0.9}) == 0.5
+    assert calib.pick_weight({2.0: 0.9, 1.0: 0.8, 0.5: 0.9, 0.25: 0.8, 0.0: 0.9}) == 0.5
     assert calib.pick_weight({0.0: 0.9, 0.25: 0.8, 0.5: 0.8, 1.0: 0.8, 2.0: 0.8}) == 0.0
 
 
@@ -89,6 +109,23 @@ def test_pick_scores_each_class_at_its_weight(calib) -> None:
         "b": {"weight": 1.0, "picked": 0.8, "default": 0.8, "protoflow_only": 0.5}}
     with pytest.raises(SystemExit, match="class c"):
         calib.pick(calibration, {"c": rows([0.5] * 5)})
+
+
+def test_pick_step_prints_each_class_and_the_means(calib, tmp_path: Path, capsys) -> None:
+    """`synthetic_calibration.py pick`, the line README's figures come from: the mean of
+    the picked, default and ProtoFlow image AUROCs over the classes."""
+    def rows(values: list[float]) -> dict:
+        return {r: {"image_auroc": v} for r, v in zip(calib.WEIGHT_ROWS.values(), values)}
+    (tmp_path / "cal.json").write_text(json.dumps({"a": rows([0.9, 0.8, 0.8, 0.8, 0.8]),
+                                                   "b": rows([0.7] * 5)}))
+    (tmp_path / "test.json").write_text(json.dumps({"a": rows([0.97, 0.9, 0.9, 0.94, 0.9]),
+                                                    "b": rows([0.5, 0.6, 0.7, 0.8, 0.9])}))
+    assert calib.main(["pick", "--calibration", str(tmp_path / "cal.json"),
+                       "--test", str(tmp_path / "test.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["a", "0", "0.970", "0.940", "0.970"]
+    assert lines[2].split() == ["b", "1", "0.800", "0.800", "0.500"]
+    assert lines[3].split() == ["mean", "0.8850", "0.8700", "0.7350"]
 
 
 def test_mirror_copy_adds_each_image_and_mask_mirrored(bench, tmp_path: Path) -> None:
@@ -116,3 +153,15 @@ def test_mirror_copy_adds_each_image_and_mask_mirrored(bench, tmp_path: Path) ->
     assert len(datasets.check_train_classes(str(out), ["a", "b"])) == 8
     with pytest.raises(SystemExit, match="not empty"):
         mirror_copy.mirror_copy(str(src), str(out))
+    # a set trained with --no-fg_mask has no masks: its images alone are mirrored
+    for folder in (src / "fg_mask").iterdir():
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    assert mirror_copy.mirror_copy(str(src), str(tmp_path / "no_masks")) == 8
+    assert not (tmp_path / "no_masks" / "fg_mask").exists()
+    with pytest.raises(LayoutError, match="no_masks/train/train does not exist"):
+        mirror_copy.mirror_copy(str(tmp_path / "no_masks" / "train"), str(tmp_path / "x"))
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="empty has no train/<class>/ folders"):
+        mirror_copy.mirror_copy(str(tmp_path / "empty"), str(tmp_path / "x"))

@@ -3,7 +3,6 @@ cases of test_protocols.py, whose answers are known by construction."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -13,10 +12,7 @@ from test_protocols import ConstantViT, _hand_data
 
 
 @pytest.fixture
-def score_variants(monkeypatch):
-    """bench/score_variants.py, imported as a module."""
-    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)),
-                                             "bench"))
+def score_variants(bench):
     import score_variants
     return score_variants
 
@@ -40,6 +36,10 @@ def test_bench_score_variants_rows_by_hand(score_variants) -> None:
     assert torch.equal(rows["protoflow_only"][0], maps["protoflow_only"].flatten(1).amax(1))
     assert rows["image: rank sum with ProtoFlow"][0].tolist() == [2.0, 4.0]
     assert rows["image: product with ProtoFlow"][0][1] == pytest.approx(3 * ln4 * ln4)
+    # ProtoFlow's own score: the largest -log p of the image's patches, before any map
+    own = rows["image: ProtoFlow's own score (max -log p)"][0]
+    assert own.tolist() == pytest.approx([math.log(2), ln4])
+    assert rows["image: rank sum with ProtoFlow's own score"][0].tolist() == [2.0, 4.0]
     auc = score_variants.aurocs(data, rows)
     assert auc["default"]["image_auroc"] == 1.0 and math.isnan(
         auc["image: top 1 % [pmad]"]["pixel_auroc"])
