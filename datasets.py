@@ -209,10 +209,10 @@ def find_test_classes(root: str) -> list[str]:
 
 def check_test_classes(root: str, classes: Sequence[str], skip_bad_images: bool = False
                        ) -> None:
-    """Every class's layout, and (unless bad files are skipped) every ground-truth mask's
-    presence, integrity and size against its image, and that image's header, from file
-    headers and the mask's chunks: all problems of all classes in one error before any
-    work, not when class N is reached."""
+    """Every class's layout, and (unless bad files are skipped) every test image's header
+    and every ground-truth mask's presence, integrity and size against its image, from
+    file headers and the mask's chunks: all problems of all classes in one error before
+    any work, not when class N is reached."""
     problems = []
     for name in classes:
         items, missing = MVTecTestDataset._list(
@@ -221,8 +221,9 @@ def check_test_classes(root: str, classes: Sequence[str], skip_bad_images: bool 
             continue
         problems += missing
         problems += [p for p in (mask_problem(mask, image, image_required=True)
-                                 for image, _, _, mask in items
-                                 if mask is not None and os.path.isfile(mask)) if p]
+                                 if mask is not None and os.path.isfile(mask)
+                                 else image_problem(image)
+                                 for image, _, _, mask in items) if p]
     if problems:
         raise BadFileError(f"{len(problems)} test file problem(s):{bullet_list(problems)}"
                            f"\nFix: {FIX_BAD_FILE}")
@@ -299,9 +300,18 @@ def mask_problem(mask: str | io.BytesIO, image_path: str, mask_name: str | None 
     try:
         with Image.open(image_path) as img:
             image_size = img.size
-    except Exception as e:
-        return f"{image_path} is unreadable: {_unreadable(e)}" if image_required else None
+    except Exception:
+        return image_problem(image_path) if image_required else None
     return _aspect_problem(mask_size, name, image_size, image_path)
+
+
+def image_problem(image_path: str) -> str | None:
+    """Why `image_path` is not an image, from its header alone (~0.1 ms); None if it is."""
+    try:
+        with Image.open(image_path):
+            return None
+    except Exception as e:
+        return f"{image_path} is unreadable: {_unreadable(e)}"
 
 
 def _unreadable(e: Exception) -> str:

@@ -291,9 +291,10 @@ def fit(model: nn.Module, data_loader: Iterable[dict], sampler: Any,
             stats = train_one_epoch(model, data_loader, optimizer, scaler, policy, config,
                                     epoch=epoch, sample_names=sample_names,
                                     log_writer=log_writer)
-            # the log line first: a crash before the checkpoint is written makes the
-            # resumed run redo this epoch, and JsonlLog drops its line then; the other
+            # the log line first: a process crash before the checkpoint is written makes
+            # the resumed run redo this epoch, and JsonlLog drops its line then; the other
             # order would lose the line of an epoch saved just before a crash for good
+            # (the line is not fsync'ed: a power loss may still take it)
             log.write({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
                        "n_parameters": n_parameters})
             names: list[int | str] = ["last"]

@@ -360,9 +360,11 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     num_steps = min(len(loader), args.max_steps_per_epoch or len(loader))
     optimizer, scaler, config = build_optimisation(args, model, num_steps, env.device)
     start_epoch = restore(args, model, optimizer, scaler, policy, sampler, resume, env.device)
-    if not _continues_output_dir(resume, args.output_dir):  # its --init_ckpt is loaded now
+    # a run continues --output_dir only from one of its training states (a weights-only
+    # file there starts afresh at epoch 0); its --init_ckpt or --resume is loaded now
+    if not (_continues_output_dir(resume, args.output_dir) and isinstance(done, int)):
         set_aside_previous_run(args)
-    elif args.resume and isinstance(done, int):  # maybe a roll-back to an older epoch
+    elif args.resume:  # maybe a roll-back to an older epoch
         set_aside_previous_run(args, rolled_back=(resume, done))
     stats, saved = engine.fit(
         model, loader, sampler, optimizer, scaler, policy, config, start_epoch=start_epoch,

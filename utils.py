@@ -873,17 +873,22 @@ def archive_previous_run(output_dir: str, log_dir: str | None = None,
     (an explicit --resume of an older one): only the checkpoints of later epochs move
     (`checkpoints_newer_than`), log.txt is copied (the resumed run keeps it, dropping
     its later lines) and TensorBoard events stay.
+    A fresh start sets a log.txt aside even without a checkpoint (the checkpoints were
+    deleted, or the run stopped before its first): the new run would overwrite it.
     -> (the folder, the paths moved, or for log.txt with `newer_than` copied, relative
-    to `output_dir`), or None when there is no checkpoint to move."""
+    to `output_dir`), or None when there is nothing to set aside."""
+    log = os.path.isfile(os.path.join(output_dir, "log.txt"))
     if newer_than is None:
         checkpoints = checkpoint_files(output_dir)
+        if not checkpoints and not log:
+            return None
     else:
         checkpoints = checkpoints_newer_than(output_dir, newer_than)
-    if not checkpoints:
-        return None
+        if not checkpoints:
+            return None
     moving = [os.path.basename(p) for p in checkpoints]
     copying = []
-    if os.path.isfile(os.path.join(output_dir, "log.txt")):
+    if log:
         (moving if newer_than is None else copying).append("log.txt")
     if newer_than is None and log_dir and _inside(log_dir, output_dir) \
             and os.path.isdir(log_dir):

@@ -68,6 +68,12 @@ def covering_stats(model: torch.nn.Module, data: ClassData, passes: list[torch.T
     return stats
 
 
+def ce_weight_row(weight: float) -> str:
+    """The name of the row whose map weighs CE / ln V by `weight` (CE_WEIGHTS; 1 is the
+    default row, 0 ProtoFlow's map alone)."""
+    return {0.0: "protoflow_only", 1.0: "default"}.get(weight, f"CE weight x{weight:g}")
+
+
 def token_means(scores: torch.Tensor, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
     """(V,) mean score of each token over (N, L) scores, 0 for a token never seen."""
     total = torch.zeros(vocab).index_add_(0, tokens.flatten(), scores.flatten())
@@ -115,7 +121,7 @@ def variant_scores(model: torch.nn.Module, data: ClassData, ratio: float, sigma:
     rows = {"default": (image_scores(pmad), pmad)}
     for w in CE_WEIGHTS:
         m = weighted(w * ce)
-        rows[f"CE weight x{w:g}"] = (image_scores(m), m)
+        rows[ce_weight_row(w)] = (image_scores(m), m)
     m = weighted(ce_avg)
     rows[f"CE averaged over {1 + RANDOM_COVERINGS} coverings"] = (image_scores(m), m)
     calibrated = {  # (N, L) token scores in place of CE

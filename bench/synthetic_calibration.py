@@ -38,12 +38,12 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
+from score_variants import CE_WEIGHTS, ce_weight_row  # noqa: E402
 
 AREA = (0.003, 0.03)  # fraction of the image a defect covers
 BLEND = (0.6, 1.0)
-# score_variants.py's rows for each CE weight; 0 is ProtoFlow's map alone
-WEIGHT_ROWS = {0.0: "protoflow_only", 0.25: "CE weight x0.25", 0.5: "CE weight x0.5",
-               1.0: "default", 2.0: "CE weight x2"}
+# score_variants.py's row of each CE weight; 0 is ProtoFlow's map alone, 1 the default
+WEIGHT_ROWS = {w: ce_weight_row(w) for w in sorted({0.0, 1.0, *CE_WEIGHTS})}
 
 
 def blob_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:

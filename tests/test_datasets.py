@@ -350,17 +350,21 @@ def test_check_test_classes_finds_a_cut_short_ground_truth_mask(mvtec_root):
     datasets.check_test_classes(str(mvtec_root), ["bottle"], skip_bad_images=True)
 
 
-def test_check_test_classes_finds_an_empty_test_image(mvtec_root):
-    """A defective test image that is not an image at all is named up front with its
-    mask's check (a training image's is left to its loader: see
+def test_check_test_classes_finds_empty_test_images(mvtec_root):
+    """Test images that are not images at all, with a ground-truth mask or without one
+    (a good image), are named up front, not when their class is reached (a training
+    image's is left to its loader: see
     test_check_train_classes_refuses_unreadable_or_misshaped_masks)."""
-    image = mvtec_root / "bottle" / "test" / "broken" / "000.png"
-    image.write_bytes(b"")
+    bad = mvtec_root / "bottle" / "test" / "broken" / "000.png"
+    good = mvtec_root / "bottle" / "test" / "good" / "001.png"
+    bad.write_bytes(b"")
+    good.write_bytes(b"")
     with pytest.raises(BadFileError) as err:
         datasets.check_test_classes(str(mvtec_root), ["bottle"])
     assert str(err.value).startswith(
-        f"1 test file problem(s):\n  {image} is unreadable: empty, cut short or not an "
-        "image\nFix: ")
+        f"2 test file problem(s):\n  {bad} is unreadable: empty, cut short or not an "
+        f"image\n  {good} is unreadable: empty, cut short or not an image\nFix: ")
+    datasets.check_test_classes(str(mvtec_root), ["bottle"], skip_bad_images=True)
 
 
 def test_mvtec_layout_errors(mvtec_root):

@@ -36,13 +36,24 @@ def test_bench_score_variants_rows_by_hand(score_variants) -> None:
     assert torch.equal(rows["protoflow_only"][0], maps["protoflow_only"].flatten(1).amax(1))
     assert rows["image: rank sum with ProtoFlow"][0].tolist() == [2.0, 4.0]
     assert rows["image: product with ProtoFlow"][0][1] == pytest.approx(3 * ln4 * ln4)
-    # ProtoFlow's own score: the largest -log p of the image's patches, before any map
-    own = rows["image: ProtoFlow's own score (max -log p)"][0]
-    assert own.tolist() == pytest.approx([math.log(2), ln4])
-    assert rows["image: rank sum with ProtoFlow's own score"][0].tolist() == [2.0, 4.0]
     auc = score_variants.aurocs(data, rows)
     assert auc["default"]["image_auroc"] == 1.0 and math.isnan(
         auc["image: top 1 % [pmad]"]["pixel_auroc"])
+
+
+def test_bench_score_variants_protoflow_own_score_rows(score_variants) -> None:
+    """ProtoFlow's own image score is the largest -log p of the image's patches, before
+    any map or smoothing (the smoothed map's maximum differs), and its rank sum with PMAD
+    adds the ranks of two scores that order the images differently here."""
+    data = _hand_data()
+    data.log_likelihood[0, 0, 0] = -math.log(8.0)  # image 0 now ProtoFlow's worst
+    rows = score_variants.variant_scores(ConstantViT(), data, 0.5, sigma=1.0, batch_size=2,
+                                         device=torch.device("cpu"), amp="none")
+    own = rows["image: ProtoFlow's own score (max -log p)"][0]
+    assert own.tolist() == pytest.approx([math.log(8), math.log(4)])
+    assert rows["protoflow_only"][0][0] < own[0] - 0.5  # smoothing lowers the map's peak
+    assert rows["default"][0][0] < rows["default"][0][1]  # PMAD orders them the other way
+    assert rows["image: rank sum with ProtoFlow's own score"][0].tolist() == [3.0, 3.0]
 
 
 class PositionalViT(ConstantViT):

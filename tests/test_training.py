@@ -449,6 +449,25 @@ def test_resuming_an_older_checkpoint_of_the_folder_sets_the_newer_ones_aside(
     assert [r["epoch"] for r in read_jsonl(out / "log.txt")] == [0, 1, 2, 3]
 
 
+def test_resuming_a_weights_only_file_of_the_folder_starts_afresh(env, tmp_path, monkeypatch):
+    """--resume of a file in --output_dir that holds weights but no training state
+    starts at epoch 0, so the earlier run's checkpoints move to previous-<time>/ (else
+    a later auto-resume would continue the earlier run's newer epoch)."""
+    out = tmp_path / "out"
+    _record_epochs(monkeypatch)
+    run_pretraining.main(_args(env, str(out), "--epochs", "2", "--save_ckpt_freq", "1"))
+    weights = out / "weights.pth"
+    torch.save({"model": utils.load_checkpoint_file(str(out / "checkpoint-1.pth"))["model"]},
+               weights)
+    summary = run_pretraining.main(_args(env, str(out), "--epochs", "1", "--resume",
+                                         str(weights)))
+    assert summary["start_epoch"] == 0
+    (previous,) = [p for p in os.listdir(out) if p.startswith("previous-")]
+    assert sorted(os.listdir(out / previous)) == ["checkpoint-0.pth", "checkpoint-1.pth",
+                                                  "checkpoint-last.pth", "log.txt"]
+    assert utils.load_checkpoint_file(str(out / "checkpoint-last.pth"))["epoch"] == 0
+
+
 def test_resuming_the_folders_newest_checkpoint_sets_nothing_aside(env, tmp_path, monkeypatch,
                                                                     capsys):
     """--resume naming --output_dir's newest checkpoint (numbered, or checkpoint-last.pth)
@@ -914,8 +933,9 @@ def test_optimiser_and_schedule_flags_reach_their_consumers(flagged):
     assert generator.num_masked_for("bottle") == int(n * 0.42)
     assert int(generator(["widget", "widget"]).sum()) == 2 * int(n * 0.25)
     # --save_ckpt_freq 1: a numbered checkpoint every epoch (default 20: the last only)
-    assert sorted(os.listdir(flagged["out"])) == ["checkpoint-0.pth", "checkpoint-1.pth",
-                                                  "checkpoint-last.pth", "log.txt"]
+    # (the resume tests of this module's folder add previous-<time>/ folders beside them)
+    assert sorted(p for p in os.listdir(flagged["out"]) if not p.startswith("previous-")) == [
+        "checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth", "log.txt"]
 
 
 def test_amp_bf16_runs_the_vit_in_bfloat16(flagged):

@@ -404,6 +404,13 @@ def test_archive_previous_run_moves_the_runs_files_and_deletes_nothing(tmp_path)
     assert folder == str(tmp_path / "again" / "previous-20240506T070809Z-2")
     assert "log.txt" in moved and not any(m.startswith("tb") for m in moved)
     assert (elsewhere / "events.out.tfevents.2.host").exists()
+    # a log.txt whose checkpoints are gone is set aside too (the new run would rewrite it)
+    alone = tmp_path / "log_only"
+    alone.mkdir()
+    (alone / "log.txt").write_text('{"epoch": 0}\n')
+    folder, moved = utils.archive_previous_run(str(alone), now=now)
+    assert moved == ["log.txt"] and (Path(folder) / "log.txt").read_text() == '{"epoch": 0}\n'
+    assert os.listdir(alone) == ["previous-20240506T070809Z"]
 
 
 def test_archive_previous_run_newer_than_moves_only_later_checkpoints(tmp_path):
