@@ -40,7 +40,7 @@ from utils import (CheckpointError, FlagError, MissingFileError, file_sha256, re
                    save_on_master)
 
 __all__ = [
-    "register_tokenizer", "available_tokenizers", "create_tokenizer",
+    "register_tokenizer", "available_tokenizers", "create_tokenizer", "token_grid",
     "DalleConv2d", "DalleEncoderBlock", "DalleEncoder", "DalleTokenizer", "load_dalle_encoder",
     "save_dalle_encoder", "ViTEncoder", "VQKDTokenizer", "CNNPatchFeatures", "KMeansTokenizer",
     "spherical_kmeans", "fit_kmeans_tokenizer", "fit_kmeans_on_folder",
@@ -49,15 +49,22 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 _TOKENIZERS: dict[str, Callable[[str], nn.Module]] = {}
+# (side of the token grid, what gives it) <- weight path, read without building the tokenizer
+GridReader = Callable[[str], tuple[int, str] | None]
+_GRIDS: dict[str, GridReader] = {}
 
 
-def register_tokenizer(name: str) -> Callable:
+def register_tokenizer(name: str, grid: GridReader | None = None) -> Callable:
     """Decorator registering `builder(weight_path) -> tokenizer module` as `name`; the
-    module is built on the CPU and create_tokenizer moves it to the run's device."""
+    module is built on the CPU and create_tokenizer moves it to the run's device. `grid`
+    reads the side of the token grid from the file alone (token_grid), so that a run can
+    check its --input_size before tokenizing anything."""
     def decorator(builder: Callable[[str], nn.Module]) -> Callable:
         if name in _TOKENIZERS:
             raise ValueError(f"tokenizer '{name}' is already registered")
         _TOKENIZERS[name] = builder
+        if grid is not None:
+            _GRIDS[name] = grid
         return builder
     return decorator
 
@@ -82,6 +89,14 @@ def create_tokenizer(name: str, weight_path: str | os.PathLike,
     if hasattr(tokenizer, "set_amp"):
         tokenizer.set_amp(amp)
     return tokenizer.to(device).eval()
+
+
+def token_grid(name: str, weight_path: str | os.PathLike) -> tuple[int, str] | None:
+    """(side of the token grid tokenizer `name` gives each image, what gives it), read
+    from its file without building it; None for a kind that registered no grid reader, or
+    a file the reader cannot tell (the tokenizer's builder then names the problem)."""
+    reader = _GRIDS.get(name)
+    return None if reader is None else reader(os.fspath(weight_path))
 
 
 def _check_token_images(images: torch.Tensor, image_size: int, name: str) -> None:
@@ -378,8 +393,10 @@ class DalleTokenizer(_FrozenTokenizer):
     """
 
     LOGIT_LAPLACE_EPS = 0.1
+    IMAGE_SIZE, STRIDE = 112, 8  # 14 x 14 tokens per image, as PMAD's ViT has patches
 
-    def __init__(self, encoder: DalleEncoder, file_sha: str, image_size: int = 112) -> None:
+    def __init__(self, encoder: DalleEncoder, file_sha: str, image_size: int = IMAGE_SIZE
+                 ) -> None:
         super().__init__()
         self.encoder = encoder
         self.image_size = image_size
@@ -406,7 +423,13 @@ class DalleTokenizer(_FrozenTokenizer):
         return logits.argmax(dim=1).flatten(1)  # (N, L)
 
 
-@register_tokenizer("dall-e")
+def _dalle_grid(weight_path: str) -> tuple[int, str]:
+    side = DalleTokenizer.IMAGE_SIZE // DalleTokenizer.STRIDE
+    return side, (f"the dall-e tokenizer ({DalleTokenizer.IMAGE_SIZE} px token images, "
+                  f"stride {DalleTokenizer.STRIDE})")
+
+
+@register_tokenizer("dall-e", grid=_dalle_grid)
 def _build_dalle(weight_path: str) -> DalleTokenizer:
     path = os.path.join(weight_path, "encoder.pkl") if os.path.isdir(weight_path) else weight_path
     return DalleTokenizer(load_dalle_encoder(path), file_sha256(path))
@@ -507,7 +530,18 @@ def vit_tokenizer_path(weight_path: str) -> str:
     return weight_path
 
 
-@register_tokenizer("vit_tokenizer")
+def _vit_tokenizer_grid(weight_path: str) -> tuple[int, str] | None:
+    path = vit_tokenizer_path(weight_path)
+    state = unwrap_state_dict(read_weights_file(path, mmap=True), path,
+                              keys=("model", "state_dict"))
+    pos = state.get("encoder.pos_embed")
+    if not isinstance(pos, torch.Tensor) or pos.ndim != 3:
+        return None
+    side = vqkd_grid_side(pos)
+    return side, f"the vit_tokenizer {path} ({side * 16} px token images, patch 16)"
+
+
+@register_tokenizer("vit_tokenizer", grid=_vit_tokenizer_grid)
 def _build_vit_tokenizer(weight_path: str) -> VQKDTokenizer:
     weight_path = vit_tokenizer_path(weight_path)
     state_dict = unwrap_state_dict(read_weights_file(weight_path), weight_path,
@@ -584,7 +618,15 @@ class KMeansTokenizer(_FrozenTokenizer):
 _KMEANS_FIELDS = ("backbone", "out_index", "backbone_state_dict", "codebook", "image_size")
 
 
-@register_tokenizer("kmeans")
+def _kmeans_grid(weight_path: str) -> tuple[int, str] | None:
+    obj = read_weights_file(weight_path, mmap=True)
+    size = obj.get("image_size") if isinstance(obj, dict) else None
+    if not isinstance(size, int):
+        return None
+    return size // 16, f"the kmeans tokenizer {weight_path} (fitted at {size} px)"
+
+
+@register_tokenizer("kmeans", grid=_kmeans_grid)
 def _build_kmeans(weight_path: str) -> KMeansTokenizer:
     obj = read_weights_file(weight_path)
     if not isinstance(obj, dict) or obj.get("tokenizer") != "kmeans" or any(

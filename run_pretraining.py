@@ -43,8 +43,6 @@ RESUME_MUST_MATCH = ("model", "setting", "unseen_classes", "epochs", "batch_size
                      "lr", "min_lr", "warmup_epochs", "warmup_steps", "weight_decay",
                      "weight_decay_end", "opt_betas", "opt_eps", "clip_grad",
                      "mask_ratio", "dynamic_masking_start", "freq_mode", "fg_mask")
-# The DALL-E encoder tokenizes 112 px images at stride 8: 14 x 14 tokens per image.
-DALLE_TOKEN_GRID = 14
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -232,31 +230,12 @@ def patch_size_of(model: str) -> int:
 
 
 def tokenizer_grid(args: argparse.Namespace) -> tuple[int, str] | None:
-    """(side of the token grid the tokenizer gives each image, what gives it), read
-    without building the tokenizer; None where the grid follows --input_size (a k-means
-    tokenizer this run fits), for a tokenizer kind it does not know, or for a file of
-    another kind (the tokenizer's loader then names the problem)."""
-    kind, path = args.tokenizer_model, args.tokenizer_weight_path
-    if kind == "dall-e":
-        return DALLE_TOKEN_GRID, "the dall-e tokenizer (112 px token images, stride 8)"
-    if kind == "kmeans":
-        if args.fit_kmeans_tokenizer and not os.path.exists(path):
-            return None
-        obj = utils.read_weights_file(path, mmap=True)
-        size = obj.get("image_size") if isinstance(obj, dict) else None
-        if not isinstance(size, int):
-            return None
-        return size // 16, f"the kmeans tokenizer {path} (fitted at {size} px)"
-    if kind == "vit_tokenizer":
-        path = modeling_discrete_vae.vit_tokenizer_path(path)
-        state = modeling_pmad.unwrap_state_dict(utils.read_weights_file(path, mmap=True),
-                                                path, keys=("model", "state_dict"))
-        pos = state.get("encoder.pos_embed")
-        if not isinstance(pos, torch.Tensor) or pos.ndim != 3:
-            return None
-        side = modeling_discrete_vae.vqkd_grid_side(pos)
-        return side, f"the vit_tokenizer {path} ({side * 16} px token images, patch 16)"
-    return None
+    """modeling_discrete_vae.token_grid of the run's tokenizer; None where the grid
+    follows --input_size (a k-means tokenizer this run fits)."""
+    path = args.tokenizer_weight_path
+    if args.tokenizer_model == "kmeans" and args.fit_kmeans_tokenizer and not os.path.exists(path):
+        return None
+    return modeling_discrete_vae.token_grid(args.tokenizer_model, path)
 
 
 def check_image_grid(args: argparse.Namespace) -> int:

@@ -92,10 +92,16 @@ def test_registry(monkeypatch):
         def get_codebook_indices(self, images):
             return torch.zeros(images.shape[0], 4, dtype=torch.long)
 
+    monkeypatch.setattr(dv, "_GRIDS", dict(dv._GRIDS))
     register_tokenizer("identity")(lambda path: Identity())
     assert "identity" in dv.available_tokenizers()
     tok = create_tokenizer("identity", "unused")
     assert not tok.training and not tok.w.requires_grad
+    assert dv.token_grid("identity", "unused") is None  # no grid reader: not checked
+    register_tokenizer("gridded", grid=lambda path: (2, f"from {path}"))(lambda path: None)
+    assert dv.token_grid("gridded", "w.pth") == (2, "from w.pth")
+    assert dv.token_grid("dall-e", "missing.pkl") == (  # DALL-E's grid needs no file
+        14, "the dall-e tokenizer (112 px token images, stride 8)")
     register_tokenizer("incomplete")(lambda path: torch.nn.Identity())
     with pytest.raises(TypeError, match="image_size"):
         create_tokenizer("incomplete", "unused")
