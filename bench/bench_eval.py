@@ -2,9 +2,10 @@
 in one run, interleaved.
 
     python bench/bench_eval.py                 # ViT-B, DALL-E, b6 ProtoFlow, 2 images
-    python bench/bench_eval.py --images 8 --batch_size 8 --repeats 3
+    python bench/bench_eval.py --images 8 --batch_size 8 --repeats 5
 
-Rows (ours / baseline, median of --repeats interleaved rounds):
+Rows (ours / baseline, median of --repeats interleaved rounds, after one clean-protocol
+call of each side as a warm-up):
 - paper protocol, 24 mask ratios: tokens and ProtoFlow once per image, batched ViT with
   fused attention, then maps and metrics (`protocols.evaluate_paper`), against the
   original's loop: for every ratio and image, tokens and ProtoFlow again, the ViT at
@@ -100,7 +101,7 @@ def main() -> None:
     p.add_argument("--batch_size", type=utils.int_at_least(1), default=32)
     p.add_argument("--maps", type=utils.int_at_least(1), default=40,
                    help="maps of the smoothing row (a class's test set)")
-    p.add_argument("--repeats", type=utils.int_at_least(1), default=1)
+    p.add_argument("--repeats", type=utils.int_at_least(1), default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default=None, choices=utils.AMP_CHOICES)
     args = p.parse_args()
@@ -177,7 +178,8 @@ def main() -> None:
                 score(total)
             set_fused_attn(model, True)
 
-        ours("clean")  # warm-up
+        ours("clean")  # warm-up, each side: the first call of a code path pays its set-up
+        original("clean")
         rows = {
             "paper protocol (24 ratios)": (lambda: ours("paper"), lambda: original("paper")),
             f"clean protocol (r={CLEAN_RATIO})": (lambda: ours("clean"),
