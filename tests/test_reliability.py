@@ -135,6 +135,8 @@ def refused(tiny_world, tmp_path_factory):
         "F4_file": (rt, w.run_test_argv(a_file)),
         "F4_train_file": (rp, _train_argv(w, a_file)),
         "F6": (rp, _train_argv(w, tmp / "t4", "--mask_ratio", "0")),
+        "F6_test": (rt, w.run_test_argv(tmp / "o7", "--mask_ratio", "0")),
+        "unknown_class": (rt, w.run_test_argv(tmp / "o8", "--classes", "screw")),
         "F7_epochs_neg": (rp, _train_argv(w, tmp / "t5", "--epochs", "-1")),
         "F7_epochs_0": (rp, _train_argv(w, tmp / "t5", "--epochs", "0")),
         "F7_batch_train": (rp, _train_argv(w, tmp / "t5", "--batch_size", "0")),
@@ -194,7 +196,13 @@ def test_F4_an_output_dir_that_is_a_file_is_refused_before_work(refused):
 
 
 def test_F6_mask_ratio_0_is_refused(refused):
-    _clear_error(refused[0]["F6"], "argument --mask_ratio: 0 is outside (0, 1)")
+    for case in ("F6", "F6_test"):  # training and evaluation
+        _clear_error(refused[0][case], "argument --mask_ratio: 0 is outside (0, 1)")
+
+
+def test_an_unknown_test_class_is_refused(refused, tiny_world):
+    _clear_error(refused[0]["unknown_class"], "--classes: ['screw'] have no "
+                 f"{tiny_world.mvtec_root}/<class>/test folder; available: ['brick', 'coins']")
 
 
 @pytest.mark.parametrize("case, words", [
