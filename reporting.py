@@ -94,7 +94,7 @@ def write_results(results: dict, output_dir: Path, protocol: str) -> str:
     output_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(results, protocol)
     (output_dir / "results.json").write_text(
-        json.dumps(_finite_or_null(results), indent=2, default=float, allow_nan=False))
+        json.dumps(finite_or_null(results), indent=2, default=float, allow_nan=False))
     (output_dir / "results.md").write_text(table + "\n")
     with open(output_dir / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -109,13 +109,13 @@ def write_results(results: dict, output_dir: Path, protocol: str) -> str:
     return table
 
 
-def _finite_or_null(value: Any) -> Any:
+def finite_or_null(value: Any) -> Any:
     """`value` with every nan or infinite float as None: JSON has no NaN (JavaScript's
     JSON.parse and jq refuse Python's bare `NaN`), so an undefined metric is null."""
     if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
+        return {k: finite_or_null(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite_or_null(v) for v in value]
+        return [finite_or_null(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
     return value

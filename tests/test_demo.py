@@ -12,13 +12,13 @@ from conftest import arg, python_stub, run_command, stub_calls
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_script_detects_defects(tmp_path: Path) -> None:
+def test_demo_script_detects_defects(tmp_path: Path, bench: None) -> None:
     env = {**_knob_free_env(), "DEMO_DIR": str(tmp_path / "demo"),
            "DATA_DIR": str(tmp_path / "data"),
            "DEMO_CLASSES": "brick coins", "DEMO_TRAIN": "10", "DEMO_TEST_GOOD": "6",
-           "DEMO_TEST_DEFECT": "8", "DEMO_HELDOUT": "1", "HELDOUT_CLASSES": "retina", "HELDOUT_TRAIN": "16",
-           "HELDOUT_TEST_GOOD": "4", "HELDOUT_TEST_DEFECT": "5", "PF_EPOCHS": "1",
-           "VIT_EPOCHS": "2", "DEVICE": "cpu", "KMEANS_VOCAB": "32"}
+           "DEMO_TEST_DEFECT": "8", "DEMO_HELDOUT": "1", "HELDOUT_CLASSES": "retina",
+           "HELDOUT_TRAIN": "16", "HELDOUT_TEST_GOOD": "4", "HELDOUT_TEST_DEFECT": "5",
+           "PF_EPOCHS": "1", "VIT_EPOCHS": "2", "DEVICE": "cpu", "KMEANS_VOCAB": "32"}
     run = run_command(["bash", "scripts/demo.sh"], cwd=ROOT, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "| Brick |" in run.stdout and "| Retina |" in run.stdout and "] done" in run.stdout
@@ -42,6 +42,10 @@ def test_demo_script_detects_defects(tmp_path: Path) -> None:
     assert held["classes"]["retina"]["num_images"] == 9
     assert sorted(held["per_defect_mean"]["pmad"]) == [
         "colour", "contamination", "crack", "hole", "thread"]
+    import compare_worlds  # heldout_check.sh's table reads a world's folder
+    record = compare_worlds.world_record(str(tmp_path / "demo" / "heldout"))
+    assert record["pmad"]["pixel_aupro"] == held["mean"]["pixel_aupro"]
+    assert record["patchcore"]["image_auroc"] == held["mean_patchcore"]["image_auroc"]
 
 
 def _knob_free_env() -> dict[str, str]:
@@ -116,3 +120,36 @@ def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
         run, calls = _stubbed_demo(tmp_path, DEMO_DEFECT_AREA=bad)
         assert run.returncode == 2 and calls == []
         assert "give two fractions of the image, SMALLEST LARGEST" in run.stderr
+
+
+def test_heldout_check_runs_both_tuning_draws_then_the_heldout_world(tmp_path: Path) -> None:
+    """scripts/heldout_check.sh: the main world's draws of seeds 0 and 1 with defects of
+    0.1-1 %, the held-out world once, then one compare_worlds.py table of the three
+    folders; its own seed, sizes and held-out switch win over a user's, the recipe's
+    knobs pass through."""
+    stub, log = python_stub(tmp_path, on_script="""if [[ "$1" == run_test.py ]]; then
+            while [[ $# -gt 0 && "$1" != --output_dir ]]; do shift; done
+            mkdir -p "$2" && echo "| stub |" > "$2/results.md"
+        fi""")
+    demo = tmp_path / "demo"
+    env = _knob_free_env() | {"PYTHON": str(stub), "DEMO_DIR": str(demo),
+                              "DATA_DIR": str(tmp_path / "data"), "DEVICE": "cpu",
+                              "DEMO_SEED": "7", "DEMO_HELDOUT": "0", "VIT_EPOCHS": "4"}
+    run = run_command(["bash", "scripts/heldout_check.sh"], cwd=ROOT, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    calls = stub_calls(log)
+    setups = [c for c in calls if c[0] == "setup_train_dataset.py"]
+    assert [(arg(c, "--demo_world")[0], "--seed" in c and arg(c, "--seed")[0]) for c in setups] == [
+        ("main", "0"), ("main", "1"), ("heldout", False)]
+    for main in setups[:2]:
+        assert arg(main, "--demo_defect_area", 2) == ["0.001", "0.01"]
+    assert {arg(c, "--epochs")[0] for c in calls if c[0] == "run_pretraining.py"} == {"4"}
+    assert [arg(c, "--output_dir")[0] for c in calls if c[0] == "run_test.py"] == [
+        str(demo / w / "results") for w in
+        ("main_seed0_area0.001-0.01", "main_seed1_area0.001-0.01", "heldout")]
+    compare = calls[-1]
+    assert compare[0] == "bench/compare_worlds.py"
+    assert compare[1:] == ["--output", str(demo / "heldout_check.json"),
+                           f"tuning_seed0={demo}/main_seed0_area0.001-0.01",
+                           f"tuning_seed1={demo}/main_seed1_area0.001-0.01",
+                           f"heldout={demo}/heldout"]

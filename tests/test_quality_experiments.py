@@ -165,3 +165,83 @@ def test_mirror_copy_adds_each_image_and_mask_mirrored(bench, tmp_path: Path) ->
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(SystemExit, match="empty has no train/<class>/ folders"):
         mirror_copy.mirror_copy(str(tmp_path / "empty"), str(tmp_path / "x"))
+
+
+# ------------------------------------------------------------------ compare_worlds.py
+@pytest.fixture
+def compare(bench):
+    import compare_worlds
+    return compare_worlds
+
+
+def _results(folder: Path, pmad: tuple, protoflow: tuple, patchcore: tuple,
+             protocol: str = "clean") -> Path:
+    """A results.json as run_test.py writes it (undefined metrics null), in
+    folder/results/; each tuple is (image AUROC, pixel AUROC, AUPRO)."""
+    def row(values: tuple) -> dict:
+        return dict(zip(("image_auroc", "pixel_auroc", "pixel_aupro"), values),
+                    image_ap=0.5)
+    (folder / "results").mkdir(parents=True)
+    path = folder / "results" / "results.json"
+    path.write_text(json.dumps({"protocol": protocol, "mean": row(pmad),
+                                "mean_protoflow_only": row(protoflow),
+                                "mean_patchcore": row(patchcore),
+                                "mean_ce_only": row((0.7, 0.8, 0.5))}))
+    return path
+
+
+def test_holds_up_allows_only_a_saturated_baseline_a_margin(compare) -> None:
+    assert compare.holds_up(0.974, 0.974) and compare.holds_up(0.975, 0.974)
+    assert not compare.holds_up(0.9736, 0.9740)
+    assert compare.holds_up(0.993, 0.996)  # within 0.003 of a saturated baseline
+    assert not compare.holds_up(0.992, 0.996)
+    assert not compare.holds_up(0.992, 0.994)  # 0.994 is not saturated
+
+
+def test_compare_worlds_table_json_and_verdicts(compare, tmp_path: Path, capsys) -> None:
+    """One row per world with PMAD's and every baseline's three means and the verdict;
+    an undefined metric (a set without masks) is n/a and null, and decides nothing."""
+    _results(tmp_path / "a", (0.98, 0.97, 0.90), (0.97, 0.96, 0.89), (0.975, 0.965, 0.88))
+    _results(tmp_path / "b", (0.9736, 0.968, 0.857), (0.9796, 0.965, 0.852),
+             (0.974, 0.961, 0.843))
+    _results(tmp_path / "c", (1.0, None, None), (1.0, None, None), (1.0, None, None))
+    out = tmp_path / "summary.json"
+    assert compare.main([f"tune={tmp_path / 'a'}",
+                         f"held={tmp_path / 'b' / 'results'}",
+                         f"nomasks={tmp_path / 'c' / 'results' / 'results.json'}",
+                         "--output", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert ("| tune | 0.980/0.970/0.900 | 0.970/0.960/0.890 | 0.975/0.965/0.880 | "
+            "0.700/0.800/0.500 | yes |") in lines
+    assert ("| held | 0.974/0.968/0.857 | 0.980/0.965/0.852 | 0.974/0.961/0.843 | "
+            "0.700/0.800/0.500 | no: image AUROC 0.9736 against ProtoFlow 0.9796, "
+            "PatchCore 0.9740 |") in lines
+    assert ("| nomasks | 1.000/n/a/n/a | 1.000/n/a/n/a | 1.000/n/a/n/a | 0.700/0.800/0.500 "
+            "| yes (pixel AUROC, AUPRO undefined) |") in lines
+    saved = json.loads(out.read_text())
+    assert saved["held"]["holds_up"] == {"image_auroc": False, "pixel_auroc": True,
+                                         "pixel_aupro": True}
+    assert saved["nomasks"]["pmad"]["pixel_auroc"] is None
+    assert saved["nomasks"]["holds_up"]["pixel_aupro"] is None
+
+
+def test_compare_worlds_refuses_what_it_cannot_compare(compare, tmp_path: Path,
+                                                       capsys) -> None:
+    """Exit 2 and one line naming the file and the fix: no results.json, one of the
+    paper protocol (its best-of-24 numbers are not comparable), unreadable JSON; a
+    repeated NAME or a bare PATH is an argparse error."""
+    paper = _results(tmp_path / "p", (1, 1, 1), (1, 1, 1), (1, 1, 1), protocol="paper")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    cases = {str(tmp_path / "none"): "holds no results.json (nor results/results.json)",
+             str(paper): "is not a clean-protocol results.json",
+             str(broken): "is not a readable results.json"}
+    for path, words in cases.items():
+        assert compare.main([f"w={path}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and "Traceback" not in err
+    for argv in (["a=x", "a=y"], ["x"]):
+        with pytest.raises(SystemExit) as e:
+            compare.main(argv)
+        assert e.value.code == 2
+    assert "each world needs its own NAME" in capsys.readouterr().err
