@@ -94,7 +94,8 @@ def create_tokenizer(name: str, weight_path: str | os.PathLike,
 def token_grid(name: str, weight_path: str | os.PathLike) -> tuple[int, str] | None:
     """(side of the token grid tokenizer `name` gives each image, what gives it), read
     from its file without building it; None for a kind that registered no grid reader, or
-    a file the reader cannot tell (the tokenizer's builder then names the problem)."""
+    a file of another layout (the tokenizer's builder then names the problem). A missing
+    or unreadable file raises read_weights_file's error, which names it."""
     reader = _GRIDS.get(name)
     return None if reader is None else reader(os.fspath(weight_path))
 

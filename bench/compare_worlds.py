@@ -12,7 +12,8 @@ cross-entropy alone, and whether PMAD holds up against both baselines: at least 
 them on each of the three metrics, or within 0.003 of a baseline that is already
 saturated (>= 0.995). Choose a recipe by the tuning rows; the held-out row only reports.
 Writes the same as JSON with --output. Exit status 0 once the table is made, whoever
-wins; 2 for a missing or unreadable results file.
+wins; 2 for a bad argument or a results file it cannot compare (missing, unreadable,
+another protocol's, without the baseline rows).
 """
 from __future__ import annotations
 
@@ -24,22 +25,21 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from reporting import finite_or_null  # noqa: E402
+from reporting import BASELINES, finite_or_null  # noqa: E402
 from utils import MissingFileError, UserError, cli  # noqa: E402
 
 METRICS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "pixel_aupro": "AUPRO"}
-ROWS = {"pmad": "mean", "protoflow_only": "mean_protoflow_only",
-        "patchcore": "mean_patchcore", "ce_only": "mean_ce_only"}  # row -> results.json key
-BASELINES = ("protoflow_only", "patchcore")
-TITLES = {"pmad": "PMAD", "protoflow_only": "ProtoFlow map alone", "patchcore": "PatchCore",
-          "ce_only": "ViT cross-entropy alone"}
+ROWS = {"pmad": "PMAD", **BASELINES}  # row -> title; results.json keeps it as mean_<row>
+COMPARED = ("protoflow_only", "patchcore")  # the baselines PMAD must hold up against
 SATURATED, TOLERANCE = 0.995, 0.003
+EPS = 1e-9  # means of per-class means carry float noise (0.9650000000000001)
 
 
 def holds_up(pmad: float, baseline: float) -> bool:
     """PMAD's mean at least the baseline's, or within TOLERANCE of a saturated baseline
-    (a table of 1.000s cannot be beaten). A float-noise margin of 1e-9 counts as equal."""
-    return pmad >= baseline - 1e-9 or (baseline >= SATURATED and pmad >= baseline - TOLERANCE)
+    (a table of 1.000s cannot be beaten); float noise below EPS counts as equal."""
+    return pmad >= baseline - EPS or (baseline >= SATURATED - EPS
+                                      and pmad >= baseline - TOLERANCE - EPS)
 
 
 def results_path(path: str) -> str:
@@ -55,9 +55,10 @@ def results_path(path: str) -> str:
 
 
 def world_record(path: str) -> dict:
-    """{row: {metric: mean}} of one world's results.json, plus 'holds_up': {metric:
-    True/False, or None where a metric is undefined (no ground-truth masks)} and
-    'file'."""
+    """{row: {metric: mean, NaN where undefined}} of one world's results.json (a row the
+    run did not score, e.g. CE alone under --unmasked zero, is all NaN), plus 'holds_up':
+    {metric: True/False, None where neither PMAD nor the baselines define it (no
+    ground-truth masks)} and 'file'."""
     file = results_path(path)
     try:
         with open(file) as f:
@@ -65,51 +66,78 @@ def world_record(path: str) -> dict:
     except (OSError, ValueError) as e:
         raise UserError(f"{file} is not a readable results.json ({e}): evaluate the world "
                         "again") from e
-    missing = [key for key in ROWS.values() if key not in results]
-    if missing or results.get("protocol") != "clean":
-        raise UserError(f"{file} is not a clean-protocol results.json with the baseline rows "
-                        f"(protocol {results.get('protocol')!r}, missing {missing}): evaluate "
-                        "with run_test.py --protocol clean")
-    record: dict = {row: {m: _number(results[key].get(m)) for m in METRICS}
-                    for row, key in ROWS.items()}
-    record["holds_up"] = {
-        m: None if any(math.isnan(record[r][m]) for r in ("pmad", *BASELINES))
-        else all(holds_up(record["pmad"][m], record[b][m]) for b in BASELINES)
-        for m in METRICS}
+    if not isinstance(results, dict) or results.get("protocol") != "clean":
+        protocol = results.get("protocol") if isinstance(results, dict) else None
+        raise UserError(f"{file} is not a clean-protocol results.json (protocol "
+                        f"{protocol!r}): evaluate with run_test.py --protocol clean")
+    record: dict = {row: _means(results, row, file) for row in ROWS}
+    record["holds_up"] = {m: _holds_up_on(record, m, file) for m in METRICS}
     record["file"] = file
     return record
 
 
-def _number(value: object) -> float:
-    return math.nan if value is None else float(value)
+def _means(results: dict, row: str, file: str) -> dict[str, float]:
+    key = "mean" if row == "pmad" else f"mean_{row}"
+    means = results.get(key)
+    if means is None and row not in (*COMPARED, "pmad"):
+        return dict.fromkeys(METRICS, math.nan)
+    bad = (f"{file}: '{key}' must map {list(METRICS)} to numbers (null where undefined), "
+           f"got {means!r:.200}: evaluate the world again with this version of run_test.py")
+    if not isinstance(means, dict) or any(m not in means for m in METRICS):
+        raise UserError(bad)
+    try:
+        return {m: math.nan if means[m] is None else float(means[m]) for m in METRICS}
+    except (TypeError, ValueError) as e:
+        raise UserError(bad) from e
+
+
+def _holds_up_on(record: dict, metric: str, file: str) -> bool | None:
+    """None where no row defines `metric`; a PMAD without it fails; a baseline without
+    it beside a defined PMAD is a broken file."""
+    pmad = record["pmad"][metric]
+    baselines = [record[b][metric] for b in COMPARED]
+    if all(math.isnan(v) for v in (pmad, *baselines)):
+        return None
+    if math.isnan(pmad):
+        return False
+    if any(math.isnan(v) for v in baselines):
+        raise UserError(f"{file} defines PMAD's {METRICS[metric]} but not every baseline's: "
+                        "evaluate the world again")
+    return all(holds_up(pmad, v) for v in baselines)
 
 
 def verdict(record: dict) -> str:
-    """'yes', or 'no: ' and each metric where PMAD falls short, with the figures."""
-    short = [m for m, ok in record["holds_up"].items() if ok is False]
-    if not short:
-        undefined = [m for m, ok in record["holds_up"].items() if ok is None]
-        return "yes" + (f" ({', '.join(METRICS[m] for m in undefined)} undefined)"
-                        if undefined else "")
-    return "no: " + "; ".join(
-        f"{METRICS[m]} {record['pmad'][m]:.4f} against ProtoFlow "
-        f"{record['protoflow_only'][m]:.4f}, PatchCore {record['patchcore'][m]:.4f}"
-        for m in short)
+    """'yes', 'n/a' when no metric is defined, or 'no: ' and each metric where PMAD
+    falls short, with the figures."""
+    found = record["holds_up"]
+    short = [m for m, ok in found.items() if ok is False]
+    if short:
+        return "no: " + "; ".join(
+            f"{METRICS[m]} {_figure(record['pmad'][m], 4)} against " + ", ".join(
+                f"{ROWS[b]} {_figure(record[b][m], 4)}" for b in COMPARED) for m in short)
+    undefined = [METRICS[m] for m, ok in found.items() if ok is None]
+    if len(undefined) == len(found):
+        return "n/a"
+    return "yes" + (f" ({', '.join(undefined)} undefined)" if undefined else "")
+
+
+def _figure(value: float, digits: int) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def table(records: dict[str, dict]) -> str:
     """Markdown: one row per world, image AUROC / pixel AUROC / AUPRO per column."""
-    head = ("| world | " + " | ".join(TITLES[r] for r in ROWS)
+    head = ("| world | " + " | ".join(ROWS.values())
             + " | PMAD >= both baselines |")
     lines = [head, "|:--|" + ":--:|" * len(ROWS) + ":--|"]
     for name, rec in records.items():
-        cells = ["/".join("n/a" if math.isnan(v := rec[r][m]) else f"{v:.3f}" for m in METRICS)
-                 for r in ROWS]
+        cells = ["/".join(_figure(rec[r][m], 3) for m in METRICS) for r in ROWS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {verdict(rec)} |")
     return "\n".join(lines)
 
 
 def parse_world(text: str) -> tuple[str, str]:
+    """argparse type of a NAME=PATH argument."""
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"{text!r}: give NAME=PATH, e.g. "
@@ -131,8 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         print("mean image AUROC / pixel AUROC / AUPRO (clean protocol)\n")
         print(table(records))
         if args.output:
-            with open(args.output, "w") as f:
-                json.dump(finite_or_null(records), f, indent=1, allow_nan=False)
+            try:
+                with open(args.output, "w") as f:
+                    json.dump(finite_or_null(records), f, indent=1, allow_nan=False)
+            except OSError as e:
+                raise UserError(f"--output {args.output}: {e.strerror or e}: give a path in "
+                                "a writable folder") from e
             print(f"\n{args.output}")
         return 0
     return cli(run)

@@ -134,7 +134,8 @@ def test_heldout_check_runs_both_tuning_draws_then_the_heldout_world(tmp_path: P
     demo = tmp_path / "demo"
     env = _knob_free_env() | {"PYTHON": str(stub), "DEMO_DIR": str(demo),
                               "DATA_DIR": str(tmp_path / "data"), "DEVICE": "cpu",
-                              "DEMO_SEED": "7", "DEMO_HELDOUT": "0", "VIT_EPOCHS": "4"}
+                              "DEMO_SEED": "7", "DEMO_DEFECT_AREA": "0.05 0.1",
+                              "DEMO_HELDOUT": "0", "VIT_EPOCHS": "4"}
     run = run_command(["bash", "scripts/heldout_check.sh"], cwd=ROOT, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     calls = stub_calls(log)
@@ -144,12 +145,12 @@ def test_heldout_check_runs_both_tuning_draws_then_the_heldout_world(tmp_path: P
     for main in setups[:2]:
         assert arg(main, "--demo_defect_area", 2) == ["0.001", "0.01"]
     assert {arg(c, "--epochs")[0] for c in calls if c[0] == "run_pretraining.py"} == {"4"}
-    assert [arg(c, "--output_dir")[0] for c in calls if c[0] == "run_test.py"] == [
-        str(demo / w / "results") for w in
-        ("main_seed0_area0.001-0.01", "main_seed1_area0.001-0.01", "heldout")]
+    worlds = [str(Path(arg(c, "--output_dir")[0]).parent) for c in calls
+              if c[0] == "run_test.py"]  # the folders demo.sh evaluated
+    assert worlds == [str(demo / w) for w in
+                      ("main_seed0_area0.001-0.01", "main_seed1_area0.001-0.01", "heldout")]
     compare = calls[-1]
     assert compare[0] == "bench/compare_worlds.py"
     assert compare[1:] == ["--output", str(demo / "heldout_check.json"),
-                           f"tuning_seed0={demo}/main_seed0_area0.001-0.01",
-                           f"tuning_seed1={demo}/main_seed1_area0.001-0.01",
-                           f"heldout={demo}/heldout"]
+                           f"tuning_seed0={worlds[0]}", f"tuning_seed1={worlds[1]}",
+                           f"heldout={worlds[2]}"]

@@ -175,71 +175,107 @@ def compare(bench):
 
 
 def _results(folder: Path, pmad: tuple, protoflow: tuple, patchcore: tuple,
-             protocol: str = "clean") -> Path:
-    """A results.json as run_test.py writes it (undefined metrics null), in
-    folder/results/; each tuple is (image AUROC, pixel AUROC, AUPRO)."""
+             protocol: str = "clean", ce_only: tuple | None = (0.7, 0.8, 0.5)) -> Path:
+    """A results.json as run_test.py writes it (undefined metrics null; no ce_only row
+    under --unmasked zero), in folder/results/; each tuple is (image AUROC, pixel AUROC,
+    AUPRO)."""
     def row(values: tuple) -> dict:
         return dict(zip(("image_auroc", "pixel_auroc", "pixel_aupro"), values),
                     image_ap=0.5)
     (folder / "results").mkdir(parents=True)
     path = folder / "results" / "results.json"
-    path.write_text(json.dumps({"protocol": protocol, "mean": row(pmad),
-                                "mean_protoflow_only": row(protoflow),
-                                "mean_patchcore": row(patchcore),
-                                "mean_ce_only": row((0.7, 0.8, 0.5))}))
+    rows = {"mean": pmad, "mean_protoflow_only": protoflow, "mean_patchcore": patchcore,
+            "mean_ce_only": ce_only}
+    path.write_text(json.dumps({"protocol": protocol} | {
+        k: row(v) for k, v in rows.items() if v is not None}))
     return path
 
 
 def test_holds_up_allows_only_a_saturated_baseline_a_margin(compare) -> None:
     assert compare.holds_up(0.974, 0.974) and compare.holds_up(0.975, 0.974)
+    assert compare.holds_up(0.9649999999999999, 0.9650000000000001)  # float noise
     assert not compare.holds_up(0.9736, 0.9740)
     assert compare.holds_up(0.993, 0.996)  # within 0.003 of a saturated baseline
+    assert compare.holds_up(0.992, 0.9949999999999999)  # 0.995 up to float noise
     assert not compare.holds_up(0.992, 0.996)
     assert not compare.holds_up(0.992, 0.994)  # 0.994 is not saturated
 
 
 def test_compare_worlds_table_json_and_verdicts(compare, tmp_path: Path, capsys) -> None:
     """One row per world with PMAD's and every baseline's three means and the verdict;
-    an undefined metric (a set without masks) is n/a and null, and decides nothing."""
+    a metric no row defines (a set without masks) is n/a and null and decides nothing,
+    one PMAD alone lacks fails; a world without the CE-alone row (--unmasked zero) shows
+    it as n/a."""
     _results(tmp_path / "a", (0.98, 0.97, 0.90), (0.97, 0.96, 0.89), (0.975, 0.965, 0.88))
     _results(tmp_path / "b", (0.9736, 0.968, 0.857), (0.9796, 0.965, 0.852),
              (0.974, 0.961, 0.843))
-    _results(tmp_path / "c", (1.0, None, None), (1.0, None, None), (1.0, None, None))
+    _results(tmp_path / "c", (1.0, None, None), (1.0, None, None), (1.0, None, None),
+             ce_only=None)
+    _results(tmp_path / "d", (None, None, None), (None, None, None), (None, None, None))
+    _results(tmp_path / "e", (None, 0.97, 0.9), (0.9, 0.96, 0.8), (0.9, 0.96, 0.8))
     out = tmp_path / "summary.json"
     assert compare.main([f"tune={tmp_path / 'a'}",
                          f"held={tmp_path / 'b' / 'results'}",
                          f"nomasks={tmp_path / 'c' / 'results' / 'results.json'}",
+                         f"empty={tmp_path / 'd'}", f"noimage={tmp_path / 'e'}",
                          "--output", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert ("| tune | 0.980/0.970/0.900 | 0.970/0.960/0.890 | 0.975/0.965/0.880 | "
             "0.700/0.800/0.500 | yes |") in lines
     assert ("| held | 0.974/0.968/0.857 | 0.980/0.965/0.852 | 0.974/0.961/0.843 | "
-            "0.700/0.800/0.500 | no: image AUROC 0.9736 against ProtoFlow 0.9796, "
-            "PatchCore 0.9740 |") in lines
-    assert ("| nomasks | 1.000/n/a/n/a | 1.000/n/a/n/a | 1.000/n/a/n/a | 0.700/0.800/0.500 "
+            "0.700/0.800/0.500 | no: image AUROC 0.9736 against ProtoFlow map alone "
+            "0.9796, PatchCore 0.9740 |") in lines
+    assert ("| nomasks | 1.000/n/a/n/a | 1.000/n/a/n/a | 1.000/n/a/n/a | n/a/n/a/n/a "
             "| yes (pixel AUROC, AUPRO undefined) |") in lines
+    assert lines[-4].startswith("| empty |") and lines[-4].endswith("| n/a |")
+    assert lines[-3].endswith("| no: image AUROC n/a against ProtoFlow map alone 0.9000, "
+                              "PatchCore 0.9000 |")
     saved = json.loads(out.read_text())
     assert saved["held"]["holds_up"] == {"image_auroc": False, "pixel_auroc": True,
                                          "pixel_aupro": True}
     assert saved["nomasks"]["pmad"]["pixel_auroc"] is None
     assert saved["nomasks"]["holds_up"]["pixel_aupro"] is None
+    assert saved["noimage"]["holds_up"]["image_auroc"] is False
 
 
 def test_compare_worlds_refuses_what_it_cannot_compare(compare, tmp_path: Path,
                                                        capsys) -> None:
     """Exit 2 and one line naming the file and the fix: no results.json, one of the
-    paper protocol (its best-of-24 numbers are not comparable), unreadable JSON; a
-    repeated NAME or a bare PATH is an argparse error."""
+    paper protocol (its best-of-24 numbers are not comparable), unreadable JSON, JSON of
+    another shape, a baseline row missing, a metric missing or not a number, a baseline
+    undefined where PMAD is defined, an --output it cannot write; a repeated NAME or a
+    bare PATH is an argparse error."""
     paper = _results(tmp_path / "p", (1, 1, 1), (1, 1, 1), (1, 1, 1), protocol="paper")
     broken = tmp_path / "broken.json"
     broken.write_text("{")
+    a_list = tmp_path / "list.json"
+    a_list.write_text("[1]")
+    no_patchcore = _results(tmp_path / "q", (1, 1, 1), (1, 1, 1), (1, 1, 1))
+    data = json.loads(no_patchcore.read_text())
+    no_patchcore.write_text(json.dumps({k: v for k, v in data.items()
+                                        if k != "mean_patchcore"}))
+    no_metric = _results(tmp_path / "r", (1, 1, 1), (1, 1, 1), (1, 1, 1))
+    data = json.loads(no_metric.read_text())
+    del data["mean"]["pixel_aupro"]
+    no_metric.write_text(json.dumps(data))
+    text = _results(tmp_path / "s", (1, 1, 1), (1, 1, 1), (1, 1, 1))
+    text.write_text(text.read_text().replace('"image_auroc": 1', '"image_auroc": "high"', 1))
+    half = _results(tmp_path / "t", (0.9, 0.9, 0.9), (0.9, None, 0.9), (0.9, 0.9, 0.9))
     cases = {str(tmp_path / "none"): "holds no results.json (nor results/results.json)",
-             str(paper): "is not a clean-protocol results.json",
-             str(broken): "is not a readable results.json"}
+             str(paper): "is not a clean-protocol results.json (protocol 'paper')",
+             str(broken): "is not a readable results.json",
+             str(a_list): "is not a clean-protocol results.json (protocol None)",
+             str(no_patchcore): "'mean_patchcore' must map",
+             str(no_metric): "'mean' must map",
+             str(text): "'mean' must map",
+             str(half): "defines PMAD's pixel AUROC but not every baseline's"}
     for path, words in cases.items():
-        assert compare.main([f"w={path}"]) == 2
+        assert compare.main([f"w={path}"]) == 2, path
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and words in err and "Traceback" not in err
+        assert err.startswith("error: ") and words in err and "Traceback" not in err, err
+    good = _results(tmp_path / "u", (1, 1, 1), (1, 1, 1), (1, 1, 1))
+    assert compare.main([f"w={good}", "--output", str(tmp_path / "no" / "x.json")]) == 2
+    assert "give a path in a writable folder" in capsys.readouterr().err
     for argv in (["a=x", "a=y"], ["x"]):
         with pytest.raises(SystemExit) as e:
             compare.main(argv)
