@@ -99,27 +99,33 @@ def test_pick_weight_prefers_the_default_on_ties(calib) -> None:
     assert calib.pick_weight({0.0: 0.9, 0.25: 0.8, 0.5: 0.8, 1.0: 0.8, 2.0: 0.8}) == 0.0
 
 
+def _weight_rows(calib, values: list[float]) -> dict:
+    """score_variants.json rows of one class: image AUROC `values` of the CE weights
+    0, 0.25, 0.5, 1, 2 in turn."""
+    return {r: {"image_auroc": v} for r, v in zip(calib.WEIGHT_ROWS.values(), values)}
+
+
 def test_pick_scores_each_class_at_its_weight(calib) -> None:
-    def rows(values: list[float]) -> dict:
-        return {r: {"image_auroc": v} for r, v in zip(calib.WEIGHT_ROWS.values(), values)}
-    calibration = {"a": rows([0.9, 0.8, 0.8, 0.8, 0.8]), "b": rows([0.7, 0.7, 0.7, 0.7, 0.7])}
-    test = {"a": rows([0.97, 0.96, 0.95, 0.94, 0.93]), "b": rows([0.5, 0.6, 0.7, 0.8, 0.9])}
+    calibration = {"a": _weight_rows(calib, [0.9, 0.8, 0.8, 0.8, 0.8]),
+                   "b": _weight_rows(calib, [0.7] * 5)}
+    test = {"a": _weight_rows(calib, [0.97, 0.96, 0.95, 0.94, 0.93]),
+            "b": _weight_rows(calib, [0.5, 0.6, 0.7, 0.8, 0.9])}
     assert calib.pick(calibration, test) == {
         "a": {"weight": 0.0, "picked": 0.97, "default": 0.94, "protoflow_only": 0.97},
         "b": {"weight": 1.0, "picked": 0.8, "default": 0.8, "protoflow_only": 0.5}}
     with pytest.raises(SystemExit, match="class c"):
-        calib.pick(calibration, {"c": rows([0.5] * 5)})
+        calib.pick(calibration, {"c": _weight_rows(calib, [0.5] * 5)})
 
 
 def test_pick_step_prints_each_class_and_the_means(calib, tmp_path: Path, capsys) -> None:
     """`synthetic_calibration.py pick`, the line README's figures come from: the mean of
     the picked, default and ProtoFlow image AUROCs over the classes."""
-    def rows(values: list[float]) -> dict:
-        return {r: {"image_auroc": v} for r, v in zip(calib.WEIGHT_ROWS.values(), values)}
-    (tmp_path / "cal.json").write_text(json.dumps({"a": rows([0.9, 0.8, 0.8, 0.8, 0.8]),
-                                                   "b": rows([0.7] * 5)}))
-    (tmp_path / "test.json").write_text(json.dumps({"a": rows([0.97, 0.9, 0.9, 0.94, 0.9]),
-                                                    "b": rows([0.5, 0.6, 0.7, 0.8, 0.9])}))
+    calibration = {"a": _weight_rows(calib, [0.9, 0.8, 0.8, 0.8, 0.8]),
+                   "b": _weight_rows(calib, [0.7] * 5)}
+    test = {"a": _weight_rows(calib, [0.97, 0.9, 0.9, 0.94, 0.9]),
+            "b": _weight_rows(calib, [0.5, 0.6, 0.7, 0.8, 0.9])}
+    (tmp_path / "cal.json").write_text(json.dumps(calibration))
+    (tmp_path / "test.json").write_text(json.dumps(test))
     assert calib.main(["pick", "--calibration", str(tmp_path / "cal.json"),
                        "--test", str(tmp_path / "test.json")]) == 0
     lines = capsys.readouterr().out.splitlines()
