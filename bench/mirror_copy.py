@@ -24,17 +24,18 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
+from utils import UserError, cli  # noqa: E402
 
 
 def mirror_copy(data_path: str, output_dir: str) -> int:
     """Copy train/ and fg_mask/ of `data_path` with each file's mirror beside it; returns
     the number of files written."""
     if os.path.exists(output_dir) and os.listdir(output_dir):
-        raise SystemExit(f"{output_dir} is not empty: give a new --output_dir")
+        raise UserError(f"{output_dir} is not empty: give a new --output_dir")
     classes = datasets.list_train_classes(data_path)
     if not classes:
-        raise SystemExit(f"{data_path} has no train/<class>/ folders (an ImageNet-layout "
-                         "root written by setup_train_dataset.py)")
+        raise UserError(f"{data_path} has no train/<class>/ folders (an ImageNet-layout "
+                        "root written by setup_train_dataset.py)")
     written = 0
     for sub in ("train", "fg_mask"):
         for cls in tqdm(classes, desc=sub):
@@ -57,9 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_path", required=True, help="an ImageNet-layout training root")
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
-    n = mirror_copy(args.data_path, args.output_dir)
-    print(f"{n} files in {args.output_dir}")
-    return 0
+
+    def run() -> None:
+        n = mirror_copy(args.data_path, args.output_dir)
+        print(f"{n} files in {args.output_dir}")
+    return cli(run)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ no map's: the largest -log p of the image's patches. Choose on one world, report
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from engine import scatter_masked  # noqa: E402
 from protocols import (ClassData, baseline_maps, collect_class, covered_token_scores,  # noqa: E402
                        gaussian_blur, image_scores, pmad_maps, vit_batches)
 from protoflow import Proposals, covering_masks, proposals_from_log_likelihood  # noqa: E402
+from utils import LayoutError, cli  # noqa: E402
 
 CE_WEIGHTS = (0.5, 0.25, 2.0)
 RANDOM_COVERINGS = 4
@@ -171,21 +173,33 @@ def aurocs(data: ClassData, rows: dict) -> dict[str, dict[str, float]]:
             for k, (s, m) in rows.items()}
 
 
+def train_good_images(data_path: str, cls: str) -> list[str]:
+    """The class's normal training images, which the train/good calibration rows need;
+    checked for every class before any is scored."""
+    train_dir = os.path.join(data_path, cls, "train", "good")
+    paths = datasets.list_images(train_dir) if os.path.isdir(train_dir) else []
+    if not paths:
+        raise LayoutError(f"{train_dir} holds no images: the train/good calibration rows "
+                          "need the class's normal training images in the MVTec layout")
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     args = run_test.get_args_parser().parse_args(argv)
+    return cli(lambda: score_world(args))
+
+
+def score_world(args: argparse.Namespace) -> None:
+    """Every row for each class of `args.data_path`; prints the means, writes the JSON."""
+    classes = args.classes or datasets.list_test_classes(args.data_path)
+    train_images = {cls: train_good_images(args.data_path, cls) for cls in classes}
     m = run_test.load_models(args)
     os.makedirs(args.output_dir, exist_ok=True)
-    classes = args.classes or datasets.list_test_classes(args.data_path)
     results = {}
-    for cls in classes:
+    for cls, paths in train_images.items():
         ds = datasets.MVTecTestDataset(args.data_path, cls, token_size=m.tokenizer.image_size,
                                        img_size=m.img_size, mean=m.mean, std=m.std)
         data = collect_class(ds, m.tokenizer, m.protoflow, cls, args.batch_size, m.device)
-        train_dir = os.path.join(args.data_path, cls, "train", "good")
-        paths = datasets.list_images(train_dir) if os.path.isdir(train_dir) else []
-        if not paths:
-            raise SystemExit(f"{train_dir} holds no images: the train/good calibration rows "
-                             "need the class's normal training images in the MVTec layout")
         train = collect_class(
             datasets.ImageListDataset(paths, [os.path.basename(p) for p in paths],
                                       token_size=m.tokenizer.image_size, img_size=m.img_size,
@@ -206,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         # mean often ends in 5 at the 4th, which 3 would round up or down by float noise
         print(f"  {row:58s} {img:.4f}" + ("" if math.isnan(pix) else f" / {pix:.3f}"))
     print(f"per class: {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
 from score_variants import CE_WEIGHTS, ce_weight_row  # noqa: E402
+from utils import UserError, cli  # noqa: E402
 
 AREA = (0.003, 0.03)  # fraction of the image a defect covers
 BLEND = (0.6, 1.0)
@@ -99,14 +100,14 @@ def class_images(data_path: str) -> dict[str, tuple[str, list[str]]]:
             continue
         found[cls] = (train, paths)
     if problems:
-        raise SystemExit("cannot make the calibration set:\n  " + "\n  ".join(problems))
+        raise UserError("cannot make the calibration set:\n  " + "\n  ".join(problems))
     return found
 
 
 def make(data_path: str, output_dir: str, seed: int) -> None:
     """The calibration set of every class of `data_path` (see the module docstring)."""
     if os.path.exists(output_dir) and os.listdir(output_dir):
-        raise SystemExit(f"{output_dir} is not empty: give a new --output_dir")
+        raise UserError(f"{output_dir} is not empty: give a new --output_dir")
     rng = np.random.default_rng(seed)
     for cls, (train, paths) in tqdm(class_images(data_path).items(), desc="classes"):
         out = os.path.join(output_dir, cls)
@@ -141,12 +142,39 @@ def pick(calibration: dict, test: dict) -> dict[str, dict[str, float]]:
     out = {}
     for cls, rows in test.items():
         if cls not in calibration:
-            raise SystemExit(f"class {cls} is not in the calibration results")
+            raise UserError(f"class {cls} is not in the calibration results: score a "
+                            "calibration set made from the same data set")
         w = pick_weight({w: calibration[cls][r]["image_auroc"] for w, r in WEIGHT_ROWS.items()})
         out[cls] = {"weight": w, "picked": rows[WEIGHT_ROWS[w]]["image_auroc"],
                     "default": rows["default"]["image_auroc"],
                     "protoflow_only": rows["protoflow_only"]["image_auroc"]}
     return out
+
+
+def read_scores(path: str, flag: str) -> dict:
+    """A score_variants.json, or a UserError naming `flag`."""
+    try:
+        with open(path) as f:
+            scores = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {path} is not a readable score_variants.json ({e}): run "
+                        "bench/score_variants.py first") from e
+    if not isinstance(scores, dict):
+        raise UserError(f"{flag} {path} is not a score_variants.json (per-class rows)")
+    return scores
+
+
+def print_picks(result: dict[str, dict[str, float]]) -> None:
+    """Each class's picked weight and its test image AUROC beside the default's and
+    ProtoFlow's, then the means."""
+    print(f"{'class':10s} {'weight':>6s} {'picked':>7s} {'default':>7s} {'ProtoFlow':>9s}")
+    for cls, r in result.items():
+        print(f"{cls:10s} {r['weight']:6g} {r['picked']:7.3f} {r['default']:7.3f} "
+              f"{r['protoflow_only']:9.3f}")
+    means = {k: np.mean([r[k] for r in result.values()])
+             for k in ("picked", "default", "protoflow_only")}
+    print(f"{'mean':10s} {'':6s} {means['picked']:7.4f} {means['default']:7.4f} "
+          f"{means['protoflow_only']:9.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,20 +189,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="score_variants.json of the calibration set")
     p.add_argument("--test", required=True, help="score_variants.json of the test set")
     args = parser.parse_args(argv)
-    if args.step == "make":
-        make(args.data_path, args.output_dir, args.seed)
-        return 0
-    with open(args.calibration) as f, open(args.test) as g:
-        result = pick(json.load(f), json.load(g))
-    print(f"{'class':10s} {'weight':>6s} {'picked':>7s} {'default':>7s} {'ProtoFlow':>9s}")
-    for cls, r in result.items():
-        print(f"{cls:10s} {r['weight']:6g} {r['picked']:7.3f} {r['default']:7.3f} "
-              f"{r['protoflow_only']:9.3f}")
-    means = {k: np.mean([r[k] for r in result.values()])
-             for k in ("picked", "default", "protoflow_only")}
-    print(f"{'mean':10s} {'':6s} {means['picked']:7.4f} {means['default']:7.4f} "
-          f"{means['protoflow_only']:9.4f}")
-    return 0
+
+    def run() -> None:
+        if args.step == "make":
+            make(args.data_path, args.output_dir, args.seed)
+        else:
+            print_picks(pick(read_scores(args.calibration, "--calibration"),
+                             read_scores(args.test, "--test")))
+    return cli(run)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import datasets
-from utils import LayoutError
+from utils import LayoutError, UserError
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_make_writes_a_set_the_test_loader_reads(calib, tmp_path: Path) -> None:
     for item in (ds[i] for i in range(len(ds))):
         covered = float(item["gt_mask"].float().mean())
         assert (covered == 0) if item["label"] == 0 else (0.002 < covered < 0.04)
-    with pytest.raises(SystemExit, match="not empty"):
+    with pytest.raises(UserError, match="not empty"):
         calib.make(str(src), str(out), seed=0)
 
 
@@ -77,7 +77,7 @@ def test_make_checks_every_class_before_writing(calib, tmp_path: Path) -> None:
         for i, size in enumerate(sizes):
             Image.fromarray(_noise_image(i, size)).save(src / cls / "train" / "good" / f"{i}.png")
     out = tmp_path / "calib"
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(UserError) as err:
         calib.make(str(src), str(out), seed=0)
     good = src / "mixed" / "train" / "good"
     assert str(err.value) == (
@@ -113,7 +113,7 @@ def test_pick_scores_each_class_at_its_weight(calib) -> None:
     assert calib.pick(calibration, test) == {
         "a": {"weight": 0.0, "picked": 0.97, "default": 0.94, "protoflow_only": 0.97},
         "b": {"weight": 1.0, "picked": 0.8, "default": 0.8, "protoflow_only": 0.5}}
-    with pytest.raises(SystemExit, match="class c"):
+    with pytest.raises(UserError, match="class c is not in the calibration results"):
         calib.pick(calibration, {"c": _weight_rows(calib, [0.5] * 5)})
 
 
@@ -132,9 +132,17 @@ def test_pick_step_prints_each_class_and_the_means(calib, tmp_path: Path, capsys
     assert lines[1].split() == ["a", "0", "0.970", "0.940", "0.970"]
     assert lines[2].split() == ["b", "1", "0.800", "0.800", "0.500"]
     assert lines[3].split() == ["mean", "0.8850", "0.8700", "0.7350"]
+    (tmp_path / "list.json").write_text("[]")
+    for flag, bad, words in (("--test", "none.json", "No such file"),
+                             ("--calibration", "list.json", "not a score_variants.json")):
+        argv = {"--calibration": str(tmp_path / "cal.json"), "--test": str(tmp_path / "test.json"),
+                flag: str(tmp_path / bad)}
+        assert calib.main(["pick", *(x for kv in argv.items() for x in kv)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} {tmp_path / bad} ") and words in err, err
 
 
-def test_mirror_copy_adds_each_image_and_mask_mirrored(bench, tmp_path: Path) -> None:
+def test_mirror_copy_adds_each_image_and_mask_mirrored(bench, tmp_path: Path, capsys) -> None:
     """Each training image and its foreground mask, as they were and mirrored (m<name>),
     a set training reads with its masks; a second run into it is refused."""
     import mirror_copy
@@ -157,8 +165,11 @@ def test_mirror_copy_adds_each_image_and_mask_mirrored(bench, tmp_path: Path) ->
             assert np.array_equal(np.asarray(Image.open(out / sub / "b" / f"m{name}")),
                                   original[:, ::-1])
     assert len(datasets.check_train_classes(str(out), ["a", "b"])) == 8
-    with pytest.raises(SystemExit, match="not empty"):
+    with pytest.raises(UserError, match="not empty"):
         mirror_copy.mirror_copy(str(src), str(out))
+    capsys.readouterr()
+    assert mirror_copy.main(["--data_path", str(src), "--output_dir", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {out} is not empty: give a new --output_dir\n"
     # a set trained with --no-fg_mask has no masks: its images alone are mirrored
     for folder in (src / "fg_mask").iterdir():
         for f in folder.iterdir():
@@ -169,7 +180,7 @@ def test_mirror_copy_adds_each_image_and_mask_mirrored(bench, tmp_path: Path) ->
     with pytest.raises(LayoutError, match="no_masks/train/train does not exist"):
         mirror_copy.mirror_copy(str(tmp_path / "no_masks" / "train"), str(tmp_path / "x"))
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="empty has no train/<class>/ folders"):
+    with pytest.raises(UserError, match="empty has no train/<class>/ folders"):
         mirror_copy.mirror_copy(str(tmp_path / "empty"), str(tmp_path / "x"))
 
 

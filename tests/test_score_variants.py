@@ -2,8 +2,11 @@
 cases of test_protocols.py, whose answers are known by construction."""
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,3 +124,28 @@ def test_bench_score_variants_calibration_rows_by_hand(score_variants) -> None:
                                           device=torch.device("cpu"), amp="none")
     needs_more = set(expected) - {"CE - per-position median over the test set (at least 0)"}
     assert needs_more.isdisjoint(plain)  # no train images, no codebook: those rows are not made
+
+
+def test_bench_score_variants_end_to_end(score_variants, tiny_world, tmp_path, capsys) -> None:
+    """The script on the tiny world: every row per class in score_variants.json, the
+    default row's image AUROC printed as their mean; a class without train/good images
+    is exit 2 naming the folder, as run_test.py reports a user's mistake."""
+    out = tmp_path / "out"
+    assert score_variants.main(tiny_world.run_test_argv(out)) == 0
+    results = json.loads((out / "score_variants.json").read_text())
+    assert list(results) == tiny_world.classes
+    assert results["brick"].keys() == results["coins"].keys() >= {
+        "default", "protoflow_only", "patchcore"}
+    mean = np.mean([results[c]["default"]["image_auroc"] for c in tiny_world.classes])
+    default_line = next(line for line in capsys.readouterr().out.splitlines()
+                        if line.split()[:1] == ["default"])
+    assert default_line.split()[1] == f"{mean:.4f}"
+
+    data = tmp_path / "mvtec"
+    shutil.copytree(tiny_world.mvtec_root, data, symlinks=True)
+    shutil.rmtree(data / "coins" / "train" / "good")
+    assert score_variants.main(tiny_world.run_test_argv(tmp_path / "o2", data=data)) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {data / 'coins' / 'train' / 'good'} holds no images: the " \
+        "train/good calibration rows need the class's normal training images in the MVTec " \
+        "layout\n"  # before any model is loaded or class scored
