@@ -30,7 +30,7 @@ from tqdm import tqdm
 from backbones import create_backbone
 from masking_generator import num_masked
 from utils import (CheckpointError, MissingFileError, cosine_scheduler, file_sha256,
-                   read_weights_file, save_on_master, write_atomic)
+                   read_json_object, read_weights_file, save_on_master, write_atomic)
 
 DEFAULT_BACKBONE = "tf_efficientnet_b6"  # architecture of a file that names none
 # timm 0.3.2's `tf_efficientnet_b6` (the original's encoder) is the AutoAugment ImageNet
@@ -263,8 +263,8 @@ def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
                               f"(M, {feature_dim}) features; rebuild it with `{make}`")
     meta_path = os.path.join(prototypes_dir, class_name, CORESET_META)
     if backbone is not None and os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = read_json_object(meta_path, f"rebuild the prototypes with `{make}`",
+                                CheckpointError)
         made = (_architecture(meta.get("backbone", "")), list(meta.get("out_indices", [])))
         want = (_architecture(backbone), list(out_indices or DEFAULT_OUT_INDICES))
         if made != want:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import zlib
@@ -39,7 +38,7 @@ from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_
                        save_protoflow, save_prototypes, train_flow)
 from utils import (CheckpointError, FlagError, JsonlLog, build_sampler, capture_rng_state, cli,
                    fraction_arg, int_at_least, load_checkpoint_file, positive_float,
-                   prepare_output_dir, remove_stale_tmp_files, resolve_device,
+                   prepare_output_dir, read_json_object, remove_stale_tmp_files, resolve_device,
                    restore_rng_state, save_on_master, seed_everything)
 
 
@@ -126,8 +125,8 @@ def _check_prototype_holdout(prototypes_dir: str, held_out: dict[str, list[str]]
                   f"images of '{name}' may be among the prototypes' images, which would "
                   "make the stored threshold too low", flush=True)
             continue
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = read_json_object(meta_path, "rebuild the prototypes with `python "
+                                "run_protoflow.py prototypes`", CheckpointError)
         if sorted(meta.get("held_out", [])) != sorted(files):
             raise FlagError(f"{meta_path}: the prototypes were made with other held-out "
                             f"images (--holdout {meta.get('holdout')} --seed "

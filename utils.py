@@ -195,6 +195,20 @@ def tmp_name(path: str) -> str:
     return os.path.join(folder, f".{name}.tmp-{os.getpid()}")
 
 
+def read_json_object(path: str | os.PathLike, fix: str,
+                     error: type[UserError] = BadFileError) -> dict:
+    """The JSON object (a dict) in `path`. A file that cannot be read, is not JSON or
+    holds another JSON value raises `error` naming the file and `fix`, not a traceback."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise error(f"{path} is not a readable JSON file ({e}): {fix}") from e
+    if not isinstance(obj, dict):
+        raise error(f"{path} holds a JSON {type(obj).__name__}, not an object: {fix}")
+    return obj
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """A file's SHA-256 hex digest, read in 4 MiB chunks (any size, little memory)."""
     digest = hashlib.sha256()

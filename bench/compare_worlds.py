@@ -26,7 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from reporting import BASELINES, finite_or_null  # noqa: E402
-from utils import MissingFileError, UserError, cli  # noqa: E402
+from utils import MissingFileError, UserError, cli, read_json_object  # noqa: E402
 
 METRICS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "pixel_aupro": "AUPRO"}
 ROWS = {"pmad": "PMAD", **BASELINES}  # row -> title; results.json keeps it as mean_<row>
@@ -60,16 +60,11 @@ def world_record(path: str) -> dict:
     {metric: True/False, None where neither PMAD nor the baselines define it (no
     ground-truth masks)} and 'file'."""
     file = results_path(path)
-    try:
-        with open(file) as f:
-            results = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{file} is not a readable results.json ({e}): evaluate the world "
-                        "again") from e
-    if not isinstance(results, dict) or results.get("protocol") != "clean":
-        protocol = results.get("protocol") if isinstance(results, dict) else None
+    results = read_json_object(file, "evaluate the world again")
+    if results.get("protocol") != "clean":
         raise UserError(f"{file} is not a clean-protocol results.json (protocol "
-                        f"{protocol!r}): evaluate with run_test.py --protocol clean")
+                        f"{results.get('protocol')!r}): evaluate with run_test.py --protocol "
+                        "clean")
     record: dict = {row: _means(results, row, file) for row in ROWS}
     record["holds_up"] = {m: _holds_up_on(record, m, file) for m in METRICS}
     record["file"] = file

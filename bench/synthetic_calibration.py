@@ -24,7 +24,6 @@ shifted (CutPaste-like), or with a colour shift of the image itself, blended at 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -39,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
 from score_variants import CE_WEIGHTS, ce_weight_row  # noqa: E402
-from utils import UserError, cli  # noqa: E402
+from utils import UserError, cli, read_json_object  # noqa: E402
 
 AREA = (0.003, 0.03)  # fraction of the image a defect covers
 BLEND = (0.6, 1.0)
@@ -151,19 +150,6 @@ def pick(calibration: dict, test: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def read_scores(path: str, flag: str) -> dict:
-    """A score_variants.json, or a UserError naming `flag`."""
-    try:
-        with open(path) as f:
-            scores = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{flag} {path} is not a readable score_variants.json ({e}): run "
-                        "bench/score_variants.py first") from e
-    if not isinstance(scores, dict):
-        raise UserError(f"{flag} {path} is not a score_variants.json (per-class rows)")
-    return scores
-
-
 def print_picks(result: dict[str, dict[str, float]]) -> None:
     """Each class's picked weight and its test image AUROC beside the default's and
     ProtoFlow's, then the means."""
@@ -194,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.step == "make":
             make(args.data_path, args.output_dir, args.seed)
         else:
-            print_picks(pick(read_scores(args.calibration, "--calibration"),
-                             read_scores(args.test, "--test")))
+            fix = "give a score_variants.json written by bench/score_variants.py"
+            print_picks(pick(read_json_object(args.calibration, fix),
+                             read_json_object(args.test, fix)))
     return cli(run)
 
 

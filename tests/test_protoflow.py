@@ -358,6 +358,12 @@ def test_missing_or_mismatched_prototypes_error(tmp_path):
         f"('efficientnet_lite0', [2, 3]); rebuild it with `{make} efficientnet_lite0 "
         "--out_indices 2 3`")
     assert pf.load_prototypes(str(tmp_path), "bottle", 152).shape == (5, 152)
+    meta.write_text('{"backbone": ')  # a write cut short
+    with pytest.raises(CheckpointError) as err:
+        pf.load_prototypes(str(tmp_path), "bottle", 152, "efficientnet_lite0", (2, 3))
+    assert str(err.value).startswith(f"{meta} is not a readable JSON file (") and str(
+        err.value).endswith(f"): rebuild the prototypes with `{make} efficientnet_lite0 "
+                            "--out_indices 2 3`")
     # a training run's flags: its encoder weights and image size must be the prototypes'
     flags = {"data_path": "/data", "encoder_weights": "b.pth", "img_size": 64,
              "holdout": 0.1, "seed": 0, "skip_bad_images": True}
@@ -667,10 +673,19 @@ def test_commands_take_the_train_folder_as_data_path(cli, capsys):
     np.testing.assert_array_equal(np.load(runs["root"][0]), np.load(runs["train"][0]))
 
 
-def test_train_command_writes_a_loadable_file(cli):
+def test_train_command_writes_a_loadable_file(cli, tmp_path):
     out, obj = cli["out"], cli["trained"]
     with pytest.raises(ValueError, match="other held-out"):
         rpf.main(cli["train"] + ["--output", str(cli["root"] / "x.pt"), "--holdout", "0.4"])
+    protos = tmp_path / "prototypes"
+    shutil.copytree(cli["protos"], protos)
+    (protos / "gravel" / "coreset.json").write_text("[]")
+    train = list(cli["train"])
+    train[train.index("--prototypes_dir") + 1] = str(protos)
+    with pytest.raises(CheckpointError, match="gravel/coreset.json holds a JSON list, not an "
+                       "object: rebuild the prototypes with `python run_protoflow.py prototypes "
+                       "--data_path "):
+        rpf.main(train + ["--output", str(tmp_path / "x.pt")])
     assert obj["classes"] == ["brick", "gravel"] and obj["normal_image_scores"]["count"] == 2
     assert obj["normalization"]["mean"] == list(IMAGENET_DEFAULT_MEAN)
     assert not os.path.exists(out + ".resume")

@@ -133,13 +133,14 @@ def test_pick_step_prints_each_class_and_the_means(calib, tmp_path: Path, capsys
     assert lines[2].split() == ["b", "1", "0.800", "0.800", "0.500"]
     assert lines[3].split() == ["mean", "0.8850", "0.8700", "0.7350"]
     (tmp_path / "list.json").write_text("[]")
-    for flag, bad, words in (("--test", "none.json", "No such file"),
-                             ("--calibration", "list.json", "not a score_variants.json")):
+    for flag, bad, words in (("--test", "none.json", "is not a readable JSON file"),
+                             ("--calibration", "list.json", "holds a JSON list, not an object")):
         argv = {"--calibration": str(tmp_path / "cal.json"), "--test": str(tmp_path / "test.json"),
                 flag: str(tmp_path / bad)}
         assert calib.main(["pick", *(x for kv in argv.items() for x in kv)]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"error: {flag} {tmp_path / bad} ") and words in err, err
+        assert err.startswith(f"error: {tmp_path / bad} {words}") and err.endswith(
+            ": give a score_variants.json written by bench/score_variants.py\n"), err
 
 
 def test_mirror_copy_adds_each_image_and_mask_mirrored(bench, tmp_path: Path, capsys) -> None:
@@ -280,8 +281,8 @@ def test_compare_worlds_refuses_what_it_cannot_compare(compare, tmp_path: Path,
     half = _results(tmp_path / "t", (0.9, 0.9, 0.9), (0.9, None, 0.9), (0.9, 0.9, 0.9))
     cases = {str(tmp_path / "none"): "holds no results.json (nor results/results.json)",
              str(paper): "is not a clean-protocol results.json (protocol 'paper')",
-             str(broken): "is not a readable results.json",
-             str(a_list): "is not a clean-protocol results.json (protocol None)",
+             str(broken): "broken.json is not a readable JSON file (",
+             str(a_list): "list.json holds a JSON list, not an object: evaluate the world again",
              str(no_patchcore): "'mean_patchcore' must map",
              str(no_metric): "'mean' must map",
              str(text): "'mean' must map",

@@ -307,6 +307,25 @@ def test_the_stale_tmp_cleaner_removes_what_a_killed_write_atomic_left(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(["mask.png", live.name])
 
 
+def test_read_json_object_names_the_file_and_the_fix(tmp_path):
+    """A JSON object comes back as a dict; a missing file, broken JSON or another JSON
+    value is the given UserError kind with the file and the fix in its message."""
+    good, broken, listed = tmp_path / "good.json", tmp_path / "broken.json", tmp_path / "l.json"
+    good.write_text('{"a": [1, 2]}')
+    broken.write_text('{"a": ')
+    listed.write_text("[1]")
+    assert utils.read_json_object(good, "fix it") == {"a": [1, 2]}
+    with pytest.raises(utils.BadFileError, match=r"none.json is not a readable JSON file "
+                       r"\(\[Errno 2\] No such file or directory: .*\): fix it$"):
+        utils.read_json_object(tmp_path / "none.json", "fix it")
+    with pytest.raises(utils.CheckpointError, match=r"broken.json is not a readable JSON file "
+                       r"\(Expecting value: line 1 column 7 \(char 6\)\): fix it$"):
+        utils.read_json_object(broken, "fix it", utils.CheckpointError)
+    with pytest.raises(utils.BadFileError) as err:
+        utils.read_json_object(listed, "fix it")
+    assert str(err.value) == f"{listed} holds a JSON list, not an object: fix it"
+
+
 def test_float_at_least_takes_the_bound_and_refuses_below_it():
     """run_test.py's and predict.py's --sigma: 0 (no smoothing) is allowed; a negative
     value, which would silently also mean no smoothing, is refused, as are inf and nan."""
