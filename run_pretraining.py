@@ -59,8 +59,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    choices=sorted(modeling_pmad.PMAD_MODELS))
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--drop_path", type=float, default=0.1, metavar="PCT")
-    p.add_argument("--layer_scale_init_value", type=float, default=0.1,
-                   help="0.1 for base, 1e-5 for large (docs/method.md 2)")
+    p.add_argument("--layer_scale_init_value", type=float, default=None,
+                   help="default: the model's own (0.1 for tiny to base, 1e-5 for large; "
+                        "docs/method.md 2)")
     p.add_argument("--init_ckpt", default="weights/beit_base_patch16_224_pt22k.pth",
                    help="BEiT self-supervised ImageNet-22k checkpoint to start from")
     p.add_argument("--no_init", action="store_true", help="random weights, not --init_ckpt")

@@ -543,8 +543,8 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float,
             no_decay.append(param)
         else:
             decay.append(param)
-    return [{"params": no_decay, "weight_decay": 0.0},
-            {"params": decay, "weight_decay": weight_decay}]
+    return [{"params": no_decay, "weight_decay": 0.0, "weight_decay_scale": 0.0},
+            {"params": decay, "weight_decay": weight_decay, "weight_decay_scale": 1.0}]
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
@@ -560,11 +560,15 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
 
 def set_step_hyperparams(optimizer: torch.optim.Optimizer, lr: float,
                          weight_decay: float) -> None:
-    """Per-step lr for every group; weight decay only for groups that decay at all."""
+    """Per-step lr and weight decay for every group, scaled by its `lr_scale` and
+    `weight_decay_scale` (0 for the undecayed group). The scale, not the group's current
+    decay, says which group decays, so a schedule that starts at 0 still reaches the
+    decayed group; a group from an optimizer state saved without the scale keeps the old
+    rule."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-        if group["weight_decay"] > 0:
-            group["weight_decay"] = weight_decay
+        scale = group.get("weight_decay_scale", float(group["weight_decay"] > 0))
+        group["weight_decay"] = weight_decay * scale
 
 
 # ----------------------------------------------------------------------------- RNG state

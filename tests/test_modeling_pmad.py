@@ -464,6 +464,22 @@ def test_build_pmad_is_the_paper_layout():
         build_pmad("vit_huge", vocab_size=8)
 
 
+def test_training_keeps_each_models_own_layer_scale(monkeypatch):
+    """run_pretraining.py's default --layer_scale_init_value leaves each model its own
+    layer scale: 0.1 up to base, 1e-5 for large (docs/method.md 2), not base's 0.1 for
+    all; the large ViT is built as kwargs only, to skip its 300 M parameters."""
+    import modeling_pmad
+    import run_pretraining
+    args = run_pretraining.get_args_parser().parse_args(["--data_path", "x"])
+    assert args.layer_scale_init_value is None
+    monkeypatch.setattr(modeling_pmad, "VisionTransformerForMaskedImageModeling", dict)
+    built = {m: modeling_pmad.build_pmad(m, vocab_size=8, init_values=args.layer_scale_init_value)
+             for m in modeling_pmad.PMAD_MODELS}
+    assert {m: kw["init_values"] for m, kw in built.items()} == {
+        TINY: 0.1, "vit_small_patch16_224_8k_vocab": 0.1, "vit_base_patch16_224_8k_vocab": 0.1,
+        "vit_large_patch16_224_8k_vocab": 1e-5}
+
+
 def _eval_checkpoint(path: Path, args) -> Path:
     torch.save({"model": {"lm_head.weight": torch.zeros(40, 8)}, "epoch": 3,
                 **({} if args is None else {"args": args})}, path)

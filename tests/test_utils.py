@@ -71,6 +71,25 @@ def test_set_step_hyperparams_leaves_undecayed_group_at_zero():
     assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.02]
 
 
+
+def test_a_weight_decay_schedule_from_zero_reaches_the_decayed_group():
+    """--weight_decay 0 --weight_decay_end 0.05: the decayed group follows the schedule up
+    from 0, also after the optimizer state's round trip through a checkpoint; a group
+    saved without its scale (an older checkpoint) keeps the old rule."""
+    opt = torch.optim.AdamW(utils.param_groups_weight_decay(_Toy(), 0.0), lr=1.0)
+    for wd in (0.0, 0.01, 0.05):
+        utils.set_step_hyperparams(opt, lr=0.3, weight_decay=wd)
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.0, wd]
+    fresh = torch.optim.AdamW(utils.param_groups_weight_decay(_Toy(), 0.0), lr=1.0)
+    fresh.load_state_dict(opt.state_dict())
+    utils.set_step_hyperparams(fresh, lr=0.3, weight_decay=0.02)
+    assert [g["weight_decay"] for g in fresh.param_groups] == [0.0, 0.02]
+    old = torch.optim.AdamW([{"params": [nn.Parameter(torch.ones(2))], "weight_decay": 0.0},
+                             {"params": [nn.Parameter(torch.ones(2, 2))], "weight_decay": 0.05}])
+    utils.set_step_hyperparams(old, lr=0.3, weight_decay=0.02)
+    assert [g["weight_decay"] for g in old.param_groups] == [0.0, 0.02]
+
+
 # ----------------------------------------------------------------------------- autocast
 def test_amp_choices():
     assert utils.resolve_amp("none", "cpu") == "none"
