@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from datasets import NORMAL_DIRS, VISA_CLASSES, BadFileError, LayoutError, list_images
+from datasets import (NORMAL_DIRS, VISA_CLASSES, BadFileError, LayoutError, data_subdirs,
+                      list_images)
 from utils import write_atomic
 
 VISA_SPLIT = os.path.join("split_csv", "1cls.csv")
@@ -149,7 +150,7 @@ def _custom_classes(src: str, classes: Sequence[str] | None) -> list[str]:
     exist (a misspelt name would otherwise match nothing)."""
     if not os.path.isdir(src):
         raise LayoutError(f"{src} does not exist; --custom expects {CUSTOM_LAYOUT}")
-    found = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
+    found = data_subdirs(src)
     if not classes:
         return found
     unknown = [c for c in dict.fromkeys(classes) if c not in found]
@@ -173,8 +174,7 @@ def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
     plan: dict[str, list[tuple[str, str]]] = {}
     problems = []
     for name in names:
-        folders = sorted(d for d in os.listdir(os.path.join(src, name))
-                         if os.path.isdir(os.path.join(src, name, d)))
+        folders = data_subdirs(os.path.join(src, name))
         normal = [d for d in folders if d in NORMAL_DIRS]
         if len(normal) != 1:
             problems.append(f"{os.path.join(src, name)}: needs one folder of normal images "

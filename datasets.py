@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
@@ -45,6 +45,9 @@ IMAGE_CACHES = ("ram", "device")  # where ImageCache keeps the decoded images
 CACHE_IMAGES = ("none", *IMAGE_CACHES)  # run_pretraining.py --cache_images
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_DIRS = ("good", "ok")  # normal-image folder: MVTec AD / MPDD, BTAD
+JUNK_DIRS = ("__MACOSX",)  # beside the hidden folders: never data (is_junk_dir)
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a camera image is turned for viewing
+LABEL_MAP_VALUES = 16  # a mask with 3 to this many values is a label map (mask_defects)
 
 TRAIN_LAYOUT = ("<root>/train/<class>/<image>.png (from MVTec's <class>/train/good), "
                 "<root>/fg_mask/<class>/<image stem>.png")
@@ -132,9 +135,17 @@ def list_images(folder: str) -> list[str]:
             and os.path.isfile(os.path.join(folder, f))]
 
 
-def _subdirs(folder: str) -> list[str]:
+def is_junk_dir(name: str) -> bool:
+    """Whether a folder named `name` holds none of the user's data: hidden folders
+    ('.ipynb_checkpoints', '.git') and the __MACOSX a zip made on macOS carries, which
+    would otherwise be read as classes, defect types or images to score."""
+    return name.startswith(".") or name in JUNK_DIRS
+
+
+def data_subdirs(folder: str) -> list[str]:
+    """The sub-folders of `folder` that may hold data (not is_junk_dir), sorted."""
     return sorted(d for d in os.listdir(folder)
-                  if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
+                  if not is_junk_dir(d) and os.path.isdir(os.path.join(folder, d)))
 
 
 def resolve_train_root(path: str) -> str:
@@ -149,7 +160,7 @@ def resolve_train_root(path: str) -> str:
             or os.path.isdir(os.path.join(path, "train"))):
         return path
     parent = os.path.dirname(path) or "."
-    if not (_subdirs(path) or os.path.isdir(os.path.join(parent, "fg_mask"))):
+    if not (data_subdirs(path) or os.path.isdir(os.path.join(parent, "fg_mask"))):
         return path
     main_print(f"[data] {path} is the train/ folder of an ImageNet-layout set: using {parent} "
                "(its train/ and fg_mask/)")
@@ -173,14 +184,14 @@ def list_train_classes(root: str) -> list[str]:
                           "the folder holding train/ and fg_mask/ as --data_path, or make it "
                           f"with `python setup_train_dataset.py --data_path <MVTec AD> --root "
                           f"{target}`")
-    return _subdirs(train_dir)
+    return data_subdirs(train_dir)
 
 
 def list_test_classes(root: str) -> list[str]:
     """Class folders of a set in MVTec layout (those holding a test/ folder)."""
     if not os.path.isdir(root):
         raise LayoutError(f"{root} does not exist; expected {TEST_LAYOUT}")
-    return [c for c in _subdirs(root) if os.path.isdir(os.path.join(root, c, "test"))]
+    return [c for c in data_subdirs(root) if os.path.isdir(os.path.join(root, c, "test"))]
 
 
 def find_test_classes(root: str) -> list[str]:
@@ -199,7 +210,7 @@ def find_test_classes(root: str) -> list[str]:
                 "evaluation reads the MVTec-format set it was made from (the --data_path "
                 "given to setup_train_dataset.py)")
     else:
-        nearest = [os.path.join(root, d) for d in _subdirs(root)
+        nearest = [os.path.join(root, d) for d in data_subdirs(root)
                    if list_test_classes(os.path.join(root, d))]
         hint = (f"did you mean --data_path {nearest[0]}?" if nearest else
                 "pass the folder of an MVTec-format set (MVTec AD, BTAD, MPDD, the demo set)")
@@ -293,13 +304,16 @@ def mask_problem(mask: str | io.BytesIO, image_path: str, mask_name: str | None 
     name = mask_name or mask
     try:
         with Image.open(mask) as img:
-            mask_size = img.size
+            mask_size = oriented_size(img)  # reads chunks, which verify() must precede
+        if isinstance(mask, io.BytesIO):
+            mask.seek(0)
+        with Image.open(mask) as img:
             img.verify()
     except Exception as e:  # any failure means training could not read it
         return f"{name} (mask of {image_path}) is unreadable: {_unreadable(e)}"
     try:
         with Image.open(image_path) as img:
-            image_size = img.size
+            image_size = oriented_size(img)
     except Exception:
         return image_problem(image_path) if image_required else None
     return _aspect_problem(mask_size, name, image_size, image_path)
@@ -442,36 +456,98 @@ def _missing(path: str, kind: str, fix: str) -> BadFileError:
     return BadFileError(f"{kind} {path} does not exist; {fix}")
 
 
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1 = as stored), from the header: a PNG's eXIf chunk is read
+    only where it comes before the pixels (PIL would decode the whole file to look
+    further), which is where the PNG specification puts it."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    return img.getexif().get(EXIF_ORIENTATION, 1)
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as the image is shown: a camera's EXIF orientation 5-8 (a quarter
+    turn) swaps the stored sizes. From the header alone; open_rgb and open_mask apply the
+    same orientation to the pixels."""
+    w, h = img.size
+    return (h, w) if _orientation(img) in (5, 6, 7, 8) else (w, h)
+
+
+def _oriented(img: Image.Image) -> Image.Image:
+    """The decoded image turned as a viewer shows it (EXIF orientation), so that a mask
+    drawn on what the user sees aligns with what the model sees."""
+    return ImageOps.exif_transpose(img) if _orientation(img) != 1 else img
+
+
+def _eight_bit(img: Image.Image, path: str) -> Image.Image:
+    """16-bit grey (and 32-bit integer grey holding 16-bit values, as PIL opens some
+    16-bit files) by its top 8 bits, by the file's bit depth as OpenCV reads it, never by
+    the image's own maximum: every image of a set scales alike. Float images say nothing
+    of their range and are refused."""
+    if img.mode == "F":
+        raise BadFileError(f"{path} holds 32-bit float pixels, whose range the file does "
+                           "not give: save it as an 8- or 16-bit image")
+    arr = np.asarray(img).astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() > 65535):
+        raise BadFileError(f"{path} holds {img.mode} values from {arr.min()} to {arr.max()}, "
+                           "outside 16 bits: save it as an 8- or 16-bit image")
+    return Image.fromarray((arr >> 8).astype(np.uint8))
+
+
 def open_rgb(path: str) -> Image.Image:
-    """Fully decoded RGB image; grey (also 16-bit) and palette images are converted."""
+    """Fully decoded RGB image as a viewer shows it (EXIF orientation applied); grey,
+    16-bit grey (its top 8 bits) and palette images are converted."""
     if not os.path.isfile(path):
         raise _missing(path, "image", FIX_BAD_FILE)
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode.startswith("I"):  # 16/32-bit grey: keep the top 8 bits
-                arr = np.asarray(img).astype(np.int64)
-                shift = 8 if arr.max(initial=0) > 255 else 0
-                img = Image.fromarray((arr >> shift).clip(0, 255).astype(np.uint8))
+            img = _oriented(img)
+            if img.mode.startswith(("I", "F")):
+                img = _eight_bit(img, path)
             return img.convert("RGB")
+    except BadFileError:
+        raise
     except Exception as e:  # any decoder failure means the file is bad
         raise BadFileError(f"cannot read image {path}: {e}; {FIX_BAD_FILE}") from e
 
 
+def mask_defects(arr: np.ndarray) -> np.ndarray:
+    """(H, W) values of a mask -> (H, W) bool defect pixels.
+
+    Two values (0/1, 0/255, any binary mask): the larger. A few values (3 to
+    LABEL_MAP_VALUES: a label map with an id per defect kind, as VisA's): every non-zero
+    pixel, as VisA's converter reads them; half the maximum would drop the lower ids.
+    More (a blurred, resized or JPEG-compressed binary mask): above half the maximum."""
+    top = arr.max(initial=0)
+    if top <= 0:
+        return np.zeros(arr.shape, bool)
+    defects = arr == top
+    if np.count_nonzero(defects) + np.count_nonzero(arr == 0) == arr.size:
+        return defects  # 0 and one value, the common case: no sort of the pixels
+    values = np.unique(arr)
+    if 2 < len(values) <= LABEL_MAP_VALUES:
+        return arr != 0
+    return arr > values[-1] / 2
+
+
 def open_mask(path: str, kind: str = "mask", fix: str = FIX_BAD_FILE) -> Image.Image:
-    """Binary 'L' image (0/255), binarised at half the file's maximum so that 0/1, 0/255
-    and lightly compressed masks all work."""
+    """Binary 'L' image (0/255) of a mask file (mask_defects), oriented as its image. A
+    palette mask is read by its indices (index 0 the background, as in VisA's and VOC's
+    masks), a colour mask by its strongest channel, so that no colour reads darker than
+    the background by its luminance."""
     if not os.path.isfile(path):
         raise _missing(path, kind, fix)
     try:
         with Image.open(path) as img:
             img.load()
-            arr = np.asarray(img if img.mode.startswith("I") else img.convert("L"))
+            img = _oriented(img)
+            arr = np.asarray(img if img.mode.startswith(("I", "P", "L", "1"))
+                             else img.convert("RGB"))
     except Exception as e:
         raise BadFileError(f"cannot read {kind} {path}: {e}; {fix}") from e
-    top = float(arr.max(initial=0))
-    binary = arr > top / 2 if top > 0 else np.zeros(arr.shape, bool)
-    return Image.fromarray(binary.astype(np.uint8) * 255)
+    grey = arr.max(axis=-1) if arr.ndim == 3 else arr  # (H, W)
+    return Image.fromarray(mask_defects(grey).astype(np.uint8) * 255)
 
 
 def _aspect_problem(mask_size: tuple[int, int], mask_path: str, image_size: tuple[int, int],
@@ -780,11 +856,22 @@ def _require_masks(items: list[tuple[str, int, str]], root: str, classes: list[s
                        f"\nFix: {FIX_FG_MASK}")
 
 
-def _find_gt_mask(gt_dir: str, listing: set[str], stem: str) -> str | None:
-    for name in [stem + "_mask" + ext for ext in IMAGE_EXTENSIONS] + \
-                [stem + ext for ext in IMAGE_EXTENSIONS]:
-        if name in listing:
-            return os.path.join(gt_dir, name)
+def _mask_listing(gt_dir: str) -> dict[tuple[str, str], str]:
+    """{(stem, lower-case extension): file name} of the masks in `gt_dir`, so that a mask
+    is found whatever the case of its extension, as images are (000_mask.PNG)."""
+    listing = {}
+    for name in sorted(os.listdir(gt_dir)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in IMAGE_EXTENSIONS:
+            listing.setdefault((stem, ext.lower()), name)
+    return listing
+
+
+def _find_gt_mask(gt_dir: str, listing: dict[tuple[str, str], str], stem: str) -> str | None:
+    for key in [(stem + "_mask", ext) for ext in IMAGE_EXTENSIONS] + \
+               [(stem, ext) for ext in IMAGE_EXTENSIONS]:
+        if key in listing:
+            return os.path.join(gt_dir, listing[key])
     return None
 
 
@@ -832,14 +919,14 @@ class MVTecTestDataset(_TokenImageDataset):
                               f"{TEST_LAYOUT}; classes present in {root}: "
                               f"{', '.join(found) or 'none'}")
         items, missing, empty = [], [], []
-        for defect in _subdirs(test_dir):
+        for defect in data_subdirs(test_dir):
             files = list_images(os.path.join(test_dir, defect))
             if not files:
                 empty.append(os.path.join(test_dir, defect))
             label = 0 if defect in NORMAL_DIRS else 1
             pixel_labels = label and has_ground_truth
             gt_dir = os.path.join(root, class_name, "ground_truth", defect)
-            listing = set(os.listdir(gt_dir)) if pixel_labels and os.path.isdir(gt_dir) else set()
+            listing = _mask_listing(gt_dir) if pixel_labels and os.path.isdir(gt_dir) else {}
             for f in files:
                 stem = os.path.splitext(os.path.basename(f))[0]
                 mask = _find_gt_mask(gt_dir, listing, stem) if pixel_labels else None

@@ -57,12 +57,30 @@ def _glob_base(pattern: str) -> str:
     return str(Path(*fixed)) if fixed else "."
 
 
+def _walk_images(folder: str) -> list[str]:
+    """The image files below `folder`, sorted. Symlinked sub-folders are followed (a
+    class linked in must not vanish; glob patterns follow them too), each real folder
+    once, so a link back up ends the walk; junk folders (hidden, __MACOSX) are skipped."""
+    visited = {os.path.realpath(folder)}
+    files = []
+    for parent, dirs, names in os.walk(folder, followlinks=True):
+        kept = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(parent, d))
+            if not datasets.is_junk_dir(d) and real not in visited:
+                visited.add(real)
+                kept.append(d)
+        dirs[:] = kept
+        files += [str(Path(parent, n)) for n in names
+                  if _is_image(n) and os.path.isfile(os.path.join(parent, n))]
+    return sorted(files)
+
+
 def _expand(spec: str) -> tuple[str, list[str], bool]:
     """(base folder, image files, is_folder) of one input: a folder (recursive), an
     image file or a glob pattern."""
     if os.path.isdir(spec):
-        files = sorted(str(p) for p in Path(spec).rglob("*") if p.is_file() and _is_image(str(p)))
-        return spec, files, True
+        return spec, _walk_images(spec), True
     if os.path.isfile(spec):
         if not _is_image(spec):
             raise InputError(f"{spec} is not an image file ({'/'.join(datasets.IMAGE_EXTENSIONS)})")
@@ -102,7 +120,7 @@ def find_images(inputs: list[str], class_name: str | None, class_from_folder: bo
                                          f"--class_from_folder put images in {spec}/<class>/")
                     cls, rel = rel.parts[0], Path(*rel.parts[1:])
                 else:
-                    cls = Path(f).parent.name
+                    cls = Path(os.path.abspath(f)).parent.name  # 'top.png' has parent ''
             else:
                 cls = class_name
             name = "_".join(rel.with_suffix("").parts)

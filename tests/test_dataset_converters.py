@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import dataset_converters
+import datasets
 import reporting
 import run_protoflow
 import run_pretraining
@@ -299,3 +300,23 @@ def test_custom_classes_and_folders_checked_before_writing(tmp_path, capsys):
         assert "overlap; write the MVTec layout to a folder outside" in capsys.readouterr().err
     assert _names(src) == ["gadget", "widget"]
     assert _names(src / "widget" / "good") == ["000.png", "001.png", "002.png", "003.png"]
+
+
+def test_custom_set_skips_junk_folders(tmp_path):
+    """A custom set unzipped on macOS has __MACOSX beside its classes, and a notebook
+    leaves .ipynb_checkpoints in a class: neither is a class nor a defect type."""
+    src = _custom_set(tmp_path / "mine", {"gadget": 2})
+    for junk in ("__MACOSX/gadget/good/._000.png", ".git/x.png",
+                 "gadget/.ipynb_checkpoints/000-checkpoint.png", "gadget/__MACOSX/._000.png"):
+        (src / junk).parent.mkdir(parents=True, exist_ok=True)
+        (src / junk).write_bytes(b"")
+    out = tmp_path / "mvtec"
+    plan = dataset_converters.plan_custom(str(src), str(out), test_fraction=0.5)
+    assert {name: [(Path(a).relative_to(src).as_posix(), Path(b).relative_to(out).as_posix())
+                   for a, b in pairs] for name, pairs in plan.items()} == {
+        "gadget": [("gadget/good/000.png", "gadget/train/good/000.png"),
+                   ("gadget/good/001.png", "gadget/test/good/001.png"),
+                   ("gadget/scratch/000.png", "gadget/test/scratch/000.png"),
+                   ("gadget/scratch/001.png", "gadget/test/scratch/001.png")]}
+    assert datasets.is_junk_dir("__MACOSX") and datasets.is_junk_dir(".x")
+    assert not datasets.is_junk_dir("good")

@@ -573,3 +573,116 @@ def test_token_cache_checks(train_root, mvtec_root, tmp_path):
 def test_normalization_follows_the_flag():
     assert normalization(True) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert normalization(False) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+# ----------------------------------------------------------------------------------------
+# Reading image and mask files
+# ----------------------------------------------------------------------------------------
+def test_16_bit_grey_reads_by_its_bit_depth_not_its_maximum(tmp_path):
+    """Every 16-bit image keeps its top 8 bits (as OpenCV reads it), whatever its own
+    maximum: images of one camera scale alike. PIL before 10.3 opens 16-bit PNGs as 32-bit
+    'I', read the same way; float pixels and 32-bit values beyond 16 bits are refused."""
+    ramp = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16  # 0 ... 65520
+    for top in (255, 256, 4095, 65520):
+        path = tmp_path / f"top{top}.png"
+        Image.fromarray((ramp.astype(np.int64) * top // 65520).astype(np.uint16)).save(path)
+        with Image.open(path) as img:
+            assert img.mode == "I;16"
+        got = np.asarray(datasets.open_rgb(str(path)))
+        assert got.shape == (64, 64, 3) and got.max() == top >> 8
+    path = tmp_path / "wide.tif"
+    Image.fromarray(ramp.astype(np.int32)).save(path)
+    with Image.open(path) as img:
+        assert img.mode == "I"
+    np.testing.assert_array_equal(np.asarray(datasets.open_rgb(str(path)))[..., 0], ramp >> 8)
+    Image.fromarray(ramp.astype(np.int32) * 2).save(path)
+    with pytest.raises(BadFileError, match=r"wide.tif holds I values from 0 to 131040, "
+                       "outside 16 bits: save it as an 8- or 16-bit image"):
+        datasets.open_rgb(str(path))
+    Image.fromarray(ramp.astype(np.float32) / 65520).save(tmp_path / "float.tif")
+    with pytest.raises(BadFileError, match="float.tif holds 32-bit float pixels"):
+        datasets.open_rgb(str(tmp_path / "float.tif"))
+
+
+@pytest.mark.parametrize("name, values, expected", [
+    ("binary 0/1", {1: 1}, {1}),
+    ("binary 0/255", {1: 255}, {1}),
+    ("label ids 1 and 3", {1: 1, 2: 3}, {1, 2}),
+    ("blurred edge", {1: 255, 2: 100, 3: 140, **{4 + i: 10 + i for i in range(20)}}, {1, 3}),
+])
+def test_mask_defects_reads_binary_masks_label_maps_and_blurred_edges(name, values, expected):
+    """Two values: the larger is the defect; a label map (a few values): every non-zero
+    id, half the maximum would drop id 1; many values (blur, JPEG): above half the max."""
+    regions = np.repeat(np.arange(24), 4)[None].repeat(4, 0)  # (4, 96): 24 regions
+    arr = np.zeros(regions.shape, np.uint8)
+    for region, value in values.items():
+        arr[regions == region] = value
+    defects = datasets.mask_defects(arr)
+    assert set(np.unique(regions[defects]).tolist()) == expected, name
+    assert not datasets.mask_defects(np.zeros((4, 4), np.uint8)).any()
+
+
+def test_palette_and_colour_masks_read_by_index_and_strongest_channel(tmp_path):
+    """A palette mask by its indices (0 the background, even when it is white); a colour
+    mask by its strongest channel, so a dark blue defect beside a yellow one counts."""
+    ids = np.zeros((8, 8), np.uint8)
+    ids[:2], ids[2:4] = 1, 2
+    palette = Image.fromarray(ids, mode="P")
+    palette.putpalette([255, 255, 255, 255, 0, 0, 0, 0, 90] + [0] * 759)  # white, red, blue
+    palette.save(tmp_path / "p.png")
+    got = np.asarray(datasets.open_mask(str(tmp_path / "p.png"))) > 0
+    np.testing.assert_array_equal(got, ids > 0)
+    colour = np.zeros((8, 8, 3), np.uint8)
+    colour[:2] = (0, 0, 90)
+    colour[2:4] = (250, 250, 0)
+    Image.fromarray(colour).save(tmp_path / "rgb.png")
+    got = np.asarray(datasets.open_mask(str(tmp_path / "rgb.png"))) > 0
+    np.testing.assert_array_equal(got, ids > 0)
+
+
+def _exif_turned(path: Path, stored: np.ndarray, orientation: int) -> Path:
+    """`stored` saved as a JPEG (or PNG) whose EXIF says how to turn it for viewing."""
+    exif = Image.Exif()
+    exif[datasets.EXIF_ORIENTATION] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(stored).save(path, exif=exif, **({"quality": 100} if path.suffix == ".jpg"
+                                                     else {}))
+    return path
+
+
+def test_exif_orientation_is_applied_to_images_masks_and_their_sizes(tmp_path):
+    """A phone photo stored 80x40 with orientation 6 (a quarter turn clockwise) is read
+    40x80 as every viewer shows it; a mask drawn on what the user sees aligns with it,
+    both in the header-only check and in the decoded pixels."""
+    stored = np.zeros((40, 80, 3), np.uint8)
+    stored[:, :10] = 255  # the stored left band: the top band once turned clockwise
+    photo = _exif_turned(tmp_path / "img.jpg", stored, 6)
+    shown = np.asarray(datasets.open_rgb(str(photo)))
+    assert shown.shape == (80, 40, 3)
+    assert shown[:10].mean() > 250 and shown[12:].mean() < 5
+    mask = np.zeros((80, 40), np.uint8)
+    mask[:10] = 255
+    _save(tmp_path / "mask.png", mask)
+    assert datasets.mask_problem(str(tmp_path / "mask.png"), str(photo)) is None
+    turned_mask = _exif_turned(tmp_path / "turned_mask.png", mask.T.copy()[:, ::-1].copy(), 8)
+    np.testing.assert_array_equal(np.asarray(datasets.open_mask(str(turned_mask))), mask)
+    _save(tmp_path / "stored_way.png", np.zeros((40, 80), np.uint8))
+    assert "is 80x40 but its image" in datasets.mask_problem(str(tmp_path / "stored_way.png"),
+                                                             str(photo))
+
+
+def test_an_mvtec_set_unzipped_on_macos_reads_as_its_classes(mvtec_root):
+    """__MACOSX (with its own <class>/test/ trees of '._' files) is no class, and a
+    hidden folder in test/ is no defect type."""
+    (mvtec_root / "__MACOSX" / "bottle" / "test" / "good").mkdir(parents=True)
+    (mvtec_root / "bottle" / "test" / ".ipynb_checkpoints").mkdir()
+    assert datasets.list_test_classes(str(mvtec_root)) == ["01", "bottle"]
+    ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
+    assert ds.defect_types == ["broken"] * 2 + ["good"] * 2
+
+
+def test_a_ground_truth_mask_is_found_whatever_the_case_of_its_extension(mvtec_root):
+    gt = mvtec_root / "bottle" / "ground_truth" / "broken"
+    os.rename(gt / "000_mask.png", gt / "000_mask.PNG")
+    ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
+    assert ds.mask_paths[0] == str(gt / "000_mask.PNG") and ds[0]["gt_mask"].sum() == 256

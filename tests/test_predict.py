@@ -139,6 +139,42 @@ def test_inputs_are_checked(tmp_path):
     assert predict._glob_base("data/x/*/y/*.png") == str(Path("data/x"))
 
 
+def _touch(base: Path, *rels: str) -> None:
+    for rel in rels:
+        (base / rel).parent.mkdir(parents=True, exist_ok=True)
+        (base / rel).write_bytes(b"")
+
+
+def test_folder_walk_follows_symlinked_folders(tmp_path):
+    """A class folder linked into a folder input is scored (Path.rglob skipped it on
+    Python 3.11, dropping the class with exit 0), and a link back up ends the walk."""
+    _touch(tmp_path, "store/coins/1.png", "store/coins/2.png", "byclass/brick/a.png")
+    byclass = tmp_path / "byclass"
+    (byclass / "coins").symlink_to(tmp_path / "store" / "coins", target_is_directory=True)
+    (byclass / "brick" / "loop").symlink_to(byclass, target_is_directory=True)
+    assert predict.find_images([str(byclass)], None, True) == {
+        "brick": [(str(byclass / "brick" / "a.png"), "a")],
+        "coins": [(str(byclass / "coins" / "1.png"), "1"),
+                  (str(byclass / "coins" / "2.png"), "2")]}
+
+
+def test_folder_walk_skips_junk_folders(tmp_path):
+    """Jupyter's checkpoint copies, other hidden folders and macOS's __MACOSX hold no
+    images to score."""
+    _touch(tmp_path, "imgs/a/1.png", "imgs/.ipynb_checkpoints/1-checkpoint.png",
+           "imgs/a/.cache/3.png", "imgs/__MACOSX/a/2.png")
+    assert predict.find_images([str(tmp_path / "imgs")], "x", False) == {
+        "x": [(str(tmp_path / "imgs" / "a" / "1.png"), "a_1")]}
+
+
+def test_class_of_a_bare_relative_file_is_its_folder(tmp_path, monkeypatch):
+    """'top.png' given from inside coins/ is class coins, not '' (its Path parent)."""
+    _touch(tmp_path, "coins/top.png", "coins/tip.png")
+    monkeypatch.chdir(tmp_path / "coins")
+    assert predict.find_images(["top.png", "ti*.png"], None, True) == {
+        "coins": [("top.png", "top"), ("tip.png", "tip")]}
+
+
 def test_output_names_are_unique_even_against_suffixed_names(tmp_path):
     """'a/b.png' and 'a_b.png' both map to a_b; the repeat must not take a_b_2, the
     name of 'a_b_2.png', or one image's heatmap and .npy would overwrite another's."""
