@@ -60,9 +60,10 @@ FIX_FG_MASK = ("unpack the released masks with `python setup_train_dataset.py --
 FIX_BAD_FG_MASK = ("regenerate them with `python setup_train_dataset.py --data_path <MVTec AD> "
                    "--make_fg_masks` (it replaces unreadable and mis-shaped masks), or unpack "
                    "the released masks again with --fg_mask_zip fg_mask.zip")
-# Preprocessing of the token image; stored in the token cache so that a change of it
-# invalidates the cached tokens.
-TOKEN_PREPROCESS = "resize-bicubic-antialias+center-crop+to-tensor"
+# Preprocessing of the token image, from how open_rgb reads the file (EXIF-turned, 16-bit
+# by its top 8 bits) on; stored in the token cache so that a change of it invalidates
+# the cached tokens.
+TOKEN_PREPROCESS = "exif-turned+16-bit-top-8+resize-bicubic-antialias+center-crop+to-tensor"
 TOKEN_CACHE_FORMAT = 2  # 2: the compute key (device, precision)
 _SAVE_EVERY_BATCHES = 50  # token cache: partial saves so a crash loses little work
 
