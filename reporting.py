@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 import metrics
-from utils import FlagError
+from utils import FlagError, UserError, write_atomic
 
 BASELINES = {"protoflow_only": "ProtoFlow map alone", "patchcore": "PatchCore",
              "ce_only": "ViT cross-entropy alone"}
@@ -88,24 +89,34 @@ def format_table(results: dict, protocol: str) -> str:
     return "\n".join(rows)
 
 
+RESULT_FILES = ("results.json", "results.md", "results.csv")
+
+
 def write_results(results: dict, output_dir: Path, protocol: str) -> str:
     """results.json (everything), results.md (the table, returned) and results.csv (one
-    row per class and method, for plotting) in `output_dir`."""
+    row per class and method, for plotting) in `output_dir`, each written whole or not at
+    all."""
     output_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(results, protocol)
-    (output_dir / "results.json").write_text(
-        json.dumps(finite_or_null(results), indent=2, default=float, allow_nan=False))
-    (output_dir / "results.md").write_text(table + "\n")
-    with open(output_dir / "results.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["protocol", "class", "method", *metrics.METRIC_NAMES, "mask_ratio"])
-        for key, _ in _methods(results):
-            for name, r in results["classes"].items():
-                m = r if key == "pmad" else r[key]
-                writer.writerow([protocol, name, key, *(m[k] for k in metrics.METRIC_NAMES),
-                                 r.get("mask_ratio", "") if key == "pmad" else ""])
-            mean = results["mean" if key == "pmad" else f"mean_{key}"]
-            writer.writerow([protocol, "mean", key, *(mean[k] for k in metrics.METRIC_NAMES), ""])
+    text = json.dumps(finite_or_null(results), indent=2, default=float, allow_nan=False)
+    write_atomic(output_dir / "results.json", lambda tmp: Path(tmp).write_text(text))
+    write_atomic(output_dir / "results.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["protocol", "class", "method", *metrics.METRIC_NAMES,
+                             "mask_ratio"])
+            for key, _ in _methods(results):
+                for name, r in results["classes"].items():
+                    m = r if key == "pmad" else r[key]
+                    writer.writerow([protocol, name, key,
+                                     *(m[k] for k in metrics.METRIC_NAMES),
+                                     r.get("mask_ratio", "") if key == "pmad" else ""])
+                mean = results["mean" if key == "pmad" else f"mean_{key}"]
+                writer.writerow([protocol, "mean", key,
+                                 *(mean[k] for k in metrics.METRIC_NAMES), ""])
+    write_atomic(output_dir / "results.csv", write_csv)
     return table
 
 
@@ -133,12 +144,11 @@ class PartialResults:
         self.keys = {c: json.loads(json.dumps({**key, **k}, default=str))
                      for c, k in class_keys.items()}
         self.done: dict[str, dict] = {}
-        if not resume:
-            path.unlink(missing_ok=True)
+        if not resume:  # an evaluation afresh: no table of the last one may look current
+            for name in ("results.partial.jsonl", *RESULT_FILES):
+                (path.parent / name).unlink(missing_ok=True)
             return
-        lines = path.read_text().splitlines() if path.is_file() else []
-        for line in filter(str.strip, lines):
-            entry = json.loads(line)
+        for entry in self._read_entries():
             want = self.keys.get(entry["class"])
             if want is None:
                 continue
@@ -150,10 +160,34 @@ class PartialResults:
                                 "flags, or drop --resume_eval to start afresh")
             self.done[entry["class"]] = entry["record"]
 
+    def _read_entries(self) -> list[dict]:
+        """The file's records. A last line cut short (the run stopped while writing it)
+        is dropped, and the file rewritten without it, so that the next record starts a
+        line of its own; its class is evaluated again."""
+        text = self.path.read_text() if self.path.is_file() else ""
+        lines = text.split("\n")
+        whole, tail = lines[:-1], lines[-1]  # tail: "" when the file ends with a newline
+        entries = []
+        for n, line in enumerate(whole, 1):
+            try:
+                entries.append(json.loads(line))
+            except ValueError as e:
+                raise UserError(f"--resume_eval: line {n} of {self.path} is not a record "
+                                f"({e}): drop --resume_eval to evaluate afresh") from e
+        if tail.strip():
+            print(f"[run_test] {self.path}: its last line was cut short (the run stopped "
+                  "while writing it); that class is evaluated again", file=sys.stderr)
+            write_atomic(self.path, lambda tmp: Path(tmp).write_text(
+                "".join(line + "\n" for line in whole)))
+        return entries
+
     def add(self, class_name: str, record: dict) -> None:
+        """Append one class's record as one line, on disk before the next class starts."""
         with open(self.path, "a") as f:
             f.write(json.dumps({"class": class_name, "key": self.keys[class_name],
                                 "record": record}, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def exit_status(results: dict) -> int:

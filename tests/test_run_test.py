@@ -467,6 +467,32 @@ def test_results_json_writes_null_for_undefined_metrics(tmp_path):
     assert math.isnan(results["classes"]["tiles"]["pixel_auroc"])
 
 
+def test_partial_results_survive_a_cut_short_line_and_a_fresh_run_clears_the_last(tmp_path,
+                                                                                  capsys):
+    """A run killed while appending leaves half a line: --resume_eval keeps the whole
+    records, drops the half one (its class runs again) and rewrites the file, so the
+    next record is a line of its own; a broken line before the last is refused. A run
+    afresh removes the last evaluation's results.* too, so that a rerun that finishes no
+    class leaves no table that looks current."""
+    path = tmp_path / "results.partial.jsonl"
+    keys = {c: {"prototypes": c} for c in ("a", "b")}
+    first = reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=False)
+    first.add("a", {"image_auroc": 0.75})
+    path.write_text(path.read_text() + '{"class": "b", "key": {"proto')
+    resumed = reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=True)
+    assert resumed.done == {"a": {"image_auroc": 0.75}}
+    assert "its last line was cut short" in capsys.readouterr().err
+    resumed.add("b", {"image_auroc": 0.5})
+    assert [json.loads(x)["class"] for x in path.read_text().splitlines()] == ["a", "b"]
+    path.write_text('{"class": "a"\n' + path.read_text())
+    with pytest.raises(utils.UserError, match=f"line 1 of {path} is not a record"):
+        reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=True)
+    for name in reporting.RESULT_FILES:
+        (tmp_path / name).write_text("the last run's")
+    reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=False)
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 def test_shell_scripts_build_the_run_test_commands(tmp_path):
     """scripts/test_multi_class.sh and test_cross_class.sh: one run_test.py call per
     protocol, each setting with its released checkpoint, MODEL / TOKENIZER passed only
