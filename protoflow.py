@@ -587,14 +587,15 @@ def file_normalization(obj: dict, path: str) -> tuple[tuple[float, ...], tuple[f
 def load_protoflow_file(path: str) -> dict:
     """A ProtoFlow file (weights_only), with errors that name it and the fix."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"ProtoFlow weights {path} not found: download the released "
-                                "file or train one with `python run_protoflow.py train ...`")
+        raise MissingFileError(f"ProtoFlow weights {path} not found: download the released "
+                               "file or train one with `python run_protoflow.py train ...`")
     obj = read_weights_file(path, "Download it again, or train one with `python "
                                   "run_protoflow.py train ...`.")
     if not isinstance(obj, dict) or "decoder_state_dict" not in obj:
         keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path} has no 'decoder_state_dict' ({keys}); it is not a "
-                         "ProtoFlow file")
+        raise CheckpointError(f"{path} has no 'decoder_state_dict' ({keys}); it is not a "
+                              "ProtoFlow file: pass the ProtoFlow weights (released, or "
+                              "written by `python run_protoflow.py train`)")
     return obj
 
 

@@ -58,7 +58,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="vit_base_patch16_224_8k_vocab",
                    choices=sorted(modeling_pmad.PMAD_MODELS))
     p.add_argument("--input_size", type=int, default=224)
-    p.add_argument("--drop_path", type=float, default=0.1, metavar="PCT")
+    p.add_argument("--drop_path", type=utils.probability_arg, default=0.1, metavar="PCT")
     p.add_argument("--layer_scale_init_value", type=float, default=None,
                    help="default: the model's own (0.1 for tiny to base, 1e-5 for large; "
                         "docs/method.md 2)")
@@ -101,11 +101,12 @@ def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min_lr", type=float, default=1e-5)
     p.add_argument("--warmup_epochs", type=utils.int_at_least(0), default=10)
     p.add_argument("--warmup_steps", type=int, default=-1, help="> 0: overrides warmup_epochs")
-    p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--weight_decay_end", type=float, default=None,
+    p.add_argument("--weight_decay", type=utils.float_at_least(0.0), default=0.05)
+    p.add_argument("--weight_decay_end", type=utils.float_at_least(0.0), default=None,
                    help="end of weight decay's cosine schedule (default: constant)")
-    p.add_argument("--opt_betas", type=float, nargs=2, default=[0.9, 0.999], metavar="BETA")
-    p.add_argument("--opt_eps", type=float, default=1e-8)
+    p.add_argument("--opt_betas", type=utils.probability_arg, nargs=2, default=[0.9, 0.999],
+                   metavar="BETA")
+    p.add_argument("--opt_eps", type=utils.positive_float, default=1e-8)
     p.add_argument("--clip_grad", type=float, default=3.0, help="0 or less: no clipping")
     p.add_argument("--amp", default=None, choices=utils.AMP_CHOICES,
                    help="autocast (default: bf16 where it pays, else none; fp16 CUDA only)")
@@ -138,7 +139,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output_dir", default="output_dir")
     p.add_argument("--log_dir", default=None, help="TensorBoard folder (none if unset)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=utils.int_at_least(0), default=0)
     p.add_argument("--deterministic", action="store_true",
                    help="bitwise-reproducible kernels (slower): a resumed run then equals "
                         "an uninterrupted one exactly")
@@ -171,6 +172,9 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict 
     grid = check_image_grid(args)
     if utils.is_main_process():
         utils.prepare_output_dir(args.output_dir, "--output_dir")
+        utils.prepare_output_dir(args.token_cache_dir, "--token_cache_dir")
+        if args.log_dir:
+            utils.prepare_output_dir(args.log_dir, "--log_dir")
         for folder in (args.output_dir, args.token_cache_dir):
             utils.remove_stale_tmp_files(folder)
     available = datasets.list_train_classes(args.data_path)

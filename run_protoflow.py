@@ -266,7 +266,7 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
                         "without it timm downloads the pretrained weights")
     p.add_argument("--holdout", type=float, default=0.1,
                    help="fraction of each class's images held out (threshold calibration)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--batch_size", type=int_at_least(1), default=32)
     p.add_argument("--num_workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1))
     p.add_argument("--img_size", type=int_at_least(1), default=224)
@@ -337,5 +337,16 @@ def check_inputs(args: argparse.Namespace) -> None:
     remove_stale_tmp_files(folder)
 
 
+def _cli_main() -> int:
+    """main, with a diverged flow (FloatingPointError: nothing was written) as its message
+    and exit 1, as run_pretraining.py reports a non-finite loss."""
+    try:
+        main(sys.argv[1:])
+    except FloatingPointError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(cli(lambda: main(sys.argv[1:])))
+    sys.exit(cli(_cli_main))

@@ -94,7 +94,7 @@ def add_clean_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip_bad_images", action="store_true",
                    help="list unreadable images and leave them out (default: stop and name "
                         "the file)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=int_at_least(0), default=0,
                    help="mixed into each image's random-mask seed (--clean_masks threshold, "
                         "the paper protocol)")
 

@@ -35,7 +35,7 @@ from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, La
                       list_images, resolve_train_root)
 from demo_data import DEFECT_AREA_BOUNDS, WORLDS, make_demo_dataset
 from fg_masks import FgMaskZip, make_fg_masks, mask_coverage
-from utils import cli, fraction_arg, prepare_output_dir, write_atomic
+from utils import cli, fraction_arg, int_at_least, prepare_output_dir, write_atomic
 
 DEFAULT_ROOT = "data/Mvtec-ImageNet"
 DEMO_ROOT = "data/demo_imagenet"
@@ -201,7 +201,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo_world", default="main", choices=tuple(WORLDS),
                    help="--make_demo: the main demo set, or the held-out one (other "
                         "photographs and defect kinds; demo_data.py)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the demo set (--make_demo)")
+    p.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="seed of the demo set (--make_demo)")
     p.add_argument("--demo_counts", type=int, nargs=3, default=[40, 20, 20],
                    metavar=("TRAIN", "TEST_GOOD", "TEST_DEFECT"),
                    help="demo images per class: train, good test, defective test")

@@ -146,6 +146,11 @@ def fraction_arg(include_one: bool = False) -> Callable[[str], float]:
     return lambda text: _float_in(text, 0.0, high, f"is outside {where}")
 
 
+def probability_arg(text: str) -> float:
+    """argparse type: a number in [0, 1) (a drop probability, an Adam beta)."""
+    return _float_in(text, math.nextafter(0.0, -1.0), 1.0, "is outside [0, 1)")
+
+
 def mask_ratio_arg(text: str) -> float:
     """argparse type of a mask ratio: a fraction of the patches, strictly inside (0, 1)."""
     return _float_in(text, 0.0, 1.0, "is outside (0, 1): a mask ratio is the fraction of "

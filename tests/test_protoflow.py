@@ -788,6 +788,17 @@ def test_train_refuses_prototypes_of_another_image_size(cli, capsys):
     assert not os.path.exists(cli["root"] / "size.pt")
 
 
+def test_a_diverged_flow_is_its_message_and_exit_1_on_the_command_line(monkeypatch, capsys):
+    """Nothing was written and it is no mistake of a flag: like run_pretraining.py's
+    non-finite loss, the message alone (no traceback) and exit 1."""
+    def diverged(argv):
+        raise FloatingPointError("the flow after epoch 1 gives non-finite scores")
+
+    monkeypatch.setattr(rpf, "main", diverged)
+    assert rpf.cli(rpf._cli_main) == 1
+    assert capsys.readouterr().err == "error: the flow after epoch 1 gives non-finite scores\n"
+
+
 def test_train_refuses_a_flow_diverged_in_its_last_step(cli):
     """The loss before the one step was finite; the step left a flow whose held-out scores
     are inf: no file, and the error says to lower --lr."""

@@ -21,6 +21,7 @@ import torch
 
 import run_pretraining
 import utils
+from backbones import lite0_weights_path
 from conftest import ROOT, run_command, truncate
 
 TINY = "vit_tiny_patch16_224_8k_vocab"
@@ -152,6 +153,13 @@ def refused(tiny_world, tmp_path_factory):
         "F7_quantile": (rf, ["train", "--data_path", str(w.imagenet_root), "--output",
                              str(tmp / "pf.pt"), "--threshold_quantile", "1"]),
         "F8": (rt, w.run_test_argv(tmp / "o4", "--save_heatmaps", "-3")),
+        "F7_seed_test": (rt, w.run_test_argv(tmp / "o9", "--seed", "-1")),
+        "F7_seed_protoflow": (rf, protos + ["--seed", "-1"]),
+        "F7_seed_setup": (st, ["--make_demo", str(tmp / "demo"), "--seed", "-1"]),
+        "out_indices": (rf, protos + ["--out_indices", "2", "9", "--encoder_weights",
+                                      lite0_weights_path()]),
+        "not_protoflow": (rt, w.run_test_argv(tmp / "o10", "--protoflow_weights",
+                                              str(w.pmad_ckpt))),
         "F9_zero": (rf, protos + ["--num_shots", "0"]),
         "F9_neg": (rf, protos + ["--num_shots", "-2"]),
         "F11": (st, ["--data_path", str(bad_src), "--root", str(tmp / "converted"),
@@ -220,9 +228,18 @@ def test_an_unknown_test_class_is_refused(refused, tiny_world):
     ("F7_coreset_0", "argument --coreset_ratio: 0 is outside (0, 1]"),
     ("F7_coreset_2", "argument --coreset_ratio: 2 is outside (0, 1]"),
     ("F7_quantile", "argument --threshold_quantile: 1 is outside (0, 1)"),
+    ("F7_seed_test", "argument --seed: -1 is less than 0"),
+    ("F7_seed_protoflow", "argument --seed: -1 is less than 0"),
+    ("F7_seed_setup", "argument --seed: -1 is less than 0"),
+    ("out_indices", "--out_indices 2 9: efficientnet_lite0 has feature levels 0 to 4"),
 ])
 def test_F7_flags_out_of_range_are_refused(refused, case, words):
     _clear_error(refused[0][case], words)
+
+
+def test_a_file_of_another_model_as_protoflow_weights_is_one_line(refused, tiny_world):
+    _clear_error(refused[0]["not_protoflow"], f"{tiny_world.pmad_ckpt} has no "
+                 "'decoder_state_dict'", "it is not a ProtoFlow file: pass the ProtoFlow weights")
 
 
 def test_F8_negative_heatmap_count_is_refused_before_work(refused):

@@ -682,6 +682,35 @@ def test_device_amp_and_input_size_mistakes_are_refused_before_tokenizing(env, t
     assert not os.path.exists(out)  # refused before the output folder is made
 
 
+@pytest.mark.parametrize("flag, value, words", [
+    ("--opt_betas", ["1.5", "0.999"], "1.5 is outside [0, 1)"),
+    ("--opt_eps", ["-1"], "-1 is not a positive number"),
+    ("--drop_path", ["1.5"], "1.5 is outside [0, 1)"),
+    ("--weight_decay", ["-1"], "-1 is not a finite number >= 0"),
+    ("--weight_decay_end", ["-0.1"], "-0.1 is not a finite number >= 0"),
+    ("--seed", ["-1"], "-1 is less than 0"),
+])
+def test_impossible_optimiser_and_seed_values_are_refused(flag, value, words, capsys):
+    """What torch (AdamW's beta and eps, drop path's probability), numpy (a negative
+    seed) or nothing (a negative weight decay, silently trained with) would take up only
+    after tokenizing: argparse's one error line, exit 2."""
+    with pytest.raises(SystemExit) as e:
+        run_pretraining.get_args_parser().parse_args(["--data_path", "x", flag, *value])
+    assert e.value.code == 2 and f"argument {flag}: {words}" in capsys.readouterr().err
+
+
+def test_a_file_as_log_or_token_cache_folder_is_refused_before_tokenizing(env, tmp_path,
+                                                                          monkeypatch, capsys):
+    afile = tmp_path / "a_file"
+    afile.write_text("")
+    out = str(tmp_path / "out")
+    for flag in ("--log_dir", "--token_cache_dir"):
+        assert _refused_before_tokenizing(_args(env, out, flag, str(afile)), monkeypatch,
+                                          capsys) == (
+            f"error: {flag} {afile} is a file, not a folder: pass a folder (it is created if "
+            "missing)\n")
+
+
 @pytest.mark.parametrize("setting, extra, expected", [
     ("multi_class", [], datasets.MVTEC_CLASSES),
     ("obj2tex", [], datasets.OBJECTS),
