@@ -119,7 +119,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "*.png (or <data_path>/train, as the original scripts pass it)")
     p.add_argument("--setting", default=None, choices=datasets.SETTINGS,
                    help="default multi_class (obj2tex with --from_obj_to_texture)")
-    p.add_argument("--unseen_classes", nargs="*", default=None,
+    p.add_argument("--unseen_classes", nargs="*", default=None, action=utils.UniqueNames,
                    help="leave_one_out: the class left out of training")
     p.add_argument("--from_obj_to_texture", action="store_true",
                    help="the original's switch: same as --setting obj2tex")

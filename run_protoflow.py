@@ -36,10 +36,11 @@ from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_
                        THRESHOLD_QUANTILE, build_flow, build_prototypes, image_score,
                        load_prototypes, patch_log_likelihood, prototypes_sha256,
                        save_protoflow, save_prototypes, train_flow)
-from utils import (CheckpointError, FlagError, JsonlLog, build_sampler, capture_rng_state, cli,
-                   fraction_arg, int_at_least, load_checkpoint_file, positive_float,
-                   prepare_output_dir, read_json_object, remove_stale_tmp_files, resolve_device,
-                   restore_rng_state, save_on_master, seed_everything)
+from utils import (CheckpointError, FlagError, JsonlLog, UniqueNames, build_sampler,
+                   capture_rng_state, cli, fraction_arg, int_at_least, load_checkpoint_file,
+                   positive_float, prepare_output_dir, read_json_object,
+                   remove_stale_tmp_files, resolve_device, restore_rng_state, save_on_master,
+                   seed_everything)
 
 
 @torch.inference_mode()
@@ -280,7 +281,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     pp = sub.add_parser("prototypes", help="build <output_dir>/<class>/coreset.npy")
     _add_common_args(pp)
-    pp.add_argument("--classes", nargs="+", default=None, help="default: every class folder")
+    pp.add_argument("--classes", nargs="+", default=None, action=UniqueNames,
+                    help="default: every class folder")
     pp.add_argument("--output_dir", default="weights/prototypes")
     pp.add_argument("--coreset_ratio", type=fraction_arg(include_one=True), default=0.01,
                     help="fraction of the patch features kept as prototypes")
@@ -290,9 +292,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                     help="use only the first K (file-name order) non-held-out images")
     tp = sub.add_parser("train", help="train the flow, write the ProtoFlow file")
     _add_common_args(tp)
-    tp.add_argument("--classes", nargs="+", default=None, help="overrides --setting")
+    tp.add_argument("--classes", nargs="+", default=None, action=UniqueNames,
+                    help="overrides --setting")
     tp.add_argument("--setting", default="multi_class", choices=datasets.SETTINGS)
-    tp.add_argument("--unseen_classes", nargs="*", default=None)
+    tp.add_argument("--unseen_classes", nargs="*", default=None, action=UniqueNames)
     tp.add_argument("--prototypes_dir", default="weights/prototypes")
     tp.add_argument("--output", required=True, help="e.g. weights/protoflow/multi_class.pt")
     tp.add_argument("--epochs", type=int_at_least(1, "nothing to do"), default=200)

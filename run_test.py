@@ -30,9 +30,9 @@ from protocols import (ABNORMALITY, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED
                        CleanOptions, collect_class, evaluate_clean, evaluate_paper)
 from protoflow import ProtoFlow, prototypes_sha256
 from reporting import PartialResults, exit_status, report
-from utils import (AMP_CHOICES, FlagError, cli, file_sha256, float_at_least, int_at_least,
-                   mask_ratio_arg, prepare_output_dir, read_weights_file, resolve_amp,
-                   resolve_device, resolve_weights_file)
+from utils import (AMP_CHOICES, FlagError, UniqueNames, cli, file_sha256, float_at_least,
+                   int_at_least, mask_ratio_arg, prepare_output_dir, read_weights_file,
+                   resolve_amp, resolve_device, resolve_weights_file)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -105,10 +105,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_path", default="data/mvtec_anomaly_detection",
                    help="a folder in MVTec layout (MVTec AD, BTAD, MPDD, the demo set)")
     p.add_argument("--setting", default=None, choices=datasets.SETTINGS)
-    p.add_argument("--unseen_classes", nargs="*", default=None)
+    p.add_argument("--unseen_classes", nargs="*", default=None, action=UniqueNames)
     p.add_argument("--from_obj_to_texture", action="store_true",
                    help="the original's switch: same as --setting obj2tex")
-    p.add_argument("--classes", nargs="*", default=None, help="evaluate exactly these")
+    p.add_argument("--classes", nargs="*", default=None, action=UniqueNames,
+                   help="evaluate exactly these")
     p.add_argument("--protocol", default="clean", choices=["clean", "paper"])
     add_clean_args(p)
     p.add_argument("--output_dir", default="output_dir/test")

@@ -35,7 +35,7 @@ from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, La
                       list_images, resolve_train_root)
 from demo_data import DEFECT_AREA_BOUNDS, WORLDS, make_demo_dataset
 from fg_masks import FgMaskZip, make_fg_masks, mask_coverage
-from utils import cli, fraction_arg, int_at_least, prepare_output_dir, write_atomic
+from utils import UniqueNames, cli, fraction_arg, int_at_least, prepare_output_dir, write_atomic
 
 DEFAULT_ROOT = "data/Mvtec-ImageNet"
 DEMO_ROOT = "data/demo_imagenet"
@@ -177,11 +177,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                                   f"{DEMO_ROOT} with --make_demo)")
     p.add_argument("--link", action="store_true",
                    help="hard-link instead of copying (same file system only)")
-    p.add_argument("--classes", nargs="+", help="classes to convert (default: all found)")
+    p.add_argument("--classes", nargs="+", action=UniqueNames,
+                   help="classes to convert (default: all found)")
     p.add_argument("--fg_mask_zip", help="released fg_mask.zip to unpack into <root>/fg_mask")
     p.add_argument("--make_fg_masks", action="store_true",
                    help="estimate foreground masks for training images that have none")
-    p.add_argument("--textures", nargs="+", default=[], metavar="CLASS",
+    p.add_argument("--textures", nargs="+", default=[], metavar="CLASS", action=UniqueNames,
                    help="--make_fg_masks: these classes are textures (foreground everywhere), "
                         f"besides MVTec AD's {', '.join(TEXTURES)}; other classes get an "
                         "estimated object mask")

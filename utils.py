@@ -158,6 +158,16 @@ def mask_ratio_arg(text: str) -> float:
                      "0.04 and 0.48)")
 
 
+class UniqueNames(argparse.Action):
+    """argparse action of a list of class names, each kept once in the order given:
+    `--classes a a` would otherwise evaluate a class twice, or train on its images
+    twice."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, list(dict.fromkeys(values)))
+
+
 def prepare_output_dir(path: str | os.PathLike, flag: str) -> str:
     """Create the output folder `path` (given as `flag`) and prove it writable, before
     any work whose results would go there."""

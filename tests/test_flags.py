@@ -59,3 +59,23 @@ def test_every_flag_is_mentioned_by_a_test(entry_point: str) -> None:
                 if not any(re.search(rf"[\"']{re.escape(o)}[\"']", text) for o in options)]
     assert not untested, (f"{entry_point}: no test in {files} mentions {untested}; add a test "
                           "that asserts the flag's effect")
+
+
+@pytest.mark.parametrize("parse, argv, dest", [
+    (run_test.get_args_parser, ["--classes"], "classes"),
+    (run_test.get_args_parser, ["--unseen_classes"], "unseen_classes"),
+    (run_pretraining.get_args_parser, ["--data_path", "x", "--unseen_classes"],
+     "unseen_classes"),
+    (run_protoflow.get_args_parser, ["prototypes", "--data_path", "x", "--classes"], "classes"),
+    (run_protoflow.get_args_parser, ["train", "--data_path", "x", "--output", "f.pt",
+                                     "--classes"], "classes"),
+    (run_protoflow.get_args_parser, ["train", "--data_path", "x", "--output", "f.pt",
+                                     "--unseen_classes"], "unseen_classes"),
+    (setup_train_dataset.get_args_parser, ["--classes"], "classes"),
+    (setup_train_dataset.get_args_parser, ["--textures"], "textures"),
+])
+def test_a_class_named_twice_counts_once(parse, argv, dest) -> None:
+    """`--classes screw bottle screw` would evaluate screw twice, or train on its images
+    twice: each name is kept once, in the order given."""
+    args = parse().parse_args([*argv, "screw", "bottle", "screw"])
+    assert getattr(args, dest) == ["screw", "bottle"]
