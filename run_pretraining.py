@@ -172,9 +172,9 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict 
     grid = check_image_grid(args)
     if utils.is_main_process():
         utils.prepare_output_dir(args.output_dir, "--output_dir")
-        utils.prepare_output_dir(args.token_cache_dir, "--token_cache_dir")
+        utils.refuse_a_file(args.token_cache_dir, "--token_cache_dir")
         if args.log_dir:
-            utils.prepare_output_dir(args.log_dir, "--log_dir")
+            utils.refuse_a_file(args.log_dir, "--log_dir")
         for folder in (args.output_dir, args.token_cache_dir):
             utils.remove_stale_tmp_files(folder)
     available = datasets.list_train_classes(args.data_path)

@@ -168,13 +168,19 @@ class UniqueNames(argparse.Action):
         setattr(namespace, self.dest, list(dict.fromkeys(values)))
 
 
+def refuse_a_file(path: str | os.PathLike, flag: str) -> None:
+    """A folder flag naming an existing file is refused up front, before the work whose
+    output would go there; a missing folder is made when first written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FlagError(f"{flag} {os.fspath(path)} is a file, not a folder: pass a folder "
+                        "(it is created if missing)")
+
+
 def prepare_output_dir(path: str | os.PathLike, flag: str) -> str:
     """Create the output folder `path` (given as `flag`) and prove it writable, before
     any work whose results would go there."""
     path = os.fspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise FlagError(f"{flag} {path} is a file, not a folder: pass a folder (it is "
-                        "created if missing)")
+    refuse_a_file(path, flag)
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write-test-{os.getpid()}")
