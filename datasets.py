@@ -47,7 +47,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_DIRS = ("good", "ok")  # normal-image folder: MVTec AD / MPDD, BTAD
 JUNK_DIRS = ("__MACOSX",)  # beside the hidden folders: never data (is_junk_dir)
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a camera image is turned for viewing
-LABEL_MAP_VALUES = 16  # a mask with 3 to this many values is a label map (mask_defects)
+LABEL_MAP_VALUES = 16  # the largest id of a label map (mask_defects)
 
 TRAIN_LAYOUT = ("<root>/train/<class>/<image>.png (from MVTec's <class>/train/good), "
                 "<root>/fg_mask/<class>/<image stem>.png")
@@ -516,10 +516,10 @@ def open_rgb(path: str) -> Image.Image:
 def mask_defects(arr: np.ndarray) -> np.ndarray:
     """(H, W) values of a mask -> (H, W) bool defect pixels.
 
-    Two values (0/1, 0/255, any binary mask): the larger. A few values (3 to
-    LABEL_MAP_VALUES: a label map with an id per defect kind, as VisA's): every non-zero
-    pixel, as VisA's converter reads them; half the maximum would drop the lower ids.
-    More (a blurred, resized or JPEG-compressed binary mask): above half the maximum."""
+    A label map (more than two values, none above LABEL_MAP_VALUES: an id per defect
+    kind, as VisA's): every non-zero pixel, as VisA's converter reads them; half the
+    maximum would drop the lower ids. Anything else (0/1, 0/255, a blurred, resized or
+    JPEG-compressed binary mask): above half the maximum."""
     top = arr.max(initial=0)
     if top <= 0:
         return np.zeros(arr.shape, bool)
@@ -527,28 +527,45 @@ def mask_defects(arr: np.ndarray) -> np.ndarray:
     if np.count_nonzero(defects) + np.count_nonzero(arr == 0) == arr.size:
         return defects  # 0 and one value, the common case: no sort of the pixels
     values = np.unique(arr)
-    if 2 < len(values) <= LABEL_MAP_VALUES:
+    if len(values) > 2 and values[-1] <= LABEL_MAP_VALUES:
         return arr != 0
     return arr > values[-1] / 2
 
 
+def mask_values(img: Image.Image) -> np.ndarray:
+    """(H, W) values of a decoded mask, for mask_defects. Alpha is dropped. A palette of
+    greys is read by its colours, as a grey mask; any other palette by its indices
+    (index 0 the background, as in VisA's and VOC's masks), so that no colour reads
+    darker than the background; a colour mask by its strongest channel, for the same
+    reason."""
+    if img.mode in ("LA", "La"):
+        img = img.convert("L")
+    elif img.mode == "PA":
+        img = img.convert("P")
+    if img.mode == "P":
+        ids = np.asarray(img)
+        palette = np.zeros(768, np.int64)
+        colours = img.getpalette() or []
+        palette[:len(colours)] = colours[:768]
+        used = palette.reshape(256, 3)[np.unique(ids)]  # (K, 3)
+        return np.asarray(img.convert("L")) if (used == used[:, :1]).all() else ids
+    if img.mode in ("1", "L") or img.mode.startswith("I"):
+        return np.asarray(img)
+    return np.asarray(img.convert("RGB")).max(axis=-1)
+
+
 def open_mask(path: str, kind: str = "mask", fix: str = FIX_BAD_FILE) -> Image.Image:
-    """Binary 'L' image (0/255) of a mask file (mask_defects), oriented as its image. A
-    palette mask is read by its indices (index 0 the background, as in VisA's and VOC's
-    masks), a colour mask by its strongest channel, so that no colour reads darker than
-    the background by its luminance."""
+    """Binary 'L' image (0/255) of a mask file (mask_values, mask_defects), oriented as
+    its image."""
     if not os.path.isfile(path):
         raise _missing(path, kind, fix)
     try:
         with Image.open(path) as img:
             img.load()
-            img = _oriented(img)
-            arr = np.asarray(img if img.mode.startswith(("I", "P", "L", "1"))
-                             else img.convert("RGB"))
+            values = mask_values(_oriented(img))  # (H, W)
     except Exception as e:
         raise BadFileError(f"cannot read {kind} {path}: {e}; {fix}") from e
-    grey = arr.max(axis=-1) if arr.ndim == 3 else arr  # (H, W)
-    return Image.fromarray(mask_defects(grey).astype(np.uint8) * 255)
+    return Image.fromarray(mask_defects(values).astype(np.uint8) * 255)
 
 
 def _aspect_problem(mask_size: tuple[int, int], mask_path: str, image_size: tuple[int, int],
@@ -860,11 +877,12 @@ def _require_masks(items: list[tuple[str, int, str]], root: str, classes: list[s
 def _mask_listing(gt_dir: str) -> dict[tuple[str, str], str]:
     """{(stem, lower-case extension): file name} of the masks in `gt_dir`, so that a mask
     is found whatever the case of its extension, as images are (000_mask.PNG)."""
-    listing = {}
+    listing: dict[tuple[str, str], str] = {}
     for name in sorted(os.listdir(gt_dir)):
         stem, ext = os.path.splitext(name)
-        if ext.lower() in IMAGE_EXTENSIONS:
-            listing.setdefault((stem, ext.lower()), name)
+        key = (stem, ext.lower())
+        if ext.lower() in IMAGE_EXTENSIONS and (key not in listing or ext == ext.lower()):
+            listing[key] = name  # 000_mask.png before 000_mask.PNG when both exist
     return listing
 
 

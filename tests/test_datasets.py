@@ -609,10 +609,12 @@ def test_16_bit_grey_reads_by_its_bit_depth_not_its_maximum(tmp_path):
     ("binary 0/255", {1: 255}, {1}),
     ("label ids 1 and 3", {1: 1, 2: 3}, {1, 2}),
     ("blurred edge", {1: 255, 2: 100, 3: 140, **{4 + i: 10 + i for i in range(20)}}, {1, 3}),
+    ("few-valued edge", {1: 255, 2: 40, 3: 200, 4: 3}, {1, 3}),
 ])
 def test_mask_defects_reads_binary_masks_label_maps_and_blurred_edges(name, values, expected):
-    """Two values: the larger is the defect; a label map (a few values): every non-zero
-    id, half the maximum would drop id 1; many values (blur, JPEG): above half the max."""
+    """Two values: the larger is the defect; a label map (ids up to 16): every non-zero
+    id, half the maximum would drop id 1; a binary mask blurred or compressed (its
+    maximum far above 16, however few its values): above half the maximum."""
     regions = np.repeat(np.arange(24), 4)[None].repeat(4, 0)  # (4, 96): 24 regions
     arr = np.zeros(regions.shape, np.uint8)
     for region, value in values.items():
@@ -623,8 +625,10 @@ def test_mask_defects_reads_binary_masks_label_maps_and_blurred_edges(name, valu
 
 
 def test_palette_and_colour_masks_read_by_index_and_strongest_channel(tmp_path):
-    """A palette mask by its indices (0 the background, even when it is white); a colour
-    mask by its strongest channel, so a dark blue defect beside a yellow one counts."""
+    """A palette mask of colours by its indices (0 the background, even when it is
+    white), one of greys by its colours; a colour mask by its strongest channel, so a
+    red defect beside a yellow one counts (its luminance would not); alpha never
+    counts."""
     ids = np.zeros((8, 8), np.uint8)
     ids[:2], ids[2:4] = 1, 2
     palette = Image.fromarray(ids, mode="P")
@@ -633,10 +637,20 @@ def test_palette_and_colour_masks_read_by_index_and_strongest_channel(tmp_path):
     got = np.asarray(datasets.open_mask(str(tmp_path / "p.png"))) > 0
     np.testing.assert_array_equal(got, ids > 0)
     colour = np.zeros((8, 8, 3), np.uint8)
-    colour[:2] = (0, 0, 90)
+    colour[:2] = (200, 0, 0)  # luminance 60, below half the yellow's 222
     colour[2:4] = (250, 250, 0)
     Image.fromarray(colour).save(tmp_path / "rgb.png")
     got = np.asarray(datasets.open_mask(str(tmp_path / "rgb.png"))) > 0
+    np.testing.assert_array_equal(got, ids > 0)
+    # a palette of greys that lists white (the defect) first reads by its colours
+    grey = Image.fromarray((ids == 0).astype(np.uint8), mode="P")  # defect rows: index 0
+    grey.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+    grey.save(tmp_path / "grey_p.png")
+    got = np.asarray(datasets.open_mask(str(tmp_path / "grey_p.png"))) > 0
+    np.testing.assert_array_equal(got, ids > 0)
+    # grey with alpha (as image editors export a layer): the alpha is no defect
+    Image.fromarray((ids > 0).astype(np.uint8) * 255).convert("LA").save(tmp_path / "la.png")
+    got = np.asarray(datasets.open_mask(str(tmp_path / "la.png"))) > 0
     np.testing.assert_array_equal(got, ids > 0)
 
 
