@@ -889,6 +889,15 @@ def test_shell_scripts_build_the_torchrun_command(tmp_path):
     again = run("train_cross_class.sh", FROM_OBJ_TO_TEXTURE="0")  # off
     assert again[again.index("--setting") + 1] == "tex2obj"
     assert obj2tex[obj2tex.index("--data_path") + 1] == "/d"
+    # one process: the interpreter itself, so a mistake's exit code 2 reaches the caller
+    (fake / "py").write_text("#!/usr/bin/env bash\necho python \"$@\"\nexit 2\n")
+    (fake / "py").chmod(0o755)
+    proc = run_command(["bash", "scripts/train_multi_class.sh"], cwd=REPO,
+                       env={**env, "NPROC": "1", "PYTHON": str(fake / "py")})
+    assert proc.returncode == 2
+    single = proc.stdout.split()
+    assert single[:2] == ["python", "run_pretraining.py"] and "--nproc_per_node" not in single
+    assert "--layer_scale_init_value" not in single  # each model's own (ViT-L: 1e-5)
 
 
 @pytest.mark.parametrize("mode", ["patch", "global"])
