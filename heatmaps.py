@@ -148,8 +148,11 @@ def render(image: np.ndarray, score_map: np.ndarray, scale: ColourScale, caption
     lines = caption.lines()
     text = np.full((LINE_HEIGHT * len(lines) + 6, top.shape[1], 3), 255, np.uint8)
     for k, (line, colour) in enumerate(lines):
-        cv2.putText(text, line, (4, LINE_HEIGHT * (k + 1)), FONT, FONT_SCALE, colour, 1,
-                    cv2.LINE_AA)
+        # OpenCV's fonts draw ASCII only, and a file name that is not UTF-8 (a stray
+        # surrogate) crashes it: everything else becomes '?'
+        ascii_line = line.encode("ascii", "replace").decode("ascii")
+        cv2.putText(text, ascii_line, (4, LINE_HEIGHT * (k + 1)), FONT, FONT_SCALE, colour,
+                    1, cv2.LINE_AA)
     return np.concatenate([top, text], axis=0)
 
 

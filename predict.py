@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -35,6 +36,8 @@ import utils
 OUTPUT_COLUMNS = ("image", "class", "name", "pmad_score", "protoflow_score", "threshold",
                   "decision")
 SKIPPED_FILE = "skipped_images.txt"  # the images --skip_bad_images left out, if any
+OUTPUTS = ("predictions.csv", SKIPPED_FILE, "heatmaps", "maps")  # one run's, set aside
+MAX_NAME_BYTES = 200  # an output name's limit, below the file systems' 255 with suffixes
 
 
 class InputError(utils.UserError, ValueError):
@@ -58,15 +61,20 @@ def _glob_base(pattern: str) -> str:
 
 
 def _walk_images(folder: str) -> list[str]:
-    """The image files below `folder`, sorted. Symlinked sub-folders are followed (a
-    class linked in must not vanish; glob patterns follow them too), each real folder
-    once, so a link back up ends the walk; junk folders (hidden, __MACOSX) are skipped."""
+    """The image files below `folder`, sorted. Symlinked sub-folders that lead out of
+    `folder` are followed (a class linked in must not vanish; glob patterns follow them
+    too), each real folder once; a link to a folder inside `folder` is not, so that
+    folder keeps its own name (and a link back up ends nothing); junk folders (hidden,
+    __MACOSX) are skipped."""
     visited = {os.path.realpath(folder)}
     files = []
     for parent, dirs, names in os.walk(folder, followlinks=True):
         kept = []
         for d in sorted(dirs):
-            real = os.path.realpath(os.path.join(parent, d))
+            path = os.path.join(parent, d)
+            real = os.path.realpath(path)
+            if os.path.islink(path) and utils.is_inside(real, folder):
+                continue
             if not datasets.is_junk_dir(d) and real not in visited:
                 visited.add(real)
                 kept.append(d)
@@ -93,18 +101,21 @@ def _expand(spec: str) -> tuple[str, list[str], bool]:
                      "(quote it, e.g. 'images/*.png')")
 
 
-def find_images(inputs: list[str], class_name: str | None, class_from_folder: bool
-                ) -> dict[str, list[tuple[str, str]]]:
+def find_images(inputs: list[str], class_name: str | None, class_from_folder: bool,
+                output_dir: str | None = None) -> dict[str, list[tuple[str, str]]]:
     """{class: [(image path, name)]}. The name is the image's path below its input's
     folder, separators as '_' and without extension (MVTec test trees give run_test.py's
     '<defect>_<stem>'); it names the heatmap and .npy files.
 
     With `class_from_folder` the class is the first folder below a folder input, or the
-    image's parent folder for files and glob patterns."""
+    image's parent folder for files and glob patterns. Files in `output_dir` (an earlier
+    run's heatmaps, when it lies in an input folder) are never inputs."""
     groups: dict[str, list[tuple[str, str]]] = {}
     seen: set[str] = set()
     for spec in inputs:
         base, files, is_folder = _expand(spec)
+        if output_dir is not None:
+            files = [f for f in files if not utils.is_inside(f, output_dir)]
         if not files:
             raise InputError(f"no images ({'/'.join(datasets.IMAGE_EXTENSIONS)}) in {spec}")
         for f in files:
@@ -123,12 +134,23 @@ def find_images(inputs: list[str], class_name: str | None, class_from_folder: bo
                     cls = Path(os.path.abspath(f)).parent.name  # 'top.png' has parent ''
             else:
                 cls = class_name
-            name = "_".join(rel.with_suffix("").parts)
-            groups.setdefault(cls, []).append((f, name))
+            groups.setdefault(cls, []).append((f, _file_stem(rel)))
     for cls, items in groups.items():  # the names name files: unique within a class
         files, names = zip(*items)
         groups[cls] = list(zip(files, unique_names(list(names))))
     return groups
+
+
+def _file_stem(rel: Path) -> str:
+    """The output name of the image at `rel` below its input: its folders and stem joined
+    by '_'; one too long for a file name (deep folders) keeps its first 150 bytes and a
+    hash of the whole, which keeps it unique."""
+    name = "_".join(rel.with_suffix("").parts)
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= MAX_NAME_BYTES:
+        return name
+    return (raw[:150].decode("utf-8", "ignore") + "_"
+            + hashlib.sha256(raw).hexdigest()[:16])
 
 
 def unique_names(names: list[str]) -> list[str]:
@@ -172,14 +194,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 def predict(args: argparse.Namespace) -> list[dict[str, object]]:
     """Each class's images scored as the clean protocol does: rows of predictions.csv."""
     run_test.check_device_flags(args)
-    groups = find_images(args.inputs, args.class_name, args.class_from_folder)
+    groups = find_images(args.inputs, args.class_name, args.class_from_folder,
+                         args.output_dir)
     out_dir = Path(utils.prepare_output_dir(args.output_dir, "--output_dir"))
-    (out_dir / SKIPPED_FILE).unlink(missing_ok=True)  # an earlier run's list is not this one's
     m = run_test.load_models(args)
     for cls in groups:  # a missing class fails before any image is scored
         m.protoflow.prototypes(cls)
     run_test.check_mask_ratios(args, list(groups), m.model.patch_embed.num_patches)
     options = run_test.clean_options(args)
+    earlier = utils.set_aside(out_dir, OUTPUTS)  # no heatmap of another run beside this one's
+    if earlier:
+        print(f"[predict] an earlier run's outputs in {out_dir} moved to {earlier}")
     rows: list[dict[str, object]] = []
     skipped: list[str] = []
     for cls in tqdm(sorted(groups), desc="classes", disable=len(groups) < 2):
@@ -215,10 +240,13 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
         if threshold is None:
             print(f"[predict] {args.protoflow_weights} stores no normal-data threshold for "
                   f"'{cls}' (a released file): scores only, no decision")
-    with open(out_dir / "predictions.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=OUTPUT_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    def write_csv(tmp: str) -> None:
+        # a file name that is not UTF-8 is written as its bytes, so the path still opens
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            writer = csv.DictWriter(f, fieldnames=OUTPUT_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    utils.write_atomic(out_dir / "predictions.csv", write_csv)
     if skipped:
         (out_dir / SKIPPED_FILE).write_text("\n".join(skipped) + "\n")
         print(f"[predict] left out {len(skipped)} unreadable image(s), listed in "
@@ -226,7 +254,9 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
     for cls in sorted(groups):
         mine = [r for r in rows if r["class"] == cls]
         called = sum(r["decision"] == "anomalous" for r in mine)
-        print(f"[predict] {cls}: {len(mine)} images, {called} anomalous")
+        decided = any(r["decision"] for r in mine)
+        print(f"[predict] {cls}: {len(mine)} images, "
+              + (f"{called} anomalous" if decided else "no decision (no threshold)"))
     print(f"predictions: {out_dir / 'predictions.csv'}"
           + (f"; heatmaps: {out_dir / 'heatmaps'}" if args.maps else "")
           + (f"; maps: {out_dir / 'maps'}" if args.save_npy else ""))

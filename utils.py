@@ -929,13 +929,29 @@ def archive_previous_run(output_dir: str, log_dir: str | None = None,
     copying = []
     if log:
         (moving if newer_than is None else copying).append("log.txt")
-    if newer_than is None and log_dir and _inside(log_dir, output_dir) \
+    if newer_than is None and log_dir and is_inside(log_dir, output_dir) \
             and os.path.isdir(log_dir):
         rel = os.path.relpath(os.path.realpath(log_dir), os.path.realpath(output_dir))
         moving += [os.path.normpath(os.path.join(rel, name))
                    for name in sorted(os.listdir(log_dir))
                    if name.startswith("events.out.tfevents.")
                    and os.path.isfile(os.path.join(log_dir, name))]
+    folder = set_aside(output_dir, moving, now)
+    for rel in copying:
+        shutil.copy2(os.path.join(output_dir, rel), os.path.join(folder, rel))
+    return folder, moving + copying
+
+
+def set_aside(output_dir: str | os.PathLike, paths: Iterable[str],
+              now: datetime.datetime | None = None) -> str | None:
+    """Move those of `paths` (files or folders, relative to `output_dir`) that exist into
+    a new `<output_dir>/previous-<UTC time>/`, at the same relative paths, so that a new
+    run's outputs never mix with an earlier run's; nothing is deleted. -> the folder, or
+    None when none of them exists."""
+    output_dir = os.fspath(output_dir)
+    present = [rel for rel in paths if os.path.lexists(os.path.join(output_dir, rel))]
+    if not present:
+        return None
     stamp = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
     base = folder = os.path.join(output_dir, f"{PREVIOUS_RUN_PREFIX}{stamp}")
     n = 1
@@ -943,16 +959,14 @@ def archive_previous_run(output_dir: str, log_dir: str | None = None,
         n += 1
         folder = f"{base}-{n}"
     os.makedirs(folder)
-    for rel in moving:
+    for rel in present:
         target = os.path.join(folder, rel)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         os.rename(os.path.join(output_dir, rel), target)  # same file system: atomic
-    for rel in copying:
-        shutil.copy2(os.path.join(output_dir, rel), os.path.join(folder, rel))
-    return folder, moving + copying
+    return folder
 
 
-def _inside(path: str, folder: str) -> bool:
+def is_inside(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or lies below it (real paths: links resolved)."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([path, folder]) == folder

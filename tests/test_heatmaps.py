@@ -73,6 +73,13 @@ def test_render_layout():
     assert (out[h:] < 200).any()  # caption text was drawn
     without = heatmaps.render(image, score, scale, Caption("x", 1.0, 1.0, None))
     assert without.shape[1] == out.shape[1] - panel
+    # a file name that is not UTF-8 (its byte as a surrogate) or not ASCII: drawn with '?'
+    # where OpenCV's font has no glyph (the surrogate crashed OpenCV), as 'caf?' would be
+    odd = heatmaps.render(image, score, scale, Caption("caf\udce9", 1.0, 1.0, None))
+    plain = heatmaps.render(image, score, scale, Caption("caf?", 1.0, 1.0, None))
+    assert (odd == plain).all()
+    assert (heatmaps.render(image, score, scale, Caption("café图", 1.0, 1.0, None))
+            == heatmaps.render(image, score, scale, Caption("caf??", 1.0, 1.0, None))).all()
 
 
 def test_extremes_per_type():

@@ -119,6 +119,10 @@ def test_class_from_folder_and_bad_images(tiny_world, tmp_path, capsys):
     (inbox / "coins" / "broken.png").unlink()
     assert predict.main(argv) == 0
     assert not (out / "skipped_images.txt").exists() and len(_rows(out)) == 4
+    # the earlier run's list and predictions are set aside, not deleted nor mixed in
+    (previous,) = out.glob("previous-*")
+    assert "broken.png" in (previous / "skipped_images.txt").read_text()
+    assert "no decision" not in capsys.readouterr().out
 
 
 def test_inputs_are_checked(tmp_path):
@@ -152,6 +156,8 @@ def test_folder_walk_follows_symlinked_folders(tmp_path):
     byclass = tmp_path / "byclass"
     (byclass / "coins").symlink_to(tmp_path / "store" / "coins", target_is_directory=True)
     (byclass / "brick" / "loop").symlink_to(byclass, target_is_directory=True)
+    # a link to a folder of the input itself: the folder keeps its own name
+    (byclass / "a_latest").symlink_to(byclass / "brick", target_is_directory=True)
     assert predict.find_images([str(byclass)], None, True) == {
         "brick": [(str(byclass / "brick" / "a.png"), "a")],
         "coins": [(str(byclass / "coins" / "1.png"), "1"),
@@ -173,6 +179,22 @@ def test_class_of_a_bare_relative_file_is_its_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "coins")
     assert predict.find_images(["top.png", "ti*.png"], None, True) == {
         "coins": [("top.png", "top"), ("tip.png", "tip")]}
+
+
+def test_outputs_inside_an_input_folder_and_deep_names(tmp_path):
+    """An --output_dir inside the input folder (an earlier run's heatmaps there) is no
+    input; a name too long for a file (deep folders) is cut and keeps a hash, so two
+    names sharing their first 150 bytes still differ."""
+    deep = "d" * 120
+    _touch(tmp_path, "in/a.png", "in/pred/heatmaps/x/a.png", f"in/{deep}/{deep}/1.png",
+           f"in/{deep}/{deep}/2.png")
+    (items,) = predict.find_images([str(tmp_path / "in")], "x", False,
+                                   str(tmp_path / "in" / "pred")).values()
+    names = [n for _, n in items]
+    assert [Path(f).name for f, _ in items] == ["a.png", "1.png", "2.png"]
+    assert names[0] == "a" and names[1] != names[2]
+    for name in names[1:]:
+        assert len(name.encode()) == 150 + 1 + 16 and name.startswith(deep + "_" + deep[:29])
 
 
 def test_output_names_are_unique_even_against_suffixed_names(tmp_path):
