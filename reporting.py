@@ -169,6 +169,8 @@ class PartialResults:
         whole, tail = lines[:-1], lines[-1]  # tail: "" when the file ends with a newline
         entries = []
         for n, line in enumerate(whole, 1):
+            if not line.strip():
+                continue
             try:
                 entries.append(json.loads(line))
             except ValueError as e:

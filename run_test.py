@@ -302,11 +302,10 @@ def main(args: argparse.Namespace) -> dict:
         results["failed"] = {class_name: "interrupted (Ctrl-C)" if interrupted
                              else f"{type(e).__name__}: {e}"}
         finished = len(results["classes"])
+        kept = (f"; the {finished} class(es) finished are kept in {partial.path} and the "
+                "table below; re-run with --resume_eval to skip them" if finished else "")
         print(f"[run_test] {'interrupted' if interrupted else 'stopped'} in class "
-              f"{class_name}; " + (f"the {finished} class(es) finished are kept in "
-                                   f"{partial.path} and the table below; re-run with "
-                                   "--resume_eval to skip them" if finished else
-                                   "no class finished"), file=sys.stderr, flush=True)
+              f"{class_name}{kept}", file=sys.stderr, flush=True)
         report(results, out_dir, args.protocol, start, bool(args.save_heatmaps))
         if interrupted:
             return results

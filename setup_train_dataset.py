@@ -32,7 +32,7 @@ from tqdm import tqdm
 from dataset_converters import (DEFAULT_TEST_FRACTION, convert_custom, convert_visa,
                                 remove_unlisted)
 from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, LayoutError,
-                      list_images, resolve_train_root)
+                      data_subdirs, list_images, resolve_train_root)
 from demo_data import DEFECT_AREA_BOUNDS, WORLDS, make_demo_dataset
 from fg_masks import FgMaskZip, make_fg_masks, mask_coverage
 from utils import UniqueNames, cli, fraction_arg, int_at_least, prepare_output_dir, write_atomic
@@ -59,8 +59,8 @@ def find_classes(data_path: str, classes: Sequence[str] | None) -> list[str]:
                           "Download MVTec AD and pass its folder as --data_path")
     if classes:
         return list(dict.fromkeys(classes))
-    found = sorted(d for d in os.listdir(data_path)
-                   if os.path.isdir(os.path.join(data_path, d, "train")))
+    found = [d for d in data_subdirs(data_path)
+             if os.path.isdir(os.path.join(data_path, d, "train"))]
     if not found:
         raise LayoutError(f"no class folders with a train/ folder in {data_path}; "
                           f"expected {SOURCE_LAYOUT}")

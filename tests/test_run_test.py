@@ -484,6 +484,9 @@ def test_partial_results_survive_a_cut_short_line_and_a_fresh_run_clears_the_las
     assert "its last line was cut short" in capsys.readouterr().err
     resumed.add("b", {"image_auroc": 0.5})
     assert [json.loads(x)["class"] for x in path.read_text().splitlines()] == ["a", "b"]
+    path.write_text(path.read_text().replace("\n", "\n\n", 1))  # a blank line is no record
+    assert list(reporting.PartialResults(path, {"protocol": "clean"}, keys, True).done) == [
+        "a", "b"]
     path.write_text('{"class": "a"\n' + path.read_text())
     with pytest.raises(utils.UserError, match=f"line 1 of {path} is not a record"):
         reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=True)

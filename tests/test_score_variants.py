@@ -125,7 +125,8 @@ def test_bench_score_variants_calibration_rows_by_hand(score_variants) -> None:
     assert needs_more.isdisjoint(plain)  # no train images, no codebook: those rows are not made
 
 
-def test_bench_score_variants_end_to_end(score_variants, tiny_world, tmp_path, capsys) -> None:
+def test_bench_score_variants_end_to_end(score_variants, tiny_world, tmp_path, capsys,
+                                        monkeypatch) -> None:
     """The script on the tiny world: every row per class in score_variants.json, the
     default row's image AUROC printed as their mean; a class without train/good images
     is exit 2 naming the folder, as run_test.py reports a user's mistake."""
@@ -144,6 +145,11 @@ def test_bench_score_variants_end_to_end(score_variants, tiny_world, tmp_path, c
     data = tmp_path / "mvtec"
     shutil.copytree(tiny_world.mvtec_root, data, symlinks=True)
     shutil.rmtree(data / "coins" / "train" / "good")
+
+    def no_models(args):
+        raise AssertionError("models were loaded before the layout was checked")
+
+    monkeypatch.setattr(score_variants.run_test, "load_models", no_models)
     assert score_variants.main(tiny_world.run_test_argv(tmp_path / "o2", data=data)) == 2
     err = capsys.readouterr().err
     assert err == f"error: {data / 'coins' / 'train' / 'good'} holds no images: the " \

@@ -71,7 +71,6 @@ def test_set_step_hyperparams_leaves_undecayed_group_at_zero():
     assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.02]
 
 
-
 def test_a_weight_decay_schedule_from_zero_reaches_the_decayed_group():
     """--weight_decay 0 --weight_decay_end 0.05: the decayed group follows the schedule up
     from 0, also after the optimizer state's round trip through a checkpoint; a group
