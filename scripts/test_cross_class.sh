@@ -8,9 +8,12 @@
 # scripts/test_multi_class.sh.
 set -euo pipefail
 
-case "${FROM_OBJ_TO_TEXTURE:-0}" in
-    0|""|false|no) export SETTING=tex2obj; default_ckpt=weights/checkpoint_844_894.pth ;;
-    *) export SETTING=obj2tex; default_ckpt=weights/checkpoint_976_931.pth ;;
+direction=${FROM_OBJ_TO_TEXTURE:-0}
+case "${direction,,}" in
+    0|""|false|no|off) export SETTING=tex2obj; default_ckpt=weights/checkpoint_844_894.pth ;;
+    1|true|yes|on) export SETTING=obj2tex; default_ckpt=weights/checkpoint_976_931.pth ;;
+    *) echo "FROM_OBJ_TO_TEXTURE=$FROM_OBJ_TO_TEXTURE: give 1 (objects -> textures) or 0" \
+            "(textures -> objects)" >&2; exit 2 ;;
 esac
 export CKPT=${CKPT:-$default_ckpt}
 exec bash "$(dirname "$0")/test_multi_class.sh" "$@"

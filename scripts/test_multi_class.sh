@@ -6,8 +6,8 @@
 #   bash scripts/test_multi_class.sh
 #   PROTOCOLS=paper bash scripts/test_multi_class.sh --save_heatmaps 4
 #
-# Paths come from environment variables (defaults below; PYTHON names the interpreter,
-# python3 by default); extra arguments are passed on to run_test.py. MODEL and TOKENIZER
+# Paths come from environment variables (defaults below; relative paths are taken from
+# the repository root; PYTHON names the interpreter, python3 by default); extra arguments are passed on to run_test.py. MODEL and TOKENIZER
 # (e.g. vit_tokenizer) are passed only when set: by default run_test.py takes the model,
 # image size, layer scale, normalisation and tokenizer kind from the checkpoint's
 # training arguments (the paper's for a released file without them).

@@ -12,9 +12,12 @@
 set -euo pipefail
 
 obj2tex=0
-case "${FROM_OBJ_TO_TEXTURE:-0}" in
-    0|""|false|no) ;;
-    *) obj2tex=1 ;;
+direction=${FROM_OBJ_TO_TEXTURE:-0}
+case "${direction,,}" in
+    0|""|false|no|off) ;;
+    1|true|yes|on) obj2tex=1 ;;
+    *) echo "FROM_OBJ_TO_TEXTURE=$FROM_OBJ_TO_TEXTURE: give 1 (objects -> textures) or 0" \
+            "(textures -> objects)" >&2; exit 2 ;;
 esac
 for arg in "$@"; do
     [[ "$arg" == "--from_obj_to_texture" ]] && obj2tex=1

@@ -7,11 +7,11 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 NPROC=8 bash scripts/train_multi_class.sh
 #   SETTING=leave_one_out bash scripts/train_multi_class.sh --unseen_classes screw
 #
-# Paths and the setting come from environment variables (defaults below; PYTHON names
-# the interpreter of a one-process run, python3 by default; layer scale: the model's
-# own, 0.1 for ViT-B as the original passes, 1e-5 for ViT-L); any argument
-# is passed on to run_pretraining.py after the defaults, so it wins (e.g. --epochs 100,
-# --amp fp16, --no_init). Re-running the same command resumes from the newest complete
+# Paths and the setting come from environment variables (defaults below; relative paths
+# are taken from the repository root; PYTHON names the interpreter of a one-process run,
+# python3 by default; layer scale: the model's own, 0.1 for ViT-B as the original
+# passes, 1e-5 for ViT-L); any argument is passed on to run_pretraining.py after the
+# defaults, so it wins (e.g. --epochs 100, --amp fp16, --no_init). Re-running the same command resumes from the newest complete
 # checkpoint in OUTPUT_DIR. scripts/train_cross_class.sh runs this with SETTING set.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -533,6 +533,11 @@ def test_shell_scripts_build_the_run_test_commands(tmp_path):
     assert arg(obj2tex, "--setting")[0] == "obj2tex"
     assert arg(obj2tex, "--ckpt")[0] == "weights/checkpoint_976_931.pth"
     assert arg(obj2tex, "--output_dir")[0] == "output_dir/test_obj2tex/clean"
+    off = calls("test_cross_class.sh", PROTOCOLS="clean", FROM_OBJ_TO_TEXTURE="Off")[0]
+    assert arg(off, "--setting")[0] == "tex2obj"  # not any non-empty word: on
+    run = run_command(["bash", "scripts/test_cross_class.sh"], cwd=ROOT,
+                      env={**os.environ, "PYTHON": str(stub), "FROM_OBJ_TO_TEXTURE": "2"})
+    assert run.returncode == 2 and "give 1 (objects -> textures) or 0" in run.stderr
 
 
 def test_the_original_test_scripts_checkpoint_flag():

@@ -886,8 +886,14 @@ def test_shell_scripts_build_the_torchrun_command(tmp_path):
     assert "--from_obj_to_texture" in obj2tex
     assert obj2tex[obj2tex.index("--setting") + 1] == "obj2tex"
     assert obj2tex[obj2tex.index("--output_dir") + 1] == "output_dir/obj2tex"
-    again = run("train_cross_class.sh", FROM_OBJ_TO_TEXTURE="0")  # off
-    assert again[again.index("--setting") + 1] == "tex2obj"
+    for off in ("0", "off", "False", "NO"):
+        again = run("train_cross_class.sh", FROM_OBJ_TO_TEXTURE=off)
+        assert again[again.index("--setting") + 1] == "tex2obj", off
+    yes = run("train_cross_class.sh", FROM_OBJ_TO_TEXTURE="Yes")
+    assert yes[yes.index("--setting") + 1] == "obj2tex"
+    proc = run_command(["bash", "scripts/train_cross_class.sh"], cwd=REPO,
+                       env={**env, "FROM_OBJ_TO_TEXTURE": "objects"})
+    assert proc.returncode == 2 and "give 1 (objects -> textures) or 0" in proc.stderr
     assert obj2tex[obj2tex.index("--data_path") + 1] == "/d"
     # one process: the interpreter itself, so a mistake's exit code 2 reaches the caller
     (fake / "py").write_text("#!/usr/bin/env bash\necho python \"$@\"\nexit 2\n")
