@@ -8,8 +8,9 @@
 # scripts/test_multi_class.sh.
 set -euo pipefail
 
-direction=${FROM_OBJ_TO_TEXTURE:-0}
-case "${direction,,}" in
+# lower case by tr, not ${var,,}: macOS ships bash 3.2
+direction=$(printf '%s' "${FROM_OBJ_TO_TEXTURE:-0}" | tr '[:upper:]' '[:lower:]')
+case "$direction" in
     0|""|false|no|off) export SETTING=tex2obj; default_ckpt=weights/checkpoint_844_894.pth ;;
     1|true|yes|on) export SETTING=obj2tex; default_ckpt=weights/checkpoint_976_931.pth ;;
     *) echo "FROM_OBJ_TO_TEXTURE=$FROM_OBJ_TO_TEXTURE: give 1 (objects -> textures) or 0" \

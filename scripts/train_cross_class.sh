@@ -12,8 +12,9 @@
 set -euo pipefail
 
 obj2tex=0
-direction=${FROM_OBJ_TO_TEXTURE:-0}
-case "${direction,,}" in
+# lower case by tr, not ${var,,}: macOS ships bash 3.2
+direction=$(printf '%s' "${FROM_OBJ_TO_TEXTURE:-0}" | tr '[:upper:]' '[:lower:]')
+case "$direction" in
     0|""|false|no|off) ;;
     1|true|yes|on) obj2tex=1 ;;
     *) echo "FROM_OBJ_TO_TEXTURE=$FROM_OBJ_TO_TEXTURE: give 1 (objects -> textures) or 0" \
