@@ -62,25 +62,28 @@ step() { printf '\n==> [%dm%02ds] %s\n' $(((SECONDS - start) / 60)) $(((SECONDS 
 run_world() {
     local name=$1 world=$2 classes=$3 out=$DEMO_DIR/$1 draw_args=("${@:7}")
     local mvtec=$DATA_DIR/demo_${1}_mvtec imagenet=$DATA_DIR/demo_${1}_imagenet
-    local class_args=()
+    local class_args=()  # expanded as ${a[@]+"${a[@]}"}: bash 3.2 (macOS) calls () unbound
     [[ -n "$classes" ]] && class_args=(--classes $classes)
     # a fresh run each time: the demo's own outputs only
     rm -rf "$out/prototypes" "$out/protoflow.pt" "$out/protoflow.pt.log.jsonl" \
            "$out/kmeans_tokenizer.pth" "$out/pmad" "$out/results"
 
     step "[$name] 1/5 demo data set ($world world) from scikit-image photographs -> $mvtec"
-    "$PY" setup_train_dataset.py --make_demo "$mvtec" --root "$imagenet" "${class_args[@]}" \
-        --demo_world "$world" --demo_counts "$4" "$5" "$6" "${draw_args[@]}"
+    "$PY" setup_train_dataset.py --make_demo "$mvtec" --root "$imagenet" \
+        ${class_args[@]+"${class_args[@]}"} --demo_world "$world" \
+        --demo_counts "$4" "$5" "$6" ${draw_args[@]+"${draw_args[@]}"}
 
     step "[$name] 2/5 ProtoFlow prototypes (k-center coreset of Lite0 patch features)"
-    "$PY" run_protoflow.py prototypes --data_path "$imagenet" "${class_args[@]}" \
-        --encoder efficientnet_lite0 --encoder_weights "$LITE0" \
-        --output_dir "$out/prototypes" --coreset_ratio 0.05 --device "$DEVICE" --num_workers 2
+    "$PY" run_protoflow.py prototypes --data_path "$imagenet" \
+        ${class_args[@]+"${class_args[@]}"} --encoder efficientnet_lite0 \
+        --encoder_weights "$LITE0" --output_dir "$out/prototypes" --coreset_ratio 0.05 \
+        --device "$DEVICE" --num_workers 2
 
     step "[$name] 3/5 ProtoFlow flow ($PF_EPOCHS epochs)"
-    "$PY" run_protoflow.py train --data_path "$imagenet" "${class_args[@]}" \
-        --encoder efficientnet_lite0 --encoder_weights "$LITE0" \
-        --prototypes_dir "$out/prototypes" --output "$out/protoflow.pt" \
+    "$PY" run_protoflow.py train --data_path "$imagenet" \
+        ${class_args[@]+"${class_args[@]}"} --encoder efficientnet_lite0 \
+        --encoder_weights "$LITE0" --prototypes_dir "$out/prototypes" \
+        --output "$out/protoflow.pt" \
         --epochs "$PF_EPOCHS" --warmup_epochs 1 --n_blocks 4 --lr 1e-3 --batch_size 16 \
         --device "$DEVICE" --num_workers 2
 
@@ -100,7 +103,7 @@ run_world() {
         --ckpt "$out/pmad/checkpoint-last.pth" \
         --tokenizer_model kmeans --tokenizer_weight_path "$out/kmeans_tokenizer.pth" \
         --protoflow_weights "$out/protoflow.pt" --prototypes_dir "$out/prototypes" \
-        --data_path "$mvtec" "${class_args[@]}" --protocol clean \
+        --data_path "$mvtec" ${class_args[@]+"${class_args[@]}"} --protocol clean \
         --output_dir "$out/results" --save_heatmaps 2 --batch_size 16 \
         --num_workers 2 --device "$DEVICE"
 }
