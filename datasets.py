@@ -539,7 +539,7 @@ def mask_values(img: Image.Image) -> np.ndarray:
     darker than the background; a colour mask by its strongest channel, for the same
     reason."""
     if img.mode in ("LA", "La"):
-        img = img.convert("L")
+        img = img.getchannel(0)
     elif img.mode == "PA":
         img = img.convert("P")
     if img.mode == "P":

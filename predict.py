@@ -21,6 +21,7 @@ import csv
 import glob
 import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def _walk_images(folder: str) -> list[str]:
         for d in sorted(dirs):
             path = os.path.join(parent, d)
             real = os.path.realpath(path)
-            if os.path.islink(path) and utils.is_inside(real, folder):
+            if os.path.islink(path) and _walked_anyway(real, folder):
                 continue
             if not datasets.is_junk_dir(d) and real not in visited:
                 visited.add(real)
@@ -82,6 +83,26 @@ def _walk_images(folder: str) -> list[str]:
         files += [str(Path(parent, n)) for n in names
                   if _is_image(n) and os.path.isfile(os.path.join(parent, n))]
     return sorted(files)
+
+
+def _walked_anyway(real: str, folder: str) -> bool:
+    """Whether the walk of `folder` reaches the real folder `real` by its own name: it
+    lies inside `folder`, under no junk folder (a link to .versions/coins_v3 is how
+    that class is reached)."""
+    if not utils.is_inside(real, folder):
+        return False
+    rel = Path(os.path.relpath(real, os.path.realpath(folder)))
+    return not any(datasets.is_junk_dir(part) for part in rel.parts)
+
+
+def _is_own_output(path: str, output_dir: str) -> bool:
+    """Whether `path` lies in what predict.py writes in `output_dir` (heatmaps/, maps/,
+    previous-*/): an earlier run's heatmaps are no input, whatever the folders given."""
+    if not utils.is_inside(path, output_dir):
+        return False
+    rel = Path(os.path.relpath(os.path.realpath(path), os.path.realpath(output_dir)))
+    return rel.parts[0] in ("heatmaps", "maps") or rel.parts[0].startswith(
+        utils.PREVIOUS_RUN_PREFIX)
 
 
 def _expand(spec: str) -> tuple[str, list[str], bool]:
@@ -108,14 +129,15 @@ def find_images(inputs: list[str], class_name: str | None, class_from_folder: bo
     '<defect>_<stem>'); it names the heatmap and .npy files.
 
     With `class_from_folder` the class is the first folder below a folder input, or the
-    image's parent folder for files and glob patterns. Files in `output_dir` (an earlier
-    run's heatmaps, when it lies in an input folder) are never inputs."""
+    image's parent folder for files and glob patterns. What predict.py wrote in
+    `output_dir` (an earlier run's heatmaps, when it lies in an input folder) is never
+    an input."""
     groups: dict[str, list[tuple[str, str]]] = {}
     seen: set[str] = set()
     for spec in inputs:
         base, files, is_folder = _expand(spec)
         if output_dir is not None:
-            files = [f for f in files if not utils.is_inside(f, output_dir)]
+            files = [f for f in files if not _is_own_output(f, output_dir)]
         if not files:
             raise InputError(f"no images ({'/'.join(datasets.IMAGE_EXTENSIONS)}) in {spec}")
         for f in files:
@@ -192,19 +214,51 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def predict(args: argparse.Namespace) -> list[dict[str, object]]:
-    """Each class's images scored as the clean protocol does: rows of predictions.csv."""
+    """Each class's images scored as the clean protocol does: rows of predictions.csv.
+    The outputs are written to a hidden staging folder and put in place only when every
+    class is done, the earlier run's then set aside: a run that fails leaves the folder
+    as it was."""
     run_test.check_device_flags(args)
     groups = find_images(args.inputs, args.class_name, args.class_from_folder,
                          args.output_dir)
     out_dir = Path(utils.prepare_output_dir(args.output_dir, "--output_dir"))
+    utils.remove_stale_tmp_files(out_dir)  # a staging folder of a run that was killed
     m = run_test.load_models(args)
     for cls in groups:  # a missing class fails before any image is scored
         m.protoflow.prototypes(cls)
     run_test.check_mask_ratios(args, list(groups), m.model.patch_embed.num_patches)
-    options = run_test.clean_options(args)
-    earlier = utils.set_aside(out_dir, OUTPUTS)  # no heatmap of another run beside this one's
+    stage = Path(utils.tmp_name(str(out_dir / "predict")))
+    stage.mkdir()
+    try:
+        rows, skipped = _score_into(stage, args, m, groups)
+        earlier = utils.set_aside(out_dir, OUTPUTS)  # no heatmap of another run beside ours
+        for name in sorted(os.listdir(stage)):
+            os.replace(stage / name, out_dir / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     if earlier:
-        print(f"[predict] an earlier run's outputs in {out_dir} moved to {earlier}")
+        print(f"[predict] the earlier run's outputs in {out_dir} moved to {earlier}")
+    if skipped:
+        print(f"[predict] left out {len(skipped)} unreadable image(s), listed in "
+              f"{out_dir / SKIPPED_FILE}")
+    for cls in sorted(groups):
+        mine = [r for r in rows if r["class"] == cls]
+        called = sum(r["decision"] == "anomalous" for r in mine)
+        decided = any(r["decision"] for r in mine)
+        print(f"[predict] {cls}: {len(mine)} images, "
+              + (f"{called} anomalous" if decided else "no decision (no threshold)"))
+    print(f"predictions: {out_dir / 'predictions.csv'}"
+          + (f"; heatmaps: {out_dir / 'heatmaps'}" if args.maps else "")
+          + (f"; maps: {out_dir / 'maps'}" if args.save_npy else ""))
+    return rows
+
+
+def _score_into(out: Path, args: argparse.Namespace, m: run_test.Models,
+                groups: dict[str, list[tuple[str, str]]]
+                ) -> tuple[list[dict[str, object]], list[str]]:
+    """Score every class, writing predictions.csv (and the skipped list, heatmaps and
+    maps) under `out`. -> (the CSV's rows, the images left out)."""
+    options = run_test.clean_options(args)
     rows: list[dict[str, object]] = []
     skipped: list[str] = []
     for cls in tqdm(sorted(groups), desc="classes", disable=len(groups) < 2):
@@ -232,35 +286,24 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
                          "decision": caption.decision or ""})
             if scale is not None:
                 heatmaps.save_one(data.images[i], scores.maps[i], scale, caption,
-                                  out_dir / "heatmaps" / cls / f"{name}.png", m.mean, m.std)
+                                  out / "heatmaps" / cls / f"{name}.png", m.mean, m.std)
             if args.save_npy:
-                path = out_dir / "maps" / cls / f"{name}.npy"
+                path = out / "maps" / cls / f"{name}.npy"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 np.save(path, scores.maps[i].numpy().astype(np.float32))
         if threshold is None:
             print(f"[predict] {args.protoflow_weights} stores no normal-data threshold for "
                   f"'{cls}' (a released file): scores only, no decision")
-    def write_csv(tmp: str) -> None:
-        # a file name that is not UTF-8 is written as its bytes, so the path still opens
-        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-            writer = csv.DictWriter(f, fieldnames=OUTPUT_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-    utils.write_atomic(out_dir / "predictions.csv", write_csv)
+    # a file name that is not UTF-8 is written as its bytes, so the path still opens
+    with open(out / "predictions.csv", "w", newline="", encoding="utf-8",
+              errors="surrogateescape") as f:
+        writer = csv.DictWriter(f, fieldnames=OUTPUT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
     if skipped:
-        (out_dir / SKIPPED_FILE).write_text("\n".join(skipped) + "\n")
-        print(f"[predict] left out {len(skipped)} unreadable image(s), listed in "
-              f"{out_dir / SKIPPED_FILE}")
-    for cls in sorted(groups):
-        mine = [r for r in rows if r["class"] == cls]
-        called = sum(r["decision"] == "anomalous" for r in mine)
-        decided = any(r["decision"] for r in mine)
-        print(f"[predict] {cls}: {len(mine)} images, "
-              + (f"{called} anomalous" if decided else "no decision (no threshold)"))
-    print(f"predictions: {out_dir / 'predictions.csv'}"
-          + (f"; heatmaps: {out_dir / 'heatmaps'}" if args.maps else "")
-          + (f"; maps: {out_dir / 'maps'}" if args.save_npy else ""))
-    return rows
+        (out / SKIPPED_FILE).write_text("\n".join(skipped) + "\n", encoding="utf-8",
+                                        errors="surrogateescape")
+    return rows, skipped
 
 
 def main(argv: list[str] | None = None) -> int:

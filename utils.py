@@ -240,9 +240,9 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def remove_stale_tmp_files(folder: str | os.PathLike) -> list[str]:
-    """Remove the temporary files (`tmp_name`: `.<name>.tmp-<pid>`) that writers killed
-    mid-write left in `folder`: those whose pid is no process on this machine. Returns
-    their paths."""
+    """Remove the temporary files and folders (`tmp_name`: `.<name>.tmp-<pid>`) that
+    writers killed mid-write left in `folder`: those whose pid is no process on this
+    machine. Returns their paths."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         return []
@@ -250,14 +250,21 @@ def remove_stale_tmp_files(folder: str | os.PathLike) -> list[str]:
     for name in sorted(os.listdir(folder)):
         match = TMP_PATTERN.search(name)
         path = os.path.join(folder, name)
-        if match is None or not os.path.isfile(path) or _alive(int(match.group(1))):
+        if match is None or _alive(int(match.group(1))):
             continue
-        size = os.path.getsize(path)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-            removed.append(path)
-            print(f"[cleanup] removed {path} ({size / 2 ** 20:.1f} MiB), left by process "
-                  f"{match.group(1)} that ended mid-write", flush=True)
+        if os.path.isdir(path) and not os.path.islink(path):  # e.g. predict.py's staging
+            size = sum(os.path.getsize(os.path.join(d, f))
+                       for d, _, files in os.walk(path) for f in files)
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.isfile(path):
+            size = os.path.getsize(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        else:
+            continue
+        removed.append(path)
+        print(f"[cleanup] removed {path} ({size / 2 ** 20:.1f} MiB), left by process "
+              f"{match.group(1)} that ended mid-write", flush=True)
     return removed
 
 

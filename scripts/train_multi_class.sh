@@ -11,8 +11,9 @@
 # are taken from the repository root; PYTHON names the interpreter of a one-process run,
 # python3 by default; layer scale: the model's own, 0.1 for ViT-B as the original
 # passes, 1e-5 for ViT-L); any argument is passed on to run_pretraining.py after the
-# defaults, so it wins (e.g. --epochs 100, --amp fp16, --no_init). Re-running the same command resumes from the newest complete
-# checkpoint in OUTPUT_DIR. scripts/train_cross_class.sh runs this with SETTING set.
+# defaults, so it wins (e.g. --epochs 100, --amp fp16, --no_init). Re-running the same
+# command resumes from the newest complete checkpoint in OUTPUT_DIR.
+# scripts/train_cross_class.sh runs this with SETTING set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,7 +53,7 @@ ARGS=(run_pretraining.py
     --imagenet_default_mean_and_std \
     "$@")
 
-if (( NPROC == 1 && NNODES == 1 )); then
+if [[ "$NPROC" == 1 && "$NNODES" == 1 ]]; then  # NPROC may be torchrun's auto or gpu
     # one process needs no launcher: run_pretraining.py's own error line and exit code
     # (2 for a mistake) reach the caller, not torchrun's report of a failed child
     exec "${PYTHON:-python3}" "${ARGS[@]}"

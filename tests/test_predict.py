@@ -123,6 +123,12 @@ def test_class_from_folder_and_bad_images(tiny_world, tmp_path, capsys):
     (previous,) = out.glob("previous-*")
     assert "broken.png" in (previous / "skipped_images.txt").read_text()
     assert "no decision" not in capsys.readouterr().out
+    # a run that fails leaves the last good outputs where they were, and no staging
+    good = (out / "predictions.csv").read_text()
+    (inbox / "coins" / "zz_broken.png").write_bytes(b"not a png")
+    assert predict.main(argv) == 2
+    assert (out / "predictions.csv").read_text() == good
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", previous.name]
 
 
 def test_inputs_are_checked(tmp_path):
@@ -156,12 +162,17 @@ def test_folder_walk_follows_symlinked_folders(tmp_path):
     byclass = tmp_path / "byclass"
     (byclass / "coins").symlink_to(tmp_path / "store" / "coins", target_is_directory=True)
     (byclass / "brick" / "loop").symlink_to(byclass, target_is_directory=True)
-    # a link to a folder of the input itself: the folder keeps its own name
+    # a link to a folder of the input itself: the folder keeps its own name; a link to
+    # a hidden one (not walked) is how that class is reached
     (byclass / "a_latest").symlink_to(byclass / "brick", target_is_directory=True)
+    _touch(byclass, ".versions/tiles_v3/t.png")
+    (byclass / "tiles").symlink_to(byclass / ".versions" / "tiles_v3",
+                                   target_is_directory=True)
     assert predict.find_images([str(byclass)], None, True) == {
         "brick": [(str(byclass / "brick" / "a.png"), "a")],
         "coins": [(str(byclass / "coins" / "1.png"), "1"),
-                  (str(byclass / "coins" / "2.png"), "2")]}
+                  (str(byclass / "coins" / "2.png"), "2")],
+        "tiles": [(str(byclass / "tiles" / "t.png"), "t")]}
 
 
 def test_folder_walk_skips_junk_folders(tmp_path):
@@ -182,12 +193,18 @@ def test_class_of_a_bare_relative_file_is_its_folder(tmp_path, monkeypatch):
 
 
 def test_outputs_inside_an_input_folder_and_deep_names(tmp_path):
-    """An --output_dir inside the input folder (an earlier run's heatmaps there) is no
-    input; a name too long for a file (deep folders) is cut and keeps a hash, so two
-    names sharing their first 150 bytes still differ."""
+    """What predict.py wrote in an --output_dir inside the input folder (an earlier run's
+    heatmaps, maps, previous-*) is no input, and an --output_dir that is the input
+    folder or above it drops nothing else; a name too long for a file (deep folders) is
+    cut and keeps a hash, so two names sharing their first 150 bytes still differ."""
     deep = "d" * 120
-    _touch(tmp_path, "in/a.png", "in/pred/heatmaps/x/a.png", f"in/{deep}/{deep}/1.png",
+    _touch(tmp_path, "in/a.png", "in/pred/heatmaps/x/a.png", "in/pred/maps/x/a.png",
+           "in/pred/previous-20261202T000000Z/heatmaps/x/a.png", f"in/{deep}/{deep}/1.png",
            f"in/{deep}/{deep}/2.png")
+    for out in (tmp_path / "in", tmp_path):
+        (found,) = predict.find_images([str(tmp_path / "in" / "a.png")], "x", False,
+                                       str(out)).values()
+        assert found == [(str(tmp_path / "in" / "a.png"), "a")]
     (items,) = predict.find_images([str(tmp_path / "in")], "x", False,
                                    str(tmp_path / "in" / "pred")).values()
     names = [n for _, n in items]

@@ -119,7 +119,8 @@ def test_default_classes_catch_partial_mvtec(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "lacks the class folders cable, capsule, grid" in err and "--classes" in err
     other = _make_mvtec(tmp_path / "other", classes=("gizmo", "widget"))
-    (Path(other) / "__MACOSX" / "gizmo" / "train").mkdir(parents=True)  # unzipped on macOS
+    for junk in ("__MACOSX", ".trash"):  # unzipped on macOS; a hidden folder
+        (Path(other) / junk / "train").mkdir(parents=True)
     assert _run("--data_path", other, "--root", tmp_path / "inet2") == 0  # not MVTec: all found
     assert sorted(os.listdir(tmp_path / "inet2" / "train")) == ["gizmo", "widget"]
 

@@ -325,6 +325,24 @@ def test_the_stale_tmp_cleaner_removes_what_a_killed_write_atomic_left(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(["mask.png", live.name])
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_the_stale_cleaner_removes_a_dead_writers_staging_folder(tmp_path):
+    """predict.py stages its outputs in a tmp_name folder: one a killed run left (its pid
+    gone) is removed with what it holds; a live one and other folders stay."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)  # a pid that is no process now
+    dead = tmp_path / f".predict.tmp-{pid}"
+    (dead / "heatmaps").mkdir(parents=True)
+    (dead / "heatmaps" / "a.png").write_bytes(b"x" * 10)
+    live = Path(utils.tmp_name(str(tmp_path / "predict")))
+    live.mkdir()
+    (tmp_path / "heatmaps").mkdir()
+    assert utils.remove_stale_tmp_files(tmp_path) == [str(dead)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "heatmaps"])
+
+
 def test_read_json_object_names_the_file_and_the_fix(tmp_path):
     """A JSON object comes back as a dict; a missing file, broken JSON or another JSON
     value is the given UserError kind with the file and the fix in its message."""
