@@ -1062,15 +1062,16 @@ def _load_token_store(path: str, fingerprint: str, preprocess: str, compute: str
         return {}
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        ok = (payload["format"] == TOKEN_CACHE_FORMAT and payload["fingerprint"] == fingerprint
-              and payload["preprocess"] == preprocess and payload["compute"] == compute)
+        if not (payload["format"] == TOKEN_CACHE_FORMAT
+                and payload["fingerprint"] == fingerprint
+                and payload["preprocess"] == preprocess and payload["compute"] == compute):
+            return {}
+        stamps, tokens = payload["stamps"].tolist(), payload["tokens"]
+        return {p: (tuple(s), tokens[i])
+                for i, (p, s) in enumerate(zip(payload["paths"], stamps))}
     except Exception as e:  # a cache can always be rebuilt; say so and do it
         warnings.warn(f"token cache {path} is unreadable ({e}); recomputing it", stacklevel=3)
         return {}
-    if not ok:
-        return {}
-    stamps, tokens = payload["stamps"].tolist(), payload["tokens"]
-    return {p: (tuple(s), tokens[i]) for i, (p, s) in enumerate(zip(payload["paths"], stamps))}
 
 
 def _save_token_store(path: str, fingerprint: str, preprocess: str, compute: str,

@@ -30,6 +30,7 @@ from utils import bullet_list, write_atomic
 
 WORK_SIZE = 256  # mask estimation runs at this longest side, then is resized back
 MIN_FG_FRACTION = 0.005  # an estimated mask smaller than this is treated as failed
+MAX_MASK_BYTES = 64 * 2 ** 20  # a zip entry larger than this unpacked is no mask
 
 
 # ----------------------------------------------------------------------------------------
@@ -73,7 +74,14 @@ class FgMaskZip:
         if unsafe:
             raise ValueError(f"{path}: refusing to unpack, entries point outside the target "
                              f"folder (absolute, '..', drive or link): {', '.join(unsafe)}")
+        huge = [f"{i.filename} ({i.file_size / 2 ** 20:.0f} MiB)" for i in infos
+                if i.file_size > MAX_MASK_BYTES]
+        if huge:  # a mask is a few KB: these would fill the memory and the disk
+            raise ValueError(f"{path}: refusing to unpack, entries larger than "
+                             f"{MAX_MASK_BYTES // 2 ** 20} MiB unpacked: {', '.join(huge[:5])}; "
+                             "download the released fg_mask.zip again")
         self.entries, self.ignored, self.other_classes = [], [], Counter()
+        self.no_image = 0  # masks of a converted class naming no training image
         for info in infos:
             parts = PurePosixPath(info.filename).parts
             if parts[0] == "__MACOSX" or parts[-1].startswith("."):
@@ -89,19 +97,23 @@ class FgMaskZip:
 
     def _check(self, images: dict[str, Sequence[str]]) -> None:
         """A bad mask refused here, naming the entry and its image, instead of unpacked
-        and found by training. Masks of no training image are never read: not checked."""
+        and found by training. Masks of no training image are neither read nor unpacked
+        (`skipped` counts them)."""
         image_of = {(name, os.path.basename(fg_mask_path("", name, p))): p
                     for name, paths in images.items() for p in paths}
-        problems = []
+        problems, matched = [], []
         with zipfile.ZipFile(self.path) as zf:
             for info, name, filename in self.entries:
                 image = image_of.get((name, filename))
                 if image is None:
+                    self.no_image += 1
                     continue
+                matched.append((info, name, filename))
                 problem = mask_problem(io.BytesIO(zf.read(info)), image,
                                        f"{self.path}:{info.filename}")
                 if problem:
                     problems.append(problem)
+        self.entries = matched
         if problems:
             raise bad_fg_masks_error(problems, "download the released fg_mask.zip again (see "
                                      "README), or leave out --fg_mask_zip and estimate the "
@@ -117,6 +129,9 @@ class FgMaskZip:
         if self.ignored:
             notes.append(f"{len(self.ignored)} entries are not <class>/<mask> files and were "
                          f"not unpacked, e.g. {self.ignored[0]}")
+        if self.no_image:
+            notes.append(f"{self.no_image} masks name no training image of their class and "
+                         "were not unpacked")
         return notes
 
     def unpack(self, root: str) -> Counter:

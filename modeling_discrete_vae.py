@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import re
+import tarfile
 import types
 import warnings
 from collections import OrderedDict
@@ -220,14 +221,41 @@ class DalleEncoder(nn.Module):
         return self.blocks(x)  # (N, 3, S, S) -> (N, vocab, S/8, S/8)
 
 
-# Names the classes have in OpenAI's pickle, and the only globals it may name.
+# Names the classes have in OpenAI's pickle (save_dalle_encoder writes them).
 _DALLE_CLASSES = {
     ("dall_e.encoder", "Encoder"): DalleEncoder,
     ("dall_e.encoder", "EncoderBlock"): DalleEncoderBlock,
     ("dall_e.utils", "Conv2d"): DalleConv2d,
 }
+
+
+def _refuse_construction(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+    raise pickle.UnpicklingError(
+        f"the file calls {type(self).__bases__[0].__name__}(...) with sizes of its own: "
+        "torch.save's pickles never call a constructor")
+
+
+# What the unpickler hands out for OpenAI's classes. torch.save's pickles make a module
+# without calling its constructor (NEWOBJ, then its state); a crafted one that calls it
+# (REDUCE) with sizes of its own could build and fill tensors without bound while the
+# file is read. These subclasses refuse that and are otherwise ours (isinstance holds).
+class _PickledEncoder(DalleEncoder):
+    __init__ = _refuse_construction
+
+
+class _PickledEncoderBlock(DalleEncoderBlock):
+    __init__ = _refuse_construction
+
+
+class _PickledConv2d(DalleConv2d):
+    __init__ = _refuse_construction
+
+
+_STAND_INS = {DalleEncoder: _PickledEncoder, DalleEncoderBlock: _PickledEncoderBlock,
+              DalleConv2d: _PickledConv2d}
+# The only globals the pickle may name.
 _DALLE_ALLOWED_GLOBALS = {
-    **_DALLE_CLASSES,
+    **{key: _STAND_INS[cls] for key, cls in _DALLE_CLASSES.items()},
     ("torch.nn.modules.container", "Sequential"): nn.Sequential,
     ("torch.nn.modules.activation", "ReLU"): nn.ReLU,
     ("torch.nn.modules.pooling", "MaxPool2d"): nn.MaxPool2d,
@@ -302,6 +330,24 @@ def _module_tensors(module: Any, path: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+DALLE_LAYOUT = ("group_count", "n_blk_per_group", "n_hid", "input_channels", "vocab_size")
+
+
+def _dalle_layout(tensors: dict[str, torch.Tensor]) -> dict[str, int | None]:
+    """The encoder sizes its tensors imply (None where a tensor is missing): checked
+    against the pickled attributes before an encoder of those sizes is built, so that
+    the attributes cannot ask for more layers or channels than the file holds."""
+    groups = sorted({k.split(".")[1] for k in tensors if k.startswith("blocks.group_")})
+    blocks = {len({k.split(".")[2] for k in tensors if k.startswith(f"blocks.{g}.block_")})
+              for g in groups}
+    w_in, w_out = tensors.get("blocks.input.w"), tensors.get("blocks.output.conv.w")
+    return {"group_count": len(groups),
+            "n_blk_per_group": blocks.pop() if len(blocks) == 1 else None,
+            "n_hid": None if w_in is None else w_in.shape[0],
+            "input_channels": None if w_in is None or w_in.ndim < 2 else w_in.shape[1],
+            "vocab_size": None if w_out is None else w_out.shape[0]}
+
+
 def load_dalle_encoder(path: str | os.PathLike) -> DalleEncoder:
     """OpenAI's pickled `encoder.pkl` (zip or torch 1.x legacy format) as a DalleEncoder."""
     path = os.fspath(path)
@@ -309,6 +355,9 @@ def load_dalle_encoder(path: str | os.PathLike) -> DalleEncoder:
         raise MissingFileError(f"DALL-E encoder {path} not found: download "
                                f"https://cdn.openai.com/dall-e/encoder.pkl to {path}, or give "
                                "its location with --tokenizer_weight_path")
+    if tarfile.is_tarfile(path):  # torch's oldest format unpacks entries unchecked
+        raise CheckpointError(f"{path} is a tar archive, which OpenAI's encoder.pkl (zip or "
+                              "torch 1.x format) is not: download encoder.pkl again")
     try:
         with warnings.catch_warnings():
             # Its pickled source is OpenAI's; we deliberately compute with our classes.
@@ -328,13 +377,15 @@ def load_dalle_encoder(path: str | os.PathLike) -> DalleEncoder:
                               "dall_e.encoder.Encoder: give encoder.pkl with "
                               "--tokenizer_weight_path")
     config = {k: vars(obj).get(k, DALLE_CLASS_DEFAULTS.get(k)) for k in DalleEncoder.CONFIG}
-    if not all(isinstance(v, int) for v in config.values()):
-        raise CheckpointError(f"{path}: encoder attributes {config} are not the DALL-E "
-                              "encoder's; use the original encoder.pkl")
+    tensors = _module_tensors(obj, path)
+    if (not all(isinstance(v, int) for v in config.values())
+            or _dalle_layout(tensors) != {k: config[k] for k in DALLE_LAYOUT}):
+        raise CheckpointError(f"{path}: encoder attributes {config} are not those of its "
+                              f"tensors {_dalle_layout(tensors)}; use the original "
+                              "encoder.pkl")
     with torch.device("meta"):  # no random init: every tensor comes from the file
         encoder = DalleEncoder(**config)
-    missing, unexpected = load_state_dict_checked(encoder, _module_tensors(obj, path), path,
-                                                  assign=True)
+    missing, unexpected = load_state_dict_checked(encoder, tensors, path, assign=True)
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match a DALL-E encoder with {config}: "
                               f"missing {missing[:6]}, unexpected {unexpected[:6]}; use the "

@@ -568,6 +568,12 @@ def test_token_cache_checks(train_root, mvtec_root, tmp_path):
         assert cache_tokens(test_set, tok, str(tmp_path)) == {"hits": 0, "misses": 4}
     assert test_set[0]["tokens"].shape == (16,) and "token_image" not in test_set[0]
     assert cache_tokens(test_set, tok, str(tmp_path)) == {"hits": 4, "misses": 0}
+    # the right keys holding the wrong types: rebuilt too, not an AttributeError
+    path = token_cache_path(str(tmp_path), tok.fingerprint, token_compute_key(tok, "cpu"))
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "stamps": [[1, 2]] * 4}, path)
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert cache_tokens(test_set, tok, str(tmp_path)) == {"hits": 0, "misses": 4}
 
 
 def test_normalization_follows_the_flag():

@@ -143,6 +143,7 @@ def test_fg_mask_zip(tmp_path, capsys, prefix):
             zf.writestr(prefix, b"")  # directory entry
         for i in range(3):
             zf.writestr(f"{prefix}bottle/{i:03d}.png", _mask_bytes(i))
+        zf.writestr(f"{prefix}bottle/999.png", _mask_bytes(0))  # no such training image
         zf.writestr(f"{prefix}screw/000.png", _mask_bytes(0))
         zf.writestr("__MACOSX/._bottle", b"junk")
     argv = ["--data_path", data, "--root", root, "--classes", "bottle", "carpet",
@@ -153,7 +154,9 @@ def test_fg_mask_zip(tmp_path, capsys, prefix):
         assert (root / "fg_mask" / "bottle" / f"{i:03d}.png").read_bytes() == _mask_bytes(i)
     assert "fg_mask.zip: 3 new" in out and "not unpacked (classes not converted): screw (1)" in out
     assert "without a foreground mask: carpet (3 of 3)" in out
+    assert "1 masks name no training image of their class and were not unpacked" in out
     assert not (root / "fg_mask" / "screw").exists()
+    assert not (root / "fg_mask" / "bottle" / "999.png").exists()
     assert [line.split() for line in out.splitlines() if line.startswith("bottle")] == \
         [["bottle", "3", "3"]]
     ds = PretrainDataset(str(root), ["bottle"], token_size=16, img_size=32)
@@ -229,6 +232,15 @@ def test_fg_mask_zip_path_traversal_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "refusing to unpack" in err and "fg_mask/../../evil.png" in err and "/abs.png" in err
     assert not root.exists() and not list(tmp_path.rglob("evil.png"))
+    bomb = tmp_path / "bomb.zip"  # 65 MiB of zeros in a 64 KiB entry: never unpacked
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("fg_mask/bottle/000.png", _mask_bytes(0))
+        zf.writestr("fg_mask/bottle/zz.png", bytes(65 * 2 ** 20))
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle",
+                "--fg_mask_zip", bomb) == 2
+    assert ("entries larger than 64 MiB unpacked: fg_mask/bottle/zz.png (65 MiB)"
+            in capsys.readouterr().err)
+    assert not root.exists()
     assert _run("--data_path", data, "--root", root, "--classes", "bottle",
                 "--fg_mask_zip", tmp_path / "missing.zip") == 2
     assert "missing.zip does not exist" in capsys.readouterr().err

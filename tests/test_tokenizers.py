@@ -9,6 +9,7 @@ import os
 import pickle
 import pickletools
 import sys
+import tarfile
 import types
 import warnings
 import zipfile
@@ -236,7 +237,8 @@ def test_dalle_wrong_contents(tmp_path):
     encoder.n_hid = 32  # attributes and tensors disagree
     odd = tmp_path / "odd.pkl"
     save_dalle_encoder(encoder, odd)
-    with pytest.raises(ValueError, match=r"odd.pkl: 'blocks.input.w' has shape \(16, 3, 7, 7\)"):
+    with pytest.raises(ValueError, match=r"odd.pkl: encoder attributes .*'n_hid': 32.* are "
+                       r"not those of its tensors .*'n_hid': 16"):
         create_tokenizer("dall-e", odd)
 
 
@@ -673,8 +675,35 @@ def test_dalle_missing_instance_field_is_refused(tmp_path):
     del encoder.n_blk_per_group  # an instance field (attr.ib): always in OpenAI's pickle
     path = tmp_path / "encoder.pkl"
     save_dalle_encoder(encoder, path)
-    with pytest.raises(ValueError, match=r"'n_blk_per_group': None.*not the DALL-E encoder"):
+    with pytest.raises(ValueError, match=r"'n_blk_per_group': None.*are not those of its "
+                       r"tensors .*'n_blk_per_group': 2"):
         create_tokenizer("dall-e", path)
+
+
+def test_dalle_files_that_would_build_without_bound_are_refused_at_once(tmp_path):
+    """Three crafted files that hung the loader while filling memory: a pickle that calls
+    DALL-E's Encoder(...) itself with a billion blocks per group (torch.save's never
+    calls a constructor), a pickled encoder whose attribute asks for a billion blocks its
+    tensors do not have, and a tar archive (torch's oldest format) whose storages entry
+    is a named pipe, which torch's unpacking would wait on for ever."""
+    reduce = tmp_path / "reduce.pkl"
+    reduce.write_bytes(b"\x80\x02cdall_e.encoder\nEncoder\n"
+                       + pickle.dumps((1, 4, 10 ** 9, 3, 8, False), protocol=2)[2:-1] + b"R.")
+    with pytest.raises(utils.CheckpointError,
+                       match=r"the file calls DalleEncoder\(...\) with sizes of its own"):
+        dv.load_dalle_encoder(reduce)
+    bomb = dv.DalleEncoder(group_count=1, n_hid=4, n_blk_per_group=1, vocab_size=8)
+    bomb.n_blk_per_group = 10 ** 9
+    dv.save_dalle_encoder(bomb, tmp_path / "bomb.pkl")
+    with pytest.raises(utils.CheckpointError, match=r"'n_blk_per_group': 1000000000.* are not "
+                       r"those of its tensors .*'n_blk_per_group': 1"):
+        dv.load_dalle_encoder(tmp_path / "bomb.pkl")
+    with tarfile.open(tmp_path / "fifo.tar", "w", format=tarfile.PAX_FORMAT) as tf:
+        entry = tarfile.TarInfo("storages")
+        entry.type = tarfile.FIFOTYPE
+        tf.addfile(entry)
+    with pytest.raises(utils.CheckpointError, match="fifo.tar is a tar archive"):
+        dv.load_dalle_encoder(tmp_path / "fifo.tar")
 
 
 def test_dalle_precision_follows_amp_on_cuda_only(small_dalle):
