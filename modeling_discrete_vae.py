@@ -356,8 +356,9 @@ def load_dalle_encoder(path: str | os.PathLike) -> DalleEncoder:
                                f"https://cdn.openai.com/dall-e/encoder.pkl to {path}, or give "
                                "its location with --tokenizer_weight_path")
     if tarfile.is_tarfile(path):  # torch's oldest format unpacks entries unchecked
-        raise CheckpointError(f"{path} is a tar archive, which OpenAI's encoder.pkl (zip or "
-                              "torch 1.x format) is not: download encoder.pkl again")
+        raise CheckpointError(f"{path} is a tar archive (or no torch file at all), which "
+                              "OpenAI's encoder.pkl (zip or torch 1.x format) is not: "
+                              "download encoder.pkl again")
     try:
         with warnings.catch_warnings():
             # Its pickled source is OpenAI's; we deliberately compute with our classes.

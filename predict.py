@@ -228,11 +228,13 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
         m.protoflow.prototypes(cls)
     run_test.check_mask_ratios(args, list(groups), m.model.patch_embed.num_patches)
     stage = Path(utils.tmp_name(str(out_dir / "predict")))
+    shutil.rmtree(stage, ignore_errors=True)  # a dead run's of this same pid (containers)
     stage.mkdir()
     try:
         rows, skipped = _score_into(stage, args, m, groups)
         earlier = utils.set_aside(out_dir, OUTPUTS)  # no heatmap of another run beside ours
-        for name in sorted(os.listdir(stage)):
+        # predictions.csv last: where it is, the run's outputs are complete
+        for name in sorted(os.listdir(stage), key=lambda n: n == "predictions.csv"):
             os.replace(stage / name, out_dir / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

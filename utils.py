@@ -36,7 +36,8 @@ from torch import nn
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+|last)\.pth$")
 NO_WEIGHT_DECAY = ("cls_token", "pos_embed")
 # the temporary files write_atomic fills (tmp_name): .<name>.tmp-<writer's pid>
-TMP_PATTERN = re.compile(r"\.tmp-(\d+)$")
+# tmp_name's `.<name>.tmp-<pid>` (a pid of at most 7 digits, as Linux and macOS give)
+TMP_PATTERN = re.compile(r"^\..+\.tmp-(\d{1,7})$")
 
 
 # ----------------------------------------------------------------------------- user errors
@@ -253,7 +254,7 @@ def remove_stale_tmp_files(folder: str | os.PathLike) -> list[str]:
         if match is None or _alive(int(match.group(1))):
             continue
         if os.path.isdir(path) and not os.path.islink(path):  # e.g. predict.py's staging
-            size = sum(os.path.getsize(os.path.join(d, f))
+            size = sum(os.lstat(os.path.join(d, f)).st_size
                        for d, _, files in os.walk(path) for f in files)
             shutil.rmtree(path, ignore_errors=True)
         elif os.path.isfile(path):

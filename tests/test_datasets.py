@@ -658,6 +658,8 @@ def test_palette_and_colour_masks_read_by_index_and_strongest_channel(tmp_path):
     Image.fromarray((ids > 0).astype(np.uint8) * 255).convert("LA").save(tmp_path / "la.png")
     got = np.asarray(datasets.open_mask(str(tmp_path / "la.png"))) > 0
     np.testing.assert_array_equal(got, ids > 0)
+    premultiplied = Image.fromarray((ids > 0).astype(np.uint8) * 255).convert("LA").convert("La")
+    np.testing.assert_array_equal(datasets.mask_values(premultiplied) > 0, ids > 0)
 
 
 def _exif_turned(path: Path, stored: np.ndarray, orientation: int) -> Path:

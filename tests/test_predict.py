@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from pathlib import Path
 
@@ -114,10 +115,14 @@ def test_class_from_folder_and_bad_images(tiny_world, tmp_path, capsys):
     (inbox / "stray.png").write_bytes(b"")
     assert predict.main(argv) == 2
     assert "lies directly in" in capsys.readouterr().err
-    # fixed: a clean run leaves no list of the earlier run's skipped images behind
+    # fixed: a clean run leaves no list of the earlier run's skipped images behind; a
+    # staging folder a dead run of this same pid left (containers reuse pids) is replaced
     (inbox / "stray.png").unlink()
     (inbox / "coins" / "broken.png").unlink()
+    stale = out / f".predict.tmp-{os.getpid()}"
+    (stale / "heatmaps").mkdir(parents=True)
     assert predict.main(argv) == 0
+    assert not stale.exists()
     assert not (out / "skipped_images.txt").exists() and len(_rows(out)) == 4
     # the earlier run's list and predictions are set aside, not deleted nor mixed in
     (previous,) = out.glob("previous-*")

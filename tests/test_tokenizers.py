@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import pickletools
+import signal
 import sys
 import tarfile
 import types
@@ -702,8 +703,17 @@ def test_dalle_files_that_would_build_without_bound_are_refused_at_once(tmp_path
         entry = tarfile.TarInfo("storages")
         entry.type = tarfile.FIFOTYPE
         tf.addfile(entry)
-    with pytest.raises(utils.CheckpointError, match="fifo.tar is a tar archive"):
-        dv.load_dalle_encoder(tmp_path / "fifo.tar")
+    def hung(*_):
+        raise TimeoutError("the loader waits on the named pipe")
+
+    previous = signal.signal(signal.SIGALRM, hung)  # a regression fails, not hangs
+    signal.alarm(60)
+    try:
+        with pytest.raises(utils.CheckpointError, match="fifo.tar is a tar archive"):
+            dv.load_dalle_encoder(tmp_path / "fifo.tar")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_dalle_precision_follows_amp_on_cuda_only(small_dalle):

@@ -336,11 +336,15 @@ def test_the_stale_cleaner_removes_a_dead_writers_staging_folder(tmp_path):
     dead = tmp_path / f".predict.tmp-{pid}"
     (dead / "heatmaps").mkdir(parents=True)
     (dead / "heatmaps" / "a.png").write_bytes(b"x" * 10)
+    (dead / "dangling").symlink_to(tmp_path / "nowhere")
     live = Path(utils.tmp_name(str(tmp_path / "predict")))
     live.mkdir()
-    (tmp_path / "heatmaps").mkdir()
+    # a user's folder of a like name (no leading dot), and a pid no system gives: kept
+    keep = ["heatmaps", f"scans.tmp-{pid}", ".x.tmp-99999999999999999999"]
+    for name in keep:
+        (tmp_path / name).mkdir()
     assert utils.remove_stale_tmp_files(tmp_path) == [str(dead)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "heatmaps"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, *keep])
 
 
 def test_read_json_object_names_the_file_and_the_fix(tmp_path):
