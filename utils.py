@@ -35,8 +35,8 @@ from torch import nn
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+|last)\.pth$")
 NO_WEIGHT_DECAY = ("cls_token", "pos_embed")
-# the temporary files write_atomic fills (tmp_name): .<name>.tmp-<writer's pid>
-# tmp_name's `.<name>.tmp-<pid>` (a pid of at most 7 digits, as Linux and macOS give)
+# the temporary files and folders tmp_name names: .<name>.tmp-<writer's pid> (a pid of at
+# most 7 digits, as Linux and macOS give)
 TMP_PATTERN = re.compile(r"^\..+\.tmp-(\d{1,7})$")
 
 
