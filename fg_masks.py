@@ -25,7 +25,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from datasets import (IMAGE_EXTENSIONS, TEXTURES, BadFileError, bad_fg_masks_error,
-                      check_fg_masks, fg_mask_path, list_images, mask_problem, open_rgb)
+                      check_fg_masks, fg_mask_path, is_junk_dir, list_images, mask_problem,
+                      open_rgb)
 from utils import bullet_list, write_atomic
 
 WORK_SIZE = 256  # mask estimation runs at this longest side, then is resized back
@@ -84,7 +85,7 @@ class FgMaskZip:
         self.no_image = 0  # masks of a converted class naming no training image
         for info in infos:
             parts = PurePosixPath(info.filename).parts
-            if parts[0] == "__MACOSX" or parts[-1].startswith("."):
+            if is_junk_dir(parts[0]) or parts[-1].startswith("."):
                 continue  # archiver metadata, not data
             target = _zip_target(info)
             if target is None:

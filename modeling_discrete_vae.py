@@ -379,11 +379,11 @@ def load_dalle_encoder(path: str | os.PathLike) -> DalleEncoder:
                               "--tokenizer_weight_path")
     config = {k: vars(obj).get(k, DALLE_CLASS_DEFAULTS.get(k)) for k in DalleEncoder.CONFIG}
     tensors = _module_tensors(obj, path)
+    layout = _dalle_layout(tensors)
     if (not all(isinstance(v, int) for v in config.values())
-            or _dalle_layout(tensors) != {k: config[k] for k in DALLE_LAYOUT}):
+            or layout != {k: config[k] for k in DALLE_LAYOUT}):
         raise CheckpointError(f"{path}: encoder attributes {config} are not those of its "
-                              f"tensors {_dalle_layout(tensors)}; use the original "
-                              "encoder.pkl")
+                              f"tensors {layout}; use the original encoder.pkl")
     with torch.device("meta"):  # no random init: every tensor comes from the file
         encoder = DalleEncoder(**config)
     missing, unexpected = load_state_dict_checked(encoder, tensors, path, assign=True)

@@ -101,8 +101,7 @@ def _is_own_output(path: str, output_dir: str) -> bool:
     if not utils.is_inside(path, output_dir):
         return False
     rel = Path(os.path.relpath(os.path.realpath(path), os.path.realpath(output_dir)))
-    return rel.parts[0] in ("heatmaps", "maps") or rel.parts[0].startswith(
-        utils.PREVIOUS_RUN_PREFIX)
+    return rel.parts[0] in OUTPUTS or rel.parts[0].startswith(utils.PREVIOUS_RUN_PREFIX)
 
 
 def _expand(spec: str) -> tuple[str, list[str], bool]:

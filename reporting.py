@@ -145,8 +145,8 @@ class PartialResults:
                      for c, k in class_keys.items()}
         self.done: dict[str, dict] = {}
         if not resume:  # an evaluation afresh: no table of the last one may look current
-            for name in ("results.partial.jsonl", *RESULT_FILES):
-                (path.parent / name).unlink(missing_ok=True)
+            for file in (path, *(path.parent / name for name in RESULT_FILES)):
+                file.unlink(missing_ok=True)
             return
         for entry in self._read_entries():
             want = self.keys.get(entry["class"])
