@@ -21,6 +21,7 @@ import pickle
 import random
 import re
 import shutil
+import socket
 import sys
 import tarfile
 import zipfile
@@ -35,9 +36,9 @@ from torch import nn
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+|last)\.pth$")
 NO_WEIGHT_DECAY = ("cls_token", "pos_embed")
-# the temporary files and folders tmp_name names: .<name>.tmp-<writer's pid> (a pid of at
-# most 7 digits, as Linux and macOS give)
-TMP_PATTERN = re.compile(r"^\..+\.tmp-(\d{1,7})$")
+# the temporary files and folders tmp_name names: .<name>.tmp-<writer's host>-<its pid> (a
+# pid of at most 7 digits, as Linux and macOS give); older versions wrote no host
+TMP_PATTERN = re.compile(r"^\..+\.tmp-(?:([A-Za-z0-9-]{1,40})-)?(\d{1,7})$")
 
 
 # ----------------------------------------------------------------------------- user errors
@@ -211,10 +212,16 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 
 def tmp_name(path: str) -> str:
-    """The temporary file `write_atomic` fills before the rename: .<name>.tmp-<pid> in
-    the folder of `path` (hidden, named by the writer's process for the cleaner)."""
+    """The temporary file `write_atomic` fills before the rename: .<name>.tmp-<host>-<pid>
+    in the folder of `path` (hidden, named by the writer's machine and process for the
+    cleaner, so that on a folder shared between machines it removes only its own)."""
     folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    return os.path.join(folder, f".{name}.tmp-{_host_label()}-{os.getpid()}")
+
+
+def _host_label() -> str:
+    """This machine's name as tmp_name writes it: letters, digits and '-', at most 40."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 
 
 def read_json_object(path: str | os.PathLike, fix: str,
@@ -241,9 +248,10 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def remove_stale_tmp_files(folder: str | os.PathLike) -> list[str]:
-    """Remove the temporary files and folders (`tmp_name`: `.<name>.tmp-<pid>`) that
-    writers killed mid-write left in `folder`: those whose pid is no process on this
-    machine. Returns their paths."""
+    """Remove the temporary files and folders (`tmp_name`: `.<name>.tmp-<host>-<pid>`)
+    that writers on this machine killed mid-write left in `folder`: those whose pid is no
+    process here. Another machine's are kept, as their writer may be alive (a folder shared
+    over NFS). Returns their paths."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         return []
@@ -251,7 +259,8 @@ def remove_stale_tmp_files(folder: str | os.PathLike) -> list[str]:
     for name in sorted(os.listdir(folder)):
         match = TMP_PATTERN.search(name)
         path = os.path.join(folder, name)
-        if match is None or _alive(int(match.group(1))):
+        if (match is None or match.group(1) not in (None, _host_label())
+                or _alive(int(match.group(2)))):
             continue
         if os.path.isdir(path) and not os.path.islink(path):  # e.g. predict.py's staging
             size = sum(os.lstat(os.path.join(d, f)).st_size
@@ -265,7 +274,7 @@ def remove_stale_tmp_files(folder: str | os.PathLike) -> list[str]:
             continue
         removed.append(path)
         print(f"[cleanup] removed {path} ({size / 2 ** 20:.1f} MiB), left by process "
-              f"{match.group(1)} that ended mid-write", flush=True)
+              f"{match.group(2)} that ended mid-write", flush=True)
     return removed
 
 

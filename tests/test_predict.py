@@ -15,6 +15,7 @@ import datasets
 import predict
 import protocols
 import run_test
+import utils
 
 
 def _rows(out: Path) -> list[dict[str, str]]:
@@ -119,7 +120,7 @@ def test_class_from_folder_and_bad_images(tiny_world, tmp_path, capsys):
     # staging folder a dead run of this same pid left (containers reuse pids) is replaced
     (inbox / "stray.png").unlink()
     (inbox / "coins" / "broken.png").unlink()
-    stale = out / f".predict.tmp-{os.getpid()}"
+    stale = Path(utils.tmp_name(str(out / "predict")))
     (stale / "heatmaps").mkdir(parents=True)
     assert predict.main(argv) == 0
     assert not stale.exists()

@@ -337,9 +337,9 @@ def test_F10_F4b_resume_extend_folder_disk_full_and_stale_files(finished_run, ti
     shutil.copytree(finished_run, run)
     full = tmp_path / "full"
     shutil.copytree(finished_run, full)
-    stale = run / f".checkpoint-last.pth.tmp-{_dead_pid()}"
+    stale = run / f".checkpoint-last.pth.tmp-{utils._host_label()}-{_dead_pid()}"
     stale.write_bytes(b"x" * 1000)
-    live = run / f".checkpoint-last.pth.tmp-{os.getpid()}"  # a live writer's: kept
+    live = Path(utils.tmp_name(str(run / "checkpoint-last.pth")))  # a live writer's: kept
     live.write_bytes(b"x")
     before = (full / "checkpoint-last.pth").read_bytes()
     enospc = ("import utils\n"

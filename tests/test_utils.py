@@ -306,8 +306,9 @@ def test_the_stale_tmp_cleaner_removes_what_a_killed_write_atomic_left(tmp_path)
     names = ["coreset.npy", "mask.png", "checkpoint-last.pth", "log.txt"]
     for name in names:  # every kind of file the project writes through write_atomic
         tmp = os.path.basename(utils.tmp_name(str(tmp_path / name)))
-        assert tmp == f".{name}.tmp-{os.getpid()}"
-        assert int(utils.TMP_PATTERN.search(tmp).group(1)) == os.getpid()
+        assert tmp == f".{name}.tmp-{utils._host_label()}-{os.getpid()}"
+        match = utils.TMP_PATTERN.search(tmp)
+        assert match.groups() == (utils._host_label(), str(os.getpid()))
     pid = os.fork()
     if pid == 0:  # the writer, killed after writing part of the file
         try:
@@ -319,7 +320,7 @@ def test_the_stale_tmp_cleaner_removes_what_a_killed_write_atomic_left(tmp_path)
     (tmp_path / "mask.png").write_bytes(b"whole")
     live = Path(utils.tmp_name(str(tmp_path / "log.txt")))  # this process's write: kept
     live.write_bytes(b"x")
-    left = tmp_path / f".coreset.npy.tmp-{pid}"
+    left = tmp_path / f".coreset.npy.tmp-{utils._host_label()}-{pid}"
     assert sorted(os.listdir(tmp_path)) == sorted([left.name, "mask.png", live.name])
     assert utils.remove_stale_tmp_files(tmp_path) == [str(left)]
     assert sorted(os.listdir(tmp_path)) == sorted(["mask.png", live.name])
@@ -328,22 +329,27 @@ def test_the_stale_tmp_cleaner_removes_what_a_killed_write_atomic_left(tmp_path)
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_the_stale_cleaner_removes_a_dead_writers_staging_folder(tmp_path):
     """predict.py stages its outputs in a tmp_name folder: one a killed run left (its pid
-    gone) is removed with what it holds; a live one and other folders stay."""
+    gone) is removed with what it holds; a live one, another machine's and other folders
+    stay. An older version's name, without a host, counts as this machine's."""
     pid = os.fork()
     if pid == 0:
         os._exit(0)
     os.waitpid(pid, 0)  # a pid that is no process now
-    dead = tmp_path / f".predict.tmp-{pid}"
+    dead = tmp_path / f".predict.tmp-{utils._host_label()}-{pid}"
+    legacy = tmp_path / f".log.txt.tmp-{pid}"  # an older version's name: of this machine
+    legacy.write_bytes(b"x")
     (dead / "heatmaps").mkdir(parents=True)
     (dead / "heatmaps" / "a.png").write_bytes(b"x" * 10)
     (dead / "dangling").symlink_to(tmp_path / "nowhere")
     live = Path(utils.tmp_name(str(tmp_path / "predict")))
     live.mkdir()
     # a user's folder of a like name (no leading dot), and a pid no system gives: kept
-    keep = ["heatmaps", f"scans.tmp-{pid}", ".x.tmp-99999999999999999999"]
+    # and another machine's, whose writer may be alive (a folder shared over NFS)
+    keep = ["heatmaps", f"scans.tmp-{pid}", ".x.tmp-99999999999999999999",
+            f".predict.tmp-other-host-{pid}"]
     for name in keep:
         (tmp_path / name).mkdir()
-    assert utils.remove_stale_tmp_files(tmp_path) == [str(dead)]
+    assert utils.remove_stale_tmp_files(tmp_path) == [str(legacy), str(dead)]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, *keep])
 
 
