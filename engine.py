@@ -67,16 +67,6 @@ def scatter_masked(values: torch.Tensor, masks: torch.Tensor,
     return out
 
 
-def patch_losses(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
-                 masks: torch.Tensor) -> torch.Tensor:
-    """(N, L) float: each masked patch's token cross-entropy in place, 0 elsewhere.
-
-    The PMAD anomaly score of a patch (docs/method.md 7); the caller chooses no_grad/autocast.
-    """
-    ce, _ = masked_token_ce(model, images, tokens, masks)
-    return scatter_masked(ce, masks)
-
-
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """sum(w * v) / sum(w): the rank weights (1 + q)^2 reshape the loss over a sample's
     masked patches without changing its scale (equal weights give the plain mean)."""

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from protoflow import is_anomalous
+
 
 if TYPE_CHECKING:
     from protocols import ClassData
@@ -87,10 +89,12 @@ class Caption:
 
     @property
     def decision(self) -> str | None:
-        """'anomalous' / 'normal' (ProtoFlow's call: strictly above the threshold)."""
+        """'anomalous' / 'normal': ProtoFlow's call, made as the protocols make it (on the
+        float32 score), so a caption and the CSV never disagree with the evaluation."""
         if self.threshold is None:
             return None
-        return "anomalous" if self.protoflow_score > self.threshold else "normal"
+        called = is_anomalous(torch.tensor([self.protoflow_score]), self.threshold)
+        return "anomalous" if bool(called) else "normal"
 
     def lines(self) -> list[tuple[str, tuple[int, int, int]]]:
         """(text, RGB colour) per caption line."""

@@ -42,7 +42,7 @@ import protoflow as pf  # noqa: E402
 import protocols  # noqa: E402
 import utils  # noqa: E402
 from backbones import create_backbone  # noqa: E402
-from engine import patch_losses  # noqa: E402
+from engine import masked_token_ce, scatter_masked  # noqa: E402
 from masking_generator import num_masked  # noqa: E402
 from modeling_discrete_vae import DalleEncoder, create_tokenizer, save_dalle_encoder  # noqa: E402
 from modeling_pmad import set_fused_attn  # noqa: E402
@@ -167,9 +167,10 @@ def main() -> None:
                 ce = []
                 for i in range(args.images):
                     tokens = tokenizer.get_codebook_indices(token_images[i:i + 1].to(device))
+                    m = image_mask(i, k).to(device)  # (1, L)
                     with utils.amp_autocast(device, amp):
-                        ce.append(patch_losses(model, images[i:i + 1].to(device), tokens,
-                                               image_mask(i, k).to(device)).float().cpu())
+                        loss, _ = masked_token_ce(model, images[i:i + 1].to(device), tokens, m)
+                    ce.append(scatter_masked(loss, m).cpu())
                 if paper:
                     score(torch.cat(ce))
                 else:

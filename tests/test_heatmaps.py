@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import heatmaps
+import protoflow
 from heatmaps import Caption, ColourScale
 
 
@@ -33,6 +34,11 @@ def test_caption_says_score_threshold_and_decision():
     assert at.decision == "normal" and "<= threshold 6: NORMAL" in at.lines()[2][0]
     none = Caption("x", 1.0, 6.0, None)
     assert none.decision is None and "no stored threshold" in none.lines()[2][0]
+    # the call is the protocols' own (protoflow.is_anomalous on the float32 score): a
+    # float32 score equal to the threshold's float32 is normal, as the evaluation counts it
+    score, threshold = float(np.float32(6.0000003)), 6.0000003
+    assert score > threshold and not protoflow.is_anomalous(torch.tensor([score]), threshold)
+    assert Caption("edge", 1.0, score, threshold).decision == "normal"
 
 
 @pytest.mark.parametrize("scores, threshold, value", [

@@ -201,14 +201,17 @@ def test_loss_all_ranks_is_the_sum_over_ranks(two_rank_world):
     assert out.loss_all_ranks.item() == pytest.approx(2 * math.log(4))
 
 
-def test_patch_losses_match_full_logits():
+def test_masked_token_scores_match_full_logits():
+    """The masked-token score (engine.masked_token_ce, scattered in place): each masked
+    patch's token cross-entropy from the logits of all tokens, 0 at visible patches."""
     torch.manual_seed(1)
     model = timm.create_model(TINY, depth=2).eval()
     images = torch.randn(2, 3, 224, 224)
     tokens = torch.randint(0, 8192, (2, 196))
     masks = torch.rand(2, 196) < 0.25
     with torch.no_grad():
-        got = engine.patch_losses(model, images, tokens, masks)
+        ce, _ = engine.masked_token_ce(model, images, tokens, masks)
+        got = engine.scatter_masked(ce, masks)
         logits = model(images, masks, return_all_tokens=True)  # (2, 196, V)
     want = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")
     want = want.view(2, 196) * masks
