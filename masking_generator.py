@@ -529,10 +529,11 @@ class _HostCopy:
         return self._host.numpy()
 
 
-def as_numpy_rng(rng: Rng) -> np.random.Generator:
-    """One numpy Generator for all draws; a torch.Generator seeds it with one draw."""
+def as_numpy_rng(rng: Rng, default_seed: int | None = None) -> np.random.Generator:
+    """One numpy Generator for all draws; a torch.Generator seeds it with one draw, None
+    gives one seeded with `default_seed` (None: from the OS)."""
     if rng is None:
-        return np.random.default_rng()
+        return np.random.default_rng(default_seed)
     if isinstance(rng, np.random.Generator):
         return rng
     if isinstance(rng, torch.Generator):

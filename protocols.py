@@ -26,7 +26,7 @@ from tqdm import tqdm
 import metrics
 from engine import masked_token_ce, scatter_masked
 from protoflow import (Proposals, ProtoFlow, covering_masks, is_anomalous,
-                       proposals_from_log_likelihood)
+                       proposals_from_log_likelihood, resize_maps)
 from utils import CheckpointError, amp_autocast, file_sha256
 
 PAPER_RATIOS = tuple(round(0.02 * i, 2) for i in range(1, 25))  # 0.02 ... 0.48
@@ -174,10 +174,8 @@ def covered_token_scores(model: torch.nn.Module, data: ClassData, passes: list[t
 
 
 def upsample(patch_scores: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Tensor:
-    """(N, h * w) or (N, h, w) patch scores -> (N, S, S), bilinear with aligned corners
-    (method.md 6-7: every map of the method is resized this way)."""
-    x = patch_scores.float().reshape(-1, 1, *grid)
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
+    """(N, h * w) or (N, h, w) patch scores -> (N, S, S), by protoflow.resize_maps."""
+    return resize_maps(patch_scores.reshape(-1, *grid), (size, size))
 
 
 def pmad_maps(token_scores: torch.Tensor, abnormality: torch.Tensor, grid: tuple[int, int],

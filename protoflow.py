@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from backbones import create_backbone
-from masking_generator import num_masked
+from masking_generator import Rng, as_numpy_rng, num_masked
 from utils import (CheckpointError, MissingFileError, cosine_scheduler, file_sha256,
                    read_json_object, read_weights_file, save_on_master, write_atomic)
 
@@ -44,8 +44,6 @@ CORESET_META = "coreset.json"
 THRESHOLD_QUANTILE = 0.99
 SCORE_QUANTILES = (0.5, 0.9, 0.95, 0.99)
 
-Rng = np.random.Generator | torch.Generator
-
 
 def image_score(logp: Tensor) -> Tensor:
     """ProtoFlow's image score: the largest patch anomaly, max over patches of -logp.
@@ -54,6 +52,13 @@ def image_score(logp: Tensor) -> Tensor:
     a threshold computed on held-out normal images applies to any test image.
     """
     return -logp.flatten(1).amin(dim=1)
+
+
+def resize_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """maps (N, h, w) -> (N, H, W) float32, bilinear with aligned corners: every map of
+    the method is resized this way (docs/method.md 6-7), as the original code does."""
+    return F.interpolate(maps.float()[:, None], size=size, mode="bilinear",
+                         align_corners=True)[:, 0]
 
 
 def is_anomalous(scores: Tensor, threshold: float) -> Tensor:
@@ -135,16 +140,8 @@ def patch_rows(features: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- prototypes
-def _numpy_rng(rng: Rng | None, default_seed: int = 0) -> np.random.Generator:
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if isinstance(rng, torch.Generator):
-        return np.random.default_rng(int(torch.randint(2 ** 62, (1,), generator=rng)))
-    return np.random.default_rng(default_seed)
-
-
 def greedy_coreset(features: Tensor, n: int, projection_dim: int | None = None,
-                   device: str | torch.device | None = None, rng: Rng | None = None,
+                   device: str | torch.device | None = None, rng: Rng = None,
                    progress: bool = True) -> Tensor:
     """Greedy k-center (minimax facility location) selection: indices (n,) in pick order.
 
@@ -161,7 +158,7 @@ def greedy_coreset(features: Tensor, n: int, projection_dim: int | None = None,
         raise ValueError(f"coreset size {n} must lie in [1, {m}] (the number of features)")
     device = torch.device(device) if device is not None else features.device
     x = features.to(device=device, dtype=torch.float32)  # (M, C)
-    gen = _numpy_rng(rng)
+    gen = as_numpy_rng(rng, default_seed=0)
     if projection_dim is not None and projection_dim < c:
         proj = torch.from_numpy(gen.standard_normal((c, projection_dim), dtype=np.float32))
         x = x @ (proj.to(device) / math.sqrt(projection_dim))  # (M, d)
@@ -197,7 +194,7 @@ def nearest_prototype(features: Tensor, prototypes: Tensor, chunk: int = 4096
 @torch.inference_mode()
 def build_prototypes(encoder: nn.Module, loader: Iterable, coreset_ratio: float = 0.01,
                      projection_dim: int | None = None, device: str | torch.device = "cpu",
-                     rng: Rng | None = None) -> np.ndarray:
+                     rng: Rng = None) -> np.ndarray:
     """A class's prototypes: the coreset of all its patch features, float32 (M, C)."""
     feats = []
     for batch in tqdm(loader, desc="features", leave=False):
@@ -344,7 +341,7 @@ def _subnet(c_in: int, c_out: int) -> nn.Module:
 
 
 def build_flow(dim: int, n_blocks: int = DEFAULT_N_BLOCKS, cond_dim: int = COND_DIM,
-               rng: Rng | None = None) -> Ff.SequenceINN:
+               rng: Rng = None) -> Ff.SequenceINN:
     """FrEIA SequenceINN(dim) of conditional AllInOneBlocks (docs/method.md 6).
 
     FrEIA draws each block's fixed rotation from numpy's global generator; with `rng`
@@ -356,7 +353,7 @@ def build_flow(dim: int, n_blocks: int = DEFAULT_N_BLOCKS, cond_dim: int = COND_
                     subnet_constructor=_subnet, affine_clamping=1.9,
                     global_affine_type="SOFTPLUS", permute_soft=True)
     if rng is not None:
-        gen = _numpy_rng(rng)
+        gen = as_numpy_rng(rng, default_seed=0)
         with torch.no_grad():
             for block in flow.module_list:
                 w = torch.from_numpy(special_ortho_group.rvs(dim, random_state=gen)).float()
@@ -483,22 +480,19 @@ def proposals_from_log_likelihood(logp: Tensor, image_size: int | tuple[int, int
                               "damaged or its flow diverged; retrain it (run_protoflow.py "
                               "train) or download the released file again")
     logp = logp.float()
-    prob = torch.exp(logp - logp.max())[:, None]  # (N, 1, h, w)
-    anomaly = prob.max() - prob
-    coarse = F.interpolate(anomaly, size=tuple(grid), mode="bilinear",
-                           align_corners=True).flatten(1)  # (N, L)
+    prob = torch.exp(logp - logp.max())  # (N, h, w)
+    coarse = resize_maps(prob.max() - prob, tuple(grid)).flatten(1)  # (N, L)
     num_patches = coarse.shape[1]
     order = coarse.argsort(dim=1, descending=True, stable=True)  # (N, L)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(num_patches, device=order.device).expand_as(order)
                   .contiguous())
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    fine = F.interpolate(prob, size=size, mode="bilinear", align_corners=True)[:, 0]
+    fine = resize_maps(prob, size)
     abnormality = fine.max() - fine  # (N, H, W)
     # The same map in log units: prob = exp(logp - max) saturates, so 1 - prob is ~1 on
     # every clearly anomalous patch and no longer ranks them; -log(prob) does.
-    log_abnormality = F.interpolate((logp.max() - logp)[:, None], size=size, mode="bilinear",
-                                    align_corners=True)[:, 0]  # (N, H, W)
+    log_abnormality = resize_maps(logp.max() - logp, size)  # (N, H, W)
     return Proposals(logp, abnormality, log_abnormality, image_score(logp), rank)
 
 
