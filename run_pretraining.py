@@ -14,6 +14,7 @@ moves them, log.txt and TensorBoard events kept there to <output_dir>/previous-<
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -36,13 +37,14 @@ from masking_generator import (CLASS_MASK_RATIOS, FREQ_MODES, MaskGenerator, Mas
 # follow them, warm-up included, which sets where the cosine starts), and the masking.
 # A changed one would make a run that is neither the old experiment nor a new one, and
 # be recorded as the whole run's in every later checkpoint. Only --epochs may grow, once
-# a run is finished (utils.check_resume_args).
+# a run is finished (utils.check_resume_args). The process count, the tokenizer and the
+# training images are checked too (check_resume_world_size, check_same_data).
 RESUME_MUST_MATCH = ("model", "setting", "unseen_classes", "epochs", "batch_size",
                      "input_size", "tokenizer_model", "imagenet_default_mean_and_std",
                      "drop_path", "max_steps_per_epoch",
                      "lr", "min_lr", "warmup_epochs", "warmup_steps", "weight_decay",
                      "weight_decay_end", "opt_betas", "opt_eps", "clip_grad",
-                     "mask_ratio", "dynamic_masking_start", "freq_mode", "fg_mask")
+                     "mask_ratio", "dynamic_masking_start", "freq_mode", "fg_mask", "amp")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -185,11 +187,27 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict 
     datasets.require_full_batch(len(samples), args.batch_size, args.cache_images)
     resume = utils.resolve_resume(args.resume, args.auto_resume, args.output_dir)
     header = utils.load_checkpoint_file(resume, mmap=True) if resume else None
+    check_ranks_agree(resume, header)
     if header is not None and "optimizer" in header and "epoch" in header:
+        utils.check_resume_world_size(header, resume)
         saved, now = resume_views(header.get("args"), vars(args), train_classes)
         utils.check_resume_args(saved, now, resume, RESUME_MUST_MATCH, header["epoch"],
                                 explicit=bool(args.resume))
     return train_classes, resume, header
+
+
+def check_ranks_agree(resume: str | None, header: dict | None) -> None:
+    """Every process must resume the same checkpoint. Processes that disagree (nodes whose
+    --output_dir is not one shared folder) would train from different epochs and states,
+    which DDP does not notice, or wait for ever at a barrier only some of them reach."""
+    seen = utils.all_gather_object((resume, None if header is None else header.get("epoch")))
+    if len(set(seen)) > 1:
+        raise utils.CheckpointError(
+            "the processes do not see the same checkpoint to resume ("
+            + "; ".join(f"rank {r}: {p or 'none'}" + ("" if e is None else f", epoch {e}")
+                        for r, (p, e) in enumerate(seen))
+            + "): --output_dir (and --resume, --token_cache_dir) must be one folder that "
+            "every node reads and writes, e.g. on a shared file system")
 
 
 def schedule_view(run_args: dict) -> dict:
@@ -336,7 +354,8 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
                 num_workers=args.num_workers)
         utils.barrier()
     utils.seed_everything(args.seed, env.rank)  # after the k-means fit, which draws too
-    model, policy, dataset = build_model_and_data(args, env, train_classes, resume, header)
+    model, policy, dataset, identity = build_model_and_data(args, env, train_classes, resume,
+                                                            header)
     del header
     loader, sampler = datasets.build_train_loader(
         dataset, args.batch_size, cache_images=args.cache_images, device=env.device,
@@ -353,7 +372,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     stats, saved = engine.fit(
         model, loader, sampler, optimizer, scaler, policy, config, start_epoch=start_epoch,
         epochs=args.epochs, output_dir=args.output_dir, save_ckpt_freq=args.save_ckpt_freq,
-        run_args=vars(args), log_dir=args.log_dir, distributed=env.distributed,
+        run_args={**vars(args), **identity}, log_dir=args.log_dir, distributed=env.distributed,
         sample_names=[os.path.relpath(p, args.data_path) for p, _ in dataset.samples])
     return {"train_classes": train_classes, "num_images": len(dataset),
             "num_steps": num_steps, "start_epoch": start_epoch, "stats": stats,
@@ -425,10 +444,12 @@ def restore(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.o
 
 def build_model_and_data(args: argparse.Namespace, env: utils.DistEnv, train_classes: list[str],
                          resume: str | None, header: dict | None
-                         ) -> tuple[torch.nn.Module, MaskingPolicy, datasets.PretrainDataset]:
+                         ) -> tuple[torch.nn.Module, MaskingPolicy, datasets.PretrainDataset,
+                                    dict]:
     """The ViT on the device (its shapes checked against the checkpoint to resume before
-    any data is read), the masking policy, and the training set with every image's
-    visual tokens cached (each rank tokenizes its share of the missing ones)."""
+    any data is read), the masking policy, the training set with every image's visual
+    tokens cached (each rank tokenizes its share of the missing ones), and the run's
+    `data_identity` (checked against the checkpoint's before any token is computed)."""
     tokenizer = modeling_discrete_vae.create_tokenizer(
         args.tokenizer_model, args.tokenizer_weight_path, env.device, amp=args.amp)
     mean, std = datasets.normalization(args.imagenet_default_mean_and_std)
@@ -452,6 +473,9 @@ def build_model_and_data(args: argparse.Namespace, env: utils.DistEnv, train_cla
         img_size=args.input_size, mean=mean, std=std, patch_size=patch_size,
         fg_mask=args.fg_mask, skip_bad_images=args.skip_bad_images,
         freq_weights=policy.frequency)
+    identity = data_identity(tokenizer.fingerprint, dataset, args.data_path)
+    if header is not None:
+        check_same_data(header.get("args"), identity, resume)
     stats = datasets.cache_tokens(dataset, tokenizer, args.token_cache_dir, device=env.device,
                                   num_workers=args.num_workers)
     utils.main_print(f"[tokens] {stats['hits']} cached, {stats['misses']} computed in "
@@ -461,7 +485,40 @@ def build_model_and_data(args: argparse.Namespace, env: utils.DistEnv, train_cla
         torch.cuda.empty_cache()
     utils.main_print(f"[data] setting {args.setting}: {len(dataset)} images of "
                      f"{len(train_classes)} classes {train_classes}")
-    return model.to(env.device), policy, dataset
+    return model.to(env.device), policy, dataset, identity
+
+
+def data_identity(tokenizer_fingerprint: str, dataset: datasets.PretrainDataset,
+                  data_path: str) -> dict:
+    """What a run's targets and images are, saved with its arguments: the tokenizer's
+    fingerprint (its file and compute precision) and the training images' names."""
+    names = "\n".join(os.path.relpath(p, data_path) for p, _ in dataset.samples)
+    return {"tokenizer_fingerprint": tokenizer_fingerprint, "train_images": len(dataset),
+            "train_images_sha256": hashlib.sha256(names.encode("utf-8", "surrogateescape"))
+            .hexdigest()}
+
+
+def check_same_data(saved: dict | None, identity: dict, path: str) -> None:
+    """A resumed run must predict the same tokens of the same images: another tokenizer
+    file or image set (--data_path, --skip_bad_images, a folder edited) of the same size
+    and class names would pass every flag check and silently change the experiment.
+    Checkpoints written before these were saved are not checked."""
+    saved = saved or {}
+    problems = []
+    if saved.get("tokenizer_fingerprint", identity["tokenizer_fingerprint"]) \
+            != identity["tokenizer_fingerprint"]:
+        problems.append("another visual tokenizer (its file --tokenizer_weight_path, or the "
+                        "precision its tokens are computed in, differs), so other targets")
+    if saved.get("train_images_sha256", identity["train_images_sha256"]) \
+            != identity["train_images_sha256"]:
+        problems.append(f"another set of training images ({saved.get('train_images')} then, "
+                        f"{identity['train_images']} now: --data_path, the folders' files "
+                        "or --skip_bad_images differ)")
+    if problems:
+        raise utils.CheckpointError(f"{path} was trained on other data; this run has "
+                                    + " and ".join(problems) + ". Resume it with the data "
+                                    "it was trained on, or start a new run in another "
+                                    "--output_dir")
 
 
 def build_optimisation(args: argparse.Namespace, model: torch.nn.Module, num_steps: int,

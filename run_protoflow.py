@@ -65,7 +65,7 @@ def held_out_scores(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
 # content, run_args["prototypes"]: a changed --prototypes_dir or rebuilt prototypes).
 RESUME_KEYS = ("data_path", "classes", "encoder", "out_indices", "encoder_weights", "holdout",
                "seed", "batch_size", "img_size", "epochs", "lr", "warmup_epochs", "n_blocks",
-               "skip_bad_images")
+               "skip_bad_images", "num_workers")
 # The flags `train` shares with `prototypes`: the prototypes' rebuild command repeats them.
 PROTOTYPE_FLAGS = ("data_path", "encoder_weights", "img_size", "holdout", "seed",
                    "skip_bad_images")

@@ -1045,17 +1045,29 @@ def load_training_state(path: str, *, model: nn.Module,
     if masking is not None and masking_state is not None:
         masking.load_state_dict(masking_state)
     info["start_epoch"] = int(ckpt["epoch"]) + 1
-    if len(rng) == get_world_size():
-        info["rng_restored"] = restore_rng_state(rng[get_rank()], device)
-        if not info["rng_restored"]:
-            main_print(f"[resume] {path} holds no CUDA random state (written on the CPU): "
-                       "the CUDA stream (drop-path) restarts from --seed; weights, "
-                       "optimiser, masking and the CPU streams are restored exactly")
-    else:
-        main_print(f"[resume] {path} holds the random states of {len(rng)} process(es), "
-                   f"this run has {get_world_size()}: random streams restart from --seed "
-                   "(weights, optimiser and dynamic masking are restored exactly)")
+    check_resume_world_size(ckpt, path)
+    info["rng_restored"] = restore_rng_state(rng[get_rank()], device)
+    if not info["rng_restored"]:
+        main_print(f"[resume] {path} holds no CUDA random state (written on the CPU): "
+                   "the CUDA stream (drop-path) restarts from --seed; weights, "
+                   "optimiser, masking and the CPU streams are restored exactly")
     return info
+
+
+def check_resume_world_size(ckpt: dict, path: str) -> None:
+    """A training state resumes only with as many processes as wrote it: each process
+    draws its own --batch_size images a step, so another count would change the steps per
+    epoch, the learning-rate schedule and which images share a step, and leave the saved
+    random streams without their processes."""
+    rng = ckpt.get("rng") or []
+    saved = ckpt.get("world_size", len(rng))  # older files: one random state per process
+    now = get_world_size()
+    if saved != now or len(rng) != now:
+        raise CheckpointError(
+            f"{path} was trained by {saved} process(es) and holds the random states of "
+            f"{len(rng)}; this run has {now}. Resume it with {saved} (torchrun's --nnodes x "
+            "--nproc_per_node), or start a new run from its weights: --init_ckpt "
+            f"{path} with another --output_dir")
 
 
 def resolve_resume(resume: str, auto_resume: bool, output_dir: str) -> str | None:

@@ -378,6 +378,65 @@ def test_F10_F4b_resume_extend_folder_disk_full_and_stale_files(finished_run, ti
     assert not [p for p in os.listdir(full) if ".tmp-" in p]
 
 
+def test_a_resume_on_other_processes_tokens_or_images_is_refused(finished_run, tiny_world,
+                                                                 tmp_path):
+    """Another process count, tokenizer file or image set passes every flag check but
+    trains another experiment: each is refused in one line before any token is computed."""
+    w = tiny_world
+    runs = {}
+    for name in ("procs", "tokenizer", "images"):
+        runs[name] = tmp_path / name
+        shutil.copytree(finished_run, runs[name])
+    for path in runs["procs"].glob("checkpoint-*.pth"):  # as two processes would save it
+        ckpt = utils.load_checkpoint_file(str(path))
+        ckpt.update(world_size=2, rng=ckpt["rng"] * 2)
+        torch.save(ckpt, path)
+    kmeans = torch.load(w.tokenizer, weights_only=True)
+    kmeans["codebook"] = kmeans["codebook"] + 1e-3  # the same vocabulary, other codes
+    torch.save(kmeans, tmp_path / "kmeans_other.pth")
+    data = tmp_path / "data"
+    shutil.copytree(w.imagenet_root, data)
+    images = [p for p in sorted(data.rglob("*.png")) if "fg_mask" not in p.parts]
+    images[0].unlink()
+    before = len(images)
+    results = _run_cases(tmp_path, {
+        name: {"script": "run_pretraining.py", "argv": _train_argv(
+            w, runs[name], "--epochs", "2", **({"data": data} if name == "images" else {}))
+            + (["--tokenizer_weight_path", str(tmp_path / "kmeans_other.pth")]
+               if name == "tokenizer" else [])}
+        for name in runs})
+    _clear_error(results["procs"], "was trained by 2 process(es) and holds the random "
+                 "states of 2; this run has 1. Resume it with 2", "--init_ckpt")
+    _clear_error(results["tokenizer"], "was trained on other data; this run has another "
+                 "visual tokenizer")
+    _clear_error(results["images"], "another set of training images "
+                 f"({before} then, {before - 1} now")
+    for run in runs.values():
+        assert utils.load_checkpoint_file(str(run / "checkpoint-last.pth"))["epoch"] == 0
+        assert not (run / "checkpoint-1.pth").exists()
+
+
+def test_every_rank_must_resume_the_same_checkpoint(monkeypatch):
+    """Nodes whose --output_dir is not one shared folder see different checkpoints: one
+    error on every rank, not ranks training from different epochs or a barrier hang."""
+    seen = [("out/checkpoint-last.pth", 3), (None, None)]
+    monkeypatch.setattr(utils, "all_gather_object", lambda obj: seen)
+    with pytest.raises(utils.CheckpointError) as info:
+        run_pretraining.check_ranks_agree("out/checkpoint-last.pth", {"epoch": 3})
+    assert str(info.value).startswith(
+        "the processes do not see the same checkpoint to resume (rank 0: "
+        "out/checkpoint-last.pth, epoch 3; rank 1: none): --output_dir")
+    seen[1] = seen[0]
+    run_pretraining.check_ranks_agree("out/checkpoint-last.pth", {"epoch": 3})
+
+
+def test_an_older_checkpoint_tells_its_process_count_by_its_random_states():
+    """Files written before 'world_size' was saved hold one random state per process."""
+    utils.check_resume_world_size({"rng": [{}]}, "c.pth")
+    with pytest.raises(utils.CheckpointError, match=r"^c.pth was trained by 2 process\(es\)"):
+        utils.check_resume_world_size({"rng": [{}, {}]}, "c.pth")
+
+
 def test_F10_unfinished_run_with_other_epochs_names_the_way_to_extend():
     with pytest.raises(utils.CheckpointError) as info:
         utils.check_resume_args({"epochs": 3}, {"epochs": 5}, "c.pth",
