@@ -350,18 +350,18 @@ def bad_fg_masks_error(problems: Sequence[str], fix: str) -> BadFileError:
                         f"image's aspect ratio:{bullet_list(problems)}\nFix: {fix}")
 
 
-def require_full_batch(num_images: int, batch_size: int, cache_images: str) -> None:
+def require_full_batch(num_images: int, batch_size: int) -> None:
     """Training steps on full batches only (every rank steps as often), so each rank
     needs at least `batch_size` samples. DistributedSampler (drop_last=False) gives each
-    of W ranks ceil(N / W), padding by repeats; ImageCache keeps floor(N / W). Checked
-    before tokenizing, from the image count."""
+    of W ranks ceil(N / W), padding by repeats, and so does ImageCache, which follows it.
+    Checked before tokenizing, from the image count."""
     world = get_world_size()
-    per_rank = num_images // world if cache_images != "none" else -(-num_images // world)
+    per_rank = -(-num_images // world)
     if per_rank >= batch_size:
         return
     share = (f"each of {world} processes gets {per_rank} of the {num_images} training images"
              if world > 1 else f"there are {num_images} training images")
-    fixes = ([f"pass --batch_size {per_rank} or less"] if per_rank else []) + (
+    fixes = [f"pass --batch_size {per_rank} or less"] + (
         ["use fewer processes"] if world > 1 else [])
     raise FlagError(f"--batch_size {batch_size} makes no full batch: {share}. Fix: "
                     + ", or ".join(fixes))
@@ -756,30 +756,32 @@ class PretrainDataset(_TokenImageDataset):
 
 
 class _Decoded(Dataset):
-    """A PretrainDataset's samples `indices` with uint8 images, for ImageCache's fill."""
+    """A PretrainDataset's samples with uint8 images, for ImageCache's fill."""
 
-    def __init__(self, dataset: PretrainDataset, indices: list[int]) -> None:
-        self.dataset, self.indices = dataset, indices
+    def __init__(self, dataset: PretrainDataset) -> None:
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.dataset)
 
-    def __getitem__(self, j: int) -> dict[str, torch.Tensor | int]:
-        return self.dataset.item(self.indices[j], uint8=True)
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        return self.dataset.item(index, uint8=True)
 
 
 class ImageCache:
     """A small training set decoded and resized once (--cache_images), then served in
     batches like DataLoader(dataset, DistributedSampler(seed), drop_last=True): the
-    same batches, to the bit, in one process.
+    same batches, to the bit, in one process and under DDP.
 
     Kept: the uint8 images and the visual tokens in host memory ('ram', pinned for a
     GPU) or on `device` ('device'); the foreground patch masks, frequency weights and
     class indices on the host, where MaskingPolicy draws the masks. Each batch's images
     are normalised on `device`. PretrainDataset has no random augmentation, so nothing
-    else is left to do per step. With DDP each rank decodes and keeps its own shard
-    (every world_size-th sample) and shuffles it per epoch; the epochs are as long on
-    every rank. Iterate after set_epoch(epoch), as a DistributedSampler.
+    else is left to do per step. With DDP each rank keeps all N images: the sampler's
+    order (one permutation of all N per epoch, padded by repeats to a multiple of the
+    world size, then every world_size-th) gives a rank other images every epoch, and
+    every image is seen in every epoch. Iterate after set_epoch(epoch), as a
+    DistributedSampler; the order depends only on (seed, epoch, rank, world size).
     """
 
     def __init__(self, dataset: PretrainDataset, batch_size: int, *, where: str,
@@ -788,24 +790,22 @@ class ImageCache:
             raise ValueError(f"--cache_images {where!r}: choose 'ram' or 'device'")
         if dataset.tokens is None:
             raise ValueError("ImageCache needs the visual tokens: call cache_tokens first")
-        self.device, self.batch_size = torch.device(device), batch_size
+        self.dataset, self.device, self.batch_size = dataset, torch.device(device), batch_size
         self.seed, self.epoch = seed, 0
-        world = get_world_size()
-        shard = list(range(get_rank(), len(dataset), world))[:len(dataset) // world]
         parts: dict[str, list[torch.Tensor]] = {}
-        loader = DataLoader(_Decoded(dataset, shard), batch_size=64, num_workers=num_workers,
+        loader = DataLoader(_Decoded(dataset), batch_size=64, num_workers=num_workers,
                             generator=torch.Generator())  # the global stream untouched
-        for batch in tqdm(loader, desc="decoding images once", disable=len(shard) < 256):
+        for batch in tqdm(loader, desc="decoding images once", disable=len(dataset) < 256):
             for key, value in batch.items():
                 parts.setdefault(key, []).append(value)
-        store = {key: torch.cat(values) for key, values in parts.items()}
+        store = {key: torch.cat(values) for key, values in parts.items()}  # row = index
         keep = self.device if where == "device" else torch.device("cpu")
         pin = where == "ram" and self.device.type == "cuda"
-        for key in ("image_u8", "tokens"):  # (n, 3, S, S) uint8, (n, L) int64
+        for key in ("image_u8", "tokens"):  # (N, 3, S, S) uint8, (N, L) int64
             store[key] = store[key].pin_memory() if pin else store[key].to(keep)
         self.store = store
         self.mean, self.std = dataset.mean.to(self.device), dataset.std.to(self.device)
-        self.num_steps = len(shard) // batch_size
+        self.num_steps = len(self._sampler()) // batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -813,9 +813,14 @@ class ImageCache:
     def __len__(self) -> int:
         return self.num_steps
 
+    def _sampler(self) -> DistributedSampler:
+        """The DataLoader path's sampler at this seed (resume may set it) and epoch."""
+        sampler = build_sampler(self.dataset, seed=self.seed)
+        sampler.set_epoch(self.epoch)
+        return sampler
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)  # DistributedSampler's
-        order = torch.randperm(len(self.store["index"]), generator=g)  # (n,), host
+        order = torch.tensor(list(self._sampler()))  # (ceil(N / W),) this rank's, host
         kept = self.store["image_u8"].device
         order_kept = order.to(kept)  # one copy per epoch when the images are on the device
         for step in range(self.num_steps):
@@ -839,7 +844,7 @@ def build_train_loader(dataset: PretrainDataset, batch_size: int, *, cache_image
     (call its `set_epoch(epoch)` before each epoch): a DataLoader over a
     DistributedSampler, or the same batches from an ImageCache, which orders them itself.
     Full batches only, so that every rank steps as often; none is an error."""
-    require_full_batch(len(dataset), batch_size, cache_images)
+    require_full_batch(len(dataset), batch_size)
     if cache_images != "none":
         loader = sampler = ImageCache(dataset, batch_size, where=cache_images, device=device,
                                       seed=seed, num_workers=num_workers)
@@ -1098,8 +1103,10 @@ def cache_tokens(dataset: _TokenImageDataset, tokenizer: torch.nn.Module, cache_
     per file costs microseconds where hashing MVTec AD's gigabytes would take a minute
     per start, and rewriting an image changes its mtime. Only misses are computed;
     entries of other datasets sharing the file are kept. Distributed: call on every
-    rank; each tokenizes its share of the misses, the shares are gathered, rank 0
-    writes the file.
+    rank; rank 0 alone reads the file and sends every rank its misses and cached codes,
+    each rank tokenizes its share of those misses, the shares are gathered, rank 0
+    writes the file. So the shares always cover the misses, whatever another rank would
+    see in `cache_dir` (a partial save of rank 0, another node's local folder).
     """
     if tokenizer.image_size != dataset.token_size:
         raise ValueError(f"the dataset makes {dataset.token_size} px token images but the "
@@ -1109,15 +1116,27 @@ def cache_tokens(dataset: _TokenImageDataset, tokenizer: torch.nn.Module, cache_
     preprocess = f"{TOKEN_PREPROCESS}-{dataset.token_size}"
     compute = token_compute_key(tokenizer, device)
     path = token_cache_path(cache_dir, fingerprint, compute)
-    store = _load_token_store(path, fingerprint, preprocess, compute)
-    stamps = [_stamp(p) for p in dataset.image_paths]
-    misses = [i for i, (real, *stat) in enumerate(stamps)
-              if real not in store or store[real][0] != tuple(stat)]
+    rank, world = get_rank(), get_world_size()
+    store: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
+    stamps: list[tuple[str, int, int]] = []
+    view: tuple[list[int], torch.Tensor] | None = None
+    if rank == 0:
+        store = _load_token_store(path, fingerprint, preprocess, compute)
+        stamps = [_stamp(p) for p in dataset.image_paths]
+        tokens = torch.zeros(len(stamps), dataset.num_patches, dtype=torch.int32)  # (N, L)
+        misses = []
+        for i, (real, *stat) in enumerate(stamps):
+            if real in store and store[real][0] == tuple(stat):
+                tokens[i] = store[real][1]
+            else:
+                misses.append(i)
+        view = misses, tokens
+    misses, tokens = all_gather_object(view)[0]  # rank 0's, on every rank
     vocab = getattr(tokenizer, "vocab_size", None)
-    mine = misses[get_rank()::get_world_size()]
+    mine = misses[rank::world]
     loader = DataLoader(_TokenImages(dataset, mine), batch_size=batch_size,
                         num_workers=num_workers, shuffle=False)
-    computed: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
+    computed: dict[int, torch.Tensor] = {}  # dataset index -> (L,) int32
     for step, (indices, images) in enumerate(tqdm(loader, desc="visual tokens",
                                                   disable=not mine)):
         with torch.inference_mode():
@@ -1130,15 +1149,26 @@ def cache_tokens(dataset: _TokenImageDataset, tokenizer: torch.nn.Module, cache_
         codes = codes.to("cpu", torch.int32, copy=True)  # outside inference mode
         if vocab is not None and (codes.min() < 0 or codes.max() >= vocab):
             raise ValueError(f"tokenizer returned codes outside [0, {vocab})")
-        for i, row in zip(indices.tolist(), codes):
-            real, *stat = stamps[i]
-            computed[real] = store[real] = (tuple(stat), row)
-        if (step + 1) % _SAVE_EVERY_BATCHES == 0:
-            _save_token_store(path, fingerprint, preprocess, compute, store)
-    if get_world_size() > 1:
-        for part in all_gather_object(computed):
-            store.update(part)
-    if misses:
-        _save_token_store(path, fingerprint, preprocess, compute, store)
-    dataset.attach_tokens(torch.stack([store[real][1] for real, *_ in stamps]))  # (N, L)
-    return {"hits": len(stamps) - len(misses), "misses": len(misses)}
+        computed.update(zip(indices.tolist(), codes))
+        if rank == 0 and (step + 1) % _SAVE_EVERY_BATCHES == 0:
+            _save_token_store(path, fingerprint, preprocess, compute,
+                              _with_codes(store, stamps, computed))
+    gathered = {i: row for part in all_gather_object(computed) for i, row in part.items()}
+    for i, row in gathered.items():
+        tokens[i] = row
+    if rank == 0 and misses:
+        _save_token_store(path, fingerprint, preprocess, compute,
+                          _with_codes(store, stamps, gathered))
+    dataset.attach_tokens(tokens)  # (N, L)
+    return {"hits": len(tokens) - len(misses), "misses": len(misses)}
+
+
+def _with_codes(store: dict[str, tuple[tuple[int, int], torch.Tensor]],
+                stamps: list[tuple[str, int, int]], codes: dict[int, torch.Tensor]
+                ) -> dict[str, tuple[tuple[int, int], torch.Tensor]]:
+    """`store` updated with `codes` {dataset index: (L,) int32}, each under its image's
+    path and stamp (rank 0's: another rank's paths may differ)."""
+    for i, row in codes.items():
+        real, *stat = stamps[i]
+        store[real] = (tuple(stat), row)
+    return store

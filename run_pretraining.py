@@ -131,7 +131,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="leave out unreadable images (listed) instead of stopping")
     p.add_argument("--cache_images", default="none", choices=datasets.CACHE_IMAGES,
                    help="decode every image once and keep it with its tokens in RAM or on "
-                        "the device (MVTec AD: 0.55 GB at 224 px; each DDP rank its share)")
+                        "the device (MVTec AD: 0.55 GB at 224 px, in each DDP process)")
     p.add_argument("--num_workers", type=utils.int_at_least(0), default=10)
     p.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
 
@@ -184,7 +184,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict 
     check_mask_counts(args, train_classes, grid)
     samples = datasets.check_train_classes(args.data_path, train_classes,
                                            args.fg_mask and not args.skip_bad_images)
-    datasets.require_full_batch(len(samples), args.batch_size, args.cache_images)
+    datasets.require_full_batch(len(samples), args.batch_size)
     resume = utils.resolve_resume(args.resume, args.auto_resume, args.output_dir)
     header = utils.load_checkpoint_file(resume, mmap=True) if resume else None
     check_ranks_agree(resume, header)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -484,6 +485,52 @@ def test_token_cache_fill_is_shared_by_the_ranks(train_root, tmp_path):
     assert cache_tokens(ds, tok, str(out / "cache")) == {"hits": 6, "misses": 0}
 
 
+def _split_view_worker(rank: int, init_file: str, root: str, weights: str,
+                       out_dir: str) -> None:
+    """Two fills in which rank 1 reads another folder than rank 0's: first one holding
+    the 3 bottles only (as a partial save of rank 0 would), then an empty one (another
+    node's local folder) while rank 0's is full. Rank 0 saves after every batch."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    datasets._SAVE_EVERY_BATCHES = 1
+    with utils.distributed("cpu", timeout_min=2, init_method=f"file://{init_file}"):
+        tok = FakeTokenizer(Path(weights))
+        fills = []
+        for folders in (("shared", "bottles"), ("shared", "empty")):
+            ds = _pretrain(Path(root))
+            stats = cache_tokens(ds, tok, os.path.join(out_dir, folders[rank]), batch_size=1)
+            fills.append({"stats": stats, "images": tok.images, "tokens": ds.tokens})
+            tok.images = 0
+        torch.save(fills, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_token_cache_ranks_split_rank_0s_misses(train_root, tmp_path):
+    """Every rank splits the misses rank 0 finds, whatever its own view of the folder:
+    a rank that read a partial save (or another node's folder) split a shorter list, so
+    some images were tokenized by nobody and every rank failed (KeyError)."""
+    weights = tmp_path / "tokenizer.pth"
+    weights.write_bytes(b"w")
+    out = tmp_path / "out"
+    bottles = PretrainDataset(str(train_root), ["bottle"], token_size=32, img_size=64)
+    assert cache_tokens(bottles, FakeTokenizer(weights), str(out / "bottles")) == {
+        "hits": 0, "misses": 3}
+    assert run_ranks(_split_view_worker, (str(tmp_path / "init"), str(train_root),
+                                          str(weights), str(out))) == [0, 0]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    tok = FakeTokenizer(weights)
+    ds = _pretrain(train_root)
+    expected = tok.get_codebook_indices(torch.stack([ds.load_token_image(i) for i in range(6)]))
+    for fill, want in enumerate(({"hits": 0, "misses": 6}, {"hits": 6, "misses": 0})):
+        assert [r[fill]["stats"] for r in ranks] == [want, want]
+        assert [r[fill]["images"] for r in ranks] == [want["misses"] // 2] * 2
+        assert all(torch.equal(r[fill]["tokens"].long(), expected) for r in ranks)
+    # rank 0's file holds all 6; rank 1 wrote nothing
+    assert cache_tokens(ds, tok, str(out / "shared")) == {"hits": 6, "misses": 0}
+    assert sorted(os.listdir(out)) == ["bottles", "rank0.pt", "rank1.pt", "shared"]
+    assert cache_tokens(_pretrain(train_root), tok, str(out / "bottles")) == {
+        "hits": 3, "misses": 3}
+
+
 def test_image_cache_serves_the_dataloader_batches_exactly(train_root):
     """--cache_images: decoded once, the same batches as the DataLoader path to the bit
     (no augmentation to replay), in RAM and 'on the device' (here the CPU)."""
@@ -528,27 +575,61 @@ def test_train_loader_refuses_a_set_without_one_full_batch(train_root):
                                   "images. Fix: pass --batch_size 6 or less")
 
 
+def test_image_cache_under_ddp_is_the_distributed_sampler_order(train_root, monkeypatch,
+                                                                 two_rank_world):
+    """2 ranks, 9 images: each epoch one permutation of all 9 from (seed, epoch), padded
+    to 10 by repeating its start, every 2nd to each rank (DistributedSampler's order), so
+    every image trains every epoch, and each rank's batches are its DataLoader's to the
+    bit. A fixed shard of floor(9/2) per rank never trained image 8's share."""
+    for i, grey in enumerate((70, 160, 250), start=3):
+        _save(train_root / "train" / "carpet" / f"{i:03d}.png", np.full((128, 128), grey,
+                                                                       np.uint8))
+        _save(train_root / "fg_mask" / "carpet" / f"{i:03d}.png", np.full((128, 128), 255,
+                                                                         np.uint8))
+    ds = _pretrain(train_root)
+    ds.attach_tokens(torch.randint(0, 64, (9, 16), generator=torch.Generator().manual_seed(0)))
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    seen: dict[tuple[int, int], list[int]] = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "get_rank", lambda group=None, rank=rank: rank)
+        sampler = utils.build_sampler(ds, seed=5)
+        loader = DataLoader(ds, sampler=sampler, batch_size=1, drop_last=True)
+        cache = datasets.ImageCache(ds, 1, where="ram", device="cpu", seed=5)
+        assert len(cache) == len(loader) == 5
+        for epoch in (0, 1, 2):
+            sampler.set_epoch(epoch)
+            cache.set_epoch(epoch)
+            got, want = list(cache), list(loader)
+            assert len(got) == len(want) == 5
+            for a, b in zip(got, want):
+                assert a.keys() == b.keys()
+                assert all(torch.equal(a[k], b[k]) for k in a)
+            seen[rank, epoch] = [int(b["index"]) for b in got]
+    for epoch in (0, 1, 2):
+        order = torch.randperm(9, generator=torch.Generator().manual_seed(5 + epoch)).tolist()
+        order += order[:1]  # (10,): padded to a multiple of the 2 ranks
+        assert [seen[r, epoch] for r in (0, 1)] == [order[0::2], order[1::2]]
+        assert sorted(set(seen[0, epoch] + seen[1, epoch])) == list(range(9))
+    assert seen[0, 0] != seen[0, 1]  # a rank trains other images each epoch
+
+
 def test_full_batch_rule_per_rank_matches_the_sampler_and_the_cache(train_root, monkeypatch):
-    """4 ranks, 6 images: DistributedSampler pads each rank to ceil(6/4) = 2 samples,
-    ImageCache keeps floor(6/4) = 1; require_full_batch allows exactly the batch sizes
-    whose loaders have a step."""
+    """4 ranks, 6 images: DistributedSampler pads each rank to ceil(6/4) = 2 samples, and
+    ImageCache follows it; require_full_batch allows exactly the batch sizes whose loaders
+    have a step."""
     monkeypatch.setattr(utils, "get_world_size", lambda: 4)  # build_sampler's
     monkeypatch.setattr(datasets, "get_world_size", lambda: 4)
     ds = _pretrain(train_root)
     ds.attach_tokens(torch.zeros(6, 16, dtype=torch.long))
     kw = dict(device=torch.device("cpu"), seed=0, num_workers=0, pin_memory=False)
-    assert len(datasets.build_train_loader(ds, 2, cache_images="none", **kw)[0]) == 1
-    assert len(datasets.build_train_loader(ds, 1, cache_images="ram", **kw)[0]) == 1
-    for batch_size, cache, per_rank in ((3, "none", 2), (2, "ram", 1)):
+    for cache in ("none", "ram"):
+        assert len(datasets.build_train_loader(ds, 2, cache_images=cache, **kw)[0]) == 1
         with pytest.raises(utils.FlagError) as err:
-            datasets.require_full_batch(6, batch_size, cache)
+            datasets.build_train_loader(ds, 3, cache_images=cache, **kw)
         assert str(err.value) == (
-            f"--batch_size {batch_size} makes no full batch: each of 4 processes gets "
-            f"{per_rank} of the 6 training images. Fix: pass --batch_size {per_rank} or "
-            "less, or use fewer processes")
-    with pytest.raises(utils.FlagError, match="gets 0 of the 3 training images. Fix: use "
-                                              "fewer processes$"):
-        datasets.require_full_batch(3, 1, "ram")
+            "--batch_size 3 makes no full batch: each of 4 processes gets 2 of the 6 "
+            "training images. Fix: pass --batch_size 2 or less, or use fewer processes")
+    datasets.require_full_batch(3, 1)  # 3 images, 4 ranks: 1 each, one a repeat
 
 
 def test_token_cache_checks(train_root, mvtec_root, tmp_path):
