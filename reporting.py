@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 import metrics
-from utils import FlagError, UserError, write_atomic
+from utils import FlagError, UserError, complete_lines, write_atomic
 
 BASELINES = {"protoflow_only": "ProtoFlow map alone", "patchcore": "PatchCore",
              "ce_only": "ViT cross-entropy alone"}
@@ -164,9 +164,7 @@ class PartialResults:
         """The file's records. A last line cut short (the run stopped while writing it)
         is dropped, and the file rewritten without it, so that the next record starts a
         line of its own; its class is evaluated again."""
-        text = self.path.read_text() if self.path.is_file() else ""
-        lines = text.split("\n")
-        whole, tail = lines[:-1], lines[-1]  # tail: "" when the file ends with a newline
+        whole, tail = complete_lines(self.path) if self.path.is_file() else ([], "")
         entries = []
         for n, line in enumerate(whole, 1):
             if not line.strip():

@@ -1196,10 +1196,13 @@ class JsonlLog:
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if os.path.exists(path):
-            with open(path) as f:
-                lines = [ln for ln in f if ln.strip()]
+            lines, cut = complete_lines(path)
+            if cut:
+                print(f"[log] {path}: its last line was cut short (the run stopped while "
+                      "writing it) and is dropped", file=sys.stderr, flush=True)
+            lines = [ln for ln in lines if ln.strip()]
             kept = [ln for ln in lines if _line_epoch(ln) < start_epoch]
-            if len(kept) != len(lines):
+            if cut or len(kept) != len(lines):
                 write_atomic(path, lambda tmp: _write_lines(tmp, kept))
 
     def write(self, record: dict) -> None:
@@ -1209,9 +1212,18 @@ class JsonlLog:
             f.write(json.dumps(record) + "\n")
 
 
+def complete_lines(path: str | os.PathLike) -> tuple[list[str], str]:
+    """A JSON-lines file's whole lines (without their newline) and its last line if that
+    was cut short ('' if the file ends with a newline). A writer stopped mid-line leaves
+    such a tail; a reader that keeps it would glue the next record onto it."""
+    with open(path) as f:
+        *whole, tail = f.read().split("\n")
+    return whole, tail
+
+
 def _write_lines(path: str, lines: list[str]) -> None:
     with open(path, "w") as f:
-        f.writelines(lines)
+        f.writelines(line + "\n" for line in lines)
 
 
 def _line_epoch(line: str) -> float:

@@ -570,6 +570,17 @@ def test_jsonl_log_drops_epochs_being_redone(tmp_path):
         (0, 0.0), (1, 1.0), (2, 9.0)]
 
 
+def test_jsonl_log_drops_a_last_line_cut_short(tmp_path, capsys):
+    """A run killed while writing epoch 1's line: the resumed run's line for epoch 1 gets a
+    line of its own, not glued onto the cut one; a whole line without epoch stays."""
+    path = tmp_path / "log.txt"
+    path.write_text('{"note": "kept"}\n{"epoch": 0, "train_loss": 0.5}\n{"epoch": 1, "tra')
+    utils.JsonlLog(str(path), start_epoch=1).write({"epoch": 1, "train_loss": 2.0})
+    assert path.read_text() == ('{"note": "kept"}\n{"epoch": 0, "train_loss": 0.5}\n'
+                                '{"epoch": 1, "train_loss": 2.0}\n')
+    assert "log.txt: its last line was cut short" in capsys.readouterr().err
+
+
 def test_tensorboard_writer_on_rank0(tmp_path):
     assert utils.make_tensorboard_writer(None) is None
     w = utils.make_tensorboard_writer(str(tmp_path / "tb"))
