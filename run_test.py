@@ -58,31 +58,42 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="local backbone weights for a ProtoFlow file without an encoder")
 
 
+# The clean protocol's flags -> CleanOptions' fields. Their defaults are None ("not
+# given"), so that the paper protocol, which has its own masks, ratios and scores, can
+# refuse them instead of ignoring them (check_protocol_flags).
+CLEAN_FLAGS = {"clean_masks": "masks", "unmasked": "unmasked", "abnormality": "abnormality",
+               "combine": "combine", "image_score": "image_score"}
+DEFAULT_MASK_RATIO = 0.3
+
+
 def add_clean_args(p: argparse.ArgumentParser) -> None:
     """The clean protocol's label-free choices and the run's settings (run_test.py,
     predict.py)."""
-    p.add_argument("--clean_masks", default=CleanOptions.masks, choices=CLEAN_MASKS,
-                   help="clean protocol: ProtoFlow's proposal mask for every image, or only "
-                        "for images above the class's threshold from held-out normal images "
-                        "stored in the ProtoFlow file (the others: random masks, each seeded "
-                        "from the image file)")
-    p.add_argument("--unmasked", default=CleanOptions.unmasked, choices=UNMASKED,
+    p.add_argument("--clean_masks", default=None, choices=CLEAN_MASKS,
+                   help="clean protocol: ProtoFlow's proposal mask for every image (default), "
+                        "or only for images above the class's threshold from held-out normal "
+                        "images stored in the ProtoFlow file (the others: random masks, each "
+                        "seeded from the image file)")
+    p.add_argument("--unmasked", default=None, choices=UNMASKED,
                    help="clean protocol: score every patch, each in the covering pass that "
-                        "masks it, or leave visible patches at 0 (the paper)")
-    p.add_argument("--abnormality", default=CleanOptions.abnormality, choices=ABNORMALITY,
+                        "masks it (default), or leave visible patches at 0 (the paper)")
+    p.add_argument("--abnormality", default=None, choices=ABNORMALITY,
                    help="clean protocol: ProtoFlow's abnormality map in log units, "
-                        "max(logp) - logp, or the paper's 1 - exp(logp - max(logp)), which "
-                        "saturates at 1 on clearly anomalous patches")
-    p.add_argument("--combine", default=CleanOptions.combine, choices=COMBINE,
-                   help="clean protocol: abnormality x (1 + CE / ln V), or the paper's "
-                        "CE x abnormality")
-    p.add_argument("--image_score", default=CleanOptions.image_score, choices=IMAGE_SCORES,
-                   help="clean protocol: the score map's maximum (the paper) or the mean of "
-                        "its top 1%% of pixels")
+                        "max(logp) - logp (default), or the paper's 1 - exp(logp - "
+                        "max(logp)), which saturates at 1 on clearly anomalous patches")
+    p.add_argument("--combine", default=None, choices=COMBINE,
+                   help="clean protocol: abnormality x (1 + CE / ln V) (default), or the "
+                        "paper's CE x abnormality")
+    p.add_argument("--image_score", default=None, choices=IMAGE_SCORES,
+                   help="clean protocol: the score map's maximum (default; the paper) or the "
+                        "mean of its top 1%% of pixels")
     p.add_argument("--mask_ratio", type=mask_ratio_arg, default=None,
                    help="clean protocol: one ratio for every class (default: the "
-                        "per-class ratios of the paper's Table 6, 0.3 for other classes)")
-    p.add_argument("--default_mask_ratio", type=mask_ratio_arg, default=0.3)
+                        "per-class ratios of the paper's Table 6, --default_mask_ratio for "
+                        "other classes)")
+    p.add_argument("--default_mask_ratio", type=mask_ratio_arg, default=None,
+                   help=f"clean protocol: the ratio of a class without its own "
+                        f"(default {DEFAULT_MASK_RATIO})")
     p.add_argument("--sigma", type=float_at_least(0), default=4.0,
                    help="std in pixels of the Gaussian that smooths every score map "
                         "(the paper: 4; 0: no smoothing)")
@@ -213,15 +224,35 @@ def load_models(args: argparse.Namespace) -> Models:
 
 
 def clean_options(args: argparse.Namespace) -> CleanOptions:
-    return CleanOptions(args.clean_masks, args.unmasked, args.abnormality, args.combine,
-                        args.image_score)
+    """The clean protocol's choices: the flags given, CleanOptions' defaults otherwise."""
+    return CleanOptions(**{field: getattr(args, flag) for flag, field in CLEAN_FLAGS.items()
+                           if getattr(args, flag) is not None})
+
+
+def check_protocol_flags(args: argparse.Namespace) -> None:
+    """The paper protocol sweeps its 24 ratios with the paper's own masks and scores: a
+    clean-protocol flag given with it would change nothing, so it is refused."""
+    if args.protocol != "paper":
+        return
+    given = [f"--{flag}" for flag in (*CLEAN_FLAGS, "mask_ratio", "default_mask_ratio")
+             if getattr(args, flag) is not None]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise FlagError(f"{', '.join(given)} {verb} only to --protocol clean; --protocol "
+                        "paper sweeps the paper's 24 mask ratios with its own masks and "
+                        "scores: drop them, or evaluate with --protocol clean")
 
 
 def class_mask_ratio(args: argparse.Namespace, class_name: str) -> float:
     """--mask_ratio, else the paper's Table 6 ratio of the class, else --default_mask_ratio."""
     if args.mask_ratio is not None:
         return args.mask_ratio
-    return CLASS_MASK_RATIOS.get(class_name, args.default_mask_ratio)
+    return CLASS_MASK_RATIOS.get(class_name, default_mask_ratio(args))
+
+
+def default_mask_ratio(args: argparse.Namespace) -> float:
+    """--default_mask_ratio, or DEFAULT_MASK_RATIO when it is not given."""
+    return DEFAULT_MASK_RATIO if args.default_mask_ratio is None else args.default_mask_ratio
 
 
 def check_mask_ratios(args: argparse.Namespace, classes: Sequence[str], num_patches: int
@@ -252,7 +283,8 @@ def resume_key(args: argparse.Namespace, results: dict) -> dict:
     change the scores only by rounding."""
     return {"data_path": str(Path(args.data_path)), "setting": results["setting"],
             "protocol": args.protocol, "clean_options": results["clean_options"],
-            "mask_ratio": args.mask_ratio, "default_mask_ratio": args.default_mask_ratio,
+            "mask_ratio": args.mask_ratio,
+            "default_mask_ratio": default_mask_ratio(args) if args.protocol == "clean" else None,
             "sigma": args.sigma, "seed": args.seed, "skip_bad_images": args.skip_bad_images,
             **{k: getattr(args, k) for k in modeling_pmad.PAPER_EVAL_CONFIG},
             "amp": results["amp"], **results["checkpoints"]}
@@ -262,6 +294,7 @@ def main(args: argparse.Namespace) -> dict:
     """Evaluate each selected class under args.protocol, keeping each finished class in
     results.partial.jsonl; returns the results, which are also printed and written."""
     check_device_flags(args)
+    check_protocol_flags(args)
     out_dir = Path(prepare_output_dir(args.output_dir, "--output_dir"))
     setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
     classes = select_classes(args, setting)

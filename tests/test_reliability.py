@@ -153,6 +153,8 @@ def refused(tiny_world, tmp_path_factory):
         "F7_quantile": (rf, ["train", "--data_path", str(w.imagenet_root), "--output",
                              str(tmp / "pf.pt"), "--threshold_quantile", "1"]),
         "F8": (rt, w.run_test_argv(tmp / "o4", "--save_heatmaps", "-3")),
+        "paper_clean_flags": (rt, w.run_test_argv(tmp / "o11", "--protocol", "paper",
+                                                  "--combine", "product", "--mask_ratio", "0.2")),
         "F7_seed_test": (rt, w.run_test_argv(tmp / "o9", "--seed", "-1")),
         "F7_seed_protoflow": (rf, protos + ["--seed", "-1"]),
         "F7_seed_setup": (st, ["--make_demo", str(tmp / "demo"), "--seed", "-1"]),
@@ -240,6 +242,13 @@ def test_F7_flags_out_of_range_are_refused(refused, case, words):
 def test_a_file_of_another_model_as_protoflow_weights_is_one_line(refused, tiny_world):
     _clear_error(refused[0]["not_protoflow"], f"{tiny_world.pmad_ckpt} has no "
                  "'decoder_state_dict'", "it is not a ProtoFlow file: pass the ProtoFlow weights")
+
+
+def test_clean_protocol_flags_are_refused_by_the_paper_protocol(refused):
+    """The paper protocol would ignore them: its own masks, 24 ratios and scores."""
+    _clear_error(refused[0]["paper_clean_flags"], "--combine, --mask_ratio apply only to "
+                 "--protocol clean; --protocol paper sweeps the paper's 24 mask ratios")
+    assert not (refused[1]["tmp"] / "o11").exists()
 
 
 def test_F8_negative_heatmap_count_is_refused_before_work(refused):

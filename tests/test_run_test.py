@@ -252,6 +252,20 @@ def test_default_mask_ratio_is_the_ratio_of_a_class_without_its_own():
     assert ratio(both, "coins") == ratio(both, "bottle") == 0.1
 
 
+def test_clean_options_are_the_flags_given_over_the_defaults():
+    """Clean-protocol flags default to 'not given' (so the paper protocol can refuse
+    them); the clean protocol then takes CleanOptions' defaults."""
+    parse = run_test.get_args_parser().parse_args
+    assert run_test.clean_options(parse([])) == protocols.CleanOptions(
+        "proposal", "cover", "log", "weighted", "max")
+    assert run_test.clean_options(parse(["--combine", "product"])) == protocols.CleanOptions(
+        combine="product")
+    run_test.check_protocol_flags(parse(["--protocol", "paper", "--sigma", "2"]))
+    with pytest.raises(utils.FlagError, match="^--default_mask_ratio applies only to"):
+        run_test.check_protocol_flags(parse(["--protocol", "paper",
+                                             "--default_mask_ratio", "0.3"]))
+
+
 def test_exit_status_is_non_zero_when_a_class_fails(capsys):
     ok = dict.fromkeys(metrics.METRIC_NAMES, 0.9)
     assert reporting.exit_status({"classes": {"bottle": ok, "cable": ok}}) == 0
