@@ -201,8 +201,11 @@ def _resume(args: argparse.Namespace, resume_path: str, flow: Ff.SequenceINN,
 def run_train(args: argparse.Namespace) -> dict:
     """`train` command: the flow on the seen classes' images, last epoch kept (no model
     selection with test labels), threshold from held-out normal images."""
+    if args.classes and (args.setting is not None or args.unseen_classes is not None):
+        raise FlagError("--classes names the classes itself: drop --setting and "
+                        "--unseen_classes, or --classes")
     classes = args.classes or datasets.setting_classes(
-        args.setting, args.unseen_classes,
+        args.setting or "multi_class", args.unseen_classes,
         available=datasets.list_train_classes(args.data_path))[0]
     args.classes = list(classes)
     seed_everything(args.seed)
@@ -293,8 +296,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("train", help="train the flow, write the ProtoFlow file")
     _add_common_args(tp)
     tp.add_argument("--classes", nargs="+", default=None, action=UniqueNames,
-                    help="overrides --setting")
-    tp.add_argument("--setting", default="multi_class", choices=datasets.SETTINGS)
+                    help="exactly these classes, in place of --setting")
+    tp.add_argument("--setting", default=None, choices=datasets.SETTINGS,
+                    help="the classes of a setting (default multi_class: all)")
     tp.add_argument("--unseen_classes", nargs="*", default=None, action=UniqueNames)
     tp.add_argument("--prototypes_dir", default="weights/prototypes")
     tp.add_argument("--output", required=True, help="e.g. weights/protoflow/multi_class.pt")

@@ -153,6 +153,9 @@ def refused(tiny_world, tmp_path_factory):
         "F7_quantile": (rf, ["train", "--data_path", str(w.imagenet_root), "--output",
                              str(tmp / "pf.pt"), "--threshold_quantile", "1"]),
         "F8": (rt, w.run_test_argv(tmp / "o4", "--save_heatmaps", "-3")),
+        "pf_classes_setting": (rf, ["train", "--data_path", str(w.imagenet_root), "--output",
+                                    str(tmp / "pf2.pt"), "--classes", "coins", "--setting",
+                                    "multi_class"]),
         "paper_clean_flags": (rt, w.run_test_argv(tmp / "o11", "--protocol", "paper",
                                                   "--combine", "product", "--mask_ratio", "0.2")),
         "F7_seed_test": (rt, w.run_test_argv(tmp / "o9", "--seed", "-1")),
@@ -249,6 +252,12 @@ def test_clean_protocol_flags_are_refused_by_the_paper_protocol(refused):
     _clear_error(refused[0]["paper_clean_flags"], "--combine, --mask_ratio apply only to "
                  "--protocol clean; --protocol paper sweeps the paper's 24 mask ratios")
     assert not (refused[1]["tmp"] / "o11").exists()
+
+
+def test_protoflow_classes_with_a_setting_is_refused(refused):
+    """--classes names the classes itself: a --setting beside it used to be dropped."""
+    _clear_error(refused[0]["pf_classes_setting"], "--classes names the classes itself: "
+                 "drop --setting and --unseen_classes, or --classes")
 
 
 def test_F8_negative_heatmap_count_is_refused_before_work(refused):
