@@ -67,8 +67,8 @@ DEFAULT_MASK_RATIO = 0.3
 
 
 def add_clean_args(p: argparse.ArgumentParser) -> None:
-    """The clean protocol's label-free choices and the run's settings (run_test.py,
-    predict.py)."""
+    """The clean protocol's label-free choices, its mask ratios and the scoring settings
+    (run_test.py, predict.py)."""
     p.add_argument("--clean_masks", default=None, choices=CLEAN_MASKS,
                    help="clean protocol: ProtoFlow's proposal mask for every image (default), "
                         "or only for images above the class's threshold from held-out normal "
@@ -87,6 +87,15 @@ def add_clean_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image_score", default=None, choices=IMAGE_SCORES,
                    help="clean protocol: the score map's maximum (default; the paper) or the "
                         "mean of its top 1%% of pixels")
+    add_mask_ratio_args(p)
+    add_scoring_args(p)
+    p.add_argument("--skip_bad_images", action="store_true",
+                   help="list unreadable images and leave them out (default: stop and name "
+                        "the file)")
+
+
+def add_mask_ratio_args(p: argparse.ArgumentParser) -> None:
+    """The clean protocol's mask ratio of each class (class_mask_ratio)."""
     p.add_argument("--mask_ratio", type=mask_ratio_arg, default=None,
                    help="clean protocol: one ratio for every class (default: the "
                         "per-class ratios of the paper's Table 6, --default_mask_ratio for "
@@ -94,6 +103,10 @@ def add_clean_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default_mask_ratio", type=mask_ratio_arg, default=None,
                    help=f"clean protocol: the ratio of a class without its own "
                         f"(default {DEFAULT_MASK_RATIO})")
+
+
+def add_scoring_args(p: argparse.ArgumentParser) -> None:
+    """How the maps are smoothed and computed, and the random masks' seed."""
     p.add_argument("--sigma", type=float_at_least(0), default=4.0,
                    help="std in pixels of the Gaussian that smooths every score map "
                         "(the paper: 4; 0: no smoothing)")
@@ -102,9 +115,6 @@ def add_clean_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default=None, choices=AMP_CHOICES,
                    help="autocast for the ViT (default: bf16 where supported)")
-    p.add_argument("--skip_bad_images", action="store_true",
-                   help="list unreadable images and leave them out (default: stop and name "
-                        "the file)")
     p.add_argument("--seed", type=int_at_least(0), default=0,
                    help="mixed into each image's random-mask seed (--clean_masks threshold, "
                         "the paper protocol)")

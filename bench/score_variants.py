@@ -9,8 +9,10 @@ default and the baselines, every row from the same models and the same pass.
         --prototypes_dir output_dir/demo/heldout/prototypes \
         --data_path data/demo_heldout_mvtec --output_dir output_dir/variants_heldout
 
-Takes run_test.py's flags. The rows calibrated on normal images read each class's
-<data_path>/<class>/train/good. Prints mean image AUROC / pixel AUROC per row and writes
+Takes run_test.py's model flags and those of its data and scoring flags the rows read (not
+its protocol choices: each row fixes its own). The rows calibrated on normal images read
+each class's <data_path>/<class>/train/good. Prints mean image AUROC / pixel AUROC per row
+(pixel AUROC left out where a class has no ground_truth folder) and writes
 <output_dir>/score_variants.json (per class). The sigma and top-1 % rows score every
 map by the same rule, shown as PMAD (ProtoFlow, PatchCore); "ProtoFlow's own score" is
 no map's: the largest -log p of the image's patches. Choose on one world, report another.
@@ -26,17 +28,17 @@ import sys
 import numpy as np
 import torch
 from scipy.stats import rankdata
-from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
+import metrics  # noqa: E402
 import run_test  # noqa: E402
 from engine import scatter_masked  # noqa: E402
 from protocols import (ClassData, baseline_maps, collect_class, covered_token_scores,  # noqa: E402
                        gaussian_blur, image_scores, pmad_maps, vit_batches)
 from protoflow import Proposals, covering_masks, proposals_from_log_likelihood  # noqa: E402
-from utils import LayoutError, cli  # noqa: E402
+from utils import LayoutError, UniqueNames, cli  # noqa: E402
 
 CE_WEIGHTS = (0.5, 0.25, 2.0)
 RANDOM_COVERINGS = 4
@@ -166,10 +168,12 @@ def variant_scores(model: torch.nn.Module, data: ClassData, ratio: float, sigma:
 
 
 def aurocs(data: ClassData, rows: dict) -> dict[str, dict[str, float]]:
-    gt = data.gt_masks.flatten().numpy()
-    return {k: {"image_auroc": float(roc_auc_score(data.labels, s.numpy())),
-                "pixel_auroc": (float(roc_auc_score(gt, m.flatten().numpy()))
-                                if m is not None else math.nan)}
+    """Each row's image AUROC and, for a map row of a class with masks, pixel AUROC (nan
+    otherwise: run_test.py's rule for a class without a ground_truth folder), by
+    metrics.py as run_test.py reports them."""
+    return {k: {"image_auroc": metrics.image_auroc(data.labels, s),
+                "pixel_auroc": (metrics.pixel_auroc(data.gt_masks, m)
+                                if m is not None and data.gt_masks is not None else math.nan)}
             for k, (s, m) in rows.items()}
 
 
@@ -184,8 +188,25 @@ def train_good_images(data_path: str, cls: str) -> list[str]:
     return paths
 
 
+def get_args_parser() -> argparse.ArgumentParser:
+    """run_test.py's model flags and, with its names, types and defaults, the data and
+    scoring flags the rows read; its protocol choices (--protocol, --clean_masks,
+    --image_score, ...) are refused rather than ignored, as every row fixes its own."""
+    p = argparse.ArgumentParser("PMAD score alternatives", add_help=True)
+    run_test.add_model_args(p)
+    p.add_argument("--data_path", default="data/mvtec_anomaly_detection",
+                   help="a folder in MVTec layout whose classes have train/good images")
+    p.add_argument("--classes", nargs="*", default=None, action=UniqueNames,
+                   help="score exactly these (default: every class with a test folder)")
+    p.add_argument("--output_dir", default="output_dir/test",
+                   help="where score_variants.json is written")
+    run_test.add_mask_ratio_args(p)
+    run_test.add_scoring_args(p)  # --seed also seeds the covering-average row's orders
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = run_test.get_args_parser().parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     return cli(lambda: score_world(args))
 
 
@@ -195,16 +216,19 @@ def score_world(args: argparse.Namespace) -> None:
     train_images = {cls: train_good_images(args.data_path, cls) for cls in classes}
     m = run_test.load_models(args)
     os.makedirs(args.output_dir, exist_ok=True)
-    results = {}
+    results, no_masks = {}, []
     for cls, paths in train_images.items():
         ds = datasets.MVTecTestDataset(args.data_path, cls, token_size=m.tokenizer.image_size,
                                        img_size=m.img_size, mean=m.mean, std=m.std)
-        data = collect_class(ds, m.tokenizer, m.protoflow, cls, args.batch_size, m.device)
+        data = collect_class(ds, m.tokenizer, m.protoflow, cls, args.batch_size, m.device,
+                             args.num_workers)
+        if data.gt_masks is None:  # no ground_truth folder (a custom set)
+            no_masks.append(cls)
         train = collect_class(
             datasets.ImageListDataset(paths, [os.path.basename(p) for p in paths],
                                       token_size=m.tokenizer.image_size, img_size=m.img_size,
                                       mean=m.mean, std=m.std),
-            m.tokenizer, m.protoflow, cls, args.batch_size, m.device)
+            m.tokenizer, m.protoflow, cls, args.batch_size, m.device, args.num_workers)
         rows = variant_scores(m.model, data, run_test.class_mask_ratio(args, cls), args.sigma,
                               args.batch_size, m.device, m.amp, args.seed, train,
                               getattr(m.tokenizer, "codebook", None))
@@ -213,6 +237,8 @@ def score_world(args: argparse.Namespace) -> None:
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nmean image AUROC / pixel AUROC over {len(classes)} classes ({args.data_path})")
+    if no_masks:
+        print(f"  pixel AUROC left out: no ground_truth folder in {', '.join(no_masks)}")
     for row in results[classes[0]]:
         img = np.mean([results[c][row]["image_auroc"] for c in classes])
         pix = np.mean([results[c][row]["pixel_auroc"] for c in classes])

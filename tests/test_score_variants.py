@@ -2,6 +2,7 @@
 cases of test_protocols.py, whose answers are known by construction."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import protocols
+import run_test
 from test_protocols import ConstantViT, _hand_data
 
 
@@ -41,6 +43,24 @@ def test_bench_score_variants_rows_by_hand(score_variants) -> None:
     auc = score_variants.aurocs(data, rows)
     assert auc["default"]["image_auroc"] == 1.0 and math.isnan(
         auc["image: top 1 % [pmad]"]["pixel_auroc"])
+    assert auc["default"]["pixel_auroc"] == 1.0  # the defect pixel (1, 2, 2) is the highest
+
+
+def test_bench_score_variants_aurocs_by_hand(score_variants) -> None:
+    """AUROC with ties counted half (metrics.py's, as run_test.py reports it); a class
+    without masks (no ground_truth folder) keeps its image AUROC, its pixel AUROC is nan."""
+    data = _hand_data()  # 2 images of 3 x 3 pixels, one defect pixel: (1, 2, 2)
+    tied = torch.zeros(2, 3, 3)
+    tied[1, 2, 2] = tied[0, 0, 0] = 1.0  # the defect ties 1 of the 17 normal pixels
+    rows = {"tied": (torch.tensor([0.5, 0.5]), tied),
+            "image only": (torch.tensor([0.7, 0.2]), None)}
+    auc = score_variants.aurocs(data, rows)
+    assert auc["tied"] == {"image_auroc": 0.5, "pixel_auroc": (16 + 0.5) / 17}
+    assert auc["image only"]["image_auroc"] == 0.0 and math.isnan(
+        auc["image only"]["pixel_auroc"])
+    unmasked = score_variants.aurocs(dataclasses.replace(data, gt_masks=None), rows)
+    assert unmasked["tied"]["image_auroc"] == 0.5 and math.isnan(
+        unmasked["tied"]["pixel_auroc"])
 
 
 def test_bench_score_variants_protoflow_own_score_rows(score_variants) -> None:
@@ -125,11 +145,52 @@ def test_bench_score_variants_calibration_rows_by_hand(score_variants) -> None:
     assert needs_more.isdisjoint(plain)  # no train images, no codebook: those rows are not made
 
 
+def test_bench_score_variants_flags(score_variants, capsys) -> None:
+    """The script takes run_test.py's flags that its rows read, with run_test.py's
+    defaults and checks, and refuses run_test.py's others (the protocol choices, the
+    class selection by setting, heatmaps, resuming) instead of ignoring them."""
+    parse = score_variants.get_args_parser().parse_args
+    ours, theirs = parse([]), run_test.get_args_parser().parse_args([])
+    assert set(vars(ours)) == {
+        "ckpt", "model", "input_size", "layer_scale_init_value",
+        "imagenet_default_mean_and_std", "tokenizer_model", "tokenizer_weight_path",
+        "protoflow_weights", "prototypes_dir", "encoder_weights", "data_path", "classes",
+        "output_dir", "mask_ratio", "default_mask_ratio", "sigma", "batch_size", "num_workers",
+        "device", "amp", "seed"}
+    assert vars(ours) == {k: getattr(theirs, k) for k in vars(ours)}
+    assert run_test.class_mask_ratio(ours, "gizmo") == run_test.class_mask_ratio(
+        theirs, "gizmo") == 0.3
+    given = parse(["--mask_ratio", "0.2", "--default_mask_ratio", "0.4", "--sigma", "0",
+                   "--batch_size", "3", "--num_workers", "1", "--seed", "5", "--amp", "fp16"])
+    assert (given.mask_ratio, given.default_mask_ratio, given.sigma, given.batch_size,
+            given.num_workers, given.seed, given.amp) == (0.2, 0.4, 0.0, 3, 1, 5, "fp16")
+    assert parse(["--classes", "b", "a", "b"]).classes == ["b", "a"]  # each once
+    for argv, message in ((["--sigma", "-1"], "argument --sigma: -1 is not a finite number"),
+                          (["--batch_size", "0"], "argument --batch_size: 0 is less than 1"),
+                          (["--mask_ratio", "1.5"], "argument --mask_ratio: 1.5 is outside")):
+        with pytest.raises(SystemExit) as exit_:
+            parse(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    for argv in (["--protocol", "paper"], ["--clean_masks", "threshold"],
+                 ["--unmasked", "zero"], ["--abnormality", "paper"], ["--combine", "product"],
+                 ["--image_score", "topk"], ["--skip_bad_images"],
+                 ["--save_heatmaps", "2"], ["--resume_eval"], ["--setting", "obj2tex"],
+                 ["--unseen_classes", "coins"], ["--from_obj_to_texture"]):
+        run_test.get_args_parser().parse_args(argv)  # a real run_test.py flag
+        with pytest.raises(SystemExit) as exit_:
+            parse(argv)
+        assert exit_.value.code == 2
+        assert f"unrecognized arguments: {' '.join(argv)}" in capsys.readouterr().err
+
+
 def test_bench_score_variants_end_to_end(score_variants, tiny_world, tmp_path, capsys,
                                         monkeypatch) -> None:
     """The script on the tiny world: every row per class in score_variants.json, the
-    default row's image AUROC printed as their mean; a class without train/good images
-    is exit 2 naming the folder, as run_test.py reports a user's mistake."""
+    default row's image AUROC printed as their mean; a class without a ground_truth
+    folder is scored with pixel AUROC nan and left out of the printed means, saying why
+    (run_test.py's rule), its passes over the images with --num_workers; a class without
+    train/good images is exit 2 naming the folder, as run_test.py reports a user's
+    mistake."""
     out = tmp_path / "out"
     assert score_variants.main(tiny_world.run_test_argv(out, "--classes", "coins")) == 0
     results = json.loads((out / "score_variants.json").read_text())
@@ -144,6 +205,28 @@ def test_bench_score_variants_end_to_end(score_variants, tiny_world, tmp_path, c
 
     data = tmp_path / "mvtec"
     shutil.copytree(tiny_world.mvtec_root, data, symlinks=True)
+    other = next(c for c in tiny_world.classes if c != "coins")
+    shutil.rmtree(data / other / "ground_truth")  # image labels only, as a custom set
+    workers = []
+    collect_class = score_variants.collect_class
+
+    def spy(*args, **kwargs):
+        workers.append(args[6])  # num_workers
+        return collect_class(*args, **kwargs)
+
+    monkeypatch.setattr(score_variants, "collect_class", spy)
+    argv = tiny_world.run_test_argv(tmp_path / "o1", "--classes", other, "--num_workers", "1",
+                                    data=data)
+    assert score_variants.main(argv) == 0
+    assert workers == [1, 1]  # the test images' pass and train/good's
+    unmasked = json.loads((tmp_path / "o1" / "score_variants.json").read_text())[other]
+    assert unmasked.keys() == results["coins"].keys()
+    assert all(math.isnan(r["pixel_auroc"]) for r in unmasked.values())
+    printed = capsys.readouterr().out.splitlines()
+    assert f"  pixel AUROC left out: no ground_truth folder in {other}" in printed
+    default_line = next(line for line in printed if line.split()[:1] == ["default"])
+    assert default_line.split()[1:] == [f"{unmasked['default']['image_auroc']:.4f}"]
+
     shutil.rmtree(data / "coins" / "train" / "good")
 
     def no_models(args):
