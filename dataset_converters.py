@@ -17,11 +17,8 @@ import os
 from collections import Counter
 from typing import Callable, Sequence
 
-import numpy as np
-from PIL import Image
-
-from datasets import (NORMAL_DIRS, VISA_CLASSES, BadFileError, LayoutError, data_subdirs,
-                      list_images)
+from datasets import (NORMAL_DIRS, VISA_CLASSES, LayoutError, data_subdirs, list_images,
+                      open_mask)
 from utils import write_atomic
 
 VISA_SPLIT = os.path.join("split_csv", "1cls.csv")
@@ -35,17 +32,13 @@ Sync = Callable[[list[tuple[str, str]], str], Counter]  # (pairs, progress text)
 
 
 def _write_binary_mask(src: str, dst: str) -> None:
-    """VisA's masks hold a region id per defect pixel (1, 2, ...): every non-zero pixel
-    is a defect (255), as VisA's own split script binarises them."""
-    try:
-        with Image.open(src) as img:
-            arr = np.asarray(img)
-    except Exception as e:  # any decoder failure means the file is bad
-        raise BadFileError(f"cannot read VisA mask {src}: {e}; replace the file from the "
-                           "VisA download") from e
-    defect = arr != 0 if arr.ndim == 2 else (arr != 0).any(axis=-1)  # (H, W)
+    """A VisA mask (a region id per defect pixel: 1, 2, ...) as a 0/255 PNG, read by
+    datasets.open_mask as every mask here (EXIF orientation, a grey palette by its
+    colours), with every non-zero id a defect, however many, as VisA's own split script
+    binarises them."""
+    mask = open_mask(src, "VisA mask", "replace the file from the VisA download",
+                     label_map=True)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    mask = Image.fromarray(defect.astype(np.uint8) * 255)
     write_atomic(dst, lambda tmp: mask.save(tmp, format="PNG"))
 
 

@@ -554,9 +554,11 @@ def mask_values(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB")).max(axis=-1)
 
 
-def open_mask(path: str, kind: str = "mask", fix: str = FIX_BAD_FILE) -> Image.Image:
+def open_mask(path: str, kind: str = "mask", fix: str = FIX_BAD_FILE,
+              label_map: bool = False) -> Image.Image:
     """Binary 'L' image (0/255) of a mask file (mask_values, mask_defects), oriented as
-    its image."""
+    its image. `label_map`: the file is known to hold an id per defect pixel (VisA's),
+    so every non-zero value is a defect, however many ids it has."""
     if not os.path.isfile(path):
         raise _missing(path, kind, fix)
     try:
@@ -565,7 +567,8 @@ def open_mask(path: str, kind: str = "mask", fix: str = FIX_BAD_FILE) -> Image.I
             values = mask_values(_oriented(img))  # (H, W)
     except Exception as e:
         raise BadFileError(f"cannot read {kind} {path}: {e}; {fix}") from e
-    return Image.fromarray(mask_defects(values).astype(np.uint8) * 255)
+    defects = values != 0 if label_map else mask_defects(values)  # (H, W) bool
+    return Image.fromarray(defects.astype(np.uint8) * 255)
 
 
 def _aspect_problem(mask_size: tuple[int, int], mask_path: str, image_size: tuple[int, int],

@@ -118,6 +118,42 @@ def test_visa_converts_trains_one_epoch_and_evaluates(tiny_world, tmp_path):
         assert 0.0 <= record["pixel_f1_max"] <= 1.0 and 0.0 <= record["image_auroc"] <= 1.0
 
 
+def test_visa_masks_read_by_the_project_mask_rule(tmp_path):
+    """VisA masks go through datasets.open_mask: an ordinary one (0/255, or a label map of
+    region ids, grey or on a colour palette) becomes every non-zero pixel as before; a
+    grey palette is read by its colours, not its indices (index 0 white: the defect), a
+    damaged file is a BadFileError naming it, and the EXIF orientation is applied."""
+    ids = np.zeros((4, 6), np.uint8)  # (H, W)
+    ids[1, 1], ids[2, 3:5], ids[3, 5] = 1, 2, 3
+
+    def converted(img: Image.Image, **save) -> np.ndarray:
+        src, dst = tmp_path / "src.png", tmp_path / "out" / "bad" / "000_mask.png"
+        img.save(src, **save)
+        dataset_converters._write_binary_mask(str(src), str(dst))
+        return np.asarray(Image.open(dst))
+
+    binary = (ids != 0).astype(np.uint8) * 255
+    np.testing.assert_array_equal(converted(Image.fromarray(ids)), binary)  # label map
+    np.testing.assert_array_equal(converted(Image.fromarray(binary)), binary)  # 0/255
+    many = np.arange(24, dtype=np.uint8).reshape(4, 6)  # 23 regions: every id a defect
+    np.testing.assert_array_equal(converted(Image.fromarray(many)), (many != 0) * 255)
+    coloured = Image.fromarray(ids, mode="P")
+    coloured.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255])  # VOC-style colours
+    np.testing.assert_array_equal(converted(coloured), binary)
+    inverted = Image.fromarray((ids == 0).astype(np.uint8), mode="P")  # defect: index 0
+    inverted.putpalette([255, 255, 255, 0, 0, 0])  # index 0 white, index 1 black
+    np.testing.assert_array_equal(converted(inverted), binary)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: shown turned 90 degrees clockwise
+    np.testing.assert_array_equal(converted(Image.fromarray(ids), exif=exif),
+                                  np.rot90(binary, -1))
+    (tmp_path / "src.png").write_bytes(b"not a png")
+    with pytest.raises(datasets.BadFileError, match=(
+            rf"^cannot read VisA mask {tmp_path / 'src.png'}: .*; replace the file from "
+            "the VisA download$")):
+        dataset_converters._write_binary_mask(str(tmp_path / "src.png"), str(tmp_path / "x"))
+
+
 def test_visa_split_is_checked_before_writing(tmp_path):
     with pytest.raises(dataset_converters.LayoutError, match="1cls.csv does not exist"):
         dataset_converters.read_visa_split(str(tmp_path))
