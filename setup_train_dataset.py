@@ -206,7 +206,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="seed of the demo set (--make_demo)")
     p.add_argument("--demo_counts", type=int, nargs=3, default=[40, 20, 20],
                    metavar=("TRAIN", "TEST_GOOD", "TEST_DEFECT"),
-                   help="demo images per class: train, good test, defective test")
+                   help="--make_demo: images per class: train, good test, defective test")
     p.add_argument("--demo_defect_area", type=float, nargs=2, metavar=("SMALLEST", "LARGEST"),
                    help="--make_demo: defect sizes as fractions of the image, instead of the "
                         "world's (demo_data.WORLDS), within 0.001-0.2 (near 0.001 some kinds "
@@ -215,10 +215,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The flags that only tune one data source: given without it, each is refused (what it
+# does: the source's flag to add), not ignored. Their defaults apply once checked.
+SOURCE_OPTIONS = {
+    "seed": ("seeds the demo set", "make_demo"),
+    "demo_world": ("picks the demo set's photographs and defect kinds", "make_demo"),
+    "demo_counts": ("sets the demo set's images per class", "make_demo"),
+    "custom_test_fraction": ("sets how many of --custom's normal images are held out to "
+                             "test/good", "custom"),
+}
+_NOT_GIVEN = object()
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The flags, checked together (one data source; the options each needs)."""
     p = get_args_parser()
-    args = p.parse_args(argv)
+    # preset attributes keep argparse from filling in their defaults: what stays
+    # _NOT_GIVEN was not on the command line
+    args = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(SOURCE_OPTIONS, _NOT_GIVEN)))
+    for flag, (what, source) in SOURCE_OPTIONS.items():
+        if getattr(args, flag) is _NOT_GIVEN:
+            setattr(args, flag, p.get_default(flag))
+        elif not getattr(args, source):
+            p.error(f"--{flag} {what}: add --{source} DIR")
     sources = [f for f in ("make_demo", "visa", "custom") if getattr(args, f)]
     if len(sources) > 1:
         p.error(f"--{' and --'.join(sources)} each write the data set: pass one")

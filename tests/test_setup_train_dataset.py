@@ -346,6 +346,31 @@ def test_make_demo_wiring(tmp_path, monkeypatch, capsys):
     assert len(calls) == 3  # nothing written
 
 
+@pytest.mark.parametrize("given, error", [
+    (["--seed", "0"], "--seed seeds the demo set: add --make_demo DIR"),
+    (["--demo_world", "main"], "--demo_world picks the demo set's photographs and defect "
+                               "kinds: add --make_demo DIR"),
+    (["--demo_counts", "40", "20", "20"], "--demo_counts sets the demo set's images per "
+                                          "class: add --make_demo DIR"),
+    (["--custom_test_fraction", "0.2"], "--custom_test_fraction sets how many of --custom's "
+                                        "normal images are held out to test/good: add "
+                                        "--custom DIR")])
+def test_source_options_without_their_source_are_refused(tmp_path, capsys, given, error):
+    """A demo or custom option given without --make_demo / --custom would change nothing:
+    refused like --demo_defect_area, even at its default value, before anything is
+    written; left out, it takes its default."""
+    mvtec, root = tmp_path / "mvtec", tmp_path / "root"
+    _make_mvtec(mvtec)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data_path", str(mvtec), "--root", str(root), *given])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {error}")
+    assert not root.exists()
+    args = setup_train_dataset.parse_args(["--data_path", str(mvtec)])
+    assert (args.seed, args.demo_world, args.demo_counts, args.custom_test_fraction) == (
+        0, "main", [40, 20, 20], 0.2)
+
+
 def test_make_demo_real_one_class(tmp_path, capsys):
     """With demo_data.py's real generator: its masks land where PretrainDataset reads them."""
     demo, root = tmp_path / "demo_mvtec", tmp_path / "demo_inet"
