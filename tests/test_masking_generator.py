@@ -57,8 +57,11 @@ def _weights(rng, kind: str) -> np.ndarray | None:
 # --------------------------------------------------------------------------- counts
 
 def test_class_ratios_and_num_masked():
-    assert len(mg.CLASS_MASK_RATIOS) == 15
-    assert mg.CLASS_MASK_RATIOS["screw"] == 0.04 and mg.CLASS_MASK_RATIOS["wood"] == 0.46
+    """The paper's Table 6 ratios, every one, and m = int(L r)."""
+    assert mg.CLASS_MASK_RATIOS == {
+        "carpet": 0.16, "grid": 0.16, "leather": 0.12, "tile": 0.38, "wood": 0.46,
+        "bottle": 0.42, "cable": 0.28, "capsule": 0.16, "hazelnut": 0.36, "metal_nut": 0.48,
+        "pill": 0.48, "screw": 0.04, "toothbrush": 0.22, "transistor": 0.48, "zipper": 0.20}
     assert mg.num_masked(0.48, 196) == 94 and mg.num_masked(0.16, 196) == 31
     assert mg.num_masked(0.04, 196) == 7 and mg.num_masked(0.3, 196) == 58
     assert mg.num_masked(0.5, 64) == 32

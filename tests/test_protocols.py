@@ -11,6 +11,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
+import metrics
 import protocols
 import protoflow
 import utils
@@ -260,6 +261,41 @@ def test_paper_protocol_per_ratio_values_and_best_ratio_by_hand() -> None:
     assert record["diagnostics"]["masked_defect_fraction"] == 1.0
 
 
+def test_paper_ratios_are_the_papers_24() -> None:
+    """The paper protocol sweeps 0.02 to 0.48 in steps of 0.02 (method.md 7): 0.48 is
+    Table 6's ratio of metal_nut, pill and transistor."""
+    assert protocols.PAPER_RATIOS == (
+        0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.14, 0.16, 0.18, 0.2, 0.22, 0.24,
+        0.26, 0.28, 0.3, 0.32, 0.34, 0.36, 0.38, 0.4, 0.42, 0.44, 0.46, 0.48)
+
+
+def test_paper_protocol_reports_maps_and_types_at_the_best_image_auroc_ratio(monkeypatch
+                                                                              ) -> None:
+    """Each metric is reported at its own best ratio; the maps, image scores, per-defect
+    view and mask ratio are those of the best image AUROC's ratio (0.10 here), not of
+    another metric's best (pixel AUROC's 0.40)."""
+    data = _hand_data()
+    shape = data.gt_masks.shape
+
+    def sweep(model, data, proposals, anomalous, ratios, **_):
+        per_ratio = {r: {**dict.fromkeys(metrics.METRIC_NAMES, 0.5),
+                         "per_defect": {"crack": {"image_auroc": r, "pixel_auroc": r}}}
+                     for r in ratios}
+        per_ratio[0.1]["image_auroc"] = per_ratio[0.4]["pixel_auroc"] = 0.9
+        return per_ratio, {r: torch.full(shape, r) for r in ratios}
+
+    monkeypatch.setattr(protocols, "sweep_mask_ratios", sweep)
+    record, maps, scores = protocols.evaluate_paper(ConstantViT(), data, sigma=0.0,
+                                                    batch_size=2, device=torch.device("cpu"),
+                                                    amp="none", seed=0)
+    assert (record["image_auroc_ratio"], record["pixel_auroc_ratio"]) == (0.1, 0.4)
+    assert record["image_auroc"] == record["pixel_auroc"] == 0.9
+    assert record["mask_ratio"] == 0.1
+    assert record["per_defect"] == {"crack": {"image_auroc": 0.1, "pixel_auroc": 0.1}}
+    assert torch.equal(maps["pmad"], torch.full(shape, 0.1))
+    assert torch.equal(scores["pmad"], torch.full((shape[0],), 0.1))
+
+
 def test_mask_seeds_depend_on_the_seed_and_the_image_alone() -> None:
     """--seed reaches each image's random test mask: another seed gives other seeds and
     other masks, the same seed the same ones, and an image's seed does not depend on the
@@ -309,8 +345,26 @@ def test_mask_diagnostics_by_hand() -> None:
     d = protocols.mask_diagnostics(data, masks, torch.tensor([True, True]), (2, 2))
     assert d["masked_defect_fraction"] == pytest.approx(4 / 5)
     assert d["anomalous_with_proposal"] == 1 and d["anomalous_images"] == 1
+    assert d["pixels_per_patch"] == 4
     d = protocols.mask_diagnostics(data, masks, torch.tensor([True, False]), (2, 2))
     assert d["anomalous_with_proposal"] == 0
+    rows = torch.tensor([[True, False], [False, True]])  # a 2 x 1 grid: patches of 2 rows
+    d = protocols.mask_diagnostics(data, rows, torch.tensor([True, True]), (2, 1))
+    assert d["pixels_per_patch"] == 8 and d["masked_defect_fraction"] == pytest.approx(4 / 5)
+
+
+def test_clean_protocol_counts_the_images_that_got_the_proposal_mask() -> None:
+    """With --clean_masks proposal every image gets its proposal mask, whatever ProtoFlow
+    calls at the stored threshold (here only the defective image is above it): the record
+    counts the images masked by their proposal, 2, not ProtoFlow's calls, 1."""
+    data = _hand_data()
+    threshold = (math.log(2) + math.log(4)) / 2
+    for masks, called in (("proposal", 2), ("threshold", 1)):
+        record, _, _ = protocols.evaluate_clean(
+            ConstantViT(), data, ratio=0.5, threshold=threshold,
+            options=protocols.CleanOptions(masks=masks), sigma=0.0, batch_size=2,
+            device=torch.device("cpu"), amp="none", seed=0)
+        assert record["called_anomalous"] == called, masks
 
 
 def test_baselines_take_their_image_score_by_pmads_rule(monkeypatch) -> None:

@@ -491,8 +491,12 @@ def test_proposals_normalise_over_the_whole_set():
     prob = torch.exp(logp - logp.max())[:, None]
     fine = F.interpolate(prob, size=(224, 224), mode="bilinear", align_corners=True)[:, 0]
     assert torch.allclose(out.abnormality_maps, fine.max() - fine)
+    log_fine = F.interpolate((logp.max() - logp)[:, None], size=(224, 224), mode="bilinear",
+                             align_corners=True)[:, 0]  # the log map: over the set too
+    assert torch.allclose(out.log_abnormality_maps, log_fine)
     alone = pf.proposals_from_log_likelihood(logp[:1])
     assert not torch.allclose(alone.abnormality_maps, out.abnormality_maps[:1])
+    assert not torch.allclose(alone.log_abnormality_maps, out.log_abnormality_maps[:1])
     coarse = F.interpolate(prob.max() - prob, size=(14, 14), mode="bilinear",
                            align_corners=True).flatten(1)  # (3, 196)
     for r in ratios:

@@ -481,6 +481,27 @@ def test_results_json_writes_null_for_undefined_metrics(tmp_path):
     assert math.isnan(results["classes"]["tiles"]["pixel_auroc"])
 
 
+def test_summary_means_each_method_and_defect_type_from_its_own_records():
+    """Two classes: PMAD's mean and each baseline's come from that method's own records,
+    and so does each method's per-defect-type view."""
+    def record(value: float, crack: float) -> dict:
+        return {**dict.fromkeys(metrics.METRIC_NAMES, value),
+                "per_defect": {"crack": {"image_auroc": crack, "pixel_auroc": crack / 2}}}
+
+    classes = {c: {**record(0.9 + k, 0.8 + k), "mask_ratio": 0.3,
+                   "protoflow_only": record(0.7 + k, 0.6 + k),
+                   "patchcore": record(0.5 + k, 0.4 + k)}
+               for k, c in ((0.0, "a"), (0.02, "b"))}
+    results = {"classes": classes}
+    reporting.summarize(results)
+    for key, value, crack in (("mean", 0.91, 0.81), ("mean_protoflow_only", 0.71, 0.61),
+                              ("mean_patchcore", 0.51, 0.41)):
+        assert results[key]["image_auroc"] == pytest.approx(value), key
+        method = "pmad" if key == "mean" else key[len("mean_"):]
+        assert results["per_defect_mean"][method]["crack"] == pytest.approx(
+            {"image_auroc": crack, "pixel_auroc": crack / 2}), method
+
+
 def test_partial_results_survive_a_cut_short_line_and_a_fresh_run_clears_the_last(tmp_path,
                                                                                   capsys):
     """A run killed while appending leaves half a line: --resume_eval keeps the whole
