@@ -206,7 +206,7 @@ def check_ranks_agree(resume: str | None, header: dict | None) -> None:
             "the processes do not see the same checkpoint to resume ("
             + "; ".join(f"rank {r}: {p or 'none'}" + ("" if e is None else f", epoch {e}")
                         for r, (p, e) in enumerate(seen))
-            + "): --output_dir (and --resume, --token_cache_dir) must be one folder that "
+            + "): --output_dir (and --resume) must be one folder that "
             "every node reads and writes, e.g. on a shared file system")
 
 

@@ -66,6 +66,9 @@ def held_out_scores(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
 RESUME_KEYS = ("data_path", "classes", "encoder", "out_indices", "encoder_weights", "holdout",
                "seed", "batch_size", "img_size", "epochs", "lr", "warmup_epochs", "n_blocks",
                "skip_bad_images", "num_workers")
+# Recorded only since a later version: a .resume file without one is still resumed (with a
+# note), as it holds everything else the run needs.
+RECORDED_LATER = ("num_workers",)
 # The flags `train` shares with `prototypes`: the prototypes' rebuild command repeats them.
 PROTOTYPE_FLAGS = ("data_path", "encoder_weights", "img_size", "holdout", "seed",
                    "skip_bad_images")
@@ -174,6 +177,12 @@ def _resume(args: argparse.Namespace, resume_path: str, flow: Ff.SequenceINN,
                         "continue it, or delete the file to start over")
     state = load_checkpoint_file(resume_path)
     saved = state["args"]
+    for key in RECORDED_LATER:
+        if key not in saved:
+            saved[key] = run_args[key]
+            print(f"[protoflow] {resume_path} records no --{key} (an older run_protoflow.py "
+                  f"wrote it): resumed; the run continues exactly only with the --{key} it "
+                  "was started with", flush=True)
     unrecorded = [k for k in run_args if k not in saved]
     if unrecorded:
         raise CheckpointError(f"{resume_path} records no {unrecorded} (an older "

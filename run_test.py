@@ -293,8 +293,7 @@ def resume_key(args: argparse.Namespace, results: dict) -> dict:
     change the scores only by rounding."""
     return {"data_path": str(Path(args.data_path)), "setting": results["setting"],
             "protocol": args.protocol, "clean_options": results["clean_options"],
-            "mask_ratio": args.mask_ratio,
-            "default_mask_ratio": default_mask_ratio(args) if args.protocol == "clean" else None,
+            "mask_ratio": args.mask_ratio, "default_mask_ratio": default_mask_ratio(args),
             "sigma": args.sigma, "seed": args.seed, "skip_bad_images": args.skip_bad_images,
             **{k: getattr(args, k) for k in modeling_pmad.PAPER_EVAL_CONFIG},
             "amp": results["amp"], **results["checkpoints"]}

@@ -24,6 +24,7 @@ import shutil
 import socket
 import sys
 import tarfile
+import time
 import zipfile
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ NO_WEIGHT_DECAY = ("cls_token", "pos_embed")
 # the temporary files and folders tmp_name names: .<name>.tmp-<writer's host>-<its pid> (a
 # pid of at most 7 digits, as Linux and macOS give); older versions wrote no host
 TMP_PATTERN = re.compile(r"^\..+\.tmp-(?:([A-Za-z0-9-]{1,40})-)?(\d{1,7})$")
+# another machine's temporary file or folder untouched this long is a dead writer's (a
+# restarted container gets a new host name), whose process this machine cannot ask about
+OTHER_HOST_STALE_S = 24 * 3600
 
 
 # ----------------------------------------------------------------------------- user errors
@@ -249,9 +253,10 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def remove_stale_tmp_files(folder: str | os.PathLike) -> list[str]:
     """Remove the temporary files and folders (`tmp_name`: `.<name>.tmp-<host>-<pid>`)
-    that writers on this machine killed mid-write left in `folder`: those whose pid is no
-    process here. Another machine's are kept, as their writer may be alive (a folder shared
-    over NFS). Returns their paths."""
+    that writers killed mid-write left in `folder`: this machine's whose pid is no process
+    here, and another machine's (a folder shared over NFS, a restarted container) once
+    nothing in them changed for OTHER_HOST_STALE_S, as their writer may be alive. Returns
+    their paths."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         return []
@@ -259,9 +264,18 @@ def remove_stale_tmp_files(folder: str | os.PathLike) -> list[str]:
     for name in sorted(os.listdir(folder)):
         match = TMP_PATTERN.search(name)
         path = os.path.join(folder, name)
-        if (match is None or match.group(1) not in (None, _host_label())
-                or _alive(int(match.group(2)))):
+        if match is None:
             continue
+        host, pid = match.group(1), match.group(2)
+        if host in (None, _host_label()):
+            if _alive(int(pid)):
+                continue
+            writer = f"process {pid} that ended mid-write"
+        else:
+            idle = time.time() - _last_change(path)
+            if idle < OTHER_HOST_STALE_S:
+                continue
+            writer = f"process {pid} of {host}, untouched for {idle / 3600:.0f} h"
         if os.path.isdir(path) and not os.path.islink(path):  # e.g. predict.py's staging
             size = sum(os.lstat(os.path.join(d, f)).st_size
                        for d, _, files in os.walk(path) for f in files)
@@ -273,9 +287,18 @@ def remove_stale_tmp_files(folder: str | os.PathLike) -> list[str]:
         else:
             continue
         removed.append(path)
-        print(f"[cleanup] removed {path} ({size / 2 ** 20:.1f} MiB), left by process "
-              f"{match.group(2)} that ended mid-write", flush=True)
+        print(f"[cleanup] removed {path} ({size / 2 ** 20:.1f} MiB), left by {writer}",
+              flush=True)
     return removed
+
+
+def _last_change(path: str) -> float:
+    """The latest modification time of `path` and, for a folder, of all it holds."""
+    times = [os.lstat(path).st_mtime]
+    if os.path.isdir(path) and not os.path.islink(path):
+        times += [os.lstat(os.path.join(d, n)).st_mtime
+                  for d, dirs, files in os.walk(path) for n in dirs + files]
+    return max(times)
 
 
 def _alive(pid: int) -> bool:
@@ -1046,6 +1069,11 @@ def load_training_state(path: str, *, model: nn.Module,
         masking.load_state_dict(masking_state)
     info["start_epoch"] = int(ckpt["epoch"]) + 1
     check_resume_world_size(ckpt, path)
+    if not rng:
+        main_print(f"[resume] {path} holds no random states (the original code's "
+                   "checkpoints do not): random streams restart from --seed; the weights, "
+                   "optimiser and all else it holds are restored exactly")
+        return info
     info["rng_restored"] = restore_rng_state(rng[get_rank()], device)
     if not info["rng_restored"]:
         main_print(f"[resume] {path} holds no CUDA random state (written on the CPU): "
@@ -1058,11 +1086,12 @@ def check_resume_world_size(ckpt: dict, path: str) -> None:
     """A training state resumes only with as many processes as wrote it: each process
     draws its own --batch_size images a step, so another count would change the steps per
     epoch, the learning-rate schedule and which images share a step, and leave the saved
-    random streams without their processes."""
+    random streams without their processes. A file with neither (the original code's)
+    cannot tell, and resumes with fresh random streams."""
     rng = ckpt.get("rng") or []
     saved = ckpt.get("world_size", len(rng))  # older files: one random state per process
     now = get_world_size()
-    if saved != now or len(rng) != now:
+    if (saved or rng) and (saved != now or len(rng) != now):
         raise CheckpointError(
             f"{path} was trained by {saved} process(es) and holds the random states of "
             f"{len(rng)}; this run has {now}. Resume it with {saved} (torchrun's --nnodes x "

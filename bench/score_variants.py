@@ -237,11 +237,13 @@ def score_world(args: argparse.Namespace) -> None:
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nmean image AUROC / pixel AUROC over {len(classes)} classes ({args.data_path})")
+    masked = [c for c in classes if c not in no_masks]
     if no_masks:
-        print(f"  pixel AUROC left out: no ground_truth folder in {', '.join(no_masks)}")
+        print(f"  pixel AUROC over the {len(masked)} class(es) with a ground_truth folder; "
+              f"none in {', '.join(no_masks)}")
     for row in results[classes[0]]:
         img = np.mean([results[c][row]["image_auroc"] for c in classes])
-        pix = np.mean([results[c][row]["pixel_auroc"] for c in classes])
+        pix = np.mean([results[c][row]["pixel_auroc"] for c in masked]) if masked else math.nan
         # image AUROC with 4 decimals: over a demo world's few hundred image pairs its
         # mean often ends in 5 at the 4th, which 3 would round up or down by float noise
         print(f"  {row:58s} {img:.4f}" + ("" if math.isnan(pix) else f" / {pix:.3f}"))

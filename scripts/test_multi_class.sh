@@ -9,10 +9,10 @@
 # Paths come from environment variables (defaults below; relative paths are taken from
 # the repository root; PYTHON names the interpreter, python3 by default); extra
 # arguments are passed on to run_test.py (the clean protocol's own flags, such as
-# --mask_ratio or --combine, with PROTOCOLS=clean: the paper protocol refuses them). MODEL and TOKENIZER (e.g. vit_tokenizer) are
-# passed only when set: by default run_test.py takes the model, image size, layer
-# scale, normalisation and tokenizer kind from the checkpoint's training arguments (the
-# paper's for a released file without them).
+# --mask_ratio or --combine, with PROTOCOLS=clean: the paper protocol refuses them).
+# MODEL and TOKENIZER (e.g. vit_tokenizer) are passed only when set: by default
+# run_test.py takes the model, image size, layer scale, normalisation and tokenizer kind
+# from the checkpoint's training arguments (the paper's for a released file without them).
 # Results: OUTPUT_DIR/<protocol>/results.{json,md,csv}.
 set -euo pipefail
 cd "$(dirname "$0")/.."

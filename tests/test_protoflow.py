@@ -731,10 +731,11 @@ def test_train_resumes_exactly_after_a_crash(cli, monkeypatch):
 
 
 def test_resume_refuses_other_prototypes_or_skip_bad_images_or_an_older_file(
-        cli, monkeypatch, tmp_path):
+        cli, monkeypatch, tmp_path, capsys):
     """The prototypes are compared by content: rebuilt ones in another --prototypes_dir are
     refused, the same files copied elsewhere resume. A .resume file from before these
-    checks records neither and is refused."""
+    checks records neither and is refused; one from before --num_workers was recorded
+    resumes, with a note."""
     crashed = str(cli["root"] / "c.pt")
     resume = crashed + ".resume"
     _crash_in_epoch_two(cli, monkeypatch, crashed)
@@ -762,8 +763,12 @@ def test_resume_refuses_other_prototypes_or_skip_bad_images_or_an_older_file(
     assert str(err.value) == (f"{resume} records no ['skip_bad_images', 'prototypes'] (an older "
                               "run_protoflow.py wrote it), so it cannot be checked against "
                               "this run; delete it to start over")
-    torch.save(state, resume)
+    torch.save({**state, "args": {k: v for k, v in state["args"].items()
+                                  if k != "num_workers"}}, resume)
+    capsys.readouterr()
     resumed = rpf.main(argv + ["--prototypes_dir", str(copy)])
+    assert (f"{resume} records no --num_workers (an older run_protoflow.py wrote it): "
+            "resumed" in capsys.readouterr().out)
     for key, value in cli["trained"]["decoder_state_dict"].items():
         assert torch.equal(resumed["decoder_state_dict"][key], value), key
 

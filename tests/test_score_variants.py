@@ -215,17 +215,21 @@ def test_bench_score_variants_end_to_end(score_variants, tiny_world, tmp_path, c
         return collect_class(*args, **kwargs)
 
     monkeypatch.setattr(score_variants, "collect_class", spy)
-    argv = tiny_world.run_test_argv(tmp_path / "o1", "--classes", other, "--num_workers", "1",
-                                    data=data)
+    argv = tiny_world.run_test_argv(tmp_path / "o1", "--classes", "coins", other,
+                                    "--num_workers", "1", data=data)
     assert score_variants.main(argv) == 0
-    assert workers == [1, 1]  # the test images' pass and train/good's
-    unmasked = json.loads((tmp_path / "o1" / "score_variants.json").read_text())[other]
+    assert workers == [1] * 4  # per class, the test images' pass and train/good's
+    both = json.loads((tmp_path / "o1" / "score_variants.json").read_text())
+    unmasked = both[other]
     assert unmasked.keys() == results["coins"].keys()
     assert all(math.isnan(r["pixel_auroc"]) for r in unmasked.values())
     printed = capsys.readouterr().out.splitlines()
-    assert f"  pixel AUROC left out: no ground_truth folder in {other}" in printed
+    assert (f"  pixel AUROC over the 1 class(es) with a ground_truth folder; none in {other}"
+            in printed)
     default_line = next(line for line in printed if line.split()[:1] == ["default"])
-    assert default_line.split()[1:] == [f"{unmasked['default']['image_auroc']:.4f}"]
+    image = (both["coins"]["default"]["image_auroc"] + unmasked["default"]["image_auroc"]) / 2
+    assert default_line.split()[1:] == [f"{image:.4f}", "/",
+                                        f"{both['coins']['default']['pixel_auroc']:.3f}"]
 
     shutil.rmtree(data / "coins" / "train" / "good")
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import time
 import random
 import tarfile
 from pathlib import Path
@@ -249,6 +250,23 @@ def test_earlier_checkpoint_layout_restores_dynamic_masking_and_mask_stream(tmp_
     assert _draws(policy2)[-1] == expected[-1]
 
 
+def test_a_training_state_of_the_original_code_resumes_with_fresh_random_streams(tmp_path,
+                                                                                capsys):
+    """BEiT's and PMAD's code save no random states and no process count: the run
+    resumes (it cannot be checked) and says that the streams restart from --seed."""
+    model, opt = _trained(0)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 5},
+               tmp_path / "original.pth")
+    model2, opt2 = _trained(1)
+    info = utils.load_training_state(str(tmp_path / "original.pth"), model=model2,
+                                     optimizer=opt2)
+    assert info["start_epoch"] == 6 and not info["rng_restored"]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 model2.state_dict().values()))
+    assert "holds no random states (the original code's checkpoints do not): random " \
+           "streams restart from --seed" in capsys.readouterr().out
+
+
 def test_model_only_file_starts_at_epoch_zero(tmp_path):
     model, _ = _trained(0)
     torch.save({"model": model.state_dict()}, tmp_path / "released.pth")
@@ -329,8 +347,10 @@ def test_the_stale_tmp_cleaner_removes_what_a_killed_write_atomic_left(tmp_path)
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_the_stale_cleaner_removes_a_dead_writers_staging_folder(tmp_path):
     """predict.py stages its outputs in a tmp_name folder: one a killed run left (its pid
-    gone) is removed with what it holds; a live one, another machine's and other folders
-    stay. An older version's name, without a host, counts as this machine's."""
+    gone) is removed with what it holds; a live one, another machine's recent one and other
+    folders stay. Another machine's untouched for a day is removed (a restarted container
+    has a new host name). An older version's name, without a host, counts as this
+    machine's."""
     pid = os.fork()
     if pid == 0:
         os._exit(0)
@@ -344,12 +364,23 @@ def test_the_stale_cleaner_removes_a_dead_writers_staging_folder(tmp_path):
     live = Path(utils.tmp_name(str(tmp_path / "predict")))
     live.mkdir()
     # a user's folder of a like name (no leading dot), and a pid no system gives: kept
-    # and another machine's, whose writer may be alive (a folder shared over NFS)
+    # and another machine's, whose writer may be alive (a folder shared over NFS): kept
+    # while anything in it changed within OTHER_HOST_STALE_S
     keep = ["heatmaps", f"scans.tmp-{pid}", ".x.tmp-99999999999999999999",
             f".predict.tmp-other-host-{pid}"]
     for name in keep:
         (tmp_path / name).mkdir()
-    assert utils.remove_stale_tmp_files(tmp_path) == [str(legacy), str(dead)]
+    day = utils.OTHER_HOST_STALE_S + 60
+    recent = tmp_path / keep[-1] / "heatmaps" / "a.png"  # the one file written of late
+    recent.parent.mkdir()
+    recent.write_bytes(b"x")
+    old = time.time() - day
+    for path in (tmp_path / keep[-1], recent.parent):
+        os.utime(path, (old, old))
+    gone = tmp_path / f".ckpt.pth.tmp-old-host-{pid}"  # a dead container's, a day old
+    gone.write_bytes(b"x" * 2 ** 20)
+    os.utime(gone, (old, old))
+    assert utils.remove_stale_tmp_files(tmp_path) == [str(gone), str(legacy), str(dead)]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, *keep])
 
 
