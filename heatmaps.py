@@ -125,14 +125,19 @@ def _colour_bar(height: int, scale: ColourScale) -> np.ndarray:
     panel = np.full((height, BAR_WIDTH + BAR_LABELS, 3), 255, np.uint8)
     values = np.linspace(scale.high, scale.low, height)[:, None].repeat(BAR_WIDTH, 1)
     panel[:, :BAR_WIDTH] = scale.colours(values)
-    for k in range(TICKS):
-        y = round(k * (height - 1) / (TICKS - 1))
-        value = scale.high - k * (scale.high - scale.low) / (TICKS - 1)
+    for y, value in _ticks(height, scale):
         cv2.line(panel, (BAR_WIDTH, y), (BAR_WIDTH + 3, y), BLACK, 1)
         baseline = min(max(y + 4, 9), height - 2)
         cv2.putText(panel, f"{value:.3g}", (BAR_WIDTH + 5, baseline), FONT, 0.36, BLACK, 1,
                     cv2.LINE_AA)
     return panel
+
+
+def _ticks(height: int, scale: ColourScale) -> list[tuple[int, float]]:
+    """(row, value) of the colour bar's TICKS labels: the class's high at the top row, its
+    low at the bottom, evenly between."""
+    return [(round(k * (height - 1) / (TICKS - 1)),
+             scale.high - k * (scale.high - scale.low) / (TICKS - 1)) for k in range(TICKS)]
 
 
 def render(image: np.ndarray, score_map: np.ndarray, scale: ColourScale, caption: Caption,

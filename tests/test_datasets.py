@@ -697,6 +697,8 @@ def test_16_bit_grey_reads_by_its_bit_depth_not_its_maximum(tmp_path):
     ("label ids 1 and 3", {1: 1, 2: 3}, {1, 2}),
     ("blurred edge", {1: 255, 2: 100, 3: 140, **{4 + i: 10 + i for i in range(20)}}, {1, 3}),
     ("few-valued edge", {1: 255, 2: 40, 3: 200, 4: 3}, {1, 3}),
+    ("label ids up to 16", {1: 1, 2: 8, 3: 16}, {1, 2, 3}),
+    ("compressed, peak 200", {1: 200, 2: 120, 3: 100, 4: 30}, {1, 2}),  # half: normal
 ])
 def test_mask_defects_reads_binary_masks_label_maps_and_blurred_edges(name, values, expected):
     """Two values: the larger is the defect; a label map (ids up to 16): every non-zero

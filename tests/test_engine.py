@@ -75,3 +75,22 @@ def test_train_step_patch_losses_sit_at_their_patches():
 def test_train_step_mlm_acc_counts_exact_token_predictions():
     """mlm_acc: the fraction of masked patches whose argmax token is their token: 2 of 3."""
     assert _step().mlm_acc.item() == pytest.approx(2 / 3, abs=1e-7)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["sgd", "fused_adamw"])
+def test_a_non_finite_gradient_with_a_finite_loss_fails_the_step(fused):
+    """Without fp16's loss scaler nothing else catches a NaN gradient of a finite loss:
+    the step fails and the weights stay as they were, with a plain optimiser (which reads
+    the flag on the host) and with fused AdamW (which skips on the device)."""
+    tokens = torch.full((2, 4), 2)
+    tokens.view(-1)[POSITIONS] = TARGETS
+    model = _TableViT()
+    model.table.register_hook(lambda grad: grad * float("nan"))
+    before = model.table.detach().clone()
+    opt = (utils.build_optimizer(model, 0.1, 0.0, (0.9, 0.999), 1e-8, "cpu") if fused
+           else torch.optim.SGD(model.parameters(), lr=0.1))
+    out = engine.train_step(model, torch.zeros(2, 3, 4, 4), tokens,
+                            MaskBatch(MASKS, torch.tensor(POSITIONS), None), opt,
+                            utils.make_grad_scaler("cpu", "none"))
+    assert torch.isfinite(out.loss) and bool(out.failed)
+    assert torch.equal(model.table.detach(), before)

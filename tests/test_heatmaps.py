@@ -2,6 +2,8 @@
 --save_heatmaps picks."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,12 @@ def test_colour_scale_is_shared_and_clipped():
     assert (below == lo).all() and (above == hi).all()  # clipped to the class's range
     assert lo[2] > 100 and lo[0] < 50 and hi[0] > 100 and hi[2] < 50  # blue low, red high
     assert not (mid == lo).all() and not (mid == hi).all()
+    # a range away from 0: its low is blue and its middle the middle's colour
+    shifted = ColourScale(2.0, 6.0).colours(np.array([[2.0, 6.0, 4.0]]))[0]
+    assert (shifted == np.stack([lo, hi, mid])).all()
+    # the colour bar's labels: high at the top row, low at the bottom
+    assert heatmaps._ticks(101, ColourScale(1.0, 5.0)) == [
+        (0, 5.0), (25, 4.0), (50, 3.0), (75, 2.0), (100, 1.0)]
     with pytest.raises(ValueError, match="NaN or infinite"):
         ColourScale.of(torch.tensor([[[0.0, float("nan")]]]))
 
@@ -117,3 +125,22 @@ def test_save_one_writes_the_rendered_png(tmp_path):
     rgb = np.full((16, 16, 3), [128, 102, 76], np.uint8)
     assert (written[:16, :16] == rgb).all()
     assert (written == heatmaps.render(rgb, score.numpy(), scale, caption, gt.numpy())).all()
+
+
+def test_save_heatmaps_captions_each_image_with_its_own_scores_on_the_class_scale(
+        monkeypatch, tmp_path):
+    """Every PNG of a class shares one colour scale, the range of all its maps, and is
+    captioned with its own PMAD and ProtoFlow scores (never the one for the other)."""
+    drawn = []
+    monkeypatch.setattr(heatmaps, "save_one", lambda image, score_map, scale, caption, path,
+                        *a, **k: drawn.append((scale, caption, path.name)))
+    maps = torch.stack([torch.full((2, 2), float(v)) for v in (1, 5, 3)])  # (3, H, W)
+    data = SimpleNamespace(names=["good_0", "crack_0", "crack_1"], images=torch.zeros(3, 3, 2, 2),
+                           defect_types=["good", "crack", "crack"], gt_masks=None)
+    heatmaps.save_heatmaps(data, maps, torch.tensor([1.0, 5.0, 3.0]),
+                           torch.tensor([10.0, 50.0, 30.0]), 20.0, tmp_path, 1,
+                           (0.0,) * 3, (1.0,) * 3)
+    assert {(s.low, s.high) for s, _, _ in drawn} == {(1.0, 5.0)}
+    captions = {c.name: (c.pmad_score, c.protoflow_score, c.decision) for _, c, _ in drawn}
+    assert captions == {"good_0": (1.0, 10.0, "normal"), "crack_0": (5.0, 50.0, "anomalous"),
+                        "crack_1": (3.0, 30.0, "anomalous")}

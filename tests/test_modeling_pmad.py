@@ -89,8 +89,9 @@ def test_init():
     assert torch.equal(model.rel_pos_bias.relative_position_bias_table, torch.zeros(732, 3))
     assert 0.015 < model.mask_token.std() < 0.025 and model.mask_token.abs().max() <= 0.04
     # block i (from 1) has its residual projections divided by sqrt(2 i)
-    ratio = model.blocks[0].mlp.fc2.weight.std() / model.blocks[3].mlp.fc2.weight.std()
-    assert ratio == pytest.approx(math.sqrt(4), rel=0.03)
+    for layer in ("mlp.fc2", "attn.proj"):
+        first, last = (model.blocks[i].get_submodule(layer).weight.std() for i in (0, 3))
+        assert first / last == pytest.approx(math.sqrt(4), rel=0.05), layer
     assert model.no_weight_decay() == {"pos_embed", "cls_token"}
 
 
@@ -512,6 +513,12 @@ def test_eval_config_from_checkpoint_args(tmp_path, kind):
     assert notes[1] == ("given flags override the checkpoint's training arguments: "
                         "--imagenet_default_mean_and_std True (checkpoint: False), "
                         "--tokenizer_model dall-e (checkpoint: kmeans)")
+    # a given flag that is falsy (False, 0) still wins over the checkpoint's value
+    falsy = {**none, "imagenet_default_mean_and_std": False, "layer_scale_init_value": 0.0}
+    config, _ = resolve_eval_config(falsy, read_weights_file(_eval_checkpoint(
+        tmp_path / "true.pth", {**saved, "imagenet_default_mean_and_std": True})), path)
+    assert config["imagenet_default_mean_and_std"] is False
+    assert config["layer_scale_init_value"] == 0.0
 
 
 def test_eval_config_of_a_released_file_is_the_papers(tmp_path):

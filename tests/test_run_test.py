@@ -2,6 +2,7 @@
 protocol on real files, the checkpoint's own settings, flags and exit codes."""
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -481,19 +482,33 @@ def test_results_json_writes_null_for_undefined_metrics(tmp_path):
     assert math.isnan(results["classes"]["tiles"]["pixel_auroc"])
 
 
-def test_summary_means_each_method_and_defect_type_from_its_own_records():
+def test_summary_means_each_method_and_defect_type_from_its_own_records(tmp_path):
     """Two classes: PMAD's mean and each baseline's come from that method's own records,
-    and so does each method's per-defect-type view."""
+    and so does each method's per-defect-type view, in results.json, results.md and
+    results.csv; the diagnostics say how many anomalous images got the proposal."""
     def record(value: float, crack: float) -> dict:
         return {**dict.fromkeys(metrics.METRIC_NAMES, value),
                 "per_defect": {"crack": {"image_auroc": crack, "pixel_auroc": crack / 2}}}
 
     classes = {c: {**record(0.9 + k, 0.8 + k), "mask_ratio": 0.3,
                    "protoflow_only": record(0.7 + k, 0.6 + k),
-                   "patchcore": record(0.5 + k, 0.4 + k)}
+                   "patchcore": record(0.5 + k, 0.4 + k),
+                   "diagnostics": {"anomalous_with_proposal": 3, "anomalous_images": 4,
+                                   "masked_defect_fraction": 0.5}}
                for k, c in ((0.0, "a"), (0.02, "b"))}
-    results = {"classes": classes}
+    results = {"classes": classes, "protocol": "clean", "clean_options": None}
     reporting.summarize(results)
+    table = reporting.write_results(results, tmp_path, "clean").splitlines()
+    assert "| *ProtoFlow map alone (mean)* | 0.710/0.710 | 0.710 | 0.710 | 0.710 | 0.710 " \
+           "| 0.710 |  |" in table
+    assert "| *PatchCore (mean)* | 0.510/0.510 | 0.510 | 0.510 | 0.510 | 0.510 | 0.510 |  |" \
+        in table
+    assert "| crack | 0.810/0.405 | 0.610/0.305 | 0.410/0.205 |" in table
+    assert "| a | 3/4 | 0.50 |" in table
+    with open(tmp_path / "results.csv") as f:
+        means = {row["method"]: float(row["image_auroc"]) for row in csv.DictReader(f)
+                 if row["class"] == "mean"}
+    assert means == pytest.approx({"pmad": 0.91, "protoflow_only": 0.71, "patchcore": 0.51})
     for key, value, crack in (("mean", 0.91, 0.81), ("mean_protoflow_only", 0.71, 0.61),
                               ("mean_patchcore", 0.51, 0.41)):
         assert results[key]["image_auroc"] == pytest.approx(value), key

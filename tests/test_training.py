@@ -112,6 +112,11 @@ def test_two_epochs_write_checkpoints_and_logs(env, reference):
     assert ckpt["epoch"] == 1 and ckpt["world_size"] == 1 and len(ckpt["rng"]) == 1
     assert ckpt["args"]["model"] == TINY and ckpt["args"]["setting"] == "multi_class"
     assert set(ckpt) >= {"model", "optimizer", "scaler", "masking", "sampler_seed"}
+    # the last step's lr and weight decay (--weight_decay 0.05, constant) as the optimiser
+    # applied them, not only as they were logged
+    groups = ckpt["optimizer"]["param_groups"]
+    assert sorted(g["weight_decay"] for g in groups) == pytest.approx([0.0, 0.05])
+    assert all(g["lr"] == pytest.approx(log[1]["train_lr"]) for g in groups)
     dyn = ckpt["masking"]["dynamic_masking"]
     assert dyn["class_names"] == list(TWO_CLASSES)
     # 2 epochs x 1 step x 2 samples, each masked with exactly its class's m patches
@@ -185,8 +190,9 @@ def test_a_huge_gradient_is_clipped_to_clip_grad():
     assert out.grad_norm.item() == pytest.approx(1e4 * math.sqrt(0.75), rel=1e-6)  # before
     assert update.norm().item() == pytest.approx(0.5, rel=1e-6)  # after: --clip_grad
     torch.testing.assert_close(update, -0.5 * grad / grad.norm())  # same direction
-    _, unclipped = _sgd_step(1e4, clip_grad=None)  # None (or <= 0): no clipping
-    torch.testing.assert_close(unclipped, -1e4 * grad)
+    for off in (None, 0.0, -1.0):  # --clip_grad None or <= 0: no clipping
+        _, unclipped = _sgd_step(1e4, clip_grad=off)
+        torch.testing.assert_close(unclipped, -1e4 * grad)
     _, small = _sgd_step(1.0, clip_grad=3.0)  # below the limit: left as it is
     torch.testing.assert_close(small, -grad)
 

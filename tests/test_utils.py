@@ -39,6 +39,10 @@ def test_cosine_scheduler_warmup_steps_override_and_constant():
                                start_warmup_value=1.0, warmup_steps=3)
     np.testing.assert_allclose(s[:3], [1.0, 1.5, 2.0])
     assert len(s) == 10
+    for unused in (0, -1):  # --warmup_steps <= 0: --warmup_epochs sets the warm-up
+        s = utils.cosine_scheduler(2.0, 0.0, epochs=2, niter_per_ep=3, warmup_epochs=1,
+                                   start_warmup_value=1.0, warmup_steps=unused)
+        np.testing.assert_allclose(s[:3], [1.0, 1.5, 2.0])
     np.testing.assert_allclose(utils.cosine_scheduler(0.05, 0.05, 3, 7), 0.05)
 
 
