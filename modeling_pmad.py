@@ -33,7 +33,7 @@ from utils import (CheckpointError, MissingFileError, bf16_supported, main_print
 __all__ = [
     "PatchEmbed", "Attention", "Block", "RelativePositionBias",
     "VisionTransformerForMaskedImageModeling", "relative_position_index",
-    "set_fused_attn", "build_pmad", "PMAD_MODELS", "unwrap_state_dict",
+    "set_fused_attn", "build_pmad", "PMAD_MODELS", "MODEL_CONFIGS", "unwrap_state_dict",
     "load_state_dict_checked", "load_checkpoint", "checkpoint_args", "resolve_eval_config",
     "checkpoint_vocab_size", "PAPER_EVAL_CONFIG",
 ]
@@ -363,32 +363,41 @@ def _create(pretrained: bool, config: dict[str, Any], **kwargs: Any
     return VisionTransformerForMaskedImageModeling(**{**defaults, **config, **kwargs})
 
 
+# Each registered model's layout; its patch size also sets the image grid (run_pretraining).
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    "vit_tiny_patch16_224_8k_vocab": dict(patch_size=16, embed_dim=192, depth=12,
+                                           num_heads=3, init_values=0.1),
+    "vit_small_patch16_224_8k_vocab": dict(patch_size=16, embed_dim=384, depth=12,
+                                           num_heads=6, init_values=0.1),
+    "vit_base_patch16_224_8k_vocab": dict(patch_size=16, embed_dim=768, depth=12,
+                                           num_heads=12, init_values=0.1),
+    "vit_large_patch16_224_8k_vocab": dict(patch_size=16, embed_dim=1024, depth=24,
+                                           num_heads=16, init_values=1e-5),
+}
+
+
 @register_model
 def vit_tiny_patch16_224_8k_vocab(pretrained: bool = False, **kwargs: Any
                                   ) -> VisionTransformerForMaskedImageModeling:
-    return _create(pretrained, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3,
-                                    init_values=0.1), **kwargs)
+    return _create(pretrained, MODEL_CONFIGS["vit_tiny_patch16_224_8k_vocab"], **kwargs)
 
 
 @register_model
 def vit_small_patch16_224_8k_vocab(pretrained: bool = False, **kwargs: Any
                                    ) -> VisionTransformerForMaskedImageModeling:
-    return _create(pretrained, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                                    init_values=0.1), **kwargs)
+    return _create(pretrained, MODEL_CONFIGS["vit_small_patch16_224_8k_vocab"], **kwargs)
 
 
 @register_model
 def vit_base_patch16_224_8k_vocab(pretrained: bool = False, **kwargs: Any
                                   ) -> VisionTransformerForMaskedImageModeling:
-    return _create(pretrained, dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                                    init_values=0.1), **kwargs)
+    return _create(pretrained, MODEL_CONFIGS["vit_base_patch16_224_8k_vocab"], **kwargs)
 
 
 @register_model
 def vit_large_patch16_224_8k_vocab(pretrained: bool = False, **kwargs: Any
                                    ) -> VisionTransformerForMaskedImageModeling:
-    return _create(pretrained, dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16,
-                                    init_values=1e-5), **kwargs)
+    return _create(pretrained, MODEL_CONFIGS["vit_large_patch16_224_8k_vocab"], **kwargs)
 
 
 PMAD_MODELS = {f.__name__: f for f in (vit_tiny_patch16_224_8k_vocab,

@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 
@@ -244,14 +243,6 @@ def resume_views(saved: dict | None, now: dict, train_classes: Sequence[str]
     return views
 
 
-def patch_size_of(model: str) -> int:
-    """The patch size of a registered model, from its name (vit_*_patch16_*)."""
-    found = re.search(r"_patch(\d+)_", model)
-    if found is None:
-        raise ValueError(f"{model}: the model name gives no _patch<N>_ size")
-    return int(found.group(1))
-
-
 def tokenizer_grid(args: argparse.Namespace) -> tuple[int, str] | None:
     """modeling_discrete_vae.token_grid of the run's tokenizer; None where the grid
     follows --input_size (a k-means tokenizer this run fits)."""
@@ -265,7 +256,7 @@ def check_image_grid(args: argparse.Namespace) -> int:
     """--input_size against the model's patch size and the tokenizer's token grid (a
     mismatch would fail only after every image is tokenized, with a shape error).
     -> the side of the patch grid."""
-    patch = patch_size_of(args.model)
+    patch = modeling_pmad.MODEL_CONFIGS[args.model]["patch_size"]
     if args.input_size < patch or args.input_size % patch:
         low = max(patch, args.input_size // patch * patch)
         raise utils.FlagError(f"--input_size {args.input_size} is not a multiple of "

@@ -479,6 +479,12 @@ def test_training_keeps_each_models_own_layer_scale(monkeypatch):
     assert {m: kw["init_values"] for m, kw in built.items()} == {
         TINY: 0.1, "vit_small_patch16_224_8k_vocab": 0.1, "vit_base_patch16_224_8k_vocab": 0.1,
         "vit_large_patch16_224_8k_vocab": 1e-5}
+    # the layouts of ViT-Ti/S/B/L, patch 16 (run_pretraining reads the patch size here)
+    assert {m: (kw["patch_size"], kw["embed_dim"], kw["depth"], kw["num_heads"])
+            for m, kw in built.items()} == {
+        TINY: (16, 192, 12, 3), "vit_small_patch16_224_8k_vocab": (16, 384, 12, 6),
+        "vit_base_patch16_224_8k_vocab": (16, 768, 12, 12),
+        "vit_large_patch16_224_8k_vocab": (16, 1024, 24, 16)}
 
 
 def _eval_checkpoint(path: Path, args) -> Path:
