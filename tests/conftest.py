@@ -62,6 +62,19 @@ class TinyWorld:
         return [*self.model_argv(device), "--data_path", str(data or self.mvtec_root),
                 "--output_dir", str(out), *extra]
 
+    def protoflow_with_class_scores(self, path: Path, scores: dict[str, list[float]]) -> Path:
+        """A copy of the world's ProtoFlow file at `path` trained on `scores`' classes,
+        whose held-out normal image scores are `scores` (class -> scores), so that each
+        class has its own threshold and the file's overall one differs from them."""
+        ckpt = torch.load(self.protoflow, weights_only=True)
+        every = torch.tensor([s for values in scores.values() for s in values])
+        ckpt.update(classes=list(scores), image_score_threshold=float(torch.quantile(
+            every.double(), ckpt["threshold_quantile"])))
+        ckpt["normal_image_scores"].update(scores=every, class_idx=torch.tensor(
+            [k for k, values in enumerate(scores.values()) for _ in values]))
+        torch.save(ckpt, path)
+        return path
+
 
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -46,6 +46,22 @@ def test_features_only_backbone_carries_the_weights() -> None:
     assert [tuple(f.shape) for f in feats] == [(1, 40, 28, 28), (1, 112, 14, 14)]
 
 
+def test_backbone_features_of_an_image_do_not_depend_on_its_batch() -> None:
+    """The frozen backbone normalises with ImageNet's BatchNorm statistics (eval mode):
+    an image's features, and so its prototypes and scores, are the same alone and
+    beside other images, and scoring leaves the statistics as they were."""
+    backbone = create_backbone("efficientnet_lite0", (2, 3), lite0_weights_path())
+    bn = next(m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    cat = torch.from_numpy(skdata.chelsea()[:224, :224]).permute(2, 0, 1).float()[None] / 255
+    with torch.inference_mode():
+        alone = backbone(cat)
+        beside = backbone(torch.cat([cat, torch.rand(3, 3, 224, 224)]))
+    for a, b in zip(alone, beside):
+        torch.testing.assert_close(a[0], b[0], atol=1e-4, rtol=1e-4)
+    assert torch.equal(bn.running_mean, before)
+
+
 def test_bad_weight_files_are_clear_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="missing.pth not found"):
         create_classifier("efficientnet_lite0", str(tmp_path / "missing.pth"))

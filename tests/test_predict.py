@@ -65,6 +65,34 @@ def test_predict_reproduces_the_clean_protocol(tiny_world, tmp_path):
             assert png.width > 2 * 224 and png.height > 224  # image | overlay + bar, caption
 
 
+def test_each_class_gets_its_own_threshold_and_table_6_mask_ratio(tiny_world, tmp_path):
+    """A class of the paper's Table 6 (screw: 0.04) is masked at its ratio, another
+    (coins) at --default_mask_ratio's; each is called at the quantile of its own
+    held-out normal scores, not at the file's quantile over every class (39.5)."""
+    protos, inbox = tmp_path / "prototypes", tmp_path / "inbox"
+    for cls, src in (("screw", "brick"), ("coins", "coins")):
+        shutil.copytree(tiny_world.prototypes_dir / src, protos / cls)
+        shutil.copytree(tiny_world.mvtec_root / src / "test" / "good", inbox / cls)
+    pf = tiny_world.protoflow_with_class_scores(
+        tmp_path / "pf.pt", {"screw": [1.0, 2.0, 3.0], "coins": [20.0, 30.0, 40.0]})
+
+    def predictions(out: Path, *extra: str) -> dict[tuple[str, str], dict[str, str]]:
+        assert predict.main([str(inbox), "--class_from_folder", "--output_dir", str(out),
+                             *tiny_world.model_argv(), "--protoflow_weights", str(pf),
+                             "--prototypes_dir", str(protos), *extra]) == 0
+        return {(r["class"], r["name"]): r for r in _rows(out)}
+
+    rows = predictions(tmp_path / "own")
+    assert {c: float(r["threshold"]) for (c, _), r in rows.items()} == pytest.approx(
+        {"screw": 2.98, "coins": 39.8})
+    at_screws = predictions(tmp_path / "at_screws", "--mask_ratio", "0.04")
+    assert at_screws.keys() == rows.keys() and len(rows) == 8
+    for key, row in rows.items():
+        same = float(at_screws[key]["pmad_score"]) == pytest.approx(float(row["pmad_score"]),
+                                                                   abs=1e-6)
+        assert same == (key[0] == "screw"), key
+
+
 def test_random_masks_follow_the_image_not_the_batch(tiny_world):
     """--clean_masks threshold with a threshold that calls every image normal: every image
     gets a random mask, seeded from its own bytes, so the same image gets the same mask
@@ -100,17 +128,20 @@ def test_class_from_folder_and_bad_images(tiny_world, tmp_path, capsys):
         for src in sorted((tiny_world.mvtec_root / cls / "test" / "good").glob("*.png"))[:2]:
             (inbox / cls).mkdir(parents=True, exist_ok=True)
             shutil.copy(src, inbox / cls / src.name)
-    (inbox / "coins" / "broken.png").write_bytes(b"not a png")
+    (inbox / "coins" / "+broken.png").write_bytes(b"not a png")  # first of its class
     out = tmp_path / "out"
     argv = [str(inbox), "--class_from_folder", "--output_dir", str(out),
             *tiny_world.model_argv()]
     assert predict.main(argv) == 2
-    assert f"cannot read image {inbox / 'coins' / 'broken.png'}" in capsys.readouterr().err
+    assert f"cannot read image {inbox / 'coins' / '+broken.png'}" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="left out 1 bad file"):
         assert predict.main(argv + ["--skip_bad_images"]) == 0
     rows = _rows(out)
     assert sorted((r["class"], r["name"]) for r in rows) == [
         ("brick", "000"), ("brick", "001"), ("coins", "000"), ("coins", "001")]
+    # each row names its own image, the bad file before it left out
+    assert [r["image"] for r in rows] == [str(inbox / r["class"] / f"{r['name']}.png")
+                                          for r in rows]
     assert "broken.png" in (out / "skipped_images.txt").read_text()
     (inbox / "stray.png").write_bytes(b"")
     assert predict.main(argv) == 2
@@ -118,7 +149,7 @@ def test_class_from_folder_and_bad_images(tiny_world, tmp_path, capsys):
     # fixed: a clean run leaves no list of the earlier run's skipped images behind; a
     # staging folder a dead run of this same pid left (containers reuse pids) is replaced
     (inbox / "stray.png").unlink()
-    (inbox / "coins" / "broken.png").unlink()
+    (inbox / "coins" / "+broken.png").unlink()
     stale = Path(utils.tmp_name(str(out / "predict")))
     (stale / "heatmaps").mkdir(parents=True)
     assert predict.main(argv) == 0

@@ -329,6 +329,9 @@ def test_holdout_split_is_per_class_and_independent_of_other_classes():
     assert [i - 20 for i in held if i >= 20] == alone_held
     assert datasets.holdout_split(labels, ["a", "b"], 0.1, seed=1)[1] != held
     assert datasets.holdout_split(labels, ["a", "b"], 0.0)[1] == []
+    # seeded by the class name: two classes of the same size hold out other positions
+    held = datasets.holdout_split([0] * 20 + [1] * 20, ["a", "b"], 0.2, seed=0)[1]
+    assert [i for i in held if i < 20] != [i - 20 for i in held if i >= 20]
     with pytest.raises(ValueError, match="too few"):
         datasets.holdout_split([0], ["a"], 0.1)
 

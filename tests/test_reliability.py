@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import datasets
 import run_pretraining
 import utils
 from backbones import lite0_weights_path
@@ -415,8 +416,11 @@ def test_a_resume_on_other_processes_tokens_or_images_is_refused(finished_run, t
     data = tmp_path / "data"
     shutil.copytree(w.imagenet_root, data)
     images = [p for p in sorted(data.rglob("*.png")) if "fg_mask" not in p.parts]
-    images[0].unlink()
-    before = len(images)
+    renamed = images[0].with_name("renamed.png")  # as many images, one of another name
+    images[0].rename(renamed)
+    fg_mask = Path(datasets.fg_mask_path(str(data), renamed.parent.name, str(images[0])))
+    fg_mask.rename(fg_mask.with_name("renamed.png"))
+    count = len(images)
     results = _run_cases(tmp_path, {
         name: {"script": "run_pretraining.py", "argv": _train_argv(
             w, runs[name], "--epochs", "2", **({"data": data} if name == "images" else {}))
@@ -428,10 +432,26 @@ def test_a_resume_on_other_processes_tokens_or_images_is_refused(finished_run, t
     _clear_error(results["tokenizer"], "was trained on other data; this run has another "
                  "visual tokenizer")
     _clear_error(results["images"], "another set of training images "
-                 f"({before} then, {before - 1} now")
+                 f"({count} then, {count} now")
     for run in runs.values():
         assert utils.load_checkpoint_file(str(run / "checkpoint-last.pth"))["epoch"] == 0
         assert not (run / "checkpoint-1.pth").exists()
+
+
+def test_a_checkpoint_saved_before_the_data_identity_resumes_unchecked():
+    """A checkpoint's arguments without the tokenizer's fingerprint or the images' digest
+    (written before they were saved) pass; each one saved is checked on its own."""
+    now = {"tokenizer_fingerprint": "kmeans:1", "train_images": 5, "train_images_sha256": "a"}
+    for saved in (None, {"epochs": 3}, {"tokenizer_fingerprint": "kmeans:1"},
+                  {"train_images": 5, "train_images_sha256": "a"}):
+        run_pretraining.check_same_data(saved, now, "ck.pth")
+    with pytest.raises(utils.CheckpointError, match="ck.pth was trained on other data; this "
+                                                    "run has another set of training images "
+                                                    r"\(4 then, 5 now"):
+        run_pretraining.check_same_data({"train_images": 4, "train_images_sha256": "b"}, now,
+                                        "ck.pth")
+    with pytest.raises(utils.CheckpointError, match="another visual tokenizer"):
+        run_pretraining.check_same_data({"tokenizer_fingerprint": "kmeans:2"}, now, "ck.pth")
 
 
 def test_every_rank_must_resume_the_same_checkpoint(monkeypatch):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import datasets
 import heatmaps
 import masking_generator
 import metrics
@@ -368,6 +369,24 @@ def test_a_protoflow_trained_on_an_unseen_class_is_refused(tiny_world, tmp_path)
     run_test.check_unseen(seen, "leave_one_out", ["brick"], SimpleNamespace(classes=["brick"]))
 
 
+@pytest.mark.parametrize("setting, leaked, seen", [("obj2tex", "carpet", "bottle"),
+                                                   ("tex2obj", "screw", "wood")])
+def test_object_texture_settings_refuse_a_protoflow_trained_on_their_test_classes(
+        tmp_path, setting, leaked, seen):
+    """obj2tex evaluates MVTec AD's textures as unseen and tex2obj its objects: a flow
+    that trained on one of them is refused by name; one that trained on the setting's
+    own training classes is what the setting needs."""
+    for name in datasets.MVTEC_CLASSES:
+        (tmp_path / name / "test" / "good").mkdir(parents=True)
+    args = SimpleNamespace(protoflow_weights="pf.pt", unseen_classes=None,
+                           data_path=str(tmp_path))
+    test_classes = datasets.setting_classes(setting)[1]
+    with pytest.raises(utils.FlagError, match=f"was trained on {leaked}, which the {setting} "):
+        run_test.check_unseen(args, setting, test_classes,
+                              SimpleNamespace(classes=[seen, leaked]))
+    run_test.check_unseen(args, setting, test_classes, SimpleNamespace(classes=[seen]))
+
+
 def test_from_obj_to_texture_selects_the_obj2tex_test_classes(tiny_world, tmp_path):
     """The original's switch is --setting obj2tex: MVTec AD's textures as test classes,
     which this two-class world does not have (a clear error naming the setting)."""
@@ -410,13 +429,31 @@ def _strict_json(path) -> dict:
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
+def test_each_class_is_called_at_its_own_threshold(tiny_world, tmp_path, monkeypatch):
+    """--clean_masks threshold calls each class at the quantile of its own held-out
+    normal scores, not at the file's quantile over every class, and its heatmaps are
+    captioned with the same threshold."""
+    pf = tiny_world.protoflow_with_class_scores(
+        tmp_path / "pf.pt", {"brick": [1.0, 2.0, 3.0], "coins": [20.0, 30.0, 40.0]})
+    assert torch.load(pf, weights_only=True)["image_score_threshold"] == pytest.approx(39.5)
+    captioned = {}
+    monkeypatch.setattr(run_test, "save_heatmaps", lambda data, maps, scores, pf_scores,
+                        threshold, out_dir, *rest: captioned.update({out_dir.name: threshold}))
+    results = run_test.main(_args(tiny_world, tmp_path, "clean", "--clean_masks", "threshold",
+                                  "--save_heatmaps", "1", "--protoflow_weights", str(pf)))
+    expected = {"brick": 2.98, "coins": 39.8}  # 0.99 quantiles of 1, 2, 3 and 20, 30, 40
+    assert {c: r["threshold"] for c, r in results["classes"].items()} == pytest.approx(expected)
+    assert captioned == pytest.approx(expected)
+
+
 @pytest.mark.filterwarnings("ignore::metrics.UndefinedMetricWarning")
 def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_world,
                                                                          tmp_path, capsys):
-    """The resume key holds the model settings, --amp and every file by content (the
-    class's prototypes too): copied prototypes are reused, other prototypes or another
-    --amp are refused by name. The class has no ground truth (pixel metrics nan), as a
-    custom set: the records with nan are reused and results.json holds null."""
+    """The resume key holds the model settings, --amp, the seed, the default mask ratio
+    and every file by content (the class's prototypes too): copied prototypes are reused,
+    other prototypes or another --amp, --seed or --default_mask_ratio are refused by
+    name. The class has no ground truth (pixel metrics nan), as a custom set: the records
+    with nan are reused and results.json holds null."""
     data = tmp_path / "mvtec"
     shutil.copytree(tiny_world.mvtec_root / "coins", data / "coins")
     shutil.rmtree(data / "coins" / "ground_truth")
@@ -450,8 +487,10 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
     np.save(other / "coins" / protoflow.CORESET_FILE, np.load(coreset)[:-1])
     with pytest.raises(utils.FlagError, match=r"\(it differs in prototypes\)"):
         run_test.main(parse(argv + ["--resume_eval", "--prototypes_dir", str(other)]))
-    with pytest.raises(utils.FlagError, match=r"\(it differs in amp\)"):
-        run_test.main(parse(argv + ["--resume_eval", "--amp", "bf16"]))
+    for flag, value, key in (("--amp", "bf16", "amp"), ("--seed", "1", "seed"),
+                             ("--default_mask_ratio", "0.25", "default_mask_ratio")):
+        with pytest.raises(utils.FlagError, match=rf"\(it differs in {key}\)"):
+            run_test.main(parse(argv + ["--resume_eval", flag, value]))
 
 
 def test_results_json_writes_null_for_undefined_metrics(tmp_path):

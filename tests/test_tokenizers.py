@@ -408,6 +408,29 @@ def test_spherical_kmeans_recovers_clusters():
         spherical_kmeans(x, 601)
 
 
+def test_kmeans_plus_plus_never_picks_a_chosen_point_again():
+    """Each new seed is drawn by its distance to the *nearest* chosen one: with as many
+    codewords as distinct points, every point becomes one codeword."""
+    points = torch.eye(16)
+    chosen = dv._kmeans_pp_init(points, 16, torch.Generator().manual_seed(0))
+    assert sorted((chosen @ points.t()).argmax(dim=1).tolist()) == list(range(16))
+
+
+def test_an_emptied_cluster_is_reseeded_with_the_worst_served_point(monkeypatch):
+    """Seeds at e1, e2 and -e3: nothing is nearest to -e3, so that codeword is moved to
+    the point its centroid serves worst, the outlier between the two clusters, which
+    then keeps a codeword of its own."""
+    near = torch.linspace(0, 0.1, 10)[:, None]
+    x = F.normalize(torch.cat([torch.cat([torch.ones(10, 1), near, 0 * near], 1),
+                               torch.cat([near, torch.ones(10, 1), 0 * near], 1),
+                               torch.tensor([[1.0, 1.0, 0.2]])]), dim=1)  # (21, 3)
+    seeds = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, -1.0]])
+    monkeypatch.setattr(dv, "_kmeans_pp_init", lambda x, k, gen: seeds)
+    found = spherical_kmeans(x, 3, iters=3)
+    torch.testing.assert_close(found[2], x[-1])
+    assert (found[:2] @ seeds[:2].t()).diagonal().min() > 0.99
+
+
 @pytest.fixture(scope="module")
 def kmeans_file(tmp_path_factory):
     batches = [token_images(4, 224, seed=s) for s in (0, 1)]
