@@ -817,7 +817,7 @@ class ImageCache:
         return self.num_steps
 
     def _sampler(self) -> DistributedSampler:
-        """The DataLoader path's sampler at this seed (resume may set it) and epoch."""
+        """The DataLoader path's sampler at this seed and epoch."""
         sampler = build_sampler(self.dataset, seed=self.seed)
         sampler.set_epoch(self.epoch)
         return sampler

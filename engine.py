@@ -257,10 +257,9 @@ def fit(model: nn.Module, data_loader: Iterable[dict], sampler: Any,
     """The epochs [start_epoch, epochs) of a run, the model wrapped in DDP when
     `distributed` (its one buffer, relative_position_index, is constant). Each ends
     with checkpoint-last.pth (and checkpoint-<epoch>.pth every `save_ckpt_freq` epochs
-    and at the last: weights, optimiser, scaler, masking policy, sampler seed and
-    `run_args`), after a line of <output_dir>/log.txt. A non-finite loss stops the run
-    and names the last good checkpoint. -> (the last epoch's metrics, the checkpoints it
-    wrote).
+    and at the last: weights, optimiser, scaler, masking policy and `run_args`), after a
+    line of <output_dir>/log.txt. A non-finite loss stops the run and names the last good
+    checkpoint. -> (the last epoch's metrics, the checkpoints it wrote).
     """
     unwrapped, device = model, policy.device
     if distributed:
@@ -292,8 +291,7 @@ def fit(model: nn.Module, data_loader: Iterable[dict], sampler: Any,
                 names.append(epoch)
             saved = utils.save_training_state(
                 output_dir, names, epoch=epoch, model=unwrapped, optimizer=optimizer,
-                scaler=scaler, args=run_args, masking=policy.state_dict(),
-                sampler_seed=sampler.seed)
+                scaler=scaler, args=run_args, masking=policy.state_dict())
             utils.main_print(f"[epoch {epoch}] " + ", ".join(
                 f"{k} {v:.4g}" for k, v in stats.items()) + f" -> {saved[-1]}")
     except NonFiniteLossError as e:

@@ -43,7 +43,8 @@ RESUME_MUST_MATCH = ("model", "setting", "unseen_classes", "epochs", "batch_size
                      "drop_path", "max_steps_per_epoch",
                      "lr", "min_lr", "warmup_epochs", "warmup_steps", "weight_decay",
                      "weight_decay_end", "opt_betas", "opt_eps", "clip_grad",
-                     "mask_ratio", "dynamic_masking_start", "freq_mode", "fg_mask", "amp")
+                     "mask_ratio", "dynamic_masking_start", "freq_mode", "fg_mask", "amp",
+                     "seed")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -353,7 +354,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
         seed=args.seed, num_workers=args.num_workers, pin_memory=args.pin_mem)
     num_steps = min(len(loader), args.max_steps_per_epoch or len(loader))
     optimizer, scaler, config = build_optimisation(args, model, num_steps, env.device)
-    start_epoch = restore(args, model, optimizer, scaler, policy, sampler, resume, env.device)
+    start_epoch = restore(args, model, optimizer, scaler, policy, resume, env.device)
     # a run continues --output_dir only from one of its training states (a weights-only
     # file there starts afresh at epoch 0); its --init_ckpt or --resume is loaded now
     if not (_continues_output_dir(resume, args.output_dir) and isinstance(done, int)):
@@ -416,9 +417,8 @@ def set_aside_previous_run(args: argparse.Namespace,
 
 
 def restore(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler, policy: MaskingPolicy,
-            sampler: torch.utils.data.DistributedSampler | datasets.ImageCache,
-            resume: str | None, device: torch.device) -> int:
+            scaler: torch.amp.GradScaler, policy: MaskingPolicy, resume: str | None,
+            device: torch.device) -> int:
     """Resume (called last: the random states restored are then those at the save), or
     BEiT's initialisation unless --no_init. -> the first epoch to train."""
     if not resume:
@@ -427,8 +427,6 @@ def restore(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.o
         return 0
     info = utils.load_training_state(resume, model=model, optimizer=optimizer, scaler=scaler,
                                      masking=policy, device=device)
-    if info["sampler_seed"] is not None:
-        sampler.seed = info["sampler_seed"]
     utils.main_print(f"[resume] {resume}: continuing at epoch {info['start_epoch']}")
     return info["start_epoch"]
 

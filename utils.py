@@ -1015,7 +1015,7 @@ def is_inside(path: str, folder: str) -> bool:
 def save_training_state(output_dir: str, names: Iterable[int | str], *, epoch: int,
                         model: nn.Module, optimizer: torch.optim.Optimizer,
                         scaler: torch.amp.GradScaler, args: dict,
-                        masking: dict | None, sampler_seed: int) -> list[str]:
+                        masking: dict | None) -> list[str]:
     """Write checkpoint-<name>.pth for each name; call on EVERY rank (the RNG states of
     all ranks are gathered so that each can resume its own streams). ``masking`` is
     MaskingPolicy.state_dict() (itself gathered from every rank).
@@ -1031,7 +1031,6 @@ def save_training_state(output_dir: str, names: Iterable[int | str], *, epoch: i
         "epoch": epoch,
         "args": args,
         "masking": masking,
-        "sampler_seed": sampler_seed,
         "world_size": get_world_size(),
         "rng": rng,
     }
@@ -1046,8 +1045,8 @@ def load_training_state(path: str, *, model: nn.Module,
                         scaler: torch.amp.GradScaler | None = None,
                         masking: Any | None = None,
                         device: str | torch.device = "cpu") -> dict:
-    """Restore what save_training_state wrote; returns {'start_epoch', 'sampler_seed',
-    'rng_restored', 'args'}. A file holding only 'model' (a released checkpoint) loads
+    """Restore what save_training_state wrote; returns {'start_epoch', 'rng_restored',
+    'args'}. A file holding only 'model' (a released checkpoint) loads
     the weights and starts at epoch 0. ``masking``: a MaskingPolicy; checkpoints of the
     earlier layout (top-level 'dynamic_masking', each rank's 'mask_rng' in 'rng') load
     too."""
@@ -1055,8 +1054,7 @@ def load_training_state(path: str, *, model: nn.Module,
     if "model" not in ckpt:
         raise CheckpointError(f"{path} has no 'model' entry (keys {sorted(ckpt)[:8]})")
     model.load_state_dict(ckpt["model"], strict=True)
-    info = {"start_epoch": 0, "sampler_seed": ckpt.get("sampler_seed"),
-            "rng_restored": False, "args": ckpt.get("args")}
+    info = {"start_epoch": 0, "rng_restored": False, "args": ckpt.get("args")}
     if "epoch" not in ckpt or "optimizer" not in ckpt:
         return info
     if optimizer is not None:

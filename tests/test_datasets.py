@@ -541,19 +541,20 @@ def test_image_cache_serves_the_dataloader_batches_exactly(train_root):
     image = datasets.build_transforms(64)(Image.open(ds.image_paths[1]).convert("RGB"))
     assert torch.equal(ds[1]["image"], image)  # the normalisation is build_transforms'
     sampler = utils.build_sampler(ds, seed=5)
-    loader = DataLoader(ds, sampler=sampler, batch_size=2, drop_last=True)
-    caches = [datasets.ImageCache(ds, 2, where=w, device="cpu", seed=5) for w in ("ram",
-                                                                               "device")]
-    for epoch in (0, 1):
-        sampler.set_epoch(epoch)
-        want = list(loader)
-        for cache in caches:
-            cache.set_epoch(epoch)
-            got = list(cache)
-            assert len(got) == len(cache) == 3
-            for a, b in zip(got, want):
-                assert a.keys() == b.keys()
-                assert all(torch.equal(a[k], b[k]) for k in a)
+    for batch_size, steps in ((2, 3), (4, 1)):  # 6 images: the last 2 are no full batch
+        loader = DataLoader(ds, sampler=sampler, batch_size=batch_size, drop_last=True)
+        caches = [datasets.ImageCache(ds, batch_size, where=w, device="cpu", seed=5)
+                  for w in ("ram", "device")]
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            want = list(loader)
+            for cache in caches:
+                cache.set_epoch(epoch)
+                got = list(cache)
+                assert len(got) == len(cache) == len(want) == steps
+                for a, b in zip(got, want):
+                    assert a.keys() == b.keys()
+                    assert all(torch.equal(a[k], b[k]) for k in a)
     assert caches[0].store["image_u8"].dtype == torch.uint8
     with pytest.raises(ValueError, match="cache_tokens"):
         datasets.ImageCache(_pretrain(train_root), 2, where="ram", device="cpu")

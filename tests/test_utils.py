@@ -3,6 +3,7 @@ distributed helpers (one process and a 2-process gloo group)."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -213,7 +214,7 @@ def test_training_state_round_trip(tmp_path):
     paths = utils.save_training_state(
         str(tmp_path), [4, "last"], epoch=4, model=model, optimizer=opt, scaler=scaler,
         args={"lr": 0.1, "opt_betas": [0.9, 0.999], "resume": None},
-        masking=policy.state_dict(), sampler_seed=123)
+        masking=policy.state_dict())
     assert [os.path.basename(p) for p in paths] == ["checkpoint-4.pth", "checkpoint-last.pth"]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-4.pth", "checkpoint-last.pth"]
     expected = _draws(policy)
@@ -222,7 +223,7 @@ def test_training_state_round_trip(tmp_path):
     policy2 = _policy(0)
     info = utils.load_training_state(paths[1], model=model2, optimizer=opt2, scaler=scaler,
                                      masking=policy2)
-    assert info["start_epoch"] == 5 and info["sampler_seed"] == 123 and info["rng_restored"]
+    assert info["start_epoch"] == 5 and info["rng_restored"]
     assert info["args"]["opt_betas"] == [0.9, 0.999]
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)
@@ -554,6 +555,29 @@ def test_unreadable_checkpoint_error_names_file(tmp_path):
         utils.load_checkpoint_file(str(bad))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         utils.load_checkpoint_file(str(tmp_path / "missing.pth"))
+    # a weights-only file that is no dict (a list): a clear error, and no resume from it
+    torch.save([1, 2], tmp_path / "checkpoint-9.pth")
+    with pytest.raises(utils.CheckpointError, match="checkpoint-9.pth holds a list, not a "
+                                                    "checkpoint dict"):
+        utils.load_checkpoint_file(str(tmp_path / "checkpoint-9.pth"))
+    utils.save_on_master({"epoch": 1}, utils.checkpoint_path(str(tmp_path), 1))
+    assert utils.find_latest_checkpoint(str(tmp_path)) == utils.checkpoint_path(
+        str(tmp_path), 1)
+
+
+def test_set_aside_within_one_second_takes_the_next_free_folder(tmp_path):
+    """Three runs set aside in the same second each get a folder of their own (-2, -3):
+    nothing of an earlier run is overwritten or mixed with another's."""
+    now = datetime.datetime(2026, 12, 2, 10, 0, 0, tzinfo=datetime.timezone.utc)
+    folders = []
+    for run in range(3):
+        (tmp_path / "predictions.csv").write_text(f"run {run}\n")
+        folders.append(utils.set_aside(tmp_path, ["predictions.csv", "maps"], now=now))
+    base = str(tmp_path / "previous-20261202T100000Z")
+    assert folders == [base, f"{base}-2", f"{base}-3"]
+    assert [(Path(f) / "predictions.csv").read_text() for f in folders] == [
+        "run 0\n", "run 1\n", "run 2\n"]
+    assert utils.set_aside(tmp_path, ["predictions.csv", "maps"], now=now) is None
 
 
 def _tar_of(path: Path, data: bytes) -> None:
@@ -680,7 +704,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         utils.save_training_state(out_dir, ["last"], epoch=0, model=_Toy(),
                                   optimizer=torch.optim.SGD(_Toy().parameters(), lr=1),
                                   scaler=utils.make_grad_scaler("cpu", "none"), args={},
-                                  masking=_policy(rank).state_dict(), sampler_seed=3)
+                                  masking=_policy(rank).state_dict())
         result = {"rank": env.rank, "world": utils.get_world_size(),
                   "indices": list(sampler), "loss": ml.summary()["loss"],
                   "gathered": utils.all_gather_object(env.rank * 10)}
