@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -700,6 +701,11 @@ def test_train_command_writes_a_loadable_file(cli, tmp_path):
     model = pf.ProtoFlow(out, cli["protos"])
     assert model.threshold == pytest.approx(obj["image_score_threshold"])
     assert model.backbone == "efficientnet_lite0" and model.n_blocks == 1
+    # one held-out image per class, each recorded with its class: its own threshold
+    held = obj["normal_image_scores"]
+    assert held["class_idx"].tolist() == [0, 1]
+    assert [model.threshold_for(c) for c in ("brick", "gravel")] == pytest.approx(
+        held["scores"].tolist())
     open(out + ".resume", "wb").close()
     with pytest.raises(FlagError, match="--resume"):
         rpf.main(cli["train"] + ["--output", out])
@@ -823,6 +829,35 @@ def test_train_refuses_a_flow_diverged_in_its_last_step(cli):
         f"training diverged; lower --lr (now 1000.0) and start afresh (delete {out}.resume, "
         "which holds this run)")
     assert not os.path.exists(out)
+
+
+def test_train_refuses_a_flow_that_gives_one_held_out_image_an_infinite_score(cli,
+                                                                             monkeypatch):
+    """One non-finite held-out score makes the threshold (a quantile over them) wrong as
+    surely as all of them: no file."""
+    monkeypatch.setattr(rpf, "held_out_scores", lambda *args: (torch.tensor([1.0, math.inf]),
+                                                               torch.tensor([0, 1])))
+    out = str(cli["root"] / "one_inf.pt")
+    with pytest.raises(FloatingPointError, match="gives non-finite scores to 1 of 2 held-out "
+                                                 "images"):
+        rpf.main(cli["train"] + ["--output", out, "--epochs", "1"])
+    assert not os.path.exists(out)
+
+
+def test_resume_refuses_every_other_training_argument(cli, monkeypatch):
+    """A crashed run resumes only with the arguments it was started with: each changed
+    one is refused by name (fewer --classes too, whose prototypes all still match)."""
+    crashed = str(cli["root"] / "d.pt")
+    _crash_in_epoch_two(cli, monkeypatch, crashed)
+    argv = cli["train"] + ["--output", crashed, "--resume"]
+    for flag, value, saved_now in (
+            ("--classes", ["brick"], "(['brick', 'gravel'], ['brick'])"),
+            ("--lr", ["1e-3"], "(0.0002, 0.001)"), ("--epochs", ["3"], "(2, 3)"),
+            ("--warmup_epochs", ["0"], "(2, 0)"), ("--batch_size", ["2"], "(4, 2)"),
+            ("--n_blocks", ["2"], "(1, 2)"), ("--num_workers", ["1"], "(0, 1)")):
+        with pytest.raises(CheckpointError, match=re.escape(
+                f"was made with other arguments (saved, now): {{'{flag[2:]}': {saved_now}}}")):
+            rpf.main(argv + [flag, *value])
 
 
 def test_threshold_per_class_from_held_out_images(lite0, tmp_path):
