@@ -184,12 +184,15 @@ def test_dalle_tokens(small_dalle):
 
 
 def test_dalle_input_checks(small_dalle):
+    """Wrong size or range gives plausible but wrong tokens: refused. Out of [0, 1] on
+    one side only is refused too (0-255 pixels, or a shift into [-1, 0])."""
     tok = create_tokenizer("dall-e", small_dalle[1])
     with pytest.raises(ValueError, match=r"\(N, 3, 112, 112\)"):
         tok.get_codebook_indices(token_images(1, 224))
-    normalised = (token_images(1, 112) - 0.45) / 0.225
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        tok.get_codebook_indices(normalised)
+    images = token_images(1, 112)
+    for wrong in ((images - 0.45) / 0.225, images * 255, images - 1):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            tok.get_codebook_indices(wrong)
 
 
 @pytest.mark.parametrize("legacy", [False, True])
@@ -485,9 +488,15 @@ def test_kmeans_stride16_features_need_no_pooling(tmp_path):
         fit_kmeans_tokenizer(batches, tmp_path / "k32.pth", vocab_size=8, out_index=4)
 
 
-def test_kmeans_rejects_other_files(tmp_path, tiny_vqkd):
+def test_kmeans_rejects_other_files(tmp_path, tiny_vqkd, kmeans_file):
+    """A file without the k-means fields, or whose 'tokenizer' tag names another kind
+    though its fields are all there, is not a k-means tokenizer file."""
     with pytest.raises(ValueError, match="vit_tokenizer.pth is not a k-means tokenizer"):
         create_tokenizer("kmeans", tiny_vqkd[1])
+    obj = torch.load(kmeans_file[0], weights_only=True)
+    torch.save(dict(obj, tokenizer="other"), tmp_path / "other.pth")
+    with pytest.raises(utils.CheckpointError, match="other.pth is not a k-means tokenizer"):
+        create_tokenizer("kmeans", tmp_path / "other.pth")
     with pytest.raises(ValueError, match="needs backbone_weights"):
         fit_kmeans_tokenizer([], tmp_path / "x.pth", backbone="resnet18")
 
@@ -666,6 +675,7 @@ def test_dalle_pickled_by_openais_classes(tmp_path, use_attrs):
     with openai_dall_e_modules(use_attrs) as openai:
         torch.manual_seed(0)
         original = openai.Encoder(n_hid=16, vocab_size=64)
+        original.blocks.group_3.block_2.res_path.conv_2.use_float16 = False  # kept per conv
         state = vars(original)
         assert "group_count" not in state and original.group_count == 4
         assert {"n_hid", "n_blk_per_group", "input_channels", "vocab_size", "device",
@@ -690,18 +700,34 @@ def test_dalle_pickled_by_openais_classes(tmp_path, use_attrs):
         assert tok.encoder.group_count == 4 and tok.encoder.n_hid == 16, fmt
         flags = {n: m.use_float16 for n, m in tok.encoder.named_modules()
                  if isinstance(m, dv.DalleConv2d)}
-        assert flags.pop("blocks.output.conv") is False and all(flags.values()), fmt
+        assert flags.pop("blocks.output.conv") is False, fmt
+        assert flags.pop("blocks.group_3.block_2.res_path.conv_2") is False, fmt
+        assert len(flags) == 35 and all(flags.values()), fmt
         assert torch.equal(tok.get_codebook_indices(images), expected), fmt
 
 
 def test_dalle_missing_instance_field_is_refused(tmp_path):
+    """Instance fields (attr.ib) are always in OpenAI's pickle: a file without one, or
+    with a convolution's use_float16 missing or not a bool, is not encoder.pkl."""
     encoder = DalleEncoder(**SMALL_DALLE)
-    del encoder.n_blk_per_group  # an instance field (attr.ib): always in OpenAI's pickle
+    del encoder.n_blk_per_group
     path = tmp_path / "encoder.pkl"
     save_dalle_encoder(encoder, path)
     with pytest.raises(ValueError, match=r"'n_blk_per_group': None.*are not those of its "
                        r"tensors .*'n_blk_per_group': 2"):
         create_tokenizer("dall-e", path)
+    for flag, shown in ((None, "None"), (1, "1")):
+        encoder = DalleEncoder(**SMALL_DALLE)
+        conv = encoder.blocks.group_2.block_1.res_path.conv_3
+        if flag is None:
+            del conv.use_float16
+        else:
+            conv.use_float16 = flag
+        save_dalle_encoder(encoder, path)
+        with pytest.raises(utils.CheckpointError, match=r"encoder.pkl: convolution "
+                           rf"blocks.group_2.block_1.res_path.conv_3 has use_float16 {shown}, "
+                           "not a bool"):
+            create_tokenizer("dall-e", path)
 
 
 def test_dalle_files_that_would_build_without_bound_are_refused_at_once(tmp_path):
@@ -745,6 +771,8 @@ def test_dalle_precision_follows_amp_on_cuda_only(small_dalle):
     fp32 = create_tokenizer("dall-e", folder)
     amp = create_tokenizer("dall-e", folder, amp="bf16")
     assert not amp.computes_fp16  # on the CPU: fp32 whatever --amp is
+    # On CUDA, any --amp (bf16 too) gives fp16 convolutions, as OpenAI's encoder runs.
+    assert (fp32.fp16_on_cuda, amp.fp16_on_cuda) == (False, True)
     assert amp.fingerprint == fp32.fingerprint == sha256(folder / "encoder.pkl")
     assert torch.equal(amp.get_codebook_indices(images), fp32.get_codebook_indices(images))
     # The fp16 path (taken on CUDA): fp16 convolutions, the output convolution in fp32.
