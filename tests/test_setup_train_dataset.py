@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import zipfile
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from PIL import Image
 import setup_train_dataset
 from conftest import truncate
 from datasets import FIX_BAD_FG_MASK, PretrainDataset
-from fg_masks import estimate_fg_mask
+from fg_masks import _largest_components, estimate_fg_mask
 from setup_train_dataset import main
 
 def _save(path: Path, array: np.ndarray) -> None:
@@ -134,8 +135,10 @@ def _mask_bytes(i: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("prefix", ["fg_mask/", "", "Mvtec-ImageNet/fg_mask/"])
+@pytest.mark.parametrize("prefix", ["fg_mask/", "", "Mvtec-ImageNet/fg_mask/", "masks/"])
 def test_fg_mask_zip(tmp_path, capsys, prefix):
+    """The masks unpack to fg_mask/<class>/ whatever the zip's top folder: fg_mask/, none,
+    a deeper .../fg_mask/, or any one other folder (masks/, as a re-zipped copy has)."""
     data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "inet"
     zpath = tmp_path / "fg_mask.zip"
     with zipfile.ZipFile(zpath, "w") as zf:
@@ -221,16 +224,24 @@ def test_bad_masks_present_are_refused_not_reported_ready(tmp_path, capsys):
 
 
 def test_fg_mask_zip_path_traversal_refused(tmp_path, capsys):
+    """Every entry that could write outside <root>/fg_mask ('..', absolute, a drive, a
+    symbolic link) is named and nothing is unpacked; so are oversized entries."""
     data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "work" / "inet"
     zpath = tmp_path / "evil.zip"
+    link = zipfile.ZipInfo("fg_mask/bottle/001.png")
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16  # a symlink, as `zip --symlinks` stores
     with zipfile.ZipFile(zpath, "w") as zf:
         zf.writestr("fg_mask/bottle/000.png", _mask_bytes(0))
         zf.writestr("fg_mask/../../evil.png", b"x")
         zf.writestr("/abs.png", b"x")
+        zf.writestr("C:/drive.png", b"x")
+        zf.writestr(link, b"/etc/passwd")
     assert _run("--data_path", data, "--root", root, "--classes", "bottle",
                 "--fg_mask_zip", zpath) == 2
     err = capsys.readouterr().err
-    assert "refusing to unpack" in err and "fg_mask/../../evil.png" in err and "/abs.png" in err
+    assert "refusing to unpack" in err
+    assert err.endswith("(absolute, '..', drive or link): fg_mask/../../evil.png, /abs.png, "
+                        "C:/drive.png, fg_mask/bottle/001.png\n")
     assert not root.exists() and not list(tmp_path.rglob("evil.png"))
     bomb = tmp_path / "bomb.zip"  # 65 MiB of zeros in a 64 KiB entry: never unpacked
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -270,7 +281,52 @@ def test_estimate_fg_mask_finds_planted_object():
     assert not estimate_fg_mask(np.full((64, 64, 3), 77, np.uint8)).any()
 
 
+def test_estimate_fg_mask_keeps_a_margin_around_the_object():
+    """The mask errs towards foreground: on a 128 x 128 image (worked on at full size, not
+    upscaled) the one-pixel ring just outside the disk is foreground, within a margin."""
+    img, _, radius = _planted(np.random.default_rng(3))
+    fg = estimate_fg_mask(img)
+    assert fg[radius <= 25].all() and not fg[radius > 24 + 0.04 * 128].any()
+
+
+def test_estimate_fg_mask_keeps_every_part_of_the_object():
+    """An object in two parts (disks of radius 24 and 14, a third of its area) keeps both:
+    only components under a tenth of the largest are dropped as specks."""
+    yy, xx = np.mgrid[:160, :160]
+    big, small = np.hypot(yy - 50, xx - 50) <= 24, np.hypot(yy - 110, xx - 110) <= 14
+    img = np.full((160, 160, 3), 120.0) + np.random.default_rng(4).normal(0, 3, (160, 160, 3))
+    img[big | small] = (200, 40, 40)
+    fg = estimate_fg_mask(img.clip(0, 255).astype(np.uint8))
+    assert fg[big].all() and fg[small].all()
+    assert not fg[(np.hypot(yy - 50, xx - 50) > 30) & (np.hypot(yy - 110, xx - 110) > 20)].any()
+
+
+def test_estimate_fg_mask_ignores_an_uneven_backdrop():
+    """A backdrop whose brightness varies by +-25 levels (uneven lighting) spreads the
+    border's colours: the threshold stays above that spread (its 95th percentile), so the
+    far background is not marked while the object still is."""
+    img, disk, radius = _planted(np.random.default_rng(5))
+    img = (img + np.linspace(-25, 25, 128)[:, None, None]).clip(0, 255).astype(np.uint8)
+    fg = estimate_fg_mask(img)
+    assert fg[disk].all() and not fg[radius > 24 + 0.04 * 128].any()
+
+
+def test_largest_components_drops_specks_only():
+    """Components under `keep_fraction` of the largest one's area are dropped: a 20 x 20
+    blob and an 8 x 8 one (16%) stay, a 2 x 2 speck (1%) goes."""
+    fg = np.zeros((40, 40), bool)
+    fg[2:22, 2:22] = fg[30:38, 30:38] = True
+    kept = fg.copy()
+    fg[30:32, 2:4] = True
+    assert (_largest_components(fg, keep_fraction=0.1) == kept).all()
+    assert (_largest_components(fg, keep_fraction=0.005) == fg).all()
+    assert not _largest_components(np.zeros((8, 8), bool), keep_fraction=0.1).any()
+
+
 def test_make_fg_masks(tmp_path, capsys):
+    """Estimated, texture, kept and replaced masks are written and counted; an object
+    image where nothing stands out (003, uniform) gets an all-foreground mask and is
+    named as failed: the safe side, never an empty mask."""
     data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "inet"
     rng = np.random.default_rng(2)
     disks = []
@@ -278,6 +334,7 @@ def test_make_fg_masks(tmp_path, capsys):
         img, disk, _ = _planted(rng)
         _save(data / "bottle" / "train" / "good" / f"{i:03d}.png", img)
         disks.append(disk)
+    _save(data / "bottle" / "train" / "good" / "003.png", np.full((64, 48, 3), 90, np.uint8))
     kept = np.zeros((128, 128), np.uint8)
     _save(root / "fg_mask" / "bottle" / "002.png", kept)  # e.g. a released mask
     (root / "fg_mask" / "bottle" / "001.png").write_bytes(b"")  # broken ones: regenerated
@@ -296,6 +353,10 @@ def test_make_fg_masks(tmp_path, capsys):
         fg = np.asarray(Image.open(root / "fg_mask" / "bottle" / f"{i:03d}.png")) > 0
         assert fg[disks[i]].all() and (fg & disks[i]).sum() / (fg | disks[i]).sum() > 0.6
     assert not np.asarray(Image.open(root / "fg_mask" / "bottle" / "002.png")).any()
+    failed = np.asarray(Image.open(root / "fg_mask" / "bottle" / "003.png"))
+    assert failed.shape == (64, 48) and failed.min() == 255
+    assert ("fg masks: estimation found no object, wrote all-foreground masks for: "
+            "bottle (1)\n") in out
     for i in range(3):
         assert np.asarray(Image.open(root / "fg_mask" / "carpet" / f"{i:03d}.png")).min() == 255
     assert "without a foreground mask" not in out
