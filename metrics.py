@@ -469,12 +469,16 @@ def mean_metrics(per_class: dict[str, dict]) -> dict[str, float]:
             raise ValueError(f'metrics.py: class {c!r} reports metrics {ks} but class '
                              f'{first_class!r} reports {keys}; compute the same metrics '
                              f'for every class')
-    means = {}
+    means, undefined = {}, {}
     for k in keys:
         values = np.array([float(per_class[c][k]) for c in per_class])
-        undefined = [c for c, v in zip(per_class, values) if math.isnan(v)]
-        if undefined:
-            warnings.warn(f'mean {k} is nan because it is undefined for {undefined}',
-                          UndefinedMetricWarning, stacklevel=2)
+        nan_classes = tuple(c for c, v in zip(per_class, values) if math.isnan(v))
+        if nan_classes:
+            undefined.setdefault(nan_classes, []).append(k)
         means[k] = float(values.mean())
+    for nan_classes, names in undefined.items():  # one line per set of classes, not per metric
+        one = len(names) == 1
+        warnings.warn(f"mean {', '.join(names)} {'is' if one else 'are'} nan because "
+                      f"{'it is' if one else 'they are'} undefined for {list(nan_classes)}",
+                      UndefinedMetricWarning, stacklevel=2)
     return means

@@ -321,6 +321,21 @@ def test_mean_metrics():
     with pytest.warns(UndefinedMetricWarning, match=r"\['grid'\]"):
         means = mean_metrics(per_class)
     assert np.isnan(means['image_auroc']) and means['pixel_auroc'] == pytest.approx(0.85)
+    # every metric undefined for the same classes (a set without masks): one warning
+    per_class['bottle']['pixel_auroc'] = per_class['grid']['pixel_auroc'] = float('nan')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        mean_metrics(per_class)
+    assert [str(w.message) for w in caught] == [
+        "mean image_auroc is nan because it is undefined for ['grid']",
+        "mean pixel_auroc is nan because it is undefined for ['bottle', 'grid']"]
+    per_class['bottle']['image_auroc'] = float('nan')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        mean_metrics(per_class)
+    assert [str(w.message) for w in caught] == [
+        "mean image_auroc, pixel_auroc are nan because they are undefined for "
+        "['bottle', 'grid']"]
     del per_class['grid']['pixel_auroc']
     with pytest.raises(ValueError, match="class 'grid' reports"):
         mean_metrics(per_class)
