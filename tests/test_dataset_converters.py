@@ -335,9 +335,14 @@ def test_custom_classes_and_folders_checked_before_writing(tmp_path, capsys):
         assert exit_.value.code == 2
         assert (f"argument --custom_test_fraction: {fraction} is outside (0, 1)"
                 in capsys.readouterr().err)
-    for inside in (src, src / "out"):  # its clean-up would reach the source images
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    # the output in the source, or the source in the output: either way a clean-up or the
+    # next run would reach the source images
+    for inside in (src, src / "out", src.parent):
         assert setup_main(["--custom", str(src), "--data_path", str(inside)]) == 2
-        assert "overlap; write the MVTec layout to a folder outside" in capsys.readouterr().err
+        assert (f"--data_path {inside} and --custom {src} overlap; write the MVTec layout "
+                "to a folder outside") in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert _names(src) == ["gadget", "widget"]
     assert _names(src / "widget" / "good") == ["000.png", "001.png", "002.png", "003.png"]
 

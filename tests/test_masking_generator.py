@@ -198,7 +198,8 @@ def test_block_masks_are_blockier_than_random():
 
     def boundary(masks):  # (N, L) -> mean number of masked/unmasked neighbour pairs
         g = masks.reshape(-1, 14, 14)
-        return ((g[:, 1:] != g[:, :-1]).sum((1, 2)) + (g[:, :, 1:] != g[:, :, :-1]).sum((1, 2))).mean()
+        vertical = (g[:, 1:] != g[:, :-1]).sum((1, 2))
+        return (vertical + (g[:, :, 1:] != g[:, :, :-1]).sum((1, 2))).mean()
 
     blocks = mg._generate_batch(58, block=np.ones(500, bool), rng=rng).numpy()
     randoms = mg._generate_batch(58, block=np.zeros(500, bool), rng=rng).numpy()
@@ -387,9 +388,9 @@ def test_frequency_weights_patch_mode_matches_numpy_reference():
     f = np.fft.fftfreq(16)
     high = np.hypot(f[:, None], f[None, :]) > 0.25
     for n in range(3):
-        e = np.array([[sum((np.abs(np.fft.fft2(images[n, c, 16 * i:16 * i + 16,
-                                                            16 * j:16 * j + 16].numpy())) ** 2
-                            )[high].sum() for c in range(3)) for j in range(2)] for i in range(3)]).ravel()
+        patch = lambda c, i, j: images[n, c, 16 * i:16 * i + 16, 16 * j:16 * j + 16]  # noqa: E731
+        e = np.array([[sum((np.abs(np.fft.fft2(patch(c, i, j).numpy())) ** 2)[high].sum()
+                            for c in range(3)) for j in range(2)] for i in range(3)]).ravel()
         ref = (e - e.min()) / (e.max() - e.min())
         np.testing.assert_allclose(got[n], ref, atol=1e-5)
     assert got.shape == (3, 6) and got.min() == 0 and got.max() == 1
@@ -773,6 +774,27 @@ def test_mask_generator_variants_masks_and_fallbacks():
         gen("bottle", None, None, None)
     with pytest.raises(ValueError, match="p_weighting"):
         mg.MaskGenerator(p_weighting=(0.5, 0.5, 0.5))
+
+
+def test_mask_generator_p_region_extremes_decide_the_region():
+    """p_region is the chance of the foreground region: at 1 every sample is region-limited
+    and its mask lies inside its foreground (60 patches >= m = 31); at 0 none is and masks
+    take patches from the whole grid, so a mask that never leaves the foreground (or a
+    flipped comparison) would show."""
+    rng = np.random.default_rng(22)
+    n, m = 50, mg.num_masked(mg.CLASS_MASK_RATIOS["capsule"], L)
+    fg = np.zeros((n, L), bool)
+    for row in fg:
+        row[rng.choice(L, 60, replace=False)] = True
+    for p_region in (1.0, 0.0):
+        masks, v = mg.MaskGenerator(p_region=p_region).sample(["capsule"] * n, fg, rng=rng)
+        masks = masks.numpy()
+        assert m == 31 and (masks.sum(1) == m).all()
+        outside = (masks & ~fg).any(1)
+        if p_region:
+            assert v.region.all() and not outside.any()
+        else:
+            assert not v.region.any() and outside.all()
 
 
 def test_mask_generator_weighting_reaches_the_masks():

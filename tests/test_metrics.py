@@ -295,6 +295,7 @@ def test_only_anomalous_images():
 @pytest.mark.parametrize('call,match', [
     (lambda: pixel_auroc(np.full((1, 2, 2), 0.5), np.zeros((1, 2, 2))), 'only 0 and 1'),
     (lambda: image_auroc([0, 1], [0.1, np.nan]), 'NaN or infinite'),
+    (lambda: image_auroc([0, 0, 1], [-np.inf, 0.2, 0.5]), 'NaN or infinite'),  # the low end
     (lambda: pixel_aupro(np.eye(3)[None], np.full((1, 3, 3), np.inf)), 'NaN or infinite'),
     (lambda: pixel_ap(np.zeros((2, 4, 4)), np.zeros((2, 4, 5))), 'same shape'),
     (lambda: image_ap([0, 1, 1], [0.1, 0.2]), r'must both be \(N,\)'),

@@ -11,12 +11,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.beit import Beit
+from timm.models.beit import Beit, gen_relative_position_index
 
 from conftest import read_format
 from bench.original_beit import OriginalViT
 from modeling_pmad import (Block, bf16_supported, load_checkpoint, relative_position_index,
-                           scaled_dot_product, set_fused_attn)
+                           scaled_dot_product, set_fused_attn, unwrap_state_dict)
+from utils import CheckpointError
 
 PMAD_KWARGS = dict(pretrained=False, drop_path_rate=0.1, use_shared_rel_pos_bias=True,
                    use_abs_pos_emb=False, init_values=0.1)
@@ -102,6 +103,10 @@ def test_relative_position_index_formula():
     hj, wj = (i // 14)[None, :], (i % 14)[None, :]
     assert torch.equal(index[1:, 1:], (hi - hj + 13) * 27 + (wi - wj + 13))
     assert (index[0, 1:] == 729).all() and (index[1:, 0] == 730).all() and index[0, 0] == 731
+    # a grid that is not square (a non-square input) indexes the table as timm's BEiT does
+    assert torch.equal(relative_position_index((2, 3)), gen_relative_position_index((2, 3)))
+    assert sorted(set(relative_position_index((2, 3))[1:, 1:].flatten().tolist())) == list(
+        range(15))
 
 
 def test_image_size_is_a_parameter():
@@ -379,6 +384,20 @@ def test_missing_and_unexpected_are_reported(tmp_path, source_model, caplog):
     assert torch.equal(target.lm_head.bias, source_model.lm_head.bias)
     with pytest.raises(ValueError, match="lm_head.weight"):
         load_checkpoint(build(depth=2), path, strict=True)
+    # every key plus one the model lacks: reported, and refused under strict
+    extra = tmp_path / "extra.pth"
+    torch.save({"model": {**source_model.state_dict(), "foo.weight": torch.zeros(2)}}, extra)
+    assert load_checkpoint(build(depth=2), extra) == {"missing": [],
+                                                      "unexpected": ["foo.weight"]}
+    with pytest.raises(CheckpointError, match=r"missing \[\], unexpected \['foo.weight'\]"):
+        load_checkpoint(build(depth=2), extra, strict=True)
+
+
+def test_a_checkpoint_with_model_and_module_loads_model():
+    """BEiT's checkpoints keep the weights under 'model'; one that holds a 'module' too
+    (a DDP copy) loads 'model', as the original's loader reads it first."""
+    a, b = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
+    assert unwrap_state_dict({"module": b, "model": a}, "ck.pth") is a
 
 
 def test_shape_mismatch_names_key_and_shapes(tmp_path):

@@ -319,6 +319,9 @@ def test_coreset_greedy_order_and_covering_radius():
                                   progress=False)
     assert len(set(projected.tolist())) == n
     assert _min_dist(feats, feats[projected]).max().sqrt() < 2 * radius
+    # the first pick is the rng's draw (the original's random start), else index 0
+    assert idx[0] == np.random.default_rng(3).integers(2000) == 1623
+    assert pf.greedy_coreset(feats, n, progress=False)[0] == 0
 
 
 def test_holdout_split_is_per_class_and_independent_of_other_classes():
@@ -486,6 +489,13 @@ def test_weights_diverged_by_an_epochs_last_step_stop_training(lite0, brick_set)
 
 
 # ----------------------------------------------------------------------------- proposals
+def test_tied_patches_rank_in_patch_order():
+    """Patches ProtoFlow finds equally anomalous (a flat map) rank in patch order, on
+    every platform: the proposal mask of a ratio is then reproducible."""
+    rank = pf.proposals_from_log_likelihood(torch.zeros(2, 28, 28)).rank
+    assert torch.equal(rank, torch.arange(196).expand(2, 196))
+
+
 def test_proposals_normalise_over_the_whole_set():
     g = torch.Generator().manual_seed(0)
     logp = torch.randn(3, 28, 28, generator=g) - 3

@@ -53,6 +53,9 @@ def _sources(data: Path) -> list[tuple[Path, Path]]:
 
 
 def test_convert_idempotent_and_replaces_changed(tmp_path, capsys):
+    """A re-run copies nothing unchanged and replaces what differs from its source: new
+    bytes, or a size that differs even where the mtime matches (a copy cut short whose
+    mtime was set back must not pass the quick check)."""
     data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "inet"
     assert _run("--data_path", data, "--root", root, "--classes", "bottle", "carpet") == 0
     out = capsys.readouterr().out
@@ -84,6 +87,14 @@ def test_convert_idempotent_and_replaces_changed(tmp_path, capsys):
     assert "train: 0 new, 5 unchanged, 1 replaced" in capsys.readouterr().out
     assert (root / "train" / "carpet" / "001.png").read_bytes() == \
         (data / "carpet" / "train" / "good" / "001.png").read_bytes()
+
+    src, dst = data / "bottle" / "train" / "good" / "000.png", root / "train" / "bottle" / "000.png"
+    dst.write_bytes(src.read_bytes()[:100])
+    os.utime(dst, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns))
+    assert dst.stat().st_mtime_ns == src.stat().st_mtime_ns
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle", "carpet") == 0
+    assert "train: 0 new, 5 unchanged, 1 replaced" in capsys.readouterr().out
+    assert dst.read_bytes() == src.read_bytes()
 
 
 def test_link_makes_hard_links(tmp_path, capsys):
