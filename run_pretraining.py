@@ -33,11 +33,13 @@ from masking_generator import (CLASS_MASK_RATIOS, FREQ_MODES, MaskGenerator, Mas
 # Arguments that must match for a resumed run to continue the same training: the model
 # and data, the optimiser and its per-step schedules (recomputed from these flags at every
 # start, also when a finished run is extended with a larger --epochs: the remaining steps
-# follow them, warm-up included, which sets where the cosine starts), and the masking.
-# A changed one would make a run that is neither the old experiment nor a new one, and
-# be recorded as the whole run's in every later checkpoint. Only --epochs may grow, once
-# a run is finished (utils.check_resume_args). The process count, the tokenizer and the
-# training images are checked too (check_resume_world_size, check_same_data).
+# follow them, warm-up included, which sets where the cosine starts), the masking, and
+# --seed (the images' order each epoch, and the random streams a checkpoint without them,
+# the original code's, restarts from). A changed one would make a run that is neither the
+# old experiment nor a new one, and be recorded as the whole run's in every later
+# checkpoint. Only --epochs may grow, once a run is finished (utils.check_resume_args).
+# The process count, the tokenizer and the training images are checked too
+# (check_resume_world_size, check_same_data).
 RESUME_MUST_MATCH = ("model", "setting", "unseen_classes", "epochs", "batch_size",
                      "input_size", "tokenizer_model", "imagenet_default_mean_and_std",
                      "drop_path", "max_steps_per_epoch",

@@ -1046,10 +1046,9 @@ def load_training_state(path: str, *, model: nn.Module,
                         masking: Any | None = None,
                         device: str | torch.device = "cpu") -> dict:
     """Restore what save_training_state wrote; returns {'start_epoch', 'rng_restored',
-    'args'}. A file holding only 'model' (a released checkpoint) loads
-    the weights and starts at epoch 0. ``masking``: a MaskingPolicy; checkpoints of the
-    earlier layout (top-level 'dynamic_masking', each rank's 'mask_rng' in 'rng') load
-    too."""
+    'args'}. A file holding only 'model' (a released checkpoint) loads the weights and
+    starts at epoch 0. ``masking``: a MaskingPolicy; checkpoints of the earlier layout
+    (top-level 'dynamic_masking', each rank's 'mask_rng' in 'rng') load too."""
     ckpt = load_checkpoint_file(path)
     if "model" not in ckpt:
         raise CheckpointError(f"{path} has no 'model' entry (keys {sorted(ckpt)[:8]})")

@@ -65,7 +65,9 @@ class TinyWorld:
     def protoflow_with_class_scores(self, path: Path, scores: dict[str, list[float]]) -> Path:
         """A copy of the world's ProtoFlow file at `path` trained on `scores`' classes,
         whose held-out normal image scores are `scores` (class -> scores), so that each
-        class has its own threshold and the file's overall one differs from them."""
+        class has its own threshold and the file's overall one differs from them. Only
+        the scores, their classes and the overall threshold change (all that ProtoFlow
+        reads): the summary fields (count, mean, quantiles) stay the world's."""
         ckpt = torch.load(self.protoflow, weights_only=True)
         every = torch.tensor([s for values in scores.values() for s in values])
         ckpt.update(classes=list(scores), image_score_threshold=float(torch.quantile(

@@ -388,9 +388,12 @@ def test_frequency_weights_patch_mode_matches_numpy_reference():
     f = np.fft.fftfreq(16)
     high = np.hypot(f[:, None], f[None, :]) > 0.25
     for n in range(3):
-        patch = lambda c, i, j: images[n, c, 16 * i:16 * i + 16, 16 * j:16 * j + 16]  # noqa: E731
-        e = np.array([[sum((np.abs(np.fft.fft2(patch(c, i, j).numpy())) ** 2)[high].sum()
-                            for c in range(3)) for j in range(2)] for i in range(3)]).ravel()
+        def energy(c: int, i: int, j: int) -> float:  # of channel c's patch (i, j)
+            patch = images[n, c, 16 * i:16 * i + 16, 16 * j:16 * j + 16].numpy()
+            return (np.abs(np.fft.fft2(patch)) ** 2)[high].sum()
+
+        e = np.array([[sum(energy(c, i, j) for c in range(3)) for j in range(2)]
+                      for i in range(3)]).ravel()
         ref = (e - e.min()) / (e.max() - e.min())
         np.testing.assert_allclose(got[n], ref, atol=1e-5)
     assert got.shape == (3, 6) and got.min() == 0 and got.max() == 1

@@ -320,7 +320,7 @@ def test_coreset_greedy_order_and_covering_radius():
     assert len(set(projected.tolist())) == n
     assert _min_dist(feats, feats[projected]).max().sqrt() < 2 * radius
     # the first pick is the rng's draw (the original's random start), else index 0
-    assert idx[0] == np.random.default_rng(3).integers(2000) == 1623
+    assert idx[0] == np.random.default_rng(3).integers(2000) != 0
     assert pf.greedy_coreset(feats, n, progress=False)[0] == 0
 
 

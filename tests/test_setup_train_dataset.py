@@ -314,8 +314,8 @@ def test_estimate_fg_mask_keeps_every_part_of_the_object():
 
 def test_estimate_fg_mask_ignores_an_uneven_backdrop():
     """A backdrop whose brightness varies by +-25 levels (uneven lighting) spreads the
-    border's colours: the threshold stays above that spread (its 95th percentile), so the
-    far background is not marked while the object still is."""
+    border's colours: the threshold stays above that spread, so the far background is not
+    marked while the object still is."""
     img, disk, radius = _planted(np.random.default_rng(5))
     img = (img + np.linspace(-25, 25, 128)[:, None, None]).clip(0, 255).astype(np.uint8)
     fg = estimate_fg_mask(img)

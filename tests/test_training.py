@@ -293,18 +293,22 @@ def test_each_epoch_draws_the_images_in_its_own_order(env, tmp_path, monkeypatch
     of --seed gives at epoch e, another one each epoch, and the same after a resume."""
     orders, real = [], engine.train_one_epoch
 
-    def record(model, data_loader, *args, **kwargs):
+    def record(model, data_loader, *args, epoch, **kwargs):
         orders.append(list(data_loader.sampler))
-        return real(model, data_loader, *args, **kwargs)
+        if epoch == 1 and len(orders) == 2:  # the first run crashes as epoch 1 starts
+            raise _Crash
+        return real(model, data_loader, *args, epoch=epoch, **kwargs)
 
     monkeypatch.setattr(engine, "train_one_epoch", record)
-    run_pretraining.main(_args(env, str(tmp_path), "--seed", "3"))
+    with pytest.raises(_Crash):
+        run_pretraining.main(_args(env, str(tmp_path), "--seed", "3"))
+    assert run_pretraining.main(_args(env, str(tmp_path), "--seed", "3"))["start_epoch"] == 1
     expected = []
     for epoch in (0, 1):
         sampler = torch.utils.data.DistributedSampler(range(8), num_replicas=1, rank=0, seed=3)
         sampler.set_epoch(epoch)
         expected.append(list(sampler))
-    assert orders == expected and expected[0] != expected[1]
+    assert orders == [*expected, expected[1]] and expected[0] != expected[1]
 
 
 def test_cached_images_train_exactly_like_the_dataloader(env, reference, tmp_path):
