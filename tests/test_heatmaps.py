@@ -26,6 +26,9 @@ def test_colour_scale_is_shared_and_clipped():
     # the colour bar's labels: high at the top row, low at the bottom
     assert heatmaps._ticks(101, ColourScale(1.0, 5.0)) == [
         (0, 5.0), (25, 4.0), (50, 3.0), (75, 2.0), (100, 1.0)]
+    # the range of every map, the low end too, wherever the minimum lies
+    assert ColourScale.of(torch.stack([torch.full((2, 2), 3.0), torch.full((2, 2), 1.0)])
+                          ) == ColourScale(1.0, 3.0)
     with pytest.raises(ValueError, match="NaN or infinite"):
         ColourScale.of(torch.tensor([[[0.0, float("nan")]]]))
 
@@ -82,6 +85,13 @@ def test_render_layout():
     overlay = out[:h, 2 * panel:2 * panel + w].astype(int)
     hot, cold = overlay[2, 2], overlay[20, 20]
     assert hot[0] > cold[0] and hot[2] < cold[2]  # red where the score is high
+    # off the diagonal: the overlay is the map as it lies (rows 0-7, columns 16-23), red
+    # there and blue at the transposed place
+    corner = np.zeros((h, w))
+    corner[:8, 16:24] = 10.0
+    flat = heatmaps.render(image, corner, scale, caption, gt)[:h, 2 * panel:2 * panel + w]
+    red, blue = flat[4, 20].astype(int), flat[20, 4].astype(int)
+    assert red[0] - red[2] > 50 and blue[2] - blue[0] > 50
     bar = out[:h, bar_x + 2].astype(int)
     assert bar[0][0] > bar[0][2] and bar[-1][2] > bar[-1][0]  # high on top, low at the bottom
     assert (out[h:] < 200).any()  # caption text was drawn
@@ -104,7 +114,11 @@ def test_extremes_per_type():
                      (1, "good: most anomalous 1/4"), (0, "good: least anomalous 1/4"),
                      (6, "hole: most anomalous 1/1")]
     two = heatmaps.extremes_per_type(scores, types, 2)
-    assert [i for i, _ in two] == [4, 5, 1, 2, 3, 0, 6]  # each image once
+    # each image once; the least anomalous counted from the bottom: 0 is 1/4, 3 is 2/4
+    assert two == [(4, "crack: most anomalous 1/2"), (5, "crack: most anomalous 2/2"),
+                   (1, "good: most anomalous 1/4"), (2, "good: most anomalous 2/4"),
+                   (3, "good: least anomalous 2/4"), (0, "good: least anomalous 1/4"),
+                   (6, "hole: most anomalous 1/1")]
     with pytest.raises(ValueError) as e:  # NaN sorts as the least anomalous
         heatmaps.extremes_per_type([0.1, 0.9, float("nan"), 0.3], ["good"] * 4, 1)
     assert str(e.value) == ("heatmaps: the image score of image 2 (good) is nan, not a "
@@ -129,18 +143,25 @@ def test_save_one_writes_the_rendered_png(tmp_path):
 
 def test_save_heatmaps_captions_each_image_with_its_own_scores_on_the_class_scale(
         monkeypatch, tmp_path):
-    """Every PNG of a class shares one colour scale, the range of all its maps, and is
-    captioned with its own PMAD and ProtoFlow scores (never the one for the other)."""
+    """Every PNG of a class shares one colour scale, the range of all its maps, draws its
+    own map and is captioned with its own PMAD and ProtoFlow scores (never the one for the
+    other); the most and least anomalous follow PMAD's ranking (ProtoFlow's is reversed)."""
     drawn = []
     monkeypatch.setattr(heatmaps, "save_one", lambda image, score_map, scale, caption, path,
-                        *a, **k: drawn.append((scale, caption, path.name)))
+                        *a, **k: drawn.append((scale, caption, path.name, score_map)))
     maps = torch.stack([torch.full((2, 2), float(v)) for v in (1, 5, 3)])  # (3, H, W)
     data = SimpleNamespace(names=["good_0", "crack_0", "crack_1"], images=torch.zeros(3, 3, 2, 2),
                            defect_types=["good", "crack", "crack"], gt_masks=None)
     heatmaps.save_heatmaps(data, maps, torch.tensor([1.0, 5.0, 3.0]),
-                           torch.tensor([10.0, 50.0, 30.0]), 20.0, tmp_path, 1,
+                           torch.tensor([10.0, 30.0, 50.0]), 20.0, tmp_path, 1,
                            (0.0,) * 3, (1.0,) * 3)
-    assert {(s.low, s.high) for s, _, _ in drawn} == {(1.0, 5.0)}
-    captions = {c.name: (c.pmad_score, c.protoflow_score, c.decision) for _, c, _ in drawn}
-    assert captions == {"good_0": (1.0, 10.0, "normal"), "crack_0": (5.0, 50.0, "anomalous"),
-                        "crack_1": (3.0, 30.0, "anomalous")}
+    assert {(s.low, s.high) for s, _, _, _ in drawn} == {(1.0, 5.0)}
+    captions = {c.name: (c.pmad_score, c.protoflow_score, c.decision, c.note)
+                for _, c, _, _ in drawn}
+    assert captions == {
+        "good_0": (1.0, 10.0, "normal", "good: most anomalous 1/1"),
+        "crack_0": (5.0, 30.0, "anomalous", "crack: most anomalous 1/2"),
+        "crack_1": (3.0, 50.0, "anomalous", "crack: least anomalous 1/2")}
+    index = {"good_0": 0, "crack_0": 1, "crack_1": 2}
+    for _, c, name, score_map in drawn:
+        assert name == f"{c.name}.png" and torch.equal(score_map, maps[index[c.name]]), c.name

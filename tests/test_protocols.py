@@ -18,10 +18,14 @@ import utils
 
 
 def test_gaussian_blur_equals_scipy() -> None:
-    maps = torch.rand(3, 40, 33, dtype=torch.float64)
-    ours = protocols.gaussian_blur(maps, 4.0).numpy()
-    ref = np.stack([gaussian_filter(m, sigma=4) for m in maps.numpy()])
-    np.testing.assert_allclose(ours, ref, atol=1e-12)
+    """Every sigma above 0 smooths, as scipy does: a small one (0.5, radius 2) too, not
+    only the usual 4 (a sigma <= 0.5 cut-off would return the maps unsmoothed)."""
+    maps = torch.rand(3, 40, 33, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for sigma in (0.5, 4.0):
+        ours = protocols.gaussian_blur(maps, sigma).numpy()
+        ref = np.stack([gaussian_filter(m, sigma=sigma) for m in maps.numpy()])
+        np.testing.assert_allclose(ours, ref, atol=1e-12, err_msg=str(sigma))
+        assert np.abs(ours - maps.numpy()).max() > 0.1, sigma
     assert protocols.gaussian_blur(maps[:0], 4.0).shape == (0, 40, 33)
 
 
@@ -120,6 +124,9 @@ def test_pmad_map_of_a_2x2_patch_case_by_hand() -> None:
     for name in ("protoflow_only", "patchcore", "ce_only"):
         assert torch.allclose(maps[name], hand[name], atol=1e-6), name
     assert maps["patchcore"][1, 2, 2] == pytest.approx(math.log(4), abs=1e-6)
+    # the diagnostics read the proposal pass (patches 3 and 1 of image 1: its defect), not
+    # the last covering pass (the other two patches)
+    assert record["diagnostics"]["masked_defect_fraction"] == 1.0
 
 
 def _scipy_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
@@ -261,6 +268,37 @@ def test_paper_protocol_per_ratio_values_and_best_ratio_by_hand() -> None:
     assert record["diagnostics"]["masked_defect_fraction"] == 1.0
 
 
+def test_paper_protocol_scores_by_the_maximum_and_counts_its_calls() -> None:
+    """The paper's image score is the map's maximum (on 20 x 20 maps the top-1 % mean, of 4
+    pixels, is lower), and called_anomalous counts ProtoFlow's anomalous calls: of three
+    images (a second normal one added to the 2x2-patch case) only the defective one, not
+    the two called normal."""
+    hand = _hand_data(size=20)
+    data = protocols.ClassData(
+        torch.cat([hand.images, hand.images[:1]]), torch.cat([hand.tokens, hand.tokens[:1]]),
+        torch.cat([hand.log_likelihood, hand.log_likelihood[:1]]),
+        torch.cat([hand.prototype_distance, hand.prototype_distance[:1]]),
+        np.array([0, 1, 0]), torch.cat([hand.gt_masks, hand.gt_masks[:1]]),
+        hand.names + ["good_001"], hand.defect_types + ["good"],
+        hand.image_ids + ["sha-of-good_001"])
+    record, maps, scores = protocols.evaluate_paper(ConstantViT(), data, sigma=0.0,
+                                                    batch_size=2, device=torch.device("cpu"),
+                                                    amp="none", seed=0)
+    assert record["called_anomalous"] == 1
+    assert record["diagnostics"]["anomalous_with_proposal"] == 1
+    assert scores["pmad"][1].item() == pytest.approx(CE1 * 0.75, abs=1e-6)
+    assert torch.equal(scores["pmad"], maps["pmad"].flatten(1).amax(1))
+    assert (protocols.image_scores(maps["pmad"], "topk") < scores["pmad"]).any()
+
+
+def test_best_ratio_never_picks_nan() -> None:
+    """A metric undefined at a ratio (NaN) never wins the best-ratio choice, wherever it
+    lies; ties go to the first ratio."""
+    nan = math.nan
+    assert protocols._best_ratio({0.1: {"k": 0.7}, 0.2: {"k": nan}, 0.3: {"k": 0.9}}, "k") == 0.3
+    assert protocols._best_ratio({0.1: {"k": nan}, 0.2: {"k": 0.5}, 0.3: {"k": 0.5}}, "k") == 0.2
+
+
 def test_paper_ratios_are_the_papers_24() -> None:
     """The paper protocol sweeps 0.02 to 0.48 in steps of 0.02 (method.md 7): 0.48 is
     Table 6's ratio of metal_nut, pill and transistor."""
@@ -292,6 +330,8 @@ def test_paper_protocol_reports_maps_and_types_at_the_best_image_auroc_ratio(mon
     assert record["image_auroc"] == record["pixel_auroc"] == 0.9
     assert record["mask_ratio"] == 0.1
     assert record["per_defect"] == {"crack": {"image_auroc": 0.1, "pixel_auroc": 0.1}}
+    # the diagnostics' masks at 0.10 too: no patch of 4 (at 0.48 the defect's one)
+    assert record["diagnostics"]["masked_defect_fraction"] == 0.0
     assert torch.equal(maps["pmad"], torch.full(shape, 0.1))
     assert torch.equal(scores["pmad"], torch.full((shape[0],), 0.1))
 
@@ -365,6 +405,8 @@ def test_clean_protocol_counts_the_images_that_got_the_proposal_mask() -> None:
             options=protocols.CleanOptions(masks=masks), sigma=0.0, batch_size=2,
             device=torch.device("cpu"), amp="none", seed=0)
         assert record["called_anomalous"] == called, masks
+        # the threshold is reported only where it chose the masks
+        assert record["threshold"] == (threshold if masks == "threshold" else None), masks
 
 
 def test_baselines_take_their_image_score_by_pmads_rule(monkeypatch) -> None:
