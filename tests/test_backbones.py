@@ -2,12 +2,15 @@
 classifies; bad files give clear errors."""
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
 from skimage import data as skdata
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+import backbones
 from backbones import (create_backbone, create_classifier, lite0_weights_path,
                        map_efficientnet_pytorch)
 
@@ -75,7 +78,25 @@ def test_bad_weight_files_are_clear_errors(tmp_path) -> None:
     torch.save(create_classifier("efficientnet_b0").state_dict(), other)
     with pytest.raises(ValueError, match="b0.pth"):
         create_classifier("efficientnet_lite0", str(other))
+    short = create_classifier("efficientnet_lite0").state_dict()
+    del short["classifier.bias"]  # a file lacking a tensor must not leave it random
+    torch.save(short, tmp_path / "short.pth")
+    with pytest.raises(ValueError, match=r"short.pth does not fit EfficientNet: missing "
+                                         r"\['classifier.bias'\], unexpected \[\]"):
+        create_classifier("efficientnet_lite0", str(tmp_path / "short.pth"))
     shipped = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
     shipped["_conv_stem.weight"] = shipped["_conv_stem.weight"][:8]
     with pytest.raises(ValueError, match="'_conv_stem.weight' has shape"):
         map_efficientnet_pytorch(shipped, create_classifier("efficientnet_lite0").state_dict())
+
+
+def test_backbone_refuses_weights_that_leave_its_layers_random(monkeypatch) -> None:
+    """A classifier whose weights lack some of the backbone's tensors (another model's
+    file) is a CheckpointError naming them, not a backbone with random layers."""
+    full = create_classifier("efficientnet_lite0").state_dict()
+    del full["conv_stem.weight"]
+    monkeypatch.setattr(backbones, "create_classifier",
+                        lambda name, weights: types.SimpleNamespace(state_dict=lambda: full))
+    with pytest.raises(backbones.CheckpointError, match=r"other.pth: backbone keys without "
+                                                        r"weights \['conv_stem.weight'\]"):
+        create_backbone("efficientnet_lite0", (2, 3), "other.pth")

@@ -306,6 +306,7 @@ def test_mvtec_test_dataset(mvtec_root):
     assert ds.labels == [1, 1, 0, 0] and ds.defect_types == ["broken"] * 2 + ["good"] * 2
     for i in range(2):
         item = ds[i]
+        assert item["index"] == i  # collect_class hashes image_paths[index]
         assert item["label"] == 1 and item["defect_type"] == "broken"
         assert item["name"] == f"broken_{i:03d}"
         gt = item["gt_mask"]
@@ -314,7 +315,28 @@ def test_mvtec_test_dataset(mvtec_root):
         assert gt[0, 16:32, 32:48].all()
     item = ds[2]
     assert item["label"] == 0 and item["gt_mask"].sum() == 0 and item["name"] == "good_000"
+    assert item["index"] == 2
     assert item["image"].shape == (3, 64, 64) and item["token_image"].shape == (3, 32, 32)
+
+
+def test_wide_test_image_is_cropped_not_squashed_and_its_mask_stays_aligned(mvtec_root):
+    """As in training (docs/method.md 4, 7), a non-square test image is resized by its
+    short side and centre-cropped, as its ground-truth mask is: squashing the image
+    alone would keep the outer bands and move the defect away from its mask."""
+    image = np.zeros((64, 128, 3), np.uint8)  # H x W: dark outer quarters, bright centre
+    image[:, 32:96] = 200
+    image[16:32, 48:64] = 50  # the defect, at columns 16-32 of the crop
+    mask = np.zeros((64, 128), np.uint8)
+    mask[16:32, 48:64] = 255
+    _save(mvtec_root / "wide" / "test" / "cut" / "000.png", image)
+    _save(mvtec_root / "wide" / "ground_truth" / "cut" / "000_mask.png", mask)
+    item = MVTecTestDataset(str(mvtec_root), "wide", token_size=32, img_size=64)[0]
+    pixels = (item["image"] * STD + MEAN) * 255
+    gt = item["gt_mask"][0].bool()
+    assert gt.sum() == 256 and gt[16:32, 16:32].all()
+    torch.testing.assert_close(pixels[:, gt], torch.full((3, 256), 50.0), atol=1, rtol=0)
+    torch.testing.assert_close(pixels[:, ~gt], torch.full((3, 64 * 64 - 256), 200.0),
+                               atol=1, rtol=0)
 
 
 def test_btad_layout(mvtec_root):
@@ -792,3 +814,13 @@ def test_a_ground_truth_mask_is_found_whatever_the_case_of_its_extension(mvtec_r
     os.rename(gt / "000_mask.png", gt / "000_mask.PNG")
     ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
     assert ds.mask_paths[0] == str(gt / "000_mask.PNG") and ds[0]["gt_mask"].sum() == 256
+
+
+def test_a_lower_case_mask_extension_wins_when_both_cases_exist(mvtec_root):
+    """000_mask.png and 000_mask.PNG side by side (a set copied over on a case-sensitive
+    disk): the lower-case one, as the layout names it, is the mask, whatever the order
+    in which the folder lists them."""
+    gt = mvtec_root / "bottle" / "ground_truth" / "broken"
+    _save(gt / "000_mask.PNG", np.zeros((128, 128), np.uint8))
+    ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
+    assert ds.mask_paths[0] == str(gt / "000_mask.png") and ds[0]["gt_mask"].sum() == 256

@@ -132,6 +132,23 @@ def test_defect_sizes_follow_area_fraction(t):
     assert 0.06 < large.mean() < 0.13
 
 
+def test_defect_area_is_capped_by_the_object():
+    """A defect asked to cover 20 % of the image on a small object (coins: ~20 % of the
+    image) is held to ~30 % of the object, rim included, not spread over all of it."""
+    for seed in range(3):
+        s = render_defect("coins", "stain", np.random.default_rng(seed), area_fraction=0.2)
+        assert 0.25 * s.foreground.sum() < s.mask.sum() < 0.45 * s.foreground.sum(), seed
+
+
+def test_returned_defects_visibly_changed_half_the_pixels_they_touched():
+    """A defect that changed under half of what it touched is too faint to label and is
+    redrawn (moon's contamination, seed 1: a first draw changes ~48 %)."""
+    for t in demo_data.WORLDS["heldout"].defect_types:
+        for seed in range(3):
+            s = render_defect("moon", t, np.random.default_rng(seed), area_fraction=0.01)
+            assert s.mask.sum() >= 0.5 * s.applied.sum(), (t, seed)
+
+
 def test_defect_sizes_spread_per_type():
     sizes = demo_data._defect_sizes(20)
     assert [t for t, _, _ in sizes[:4]] == list(DEFECT_TYPES)
@@ -209,6 +226,16 @@ def test_deterministic_by_seed(small_set, tmp_path):
     assert other.keys() == _hashes(mvtec).keys()
     changed = [k for k in other if other[k] != reference[k]]
     assert len(changed) == len(other)
+
+
+def test_test_images_are_not_training_images(small_set):
+    """Each split draws from its own stream: a test/good image equal to a training image
+    (train/test leakage) would be scored as normal for having been seen."""
+    hashes = _hashes(small_set[0])
+    train = {v for k, v in hashes.items() if os.sep + "train" + os.sep in k}
+    test = {v for k, v in hashes.items() if os.sep + "test" + os.sep in k}
+    assert len(train) == 16 and len(test) == 2 * (4 + len(DEFECT_TYPES))
+    assert not train & test
 
 
 def test_defect_area_redraws_a_world_with_other_defect_sizes(tmp_path):
