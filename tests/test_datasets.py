@@ -821,6 +821,8 @@ def test_a_lower_case_mask_extension_wins_when_both_cases_exist(mvtec_root):
     disk): the lower-case one, as the layout names it, is the mask, whatever the order
     in which the folder lists them."""
     gt = mvtec_root / "bottle" / "ground_truth" / "broken"
+    if (gt / "000_mask.PNG").exists():  # macOS's and Windows' default disks ignore case
+        pytest.skip("this file system ignores case: one file holds both names")
     _save(gt / "000_mask.PNG", np.zeros((128, 128), np.uint8))
     ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
     assert ds.mask_paths[0] == str(gt / "000_mask.png") and ds[0]["gt_mask"].sum() == 256
