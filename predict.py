@@ -36,8 +36,11 @@ import utils
 
 OUTPUT_COLUMNS = ("image", "class", "name", "pmad_score", "protoflow_score", "threshold",
                   "decision")
+PREDICTIONS_FILE = "predictions.csv"  # put in place last: a whole run's outputs are there
 SKIPPED_FILE = "skipped_images.txt"  # the images --skip_bad_images left out, if any
-OUTPUTS = ("predictions.csv", SKIPPED_FILE, "heatmaps", "maps")  # one run's, set aside
+# one run's outputs, set aside in this order: predictions.csv last, as a crash between
+# two moves must not leave heatmaps/ without it (check_output_dir would refuse them)
+OUTPUTS = (SKIPPED_FILE, "heatmaps", "maps", PREDICTIONS_FILE)
 MAX_NAME_BYTES = 200  # an output name's limit, below the file systems' 255 with suffixes
 
 
@@ -95,13 +98,35 @@ def _walked_anyway(real: str, folder: str) -> bool:
     return not any(datasets.is_junk_dir(part) for part in rel.parts)
 
 
+def _has_earlier_run(output_dir: str | os.PathLike) -> bool:
+    """Whether an earlier run's outputs are in `output_dir`: its predictions.csv, which
+    a run puts in place last, after its heatmaps/ and maps/."""
+    return os.path.isfile(os.path.join(output_dir, PREDICTIONS_FILE))
+
+
 def _is_own_output(path: str, output_dir: str) -> bool:
-    """Whether `path` lies in what predict.py writes in `output_dir` (heatmaps/, maps/,
-    previous-*/): an earlier run's heatmaps are no input, whatever the folders given."""
+    """Whether `path` lies in what predict.py wrote in `output_dir` (previous-*/, and
+    heatmaps/ and maps/ beside an earlier run's predictions.csv): an earlier run's
+    heatmaps are no input, whatever the folders given; a user's own maps/ is."""
     if not utils.is_inside(path, output_dir):
         return False
-    rel = Path(os.path.relpath(os.path.realpath(path), os.path.realpath(output_dir)))
-    return rel.parts[0] in OUTPUTS or rel.parts[0].startswith(utils.PREVIOUS_RUN_PREFIX)
+    top = Path(os.path.relpath(os.path.realpath(path), os.path.realpath(output_dir))).parts[0]
+    return (top.startswith(utils.PREVIOUS_RUN_PREFIX)
+            or top in OUTPUTS and _has_earlier_run(output_dir))
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """A heatmaps/, maps/ or skipped-images list in `output_dir` without an earlier run's
+    predictions.csv is not predict.py's: refuse, rather than mix our files into it or
+    set it aside as if it were ours."""
+    if _has_earlier_run(output_dir):
+        return
+    foreign = [name for name in OUTPUTS
+               if name != PREDICTIONS_FILE and os.path.lexists(output_dir / name)]
+    if foreign:
+        raise InputError(f"{output_dir / foreign[0]} is not an earlier predict.py run's output "
+                         f"(no {PREDICTIONS_FILE} beside it): give another --output_dir, or move "
+                         "it away")
 
 
 def _expand(spec: str) -> tuple[str, list[str], bool]:
@@ -221,6 +246,7 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
     groups = find_images(args.inputs, args.class_name, args.class_from_folder,
                          args.output_dir)
     out_dir = Path(utils.prepare_output_dir(args.output_dir, "--output_dir"))
+    check_output_dir(out_dir)
     utils.remove_stale_tmp_files(out_dir)  # a staging folder of a run that was killed
     m = run_test.load_models(args)
     for cls in groups:  # a missing class fails before any image is scored
@@ -233,7 +259,7 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
         rows, skipped = _score_into(stage, args, m, groups)
         earlier = utils.set_aside(out_dir, OUTPUTS)  # no heatmap of another run beside ours
         # predictions.csv last: where it is, the run's outputs are complete
-        for name in sorted(os.listdir(stage), key=lambda n: n == "predictions.csv"):
+        for name in sorted(os.listdir(stage), key=lambda n: n == PREDICTIONS_FILE):
             os.replace(stage / name, out_dir / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -296,7 +322,7 @@ def _score_into(out: Path, args: argparse.Namespace, m: run_test.Models,
             print(f"[predict] {args.protoflow_weights} stores no normal-data threshold for "
                   f"'{cls}' (a released file): scores only, no decision")
     # a file name that is not UTF-8 is written as its bytes, so the path still opens
-    with open(out / "predictions.csv", "w", newline="", encoding="utf-8",
+    with open(out / PREDICTIONS_FILE, "w", newline="", encoding="utf-8",
               errors="surrogateescape") as f:
         writer = csv.DictWriter(f, fieldnames=OUTPUT_COLUMNS)
         writer.writeheader()

@@ -32,7 +32,7 @@ from protoflow import ProtoFlow, prototypes_sha256
 from reporting import PartialResults, exit_status, report
 from utils import (AMP_CHOICES, FlagError, UniqueNames, cli, file_sha256, float_at_least,
                    int_at_least, mask_ratio_arg, prepare_output_dir, read_weights_file,
-                   resolve_amp, resolve_device, resolve_weights_file)
+                   resolve_amp, resolve_device, resolve_weights_file, set_aside)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -329,6 +329,10 @@ def main(args: argparse.Namespace) -> dict:
     partial = PartialResults(out_dir / "results.partial.jsonl", resume_key(args, results),
                              {c: {"prototypes": sha} for c, sha in results["prototypes"].items()},
                              args.resume_eval)
+    if not args.resume_eval:  # afresh: no heatmap of the last evaluation beside this one's
+        moved = set_aside(out_dir, ["heatmaps"])
+        if moved:
+            print(f"[run_test] the earlier evaluation's heatmaps moved to {moved}")
     class_name = None
     try:
         for class_name in tqdm(classes, desc=f"evaluating ({args.protocol} protocol)"):

@@ -235,8 +235,8 @@ def test_outputs_inside_an_input_folder_and_deep_names(tmp_path):
     cut and keeps a hash, so two names sharing their first 150 bytes still differ."""
     deep = "d" * 120
     _touch(tmp_path, "in/a.png", "in/pred/heatmaps/x/a.png", "in/pred/maps/x/a.png",
-           "in/pred/previous-20261202T000000Z/heatmaps/x/a.png", f"in/{deep}/{deep}/1.png",
-           f"in/{deep}/{deep}/2.png")
+           "in/pred/predictions.csv", "in/pred/previous-20261202T000000Z/heatmaps/x/a.png",
+           f"in/{deep}/{deep}/1.png", f"in/{deep}/{deep}/2.png")
     for out in (tmp_path / "in", tmp_path):
         (found,) = predict.find_images([str(tmp_path / "in" / "a.png")], "x", False,
                                        str(out)).values()
@@ -248,6 +248,53 @@ def test_outputs_inside_an_input_folder_and_deep_names(tmp_path):
     assert names[0] == "a" and names[1] != names[2]
     for name in names[1:]:
         assert len(name.encode()) == 150 + 1 + 16 and name.startswith(deep + "_" + deep[:29])
+
+
+def test_a_users_own_maps_folder_is_an_input_and_is_never_moved(tiny_world, tmp_path,
+                                                                 capsys, monkeypatch):
+    """heatmaps/ and maps/ in --output_dir are an earlier run's only beside its
+    predictions.csv. Without it they are the user's: images in them are inputs (they
+    were dropped silently), and predict.py refuses to write there (it moved them to
+    previous-*/) before any scoring, leaving them as they were."""
+    _touch(tmp_path, "in/a.png", "in/maps/b.png", "in/heatmaps/c.png")
+    (found,) = predict.find_images([str(tmp_path / "in")], "x", False,
+                                   str(tmp_path / "in")).values()
+    assert [n for _, n in found] == ["a", "heatmaps_c", "maps_b"]
+    out = tmp_path / "out"
+    _touch(out, "maps/mine.npy")
+    image = str(tiny_world.mvtec_root / "coins" / "test" / "good" / "000.png")
+    argv = [image, "--class_name", "coins", "--output_dir", str(out), *tiny_world.model_argv()]
+    monkeypatch.setattr(run_test, "load_models", lambda args: pytest.fail("scored"))
+    assert predict.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: {out / 'maps'} is not an earlier predict.py run's output (no predictions.csv "
+        "beside it): give another --output_dir, or move it away\n")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "maps", "maps/mine.npy"]
+
+
+def test_a_crash_while_setting_aside_keeps_the_earlier_run_recognisable(tmp_path,
+                                                                      monkeypatch):
+    """The earlier run's predictions.csv moves last: a crash after its heatmaps/ moved
+    leaves predictions.csv beside the rest, which the next run still takes for an
+    earlier run's (moving predictions.csv first left heatmaps/ that it refused)."""
+    out = tmp_path / "out"
+    _touch(out, "predictions.csv", "heatmaps/x/a.png", "maps/x/a.npy")
+    rename, calls = utils.os.rename, []
+
+    def crash_on_second(src, dst):
+        calls.append(Path(src).name)
+        if len(calls) == 2:
+            raise OSError("killed")
+        rename(src, dst)
+    monkeypatch.setattr(utils.os, "rename", crash_on_second)
+    with pytest.raises(OSError, match="killed"):
+        utils.set_aside(out, predict.OUTPUTS)
+    assert calls == ["heatmaps", "maps"]
+    predict.check_output_dir(out)
+    monkeypatch.setattr(utils.os, "rename", rename)
+    utils.set_aside(out, predict.OUTPUTS)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("previous-")) == []
 
 
 def test_output_names_are_unique_even_against_suffixed_names(tmp_path):

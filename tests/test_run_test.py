@@ -453,15 +453,25 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
     and every file by content (the class's prototypes too): copied prototypes are reused,
     other prototypes or another --amp, --seed or --default_mask_ratio are refused by
     name. The class has no ground truth (pixel metrics nan), as a custom set: the records
-    with nan are reused and results.json holds null."""
+    with nan are reused and results.json holds null. An evaluation afresh sets the last
+    one's heatmaps aside (they mixed with its own); a resumed one keeps them."""
     data = tmp_path / "mvtec"
     shutil.copytree(tiny_world.mvtec_root / "coins", data / "coins")
     shutil.rmtree(data / "coins" / "ground_truth")
     argv = _argv(tiny_world, tmp_path, "clean", "--classes", "coins")
     argv[argv.index("--data_path") + 1] = str(data)
     parse = run_test.get_args_parser().parse_args
-    first = run_test.main(parse(argv))["classes"]["coins"]
     out = tmp_path / "clean"
+    pngs = out / "heatmaps" / "coins"
+    pngs.mkdir(parents=True)
+    (pngs / "stale.png").write_bytes(b"stale")
+    first = run_test.main(parse(argv))["classes"]["coins"]
+    (previous,) = out.glob("previous-*")
+    assert [p.relative_to(previous).as_posix() for p in previous.rglob("*.*")] == [
+        "heatmaps/coins/stale.png"]
+    assert not pngs.exists() and "heatmaps moved to" in capsys.readouterr().out
+    pngs.mkdir(parents=True)
+    (pngs / "kept.png").write_bytes(b"kept")
     (line,) = [json.loads(x) for x in (out / "results.partial.jsonl").read_text().splitlines()]
     coreset = tiny_world.prototypes_dir / "coins" / protoflow.CORESET_FILE
     assert line["key"]["prototypes"] == _sha256(coreset)
@@ -479,6 +489,7 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
     again = run_test.main(parse(argv + ["--resume_eval", "--prototypes_dir", str(same)]))
     assert "coins: done in an earlier run" in capsys.readouterr().out
     assert again["classes"]["coins"]["image_auroc"] == first["image_auroc"]
+    assert (pngs / "kept.png").read_bytes() == b"kept"
     saved = _strict_json(out / "results.json")["classes"]["coins"]
     assert saved["pixel_auroc"] is None and saved["image_auroc"] == first["image_auroc"]
 
