@@ -259,6 +259,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(ln) for ln in f if ln.strip()]
 
 
+def strict_json(path: Path) -> dict:
+    """A results.json as JavaScript's JSON.parse reads it: no bare NaN or Infinity."""
+    def refuse(constant: str):
+        raise AssertionError(f"{path} holds a bare {constant}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def read_format(name: str) -> list[tuple[str, tuple[int, ...], str]]:
     """(key, shape, dtype) per line of a released file's key list (tests/formats/*.txt)."""
     rows = []

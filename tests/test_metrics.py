@@ -1,8 +1,5 @@
-"""metrics.py against hand-computed cases, scikit-learn, and a slow reference AUPRO;
-reporting.py's results.csv, per-defect table and exit status from given records."""
+"""metrics.py against hand-computed cases, scikit-learn, and a slow reference AUPRO."""
 
-import csv
-import math
 import tracemalloc
 import warnings
 
@@ -13,7 +10,6 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 import metrics
-import reporting
 from metrics import (METRIC_NAMES, UndefinedMetricWarning, compute_metrics,
                      f1_optimal_threshold, image_ap, image_auroc, image_f1_max, mean_metrics,
                      pixel_ap, pixel_aupro, pixel_auroc, pixel_f1_max)
@@ -346,61 +342,6 @@ def test_mean_metrics():
         mean_metrics(per_class)
     with pytest.raises(ValueError, match='at least one class'):
         mean_metrics({})
-
-
-# ---------------------------------------------------------------- reporting
-
-DEFECT_TYPES = ["scratch", "crack", "hole", "stain", "bent", "fold", "cut", "glue"]
-
-
-def _class_record(value: float, types: list[str]) -> dict:
-    """One class's record as protocols.py makes it: PMAD's metrics, mask ratio and
-    diagnostics, and each baseline's metrics, all with a per-defect-type view."""
-    def method(v: float) -> dict:
-        return {**dict.fromkeys(METRIC_NAMES, v),
-                "per_defect": {t: {"image_auroc": v, "pixel_auroc": v} for t in types}}
-    return {**method(value), "mask_ratio": 0.3, "protoflow_only": method(value - 0.2),
-            "patchcore": method(value - 0.4),
-            "diagnostics": {"anomalous_with_proposal": 1, "anomalous_images": 2,
-                            "masked_defect_fraction": 0.5}}
-
-
-def test_results_csv_gives_the_mask_ratio_to_pmad_only(tmp_path):
-    """results.csv: only PMAD masks, so only its class rows carry the mask ratio; a
-    baseline's row with PMAD's ratio would read as if that baseline had been masked."""
-    results = {"classes": {"a": _class_record(0.9, ["crack"]),
-                           "b": _class_record(0.8, ["crack"])}, "protocol": "clean"}
-    reporting.summarize(results)
-    reporting.write_results(results, tmp_path, "clean")
-    with open(tmp_path / "results.csv") as f:
-        ratios = [(row["class"], row["method"], row["mask_ratio"]) for row in csv.DictReader(f)]
-    assert ratios == [("a", "pmad", "0.3"), ("b", "pmad", "0.3"), ("mean", "pmad", "")] + [
-        (c, m, "") for m in ("protoflow_only", "patchcore") for c in ("a", "b", "mean")]
-
-
-def test_results_md_lists_defect_types_in_sorted_order(tmp_path):
-    """The per-defect-type rows of results.md come sorted by name, whatever the order of
-    the classes and of their records (a set's order would change from run to run)."""
-    results = {"classes": {"a": _class_record(0.9, DEFECT_TYPES[:5]),
-                           "b": _class_record(0.8, DEFECT_TYPES[3:])}, "protocol": "clean"}
-    reporting.summarize(results)
-    table = reporting.write_results(results, tmp_path, "clean").splitlines()
-    start = table.index("| Defect type | **PMAD** | ProtoFlow map alone | PatchCore |") + 2
-    rows = table[start:start + len(DEFECT_TYPES)]
-    assert [row.split(" | ")[0] for row in rows] == [f"| {t}" for t in sorted(DEFECT_TYPES)]
-    assert rows[0] == "| bent | 0.850/0.850 | 0.650/0.650 | 0.450/0.450 |"  # a and b
-    assert rows[1] == "| crack | 0.900/0.900 | 0.700/0.700 | 0.500/0.500 |"  # a only
-    assert rows[3] == "| fold | 0.800/0.800 | 0.600/0.600 | 0.400/0.400 |"  # b only
-
-
-def test_exit_status_fails_a_class_that_lacks_a_metric(capsys):
-    """A record without some metric (ground truth implied) was not fully evaluated: it
-    fails as a nan would, instead of counting as a success."""
-    assert reporting.exit_status({"classes": {"a": {"image_auroc": 0.9}}}) == 1
-    assert capsys.readouterr().err == "[run_test] failed classes: a\n"
-    image_only = {**dict.fromkeys(METRIC_NAMES, math.nan), "image_auroc": 0.9,
-                  "image_ap": 0.8, "image_f1_max": 0.7, "ground_truth": False}
-    assert reporting.exit_status({"classes": {"a": image_only}}) == 0
 
 
 # ---------------------------------------------------------------- memory bound

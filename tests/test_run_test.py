@@ -2,7 +2,6 @@
 protocol on real files, the checkpoint's own settings, flags and exit codes."""
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -22,10 +21,9 @@ import metrics
 import modeling_pmad
 import protocols
 import protoflow
-import reporting
 import run_test
 import utils
-from conftest import KMEANS_VOCAB
+from conftest import KMEANS_VOCAB, strict_json
 
 
 def _argv(world, tmp_path, protocol: str, *extra: str) -> list[str]:
@@ -268,18 +266,6 @@ def test_clean_options_are_the_flags_given_over_the_defaults():
                                              "--default_mask_ratio", "0.3"]))
 
 
-def test_exit_status_is_non_zero_when_a_class_fails(capsys):
-    ok = dict.fromkeys(metrics.METRIC_NAMES, 0.9)
-    assert reporting.exit_status({"classes": {"bottle": ok, "cable": ok}}) == 0
-    assert capsys.readouterr().err == ""
-    nan = {**ok, "pixel_aupro": math.nan}
-    assert reporting.exit_status({"classes": {"bottle": ok, "cable": nan}}) == 1
-    assert capsys.readouterr().err == "[run_test] failed classes: cable\n"
-    assert reporting.exit_status({"classes": {"bottle": ok},
-                                 "failed": {"screw": "unreadable image"}}) == 1
-    assert "failed classes: screw" in capsys.readouterr().err
-
-
 # ----------------------------------------------------------------------------- flags
 def test_evaluation_flags_reach_their_consumers(tiny_world, tmp_path, monkeypatch):
     """One clean run with every clean-protocol flag away from its default, the test class
@@ -422,13 +408,6 @@ def _sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _strict_json(path) -> dict:
-    """results.json as JavaScript's JSON.parse reads it: no bare NaN or Infinity."""
-    def refuse(constant: str):
-        raise AssertionError(f"{path} holds a bare {constant}")
-    return json.loads(path.read_text(), parse_constant=refuse)
-
-
 def test_each_class_is_called_at_its_own_threshold(tiny_world, tmp_path, monkeypatch):
     """--clean_masks threshold calls each class at the quantile of its own held-out
     normal scores, not at the file's quantile over every class, and its heatmaps are
@@ -490,7 +469,7 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
     assert "coins: done in an earlier run" in capsys.readouterr().out
     assert again["classes"]["coins"]["image_auroc"] == first["image_auroc"]
     assert (pngs / "kept.png").read_bytes() == b"kept"
-    saved = _strict_json(out / "results.json")["classes"]["coins"]
+    saved = strict_json(out / "results.json")["classes"]["coins"]
     assert saved["pixel_auroc"] is None and saved["image_auroc"] == first["image_auroc"]
 
     other = tmp_path / "other_prototypes"
@@ -502,98 +481,6 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
                              ("--default_mask_ratio", "0.25", "default_mask_ratio")):
         with pytest.raises(utils.FlagError, match=rf"\(it differs in {key}\)"):
             run_test.main(parse(argv + ["--resume_eval", flag, value]))
-
-
-def test_results_json_writes_null_for_undefined_metrics(tmp_path):
-    """JSON has no NaN: an undefined metric (a class without masks) is null in
-    results.json, numpy floats included; results.md shows nan; the results in memory
-    keep nan (exit_status reads them)."""
-    record = {**dict.fromkeys(metrics.METRIC_NAMES, 0.9),
-              **dict.fromkeys(metrics.PIXEL_METRICS, math.nan), "image_ap": np.float32(0.5),
-              "pixel_ap": np.float32("nan"), "mask_ratio": 0.3, "ground_truth": False,
-              "per_defect": {"crack": {"image_auroc": 0.8, "pixel_auroc": math.nan}},
-              "diagnostics": {"anomalous_with_proposal": 2, "anomalous_images": 4,
-                              "masked_defect_fraction": math.nan}}
-    results = {"protocol": "clean", "clean_options": None, "classes": {"tiles": record},
-               "seconds": math.inf}
-    with pytest.warns(metrics.UndefinedMetricWarning):
-        reporting.summarize(results)
-    reporting.write_results(results, tmp_path, "clean")
-    saved = _strict_json(tmp_path / "results.json")
-    tiles = saved["classes"]["tiles"]
-    assert [tiles[k] for k in metrics.METRIC_NAMES] == [0.9, None, None, 0.5, None, 0.9, None]
-    assert tiles["per_defect"] == {"crack": {"image_auroc": 0.8, "pixel_auroc": None}}
-    assert tiles["diagnostics"]["masked_defect_fraction"] is None and saved["seconds"] is None
-    assert saved["mean"]["pixel_aupro"] is None and saved["mean"]["image_auroc"] == 0.9
-    assert saved["per_defect_mean"]["pmad"]["crack"] == {"image_auroc": 0.8,
-                                                         "pixel_auroc": None}
-    table = (tmp_path / "results.md").read_text()
-    assert "| Tiles | 0.900/nan | nan | 0.500 | nan | 0.900 | nan | 0.30 |" in table
-    assert math.isnan(results["classes"]["tiles"]["pixel_auroc"])
-
-
-def test_summary_means_each_method_and_defect_type_from_its_own_records(tmp_path):
-    """Two classes: PMAD's mean and each baseline's come from that method's own records,
-    and so does each method's per-defect-type view, in results.json, results.md and
-    results.csv; the diagnostics say how many anomalous images got the proposal."""
-    def record(value: float, crack: float) -> dict:
-        return {**dict.fromkeys(metrics.METRIC_NAMES, value),
-                "per_defect": {"crack": {"image_auroc": crack, "pixel_auroc": crack / 2}}}
-
-    classes = {c: {**record(0.9 + k, 0.8 + k), "mask_ratio": 0.3,
-                   "protoflow_only": record(0.7 + k, 0.6 + k),
-                   "patchcore": record(0.5 + k, 0.4 + k),
-                   "diagnostics": {"anomalous_with_proposal": 3, "anomalous_images": 4,
-                                   "masked_defect_fraction": 0.5}}
-               for k, c in ((0.0, "a"), (0.02, "b"))}
-    results = {"classes": classes, "protocol": "clean", "clean_options": None}
-    reporting.summarize(results)
-    table = reporting.write_results(results, tmp_path, "clean").splitlines()
-    assert "| *ProtoFlow map alone (mean)* | 0.710/0.710 | 0.710 | 0.710 | 0.710 | 0.710 " \
-           "| 0.710 |  |" in table
-    assert "| *PatchCore (mean)* | 0.510/0.510 | 0.510 | 0.510 | 0.510 | 0.510 | 0.510 |  |" \
-        in table
-    assert "| crack | 0.810/0.405 | 0.610/0.305 | 0.410/0.205 |" in table
-    assert "| a | 3/4 | 0.50 |" in table
-    with open(tmp_path / "results.csv") as f:
-        means = {row["method"]: float(row["image_auroc"]) for row in csv.DictReader(f)
-                 if row["class"] == "mean"}
-    assert means == pytest.approx({"pmad": 0.91, "protoflow_only": 0.71, "patchcore": 0.51})
-    for key, value, crack in (("mean", 0.91, 0.81), ("mean_protoflow_only", 0.71, 0.61),
-                              ("mean_patchcore", 0.51, 0.41)):
-        assert results[key]["image_auroc"] == pytest.approx(value), key
-        method = "pmad" if key == "mean" else key[len("mean_"):]
-        assert results["per_defect_mean"][method]["crack"] == pytest.approx(
-            {"image_auroc": crack, "pixel_auroc": crack / 2}), method
-
-
-def test_partial_results_survive_a_cut_short_line_and_a_fresh_run_clears_the_last(tmp_path,
-                                                                                  capsys):
-    """A run killed while appending leaves half a line: --resume_eval keeps the whole
-    records, drops the half one (its class runs again) and rewrites the file, so the
-    next record is a line of its own; a broken line before the last is refused. A run
-    afresh removes the last evaluation's results.* too, so that a rerun that finishes no
-    class leaves no table that looks current."""
-    path = tmp_path / "results.partial.jsonl"
-    keys = {c: {"prototypes": c} for c in ("a", "b")}
-    first = reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=False)
-    first.add("a", {"image_auroc": 0.75})
-    path.write_text(path.read_text() + '{"class": "b", "key": {"proto')
-    resumed = reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=True)
-    assert resumed.done == {"a": {"image_auroc": 0.75}}
-    assert "its last line was cut short" in capsys.readouterr().err
-    resumed.add("b", {"image_auroc": 0.5})
-    assert [json.loads(x)["class"] for x in path.read_text().splitlines()] == ["a", "b"]
-    path.write_text(path.read_text().replace("\n", "\n\n", 1))  # a blank line is no record
-    assert list(reporting.PartialResults(path, {"protocol": "clean"}, keys, True).done) == [
-        "a", "b"]
-    path.write_text('{"class": "a"\n' + path.read_text())
-    with pytest.raises(utils.UserError, match=f"line 1 of {path} is not a record"):
-        reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=True)
-    for name in reporting.RESULT_FILES:
-        (tmp_path / name).write_text("the last run's")
-    reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=False)
-    assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_shell_scripts_build_the_run_test_commands(tmp_path):

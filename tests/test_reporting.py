@@ -1,0 +1,175 @@
+"""reporting.py from given records: results.json (strict JSON), results.md, results.csv,
+the means and per-defect-type views of PMAD and its baselines, the partial results a
+resumed evaluation reads, and the exit status."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import metrics
+import reporting
+import utils
+from conftest import strict_json
+from metrics import METRIC_NAMES
+
+
+DEFECT_TYPES = ["scratch", "crack", "hole", "stain", "bent", "fold", "cut", "glue"]
+
+
+def _class_record(value: float, types: list[str]) -> dict:
+    """One class's record as protocols.py makes it: PMAD's metrics, mask ratio and
+    diagnostics, and each baseline's metrics, all with a per-defect-type view."""
+    def method(v: float) -> dict:
+        return {**dict.fromkeys(METRIC_NAMES, v),
+                "per_defect": {t: {"image_auroc": v, "pixel_auroc": v} for t in types}}
+    return {**method(value), "mask_ratio": 0.3, "protoflow_only": method(value - 0.2),
+            "patchcore": method(value - 0.4),
+            "diagnostics": {"anomalous_with_proposal": 1, "anomalous_images": 2,
+                            "masked_defect_fraction": 0.5}}
+
+
+def test_results_json_writes_null_for_undefined_metrics(tmp_path):
+    """JSON has no NaN: an undefined metric (a class without masks) is null in
+    results.json, numpy floats included; results.md shows nan; the results in memory
+    keep nan (exit_status reads them)."""
+    record = {**dict.fromkeys(metrics.METRIC_NAMES, 0.9),
+              **dict.fromkeys(metrics.PIXEL_METRICS, math.nan), "image_ap": np.float32(0.5),
+              "pixel_ap": np.float32("nan"), "mask_ratio": 0.3, "ground_truth": False,
+              "per_defect": {"crack": {"image_auroc": 0.8, "pixel_auroc": math.nan}},
+              "diagnostics": {"anomalous_with_proposal": 2, "anomalous_images": 4,
+                              "masked_defect_fraction": math.nan}}
+    results = {"protocol": "clean", "clean_options": None, "classes": {"tiles": record},
+               "seconds": math.inf}
+    with pytest.warns(metrics.UndefinedMetricWarning):
+        reporting.summarize(results)
+    reporting.write_results(results, tmp_path, "clean")
+    saved = strict_json(tmp_path / "results.json")
+    tiles = saved["classes"]["tiles"]
+    assert [tiles[k] for k in metrics.METRIC_NAMES] == [0.9, None, None, 0.5, None, 0.9, None]
+    assert tiles["per_defect"] == {"crack": {"image_auroc": 0.8, "pixel_auroc": None}}
+    assert tiles["diagnostics"]["masked_defect_fraction"] is None and saved["seconds"] is None
+    assert saved["mean"]["pixel_aupro"] is None and saved["mean"]["image_auroc"] == 0.9
+    assert saved["per_defect_mean"]["pmad"]["crack"] == {"image_auroc": 0.8,
+                                                         "pixel_auroc": None}
+    table = (tmp_path / "results.md").read_text()
+    assert "| Tiles | 0.900/nan | nan | 0.500 | nan | 0.900 | nan | 0.30 |" in table
+    assert math.isnan(results["classes"]["tiles"]["pixel_auroc"])
+
+
+def test_summary_means_each_method_and_defect_type_from_its_own_records(tmp_path):
+    """Two classes: PMAD's mean and each baseline's come from that method's own records,
+    and so does each method's per-defect-type view, in results.json, results.md and
+    results.csv; the diagnostics say how many anomalous images got the proposal."""
+    def record(value: float, crack: float) -> dict:
+        return {**dict.fromkeys(metrics.METRIC_NAMES, value),
+                "per_defect": {"crack": {"image_auroc": crack, "pixel_auroc": crack / 2}}}
+
+    classes = {c: {**record(0.9 + k, 0.8 + k), "mask_ratio": 0.3,
+                   "protoflow_only": record(0.7 + k, 0.6 + k),
+                   "patchcore": record(0.5 + k, 0.4 + k),
+                   "diagnostics": {"anomalous_with_proposal": 3, "anomalous_images": 4,
+                                   "masked_defect_fraction": 0.5}}
+               for k, c in ((0.0, "a"), (0.02, "b"))}
+    results = {"classes": classes, "protocol": "clean", "clean_options": None}
+    reporting.summarize(results)
+    table = reporting.write_results(results, tmp_path, "clean").splitlines()
+    assert "| *ProtoFlow map alone (mean)* | 0.710/0.710 | 0.710 | 0.710 | 0.710 | 0.710 " \
+           "| 0.710 |  |" in table
+    assert "| *PatchCore (mean)* | 0.510/0.510 | 0.510 | 0.510 | 0.510 | 0.510 | 0.510 |  |" \
+        in table
+    assert "| crack | 0.810/0.405 | 0.610/0.305 | 0.410/0.205 |" in table
+    assert "| a | 3/4 | 0.50 |" in table
+    with open(tmp_path / "results.csv") as f:
+        means = {row["method"]: float(row["image_auroc"]) for row in csv.DictReader(f)
+                 if row["class"] == "mean"}
+    assert means == pytest.approx({"pmad": 0.91, "protoflow_only": 0.71, "patchcore": 0.51})
+    for key, value, crack in (("mean", 0.91, 0.81), ("mean_protoflow_only", 0.71, 0.61),
+                              ("mean_patchcore", 0.51, 0.41)):
+        assert results[key]["image_auroc"] == pytest.approx(value), key
+        method = "pmad" if key == "mean" else key[len("mean_"):]
+        assert results["per_defect_mean"][method]["crack"] == pytest.approx(
+            {"image_auroc": crack, "pixel_auroc": crack / 2}), method
+
+
+def test_exit_status_is_non_zero_when_a_class_fails(capsys):
+    ok = dict.fromkeys(metrics.METRIC_NAMES, 0.9)
+    assert reporting.exit_status({"classes": {"bottle": ok, "cable": ok}}) == 0
+    assert capsys.readouterr().err == ""
+    nan = {**ok, "pixel_aupro": math.nan}
+    assert reporting.exit_status({"classes": {"bottle": ok, "cable": nan}}) == 1
+    assert capsys.readouterr().err == "[run_test] failed classes: cable\n"
+    assert reporting.exit_status({"classes": {"bottle": ok},
+                                 "failed": {"screw": "unreadable image"}}) == 1
+    assert "failed classes: screw" in capsys.readouterr().err
+
+
+def test_exit_status_fails_a_class_that_lacks_a_metric(capsys):
+    """A record without some metric (ground truth implied) was not fully evaluated: it
+    fails as a nan would, instead of counting as a success."""
+    assert reporting.exit_status({"classes": {"a": {"image_auroc": 0.9}}}) == 1
+    assert capsys.readouterr().err == "[run_test] failed classes: a\n"
+    image_only = {**dict.fromkeys(METRIC_NAMES, math.nan), "image_auroc": 0.9,
+                  "image_ap": 0.8, "image_f1_max": 0.7, "ground_truth": False}
+    assert reporting.exit_status({"classes": {"a": image_only}}) == 0
+
+
+def test_results_csv_gives_the_mask_ratio_to_pmad_only(tmp_path):
+    """results.csv: only PMAD masks, so only its class rows carry the mask ratio; a
+    baseline's row with PMAD's ratio would read as if that baseline had been masked."""
+    results = {"classes": {"a": _class_record(0.9, ["crack"]),
+                           "b": _class_record(0.8, ["crack"])}, "protocol": "clean"}
+    reporting.summarize(results)
+    reporting.write_results(results, tmp_path, "clean")
+    with open(tmp_path / "results.csv") as f:
+        ratios = [(row["class"], row["method"], row["mask_ratio"]) for row in csv.DictReader(f)]
+    assert ratios == [("a", "pmad", "0.3"), ("b", "pmad", "0.3"), ("mean", "pmad", "")] + [
+        (c, m, "") for m in ("protoflow_only", "patchcore") for c in ("a", "b", "mean")]
+
+
+def test_results_md_lists_defect_types_in_sorted_order(tmp_path):
+    """The per-defect-type rows of results.md come sorted by name, whatever the order of
+    the classes and of their records (a set's order would change from run to run)."""
+    results = {"classes": {"a": _class_record(0.9, DEFECT_TYPES[:5]),
+                           "b": _class_record(0.8, DEFECT_TYPES[3:])}, "protocol": "clean"}
+    reporting.summarize(results)
+    table = reporting.write_results(results, tmp_path, "clean").splitlines()
+    start = table.index("| Defect type | **PMAD** | ProtoFlow map alone | PatchCore |") + 2
+    rows = table[start:start + len(DEFECT_TYPES)]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {t}" for t in sorted(DEFECT_TYPES)]
+    assert rows[0] == "| bent | 0.850/0.850 | 0.650/0.650 | 0.450/0.450 |"  # a and b
+    assert rows[1] == "| crack | 0.900/0.900 | 0.700/0.700 | 0.500/0.500 |"  # a only
+    assert rows[3] == "| fold | 0.800/0.800 | 0.600/0.600 | 0.400/0.400 |"  # b only
+
+
+def test_partial_results_survive_a_cut_short_line_and_a_fresh_run_clears_the_last(tmp_path,
+                                                                                  capsys):
+    """A run killed while appending leaves half a line: --resume_eval keeps the whole
+    records, drops the half one (its class runs again) and rewrites the file, so the
+    next record is a line of its own; a broken line before the last is refused. A run
+    afresh removes the last evaluation's results.* too, so that a rerun that finishes no
+    class leaves no table that looks current."""
+    path = tmp_path / "results.partial.jsonl"
+    keys = {c: {"prototypes": c} for c in ("a", "b")}
+    first = reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=False)
+    first.add("a", {"image_auroc": 0.75})
+    path.write_text(path.read_text() + '{"class": "b", "key": {"proto')
+    resumed = reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=True)
+    assert resumed.done == {"a": {"image_auroc": 0.75}}
+    assert "its last line was cut short" in capsys.readouterr().err
+    resumed.add("b", {"image_auroc": 0.5})
+    assert [json.loads(x)["class"] for x in path.read_text().splitlines()] == ["a", "b"]
+    path.write_text(path.read_text().replace("\n", "\n\n", 1))  # a blank line is no record
+    assert list(reporting.PartialResults(path, {"protocol": "clean"}, keys, True).done) == [
+        "a", "b"]
+    path.write_text('{"class": "a"\n' + path.read_text())
+    with pytest.raises(utils.UserError, match=f"line 1 of {path} is not a record"):
+        reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=True)
+    for name in reporting.RESULT_FILES:
+        (tmp_path / name).write_text("the last run's")
+    reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=False)
+    assert sorted(os.listdir(tmp_path)) == []
