@@ -79,7 +79,8 @@ def synthetic_defect(image: np.ndarray, donor: np.ndarray | None, rng: np.random
 def class_images(data_path: str) -> dict[str, tuple[str, list[str]]]:
     """Class -> (its train/good folder, its images), every class checked before anything
     is written: at least 2 images (a defect borrows another one) of one size (the
-    donor is pasted pixel for pixel). All problems in one error."""
+    donor is pasted pixel for pixel) and distinct stems (a.png and a.jpg would write one
+    test/synth/a.png). All problems in one error."""
     found, problems = {}, []
     for cls in datasets.find_test_classes(data_path):
         train = os.path.abspath(os.path.join(data_path, cls, "train", "good"))
@@ -88,10 +89,15 @@ def class_images(data_path: str) -> dict[str, tuple[str, list[str]]]:
             problems.append(f"{train} holds {len(paths)} image(s): a defect borrows another "
                             "image of the class, so it needs at least 2")
             continue
-        sizes = {}
+        sizes, stems = {}, {}
         for p in paths:
             with Image.open(p) as img:
                 sizes.setdefault(img.size, p)
+            stem = os.path.splitext(os.path.basename(p))[0]
+            if stem in stems:  # test/synth/<stem>.png of one would overwrite the other's
+                problems.append(f"{p} and {stems[stem]} share the name {stem}: rename one "
+                                "(each image's defect is written as <name>.png)")
+            stems.setdefault(stem, p)
         if len(sizes) > 1:
             (a, pa), (b, pb) = list(sizes.items())[:2]
             problems.append(f"{pb} is {b[0]}x{b[1]} but {pa} is {a[0]}x{a[1]}: a class's "
@@ -134,20 +140,33 @@ def pick_weight(aurocs: dict[float, float]) -> float:
                key=lambda w: (abs(math.log2(w)) if w > 0 else math.inf, w))
 
 
-def pick(calibration: dict, test: dict) -> dict[str, dict[str, float]]:
+def pick(calibration: dict, test: dict, calibration_file: str = "the calibration results",
+         test_file: str = "the test results") -> dict[str, dict[str, float]]:
     """Per class of `test`: the weight picked on `calibration` (score_variants.json of
     the calibration set), and the test image AUROC at it, at the default and of
-    ProtoFlow's map alone."""
+    ProtoFlow's map alone. The file names only word the errors."""
     out = {}
     for cls, rows in test.items():
         if cls not in calibration:
             raise UserError(f"class {cls} is not in the calibration results: score a "
                             "calibration set made from the same data set")
-        w = pick_weight({w: calibration[cls][r]["image_auroc"] for w, r in WEIGHT_ROWS.items()})
-        out[cls] = {"weight": w, "picked": rows[WEIGHT_ROWS[w]]["image_auroc"],
-                    "default": rows["default"]["image_auroc"],
-                    "protoflow_only": rows["protoflow_only"]["image_auroc"]}
+        w = pick_weight({w: _auroc(calibration, cls, r, calibration_file)
+                         for w, r in WEIGHT_ROWS.items()})
+        out[cls] = {"weight": w, "picked": _auroc(test, cls, WEIGHT_ROWS[w], test_file),
+                    "default": _auroc(test, cls, "default", test_file),
+                    "protoflow_only": _auroc(test, cls, "protoflow_only", test_file)}
     return out
+
+
+def _auroc(results: dict, cls: str, row: str, file: str) -> float:
+    """Image AUROC of `row` of class `cls` in the score_variants.json `file`: a row it
+    lacks is an error naming the file and the row, not a KeyError traceback."""
+    rows = results[cls]
+    entry = rows.get(row) if isinstance(rows, dict) else None
+    if not isinstance(entry, dict) or "image_auroc" not in entry:
+        raise UserError(f"{file} has no image AUROC of row {row!r} for class {cls}: "
+                        "regenerate it with bench/score_variants.py")
+    return entry["image_auroc"]
 
 
 def print_picks(result: dict[str, dict[str, float]]) -> None:
@@ -182,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             fix = "give a score_variants.json written by bench/score_variants.py"
             print_picks(pick(read_json_object(args.calibration, fix),
-                             read_json_object(args.test, fix)))
+                             read_json_object(args.test, fix), args.calibration, args.test))
     return cli(run)
 
 
