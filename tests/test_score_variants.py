@@ -78,6 +78,80 @@ def test_bench_score_variants_protoflow_own_score_rows(score_variants) -> None:
     assert rows["image: rank sum with ProtoFlow's own score"][0].tolist() == [3.0, 3.0]
 
 
+def test_bench_score_variants_rank_sum_rows_by_hand(score_variants) -> None:
+    """Each rank sum adds PMAD's ranks to the other score's own: ProtoFlow's smoothed map
+    (which orders the images against PMAD) or its own score (a tie here, ranks 1.5), so
+    neither row may reuse PMAD's ranks or the other ProtoFlow score."""
+    data = _hand_data()
+    data.log_likelihood[0, 0, :] = -math.log(4.0)  # two ln 4 patches: the brighter map
+    rows = score_variants.variant_scores(ConstantViT(), data, 0.5, sigma=1.0, batch_size=2,
+                                         device=torch.device("cpu"), amp="none")
+    own = rows["image: ProtoFlow's own score (max -log p)"][0]
+    assert own.tolist() == pytest.approx([math.log(4), math.log(4)])  # tied
+    assert rows["protoflow_only"][0][0] > rows["protoflow_only"][0][1]
+    assert rows["default"][0][0] < rows["default"][0][1]  # PMAD: ranks 1, 2
+    assert rows["image: rank sum with ProtoFlow"][0].tolist() == [3.0, 3.0]  # + 2, 1
+    assert rows["image: rank sum with ProtoFlow's own score"][0].tolist() == [2.5, 3.5]
+
+
+def test_bench_score_variants_image_rules_by_hand(score_variants) -> None:
+    """The image-only rows on 20 x 20 maps (400 pixels: the top 1 % is 4, not the
+    maximum): 'max at sigma s' blurs each unsmoothed map by s alone, 'top 1 %' scores
+    each smoothed map by its own top 1 %, and the baseline rows keep the maximum."""
+    data = _hand_data(20)
+    data.prototype_distance[0, 1, 1] = 3.0  # PatchCore's map unlike ProtoFlow's
+    kw = dict(batch_size=2, device=torch.device("cpu"), amp="none")
+    raw = score_variants.variant_scores(ConstantViT(), data, 0.5, sigma=0.0, **kw)
+    rows = score_variants.variant_scores(ConstantViT(), data, 0.5, sigma=2.0, **kw)
+    for name, row in (("pmad", "default"), ("protoflow_only", "protoflow_only"),
+                      ("patchcore", "patchcore")):
+        for s in (8, 16):
+            blurred = protocols.gaussian_blur(raw[row][1], float(s))
+            assert torch.equal(rows[f"image: max at sigma {s} [{name}]"][0],
+                               protocols.image_scores(blurred)), (name, s)
+        top = protocols.image_scores(rows[row][1], "topk")
+        assert torch.equal(rows[f"image: top 1 % [{name}]"][0], top), name
+        assert not torch.equal(top, protocols.image_scores(rows[row][1])), name
+    for row in ("protoflow_only", "patchcore", "ce_only"):
+        assert torch.equal(rows[row][0], rows[row][1].flatten(1).amax(1)), row
+    assert not torch.equal(rows["image: top 1 % [protoflow_only]"][0],
+                           rows["image: top 1 % [patchcore]"][0])
+    assert not torch.equal(rows["image: max at sigma 8 [pmad]"][0], rows["default"][0])
+
+
+class ContextViT(ConstantViT):
+    """Predicts token 0 with probability 0.9 when a patch's row neighbour (patch i ^ 1) is
+    visible and 0.6 when it is masked too: a patch's CE depends on the covering."""
+
+    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor,
+                masked_index: torch.Tensor | None = None) -> torch.Tensor:
+        img, patch = bool_masked_pos.nonzero().unbind(1)  # (M,) each, in x[masks] order
+        p0 = torch.where(bool_masked_pos[img, patch ^ 1], 0.6, 0.9)
+        return torch.stack([p0, 1 - p0], dim=1).log()
+
+
+def test_bench_score_variants_seed_draws_the_coverings(score_variants) -> None:
+    """--seed draws the covering-average row's random coverings: with a ViT whose CE
+    depends on which patches are masked together, seeds 0 and 1 give different maps
+    and the same seed the same map (the row is reproducible, and seeds can be compared)."""
+    kw = dict(sigma=0.0, batch_size=2, device=torch.device("cpu"), amp="none")
+    row = "CE averaged over 5 coverings"
+    zero, one, again = (score_variants.variant_scores(ContextViT(), _hand_data(), 0.5,
+                                                      seed=seed, **kw)[row][1]
+                        for seed in (0, 1, 1))
+    assert not torch.equal(zero, one)
+    assert torch.equal(one, again)
+
+
+def test_bench_score_variants_token_means_by_hand(score_variants) -> None:
+    """token_means is each token's mean score (not its sum), 0 for a token never seen."""
+    means = score_variants.token_means(torch.tensor([[1.0, 3.0]]), torch.tensor([[0, 0]]), 2)
+    assert means.tolist() == [2.0, 0.0]
+    means = score_variants.token_means(torch.tensor([[1.0, 3.0], [5.0, 4.0]]),
+                                       torch.tensor([[0, 2], [0, 2]]), 3)
+    assert means.tolist() == [3.0, 0.0, 3.5]
+
+
 class PositionalViT(ConstantViT):
     """Predicts token 0 with a probability that depends on the patch: 0.6, 0.7, 0.9, 0.8
     for patches 0-3, so each patch's entropy and likeliest token differ."""
@@ -127,6 +201,17 @@ def test_bench_score_variants_calibration_rows_by_hand(score_variants) -> None:
         "1 - expected cosine to the true codeword": 0.8 * ln2}  # codeword (0.8, 0.2) vs (0, 1)
     for row, score in expected.items():
         assert rows[row][1][1, 2, 2] == pytest.approx(ln4 * (1 + score / ln2), abs=1e-6), row
+    # README's tables name these rows: a changed CE weight or sigma renames one
+    maps = ["pmad", "protoflow_only", "patchcore"]
+    assert set(rows) == set(expected) | {
+        "default", "CE weight x0.5", "CE weight x0.25", "CE weight x2",
+        "CE averaged over 5 coverings", "CE - entropy (at least 0)",
+        "CE x (1 - entropy / ln V)", "CE - CE of the likeliest token",
+        "image: rank sum with ProtoFlow", "image: product with ProtoFlow",
+        "image: ProtoFlow's own score (max -log p)",
+        "image: rank sum with ProtoFlow's own score", "protoflow_only", "patchcore", "ce_only",
+        *(f"image: max at sigma {s} [{m}]" for s in (8, 16) for m in maps),
+        *(f"image: top 1 % [{m}]" for m in maps)}
     # calibrated on the training images given, not the test set: with the normal image
     # (twice) as train/good, patch 3's mean CE is -ln 0.8, so the defect scores
     # ln 5 + ln 0.8
@@ -139,6 +224,14 @@ def test_bench_score_variants_calibration_rows_by_hand(score_variants) -> None:
                                          device=torch.device("cpu"), amp="none", train=normal)
     row = "CE - per-position mean on train/good (at least 0)"
     assert rows[row][1][1, 2, 2] == pytest.approx(ln4 * (1 + ln4 / ln2), abs=1e-6)
+    # the same image twice has no spread: the std is clamped to 1e-3, not 0 (inf / NaN)
+    z = rows["the same as a z-score, halved"][1]
+    assert torch.isfinite(z).all()
+    assert z[1, 2, 2] == pytest.approx(ln4 * (1 + 0.5 * ln4 / 1e-3 / ln2), rel=1e-4)
+    # token 1 never occurs in this train/good: its mean is 0, so the defect keeps CE ln 5
+    # (indexed by the test set's tokens, token 1 would get patch 3's train CE, -ln 0.8)
+    row = "CE - mean CE of the same token on train/good (at least 0)"
+    assert rows[row][1][1, 2, 2] == pytest.approx(ln4 * (1 + math.log(5) / ln2), abs=1e-6)
     plain = score_variants.variant_scores(PositionalViT(), data, 0.5, sigma=0.0, batch_size=2,
                                           device=torch.device("cpu"), amp="none")
     needs_more = set(expected) - {"CE - per-position median over the test set (at least 0)"}
@@ -185,19 +278,24 @@ def test_bench_score_variants_flags(score_variants, capsys) -> None:
 
 def test_bench_score_variants_end_to_end(score_variants, tiny_world, tmp_path, capsys,
                                         monkeypatch) -> None:
-    """The script on the tiny world: every row per class in score_variants.json, the
-    default row's image AUROC printed as their mean; a class without a ground_truth
-    folder is scored with pixel AUROC nan and left out of the printed means, saying why
-    (run_test.py's rule), its passes over the images with --num_workers; a class without
-    train/good images is exit 2 naming the folder, as run_test.py reports a user's
-    mistake."""
+    """The script on the tiny world: every row per class in score_variants.json (the
+    train/good and codebook rows too), each class scored at its --mask_ratio and --seed,
+    the default row's image AUROC printed as the mean over all classes (two that differ);
+    a class without a ground_truth folder is scored with pixel AUROC nan and left out of
+    the printed means, saying why (run_test.py's rule), its passes over the images with
+    --num_workers; a class without train/good images is exit 2 naming the folder, as
+    run_test.py reports a user's mistake."""
     out = tmp_path / "out"
     assert score_variants.main(tiny_world.run_test_argv(out, "--classes", "coins")) == 0
     results = json.loads((out / "score_variants.json").read_text())
     assert list(results) == ["coins"]
     assert results["coins"].keys() >= {
         "default", "protoflow_only", "patchcore", "CE weight x0.5",
-        "image: ProtoFlow's own score (max -log p)"}
+        "image: ProtoFlow's own score (max -log p)",
+        # the train/good calibration rows and the k-means codebook's row are scored
+        "CE - per-position mean on train/good (at least 0)", "the same as a z-score, halved",
+        "CE - mean CE of the same token on train/good (at least 0)",
+        "1 - expected cosine to the true codeword"}
     default_line = next(line for line in capsys.readouterr().out.splitlines()
                         if line.split()[:1] == ["default"])
     assert default_line.split()[1:] == [f"{results['coins']['default']['image_auroc']:.4f}",
@@ -215,10 +313,33 @@ def test_bench_score_variants_end_to_end(score_variants, tiny_world, tmp_path, c
         return collect_class(*args, **kwargs)
 
     monkeypatch.setattr(score_variants, "collect_class", spy)
+    calls = []
+    variant_scores = score_variants.variant_scores
+
+    def spy_rows(model, data, ratio, sigma, batch_size, device, amp, seed, train, codebook):
+        calls.append((ratio, seed))
+        return variant_scores(model, data, ratio, sigma, batch_size, device, amp, seed, train,
+                              codebook)
+
+    monkeypatch.setattr(score_variants, "variant_scores", spy_rows)
+    # the two tiny-world classes score alike: give them distinct default image AUROCs,
+    # 0.5 and 1.0, so that the printed mean, 0.7500, covers both
+    image_aurocs, aurocs = iter([0.5, 1.0]), score_variants.aurocs
+
+    def distinct(data, rows):
+        found = aurocs(data, rows)
+        found["default"]["image_auroc"] = next(image_aurocs)
+        return found
+
+    monkeypatch.setattr(score_variants, "aurocs", distinct)
     argv = tiny_world.run_test_argv(tmp_path / "o1", "--classes", "coins", other,
-                                    "--num_workers", "1", data=data)
+                                    "--num_workers", "1", "--mask_ratio", "0.4", "--seed", "3",
+                                    data=data)
     assert score_variants.main(argv) == 0
     assert workers == [1] * 4  # per class, the test images' pass and train/good's
+    args = score_variants.get_args_parser().parse_args(argv)
+    assert calls == [(run_test.class_mask_ratio(args, c), 3) for c in ("coins", other)]
+    assert calls[0][0] == 0.4  # --mask_ratio, not the default 0.3
     both = json.loads((tmp_path / "o1" / "score_variants.json").read_text())
     unmasked = both[other]
     assert unmasked.keys() == results["coins"].keys()
@@ -228,8 +349,8 @@ def test_bench_score_variants_end_to_end(score_variants, tiny_world, tmp_path, c
             in printed)
     default_line = next(line for line in printed if line.split()[:1] == ["default"])
     image = (both["coins"]["default"]["image_auroc"] + unmasked["default"]["image_auroc"]) / 2
-    assert default_line.split()[1:] == [f"{image:.4f}", "/",
-                                        f"{both['coins']['default']['pixel_auroc']:.3f}"]
+    assert image == 0.75 and default_line.split()[1:] == [
+        "0.7500", "/", f"{both['coins']['default']['pixel_auroc']:.3f}"]
 
     shutil.rmtree(data / "coins" / "train" / "good")
 
