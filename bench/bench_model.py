@@ -206,6 +206,9 @@ def format_header(compile_: bool) -> str:
 
 
 def format_row(r: dict) -> str:
+    """One table row; the bound is 'n/a' when no profiled op matched LAYER_OPS (a layer
+    share of 0 or nan: a torch that renamed the ops), rather than a ZeroDivisionError
+    that would end the run after its timings."""
     s = r["seconds"]
     row = (f"{r['device']:6} {r['precision']:4} {r['batch']:>5} {r['step']:7} "
            f"{r['batch'] / s['original']:>14.2f} {r['batch'] / s['ours']:>10.2f} "
@@ -213,7 +216,9 @@ def format_row(r: dict) -> str:
     if "compiled" in s:
         row += (f" {r['batch'] / s['compiled']:>14.2f} "
                 f"{s['original'] / s['compiled']:>7.2f}x")
-    return row + f" {r['layer_share']:>11.0%} {1 / r['layer_share']:>5.2f}x"
+    share = r["layer_share"]
+    bound = f"{1 / share:>5.2f}x" if share > 0 else f"{'n/a':>6}"
+    return row + f" {share:>11.0%} {bound}"
 
 
 def main() -> None:

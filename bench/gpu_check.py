@@ -91,10 +91,22 @@ def train(model_name: str, batch_size: int, steps: int, amp: str, device: torch.
     return steps * batch_size / (time.perf_counter() - start), stats
 
 
+def train_flops_per_image() -> float:
+    """Training FLOPs of ViT-B on one image: the forward, and the backward at twice the
+    forward's cost (the gradients of activations and of weights), i.e. 3 x forward."""
+    return 3 * vit_forward_flops(**VIT_B)
+
+
+def mfu_text(rate: float, peak: float | None) -> str:
+    """Model FLOPs utilisation of training ViT-B at `rate` images/s on a GPU of `peak`
+    dense TFLOP/s, as a percentage; 'n/a' when the peak is unknown."""
+    return f"{rate * train_flops_per_image() / (peak * 1e12):.1%}" if peak else "n/a"
+
+
 def check_train_bf16(args, device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_tflops(name, args.peak_tflops)
-    flops = 3 * vit_forward_flops(**VIT_B)  # forward + backward per image
+    flops = train_flops_per_image()
     model, sizes, amp = ("vit_base_patch16_224_8k_vocab", (32, 128), "bf16")
     if args.dry_run:
         model, sizes, amp = ("vit_tiny_patch16_224_8k_vocab", (2,), "none")
@@ -104,7 +116,7 @@ def check_train_bf16(args, device: torch.device) -> str:
                             dry_run=args.dry_run)
         if not math.isfinite(stats["loss"]):
             raise RuntimeError(f"non-finite loss {stats['loss']} at batch {batch_size}")
-        mfu = f"{rate * flops / (peak * 1e12):.1%}" if peak and not args.dry_run else "n/a"
+        mfu = "n/a" if args.dry_run else mfu_text(rate, peak)
         parts.append(f"batch {batch_size}: {rate:.0f} img/s, MFU {mfu}")
     peak_text = f"peak {peak:.0f} TFLOP/s" if peak else "peak unknown (--peak_tflops)"
     return (f"ViT-B {amp} on {name}, {peak_text}, 3 x {flops / 3e9:.1f} GFLOP/img: "
@@ -243,6 +255,29 @@ def _metric_diff(a: float | None, b: float | None) -> float:
     return abs(a - b)
 
 
+RUN_TEST_TOLERANCE = 1e-3
+
+
+def compare_results(cpu: dict, dev: dict, tol: float = RUN_TEST_TOLERANCE
+                    ) -> tuple[float, list[str]]:
+    """Two results.json 'classes' records (class -> metrics and 'protoflow_only'
+    metrics) of one run on the CPU and on the device: (the largest difference of any
+    metric, 'class/[protoflow_only/]metric: cpu vs device' per metric differing by more
+    than `tol`). A pure function, so that the comparison is tested where no GPU is."""
+    worst, mismatches = 0.0, []
+    for name, record in cpu.items():
+        other = dev[name]
+        for part, a, b in (("", record, other),
+                           ("protoflow_only/", record["protoflow_only"],
+                            other["protoflow_only"])):
+            for key in metrics.METRIC_NAMES:
+                diff = _metric_diff(a[key], b[key])
+                worst = max(worst, diff)
+                if diff > tol:
+                    mismatches.append(f"{name}/{part}{key}: {a[key]} vs {b[key]}")
+    return worst, mismatches
+
+
 def check_run_test(args, device: torch.device) -> str:
     """run_test.py (clean protocol) on the demo-like tiny set, on the device and on the
     CPU: every metric within 1e-3."""
@@ -266,15 +301,10 @@ def check_run_test(args, device: torch.device) -> str:
             raise RuntimeError(f"run_test.py --device {dev} failed: {proc.stderr[-800:]}")
         path = sorted(glob.glob(str(out / "**" / "results.json"), recursive=True))[0]
         results[dev] = json.loads(Path(path).read_text())["classes"]
-    worst = 0.0
-    for name, record in results["cpu"].items():
-        other = results[device.type][name]
-        for key in metrics.METRIC_NAMES:
-            worst = max(worst, _metric_diff(record[key], other[key]),
-                        _metric_diff(record["protoflow_only"][key],
-                                     other["protoflow_only"][key]))
-    if worst > 1e-3:
-        raise RuntimeError(f"metrics on {device.type} and cpu differ by up to {worst:.2e}")
+    worst, mismatches = compare_results(results["cpu"], results[device.type])
+    if mismatches:
+        raise RuntimeError(f"metrics on {device.type} and cpu differ by up to {worst:.2e}: "
+                           + "; ".join(mismatches[:5]))
     return f"{device.type} vs cpu: {len(results['cpu'])} classes, max metric diff {worst:.1e}"
 
 

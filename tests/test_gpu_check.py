@@ -49,3 +49,71 @@ def test_metric_diff_treats_undefined_metrics_as_a_pair():
     assert diff(0.75, 0.7495) == pytest.approx(5e-4)
     assert diff(None, None) == 0.0
     assert diff(None, 0.5) == math.inf and diff(0.5, None) == math.inf
+
+
+def test_a_failing_check_makes_main_exit_1(monkeypatch, capsys):
+    """A check that raises prints 'FAIL <check>' and main() returns 1: gpu_check.sh's exit
+    status is what CI and the GPU runner read, so a FAIL line must not exit 0."""
+    def broken(args, device):
+        raise RuntimeError("gradients differ")
+    monkeypatch.setattr(gpu_check, "check_attention_grads", broken)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "attention_grads", "--dry-run"])
+    assert gpu_check.main() == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("FAIL attention_grads (")
+    assert lines[0].endswith("RuntimeError: gradients differ")
+
+
+def test_a_passing_check_makes_main_exit_0(monkeypatch, capsys):
+    """The counterpart: a check that returns prints 'PASS <check> ...: <its line>' and
+    main() returns 0."""
+    monkeypatch.setattr(gpu_check, "check_attention_grads", lambda args, device: "fine")
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "attention_grads", "--dry-run"])
+    assert gpu_check.main() == 0
+    out = capsys.readouterr().out
+    assert out.startswith("PASS attention_grads (") and out.endswith("s): fine\n")
+
+
+def _results(**changes: float) -> dict:
+    """A results.json 'classes' record of two classes; `changes` shifts metrics:
+    'coins__pixel_ap' the main one, 'coins__pf__image_ap' its protoflow_only one."""
+    names = gpu_check.metrics.METRIC_NAMES
+    out = {c: {**{k: 0.5 for k in names}, "protoflow_only": {k: 0.25 for k in names}}
+           for c in ("brick", "coins")}
+    for where, delta in changes.items():
+        parts = where.split("__")
+        record = out[parts[0]]["protoflow_only"] if len(parts) == 3 else out[parts[0]]
+        record[parts[-1]] += delta
+    return out
+
+
+def test_compare_results_tolerance_1e3():
+    """check_run_test's CPU-vs-GPU comparison (it only runs on a GPU): a metric 2e-3 apart
+    (or 1.2e-3) apart fails, 5e-4 apart passes, equal results pass with a zero difference."""
+    assert gpu_check.compare_results(_results(), _results()) == (0.0, [])
+    worst, bad = gpu_check.compare_results(_results(), _results(coins__pixel_ap=5e-4))
+    assert worst == pytest.approx(5e-4) and bad == []
+    worst, bad = gpu_check.compare_results(_results(), _results(coins__pixel_ap=2e-3))
+    assert worst == pytest.approx(2e-3)
+    assert bad == ["coins/pixel_ap: 0.5 vs 0.502"]
+    _, bad = gpu_check.compare_results(_results(), _results(brick__image_f1_max=-1.2e-3))
+    assert bad == ["brick/image_f1_max: 0.5 vs 0.4988"]
+
+
+def test_compare_results_checks_protoflow_only_and_nulls():
+    """The protoflow_only metrics are compared too (a difference only there fails), and a
+    metric undefined (null) on one device only is a mismatch."""
+    worst, bad = gpu_check.compare_results(_results(), _results(coins__pf__image_ap=2e-3))
+    assert worst == pytest.approx(2e-3) and bad == ["coins/protoflow_only/image_ap: 0.25 vs 0.252"]
+    dev = _results()
+    dev["brick"]["image_auroc"] = None
+    worst, bad = gpu_check.compare_results(_results(), dev)
+    assert worst == math.inf and bad == ["brick/image_auroc: 0.5 vs None"]
+
+
+def test_mfu_counts_training_as_three_forwards():
+    """MFU of ViT-B training: 3 x the forward's 35.126 GFLOP per image (the backward costs
+    twice the forward), so 1000 img/s on a 1000 TFLOP/s GPU is 10.5 %, not 7.0 %."""
+    assert gpu_check.train_flops_per_image() == 3 * 35_126_120_448
+    assert gpu_check.mfu_text(1000.0, 1000.0) == "10.5%"
+    assert gpu_check.mfu_text(1000.0, None) == "n/a"

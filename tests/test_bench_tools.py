@@ -1,0 +1,295 @@
+"""The non-timing logic of bench/bench_*.py: table rows, argument rules, rate arithmetic,
+baselines, masks and ratio lists. Nothing here times anything: clocks are faked."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+from types import ModuleType, SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture
+def load(bench):
+    """Import a bench script by name (bench/ is on the path through conftest's fixture)."""
+    def _load(name: str) -> ModuleType:
+        return importlib.import_module(name)
+    return _load
+
+
+# ----- bench_model -----------------------------------------------------------------------
+
+def _model_row(**changes) -> dict:
+    row = dict(device="cpu", precision="fp32", batch=8, step="train",
+               seconds={"original": 2.0, "ours": 0.5}, layer_share=0.8)
+    return {**row, **changes}
+
+
+def test_bench_model_row_columns_and_ratios(load):
+    """A row's columns follow the header's order and widths: img/s = batch / seconds,
+    speed-up = original / ours (not its inverse), bound = 1 / layer share."""
+    bm = load("bench_model")
+    assert bm.format_header(False).split() == [
+        "device", "prec", "batch", "step", "original", "img/s", "ours", "img/s", "speed-up",
+        "layer", "share", "bound"]
+    row = bm.format_row(_model_row())
+    assert row.split() == ["cpu", "fp32", "8", "train", "4.00", "16.00", "4.00x", "80%",
+                           "1.25x"]
+    assert len(row) == len(bm.format_header(False))
+
+
+def test_bench_model_row_with_compiled_column(load):
+    """With --compile the compiled model's img/s and speed-up sit between ours and the
+    layer share, in the header's order."""
+    bm = load("bench_model")
+    assert bm.format_header(True).split()[8:13] == ["speed-up", "compiled", "img/s",
+                                                    "speed-up", "layer"]
+    row = bm.format_row(_model_row(seconds={"original": 2.0, "ours": 0.5, "compiled": 0.25}))
+    assert row.split()[4:] == ["4.00", "16.00", "4.00x", "32.00", "8.00x", "80%", "1.25x"]
+    assert len(row) == len(bm.format_header(True))
+
+
+@pytest.mark.parametrize("share", [0.0, float("nan")])
+def test_bench_model_bound_without_layer_ops(load, share):
+    """No profiled op matching LAYER_OPS (torch renamed them) gives a share of 0 (or nan
+    with no events): the bound reads 'n/a' instead of a ZeroDivisionError that would end
+    the run after all its timings."""
+    bm = load("bench_model")
+    row = bm.format_row(_model_row(layer_share=share))
+    assert row.split()[-1] == "n/a"
+    assert len(row) == len(bm.format_header(False))
+
+
+@pytest.fixture
+def model_main(load, monkeypatch):
+    """bench_model.main() with a fake thread count (starting at 4), no benchmark run
+    (bench_device records its device and clock) and CUDA's presence set by the test."""
+    bm = load("bench_model")
+    threads = {"n": 4}
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.update(n=n))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads["n"])
+
+    def bench_device(model, device, precisions, batches, reps, warmup, compile_, clock):
+        calls.append((device.type, clock))
+        return iter(())
+    monkeypatch.setattr(bm, "bench_device", bench_device)
+
+    def run(*argv: str, cuda: bool = False) -> list:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(sys, "argv", ["bench_model.py", *argv])
+        bm.main()
+        return calls
+    return run
+
+
+@pytest.mark.parametrize("argv, cuda", [
+    (["--clock", "cpu", "--devices", "cpu"], False),                    # 4 threads
+    (["--clock", "cpu", "--threads", "2", "--devices", "cpu"], False),
+    (["--clock", "cpu", "--threads", "1", "--devices", "cpu", "cuda"], True),
+    (["--clock", "cpu", "--threads", "1"], True),                       # cuda by default
+])
+def test_bench_model_refuses_cpu_clock_unless_one_thread_cpu_only(model_main, capsys,
+                                                                   argv, cuda):
+    """--clock cpu is this process's CPU time: it measures one CPU thread only, so more
+    threads or a CUDA run (whose time is the GPU's) is refused before any benchmark."""
+    with pytest.raises(SystemExit) as exc:
+        model_main(*argv, cuda=cuda)
+    assert exc.value.code == 2
+    assert "--clock cpu measures one CPU thread" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, cuda, clock", [
+    (["--clock", "cpu", "--threads", "1", "--devices", "cpu"], True, time.process_time),
+    (["--clock", "cpu", "--threads", "1"], False, time.process_time),  # cuda skipped
+    (["--threads", "2", "--devices", "cpu"], False, time.perf_counter),
+])
+def test_bench_model_clock_choice(model_main, argv, cuda, clock):
+    """Allowed combinations run the CPU benchmark with the chosen clock: CPU time with
+    one thread on the CPU only (also when CUDA is asked for but absent), else wall time."""
+    assert model_main(*argv, cuda=cuda) == [("cpu", clock)]
+
+
+# ----- bench_train -----------------------------------------------------------------------
+
+def test_bench_train_median_rate_skips_warmup(load):
+    """images/s from the median step after the warm-up: steps of 10, 1, 2, 1 s with one
+    warm-up step give batch / 1 s (the mean, or the median with the warm-up, would not)."""
+    bt = load("bench_train")
+    assert bt.median_rate([0.0, 10.0, 11.0, 13.0, 14.0], 1, 4) == 4.0
+    assert bt.median_rate([0.0, 10.0, 11.0, 13.0, 14.0], 0, 4) == pytest.approx(4 / 1.5)
+
+
+def test_bench_train_timed_stamps_every_request(load, monkeypatch):
+    """timed() stamps each request for a batch, the last (unanswered) one included: n
+    batches give n + 1 stamps, each taken after the consumer's previous step, so that
+    consecutive stamps span one whole step."""
+    bt = load("bench_train")
+    now = [0.0]
+    monkeypatch.setattr(bt, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    stamps: list[float] = []
+    seen = []
+    for batch in bt.timed(["a", "b", "c"], stamps):
+        seen.append(batch)
+        now[0] += 2.5  # the step
+    assert seen == ["a", "b", "c"]
+    assert stamps == [0.0, 2.5, 5.0, 7.5]
+
+
+class _FakeCache:
+    """An ImageCache of `batches` batches per epoch; a batch is (epoch, index). Its
+    tenth epoch fails the test: a loop that never yields would hang it."""
+
+    def __init__(self, batches: int = 2) -> None:
+        self.batches, self.epoch, self.epochs_set = batches, None, []
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def set_epoch(self, epoch: int) -> None:
+        assert epoch < 10, "epochs_of loops over an empty cache"
+        self.epoch = epoch
+        self.epochs_set.append(epoch)
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in range(self.batches)])
+
+
+def test_bench_train_epochs_of(load):
+    """epochs_of() serves exactly `num_batches` batches, moving the cache to the next epoch
+    (its shuffle) whenever one runs out, and refuses an empty cache (it would loop
+    forever)."""
+    bt = load("bench_train")
+    cache = _FakeCache()
+    assert list(bt.epochs_of(cache, 5)) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
+    assert cache.epochs_set == [0, 1, 2]
+    assert list(bt.epochs_of(_FakeCache(), 0)) == []
+    with pytest.raises(ValueError, match="smaller than one batch"):
+        next(bt.epochs_of(_FakeCache(0), 3))
+
+
+def test_bench_train_baseline_is_fp32_no_cache_per_model(load, monkeypatch, tmp_path,
+                                                         capsys):
+    """Each row's ratio is to the first row of its model: fp32 ('none') without cache,
+    per device, batch and model (a model's ratios must not use another's baseline); the
+    tokenizer runs in the step only without the token cache; a loader slower than 1.2 x
+    the step is flagged."""
+    bt = load("bench_train")
+    rates = {("tiny", "none"): (10, 20, 40), ("tiny", "bf16"): (15, 25, 50),
+             ("base", "none"): (2, 4, 8), ("base", "bf16"): (3, 5, 6)}
+    paths = ("no cache", "cache", "cache+ram")
+    tokenizer = SimpleNamespace(image_size=224)
+    given_tokenizer = {}
+
+    def step_rate(model, make, tok, amp, batch, steps, warmup, device):
+        key = "tiny" if model == bt.MODELS["tiny"] else "base"
+        given_tokenizer[key, amp, make] = tok
+        return float(rates[key, amp][paths.index(make)])
+
+    monkeypatch.setattr(bt, "make_data", lambda *a: None)
+    monkeypatch.setattr(bt, "make_tokenizer_file", lambda folder: folder)
+    monkeypatch.setattr(bt, "create_tokenizer", lambda *a, **k: tokenizer)
+    monkeypatch.setattr(bt, "make_policy", lambda device: SimpleNamespace(frequency=None))
+    monkeypatch.setattr(bt, "datasets", SimpleNamespace(
+        PretrainDataset=lambda *a, **k: [0] * 8, cache_tokens=lambda *a, **k: None))
+    monkeypatch.setattr(bt, "sources", lambda *a: {p: p for p in paths})
+    monkeypatch.setattr(bt, "loader_rate", lambda make, *a: {"no cache": 100.0,
+                                                             "cache": 22.0,
+                                                             "cache+ram": 5.0}[make])
+    monkeypatch.setattr(bt, "step_rate", step_rate)
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--devices", "cpu", "--models", "tiny",
+                                      "base", "--json", str(out)])
+    bt.main()
+    rows = json.loads(out.read_text())
+    assert [(r["model"], r["amp"], r["data"], r["ratio"]) for r in rows] == [
+        ("tiny", "none", "no cache", 1.0), ("tiny", "none", "cache", 2.0),
+        ("tiny", "none", "cache+ram", 4.0), ("tiny", "bf16", "no cache", 1.5),
+        ("tiny", "bf16", "cache", 2.5), ("tiny", "bf16", "cache+ram", 5.0),
+        ("base", "none", "no cache", 1.0), ("base", "none", "cache", 2.0),
+        ("base", "none", "cache+ram", 4.0), ("base", "bf16", "no cache", 1.5),
+        ("base", "bf16", "cache", 2.5), ("base", "bf16", "cache+ram", 3.0)]
+    assert [r["loader_img_s"] for r in rows[:3]] == [100.0, 22.0, 5.0]
+    assert {k: v is tokenizer for k, v in given_tokenizer.items()} == {
+        (m, a, p): p == "no cache" for m in ("tiny", "base") for a in ("none", "bf16")
+        for p in paths}
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if " step " in ln]
+    # loader < 1.2 x step: 22 < 1.2 x 20 and 25, not 4 and 5; 5 < 1.2 x 6 and up
+    assert ["LOADER-BOUND" in ln for ln in lines] == [False, True, True] * 2 + [
+        False, False, True] * 2
+    assert "x 2.00 vs DataLoader + token cache" in lines[2]  # 40 / 20
+
+
+# ----- bench_masking ---------------------------------------------------------------------
+
+def _box(rows: slice, cols: slice) -> np.ndarray:
+    """A rectangular foreground region on the 14 x 14 grid, flat (196,)."""
+    region = np.zeros((14, 14), bool)
+    region[rows, cols] = True
+    return region.ravel()
+
+
+@pytest.mark.parametrize("block", [True, False])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_bench_masking_baseline_stays_in_a_large_region(load, block, weighted):
+    """The baseline follows mg.generate's rules: with a foreground region of at least m
+    patches, exactly m patches are masked, all inside the region (else the speed-up would
+    compare different work)."""
+    bmk = load("bench_masking")
+    region = _box(slice(3, 11), slice(4, 12))  # 8 x 8 = 64 patches >= m = 58
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        weights = rng.random(196) if weighted else None
+        mask = bmk.baseline_mask(58, (14, 14), region, weights, block, rng)
+        assert mask.shape == (196,) and mask.dtype == bool
+        assert mask.sum() == 58
+        assert not (mask & ~region).any()
+
+
+@pytest.mark.parametrize("block", [True, False])
+def test_bench_masking_baseline_covers_a_small_region(load, block):
+    """A region smaller than m is masked whole and the rest of the m patches come from
+    outside it."""
+    bmk = load("bench_masking")
+    region = _box(slice(6, 9), slice(6, 10))  # 3 x 4 = 12 patches < m = 58
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        mask = bmk.baseline_mask(58, (14, 14), region, rng.random(196), block, rng)
+        assert mask.sum() == 58 and mask[region].all()
+
+
+# ----- bench_protoflow -------------------------------------------------------------------
+
+def test_bench_protoflow_ratios_are_the_papers(load):
+    """The proposal sweep times the paper protocol's 24 mask ratios, 0.02 ... 0.48."""
+    bpf = load("bench_protoflow")
+    import protocols
+    assert tuple(bpf.RATIOS) == protocols.PAPER_RATIOS
+    assert len(bpf.RATIOS) == 24 and bpf.RATIOS[0] == 0.02 and bpf.RATIOS[-1] == 0.48
+
+
+# ----- bench_eval ------------------------------------------------------------------------
+
+def test_bench_eval_median_times_per_row_and_side(load, monkeypatch):
+    """median_times() calls every row's (ours, baseline) pair once per round and reports
+    each side's median seconds (a fake clock: each call advances it by a scripted time)."""
+    be = load("bench_eval")
+    now = [0.0]
+    monkeypatch.setattr(be, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    script = {"a0": iter([1.0, 9.0, 2.0]), "a1": iter([5.0, 4.0, 6.0]),
+              "b0": iter([0.5, 0.5, 0.7]), "b1": iter([3.0, 1.0, 2.0])}
+    order = []
+
+    def fn(key: str):
+        def call() -> None:
+            order.append(key)
+            now[0] += next(script[key])
+        return call
+    rows = {"a": (fn("a0"), fn("a1")), "b": (fn("b0"), fn("b1"))}
+    times = be.median_times(rows, 3, torch.device("cpu"))
+    assert times == {"a": (2.0, 5.0), "b": (0.5, 2.0)}
+    assert order == ["a0", "a1", "b0", "b1"] * 3  # interleaved rounds
