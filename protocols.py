@@ -318,12 +318,15 @@ def evaluate_clean(model: torch.nn.Module, data: ClassData, *, ratio: float,
                    ) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The clean protocol: `clean_scores` (no test label is read before every score
     exists), then the metrics of PMAD and of each baseline. -> (record, maps: 'pmad' and
-    each baseline's (N, S, S), image scores: 'pmad' and 'protoflow' (N,))."""
+    each baseline's (N, S, S), image scores (N,): 'pmad', 'protoflow' (ProtoFlow's own
+    score, which its threshold calls) and each baseline's, by the map's rule)."""
     scores = clean_scores(model, data, ratio=ratio, threshold=threshold, options=options,
                           sigma=sigma, batch_size=batch_size, device=device, amp=amp,
                           seed=seed)
     record = evaluate_maps(data, scores.maps, scores=scores.image_scores)
-    record.update({name: evaluate_maps(data, m, scores=image_scores(m, options.image_score))
+    base_scores = {name: image_scores(m, options.image_score)
+                   for name, m in scores.baseline_maps.items()}
+    record.update({name: evaluate_maps(data, m, scores=base_scores[name])
                    for name, m in scores.baseline_maps.items()})
     record.update(mask_ratio=ratio,
                   threshold=threshold if options.masks == "threshold" else None,
@@ -332,7 +335,7 @@ def evaluate_clean(model: torch.nn.Module, data: ClassData, *, ratio: float,
                   diagnostics=mask_diagnostics(data, scores.test_masks, scores.proposal,
                                                tuple(model.patch_embed.grid_size)))
     return (record, {"pmad": scores.maps, **scores.baseline_maps},
-            {"pmad": scores.image_scores, "protoflow": scores.protoflow_scores})
+            {"pmad": scores.image_scores, "protoflow": scores.protoflow_scores, **base_scores})
 
 
 def sweep_mask_ratios(model: torch.nn.Module, data: ClassData, proposals: Proposals,
@@ -384,11 +387,13 @@ def evaluate_paper(model: torch.nn.Module, data: ClassData, *, sigma: float, bat
                       best, anomalous, mask_seeds(data.image_ids, seed)), anomalous, grid))
     base_maps = baseline_maps(data, proposals.abnormality_maps.float().cpu(), None, grid,
                               sigma)
+    base_scores = {name: image_scores(m) for name, m in base_maps.items()}
     # the baselines' pixel metrics on maps smoothed twice too, like PMAD's
-    record.update({name: evaluate_maps(data, m, gaussian_blur(m, sigma))
+    record.update({name: evaluate_maps(data, m, gaussian_blur(m, sigma), base_scores[name])
                    for name, m in base_maps.items()})
     return (record, {"pmad": maps[best], **base_maps},
-            {"pmad": image_scores(maps[best]), "protoflow": proposals.image_scores.float().cpu()})
+            {"pmad": image_scores(maps[best]), "protoflow": proposals.image_scores.float().cpu(),
+             **base_scores})
 
 
 def _best_ratio(per_ratio: dict[float, dict], key: str) -> float:

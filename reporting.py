@@ -1,6 +1,7 @@
 """An evaluation's report, readable and kept: results.json, results.md (PMAD per class
 beside the baselines' means, the per-defect-type view, the mask diagnostics),
-results.csv, and results.partial.jsonl, written as each class finishes so that a
+results.csv, image_scores.csv (each test image's scores), and results.partial.jsonl,
+written as each class finishes so that a
 crash or Ctrl-C loses no finished class. The exit status says whether every class
 was evaluated.
 """
@@ -89,7 +90,7 @@ def format_table(results: dict, protocol: str) -> str:
     return "\n".join(rows)
 
 
-RESULT_FILES = ("results.json", "results.md", "results.csv")
+RESULT_FILES = ("results.json", "results.md", "results.csv", "image_scores.csv")
 
 
 def write_results(results: dict, output_dir: Path, protocol: str) -> str:
@@ -117,7 +118,31 @@ def write_results(results: dict, output_dir: Path, protocol: str) -> str:
                 writer.writerow([protocol, "mean", key,
                                  *(mean[k] for k in metrics.METRIC_NAMES), ""])
     write_atomic(output_dir / "results.csv", write_csv)
+    write_image_scores(results, output_dir / "image_scores.csv")
     return table
+
+
+def write_image_scores(results: dict, path: Path) -> None:
+    """image_scores.csv: one row per test image of every class (class, name, defect type,
+    then the image scores of its record's 'images'). A class whose record has none (a
+    record of an earlier version, reused by --resume_eval) is named, not left out
+    silently."""
+    rows = [{"class": name, **image} for name, r in results["classes"].items()
+            for image in r.get("images", [])]
+    missing = [name for name, r in results["classes"].items() if "images" not in r]
+    if missing:
+        print(f"[run_test] {path.name} lacks {', '.join(missing)}: their records come from "
+              "an earlier version's run; evaluate them afresh (no --resume_eval) to add "
+              "them", file=sys.stderr)
+    if not rows:
+        return
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    write_atomic(path, write)
 
 
 def finite_or_null(value: Any) -> Any:
@@ -214,5 +239,5 @@ def report(results: dict, out_dir: Path, protocol: str, start: float, heatmaps: 
     table = write_results(results, out_dir, protocol)
     print(table)
     print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}, "
-          f"{out_dir / 'results.csv'}"
+          f"{out_dir / 'results.csv'}, {out_dir / 'image_scores.csv'}"
           + (f"; heatmaps: {out_dir / 'heatmaps'}" if heatmaps else ""))

@@ -377,7 +377,8 @@ def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, r
             m.model, data, ratio=class_mask_ratio(args, class_name),
             threshold=m.protoflow.threshold_for(class_name), options=options, **kwargs)
     record.update(num_images=len(data.labels), num_anomalous=int(data.labels.sum()),
-                  ground_truth=data.gt_masks is not None)
+                  ground_truth=data.gt_masks is not None,
+                  images=image_records(data.names, data.defect_types, scores))
     d = record["diagnostics"]
     tqdm.write(f"[run_test] {class_name}: {d['anomalous_with_proposal']} of "
                f"{d['anomalous_images']} anomalous images got the proposal mask; "
@@ -390,6 +391,18 @@ def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, r
         save_heatmaps(data, maps["pmad"], scores["pmad"], scores["protoflow"], threshold,
                       out_dir / "heatmaps" / class_name, args.save_heatmaps, m.mean, m.std)
     return record
+
+
+def image_records(names: list[str], defect_types: list[str], scores: dict[str, torch.Tensor]
+                  ) -> list[dict]:
+    """Each test image's scores, for image_scores.csv: its name and defect type, PMAD's
+    and each baseline's image score and ProtoFlow's own ('protoflow_score', the score
+    its threshold calls), so a user can set thresholds or compare methods per image."""
+    columns = {("protoflow_score" if k == "protoflow" else k): v.tolist()
+               for k, v in scores.items()}
+    return [{"name": name, "defect_type": defect,
+             **{k: values[i] for k, values in columns.items()}}
+            for i, (name, defect) in enumerate(zip(names, defect_types))]
 
 
 if __name__ == "__main__":

@@ -173,3 +173,21 @@ def test_partial_results_survive_a_cut_short_line_and_a_fresh_run_clears_the_las
         (tmp_path / name).write_text("the last run's")
     reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=False)
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_image_scores_csv_has_every_image_and_names_a_class_without_them(tmp_path, capsys):
+    """image_scores.csv: one row per image of each class, in the record's order, with the
+    record's columns; a class whose record has no 'images' (an earlier version's, reused
+    by --resume_eval) is named on stderr instead of being left out silently."""
+    images = [{"name": "good_000", "defect_type": "good", "pmad": 0.25, "protoflow_score": 3.0},
+              {"name": "crack_001", "defect_type": "crack", "pmad": 0.75,
+               "protoflow_score": 5.5}]
+    results = {"classes": {"a": {**_class_record(0.9, ["crack"]), "images": images},
+                           "b": _class_record(0.8, ["crack"])}, "protocol": "clean"}
+    reporting.summarize(results)
+    reporting.write_results(results, tmp_path, "clean")
+    assert (tmp_path / "image_scores.csv").read_text().splitlines() == [
+        "class,name,defect_type,pmad,protoflow_score", "a,good_000,good,0.25,3.0",
+        "a,crack_001,crack,0.75,5.5"]
+    assert "image_scores.csv lacks b: their records come from an earlier version's run" \
+        in capsys.readouterr().err

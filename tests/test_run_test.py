@@ -2,6 +2,7 @@
 protocol on real files, the checkpoint's own settings, flags and exit codes."""
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -65,6 +66,23 @@ def test_clean_protocol_end_to_end(clean_run, tiny_world) -> None:
     for key in ("mean_protoflow_only", "mean_patchcore", "mean_ce_only"):
         assert set(metrics.METRIC_NAMES) <= set(saved[key])
     assert "| PatchCore" in table and "Defect type" in table
+    # image_scores.csv: every test image once, its scores giving its class's image AUROCs
+    with open(out / "clean" / "image_scores.csv") as f:
+        images = list(csv.DictReader(f))
+    assert list(images[0]) == ["class", "name", "defect_type", "pmad", "protoflow_score",
+                               "protoflow_only", "patchcore", "ce_only"]
+    for name, record in saved["classes"].items():
+        rows = [r for r in images if r["class"] == name]
+        assert [r["name"] for r in rows] == [i["name"] for i in record["images"]]
+        test_dir = tiny_world.mvtec_root / name / "test"
+        assert sorted(r["name"] for r in rows) == sorted(
+            f"{p.parent.name}_{p.stem}" for p in test_dir.glob("*/*.png"))
+        labels = np.array([r["defect_type"] != "good" for r in rows])
+        assert labels.sum() == record["num_anomalous"]
+        for method in ("pmad", "protoflow_only", "patchcore", "ce_only"):
+            auroc = metrics.image_auroc(labels, np.array([float(r[method]) for r in rows]))
+            want = record if method == "pmad" else record[method]
+            assert auroc == pytest.approx(want["image_auroc"]), (name, method)
     # --save_heatmaps 1: the most and the least anomalous image of each defect type
     test_dir = tiny_world.mvtec_root / "coins" / "test"
     per_type = {d.name: len(list(d.glob("*.png"))) for d in test_dir.iterdir()}
@@ -85,6 +103,14 @@ def test_paper_protocol_reports_best_ratio_per_metric(tiny_world, tmp_path) -> N
         values = [v[key] for v in record["per_ratio"].values()]
         assert record[key] == max(v for v in values if not math.isnan(v))
         assert record["per_ratio"][f"{record[key + '_ratio']:.2f}"][key] == record[key]
+    # each image's scores are those of the ratio of the best image AUROC, and the
+    # baselines' their maps' maxima
+    labels = np.array([i["defect_type"] != "good" for i in record["images"]])
+    for method in ("pmad", "protoflow_only", "patchcore"):
+        scores = np.array([i[method] for i in record["images"]])
+        want = record if method == "pmad" else record[method]
+        assert metrics.image_auroc(labels, scores) == pytest.approx(want["image_auroc"])
+    assert "ce_only" not in record["images"][0]
 
 
 def test_clean_protocol_score_maps_ignore_labels(tiny_world) -> None:
