@@ -11,9 +11,13 @@ pixel AUROC / AUPRO of PMAD, ProtoFlow's map alone, PatchCore and the ViT's
 cross-entropy alone, and whether PMAD holds up against both baselines: at least each of
 them on each of the three metrics, or within 0.003 of a baseline that is already
 saturated (>= 0.995). Choose a recipe by the tuning rows; the held-out row only reports.
-Writes the same as JSON with --output. Exit status 0 once the table is made, whoever
-wins; 2 for a bad argument or a results file it cannot compare (missing, unreadable,
-another protocol's, without the baseline rows).
+A second table says how much of PMAD's image AUROC gap to each baseline is the test
+images' luck: the gap with its 95 % paired bootstrap interval (the test images of each
+class resampled, good and defective apart, the same draw for both methods), from the
+per-image scores of run_test.py's results.json. Writes the same as JSON with --output.
+Exit status 0 once the tables are made, whoever wins; 2 for a bad argument or a results
+file it cannot compare (missing, unreadable, another protocol's, without the baseline
+rows).
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ import json
 import math
 import os
 import sys
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,6 +39,7 @@ ROWS = {"pmad": "PMAD", **BASELINES}  # row -> title; results.json keeps it as m
 COMPARED = ("protoflow_only", "patchcore")  # the baselines PMAD must hold up against
 SATURATED, TOLERANCE = 0.995, 0.003
 EPS = 1e-9  # means of per-class means carry float noise (0.9650000000000001)
+DRAWS, SEED = 2000, 0  # the paired bootstrap's resamples of the test images, seeded
 
 
 def holds_up(pmad: float, baseline: float) -> bool:
@@ -67,8 +74,56 @@ def world_record(path: str) -> dict:
                         "clean")
     record: dict = {row: _means(results, row, file) for row in ROWS}
     record["holds_up"] = {m: _holds_up_on(record, m, file) for m in METRICS}
+    record["image_auroc_gap"] = image_auroc_gaps(results)
     record["file"] = file
     return record
+
+
+def _aurocs(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(D, N) scores of D resamples, (D, N) bool labels -> (D,) image AUROCs (ties count
+    half), each resample holding the same number of defective images."""
+    pos = np.where(labels, scores, np.nan)[:, :, None]   # (D, N, 1)
+    neg = np.where(labels, np.nan, scores)[:, None, :]   # (D, 1, N)
+    with np.errstate(invalid="ignore"):
+        wins = (pos > neg).sum((1, 2)) + 0.5 * (pos == neg).sum((1, 2))
+    n_pos = labels[0].sum()
+    return wins / (n_pos * (labels.shape[1] - n_pos))
+
+
+def image_auroc_gaps(results: dict, draws: int = DRAWS, seed: int = SEED
+                     ) -> dict[str, dict[str, float]] | None:
+    """{baseline: {'gap', 'low', 'high'}}: PMAD's mean image AUROC over classes minus the
+    baseline's, and the 2.5 and 97.5 percentiles of that gap over `draws` paired
+    bootstrap resamples (each class's good and defective test images resampled apart,
+    one draw for both methods). An interval holding 0 means another draw of test images
+    could reverse the gap. None where a class has no per-image scores (a results.json
+    of an earlier version) or lacks good or defective images."""
+    rng = np.random.default_rng(seed)
+    gaps = {b: np.zeros(draws) for b in COMPARED}
+    point = dict.fromkeys(COMPARED, 0.0)
+    classes = results.get("classes") or {}
+    for record in classes.values():
+        images = record.get("images")
+        if not images:
+            return None
+        labels = np.array([i["defect_type"] != "good" for i in images])
+        if labels.all() or not labels.any():
+            return None
+        # each draw resamples the good and the defective images apart: (draws, N)
+        picks = np.concatenate([rng.choice(np.flatnonzero(labels == v), (draws, n_v))
+                                for v, n_v in ((False, (~labels).sum()), (True, labels.sum()))],
+                               axis=1)
+        pmad = np.array([i["pmad"] for i in images])
+        for b in COMPARED:
+            base = np.array([i[b] for i in images])
+            point[b] += float(_aurocs(pmad[None], labels[None])[0]
+                              - _aurocs(base[None], labels[None])[0])
+            gaps[b] += _aurocs(pmad[picks], labels[picks]) - _aurocs(base[picks], labels[picks])
+    if not classes:
+        return None
+    n = len(classes)
+    return {b: {"gap": point[b] / n, "low": float(np.percentile(gaps[b] / n, 2.5)),
+                "high": float(np.percentile(gaps[b] / n, 97.5))} for b in COMPARED}
 
 
 def _means(results: dict, row: str, file: str) -> dict[str, float]:
@@ -131,6 +186,19 @@ def table(records: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def gap_table(records: dict[str, dict]) -> str:
+    """Markdown: per world, PMAD's image AUROC minus each baseline's, [95 % interval]."""
+    lines = ["| world | " + " | ".join(f"vs {ROWS[b]}" for b in COMPARED) + " |",
+             "|:--|" + ":--:|" * len(COMPARED)]
+    for name, rec in records.items():
+        gaps = rec["image_auroc_gap"]
+        cells = ["n/a (no per-image scores: evaluate again)" if gaps is None else
+                 f"{gaps[b]['gap']:+.4f} [{gaps[b]['low']:+.4f}, {gaps[b]['high']:+.4f}]"
+                 for b in COMPARED]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def parse_world(text: str) -> tuple[str, str]:
     """argparse type of a NAME=PATH argument."""
     name, sep, path = text.partition("=")
@@ -153,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         records = {name: world_record(path) for name, path in args.worlds}
         print("mean image AUROC / pixel AUROC / AUPRO (clean protocol)\n")
         print(table(records))
+        print(f"\nPMAD's image AUROC minus each baseline's [95 % interval, {DRAWS} paired "
+              "bootstrap draws of the test images]\n")
+        print(gap_table(records))
         if args.output:
             try:
                 with open(args.output, "w") as f:

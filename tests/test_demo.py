@@ -7,6 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from conftest import arg, python_stub, run_command, stub_calls
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +45,10 @@ def test_demo_script_detects_defects(tmp_path: Path, bench: None) -> None:
     record = compare_worlds.world_record(str(tmp_path / "demo" / "main"))
     assert record["pmad"]["pixel_aupro"] == results["mean"]["pixel_aupro"]
     assert record["patchcore"]["image_auroc"] == results["mean_patchcore"]["image_auroc"]
+    for baseline, gap in record["image_auroc_gap"].items():  # from the per-image scores
+        assert gap["gap"] == pytest.approx(results["mean"]["image_auroc"]
+                                           - results[f"mean_{baseline}"]["image_auroc"])
+        assert gap["low"] <= gap["gap"] + 1e-9 and gap["gap"] <= gap["high"] + 1e-9
 
 
 def _knob_free_env() -> dict[str, str]:

@@ -347,7 +347,11 @@ def test_compare_worlds_table_json_and_verdicts(compare, tmp_path: Path, capsys)
                          f"onlyone={tmp_path / 'f'}", f"lastpixel={tmp_path / 'g'}",
                          f"empty={tmp_path / 'd'}", f"noimage={tmp_path / 'e'}",
                          "--output", str(out)]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    out_lines = capsys.readouterr().out.splitlines()
+    cut = next(i for i, ln in enumerate(out_lines) if ln.startswith("PMAD's image AUROC minus"))
+    lines, gap_lines = out_lines[:cut], out_lines[cut:]
+    assert "| held | n/a (no per-image scores: evaluate again) | n/a (no per-image scores: " \
+           "evaluate again) |" in gap_lines
     assert ("| tune | 0.980/0.970/0.900 | 0.970/0.960/0.890 | 0.975/0.965/0.880 | "
             "0.700/0.800/0.500 | yes |") in lines
     assert ("| held | 0.974/0.968/0.857 | 0.980/0.965/0.852 | 0.974/0.961/0.843 | "
@@ -361,8 +365,8 @@ def test_compare_worlds_table_json_and_verdicts(compare, tmp_path: Path, capsys)
     assert ("| lastpixel | 0.900/n/a/0.900 | 0.900/n/a/0.900 | 0.900/0.900/0.900 | "
             "0.700/0.800/0.500 | no: pixel AUROC n/a against ProtoFlow map alone n/a, "
             "PatchCore 0.9000 |") in lines
-    assert lines[-4].startswith("| empty |") and lines[-4].endswith("| n/a |")
-    assert lines[-3].endswith("| no: image AUROC n/a against ProtoFlow map alone 0.9000, "
+    assert lines[-3].startswith("| empty |") and lines[-3].endswith("| n/a |")
+    assert lines[-2].endswith("| no: image AUROC n/a against ProtoFlow map alone 0.9000, "
                               "PatchCore 0.9000 |")
     saved = json.loads(out.read_text())
     assert saved["held"]["holds_up"] == {"image_auroc": False, "pixel_auroc": True,
@@ -374,6 +378,42 @@ def test_compare_worlds_table_json_and_verdicts(compare, tmp_path: Path, capsys)
                                             "pixel_aupro": True}
     assert saved["lastpixel"]["holds_up"] == {"image_auroc": True, "pixel_auroc": False,
                                               "pixel_aupro": True}
+
+
+def _image(name: str, pmad: float, protoflow: float, patchcore: float) -> dict:
+    """One image of a results.json's per-class 'images', as run_test.py writes it."""
+    return {"name": name, "defect_type": name.split("_")[0], "pmad": pmad,
+            "protoflow_score": 0.0, "protoflow_only": protoflow, "patchcore": patchcore}
+
+
+def test_image_auroc_gap_is_a_paired_bootstrap_over_test_images(compare, tmp_path: Path,
+                                                                capsys) -> None:
+    """The gap is PMAD's mean image AUROC minus each baseline's; its interval comes from
+    resampling each class's good and defective images apart, one draw for both methods.
+    Class a: PMAD separates its images (1.0), ProtoFlow's map ranks one good image above
+    a defective one (0.75), PatchCore as PMAD; class b: all three alike. So the gap to
+    ProtoFlow is 0.125: 0 in draws taking good_0 twice (1 in 4) and 0.5 in draws of
+    only good_1 and crack_0 (1 in 16), which both lie beyond 2.5 %; to PatchCore 0."""
+    path = _results(tmp_path / "w", (1.0, 0.9, 0.9), (0.875, 0.9, 0.9), (1.0, 0.9, 0.9))
+    results = json.loads(path.read_text())
+    results["classes"] = {
+        "a": {"images": [_image("good_0", 0.1, 0.1, 0.1), _image("good_1", 0.2, 0.35, 0.2),
+                         _image("crack_0", 0.3, 0.3, 0.3), _image("crack_1", 0.4, 0.4, 0.4)]},
+        "b": {"images": [_image("good_0", 0.1, 0.1, 0.1), _image("hole_0", 0.9, 0.9, 0.9)]}}
+    path.write_text(json.dumps(results))
+    assert compare.image_auroc_gaps(results) == {
+        "protoflow_only": {"gap": 0.125, "low": 0.0, "high": 0.5},
+        "patchcore": {"gap": 0.0, "low": 0.0, "high": 0.0}}
+    assert compare.main([f"w={path}"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "| w | +0.1250 [+0.0000, +0.5000] | +0.0000 [+0.0000, +0.0000] |")
+    # ties count half: good 0.5, 0.5 against defective 0.5, 0.9
+    assert compare._aurocs(np.array([[0.5, 0.5, 0.5, 0.9]]),
+                           np.array([[False, False, True, True]])).tolist() == [0.75]
+    del results["classes"]["b"]["images"]
+    assert compare.image_auroc_gaps(results) is None  # an earlier version's record
+    results["classes"]["b"]["images"] = [_image("good_0", 0.1, 0.1, 0.1)]
+    assert compare.image_auroc_gaps(results) is None  # no defective image: undefined
 
 
 def test_compare_worlds_refuses_what_it_cannot_compare(compare, tmp_path: Path,
