@@ -14,6 +14,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 import datasets
+import metrics
 from utils import LayoutError, UserError
 
 
@@ -410,6 +411,10 @@ def test_image_auroc_gap_is_a_paired_bootstrap_over_test_images(compare, tmp_pat
     # ties count half: good 0.5, 0.5 against defective 0.5, 0.9
     assert compare._aurocs(np.array([[0.5, 0.5, 0.5, 0.9]]),
                            np.array([[False, False, True, True]])).tolist() == [0.75]
+    rng = np.random.default_rng(0)  # with many ties, as metrics.py computes it
+    scores, labels = rng.integers(0, 5, (4, 30)).astype(float), rng.random((4, 30)) < 0.4
+    assert compare._aurocs(scores, labels) == pytest.approx(
+        [metrics.image_auroc(y, x) for x, y in zip(scores, labels)])
     del results["classes"]["b"]["images"]
     assert compare.image_auroc_gaps(results) is None  # an earlier version's record
     results["classes"]["b"]["images"] = [_image("good_0", 0.1, 0.1, 0.1)]
