@@ -318,8 +318,8 @@ def evaluate_clean(model: torch.nn.Module, data: ClassData, *, ratio: float,
                    ) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The clean protocol: `clean_scores` (no test label is read before every score
     exists), then the metrics of PMAD and of each baseline. -> (record, maps: 'pmad' and
-    each baseline's (N, S, S), image scores (N,): 'pmad', 'protoflow' (ProtoFlow's own
-    score, which its threshold calls) and each baseline's, by the map's rule)."""
+    each baseline's (N, S, S), image scores (N,): 'pmad', 'protoflow_score' (ProtoFlow's
+    own score, which its threshold calls) and each baseline's, by the map's rule)."""
     scores = clean_scores(model, data, ratio=ratio, threshold=threshold, options=options,
                           sigma=sigma, batch_size=batch_size, device=device, amp=amp,
                           seed=seed)
@@ -335,7 +335,8 @@ def evaluate_clean(model: torch.nn.Module, data: ClassData, *, ratio: float,
                   diagnostics=mask_diagnostics(data, scores.test_masks, scores.proposal,
                                                tuple(model.patch_embed.grid_size)))
     return (record, {"pmad": scores.maps, **scores.baseline_maps},
-            {"pmad": scores.image_scores, "protoflow": scores.protoflow_scores, **base_scores})
+            {"pmad": scores.image_scores, "protoflow_score": scores.protoflow_scores,
+             **base_scores})
 
 
 def sweep_mask_ratios(model: torch.nn.Module, data: ClassData, proposals: Proposals,
@@ -392,7 +393,8 @@ def evaluate_paper(model: torch.nn.Module, data: ClassData, *, sigma: float, bat
     record.update({name: evaluate_maps(data, m, gaussian_blur(m, sigma), base_scores[name])
                    for name, m in base_maps.items()})
     return (record, {"pmad": maps[best], **base_maps},
-            {"pmad": image_scores(maps[best]), "protoflow": proposals.image_scores.float().cpu(),
+            {"pmad": image_scores(maps[best]),
+             "protoflow_score": proposals.image_scores.float().cpu(),
              **base_scores})
 
 

@@ -1,9 +1,8 @@
 """An evaluation's report, readable and kept: results.json, results.md (PMAD per class
 beside the baselines' means, the per-defect-type view, the mask diagnostics),
 results.csv, image_scores.csv (each test image's scores), and results.partial.jsonl,
-written as each class finishes so that a
-crash or Ctrl-C loses no finished class. The exit status says whether every class
-was evaluated.
+written as each class finishes so that a crash or Ctrl-C loses no finished class. The
+exit status says whether every class was evaluated.
 """
 from __future__ import annotations
 

@@ -388,18 +388,17 @@ def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, r
     if args.save_heatmaps:
         threshold = (record["threshold"] if args.protocol == "paper"
                      else m.protoflow.threshold_for(class_name))
-        save_heatmaps(data, maps["pmad"], scores["pmad"], scores["protoflow"], threshold,
+        save_heatmaps(data, maps["pmad"], scores["pmad"], scores["protoflow_score"], threshold,
                       out_dir / "heatmaps" / class_name, args.save_heatmaps, m.mean, m.std)
     return record
 
 
 def image_records(names: list[str], defect_types: list[str], scores: dict[str, torch.Tensor]
                   ) -> list[dict]:
-    """Each test image's scores, for image_scores.csv: its name and defect type, PMAD's
-    and each baseline's image score and ProtoFlow's own ('protoflow_score', the score
-    its threshold calls), so a user can set thresholds or compare methods per image."""
-    columns = {("protoflow_score" if k == "protoflow" else k): v.tolist()
-               for k, v in scores.items()}
+    """Each test image's scores, for image_scores.csv: its name and defect type and, by
+    `scores`' names, PMAD's and each baseline's image score and ProtoFlow's own, so a
+    user can set thresholds or compare methods per image."""
+    columns = {k: v.tolist() for k, v in scores.items()}
     return [{"name": name, "defect_type": defect,
              **{k: values[i] for k, values in columns.items()}}
             for i, (name, defect) in enumerate(zip(names, defect_types))]

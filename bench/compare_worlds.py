@@ -102,6 +102,8 @@ def image_auroc_gaps(results: dict, draws: int = DRAWS, seed: int = SEED
     gaps = {b: np.zeros(draws) for b in COMPARED}
     point = dict.fromkeys(COMPARED, 0.0)
     classes = results.get("classes") or {}
+    if not classes:
+        return None
     for record in classes.values():
         images = record.get("images")
         if not images:
@@ -119,8 +121,6 @@ def image_auroc_gaps(results: dict, draws: int = DRAWS, seed: int = SEED
             point[b] += float(_aurocs(pmad[None], labels[None])[0]
                               - _aurocs(base[None], labels[None])[0])
             gaps[b] += _aurocs(pmad[picks], labels[picks]) - _aurocs(base[picks], labels[picks])
-    if not classes:
-        return None
     n = len(classes)
     return {b: {"gap": point[b] / n, "low": float(np.percentile(gaps[b] / n, 2.5)),
                 "high": float(np.percentile(gaps[b] / n, 97.5))} for b in COMPARED}

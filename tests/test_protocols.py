@@ -202,7 +202,7 @@ def test_weighted_log_map_of_a_2x2_patch_case_by_hand() -> None:
     # max over patches of -logp
     assert scores["pmad"][1] == pytest.approx(3 * ln4, abs=1e-6)
     assert torch.equal(scores["pmad"], maps["pmad"].flatten(1).amax(1))
-    assert torch.allclose(scores["protoflow"], torch.tensor([math.log(2), ln4]))
+    assert torch.allclose(scores["protoflow_score"], torch.tensor([math.log(2), ln4]))
     assert record["clean_options"] == {"masks": "proposal", "unmasked": "cover",
                                        "abnormality": "log", "combine": "weighted",
                                        "image_score": "max"}
@@ -253,7 +253,7 @@ def test_paper_protocol_per_ratio_values_and_best_ratio_by_hand() -> None:
     assert record["threshold"] == pytest.approx((math.log(2) + math.log(4)) / 2)
     assert record["called_anomalous"] == 1
     assert torch.equal(scores["pmad"], maps["pmad"].flatten(1).amax(1))  # at the best ratio
-    assert torch.allclose(scores["protoflow"], torch.tensor([math.log(2), math.log(4)]))
+    assert torch.allclose(scores["protoflow_score"], torch.tensor([math.log(2), math.log(4)]))
     per_ratio = record["per_ratio"]
     assert list(per_ratio) == [f"{r:.2f}" for r in protocols.PAPER_RATIOS]
     for r in protocols.PAPER_RATIOS:
