@@ -243,6 +243,7 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
     class is done, the earlier run's then set aside: a run that fails leaves the folder
     as it was."""
     run_test.check_device_flags(args)
+    options = run_test.clean_options(args)
     groups = find_images(args.inputs, args.class_name, args.class_from_folder,
                          args.output_dir)
     out_dir = Path(utils.prepare_output_dir(args.output_dir, "--output_dir"))
@@ -256,7 +257,7 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
     shutil.rmtree(stage, ignore_errors=True)  # a dead run's of this same pid (containers)
     stage.mkdir()
     try:
-        rows, skipped = _score_into(stage, args, m, groups)
+        rows, skipped = _score_into(stage, args, m, groups, options)
         earlier = utils.set_aside(out_dir, OUTPUTS)  # no heatmap of another run beside ours
         # predictions.csv last: where it is, the run's outputs are complete
         for name in sorted(os.listdir(stage), key=lambda n: n == PREDICTIONS_FILE):
@@ -281,11 +282,10 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
 
 
 def _score_into(out: Path, args: argparse.Namespace, m: run_test.Models,
-                groups: dict[str, list[tuple[str, str]]]
+                groups: dict[str, list[tuple[str, str]]], options: protocols.CleanOptions
                 ) -> tuple[list[dict[str, object]], list[str]]:
     """Score every class, writing predictions.csv (and the skipped list, heatmaps and
     maps) under `out`. -> (the CSV's rows, the images left out)."""
-    options = run_test.clean_options(args)
     rows: list[dict[str, object]] = []
     skipped: list[str] = []
     for cls in tqdm(sorted(groups), desc="classes", disable=len(groups) < 2):

@@ -35,20 +35,29 @@ UNMASKED = ("cover", "zero")
 ABNORMALITY = ("log", "paper")
 COMBINE = ("weighted", "product")
 IMAGE_SCORES = ("max", "topk")
+# CE's weight in the clean protocol's map, abnormality x (1 + w CE / ln V). README's
+# pooled tuning sets (three trained models) kept 1: 0.5 gained on two, not on the third
+CE_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
 class CleanOptions:
     """The clean protocol's label-free choices (run_test.py --clean_masks, --unmasked,
-    --abnormality, --combine, --image_score); see evaluate_clean. The paper's choices
-    are 'threshold', 'zero', 'paper', 'product', 'max'."""
+    --abnormality, --combine, --ce_weight, --image_score); see evaluate_clean. The
+    paper's choices are 'threshold', 'zero', 'paper', 'product', 'max'. ce_weight is
+    None under 'product', which multiplies CE in unweighted."""
     masks: str = "proposal"
     unmasked: str = "cover"
     abnormality: str = "log"
     combine: str = "weighted"
     image_score: str = "max"
+    ce_weight: float | None = CE_WEIGHT
 
-    def as_dict(self) -> dict[str, str]:
+    def __post_init__(self) -> None:
+        if self.combine == "product":  # results.json must not record a weight not applied
+            object.__setattr__(self, "ce_weight", None)
+
+    def as_dict(self) -> dict[str, str | float | None]:
         return asdict(self)
 
 
@@ -179,16 +188,17 @@ def upsample(patch_scores: torch.Tensor, grid: tuple[int, int], size: int) -> to
 
 
 def pmad_maps(token_scores: torch.Tensor, abnormality: torch.Tensor, grid: tuple[int, int],
-              sigma: float, combine: str = "product", vocab_size: int | None = None
-              ) -> torch.Tensor:
+              sigma: float, combine: str = "product", vocab_size: int | None = None,
+              ce_weight: float | None = CE_WEIGHT) -> torch.Tensor:
     """PMAD's score map: masked-token scores (N, L), upsampled, and ProtoFlow's
     abnormality map (N, S, S), combined, then Gaussian-smoothed. -> (N, S, S).
 
     'product' (the paper, docs/method.md 7): CE x abnormality. 'weighted': abnormality x
-    (1 + CE / ln V), ProtoFlow's map raised where the ViT finds the token surprising (CE
-    = ln V is as surprising as a uniform guess over the V tokens). A patch the ViT
-    predicts well keeps ProtoFlow's score instead of dropping to ~0, so a ViT that
-    has learned little cannot drown ProtoFlow's evidence in its noise.
+    (1 + ce_weight x CE / ln V), ProtoFlow's map raised where the ViT finds the token
+    surprising (CE = ln V is as surprising as a uniform guess over the V tokens). A patch
+    the ViT predicts well keeps ProtoFlow's score instead of dropping to ~0, so a ViT
+    that has learned little cannot drown ProtoFlow's evidence in its noise; ce_weight
+    says how far the ViT may raise it (0: ProtoFlow's map alone; 'product' ignores it).
     """
     ce = upsample(token_scores, grid, abnormality.shape[-1])  # (N, S, S)
     if combine == "product":
@@ -196,7 +206,9 @@ def pmad_maps(token_scores: torch.Tensor, abnormality: torch.Tensor, grid: tuple
     if combine == "weighted":
         if vocab_size is None or vocab_size < 2:
             raise ValueError(f"combine='weighted' needs the vocabulary size, got {vocab_size}")
-        return gaussian_blur(abnormality * (1 + ce / math.log(vocab_size)), sigma)
+        if ce_weight is None:
+            raise ValueError("combine='weighted' needs a CE weight, got None")
+        return gaussian_blur(abnormality * (1 + ce_weight * ce / math.log(vocab_size)), sigma)
     raise ValueError(f"unknown combination {combine!r}; choose from {COMBINE}")
 
 
@@ -303,7 +315,7 @@ def clean_scores(model: torch.nn.Module, data: ClassData, *, ratio: float,
     abnormality = (proposals.abnormality_maps if options.abnormality == "paper"
                    else proposals.log_abnormality_maps).float().cpu()
     maps = pmad_maps(token_scores, abnormality, grid, sigma, options.combine,
-                     model.lm_head.out_features)
+                     model.lm_head.out_features, options.ce_weight)
     proposal = torch.ones(len(maps), dtype=torch.bool) if call is None else call
     return CleanScores(maps, image_scores(maps, options.image_score),
                        proposals.image_scores.float().cpu(), anomalous, proposal, passes[0],

@@ -26,7 +26,7 @@ import modeling_pmad
 from heatmaps import save_heatmaps
 from masking_generator import CLASS_MASK_RATIOS, min_mask_ratio, num_masked
 from modeling_discrete_vae import available_tokenizers, create_tokenizer
-from protocols import (ABNORMALITY, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED,
+from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED,
                        CleanOptions, collect_class, evaluate_clean, evaluate_paper)
 from protoflow import ProtoFlow, prototypes_sha256
 from reporting import PartialResults, exit_status, report
@@ -62,7 +62,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 # given"), so that the paper protocol, which has its own masks, ratios and scores, can
 # refuse them instead of ignoring them (check_protocol_flags).
 CLEAN_FLAGS = {"clean_masks": "masks", "unmasked": "unmasked", "abnormality": "abnormality",
-               "combine": "combine", "image_score": "image_score"}
+               "combine": "combine", "ce_weight": "ce_weight", "image_score": "image_score"}
 DEFAULT_MASK_RATIO = 0.3
 
 
@@ -82,8 +82,12 @@ def add_clean_args(p: argparse.ArgumentParser) -> None:
                         "max(logp) - logp (default), or the paper's 1 - exp(logp - "
                         "max(logp)), which saturates at 1 on clearly anomalous patches")
     p.add_argument("--combine", default=None, choices=COMBINE,
-                   help="clean protocol: abnormality x (1 + CE / ln V) (default), or the "
-                        "paper's CE x abnormality")
+                   help="clean protocol: abnormality x (1 + W x CE / ln V) (default; W is "
+                        "--ce_weight), or the paper's CE x abnormality")
+    p.add_argument("--ce_weight", type=float_at_least(0), default=None,
+                   help=f"clean protocol: W above, how far the ViT's cross-entropy raises "
+                        f"ProtoFlow's map (default {CE_WEIGHT:g}, kept on README's pooled "
+                        f"tuning sets; 0: ProtoFlow's map alone)")
     p.add_argument("--image_score", default=None, choices=IMAGE_SCORES,
                    help="clean protocol: the score map's maximum (default; the paper) or the "
                         "mean of its top 1%% of pixels")
@@ -234,7 +238,11 @@ def load_models(args: argparse.Namespace) -> Models:
 
 
 def clean_options(args: argparse.Namespace) -> CleanOptions:
-    """The clean protocol's choices: the flags given, CleanOptions' defaults otherwise."""
+    """The clean protocol's choices: the flags given, CleanOptions' defaults otherwise.
+    --ce_weight with --combine product, which has no weight, is refused."""
+    if args.ce_weight is not None and args.combine == "product":
+        raise FlagError("--ce_weight weighs the cross-entropy in --combine weighted; "
+                        "--combine product multiplies it in unweighted: drop one of them")
     return CleanOptions(**{field: getattr(args, flag) for flag, field in CLEAN_FLAGS.items()
                            if getattr(args, flag) is not None})
 
@@ -304,6 +312,7 @@ def main(args: argparse.Namespace) -> dict:
     results.partial.jsonl; returns the results, which are also printed and written."""
     check_device_flags(args)
     check_protocol_flags(args)
+    options = clean_options(args)
     out_dir = Path(prepare_output_dir(args.output_dir, "--output_dir"))
     setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
     classes = select_classes(args, setting)
@@ -312,7 +321,6 @@ def main(args: argparse.Namespace) -> dict:
     check_unseen(args, setting, classes, m.protoflow)
     if args.protocol == "clean":
         check_mask_ratios(args, classes, m.model.patch_embed.num_patches)
-    options = clean_options(args)
     if (args.protocol == "clean" and options.masks == "threshold"
             and m.protoflow.threshold is None):
         print(f"[run_test] {args.protoflow_weights} stores no threshold from normal images "

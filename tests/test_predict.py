@@ -334,3 +334,17 @@ def test_a_missing_input_is_one_error_line_and_exit_2(tmp_path, capsys):
                          "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(missing) in err and "Traceback" not in err
+
+
+def test_contradictory_clean_flags_fail_before_anything_is_read(tmp_path, capsys,
+                                                                 monkeypatch):
+    """--ce_weight with --combine product (which has no weight) is one error line and
+    exit 2, before the inputs are walked or a model is loaded."""
+    monkeypatch.setattr(predict, "find_images", lambda *a: pytest.fail("inputs walked"))
+    monkeypatch.setattr(run_test, "load_models", lambda args: pytest.fail("models loaded"))
+    assert predict.main([str(tmp_path / "no_such_folder"), "--class_name", "coins",
+                         "--output_dir", str(tmp_path / "out"), "--ce_weight", "2",
+                         "--combine", "product"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --ce_weight weighs the cross-entropy in --combine weighted")
+    assert not (tmp_path / "out").exists()

@@ -184,7 +184,8 @@ def test_paper_protocol_smooths_twice_for_the_pixel_metrics() -> None:
 
 def test_weighted_log_map_of_a_2x2_patch_case_by_hand() -> None:
     """The clean protocol's default map: ProtoFlow's abnormality in log units,
-    max(logp) - logp, times 1 + CE / ln V (V = 2 here)."""
+    max(logp) - logp, times 1 + CE / ln V (V = 2 here); another CE weight scales CE's
+    share, and weight 0 is ProtoFlow's map alone."""
     data = _hand_data()
     record, maps, scores = protocols.evaluate_clean(
         ConstantViT(), data, ratio=0.5, threshold=None, options=protocols.CleanOptions(),
@@ -205,7 +206,21 @@ def test_weighted_log_map_of_a_2x2_patch_case_by_hand() -> None:
     assert torch.allclose(scores["protoflow_score"], torch.tensor([math.log(2), ln4]))
     assert record["clean_options"] == {"masks": "proposal", "unmasked": "cover",
                                        "abnormality": "log", "combine": "weighted",
-                                       "image_score": "max"}
+                                       "image_score": "max", "ce_weight": 1.0}
+    for weight, factor in ((2.0, 5.0), (0.0, 1.0)):  # at the defect pixel: 1 + w CE1 / ln 2
+        record, maps, _ = protocols.evaluate_clean(
+            ConstantViT(), data, ratio=0.5, threshold=None, sigma=0.0, batch_size=2,
+            options=protocols.CleanOptions(ce_weight=weight), device=torch.device("cpu"),
+            amp="none", seed=0)
+        assert maps["pmad"][1, 2, 2] == pytest.approx(factor * ln4, abs=1e-6)
+        assert record["clean_options"]["ce_weight"] == weight
+    assert torch.allclose(maps["pmad"], maps["protoflow_only"])  # weight 0
+    assert protocols.CleanOptions(combine="product", ce_weight=2.0).ce_weight is None
+    ce, abn = torch.ones(1, 4), torch.ones(1, 2, 2)
+    with pytest.raises(ValueError, match="needs a CE weight"):
+        protocols.pmad_maps(ce, abn, (2, 2), 0.0, "weighted", vocab_size=4, ce_weight=None)
+    assert torch.equal(protocols.pmad_maps(ce, abn, (2, 2), 0.0, "product", ce_weight=None),
+                       abn)
 
 
 def test_a_defect_left_unmasked_is_scored_by_the_covering_pass() -> None:

@@ -280,12 +280,22 @@ def test_default_mask_ratio_is_the_ratio_of_a_class_without_its_own():
 
 def test_clean_options_are_the_flags_given_over_the_defaults():
     """Clean-protocol flags default to 'not given' (so the paper protocol can refuse
-    them); the clean protocol then takes CleanOptions' defaults."""
+    them); the clean protocol then takes CleanOptions' defaults. --ce_weight is
+    refused with --combine product, which has no weight, and under the paper protocol."""
     parse = run_test.get_args_parser().parse_args
     assert run_test.clean_options(parse([])) == protocols.CleanOptions(
-        "proposal", "cover", "log", "weighted", "max")
+        "proposal", "cover", "log", "weighted", "max", 1.0)
     assert run_test.clean_options(parse(["--combine", "product"])) == protocols.CleanOptions(
         combine="product")
+    assert run_test.clean_options(parse(["--ce_weight", "0.25"])).ce_weight == 0.25
+    assert run_test.clean_options(parse(["--ce_weight", "0"])).ce_weight == 0.0
+    with pytest.raises(utils.FlagError, match="^--ce_weight weighs the cross-entropy in "
+                                              "--combine weighted; --combine product"):
+        run_test.clean_options(parse(["--ce_weight", "1", "--combine", "product"]))
+    with pytest.raises(utils.FlagError, match="^--ce_weight applies only to"):
+        run_test.check_protocol_flags(parse(["--protocol", "paper", "--ce_weight", "1"]))
+    with pytest.raises(SystemExit):
+        parse(["--ce_weight", "-0.5"])
     run_test.check_protocol_flags(parse(["--protocol", "paper", "--sigma", "2"]))
     with pytest.raises(utils.FlagError, match="^--default_mask_ratio applies only to"):
         run_test.check_protocol_flags(parse(["--protocol", "paper",
@@ -334,7 +344,7 @@ def test_evaluation_flags_reach_their_consumers(tiny_world, tmp_path, monkeypatc
     assert record["threshold"] == pytest.approx(np.quantile([1.0, 2.0, 3.0], THRESHOLD_QUANTILE))
     assert record["clean_options"] == {"masks": "threshold", "unmasked": "zero",
                                        "abnormality": "paper", "combine": "product",
-                                       "image_score": "topk"}
+                                       "image_score": "topk", "ce_weight": None}
     assert "ce_only" not in record  # 'zero': no covering passes, no CE-alone row
     (kwargs,) = seen
     assert kwargs["sigma"] == 2.0 and kwargs["seed"] == 7 and kwargs["ratio"] == 0.2
