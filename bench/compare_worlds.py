@@ -90,40 +90,53 @@ def _aurocs(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return ((ranks * labels).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
+def paired_auroc_gaps(classes: list[tuple[np.ndarray, dict[str, np.ndarray]]],
+                      pairs: dict[str, tuple[str, str]], draws: int = DRAWS, seed: int = SEED
+                      ) -> dict[str, dict[str, float]]:
+    """{name: {'gap', 'low', 'high'}} for each name -> (a, b) of `pairs`: the mean over
+    classes of a's image AUROC minus b's, and the 2.5 and 97.5 percentiles of that gap
+    over `draws` paired bootstrap resamples (each class's good and defective test images
+    resampled apart, one draw for every method). An interval holding 0 means another
+    draw of test images could reverse the gap. `classes`: per class, (labels (N,) bool,
+    True for defective, {method: image scores (N,)}), with good and defective images."""
+    rng = np.random.default_rng(seed)
+    gaps = {k: np.zeros(draws) for k in pairs}
+    point = dict.fromkeys(pairs, 0.0)
+    methods = sorted({m for pair in pairs.values() for m in pair})
+    for labels, scores in classes:
+        # each draw resamples the good and the defective images apart: (draws, N)
+        picks = np.concatenate([rng.choice(np.flatnonzero(labels == v), (draws, n_v))
+                                for v, n_v in ((False, (~labels).sum()), (True, labels.sum()))],
+                               axis=1)
+        once = {m: float(_aurocs(scores[m][None], labels[None])[0]) for m in methods}
+        drawn = {m: _aurocs(scores[m][picks], labels[picks]) for m in methods}  # (draws,)
+        for k, (a, b) in pairs.items():
+            point[k] += once[a] - once[b]
+            gaps[k] += drawn[a] - drawn[b]
+    n = len(classes)
+    return {k: {"gap": point[k] / n, "low": float(np.percentile(gaps[k] / n, 2.5)),
+                "high": float(np.percentile(gaps[k] / n, 97.5))} for k in pairs}
+
+
 def image_auroc_gaps(results: dict, draws: int = DRAWS, seed: int = SEED
                      ) -> dict[str, dict[str, float]] | None:
     """{baseline: {'gap', 'low', 'high'}}: PMAD's mean image AUROC over classes minus the
-    baseline's, and the 2.5 and 97.5 percentiles of that gap over `draws` paired
-    bootstrap resamples (each class's good and defective test images resampled apart,
-    one draw for both methods). An interval holding 0 means another draw of test images
-    could reverse the gap. None where a class has no per-image scores (a results.json
+    baseline's with its paired bootstrap interval (paired_auroc_gaps), from the per-image
+    scores of a results.json. None where a class has no per-image scores (a results.json
     of an earlier version) or lacks good or defective images."""
-    rng = np.random.default_rng(seed)
-    gaps = {b: np.zeros(draws) for b in COMPARED}
-    point = dict.fromkeys(COMPARED, 0.0)
-    classes = results.get("classes") or {}
-    if not classes:
-        return None
-    for record in classes.values():
+    classes = []
+    for record in (results.get("classes") or {}).values():
         images = record.get("images")
         if not images:
             return None
         labels = np.array([i["defect_type"] != "good" for i in images])
         if labels.all() or not labels.any():
             return None
-        # each draw resamples the good and the defective images apart: (draws, N)
-        picks = np.concatenate([rng.choice(np.flatnonzero(labels == v), (draws, n_v))
-                                for v, n_v in ((False, (~labels).sum()), (True, labels.sum()))],
-                               axis=1)
-        pmad = np.array([i["pmad"] for i in images])
-        for b in COMPARED:
-            base = np.array([i[b] for i in images])
-            point[b] += float(_aurocs(pmad[None], labels[None])[0]
-                              - _aurocs(base[None], labels[None])[0])
-            gaps[b] += _aurocs(pmad[picks], labels[picks]) - _aurocs(base[picks], labels[picks])
-    n = len(classes)
-    return {b: {"gap": point[b] / n, "low": float(np.percentile(gaps[b] / n, 2.5)),
-                "high": float(np.percentile(gaps[b] / n, 97.5))} for b in COMPARED}
+        classes.append((labels, {m: np.array([i[m] for i in images])
+                                 for m in ("pmad", *COMPARED)}))
+    if not classes:
+        return None
+    return paired_auroc_gaps(classes, {b: ("pmad", b) for b in COMPARED}, draws, seed)
 
 
 def _means(results: dict, row: str, file: str) -> dict[str, float]:

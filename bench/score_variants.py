@@ -12,8 +12,10 @@ default and the baselines, every row from the same models and the same pass.
 Takes run_test.py's model flags and those of its data and scoring flags the rows read (not
 its protocol choices: each row fixes its own). The rows calibrated on normal images read
 each class's <data_path>/<class>/train/good. Prints mean image AUROC / pixel AUROC per row
-(pixel AUROC left out where a class has no ground_truth folder) and writes
-<output_dir>/score_variants.json (per class). The sigma and top-1 % rows score every
+(pixel AUROC left out where a class has no ground_truth folder) and each row's image
+AUROC minus the default's with its 95 % paired bootstrap interval over the test images
+(as compare_worlds.py's), and writes <output_dir>/score_variants.json (per class) and
+score_variant_gaps.json (the gaps). The sigma and top-1 % rows score every
 map by the same rule, shown as PMAD (ProtoFlow, PatchCore); "ProtoFlow's own score" is
 no map's: the largest -log p of the image's patches. Choose on one world, report another.
 """
@@ -34,14 +36,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
 import metrics  # noqa: E402
 import run_test  # noqa: E402
+from compare_worlds import paired_auroc_gaps  # noqa: E402
 from engine import scatter_masked  # noqa: E402
-from protocols import (ClassData, baseline_maps, collect_class, covered_token_scores,  # noqa: E402
-                       gaussian_blur, image_scores, pmad_maps, vit_batches)
+from protocols import (CE_WEIGHT, ClassData, baseline_maps, collect_class,  # noqa: E402
+                       covered_token_scores, gaussian_blur, image_scores, pmad_maps,
+                       vit_batches)
 from protoflow import Proposals, covering_masks, proposals_from_log_likelihood  # noqa: E402
 from utils import LayoutError, UniqueNames, cli  # noqa: E402
 
-CE_WEIGHTS = (0.5, 0.25, 2.0)
+CE_WEIGHTS = (0.25, 0.5, 2.0)  # rows besides the default's protocols.CE_WEIGHT
 RANDOM_COVERINGS = 4
+GAPS_FILE = "score_variant_gaps.json"  # each row's image AUROC gap to the default row
 IMAGE_SIGMAS = (8.0, 16.0)
 
 
@@ -73,9 +78,9 @@ def covering_stats(model: torch.nn.Module, data: ClassData, passes: list[torch.T
 
 
 def ce_weight_row(weight: float) -> str:
-    """The name of the row whose map weighs CE / ln V by `weight` (CE_WEIGHTS; 1 is the
-    default row, 0 ProtoFlow's map alone)."""
-    return {0.0: "protoflow_only", 1.0: "default"}.get(weight, f"CE weight x{weight:g}")
+    """The name of the row whose map weighs CE / ln V by `weight` (CE_WEIGHTS;
+    protocols.CE_WEIGHT is the default row, 0 ProtoFlow's map alone)."""
+    return {0.0: "protoflow_only", CE_WEIGHT: "default"}.get(weight, f"CE weight {weight:g}")
 
 
 def token_means(scores: torch.Tensor, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -116,15 +121,16 @@ def variant_scores(model: torch.nn.Module, data: ClassData, ratio: float, sigma:
     vocab = model.lm_head.out_features
     ln_v = math.log(vocab)
 
-    def weighted(token_scores: torch.Tensor, smooth: float = sigma) -> torch.Tensor:
-        # the clean protocol's map, abnormality x (1 + CE / ln V), of other token scores
-        return pmad_maps(token_scores, abnormality, grid, smooth, "weighted", vocab)
+    def weighted(token_scores: torch.Tensor, smooth: float = sigma,
+                 weight: float = CE_WEIGHT) -> torch.Tensor:
+        # the clean protocol's map, abnormality x (1 + w CE / ln V), of other token scores
+        return pmad_maps(token_scores, abnormality, grid, smooth, "weighted", vocab, weight)
 
     base = baseline_maps(data, abnormality, ce, grid, sigma)
     pmad = weighted(ce)
     rows = {"default": (image_scores(pmad), pmad)}
     for w in CE_WEIGHTS:
-        m = weighted(w * ce)
+        m = weighted(ce, weight=w)
         rows[ce_weight_row(w)] = (image_scores(m), m)
     m = weighted(ce_avg)
     rows[f"CE averaged over {1 + RANDOM_COVERINGS} coverings"] = (image_scores(m), m)
@@ -177,6 +183,19 @@ def aurocs(data: ClassData, rows: dict) -> dict[str, dict[str, float]]:
             for k, (s, m) in rows.items()}
 
 
+def default_gaps(classes: list[tuple[np.ndarray, dict[str, np.ndarray]]]
+                 ) -> dict[str, dict[str, float]] | None:
+    """Each row's mean image AUROC minus the default row's, with its 95 % paired bootstrap
+    interval over the test images (compare_worlds.paired_auroc_gaps): whether a row's
+    gain is more than another draw of test images could make. `classes`: per class,
+    (labels (N,) bool, {row: image scores (N,)}). None where a class lacks good or
+    defective images."""
+    if any(labels.all() or not labels.any() for labels, _ in classes):
+        return None
+    rows = [k for k in classes[0][1] if k != "default"]
+    return paired_auroc_gaps(classes, {k: (k, "default") for k in rows})
+
+
 def train_good_images(data_path: str, cls: str) -> list[str]:
     """The class's normal training images, which the train/good calibration rows need;
     checked for every class before any is scored."""
@@ -216,7 +235,7 @@ def score_world(args: argparse.Namespace) -> None:
     train_images = {cls: train_good_images(args.data_path, cls) for cls in classes}
     m = run_test.load_models(args)
     os.makedirs(args.output_dir, exist_ok=True)
-    results, no_masks = {}, []
+    results, no_masks, image_scores_of = {}, [], []
     for cls, paths in train_images.items():
         ds = datasets.MVTecTestDataset(args.data_path, cls, token_size=m.tokenizer.image_size,
                                        img_size=m.img_size, mean=m.mean, std=m.std)
@@ -233,9 +252,15 @@ def score_world(args: argparse.Namespace) -> None:
                               args.batch_size, m.device, m.amp, args.seed, train,
                               getattr(m.tokenizer, "codebook", None))
         results[cls] = aurocs(data, rows)
+        image_scores_of.append((np.asarray(data.labels) == 1,
+                                {k: np.asarray(s, dtype=float) for k, (s, _) in rows.items()}))
     path = os.path.join(args.output_dir, "score_variants.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
+    gaps = default_gaps(image_scores_of)
+    if gaps is not None:
+        with open(os.path.join(args.output_dir, GAPS_FILE), "w") as f:
+            json.dump(gaps, f, indent=1)
     print(f"\nmean image AUROC / pixel AUROC over {len(classes)} classes ({args.data_path})")
     masked = [c for c in classes if c not in no_masks]
     if no_masks:
@@ -246,7 +271,13 @@ def score_world(args: argparse.Namespace) -> None:
         pix = np.mean([results[c][row]["pixel_auroc"] for c in masked]) if masked else math.nan
         # image AUROC with 4 decimals: over a demo world's few hundred image pairs its
         # mean often ends in 5 at the 4th, which 3 would round up or down by float noise
-        print(f"  {row:58s} {img:.4f}" + ("" if math.isnan(pix) else f" / {pix:.3f}"))
+        gap = "" if gaps is None or row not in gaps else (
+            "   {gap:+.4f} [{low:+.4f}, {high:+.4f}]".format(**gaps[row]))
+        print(f"  {row:58s} {img:.4f}" + ("" if math.isnan(pix) else f" / {pix:.3f}") + gap)
+    if gaps is None:
+        print("no image AUROC gaps: a class lacks good or defective test images")
+    else:
+        print(f"gaps: {GAPS_FILE}")
     print(f"per class: {path}")
 
 

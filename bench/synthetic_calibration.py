@@ -37,13 +37,15 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
+from protocols import CE_WEIGHT  # noqa: E402
 from score_variants import CE_WEIGHTS, ce_weight_row  # noqa: E402
 from utils import UserError, cli, read_json_object  # noqa: E402
 
 AREA = (0.003, 0.03)  # fraction of the image a defect covers
 BLEND = (0.6, 1.0)
-# score_variants.py's row of each CE weight; 0 is ProtoFlow's map alone, 1 the default
-WEIGHT_ROWS = {w: ce_weight_row(w) for w in sorted({0.0, 1.0, *CE_WEIGHTS})}
+# score_variants.py's row of each CE weight; 0 is ProtoFlow's map alone, CE_WEIGHT the
+# default
+WEIGHT_ROWS = {w: ce_weight_row(w) for w in sorted({0.0, CE_WEIGHT, *CE_WEIGHTS})}
 
 
 def blob_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
@@ -133,11 +135,11 @@ def make(data_path: str, output_dir: str, seed: int) -> None:
 
 def pick_weight(aurocs: dict[float, float]) -> float:
     """The weight of the best calibration image AUROC; on a tie the one nearest the
-    default 1 by factor (then the lighter), so that a calibration set that cannot tell
-    keeps the default."""
+    default CE_WEIGHT by factor (then the lighter), so that a calibration set that
+    cannot tell keeps the default."""
     best = max(aurocs.values())
     return min((w for w, a in aurocs.items() if a >= best - 1e-9),
-               key=lambda w: (abs(math.log2(w)) if w > 0 else math.inf, w))
+               key=lambda w: (abs(math.log2(w / CE_WEIGHT)) if w > 0 else math.inf, w))
 
 
 def pick(calibration: dict, test: dict, calibration_file: str = "the calibration results",

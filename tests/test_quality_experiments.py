@@ -164,8 +164,10 @@ def test_make_lends_each_image_another_one_and_follows_the_seed(calib, tmp_path:
 
 
 def test_pick_weight_prefers_the_default_on_ties(calib) -> None:
-    """The best calibration AUROC wins; a tie keeps the weight nearest 1 by factor, then
-    the lighter, in any order of the weights."""
+    """The best calibration AUROC wins; a tie keeps the weight nearest the default 1 by
+    factor, then the lighter, in any order of the weights."""
+    assert calib.WEIGHT_ROWS == {0.0: "protoflow_only", 0.25: "CE weight 0.25",
+                                 0.5: "CE weight 0.5", 1.0: "default", 2.0: "CE weight 2"}
     assert calib.pick_weight({0.0: 0.9, 0.25: 0.95, 0.5: 0.9, 1.0: 0.94, 2.0: 0.9}) == 0.25
     assert calib.pick_weight({0.0: 0.9, 0.25: 0.9, 0.5: 0.9, 1.0: 0.9, 2.0: 0.9}) == 1.0
     assert calib.pick_weight({0.0: 0.9, 0.25: 0.8, 0.5: 0.9, 1.0: 0.8, 2.0: 0.9}) == 0.5
@@ -173,6 +175,8 @@ def test_pick_weight_prefers_the_default_on_ties(calib) -> None:
     assert calib.pick_weight({0.0: 0.9, 0.25: 0.8, 0.5: 0.8, 1.0: 0.8, 2.0: 0.8}) == 0.0
     # 2 is one doubling from 1, 0.25 two halvings: 2 is nearer by factor (not by 1 - w)
     assert calib.pick_weight({0.0: 0.8, 0.25: 0.9, 0.5: 0.8, 1.0: 0.8, 2.0: 0.9}) == 2.0
+    # 0 and 2 are both 1 from the default, but 0 is infinitely far by factor
+    assert calib.pick_weight({0.0: 0.9, 0.25: 0.8, 0.5: 0.8, 1.0: 0.8, 2.0: 0.9}) == 2.0
     # float noise below 1e-9 is a tie, which the default wins
     assert calib.pick_weight({0.0: 0.9, 0.25: 0.9, 0.5: 0.9, 1.0: 0.9 - 1e-12, 2.0: 0.9}) == 1.0
 
@@ -199,10 +203,10 @@ def test_pick_scores_each_class_at_its_weight(calib) -> None:
         calib.pick(calibration, {"c": _weight_rows(calib, [0.5] * 5)})
     fix = ": regenerate it with bench/score_variants.py"
     no_half = {"a": calibration["a"], "b": dict(calibration["b"])}
-    del no_half["b"]["CE weight x0.5"]
+    del no_half["b"]["CE weight 0.5"]
     with pytest.raises(UserError) as err:
         calib.pick(no_half, test, "cal.json", "test.json")
-    assert str(err.value) == "cal.json has no image AUROC of row 'CE weight x0.5' for class b" + fix
+    assert str(err.value) == "cal.json has no image AUROC of row 'CE weight 0.5' for class b" + fix
     for row in ("default", "protoflow_only"):
         lacking = {"a": test["a"], "b": {k: v for k, v in test["b"].items() if k != row}}
         with pytest.raises(UserError) as err:
@@ -467,3 +471,83 @@ def test_compare_worlds_refuses_what_it_cannot_compare(compare, tmp_path: Path,
     assert "each world needs its own NAME" in err
     for bad in ("'x'", "'=x'", "'a='"):
         assert f"{bad}: give NAME=PATH, e.g. heldout=output_dir/demo/heldout" in err
+
+
+def test_paired_auroc_gaps_of_any_pairs_share_each_draw(compare) -> None:
+    """Each pair's gap is a - b, averaged over classes; both methods of a pair see the
+    same resamples (a method paired with itself has gap 0 in every draw); a pair's
+    interval does not depend on the other pairs asked for (the resamples depend only on
+    the seed and the labels)."""
+    labels = np.array([False, False, False, True, True, True])
+    scores = {"a": np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]),    # AUROC 1
+              "b": np.array([0.1, 0.2, 0.45, 0.4, 0.5, 0.6]),   # 8 of 9 pairs
+              "c": np.array([0.6, 0.2, 0.45, 0.4, 0.5, 0.1])}   # 3 of 9 pairs
+    classes = [(labels, scores), (labels, {k: -v for k, v in scores.items()})]
+    gaps = compare.paired_auroc_gaps(classes, {"ab": ("a", "b"), "bc": ("b", "c"),
+                                               "ac": ("a", "c"), "aa": ("a", "a")})
+    # class 1: a 1, b 8/9, c 3/9; class 2 (scores negated): a 0, b 1/9, c 6/9
+    assert gaps["ab"]["gap"] == pytest.approx(((1 - 8 / 9) + (0 - 1 / 9)) / 2)
+    assert gaps["bc"]["gap"] == pytest.approx(((8 / 9 - 3 / 9) + (1 / 9 - 6 / 9)) / 2)
+    assert gaps["ac"]["gap"] == pytest.approx(((1 - 3 / 9) + (0 - 6 / 9)) / 2)
+    assert gaps["aa"] == {"gap": 0.0, "low": 0.0, "high": 0.0}
+    one = [(labels, scores)]
+    alone = compare.paired_auroc_gaps(one, {"ab": ("a", "b"), "ac": ("a", "c")}, draws=500)
+    assert alone["ab"]["gap"] == pytest.approx(1 / 9)
+    assert alone["ac"]["gap"] == pytest.approx(6 / 9)
+    assert 0 <= alone["ab"]["low"] <= alone["ab"]["gap"] <= alone["ab"]["high"] <= 1
+    assert alone["ab"]["low"] < alone["ab"]["high"]
+    assert compare.paired_auroc_gaps(one, {"ab": ("a", "b")}, draws=500) == {"ab": alone["ab"]}
+
+
+def test_pool_test_sets_joins_other_draws_test_images(bench, tmp_path: Path, capsys) -> None:
+    """The first draw is copied whole; each further draw's test and ground-truth images
+    join with d<k>_ names, so each mask still matches its image (the test loader reads
+    the pooled set with its masks); draws of other classes, a name clash and an existing
+    output are refused before anything is written (exit 2)."""
+    import pool_test_sets
+
+    def draw(root: Path, seed: int, classes=("a", "b")) -> Path:
+        for cls in classes:
+            for sub in ("train/good", "test/good", "test/crack", "ground_truth/crack"):
+                (root / cls / sub).mkdir(parents=True)
+            Image.fromarray(_noise_image(seed, 32)).save(root / cls / "train/good/000.png")
+            for i in range(2):
+                Image.fromarray(_noise_image(seed + i, 32)).save(
+                    root / cls / f"test/good/00{i}.png")
+                Image.fromarray(_noise_image(seed + 10 + i, 32)).save(
+                    root / cls / f"test/crack/00{i}.png")
+                mask = np.zeros((32, 32), np.uint8)
+                mask[i: i + 4 + seed] = 255  # a band that tells draws and images apart
+                Image.fromarray(mask).save(root / cls / f"ground_truth/crack/00{i}_mask.png")
+            (root / cls / "test/.ipynb_checkpoints").mkdir()  # junk: not a defect type
+        return root
+
+    first, second, third = (draw(tmp_path / f"s{s}", s) for s in (1, 2, 3))
+    out = tmp_path / "pooled"
+    assert pool_test_sets.main([str(out), str(first), str(second), str(third)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "a: 12 test images", "b: 12 test images", f"pooled test set ready in {out}"]
+    assert sorted(os.listdir(out / "b/test/crack")) == [
+        "000.png", "001.png", "d1_000.png", "d1_001.png", "d2_000.png", "d2_001.png"]
+    assert os.listdir(out / "b/train/good") == ["000.png"]  # the first draw's training set
+    assert np.array_equal(np.asarray(Image.open(out / "b/test/crack/d2_001.png")),
+                          np.asarray(Image.open(third / "b/test/crack/001.png")))
+    ds = datasets.MVTecTestDataset(str(out), "b", token_size=32, img_size=32,
+                                   mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert len(ds) == 12
+    masks = {os.path.basename(p): int(ds[i]["gt_mask"].sum())
+             for i, p in enumerate(ds.image_paths) if "crack" in p}
+    assert masks == {"000.png": 5 * 32, "001.png": 5 * 32, "d1_000.png": 6 * 32,
+                     "d1_001.png": 6 * 32, "d2_000.png": 7 * 32, "d2_001.png": 7 * 32}
+
+    other = draw(tmp_path / "other", 4, classes=("a", "c"))
+    clash = draw(tmp_path / "clash", 5)
+    (clash / "a/test/good/000.png").rename(clash / "a/test/good/d1_000.png")
+    for argv, words in (([out, first, second], f"{out} exists"),
+                        ([tmp_path / "x", first, other], f"{other} holds the classes"),
+                        ([tmp_path / "x", clash, second], f"{clash} already holds "
+                         "a/test/good/d1_000.png"),
+                        ([tmp_path / "x", tmp_path / "nothing", second], "does not exist")):
+        assert pool_test_sets.main([str(a) for a in argv]) == 2
+        assert words in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,8 +34,10 @@ def test_bench_score_variants_rows_by_hand(score_variants) -> None:
     assert torch.equal(rows["default"][1], maps["pmad"])
     assert torch.equal(rows["default"][0], scores["pmad"])
     ln4 = math.log(4)  # image 1's defect pixel: abnormality ln 4, CE1 = 2 ln 2 = 2 ln V
-    assert rows["CE weight x0.5"][1][1, 2, 2] == pytest.approx(ln4 * 2, abs=1e-6)
-    assert rows["CE weight x2"][1][1, 2, 2] == pytest.approx(ln4 * 5, abs=1e-6)
+    assert protocols.CE_WEIGHT == 1.0
+    for row, weight in (("default", 1.0), ("CE weight 0.25", 0.25), ("CE weight 0.5", 0.5),
+                        ("CE weight 2", 2.0)):
+        assert rows[row][1][1, 2, 2] == pytest.approx(ln4 * (1 + 2 * weight), abs=1e-6), row
     # every covering scores each patch once with the same constant ViT: the average is CE
     assert torch.allclose(rows["CE averaged over 5 coverings"][1], maps["pmad"])
     assert torch.equal(rows["protoflow_only"][0], maps["protoflow_only"].flatten(1).amax(1))
@@ -179,8 +182,8 @@ def test_bench_score_variants_expectation_rows_by_hand(score_variants) -> None:
         for row, score in (("CE - entropy (at least 0)", max(s["ce"] - s["h"], 0.0)),
                            ("CE x (1 - entropy / ln V)", s["ce"] * (1 - s["h"] / ln2)),
                            ("CE - CE of the likeliest token", s["ce"] - s["top"])):
-            assert rows[row][1][img, y, x] == pytest.approx(abnormality * (1 + score / ln2),
-                                                            abs=1e-6), (row, img)
+            assert rows[row][1][img, y, x] == pytest.approx(  # CE weight 1, ln V = ln 2
+                abnormality * (1 + score / ln2), abs=1e-6), (row, img)
     assert rows["CE - entropy (at least 0)"][1][0, 0, 0] == pytest.approx(ln2)  # clamped
 
 
@@ -204,7 +207,7 @@ def test_bench_score_variants_calibration_rows_by_hand(score_variants) -> None:
     # README's tables name these rows: a changed CE weight or sigma renames one
     maps = ["pmad", "protoflow_only", "patchcore"]
     assert set(rows) == set(expected) | {
-        "default", "CE weight x0.5", "CE weight x0.25", "CE weight x2",
+        "default", "CE weight 0.25", "CE weight 0.5", "CE weight 2",
         "CE averaged over 5 coverings", "CE - entropy (at least 0)",
         "CE x (1 - entropy / ln V)", "CE - CE of the likeliest token",
         "image: rank sum with ProtoFlow", "image: product with ProtoFlow",
@@ -236,6 +239,21 @@ def test_bench_score_variants_calibration_rows_by_hand(score_variants) -> None:
                                           device=torch.device("cpu"), amp="none")
     needs_more = set(expected) - {"CE - per-position median over the test set (at least 0)"}
     assert needs_more.isdisjoint(plain)  # no train images, no codebook: those rows are not made
+
+
+def test_bench_score_variants_default_gaps(score_variants) -> None:
+    """Each row against the default row, class by class (compare_worlds'
+    paired_auroc_gaps); none where a class lacks defective (or good) test images, whose
+    AUROC is undefined."""
+    labels = np.array([False, False, True, True])
+    rows = {"default": np.array([0.1, 0.2, 0.3, 0.4]), "worse": np.array([0.1, 0.35, 0.3, 0.4]),
+            "same": np.array([0.0, 0.1, 0.5, 0.6])}
+    gaps = score_variants.default_gaps([(labels, rows), (labels, rows)])
+    assert set(gaps) == {"worse", "same"}
+    assert gaps["worse"]["gap"] == pytest.approx(-0.25) and gaps["worse"]["high"] <= 0
+    assert gaps["same"] == {"gap": 0.0, "low": 0.0, "high": 0.0}
+    assert score_variants.default_gaps([(labels, rows), (labels | True, rows)]) is None
+    assert score_variants.default_gaps([(labels & False, rows)]) is None
 
 
 def test_bench_score_variants_flags(score_variants, capsys) -> None:
@@ -290,16 +308,26 @@ def test_bench_score_variants_end_to_end(score_variants, tiny_world, tmp_path, c
     results = json.loads((out / "score_variants.json").read_text())
     assert list(results) == ["coins"]
     assert results["coins"].keys() >= {
-        "default", "protoflow_only", "patchcore", "CE weight x0.5",
+        "default", "protoflow_only", "patchcore", "CE weight 0.5",
         "image: ProtoFlow's own score (max -log p)",
         # the train/good calibration rows and the k-means codebook's row are scored
         "CE - per-position mean on train/good (at least 0)", "the same as a z-score, halved",
         "CE - mean CE of the same token on train/good (at least 0)",
         "1 - expected cosine to the true codeword"}
-    default_line = next(line for line in capsys.readouterr().out.splitlines()
-                        if line.split()[:1] == ["default"])
+    printed = capsys.readouterr().out.splitlines()
+    default_line = next(line for line in printed if line.split()[:1] == ["default"])
     assert default_line.split()[1:] == [f"{results['coins']['default']['image_auroc']:.4f}",
                                         "/", f"{results['coins']['default']['pixel_auroc']:.3f}"]
+    # every other row: its image AUROC minus the default's, with the bootstrap interval
+    gaps = json.loads((out / score_variants.GAPS_FILE).read_text())
+    assert set(gaps) == set(results["coins"]) - {"default"}
+    for row in ("protoflow_only", "CE weight 0.5"):
+        found = gaps[row]
+        assert found["gap"] == pytest.approx(results["coins"][row]["image_auroc"]
+                                             - results["coins"]["default"]["image_auroc"])
+        assert found["low"] <= found["gap"] <= found["high"]
+        line = next(line for line in printed if line.startswith(f"  {row} "))
+        assert line.endswith("   {gap:+.4f} [{low:+.4f}, {high:+.4f}]".format(**found))
 
     data = tmp_path / "mvtec"
     shutil.copytree(tiny_world.mvtec_root, data, symlinks=True)
