@@ -44,18 +44,21 @@ CE_WEIGHT = 1.0
 class CleanOptions:
     """The clean protocol's label-free choices (run_test.py --clean_masks, --unmasked,
     --abnormality, --combine, --ce_weight, --image_score); see evaluate_clean. The
-    paper's choices are 'threshold', 'zero', 'paper', 'product', 'max'. ce_weight is
-    None under 'product', which multiplies CE in unweighted."""
+    paper's choices are 'threshold', 'zero', 'paper', 'product', 'max'. ce_weight
+    defaults to CE_WEIGHT under 'weighted' and stays None under 'product', which
+    multiplies CE in unweighted: a weight given with 'product' is refused, not dropped."""
     masks: str = "proposal"
     unmasked: str = "cover"
     abnormality: str = "log"
     combine: str = "weighted"
     image_score: str = "max"
-    ce_weight: float | None = CE_WEIGHT
+    ce_weight: float | None = None
 
     def __post_init__(self) -> None:
-        if self.combine == "product":  # results.json must not record a weight not applied
-            object.__setattr__(self, "ce_weight", None)
+        if self.combine == "product" and self.ce_weight is not None:
+            raise ValueError(f"combine='product' has no CE weight, got {self.ce_weight}")
+        if self.combine == "weighted" and self.ce_weight is None:
+            object.__setattr__(self, "ce_weight", CE_WEIGHT)
 
     def as_dict(self) -> dict[str, str | float | None]:
         return asdict(self)

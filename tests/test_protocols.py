@@ -215,7 +215,10 @@ def test_weighted_log_map_of_a_2x2_patch_case_by_hand() -> None:
         assert maps["pmad"][1, 2, 2] == pytest.approx(factor * ln4, abs=1e-6)
         assert record["clean_options"]["ce_weight"] == weight
     assert torch.allclose(maps["pmad"], maps["protoflow_only"])  # weight 0
-    assert protocols.CleanOptions(combine="product", ce_weight=2.0).ce_weight is None
+    assert protocols.CleanOptions().ce_weight == protocols.CE_WEIGHT == 1.0
+    assert protocols.CleanOptions(combine="product").ce_weight is None
+    with pytest.raises(ValueError, match="combine='product' has no CE weight, got 2.0"):
+        protocols.CleanOptions(combine="product", ce_weight=2.0)  # refused, not dropped
     ce, abn = torch.ones(1, 4), torch.ones(1, 2, 2)
     with pytest.raises(ValueError, match="needs a CE weight"):
         protocols.pmad_maps(ce, abn, (2, 2), 0.0, "weighted", vocab_size=4, ce_weight=None)
