@@ -1,7 +1,7 @@
 """The bench scripts behind README's held-out experiments besides score_variants.py:
 synthetic_calibration.py (per-class CE weight on synthetic defects: the defects it
-paints, the calibration set it writes, the weight it picks) and mirror_copy.py (the
-mirrored training set)."""
+paints, the calibration set it writes, the weight it picks), mirror_copy.py (the
+mirrored training set) and cnn_stem_vit.py (the ViT with a frozen Lite0 stem)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
@@ -551,3 +552,77 @@ def test_pool_test_sets_joins_other_draws_test_images(bench, tmp_path: Path, cap
         assert pool_test_sets.main([str(a) for a in argv]) == 2
         assert words in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture
+def stem(bench):
+    import cnn_stem_vit
+    return cnn_stem_vit
+
+
+def _stem_vit(stem, seed: int = 0):
+    torch.manual_seed(seed)
+    return stem.vit_tiny_lite0_stem(vocab_size=32, img_size=64, depth=2)  # a 4 x 4 grid
+
+
+def test_cnn_stem_sees_no_masked_pixel(stem) -> None:
+    """The masked patches' pixels change no logit (the CNN's receptive field spans
+    several patches: they are blanked before it); a visible patch's pixels do."""
+    model = _stem_vit(stem).eval()
+    x = torch.randn(2, 3, 64, 64)
+    masked = torch.zeros(2, 16, dtype=torch.bool)
+    masked[:, [5, 6, 10]] = True  # patches (1, 1), (1, 2), (2, 2)
+    changed = x.clone()
+    changed[:, :, 16:32, 16:48] = torch.randn(2, 3, 16, 32)  # patches 5 and 6
+    changed[:, :, 32:48, 32:48] = 5.0  # patch 10
+    with torch.no_grad():
+        logits = model(x, masked, return_all_tokens=True)  # (N, L, V)
+        assert torch.equal(logits, model(changed, masked, return_all_tokens=True))
+        visible = x.clone()
+        visible[:, :, 0:16, 0:16] += 1.0  # patch 0, not masked
+        moved = (model(visible, masked, return_all_tokens=True) - logits).abs()
+    assert moved[:, 5].max() > 1e-4  # a masked patch's prediction reads its neighbour
+    assert model.patch_embed.bool_masked_pos is None  # nothing kept between calls
+
+
+def test_cnn_stem_stays_frozen_in_training(stem) -> None:
+    """train() keeps Lite0 in eval mode (ImageNet's batch-norm statistics) and a step
+    trains only the projection and the transformer."""
+    model = _stem_vit(stem).train()
+    backbone = model.patch_embed.backbone
+    running = {k: v.clone() for k, v in backbone.state_dict().items()}
+    assert not backbone.training and model.patch_embed.proj.training and model.blocks.training
+    masked = torch.rand(2, 16) < 0.5
+    masked[:, 0] = True
+    model(torch.randn(2, 3, 64, 64), masked).logsumexp(-1).mean().backward()
+    assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in running.items())
+
+
+def test_cnn_stem_checkpoint_loads_exactly(stem, tmp_path: Path) -> None:
+    """A saved stem ViT, Lite0 included, loads into a fresh one with no key left over."""
+    import modeling_pmad
+    model = _stem_vit(stem, seed=0).eval()
+    torch.save({"model": model.state_dict()}, tmp_path / "ckpt.pth")
+    fresh = _stem_vit(stem, seed=1).eval()
+    assert modeling_pmad.load_checkpoint(fresh, tmp_path / "ckpt.pth", strict=True) == {
+        "missing": [], "unexpected": []}
+    x, masked = torch.randn(1, 3, 64, 64), torch.rand(1, 16) < 0.3
+    with torch.no_grad():
+        assert torch.equal(model(x, masked, True), fresh(x, masked, True))
+
+
+def test_cnn_stem_runs_an_entry_point_with_its_model(stem, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys) -> None:
+    """The wrapper makes vit_tiny_lite0_stem a --model choice of the script it runs (here
+    run_test.py --help) and refuses any other script."""
+    import modeling_pmad
+    monkeypatch.setattr(modeling_pmad, "PMAD_MODELS", dict(modeling_pmad.PMAD_MODELS))
+    monkeypatch.setattr(modeling_pmad, "MODEL_CONFIGS", dict(modeling_pmad.MODEL_CONFIGS))
+    monkeypatch.setattr("sys.argv", ["x"])
+    with pytest.raises(SystemExit) as done:
+        stem.main(["run_test.py", "--help"])
+    assert done.value.code == 0 and stem.MODEL in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"usage: python bench/cnn_stem_vit.py"):
+        stem.main(["engine.py"])
