@@ -35,7 +35,7 @@ __all__ = [
     "VisionTransformerForMaskedImageModeling", "relative_position_index",
     "set_fused_attn", "build_pmad", "PMAD_MODELS", "MODEL_CONFIGS", "unwrap_state_dict",
     "load_state_dict_checked", "load_checkpoint", "checkpoint_args", "resolve_eval_config",
-    "checkpoint_vocab_size", "PAPER_EVAL_CONFIG",
+    "checkpoint_vocab_size", "PAPER_EVAL_CONFIG", "PMAD_LAYOUT",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -349,6 +349,8 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
 
 
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+# PMAD's layout (docs/method.md 2): shared relative bias, no absolute position embedding
+PMAD_LAYOUT: dict[str, Any] = dict(use_shared_rel_pos_bias=True, use_abs_pos_emb=False)
 
 
 def _create(pretrained: bool, config: dict[str, Any], **kwargs: Any
@@ -358,9 +360,7 @@ def _create(pretrained: bool, config: dict[str, Any], **kwargs: Any
     if pretrained:
         raise ValueError("no weights are downloaded: build with pretrained=False and load a "
                          "local file with modeling_pmad.load_checkpoint(model, path)")
-    # PMAD's layout by default: shared relative bias, no absolute position embedding.
-    defaults = dict(use_shared_rel_pos_bias=True, use_abs_pos_emb=False)
-    return VisionTransformerForMaskedImageModeling(**{**defaults, **config, **kwargs})
+    return VisionTransformerForMaskedImageModeling(**{**PMAD_LAYOUT, **config, **kwargs})
 
 
 # Each registered model's layout; its patch size also sets the image grid (run_pretraining).
@@ -416,8 +416,7 @@ def build_pmad(model: str, *, vocab_size: int, img_size: int = 224,
         raise ValueError(f"unknown model {model!r}: choose one of {sorted(PMAD_MODELS)}")
     layer_scale = {} if init_values is None else {"init_values": init_values}
     return PMAD_MODELS[model](vocab_size=vocab_size, img_size=img_size,
-                              drop_path_rate=drop_path_rate, use_shared_rel_pos_bias=True,
-                              use_abs_pos_emb=False, **layer_scale)
+                              drop_path_rate=drop_path_rate, **PMAD_LAYOUT, **layer_scale)
 
 
 # ---------------------------------------------------------------- checkpoint loading

@@ -14,7 +14,10 @@ saturated (>= 0.995). Choose a recipe by the tuning rows; the held-out row only 
 A second table says how much of PMAD's image AUROC gap to each baseline is the test
 images' luck: the gap with its 95 % paired bootstrap interval (the test images of each
 class resampled, good and defective apart, the same draw for both methods), from the
-per-image scores of run_test.py's results.json. Writes the same as JSON with --output.
+per-image scores of run_test.py's results.json. With --same_test_images (runs of two
+recipes, or two training runs, on one test set, e.g. README's pooled tuning sets) a third
+table gives each run's PMAD image AUROC minus the first run's, paired the same way.
+Writes the same as JSON with --output.
 Exit status 0 once the tables are made, whoever wins; 2 for a bad argument or a results
 file it cannot compare (missing, unreadable, another protocol's, without the baseline
 rows).
@@ -62,17 +65,22 @@ def results_path(path: str) -> str:
                            "--protocol clean)")
 
 
-def world_record(path: str) -> dict:
-    """{row: {metric: mean, NaN where undefined}} of one world's results.json (a row the
-    run did not score, e.g. CE alone under --unmasked zero, is all NaN), plus 'holds_up':
-    {metric: True/False, None where neither PMAD nor the baselines define it (no
-    ground-truth masks)} and 'file'."""
+def load_results(path: str) -> tuple[str, dict]:
+    """(file, contents) of the clean-protocol results.json a NAME=PATH argument means."""
     file = results_path(path)
     results = read_json_object(file, "evaluate the world again")
     if results.get("protocol") != "clean":
         raise UserError(f"{file} is not a clean-protocol results.json (protocol "
                         f"{results.get('protocol')!r}): evaluate with run_test.py --protocol "
                         "clean")
+    return file, results
+
+
+def world_record(file: str, results: dict) -> dict:
+    """{row: {metric: mean, NaN where undefined}} of one world's results.json (a row the
+    run did not score, e.g. CE alone under --unmasked zero, is all NaN), plus 'holds_up':
+    {metric: True/False, None where neither PMAD nor the baselines define it (no
+    ground-truth masks)} and 'file'."""
     record: dict = {row: _means(results, row, file) for row in ROWS}
     record["holds_up"] = {m: _holds_up_on(record, m, file) for m in METRICS}
     record["image_auroc_gap"] = image_auroc_gaps(results)
@@ -118,25 +126,58 @@ def paired_auroc_gaps(classes: list[tuple[np.ndarray, dict[str, np.ndarray]]],
                 "high": float(np.percentile(gaps[k] / n, 97.5))} for k in pairs}
 
 
-def image_auroc_gaps(results: dict, draws: int = DRAWS, seed: int = SEED
-                     ) -> dict[str, dict[str, float]] | None:
-    """{baseline: {'gap', 'low', 'high'}}: PMAD's mean image AUROC over classes minus the
-    baseline's with its paired bootstrap interval (paired_auroc_gaps), from the per-image
-    scores of a results.json. None where a class has no per-image scores (a results.json
-    of an earlier version) or lacks good or defective images."""
+def per_image_scores(results: dict, methods: tuple[str, ...]
+                     ) -> list[tuple[str, list[tuple[str, str]], np.ndarray,
+                                     dict[str, np.ndarray]]] | None:
+    """Per class of a results.json: (class, (name, defect type) of each test image,
+    labels (N,) bool, True for defective, {method: image scores (N,)}). None where a class
+    has no per-image scores (a results.json of an earlier version) or lacks good or
+    defective images, whose AUROC is undefined."""
     classes = []
-    for record in (results.get("classes") or {}).values():
+    for cls, record in (results.get("classes") or {}).items():
         images = record.get("images")
         if not images:
             return None
         labels = np.array([i["defect_type"] != "good" for i in images])
         if labels.all() or not labels.any():
             return None
-        classes.append((labels, {m: np.array([i[m] for i in images])
-                                 for m in ("pmad", *COMPARED)}))
-    if not classes:
+        classes.append((cls, [(i["name"], i["defect_type"]) for i in images], labels,
+                        {m: np.array([i[m] for i in images]) for m in methods}))
+    return classes or None
+
+
+def image_auroc_gaps(results: dict, draws: int = DRAWS, seed: int = SEED
+                     ) -> dict[str, dict[str, float]] | None:
+    """{baseline: {'gap', 'low', 'high'}}: PMAD's mean image AUROC over classes minus the
+    baseline's with its paired bootstrap interval (paired_auroc_gaps), from the per-image
+    scores of a results.json; None where per_image_scores is."""
+    classes = per_image_scores(results, ("pmad", *COMPARED))
+    if classes is None:
         return None
-    return paired_auroc_gaps(classes, {b: ("pmad", b) for b in COMPARED}, draws, seed)
+    return paired_auroc_gaps([(labels, scores) for _, _, labels, scores in classes],
+                             {b: ("pmad", b) for b in COMPARED}, draws, seed)
+
+
+def gaps_to_first_run(loaded: dict[str, tuple[str, dict]], draws: int = DRAWS,
+                      seed: int = SEED) -> dict[str, dict[str, float]] | None:
+    """{run: {'gap', 'low', 'high'}} for every run but the first: its PMAD's mean image
+    AUROC minus the first run's, paired over the test images both scored (two recipes,
+    or two training runs, on one test set). None where a run has no per-image scores; a
+    run that scored other classes or other test images is an error."""
+    per_run = {name: per_image_scores(results, ("pmad",))
+               for name, (_, results) in loaded.items()}
+    if any(classes is None for classes in per_run.values()):
+        return None
+    (first, (first_file, _)), *_ = loaded.items()
+    images = [(cls, names) for cls, names, _, _ in per_run[first]]
+    for name, classes in per_run.items():
+        if [(cls, names) for cls, names, _, _ in classes] != images:
+            raise UserError(f"{loaded[name][0]} scores other classes or test images than "
+                            f"{first_file}: --same_test_images compares runs on one test set")
+    paired = [(labels, {name: per_run[name][k][3]["pmad"] for name in per_run})
+              for k, (_, _, labels, _) in enumerate(per_run[first])]
+    return paired_auroc_gaps(paired, {name: (name, first) for name in per_run if name != first},
+                             draws, seed)
 
 
 def _means(results: dict, row: str, file: str) -> dict[str, float]:
@@ -212,6 +253,17 @@ def gap_table(records: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def run_gap_table(records: dict[str, dict], gaps: dict[str, dict[str, float]] | None) -> str:
+    """Markdown: per run after the first, its PMAD image AUROC and the gap to the first
+    run's, [95 % interval]."""
+    lines = ["| run | PMAD image AUROC | minus the first run's |", "|:--|:--:|:--:|"]
+    for name, rec in list(records.items())[1:]:
+        cell = ("n/a (no per-image scores: evaluate again)" if gaps is None else
+                "{gap:+.4f} [{low:+.4f}, {high:+.4f}]".format(**gaps[name]))
+        lines.append(f"| {name} | {_figure(rec['pmad']['image_auroc'], 4)} | {cell} |")
+    return "\n".join(lines)
+
+
 def parse_world(text: str) -> tuple[str, str]:
     """argparse type of a NAME=PATH argument."""
     name, sep, path = text.partition("=")
@@ -225,18 +277,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("worlds", nargs="+", type=parse_world, metavar="NAME=PATH")
     p.add_argument("--output", default=None, help="also write the records as JSON here")
+    p.add_argument("--same_test_images", action="store_true",
+                   help="the worlds are runs on one test set (two recipes, or two training "
+                        "runs): also print each run's PMAD image AUROC minus the first run's")
     args = p.parse_args(argv)
     names = [name for name, _ in args.worlds]
     if len(set(names)) != len(names):
         p.error(f"each world needs its own NAME, got {names}")
 
     def run() -> int:
-        records = {name: world_record(path) for name, path in args.worlds}
+        loaded = {name: load_results(path) for name, path in args.worlds}
+        records = {name: world_record(*contents) for name, contents in loaded.items()}
         print("mean image AUROC / pixel AUROC / AUPRO (clean protocol)\n")
         print(table(records))
         print(f"\nPMAD's image AUROC minus each baseline's [95 % interval, {DRAWS} paired "
               "bootstrap draws of the test images]\n")
         print(gap_table(records))
+        if args.same_test_images:
+            gaps = gaps_to_first_run(loaded)
+            print(f"\neach run's PMAD image AUROC minus {names[0]}'s (the same test images)\n")
+            print(run_gap_table(records, gaps))
+            for name, rec in records.items():
+                rec["pmad_image_auroc_gap_to_first"] = None if gaps is None else gaps.get(name)
         if args.output:
             try:
                 with open(args.output, "w") as f:

@@ -42,7 +42,8 @@ def test_demo_script_detects_defects(tmp_path: Path, bench: None) -> None:
         coins["num_images"] - coins["num_anomalous"]]
     assert len(heatmaps) == sum(min(4, n) for n in per_type)
     import compare_worlds  # heldout_check.sh's table reads a world's folder
-    record = compare_worlds.world_record(str(tmp_path / "demo" / "main"))
+    record = compare_worlds.world_record(*compare_worlds.load_results(
+        str(tmp_path / "demo" / "main")))
     assert record["pmad"]["pixel_aupro"] == results["mean"]["pixel_aupro"]
     assert record["patchcore"]["image_auroc"] == results["mean_patchcore"]["image_auroc"]
     for baseline, gap in record["image_auroc_gap"].items():  # from the per-image scores

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -426,6 +427,59 @@ def test_image_auroc_gap_is_a_paired_bootstrap_over_test_images(compare, tmp_pat
     assert compare.image_auroc_gaps(results) is None  # no defective image: undefined
 
 
+def test_same_test_images_pairs_each_run_with_the_first(compare, tmp_path: Path,
+                                                        capsys) -> None:
+    """--same_test_images: each later run's PMAD image AUROC minus the first run's, over
+    the same resamples of the test images. Run 'worse' ranks one good image of class a
+    above a defective one (0.75 against 1.0, class b equal): gap -0.125, as
+    image_auroc_gaps finds PMAD vs a baseline with those scores; a run of itself has gap
+    0. Runs of other test images are refused (exit 2); a run without per-image scores
+    gives n/a."""
+    def run(name: str, good_1: float, images=("crack_0", "crack_1")) -> Path:
+        """A results.json with per-image scores; class a's good_1 scores `good_1`."""
+        path = _results(tmp_path / name, (1.0, 0.9, 0.9), (1.0, 0.9, 0.9), (1.0, 0.9, 0.9))
+        results = json.loads(path.read_text())
+        results["classes"] = {
+            "a": {"images": [_image("good_0", 0.1, 0.1, 0.1), _image("good_1", good_1, 0, 0),
+                             _image(images[0], 0.3, 0, 0), _image(images[1], 0.4, 0, 0)]},
+            "b": {"images": [_image("good_0", 0.1, 0.1, 0.1), _image("hole_0", 0.9, 0, 0)]}}
+        path.write_text(json.dumps(results))
+        return path
+
+    first, worse, again = run("first", 0.2), run("worse", 0.35), run("again", 0.2)
+    out = tmp_path / "runs.json"
+    assert compare.main([f"first={first}", f"worse={worse}", f"again={again}",
+                         "--same_test_images", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    title = "each run's PMAD image AUROC minus first's (the same test images)"
+    assert printed[printed.index(title):] == [
+        title, "",
+        "| run | PMAD image AUROC | minus the first run's |", "|:--|:--:|:--:|",
+        "| worse | 1.0000 | -0.1250 [-0.5000, +0.0000] |",
+        "| again | 1.0000 | +0.0000 [+0.0000, +0.0000] |", "", str(out)]
+    saved = json.loads(out.read_text())
+    assert saved["worse"]["pmad_image_auroc_gap_to_first"] == {
+        "gap": -0.125, "low": -0.5, "high": 0.0}
+    assert saved["first"]["pmad_image_auroc_gap_to_first"] is None
+    # the same pairing as PMAD against a baseline: first's PMAD against worse's as one
+    results, worse_images = json.loads(first.read_text()), json.loads(worse.read_text())
+    for cls, record in results["classes"].items():
+        for image, other in zip(record["images"], worse_images["classes"][cls]["images"]):
+            image["protoflow_only"] = other["pmad"]
+    assert compare.image_auroc_gaps(results)["protoflow_only"] == {
+        "gap": 0.125, "low": 0.0, "high": 0.5}
+
+    other = run("other", 0.2, images=("crack_0", "crack_9"))
+    assert compare.main([f"first={first}", f"other={other}", "--same_test_images"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: {other} scores other classes or test images than {first}: "
+        "--same_test_images compares runs on one test set")
+    bare = _results(tmp_path / "bare", (1.0, 0.9, 0.9), (1.0, 0.9, 0.9), (1.0, 0.9, 0.9))
+    assert compare.main([f"first={first}", f"bare={bare}", "--same_test_images"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "| bare | 1.0000 | n/a (no per-image scores: evaluate again) |")
+
+
 def test_compare_worlds_refuses_what_it_cannot_compare(compare, tmp_path: Path,
                                                        capsys) -> None:
     """Exit 2 and one line naming the file and the fix: no results.json, one of the
@@ -615,14 +669,20 @@ def test_cnn_stem_checkpoint_loads_exactly(stem, tmp_path: Path) -> None:
 
 def test_cnn_stem_runs_an_entry_point_with_its_model(stem, monkeypatch: pytest.MonkeyPatch,
                                                      capsys) -> None:
-    """The wrapper makes vit_tiny_lite0_stem a --model choice of the script it runs (here
-    run_test.py --help) and refuses any other script."""
+    """The wrapper makes vit_tiny_lite0_stem a --model choice of the script it runs
+    (run_test.py, and bench/score_variants.py, which imports a bench module, --help) in
+    PMAD's layout, and refuses any other script."""
     import modeling_pmad
     monkeypatch.setattr(modeling_pmad, "PMAD_MODELS", dict(modeling_pmad.PMAD_MODELS))
     monkeypatch.setattr(modeling_pmad, "MODEL_CONFIGS", dict(modeling_pmad.MODEL_CONFIGS))
     monkeypatch.setattr("sys.argv", ["x"])
-    with pytest.raises(SystemExit) as done:
-        stem.main(["run_test.py", "--help"])
-    assert done.value.code == 0 and stem.MODEL in capsys.readouterr().out
+    monkeypatch.setattr("sys.path", list(sys.path))
+    for script in ("run_test.py", "bench/score_variants.py"):
+        with pytest.raises(SystemExit) as done:
+            stem.main([script, "--help"])
+        assert done.value.code == 0 and stem.MODEL in capsys.readouterr().out, script
+    model = modeling_pmad.build_pmad(stem.MODEL, vocab_size=8, img_size=32)
+    assert isinstance(model.patch_embed, stem.Lite0Stem) and model.pos_embed is None
+    assert model.rel_pos_bias is not None  # shared relative position bias
     with pytest.raises(UserError, match=r"usage: python bench/cnn_stem_vit.py"):
         stem.main(["engine.py"])
