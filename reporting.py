@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 import metrics
-from utils import FlagError, UserError, complete_lines, write_atomic
+from utils import FlagError, UserError, complete_lines, set_aside, write_atomic
 
 BASELINES = {"protoflow_only": "ProtoFlow map alone", "patchcore": "PatchCore",
              "ce_only": "ViT cross-entropy alone"}
@@ -90,6 +90,7 @@ def format_table(results: dict, protocol: str) -> str:
 
 
 RESULT_FILES = ("results.json", "results.md", "results.csv", "image_scores.csv")
+HEATMAPS = "heatmaps"  # the folder of run_test.py --save_heatmaps
 
 
 def write_results(results: dict, output_dir: Path, protocol: str) -> str:
@@ -168,9 +169,10 @@ class PartialResults:
         self.keys = {c: json.loads(json.dumps({**key, **k}, default=str))
                      for c, k in class_keys.items()}
         self.done: dict[str, dict] = {}
-        if not resume:  # an evaluation afresh: no table of the last one may look current
-            for file in (path, *(path.parent / name for name in RESULT_FILES)):
-                file.unlink(missing_ok=True)
+        self.set_aside_to: str | None = None
+        if not resume:  # afresh: no output of the last evaluation may look current, and
+            # none is deleted (a rerun that crashes must not cost the last one's results)
+            self.set_aside_to = set_aside(path.parent, [path.name, *RESULT_FILES, HEATMAPS])
             return
         for entry in self._read_entries():
             want = self.keys.get(entry["class"])
@@ -239,4 +241,4 @@ def report(results: dict, out_dir: Path, protocol: str, start: float, heatmaps: 
     print(table)
     print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}, "
           f"{out_dir / 'results.csv'}, {out_dir / 'image_scores.csv'}"
-          + (f"; heatmaps: {out_dir / 'heatmaps'}" if heatmaps else ""))
+          + (f"; heatmaps: {out_dir / HEATMAPS}" if heatmaps else ""))

@@ -464,7 +464,7 @@ def build_model_and_data(args: argparse.Namespace, env: utils.DistEnv, train_cla
         img_size=args.input_size, mean=mean, std=std, patch_size=patch_size,
         fg_mask=args.fg_mask, skip_bad_images=args.skip_bad_images,
         freq_weights=policy.frequency)
-    identity = data_identity(tokenizer.fingerprint, dataset, args.data_path)
+    identity = data_identity(tokenizer.fingerprint, dataset, args.data_path, train_classes)
     if header is not None:
         check_same_data(header.get("args"), identity, resume)
     stats = datasets.cache_tokens(dataset, tokenizer, args.token_cache_dir, device=env.device,
@@ -480,11 +480,13 @@ def build_model_and_data(args: argparse.Namespace, env: utils.DistEnv, train_cla
 
 
 def data_identity(tokenizer_fingerprint: str, dataset: datasets.PretrainDataset,
-                  data_path: str) -> dict:
+                  data_path: str, train_classes: Sequence[str]) -> dict:
     """What a run's targets and images are, saved with its arguments: the tokenizer's
-    fingerprint (its file and compute precision) and the training images' names."""
+    fingerprint (its file and compute precision), the training images' names and the
+    classes (run_test.py refuses to score one of them as unseen)."""
     names = "\n".join(os.path.relpath(p, data_path) for p, _ in dataset.samples)
-    return {"tokenizer_fingerprint": tokenizer_fingerprint, "train_images": len(dataset),
+    return {"tokenizer_fingerprint": tokenizer_fingerprint, "train_classes": list(train_classes),
+            "train_images": len(dataset),
             "train_images_sha256": hashlib.sha256(names.encode("utf-8", "surrogateescape"))
             .hexdigest()}
 

@@ -29,10 +29,10 @@ from modeling_discrete_vae import available_tokenizers, create_tokenizer
 from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED,
                        CleanOptions, collect_class, evaluate_clean, evaluate_paper)
 from protoflow import ProtoFlow, prototypes_sha256
-from reporting import PartialResults, exit_status, report
+from reporting import HEATMAPS, PartialResults, exit_status, report
 from utils import (AMP_CHOICES, FlagError, UniqueNames, cli, file_sha256, float_at_least,
                    int_at_least, mask_ratio_arg, prepare_output_dir, read_weights_file,
-                   resolve_amp, resolve_device, resolve_weights_file, set_aside)
+                   resolve_amp, resolve_device, resolve_weights_file)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -172,22 +172,29 @@ def select_classes(args: argparse.Namespace, setting: str) -> list[str]:
     return classes
 
 
-def check_unseen(args: argparse.Namespace, setting: str, classes: list[str],
-                 protoflow: ProtoFlow) -> None:
+def check_unseen(args: argparse.Namespace, setting: str, classes: list[str], m: Models
+                 ) -> None:
     """A cross-class evaluation (obj2tex, tex2obj, leave_one_out) scores classes its
-    models never saw: a ProtoFlow file whose flow trained on one of them would leak
-    them into the scores. Our files record their classes; a released one does not."""
-    trained = set(protoflow.classes or ())
-    if setting == "multi_class" or not trained:
+    models never saw: a ViT or a ProtoFlow flow trained on one of them would leak it
+    into the scores. Our files record their classes; a released one does not."""
+    if setting == "multi_class":
         return
     unseen = datasets.setting_classes(setting, args.unseen_classes,
                                       available=datasets.find_test_classes(args.data_path))[1]
-    leaked = sorted(trained & set(unseen) & set(classes))  # --classes may pick seen ones
-    if leaked:
-        raise FlagError(f"--protoflow_weights {args.protoflow_weights} was trained on "
-                        f"{', '.join(leaked)}, which the {setting} setting evaluates as "
-                        "unseen: train one on the seen classes (`python run_protoflow.py "
-                        f"train --setting {setting} ...`) and pass it")
+    unseen = set(unseen) & set(classes)  # --classes may pick seen ones
+    fixes = {"--ckpt": ("`python run_pretraining.py", m.vit_classes),
+             "--protoflow_weights": ("`python run_protoflow.py train", m.protoflow.classes)}
+    for flag, (command, trained) in fixes.items():
+        leaked = sorted(set(trained or ()) & unseen)
+        if leaked:
+            raise FlagError(f"{flag} {getattr(args, flag[2:])} was trained on "
+                            f"{', '.join(leaked)}, which the {setting} setting evaluates as "
+                            f"unseen: train one on the seen classes ({command} --setting "
+                            f"{setting} ...`) and pass it")
+    if m.vit_classes is None and unseen:
+        print(f"[run_test] {args.ckpt} does not record its training classes (a released "
+              "file, or one of an earlier version of run_pretraining.py): make sure it never "
+              f"saw {', '.join(sorted(unseen))}")
 
 
 @dataclass
@@ -200,6 +207,7 @@ class Models:
     amp: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    vit_classes: list[str] | None = None  # what the ViT trained on, where its file says
 
     @property
     def img_size(self) -> int:
@@ -220,6 +228,7 @@ def load_models(args: argparse.Namespace) -> Models:
     tokenizer = create_tokenizer(args.tokenizer_model, args.tokenizer_weight_path,
                                  device=str(device), amp=amp)
     vocab_size = modeling_pmad.checkpoint_vocab_size(checkpoint, args.ckpt)
+    vit_classes = (modeling_pmad.checkpoint_args(checkpoint) or {}).get("train_classes")
     if vocab_size != tokenizer.vocab_size:
         raise FlagError(f"{args.ckpt} predicts {vocab_size} visual tokens but the "
                         f"{args.tokenizer_model} tokenizer {args.tokenizer_weight_path} has "
@@ -234,7 +243,7 @@ def load_models(args: argparse.Namespace) -> Models:
     args.protoflow_weights = resolve_weights_file(args.protoflow_weights, "--protoflow_weights")
     protoflow = ProtoFlow(args.protoflow_weights, args.prototypes_dir, device=str(device),
                           encoder_weights=args.encoder_weights, input_normalization=(mean, std))
-    return Models(model, tokenizer, protoflow, device, amp, mean, std)
+    return Models(model, tokenizer, protoflow, device, amp, mean, std, vit_classes)
 
 
 def clean_options(args: argparse.Namespace) -> CleanOptions:
@@ -318,7 +327,7 @@ def main(args: argparse.Namespace) -> dict:
     classes = select_classes(args, setting)
     root = Path(args.data_path)
     m = load_models(args)
-    check_unseen(args, setting, classes, m.protoflow)
+    check_unseen(args, setting, classes, m)
     if args.protocol == "clean":
         check_mask_ratios(args, classes, m.model.patch_embed.num_patches)
     if (args.protocol == "clean" and options.masks == "threshold"
@@ -337,16 +346,18 @@ def main(args: argparse.Namespace) -> dict:
     partial = PartialResults(out_dir / "results.partial.jsonl", resume_key(args, results),
                              {c: {"prototypes": sha} for c, sha in results["prototypes"].items()},
                              args.resume_eval)
-    if not args.resume_eval:  # afresh: no heatmap of the last evaluation beside this one's
-        moved = set_aside(out_dir, ["heatmaps"])
-        if moved:
-            print(f"[run_test] the earlier evaluation's heatmaps moved to {moved}")
+    if partial.set_aside_to:
+        print(f"[run_test] the earlier evaluation's results and heatmaps moved to "
+              f"{partial.set_aside_to}")
     class_name = None
     try:
         for class_name in tqdm(classes, desc=f"evaluating ({args.protocol} protocol)"):
             if class_name in partial.done:
                 results["classes"][class_name] = partial.done[class_name]
                 tqdm.write(f"[run_test] {class_name}: done in an earlier run ({partial.path})")
+                if args.save_heatmaps and not (out_dir / HEATMAPS / class_name).is_dir():
+                    tqdm.write(f"[run_test] {class_name}: that run saved no heatmaps of it; "
+                               "evaluate it afresh (no --resume_eval) to draw them")
                 continue
             results["classes"][class_name] = evaluate_class(args, m, options, root, out_dir,
                                                             class_name)
@@ -397,7 +408,7 @@ def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, r
         threshold = (record["threshold"] if args.protocol == "paper"
                      else m.protoflow.threshold_for(class_name))
         save_heatmaps(data, maps["pmad"], scores["pmad"], scores["protoflow_score"], threshold,
-                      out_dir / "heatmaps" / class_name, args.save_heatmaps, m.mean, m.std)
+                      out_dir / HEATMAPS / class_name, args.save_heatmaps, m.mean, m.std)
     return record
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -146,13 +145,13 @@ def test_results_md_lists_defect_types_in_sorted_order(tmp_path):
     assert rows[3] == "| fold | 0.800/0.800 | 0.600/0.600 | 0.400/0.400 |"  # b only
 
 
-def test_partial_results_survive_a_cut_short_line_and_a_fresh_run_clears_the_last(tmp_path,
-                                                                                  capsys):
+def test_partial_results_survive_a_cut_short_line_and_a_fresh_run_sets_the_last_aside(
+        tmp_path, capsys):
     """A run killed while appending leaves half a line: --resume_eval keeps the whole
     records, drops the half one (its class runs again) and rewrites the file, so the
     next record is a line of its own; a broken line before the last is refused. A run
-    afresh removes the last evaluation's results.* too, so that a rerun that finishes no
-    class leaves no table that looks current."""
+    afresh moves the last evaluation's results.* and heatmaps aside together, so that a
+    rerun that finishes no class leaves no table that looks current and loses none."""
     path = tmp_path / "results.partial.jsonl"
     keys = {c: {"prototypes": c} for c in ("a", "b")}
     first = reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=False)
@@ -171,8 +170,16 @@ def test_partial_results_survive_a_cut_short_line_and_a_fresh_run_clears_the_las
         reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=True)
     for name in reporting.RESULT_FILES:
         (tmp_path / name).write_text("the last run's")
-    reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=False)
-    assert sorted(os.listdir(tmp_path)) == []
+    (tmp_path / "heatmaps" / "a").mkdir(parents=True)
+    (tmp_path / "heatmaps" / "a" / "x.png").write_text("the last run's")
+    before = {p.relative_to(tmp_path): p.read_text() for p in tmp_path.rglob("*") if p.is_file()}
+    afresh = reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=False)
+    (previous,) = tmp_path.iterdir()  # all of it set aside together, nothing deleted
+    assert previous.name.startswith("previous-") and afresh.set_aside_to == str(previous)
+    assert {p.relative_to(previous): p.read_text() for p in previous.rglob("*")
+            if p.is_file()} == before and len(before) == len(reporting.RESULT_FILES) + 2
+    assert reporting.PartialResults(path, {"protocol": "clean"}, keys,
+                                    resume=False).set_aside_to is None  # nothing to move
 
 
 def test_image_scores_csv_has_every_image_and_names_a_class_without_them(tmp_path, capsys):

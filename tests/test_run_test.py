@@ -368,10 +368,20 @@ def test_a_mask_ratio_that_masks_no_patch_is_refused_before_any_class(tiny_world
                                ["coins"], 196)
 
 
-def test_a_protoflow_trained_on_an_unseen_class_is_refused(tiny_world, tmp_path):
-    """A cross-class evaluation with a ProtoFlow whose flow trained on the class it
-    evaluates as unseen would leak it into the scores: refused, before any work, naming
-    the file and the fix. The multi-class setting evaluates the classes it trained on."""
+def _models(vit_classes: list[str] | None, protoflow_classes: list[str] | None
+            ) -> SimpleNamespace:
+    """What check_unseen reads of run_test.Models: the classes each file trained on."""
+    return SimpleNamespace(vit_classes=vit_classes,
+                           protoflow=SimpleNamespace(classes=protoflow_classes))
+
+
+def test_a_vit_or_protoflow_trained_on_an_unseen_class_is_refused(tiny_world, tmp_path,
+                                                                  capsys):
+    """A cross-class evaluation with a ViT checkpoint or a ProtoFlow that trained on the
+    class it evaluates as unseen would leak it into the scores: refused, before any work,
+    naming the file and the fix. A file that does not record its classes (a released
+    one) is named as unchecked. The multi-class setting evaluates the classes it trained
+    on, and --classes may pick a class the setting trains on."""
     argv = _argv(tiny_world, tmp_path / "loo", "clean", "--setting", "leave_one_out",
                       "--unseen_classes", "coins")
     with pytest.raises(utils.FlagError, match=(
@@ -380,33 +390,49 @@ def test_a_protoflow_trained_on_an_unseen_class_is_refused(tiny_world, tmp_path)
             "python run_protoflow.py train --setting leave_one_out")):
         run_test.main(run_test.get_args_parser().parse_args(argv))
     assert not (tmp_path / "loo" / "clean" / "results.partial.jsonl").exists()
-    released = SimpleNamespace(classes=None)  # a released file: nothing to check
-    run_test.check_unseen(SimpleNamespace(protoflow_weights="x.pt"), "leave_one_out",
-                          ["coins"], released)
-    run_test.check_unseen(SimpleNamespace(protoflow_weights="x.pt"), "multi_class", ["coins"],
-                          SimpleNamespace(classes=["coins"]))
-    # --classes picking a class the setting trains on: not an unseen one, not a leak
-    seen = SimpleNamespace(protoflow_weights="x.pt", unseen_classes=["coins"],
+    ckpt = torch.load(tiny_world.pmad_ckpt, weights_only=True)
+    ckpt["args"] = {"setting": "multi_class", "train_classes": ["brick", "coins"]}
+    vit = tmp_path / "multi_class.pth"
+    torch.save(ckpt, vit)
+    argv[argv.index("--ckpt") + 1] = str(vit)
+    with pytest.raises(utils.FlagError, match=(
+            f"--ckpt {vit} was trained on coins, which the leave_one_out setting evaluates "
+            r"as unseen: train one on the seen classes \(`python run_pretraining.py "
+            "--setting leave_one_out")):
+        run_test.main(run_test.get_args_parser().parse_args(argv))
+    args = SimpleNamespace(ckpt="x.pth", protoflow_weights="x.pt", unseen_classes=["coins"],
                            data_path=str(tiny_world.mvtec_root))
-    run_test.check_unseen(seen, "leave_one_out", ["brick"], SimpleNamespace(classes=["brick"]))
+    capsys.readouterr()
+    run_test.check_unseen(args, "leave_one_out", ["coins"], _models(["brick"], None))
+    assert capsys.readouterr().out == ""
+    run_test.check_unseen(args, "leave_one_out", ["coins"], _models(None, None))
+    assert capsys.readouterr().out == (
+        "[run_test] x.pth does not record its training classes (a released file, or one of "
+        "an earlier version of run_pretraining.py): make sure it never saw coins\n")
+    run_test.check_unseen(args, "multi_class", ["coins"], _models(["coins"], ["coins"]))
+    run_test.check_unseen(args, "leave_one_out", ["brick"], _models(["brick"], ["brick"]))
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("setting, leaked, seen", [("obj2tex", "carpet", "bottle"),
                                                    ("tex2obj", "screw", "wood")])
-def test_object_texture_settings_refuse_a_protoflow_trained_on_their_test_classes(
+def test_object_texture_settings_refuse_a_file_trained_on_their_test_classes(
         tmp_path, setting, leaked, seen):
-    """obj2tex evaluates MVTec AD's textures as unseen and tex2obj its objects: a flow
-    that trained on one of them is refused by name; one that trained on the setting's
-    own training classes is what the setting needs."""
+    """obj2tex evaluates MVTec AD's textures as unseen and tex2obj its objects: a flow or
+    a ViT that trained on one of them is refused by name; one that trained on the
+    setting's own training classes is what the setting needs."""
     for name in datasets.MVTEC_CLASSES:
         (tmp_path / name / "test" / "good").mkdir(parents=True)
-    args = SimpleNamespace(protoflow_weights="pf.pt", unseen_classes=None,
+    args = SimpleNamespace(ckpt="vit.pth", protoflow_weights="pf.pt", unseen_classes=None,
                            data_path=str(tmp_path))
     test_classes = datasets.setting_classes(setting)[1]
-    with pytest.raises(utils.FlagError, match=f"was trained on {leaked}, which the {setting} "):
-        run_test.check_unseen(args, setting, test_classes,
-                              SimpleNamespace(classes=[seen, leaked]))
-    run_test.check_unseen(args, setting, test_classes, SimpleNamespace(classes=[seen]))
+    with pytest.raises(utils.FlagError, match=f"pf.pt was trained on {leaked}, which the "
+                                              f"{setting} "):
+        run_test.check_unseen(args, setting, test_classes, _models([seen], [seen, leaked]))
+    with pytest.raises(utils.FlagError, match=f"vit.pth was trained on {leaked}, which the "
+                                              f"{setting} "):
+        run_test.check_unseen(args, setting, test_classes, _models([seen, leaked], [seen]))
+    run_test.check_unseen(args, setting, test_classes, _models([seen], [seen]))
 
 
 def test_from_obj_to_texture_selects_the_obj2tex_test_classes(tiny_world, tmp_path):
@@ -469,7 +495,8 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
     other prototypes or another --amp, --seed or --default_mask_ratio are refused by
     name. The class has no ground truth (pixel metrics nan), as a custom set: the records
     with nan are reused and results.json holds null. An evaluation afresh sets the last
-    one's heatmaps aside (they mixed with its own); a resumed one keeps them."""
+    one's heatmaps aside (they mixed with its own); a resumed one keeps them, and says so
+    where a reused class has none to keep."""
     data = tmp_path / "mvtec"
     shutil.copytree(tiny_world.mvtec_root / "coins", data / "coins")
     shutil.rmtree(data / "coins" / "ground_truth")
@@ -505,6 +532,10 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
     assert "coins: done in an earlier run" in capsys.readouterr().out
     assert again["classes"]["coins"]["image_auroc"] == first["image_auroc"]
     assert (pngs / "kept.png").read_bytes() == b"kept"
+    shutil.rmtree(pngs)  # a reused class's heatmaps are not drawn again: said, not hidden
+    run_test.main(parse(argv + ["--resume_eval", "--save_heatmaps", "1"]))
+    assert ("coins: that run saved no heatmaps of it; evaluate it afresh (no --resume_eval) "
+            "to draw them") in capsys.readouterr().out and not pngs.exists()
     saved = strict_json(out / "results.json")["classes"]["coins"]
     assert saved["pixel_auroc"] is None and saved["image_auroc"] == first["image_auroc"]
 

@@ -111,6 +111,7 @@ def test_two_epochs_write_checkpoints_and_logs(env, reference):
     ckpt = utils.load_checkpoint_file(os.path.join(out, "checkpoint-last.pth"))
     assert ckpt["epoch"] == 1 and ckpt["world_size"] == 1 and len(ckpt["rng"]) == 1
     assert ckpt["args"]["model"] == TINY and ckpt["args"]["setting"] == "multi_class"
+    assert ckpt["args"]["train_classes"] == list(TWO_CLASSES)  # run_test.check_unseen's
     assert set(ckpt) >= {"model", "optimizer", "scaler", "masking"}
     # the last step's lr and weight decay (--weight_decay 0.05, constant) as the optimiser
     # applied them, not only as they were logged
