@@ -9,13 +9,15 @@ Layouts
     <root>/<class>/ground_truth/<defect>/<stem>_mask.<ext>   (or <stem>.<ext>, BTAD)
 
 Bad input is never replaced by another sample (docs/method.md 9.6): an unreadable or missing
-file is an error naming it; with ``skip_bad_images=True`` every file is decoded once at
-construction and the bad ones are listed in a warning and left out.
+file (a link to a missing file included) is an error naming it; with ``skip_bad_images=True``
+every file is decoded once at construction and the bad ones are listed in a warning and left
+out. Two images of one stem in a folder are refused; other files are named in a note.
 """
 from __future__ import annotations
 
 import io
 import os
+import sys
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +56,7 @@ TRAIN_LAYOUT = ("<root>/train/<class>/<image>.png (from MVTec's <class>/train/go
 TEST_LAYOUT = ("<root>/<class>/test/<defect>/<image>.png ('good' = normal), "
                "<root>/<class>/ground_truth/<defect>/<image stem>_mask.png")
 FIX_BAD_FILE = "replace the file, or pass --skip_bad_images to leave bad files out"
+FIX_DANGLING = "restore each link's target, or delete the link"
 FIX_FG_MASK = ("unpack the released masks with `python setup_train_dataset.py --data_path "
                "<MVTec AD> --fg_mask_zip fg_mask.zip` (or estimate them with "
                "--make_fg_masks), or train with --no-fg_mask (every patch counts as foreground)")
@@ -128,12 +131,76 @@ def setting_classes(setting: str, unseen_classes: str | Sequence[str] | None = N
     return [c for c in pool if c != unseen[0]], [unseen[0]]
 
 
-def list_images(folder: str) -> list[str]:
-    """Image files directly in `folder`, sorted by name (a fixed order keeps runs
-    reproducible). Hidden files (e.g. macOS '._000.png' companions) are not images."""
-    return [os.path.join(folder, f) for f in sorted(os.listdir(folder))
-            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
-            and os.path.isfile(os.path.join(folder, f))]
+def dangling_link(path: str) -> str | None:
+    """'<path> is a link to <target>, which does not exist' for a symbolic link whose
+    target is gone, else None: os.path.isfile and isdir are False for such a link, so a
+    listing by them would drop it unseen."""
+    if not os.path.islink(path) or os.path.exists(path):
+        return None
+    target = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+    return f"{path} is a link to {target}, which does not exist"
+
+
+def list_images(folder: str, keep_dangling: bool = False) -> list[str]:
+    """Image files (IMAGE_EXTENSIONS) directly in `folder`, sorted by name (a fixed order
+    keeps runs reproducible). Hidden files (e.g. macOS '._000.png' companions) are not
+    images; any other file not taken is named in a note on stderr (_note_left_out), so
+    that an image of another type (.webp) is not left out unseen.
+
+    A link to a missing file is a BadFileError, or with `keep_dangling` listed, for the
+    caller to refuse or, with --skip_bad_images, leave out as it does an unreadable file.
+    Two images of one stem (000.png, 000.jpg) are a BadFileError: they would share one
+    mask and one result name."""
+    images, dangling, other = [], [], []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(".") or os.path.isdir(path):
+            continue
+        link = dangling_link(path)
+        if not name.lower().endswith(IMAGE_EXTENSIONS) or not (os.path.isfile(path) or link):
+            other.append(name)
+        elif link and not keep_dangling:
+            dangling.append(link)
+        else:
+            images.append(path)
+    if dangling:
+        raise BadFileError(f"{len(dangling)} image link(s) in {folder} lead nowhere:"
+                           f"{bullet_list(dangling)}\nFix: {FIX_DANGLING}")
+    _refuse_stem_collisions(folder, images)
+    _note_left_out(folder, other)
+    return images
+
+
+def _refuse_stem_collisions(folder: str, images: Sequence[str]) -> None:
+    """Masks (<stem>_mask.png, fg_mask/<class>/<stem>.png) and result names
+    ('<defect>_<stem>') go by the stem: two images of one stem would share them."""
+    by_stem: dict[str, list[str]] = {}
+    for path in images:
+        name = os.path.basename(path)
+        by_stem.setdefault(os.path.splitext(name)[0], []).append(name)
+    groups = [", ".join(names) for names in by_stem.values() if len(names) > 1]
+    if groups:
+        raise BadFileError(
+            f"{folder} holds {len(groups)} group(s) of images with one name and different "
+            f"extensions, which would share one mask and one result name:"
+            f"{bullet_list(groups)}\nFix: rename all but one file of each group (and a test "
+            "image's ground-truth mask with it)")
+
+
+_NOTED: set[tuple[str, tuple[str, ...]]] = set()  # (folder, names) already noted
+
+
+def _note_left_out(folder: str, names: Sequence[str], shown: int = 3) -> None:
+    """One stderr line (rank 0) per folder for the files list_images does not take;
+    once per process, since a run lists a folder several times (checks, dataset)."""
+    key = (os.path.abspath(folder), tuple(names))
+    if not names or key in _NOTED:
+        return
+    _NOTED.add(key)
+    some = ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+    main_print(f"[data] note: {folder}: left out {len(names)} file(s) not of an image type "
+               f"{'/'.join(IMAGE_EXTENSIONS)} ({some}); convert any image among them to PNG "
+               "to use it", file=sys.stderr)
 
 
 def is_junk_dir(name: str) -> bool:
@@ -144,9 +211,14 @@ def is_junk_dir(name: str) -> bool:
 
 
 def data_subdirs(folder: str) -> list[str]:
-    """The sub-folders of `folder` that may hold data (not is_junk_dir), sorted."""
-    return sorted(d for d in os.listdir(folder)
-                  if not is_junk_dir(d) and os.path.isdir(os.path.join(folder, d)))
+    """The sub-folders of `folder` that may hold data (not is_junk_dir), sorted. A link
+    to a missing folder is a LayoutError, not a class or defect type dropped unseen."""
+    names = [d for d in sorted(os.listdir(folder)) if not is_junk_dir(d)]
+    dangling = [p for p in (dangling_link(os.path.join(folder, d)) for d in names) if p]
+    if dangling:
+        raise LayoutError(f"{len(dangling)} link(s) in {folder} lead nowhere:"
+                          f"{bullet_list(dangling)}\nFix: {FIX_DANGLING}")
+    return [d for d in names if os.path.isdir(os.path.join(folder, d))]
 
 
 def resolve_train_root(path: str) -> str:
@@ -233,7 +305,7 @@ def check_test_classes(root: str, classes: Sequence[str], skip_bad_images: bool 
             continue
         problems += missing
         problems += [p for p in (mask_problem(mask, image, image_required=True)
-                                 if mask is not None and os.path.isfile(mask)
+                                 if mask is not None and os.path.lexists(mask)
                                  else image_problem(image)
                                  for image, _, _, mask in items) if p]
     if problems:
@@ -260,12 +332,13 @@ def _check_classes(classes: Sequence[str]) -> list[str]:
 
 def list_train_samples(root: str, classes: Sequence[str]) -> list[tuple[str, int]]:
     """(image path, class index) over <root>/train/<class>/*, class index = position in
-    `classes`; every missing folder is listed in one error."""
+    `classes`; every missing folder is listed in one error. Links to missing files are
+    listed: the datasets refuse them or, with --skip_bad_images, leave them out."""
     available = list_train_classes(root)
     samples, problems = [], []
     for idx, name in enumerate(classes):
         folder = os.path.join(root, "train", name)
-        files = list_images(folder) if os.path.isdir(folder) else None
+        files = list_images(folder, keep_dangling=True) if os.path.isdir(folder) else None
         if files is None:
             problems.append(f"{folder} (class folder missing)")
         elif not files:
@@ -303,6 +376,8 @@ def mask_problem(mask: str | io.BytesIO, image_path: str, mask_name: str | None 
     file (the size alone does not) at ~0.1 ms per 1024 px mask, where a full decode takes
     ~5 ms."""
     name = mask_name or mask
+    if isinstance(mask, str) and (link := dangling_link(mask)):
+        return f"{link} (mask of {image_path})"
     try:
         with Image.open(mask) as img:
             mask_size = oriented_size(img)  # reads chunks, which verify() must precede
@@ -322,6 +397,8 @@ def mask_problem(mask: str | io.BytesIO, image_path: str, mask_name: str | None 
 
 def image_problem(image_path: str) -> str | None:
     """Why `image_path` is not an image, from its header alone (~0.1 ms); None if it is."""
+    if link := dangling_link(image_path):
+        return link
     try:
         with Image.open(image_path):
             return None
@@ -454,7 +531,7 @@ def patch_any(mask: torch.Tensor, patch_size: int = 16) -> torch.Tensor:
 
 
 def _missing(path: str, kind: str, fix: str) -> BadFileError:
-    return BadFileError(f"{kind} {path} does not exist; {fix}")
+    return BadFileError(f"{kind} {dangling_link(path) or path + ' does not exist'}; {fix}")
 
 
 def _orientation(img: Image.Image) -> int:
@@ -532,12 +609,33 @@ def mask_defects(arr: np.ndarray) -> np.ndarray:
     return arr > values[-1] / 2
 
 
+def _colour_and_alpha(img: Image.Image) -> tuple[np.ndarray, np.ndarray] | None:
+    """((H, W, C) colour, (H, W) alpha) of a mask with transparency (an alpha channel, or
+    a palette's or colour key's 'transparency'), else None."""
+    if img.mode in ("LA", "La", "RGBA", "RGBa"):
+        arr = np.asarray(img)
+        return arr[..., :-1], arr[..., -1]
+    if img.mode == "PA" or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
+        arr = np.asarray(img.convert("RGBA"))
+        return arr[..., :3], arr[..., 3]
+    return None
+
+
 def mask_values(img: Image.Image) -> np.ndarray:
-    """(H, W) values of a decoded mask, for mask_defects. Alpha is dropped. A palette of
-    greys is read by its colours, as a grey mask; any other palette by its indices
-    (index 0 the background, as in VisA's and VOC's masks), so that no colour reads
-    darker than the background; a colour mask by its strongest channel, for the same
-    reason."""
+    """(H, W) values of a decoded mask, for mask_defects.
+
+    Alpha is the mask where it alone draws one: one colour over the whole image and alpha
+    varying (black or white paint on a transparent layer, which its colours would read as
+    all normal or all defect). Otherwise alpha is dropped (an opaque layer, colour paint).
+    A palette of greys is read by its colours, as a grey mask; any other palette by its
+    indices (index 0 the background, as in VisA's and VOC's masks), so that no colour
+    reads darker than the background; a colour mask by its strongest channel, for the
+    same reason."""
+    layers = _colour_and_alpha(img)
+    if layers is not None:
+        colour, alpha = layers
+        if alpha.min(initial=0) != alpha.max(initial=0) and (colour == colour[:1, :1]).all():
+            return alpha
     if img.mode in ("LA", "La"):
         img = img.getchannel(0)
     elif img.mode == "PA":
@@ -630,6 +728,8 @@ class TrainImageDataset(Dataset):
             self.samples, self.bad_files = _drop_bad_files(
                 self.samples, lambda s: open_rgb(s[0]), "training images")
             _require_each_class(self.samples, self.classes, root)
+        else:
+            _refuse_missing(p for p, _ in self.samples)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -638,6 +738,16 @@ class TrainImageDataset(Dataset):
         path, class_idx = self.samples[index]
         image = open_rgb(path)
         return (self.transform(image) if self.transform else image), class_idx
+
+
+def _refuse_missing(paths: Iterable[str | None], missing: Sequence[str] = ()) -> None:
+    """Without --skip_bad_images: `missing` (files not found) and links to missing files
+    among `paths`, all in one error before any work (a stat each); a file that is there
+    but unreadable is found when decoded."""
+    problems = list(missing) + [p for p in map(dangling_link, filter(None, paths)) if p]
+    if problems:
+        raise BadFileError(f"{len(problems)} file(s) missing:{bullet_list(problems)}"
+                           f"\nFix: {FIX_BAD_FILE}")
 
 
 def _require_each_class(samples: list[tuple], classes: list[str], root: str) -> None:
@@ -714,8 +824,10 @@ class PretrainDataset(_TokenImageDataset):
         if skip_bad_images:
             items, self.bad_files = _drop_bad_files(items, self._load, "training images")
             _require_each_class(items, self.classes, root)
-        elif fg_mask:
-            _require_masks(items, root, self.classes)
+        else:
+            _refuse_missing(p for p, _, _ in items)
+            if fg_mask:
+                _require_masks(items, root, self.classes)
         self.samples = [(p, c) for p, c, _ in items]  # (image path, class index)
         self.image_paths = [p for p, _, _ in items]
         self.mask_paths = [m for _, _, m in items]  # None entries when fg_mask=False
@@ -877,7 +989,7 @@ def _require_masks(items: list[tuple[str, int, str]], root: str, classes: list[s
             lines.append(f"{os.path.join(root, 'fg_mask', name)}/ (no masks for any of "
                          f"its {total} images)")
         else:
-            lines += files
+            lines += [dangling_link(m) or m for m in files]
     raise BadFileError(f"{len(missing)} foreground mask(s) missing:{bullet_list(lines)}"
                        f"\nFix: {FIX_FG_MASK}")
 
@@ -918,9 +1030,8 @@ class MVTecTestDataset(_TokenImageDataset):
         self.root, self.class_name = root, class_name
         self.has_ground_truth = os.path.isdir(os.path.join(root, class_name, "ground_truth"))
         items, missing = self._list(root, class_name, self.has_ground_truth)
-        if missing and not skip_bad_images:
-            raise BadFileError(f"{len(missing)} ground-truth mask(s) missing:\n  "
-                               + "\n  ".join(missing) + f"\nFix: {FIX_BAD_FILE}")
+        if not skip_bad_images:
+            _refuse_missing([p for s in items for p in (s[0], s[3])], missing)
         self.bad_files: list[str] = []
         if skip_bad_images:
             items, self.bad_files = _drop_bad_files(items, self._load,
@@ -947,7 +1058,7 @@ class MVTecTestDataset(_TokenImageDataset):
                               f"{', '.join(found) or 'none'}")
         items, missing, empty = [], [], []
         for defect in data_subdirs(test_dir):
-            files = list_images(os.path.join(test_dir, defect))
+            files = list_images(os.path.join(test_dir, defect), keep_dangling=True)
             if not files:
                 empty.append(os.path.join(test_dir, defect))
             label = 0 if defect in NORMAL_DIRS else 1
@@ -958,8 +1069,8 @@ class MVTecTestDataset(_TokenImageDataset):
                 stem = os.path.splitext(os.path.basename(f))[0]
                 mask = _find_gt_mask(gt_dir, listing, stem) if pixel_labels else None
                 if pixel_labels and mask is None:
-                    missing.append(f"{os.path.join(gt_dir, stem)}_mask.png (or "
-                                   f"{stem}.png) for {f}")
+                    missing.append(f"ground-truth mask {os.path.join(gt_dir, stem)}_mask.png "
+                                   f"(or {stem}.png) for {f}")
                     # BadFileError at load time names the file if it is kept
                     mask = os.path.join(gt_dir, stem + "_mask.png")
                 items.append((f, label, defect, mask))

@@ -348,7 +348,7 @@ def test_btad_layout(mvtec_root):
 
 def test_missing_or_corrupt_gt_mask(mvtec_root):
     os.remove(mvtec_root / "bottle" / "ground_truth" / "broken" / "001_mask.png")
-    with pytest.raises(BadFileError, match=r"1 ground-truth mask\(s\) missing(.|\n)*001_mask"):
+    with pytest.raises(BadFileError, match=r"1 file\(s\) missing:\n  ground-truth mask .*001_mask"):
         MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
     truncate(mvtec_root / "bottle" / "ground_truth" / "broken" / "000_mask.png")
     with pytest.warns(UserWarning, match=r"left out 2 bad file(.|\n)*000_mask(.|\n)*001_mask"):
@@ -826,3 +826,196 @@ def test_a_lower_case_mask_extension_wins_when_both_cases_exist(mvtec_root):
     _save(gt / "000_mask.PNG", np.zeros((128, 128), np.uint8))
     ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
     assert ds.mask_paths[0] == str(gt / "000_mask.png") and ds[0]["gt_mask"].sum() == 256
+
+
+# ----------------------------------------------------------------------------------------
+# Links to missing files, images of one stem, files of other types
+# ----------------------------------------------------------------------------------------
+def _dangle(link: Path) -> Path:
+    """`link` made a symbolic link to a file that does not exist; -> its target."""
+    target = link.parent / f"gone_{link.name}"
+    os.symlink(target, link)
+    assert os.path.lexists(link) and not link.exists()
+    return target
+
+
+def test_a_training_image_linking_nowhere_is_refused_or_left_out_as_a_bad_file(train_root):
+    """Not dropped by the listing: an error naming the link and its target before any
+    work, or with skip_bad_images listed in the warning and left out, as an unreadable
+    image is."""
+    link = train_root / "train" / "bottle" / "003.png"
+    target = _dangle(link)
+    problem = f"{link} is a link to {target}, which does not exist"
+    for make in (_pretrain, lambda root: TrainImageDataset(str(root), ["bottle", "carpet"])):
+        with pytest.raises(BadFileError) as err:
+            make(train_root)
+        assert str(err.value) == (f"1 file(s) missing:\n  {problem}\n"
+                                  f"Fix: {datasets.FIX_BAD_FILE}")
+    with pytest.warns(UserWarning, match=r"left out 1 bad file\(s\) of 7"):
+        ds = _pretrain(train_root, skip_bad_images=True)
+    assert ds.bad_files == [f"image {problem}; {datasets.FIX_BAD_FILE}"]
+    assert len(ds) == 6 and str(link) not in ds.image_paths
+    with pytest.warns(UserWarning, match=str(link)):
+        ds = TrainImageDataset(str(train_root), ["bottle"], skip_bad_images=True)
+    assert [os.path.basename(p) for p, _ in ds.samples] == ["000.png", "001.png", "002.png"]
+
+
+def test_a_test_image_or_mask_linking_nowhere_is_refused_or_left_out(mvtec_root):
+    image = mvtec_root / "bottle" / "test" / "good" / "002.png"
+    image_target = _dangle(image)
+    gt = mvtec_root / "bottle" / "ground_truth" / "broken" / "001_mask.png"
+    os.remove(gt)
+    mask_target = _dangle(gt)
+    image_problem = f"{image} is a link to {image_target}, which does not exist"
+    mask_problem = f"{gt} is a link to {mask_target}, which does not exist"
+    with pytest.raises(BadFileError) as err:
+        datasets.check_test_classes(str(mvtec_root), ["bottle"])
+    assert str(err.value) == (
+        f"2 test file problem(s):\n  {mask_problem} (mask of "
+        f"{mvtec_root}/bottle/test/broken/001.png)\n  {image_problem}\n"
+        f"Fix: {datasets.FIX_BAD_FILE}")
+    with pytest.raises(BadFileError) as err:
+        MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
+    assert str(err.value) == (f"2 file(s) missing:\n  {mask_problem}\n  {image_problem}\n"
+                              f"Fix: {datasets.FIX_BAD_FILE}")
+    with pytest.warns(UserWarning, match=r"left out 2 bad file\(s\) of 5"):
+        ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64,
+                              skip_bad_images=True)
+    assert ds.bad_files == [f"ground-truth mask {mask_problem}; {datasets.FIX_BAD_FILE}",
+                            f"image {image_problem}; {datasets.FIX_BAD_FILE}"]
+    assert [os.path.basename(p) for p in ds.image_paths] == ["000.png", "000.png", "001.png"]
+    assert ds.labels == [1, 0, 0] and ds[0]["gt_mask"].sum() == 256
+
+
+def test_a_class_folder_linking_nowhere_is_an_error_not_a_class_less(mvtec_root, train_root):
+    link = mvtec_root / "cable"
+    target = _dangle(link)
+    for listing in (datasets.list_test_classes, datasets.find_test_classes):
+        with pytest.raises(LayoutError) as err:
+            listing(str(mvtec_root))
+        assert str(err.value) == (
+            f"1 link(s) in {mvtec_root} lead nowhere:\n  {link} is a link to {target}, "
+            f"which does not exist\nFix: {datasets.FIX_DANGLING}")
+    target = _dangle(train_root / "train" / "wood")
+    with pytest.raises(LayoutError, match=f"train/wood is a link to {target}, which does"):
+        list_train_classes(str(train_root))
+
+
+def test_list_images_refuses_links_to_missing_files_unless_asked_to_keep_them(tmp_path):
+    """Tools that have no --skip_bad_images (setup_train_dataset.py, the converters)
+    get the error from the listing itself."""
+    folder = tmp_path / "good"
+    _save(folder / "000.png", np.zeros((4, 4), np.uint8))
+    t1, t2 = _dangle(folder / "001.png"), _dangle(folder / "002.JPG")
+    with pytest.raises(BadFileError) as err:
+        datasets.list_images(str(folder))
+    assert str(err.value) == (
+        f"2 image link(s) in {folder} lead nowhere:\n"
+        f"  {folder}/001.png is a link to {t1}, which does not exist\n"
+        f"  {folder}/002.JPG is a link to {t2}, which does not exist\n"
+        f"Fix: {datasets.FIX_DANGLING}")
+    assert datasets.list_images(str(folder), keep_dangling=True) == [
+        str(folder / n) for n in ("000.png", "001.png", "002.JPG")]
+
+
+def test_images_of_one_stem_are_refused_in_training_and_test_sets(train_root, mvtec_root):
+    """000.png and 000.jpg would share 000_mask.png, the result name 'broken_000' and
+    fg_mask/<class>/000.png: refused, naming both, before any work."""
+    broken = mvtec_root / "bottle" / "test" / "broken"
+    _save(broken / "000.jpg", np.zeros((64, 64, 3), np.uint8))
+    _save(broken / "001.JPEG", np.zeros((64, 64, 3), np.uint8))
+    expected = (f"{broken} holds 2 group(s) of images with one name and different "
+                "extensions, which would share one mask and one result name:\n"
+                "  000.jpg, 000.png\n  001.JPEG, 001.png\n"
+                "Fix: rename all but one file of each group (and a test image's "
+                "ground-truth mask with it)")
+    for make in (lambda: MVTecTestDataset(str(mvtec_root), "bottle", token_size=32),
+                 lambda: MVTecTestDataset(str(mvtec_root), "bottle", token_size=32,
+                                          skip_bad_images=True),
+                 lambda: datasets.check_test_classes(str(mvtec_root), ["bottle"])):
+        with pytest.raises(BadFileError) as err:
+            make()
+        assert str(err.value) == expected
+    bottle = train_root / "train" / "bottle"
+    _save(bottle / "002.bmp", np.zeros((64, 96, 3), np.uint8))
+    with pytest.raises(BadFileError, match=r"bottle holds 1 group(.|\n)*  002.bmp, 002.png\n"):
+        _pretrain(train_root, skip_bad_images=True)
+    with pytest.raises(BadFileError, match=r"002.bmp, 002.png"):
+        datasets.check_train_classes(str(train_root), ["bottle"])
+
+
+def test_files_of_other_types_are_named_in_a_note_once_per_folder(mvtec_root, capsys):
+    """An unmasked .webp defect image is not taken, and not unseen: one note on stderr
+    per folder, with the count and some names; hidden files are no images, noted or not."""
+    broken = mvtec_root / "bottle" / "test" / "broken"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(broken / "002.webp")
+    for name in ("notes.txt", "003.heic", "004.avif", ".DS_Store", "._000.png"):
+        (broken / name).write_bytes(b"x")
+    (broken / "sub").mkdir()  # a folder is no file left out
+    datasets.check_test_classes(str(mvtec_root), ["bottle"])
+    ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
+    assert [os.path.basename(p) for p in ds.image_paths] == ["000.png", "001.png"] * 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"[data] note: {broken}: left out 4 file(s) not of an image type "
+        ".png/.jpg/.jpeg/.bmp/.tif/.tiff (002.webp, 003.heic, 004.avif, ...); convert any "
+        "image among them to PNG to use it\n")
+    assert captured.out == ""
+
+
+# ----------------------------------------------------------------------------------------
+# Masks drawn in the alpha channel
+# ----------------------------------------------------------------------------------------
+def _layer(colour: tuple[int, ...], alpha: np.ndarray) -> np.ndarray:
+    """(H, W, len(colour) + 1): one colour everywhere, `alpha` (H, W) as its opacity."""
+    out = np.empty((*alpha.shape, len(colour) + 1), np.uint8)
+    out[..., :-1] = colour
+    out[..., -1] = alpha
+    return out
+
+
+@pytest.mark.parametrize("mode, colour", [("RGBA", (0, 0, 0)), ("RGBA", (255, 255, 255)),
+                                          ("RGBA", (255, 0, 0)), ("LA", (0,)),
+                                          ("LA", (255,))])
+def test_a_mask_painted_on_a_transparent_layer_reads_by_its_alpha(tmp_path, mode, colour):
+    """Black paint on a transparent layer is no longer 0 defect pixels, nor white paint
+    the whole image: where one colour covers the image, the alpha draws the mask, with
+    the masks' threshold (an anti-aliased edge: above half)."""
+    alpha = np.zeros((8, 8), np.uint8)
+    alpha[2:5, 3:6] = 255
+    alpha[5, 3:6] = (200, 100, 60)  # a soft edge: 200 is in, 100 and 60 are out
+    path = tmp_path / f"mask_{mode}.png"
+    Image.fromarray(_layer(colour, alpha), mode=mode).save(path)
+    got = np.asarray(datasets.open_mask(str(path))) > 0
+    np.testing.assert_array_equal(got, alpha > 127)
+    assert got.sum() == 10
+
+
+def test_a_palette_mask_with_a_transparent_index_reads_by_its_alpha(tmp_path):
+    ids = np.zeros((8, 8), np.uint8)
+    ids[:3] = 1
+    img = Image.fromarray(ids, mode="P")
+    img.putpalette([0, 0, 0, 0, 0, 0] + [0] * 762)  # both indices black
+    img.save(tmp_path / "p.png", transparency=0)  # index 0 transparent
+    got = np.asarray(datasets.open_mask(str(tmp_path / "p.png"))) > 0
+    np.testing.assert_array_equal(got, ids > 0)
+
+
+def test_opaque_or_coloured_rgba_masks_still_read_by_their_colours(tmp_path):
+    """Alpha counts only where colour is one over the image: an opaque RGBA mask (alpha
+    255 everywhere), and a white-on-black one whose transparent background is stored
+    black, read by their strongest channel as before."""
+    ids = np.zeros((8, 8), np.uint8)
+    ids[:2], ids[2:4] = 1, 2
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[ids == 1, :3] = (200, 0, 0)
+    rgba[ids == 2, :3] = (250, 250, 0)
+    rgba[..., 3] = 255
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "opaque.png")
+    np.testing.assert_array_equal(datasets.mask_values(Image.open(tmp_path / "opaque.png")),
+                                  rgba[..., :3].max(-1))
+    rgba[..., 3] = np.where(ids > 0, 255, 0)  # the background transparent and black
+    rgba[ids == 1, 3] = 30  # a faint alpha: still a defect by its colour
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "faint.png")
+    got = np.asarray(datasets.open_mask(str(tmp_path / "faint.png"))) > 0
+    np.testing.assert_array_equal(got, ids > 0)
