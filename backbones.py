@@ -39,8 +39,9 @@ def _unwrap(obj: object, path: str) -> dict[str, torch.Tensor]:
                 return obj[key]
         if all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
-    raise ValueError(f"{path} holds no state dict (expected a dict of tensors, or one "
-                     "under 'state_dict', 'model' or 'encoder_state_dict')")
+    raise CheckpointError(f"{path} holds no state dict (expected a dict of tensors, or one "
+                          "under 'state_dict', 'model' or 'encoder_state_dict'): pass a "
+                          "timm or efficientnet-pytorch checkpoint of the backbone")
 
 
 def _is_efficientnet_pytorch(state_dict: dict[str, torch.Tensor]) -> bool:
@@ -57,13 +58,16 @@ def map_efficientnet_pytorch(state_dict: dict[str, torch.Tensor],
     """
     src, ref = list(state_dict.items()), list(reference.items())
     if len(src) != len(ref):
-        raise ValueError(f"{path}: {len(src)} tensors, the timm model has {len(ref)}: "
-                         "not the same EfficientNet variant")
+        raise CheckpointError(f"{path}: {len(src)} tensors, the timm model has {len(ref)}: "
+                              "not the same EfficientNet variant; pass the weights of the "
+                              "backbone named (its timm name)")
     mapped = {}
     for (src_key, tensor), (ref_key, ref_tensor) in zip(src, ref):
         if tuple(tensor.shape) != tuple(ref_tensor.shape):
-            raise ValueError(f"{path}: '{src_key}' has shape {tuple(tensor.shape)}, "
-                             f"timm's '{ref_key}' needs {tuple(ref_tensor.shape)}")
+            raise CheckpointError(f"{path}: '{src_key}' has shape {tuple(tensor.shape)}, "
+                                  f"timm's '{ref_key}' needs {tuple(ref_tensor.shape)}: "
+                                  "not the same EfficientNet variant; pass the weights of "
+                                  "the backbone named (its timm name)")
         mapped[ref_key] = tensor
     return mapped
 
@@ -76,8 +80,9 @@ def load_weights(model: nn.Module, path: str) -> None:
         state_dict = map_efficientnet_pytorch(state_dict, reference, path)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit {type(model).__name__}: missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}; pass a "
+                              "checkpoint of this backbone")
 
 
 def create_classifier(name: str, weights: str | None = None) -> nn.Module:

@@ -83,6 +83,7 @@ class StepOutput:
     loss_all_ranks: torch.Tensor  # () the loss summed over ranks
     mlm_acc: torch.Tensor  # () fraction of masked patches whose token is predicted exactly
     grad_norm: torch.Tensor  # () before clipping
+    skipped: torch.Tensor  # () bool: fp16's loss scaler skipped the update (an overflow)
     patch_losses: torch.Tensor  # (N, L) detached, 0 at unmasked patches
     failed: torch.Tensor  # () bool: this step, or an earlier one it was told of, failed
 
@@ -116,6 +117,9 @@ def train_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(
         params, clip_grad if clip_grad and clip_grad > 0 else math.inf)
+    # fp16's scaler skips a step whose gradient overflowed (its norm is then not finite)
+    skipped = ~torch.isfinite(grad_norm) if scaler.is_enabled() \
+        else torch.zeros((), dtype=torch.bool, device=grad_norm.device)
     if not scaler.is_enabled():
         fail = ~torch.isfinite(grad_norm)
     _step_unless(optimizer, scaler, fail)
@@ -124,7 +128,7 @@ def train_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
         acc = (logits.argmax(-1) == masked_tokens(tokens, batch.masks, batch.index)
                ).float().mean()
     return StepOutput(loss=loss.detach(), loss_all_ranks=total, mlm_acc=acc,
-                      grad_norm=grad_norm.detach(),
+                      grad_norm=grad_norm.detach(), skipped=skipped,
                       patch_losses=scatter_masked(ce.detach(), batch.masks, batch.index),
                       failed=fail)
 
@@ -187,7 +191,8 @@ class TrainConfig:
 
 
 # per-step metrics kept on the device until the next read
-_COLUMNS = ("loss", "loss_all_ranks", "mlm_acc", "grad_norm", "loss_scale", "failed")
+_COLUMNS = ("loss", "loss_all_ranks", "mlm_acc", "grad_norm", "loss_scale", "failed",
+            "skipped")
 
 
 def train_one_epoch(model: nn.Module, data_loader: Iterable[dict],
@@ -199,7 +204,8 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable[dict],
                     ) -> dict[str, float]:
     """Train `config.num_steps` batches of `data_loader` on `policy.device`; returns the
     epoch's metrics averaged over steps and ranks (loss, mlm_acc, lr, weight_decay,
-    grad_norm[, loss_scale]).
+    grad_norm[, loss_scale]). grad_norm leaves out the steps fp16's loss scaler skipped
+    (an overflow: no finite norm), and is absent when it skipped every step.
 
     Step i of the epoch uses lr_schedule[epoch * num_steps + i] (same for weight decay).
     The policy draws each batch's masks (and, once dynamic masking has started, the
@@ -235,7 +241,7 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable[dict],
         history[step] = torch.stack([
             out.loss.float(), out.loss_all_ranks, out.mlm_acc, out.grad_norm.float(),
             torch.full((), math.nan, device=device) if scale is None else scale.float(),
-            failed.float()])
+            failed.float(), out.skipped.float()])
         bar.update()
         if (step + 1) % config.sync_every == 0 or step + 1 == num_steps:
             first = step + 1 - (step % config.sync_every + 1)
@@ -286,14 +292,14 @@ def fit(model: nn.Module, data_loader: Iterable[dict], sampler: Any,
             # (the line is not fsync'ed: a power loss may still take it)
             log.write({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
                        "n_parameters": n_parameters})
-            names: list[int | str] = ["last"]
+            names: list[int | str] = ["last"]  # written after the numbered file, if any
             if (epoch + 1) % save_ckpt_freq == 0 or epoch + 1 == epochs:
-                names.append(epoch)
+                names.insert(0, epoch)
             saved = utils.save_training_state(
                 output_dir, names, epoch=epoch, model=unwrapped, optimizer=optimizer,
                 scaler=scaler, args=run_args, masking=policy.state_dict())
             utils.main_print(f"[epoch {epoch}] " + ", ".join(
-                f"{k} {v:.4g}" for k, v in stats.items()) + f" -> {saved[-1]}")
+                f"{k} {v:.4g}" for k, v in stats.items()) + f" -> {saved[0]}")
     except NonFiniteLossError as e:
         last = utils.find_latest_checkpoint(output_dir)
         raise NonFiniteLossError(
@@ -315,10 +321,15 @@ def _read_rows(history: torch.Tensor, start: int, stop: int) -> list[dict[str, f
 
 def _log_rows(rows: list[dict[str, float]], first: int, hyper: list[tuple[float, float]],
               metrics: utils.MetricLogger, log_writer: Any | None, step0: int) -> None:
+    """Each read row into the epoch's averages and TensorBoard; a step the loss scaler
+    skipped has no grad_norm (its inf/NaN would make the epoch's average NaN, and log.txt
+    invalid JSON). The skip is the same on every rank (DDP's gradients are all-reduced),
+    so the ranks keep the same meters."""
     for i, row in enumerate(rows, start=first):
         lr, wd = hyper[i]
         values = {"loss": row["loss"], "mlm_acc": row["mlm_acc"], "lr": lr,
-                  "weight_decay": wd, "grad_norm": row["grad_norm"],
+                  "weight_decay": wd,
+                  "grad_norm": None if row["skipped"] else row["grad_norm"],
                   "loss_scale": None if math.isnan(row["loss_scale"]) else row["loss_scale"]}
         metrics.update(**values)
         if log_writer is not None:

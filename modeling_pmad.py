@@ -27,7 +27,7 @@ from timm.layers import Mlp, to_2tuple, trunc_normal_
 from timm.models import register_model
 from torch import nn
 
-from utils import (CheckpointError, MissingFileError, bf16_supported, main_print,
+from utils import (CheckpointError, FlagError, MissingFileError, bf16_supported, main_print,
                    read_weights_file)
 
 __all__ = [
@@ -413,7 +413,8 @@ def build_pmad(model: str, *, vocab_size: int, img_size: int = 224,
     embedding); `init_values` None keeps the model's own layer scale (base 0.1, large
     1e-5, docs/method.md 2). The one builder of run_pretraining.py and run_test.py."""
     if model not in PMAD_MODELS:
-        raise ValueError(f"unknown model {model!r}: choose one of {sorted(PMAD_MODELS)}")
+        raise FlagError(f"unknown model {model!r} (--model): choose one of "
+                        f"{sorted(PMAD_MODELS)}")
     layer_scale = {} if init_values is None else {"init_values": init_values}
     return PMAD_MODELS[model](vocab_size=vocab_size, img_size=img_size,
                               drop_path_rate=drop_path_rate, **PMAD_LAYOUT, **layer_scale)
@@ -443,9 +444,12 @@ def resolve_eval_config(given: dict[str, Any], checkpoint: Any, path: str | os.P
     """The evaluation settings of PAPER_EVAL_CONFIG's keys: each from `given` when not
     None (a flag given explicitly), else from the checkpoint's training arguments, else
     the paper's. Returns (config, notes); the notes name the source and each given value
-    that differs from the checkpoint's."""
+    that differs from the checkpoint's. A model name stored by the checkpoint that this
+    code cannot build (another version's, a typo) is a CheckpointError naming the file
+    and --model, not build_pmad's error about a flag that was never given."""
     saved = checkpoint_args(checkpoint) or {}
     config, overridden = {}, []
+    path = os.fspath(path)
     for key, paper in PAPER_EVAL_CONFIG.items():
         if given.get(key) is not None:
             config[key] = given[key]
@@ -453,7 +457,11 @@ def resolve_eval_config(given: dict[str, Any], checkpoint: Any, path: str | os.P
                 overridden.append(f"--{key} {given[key]} (checkpoint: {saved[key]})")
         else:
             config[key] = saved.get(key, paper)
-    path = os.fspath(path)
+    if given.get("model") is None and config["model"] not in PMAD_MODELS:
+        raise CheckpointError(f"{path} stores the model name {config['model']!r} in its "
+                              "training arguments, which this code does not build: pass "
+                              f"--model (one of {sorted(PMAD_MODELS)}) with the size it was "
+                              "trained at")
     notes = [f"{path} stores {'its training arguments' if saved else 'no training arguments'}"
              f": model settings {config}"
              + ("" if saved else " (given flags, else the paper's)")]

@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 from backbones import create_backbone
 from masking_generator import Rng, as_numpy_rng, num_masked
-from utils import (CheckpointError, MissingFileError, cosine_scheduler, file_sha256,
-                   read_json_object, read_weights_file, save_on_master, write_atomic)
+from utils import (CheckpointError, FlagError, MissingFileError, cosine_scheduler,
+                   file_sha256, read_json_object, read_weights_file, save_on_master,
+                   write_atomic)
 
 DEFAULT_BACKBONE = "tf_efficientnet_b6"  # architecture of a file that names none
 # timm 0.3.2's `tf_efficientnet_b6` (the original's encoder) is the AutoAugment ImageNet
@@ -510,9 +511,12 @@ def check_state_dict(module: nn.Module, state_dict: dict[str, Tensor], path: str
         parts = [f"{name} ({len(keys)}): {keys[:limit]}" + (" ..." if len(keys) > limit else "")
                  for name, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                                     ("shape mismatches", shapes)) if keys]
-        raise ValueError(f"{path}: '{field}' does not fit the model built for it; "
-                         + "; ".join(parts) + ". The file was made for another backbone or "
-                         "flow size, or by a library version with other key names.")
+        raise CheckpointError(f"{path}: '{field}' does not fit the model built for it; "
+                              + "; ".join(parts) + ". The file was made for another backbone "
+                              "or flow size, or by a library version with other key names: "
+                              "pass a ProtoFlow file of this code's layout "
+                              "(--protoflow_weights), or train one with `python "
+                              "run_protoflow.py train ...`")
     module.load_state_dict(state_dict, strict=True)
 
 
@@ -521,8 +525,10 @@ def flow_shape(decoder_state_dict: dict[str, Tensor], path: str) -> tuple[int, i
     blocks = {int(k.split(".")[1]) for k in decoder_state_dict if k.startswith("module_list.")}
     scale = decoder_state_dict.get("module_list.0.global_scale")
     if not blocks or scale is None:
-        raise ValueError(f"{path}: 'decoder_state_dict' has no module_list.<i>.global_scale "
-                         "keys; it is not a ProtoFlow flow")
+        raise CheckpointError(f"{path}: 'decoder_state_dict' has no "
+                              "module_list.<i>.global_scale keys; it is not a ProtoFlow flow: "
+                              "pass the ProtoFlow weights (released, or written by `python "
+                              "run_protoflow.py train`)")
     return int(scale.shape[-1]), len(blocks)
 
 
@@ -573,8 +579,10 @@ def file_normalization(obj: dict, path: str) -> tuple[tuple[float, ...], tuple[f
     except (KeyError, TypeError, ValueError):
         mean = std = ()
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"{path}: 'normalization' {norm!r} is not {{'mean': [3 floats], "
-                         "'std': [3 positive floats]}; the file is damaged")
+        raise CheckpointError(f"{path}: 'normalization' {norm!r} is not {{'mean': [3 "
+                              "floats], 'std': [3 positive floats]}; the file is damaged: "
+                              "download it again or train it again (`python run_protoflow.py "
+                              "train ...`)")
     return mean, std
 
 
@@ -618,8 +626,10 @@ class ProtoFlow:
         self.feature_dim, self.n_blocks = flow_shape(ckpt["decoder_state_dict"], weights_path)
         for key, have in (("feature_dim", self.feature_dim), ("n_blocks", self.n_blocks)):
             if key in ckpt and ckpt[key] != have:
-                raise ValueError(f"{weights_path}: '{key}' says {ckpt[key]}, the flow's "
-                                 f"weights have {have}; the file is inconsistent")
+                raise CheckpointError(f"{weights_path}: '{key}' says {ckpt[key]}, the "
+                                      f"flow's weights have {have}; the file is damaged: "
+                                      "download it again or train it again (`python "
+                                      "run_protoflow.py train ...`)")
         self.threshold: float | None = ckpt.get("image_score_threshold")
         self.threshold_quantile: float | None = ckpt.get("threshold_quantile")
         self.normal_image_scores: dict | None = ckpt.get("normal_image_scores")
@@ -636,9 +646,9 @@ class ProtoFlow:
 
         if "encoder_state_dict" in ckpt:
             if encoder_weights is not None:
-                raise ValueError(f"{weights_path} carries its own encoder weights, which the "
-                                 "flow was trained with; drop encoder_weights "
-                                 f"({encoder_weights})")
+                raise FlagError(f"{weights_path} carries its own encoder weights, which the "
+                                "flow was trained with; drop --encoder_weights "
+                                f"({encoder_weights})")
             encoder = create_backbone(self.backbone, self.out_indices)
             check_state_dict(encoder, ckpt["encoder_state_dict"], weights_path,
                              "encoder_state_dict")
@@ -648,9 +658,12 @@ class ProtoFlow:
                                       pretrained=encoder_weights is None)
         channels = sum(encoder.feature_info.channels())
         if channels != self.feature_dim:
-            raise ValueError(f"{weights_path}: the flow takes {self.feature_dim}-dim features "
-                             f"but {self.backbone} out_indices {self.out_indices} gives "
-                             f"{channels}")
+            raise CheckpointError(f"{weights_path}: the flow takes {self.feature_dim}-dim "
+                                  f"features but {self.backbone} out_indices "
+                                  f"{self.out_indices} gives {channels}: the file's backbone "
+                                  "and flow do not fit together; pass a ProtoFlow file whose "
+                                  "flow was trained on that backbone (or, for a file without "
+                                  "its encoder, the --encoder_weights it was trained with)")
         flow = build_flow(self.feature_dim, self.n_blocks)
         check_state_dict(flow, ckpt["decoder_state_dict"], weights_path, "decoder_state_dict")
         self.encoder = encoder.to(self.device).eval()

@@ -334,6 +334,9 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     train_classes, resume, header = check_inputs(args)
     utils.main_print(json.dumps(vars(args), indent=1))
     done = header.get("epoch") if header is not None and "optimizer" in header else None
+    if isinstance(done, int) and _continues_output_dir(resume, args.output_dir):
+        # a crash between a save's numbered file and checkpoint-last.pth: catch the latter up
+        utils.relink_last_checkpoint(args.output_dir, resume, done)
     if isinstance(done, int) and done + 1 >= args.epochs:
         utils.main_print(f"[resume] nothing to do: {resume} has trained {done + 1} epoch(s) "
                          f"of --epochs {args.epochs}; pass a larger --epochs to extend the run")

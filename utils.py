@@ -494,9 +494,10 @@ def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
     Strict: an op without a deterministic kernel raises (naming it) instead of running,
     e.g. a non-deterministic CUDA attention backward. CUBLAS_WORKSPACE_CONFIG=:4096:8
     (unless set) makes cuBLAS deterministic; it must be set before CUDA's first matrix
-    product, so enter this block before any. On the CPU the kernels PMAD uses are
-    deterministic already: there the flag makes torch.empty fill its memory (NaN) and
-    would name any op that is not, and it changes no result.
+    product, so enter this block before any. The CPU needs it too: without it the
+    gradient of the shared relative-position bias table (an index lookup whose backward
+    accumulates rows in a thread-dependent order, modeling_pmad.RelativePositionBias) may
+    differ between runs; it also makes torch.empty fill its memory (NaN).
     """
     if not enabled:
         yield
@@ -687,9 +688,11 @@ def _as_tuple(obj: Any) -> Any:
 def save_on_master(obj: dict, path: str | Sequence[str]) -> None:
     """Write `obj` atomically on rank 0 to one or more paths in the same folder.
 
-    Serialised once (fsync'ed) through `write_atomic`; each further path gets a hard
-    link to it (a copy where links are unsupported), also through `write_atomic`. A crash
-    at any point leaves every previous file whole.
+    Serialised once (fsync'ed) to the first path through `write_atomic`; each further
+    path then gets a hard link to it (an fsync'ed copy where links are unsupported), also
+    through `write_atomic`. A crash at any point leaves every file whole, and the first
+    path is on disk before any other changes: name first the file that must not be lost
+    (a numbered checkpoint before checkpoint-last.pth, which is rewritten every epoch).
     """
     if not is_main_process():
         return
@@ -699,7 +702,12 @@ def save_on_master(obj: dict, path: str | Sequence[str]) -> None:
     write_atomic(paths[0], lambda tmp: _save_fsynced(obj, tmp, paths, folder))
     for p in paths[1:]:
         write_atomic(p, lambda tmp: _link_or_copy(paths[0], tmp))
-    with contextlib.suppress(OSError):  # make the renames themselves durable
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the renames and links in `folder` durable (where the OS allows it)."""
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -731,10 +739,26 @@ def _save_fsynced(obj: dict, tmp: str, paths: Sequence[str], folder: str) -> Non
 
 
 def _link_or_copy(src: str, dst: str) -> None:
+    """`dst` as a hard link to `src` (no second copy on disk), or where the file system
+    has no links a copy, fsync'ed: the rename that follows must never publish a name
+    whose data a power loss could still take. A full disk raises DiskFullError naming
+    `src`, which is whole."""
     try:
         os.link(src, dst)
+        return
     except OSError:
-        shutil.copyfile(src, dst)
+        pass
+    try:
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 22)
+            fout.flush()
+            os.fsync(fout.fileno())
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DiskFullError(f"no space left in {os.path.dirname(os.path.abspath(dst))} "
+                                f"to copy {src}, which is intact: free space (or choose "
+                                "another --output_dir) and re-run to resume") from None
+        raise
 
 
 class _CheckpointFile:
@@ -793,6 +817,12 @@ def _unreadable_weights_error(path: str, e: Exception, fix: str) -> CheckpointEr
     what the file plainly is (empty, all zero bytes, a tar archive, cut short) where
     torch's own message is empty or only its unsafe advice; else torch's reason."""
     refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if isinstance(e, pickle.UnpicklingError) and refused \
+            and refused.group(1).startswith("dall_e."):
+        return CheckpointError(f"{path} is OpenAI's DALL-E encoder (encoder.pkl: a pickled "
+                               f"'{refused.group(1)}'), a tokenizer, not the weights file "
+                               "asked for here: pass it as --tokenizer_model dall-e "
+                               f"--tokenizer_weight_path {path} (the file, or its folder)")
     if isinstance(e, pickle.UnpicklingError) and refused:
         return CheckpointError(f"{path} contains the Python object '{refused.group(1)}', "
                                "which a weights file does not need: refusing to unpickle "
@@ -911,6 +941,38 @@ def find_latest_checkpoint(output_dir: str) -> str | None:
     return best
 
 
+def _stored_epoch(path: str) -> int | None:
+    """The epoch a checkpoint file stores (read memory-mapped, cheap); None for a file
+    that is missing, unreadable or stores none."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        epoch = load_checkpoint_file(path, mmap=True).get("epoch")
+    except CheckpointError:
+        return None
+    return epoch if isinstance(epoch, int) else None
+
+
+def relink_last_checkpoint(output_dir: str, newest: str, epoch: int) -> bool:
+    """Point `output_dir`'s checkpoint-last.pth at `newest` (its checkpoint of `epoch`)
+    when it holds an earlier epoch or none. A crash between `save_training_state`'s two
+    steps leaves it an epoch behind the numbered file just written; auto-resume takes the
+    numbered one, and a finished run re-run ("nothing to do") would otherwise keep a stale
+    checkpoint-last.pth for good. Rank 0 only. -> whether it changed it."""
+    last = checkpoint_path(output_dir, "last")
+    if not is_main_process() or os.path.abspath(newest) == os.path.abspath(last):
+        return False
+    stored = _stored_epoch(last)
+    if stored is not None and stored >= epoch:
+        return False
+    write_atomic(last, lambda tmp: _link_or_copy(newest, tmp))
+    _fsync_folder(os.path.dirname(os.path.abspath(last)))
+    main_print(f"[resume] {last} held {'no checkpoint' if stored is None else f'epoch {stored}'}"
+               f" (the run stopped between writing {os.path.basename(newest)} and it): it is "
+               f"now {os.path.basename(newest)}, epoch {epoch}")
+    return True
+
+
 def checkpoint_files(output_dir: str) -> list[str]:
     """The files `checkpoint-<n>.pth` / `checkpoint-last.pth` directly in `output_dir`
     (never in a subfolder), sorted by name."""
@@ -933,11 +995,8 @@ def checkpoints_newer_than(output_dir: str, epoch: int) -> list[str]:
     for path in checkpoint_files(output_dir):
         name = CHECKPOINT_PATTERN.match(os.path.basename(path)).group(1)
         if name == "last":
-            try:
-                saved = load_checkpoint_file(path, mmap=True).get("epoch")
-            except CheckpointError:
-                continue
-            if isinstance(saved, int) and saved > epoch:
+            saved = _stored_epoch(path)
+            if saved is not None and saved > epoch:
                 newer.append(path)
         elif int(name) > epoch:
             newer.append(path)
@@ -1025,6 +1084,11 @@ def save_training_state(output_dir: str, names: Iterable[int | str], *, epoch: i
     all ranks are gathered so that each can resume its own streams). ``masking`` is
     MaskingPolicy.state_dict() (itself gathered from every rank).
 
+    The numbered files are written first and checkpoint-last.pth then links to them: a
+    crash between the two keeps the numbered one, which auto-resume picks (the highest
+    stored epoch) and `relink_last_checkpoint` points checkpoint-last.pth at; the other
+    order would lose that epoch's numbered snapshot for good. -> the paths in that order.
+
     `model` is the unwrapped module (no DDP 'module.' prefix), so the file also loads as
     an initialisation or test checkpoint ({'model': state_dict, ...}).
     """
@@ -1039,7 +1103,8 @@ def save_training_state(output_dir: str, names: Iterable[int | str], *, epoch: i
         "world_size": get_world_size(),
         "rng": rng,
     }
-    paths = [checkpoint_path(output_dir, n) for n in names]
+    paths = [checkpoint_path(output_dir, n)
+             for n in sorted(names, key=lambda n: n == "last")]  # stable: 'last' at the end
     save_on_master(state, paths)
     barrier()
     return paths

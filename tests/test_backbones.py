@@ -13,6 +13,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import backbones
 from backbones import (create_backbone, create_classifier, lite0_weights_path,
                        map_efficientnet_pytorch)
+from utils import CheckpointError
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -76,17 +77,18 @@ def test_bad_weight_files_are_clear_errors(tmp_path) -> None:
         create_classifier("efficientnet_lite0", str(truncated))
     other = tmp_path / "b0.pth"
     torch.save(create_classifier("efficientnet_b0").state_dict(), other)
-    with pytest.raises(ValueError, match="b0.pth"):
+    with pytest.raises(CheckpointError, match="b0.pth"):
         create_classifier("efficientnet_lite0", str(other))
     short = create_classifier("efficientnet_lite0").state_dict()
     del short["classifier.bias"]  # a file lacking a tensor must not leave it random
     torch.save(short, tmp_path / "short.pth")
-    with pytest.raises(ValueError, match=r"short.pth does not fit EfficientNet: missing "
-                                         r"\['classifier.bias'\], unexpected \[\]"):
+    with pytest.raises(CheckpointError, match=r"short.pth does not fit EfficientNet: missing "
+                       r"\['classifier.bias'\], unexpected \[\]; pass a checkpoint of this"):
         create_classifier("efficientnet_lite0", str(tmp_path / "short.pth"))
     shipped = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
     shipped["_conv_stem.weight"] = shipped["_conv_stem.weight"][:8]
-    with pytest.raises(ValueError, match="'_conv_stem.weight' has shape"):
+    with pytest.raises(CheckpointError, match="'_conv_stem.weight' has shape .* not the same "
+                       "EfficientNet variant"):
         map_efficientnet_pytorch(shipped, create_classifier("efficientnet_lite0").state_dict())
 
 

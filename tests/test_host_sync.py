@@ -9,6 +9,7 @@ GPU between steps), checked on the CPU:
 """
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -73,6 +74,63 @@ def test_train_one_epoch_reads_the_device_only_at_planned_points(monkeypatch):
     assert reads == [(0, 3), (3, 5)]
     assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
     assert int(policy.dynamic.counts.sum()) > 0
+
+
+class _Writer:
+    """A TensorBoard writer that keeps its scalars: [(tag, value, step)]."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.calls.append((tag, value, step))
+
+
+def test_steps_the_fp16_loss_scaler_skips_have_no_grad_norm(monkeypatch):
+    """A loss scale of 2**127 overflows the first steps, which the (enabled) scaler skips:
+    their gradient norm is inf/NaN. The epoch's grad_norm averages the other steps' norms
+    (it was NaN), TensorBoard gets none for the skipped steps, and the host still reads
+    only every `sync_every` steps. When every step is skipped grad_norm is absent, never
+    NaN (log.txt stays strict JSON)."""
+    model, policy = _model(), _policy()
+    norms, reads = [], []
+    real_step, real_read = engine.train_step, engine._read_rows
+
+    def step(*a, **k):
+        out = real_step(*a, **k)
+        norms.append(out.grad_norm.clone())
+        return out
+
+    def read(history, start, stop):
+        reads.append((start, stop))
+        return real_read(history, start, stop)
+
+    monkeypatch.setattr(engine, "train_step", step)
+    monkeypatch.setattr(engine, "_read_rows", read)
+    writer = _Writer()
+    stats = engine.train_one_epoch(model, synthetic_batches(4, 2, VOCAB),
+                                   utils.build_optimizer(model, 1e-3, 0.05),
+                                   torch.amp.GradScaler("cpu", init_scale=2.0 ** 127),
+                                   policy, _config(4, 2), epoch=0, log_writer=writer,
+                                   progress=False)
+    values = [float(n) for n in norms]
+    kept = [i for i, v in enumerate(values) if math.isfinite(v)]
+    assert not math.isfinite(values[0]) and 0 < len(kept) < 4  # some skipped, some not
+    assert stats["grad_norm"] == pytest.approx(sum(values[i] for i in kept) / len(kept))
+    assert math.isfinite(stats["loss"]) and reads == [(0, 2), (2, 4)]
+    assert [s for tag, _, s in writer.calls if tag == "train/grad_norm"] == kept
+    assert [s for tag, _, s in writer.calls if tag == "train/loss"] == [0, 1, 2, 3]
+    json.dumps(stats, allow_nan=False)
+
+    norms.clear()
+    every = engine.train_one_epoch(model, synthetic_batches(2, 2, VOCAB),
+                                   utils.build_optimizer(model, 1e-3, 0.05),
+                                   torch.amp.GradScaler("cpu", init_scale=2.0 ** 127,
+                                                        backoff_factor=0.9),
+                                   policy, _config(2, 2), epoch=1, progress=False)
+    assert not any(math.isfinite(float(n)) for n in norms) and len(norms) == 2
+    assert "grad_norm" not in every and math.isfinite(every["loss"])
+    json.dumps(every, allow_nan=False)
 
 
 def test_train_step_on_tensors_without_data():

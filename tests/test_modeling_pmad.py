@@ -17,6 +17,7 @@ from conftest import read_format
 from bench.original_beit import OriginalViT
 from modeling_pmad import (Block, bf16_supported, load_checkpoint, relative_position_index,
                            scaled_dot_product, set_fused_attn, unwrap_state_dict)
+import utils
 from utils import CheckpointError
 
 PMAD_KWARGS = dict(pretrained=False, drop_path_rate=0.1, use_shared_rel_pos_bias=True,
@@ -480,7 +481,8 @@ def test_build_pmad_is_the_paper_layout():
     assert model.blocks[-1].drop_path == pytest.approx(0.1)
     assert torch.all(build_pmad(TINY, vocab_size=8).blocks[0].gamma_1 == 0.1)  # its own
     assert build_pmad(TINY, vocab_size=8, init_values=0).blocks[0].gamma_1 is None
-    with pytest.raises(ValueError, match="unknown model 'vit_huge'.*vit_base_patch16"):
+    with pytest.raises(utils.FlagError, match=r"unknown model 'vit_huge' \(--model\): "
+                       "choose one of.*vit_base_patch16"):
         build_pmad("vit_huge", vocab_size=8)
 
 
@@ -544,6 +546,23 @@ def test_eval_config_from_checkpoint_args(tmp_path, kind):
         tmp_path / "true.pth", {**saved, "imagenet_default_mean_and_std": True})), path)
     assert config["imagenet_default_mean_and_std"] is False
     assert config["layer_scale_init_value"] == 0.0
+
+
+def test_a_model_name_the_checkpoint_stores_but_no_code_builds_names_it_and_model(tmp_path):
+    """The name comes from the file, not from a flag: the error says which checkpoint
+    stored it and to pass --model; a given --model wins over the stored name."""
+    from modeling_pmad import PMAD_MODELS, resolve_eval_config
+    from utils import read_weights_file
+    path = _eval_checkpoint(tmp_path / "other.pth", {"model": "vit_huge_patch14_224_8k_vocab"})
+    none = {"model": None, "input_size": None}
+    with pytest.raises(CheckpointError) as err:
+        resolve_eval_config(none, read_weights_file(path), path)
+    assert str(err.value) == (
+        f"{path} stores the model name 'vit_huge_patch14_224_8k_vocab' in its training "
+        f"arguments, which this code does not build: pass --model (one of "
+        f"{sorted(PMAD_MODELS)}) with the size it was trained at")
+    config, _ = resolve_eval_config({**none, "model": TINY}, read_weights_file(path), path)
+    assert config["model"] == TINY
 
 
 def test_eval_config_of_a_released_file_is_the_papers(tmp_path):

@@ -327,6 +327,42 @@ def test_tokenizer_mistakes_are_one_error_line(tiny_world, tmp_path, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_files_the_loaders_refuse_are_one_error_line_and_exit_2(tiny_world, tmp_path,
+                                                                capsys):
+    """A ProtoFlow file whose encoder keys differ from the model's (as a file saved by
+    another timm version's names), and a PMAD checkpoint storing a model name this code
+    does not build, are each one `error:` line naming the file and the fix, exit 2 (they
+    were tracebacks)."""
+    image = str(tiny_world.mvtec_root / "coins" / "test" / "good" / "000.png")
+    base = [image, "--class_name", "coins", "--output_dir", str(tmp_path / "out")]
+    obj = torch.load(tiny_world.protoflow, map_location="cpu", weights_only=True)
+    enc = obj["encoder_state_dict"]
+    enc["conv_stem.weights"] = enc.pop("conv_stem.weight")
+    renamed = tmp_path / "renamed.pt"
+    torch.save(obj, renamed)
+    assert predict.main(base + tiny_world.model_argv()
+                        + ["--protoflow_weights", str(renamed)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {renamed}: 'encoder_state_dict' does not fit the model "
+                          "built for it; missing keys (1): ['conv_stem.weight']; unexpected "
+                          "keys (1): ['conv_stem.weights']")
+    assert err.rstrip("\n").endswith("(--protoflow_weights), or train one with `python "
+                                      "run_protoflow.py train ...`")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+    ckpt = torch.load(tiny_world.pmad_ckpt, map_location="cpu", weights_only=True)
+    other = tmp_path / "other_model.pth"
+    torch.save({**ckpt, "args": {"model": "vit_huge_patch14_224_8k_vocab"}}, other)
+    argv = tiny_world.model_argv()
+    del argv[argv.index("--model"):argv.index("--model") + 2]  # the name comes from the file
+    assert predict.main(base + argv + ["--ckpt", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {other} stores the model name "
+                          "'vit_huge_patch14_224_8k_vocab' in its training arguments, which "
+                          "this code does not build: pass --model (one of ")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_a_missing_input_is_one_error_line_and_exit_2(tmp_path, capsys):
     """A user's mistake: `error: <message>` naming the path, no traceback, status 2."""
     missing = tmp_path / "no_such_folder"

@@ -191,17 +191,37 @@ def test_wrong_encoder_keys_are_named(b6_state, flow272, tmp_path):
     state["conv_head.weight"] = torch.zeros(1)
     torch.save({"encoder_state_dict": state, "decoder_state_dict": flow272.state_dict()},
                tmp_path / "bad.pt")
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(CheckpointError) as err:  # one `error:` line through the CLIs
         pf.ProtoFlow(str(tmp_path / "bad.pt"), str(tmp_path))
     msg = str(err.value)
     for key in ("blocks.0.0.conv_dw.weight", "blocks.0.0.conv_dw.weights", "conv_head.weight",
-                "bad.pt", "missing keys (1)", "unexpected keys (2)"):
+                "bad.pt", "missing keys (1)", "unexpected keys (2)",
+                "(--protoflow_weights), or train one with `python run_protoflow.py train"):
         assert key in msg
 
 
 def test_file_with_encoder_refuses_encoder_weights(trained):
-    with pytest.raises(ValueError, match="carries its own encoder"):
+    with pytest.raises(FlagError, match="carries its own encoder weights, which the flow "
+                       r"was trained with; drop --encoder_weights \(x.pth\)"):
         pf.ProtoFlow(trained["path"], trained["proto_dir"], encoder_weights="x.pth")
+
+
+def test_an_inconsistent_protoflow_file_is_a_checkpoint_error(trained, tmp_path):
+    """A file whose flow, recorded size or backbone levels disagree names itself and
+    the fix (a CheckpointError: one `error:` line, exit 2, through the entry points)."""
+    with pytest.raises(CheckpointError, match="x.pt: 'decoder_state_dict' has no "
+                       "module_list.<i>.global_scale keys; it is not a ProtoFlow flow: pass"):
+        pf.flow_shape({"a.weight": torch.zeros(1)}, "x.pt")
+    obj = torch.load(trained["path"], map_location="cpu", weights_only=True)
+    path = tmp_path / "odd.pt"
+    torch.save({**obj, "feature_dim": 999}, path)
+    with pytest.raises(CheckpointError, match=f"odd.pt: 'feature_dim' says 999, the flow's "
+                       f"weights have {LITE0_DIM}; the file is damaged: download it again"):
+        pf.ProtoFlow(str(path), trained["proto_dir"])
+    torch.save({**obj, "out_indices": [1, 3]}, path)  # 24 + 112 channels, the flow takes 152
+    with pytest.raises(CheckpointError, match=f"odd.pt: the flow takes {LITE0_DIM}-dim "
+                       r"features but efficientnet_lite0 out_indices \(1, 3\) gives 136"):
+        pf.ProtoFlow(str(path), trained["proto_dir"])
 
 
 def test_saved_file_is_weights_only_with_our_fields(trained):
@@ -242,7 +262,8 @@ def test_log_likelihood_converts_the_images_normalisation(trained, brick_set, tm
     torch.save({k: v for k, v in obj.items() if k != "normalization"}, released)
     assert pf.ProtoFlow(str(released), trained["proto_dir"]).normalization == model.normalization
     torch.save({**obj, "normalization": {"mean": [0.5, 0.5], "std": [1, 1, 1]}}, released)
-    with pytest.raises(ValueError, match="released.pt: 'normalization'.*damaged"):
+    with pytest.raises(CheckpointError, match="released.pt: 'normalization'.*damaged: "
+                       "download it again"):
         pf.ProtoFlow(str(released), trained["proto_dir"])
 
 

@@ -246,6 +246,26 @@ def test_dalle_wrong_contents(tmp_path):
         create_tokenizer("dall-e", odd)
 
 
+def test_dalle_encoder_given_to_a_weights_only_loader_names_the_dalle_flags(tmp_path):
+    """OpenAI's encoder.pkl given where a weights file belongs (--tokenizer_model
+    vit_tokenizer, --ckpt) is named as what it is, with the flags that load it (not "use
+    the originally released file": it is that file); and those flags do load it."""
+    path = tmp_path / "encoder.pkl"
+    save_dalle_encoder(DalleEncoder(**SMALL_DALLE), path)
+    expected = (f"{path} is OpenAI's DALL-E encoder (encoder.pkl: a pickled "
+                "'dall_e.encoder.Encoder'), a tokenizer, not the weights file asked for here: "
+                f"pass it as --tokenizer_model dall-e --tokenizer_weight_path {path} (the "
+                "file, or its folder)")
+    with pytest.raises(utils.CheckpointError) as err:
+        create_tokenizer("vit_tokenizer", path)
+    assert str(err.value) == expected
+    with pytest.raises(utils.CheckpointError) as err:
+        utils.load_checkpoint_file(str(path))  # as --ckpt / --resume read it
+    assert str(err.value) == expected
+    for given in (path, tmp_path):  # the advice works: the file, or its folder
+        assert create_tokenizer("dall-e", given).vocab_size == SMALL_DALLE["vocab_size"]
+
+
 def test_tokenizer_mistakes_are_one_error_line(tmp_path, capsys):
     """A missing or wrong tokenizer file, or an unknown name, is a user's mistake: through
     utils.cli (run_test.py, predict.py, run_pretraining.py) one `error:` line that names

@@ -562,6 +562,34 @@ def test_a_crash_at_the_checkpoint_keeps_each_epochs_log_line_once(env, tmp_path
     assert [r["epoch"] for r in read_jsonl(out / "log.txt")] == [0, 1]
 
 
+def test_a_crash_between_the_numbered_checkpoint_and_last_loses_nothing(env, tmp_path,
+                                                                         monkeypatch, capsys):
+    """The last epoch's save writes checkpoint-1.pth whole, then points
+    checkpoint-last.pth at it. A crash between the two keeps checkpoint-1.pth (it used to
+    be the step lost, for good): the re-run finds the run finished from it, redoes
+    nothing, and catches checkpoint-last.pth up."""
+    real = utils._link_or_copy
+
+    def crash(src: str, dst: str) -> None:
+        raise _Crash
+
+    monkeypatch.setattr(utils, "_link_or_copy", crash)
+    out = tmp_path / "out"
+    with pytest.raises(_Crash):
+        run_pretraining.main(_args(env, str(out)))
+    numbered, last = out / "checkpoint-1.pth", out / "checkpoint-last.pth"
+    assert utils.load_checkpoint_file(str(numbered))["epoch"] == 1
+    assert utils.load_checkpoint_file(str(last))["epoch"] == 0
+    monkeypatch.setattr(utils, "_link_or_copy", real)
+    capsys.readouterr()
+    summary = run_pretraining.main(_args(env, str(out)))
+    assert summary["start_epoch"] == 2 and summary["checkpoints"] == []
+    assert f"[resume] {last} held epoch 0" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["checkpoint-1.pth", "checkpoint-last.pth", "log.txt"]
+    assert utils.load_checkpoint_file(str(last))["epoch"] == 1 and last.samefile(numbered)
+    assert [r["epoch"] for r in read_jsonl(out / "log.txt")] == [0, 1]
+
+
 def test_nan_stops_the_run_and_keeps_the_last_checkpoint(env, monkeypatch):
     out = str(env["base"] / "nan")
     _crash_at(1, monkeypatch, action=lambda m: m.lm_head.weight.data.fill_(math.nan))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import json
 import math
 import os
@@ -433,6 +434,76 @@ def test_one_write_for_several_names_then_independent_files(tmp_path):
     assert utils.load_checkpoint_file(numbered)["epoch"] == 19
     assert utils.load_checkpoint_file(last)["epoch"] == 20
     assert sorted(os.listdir(d)) == ["checkpoint-19.pth", "checkpoint-last.pth"]
+
+
+class _Crash(Exception):
+    """A process dying at a chosen point."""
+
+
+def test_a_crash_between_the_numbered_checkpoint_and_last_loses_nothing(tmp_path,
+                                                                         monkeypatch):
+    """fit names 'last' first; checkpoint-1.pth is still written whole before
+    checkpoint-last.pth links to it. A crash between the two (the link raising) keeps
+    checkpoint-1.pth: auto-resume takes it (epoch 1 > 0), and relink_last_checkpoint
+    then points checkpoint-last.pth at it, once."""
+    d = str(tmp_path)
+    model, opt = _trained(0)
+    kw = dict(model=model, optimizer=opt, scaler=utils.make_grad_scaler("cpu", "none"),
+              args={}, masking=None)
+    utils.save_training_state(d, ["last"], epoch=0, **kw)
+
+    def crash(src: str, dst: str) -> None:
+        raise _Crash
+
+    monkeypatch.setattr(utils, "_link_or_copy", crash)
+    with pytest.raises(_Crash):
+        utils.save_training_state(d, ["last", 1], epoch=1, **kw)
+    monkeypatch.undo()
+    numbered, last = utils.checkpoint_path(d, 1), utils.checkpoint_path(d, "last")
+    assert sorted(os.listdir(d)) == ["checkpoint-1.pth", "checkpoint-last.pth"]
+    assert utils.load_checkpoint_file(numbered)["epoch"] == 1
+    assert utils.load_checkpoint_file(last)["epoch"] == 0
+    assert utils.find_latest_checkpoint(d) == numbered
+    assert utils.resolve_resume("", True, d) == numbered
+    assert utils.relink_last_checkpoint(d, numbered, 1)
+    assert utils.load_checkpoint_file(last)["epoch"] == 1 and os.path.samefile(last, numbered)
+    assert not utils.relink_last_checkpoint(d, numbered, 1)  # caught up: left alone
+    assert sorted(os.listdir(d)) == ["checkpoint-1.pth", "checkpoint-last.pth"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fd via /proc")
+def test_the_copy_where_links_are_unsupported_is_fsynced_before_its_rename(tmp_path,
+                                                                           monkeypatch):
+    """On a file system without hard links checkpoint-last.pth is a copy of the numbered
+    file; its data reaches the disk (fsync) before the rename publishes it."""
+    d = str(tmp_path)
+    numbered, last = utils.checkpoint_path(d, 3), utils.checkpoint_path(d, "last")
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def no_link(src: str, dst: str) -> None:
+        raise OSError(errno.EPERM, "hard links unsupported")
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append(("replace", src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    utils.save_on_master({"epoch": 3, "w": torch.arange(5.0)}, [numbered, last])
+    monkeypatch.undo()
+    copy_tmp = os.path.realpath(utils.tmp_name(last))
+    assert ("fsync", copy_tmp) in events and ("replace", copy_tmp) in events
+    assert events.index(("fsync", copy_tmp)) < events.index(("replace", copy_tmp))
+    assert not os.path.samefile(numbered, last)  # a copy, not a link
+    with open(numbered, "rb") as a, open(last, "rb") as b:
+        assert a.read() == b.read()
+    assert torch.equal(utils.load_checkpoint_file(last)["w"], torch.arange(5.0))
 
 
 def test_find_latest_checkpoint_skips_partial_and_temp_files(tmp_path):
