@@ -81,8 +81,8 @@ def synthetic_defect(image: np.ndarray, donor: np.ndarray | None, rng: np.random
 def class_images(data_path: str) -> dict[str, tuple[str, list[str]]]:
     """Class -> (its train/good folder, its images), every class checked before anything
     is written: at least 2 images (a defect borrows another one) of one size (the
-    donor is pasted pixel for pixel) and distinct stems (a.png and a.jpg would write one
-    test/synth/a.png). All problems in one error."""
+    donor is pasted pixel for pixel). All problems in one error; datasets.list_images
+    refuses images of one stem (a.png and a.jpg would write one test/synth/a.png)."""
     found, problems = {}, []
     for cls in datasets.find_test_classes(data_path):
         train = os.path.abspath(os.path.join(data_path, cls, "train", "good"))
@@ -91,15 +91,10 @@ def class_images(data_path: str) -> dict[str, tuple[str, list[str]]]:
             problems.append(f"{train} holds {len(paths)} image(s): a defect borrows another "
                             "image of the class, so it needs at least 2")
             continue
-        sizes, stems = {}, {}
+        sizes = {}
         for p in paths:
             with Image.open(p) as img:
                 sizes.setdefault(img.size, p)
-            stem = os.path.splitext(os.path.basename(p))[0]
-            if stem in stems:  # test/synth/<stem>.png of one would overwrite the other's
-                problems.append(f"{p} and {stems[stem]} share the name {stem}: rename one "
-                                "(each image's defect is written as <name>.png)")
-            stems.setdefault(stem, p)
         if len(sizes) > 1:
             (a, pa), (b, pb) = list(sizes.items())[:2]
             problems.append(f"{pb} is {b[0]}x{b[1]} but {pa} is {a[0]}x{a[1]}: a class's "
