@@ -634,7 +634,7 @@ def mask_values(img: Image.Image) -> np.ndarray:
     layers = _colour_and_alpha(img)
     if layers is not None:
         colour, alpha = layers
-        if alpha.min(initial=0) != alpha.max(initial=0) and (colour == colour[:1, :1]).all():
+        if alpha.size and alpha.min() != alpha.max() and (colour == colour[:1, :1]).all():
             return alpha
     if img.mode in ("LA", "La"):
         img = img.getchannel(0)

@@ -83,9 +83,19 @@ def _walk_images(folder: str) -> list[str]:
                 visited.add(real)
                 kept.append(d)
         dirs[:] = kept
-        files += [str(Path(parent, n)) for n in names
-                  if _is_image(n) and os.path.isfile(os.path.join(parent, n))]
-    return sorted(files)
+        files += [str(Path(parent, n)) for n in names if _is_image(n)]
+    return _existing(sorted(files))
+
+
+def _existing(files: list[str]) -> list[str]:
+    """`files` (image names found by a walk or a glob) that are files; a link to a
+    missing file is an InputError naming it and its target, not an image left out."""
+    dangling = [link for link in map(datasets.dangling_link, files) if link]
+    if dangling:
+        raise InputError(f"{len(dangling)} image link(s) lead nowhere:"
+                         + "".join(f"\n  {link}" for link in dangling)
+                         + f"\nFix: {datasets.FIX_DANGLING}")
+    return [f for f in files if os.path.isfile(f)]
 
 
 def _walked_anyway(real: str, folder: str) -> bool:
@@ -139,8 +149,7 @@ def _expand(spec: str) -> tuple[str, list[str], bool]:
             raise InputError(f"{spec} is not an image file ({'/'.join(datasets.IMAGE_EXTENSIONS)})")
         return os.path.dirname(spec) or ".", [spec], False
     if glob.has_magic(spec):
-        files = sorted(f for f in glob.glob(spec, recursive=True)
-                       if os.path.isfile(f) and _is_image(f))
+        files = _existing(sorted(f for f in glob.glob(spec, recursive=True) if _is_image(f)))
         return _glob_base(spec), files, False
     raise InputError(f"{spec} does not exist: give a folder, an image file or a glob pattern "
                      "(quote it, e.g. 'images/*.png')")

@@ -11,7 +11,6 @@ GPU is.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
@@ -299,8 +298,9 @@ def check_run_test(args, device: torch.device) -> str:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=150)
         if proc.returncode:
             raise RuntimeError(f"run_test.py --device {dev} failed: {proc.stderr[-800:]}")
-        path = sorted(glob.glob(str(out / "**" / "results.json"), recursive=True))[0]
-        results[dev] = json.loads(Path(path).read_text())["classes"]
+        # run_test.py writes into --output_dir itself (an earlier run's, set aside, lies
+        # in previous-*/ there)
+        results[dev] = json.loads((out / "results.json").read_text())["classes"]
     worst, mismatches = compare_results(results["cpu"], results[device.type])
     if mismatches:
         raise RuntimeError(f"metrics on {device.type} and cpu differ by up to {worst:.2e}: "

@@ -81,12 +81,16 @@ def synthetic_defect(image: np.ndarray, donor: np.ndarray | None, rng: np.random
 def class_images(data_path: str) -> dict[str, tuple[str, list[str]]]:
     """Class -> (its train/good folder, its images), every class checked before anything
     is written: at least 2 images (a defect borrows another one) of one size (the
-    donor is pasted pixel for pixel). All problems in one error; datasets.list_images
-    refuses images of one stem (a.png and a.jpg would write one test/synth/a.png)."""
+    donor is pasted pixel for pixel), and what datasets.list_images refuses (images of
+    one stem: a.png and a.jpg would write one test/synth/a.png). All in one error."""
     found, problems = {}, []
     for cls in datasets.find_test_classes(data_path):
         train = os.path.abspath(os.path.join(data_path, cls, "train", "good"))
-        paths = datasets.list_images(train) if os.path.isdir(train) else []
+        try:
+            paths = datasets.list_images(train) if os.path.isdir(train) else []
+        except datasets.BadFileError as e:  # a link to nothing, images of one stem
+            problems.append(str(e))
+            continue
         if len(paths) < 2:
             problems.append(f"{train} holds {len(paths)} image(s): a defect borrows another "
                             "image of the class, so it needs at least 2")

@@ -1002,9 +1002,10 @@ def test_a_palette_mask_with_a_transparent_index_reads_by_its_alpha(tmp_path):
 
 
 def test_opaque_or_coloured_rgba_masks_still_read_by_their_colours(tmp_path):
-    """Alpha counts only where colour is one over the image: an opaque RGBA mask (alpha
-    255 everywhere), and a white-on-black one whose transparent background is stored
-    black, read by their strongest channel as before."""
+    """Alpha counts only where colour is one over the image and alpha varies: an opaque
+    RGBA mask (alpha 255 everywhere), a white-on-black one whose transparent background
+    is stored black, and an opaque mask of one colour (an empty or a full one saved as
+    RGBA / LA), read by their colours as before."""
     ids = np.zeros((8, 8), np.uint8)
     ids[:2], ids[2:4] = 1, 2
     rgba = np.zeros((8, 8, 4), np.uint8)
@@ -1019,3 +1020,10 @@ def test_opaque_or_coloured_rgba_masks_still_read_by_their_colours(tmp_path):
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "faint.png")
     got = np.asarray(datasets.open_mask(str(tmp_path / "faint.png"))) > 0
     np.testing.assert_array_equal(got, ids > 0)
+    for mode, channels in (("RGBA", 4), ("LA", 2)):  # one colour, alpha 255 everywhere
+        for value, defect in ((0, False), (255, True)):  # an empty mask, a full one
+            flat = np.full((8, 8, channels), value, np.uint8)
+            flat[..., -1] = 255
+            Image.fromarray(flat, mode=mode).save(tmp_path / "flat.png")
+            assert (np.asarray(datasets.open_mask(str(tmp_path / "flat.png"))) > 0
+                    ).tolist() == np.full((8, 8), defect).tolist(), (mode, value)
