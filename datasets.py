@@ -572,13 +572,23 @@ def _eight_bit(img: Image.Image, path: str) -> Image.Image:
     return Image.fromarray((arr >> 8).astype(np.uint8))
 
 
+MAX_ASPECT = 16  # an image's long side over its short side; see open_rgb
+
+
 def open_rgb(path: str) -> Image.Image:
     """Fully decoded RGB image as a viewer shows it (EXIF orientation applied); grey,
-    16-bit grey (its top 8 bits) and palette images are converted."""
+    16-bit grey (its top 8 bits) and palette images are converted. Refused: an image
+    longer than MAX_ASPECT times its width (the resize of its short side to 224 px would
+    take gigabytes, and the centre crop would keep a sliver of it) and one over Pillow's
+    pixel limit (a guard against decompression bombs), each naming the fix."""
     if not os.path.isfile(path):
         raise _missing(path, "image", FIX_BAD_FILE)
     try:
         with Image.open(path) as img:
+            if max(img.size) > MAX_ASPECT * max(1, min(img.size)):
+                raise BadFileError(f"{path} is {img.size[0]}x{img.size[1]} pixels, more than "
+                                   f"{MAX_ASPECT} times longer than wide: crop it to the part "
+                                   f"to score (or leave it out with --skip_bad_images)")
             img.load()
             img = _oriented(img)
             if img.mode.startswith(("I", "F")):
@@ -586,6 +596,9 @@ def open_rgb(path: str) -> Image.Image:
             return img.convert("RGB")
     except BadFileError:
         raise
+    except Image.DecompressionBombError as e:
+        raise BadFileError(f"{path} is too large to open ({e}): downscale it (or leave it "
+                           "out with --skip_bad_images)") from None
     except Exception as e:  # any decoder failure means the file is bad
         raise BadFileError(f"cannot read image {path}: {e}; {FIX_BAD_FILE}") from e
 

@@ -769,11 +769,21 @@ def fit_kmeans_tokenizer(images: Iterable[torch.Tensor], out_path: str | os.Path
 
 def fit_kmeans_on_folder(data_path: str, classes: list[str], out_path: str, *,
                          vocab_size: int = 1024, seed: int = 0, out_index: int = 1,
-                         image_size: int = 224, num_workers: int = 0) -> str:
+                         image_size: int = 224, num_workers: int = 0,
+                         skip_bad_images: bool = False) -> str:
     """`fit_kmeans_tokenizer` on every training image of `classes` under an ImageNet-layout
-    `data_path` (the offline demo's tokenizer, fitted on the run's own training set)."""
+    `data_path` (the offline demo's tokenizer, fitted on the run's own training set),
+    leaving out the bad files training leaves out with `skip_bad_images`. A vocabulary
+    larger than the set's patches is refused before any feature is computed."""
     images = datasets.TrainImageDataset(data_path, classes,
-                                        datasets.build_token_transform(image_size))
+                                        datasets.build_token_transform(image_size),
+                                        skip_bad_images=skip_bad_images)
+    patches = len(images) * (image_size // 16) ** 2  # one feature per 16 x 16 patch
+    if patches < vocab_size:
+        raise FlagError(f"--kmeans_vocab_size {vocab_size} (demo.sh: KMEANS_VOCAB) needs at "
+                        f"least as many training patches; {len(images)} images of "
+                        f"{data_path} give {patches}: pass a smaller vocabulary, or more "
+                        "images")
     print(f"[tokenizer] fitting {vocab_size} k-means codes on {len(images)} images -> "
           f"{out_path}", flush=True)
     batches = (x for x, _ in torch.utils.data.DataLoader(images, batch_size=32,

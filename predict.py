@@ -83,16 +83,19 @@ def _walk_images(folder: str) -> list[str]:
                 visited.add(real)
                 kept.append(d)
         dirs[:] = kept
-        files += [str(Path(parent, n)) for n in names if _is_image(n)]
+        # a link to a missing folder (a class) is among `names` too: refused with them
+        files += [str(Path(parent, n)) for n in names
+                  if _is_image(n) or datasets.dangling_link(os.path.join(parent, n))]
     return _existing(sorted(files))
 
 
 def _existing(files: list[str]) -> list[str]:
     """`files` (image names found by a walk or a glob) that are files; a link to a
-    missing file is an InputError naming it and its target, not an image left out."""
+    missing file or folder is an InputError naming it and its target, not an image or a
+    class left out."""
     dangling = [link for link in map(datasets.dangling_link, files) if link]
     if dangling:
-        raise InputError(f"{len(dangling)} image link(s) lead nowhere:"
+        raise InputError(f"{len(dangling)} link(s) lead nowhere:"
                          + "".join(f"\n  {link}" for link in dangling)
                          + f"\nFix: {datasets.FIX_DANGLING}")
     return [f for f in files if os.path.isfile(f)]

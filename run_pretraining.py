@@ -348,7 +348,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
                 args.data_path, train_classes, args.tokenizer_weight_path,
                 vocab_size=args.kmeans_vocab_size, seed=args.seed,
                 out_index=args.kmeans_out_index, image_size=args.input_size,
-                num_workers=args.num_workers)
+                num_workers=args.num_workers, skip_bad_images=args.skip_bad_images)
         utils.barrier()
     utils.seed_everything(args.seed, env.rank)  # after the k-means fit, which draws too
     model, policy, dataset, identity = build_model_and_data(args, env, train_classes, resume,

@@ -688,6 +688,26 @@ def test_normalization_follows_the_flag():
 # ----------------------------------------------------------------------------------------
 # Reading image and mask files
 # ----------------------------------------------------------------------------------------
+def test_a_sliver_or_an_oversized_image_is_refused_naming_the_fix(tmp_path, monkeypatch):
+    """A 6000 x 1 image took 2 GB to resize (its short side goes to 224 px): more than
+    MAX_ASPECT times longer than wide is refused, at MAX_ASPECT it reads. An image over
+    Pillow's pixel limit said 'replace the file' as if it were damaged; now it says to
+    downscale it."""
+    Image.new("RGB", (20 * datasets.MAX_ASPECT + 1, 20)).save(tmp_path / "sliver.png")
+    with pytest.raises(datasets.BadFileError, match=(
+            rf"sliver.png is {20 * datasets.MAX_ASPECT + 1}x20 pixels, more than "
+            rf"{datasets.MAX_ASPECT} times longer than wide: crop it")):
+        datasets.open_rgb(str(tmp_path / "sliver.png"))
+    Image.new("RGB", (20, 20 * datasets.MAX_ASPECT)).save(tmp_path / "tall.png")
+    assert datasets.open_rgb(str(tmp_path / "tall.png")).size == (20, 20 * datasets.MAX_ASPECT)
+    Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 400 px is over twice the limit
+    with pytest.raises(datasets.BadFileError) as err:
+        datasets.open_rgb(str(tmp_path / "big.png"))
+    assert "big.png is too large to open (Image size (400 pixels) exceeds limit" in str(err.value)
+    assert str(err.value).endswith("downscale it (or leave it out with --skip_bad_images)")
+
+
 def test_16_bit_grey_reads_by_its_bit_depth_not_its_maximum(tmp_path):
     """Every 16-bit image keeps its top 8 bits (as OpenCV reads it), whatever its own
     maximum: images of one camera scale alike. PIL before 10.3 opens 16-bit PNGs as 32-bit

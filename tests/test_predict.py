@@ -213,12 +213,12 @@ def test_folder_walk_follows_symlinked_folders(tmp_path):
 
 def test_an_image_link_to_a_missing_file_is_an_error_in_a_folder_or_a_glob(tmp_path):
     """os.walk lists a link whose target is gone among the files, but isfile is False
-    for it: the image was dropped with exit 0. Now an InputError names the link and its
-    target, from a folder input and from a glob alike."""
+    for it: the image (or a whole class folder linked in) was dropped with exit 0. Now an
+    InputError names the link and its target, from a folder input and from a glob alike."""
     _touch(tmp_path, "imgs/a/1.png")
     link = tmp_path / "imgs" / "a" / "2.png"
     link.symlink_to(tmp_path / "gone" / "2.png")
-    expected = (f"1 image link(s) lead nowhere:\n  {link} is a link to {tmp_path}/gone/2.png, "
+    expected = (f"1 link(s) lead nowhere:\n  {link} is a link to {tmp_path}/gone/2.png, "
                 "which does not exist\nFix: restore each link's target, or delete the link")
     for spec in (str(tmp_path / "imgs"), str(tmp_path / "imgs" / "a" / "*.png")):
         with pytest.raises(predict.InputError) as err:
@@ -227,6 +227,11 @@ def test_an_image_link_to_a_missing_file_is_an_error_in_a_folder_or_a_glob(tmp_p
     link.unlink()
     assert predict.find_images([str(tmp_path / "imgs")], "x", False) == {
         "x": [(str(tmp_path / "imgs" / "a" / "1.png"), "a_1")]}
+    (tmp_path / "imgs" / "brick").symlink_to(tmp_path / "gone_class")  # a class linked in
+    with pytest.raises(predict.InputError, match=(
+            f"^1 link\\(s\\) lead nowhere:\n  {tmp_path}/imgs/brick is a link to "
+            f"{tmp_path}/gone_class, which")):
+        predict.find_images([str(tmp_path / "imgs")], None, True)
 
 
 def test_folder_walk_skips_junk_folders(tmp_path):

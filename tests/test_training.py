@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -821,6 +822,33 @@ def test_kmeans_tokenizer_fitted_once_and_vocab_follows_it(env, tmp_path):
     argv[argv.index("--output_dir") + 1] = str(tmp_path / "out2")
     run_pretraining.main(run_pretraining.get_args_parser().parse_args(argv))
     assert os.stat(tok).st_mtime_ns == stamp  # an existing tokenizer is never refitted
+
+
+def test_kmeans_fit_skips_what_training_skips_and_refuses_a_vocabulary_too_large(
+        env, tmp_path, capsys):
+    """--skip_bad_images leaves an unreadable image out of the k-means fit too (the fit
+    refused it, telling the user to pass the flag already given); a vocabulary larger
+    than the training patches is a FlagError naming the flag, before any feature."""
+    data = tmp_path / "data"
+    shutil.copytree(env["two"], data)
+    (data / "train" / TWO_CLASSES[0] / "000.png").write_bytes(b"not a png")
+    tok = tmp_path / "kmeans.pth"
+    argv = _argv(env, str(tmp_path / "out"), "--epochs", "1", "--tokenizer_model", "kmeans",
+                 "--tokenizer_weight_path", str(tok), "--fit_kmeans_tokenizer",
+                 "--kmeans_vocab_size", "16", "--token_cache_dir", str(tmp_path / "cache"),
+                 "--skip_bad_images", data=str(data))
+    run_pretraining.main(run_pretraining.get_args_parser().parse_args(argv))
+    assert f"fitting 16 k-means codes on 7 images -> {tok}" in capsys.readouterr().out
+    assert torch.load(tok, weights_only=True)["codebook"].shape[0] == 16
+    big = tmp_path / "big.pth"
+    argv[argv.index(str(tok))] = str(big)
+    argv[argv.index("16")] = "2048"
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "out_big")
+    with pytest.raises(utils.FlagError, match=(
+            r"^--kmeans_vocab_size 2048 \(demo.sh: KMEANS_VOCAB\) needs at least as many "
+            f"training patches; 7 images of {data} give 1372: pass a smaller vocabulary")):
+        run_pretraining.main(run_pretraining.get_args_parser().parse_args(argv))
+    assert not big.exists()
 
 
 def test_the_original_launchers_local_rank_flag(monkeypatch):
