@@ -42,6 +42,8 @@ DEFAULT_N_BLOCKS = 8
 COND_DIM = 128
 CORESET_FILE = "coreset.npy"
 CORESET_META = "coreset.json"
+CORESET_SHA256 = "npy_sha256"  # coreset.json's record of the coreset.npy it describes
+DEFAULT_IMG_SIZE = 224  # the paper's: what a ProtoFlow file that records none was made at
 THRESHOLD_QUANTILE = 0.99
 SCORE_QUANTILES = (0.5, 0.9, 0.95, 0.99)
 
@@ -216,9 +218,16 @@ def save_prototypes(prototypes_dir: str, class_name: str, prototypes: np.ndarray
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, CORESET_FILE)
     write_atomic(path, lambda tmp: _save_npy(tmp, prototypes.astype(np.float32)))
-    with open(os.path.join(folder, CORESET_META), "w") as f:
-        json.dump(meta, f, indent=1)
+    # the .npy's digest pairs the two files: a kill between the writes leaves a JSON that
+    # `read_prototype_meta` refuses instead of one describing other prototypes
+    meta = {**meta, CORESET_SHA256: file_sha256(path)}
+    write_atomic(os.path.join(folder, CORESET_META), lambda tmp: _save_json(tmp, meta))
     return path
+
+
+def _save_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
@@ -233,15 +242,35 @@ def prototypes_sha256(prototypes_dir: str, class_name: str) -> str | None:
     return file_sha256(path) if os.path.isfile(path) else None
 
 
+def read_prototype_meta(prototypes_dir: str, class_name: str, fix: str) -> dict | None:
+    """<dir>/<class>/coreset.json (how the prototypes were made), None when missing (the
+    authors' release has none). One recording another coreset.npy's sha256 (a rebuild
+    killed between the two writes) describes other prototypes, so it is refused; one
+    without the field (an older version's) is not checked. `fix`: the rebuild advice."""
+    folder = os.path.join(prototypes_dir, class_name)
+    meta_path, npy_path = os.path.join(folder, CORESET_META), os.path.join(folder, CORESET_FILE)
+    if not os.path.isfile(meta_path):
+        return None
+    meta = read_json_object(meta_path, fix, CheckpointError)
+    recorded = meta.get(CORESET_SHA256)
+    if recorded is not None and os.path.isfile(npy_path) and file_sha256(npy_path) != recorded:
+        raise CheckpointError(f"{meta_path} describes another {CORESET_FILE} than {npy_path} "
+                              "(its recorded sha256 differs: a rebuild was interrupted between "
+                              f"the two files), so how the prototypes were made is unknown; "
+                              f"{fix}")
+    return meta
+
+
 def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
                     backbone: str | None = None, out_indices: Sequence[int] | None = None,
                     flags: dict | None = None) -> Tensor:
     """<dir>/<class>/coreset.npy as float32 (M, C), checked against the flow's encoder.
 
     `flags`: the run's flags it shares with the `prototypes` command (run_protoflow.py
-    train passes them; encoder_weights and img_size required). The encoder weights and
-    image size that coreset.json records must then be this run's, since other ones give
-    other features; and the rebuild command in the errors repeats the flags.
+    train passes them; ProtoFlow its file's). The image size (img_size, required) and the
+    encoder weights (encoder_weights, compared when given) that coreset.json records must
+    then be these, since other ones give other features; the rebuild command in the
+    errors repeats the flags.
     """
     path = os.path.join(prototypes_dir, class_name, CORESET_FILE)
     make = "python run_protoflow.py prototypes " + _command_flags({
@@ -259,10 +288,9 @@ def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
     if arr.ndim != 2 or arr.shape[1] != feature_dim or len(arr) == 0:
         raise CheckpointError(f"{path} holds shape {arr.shape}, the ProtoFlow encoder gives "
                               f"(M, {feature_dim}) features; rebuild it with `{make}`")
-    meta_path = os.path.join(prototypes_dir, class_name, CORESET_META)
-    if backbone is not None and os.path.isfile(meta_path):
-        meta = read_json_object(meta_path, f"rebuild the prototypes with `{make}`",
-                                CheckpointError)
+    meta = read_prototype_meta(prototypes_dir, class_name,
+                               f"rebuild the prototypes with `{make}`")
+    if backbone is not None and meta is not None:
         made = (_architecture(meta.get("backbone", "")), list(meta.get("out_indices", [])))
         want = (_architecture(backbone), list(out_indices or DEFAULT_OUT_INDICES))
         if made != want:
@@ -270,9 +298,11 @@ def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
                                   f"uses {want}; rebuild it with `{make}`")
         if flags is not None:
             made_with = {"encoder weights": _weights_source(
-                meta.get("backbone"), meta["encoder_weights"]) if "encoder_weights" in meta
-                else None, "--img_size": meta.get("img_size")}
-            this_run = {"encoder weights": _weights_source(backbone, flags["encoder_weights"]),
+                meta.get("backbone"), meta["encoder_weights"])
+                if "encoder_weights" in meta and "encoder_weights" in flags else None,
+                "--img_size": meta.get("img_size")}
+            this_run = {"encoder weights": _weights_source(backbone,
+                                                           flags.get("encoder_weights")),
                         "--img_size": flags["img_size"]}
             # a field an older coreset.json does not record is not checked, as a file
             # without coreset.json is not
@@ -538,12 +568,13 @@ def save_protoflow(path: str, encoder: nn.Module, flow: Ff.SequenceINN, *, backb
                    threshold_quantile: float = THRESHOLD_QUANTILE,
                    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                    std: Sequence[float] = IMAGENET_DEFAULT_STD,
-                   extra: dict | None = None) -> dict:
+                   img_size: int = DEFAULT_IMG_SIZE, extra: dict | None = None) -> dict:
     """The released layout {'encoder_state_dict', 'decoder_state_dict'} plus our fields.
 
     The image-score threshold is the `threshold_quantile` of held-out normal images'
     scores (with fewer than 100 images the 0.99 quantile lies between the two largest).
-    `mean`, `std`: the input normalisation the encoder and flow were trained with.
+    `mean`, `std`: the input normalisation the encoder and flow were trained with;
+    `img_size`: the image size (prototypes, flow, threshold), which `ProtoFlow` enforces.
     Everything is a tensor or a plain type, so torch.load(weights_only=True) reads it.
     """
     stats, threshold = None, None
@@ -563,7 +594,7 @@ def save_protoflow(path: str, encoder: nn.Module, flow: Ff.SequenceINN, *, backb
            "threshold_quantile": threshold_quantile if threshold is not None else None,
            "normal_image_scores": stats, "classes": list(classes),
            "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
-           **(extra or {})}
+           "img_size": int(img_size), **(extra or {})}
     save_on_master(obj, path)
     return obj
 
@@ -584,6 +615,17 @@ def file_normalization(obj: dict, path: str) -> tuple[tuple[float, ...], tuple[f
                               "download it again or train it again (`python run_protoflow.py "
                               "train ...`)")
     return mean, std
+
+
+def file_img_size(obj: dict, path: str) -> int:
+    """The image size a ProtoFlow file's prototypes, flow and threshold were made at; a
+    released file records none and was made at the paper's 224 px (docs/method.md 6)."""
+    size = obj.get("img_size", DEFAULT_IMG_SIZE)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise CheckpointError(f"{path}: 'img_size' {size!r} is not a positive int; the file "
+                              "is damaged: download it again or train it again (`python "
+                              "run_protoflow.py train ...`)")
+    return size
 
 
 def load_protoflow_file(path: str) -> dict:
@@ -609,6 +651,8 @@ class ProtoFlow:
     file without one, `encoder_weights` (a local file) or timm's download supplies it.
     `input_normalization` (mean, std) is how the images given to `log_likelihood` are
     normalised (default: as the file was trained); they are converted to the file's own.
+    Images must have the file's `img_size` (224 for a released file): at another size
+    its prototypes and threshold do not apply, so they are refused, not scored wrongly.
     """
 
     def __init__(self, weights_path: str, prototypes_dir: str, device: str = "cpu",
@@ -617,6 +661,12 @@ class ProtoFlow:
                  ) -> None:
         ckpt = load_protoflow_file(weights_path)
         self.normalization = file_normalization(ckpt, weights_path)
+        self.img_size = file_img_size(ckpt, weights_path)
+        # what the prototypes must have been made with (coreset.json records both);
+        # run_protoflow.py train records the encoder weights' source, other files do not
+        self._prototype_flags: dict = {
+            **({"encoder_weights": ckpt["encoder_weights"]} if "encoder_weights" in ckpt
+               else {}), "img_size": self.img_size}
         self.input_normalization = input_normalization or self.normalization
         self.weights_path = weights_path
         self.prototypes_dir = prototypes_dir
@@ -685,12 +735,24 @@ class ProtoFlow:
         return float(torch.quantile(scores.double(), quantile))
 
     def prototypes(self, class_name: str) -> Tensor:
-        """The class's prototypes (M, C) on the device, loaded once."""
+        """The class's prototypes (M, C) on the device, loaded once; those coreset.json
+        says were made at another image size or with other encoder weights are refused."""
         if class_name not in self._prototypes:
             self._prototypes[class_name] = load_prototypes(
                 self.prototypes_dir, class_name, self.feature_dim, self.backbone,
-                self.out_indices).to(self.device)
+                self.out_indices, self._prototype_flags).to(self.device)
         return self._prototypes[class_name]
+
+    def check_image_size(self, h: int, w: int) -> None:
+        """Refuse h x w images unless they are the file's size: at another size its
+        prototypes, flow and threshold do not apply, and every score would be wrong."""
+        if (h, w) != (self.img_size, self.img_size):
+            raise FlagError(f"{self.weights_path} was made at {self.img_size} px (prototypes, "
+                            f"flow and threshold) but is given {h}x{w} px images, whose scores "
+                            f"it would get wrong: evaluate at {self.img_size} px (a ViT of "
+                            f"--input_size {self.img_size}), or make ProtoFlow at this size "
+                            f"(`python run_protoflow.py prototypes ... --img_size {h}`, then "
+                            f"`train ... --img_size {h}`)")
 
     @torch.inference_mode()
     def scores(self, images: Tensor, class_name: str,
@@ -703,6 +765,7 @@ class ProtoFlow:
         trained with."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
+        self.check_image_size(*images.shape[2:])
         protos = self.prototypes(class_name)
         x = self._renormalize(images.to(self.device, torch.float32),
                               normalization or self.input_normalization)

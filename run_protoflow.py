@@ -35,12 +35,11 @@ from backbones import create_backbone
 from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_OUT_INDICES,
                        THRESHOLD_QUANTILE, build_flow, build_prototypes, image_score,
                        load_prototypes, patch_log_likelihood, prototypes_sha256,
-                       save_protoflow, save_prototypes, train_flow)
+                       read_prototype_meta, save_protoflow, save_prototypes, train_flow)
 from utils import (CheckpointError, FlagError, JsonlLog, UniqueNames, build_sampler,
                    capture_rng_state, cli, fraction_arg, int_at_least, load_checkpoint_file,
-                   positive_float, prepare_output_dir, read_json_object,
-                   remove_stale_tmp_files, resolve_device, restore_rng_state, save_on_master,
-                   seed_everything)
+                   positive_float, prepare_output_dir, remove_stale_tmp_files,
+                   resolve_device, restore_rng_state, save_on_master, seed_everything)
 
 
 @torch.inference_mode()
@@ -79,6 +78,12 @@ def _encoder_from_args(args: argparse.Namespace) -> nn.Module:
                            pretrained=args.encoder_weights is None).to(args.device)
 
 
+def _encoder_weights_record(args: argparse.Namespace) -> str | None:
+    """--encoder_weights as coreset.json and the ProtoFlow file record it, absolute (the
+    same file from any folder); None: timm's pretrained --encoder."""
+    return None if args.encoder_weights is None else os.path.abspath(args.encoder_weights)
+
+
 def _loader(dataset: Dataset, indices: list[int], args: argparse.Namespace,
             train: bool = False) -> DataLoader:
     subset = Subset(dataset, indices)
@@ -107,8 +112,7 @@ def run_prototypes(args: argparse.Namespace) -> list[str]:
                                   args.projection_dim, args.device,
                                   rng=np.random.default_rng([args.seed, zlib.crc32(name.encode())]))
         meta = {"backbone": args.encoder, "out_indices": list(args.out_indices),
-                "encoder_weights": None if args.encoder_weights is None  # from any folder
-                else os.path.abspath(args.encoder_weights), "num_images": len(kept),
+                "encoder_weights": _encoder_weights_record(args), "num_images": len(kept),
                 "num_shots": args.num_shots, "holdout": args.holdout, "seed": args.seed,
                 "held_out": [os.path.basename(dataset.samples[i][0]) for i in held],
                 "coreset_ratio": args.coreset_ratio, "projection_dim": args.projection_dim,
@@ -124,13 +128,13 @@ def _check_prototype_holdout(prototypes_dir: str, held_out: dict[str, list[str]]
     the prototypes' coreset.json must list the same held-out files."""
     for name, files in held_out.items():
         meta_path = os.path.join(prototypes_dir, name, CORESET_META)
-        if not os.path.isfile(meta_path):
+        meta = read_prototype_meta(prototypes_dir, name, "rebuild the prototypes with "
+                                   "`python run_protoflow.py prototypes`")
+        if meta is None:
             print(f"[protoflow] {meta_path} missing (released prototypes?): the held-out "
                   f"images of '{name}' may be among the prototypes' images, which would "
                   "make the stored threshold too low", flush=True)
             continue
-        meta = read_json_object(meta_path, "rebuild the prototypes with `python "
-                                "run_protoflow.py prototypes`", CheckpointError)
         if sorted(meta.get("held_out", [])) != sorted(files):
             raise FlagError(f"{meta_path}: the prototypes were made with other held-out "
                             f"images (--holdout {meta.get('holdout')} --seed "
@@ -159,13 +163,48 @@ def _flow_data(args: argparse.Namespace, classes: list[str]
     return train_set, eval_set, kept, held
 
 
+def training_files(dataset: Dataset, kept: list[int], held: list[int], root: str
+                   ) -> dict[str, dict[str, list[int]]]:
+    """The kept and held-out training images as {relative path: [size, mtime_ns]}: cheap
+    (no image is read), and an image added, removed or rewritten after a crash changes it,
+    which a resume must not continue on (same --data_path, other data)."""
+    def stat(indices: list[int]) -> dict[str, list[int]]:
+        out = {}
+        for i in indices:
+            path = dataset.samples[i][0]
+            st = os.stat(path)
+            out[os.path.relpath(path, root)] = [st.st_size, st.st_mtime_ns]
+        return out
+    return {"kept": stat(kept), "held_out": stat(held)}
+
+
+def _files_changed(saved: dict[str, dict], now: dict[str, dict]) -> str:
+    """How two `training_files` differ, per split: counts, then a few names of each kind."""
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    parts = []
+    for split, label in (("kept", "training"), ("held_out", "held-out")):
+        before, after = saved.get(split, {}), now[split]
+        kinds = {"added": sorted(set(after) - set(before)),
+                 "removed": sorted(set(before) - set(after)),
+                 "rewritten": sorted(k for k in set(before) & set(after)
+                                     if list(before[k]) != list(after[k]))}
+        if any(kinds.values()):
+            parts.append(f"{len(before)} -> {len(after)} {label} images ("
+                         + "; ".join(f"{kind} {some(names)}" for kind, names in kinds.items()
+                                     if names) + ")")
+    return "; ".join(parts)
+
+
 def _resume(args: argparse.Namespace, resume_path: str, flow: Ff.SequenceINN,
-            optimizer: torch.optim.Optimizer, run_args: dict) -> int:
+            optimizer: torch.optim.Optimizer, run_args: dict,
+            data_files: dict[str, dict[str, list[int]]]) -> int:
     """The epoch to start at: 0, or the one after the last saved in `resume_path`
     (<output>.resume), whose flow, optimizer and RNG state are restored (only with
-    --resume and unchanged `run_args`, so that a resumed run is the run it continues).
-    A file that records only some of `run_args` (an older version's) is refused: it
-    cannot be shown to continue this run."""
+    --resume, unchanged `run_args` and the same training images, `data_files`, so that a
+    resumed run is the run it continues). A file that records only some of `run_args` (an
+    older version's) is refused: it cannot be shown to continue this run; one without
+    `data_files` (recorded since a later version) resumes with a note."""
     if not os.path.exists(resume_path):
         if args.resume:
             raise FlagError(f"--resume: {resume_path} does not exist, so --output "
@@ -199,6 +238,15 @@ def _resume(args: argparse.Namespace, resume_path: str, flow: Ff.SequenceINN,
     if differ:
         raise CheckpointError(f"{resume_path} was made with other {'; other '.join(differ)}; "
                               "use the same ones or delete it to start over")
+    if "data_files" not in state:
+        print(f"[protoflow] {resume_path} records no fingerprint of the training images (an "
+              "older run_protoflow.py wrote it): resumed unchecked; the run continues exactly "
+              "only on the images it was started with", flush=True)
+    elif state["data_files"] != data_files:
+        raise CheckpointError(f"{resume_path} was made on other images than --data_path "
+                              f"{args.data_path} holds now: "
+                              f"{_files_changed(state['data_files'], data_files)}; resume on "
+                              f"the same images, or delete {resume_path} to start over")
     flow.load_state_dict(state["flow"])
     optimizer.load_state_dict(state["optimizer"])
     restore_rng_state(state["rng"])
@@ -230,14 +278,16 @@ def run_train(args: argparse.Namespace) -> dict:
     resume_path = args.output + ".resume"
     run_args = {k: getattr(args, k) for k in RESUME_KEYS}
     run_args["prototypes"] = {c: prototypes_sha256(args.prototypes_dir, c) for c in classes}
-    start_epoch = _resume(args, resume_path, flow, optimizer, run_args)
+    data_files = training_files(train_set, kept, held, args.data_path)
+    start_epoch = _resume(args, resume_path, flow, optimizer, run_args, data_files)
     log = JsonlLog(args.output + ".log.jsonl", start_epoch)
 
     def epoch_end(epoch: int, loss: float, opt: torch.optim.Optimizer) -> None:
         log.write({"epoch": epoch, "loss": loss, "lr": opt.param_groups[0]["lr"]})
         print(f"[protoflow] epoch {epoch + 1}/{args.epochs} loss {loss:.5f}", flush=True)
         save_on_master({"flow": flow.state_dict(), "optimizer": opt.state_dict(),
-                        "epoch": epoch, "args": run_args, "rng": capture_rng_state()},
+                        "epoch": epoch, "args": run_args, "data_files": data_files,
+                        "rng": capture_rng_state()},
                        resume_path)
 
     print(f"[protoflow] {len(classes)} classes, {len(kept)} training images, {len(held)} "
@@ -257,7 +307,9 @@ def run_train(args: argparse.Namespace) -> dict:
     obj = save_protoflow(args.output, encoder, flow, backbone=args.encoder,
                          out_indices=args.out_indices, classes=classes, normal_scores=scores,
                          normal_classes=score_classes, threshold_quantile=args.threshold_quantile,
-                         extra={"train_args": run_args})
+                         img_size=args.img_size,
+                         extra={"train_args": run_args,  # checked against coreset.json's
+                                "encoder_weights": _encoder_weights_record(args)})
     if os.path.exists(resume_path):
         os.remove(resume_path)
     threshold = obj["image_score_threshold"]

@@ -243,6 +243,7 @@ def load_models(args: argparse.Namespace) -> Models:
     args.protoflow_weights = resolve_weights_file(args.protoflow_weights, "--protoflow_weights")
     protoflow = ProtoFlow(args.protoflow_weights, args.prototypes_dir, device=str(device),
                           encoder_weights=args.encoder_weights, input_normalization=(mean, std))
+    protoflow.check_image_size(*model.patch_embed.img_size)  # before any class is scored
     return Models(model, tokenizer, protoflow, device, amp, mean, std, vit_classes)
 
 

@@ -181,8 +181,16 @@ def test_released_layout_file_loads_strictly_with_defaults(b6_state, flow272, tm
         assert torch.equal(model.encoder.state_dict()[k], v), k
     for k, v in flow272.state_dict().items():
         assert torch.equal(model.flow.state_dict()[k], v), k
-    logp = model.log_likelihood(torch.zeros(1, 3, 64, 64), "bottle")  # small: b6 is slow
-    assert logp.shape == (1, 8, 8) and torch.isfinite(logp).all()
+    assert model.img_size == 224  # a released file records none: the paper's
+    with pytest.raises(FlagError) as err:  # its threshold and prototypes are for 224 px
+        model.log_likelihood(torch.zeros(1, 3, 64, 64), "bottle")
+    assert str(err.value) == (
+        f"{tmp_path / 'released.pt'} was made at 224 px (prototypes, flow and threshold) but "
+        "is given 64x64 px images, whose scores it would get wrong: evaluate at 224 px (a ViT "
+        "of --input_size 224), or make ProtoFlow at this size (`python run_protoflow.py "
+        "prototypes ... --img_size 64`, then `train ... --img_size 64`)")
+    logp = model.log_likelihood(torch.zeros(1, 3, 224, 224), "bottle")
+    assert logp.shape == (1, 28, 28) and torch.isfinite(logp).all()
 
 
 def test_wrong_encoder_keys_are_named(b6_state, flow272, tmp_path):
@@ -432,6 +440,47 @@ def test_missing_or_mismatched_prototypes_error(tmp_path):
         pf.load_prototypes(str(tmp_path), "bottle", 152)
     assert str(err.value) == (f"{path} contains non-finite values; rebuild it with "
                               f"`{make} tf_efficientnet_b6`")
+
+
+def test_coreset_json_is_atomic_and_tied_to_its_npy(monkeypatch, tmp_path):
+    """coreset.json records coreset.npy's sha256 and is replaced whole: a rebuild killed
+    after the new .npy but mid-JSON leaves the old JSON, which both readers then refuse
+    (it names other held-out images than the prototypes saw); an older JSON without the
+    field is not checked."""
+    folder = tmp_path / "bottle"
+    npy, meta_path = str(folder / "coreset.npy"), str(folder / "coreset.json")
+    old = np.zeros((5, 152), np.float32)
+    pf.save_prototypes(str(tmp_path), "bottle", old, {"seed": 0, "held_out": ["002.png"]})
+    meta = json.loads(open(meta_path).read())
+    assert meta == {"seed": 0, "held_out": ["002.png"], "npy_sha256": utils.file_sha256(npy)}
+    assert pf.load_prototypes(str(tmp_path), "bottle", 152).shape == (5, 152)
+    rpf._check_prototype_holdout(str(tmp_path), {"bottle": ["002.png"]})
+
+    def killed_mid_write(obj, f, **kwargs):
+        f.write('{"seed": 1, "held_')
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(pf.json, "dump", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        pf.save_prototypes(str(tmp_path), "bottle", np.ones((5, 152), np.float32),
+                           {"seed": 1, "held_out": ["003.png"]})
+    monkeypatch.undo()
+    assert np.load(npy)[0, 0] == 1 and json.loads(open(meta_path).read()) == meta
+    assert sorted(os.listdir(folder)) == ["coreset.json", "coreset.npy"]  # no temporary file
+    make = (f"python run_protoflow.py prototypes --data_path <ImageNet-layout root> --classes "
+            f"bottle --output_dir {tmp_path} --encoder tf_efficientnet_b6")
+    stale = (f"{meta_path} describes another coreset.npy than {npy} (its recorded sha256 "
+             "differs: a rebuild was interrupted between the two files), so how the "
+             "prototypes were made is unknown; rebuild the prototypes with ")
+    with pytest.raises(CheckpointError) as err:
+        pf.load_prototypes(str(tmp_path), "bottle", 152)
+    assert str(err.value) == stale + f"`{make}`"
+    with pytest.raises(CheckpointError) as err:  # it would trust held_out ["002.png"]
+        rpf._check_prototype_holdout(str(tmp_path), {"bottle": ["002.png"]})
+    assert str(err.value) == stale + "`python run_protoflow.py prototypes`"
+    del meta["npy_sha256"]  # an older version's coreset.json: nothing to compare
+    open(meta_path, "w").write(json.dumps(meta))
+    assert pf.load_prototypes(str(tmp_path), "bottle", 152)[0, 0] == 1
 
 
 # ----------------------------------------------------------------------------- flow maths
@@ -742,9 +791,10 @@ def test_train_command_writes_a_loadable_file(cli, tmp_path):
         rpf.main(cli["train"] + ["--output", out])
 
 
-def _crash_in_epoch_two(cli: dict, monkeypatch, output: str) -> None:
-    """The `cli` training run to --output `output`, crashed in its second epoch: its
-    <output>.resume holds the first."""
+def _crash_in_epoch_two(cli: dict, monkeypatch, output: str,
+                        train: list[str] | None = None) -> None:
+    """The `cli` training run (or `train`) to --output `output`, crashed in its second
+    epoch: its <output>.resume holds the first."""
     calls, original = [], pf.patch_log_likelihood
 
     def crash_in_epoch_two(*args, **kwargs):
@@ -755,7 +805,7 @@ def _crash_in_epoch_two(cli: dict, monkeypatch, output: str) -> None:
 
     monkeypatch.setattr(pf, "patch_log_likelihood", crash_in_epoch_two)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        rpf.main(cli["train"] + ["--output", output])
+        rpf.main((train or cli["train"]) + ["--output", output])
     monkeypatch.setattr(pf, "patch_log_likelihood", original)
     assert os.path.exists(output + ".resume")
 
@@ -770,12 +820,48 @@ def test_train_resumes_exactly_after_a_crash(cli, monkeypatch):
     assert resumed["image_score_threshold"] == straight["image_score_threshold"]
 
 
+def test_resume_refuses_training_images_changed_after_the_crash(cli, monkeypatch, tmp_path):
+    """Same --data_path, other files: a rewritten image, then an added one, are refused
+    by name and count; the very same files again resume exactly."""
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(cli["root"], "data"), data)  # copy2: mtimes kept
+    train = list(cli["train"])
+    train[train.index("--data_path") + 1] = str(data)
+    crashed = str(tmp_path / "e.pt")
+    resume = crashed + ".resume"
+    _crash_in_epoch_two(cli, monkeypatch, crashed, train)
+    argv = train + ["--output", crashed, "--resume"]
+    held = json.loads(open(os.path.join(cli["protos"], "brick", "coreset.json")).read())
+    kept = sorted(f for f in os.listdir(data / "train" / "brick")
+                  if f not in held["held_out"])[0]
+    image = data / "train" / "brick" / kept
+    original, stat = image.read_bytes(), image.stat()
+    Image.fromarray(255 - np.asarray(Image.open(image))).save(image)
+    with pytest.raises(CheckpointError) as err:
+        rpf.main(argv)
+    assert str(err.value) == (f"{resume} was made on other images than --data_path {data} "
+                              f"holds now: 8 -> 8 training images (rewritten "
+                              f"train/brick/{kept}); resume on the same images, or delete "
+                              f"{resume} to start over")
+    shutil.copy(data / "train" / "brick" / "004.png", data / "train" / "brick" / "005.png")
+    with pytest.raises(CheckpointError) as err:
+        rpf.main(argv)
+    assert (f"holds now: 8 -> 9 training images (added train/brick/005.png; rewritten "
+            f"train/brick/{kept}); resume on") in str(err.value)
+    (data / "train" / "brick" / "005.png").unlink()
+    image.write_bytes(original)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    resumed = rpf.main(argv)
+    for key, value in cli["trained"]["decoder_state_dict"].items():
+        assert torch.equal(resumed["decoder_state_dict"][key], value), key
+
+
 def test_resume_refuses_other_prototypes_or_skip_bad_images_or_an_older_file(
         cli, monkeypatch, tmp_path, capsys):
     """The prototypes are compared by content: rebuilt ones in another --prototypes_dir are
     refused, the same files copied elsewhere resume. A .resume file from before these
-    checks records neither and is refused; one from before --num_workers was recorded
-    resumes, with a note."""
+    checks records neither and is refused; one from before --num_workers or the training
+    images' fingerprint were recorded resumes, with a note."""
     crashed = str(cli["root"] / "c.pt")
     resume = crashed + ".resume"
     _crash_in_epoch_two(cli, monkeypatch, crashed)
@@ -783,7 +869,8 @@ def test_resume_refuses_other_prototypes_or_skip_bad_images_or_an_older_file(
     copy, other = tmp_path / "copy", tmp_path / "other"
     shutil.copytree(cli["protos"], copy)
     shutil.copytree(cli["protos"], other)
-    np.save(other / "gravel" / "coreset.npy", np.load(other / "gravel" / "coreset.npy") * 1.01)
+    pf.save_prototypes(str(other), "gravel", np.load(other / "gravel" / "coreset.npy") * 1.01,
+                       json.loads((other / "gravel" / "coreset.json").read_text()))  # rebuilt
     with pytest.raises(CheckpointError) as err:
         rpf.main(argv + ["--prototypes_dir", str(other)])
     assert str(err.value) == (f"{resume} was made with other prototypes for ['gravel'] than "
@@ -803,12 +890,16 @@ def test_resume_refuses_other_prototypes_or_skip_bad_images_or_an_older_file(
     assert str(err.value) == (f"{resume} records no ['skip_bad_images', 'prototypes'] (an older "
                               "run_protoflow.py wrote it), so it cannot be checked against "
                               "this run; delete it to start over")
-    torch.save({**state, "args": {k: v for k, v in state["args"].items()
-                                  if k != "num_workers"}}, resume)
+    assert sorted(state["data_files"]) == ["held_out", "kept"]
+    torch.save({**{k: v for k, v in state.items() if k != "data_files"},
+                "args": {k: v for k, v in state["args"].items() if k != "num_workers"}}, resume)
     capsys.readouterr()
     resumed = rpf.main(argv + ["--prototypes_dir", str(copy)])
-    assert (f"{resume} records no --num_workers (an older run_protoflow.py wrote it): "
-            "resumed" in capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert f"{resume} records no --num_workers (an older run_protoflow.py wrote it): " \
+           "resumed" in out
+    assert (f"{resume} records no fingerprint of the training images (an older "
+            "run_protoflow.py wrote it): resumed unchecked" in out)
     for key, value in cli["trained"]["decoder_state_dict"].items():
         assert torch.equal(resumed["decoder_state_dict"][key], value), key
 
@@ -820,6 +911,45 @@ def test_resume_without_a_resume_file_is_refused(cli):
     assert str(err.value) == (f"--resume: {out}.resume does not exist, so --output {out} has "
                               "no unfinished run to continue; drop --resume to start afresh")
     assert not os.path.exists(out) and not os.path.exists(out + ".log.jsonl")
+
+
+def test_protoflow_file_keeps_its_image_size_and_refuses_others(cli, tmp_path):
+    """A ProtoFlow made at 64 px records it: 224-px images (the ViT's) are refused, not
+    scored against 64-px prototypes and threshold; so are prototypes made at 224 px or with
+    other encoder weights, by the rebuild command with the file's own flags."""
+    common = [*cli["common"], "--img_size", "64"]
+    protos = str(tmp_path / "protos64")
+    rpf.main(["prototypes", *common, "--output_dir", protos, "--coreset_ratio", "0.05",
+              "--classes", "brick"])
+    out = str(tmp_path / "pf64.pt")
+    obj = rpf.main(["train", *common, "--prototypes_dir", protos, "--classes", "brick",
+                    "--epochs", "1", "--n_blocks", "1", "--output", out])
+    weights = os.path.abspath(lite0_weights_path())
+    assert obj["img_size"] == 64 and obj["encoder_weights"] == weights
+    model = pf.ProtoFlow(out, protos)
+    assert model.img_size == 64
+    image = torch.zeros(1, 3, 64, 64)
+    assert model.log_likelihood(image, "brick").shape == (1, 8, 8)
+    with pytest.raises(FlagError, match=re.escape(
+            f"{out} was made at 64 px (prototypes, flow and threshold) but is given 224x224 "
+            "px images")):
+        model.log_likelihood(torch.zeros(1, 3, 224, 224), "brick")
+    rebuild = (f"rebuild it with `python run_protoflow.py prototypes --data_path <ImageNet-layout "
+               f"root> --classes brick --output_dir {cli['protos']} --encoder "
+               f"efficientnet_lite0 --out_indices 2 3 --encoder_weights {weights} --img_size "
+               "64`")
+    with pytest.raises(CheckpointError) as err:  # the `cli` prototypes: made at 224 px
+        pf.ProtoFlow(out, cli["protos"]).log_likelihood(image, "brick")
+    assert str(err.value) == (f"{os.path.join(cli['protos'], 'brick', 'coreset.npy')} was "
+                              "made with --img_size 224 (this run: 64), which give other "
+                              f"features; {rebuild}")
+    meta = json.loads(open(os.path.join(protos, "brick", "coreset.json")).read())
+    pf.save_prototypes(protos, "brick", np.load(os.path.join(protos, "brick", "coreset.npy")),
+                       {**meta, "encoder_weights": "/elsewhere/other.pth"})
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"was made with encoder weights /elsewhere/other.pth (this run: {weights}), which "
+            "give other features")):
+        pf.ProtoFlow(out, protos).log_likelihood(image, "brick")
 
 
 def test_train_refuses_prototypes_of_another_image_size(cli, capsys):

@@ -183,16 +183,34 @@ def trained_112(tiny_world, tmp_path_factory):
             "--max_steps_per_epoch", "1", "--num_workers", "0", "--no_init", "--amp", "none",
             "--device", "cpu"]
     run_pretraining.main(run_pretraining.get_args_parser().parse_args(argv))
-    return {"ckpt": str(base / "out" / "checkpoint-last.pth"), "tokenizer": tokenizer}
+    protoflow = base / "protoflow_112.pt"  # ProtoFlow refuses images of another size
+    torch.save({**torch.load(tiny_world.protoflow, weights_only=True),
+                "img_size": 112}, protoflow)
+    return {"ckpt": str(base / "out" / "checkpoint-last.pth"), "tokenizer": tokenizer,
+            "protoflow": str(protoflow)}
 
 
 def _eval_argv(world, trained, out, *extra: str) -> list[str]:
     """No model flag repeated from training: the checkpoint's arguments decide them."""
     return ["--ckpt", trained["ckpt"], "--tokenizer_weight_path", trained["tokenizer"],
-            "--protoflow_weights", str(world.protoflow),
+            "--protoflow_weights", trained["protoflow"],
             "--prototypes_dir", str(world.prototypes_dir), "--data_path", str(world.mvtec_root),
             "--classes", "coins", "--output_dir", str(out), "--batch_size", "8",
             "--num_workers", "0", "--device", "cpu", "--amp", "none", *extra]
+
+
+def test_a_protoflow_file_of_another_image_size_is_refused_before_any_class(
+        tiny_world, trained_112, tmp_path, monkeypatch):
+    """The 112-px ViT with the tiny world's 224-px ProtoFlow file: its prototypes and
+    threshold do not apply to 112-px images, so run_test.py refuses it up front (exit 2
+    through cli), before a class is scored or an output written."""
+    monkeypatch.setattr(run_test, "evaluate_class", lambda *a: pytest.fail("scored"))
+    argv = _eval_argv(tiny_world, {**trained_112, "protoflow": str(tiny_world.protoflow)},
+                      tmp_path / "out")
+    with pytest.raises(utils.FlagError, match=(
+            f"^{tiny_world.protoflow} was made at 224 px \\(prototypes, flow and threshold\\) "
+            "but is given 112x112 px images")):
+        run_test.main(run_test.get_args_parser().parse_args(argv))
 
 
 def test_checkpoint_evaluates_with_its_own_settings(tiny_world, trained_112, tmp_path, capsys,
