@@ -824,6 +824,7 @@ def test_kmeans_tokenizer_fitted_once_and_vocab_follows_it(env, tmp_path):
     assert os.stat(tok).st_mtime_ns == stamp  # an existing tokenizer is never refitted
 
 
+@pytest.mark.filterwarnings("ignore:training images. left out")  # asserted where it counts
 def test_kmeans_fit_skips_what_training_skips_and_refuses_a_vocabulary_too_large(
         env, tmp_path, capsys):
     """--skip_bad_images leaves an unreadable image out of the k-means fit too (the fit
@@ -837,7 +838,11 @@ def test_kmeans_fit_skips_what_training_skips_and_refuses_a_vocabulary_too_large
                  "--tokenizer_weight_path", str(tok), "--fit_kmeans_tokenizer",
                  "--kmeans_vocab_size", "16", "--token_cache_dir", str(tmp_path / "cache"),
                  "--skip_bad_images", data=str(data))
-    run_pretraining.main(run_pretraining.get_args_parser().parse_args(argv))
+    with pytest.warns(UserWarning, match=r"training images: left out 1 bad file\(s\) of 8") \
+            as caught:
+        run_pretraining.main(run_pretraining.get_args_parser().parse_args(argv))
+    assert len(caught) == 2  # the k-means fit's and training's, each naming the file
+    assert all("bottle/000.png: cannot identify" in str(w.message) for w in caught)
     assert f"fitting 16 k-means codes on 7 images -> {tok}" in capsys.readouterr().out
     assert torch.load(tok, weights_only=True)["codebook"].shape[0] == 16
     big = tmp_path / "big.pth"
