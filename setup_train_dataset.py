@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from dataset_converters import (DEFAULT_TEST_FRACTION, convert_custom, convert_visa,
                                 remove_unlisted)
-from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, LayoutError,
-                      data_subdirs, list_images, resolve_train_root)
+from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, BadFileError,
+                      LayoutError, data_subdirs, list_images, resolve_train_root)
 from demo_data import DEFECT_AREA_BOUNDS, WORLDS, make_demo_dataset
 from fg_masks import FgMaskZip, make_fg_masks, mask_coverage
 from utils import UniqueNames, cli, fraction_arg, int_at_least, prepare_output_dir, write_atomic
@@ -75,8 +75,8 @@ def find_classes(data_path: str, classes: Sequence[str] | None) -> list[str]:
 def plan_copies(data_path: str, root: str, classes: Sequence[str]
                 ) -> dict[str, dict[str, list[tuple[str, str]]]]:
     """{class: {'train': [(source, destination)]}}: the normal training images, the only
-    ones training reads; every missing folder of every class is listed in one error
-    before anything is written."""
+    ones training reads; every missing folder, link to nothing and pair of images of one
+    stem, of every class, is listed in one error before anything is written."""
     plan, problems = {}, []
     for name in classes:
         class_dir = os.path.join(data_path, name)
@@ -85,7 +85,11 @@ def plan_copies(data_path: str, root: str, classes: Sequence[str]
             continue
         plan[name] = {}
         src_dir = _normal_dir(class_dir, "train")
-        files = list_images(src_dir) if src_dir else []
+        try:
+            files = list_images(src_dir) if src_dir else []
+        except BadFileError as e:  # a link to nothing, images of one stem: listed with the rest
+            problems.append(str(e).replace("\n", "\n  "))
+            continue
         if src_dir is None:
             problems.append(f"{os.path.join(class_dir, 'train', 'good')} (folder missing)")
         elif not files:
@@ -93,7 +97,7 @@ def plan_copies(data_path: str, root: str, classes: Sequence[str]
         plan[name]["train"] = [(f, os.path.join(root, "train", name, os.path.basename(f)))
                                for f in files]
     if problems:
-        raise LayoutError(f"{data_path} is not a complete MVTec-format dataset; missing:\n  "
+        raise LayoutError(f"{data_path} is not a complete MVTec-format dataset:\n  "
                           + "\n  ".join(problems) + f"\nexpected {SOURCE_LAYOUT}")
     return plan
 

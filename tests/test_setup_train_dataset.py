@@ -125,29 +125,27 @@ def test_layout_errors_list_everything_before_writing(tmp_path, capsys):
     assert "absent does not exist" in capsys.readouterr().err
 
 
-def test_a_link_to_a_missing_image_stops_the_copy_before_writing(tmp_path, capsys):
+def test_a_link_to_nothing_and_images_of_one_stem_stop_the_copy_before_writing(tmp_path,
+                                                                              capsys):
     """A training image linking nowhere was dropped by the listing: part of the class
-    copied, exit 0. Now: exit 2 naming the link and its target, nothing written."""
+    copied, exit 0. 000.png and 000.jpg would both get the foreground mask
+    fg_mask/<class>/000.png. Now: exit 2, both classes' problems in one error (the link
+    and its target, the pair), with a missing class's, and nothing written."""
     data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "inet"
     link = data / "bottle" / "train" / "good" / "003.png"
     os.symlink(tmp_path / "elsewhere" / "003.png", link)
-    assert _run("--data_path", data, "--root", root, "--classes", "bottle") == 2
-    assert capsys.readouterr().err == (
-        f"error: 1 image link(s) in {link.parent} lead nowhere:\n  {link} is a link to "
+    _save(data / "carpet" / "train" / "good" / "000.jpg", np.zeros((32, 32, 3), np.uint8))
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle", "carpet",
+                "cable") == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: {data} is not a complete MVTec-format dataset:\n"
+        f"  1 image link(s) in {link.parent} lead nowhere:\n    {link} is a link to "
         f"{tmp_path}/elsewhere/003.png, which does not exist\n"
-        "Fix: restore each link's target, or delete the link\n")
-    assert not root.exists()
-
-
-def test_training_images_of_one_stem_stop_the_copy_before_writing(tmp_path, capsys):
-    """000.png and 000.jpg would both get the foreground mask fg_mask/bottle/000.png."""
-    data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "inet"
-    _save(data / "bottle" / "train" / "good" / "000.jpg", np.zeros((32, 32, 3), np.uint8))
-    assert _run("--data_path", data, "--root", root, "--classes", "bottle") == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {data}/bottle/train/good holds 1 group(s) of images with "
-                          "one name and different extensions")
-    assert "\n  000.jpg, 000.png\nFix: rename all but one file of each group" in err
+        "  Fix: restore each link's target, or delete the link\n"
+        f"  {data}/carpet/train/good holds 1 group(s) of images with one name and different "
+        "extensions, which would share one mask and one result name:\n    000.jpg, 000.png\n"
+        "  Fix: rename all but one file of each group (and a test image's ground-truth mask "
+        f"with it)\n  {data}/cable (class folder missing)\nexpected ")
     assert not root.exists()
 
 
