@@ -64,12 +64,12 @@ def _glob_base(pattern: str) -> str:
     return str(Path(*fixed)) if fixed else "."
 
 
-def _walk_images(folder: str) -> list[str]:
+def _walk_images(folder: str, keep_dangling: bool = False) -> list[str]:
     """The image files below `folder`, sorted. Symlinked sub-folders that lead out of
     `folder` are followed (a class linked in must not vanish; glob patterns follow them
     too), each real folder once; a link to a folder inside `folder` is not, so that
     folder keeps its own name (and a link back up ends nothing); junk folders (hidden,
-    __MACOSX) are skipped."""
+    __MACOSX) are skipped. `keep_dangling`: see _existing."""
     visited = {os.path.realpath(folder)}
     files = []
     for parent, dirs, names in os.walk(folder, followlinks=True):
@@ -86,19 +86,21 @@ def _walk_images(folder: str) -> list[str]:
         # a link to a missing folder (a class) is among `names` too: refused with them
         files += [str(Path(parent, n)) for n in names
                   if _is_image(n) or datasets.dangling_link(os.path.join(parent, n))]
-    return _existing(sorted(files))
+    return _existing(sorted(files), keep_dangling)
 
 
-def _existing(files: list[str]) -> list[str]:
+def _existing(files: list[str], keep_dangling: bool = False) -> list[str]:
     """`files` (image names found by a walk or a glob) that are files; a link to a
     missing file or folder is an InputError naming it and its target, not an image or a
-    class left out."""
-    dangling = [link for link in map(datasets.dangling_link, files) if link]
+    class left out. With `keep_dangling` (--skip_bad_images) an image's link is kept, for
+    the dataset to list in skipped_images.txt as it does an unreadable image."""
+    kept = [f for f in files if keep_dangling and _is_image(f)]
+    dangling = [link for f in files if f not in kept and (link := datasets.dangling_link(f))]
     if dangling:
         raise InputError(f"{len(dangling)} link(s) lead nowhere:"
                          + "".join(f"\n  {link}" for link in dangling)
                          + f"\nFix: {datasets.FIX_DANGLING}")
-    return [f for f in files if os.path.isfile(f)]
+    return [f for f in files if os.path.isfile(f) or f in kept]
 
 
 def _walked_anyway(real: str, folder: str) -> bool:
@@ -142,24 +144,26 @@ def check_output_dir(output_dir: Path) -> None:
                          "it away")
 
 
-def _expand(spec: str) -> tuple[str, list[str], bool]:
+def _expand(spec: str, keep_dangling: bool = False) -> tuple[str, list[str], bool]:
     """(base folder, image files, is_folder) of one input: a folder (recursive), an
-    image file or a glob pattern."""
+    image file or a glob pattern. `keep_dangling`: see _existing."""
     if os.path.isdir(spec):
-        return spec, _walk_images(spec), True
+        return spec, _walk_images(spec, keep_dangling), True
     if os.path.isfile(spec):
         if not _is_image(spec):
             raise InputError(f"{spec} is not an image file ({'/'.join(datasets.IMAGE_EXTENSIONS)})")
         return os.path.dirname(spec) or ".", [spec], False
     if glob.has_magic(spec):
-        files = _existing(sorted(f for f in glob.glob(spec, recursive=True) if _is_image(f)))
+        files = _existing(sorted(f for f in glob.glob(spec, recursive=True) if _is_image(f)),
+                          keep_dangling)
         return _glob_base(spec), files, False
     raise InputError(f"{spec} does not exist: give a folder, an image file or a glob pattern "
                      "(quote it, e.g. 'images/*.png')")
 
 
 def find_images(inputs: list[str], class_name: str | None, class_from_folder: bool,
-                output_dir: str | None = None) -> dict[str, list[tuple[str, str]]]:
+                output_dir: str | None = None, keep_dangling: bool = False
+                ) -> dict[str, list[tuple[str, str]]]:
     """{class: [(image path, name)]}. The name is the image's path below its input's
     folder, separators as '_' and without extension (MVTec test trees give run_test.py's
     '<defect>_<stem>'); it names the heatmap and .npy files.
@@ -167,11 +171,12 @@ def find_images(inputs: list[str], class_name: str | None, class_from_folder: bo
     With `class_from_folder` the class is the first folder below a folder input, or the
     image's parent folder for files and glob patterns. What predict.py wrote in
     `output_dir` (an earlier run's heatmaps, when it lies in an input folder) is never
-    an input."""
+    an input. An image's link to a missing file is an InputError, or with `keep_dangling`
+    (--skip_bad_images) an image the dataset leaves out and lists."""
     groups: dict[str, list[tuple[str, str]]] = {}
     seen: set[str] = set()
     for spec in inputs:
-        base, files, is_folder = _expand(spec)
+        base, files, is_folder = _expand(spec, keep_dangling)
         if output_dir is not None:
             files = [f for f in files if not _is_own_output(f, output_dir)]
         if not files:
@@ -257,7 +262,7 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
     run_test.check_device_flags(args)
     options = run_test.clean_options(args)
     groups = find_images(args.inputs, args.class_name, args.class_from_folder,
-                         args.output_dir)
+                         args.output_dir, keep_dangling=args.skip_bad_images)
     out_dir = Path(utils.prepare_output_dir(args.output_dir, "--output_dir"))
     check_output_dir(out_dir)
     utils.remove_stale_tmp_files(out_dir)  # a staging folder of a run that was killed

@@ -143,6 +143,19 @@ def test_class_from_folder_and_bad_images(tiny_world, tmp_path, capsys):
     assert [r["image"] for r in rows] == [str(inbox / r["class"] / f"{r['name']}.png")
                                           for r in rows]
     assert "broken.png" in (out / "skipped_images.txt").read_text()
+    # an image's link to nothing: refused by name, or with --skip_bad_images listed
+    gone = inbox / "brick" / "+gone.png"
+    gone.symlink_to(tmp_path / "gone.png")
+    linked = argv[:argv.index(str(out))] + [str(tmp_path / "linked")] \
+        + argv[argv.index(str(out)) + 1:]
+    assert predict.main(linked) == 2
+    assert f"{gone} is a link to {tmp_path / 'gone.png'}" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="left out 1 bad file") as caught:
+        assert predict.main(linked + ["--skip_bad_images"]) == 0
+    assert len(caught) == 2 and len(_rows(tmp_path / "linked")) == 4  # one per class
+    skipped = (tmp_path / "linked" / "skipped_images.txt").read_text()
+    assert f"{gone} is a link to {tmp_path / 'gone.png'}" in skipped and "broken.png" in skipped
+    gone.unlink()
     (inbox / "stray.png").write_bytes(b"")
     assert predict.main(argv) == 2
     assert "lies directly in" in capsys.readouterr().err
