@@ -83,9 +83,10 @@ def _walk_images(folder: str, keep_dangling: bool = False) -> list[str]:
                 visited.add(real)
                 kept.append(d)
         dirs[:] = kept
-        # a link to a missing folder (a class) is among `names` too: refused with them
-        files += [str(Path(parent, n)) for n in names
-                  if _is_image(n) or datasets.dangling_link(os.path.join(parent, n))]
+        # a link to a missing folder (a class) is among `names` too: refused with them,
+        # unless it is a hidden or junk name (an editor's lock file links nowhere)
+        files += [str(Path(parent, n)) for n in names if _is_image(n) or (
+            not datasets.is_junk_dir(n) and datasets.dangling_link(os.path.join(parent, n)))]
     return _existing(sorted(files), keep_dangling)
 
 
@@ -93,13 +94,16 @@ def _existing(files: list[str], keep_dangling: bool = False) -> list[str]:
     """`files` (image names found by a walk or a glob) that are files; a link to a
     missing file or folder is an InputError naming it and its target, not an image or a
     class left out. With `keep_dangling` (--skip_bad_images) an image's link is kept, for
-    the dataset to list in skipped_images.txt as it does an unreadable image."""
-    kept = [f for f in files if keep_dangling and _is_image(f)]
+    the dataset to list in skipped_images.txt as it does an unreadable image, and any
+    other link to nothing is named on stderr and left out."""
+    kept = {f for f in files if keep_dangling and _is_image(f)}
     dangling = [link for f in files if f not in kept and (link := datasets.dangling_link(f))]
     if dangling:
-        raise InputError(f"{len(dangling)} link(s) lead nowhere:"
-                         + "".join(f"\n  {link}" for link in dangling)
-                         + f"\nFix: {datasets.FIX_DANGLING}")
+        listed = "".join(f"\n  {link}" for link in dangling)
+        if not keep_dangling:
+            raise InputError(f"{len(dangling)} link(s) lead nowhere:{listed}"
+                             f"\nFix: {datasets.FIX_DANGLING}")
+        print(f"[predict] left out {len(dangling)} link(s) to nothing:{listed}", file=sys.stderr)
     return [f for f in files if os.path.isfile(f) or f in kept]
 
 

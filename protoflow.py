@@ -297,15 +297,17 @@ def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
             raise CheckpointError(f"{path} was made with encoder {made}, the ProtoFlow file "
                                   f"uses {want}; rebuild it with `{make}`")
         if flags is not None:
-            made_with = {"encoder weights": _weights_source(
-                meta.get("backbone"), meta["encoder_weights"])
-                if "encoder_weights" in meta and "encoder_weights" in flags else None,
-                "--img_size": meta.get("img_size")}
+            weights = (meta.get("encoder_weights"), flags.get("encoder_weights"))
+            made_with = {"encoder weights": _weights_source(meta.get("backbone"), weights[0])
+                         if "encoder_weights" in meta and "encoder_weights" in flags
+                         and all(w is None or os.path.isfile(w) for w in weights) else None,
+                         "--img_size": meta.get("img_size")}
             this_run = {"encoder weights": _weights_source(backbone,
                                                            flags.get("encoder_weights")),
                         "--img_size": flags["img_size"]}
             # a field an older coreset.json does not record is not checked, as a file
-            # without coreset.json is not
+            # without coreset.json is not; nor a weights path that names no file here
+            # (another machine's): it says nothing of the weights
             differ = [f"{k} {v} (this run: {this_run[k]})" for k, v in made_with.items()
                       if v is not None and _resolved(v) != _resolved(this_run[k])]
             if differ:
@@ -618,9 +620,10 @@ def file_normalization(obj: dict, path: str) -> tuple[tuple[float, ...], tuple[f
 
 
 def file_img_size(obj: dict, path: str) -> int:
-    """The image size a ProtoFlow file's prototypes, flow and threshold were made at; a
+    """The image size a ProtoFlow file's prototypes, flow and threshold were made at:
+    its 'img_size', or in a file of an earlier version its train_args' --img_size; a
     released file records none and was made at the paper's 224 px (docs/method.md 6)."""
-    size = obj.get("img_size", DEFAULT_IMG_SIZE)
+    size = obj.get("img_size", (obj.get("train_args") or {}).get("img_size", DEFAULT_IMG_SIZE))
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise CheckpointError(f"{path}: 'img_size' {size!r} is not a positive int; the file "
                               "is damaged: download it again or train it again (`python "
@@ -662,11 +665,12 @@ class ProtoFlow:
         ckpt = load_protoflow_file(weights_path)
         self.normalization = file_normalization(ckpt, weights_path)
         self.img_size = file_img_size(ckpt, weights_path)
-        # what the prototypes must have been made with (coreset.json records both);
-        # run_protoflow.py train records the encoder weights' source, other files do not
-        self._prototype_flags: dict = {
-            **({"encoder_weights": ckpt["encoder_weights"]} if "encoder_weights" in ckpt
-               else {}), "img_size": self.img_size}
+        # what the prototypes must have been made with (coreset.json records both; the
+        # weights are compared only where both paths name files here)
+        train_args = ckpt.get("train_args") or {}
+        self._prototype_flags = {**({"encoder_weights": train_args["encoder_weights"]}
+                                    if "encoder_weights" in train_args else {}),
+                                 "img_size": self.img_size}
         self.input_normalization = input_normalization or self.normalization
         self.weights_path = weights_path
         self.prototypes_dir = prototypes_dir

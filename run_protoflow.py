@@ -79,8 +79,8 @@ def _encoder_from_args(args: argparse.Namespace) -> nn.Module:
 
 
 def _encoder_weights_record(args: argparse.Namespace) -> str | None:
-    """--encoder_weights as coreset.json and the ProtoFlow file record it, absolute (the
-    same file from any folder); None: timm's pretrained --encoder."""
+    """--encoder_weights as coreset.json records it, absolute (the same file from any
+    folder); None: timm's pretrained --encoder."""
     return None if args.encoder_weights is None else os.path.abspath(args.encoder_weights)
 
 
@@ -308,8 +308,7 @@ def run_train(args: argparse.Namespace) -> dict:
                          out_indices=args.out_indices, classes=classes, normal_scores=scores,
                          normal_classes=score_classes, threshold_quantile=args.threshold_quantile,
                          img_size=args.img_size,
-                         extra={"train_args": run_args,  # checked against coreset.json's
-                                "encoder_weights": _encoder_weights_record(args)})
+                         extra={"train_args": run_args})
     if os.path.exists(resume_path):
         os.remove(resume_path)
     threshold = obj["image_score_threshold"]

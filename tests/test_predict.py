@@ -224,10 +224,12 @@ def test_folder_walk_follows_symlinked_folders(tmp_path):
         "tiles": [(str(byclass / "tiles" / "t.png"), "t")]}
 
 
-def test_an_image_link_to_a_missing_file_is_an_error_in_a_folder_or_a_glob(tmp_path):
+def test_an_image_link_to_a_missing_file_is_an_error_in_a_folder_or_a_glob(tmp_path, capsys):
     """os.walk lists a link whose target is gone among the files, but isfile is False
     for it: the image (or a whole class folder linked in) was dropped with exit 0. Now an
-    InputError names the link and its target, from a folder input and from a glob alike."""
+    InputError names the link and its target, from a folder input and from a glob alike;
+    a hidden one (an editor's lock file) is no input, and with --skip_bad_images one that
+    is no image is named on stderr and left out."""
     _touch(tmp_path, "imgs/a/1.png")
     link = tmp_path / "imgs" / "a" / "2.png"
     link.symlink_to(tmp_path / "gone" / "2.png")
@@ -240,11 +242,20 @@ def test_an_image_link_to_a_missing_file_is_an_error_in_a_folder_or_a_glob(tmp_p
     link.unlink()
     assert predict.find_images([str(tmp_path / "imgs")], "x", False) == {
         "x": [(str(tmp_path / "imgs" / "a" / "1.png"), "a_1")]}
+    (tmp_path / "imgs" / "a" / ".#notes.txt").symlink_to("user@host.1234")  # an editor's lock
+    assert predict.find_images([str(tmp_path / "imgs")], "x", False) == {
+        "x": [(str(tmp_path / "imgs" / "a" / "1.png"), "a_1")]}
     (tmp_path / "imgs" / "brick").symlink_to(tmp_path / "gone_class")  # a class linked in
     with pytest.raises(predict.InputError, match=(
             f"^1 link\\(s\\) lead nowhere:\n  {tmp_path}/imgs/brick is a link to "
             f"{tmp_path}/gone_class, which")):
         predict.find_images([str(tmp_path / "imgs")], None, True)
+    capsys.readouterr()  # --skip_bad_images: no image to list, so named and left out
+    assert predict.find_images([str(tmp_path / "imgs")], None, True, keep_dangling=True) == {
+        "a": [(str(tmp_path / "imgs" / "a" / "1.png"), "1")]}
+    assert capsys.readouterr().err == (
+        f"[predict] left out 1 link(s) to nothing:\n  {tmp_path}/imgs/brick is a link to "
+        f"{tmp_path}/gone_class, which does not exist\n")
 
 
 def test_folder_walk_skips_junk_folders(tmp_path):

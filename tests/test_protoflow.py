@@ -369,7 +369,7 @@ def test_holdout_split_is_per_class_and_independent_of_other_classes():
         datasets.holdout_split([0], ["a"], 0.1)
 
 
-def test_missing_or_mismatched_prototypes_error(tmp_path):
+def test_missing_or_mismatched_prototypes_error(tmp_path, monkeypatch):
     """Each refusal is a CheckpointError (`error:` line, exit 2) naming the file and the
     command that rebuilds it, with the run's flags when it gives them."""
     path = str(tmp_path / "bottle" / "coreset.npy")
@@ -401,6 +401,10 @@ def test_missing_or_mismatched_prototypes_error(tmp_path):
         err.value).endswith(f"): rebuild the prototypes with `{make} efficientnet_lite0 "
                             "--out_indices 2 3`")
     # a training run's flags: its encoder weights and image size must be the prototypes'
+    # (weights files that exist here; a path naming no file here is not compared)
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.pth", "b.pth"):
+        (tmp_path / name).write_bytes(name.encode())
     flags = {"data_path": "/data", "encoder_weights": "b.pth", "img_size": 64,
              "holdout": 0.1, "seed": 0, "skip_bad_images": True}
     rebuild = (f"rebuild it with `python run_protoflow.py prototypes --data_path /data --classes "
@@ -420,6 +424,10 @@ def test_missing_or_mismatched_prototypes_error(tmp_path):
     meta.write_text(json.dumps({"backbone": "efficientnet_lite0", "out_indices": [2, 3]}))
     assert pf.load_prototypes(str(tmp_path), "bottle", 152, "efficientnet_lite0", (2, 3),
                               flags).shape == (5, 152)  # an older coreset.json: not checked
+    meta.write_text(json.dumps({"backbone": "efficientnet_lite0", "out_indices": [2, 3],
+                                "encoder_weights": "/elsewhere/a.pth", "img_size": 64}))
+    assert pf.load_prototypes(str(tmp_path), "bottle", 152, "efficientnet_lite0", (2, 3),
+                              flags).shape == (5, 152)  # another machine's path: not compared
     meta.write_text(json.dumps({"backbone": "efficientnet_lite0.ra_in1k", "out_indices": [2, 3],
                                 "encoder_weights": "b.pth", "img_size": 64}))
     assert pf.load_prototypes(str(tmp_path), "bottle", 152, "efficientnet_lite0", (2, 3),
@@ -914,9 +922,11 @@ def test_resume_without_a_resume_file_is_refused(cli):
 
 
 def test_protoflow_file_keeps_its_image_size_and_refuses_others(cli, tmp_path):
-    """A ProtoFlow made at 64 px records it: 224-px images (the ViT's) are refused, not
-    scored against 64-px prototypes and threshold; so are prototypes made at 224 px or with
-    other encoder weights, by the rebuild command with the file's own flags."""
+    """A ProtoFlow made at 64 px records it (a file of an earlier version, in its
+    train_args): 224-px images (the ViT's) are refused, not scored against 64-px
+    prototypes and threshold; so are prototypes made at 224 px or with other encoder
+    weights, by the rebuild command with the file's own flags. A weights path that names
+    no file here (another machine's) says nothing of the weights: not compared."""
     common = [*cli["common"], "--img_size", "64"]
     protos = str(tmp_path / "protos64")
     rpf.main(["prototypes", *common, "--output_dir", protos, "--coreset_ratio", "0.05",
@@ -925,9 +935,13 @@ def test_protoflow_file_keeps_its_image_size_and_refuses_others(cli, tmp_path):
     obj = rpf.main(["train", *common, "--prototypes_dir", protos, "--classes", "brick",
                     "--epochs", "1", "--n_blocks", "1", "--output", out])
     weights = os.path.abspath(lite0_weights_path())
-    assert obj["img_size"] == 64 and obj["encoder_weights"] == weights
+    assert obj["img_size"] == 64 and obj["train_args"]["img_size"] == 64
     model = pf.ProtoFlow(out, protos)
     assert model.img_size == 64
+    older = str(tmp_path / "pf64_older.pt")  # before img_size was a field of its own
+    torch.save({k: v for k, v in torch.load(out, weights_only=True).items() if k != "img_size"},
+               older)
+    assert pf.ProtoFlow(older, protos).img_size == 64
     image = torch.zeros(1, 3, 64, 64)
     assert model.log_likelihood(image, "brick").shape == (1, 8, 8)
     with pytest.raises(FlagError, match=re.escape(
@@ -946,9 +960,14 @@ def test_protoflow_file_keeps_its_image_size_and_refuses_others(cli, tmp_path):
     meta = json.loads(open(os.path.join(protos, "brick", "coreset.json")).read())
     pf.save_prototypes(protos, "brick", np.load(os.path.join(protos, "brick", "coreset.npy")),
                        {**meta, "encoder_weights": "/elsewhere/other.pth"})
+    assert pf.ProtoFlow(out, protos).log_likelihood(image, "brick").shape == (1, 8, 8)
+    other = tmp_path / "other.pth"
+    shutil.copy(weights, other)  # a file here: compared by path, as training compares them
+    pf.save_prototypes(protos, "brick", np.load(os.path.join(protos, "brick", "coreset.npy")),
+                       {**meta, "encoder_weights": str(other)})
     with pytest.raises(CheckpointError, match=re.escape(
-            f"was made with encoder weights /elsewhere/other.pth (this run: {weights}), which "
-            "give other features")):
+            f"was made with encoder weights {other} (this run: {weights}), which give other "
+            "features")):
         pf.ProtoFlow(out, protos).log_likelihood(image, "brick")
 
 
