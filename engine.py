@@ -292,13 +292,13 @@ def fit(model: nn.Module, data_loader: Iterable[dict], sampler: Any,
             # (the line is not fsync'ed: a power loss may still take it)
             log.write({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
                        "n_parameters": n_parameters})
-            names: list[int | str] = ["last"]  # written after the numbered file, if any
+            names: list[int | str] = ["last"]
             if (epoch + 1) % save_ckpt_freq == 0 or epoch + 1 == epochs:
-                names.insert(0, epoch)
+                names.append(epoch)
             saved = utils.save_training_state(
                 output_dir, names, epoch=epoch, model=unwrapped, optimizer=optimizer,
                 scaler=scaler, args=run_args, masking=policy.state_dict())
-            utils.main_print(f"[epoch {epoch}] " + ", ".join(
+            utils.main_print(f"[epoch {epoch}] " + ", ".join(  # saved[0]: the numbered file
                 f"{k} {v:.4g}" for k, v in stats.items()) + f" -> {saved[0]}")
     except NonFiniteLossError as e:
         last = utils.find_latest_checkpoint(output_dir)

@@ -16,6 +16,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import FrEIA.framework as Ff
 import FrEIA.modules as Fm
@@ -220,14 +221,9 @@ def save_prototypes(prototypes_dir: str, class_name: str, prototypes: np.ndarray
     write_atomic(path, lambda tmp: _save_npy(tmp, prototypes.astype(np.float32)))
     # the .npy's digest pairs the two files: a kill between the writes leaves a JSON that
     # `read_prototype_meta` refuses instead of one describing other prototypes
-    meta = {**meta, CORESET_SHA256: file_sha256(path)}
-    write_atomic(os.path.join(folder, CORESET_META), lambda tmp: _save_json(tmp, meta))
+    text = json.dumps({**meta, CORESET_SHA256: file_sha256(path)}, indent=1)
+    write_atomic(os.path.join(folder, CORESET_META), lambda tmp: Path(tmp).write_text(text))
     return path
-
-
-def _save_json(path: str, obj: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:

@@ -78,12 +78,6 @@ def _encoder_from_args(args: argparse.Namespace) -> nn.Module:
                            pretrained=args.encoder_weights is None).to(args.device)
 
 
-def _encoder_weights_record(args: argparse.Namespace) -> str | None:
-    """--encoder_weights as coreset.json records it, absolute (the same file from any
-    folder); None: timm's pretrained --encoder."""
-    return None if args.encoder_weights is None else os.path.abspath(args.encoder_weights)
-
-
 def _loader(dataset: Dataset, indices: list[int], args: argparse.Namespace,
             train: bool = False) -> DataLoader:
     subset = Subset(dataset, indices)
@@ -112,7 +106,8 @@ def run_prototypes(args: argparse.Namespace) -> list[str]:
                                   args.projection_dim, args.device,
                                   rng=np.random.default_rng([args.seed, zlib.crc32(name.encode())]))
         meta = {"backbone": args.encoder, "out_indices": list(args.out_indices),
-                "encoder_weights": _encoder_weights_record(args), "num_images": len(kept),
+                "encoder_weights": None if args.encoder_weights is None  # from any folder
+                else os.path.abspath(args.encoder_weights), "num_images": len(kept),
                 "num_shots": args.num_shots, "holdout": args.holdout, "seed": args.seed,
                 "held_out": [os.path.basename(dataset.samples[i][0]) for i in held],
                 "coreset_ratio": args.coreset_ratio, "projection_dim": args.projection_dim,

@@ -464,11 +464,11 @@ def test_coreset_json_is_atomic_and_tied_to_its_npy(monkeypatch, tmp_path):
     assert pf.load_prototypes(str(tmp_path), "bottle", 152).shape == (5, 152)
     rpf._check_prototype_holdout(str(tmp_path), {"bottle": ["002.png"]})
 
-    def killed_mid_write(obj, f, **kwargs):
-        f.write('{"seed": 1, "held_')
+    def killed_mid_write(path, text):
+        open(path, "w").write(text[:20])
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(pf.json, "dump", killed_mid_write)
+    monkeypatch.setattr(pf.Path, "write_text", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
         pf.save_prototypes(str(tmp_path), "bottle", np.ones((5, 152), np.float32),
                            {"seed": 1, "held_out": ["003.png"]})
