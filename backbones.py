@@ -8,9 +8,11 @@ onto timm's EfficientNet key names.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from utils import CheckpointError, FlagError, read_weights_file
@@ -91,6 +93,42 @@ def create_classifier(name: str, weights: str | None = None) -> nn.Module:
     if weights is not None:
         load_weights(model, weights)
     return model.eval()
+
+
+def input_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the inputs timm's `name` (tag optional) was pretrained on, from its
+    pretrained_cfg; ImageNet's where timm records none. Features of inputs normalised
+    otherwise (TF-ported Lite models: 0.5/0.5; CLIP's) are off the weights' distribution.
+    """
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is None or cfg.mean is None or cfg.std is None:
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+
+
+def normalization_record(mean: Sequence[float], std: Sequence[float]) -> dict[str, list[float]]:
+    """How a file (ProtoFlow, prototypes, k-means tokenizer) records its input
+    normalisation, so that it is read back exactly by `recorded_normalization`."""
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+def recorded_normalization(obj: dict, path: str, fix: str
+                           ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) a file's 'normalization' records; ImageNet's for a file without one (a
+    released ProtoFlow file, or one of ours from before it was recorded: both used
+    ImageNet's). A malformed record is a CheckpointError that ends with `fix`."""
+    norm = obj.get("normalization")
+    if norm is None:
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    try:
+        mean, std = (tuple(float(v) for v in norm[k]) for k in ("mean", "std"))
+    except (KeyError, TypeError, ValueError):
+        mean = std = ()
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise CheckpointError(f"{path}: 'normalization' {norm!r} is not {{'mean': [3 "
+                              f"floats], 'std': [3 positive floats]}}; the file is damaged: "
+                              f"{fix}")
+    return mean, std
 
 
 def create_backbone(name: str, out_indices: tuple[int, ...] = (2, 3),

@@ -25,16 +25,16 @@ import tarfile
 import types
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from torch import nn
 
 import datasets
-from backbones import create_backbone, lite0_weights_path
+from backbones import (create_backbone, input_normalization, lite0_weights_path,
+                       normalization_record, recorded_normalization)
 from modeling_pmad import (Block, LayerNorm, PatchEmbed, load_state_dict_checked,
                            unwrap_state_dict)
 from utils import (CheckpointError, FlagError, MissingFileError, file_sha256, read_weights_file,
@@ -626,7 +626,8 @@ class CNNPatchFeatures(nn.Module):
     """
 
     def __init__(self, backbone: str, out_index: int = 1, image_size: int = 224,
-                 weights: str | None = None) -> None:
+                 weights: str | None = None,
+                 normalization: tuple[Sequence[float], Sequence[float]] | None = None) -> None:
         super().__init__()
         self.backbone_name, self.out_index, self.image_size = backbone, out_index, image_size
         self.backbone = create_backbone(backbone, out_indices=(out_index,), weights=weights)
@@ -637,10 +638,10 @@ class CNNPatchFeatures(nn.Module):
                              "divides 16 and an image size that is a multiple of 16")
         self.pool = 16 // reduction
         self.channels = self.backbone.feature_info.channels()[0]
-        self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1),
-                             persistent=False)
+        self.normalization = normalization or input_normalization(backbone)  # its own
+        mean, std = self.normalization
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         feats = self.backbone((images - self.mean) / self.std)[0]  # (N, C, S/r, S/r)
@@ -688,7 +689,9 @@ def _build_kmeans(weight_path: str) -> KMeansTokenizer:
                               f"'tokenizer': 'kmeans' and {_KMEANS_FIELDS}): give one with "
                               "--tokenizer_weight_path, or make one with fit_kmeans_tokenizer "
                               "(run_pretraining.py --fit_kmeans_tokenizer)")
-    features = CNNPatchFeatures(obj["backbone"], obj["out_index"], obj["image_size"])
+    features = CNNPatchFeatures(obj["backbone"], obj["out_index"], obj["image_size"],
+                                normalization=recorded_normalization(
+                                    obj, weight_path, "fit the tokenizer again"))
     missing, unexpected = load_state_dict_checked(features.backbone,
                                                   obj["backbone_state_dict"], weight_path)
     if missing or unexpected:
@@ -763,7 +766,9 @@ def fit_kmeans_tokenizer(images: Iterable[torch.Tensor], out_path: str | os.Path
     out_path = os.fspath(out_path)
     save_on_master({"tokenizer": "kmeans", "backbone": backbone, "out_index": out_index,
                     "backbone_state_dict": features.backbone.state_dict(),
-                    "codebook": codebook, "image_size": image_size}, out_path)  # atomic
+                    "codebook": codebook, "image_size": image_size,
+                    "normalization": normalization_record(*features.normalization)},
+                   out_path)  # atomic
     return out_path
 
 

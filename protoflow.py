@@ -28,7 +28,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from backbones import create_backbone
+from backbones import create_backbone, normalization_record, recorded_normalization
 from masking_generator import Rng, as_numpy_rng, num_masked
 from utils import (CheckpointError, FlagError, MissingFileError, cosine_scheduler,
                    file_sha256, read_json_object, read_weights_file, save_on_master,
@@ -259,14 +259,17 @@ def read_prototype_meta(prototypes_dir: str, class_name: str, fix: str) -> dict 
 
 def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
                     backbone: str | None = None, out_indices: Sequence[int] | None = None,
-                    flags: dict | None = None) -> Tensor:
+                    flags: dict | None = None,
+                    normalization: tuple[Sequence[float], Sequence[float]] | None = None
+                    ) -> Tensor:
     """<dir>/<class>/coreset.npy as float32 (M, C), checked against the flow's encoder.
 
     `flags`: the run's flags it shares with the `prototypes` command (run_protoflow.py
     train passes them; ProtoFlow its file's). The image size (img_size, required) and the
     encoder weights (encoder_weights, compared when given) that coreset.json records must
     then be these, since other ones give other features; the rebuild command in the
-    errors repeats the flags.
+    errors repeats the flags. So must the input `normalization` (mean, std), when given
+    and recorded.
     """
     path = os.path.join(prototypes_dir, class_name, CORESET_FILE)
     make = "python run_protoflow.py prototypes " + _command_flags({
@@ -309,6 +312,19 @@ def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
             if differ:
                 raise CheckpointError(f"{path} was made with {', '.join(differ)}, which give "
                                       f"other features; rebuild it with `{make}`")
+    if normalization is not None and meta is not None:  # unrecorded: ImageNet's, as made
+        made_norm = recorded_normalization(meta, os.path.join(prototypes_dir, class_name,
+                                                              CORESET_META),
+                                           f"rebuild the prototypes with `{make}`")
+        want_norm = tuple(tuple(float(v) for v in x) for x in normalization)
+        if made_norm != want_norm:
+            raise CheckpointError(f"{path} was made from images normalised with mean "
+                                  f"{list(made_norm[0])}, std {list(made_norm[1])}; this "
+                                  f"ProtoFlow normalises them with mean {list(want_norm[0])}, "
+                                  f"std {list(want_norm[1])}, which gives other features; "
+                                  f"rebuild it with `{make}` (or, if the ProtoFlow file is the "
+                                  "older of the two, train it again: `python run_protoflow.py "
+                                  "train ...`)")
     if not np.isfinite(arr).all():
         raise CheckpointError(f"{path} contains non-finite values; rebuild it with `{make}`")
     return torch.from_numpy(arr.astype(np.float32))
@@ -591,28 +607,10 @@ def save_protoflow(path: str, encoder: nn.Module, flow: Ff.SequenceINN, *, backb
            "feature_dim": feature_dim, "image_score_threshold": threshold,
            "threshold_quantile": threshold_quantile if threshold is not None else None,
            "normal_image_scores": stats, "classes": list(classes),
-           "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+           "normalization": normalization_record(mean, std),
            "img_size": int(img_size), **(extra or {})}
     save_on_master(obj, path)
     return obj
-
-
-def file_normalization(obj: dict, path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) a ProtoFlow file was trained with; a released file records none and
-    was trained on ImageNet-normalised images (docs/method.md 6)."""
-    norm = obj.get("normalization")
-    if norm is None:
-        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
-    try:
-        mean, std = (tuple(float(v) for v in norm[k]) for k in ("mean", "std"))
-    except (KeyError, TypeError, ValueError):
-        mean = std = ()
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise CheckpointError(f"{path}: 'normalization' {norm!r} is not {{'mean': [3 "
-                              "floats], 'std': [3 positive floats]}; the file is damaged: "
-                              "download it again or train it again (`python run_protoflow.py "
-                              "train ...`)")
-    return mean, std
 
 
 def file_img_size(obj: dict, path: str) -> int:
@@ -659,7 +657,9 @@ class ProtoFlow:
                  input_normalization: tuple[Sequence[float], Sequence[float]] | None = None
                  ) -> None:
         ckpt = load_protoflow_file(weights_path)
-        self.normalization = file_normalization(ckpt, weights_path)
+        self.normalization = recorded_normalization(
+            ckpt, weights_path, "download it again or train it again (`python "
+            "run_protoflow.py train ...`)")
         self.img_size = file_img_size(ckpt, weights_path)
         # what the prototypes must have been made with (coreset.json records both; the
         # weights are compared only where both paths name files here)
@@ -736,11 +736,12 @@ class ProtoFlow:
 
     def prototypes(self, class_name: str) -> Tensor:
         """The class's prototypes (M, C) on the device, loaded once; those coreset.json
-        says were made at another image size or with other encoder weights are refused."""
+        says were made at another image size, with other encoder weights or from otherwise
+        normalised images are refused."""
         if class_name not in self._prototypes:
             self._prototypes[class_name] = load_prototypes(
                 self.prototypes_dir, class_name, self.feature_dim, self.backbone,
-                self.out_indices, self._prototype_flags).to(self.device)
+                self.out_indices, self._prototype_flags, self.normalization).to(self.device)
         return self._prototypes[class_name]
 
     def check_image_size(self, h: int, w: int) -> None:

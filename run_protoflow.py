@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import datasets
-from backbones import create_backbone
+from backbones import create_backbone, input_normalization, normalization_record
 from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_OUT_INDICES,
                        THRESHOLD_QUANTILE, build_flow, build_prototypes, image_score,
                        load_prototypes, patch_log_likelihood, prototypes_sha256,
@@ -90,7 +90,8 @@ def run_prototypes(args: argparse.Namespace) -> list[str]:
     """`prototypes` command: <output_dir>/<class>/coreset.npy for each class."""
     classes = args.classes or datasets.list_train_classes(args.data_path)
     encoder = _encoder_from_args(args)
-    transform = datasets.build_transforms(args.img_size)
+    mean, std = input_normalization(args.encoder)
+    transform = datasets.build_transforms(args.img_size, mean, std)
     paths = []
     for name in classes:
         dataset = datasets.TrainImageDataset(args.data_path, [name], transform,
@@ -111,7 +112,8 @@ def run_prototypes(args: argparse.Namespace) -> list[str]:
                 "num_shots": args.num_shots, "holdout": args.holdout, "seed": args.seed,
                 "held_out": [os.path.basename(dataset.samples[i][0]) for i in held],
                 "coreset_ratio": args.coreset_ratio, "projection_dim": args.projection_dim,
-                "img_size": args.img_size, "shape": list(protos.shape)}
+                "img_size": args.img_size, "shape": list(protos.shape),
+                "normalization": normalization_record(mean, std)}
         paths.append(save_prototypes(args.output_dir, name, protos, meta))
         print(f"{name}: {len(kept)} images ({len(held)} held out) -> {len(protos)} "
               f"prototypes -> {paths[-1]}", flush=True)
@@ -142,11 +144,13 @@ def _flow_data(args: argparse.Namespace, classes: list[str]
                ) -> tuple[Dataset, Dataset, list[int], list[int]]:
     """The training images (flow augmentation), the same images with the test transform,
     and the (kept, held-out) split; the prototypes must not have seen the held-out ones."""
+    mean, std = input_normalization(args.encoder)
     train_set = datasets.TrainImageDataset(args.data_path, classes,
-                                           datasets.flow_train_transform(args.img_size),
+                                           datasets.flow_train_transform(args.img_size, mean,
+                                                                         std),
                                            skip_bad_images=args.skip_bad_images)
     eval_set = copy.copy(train_set)  # the same images, the test transform
-    eval_set.transform = datasets.build_transforms(args.img_size)
+    eval_set.transform = datasets.build_transforms(args.img_size, mean, std)
     kept, held = datasets.holdout_split([c for _, c in train_set.samples], classes,
                                         args.holdout, args.seed)
     if held:
@@ -264,8 +268,10 @@ def run_train(args: argparse.Namespace) -> dict:
     encoder = _encoder_from_args(args)
     feature_dim = sum(encoder.feature_info.channels())
     flags = {k: getattr(args, k) for k in PROTOTYPE_FLAGS}
+    mean, std = input_normalization(args.encoder)
     prototypes = [load_prototypes(args.prototypes_dir, c, feature_dim, args.encoder,
-                                  args.out_indices, flags).to(args.device) for c in classes]
+                                  args.out_indices, flags, (mean, std)).to(args.device)
+                  for c in classes]
     train_set, eval_set, kept, held = _flow_data(args, classes)
     flow = build_flow(feature_dim, args.n_blocks,
                       rng=np.random.default_rng(args.seed)).to(args.device)
@@ -302,7 +308,7 @@ def run_train(args: argparse.Namespace) -> dict:
     obj = save_protoflow(args.output, encoder, flow, backbone=args.encoder,
                          out_indices=args.out_indices, classes=classes, normal_scores=scores,
                          normal_classes=score_classes, threshold_quantile=args.threshold_quantile,
-                         img_size=args.img_size,
+                         mean=mean, std=std, img_size=args.img_size,
                          extra={"train_args": run_args})
     if os.path.exists(resume_path):
         os.remove(resume_path)

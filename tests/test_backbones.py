@@ -11,8 +11,8 @@ from skimage import data as skdata
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import backbones
-from backbones import (create_backbone, create_classifier, lite0_weights_path,
-                       map_efficientnet_pytorch)
+from backbones import (create_backbone, create_classifier, input_normalization,
+                       lite0_weights_path, map_efficientnet_pytorch)
 from utils import CheckpointError
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -102,3 +102,15 @@ def test_backbone_refuses_weights_that_leave_its_layers_random(monkeypatch) -> N
     with pytest.raises(backbones.CheckpointError, match=r"other.pth: backbone keys without "
                                                         r"weights \['conv_stem.weight'\]"):
         create_backbone("efficientnet_lite0", (2, 3), "other.pth")
+
+
+def test_input_normalization_is_the_one_timm_records_for_the_weights() -> None:
+    """The default encoders keep ImageNet's statistics (their numbers are unchanged); a
+    TF-ported Lite model and CLIP have their own; a name timm does not know, ImageNet's."""
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert input_normalization("tf_efficientnet_b6.aa_in1k") == imagenet
+    assert input_normalization("efficientnet_lite0") == imagenet
+    assert input_normalization("tf_efficientnet_lite0") == ((0.5,) * 3, (0.5,) * 3)
+    assert input_normalization("vit_base_patch16_clip_224.openai")[1] == pytest.approx(
+        (0.2686, 0.2613, 0.2758), abs=1e-4)
+    assert input_normalization("no_such_model") == imagenet

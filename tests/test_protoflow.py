@@ -755,6 +755,38 @@ def test_prototypes_command(cli):
                  "--classes", "gravel", "--num_shots", "9"])
 
 
+def test_commands_normalise_images_as_the_encoder_was_trained(cli, tmp_path, monkeypatch):
+    """tf_efficientnet_lite0 was trained on inputs in [-1, 1] (timm: mean = std = 0.5):
+    its prototypes, flow training and held-out scores see images normalised so, and
+    coreset.json and the ProtoFlow file record it. Prototypes recorded (or, in an older
+    coreset.json, unrecorded, so ImageNet-) normalised otherwise are refused."""
+    half = ((0.5,) * 3, (0.5,) * 3)
+    seen = []
+    for name in ("build_transforms", "flow_train_transform"):
+        real = getattr(datasets, name)
+        monkeypatch.setattr(datasets, name, lambda size, mean, std, _real=real: (
+            seen.append((tuple(mean), tuple(std))) or _real(size, mean, std)))
+    common = list(cli["common"])
+    common[common.index("--encoder") + 1] = "tf_efficientnet_lite0"
+    protos, out = tmp_path / "protos", str(tmp_path / "pf.pt")
+    rpf.main(["prototypes", *common, "--output_dir", str(protos), "--coreset_ratio", "0.05",
+              "--projection_dim", "64"])
+    meta = json.loads((protos / "brick" / "coreset.json").read_text())
+    assert meta["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    obj = rpf.main(["train", *common, "--prototypes_dir", str(protos), "--epochs", "1",
+                    "--n_blocks", "1", "--output", out])
+    assert obj["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert seen == [half] * 3  # prototypes; flow training and held-out scoring
+    assert pf.ProtoFlow(out, str(protos)).normalization == half
+    del meta["normalization"]
+    (protos / "brick" / "coreset.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"brick/coreset.npy was made from images "
+                       r"normalised with mean \[0.485, 0.456, 0.406\], std \[0.229, 0.224, "
+                       r"0.225\]; this ProtoFlow normalises them with mean \[0.5, 0.5, 0.5\]"
+                       r".*rebuild it with `python run_protoflow.py prototypes "):
+        pf.ProtoFlow(out, str(protos)).prototypes("brick")
+
+
 def test_commands_take_the_train_folder_as_data_path(cli, capsys):
     """--data_path <root>/train (the original scripts' form) reads the same images."""
     common = list(cli["common"])

@@ -24,6 +24,7 @@ from timm.models.beit import Beit
 import conftest
 import modeling_discrete_vae as dv
 import utils
+from backbones import lite0_weights_path
 from modeling_discrete_vae import (DalleEncoder, VQKDTokenizer, create_tokenizer,
                                    fit_kmeans_tokenizer, register_tokenizer, save_dalle_encoder,
                                    spherical_kmeans)
@@ -466,18 +467,21 @@ def test_kmeans_file_format(kmeans_file):
     path, _ = kmeans_file
     obj = torch.load(path, weights_only=True)
     assert set(obj) == {"tokenizer", "backbone", "out_index", "backbone_state_dict",
-                        "codebook", "image_size"}
+                        "codebook", "image_size", "normalization"}
     assert (obj["tokenizer"], obj["backbone"], obj["out_index"], obj["image_size"]) == (
         "kmeans", "efficientnet_lite0", 1, 224)
+    assert obj["normalization"] == {"mean": [0.485, 0.456, 0.406],
+                                    "std": [0.229, 0.224, 0.225]}  # timm's, for this backbone
     assert obj["codebook"].shape == (16, 24)  # Lite0 stride-4 features: 24 channels
     assert torch.allclose(obj["codebook"].norm(dim=1), torch.ones(16))
 
 
-def _expected_tokens(tok, images: torch.Tensor, pool: int) -> torch.Tensor:
+def _expected_tokens(tok, images: torch.Tensor, pool: int,
+                     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> torch.Tensor:
     """The nearest codeword to each patch's mean feature, written out by hand."""
     with torch.no_grad():
-        normalised = (images - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) \
-            / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        normalised = (images - torch.tensor(mean).view(1, 3, 1, 1)) \
+            / torch.tensor(std).view(1, 3, 1, 1)
         feats = tok.features.backbone(normalised)[0]  # (N, C, 224 / r, 224 / r)
         n, c = feats.shape[:2]
         feats = feats.view(n, c, 14, pool, 14, pool).mean(dim=(3, 5))  # (N, C, 14, 14)
@@ -506,6 +510,31 @@ def test_kmeans_stride16_features_need_no_pooling(tmp_path):
     assert torch.equal(tok.get_codebook_indices(images), _expected_tokens(tok, images, 1))
     with pytest.raises(ValueError, match="output 4 has stride 32.*divides 16"):
         fit_kmeans_tokenizer(batches, tmp_path / "k32.pth", vocab_size=8, out_index=4)
+
+
+def test_kmeans_features_follow_the_backbones_normalisation(tmp_path, kmeans_file):
+    """A TF-ported backbone was trained on inputs in [-1, 1] (timm: mean = std = 0.5); its
+    tokenizer records that and tokenizes so. A file from before normalisation was recorded
+    was fitted on ImageNet-normalised inputs, and is read so."""
+    batches = [token_images(4, 224, seed=s) for s in (0, 1)]
+    path = fit_kmeans_tokenizer(batches, tmp_path / "tf.pth", vocab_size=8, iters=3,
+                                backbone="tf_efficientnet_lite0",
+                                backbone_weights=lite0_weights_path())
+    assert torch.load(path, weights_only=True)["normalization"] == {"mean": [0.5] * 3,
+                                                                    "std": [0.5] * 3}
+    tok, images = create_tokenizer("kmeans", path), torch.cat(batches)
+    half = _expected_tokens(tok, images, 4, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert torch.equal(tok.get_codebook_indices(images), half)
+    assert not torch.equal(half, _expected_tokens(tok, images, 4))  # the choice matters
+    obj = torch.load(kmeans_file[0], weights_only=True)
+    del obj["normalization"]
+    torch.save(obj, tmp_path / "older.pth")
+    older = create_tokenizer("kmeans", tmp_path / "older.pth")
+    assert torch.equal(older.get_codebook_indices(images), _expected_tokens(older, images, 4))
+    torch.save(dict(obj, normalization={"mean": [0.5] * 3}), tmp_path / "bad.pth")
+    with pytest.raises(utils.CheckpointError, match=r"bad.pth: 'normalization' .*damaged: "
+                       "fit the tokenizer again"):
+        create_tokenizer("kmeans", tmp_path / "bad.pth")
 
 
 def test_kmeans_rejects_other_files(tmp_path, tiny_vqkd, kmeans_file):
