@@ -144,7 +144,7 @@ def dangling_link(path: str) -> str | None:
 def list_images(folder: str, keep_dangling: bool = False) -> list[str]:
     """Image files (IMAGE_EXTENSIONS) directly in `folder`, sorted by name (a fixed order
     keeps runs reproducible). Hidden files (e.g. macOS '._000.png' companions) are not
-    images; any other file not taken is named in a note on stderr (_note_left_out), so
+    images; any other file not taken is named in a note on stderr (note_left_out), so
     that an image of another type (.webp) is not left out unseen.
 
     A link to a missing file is a BadFileError, or with `keep_dangling` listed, for the
@@ -167,7 +167,7 @@ def list_images(folder: str, keep_dangling: bool = False) -> list[str]:
         raise BadFileError(f"{len(dangling)} image link(s) in {folder} lead nowhere:"
                            f"{bullet_list(dangling)}\nFix: {FIX_DANGLING}")
     _refuse_stem_collisions(folder, images)
-    _note_left_out(folder, other)
+    note_left_out(folder, other)
     return images
 
 
@@ -190,9 +190,10 @@ def _refuse_stem_collisions(folder: str, images: Sequence[str]) -> None:
 _NOTED: set[tuple[str, tuple[str, ...]]] = set()  # (folder, names) already noted
 
 
-def _note_left_out(folder: str, names: Sequence[str], shown: int = 3) -> None:
-    """One stderr line (rank 0) per folder for the files list_images does not take;
-    once per process, since a run lists a folder several times (checks, dataset)."""
+def note_left_out(folder: str, names: Sequence[str], shown: int = 3) -> None:
+    """One stderr line (rank 0) per folder for the files of other types that a listing
+    (list_images, predict.py's) does not take; once per process, since a run lists a
+    folder several times (checks, dataset)."""
     key = (os.path.abspath(folder), tuple(names))
     if not names or key in _NOTED:
         return

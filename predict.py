@@ -64,14 +64,22 @@ def _glob_base(pattern: str) -> str:
     return str(Path(*fixed)) if fixed else "."
 
 
-def _walk_images(folder: str, keep_dangling: bool = False) -> list[str]:
-    """The image files below `folder`, sorted. Symlinked sub-folders that lead out of
-    `folder` are followed (a class linked in must not vanish; glob patterns follow them
-    too), each real folder once; a link to a folder inside `folder` is not, so that
-    folder keeps its own name (and a link back up ends nothing); junk folders (hidden,
-    __MACOSX) are skipped. `keep_dangling`: see _existing."""
+def _other_files(files: list[str]) -> list[str]:
+    """The files among `files` that are not images and not hidden: named in a note, so
+    that an image of another type (.webp) is not left out unseen."""
+    return [f for f in files if not _is_image(f) and not os.path.basename(f).startswith(".")
+            and os.path.isfile(f)]
+
+
+def _walk_images(folder: str, keep_dangling: bool = False) -> tuple[list[str], list[str]]:
+    """The image files below `folder`, sorted, and the other files (_other_files).
+    Symlinked sub-folders that lead out of `folder` are followed (a class linked in must
+    not vanish; glob patterns follow them too), each real folder once; a link to a folder
+    inside `folder` is not, so that folder keeps its own name (and a link back up ends
+    nothing); junk folders (hidden, __MACOSX) are skipped. `keep_dangling`: see
+    _existing."""
     visited = {os.path.realpath(folder)}
-    files = []
+    files, others = [], []
     for parent, dirs, names in os.walk(folder, followlinks=True):
         kept = []
         for d in sorted(dirs):
@@ -87,7 +95,8 @@ def _walk_images(folder: str, keep_dangling: bool = False) -> list[str]:
         # unless it is a hidden or junk name (an editor's lock file links nowhere)
         files += [str(Path(parent, n)) for n in names if _is_image(n) or (
             not datasets.is_junk_dir(n) and datasets.dangling_link(os.path.join(parent, n)))]
-    return _existing(sorted(files), keep_dangling)
+        others += _other_files([str(Path(parent, n)) for n in names])
+    return _existing(sorted(files), keep_dangling), sorted(others)
 
 
 def _existing(files: list[str], keep_dangling: bool = False) -> list[str]:
@@ -148,19 +157,21 @@ def check_output_dir(output_dir: Path) -> None:
                          "it away")
 
 
-def _expand(spec: str, keep_dangling: bool = False) -> tuple[str, list[str], bool]:
-    """(base folder, image files, is_folder) of one input: a folder (recursive), an
-    image file or a glob pattern. `keep_dangling`: see _existing."""
+def _expand(spec: str, keep_dangling: bool = False
+            ) -> tuple[str, list[str], bool, list[str]]:
+    """(base folder, image files, is_folder, other files) of one input: a folder
+    (recursive), an image file or a glob pattern. `keep_dangling`: see _existing."""
     if os.path.isdir(spec):
-        return spec, _walk_images(spec, keep_dangling), True
+        files, others = _walk_images(spec, keep_dangling)
+        return spec, files, True, others
     if os.path.isfile(spec):
         if not _is_image(spec):
             raise InputError(f"{spec} is not an image file ({'/'.join(datasets.IMAGE_EXTENSIONS)})")
-        return os.path.dirname(spec) or ".", [spec], False
+        return os.path.dirname(spec) or ".", [spec], False, []
     if glob.has_magic(spec):
-        files = _existing(sorted(f for f in glob.glob(spec, recursive=True) if _is_image(f)),
-                          keep_dangling)
-        return _glob_base(spec), files, False
+        found = sorted(glob.glob(spec, recursive=True))
+        files = _existing([f for f in found if _is_image(f)], keep_dangling)
+        return _glob_base(spec), files, False, _other_files(found)
     raise InputError(f"{spec} does not exist: give a folder, an image file or a glob pattern "
                      "(quote it, e.g. 'images/*.png')")
 
@@ -180,9 +191,11 @@ def find_images(inputs: list[str], class_name: str | None, class_from_folder: bo
     groups: dict[str, list[tuple[str, str]]] = {}
     seen: set[str] = set()
     for spec in inputs:
-        base, files, is_folder = _expand(spec, keep_dangling)
+        base, files, is_folder, others = _expand(spec, keep_dangling)
         if output_dir is not None:
             files = [f for f in files if not _is_own_output(f, output_dir)]
+            others = [f for f in others if not _is_own_output(f, output_dir)]
+        datasets.note_left_out(spec, [os.path.relpath(f, base) for f in others])
         if not files:
             raise InputError(f"no images ({'/'.join(datasets.IMAGE_EXTENSIONS)}) in {spec}")
         for f in files:

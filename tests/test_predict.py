@@ -258,6 +258,26 @@ def test_an_image_link_to_a_missing_file_is_an_error_in_a_folder_or_a_glob(tmp_p
         f"{tmp_path}/gone_class, which does not exist\n")
 
 
+def test_files_of_other_types_are_named_in_a_note(tmp_path, capsys):
+    """A .webp photo among the images is not scored, so it is named on stderr, from a
+    folder input and from a glob alike; hidden files and predict.py's own outputs in an
+    --output_dir inside the folder are not."""
+    _touch(tmp_path, "in/a/1.png", "in/a/2.webp", "in/b/notes.txt", "in/a/.DS_Store",
+           "in/pred/predictions.csv")
+    found = predict.find_images([str(tmp_path / "in")], "x", False, str(tmp_path / "in/pred"))
+    assert [name for _, name in found["x"]] == ["a_1"]
+    assert capsys.readouterr().err == (
+        f"[data] note: {tmp_path}/in: left out 2 file(s) not of an image type "
+        f"{'/'.join(predict.datasets.IMAGE_EXTENSIONS)} (a/2.webp, b/notes.txt); convert any "
+        "image among them to PNG to use it\n")
+    predict.find_images([str(tmp_path / "in" / "a" / "*")], "x", False)
+    assert capsys.readouterr().err.startswith(
+        f"[data] note: {tmp_path}/in/a/*: left out 1 file(s) not of an image type "
+        f"{'/'.join(predict.datasets.IMAGE_EXTENSIONS)} (2.webp); ")
+    predict.find_images([str(tmp_path / "in" / "a" / "*.png")], "x", False)
+    assert capsys.readouterr().err == ""
+
+
 def test_folder_walk_skips_junk_folders(tmp_path):
     """Jupyter's checkpoint copies, other hidden folders and macOS's __MACOSX hold no
     images to score."""
