@@ -1092,6 +1092,7 @@ class MVTecTestDataset(_TokenImageDataset):
             raise LayoutError(f"no test images under {test_dir} (empty folders: "
                               f"{', '.join(empty) or 'no defect folders'}); expected "
                               f"{TEST_LAYOUT}")
+        _refuse_shared_result_names(test_dir, items)
         return items, missing
 
     def _load(self, item: tuple) -> tuple[Image.Image, Image.Image | None]:
@@ -1111,10 +1112,31 @@ class MVTecTestDataset(_TokenImageDataset):
             gt = torch.zeros(1, self.img_size, self.img_size)
         else:
             gt = mask_to_tensor(mask, self.img_size).float()[None]  # (1, S, S) in {0, 1}
-        stem = os.path.splitext(os.path.basename(item[0]))[0]
-        out.update(label=item[1], gt_mask=gt, name=f"{item[2]}_{stem}", defect_type=item[2],
-                   index=index)
+        out.update(label=item[1], gt_mask=gt, name=_result_name(item[2], item[0]),
+                   defect_type=item[2], index=index)
         return out
+
+
+def _result_name(defect: str, path: str) -> str:
+    """A test image's name in results, heatmaps and image_scores.csv: '<defect>_<stem>'
+    (MVTec's '<defect>/000.png' gives 'scratch_000')."""
+    return f"{defect}_{os.path.splitext(os.path.basename(path))[0]}"
+
+
+def _refuse_shared_result_names(test_dir: str, items: Sequence[tuple]) -> None:
+    """Two test images of one result name (scratch/head_001.png, scratch_head/001.png)
+    would write one heatmap over the other and share a row name in image_scores.csv."""
+    by_name: dict[str, list[str]] = {}
+    for path, _, defect, _ in items:
+        by_name.setdefault(_result_name(defect, path), []).append(os.path.relpath(path,
+                                                                                  test_dir))
+    groups = [f"{name}: {', '.join(paths)}" for name, paths in by_name.items()
+              if len(paths) > 1]
+    if groups:
+        raise BadFileError(f"{test_dir} holds {len(groups)} group(s) of test images with one "
+                           f"result name ('<defect folder>_<file stem>'), whose heatmaps and "
+                           f"image_scores.csv rows would collide:{bullet_list(groups)}\nFix: "
+                           "rename one file (and its ground-truth mask) of each group")
 
 
 class ImageListDataset(_TokenImageDataset):

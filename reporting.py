@@ -55,7 +55,10 @@ def format_table(results: dict, protocol: str) -> str:
             "Image F1-max | Pixel F1-max | Mask ratio |\n|:--|" + ":--:|" * 7)
     rows = [f"Protocol: **{protocol}**"
             + (f" ({', '.join(f'{k} {v}' for k, v in results['clean_options'].items())})"
-               if results.get("clean_options") else ""), "", head]
+               if results.get("clean_options") else ""), ""]
+    if results.get("failed"):
+        rows += [incomplete_note(results), ""]
+    rows.append(head)
 
     def row(name: str, r: dict) -> str:
         ratio = r.get("mask_ratio")
@@ -87,6 +90,17 @@ def format_table(results: dict, protocol: str) -> str:
         rows.append(f"| {name} | {d['anomalous_with_proposal']}/{d['anomalous_images']} | "
                     f"{d['masked_defect_fraction']:.2f} |")
     return "\n".join(rows)
+
+
+def incomplete_note(results: dict) -> str:
+    """The line that marks the table of a run that stopped: its means cover only the
+    classes evaluated, which must not pass for the benchmark's."""
+    failed = "; ".join(f"{c} ({why})" for c, why in results["failed"].items())
+    rest = results.get("not_evaluated") or []
+    return (f"**INCOMPLETE**: the means are over the {len(results['classes'])} class(es) "
+            f"evaluated only. Failed: {failed}."
+            + (f" Not evaluated: {', '.join(rest)}." if rest else "")
+            + " Re-run with --resume_eval to finish.")
 
 
 RESULT_FILES = ("results.json", "results.md", "results.csv", "image_scores.csv")

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import timm
@@ -360,13 +360,19 @@ def main(args: argparse.Namespace) -> dict:
                     tqdm.write(f"[run_test] {class_name}: that run saved no heatmaps of it; "
                                "evaluate it afresh (no --resume_eval) to draw them")
                 continue
-            results["classes"][class_name] = evaluate_class(args, m, options, root, out_dir,
-                                                            class_name)
-            partial.add(class_name, results["classes"][class_name])
+            record, draw_heatmaps = evaluate_class(args, m, options, root, out_dir,
+                                                   class_name)
+            results["classes"][class_name] = record
+            partial.add(class_name, record)  # kept, whatever drawing its heatmaps does
+            draw_heatmaps()
     except (Exception, KeyboardInterrupt) as e:
         interrupted = isinstance(e, KeyboardInterrupt)
         results["failed"] = {class_name: "interrupted (Ctrl-C)" if interrupted
                              else f"{type(e).__name__}: {e}"}
+        if class_name in results["classes"]:  # its metrics are in; a heatmap failed
+            results["failed"][class_name] = f"its heatmaps: {results['failed'][class_name]}"
+        results["not_evaluated"] = (classes[classes.index(class_name) + 1:]
+                                    if class_name in classes else list(classes))
         finished = len(results["classes"])
         kept = (f"; the {finished} class(es) finished are kept in {partial.path} and the "
                 "table below; re-run with --resume_eval to skip them" if finished else "")
@@ -381,8 +387,10 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, root: Path,
-                   out_dir: Path, class_name: str) -> dict:
-    """One class under args.protocol: its record, its diagnostics line, its heatmaps."""
+                   out_dir: Path, class_name: str) -> tuple[dict, Callable[[], None]]:
+    """One class under args.protocol: its record (and its diagnostics line), and what
+    draws its heatmaps, called once the record is kept (a heatmap that cannot be written
+    must not cost the class's metrics)."""
     dataset = datasets.MVTecTestDataset(root, class_name, token_size=m.tokenizer.image_size,
                                         img_size=m.img_size, mean=m.mean, std=m.std,
                                         skip_bad_images=args.skip_bad_images)
@@ -405,12 +413,15 @@ def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, r
                + (f"{d['masked_defect_fraction']:.0%} of defect pixels masked"
                   if data.gt_masks is not None else
                   f"no {root}/{class_name}/ground_truth folder: pixel metrics undefined"))
-    if args.save_heatmaps:
-        threshold = (record["threshold"] if args.protocol == "paper"
-                     else m.protoflow.threshold_for(class_name))
-        save_heatmaps(data, maps["pmad"], scores["pmad"], scores["protoflow_score"], threshold,
-                      out_dir / HEATMAPS / class_name, args.save_heatmaps, m.mean, m.std)
-    return record
+
+    def draw_heatmaps() -> None:
+        if args.save_heatmaps:
+            threshold = (record["threshold"] if args.protocol == "paper"
+                         else m.protoflow.threshold_for(class_name))
+            save_heatmaps(data, maps["pmad"], scores["pmad"], scores["protoflow_score"],
+                          threshold, out_dir / HEATMAPS / class_name, args.save_heatmaps,
+                          m.mean, m.std)
+    return record, draw_heatmaps
 
 
 def image_records(names: list[str], defect_types: list[str], scores: dict[str, torch.Tensor]

@@ -964,6 +964,31 @@ def test_images_of_one_stem_are_refused_in_training_and_test_sets(train_root, mv
         datasets.check_train_classes(str(train_root), ["bottle"])
 
 
+def test_test_images_of_one_result_name_are_refused(mvtec_root):
+    """broken/x_000.png and broken_x/000.png are both 'broken_x_000': one heatmap would
+    overwrite the other and image_scores.csv would hold two rows of one name."""
+    test = mvtec_root / "bottle" / "test"
+    _save(test / "broken" / "x_000.png", np.zeros((64, 64, 3), np.uint8))
+    _save(test / "broken_x" / "000.png", np.zeros((64, 64, 3), np.uint8))
+    expected = (f"{test} holds 1 group(s) of test images with one result name ('<defect "
+                "folder>_<file stem>'), whose heatmaps and image_scores.csv rows would "
+                "collide:\n  broken_x_000: broken/x_000.png, broken_x/000.png\nFix: rename "
+                "one file (and its ground-truth mask) of each group")
+    for make in (lambda: MVTecTestDataset(str(mvtec_root), "bottle", token_size=32),
+                 lambda: datasets.check_test_classes(str(mvtec_root), ["bottle"])):
+        with pytest.raises(BadFileError) as err:
+            make()
+        assert str(err.value) == expected
+    (test / "broken_x" / "000.png").rename(test / "broken_x" / "001.png")
+    gt = mvtec_root / "bottle" / "ground_truth"
+    _save(gt / "broken" / "x_000_mask.png", np.zeros((64, 64), np.uint8))
+    _save(gt / "broken_x" / "001_mask.png", np.zeros((64, 64), np.uint8))
+    names = {item["name"] for item in MVTecTestDataset(str(mvtec_root), "bottle",
+                                                      token_size=32)}
+    assert names == {"broken_000", "broken_001", "broken_x_000", "broken_x_001", "good_000",
+                     "good_001"}
+
+
 def test_files_of_other_types_are_named_in_a_note_once_per_folder(mvtec_root, capsys):
     """An unmasked .webp defect image is not taken, and not unseen: one note on stderr
     per folder, with the count and some names; hidden files are no images, noted or not."""

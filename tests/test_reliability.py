@@ -537,6 +537,8 @@ def test_F14_finished_classes_survive_an_error_and_ctrl_c_and_resume(tiny_world,
     saved = json.loads((after / "results.json").read_text())
     assert list(saved["classes"]) == ["brick"] and list(saved["failed"]) == ["coins"]
     assert "| Brick |" in (after / "results.md").read_text()
+    assert "**INCOMPLETE**: the means are over the 1 class(es) evaluated only. Failed: " \
+        "coins (" in (after / "results.md").read_text()
     assert "| Brick |" in results["error"]["out"]
     # Ctrl-C in the 2nd class of a resumed run: brick reused (not recomputed), kept
     ctrl_c = results["ctrl_c"]
@@ -551,6 +553,7 @@ def test_F14_finished_classes_survive_an_error_and_ctrl_c_and_resume(tiny_world,
     assert resume["code"] == 0, resume["err"][-3000:]
     saved = json.loads((out / "results.json").read_text())
     assert list(saved["classes"]) == ["brick", "coins"] and "failed" not in saved
+    assert "INCOMPLETE" not in (out / "results.md").read_text()
     assert _same(saved["classes"]["brick"], lines[0]["record"])
     partial = [json.loads(x)["class"]
                for x in (out / "results.partial.jsonl").read_text().splitlines()]

@@ -198,3 +198,25 @@ def test_image_scores_csv_has_every_image_and_names_a_class_without_them(tmp_pat
         "a,crack_001,crack,0.75,5.5"]
     assert "image_scores.csv lacks b: their records come from an earlier version's run" \
         in capsys.readouterr().err
+
+
+def test_the_table_of_a_run_that_stopped_says_its_means_are_partial(tmp_path):
+    """A run stopped in class 2 of 4: results.md's means are over class 1 only, and the
+    table says so before them, naming the failed class and those never reached; a run
+    that finished has no such line."""
+    results = {"protocol": "clean", "clean_options": None,
+               "classes": {"bottle": _class_record(0.9, ["crack"])},
+               "failed": {"cable": "RuntimeError: CUDA out of memory"},
+               "not_evaluated": ["capsule", "carpet"]}
+    reporting.summarize(results)
+    table = reporting.write_results(results, tmp_path, "clean").splitlines()
+    note = ("**INCOMPLETE**: the means are over the 1 class(es) evaluated only. Failed: cable "
+            "(RuntimeError: CUDA out of memory). Not evaluated: capsule, carpet. Re-run with "
+            "--resume_eval to finish.")
+    assert table[2] == note and table.index(note) < table.index("| Bottle | 0.900/0.900 | "
+                                                               "0.900 | 0.900 | 0.900 | 0.900 "
+                                                               "| 0.900 | 0.30 |")
+    assert (tmp_path / "results.md").read_text().splitlines()[2] == note
+    assert strict_json(tmp_path / "results.json")["not_evaluated"] == ["capsule", "carpet"]
+    del results["failed"], results["not_evaluated"]
+    assert "INCOMPLETE" not in reporting.format_table(results, "clean")

@@ -568,6 +568,29 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
             run_test.main(parse(argv + ["--resume_eval", flag, value]))
 
 
+def test_a_heatmap_that_cannot_be_written_costs_no_metrics(tiny_world, tmp_path,
+                                                           monkeypatch):
+    """A PNG name too long for the file system stopped the run after the class's metrics
+    were computed, and they were lost: now the record is kept (partial file, results),
+    the class is named as failed for its heatmaps, and --resume_eval reuses it."""
+    def fail(*a, **k):
+        raise OSError(36, "File name too long")
+    monkeypatch.setattr(run_test, "save_heatmaps", fail)
+    argv = _argv(tiny_world, tmp_path, "clean", "--classes", "coins", "--save_heatmaps", "1")
+    parse = run_test.get_args_parser().parse_args
+    with pytest.raises(OSError, match="File name too long"):
+        run_test.main(parse(argv))
+    out = tmp_path / "clean"
+    (line,) = [json.loads(x) for x in (out / "results.partial.jsonl").read_text().splitlines()]
+    saved = strict_json(out / "results.json")
+    assert line["class"] == "coins" and 0 <= saved["classes"]["coins"]["image_auroc"] <= 1
+    assert saved["failed"] == {"coins": "its heatmaps: OSError: [Errno 36] File name too long"}
+    assert saved["not_evaluated"] == []
+    again = run_test.main(parse(argv[:-2] + ["--resume_eval"]))
+    assert again["classes"]["coins"]["image_auroc"] == saved["classes"]["coins"]["image_auroc"]
+    assert "failed" not in strict_json(out / "results.json")
+
+
 def test_shell_scripts_build_the_run_test_commands(tmp_path):
     """scripts/test_multi_class.sh and test_cross_class.sh: one run_test.py call per
     protocol, each setting with its released checkpoint, MODEL / TOKENIZER passed only
