@@ -8,17 +8,19 @@
 
 Every input is checked before anything is written, and one error lists every problem.
 A custom class's train/ and test/ folders in the output hold exactly its latest split: a
-re-run removes what the new split no longer lists there.
+re-run removes what the new split no longer lists there, in the class folders it wrote
+(CUSTOM_MARKER) only.
 """
 from __future__ import annotations
 
 import csv
 import os
 from collections import Counter
+from pathlib import Path
 from typing import Callable, Sequence
 
 from datasets import (NORMAL_DIRS, VISA_CLASSES, LayoutError, data_subdirs, list_images,
-                      open_mask)
+                      mask_problem, open_mask)
 from utils import write_atomic
 
 VISA_SPLIT = os.path.join("split_csv", "1cls.csv")
@@ -27,6 +29,9 @@ VISA_LAYOUT = ("<visa>/split_csv/1cls.csv (columns object, split, label, image, 
                "the files it names, e.g. <visa>/candle/Data/Images/Normal/0000.JPG")
 CUSTOM_LAYOUT = "<custom>/<class>/good/*.png and optionally <custom>/<class>/<defect>/*.png"
 DEFAULT_TEST_FRACTION = 0.2
+# In each class folder --custom writes: marks it as this tool's, whose train/ and test/
+# files a re-run may replace and remove (never those of a class it did not write).
+CUSTOM_MARKER = ".pmad_custom_split"
 
 Sync = Callable[[list[tuple[str, str]], str], Counter]  # (pairs, progress text) -> counts
 
@@ -59,7 +64,16 @@ def read_visa_split(visa_dir: str, classes: Sequence[str] | None = None
     by_class: dict[str, list[dict[str, str]]] = {}
     problems = []
     for k, row in enumerate(rows, start=2):
+        fields = [row[c] for c in VISA_COLUMNS]  # csv: None for a field a row lacks
+        if None in row or None in fields:  # its extra fields are under None
+            count = sum(f is not None for f in fields) + len(row.get(None) or [])
+            problems.append(f"line {k}: {count} fields, expected {len(VISA_COLUMNS)} "
+                            f"({', '.join(VISA_COLUMNS)})")
+            continue
         if wanted is not None and row["object"] not in wanted:
+            continue
+        if not row["image"]:
+            problems.append(f"line {k}: names no image")
             continue
         if row["split"] not in ("train", "test") or row["label"] not in ("normal", "anomaly"):
             problems.append(f"line {k}: split {row['split']!r} / label {row['label']!r} (expected "
@@ -70,8 +84,13 @@ def read_visa_split(visa_dir: str, classes: Sequence[str] | None = None
         needed = [row["image"]] + ([row["mask"]] if row["label"] == "anomaly" else [])
         if row["label"] == "anomaly" and not row["mask"]:
             problems.append(f"line {k}: anomalous image {row['image']} names no mask")
-        problems += [f"{os.path.join(visa_dir, p)} (line {k}) missing" for p in needed
-                     if p and not os.path.isfile(os.path.join(visa_dir, p))]
+        absent = [p for p in needed if p and not os.path.isfile(os.path.join(visa_dir, p))]
+        problems += [f"{os.path.join(visa_dir, p)} (line {k}) missing" for p in absent]
+        if row["label"] == "anomaly" and row["mask"] and not absent:  # headers only
+            problem = mask_problem(os.path.join(visa_dir, row["mask"]),
+                                   os.path.join(visa_dir, row["image"]), image_required=True)
+            if problem:
+                problems.append(f"{problem} (line {k})")
         by_class.setdefault(row["object"], []).append(row)
     if wanted is not None:
         problems += [f"class {c!r} has no row" for c in sorted(wanted - set(by_class))]
@@ -173,6 +192,15 @@ def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
             problems.append(f"{os.path.join(src, name)}: needs one folder of normal images "
                             f"named {' or '.join(NORMAL_DIRS)}, found {folders}")
             continue
+        problems += [_nested_problem(os.path.join(src, name, d)) for d in folders
+                     if data_subdirs(os.path.join(src, name, d))]
+        out_class = os.path.join(out, name)
+        if _has_files(out_class) and not os.path.isfile(os.path.join(out_class,
+                                                                     CUSTOM_MARKER)):
+            problems.append(f"{out_class} holds a class that --custom did not write (no "
+                            f"{CUSTOM_MARKER} in it), whose train/ and test/ files the "
+                            "conversion would replace and remove: pass another --data_path "
+                            "(or, if an earlier version's --custom wrote it, delete it)")
         good = list_images(os.path.join(src, name, normal[0]))
         if len(good) < 2:
             problems.append(f"{os.path.join(src, name, normal[0])}: {len(good)} image(s); add "
@@ -193,6 +221,16 @@ def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
         raise LayoutError("the custom set cannot be converted:\n  " + "\n  ".join(problems)
                           + f"\nexpected {CUSTOM_LAYOUT}")
     return plan
+
+
+def _nested_problem(folder: str) -> str:
+    return (f"{folder}: holds sub-folder(s) {', '.join(data_subdirs(folder))}, whose images "
+            "would be left out: move them into it (or make each a defect folder of the "
+            "class)")
+
+
+def _has_files(folder: str) -> bool:
+    return any(files for _, _, files in os.walk(folder))
 
 
 def remove_unlisted(folder: str, keep: set[str]) -> int:
@@ -219,6 +257,11 @@ def convert_custom(src: str, out: str, sync: Sync,
     classes' train/ and test/ folders that this plan does not list (a ground_truth/ the
     user added stays); -> the classes written."""
     plan = plan_custom(src, out, test_fraction, classes)
+    for name in plan:  # before any copy: a re-run after a crash finds the class its own
+        marker = os.path.join(out, name, CUSTOM_MARKER)
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        write_atomic(marker, lambda tmp: Path(tmp).write_text(
+            f"written by setup_train_dataset.py --custom {src}\n"))
     counts = sync([p for pairs in plan.values() for p in pairs], "custom images")
     removed = sum(remove_unlisted(os.path.join(out, name, split), {dst for _, dst in pairs})
                   for name, pairs in plan.items() for split in ("train", "test"))

@@ -24,9 +24,8 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from datasets import (IMAGE_EXTENSIONS, TEXTURES, BadFileError, bad_fg_masks_error,
-                      check_fg_masks, fg_mask_path, is_junk_dir, list_images, mask_problem,
-                      open_rgb)
+from datasets import (TEXTURES, BadFileError, bad_fg_masks_error, check_fg_masks,
+                      fg_mask_path, is_junk_dir, list_images, mask_problem, open_rgb)
 from utils import bullet_list, write_atomic
 
 WORK_SIZE = 256  # mask estimation runs at this longest side, then is resized back
@@ -47,13 +46,14 @@ def _zip_unsafe(info: zipfile.ZipInfo) -> bool:
 
 def _zip_target(info: zipfile.ZipInfo) -> tuple[str, str] | None:
     """(class, file name) of a mask entry, with or without a top 'fg_mask/' folder (or any
-    one top folder); None for entries that are not masks."""
+    one top folder); None for entries that are not masks: a mask is a PNG (any case of
+    '.png'), as the released ones and the masks training reads are."""
     parts = PurePosixPath(info.filename.replace("\\", "/")).parts
     if "fg_mask" in parts[:-1]:
         parts = parts[len(parts) - 1 - parts[::-1].index("fg_mask"):][1:]
     elif len(parts) == 3:
         parts = parts[1:]
-    if len(parts) != 2 or not parts[1].lower().endswith(IMAGE_EXTENSIONS):
+    if len(parts) != 2 or not parts[1].lower().endswith(".png"):
         return None
     return parts[0], parts[1]
 
@@ -64,10 +64,20 @@ class FgMaskZip:
     `images`: {class: its training images} (the sources, before copying); every mask of
     one of them must be readable and of its aspect ratio."""
 
-    def __init__(self, path: str, images: dict[str, Sequence[str]]) -> None:
+    @staticmethod
+    def check_file(path: str) -> None:
+        """That `path` is a zip file (BadZipFile if not), before anything is written."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--fg_mask_zip {path} does not exist; download "
                                     "fg_mask.zip (see README) or use --make_fg_masks")
+        try:
+            zipfile.ZipFile(path).close()
+        except zipfile.BadZipFile as e:
+            raise zipfile.BadZipFile(f"--fg_mask_zip {path} is not a readable zip file ({e}): "
+                                     "download fg_mask.zip again") from None
+
+    def __init__(self, path: str, images: dict[str, Sequence[str]]) -> None:
+        self.check_file(path)
         self.path = path
         with zipfile.ZipFile(path) as zf:
             infos = [i for i in zf.infolist() if not i.is_dir()]
@@ -101,7 +111,9 @@ class FgMaskZip:
         and found by training. Masks of no training image are neither read nor unpacked
         (`skipped` counts them)."""
         image_of = {(name, os.path.basename(fg_mask_path("", name, p))): p
-                    for name, paths in images.items() for p in paths}
+                    for name, paths in images.items() for p in paths}  # '<stem>.png'
+        self.entries = [(info, name, filename[:-4] + ".png")  # 000.PNG masks 000.jpg too
+                        for info, name, filename in self.entries]
         problems, matched = [], []
         with zipfile.ZipFile(self.path) as zf:
             for info, name, filename in self.entries:
@@ -128,8 +140,8 @@ class FgMaskZip:
             notes.append("not unpacked (classes not converted): " + ", ".join(
                 f"{k} ({v})" for k, v in sorted(self.other_classes.items())))
         if self.ignored:
-            notes.append(f"{len(self.ignored)} entries are not <class>/<mask> files and were "
-                         f"not unpacked, e.g. {self.ignored[0]}")
+            notes.append(f"{len(self.ignored)} entries are not <class>/<stem>.png masks and "
+                         f"were not unpacked, e.g. {self.ignored[0]}")
         if self.no_image:
             notes.append(f"{self.no_image} masks name no training image of their class and "
                          "were not unpacked")

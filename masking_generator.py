@@ -48,11 +48,13 @@ LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
 
 
 def num_masked(ratio: float, num_patches: int) -> int:
-    """m = int(L * r), as the paper (int(196 * r))."""
+    """m = floor(L * r), as the paper (int(196 * r)), of L * r rounded to 9 decimals
+    first: in floats 100 * 0.29 is 28.999999999999996, and 0.29 of 100 patches is 29.
+    For L = 196 and the paper's ratios this is int(196 * r) exactly."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"masking_generator.num_masked: ratio {ratio} is outside [0, 1]; "
                          "pass a mask ratio between 0 and 1")
-    return int(num_patches * ratio)
+    return math.floor(round(num_patches * ratio, 9))
 
 
 def min_mask_ratio(num_patches: int) -> float:

@@ -25,17 +25,19 @@ import shutil
 import sys
 import zipfile
 from collections import Counter
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tqdm import tqdm
 
 from dataset_converters import (DEFAULT_TEST_FRACTION, convert_custom, convert_visa,
                                 remove_unlisted)
 from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, BadFileError,
-                      LayoutError, data_subdirs, list_images, resolve_train_root)
+                      LayoutError, data_subdirs, fg_mask_path, list_images,
+                      resolve_train_root)
 from demo_data import DEFECT_AREA_BOUNDS, WORLDS, make_demo_dataset
 from fg_masks import FgMaskZip, make_fg_masks, mask_coverage
-from utils import UniqueNames, cli, fraction_arg, int_at_least, prepare_output_dir, write_atomic
+from utils import (UniqueNames, cli, fraction_arg, int_at_least, prepare_output_dir,
+                   refuse_a_file, write_atomic)
 
 DEFAULT_ROOT = "data/Mvtec-ImageNet"
 DEMO_ROOT = "data/demo_imagenet"
@@ -65,7 +67,7 @@ def find_classes(data_path: str, classes: Sequence[str] | None) -> list[str]:
         raise LayoutError(f"no class folders with a train/ folder in {data_path}; "
                           f"expected {SOURCE_LAYOUT}")
     missing = [c for c in MVTEC_CLASSES if c not in found]
-    if set(found) & set(MVTEC_CLASSES) and missing:
+    if set(found) <= set(MVTEC_CLASSES) and missing:  # a class of its own: not MVTec AD
         raise LayoutError(f"{data_path} looks like MVTec AD but lacks the class folders "
                           f"{', '.join(missing)}; extract the full download, or pass "
                           "--classes to convert a subset")
@@ -130,21 +132,48 @@ def _link(src: str, tmp: str) -> None:
                       "must be on the same file system, or drop --link to copy") from e
 
 
-def sync_files(pairs: list[tuple[str, str]], link: bool, desc: str) -> Counter:
+def sync_files(pairs: list[tuple[str, str]], link: bool, desc: str,
+               on_change: Callable[[str], None] | None = None) -> Counter:
     """Counter of 'new', 'unchanged', 'replaced' (a destination differing from its source,
-    or with --link a copy instead of a link)."""
+    with --link a copy instead of a link, or a link to nothing). `on_change(dst)` is
+    called before a destination whose content changes is replaced (what was made from
+    the old file, its foreground mask, no longer applies)."""
     counts: Counter = Counter()
     for src, dst in tqdm(pairs, desc=desc, unit="file"):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         if os.path.lexists(dst):
-            if _identical(src, dst, link):
+            if os.path.exists(dst) and _identical(src, dst, link):
                 counts["unchanged"] += 1
                 continue
             counts["replaced"] += 1
+            if on_change is not None and not (os.path.exists(dst) and _same_bytes(src, dst)):
+                on_change(dst)
         else:
             counts["new"] += 1
         _place(src, dst, link)
     return counts
+
+
+def _same_bytes(src: str, dst: str) -> bool:
+    return os.path.getsize(src) == os.path.getsize(dst) and filecmp.cmp(src, dst,
+                                                                         shallow=False)
+
+
+def _stale_mask_remover(root: str, plan: dict[str, dict[str, list[tuple[str, str]]]]
+                        ) -> tuple[Callable[[str], None], list[str]]:
+    """on_change for the training copies: the foreground mask of a training image whose
+    content changes is deleted (a mask of the old photo would steer the masking to the
+    wrong place), for --fg_mask_zip or --make_fg_masks to make again, or the report to
+    name as missing. -> (the callback, the masks it removed)."""
+    class_of = {dst: name for name, splits in plan.items() for _, dst in splits["train"]}
+    removed: list[str] = []
+
+    def drop(dst: str) -> None:
+        mask = fg_mask_path(root, class_of[dst], dst)
+        if os.path.lexists(mask):
+            os.remove(mask)
+            removed.append(mask)
+    return drop, removed
 
 
 def _extra_files(plan: dict[str, dict[str, list[tuple[str, str]]]]) -> list[str]:
@@ -325,6 +354,9 @@ def _report(root: str, classes: Sequence[str]) -> None:
 def run(args: argparse.Namespace) -> None:
     """Check everything (layout, mask zip, --root) before writing anything; then the
     images, the foreground masks (released, then estimated) and the report."""
+    refuse_a_file(args.root, "--root")  # before --visa / --custom write --data_path
+    if args.fg_mask_zip:
+        FgMaskZip.check_file(args.fg_mask_zip)
     if args.make_demo:
         _make_demo(args)
     classes = _source_classes(args)
@@ -335,7 +367,11 @@ def run(args: argparse.Namespace) -> None:
 
     verb = "hard-linking" if args.link else "copying"
     pairs = [pair for name in classes for pair in plan[name]["train"]]
-    print(f"train: {_counts(sync_files(pairs, args.link, f'{verb} train'))}")
+    drop_stale_mask, stale = _stale_mask_remover(args.root, plan)
+    print(f"train: {_counts(sync_files(pairs, args.link, f'{verb} train', drop_stale_mask))}")
+    if stale:
+        print(f"fg_mask: removed {len(stale)} mask(s) of training images whose content "
+              f"changed (e.g. {stale[0]}); --fg_mask_zip or --make_fg_masks makes them again")
     if args.custom:
         print(f"train: {_remove_untrained(plan, args.root)} file(s) the custom split does not "
               "train on removed")

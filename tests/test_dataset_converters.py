@@ -175,6 +175,41 @@ def test_visa_split_is_checked_before_writing(tmp_path):
     assert "line 4: an anomalous training image" in text
     with pytest.raises(dataset_converters.LayoutError, match=r"classes \['capsules'"):
         dataset_converters.read_visa_split(str(tmp_path))
+    # a short row, a long one, one without an image: named, no traceback, nothing copied
+    split.write_text("object,split,label,image,mask\n"
+                     "candle,train,normal\n"
+                     "candle,train,normal,candle/a.JPG,,x\n"
+                     "candle,train,normal,,\n")
+    with pytest.raises(dataset_converters.LayoutError) as err:
+        dataset_converters.read_visa_split(str(tmp_path), ["candle"])
+    assert ("line 2: 3 fields, expected 5 (object, split, label, image, mask)\n  "
+            "line 3: 6 fields, expected 5 (object, split, label, image, mask)\n  "
+            "line 4: names no image\n") in str(err.value)
+
+
+def test_visa_masks_are_checked_before_writing(tmp_path):
+    """An unreadable mask stopped the run after every image was copied, naming only the
+    first; a mask of another shape than its image was converted with exit 0. Both are
+    named, all at once, before anything is written."""
+    (tmp_path / "candle").mkdir()
+    Image.new("RGB", (96, 64)).save(tmp_path / "candle" / "a.JPG")
+    Image.new("RGB", (96, 64)).save(tmp_path / "candle" / "b.JPG")
+    Image.new("L", (50, 100)).save(tmp_path / "candle" / "a.png")
+    (tmp_path / "candle" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    (tmp_path / "split_csv").mkdir()
+    (tmp_path / "split_csv" / "1cls.csv").write_text(
+        "object,split,label,image,mask\n"
+        "candle,test,anomaly,candle/a.JPG,candle/a.png\n"
+        "candle,test,anomaly,candle/b.JPG,candle/b.png\n")
+    out = tmp_path / "out"
+    with pytest.raises(dataset_converters.LayoutError) as err:
+        dataset_converters.convert_visa(str(tmp_path), str(out), lambda *a: pytest.fail(),
+                                        ["candle"])
+    text = str(err.value)
+    assert (f"{tmp_path}/candle/a.png is 50x100 but its image {tmp_path}/candle/a.JPG is "
+            "96x64: they cannot be aligned (line 2)") in text
+    assert f"{tmp_path}/candle/b.png (mask of {tmp_path}/candle/b.JPG) is unreadable" in text
+    assert not out.exists()
 
 
 def test_custom_set_has_image_metrics_only(tiny_world, tmp_path):
@@ -298,7 +333,8 @@ def test_custom_rerun_leaves_exactly_the_new_split(tmp_path, capsys):
     assert _names(dst / "gadget" / "train" / "good") == gadget_train
     assert _names(dst / "widget" / "test" / "good") == ["001.png", "002.png"]
     assert _names(dst / "widget" / "train" / "good") == ["000.png"]
-    assert _names(dst / "gadget") == ["ground_truth", "test", "train"]  # the user's stays
+    assert _names(dst / "gadget") == [dataset_converters.CUSTOM_MARKER, "ground_truth", "test",
+                                      "train"]  # the user's ground_truth/ stays
     assert (dst / "gadget" / "ground_truth" / "scratch" / "000_mask.png").read_bytes() == b"mine"
     assert _names(root / "train" / "gadget") == gadget_train
     assert _names(root / "train" / "widget") == ["000.png"]
@@ -345,6 +381,64 @@ def test_custom_classes_and_folders_checked_before_writing(tmp_path, capsys):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert _names(src) == ["gadget", "widget"]
     assert _names(src / "widget" / "good") == ["000.png", "001.png", "002.png", "003.png"]
+
+
+def test_custom_never_touches_a_class_it_did_not_write(tmp_path, capsys):
+    """--data_path holding a real MVTec bottle and a custom class 'bottle': every train/
+    and test/ image of the real one was deleted. Now a class folder without --custom's
+    marker is refused before anything is written; one with it is the tool's own."""
+    src = _custom_set(tmp_path / "mine", {"bottle": 4})
+    dst = tmp_path / "mvtec"
+    real = dst / "bottle" / "test" / "broken_large" / "000.png"
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"MVTec's")
+    argv = ["--custom", str(src), "--data_path", str(dst), "--root", str(tmp_path / "inet")]
+    assert setup_main(argv) == 2
+    assert (f"{dst / 'bottle'} holds a class that --custom did not write (no "
+            f"{dataset_converters.CUSTOM_MARKER} in it), whose train/ and test/ files the "
+            "conversion would replace and remove: pass another --data_path"
+            in capsys.readouterr().err)
+    assert real.read_bytes() == b"MVTec's" and _names(dst / "bottle") == ["test"]
+    real.unlink()  # an empty folder holds nothing to lose
+    assert setup_main(argv) == 0
+    assert (dst / "bottle" / dataset_converters.CUSTOM_MARKER).is_file()
+    assert setup_main(argv) == 0  # its own: converted again
+    assert _names(dst / "bottle" / "test") == ["good", "scratch"]
+
+
+def test_custom_refuses_images_in_sub_folders(tmp_path, capsys):
+    """good/day2/*.png and scratch/lot1/*.png were left out with exit 0 (3 of 12 images
+    converted, a defect type gone); now each such folder is named, nothing written."""
+    src = _custom_set(tmp_path / "mine", {"widget": 3})
+    for rel in ("good/day2/000.png", "scratch/lot1/000.png", "scratch/lot2/000.png"):
+        (src / "widget" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16)).save(src / "widget" / rel)
+    dst = tmp_path / "mvtec"
+    assert setup_main(["--custom", str(src), "--data_path", str(dst), "--root",
+                       str(tmp_path / "inet")]) == 2
+    err = capsys.readouterr().err
+    assert (f"{src / 'widget' / 'good'}: holds sub-folder(s) day2, whose images would be "
+            "left out: move them into it (or make each a defect folder of the class)") in err
+    assert f"{src / 'widget' / 'scratch'}: holds sub-folder(s) lot1, lot2, whose" in err
+    assert not dst.exists()
+
+
+def test_custom_checks_root_and_mask_zip_before_converting(tmp_path, capsys):
+    """A missing or broken --fg_mask_zip, or a --root that is a file, was found only
+    after the whole set was written to --data_path; now before."""
+    src = _custom_set(tmp_path / "mine", {"gadget": 2})
+    dst, root = tmp_path / "mvtec", tmp_path / "inet"
+    base = ["--custom", str(src), "--data_path", str(dst), "--root", str(root)]
+    assert setup_main([*base, "--fg_mask_zip", str(tmp_path / "missing.zip")]) == 2
+    assert f"--fg_mask_zip {tmp_path}/missing.zip does not exist" in capsys.readouterr().err
+    (tmp_path / "broken.zip").write_bytes(b"not a zip")
+    assert setup_main([*base, "--fg_mask_zip", str(tmp_path / "broken.zip")]) == 2
+    assert (f"--fg_mask_zip {tmp_path}/broken.zip is not a readable zip file (File is not a "
+            "zip file): download fg_mask.zip again") in capsys.readouterr().err
+    root.write_text("a file")
+    assert setup_main(base) == 2
+    assert f"--root {root} is a file, not a folder" in capsys.readouterr().err
+    assert not dst.exists()
 
 
 def test_custom_set_skips_junk_folders(tmp_path):

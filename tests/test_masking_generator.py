@@ -65,6 +65,12 @@ def test_class_ratios_and_num_masked():
     assert mg.num_masked(0.48, 196) == 94 and mg.num_masked(0.16, 196) == 31
     assert mg.num_masked(0.04, 196) == 7 and mg.num_masked(0.3, 196) == 58
     assert mg.num_masked(0.5, 64) == 32
+    # float products just under a whole number: 100 x 0.29 = 28.999999999999996
+    assert [mg.num_masked(r, 100) for r in (0.29, 0.57, 0.58)] == [29, 57, 58]
+    assert [mg.num_masked(r, 400) for r in (0.29, 0.57, 0.58)] == [116, 228, 232]
+    # the paper's grid and ratios: exactly its int(196 * r)
+    for r in [k / 100 for k in range(2, 49, 2)] + list(mg.CLASS_MASK_RATIOS.values()):
+        assert mg.num_masked(r, 196) == int(196 * r)
     with pytest.raises(ValueError, match="outside"):
         mg.num_masked(1.5, 196)
 

@@ -97,6 +97,44 @@ def test_convert_idempotent_and_replaces_changed(tmp_path, capsys):
     assert dst.read_bytes() == src.read_bytes()
 
 
+def test_a_changed_training_image_loses_its_old_foreground_mask(tmp_path, capsys):
+    """Re-shot photos under the old names: their copies are replaced, and so are their
+    estimated masks (the old ones framed the old photos), which the report named as
+    present. A copy replaced by a link to the same bytes keeps its mask; a destination
+    that is a link to nothing is replaced, not an error about a missing file."""
+    data, root = _make_mvtec(tmp_path / "mvtec", classes=("bottle",)), tmp_path / "inet"
+    rng = np.random.default_rng(3)
+    img, disk, _ = _planted(rng)
+    _save(data / "bottle" / "train" / "good" / "000.png", img)
+    assert _run("--data_path", data, "--root", root, "--make_fg_masks",
+                "--classes", "bottle") == 0
+    old = np.asarray(Image.open(root / "fg_mask" / "bottle" / "000.png")) > 0
+    moved = np.ascontiguousarray(img[:, ::-1])  # the object now on the other side
+    _save(data / "bottle" / "train" / "good" / "000.png", moved)
+    capsys.readouterr()
+    assert _run("--data_path", data, "--root", root, "--make_fg_masks",
+                "--classes", "bottle") == 0
+    out = capsys.readouterr().out
+    assert "train: 0 new, 2 unchanged, 1 replaced" in out
+    assert (f"fg_mask: removed 1 mask(s) of training images whose content changed (e.g. "
+            f"{root}/fg_mask/bottle/000.png); --fg_mask_zip or --make_fg_masks makes them "
+            "again") in out
+    new = np.asarray(Image.open(root / "fg_mask" / "bottle" / "000.png")) > 0
+    only_old = disk & ~disk[:, ::-1]
+    assert only_old.sum() > 500  # this draw: the object moved away from most of itself
+    assert new[disk[:, ::-1]].all() and new[only_old].mean() < 0.1
+    assert old[disk].all()
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle", "--link") == 0
+    out = capsys.readouterr().out
+    assert "train: 0 new, 0 unchanged, 3 replaced" in out and "fg_mask: removed" not in out
+    dst = root / "train" / "bottle" / "001.png"
+    dst.unlink()
+    dst.symlink_to(tmp_path / "gone.png")
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle") == 0
+    assert "train: 0 new, 2 unchanged, 1 replaced" in capsys.readouterr().out
+    assert dst.is_file() and not dst.is_symlink()
+
+
 def test_link_makes_hard_links(tmp_path, capsys):
     data, root = _make_mvtec(tmp_path / "mvtec", classes=("bottle",)), tmp_path / "inet"
     assert _run("--data_path", data, "--root", root, "--classes", "bottle") == 0  # copies
@@ -159,6 +197,10 @@ def test_default_classes_catch_partial_mvtec(tmp_path, capsys):
         (Path(other) / junk / "train").mkdir(parents=True)
     assert _run("--data_path", other, "--root", tmp_path / "inet2") == 0  # not MVTec: all found
     assert sorted(os.listdir(tmp_path / "inet2" / "train")) == ["gizmo", "widget"]
+    # a set of one's own with an MVTec class name among others is no partial MVTec AD
+    own = _make_mvtec(tmp_path / "own", classes=("screw", "washer"))
+    assert _run("--data_path", own, "--root", tmp_path / "inet3") == 0
+    assert sorted(os.listdir(tmp_path / "inet3" / "train")) == ["screw", "washer"]
 
 
 def _mask_bytes(i: int) -> bytes:
@@ -173,15 +215,18 @@ def _mask_bytes(i: int) -> bytes:
 @pytest.mark.parametrize("prefix", ["fg_mask/", "", "Mvtec-ImageNet/fg_mask/", "masks/"])
 def test_fg_mask_zip(tmp_path, capsys, prefix):
     """The masks unpack to fg_mask/<class>/ whatever the zip's top folder: fg_mask/, none,
-    a deeper .../fg_mask/, or any one other folder (masks/, as a re-zipped copy has)."""
+    a deeper .../fg_mask/, or any one other folder (masks/, as a re-zipped copy has). A
+    '.PNG' mask is a mask (it was said to name no training image); a '.bmp' one is named
+    as no mask, not as a mask of no image."""
     data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "inet"
     zpath = tmp_path / "fg_mask.zip"
     with zipfile.ZipFile(zpath, "w") as zf:
         if prefix:
             zf.writestr(prefix, b"")  # directory entry
         for i in range(3):
-            zf.writestr(f"{prefix}bottle/{i:03d}.png", _mask_bytes(i))
+            zf.writestr(f"{prefix}bottle/{i:03d}.{'PNG' if i == 2 else 'png'}", _mask_bytes(i))
         zf.writestr(f"{prefix}bottle/999.png", _mask_bytes(0))  # no such training image
+        zf.writestr(f"{prefix}carpet/000.bmp", _mask_bytes(0))
         zf.writestr(f"{prefix}screw/000.png", _mask_bytes(0))
         zf.writestr("__MACOSX/._bottle", b"junk")
     argv = ["--data_path", data, "--root", root, "--classes", "bottle", "carpet",
@@ -193,6 +238,8 @@ def test_fg_mask_zip(tmp_path, capsys, prefix):
     assert "fg_mask.zip: 3 new" in out and "not unpacked (classes not converted): screw (1)" in out
     assert "without a foreground mask: carpet (3 of 3)" in out
     assert "1 masks name no training image of their class and were not unpacked" in out
+    assert (f"1 entries are not <class>/<stem>.png masks and were not unpacked, e.g. "
+            f"{prefix}carpet/000.bmp") in out
     assert not (root / "fg_mask" / "screw").exists()
     assert not (root / "fg_mask" / "bottle" / "999.png").exists()
     assert [line.split() for line in out.splitlines() if line.startswith("bottle")] == \
