@@ -64,13 +64,13 @@ def read_visa_split(visa_dir: str, classes: Sequence[str] | None = None
     by_class: dict[str, list[dict[str, str]]] = {}
     problems = []
     for k, row in enumerate(rows, start=2):
+        if wanted is not None and row["object"] not in wanted:  # a row's first field
+            continue
         fields = [row[c] for c in VISA_COLUMNS]  # csv: None for a field a row lacks
         if None in row or None in fields:  # its extra fields are under None
             count = sum(f is not None for f in fields) + len(row.get(None) or [])
             problems.append(f"line {k}: {count} fields, expected {len(VISA_COLUMNS)} "
                             f"({', '.join(VISA_COLUMNS)})")
-            continue
-        if wanted is not None and row["object"] not in wanted:
             continue
         if not row["image"]:
             problems.append(f"line {k}: names no image")
@@ -173,12 +173,14 @@ def _custom_classes(src: str, classes: Sequence[str] | None) -> list[str]:
 
 
 def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION,
-                classes: Sequence[str] | None = None) -> dict[str, list[tuple[str, str]]]:
+                classes: Sequence[str] | None = None, also_writes: Sequence[str] = ()
+                ) -> dict[str, list[tuple[str, str]]]:
     """{class: [(source, destination)]} of a custom set (every class folder, or those in
     `classes`). `held_out` picks the normal images (sorted by name) that go to test/good,
     the rest train; each other folder of a class is a defect type, copied to
     test/<defect>. No ground_truth/ is written: run_test.py then reports the pixel
-    metrics as undefined."""
+    metrics as undefined. A class folder in `out`, or in a folder of `also_writes` (the
+    training copy's <root>/train), that holds files but no CUSTOM_MARKER is refused."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"--custom_test_fraction {test_fraction} is outside (0, 1)")
     names = _custom_classes(src, classes)
@@ -194,13 +196,8 @@ def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
             continue
         problems += [_nested_problem(os.path.join(src, name, d)) for d in folders
                      if data_subdirs(os.path.join(src, name, d))]
-        out_class = os.path.join(out, name)
-        if _has_files(out_class) and not os.path.isfile(os.path.join(out_class,
-                                                                     CUSTOM_MARKER)):
-            problems.append(f"{out_class} holds a class that --custom did not write (no "
-                            f"{CUSTOM_MARKER} in it), whose train/ and test/ files the "
-                            "conversion would replace and remove: pass another --data_path "
-                            "(or, if an earlier version's --custom wrote it, delete it)")
+        problems += [p for d in (out, *also_writes)
+                     if (p := _foreign_class_problem(os.path.join(d, name)))]
         good = list_images(os.path.join(src, name, normal[0]))
         if len(good) < 2:
             problems.append(f"{os.path.join(src, name, normal[0])}: {len(good)} image(s); add "
@@ -229,8 +226,16 @@ def _nested_problem(folder: str) -> str:
             "class)")
 
 
-def _has_files(folder: str) -> bool:
-    return any(files for _, _, files in os.walk(folder))
+def _foreign_class_problem(folder: str) -> str | None:
+    """Why --custom must not write the class folder `folder`: it holds files of a class
+    it did not write (a real MVTec 'bottle'), which it would replace and remove."""
+    if not any(files for _, _, files in os.walk(folder)) or os.path.isfile(
+            os.path.join(folder, CUSTOM_MARKER)):
+        return None
+    return (f"{folder} holds a class that --custom did not write (no {CUSTOM_MARKER} in "
+            "it), whose images the conversion would replace and remove: pass another "
+            "--data_path or --root; if an earlier version's --custom wrote it, mark it as "
+            f"its own with `touch {os.path.join(folder, CUSTOM_MARKER)}`")
 
 
 def remove_unlisted(folder: str, keep: set[str]) -> int:
@@ -242,7 +247,7 @@ def remove_unlisted(folder: str, keep: set[str]) -> int:
     for parent, _, files in os.walk(folder, topdown=False):
         for f in files:
             path = os.path.normpath(os.path.join(parent, f))
-            if path not in keep:
+            if path not in keep and f != CUSTOM_MARKER:
                 os.remove(path)
                 removed += 1
         if parent != folder and not os.listdir(parent):
@@ -252,16 +257,20 @@ def remove_unlisted(folder: str, keep: set[str]) -> int:
 
 def convert_custom(src: str, out: str, sync: Sync,
                    test_fraction: float = DEFAULT_TEST_FRACTION,
-                   classes: Sequence[str] | None = None) -> list[str]:
+                   classes: Sequence[str] | None = None, also_writes: Sequence[str] = ()
+                   ) -> list[str]:
     """`plan_custom`, then copy, then remove what an earlier run left in the converted
     classes' train/ and test/ folders that this plan does not list (a ground_truth/ the
-    user added stays); -> the classes written."""
-    plan = plan_custom(src, out, test_fraction, classes)
-    for name in plan:  # before any copy: a re-run after a crash finds the class its own
-        marker = os.path.join(out, name, CUSTOM_MARKER)
-        os.makedirs(os.path.dirname(marker), exist_ok=True)
-        write_atomic(marker, lambda tmp: Path(tmp).write_text(
-            f"written by setup_train_dataset.py --custom {src}\n"))
+    user added stays); -> the classes written. Their folders in `out` and `also_writes`
+    are marked as this tool's (CUSTOM_MARKER) before any copy, so that a re-run after a
+    crash finds them its own."""
+    plan = plan_custom(src, out, test_fraction, classes, also_writes)
+    for name in plan:
+        for folder in (out, *also_writes):
+            marker = os.path.join(folder, name, CUSTOM_MARKER)
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            write_atomic(marker, lambda tmp: Path(tmp).write_text(
+                f"written by setup_train_dataset.py --custom {src}\n"))
     counts = sync([p for pairs in plan.values() for p in pairs], "custom images")
     removed = sum(remove_unlisted(os.path.join(out, name, split), {dst for _, dst in pairs})
                   for name, pairs in plan.items() for split in ("train", "test"))

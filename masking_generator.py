@@ -1,11 +1,11 @@
 """Masks for PMAD's masked-token pre-training (docs/method.md section 5).
 
 The file has two parts. Part 1 states the paper's rules and is meant to be read: per
-sample m = int(L * r) patches with the class's ratio r; a region (foreground-limited or
-all patches), a weighting (frequency, dynamic or uniform) and a shape (block-wise or
-random) drawn independently; the block-wise try and its acceptance; the frequency and
-dynamic weights and the rank-weighted loss. Part 2 draws masks that follow exactly those
-rules, fast, and is private.
+sample m = num_masked(r, L) (the paper's int(L * r)) patches with the class's ratio r; a
+region (foreground-limited or all patches), a weighting (frequency, dynamic or uniform)
+and a shape (block-wise or random) drawn independently; the block-wise try and its
+acceptance; the frequency and dynamic weights and the rank-weighted loss. Part 2 draws
+masks that follow exactly those rules, fast, and is private.
 
 Everything is exact where the original code was not (docs/method.md section 9, items 2, 5,
 7, 9, 10): exactly ``num_masked`` patches always, sampling without replacement, caller's
@@ -89,7 +89,7 @@ class Variants(NamedTuple):
 
 class MaskGenerator:
     """Combinational masking (docs/method.md 5): per sample a region, a weighting and a
-    shape are drawn independently, and m = int(L * ratio of the sample's class).
+    shape are drawn independently, and m = num_masked(ratio of the sample's class, L).
 
     One mask holds exactly m patches:
     - region: when the region holds at least m patches the mask lies inside it;

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -415,12 +416,19 @@ def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, r
                   f"no {root}/{class_name}/ground_truth folder: pixel metrics undefined"))
 
     def draw_heatmaps() -> None:
-        if args.save_heatmaps:
-            threshold = (record["threshold"] if args.protocol == "paper"
-                         else m.protoflow.threshold_for(class_name))
+        """All the class's heatmaps or none: a folder cut short would pass, on
+        --resume_eval, for a class whose heatmaps were drawn."""
+        if not args.save_heatmaps:
+            return
+        threshold = (record["threshold"] if args.protocol == "paper"
+                     else m.protoflow.threshold_for(class_name))
+        folder = out_dir / HEATMAPS / class_name
+        try:
             save_heatmaps(data, maps["pmad"], scores["pmad"], scores["protoflow_score"],
-                          threshold, out_dir / HEATMAPS / class_name, args.save_heatmaps,
-                          m.mean, m.std)
+                          threshold, folder, args.save_heatmaps, m.mean, m.std)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
     return record, draw_heatmaps
 
 

@@ -322,7 +322,7 @@ def _source_classes(args: argparse.Namespace) -> list[str]:
         classes = list(convert_visa(args.visa, args.data_path, sync, args.classes))
     elif args.custom:
         classes = convert_custom(args.custom, args.data_path, sync, args.custom_test_fraction,
-                                 args.classes)
+                                 args.classes, also_writes=[os.path.join(args.root, "train")])
     classes = find_classes(args.data_path, classes)
     unknown = sorted(set(args.textures) - set(classes))
     if unknown:
@@ -371,7 +371,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"train: {_counts(sync_files(pairs, args.link, f'{verb} train', drop_stale_mask))}")
     if stale:
         print(f"fg_mask: removed {len(stale)} mask(s) of training images whose content "
-              f"changed (e.g. {stale[0]}); --fg_mask_zip or --make_fg_masks makes them again")
+              f"changed (e.g. {stale[0]}); --make_fg_masks estimates them again (a "
+              "--fg_mask_zip unpacks its masks of those names, made for the released images)")
     if args.custom:
         print(f"train: {_remove_untrained(plan, args.root)} file(s) the custom split does not "
               "train on removed")

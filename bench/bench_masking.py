@@ -84,7 +84,7 @@ def baseline_generator(names, fg, freq, dyn, rng, gen: mg.MaskGenerator, p_regio
                        p_weighting: tuple[float, float, float], p_block: float) -> np.ndarray:
     out = np.zeros((len(names), gen.num_patches), bool)
     for i, name in enumerate(names):
-        m = int(gen.num_patches * gen.ratio_for(name))
+        m = mg.num_masked(gen.ratio_for(name), gen.num_patches)
         region = fg[i] if rng.random() < p_region else None
         k = rng.choice(3, p=p_weighting)
         weights = (freq[i], dyn[i], None)[k]

@@ -336,8 +336,9 @@ def test_custom_rerun_leaves_exactly_the_new_split(tmp_path, capsys):
     assert _names(dst / "gadget") == [dataset_converters.CUSTOM_MARKER, "ground_truth", "test",
                                       "train"]  # the user's ground_truth/ stays
     assert (dst / "gadget" / "ground_truth" / "scratch" / "000_mask.png").read_bytes() == b"mine"
-    assert _names(root / "train" / "gadget") == gadget_train
-    assert _names(root / "train" / "widget") == ["000.png"]
+    marker = dataset_converters.CUSTOM_MARKER  # the training copy's folders are its own too
+    assert _names(root / "train" / "gadget") == [marker, *gadget_train]
+    assert _names(root / "train" / "widget") == [marker, "000.png"]
     # gadget 1, 3, 5, 7 left train, 4 left test; widget 1 left train
     assert "6 file(s) this split does not list removed" in out
     assert "train: 5 file(s) the custom split does not train on removed" in out
@@ -393,17 +394,27 @@ def test_custom_never_touches_a_class_it_did_not_write(tmp_path, capsys):
     real.parent.mkdir(parents=True)
     real.write_bytes(b"MVTec's")
     argv = ["--custom", str(src), "--data_path", str(dst), "--root", str(tmp_path / "inet")]
+    copy = tmp_path / "inet" / "train" / "bottle" / "000.png"  # MVTec's training copy
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(b"MVTec's copy")
+    marker = dataset_converters.CUSTOM_MARKER
     assert setup_main(argv) == 2
-    assert (f"{dst / 'bottle'} holds a class that --custom did not write (no "
-            f"{dataset_converters.CUSTOM_MARKER} in it), whose train/ and test/ files the "
-            "conversion would replace and remove: pass another --data_path"
-            in capsys.readouterr().err)
+    err = capsys.readouterr().err
+    for folder in (dst / "bottle", copy.parent):
+        assert (f"{folder} holds a class that --custom did not write (no {marker} in it), "
+                "whose images the conversion would replace and remove: pass another "
+                "--data_path or --root; if an earlier version's --custom wrote it, mark it "
+                f"as its own with `touch {folder / marker}`") in err
     assert real.read_bytes() == b"MVTec's" and _names(dst / "bottle") == ["test"]
+    assert copy.read_bytes() == b"MVTec's copy" and _names(copy.parent) == ["000.png"]
     real.unlink()  # an empty folder holds nothing to lose
+    (copy.parent / marker).touch()  # as an earlier version's output is adopted
     assert setup_main(argv) == 0
-    assert (dst / "bottle" / dataset_converters.CUSTOM_MARKER).is_file()
-    assert setup_main(argv) == 0  # its own: converted again
+    assert (dst / "bottle" / marker).is_file() and (copy.parent / marker).is_file()
+    assert copy.read_bytes() != b"MVTec's copy"  # the custom set's 000.png
+    assert setup_main(argv) == 0  # its own: converted again, the markers kept
     assert _names(dst / "bottle" / "test") == ["good", "scratch"]
+    assert _names(copy.parent) == [marker, "000.png", "001.png", "002.png"]
 
 
 def test_custom_refuses_images_in_sub_folders(tmp_path, capsys):

@@ -569,11 +569,14 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
 
 
 def test_a_heatmap_that_cannot_be_written_costs_no_metrics(tiny_world, tmp_path,
-                                                           monkeypatch):
+                                                           monkeypatch, capsys):
     """A PNG name too long for the file system stopped the run after the class's metrics
     were computed, and they were lost: now the record is kept (partial file, results),
-    the class is named as failed for its heatmaps, and --resume_eval reuses it."""
-    def fail(*a, **k):
+    the class is named as failed for its heatmaps, none of its heatmaps are left (some
+    would pass for all), and --resume_eval reuses it and says it has none."""
+    def fail(data, maps, scores, pf_scores, threshold, folder, *a):
+        folder.mkdir(parents=True)
+        (folder / "first.png").write_bytes(b"drawn")
         raise OSError(36, "File name too long")
     monkeypatch.setattr(run_test, "save_heatmaps", fail)
     argv = _argv(tiny_world, tmp_path, "clean", "--classes", "coins", "--save_heatmaps", "1")
@@ -586,7 +589,11 @@ def test_a_heatmap_that_cannot_be_written_costs_no_metrics(tiny_world, tmp_path,
     assert line["class"] == "coins" and 0 <= saved["classes"]["coins"]["image_auroc"] <= 1
     assert saved["failed"] == {"coins": "its heatmaps: OSError: [Errno 36] File name too long"}
     assert saved["not_evaluated"] == []
-    again = run_test.main(parse(argv[:-2] + ["--resume_eval"]))
+    assert not (out / "heatmaps" / "coins").exists()  # none, not some: a resume says so
+    capsys.readouterr()
+    again = run_test.main(parse(argv + ["--resume_eval"]))
+    assert ("coins: that run saved no heatmaps of it; evaluate it afresh (no --resume_eval) "
+            "to draw them") in capsys.readouterr().out
     assert again["classes"]["coins"]["image_auroc"] == saved["classes"]["coins"]["image_auroc"]
     assert "failed" not in strict_json(out / "results.json")
 

@@ -117,8 +117,9 @@ def test_a_changed_training_image_loses_its_old_foreground_mask(tmp_path, capsys
     out = capsys.readouterr().out
     assert "train: 0 new, 2 unchanged, 1 replaced" in out
     assert (f"fg_mask: removed 1 mask(s) of training images whose content changed (e.g. "
-            f"{root}/fg_mask/bottle/000.png); --fg_mask_zip or --make_fg_masks makes them "
-            "again") in out
+            f"{root}/fg_mask/bottle/000.png); --make_fg_masks estimates them again (a "
+            "--fg_mask_zip unpacks its masks of those names, made for the released images)"
+            ) in out
     new = np.asarray(Image.open(root / "fg_mask" / "bottle" / "000.png")) > 0
     only_old = disk & ~disk[:, ::-1]
     assert only_old.sum() > 500  # this draw: the object moved away from most of itself
