@@ -83,6 +83,13 @@ def ce_weight_row(weight: float) -> str:
     return {0.0: "protoflow_only", CE_WEIGHT: "default"}.get(weight, f"CE weight {weight:g}")
 
 
+def relative_to_image(ce: torch.Tensor) -> torch.Tensor:
+    """(N, L) CE scaled so that each image's median is the class's: an image the ViT
+    finds hard to predict everywhere (a busy normal texture) is not raised as a whole,
+    only where it is harder than its own usual."""
+    return ce * ce.median() / ce.median(1, keepdim=True).values.clamp(min=1e-3)
+
+
 def token_means(scores: torch.Tensor, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
     """(V,) mean score of each token over (N, L) scores, 0 for a token never seen."""
     total = torch.zeros(vocab).index_add_(0, tokens.flatten(), scores.flatten())
@@ -139,7 +146,8 @@ def variant_scores(model: torch.nn.Module, data: ClassData, ratio: float, sigma:
         "CE x (1 - entropy / ln V)": ce * (1 - entropy / ln_v).clamp(min=0),
         "CE - CE of the likeliest token": ce - top,
         "CE - per-position median over the test set (at least 0)":
-            (ce - ce.median(0).values).clamp(min=0)}
+            (ce - ce.median(0).values).clamp(min=0),
+        "CE x class median / the image's median": relative_to_image(ce)}
     if train is not None:
         train_ce = covered_token_scores(model, train, _default_covering(train, ratio, grid)[1],
                                         batch_size, device, amp)  # (N_train, L)

@@ -49,6 +49,14 @@ def test_bench_score_variants_rows_by_hand(score_variants) -> None:
     assert auc["default"]["pixel_auroc"] == 1.0  # the defect pixel (1, 2, 2) is the highest
 
 
+def test_bench_score_variants_ce_relative_to_the_image(score_variants) -> None:
+    """Image 1 is twice as hard to predict everywhere: relative to its own median (2, the
+    class's) its CE is image 0's; each image keeps its own contrast (the 4th patch)."""
+    ce = torch.tensor([[1.0, 1.0, 1.0, 4.0], [2.0, 2.0, 2.0, 8.0]])
+    assert score_variants.relative_to_image(ce).tolist() == [[2.0, 2.0, 2.0, 8.0],
+                                                             [2.0, 2.0, 2.0, 8.0]]
+
+
 def test_bench_score_variants_aurocs_by_hand(score_variants) -> None:
     """AUROC with ties counted half (metrics.py's, as run_test.py reports it); a class
     without masks (no ground_truth folder) keeps its image AUROC, its pixel AUROC is nan."""
@@ -210,7 +218,7 @@ def test_bench_score_variants_calibration_rows_by_hand(score_variants) -> None:
         "default", "CE weight 0.25", "CE weight 0.5", "CE weight 2",
         "CE averaged over 5 coverings", "CE - entropy (at least 0)",
         "CE x (1 - entropy / ln V)", "CE - CE of the likeliest token",
-        "image: rank sum with ProtoFlow", "image: product with ProtoFlow",
+        "CE x class median / the image's median", "image: rank sum with ProtoFlow", "image: product with ProtoFlow",
         "image: ProtoFlow's own score (max -log p)",
         "image: rank sum with ProtoFlow's own score", "protoflow_only", "patchcore", "ce_only",
         *(f"image: max at sigma {s} [{m}]" for s in (8, 16) for m in maps),
