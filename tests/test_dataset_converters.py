@@ -163,28 +163,30 @@ def test_visa_split_is_checked_before_writing(tmp_path):
     split.write_text("object,split,label,image\n")
     with pytest.raises(dataset_converters.LayoutError, match="has columns"):
         dataset_converters.read_visa_split(str(tmp_path))
-    split.write_text("object,split,label,image,mask\n"
-                     "candle,train,normal,candle/a.JPG,\n"
-                     "candle,test,anomaly,candle/b.JPG,\n"
-                     "candle,train,anomaly,candle/c.JPG,candle/c.png\n")
-    with pytest.raises(dataset_converters.LayoutError) as err:
-        dataset_converters.read_visa_split(str(tmp_path), ["candle"])
-    text = str(err.value)
+    text = _split_error(tmp_path, "candle,train,normal,candle/a.JPG,",
+                        "candle,test,anomaly,candle/b.JPG,",
+                        "candle,train,anomaly,candle/c.JPG,candle/c.png")
     assert f"{tmp_path / 'candle' / 'a.JPG'} (line 2) missing" in text
     assert "line 3: anomalous image candle/b.JPG names no mask" in text
     assert "line 4: an anomalous training image" in text
     with pytest.raises(dataset_converters.LayoutError, match=r"classes \['capsules'"):
         dataset_converters.read_visa_split(str(tmp_path))
-    # a short row, a long one, one without an image: named, no traceback, nothing copied
-    split.write_text("object,split,label,image,mask\n"
-                     "candle,train,normal\n"
-                     "candle,train,normal,candle/a.JPG,,x\n"
-                     "candle,train,normal,,\n")
-    with pytest.raises(dataset_converters.LayoutError) as err:
-        dataset_converters.read_visa_split(str(tmp_path), ["candle"])
+    # a short row, a long one, one without an image: named, no traceback, nothing copied;
+    # a row of a class not converted is not read
     assert ("line 2: 3 fields, expected 5 (object, split, label, image, mask)\n  "
             "line 3: 6 fields, expected 5 (object, split, label, image, mask)\n  "
-            "line 4: names no image\n") in str(err.value)
+            "line 4: names no image\n  class 'candle' has no row\nexpected ") in _split_error(
+                tmp_path, "candle,train,normal", "candle,train,normal,candle/a.JPG,,x",
+                "candle,train,normal,,", "pcb1,train")
+
+
+def _split_error(visa: Path, *rows: str) -> str:
+    """The LayoutError text of reading a split file of `rows` for class candle."""
+    (visa / "split_csv" / "1cls.csv").write_text(
+        "".join(f"{row}\n" for row in ("object,split,label,image,mask", *rows)))
+    with pytest.raises(dataset_converters.LayoutError) as err:
+        dataset_converters.read_visa_split(str(visa), ["candle"])
+    return str(err.value)
 
 
 def test_visa_masks_are_checked_before_writing(tmp_path):
