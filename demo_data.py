@@ -83,7 +83,7 @@ _OBJECT_SPECS = {
     "logo": ("logo.png", 0.72, (0.55, 0.57, 0.60)),
 }
 _CHANGE_THRESHOLD = 10  # uint8 levels; a pixel whose change exceeds this is defective
-_MARKER = ".pmad_demo.json"
+MARKER = ".pmad_demo.json"
 
 
 def _data_dir() -> str:
@@ -625,9 +625,9 @@ def _check_overwrite(root: str, sub: str) -> None:
     """Refuse to delete a folder this module did not write."""
     path = os.path.join(root, sub)
     if (os.path.isdir(path) and os.listdir(path)
-            and not os.path.isfile(os.path.join(root, _MARKER))):
+            and not os.path.isfile(os.path.join(root, MARKER))):
         raise FileExistsError(
-            f"{path} exists and was not written by demo_data.py (no {_MARKER} in {root}): "
+            f"{path} exists and was not written by demo_data.py (no {MARKER} in {root}): "
             f"choose an empty folder for the demo set or delete {path}")
 
 
@@ -740,7 +740,7 @@ def make_demo_dataset(mvtec_root: str, imagenet_root: str, seed: int = 0,
         _check_overwrite(imagenet_root, os.path.join("fg_mask", cls))
     for root in (mvtec_root, imagenet_root):  # from here on, these folders are ours
         os.makedirs(root, exist_ok=True)
-        with open(os.path.join(root, _MARKER), "w") as f:
+        with open(os.path.join(root, MARKER), "w") as f:
             json.dump(params, f, indent=1)
     bar = tqdm(total=len(classes) * (n_train + n_test_good + n_test_defect), unit="img",
                desc="demo set")

@@ -73,7 +73,24 @@ def load_results(path: str) -> tuple[str, dict]:
         raise UserError(f"{file} is not a clean-protocol results.json (protocol "
                         f"{results.get('protocol')!r}): evaluate with run_test.py --protocol "
                         "clean")
+    if results.get("failed"):  # its means cover the classes finished only
+        rest = results.get("not_evaluated") or []
+        raise UserError(f"{file} is an evaluation that stopped (failed: "
+                        f"{', '.join(results['failed'])}"
+                        + (f"; not evaluated: {', '.join(rest)}" if rest else "")
+                        + "): finish it with the same run_test.py command and --resume_eval, "
+                        "then compare")
     return file, results
+
+
+def options_note(loaded: dict[str, tuple[str, dict]]) -> str | None:
+    """A line naming each world's clean-protocol options when they differ: the table
+    then compares scoring choices as well as worlds."""
+    options = {name: results.get("clean_options") for name, (_, results) in loaded.items()}
+    if len({json.dumps(o, sort_keys=True) for o in options.values()}) < 2:
+        return None
+    return ("note: the worlds were scored with different clean-protocol options: "
+            + "; ".join(f"{name}: {o}" for name, o in options.items()))
 
 
 def world_record(file: str, results: dict) -> dict:
@@ -288,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         loaded = {name: load_results(path) for name, path in args.worlds}
         records = {name: world_record(*contents) for name, contents in loaded.items()}
+        note = options_note(loaded)
+        if note:
+            print(note + "\n")
         print("mean image AUROC / pixel AUROC / AUPRO (clean protocol)\n")
         print(table(records))
         print(f"\nPMAD's image AUROC minus each baseline's [95 % interval, {DRAWS} paired "

@@ -35,8 +35,14 @@ for spec in train_bf16:100 fp16_scaler:45 sync_free:45 attention_grads:30 \
     if [ $rc -eq 0 ]; then
         echo "$line"
     else
-        [ -n "$line" ] && echo "$line" || echo "FAIL $check: exit $rc$([ $rc -eq 124 ] &&
-            echo " (over its ${limit} s)"): $(tail -n 2 "$WORK/$check.err" | tr '\n' ' ')"
+        # its own FAIL line says why; anything else (a PASS printed before a crash or
+        # the time limit) is no pass
+        case $line in
+            FAIL*) echo "$line" ;;
+            *) echo "FAIL $check: exit $rc$([ $rc -eq 124 ] && echo " (over its ${limit} s)")$(
+                   [ -n "$line" ] && echo " after: $line"): $(tail -n 2 "$WORK/$check.err" |
+                   tr '\n' ' ')" ;;
+        esac
         status=1
     fi
 done

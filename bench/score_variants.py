@@ -84,9 +84,10 @@ def ce_weight_row(weight: float) -> str:
 
 
 def relative_to_image(ce: torch.Tensor) -> torch.Tensor:
-    """(N, L) CE scaled so that each image's median is the class's: an image the ViT
-    finds hard to predict everywhere (a busy normal texture) is not raised as a whole,
-    only where it is harder than its own usual."""
+    """(N, L) CE scaled so that each image's median is the class's over these (test)
+    images, labels unread: an image the ViT finds hard to predict everywhere (a busy
+    normal texture) is not raised as a whole, only where it is harder than its own
+    usual."""
     return ce * ce.median() / ce.median(1, keepdim=True).values.clamp(min=1e-3)
 
 

@@ -255,7 +255,7 @@ def test_defect_area_redraws_a_world_with_other_defect_sizes(tmp_path):
                       for t in os.listdir(gt) for f in os.listdir(os.path.join(gt, t)))
     assert 0.0005 <= min(areas(tmp_path / "s")) and max(areas(tmp_path / "s")) < 0.02
     assert min(areas(tmp_path / "d")) > 0.01
-    with open(tmp_path / "s" / demo_data._MARKER) as f:
+    with open(tmp_path / "s" / demo_data.MARKER) as f:
         assert json.load(f)["defect_area"] == [0.001, 0.01]
     for bad in ((0.0005, 0.01), (0.02, 0.01), (0.1, 0.5)):
         with pytest.raises(ValueError, match="defect_area must be"):

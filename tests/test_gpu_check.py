@@ -24,6 +24,24 @@ def test_dry_run_passes_every_check():
     assert [ln.split()[1] for ln in lines] == list(gpu_check.CHECKS)
 
 
+def test_a_pass_line_of_a_check_that_then_fails_is_no_pass(tmp_path):
+    """A check that printed its PASS line and then crashed (exit 139) or outlived its
+    limit is reported as FAIL with its exit code; a check's own FAIL line is kept."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\n"
+                    'if [ "$2" = run_test ]; then echo "FAIL run_test: maps differ"; exit 1; fi\n'
+                    'echo "PASS $2 12 img/s"; echo "Segmentation fault" >&2; exit 139\n')
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PY": str(fake)})
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    assert lines[0] == ("FAIL train_bf16: exit 139 after: PASS train_bf16 12 img/s: "
+                        "Segmentation fault ")
+    assert "FAIL run_test: maps differ" in lines
+    assert not any(line.startswith("PASS") for line in lines)
+
+
 def test_vit_b_flops_and_peak_table():
     # ViT-B/16 at 224 px: 17.56 G multiply-adds in the encoder (the usual "17.6 GFLOPs")
     assert gpu_check.vit_forward_flops(**gpu_check.VIT_B) / 2 == pytest.approx(17.56e9,

@@ -388,6 +388,22 @@ def test_compare_worlds_table_json_and_verdicts(compare, tmp_path: Path, capsys)
                                               "pixel_aupro": True}
 
 
+def test_compare_worlds_names_differing_scoring_options(compare, tmp_path: Path,
+                                                        capsys) -> None:
+    """Worlds scored with other clean-protocol options (CE weight 0.5 against 1) are
+    compared with a note that names each world's options first; alike, no note."""
+    for name, weight in (("a", 1.0), ("b", 0.5), ("c", 1.0)):
+        path = _results(tmp_path / name, (0.9, 0.9, 0.9), (0.9, 0.9, 0.9), (0.9, 0.9, 0.9))
+        path.write_text(json.dumps(json.loads(path.read_text())
+                                   | {"clean_options": {"ce_weight": weight}}))
+    assert compare.main([f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "note: the worlds were scored with different clean-protocol options: a: "
+        "{'ce_weight': 1.0}; b: {'ce_weight': 0.5}")
+    assert compare.main([f"a={tmp_path / 'a'}", f"c={tmp_path / 'c'}"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
 def _image(name: str, pmad: float, protoflow: float, patchcore: float) -> dict:
     """One image of a results.json's per-class 'images', as run_test.py writes it."""
     return {"name": name, "defect_type": name.split("_")[0], "pmad": pmad,
@@ -484,7 +500,8 @@ def test_same_test_images_pairs_each_run_with_the_first(compare, tmp_path: Path,
 def test_compare_worlds_refuses_what_it_cannot_compare(compare, tmp_path: Path,
                                                        capsys) -> None:
     """Exit 2 and one line naming the file and the fix: no results.json, one of the
-    paper protocol (its best-of-24 numbers are not comparable), unreadable JSON, JSON of
+    paper protocol (its best-of-24 numbers are not comparable), one of an evaluation that
+    stopped (its means cover some classes only), unreadable JSON, JSON of
     another shape, a baseline row missing, a metric missing or not a number, a baseline
     undefined where PMAD is defined, an --output it cannot write; a repeated NAME, a
     bare PATH, an empty NAME or an empty PATH is an argparse error."""
@@ -504,6 +521,10 @@ def test_compare_worlds_refuses_what_it_cannot_compare(compare, tmp_path: Path,
     text = _results(tmp_path / "s", (1, 1, 1), (1, 1, 1), (1, 1, 1))
     text.write_text(text.read_text().replace('"image_auroc": 1', '"image_auroc": "high"', 1))
     half = _results(tmp_path / "t", (0.9, 0.9, 0.9), (0.9, None, 0.9), (0.9, 0.9, 0.9))
+    stopped = _results(tmp_path / "v", (1, 1, 1), (1, 1, 1), (1, 1, 1))
+    data = json.loads(stopped.read_text())  # run_test.py's record of a run that stopped
+    stopped.write_text(json.dumps(data | {"failed": {"retina": "RuntimeError: x"},
+                                          "not_evaluated": ["tissue"]}))
     cases = {str(tmp_path / "none"): "holds no results.json (nor results/results.json)",
              str(paper): "is not a clean-protocol results.json (protocol 'paper')",
              str(broken): "broken.json is not a readable JSON file (",
@@ -511,7 +532,10 @@ def test_compare_worlds_refuses_what_it_cannot_compare(compare, tmp_path: Path,
              str(no_patchcore): "'mean_patchcore' must map",
              str(no_metric): "'mean' must map",
              str(text): "'mean' must map",
-             str(half): "defines PMAD's pixel AUROC but not every baseline's"}
+             str(half): "defines PMAD's pixel AUROC but not every baseline's",
+             str(stopped): "results.json is an evaluation that stopped (failed: retina; not "
+                           "evaluated: tissue): finish it with the same run_test.py command "
+                           "and --resume_eval, then compare"}
     for path, words in cases.items():
         assert compare.main([f"w={path}"]) == 2, path
         err = capsys.readouterr().err
@@ -603,10 +627,37 @@ def test_pool_test_sets_joins_other_draws_test_images(bench, tmp_path: Path, cap
                         ([tmp_path / "x", first, other], f"{other} holds the classes"),
                         ([tmp_path / "x", clash, second], f"{clash} already holds "
                          "a/test/good/d1_000.png"),
-                        ([tmp_path / "x", tmp_path / "nothing", second], "does not exist")):
+                        ([tmp_path / "x", tmp_path / "nothing", second], "does not exist"),
+                        ([tmp_path / "x", first, second, f"{second}/."],
+                         f"{tmp_path}/s2/. is given twice ({second})")):
         assert pool_test_sets.main([str(a) for a in argv]) == 2
         assert words in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
+
+
+def test_pool_test_sets_refuses_one_demo_draw_twice_and_drops_its_marker(
+        bench, tmp_path: Path, capsys) -> None:
+    """Two folders of one demo seed hold the same test images (pooled, each counted
+    twice); draws of other worlds are no one distribution. The pool keeps no demo marker
+    of the first draw: it is no one draw, and --make_demo must not write over it."""
+    import demo_data
+    import pool_test_sets
+    made = {}
+    for name, seed, area in (("s2", 2, None), ("s3", 3, None), ("again", 2, None),
+                             ("big", 4, (0.05, 0.1))):
+        made[name] = tmp_path / name
+        demo_data.make_demo_dataset(str(made[name]), str(tmp_path / f"{name}_inet"),
+                                    seed=seed, classes=["coins"], n_train=1, n_test_good=1,
+                                    n_test_defect=1, size=128, defect_area=area)
+    assert pool_test_sets.main([str(tmp_path / "x"), str(made["s2"]), str(made["again"])]) == 2
+    assert (f"{made['again']} and {made['s2']} are the same draw (seed 2 in their "
+            f"{demo_data.MARKER}): pool draws of other seeds") in capsys.readouterr().err
+    assert pool_test_sets.main([str(tmp_path / "x"), str(made["s2"]), str(made["big"])]) == 2
+    assert "are draws of other worlds" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert pool_test_sets.main([str(tmp_path / "x"), str(made["s2"]), str(made["s3"])]) == 0
+    assert not (tmp_path / "x" / demo_data.MARKER).exists()
+    assert (made["s2"] / demo_data.MARKER).exists()
 
 
 @pytest.fixture
