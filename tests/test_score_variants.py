@@ -218,8 +218,8 @@ def test_bench_score_variants_calibration_rows_by_hand(score_variants) -> None:
         "default", "CE weight 0.25", "CE weight 0.5", "CE weight 2",
         "CE averaged over 5 coverings", "CE - entropy (at least 0)",
         "CE x (1 - entropy / ln V)", "CE - CE of the likeliest token",
-        "CE x class median / the image's median", "image: rank sum with ProtoFlow", "image: product with ProtoFlow",
-        "image: ProtoFlow's own score (max -log p)",
+        "CE x class median / the image's median", "image: rank sum with ProtoFlow",
+        "image: product with ProtoFlow", "image: ProtoFlow's own score (max -log p)",
         "image: rank sum with ProtoFlow's own score", "protoflow_only", "patchcore", "ce_only",
         *(f"image: max at sigma {s} [{m}]" for s in (8, 16) for m in maps),
         *(f"image: top 1 % [{m}]" for m in maps)}
