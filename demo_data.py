@@ -611,8 +611,9 @@ def render_defect(class_name: str, defect_type: str, rng: np.random.Generator,
 
 
 def _rng(seed: int, class_name: str, split: int, index: int) -> np.random.Generator:
-    """Independent stream per image, so a subset of classes or counts gives the same
-    images as the full set."""
+    """Independent stream per image, so a subset of classes, or fewer training and good
+    test images, gives the same images as the full set (a defect image's size also
+    depends on the number of defect images: _defect_sizes spreads them over the range)."""
     return np.random.default_rng([seed, zlib.crc32(class_name.encode()), split, index])
 
 
@@ -738,6 +739,7 @@ def make_demo_dataset(mvtec_root: str, imagenet_root: str, seed: int = 0,
     for cls in classes:
         _check_overwrite(mvtec_root, cls)
         _check_overwrite(imagenet_root, os.path.join("fg_mask", cls))
+        _check_overwrite(imagenet_root, os.path.join("train", cls))  # setup_train_dataset's
     for root in (mvtec_root, imagenet_root):  # from here on, these folders are ours
         os.makedirs(root, exist_ok=True)
         with open(os.path.join(root, MARKER), "w") as f:

@@ -191,7 +191,8 @@ def _extra_files(plan: dict[str, dict[str, list[tuple[str, str]]]]) -> list[str]
 
 def _remove_untrained(plan: dict[str, dict[str, list[tuple[str, str]]]], root: str) -> int:
     """Delete the files in <root>/train/<class> the plan does not list: after --custom
-    remade the split, an image it now holds out must not stay in the training copy."""
+    remade the split, an image it now holds out must not stay in the training copy; after
+    --make_demo wrote fewer training images, the old ones must not be trained on."""
     return sum(remove_unlisted(os.path.join(root, "train", name),
                                {dst for _, dst in splits["train"]})
                for name, splits in plan.items())
@@ -367,15 +368,18 @@ def run(args: argparse.Namespace) -> None:
 
     verb = "hard-linking" if args.link else "copying"
     pairs = [pair for name in classes for pair in plan[name]["train"]]
+    # --make_demo has just written every demo class's masks for its new images
     drop_stale_mask, stale = _stale_mask_remover(args.root, plan)
-    print(f"train: {_counts(sync_files(pairs, args.link, f'{verb} train', drop_stale_mask))}")
+    counts = sync_files(pairs, args.link, f"{verb} train",
+                        None if args.make_demo else drop_stale_mask)
+    print(f"train: {_counts(counts)}")
     if stale:
         print(f"fg_mask: removed {len(stale)} mask(s) of training images whose content "
               f"changed (e.g. {stale[0]}); --make_fg_masks estimates them again (a "
               "--fg_mask_zip unpacks its masks of those names, made for the released images)")
-    if args.custom:
-        print(f"train: {_remove_untrained(plan, args.root)} file(s) the custom split does not "
-              "train on removed")
+    if args.custom or args.make_demo:  # the training copy holds exactly the new set
+        print(f"train: {_remove_untrained(plan, args.root)} file(s) the "
+              f"{'custom split' if args.custom else 'demo set'} does not train on removed")
     for note in _extra_files(plan):
         print(f"note: {note}")
     if masks is not None:

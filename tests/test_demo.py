@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ def test_demo_script_detects_defects(tmp_path: Path, bench: None) -> None:
     same function of demo.sh with its own arguments: the stubbed tests below check
     them, tests/test_demo_data.py its images)."""
     env = {**_knob_free_env(), "DEMO_DIR": str(tmp_path / "demo"),
-           "DATA_DIR": str(tmp_path / "data"),
+           "DATA_DIR": str(tmp_path / "data"), "PYTHON": sys.executable,  # not PATH's
            "DEMO_CLASSES": "brick coins", "DEMO_TRAIN": "10", "DEMO_TEST_GOOD": "6",
            "DEMO_TEST_DEFECT": "8", "PF_EPOCHS": "1", "VIT_EPOCHS": "2", "DEVICE": "cpu",
            "KMEANS_VOCAB": "32"}
@@ -158,3 +159,26 @@ def test_heldout_check_runs_both_tuning_draws_then_the_heldout_world(tmp_path: P
     assert compare[1:] == ["--output", str(demo / "heldout_check.json"),
                            f"tuning_seed0={worlds[0]}", f"tuning_seed1={worlds[1]}",
                            f"heldout={worlds[2]}"]
+
+
+def test_requirements_are_installed_when_one_is_missing_or_out_of_range(tmp_path: Path) -> None:
+    """scripts/ensure_requirements.sh checked only that each package was there: numpy 1.x
+    under 'numpy>=99' passed and nothing was installed. Now a version outside its range
+    installs requirements.txt too (into $PYTHON, here a stub that logs pip's call)."""
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\nif [ "$1" = -m ]; then echo "$@" >> {tmp_path}/pip.log; '
+                    f'exit 0; fi\nexec {sys.executable} "$@"\n')
+    stub.chmod(0o755)
+    cases = {"numpy>=1.0  # comment\n\ntqdm\n": False, "numpy>=99\n": True,
+             "no-such-package-here>=1\n": True}
+    for requirements, installs in cases.items():
+        (tmp_path / "requirements.txt").write_text(requirements)
+        (tmp_path / "pip.log").unlink(missing_ok=True)
+        run = subprocess.run(["bash", "-c", f"source {ROOT}/scripts/ensure_requirements.sh"],
+                             cwd=tmp_path, env={**os.environ, "PYTHON": str(stub)},
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        logged = (tmp_path / "pip.log").read_text() if installs else None
+        assert logged == ("-m pip install -q -r requirements.txt\n" if installs else None), (
+            requirements)
+        assert (tmp_path / "pip.log").exists() == installs

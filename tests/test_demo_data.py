@@ -324,13 +324,16 @@ def test_bad_arguments(tmp_path):
         render_normal("cable", np.random.default_rng(0))
 
 
-def test_heldout_world_shares_nothing_with_main():
+def test_heldout_world_shares_no_class_photo_or_defect_kind_with_main():
     main, held = demo_data.WORLDS["main"], demo_data.WORLDS["heldout"]
     assert not set(main.classes) & set(held.classes)
     assert not set(main.defect_types) & set(held.defect_types)
     photos = {c: (demo_data._TEXTURE_PHOTOS.get(c) or demo_data._OBJECT_SPECS[c][0])
               for c in main.classes + held.classes}
     assert not {photos[c] for c in main.classes} & {photos[c] for c in held.classes}
+    # the one photograph both use, as README says: tissue's, among the main world's
+    # foreign-object sources
+    assert set(demo_data._FOREIGN_PHOTOS) & {photos[c] for c in held.classes} == {"ihc.png"}
     for name in held.classes:  # every photograph ships with scikit-image
         assert os.path.isfile(os.path.join(demo_data._data_dir(), photos[name])), name
     # harder: smaller defects than the main world's smallest

@@ -15,7 +15,7 @@ from heatmaps import Caption, ColourScale
 
 def test_colour_scale_is_shared_and_clipped():
     scale = ColourScale.of(torch.tensor([[[0.0, 1.0]], [[3.0, 4.0]]]))
-    assert (scale.low, scale.high) == (0.0, 4.0)
+    assert scale.low == 0.0 and scale.high == pytest.approx(3.999)  # the 0.999 quantile
     below, lo, hi, above, mid = scale.colours(np.array([[-1.0, 0.0, 4.0, 9.0, 2.0]]))[0]
     assert (below == lo).all() and (above == hi).all()  # clipped to the class's range
     assert lo[2] > 100 and lo[0] < 50 and hi[0] > 100 and hi[2] < 50  # blue low, red high
@@ -26,11 +26,24 @@ def test_colour_scale_is_shared_and_clipped():
     # the colour bar's labels: high at the top row, low at the bottom
     assert heatmaps._ticks(101, ColourScale(1.0, 5.0)) == [
         (0, 5.0), (25, 4.0), (50, 3.0), (75, 2.0), (100, 1.0)]
-    # the range of every map, the low end too, wherever the minimum lies
+    # every map's range, the low end too, wherever the minimum lies
     assert ColourScale.of(torch.stack([torch.full((2, 2), 3.0), torch.full((2, 2), 1.0)])
                           ) == ColourScale(1.0, 3.0)
     with pytest.raises(ValueError, match="NaN or infinite"):
         ColourScale.of(torch.tensor([[[0.0, float("nan")]]]))
+
+
+def test_colour_scale_is_not_taken_by_a_few_outlier_pixels():
+    """Ten 224 px maps, five with a defect blob of 1.0 over 400 pixels, one with a single
+    pixel at 50: the plain maximum (50) drew every blob the same dark blue; the scale now
+    tops at the blobs, and the outlier pixel saturates red."""
+    maps = torch.zeros(10, 224, 224)
+    maps[:5, 100:120, 100:120] = 1.0
+    maps[7, 3, 3] = 50.0
+    scale = ColourScale.of(maps)
+    assert scale.low == 0.0 and scale.high == pytest.approx(1.0)
+    blob, background = scale.colours(np.array([[1.0, 0.0]]))[0]
+    assert blob[0] > 100 and background[2] > 100  # red against blue
 
 
 def test_caption_says_score_threshold_and_decision():

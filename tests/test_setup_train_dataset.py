@@ -525,3 +525,28 @@ def test_make_demo_real_one_class(tmp_path, capsys):
     assert rows == [["coins", str(n_train), str(n_train)]]
     fg = PretrainDataset(str(root), ["coins"], token_size=112)[0]["fg_mask"]
     assert 0 < fg.sum() < fg.numel()  # an object with a real foreground
+
+
+def test_make_demo_again_keeps_its_new_masks_and_only_its_new_images(tmp_path, capsys):
+    """A second demo set into the same folders (another seed, fewer training images): the
+    masks it has just written for its new images stay (the copy step took them for masks
+    of changed images and deleted them), and the training copy holds exactly its images."""
+    demo, root = tmp_path / "demo_mvtec", tmp_path / "demo_inet"
+    base = ["--make_demo", str(demo), "--root", str(root), "--classes", "coins"]
+    assert main([*base, "--demo_counts", "3", "1", "1"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--demo_counts", "2", "1", "1", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 0 new, 0 unchanged, 2 replaced" in out and "fg_mask: removed" not in out
+    assert "train: 1 file(s) the demo set does not train on removed" in out
+    assert sorted(os.listdir(root / "train" / "coins")) == ["000.png", "001.png"]
+    assert sorted(os.listdir(root / "fg_mask" / "coins")) == ["000.png", "001.png"]
+    assert [line.split() for line in out.splitlines() if line.startswith("coins")] == [
+        ["coins", "2", "2"]]
+    foreign = tmp_path / "other_inet" / "train" / "coins"
+    foreign.mkdir(parents=True)
+    (foreign / "mine.png").write_bytes(b"not the demo's")
+    assert main(["--make_demo", str(tmp_path / "other"), "--root", str(foreign.parents[1]),
+                 "--classes", "coins", "--demo_counts", "2", "1", "1"]) == 2
+    assert "was not written by demo_data.py" in capsys.readouterr().err
+    assert (foreign / "mine.png").read_bytes() == b"not the demo's"
