@@ -72,6 +72,16 @@ class ColourScale:
         return cv2.applyColorMap(grey, cv2.COLORMAP_JET)[..., ::-1]
 
 
+def _apart(a: float, b: float) -> tuple[str, str]:
+    """`a` and `b` with 4 significant digits, or as many more as tell two different
+    values apart: '0.1235 > 0.1235' would contradict itself."""
+    for digits in range(4, 18):
+        left, right = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if left != right or a == b:
+            return left, right
+    return repr(a), repr(b)
+
+
 @dataclass(frozen=True)
 class Caption:
     """What the caption says about one image. `threshold` is ProtoFlow's normal/anomalous
@@ -110,8 +120,9 @@ class Caption:
                         "no decision", GREY))
         else:
             sign = ">" if self.decision == "anomalous" else "<="
-            out.append((f"ProtoFlow score {self.protoflow_score:.4g} {sign} threshold "
-                        f"{self.threshold:.4g}: {self.decision.upper()}",
+            score, threshold = _apart(self.protoflow_score, self.threshold)
+            out.append((f"ProtoFlow score {score} {sign} threshold {threshold}: "
+                        f"{self.decision.upper()}",
                         RED if self.decision == "anomalous" else GREEN))
         if self.truth is not None:
             out.append((f"ground truth: {self.truth}", GREY))
