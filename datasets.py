@@ -171,14 +171,20 @@ def list_images(folder: str, keep_dangling: bool = False) -> list[str]:
     return images
 
 
+def _shared_keys(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """{key: its labels} of the keys that more than one (key, label) pair has."""
+    by_key: dict[str, list[str]] = {}
+    for key, label in pairs:
+        by_key.setdefault(key, []).append(label)
+    return {key: labels for key, labels in by_key.items() if len(labels) > 1}
+
+
 def _refuse_stem_collisions(folder: str, images: Sequence[str]) -> None:
     """Masks (<stem>_mask.png, fg_mask/<class>/<stem>.png) and result names
     ('<defect>_<stem>') go by the stem: two images of one stem would share them."""
-    by_stem: dict[str, list[str]] = {}
-    for path in images:
-        name = os.path.basename(path)
-        by_stem.setdefault(os.path.splitext(name)[0], []).append(name)
-    groups = [", ".join(names) for names in by_stem.values() if len(names) > 1]
+    names = [os.path.basename(path) for path in images]
+    groups = [", ".join(labels) for labels in
+              _shared_keys((os.path.splitext(n)[0], n) for n in names).values()]
     if groups:
         raise BadFileError(
             f"{folder} holds {len(groups)} group(s) of images with one name and different "
@@ -1126,12 +1132,9 @@ def _result_name(defect: str, path: str) -> str:
 def _refuse_shared_result_names(test_dir: str, items: Sequence[tuple]) -> None:
     """Two test images of one result name (scratch/head_001.png, scratch_head/001.png)
     would write one heatmap over the other and share a row name in image_scores.csv."""
-    by_name: dict[str, list[str]] = {}
-    for path, _, defect, _ in items:
-        by_name.setdefault(_result_name(defect, path), []).append(os.path.relpath(path,
-                                                                                  test_dir))
-    groups = [f"{name}: {', '.join(paths)}" for name, paths in by_name.items()
-              if len(paths) > 1]
+    shared = _shared_keys((_result_name(defect, path), os.path.relpath(path, test_dir))
+                          for path, _, defect, _ in items)
+    groups = [f"{name}: {', '.join(paths)}" for name, paths in shared.items()]
     if groups:
         raise BadFileError(f"{test_dir} holds {len(groups)} group(s) of test images with one "
                            f"result name ('<defect folder>_<file stem>'), whose heatmaps and "

@@ -108,7 +108,7 @@ def _existing(files: list[str], keep_dangling: bool = False) -> list[str]:
     kept = {f for f in files if keep_dangling and _is_image(f)}
     dangling = [link for f in files if f not in kept and (link := datasets.dangling_link(f))]
     if dangling:
-        listed = "".join(f"\n  {link}" for link in dangling)
+        listed = utils.bullet_list(dangling)
         if not keep_dangling:
             raise InputError(f"{len(dangling)} link(s) lead nowhere:{listed}"
                              f"\nFix: {datasets.FIX_DANGLING}")

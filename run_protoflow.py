@@ -140,11 +140,13 @@ def _check_prototype_holdout(prototypes_dir: str, held_out: dict[str, list[str]]
                             "or rebuild the prototypes, so that held-out images stay unseen")
 
 
-def _flow_data(args: argparse.Namespace, classes: list[str]
+def _flow_data(args: argparse.Namespace, classes: list[str],
+               normalization: tuple[tuple[float, ...], tuple[float, ...]]
                ) -> tuple[Dataset, Dataset, list[int], list[int]]:
     """The training images (flow augmentation), the same images with the test transform,
-    and the (kept, held-out) split; the prototypes must not have seen the held-out ones."""
-    mean, std = input_normalization(args.encoder)
+    both `normalization` (mean, std), and the (kept, held-out) split; the prototypes must
+    not have seen the held-out ones."""
+    mean, std = normalization
     train_set = datasets.TrainImageDataset(args.data_path, classes,
                                            datasets.flow_train_transform(args.img_size, mean,
                                                                          std),
@@ -272,7 +274,7 @@ def run_train(args: argparse.Namespace) -> dict:
     prototypes = [load_prototypes(args.prototypes_dir, c, feature_dim, args.encoder,
                                   args.out_indices, flags, (mean, std)).to(args.device)
                   for c in classes]
-    train_set, eval_set, kept, held = _flow_data(args, classes)
+    train_set, eval_set, kept, held = _flow_data(args, classes, (mean, std))
     flow = build_flow(feature_dim, args.n_blocks,
                       rng=np.random.default_rng(args.seed)).to(args.device)
     optimizer = torch.optim.Adam([p for p in flow.parameters() if p.requires_grad], lr=args.lr)

@@ -146,17 +146,15 @@ def sync_files(pairs: list[tuple[str, str]], link: bool, desc: str,
                 counts["unchanged"] += 1
                 continue
             counts["replaced"] += 1
-            if on_change is not None and not (os.path.exists(dst) and _same_bytes(src, dst)):
+            # _identical compared the bytes of a copy already; a copy replaced by a link
+            # (--link) may hold the same ones
+            if on_change is not None and not (link and os.path.exists(dst)
+                                              and filecmp.cmp(src, dst, shallow=False)):
                 on_change(dst)
         else:
             counts["new"] += 1
         _place(src, dst, link)
     return counts
-
-
-def _same_bytes(src: str, dst: str) -> bool:
-    return os.path.getsize(src) == os.path.getsize(dst) and filecmp.cmp(src, dst,
-                                                                         shallow=False)
 
 
 def _stale_mask_remover(root: str, plan: dict[str, dict[str, list[tuple[str, str]]]]

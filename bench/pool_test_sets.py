@@ -62,9 +62,9 @@ def check_draws(folders: list[str]) -> None:
             continue
         params = read_json_object(marker, "write the draw again with setup_train_dataset.py "
                                   "--make_demo")
-        world = _world_of(params)
-        for other, other_params in draws.values():
-            other_world = _world_of(other_params)
+        if draws:  # all of one world: the first draw's
+            other, other_params = next(iter(draws.values()))
+            world, other_world = _world_of(params), _world_of(other_params)
             if world != other_world:
                 raise LayoutError(f"{folder} and {other} are draws of other worlds ({MARKER}: "
                                   f"{world} against {other_world}): pool draws of one world")
