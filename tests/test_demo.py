@@ -163,22 +163,34 @@ def test_heldout_check_runs_both_tuning_draws_then_the_heldout_world(tmp_path: P
 
 def test_requirements_are_installed_when_one_is_missing_or_out_of_range(tmp_path: Path) -> None:
     """scripts/ensure_requirements.sh checked only that each package was there: numpy 1.x
-    under 'numpy>=99' passed and nothing was installed. Now a version outside its range
-    installs requirements.txt too (into $PYTHON, here a stub that logs pip's call)."""
+    under 'numpy>=99' passed and nothing was installed. Now a version outside its range is
+    installed too (into $PYTHON, here a stub that logs pip's call), and only the lines
+    that need it. opencv-python-headless is met by another OpenCV build in range (here a
+    fake opencv-python 100.0 on PYTHONPATH): installing the headless one beside it made
+    two packages own cv2."""
     stub = tmp_path / "python"
     stub.write_text(f'#!/bin/sh\nif [ "$1" = -m ]; then echo "$@" >> {tmp_path}/pip.log; '
                     f'exit 0; fi\nexec {sys.executable} "$@"\n')
     stub.chmod(0o755)
-    cases = {"numpy>=1.0  # comment\n\ntqdm\n": False, "numpy>=99\n": True,
-             "no-such-package-here>=1\n": True}
-    for requirements, installs in cases.items():
+    fake = tmp_path / "site"
+    (fake / "opencv_python-100.0.dist-info").mkdir(parents=True)
+    (fake / "opencv_python-100.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: opencv-python\nVersion: 100.0\n")
+    cases = {"numpy>=1.0  # comment\n\ntqdm\n": None,
+             "numpy>=99\ntqdm\n": "numpy>=99",
+             "tqdm\nno-such-package-here>=1 \n": "no-such-package-here>=1",
+             "opencv-python-headless>=99\n": None,
+             "opencv-python-headless>=101\nnumpy>=99\n": "opencv-python-headless>=101 numpy>=99"}
+    for requirements, installed in cases.items():
         (tmp_path / "requirements.txt").write_text(requirements)
         (tmp_path / "pip.log").unlink(missing_ok=True)
-        run = subprocess.run(["bash", "-c", f"source {ROOT}/scripts/ensure_requirements.sh"],
-                             cwd=tmp_path, env={**os.environ, "PYTHON": str(stub)},
+        run = subprocess.run(["bash", "-c",
+                              f"set -euo pipefail; source {ROOT}/scripts/ensure_requirements.sh"],
+                             cwd=tmp_path, env={**os.environ, "PYTHON": str(stub),
+                                                "PYTHONPATH": str(fake)},
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
-        logged = (tmp_path / "pip.log").read_text() if installs else None
-        assert logged == ("-m pip install -q -r requirements.txt\n" if installs else None), (
+        logged = (tmp_path / "pip.log").read_text() if installed else None
+        assert logged == (f"-m pip install -q {installed}\n" if installed else None), (
             requirements)
-        assert (tmp_path / "pip.log").exists() == installs
+        assert (tmp_path / "pip.log").exists() == bool(installed)
