@@ -485,13 +485,17 @@ def build_model_and_data(args: argparse.Namespace, env: utils.DistEnv, train_cla
 def data_identity(tokenizer_fingerprint: str, dataset: datasets.PretrainDataset,
                   data_path: str, train_classes: Sequence[str]) -> dict:
     """What a run's targets and images are, saved with its arguments: the tokenizer's
-    fingerprint (its file and compute precision), the training images' names and the
-    classes (run_test.py refuses to score one of them as unseen)."""
+    fingerprint (its file and compute precision), the training images' names and byte
+    sizes (an image replaced or edited under its name; not their mtimes, which a copy of
+    the data to another node need not keep) and the classes (run_test.py refuses to score
+    one of them as unseen)."""
     names = "\n".join(os.path.relpath(p, data_path) for p, _ in dataset.samples)
+    sizes = ",".join(str(os.path.getsize(p)) for p, _ in dataset.samples)
     return {"tokenizer_fingerprint": tokenizer_fingerprint, "train_classes": list(train_classes),
             "train_images": len(dataset),
             "train_images_sha256": hashlib.sha256(names.encode("utf-8", "surrogateescape"))
-            .hexdigest()}
+            .hexdigest(),
+            "train_image_sizes_sha256": hashlib.sha256(sizes.encode()).hexdigest()}
 
 
 def check_same_data(saved: dict | None, identity: dict, path: str) -> None:
@@ -510,6 +514,10 @@ def check_same_data(saved: dict | None, identity: dict, path: str) -> None:
         problems.append(f"another set of training images ({saved.get('train_images')} then, "
                         f"{identity['train_images']} now: --data_path, the folders' files "
                         "or --skip_bad_images differ)")
+    elif saved.get("train_image_sizes_sha256", identity["train_image_sizes_sha256"]) \
+            != identity["train_image_sizes_sha256"]:
+        problems.append("training images of the same names but other byte sizes (an image "
+                        "was replaced or edited since)")
     if problems:
         raise utils.CheckpointError(f"{path} was trained on other data; this run has "
                                     + " and ".join(problems) + ". Resume it with the data "

@@ -441,7 +441,8 @@ def test_a_resume_on_other_processes_tokens_or_images_is_refused(finished_run, t
 def test_a_checkpoint_saved_before_the_data_identity_resumes_unchecked():
     """A checkpoint's arguments without the tokenizer's fingerprint or the images' digest
     (written before they were saved) pass; each one saved is checked on its own."""
-    now = {"tokenizer_fingerprint": "kmeans:1", "train_images": 5, "train_images_sha256": "a"}
+    now = {"tokenizer_fingerprint": "kmeans:1", "train_images": 5, "train_images_sha256": "a",
+           "train_image_sizes_sha256": "s"}
     for saved in (None, {"epochs": 3}, {"tokenizer_fingerprint": "kmeans:1"},
                   {"train_images": 5, "train_images_sha256": "a"}):
         run_pretraining.check_same_data(saved, now, "ck.pth")
@@ -452,6 +453,34 @@ def test_a_checkpoint_saved_before_the_data_identity_resumes_unchecked():
                                         "ck.pth")
     with pytest.raises(utils.CheckpointError, match="another visual tokenizer"):
         run_pretraining.check_same_data({"tokenizer_fingerprint": "kmeans:2"}, now, "ck.pth")
+
+
+def test_a_resume_on_an_image_replaced_under_its_name_is_refused(tmp_path):
+    """The images' names alone let a resumed run train on an image replaced or edited
+    since; their byte sizes are saved too (not their mtimes, which a copy to another node
+    need not keep), and a checkpoint without them resumes unchecked."""
+    root = tmp_path / "train"
+    (root / "a").mkdir(parents=True)
+    for name in ("0.png", "1.png"):
+        (root / "a" / name).write_bytes(b"x" * 10)
+
+    class Images(list):  # what data_identity reads of a PretrainDataset
+        samples = [(str(p), 0) for p in sorted((root / "a").iterdir())]
+
+    def identity() -> dict:
+        return run_pretraining.data_identity("kmeans:1", Images([0, 1]), str(root), ["a"])
+
+    saved = identity()
+    os.utime(root / "a" / "1.png", (0, 0))  # a copy that did not keep the mtime
+    assert identity() == saved
+    (root / "a" / "1.png").write_bytes(b"y" * 11)  # the same name, another image
+    now = identity()
+    assert now["train_images_sha256"] == saved["train_images_sha256"]
+    with pytest.raises(utils.CheckpointError, match="ck.pth was trained on other data; this "
+                       "run has training images of the same names but other byte sizes"):
+        run_pretraining.check_same_data(saved, now, "ck.pth")
+    del saved["train_image_sizes_sha256"]
+    run_pretraining.check_same_data(saved, now, "ck.pth")
 
 
 def test_every_rank_must_resume_the_same_checkpoint(monkeypatch):
