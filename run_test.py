@@ -26,7 +26,7 @@ import datasets
 import modeling_pmad
 from heatmaps import save_heatmaps
 from masking_generator import CLASS_MASK_RATIOS, min_mask_ratio, num_masked
-from modeling_discrete_vae import available_tokenizers, create_tokenizer
+from modeling_discrete_vae import available_tokenizers, create_tokenizer, token_grid
 from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED,
                        CleanOptions, collect_class, evaluate_clean, evaluate_paper)
 from protoflow import ProtoFlow, prototypes_sha256
@@ -229,12 +229,14 @@ def load_models(args: argparse.Namespace) -> Models:
     tokenizer = create_tokenizer(args.tokenizer_model, args.tokenizer_weight_path,
                                  device=str(device), amp=amp)
     vocab_size = modeling_pmad.checkpoint_vocab_size(checkpoint, args.ckpt)
-    vit_classes = (modeling_pmad.checkpoint_args(checkpoint) or {}).get("train_classes")
+    trained = modeling_pmad.checkpoint_args(checkpoint) or {}
+    vit_classes = trained.get("train_classes")
     if vocab_size != tokenizer.vocab_size:
         raise FlagError(f"{args.ckpt} predicts {vocab_size} visual tokens but the "
                         f"{args.tokenizer_model} tokenizer {args.tokenizer_weight_path} has "
                         f"{tokenizer.vocab_size}: evaluate with the tokenizer it was trained "
                         "on (--tokenizer_weight_path)")
+    check_tokenizer(args, tokenizer, trained.get("tokenizer_fingerprint"))
     model = modeling_pmad.build_pmad(args.model, vocab_size=vocab_size,
                                      img_size=args.input_size,
                                      init_values=args.layer_scale_init_value)
@@ -246,6 +248,31 @@ def load_models(args: argparse.Namespace) -> Models:
                           encoder_weights=args.encoder_weights, input_normalization=(mean, std))
     protoflow.check_image_size(*model.patch_embed.img_size)  # before any class is scored
     return Models(model, tokenizer, protoflow, device, amp, mean, std, vit_classes)
+
+
+def check_tokenizer(args: argparse.Namespace, tokenizer: torch.nn.Module,
+                    trained_on: str | None) -> None:
+    """The tokenizer must be the ViT's: another file of the same kind and vocabulary (a
+    k-means tokenizer of another world) gives other targets and plausible wrong scores.
+    Our checkpoints record the tokenizer's fingerprint (compared without its 'fp16-'
+    prefix: a model trained with DALL-E in fp16 on a GPU is evaluated on the CPU too); a
+    released one does not. Its token grid must be the ViT's patch grid."""
+    def file_sha(fingerprint: str) -> str:
+        return fingerprint.removeprefix("fp16-")
+
+    if trained_on and file_sha(trained_on) != file_sha(tokenizer.fingerprint):
+        raise FlagError(f"{args.ckpt} was trained with another tokenizer than "
+                        f"--tokenizer_weight_path {args.tokenizer_weight_path} (sha256 "
+                        f"{file_sha(trained_on)[:12]} then, {file_sha(tokenizer.fingerprint)[:12]} "
+                        "now): its targets would differ and every score would be wrong; pass "
+                        "the tokenizer file it was trained with")
+    found = token_grid(args.tokenizer_model, args.tokenizer_weight_path)
+    side = args.input_size // modeling_pmad.MODEL_CONFIGS[args.model]["patch_size"]
+    if found is not None and found[0] != side:
+        raise FlagError(f"{found[1]} gives {found[0]}x{found[0]} tokens per image but "
+                        f"{args.ckpt} ({args.model} at {args.input_size} px) predicts "
+                        f"{side}x{side}: pass the tokenizer it was trained with "
+                        "(--tokenizer_weight_path)")
 
 
 def clean_options(args: argparse.Namespace) -> CleanOptions:

@@ -260,6 +260,47 @@ def test_tokenizer_of_another_vocabulary_is_refused(tiny_world, trained_112, tmp
         run_test.main(run_test.get_args_parser().parse_args(argv))
 
 
+def test_a_tokenizer_other_than_the_checkpoints_is_refused(tiny_world, trained_112, tmp_path,
+                                                           monkeypatch):
+    """Only the vocabulary was compared: a tokenizer file of the same kind and vocabulary
+    (its codes in another order, another world's) gave other targets and scores that
+    looked plausible. Our checkpoint records the tokenizer's sha256, compared without its
+    'fp16-' prefix; a checkpoint that records none (a released one) still has its token
+    grid checked against the ViT's patches, before any class is scored."""
+    monkeypatch.setattr(run_test, "evaluate_class", lambda *a: pytest.fail("scored"))
+    kmeans = torch.load(trained_112["tokenizer"], weights_only=True)
+    kmeans["codebook"] = kmeans["codebook"].flip(0)  # the same codes, other ids
+    other = tmp_path / "kmeans_other.pth"
+    torch.save(kmeans, other)
+    argv = _eval_argv(tiny_world, {**trained_112, "tokenizer": str(other)}, tmp_path / "a")
+    with pytest.raises(utils.FlagError, match=(
+            f"^{trained_112['ckpt']} was trained with another tokenizer than "
+            f"--tokenizer_weight_path {other} \\(sha256 [0-9a-f]{{12}} then, [0-9a-f]{{12}} "
+            "now\\)")):
+        run_test.main(run_test.get_args_parser().parse_args(argv))
+    sha = utils.file_sha256(trained_112["tokenizer"])
+    trained = modeling_pmad.checkpoint_args(utils.load_checkpoint_file(trained_112["ckpt"]))
+    assert trained["tokenizer_fingerprint"] == sha
+    tokenizer = SimpleNamespace(fingerprint="fp16-" + sha)  # DALL-E in fp16 on a GPU
+    args = run_test.get_args_parser().parse_args(argv)
+    vars(args).update(model=tiny_world.model, input_size=112, tokenizer_model="kmeans",
+                      tokenizer_weight_path=trained_112["tokenizer"])
+    run_test.check_tokenizer(args, tokenizer, sha)
+    with pytest.raises(utils.FlagError, match="another tokenizer"):
+        run_test.check_tokenizer(args, SimpleNamespace(fingerprint="fp16-" + "0" * 64), sha)
+    # No fingerprint recorded: a 224-px ViT with a tokenizer fitted at 112 px
+    kmeans = torch.load(tiny_world.tokenizer, weights_only=True)
+    small = tmp_path / "kmeans_112.pth"
+    torch.save({**kmeans, "image_size": 112}, small)
+    argv = tiny_world.run_test_argv(tmp_path / "b", "--tokenizer_weight_path", str(small))
+    with pytest.raises(utils.FlagError, match=(
+            f"^the kmeans tokenizer {small} \\(fitted at 112 px\\) gives 7x7 tokens per "
+            f"image but {tiny_world.pmad_ckpt} \\({tiny_world.model} at 224 px\\) predicts "
+            "14x14")):
+        run_test.main(run_test.get_args_parser().parse_args(argv))
+
+
+
 @pytest.mark.parametrize("value", ["0", "1", "-0.2", "1.5", "nan", "x"])
 def test_mask_ratio_outside_0_1_is_refused(value, capsys):
     parse = run_test.get_args_parser().parse_args
