@@ -35,7 +35,8 @@ __all__ = [
     "VisionTransformerForMaskedImageModeling", "relative_position_index",
     "set_fused_attn", "build_pmad", "PMAD_MODELS", "MODEL_CONFIGS", "unwrap_state_dict",
     "load_state_dict_checked", "load_checkpoint", "checkpoint_args", "resolve_eval_config",
-    "checkpoint_vocab_size", "PAPER_EVAL_CONFIG", "PMAD_LAYOUT",
+    "checkpoint_vocab_size", "PAPER_EVAL_CONFIG", "PMAD_LAYOUT", "check_init_checkpoint",
+    "load_init_checkpoint",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -559,22 +560,85 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Fa
     return {"missing": missing, "unexpected": unexpected}
 
 
-def load_init_checkpoint(model: nn.Module, path: str) -> None:
-    """run_pretraining.py --init_ckpt: start from BEiT's self-supervised weights. Its
-    head predicts DALL-E's 8,192 codes; with another tokenizer the head keeps its
-    initial weights and every other layer is loaded."""
+# What --init_ckpt should be, for its errors.
+INIT_CKPT_FIX = ("pass --init_ckpt BEiT's self-supervised ImageNet-22k checkpoint of this "
+                 "--model (beit_base_patch16_224_pt22k.pth for the base model; "
+                 "weights/README.md) or a PMAD training checkpoint, or --no_init to train "
+                 "from scratch")
+
+
+def init_state_dict(model: nn.Module, path: str, checkpoint: Any
+                    ) -> tuple[dict[str, torch.Tensor], int | None]:
+    """The tensors of --init_ckpt `path` (contents `checkpoint`) that `model` loads: all
+    of its keys (a derived relative_position_index may be absent) and no other, of its
+    shapes. A partial load would silently train a half-random ViT, e.g. from a BEiT
+    fine-tuned classifier (per-block relative position tables, fc_norm, head). The one
+    exception: an lm_head of another vocabulary size (a tokenizer of another vocabulary),
+    left out. -> (the tensors, the file's vocabulary size when its head is left out, else
+    None). `model` may live on the meta device (shapes only)."""
+    state_dict = unwrap_state_dict(checkpoint, path)
+    own, name = model.state_dict(), type(model).__name__
+    file_head, head = state_dict.get("lm_head.weight"), own["lm_head.weight"]
+    other_vocab = None
+    if file_head is not None and file_head.ndim == 2 and file_head.shape[1] == head.shape[1] \
+            and file_head.shape[0] != head.shape[0]:
+        other_vocab = file_head.shape[0]
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("lm_head.")}
+    wrong = [k for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(
+            f"--init_ckpt {path} is of another model size or image size: '{k}' has shape "
+            f"{tuple(state_dict[k].shape)} there, {tuple(own[k].shape)} in this run's {name}"
+            + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else "")
+            + ": pass the --model (and --input_size) it was trained with, or another "
+            "--init_ckpt")
+    missing = [k for k in own if k not in state_dict and not k.endswith(_DERIVED_SUFFIXES)
+               and not (other_vocab and k.startswith("lm_head."))]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        finetuned = any(k.startswith(("fc_norm.", "head.")) for k in unexpected)
+        raise CheckpointError(
+            f"--init_ckpt {path} does not hold every weight of {name} and no other ("
+            + "; ".join(f"{len(keys)} {what}: {', '.join(keys[:6])}"
+                        + (", ..." if len(keys) > 6 else "")
+                        for what, keys in (("missing", missing), ("unexpected", unexpected))
+                        if keys)
+            + ")" + (": a fine-tuned classifier, not a masked-image-modelling checkpoint"
+                     if finetuned else "")
+            + f"; starting from it would leave part of the ViT random. Fix: {INIT_CKPT_FIX}")
+    return state_dict, other_vocab
+
+
+def check_init_checkpoint(model: str, path: str, img_size: int,
+                          init_values: float | None) -> None:
+    """run_pretraining.py's check of --init_ckpt before any image is read or tokenized
+    (the default path is missing on a fresh clone): the file exists, reads, and fits
+    `model` (`init_state_dict`, on a meta-device model: shapes only). Its tensors are
+    memory-mapped, not read."""
+    _require_init_file(path)
+    with torch.device("meta"):
+        target = build_pmad(model, vocab_size=1, img_size=img_size, init_values=init_values)
+    init_state_dict(target, path, read_weights_file(path, mmap=True))
+
+
+def _require_init_file(path: str) -> None:
     if not os.path.isfile(path):
         raise MissingFileError(
             f"--init_ckpt {path} not found: download beit_base_patch16_224_pt22k.pth (its "
             "link is in weights/README.md) into weights/, point --init_ckpt at it, or pass "
             "--no_init to train from scratch")
-    state_dict = unwrap_state_dict(read_weights_file(path), path)
-    head, file_head = model.lm_head.weight.shape, state_dict.get("lm_head.weight")
-    if file_head is not None and file_head.shape != head:
-        main_print(f"[init] {path}: its lm_head predicts {file_head.shape[0]} visual "
-                   f"tokens, this run's tokenizer has {head[0]}: the head starts from "
-                   "random weights, every other layer from the file")
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("lm_head.")}
-    result = load_checkpoint(model, path, checkpoint=state_dict)
-    main_print(f"[init] {path}: missing {result['missing']}, "
-               f"unexpected {result['unexpected']}")
+
+
+def load_init_checkpoint(model: nn.Module, path: str) -> None:
+    """run_pretraining.py --init_ckpt: start from BEiT's self-supervised weights, every
+    one of them (`init_state_dict`). Its head predicts DALL-E's 8,192 codes; with a
+    tokenizer of another vocabulary size the head keeps its initial weights."""
+    _require_init_file(path)
+    state_dict, other_vocab = init_state_dict(model, path, read_weights_file(path))
+    if other_vocab is not None:
+        main_print(f"[init] {path}: its lm_head predicts {other_vocab} visual tokens, this "
+                   f"run's tokenizer has {model.lm_head.weight.shape[0]}: the head starts "
+                   "from random weights, every other layer from the file")
+    load_state_dict_checked(model, state_dict, path)
+    main_print(f"[init] {path}: loaded {len(state_dict)} tensors")

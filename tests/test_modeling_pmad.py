@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.beit import Beit, gen_relative_position_index
 
+import modeling_pmad
 from conftest import read_format
 from bench.original_beit import OriginalViT
 from modeling_pmad import (Block, bf16_supported, load_checkpoint, relative_position_index,
@@ -64,6 +65,104 @@ def test_base_checkpoint_file_round_trip(tmp_path):
     assert load_checkpoint(target, path, strict=True) == {"missing": [], "unexpected": []}
     assert torch.equal(target.lm_head.weight, source.lm_head.weight)
     assert torch.equal(target.blocks[11].attn.qkv.weight, source.blocks[11].attn.qkv.weight)
+    # and as run_pretraining.py's --init_ckpt (BEiT's pt22k file has exactly these keys)
+    modeling_pmad.check_init_checkpoint("vit_base_patch16_224_8k_vocab", str(path), 224, None)
+    fresh = build("vit_base_patch16_224_8k_vocab", depth=0)  # every key but the blocks'
+    with pytest.raises(CheckpointError, match="180 unexpected: blocks.0.gamma_1"):
+        modeling_pmad.load_init_checkpoint(fresh, str(path))
+    with torch.no_grad():
+        target.blocks[11].attn.qkv.weight.zero_()
+    modeling_pmad.load_init_checkpoint(target, str(path))
+    assert torch.equal(target.blocks[11].attn.qkv.weight, source.blocks[11].attn.qkv.weight)
+
+
+def _file_of_format(path: Path, fmt: str) -> Path:
+    """A file with exactly the keys, shapes and dtypes of a released file's key list,
+    every tensor a zero-stride view of one element (a few bytes on disk)."""
+    dtypes = {"float32": torch.float32, "int64": torch.int64}
+    torch.save({"model": {k: torch.zeros((), dtype=dtypes[d]).expand(shape)
+                          for k, shape, d in read_format(fmt)}}, path)
+    return path
+
+
+@pytest.mark.parametrize("name, fmt", [("vit_base_patch16_224_8k_vocab", "pmad_vit_base.txt"),
+                                       ("vit_large_patch16_224_8k_vocab", "pmad_vit_large.txt")])
+def test_init_ckpt_check_takes_beits_released_layout_and_refuses_another_size(tmp_path, name,
+                                                                             fmt):
+    """BEiT's pt22k files (the keys of tests/formats, as PMAD's released ones) pass
+    run_pretraining.py's --init_ckpt check for their own model, before any image is read;
+    for the other size the first differing shape and --model are named."""
+    path = str(_file_of_format(tmp_path / "beit_pt22k.pth", fmt))
+    modeling_pmad.check_init_checkpoint(name, path, 224, None)
+    other = ("vit_large_patch16_224_8k_vocab" if "base" in name
+             else "vit_base_patch16_224_8k_vocab")
+    with pytest.raises(CheckpointError) as err:
+        modeling_pmad.check_init_checkpoint(other, path, 224, None)
+    width, other_width = (768, 1024) if "base" in name else (1024, 768)
+    assert str(err.value).startswith(
+        f"--init_ckpt {path} is of another model size or image size: 'cls_token' has shape "
+        f"(1, 1, {width}) there, (1, 1, {other_width}) in this run's "
+        "VisionTransformerForMaskedImageModeling")
+    assert str(err.value).endswith(": pass the --model (and --input_size) it was trained "
+                                   "with, or another --init_ckpt")
+
+
+def _finetuned_beit(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s weights as BEiT's fine-tuned classifiers store them: a relative position
+    table per block instead of the shared one, fc_norm and a classification head instead
+    of norm and lm_head, no mask token."""
+    sd = {k: v for k, v in model.state_dict().items()
+          if not k.startswith(("rel_pos_bias.", "norm.", "lm_head.", "mask_token"))}
+    table = model.state_dict()["rel_pos_bias.relative_position_bias_table"]
+    sd.update({f"blocks.{i}.attn.relative_position_bias_table": table
+               for i in range(len(model.blocks))})
+    dim = model.embed_dim
+    sd.update({"fc_norm.weight": torch.ones(dim), "fc_norm.bias": torch.zeros(dim),
+               "head.weight": torch.zeros(1000, dim), "head.bias": torch.zeros(1000)})
+    return sd
+
+
+def test_init_ckpt_refuses_a_partial_load(tmp_path):
+    """A BEiT fine-tuned classifier, or a file missing half the blocks, would start
+    training from a half-random ViT: refused, naming the file, the keys and the fix."""
+    model = build(depth=2)
+    finetuned = tmp_path / "beit_base_patch16_224_pt22k_ft22k.pth"
+    torch.save({"model": _finetuned_beit(model)}, finetuned)
+    target = build(depth=2)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        modeling_pmad.load_init_checkpoint(target, str(finetuned))
+    assert str(err.value) == (
+        f"--init_ckpt {finetuned} does not hold every weight of "
+        "VisionTransformerForMaskedImageModeling and no other (6 missing: mask_token, "
+        "rel_pos_bias.relative_position_bias_table, norm.weight, norm.bias, lm_head.weight, "
+        "lm_head.bias; 6 unexpected: blocks.0.attn.relative_position_bias_table, "
+        "blocks.1.attn.relative_position_bias_table, fc_norm.weight, fc_norm.bias, "
+        "head.weight, head.bias): a fine-tuned classifier, not a masked-image-modelling "
+        "checkpoint; starting from it would leave part of the ViT random. Fix: pass "
+        "--init_ckpt BEiT's self-supervised ImageNet-22k checkpoint of this --model "
+        "(beit_base_patch16_224_pt22k.pth for the base model; weights/README.md) or a PMAD "
+        "training checkpoint, or --no_init to train from scratch")
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    half = tmp_path / "half.pth"
+    torch.save({"model": {k: v for k, v in model.state_dict().items()
+                          if not k.startswith("blocks.1.")}}, half)
+    with pytest.raises(CheckpointError, match=r"\(15 missing: blocks.1.gamma_1, "
+                                              r"blocks.1.gamma_2, .*, \.\.\.\)"):
+        modeling_pmad.load_init_checkpoint(target, str(half))
+    with pytest.raises(CheckpointError, match=f"--init_ckpt {half} does not hold"):
+        modeling_pmad.check_init_checkpoint(TINY, str(half), 224, None)
+
+
+def test_init_ckpt_lm_head_of_another_width_is_another_model_not_a_vocabulary(tmp_path):
+    """The head is left out only when its rows (the vocabulary) differ; another width is
+    another model, named as one (not "visual tokens")."""
+    path = tmp_path / "small.pth"
+    torch.save({"model": build("vit_small_patch16_224_8k_vocab", depth=1).state_dict()}, path)
+    with pytest.raises(CheckpointError) as err:
+        modeling_pmad.load_init_checkpoint(build(depth=1), str(path))
+    assert "is of another model size or image size: 'cls_token' has shape (1, 1, 384) " \
+        "there, (1, 1, 192)" in str(err.value) and "visual tokens" not in str(err.value)
 
 
 @pytest.mark.parametrize("name, dim, heads", [(TINY, 192, 3),
