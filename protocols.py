@@ -261,19 +261,33 @@ def mask_diagnostics(data: ClassData, masks: torch.Tensor, anomalous: torch.Tens
                      grid: tuple[int, int]) -> dict[str, float | int]:
     """Why a PMAD map can miss a defect: how many anomalous images got the proposal mask,
     and what fraction of their defect pixels lay in masked patches (scored with the
-    defect hidden from the context; nan without ground-truth masks)."""
+    defect hidden from the context; nan without ground-truth masks). Also how many
+    anomalous images have no defect pixel in the scored square (empty_defect_masks): an
+    empty mask file, or a defect the centre crop cut off; the pixel metrics then never
+    see that defect (None without ground-truth masks)."""
     size = data.images.shape[-1]
     bad = torch.as_tensor(data.labels == 1)
-    fraction = math.nan
+    fraction, empty = math.nan, None
     if data.gt_masks is not None:
         per_patch = F.adaptive_avg_pool2d(data.gt_masks[:, None].float(), grid).flatten(1)  # (N, L)
         total = per_patch[bad].sum()
         covered = (per_patch * masks.float())[bad].sum()
         fraction = float(covered / total) if total > 0 else math.nan
+        empty = len(empty_defect_masks(data))
     return {"anomalous_with_proposal": int((anomalous & bad).sum()),
             "anomalous_images": int(bad.sum()),
             "masked_defect_fraction": fraction,
+            "empty_defect_masks": empty,
             "pixels_per_patch": (size // grid[0]) * (size // grid[1])}
+
+
+def empty_defect_masks(data: ClassData) -> list[str]:
+    """The anomalous images whose ground-truth mask, as scored (resized and cropped), has
+    no defect pixel; [] without ground-truth masks."""
+    if data.gt_masks is None:
+        return []
+    empty = (data.labels == 1) & ~data.gt_masks.flatten(1).any(dim=1).numpy()  # (N,)
+    return [data.names[i] for i in np.flatnonzero(empty)]
 
 
 # ----------------------------------------------------------------------------- protocols

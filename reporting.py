@@ -84,11 +84,12 @@ def format_table(results: dict, protocol: str) -> str:
             cells.append("" if m is None else f"{m['image_auroc']:.3f}/{m['pixel_auroc']:.3f}")
         rows.append(f"| {t} | " + " | ".join(cells) + " |")
     rows += ["", "| Category | anomalous images given the proposal mask | defect pixels "
-                 "masked |", "|:--|:--:|:--:|"]
+                 "masked | anomalous images with no defect pixel |", "|:--|:--:|:--:|:--:|"]
     for name, r in results["classes"].items():
         d = r["diagnostics"]
+        empty = d.get("empty_defect_masks")  # absent from a record of an earlier version
         rows.append(f"| {name} | {d['anomalous_with_proposal']}/{d['anomalous_images']} | "
-                    f"{d['masked_defect_fraction']:.2f} |")
+                    f"{d['masked_defect_fraction']:.2f} | {'' if empty is None else empty} |")
     return "\n".join(rows)
 
 

@@ -28,7 +28,8 @@ from heatmaps import save_heatmaps
 from masking_generator import CLASS_MASK_RATIOS, min_mask_ratio, num_masked
 from modeling_discrete_vae import available_tokenizers, create_tokenizer, token_grid
 from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED,
-                       CleanOptions, collect_class, evaluate_clean, evaluate_paper)
+                       CleanOptions, collect_class, empty_defect_masks, evaluate_clean,
+                       evaluate_paper)
 from protoflow import ProtoFlow, prototypes_sha256
 from reporting import HEATMAPS, PartialResults, exit_status, report
 from utils import (AMP_CHOICES, FlagError, UniqueNames, cli, file_sha256, float_at_least,
@@ -441,6 +442,13 @@ def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, r
                + (f"{d['masked_defect_fraction']:.0%} of defect pixels masked"
                   if data.gt_masks is not None else
                   f"no {root}/{class_name}/ground_truth folder: pixel metrics undefined"))
+    empty = empty_defect_masks(data)
+    if empty:
+        tqdm.write(f"[run_test] note: {class_name}: {len(empty)} anomalous image(s) have no "
+                   f"defect pixel in their ground-truth mask as scored ({', '.join(empty[:3])}"
+                   f"{', ...' if len(empty) > 3 else ''}): the pixel metrics never see their "
+                   "defects. Check the masks, or the images' shape: the centre crop (as the "
+                   "paper's) drops the sides of a non-square image", file=sys.stderr)
 
     def draw_heatmaps() -> None:
         """All the class's heatmaps or none: a folder cut short would pass, on

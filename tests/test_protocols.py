@@ -409,6 +409,24 @@ def test_mask_diagnostics_by_hand() -> None:
     rows = torch.tensor([[True, False], [False, True]])  # a 2 x 1 grid: patches of 2 rows
     d = protocols.mask_diagnostics(data, rows, torch.tensor([True, True]), (2, 1))
     assert d["pixels_per_patch"] == 8 and d["masked_defect_fraction"] == pytest.approx(4 / 5)
+    assert d["empty_defect_masks"] == 0 and protocols.empty_defect_masks(data) == []
+
+
+def test_an_anomalous_image_with_no_defect_pixel_is_counted_and_named() -> None:
+    """An anomalous image whose mask, as scored, is empty (an empty mask file, a defect
+    the centre crop cut off) passed silently; its defect never reaches the pixel
+    metrics. It is counted in the diagnostics and named; a normal image's empty mask is
+    not; without masks there is no count."""
+    data = _hand_data(size=4)
+    data.gt_masks[1] = 0
+    masks = torch.ones(2, 4, dtype=torch.bool)
+    d = protocols.mask_diagnostics(data, masks, torch.tensor([True, True]), (2, 2))
+    assert d["empty_defect_masks"] == 1
+    assert protocols.empty_defect_masks(data) == ["bad_000"]
+    data.gt_masks = None
+    assert protocols.mask_diagnostics(data, masks, torch.tensor([True, True]),
+                                      (2, 2))["empty_defect_masks"] is None
+    assert protocols.empty_defect_masks(data) == []
 
 
 def test_clean_protocol_counts_the_images_that_got_the_proposal_mask() -> None:

@@ -72,8 +72,9 @@ def test_summary_means_each_method_and_defect_type_from_its_own_records(tmp_path
                    "protoflow_only": record(0.7 + k, 0.6 + k),
                    "patchcore": record(0.5 + k, 0.4 + k),
                    "diagnostics": {"anomalous_with_proposal": 3, "anomalous_images": 4,
-                                   "masked_defect_fraction": 0.5}}
-               for k, c in ((0.0, "a"), (0.02, "b"))}
+                                   "masked_defect_fraction": 0.5,
+                                   **({"empty_defect_masks": 1} if c == "a" else {})}}
+               for k, c in ((0.0, "a"), (0.02, "b"))}  # b: a record of an earlier version
     results = {"classes": classes, "protocol": "clean", "clean_options": None}
     reporting.summarize(results)
     table = reporting.write_results(results, tmp_path, "clean").splitlines()
@@ -82,7 +83,7 @@ def test_summary_means_each_method_and_defect_type_from_its_own_records(tmp_path
     assert "| *PatchCore (mean)* | 0.510/0.510 | 0.510 | 0.510 | 0.510 | 0.510 | 0.510 |  |" \
         in table
     assert "| crack | 0.810/0.405 | 0.610/0.305 | 0.410/0.205 |" in table
-    assert "| a | 3/4 | 0.50 |" in table
+    assert "| a | 3/4 | 0.50 | 1 |" in table and "| b | 3/4 | 0.50 |  |" in table
     with open(tmp_path / "results.csv") as f:
         means = {row["method"]: float(row["image_auroc"]) for row in csv.DictReader(f)
                  if row["class"] == "mean"}

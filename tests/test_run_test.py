@@ -141,6 +141,25 @@ def test_clean_protocol_score_maps_ignore_labels(tiny_world) -> None:
         assert torch.equal(maps[key], shuffled[key]), key
 
 
+def test_an_anomalous_image_with_an_empty_mask_is_named(tiny_world, tmp_path, capfd):
+    """An anomalous test image whose ground-truth mask marks no pixel was evaluated
+    silently (its defect never reaches the pixel metrics): a note names it, and the
+    class's diagnostics in results.json count it."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_world.mvtec_root / "coins", data / "coins")
+    mask = sorted((data / "coins" / "ground_truth").rglob("*.png"))[0]
+    Image.fromarray(np.zeros(np.asarray(Image.open(mask)).shape[:2], np.uint8)).save(mask)
+    name = f"{mask.parent.name}_{mask.name.replace('_mask.png', '')}"  # its result name
+    results = run_test.main(run_test.get_args_parser().parse_args(
+        tiny_world.run_test_argv(tmp_path / "out", data=data)))
+    assert (f"[run_test] note: coins: 1 anomalous image(s) have no defect pixel in their "
+            f"ground-truth mask as scored ({name}): the pixel metrics never see their "
+            "defects") in capfd.readouterr().err
+    assert results["classes"]["coins"]["diagnostics"]["empty_defect_masks"] == 1
+    saved = strict_json(tmp_path / "out" / "results.json")
+    assert saved["classes"]["coins"]["diagnostics"]["empty_defect_masks"] == 1
+
+
 def test_missing_class_is_a_clear_error(tiny_world, tmp_path) -> None:
     with pytest.raises(ValueError, match="available"):
         run_test.main(_args(tiny_world, tmp_path, "clean", "--classes", "screw"))
