@@ -739,10 +739,22 @@ class ProtoFlow:
         says were made at another image size, with other encoder weights or from otherwise
         normalised images are refused."""
         if class_name not in self._prototypes:
-            self._prototypes[class_name] = load_prototypes(
-                self.prototypes_dir, class_name, self.feature_dim, self.backbone,
-                self.out_indices, self._prototype_flags, self.normalization).to(self.device)
+            self._prototypes[class_name] = self._load_prototypes(class_name).to(self.device)
         return self._prototypes[class_name]
+
+    def check_prototypes(self, classes: Sequence[str]) -> None:
+        """Every class's prototypes load (present, of this encoder, made as this file's
+        images) before the first class is scored: a missing one in the last class would
+        otherwise stop an evaluation of hours at its end. Each is read and dropped, so
+        memory holds one class's at a time."""
+        for class_name in classes:
+            if class_name not in self._prototypes:
+                self._load_prototypes(class_name)
+
+    def _load_prototypes(self, class_name: str) -> Tensor:
+        return load_prototypes(self.prototypes_dir, class_name, self.feature_dim,
+                               self.backbone, self.out_indices, self._prototype_flags,
+                               self.normalization)
 
     def check_image_size(self, h: int, w: int) -> None:
         """Refuse h x w images unless they are the file's size: at another size its

@@ -358,6 +358,7 @@ def main(args: argparse.Namespace) -> dict:
     root = Path(args.data_path)
     m = load_models(args)
     check_unseen(args, setting, classes, m)
+    m.protoflow.check_prototypes(classes)
     if args.protocol == "clean":
         check_mask_ratios(args, classes, m.model.patch_embed.num_patches)
     if (args.protocol == "clean" and options.masks == "threshold"

@@ -160,6 +160,22 @@ def test_an_anomalous_image_with_an_empty_mask_is_named(tiny_world, tmp_path, ca
     assert saved["classes"]["coins"]["diagnostics"]["empty_defect_masks"] == 1
 
 
+def test_missing_prototypes_of_a_later_class_are_refused_before_any_class(
+        tiny_world, tmp_path, monkeypatch):
+    """Each class's prototypes were read when the class was reached: one missing for the
+    last class stopped the evaluation after every other class was scored (hours on MVTec
+    AD). They are all checked before the first class."""
+    monkeypatch.setattr(run_test, "evaluate_class", lambda *a: pytest.fail("scored"))
+    first, last = tiny_world.classes[0], tiny_world.classes[-1]
+    prototypes = tmp_path / "prototypes"
+    shutil.copytree(tiny_world.prototypes_dir / first, prototypes / first)
+    argv = tiny_world.run_test_argv(tmp_path / "out", "--prototypes_dir", str(prototypes))
+    with pytest.raises(utils.MissingFileError, match=(
+            f"^no prototypes for class '{last}': {prototypes / last / 'coreset.npy'} is "
+            "missing")):
+        run_test.main(run_test.get_args_parser().parse_args(argv))
+
+
 def test_missing_class_is_a_clear_error(tiny_world, tmp_path) -> None:
     with pytest.raises(ValueError, match="available"):
         run_test.main(_args(tiny_world, tmp_path, "clean", "--classes", "screw"))
