@@ -286,6 +286,24 @@ def clean_options(args: argparse.Namespace) -> CleanOptions:
                            if getattr(args, flag) is not None})
 
 
+def check_paper_classes(root: Path, classes: Sequence[str]) -> None:
+    """--protocol paper picks each class's normal/anomalous threshold by F1 on its test
+    labels: a class without an anomalous test image has none (nor any defined metric).
+    Refused before any work, not a traceback after the classes before it."""
+    def anomalous_images(class_name: str) -> bool:
+        test_dir = root / class_name / "test"
+        return any(d not in datasets.NORMAL_DIRS
+                   and datasets.list_images(str(test_dir / d), keep_dangling=True)
+                   for d in datasets.data_subdirs(str(test_dir)))
+
+    normal_only = [c for c in classes if not anomalous_images(c)]
+    if normal_only:
+        raise FlagError(f"--protocol paper picks each class's threshold from its anomalous "
+                        f"test images, and {', '.join(normal_only)} has none under "
+                        f"{root}/<class>/test: evaluate it with --protocol clean, or leave it "
+                        "out (--classes)")
+
+
 def check_protocol_flags(args: argparse.Namespace) -> None:
     """The paper protocol sweeps its 24 ratios with the paper's own masks and scores: a
     clean-protocol flag given with it would change nothing, so it is refused."""
@@ -356,6 +374,8 @@ def main(args: argparse.Namespace) -> dict:
     setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
     classes = select_classes(args, setting)
     root = Path(args.data_path)
+    if args.protocol == "paper":
+        check_paper_classes(root, classes)
     m = load_models(args)
     check_unseen(args, setting, classes, m)
     m.protoflow.check_prototypes(classes)

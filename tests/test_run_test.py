@@ -176,6 +176,28 @@ def test_missing_prototypes_of_a_later_class_are_refused_before_any_class(
         run_test.main(run_test.get_args_parser().parse_args(argv))
 
 
+def test_the_paper_protocol_refuses_a_class_without_anomalous_images(tiny_world, tmp_path,
+                                                                       monkeypatch):
+    """The paper protocol picks a class's threshold by F1 on its anomalous test images:
+    a class with none ended the run in a traceback once reached, the classes after it
+    unevaluated. It is refused (one error line, exit 2) before any class is scored."""
+    monkeypatch.setattr(run_test, "evaluate_class", lambda *a: pytest.fail("scored"))
+    data = tmp_path / "data"
+    for c in tiny_world.classes:
+        shutil.copytree(tiny_world.mvtec_root / c, data / c)
+    last = tiny_world.classes[-1]
+    for folder in (data / last / "test").iterdir():
+        if folder.name != "good":
+            shutil.rmtree(folder)
+    argv = tiny_world.run_test_argv(tmp_path / "out", "--protocol", "paper", data=data)
+    with pytest.raises(utils.FlagError, match=(
+            f"^--protocol paper picks each class's threshold from its anomalous test images, "
+            f"and {last} has none under {data}/<class>/test: evaluate it with --protocol "
+            "clean")):
+        run_test.main(run_test.get_args_parser().parse_args(argv))
+    run_test.check_paper_classes(data, tiny_world.classes[:-1])  # the others have some
+
+
 def test_missing_class_is_a_clear_error(tiny_world, tmp_path) -> None:
     with pytest.raises(ValueError, match="available"):
         run_test.main(_args(tiny_world, tmp_path, "clean", "--classes", "screw"))
