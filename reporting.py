@@ -172,11 +172,23 @@ def finite_or_null(value: Any) -> Any:
     return value
 
 
+SKIP_FLAG = "skip_bad_images"  # the one key field a record may differ in, see PartialResults
+
+
+def _left_out_images(entry: dict) -> bool:
+    """Whether a partial record left out bad images: its run passed --skip_bad_images and
+    the record lists some, or (a record of an earlier version) lists none at all. A
+    record that left out nothing is the same under either flag, so it is reused."""
+    return bool(entry["key"].get(SKIP_FLAG)) and entry["record"].get("skipped_images") != []
+
+
 class PartialResults:
     """Each finished class's record, one JSON line as soon as it is done, so that an
     error or Ctrl-C in class N loses none of classes 1 ... N-1; `key` (what the records
     depend on) and the class's part of it in `class_keys` (its own files) must match
-    for a resumed run to reuse a record. Only the classes of `class_keys` are read."""
+    for a resumed run to reuse a record, but for --skip_bad_images where the record left
+    out no image (the hint after a bad image is to resume with it). Only the classes of
+    `class_keys` are read."""
 
     def __init__(self, path: Path, key: dict, class_keys: dict[str, dict], resume: bool
                  ) -> None:
@@ -193,9 +205,13 @@ class PartialResults:
             want = self.keys.get(entry["class"])
             if want is None:
                 continue
-            if entry["key"] != want:
-                changed = sorted(k for k in want.keys() | entry["key"].keys()
-                                 if entry["key"].get(k) != want.get(k))
+            changed = sorted(k for k in want.keys() | entry["key"].keys()
+                             if entry["key"].get(k) != want.get(k))
+            if changed == [SKIP_FLAG] and _left_out_images(entry):
+                print(f"[run_test] {entry['class']}: its record in {path} left out bad "
+                      f"images (--{SKIP_FLAG}); evaluated again without", file=sys.stderr)
+                continue
+            if changed and changed != [SKIP_FLAG]:
                 raise FlagError(f"--resume_eval: {path} holds results of another evaluation "
                                 f"(it differs in {', '.join(changed)}): pass that run's "
                                 "flags, or drop --resume_eval to start afresh")

@@ -455,7 +455,7 @@ def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, r
             m.model, data, ratio=class_mask_ratio(args, class_name),
             threshold=m.protoflow.threshold_for(class_name), options=options, **kwargs)
     record.update(num_images=len(data.labels), num_anomalous=int(data.labels.sum()),
-                  ground_truth=data.gt_masks is not None,
+                  ground_truth=data.gt_masks is not None, skipped_images=dataset.bad_files,
                   images=image_records(data.names, data.defect_types, scores))
     d = record["diagnostics"]
     tqdm.write(f"[run_test] {class_name}: {d['anomalous_with_proposal']} of "

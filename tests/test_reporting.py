@@ -183,6 +183,38 @@ def test_partial_results_survive_a_cut_short_line_and_a_fresh_run_sets_the_last_
                                     resume=False).set_aside_to is None  # nothing to move
 
 
+def test_resume_eval_reuses_a_record_that_left_out_no_image_under_either_skip_flag(
+        tmp_path, capsys):
+    """After a bad image, run_test.py says to re-run with --resume_eval or with
+    --skip_bad_images; both together were refused (the key differed in skip_bad_images).
+    A record that left out no image is the same under either flag and is reused; one
+    that left out images (or, of an earlier version, does not say) is evaluated again
+    without --skip_bad_images, and said so. Any other difference is still refused."""
+    path = tmp_path / "results.partial.jsonl"
+    classes = ("plain", "skipped_none", "skipped_one", "old")
+    keys = {c: {"prototypes": c} for c in classes}
+    written = {"plain": (False, {"skipped_images": []}),
+               "skipped_none": (True, {"skipped_images": []}),
+               "skipped_one": (True, {"skipped_images": ["cannot read image x.png"]}),
+               "old": (True, {})}
+    for c, (skip, record) in written.items():
+        run = reporting.PartialResults(path, {"skip_bad_images": skip, "seed": 0},
+                                       {c: keys[c]}, resume=True)
+        run.add(c, {"image_auroc": 0.5, **record})
+    with_skip = reporting.PartialResults(path, {"skip_bad_images": True, "seed": 0}, keys,
+                                         resume=True)
+    assert sorted(with_skip.done) == sorted(classes)
+    without = reporting.PartialResults(path, {"skip_bad_images": False, "seed": 0}, keys,
+                                       resume=True)
+    assert sorted(without.done) == ["plain", "skipped_none"]
+    err = capsys.readouterr().err
+    for c in ("skipped_one", "old"):
+        assert (f"[run_test] {c}: its record in {path} left out bad images "
+                "(--skip_bad_images); evaluated again without") in err
+    with pytest.raises(utils.FlagError, match=r"\(it differs in seed\)"):
+        reporting.PartialResults(path, {"skip_bad_images": False, "seed": 1}, keys, True)
+
+
 def test_image_scores_csv_has_every_image_and_names_a_class_without_them(tmp_path, capsys):
     """image_scores.csv: one row per image of each class, in the record's order, with the
     record's columns; a class whose record has no 'images' (an earlier version's, reused
