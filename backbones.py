@@ -74,9 +74,12 @@ def map_efficientnet_pytorch(state_dict: dict[str, torch.Tensor],
     return mapped
 
 
-def load_weights(model: nn.Module, path: str) -> None:
-    """Load a local classification checkpoint into a full (not features_only) timm model."""
-    state_dict = _unwrap(read_weights_file(path), path)
+def load_weights(model: nn.Module, path: str,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Load a local classification checkpoint (`state_dict`, when already read from
+    `path`) into a full (not features_only) timm model."""
+    if state_dict is None:
+        state_dict = _unwrap(read_weights_file(path), path)
     reference = model.state_dict()
     if _is_efficientnet_pytorch(state_dict):
         state_dict = map_efficientnet_pytorch(state_dict, reference, path)
@@ -87,11 +90,13 @@ def load_weights(model: nn.Module, path: str) -> None:
                               "checkpoint of this backbone")
 
 
-def create_classifier(name: str, weights: str | None = None) -> nn.Module:
-    """A whole timm classifier, eval mode; `weights` is a local file (no download)."""
+def create_classifier(name: str, weights: str | None = None,
+                      state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A whole timm classifier, eval mode; `weights` is a local file (no download), or
+    names where `state_dict`, already read, came from."""
     model = timm.create_model(name, pretrained=False)
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, state_dict)
     return model.eval()
 
 
@@ -137,7 +142,8 @@ def create_backbone(name: str, out_indices: tuple[int, ...] = (2, 3),
 
     Local `weights` are loaded into the full classifier first and then carried over, so
     that both timm and efficientnet-pytorch checkpoints (which name the classifier head)
-    load strictly.
+    load strictly; a features-only state dict of this backbone and these levels (a
+    ProtoFlow file's encoder_state_dict: the released one's or ours) loads straight in.
     """
     try:
         backbone = timm.create_model(name, pretrained=pretrained and weights is None,
@@ -147,12 +153,28 @@ def create_backbone(name: str, out_indices: tuple[int, ...] = (2, 3),
         raise FlagError(f"--out_indices {' '.join(map(str, out_indices))}: {name} has "
                         f"feature levels 0 to {levels - 1}") from None
     if weights is not None:
-        full = create_classifier(name, weights)
-        missing, _ = backbone.load_state_dict(full.state_dict(), strict=False)
-        if missing:
-            raise CheckpointError(f"{weights}: backbone keys without weights {missing[:5]}: "
-                                  f"pass the weights of {name}")
+        state_dict = _unwrap(read_weights_file(weights), weights)
+        if state_dict.keys() == backbone.state_dict().keys():
+            _load_features_only(backbone, state_dict, weights, name)
+        else:
+            full = create_classifier(name, weights, state_dict)
+            missing, _ = backbone.load_state_dict(full.state_dict(), strict=False)
+            if missing:
+                raise CheckpointError(f"{weights}: backbone keys without weights "
+                                      f"{missing[:5]}: pass the weights of {name}")
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
     return backbone
+
+
+def _load_features_only(backbone: nn.Module, state_dict: dict[str, torch.Tensor], path: str,
+                        name: str) -> None:
+    """A features-only state dict with the backbone's keys: every tensor of its shape."""
+    reference = backbone.state_dict()
+    wrong = [f"'{k}' {tuple(v.shape)} (needs {tuple(reference[k].shape)})"
+             for k, v in state_dict.items() if v.shape != reference[k].shape]
+    if wrong:
+        raise CheckpointError(f"{path}: {', '.join(wrong[:3])}: not the weights of {name}; "
+                              "pass the encoder these features were made with (--encoder)")
+    backbone.load_state_dict(state_dict)

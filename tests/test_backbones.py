@@ -92,16 +92,38 @@ def test_bad_weight_files_are_clear_errors(tmp_path) -> None:
         map_efficientnet_pytorch(shipped, create_classifier("efficientnet_lite0").state_dict())
 
 
-def test_backbone_refuses_weights_that_leave_its_layers_random(monkeypatch) -> None:
+def test_backbone_refuses_weights_that_leave_its_layers_random(monkeypatch, tmp_path) -> None:
     """A classifier whose weights lack some of the backbone's tensors (another model's
     file) is a CheckpointError naming them, not a backbone with random layers."""
     full = create_classifier("efficientnet_lite0").state_dict()
     del full["conv_stem.weight"]
+    other = tmp_path / "other.pth"
+    torch.save(full, other)
     monkeypatch.setattr(backbones, "create_classifier",
-                        lambda name, weights: types.SimpleNamespace(state_dict=lambda: full))
+                        lambda *a: types.SimpleNamespace(state_dict=lambda: full))
     with pytest.raises(backbones.CheckpointError, match=r"other.pth: backbone keys without "
                                                         r"weights \['conv_stem.weight'\]"):
-        create_backbone("efficientnet_lite0", (2, 3), "other.pth")
+        create_backbone("efficientnet_lite0", (2, 3), str(other))
+
+
+def test_a_protoflow_files_encoder_loads_as_the_backbone(tmp_path) -> None:
+    """--encoder_weights named ProtoFlow files (their encoder_state_dict) but loaded every
+    file into the whole classifier, which a features-only encoder never fits: prototypes
+    for a new class with the released flow's encoder needed a download. It loads straight
+    into the backbone of its levels; one of other shapes is refused by name."""
+    made = create_backbone("efficientnet_lite0", (2, 3), lite0_weights_path())
+    encoder = {k: v + 1 for k, v in made.state_dict().items()}  # not the shipped weights
+    released = tmp_path / "weights_multi_class.pt"  # the released file's two fields
+    torch.save({"encoder_state_dict": encoder, "decoder_state_dict": {}}, released)
+    loaded = create_backbone("efficientnet_lite0", (2, 3), str(released)).state_dict()
+    assert loaded.keys() == encoder.keys()
+    assert all(torch.equal(loaded[k], encoder[k]) for k in encoder)
+    encoder["conv_stem.weight"] = encoder["conv_stem.weight"][:8]
+    torch.save({"encoder_state_dict": encoder}, released)
+    with pytest.raises(backbones.CheckpointError, match=(
+            r"weights_multi_class.pt: 'conv_stem.weight' \(8, 3, 3, 3\) \(needs \(32, 3, 3, "
+            r"3\)\): not the weights of efficientnet_lite0")):
+        create_backbone("efficientnet_lite0", (2, 3), str(released))
 
 
 def test_input_normalization_is_the_one_timm_records_for_the_weights() -> None:
