@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
@@ -63,10 +63,11 @@ FIX_FG_MASK = ("unpack the released masks with `python setup_train_dataset.py --
 FIX_BAD_FG_MASK = ("regenerate them with `python setup_train_dataset.py --data_path <MVTec AD> "
                    "--make_fg_masks` (it replaces unreadable and mis-shaped masks), or unpack "
                    "the released masks again with --fg_mask_zip fg_mask.zip")
-# Preprocessing of the token image, from how open_rgb reads the file (EXIF-turned, 16-bit
-# by its top 8 bits) on; stored in the token cache so that a change of it invalidates
-# the cached tokens.
-TOKEN_PREPROCESS = "exif-turned+16-bit-top-8+resize-bicubic-antialias+center-crop+to-tensor"
+# Preprocessing of the token image, from how open_rgb reads the file (turned by its
+# header's EXIF orientation, 16-bit by its top 8 bits) on; stored in the token cache so
+# that a change of it invalidates the cached tokens.
+TOKEN_PREPROCESS = ("header-exif-turned+16-bit-top-8+resize-bicubic-antialias+center-crop"
+                    "+to-tensor")
 TOKEN_CACHE_FORMAT = 2  # 2: the compute key (device, precision)
 _SAVE_EVERY_BATCHES = 50  # token cache: partial saves so a crash loses little work
 
@@ -145,16 +146,19 @@ def list_images(folder: str, keep_dangling: bool = False) -> list[str]:
     """Image files (IMAGE_EXTENSIONS) directly in `folder`, sorted by name (a fixed order
     keeps runs reproducible). Hidden files (e.g. macOS '._000.png' companions) are not
     images; any other file not taken is named in a note on stderr (note_left_out), so
-    that an image of another type (.webp) is not left out unseen.
+    that an image of another type (.webp) is not left out unseen, and so are images in
+    sub-folders (good/day2/001.png), which no layout reads.
 
     A link to a missing file is a BadFileError, or with `keep_dangling` listed, for the
     caller to refuse or, with --skip_bad_images, leave out as it does an unreadable file.
     Two images of one stem (000.png, 000.jpg) are a BadFileError: they would share one
     mask and one result name."""
-    images, dangling, other = [], [], []
+    images, dangling, other, nested = [], [], [], []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if name.startswith(".") or os.path.isdir(path):
+            if not is_junk_dir(name) and os.path.isdir(path):
+                nested += _images_below(path, folder)
             continue
         link = dangling_link(path)
         if not name.lower().endswith(IMAGE_EXTENSIONS) or not (os.path.isfile(path) or link):
@@ -168,7 +172,53 @@ def list_images(folder: str, keep_dangling: bool = False) -> list[str]:
                            f"{bullet_list(dangling)}\nFix: {FIX_DANGLING}")
     _refuse_stem_collisions(folder, images)
     note_left_out(folder, other)
+    if nested:
+        _note_once(folder, f"left out {len(nested)} image(s) in sub-folders "
+                           f"({some_names(nested)}): only the images directly in it are "
+                           "read; move them into it to use them")
     return images
+
+
+def loose_images(folder: str) -> list[str]:
+    """The names of the image files directly in `folder` (not hidden), sorted: images
+    beside the folders that a layout reads (<class>/test/002.png), which it leaves out."""
+    return [n for n in sorted(os.listdir(folder)) if not n.startswith(".")
+            and n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, n))]
+
+
+def _images_below(folder: str, start: str) -> list[str]:
+    """The image files under `folder` at any depth (junk folders pruned), sorted, as paths
+    relative to `start`: what a listing of one folder level leaves out."""
+    found = []
+    for parent, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not is_junk_dir(d))
+        found += [os.path.relpath(os.path.join(parent, n), start) for n in sorted(names)
+                  if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+    return found
+
+
+def note_centre_crop(folder: str, images: Sequence[str]) -> None:
+    """Resize of the short side and centre crop (as the paper's, docs/method.md 4) score
+    only the middle of a non-square image, so a defect near its ends is never seen: said
+    once per folder, from the headers (~0.1 ms an image; the share kept does not depend
+    on the EXIF orientation). Images that drop under 1 % count as square."""
+    kept = []  # short side / long side of each non-square image
+    for path in images:
+        try:
+            with Image.open(path) as img:
+                share = min(img.size) / max(1, max(img.size))
+        except Exception:  # an unreadable image is named where it is read
+            continue
+        if share < 0.99:
+            kept.append(round(100 * share))
+    if not kept:
+        return
+    low, high = min(kept), max(kept)
+    middle = f"{low}" if low == high else f"{low}-{high}"
+    _note_once(folder, f"{len(kept)} of {len(images)} images are not square; the centre "
+                       f"crop (as the paper's) scores the middle {middle} % of each (drops up "
+                       f"to {100 - low} % of the area): crop or pad them to square beforehand "
+                       "to score all of it")
 
 
 def _shared_keys(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
@@ -193,21 +243,31 @@ def _refuse_stem_collisions(folder: str, images: Sequence[str]) -> None:
             "image's ground-truth mask with it)")
 
 
-_NOTED: set[tuple[str, tuple[str, ...]]] = set()  # (folder, names) already noted
+_NOTED: set[tuple[str, str]] = set()  # (folder, text) already noted
 
 
-def note_left_out(folder: str, names: Sequence[str], shown: int = 3) -> None:
-    """One stderr line (rank 0) per folder for the files of other types that a listing
-    (list_images, predict.py's) does not take; once per process, since a run lists a
-    folder several times (checks, dataset)."""
-    key = (os.path.abspath(folder), tuple(names))
-    if not names or key in _NOTED:
+def some_names(names: Sequence[str], shown: int = 3) -> str:
+    """The first `shown` of `names`, and '...' for more: a note's examples."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def _note_once(folder: str, text: str) -> None:
+    """'[data] note: <folder>: <text>' on stderr (rank 0), once per process, since a run
+    lists a folder several times (checks, dataset)."""
+    key = (os.path.abspath(folder), text)
+    if key in _NOTED:
         return
     _NOTED.add(key)
-    some = ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
-    main_print(f"[data] note: {folder}: left out {len(names)} file(s) not of an image type "
-               f"{'/'.join(IMAGE_EXTENSIONS)} ({some}); convert any image among them to PNG "
-               "to use it", file=sys.stderr)
+    main_print(f"[data] note: {folder}: {text}", file=sys.stderr)
+
+
+def note_left_out(folder: str, names: Sequence[str]) -> None:
+    """One stderr line per folder for the files of other types that a listing
+    (list_images, predict.py's) does not take (_note_once)."""
+    if names:
+        _note_once(folder, f"left out {len(names)} file(s) not of an image type "
+                           f"{'/'.join(IMAGE_EXTENSIONS)} ({some_names(names)}); convert "
+                           "any image among them to PNG to use it")
 
 
 def is_junk_dir(name: str) -> bool:
@@ -351,6 +411,7 @@ def list_train_samples(root: str, classes: Sequence[str]) -> list[tuple[str, int
         elif not files:
             problems.append(f"{folder} (no image files {'/'.join(IMAGE_EXTENSIONS)})")
         else:
+            note_centre_crop(folder, files)
             samples += [(f, idx) for f in files]
     if problems:
         raise LayoutError("training set is incomplete:\n  " + "\n  ".join(problems)
@@ -407,7 +468,8 @@ def image_problem(image_path: str) -> str | None:
     if link := dangling_link(image_path):
         return link
     try:
-        with Image.open(image_path):
+        with Image.open(image_path) as img:
+            _orientation(img)  # a turned TIFF is refused (open_rgb)
             return None
     except Exception as e:
         return f"{image_path} is unreadable: {_unreadable(e)}"
@@ -541,13 +603,28 @@ def _missing(path: str, kind: str, fix: str) -> BadFileError:
     return BadFileError(f"{kind} {dangling_link(path) or path + ' does not exist'}; {fix}")
 
 
+# How a viewer turns an image of each EXIF orientation (as ImageOps.exif_transpose does)
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
 def _orientation(img: Image.Image) -> int:
-    """The EXIF orientation (1 = as stored), from the header: a PNG's eXIf chunk is read
-    only where it comes before the pixels (PIL would decode the whole file to look
-    further), which is where the PNG specification puts it."""
+    """The EXIF orientation (1 = as stored), from the header, before any pixel is decoded:
+    the one source of it for the size checks and the pixels alike. A PNG's eXIf chunk
+    counts only where it comes before the pixels, where the PNG specification puts it
+    (PIL would decode the whole file to look further; one after them, which the decode
+    fills in, is ignored everywhere). A turned TIFF is refused: Pillow 13 turns it while
+    decoding (and reports the turned size), older versions do not."""
     if img.format == "PNG" and "exif" not in img.info:
         return 1
-    return img.getexif().get(EXIF_ORIENTATION, 1)
+    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    if img.format == "TIFF" and orientation != 1:
+        raise BadFileError(f"{img.filename or 'a TIFF file'} is stored turned or mirrored "
+                           f"(TIFF orientation {orientation}), which Pillow versions read "
+                           "differently: save it upright (the turn applied, orientation 1)")
+    return orientation
 
 
 def oriented_size(img: Image.Image) -> tuple[int, int]:
@@ -558,17 +635,20 @@ def oriented_size(img: Image.Image) -> tuple[int, int]:
     return (h, w) if _orientation(img) in (5, 6, 7, 8) else (w, h)
 
 
-def _oriented(img: Image.Image) -> Image.Image:
-    """The decoded image turned as a viewer shows it (EXIF orientation), so that a mask
-    drawn on what the user sees aligns with what the model sees."""
-    return ImageOps.exif_transpose(img) if _orientation(img) != 1 else img
+def _turned(img: Image.Image, orientation: int) -> Image.Image:
+    """The decoded image turned as a viewer shows it, by the `orientation` read from its
+    header (_orientation), so that a mask drawn on what the user sees aligns with what
+    the model sees."""
+    transpose = _TRANSPOSE.get(orientation)
+    return img if transpose is None else img.transpose(transpose)
 
 
 def _eight_bit(img: Image.Image, path: str) -> Image.Image:
     """16-bit grey (and 32-bit integer grey holding 16-bit values, as PIL opens some
     16-bit files) by its top 8 bits, by the file's bit depth as OpenCV reads it, never by
-    the image's own maximum: every image of a set scales alike. Float images say nothing
-    of their range and are refused."""
+    the image's own maximum: every image of a set scales alike. Refused: float images
+    (their range is not given) and one holding 8-bit values only, whose top 8 bits are
+    all 0 (cv2.imwrite of 0-255 values as uint16): it would read black."""
     if img.mode == "F":
         raise BadFileError(f"{path} holds 32-bit float pixels, whose range the file does "
                            "not give: save it as an 8- or 16-bit image")
@@ -576,6 +656,12 @@ def _eight_bit(img: Image.Image, path: str) -> Image.Image:
     if arr.size and (arr.min() < 0 or arr.max() > 65535):
         raise BadFileError(f"{path} holds {img.mode} values from {arr.min()} to {arr.max()}, "
                            "outside 16 bits: save it as an 8- or 16-bit image")
+    top = int(arr.max(initial=0))
+    if 0 < top < 256:
+        raise BadFileError(f"{path} holds {img.mode} values no larger than {top}: read by "
+                           "its top 8 bits, as every 16-bit image is, it would be all black; "
+                           "save it as an 8-bit image, or scale it to the 16-bit range "
+                           "(x 257)")
     return Image.fromarray((arr >> 8).astype(np.uint8))
 
 
@@ -596,8 +682,9 @@ def open_rgb(path: str) -> Image.Image:
                 raise BadFileError(f"{path} is {img.size[0]}x{img.size[1]} pixels, more than "
                                    f"{MAX_ASPECT} times longer than wide: crop it to the part "
                                    f"to score (or leave it out with --skip_bad_images)")
+            orientation = _orientation(img)  # from the header: load() may read more
             img.load()
-            img = _oriented(img)
+            img = _turned(img, orientation)
             if img.mode.startswith(("I", "F")):
                 img = _eight_bit(img, path)
             return img.convert("RGB")
@@ -613,10 +700,11 @@ def open_rgb(path: str) -> Image.Image:
 def mask_defects(arr: np.ndarray) -> np.ndarray:
     """(H, W) values of a mask -> (H, W) bool defect pixels.
 
-    A label map (more than two values, none above LABEL_MAP_VALUES: an id per defect
-    kind, as VisA's): every non-zero pixel, as VisA's converter reads them; half the
-    maximum would drop the lower ids. Anything else (0/1, 0/255, a blurred, resized or
-    JPEG-compressed binary mask): above half the maximum."""
+    A label map (more than two values, all whole and none above LABEL_MAP_VALUES: an id
+    per defect kind, as VisA's): every non-zero pixel, as VisA's converter reads them;
+    half the maximum would drop the lower ids. Anything else (0/1, 0/255, a blurred,
+    resized or JPEG-compressed binary mask, a float mask of 0-1): above half the
+    maximum."""
     top = arr.max(initial=0)
     if top <= 0:
         return np.zeros(arr.shape, bool)
@@ -624,7 +712,7 @@ def mask_defects(arr: np.ndarray) -> np.ndarray:
     if np.count_nonzero(defects) + np.count_nonzero(arr == 0) == arr.size:
         return defects  # 0 and one value, the common case: no sort of the pixels
     values = np.unique(arr)
-    if len(values) > 2 and values[-1] <= LABEL_MAP_VALUES:
+    if len(values) > 2 and values[-1] <= LABEL_MAP_VALUES and (values % 1 == 0).all():
         return arr != 0
     return arr > values[-1] / 2
 
@@ -644,18 +732,27 @@ def _colour_and_alpha(img: Image.Image) -> tuple[np.ndarray, np.ndarray] | None:
 def mask_values(img: Image.Image) -> np.ndarray:
     """(H, W) values of a decoded mask, for mask_defects.
 
-    Alpha is the mask where it alone draws one: one colour over the whole image and alpha
-    varying (black or white paint on a transparent layer, which its colours would read as
-    all normal or all defect). Otherwise alpha is dropped (an opaque layer, colour paint).
-    A palette of greys is read by its colours, as a grey mask; any other palette by its
-    indices (index 0 the background, as in VisA's and VOC's masks), so that no colour
-    reads darker than the background; a colour mask by its strongest channel, for the
-    same reason."""
+    Alpha, where it varies: with one colour over the whole image, it alone draws the mask
+    (black or white paint on a transparent layer, which its colours would read as all
+    normal or all defect); with colours that vary too and some pixels fully transparent,
+    those are background whatever colour they store (a transparent background stored
+    white), and a pixel is a defect if its colour or its alpha marks it. Otherwise alpha
+    is dropped (an opaque layer).
+    A palette's ids are categories: every non-zero id is a defect (VOC's 255 boundary and
+    its class 1 alike; index 0 the background, as in VisA's and VOC's masks). But a
+    palette of greys is read by its colours, as a grey mask, and so is one whose index 0
+    is a colour while black is among those used (Pillow's quantize() may list red first),
+    black the background. A float mask by its values (finite, >= 0); a colour mask by
+    its strongest channel, so that no colour reads darker than the background."""
     layers = _colour_and_alpha(img)
     if layers is not None:
         colour, alpha = layers
-        if alpha.size and alpha.min() != alpha.max() and (colour == colour[:1, :1]).all():
-            return alpha
+        if alpha.size and alpha.min() != alpha.max():
+            if (colour == colour[:1, :1]).all():
+                return alpha
+            if alpha.min() == 0:
+                by_colour = np.where(alpha == 0, 0, colour.max(axis=-1))  # (H, W)
+                return (mask_defects(by_colour) | mask_defects(alpha)).astype(np.uint8)
     if img.mode in ("LA", "La"):
         img = img.getchannel(0)
     elif img.mode == "PA":
@@ -665,11 +762,31 @@ def mask_values(img: Image.Image) -> np.ndarray:
         palette = np.zeros(768, np.int64)
         colours = img.getpalette() or []
         palette[:len(colours)] = colours[:768]
-        used = palette.reshape(256, 3)[np.unique(ids)]  # (K, 3)
-        return np.asarray(img.convert("L")) if (used == used[:, :1]).all() else ids
+        rgb = palette.reshape(256, 3)
+        used = rgb[np.unique(ids)]  # (K, 3)
+        if (used == used[:, :1]).all():
+            return np.asarray(img.convert("L"))
+        if rgb[0].any() and not used.any(axis=1).all():  # index 0 a colour, black used
+            return np.asarray(img.convert("RGB")).max(axis=-1)
+        return (ids != 0).astype(np.uint8)
+    if img.mode == "F":
+        return _float_mask(np.asarray(img))
     if img.mode in ("1", "L") or img.mode.startswith("I"):
         return np.asarray(img)
     return np.asarray(img.convert("RGB")).max(axis=-1)
+
+
+def _float_mask(values: np.ndarray) -> np.ndarray:
+    """A float mask's values, refused when NaN, infinite or negative: 0 is the
+    background and half the maximum the threshold (mask_defects), which they break."""
+    bad = [word for word, hit in (("NaN", np.isnan(values).any()),
+                                  ("infinite", np.isinf(values).any()),
+                                  ("negative", (values < 0).any())) if hit]
+    if bad:
+        raise BadFileError(f"it holds {' and '.join(bad)} float values, where a mask's are "
+                           "0 (background) or more: save it as an 8-bit mask (0 background, "
+                           "255 defect)")
+    return values
 
 
 def open_mask(path: str, kind: str = "mask", fix: str = FIX_BAD_FILE,
@@ -681,8 +798,9 @@ def open_mask(path: str, kind: str = "mask", fix: str = FIX_BAD_FILE,
         raise _missing(path, kind, fix)
     try:
         with Image.open(path) as img:
+            orientation = _orientation(img)  # from the header: load() may read more
             img.load()
-            values = mask_values(_oriented(img))  # (H, W)
+            values = mask_values(_turned(img, orientation))  # (H, W)
     except Exception as e:
         raise BadFileError(f"cannot read {kind} {path}: {e}; {fix}") from e
     defects = values != 0 if label_map else mask_defects(values)  # (H, W) bool
@@ -1099,6 +1217,13 @@ class MVTecTestDataset(_TokenImageDataset):
                               f"{', '.join(empty) or 'no defect folders'}); expected "
                               f"{TEST_LAYOUT}")
         _refuse_shared_result_names(test_dir, items)
+        loose = loose_images(test_dir)
+        if loose:
+            _note_once(test_dir, f"left out {len(loose)} image(s) beside its defect "
+                                 f"folders ({some_names(loose)}): a test image lies in "
+                                 "test/<defect>/ ('good' for normal ones); move each into "
+                                 "one to score it")
+        note_centre_crop(test_dir, [s[0] for s in items])
         return items, missing
 
     def _load(self, item: tuple) -> tuple[Image.Image, Image.Image | None]:
@@ -1142,30 +1267,52 @@ def _refuse_shared_result_names(test_dir: str, items: Sequence[tuple]) -> None:
                            "rename one file (and its ground-truth mask) of each group")
 
 
+class NoReadableImageError(BadFileError):
+    """An ImageListDataset with --skip_bad_images of which no image is readable; its
+    `bad_files` say why, for a caller that goes on without it (predict.py's class)."""
+
+    def __init__(self, message: str, bad_files: list[str]) -> None:
+        super().__init__(message)
+        self.bad_files = bad_files
+
+
 class ImageListDataset(_TokenImageDataset):
     """Unlabelled images to score (predict.py): image, token image, name, index; the
-    same transforms as the test set, so an image scores as it would in run_test.py."""
+    same transforms as the test set, so an image scores as it would in run_test.py.
+    `what` names them in messages (predict.py: "images of class 'brick'"), and a bad
+    image's error by it."""
 
     def __init__(self, image_paths: Sequence[str], names: Sequence[str], token_size: int,
                  img_size: int = 224, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                  std: Sequence[float] = IMAGENET_DEFAULT_STD, patch_size: int = 16,
-                 skip_bad_images: bool = False) -> None:
+                 skip_bad_images: bool = False, what: str | None = None) -> None:
         super().__init__(token_size, img_size, mean, std, patch_size)
         if len(image_paths) != len(names) or not image_paths:
             raise ValueError(f"ImageListDataset needs one name per image and at least one "
                              f"image, got {len(image_paths)} images, {len(names)} names")
+        self.what = what
         items = list(zip(image_paths, names))
         self.bad_files: list[str] = []
         if skip_bad_images:
-            items, self.bad_files = _drop_bad_files(items, lambda it: open_rgb(it[0]), "images")
+            label = what or "images"
+            items, self.bad_files = _drop_bad_files(items, lambda it: open_rgb(it[0]), label)
             if not items:
-                raise BadFileError(f"none of the {len(image_paths)} images is readable (see "
-                                   "the warning above)")
+                raise NoReadableImageError(f"none of the {len(image_paths)} {label} is "
+                                           "readable (see the warning above)", self.bad_files)
         self.image_paths = [p for p, _ in items]
         self.names = [n for _, n in items]
+        folder = os.path.commonpath([os.path.dirname(os.path.abspath(p))
+                                     for p in self.image_paths])
+        note_centre_crop(folder, self.image_paths)
 
     def __getitem__(self, index: int) -> dict[str, object]:
-        out: dict[str, object] = dict(self._encode(index, open_rgb(self.image_paths[index])))
+        try:
+            image = open_rgb(self.image_paths[index])
+        except BadFileError as e:
+            if self.what is None:
+                raise
+            raise BadFileError(f"{self.what}: {e}") from None
+        out: dict[str, object] = dict(self._encode(index, image))
         out.update(name=self.names[index], index=index)
         return out
 

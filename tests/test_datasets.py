@@ -3,7 +3,10 @@ wrong layouts, the foreground patch mask and the visual-token cache."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
@@ -609,6 +612,7 @@ def test_image_cache_under_ddp_is_the_distributed_sampler_order(train_root, monk
                                                                        np.uint8))
         _save(train_root / "fg_mask" / "carpet" / f"{i:03d}.png", np.full((128, 128), 255,
                                                                          np.uint8))
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)  # the listing's notes
     ds = _pretrain(train_root)
     ds.attach_tokens(torch.randint(0, 64, (9, 16), generator=torch.Generator().manual_seed(0)))
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
@@ -713,7 +717,7 @@ def test_16_bit_grey_reads_by_its_bit_depth_not_its_maximum(tmp_path):
     maximum: images of one camera scale alike. PIL before 10.3 opens 16-bit PNGs as 32-bit
     'I', read the same way; float pixels and 32-bit values beyond 16 bits are refused."""
     ramp = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16  # 0 ... 65520
-    for top in (255, 256, 4095, 65520):
+    for top in (256, 4095, 65520):
         path = tmp_path / f"top{top}.png"
         Image.fromarray((ramp.astype(np.int64) * top // 65520).astype(np.uint16)).save(path)
         with Image.open(path) as img:
@@ -732,6 +736,28 @@ def test_16_bit_grey_reads_by_its_bit_depth_not_its_maximum(tmp_path):
     Image.fromarray(ramp.astype(np.float32) / 65520).save(tmp_path / "float.tif")
     with pytest.raises(BadFileError, match="float.tif holds 32-bit float pixels"):
         datasets.open_rgb(str(tmp_path / "float.tif"))
+
+
+def test_8_bit_values_in_a_16_or_32_bit_file_are_refused_not_read_black(tmp_path):
+    """cv2.imwrite of 0-255 values as uint16 (and a 32-bit TIFF of them) read all black,
+    as their top 8 bits are 0: refused, naming the file, its maximum and the fix. An
+    all-black 16-bit image is black indeed, and one reaching 256 keeps its top 8 bits."""
+    ramp = (np.arange(64 * 64).reshape(64, 64) % 256).astype(np.uint16)  # 0 ... 255
+    fix = "save it as an 8-bit image, or scale it to the 16-bit range"
+    Image.fromarray(ramp).save(tmp_path / "cv2.png")
+    with pytest.raises(BadFileError, match=rf"cv2.png holds I;16 values no larger than 255: "
+                       rf"read by its top 8 bits, as every 16-bit image is, it would be all "
+                       rf"black; {fix}"):
+        datasets.open_rgb(str(tmp_path / "cv2.png"))
+    Image.fromarray((ramp // 2).astype(np.int32)).save(tmp_path / "i32.tif")
+    with pytest.raises(BadFileError, match=r"i32.tif holds I values no larger than 127: "):
+        datasets.open_rgb(str(tmp_path / "i32.tif"))
+    Image.fromarray(np.zeros((8, 8), np.uint16)).save(tmp_path / "black.png")
+    assert np.asarray(datasets.open_rgb(str(tmp_path / "black.png"))).max() == 0
+    ramp[0, 0] = 256
+    Image.fromarray(ramp).save(tmp_path / "top256.png")
+    got = np.asarray(datasets.open_rgb(str(tmp_path / "top256.png")))
+    assert got.max() == 1 and np.count_nonzero(got[..., 0]) == 1
 
 
 @pytest.mark.parametrize("name, values, expected", [
@@ -788,6 +814,52 @@ def test_palette_and_colour_masks_read_by_index_and_strongest_channel(tmp_path):
     np.testing.assert_array_equal(datasets.mask_values(premultiplied) > 0, ids > 0)
 
 
+def test_palette_ids_are_categories_and_a_quantized_palette_reads_by_colour(tmp_path):
+    """A VOC mask (ids 0 and 1, 255 on the boundary) read only its 255 boundary (half
+    the maximum of the ids); every non-zero id is a defect now. Pillow's quantize() of
+    red on black lists red first, which read as the background: a palette whose index 0
+    is a colour while black is used reads by its colours."""
+    ids = np.zeros((40, 40), np.uint8)
+    ids[10:30, 10:30] = 255
+    ids[12:28, 12:28] = 1
+    voc = Image.fromarray(ids, mode="P")
+    voc.putpalette([0, 0, 0, 128, 0, 0] + [0] * 759 + [224, 224, 192])
+    voc.save(tmp_path / "voc.png")
+    got = np.asarray(datasets.open_mask(str(tmp_path / "voc.png"))) > 0
+    np.testing.assert_array_equal(got, ids > 0)
+    assert got.sum() == 400
+    colour = np.zeros((40, 40, 3), np.uint8)
+    colour[:30] = (255, 0, 0)
+    quantized = Image.fromarray(colour).quantize(2)
+    assert quantized.getpalette()[:6] == [255, 0, 0, 0, 0, 0]  # red is index 0
+    quantized.save(tmp_path / "quantized.png")
+    got = np.asarray(datasets.open_mask(str(tmp_path / "quantized.png"))) > 0
+    assert got[:30].all() and not got[30:].any()
+
+
+def test_a_float_mask_reads_by_its_values_and_nan_or_negatives_are_refused(tmp_path):
+    """A mode-F mask was converted to RGB, which truncates 0.9 to 0: an empty mask. Now
+    its values count, with the masks' rule (two values: the larger; soft values: above
+    half the maximum); NaN and negative values are refused, naming the file."""
+    values = np.zeros((8, 8), np.float32)
+    values[:2] = 0.9
+    Image.fromarray(values).save(tmp_path / "binary.tif")
+    got = np.asarray(datasets.open_mask(str(tmp_path / "binary.tif"))) > 0
+    assert got[:2].all() and not got[2:].any()
+    values[2:4] = 0.3  # soft: 0.3 lies under half of 0.9
+    values[4, :3] = (0.5, 1.0, 2.0)  # few small whole values are no label map when soft
+    Image.fromarray(values).save(tmp_path / "soft.tif")
+    got = np.asarray(datasets.open_mask(str(tmp_path / "soft.tif"))) > 0
+    np.testing.assert_array_equal(got, values > 1.0)
+    values[0, 0] = np.nan
+    values[1, 1] = -1
+    Image.fromarray(values).save(tmp_path / "nan.tif")
+    with pytest.raises(BadFileError, match=r"cannot read mask .*nan.tif: it holds NaN and "
+                       r"negative float values, where a mask's are 0 \(background\) or "
+                       r"more: save it as an 8-bit mask"):
+        datasets.open_mask(str(tmp_path / "nan.tif"))
+
+
 def _exif_turned(path: Path, stored: np.ndarray, orientation: int) -> Path:
     """`stored` saved as a JPEG (or PNG) whose EXIF says how to turn it for viewing."""
     exif = Image.Exif()
@@ -817,6 +889,70 @@ def test_exif_orientation_is_applied_to_images_masks_and_their_sizes(tmp_path):
     _save(tmp_path / "stored_way.png", np.zeros((40, 80), np.uint8))
     assert "is 80x40 but its image" in datasets.mask_problem(str(tmp_path / "stored_way.png"),
                                                              str(photo))
+
+
+def _late_exif_png(path: Path, stored: np.ndarray, orientation: int) -> Path:
+    """`stored` as a PNG whose eXIf chunk (`orientation`) comes after the pixel data."""
+    exif = Image.Exif()
+    exif[datasets.EXIF_ORIENTATION] = orientation
+    payload = exif.tobytes()
+    payload = payload[6:] if payload.startswith(b"Exif\x00\x00") else payload
+    chunk = (struct.pack(">I", len(payload)) + b"eXIf" + payload
+             + struct.pack(">I", zlib.crc32(b"eXIf" + payload)))
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, "PNG")
+    data = buf.getvalue()
+    end = data.rindex(b"IEND") - 4
+    path.write_bytes(data[:end] + chunk + data[end:])
+    return path
+
+
+def test_an_exif_chunk_after_the_pixels_is_ignored_by_sizes_and_pixels_alike(tmp_path):
+    """The header-only size check saw no orientation in a PNG whose eXIf chunk follows
+    the pixels, but the decode filled it in and open_rgb turned the image: masks made
+    from the decoded image (--make_fg_masks) were then refused by that same check. The
+    header is now the one source: such a chunk is ignored everywhere."""
+    stored = np.zeros((40, 80, 3), np.uint8)
+    stored[:, :10] = 255  # the left band
+    photo = _late_exif_png(tmp_path / "late.png", stored, 6)
+    with Image.open(photo) as img:
+        assert datasets.oriented_size(img) == (80, 40)
+    shown = np.asarray(datasets.open_rgb(str(photo)))
+    np.testing.assert_array_equal(shown, stored)
+    mask = np.zeros((40, 80), np.uint8)
+    mask[:, :10] = 255
+    turned_mask = _late_exif_png(tmp_path / "late_mask.png", mask, 6)
+    np.testing.assert_array_equal(np.asarray(datasets.open_mask(str(turned_mask))), mask)
+    _save(tmp_path / "mask.png", mask)
+    assert datasets.mask_problem(str(tmp_path / "mask.png"), str(photo)) is None
+    assert datasets.mask_problem(str(turned_mask), str(photo)) is None
+
+
+def test_a_turned_tiff_is_refused_not_turned_twice(tmp_path):
+    """Pillow 13 turns a TIFF of orientation 5-8 while decoding and reports the turned
+    size, which oriented_size swapped again (scrambled pixels); older Pillows do not
+    turn it. Refused up front and when read, naming the file and the fix; an upright
+    TIFF reads as stored."""
+    stored = np.zeros((40, 80), np.uint8)
+    stored[:, :10] = 255
+    fix = "which Pillow versions read differently: save it upright"
+    for orientation in (3, 6):
+        tags = TiffImagePlugin.ImageFileDirectory_v2()
+        tags[datasets.EXIF_ORIENTATION] = orientation
+        path = tmp_path / f"turned{orientation}.tif"
+        Image.fromarray(stored).save(path, tiffinfo=tags)
+        problem = (f"{path} is stored turned or mirrored (TIFF orientation {orientation}), "
+                   f"{fix} (the turn applied, orientation 1)")
+        assert datasets.image_problem(str(path)) == f"{path} is unreadable: {problem}"
+        with pytest.raises(BadFileError) as err:
+            datasets.open_rgb(str(path))
+        assert str(err.value) == problem
+        with pytest.raises(BadFileError) as err:
+            datasets.open_mask(str(path))
+        assert str(err.value).startswith(f"cannot read mask {path}: {problem}; ")
+    Image.fromarray(stored).save(tmp_path / "upright.tif")
+    np.testing.assert_array_equal(
+        np.asarray(datasets.open_rgb(str(tmp_path / "upright.tif")))[..., 0], stored)
 
 
 def test_an_mvtec_set_unzipped_on_macos_reads_as_its_classes(mvtec_root):
@@ -1008,6 +1144,58 @@ def test_files_of_other_types_are_named_in_a_note_once_per_folder(mvtec_root, ca
     assert captured.out == ""
 
 
+def test_images_at_other_folder_depths_are_named_in_a_note(mvtec_root, train_root, capsys):
+    """A test image beside the defect folders (<class>/test/002.png), one in a sub-folder
+    of a defect folder (test/good/day2/) or of a training class (train/<class>/sub/) was
+    left out with no word: each folder now says so once; junk folders stay silent."""
+    test = mvtec_root / "bottle" / "test"
+    for rel in ("002.png", "good/day2/001.png", "good/.ipynb_checkpoints/000.png",
+                "good/__MACOSX/000.png", "broken/lot1/__MACOSX/000.png"):
+        _save(test / rel, np.zeros((64, 64, 3), np.uint8))
+    datasets.check_test_classes(str(mvtec_root), ["bottle"])
+    ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
+    assert len(ds) == 4
+    assert capsys.readouterr().err == (
+        f"[data] note: {test / 'good'}: left out 1 image(s) in sub-folders (day2/001.png): "
+        "only the images directly in it are read; move them into it to use them\n"
+        f"[data] note: {test}: left out 1 image(s) beside its defect folders (002.png): a "
+        "test image lies in test/<defect>/ ('good' for normal ones); move each into one to "
+        "score it\n")
+    carpet = train_root / "train" / "carpet"
+    for k in range(4):
+        _save(carpet / "sub" / f"{k:03d}.png", np.zeros((128, 128), np.uint8))
+    for _ in range(2):
+        assert len(TrainImageDataset(str(train_root), ["carpet"])) == 3
+    assert capsys.readouterr().err == (
+        f"[data] note: {carpet}: left out 4 image(s) in sub-folders (sub/000.png, "
+        "sub/001.png, sub/002.png, ...): only the images directly in it are read; move them "
+        "into it to use them\n")
+
+
+def test_non_square_images_are_named_in_a_note_once_per_class_folder(mvtec_root,
+                                                                     train_root, capsys):
+    """Resize + centre crop (as the paper's) scores the middle of a non-square image: a
+    defect at its ends is never seen. Said once per class folder, from the headers;
+    square images (carpet's) are not named, and their pixels do not change."""
+    for _ in range(2):
+        ds = _pretrain(train_root)
+    crop = ("the centre crop (as the paper's) scores the middle {} % of each (drops up to "
+            "{} % of the area): crop or pad them to square beforehand to score all of it")
+    assert capsys.readouterr().err == (
+        f"[data] note: {train_root / 'train' / 'bottle'}: 3 of 3 images are not square; "
+        + crop.format(67, 33) + "\n")
+    carpet = ds[3]["image"] * STD + MEAN
+    torch.testing.assert_close(carpet, torch.full_like(carpet, CARPET_GREYS[0] / 255))
+    _save(mvtec_root / "bottle" / "test" / "broken" / "002.png", np.zeros((64, 128, 3),
+                                                                          np.uint8))
+    _save(mvtec_root / "bottle" / "test" / "good" / "002.png", np.zeros((64, 80, 3), np.uint8))
+    (mvtec_root / "bottle" / "ground_truth").rename(mvtec_root / "bottle" / "gt_elsewhere")
+    MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
+    assert capsys.readouterr().err == (
+        f"[data] note: {mvtec_root / 'bottle' / 'test'}: 2 of 6 images are not square; "
+        + crop.format("50-80", 50) + "\n")
+
+
 # ----------------------------------------------------------------------------------------
 # Masks drawn in the alpha channel
 # ----------------------------------------------------------------------------------------
@@ -1072,3 +1260,16 @@ def test_opaque_or_coloured_rgba_masks_still_read_by_their_colours(tmp_path):
             Image.fromarray(flat, mode=mode).save(tmp_path / "flat.png")
             assert (np.asarray(datasets.open_mask(str(tmp_path / "flat.png"))) > 0
                     ).tolist() == np.full((8, 8), defect).tolist(), (mode, value)
+
+
+def test_a_transparent_background_stored_white_is_background_whatever_its_colour(tmp_path):
+    """An RGBA mask whose transparent background is stored white, with red (or black)
+    opaque paint, read as all defect (red) or as the background alone (black): its
+    colours vary, so alpha was ignored. Fully transparent pixels are background now."""
+    for paint in ((255, 0, 0), (0, 0, 0)):
+        rgba = np.full((40, 40, 4), 255, np.uint8)
+        rgba[..., 3] = 0
+        rgba[10:20, 10:20] = (*paint, 255)
+        Image.fromarray(rgba, "RGBA").save(tmp_path / "white_bg.png")
+        got = np.asarray(datasets.open_mask(str(tmp_path / "white_bg.png"))) > 0
+        assert got[10:20, 10:20].all() and got.sum() == 100, paint
