@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
-from datasets import (NORMAL_DIRS, VISA_CLASSES, LayoutError, data_subdirs, list_images,
-                      mask_problem, open_mask)
+from datasets import (NORMAL_DIRS, TEST_LAYOUT, VISA_CLASSES, LayoutError, data_subdirs,
+                      list_images, loose_images, mask_problem, open_mask, some_names)
 from utils import write_atomic
 
 VISA_SPLIT = os.path.join("split_csv", "1cls.csv")
@@ -32,6 +33,9 @@ DEFAULT_TEST_FRACTION = 0.2
 # In each class folder --custom writes: marks it as this tool's, whose train/ and test/
 # files a re-run may replace and remove (never those of a class it did not write).
 CUSTOM_MARKER = ".pmad_custom_split"
+# Folder names of ground-truth masks (case-insensitive): --custom would score one as a
+# defect type, its masks as defective images.
+MASK_FOLDER = re.compile(r"ground[ _-]?truths?|gts?|masks?", re.IGNORECASE)
 
 Sync = Callable[[list[tuple[str, str]], str], Counter]  # (pairs, progress text) -> counts
 
@@ -194,8 +198,11 @@ def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
             problems.append(f"{os.path.join(src, name)}: needs one folder of normal images "
                             f"named {' or '.join(NORMAL_DIRS)}, found {folders}")
             continue
+        masks = [d for d in folders if MASK_FOLDER.fullmatch(d)]
+        problems += [_masks_problem(os.path.join(src, name, d)) for d in masks]
         problems += [_nested_problem(os.path.join(src, name, d)) for d in folders
-                     if data_subdirs(os.path.join(src, name, d))]
+                     if d not in masks and data_subdirs(os.path.join(src, name, d))]
+        problems += _loose_problem(os.path.join(src, name))
         problems += [p for d in (out, *also_writes)
                      if (p := _foreign_class_problem(os.path.join(d, name)))]
         good = list_images(os.path.join(src, name, normal[0]))
@@ -222,8 +229,25 @@ def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
 
 def _nested_problem(folder: str) -> str:
     return (f"{folder}: holds sub-folder(s) {', '.join(data_subdirs(folder))}, whose images "
-            "would be left out: move them into it (or make each a defect folder of the "
-            "class)")
+            "would be left out: move them into it (or make each sub-folder of defective "
+            "images a defect folder of the class)")
+
+
+def _masks_problem(folder: str) -> str:
+    return (f"{folder}: a folder of ground-truth masks? --custom takes none, and would score "
+            "it as a defect type: to evaluate with masks, lay the set out in the MVTec "
+            f"layout ({TEST_LAYOUT}; README, 'Custom data sets') and pass it as --data_path "
+            "without --custom; else rename or remove the folder")
+
+
+def _loose_problem(class_dir: str) -> list[str]:
+    """Images directly in a class folder belong to no folder (normal or defect): named,
+    not left out unseen."""
+    loose = loose_images(class_dir)
+    if not loose:
+        return []
+    return [f"{class_dir}: holds image(s) beside its folders ({some_names(loose)}), which "
+            "would be left out: move each into good/ or a defect folder"]
 
 
 def _foreign_class_problem(folder: str) -> str | None:

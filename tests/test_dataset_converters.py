@@ -431,8 +431,35 @@ def test_custom_refuses_images_in_sub_folders(tmp_path, capsys):
                        str(tmp_path / "inet")]) == 2
     err = capsys.readouterr().err
     assert (f"{src / 'widget' / 'good'}: holds sub-folder(s) day2, whose images would be "
-            "left out: move them into it (or make each a defect folder of the class)") in err
+            "left out: move them into it (or make each sub-folder of defective images a "
+            "defect folder of the class)") in err
     assert f"{src / 'widget' / 'scratch'}: holds sub-folder(s) lot1, lot2, whose" in err
+    assert not dst.exists()
+
+
+def test_custom_refuses_mask_folders_and_images_beside_the_class_folders(tmp_path, capsys):
+    """DIR/widget/masks/ was copied to test/masks/ and scored as a defect type, its masks
+    as defective images, and DIR/widget/loose.png was left out, both with exit 0; the
+    advice for a nested ground_truth/scratch/ led to the same. Now each is named, with
+    how to evaluate with masks (the MVTec layout), and nothing is written."""
+    src = _custom_set(tmp_path / "mine", {"widget": 3, "gadget": 3})
+    for rel in ("widget/masks/s1_mask.png", "widget/GT/s1.png",
+                "gadget/ground_truth/scratch/000_mask.png", "gadget/loose.png"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (16, 16), 255).save(src / rel)
+    dst = tmp_path / "mvtec"
+    assert setup_main(["--custom", str(src), "--data_path", str(dst), "--root",
+                       str(tmp_path / "inet")]) == 2
+    err = capsys.readouterr().err
+    for folder in ("widget/masks", "widget/GT", "gadget/ground_truth"):
+        assert (f"{src / folder}: a folder of ground-truth masks? --custom takes none, and "
+                "would score it as a defect type: to evaluate with masks, lay the set out in "
+                f"the MVTec layout ({datasets.TEST_LAYOUT}; README, 'Custom data sets') and "
+                "pass it as --data_path without --custom; else rename or remove the "
+                "folder") in err
+    assert "holds sub-folder(s)" not in err  # no advice to make scratch/ a defect folder
+    assert (f"{src / 'gadget'}: holds image(s) beside its folders (loose.png), which would "
+            "be left out: move each into good/ or a defect folder") in err
     assert not dst.exists()
 
 
