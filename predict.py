@@ -303,7 +303,7 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
     if skipped:
         print(f"[predict] left out {len(skipped)} unreadable image(s), listed in "
               f"{out_dir / SKIPPED_FILE}")
-    for cls in sorted(groups):
+    for cls in sorted({str(r["class"]) for r in rows}):  # a class left out is named above
         mine = [r for r in rows if r["class"] == cls]
         called = sum(r["decision"] == "anomalous" for r in mine)
         decided = any(r["decision"] for r in mine)
@@ -319,15 +319,26 @@ def _score_into(out: Path, args: argparse.Namespace, m: run_test.Models,
                 groups: dict[str, list[tuple[str, str]]], options: protocols.CleanOptions
                 ) -> tuple[list[dict[str, object]], list[str]]:
     """Score every class, writing predictions.csv (and the skipped list, heatmaps and
-    maps) under `out`. -> (the CSV's rows, the images left out)."""
+    maps) under `out`. -> (the CSV's rows, the images left out). With --skip_bad_images a
+    class of no readable image is left out, named on stderr, its files in the skipped
+    list; the other classes are scored."""
     rows: list[dict[str, object]] = []
     skipped: list[str] = []
+    unreadable: list[str] = []  # the classes of no readable image
     for cls in tqdm(sorted(groups), desc="classes", disable=len(groups) < 2):
         paths, names = zip(*groups[cls])
-        dataset = datasets.ImageListDataset(list(paths), list(names),
-                                            token_size=m.tokenizer.image_size,
-                                            img_size=m.img_size, mean=m.mean, std=m.std,
-                                            skip_bad_images=args.skip_bad_images)
+        try:
+            dataset = datasets.ImageListDataset(list(paths), list(names),
+                                                token_size=m.tokenizer.image_size,
+                                                img_size=m.img_size, mean=m.mean, std=m.std,
+                                                skip_bad_images=args.skip_bad_images,
+                                                what=f"images of class '{cls}'")
+        except datasets.NoReadableImageError as e:
+            skipped += e.bad_files
+            unreadable.append(cls)
+            print(f"[predict] {cls}: none of its {len(paths)} image(s) is readable: class "
+                  f"left out (its files are listed in {SKIPPED_FILE})", file=sys.stderr)
+            continue
         skipped += dataset.bad_files
         data = protocols.collect_class(dataset, m.tokenizer, m.protoflow, cls, args.batch_size,
                                       m.device, args.num_workers)
@@ -355,6 +366,9 @@ def _score_into(out: Path, args: argparse.Namespace, m: run_test.Models,
         if threshold is None:
             print(f"[predict] {args.protoflow_weights} stores no normal-data threshold for "
                   f"'{cls}' (a released file): scores only, no decision")
+    if not rows:
+        raise datasets.BadFileError(f"no class has a readable image ({', '.join(unreadable)}; "
+                                    "the files are named in the warnings above)")
     # a file name that is not UTF-8 is written as its bytes, so the path still opens
     with open(out / PREDICTIONS_FILE, "w", newline="", encoding="utf-8",
               errors="surrogateescape") as f:

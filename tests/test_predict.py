@@ -180,6 +180,40 @@ def test_class_from_folder_and_bad_images(tiny_world, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", previous.name]
 
 
+def test_a_class_of_no_readable_image_is_left_out_and_the_others_kept(tiny_world, tmp_path,
+                                                                      capsys):
+    """--class_from_folder --skip_bad_images with one class of no readable image scored
+    brick, then stopped (`none of the 1 images is readable`, exit 2, no output). Now that
+    class is named on stderr and its files listed in skipped_images.txt, the others are
+    kept (exit 0, as for any skipped image); without the flag the error names the class
+    and the file."""
+    inbox = tmp_path / "inbox"
+    (inbox / "brick").mkdir(parents=True)
+    for src in sorted((tiny_world.mvtec_root / "brick" / "test" / "good").glob("*.png"))[:2]:
+        shutil.copy(src, inbox / "brick" / src.name)
+    (inbox / "coins").mkdir()
+    bad = inbox / "coins" / "000.png"
+    bad.write_bytes(b"not a png")
+    out = tmp_path / "out"
+    argv = [str(inbox), "--class_from_folder", "--output_dir", str(out),
+            *tiny_world.model_argv()]
+    assert predict.main(argv) == 2
+    assert f"error: images of class 'coins': cannot read image {bad}: " in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="images of class 'coins': left out 1 bad file"):
+        assert predict.main(argv + ["--skip_bad_images"]) == 0
+    assert sorted((r["class"], r["name"]) for r in _rows(out)) == [("brick", "000"),
+                                                                   ("brick", "001")]
+    assert f"cannot read image {bad}" in (out / "skipped_images.txt").read_text()
+    captured = capsys.readouterr()
+    assert ("[predict] coins: none of its 1 image(s) is readable: class left out (its files "
+            "are listed in skipped_images.txt)\n") in captured.err
+    assert "[predict] brick: 2 images" in captured.out and "coins:" not in captured.out
+    shutil.rmtree(inbox / "brick")
+    with pytest.warns(UserWarning):
+        assert predict.main(argv + ["--skip_bad_images"]) == 2
+    assert "error: no class has a readable image (coins; " in capsys.readouterr().err
+
+
 def test_inputs_are_checked(tmp_path):
     with pytest.raises(predict.InputError, match="does not exist"):
         predict.find_images([str(tmp_path / "nothing")], "x", False)
