@@ -193,10 +193,12 @@ def check_unseen(args: argparse.Namespace, setting: str, classes: list[str], m: 
                             f"{', '.join(leaked)}, which the {setting} setting evaluates as "
                             f"unseen: train one on the seen classes ({command} --setting "
                             f"{setting} ...`) and pass it")
-    if m.vit_classes is None and unseen:
-        print(f"[run_test] {args.ckpt} does not record its training classes (a released "
-              "file, or one of an earlier version of run_pretraining.py): make sure it never "
-              f"saw {', '.join(sorted(unseen))}")
+    for flag, (command, trained) in fixes.items():
+        if trained is None and unseen:
+            print(f"[run_test] {flag} {getattr(args, flag[2:])} does not record its training "
+                  f"classes (a released file, or one of an earlier version of "
+                  f"{command.split()[1]}): make sure it never saw "
+                  f"{', '.join(sorted(unseen))}")
 
 
 @dataclass

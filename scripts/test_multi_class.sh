@@ -21,7 +21,21 @@ SETTING=${SETTING:-multi_class}
 DATA_PATH=${DATA_PATH:-data/mvtec_anomaly_detection}
 CKPT=${CKPT:-weights/vit_base_16_checkpoint_962_955.pth}
 TOKENIZER_WEIGHT_PATH=${TOKENIZER_WEIGHT_PATH:-weights/tokenizer}
-PROTOFLOW_WEIGHTS=${PROTOFLOW_WEIGHTS:-weights/protoflow}
+# the released ProtoFlow file of the setting, as the authors' test code loads them
+case "$SETTING" in
+    multi_class) released_protoflow=weights/protoflow/weights_multi_class.pt ;;
+    obj2tex) released_protoflow=weights/protoflow/weights_texture.pt ;;
+    *) released_protoflow= ;;
+esac
+if [[ -z "${PROTOFLOW_WEIGHTS:-}" && -z "$released_protoflow" ]]; then
+    echo "error: SETTING=$SETTING has no released ProtoFlow file (the authors released" \
+         "weights_multi_class.pt and weights_texture.pt only; one trained on all classes" \
+         "would have seen the unseen ones): train one on the seen classes (\`python" \
+         "run_protoflow.py train ... --setting $SETTING\`, README \"ProtoFlow\") and pass" \
+         "PROTOFLOW_WEIGHTS=FILE" >&2
+    exit 2
+fi
+PROTOFLOW_WEIGHTS=${PROTOFLOW_WEIGHTS:-$released_protoflow}
 PROTOTYPES_DIR=${PROTOTYPES_DIR:-weights/prototypes}
 OUTPUT_DIR=${OUTPUT_DIR:-output_dir/test_${SETTING}}
 PROTOCOLS=${PROTOCOLS:-clean paper}

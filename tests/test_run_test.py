@@ -521,12 +521,20 @@ def test_a_vit_or_protoflow_trained_on_an_unseen_class_is_refused(tiny_world, tm
     args = SimpleNamespace(ckpt="x.pth", protoflow_weights="x.pt", unseen_classes=["coins"],
                            data_path=str(tiny_world.mvtec_root))
     capsys.readouterr()
-    run_test.check_unseen(args, "leave_one_out", ["coins"], _models(["brick"], None))
+    run_test.check_unseen(args, "leave_one_out", ["coins"], _models(["brick"], ["brick"]))
     assert capsys.readouterr().out == ""
+    vit_note = ("[run_test] --ckpt x.pth does not record its training classes (a released "
+                "file, or one of an earlier version of run_pretraining.py): make sure it "
+                "never saw coins\n")
+    protoflow_note = ("[run_test] --protoflow_weights x.pt does not record its training "
+                      "classes (a released file, or one of an earlier version of "
+                      "run_protoflow.py): make sure it never saw coins\n")
+    run_test.check_unseen(args, "leave_one_out", ["coins"], _models(None, ["brick"]))
+    assert capsys.readouterr().out == vit_note
+    run_test.check_unseen(args, "leave_one_out", ["coins"], _models(["brick"], None))
+    assert capsys.readouterr().out == protoflow_note  # a released ProtoFlow file too
     run_test.check_unseen(args, "leave_one_out", ["coins"], _models(None, None))
-    assert capsys.readouterr().out == (
-        "[run_test] x.pth does not record its training classes (a released file, or one of "
-        "an earlier version of run_pretraining.py): make sure it never saw coins\n")
+    assert capsys.readouterr().out == vit_note + protoflow_note
     run_test.check_unseen(args, "multi_class", ["coins"], _models(["coins"], ["coins"]))
     run_test.check_unseen(args, "leave_one_out", ["brick"], _models(["brick"], ["brick"]))
     assert capsys.readouterr().out == ""
@@ -700,8 +708,10 @@ def test_a_heatmap_that_cannot_be_written_costs_no_metrics(tiny_world, tmp_path,
 
 def test_shell_scripts_build_the_run_test_commands(tmp_path):
     """scripts/test_multi_class.sh and test_cross_class.sh: one run_test.py call per
-    protocol, each setting with its released checkpoint, MODEL / TOKENIZER passed only
-    when set, extra arguments last."""
+    protocol, each setting with its released checkpoint and ProtoFlow file (the folder
+    weights/protoflow/ holds both released files, which run_test.py refused as
+    ambiguous; textures -> objects has none, so PROTOFLOW_WEIGHTS is asked for up front),
+    MODEL / TOKENIZER passed only when set, extra arguments last."""
     from conftest import ROOT, arg, python_stub, run_command, stub_calls
     stub, log = python_stub(tmp_path)
 
@@ -724,19 +734,30 @@ def test_shell_scripts_build_the_run_test_commands(tmp_path):
         assert arg(c, "--setting")[0] == "multi_class" and c[-2:] == ["--save_heatmaps", "4"]
         assert arg(c, "--ckpt")[0] == "weights/vit_base_16_checkpoint_962_955.pth"
         assert arg(c, "--tokenizer_weight_path")[0] == "weights/tokenizer"
+        assert arg(c, "--protoflow_weights")[0] == "weights/protoflow/weights_multi_class.pt"
         assert "--model" not in c and "--tokenizer_model" not in c  # the checkpoint's
     (vit,) = calls("test_multi_class.sh", TOKENIZER="vit_tokenizer", PROTOCOLS="paper")
     assert arg(vit, "--tokenizer_model") == ["vit_tokenizer"]
     assert arg(vit, "--protocol") == ["paper"]
-    tex2obj = calls("test_cross_class.sh", PROTOCOLS="clean")[0]
+    tex2obj = calls("test_cross_class.sh", PROTOCOLS="clean", PROTOFLOW_WEIGHTS="pf.pt")[0]
     assert arg(tex2obj, "--setting")[0] == "tex2obj"
     assert arg(tex2obj, "--ckpt")[0] == "weights/checkpoint_844_894.pth"
+    assert arg(tex2obj, "--protoflow_weights")[0] == "pf.pt"
     obj2tex = calls("test_cross_class.sh", PROTOCOLS="clean", FROM_OBJ_TO_TEXTURE="1")[0]
     assert arg(obj2tex, "--setting")[0] == "obj2tex"
     assert arg(obj2tex, "--ckpt")[0] == "weights/checkpoint_976_931.pth"
+    assert arg(obj2tex, "--protoflow_weights")[0] == "weights/protoflow/weights_texture.pt"
     assert arg(obj2tex, "--output_dir")[0] == "output_dir/test_obj2tex/clean"
-    off = calls("test_cross_class.sh", PROTOCOLS="clean", FROM_OBJ_TO_TEXTURE="Off")[0]
+    off = calls("test_cross_class.sh", PROTOCOLS="clean", FROM_OBJ_TO_TEXTURE="Off",
+                PROTOFLOW_WEIGHTS="pf.pt")[0]
     assert arg(off, "--setting")[0] == "tex2obj"  # not any non-empty word: on
+    log.unlink(missing_ok=True)
+    run = run_command(["bash", "scripts/test_cross_class.sh"], cwd=ROOT,
+                      env={**{k: v for k, v in os.environ.items() if k != "PROTOFLOW_WEIGHTS"},
+                           "PYTHON": str(stub)})
+    assert run.returncode == 2 and not log.exists()
+    assert run.stderr.startswith("error: SETTING=tex2obj has no released ProtoFlow file")
+    assert "pass PROTOFLOW_WEIGHTS=FILE" in run.stderr
     run = run_command(["bash", "scripts/test_cross_class.sh"], cwd=ROOT,
                       env={**os.environ, "PYTHON": str(stub), "FROM_OBJ_TO_TEXTURE": "2"})
     assert run.returncode == 2 and "give 1 (objects -> textures) or 0" in run.stderr
