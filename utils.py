@@ -348,8 +348,9 @@ def init_distributed(device: str | torch.device = "cpu", timeout_min: float = 60
     if world_size > 1 and not dist.is_initialized():
         for var in ("MASTER_ADDR", "MASTER_PORT") if init_method == "env://" else ():
             if var not in os.environ:
-                raise RuntimeError(f"WORLD_SIZE={world_size} but {var} is not set: start "
-                                   "several processes with torchrun (scripts/train_*.sh)")
+                raise FlagError(f"WORLD_SIZE={world_size} but {var} is not set: start "
+                                "several processes with torchrun (scripts/train_*.sh), or "
+                                "unset WORLD_SIZE and RANK for one process")
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, init_method=init_method, rank=rank,
                                 world_size=world_size,
@@ -729,12 +730,7 @@ def _save_fsynced(obj: dict, tmp: str, paths: Sequence[str], folder: str) -> Non
             cause = f.error if isinstance(f.error, OSError) else e
             if getattr(cause, "errno", None) == errno.ENOSPC:
                 intact = [p for p in paths if os.path.exists(p)]
-                raise DiskFullError(
-                    f"no space left in {folder}; "
-                    + (f"{intact[0]} is intact" if intact else "no earlier checkpoint "
-                       "was there")
-                    + ": free space (or choose another --output_dir) and re-run to "
-                    "resume") from None
+                raise _disk_full(folder, intact[0] if intact else None) from None
             raise
 
 
@@ -755,10 +751,22 @@ def _link_or_copy(src: str, dst: str) -> None:
             os.fsync(fout.fileno())
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise DiskFullError(f"no space left in {os.path.dirname(os.path.abspath(dst))} "
-                                f"to copy {src}, which is intact: free space (or choose "
-                                "another --output_dir) and re-run to resume") from None
+            raise _disk_full(os.path.dirname(os.path.abspath(dst)), src) from None
         raise
+
+
+def _disk_full(folder: str, intact: str | None) -> DiskFullError:
+    """The error of a write that found `folder`'s disk full, naming the file there that is
+    still whole. A training checkpoint also resumes from another --output_dir, but only
+    when named with --resume: a new --output_dir alone holds none, so the run would start
+    over at epoch 0."""
+    if intact is None:
+        return DiskFullError(f"no space left in {folder}; no earlier file was there: free "
+                             "space and re-run, or choose another output folder")
+    elsewhere = (f", or pass --resume {intact} with another --output_dir"
+                 if CHECKPOINT_PATTERN.match(os.path.basename(intact)) else "")
+    return DiskFullError(f"no space left in {folder}; {intact} is intact: free space and "
+                         f"re-run{elsewhere}")
 
 
 class _CheckpointFile:
@@ -920,24 +928,34 @@ def checkpoint_path(output_dir: str, name: int | str) -> str:
     return os.path.join(output_dir, f"checkpoint-{name}.pth")
 
 
-def find_latest_checkpoint(output_dir: str) -> str | None:
+def find_latest_checkpoint(output_dir: str, none_readable_fix: str | None = None
+                           ) -> str | None:
     """The complete checkpoint with the highest stored epoch, or None.
 
     Only `checkpoint-<n>.pth` and `checkpoint-last.pth` files directly in `output_dir`
     count (temporary files are dot-files with another suffix; an earlier run moved to a
     subfolder by `archive_previous_run` is not looked at); each is opened memory-mapped
     (cheap) to read its epoch, and one that cannot be read, e.g. truncated by a full
-    disk, is skipped.
+    disk, is skipped, and the checkpoint taken instead is named. When every one is
+    unreadable, `none_readable_fix` makes that a CheckpointError naming them and the fix
+    (a caller that resumes must not silently start over); without it, None.
     """
-    best, best_epoch = None, -1
+    best, best_epoch, unreadable = None, -1, []
     for path in checkpoint_files(output_dir):
         try:
             epoch = load_checkpoint_file(path, mmap=True).get("epoch")
-        except CheckpointError:
-            print(f"[auto_resume] skipping unreadable {path}", flush=True)
+        except CheckpointError as e:
+            unreadable.append(str(e))
             continue
         if isinstance(epoch, int) and epoch > best_epoch:
             best, best_epoch = path, epoch
+    if unreadable and best is not None:
+        main_print(f"[auto_resume] skipping {len(unreadable)} unreadable checkpoint(s); "
+                   f"resuming {best} (epoch {best_epoch}), the newest readable one:"
+                   + bullet_list(unreadable))
+    elif unreadable and none_readable_fix is not None:
+        raise CheckpointError(f"{output_dir} holds checkpoint files but none is readable:"
+                              + bullet_list(unreadable) + f"\nFix: {none_readable_fix}")
     return best
 
 
@@ -1168,41 +1186,78 @@ def check_resume_world_size(ckpt: dict, path: str) -> None:
 
 def resolve_resume(resume: str, auto_resume: bool, output_dir: str) -> str | None:
     """The checkpoint to resume from: --resume (a file, or the newest complete
-    checkpoint in a folder), else with --auto_resume the newest in --output_dir."""
+    checkpoint in a folder), else with --auto_resume the newest in --output_dir. A
+    --output_dir whose checkpoint files are all unreadable is refused, not started over.
+
+    The same command again continues its run: --resume of another folder's checkpoint,
+    re-run after --output_dir saved newer epochs of the run started from it, continues
+    those (`_continued_in`), unless --no_auto_resume asks to start over from it."""
     if not resume:
-        return find_latest_checkpoint(output_dir) if auto_resume else None
+        if not auto_resume:
+            return None
+        return find_latest_checkpoint(output_dir, "delete it (or them), or pass "
+                                      "--no_auto_resume to start afresh (the files first "
+                                      f"move to <output_dir>/{PREVIOUS_RUN_PREFIX}<UTC time>/)")
     if os.path.isdir(resume):
-        found = find_latest_checkpoint(resume)
+        found = find_latest_checkpoint(resume, f"--resume {resume}: name a readable "
+                                               "checkpoint file")
         if found is None:
             raise CheckpointError(f"--resume {resume}: the folder holds no complete "
                                   "checkpoint-<epoch>.pth or checkpoint-last.pth; name a "
                                   "checkpoint file")
-        return found
-    if not os.path.isfile(resume):
+    elif not os.path.isfile(resume):
         raise MissingFileError(f"--resume {resume} not found: name a checkpoint "
                                "file, or the --output_dir of the run to resume")
-    return resume
+    else:
+        found = resume
+    return _continued_in(output_dir, resume, found) if auto_resume else found
+
+
+def _continued_in(output_dir: str, resume: str, found: str) -> str:
+    """`output_dir`'s newest checkpoint when it continues a run started there from
+    --resume `resume` (the checkpoint `found`, outside `output_dir`), of a later epoch;
+    else `found`. Resuming `found` again would redo those epochs and move them aside."""
+    if os.path.realpath(os.path.dirname(os.path.abspath(found))) == \
+            os.path.realpath(output_dir):
+        return found  # the folder's own: a roll-back is what --resume asks for
+    newest = find_latest_checkpoint(output_dir)
+    if newest is None:
+        return found
+    ckpt = load_checkpoint_file(newest, mmap=True)
+    origin = (ckpt.get("args") or {}).get("resume")
+    started = _stored_epoch(found)
+    if not origin or os.path.realpath(origin) not in {os.path.realpath(resume),
+                                                      os.path.realpath(found)} \
+            or not isinstance(ckpt.get("epoch"), int) \
+            or ckpt["epoch"] <= (-1 if started is None else started):
+        return found
+    main_print(f"[resume] {output_dir} already holds epoch {ckpt['epoch']} of the run started "
+               f"there from --resume {resume}: continuing {newest}, not {found} again (pass "
+               "--no_auto_resume to start over from it)")
+    return newest
 
 
 def check_resume_args(saved: dict | None, args: dict, path: str, must_match: Sequence[str],
-                      epoch: int | None = None, explicit: bool = False) -> None:
+                      epoch: int | None = None, explicit: bool = False) -> str | None:
     """A resumed run continues the saved one; a different schedule or class set would
     silently become another experiment. One exception: a finished run (its last epoch
-    `epoch` saved) resumed with a larger --epochs is extended, and says so. `must_match`:
-    the argument names that define the experiment."""
+    `epoch` saved) resumed with a larger --epochs is extended. `must_match`: the argument
+    names that define the experiment. -> the line that says the run is extended, for the
+    caller to print once its other checks have passed (else None)."""
     if not saved:
-        return
+        return None
     diff = {k: (saved.get(k), args.get(k)) for k in must_match
             if k in saved and saved.get(k) != args.get(k)}
     done = None if epoch is None else epoch + 1
+    note = None
     if "epochs" in diff and done is not None:
         old, new = diff["epochs"]
         if isinstance(old, int) and done >= old:  # finished: more epochs extend it
             del diff["epochs"]
-            if new > done and not diff:
-                main_print(f"[resume] {path} finished its {old} epochs: extending the "
-                           f"run to {new} epochs (the learning-rate schedule is "
-                           f"recomputed for {new} epochs and continues at epoch {done})")
+            if new > done:
+                note = (f"[resume] {path} finished its {old} epochs: extending the run to "
+                        f"{new} epochs (the learning-rate schedule is recomputed for {new} "
+                        f"epochs and continues at epoch {done})")
     if diff:
         fix = ("resume another checkpoint" if explicit else
                "start a new run: another --output_dir, or --no_auto_resume in this one "
@@ -1214,6 +1269,7 @@ def check_resume_args(saved: dict | None, args: dict, path: str, must_match: Seq
         raise CheckpointError(f"{path} was trained with other arguments: " + ", ".join(
             f"--{k} {a!r} (now {b!r})" for k, (a, b) in diff.items())
             + f"; resume it with the same flags, or {fix}")
+    return note
 
 
 def masking_state_of(ckpt: dict) -> dict | None:

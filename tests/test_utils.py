@@ -522,6 +522,77 @@ def test_find_latest_checkpoint_skips_partial_and_temp_files(tmp_path):
     assert utils.find_latest_checkpoint(d) == utils.checkpoint_path(d, 39)
 
 
+def _cut_checkpoint(path: str, epoch: int) -> str:
+    """A checkpoint of `epoch` cut short at 100,000 bytes (`head -c 100000`, as a full
+    disk or a killed copy leaves it); -> the message its reading raises."""
+    utils.save_on_master({"epoch": epoch, "w": torch.zeros(100_000)}, path)
+    with open(path, "rb") as f:
+        head = f.read(100_000)
+    with open(path, "wb") as f:
+        f.write(head)
+    with pytest.raises(utils.CheckpointError) as err:
+        utils.load_checkpoint_file(path)
+    return str(err.value)
+
+
+def test_auto_resume_refuses_a_folder_whose_checkpoints_are_all_unreadable(tmp_path, capsys):
+    """A truncated checkpoint-last.pth, the folder's only checkpoint: auto-resume names
+    it and the fix instead of starting over at epoch 0 (as --resume DIR does); an older
+    readable one is resumed, and the line says which and why."""
+    d = str(tmp_path)
+    last = utils.checkpoint_path(d, "last")
+    reason = _cut_checkpoint(last, 5)
+    with pytest.raises(utils.CheckpointError) as err:
+        utils.resolve_resume("", True, d)
+    assert str(err.value) == (
+        f"{d} holds checkpoint files but none is readable:\n  {reason}\nFix: delete it (or "
+        "them), or pass --no_auto_resume to start afresh (the files first move to "
+        "<output_dir>/previous-<UTC time>/)")
+    with pytest.raises(utils.CheckpointError, match=f"none is readable:\n  {last} is not"):
+        utils.resolve_resume(d, True, str(tmp_path / "elsewhere"))
+    assert utils.resolve_resume("", False, d) is None  # --no_auto_resume: afresh
+    older = utils.checkpoint_path(d, 3)
+    utils.save_on_master({"epoch": 3}, older)
+    capsys.readouterr()
+    assert utils.resolve_resume("", True, d) == older
+    assert capsys.readouterr().out == (
+        f"[auto_resume] skipping 1 unreadable checkpoint(s); resuming {older} (epoch 3), "
+        f"the newest readable one:\n  {reason}\n")
+
+
+def _saved(path: Path, epoch: int, resume: str = "") -> str:
+    utils.save_on_master({"epoch": epoch, "args": {"resume": resume}}, str(path))
+    return str(path)
+
+
+def test_the_same_resume_command_again_continues_its_output_dir(tmp_path, capsys):
+    """`--resume a/... --output_dir b` re-run after a crash continues b's newer epochs of
+    the run started there from it (said), not a's checkpoint again; --no_auto_resume
+    starts over from it, and checkpoints of another origin or no newer epoch leave
+    --resume as given, as does an explicit --resume of b's own older checkpoint (a
+    roll-back)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    start = _saved(a / "checkpoint-last.pth", 1)
+    for given in (start, str(a)):  # the file, or its folder, as the first command named it
+        newest = _saved(b / "checkpoint-last.pth", 4, resume=given)
+        _saved(b / "checkpoint-2.pth", 2, resume=given)
+        capsys.readouterr()
+        assert utils.resolve_resume(given, True, str(b)) == newest
+        assert capsys.readouterr().out == (
+            f"[resume] {b} already holds epoch 4 of the run started there from --resume "
+            f"{given}: continuing {newest}, not {start} again (pass --no_auto_resume to "
+            "start over from it)\n")
+    assert utils.resolve_resume(str(a), False, str(b)) == start
+    rollback = str(b / "checkpoint-2.pth")
+    assert utils.resolve_resume(rollback, True, str(b)) == rollback
+    _saved(a / "checkpoint-last.pth", 4)  # a went on as far: b's are not newer
+    assert utils.resolve_resume(str(a), True, str(b)) == start
+    _saved(a / "checkpoint-last.pth", 1)
+    _saved(b / "checkpoint-last.pth", 4, resume=str(tmp_path / "c"))  # another origin
+    _saved(b / "checkpoint-2.pth", 2)
+    assert utils.resolve_resume(str(a), True, str(b)) == start
+
+
 def test_find_latest_checkpoint_looks_at_the_folder_itself_only(tmp_path):
     """An earlier run set aside in previous-<time>/ (or any subfolder) and a folder that
     happens to be named like a checkpoint are never resumed from."""
@@ -756,11 +827,15 @@ def test_single_process_without_torchrun(monkeypatch):
     assert list(sampler) == order1
 
 
-def test_world_size_without_master_addr_is_a_clear_error(monkeypatch):
+def test_world_size_without_master_addr_is_a_clear_error(monkeypatch, capsys):
+    """`WORLD_SIZE=2 RANK=0 python run_pretraining.py`: one `error:` line, exit 2."""
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
-    with pytest.raises(RuntimeError, match="torchrun"):
-        utils.init_distributed("cpu")
+    assert utils.cli(lambda: utils.init_distributed("cpu")) == 2
+    assert capsys.readouterr().err == (
+        "[rank 0] error: WORLD_SIZE=2 but MASTER_ADDR is not set: start several processes "
+        "with torchrun (scripts/train_*.sh), or unset WORLD_SIZE and RANK for one process\n")
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
