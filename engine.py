@@ -301,17 +301,27 @@ def fit(model: nn.Module, data_loader: Iterable[dict], sampler: Any,
             utils.main_print(f"[epoch {epoch}] " + ", ".join(  # saved[0]: the numbered file
                 f"{k} {v:.4g}" for k, v in stats.items()) + f" -> {saved[0]}")
     except NonFiniteLossError as e:
-        last = utils.find_latest_checkpoint(output_dir)
-        raise NonFiniteLossError(
-            f"{e}. No checkpoint was written after it; the last good checkpoint "
-            f"is {last or 'none (no epoch finished)'}. Fix the cause (--amp bf16/none "
-            "instead of fp16, the named images), then re-run to resume from it; a lower "
-            "--lr is a new run (a resume refuses a changed schedule): another --output_dir, "
-            "or --no_auto_resume") from None
+        raise NonFiniteLossError(f"{e}. {non_finite_advice(output_dir)}") from None
     finally:
         if log_writer is not None:
             log_writer.close()
     return stats, saved
+
+
+def non_finite_advice(output_dir: str) -> str:
+    """What to do after a non-finite loss. Each fix (--amp, --lr, the images) changes a
+    flag or the data that a resume must keep (run_pretraining.RESUME_MUST_MATCH,
+    check_same_data), so it is a new run from the last good weights, not a resume; the
+    same command again would resume the same steps."""
+    last = utils.find_latest_checkpoint(output_dir)
+    fixes = ("--amp bf16 or none instead of fp16, a lower --lr, the named images left out "
+             "or replaced")
+    if last is None:
+        return (f"No checkpoint was written in {output_dir} yet. Fix the cause ({fixes}) "
+                "and re-run")
+    return (f"No checkpoint was written after it; the last good checkpoint is {last}. "
+            f"Fix the cause ({fixes}) in a new run from its weights, as a resume refuses "
+            f"each change: --init_ckpt {last} with another --output_dir")
 
 
 def _read_rows(history: torch.Tensor, start: int, stop: int) -> list[dict[str, float]]:

@@ -6,8 +6,9 @@ Several GPUs: torchrun --nproc_per_node 8 run_pretraining.py ...   (scripts/trai
 --setting (docs/method.md 4): multi_class, obj2tex, tex2obj or leave_one_out. --output_dir
 gets checkpoint-last.pth (every epoch), checkpoint-<epoch>.pth (every --save_ckpt_freq
 epochs and the last), log.txt (a JSON line per epoch) and the token cache. The same
-command again resumes from the newest complete checkpoint (--auto_resume, as in BEiT),
-with the flags that define the run unchanged (RESUME_MUST_MATCH). A run that does not
+command again resumes from the newest complete checkpoint (--auto_resume, as in BEiT;
+after --resume of another folder, --output_dir's newer ones: utils.resolve_resume), with
+the flags that define the run unchanged (RESUME_MUST_MATCH). A run that does not
 continue the folder's checkpoints (--no_auto_resume, --resume of another folder) first
 moves them, log.txt and TensorBoard events kept there to <output_dir>/previous-<UTC time>/.
 """
@@ -39,7 +40,7 @@ from masking_generator import (CLASS_MASK_RATIOS, FREQ_MODES, MaskGenerator, Mas
 # old experiment nor a new one, and be recorded as the whole run's in every later
 # checkpoint. Only --epochs may grow, once a run is finished (utils.check_resume_args).
 # The process count, the tokenizer and the training images are checked too
-# (check_resume_world_size, check_same_data).
+# (check_resume_world_size, check_same_tokenizer, check_same_data).
 RESUME_MUST_MATCH = ("model", "setting", "unseen_classes", "epochs", "batch_size",
                      "input_size", "tokenizer_model", "imagenet_default_mean_and_std",
                      "drop_path", "max_steps_per_epoch",
@@ -63,9 +64,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    choices=sorted(modeling_pmad.PMAD_MODELS))
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--drop_path", type=utils.probability_arg, default=0.1, metavar="PCT")
-    p.add_argument("--layer_scale_init_value", type=float, default=None,
+    p.add_argument("--layer_scale_init_value", type=utils.float_at_least(0.0), default=None,
                    help="default: the model's own (0.1 for tiny to base, 1e-5 for large; "
-                        "docs/method.md 2)")
+                        "docs/method.md 2); 0: no layer scale")
     p.add_argument("--init_ckpt", default="weights/beit_base_patch16_224_pt22k.pth",
                    help="BEiT self-supervised ImageNet-22k checkpoint to start from")
     p.add_argument("--no_init", action="store_true", help="random weights, not --init_ckpt")
@@ -102,7 +103,8 @@ def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch_size", type=utils.int_at_least(1), default=4, help="per process")
     p.add_argument("--epochs", type=utils.int_at_least(1, "nothing to do"), default=300)
     p.add_argument("--lr", type=utils.positive_float, default=1.5e-3)
-    p.add_argument("--min_lr", type=float, default=1e-5)
+    p.add_argument("--min_lr", type=utils.float_at_least(0.0), default=1e-5,
+                   help="where the cosine ends (at most --lr)")
     p.add_argument("--warmup_epochs", type=utils.int_at_least(0), default=10)
     p.add_argument("--warmup_steps", type=int, default=-1, help="> 0: overrides warmup_epochs")
     p.add_argument("--weight_decay", type=utils.float_at_least(0.0), default=0.05)
@@ -111,7 +113,8 @@ def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opt_betas", type=utils.probability_arg, nargs=2, default=[0.9, 0.999],
                    metavar="BETA")
     p.add_argument("--opt_eps", type=utils.positive_float, default=1e-8)
-    p.add_argument("--clip_grad", type=float, default=3.0, help="0 or less: no clipping")
+    p.add_argument("--clip_grad", type=utils.float_at_least(0.0), default=3.0,
+                   help="gradient norm clipping; 0: no clipping")
     p.add_argument("--amp", default=None, choices=utils.AMP_CHOICES,
                    help="autocast (default: bf16 where it pays, else none; fp16 CUDA only)")
 
@@ -165,14 +168,19 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help=argparse.SUPPRESS)
 
 
-def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict | None]:
+def check_inputs(args: argparse.Namespace
+                 ) -> tuple[list[str], str | None, dict | None, str | None]:
     """Everything checkable before a model or the data is loaded: flags, output folder,
     the data's layout and masks, --batch_size against the image count, the checkpoint
-    to resume and its arguments. -> (train classes, resume path, its contents
-    memory-mapped)."""
+    to resume and its arguments, else --init_ckpt. -> (train classes, resume path, its
+    contents memory-mapped, the line saying a finished run is extended or None)."""
     if args.fit_kmeans_tokenizer and args.tokenizer_model != "kmeans":
         raise utils.FlagError(f"--fit_kmeans_tokenizer needs --tokenizer_model kmeans, not "
                               f"{args.tokenizer_model}")
+    if args.min_lr > args.lr:
+        raise utils.FlagError(f"--min_lr {args.min_lr:g} is above --lr {args.lr:g}: the "
+                              "cosine schedule decays the learning rate from --lr down to "
+                              "--min_lr; pass a --min_lr of at most --lr")
     grid = check_image_grid(args)
     if utils.is_main_process():
         utils.prepare_output_dir(args.output_dir, "--output_dir")
@@ -190,12 +198,16 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], str | None, dict 
     resume = utils.resolve_resume(args.resume, args.auto_resume, args.output_dir)
     header = utils.load_checkpoint_file(resume, mmap=True) if resume else None
     check_ranks_agree(resume, header)
+    extended = None
     if header is not None and "optimizer" in header and "epoch" in header:
         utils.check_resume_world_size(header, resume)
         saved, now = resume_views(header.get("args"), vars(args), train_classes)
-        utils.check_resume_args(saved, now, resume, RESUME_MUST_MATCH, header["epoch"],
-                                explicit=bool(args.resume))
-    return train_classes, resume, header
+        extended = utils.check_resume_args(saved, now, resume, RESUME_MUST_MATCH,
+                                           header["epoch"], explicit=bool(args.resume))
+    if resume is None and not args.no_init:  # restore() loads it after every image's tokens
+        modeling_pmad.check_init_checkpoint(args.model, args.init_ckpt, args.input_size,
+                                            args.layer_scale_init_value)
+    return train_classes, resume, header, extended
 
 
 def check_ranks_agree(resume: str | None, header: dict | None) -> None:
@@ -331,7 +343,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     args.data_path = datasets.resolve_train_root(args.data_path)
     args.amp = utils.resolve_amp(args.amp, env.device)
     args.token_cache_dir = args.token_cache_dir or os.path.join(args.output_dir, "token_cache")
-    train_classes, resume, header = check_inputs(args)
+    train_classes, resume, header, extended = check_inputs(args)
     utils.main_print(json.dumps(vars(args), indent=1))
     done = header.get("epoch") if header is not None and "optimizer" in header else None
     if isinstance(done, int) and _continues_output_dir(resume, args.output_dir):
@@ -354,6 +366,8 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     model, policy, dataset, identity = build_model_and_data(args, env, train_classes, resume,
                                                             header)
     del header
+    if extended:
+        utils.main_print(extended)
     loader, sampler = datasets.build_train_loader(
         dataset, args.batch_size, cache_images=args.cache_images, device=env.device,
         seed=args.seed, num_workers=args.num_workers, pin_memory=args.pin_mem)
@@ -452,6 +466,7 @@ def build_model_and_data(args: argparse.Namespace, env: utils.DistEnv, train_cla
                                      init_values=args.layer_scale_init_value,
                                      drop_path_rate=args.drop_path)
     if header is not None:
+        check_same_tokenizer(header, tokenizer.fingerprint, tokenizer.vocab_size, resume)
         try:
             modeling_pmad.load_checkpoint(model, resume, strict=True, checkpoint=header)
         except utils.CheckpointError as e:
@@ -498,31 +513,48 @@ def data_identity(tokenizer_fingerprint: str, dataset: datasets.PretrainDataset,
             "train_image_sizes_sha256": hashlib.sha256(sizes.encode()).hexdigest()}
 
 
+def check_same_tokenizer(header: dict, fingerprint: str, vocab_size: int, path: str) -> None:
+    """A resumed run must predict the same tokens: checked as soon as the tokenizer is
+    built, before the checkpoint's weights meet the model, whose lm_head follows the
+    tokenizer's vocabulary (another vocabulary would read as another --model). Another
+    file of the same vocabulary passes every flag check and silently changes the
+    targets; a checkpoint written before the fingerprint was saved is checked by its
+    vocabulary only."""
+    rows = modeling_pmad.checkpoint_vocab_size(header, path)
+    saved = (header.get("args") or {}).get("tokenizer_fingerprint", fingerprint)
+    if rows != vocab_size:
+        problem = (f"a visual tokenizer of {vocab_size} codes (its lm_head predicts {rows}: "
+                   "--tokenizer_model or --tokenizer_weight_path differs)")
+    elif saved != fingerprint:
+        problem = ("another visual tokenizer (its file --tokenizer_weight_path, or the "
+                   "precision its tokens are computed in, differs), so other targets")
+    else:
+        return
+    raise utils.CheckpointError(f"{path} was trained on other data; this run has {problem}. "
+                                "Resume it with the tokenizer it was trained with, or start "
+                                "a new run in another --output_dir")
+
+
 def check_same_data(saved: dict | None, identity: dict, path: str) -> None:
-    """A resumed run must predict the same tokens of the same images: another tokenizer
-    file or image set (--data_path, --skip_bad_images, a folder edited) of the same size
+    """A resumed run must read the same images (its tokenizer: `check_same_tokenizer`):
+    another image set (--data_path, --skip_bad_images, a folder edited) of the same size
     and class names would pass every flag check and silently change the experiment.
     Checkpoints written before these were saved are not checked."""
     saved = saved or {}
-    problems = []
-    if saved.get("tokenizer_fingerprint", identity["tokenizer_fingerprint"]) \
-            != identity["tokenizer_fingerprint"]:
-        problems.append("another visual tokenizer (its file --tokenizer_weight_path, or the "
-                        "precision its tokens are computed in, differs), so other targets")
     if saved.get("train_images_sha256", identity["train_images_sha256"]) \
             != identity["train_images_sha256"]:
-        problems.append(f"another set of training images ({saved.get('train_images')} then, "
-                        f"{identity['train_images']} now: --data_path, the folders' files "
-                        "or --skip_bad_images differ)")
+        problem = (f"another set of training images ({saved.get('train_images')} then, "
+                   f"{identity['train_images']} now: --data_path, the folders' files or "
+                   "--skip_bad_images differ)")
     elif saved.get("train_image_sizes_sha256", identity["train_image_sizes_sha256"]) \
             != identity["train_image_sizes_sha256"]:
-        problems.append("training images of the same names but other byte sizes (an image "
-                        "was replaced or edited since)")
-    if problems:
-        raise utils.CheckpointError(f"{path} was trained on other data; this run has "
-                                    + " and ".join(problems) + ". Resume it with the data "
-                                    "it was trained on, or start a new run in another "
-                                    "--output_dir")
+        problem = ("training images of the same names but other byte sizes (an image was "
+                   "replaced or edited since)")
+    else:
+        return
+    raise utils.CheckpointError(f"{path} was trained on other data; this run has {problem}. "
+                                "Resume it with the data it was trained on, or start a new "
+                                "run in another --output_dir")
 
 
 def build_optimisation(args: argparse.Namespace, model: torch.nn.Module, num_steps: int,

@@ -391,7 +391,8 @@ def test_F10_F4b_resume_extend_folder_disk_full_and_stale_files(finished_run, ti
     assert not (tmp_path / "elsewhere" / "token_cache").exists()  # said before any work
     # disk full while writing epoch 1's checkpoint: one line, the old one intact
     _clear_error(results["F4b"], f"no space left in {full}; {full / 'checkpoint-last.pth'} "
-                 "is intact")
+                 "is intact: free space and re-run, or pass --resume "
+                 f"{full / 'checkpoint-last.pth'} with another --output_dir")
     assert "unexpected pos" not in results["F4b"]["err"]
     assert (full / "checkpoint-last.pth").read_bytes() == before
     assert not [p for p in os.listdir(full) if ".tmp-" in p]
@@ -400,10 +401,12 @@ def test_F10_F4b_resume_extend_folder_disk_full_and_stale_files(finished_run, ti
 def test_a_resume_on_other_processes_tokens_or_images_is_refused(finished_run, tiny_world,
                                                                  tmp_path):
     """Another process count, tokenizer file or image set passes every flag check but
-    trains another experiment: each is refused in one line before any token is computed."""
+    trains another experiment: each is refused in one line before any token is computed.
+    A tokenizer of another vocabulary is named as the tokenizer (not as another --model,
+    as the lm_head's shape alone would say). None says it extends the run first."""
     w = tiny_world
     runs = {}
-    for name in ("procs", "tokenizer", "images"):
+    for name in ("procs", "tokenizer", "vocabulary", "images"):
         runs[name] = tmp_path / name
         shutil.copytree(finished_run, runs[name])
     for path in runs["procs"].glob("checkpoint-*.pth"):  # as two processes would save it
@@ -411,8 +414,12 @@ def test_a_resume_on_other_processes_tokens_or_images_is_refused(finished_run, t
         ckpt.update(world_size=2, rng=ckpt["rng"] * 2)
         torch.save(ckpt, path)
     kmeans = torch.load(w.tokenizer, weights_only=True)
+    w_vocab = kmeans["codebook"].shape[0]
     kmeans["codebook"] = kmeans["codebook"] + 1e-3  # the same vocabulary, other codes
     torch.save(kmeans, tmp_path / "kmeans_other.pth")
+    kmeans["codebook"] = kmeans["codebook"][:16]  # half the vocabulary
+    torch.save(kmeans, tmp_path / "kmeans_16.pth")
+    tokenizers = {"tokenizer": "kmeans_other.pth", "vocabulary": "kmeans_16.pth"}
     data = tmp_path / "data"
     shutil.copytree(w.imagenet_root, data)
     images = [p for p in sorted(data.rglob("*.png")) if "fg_mask" not in p.parts]
@@ -424,13 +431,19 @@ def test_a_resume_on_other_processes_tokens_or_images_is_refused(finished_run, t
     results = _run_cases(tmp_path, {
         name: {"script": "run_pretraining.py", "argv": _train_argv(
             w, runs[name], "--epochs", "2", **({"data": data} if name == "images" else {}))
-            + (["--tokenizer_weight_path", str(tmp_path / "kmeans_other.pth")]
-               if name == "tokenizer" else [])}
+            + (["--tokenizer_weight_path", str(tmp_path / tokenizers[name])]
+               if name in tokenizers else [])}
         for name in runs})
     _clear_error(results["procs"], "was trained by 2 process(es) and holds the random "
                  "states of 2; this run has 1. Resume it with 2", "--init_ckpt")
     _clear_error(results["tokenizer"], "was trained on other data; this run has another "
                  "visual tokenizer")
+    err = _clear_error(results["vocabulary"], "was trained on other data; this run has a "
+                       f"visual tokenizer of 16 codes (its lm_head predicts {w_vocab}: "
+                       "--tokenizer_model or --tokenizer_weight_path differs). Resume it with "
+                       "the tokenizer it was trained with")
+    assert "--model" not in err
+    assert not any("extending the run" in r["out"] for r in results.values())
     _clear_error(results["images"], "another set of training images "
                  f"({count} then, {count} now")
     for run in runs.values():
@@ -440,7 +453,8 @@ def test_a_resume_on_other_processes_tokens_or_images_is_refused(finished_run, t
 
 def test_a_checkpoint_saved_before_the_data_identity_resumes_unchecked():
     """A checkpoint's arguments without the tokenizer's fingerprint or the images' digest
-    (written before they were saved) pass; each one saved is checked on its own."""
+    (written before they were saved) pass; each one saved is checked on its own, and the
+    vocabulary (the lm_head's rows) always."""
     now = {"tokenizer_fingerprint": "kmeans:1", "train_images": 5, "train_images_sha256": "a",
            "train_image_sizes_sha256": "s"}
     for saved in (None, {"epochs": 3}, {"tokenizer_fingerprint": "kmeans:1"},
@@ -451,8 +465,16 @@ def test_a_checkpoint_saved_before_the_data_identity_resumes_unchecked():
                                                     r"\(4 then, 5 now"):
         run_pretraining.check_same_data({"train_images": 4, "train_images_sha256": "b"}, now,
                                         "ck.pth")
+    head = {"lm_head.weight": torch.zeros(32, 8)}
+    for saved in (None, {"epochs": 3}, {"tokenizer_fingerprint": "kmeans:1"}):
+        run_pretraining.check_same_tokenizer({"model": head, "args": saved}, "kmeans:1", 32,
+                                             "ck.pth")
     with pytest.raises(utils.CheckpointError, match="another visual tokenizer"):
-        run_pretraining.check_same_data({"tokenizer_fingerprint": "kmeans:2"}, now, "ck.pth")
+        run_pretraining.check_same_tokenizer(
+            {"model": head, "args": {"tokenizer_fingerprint": "kmeans:2"}}, "kmeans:1", 32,
+            "ck.pth")
+    with pytest.raises(utils.CheckpointError, match="a visual tokenizer of 16 codes"):
+        run_pretraining.check_same_tokenizer({"model": head}, "kmeans:1", 16, "ck.pth")
 
 
 def test_a_resume_on_an_image_replaced_under_its_name_is_refused(tmp_path):
@@ -524,11 +546,40 @@ def test_disk_full_in_save_on_master(tmp_path, monkeypatch):
         raise self.error
 
     monkeypatch.setattr(utils._CheckpointFile, "write", full)
-    with pytest.raises(utils.DiskFullError, match=f"no space left in {tmp_path}; "
-                                                  f"{target} is intact"):
+    with pytest.raises(utils.DiskFullError) as err:
         utils.save_on_master({"epoch": 1}, str(target))
+    # a new --output_dir alone holds no checkpoint (the run would start over): --resume
+    assert str(err.value) == (f"no space left in {tmp_path}; {target} is intact: free space "
+                              f"and re-run, or pass --resume {target} with another "
+                              "--output_dir")
     assert torch.load(target, weights_only=True) == {"epoch": 0}
     assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
+    with pytest.raises(utils.DiskFullError) as err:  # not a checkpoint: nothing to resume
+        utils.save_on_master({"epoch": 1}, str(tmp_path / "tokens.pt"))
+    assert str(err.value) == (f"no space left in {tmp_path}; no earlier file was there: "
+                              "free space and re-run, or choose another output folder")
+
+
+def test_disk_full_while_copying_checkpoint_last(tmp_path, monkeypatch):
+    """Where links are unsupported, checkpoint-last.pth is a copy of the numbered file
+    just written; a full disk then names that file as the one to --resume elsewhere."""
+    numbered, last = tmp_path / "checkpoint-4.pth", tmp_path / "checkpoint-last.pth"
+    utils.save_on_master({"epoch": 4}, str(numbered))
+
+    def no_link(*_):
+        raise OSError(errno.EPERM, "links unsupported")
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(shutil, "copyfileobj", full)
+    with pytest.raises(utils.DiskFullError) as err:
+        utils.save_on_master({"epoch": 4}, [str(numbered), str(last)])
+    assert str(err.value) == (f"no space left in {tmp_path}; {numbered} is intact: free "
+                              f"space and re-run, or pass --resume {numbered} with another "
+                              "--output_dir")
+    assert not last.exists()
 
 
 # ----------------------------------------------------------------------------- evaluation

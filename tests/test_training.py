@@ -523,6 +523,33 @@ def test_resuming_the_folders_newest_checkpoint_sets_nothing_aside(env, tmp_path
                                        "checkpoint-last.pth", "log.txt"]
 
 
+def test_the_same_resume_command_after_a_crash_continues_its_output_dir(env, tmp_path,
+                                                                        monkeypatch, capsys):
+    """`--resume a --output_dir b` crashed after saving b's epoch 1; the same command again
+    continues b at epoch 2 and says so, instead of resuming a's epoch 0 again and moving
+    b's newer checkpoint aside (the module docstring's promise)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    calls = _record_epochs(monkeypatch)
+    record = _crash_at_epoch(monkeypatch, 1)
+    with pytest.raises(_Crash):
+        run_pretraining.main(_args(env, str(a), "--epochs", "3"))
+    command = ("--epochs", "3", "--resume", str(a))
+    monkeypatch.setattr(engine, "train_one_epoch", record)
+    _crash_at_epoch(monkeypatch, 2)
+    with pytest.raises(_Crash):
+        run_pretraining.main(_args(env, str(b), *command))
+    monkeypatch.setattr(engine, "train_one_epoch", record)
+    calls.clear()
+    capsys.readouterr()
+    assert run_pretraining.main(_args(env, str(b), *command))["start_epoch"] == 2
+    assert [c["epoch"] for c in calls] == [2]
+    assert (f"[resume] {b} already holds epoch 1 of the run started there from --resume {a}: "
+            f"continuing {b / 'checkpoint-last.pth'}, not {a / 'checkpoint-last.pth'} again"
+            ) in capsys.readouterr().out
+    assert sorted(os.listdir(b)) == ["checkpoint-2.pth", "checkpoint-last.pth", "log.txt"]
+    assert utils.load_checkpoint_file(str(b / "checkpoint-last.pth"))["epoch"] == 2
+
+
 def test_the_earlier_run_is_set_aside_by_rank_0_between_barriers(env, tmp_path, monkeypatch):
     """Every rank has looked for its checkpoint before rank 0 moves the files (barrier),
     and none starts writing before they are moved (barrier); other ranks move nothing."""
@@ -592,27 +619,37 @@ def test_a_crash_between_the_numbered_checkpoint_and_last_loses_nothing(env, tmp
 
 
 def test_nan_stops_the_run_and_keeps_the_last_checkpoint(env, monkeypatch):
+    """The run stops with the step and images named, the last good checkpoint intact;
+    the advice works as said: its fixes (--amp, --lr, the images) change what a resume
+    must keep, so a new run starts from the checkpoint's weights in another folder."""
     out = str(env["base"] / "nan")
     _crash_at(1, monkeypatch, action=lambda m: m.lm_head.weight.data.fill_(math.nan))
     with pytest.raises(engine.NonFiniteLossError) as info:
         run_pretraining.main(_args(env, out))
     msg = str(info.value)
     assert "non-finite loss" in msg and "at epoch 1, step 0" in msg
-    assert "checkpoint-last.pth" in msg
     assert any(os.path.join("train", c, "") in msg for c in TWO_CLASSES)
+    last = os.path.join(out, "checkpoint-last.pth")
+    assert msg.endswith(
+        f". No checkpoint was written after it; the last good checkpoint is {last}. Fix the "
+        "cause (--amp bf16 or none instead of fp16, a lower --lr, the named images left out "
+        "or replaced) in a new run from its weights, as a resume refuses each change: "
+        f"--init_ckpt {last} with another --output_dir")
     assert sorted(os.listdir(out)) == ["checkpoint-last.pth", "log.txt"]
-    ckpt = utils.load_checkpoint_file(os.path.join(out, "checkpoint-last.pth"))
+    ckpt = utils.load_checkpoint_file(last)
     assert ckpt["epoch"] == 0
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert [r["epoch"] for r in read_jsonl(os.path.join(out, "log.txt"))] == [0]
-
-
-def test_missing_init_checkpoint_is_a_clear_error(env, tmp_path):
-    argv = [a for a in _argv(env, str(tmp_path)) if a != "--no_init"]
-    args = run_pretraining.get_args_parser().parse_args(
-        argv + ["--init_ckpt", str(tmp_path / "beit.pth")])
-    with pytest.raises(FileNotFoundError, match="--no_init"):
-        run_pretraining.main(args)
+    calls = _record_epochs(monkeypatch)
+    with pytest.raises(utils.CheckpointError, match=r"--amp 'none' \(now 'bf16'\)"):
+        run_pretraining.main(_args(env, out, "--amp", "bf16"))
+    argv = [a for a in _argv(env, str(env["base"] / "nan_new"), "--amp", "bf16")
+            if a != "--no_init"]
+    new = run_pretraining.main(run_pretraining.get_args_parser().parse_args(
+        argv + ["--init_ckpt", last]))
+    assert new["start_epoch"] == 0 and calls[0]["config"].amp == "bf16"
+    loaded = calls[0]["model"].state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in ckpt["model"].items())
 
 
 def _refused_before_tokenizing(args, monkeypatch, capsys) -> str:
@@ -624,6 +661,33 @@ def _refused_before_tokenizing(args, monkeypatch, capsys) -> str:
     monkeypatch.setattr(run_pretraining.modeling_discrete_vae, "create_tokenizer", no_tokenizer)
     assert utils.cli(lambda: run_pretraining.main(args)) == 2
     return capsys.readouterr().err
+
+
+def test_a_missing_or_bad_init_ckpt_is_refused_before_tokenizing(env, tmp_path, monkeypatch,
+                                                                 capsys):
+    """The default --init_ckpt is missing on a fresh clone: that, a file cut short and a
+    file of another model are refused at the checks, before any image is tokenized (or a
+    k-means tokenizer fitted), not after."""
+    argv = [a for a in _argv(env, str(tmp_path / "out")) if a != "--no_init"]
+
+    def refused(path: Path) -> str:
+        args = run_pretraining.get_args_parser().parse_args(argv + ["--init_ckpt", str(path)])
+        return _refused_before_tokenizing(args, monkeypatch, capsys)
+
+    missing = tmp_path / "beit.pth"
+    assert refused(missing) == (
+        f"error: --init_ckpt {missing} not found: download beit_base_patch16_224_pt22k.pth "
+        "(its link is in weights/README.md) into weights/, point --init_ckpt at it, or pass "
+        "--no_init to train from scratch\n")
+    _, path = _beit_like_file(tmp_path)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(data[:len(data) // 2])
+    assert refused(cut).startswith(f"error: {cut} is not a readable PyTorch weights file")
+    small = tmp_path / "small.pth"
+    torch.save({"model": timm.create_model("vit_small_patch16_224_8k_vocab", depth=1)
+                .state_dict()}, small)
+    assert refused(small).startswith(f"error: --init_ckpt {small} is of another model size")
 
 
 def test_batch_size_above_the_image_count_is_refused_before_tokenizing(env, tmp_path,
@@ -752,14 +816,29 @@ def test_device_amp_and_input_size_mistakes_are_refused_before_tokenizing(env, t
     ("--weight_decay", ["-1"], "-1 is not a finite number >= 0"),
     ("--weight_decay_end", ["-0.1"], "-0.1 is not a finite number >= 0"),
     ("--seed", ["-1"], "-1 is less than 0"),
+    ("--min_lr", ["-0.01"], "-0.01 is not a finite number >= 0"),
+    ("--min_lr", ["nan"], "nan is not a finite number >= 0"),
+    ("--clip_grad", ["nan"], "nan is not a finite number >= 0"),
+    ("--clip_grad", ["-1"], "-1 is not a finite number >= 0"),
+    ("--layer_scale_init_value", ["inf"], "inf is not a finite number >= 0"),
+    ("--layer_scale_init_value", ["-0.1"], "-0.1 is not a finite number >= 0"),
 ])
 def test_impossible_optimiser_and_seed_values_are_refused(flag, value, words, capsys):
     """What torch (AdamW's beta and eps, drop path's probability), numpy (a negative
-    seed) or nothing (a negative weight decay, silently trained with) would take up only
-    after tokenizing: argparse's one error line, exit 2."""
+    seed) or nothing (a negative weight decay or min_lr, silently trained with; a NaN
+    min_lr blamed on the images as a non-finite loss; a NaN clip_grad, no clipping)
+    would take up only after tokenizing: argparse's one error line, exit 2."""
     with pytest.raises(SystemExit) as e:
         run_pretraining.get_args_parser().parse_args(["--data_path", "x", flag, *value])
     assert e.value.code == 2 and f"argument {flag}: {words}" in capsys.readouterr().err
+
+
+def test_a_min_lr_above_lr_is_refused_before_tokenizing(env, tmp_path, monkeypatch, capsys):
+    """The cosine decays --lr to --min_lr: a --min_lr above it would make the rate rise."""
+    args = _args(env, str(tmp_path), "--min_lr", "0.01")
+    assert _refused_before_tokenizing(args, monkeypatch, capsys) == (
+        "error: --min_lr 0.01 is above --lr 0.001: the cosine schedule decays the learning "
+        "rate from --lr down to --min_lr; pass a --min_lr of at most --lr\n")
 
 
 def test_a_file_as_log_or_token_cache_folder_is_refused_before_tokenizing(env, tmp_path,
