@@ -225,13 +225,15 @@ def load_models(args: argparse.Namespace) -> Models:
     normalisation."""
     device, amp = check_device_flags(args)
     checkpoint = read_weights_file(args.ckpt)
+    # first: another file given as --ckpt (a ProtoFlow file) is named as the problem, not
+    # the tokenizer the settings it lacks would choose
+    vocab_size = modeling_pmad.checkpoint_vocab_size(checkpoint, args.ckpt)
     config, notes = modeling_pmad.resolve_eval_config(vars(args), checkpoint, args.ckpt)
     print("\n".join(f"[run_test] {note}" for note in notes))
     vars(args).update(config)
     mean, std = datasets.normalization(args.imagenet_default_mean_and_std)
     tokenizer = create_tokenizer(args.tokenizer_model, args.tokenizer_weight_path,
                                  device=str(device), amp=amp)
-    vocab_size = modeling_pmad.checkpoint_vocab_size(checkpoint, args.ckpt)
     trained = modeling_pmad.checkpoint_args(checkpoint) or {}
     vit_classes = trained.get("train_classes")
     if vocab_size != tokenizer.vocab_size:

@@ -592,6 +592,18 @@ def test_tokenizer_mistakes_are_one_error_line(tiny_world, tmp_path, capsys):
         assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_another_file_as_ckpt_is_named_not_the_tokenizer(tiny_world, tmp_path, capsys):
+    """A ProtoFlow file given as --ckpt stores no training arguments, so the paper's
+    tokenizer (DALL-E) was assumed and the error blamed the k-means tokenizer file: the
+    checkpoint is now checked first, and the error names it."""
+    args = _args(tiny_world, tmp_path, "clean", "--ckpt", str(tiny_world.protoflow))
+    args.tokenizer_model = None  # as the command line leaves it: the checkpoint decides
+    assert utils.cli(lambda: run_test.main(args)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tiny_world.protoflow} holds no state dict")
+    assert "tokenizer" not in err
+
+
 def _sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
