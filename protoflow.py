@@ -284,6 +284,9 @@ def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable .npy array ({e}); rebuild it with "
                               f"`{make}`") from None
+    if arr.dtype.kind != "f":  # strings fail astype; complex would drop its imaginary part
+        raise CheckpointError(f"{path} holds {arr.dtype} values, not float features; "
+                              f"rebuild it with `{make}`")
     if arr.ndim != 2 or arr.shape[1] != feature_dim or len(arr) == 0:
         raise CheckpointError(f"{path} holds shape {arr.shape}, the ProtoFlow encoder gives "
                               f"(M, {feature_dim}) features; rebuild it with `{make}`")

@@ -385,6 +385,14 @@ def test_missing_or_mismatched_prototypes_error(tmp_path, monkeypatch):
         pf.load_prototypes(str(tmp_path), "bottle", 272)
     assert str(err.value) == (f"{path} holds shape (5, 152), the ProtoFlow encoder gives "
                               f"(M, 272) features; rebuild it with `{make} tf_efficientnet_b6`")
+    for values in (np.full((5, 272), "x"), np.ones((5, 272), np.complex64),
+                   np.ones((5, 272), np.int64)):  # a bare TypeError; imaginary parts dropped
+        np.save(path, values)
+        with pytest.raises(CheckpointError) as err:
+            pf.load_prototypes(str(tmp_path), "bottle", 272)
+        assert str(err.value) == (f"{path} holds {values.dtype} values, not float features; "
+                                  f"rebuild it with `{make} tf_efficientnet_b6`")
+    np.save(path, np.zeros((5, 152), np.float32))
     meta = tmp_path / "bottle" / "coreset.json"
     meta.write_text(json.dumps({"backbone": "resnet18", "out_indices": [2, 3]}))
     with pytest.raises(CheckpointError) as err:
