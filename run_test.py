@@ -241,11 +241,11 @@ def load_models(args: argparse.Namespace) -> Models:
                         f"{args.tokenizer_model} tokenizer {args.tokenizer_weight_path} has "
                         f"{tokenizer.vocab_size}: evaluate with the tokenizer it was trained "
                         "on (--tokenizer_weight_path)")
-    check_tokenizer(args, tokenizer, trained.get("tokenizer_fingerprint"))
     model = modeling_pmad.build_pmad(args.model, vocab_size=vocab_size,
                                      img_size=args.input_size,
                                      init_values=args.layer_scale_init_value)
     modeling_pmad.load_checkpoint(model, args.ckpt, strict=True, checkpoint=checkpoint)
+    check_tokenizer(args, tokenizer, trained.get("tokenizer_fingerprint"))  # the ViT's own
     del checkpoint
     model.to(device).eval()
     args.protoflow_weights = resolve_weights_file(args.protoflow_weights, "--protoflow_weights")

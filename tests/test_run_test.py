@@ -680,6 +680,9 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
     other = tmp_path / "other_prototypes"
     shutil.copytree(tiny_world.prototypes_dir, other)
     np.save(other / "coins" / protoflow.CORESET_FILE, np.load(coreset)[:-1])
+    meta = other / "coins" / protoflow.CORESET_META  # describes the new file, as a rebuild's
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), protoflow.CORESET_SHA256:
+                                utils.file_sha256(other / "coins" / protoflow.CORESET_FILE)}))
     with pytest.raises(utils.FlagError, match=r"\(it differs in prototypes\)"):
         run_test.main(parse(argv + ["--resume_eval", "--prototypes_dir", str(other)]))
     for flag, value, key in (("--amp", "bf16", "amp"), ("--seed", "1", "seed"),
