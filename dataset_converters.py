@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from datasets import (NORMAL_DIRS, TEST_LAYOUT, VISA_CLASSES, LayoutError, data_subdirs,
-                      list_images, loose_images, mask_problem, open_mask, some_names)
-from utils import write_atomic
+                      list_images, loose_images, mask_problem, open_mask)
+from utils import some_names, write_atomic
 
 VISA_SPLIT = os.path.join("split_csv", "1cls.csv")
 VISA_COLUMNS = ["object", "split", "label", "image", "mask"]
@@ -246,7 +246,7 @@ def _loose_problem(class_dir: str) -> list[str]:
     loose = loose_images(class_dir)
     if not loose:
         return []
-    return [f"{class_dir}: holds image(s) beside its folders ({some_names(loose)}), which "
+    return [f"{class_dir}: holds image(s) beside its folders ({some_names(loose, 3)}), which "
             "would be left out: move each into good/ or a defect folder"]
 
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from utils import (BadFileError, FlagError, LayoutError, all_gather_object, build_sampler,
                    bullet_list, get_rank, get_world_size, main_print, save_on_master,
-                   to_device)
+                   some_names, to_device)
 
 OBJECTS = ["bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
            "toothbrush", "transistor", "zipper"]
@@ -174,7 +174,7 @@ def list_images(folder: str, keep_dangling: bool = False) -> list[str]:
     note_left_out(folder, other)
     if nested:
         _note_once(folder, f"left out {len(nested)} image(s) in sub-folders "
-                           f"({some_names(nested)}): only the images directly in it are "
+                           f"({some_names(nested, 3)}): only the images directly in it are "
                            "read; move them into it to use them")
     return images
 
@@ -246,11 +246,6 @@ def _refuse_stem_collisions(folder: str, images: Sequence[str]) -> None:
 _NOTED: set[tuple[str, str]] = set()  # (folder, text) already noted
 
 
-def some_names(names: Sequence[str], shown: int = 3) -> str:
-    """The first `shown` of `names`, and '...' for more: a note's examples."""
-    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
-
-
 def _note_once(folder: str, text: str) -> None:
     """'[data] note: <folder>: <text>' on stderr (rank 0), once per process, since a run
     lists a folder several times (checks, dataset)."""
@@ -266,7 +261,7 @@ def note_left_out(folder: str, names: Sequence[str]) -> None:
     (list_images, predict.py's) does not take (_note_once)."""
     if names:
         _note_once(folder, f"left out {len(names)} file(s) not of an image type "
-                           f"{'/'.join(IMAGE_EXTENSIONS)} ({some_names(names)}); convert "
+                           f"{'/'.join(IMAGE_EXTENSIONS)} ({some_names(names, 3)}); convert "
                            "any image among them to PNG to use it")
 
 
@@ -732,12 +727,12 @@ def _colour_and_alpha(img: Image.Image) -> tuple[np.ndarray, np.ndarray] | None:
 def mask_values(img: Image.Image) -> np.ndarray:
     """(H, W) values of a decoded mask, for mask_defects.
 
-    Alpha, where it varies: with one colour over the whole image, it alone draws the mask
-    (black or white paint on a transparent layer, which its colours would read as all
-    normal or all defect); with colours that vary too and some pixels fully transparent,
-    those are background whatever colour they store (a transparent background stored
-    white), and a pixel is a defect if its colour or its alpha marks it. Otherwise alpha
-    is dropped (an opaque layer).
+    Alpha, where it varies: with one colour over the pixels not fully transparent, it
+    alone draws the mask (black or white paint on a transparent layer, which its colours
+    would read as all normal or all defect, whatever colour the transparent pixels
+    store); with colours that vary there too, the colours draw it and fully transparent
+    pixels are background (a transparent background stored white; an opaque mask with a
+    transparent margin). Otherwise alpha is dropped (an opaque layer).
     A palette's ids are categories: every non-zero id is a defect (VOC's 255 boundary and
     its class 1 alike; index 0 the background, as in VisA's and VOC's masks). But a
     palette of greys is read by its colours, as a grey mask, and so is one whose index 0
@@ -748,11 +743,11 @@ def mask_values(img: Image.Image) -> np.ndarray:
     if layers is not None:
         colour, alpha = layers
         if alpha.size and alpha.min() != alpha.max():
-            if (colour == colour[:1, :1]).all():
+            drawn = colour[alpha > 0]  # (K, C): the pixels not fully transparent
+            if (drawn == drawn[:1]).all():
                 return alpha
             if alpha.min() == 0:
-                by_colour = np.where(alpha == 0, 0, colour.max(axis=-1))  # (H, W)
-                return (mask_defects(by_colour) | mask_defects(alpha)).astype(np.uint8)
+                return np.where(alpha == 0, 0, colour.max(axis=-1))  # (H, W)
     if img.mode in ("LA", "La"):
         img = img.getchannel(0)
     elif img.mode == "PA":
@@ -1220,7 +1215,7 @@ class MVTecTestDataset(_TokenImageDataset):
         loose = loose_images(test_dir)
         if loose:
             _note_once(test_dir, f"left out {len(loose)} image(s) beside its defect "
-                                 f"folders ({some_names(loose)}): a test image lies in "
+                                 f"folders ({some_names(loose, 3)}): a test image lies in "
                                  "test/<defect>/ ('good' for normal ones); move each into "
                                  "one to score it")
         note_centre_crop(test_dir, [s[0] for s in items])

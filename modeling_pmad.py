@@ -28,7 +28,7 @@ from timm.models import register_model
 from torch import nn
 
 from utils import (CheckpointError, FlagError, MissingFileError, bf16_supported, main_print,
-                   read_weights_file)
+                   read_weights_file, some_names)
 
 __all__ = [
     "PatchEmbed", "Attention", "Block", "RelativePositionBias",
@@ -600,8 +600,7 @@ def init_state_dict(model: nn.Module, path: str, checkpoint: Any
         finetuned = any(k.startswith(("fc_norm.", "head.")) for k in unexpected)
         raise CheckpointError(
             f"--init_ckpt {path} does not hold every weight of {name} and no other ("
-            + "; ".join(f"{len(keys)} {what}: {', '.join(keys[:6])}"
-                        + (", ..." if len(keys) > 6 else "")
+            + "; ".join(f"{len(keys)} {what}: {some_names(keys, 6)}"
                         for what, keys in (("missing", missing), ("unexpected", unexpected))
                         if keys)
             + ")" + (": a fine-tuned classifier, not a masked-image-modelling checkpoint"

@@ -284,8 +284,7 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
     check_output_dir(out_dir)
     utils.remove_stale_tmp_files(out_dir)  # a staging folder of a run that was killed
     m = run_test.load_models(args)
-    for cls in groups:  # a missing class fails before any image is scored
-        m.protoflow.prototypes(cls)
+    m.protoflow.check_prototypes(list(groups))  # a missing class fails before any scoring
     run_test.check_mask_ratios(args, list(groups), m.model.patch_embed.num_patches)
     stage = Path(utils.tmp_name(str(out_dir / "predict")))
     shutil.rmtree(stage, ignore_errors=True)  # a dead run's of this same pid (containers)

@@ -34,7 +34,7 @@ from protoflow import ProtoFlow, prototypes_sha256
 from reporting import HEATMAPS, PartialResults, exit_status, report
 from utils import (AMP_CHOICES, FlagError, UniqueNames, cli, file_sha256, float_at_least,
                    int_at_least, mask_ratio_arg, prepare_output_dir, read_weights_file,
-                   resolve_amp, resolve_device, resolve_weights_file)
+                   resolve_amp, resolve_device, resolve_weights_file, some_names)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -470,8 +470,8 @@ def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, r
     empty = empty_defect_masks(data)
     if empty:
         tqdm.write(f"[run_test] note: {class_name}: {len(empty)} anomalous image(s) have no "
-                   f"defect pixel in their ground-truth mask as scored ({', '.join(empty[:3])}"
-                   f"{', ...' if len(empty) > 3 else ''}): the pixel metrics never see their "
+                   f"defect pixel in their ground-truth mask as scored ({some_names(empty, 3)}"
+                   "): the pixel metrics never see their "
                    "defects. Check the masks, or the images' shape: the centre crop (as the "
                    "paper's) drops the sides of a non-square image", file=sys.stderr)
 

@@ -881,8 +881,8 @@ def _capped(items: Sequence[str], limit: int) -> list[str]:
                                   if len(items) > limit else [])
 
 
-def _some_names(names: list[str], limit: int = 10) -> str:
-    """The first `limit` names for an error message, on one line."""
+def some_names(names: Sequence[str], limit: int = 10) -> str:
+    """The first `limit` names for a message, on one line, then how many more."""
     return ", ".join(_capped(names, limit))
 
 
@@ -905,10 +905,10 @@ def resolve_weights_file(path: str, flag: str, pattern: str = "*.pt") -> str:
         if not held:
             raise MissingFileError(f"{flag} {folder} is empty: see weights/README.md")
         raise MissingFileError(f"{folder} holds no file matching {pattern} (it holds "
-                               f"{_some_names(held)}): name the file with {flag}")
+                               f"{some_names(held)}): name the file with {flag}")
     if len(found) > 1:
         raise MissingFileError(f"{folder} holds {len(found)} files matching {pattern} "
-                               f"({_some_names([os.path.basename(f) for f in found])}): name "
+                               f"({some_names([os.path.basename(f) for f in found])}): name "
                                f"one with {flag}")
     return found[0]
 

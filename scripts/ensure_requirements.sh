@@ -32,8 +32,9 @@ for line in Path("requirements.txt").read_text().splitlines():
         print(line)
 PYEOF
 ); then
-    echo "[$(basename "$0")] could not check requirements.txt with $PY; installing all of it" >&2
-    to_install=$(sed -e 's/#.*//' requirements.txt)
+    echo "[$(basename "$0")] could not check requirements.txt with $PY (above); install it" \
+         "yourself: $PY -m pip install -r requirements.txt" >&2
+    exit 1
 fi
 reqs=()
 while read -r req_line; do  # read trims the spaces around a line

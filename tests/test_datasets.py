@@ -1139,7 +1139,7 @@ def test_files_of_other_types_are_named_in_a_note_once_per_folder(mvtec_root, ca
     captured = capsys.readouterr()
     assert captured.err == (
         f"[data] note: {broken}: left out 4 file(s) not of an image type "
-        ".png/.jpg/.jpeg/.bmp/.tif/.tiff (002.webp, 003.heic, 004.avif, ...); convert any "
+        ".png/.jpg/.jpeg/.bmp/.tif/.tiff (002.webp, 003.heic, 004.avif, ... 1 more); convert any "
         "image among them to PNG to use it\n")
     assert captured.out == ""
 
@@ -1168,7 +1168,8 @@ def test_images_at_other_folder_depths_are_named_in_a_note(mvtec_root, train_roo
         assert len(TrainImageDataset(str(train_root), ["carpet"])) == 3
     assert capsys.readouterr().err == (
         f"[data] note: {carpet}: left out 4 image(s) in sub-folders (sub/000.png, "
-        "sub/001.png, sub/002.png, ...): only the images directly in it are read; move them "
+        "sub/001.png, sub/002.png, ... 1 more): only the images directly in it are read; "
+        "move them "
         "into it to use them\n")
 
 
@@ -1273,3 +1274,10 @@ def test_a_transparent_background_stored_white_is_background_whatever_its_colour
         Image.fromarray(rgba, "RGBA").save(tmp_path / "white_bg.png")
         got = np.asarray(datasets.open_mask(str(tmp_path / "white_bg.png"))) > 0
         assert got[10:20, 10:20].all() and got.sum() == 100, paint
+    rgba = np.zeros((64, 64, 4), np.uint8)  # opaque black with a white defect ...
+    rgba[..., 3] = 255
+    rgba[20:30, 20:30, :3] = 255
+    rgba[:8, :, 3] = 0  # ... and a transparent margin: the colours draw the mask
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "margin.png")
+    got = np.asarray(datasets.open_mask(str(tmp_path / "margin.png"))) > 0
+    assert got[20:30, 20:30].all() and got.sum() == 100

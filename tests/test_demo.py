@@ -194,3 +194,14 @@ def test_requirements_are_installed_when_one_is_missing_or_out_of_range(tmp_path
         assert logged == (f"-m pip install -q {installed}\n" if installed else None), (
             requirements)
         assert (tmp_path / "pip.log").exists() == bool(installed)
+    # a check that cannot run stops: installing every line would bring the headless
+    # OpenCV beside another one again
+    (tmp_path / "requirements.txt").write_text("numpy>=>1\n")
+    (tmp_path / "pip.log").unlink(missing_ok=True)
+    run = subprocess.run(["bash", "-c", f"set -euo pipefail; source "
+                          f"{ROOT}/scripts/ensure_requirements.sh; echo went on"],
+                         cwd=tmp_path, env={**os.environ, "PYTHON": str(stub)},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "went on" not in run.stdout
+    assert "could not check requirements.txt" in run.stderr
+    assert not (tmp_path / "pip.log").exists()

@@ -13,6 +13,7 @@ from PIL import Image
 import datasets
 import predict
 import protocols
+import protoflow
 import run_test
 import utils
 
@@ -91,6 +92,34 @@ def test_each_class_gets_its_own_threshold_and_table_6_mask_ratio(tiny_world, tm
         same = float(at_screws[key]["pmad_score"]) == pytest.approx(float(row["pmad_score"]),
                                                                    abs=1e-6)
         assert same == (key[0] == "screw"), key
+
+
+def test_every_class_s_prototypes_are_checked_and_dropped_before_scoring(tiny_world, tmp_path,
+                                                                          monkeypatch, capsys):
+    """A class without prototypes fails before any image is scored, and the check leaves
+    no class's prototypes held in memory (they load one class at a time as it is
+    scored): ProtoFlow.check_prototypes, as run_test.py."""
+    protos, inbox = tmp_path / "prototypes", tmp_path / "inbox"
+    shutil.copytree(tiny_world.prototypes_dir / "coins", protos / "coins")
+    for cls in ("coins", "zzz"):
+        shutil.copytree(tiny_world.mvtec_root / "coins" / "test" / "good", inbox / cls)
+    monkeypatch.setattr(predict, "_score_into", lambda *a: pytest.fail("scored"))
+    argv = [str(inbox), "--class_from_folder", "--output_dir", str(tmp_path / "out"),
+            *tiny_world.model_argv(), "--prototypes_dir", str(protos)]
+    assert predict.main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: no prototypes for class 'zzz'")
+    held = {}
+    original = protoflow.ProtoFlow.check_prototypes
+
+    def recording(self, classes):
+        original(self, classes)
+        held.update(checked=list(classes), kept=dict(self._prototypes))
+        raise KeyboardInterrupt  # stop here: what was checked and kept is known
+
+    monkeypatch.setattr(protoflow.ProtoFlow, "check_prototypes", recording)
+    shutil.rmtree(inbox / "zzz")
+    assert predict.main(argv) == 130  # as Ctrl-C
+    assert held == {"checked": ["coins"], "kept": {}}
 
 
 def test_random_masks_follow_the_image_not_the_batch(tiny_world):
