@@ -48,6 +48,7 @@ CACHE_IMAGES = ("none", *IMAGE_CACHES)  # run_pretraining.py --cache_images
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_DIRS = ("good", "ok")  # normal-image folder: MVTec AD / MPDD, BTAD
 JUNK_DIRS = ("__MACOSX",)  # beside the hidden folders: never data (is_junk_dir)
+JUNK_FILES = ("thumbs.db", "desktop.ini")  # beside the hidden files (is_junk_file)
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a camera image is turned for viewing
 LABEL_MAP_VALUES = 16  # the largest id of a label map (mask_defects)
 
@@ -156,7 +157,7 @@ def list_images(folder: str, keep_dangling: bool = False) -> list[str]:
     images, dangling, other, nested = [], [], [], []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if name.startswith(".") or os.path.isdir(path):
+        if is_junk_file(name) or os.path.isdir(path):
             if not is_junk_dir(name) and os.path.isdir(path):
                 nested += _images_below(path, folder)
             continue
@@ -217,8 +218,9 @@ def note_centre_crop(folder: str, images: Sequence[str]) -> None:
     middle = f"{low}" if low == high else f"{low}-{high}"
     _note_once(folder, f"{len(kept)} of {len(images)} images are not square; the centre "
                        f"crop (as the paper's) scores the middle {middle} % of each (drops up "
-                       f"to {100 - low} % of the area): crop or pad them to square beforehand "
-                       "to score all of it")
+                       f"to {100 - low} % of the area). A benchmark (VisA, BTAD) is scored so "
+                       "as published; to score all of your own images, crop or pad them to "
+                       "square beforehand")
 
 
 def _shared_keys(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
@@ -263,6 +265,13 @@ def note_left_out(folder: str, names: Sequence[str]) -> None:
         _note_once(folder, f"left out {len(names)} file(s) not of an image type "
                            f"{'/'.join(IMAGE_EXTENSIONS)} ({some_names(names, 3)}); convert "
                            "any image among them to PNG to use it")
+
+
+def is_junk_file(name: str) -> bool:
+    """Whether a file named `name` is a system's, never the user's data: hidden files
+    (macOS '._000.png', '.DS_Store') and Windows' Thumbs.db and desktop.ini, which a note
+    would otherwise ask to convert to PNG."""
+    return name.startswith(".") or name.lower() in JUNK_FILES
 
 
 def is_junk_dir(name: str) -> bool:
@@ -452,10 +461,16 @@ def mask_problem(mask: str | io.BytesIO, image_path: str, mask_name: str | None 
         return f"{name} (mask of {image_path}) is unreadable: {_unreadable(e)}"
     try:
         with Image.open(image_path) as img:
-            image_size = oriented_size(img)
+            image_size, stored = oriented_size(img), img.size
     except Exception:
         return image_problem(image_path) if image_required else None
-    return _aspect_problem(mask_size, name, image_size, image_path)
+    problem = _aspect_problem(mask_size, name, image_size, image_path)
+    if problem and image_size != stored and _aspect_problem(mask_size, name, stored,
+                                                            image_path) is None:
+        problem += (f" (it is stored {stored[0]}x{stored[1]}, turned by its EXIF orientation "
+                    "as a viewer shows it: the mask was drawn on the stored pixels; save the "
+                    "mask turned the same way, or the image upright without the tag)")
+    return problem
 
 
 def image_problem(image_path: str) -> str | None:

@@ -65,10 +65,10 @@ def _glob_base(pattern: str) -> str:
 
 
 def _other_files(files: list[str]) -> list[str]:
-    """The files among `files` that are not images and not hidden: named in a note, so
+    """The files among `files` that are not images nor a system's: named in a note, so
     that an image of another type (.webp) is not left out unseen."""
-    return [f for f in files if not _is_image(f) and not os.path.basename(f).startswith(".")
-            and os.path.isfile(f)]
+    return [f for f in files if not _is_image(f)
+            and not datasets.is_junk_file(os.path.basename(f)) and os.path.isfile(f)]
 
 
 def _walk_images(folder: str, keep_dangling: bool = False) -> tuple[list[str], list[str]]:

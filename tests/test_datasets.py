@@ -887,8 +887,15 @@ def test_exif_orientation_is_applied_to_images_masks_and_their_sizes(tmp_path):
     turned_mask = _exif_turned(tmp_path / "turned_mask.png", mask.T.copy()[:, ::-1].copy(), 8)
     np.testing.assert_array_equal(np.asarray(datasets.open_mask(str(turned_mask))), mask)
     _save(tmp_path / "stored_way.png", np.zeros((40, 80), np.uint8))
-    assert "is 80x40 but its image" in datasets.mask_problem(str(tmp_path / "stored_way.png"),
-                                                             str(photo))
+    # a mask drawn on the stored pixels (a tool that ignores EXIF): the message says why
+    # the sizes disagree, which the files' own sizes (both 80x40) do not
+    assert datasets.mask_problem(str(tmp_path / "stored_way.png"), str(photo)) == (
+        f"{tmp_path / 'stored_way.png'} is 80x40 but its image {photo} is 40x80: they cannot "
+        "be aligned (it is stored 80x40, turned by its EXIF orientation as a viewer shows it: "
+        "the mask was drawn on the stored pixels; save the mask turned the same way, or the "
+        "image upright without the tag)")
+    _save(tmp_path / "other.png", np.zeros((40, 100), np.uint8))  # fits neither: no hint
+    assert "EXIF" not in datasets.mask_problem(str(tmp_path / "other.png"), str(photo))
 
 
 def _late_exif_png(path: Path, stored: np.ndarray, orientation: int) -> Path:
@@ -1130,7 +1137,8 @@ def test_files_of_other_types_are_named_in_a_note_once_per_folder(mvtec_root, ca
     per folder, with the count and some names; hidden files are no images, noted or not."""
     broken = mvtec_root / "bottle" / "test" / "broken"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(broken / "002.webp")
-    for name in ("notes.txt", "003.heic", "004.avif", ".DS_Store", "._000.png"):
+    for name in ("notes.txt", "003.heic", "004.avif", ".DS_Store", "._000.png", "Thumbs.db",
+                 "desktop.ini"):  # the last four are a system's: not noted
         (broken / name).write_bytes(b"x")
     (broken / "sub").mkdir()  # a folder is no file left out
     datasets.check_test_classes(str(mvtec_root), ["bottle"])
@@ -1181,7 +1189,8 @@ def test_non_square_images_are_named_in_a_note_once_per_class_folder(mvtec_root,
     for _ in range(2):
         ds = _pretrain(train_root)
     crop = ("the centre crop (as the paper's) scores the middle {} % of each (drops up to "
-            "{} % of the area): crop or pad them to square beforehand to score all of it")
+            "{} % of the area). A benchmark (VisA, BTAD) is scored so as published; to score "
+            "all of your own images, crop or pad them to square beforehand")
     assert capsys.readouterr().err == (
         f"[data] note: {train_root / 'train' / 'bottle'}: 3 of 3 images are not square; "
         + crop.format(67, 33) + "\n")

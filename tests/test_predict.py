@@ -323,10 +323,10 @@ def test_an_image_link_to_a_missing_file_is_an_error_in_a_folder_or_a_glob(tmp_p
 
 def test_files_of_other_types_are_named_in_a_note(tmp_path, capsys):
     """A .webp photo among the images is not scored, so it is named on stderr, from a
-    folder input and from a glob alike; hidden files and predict.py's own outputs in an
-    --output_dir inside the folder are not."""
+    folder input and from a glob alike; hidden files, Windows' Thumbs.db and desktop.ini
+    and predict.py's own outputs in an --output_dir inside the folder are not."""
     _touch(tmp_path, "in/a/1.png", "in/a/2.webp", "in/b/notes.txt", "in/a/.DS_Store",
-           "in/pred/predictions.csv")
+           "in/a/Thumbs.db", "in/b/desktop.ini", "in/pred/predictions.csv")
     found = predict.find_images([str(tmp_path / "in")], "x", False, str(tmp_path / "in/pred"))
     assert [name for _, name in found["x"]] == ["a_1"]
     assert capsys.readouterr().err == (
