@@ -749,11 +749,18 @@ def test_8_bit_values_in_a_16_or_32_bit_file_are_refused_not_read_black(tmp_path
                        rf"read by its top 8 bits, as every 16-bit image is, it would be all "
                        rf"black; {fix}"):
         datasets.open_rgb(str(tmp_path / "cv2.png"))
+    # found up front too (check_test_classes), for a normal image and a defective one,
+    # not when its class is reached: such images alone are decoded by the check
+    assert datasets.image_problem(str(tmp_path / "cv2.png")).endswith(f"all black; {fix} (x 257)")
+    _save(tmp_path / "cv2_mask.png", np.zeros((64, 64), np.uint8))
+    assert "values no larger than 255" in datasets.mask_problem(
+        str(tmp_path / "cv2_mask.png"), str(tmp_path / "cv2.png"), image_required=True)
     Image.fromarray((ramp // 2).astype(np.int32)).save(tmp_path / "i32.tif")
     with pytest.raises(BadFileError, match=r"i32.tif holds I values no larger than 127: "):
         datasets.open_rgb(str(tmp_path / "i32.tif"))
     Image.fromarray(np.zeros((8, 8), np.uint16)).save(tmp_path / "black.png")
     assert np.asarray(datasets.open_rgb(str(tmp_path / "black.png"))).max() == 0
+    assert datasets.image_problem(str(tmp_path / "black.png")) is None
     ramp[0, 0] = 256
     Image.fromarray(ramp).save(tmp_path / "top256.png")
     got = np.asarray(datasets.open_rgb(str(tmp_path / "top256.png")))
