@@ -162,7 +162,7 @@ def list_images(folder: str, keep_dangling: bool = False) -> list[str]:
                 nested += _images_below(path, folder)
             continue
         link = dangling_link(path)
-        if not name.lower().endswith(IMAGE_EXTENSIONS) or not (os.path.isfile(path) or link):
+        if not is_image_name(name) or not (os.path.isfile(path) or link):
             other.append(name)
         elif link and not keep_dangling:
             dangling.append(link)
@@ -180,11 +180,17 @@ def list_images(folder: str, keep_dangling: bool = False) -> list[str]:
     return images
 
 
+def is_image_name(name: str) -> bool:
+    """Whether a file named `name` is taken as an image: one of IMAGE_EXTENSIONS, not a
+    system's file (is_junk_file: macOS's '._000.png' companions)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not is_junk_file(name)
+
+
 def loose_images(folder: str) -> list[str]:
-    """The names of the image files directly in `folder` (not hidden), sorted: images
-    beside the folders that a layout reads (<class>/test/002.png), which it leaves out."""
-    return [n for n in sorted(os.listdir(folder)) if not n.startswith(".")
-            and n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, n))]
+    """The names of the image files directly in `folder`, sorted: images beside the
+    folders that a layout reads (<class>/test/002.png), which it leaves out."""
+    return [n for n in sorted(os.listdir(folder))
+            if is_image_name(n) and os.path.isfile(os.path.join(folder, n))]
 
 
 def _images_below(folder: str, start: str) -> list[str]:
@@ -194,7 +200,7 @@ def _images_below(folder: str, start: str) -> list[str]:
     for parent, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not is_junk_dir(d))
         found += [os.path.relpath(os.path.join(parent, n), start) for n in sorted(names)
-                  if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+                  if is_image_name(n)]
     return found
 
 

@@ -49,8 +49,7 @@ class InputError(utils.UserError, ValueError):
 
 
 def _is_image(path: str) -> bool:
-    name = os.path.basename(path)
-    return name.lower().endswith(datasets.IMAGE_EXTENSIONS) and not name.startswith(".")
+    return datasets.is_image_name(os.path.basename(path))
 
 
 def _glob_base(pattern: str) -> str:
