@@ -166,8 +166,9 @@ def test_requirements_are_installed_when_one_is_missing_or_out_of_range(tmp_path
     under 'numpy>=99' passed and nothing was installed. Now a version outside its range is
     installed too (into $PYTHON, here a stub that logs pip's call), and only the lines
     that need it. opencv-python-headless is met by another OpenCV build in range (here a
-    fake opencv-python 100.0 on PYTHONPATH): installing the headless one beside it made
-    two packages own cv2."""
+    fake opencv-python 100.0 on PYTHONPATH, then a contrib one), however the line spells
+    its name: installing the headless one beside it made two packages own cv2. A
+    pre-release in range (NVIDIA's containers' torch 2.x.0a0) meets its line."""
     stub = tmp_path / "python"
     stub.write_text(f'#!/bin/sh\nif [ "$1" = -m ]; then echo "$@" >> {tmp_path}/pip.log; '
                     f'exit 0; fi\nexec {sys.executable} "$@"\n')
@@ -176,10 +177,17 @@ def test_requirements_are_installed_when_one_is_missing_or_out_of_range(tmp_path
     (fake / "opencv_python-100.0.dist-info").mkdir(parents=True)
     (fake / "opencv_python-100.0.dist-info" / "METADATA").write_text(
         "Metadata-Version: 2.1\nName: opencv-python\nVersion: 100.0\n")
+    # a pre-release build (as NVIDIA's containers' torch 2.x.0a0) is in its range too
+    (fake / "prerelease_pkg-100.0rc1.dist-info").mkdir()
+    (fake / "prerelease_pkg-100.0rc1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: prerelease-pkg\nVersion: 100.0rc1\n")
     cases = {"numpy>=1.0  # comment\n\ntqdm\n": None,
              "numpy>=99\ntqdm\n": "numpy>=99",
              "tqdm\nno-such-package-here>=1 \n": "no-such-package-here>=1",
              "opencv-python-headless>=99\n": None,
+             "OpenCV-Python-Headless>=99\n": None,  # names are case-insensitive
+             "prerelease-pkg>=1\n": None,
+             "prerelease-pkg>=101\n": "prerelease-pkg>=101",
              "opencv-python-headless>=101\nnumpy>=99\n": "opencv-python-headless>=101 numpy>=99"}
     for requirements, installed in cases.items():
         (tmp_path / "requirements.txt").write_text(requirements)
@@ -194,6 +202,25 @@ def test_requirements_are_installed_when_one_is_missing_or_out_of_range(tmp_path
         assert logged == (f"-m pip install -q {installed}\n" if installed else None), (
             requirements)
         assert (tmp_path / "pip.log").exists() == bool(installed)
+    # the contrib build alone meets it too
+    contrib = tmp_path / "site_contrib" / "opencv_contrib_python-100.0.dist-info"
+    contrib.mkdir(parents=True)
+    (contrib / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: opencv-contrib-python\nVersion: 100.0\n")
+    # and so does the pre-release where packaging is missing (pip's own copy, whose
+    # specifiers leave pre-releases out unless told)
+    (tmp_path / "no_packaging" / "packaging").mkdir(parents=True)
+    (tmp_path / "no_packaging" / "packaging" / "__init__.py").write_text("raise ImportError\n")
+    for requirement, path in (("opencv-python-headless>=99", contrib.parent),
+                              ("prerelease-pkg>=1", f"{tmp_path / 'no_packaging'}:{fake}")):
+        (tmp_path / "requirements.txt").write_text(requirement + "\n")
+        (tmp_path / "pip.log").unlink(missing_ok=True)
+        run = subprocess.run(["bash", "-c", f"set -euo pipefail; source "
+                              f"{ROOT}/scripts/ensure_requirements.sh"],
+                             cwd=tmp_path, env={**os.environ, "PYTHON": str(stub),
+                                                "PYTHONPATH": str(path)},
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0 and not (tmp_path / "pip.log").exists(), run.stderr
     # a check that cannot run stops: installing every line would bring the headless
     # OpenCV beside another one again
     (tmp_path / "requirements.txt").write_text("numpy>=>1\n")

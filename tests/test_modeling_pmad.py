@@ -165,6 +165,24 @@ def test_init_ckpt_lm_head_of_another_width_is_another_model_not_a_vocabulary(tm
         "there, (1, 1, 192)" in str(err.value) and "visual tokens" not in str(err.value)
 
 
+def test_init_ckpt_check_builds_the_runs_image_size_and_layer_scale(tmp_path):
+    """run_pretraining.py's early check of --init_ckpt fits the run's own model: another
+    --input_size (another relative position table) and --layer_scale_init_value 0 (no
+    gammas to load the file's into) are refused before any image is tokenized, as the
+    load itself would refuse them later."""
+    path = tmp_path / "beit.pth"
+    torch.save({"model": build().state_dict()}, path)
+    modeling_pmad.check_init_checkpoint(TINY, str(path), 224, 0.1)
+    with pytest.raises(CheckpointError) as err:
+        modeling_pmad.check_init_checkpoint(TINY, str(path), 112, None)
+    assert ("is of another model size or image size: 'rel_pos_bias.relative_position_bias_"
+            "table' has shape (732, 3) there, (172, 3) in this run's") in str(err.value)
+    with pytest.raises(CheckpointError) as err:
+        modeling_pmad.check_init_checkpoint(TINY, str(path), 224, 0.0)
+    assert "(24 unexpected: blocks.0.gamma_1, blocks.0.gamma_2, blocks.1.gamma_1, " \
+        "blocks.1.gamma_2, blocks.2.gamma_1, blocks.2.gamma_2, ... 18 more)" in str(err.value)
+
+
 @pytest.mark.parametrize("name, dim, heads", [(TINY, 192, 3),
                                               ("vit_small_patch16_224_8k_vocab", 384, 6)])
 def test_small_configs(name, dim, heads):

@@ -767,7 +767,8 @@ def test_commands_normalise_images_as_the_encoder_was_trained(cli, tmp_path, mon
     """tf_efficientnet_lite0 was trained on inputs in [-1, 1] (timm: mean = std = 0.5):
     its prototypes, flow training and held-out scores see images normalised so, and
     coreset.json and the ProtoFlow file record it. Prototypes recorded (or, in an older
-    coreset.json, unrecorded, so ImageNet-) normalised otherwise are refused."""
+    coreset.json, unrecorded, so ImageNet-) normalised otherwise are refused, by the
+    ProtoFlow file and by a flow's training."""
     half = ((0.5,) * 3, (0.5,) * 3)
     seen = []
     for name in ("build_transforms", "flow_train_transform"):
@@ -793,6 +794,11 @@ def test_commands_normalise_images_as_the_encoder_was_trained(cli, tmp_path, mon
                        r"0.225\]; this ProtoFlow normalises them with mean \[0.5, 0.5, 0.5\]"
                        r".*rebuild it with `python run_protoflow.py prototypes "):
         pf.ProtoFlow(out, str(protos)).prototypes("brick")
+    with pytest.raises(CheckpointError, match=r"brick/coreset.npy was made from images "
+                       r"normalised with mean \[0.485, 0.456, 0.406\], std \[0.229, 0.224, "
+                       r"0.225\]; this ProtoFlow normalises them with mean \[0.5, 0.5, 0.5\]"):
+        rpf.main(["train", *common, "--prototypes_dir", str(protos), "--epochs", "1",
+                  "--n_blocks", "1", "--output", str(tmp_path / "again.pt")])  # nor trains
 
 
 def test_commands_take_the_train_folder_as_data_path(cli, capsys):
@@ -869,8 +875,9 @@ def test_train_resumes_exactly_after_a_crash(cli, monkeypatch):
 
 
 def test_resume_refuses_training_images_changed_after_the_crash(cli, monkeypatch, tmp_path):
-    """Same --data_path, other files: a rewritten image, then an added one, are refused
-    by name and count; the very same files again resume exactly."""
+    """Same --data_path, other files: a rewritten image, then an added one, then a
+    held-out one touched, are refused by name and count; the very same files again
+    resume exactly."""
     data = tmp_path / "data"
     shutil.copytree(os.path.join(cli["root"], "data"), data)  # copy2: mtimes kept
     train = list(cli["train"])
@@ -899,9 +906,55 @@ def test_resume_refuses_training_images_changed_after_the_crash(cli, monkeypatch
     (data / "train" / "brick" / "005.png").unlink()
     image.write_bytes(original)
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    held_image = data / "train" / "brick" / held["held_out"][0]  # the threshold's images
+    held_stat = held_image.stat()
+    os.utime(held_image, ns=(held_stat.st_atime_ns, held_stat.st_mtime_ns + 10 ** 9))
+    with pytest.raises(CheckpointError) as err:
+        rpf.main(argv)
+    assert (f"holds now: 2 -> 2 held-out images (rewritten train/brick/{held_image.name}); "
+            "resume on") in str(err.value)
+    os.utime(held_image, ns=(held_stat.st_atime_ns, held_stat.st_mtime_ns))
     resumed = rpf.main(argv)
     for key, value in cli["trained"]["decoder_state_dict"].items():
         assert torch.equal(resumed["decoder_state_dict"][key], value), key
+
+
+def test_training_files_tell_each_change_of_each_split(tmp_path):
+    """The resume fingerprint: per split, each image's path under the root (classes may
+    share file names), size and mtime, so that a rewrite of the same size counts too; the
+    difference names what was added, removed or rewritten, a few names of each."""
+    folder = tmp_path / "train" / "brick"
+    folder.mkdir(parents=True)
+    for name in ("0.png", "1.png"):
+        (folder / name).write_bytes(b"x" * 10)
+    (tmp_path / "train" / "gravel").mkdir()
+    (tmp_path / "train" / "gravel" / "0.png").write_bytes(b"x" * 12)
+
+    class Images:  # what training_files reads of a TrainImageDataset
+        samples = [(str(p), 0) for p in sorted((tmp_path / "train").rglob("*.png"))]
+
+    def files(kept: list[int], held: list[int]) -> dict:
+        return rpf.training_files(Images, kept, held, str(tmp_path))
+
+    before = files([0, 2], [1])
+    ns = {k: (tmp_path / k).stat().st_mtime_ns for k in
+          ("train/brick/0.png", "train/brick/1.png", "train/gravel/0.png")}
+    assert before == {"kept": {"train/brick/0.png": [10, ns["train/brick/0.png"]],
+                               "train/gravel/0.png": [12, ns["train/gravel/0.png"]]},
+                      "held_out": {"train/brick/1.png": [10, ns["train/brick/1.png"]]}}
+    (folder / "1.png").write_bytes(b"y" * 10)  # the same size, other bytes, a later mtime
+    os.utime(folder / "1.png", ns=(0, ns["train/brick/1.png"] + 10 ** 9))
+    after = files([0, 2], [1])
+    assert after["kept"] == before["kept"]
+    assert rpf._files_changed(before, after) == (
+        "1 -> 1 held-out images (rewritten train/brick/1.png)")
+    assert rpf._files_changed(before, files([0], [1])) == (
+        "2 -> 1 training images (removed train/gravel/0.png); 1 -> 1 held-out images "
+        "(rewritten train/brick/1.png)")
+    many = {"kept": {f"train/brick/{i}.png": [1, 1] for i in range(4)}, "held_out": {}}
+    assert rpf._files_changed({"kept": {}, "held_out": {}}, many) == (
+        "0 -> 4 training images (added train/brick/0.png, train/brick/1.png, "
+        "train/brick/2.png and 1 more)")
 
 
 def test_resume_refuses_other_prototypes_or_skip_bad_images_or_an_older_file(

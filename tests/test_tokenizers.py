@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from timm.models.beit import Beit
 
 import conftest
@@ -515,7 +516,7 @@ def test_kmeans_stride16_features_need_no_pooling(tmp_path):
 def test_kmeans_features_follow_the_backbones_normalisation(tmp_path, kmeans_file):
     """A TF-ported backbone was trained on inputs in [-1, 1] (timm: mean = std = 0.5); its
     tokenizer records that and tokenizes so. A file from before normalisation was recorded
-    was fitted on ImageNet-normalised inputs, and is read so."""
+    was fitted on ImageNet-normalised inputs, and is read so, whatever its backbone."""
     batches = [token_images(4, 224, seed=s) for s in (0, 1)]
     path = fit_kmeans_tokenizer(batches, tmp_path / "tf.pth", vocab_size=8, iters=3,
                                 backbone="tf_efficientnet_lite0",
@@ -531,10 +532,38 @@ def test_kmeans_features_follow_the_backbones_normalisation(tmp_path, kmeans_fil
     torch.save(obj, tmp_path / "older.pth")
     older = create_tokenizer("kmeans", tmp_path / "older.pth")
     assert torch.equal(older.get_codebook_indices(images), _expected_tokens(older, images, 4))
+    tf_obj = torch.load(path, weights_only=True)  # the TF backbone's file, from before too
+    del tf_obj["normalization"]
+    torch.save(tf_obj, tmp_path / "tf_older.pth")
+    tf_older = create_tokenizer("kmeans", tmp_path / "tf_older.pth")
+    assert torch.equal(tf_older.get_codebook_indices(images),
+                       _expected_tokens(tf_older, images, 4))  # ImageNet's, as fitted then
     torch.save(dict(obj, normalization={"mean": [0.5] * 3}), tmp_path / "bad.pth")
     with pytest.raises(utils.CheckpointError, match=r"bad.pth: 'normalization' .*damaged: "
                        "fit the tokenizer again"):
         create_tokenizer("kmeans", tmp_path / "bad.pth")
+
+
+def test_kmeans_fit_on_a_folder_takes_a_vocabulary_of_at_most_its_patches(tmp_path):
+    """Two 32 px images give 2 * 2 * 2 = 8 patches (one feature each): a vocabulary of
+    8 codes is fitted, one of 9 is refused before any feature is computed."""
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(2):
+        pixels = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    root = str(tmp_path)  # holding train/<class>/
+    path = dv.fit_kmeans_on_folder(root, ["a"], str(tmp_path / "k8.pth"), vocab_size=8,
+                                   image_size=32)
+    assert torch.load(path, weights_only=True)["codebook"].shape == (8, 24)
+    with pytest.raises(utils.FlagError) as err:
+        dv.fit_kmeans_on_folder(root, ["a"], str(tmp_path / "k9.pth"), vocab_size=9,
+                                image_size=32)
+    assert str(err.value).startswith(
+        "--kmeans_vocab_size 9 (demo.sh: KMEANS_VOCAB) needs at least as many training "
+        f"patches; 2 images of {root} give 8: pass a smaller vocabulary")
+    assert not (tmp_path / "k9.pth").exists()
 
 
 def test_kmeans_rejects_other_files(tmp_path, tiny_vqkd, kmeans_file):

@@ -173,15 +173,16 @@ class _ScaledLogits(torch.nn.Module):
         return (self.scale * self.w).expand(int(bool_masked_pos.sum()), 4)
 
 
-def _sgd_step(scale: float, clip_grad: float | None) -> tuple[engine.StepOutput, torch.Tensor]:
+def _sgd_step(scale: float, clip_grad: float | None, scaler: torch.amp.GradScaler | None = None
+              ) -> tuple[engine.StepOutput, torch.Tensor]:
     """One train_step with plain SGD at lr 1: the update is minus the clipped gradient."""
     model = _ScaledLogits(scale)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     masks = torch.zeros(2, 4, dtype=torch.bool)
     masks[0, 1] = masks[1, 2] = masks[1, 3] = True
     out = engine.train_step(model, torch.zeros(2, 3, 2, 2), torch.zeros(2, 4, dtype=torch.long),
-                            _mask_batch(masks), opt, utils.make_grad_scaler("cpu", "none"),
-                            clip_grad=clip_grad)
+                            _mask_batch(masks), opt,
+                            scaler or utils.make_grad_scaler("cpu", "none"), clip_grad=clip_grad)
     return out, model.w.detach().clone()  # the update, since w started at 0
 
 
@@ -197,6 +198,23 @@ def test_a_huge_gradient_is_clipped_to_clip_grad():
         torch.testing.assert_close(unclipped, -1e4 * grad)
     _, small = _sgd_step(1.0, clip_grad=3.0)  # below the limit: left as it is
     torch.testing.assert_close(small, -grad)
+
+
+def test_a_loss_scaler_overflow_to_inf_is_a_skipped_step():
+    """fp16's scaler skips a step whose scaled gradient overflowed; here to -inf, not NaN
+    (2**127 times w[0]'s gradient 4 * -0.75 is beyond float32): a skipped step (its
+    grad_norm inf, left out of the epoch's average), not a failed one, and the weights
+    stay as they were. A step that did not overflow is not skipped."""
+    out, update = _sgd_step(4.0, clip_grad=3.0,
+                            scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 127))
+    assert out.grad_norm.item() == math.inf
+    assert bool(out.skipped) and not bool(out.failed)
+    assert torch.equal(update, torch.zeros(4))
+    out, update = _sgd_step(1.0, clip_grad=3.0,
+                            scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 16))
+    assert not bool(out.skipped) and not bool(out.failed)
+    assert out.grad_norm.item() == pytest.approx(math.sqrt(0.75), rel=1e-6)
+    torch.testing.assert_close(update, -torch.tensor([-0.75, 0.25, 0.25, 0.25]))
 
 
 def test_loss_all_ranks_is_the_sum_over_ranks(two_rank_world):
@@ -418,10 +436,14 @@ def test_a_fresh_start_sets_the_earlier_runs_files_aside(env, tmp_path, monkeypa
     out, tb = tmp_path / "out", tmp_path / "out" / "tb"
     common = ("--epochs", "4", "--save_ckpt_freq", "2", "--log_dir", str(tb))
     _record_epochs(monkeypatch)
+    capsys.readouterr()
     run_pretraining.main(_args(env, str(out), *common))  # A
+    # each epoch's line names its numbered checkpoint where one was written
+    assert [line.rsplit(" -> ", 1)[1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("[epoch ")] == [
+        str(out / f"checkpoint-{n}.pth") for n in ("last", 1, "last", 3)]
     record = _crash_at_epoch(monkeypatch, 2)
     b = ("--lr", "5e-4", *common)
-    capsys.readouterr()
     with pytest.raises(_Crash):
         run_pretraining.main(_args(env, str(out), *b, "--no_auto_resume"))
     previous = [p for p in os.listdir(out) if p.startswith("previous-")]
@@ -652,6 +674,14 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(env, monkeypatch):
     assert all(torch.equal(loaded[k], v) for k, v in ckpt["model"].items())
 
 
+def test_a_non_finite_loss_before_any_checkpoint_advises_a_fixed_re_run(tmp_path):
+    """No epoch finished, so no checkpoint to start from (not `--init_ckpt None`): the
+    fixes and a re-run, which has nothing to resume."""
+    assert engine.non_finite_advice(str(tmp_path)) == (
+        f"No checkpoint was written in {tmp_path} yet. Fix the cause (--amp bf16 or none "
+        "instead of fp16, a lower --lr, the named images left out or replaced) and re-run")
+
+
 def _refused_before_tokenizing(args, monkeypatch, capsys) -> str:
     """Run through the command line's error handling with a tokenizer that must not be
     built; -> the `error:` line(s) it printed, having exited 2."""
@@ -841,6 +871,19 @@ def test_a_min_lr_above_lr_is_refused_before_tokenizing(env, tmp_path, monkeypat
         "rate from --lr down to --min_lr; pass a --min_lr of at most --lr\n")
 
 
+def test_a_min_lr_equal_to_lr_passes_the_checks(env, tmp_path, monkeypatch):
+    """--min_lr may be --lr itself (a constant rate after the warm-up, "at most --lr"):
+    the checks pass it on to the tokenizer."""
+    def reached(*_, **__):
+        raise _Crash
+
+    monkeypatch.setattr(run_pretraining.modeling_discrete_vae, "create_tokenizer", reached)
+    args = _args(env, str(tmp_path / "out"), "--min_lr", "1e-3")
+    assert args.min_lr == args.lr == 1e-3
+    with pytest.raises(_Crash):
+        run_pretraining.main(args)
+
+
 def test_a_file_as_log_or_token_cache_folder_is_refused_before_tokenizing(env, tmp_path,
                                                                           monkeypatch, capsys):
     afile = tmp_path / "a_file"
@@ -863,7 +906,8 @@ def test_a_file_as_log_or_token_cache_folder_is_refused_before_tokenizing(env, t
 def test_each_setting_trains_on_exactly_its_classes(env, tmp_path, monkeypatch, setting,
                                                      extra, expected):
     """The epoch is replaced by a pass over its batches (training itself is covered
-    above): what reaches the training step is exactly the setting's classes."""
+    above): what reaches the training step is exactly the setting's classes, and the
+    checkpoint's arguments record them."""
     seen: list[str] = []
 
     def one_pass(model, data_loader, optimizer, scaler, policy, config, **k):
@@ -879,6 +923,8 @@ def test_each_setting_trains_on_exactly_its_classes(env, tmp_path, monkeypatch, 
     assert sorted(seen) == sorted(expected)  # one image per class, each seen once
     ckpt = utils.load_checkpoint_file(os.path.join(tmp_path, "checkpoint-last.pth"))
     assert ckpt["masking"]["dynamic_masking"]["class_names"] == sorted(expected)
+    # run_test.py refuses to score one of these as an unseen class
+    assert ckpt["args"].get("train_classes") == sorted(expected)
 
 
 def _first_batches(loader, n: int):
@@ -1262,6 +1308,19 @@ def test_init_ckpt_loads_a_beit_checkpoint(env, tmp_path, monkeypatch):
     loaded = calls[0]["model"].state_dict()
     for key, value in source.state_dict().items():
         assert torch.equal(loaded[key], value), key
+
+
+def test_a_resume_goes_on_without_the_init_ckpt_it_started_from(env, tmp_path, monkeypatch):
+    """--init_ckpt is read by a run's first start only: a resume (its weights are the
+    checkpoint's) is not refused when the file is gone since, e.g. on another node."""
+    calls = _record_epochs(monkeypatch)
+    _, path = _beit_like_file(tmp_path)
+    argv = [a for a in _argv(env, str(tmp_path / "out"), "--epochs", "1") if a != "--no_init"]
+    argv += ["--init_ckpt", str(path)]
+    run_pretraining.main(run_pretraining.get_args_parser().parse_args(argv))
+    path.unlink()
+    again = run_pretraining.main(run_pretraining.get_args_parser().parse_args(argv))
+    assert again["start_epoch"] == 1 and [c["epoch"] for c in calls] == [0]  # nothing to do
 
 
 def test_init_ckpt_in_the_output_dir_is_loaded_before_the_run_is_set_aside(env, tmp_path,
