@@ -463,6 +463,22 @@ def test_custom_refuses_mask_folders_and_images_beside_the_class_folders(tmp_pat
     assert not dst.exists()
 
 
+def test_custom_defect_folders_only_named_like_masks_are_defect_types(tmp_path):
+    """Only a folder named as a whole like ground-truth masks (masks, GT, ground_truth) is
+    refused: defect types 'masking_tape' and 'gts_dent' are copied as any other."""
+    src = _custom_set(tmp_path / "mine", {"gadget": 2})
+    for defect in ("masking_tape", "gts_dent"):
+        (src / "gadget" / defect).mkdir()
+        Image.new("RGB", (16, 16), 255).save(src / "gadget" / defect / "000.png")
+    assert not dataset_converters.MASK_FOLDER.fullmatch("masking_tape")
+    out = tmp_path / "mvtec"
+    plan = dataset_converters.plan_custom(str(src), str(out), test_fraction=0.5)
+    assert sorted(Path(b).relative_to(out).as_posix() for _, b in plan["gadget"]) == [
+        "gadget/test/good/001.png", "gadget/test/gts_dent/000.png",
+        "gadget/test/masking_tape/000.png", "gadget/test/scratch/000.png",
+        "gadget/test/scratch/001.png", "gadget/train/good/000.png"]
+
+
 def test_custom_checks_root_and_mask_zip_before_converting(tmp_path, capsys):
     """A missing or broken --fg_mask_zip, or a --root that is a file, was found only
     after the whole set was written to --data_path; now before."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, TiffImagePlugin
+from PIL import Image, ImageOps, TiffImagePlugin
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
@@ -736,6 +736,13 @@ def test_16_bit_grey_reads_by_its_bit_depth_not_its_maximum(tmp_path):
     Image.fromarray(ramp.astype(np.float32) / 65520).save(tmp_path / "float.tif")
     with pytest.raises(BadFileError, match="float.tif holds 32-bit float pixels"):
         datasets.open_rgb(str(tmp_path / "float.tif"))
+    # both found up front too (check_test_classes' header check decodes such images)
+    assert datasets.image_problem(str(tmp_path / "float.tif")) == (
+        f"{tmp_path / 'float.tif'} holds 32-bit float pixels, whose range the file does not "
+        "give: save it as an 8- or 16-bit image")
+    assert datasets.image_problem(str(path)) == (
+        f"{path} holds I values from 0 to 131040, outside 16 bits: save it as an 8- or "
+        "16-bit image")
 
 
 def test_8_bit_values_in_a_16_or_32_bit_file_are_refused_not_read_black(tmp_path):
@@ -847,7 +854,7 @@ def test_palette_ids_are_categories_and_a_quantized_palette_reads_by_colour(tmp_
 def test_a_float_mask_reads_by_its_values_and_nan_or_negatives_are_refused(tmp_path):
     """A mode-F mask was converted to RGB, which truncates 0.9 to 0: an empty mask. Now
     its values count, with the masks' rule (two values: the larger; soft values: above
-    half the maximum); NaN and negative values are refused, naming the file."""
+    half the maximum); NaN, infinite and negative values are refused, naming the file."""
     values = np.zeros((8, 8), np.float32)
     values[:2] = 0.9
     Image.fromarray(values).save(tmp_path / "binary.tif")
@@ -865,6 +872,10 @@ def test_a_float_mask_reads_by_its_values_and_nan_or_negatives_are_refused(tmp_p
                        r"negative float values, where a mask's are 0 \(background\) or "
                        r"more: save it as an 8-bit mask"):
         datasets.open_mask(str(tmp_path / "nan.tif"))
+    values[0, 0], values[1, 1] = np.inf, 0.9
+    Image.fromarray(values).save(tmp_path / "inf.tif")
+    with pytest.raises(BadFileError, match=r"inf.tif: it holds infinite float values, where "):
+        datasets.open_mask(str(tmp_path / "inf.tif"))
 
 
 def _exif_turned(path: Path, stored: np.ndarray, orientation: int) -> Path:
@@ -903,6 +914,25 @@ def test_exif_orientation_is_applied_to_images_masks_and_their_sizes(tmp_path):
         "image upright without the tag)")
     _save(tmp_path / "other.png", np.zeros((40, 100), np.uint8))  # fits neither: no hint
     assert "EXIF" not in datasets.mask_problem(str(tmp_path / "other.png"), str(photo))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_turns_images_masks_and_sizes_as_a_viewer_does(tmp_path,
+                                                                             orientation):
+    """Each of the eight EXIF orientations (mirrors and turns alike) as Pillow's
+    exif_transpose shows it: the decoded image, the mask and the header-only size."""
+    stored = (np.arange(6 * 10).reshape(6, 10) * 4).astype(np.uint8)  # no two pixels alike
+    photo = _exif_turned(tmp_path / "img.png", stored, orientation)
+    with Image.open(photo) as img:
+        shown = np.asarray(ImageOps.exif_transpose(img))
+        assert datasets.oriented_size(img) == (shown.shape[1], shown.shape[0])
+    np.testing.assert_array_equal(np.asarray(datasets.open_rgb(str(photo)))[..., 0], shown)
+    drawn = np.zeros((6, 10), np.uint8)
+    drawn[0, :3] = drawn[:2, 0] = 255  # an L in the stored top-left corner
+    mask = _exif_turned(tmp_path / "mask.png", drawn, orientation)
+    with Image.open(mask) as img:
+        expected = np.asarray(ImageOps.exif_transpose(img)) > 0
+    np.testing.assert_array_equal(np.asarray(datasets.open_mask(str(mask))) > 0, expected)
 
 
 def _late_exif_png(path: Path, stored: np.ndarray, orientation: int) -> Path:
@@ -1030,6 +1060,19 @@ def test_a_training_image_linking_nowhere_is_refused_or_left_out_as_a_bad_file(t
     assert [os.path.basename(p) for p, _ in ds.samples] == ["000.png", "001.png", "002.png"]
 
 
+def test_a_foreground_mask_linking_nowhere_is_named_with_its_lost_target(train_root):
+    """A missing mask that is a link to nothing says so (the file is there, its target is
+    not), rather than a bare path that `ls` lists."""
+    mask = train_root / "fg_mask" / "bottle" / "001.png"
+    mask.unlink()
+    target = _dangle(mask)
+    with pytest.raises(BadFileError) as err:
+        _pretrain(train_root)
+    assert str(err.value) == (
+        f"1 foreground mask(s) missing:\n  {mask} is a link to {target}, which does not "
+        f"exist\nFix: {datasets.FIX_FG_MASK}")
+
+
 def test_a_test_image_or_mask_linking_nowhere_is_refused_or_left_out(mvtec_root):
     image = mvtec_root / "bottle" / "test" / "good" / "002.png"
     image_target = _dangle(image)
@@ -1086,6 +1129,21 @@ def test_list_images_refuses_links_to_missing_files_unless_asked_to_keep_them(tm
         f"Fix: {datasets.FIX_DANGLING}")
     assert datasets.list_images(str(folder), keep_dangling=True) == [
         str(folder / n) for n in ("000.png", "001.png", "002.JPG")]
+
+
+def test_links_to_files_and_folders_that_exist_are_read_as_the_data_they_lead_to(tmp_path):
+    """Only a link to nothing is refused: an image or a class folder linked in from
+    elsewhere (another disk, a shared set) is listed and checked as the file itself."""
+    shared = _save(tmp_path / "shared" / "a.png", np.full((4, 4), 9, np.uint8))
+    folder = tmp_path / "data" / "bottle" / "good"
+    _save(folder / "000.png", np.zeros((4, 4), np.uint8))
+    os.symlink(shared, folder / "001.png")
+    os.symlink(shared.parent, tmp_path / "data" / "cable")
+    assert datasets.dangling_link(str(folder / "001.png")) is None
+    assert datasets.list_images(str(folder)) == [str(folder / "000.png"),
+                                                 str(folder / "001.png")]
+    assert datasets.image_problem(str(folder / "001.png")) is None
+    assert datasets.data_subdirs(str(tmp_path / "data")) == ["bottle", "cable"]
 
 
 def test_images_of_one_stem_are_refused_in_training_and_test_sets(train_root, mvtec_root):
@@ -1188,6 +1246,39 @@ def test_images_at_other_folder_depths_are_named_in_a_note(mvtec_root, train_roo
         "into it to use them\n")
 
 
+def test_macos_companions_beside_or_below_the_folders_are_no_images_left_out(mvtec_root,
+                                                                             capsys):
+    """A macOS '._002.png' companion beside the defect folders or in a sub-folder of one
+    is a system's file, and a README.txt there no image: no note names them."""
+    test = mvtec_root / "bottle" / "test"
+    (test / "._002.png").write_bytes(b"x")
+    (test / "README.txt").write_text("bottles, lot 3")
+    (test / "good" / "day2").mkdir()
+    (test / "good" / "day2" / "._001.png").write_bytes(b"x")
+    assert not datasets.is_image_name("._002.png") and datasets.is_image_name("002.PNG")
+    assert datasets.loose_images(str(test)) == []
+    ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
+    assert [os.path.basename(p) for p in ds.image_paths] == ["000.png", "001.png"] * 2
+    assert capsys.readouterr().err == ""
+
+
+def test_a_folder_with_two_kinds_of_left_out_files_gets_both_notes_once(tmp_path, capsys):
+    """One folder, two notes (a file of another type, an image in a sub-folder): each is
+    said once however often the folder is listed, and neither silences the other."""
+    folder = tmp_path / "good"
+    _save(folder / "000.png", np.zeros((4, 4), np.uint8))
+    (folder / "notes.txt").write_text("lot 3")
+    _save(folder / "day2" / "001.png", np.zeros((4, 4), np.uint8))
+    for _ in range(2):
+        assert datasets.list_images(str(folder)) == [str(folder / "000.png")]
+    assert capsys.readouterr().err == (
+        f"[data] note: {folder}: left out 1 file(s) not of an image type "
+        ".png/.jpg/.jpeg/.bmp/.tif/.tiff (notes.txt); convert any image among them to PNG "
+        "to use it\n"
+        f"[data] note: {folder}: left out 1 image(s) in sub-folders (day2/001.png): only the "
+        "images directly in it are read; move them into it to use them\n")
+
+
 def test_non_square_images_are_named_in_a_note_once_per_class_folder(mvtec_root,
                                                                      train_root, capsys):
     """Resize + centre crop (as the paper's) scores the middle of a non-square image: a
@@ -1211,6 +1302,19 @@ def test_non_square_images_are_named_in_a_note_once_per_class_folder(mvtec_root,
     assert capsys.readouterr().err == (
         f"[data] note: {mvtec_root / 'bottle' / 'test'}: 2 of 6 images are not square; "
         + crop.format("50-80", 50) + "\n")
+
+
+def test_the_centre_crop_note_counts_images_that_drop_1_percent_or_more(tmp_path, capsys):
+    """99 % of the long side kept is square enough; 98 % is named, with its share."""
+    folder = tmp_path / "cls"
+    images = [str(_save(folder / f"{k}.png", np.zeros((h, 100), np.uint8)))
+              for k, h in enumerate((100, 99, 98))]
+    datasets.note_centre_crop(str(folder), images)
+    assert capsys.readouterr().err == (
+        f"[data] note: {folder}: 1 of 3 images are not square; the centre crop (as the "
+        "paper's) scores the middle 98 % of each (drops up to 2 % of the area). A benchmark "
+        "(VisA, BTAD) is scored so as published; to score all of your own images, crop or "
+        "pad them to square beforehand\n")
 
 
 # ----------------------------------------------------------------------------------------
@@ -1249,6 +1353,19 @@ def test_a_palette_mask_with_a_transparent_index_reads_by_its_alpha(tmp_path):
     img.save(tmp_path / "p.png", transparency=0)  # index 0 transparent
     got = np.asarray(datasets.open_mask(str(tmp_path / "p.png"))) > 0
     np.testing.assert_array_equal(got, ids > 0)
+
+
+def test_a_grey_mask_with_a_transparent_colour_key_reads_by_its_alpha(tmp_path):
+    """A grey PNG whose white is its transparent colour (tRNS) with black paint: the
+    paint is the defect, not the white it is drawn on."""
+    grey = np.full((8, 8), 255, np.uint8)
+    grey[2:4, 2:6] = 0
+    Image.fromarray(grey).save(tmp_path / "key.png", transparency=255)
+    with Image.open(tmp_path / "key.png") as img:
+        assert img.mode == "L" and img.info["transparency"] == 255
+    got = np.asarray(datasets.open_mask(str(tmp_path / "key.png"))) > 0
+    np.testing.assert_array_equal(got, grey == 0)
+    assert got.sum() == 8
 
 
 def test_opaque_or_coloured_rgba_masks_still_read_by_their_colours(tmp_path):

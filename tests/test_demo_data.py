@@ -311,6 +311,13 @@ def test_refuses_to_delete_foreign_folders(tmp_path):
         make_demo_dataset(str(tmp_path / "m"), str(tmp_path / "i"), classes=["brick"],
                           n_train=1, n_test_good=1, n_test_defect=1)
     assert (tmp_path / "m" / "brick" / "mine.txt").read_text() == "keep me"
+    # setup_train_dataset.py --make_demo then syncs <imagenet>/train/<class>: refused too
+    (tmp_path / "i" / "train" / "brick").mkdir(parents=True)
+    (tmp_path / "i" / "train" / "brick" / "mine.png").write_bytes(b"my photo")
+    with pytest.raises(FileExistsError, match=r"train/brick exists and was not written by "):
+        make_demo_dataset(str(tmp_path / "m2"), str(tmp_path / "i"), classes=["brick"],
+                          n_train=1, n_test_good=1, n_test_defect=1)
+    assert (tmp_path / "i" / "train" / "brick" / "mine.png").read_bytes() == b"my photo"
 
 
 def test_bad_arguments(tmp_path):

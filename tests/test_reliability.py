@@ -541,6 +541,10 @@ def test_F10_unfinished_run_with_other_epochs_names_the_way_to_extend():
 def test_disk_full_in_save_on_master(tmp_path, monkeypatch):
     target = tmp_path / "checkpoint-last.pth"
     utils.save_on_master({"epoch": 0}, str(target))
+    other = tmp_path / "protoflow" / "prototypes.pt"  # a file that is no checkpoint
+    other.parent.mkdir()
+    utils.save_on_master({"k": 0}, str(other))
+
     def full(self, data: bytes) -> int:
         self.error = OSError(errno.ENOSPC, "No space left on device")
         raise self.error
@@ -553,11 +557,17 @@ def test_disk_full_in_save_on_master(tmp_path, monkeypatch):
                               f"and re-run, or pass --resume {target} with another "
                               "--output_dir")
     assert torch.load(target, weights_only=True) == {"epoch": 0}
-    assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth", "protoflow"]
     with pytest.raises(utils.DiskFullError) as err:  # not a checkpoint: nothing to resume
         utils.save_on_master({"epoch": 1}, str(tmp_path / "tokens.pt"))
     assert str(err.value) == (f"no space left in {tmp_path}; no earlier file was there: "
                               "free space and re-run, or choose another output folder")
+    with pytest.raises(utils.DiskFullError) as err:  # intact, but no run resumes from it
+        utils.save_on_master({"k": 1}, str(other))
+    assert str(err.value) == (f"no space left in {other.parent}; {other} is intact: free "
+                              "space and re-run")
+    assert torch.load(other, weights_only=True) == {"k": 0}
+    assert os.listdir(other.parent) == ["prototypes.pt"]
 
 
 def test_disk_full_while_copying_checkpoint_last(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from datasets import FIX_BAD_FG_MASK, PretrainDataset
 from fg_masks import _largest_components, estimate_fg_mask
 from setup_train_dataset import main
 
+
 def _save(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
@@ -128,6 +129,14 @@ def test_a_changed_training_image_loses_its_old_foreground_mask(tmp_path, capsys
     assert _run("--data_path", data, "--root", root, "--classes", "bottle", "--link") == 0
     out = capsys.readouterr().out
     assert "train: 0 new, 0 unchanged, 3 replaced" in out and "fg_mask: removed" not in out
+    _save(tmp_path / "reshot.png", img)  # re-shot again, a new file: the link is replaced
+    os.replace(tmp_path / "reshot.png", data / "bottle" / "train" / "good" / "000.png")
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle", "--link") == 0
+    out = capsys.readouterr().out
+    assert "train: 0 new, 2 unchanged, 1 replaced" in out
+    assert (f"fg_mask: removed 1 mask(s) of training images whose content changed (e.g. "
+            f"{root}/fg_mask/bottle/000.png)") in out
+    assert not (root / "fg_mask" / "bottle" / "000.png").exists()
     dst = root / "train" / "bottle" / "001.png"
     dst.unlink()
     dst.symlink_to(tmp_path / "gone.png")
@@ -217,8 +226,8 @@ def _mask_bytes(i: int) -> bytes:
 def test_fg_mask_zip(tmp_path, capsys, prefix):
     """The masks unpack to fg_mask/<class>/ whatever the zip's top folder: fg_mask/, none,
     a deeper .../fg_mask/, or any one other folder (masks/, as a re-zipped copy has). A
-    '.PNG' mask is a mask (it was said to name no training image); a '.bmp' one is named
-    as no mask, not as a mask of no image."""
+    '.PNG' mask is a mask (it was said to name no training image); a '.bmp' or '.jpg' one
+    is named as no mask, not as a mask of no image."""
     data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "inet"
     zpath = tmp_path / "fg_mask.zip"
     with zipfile.ZipFile(zpath, "w") as zf:
@@ -228,6 +237,7 @@ def test_fg_mask_zip(tmp_path, capsys, prefix):
             zf.writestr(f"{prefix}bottle/{i:03d}.{'PNG' if i == 2 else 'png'}", _mask_bytes(i))
         zf.writestr(f"{prefix}bottle/999.png", _mask_bytes(0))  # no such training image
         zf.writestr(f"{prefix}carpet/000.bmp", _mask_bytes(0))
+        zf.writestr(f"{prefix}carpet/001.jpg", _mask_bytes(1))  # a mask is a PNG
         zf.writestr(f"{prefix}screw/000.png", _mask_bytes(0))
         zf.writestr("__MACOSX/._bottle", b"junk")
     argv = ["--data_path", data, "--root", root, "--classes", "bottle", "carpet",
@@ -239,7 +249,7 @@ def test_fg_mask_zip(tmp_path, capsys, prefix):
     assert "fg_mask.zip: 3 new" in out and "not unpacked (classes not converted): screw (1)" in out
     assert "without a foreground mask: carpet (3 of 3)" in out
     assert "1 masks name no training image of their class and were not unpacked" in out
-    assert (f"1 entries are not <class>/<stem>.png masks and were not unpacked, e.g. "
+    assert (f"2 entries are not <class>/<stem>.png masks and were not unpacked, e.g. "
             f"{prefix}carpet/000.bmp") in out
     assert not (root / "fg_mask" / "screw").exists()
     assert not (root / "fg_mask" / "bottle" / "999.png").exists()

@@ -585,6 +585,8 @@ def test_the_same_resume_command_again_continues_its_output_dir(tmp_path, capsys
     assert utils.resolve_resume(str(a), False, str(b)) == start
     rollback = str(b / "checkpoint-2.pth")
     assert utils.resolve_resume(rollback, True, str(b)) == rollback
+    _saved(b / "checkpoint-last.pth", 4, resume=rollback)  # b went on from its roll-back
+    assert utils.resolve_resume(rollback, True, str(b)) == rollback  # rolled back again
     _saved(a / "checkpoint-last.pth", 4)  # a went on as far: b's are not newer
     assert utils.resolve_resume(str(a), True, str(b)) == start
     _saved(a / "checkpoint-last.pth", 1)
@@ -688,6 +690,18 @@ def test_archive_previous_run_newer_than_moves_only_later_checkpoints(tmp_path):
     assert utils.archive_previous_run(str(out), now=now, newer_than=1) is None
     (out / "checkpoint-last.pth").write_bytes(b"torn")
     assert utils.archive_previous_run(str(out), now=now, newer_than=1) is None
+
+
+def test_a_checkpoint_last_whose_epoch_is_no_int_stores_no_epoch(tmp_path):
+    """checkpoint-last.pth storing epoch 5.0 (no int, as find_latest_checkpoint reads
+    it): no later checkpoint to move aside on a roll-back, and relinked to the newest."""
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save({"epoch": 2}, out / "checkpoint-2.pth")
+    torch.save({"epoch": 5.0}, out / "checkpoint-last.pth")
+    assert utils.checkpoints_newer_than(str(out), 1) == [str(out / "checkpoint-2.pth")]
+    assert utils.relink_last_checkpoint(str(out), str(out / "checkpoint-2.pth"), 2)
+    assert torch.load(out / "checkpoint-last.pth", weights_only=True) == {"epoch": 2}
 
 
 def test_unreadable_checkpoint_error_names_file(tmp_path):
