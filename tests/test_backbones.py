@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,3 +137,21 @@ def test_input_normalization_is_the_one_timm_records_for_the_weights() -> None:
     assert input_normalization("vit_base_patch16_clip_224.openai")[1] == pytest.approx(
         (0.2686, 0.2613, 0.2758), abs=1e-4)
     assert input_normalization("no_such_model") == imagenet
+
+
+def test_a_normalisation_record_reads_back_exactly_and_a_damaged_one_is_refused() -> None:
+    """A file's 'normalization' record is plain floats that read back as written (numpy
+    values too: torch.load(weights_only=True) would refuse them); one without 3 means or
+    3 positive stds (a zero std divides by zero) is a CheckpointError naming the file."""
+    record = backbones.normalization_record(np.full(3, 0.5, np.float32), (0.25, 0.5, 1))
+    assert record == {"mean": [0.5] * 3, "std": [0.25, 0.5, 1.0]}
+    assert {type(v) for v in record["mean"] + record["std"]} == {float}
+    assert backbones.recorded_normalization({"normalization": record}, "f.pt", "fix") == (
+        (0.5,) * 3, (0.25, 0.5, 1.0))
+    assert backbones.recorded_normalization({}, "f.pt", "fix") == (
+        tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))  # unrecorded: ImageNet's
+    for damaged in ({"mean": [0.5] * 4, "std": [0.5] * 3}, {"mean": [0.5] * 3, "std": [0.5] * 2},
+                    {"mean": [0.5] * 3, "std": [0.5, 0.0, 0.5]}, {"mean": [0.5] * 3}):
+        with pytest.raises(CheckpointError, match=r"^f.pt: 'normalization' .* the file is "
+                                                  r"damaged: fix$"):
+            backbones.recorded_normalization({"normalization": damaged}, "f.pt", "fix")

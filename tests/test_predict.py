@@ -401,6 +401,12 @@ def test_a_users_own_maps_folder_is_an_input_and_is_never_moved(tiny_world, tmp_
         "beside it): give another --output_dir, or move it away\n")
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
         "maps", "maps/mine.npy"]
+    linked = tmp_path / "linked"  # a link of the user's, to nothing: theirs all the same
+    linked.mkdir()
+    (linked / "heatmaps").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(predict.InputError, match=(
+            f"^{linked / 'heatmaps'} is not an earlier predict.py run's output")):
+        predict.check_output_dir(linked)
 
 
 def test_a_crash_while_setting_aside_keeps_the_earlier_run_recognisable(tmp_path,

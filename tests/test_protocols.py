@@ -162,7 +162,7 @@ def test_paper_protocol_smooths_twice_for_the_pixel_metrics() -> None:
     data.gt_masks[1] = torch.eye(4)
     kw = dict(batch_size=2, device=torch.device("cpu"), amp="none", seed=0)
     _, sharp, _ = protocols.evaluate_paper(ConstantViT(), data, sigma=0.0, **kw)
-    record, maps, _ = protocols.evaluate_paper(ConstantViT(), data, sigma=1.0, **kw)
+    record, maps, scores = protocols.evaluate_paper(ConstantViT(), data, sigma=1.0, **kw)
     assert record["mask_ratio"] == 0.26
     once = _scipy_blur(sharp["pmad"].double().numpy(), 1.0)
     twice = _scipy_blur(once, 1.0)
@@ -180,6 +180,9 @@ def test_paper_protocol_smooths_twice_for_the_pixel_metrics() -> None:
         assert abs(roc_auc_score(gt, twice.ravel()) - roc_auc_score(gt, once.ravel())) > 0.01
         assert record[name]["pixel_auroc"] == pytest.approx(
             roc_auc_score(gt, twice.ravel()), abs=1e-12), name
+        # but its image scores, as PMAD's, are the maxima of the maps smoothed once
+        assert twice.max() < once.max() - 1e-3
+        assert torch.equal(scores[name], maps[name].flatten(1).amax(1)), name
 
 
 def test_weighted_log_map_of_a_2x2_patch_case_by_hand() -> None:

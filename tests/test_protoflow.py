@@ -230,6 +230,11 @@ def test_an_inconsistent_protoflow_file_is_a_checkpoint_error(trained, tmp_path)
     with pytest.raises(CheckpointError, match=f"odd.pt: the flow takes {LITE0_DIM}-dim "
                        r"features but efficientnet_lite0 out_indices \(1, 3\) gives 136"):
         pf.ProtoFlow(str(path), trained["proto_dir"])
+    for size in (True, 0, 224.0):  # True is an int to Python, not an image size
+        torch.save({**obj, "img_size": size}, path)
+        with pytest.raises(CheckpointError, match=f"odd.pt: 'img_size' {size!r} is not a "
+                           "positive int; the file is damaged"):
+            pf.ProtoFlow(str(path), trained["proto_dir"])
 
 
 def test_saved_file_is_weights_only_with_our_fields(trained):
@@ -1041,6 +1046,9 @@ def test_protoflow_file_keeps_its_image_size_and_refuses_others(cli, tmp_path):
             f"{out} was made at 64 px (prototypes, flow and threshold) but is given 224x224 "
             "px images")):
         model.log_likelihood(torch.zeros(1, 3, 224, 224), "brick")
+    with pytest.raises(FlagError, match=re.escape(f"{out} was made at 64 px (prototypes, "
+                                                  "flow and threshold) but is given 64x96")):
+        model.check_image_size(64, 96)  # the height alone is not the size
     rebuild = (f"rebuild it with `python run_protoflow.py prototypes --data_path <ImageNet-layout "
                f"root> --classes brick --output_dir {cli['protos']} --encoder "
                f"efficientnet_lite0 --out_indices 2 3 --encoder_weights {weights} --img_size "

@@ -73,8 +73,9 @@ def test_summary_means_each_method_and_defect_type_from_its_own_records(tmp_path
                    "patchcore": record(0.5 + k, 0.4 + k),
                    "diagnostics": {"anomalous_with_proposal": 3, "anomalous_images": 4,
                                    "masked_defect_fraction": 0.5,
-                                   **({"empty_defect_masks": 1} if c == "a" else {})}}
-               for k, c in ((0.0, "a"), (0.02, "b"))}  # b: a record of an earlier version
+                                   **({"empty_defect_masks": 1} if c == "a" else
+                                      {"empty_defect_masks": 0} if c == "c" else {})}}
+               for k, c in ((0.0, "a"), (0.02, "b"), (0.01, "c"))}  # b: an earlier version's
     results = {"classes": classes, "protocol": "clean", "clean_options": None}
     reporting.summarize(results)
     table = reporting.write_results(results, tmp_path, "clean").splitlines()
@@ -84,6 +85,7 @@ def test_summary_means_each_method_and_defect_type_from_its_own_records(tmp_path
         in table
     assert "| crack | 0.810/0.405 | 0.610/0.305 | 0.410/0.205 |" in table
     assert "| a | 3/4 | 0.50 | 1 |" in table and "| b | 3/4 | 0.50 |  |" in table
+    assert "| c | 3/4 | 0.50 | 0 |" in table  # none counted is 0; blank: never counted
     with open(tmp_path / "results.csv") as f:
         means = {row["method"]: float(row["image_auroc"]) for row in csv.DictReader(f)
                  if row["class"] == "mean"}
@@ -169,6 +171,8 @@ def test_partial_results_survive_a_cut_short_line_and_a_fresh_run_sets_the_last_
     path.write_text('{"class": "a"\n' + path.read_text())
     with pytest.raises(utils.UserError, match=f"line 1 of {path} is not a record"):
         reporting.PartialResults(path, {"protocol": "clean"}, keys, resume=True)
+    assert set(reporting.RESULT_FILES) == {"results.json", "results.md", "results.csv",
+                                           "image_scores.csv"}  # each set aside below
     for name in reporting.RESULT_FILES:
         (tmp_path / name).write_text("the last run's")
     (tmp_path / "heatmaps" / "a").mkdir(parents=True)
@@ -191,12 +195,13 @@ def test_resume_eval_reuses_a_record_that_left_out_no_image_under_either_skip_fl
     that left out images (or, of an earlier version, does not say) is evaluated again
     without --skip_bad_images, and said so. Any other difference is still refused."""
     path = tmp_path / "results.partial.jsonl"
-    classes = ("plain", "skipped_none", "skipped_one", "old")
+    classes = ("plain", "skipped_none", "skipped_one", "old", "old_plain")
     keys = {c: {"prototypes": c} for c in classes}
     written = {"plain": (False, {"skipped_images": []}),
                "skipped_none": (True, {"skipped_images": []}),
                "skipped_one": (True, {"skipped_images": ["cannot read image x.png"]}),
-               "old": (True, {})}
+               "old": (True, {}),
+               "old_plain": (False, {})}  # an earlier version's, without the flag: all read
     for c, (skip, record) in written.items():
         run = reporting.PartialResults(path, {"skip_bad_images": skip, "seed": 0},
                                        {c: keys[c]}, resume=True)
@@ -206,13 +211,17 @@ def test_resume_eval_reuses_a_record_that_left_out_no_image_under_either_skip_fl
     assert sorted(with_skip.done) == sorted(classes)
     without = reporting.PartialResults(path, {"skip_bad_images": False, "seed": 0}, keys,
                                        resume=True)
-    assert sorted(without.done) == ["plain", "skipped_none"]
+    assert sorted(without.done) == ["old_plain", "plain", "skipped_none"]
     err = capsys.readouterr().err
     for c in ("skipped_one", "old"):
         assert (f"[run_test] {c}: its record in {path} left out bad images "
                 "(--skip_bad_images); evaluated again without") in err
     with pytest.raises(utils.FlagError, match=r"\(it differs in seed\)"):
         reporting.PartialResults(path, {"skip_bad_images": False, "seed": 1}, keys, True)
+    # another seed is refused even for a record that left out images
+    one = {"skipped_one": keys["skipped_one"]}
+    with pytest.raises(utils.FlagError, match=r"\(it differs in seed, skip_bad_images\)"):
+        reporting.PartialResults(path, {"skip_bad_images": False, "seed": 1}, one, True)
 
 
 def test_image_scores_csv_has_every_image_and_names_a_class_without_them(tmp_path, capsys):
@@ -253,3 +262,13 @@ def test_the_table_of_a_run_that_stopped_says_its_means_are_partial(tmp_path):
     assert strict_json(tmp_path / "results.json")["not_evaluated"] == ["capsule", "carpet"]
     del results["failed"], results["not_evaluated"]
     assert "INCOMPLETE" not in reporting.format_table(results, "clean")
+    # the last class's heatmaps failed (its metrics kept): none left unevaluated, the
+    # note still stands, and it counts the classes of the means, not the failed ones
+    results = {"protocol": "clean", "clean_options": None,
+               "classes": {c: _class_record(0.9, ["crack"]) for c in ("a", "b")},
+               "failed": {"b": "its heatmaps: OSError: [Errno 28] No space left"},
+               "not_evaluated": []}
+    reporting.summarize(results)
+    assert reporting.format_table(results, "clean").splitlines()[2] == (
+        "**INCOMPLETE**: the means are over the 2 class(es) evaluated only. Failed: b (its "
+        "heatmaps: OSError: [Errno 28] No space left). Re-run with --resume_eval to finish.")
