@@ -32,9 +32,10 @@ from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORE
                        evaluate_paper)
 from protoflow import ProtoFlow, prototypes_sha256
 from reporting import HEATMAPS, PartialResults, exit_status, report
-from utils import (AMP_CHOICES, FlagError, UniqueNames, cli, file_sha256, float_at_least,
-                   int_at_least, mask_ratio_arg, prepare_output_dir, read_weights_file,
-                   resolve_amp, resolve_device, resolve_weights_file, some_names)
+from utils import (AMP_CHOICES, BadFileError, FlagError, UniqueNames, cli, file_sha256,
+                   float_at_least, int_at_least, mask_ratio_arg, prepare_output_dir,
+                   read_weights_file, resolve_amp, resolve_device, resolve_weights_file,
+                   some_names)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -448,6 +449,11 @@ def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, r
     dataset = datasets.MVTecTestDataset(root, class_name, token_size=m.tokenizer.image_size,
                                         img_size=m.img_size, mean=m.mean, std=m.std,
                                         skip_bad_images=args.skip_bad_images)
+    if args.protocol == "paper" and not any(dataset.labels):
+        raise BadFileError(f"{class_name}: every anomalous test image was left out as a bad "
+                           "file (the warning above names them), and --protocol paper picks "
+                           "the class's threshold from them: replace them, or evaluate "
+                           f"{class_name} with --protocol clean")
     data = collect_class(dataset, m.tokenizer, m.protoflow, class_name, args.batch_size,
                          m.device, args.num_workers)
     kwargs = dict(sigma=args.sigma, batch_size=args.batch_size, device=m.device, amp=m.amp,

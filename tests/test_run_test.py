@@ -196,6 +196,23 @@ def test_the_paper_protocol_refuses_a_class_without_anomalous_images(tiny_world,
             "clean")):
         run_test.main(run_test.get_args_parser().parse_args(argv))
     run_test.check_paper_classes(data, tiny_world.classes[:-1])  # the others have some
+    # a link to a missing anomalous image counts: the dataset refuses it by name (or,
+    # with --skip_bad_images, lists it), rather than a class "of none" or an early stop
+    (data / last / "test" / "crack").mkdir()
+    (data / last / "test" / "crack" / "000.png").symlink_to(tmp_path / "gone.png")
+    run_test.check_paper_classes(data, [last])
+    # with --skip_bad_images that class has no anomalous image left: refused by name
+    # before its images are scored, not a traceback from the F1 threshold
+    monkeypatch.undo()
+    monkeypatch.setattr(run_test, "collect_class", lambda *a: pytest.fail("scored"))
+    argv += ["--skip_bad_images", "--classes", last]
+    with pytest.warns(UserWarning, match=f"test images of {last}: left out 1 bad file"), \
+            pytest.raises(utils.BadFileError, match=(
+                f"^{last}: every anomalous test image was left out as a bad file \\(the "
+                "warning above names them\\), and --protocol paper picks the class's "
+                f"threshold from them: replace them, or evaluate {last} with --protocol "
+                "clean$")):
+        run_test.main(run_test.get_args_parser().parse_args(argv))
 
 
 def test_missing_class_is_a_clear_error(tiny_world, tmp_path) -> None:
@@ -355,6 +372,16 @@ def test_a_tokenizer_other_than_the_checkpoints_is_refused(tiny_world, trained_1
             f"image but {tiny_world.pmad_ckpt} \\({tiny_world.model} at 224 px\\) predicts "
             "14x14")):
         run_test.main(run_test.get_args_parser().parse_args(argv))
+    big = tmp_path / "kmeans_448.pth"  # more tokens than the ViT's patches: refused too
+    torch.save({**kmeans, "image_size": 448}, big)
+    args = run_test.get_args_parser().parse_args(argv)
+    vars(args).update(model=tiny_world.model, input_size=224, tokenizer_model="kmeans",
+                      tokenizer_weight_path=str(big))
+    with pytest.raises(utils.FlagError, match=(
+            f"^the kmeans tokenizer {big} \\(fitted at 448 px\\) gives 28x28 tokens per "
+            f"image but {tiny_world.pmad_ckpt} \\({tiny_world.model} at 224 px\\) predicts "
+            "14x14")):
+        run_test.check_tokenizer(args, SimpleNamespace(fingerprint="0" * 64), None)
 
 
 
@@ -538,6 +565,9 @@ def test_a_vit_or_protoflow_trained_on_an_unseen_class_is_refused(tiny_world, tm
     run_test.check_unseen(args, "multi_class", ["coins"], _models(["coins"], ["coins"]))
     run_test.check_unseen(args, "leave_one_out", ["brick"], _models(["brick"], ["brick"]))
     assert capsys.readouterr().out == ""
+    # --classes brick evaluates no unseen class: nothing of coins leaks, nothing to note
+    run_test.check_unseen(args, "leave_one_out", ["brick"], _models(["coins"], None))
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("setting, leaked, seen", [("obj2tex", "carpet", "bottle"),
@@ -611,18 +641,28 @@ def _sha256(path) -> str:
 def test_each_class_is_called_at_its_own_threshold(tiny_world, tmp_path, monkeypatch):
     """--clean_masks threshold calls each class at the quantile of its own held-out
     normal scores, not at the file's quantile over every class, and its heatmaps are
-    captioned with the same threshold."""
+    captioned with the same threshold and each image's ProtoFlow score (image_scores.csv's
+    protoflow_score), with the default proposal masks too."""
     pf = tiny_world.protoflow_with_class_scores(
         tmp_path / "pf.pt", {"brick": [1.0, 2.0, 3.0], "coins": [20.0, 30.0, 40.0]})
     assert torch.load(pf, weights_only=True)["image_score_threshold"] == pytest.approx(39.5)
     captioned = {}
     monkeypatch.setattr(run_test, "save_heatmaps", lambda data, maps, scores, pf_scores,
-                        threshold, out_dir, *rest: captioned.update({out_dir.name: threshold}))
+                        threshold, out_dir, *rest: captioned.update(
+                            {out_dir.name: (threshold, pf_scores.tolist())}))
     results = run_test.main(_args(tiny_world, tmp_path, "clean", "--clean_masks", "threshold",
                                   "--save_heatmaps", "1", "--protoflow_weights", str(pf)))
     expected = {"brick": 2.98, "coins": 39.8}  # 0.99 quantiles of 1, 2, 3 and 20, 30, 40
     assert {c: r["threshold"] for c, r in results["classes"].items()} == pytest.approx(expected)
-    assert captioned == pytest.approx(expected)
+    assert {c: t for c, (t, _) in captioned.items()} == pytest.approx(expected)
+    for c, (_, pf_scores) in captioned.items():
+        images = results["classes"][c]["images"]
+        assert pf_scores == [i["protoflow_score"] for i in images] != [i["pmad"] for i in images]
+    captioned.clear()  # proposal masks: the record has no threshold, the captions still do
+    results = run_test.main(_args(tiny_world, tmp_path / "proposal", "clean", "--save_heatmaps",
+                                  "1", "--protoflow_weights", str(pf), "--classes", "coins"))
+    assert results["classes"]["coins"]["threshold"] is None
+    assert captioned["coins"][0] == pytest.approx(expected["coins"])
 
 
 @pytest.mark.filterwarnings("ignore::metrics.UndefinedMetricWarning")
@@ -674,6 +714,8 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
     run_test.main(parse(argv + ["--resume_eval", "--save_heatmaps", "1"]))
     assert ("coins: that run saved no heatmaps of it; evaluate it afresh (no --resume_eval) "
             "to draw them") in capsys.readouterr().out and not pngs.exists()
+    run_test.main(parse(argv + ["--resume_eval"]))  # no heatmaps asked for: none missing
+    assert "saved no heatmaps" not in capsys.readouterr().out
     saved = strict_json(out / "results.json")["classes"]["coins"]
     assert saved["pixel_auroc"] is None and saved["image_auroc"] == first["image_auroc"]
 
