@@ -150,14 +150,17 @@ def test_an_anomalous_image_with_an_empty_mask_is_named(tiny_world, tmp_path, ca
     mask = sorted((data / "coins" / "ground_truth").rglob("*.png"))[0]
     Image.fromarray(np.zeros(np.asarray(Image.open(mask)).shape[:2], np.uint8)).save(mask)
     name = f"{mask.parent.name}_{mask.name.replace('_mask.png', '')}"  # its result name
-    results = run_test.main(run_test.get_args_parser().parse_args(
-        tiny_world.run_test_argv(tmp_path / "out", data=data)))
+    with pytest.warns(metrics.UndefinedMetricWarning, match="pixel_auroc is undefined: 0 "
+                      "positive"):  # that image's defect type has no defect pixel left
+        results = run_test.main(run_test.get_args_parser().parse_args(
+            tiny_world.run_test_argv(tmp_path / "out", data=data)))
     assert (f"[run_test] note: coins: 1 anomalous image(s) have no defect pixel in their "
             f"ground-truth mask as scored ({name}): the pixel metrics never see their "
             "defects") in capfd.readouterr().err
     assert results["classes"]["coins"]["diagnostics"]["empty_defect_masks"] == 1
     saved = strict_json(tmp_path / "out" / "results.json")
     assert saved["classes"]["coins"]["diagnostics"]["empty_defect_masks"] == 1
+    assert saved["classes"]["coins"]["per_defect"][mask.parent.name]["pixel_auroc"] is None
 
 
 def test_missing_prototypes_of_a_later_class_are_refused_before_any_class(
