@@ -135,3 +135,29 @@ def test_mfu_counts_training_as_three_forwards():
     assert gpu_check.train_flops_per_image() == 3 * 35_126_120_448
     assert gpu_check.mfu_text(1000.0, 1000.0) == "10.5%"
     assert gpu_check.mfu_text(1000.0, None) == "n/a"
+
+
+def test_train_bf16_line_gives_no_mfu_for_the_dry_run(monkeypatch):
+    """check_train_bf16's line (training stubbed at 100 img/s): the MFU of ViT-B's
+    FLOPs at the given peak on the real run, n/a on the dry run (a 2-block tiny ViT on
+    the CPU, whose rate says nothing of ViT-B's) even with --peak_tflops; a non-finite
+    loss fails the check."""
+    import argparse
+    runs = []
+
+    def fake_train(model, batch_size, steps, amp, device, dry_run=False):
+        runs.append((model, batch_size, steps, amp, dry_run))
+        return 100.0, {"loss": 1.0}
+
+    monkeypatch.setattr(gpu_check, "train", fake_train)
+    cpu = torch.device("cpu")
+    args = argparse.Namespace(dry_run=True, peak_tflops=500.0)
+    assert gpu_check.check_train_bf16(args, cpu) == (
+        "ViT-B none on cpu, peak 500 TFLOP/s, 3 x 35.1 GFLOP/img: batch 2: 100 img/s, MFU n/a")
+    assert runs == [("vit_tiny_patch16_224_8k_vocab", 2, 2, "none", True)]
+    args.dry_run = False
+    assert gpu_check.check_train_bf16(args, cpu).endswith(
+        ": batch 32: 100 img/s, MFU 2.1%; batch 128: 100 img/s, MFU 2.1%")
+    monkeypatch.setattr(gpu_check, "train", lambda *a, **k: (1.0, {"loss": math.nan}))
+    with pytest.raises(RuntimeError, match="non-finite loss nan at batch 32"):
+        gpu_check.check_train_bf16(args, cpu)

@@ -250,6 +250,20 @@ def test_pick_step_prints_each_class_and_the_means(calib, tmp_path: Path, capsys
             ": give a score_variants.json written by bench/score_variants.py\n"), err
 
 
+def test_pick_refuses_rows_of_another_shape(calib) -> None:
+    """A class whose rows are a list, or a row without an image AUROC (pixel AUROC only),
+    is a UserError naming the file, the row and the class, not a traceback."""
+    test = {"a": _weight_rows(calib, [0.9] * 5)}
+    fix = ": regenerate it with bench/score_variants.py"
+    pixel_only = {"a": _weight_rows(calib, [0.9] * 5)}
+    pixel_only["a"]["CE weight 0.25"] = {"pixel_auroc": 0.9}
+    for calibration, row in (({"a": [0.9] * 5}, "protoflow_only"),
+                             (pixel_only, "CE weight 0.25")):
+        with pytest.raises(UserError) as err:
+            calib.pick(calibration, test, "cal.json", "test.json")
+        assert str(err.value) == f"cal.json has no image AUROC of row {row!r} for class a" + fix
+
+
 def test_mirror_copy_adds_each_image_and_mask_mirrored(bench, tmp_path: Path, capsys) -> None:
     """Each training image and its foreground mask, as they were and mirrored (m<name>),
     a set training reads with its masks; an existing empty --output_dir is fine, a
@@ -579,6 +593,71 @@ def test_paired_auroc_gaps_of_any_pairs_share_each_draw(compare) -> None:
     assert compare.paired_auroc_gaps(one, {"ab": ("a", "b")}, draws=500) == {"ab": alone["ab"]}
 
 
+def test_paired_auroc_gaps_do_not_depend_on_the_images_order(compare) -> None:
+    """A class's test images come in any order (MVTec's defect types sort around "good"):
+    class a of the gap test above, its good and defective images interleaved (each
+    group's order kept), gives the same gap and interval, each draw's labels following
+    the images it resampled."""
+    labels = np.array([False, False, True, True])
+    scores = {"pmad": np.array([0.1, 0.2, 0.3, 0.4]),
+              "protoflow_only": np.array([0.1, 0.35, 0.3, 0.4])}
+    pairs = {"pf": ("pmad", "protoflow_only")}
+    grouped = compare.paired_auroc_gaps([(labels, scores)], pairs, draws=500)["pf"]
+    order = [2, 0, 3, 1]  # crack_0, good_0, crack_1, good_1
+    mixed = compare.paired_auroc_gaps([(labels[order], {k: v[order] for k, v in scores.items()})],
+                                      pairs, draws=500)["pf"]
+    assert mixed == grouped
+    assert grouped["gap"] == 0.25 and grouped["low"] == 0.0 and grouped["high"] == 1.0
+
+
+def test_paired_auroc_gaps_interval_is_the_middle_95_percent(compare) -> None:
+    """The interval is the 2.5 and 97.5 percentiles of the drawn gaps, the good and the
+    defective images resampled each by its own count. One good image and 400 defective
+    ones, half above it for method a, all for b: a draw's gap is K / 400 - 1 with K
+    binomial (400, 1/2), so the interval is its 2.5 and 97.5 % quantiles (-0.55, -0.45),
+    up to the draws' noise; 5 and 95 % would give -0.54 and -0.46. The draws are seeded."""
+    from scipy.stats import binom
+    labels = np.array([False] + [True] * 400)
+    scores = {"a": np.array([0.5] + [1.0, 0.0] * 200), "b": np.array([0.5] + [1.0] * 400)}
+    gaps = compare.paired_auroc_gaps([(labels, scores)], {"ab": ("a", "b")})["ab"]
+    low, high = binom.ppf([0.025, 0.975], 400, 0.5) / 400 - 1
+    assert (low, high) == pytest.approx((-0.55, -0.45))
+    assert gaps["gap"] == -0.5
+    assert gaps["low"] == pytest.approx(low, abs=1.5 / 400)
+    assert gaps["high"] == pytest.approx(high, abs=1.5 / 400)
+    # seeded (SEED): a report is made again exactly; another seed draws other images
+    rng = np.random.default_rng(5)
+    labels = np.arange(40) >= 20
+    scores = {"a": rng.normal(size=40) + labels, "b": rng.normal(size=40) + labels}
+    once, again, other = (compare.paired_auroc_gaps([(labels, scores)], {"ab": ("a", "b")},
+                                                    seed=seed)["ab"] for seed in (0, 0, 1))
+    assert once == again and once == compare.paired_auroc_gaps(
+        [(labels, scores)], {"ab": ("a", "b")})["ab"]
+    assert (other["low"], other["high"]) != (once["low"], once["high"])
+
+
+def test_compare_worlds_refuses_a_run_stopped_at_its_last_class(compare, tmp_path: Path,
+                                                                capsys) -> None:
+    """A run whose last class failed has no class left unevaluated: it is still refused
+    (its means lack the failed class), naming the failed classes only."""
+    path = _results(tmp_path / "w", (1, 1, 1), (1, 1, 1), (1, 1, 1))
+    path.write_text(json.dumps(json.loads(path.read_text())
+                               | {"failed": {"retina": "RuntimeError: x"}, "not_evaluated": []}))
+    assert compare.main([f"w={path}"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {path} is an evaluation that stopped (failed: retina): finish it with the "
+        "same run_test.py command and --resume_eval, then compare\n")
+
+
+def test_image_auroc_gap_is_undefined_for_a_class_of_defective_images_only(compare) -> None:
+    """A class whose test images are all defective has no image AUROC: no gaps (None, shown
+    as n/a), not a gap of NaN, as for a class without defective images."""
+    good = {"a": {"images": [_image("good_0", 0.1, 0.1, 0.1), _image("crack_0", 0.3, 0.2, 0.3)]}}
+    assert compare.image_auroc_gaps({"classes": good})["protoflow_only"]["gap"] == 0.0
+    only_defective = {"images": [_image("crack_0", 0.3, 0.3, 0.3), _image("hole_0", 0.9, 0, 0)]}
+    assert compare.image_auroc_gaps({"classes": good | {"b": only_defective}}) is None
+
+
 def test_pool_test_sets_joins_other_draws_test_images(bench, tmp_path: Path, capsys) -> None:
     """The first draw is copied whole; each further draw's test and ground-truth images
     join with d<k>_ names, so each mask still matches its image (the test loader reads
@@ -660,6 +739,42 @@ def test_pool_test_sets_refuses_one_demo_draw_twice_and_drops_its_marker(
     assert (made["s2"] / demo_data.MARKER).exists()
 
 
+def test_pool_test_sets_checks_the_world_not_the_counts_nor_more_classes(
+        bench, tmp_path: Path, capsys) -> None:
+    """Demo draws of one world with other image counts (a larger test draw) pool; a draw
+    that holds a class the first lacks is refused (its images would be left out unseen),
+    and so is a first folder with no class: exit 2, nothing written."""
+    import demo_data
+    import pool_test_sets
+
+    def draw(name: str, seed: int, classes=("a",), n_test: int = 1,
+             marker: bool = True) -> Path:
+        root = tmp_path / name
+        for cls in classes:
+            (root / cls / "test" / "good").mkdir(parents=True)
+            Image.fromarray(_noise_image(seed, 32)).save(root / cls / "test/good/000.png")
+        if not marker:  # a folder of your own
+            return root
+        (root / demo_data.MARKER).write_text(json.dumps(
+            {"world": "main", "seed": seed, "classes": list(classes), "n_train": 2,
+             "n_test_good": n_test, "n_test_defect": n_test, "size": 32,
+             "defect_area": [0.001, 0.01]}))
+        return root
+
+    first, bigger = draw("s1", 1), draw("s2", 2, n_test=5)
+    assert pool_test_sets.main([str(tmp_path / "pooled"), str(first), str(bigger)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "a: 2 test images"
+    more = draw("s3", 3, classes=("a", "b"), marker=False)
+    (tmp_path / "empty").mkdir()
+    for argv, words in (([first, more], f"{more} holds the classes ['a', 'b'], {first} "
+                                        "holds ['a']: pool draws of the same world"),
+                        ([tmp_path / "empty", first], "empty holds no class with a test/ "
+                                                      "folder; expected")):
+        assert pool_test_sets.main([str(tmp_path / "x"), *map(str, argv)]) == 2
+        assert words in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
+
+
 @pytest.fixture
 def stem(bench):
     import cnn_stem_vit
@@ -738,3 +853,59 @@ def test_cnn_stem_runs_an_entry_point_with_its_model(stem, monkeypatch: pytest.M
     assert model.rel_pos_bias is not None  # shared relative position bias
     with pytest.raises(UserError, match=r"usage: python bench/cnn_stem_vit.py"):
         stem.main(["engine.py"])
+
+
+def test_cnn_stem_projection_starts_as_the_vits_own_init(stem) -> None:
+    """The trained 1 x 1 projection starts at the ViT's init_std (normal, as the ViT's
+    other weights), with zero bias: not Conv2d's default uniform init."""
+    model = _stem_vit(stem)
+    proj = model.patch_embed.proj
+    assert model.init_std == 0.02 and proj.weight.shape[0] == model.embed_dim
+    assert proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert torch.equal(proj.bias, torch.zeros_like(proj.bias))
+
+
+def test_cnn_stem_refuses_a_patch_size_other_than_lite0_stride(stem) -> None:
+    """Lite0's stage 3 has stride 16: a stem of 8-pixel patches would give one feature per
+    4 patches, so it is refused."""
+    with pytest.raises(ValueError, match="Lite0 stage 3 does not have stride 8"):
+        stem.Lite0Stem(192, img_size=64, patch_size=8)
+
+
+def test_cnn_stem_takes_a_script_path_as_typed(stem, monkeypatch: pytest.MonkeyPatch,
+                                                capsys) -> None:
+    """./run_test.py (as a shell completes it) names the same script as run_test.py."""
+    import modeling_pmad
+    monkeypatch.setattr(modeling_pmad, "PMAD_MODELS", dict(modeling_pmad.PMAD_MODELS))
+    monkeypatch.setattr(modeling_pmad, "MODEL_CONFIGS", dict(modeling_pmad.MODEL_CONFIGS))
+    monkeypatch.setattr("sys.argv", ["x"])
+    monkeypatch.setattr("sys.path", list(sys.path))
+    with pytest.raises(SystemExit) as done:
+        stem.main(["./run_test.py", "--help"])
+    assert done.value.code == 0 and stem.MODEL in capsys.readouterr().out
+
+
+def test_cnn_stem_keeps_the_callers_sizes_and_registers_its_patch_size(
+        stem, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The caller's depth, vocabulary and layer scale (build_pmad's init_values) win over
+    the base ViT's; once registered, the entry points' checks read its patch size (16:
+    a 224 px input is a 14 x 14 grid, 200 px is refused)."""
+    import argparse
+
+    import modeling_pmad
+    import run_pretraining
+    from utils import FlagError
+    model = _stem_vit(stem)
+    assert len(model.blocks) == 2 and model.lm_head.out_features == 32
+    monkeypatch.setattr(modeling_pmad, "PMAD_MODELS", dict(modeling_pmad.PMAD_MODELS))
+    monkeypatch.setattr(modeling_pmad, "MODEL_CONFIGS", dict(modeling_pmad.MODEL_CONFIGS))
+    stem.register()
+    built = modeling_pmad.build_pmad(stem.MODEL, vocab_size=8, img_size=32, init_values=1e-5)
+    assert torch.equal(built.blocks[0].gamma_1, torch.full((192,), 1e-5))
+    args = argparse.Namespace(model=stem.MODEL, input_size=224, tokenizer_model="kmeans",
+                              fit_kmeans_tokenizer=True,
+                              tokenizer_weight_path=str(tmp_path / "to_fit.pth"))
+    assert run_pretraining.check_image_grid(args) == 14
+    args.input_size = 200
+    with pytest.raises(FlagError, match="vit_tiny_lite0_stem's patch size 16"):
+        run_pretraining.check_image_grid(args)

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import protocols
 import run_test
@@ -55,6 +56,15 @@ def test_bench_score_variants_ce_relative_to_the_image(score_variants) -> None:
     ce = torch.tensor([[1.0, 1.0, 1.0, 4.0], [2.0, 2.0, 2.0, 8.0]])
     assert score_variants.relative_to_image(ce).tolist() == [[2.0, 2.0, 2.0, 8.0],
                                                              [2.0, 2.0, 2.0, 8.0]]
+
+
+def test_bench_score_variants_ce_relative_to_an_easily_predicted_image(score_variants) -> None:
+    """The class's median (0.5, the lower middle) over an image's own, below 1 nat as well
+    (image 0 keeps its CE); an image predicted perfectly almost everywhere (median 0)
+    is divided by 1e-3, not by 0 (no inf or NaN)."""
+    ce = torch.tensor([[0.5, 0.5, 0.5, 2.0], [0.0, 0.0, 0.0, 3.0]])
+    assert torch.allclose(score_variants.relative_to_image(ce),
+                          torch.tensor([[0.5, 0.5, 0.5, 2.0], [0.0, 0.0, 0.0, 1500.0]]))
 
 
 def test_bench_score_variants_aurocs_by_hand(score_variants) -> None:
@@ -195,6 +205,20 @@ def test_bench_score_variants_expectation_rows_by_hand(score_variants) -> None:
     assert rows["CE - entropy (at least 0)"][1][0, 0, 0] == pytest.approx(ln2)  # clamped
 
 
+def test_bench_score_variants_relative_row_by_hand(score_variants) -> None:
+    """The row "CE x class median / the image's median" maps relative_to_image's CE:
+    image 0's CEs (-ln 0.6, 0.7, 0.9, 0.8 for patches 0-3) have median -ln 0.8, the
+    class's (and image 1's) is -ln 0.7, so image 0's mildly unusual patch 0 scores
+    -ln 0.6 x ln 0.7 / ln 0.8, and image 1's defect keeps its CE ln 5."""
+    rows = score_variants.variant_scores(PositionalViT(), _hand_data(), 0.5, sigma=0.0,
+                                         batch_size=2, device=torch.device("cpu"), amp="none")
+    maps = rows["CE x class median / the image's median"][1]
+    ln2, ln4 = math.log(2), math.log(4)  # ln V; the defect's abnormality
+    relative = -math.log(0.6) * math.log(0.7) / math.log(0.8)
+    assert maps[0, 0, 0] == pytest.approx(ln2 * (1 + relative / ln2), abs=1e-6)
+    assert maps[1, 2, 2] == pytest.approx(ln4 * (1 + math.log(5) / ln2), abs=1e-6)
+
+
 def test_bench_score_variants_calibration_rows_by_hand(score_variants) -> None:
     """The rows calibrated on train/good (here the two hand images themselves), on the test
     set, and the codeword row, at the defect pixel (image 1, patch 3: CE ln 5, abnormality
@@ -262,6 +286,40 @@ def test_bench_score_variants_default_gaps(score_variants) -> None:
     assert gaps["same"] == {"gap": 0.0, "low": 0.0, "high": 0.0}
     assert score_variants.default_gaps([(labels, rows), (labels | True, rows)]) is None
     assert score_variants.default_gaps([(labels & False, rows)]) is None
+
+
+def test_bench_score_variants_gaps_take_label_1_as_defective(score_variants, tmp_path,
+                                                             monkeypatch, capsys) -> None:
+    """score_world's gap of each row to the default, with the models, the passes over the
+    images and the AUROCs stubbed: a row that separates the two defective images (label
+    1) from the two good ones (AUROC 1) where the default ranks one good image above one
+    defective (0.75) gains +0.25, in score_variant_gaps.json and on the row's line."""
+    from types import SimpleNamespace
+    data = tmp_path / "mvtec"
+    (data / "a" / "test").mkdir(parents=True)
+    (data / "a" / "train" / "good").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / "a" / "train" / "good" / "0.png")
+    models = SimpleNamespace(tokenizer=SimpleNamespace(image_size=8), img_size=8, mean=None,
+                             std=None, protoflow=None, model=None, device=None, amp="none")
+    monkeypatch.setattr(score_variants.run_test, "load_models", lambda args: models)
+    monkeypatch.setattr(score_variants.datasets, "MVTecTestDataset", lambda *a, **k: None)
+    monkeypatch.setattr(score_variants.datasets, "ImageListDataset", lambda *a, **k: None)
+    monkeypatch.setattr(score_variants, "collect_class", lambda *a: SimpleNamespace(
+        labels=np.array([0, 0, 1, 1]), gt_masks=None))
+    rows = {"default": torch.tensor([0.1, 0.3, 0.2, 0.4]),
+            "better": torch.tensor([0.1, 0.2, 0.3, 0.4])}
+    monkeypatch.setattr(score_variants, "variant_scores",
+                        lambda *a: {k: (s, None) for k, s in rows.items()})
+    monkeypatch.setattr(score_variants, "aurocs", lambda data, found: {
+        "default": {"image_auroc": 0.75, "pixel_auroc": math.nan},
+        "better": {"image_auroc": 1.0, "pixel_auroc": math.nan}})
+    out = tmp_path / "out"
+    assert score_variants.main(["--data_path", str(data), "--output_dir", str(out)]) == 0
+    gaps = json.loads((out / score_variants.GAPS_FILE).read_text())
+    assert list(gaps) == ["better"] and gaps["better"]["gap"] == 0.25
+    assert 0.0 <= gaps["better"]["low"] <= 0.25 <= gaps["better"]["high"] <= 1.0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "better" in ln)
+    assert line.split()[1:3] == ["1.0000", "+0.2500"]
 
 
 def test_bench_score_variants_flags(score_variants, capsys) -> None:
