@@ -888,6 +888,24 @@ def test_two_process_gloo_group(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth", "rank0.json", "rank1.json"]
 
 
+def _where_am_i(rank: int, out_dir: str) -> None:
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
+        [os.environ.get("PMAD_TEST_MARK"), os.getcwd()]))
+
+
+def test_ranks_run_in_the_callers_environment_and_folder(tmp_path, monkeypatch):
+    """The fork server keeps the environment and folder of the call that started it;
+    each child still gets its caller's, as a spawned process would."""
+    monkeypatch.delenv("PMAD_TEST_MARK", raising=False)
+    assert run_ranks(_where_am_i, (str(tmp_path),)) == [0, 0]  # the server is up
+    monkeypatch.setenv("PMAD_TEST_MARK", "set after")
+    monkeypatch.chdir(tmp_path)
+    assert run_ranks(_where_am_i, (str(tmp_path),)) == [0, 0]
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [
+            "set after", str(tmp_path)]
+
+
 def _failing_rank(rank: int, init_file: str, out_dir: str) -> None:
     """Rank 1 raises (a bad image, an OOM) while rank 0 waits in an all-reduce, as in
     DDP's gradient all-reduce."""
