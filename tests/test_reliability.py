@@ -3,17 +3,22 @@ work with exit code 2 and one `error:` line (no traceback), or works as a user w
 expect, and no finished work is lost.
 
 The machine is slow to import torch (seconds per process), so each group of cases runs
-in ONE child process: `_run_cases` executes the entry points' own `__main__` blocks
-(runpy) one after the other, with each case's stderr/stdout captured apart.
+in ONE child process, forked from conftest's fork server with the modules imported:
+`_run_cases` executes the entry points' own `__main__` blocks (runpy) one after the other,
+with each case's stderr/stdout captured apart.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -23,31 +28,46 @@ import datasets
 import run_pretraining
 import utils
 from backbones import lite0_weights_path
-from conftest import ROOT, run_command, truncate
+from conftest import HANG_GUARD_S, ROOT, run_ranks, truncate
 
 TINY = "vit_tiny_patch16_224_8k_vocab"
 
-_HARNESS = r"""
-import contextlib, io, json, os, runpy, shutil, sys, traceback
-spec, result, out = sys.argv[1], sys.argv[2], []
-for case in json.load(open(spec)):
-    exec(case.get("pre", ""))
-    sys.argv = [case["script"], *case["argv"]]
-    err, std = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
-        try:
-            runpy.run_path(case["script"], run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    out.append({"code": code, "err": err.getvalue(), "out": std.getvalue()})
-    if case.get("snapshot"):
-        shutil.copytree(case["snapshot"][0], case["snapshot"][1])
-json.dump(out, open(result, "w"))
-"""
+
+def _harness(rank: int, spec: str, result: str) -> None:
+    """The child process of `_run_cases` -> `result`: a JSON list of {'code', 'err',
+    'out'}, or {'harness': its traceback} if the harness itself failed."""
+    os.chdir(ROOT)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    out: list[dict] = []
+    try:
+        _run_each(json.loads(Path(spec).read_text()), out)
+    except BaseException:
+        Path(result).write_text(json.dumps({"harness": traceback.format_exc()}))
+        raise
+    Path(result).write_text(json.dumps(out))
+
+
+def _run_each(cases: list[dict], out: list[dict]) -> None:
+    """Each case's `pre` code (in one namespace that the cases share), then its entry
+    point's `__main__` block with its stderr and stdout captured, appended to `out`."""
+    scope: dict = {}
+    for case in cases:
+        exec(case.get("pre", ""), scope)
+        sys.argv = [case["script"], *case["argv"]]
+        err, std = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
+            try:
+                runpy.run_path(case["script"], run_name="__main__")
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+        out.append({"code": code, "err": err.getvalue(), "out": std.getvalue()})
+        if case.get("snapshot"):
+            shutil.copytree(*case["snapshot"])
 
 
 def _run_cases(tmp: Path, cases: dict[str, dict]) -> dict[str, dict]:
@@ -56,10 +76,10 @@ def _run_cases(tmp: Path, cases: dict[str, dict]) -> dict[str, dict]:
     one child process."""
     spec, result = tmp / "cases.json", tmp / "results.json"
     spec.write_text(json.dumps(list(cases.values())))
-    proc = run_command([sys.executable, "-c", _HARNESS, str(spec), str(result)], cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return dict(zip(cases, json.loads(result.read_text())))
+    codes = run_ranks(_harness, (str(spec), str(result)), nprocs=1, timeout_s=HANG_GUARD_S)
+    found = json.loads(result.read_text()) if result.exists() else None
+    assert codes == [0], found
+    return dict(zip(cases, found))
 
 
 def _clear_error(result: dict, *words: str) -> str:
