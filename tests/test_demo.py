@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from backbones import lite0_weights_path
 from conftest import arg, python_stub, run_command, stub_calls
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,10 @@ def test_demo_script_detects_defects(tmp_path: Path, bench: None) -> None:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "| Brick |" in run.stdout and "] done" in run.stdout
     assert "### main world" in run.stdout and "heldout" not in run.stdout
+    for name in ("brick", "coins"):  # demo.sh asks the Lite0 package for its path
+        meta = json.loads((tmp_path / "demo" / "main" / "prototypes" / name
+                           / "coreset.json").read_text())
+        assert meta["encoder_weights"] == os.path.abspath(lite0_weights_path())
     results = json.loads((tmp_path / "demo" / "main" / "results" / "results.json").read_text())
     assert results["protocol"] == "clean" and list(results["classes"]) == ["brick", "coins"]
     for record in results["classes"].values():
