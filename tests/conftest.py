@@ -277,23 +277,25 @@ def read_format(name: str) -> list[tuple[str, tuple[int, ...], str]]:
     return rows
 
 
-# what the child processes import (the entry points import the rest), loaded once by the
-# fork server instead of by each child
-CHILD_PRELOAD = ["torch", "torch.distributed", "timm", "run_test", "run_pretraining",
-                 "run_protoflow", "predict", "setup_train_dataset"]
+# the installed packages that take the child processes seconds to import, loaded once by
+# the fork server instead of by each child. Not this repository's modules: one that failed
+# to import would take the server down, and every child with it, and before Python 3.12.8
+# the server finds them only when pytest runs from the repository's root.
+CHILD_PRELOAD = ["torch", "torch.distributed", "timm", "FrEIA.framework"]
 
 
 def run_ranks(fn: Callable[..., None], args: tuple, nprocs: int = 2,
               timeout_s: float = 600.0) -> list[int]:
-    """Run fn(rank, *args) in `nprocs` new processes, in this process's environment and
-    folder, and return their exit codes; a process still running after `timeout_s` (a
-    hang) is killed and the test fails. They are forked from multiprocessing's fork
-    server, a single-threaded process that imported CHILD_PRELOAD once (no fork of this
-    threaded process, and no child pays seconds of imports)."""
+    """Run fn(rank, *args) in `nprocs` new processes, in this process's environment, and
+    return their exit codes; a process still running after `timeout_s` (a hang) is killed
+    and the test fails. They are forked from multiprocessing's fork server, a
+    single-threaded process that imported CHILD_PRELOAD once (no fork of this threaded
+    process, and no child pays seconds of imports). What a process fixes when it starts
+    is the server's in every child, string hashing among it: unlike under torchrun, the
+    ranks iterate sets of strings in one order (the torchrun test runs real processes)."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(CHILD_PRELOAD)
-    here = (dict(os.environ), os.getcwd())
-    procs = [ctx.Process(target=_as_here, args=(here, fn, rank, *args))
+    procs = [ctx.Process(target=_fresh, args=(dict(os.environ), fn, rank, *args))
              for rank in range(nprocs)]
     for p in procs:
         p.start()
@@ -312,13 +314,13 @@ def run_ranks(fn: Callable[..., None], args: tuple, nprocs: int = 2,
     return [p.exitcode for p in procs]
 
 
-def _as_here(here: tuple[dict[str, str], str], fn: Callable[..., None], *args) -> None:
-    """fn(*args) in the caller's environment and folder (a child of the fork server has
-    the server's, those of the first call)."""
-    env, cwd = here
+def _fresh(env: dict[str, str], fn: Callable[..., None], *args) -> None:
+    """fn(*args) in the caller's environment (a child of the fork server has the one of
+    the call that started it), with numpy's global random state drawn anew, as in a new
+    process (a fork copies the server's; Python's `random` reseeds itself)."""
     os.environ.clear()
     os.environ.update(env)
-    os.chdir(cwd)
+    np.random.seed()
     fn(*args)
 
 

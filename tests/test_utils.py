@@ -890,20 +890,21 @@ def test_two_process_gloo_group(tmp_path):
 
 def _where_am_i(rank: int, out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
-        [os.environ.get("PMAD_TEST_MARK"), os.getcwd()]))
+        [os.environ.get("PMAD_TEST_MARK"), os.getcwd(), np.random.rand()]))
 
 
 def test_ranks_run_in_the_callers_environment_and_folder(tmp_path, monkeypatch):
-    """The fork server keeps the environment and folder of the call that started it;
-    each child still gets its caller's, as a spawned process would."""
+    """The fork server keeps the environment of the call that started it; each child
+    still gets its caller's, its folder, and a numpy global random state of its own, as
+    a spawned process would."""
     monkeypatch.delenv("PMAD_TEST_MARK", raising=False)
     assert run_ranks(_where_am_i, (str(tmp_path),)) == [0, 0]  # the server is up
     monkeypatch.setenv("PMAD_TEST_MARK", "set after")
     monkeypatch.chdir(tmp_path)
     assert run_ranks(_where_am_i, (str(tmp_path),)) == [0, 0]
-    for rank in range(2):
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [
-            "set after", str(tmp_path)]
+    found = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [f[:2] for f in found] == [["set after", str(tmp_path)]] * 2
+    assert found[0][2] != found[1][2]
 
 
 def _failing_rank(rank: int, init_file: str, out_dir: str) -> None:
