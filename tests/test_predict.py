@@ -67,15 +67,16 @@ def test_predict_reproduces_the_clean_protocol(tiny_world, tmp_path):
 
 
 def test_each_class_gets_its_own_threshold_and_table_6_mask_ratio(tiny_world, tmp_path):
-    """A class of the paper's Table 6 (metal_nut: 0.48) is masked at its ratio, another
-    (coins) at --default_mask_ratio's; each is called at the quantile of its own
-    held-out normal scores, not at the file's quantile over every class (39.5)."""
+    """A class of the paper's Table 6 (wood: 0.46, no other class's) is masked at its
+    ratio, another (coins) at --default_mask_ratio's, and --mask_ratio masks both at its
+    own; each is called at the quantile of its own held-out normal scores, not at the
+    file's quantile over every class (39.5)."""
     protos, inbox = tmp_path / "prototypes", tmp_path / "inbox"
-    for cls, src in (("metal_nut", "brick"), ("coins", "coins")):
+    for cls, src in (("wood", "brick"), ("coins", "coins")):
         shutil.copytree(tiny_world.prototypes_dir / src, protos / cls)
         shutil.copytree(tiny_world.mvtec_root / src / "test" / "good", inbox / cls)
     pf = tiny_world.protoflow_with_class_scores(
-        tmp_path / "pf.pt", {"metal_nut": [1.0, 2.0, 3.0], "coins": [20.0, 30.0, 40.0]})
+        tmp_path / "pf.pt", {"wood": [1.0, 2.0, 3.0], "coins": [20.0, 30.0, 40.0]})
 
     def predictions(out: Path, *extra: str) -> dict[tuple[str, str], dict[str, str]]:
         assert predict.main([str(inbox), "--class_from_folder", "--output_dir", str(out),
@@ -85,13 +86,15 @@ def test_each_class_gets_its_own_threshold_and_table_6_mask_ratio(tiny_world, tm
 
     rows = predictions(tmp_path / "own")
     assert {c: float(r["threshold"]) for (c, _), r in rows.items()} == pytest.approx(
-        {"metal_nut": 2.98, "coins": 39.8})
-    at_nuts = predictions(tmp_path / "at_nuts", "--mask_ratio", "0.48")
-    assert at_nuts.keys() == rows.keys() and len(rows) == 8
-    for key, row in rows.items():
-        same = float(at_nuts[key]["pmad_score"]) == pytest.approx(float(row["pmad_score"]),
-                                                                   abs=1e-6)
-        assert same == (key[0] == "metal_nut"), key
+        {"wood": 2.98, "coins": 39.8})
+    assert len(rows) == 8
+    for ratio, unchanged in (("0.46", "wood"), ("0.3", "coins")):
+        forced = predictions(tmp_path / f"at_{ratio}", "--mask_ratio", ratio)
+        assert forced.keys() == rows.keys()
+        for key, row in rows.items():
+            same = float(forced[key]["pmad_score"]) == pytest.approx(
+                float(row["pmad_score"]), abs=1e-6)
+            assert same == (key[0] == unchanged), (ratio, key)
 
 
 def test_every_class_s_prototypes_are_checked_and_dropped_before_scoring(tiny_world, tmp_path,
