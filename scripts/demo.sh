@@ -87,6 +87,8 @@ run_world() {
         --epochs "$PF_EPOCHS" --warmup_epochs 1 --n_blocks 4 --lr 1e-3 --batch_size 16 \
         --device "$DEVICE" --num_workers 2
 
+    # --cache_images ram: the images are decoded once, so that on two cores no loader
+    # worker takes a core from the step; the same batches to the bit, ~20 % faster
     step "[$name] 4/5 k-means visual tokenizer + PMAD ViT ($VIT_MODEL, from" \
         "${VIT_INIT:-scratch}, $VIT_EPOCHS epochs)"
     "$PY" run_pretraining.py --model "$VIT_MODEL" "${VIT_START[@]}" \
@@ -96,7 +98,8 @@ run_world() {
         --kmeans_out_index "${KMEANS_OUT_INDEX:-1}" \
         --output_dir "$out/pmad" --epochs "$VIT_EPOCHS" --warmup_epochs 2 \
         --batch_size 16 --lr 1.5e-3 --dynamic_masking_start $((VIT_EPOCHS / 2)) \
-        --save_ckpt_freq "$VIT_EPOCHS" --num_workers 2 --device "$DEVICE" --no_auto_resume
+        --save_ckpt_freq "$VIT_EPOCHS" --num_workers 2 --device "$DEVICE" --no_auto_resume \
+        --cache_images ram
 
     step "[$name] 5/5 evaluation, clean protocol, with the baselines"
     "$PY" run_test.py --model "$VIT_MODEL" \
