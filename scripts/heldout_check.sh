@@ -11,8 +11,8 @@
 # DEMO_SEED, DEMO_DEFECT_AREA and DEMO_HELDOUT, which this script sets. Give each recipe
 # its own DEMO_DIR to keep its worlds apart; relative paths are taken from the repository
 # root. With the demo's recipe on 2 CPU cores it takes about three times as long as
-# scripts/demo.sh (README: 8 minutes on the CI-class machine; 12-16 minutes a world on a
-# 2-core AMD EPYC with AVX2 only);
+# scripts/demo.sh (README: 8 minutes on the CI-class machine, 13 on a 2-core AMD EPYC
+# with AVX2 only);
 # e.g. the paper's ViT-B from BEiT's weights on a GPU:
 #   DEVICE=cuda VIT_MODEL=vit_base_patch16_224_8k_vocab \
 #   VIT_INIT=weights/beit_base_patch16_224_pt22k.pth VIT_EPOCHS=300 \
