@@ -37,9 +37,10 @@ from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_
                        load_prototypes, patch_log_likelihood, prototypes_sha256,
                        read_prototype_meta, save_protoflow, save_prototypes, train_flow)
 from utils import (CheckpointError, FlagError, JsonlLog, UniqueNames, build_sampler,
-                   capture_rng_state, cli, fraction_arg, int_at_least, load_checkpoint_file,
-                   positive_float, prepare_output_dir, remove_stale_tmp_files,
-                   resolve_device, restore_rng_state, save_on_master, seed_everything)
+                   capture_rng_state, cli, file_sha256, fraction_arg, int_at_least,
+                   load_checkpoint_file, positive_float, prepare_output_dir,
+                   remove_stale_tmp_files, resolve_device, restore_rng_state, save_on_master,
+                   seed_everything)
 
 
 @torch.inference_mode()
@@ -165,18 +166,26 @@ def _flow_data(args: argparse.Namespace, classes: list[str],
 
 
 def training_files(dataset: Dataset, kept: list[int], held: list[int], root: str
-                   ) -> dict[str, dict[str, list[int]]]:
-    """The kept and held-out training images as {relative path: [size, mtime_ns]}: cheap
-    (no image is read), and an image added, removed or rewritten after a crash changes it,
-    which a resume must not continue on (same --data_path, other data)."""
-    def stat(indices: list[int]) -> dict[str, list[int]]:
+                   ) -> dict[str, dict[str, list]]:
+    """The kept and held-out training images as {relative path: [size, SHA-256]}: an
+    image added, removed or rewritten after a crash changes it, which a resume must not
+    continue on (same --data_path, other data), while a copy of the same files elsewhere
+    (another node, mtimes not kept) does not. Each file is read once per start (MVTec
+    AD's training images: seconds), a small part of decoding them every epoch."""
+    def fingerprint(indices: list[int]) -> dict[str, list]:
         out = {}
         for i in indices:
             path = dataset.samples[i][0]
-            st = os.stat(path)
-            out[os.path.relpath(path, root)] = [st.st_size, st.st_mtime_ns]
+            out[os.path.relpath(path, root)] = [os.path.getsize(path), file_sha256(path)]
         return out
-    return {"kept": stat(kept), "held_out": stat(held)}
+    return {"kept": fingerprint(kept), "held_out": fingerprint(held)}
+
+
+def _sizes_only(files: dict[str, dict[str, list]]) -> dict[str, dict[str, list]]:
+    """`training_files` cut to the sizes, for a file an older run_protoflow.py wrote,
+    which recorded [size, mtime_ns]."""
+    return {split: {name: value[:1] for name, value in entries.items()}
+            for split, entries in files.items()}
 
 
 def _files_changed(saved: dict[str, dict], now: dict[str, dict]) -> str:
@@ -243,10 +252,19 @@ def _resume(args: argparse.Namespace, resume_path: str, flow: Ff.SequenceINN,
         print(f"[protoflow] {resume_path} records no fingerprint of the training images (an "
               "older run_protoflow.py wrote it): resumed unchecked; the run continues exactly "
               "only on the images it was started with", flush=True)
-    elif state["data_files"] != data_files:
+        saved_files = None
+    elif any(isinstance(value[1], int) for entries in state["data_files"].values()
+             for value in entries.values()):
+        print(f"[protoflow] {resume_path} records the training images' sizes and times, not "
+              "their contents (an older run_protoflow.py wrote it): compared by size only",
+              flush=True)
+        saved_files, data_files = _sizes_only(state["data_files"]), _sizes_only(data_files)
+    else:
+        saved_files = state["data_files"]
+    if saved_files is not None and saved_files != data_files:
         raise CheckpointError(f"{resume_path} was made on other images than --data_path "
                               f"{args.data_path} holds now: "
-                              f"{_files_changed(state['data_files'], data_files)}; resume on "
+                              f"{_files_changed(saved_files, data_files)}; resume on "
                               f"the same images, or delete {resume_path} to start over")
     flow.load_state_dict(state["flow"])
     optimizer.load_state_dict(state["optimizer"])

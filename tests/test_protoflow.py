@@ -3,11 +3,13 @@
 real-feature planted defect, the one-pass ratio sweep, and the two commands end to end."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -881,10 +883,11 @@ def test_train_resumes_exactly_after_a_crash(cli, monkeypatch):
 
 def test_resume_refuses_training_images_changed_after_the_crash(cli, monkeypatch, tmp_path):
     """Same --data_path, other files: a rewritten image, then an added one, then a
-    held-out one touched, are refused by name and count; the very same files again
+    held-out one rewritten to the same size, are refused by name and count. The very same
+    files copied anew (later mtimes, as a copy to another node without -p leaves them)
     resume exactly."""
     data = tmp_path / "data"
-    shutil.copytree(os.path.join(cli["root"], "data"), data)  # copy2: mtimes kept
+    shutil.copytree(os.path.join(cli["root"], "data"), data)
     train = list(cli["train"])
     train[train.index("--data_path") + 1] = str(data)
     crashed = str(tmp_path / "e.pt")
@@ -895,7 +898,7 @@ def test_resume_refuses_training_images_changed_after_the_crash(cli, monkeypatch
     kept = sorted(f for f in os.listdir(data / "train" / "brick")
                   if f not in held["held_out"])[0]
     image = data / "train" / "brick" / kept
-    original, stat = image.read_bytes(), image.stat()
+    original = image.read_bytes()
     Image.fromarray(255 - np.asarray(Image.open(image))).save(image)
     with pytest.raises(CheckpointError) as err:
         rpf.main(argv)
@@ -910,15 +913,17 @@ def test_resume_refuses_training_images_changed_after_the_crash(cli, monkeypatch
             f"train/brick/{kept}); resume on") in str(err.value)
     (data / "train" / "brick" / "005.png").unlink()
     image.write_bytes(original)
-    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     held_image = data / "train" / "brick" / held["held_out"][0]  # the threshold's images
-    held_stat = held_image.stat()
-    os.utime(held_image, ns=(held_stat.st_atime_ns, held_stat.st_mtime_ns + 10 ** 9))
+    held_bytes = held_image.read_bytes()
+    held_image.write_bytes(held_bytes[:-1] + bytes([held_bytes[-1] ^ 1]))  # same size
     with pytest.raises(CheckpointError) as err:
         rpf.main(argv)
     assert (f"holds now: 2 -> 2 held-out images (rewritten train/brick/{held_image.name}); "
             "resume on") in str(err.value)
-    os.utime(held_image, ns=(held_stat.st_atime_ns, held_stat.st_mtime_ns))
+    held_image.write_bytes(held_bytes)
+    later = time.time_ns() + 10 ** 9
+    for path in (data / "train").rglob("*.png"):  # what a copy that keeps no mtimes leaves
+        os.utime(path, ns=(later, later))
     resumed = rpf.main(argv)
     for key, value in cli["trained"]["decoder_state_dict"].items():
         assert torch.equal(resumed["decoder_state_dict"][key], value), key
@@ -926,8 +931,9 @@ def test_resume_refuses_training_images_changed_after_the_crash(cli, monkeypatch
 
 def test_training_files_tell_each_change_of_each_split(tmp_path):
     """The resume fingerprint: per split, each image's path under the root (classes may
-    share file names), size and mtime, so that a rewrite of the same size counts too; the
-    difference names what was added, removed or rewritten, a few names of each."""
+    share file names), size and SHA-256, so that a rewrite of the same size counts and a
+    new mtime alone does not; the difference names what was added, removed or rewritten,
+    a few names of each."""
     folder = tmp_path / "train" / "brick"
     folder.mkdir(parents=True)
     for name in ("0.png", "1.png"):
@@ -942,13 +948,12 @@ def test_training_files_tell_each_change_of_each_split(tmp_path):
         return rpf.training_files(Images, kept, held, str(tmp_path))
 
     before = files([0, 2], [1])
-    ns = {k: (tmp_path / k).stat().st_mtime_ns for k in
-          ("train/brick/0.png", "train/brick/1.png", "train/gravel/0.png")}
-    assert before == {"kept": {"train/brick/0.png": [10, ns["train/brick/0.png"]],
-                               "train/gravel/0.png": [12, ns["train/gravel/0.png"]]},
-                      "held_out": {"train/brick/1.png": [10, ns["train/brick/1.png"]]}}
-    (folder / "1.png").write_bytes(b"y" * 10)  # the same size, other bytes, a later mtime
-    os.utime(folder / "1.png", ns=(0, ns["train/brick/1.png"] + 10 ** 9))
+    x10, x12 = hashlib.sha256(b"x" * 10).hexdigest(), hashlib.sha256(b"x" * 12).hexdigest()
+    assert before == {"kept": {"train/brick/0.png": [10, x10], "train/gravel/0.png": [12, x12]},
+                      "held_out": {"train/brick/1.png": [10, x10]}}
+    os.utime(folder / "0.png", ns=(0, 10 ** 9))  # the same bytes, another mtime
+    assert files([0, 2], [1]) == before
+    (folder / "1.png").write_bytes(b"y" * 10)  # the same size, other bytes
     after = files([0, 2], [1])
     assert after["kept"] == before["kept"]
     assert rpf._files_changed(before, after) == (
@@ -956,10 +961,38 @@ def test_training_files_tell_each_change_of_each_split(tmp_path):
     assert rpf._files_changed(before, files([0], [1])) == (
         "2 -> 1 training images (removed train/gravel/0.png); 1 -> 1 held-out images "
         "(rewritten train/brick/1.png)")
-    many = {"kept": {f"train/brick/{i}.png": [1, 1] for i in range(4)}, "held_out": {}}
+    many = {"kept": {f"train/brick/{i}.png": [1, "a"] for i in range(4)}, "held_out": {}}
     assert rpf._files_changed({"kept": {}, "held_out": {}}, many) == (
         "0 -> 4 training images (added train/brick/0.png, train/brick/1.png, "
         "train/brick/2.png and 1 more)")
+
+
+def test_resume_compares_an_older_files_fingerprint_by_size(cli, monkeypatch, capsys):
+    """A .resume file from before the contents were fingerprinted records [size,
+    mtime_ns]: its sizes are compared (another size is refused by name), its mtimes are
+    not (they need not survive a copy), with a note that the contents go unchecked."""
+    crashed = str(cli["root"] / "old_fingerprint.pt")
+    resume = crashed + ".resume"
+    _crash_in_epoch_two(cli, monkeypatch, crashed)
+    argv = cli["train"] + ["--output", crashed, "--resume"]
+    state = utils.load_checkpoint_file(resume)
+    older = {split: {name: [size, 1] for name, (size, _) in files.items()}
+             for split, files in state["data_files"].items()}
+    name = sorted(older["held_out"])[0]
+    torch.save({**state, "data_files": {**older, "held_out": {
+        **older["held_out"], name: [older["held_out"][name][0] + 1, 1]}}}, resume)
+    capsys.readouterr()
+    with pytest.raises(CheckpointError) as err:
+        rpf.main(argv)
+    assert f"held-out images (rewritten {name}); resume on" in str(err.value)
+    note = (f"{resume} records the training images' sizes and times, not their contents (an "
+            "older run_protoflow.py wrote it): compared by size only")
+    assert note in capsys.readouterr().out
+    torch.save({**state, "data_files": older}, resume)
+    resumed = rpf.main(argv)
+    assert note in capsys.readouterr().out
+    for key, value in cli["trained"]["decoder_state_dict"].items():
+        assert torch.equal(resumed["decoder_state_dict"][key], value), key
 
 
 def test_resume_refuses_other_prototypes_or_skip_bad_images_or_an_older_file(
