@@ -208,13 +208,14 @@ def _files_changed(saved: dict[str, dict], now: dict[str, dict]) -> str:
 
 def _resume(args: argparse.Namespace, resume_path: str, flow: Ff.SequenceINN,
             optimizer: torch.optim.Optimizer, run_args: dict,
-            data_files: dict[str, dict[str, list[int]]]) -> int:
+            data_files: dict[str, dict[str, list]]) -> int:
     """The epoch to start at: 0, or the one after the last saved in `resume_path`
     (<output>.resume), whose flow, optimizer and RNG state are restored (only with
     --resume, unchanged `run_args` and the same training images, `data_files`, so that a
     resumed run is the run it continues). A file that records only some of `run_args` (an
     older version's) is refused: it cannot be shown to continue this run; one without
-    `data_files` (recorded since a later version) resumes with a note."""
+    `data_files` (recorded since a later version) resumes with a note, as does one whose
+    `data_files` hold [size, mtime_ns] (before the contents were): compared by size."""
     if not os.path.exists(resume_path):
         if args.resume:
             raise FlagError(f"--resume: {resume_path} does not exist, so --output "

@@ -970,7 +970,8 @@ def test_training_files_tell_each_change_of_each_split(tmp_path):
 def test_resume_compares_an_older_files_fingerprint_by_size(cli, monkeypatch, capsys):
     """A .resume file from before the contents were fingerprinted records [size,
     mtime_ns]: its sizes are compared (another size is refused by name), its mtimes are
-    not (they need not survive a copy), with a note that the contents go unchecked."""
+    not (they need not survive a copy), with a note that the contents go unchecked; the
+    resumed run records the full fingerprint again."""
     crashed = str(cli["root"] / "old_fingerprint.pt")
     resume = crashed + ".resume"
     _crash_in_epoch_two(cli, monkeypatch, crashed)
@@ -989,8 +990,11 @@ def test_resume_compares_an_older_files_fingerprint_by_size(cli, monkeypatch, ca
             "older run_protoflow.py wrote it): compared by size only")
     assert note in capsys.readouterr().out
     torch.save({**state, "data_files": older}, resume)
+    saved = []  # what the resumed run writes to its .resume file: the full fingerprint
+    monkeypatch.setattr(rpf, "save_on_master", lambda obj, path: saved.append(obj["data_files"]))
     resumed = rpf.main(argv)
     assert note in capsys.readouterr().out
+    assert saved and all(files == state["data_files"] for files in saved)
     for key, value in cli["trained"]["decoder_state_dict"].items():
         assert torch.equal(resumed["decoder_state_dict"][key], value), key
 
