@@ -288,7 +288,8 @@ def run_ranks(fn: Callable[..., None], args: tuple, nprocs: int = 2,
               timeout_s: float = 600.0) -> list[int]:
     """Run fn(rank, *args) in `nprocs` new processes, in this process's environment, and
     return their exit codes; a process still running after `timeout_s` (a hang) is killed
-    and the test fails. They are forked from multiprocessing's fork server, a
+    with what it started (each leads a process group of its own: its DataLoader workers,
+    a subprocess) and the test fails. They are forked from multiprocessing's fork server, a
     single-threaded process that imported CHILD_PRELOAD once (no fork of this threaded
     process, and no child pays seconds of imports). What a process fixes when it starts
     is the server's in every child, string hashing among it: unlike under torchrun, the
@@ -309,7 +310,10 @@ def run_ranks(fn: Callable[..., None], args: tuple, nprocs: int = 2,
     finally:
         for p in procs:
             if p.is_alive():
-                p.kill()
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:  # killed before it made its group: itself only
+                    p.kill()
                 p.join()
     return [p.exitcode for p in procs]
 
@@ -317,7 +321,9 @@ def run_ranks(fn: Callable[..., None], args: tuple, nprocs: int = 2,
 def _fresh(env: dict[str, str], fn: Callable[..., None], *args) -> None:
     """fn(*args) in the caller's environment (a child of the fork server has the one of
     the call that started it), with numpy's global random state drawn anew, as in a new
-    process (a fork copies the server's; Python's `random` reseeds itself)."""
+    process (a fork copies the server's; Python's `random` reseeds itself), as the leader
+    of a new process group, which run_ranks kills on a hang."""
+    os.setpgid(0, 0)
     os.environ.clear()
     os.environ.update(env)
     np.random.seed()

@@ -10,6 +10,8 @@ import math
 import os
 import time
 import random
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -905,6 +907,40 @@ def test_ranks_run_in_the_callers_environment_and_folder(tmp_path, monkeypatch):
     found = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [f[:2] for f in found] == [["set after", str(tmp_path)]] * 2
     assert found[0][2] != found[1][2]
+
+
+def _hang_with_a_child(rank: int, pid_file: str) -> None:
+    """A rank that starts a process of its own (as a DataLoader worker) and then hangs."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    Path(pid_file).write_text(str(child.pid))
+    time.sleep(600)
+
+
+def test_a_hung_rank_is_killed_with_the_processes_it_started(tmp_path):
+    """On a hang run_ranks fails the test and kills the rank's whole process group: a
+    process it started (a DataLoader worker) does not outlive the test."""
+    pid_file = tmp_path / "child.pid"
+    assert run_ranks(_where_am_i, (str(tmp_path),), nprocs=1) == [0]  # the server is up
+    with pytest.raises(pytest.fail.Exception, match=r"rank\(s\) \[0\] still running after 4 s"):
+        run_ranks(_hang_with_a_child, (str(pid_file),), nprocs=1, timeout_s=4)
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:  # SIGKILL lands at once; reaping
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs: a zombie (killed, not yet reaped: a container's
+    init may never reap it) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # no /proc (macOS), or reaped since
+        return True
 
 
 def _failing_rank(rank: int, init_file: str, out_dir: str) -> None:
