@@ -496,14 +496,18 @@ def image_problem(image_path: str) -> str | None:
 
 
 def _depth_problem(img: Image.Image, path: str) -> str | None:
-    """What _eight_bit refuses of a 16-bit, 32-bit or float grey image (8-bit values in a
-    16-bit file, floats), found up front: such images alone are decoded here (the header
-    says which), every other image stays a header read."""
-    if not img.mode.startswith(("I", "F")):
+    """What open_rgb refuses of a 16-bit image (8-bit values in a 16-bit file, grey or
+    colour), a 32-bit or a float one, found up front: such images alone are decoded here
+    (the header says which), every other image stays a header read."""
+    colour16 = _sixteen_bit_colour(img)
+    if not (colour16 or img.mode.startswith(("I", "F"))):
         return None
     img.load()
     try:
-        _eight_bit(img, path)
+        if colour16:
+            _check_sixteen_bit_colour(img, path)
+        else:
+            _eight_bit(img, path)
     except BadFileError as e:
         return str(e)
     return None
@@ -690,13 +694,53 @@ def _eight_bit(img: Image.Image, path: str) -> Image.Image:
     if arr.size and (arr.min() < 0 or arr.max() > 65535):
         raise BadFileError(f"{path} holds {img.mode} values from {arr.min()} to {arr.max()}, "
                            "outside 16 bits: save it as an 8- or 16-bit image")
-    top = int(arr.max(initial=0))
+    _refuse_eight_bit_values(path, img.mode, int(arr.max(initial=0)))
+    return Image.fromarray((arr >> 8).astype(np.uint8))
+
+
+def _refuse_eight_bit_values(path: str, kind: str, top: int) -> None:
+    """A 16-bit image whose largest value `top` is under 256 would read all black by its
+    top 8 bits: refused (an all-0 image is black either way)."""
     if 0 < top < 256:
-        raise BadFileError(f"{path} holds {img.mode} values no larger than {top}: read by "
+        raise BadFileError(f"{path} holds {kind} values no larger than {top}: read by "
                            "its top 8 bits, as every 16-bit image is, it would be all black; "
                            "save it as an 8-bit image, or scale it to the 16-bit range "
                            "(x 257)")
-    return Image.fromarray((arr >> 8).astype(np.uint8))
+
+
+def _sixteen_bit_colour(img: Image.Image) -> bool:
+    """Whether an opened, not yet loaded image stores 16 bits a colour channel (PNG's
+    RGB;16B, TIFF's RGB;16N, ...), which Pillow decodes to 8 by the top byte."""
+    if img.mode.startswith(("I", "F")):
+        return False  # 16-bit grey: _eight_bit reads its values
+    for tile in img.tile:
+        raw = tile.args[0] if isinstance(tile.args, tuple) else tile.args
+        if isinstance(raw, str) and ";16" in raw:
+            return True
+    return False
+
+
+def _check_sixteen_bit_colour(img: Image.Image, path: str) -> None:
+    """The refusal _eight_bit makes of a grey image, for a 16-bit colour one (or grey
+    with alpha): Pillow keeps only its top 8 bits, so a decode whose colour is all black
+    is checked against the file's own 16-bit values (OpenCV's read; a decode with any
+    colour has a value of 256 or more). Alpha is left out: it does not light a pixel."""
+    if _colour_channels(np.asarray(img)).any():
+        return
+    import cv2  # only here: a rare file, and every command would pay its import
+    arr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise BadFileError(f"{path} stores 16-bit colour that decodes all black, and OpenCV "
+                           "cannot read its 16-bit values to tell why: save it as an 8-bit "
+                           "image")
+    _refuse_eight_bit_values(path, f"16-bit {img.mode}",
+                             int(_colour_channels(arr).max(initial=0)))
+
+
+def _colour_channels(arr: np.ndarray) -> np.ndarray:
+    """(H, W[, C]) pixels without their alpha channel: grey+alpha (C = 2) and RGBA or
+    BGRA (C = 4) lose their last channel."""
+    return arr[..., :-1] if arr.ndim == 3 and arr.shape[-1] in (2, 4) else arr
 
 
 MAX_ASPECT = 16  # an image's long side over its short side; see open_rgb
@@ -706,8 +750,9 @@ def open_rgb(path: str) -> Image.Image:
     """Fully decoded RGB image as a viewer shows it (EXIF orientation applied); grey,
     16-bit grey (its top 8 bits) and palette images are converted. Refused: an image
     longer than MAX_ASPECT times its width (the resize of its short side to 224 px would
-    take gigabytes, and the centre crop would keep a sliver of it) and one over Pillow's
-    pixel limit (a guard against decompression bombs), each naming the fix."""
+    take gigabytes, and the centre crop would keep a sliver of it), one over Pillow's
+    pixel limit (a guard against decompression bombs) and a 16-bit one of 8-bit values
+    (it would read black), each naming the fix."""
     if not os.path.isfile(path):
         raise _missing(path, "image", FIX_BAD_FILE)
     try:
@@ -717,7 +762,10 @@ def open_rgb(path: str) -> Image.Image:
                                    f"{MAX_ASPECT} times longer than wide: crop it to the part "
                                    f"to score (or leave it out with --skip_bad_images)")
             orientation = _orientation(img)  # from the header: load() may read more
+            colour16 = _sixteen_bit_colour(img)  # from the tiles, which load() clears
             img.load()
+            if colour16:
+                _check_sixteen_bit_colour(img, path)
             img = _turned(img, orientation)
             if img.mode.startswith(("I", "F")):
                 img = _eight_bit(img, path)

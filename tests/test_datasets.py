@@ -9,6 +9,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -772,6 +773,36 @@ def test_8_bit_values_in_a_16_or_32_bit_file_are_refused_not_read_black(tmp_path
     Image.fromarray(ramp).save(tmp_path / "top256.png")
     got = np.asarray(datasets.open_rgb(str(tmp_path / "top256.png")))
     assert got.max() == 1 and np.count_nonzero(got[..., 0]) == 1
+
+
+@pytest.mark.parametrize("ext", ["png", "tif"])
+def test_8_bit_values_in_a_16_bit_colour_file_are_refused_not_read_black(tmp_path, ext):
+    """A colour image of 16 bits a channel (cv2.imwrite of 0-255 values as uint16, RGB
+    or RGBA) is read by Pillow by its top 8 bits, all 0: refused as a grey one is, up
+    front too, by its colour alone (a full 16-bit alpha does not save it). All black
+    indeed, it reads black; with its values scaled to 16 bits, it keeps its top 8."""
+    ramp = (np.arange(48 * 64 * 3).reshape(48, 64, 3) % 256).astype(np.uint16)  # 0 ... 255
+    opaque = np.full((48, 64, 1), 65535, np.uint16)
+    for name, pixels in (("rgb", ramp), ("rgba", np.concatenate([ramp, opaque], -1))):
+        path = str(tmp_path / f"{name}.{ext}")
+        cv2.imwrite(path, pixels)
+        with Image.open(path) as img:
+            assert img.mode == name.upper()  # read by Pillow as 8-bit colour
+        expected = (f"{path} holds 16-bit {name.upper()} values no larger than 255: read by "
+                    "its top 8 bits, as every 16-bit image is, it would be all black; save it "
+                    "as an 8-bit image, or scale it to the 16-bit range (x 257)")
+        with pytest.raises(BadFileError) as err:
+            datasets.open_rgb(path)
+        assert str(err.value) == expected
+        assert datasets.image_problem(path) == expected
+    black = str(tmp_path / f"black.{ext}")
+    cv2.imwrite(black, np.concatenate([np.zeros_like(ramp), opaque], -1))
+    assert datasets.image_problem(black) is None
+    assert np.asarray(datasets.open_rgb(black)).max() == 0
+    scaled = str(tmp_path / f"scaled.{ext}")
+    cv2.imwrite(scaled, ramp * 257)
+    assert datasets.image_problem(scaled) is None
+    np.testing.assert_array_equal(np.asarray(datasets.open_rgb(scaled)), ramp[..., ::-1])
 
 
 @pytest.mark.parametrize("name, values, expected", [
