@@ -40,7 +40,7 @@ from utils import (CheckpointError, FlagError, JsonlLog, UniqueNames, build_samp
                    capture_rng_state, cli, file_sha256, fraction_arg, int_at_least,
                    load_checkpoint_file, positive_float, prepare_output_dir,
                    remove_stale_tmp_files, resolve_device, restore_rng_state, save_on_master,
-                   seed_everything)
+                   seed_everything, set_aside)
 
 
 @torch.inference_mode()
@@ -69,6 +69,7 @@ RESUME_KEYS = ("data_path", "classes", "encoder", "out_indices", "encoder_weight
 # Recorded only since a later version: a .resume file without one is still resumed (with a
 # note), as it holds everything else the run needs.
 RECORDED_LATER = ("num_workers",)
+LOG_SUFFIX = ".log.jsonl"  # <output>.log.jsonl: each epoch's loss and learning rate
 # The flags `train` shares with `prototypes`: the prototypes' rebuild command repeats them.
 PROTOTYPE_FLAGS = ("data_path", "encoder_weights", "img_size", "holdout", "seed",
                    "skip_bad_images")
@@ -275,6 +276,16 @@ def _resume(args: argparse.Namespace, resume_path: str, flow: Ff.SequenceINN,
     return start_epoch
 
 
+def _set_aside_earlier_run(output: str) -> None:
+    """A fresh run writes `output` and its log anew: an earlier run's move first to
+    previous-<UTC time>/ in their folder, as run_pretraining.py's checkpoints do, so that
+    no finished flow is overwritten."""
+    folder, name = os.path.split(os.path.abspath(output))
+    moved = set_aside(folder, [name, name + LOG_SUFFIX])
+    if moved:
+        print(f"[protoflow] an earlier run's {name} and its log moved to {moved}/", flush=True)
+
+
 def run_train(args: argparse.Namespace) -> dict:
     """`train` command: the flow on the seen classes' images, last epoch kept (no model
     selection with test labels), threshold from held-out normal images."""
@@ -302,7 +313,9 @@ def run_train(args: argparse.Namespace) -> dict:
     run_args["prototypes"] = {c: prototypes_sha256(args.prototypes_dir, c) for c in classes}
     data_files = training_files(train_set, kept, held, args.data_path)
     start_epoch = _resume(args, resume_path, flow, optimizer, run_args, data_files)
-    log = JsonlLog(args.output + ".log.jsonl", start_epoch)
+    if start_epoch == 0:
+        _set_aside_earlier_run(args.output)
+    log = JsonlLog(args.output + LOG_SUFFIX, start_epoch)
 
     def epoch_end(epoch: int, loss: float, opt: torch.optim.Optimizer) -> None:
         log.write({"epoch": epoch, "loss": loss, "lr": opt.param_groups[0]["lr"]})

@@ -1047,6 +1047,25 @@ def test_resume_refuses_other_prototypes_or_skip_bad_images_or_an_older_file(
         assert torch.equal(resumed["decoder_state_dict"][key], value), key
 
 
+def test_a_fresh_run_sets_an_earlier_flow_and_its_log_aside(cli, tmp_path, capsys):
+    """A finished flow and its log are not overwritten by a fresh run to the same --output:
+    they move to previous-<UTC time>/ beside it, byte for byte, with a note."""
+    out = tmp_path / "flow" / "pf.pt"
+    out.parent.mkdir()
+    shutil.copy2(cli["out"], out)
+    shutil.copy2(cli["out"] + ".log.jsonl", str(out) + ".log.jsonl")
+    earlier = {name: (out.parent / name).read_bytes() for name in ("pf.pt", "pf.pt.log.jsonl")}
+    capsys.readouterr()
+    rpf.main(cli["train"] + ["--output", str(out), "--epochs", "1", "--classes", "brick"])
+    previous = [p for p in out.parent.iterdir() if p.name.startswith("previous-")]
+    assert len(previous) == 1 and re.fullmatch(r"previous-\d{8}T\d{6}Z", previous[0].name)
+    assert {p.name: p.read_bytes() for p in previous[0].iterdir()} == earlier
+    assert len((out.parent / "pf.pt.log.jsonl").read_text().splitlines()) == 1  # the new run's
+    assert torch.load(out, weights_only=True)["classes"] == ["brick"]
+    assert (f"[protoflow] an earlier run's pf.pt and its log moved to {previous[0]}/"
+            in capsys.readouterr().out)
+
+
 def test_resume_without_a_resume_file_is_refused(cli):
     out = str(cli["root"] / "fresh.pt")
     with pytest.raises(FlagError) as err:
