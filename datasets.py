@@ -328,13 +328,29 @@ def list_train_classes(root: str) -> list[str]:
                 f"{TRAIN_LAYOUT}. Fix: make that copy with `python setup_train_dataset.py "
                 f"--data_path {root} --root data/{name}-ImageNet` and pass "
                 f"--data_path data/{name}-ImageNet")
-        target = os.path.dirname(os.path.normpath(root)) if os.path.basename(
-            os.path.normpath(root)) == "train" else root
-        raise LayoutError(f"{train_dir} does not exist; expected {TRAIN_LAYOUT}. Fix: pass "
-                          "the folder holding train/ and fg_mask/ as --data_path, or make it "
-                          f"with `python setup_train_dataset.py --data_path <MVTec AD> --root "
-                          f"{target}`")
+        raise LayoutError(f"{train_dir} does not exist; expected {TRAIN_LAYOUT}. Fix: "
+                          + _train_layout_fix(os.path.normpath(root)))
     return data_subdirs(train_dir)
+
+
+def _train_layout_fix(root: str) -> str:
+    """The fix for a --data_path with no train/ folder, by what it holds instead: one
+    class's folder of a training set, your own images (<class>/good, setup_train_dataset.py
+    --custom's input), or nothing recognisable."""
+    parent = os.path.dirname(root) or "."
+    if os.path.basename(parent) == "train" and os.path.isdir(root):
+        return (f"{root} is one class's folder of a training set: pass --data_path "
+                f"{os.path.dirname(parent) or '.'} --classes {os.path.basename(root)}")
+    if os.path.isdir(root) and any(os.path.isdir(os.path.join(root, c, d))
+                                   for c in data_subdirs(root) for d in NORMAL_DIRS):
+        name = os.path.basename(os.path.abspath(root))
+        return (f"{root} holds your own images (<class>/good): convert them with `python "
+                f"setup_train_dataset.py --custom {root} --data_path data/{name}_mvtec "
+                f"--root data/{name}-ImageNet --make_fg_masks` and pass --data_path "
+                f"data/{name}-ImageNet")
+    target = parent if os.path.basename(root) == "train" else root
+    return ("pass the folder holding train/ and fg_mask/ as --data_path, or make it with "
+            f"`python setup_train_dataset.py --data_path <MVTec AD> --root {target}`")
 
 
 def list_test_classes(root: str) -> list[str]:

@@ -274,6 +274,21 @@ def test_train_root_or_its_train_folder(train_root, tmp_path, capsys):
     assert f"{mvtec} is a set in MVTec layout" in msg
     assert msg.endswith(f"`python setup_train_dataset.py --data_path {mvtec} --root "
                         "data/my_set-ImageNet` and pass --data_path data/my_set-ImageNet")
+    # one class's folder of a training set: the set and the class
+    with pytest.raises(LayoutError) as err:
+        list_train_classes(str(train_root / "train" / "bottle"))
+    assert str(err.value).endswith(
+        f"Fix: {train_root / 'train' / 'bottle'} is one class's folder of a training set: "
+        f"pass --data_path {train_root} --classes bottle")
+    # your own images, not yet converted: setup_train_dataset.py --custom
+    own = tmp_path / "my_images"
+    (own / "cat" / "good").mkdir(parents=True)
+    with pytest.raises(LayoutError) as err:
+        list_train_classes(str(own))
+    assert str(err.value).endswith(
+        f"Fix: {own} holds your own images (<class>/good): convert them with `python "
+        f"setup_train_dataset.py --custom {own} --data_path data/my_images_mvtec --root "
+        "data/my_images-ImageNet --make_fg_masks` and pass --data_path data/my_images-ImageNet")
 
 
 def test_dataloader_batches(train_root):
