@@ -257,6 +257,15 @@ def read_prototype_meta(prototypes_dir: str, class_name: str, fix: str) -> dict 
     return meta
 
 
+def prototype_classes(prototypes_dir: str) -> list[str]:
+    """The classes with prototypes in `prototypes_dir` (<class>/coreset.npy), sorted: what
+    a class name that has none is checked against (a typo, another folder)."""
+    if not os.path.isdir(prototypes_dir):
+        return []
+    return sorted(c for c in os.listdir(prototypes_dir)
+                  if os.path.isfile(os.path.join(prototypes_dir, c, CORESET_FILE)))
+
+
 def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
                     backbone: str | None = None, out_indices: Sequence[int] | None = None,
                     flags: dict | None = None,
@@ -277,8 +286,11 @@ def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
         "output_dir": prototypes_dir, "encoder": backbone or DEFAULT_BACKBONE,
         "out_indices": out_indices, **(flags or {})})
     if not os.path.isfile(path):
-        raise MissingFileError(f"no prototypes for class '{class_name}': {path} is missing; "
-                               f"make them with `{make}`")
+        have = prototype_classes(prototypes_dir)
+        raise MissingFileError(f"no prototypes for class '{class_name}': {path} is missing ("
+                               + (f"classes with prototypes there: {', '.join(have)}"
+                                  if have else "none there") + "); if the class is "
+                               f"new, make them with `{make}`")
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:

@@ -384,10 +384,18 @@ def test_missing_or_mismatched_prototypes_error(tmp_path, monkeypatch):
             f"bottle --output_dir {tmp_path} --encoder")
     with pytest.raises(MissingFileError) as err:
         pf.load_prototypes(str(tmp_path), "bottle", 272)
-    assert str(err.value) == (f"no prototypes for class 'bottle': {path} is missing; make them "
-                              f"with `{make} tf_efficientnet_b6`")
+    assert str(err.value) == (f"no prototypes for class 'bottle': {path} is missing (none "
+                              "there); if the class is new, make them with "
+                              f"`{make} tf_efficientnet_b6`")
     (tmp_path / "bottle").mkdir()
     np.save(path, np.zeros((5, 152), np.float32))
+    (tmp_path / "cable").mkdir()
+    np.save(tmp_path / "cable" / "coreset.npy", np.zeros((5, 152), np.float32))
+    (tmp_path / "empty").mkdir()  # a folder without prototypes is not a class of them
+    with pytest.raises(MissingFileError) as err:  # a typo: the classes there are named
+        pf.load_prototypes(str(tmp_path), "botle", 272)
+    assert ("coreset.npy is missing (classes with prototypes there: bottle, cable); if the "
+            "class is new, make them with `") in str(err.value)
     with pytest.raises(CheckpointError) as err:
         pf.load_prototypes(str(tmp_path), "bottle", 272)
     assert str(err.value) == (f"{path} holds shape (5, 152), the ProtoFlow encoder gives "
