@@ -464,8 +464,8 @@ def resolve_eval_config(given: dict[str, Any], checkpoint: Any, path: str | os.P
                               f"--model (one of {sorted(PMAD_MODELS)}) with the size it was "
                               "trained at")
     notes = [f"{path} stores {'its training arguments' if saved else 'no training arguments'}"
-             f": model settings {config}"
-             + ("" if saved else " (given flags, else the paper's)")]
+             f"; evaluating with {config} (given flags, else "
+             + ("the checkpoint's)" if saved else "the paper's)")]
     if not saved and given.get("tokenizer_model") is None:
         notes.append("the file does not say which tokenizer it was trained with: this uses "
                      "the paper's, --tokenizer_model dall-e. The authors' later scripts "

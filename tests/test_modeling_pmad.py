@@ -654,6 +654,8 @@ def test_eval_config_from_checkpoint_args(tmp_path, kind):
     config, notes = resolve_eval_config(given, checkpoint, path)
     assert config["imagenet_default_mean_and_std"] and config["tokenizer_model"] == "dall-e"
     assert config["input_size"] == 112 and config["model"] == TINY
+    assert notes[0] == (f"{path} stores its training arguments; evaluating with {config} "
+                        "(given flags, else the checkpoint's)")  # the settings used, flags in
     assert notes[1] == ("given flags override the checkpoint's training arguments: "
                         "--imagenet_default_mean_and_std True (checkpoint: False), "
                         "--tokenizer_model dall-e (checkpoint: kmeans)")
@@ -691,7 +693,7 @@ def test_eval_config_of_a_released_file_is_the_papers(tmp_path):
         "model": "vit_base_patch16_224_8k_vocab", "input_size": 224,
         "layer_scale_init_value": None, "imagenet_default_mean_and_std": True,
         "tokenizer_model": "dall-e"}
-    assert notes == [f"{path} stores no training arguments: model settings {config} "
+    assert notes == [f"{path} stores no training arguments; evaluating with {config} "
                      "(given flags, else the paper's)",
                      "the file does not say which tokenizer it was trained with: this uses "
                      "the paper's, --tokenizer_model dall-e. The authors' later scripts "
