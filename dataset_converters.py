@@ -161,7 +161,7 @@ def _check_apart(src: str, out: str) -> None:
                           "layout to a folder outside the custom set (and vice versa)")
 
 
-def _custom_classes(src: str, classes: Sequence[str] | None) -> list[str]:
+def custom_classes(src: str, classes: Sequence[str] | None) -> list[str]:
     """The class folders of `src` to convert: all, or those named, each of which must
     exist (a misspelt name would otherwise match nothing)."""
     if not os.path.isdir(src):
@@ -187,7 +187,7 @@ def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
     training copy's <root>/train), that holds files but no CUSTOM_MARKER is refused."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"--custom_test_fraction {test_fraction} is outside (0, 1)")
-    names = _custom_classes(src, classes)
+    names = custom_classes(src, classes)
     _check_apart(src, out)
     plan: dict[str, list[tuple[str, str]]] = {}
     problems = []

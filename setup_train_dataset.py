@@ -30,9 +30,9 @@ from typing import Callable, Sequence
 from tqdm import tqdm
 
 from dataset_converters import (DEFAULT_TEST_FRACTION, convert_custom, convert_visa,
-                                remove_unlisted)
-from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, BadFileError,
-                      LayoutError, data_subdirs, fg_mask_path, list_images,
+                                custom_classes, remove_unlisted)
+from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, VISA_CLASSES,
+                      BadFileError, LayoutError, data_subdirs, fg_mask_path, list_images,
                       resolve_train_root)
 from demo_data import DEFECT_AREA_BOUNDS, WORLDS, make_demo_dataset
 from fg_masks import FgMaskZip, make_fg_masks, mask_coverage
@@ -318,16 +318,24 @@ def _source_classes(args: argparse.Namespace) -> list[str]:
 
     classes = args.classes
     if args.visa:
+        _refuse_unknown_textures(args.textures, args.classes or VISA_CLASSES)  # before writing
         classes = list(convert_visa(args.visa, args.data_path, sync, args.classes))
     elif args.custom:
+        _refuse_unknown_textures(args.textures, custom_classes(args.custom, args.classes))
         classes = convert_custom(args.custom, args.data_path, sync, args.custom_test_fraction,
                                  args.classes, also_writes=[os.path.join(args.root, "train")])
     classes = find_classes(args.data_path, classes)
-    unknown = sorted(set(args.textures) - set(classes))
+    _refuse_unknown_textures(args.textures, classes)
+    return classes
+
+
+def _refuse_unknown_textures(textures: Sequence[str], classes: Sequence[str]) -> None:
+    """--textures must name classes to be converted (a typo would estimate that class's
+    foreground masks as an object's)."""
+    unknown = sorted(set(textures) - set(classes))
     if unknown:
         raise ValueError(f"--textures {' '.join(unknown)}: not among the classes converted "
-                         f"({', '.join(classes)})")
-    return classes
+                         f"({', '.join(sorted(classes))})")
 
 
 def _report(root: str, classes: Sequence[str]) -> None:

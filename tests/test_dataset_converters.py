@@ -74,8 +74,11 @@ def _eval_argv(world, ckpt: str, protoflow: str, protos: str, data: str, out: Pa
 def test_visa_converts_trains_one_epoch_and_evaluates(tiny_world, tmp_path):
     visa = _visa_tree(tiny_world, tmp_path)
     mvtec, root = tmp_path / "visa_mvtec", tmp_path / "visa_imagenet"
-    assert setup_main(["--visa", str(visa), "--data_path", str(mvtec), "--root", str(root),
-                       "--classes", "candle", "pcb1"]) == 0
+    convert = ["--visa", str(visa), "--data_path", str(mvtec), "--root", str(root),
+               "--classes", "candle", "pcb1"]
+    assert setup_main([*convert, "--make_fg_masks", "--textures", "pcb2"]) == 2
+    assert not mvtec.exists() and not root.exists()  # a class not converted: refused first
+    assert setup_main(convert) == 0
     for name in VISA_NAMES.values():
         assert len(list((mvtec / name / "train" / "good").glob("*.JPG"))) == 6
         assert len(list((mvtec / name / "test" / "good").glob("*.JPG"))) == 4
@@ -357,6 +360,10 @@ def test_custom_classes_and_folders_checked_before_writing(tmp_path, capsys):
     assert (f"--classes widgit: no such class folder in {src}; its classes are gadget, widget"
             in err)
     assert not dst.exists()
+    assert setup_main([*base, "--make_fg_masks", "--textures", "gadgte"]) == 2  # a typo
+    assert ("--textures gadgte: not among the classes converted (gadget, widget)"
+            in capsys.readouterr().err)
+    assert not dst.exists() and not (tmp_path / "inet").exists()  # refused before writing
     assert setup_main([*base, "--classes", "widget"]) == 0
     assert _names(dst) == ["widget"]  # only the class asked for
 
