@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
@@ -279,6 +280,24 @@ def remove_unlisted(folder: str, keep: set[str]) -> int:
     return removed
 
 
+def _warn_trained_now_tested(out: str, plan: dict[str, list[tuple[str, str]]]) -> None:
+    """A re-run with another split moves images an earlier split trained on to test/good:
+    a model trained on that split has seen them and would score them as unseen (inflated
+    results), so each such class is named, on stderr, with the fix."""
+    for name, pairs in sorted(plan.items()):
+        trained = os.path.join(out, name, "train", "good")
+        if not os.path.isdir(trained):
+            continue
+        was, tested = set(os.listdir(trained)), os.path.join(out, name, "test", "good")
+        moved = sorted(os.path.basename(dst) for _, dst in pairs
+                       if os.path.dirname(dst) == tested and os.path.basename(dst) in was)
+        if moved:
+            print(f"warning: {name}: {len(moved)} image(s) the earlier split in {trained} "
+                  f"trained on now go to test/good ({some_names(moved, 3)}): models trained on "
+                  "that split have seen them; train ProtoFlow (prototypes too) and the ViT "
+                  "again before evaluating", file=sys.stderr, flush=True)
+
+
 def convert_custom(src: str, out: str, sync: Sync,
                    test_fraction: float = DEFAULT_TEST_FRACTION,
                    classes: Sequence[str] | None = None, also_writes: Sequence[str] = ()
@@ -289,6 +308,7 @@ def convert_custom(src: str, out: str, sync: Sync,
     are marked as this tool's (CUSTOM_MARKER) before any copy, so that a re-run after a
     crash finds them its own."""
     plan = plan_custom(src, out, test_fraction, classes, also_writes)
+    _warn_trained_now_tested(out, plan)
     for name in plan:
         for folder in (out, *also_writes):
             marker = os.path.join(folder, name, CUSTOM_MARKER)

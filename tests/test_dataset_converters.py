@@ -323,6 +323,8 @@ def test_custom_rerun_leaves_exactly_the_new_split(tmp_path, capsys):
     assert setup_main(argv) == 0
     assert _names(dst / "gadget" / "test" / "good") == ["004.png", "009.png"]
     assert _names(dst / "widget" / "test" / "good") == ["002.png"]  # 3 images: one held out
+    assert setup_main(argv) == 0  # the same split again: nothing trained on is tested
+    assert "warning" not in capsys.readouterr().err
     (dst / "notes.txt").write_text("mine")
     (dst / "other" / "train" / "good").mkdir(parents=True)
     (dst / "other" / "train" / "good" / "x.png").write_bytes(b"not converted here")
@@ -331,7 +333,14 @@ def test_custom_rerun_leaves_exactly_the_new_split(tmp_path, capsys):
     capsys.readouterr()
 
     assert setup_main([*argv, "--custom_test_fraction", "0.5"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning")]
+    assert warnings == [  # models of the earlier split have seen these test images
+        f"warning: {name}: {n} image(s) the earlier split in {dst / name / 'train' / 'good'} "
+        f"trained on now go to test/good ({names}): models trained on that split have seen "
+        "them; train ProtoFlow (prototypes too) and the ViT again before evaluating"
+        for name, n, names in (("gadget", 4, "001.png, 003.png, 005.png, ... 1 more"),
+                               ("widget", 1, "001.png"))]
     gadget_test = [f"{k:03d}.png" for k in (1, 3, 5, 7, 9)]
     gadget_train = [f"{k:03d}.png" for k in (0, 2, 4, 6, 8)]
     assert _names(dst / "gadget" / "test" / "good") == gadget_test
