@@ -20,6 +20,7 @@ import copy
 import os
 import sys
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import FrEIA.framework as Ff
@@ -122,19 +123,44 @@ def run_prototypes(args: argparse.Namespace) -> list[str]:
     return paths
 
 
-def _check_prototype_holdout(prototypes_dir: str, held_out: dict[str, list[str]]) -> None:
-    """The held-out images must be unseen by the prototypes too, or the threshold is low:
-    the prototypes' coreset.json must list the same held-out files."""
-    for name, files in held_out.items():
+def _split_by_class(dataset: Dataset, classes: list[str], kept: list[int], held: list[int]
+                    ) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """({class: its held-out file names}, {class: its number of kept images})."""
+    held_names: dict[str, list[str]] = {c: [] for c in classes}
+    for i in held:
+        path, k = dataset.samples[i]
+        held_names[classes[k]].append(os.path.basename(path))
+    counts = Counter(classes[dataset.samples[i][1]] for i in kept)
+    return held_names, {c: counts[c] for c in classes}
+
+
+def _check_prototype_images(prototypes_dir: str, held_out: dict[str, list[str]],
+                            kept: dict[str, int]) -> None:
+    """The prototypes must come from the training set the flow trains on, per class: one
+    of as many images (`kept` plus `held_out`; images added or removed since, or a custom
+    set split anew, give other prototypes than the flow's data), and, when images are
+    held out for the threshold, none of those (their coreset.json lists the same
+    held-out files), or the threshold is low. A few-shot class's prototypes
+    (--num_shots) are compared by held-out files only."""
+    fix = "rebuild the prototypes with `python run_protoflow.py prototypes`"
+    for name, count in kept.items():
         meta_path = os.path.join(prototypes_dir, name, CORESET_META)
-        meta = read_prototype_meta(prototypes_dir, name, "rebuild the prototypes with "
-                                   "`python run_protoflow.py prototypes`")
+        meta = read_prototype_meta(prototypes_dir, name, fix)
         if meta is None:
-            print(f"[protoflow] {meta_path} missing (released prototypes?): the held-out "
-                  f"images of '{name}' may be among the prototypes' images, which would "
-                  "make the stored threshold too low", flush=True)
+            if held_out[name]:
+                print(f"[protoflow] {meta_path} missing (released prototypes?): the held-out "
+                      f"images of '{name}' may be among the prototypes' images, which would "
+                      "make the stored threshold too low", flush=True)
             continue
-        if sorted(meta.get("held_out", [])) != sorted(files):
+        made = meta.get("num_images")
+        if made is not None and meta.get("num_shots") is None:  # kept + held out, each time
+            made, now = made + len(meta.get("held_out", [])), count + len(held_out[name])
+            if made != now:
+                raise FlagError(f"{meta_path}: the prototypes were made from a training set "
+                                f"of {made} images of '{name}', this one has {now} (images "
+                                "added or removed since, or the set split anew); " + fix
+                                + " on them")
+        if held_out[name] and sorted(meta.get("held_out", [])) != sorted(held_out[name]):
             raise FlagError(f"{meta_path}: the prototypes were made with other held-out "
                             f"images (--holdout {meta.get('holdout')} --seed "
                             f"{meta.get('seed')}) than this training holds out; use the "
@@ -146,8 +172,7 @@ def _flow_data(args: argparse.Namespace, classes: list[str],
                normalization: tuple[tuple[float, ...], tuple[float, ...]]
                ) -> tuple[Dataset, Dataset, list[int], list[int]]:
     """The training images (flow augmentation), the same images with the test transform,
-    both `normalization` (mean, std), and the (kept, held-out) split; the prototypes must
-    not have seen the held-out ones."""
+    both `normalization` (mean, std), and the (kept, held-out) split."""
     mean, std = normalization
     train_set = datasets.TrainImageDataset(args.data_path, classes,
                                            datasets.flow_train_transform(args.img_size, mean,
@@ -157,12 +182,6 @@ def _flow_data(args: argparse.Namespace, classes: list[str],
     eval_set.transform = datasets.build_transforms(args.img_size, mean, std)
     kept, held = datasets.holdout_split([c for _, c in train_set.samples], classes,
                                         args.holdout, args.seed)
-    if held:
-        held_names = {c: [] for c in classes}
-        for i in held:
-            path, k = train_set.samples[i]
-            held_names[classes[k]].append(os.path.basename(path))
-        _check_prototype_holdout(args.prototypes_dir, held_names)
     return train_set, eval_set, kept, held
 
 
@@ -313,6 +332,9 @@ def run_train(args: argparse.Namespace) -> dict:
     run_args["prototypes"] = {c: prototypes_sha256(args.prototypes_dir, c) for c in classes}
     data_files = training_files(train_set, kept, held, args.data_path)
     start_epoch = _resume(args, resume_path, flow, optimizer, run_args, data_files)
+    # after _resume: a resumed run's changed images are named by its own check
+    _check_prototype_images(args.prototypes_dir,
+                            *_split_by_class(train_set, classes, kept, held))
     if start_epoch == 0:
         _set_aside_earlier_run(args.output)
     log = JsonlLog(args.output + LOG_SUFFIX, start_epoch)

@@ -485,7 +485,7 @@ def test_coreset_json_is_atomic_and_tied_to_its_npy(monkeypatch, tmp_path):
     meta = json.loads(open(meta_path).read())
     assert meta == {"seed": 0, "held_out": ["002.png"], "npy_sha256": utils.file_sha256(npy)}
     assert pf.load_prototypes(str(tmp_path), "bottle", 152).shape == (5, 152)
-    rpf._check_prototype_holdout(str(tmp_path), {"bottle": ["002.png"]})
+    rpf._check_prototype_images(str(tmp_path), {"bottle": ["002.png"]}, {"bottle": 4})
 
     def killed_mid_write(path, text):
         open(path, "w").write(text[:20])
@@ -507,7 +507,7 @@ def test_coreset_json_is_atomic_and_tied_to_its_npy(monkeypatch, tmp_path):
         pf.load_prototypes(str(tmp_path), "bottle", 152)
     assert str(err.value) == stale + f"`{make}`"
     with pytest.raises(CheckpointError) as err:  # it would trust held_out ["002.png"]
-        rpf._check_prototype_holdout(str(tmp_path), {"bottle": ["002.png"]})
+        rpf._check_prototype_images(str(tmp_path), {"bottle": ["002.png"]}, {"bottle": 4})
     assert str(err.value) == stale + "`python run_protoflow.py prototypes`"
     del meta["npy_sha256"]  # an older version's coreset.json: nothing to compare
     open(meta_path, "w").write(json.dumps(meta))
@@ -1072,6 +1072,35 @@ def test_a_fresh_run_sets_an_earlier_flow_and_its_log_aside(cli, tmp_path, capsy
     assert torch.load(out, weights_only=True)["classes"] == ["brick"]
     assert (f"[protoflow] an earlier run's pf.pt and its log moved to {previous[0]}/"
             in capsys.readouterr().out)
+
+
+def test_train_refuses_prototypes_made_from_other_images(cli, tmp_path):
+    """Prototypes made before images were added to (or removed from) a class, as a custom
+    set split anew leaves them, are refused by train with the count of each; few-shot
+    prototypes (--num_shots) are not counted."""
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(cli["root"], "data"), data)
+    train = list(cli["train"])
+    train[train.index("--data_path") + 1] = str(data)
+    for k in (5, 6, 7, 8, 9):  # brick: 5 -> 10 images, 4 -> 9 kept, 1 held out still
+        shutil.copy(data / "train" / "brick" / "000.png", data / "train" / "brick" / f"{k:03d}.png")
+    meta = os.path.join(cli["protos"], "brick", "coreset.json")
+    with pytest.raises(FlagError) as err:
+        rpf.main(train + ["--output", str(tmp_path / "x.pt"), "--classes", "brick",
+                          "--holdout", "0"])
+    assert str(err.value) == (f"{meta}: the prototypes were made from a training set of 5 "
+                              "images of 'brick', this one has 10 (images added or removed "
+                              "since, or the set split anew); rebuild the prototypes with "
+                              "`python run_protoflow.py prototypes` on them")
+    shots = str(tmp_path / "shots")
+    common = list(cli["common"])
+    common[common.index("--data_path") + 1] = str(data)
+    rpf.main(["prototypes", *common, "--output_dir", shots, "--classes", "brick",
+              "--num_shots", "2"])
+    train[train.index("--prototypes_dir") + 1] = shots
+    obj = rpf.main(train + ["--output", str(tmp_path / "y.pt"), "--classes", "brick",
+                            "--epochs", "1"])
+    assert obj["classes"] == ["brick"]
 
 
 def test_resume_without_a_resume_file_is_refused(cli):
