@@ -672,7 +672,18 @@ class KMeansTokenizer(_FrozenTokenizer):
 _KMEANS_FIELDS = ("backbone", "out_index", "backbone_state_dict", "codebook", "image_size")
 
 
+def _require_kmeans_file(weight_path: str) -> None:
+    """A k-means tokenizer is made by training, never downloaded: a missing one says so
+    (read_weights_file's message points at weights/README.md, for released files)."""
+    if not os.path.exists(weight_path):
+        raise MissingFileError(f"k-means tokenizer {weight_path} not found: training makes it "
+                               "(`python run_pretraining.py ... --tokenizer_model kmeans "
+                               f"--tokenizer_weight_path {weight_path} --fit_kmeans_tokenizer`, "
+                               "as scripts/demo.sh does); pass the file that run wrote")
+
+
 def _kmeans_grid(weight_path: str) -> tuple[int, str] | None:
+    _require_kmeans_file(weight_path)
     obj = read_weights_file(weight_path, mmap=True)
     size = obj.get("image_size") if isinstance(obj, dict) else None
     if not isinstance(size, int):
@@ -682,6 +693,7 @@ def _kmeans_grid(weight_path: str) -> tuple[int, str] | None:
 
 @register_tokenizer("kmeans", grid=_kmeans_grid)
 def _build_kmeans(weight_path: str) -> KMeansTokenizer:
+    _require_kmeans_file(weight_path)
     obj = read_weights_file(weight_path)
     if not isinstance(obj, dict) or obj.get("tokenizer") != "kmeans" or any(
             f not in obj for f in _KMEANS_FIELDS):

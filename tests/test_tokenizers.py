@@ -281,6 +281,11 @@ def test_tokenizer_mistakes_are_one_error_line(tmp_path, capsys):
                              "location with --tokenizer_weight_path"),
         ("kmeans", pmad, f"{pmad} is not a k-means tokenizer file (needs 'tokenizer': "
                          "'kmeans' and"),
+        ("kmeans", tmp_path / "km.pth",  # made by training, not downloaded
+         f"k-means tokenizer {tmp_path / 'km.pth'} not found: training makes it (`python "
+         "run_pretraining.py ... --tokenizer_model kmeans --tokenizer_weight_path "
+         f"{tmp_path / 'km.pth'} --fit_kmeans_tokenizer`, as scripts/demo.sh does); pass the "
+         "file that run wrote"),
         ("vit_tokenizer", pmad, f"{pmad} is not a VQ-KD tokenizer: no 'encoder.cls_token'"),
         ("vqgan", pmad, "unknown tokenizer 'vqgan' (--tokenizer_model): choose one of "
                         "['dall-e', 'kmeans', 'vit_tokenizer']"),
