@@ -396,7 +396,7 @@ def check_test_classes(root: str, classes: Sequence[str], skip_bad_images: bool 
             root, name, os.path.isdir(os.path.join(root, name, "ground_truth")))
         if skip_bad_images:
             continue
-        problems += missing
+        problems += [f"{m}: missing" for m in missing]
         problems += [p for p in (mask_problem(mask, image, image_required=True)
                                  if mask is not None and os.path.lexists(mask)
                                  else image_problem(image)
@@ -1314,6 +1314,10 @@ class MVTecTestDataset(_TokenImageDataset):
             raise LayoutError(f"no test images under {test_dir} (empty folders: "
                               f"{', '.join(empty) or 'no defect folders'}); expected "
                               f"{TEST_LAYOUT}")
+        if empty:
+            _note_once(test_dir, f"left out {len(empty)} empty folder(s) "
+                                 f"({some_names([os.path.basename(e) for e in empty], 3)}): "
+                                 "no image of that type is scored")
         _refuse_shared_result_names(test_dir, items)
         loose = loose_images(test_dir)
         if loose:

@@ -365,10 +365,19 @@ def test_btad_layout(mvtec_root):
     assert ds[1]["image"].shape == (3, 64, 64)
 
 
-def test_missing_or_corrupt_gt_mask(mvtec_root):
+def test_missing_or_corrupt_gt_mask(mvtec_root, capsys):
     os.remove(mvtec_root / "bottle" / "ground_truth" / "broken" / "001_mask.png")
     with pytest.raises(BadFileError, match=r"1 file\(s\) missing:\n  ground-truth mask .*001_mask"):
         MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
+    with pytest.raises(BadFileError) as err:  # run_test.py's check, before any class
+        datasets.check_test_classes(str(mvtec_root), ["bottle"])
+    gt, test = mvtec_root / "bottle" / "ground_truth" / "broken", mvtec_root / "bottle" / "test"
+    assert (f"  ground-truth mask {gt / '001'}_mask.png (or 001.png) for "
+            f"{test / 'broken' / '001.png'}: missing\n") in str(err.value)
+    (test / "scratch").mkdir()  # an empty defect folder: named, not dropped unseen
+    datasets.MVTecTestDataset._list(str(mvtec_root), "bottle", True)
+    assert (f"[data] note: {test}: left out 1 empty folder(s) (scratch): no image of that "
+            "type is scored") in capsys.readouterr().err
     truncate(mvtec_root / "bottle" / "ground_truth" / "broken" / "000_mask.png")
     with pytest.warns(UserWarning, match=r"left out 2 bad file(.|\n)*000_mask(.|\n)*001_mask"):
         ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64,
