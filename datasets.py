@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 import warnings
 import zlib
@@ -320,27 +321,42 @@ def resolve_train_root(path: str) -> str:
 def list_train_classes(root: str) -> list[str]:
     """Class folders of a training set in ImageNet layout (<root>/train/<class>)."""
     train_dir = os.path.join(root, "train")
-    if not os.path.isdir(train_dir):
+    mvtec_class = all(os.path.isdir(os.path.join(root, *d)) for d in (  # MVTec's <class>/
+        ("test",), ("train", "good"))) and not os.path.isdir(os.path.join(root, "fg_mask"))
+    if not os.path.isdir(train_dir) or mvtec_class:
         if os.path.isdir(root) and list_test_classes(root):  # an MVTec-layout set
-            name = os.path.basename(os.path.abspath(root))
-            raise LayoutError(
-                f"{root} is a set in MVTec layout ({TEST_LAYOUT}); training reads "
-                f"{TRAIN_LAYOUT}. Fix: make that copy with `python setup_train_dataset.py "
-                f"--data_path {root} --root data/{name}-ImageNet` and pass "
-                f"--data_path data/{name}-ImageNet")
+            raise LayoutError(f"{root} is a set in MVTec layout ({TEST_LAYOUT}); training "
+                              f"reads {TRAIN_LAYOUT}. Fix: " + _conversion(root))
+        if mvtec_class:
+            raise LayoutError(f"{root} is one class of a set in MVTec layout; training reads "
+                              f"{TRAIN_LAYOUT}. Fix: " + _conversion(os.path.dirname(
+                                  os.path.normpath(root)) or ".", os.path.basename(root)))
         raise LayoutError(f"{train_dir} does not exist; expected {TRAIN_LAYOUT}. Fix: "
                           + _train_layout_fix(os.path.normpath(root)))
     return data_subdirs(train_dir)
 
 
+def _conversion(mvtec_root: str, class_name: str | None = None) -> str:
+    """How to make the training copy of a set in MVTec layout, and pass it."""
+    name = os.path.basename(os.path.abspath(mvtec_root))
+    return (f"make that copy with `python setup_train_dataset.py --data_path {mvtec_root} "
+            f"--root data/{name}-ImageNet` and pass --data_path data/{name}-ImageNet"
+            + (f" --classes {class_name}" if class_name else ""))
+
+
 def _train_layout_fix(root: str) -> str:
     """The fix for a --data_path with no train/ folder, by what it holds instead: one
-    class's folder of a training set, your own images (<class>/good, setup_train_dataset.py
-    --custom's input), or nothing recognisable."""
+    class's folder of a training set, or its train/good in MVTec layout, your own images
+    (<class>/good, setup_train_dataset.py --custom's input), or nothing recognisable."""
     parent = os.path.dirname(root) or "."
     if os.path.basename(parent) == "train" and os.path.isdir(root):
+        grandparent = os.path.dirname(parent) or "."
+        if os.path.isdir(os.path.join(grandparent, "test")):  # <set>/<class>/train/good
+            return (f"{root} holds the training images of one class of a set in MVTec "
+                    "layout: " + _conversion(os.path.dirname(grandparent) or ".",
+                                             os.path.basename(grandparent)))
         return (f"{root} is one class's folder of a training set: pass --data_path "
-                f"{os.path.dirname(parent) or '.'} --classes {os.path.basename(root)}")
+                f"{grandparent} --classes {os.path.basename(root)}")
     if os.path.isdir(root) and any(os.path.isdir(os.path.join(root, c, d))
                                    for c in data_subdirs(root) for d in NORMAL_DIRS):
         name = os.path.basename(os.path.abspath(root))
@@ -396,7 +412,7 @@ def check_test_classes(root: str, classes: Sequence[str], skip_bad_images: bool 
             root, name, os.path.isdir(os.path.join(root, name, "ground_truth")))
         if skip_bad_images:
             continue
-        problems += [f"{m}: missing" for m in missing]
+        problems += [f"missing: {m}" for m in missing]
         problems += [p for p in (mask_problem(mask, image, image_required=True)
                                  if mask is not None and os.path.lexists(mask)
                                  else image_problem(image)
@@ -724,14 +740,20 @@ def _refuse_eight_bit_values(path: str, kind: str, top: int) -> None:
                            "(x 257)")
 
 
+# Pillow's raw modes of 16 bits a channel (big-endian, little-endian, native): not BMP's
+# packed 5-6-5 'BGR;16'
+SIXTEEN_BIT_RAWMODE = re.compile(r";16[BLN]$")
+
+
 def _sixteen_bit_colour(img: Image.Image) -> bool:
     """Whether an opened, not yet loaded image stores 16 bits a colour channel (PNG's
     RGB;16B, TIFF's RGB;16N, ...), which Pillow decodes to 8 by the top byte."""
     if img.mode.startswith(("I", "F")):
         return False  # 16-bit grey: _eight_bit reads its values
-    for tile in img.tile:
-        raw = tile.args[0] if isinstance(tile.args, tuple) else tile.args
-        if isinstance(raw, str) and ";16" in raw:
+    for tile in img.tile:  # (codec, extents, offset, args): a tuple before Pillow 11
+        args = tile[3] if len(tile) > 3 else None
+        raw = args[0] if isinstance(args, tuple) and args else args
+        if isinstance(raw, str) and SIXTEEN_BIT_RAWMODE.search(raw):
             return True
     return False
 

@@ -30,9 +30,9 @@ from typing import Callable, Sequence
 from tqdm import tqdm
 
 from dataset_converters import (DEFAULT_TEST_FRACTION, convert_custom, convert_visa,
-                                custom_classes, remove_unlisted)
-from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, VISA_CLASSES,
-                      BadFileError, LayoutError, data_subdirs, fg_mask_path, list_images,
+                                custom_classes, read_visa_split, remove_unlisted)
+from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, BadFileError,
+                      LayoutError, data_subdirs, fg_mask_path, list_images,
                       resolve_train_root)
 from demo_data import DEFECT_AREA_BOUNDS, WORLDS, make_demo_dataset
 from fg_masks import FgMaskZip, make_fg_masks, mask_coverage
@@ -318,7 +318,9 @@ def _source_classes(args: argparse.Namespace) -> list[str]:
 
     classes = args.classes
     if args.visa:
-        _refuse_unknown_textures(args.textures, args.classes or VISA_CLASSES)  # before writing
+        if args.textures:  # before writing (the split file's classes: a read of it more)
+            _refuse_unknown_textures(args.textures, list(read_visa_split(args.visa,
+                                                                         args.classes)))
         classes = list(convert_visa(args.visa, args.data_path, sync, args.classes))
     elif args.custom:
         _refuse_unknown_textures(args.textures, custom_classes(args.custom, args.classes))

@@ -6,6 +6,7 @@ PMAD and ProtoFlow files in the released formats, and real prototypes.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
 import os
@@ -282,6 +283,7 @@ def read_format(name: str) -> list[tuple[str, tuple[int, ...], str]]:
 # to import would take the server down, and every child with it, and before Python 3.12.8
 # the server finds them only when pytest runs from the repository's root.
 CHILD_PRELOAD = ["torch", "torch.distributed", "timm", "FrEIA.framework"]
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 def run_ranks(fn: Callable[..., None], args: tuple, nprocs: int = 2,
@@ -322,8 +324,13 @@ def _fresh(env: dict[str, str], fn: Callable[..., None], *args) -> None:
     """fn(*args) in the caller's environment (a child of the fork server has the one of
     the call that started it), with numpy's global random state drawn anew, as in a new
     process (a fork copies the server's; Python's `random` reseeds itself), as the leader
-    of a new process group, which run_ranks kills on a hang."""
+    of a new process group, which run_ranks kills on a hang. Out of pytest's group, it
+    would outlive a pytest killed as a group (CI's timeout): on Linux it is then killed
+    with its parent, the fork server, which is in that group."""
     os.setpgid(0, 0)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     os.environ.clear()
     os.environ.update(env)
     np.random.seed()

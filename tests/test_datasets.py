@@ -8,6 +8,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -274,6 +275,13 @@ def test_train_root_or_its_train_folder(train_root, tmp_path, capsys):
     assert f"{mvtec} is a set in MVTec layout" in msg
     assert msg.endswith(f"`python setup_train_dataset.py --data_path {mvtec} --root "
                         "data/my_set-ImageNet` and pass --data_path data/my_set-ImageNet")
+    # one class of the MVTec-layout set, or its train/good: convert the set, that class
+    for given in (mvtec / "widget", mvtec / "widget" / "train" / "good"):
+        with pytest.raises(LayoutError) as err:
+            list_train_classes(str(given))
+        assert str(err.value).endswith(
+            f"make that copy with `python setup_train_dataset.py --data_path {mvtec} --root "
+            "data/my_set-ImageNet` and pass --data_path data/my_set-ImageNet --classes widget")
     # one class's folder of a training set: the set and the class
     with pytest.raises(LayoutError) as err:
         list_train_classes(str(train_root / "train" / "bottle"))
@@ -372,8 +380,8 @@ def test_missing_or_corrupt_gt_mask(mvtec_root, capsys):
     with pytest.raises(BadFileError) as err:  # run_test.py's check, before any class
         datasets.check_test_classes(str(mvtec_root), ["bottle"])
     gt, test = mvtec_root / "bottle" / "ground_truth" / "broken", mvtec_root / "bottle" / "test"
-    assert (f"  ground-truth mask {gt / '001'}_mask.png (or 001.png) for "
-            f"{test / 'broken' / '001.png'}: missing\n") in str(err.value)
+    assert (f"  missing: ground-truth mask {gt / '001'}_mask.png (or 001.png) for "
+            f"{test / 'broken' / '001.png'}\n") in str(err.value)
     (test / "scratch").mkdir()  # an empty defect folder: named, not dropped unseen
     datasets.MVTecTestDataset._list(str(mvtec_root), "bottle", True)
     assert (f"[data] note: {test}: left out 1 empty folder(s) (scratch): no image of that "
@@ -797,6 +805,20 @@ def test_8_bit_values_in_a_16_or_32_bit_file_are_refused_not_read_black(tmp_path
     Image.fromarray(ramp).save(tmp_path / "top256.png")
     got = np.asarray(datasets.open_rgb(str(tmp_path / "top256.png")))
     assert got.max() == 1 and np.count_nonzero(got[..., 0]) == 1
+
+
+@pytest.mark.parametrize("mode, tile, wide", [
+    ("RGB", ("zip", (0, 0, 4, 4), 0, "RGB;16B"), True),  # PNG
+    ("RGBA", ("libtiff", (0, 0, 4, 4), 0, ("RGBA;16N", False, 706)), True),  # TIFF
+    ("RGB", ("raw", (0, 0, 4, 4), 0, ("BGR;16", 0, 1)), False),  # BMP's packed 5-6-5
+    ("RGB", ("jpeg", (0, 0, 4, 4), 0, ("RGB", "")), False),
+    ("I;16", ("zip", (0, 0, 4, 4), 0, "I;16B"), False),  # grey: _eight_bit reads it
+])
+def test_sixteen_bit_colour_from_pillows_tiles(mode, tile, wide):
+    """Tiles as plain tuples (Pillow 10; Pillow 11's named tuples index alike): 16 bits a
+    channel in PNG's and TIFF's raw modes, not in BMP's packed 16-bit colour."""
+    img = SimpleNamespace(mode=mode, tile=[tile])
+    assert datasets._sixteen_bit_colour(img) is wide
 
 
 @pytest.mark.parametrize("ext", ["png", "tif"])

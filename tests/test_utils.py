@@ -3,6 +3,7 @@ distributed helpers (one process and a 2-process gloo group)."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import errno
 import json
@@ -10,6 +11,7 @@ import math
 import os
 import time
 import random
+import signal
 import subprocess
 import sys
 import tarfile
@@ -928,6 +930,22 @@ def test_a_hung_rank_is_killed_with_the_processes_it_started(tmp_path):
     while _alive(pid) and time.monotonic() < deadline:  # SIGKILL lands at once; reaping
         time.sleep(0.05)
     assert not _alive(pid)
+
+
+def _death_signal(rank: int, out_file: str) -> None:
+    """The signal this process gets when its parent dies (prctl PR_GET_PDEATHSIG)."""
+    value = ctypes.c_int(-1)
+    ctypes.CDLL(None).prctl(2, ctypes.byref(value))  # PR_GET_PDEATHSIG
+    Path(out_file).write_text(str(value.value))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_a_rank_dies_with_the_fork_server(tmp_path):
+    """Each rank leads its own process group, out of pytest's: a pytest killed as a group
+    (CI's timeout) kills the fork server, and each rank is set to die with it."""
+    out = tmp_path / "signal.txt"
+    assert run_ranks(_death_signal, (str(out),), nprocs=1) == [0]
+    assert int(out.read_text()) == signal.SIGKILL
 
 
 def _alive(pid: int) -> bool:
