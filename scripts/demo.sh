@@ -88,7 +88,8 @@ run_world() {
         --device "$DEVICE" --num_workers 2
 
     # --cache_images ram: the images are decoded once, so that on two cores no loader
-    # worker takes a core from the step; the same batches to the bit, ~20 % faster
+    # worker takes a core from the step; the same batches to the bit (bench/bench_train.py
+    # times both loaders)
     step "[$name] 4/5 k-means visual tokenizer + PMAD ViT ($VIT_MODEL, from" \
         "${VIT_INIT:-scratch}, $VIT_EPOCHS epochs)"
     "$PY" run_pretraining.py --model "$VIT_MODEL" "${VIT_START[@]}" \

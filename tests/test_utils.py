@@ -949,11 +949,9 @@ def test_a_rank_dies_with_the_fork_server(tmp_path):
 
 
 def _alive(pid: int) -> bool:
-    """Whether process `pid` still runs: a zombie (killed, not yet reaped: a container's
-    init may never reap it) does not."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    """utils._alive, but a zombie (killed, not yet reaped: a container's init may never
+    reap it) does not count."""
+    if not utils._alive(pid):
         return False
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
