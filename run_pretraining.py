@@ -500,17 +500,22 @@ def build_model_and_data(args: argparse.Namespace, env: utils.DistEnv, train_cla
 def data_identity(tokenizer_fingerprint: str, dataset: datasets.PretrainDataset,
                   data_path: str, train_classes: Sequence[str]) -> dict:
     """What a run's targets and images are, saved with its arguments: the tokenizer's
-    fingerprint (its file and compute precision), the training images' names and byte
-    sizes (an image replaced or edited under its name; not their mtimes, which a copy of
-    the data to another node need not keep) and the classes (run_test.py refuses to score
-    one of them as unseen)."""
-    names = "\n".join(os.path.relpath(p, data_path) for p, _ in dataset.samples)
-    sizes = ",".join(str(os.path.getsize(p)) for p, _ in dataset.samples)
+    fingerprint (its file and compute precision), the training images' names, byte sizes
+    and contents (an image replaced or edited under its name, even at the same size; not
+    their mtimes, which a copy of the data to another node need not keep) and the classes
+    (run_test.py refuses to score one of them as unseen). The contents cost one read of
+    the training images per start (about 1 s a GB); the sizes stay for checkpoints saved
+    before the contents were."""
+    paths = [p for p, _ in dataset.samples]
+    names = "\n".join(os.path.relpath(p, data_path) for p in paths)
+    sizes = ",".join(str(os.path.getsize(p)) for p in paths)
+    contents = ",".join(utils.file_sha256(p) for p in paths)
     return {"tokenizer_fingerprint": tokenizer_fingerprint, "train_classes": list(train_classes),
             "train_images": len(dataset),
             "train_images_sha256": hashlib.sha256(names.encode("utf-8", "surrogateescape"))
             .hexdigest(),
-            "train_image_sizes_sha256": hashlib.sha256(sizes.encode()).hexdigest()}
+            "train_image_sizes_sha256": hashlib.sha256(sizes.encode()).hexdigest(),
+            "train_image_contents_sha256": hashlib.sha256(contents.encode()).hexdigest()}
 
 
 def check_same_tokenizer(header: dict, fingerprint: str, vocab_size: int, path: str) -> None:
@@ -546,9 +551,9 @@ def check_same_data(saved: dict | None, identity: dict, path: str) -> None:
         problem = (f"another set of training images ({saved.get('train_images')} then, "
                    f"{identity['train_images']} now: --data_path, the folders' files or "
                    "--skip_bad_images differ)")
-    elif saved.get("train_image_sizes_sha256", identity["train_image_sizes_sha256"]) \
-            != identity["train_image_sizes_sha256"]:
-        problem = ("training images of the same names but other byte sizes (an image was "
+    elif any(saved.get(key, identity[key]) != identity[key]
+             for key in ("train_image_sizes_sha256", "train_image_contents_sha256")):
+        problem = ("training images of the same names but other contents (an image was "
                    "replaced or edited since)")
     else:
         return

@@ -476,7 +476,7 @@ def test_a_checkpoint_saved_before_the_data_identity_resumes_unchecked():
     (written before they were saved) pass; each one saved is checked on its own, and the
     vocabulary (the lm_head's rows) always."""
     now = {"tokenizer_fingerprint": "kmeans:1", "train_images": 5, "train_images_sha256": "a",
-           "train_image_sizes_sha256": "s"}
+           "train_image_sizes_sha256": "s", "train_image_contents_sha256": "c"}
     for saved in (None, {"epochs": 3}, {"tokenizer_fingerprint": "kmeans:1"},
                   {"train_images": 5, "train_images_sha256": "a"}):
         run_pretraining.check_same_data(saved, now, "ck.pth")
@@ -499,8 +499,9 @@ def test_a_checkpoint_saved_before_the_data_identity_resumes_unchecked():
 
 def test_a_resume_on_an_image_replaced_under_its_name_is_refused(tmp_path):
     """The images' names alone let a resumed run train on an image replaced or edited
-    since; their byte sizes are saved too (not their mtimes, which a copy to another node
-    need not keep), and a checkpoint without them resumes unchecked."""
+    since; their byte sizes and contents are saved too (not their mtimes, which a copy to
+    another node need not keep). A checkpoint saved before the contents were is checked by
+    the sizes; one without either resumes unchecked."""
     root = tmp_path / "train"
     (root / "a").mkdir(parents=True)
     for name in ("0.png", "1.png"):
@@ -512,17 +513,28 @@ def test_a_resume_on_an_image_replaced_under_its_name_is_refused(tmp_path):
     def identity() -> dict:
         return run_pretraining.data_identity("kmeans:1", Images([0, 1]), str(root), ["a"])
 
+    def refused(saved: dict, now: dict) -> None:
+        with pytest.raises(utils.CheckpointError, match="ck.pth was trained on other data; "
+                           "this run has training images of the same names but other "
+                           "contents"):
+            run_pretraining.check_same_data(saved, now, "ck.pth")
+
     saved = identity()
     os.utime(root / "a" / "1.png", (0, 0))  # a copy that did not keep the mtime
     assert identity() == saved
-    (root / "a" / "1.png").write_bytes(b"y" * 11)  # the same name, another image
+    (root / "a" / "1.png").write_bytes(b"x" * 9 + b"y")  # the same name and size, edited
     now = identity()
     assert now["train_images_sha256"] == saved["train_images_sha256"]
-    with pytest.raises(utils.CheckpointError, match="ck.pth was trained on other data; this "
-                       "run has training images of the same names but other byte sizes"):
-        run_pretraining.check_same_data(saved, now, "ck.pth")
-    del saved["train_image_sizes_sha256"]
-    run_pretraining.check_same_data(saved, now, "ck.pth")
+    assert now["train_image_sizes_sha256"] == saved["train_image_sizes_sha256"]
+    refused(saved, now)
+    older = {k: v for k, v in saved.items() if k != "train_image_contents_sha256"}
+    run_pretraining.check_same_data(older, now, "ck.pth")  # sizes alone cannot tell
+    (root / "a" / "1.png").write_bytes(b"y" * 11)  # another size
+    now = identity()
+    refused(saved, now)
+    refused(older, now)
+    del older["train_image_sizes_sha256"]
+    run_pretraining.check_same_data(older, now, "ck.pth")
 
 
 def test_every_rank_must_resume_the_same_checkpoint(monkeypatch):
