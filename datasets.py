@@ -57,7 +57,8 @@ TRAIN_LAYOUT = ("<root>/train/<class>/<image>.png (from MVTec's <class>/train/go
                 "<root>/fg_mask/<class>/<image stem>.png")
 TEST_LAYOUT = ("<root>/<class>/test/<defect>/<image>.png ('good' = normal), "
                "<root>/<class>/ground_truth/<defect>/<image stem>_mask.png")
-FIX_BAD_FILE = "replace the file, or pass --skip_bad_images to leave bad files out"
+SKIP_HINT = "or pass --skip_bad_images to leave bad files out"  # struck from a listed skip
+FIX_BAD_FILE = f"replace the file, {SKIP_HINT}"
 FIX_DANGLING = "restore each link's target, or delete the link"
 FIX_FG_MASK = ("unpack the released masks with `python setup_train_dataset.py --data_path "
                "<MVTec AD> --fg_mask_zip fg_mask.zip` (or estimate them with "
@@ -798,7 +799,7 @@ def open_rgb(path: str) -> Image.Image:
             if max(img.size) > MAX_ASPECT * max(1, min(img.size)):
                 raise BadFileError(f"{path} is {img.size[0]}x{img.size[1]} pixels, more than "
                                    f"{MAX_ASPECT} times longer than wide: crop it to the part "
-                                   f"to score (or leave it out with --skip_bad_images)")
+                                   f"to score ({SKIP_HINT})")
             orientation = _orientation(img)  # from the header: load() may read more
             colour16 = _sixteen_bit_colour(img)  # from the tiles, which load() clears
             img.load()
@@ -811,8 +812,8 @@ def open_rgb(path: str) -> Image.Image:
     except BadFileError:
         raise
     except Image.DecompressionBombError as e:
-        raise BadFileError(f"{path} is too large to open ({e}): downscale it (or leave it "
-                           "out with --skip_bad_images)") from None
+        raise BadFileError(f"{path} is too large to open ({e}): downscale it "
+                           f"({SKIP_HINT})") from None
     except Exception as e:  # any decoder failure means the file is bad
         raise BadFileError(f"cannot read image {path}: {e}; {FIX_BAD_FILE}") from e
 
@@ -951,12 +952,13 @@ def _check_aspect(mask: Image.Image, mask_path: str, image: Image.Image, image_p
 def _drop_bad_files(items: list[_Item], check: Callable[[_Item], object],
                     what: str) -> tuple[list[_Item], list[str]]:
     """Decode every item once (threads: PIL releases the GIL while decoding); return the
-    good items and one message per bad one, and warn listing all bad ones."""
+    good items and one message per bad one, and warn listing all bad ones. The messages
+    lose their advice to pass --skip_bad_images, which the run already does."""
     def run(item: _Item) -> str | None:
         try:
             check(item)
         except BadFileError as e:
-            return str(e)
+            return str(e).replace(f", {SKIP_HINT}", "").replace(f" ({SKIP_HINT})", "")
         return None
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

@@ -300,9 +300,11 @@ def _set_aside_earlier_run(output: str) -> None:
     previous-<UTC time>/ in their folder, as run_pretraining.py's checkpoints do, so that
     no finished flow is overwritten."""
     folder, name = os.path.split(os.path.abspath(output))
-    moved = set_aside(folder, [name, name + LOG_SUFFIX])
+    present = [n for n in (name, name + LOG_SUFFIX) if os.path.lexists(os.path.join(folder, n))]
+    moved = set_aside(folder, present)
     if moved:
-        print(f"[protoflow] an earlier run's {name} and its log moved to {moved}/", flush=True)
+        print(f"[protoflow] an earlier run's {' and '.join(present)} moved to {moved}/",
+              flush=True)
 
 
 def run_train(args: argparse.Namespace) -> dict:

@@ -735,6 +735,10 @@ def test_a_sliver_or_an_oversized_image_is_refused_naming_the_fix(tmp_path, monk
             rf"sliver.png is {20 * datasets.MAX_ASPECT + 1}x20 pixels, more than "
             rf"{datasets.MAX_ASPECT} times longer than wide: crop it")):
         datasets.open_rgb(str(tmp_path / "sliver.png"))
+    with pytest.warns(UserWarning, match="left out 1 bad file"):  # as --skip_bad_images lists it
+        kept, bad = datasets._drop_bad_files([str(tmp_path / "sliver.png")], datasets.open_rgb,
+                                             "images")
+    assert kept == [] and bad[0].endswith("crop it to the part to score")
     Image.new("RGB", (20, 20 * datasets.MAX_ASPECT)).save(tmp_path / "tall.png")
     assert datasets.open_rgb(str(tmp_path / "tall.png")).size == (20, 20 * datasets.MAX_ASPECT)
     Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
@@ -742,7 +746,8 @@ def test_a_sliver_or_an_oversized_image_is_refused_naming_the_fix(tmp_path, monk
     with pytest.raises(datasets.BadFileError) as err:
         datasets.open_rgb(str(tmp_path / "big.png"))
     assert "big.png is too large to open (Image size (400 pixels) exceeds limit" in str(err.value)
-    assert str(err.value).endswith("downscale it (or leave it out with --skip_bad_images)")
+    assert str(err.value).endswith("downscale it (or pass --skip_bad_images to leave bad "
+                                   "files out)")
 
 
 def test_16_bit_grey_reads_by_its_bit_depth_not_its_maximum(tmp_path):
@@ -1130,7 +1135,7 @@ def test_a_training_image_linking_nowhere_is_refused_or_left_out_as_a_bad_file(t
                                   f"Fix: {datasets.FIX_BAD_FILE}")
     with pytest.warns(UserWarning, match=r"left out 1 bad file\(s\) of 7"):
         ds = _pretrain(train_root, skip_bad_images=True)
-    assert ds.bad_files == [f"image {problem}; {datasets.FIX_BAD_FILE}"]
+    assert ds.bad_files == [f"image {problem}; replace the file"]  # no "pass --skip_bad..."
     assert len(ds) == 6 and str(link) not in ds.image_paths
     with pytest.warns(UserWarning, match=str(link)):
         ds = TrainImageDataset(str(train_root), ["bottle"], skip_bad_images=True)
@@ -1171,8 +1176,8 @@ def test_a_test_image_or_mask_linking_nowhere_is_refused_or_left_out(mvtec_root)
     with pytest.warns(UserWarning, match=r"left out 2 bad file\(s\) of 5"):
         ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64,
                               skip_bad_images=True)
-    assert ds.bad_files == [f"ground-truth mask {mask_problem}; {datasets.FIX_BAD_FILE}",
-                            f"image {image_problem}; {datasets.FIX_BAD_FILE}"]
+    assert ds.bad_files == [f"ground-truth mask {mask_problem}; replace the file",
+                            f"image {image_problem}; replace the file"]
     assert [os.path.basename(p) for p in ds.image_paths] == ["000.png", "000.png", "001.png"]
     assert ds.labels == [1, 0, 0] and ds[0]["gt_mask"].sum() == 256
 

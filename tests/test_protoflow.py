@@ -1070,8 +1070,21 @@ def test_a_fresh_run_sets_an_earlier_flow_and_its_log_aside(cli, tmp_path, capsy
     assert {p.name: p.read_bytes() for p in previous[0].iterdir()} == earlier
     assert len((out.parent / "pf.pt.log.jsonl").read_text().splitlines()) == 1  # the new run's
     assert torch.load(out, weights_only=True)["classes"] == ["brick"]
-    assert (f"[protoflow] an earlier run's pf.pt and its log moved to {previous[0]}/"
+    assert (f"[protoflow] an earlier run's pf.pt and pf.pt.log.jsonl moved to {previous[0]}/"
             in capsys.readouterr().out)
+
+
+def test_setting_aside_an_earlier_log_alone_names_the_log_alone(tmp_path, capsys):
+    """A run that crashed before writing its flow left only its log: the note names what
+    moved, not a flow that was never there."""
+    (tmp_path / "pf.pt.log.jsonl").write_text("{}\n")
+    rpf._set_aside_earlier_run(str(tmp_path / "pf.pt"))
+    (previous,) = [p for p in tmp_path.iterdir() if p.name.startswith("previous-")]
+    assert [p.name for p in previous.iterdir()] == ["pf.pt.log.jsonl"]
+    assert capsys.readouterr().out == (f"[protoflow] an earlier run's pf.pt.log.jsonl moved to "
+                                       f"{previous}/\n")
+    rpf._set_aside_earlier_run(str(tmp_path / "pf.pt"))  # nothing left to move: no note
+    assert capsys.readouterr().out == ""
 
 
 def test_train_refuses_prototypes_made_from_other_images(cli, tmp_path):
