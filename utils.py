@@ -26,6 +26,7 @@ import socket
 import sys
 import tarfile
 import time
+import warnings
 import zipfile
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ TMP_PATTERN = re.compile(r"^\..+\.tmp-(?:([A-Za-z0-9-]{1,40})-)?(\d{1,7})$")
 # another machine's temporary file or folder untouched this long is a dead writer's (a
 # restarted container gets a new host name), whose process this machine cannot ask about
 OTHER_HOST_STALE_S = 24 * 3600
+PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))  # the repo root: our own files
 
 
 # ----------------------------------------------------------------------------- user errors
@@ -82,17 +84,37 @@ def cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = 
     for anything else); 2 for a UserError (or one of `user_errors`), printed as one
     `error: <message>` line with no traceback; 130 for Ctrl-C. Any other exception
     keeps its traceback."""
+    python_format = warnings.formatwarning
+    warnings.formatwarning = _warning_format(python_format)
     try:
         result = main()
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         return 130
     except (UserError, *user_errors) as e:
-        several = os.environ.get("WORLD_SIZE", "1") != "1"
-        prefix = f"[rank {os.environ.get('RANK', 0)}] " if several else ""
-        print(f"{prefix}error: {_user_message(e)}", file=sys.stderr, flush=True)
+        print(f"{_rank_prefix()}error: {_user_message(e)}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        warnings.formatwarning = python_format
     return result if isinstance(result, int) else 0
+
+
+def _rank_prefix() -> str:
+    """'[rank N] ' when several processes print to one terminal, else ''."""
+    several = os.environ.get("WORLD_SIZE", "1") != "1"
+    return f"[rank {os.environ.get('RANK', 0)}] " if several else ""
+
+
+def _warning_format(python_format: Callable[..., str]) -> Callable[..., str]:
+    """Our own warnings (a bad file left out, a metric undefined) as one `warning:
+    <message>` line, as errors print: Python's file:line and the source line that warned
+    tell a user nothing. A library's warning keeps Python's format and its location."""
+    def format_warning(message: Warning | str, category: type[Warning], filename: str,
+                       lineno: int, line: str | None = None) -> str:
+        if os.path.isabs(filename) and is_inside(filename, PROJECT_DIR):  # not '<string>'
+            return f"{_rank_prefix()}warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+    return format_warning
 
 
 def _user_message(e: BaseException) -> str:

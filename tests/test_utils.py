@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -825,6 +826,32 @@ def test_cli_prints_an_error_from_a_dataloader_worker_as_its_one_line(capsys):
     assert utils.cli(lambda: next(iter(loader))) == 2
     assert capsys.readouterr().err == ("error: cannot read image data/x_0.png (0 bytes): "
                                        "replace it\n")
+
+
+def test_cli_prints_our_warnings_as_one_line_and_a_librarys_with_its_location(monkeypatch):
+    """A bad file left out or an undefined metric reads `warning: <message>` (with the
+    rank when several print), not our file:line and source line; a warning from a
+    library keeps Python's format; Python's is back once the entry point returns."""
+    python_format = warnings.formatwarning
+    ours = (os.path.join(utils.PROJECT_DIR, "metrics.py"), 481, "warnings.warn(...)")
+    library = ("/usr/lib/python3/site-packages/torch/x.py", 3, "warn(...)")
+    seen = []
+
+    def main() -> None:
+        seen.append(warnings.formatwarning("mean AUPRO is nan", UserWarning, *ours))
+        seen.append(warnings.formatwarning("deprecated", FutureWarning, *library))
+        seen.append(warnings.formatwarning("x", UserWarning, "<string>", 1))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")
+        seen.append(warnings.formatwarning("mean AUPRO is nan", UserWarning, *ours))
+
+    assert utils.cli(main) == 0
+    assert seen[0] == "warning: mean AUPRO is nan\n"
+    assert seen[1] == python_format("deprecated", FutureWarning, *library)
+    assert seen[1].startswith("/usr/lib/python3/site-packages/torch/x.py:3: FutureWarning: ")
+    assert seen[2].startswith("<string>:1: UserWarning: x")
+    assert seen[3] == "[rank 1] warning: mean AUPRO is nan\n"
+    assert warnings.formatwarning is python_format
 
 
 # ----------------------------------------------------------------------------- distributed
