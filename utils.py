@@ -45,7 +45,9 @@ TMP_PATTERN = re.compile(r"^\..+\.tmp-(?:([A-Za-z0-9-]{1,40})-)?(\d{1,7})$")
 # another machine's temporary file or folder untouched this long is a dead writer's (a
 # restarted container gets a new host name), whose process this machine cannot ask about
 OTHER_HOST_STALE_S = 24 * 3600
-PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))  # the repo root: our own files
+PROJECT_DIR = os.path.dirname(os.path.realpath(__file__))  # the repo root
+# where our own modules and entry points lie (not a virtual environment inside the repo)
+OWN_CODE_DIRS = (PROJECT_DIR, os.path.join(PROJECT_DIR, "bench"))
 
 
 # ----------------------------------------------------------------------------- user errors
@@ -111,7 +113,8 @@ def _warning_format(python_format: Callable[..., str]) -> Callable[..., str]:
     tell a user nothing. A library's warning keeps Python's format and its location."""
     def format_warning(message: Warning | str, category: type[Warning], filename: str,
                        lineno: int, line: str | None = None) -> str:
-        if os.path.isabs(filename) and is_inside(filename, PROJECT_DIR):  # not '<string>'
+        if os.path.isabs(filename) and \
+                os.path.dirname(os.path.realpath(filename)) in OWN_CODE_DIRS:  # not '<string>'
             return f"{_rank_prefix()}warning: {message}\n"
         return python_format(message, category, filename, lineno, line)
     return format_warning

@@ -835,12 +835,14 @@ def test_cli_prints_our_warnings_as_one_line_and_a_librarys_with_its_location(mo
     python_format = warnings.formatwarning
     ours = (os.path.join(utils.PROJECT_DIR, "metrics.py"), 481, "warnings.warn(...)")
     library = ("/usr/lib/python3/site-packages/torch/x.py", 3, "warn(...)")
+    venv = (os.path.join(utils.PROJECT_DIR, ".venv", "lib", "site-packages", "x.py"), 3)
     seen = []
 
     def main() -> None:
         seen.append(warnings.formatwarning("mean AUPRO is nan", UserWarning, *ours))
         seen.append(warnings.formatwarning("deprecated", FutureWarning, *library))
         seen.append(warnings.formatwarning("x", UserWarning, "<string>", 1))
+        seen.append(warnings.formatwarning("y", UserWarning, *venv))
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("RANK", "1")
         seen.append(warnings.formatwarning("mean AUPRO is nan", UserWarning, *ours))
@@ -850,7 +852,8 @@ def test_cli_prints_our_warnings_as_one_line_and_a_librarys_with_its_location(mo
     assert seen[1] == python_format("deprecated", FutureWarning, *library)
     assert seen[1].startswith("/usr/lib/python3/site-packages/torch/x.py:3: FutureWarning: ")
     assert seen[2].startswith("<string>:1: UserWarning: x")
-    assert seen[3] == "[rank 1] warning: mean AUPRO is nan\n"
+    assert seen[3].startswith(f"{venv[0]}:3: UserWarning: y")  # a library in the repo
+    assert seen[4] == "[rank 1] warning: mean AUPRO is nan\n"
     assert warnings.formatwarning is python_format
 
 
