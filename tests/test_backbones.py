@@ -6,6 +6,7 @@ import types
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from skimage import data as skdata
@@ -14,6 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import backbones
 from backbones import (create_backbone, create_classifier, input_normalization,
                        lite0_weights_path, map_efficientnet_pytorch)
+import utils
 from utils import CheckpointError
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -155,3 +157,30 @@ def test_a_normalisation_record_reads_back_exactly_and_a_damaged_one_is_refused(
         with pytest.raises(CheckpointError, match=r"^f.pt: 'normalization' .* the file is "
                                                   r"damaged: fix$"):
             backbones.recorded_normalization({"normalization": damaged}, "f.pt", "fix")
+
+
+def test_an_offline_fetch_of_imagenet_weights_is_one_clear_error(monkeypatch) -> None:
+    """Without --encoder_weights timm fetches the backbone's weights; offline that was
+    the hub's traceback. It is a MissingFileError naming the backbone and the flag; an
+    OSError when nothing is fetched is not hidden."""
+    real = timm.create_model
+
+    def offline(name: str, pretrained: bool = False, **kwargs):
+        if pretrained:
+            raise FileNotFoundError("Cannot find the requested files in the local cache")
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(utils.MissingFileError) as err:
+        backbones.create_backbone("efficientnet_lite0", pretrained=True)
+    assert str(err.value) == (
+        "timm could not fetch efficientnet_lite0's ImageNet weights (Cannot find the "
+        "requested files in the local cache): connect to the internet once (timm caches "
+        "them), or pass --encoder_weights FILE: a timm or efficientnet-pytorch checkpoint "
+        "of it, or a ProtoFlow file such as the released "
+        "weights/protoflow/weights_multi_class.pt")
+    assert backbones.create_backbone("efficientnet_lite0").feature_info.channels() == [40, 112]
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: (_ for _ in ()).throw(
+        PermissionError("cache not writable")))
+    with pytest.raises(PermissionError):
+        backbones.create_backbone("efficientnet_lite0")
