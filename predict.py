@@ -282,7 +282,7 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
     out_dir = Path(utils.prepare_output_dir(args.output_dir, "--output_dir"))
     check_output_dir(out_dir)
     utils.remove_stale_tmp_files(out_dir)  # a staging folder of a run that was killed
-    m = run_test.load_models(args)
+    m = run_test.load_models(args, "predict")
     m.protoflow.check_prototypes(list(groups))  # a missing class fails before any scoring
     run_test.check_mask_ratios(args, list(groups), m.model.patch_embed.num_patches)
     stage = Path(utils.tmp_name(str(out_dir / "predict")))
@@ -335,7 +335,7 @@ def _score_into(out: Path, args: argparse.Namespace, m: run_test.Models,
             skipped += e.bad_files
             unreadable.append(cls)
             print(f"[predict] {cls}: none of its {len(paths)} image(s) is readable: class "
-                  f"left out (its files are listed in {SKIPPED_FILE})", file=sys.stderr)
+                  "left out (its files are named in the warning above)", file=sys.stderr)
             continue
         skipped += dataset.bad_files
         data = protocols.collect_class(dataset, m.tokenizer, m.protoflow, cls, args.batch_size,

@@ -219,18 +219,19 @@ class Models:
         return self.model.patch_embed.img_size[0]
 
 
-def load_models(args: argparse.Namespace) -> Models:
+def load_models(args: argparse.Namespace, who: str = "run_test") -> Models:
     """The ViT as the checkpoint was trained (its stored settings, explicit flags win and
-    are reported; `args` is updated with them), its tokenizer (vocabulary checked) and
-    ProtoFlow, which is given the ViT's images and converts them to its own
-    normalisation."""
+    are reported, as `[who]` notes; `args` is updated with them), its tokenizer
+    (vocabulary checked) and ProtoFlow, which is given the ViT's images and converts them
+    to its own normalisation."""
     device, amp = check_device_flags(args)
     checkpoint = read_weights_file(args.ckpt)
     # first: another file given as --ckpt (a ProtoFlow file) is named as the problem, not
     # the tokenizer the settings it lacks would choose
     vocab_size = modeling_pmad.checkpoint_vocab_size(checkpoint, args.ckpt)
     config, notes = modeling_pmad.resolve_eval_config(vars(args), checkpoint, args.ckpt)
-    print("\n".join(f"[run_test] {note}" for note in notes))
+    for note in notes:
+        print(f"[{who}] {note}")
     vars(args).update(config)
     mean, std = datasets.normalization(args.imagenet_default_mean_and_std)
     tokenizer = create_tokenizer(args.tokenizer_model, args.tokenizer_weight_path,

@@ -238,8 +238,11 @@ def test_a_class_of_no_readable_image_is_left_out_and_the_others_kept(tiny_world
     assert f"cannot read image {bad}" in (out / "skipped_images.txt").read_text()
     captured = capsys.readouterr()
     assert ("[predict] coins: none of its 1 image(s) is readable: class left out (its files "
-            "are listed in skipped_images.txt)\n") in captured.err
+            "are named in the warning above)\n") in captured.err
     assert "[predict] brick: 2 images" in captured.out and "coins:" not in captured.out
+    # load_models' notes carry predict's tag, not run_test's
+    assert "[run_test]" not in captured.out
+    assert f"[predict] {tiny_world.pmad_ckpt} stores no training arguments" in captured.out
     shutil.rmtree(inbox / "brick")
     with pytest.warns(UserWarning):
         assert predict.main(argv + ["--skip_bad_images"]) == 2
