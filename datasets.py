@@ -77,6 +77,11 @@ _SAVE_EVERY_BATCHES = 50  # token cache: partial saves so a crash loses little w
 _Item = TypeVar("_Item")
 
 
+class DataWarning(UserWarning):
+    """Data this run leaves out or rebuilds (bad files skipped, an unreadable token
+    cache): entry points print it as one `warning:` line (utils.cli)."""
+
+
 # ----------------------------------------------------------------------------------------
 # Class settings
 # ----------------------------------------------------------------------------------------
@@ -967,7 +972,7 @@ def _drop_bad_files(items: list[_Item], check: Callable[[_Item], object],
     bad = [r for r in results if r is not None]
     if bad:
         warnings.warn(f"{what}: left out {len(bad)} bad file(s) of {len(items)}:\n  "
-                      + "\n  ".join(bad), stacklevel=3)
+                      + "\n  ".join(bad), DataWarning, stacklevel=3)
     return [it for it, r in zip(items, results) if r is None], bad
 
 
@@ -1501,7 +1506,8 @@ def _load_token_store(path: str, fingerprint: str, preprocess: str, compute: str
         return {p: (tuple(s), tokens[i])
                 for i, (p, s) in enumerate(zip(payload["paths"], stamps))}
     except Exception as e:  # a cache can always be rebuilt; say so and do it
-        warnings.warn(f"token cache {path} is unreadable ({e}); recomputing it", stacklevel=3)
+        warnings.warn(f"token cache {path} is unreadable ({e}); recomputing it", DataWarning,
+                      stacklevel=3)
         return {}
 
 

@@ -14,6 +14,7 @@ every rank alike, and the next read raises NonFiniteLossError naming the first o
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -27,6 +28,12 @@ from tqdm import tqdm
 
 import utils
 from masking_generator import MaskBatch, MaskingPolicy
+
+# DDP's per-step buffer sync off (the one buffer, relative_position_index, is constant):
+# newer torch names it forward_sync_buffers and warns on every rank at broadcast_buffers
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers"
+                  in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                  else {"broadcast_buffers": False})
 
 
 class NonFiniteLossError(RuntimeError):
@@ -271,7 +278,7 @@ def fit(model: nn.Module, data_loader: Iterable[dict], sampler: Any,
     if distributed:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
+            **NO_BUFFER_SYNC)
     n_parameters = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
     utils.main_print(f"[model] {n_parameters / 1e6:.1f} M trainable parameters; "
                      f"{config.num_steps} steps/epoch on each of {utils.get_world_size()} "

@@ -48,6 +48,11 @@ RESUME_MUST_MATCH = ("model", "setting", "unseen_classes", "epochs", "batch_size
                      "weight_decay_end", "opt_betas", "opt_eps", "clip_grad",
                      "mask_ratio", "dynamic_masking_start", "freq_mode", "fg_mask", "amp",
                      "seed")
+# ... and, on top of those, what every process of one run must share (nodes started with
+# other flags would each train their own run under one DDP average, or wait at a
+# collective the others never reach)
+RANKS_MUST_AGREE = RESUME_MUST_MATCH + ("save_ckpt_freq", "skip_bad_images", "deterministic",
+                                        "layer_scale_init_value", "no_init")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -169,11 +174,31 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_inputs(args: argparse.Namespace
-                 ) -> tuple[list[str], str | None, dict | None, str | None]:
-    """Everything checkable before a model or the data is loaded: flags, output folder,
-    the data's layout and masks, --batch_size against the image count, the checkpoint
-    to resume and its arguments, else --init_ckpt. -> (train classes, resume path, its
-    contents memory-mapped, the line saying a finished run is extended or None)."""
+                 ) -> tuple[list[str], str | None, dict | None, str | None,
+                            utils.FolderLock | None]:
+    """Everything checkable before a model or the data is loaded, on every rank at once
+    (utils.on_every_rank): flags, output folder (locked by rank 0), the data's layout and
+    masks, --batch_size against the image count, the checkpoint to resume, the ranks'
+    agreement on it and on the flags, the checkpoint's arguments, else --init_ckpt.
+    -> (train classes, resume path, its contents memory-mapped, the line saying a
+    finished run is extended or None, the lock to close when the run ends)."""
+    lock = []
+    try:
+        train_classes, resume, header = utils.on_every_rank(lambda: _check_local(args, lock))
+        check_ranks_agree(resume, header, args)
+        extended = utils.on_every_rank(lambda: _check_resume(args, resume, header,
+                                                             train_classes))
+    except BaseException:
+        for f in lock:
+            f.close()
+        raise
+    return train_classes, resume, header, extended, lock[0] if lock else None
+
+
+def _check_local(args: argparse.Namespace, lock: list
+                 ) -> tuple[list[str], str | None, dict | None]:
+    """check_inputs' checks up to the checkpoint to resume, on this rank alone; rank 0's
+    lock of --output_dir goes into `lock`."""
     if args.fit_kmeans_tokenizer and args.tokenizer_model != "kmeans":
         raise utils.FlagError(f"--fit_kmeans_tokenizer needs --tokenizer_model kmeans, not "
                               f"{args.tokenizer_model}")
@@ -184,6 +209,7 @@ def check_inputs(args: argparse.Namespace
     grid = check_image_grid(args)
     if utils.is_main_process():
         utils.prepare_output_dir(args.output_dir, "--output_dir")
+        lock.append(utils.FolderLock(args.output_dir, "--output_dir"))
         utils.refuse_a_file(args.token_cache_dir, "--token_cache_dir")
         if args.log_dir:
             utils.refuse_a_file(args.log_dir, "--log_dir")
@@ -197,7 +223,13 @@ def check_inputs(args: argparse.Namespace
     datasets.require_full_batch(len(samples), args.batch_size)
     resume = utils.resolve_resume(args.resume, args.auto_resume, args.output_dir)
     header = utils.load_checkpoint_file(resume, mmap=True) if resume else None
-    check_ranks_agree(resume, header)
+    return train_classes, resume, header
+
+
+def _check_resume(args: argparse.Namespace, resume: str | None, header: dict | None,
+                  train_classes: list[str]) -> str | None:
+    """check_inputs' checks of the checkpoint's arguments, else of --init_ckpt, on this
+    rank alone. -> the line saying a finished run is extended, or None."""
     extended = None
     if header is not None and "optimizer" in header and "epoch" in header:
         utils.check_resume_world_size(header, resume)
@@ -207,21 +239,34 @@ def check_inputs(args: argparse.Namespace
     if resume is None and not args.no_init:  # restore() loads it after every image's tokens
         modeling_pmad.check_init_checkpoint(args.model, args.init_ckpt, args.input_size,
                                             args.layer_scale_init_value)
-    return train_classes, resume, header, extended
+    return extended
 
 
-def check_ranks_agree(resume: str | None, header: dict | None) -> None:
-    """Every process must resume the same checkpoint. Processes that disagree (nodes whose
-    --output_dir is not one shared folder) would train from different epochs and states,
-    which DDP does not notice, or wait for ever at a barrier only some of them reach."""
-    seen = utils.all_gather_object((resume, None if header is None else header.get("epoch")))
-    if len(set(seen)) > 1:
+def check_ranks_agree(resume: str | None, header: dict | None, args: argparse.Namespace
+                      ) -> None:
+    """Every process must resume the same checkpoint and run with the same flags
+    (RANKS_MUST_AGREE). Processes that disagree (nodes whose --output_dir is not one
+    shared folder, or that were started with other flags) would train from different
+    epochs, states or schedules, which DDP does not notice (it averages their gradients
+    and logs the mean of their learning rates), or wait for ever at a barrier only some
+    of them reach."""
+    flags = {k: v for k, v in schedule_view(vars(args)).items() if k in RANKS_MUST_AGREE}
+    seen = utils.all_gather_object(
+        (resume, None if header is None else header.get("epoch"), flags))
+    if len({(p, e) for p, e, _ in seen}) > 1:
         raise utils.CheckpointError(
             "the processes do not see the same checkpoint to resume ("
             + "; ".join(f"rank {r}: {p or 'none'}" + ("" if e is None else f", epoch {e}")
-                        for r, (p, e) in enumerate(seen))
+                        for r, (p, e, _) in enumerate(seen))
             + "): --output_dir (and --resume) must be one folder that "
             "every node reads and writes, e.g. on a shared file system")
+    differ = [k for k in RANKS_MUST_AGREE if len({repr(f[k]) for _, _, f in seen}) > 1]
+    if differ:
+        raise utils.FlagError(
+            "the processes were started with other flags: " + "; ".join(
+                f"--{k} " + ", ".join(f"{f[k]} on rank {r}" for r, (_, _, f) in enumerate(seen))
+                for k in differ)
+            + ": start every node with the same command (scripts/train_multi_class.sh)")
 
 
 def schedule_view(run_args: dict) -> dict:
@@ -343,7 +388,17 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
     args.data_path = datasets.resolve_train_root(args.data_path)
     args.amp = utils.resolve_amp(args.amp, env.device)
     args.token_cache_dir = args.token_cache_dir or os.path.join(args.output_dir, "token_cache")
-    train_classes, resume, header, extended = check_inputs(args)
+    train_classes, resume, header, extended, lock = check_inputs(args)
+    try:
+        return _train_checked(args, env, train_classes, resume, header, extended)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train_checked(args: argparse.Namespace, env: utils.DistEnv, train_classes: list[str],
+                   resume: str | None, header: dict | None, extended: str | None) -> dict:
+    """_train once check_inputs has passed."""
     utils.main_print(json.dumps(vars(args), indent=1))
     done = header.get("epoch") if header is not None and "optimizer" in header else None
     if isinstance(done, int) and _continues_output_dir(resume, args.output_dir):
@@ -355,13 +410,13 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
         return {"train_classes": train_classes, "num_images": 0, "num_steps": 0,
                 "start_epoch": done + 1, "stats": {}, "checkpoints": []}
     if args.fit_kmeans_tokenizer and not os.path.exists(args.tokenizer_weight_path):
-        if utils.is_main_process():  # the other ranks wait for the file
-            modeling_discrete_vae.fit_kmeans_on_folder(
-                args.data_path, train_classes, args.tokenizer_weight_path,
-                vocab_size=args.kmeans_vocab_size, seed=args.seed,
-                out_index=args.kmeans_out_index, image_size=args.input_size,
-                num_workers=args.num_workers, skip_bad_images=args.skip_bad_images)
-        utils.barrier()
+        # rank 0 fits; the others wait for the file (or rank 0's error) in on_every_rank
+        utils.on_every_rank(lambda: modeling_discrete_vae.fit_kmeans_on_folder(
+            args.data_path, train_classes, args.tokenizer_weight_path,
+            vocab_size=args.kmeans_vocab_size, seed=args.seed,
+            out_index=args.kmeans_out_index, image_size=args.input_size,
+            num_workers=args.num_workers, skip_bad_images=args.skip_bad_images)
+            if utils.is_main_process() else None)
     utils.seed_everything(args.seed, env.rank)  # after the k-means fit, which draws too
     model, policy, dataset, identity = build_model_and_data(args, env, train_classes, resume,
                                                             header)
@@ -457,7 +512,27 @@ def build_model_and_data(args: argparse.Namespace, env: utils.DistEnv, train_cla
     """The ViT on the device (its shapes checked against the checkpoint to resume before
     any data is read), the masking policy, the training set with every image's visual
     tokens cached (each rank tokenizes its share of the missing ones), and the run's
-    `data_identity` (checked against the checkpoint's before any token is computed)."""
+    `data_identity` (checked against the checkpoint's and across the ranks before any
+    token is computed: the ranks share one token table)."""
+    tokenizer, model, policy, dataset, identity = utils.on_every_rank(
+        lambda: _build_local(args, env, train_classes, resume, header))
+    check_ranks_read_same_data(identity, args.data_path)
+    stats = datasets.cache_tokens(dataset, tokenizer, args.token_cache_dir, device=env.device,
+                                  num_workers=args.num_workers)
+    utils.main_print(f"[tokens] {stats['hits']} cached, {stats['misses']} computed in "
+                     f"{args.token_cache_dir}")
+    del tokenizer  # not needed again: every step reads cached tokens
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
+    utils.main_print(f"[data] setting {args.setting}: {len(dataset)} images of "
+                     f"{len(train_classes)} classes {train_classes}")
+    return model.to(env.device), policy, dataset, identity
+
+
+def _build_local(args: argparse.Namespace, env: utils.DistEnv, train_classes: list[str],
+                 resume: str | None, header: dict | None) -> tuple:
+    """build_model_and_data's part on this rank alone: tokenizer, model, masking policy,
+    training set and its data_identity, each checked against the checkpoint."""
     tokenizer = modeling_discrete_vae.create_tokenizer(
         args.tokenizer_model, args.tokenizer_weight_path, env.device, amp=args.amp)
     mean, std = datasets.normalization(args.imagenet_default_mean_and_std)
@@ -485,16 +560,30 @@ def build_model_and_data(args: argparse.Namespace, env: utils.DistEnv, train_cla
     identity = data_identity(tokenizer.fingerprint, dataset, args.data_path, train_classes)
     if header is not None:
         check_same_data(header.get("args"), identity, resume)
-    stats = datasets.cache_tokens(dataset, tokenizer, args.token_cache_dir, device=env.device,
-                                  num_workers=args.num_workers)
-    utils.main_print(f"[tokens] {stats['hits']} cached, {stats['misses']} computed in "
-                     f"{args.token_cache_dir}")
-    del tokenizer  # not needed again: every step reads cached tokens
-    if env.device.type == "cuda":
-        torch.cuda.empty_cache()
-    utils.main_print(f"[data] setting {args.setting}: {len(dataset)} images of "
-                     f"{len(train_classes)} classes {train_classes}")
-    return model.to(env.device), policy, dataset, identity
+    return tokenizer, model, policy, dataset, identity
+
+
+def check_ranks_read_same_data(identity: dict, data_path: str) -> None:
+    """Every rank must read the same training images and tokenizer: they share one token
+    table, which rank 0 also caches under its own files' names, so nodes whose copies
+    of the data differ would train on tokens of the other node's images (and leave a
+    cache that a later run trusts)."""
+    seen = utils.all_gather_object(identity)
+    if all(s == seen[0] for s in seen):
+        return
+    first = seen[0]
+    if any(s["tokenizer_fingerprint"] != first["tokenizer_fingerprint"] for s in seen):
+        raise utils.FlagError(
+            "the processes read other visual tokenizers (" + "; ".join(
+                f"rank {r}: {s['tokenizer_fingerprint']}" for r, s in enumerate(seen))
+            + "): every node's --tokenizer_weight_path must be the same file")
+    raise utils.LayoutError(
+        "the processes read other training images (" + "; ".join(
+            f"rank {r}: {s['train_images']} image(s), digest of names "
+            f"{s['train_images_sha256'][:8]}, of contents {s['train_image_contents_sha256'][:8]}"
+            for r, s in enumerate(seen))
+        + f"): every node's --data_path ({data_path} on this one) must hold the same files, "
+        "e.g. one shared folder or a copy by `rsync -a`")
 
 
 def data_identity(tokenizer_fingerprint: str, dataset: datasets.PretrainDataset,

@@ -91,14 +91,21 @@ def cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = 
     try:
         result = main()
     except KeyboardInterrupt:
-        print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        _say(f"{_rank_prefix()}interrupted (Ctrl-C)")
         return 130
     except (UserError, *user_errors) as e:
-        print(f"{_rank_prefix()}error: {_user_message(e)}", file=sys.stderr, flush=True)
+        _say(f"{_rank_prefix()}error: {_user_message(e)}")
         return 2
     finally:
         warnings.formatwarning = python_format
     return result if isinstance(result, int) else 0
+
+
+def _say(line: str) -> None:
+    """`line` on stderr in one write: print's separate write of the newline lets the
+    ranks' lines run together on one terminal."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _rank_prefix() -> str:
@@ -108,16 +115,23 @@ def _rank_prefix() -> str:
 
 
 def _warning_format(python_format: Callable[..., str]) -> Callable[..., str]:
-    """Our own warnings (a bad file left out, a metric undefined) as one `warning:
-    <message>` line, as errors print: Python's file:line and the source line that warned
-    tell a user nothing. A library's warning keeps Python's format and its location."""
+    """Our own warnings (of a category defined in our code: a bad file left out, a metric
+    undefined) as one `warning: <message>` line, as errors print: Python's file:line and
+    the source line that warned tell a user nothing. A library's warning keeps Python's
+    format and its location, even where its stacklevel names our file."""
     def format_warning(message: Warning | str, category: type[Warning], filename: str,
                        lineno: int, line: str | None = None) -> str:
-        if os.path.isabs(filename) and \
-                os.path.dirname(os.path.realpath(filename)) in OWN_CODE_DIRS:  # not '<string>'
+        if _own_code(getattr(sys.modules.get(category.__module__), "__file__", None)):
             return f"{_rank_prefix()}warning: {message}\n"
         return python_format(message, category, filename, lineno, line)
     return format_warning
+
+
+def _own_code(filename: str | None) -> bool:
+    """Whether `filename` is one of our modules (not a library, nor one in a virtual
+    environment inside the repo)."""
+    return bool(filename) and os.path.isabs(filename) \
+        and os.path.dirname(os.path.realpath(filename)) in OWN_CODE_DIRS
 
 
 def _user_message(e: BaseException) -> str:
@@ -483,6 +497,29 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def on_every_rank(check: Callable[[], Any]) -> Any:
+    """`check()` on every rank, a UserError of any rank raised on all of them (the others
+    say which rank found it): a mistake only one rank sees (a --data_path missing on one
+    node, a read-only --output_dir that rank 0 prepares) would otherwise stop that rank
+    alone, and the others would die at their next collective with a gloo traceback or
+    wait for its timeout. `check` must call no collective. -> what `check` returned."""
+    error: UserError | None = None
+    result = None
+    try:
+        result = check()
+    except UserError as e:
+        error = e
+    found = [(rank, found) for rank, found in enumerate(
+        all_gather_object(None if error is None else (type(error), str(error))))
+        if found is not None]
+    if error is not None:
+        raise error
+    if found:
+        rank, (kind, message) = found[0]
+        raise kind(f"rank {rank} found: {message}")
+    return result
 
 
 def main_print(*args: Any, **kwargs: Any) -> None:
@@ -1008,11 +1045,16 @@ def relink_last_checkpoint(output_dir: str, newest: str, epoch: int) -> bool:
     stored = _stored_epoch(last)
     if stored is not None and stored >= epoch:
         return False
+    if stored is not None:
+        was = (f"held epoch {stored} (the run stopped between writing "
+               f"{os.path.basename(newest)} and it)")
+    elif os.path.lexists(last):
+        was = "was unreadable or stored no epoch"
+    else:
+        was = f"was missing (the run stopped before writing it after {os.path.basename(newest)})"
     write_atomic(last, lambda tmp: _link_or_copy(newest, tmp))
     _fsync_folder(os.path.dirname(os.path.abspath(last)))
-    main_print(f"[resume] {last} held {'no checkpoint' if stored is None else f'epoch {stored}'}"
-               f" (the run stopped between writing {os.path.basename(newest)} and it): it is "
-               f"now {os.path.basename(newest)}, epoch {epoch}")
+    main_print(f"[resume] {last} {was}: it is now {os.path.basename(newest)}, epoch {epoch}")
     return True
 
 
@@ -1113,6 +1155,63 @@ def set_aside(output_dir: str | os.PathLike, paths: Iterable[str],
     return folder
 
 
+RUN_LOCK = ".run.lock"  # in an output folder while a run writes there: which process
+
+
+class FolderLock:
+    """An exclusive lock on a folder, held from construction to `close()`: flock of its
+    RUN_LOCK file, which names the holder, so that a second run in the same folder (or
+    ranks that outlived a killed torchrun) is refused by name rather than writing the
+    same checkpoints and log. The kernel drops the lock when its process ends, however
+    it ends; `close()` also removes the file (a killed holder leaves it, for the next run
+    to take over). A file system without locks gets a note and no lock."""
+
+    def __init__(self, folder: str, flag: str) -> None:
+        import fcntl  # POSIX only, as torchrun's launch is
+        self.path = os.path.join(folder, RUN_LOCK)
+        while True:
+            f = open(self.path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "a process that did not say which"
+                f.close()
+                raise UserError(f"{flag} {folder} is in use by another run ({holder}): wait "
+                                f"for it to end or stop it (a killed torchrun's ranks may "
+                                f"run on: look for that pid), or pass another {flag}") from None
+            except OSError as e:
+                f.close()
+                self.file = None
+                print(f"note: {flag} {folder} cannot be locked ({e.strerror}): nothing stops a "
+                      "second run from writing there at the same time", file=sys.stderr,
+                      flush=True)
+                return
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # else its holder removed it between our open and flock: again
+                break
+            f.close()
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC\n")
+        f.flush()
+        self.file = f
+
+    def close(self) -> None:
+        """Remove the file while still holding it, then let go (a run that opened it
+        meanwhile finds it removed and starts over)."""
+        if self.file is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
+        self.file.close()
+        self.file = None
+
+
 def is_inside(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or lies below it (real paths: links resolved)."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)
@@ -1148,8 +1247,8 @@ def save_training_state(output_dir: str, names: Iterable[int | str], *, epoch: i
     }
     paths = [checkpoint_path(output_dir, n)
              for n in sorted(names, key=lambda n: n == "last")]  # stable: 'last' at the end
-    save_on_master(state, paths)
-    barrier()
+    # every rank waits for the files; a full disk on rank 0 is then an error on each
+    on_every_rank(lambda: save_on_master(state, paths))
     return paths
 
 

@@ -537,18 +537,58 @@ def test_a_resume_on_an_image_replaced_under_its_name_is_refused(tmp_path):
     run_pretraining.check_same_data(older, now, "ck.pth")
 
 
-def test_every_rank_must_resume_the_same_checkpoint(monkeypatch):
-    """Nodes whose --output_dir is not one shared folder see different checkpoints: one
-    error on every rank, not ranks training from different epochs or a barrier hang."""
-    seen = [("out/checkpoint-last.pth", 3), (None, None)]
+def test_every_rank_must_resume_the_same_checkpoint_with_the_same_flags(monkeypatch):
+    """Nodes whose --output_dir is not one shared folder see different checkpoints, and
+    nodes started with other flags would each train their own schedule under one DDP
+    average: one error on every rank, naming each rank's value, not ranks training from
+    different epochs or a barrier hang. Flags a node may set for itself pass."""
+    args = run_pretraining.get_args_parser().parse_args(["--data_path", "d"])
+    flags = {k: v for k, v in run_pretraining.schedule_view(vars(args)).items()
+             if k in run_pretraining.RANKS_MUST_AGREE}
+    seen = [("out/checkpoint-last.pth", 3, flags), (None, None, flags)]
     monkeypatch.setattr(utils, "all_gather_object", lambda obj: seen)
     with pytest.raises(utils.CheckpointError) as info:
-        run_pretraining.check_ranks_agree("out/checkpoint-last.pth", {"epoch": 3})
+        run_pretraining.check_ranks_agree("out/checkpoint-last.pth", {"epoch": 3}, args)
     assert str(info.value).startswith(
         "the processes do not see the same checkpoint to resume (rank 0: "
         "out/checkpoint-last.pth, epoch 3; rank 1: none): --output_dir")
     seen[1] = seen[0]
-    run_pretraining.check_ranks_agree("out/checkpoint-last.pth", {"epoch": 3})
+    run_pretraining.check_ranks_agree("out/checkpoint-last.pth", {"epoch": 3}, args)
+    seen[1] = (*seen[0][:2], {**flags, "lr": 5e-3, "epochs": 4, "save_ckpt_freq": 1})
+    with pytest.raises(utils.FlagError) as info:
+        run_pretraining.check_ranks_agree("out/checkpoint-last.pth", {"epoch": 3}, args)
+    assert str(info.value) == (
+        f"the processes were started with other flags: --epochs {args.epochs} on rank 0, 4 "
+        f"on rank 1; --lr {args.lr} on rank 0, 0.005 on rank 1; --save_ckpt_freq "
+        f"{args.save_ckpt_freq} on rank 0, 1 on rank 1: start every node with the same "
+        "command (scripts/train_multi_class.sh)")
+    assert {"data_path", "output_dir", "num_workers", "cache_images", "token_cache_dir",
+            "log_dir", "pin_mem", "local_rank"}.isdisjoint(run_pretraining.RANKS_MUST_AGREE)
+
+
+def test_every_rank_must_read_the_same_training_images_and_tokenizer(monkeypatch):
+    """The ranks share one token table, cached by rank 0 under its files' names: nodes
+    whose copies of the data differ (in count, or in content under the same names) are
+    refused on every rank before any token is computed."""
+    base = {"tokenizer_fingerprint": "kmeans:1", "train_classes": ["a"], "train_images": 16,
+            "train_images_sha256": "n" * 64, "train_image_sizes_sha256": "s" * 64,
+            "train_image_contents_sha256": "c" * 64}
+    seen = [base, dict(base)]
+    monkeypatch.setattr(utils, "all_gather_object", lambda obj: seen)
+    run_pretraining.check_ranks_read_same_data(base, "data/train")
+    seen[1] = {**base, "train_image_contents_sha256": "d" * 64}
+    with pytest.raises(utils.LayoutError) as info:
+        run_pretraining.check_ranks_read_same_data(base, "data/train")
+    assert str(info.value) == (
+        "the processes read other training images (rank 0: 16 image(s), digest of names "
+        "nnnnnnnn, of contents cccccccc; rank 1: 16 image(s), digest of names nnnnnnnn, of "
+        "contents dddddddd): every node's --data_path (data/train on this one) must hold the "
+        "same files, e.g. one shared folder or a copy by `rsync -a`")
+    seen[1] = {**base, "tokenizer_fingerprint": "kmeans:2"}
+    with pytest.raises(utils.FlagError, match=r"^the processes read other visual tokenizers "
+                       r"\(rank 0: kmeans:1; rank 1: kmeans:2\): every node's "
+                       "--tokenizer_weight_path must be the same file"):
+        run_pretraining.check_ranks_read_same_data(base, "data/train")
 
 
 def test_an_older_checkpoint_tells_its_process_count_by_its_random_states():

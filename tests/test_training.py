@@ -720,6 +720,26 @@ def test_a_missing_or_bad_init_ckpt_is_refused_before_tokenizing(env, tmp_path, 
     assert refused(small).startswith(f"error: --init_ckpt {small} is of another model size")
 
 
+def test_a_second_run_in_the_same_output_dir_is_refused_before_tokenizing(env, tmp_path,
+                                                                         monkeypatch, capsys):
+    """A run holds --output_dir until it ends: another run there (a second launch, or
+    ranks of a killed torchrun still training) is refused naming the holder, and a run
+    that stops on an error lets go of it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    held = utils.FolderLock(str(out), "--output_dir")
+    try:
+        err = _refused_before_tokenizing(_args(env, str(out)), monkeypatch, capsys)
+    finally:
+        held.close()
+    assert err.startswith(f"error: --output_dir {out} is in use by another run (pid "
+                          f"{os.getpid()} on ")
+    for _ in range(2):  # the first run's error released its lock: the same error again
+        assert _refused_before_tokenizing(_args(env, str(out), "--batch_size", "9"),
+                                          monkeypatch, capsys).startswith(
+            "error: --batch_size 9 makes no full batch")
+
+
 def test_batch_size_above_the_image_count_is_refused_before_tokenizing(env, tmp_path,
                                                                         monkeypatch, capsys):
     """8 images make no batch of 9 (or of 5 per rank on 2 ranks): a FlagError naming both
@@ -1038,7 +1058,7 @@ sys.path.insert(0, {repo!r})
 import engine, run_pretraining
 real, seen, ddp = engine.train_one_epoch, [], {{}}
 def recording(model, data_loader, *a, **k):
-    ddp["broadcast_buffers"] = model.broadcast_buffers
+    ddp["sync_buffers"] = getattr(model, "forward_sync_buffers", model.broadcast_buffers)
     def batches():
         for batch in data_loader:
             seen.extend(batch["index"].tolist())
@@ -1065,7 +1085,8 @@ def test_torchrun_two_processes_on_gloo(env, tmp_path):
     proc = run_command(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads((rec / f"seen{r}.json").read_text()) for r in range(2)]
-    assert not any(r["broadcast_buffers"] for r in records)  # a constant index only
+    assert not any(r["sync_buffers"] for r in records)  # a constant index only
+    assert "broadcast_buffers" not in proc.stderr  # no deprecation warning from each rank
     seen = [r["seen"] for r in records]
     assert len(seen[0]) == len(seen[1]) == 4  # 2 steps x batch 2 on each rank
     assert set(seen[0]).isdisjoint(seen[1]) and sorted(seen[0] + seen[1]) == list(range(8))

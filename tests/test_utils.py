@@ -11,6 +11,7 @@ import math
 import os
 import time
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,8 @@ import pytest
 import torch
 from torch import nn
 
+import datasets
+import metrics
 import utils
 from conftest import read_jsonl, run_ranks
 from masking_generator import MaskGenerator, MaskingPolicy
@@ -709,6 +712,25 @@ def test_a_checkpoint_last_whose_epoch_is_no_int_stores_no_epoch(tmp_path):
     assert torch.load(out / "checkpoint-last.pth", weights_only=True) == {"epoch": 2}
 
 
+def test_relinking_checkpoint_last_says_what_it_held(tmp_path, capsys):
+    """An epoch behind (a crash between the two writes), cut short (a full disk, a
+    truncate: not a crash between writes) or missing: each said as it is."""
+    torch.save({"epoch": 2}, tmp_path / "checkpoint-2.pth")
+    newest, last = str(tmp_path / "checkpoint-2.pth"), tmp_path / "checkpoint-last.pth"
+    for make, said in ((lambda: torch.save({"epoch": 1}, last),
+                        "held epoch 1 (the run stopped between writing checkpoint-2.pth and it)"),
+                       (lambda: last.write_bytes(b"torn"), "was unreadable or stored no epoch"),
+                       (lambda: None, "was missing (the run stopped before writing it after "
+                                      "checkpoint-2.pth)")):
+        last.unlink(missing_ok=True)
+        make()
+        capsys.readouterr()
+        assert utils.relink_last_checkpoint(str(tmp_path), newest, 2)
+        assert capsys.readouterr().out == (f"[resume] {last} {said}: it is now "
+                                           "checkpoint-2.pth, epoch 2\n")
+        assert os.path.samefile(last, newest)
+
+
 def test_unreadable_checkpoint_error_names_file(tmp_path):
     bad = tmp_path / "checkpoint-3.pth"
     bad.write_bytes(b"not a checkpoint")
@@ -829,32 +851,67 @@ def test_cli_prints_an_error_from_a_dataloader_worker_as_its_one_line(capsys):
 
 
 def test_cli_prints_our_warnings_as_one_line_and_a_librarys_with_its_location(monkeypatch):
-    """A bad file left out or an undefined metric reads `warning: <message>` (with the
-    rank when several print), not our file:line and source line; a warning from a
-    library keeps Python's format; Python's is back once the entry point returns."""
+    """A warning of our own category (a bad file left out, an undefined metric) reads
+    `warning: <message>` (with the rank when several print), not our file:line and source
+    line; a library's warning keeps Python's format, also where its stacklevel names our
+    file (torch's DDP deprecation, raised for engine.py's call); Python's format is back
+    once the entry point returns."""
     python_format = warnings.formatwarning
     ours = (os.path.join(utils.PROJECT_DIR, "metrics.py"), 481, "warnings.warn(...)")
     library = ("/usr/lib/python3/site-packages/torch/x.py", 3, "warn(...)")
-    venv = (os.path.join(utils.PROJECT_DIR, ".venv", "lib", "site-packages", "x.py"), 3)
     seen = []
 
     def main() -> None:
-        seen.append(warnings.formatwarning("mean AUPRO is nan", UserWarning, *ours))
+        seen.append(warnings.formatwarning("mean AUPRO is nan", metrics.UndefinedMetricWarning,
+                                           *ours))
+        seen.append(warnings.formatwarning("left out 1 bad file", datasets.DataWarning,
+                                           *library))
         seen.append(warnings.formatwarning("deprecated", FutureWarning, *library))
-        seen.append(warnings.formatwarning("x", UserWarning, "<string>", 1))
-        seen.append(warnings.formatwarning("y", UserWarning, *venv))
+        seen.append(warnings.formatwarning("broadcast_buffers is deprecated", UserWarning,
+                                           os.path.join(utils.PROJECT_DIR, "engine.py"), 9))
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("RANK", "1")
-        seen.append(warnings.formatwarning("mean AUPRO is nan", UserWarning, *ours))
+        seen.append(warnings.formatwarning("mean AUPRO is nan", metrics.UndefinedMetricWarning,
+                                           *ours))
 
     assert utils.cli(main) == 0
     assert seen[0] == "warning: mean AUPRO is nan\n"
-    assert seen[1] == python_format("deprecated", FutureWarning, *library)
-    assert seen[1].startswith("/usr/lib/python3/site-packages/torch/x.py:3: FutureWarning: ")
-    assert seen[2].startswith("<string>:1: UserWarning: x")
-    assert seen[3].startswith(f"{venv[0]}:3: UserWarning: y")  # a library in the repo
+    assert seen[1] == "warning: left out 1 bad file\n"
+    assert seen[2] == python_format("deprecated", FutureWarning, *library)
+    assert seen[2].startswith("/usr/lib/python3/site-packages/torch/x.py:3: FutureWarning: ")
+    assert seen[3].startswith(f"{utils.PROJECT_DIR}/engine.py:9: UserWarning: broadcast_")
     assert seen[4] == "[rank 1] warning: mean AUPRO is nan\n"
     assert warnings.formatwarning is python_format
+    assert utils._own_code(os.path.join(utils.PROJECT_DIR, "bench", "x.py"))
+    for other in (os.path.join(utils.PROJECT_DIR, ".venv", "lib", "site-packages", "x.py"),
+                  "<string>", None):
+        assert not utils._own_code(other)
+
+
+def test_cli_writes_each_ranks_line_whole_with_its_rank(monkeypatch):
+    """Ctrl-C reaches every rank: each says so with its rank, in one write, so that two
+    ranks' lines do not run together on one terminal (print writes the newline apart)."""
+    writes = []
+
+    class Stderr:
+        def write(self, text: str) -> None:
+            writes.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert utils.cli(interrupted) == 130
+    assert utils.cli(lambda: (_ for _ in ()).throw(utils.FlagError("--lr"))) == 2
+    monkeypatch.delenv("WORLD_SIZE")
+    assert utils.cli(interrupted) == 130
+    assert writes == ["[rank 1] interrupted (Ctrl-C)\n", "[rank 1] error: --lr\n",
+                      "interrupted (Ctrl-C)\n"]
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -1012,6 +1069,72 @@ def test_a_failing_rank_ends_every_rank(tmp_path):
     assert run_ranks(_failing_rank, (str(init), str(tmp_path)), timeout_s=300) == [1, 1]
     assert "could not read an image" in (tmp_path / "rank1.txt").read_text()
     assert (tmp_path / "rank0.txt").read_text()  # its all-reduce failed
+
+
+def _one_rank_refuses(rank: int, init_file: str, out_dir: str) -> None:
+    """Rank 1 alone finds a mistake (its node lacks the data); then a check both pass."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    with utils.distributed("cpu", timeout_min=10, init_method=f"file://{init_file}"):
+        def check() -> str:
+            if rank == 1:
+                raise utils.LayoutError("data/train does not exist")
+            return "fine"
+        try:
+            utils.on_every_rank(check)
+        except utils.UserError as e:
+            Path(out_dir, f"rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+        Path(out_dir, f"ok{rank}.txt").write_text(utils.on_every_rank(lambda: f"r{rank}"))
+
+
+def test_a_mistake_one_rank_finds_is_an_error_on_every_rank(tmp_path):
+    """on_every_rank: the rank that found it raises its own error, the others the same
+    kind naming that rank (not a gloo traceback at their next collective); a check every
+    rank passes returns each rank's own result."""
+    init = tmp_path.parent / f"{tmp_path.name}-init"
+    assert run_ranks(_one_rank_refuses, (str(init), str(tmp_path)), timeout_s=300) == [0, 0]
+    assert (tmp_path / "rank1.txt").read_text() == "LayoutError: data/train does not exist"
+    assert (tmp_path / "rank0.txt").read_text() == (
+        "LayoutError: rank 1 found: data/train does not exist")
+    assert [(tmp_path / f"ok{r}.txt").read_text() for r in (0, 1)] == ["r0", "r1"]
+    with pytest.raises(utils.FlagError, match="^x$"):  # one process: the error itself
+        utils.on_every_rank(lambda: (_ for _ in ()).throw(utils.FlagError("x")))
+    assert utils.on_every_rank(lambda: 3) == 3
+
+
+def test_an_output_folder_is_locked_by_one_run_at_a_time(tmp_path):
+    """A second run in a folder (or a killed torchrun's ranks still running there) is
+    refused naming the holder; the lock goes when the holder closes it (its file with it)
+    or dies (its file then left for the next run to take over)."""
+    held = utils.FolderLock(str(tmp_path), "--output_dir")
+    holder = (tmp_path / utils.RUN_LOCK).read_text().strip()
+    assert re.fullmatch(rf"pid {os.getpid()} on \S+ since \d{{4}}-\d\d-\d\d "
+                        r"\d\d:\d\d:\d\d UTC", holder)
+    with pytest.raises(utils.UserError) as err:
+        utils.FolderLock(str(tmp_path), "--output_dir")
+    assert str(err.value) == (
+        f"--output_dir {tmp_path} is in use by another run ({holder}): wait for it to end or "
+        "stop it (a killed torchrun's ranks may run on: look for that pid), or pass another "
+        "--output_dir")
+    held.close()
+    assert not (tmp_path / utils.RUN_LOCK).exists()  # no file left in the folder
+    utils.FolderLock(str(tmp_path), "--output_dir").close()
+    code = ("import sys, time, utils; held = utils.FolderLock(sys.argv[1], '--output_dir'); "
+            "print('locked', flush=True); time.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=utils.PROJECT_DIR,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline() == "locked\n"
+        with pytest.raises(utils.UserError, match=f"pid {other.pid} on "):
+            utils.FolderLock(str(tmp_path), "--output_dir")
+    finally:
+        other.kill()  # SIGKILL: no clean-up runs, and the kernel frees the lock
+        other.wait()
+    assert f"pid {other.pid} on " in (tmp_path / utils.RUN_LOCK).read_text()  # left behind
+    taken = utils.FolderLock(str(tmp_path), "--output_dir")  # and taken over
+    assert f"pid {os.getpid()} on " in (tmp_path / utils.RUN_LOCK).read_text()
+    taken.close()
+    assert os.listdir(tmp_path) == []
 
 
 def test_resolve_weights_file_takes_a_file_or_a_folder_of_one(tmp_path) -> None:
