@@ -157,30 +157,21 @@ def sync_files(pairs: list[tuple[str, str]], link: bool, desc: str,
     return counts
 
 
-class StaleMasks:
-    """The foreground mask of a training image whose content changed is deleted (a mask
-    of the old photo would steer the masking to the wrong place), for --fg_mask_zip or
-    --make_fg_masks to make again, or the report to name as missing."""
+def _stale_mask_remover(root: str, plan: dict[str, dict[str, list[tuple[str, str]]]]
+                        ) -> tuple[Callable[[str], None], list[str]]:
+    """on_change for the training copies: the foreground mask of a training image whose
+    content changes is deleted (a mask of the old photo would steer the masking to the
+    wrong place), for --fg_mask_zip or --make_fg_masks to make again, or the report to
+    name as missing. -> (the callback, the masks it removed)."""
+    class_of = {dst: name for name, splits in plan.items() for _, dst in splits["train"]}
+    removed: list[str] = []
 
-    def __init__(self, root: str, plan: dict[str, dict[str, list[tuple[str, str]]]]) -> None:
-        self.root = root
-        self.class_of = {dst: name for name, splits in plan.items()
-                         for _, dst in splits["train"]}
-        self.removed: list[str] = []
-
-    def drop(self, dst: str) -> None:
-        """sync_files' on_change: `dst` is about to be replaced."""
-        mask = fg_mask_path(self.root, self.class_of[dst], dst)
+    def drop(dst: str) -> None:
+        mask = fg_mask_path(root, class_of[dst], dst)
         if os.path.lexists(mask):
             os.remove(mask)
-            self.removed.append(mask)
-
-    def drop_if_edited(self, dst: str) -> None:
-        """A hard link (--link) is its source: a source edited in place changes the
-        training image with nothing replaced, so a mask older than the image goes too."""
-        mask = fg_mask_path(self.root, self.class_of[dst], dst)
-        if os.path.isfile(mask) and os.stat(dst).st_mtime_ns > os.stat(mask).st_mtime_ns:
-            self.drop(dst)
+            removed.append(mask)
+    return drop, removed
 
 
 def _extra_files(plan: dict[str, dict[str, list[tuple[str, str]]]]) -> list[str]:
@@ -386,18 +377,14 @@ def run(args: argparse.Namespace) -> None:
     verb = "hard-linking" if args.link else "copying"
     pairs = [pair for name in classes for pair in plan[name]["train"]]
     # --make_demo has just written every demo class's masks for its new images
-    stale = StaleMasks(args.root, plan)
+    drop_stale_mask, stale = _stale_mask_remover(args.root, plan)
     counts = sync_files(pairs, args.link, f"{verb} train",
-                        None if args.make_demo else stale.drop)
-    if args.link and not args.make_demo:
-        for _, dst in pairs:
-            stale.drop_if_edited(dst)
+                        None if args.make_demo else drop_stale_mask)
     print(f"train: {_counts(counts)}")
-    if stale.removed:
-        print(f"fg_mask: removed {len(stale.removed)} mask(s) of training images whose "
-              f"content changed (e.g. {stale.removed[0]}); --make_fg_masks estimates them "
-              "again (a --fg_mask_zip unpacks its masks of those names, made for the "
-              "released images)")
+    if stale:
+        print(f"fg_mask: removed {len(stale)} mask(s) of training images whose content "
+              f"changed (e.g. {stale[0]}); --make_fg_masks estimates them again (a "
+              "--fg_mask_zip unpacks its masks of those names, made for the released images)")
     if args.custom or args.make_demo:  # the training copy holds exactly the new set
         print(f"train: {_remove_untrained(plan, args.root)} file(s) the "
               f"{'custom split' if args.custom else 'demo set'} does not train on removed")

@@ -145,40 +145,6 @@ def test_a_changed_training_image_loses_its_old_foreground_mask(tmp_path, capsys
     assert dst.is_file() and not dst.is_symlink()
 
 
-def test_a_linked_image_edited_in_place_loses_its_old_foreground_mask(tmp_path, capsys):
-    """With --link the training image is its source: a source edited in place (the same
-    file, so nothing is replaced) makes its mask, now older than the image, stale; it is
-    estimated again. An unedited image keeps its mask, and so does the edited one's new
-    mask on the next run."""
-    data, root = _make_mvtec(tmp_path / "mvtec", classes=("bottle",)), tmp_path / "inet"
-    img, disk, _ = _planted(np.random.default_rng(3))
-    src = data / "bottle" / "train" / "good" / "000.png"
-    _save(src, img)
-    args = ("--data_path", data, "--root", root, "--classes", "bottle", "--link",
-            "--make_fg_masks")
-    assert _run(*args) == 0
-    masks = root / "fg_mask" / "bottle"
-    kept = {p.name: p.stat().st_mtime_ns for p in masks.iterdir() if p.name != "000.png"}
-    inode = src.stat().st_ino
-    _save(tmp_path / "moved.png", np.ascontiguousarray(img[:, ::-1]))  # the object moved
-    src.write_bytes((tmp_path / "moved.png").read_bytes())  # in place: the same file
-    made = (masks / "000.png").stat().st_mtime_ns
-    os.utime(src, ns=(made + 10**9, made + 10**9))  # edited a second after its mask
-    assert src.stat().st_ino == inode
-    capsys.readouterr()
-    assert _run(*args) == 0
-    out = capsys.readouterr().out
-    assert "train: 0 new, 3 unchanged, 0 replaced" in out
-    assert (f"fg_mask: removed 1 mask(s) of training images whose content changed (e.g. "
-            f"{masks}/000.png)") in out
-    new = np.asarray(Image.open(masks / "000.png")) > 0
-    assert new[disk[:, ::-1]].all() and new[disk & ~disk[:, ::-1]].mean() < 0.1
-    assert {p.name: p.stat().st_mtime_ns for p in masks.iterdir() if p.name != "000.png"} == kept
-    os.utime(masks / "000.png", ns=(made + 2 * 10**9, made + 2 * 10**9))  # made after the edit
-    assert _run(*args) == 0
-    assert "fg_mask: removed" not in capsys.readouterr().out
-
-
 def test_link_makes_hard_links(tmp_path, capsys):
     data, root = _make_mvtec(tmp_path / "mvtec", classes=("bottle",)), tmp_path / "inet"
     assert _run("--data_path", data, "--root", root, "--classes", "bottle") == 0  # copies
