@@ -409,8 +409,10 @@ def _train_checked(args: argparse.Namespace, env: utils.DistEnv, train_classes: 
                          f"of --epochs {args.epochs}; pass a larger --epochs to extend the run")
         return {"train_classes": train_classes, "num_images": 0, "num_steps": 0,
                 "start_epoch": done + 1, "stats": {}, "checkpoints": []}
-    if args.fit_kmeans_tokenizer and not os.path.exists(args.tokenizer_weight_path):
-        # rank 0 fits; the others wait for the file (or rank 0's error) in on_every_rank
+    # rank 0 decides (the file may exist on one node only, or appear while a slow rank
+    # looks) and fits; the others wait for the file (or rank 0's error) in on_every_rank
+    if utils.all_gather_object(args.fit_kmeans_tokenizer
+                               and not os.path.exists(args.tokenizer_weight_path))[0]:
         utils.on_every_rank(lambda: modeling_discrete_vae.fit_kmeans_on_folder(
             args.data_path, train_classes, args.tokenizer_weight_path,
             vocab_size=args.kmeans_vocab_size, seed=args.seed,

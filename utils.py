@@ -512,13 +512,17 @@ def on_every_rank(check: Callable[[], Any]) -> Any:
     except UserError as e:
         error = e
     found = [(rank, found) for rank, found in enumerate(
-        all_gather_object(None if error is None else (type(error), str(error))))
+        all_gather_object(None if error is None else (type(error), _user_message(error))))
         if found is not None]
     if error is not None:
         raise error
     if found:
         rank, (kind, message) = found[0]
-        raise kind(f"rank {rank} found: {message}")
+        try:
+            rebuilt = kind(f"rank {rank} found: {message}")
+        except TypeError:  # a kind that takes more than its message
+            rebuilt = UserError(f"rank {rank} found: {message}")
+        raise rebuilt
     return result
 
 
@@ -778,6 +782,9 @@ def _fsync_folder(folder: str) -> None:
             os.close(fd)
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a used-up quota (clusters)
+
+
 def _save_fsynced(obj: dict, tmp: str, paths: Sequence[str], folder: str) -> None:
     """torch.save to `tmp`, fsync'ed; a full disk raises DiskFullError naming the
     checkpoint that is still intact."""
@@ -790,7 +797,7 @@ def _save_fsynced(obj: dict, tmp: str, paths: Sequence[str], folder: str) -> Non
         except (OSError, RuntimeError) as e:
             # torch reports a failed write as "unexpected pos": the errno is the writer's
             cause = f.error if isinstance(f.error, OSError) else e
-            if getattr(cause, "errno", None) == errno.ENOSPC:
+            if getattr(cause, "errno", None) in DISK_FULL_ERRNOS:
                 intact = [p for p in paths if os.path.exists(p)]
                 raise _disk_full(folder, intact[0] if intact else None) from None
             raise
@@ -812,7 +819,7 @@ def _link_or_copy(src: str, dst: str) -> None:
             fout.flush()
             os.fsync(fout.fileno())
     except OSError as e:
-        if e.errno == errno.ENOSPC:
+        if e.errno in DISK_FULL_ERRNOS:
             raise _disk_full(os.path.dirname(os.path.abspath(dst)), src) from None
         raise
 
@@ -1170,7 +1177,11 @@ class FolderLock:
         import fcntl  # POSIX only, as torchrun's launch is
         self.path = os.path.join(folder, RUN_LOCK)
         while True:
-            f = open(self.path, "a+", encoding="utf-8")
+            try:
+                f = open(self.path, "a+", encoding="utf-8")
+            except OSError as e:  # another user's file, a folder of that name
+                raise UserError(f"{flag} {folder}: its lock file {self.path} cannot be opened "
+                                f"({e.strerror}): remove it, or pass another {flag}") from None
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -1182,6 +1193,8 @@ class FolderLock:
                                 f"run on: look for that pid), or pass another {flag}") from None
             except OSError as e:
                 f.close()
+                with contextlib.suppress(OSError):  # no lock, so no file naming a holder
+                    os.remove(self.path)
                 self.file = None
                 print(f"note: {flag} {folder} cannot be locked ({e.strerror}): nothing stops a "
                       "second run from writing there at the same time", file=sys.stderr,

@@ -642,9 +642,11 @@ def test_disk_full_in_save_on_master(tmp_path, monkeypatch):
     assert os.listdir(other.parent) == ["prototypes.pt"]
 
 
-def test_disk_full_while_copying_checkpoint_last(tmp_path, monkeypatch):
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_disk_full_while_copying_checkpoint_last(tmp_path, monkeypatch, code):
     """Where links are unsupported, checkpoint-last.pth is a copy of the numbered file
-    just written; a full disk then names that file as the one to --resume elsewhere."""
+    just written; a full disk (or a used-up quota) then names that file as the one to
+    --resume elsewhere."""
     numbered, last = tmp_path / "checkpoint-4.pth", tmp_path / "checkpoint-last.pth"
     utils.save_on_master({"epoch": 4}, str(numbered))
 
@@ -652,7 +654,7 @@ def test_disk_full_while_copying_checkpoint_last(tmp_path, monkeypatch):
         raise OSError(errno.EPERM, "links unsupported")
 
     def full(*_):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(os, "link", no_link)
     monkeypatch.setattr(shutil, "copyfileobj", full)

@@ -1102,6 +1102,57 @@ def test_a_mistake_one_rank_finds_is_an_error_on_every_rank(tmp_path):
     assert utils.on_every_rank(lambda: 3) == 3
 
 
+def test_the_other_ranks_get_the_users_message_of_a_worker_error(monkeypatch):
+    """An error from a DataLoader worker (the k-means fit's) travels as its one-line
+    message, not torch's 'Caught ... Original Traceback'; an error kind that takes more
+    than a message arrives as a UserError."""
+    sent = []
+    worker = utils.BadFileError("Caught BadFileError in DataLoader worker process 0.\n"
+                                "Original Traceback (most recent call last):\n  File x\n"
+                                "utils.BadFileError: cannot read image x.png: bad\n")
+
+    def gather(obj):
+        sent.append(obj)
+        return [obj]
+
+    monkeypatch.setattr(utils, "all_gather_object", gather)
+    with pytest.raises(utils.BadFileError):
+        utils.on_every_rank(lambda: (_ for _ in ()).throw(worker))
+    assert sent == [(utils.BadFileError, "cannot read image x.png: bad")]
+
+    class TwoArgs(utils.UserError):
+        def __init__(self, message: str, bad_files: list) -> None:
+            super().__init__(message)
+
+    monkeypatch.setattr(utils, "all_gather_object", lambda obj: [(TwoArgs, "m"), obj])
+    with pytest.raises(utils.UserError, match="^rank 0 found: m$") as err:
+        utils.on_every_rank(lambda: None)
+    assert type(err.value) is utils.UserError
+
+
+def test_a_lock_file_that_cannot_be_opened_or_locked(tmp_path, monkeypatch, capsys):
+    """A .run.lock of another user or a folder of that name: one error naming it; a file
+    system without locks: a note, and no lock file left behind."""
+    (tmp_path / utils.RUN_LOCK).mkdir()
+    with pytest.raises(utils.UserError) as err:
+        utils.FolderLock(str(tmp_path), "--output_dir")
+    assert str(err.value).startswith(f"--output_dir {tmp_path}: its lock file "
+                                     f"{tmp_path / utils.RUN_LOCK} cannot be opened (")
+    assert str(err.value).endswith("): remove it, or pass another --output_dir")
+    (tmp_path / utils.RUN_LOCK).rmdir()
+    import fcntl
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    utils.FolderLock(str(tmp_path), "--output_dir").close()
+    assert capsys.readouterr().err == (f"note: --output_dir {tmp_path} cannot be locked (No "
+                                       "locks available): nothing stops a second run from "
+                                       "writing there at the same time\n")
+    assert os.listdir(tmp_path) == []
+
+
 def test_an_output_folder_is_locked_by_one_run_at_a_time(tmp_path):
     """A second run in a folder (or a killed torchrun's ranks still running there) is
     refused naming the holder; the lock goes when the holder closes it (its file with it)
