@@ -595,8 +595,8 @@ def data_identity(tokenizer_fingerprint: str, dataset: datasets.PretrainDataset,
     and contents (an image replaced or edited under its name, even at the same size; not
     their mtimes, which a copy of the data to another node need not keep) and the classes
     (run_test.py refuses to score one of them as unseen). The contents cost one read of
-    the training images per start (about 1 s a GB); the sizes stay for checkpoints saved
-    before the contents were."""
+    the training images per start; the sizes stay for checkpoints saved before the
+    contents were."""
     paths = [p for p, _ in dataset.samples]
     names = "\n".join(os.path.relpath(p, data_path) for p in paths)
     sizes = ",".join(str(os.path.getsize(p)) for p in paths)
