@@ -266,7 +266,9 @@ def check_ranks_agree(resume: str | None, header: dict | None, args: argparse.Na
             "the processes were started with other flags: " + "; ".join(
                 f"--{k} " + ", ".join(f"{f[k]} on rank {r}" for r, (_, _, f) in enumerate(seen))
                 for k in differ)
-            + ": start every node with the same command (scripts/train_multi_class.sh)")
+            + ": start every node with the same command (scripts/train_multi_class.sh)"
+            + (f"; {utils.AMP_DEFAULT_NOTE}, so give every node one --amp" if "amp" in differ
+               else ""))
 
 
 def schedule_view(run_args: dict) -> dict:

@@ -601,6 +601,11 @@ def bf16_supported(device: str | torch.device) -> bool:
     return False
 
 
+# why a run started without --amp may record another --amp than the same command elsewhere
+AMP_DEFAULT_NOTE = ("without --amp a run takes bf16 where the hardware runs it fast (a GPU with "
+                    "bf16, a CPU with AMX tiles) and none elsewhere")
+
+
 def default_amp(device: str | torch.device) -> str:
     """'bf16' where supported, else 'none' (fp16 is opt-in: it needs a loss scaler)."""
     return "bf16" if bf16_supported(device) else "none"
@@ -1403,6 +1408,11 @@ def check_resume_args(saved: dict | None, args: dict, path: str, must_match: Seq
         if "epochs" in diff:
             fix += (f"; to train longer, first finish its {diff['epochs'][0]} epochs, then "
                     "re-run with a larger --epochs")
+        if "amp" in diff:
+            saved_amp = diff["amp"][0]
+            fix += (f". {AMP_DEFAULT_NOTE[0].upper()}{AMP_DEFAULT_NOTE[1:]}: pass --amp "
+                    f"{saved_amp} to resume it"
+                    + (" on a CUDA device" if saved_amp == "fp16" else " on this machine"))
         raise CheckpointError(f"{path} was trained with other arguments: " + ", ".join(
             f"--{k} {a!r} (now {b!r})" for k, (a, b) in diff.items())
             + f"; resume it with the same flags, or {fix}")
