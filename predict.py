@@ -186,9 +186,12 @@ def find_images(inputs: list[str], class_name: str | None, class_from_folder: bo
     image's parent folder for files and glob patterns. What predict.py wrote in
     `output_dir` (an earlier run's heatmaps, when it lies in an input folder) is never
     an input. An image's link to a missing file is an InputError, or with `keep_dangling`
-    (--skip_bad_images) an image the dataset leaves out and lists."""
+    (--skip_bad_images) an image the dataset leaves out and lists. A file reached twice
+    in one class (a link to it, inputs that overlap) is scored once there and named on
+    stderr; in another class it is that class's image too."""
     groups: dict[str, list[tuple[str, str]]] = {}
-    seen: set[str] = set()
+    seen: set[tuple[str | None, str]] = set()  # (class, real path): a file once per class
+    again: list[str] = []
     for spec in inputs:
         base, files, is_folder, others = _expand(spec, keep_dangling)
         if output_dir is not None:
@@ -198,10 +201,6 @@ def find_images(inputs: list[str], class_name: str | None, class_from_folder: bo
         if not files:
             raise InputError(f"no images ({'/'.join(datasets.IMAGE_EXTENSIONS)}) in {spec}")
         for f in files:
-            real = os.path.realpath(f)
-            if real in seen:
-                continue
-            seen.add(real)
             rel = Path(os.path.relpath(f, base))
             if class_from_folder:
                 if is_folder:
@@ -213,7 +212,15 @@ def find_images(inputs: list[str], class_name: str | None, class_from_folder: bo
                     cls = Path(os.path.abspath(f)).parent.name  # 'top.png' has parent ''
             else:
                 cls = class_name
+            if (cls, os.path.realpath(f)) in seen:
+                again.append(f)
+                continue
+            seen.add((cls, os.path.realpath(f)))
             groups.setdefault(cls, []).append((f, _file_stem(rel)))
+    if again:
+        print(f"[predict] {len(again)} image(s) reached a second time (a link, or inputs "
+              f"that overlap) are scored once in their class:{utils.bullet_list(again)}",
+              file=sys.stderr)
     for cls, items in groups.items():  # the names name files: unique within a class
         files, names = zip(*items)
         groups[cls] = list(zip(files, unique_names(list(names))))

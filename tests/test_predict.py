@@ -249,7 +249,7 @@ def test_a_class_of_no_readable_image_is_left_out_and_the_others_kept(tiny_world
     assert "error: no class has a readable image (coins; " in capsys.readouterr().err
 
 
-def test_inputs_are_checked(tmp_path):
+def test_inputs_are_checked(tmp_path, capsys):
     with pytest.raises(predict.InputError, match="does not exist"):
         predict.find_images([str(tmp_path / "nothing")], "x", False)
     (tmp_path / "empty").mkdir()
@@ -261,9 +261,29 @@ def test_inputs_are_checked(tmp_path):
     groups = predict.find_images([str(tmp_path / "imgs"), str(tmp_path / "imgs" / "a" / "1.png")],
                                  "x", False)
     assert [n for _, n in groups["x"]] == ["a_1", "b_1", "b_c_2"]  # the file given twice: once
+    assert capsys.readouterr().err == (
+        "[predict] 1 image(s) reached a second time (a link, or inputs that overlap) are "
+        f"scored once in their class:\n  {tmp_path / 'imgs' / 'a' / '1.png'}\n")
     groups = predict.find_images([str(tmp_path / "imgs" / "*" / "1.png"),
                                   str(tmp_path / "imgs" / "b" / "1.png")], "x", False)
     assert [n for _, n in groups["x"]] == ["a_1", "b_1"]
+    assert "scored once" in capsys.readouterr().err
+
+
+def test_a_file_linked_into_two_class_folders_is_scored_in_both(tmp_path, capsys):
+    """It was scored in the first class the walk reached only: the other class lost the
+    image (and, holding no other, vanished from predictions.csv) with no word."""
+    _touch(tmp_path, "in/coins/1.png", "in/brick/2.png")
+    (tmp_path / "in" / "brick" / "1.png").symlink_to(tmp_path / "in" / "coins" / "1.png")
+    (tmp_path / "in" / "tiles").mkdir()
+    (tmp_path / "in" / "tiles" / "1.png").symlink_to(tmp_path / "in" / "coins" / "1.png")
+    groups = predict.find_images([str(tmp_path / "in")], None, True)
+    assert groups == {
+        "brick": [(str(tmp_path / "in" / "brick" / "1.png"), "1"),
+                  (str(tmp_path / "in" / "brick" / "2.png"), "2")],
+        "coins": [(str(tmp_path / "in" / "coins" / "1.png"), "1")],
+        "tiles": [(str(tmp_path / "in" / "tiles" / "1.png"), "1")]}
+    assert capsys.readouterr().err == ""
     assert predict._glob_base("data/x/*/y/*.png") == str(Path("data/x"))
 
 
