@@ -83,9 +83,9 @@ class DiskFullError(UserError, OSError):
 
 def cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run an entry point's `main` and return its exit status: `main`'s int result (0
-    for anything else); 2 for a UserError (or one of `user_errors`), printed as one
-    `error: <message>` line with no traceback; 130 for Ctrl-C. Any other exception
-    keeps its traceback."""
+    for anything else); 2 for a UserError (or one of `user_errors`) or a full disk,
+    printed as one `error: <message>` line with no traceback; 130 for Ctrl-C. Any other
+    exception keeps its traceback."""
     python_format = warnings.formatwarning
     warnings.formatwarning = _warning_format(python_format)
     try:
@@ -95,6 +95,11 @@ def cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = 
         return 130
     except (UserError, *user_errors) as e:
         _say(f"{_rank_prefix()}error: {_user_message(e)}")
+        return 2
+    except OSError as e:
+        if e.errno not in DISK_FULL_ERRNOS:
+            raise
+        _say(f"{_rank_prefix()}error: {disk_full_message(e)}")
         return 2
     finally:
         warnings.formatwarning = python_format
@@ -827,6 +832,14 @@ def _link_or_copy(src: str, dst: str) -> None:
         if e.errno in DISK_FULL_ERRNOS:
             raise _disk_full(os.path.dirname(os.path.abspath(dst)), src) from None
         raise
+
+
+def disk_full_message(e: OSError) -> str:
+    """A full disk or used-up quota met by a write that has no DiskFullError of its own
+    (results, heatmaps, a converted data set): what and where, and the two fixes."""
+    where = f" writing {e.filename}" if e.filename else ""
+    return (f"no space left on the device{where} ({os.strerror(e.errno)}): free space and "
+            "re-run, or choose another output folder")
 
 
 def _disk_full(folder: str, intact: str | None) -> DiskFullError:

@@ -850,6 +850,27 @@ def test_cli_prints_an_error_from_a_dataloader_worker_as_its_one_line(capsys):
                                        "replace it\n")
 
 
+def test_cli_prints_a_full_disk_as_one_line_and_keeps_other_os_errors_traceback(capsys):
+    """A results file, heatmap or converted image that meets a full disk (or a used-up
+    quota) was a traceback with exit 1 after all the work was done: now one `error:`
+    line naming the file and the fixes, exit 2. Other OSErrors are not the user's to
+    read as one line: they keep their traceback."""
+    def fails(*err):
+        def main():
+            raise OSError(*err)
+        return main
+    assert utils.cli(fails(errno.ENOSPC, "No space left on device", "out/heatmaps/a.png")) == 2
+    assert capsys.readouterr().err == (
+        "error: no space left on the device writing out/heatmaps/a.png (No space left on "
+        "device): free space and re-run, or choose another output folder\n")
+    assert utils.cli(fails(errno.EDQUOT, "Disk quota exceeded")) == 2
+    assert capsys.readouterr().err == (
+        f"error: no space left on the device ({os.strerror(errno.EDQUOT)}): free space and "
+        "re-run, or choose another output folder\n")
+    with pytest.raises(PermissionError):
+        utils.cli(fails(errno.EACCES, "Permission denied", "out"))
+
+
 def test_cli_prints_our_warnings_as_one_line_and_a_librarys_with_its_location(monkeypatch):
     """A warning of our own category (a bad file left out, an undefined metric) reads
     `warning: <message>` (with the rank when several print), not our file:line and source
