@@ -211,29 +211,38 @@ def _images_below(folder: str, start: str) -> list[str]:
     return found
 
 
-def note_centre_crop(folder: str, images: Sequence[str]) -> None:
-    """Resize of the short side and centre crop (as the paper's, docs/method.md 4) score
-    only the middle of a non-square image, so a defect near its ends is never seen: said
-    once per folder, from the headers (~0.1 ms an image; the share kept does not depend
-    on the EXIF orientation). Images that drop under 1 % count as square."""
-    kept = []  # short side / long side of each non-square image
+def note_resize(folder: str, images: Sequence[str], img_size: int | None = None) -> None:
+    """What the test transform's resize of the short side and centre crop (as the paper's,
+    docs/method.md 4) does to these images, said once per folder from the headers (~0.1 ms
+    an image): the crop scores only the middle of a non-square image, so a defect near its
+    ends is never seen (images that drop under 1 % count as square; the share kept does
+    not depend on the EXIF orientation); and, given the model's `img_size`, an image under
+    half of it on its short side is enlarged more than 2x, so fine defects blur."""
+    kept, small = [], []  # short side / long side of each non-square image; short sides
     for path in images:
         try:
             with Image.open(path) as img:
                 share = min(img.size) / max(1, max(img.size))
+                side = min(img.size)
         except Exception:  # an unreadable image is named where it is read
             continue
         if share < 0.99:
             kept.append(round(100 * share))
-    if not kept:
-        return
-    low, high = min(kept), max(kept)
-    middle = f"{low}" if low == high else f"{low}-{high}"
-    _note_once(folder, f"{len(kept)} of {len(images)} images are not square; the centre "
-                       f"crop (as the paper's) scores the middle {middle} % of each (drops up "
-                       f"to {100 - low} % of the area). A benchmark (VisA, BTAD) is scored so "
-                       "as published; to score all of your own images, crop or pad them to "
-                       "square beforehand")
+        if img_size is not None and 2 * side < img_size:
+            small.append(side)
+    if kept:
+        low, high = min(kept), max(kept)
+        middle = f"{low}" if low == high else f"{low}-{high}"
+        _note_once(folder, f"{len(kept)} of {len(images)} images are not square; the centre "
+                           f"crop (as the paper's) scores the middle {middle} % of each (drops "
+                           f"up to {100 - low} % of the area). A benchmark (VisA, BTAD) is "
+                           "scored so as published; to score all of your own images, crop or "
+                           "pad them to square beforehand")
+    if small:
+        _note_once(folder, f"{len(small)} of {len(images)} images are under {img_size // 2} px "
+                           f"on their short side (down to {min(small)} px): each is enlarged "
+                           f"more than 2x to the model's {img_size} px, so a defect a few "
+                           "pixels wide blurs; score images at the resolution they were taken")
 
 
 def _shared_keys(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
@@ -459,7 +468,7 @@ def list_train_samples(root: str, classes: Sequence[str]) -> list[tuple[str, int
         elif not files:
             problems.append(f"{folder} (no image files {'/'.join(IMAGE_EXTENSIONS)})")
         else:
-            note_centre_crop(folder, files)
+            note_resize(folder, files)
             samples += [(f, idx) for f in files]
     if problems:
         raise LayoutError("training set is incomplete:\n  " + "\n  ".join(problems)
@@ -1295,6 +1304,7 @@ class MVTecTestDataset(_TokenImageDataset):
         self.root, self.class_name = root, class_name
         self.has_ground_truth = os.path.isdir(os.path.join(root, class_name, "ground_truth"))
         items, missing = self._list(root, class_name, self.has_ground_truth)
+        note_resize(os.path.join(root, class_name, "test"), [s[0] for s in items], img_size)
         if not skip_bad_images:
             _refuse_missing([p for s in items for p in (s[0], s[3])], missing)
         self.bad_files: list[str] = []
@@ -1354,7 +1364,6 @@ class MVTecTestDataset(_TokenImageDataset):
                                  f"folders ({some_names(loose, 3)}): a test image lies in "
                                  "test/<defect>/ ('good' for normal ones); move each into "
                                  "one to score it")
-        note_centre_crop(test_dir, [s[0] for s in items])
         return items, missing
 
     def _load(self, item: tuple) -> tuple[Image.Image, Image.Image | None]:
@@ -1434,7 +1443,7 @@ class ImageListDataset(_TokenImageDataset):
         self.names = [n for _, n in items]
         folder = os.path.commonpath([os.path.dirname(os.path.abspath(p))
                                      for p in self.image_paths])
-        note_centre_crop(folder, self.image_paths)
+        note_resize(folder, self.image_paths, img_size)
 
     def __getitem__(self, index: int) -> dict[str, object]:
         try:

@@ -1391,12 +1391,33 @@ def test_the_centre_crop_note_counts_images_that_drop_1_percent_or_more(tmp_path
     folder = tmp_path / "cls"
     images = [str(_save(folder / f"{k}.png", np.zeros((h, 100), np.uint8)))
               for k, h in enumerate((100, 99, 98))]
-    datasets.note_centre_crop(str(folder), images)
+    datasets.note_resize(str(folder), images)
     assert capsys.readouterr().err == (
         f"[data] note: {folder}: 1 of 3 images are not square; the centre crop (as the "
         "paper's) scores the middle 98 % of each (drops up to 2 % of the area). A benchmark "
         "(VisA, BTAD) is scored so as published; to score all of your own images, crop or "
         "pad them to square beforehand\n")
+
+
+def test_images_enlarged_more_than_2x_to_the_models_input_are_named(tmp_path, capsys):
+    """A thumbnail is scored after a blurring enlargement (a 16 px image got a confident
+    score with no word): said once per folder, with the smallest side. Half the input
+    exactly, or no input size known (the training listing), says nothing."""
+    folder = tmp_path / "cls"
+    images = [str(_save(folder / f"{k}.png", np.zeros((side, side), np.uint8)))
+              for k, side in enumerate((16, 111, 112, 300))]
+    datasets.note_resize(str(folder), images)
+    assert capsys.readouterr().err == ""
+    datasets.note_resize(str(folder), images, 224)
+    assert capsys.readouterr().err == (
+        f"[data] note: {folder}: 2 of 4 images are under 112 px on their short side (down to "
+        "16 px): each is enlarged more than 2x to the model's 224 px, so a defect a few "
+        "pixels wide blurs; score images at the resolution they were taken\n")
+    datasets.ImageListDataset(images[2:], ["a", "b"], token_size=112, img_size=224)
+    assert capsys.readouterr().err == ""
+    datasets.ImageListDataset(images[1:], ["a", "b", "c"], token_size=112, img_size=224)
+    assert "1 of 3 images are under 112 px on their short side (down to 111 px)" in \
+        capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------
