@@ -242,15 +242,17 @@ def _file_stem(rel: Path) -> str:
 def unique_names(names: list[str]) -> list[str]:
     """`names` made unique, as they name a class's output files: a repeated name gets
     the first `_<k>` suffix (k = 2, 3, ...) that no other name has or gets, so 'a/b.png',
-    'a_b.png', 'a_b_2.png' give a_b, a_b_3, a_b_2 and no file overwrites another."""
-    taken, seen, unique = set(names), set(), []
+    'a_b.png', 'a_b_2.png' give a_b, a_b_3, a_b_2 and no file overwrites another. Names
+    are compared case-folded: on macOS' and Windows' file systems 'A.png' and 'a.png' are
+    one file."""
+    taken, seen, unique = {n.casefold() for n in names}, set(), []
     for name in names:
         new, k = name, 1
-        while name in seen and new in taken:
+        while name.casefold() in seen and new.casefold() in taken:
             k += 1
             new = f"{name}_{k}"
-        taken.add(new)
-        seen.add(name)
+        taken.add(new.casefold())
+        seen.add(name.casefold())
         unique.append(new)
     return unique
 

@@ -470,6 +470,9 @@ def test_output_names_are_unique_even_against_suffixed_names(tmp_path):
         "a/b.png": "a_b", "a_b.png": "a_b_3", "a_b_2.png": "a_b_2"}
     assert predict.unique_names(["x", "x_2", "x", "x_2", "x"]) == [
         "x", "x_2", "x_3", "x_2_2", "x_4"]
+    # one file on a case-insensitive file system (macOS, Windows): kept apart
+    assert predict.unique_names(["A", "a", "a_2", "Cut_B", "cut_b"]) == [
+        "A", "a_3", "a_2", "Cut_B", "cut_b_2"]
 
 
 def test_tokenizer_mistakes_are_one_error_line(tiny_world, tmp_path, capsys):
