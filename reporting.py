@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,12 @@ def summarize(results: dict) -> None:
     """Means over classes of PMAD and each baseline, and per defect type."""
     classes = results["classes"]
     results["mean"] = metrics.mean_metrics(classes)
-    for key, _ in _methods(results)[1:]:
-        results[f"mean_{key}"] = metrics.mean_metrics({c: r[key] for c, r in classes.items()})
+    with warnings.catch_warnings():  # a baseline's metrics are undefined where PMAD's are,
+        # for the same labels and masks (non-finite scores are refused): said once, above
+        warnings.simplefilter("ignore", metrics.UndefinedMetricWarning)
+        for key, _ in _methods(results)[1:]:
+            results[f"mean_{key}"] = metrics.mean_metrics({c: r[key]
+                                                           for c, r in classes.items()})
     per_defect: dict[str, dict[str, dict[str, float]]] = {}
     for key, _ in _methods(results):
         values: dict[str, dict[str, list[float]]] = {}
@@ -248,15 +253,33 @@ class PartialResults:
 
 
 def exit_status(results: dict) -> int:
-    """0 when every class was evaluated, else 1 (listed on stderr): a class fails when it
-    is in results['failed'] or any of its metrics is not finite."""
-    failed = list(results.get("failed", {})) + [
-        name for name, record in results["classes"].items()
-        if not all(math.isfinite(record.get(k, math.nan)) for k in metrics.METRIC_NAMES
-                   if record.get("ground_truth", True) or k not in metrics.PIXEL_METRICS)]
-    if failed:
-        print(f"[run_test] failed classes: {', '.join(dict.fromkeys(failed))}", file=sys.stderr)
-    return 1 if failed else 0
+    """0 when every class was evaluated, else 1: a class fails when it is in
+    results['failed'] or any of its metrics is not finite (a pixel metric only where it
+    has ground truth). Each failed class is listed on stderr with why."""
+    why = dict(results.get("failed", {}))
+    for name, record in results["classes"].items():
+        undefined = [k for k in metrics.METRIC_NAMES
+                     if (record.get("ground_truth", True) or k not in metrics.PIXEL_METRICS)
+                     and not math.isfinite(record.get(k, math.nan))]
+        if undefined and name not in why:
+            why[name] = _why_undefined(record, undefined)
+    if why:
+        print("[run_test] failed classes: " + "; ".join(f"{c} ({w})" for c, w in why.items()),
+              file=sys.stderr)
+    return 1 if why else 0
+
+
+def _why_undefined(record: dict, undefined: list[str]) -> str:
+    """Why a class's metrics are not finite: a test set that lacks defective or good
+    images (a custom class of good images only) leaves the image metrics undefined."""
+    images, anomalous = record.get("num_images"), record.get("num_anomalous")
+    if anomalous == 0:
+        return ("no defective test image, so its metrics are undefined: add images to "
+                "test/<defect>/, or score its images with predict.py")
+    if anomalous is not None and anomalous == images:
+        return ("no good test image, so its image AUROC is undefined: add images to "
+                "test/good/")
+    return f"{', '.join(undefined)} undefined"
 
 
 def report(results: dict, out_dir: Path, protocol: str, start: float, heatmaps: bool

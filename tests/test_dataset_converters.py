@@ -360,6 +360,27 @@ def test_custom_rerun_leaves_exactly_the_new_split(tmp_path, capsys):
     assert (dst / "other" / "train" / "good" / "x.png").exists()
 
 
+def test_custom_class_without_defect_images_is_named_at_conversion(tmp_path, capsys):
+    """Good images only is a valid class (it trains the model), but run_test.py cannot
+    measure it: said when the set is converted, not first as a failed class."""
+    src = _custom_set(tmp_path / "mine", {"gadget": 4, "stars": 4, "widget": 4})
+    for name in ("stars", "widget"):
+        for f in (src / name / "scratch").iterdir():
+            f.unlink()
+        (src / name / "scratch").rmdir()
+    argv = ["--custom", str(src), "--data_path", str(tmp_path / "mvtec"),
+            "--root", str(tmp_path / "inet")]
+    assert setup_main(argv) == 0
+    assert [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note")] == [
+        "note: stars, widget: no defect folder, so run_test.py cannot measure these classes "
+        "(their metrics are undefined: it lists them as failed); they train the model, and "
+        "predict.py scores their images"]
+    shutil.rmtree(tmp_path / "mvtec")
+    shutil.rmtree(tmp_path / "inet")
+    assert setup_main([*argv, "--classes", "gadget"]) == 0
+    assert "no defect folder" not in capsys.readouterr().err
+
+
 def test_custom_classes_and_folders_checked_before_writing(tmp_path, capsys):
     src = _custom_set(tmp_path / "mine", {"gadget": 4, "widget": 4})
     dst = tmp_path / "mvtec"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -104,17 +105,51 @@ def test_exit_status_is_non_zero_when_a_class_fails(capsys):
     assert capsys.readouterr().err == ""
     nan = {**ok, "pixel_aupro": math.nan}
     assert reporting.exit_status({"classes": {"bottle": ok, "cable": nan}}) == 1
-    assert capsys.readouterr().err == "[run_test] failed classes: cable\n"
+    assert capsys.readouterr().err == "[run_test] failed classes: cable (pixel_aupro undefined)\n"
     assert reporting.exit_status({"classes": {"bottle": ok},
                                  "failed": {"screw": "unreadable image"}}) == 1
-    assert "failed classes: screw" in capsys.readouterr().err
+    assert capsys.readouterr().err == "[run_test] failed classes: screw (unreadable image)\n"
+
+
+def test_a_class_without_defective_or_good_test_images_fails_saying_which(capsys):
+    """A custom class of good images only was 'failed classes: stars' with no reason: its
+    test set, not the run, is what left the metrics undefined, and the fix is the user's."""
+    undefined = dict.fromkeys(metrics.METRIC_NAMES, math.nan)
+    only_good = {**undefined, "num_images": 4, "num_anomalous": 0, "ground_truth": False}
+    only_defective = {**undefined, "image_ap": 1.0, "image_f1_max": 1.0, "pixel_auroc": 0.9,
+                      "pixel_aupro": 0.8, "pixel_ap": 0.5, "pixel_f1_max": 0.5,
+                      "num_images": 3, "num_anomalous": 3}
+    assert reporting.exit_status({"classes": {"stars": only_good,
+                                              "cat": only_defective}}) == 1
+    assert capsys.readouterr().err == (
+        "[run_test] failed classes: stars (no defective test image, so its metrics are "
+        "undefined: add images to test/<defect>/, or score its images with predict.py); cat "
+        "(no good test image, so its image AUROC is undefined: add images to test/good/)\n")
+
+
+def test_undefined_means_are_said_once_not_again_for_each_baseline():
+    """The baselines' metrics are undefined for the same classes as PMAD's: one warning
+    per set of classes, not one more from the baselines' means."""
+    results = {"classes": {"a": _class_record(0.9, ["crack"]),
+                           "b": _class_record(0.8, ["crack"])}, "protocol": "clean"}
+    for key in ("image_auroc", "image_ap"):
+        results["classes"]["b"][key] = math.nan
+        results["classes"]["b"]["protoflow_only"][key] = math.nan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reporting.summarize(results)
+    assert [str(w.message) for w in caught] == [
+        "mean image_auroc, image_ap are nan because they are undefined for ['b']"]
+    assert math.isnan(results["mean_protoflow_only"]["image_auroc"])
 
 
 def test_exit_status_fails_a_class_that_lacks_a_metric(capsys):
     """A record without some metric (ground truth implied) was not fully evaluated: it
     fails as a nan would, instead of counting as a success."""
     assert reporting.exit_status({"classes": {"a": {"image_auroc": 0.9}}}) == 1
-    assert capsys.readouterr().err == "[run_test] failed classes: a\n"
+    assert capsys.readouterr().err == (
+        "[run_test] failed classes: a (pixel_auroc, pixel_aupro, image_ap, pixel_ap, "
+        "image_f1_max, pixel_f1_max undefined)\n")
     image_only = {**dict.fromkeys(METRIC_NAMES, math.nan), "image_auroc": 0.9,
                   "image_ap": 0.8, "image_f1_max": 0.7, "ground_truth": False}
     assert reporting.exit_status({"classes": {"a": image_only}}) == 0
