@@ -682,6 +682,9 @@ class ProtoFlow:
         self._prototype_flags = {**({"encoder_weights": train_args["encoder_weights"]}
                                     if "encoder_weights" in train_args else {}),
                                  "img_size": self.img_size}
+        # {class: coreset.npy sha256} of the prototypes the flow and threshold were made
+        # with (run_protoflow.py train records them; a released file, none)
+        self._trained_prototypes: dict = train_args.get("prototypes") or {}
         self.input_normalization = input_normalization or self.normalization
         self.weights_path = weights_path
         self.prototypes_dir = prototypes_dir
@@ -767,9 +770,27 @@ class ProtoFlow:
                 self._load_prototypes(class_name)
 
     def _load_prototypes(self, class_name: str) -> Tensor:
-        return load_prototypes(self.prototypes_dir, class_name, self.feature_dim,
-                               self.backbone, self.out_indices, self._prototype_flags,
-                               self.normalization)
+        """load_prototypes, and for a class the flow trained on, the prototypes it trained
+        with: others (rebuilt after more images, another --prototypes_dir) move every
+        residual the flow scores, and its stored threshold no longer applies (a normal
+        image's decision flipped to anomalous, with no word). A class it did not train on
+        (unseen, new, few-shot) takes any. Checked after load_prototypes, whose errors
+        (made at another size, with other weights) say more."""
+        protos = load_prototypes(self.prototypes_dir, class_name, self.feature_dim,
+                                 self.backbone, self.out_indices, self._prototype_flags,
+                                 self.normalization)
+        trained = self._trained_prototypes.get(class_name)
+        if trained is not None and prototypes_sha256(self.prototypes_dir, class_name) not in (
+                None, trained):
+            path = os.path.join(self.prototypes_dir, class_name, CORESET_FILE)
+            raise CheckpointError(
+                f"{path} is not the prototypes {self.weights_path} was trained with (its "
+                "sha256 differs from the one the file records: rebuilt since, or another "
+                "--prototypes_dir), and the flow's scores and threshold fit those only: pass "
+                "the --prototypes_dir it was trained with, or train ProtoFlow again on "
+                f"these (`python run_protoflow.py train --prototypes_dir {self.prototypes_dir}"
+                " ...`)")
+        return protos
 
     def check_image_size(self, h: int, w: int) -> None:
         """Refuse h x w images unless they are the file's size: at another size its

@@ -709,6 +709,41 @@ def test_planted_defect_is_proposed(trained, brick_set):
     assert model.threshold < out.image_scores[0] / 2 and called[0]
 
 
+def test_prototypes_other_than_those_the_flow_trained_with_are_refused(trained, lite0,
+                                                                         tmp_path):
+    """Prototypes rebuilt after training (more images, another coreset ratio) moved a
+    normal image's score from 5.5 to 3.9 and its decision across the stored threshold,
+    with no word. The file records each training class's coreset.npy sha256: others are
+    refused, a class it did not train on (unseen, new) takes any, and a released file
+    (none recorded) is not checked."""
+    protos = tmp_path / "p"
+    shutil.copytree(trained["proto_dir"], protos)
+    shutil.copytree(protos / "brick", protos / "tiles")
+    path = str(tmp_path / "pf.pt")
+    pf.save_protoflow(path, lite0, trained["flow"], backbone="efficientnet_lite0",
+                      out_indices=(2, 3), classes=["brick"],
+                      extra={"train_args": {"prototypes": {
+                          "brick": pf.prototypes_sha256(str(protos), "brick")}}})
+    pf.ProtoFlow(path, str(protos)).check_prototypes(["brick", "tiles"])
+    rebuilt = trained["protos"][: len(trained["protos"]) // 2].numpy()
+    for name in ("brick", "tiles"):
+        pf.save_prototypes(str(protos), name, rebuilt,
+                           {"backbone": "efficientnet_lite0", "out_indices": [2, 3]})
+    model = pf.ProtoFlow(path, str(protos))
+    model.check_prototypes(["tiles"])
+    with pytest.raises(CheckpointError) as info:
+        model.check_prototypes(["brick"])
+    assert str(info.value) == (
+        f"{protos / 'brick' / 'coreset.npy'} is not the prototypes {path} was trained with "
+        "(its sha256 differs from the one the file records: rebuilt since, or another "
+        "--prototypes_dir), and the flow's scores and threshold fit those only: pass the "
+        "--prototypes_dir it was trained with, or train ProtoFlow again on these (`python "
+        f"run_protoflow.py train --prototypes_dir {protos} ...`)")
+    with pytest.raises(CheckpointError, match="is not the prototypes"):
+        model.prototypes("brick")
+    pf.ProtoFlow(trained["path"], str(protos)).check_prototypes(["brick"])
+
+
 def test_prototype_distance_is_patchcore_score(trained, brick_set):
     """ProtoFlow.scores gives, from the same pass, each patch's L2 distance to its
     nearest prototype: PatchCore's score on the same memory bank."""
