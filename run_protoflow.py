@@ -372,9 +372,28 @@ def run_train(args: argparse.Namespace) -> dict:
         os.remove(resume_path)
     threshold = obj["image_score_threshold"]
     print(f"[protoflow] wrote {args.output}; image-score threshold "
-          + (f"{threshold:.4f} (q{args.threshold_quantile:g} of {len(held)} held-out images)"
+          + (f"{threshold:.4f} over all classes (q{args.threshold_quantile:g} of {len(held)} "
+             "held-out images; each class has its own, from its held-out images)"
              if threshold is not None else "none (--holdout 0)"), flush=True)
+    if score_classes is not None:
+        note_few_held_out(classes, torch.bincount(score_classes, minlength=len(classes)))
     return obj
+
+
+MIN_HELD_OUT = 10  # fewer held-out normal images make a class's threshold a rough guess
+
+
+def note_few_held_out(classes: Sequence[str], counts: Tensor) -> None:
+    """Name the classes whose threshold rests on fewer than MIN_HELD_OUT held-out normal
+    images (10 % of a small custom set is one or two): its 0.99 quantile is about their
+    largest score, and predict.py's decisions rest on it."""
+    few = [f"{c} ({int(n)})" for c, n in zip(classes, counts) if n < MIN_HELD_OUT]
+    if few:
+        print(f"[protoflow] note: {', '.join(few)}: fewer than {MIN_HELD_OUT} held-out normal "
+              "images, so the class's threshold (about their largest score) is a rough "
+              "guess, and so are predict.py's decisions and run_test.py --clean_masks "
+              "threshold's calls: add normal images, or hold out more (a larger --holdout, "
+              "for `prototypes` and `train` alike)", flush=True)
 
 
 def _add_common_args(p: argparse.ArgumentParser) -> None:

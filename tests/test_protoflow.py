@@ -1160,7 +1160,22 @@ def test_resume_without_a_resume_file_is_refused(cli):
     assert not os.path.exists(out) and not os.path.exists(out + ".log.jsonl")
 
 
-def test_protoflow_file_keeps_its_image_size_and_refuses_others(cli, tmp_path):
+def test_a_threshold_from_few_held_out_images_is_named(capsys):
+    """10 % of a custom class of a dozen images is one image, whose score is the class's
+    threshold: a note names each such class and the two fixes, and none is said for a
+    class of 10 or more."""
+    rpf.note_few_held_out(["cat", "stars", "tiles"], torch.tensor([1, 10, 9]))
+    assert capsys.readouterr().out == (
+        "[protoflow] note: cat (1), tiles (9): fewer than 10 held-out normal images, so the "
+        "class's threshold (about their largest score) is a rough guess, and so are "
+        "predict.py's decisions and run_test.py --clean_masks threshold's calls: add normal "
+        "images, or hold out more (a larger --holdout, for `prototypes` and `train` "
+        "alike)\n")
+    rpf.note_few_held_out(["stars"], torch.tensor([10]))
+    assert capsys.readouterr().out == ""
+
+
+def test_protoflow_file_keeps_its_image_size_and_refuses_others(cli, tmp_path, capsys):
     """A ProtoFlow made at 64 px records it (a file of an earlier version, in its
     train_args): 224-px images (the ViT's) are refused, not scored against 64-px
     prototypes and threshold; so are prototypes made at 224 px or with other encoder
@@ -1173,6 +1188,12 @@ def test_protoflow_file_keeps_its_image_size_and_refuses_others(cli, tmp_path):
     out = str(tmp_path / "pf64.pt")
     obj = rpf.main(["train", *common, "--prototypes_dir", protos, "--classes", "brick",
                     "--epochs", "1", "--n_blocks", "1", "--output", out])
+    said = capsys.readouterr().out
+    held = len(obj["normal_image_scores"]["scores"])
+    assert (f"image-score threshold {obj['image_score_threshold']:.4f} over all classes (q0.99 "
+            f"of {held} held-out images; each class has its own, from its held-out images)"
+            in said)
+    assert f"[protoflow] note: brick ({held}): fewer than 10 held-out" in said
     weights = os.path.abspath(lite0_weights_path())
     assert obj["img_size"] == 64 and obj["train_args"]["img_size"] == 64
     model = pf.ProtoFlow(out, protos)
