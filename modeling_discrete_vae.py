@@ -691,6 +691,17 @@ def _kmeans_grid(weight_path: str) -> tuple[int, str] | None:
     return size // 16, f"the kmeans tokenizer {weight_path} (fitted at {size} px)"
 
 
+def kmeans_file_settings(weight_path: str) -> dict | None:
+    """What an existing k-means tokenizer file was fitted with ({'vocab_size',
+    'out_index', 'image_size'}), read without building it; None for a file of another
+    layout (building it names the problem)."""
+    obj = read_weights_file(weight_path, mmap=True)
+    if not isinstance(obj, dict) or not isinstance(obj.get("codebook"), torch.Tensor):
+        return None
+    return {"vocab_size": obj["codebook"].shape[0], "out_index": obj.get("out_index"),
+            "image_size": obj.get("image_size")}
+
+
 @register_tokenizer("kmeans", grid=_kmeans_grid)
 def _build_kmeans(weight_path: str) -> KMeansTokenizer:
     _require_kmeans_file(weight_path)

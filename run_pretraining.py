@@ -202,6 +202,8 @@ def _check_local(args: argparse.Namespace, lock: list
     if args.fit_kmeans_tokenizer and args.tokenizer_model != "kmeans":
         raise utils.FlagError(f"--fit_kmeans_tokenizer needs --tokenizer_model kmeans, not "
                               f"{args.tokenizer_model}")
+    if args.fit_kmeans_tokenizer and os.path.exists(args.tokenizer_weight_path):
+        check_existing_kmeans(args)
     if args.min_lr > args.lr:
         raise utils.FlagError(f"--min_lr {args.min_lr:g} is above --lr {args.lr:g}: the "
                               "cosine schedule decays the learning rate from --lr down to "
@@ -240,6 +242,29 @@ def _check_resume(args: argparse.Namespace, resume: str | None, header: dict | N
         modeling_pmad.check_init_checkpoint(args.model, args.init_ckpt, args.input_size,
                                             args.layer_scale_init_value)
     return extended
+
+
+def check_existing_kmeans(args: argparse.Namespace) -> None:
+    """--fit_kmeans_tokenizer fits only a missing file (a resume finds the one its first
+    start fitted): an existing one fitted with another --kmeans_vocab_size or
+    --kmeans_out_index is refused (it was used in their place, with no word), and one that
+    fits them is used, said once."""
+    path = args.tokenizer_weight_path
+    have = modeling_discrete_vae.kmeans_file_settings(path)
+    if have is None:  # another layout: building the tokenizer names the problem
+        return
+    asked = {"vocab_size": args.kmeans_vocab_size, "out_index": args.kmeans_out_index}
+    differ = [k for k, v in asked.items() if have[k] != v]
+    if differ:
+        raise utils.FlagError(
+            f"--fit_kmeans_tokenizer fits a tokenizer only when --tokenizer_weight_path does "
+            f"not exist, and {path} was fitted with "
+            + ", ".join(f"--kmeans_{k} {have[k]}" for k in differ) + " (asked: "
+            + ", ".join(f"--kmeans_{k} {asked[k]}" for k in differ) + "): delete it, or pass "
+            "another --tokenizer_weight_path, to fit anew; or pass "
+            + " ".join(f"--kmeans_{k} {have[k]}" for k in differ) + " to use it")
+    utils.main_print(f"[tokenizer] {path} exists: used as it is (--fit_kmeans_tokenizer fits "
+                     "only a missing file; delete it to fit anew)")
 
 
 def check_ranks_agree(resume: str | None, header: dict | None, args: argparse.Namespace

@@ -469,6 +469,33 @@ def kmeans_file(tmp_path_factory):
     return path, batches
 
 
+def test_fit_kmeans_tokenizer_uses_an_existing_file_only_if_it_fits_the_flags(kmeans_file,
+                                                                              capsys):
+    """--fit_kmeans_tokenizer fits only a missing file: one of 256 codes was trained with
+    in place of the 512 asked for, with no word. Now one fitted otherwise is refused with
+    both fixes, and one that fits is used, said once."""
+    import argparse
+    import run_pretraining
+    path, _ = kmeans_file
+    args = argparse.Namespace(tokenizer_weight_path=str(path), kmeans_vocab_size=16,
+                              kmeans_out_index=1)
+    run_pretraining.check_existing_kmeans(args)
+    assert capsys.readouterr().out == (
+        f"[tokenizer] {path} exists: used as it is (--fit_kmeans_tokenizer fits only a "
+        "missing file; delete it to fit anew)\n")
+    args.kmeans_vocab_size, args.kmeans_out_index = 512, 2
+    with pytest.raises(utils.FlagError) as info:
+        run_pretraining.check_existing_kmeans(args)
+    assert str(info.value) == (
+        f"--fit_kmeans_tokenizer fits a tokenizer only when --tokenizer_weight_path does not "
+        f"exist, and {path} was fitted with --kmeans_vocab_size 16, --kmeans_out_index 1 "
+        "(asked: --kmeans_vocab_size 512, --kmeans_out_index 2): delete it, or pass another "
+        "--tokenizer_weight_path, to fit anew; or pass --kmeans_vocab_size 16 "
+        "--kmeans_out_index 1 to use it")
+    assert dv.kmeans_file_settings(str(path)) == {"vocab_size": 16, "out_index": 1,
+                                                  "image_size": 224}
+
+
 def test_kmeans_file_format(kmeans_file):
     path, _ = kmeans_file
     obj = torch.load(path, weights_only=True)
