@@ -9,6 +9,7 @@ which choose ProtoFlow's threshold and the mask ratio with the test labels.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import sys
@@ -32,8 +33,8 @@ from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORE
                        evaluate_paper)
 from protoflow import ProtoFlow, prototypes_sha256
 from reporting import HEATMAPS, PartialResults, exit_status, report
-from utils import (AMP_CHOICES, BadFileError, FlagError, UniqueNames, cli, file_sha256,
-                   float_at_least, int_at_least, mask_ratio_arg, prepare_output_dir,
+from utils import (AMP_CHOICES, BadFileError, FlagError, MissingFileError, UniqueNames, cli,
+                   file_sha256, float_at_least, int_at_least, mask_ratio_arg, prepare_output_dir,
                    read_weights_file, resolve_amp, resolve_device, resolve_weights_file,
                    some_names)
 
@@ -53,7 +54,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--imagenet_default_mean_and_std", action=argparse.BooleanOptionalAction,
                    default=None)
     p.add_argument("--tokenizer_model", default=None, choices=available_tokenizers())
-    p.add_argument("--tokenizer_weight_path", default="weights/tokenizer")
+    p.add_argument("--tokenizer_weight_path", default=None,
+                   help=f"default: the file the checkpoint was trained with where it is on "
+                        f"this machine, else {RELEASED_TOKENIZER} (the released tokenizers')")
     p.add_argument("--protoflow_weights", default="weights/protoflow",
                    help="a ProtoFlow file, or a folder holding exactly one .pt file")
     p.add_argument("--prototypes_dir", default="weights/prototypes")
@@ -67,6 +70,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 CLEAN_FLAGS = {"clean_masks": "masks", "unmasked": "unmasked", "abnormality": "abnormality",
                "combine": "combine", "ce_weight": "ce_weight", "image_score": "image_score"}
 DEFAULT_MASK_RATIO = 0.3
+RELEASED_TOKENIZER = "weights/tokenizer"  # where weights/README.md puts DALL-E's and VQ-KD's
 
 
 def add_clean_args(p: argparse.ArgumentParser) -> None:
@@ -234,9 +238,8 @@ def load_models(args: argparse.Namespace, who: str = "run_test") -> Models:
         print(f"[{who}] {note}")
     vars(args).update(config)
     mean, std = datasets.normalization(args.imagenet_default_mean_and_std)
-    tokenizer = create_tokenizer(args.tokenizer_model, args.tokenizer_weight_path,
-                                 device=str(device), amp=amp)
     trained = modeling_pmad.checkpoint_args(checkpoint) or {}
+    tokenizer = _create_tokenizer(args, trained, device, amp, who)
     vit_classes = trained.get("train_classes")
     if vocab_size != tokenizer.vocab_size:
         raise FlagError(f"{args.ckpt} predicts {vocab_size} visual tokens but the "
@@ -255,6 +258,31 @@ def load_models(args: argparse.Namespace, who: str = "run_test") -> Models:
                           encoder_weights=args.encoder_weights, input_normalization=(mean, std))
     protoflow.check_image_size(*model.patch_embed.img_size)  # before any class is scored
     return Models(model, tokenizer, protoflow, device, amp, mean, std, vit_classes)
+
+
+def _create_tokenizer(args: argparse.Namespace, trained: dict, device: torch.device, amp: str,
+                      who: str) -> torch.nn.Module:
+    """The tokenizer of --tokenizer_weight_path; without it, of the file the checkpoint
+    records it was trained with (a k-means tokenizer has no standard place) where that is
+    on this machine, else RELEASED_TOKENIZER, and a missing file then names the recorded
+    one. `args` is updated with the path used."""
+    recorded = trained.get("tokenizer_weight_path")
+    recorded = recorded if isinstance(recorded, str) else None
+    given = args.tokenizer_weight_path is not None
+    if not given:
+        here = recorded is not None and os.path.exists(recorded)
+        args.tokenizer_weight_path = recorded if here else RELEASED_TOKENIZER
+        if here:
+            print(f"[{who}] tokenizer: {recorded}, the file {args.ckpt} was trained with "
+                  "(--tokenizer_weight_path)")
+    try:
+        return create_tokenizer(args.tokenizer_model, args.tokenizer_weight_path,
+                                device=str(device), amp=amp)
+    except MissingFileError as e:
+        if given or recorded is None or recorded == args.tokenizer_weight_path:
+            raise
+        raise MissingFileError(f"{e} ({args.ckpt} was trained with --tokenizer_weight_path "
+                               f"{recorded}, which is not on this machine)") from None
 
 
 def check_tokenizer(args: argparse.Namespace, tokenizer: torch.nn.Module,

@@ -329,6 +329,40 @@ def test_checkpoint_evaluates_with_its_own_settings(tiny_world, trained_112, tmp
     assert "--input_size 224 (checkpoint: 112)" in capsys.readouterr().out
 
 
+def test_without_the_flag_the_tokenizer_is_the_one_the_checkpoint_was_trained_with(
+        tiny_world, trained_112, tmp_path, capsys, monkeypatch):
+    """Left out, --tokenizer_weight_path was weights/tokenizer, and a k-means checkpoint
+    failed with "k-means tokenizer weights/tokenizer not found" without naming the file
+    it records. Now that file is used where it is on this machine, and named where not."""
+    monkeypatch.setattr(run_test, "evaluate_class", lambda *a: pytest.fail("scored"))
+    monkeypatch.chdir(tmp_path)
+    argv = _eval_argv(tiny_world, trained_112, tmp_path / "out")
+    i = argv.index("--tokenizer_weight_path")
+    args = run_test.get_args_parser().parse_args(argv[:i] + argv[i + 2:])
+    assert args.tokenizer_weight_path is None
+    m = run_test.load_models(args)
+    assert args.tokenizer_weight_path == trained_112["tokenizer"]
+    assert m.tokenizer.vocab_size == 16
+    assert (f"[run_test] tokenizer: {trained_112['tokenizer']}, the file {trained_112['ckpt']} "
+            "was trained with (--tokenizer_weight_path)\n") in capsys.readouterr().out
+    ckpt = torch.load(trained_112["ckpt"], weights_only=True)
+    ckpt["args"]["tokenizer_weight_path"] = str(tmp_path / "gone.pth")
+    elsewhere = tmp_path / "elsewhere.pth"
+    torch.save(ckpt, elsewhere)
+    args = run_test.get_args_parser().parse_args(
+        [*argv[:i], *argv[i + 2:], "--ckpt", str(elsewhere)])
+    with pytest.raises(utils.MissingFileError) as info:
+        run_test.load_models(args)
+    assert str(info.value).endswith(
+        f"pass the file that run wrote ({elsewhere} was trained with --tokenizer_weight_path "
+        f"{tmp_path / 'gone.pth'}, which is not on this machine)")
+    assert str(info.value).startswith("k-means tokenizer weights/tokenizer not found")
+    args = run_test.get_args_parser().parse_args(
+        [*argv, "--ckpt", str(elsewhere)])  # the flag given: that file, no word of another
+    run_test.load_models(args)
+    assert "tokenizer:" not in capsys.readouterr().out
+
+
 def test_tokenizer_of_another_vocabulary_is_refused(tiny_world, trained_112, tmp_path):
     argv = _eval_argv(tiny_world, trained_112, tmp_path)
     argv[argv.index("--tokenizer_weight_path") + 1] = str(tiny_world.tokenizer)
