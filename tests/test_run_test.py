@@ -421,7 +421,6 @@ def test_a_tokenizer_other_than_the_checkpoints_is_refused(tiny_world, trained_1
         run_test.check_tokenizer(args, SimpleNamespace(fingerprint="0" * 64), None)
 
 
-
 @pytest.mark.parametrize("value", ["0", "1", "-0.2", "1.5", "nan", "x"])
 def test_mask_ratio_outside_0_1_is_refused(value, capsys):
     parse = run_test.get_args_parser().parse_args
