@@ -219,8 +219,11 @@ def estimate_fg_mask(image: np.ndarray) -> np.ndarray:
     return cv2.resize(fg, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
+REPLACE_IN_DATA_PATH = "replace it in --data_path (e.g. extract MVTec AD again) and re-run"
+
+
 def _write_mask(root: str, name: str, path: str, textures: Sequence[str],
-                sources: dict[str, str] | None) -> tuple[str, str | None]:
+                sources: dict[str, str] | None, fix: str) -> tuple[str, str | None]:
     """One training image's mask, unless it has a good one; its status ('existing',
     'texture', 'estimated' or 'failed') and what was wrong with the mask it replaced
     (unreadable or mis-shaped: training would refuse it)."""
@@ -236,8 +239,7 @@ def _write_mask(root: str, name: str, path: str, textures: Sequence[str],
         if source is None or e.__cause__ is None:
             raise
         raise BadFileError(f"cannot read image {source} (copied to {path}): "
-                           f"{e.__cause__}; replace it in --data_path (e.g. extract "
-                           "MVTec AD again) and re-run") from None
+                           f"{e.__cause__}; {fix}") from None
     status = "texture"
     if name in textures:
         fg = np.ones(image.shape[:2], bool)
@@ -254,18 +256,20 @@ def _write_mask(root: str, name: str, path: str, textures: Sequence[str],
 
 
 def make_fg_masks(root: str, classes: Sequence[str], textures: Sequence[str] = TEXTURES,
-                  sources: dict[str, str] | None = None) -> None:
+                  sources: dict[str, str] | None = None, fix: str = REPLACE_IN_DATA_PATH
+                  ) -> None:
     """Estimate a mask for every training image that has none, or one training would
     refuse (unreadable or mis-shaped: listed as replaced; good 'existing' masks, e.g.
     released ones, are kept), and print how many of each kind. Textures are foreground
     everywhere; an object mask that comes out (nearly) empty is written all-foreground and
     counted as 'failed'. `sources`: each copied image's source, which an unreadable
-    image's error names."""
+    image's error names, with `fix` (where to replace it: --data_path's copy of a --custom
+    or --visa set is itself a copy)."""
     jobs = [(name, path) for name in classes
             for path in list_images(os.path.join(root, "train", name))]
 
     def run(job: tuple[str, str]) -> str:
-        return _write_mask(root, *job, textures, sources)
+        return _write_mask(root, *job, textures, sources, fix)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # cv2 frees the GIL
         results = list(tqdm(pool.map(run, jobs), total=len(jobs), desc="estimating fg masks",

@@ -35,7 +35,7 @@ from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, Ba
                       LayoutError, data_subdirs, fg_mask_path, list_images,
                       resolve_train_root)
 from demo_data import DEFECT_AREA_BOUNDS, WORLDS, make_demo_dataset
-from fg_masks import FgMaskZip, make_fg_masks, mask_coverage
+from fg_masks import REPLACE_IN_DATA_PATH, FgMaskZip, make_fg_masks, mask_coverage
 from utils import (UniqueNames, cli, fraction_arg, int_at_least, prepare_output_dir,
                    refuse_a_file, write_atomic)
 
@@ -360,6 +360,16 @@ def _report(root: str, classes: Sequence[str]) -> None:
     print(f"training set ready in {root}")
 
 
+def _replace_advice(args: argparse.Namespace) -> str:
+    """Where to replace an unreadable training image: --data_path's copy of a --custom or
+    --visa set is rewritten from that set at the next run."""
+    for flag in ("custom", "visa"):
+        if getattr(args, flag):
+            return (f"replace the original in --{flag} {getattr(args, flag)} (the converted "
+                    "copy in --data_path is rewritten from it) and re-run")
+    return REPLACE_IN_DATA_PATH
+
+
 def run(args: argparse.Namespace) -> None:
     """Check everything (layout, mask zip, --root) before writing anything; then the
     images, the foreground masks (released, then estimated) and the report."""
@@ -396,7 +406,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"fg_mask.zip: {note}")
     if args.make_fg_masks:
         make_fg_masks(args.root, classes, textures=[*TEXTURES, *args.textures],
-                      sources={dst: src for src, dst in pairs})
+                      sources={dst: src for src, dst in pairs}, fix=_replace_advice(args))
     _report(args.root, classes)
 
 

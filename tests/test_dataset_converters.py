@@ -381,6 +381,21 @@ def test_custom_class_without_defect_images_is_named_at_conversion(tmp_path, cap
     assert "no defect folder" not in capsys.readouterr().err
 
 
+def test_an_unreadable_custom_image_is_to_be_replaced_in_the_custom_folder(tmp_path, capsys):
+    """The error said to replace it in --data_path, whose copy the next run rewrites from
+    the --custom folder: the original is the one to replace."""
+    src = _custom_set(tmp_path / "mine", {"gadget": 6})
+    for k in (0, 1):  # one of them is a training image
+        (src / "gadget" / "good" / f"{k:03d}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    argv = ["--custom", str(src), "--data_path", str(tmp_path / "mvtec"),
+            "--root", str(tmp_path / "inet"), "--make_fg_masks"]
+    assert setup_main(argv) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"error: cannot read image {tmp_path / 'mvtec' / 'gadget'}")
+    assert err.endswith(f"; replace the original in --custom {src} (the converted copy in "
+                        "--data_path is rewritten from it) and re-run")
+
+
 def test_custom_classes_and_folders_checked_before_writing(tmp_path, capsys):
     src = _custom_set(tmp_path / "mine", {"gadget": 4, "widget": 4})
     dst = tmp_path / "mvtec"
