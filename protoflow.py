@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -737,11 +738,15 @@ class ProtoFlow:
         self.encoder = encoder.to(self.device).eval()
         self.flow = flow.to(self.device).eval()
         self._prototypes: dict[str, Tensor] = {}
+        self._same: dict[str, bool] = {}  # same_prototypes, per class
 
     def threshold_for(self, class_name: str) -> float | None:
         """The image-score threshold for one class: the stored quantile of the class's
         own held-out normal images when the file has them, else the file's threshold over
-        all classes (None for a released file, which stores none)."""
+        all classes (None for a released file, which stores none, and for a class whose
+        prototypes are not those it was computed with: same_prototypes)."""
+        if not self.same_prototypes(class_name):
+            return None
         stats = self.normal_image_scores
         if (stats is None or self.classes is None or class_name not in self.classes
                 or "class_idx" not in stats):
@@ -770,27 +775,33 @@ class ProtoFlow:
                 self._load_prototypes(class_name)
 
     def _load_prototypes(self, class_name: str) -> Tensor:
-        """load_prototypes, and for a class the flow trained on, the prototypes it trained
-        with: others (rebuilt after more images, another --prototypes_dir) move every
-        residual the flow scores, and its stored threshold no longer applies (a normal
-        image's decision flipped to anomalous, with no word). A class it did not train on
-        (unseen, new, few-shot) takes any. Checked after load_prototypes, whose errors
-        (made at another size, with other weights) say more."""
         protos = load_prototypes(self.prototypes_dir, class_name, self.feature_dim,
                                  self.backbone, self.out_indices, self._prototype_flags,
                                  self.normalization)
-        trained = self._trained_prototypes.get(class_name)
-        if trained is not None and prototypes_sha256(self.prototypes_dir, class_name) not in (
-                None, trained):
-            path = os.path.join(self.prototypes_dir, class_name, CORESET_FILE)
-            raise CheckpointError(
-                f"{path} is not the prototypes {self.weights_path} was trained with (its "
-                "sha256 differs from the one the file records: rebuilt since, or another "
-                "--prototypes_dir), and the flow's scores and threshold fit those only: pass "
-                "the --prototypes_dir it was trained with, or train ProtoFlow again on "
-                f"these (`python run_protoflow.py train --prototypes_dir {self.prototypes_dir}"
-                " ...`)")
+        self.same_prototypes(class_name)  # said once, before the class is scored
         return protos
+
+    def same_prototypes(self, class_name: str) -> bool:
+        """Whether the class's prototypes are those the flow was trained with (the file
+        records their sha256; True where it records none: a released file, a class it did
+        not train on, unseen, new or few-shot). Rebuilt ones (more images, another device)
+        move a normal image's score across the stored threshold, which fits the old ones
+        only: said once, on stderr, and threshold_for gives the class none."""
+        if class_name not in self._same:
+            trained = self._trained_prototypes.get(class_name)
+            now = prototypes_sha256(self.prototypes_dir, class_name) if trained else None
+            self._same[class_name] = now is None or now == trained
+            if not self._same[class_name]:
+                path = os.path.join(self.prototypes_dir, class_name, CORESET_FILE)
+                print(f"[protoflow] note: {path} is not the prototypes {self.weights_path} was "
+                      "trained with (its sha256 differs from the one the file records: "
+                      f"rebuilt since?): the stored threshold of '{class_name}' fits those, so "
+                      "it is not used (predict.py makes no decision, --clean_masks threshold "
+                      "gives every image its proposal mask); the scores use these. For a "
+                      "threshold that fits them, train ProtoFlow again (`python "
+                      f"run_protoflow.py train --prototypes_dir {self.prototypes_dir} ...`)",
+                      file=sys.stderr, flush=True)
+        return self._same[class_name]
 
     def check_image_size(self, h: int, w: int) -> None:
         """Refuse h x w images unless they are the file's size: at another size its

@@ -709,39 +709,47 @@ def test_planted_defect_is_proposed(trained, brick_set):
     assert model.threshold < out.image_scores[0] / 2 and called[0]
 
 
-def test_prototypes_other_than_those_the_flow_trained_with_are_refused(trained, lite0,
-                                                                         tmp_path):
+def test_prototypes_other_than_those_the_flow_trained_with_lose_the_stored_threshold(
+        trained, lite0, tmp_path, capsys):
     """Prototypes rebuilt after training (more images, another coreset ratio) moved a
     normal image's score from 5.5 to 3.9 and its decision across the stored threshold,
-    with no word. The file records each training class's coreset.npy sha256: others are
-    refused, a class it did not train on (unseen, new) takes any, and a released file
-    (none recorded) is not checked."""
+    with no word. The file records each training class's coreset.npy sha256: a class
+    whose prototypes differ is scored with them but gets no threshold, said once; a class
+    it did not train on (unseen, new) keeps the threshold over all classes, and a released
+    file (none recorded) is not checked."""
     protos = tmp_path / "p"
     shutil.copytree(trained["proto_dir"], protos)
     shutil.copytree(protos / "brick", protos / "tiles")
     path = str(tmp_path / "pf.pt")
     pf.save_protoflow(path, lite0, trained["flow"], backbone="efficientnet_lite0",
-                      out_indices=(2, 3), classes=["brick"],
+                      out_indices=(2, 3), classes=["brick"], normal_scores=trained["scores"],
+                      normal_classes=torch.zeros(len(trained["scores"]), dtype=torch.long),
                       extra={"train_args": {"prototypes": {
                           "brick": pf.prototypes_sha256(str(protos), "brick")}}})
-    pf.ProtoFlow(path, str(protos)).check_prototypes(["brick", "tiles"])
+    same = pf.ProtoFlow(path, str(protos))
+    same.check_prototypes(["brick", "tiles"])
+    stored = same.threshold_for("brick")
+    assert stored is not None and same.threshold_for("tiles") == same.threshold
+    assert capsys.readouterr().err == ""
     rebuilt = trained["protos"][: len(trained["protos"]) // 2].numpy()
     for name in ("brick", "tiles"):
         pf.save_prototypes(str(protos), name, rebuilt,
                            {"backbone": "efficientnet_lite0", "out_indices": [2, 3]})
     model = pf.ProtoFlow(path, str(protos))
-    model.check_prototypes(["tiles"])
-    with pytest.raises(CheckpointError) as info:
-        model.check_prototypes(["brick"])
-    assert str(info.value) == (
-        f"{protos / 'brick' / 'coreset.npy'} is not the prototypes {path} was trained with "
-        "(its sha256 differs from the one the file records: rebuilt since, or another "
-        "--prototypes_dir), and the flow's scores and threshold fit those only: pass the "
-        "--prototypes_dir it was trained with, or train ProtoFlow again on these (`python "
-        f"run_protoflow.py train --prototypes_dir {protos} ...`)")
-    with pytest.raises(CheckpointError, match="is not the prototypes"):
-        model.prototypes("brick")
-    pf.ProtoFlow(trained["path"], str(protos)).check_prototypes(["brick"])
+    model.check_prototypes(["brick", "tiles"])
+    assert capsys.readouterr().err == (
+        f"[protoflow] note: {protos / 'brick' / 'coreset.npy'} is not the prototypes {path} "
+        "was trained with (its sha256 differs from the one the file records: rebuilt "
+        "since?): the stored threshold of 'brick' fits those, so it is not used (predict.py "
+        "makes no decision, --clean_masks threshold gives every image its proposal mask); "
+        "the scores use these. For a threshold that fits them, train ProtoFlow again "
+        f"(`python run_protoflow.py train --prototypes_dir {protos} ...`)\n")
+    assert model.threshold_for("brick") is None
+    assert model.threshold_for("tiles") == model.threshold is not None
+    assert torch.equal(model.prototypes("brick").cpu(), torch.from_numpy(rebuilt))
+    assert capsys.readouterr().err == ""  # once
+    released = pf.ProtoFlow(trained["path"], str(protos))
+    assert released.threshold_for("brick") is not None and released.same_prototypes("brick")
 
 
 def test_prototype_distance_is_patchcore_score(trained, brick_set):
