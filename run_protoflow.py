@@ -32,14 +32,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import datasets
-from backbones import create_backbone, input_normalization, normalization_record
+from backbones import create_backbone, input_normalization, lite0_hint, normalization_record
 from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_OUT_INDICES,
                        THRESHOLD_QUANTILE, build_flow, build_prototypes, image_score,
                        load_prototypes, patch_log_likelihood, prototypes_sha256,
                        read_prototype_meta, save_protoflow, save_prototypes, train_flow)
-from utils import (CheckpointError, FlagError, JsonlLog, UniqueNames, build_sampler,
-                   capture_rng_state, cli, file_sha256, fraction_arg, int_at_least,
-                   load_checkpoint_file, positive_float, prepare_output_dir,
+from utils import (CheckpointError, FlagError, JsonlLog, MissingFileError, UniqueNames,
+                   build_sampler, capture_rng_state, cli, file_sha256, fraction_arg,
+                   int_at_least, load_checkpoint_file, positive_float, prepare_output_dir,
                    remove_stale_tmp_files, resolve_device, restore_rng_state, save_on_master,
                    seed_everything, set_aside)
 
@@ -77,8 +77,19 @@ PROTOTYPE_FLAGS = ("data_path", "encoder_weights", "img_size", "holdout", "seed"
 
 
 def _encoder_from_args(args: argparse.Namespace) -> nn.Module:
-    return create_backbone(args.encoder, tuple(args.out_indices), weights=args.encoder_weights,
-                           pretrained=args.encoder_weights is None).to(args.device)
+    """The --encoder; offline without its weights, the error also names the demo's
+    backbone, which is installed (these commands have --encoder; run_test.py has not)."""
+    try:
+        encoder = create_backbone(args.encoder, tuple(args.out_indices),
+                                  weights=args.encoder_weights,
+                                  pretrained=args.encoder_weights is None)
+    except MissingFileError as e:
+        if args.encoder_weights is not None:
+            raise
+        raise MissingFileError(f"{e}. Offline with no such file, the demo's backbone (a "
+                               "smaller one than the paper's B6) is installed: --encoder "
+                               f"efficientnet_lite0 --encoder_weights {lite0_hint()}") from None
+    return encoder.to(args.device)
 
 
 def _loader(dataset: Dataset, indices: list[int], args: argparse.Namespace,

@@ -3,6 +3,7 @@
 real-feature planted defect, the one-pass ratio sweep, and the two commands end to end."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -20,6 +21,7 @@ from skimage import data as skdata
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+import backbones
 import datasets
 import protoflow as pf
 import run_protoflow as rpf
@@ -1166,6 +1168,31 @@ def test_resume_without_a_resume_file_is_refused(cli):
     assert str(err.value) == (f"--resume: {out}.resume does not exist, so --output {out} has "
                               "no unfinished run to continue; drop --resume to start afresh")
     assert not os.path.exists(out) and not os.path.exists(out + ".log.jsonl")
+
+
+def test_an_offline_fetch_failure_names_the_installed_lite0(monkeypatch):
+    """run_protoflow's commands, which have --encoder, add the demo's backbone to the
+    fetch error (a user following README offline could not find it); with
+    --encoder_weights given, its own error stands. Without the package, the hint is the
+    command that prints the weights' path."""
+    def offline(*a, **k):
+        raise MissingFileError("timm could not fetch tf_efficientnet_b6's weights")
+    monkeypatch.setattr(rpf, "create_backbone", offline)
+    args = argparse.Namespace(encoder="tf_efficientnet_b6", out_indices=[2, 3],
+                              encoder_weights=None, device="cpu")
+    with pytest.raises(MissingFileError) as info:
+        rpf._encoder_from_args(args)
+    assert str(info.value) == (
+        "timm could not fetch tf_efficientnet_b6's weights. Offline with no such file, the "
+        "demo's backbone (a smaller one than the paper's B6) is installed: --encoder "
+        f"efficientnet_lite0 --encoder_weights {lite0_weights_path()}")
+    args.encoder_weights = "b6.pth"
+    with pytest.raises(MissingFileError, match="weights$"):
+        rpf._encoder_from_args(args)
+    monkeypatch.setattr(backbones, "lite0_weights_path", lambda: (_ for _ in ()).throw(
+        FileNotFoundError("no package")))
+    assert backbones.lite0_hint() == (
+        "$(python -c 'from backbones import lite0_weights_path; print(lite0_weights_path())')")
 
 
 def test_a_threshold_from_few_held_out_images_is_named(capsys):
