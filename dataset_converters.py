@@ -326,7 +326,7 @@ def convert_custom(src: str, out: str, sync: Sync,
 
 
 def _note_good_only(out: str, plan: dict[str, list[tuple[str, str]]]) -> None:
-    """A class without a defect folder trains the model, but no detection metric is
+    """A class without a defective image trains the model, but no detection metric is
     defined on its test images: said now, not first as a failed class of run_test.py."""
     def defective(name: str, dst: str) -> bool:
         folder = Path(dst).parent
@@ -334,6 +334,6 @@ def _note_good_only(out: str, plan: dict[str, list[tuple[str, str]]]) -> None:
     good_only = [name for name, pairs in sorted(plan.items())
                  if not any(defective(name, dst) for _, dst in pairs)]
     if good_only:
-        print(f"note: {', '.join(good_only)}: no defect folder, so run_test.py cannot measure "
+        print(f"note: {', '.join(good_only)}: no defective image, so run_test.py cannot measure "
               "these classes (their metrics are undefined: it lists them as failed); they "
               "train the model, and predict.py scores their images", file=sys.stderr)

@@ -264,9 +264,16 @@ def exit_status(results: dict) -> int:
         if undefined and name not in why:
             why[name] = _why_undefined(record, undefined)
     if why:
-        print("[run_test] failed classes: " + "; ".join(f"{c} ({w})" for c, w in why.items()),
+        print("[run_test] failed classes: " + "; ".join(f"{c} ({_first_line(w)})"
+                                                        for c, w in why.items()),
               file=sys.stderr)
     return 1 if why else 0
+
+
+def _first_line(text: str) -> str:
+    """A reason's first line: a list below it was printed with the error itself."""
+    lines = text.splitlines() or [""]
+    return lines[0] + (" ..." if len(lines) > 1 else "")
 
 
 def _why_undefined(record: dict, undefined: list[str]) -> str:

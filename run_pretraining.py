@@ -264,7 +264,7 @@ def check_existing_kmeans(args: argparse.Namespace) -> None:
             "another --tokenizer_weight_path, to fit anew; or pass "
             + " ".join(f"--kmeans_{k} {have[k]}" for k in differ) + " to use it")
     utils.main_print(f"[tokenizer] {path} exists: used as it is (--fit_kmeans_tokenizer fits "
-                     "only a missing file; delete it to fit anew)")
+                     "only a missing file)")
 
 
 def check_ranks_agree(resume: str | None, header: dict | None, args: argparse.Namespace

@@ -391,20 +391,20 @@ def run_train(args: argparse.Namespace) -> dict:
     return obj
 
 
-MIN_HELD_OUT = 10  # fewer held-out normal images make a class's threshold a rough guess
+MIN_HELD_OUT = 3  # a class's threshold from fewer held-out normal images is one or two scores
 
 
 def note_few_held_out(classes: Sequence[str], counts: Tensor) -> None:
     """Name the classes whose threshold rests on fewer than MIN_HELD_OUT held-out normal
-    images (10 % of a small custom set is one or two): its 0.99 quantile is about their
+    images (10 % of a custom class of a dozen is one): its 0.99 quantile is about their
     largest score, and predict.py's decisions rest on it."""
     few = [f"{c} ({int(n)})" for c, n in zip(classes, counts) if n < MIN_HELD_OUT]
     if few:
         print(f"[protoflow] note: {', '.join(few)}: fewer than {MIN_HELD_OUT} held-out normal "
               "images, so the class's threshold (about their largest score) is a rough "
               "guess, and so are predict.py's decisions and run_test.py --clean_masks "
-              "threshold's calls: add normal images, or hold out more (a larger --holdout, "
-              "for `prototypes` and `train` alike)", flush=True)
+              "threshold's calls: add normal images (a larger --holdout, for `prototypes` "
+              "and `train` alike, holds out more of them)", flush=True)
 
 
 def _add_common_args(p: argparse.ArgumentParser) -> None:

@@ -273,8 +273,8 @@ def _create_tokenizer(args: argparse.Namespace, trained: dict, device: torch.dev
         here = recorded is not None and os.path.exists(recorded)
         args.tokenizer_weight_path = recorded if here else RELEASED_TOKENIZER
         if here:
-            print(f"[{who}] tokenizer: {recorded}, the file {args.ckpt} was trained with "
-                  "(--tokenizer_weight_path)")
+            print(f"[{who}] tokenizer: {recorded}, the path {args.ckpt} records it was "
+                  "trained with (--tokenizer_weight_path)")
     try:
         return create_tokenizer(args.tokenizer_model, args.tokenizer_weight_path,
                                 device=str(device), amp=amp)

@@ -372,13 +372,13 @@ def test_custom_class_without_defect_images_is_named_at_conversion(tmp_path, cap
             "--root", str(tmp_path / "inet")]
     assert setup_main(argv) == 0
     assert [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note")] == [
-        "note: stars, widget: no defect folder, so run_test.py cannot measure these classes "
+        "note: stars, widget: no defective image, so run_test.py cannot measure these classes "
         "(their metrics are undefined: it lists them as failed); they train the model, and "
         "predict.py scores their images"]
     shutil.rmtree(tmp_path / "mvtec")
     shutil.rmtree(tmp_path / "inet")
     assert setup_main([*argv, "--classes", "gadget"]) == 0
-    assert "no defect folder" not in capsys.readouterr().err
+    assert "no defective image" not in capsys.readouterr().err
 
 
 def test_an_unreadable_custom_image_is_to_be_replaced_in_the_custom_folder(tmp_path, capsys):

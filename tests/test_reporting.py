@@ -107,8 +107,9 @@ def test_exit_status_is_non_zero_when_a_class_fails(capsys):
     assert reporting.exit_status({"classes": {"bottle": ok, "cable": nan}}) == 1
     assert capsys.readouterr().err == "[run_test] failed classes: cable (pixel_aupro undefined)\n"
     assert reporting.exit_status({"classes": {"bottle": ok},
-                                 "failed": {"screw": "unreadable image"}}) == 1
-    assert capsys.readouterr().err == "[run_test] failed classes: screw (unreadable image)\n"
+                                 "failed": {"screw": "unreadable images:\n  a.png"}}) == 1
+    assert capsys.readouterr().err == (
+        "[run_test] failed classes: screw (unreadable images: ...)\n")
 
 
 def test_a_class_without_defective_or_good_test_images_fails_saying_which(capsys):

@@ -343,8 +343,8 @@ def test_without_the_flag_the_tokenizer_is_the_one_the_checkpoint_was_trained_wi
     m = run_test.load_models(args)
     assert args.tokenizer_weight_path == trained_112["tokenizer"]
     assert m.tokenizer.vocab_size == 16
-    assert (f"[run_test] tokenizer: {trained_112['tokenizer']}, the file {trained_112['ckpt']} "
-            "was trained with (--tokenizer_weight_path)\n") in capsys.readouterr().out
+    assert (f"[run_test] tokenizer: {trained_112['tokenizer']}, the path {trained_112['ckpt']} "
+            "records it was trained with (--tokenizer_weight_path)\n") in capsys.readouterr().out
     ckpt = torch.load(trained_112["ckpt"], weights_only=True)
     ckpt["args"]["tokenizer_weight_path"] = str(tmp_path / "gone.pth")
     elsewhere = tmp_path / "elsewhere.pth"

@@ -482,7 +482,7 @@ def test_fit_kmeans_tokenizer_uses_an_existing_file_only_if_it_fits_the_flags(km
     run_pretraining.check_existing_kmeans(args)
     assert capsys.readouterr().out == (
         f"[tokenizer] {path} exists: used as it is (--fit_kmeans_tokenizer fits only a "
-        "missing file; delete it to fit anew)\n")
+        "missing file)\n")
     args.kmeans_vocab_size, args.kmeans_out_index = 512, 2
     with pytest.raises(utils.FlagError) as info:
         run_pretraining.check_existing_kmeans(args)
@@ -494,6 +494,13 @@ def test_fit_kmeans_tokenizer_uses_an_existing_file_only_if_it_fits_the_flags(km
         "--kmeans_out_index 1 to use it")
     assert dv.kmeans_file_settings(str(path)) == {"vocab_size": 16, "out_index": 1,
                                                   "image_size": 224}
+    # as training checks it, first of its inputs (the default --kmeans_vocab_size 1024)
+    train_args = run_pretraining.get_args_parser().parse_args([
+        "--data_path", "nowhere", "--output_dir", "nowhere", "--tokenizer_model", "kmeans",
+        "--tokenizer_weight_path", str(path), "--fit_kmeans_tokenizer"])
+    with pytest.raises(utils.FlagError, match="fitted with --kmeans_vocab_size 16 "
+                                              r"\(asked: --kmeans_vocab_size 1024\)"):
+        run_pretraining.check_inputs(train_args)
 
 
 def test_kmeans_file_format(kmeans_file):
