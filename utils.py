@@ -249,12 +249,17 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Fill `path` whole or not at all: `write(tmp)` writes the temporary file
     `tmp_name(path)` in the same folder, which then replaces `path` (os.replace). On
     failure the temporary file is removed and `path` keeps its old content; a writer
-    killed mid-write leaves one that `remove_stale_tmp_files` recognises."""
+    killed mid-write leaves one that `remove_stale_tmp_files` recognises. A full disk
+    (whose write errors name no file) raises its OSError with `path` as the file."""
     path = os.fspath(path)
     tmp = tmp_name(path)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in DISK_FULL_ERRNOS or e.filename not in (None, tmp):
+            raise
+        raise OSError(e.errno, e.strerror, path) from None
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)

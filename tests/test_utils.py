@@ -871,6 +871,24 @@ def test_cli_prints_a_full_disk_as_one_line_and_keeps_other_os_errors_traceback(
         utils.cli(fails(errno.EACCES, "Permission denied", "out"))
 
 
+def test_a_full_disk_in_write_atomic_names_the_file(tmp_path, capsys):
+    """A write or flush that meets a full disk names no file (only open does): the
+    results file write_atomic was filling is named, and nothing is left behind."""
+    def full(tmp: str) -> None:
+        Path(tmp).write_text("part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    target = tmp_path / "results.json"
+    assert utils.cli(lambda: utils.write_atomic(target, full)) == 2
+    assert capsys.readouterr().err == (
+        f"error: no space left on the device writing {target} (No space left on device): "
+        "free space and re-run, or choose another output folder\n")
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(OSError) as info:  # another file's error keeps its name
+        utils.write_atomic(target, lambda tmp: (_ for _ in ()).throw(
+            OSError(errno.ENOSPC, "No space left on device", "/elsewhere")))
+    assert info.value.filename == "/elsewhere"
+
+
 def test_cli_prints_our_warnings_as_one_line_and_a_librarys_with_its_location(monkeypatch):
     """A warning of our own category (a bad file left out, an undefined metric) reads
     `warning: <message>` (with the rank when several print), not our file:line and source
