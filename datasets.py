@@ -16,6 +16,7 @@ out. Two images of one stem in a folder are refused; other files are named in a 
 from __future__ import annotations
 
 import io
+import hashlib
 import os
 import re
 import sys
@@ -33,8 +34,8 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from utils import (BadFileError, FlagError, LayoutError, all_gather_object, build_sampler,
-                   bullet_list, get_rank, get_world_size, main_print, save_on_master,
-                   some_names, to_device)
+                   bullet_list, file_sha256, get_rank, get_world_size, main_print,
+                   save_on_master, some_names, to_device)
 
 OBJECTS = ["bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
            "toothbrush", "transistor", "zipper"]
@@ -1392,6 +1393,22 @@ def _result_name(defect: str, path: str) -> str:
     """A test image's name in results, heatmaps and image_scores.csv: '<defect>_<stem>'
     (MVTec's '<defect>/000.png' gives 'scratch_000')."""
     return f"{defect}_{os.path.splitext(os.path.basename(path))[0]}"
+
+
+def test_set_sha256(root: str, class_name: str) -> str:
+    """A class's test images and ground-truth masks by name and content (one read of its
+    test files): a resumed evaluation reuses the class's record only for the same test set,
+    as an image replaced, added or removed changes every metric. Files that are missing
+    (a mask not made yet) count by their absence."""
+    has_ground_truth = os.path.isdir(os.path.join(root, class_name, "ground_truth"))
+    items, _ = MVTecTestDataset._list(root, class_name, has_ground_truth)
+    digest = hashlib.sha256()
+    for image, _, _, mask in items:
+        for path in (image, mask):
+            if path is not None and os.path.isfile(path):
+                name = os.path.relpath(path, root).encode("utf-8", "surrogateescape")
+                digest.update(name + b"\0" + file_sha256(path).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def _refuse_shared_result_names(test_dir: str, items: Sequence[tuple]) -> None:

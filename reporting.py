@@ -218,8 +218,9 @@ class PartialResults:
                 continue
             if changed and changed != [SKIP_FLAG]:
                 raise FlagError(f"--resume_eval: {path} holds results of another evaluation "
-                                f"(it differs in {', '.join(changed)}): pass that run's "
-                                "flags, or drop --resume_eval to start afresh")
+                                f"(its record of {entry['class']} differs in "
+                                f"{', '.join(changed)}): pass that run's flags and files, or "
+                                "drop --resume_eval to start afresh")
             self.done[entry["class"]] = entry["record"]
 
     def _read_entries(self) -> list[dict]:

@@ -429,7 +429,9 @@ def main(args: argparse.Namespace) -> dict:
                             "timm": timm.__version__, "numpy": np.__version__}}
     start = time.time()
     partial = PartialResults(out_dir / "results.partial.jsonl", resume_key(args, results),
-                             {c: {"prototypes": sha} for c, sha in results["prototypes"].items()},
+                             {c: {"prototypes": sha,
+                                  "test_data": datasets.test_set_sha256(args.data_path, c)}
+                              for c, sha in results["prototypes"].items()},
                              args.resume_eval)
     if partial.set_aside_to:
         print(f"[run_test] the earlier evaluation's results and heatmaps moved to "

@@ -252,11 +252,12 @@ def test_resume_eval_reuses_a_record_that_left_out_no_image_under_either_skip_fl
     for c in ("skipped_one", "old"):
         assert (f"[run_test] {c}: its record in {path} left out bad images "
                 "(--skip_bad_images); evaluated again without") in err
-    with pytest.raises(utils.FlagError, match=r"\(it differs in seed\)"):
+    with pytest.raises(utils.FlagError, match=r"\(its record of \w+ differs in seed\)"):
         reporting.PartialResults(path, {"skip_bad_images": False, "seed": 1}, keys, True)
     # another seed is refused even for a record that left out images
     one = {"skipped_one": keys["skipped_one"]}
-    with pytest.raises(utils.FlagError, match=r"\(it differs in seed, skip_bad_images\)"):
+    with pytest.raises(utils.FlagError,
+                       match=r"\(its record of skipped_one differs in seed, skip_bad_images\)"):
         reporting.PartialResults(path, {"skip_bad_images": False, "seed": 1}, one, True)
 
 

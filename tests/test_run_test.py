@@ -761,12 +761,22 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
     meta = other / "coins" / protoflow.CORESET_META  # describes the new file, as a rebuild's
     meta.write_text(json.dumps({**json.loads(meta.read_text()), protoflow.CORESET_SHA256:
                                 utils.file_sha256(other / "coins" / protoflow.CORESET_FILE)}))
-    with pytest.raises(utils.FlagError, match=r"\(it differs in prototypes\)"):
+    with pytest.raises(utils.FlagError, match=r"its record of coins differs in prototypes\)"):
         run_test.main(parse(argv + ["--resume_eval", "--prototypes_dir", str(other)]))
     for flag, value, key in (("--amp", "bf16", "amp"), ("--seed", "1", "seed"),
                              ("--default_mask_ratio", "0.25", "default_mask_ratio")):
-        with pytest.raises(utils.FlagError, match=rf"\(it differs in {key}\)"):
+        with pytest.raises(utils.FlagError, match=rf"differs in {key}\)"):
             run_test.main(parse(argv + ["--resume_eval", flag, value]))
+    # the test set changed under its path: the record, of the old images, is refused
+    assert line["key"]["test_data"] == datasets.test_set_sha256(str(data), "coins")
+    good = sorted((data / "coins" / "test" / "good").iterdir())
+    defect = next(p for p in sorted((data / "coins" / "test").rglob("*.png"))
+                  if p.parent.name != "good")
+    shutil.copy(defect, good[0])
+    with pytest.raises(utils.FlagError, match=r"its record of coins differs in test_data\)"):
+        run_test.main(parse(argv + ["--resume_eval"]))
+    good[1].unlink()
+    assert datasets.test_set_sha256(str(data), "coins") != line["key"]["test_data"]
 
 
 def test_a_heatmap_that_cannot_be_written_costs_no_metrics(tiny_world, tmp_path,
