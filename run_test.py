@@ -27,7 +27,8 @@ import datasets
 import modeling_pmad
 from heatmaps import save_heatmaps
 from masking_generator import CLASS_MASK_RATIOS, min_mask_ratio, num_masked
-from modeling_discrete_vae import available_tokenizers, create_tokenizer, token_grid
+from modeling_discrete_vae import (available_tokenizers, create_tokenizer,
+                                   kmeans_file_settings, token_grid)
 from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED,
                        CleanOptions, collect_class, empty_defect_masks, evaluate_clean,
                        evaluate_paper)
@@ -204,6 +205,20 @@ def check_unseen(args: argparse.Namespace, setting: str, classes: list[str], m: 
                   f"classes (a released file, or one of an earlier version of "
                   f"{command.split()[1]}): make sure it never saw "
                   f"{', '.join(sorted(unseen))}")
+    if args.tokenizer_model == "kmeans" and unseen:  # fitted on images, as the ViT trained
+        fitted = (kmeans_file_settings(args.tokenizer_weight_path) or {}).get("fit_classes")
+        leaked = sorted(set(fitted or ()) & unseen)
+        if leaked:
+            raise FlagError(f"--tokenizer_weight_path {args.tokenizer_weight_path} was fitted "
+                            f"on images of {', '.join(leaked)}, which the {setting} setting "
+                            "evaluates as unseen, and so was the ViT trained with it: train "
+                            "one with a tokenizer fitted on the seen classes (`python "
+                            f"run_pretraining.py --setting {setting} --fit_kmeans_tokenizer "
+                            "--tokenizer_weight_path NEW ...`) and pass both")
+        if fitted is None:
+            print(f"[run_test] --tokenizer_weight_path {args.tokenizer_weight_path} does not "
+                  "record the classes it was fitted on (an earlier version's file): make sure "
+                  f"it never saw {', '.join(sorted(unseen))}")
 
 
 @dataclass

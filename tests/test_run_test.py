@@ -22,6 +22,7 @@ import metrics
 import modeling_pmad
 import protocols
 import protoflow
+import run_pretraining
 import run_test
 import utils
 from conftest import KMEANS_VOCAB, strict_json
@@ -248,7 +249,6 @@ def test_clean_protocol_without_a_stored_threshold_proposes_for_every_image(tiny
 def trained_112(tiny_world, tmp_path_factory):
     """A checkpoint of ours trained with non-default model settings: 112 px, layer scale
     0.05, 0.5/0.5 normalisation, its own 16-code k-means tokenizer at 112 px."""
-    import run_pretraining
     base = tmp_path_factory.mktemp("trained_112")
     tokenizer = str(base / "kmeans_112.pth")
     argv = ["--model", tiny_world.model, "--input_size", "112",
@@ -582,7 +582,7 @@ def test_a_vit_or_protoflow_trained_on_an_unseen_class_is_refused(tiny_world, tm
             "--setting leave_one_out")):
         run_test.main(run_test.get_args_parser().parse_args(argv))
     args = SimpleNamespace(ckpt="x.pth", protoflow_weights="x.pt", unseen_classes=["coins"],
-                           data_path=str(tiny_world.mvtec_root))
+                           data_path=str(tiny_world.mvtec_root), tokenizer_model="dall-e")
     capsys.readouterr()
     run_test.check_unseen(args, "leave_one_out", ["coins"], _models(["brick"], ["brick"]))
     assert capsys.readouterr().out == ""
@@ -606,6 +606,54 @@ def test_a_vit_or_protoflow_trained_on_an_unseen_class_is_refused(tiny_world, tm
     assert capsys.readouterr().out == ""
 
 
+def test_a_kmeans_tokenizer_fitted_on_an_unseen_class_is_refused(tiny_world, tmp_path,
+                                                                  capsys):
+    """A k-means tokenizer fitted on all classes carried the unseen one into a
+    leave-one-out run with no word (its codes follow that class's normal images, and the
+    ViT learnt them): its file records the classes it was fitted on, and one that holds
+    an unseen class is refused; an earlier version's file, which does not say, is named."""
+    obj = torch.load(tiny_world.tokenizer, weights_only=True)
+    paths = {}
+    for name, classes in (("all", ["brick", "coins"]), ("seen", ["brick"])):
+        paths[name] = tmp_path / f"kmeans_{name}.pth"
+        torch.save({**obj, "fit_classes": classes}, paths[name])
+    args = SimpleNamespace(ckpt="x.pth", protoflow_weights="x.pt", unseen_classes=["coins"],
+                           data_path=str(tiny_world.mvtec_root), tokenizer_model="kmeans",
+                           tokenizer_weight_path=str(paths["all"]))
+    with pytest.raises(utils.FlagError) as info:
+        run_test.check_unseen(args, "leave_one_out", ["coins"], _models(["brick"], ["brick"]))
+    assert str(info.value) == (
+        f"--tokenizer_weight_path {paths['all']} was fitted on images of coins, which the "
+        "leave_one_out setting evaluates as unseen, and so was the ViT trained with it: "
+        "train one with a tokenizer fitted on the seen classes (`python run_pretraining.py "
+        "--setting leave_one_out --fit_kmeans_tokenizer --tokenizer_weight_path NEW ...`) "
+        "and pass both")
+    args.tokenizer_weight_path = str(paths["seen"])
+    run_test.check_unseen(args, "leave_one_out", ["coins"], _models(["brick"], ["brick"]))
+    assert capsys.readouterr().out == ""
+    args.tokenizer_weight_path = str(tiny_world.tokenizer)
+    run_test.check_unseen(args, "leave_one_out", ["coins"], _models(["brick"], ["brick"]))
+    assert capsys.readouterr().out == (
+        f"[run_test] --tokenizer_weight_path {tiny_world.tokenizer} does not record the "
+        "classes it was fitted on (an earlier version's file): make sure it never saw coins\n")
+    # training refuses it too, before any image is read
+    train_args = run_pretraining.get_args_parser().parse_args([
+        "--data_path", str(tiny_world.imagenet_root), "--output_dir", str(tmp_path / "o"),
+        "--setting", "leave_one_out", "--unseen_classes", "coins", "--tokenizer_model",
+        "kmeans", "--tokenizer_weight_path", str(paths["all"]), "--batch_size", "2",
+        "--token_cache_dir", str(tmp_path / "tokens")])
+    with pytest.raises(utils.FlagError, match=(
+            f"^{paths['all']} was fitted on images of coins, which the leave_one_out setting "
+            "keeps unseen")):
+        run_pretraining.check_inputs(train_args)
+    # and, fitting, one fitted otherwise (the default --kmeans_vocab_size 1024)
+    train_args.tokenizer_weight_path, train_args.fit_kmeans_tokenizer = str(paths["seen"]), True
+    with pytest.raises(utils.FlagError, match=(
+            f"fitted with --kmeans_vocab_size {KMEANS_VOCAB} \\(asked: --kmeans_vocab_size "
+            "1024\\)")):
+        run_pretraining.check_inputs(train_args)
+
+
 @pytest.mark.parametrize("setting, leaked, seen", [("obj2tex", "carpet", "bottle"),
                                                    ("tex2obj", "screw", "wood")])
 def test_object_texture_settings_refuse_a_file_trained_on_their_test_classes(
@@ -616,7 +664,7 @@ def test_object_texture_settings_refuse_a_file_trained_on_their_test_classes(
     for name in datasets.MVTEC_CLASSES:
         (tmp_path / name / "test" / "good").mkdir(parents=True)
     args = SimpleNamespace(ckpt="vit.pth", protoflow_weights="pf.pt", unseen_classes=None,
-                           data_path=str(tmp_path))
+                           data_path=str(tmp_path), tokenizer_model="dall-e")
     test_classes = datasets.setting_classes(setting)[1]
     with pytest.raises(utils.FlagError, match=f"pf.pt was trained on {leaked}, which the "
                                               f"{setting} "):
