@@ -10,9 +10,10 @@
 # the repository root; PYTHON names the interpreter, python3 by default); extra
 # arguments are passed on to run_test.py (the clean protocol's own flags, such as
 # --mask_ratio or --combine, with PROTOCOLS=clean: the paper protocol refuses them).
-# MODEL and TOKENIZER (e.g. vit_tokenizer) are passed only when set: by default
-# run_test.py takes the model, image size, layer scale, normalisation and tokenizer kind
-# from the checkpoint's training arguments (the paper's for a released file without them).
+# MODEL, TOKENIZER (e.g. vit_tokenizer) and TOKENIZER_WEIGHT_PATH are passed only when
+# set: by default run_test.py takes the model, image size, layer scale, normalisation and
+# tokenizer kind from the checkpoint's training arguments (the paper's for a released file
+# without them), and the tokenizer file it records where it is here, else weights/tokenizer.
 # Results: OUTPUT_DIR/<protocol>/results.{json,md,csv}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,6 @@ cd "$(dirname "$0")/.."
 SETTING=${SETTING:-multi_class}
 DATA_PATH=${DATA_PATH:-data/mvtec_anomaly_detection}
 CKPT=${CKPT:-weights/vit_base_16_checkpoint_962_955.pth}
-TOKENIZER_WEIGHT_PATH=${TOKENIZER_WEIGHT_PATH:-weights/tokenizer}
 # the released ProtoFlow file of the setting, as the authors' test code loads them
 case "$SETTING" in
     multi_class) released_protoflow=weights/protoflow/weights_multi_class.pt ;;
@@ -42,13 +42,13 @@ PROTOCOLS=${PROTOCOLS:-clean paper}
 given=()
 [[ -n "${MODEL:-}" ]] && given+=(--model "$MODEL")
 [[ -n "${TOKENIZER:-}" ]] && given+=(--tokenizer_model "$TOKENIZER")
+[[ -n "${TOKENIZER_WEIGHT_PATH:-}" ]] && given+=(--tokenizer_weight_path "$TOKENIZER_WEIGHT_PATH")
 
 for protocol in $PROTOCOLS; do
     "${PYTHON:-python3}" run_test.py \
         --setting "$SETTING" \
         --ckpt "$CKPT" \
         --data_path "$DATA_PATH" \
-        --tokenizer_weight_path "$TOKENIZER_WEIGHT_PATH" \
         --protoflow_weights "$PROTOFLOW_WEIGHTS" \
         --prototypes_dir "$PROTOTYPES_DIR" \
         --protocol "$protocol" \

@@ -862,7 +862,8 @@ def test_shell_scripts_build_the_run_test_commands(tmp_path):
     protocol, each setting with its released checkpoint and ProtoFlow file (the folder
     weights/protoflow/ holds both released files, which run_test.py refused as
     ambiguous; textures -> objects has none, so PROTOFLOW_WEIGHTS is asked for up front),
-    MODEL / TOKENIZER passed only when set, extra arguments last."""
+    MODEL / TOKENIZER / TOKENIZER_WEIGHT_PATH passed only when set, extra arguments
+    last."""
     from conftest import ROOT, arg, python_stub, run_command, stub_calls
     stub, log = python_stub(tmp_path)
 
@@ -884,11 +885,13 @@ def test_shell_scripts_build_the_run_test_commands(tmp_path):
     for c in multi:
         assert arg(c, "--setting")[0] == "multi_class" and c[-2:] == ["--save_heatmaps", "4"]
         assert arg(c, "--ckpt")[0] == "weights/vit_base_16_checkpoint_962_955.pth"
-        assert arg(c, "--tokenizer_weight_path")[0] == "weights/tokenizer"
+        assert "--tokenizer_weight_path" not in c  # the checkpoint's, else weights/tokenizer
         assert arg(c, "--protoflow_weights")[0] == "weights/protoflow/weights_multi_class.pt"
         assert "--model" not in c and "--tokenizer_model" not in c  # the checkpoint's
-    (vit,) = calls("test_multi_class.sh", TOKENIZER="vit_tokenizer", PROTOCOLS="paper")
+    (vit,) = calls("test_multi_class.sh", TOKENIZER="vit_tokenizer", PROTOCOLS="paper",
+                   TOKENIZER_WEIGHT_PATH="weights/tokenizer/vit_tokenizer.pth")
     assert arg(vit, "--tokenizer_model") == ["vit_tokenizer"]
+    assert arg(vit, "--tokenizer_weight_path") == ["weights/tokenizer/vit_tokenizer.pth"]
     assert arg(vit, "--protocol") == ["paper"]
     tex2obj = calls("test_cross_class.sh", PROTOCOLS="clean", PROTOFLOW_WEIGHTS="pf.pt")[0]
     assert arg(tex2obj, "--setting")[0] == "tex2obj"
