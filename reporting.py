@@ -60,7 +60,8 @@ def format_table(results: dict, protocol: str) -> str:
             "Image F1-max | Pixel F1-max | Mask ratio |\n|:--|" + ":--:|" * 7)
     rows = [f"Protocol: **{protocol}**"
             + (f" ({', '.join(f'{k} {v}' for k, v in results['clean_options'].items())})"
-               if results.get("clean_options") else ""), ""]
+               if results.get("clean_options") else "")
+            + (f"; setting: **{results['setting']}**" if results.get("setting") else ""), ""]
     if results.get("failed"):
         rows += [incomplete_note(results), ""]
     rows.append(head)

@@ -184,11 +184,26 @@ def check_unseen(args: argparse.Namespace, setting: str, classes: list[str], m: 
                  ) -> None:
     """A cross-class evaluation (obj2tex, tex2obj, leave_one_out) scores classes its
     models never saw: a ViT or a ProtoFlow flow trained on one of them would leak it
-    into the scores. Our files record their classes; a released one does not."""
+    into the scores. Our files record their classes; a released one does not. Classes
+    scored as seen that are not (a multi-class evaluation of a leave-one-out ViT), or
+    picked by --classes among a cross-class setting's training classes, are named: the
+    table's mean would mix them in under the setting's name."""
     if setting == "multi_class":
+        new = sorted(set(classes) - set(m.vit_classes)) if m.vit_classes else []
+        if new:
+            print(f"[run_test] note: the multi_class setting scores {', '.join(new)} as seen, "
+                  f"but --ckpt {args.ckpt} trained on {', '.join(m.vit_classes)} only: pass "
+                  "the --setting and --unseen_classes it was trained with to score "
+                  f"{'it' if len(new) == 1 else 'them'} as unseen")
         return
     unseen = datasets.setting_classes(setting, args.unseen_classes,
                                       available=datasets.find_test_classes(args.data_path))[1]
+    seen = sorted(set(classes) - set(unseen))
+    if seen:
+        print(f"[run_test] note: --classes {', '.join(seen)}: the {setting} setting trains on "
+              f"{'this class' if len(seen) == 1 else 'these'}, so the table scores "
+              f"{'it' if len(seen) == 1 else 'them'} as seen, and its mean mixes seen and "
+              "unseen classes")
     unseen = set(unseen) & set(classes)  # --classes may pick seen ones
     fixes = {"--ckpt": ("`python run_pretraining.py", m.vit_classes),
              "--protoflow_weights": ("`python run_protoflow.py train", m.protoflow.classes)}

@@ -59,6 +59,7 @@ def test_clean_protocol_end_to_end(clean_run, tiny_world) -> None:
     assert saved["mean"]["image_auroc"] == pytest.approx(mean)
     table = (out / "clean" / "results.md").read_text()
     assert "Protocol: **clean**" in table and "Brick" in table and "Mean" in table
+    assert table.splitlines()[0].endswith("; setting: **multi_class**")
     csv_lines = (out / "clean" / "results.csv").read_text().splitlines()
     # header; PMAD and 3 baselines, each 2 classes + mean
     assert len(csv_lines) == 1 + 4 * 3
@@ -599,11 +600,24 @@ def test_a_vit_or_protoflow_trained_on_an_unseen_class_is_refused(tiny_world, tm
     run_test.check_unseen(args, "leave_one_out", ["coins"], _models(None, None))
     assert capsys.readouterr().out == vit_note + protoflow_note
     run_test.check_unseen(args, "multi_class", ["coins"], _models(["coins"], ["coins"]))
+    assert capsys.readouterr().out == ""
+    # --classes brick evaluates no unseen class: nothing of coins leaks, but the table is
+    # not the setting's, and says so
+    seen_note = ("[run_test] note: --classes brick: the leave_one_out setting trains on this "
+                 "class, so the table scores it as seen, and its mean mixes seen and unseen "
+                 "classes\n")
     run_test.check_unseen(args, "leave_one_out", ["brick"], _models(["brick"], ["brick"]))
-    assert capsys.readouterr().out == ""
-    # --classes brick evaluates no unseen class: nothing of coins leaks, nothing to note
+    assert capsys.readouterr().out == seen_note
     run_test.check_unseen(args, "leave_one_out", ["brick"], _models(["coins"], None))
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().out == seen_note
+    # a leave-one-out ViT scored in the multi-class setting: coins is scored as seen
+    run_test.check_unseen(args, "multi_class", ["brick", "coins"], _models(["brick"], None))
+    assert capsys.readouterr().out == (
+        "[run_test] note: the multi_class setting scores coins as seen, but --ckpt x.pth "
+        "trained on brick only: pass the --setting and --unseen_classes it was trained with "
+        "to score it as unseen\n")
+    run_test.check_unseen(args, "multi_class", ["brick", "coins"], _models(None, None))
+    assert capsys.readouterr().out == ""  # a released file: nothing recorded to compare
 
 
 def test_a_kmeans_tokenizer_fitted_on_an_unseen_class_is_refused(tiny_world, tmp_path,
