@@ -120,8 +120,9 @@ def setting_classes(setting: str, unseen_classes: str | Sequence[str] | None = N
     unseen = [unseen_classes] if isinstance(unseen_classes, str) else list(unseen_classes or [])
     if setting != "leave_one_out":
         if unseen:
-            raise FlagError(f"unseen classes {unseen} only apply to 'leave_one_out'; "
-                            f"{setting!r} fixes its test classes")
+            raise FlagError(f"--unseen_classes {' '.join(unseen)} applies only to --setting "
+                            f"leave_one_out; --setting {setting} fixes its test classes: add "
+                            "--setting leave_one_out, or drop --unseen_classes")
         if setting == "multi_class":
             return list(pool), list(pool)
         missing = [c for c in MVTEC_CLASSES if c not in pool]
@@ -134,10 +135,12 @@ def setting_classes(setting: str, unseen_classes: str | Sequence[str] | None = N
             return list(OBJECTS), list(TEXTURES)
         return list(TEXTURES), list(OBJECTS)
     if len(unseen) != 1:
-        raise FlagError(f"'leave_one_out' needs exactly one unseen class, got {unseen}; "
-                        f"valid classes: {', '.join(pool)}")
+        raise FlagError(f"--setting leave_one_out needs exactly one unseen class, got "
+                        f"{' '.join(unseen) or 'none'}: pass --unseen_classes CLASS, one of "
+                        f"{', '.join(pool)}")
     if unseen[0] not in pool:
-        raise FlagError(f"unknown class {unseen[0]!r}; valid classes: {', '.join(pool)}")
+        raise FlagError(f"--unseen_classes: unknown class {unseen[0]!r}; valid classes: "
+                        f"{', '.join(pool)}")
     return [c for c in pool if c != unseen[0]], [unseen[0]]
 
 

@@ -6,7 +6,8 @@ The paper protocol (`evaluate_paper`) picks ProtoFlow's threshold and the best o
 ratios (`sweep_mask_ratios`) with the test labels, to reproduce the published numbers;
 the clean protocol (`clean_scores`, `evaluate_clean`) reads no label before every score
 exists. Every table also scores the baselines PMAD must beat (`baseline_maps`): ProtoFlow's
-map alone, PatchCore, and the ViT's cross-entropy alone.
+map alone and PatchCore; the clean protocol's also the ViT's cross-entropy alone (the
+paper protocol runs no covering passes, so it has no cross-entropy of every patch).
 
 Per class, one pass computes every image's visual tokens and ProtoFlow maps
 (`collect_class`); only the ViT runs again for each mask ratio.

@@ -321,11 +321,13 @@ def _set_aside_earlier_run(output: str) -> None:
 def run_train(args: argparse.Namespace) -> dict:
     """`train` command: the flow on the seen classes' images, last epoch kept (no model
     selection with test labels), threshold from held-out normal images."""
-    if args.classes and (args.setting is not None or args.unseen_classes is not None):
+    if args.classes and (args.setting is not None or args.unseen_classes is not None
+                         or args.from_obj_to_texture):
         raise FlagError("--classes names the classes itself: drop --setting and "
                         "--unseen_classes, or --classes")
+    args.setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
     classes = args.classes or datasets.setting_classes(
-        args.setting or "multi_class", args.unseen_classes,
+        args.setting, args.unseen_classes,
         available=datasets.list_train_classes(args.data_path))[0]
     args.classes = list(classes)
     seed_everything(args.seed)
@@ -449,6 +451,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     tp.add_argument("--setting", default=None, choices=datasets.SETTINGS,
                     help="the classes of a setting (default multi_class: all)")
     tp.add_argument("--unseen_classes", nargs="*", default=None, action=UniqueNames)
+    tp.add_argument("--from_obj_to_texture", action="store_true",
+                    help="as in run_pretraining.py and run_test.py: --setting obj2tex")
     tp.add_argument("--prototypes_dir", default="weights/prototypes")
     tp.add_argument("--output", required=True, help="e.g. weights/protoflow/multi_class.pt")
     tp.add_argument("--epochs", type=int_at_least(1, "nothing to do"), default=200)

@@ -88,10 +88,14 @@ def test_setting_classes_other_class_sets():
 
 
 @pytest.mark.parametrize("args, message", [
-    (("leave_one_out",), "exactly one unseen class"),
-    (("leave_one_out", ["screw", "wood"]), "exactly one unseen class"),
-    (("leave_one_out", "srew"), "unknown class 'srew'; valid classes: bottle, cable"),
-    (("obj2tex", "wood"), "only apply to 'leave_one_out'"),
+    (("leave_one_out",), "^--setting leave_one_out needs exactly one unseen class, got none: "
+                         "pass --unseen_classes CLASS, one of bottle, cable"),
+    (("leave_one_out", ["screw", "wood"]), "exactly one unseen class, got screw wood:"),
+    (("leave_one_out", "srew"), "^--unseen_classes: unknown class 'srew'; valid classes: "
+                                "bottle, cable"),
+    (("obj2tex", "wood"), "^--unseen_classes wood applies only to --setting leave_one_out; "
+                          "--setting obj2tex fixes its test classes: add --setting "
+                          "leave_one_out, or drop --unseen_classes"),
     (("cross_class",), "valid settings: multi_class, obj2tex, tex2obj, leave_one_out"),
 ])
 def test_setting_classes_errors(args, message):

@@ -1195,6 +1195,20 @@ def test_an_offline_fetch_failure_names_the_installed_lite0(monkeypatch):
         "$(python -c 'from backbones import lite0_weights_path; print(lite0_weights_path())')")
 
 
+def test_train_takes_the_original_obj2tex_switch_as_the_other_commands_do(tmp_path):
+    """run_pretraining.py and run_test.py take --from_obj_to_texture; `train` said
+    'unrecognized arguments'. It means --setting obj2tex (which needs MVTec AD's 15
+    classes), and is refused beside --classes or another --setting."""
+    (tmp_path / "train" / "brick").mkdir(parents=True)
+    base = ["train", "--data_path", str(tmp_path), "--output", str(tmp_path / "pf.pt")]
+    with pytest.raises(FlagError, match="^'obj2tex' splits MVTec AD"):
+        rpf.main(base + ["--from_obj_to_texture"])
+    with pytest.raises(FlagError, match="^--from_obj_to_texture means --setting obj2tex"):
+        rpf.main(base + ["--from_obj_to_texture", "--setting", "tex2obj"])
+    with pytest.raises(FlagError, match="^--classes names the classes itself"):
+        rpf.main(base + ["--from_obj_to_texture", "--classes", "brick"])
+
+
 def test_a_threshold_from_few_held_out_images_is_named(capsys):
     """10 % of a custom class of a dozen images is one image, whose score is the class's
     threshold: a note names each such class and the fix; none is said for 3 or more (the
