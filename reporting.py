@@ -54,8 +54,9 @@ def summarize(results: dict) -> None:
 
 
 def format_table(results: dict, protocol: str) -> str:
-    """Markdown: PMAD per class shaped like the paper's table, the baselines' means in
-    the same table, then the per-defect-type view and the mask diagnostics."""
+    """Markdown: PMAD per class shaped like the paper's table (a class scored without
+    the unreadable images --skip_bad_images left out says how many), the baselines' means
+    in the same table, then the per-defect-type view and the mask diagnostics."""
     head = ("| Category | Image/Pixel AUC | Pixel AUPRO | Image AP | Pixel AP | "
             "Image F1-max | Pixel F1-max | Mask ratio |\n|:--|" + ":--:|" * 7)
     rows = [f"Protocol: **{protocol}**"
@@ -74,7 +75,9 @@ def format_table(results: dict, protocol: str) -> str:
                 f"{'' if ratio is None else f'{ratio:.2f}'} |")
 
     for name, r in results["classes"].items():
-        rows.append(row(name.replace("_", " ").capitalize(), r))
+        skipped = len(r.get("skipped_images") or ())
+        rows.append(row(name.replace("_", " ").capitalize()
+                        + (f" ({skipped} unreadable image(s) left out)" if skipped else ""), r))
     rows.append(row("**Mean (PMAD)**", results["mean"]))
     for key, label in _methods(results)[1:]:
         rows.append(row(f"*{label} (mean)*", results[f"mean_{key}"]))

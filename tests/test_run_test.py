@@ -521,6 +521,8 @@ def test_evaluation_flags_reach_their_consumers(tiny_world, tmp_path, monkeypatc
     assert record["num_images"] == 7 and record["num_anomalous"] == 4
     (skipped,) = record["skipped_images"]  # said in results.json, for --resume_eval too
     assert skipped.startswith(f"cannot read image {bad}")
+    table = (tmp_path / "clean" / "results.md").read_text()  # and in the table
+    assert "\n| Coins (1 unreadable image(s) left out) | " in table
     from protoflow import THRESHOLD_QUANTILE  # of the world's normal scores [1, 2, 3]
     assert record["mask_ratio"] == 0.2
     assert record["threshold"] == pytest.approx(np.quantile([1.0, 2.0, 3.0], THRESHOLD_QUANTILE))
