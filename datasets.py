@@ -1401,16 +1401,21 @@ def _result_name(defect: str, path: str) -> str:
 def test_set_sha256(root: str, class_name: str) -> str:
     """A class's test images and ground-truth masks by name and content (one read of its
     test files): a resumed evaluation reuses the class's record only for the same test set,
-    as an image replaced, added or removed changes every metric. Files that are missing
-    (a mask not made yet) count by their absence."""
+    as an image replaced, added or removed changes every metric. A ground_truth folder
+    counts, and so do files that are missing (a mask not made yet) or unreadable."""
     has_ground_truth = os.path.isdir(os.path.join(root, class_name, "ground_truth"))
     items, _ = MVTecTestDataset._list(root, class_name, has_ground_truth)
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(b"ground_truth\n" if has_ground_truth else b"")
     for image, _, _, mask in items:
         for path in (image, mask):
-            if path is not None and os.path.isfile(path):
-                name = os.path.relpath(path, root).encode("utf-8", "surrogateescape")
-                digest.update(name + b"\0" + file_sha256(path).encode() + b"\n")
+            if path is None:
+                continue
+            try:  # an unreadable file (--skip_bad_images leaves it out) counts as such
+                content = file_sha256(path) if os.path.isfile(path) else "missing"
+            except OSError as e:
+                content = f"unreadable:{e.errno}"
+            name = os.path.relpath(path, root).encode("utf-8", "surrogateescape")
+            digest.update(name + b"\0" + content.encode() + b"\n")
     return digest.hexdigest()
 
 

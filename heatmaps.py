@@ -116,8 +116,8 @@ class Caption:
         out = [(self.name + (f"  [{self.note}]" if self.note else ""), BLACK),
                (f"PMAD image score {self.pmad_score:.4g}", BLACK)]
         if self.threshold is None:
-            out.append((f"ProtoFlow score {self.protoflow_score:.4g}; no stored threshold: "
-                        "no decision", GREY))
+            out.append((f"ProtoFlow score {self.protoflow_score:.4g}; no threshold for the "
+                        "class: no decision", GREY))
         else:
             sign = ">" if self.decision == "anomalous" else "<="
             score, threshold = _apart(self.protoflow_score, self.threshold)

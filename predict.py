@@ -370,7 +370,7 @@ def _score_into(out: Path, args: argparse.Namespace, m: run_test.Models,
                 path = out / "maps" / cls / f"{name}.npy"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 np.save(path, scores.maps[i].numpy().astype(np.float32))
-        if threshold is None and m.protoflow.same_prototypes(cls):  # else said above
+        if threshold is None and m.protoflow.threshold is None:  # else withheld, said above
             print(f"[predict] {args.protoflow_weights} stores no normal-data threshold for "
                   f"'{cls}' (a released file): scores only, no decision")
     if not rows:

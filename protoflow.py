@@ -791,7 +791,7 @@ class ProtoFlow:
             trained = self._trained_prototypes.get(class_name)
             now = prototypes_sha256(self.prototypes_dir, class_name) if trained else None
             self._same[class_name] = now is None or now == trained
-            if not self._same[class_name]:
+            if not self._same[class_name] and self.threshold is not None:  # one to withhold
                 path = os.path.join(self.prototypes_dir, class_name, CORESET_FILE)
                 print(f"[protoflow] note: {path} is not the prototypes {self.weights_path} was "
                       "trained with (its sha256 differs from the one the file records: "

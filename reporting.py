@@ -55,7 +55,7 @@ def summarize(results: dict) -> None:
 
 def format_table(results: dict, protocol: str) -> str:
     """Markdown: PMAD per class shaped like the paper's table (a class scored without
-    the unreadable images --skip_bad_images left out says how many), the baselines' means
+    the bad images or masks --skip_bad_images left out says how many), the baselines' means
     in the same table, then the per-defect-type view and the mask diagnostics."""
     head = ("| Category | Image/Pixel AUC | Pixel AUPRO | Image AP | Pixel AP | "
             "Image F1-max | Pixel F1-max | Mask ratio |\n|:--|" + ":--:|" * 7)
@@ -77,7 +77,7 @@ def format_table(results: dict, protocol: str) -> str:
     for name, r in results["classes"].items():
         skipped = len(r.get("skipped_images") or ())
         rows.append(row(name.replace("_", " ").capitalize()
-                        + (f" ({skipped} unreadable image(s) left out)" if skipped else ""), r))
+                        + (f" ({skipped} bad image(s) left out)" if skipped else ""), r))
     rows.append(row("**Mean (PMAD)**", results["mean"]))
     for key, label in _methods(results)[1:]:
         rows.append(row(f"*{label} (mean)*", results[f"mean_{key}"]))
@@ -181,7 +181,8 @@ def finite_or_null(value: Any) -> Any:
     return value
 
 
-SKIP_FLAG = "skip_bad_images"  # the one key field a record may differ in, see PartialResults
+SKIP_FLAG = "skip_bad_images"  # a key field a record may differ in, see PartialResults
+TEST_DATA = "test_data"  # the class's test images and masks (datasets.test_set_sha256)
 
 
 def _left_out_images(entry: dict) -> bool:
@@ -196,8 +197,10 @@ class PartialResults:
     error or Ctrl-C in class N loses none of classes 1 ... N-1; `key` (what the records
     depend on) and the class's part of it in `class_keys` (its own files) must match
     for a resumed run to reuse a record, but for --skip_bad_images where the record left
-    out no image (the hint after a bad image is to resume with it). Only the classes of
-    `class_keys` are read."""
+    out no image (the hint after a bad image is to resume with it). A record of other
+    test images (TEST_DATA; a replaced bad image, or none recorded) is evaluated again,
+    with a note, not the whole resume refused. Only the classes of `class_keys` are
+    read."""
 
     def __init__(self, path: Path, key: dict, class_keys: dict[str, dict], resume: bool
                  ) -> None:
@@ -219,6 +222,11 @@ class PartialResults:
             if changed == [SKIP_FLAG] and _left_out_images(entry):
                 print(f"[run_test] {entry['class']}: its record in {path} left out bad "
                       f"images (--{SKIP_FLAG}); evaluated again without", file=sys.stderr)
+                continue
+            if TEST_DATA in changed and set(changed) <= {TEST_DATA, SKIP_FLAG}:
+                print(f"[run_test] {entry['class']}: its record in {path} is of other test "
+                      "images or masks (or of an earlier version, which did not record "
+                      "them); evaluated again", file=sys.stderr)
                 continue
             if changed and changed != [SKIP_FLAG]:
                 raise FlagError(f"--resume_eval: {path} holds results of another evaluation "

@@ -323,8 +323,8 @@ def run_train(args: argparse.Namespace) -> dict:
     selection with test labels), threshold from held-out normal images."""
     if args.classes and (args.setting is not None or args.unseen_classes is not None
                          or args.from_obj_to_texture):
-        raise FlagError("--classes names the classes itself: drop --setting and "
-                        "--unseen_classes, or --classes")
+        raise FlagError("--classes names the classes itself: drop --setting, "
+                        "--unseen_classes and --from_obj_to_texture, or --classes")
     args.setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
     classes = args.classes or datasets.setting_classes(
         args.setting, args.unseen_classes,

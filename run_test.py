@@ -33,7 +33,7 @@ from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORE
                        CleanOptions, collect_class, empty_defect_masks, evaluate_clean,
                        evaluate_paper)
 from protoflow import ProtoFlow, prototypes_sha256
-from reporting import HEATMAPS, PartialResults, exit_status, report
+from reporting import HEATMAPS, TEST_DATA, PartialResults, exit_status, report
 from utils import (AMP_CHOICES, BadFileError, FlagError, MissingFileError, UniqueNames, cli,
                    file_sha256, float_at_least, int_at_least, mask_ratio_arg, prepare_output_dir,
                    read_weights_file, resolve_amp, resolve_device, resolve_weights_file,
@@ -193,17 +193,19 @@ def check_unseen(args: argparse.Namespace, setting: str, classes: list[str], m: 
         if new:
             print(f"[run_test] note: the multi_class setting scores {', '.join(new)} as seen, "
                   f"but --ckpt {args.ckpt} trained on {', '.join(m.vit_classes)} only: pass "
-                  "the --setting and --unseen_classes it was trained with to score "
+                  "the --setting (and --unseen_classes) it was trained with to score "
                   f"{'it' if len(new) == 1 else 'them'} as unseen")
         return
     unseen = datasets.setting_classes(setting, args.unseen_classes,
                                       available=datasets.find_test_classes(args.data_path))[1]
     seen = sorted(set(classes) - set(unseen))
     if seen:
+        mixed = len(seen) < len(classes)
         print(f"[run_test] note: --classes {', '.join(seen)}: the {setting} setting trains on "
               f"{'this class' if len(seen) == 1 else 'these'}, so the table scores "
-              f"{'it' if len(seen) == 1 else 'them'} as seen, and its mean mixes seen and "
-              "unseen classes")
+              f"{'it' if len(seen) == 1 else 'them'} as seen"
+              + (", and its mean mixes seen and unseen classes" if mixed else
+                 ": it is not a cross-class result"))
     unseen = set(unseen) & set(classes)  # --classes may pick seen ones
     fixes = {"--ckpt": ("`python run_pretraining.py", m.vit_classes),
              "--protoflow_weights": ("`python run_protoflow.py train", m.protoflow.classes)}
@@ -460,7 +462,7 @@ def main(args: argparse.Namespace) -> dict:
     start = time.time()
     partial = PartialResults(out_dir / "results.partial.jsonl", resume_key(args, results),
                              {c: {"prototypes": sha,
-                                  "test_data": datasets.test_set_sha256(args.data_path, c)}
+                                  TEST_DATA: datasets.test_set_sha256(args.data_path, c)}
                               for c, sha in results["prototypes"].items()},
                              args.resume_eval)
     if partial.set_aside_to:

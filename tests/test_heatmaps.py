@@ -57,7 +57,7 @@ def test_caption_says_score_threshold_and_decision():
     at = Caption("good_000", 1.0, 6.0, 6.0)  # the threshold itself is normal
     assert at.decision == "normal" and "<= threshold 6: NORMAL" in at.lines()[2][0]
     none = Caption("x", 1.0, 6.0, None)
-    assert none.decision is None and "no stored threshold" in none.lines()[2][0]
+    assert none.decision is None and "no threshold for the class: no decision" in none.lines()[2][0]
     # a near tie gets the digits that tell the two apart, not "0.1235 > threshold 0.1235"
     near = Caption("x", 1.0, 0.123512, 0.123498)
     assert near.lines()[2][0] == "ProtoFlow score 0.12351 > threshold 0.1235: ANOMALOUS"

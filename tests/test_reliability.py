@@ -278,7 +278,7 @@ def test_clean_protocol_flags_are_refused_by_the_paper_protocol(refused):
 def test_protoflow_classes_with_a_setting_is_refused(refused):
     """--classes names the classes itself: a --setting beside it used to be dropped."""
     _clear_error(refused[0]["pf_classes_setting"], "--classes names the classes itself: "
-                 "drop --setting and --unseen_classes, or --classes")
+                 "drop --setting, --unseen_classes and --from_obj_to_texture, or --classes")
 
 
 def test_F8_negative_heatmap_count_is_refused_before_work(refused):

@@ -261,6 +261,26 @@ def test_resume_eval_reuses_a_record_that_left_out_no_image_under_either_skip_fl
         reporting.PartialResults(path, {"skip_bad_images": False, "seed": 1}, one, True)
 
 
+def test_a_record_of_other_test_images_is_evaluated_again_not_the_resume_refused(
+        tmp_path, capsys):
+    """A class's test images changed (a bad one replaced), or an earlier version's record
+    that does not say which it scored: that class is evaluated again, with a note; the
+    other classes' records are reused. Another flag still refuses the resume."""
+    path = tmp_path / "results.partial.jsonl"
+    old = reporting.PartialResults(path, {"seed": 0}, {"a": {}, "b": {"test_data": "x"}},
+                                   resume=True)
+    old.add("a", {"image_auroc": 0.5})  # an earlier version's: no test_data
+    old.add("b", {"image_auroc": 0.6})
+    now = reporting.PartialResults(path, {"seed": 0}, {"a": {"test_data": "y"},
+                                                       "b": {"test_data": "x"}}, resume=True)
+    assert list(now.done) == ["b"]
+    assert capsys.readouterr().err == (
+        f"[run_test] a: its record in {path} is of other test images or masks (or of an "
+        "earlier version, which did not record them); evaluated again\n")
+    with pytest.raises(utils.FlagError, match="its record of a differs in seed, test_data"):
+        reporting.PartialResults(path, {"seed": 1}, {"a": {"test_data": "y"}}, resume=True)
+
+
 def test_image_scores_csv_has_every_image_and_names_a_class_without_them(tmp_path, capsys):
     """image_scores.csv: one row per image of each class, in the record's order, with the
     record's columns; a class whose record has no 'images' (an earlier version's, reused

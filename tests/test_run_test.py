@@ -522,7 +522,7 @@ def test_evaluation_flags_reach_their_consumers(tiny_world, tmp_path, monkeypatc
     (skipped,) = record["skipped_images"]  # said in results.json, for --resume_eval too
     assert skipped.startswith(f"cannot read image {bad}")
     table = (tmp_path / "clean" / "results.md").read_text()  # and in the table
-    assert "\n| Coins (1 unreadable image(s) left out) | " in table
+    assert "\n| Coins (1 bad image(s) left out) | " in table
     from protoflow import THRESHOLD_QUANTILE  # of the world's normal scores [1, 2, 3]
     assert record["mask_ratio"] == 0.2
     assert record["threshold"] == pytest.approx(np.quantile([1.0, 2.0, 3.0], THRESHOLD_QUANTILE))
@@ -606,18 +606,22 @@ def test_a_vit_or_protoflow_trained_on_an_unseen_class_is_refused(tiny_world, tm
     # --classes brick evaluates no unseen class: nothing of coins leaks, but the table is
     # not the setting's, and says so
     seen_note = ("[run_test] note: --classes brick: the leave_one_out setting trains on this "
-                 "class, so the table scores it as seen, and its mean mixes seen and unseen "
-                 "classes\n")
+                 "class, so the table scores it as seen: it is not a cross-class result\n")
     run_test.check_unseen(args, "leave_one_out", ["brick"], _models(["brick"], ["brick"]))
     assert capsys.readouterr().out == seen_note
     run_test.check_unseen(args, "leave_one_out", ["brick"], _models(["coins"], None))
     assert capsys.readouterr().out == seen_note
+    run_test.check_unseen(args, "leave_one_out", ["brick", "coins"],
+                          _models(["brick"], ["brick"]))
+    assert capsys.readouterr().out == (
+        "[run_test] note: --classes brick: the leave_one_out setting trains on this class, "
+        "so the table scores it as seen, and its mean mixes seen and unseen classes\n")
     # a leave-one-out ViT scored in the multi-class setting: coins is scored as seen
     run_test.check_unseen(args, "multi_class", ["brick", "coins"], _models(["brick"], None))
     assert capsys.readouterr().out == (
         "[run_test] note: the multi_class setting scores coins as seen, but --ckpt x.pth "
-        "trained on brick only: pass the --setting and --unseen_classes it was trained with "
-        "to score it as unseen\n")
+        "trained on brick only: pass the --setting (and --unseen_classes) it was trained "
+        "with to score it as unseen\n")
     run_test.check_unseen(args, "multi_class", ["brick", "coins"], _models(None, None))
     assert capsys.readouterr().out == ""  # a released file: nothing recorded to compare
 
@@ -628,6 +632,11 @@ def test_a_kmeans_tokenizer_fitted_on_an_unseen_class_is_refused(tiny_world, tmp
     leave-one-out run with no word (its codes follow that class's normal images, and the
     ViT learnt them): its file records the classes it was fitted on, and one that holds
     an unseen class is refused; an earlier version's file, which does not say, is named."""
+    import modeling_discrete_vae
+    fitted = modeling_discrete_vae.fit_kmeans_on_folder(
+        str(tiny_world.imagenet_root), ["brick"], str(tmp_path / "fitted.pth"), vocab_size=8)
+    assert modeling_discrete_vae.kmeans_file_settings(fitted)["fit_classes"] == ["brick"]
+    capsys.readouterr()
     obj = torch.load(tiny_world.tokenizer, weights_only=True)
     paths = {}
     for name, classes in (("all", ["brick", "coins"]), ("seen", ["brick"])):
@@ -831,16 +840,32 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
                              ("--default_mask_ratio", "0.25", "default_mask_ratio")):
         with pytest.raises(utils.FlagError, match=rf"differs in {key}\)"):
             run_test.main(parse(argv + ["--resume_eval", flag, value]))
-    # the test set changed under its path: the record, of the old images, is refused
+    # the test set changed under its path: the record, of the old images, is not reused
+    # (it kept their numbers and image_scores.csv rows); that class is evaluated again
     assert line["key"]["test_data"] == datasets.test_set_sha256(str(data), "coins")
     good = sorted((data / "coins" / "test" / "good").iterdir())
     defect = next(p for p in sorted((data / "coins" / "test").rglob("*.png"))
                   if p.parent.name != "good")
     shutil.copy(defect, good[0])
-    with pytest.raises(utils.FlagError, match=r"its record of coins differs in test_data\)"):
-        run_test.main(parse(argv + ["--resume_eval"]))
+    capsys.readouterr()
+    changed = run_test.main(parse(argv + ["--resume_eval"]))["classes"]["coins"]
+    err = capsys.readouterr().err
+    assert (f"[run_test] coins: its record in {out / 'results.partial.jsonl'} is of other "
+            "test images or masks (or of an earlier version, which did not record them); "
+            "evaluated again") in err
+    name = "good_" + good[0].stem  # now a defective image: another ProtoFlow score
+    assert ([r["protoflow_score"] for r in changed["images"] if r["name"] == name]
+            != [r["protoflow_score"] for r in first["images"] if r["name"] == name])
+    # each change counts: a file removed, a ground_truth folder made
+    after_copy = datasets.test_set_sha256(str(data), "coins")
     good[1].unlink()
-    assert datasets.test_set_sha256(str(data), "coins") != line["key"]["test_data"]
+    after_removal = datasets.test_set_sha256(str(data), "coins")
+    (data / "coins" / "ground_truth").mkdir()
+    assert len({after_copy, after_removal, datasets.test_set_sha256(str(data), "coins")}) == 3
+    (data / "coins" / "ground_truth").rmdir()
+    good[2].chmod(0)  # unreadable (to a user who is not root): a marker, not a crash
+    datasets.test_set_sha256(str(data), "coins")
+    good[2].chmod(0o644)
 
 
 def test_a_heatmap_that_cannot_be_written_costs_no_metrics(tiny_world, tmp_path,
