@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,16 @@ def _ticks(height: int, scale: ColourScale) -> list[tuple[int, float]]:
              scale.high - k * (scale.high - scale.low) / (TICKS - 1)) for k in range(TICKS)]
 
 
+def ascii_caption(line: str) -> str:
+    """OpenCV's fonts draw ASCII only, and a file name that is not UTF-8 (a stray
+    surrogate) crashes it. Accents are dropped ('café' -> 'cafe'), and what has no ASCII
+    form is written as its escape ('图' -> '\\u56fe', a stray byte as '\\udce9'), so
+    two names that differ there still read apart, as '?' for both would not."""
+    plain = "".join(ch for ch in unicodedata.normalize("NFKD", line)
+                    if not unicodedata.combining(ch))
+    return plain.encode("ascii", "backslashreplace").decode("ascii")
+
+
 def render(image: np.ndarray, score_map: np.ndarray, scale: ColourScale, caption: Caption,
            gt_mask: np.ndarray | None = None) -> np.ndarray:
     """image (H, W, 3) uint8, score_map (H, W), gt_mask (H, W) {0, 1} or None ->
@@ -173,11 +184,8 @@ def render(image: np.ndarray, score_map: np.ndarray, scale: ColourScale, caption
     lines = caption.lines()
     text = np.full((LINE_HEIGHT * len(lines) + 6, top.shape[1], 3), 255, np.uint8)
     for k, (line, colour) in enumerate(lines):
-        # OpenCV's fonts draw ASCII only, and a file name that is not UTF-8 (a stray
-        # surrogate) crashes it: everything else becomes '?'
-        ascii_line = line.encode("ascii", "replace").decode("ascii")
-        cv2.putText(text, ascii_line, (4, LINE_HEIGHT * (k + 1)), FONT, FONT_SCALE, colour,
-                    1, cv2.LINE_AA)
+        cv2.putText(text, ascii_caption(line), (4, LINE_HEIGHT * (k + 1)), FONT, FONT_SCALE,
+                    colour, 1, cv2.LINE_AA)
     return np.concatenate([top, text], axis=0)
 
 

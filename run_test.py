@@ -463,7 +463,9 @@ def main(args: argparse.Namespace) -> dict:
     partial = PartialResults(out_dir / "results.partial.jsonl", resume_key(args, results),
                              {c: {"prototypes": sha,
                                   TEST_DATA: datasets.test_set_sha256(args.data_path, c)}
-                              for c, sha in results["prototypes"].items()},
+                              for c, sha in tqdm(results["prototypes"].items(),
+                                                 desc="reading the test sets",
+                                                 total=len(classes), leave=False)},
                              args.resume_eval)
     if partial.set_aside_to:
         print(f"[run_test] the earlier evaluation's results and heatmaps moved to "

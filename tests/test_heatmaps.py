@@ -113,13 +113,23 @@ def test_render_layout():
     assert (out[h:] < 200).any()  # caption text was drawn
     without = heatmaps.render(image, score, scale, Caption("x", 1.0, 1.0, None))
     assert without.shape[1] == out.shape[1] - panel
-    # a file name that is not UTF-8 (its byte as a surrogate) or not ASCII: drawn with '?'
-    # where OpenCV's font has no glyph (the surrogate crashed OpenCV), as 'caf?' would be
+    # a file name that is not UTF-8 (its byte as a surrogate; it crashed OpenCV) or not
+    # ASCII: accents dropped, the rest as escapes, so two such names still read apart
     odd = heatmaps.render(image, score, scale, Caption("caf\udce9", 1.0, 1.0, None))
-    plain = heatmaps.render(image, score, scale, Caption("caf?", 1.0, 1.0, None))
+    plain = heatmaps.render(image, score, scale, Caption("caf\\udce9", 1.0, 1.0, None))
     assert (odd == plain).all()
     assert (heatmaps.render(image, score, scale, Caption("café图", 1.0, 1.0, None))
-            == heatmaps.render(image, score, scale, Caption("caf??", 1.0, 1.0, None))).all()
+            == heatmaps.render(image, score, scale, Caption("cafe\\u56fe", 1.0, 1.0, None))
+            ).all()
+
+
+def test_ascii_caption():
+    assert heatmaps.ascii_caption("good_000.png: 1.5") == "good_000.png: 1.5"
+    assert heatmaps.ascii_caption("Ångström café.png") == "Angstrom cafe.png"
+    assert heatmaps.ascii_caption("ﬁle") == "file"  # a ligature's compatibility form
+    assert heatmaps.ascii_caption("写真1") != heatmaps.ascii_caption("画像1")
+    assert heatmaps.ascii_caption("写真1") == "\\u5199\\u771f1"
+    assert heatmaps.ascii_caption("caf\udce9") == "caf\\udce9"
 
 
 def test_extremes_per_type():

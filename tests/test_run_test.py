@@ -156,9 +156,11 @@ def test_an_anomalous_image_with_an_empty_mask_is_named(tiny_world, tmp_path, ca
                       "positive"):  # that image's defect type has no defect pixel left
         results = run_test.main(run_test.get_args_parser().parse_args(
             tiny_world.run_test_argv(tmp_path / "out", data=data)))
+    err = capfd.readouterr().err
     assert (f"[run_test] note: coins: 1 anomalous image(s) have no defect pixel in their "
             f"ground-truth mask as scored ({name}): the pixel metrics never see their "
-            "defects") in capfd.readouterr().err
+            "defects") in err
+    assert "\rreading the test sets:   0%|" in err  # the resume key's read: a progress bar
     assert results["classes"]["coins"]["diagnostics"]["empty_defect_masks"] == 1
     saved = strict_json(tmp_path / "out" / "results.json")
     assert saved["classes"]["coins"]["diagnostics"]["empty_defect_masks"] == 1
