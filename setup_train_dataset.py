@@ -310,10 +310,14 @@ def _make_demo(args: argparse.Namespace) -> None:
           f"(foreground masks in {os.path.join(args.root, 'fg_mask')})")
 
 
-def _source_classes(args: argparse.Namespace) -> list[str]:
+def _source_classes(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The classes to convert, once --visa or --custom has written the MVTec layout at
-    --data_path; --textures must name some of them."""
+    --data_path; --textures must name some of them. Also {copy in --data_path: the
+    --visa or --custom file it was copied from}, so that an error names the original."""
+    origins: dict[str, str] = {}
+
     def sync(pairs: list[tuple[str, str]], desc: str) -> Counter:
+        origins.update((os.path.normpath(dst), src) for src, dst in pairs)
         return sync_files(pairs, args.link, desc)
 
     classes = args.classes
@@ -328,7 +332,7 @@ def _source_classes(args: argparse.Namespace) -> list[str]:
                                  args.classes, also_writes=[os.path.join(args.root, "train")])
     classes = find_classes(args.data_path, classes)
     _refuse_unknown_textures(args.textures, classes)
-    return classes
+    return classes, origins
 
 
 def _refuse_unknown_textures(textures: Sequence[str], classes: Sequence[str]) -> None:
@@ -361,11 +365,11 @@ def _report(root: str, classes: Sequence[str]) -> None:
 
 
 def _replace_advice(args: argparse.Namespace) -> str:
-    """Where to replace an unreadable training image: --data_path's copy of a --custom or
-    --visa set is rewritten from that set at the next run."""
+    """Where to replace an unreadable training image (the error names the original):
+    --data_path's copy of a --custom or --visa set is rewritten from it at the next run."""
     for flag in ("custom", "visa"):
         if getattr(args, flag):
-            return (f"replace the original in --{flag} {getattr(args, flag)} (the converted "
+            return (f"replace that file in --{flag} {getattr(args, flag)} (the converted "
                     "copy in --data_path is rewritten from it) and re-run")
     return REPLACE_IN_DATA_PATH
 
@@ -378,7 +382,7 @@ def run(args: argparse.Namespace) -> None:
         FgMaskZip.check_file(args.fg_mask_zip)
     if args.make_demo:
         _make_demo(args)
-    classes = _source_classes(args)
+    classes, origins = _source_classes(args)
     plan = plan_copies(args.data_path, args.root, classes)
     masks = FgMaskZip(args.fg_mask_zip, {name: [src for src, _ in plan[name]["train"]]
                                          for name in classes}) if args.fg_mask_zip else None
@@ -406,7 +410,8 @@ def run(args: argparse.Namespace) -> None:
             print(f"fg_mask.zip: {note}")
     if args.make_fg_masks:
         make_fg_masks(args.root, classes, textures=[*TEXTURES, *args.textures],
-                      sources={dst: src for src, dst in pairs}, fix=_replace_advice(args))
+                      sources={dst: origins.get(os.path.normpath(src), src)
+                               for src, dst in pairs}, fix=_replace_advice(args))
     _report(args.root, classes)
 
 

@@ -383,16 +383,17 @@ def test_custom_class_without_defect_images_is_named_at_conversion(tmp_path, cap
 
 def test_an_unreadable_custom_image_is_to_be_replaced_in_the_custom_folder(tmp_path, capsys):
     """The error said to replace it in --data_path, whose copy the next run rewrites from
-    the --custom folder: the original is the one to replace."""
+    the --custom folder: the original is the one to replace, and the error names it."""
     src = _custom_set(tmp_path / "mine", {"gadget": 6})
-    for k in (0, 1):  # one of them is a training image
+    for k in (0, 1):  # training images; the first is named
         (src / "gadget" / "good" / f"{k:03d}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     argv = ["--custom", str(src), "--data_path", str(tmp_path / "mvtec"),
             "--root", str(tmp_path / "inet"), "--make_fg_masks"]
     assert setup_main(argv) == 2
     err = capsys.readouterr().err.splitlines()[-1]
-    assert err.startswith(f"error: cannot read image {tmp_path / 'mvtec' / 'gadget'}")
-    assert err.endswith(f"; replace the original in --custom {src} (the converted copy in "
+    assert err.startswith(f"error: cannot read image {src / 'gadget' / 'good' / '000.png'} "
+                          f"(copied to {tmp_path / 'inet' / 'train' / 'gadget' / '000.png'})")
+    assert err.endswith(f"; replace that file in --custom {src} (the converted copy in "
                         "--data_path is rewritten from it) and re-run")
 
 
