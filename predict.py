@@ -131,6 +131,47 @@ def _has_earlier_run(output_dir: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(output_dir, PREDICTIONS_FILE))
 
 
+def _is_run_folder(folder: str) -> bool:
+    """Whether `folder` holds a predict.py run's outputs: a predictions.csv of our
+    columns (a user's own file of that name is not ours)."""
+    try:
+        with open(os.path.join(folder, PREDICTIONS_FILE), encoding="utf-8",
+                  errors="replace") as f:
+            return f.readline().rstrip("\r\n") == ",".join(OUTPUT_COLUMNS)
+    except OSError:
+        return False
+
+
+class EarlierRuns:
+    """Which files an earlier predict.py run wrote into the inputs (its --output_dir was
+    inside an input folder, perhaps not this run's): its predictions.csv and skipped-images
+    list, and what lies in its heatmaps/ and maps/. Such a run's heatmaps are no input;
+    each folder is looked at once."""
+
+    def __init__(self) -> None:
+        self._run: dict[str, bool] = {}
+        self._inside: dict[str, bool] = {}
+
+    def _is_run(self, folder: str) -> bool:
+        if folder not in self._run:
+            self._run[folder] = _is_run_folder(folder)
+        return self._run[folder]
+
+    def _in_outputs(self, folder: str) -> bool:
+        """Whether `folder` is, or lies in, an earlier run's heatmaps/ or maps/."""
+        if folder not in self._inside:
+            parent = os.path.dirname(folder)
+            self._inside[folder] = parent != folder and (
+                os.path.basename(folder) in ("heatmaps", "maps") and self._is_run(parent)
+                or self._in_outputs(parent))
+        return self._inside[folder]
+
+    def wrote(self, path: str) -> bool:
+        folder = os.path.dirname(os.path.abspath(path))
+        return (self._in_outputs(folder) or os.path.basename(path) in OUTPUTS
+                and self._is_run(folder))
+
+
 def _is_own_output(path: str, output_dir: str) -> bool:
     """Whether `path` lies in what predict.py wrote in `output_dir` (previous-*/, and
     heatmaps/ and maps/ beside an earlier run's predictions.csv): an earlier run's
@@ -184,19 +225,21 @@ def find_images(inputs: list[str], class_name: str | None, class_from_folder: bo
 
     With `class_from_folder` the class is the first folder below a folder input, or the
     image's parent folder for files and glob patterns. What predict.py wrote in
-    `output_dir` (an earlier run's heatmaps, when it lies in an input folder) is never
-    an input. An image's link to a missing file is an InputError, or with `keep_dangling`
+    `output_dir`, or in any earlier run's output folder inside an input (EarlierRuns), is
+    never an input. An image's link to a missing file is an InputError, or with `keep_dangling`
     (--skip_bad_images) an image the dataset leaves out and lists. A file reached twice
     in one class (a link to it, inputs that overlap) is scored once there and named on
     stderr; in another class it is that class's image too."""
     groups: dict[str, list[tuple[str, str]]] = {}
     seen: set[tuple[str | None, str]] = set()  # (class, real path): a file once per class
     again: list[str] = []
+    earlier = EarlierRuns()
     for spec in inputs:
         base, files, is_folder, others = _expand(spec, keep_dangling)
-        if output_dir is not None:
-            files = [f for f in files if not _is_own_output(f, output_dir)]
-            others = [f for f in others if not _is_own_output(f, output_dir)]
+        files = [f for f in files if not (earlier.wrote(f) or output_dir is not None
+                                          and _is_own_output(f, output_dir))]
+        others = [f for f in others if not (earlier.wrote(f) or output_dir is not None
+                                            and _is_own_output(f, output_dir))]
         datasets.note_left_out(spec, [os.path.relpath(f, base) for f in others])
         if not files:
             raise InputError(f"no images ({'/'.join(datasets.IMAGE_EXTENSIONS)}) in {spec}")

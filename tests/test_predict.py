@@ -406,6 +406,28 @@ def test_outputs_inside_an_input_folder_and_deep_names(tmp_path):
         assert len(name.encode()) == 150 + 1 + 16 and name.startswith(deep + "_" + deep[:29])
 
 
+def test_an_earlier_runs_outputs_in_an_input_folder_are_no_input(tmp_path, capsys):
+    """An earlier run's --output_dir inside an input folder, other than this run's: its
+    heatmaps were scored as images (all 'anomalous') and its predictions.csv named as a
+    left-out file. A folder is a run's by a predictions.csv of predict.py's columns; a
+    user's own predictions.csv beside a maps/ folder leaves those images inputs."""
+    header = ",".join(predict.OUTPUT_COLUMNS) + "\n"
+    _touch(tmp_path, "in/a.png", "in/b.png", "in/run1/heatmaps/coins/a.png",
+           "in/run1/maps/coins/a.npy", "in/run1/skipped_images.txt",
+           "in/run1/previous-20261202T000000Z/heatmaps/coins/b.png",
+           "in/mine/maps/c.png")
+    (tmp_path / "in/run1/predictions.csv").write_text(header + "x.png,coins,a,1,1,,\n")
+    (tmp_path / "in/run1/previous-20261202T000000Z/predictions.csv").write_text(header)
+    (tmp_path / "in/mine/predictions.csv").write_text("image,label\n")
+    want = [str(tmp_path / "in" / f) for f in ("a.png", "b.png", "mine/maps/c.png")]
+    for inputs in ([str(tmp_path / "in")], [str(tmp_path / "in" / "**" / "*.png")]):
+        (found,) = predict.find_images(inputs, "coins", False,
+                                       str(tmp_path / "in" / "run2")).values()
+        assert sorted(f for f, _ in found) == want
+    err = capsys.readouterr().err
+    assert "mine/predictions.csv" in err and "run1" not in err  # ours is no left-out file
+
+
 def test_a_users_own_maps_folder_is_an_input_and_is_never_moved(tiny_world, tmp_path,
                                                                  capsys, monkeypatch):
     """heatmaps/ and maps/ in --output_dir are an earlier run's only beside its
