@@ -9,13 +9,15 @@
 Every input is checked before anything is written, and one error lists every problem.
 A custom class's train/ and test/ folders in the output hold exactly its latest split: a
 re-run removes what the new split no longer lists there, in the class folders it wrote
-(CUSTOM_MARKER) only.
+(CUSTOM_MARKER) only; a re-run of every class also removes the class folders it wrote
+from the same source that the source no longer has.
 """
 from __future__ import annotations
 
 import csv
 import os
 import re
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -34,6 +36,7 @@ DEFAULT_TEST_FRACTION = 0.2
 # In each class folder --custom writes: marks it as this tool's, whose train/ and test/
 # files a re-run may replace and remove (never those of a class it did not write).
 CUSTOM_MARKER = ".pmad_custom_split"
+MARKER_TEXT = "written by setup_train_dataset.py --custom "  # + the source's absolute path
 # Folder names of ground-truth masks (case-insensitive): --custom would score one as a
 # defect type, its masks as defective images.
 MASK_FOLDER = re.compile(r"ground[ _-]?truths?|gts?|masks?", re.IGNORECASE)
@@ -300,13 +303,15 @@ def _warn_trained_now_tested(out: str, plan: dict[str, list[tuple[str, str]]]) -
 
 def convert_custom(src: str, out: str, sync: Sync,
                    test_fraction: float = DEFAULT_TEST_FRACTION,
-                   classes: Sequence[str] | None = None, also_writes: Sequence[str] = ()
-                   ) -> list[str]:
+                   classes: Sequence[str] | None = None, also_writes: Sequence[str] = (),
+                   fg_masks: str | None = None) -> list[str]:
     """`plan_custom`, then copy, then remove what an earlier run left in the converted
     classes' train/ and test/ folders that this plan does not list (a ground_truth/ the
-    user added stays); -> the classes written. Their folders in `out` and `also_writes`
-    are marked as this tool's (CUSTOM_MARKER) before any copy, so that a re-run after a
-    crash finds them its own."""
+    user added stays), and, converting every class, the classes it wrote from `src` that
+    `src` no longer has (`_remove_dropped_classes`; `fg_masks`: the training copy's
+    fg_mask/ folder); -> the classes written. Their folders in `out` and `also_writes`
+    are marked as this tool's (CUSTOM_MARKER, naming `src`) before any copy, so that a
+    re-run after a crash finds them its own."""
     plan = plan_custom(src, out, test_fraction, classes, also_writes)
     _warn_trained_now_tested(out, plan)
     for name in plan:
@@ -314,15 +319,53 @@ def convert_custom(src: str, out: str, sync: Sync,
             marker = os.path.join(folder, name, CUSTOM_MARKER)
             os.makedirs(os.path.dirname(marker), exist_ok=True)
             write_atomic(marker, lambda tmp: Path(tmp).write_text(
-                f"written by setup_train_dataset.py --custom {src}\n"))
+                f"{MARKER_TEXT}{os.path.abspath(src)}\n"))
     counts = sync([p for pairs in plan.values() for p in pairs], "custom images")
     removed = sum(remove_unlisted(os.path.join(out, name, split), {dst for _, dst in pairs})
                   for name, pairs in plan.items() for split in ("train", "test"))
     print(f"custom set -> {out}: {len(plan)} classes; images "
           f"{', '.join(f'{v} {k}' for k, v in counts.items())}; {removed} file(s) this split "
           "does not list removed; no ground-truth masks: pixel metrics are undefined")
+    if not classes:  # every class of the source: one it no longer has is gone
+        _remove_dropped_classes(src, set(plan), out, also_writes, fg_masks)
     _note_good_only(out, plan)
     return sorted(plan)
+
+
+def _written_from(folder: str, src: str) -> bool:
+    """Whether the class folder `folder` holds a CUSTOM_MARKER naming `src` (an earlier
+    version wrote the path as given: compared as real paths)."""
+    try:
+        text = Path(folder, CUSTOM_MARKER).read_text()
+    except OSError:
+        return False
+    return (text.startswith(MARKER_TEXT) and os.path.realpath(
+        text[len(MARKER_TEXT):].rstrip("\n")) == os.path.realpath(src))
+
+
+def _remove_dropped_classes(src: str, kept: set[str], out: str, also_writes: Sequence[str],
+                            fg_masks: str | None) -> None:
+    """Delete the class folders in `out` and `also_writes` that --custom wrote from `src`
+    but `src` no longer has (training and evaluation would still read them), with the
+    foreground masks (`fg_masks`/<class>) of a training copy removed; named in one line.
+    A folder written from another source, or not by --custom, stays."""
+    removed = []
+    for folder in (out, *also_writes):
+        if not os.path.isdir(folder):
+            continue
+        for name in data_subdirs(folder):
+            path = os.path.join(folder, name)
+            if name in kept or not _written_from(path, src):
+                continue
+            shutil.rmtree(path)
+            removed.append(path)
+            masks = os.path.join(fg_masks, name) if fg_masks else None
+            if folder != out and masks and os.path.isdir(masks):
+                shutil.rmtree(masks)
+                removed.append(masks)
+    if removed:
+        print(f"custom set: removed {len(removed)} folder(s) of classes no longer in {src}: "
+              f"{', '.join(removed)}")
 
 
 def _note_good_only(out: str, plan: dict[str, list[tuple[str, str]]]) -> None:

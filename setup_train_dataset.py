@@ -329,7 +329,8 @@ def _source_classes(args: argparse.Namespace) -> tuple[list[str], dict[str, str]
     elif args.custom:
         _refuse_unknown_textures(args.textures, custom_classes(args.custom, args.classes))
         classes = convert_custom(args.custom, args.data_path, sync, args.custom_test_fraction,
-                                 args.classes, also_writes=[os.path.join(args.root, "train")])
+                                 args.classes, also_writes=[os.path.join(args.root, "train")],
+                                 fg_masks=os.path.join(args.root, "fg_mask"))
     classes = find_classes(args.data_path, classes)
     _refuse_unknown_textures(args.textures, classes)
     return classes, origins

@@ -568,3 +568,34 @@ def test_custom_set_skips_junk_folders(tmp_path):
                    ("gadget/scratch/001.png", "gadget/test/scratch/001.png")]}
     assert datasets.is_junk_dir("__MACOSX") and datasets.is_junk_dir(".x")
     assert not datasets.is_junk_dir("good")
+
+
+def test_custom_removes_the_classes_its_source_no_longer_has(tmp_path, capsys):
+    """A class folder deleted from the --custom source stayed in --data_path and in
+    --root's train/ (and its foreground masks), so training and evaluation still read it.
+    A run of every class removes the folders it wrote from that source which the source
+    no longer has; a run of some --classes, and a class written from another source,
+    leave theirs alone."""
+    src = _custom_set(tmp_path / "mine", {"gadget": 3, "widget": 3})
+    dst, root = tmp_path / "mvtec", tmp_path / "inet"
+    argv = ["--custom", str(src), "--data_path", str(dst), "--root", str(root),
+            "--make_fg_masks"]
+    assert setup_main(argv) == 0
+    assert _names(root / "fg_mask") == ["gadget", "widget"]
+    other = _custom_set(tmp_path / "theirs", {"gizmo": 3})
+    assert setup_main(["--custom", str(other), "--data_path", str(dst), "--root",
+                       str(root)]) == 0
+    shutil.rmtree(src / "widget")
+    assert setup_main([*argv, "--classes", "gadget"]) == 0  # a subset: widget stays
+    assert _names(dst) == _names(root / "train") == ["gadget", "gizmo", "widget"]
+    capsys.readouterr()
+
+    assert setup_main(argv) == 0
+    out = capsys.readouterr().out
+    assert (f"custom set: removed 3 folder(s) of classes no longer in {src}: "
+            f"{dst / 'widget'}, {root / 'train' / 'widget'}, {root / 'fg_mask' / 'widget'}"
+            in out.splitlines())
+    assert _names(dst) == _names(root / "train") == ["gadget", "gizmo"]  # gizmo: theirs
+    assert _names(root / "fg_mask") == ["gadget"]
+    assert datasets.list_train_classes(str(root)) == ["gadget", "gizmo"]
+    assert datasets.list_test_classes(str(dst)) == ["gadget", "gizmo"]
