@@ -125,8 +125,10 @@ def _place(src: str, dst: str, link: bool) -> None:
 
 
 def _link(src: str, tmp: str) -> None:
+    """Hard-link the file `src` names: os.link on Linux links a symbolic link itself, and
+    a relative one then leads nowhere from its new folder."""
     try:
-        os.link(src, tmp)
+        os.link(os.path.realpath(src), tmp)
     except OSError as e:
         raise OSError(f"--link: cannot hard-link {src} to {tmp} ({e}); data_path and root "
                       "must be on the same file system, or drop --link to copy") from e

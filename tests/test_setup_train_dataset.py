@@ -155,6 +155,18 @@ def test_link_makes_hard_links(tmp_path, capsys):
         assert (root / rel).stat().st_ino == src.stat().st_ino
     assert _run("--data_path", data, "--root", root, "--classes", "bottle", "--link") == 0
     assert "train: 0 new, 3 unchanged, 0 replaced" in capsys.readouterr().out
+    # a source that is a relative symbolic link: the file it names is linked (os.link
+    # linked the symbolic link itself, which led nowhere from its new folder)
+    image = data / "bottle" / "train" / "good" / "001.png"
+    store = tmp_path / "mvtec" / ".store"
+    store.mkdir()
+    image.rename(store / "001.png")
+    image.symlink_to(Path("..", "..", "..", ".store", "001.png"))
+    fresh = tmp_path / "inet2"
+    assert _run("--data_path", data, "--root", fresh, "--classes", "bottle", "--link") == 0
+    assert "train: 3 new, 0 unchanged, 0 replaced" in capsys.readouterr().out
+    linked = fresh / "train" / "bottle" / "001.png"
+    assert not linked.is_symlink() and linked.stat().st_ino == (store / "001.png").stat().st_ino
 
 
 def test_layout_errors_list_everything_before_writing(tmp_path, capsys):
