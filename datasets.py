@@ -841,9 +841,9 @@ def mask_defects(arr: np.ndarray) -> np.ndarray:
 
     A label map (more than two values, all whole and none above LABEL_MAP_VALUES: an id
     per defect kind, as VisA's): every non-zero pixel, as VisA's converter reads them;
-    half the maximum would drop the lower ids. Anything else (0/1, 0/255, a blurred,
-    resized or JPEG-compressed binary mask, a float mask of 0-1): above half the
-    maximum."""
+    half the maximum would drop the lower ids. Two values: the larger one (a grey
+    background, 128/255, is no defect). Anything else (a blurred, resized or
+    JPEG-compressed binary mask, a float mask of 0-1): above half the maximum."""
     top = arr.max(initial=0)
     if top <= 0:
         return np.zeros(arr.shape, bool)
@@ -851,7 +851,9 @@ def mask_defects(arr: np.ndarray) -> np.ndarray:
     if np.count_nonzero(defects) + np.count_nonzero(arr == 0) == arr.size:
         return defects  # 0 and one value, the common case: no sort of the pixels
     values = np.unique(arr)
-    if len(values) > 2 and values[-1] <= LABEL_MAP_VALUES and (values % 1 == 0).all():
+    if len(values) == 2:
+        return defects
+    if values[-1] <= LABEL_MAP_VALUES and (values % 1 == 0).all():
         return arr != 0
     return arr > values[-1] / 2
 

@@ -882,6 +882,14 @@ def test_mask_defects_reads_binary_masks_label_maps_and_blurred_edges(name, valu
     assert not datasets.mask_defects(np.zeros((4, 4), np.uint8)).any()
 
 
+def test_a_two_valued_mask_marks_its_larger_value():
+    """Neither value 0: a grey background (128) above half the maximum was all defect."""
+    grey = np.full((4, 96), 128, np.uint8)
+    grey[:, :8] = 255
+    assert datasets.mask_defects(grey).nonzero()[1].tolist() == [*range(8)] * 4
+    assert datasets.mask_defects(grey.astype(np.float32) / 255).sum() == 32
+
+
 def test_palette_and_colour_masks_read_by_index_and_strongest_channel(tmp_path):
     """A palette mask of colours by its indices (0 the background, even when it is
     white), one of greys by its colours; a colour mask by its strongest channel, so a
