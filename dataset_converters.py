@@ -57,7 +57,8 @@ def _write_binary_mask(src: str, dst: str) -> None:
 
 def read_visa_split(visa_dir: str, classes: Sequence[str] | None = None
                     ) -> dict[str, list[dict[str, str]]]:
-    """{class: rows of split_csv/1cls.csv}, every named file checked to exist."""
+    """{class: rows of split_csv/1cls.csv}, every named file checked to exist and no
+    two rows clashing (`_clash_problems`)."""
     path = os.path.join(visa_dir, VISA_SPLIT)
     if not os.path.isfile(path):
         raise LayoutError(f"{path} does not exist; --visa takes the extracted VisA folder: "
@@ -70,6 +71,7 @@ def read_visa_split(visa_dir: str, classes: Sequence[str] | None = None
         rows = list(reader)
     wanted = set(classes) if classes else None
     by_class: dict[str, list[dict[str, str]]] = {}
+    listed: list[tuple[int, dict[str, str]]] = []  # (line, row) of the rows read
     problems = []
     for k, row in enumerate(rows, start=2):
         if wanted is not None and row["object"] not in wanted:  # a row's first field
@@ -100,6 +102,8 @@ def read_visa_split(visa_dir: str, classes: Sequence[str] | None = None
             if problem:
                 problems.append(f"{problem} (line {k})")
         by_class.setdefault(row["object"], []).append(row)
+        listed.append((k, row))
+    problems += _clash_problems(listed)
     if wanted is not None:
         problems += [f"class {c!r} has no row" for c in sorted(wanted - set(by_class))]
     else:
@@ -113,6 +117,40 @@ def read_visa_split(visa_dir: str, classes: Sequence[str] | None = None
                           + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20
                              else "") + f"\nexpected {VISA_LAYOUT}")
     return by_class
+
+
+def _clash_problems(listed: list[tuple[int, dict[str, str]]]) -> list[str]:
+    """The (line, row)s that would write one file twice or train on a test image: an
+    image in more than one row (repeated, or in train and test), and images of one stem
+    bound for one folder (one would overwrite the other, or share its mask and result
+    name)."""
+    rows_of: dict[tuple[str, str], list[tuple[int, dict[str, str]]]] = {}
+    for k, row in listed:
+        rows_of.setdefault((row["object"], os.path.normpath(row["image"])), []).append((k, row))
+    problems = []
+    bound_for: dict[tuple[str, str], list[tuple[int, str]]] = {}  # (folder, stem): images
+    for (name, image), rows in rows_of.items():
+        lines = ", ".join(str(k) for k, _ in rows)
+        kinds = list(dict.fromkeys(f"{row['split']} {row['label']}" for _, row in rows))
+        if len(kinds) > 1:
+            leak = (" (a test image would be trained on)"
+                    if {row["split"] for _, row in rows} == {"train", "test"} else "")
+            problems.append(f"lines {lines}: {image} is listed as {' and '.join(kinds)}"
+                            f"{leak}: keep only the row it belongs to")
+        elif len(rows) > 1:
+            problems.append(f"lines {lines}: {image} is listed {len(rows)} times as "
+                            f"{kinds[0]}: remove the repeated row(s)")
+        k, row = rows[0]
+        folder = f"{name}/{row['split']}/{'good' if row['label'] == 'normal' else 'bad'}/"
+        stem = os.path.splitext(os.path.basename(image))[0]
+        bound_for.setdefault((folder, stem), []).append((k, image))
+    for (folder, stem), images in bound_for.items():
+        if len(images) > 1:
+            problems.append(f"lines {', '.join(str(k) for k, _ in images)}: "
+                            f"{' and '.join(p for _, p in images)} would both be copied "
+                            f"to {folder} as {stem} (one over the other, or sharing its "
+                            "mask): rename all but one image, and its row")
+    return problems
 
 
 def convert_visa(visa_dir: str, out: str, sync: Sync, classes: Sequence[str] | None = None

@@ -599,3 +599,40 @@ def test_custom_removes_the_classes_its_source_no_longer_has(tmp_path, capsys):
     assert _names(root / "fg_mask") == ["gadget"]
     assert datasets.list_train_classes(str(root)) == ["gadget", "gizmo"]
     assert datasets.list_test_classes(str(dst)) == ["gadget", "gizmo"]
+
+
+def test_visa_split_refuses_rows_that_clash_before_writing(tmp_path):
+    """An edited split file with two images of one name bound for one folder (one
+    overwrote the other), a repeated row, or an image in train and test (a test image
+    trained on) converted with exit 0; now each is named by its lines, all in the one
+    error of the split's other problems, and nothing is written."""
+    images = tmp_path / "candle" / "Data" / "Images"
+    for rel in ("Normal/0000.JPG", "Extra/0000.JPG", "Normal/0001.JPG", "Normal/0002.JPG",
+                "Normal/0003.JPG"):
+        (images / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16)).save(images / rel)
+    (tmp_path / "split_csv").mkdir()
+    (tmp_path / "split_csv" / "1cls.csv").write_text(
+        "object,split,label,image,mask\n"
+        "candle,train,normal,candle/Data/Images/Normal/0000.JPG,\n"
+        "candle,train,normal,candle/Data/Images/Extra/0000.JPG,\n"
+        "candle,train,normal,candle/Data/Images/Normal/0001.JPG,\n"
+        "candle,train,normal,candle/Data/Images/Normal/0001.JPG,\n"
+        "candle,train,normal,candle/Data/Images/Normal/0002.JPG,\n"
+        "candle,test,normal,candle/Data/Images/Normal/0002.JPG,\n"
+        "candle,test,normal,candle/Data/Images/Normal/0003.JPG,\n"
+        "candle,train,normal,candle/Data/Images/Normal/missing.JPG,\n")
+    out = tmp_path / "out"
+    with pytest.raises(dataset_converters.LayoutError) as err:
+        dataset_converters.convert_visa(str(tmp_path), str(out), lambda *a: pytest.fail(),
+                                        ["candle"])
+    assert str(err.value).splitlines()[1:-1] == [
+        f"  {images / 'Normal' / 'missing.JPG'} (line 9) missing",
+        "  lines 4, 5: candle/Data/Images/Normal/0001.JPG is listed 2 times as train normal: "
+        "remove the repeated row(s)",
+        "  lines 6, 7: candle/Data/Images/Normal/0002.JPG is listed as train normal and test "
+        "normal (a test image would be trained on): keep only the row it belongs to",
+        "  lines 2, 3: candle/Data/Images/Normal/0000.JPG and candle/Data/Images/Extra/0000.JPG "
+        "would both be copied to candle/train/good/ as 0000 (one over the other, or sharing "
+        "its mask): rename all but one image, and its row"]
+    assert not out.exists()
