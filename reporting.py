@@ -32,9 +32,14 @@ def _methods(results: dict) -> list[tuple[str, str]]:
 
 
 def summarize(results: dict) -> None:
-    """Means over classes of PMAD and each baseline, and per defect type."""
+    """Means over classes of PMAD and each baseline, and per defect type; the classes
+    whose metrics are undefined, with why (`undefined`, where there are any)."""
     classes = results["classes"]
     results["mean"] = metrics.mean_metrics(classes)
+    results.pop("undefined", None)
+    undefined = undefined_classes(results)
+    if undefined:
+        results["undefined"] = undefined
     with warnings.catch_warnings():  # a baseline's metrics are undefined where PMAD's are,
         # for the same labels and masks (non-finite scores are refused): said once, above
         warnings.simplefilter("ignore", metrics.UndefinedMetricWarning)
@@ -65,6 +70,9 @@ def format_table(results: dict, protocol: str) -> str:
             + (f"; setting: **{results['setting']}**" if results.get("setting") else ""), ""]
     if results.get("failed"):
         rows += [incomplete_note(results), ""]
+    if results.get("undefined"):
+        rows += ["Undefined metrics (so are the means of those metrics): " + "; ".join(
+            f"{c}: {why}" for c, why in results["undefined"].items()), ""]
     rows.append(head)
 
     def row(name: str, r: dict) -> str:
@@ -269,18 +277,28 @@ def exit_status(results: dict) -> int:
     """0 when every class was evaluated, else 1: a class fails when it is in
     results['failed'] or any of its metrics is not finite (a pixel metric only where it
     has ground truth). Each failed class is listed on stderr with why."""
-    why = dict(results.get("failed", {}))
-    for name, record in results["classes"].items():
-        undefined = [k for k in metrics.METRIC_NAMES
-                     if (record.get("ground_truth", True) or k not in metrics.PIXEL_METRICS)
-                     and not math.isfinite(record.get(k, math.nan))]
-        if undefined and name not in why:
-            why[name] = _why_undefined(record, undefined)
+    failed = results.get("failed", {})
+    why = {**failed, **{c: w for c, w in undefined_classes(results).items()
+                        if c not in failed}}
     if why:
         print("[run_test] failed classes: " + "; ".join(f"{c} ({_first_line(w)})"
                                                         for c, w in why.items()),
               file=sys.stderr)
     return 1 if why else 0
+
+
+def undefined_classes(results: dict) -> dict[str, str]:
+    """{class: why} of the classes evaluated whose metrics are not all finite (a pixel
+    metric only where the class has ground truth): such a class fails the run, and
+    results.json and results.md say why beside its nan."""
+    why = {}
+    for name, record in results["classes"].items():
+        undefined = [k for k in metrics.METRIC_NAMES
+                     if (record.get("ground_truth", True) or k not in metrics.PIXEL_METRICS)
+                     and not math.isfinite(record.get(k, math.nan))]
+        if undefined:
+            why[name] = _why_undefined(record, undefined)
+    return why
 
 
 def _first_line(text: str) -> str:
@@ -297,8 +315,8 @@ def _why_undefined(record: dict, undefined: list[str]) -> str:
         return ("no defective test image, so its metrics are undefined: add images to "
                 "test/<defect>/, or score its images with predict.py")
     if anomalous is not None and anomalous == images:
-        return ("no good test image, so its image AUROC is undefined: add images to "
-                "test/good/")
+        return ("no good test image, so its image AUROC is undefined (and its image AP "
+                "and F1-max are 1 whatever the scores): add images to test/good/")
     return f"{', '.join(undefined)} undefined"
 
 

@@ -125,7 +125,8 @@ def test_a_class_without_defective_or_good_test_images_fails_saying_which(capsys
     assert capsys.readouterr().err == (
         "[run_test] failed classes: stars (no defective test image, so its metrics are "
         "undefined: add images to test/<defect>/, or score its images with predict.py); cat "
-        "(no good test image, so its image AUROC is undefined: add images to test/good/)\n")
+        "(no good test image, so its image AUROC is undefined (and its image AP and F1-max "
+        "are 1 whatever the scores): add images to test/good/)\n")
 
 
 def test_undefined_means_are_said_once_not_again_for_each_baseline():
@@ -142,6 +143,29 @@ def test_undefined_means_are_said_once_not_again_for_each_baseline():
     assert [str(w.message) for w in caught] == [
         "mean image_auroc, image_ap are nan because they are undefined for ['b']"]
     assert math.isnan(results["mean_protoflow_only"]["image_auroc"])
+
+
+def test_results_say_why_a_class_has_undefined_metrics(tmp_path):
+    """A class without good test images showed nan/nan beside image AP and F1-max of
+    1.000, and only stderr said why: results.json and results.md say it too."""
+    only_defective = {**_class_record(0.9, ["crack"]), "num_images": 3, "num_anomalous": 3}
+    for key in (only_defective, only_defective["protoflow_only"],
+                only_defective["patchcore"]):
+        key["image_auroc"] = math.nan
+    results = {"classes": {"a": _class_record(0.8, ["crack"]), "cat": only_defective},
+               "protocol": "clean"}
+    with pytest.warns(metrics.UndefinedMetricWarning):
+        reporting.summarize(results)
+    why = ("no good test image, so its image AUROC is undefined (and its image AP and "
+           "F1-max are 1 whatever the scores): add images to test/good/")
+    reporting.write_results(results, tmp_path, "clean")
+    assert strict_json(tmp_path / "results.json")["undefined"] == {"cat": why}
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert table[2] == f"Undefined metrics (so are the means of those metrics): cat: {why}"
+    results["classes"].pop("cat")
+    reporting.summarize(results)
+    assert "undefined" not in results
+    assert "Undefined" not in reporting.format_table(results, "clean")
 
 
 def test_exit_status_fails_a_class_that_lacks_a_metric(capsys):
