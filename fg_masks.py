@@ -236,8 +236,12 @@ def _write_mask(root: str, name: str, path: str, textures: Sequence[str],
         image = np.asarray(open_rgb(path))  # (H, W, 3)
     except BadFileError as e:
         source = (sources or {}).get(path)
-        if source is None or e.__cause__ is None:
+        if source is None:
             raise
+        if e.__cause__ is None:  # readable, but of content refused ('<path> holds ...'):
+            # the original is the file to mend, as the message's own fix says
+            raise BadFileError(str(e).replace(path, f"{source} (copied to {path})", 1)
+                               ) from None
         raise BadFileError(f"cannot read image {source} (copied to {path}): "
                            f"{e.__cause__}; {fix}") from None
     status = "texture"

@@ -572,3 +572,25 @@ def test_make_demo_again_keeps_its_new_masks_and_only_its_new_images(tmp_path, c
                  "--classes", "coins", "--demo_counts", "2", "1", "1"]) == 2
     assert "was not written by demo_data.py" in capsys.readouterr().err
     assert (foreign / "mine.png").read_bytes() == b"not the demo's"
+
+
+def test_a_refused_custom_image_is_named_by_its_original(tmp_path, capsys):
+    """A readable image of refused content (16-bit holding 8-bit values) in a --custom
+    set was named by its copy under --root, which the next run overwrites from the
+    original: the original is the file to mend."""
+    src = tmp_path / "mine"
+    rng = np.random.default_rng(0)
+    for folder, count in (("good", 4), ("scratch", 1)):
+        (src / "gadget" / folder).mkdir(parents=True)
+        for k in range(count):
+            _save(src / "gadget" / folder / f"{k:03d}.png",
+                  rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    eight_bit = rng.integers(1, 199, (16, 16), dtype=np.uint16)
+    eight_bit[0, 0] = 199
+    Image.fromarray(eight_bit).save(src / "gadget" / "good" / "000.png")  # a training image
+    assert _run("--custom", str(src), "--data_path", str(tmp_path / "mvtec"),
+                "--root", str(tmp_path / "inet"), "--make_fg_masks") == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"error: {src / 'gadget' / 'good' / '000.png'} (copied to "
+                          f"{tmp_path / 'inet' / 'train' / 'gadget' / '000.png'}) holds "
+                          "I;16 values no larger than 199")
