@@ -33,6 +33,9 @@ VISA_LAYOUT = ("<visa>/split_csv/1cls.csv (columns object, split, label, image, 
                "the files it names, e.g. <visa>/candle/Data/Images/Normal/0000.JPG")
 CUSTOM_LAYOUT = "<custom>/<class>/good/*.png and optionally <custom>/<class>/<defect>/*.png"
 DEFAULT_TEST_FRACTION = 0.2
+# Training images a class needs: run_protoflow.py holds out at least one of them (its
+# --holdout 0.1, datasets.holdout_split) and refuses a class that keeps none.
+MIN_TRAIN_IMAGES = 2
 # In each class folder --custom writes: marks it as this tool's, whose train/ and test/
 # files a re-run may replace and remove (never those of a class it did not write).
 CUSTOM_MARKER = ".pmad_custom_split"
@@ -193,6 +196,15 @@ def held_out(n: int, test_fraction: float) -> list[bool]:
     return [(k + 1) * m // n > k * m // n for k in range(n)]
 
 
+def min_normal_images(test_fraction: float) -> int:
+    """The fewest normal images of a class that leave MIN_TRAIN_IMAGES to train on once
+    `held_out` has taken its share (the count it leaves never falls as images are added)."""
+    n = MIN_TRAIN_IMAGES + 1
+    while n - sum(held_out(n, test_fraction)) < MIN_TRAIN_IMAGES:
+        n += 1
+    return n
+
+
 def _check_apart(src: str, out: str) -> None:
     """The conversion deletes files in <out>/<class> that its split does not list: the
     source must not lie there (nor the output in the source, where it would be read as a
@@ -231,6 +243,7 @@ def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
         raise ValueError(f"--custom_test_fraction {test_fraction} is outside (0, 1)")
     names = custom_classes(src, classes)
     _check_apart(src, out)
+    least = min_normal_images(test_fraction)
     plan: dict[str, list[tuple[str, str]]] = {}
     problems = []
     for name in names:
@@ -248,10 +261,13 @@ def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
         problems += [p for d in (out, *also_writes)
                      if (p := _foreign_class_problem(os.path.join(d, name)))]
         good = list_images(os.path.join(src, name, normal[0]))
-        if len(good) < 2:
+        if len(good) < least:
             problems.append(f"{os.path.join(src, name, normal[0])}: {len(good)} image(s); add "
-                            "normal images until it has at least 2 (one to train on, one held "
-                            "out), or remove the class folder")
+                            f"normal images until it has at least {least} ({MIN_TRAIN_IMAGES} "
+                            "to train on, as run_protoflow.py holds one out, and "
+                            f"{least - MIN_TRAIN_IMAGES} held out to test/good by "
+                            f"--custom_test_fraction {test_fraction:g}), or remove the class "
+                            "folder")
             continue
         pairs = [(f, os.path.join(out, name, "test" if test else "train", "good",
                                   os.path.basename(f)))

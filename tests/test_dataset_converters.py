@@ -317,12 +317,12 @@ def test_custom_rerun_leaves_exactly_the_new_split(tmp_path, capsys):
     """A second conversion with another fraction moves images instead of copying them
     into both train/ and test/, in the MVTec layout and in the training copy; what the
     conversion does not own (a ground_truth/ the user added) stays."""
-    src = _custom_set(tmp_path / "mine", {"gadget": 10, "widget": 3})
+    src = _custom_set(tmp_path / "mine", {"gadget": 10, "widget": 4})
     dst, root = tmp_path / "mvtec", tmp_path / "inet"
     argv = ["--custom", str(src), "--data_path", str(dst), "--root", str(root)]
     assert setup_main(argv) == 0
     assert _names(dst / "gadget" / "test" / "good") == ["004.png", "009.png"]
-    assert _names(dst / "widget" / "test" / "good") == ["002.png"]  # 3 images: one held out
+    assert _names(dst / "widget" / "test" / "good") == ["003.png"]  # 4 images: one held out
     assert setup_main(argv) == 0  # the same split again: nothing trained on is tested
     assert "warning" not in capsys.readouterr().err
     (dst / "notes.txt").write_text("mine")
@@ -345,14 +345,14 @@ def test_custom_rerun_leaves_exactly_the_new_split(tmp_path, capsys):
     gadget_train = [f"{k:03d}.png" for k in (0, 2, 4, 6, 8)]
     assert _names(dst / "gadget" / "test" / "good") == gadget_test
     assert _names(dst / "gadget" / "train" / "good") == gadget_train
-    assert _names(dst / "widget" / "test" / "good") == ["001.png", "002.png"]
-    assert _names(dst / "widget" / "train" / "good") == ["000.png"]
+    assert _names(dst / "widget" / "test" / "good") == ["001.png", "003.png"]
+    assert _names(dst / "widget" / "train" / "good") == ["000.png", "002.png"]
     assert _names(dst / "gadget") == [dataset_converters.CUSTOM_MARKER, "ground_truth", "test",
                                       "train"]  # the user's ground_truth/ stays
     assert (dst / "gadget" / "ground_truth" / "scratch" / "000_mask.png").read_bytes() == b"mine"
     marker = dataset_converters.CUSTOM_MARKER  # the training copy's folders are its own too
     assert _names(root / "train" / "gadget") == [marker, *gadget_train]
-    assert _names(root / "train" / "widget") == [marker, "000.png"]
+    assert _names(root / "train" / "widget") == [marker, "000.png", "002.png"]
     # gadget 1, 3, 5, 7 left train, 4 left test; widget 1 left train
     assert "6 file(s) this split does not list removed" in out
     assert "train: 5 file(s) the custom split does not train on removed" in out
@@ -413,13 +413,20 @@ def test_custom_classes_and_folders_checked_before_writing(tmp_path, capsys):
     assert setup_main([*base, "--classes", "widget"]) == 0
     assert _names(dst) == ["widget"]  # only the class asked for
 
-    shutil.rmtree(src / "gadget" / "good")
-    (src / "gadget" / "good").mkdir()
-    Image.new("RGB", (16, 16)).save(src / "gadget" / "good" / "000.png")
+    # 2 images: 1 to train on was converted, and run_protoflow.py then refused the class
+    (src / "gadget" / "good" / "002.png").unlink()
+    (src / "gadget" / "good" / "003.png").unlink()
     assert setup_main(base) == 2
-    assert (f"{src / 'gadget' / 'good'}: 1 image(s); add normal images until it has at "
-            "least 2" in capsys.readouterr().err)
+    assert (f"{src / 'gadget' / 'good'}: 2 image(s); add normal images until it has at "
+            "least 3 (2 to train on, as run_protoflow.py holds one out, and 1 held out to "
+            "test/good by --custom_test_fraction 0.2), or remove the class folder"
+            in capsys.readouterr().err)
     assert not (dst / "gadget").exists()
+    with pytest.raises(dataset_converters.LayoutError, match=(  # 0.7: 3 of 4 held out
+            r"widget/good: 4 image\(s\); add normal images until it has at least 6 \(2 to "
+            r"train on, as run_protoflow.py holds one out, and 4 held out to test/good by "
+            r"--custom_test_fraction 0.7\)")):
+        dataset_converters.plan_custom(str(src), str(dst), 0.7, ["widget"])
 
     for fraction in ("0", "1"):  # nothing held out, or nothing to train on
         with pytest.raises(SystemExit) as exit_:
@@ -519,7 +526,7 @@ def test_custom_refuses_mask_folders_and_images_beside_the_class_folders(tmp_pat
 def test_custom_defect_folders_only_named_like_masks_are_defect_types(tmp_path):
     """Only a folder named as a whole like ground-truth masks (masks, GT, ground_truth) is
     refused: defect types 'masking_tape' and 'gts_dent' are copied as any other."""
-    src = _custom_set(tmp_path / "mine", {"gadget": 2})
+    src = _custom_set(tmp_path / "mine", {"gadget": 4})
     for defect in ("masking_tape", "gts_dent"):
         (src / "gadget" / defect).mkdir()
         Image.new("RGB", (16, 16), 255).save(src / "gadget" / defect / "000.png")
@@ -527,9 +534,9 @@ def test_custom_defect_folders_only_named_like_masks_are_defect_types(tmp_path):
     out = tmp_path / "mvtec"
     plan = dataset_converters.plan_custom(str(src), str(out), test_fraction=0.5)
     assert sorted(Path(b).relative_to(out).as_posix() for _, b in plan["gadget"]) == [
-        "gadget/test/good/001.png", "gadget/test/gts_dent/000.png",
+        "gadget/test/good/001.png", "gadget/test/good/003.png", "gadget/test/gts_dent/000.png",
         "gadget/test/masking_tape/000.png", "gadget/test/scratch/000.png",
-        "gadget/test/scratch/001.png", "gadget/train/good/000.png"]
+        "gadget/test/scratch/001.png", "gadget/train/good/000.png", "gadget/train/good/002.png"]
 
 
 def test_custom_checks_root_and_mask_zip_before_converting(tmp_path, capsys):
@@ -553,7 +560,7 @@ def test_custom_checks_root_and_mask_zip_before_converting(tmp_path, capsys):
 def test_custom_set_skips_junk_folders(tmp_path):
     """A custom set unzipped on macOS has __MACOSX beside its classes, and a notebook
     leaves .ipynb_checkpoints in a class: neither is a class nor a defect type."""
-    src = _custom_set(tmp_path / "mine", {"gadget": 2})
+    src = _custom_set(tmp_path / "mine", {"gadget": 4})
     for junk in ("__MACOSX/gadget/good/._000.png", ".git/x.png",
                  "gadget/.ipynb_checkpoints/000-checkpoint.png", "gadget/__MACOSX/._000.png"):
         (src / junk).parent.mkdir(parents=True, exist_ok=True)
@@ -564,6 +571,8 @@ def test_custom_set_skips_junk_folders(tmp_path):
                    for a, b in pairs] for name, pairs in plan.items()} == {
         "gadget": [("gadget/good/000.png", "gadget/train/good/000.png"),
                    ("gadget/good/001.png", "gadget/test/good/001.png"),
+                   ("gadget/good/002.png", "gadget/train/good/002.png"),
+                   ("gadget/good/003.png", "gadget/test/good/003.png"),
                    ("gadget/scratch/000.png", "gadget/test/scratch/000.png"),
                    ("gadget/scratch/001.png", "gadget/test/scratch/001.png")]}
     assert datasets.is_junk_dir("__MACOSX") and datasets.is_junk_dir(".x")
