@@ -127,7 +127,8 @@ def run_prototypes(args: argparse.Namespace) -> list[str]:
                 "held_out": [os.path.basename(dataset.samples[i][0]) for i in held],
                 "coreset_ratio": args.coreset_ratio, "projection_dim": args.projection_dim,
                 "img_size": args.img_size, "shape": list(protos.shape),
-                "normalization": normalization_record(mean, std)}
+                "normalization": normalization_record(mean, std),
+                "skip_bad_images": args.skip_bad_images}
         paths.append(save_prototypes(args.output_dir, name, protos, meta))
         print(f"{name}: {len(kept)} images ({len(held)} held out) -> {len(protos)} "
               f"prototypes -> {paths[-1]}", flush=True)
@@ -146,13 +147,14 @@ def _split_by_class(dataset: Dataset, classes: list[str], kept: list[int], held:
 
 
 def _check_prototype_images(prototypes_dir: str, held_out: dict[str, list[str]],
-                            kept: dict[str, int]) -> None:
+                            kept: dict[str, int], skip_bad_images: bool) -> None:
     """The prototypes must come from the training set the flow trains on, per class: one
     of as many images (`kept` plus `held_out`; images added or removed since, or a custom
     set split anew, give other prototypes than the flow's data), and, when images are
     held out for the threshold, none of those (their coreset.json lists the same
     held-out files), or the threshold is low. A few-shot class's prototypes
-    (--num_shots) are compared by held-out files only."""
+    (--num_shots) are compared by held-out files only. Counts that differ because one
+    command left out bad images (--skip_bad_images) and the other did not say so."""
     fix = "rebuild the prototypes with `python run_protoflow.py prototypes`"
     for name, count in kept.items():
         meta_path = os.path.join(prototypes_dir, name, CORESET_META)
@@ -166,6 +168,13 @@ def _check_prototype_images(prototypes_dir: str, held_out: dict[str, list[str]],
         made = meta.get("num_images")
         if made is not None and meta.get("num_shots") is None:  # kept + held out, each time
             made, now = made + len(meta.get("held_out", [])), count + len(held_out[name])
+            skipped = meta.get("skip_bad_images")  # absent from an earlier version's file
+            if made != now and skipped is not None and skipped != skip_bad_images:
+                raise FlagError(f"{meta_path}: the prototypes were made from {made} images "
+                                f"of '{name}' {'with' if skipped else 'without'} "
+                                f"--skip_bad_images, this training has {now} "
+                                f"{'with' if skip_bad_images else 'without'} it: pass the "
+                                "same --skip_bad_images to both commands")
             if made != now:
                 raise FlagError(f"{meta_path}: the prototypes were made from a training set "
                                 f"of {made} images of '{name}', this one has {now} (images "
@@ -349,7 +358,8 @@ def run_train(args: argparse.Namespace) -> dict:
     start_epoch = _resume(args, resume_path, flow, optimizer, run_args, data_files)
     # after _resume: a resumed run's changed images are named by its own check
     _check_prototype_images(args.prototypes_dir,
-                            *_split_by_class(train_set, classes, kept, held))
+                            *_split_by_class(train_set, classes, kept, held),
+                            args.skip_bad_images)
     if start_epoch == 0:
         _set_aside_earlier_run(args.output)
     log = JsonlLog(args.output + LOG_SUFFIX, start_epoch)

@@ -487,7 +487,8 @@ def test_coreset_json_is_atomic_and_tied_to_its_npy(monkeypatch, tmp_path):
     meta = json.loads(open(meta_path).read())
     assert meta == {"seed": 0, "held_out": ["002.png"], "npy_sha256": utils.file_sha256(npy)}
     assert pf.load_prototypes(str(tmp_path), "bottle", 152).shape == (5, 152)
-    rpf._check_prototype_images(str(tmp_path), {"bottle": ["002.png"]}, {"bottle": 4})
+    rpf._check_prototype_images(str(tmp_path), {"bottle": ["002.png"]}, {"bottle": 4},
+                                False)
 
     def killed_mid_write(path, text):
         open(path, "w").write(text[:20])
@@ -509,7 +510,8 @@ def test_coreset_json_is_atomic_and_tied_to_its_npy(monkeypatch, tmp_path):
         pf.load_prototypes(str(tmp_path), "bottle", 152)
     assert str(err.value) == stale + f"`{make}`"
     with pytest.raises(CheckpointError) as err:  # it would trust held_out ["002.png"]
-        rpf._check_prototype_images(str(tmp_path), {"bottle": ["002.png"]}, {"bottle": 4})
+        rpf._check_prototype_images(str(tmp_path), {"bottle": ["002.png"]}, {"bottle": 4},
+                                False)
     assert str(err.value) == stale + "`python run_protoflow.py prototypes`"
     del meta["npy_sha256"]  # an older version's coreset.json: nothing to compare
     open(meta_path, "w").write(json.dumps(meta))
@@ -1159,6 +1161,20 @@ def test_train_refuses_prototypes_made_from_other_images(cli, tmp_path):
     obj = rpf.main(train + ["--output", str(tmp_path / "y.pt"), "--classes", "brick",
                             "--epochs", "1"])
     assert obj["classes"] == ["brick"]
+    # a bad image left out by one command and not the other: said so, not 'added or
+    # removed since' (a rebuild would not help)
+    (data / "train" / "brick" / "009.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    skipping = str(tmp_path / "skipping")
+    with pytest.warns(datasets.DataWarning):
+        rpf.main(["prototypes", *common, "--output_dir", skipping, "--classes", "brick",
+                  "--skip_bad_images"])
+    train[train.index("--prototypes_dir") + 1] = skipping
+    with pytest.raises(FlagError) as err:
+        rpf.main(train + ["--output", str(tmp_path / "z.pt"), "--classes", "brick"])
+    assert str(err.value) == (f"{skipping}/brick/coreset.json: the prototypes were made from "
+                              "9 images of 'brick' with --skip_bad_images, this training has "
+                              "10 without it: pass the same --skip_bad_images to both "
+                              "commands")
 
 
 def test_resume_without_a_resume_file_is_refused(cli):
