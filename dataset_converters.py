@@ -236,16 +236,17 @@ def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
     """{class: [(source, destination)]} of a custom set (every class folder, or those in
     `classes`). `held_out` picks the normal images (sorted by name) that go to test/good,
     the rest train; each other folder of a class is a defect type, copied to
-    test/<defect>. No ground_truth/ is written: run_test.py then reports the pixel
-    metrics as undefined. A class folder in `out`, or in a folder of `also_writes` (the
-    training copy's <root>/train), that holds files but no CUSTOM_MARKER is refused."""
+    test/<defect> (an empty one is named in a note on stderr). No ground_truth/ is
+    written: run_test.py then reports the pixel metrics as undefined. A class folder in
+    `out`, or in a folder of `also_writes` (the training copy's <root>/train), that holds
+    files but no CUSTOM_MARKER is refused."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"--custom_test_fraction {test_fraction} is outside (0, 1)")
     names = custom_classes(src, classes)
     _check_apart(src, out)
     least = min_normal_images(test_fraction)
     plan: dict[str, list[tuple[str, str]]] = {}
-    problems = []
+    problems, notes = [], []
     for name in names:
         folders = data_subdirs(os.path.join(src, name))
         normal = [d for d in folders if d in NORMAL_DIRS]
@@ -272,16 +273,26 @@ def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
         pairs = [(f, os.path.join(out, name, "test" if test else "train", "good",
                                   os.path.basename(f)))
                  for f, test in zip(good, held_out(len(good), test_fraction))]
+        empty = []
         for defect in folders:
             if defect not in NORMAL_DIRS:
+                images = list_images(os.path.join(src, name, defect))
+                if not images:
+                    empty.append(defect)
                 pairs += [(f, os.path.join(out, name, "test", defect, os.path.basename(f)))
-                          for f in list_images(os.path.join(src, name, defect))]
+                          for f in images]
+        if empty:
+            notes.append(f"note: {os.path.join(src, name)}: left out {len(empty)} empty "
+                         f"folder(s) ({some_names(empty, 3)}): no image of that defect type "
+                         "is converted or scored")
         plan[name] = pairs
     if not plan and not problems:
         problems.append(f"no class folders in {src}")
     if problems:
         raise LayoutError("the custom set cannot be converted:\n  " + "\n  ".join(problems)
                           + f"\nexpected {CUSTOM_LAYOUT}")
+    for note in notes:  # said, not dropped unseen (as run_test.py says of MVTec's)
+        print(note, file=sys.stderr)
     return plan
 
 

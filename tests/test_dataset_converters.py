@@ -645,3 +645,20 @@ def test_visa_split_refuses_rows_that_clash_before_writing(tmp_path):
         "would both be copied to candle/train/good/ as 0000 (one over the other, or sharing "
         "its mask): rename all but one image, and its row"]
     assert not out.exists()
+
+
+def test_custom_names_empty_defect_folders(tmp_path, capsys):
+    """DIR/widget/dent/ without an image disappeared without a word (no test/dent, no
+    defect type scored); now a note names it, as run_test.py does for the MVTec layout."""
+    src = _custom_set(tmp_path / "mine", {"gadget": 3, "widget": 3})
+    for defect in ("dent", "hole"):
+        (src / "widget" / defect).mkdir()
+    (src / "widget" / "hole" / "readme.txt").write_text("no images yet")
+    dst = tmp_path / "mvtec"
+    assert setup_main(["--custom", str(src), "--data_path", str(dst), "--root",
+                       str(tmp_path / "inet")]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "empty folder" in ln]
+    assert notes == [f"note: {src / 'widget'}: left out 2 empty folder(s) (dent, hole): no "
+                     "image of that defect type is converted or scored"]
+    assert _names(dst / "widget" / "test") == _names(dst / "gadget" / "test") == [
+        "good", "scratch"]
