@@ -270,8 +270,8 @@ def prototype_classes(prototypes_dir: str) -> list[str]:
 def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
                     backbone: str | None = None, out_indices: Sequence[int] | None = None,
                     flags: dict | None = None,
-                    normalization: tuple[Sequence[float], Sequence[float]] | None = None
-                    ) -> Tensor:
+                    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+                    rebuild: dict | None = None) -> Tensor:
     """<dir>/<class>/coreset.npy as float32 (M, C), checked against the flow's encoder.
 
     `flags`: the run's flags it shares with the `prototypes` command (run_protoflow.py
@@ -279,13 +279,14 @@ def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
     encoder weights (encoder_weights, compared when given) that coreset.json records must
     then be these, since other ones give other features; the rebuild command in the
     errors repeats the flags. So must the input `normalization` (mean, std), when given
-    and recorded.
+    and recorded. `rebuild`: flags only that command adds (ProtoFlow's: where its encoder
+    came from, which a released file's untagged backbone name does not say).
     """
     path = os.path.join(prototypes_dir, class_name, CORESET_FILE)
     make = "python run_protoflow.py prototypes " + _command_flags({
         "data_path": "<ImageNet-layout root>", "classes": class_name,
-        "output_dir": prototypes_dir, "encoder": backbone or DEFAULT_BACKBONE,
-        "out_indices": out_indices, **(flags or {})})
+        "output_dir": prototypes_dir, "encoder": backbone or DEFAULT_ENCODER,
+        "out_indices": out_indices, **(flags or {}), **(rebuild or {})})
     if not os.path.isfile(path):
         have = prototype_classes(prototypes_dir)
         raise MissingFileError(f"no prototypes for class '{class_name}': {path} is missing ("
@@ -725,6 +726,15 @@ class ProtoFlow:
             encoder = create_backbone(ckpt.get("backbone", DEFAULT_ENCODER), self.out_indices,
                                       weights=encoder_weights,
                                       pretrained=encoder_weights is None)
+        # prototypes of a new class must come from this encoder: the weights our file
+        # records (_prototype_flags), a released file's own, or the file given; and the
+        # tagged name (timm gives the untagged B6 name the Noisy-Student weights)
+        self._rebuild_flags = (
+            {"encoder_weights": weights_path}
+            if "encoder_state_dict" in ckpt and "encoder_weights" not in train_args
+            else {"encoder": ckpt.get("backbone", DEFAULT_ENCODER),
+                  **({"encoder_weights": encoder_weights} if encoder_weights is not None
+                     else {})})
         channels = sum(encoder.feature_info.channels())
         if channels != self.feature_dim:
             raise CheckpointError(f"{weights_path}: the flow takes {self.feature_dim}-dim "
@@ -777,7 +787,7 @@ class ProtoFlow:
     def _load_prototypes(self, class_name: str) -> Tensor:
         protos = load_prototypes(self.prototypes_dir, class_name, self.feature_dim,
                                  self.backbone, self.out_indices, self._prototype_flags,
-                                 self.normalization)
+                                 self.normalization, self._rebuild_flags)
         self.same_prototypes(class_name)  # said once, before the class is scored
         return protos
 

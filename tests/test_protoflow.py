@@ -197,6 +197,33 @@ def test_released_layout_file_loads_strictly_with_defaults(b6_state, flow272, tm
     assert logp.shape == (1, 28, 28) and torch.isfinite(logp).all()
 
 
+def test_a_new_class_is_told_to_make_prototypes_with_the_flows_own_encoder(
+        b6_state, flow272, trained, tmp_path):
+    """The command for a missing class's prototypes named the released file's untagged
+    'tf_efficientnet_b6', for which timm fetches the Noisy-Student weights: prototypes of
+    another encoder than the flow's, and no error later. It names the file's own encoder
+    weights, or a file without them its tagged name and the --encoder_weights given."""
+    released = tmp_path / "released.pt"
+    torch.save({"encoder_state_dict": b6_state, "decoder_state_dict": flow272.state_dict()},
+               released)
+    (tmp_path / "p" / "bottle").mkdir(parents=True)
+    np.save(tmp_path / "p" / "bottle" / pf.CORESET_FILE, np.zeros((5, 272), np.float32))
+    with pytest.raises(MissingFileError) as err:
+        pf.ProtoFlow(str(released), str(tmp_path / "p")).check_prototypes(["cable"])
+    assert str(err.value).endswith(
+        f"make them with `python run_protoflow.py prototypes --data_path <ImageNet-layout "
+        f"root> --classes cable --output_dir {tmp_path / 'p'} --encoder tf_efficientnet_b6 "
+        f"--out_indices 2 3 --img_size 224 --encoder_weights {released}`")
+    obj = torch.load(trained["path"], map_location="cpu", weights_only=True)
+    bare = tmp_path / "bare.pt"  # our file without its encoder, as when trained with a download
+    torch.save({k: v for k, v in obj.items() if k != "encoder_state_dict"}, bare)
+    with pytest.raises(MissingFileError) as err:
+        pf.ProtoFlow(str(bare), trained["proto_dir"], encoder_weights=lite0_weights_path()
+                     ).check_prototypes(["cable"])
+    assert "--encoder efficientnet_lite0 --out_indices 2 3 " in str(err.value)
+    assert str(err.value).endswith(f" --encoder_weights {lite0_weights_path()}`")
+
+
 def test_wrong_encoder_keys_are_named(b6_state, flow272, tmp_path):
     state = dict(b6_state)
     state["blocks.0.0.conv_dw.weights"] = state.pop("blocks.0.0.conv_dw.weight")
@@ -388,7 +415,7 @@ def test_missing_or_mismatched_prototypes_error(tmp_path, monkeypatch):
         pf.load_prototypes(str(tmp_path), "bottle", 272)
     assert str(err.value) == (f"no prototypes for class 'bottle': {path} is missing (none "
                               "there); if the class is new, make them with "
-                              f"`{make} tf_efficientnet_b6`")
+                              f"`{make} tf_efficientnet_b6.aa_in1k`")
     (tmp_path / "bottle").mkdir()
     np.save(path, np.zeros((5, 152), np.float32))
     (tmp_path / "cable").mkdir()
@@ -401,14 +428,15 @@ def test_missing_or_mismatched_prototypes_error(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError) as err:
         pf.load_prototypes(str(tmp_path), "bottle", 272)
     assert str(err.value) == (f"{path} holds shape (5, 152), the ProtoFlow encoder gives "
-                              f"(M, 272) features; rebuild it with `{make} tf_efficientnet_b6`")
+                              "(M, 272) features; rebuild it with "
+                              f"`{make} tf_efficientnet_b6.aa_in1k`")
     for values in (np.full((5, 272), "x"), np.ones((5, 272), np.complex64),
                    np.ones((5, 272), np.int64)):  # a bare TypeError; imaginary parts dropped
         np.save(path, values)
         with pytest.raises(CheckpointError) as err:
             pf.load_prototypes(str(tmp_path), "bottle", 272)
         assert str(err.value) == (f"{path} holds {values.dtype} values, not float features; "
-                                  f"rebuild it with `{make} tf_efficientnet_b6`")
+                                  f"rebuild it with `{make} tf_efficientnet_b6.aa_in1k`")
     np.save(path, np.zeros((5, 152), np.float32))
     meta = tmp_path / "bottle" / "coreset.json"
     meta.write_text(json.dumps({"backbone": "resnet18", "out_indices": [2, 3]}))
@@ -472,7 +500,7 @@ def test_missing_or_mismatched_prototypes_error(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError) as err:
         pf.load_prototypes(str(tmp_path), "bottle", 152)
     assert str(err.value) == (f"{path} contains non-finite values; rebuild it with "
-                              f"`{make} tf_efficientnet_b6`")
+                              f"`{make} tf_efficientnet_b6.aa_in1k`")
 
 
 def test_coreset_json_is_atomic_and_tied_to_its_npy(monkeypatch, tmp_path):
@@ -502,7 +530,7 @@ def test_coreset_json_is_atomic_and_tied_to_its_npy(monkeypatch, tmp_path):
     assert np.load(npy)[0, 0] == 1 and json.loads(open(meta_path).read()) == meta
     assert sorted(os.listdir(folder)) == ["coreset.json", "coreset.npy"]  # no temporary file
     make = (f"python run_protoflow.py prototypes --data_path <ImageNet-layout root> --classes "
-            f"bottle --output_dir {tmp_path} --encoder tf_efficientnet_b6")
+            f"bottle --output_dir {tmp_path} --encoder tf_efficientnet_b6.aa_in1k")
     stale = (f"{meta_path} describes another coreset.npy than {npy} (its recorded sha256 "
              "differs: a rebuild was interrupted between the two files), so how the "
              "prototypes were made is unknown; rebuild the prototypes with ")
