@@ -385,8 +385,9 @@ def test_an_unreadable_custom_image_is_to_be_replaced_in_the_custom_folder(tmp_p
     """The error said to replace it in --data_path, whose copy the next run rewrites from
     the --custom folder: the original is the one to replace, and the error names it."""
     src = _custom_set(tmp_path / "mine", {"gadget": 6})
-    for k in (0, 1):  # training images; the first is named
-        (src / "gadget" / "good" / f"{k:03d}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    for k in (0, 1):  # training images cut short after the header; the first is named
+        path = src / "gadget" / "good" / f"{k:03d}.png"
+        path.write_bytes(path.read_bytes()[:100])
     argv = ["--custom", str(src), "--data_path", str(tmp_path / "mvtec"),
             "--root", str(tmp_path / "inet"), "--make_fg_masks"]
     assert setup_main(argv) == 2
@@ -662,3 +663,35 @@ def test_custom_names_empty_defect_folders(tmp_path, capsys):
                      "image of that defect type is converted or scored"]
     assert _names(dst / "widget" / "test") == _names(dst / "gadget" / "test") == [
         "good", "scratch"]
+
+
+def test_images_that_are_no_images_are_refused_before_writing(tmp_path, capsys):
+    """--custom copied every image and only then failed on a corrupt one, at mask
+    estimation, and an empty file passed altogether; a --visa normal image was checked to
+    exist only. Now each file whose header is no image's is named in the one error of
+    the other problems, before anything is written."""
+    src = _custom_set(tmp_path / "mine", {"gadget": 4, "widget": 1})
+    (src / "gadget" / "good" / "001.png").write_bytes(b"")
+    (src / "gadget" / "scratch" / "000.png").write_bytes(b"not an image")
+    dst, root = tmp_path / "mvtec", tmp_path / "inet"
+    assert setup_main(["--custom", str(src), "--data_path", str(dst), "--root", str(root),
+                       "--make_fg_masks"]) == 2
+    assert capsys.readouterr().err.splitlines()[-4:-1] == [
+        f"  {src / 'gadget' / path} is unreadable: empty, cut short or not an image; "
+        "replace or remove the file" for path in ("good/001.png", "scratch/000.png")] + [
+        f"  {src / 'widget' / 'good'}: 1 image(s); add normal images until it has at least "
+        "3 (2 to train on, as run_protoflow.py holds one out, and 1 held out to test/good by "
+        "--custom_test_fraction 0.2), or remove the class folder"]
+    assert not dst.exists() and not root.exists()
+
+    normal = tmp_path / "visa" / "candle" / "Data" / "Images" / "Normal"
+    normal.mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(normal / "0000.JPG")
+    (normal / "0001.JPG").write_bytes(b"")
+    (tmp_path / "visa" / "split_csv").mkdir()
+    text = _split_error(tmp_path / "visa", *(f"candle,{split},normal,candle/Data/Images/"
+                                             f"Normal/000{k}.JPG," for k, split in
+                                             enumerate(("train", "test"))))
+    assert text.splitlines()[1:-1] == [
+        f"  {normal / '0001.JPG'} is unreadable: empty, cut short or not an image (line 3): "
+        "replace the file from the VisA download"]
