@@ -463,10 +463,13 @@ def resolve_eval_config(given: dict[str, Any], checkpoint: Any, path: str | os.P
                               "training arguments, which this code does not build: pass "
                               f"--model (one of {sorted(PMAD_MODELS)}) with the size it was "
                               "trained at")
+    unrecorded = [k for k in PAPER_EVAL_CONFIG if given.get(k) is None and k not in saved]
     notes = [f"{path} stores {'its training arguments' if saved else 'no training arguments'}"
              f"; evaluating with {config} (given flags, else "
-             + ("the checkpoint's)" if saved else "the paper's)")]
-    if not saved and given.get("tokenizer_model") is None:
+             + ("the checkpoint's)" if not unrecorded else "the paper's)" if not saved else
+                f"the checkpoint's; the paper's for {', '.join(unrecorded)}, which its "
+                "arguments do not record)")]
+    if "tokenizer_model" in unrecorded:
         notes.append("the file does not say which tokenizer it was trained with: this uses "
                      "the paper's, --tokenizer_model dall-e. The authors' later scripts "
                      "train with vit_tokenizer; for such a file pass --tokenizer_model "

@@ -703,3 +703,28 @@ def test_eval_config_of_a_released_file_is_the_papers(tmp_path):
                                         read_weights_file(path), path)
     assert config["model"] == TINY and config["tokenizer_model"] == "vit_tokenizer"
     assert len(notes) == 1  # nothing to disagree with, the tokenizer given
+
+
+def test_settings_an_original_checkpoints_arguments_lack_are_named_as_the_papers(tmp_path):
+    """The original code's Namespace need not record our keys: the note said every setting
+    came from the checkpoint, and the tokenizer warning was left out, though the file said
+    nothing of its tokenizer."""
+    from modeling_pmad import resolve_eval_config
+    from utils import read_weights_file
+    args = argparse.Namespace(model=TINY, input_size=112, imagenet_default_mean_and_std=False,
+                              discrete_vae_type="dall-e", lr=1e-3)
+    path = _eval_checkpoint(tmp_path / "original.pth", args)
+    config, notes = resolve_eval_config({}, read_weights_file(path), path)
+    assert config == {"model": TINY, "input_size": 112, "layer_scale_init_value": None,
+                      "imagenet_default_mean_and_std": False, "tokenizer_model": "dall-e"}
+    assert notes[0] == (f"{path} stores its training arguments; evaluating with {config} "
+                        "(given flags, else the checkpoint's; the paper's for "
+                        "layer_scale_init_value, tokenizer_model, which its arguments do not "
+                        "record)")
+    assert notes[1].startswith("the file does not say which tokenizer it was trained with")
+    assert len(notes) == 2
+    config, notes = resolve_eval_config({"tokenizer_model": "dall-e"},
+                                        read_weights_file(path), path)
+    assert notes == [f"{path} stores its training arguments; evaluating with {config} "
+                     "(given flags, else the checkpoint's; the paper's for "
+                     "layer_scale_init_value, which its arguments do not record)"]
