@@ -376,7 +376,11 @@ def load_dalle_encoder(path: str | os.PathLike) -> DalleEncoder:
     if not isinstance(obj, DalleEncoder):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not DALL-E's pickled "
                               "dall_e.encoder.Encoder: give encoder.pkl with "
-                              "--tokenizer_weight_path")
+                              "--tokenizer_weight_path"
+                              + ("; for a checkpoint trained with the ViT tokenizer "
+                                 "(vit_tokenizer.pth, a dict of weights) pass "
+                                 "--tokenizer_model vit_tokenizer"
+                                 if isinstance(obj, dict) else ""))
     config = {k: vars(obj).get(k, DALLE_CLASS_DEFAULTS.get(k)) for k in DalleEncoder.CONFIG}
     tensors = _module_tensors(obj, path)
     layout = _dalle_layout(tensors)

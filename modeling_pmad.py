@@ -501,14 +501,18 @@ def unwrap_state_dict(obj: Any, path: str | os.PathLike,
                        for k, v in obj.items()):
             return obj
     found = sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__
+    what = ("; it is a ProtoFlow file: give it with --protoflow_weights"
+            if isinstance(obj, dict) and "decoder_state_dict" in obj else "")
     raise CheckpointError(f"{os.fspath(path)} holds no state dict (expected a dict of "
-                          f"tensors, bare or under {' / '.join(map(repr, keys))}); found {found}")
+                          f"tensors, bare or under {' / '.join(map(repr, keys))}); found {found}"
+                          + what)
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor],
-                            source: str | os.PathLike, assign: bool = False
+                            source: str | os.PathLike, assign: bool = False, fix: str = ""
                             ) -> tuple[list[str], list[str]]:
-    """`model.load_state_dict(strict=False)` that raises on any shape mismatch.
+    """`model.load_state_dict(strict=False)` that raises on any shape mismatch (with the
+    caller's `fix`, ': ...').
 
     Returns (missing, unexpected); the caller decides which of them are acceptable.
     `assign` adopts the file's tensors (for a model built on the meta device).
@@ -519,7 +523,7 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
             raise CheckpointError(f"{os.fspath(source)}: '{key}' has shape "
                                   f"{tuple(tensor.shape)} in the file but "
                                   f"{tuple(own[key].shape)} in {type(model).__name__}: a "
-                                  "checkpoint of a different model (size or image size)")
+                                  "checkpoint of a different model (size or image size)" + fix)
     if assign:  # adopted tensors keep the model's dtypes
         state_dict = {k: v.to(own[k].dtype) if k in own else v for k, v in state_dict.items()}
     result = model.load_state_dict(state_dict, strict=False, assign=assign)
@@ -548,7 +552,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Fa
         raise CheckpointError(f"{os.fspath(path)} shares no key with {type(model).__name__} "
                               f"(its keys start {sorted(state_dict)[:4]}): a checkpoint of "
                               "another model")
-    missing, unexpected = load_state_dict_checked(model, state_dict, path)
+    missing, unexpected = load_state_dict_checked(
+        model, state_dict, path, fix="; pass the --model (and --input_size) it was trained with")
     missing = [k for k in missing if not k.endswith(_DERIVED_SUFFIXES)]
     if strict and (missing or unexpected):
         raise CheckpointError(f"{os.fspath(path)} does not match {type(model).__name__}: "

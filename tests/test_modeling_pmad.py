@@ -526,6 +526,8 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path):
     msg = str(err.value)
     assert str(path) in msg and "'cls_token'" in msg
     assert "(1, 1, 384)" in msg and "(1, 1, 192)" in msg
+    assert msg.endswith("a checkpoint of a different model (size or image size); pass the "
+                        "--model (and --input_size) it was trained with")
 
 
 def test_checkpoint_of_another_model_is_an_error(tmp_path):
@@ -535,8 +537,14 @@ def test_checkpoint_of_another_model_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="shares no key"):
         load_checkpoint(build(depth=1), path)
     torch.save({"optimizer": {}, "epoch": 3}, path)
-    with pytest.raises(ValueError, match="holds no state dict"):
+    with pytest.raises(ValueError, match="holds no state dict") as err:
         load_checkpoint(build(depth=1), path)
+    assert "ProtoFlow" not in str(err.value)
+    torch.save({"encoder_state_dict": {}, "decoder_state_dict": {}}, path)  # its layout
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(build(depth=1), path)
+    assert str(err.value).endswith("found ['decoder_state_dict', 'encoder_state_dict']; it is "
+                                   "a ProtoFlow file: give it with --protoflow_weights")
 
 
 @pytest.mark.parametrize("legacy", [False, True])

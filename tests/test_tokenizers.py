@@ -237,8 +237,17 @@ def test_dalle_wrong_contents(tmp_path):
         create_tokenizer("dall-e", tmp_path)  # folder without encoder.pkl
     state = tmp_path / "state_dict.pkl"
     torch.save(DalleEncoder(**SMALL_DALLE).state_dict(), state)
-    with pytest.raises(utils.CheckpointError, match="holds a OrderedDict, not DALL-E"):
+    with pytest.raises(utils.CheckpointError, match="holds a OrderedDict, not DALL-E") as err:
         create_tokenizer("dall-e", state)
+    assert str(err.value).endswith(  # as the ViT tokenizer's file would be
+        "give encoder.pkl with --tokenizer_weight_path; for a checkpoint trained with the ViT "
+        "tokenizer (vit_tokenizer.pth, a dict of weights) pass --tokenizer_model vit_tokenizer")
+    listed = tmp_path / "list.pkl"
+    torch.save([1], listed)
+    with pytest.raises(utils.CheckpointError) as err:
+        create_tokenizer("dall-e", listed)
+    assert str(err.value).endswith("holds a list, not DALL-E's pickled dall_e.encoder.Encoder: "
+                                   "give encoder.pkl with --tokenizer_weight_path")
     encoder = DalleEncoder(**SMALL_DALLE)
     encoder.n_hid = 32  # attributes and tensors disagree
     odd = tmp_path / "odd.pkl"
