@@ -444,14 +444,26 @@ def _remove_dropped_classes(src: str, kept: set[str], out: str, also_writes: Seq
     """Delete the class folders in `out` and `also_writes` that --custom wrote from `src`
     but `src` no longer has (training and evaluation would still read them), with the
     foreground masks (`fg_masks`/<class>) of a training copy removed; named in one line.
-    A folder written from another source, or not by --custom, stays."""
-    removed = []
+    A folder written from another source, or not by --custom, stays; so does a class
+    whose converted folder holds what --custom did not write (a ground_truth/ the user
+    drew), with its training copy, and a note."""
+    removed, held = [], set()
+    dropped = [name for name in data_subdirs(out) if name not in kept
+               and _written_from(os.path.join(out, name), src)] if os.path.isdir(out) else []
+    for name in dropped:
+        extra = sorted(set(os.listdir(os.path.join(out, name)))
+                       - {"train", "test", CUSTOM_MARKER})
+        if extra:
+            held.add(name)
+            print(f"note: {os.path.join(out, name)}: its class is no longer in {src}, but it "
+                  f"holds {', '.join(extra)}, which --custom did not write: kept (and "
+                  "trained on) until you remove it by hand")
     for folder in (out, *also_writes):
         if not os.path.isdir(folder):
             continue
         for name in data_subdirs(folder):
             path = os.path.join(folder, name)
-            if name in kept or not _written_from(path, src):
+            if name in kept or name in held or not _written_from(path, src):
                 continue
             shutil.rmtree(path)
             removed.append(path)

@@ -609,6 +609,16 @@ def test_custom_removes_the_classes_its_source_no_longer_has(tmp_path, capsys):
     assert _names(root / "fg_mask") == ["gadget"]
     assert datasets.list_train_classes(str(root)) == ["gadget", "gizmo"]
     assert datasets.list_test_classes(str(dst)) == ["gadget", "gizmo"]
+    # a class whose converted folder holds the user's own masks: kept, with a note
+    (dst / "gizmo" / "ground_truth").mkdir()
+    shutil.rmtree(other / "gizmo")
+    _custom_set(other, {"doohickey": 3})
+    assert setup_main(["--custom", str(other), "--data_path", str(dst), "--root",
+                       str(root)]) == 0
+    assert (f"note: {dst / 'gizmo'}: its class is no longer in {other}, but it holds "
+            "ground_truth, which --custom did not write: kept (and trained on) until you "
+            "remove it by hand") in capsys.readouterr().out.splitlines()
+    assert _names(dst) == _names(root / "train") == ["doohickey", "gadget", "gizmo"]
 
 
 def test_visa_split_refuses_rows_that_clash_before_writing(tmp_path):
