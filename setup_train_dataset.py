@@ -19,6 +19,7 @@ layout at --data_path (dataset_converters.py).
 from __future__ import annotations
 
 import argparse
+import errno
 import filecmp
 import os
 import shutil
@@ -126,10 +127,15 @@ def _place(src: str, dst: str, link: bool) -> None:
 
 def _link(src: str, tmp: str) -> None:
     """Hard-link the file `src` names: os.link on Linux links a symbolic link itself, and
-    a relative one then leads nowhere from its new folder."""
+    a relative one then leads nowhere from its new folder. A symbolic link to another
+    file system (a NAS) cannot be hard-linked: it becomes a symbolic link to that file."""
+    target = os.path.realpath(src)
     try:
-        os.link(os.path.realpath(src), tmp)
+        os.link(target, tmp)
     except OSError as e:
+        if e.errno == errno.EXDEV and os.path.islink(src):
+            os.symlink(target, tmp)
+            return
         raise OSError(f"--link: cannot hard-link {src} to {tmp} ({e}); data_path and root "
                       "must be on the same file system, or drop --link to copy") from e
 

@@ -3,6 +3,7 @@ idempotence, hard links, layout errors, the mask zip (and path traversal), estim
 masks and the --make_demo wiring."""
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -167,6 +168,34 @@ def test_link_makes_hard_links(tmp_path, capsys):
     assert "train: 3 new, 0 unchanged, 0 replaced" in capsys.readouterr().out
     linked = fresh / "train" / "bottle" / "001.png"
     assert not linked.is_symlink() and linked.stat().st_ino == (store / "001.png").stat().st_ino
+
+
+def test_link_to_another_file_system_becomes_a_symbolic_link(tmp_path, capsys, monkeypatch):
+    """A source that is a symbolic link to another file system (a NAS) cannot be
+    hard-linked (EXDEV): it is linked symbolically, by its absolute target, where the run
+    had failed naming --data_path and --root, which share one file system."""
+    data = _make_mvtec(tmp_path / "mvtec", classes=("bottle",))
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    image = data / "bottle" / "train" / "good" / "001.png"
+    image.rename(nas / "001.png")
+    image.symlink_to(nas / "001.png")
+    real_link = os.link
+
+    def link(src, dst, **kwargs):
+        if str(src).startswith(str(nas)):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_link(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "link", link)
+    root = tmp_path / "inet"
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle", "--link") == 0
+    assert "train: 3 new, 0 unchanged, 0 replaced" in capsys.readouterr().out
+    placed = root / "train" / "bottle" / "001.png"
+    assert os.readlink(placed) == str(nas / "001.png") and placed.read_bytes()
+    assert (root / "train" / "bottle" / "000.png").stat().st_nlink == 2  # hard-linked
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle", "--link") == 0
+    assert "train: 0 new, 3 unchanged, 0 replaced" in capsys.readouterr().out
 
 
 def test_layout_errors_list_everything_before_writing(tmp_path, capsys):
