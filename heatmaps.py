@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,9 +111,13 @@ class Caption:
         called = is_anomalous(torch.tensor([self.protoflow_score]), self.threshold)
         return "anomalous" if bool(called) else "normal"
 
-    def lines(self) -> list[tuple[str, tuple[int, int, int]]]:
-        """(text, RGB colour) per caption line."""
-        out = [(self.name + (f"  [{self.note}]" if self.note else ""), BLACK),
+    def lines(self, width: int | None = None) -> list[tuple[str, tuple[int, int, int]]]:
+        """(text, RGB colour) per caption line; given the `width` in pixels, the name is
+        cut to fit beside its note (fit_width)."""
+        note = f"  [{self.note}]" if self.note else ""
+        name = self.name if width is None else fit_width(
+            ascii_caption(self.name), width - cv2.getTextSize(note, FONT, FONT_SCALE, 1)[0][0])
+        out = [(name + note, BLACK),
                (f"PMAD image score {self.pmad_score:.4g}", BLACK)]
         if self.threshold is None:
             out.append((f"ProtoFlow score {self.protoflow_score:.4g}; no threshold for the "
@@ -159,12 +162,25 @@ def _ticks(height: int, scale: ColourScale) -> list[tuple[int, float]]:
 
 def ascii_caption(line: str) -> str:
     """OpenCV's fonts draw ASCII only, and a file name that is not UTF-8 (a stray
-    surrogate) crashes it. Accents are dropped ('café' -> 'cafe'), and what has no ASCII
-    form is written as its escape ('图' -> '\\u56fe', a stray byte as '\\udce9'), so
-    two names that differ there still read apart, as '?' for both would not."""
-    plain = "".join(ch for ch in unicodedata.normalize("NFKD", line)
-                    if not unicodedata.combining(ch))
-    return plain.encode("ascii", "backslashreplace").decode("ascii")
+    surrogate) crashes it: every other character is written as its escape ('café' ->
+    'caf\\xe9', '图' -> '\\u56fe', a stray byte '\\udce9'), so two names that differ
+    still read apart (as '?' for both, or 'cafe' for 'café', would not)."""
+    return line.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def fit_width(text: str, width: int) -> str:
+    """`text`, or, when wider than `width` pixels in the caption's font, its start and
+    end around '...': the end of a file name (its number) is what tells two apart."""
+    def fits(t: str) -> bool:
+        return cv2.getTextSize(t, FONT, FONT_SCALE, 1)[0][0] <= width
+
+    if fits(text):
+        return text
+    low, high = 0, len(text) // 2  # the most characters kept at each end that fit
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(text[:mid] + "..." + text[-mid:]) else (low, mid - 1)
+    return text[:low] + "..." + text[len(text) - low:]
 
 
 def render(image: np.ndarray, score_map: np.ndarray, scale: ColourScale, caption: Caption,
@@ -181,7 +197,7 @@ def render(image: np.ndarray, score_map: np.ndarray, scale: ColourScale, caption
     gap = np.full((h, GAP, 3), 255, np.uint8)
     row = [p for panel in panels for p in (panel, gap)] + [_colour_bar(h, scale)]
     top = np.concatenate(row, axis=1)
-    lines = caption.lines()
+    lines = caption.lines(top.shape[1] - 8)
     text = np.full((LINE_HEIGHT * len(lines) + 6, top.shape[1], 3), 255, np.uint8)
     for k, (line, colour) in enumerate(lines):
         cv2.putText(text, ascii_caption(line), (4, LINE_HEIGHT * (k + 1)), FONT, FONT_SCALE,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -114,22 +115,37 @@ def test_render_layout():
     without = heatmaps.render(image, score, scale, Caption("x", 1.0, 1.0, None))
     assert without.shape[1] == out.shape[1] - panel
     # a file name that is not UTF-8 (its byte as a surrogate; it crashed OpenCV) or not
-    # ASCII: accents dropped, the rest as escapes, so two such names still read apart
+    # ASCII: escaped, so two such names still read apart
     odd = heatmaps.render(image, score, scale, Caption("caf\udce9", 1.0, 1.0, None))
     plain = heatmaps.render(image, score, scale, Caption("caf\\udce9", 1.0, 1.0, None))
     assert (odd == plain).all()
     assert (heatmaps.render(image, score, scale, Caption("café图", 1.0, 1.0, None))
-            == heatmaps.render(image, score, scale, Caption("cafe\\u56fe", 1.0, 1.0, None))
-            ).all()
+            == heatmaps.render(image, score, scale, Caption("caf\\xe9\\u56fe", 1.0, 1.0,
+                                                            None))).all()
+    # a name too long for the panel keeps its end (the escapes made the numbers of two
+    # long Japanese names fall off the edge: their heatmaps were the same)
+    long_name = "検査画像_ねじ_傷あり_正常品_0001"
+    first, second = (heatmaps.render(image, score, scale, Caption(n, 1.0, 1.0, None, note="good"))
+                     for n in (long_name, long_name[:-1] + "2"))
+    assert not (first == second).all()
 
 
-def test_ascii_caption():
+def test_ascii_caption_and_fit_width():
     assert heatmaps.ascii_caption("good_000.png: 1.5") == "good_000.png: 1.5"
-    assert heatmaps.ascii_caption("Ångström café.png") == "Angstrom cafe.png"
-    assert heatmaps.ascii_caption("ﬁle") == "file"  # a ligature's compatibility form
-    assert heatmaps.ascii_caption("写真1") != heatmaps.ascii_caption("画像1")
+    assert heatmaps.ascii_caption("café") == "caf\\xe9" != heatmaps.ascii_caption("cafe")
     assert heatmaps.ascii_caption("写真1") == "\\u5199\\u771f1"
     assert heatmaps.ascii_caption("caf\udce9") == "caf\\udce9"
+    assert heatmaps.fit_width("short", 500) == "short"
+    cut = heatmaps.fit_width("a" * 100 + "_0001", 200)
+    head, tail = cut.split("...")
+    assert len(head) == len(tail) > 3 and tail.endswith("_0001")
+    assert cv2.getTextSize(cut, heatmaps.FONT, heatmaps.FONT_SCALE, 1)[0][0] <= 200
+    longer = head + "a" + "..." + "a" + tail  # one more character at each end does not fit
+    assert cv2.getTextSize(longer, heatmaps.FONT, heatmaps.FONT_SCALE, 1)[0][0] > 200
+    caption = Caption("x" * 200 + "_7", 1.0, 1.0, None, note="good: most anomalous 1/4")
+    line = caption.lines(300)[0][0]
+    assert line.endswith("_7  [good: most anomalous 1/4]") and "..." in line
+    assert caption.lines()[0][0].startswith("x" * 200)  # no width: the whole name
 
 
 def test_extremes_per_type():
