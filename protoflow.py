@@ -727,11 +727,15 @@ class ProtoFlow:
                                       weights=encoder_weights,
                                       pretrained=encoder_weights is None)
         # prototypes of a new class must come from this encoder: the weights our file
-        # records (_prototype_flags), a released file's own, or the file given; and the
-        # tagged name (timm gives the untagged B6 name the Noisy-Student weights)
+        # records (_prototype_flags) where that file is here, else a file's own (a
+        # released one; one whose recorded file is another machine's, which the check
+        # then does not compare), or the file given; and the tagged name (timm gives the
+        # untagged B6 name the Noisy-Student weights)
+        recorded = train_args.get("encoder_weights")
         self._rebuild_flags = (
             {"encoder_weights": weights_path}
-            if "encoder_state_dict" in ckpt and "encoder_weights" not in train_args
+            if "encoder_state_dict" in ckpt and ("encoder_weights" not in train_args or (
+                recorded is not None and not os.path.isfile(recorded)))
             else {"encoder": ckpt.get("backbone", DEFAULT_ENCODER),
                   **({"encoder_weights": encoder_weights} if encoder_weights is not None
                      else {})})

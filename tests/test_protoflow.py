@@ -222,6 +222,13 @@ def test_a_new_class_is_told_to_make_prototypes_with_the_flows_own_encoder(
                      ).check_prototypes(["cable"])
     assert "--encoder efficientnet_lite0 --out_indices 2 3 " in str(err.value)
     assert str(err.value).endswith(f" --encoder_weights {lite0_weights_path()}`")
+    moved = tmp_path / "moved.pt"  # trained on another machine, with its encoder inside
+    torch.save({**obj, "train_args": {**obj.get("train_args", {}),
+                                      "encoder_weights": "/elsewhere/lite0.pth"}}, moved)
+    with pytest.raises(MissingFileError) as err:
+        pf.ProtoFlow(str(moved), trained["proto_dir"]).check_prototypes(["cable"])
+    assert str(err.value).endswith(f"--out_indices 2 3 --encoder_weights {moved} --img_size "
+                                   "224`")  # the path it recorded is not on this machine
 
 
 def test_wrong_encoder_keys_are_named(b6_state, flow272, tmp_path):
