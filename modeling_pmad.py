@@ -501,7 +501,8 @@ def unwrap_state_dict(obj: Any, path: str | os.PathLike,
                        for k, v in obj.items()):
             return obj
     found = sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__
-    what = ("; it is a ProtoFlow file: give it with --protoflow_weights"
+    what = ("; it is a ProtoFlow file (run_test.py and predict.py take it as "
+            "--protoflow_weights)"
             if isinstance(obj, dict) and "decoder_state_dict" in obj else "")
     raise CheckpointError(f"{os.fspath(path)} holds no state dict (expected a dict of "
                           f"tensors, bare or under {' / '.join(map(repr, keys))}); found {found}"
@@ -552,12 +553,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Fa
         raise CheckpointError(f"{os.fspath(path)} shares no key with {type(model).__name__} "
                               f"(its keys start {sorted(state_dict)[:4]}): a checkpoint of "
                               "another model")
-    missing, unexpected = load_state_dict_checked(
-        model, state_dict, path, fix="; pass the --model (and --input_size) it was trained with")
+    fix = "; pass the --model (and --input_size) it was trained with"
+    missing, unexpected = load_state_dict_checked(model, state_dict, path, fix=fix)
     missing = [k for k in missing if not k.endswith(_DERIVED_SUFFIXES)]
     if strict and (missing or unexpected):
         raise CheckpointError(f"{os.fspath(path)} does not match {type(model).__name__}: "
-                              f"missing {missing}, unexpected {unexpected}")
+                              f"missing {missing}, unexpected {unexpected}" + fix)
     if missing:
         _logger.warning("%s: %d model keys not in the file keep their initial values: %s",
                         path, len(missing), missing)

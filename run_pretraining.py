@@ -583,11 +583,7 @@ def _build_local(args: argparse.Namespace, env: utils.DistEnv, train_classes: li
                                      drop_path_rate=args.drop_path)
     if header is not None:
         check_same_tokenizer(header, tokenizer.fingerprint, tokenizer.vocab_size, resume)
-        try:
-            modeling_pmad.load_checkpoint(model, resume, strict=True, checkpoint=header)
-        except utils.CheckpointError as e:
-            raise utils.CheckpointError(f"{e}; resume it with the --model and --input_size "
-                                        "it was trained with") from None
+        modeling_pmad.load_checkpoint(model, resume, strict=True, checkpoint=header)
     patch_size = model.patch_embed.patch_size[0]
     policy = MaskingPolicy(
         build_mask_generator(args, model.patch_embed.grid_size[0]), train_classes,

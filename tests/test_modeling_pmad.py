@@ -544,7 +544,8 @@ def test_checkpoint_of_another_model_is_an_error(tmp_path):
     with pytest.raises(ValueError) as err:
         load_checkpoint(build(depth=1), path)
     assert str(err.value).endswith("found ['decoder_state_dict', 'encoder_state_dict']; it is "
-                                   "a ProtoFlow file: give it with --protoflow_weights")
+                                   "a ProtoFlow file (run_test.py and predict.py take it as "
+                                   "--protoflow_weights)")
 
 
 @pytest.mark.parametrize("legacy", [False, True])

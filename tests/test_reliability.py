@@ -212,7 +212,8 @@ def test_F1_a_set_of_another_layout_names_the_layout_and_the_nearest_path(refuse
 def test_F3_resume_of_another_model_is_one_line(refused):
     results, paths = refused
     err = _clear_error(results["F3_smaller"], "has shape", "in the file but",
-                       "resume it with the --model and --input_size it was trained with")
+                       "; pass the --model (and --input_size) it was trained with")
+    assert err.count("--input_size") == 1  # the advice once (it was given twice)
     assert "size mismatch" not in err
     # the legacy (non-zip) format is read (no mmap error) and checked the same way
     err = _clear_error(results["F3_legacy"], str(paths["legacy"]), "has shape")
