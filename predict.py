@@ -150,26 +150,29 @@ class EarlierRuns:
 
     def __init__(self) -> None:
         self._run: dict[str, bool] = {}
-        self._inside: dict[str, bool] = {}
+        self._inside: dict[str, str | None] = {}
 
     def _is_run(self, folder: str) -> bool:
         if folder not in self._run:
             self._run[folder] = _is_run_folder(folder)
         return self._run[folder]
 
-    def _in_outputs(self, folder: str) -> bool:
-        """Whether `folder` is, or lies in, an earlier run's heatmaps/ or maps/."""
+    def _outputs_of(self, folder: str) -> str | None:
+        """The run whose heatmaps/ or maps/ `folder` is, or lies in; else None."""
         if folder not in self._inside:
             parent = os.path.dirname(folder)
-            self._inside[folder] = parent != folder and (
-                os.path.basename(folder) in ("heatmaps", "maps") and self._is_run(parent)
-                or self._in_outputs(parent))
+            self._inside[folder] = None if parent == folder else (
+                parent if os.path.basename(folder) in ("heatmaps", "maps")
+                and self._is_run(parent) else self._outputs_of(parent))
         return self._inside[folder]
 
-    def wrote(self, path: str) -> bool:
+    def run_of(self, path: str) -> str | None:
+        """The earlier run's folder that wrote `path`, or None."""
         folder = os.path.dirname(os.path.abspath(path))
-        return (self._in_outputs(folder) or os.path.basename(path) in OUTPUTS
-                and self._is_run(folder))
+        run = self._outputs_of(folder)
+        if run is None and os.path.basename(path) in OUTPUTS and self._is_run(folder):
+            run = folder
+        return run
 
 
 def _is_own_output(path: str, output_dir: str) -> bool:
@@ -236,13 +239,21 @@ def find_images(inputs: list[str], class_name: str | None, class_from_folder: bo
     earlier = EarlierRuns()
     for spec in inputs:
         base, files, is_folder, others = _expand(spec, keep_dangling)
-        files = [f for f in files if not (earlier.wrote(f) or output_dir is not None
-                                          and _is_own_output(f, output_dir))]
-        others = [f for f in others if not (earlier.wrote(f) or output_dir is not None
-                                            and _is_own_output(f, output_dir))]
+        runs = {f: earlier.run_of(f) for f in files + others}
+        own = {f for f in files + others if runs[f] is None and output_dir is not None
+               and _is_own_output(f, output_dir)}
+        found = {runs[f] for f in files + others if runs[f] is not None}
+        files = [f for f in files if runs[f] is None and f not in own]
+        others = [f for f in others if runs[f] is None and f not in own]
+        if found:
+            print(f"[predict] {spec}: left out what earlier predict.py run(s) wrote there "
+                  f"(their heatmaps, maps and predictions.csv): {', '.join(sorted(found))}",
+                  file=sys.stderr)
         datasets.note_left_out(spec, [os.path.relpath(f, base) for f in others])
         if not files:
-            raise InputError(f"no images ({'/'.join(datasets.IMAGE_EXTENSIONS)}) in {spec}")
+            raise InputError(f"no images ({'/'.join(datasets.IMAGE_EXTENSIONS)}) in {spec}"
+                             + (" but what earlier predict.py run(s) wrote: give the folder "
+                                "of the images to score" if found else ""))
         for f in files:
             rel = Path(os.path.relpath(f, base))
             if class_from_folder:

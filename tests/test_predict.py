@@ -424,8 +424,19 @@ def test_an_earlier_runs_outputs_in_an_input_folder_are_no_input(tmp_path, capsy
         (found,) = predict.find_images(inputs, "coins", False,
                                        str(tmp_path / "in" / "run2")).values()
         assert sorted(f for f, _ in found) == want
-    err = capsys.readouterr().err
-    assert "mine/predictions.csv" in err and "run1" not in err  # ours is no left-out file
+    err = capsys.readouterr().err.splitlines()
+    runs = f"{tmp_path / 'in' / 'run1'}, {tmp_path / 'in' / 'run1' / 'previous-20261202T000000Z'}"
+    for spec in (tmp_path / "in", tmp_path / "in" / "**" / "*.png"):
+        assert (f"[predict] {spec}: left out what earlier predict.py run(s) wrote there (their "
+                f"heatmaps, maps and predictions.csv): {runs}") in err
+    left_out = [line for line in err if "not of an image type" in line]
+    assert left_out and all("run1" not in line for line in left_out)  # ours are no others
+    assert any("mine/predictions.csv" in line for line in left_out)
+    heatmap = str(tmp_path / "in" / "run1" / "heatmaps" / "coins" / "a.png")
+    with pytest.raises(predict.InputError) as err:  # nothing else given: said so
+        predict.find_images([heatmap], "coins", False, None)
+    assert str(err.value).endswith(f"in {heatmap} but what earlier predict.py run(s) wrote: "
+                                   "give the folder of the images to score")
 
 
 def test_a_users_own_maps_folder_is_an_input_and_is_never_moved(tiny_world, tmp_path,
