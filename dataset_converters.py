@@ -428,15 +428,23 @@ def convert_custom(src: str, out: str, sync: Sync,
     return sorted(plan)
 
 
-def _written_from(folder: str, src: str) -> bool:
-    """Whether the class folder `folder` holds a CUSTOM_MARKER naming `src` (an earlier
-    version wrote the path as given: compared as real paths)."""
+def _marker_source(folder: str) -> str | None:
+    """The source path the CUSTOM_MARKER in the class folder `folder` records, or None
+    (no marker, or not --custom's)."""
     try:
         text = Path(folder, CUSTOM_MARKER).read_text()
     except OSError:
-        return False
-    return (text.startswith(MARKER_TEXT) and os.path.realpath(
-        text[len(MARKER_TEXT):].rstrip("\n")) == os.path.realpath(src))
+        return None
+    return text[len(MARKER_TEXT):].rstrip("\n") if text.startswith(MARKER_TEXT) else None
+
+
+def _written_from(folder: str, src: str) -> bool:
+    """Whether the class folder `folder` holds a CUSTOM_MARKER naming `src`, compared as
+    real paths. A relative path (an earlier version wrote --custom as typed) never
+    matches: resolved against today's working directory it may name another source."""
+    recorded = _marker_source(folder)
+    return (recorded is not None and os.path.isabs(recorded)
+            and os.path.realpath(recorded) == os.path.realpath(src))
 
 
 def _remove_dropped_classes(src: str, kept: set[str], out: str, also_writes: Sequence[str],
@@ -446,8 +454,9 @@ def _remove_dropped_classes(src: str, kept: set[str], out: str, also_writes: Seq
     foreground masks (`fg_masks`/<class>) of a training copy removed; named in one line.
     A folder written from another source, or not by --custom, stays; so does a class
     whose converted folder holds what --custom did not write (a ground_truth/ the user
-    drew), with its training copy, and a note."""
-    removed, held = [], set()
+    drew), with its training copy, and a note; and one whose marker an earlier version
+    wrote with a relative path (its source is unknown), with a note."""
+    removed, held, unknown = [], set(), []
     dropped = [name for name in data_subdirs(out) if name not in kept
                and _written_from(os.path.join(out, name), src)] if os.path.isdir(out) else []
     for name in dropped:
@@ -463,6 +472,9 @@ def _remove_dropped_classes(src: str, kept: set[str], out: str, also_writes: Seq
             continue
         for name in data_subdirs(folder):
             path = os.path.join(folder, name)
+            recorded = _marker_source(path)
+            if name not in kept and recorded is not None and not os.path.isabs(recorded):
+                unknown.append(path)
             if name in kept or name in held or not _written_from(path, src):
                 continue
             shutil.rmtree(path)
@@ -474,6 +486,10 @@ def _remove_dropped_classes(src: str, kept: set[str], out: str, also_writes: Seq
     if removed:
         print(f"custom set: removed {len(removed)} folder(s) of classes no longer in {src}: "
               f"{', '.join(removed)}")
+    if unknown:
+        print(f"note: {', '.join(unknown)}: not in {src}, but an earlier version's --custom "
+              "marked it with a relative path, so its source is unknown and it was not "
+              "removed: remove it by hand if this source no longer has it", file=sys.stderr)
 
 
 def _note_good_only(out: str, plan: dict[str, list[tuple[str, str]]]) -> None:

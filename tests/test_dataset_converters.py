@@ -621,6 +621,31 @@ def test_custom_removes_the_classes_its_source_no_longer_has(tmp_path, capsys):
     assert _names(dst) == _names(root / "train") == ["doohickey", "gadget", "gizmo"]
 
 
+def test_custom_keeps_a_class_whose_marker_names_a_relative_source(tmp_path, monkeypatch,
+                                                                    capsys):
+    """An earlier version's marker recorded --custom as typed ('mine'): resolved against
+    today's working directory it named the current source, and a class written from
+    another 'mine' was deleted. Such a class stays, named in a note."""
+    src = _custom_set(tmp_path / "mine", {"gadget": 3})
+    dst, root = tmp_path / "mvtec", tmp_path / "inet"
+    marker = dataset_converters.CUSTOM_MARKER
+    for folder in (dst / "widget", root / "train" / "widget"):
+        (folder / "train" / "good").mkdir(parents=True)
+        (folder / "train" / "good" / "000.png").write_bytes(b"theirs")
+        (folder / marker).write_text("written by setup_train_dataset.py --custom mine\n")
+    monkeypatch.chdir(tmp_path)  # where 'mine' is this source
+    assert setup_main(["--custom", str(src), "--data_path", str(dst), "--root",
+                       str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert _names(dst) == _names(root / "train") == ["gadget", "widget"]
+    assert (dst / "widget" / "train" / "good" / "000.png").read_bytes() == b"theirs"
+    assert "of classes no longer in" not in out
+    assert [ln for ln in err.splitlines() if "relative path" in ln] == [
+        f"note: {dst / 'widget'}, {root / 'train' / 'widget'}: not in {src}, but an earlier "
+        "version's --custom marked it with a relative path, so its source is unknown and it "
+        "was not removed: remove it by hand if this source no longer has it"]
+
+
 def test_visa_split_refuses_rows_that_clash_before_writing(tmp_path):
     """An edited split file with two images of one name bound for one folder (one
     overwrote the other), a repeated row, or an image in train and test (a test image
