@@ -447,6 +447,15 @@ def _written_from(folder: str, src: str) -> bool:
             and os.path.realpath(recorded) == os.path.realpath(src))
 
 
+def _alias_of_kept(folder: str, name: str, kept: set[str]) -> bool:
+    """Whether `folder`/`name` is the folder of a kept class under another name: on a
+    case-insensitive or Unicode-normalising file system a source folder renamed 'Brick'
+    -> 'brick' is converted into the output's 'Brick', which is not dropped."""
+    path = os.path.join(folder, name)
+    return any(os.path.exists(other := os.path.join(folder, k))
+               and os.path.samefile(path, other) for k in kept if k != name)
+
+
 def _remove_dropped_classes(src: str, kept: set[str], out: str, also_writes: Sequence[str],
                             fg_masks: str | None) -> None:
     """Delete the class folders in `out` and `also_writes` that --custom wrote from `src`
@@ -458,7 +467,8 @@ def _remove_dropped_classes(src: str, kept: set[str], out: str, also_writes: Seq
     wrote with a relative path (its source is unknown), with a note."""
     removed, held, unknown = [], set(), []
     dropped = [name for name in data_subdirs(out) if name not in kept
-               and _written_from(os.path.join(out, name), src)] if os.path.isdir(out) else []
+               and _written_from(os.path.join(out, name), src)
+               and not _alias_of_kept(out, name, kept)] if os.path.isdir(out) else []
     for name in dropped:
         extra = sorted(set(os.listdir(os.path.join(out, name)))
                        - {"train", "test", CUSTOM_MARKER})
@@ -472,10 +482,12 @@ def _remove_dropped_classes(src: str, kept: set[str], out: str, also_writes: Seq
             continue
         for name in data_subdirs(folder):
             path = os.path.join(folder, name)
+            if name in kept or name in held or _alias_of_kept(folder, name, kept):
+                continue
             recorded = _marker_source(path)
-            if name not in kept and recorded is not None and not os.path.isabs(recorded):
+            if recorded is not None and not os.path.isabs(recorded):
                 unknown.append(path)
-            if name in kept or name in held or not _written_from(path, src):
+            if not _written_from(path, src):
                 continue
             shutil.rmtree(path)
             removed.append(path)

@@ -646,6 +646,27 @@ def test_custom_keeps_a_class_whose_marker_names_a_relative_source(tmp_path, mon
         "was not removed: remove it by hand if this source no longer has it"]
 
 
+def test_custom_keeps_a_class_renamed_only_in_case(tmp_path, capsys):
+    """On a case-insensitive file system, a source folder renamed 'Brick' -> 'brick' is
+    converted into the output's 'Brick', which is not among the source's classes but
+    names the source: it was deleted, the fresh conversion with it. Simulated here with
+    links 'brick' -> 'Brick', as such a file system resolves the name."""
+    src = _custom_set(tmp_path / "mine", {"Brick": 3})
+    dst, root = tmp_path / "mvtec", tmp_path / "inet"
+    argv = ["--custom", str(src), "--data_path", str(dst), "--root", str(root)]
+    assert setup_main(argv) == 0
+    (src / "Brick").rename(src / "brick")
+    for folder in (dst, root / "train"):
+        (folder / "brick").symlink_to("Brick", target_is_directory=True)
+    capsys.readouterr()
+    assert setup_main(argv) == 0
+    assert "of classes no longer in" not in capsys.readouterr().out
+    assert _names(dst / "Brick" / "train" / "good") == ["000.png", "001.png"]
+    assert _names(dst / "Brick" / "test") == ["good", "scratch"]
+    assert _names(root / "train" / "Brick") == [dataset_converters.CUSTOM_MARKER, "000.png",
+                                                "001.png"]
+
+
 def test_visa_split_refuses_rows_that_clash_before_writing(tmp_path):
     """An edited split file with two images of one name bound for one folder (one
     overwrote the other), a repeated row, or an image in train and test (a test image
