@@ -30,7 +30,8 @@ from typing import Callable, Sequence
 from PIL import Image, UnidentifiedImageError
 
 from datasets import (NORMAL_DIRS, TEST_LAYOUT, VISA_CLASSES, LayoutError, data_subdirs,
-                      list_images, loose_images, mask_problem, open_mask)
+                      is_junk_dir, is_junk_file, list_images, loose_images, mask_problem,
+                      open_mask)
 from utils import some_names, write_atomic
 
 VISA_SPLIT = os.path.join("split_csv", "1cls.csv")
@@ -456,6 +457,17 @@ def _alias_of_kept(folder: str, name: str, kept: set[str]) -> bool:
                and os.path.samefile(path, other) for k in kept if k != name)
 
 
+def _users_files(class_dir: str) -> list[str]:
+    """The names in the class folder `class_dir` that --custom did not write and that are
+    the user's: a system's junk (.DS_Store, Thumbs.db, __MACOSX, hidden names; datasets'
+    is_junk_file / is_junk_dir) would otherwise keep a dropped class, trained on."""
+    def junk(name: str) -> bool:
+        path = os.path.join(class_dir, name)
+        return is_junk_dir(name) if os.path.isdir(path) else is_junk_file(name)
+    return sorted(n for n in set(os.listdir(class_dir)) - {"train", "test", CUSTOM_MARKER}
+                  if not junk(n))
+
+
 def _remove_dropped_classes(src: str, kept: set[str], out: str, also_writes: Sequence[str],
                             fg_masks: str | None) -> None:
     """Delete the class folders in `out` and `also_writes` that --custom wrote from `src`
@@ -470,13 +482,12 @@ def _remove_dropped_classes(src: str, kept: set[str], out: str, also_writes: Seq
                and _written_from(os.path.join(out, name), src)
                and not _alias_of_kept(out, name, kept)] if os.path.isdir(out) else []
     for name in dropped:
-        extra = sorted(set(os.listdir(os.path.join(out, name)))
-                       - {"train", "test", CUSTOM_MARKER})
+        extra = _users_files(os.path.join(out, name))
         if extra:
             held.add(name)
             print(f"note: {os.path.join(out, name)}: its class is no longer in {src}, but it "
                   f"holds {', '.join(extra)}, which --custom did not write: kept (and "
-                  "trained on) until you remove it by hand")
+                  "trained on) until you remove it by hand", file=sys.stderr)
     for folder in (out, *also_writes):
         if not os.path.isdir(folder):
             continue

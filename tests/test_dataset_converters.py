@@ -584,8 +584,8 @@ def test_custom_removes_the_classes_its_source_no_longer_has(tmp_path, capsys):
     """A class folder deleted from the --custom source stayed in --data_path and in
     --root's train/ (and its foreground masks), so training and evaluation still read it.
     A run of every class removes the folders it wrote from that source which the source
-    no longer has; a run of some --classes, and a class written from another source,
-    leave theirs alone."""
+    no longer has (a system's junk in one, .DS_Store, does not keep it); a run of some
+    --classes, and a class written from another source, leave theirs alone."""
     src = _custom_set(tmp_path / "mine", {"gadget": 3, "widget": 3})
     dst, root = tmp_path / "mvtec", tmp_path / "inet"
     argv = ["--custom", str(src), "--data_path", str(dst), "--root", str(root),
@@ -598,10 +598,14 @@ def test_custom_removes_the_classes_its_source_no_longer_has(tmp_path, capsys):
     shutil.rmtree(src / "widget")
     assert setup_main([*argv, "--classes", "gadget"]) == 0  # a subset: widget stays
     assert _names(dst) == _names(root / "train") == ["gadget", "gizmo", "widget"]
+    for junk in (".DS_Store", "Thumbs.db", "desktop.ini", "__MACOSX/._x", ".ipynb/x"):
+        (dst / "widget" / junk).parent.mkdir(exist_ok=True)  # a system's, not the user's
+        (dst / "widget" / junk).write_bytes(b"")
     capsys.readouterr()
 
     assert setup_main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "no longer in" not in err
     assert (f"custom set: removed 3 folder(s) of classes no longer in {src}: "
             f"{dst / 'widget'}, {root / 'train' / 'widget'}, {root / 'fg_mask' / 'widget'}"
             in out.splitlines())
@@ -617,7 +621,7 @@ def test_custom_removes_the_classes_its_source_no_longer_has(tmp_path, capsys):
                        str(root)]) == 0
     assert (f"note: {dst / 'gizmo'}: its class is no longer in {other}, but it holds "
             "ground_truth, which --custom did not write: kept (and trained on) until you "
-            "remove it by hand") in capsys.readouterr().out.splitlines()
+            "remove it by hand") in capsys.readouterr().err.splitlines()
     assert _names(dst) == _names(root / "train") == ["doohickey", "gadget", "gizmo"]
 
 
