@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from datasets import (NORMAL_DIRS, TEST_LAYOUT, VISA_CLASSES, LayoutError, data_subdirs,
                       is_junk_dir, is_junk_file, list_images, loose_images, mask_problem,
-                      open_mask)
+                      open_mask, too_large)
 from utils import some_names, write_atomic
 
 VISA_SPLIT = os.path.join("split_csv", "1cls.csv")
@@ -112,10 +112,11 @@ def read_visa_split(visa_dir: str, classes: Sequence[str] | None = None
             if problem:
                 problems.append(f"{problem} (line {k})")
         elif row["label"] == "normal" and not absent:
-            problem = header_problem(os.path.join(visa_dir, row["image"]))
+            problem = header_problem(os.path.join(visa_dir, row["image"]),
+                                     ": replace the file from the VisA download",
+                                     f" (line {k})")
             if problem:
-                problems.append(f"{problem} (line {k}): replace the file from the VisA "
-                                "download")
+                problems.append(problem)
         by_class.setdefault(row["object"], []).append(row)
         listed.append((k, row))
     problems += _clash_problems(listed)
@@ -309,23 +310,29 @@ def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
     return plan
 
 
-def header_problem(path: str) -> str | None:
+def header_problem(path: str, fix: str, where: str = "") -> str | None:
     """Why `path` is no image Pillow can open, from its header alone (~0.05 s per 1,000
-    images; a file cut short after it, or of refused content, is found when read)."""
+    images; a file cut short after it, or of refused content, is found when read), with
+    what to do: `fix` (with its separator) for a file that is no image, downscaling for
+    one over Pillow's pixel limit, as datasets.open_rgb says (not to replace it: it is
+    an image). `where` (' (line 3)') follows the reason."""
     try:
         with Image.open(path):
             return None
+    except Image.DecompressionBombError as e:
+        return f"{too_large(path, e)}{where}"
     except UnidentifiedImageError:  # its text names the path again
-        return f"{path} is unreadable: empty, cut short or not an image"
+        reason = "empty, cut short or not an image"
     except Exception as e:
-        return f"{path} is unreadable: {e or type(e).__name__}"
+        reason = f"{e or type(e).__name__}"
+    return f"{path} is unreadable: {reason}{where}{fix}"
 
 
 def _image_problems(images: Sequence[str]) -> list[str]:
     """Each image whose header is no image's (`header_problem`): named before anything is
     copied, not at mask estimation after the copy, or not at all (an empty file)."""
-    return [f"{problem}; replace or remove the file" for problem in map(header_problem, images)
-            if problem]
+    return [problem for f in images
+            if (problem := header_problem(f, "; replace or remove the file"))]
 
 
 def _nested_problem(folder: str) -> str:

@@ -803,6 +803,13 @@ def _colour_channels(arr: np.ndarray) -> np.ndarray:
 MAX_ASPECT = 16  # an image's long side over its short side; see open_rgb
 
 
+def too_large(path: str, error: Exception) -> str:
+    """Why an image over Pillow's pixel limit (its guard against decompression bombs) is
+    refused, with the fix: said alike when it is read (open_rgb) and when a conversion
+    checks its header (dataset_converters.header_problem)."""
+    return f"{path} is too large to open ({error}): downscale it"
+
+
 def open_rgb(path: str) -> Image.Image:
     """Fully decoded RGB image as a viewer shows it (EXIF orientation applied); grey,
     16-bit grey (its top 8 bits) and palette images are converted. Refused: an image
@@ -830,8 +837,7 @@ def open_rgb(path: str) -> Image.Image:
     except BadFileError:
         raise
     except Image.DecompressionBombError as e:
-        raise BadFileError(f"{path} is too large to open ({e}): downscale it "
-                           f"({SKIP_HINT})") from None
+        raise BadFileError(f"{too_large(path, e)} ({SKIP_HINT})") from None
     except Exception as e:  # any decoder failure means the file is bad
         raise BadFileError(f"cannot read image {path}: {e}; {FIX_BAD_FILE}") from e
 

@@ -755,3 +755,34 @@ def test_images_that_are_no_images_are_refused_before_writing(tmp_path, capsys):
     assert text.splitlines()[1:-1] == [
         f"  {normal / '0001.JPG'} is unreadable: empty, cut short or not an image (line 3): "
         "replace the file from the VisA download"]
+
+
+def test_an_image_over_the_pixel_limit_is_to_be_downscaled(tmp_path):
+    """An image over Pillow's pixel limit was named 'unreadable ... could be decompression
+    bomb DOS attack.; replace or remove the file' before a conversion, while
+    datasets.open_rgb says to downscale it: both now say so, in its words."""
+    src = _custom_set(tmp_path / "mine", {"gadget": 3})
+    big = src / "gadget" / "good" / "001.png"
+    Image.new("1", (20000, 10000)).save(big)  # a small file of 2e8 pixels
+    with pytest.raises(dataset_converters.LayoutError) as err:
+        dataset_converters.plan_custom(str(src), str(tmp_path / "mvtec"))
+    limit = Image.MAX_IMAGE_PIXELS
+    said = (f"{big} is too large to open (Image size (200000000 pixels) exceeds limit of "
+            f"{2 * limit} pixels, could be decompression bomb DOS attack.): downscale it")
+    assert str(err.value).splitlines()[1] == f"  {said}"
+    with pytest.raises(datasets.BadFileError) as read:
+        datasets.open_rgb(str(big))
+    assert str(read.value).startswith(said)
+
+    normal = tmp_path / "visa" / "candle" / "Data" / "Images" / "Normal"
+    normal.mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(normal / "0000.JPG")
+    Image.new("1", (20000, 10000)).save(normal / "0001.JPG", format="PNG")
+    (tmp_path / "visa" / "split_csv").mkdir()
+    text = _split_error(tmp_path / "visa", *(f"candle,{split},normal,candle/Data/Images/"
+                                             f"Normal/000{k}.JPG," for k, split in
+                                             enumerate(("train", "test"))))
+    assert text.splitlines()[1] == (
+        f"  {normal / '0001.JPG'} is too large to open (Image size (200000000 pixels) exceeds "
+        f"limit of {2 * limit} pixels, could be decompression bomb DOS attack.): downscale "
+        "it (line 3)")
