@@ -138,8 +138,8 @@ def read_visa_split(visa_dir: str, classes: Sequence[str] | None = None
 def _clash_problems(listed: list[tuple[int, dict[str, str]]]) -> list[str]:
     """The (line, row)s that would write one file twice or train on a test image: an
     image in more than one row (repeated, or in train and test), and images of one stem
-    bound for one folder (one would overwrite the other, or share its mask and result
-    name)."""
+    (compared case-folded, as macOS' and Windows' file systems do) bound for one folder
+    (one would overwrite the other, or share its mask and result name)."""
     rows_of: dict[tuple[str, str], list[tuple[int, dict[str, str]]]] = {}
     for k, row in listed:
         rows_of.setdefault((row["object"], os.path.normpath(row["image"])), []).append((k, row))
@@ -159,9 +159,10 @@ def _clash_problems(listed: list[tuple[int, dict[str, str]]]) -> list[str]:
         k, row = rows[0]
         folder = f"{name}/{row['split']}/{'good' if row['label'] == 'normal' else 'bad'}/"
         stem = os.path.splitext(os.path.basename(image))[0]
-        bound_for.setdefault((folder, stem), []).append((k, image))
-    for (folder, stem), images in bound_for.items():
+        bound_for.setdefault((folder, stem.casefold()), []).append((k, image))
+    for (folder, _), images in bound_for.items():
         if len(images) > 1:
+            stem = os.path.splitext(os.path.basename(images[0][1]))[0]
             problems.append(f"lines {', '.join(str(k) for k, _ in images)}: "
                             f"{' and '.join(p for _, p in images)} would both be copied "
                             f"to {folder} as {stem} (one over the other, or sharing its "

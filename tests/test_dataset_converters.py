@@ -786,3 +786,20 @@ def test_an_image_over_the_pixel_limit_is_to_be_downscaled(tmp_path):
         f"  {normal / '0001.JPG'} is too large to open (Image size (200000000 pixels) exceeds "
         f"limit of {2 * limit} pixels, could be decompression bomb DOS attack.): downscale "
         "it (line 3)")
+
+
+def test_visa_split_refuses_stems_that_differ_only_in_case(tmp_path):
+    """'A.JPG' and 'a.JPG' bound for one folder passed the clash check, though on macOS'
+    and Windows' file systems one is copied over the other: named like any clash."""
+    images = tmp_path / "candle" / "Data" / "Images"
+    for rel in ("Normal/A.JPG", "Extra/a.JPG", "Normal/0001.JPG"):
+        (images / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16)).save(images / rel)
+    (tmp_path / "split_csv").mkdir()
+    text = _split_error(tmp_path, "candle,train,normal,candle/Data/Images/Normal/A.JPG,",
+                        "candle,train,normal,candle/Data/Images/Extra/a.JPG,",
+                        "candle,test,normal,candle/Data/Images/Normal/0001.JPG,")
+    assert text.splitlines()[1:-1] == [
+        "  lines 2, 3: candle/Data/Images/Normal/A.JPG and candle/Data/Images/Extra/a.JPG "
+        "would both be copied to candle/train/good/ as A (one over the other, or sharing its "
+        "mask): rename all but one image, and its row"]
