@@ -36,6 +36,11 @@ VIT_EPOCHS=${VIT_EPOCHS:-30}
 DEVICE=${DEVICE:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
 VIT_START=(--no_init)
 if [[ -n "${VIT_INIT:-}" ]]; then
+    if [[ ! -f "$VIT_INIT" ]]; then  # before any step: training would find it after three
+        echo "VIT_INIT='$VIT_INIT': no such file; download BEiT's weights into weights/" \
+             "(weights/README.md), or leave VIT_INIT unset to start from random weights" >&2
+        exit 2
+    fi
     VIT_START=(--init_ckpt "$VIT_INIT")
 fi
 # the main world's draw: its setup_train_dataset.py flags and the name of its folders

@@ -92,10 +92,12 @@ def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
     held-out world never gets them. VIT_MODEL reaches training and evaluation, VIT_INIT
     and KMEANS_OUT_INDEX training (random weights and stride-4 codes without them). This
     checks the script's wiring; the fast demo test above checks the recipe."""
+    init = tmp_path / "my beit.pth"
+    init.write_bytes(b"")
     calls = _stubbed_demo_calls(tmp_path, DEMO_HELDOUT="1", DEMO_SEED="1",
                                 DEMO_DEFECT_AREA="0.001 0.01",
                                 VIT_MODEL="vit_base_patch16_224_8k_vocab",
-                                VIT_INIT="weights/my beit.pth", KMEANS_OUT_INDEX="2")
+                                VIT_INIT=str(init), KMEANS_OUT_INDEX="2")
     setups = [c for c in calls if c[0] == "setup_train_dataset.py"]
     assert len(setups) == 2
     main, held = setups
@@ -109,7 +111,7 @@ def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
     assert [c[0] for c in vits] == ["run_pretraining.py", "run_test.py"] * 2
     assert {arg(c, "--model")[0] for c in vits} == {"vit_base_patch16_224_8k_vocab"}
     for train in vits[::2]:  # BEiT's weights, not random ones
-        assert arg(train, "--init_ckpt") == ["weights/my beit.pth"] and "--no_init" not in train
+        assert arg(train, "--init_ckpt") == [str(init)] and "--no_init" not in train
         assert arg(train, "--kmeans_out_index") == ["2"]  # stride-8 codes
     assert arg(vits[1], "--output_dir") == [str(tmp_path / "demo" / draw / "results")]
     assert {arg(c, "--encoder_weights")[0] for c in calls if c[0] == "run_protoflow.py"} == {
@@ -130,6 +132,11 @@ def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
         run, calls = _stubbed_demo(tmp_path, DEMO_DEFECT_AREA=bad)
         assert run.returncode == 2 and calls == []
         assert "give two fractions of the image, SMALLEST LARGEST" in run.stderr
+    # so does a VIT_INIT that names no file (training found it after three steps' work)
+    run, calls = _stubbed_demo(tmp_path, VIT_INIT=str(tmp_path / "missing.pth"))
+    assert run.returncode == 2 and calls == []
+    assert run.stderr.startswith(f"VIT_INIT='{tmp_path / 'missing.pth'}': no such file; "
+                                 "download BEiT's weights into weights/")
 
 
 def test_heldout_check_runs_both_tuning_draws_then_the_heldout_world(tmp_path: Path) -> None:
