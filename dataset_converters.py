@@ -312,8 +312,8 @@ def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
 
 
 def header_problem(path: str, fix: str, where: str = "") -> str | None:
-    """Why `path` is no image Pillow can open, from its header alone (~0.05 s per 1,000
-    images; a file cut short after it, or of refused content, is found when read), with
+    """Why `path` is no image Pillow can open, from its header alone (no decode: cheap
+    beside the copy; a file cut short after it, or of refused content, is found when read), with
     what to do: `fix` (with its separator) for a file that is no image, downscaling for
     one over Pillow's pixel limit, as datasets.open_rgb says (not to replace it: it is
     an image). `where` (' (line 3)') follows the reason."""
