@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import tqdm
 from PIL import Image
 
 import datasets
@@ -143,10 +144,19 @@ def test_clean_protocol_score_maps_ignore_labels(tiny_world) -> None:
         assert torch.equal(maps[key], shuffled[key]), key
 
 
-def test_an_anomalous_image_with_an_empty_mask_is_named(tiny_world, tmp_path, capfd):
+class ShownTqdm(tqdm.tqdm):
+    """tqdm with its bar shown even where TQDM_DISABLE is set (tqdm reads it on import)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "disable": False})
+
+
+def test_an_anomalous_image_with_an_empty_mask_is_named(tiny_world, tmp_path, capfd,
+                                                        monkeypatch):
     """An anomalous test image whose ground-truth mask marks no pixel was evaluated
     silently (its defect never reaches the pixel metrics): a note names it, and the
     class's diagnostics in results.json count it."""
+    monkeypatch.setattr(run_test, "tqdm", ShownTqdm)
     data = tmp_path / "data"
     shutil.copytree(tiny_world.mvtec_root / "coins", data / "coins")
     mask = sorted((data / "coins" / "ground_truth").rglob("*.png"))[0]
