@@ -410,7 +410,9 @@ def init_distributed(device: str | torch.device = "cpu", timeout_min: float = 60
 
 def resolve_device(device: str | torch.device, flag: str = "--device") -> torch.device:
     """`device` as a torch.device, checked before any work: a name torch knows and, for
-    CUDA, a GPU this process can see (otherwise torch fails later, with a traceback)."""
+    CUDA, a GPU this process can see (otherwise torch fails later, with a traceback).
+    `flag` names where the value came from: a flag, or an environment variable such as
+    scripts/demo.sh's DEVICE."""
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
@@ -419,8 +421,9 @@ def resolve_device(device: str | torch.device, flag: str = "--device") -> torch.
     if resolved.type != "cuda":
         return resolved
     if not torch.cuda.is_available():
-        raise FlagError(f"{flag} {device} was asked for but torch sees no CUDA GPU: pass "
-                        "--device cpu, or install a CUDA build of torch")
+        cpu = f"pass {flag} cpu" if flag.startswith("--") else f"set {flag}=cpu"
+        raise FlagError(f"{flag} {device} was asked for but torch sees no CUDA GPU: {cpu}, "
+                        "or install a CUDA build of torch")
     count = torch.cuda.device_count()
     if resolved.index is not None and resolved.index >= count:
         raise FlagError(f"{flag} {device}: torch sees {count} CUDA GPU(s), cuda:0 to "

@@ -34,6 +34,13 @@ PF_EPOCHS=${PF_EPOCHS:-3}
 VIT_MODEL=${VIT_MODEL:-vit_tiny_patch16_224_8k_vocab}
 VIT_EPOCHS=${VIT_EPOCHS:-30}
 DEVICE=${DEVICE:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
+if [[ "$DEVICE" != cpu ]]; then  # before any step: training would find it after the data
+    "$PY" -c 'import sys, utils
+try:
+    utils.resolve_device(sys.argv[1], "DEVICE")
+except utils.FlagError as e:
+    sys.exit(str(e))' "$DEVICE" || exit 2
+fi
 VIT_START=(--no_init)
 if [[ -n "${VIT_INIT:-}" ]]; then
     if [[ ! -f "$VIT_INIT" ]]; then  # before any step: training would find it after three

@@ -139,6 +139,25 @@ def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
                                  "download BEiT's weights into weights/")
 
 
+def test_demo_script_checks_device_before_any_step(tmp_path: Path) -> None:
+    """DEVICE=cuda where torch sees no GPU stops demo.sh before it writes anything, naming
+    DEVICE; training found it only after the data, prototypes and ProtoFlow were made, and
+    named --device. The real interpreter runs here, with every GPU hidden."""
+    env = _knob_free_env() | {"DEMO_DIR": str(tmp_path / "demo"), "DEVICE": "cuda",
+                              "PYTHON": sys.executable,
+                              "DATA_DIR": str(tmp_path / "data"), "CUDA_VISIBLE_DEVICES": ""}
+    run = run_command(["bash", "scripts/demo.sh"], cwd=ROOT, env=env)
+    assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stderr.endswith("DEVICE cuda was asked for but torch sees no CUDA GPU: set "
+                               "DEVICE=cpu, or install a CUDA build of torch\n")
+    assert list(tmp_path.iterdir()) == []
+    run = run_command(["bash", "scripts/demo.sh"], cwd=ROOT, env=env | {"DEVICE": "gpu"})
+    assert run.returncode == 2
+    assert run.stderr.endswith("DEVICE 'gpu' is not a device: pass cpu, cuda or "
+                               "cuda:<index>\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_heldout_check_runs_both_tuning_draws_then_the_heldout_world(tmp_path: Path) -> None:
     """scripts/heldout_check.sh: the main world's draws of seeds 0 and 1 with defects of
     0.1-1 %, the held-out world once, then one compare_worlds.py table of the three

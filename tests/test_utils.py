@@ -132,6 +132,9 @@ def test_a_device_torch_cannot_use_is_a_flag_error(monkeypatch):
     with pytest.raises(utils.FlagError, match="--device cuda was asked for but torch sees no "
                                               "CUDA GPU: pass --device cpu"):
         utils.resolve_device("cuda")
+    with pytest.raises(utils.FlagError, match="DEVICE cuda was asked for but torch sees no "
+                                              "CUDA GPU: set DEVICE=cpu"):
+        utils.resolve_device("cuda", "DEVICE")  # scripts/demo.sh's environment variable
     with pytest.raises(utils.FlagError, match="torch sees no CUDA GPU"):
         utils.init_distributed("cuda")  # the entry points' first step
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
