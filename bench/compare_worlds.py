@@ -229,17 +229,35 @@ def _holds_up_on(record: dict, metric: str, file: str) -> bool | None:
 
 def verdict(record: dict) -> str:
     """'yes', 'n/a' when no metric is defined, or 'no: ' and each metric where PMAD
-    falls short, with the figures."""
+    falls short, with the baselines it falls short of (every one where PMAD's is
+    undefined), to as many decimals as tell the figures apart (at least 4)."""
     found = record["holds_up"]
     short = [m for m, ok in found.items() if ok is False]
     if short:
-        return "no: " + "; ".join(
-            f"{METRICS[m]} {_figure(record['pmad'][m], 4)} against " + ", ".join(
-                f"{ROWS[b]} {_figure(record[b][m], 4)}" for b in COMPARED) for m in short)
+        return "no: " + "; ".join(_shortfall(record, m) for m in short)
     undefined = [METRICS[m] for m, ok in found.items() if ok is None]
     if len(undefined) == len(found):
         return "n/a"
     return "yes" + (f" ({', '.join(undefined)} undefined)" if undefined else "")
+
+
+def _shortfall(record: dict, metric: str) -> str:
+    pmad = record["pmad"][metric]
+    below = [b for b in COMPARED if math.isnan(pmad) or not holds_up(pmad, record[b][metric])]
+    digits = max(_digits_apart(pmad, record[b][metric]) for b in below)
+    return f"{METRICS[metric]} {_figure(pmad, digits)} against " + ", ".join(
+        f"{ROWS[b]} {_figure(record[b][metric], digits)}" for b in below)
+
+
+def _digits_apart(a: float, b: float, least: int = 4, most: int = 8) -> int:
+    """The fewest decimals, from `least`, at which `a` and `b` print apart (0.97395 and
+    0.97400 both read 0.9740 with 4); `least` where either is undefined."""
+    if math.isnan(a) or math.isnan(b):
+        return least
+    for digits in range(least, most):
+        if f"{a:.{digits}f}" != f"{b:.{digits}f}":
+            return digits
+    return most
 
 
 def _figure(value: float, digits: int) -> str:

@@ -352,7 +352,8 @@ def test_compare_worlds_table_json_and_verdicts(compare, tmp_path: Path, capsys)
     a metric no row defines (a set without masks) is n/a and null and decides nothing,
     one PMAD alone lacks fails (even where only the second baseline defines it); PMAD
     must beat both baselines, not one; a world without the CE-alone row (--unmasked
-    zero) shows it as n/a."""
+    zero) shows it as n/a; a verdict names only the baselines PMAD falls short of, with
+    the decimals that tell the figures apart."""
     _results(tmp_path / "a", (0.98, 0.97, 0.90), (0.97, 0.96, 0.89), (0.975, 0.965, 0.88))
     _results(tmp_path / "b", (0.9736, 0.968, 0.857), (0.9796, 0.965, 0.852),
              (0.974, 0.961, 0.843))
@@ -361,12 +362,14 @@ def test_compare_worlds_table_json_and_verdicts(compare, tmp_path: Path, capsys)
     _results(tmp_path / "d", (None, None, None), (None, None, None), (None, None, None))
     _results(tmp_path / "f", (0.97, 0.97, 0.9), (0.96, 0.96, 0.8), (0.98, 0.96, 0.8))
     _results(tmp_path / "g", (0.9, None, 0.9), (0.9, None, 0.9), (0.9, 0.9, 0.9))
+    _results(tmp_path / "h", (0.97396, 0.97, 0.9), (0.96, 0.96, 0.8), (0.974, 0.96, 0.8))
     _results(tmp_path / "e", (None, 0.97, 0.9), (0.9, 0.96, 0.8), (0.9, 0.96, 0.8))
     out = tmp_path / "summary.json"
     assert compare.main([f"tune={tmp_path / 'a'}",
                          f"held={tmp_path / 'b' / 'results'}",
                          f"nomasks={tmp_path / 'c' / 'results' / 'results.json'}",
-                         f"onlyone={tmp_path / 'f'}", f"lastpixel={tmp_path / 'g'}",
+                         f"onlyone={tmp_path / 'f'}", f"close={tmp_path / 'h'}",
+                         f"lastpixel={tmp_path / 'g'}",
                          f"empty={tmp_path / 'd'}", f"noimage={tmp_path / 'e'}",
                          "--output", str(out)]) == 0
     out_lines = capsys.readouterr().out.splitlines()
@@ -382,8 +385,9 @@ def test_compare_worlds_table_json_and_verdicts(compare, tmp_path: Path, capsys)
     assert ("| nomasks | 1.000/n/a/n/a | 1.000/n/a/n/a | 1.000/n/a/n/a | n/a/n/a/n/a "
             "| yes (pixel AUROC, AUPRO undefined) |") in lines
     assert ("| onlyone | 0.970/0.970/0.900 | 0.960/0.960/0.800 | 0.980/0.960/0.800 | "
-            "0.700/0.800/0.500 | no: image AUROC 0.9700 against ProtoFlow map alone "
-            "0.9600, PatchCore 0.9800 |") in lines
+            "0.700/0.800/0.500 | no: image AUROC 0.9700 against PatchCore 0.9800 |") in lines
+    assert ("| close | 0.974/0.970/0.900 | 0.960/0.960/0.800 | 0.974/0.960/0.800 | "
+            "0.700/0.800/0.500 | no: image AUROC 0.97396 against PatchCore 0.97400 |") in lines
     assert ("| lastpixel | 0.900/n/a/0.900 | 0.900/n/a/0.900 | 0.900/0.900/0.900 | "
             "0.700/0.800/0.500 | no: pixel AUROC n/a against ProtoFlow map alone n/a, "
             "PatchCore 0.9000 |") in lines
