@@ -40,7 +40,7 @@ from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_
 from utils import (CheckpointError, FlagError, JsonlLog, MissingFileError, UniqueNames,
                    build_sampler, capture_rng_state, cli, file_sha256, fraction_arg,
                    int_at_least, load_checkpoint_file, positive_float, prepare_output_dir,
-                   remove_stale_tmp_files, resolve_device, restore_rng_state, save_on_master,
+                   probability_arg, remove_stale_tmp_files, resolve_device, restore_rng_state, save_on_master,
                    seed_everything, set_aside)
 
 
@@ -429,7 +429,7 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder_weights", default=None,
                    help="local backbone weights (timm or efficientnet-pytorch file); "
                         "without it timm downloads the pretrained weights")
-    p.add_argument("--holdout", type=float, default=0.1,
+    p.add_argument("--holdout", type=probability_arg, default=0.1,
                    help="fraction of each class's images held out (threshold calibration)")
     p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--batch_size", type=int_at_least(1), default=32)

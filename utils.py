@@ -198,7 +198,8 @@ def fraction_arg(include_one: bool = False) -> Callable[[str], float]:
 
 
 def probability_arg(text: str) -> float:
-    """argparse type: a number in [0, 1) (a drop probability, an Adam beta)."""
+    """argparse type: a number in [0, 1) (a drop probability, an Adam beta, a held-out
+    fraction)."""
     return _float_in(text, math.nextafter(0.0, -1.0), 1.0, "is outside [0, 1)")
 
 

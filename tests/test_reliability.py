@@ -173,6 +173,7 @@ def refused(tiny_world, tmp_path_factory):
         "F7_coreset_2": (rf, protos + ["--coreset_ratio", "2"]),
         "F7_quantile": (rf, ["train", "--data_path", str(w.imagenet_root), "--output",
                              str(tmp / "pf.pt"), "--threshold_quantile", "1"]),
+        "F7_holdout": (rf, protos + ["--holdout", "1"]),
         "F8": (rt, w.run_test_argv(tmp / "o4", "--save_heatmaps", "-3")),
         "pf_classes_setting": (rf, ["train", "--data_path", str(w.imagenet_root), "--output",
                                     str(tmp / "pf2.pt"), "--classes", "coins", "--setting",
@@ -255,6 +256,7 @@ def test_an_unknown_test_class_is_refused(refused, tiny_world):
     ("F7_coreset_0", "argument --coreset_ratio: 0 is outside (0, 1]"),
     ("F7_coreset_2", "argument --coreset_ratio: 2 is outside (0, 1]"),
     ("F7_quantile", "argument --threshold_quantile: 1 is outside (0, 1)"),
+    ("F7_holdout", "argument --holdout: 1 is outside [0, 1)"),  # was found after the load
     ("F7_seed_test", "argument --seed: -1 is less than 0"),
     ("F7_seed_protoflow", "argument --seed: -1 is less than 0"),
     ("F7_seed_setup", "argument --seed: -1 is less than 0"),
