@@ -39,12 +39,12 @@ if [[ "$DEVICE" != cpu ]]; then  # before any step: training would find it after
 try:
     utils.resolve_device(sys.argv[1], "DEVICE")
 except utils.FlagError as e:
-    sys.exit(str(e))' "$DEVICE" || exit 2
+    sys.exit(f"error: {e}")' "$DEVICE" || exit 2
 fi
 VIT_START=(--no_init)
 if [[ -n "${VIT_INIT:-}" ]]; then
     if [[ ! -f "$VIT_INIT" ]]; then  # before any step: training would find it after three
-        echo "VIT_INIT='$VIT_INIT': no such file; download BEiT's weights into weights/" \
+        echo "error: VIT_INIT='$VIT_INIT': no such file; download BEiT's weights into weights/" \
              "(weights/README.md), or leave VIT_INIT unset to start from random weights" >&2
         exit 2
     fi
@@ -58,7 +58,7 @@ fi
 if [[ -n "${DEMO_DEFECT_AREA:-}" ]]; then
     read -ra area <<< "$DEMO_DEFECT_AREA"
     if [[ ${#area[@]} -ne 2 ]]; then
-        echo "DEMO_DEFECT_AREA='$DEMO_DEFECT_AREA': give two fractions of the image," \
+        echo "error: DEMO_DEFECT_AREA='$DEMO_DEFECT_AREA': give two fractions of the image," \
              "SMALLEST LARGEST (e.g. \"0.001 0.01\")" >&2
         exit 2
     fi

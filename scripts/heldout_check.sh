@@ -3,8 +3,9 @@
 # draws of the main world (defects of 0.1-1 % of the image, seeds 0 and 1), then on the
 # held-out world, and one table of PMAD beside ProtoFlow's map alone, PatchCore and the
 # ViT's cross-entropy alone on each, with whether PMAD holds up against both baselines
-# (bench/compare_worlds.py). Choose a recipe by the tuning rows; the held-out row only
-# reports what it does on data nobody tuned it for.
+# (bench/compare_worlds.py; a second table gives each image AUROC gap its 95 % interval).
+# Choose a recipe by the tuning rows; the held-out row only reports what it does on data
+# nobody tuned it for.
 #
 # Every knob of scripts/demo.sh passes through (VIT_MODEL, VIT_INIT, VIT_EPOCHS,
 # KMEANS_VOCAB, KMEANS_OUT_INDEX, PF_EPOCHS, DEVICE, DEMO_DIR, DATA_DIR, ...), except

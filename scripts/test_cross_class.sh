@@ -13,7 +13,7 @@ direction=$(printf '%s' "${FROM_OBJ_TO_TEXTURE:-0}" | tr '[:upper:]' '[:lower:]'
 case "$direction" in
     0|""|false|no|off) export SETTING=tex2obj; default_ckpt=weights/checkpoint_844_894.pth ;;
     1|true|yes|on) export SETTING=obj2tex; default_ckpt=weights/checkpoint_976_931.pth ;;
-    *) echo "FROM_OBJ_TO_TEXTURE=$FROM_OBJ_TO_TEXTURE: give 1 (objects -> textures) or 0" \
+    *) echo "error: FROM_OBJ_TO_TEXTURE=$FROM_OBJ_TO_TEXTURE: give 1 (objects -> textures) or 0" \
             "(textures -> objects)" >&2; exit 2 ;;
 esac
 export CKPT=${CKPT:-$default_ckpt}

@@ -17,7 +17,7 @@ direction=$(printf '%s' "${FROM_OBJ_TO_TEXTURE:-0}" | tr '[:upper:]' '[:lower:]'
 case "$direction" in
     0|""|false|no|off) ;;
     1|true|yes|on) obj2tex=1 ;;
-    *) echo "FROM_OBJ_TO_TEXTURE=$FROM_OBJ_TO_TEXTURE: give 1 (objects -> textures) or 0" \
+    *) echo "error: FROM_OBJ_TO_TEXTURE=$FROM_OBJ_TO_TEXTURE: give 1 (objects -> textures) or 0" \
             "(textures -> objects)" >&2; exit 2 ;;
 esac
 for arg in "$@"; do

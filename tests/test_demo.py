@@ -131,11 +131,12 @@ def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
     for bad in ("0.001", "0.001 0.01 0.1"):
         run, calls = _stubbed_demo(tmp_path, DEMO_DEFECT_AREA=bad)
         assert run.returncode == 2 and calls == []
-        assert "give two fractions of the image, SMALLEST LARGEST" in run.stderr
+        assert run.stderr.startswith(f"error: DEMO_DEFECT_AREA='{bad}': give two fractions "
+                                     "of the image, SMALLEST LARGEST")
     # so does a VIT_INIT that names no file (training found it after three steps' work)
     run, calls = _stubbed_demo(tmp_path, VIT_INIT=str(tmp_path / "missing.pth"))
     assert run.returncode == 2 and calls == []
-    assert run.stderr.startswith(f"VIT_INIT='{tmp_path / 'missing.pth'}': no such file; "
+    assert run.stderr.startswith(f"error: VIT_INIT='{tmp_path / 'missing.pth'}': no such file; "
                                  "download BEiT's weights into weights/")
 
 
@@ -148,13 +149,14 @@ def test_demo_script_checks_device_before_any_step(tmp_path: Path) -> None:
                               "DATA_DIR": str(tmp_path / "data"), "CUDA_VISIBLE_DEVICES": ""}
     run = run_command(["bash", "scripts/demo.sh"], cwd=ROOT, env=env)
     assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stderr.endswith("DEVICE cuda was asked for but torch sees no CUDA GPU: set "
-                               "DEVICE=cpu, or install a CUDA build of torch\n")
+    assert run.stderr.splitlines()[-1] == ("error: DEVICE cuda was asked for but torch sees "
+                                           "no CUDA GPU: set DEVICE=cpu, or install a CUDA "
+                                           "build of torch")
     assert list(tmp_path.iterdir()) == []
     run = run_command(["bash", "scripts/demo.sh"], cwd=ROOT, env=env | {"DEVICE": "gpu"})
     assert run.returncode == 2
-    assert run.stderr.endswith("DEVICE 'gpu' is not a device: pass cpu, cuda or "
-                               "cuda:<index>\n")
+    assert run.stderr.splitlines()[-1] == ("error: DEVICE 'gpu' is not a device: pass cpu, "
+                                           "cuda or cuda:<index>")
     assert list(tmp_path.iterdir()) == []
 
 

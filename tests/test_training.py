@@ -1134,7 +1134,9 @@ def test_shell_scripts_build_the_torchrun_command(tmp_path):
     assert yes[yes.index("--setting") + 1] == "obj2tex"
     proc = run_command(["bash", "scripts/train_cross_class.sh"], cwd=REPO,
                        env={**env, "FROM_OBJ_TO_TEXTURE": "objects"})
-    assert proc.returncode == 2 and "give 1 (objects -> textures) or 0" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: FROM_OBJ_TO_TEXTURE=objects: give 1 (objects -> "
+                                  "textures) or 0")
     assert obj2tex[obj2tex.index("--data_path") + 1] == "/d"
     # one process: the interpreter itself, so a mistake's exit code 2 reaches the caller
     (fake / "py").write_text("#!/usr/bin/env bash\necho python \"$@\"\nexit 2\n")
