@@ -626,7 +626,8 @@ class CNNPatchFeatures(nn.Module):
 
     A feature map finer than stride 16 is average-pooled over each patch: stride-4
     features keep thin defects (scratches) and colour changes that stride-16 features
-    blur, so their codes make a sharper masked-token cross-entropy (README, demo).
+    blur, so their codes make a sharper masked-token cross-entropy (docs/heldout.md, "The
+    tokenizer").
     """
 
     def __init__(self, backbone: str, out_index: int = 1, image_size: int = 224,

@@ -36,8 +36,9 @@ UNMASKED = ("cover", "zero")
 ABNORMALITY = ("log", "paper")
 COMBINE = ("weighted", "product")
 IMAGE_SCORES = ("max", "topk")
-# CE's weight in the clean protocol's map, abnormality x (1 + w CE / ln V). README's
-# pooled tuning sets (three trained models) kept 1: 0.5 gained on two, not on the third
+# CE's weight in the clean protocol's map, abnormality x (1 + w CE / ln V). The pooled
+# tuning sets of docs/heldout.md (three trained models) kept 1: 0.5 gained on two, not on
+# the third
 CE_WEIGHT = 1.0
 
 

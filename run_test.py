@@ -94,8 +94,8 @@ def add_clean_args(p: argparse.ArgumentParser) -> None:
                         "--ce_weight), or the paper's CE x abnormality")
     p.add_argument("--ce_weight", type=float_at_least(0), default=None,
                    help=f"clean protocol: W above, how far the ViT's cross-entropy raises "
-                        f"ProtoFlow's map (default {CE_WEIGHT:g}, kept on README's pooled "
-                        f"tuning sets; 0: ProtoFlow's map alone)")
+                        f"ProtoFlow's map (default {CE_WEIGHT:g}, kept on the pooled "
+                        f"tuning sets of docs/heldout.md; 0: ProtoFlow's map alone)")
     p.add_argument("--image_score", default=None, choices=IMAGE_SCORES,
                    help="clean protocol: the score map's maximum (default; the paper) or the "
                         "mean of its top 1%% of pixels")

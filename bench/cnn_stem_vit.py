@@ -1,4 +1,4 @@
-"""The ViT of README's CNN-stem figures ("On data nobody tuned it for"): the demo's ViT-tiny
+"""The ViT of the CNN-stem figures of docs/heldout.md ("The ViT"): the demo's ViT-tiny
 with its linear patch embedding replaced by ImageNet-trained EfficientNet-Lite0, frozen, up
 to stride 16 (a hybrid ViT), then a trained 1 x 1 projection to the embedding width. The
 demo's ViT starts from random weights; this one sees each visible patch through features
@@ -23,7 +23,7 @@ bench/score_variants.py with the arguments that follow, e.g. scripts/demo.sh's s
         --prototypes_dir $d/prototypes --data_path data/demo_${w}_mvtec --protocol clean \
         --output_dir output_dir/stem/$w/results
 
-and, on a pooled tuning set scored by both ViTs (README), their image AUROC gap:
+and, on a pooled tuning set scored by both ViTs (docs/heldout.md), their image AUROC gap:
 `python bench/compare_worlds.py --same_test_images tiny=RESULTS_DIR stem=RESULTS_DIR`.
 """
 from __future__ import annotations

@@ -15,8 +15,9 @@ A second table says how much of PMAD's image AUROC gap to each baseline is the t
 images' luck: the gap with its 95 % paired bootstrap interval (the test images of each
 class resampled, good and defective apart, the same draw for both methods), from the
 per-image scores of run_test.py's results.json. With --same_test_images (runs of two
-recipes, or two training runs, on one test set, e.g. README's pooled tuning sets) a third
-table gives each run's PMAD image AUROC minus the first run's, paired the same way.
+recipes, or two training runs, on one test set, e.g. the pooled tuning sets of
+docs/heldout.md) a third table gives each run's PMAD image AUROC minus the first run's,
+paired the same way.
 Writes the same as JSON with --output.
 Exit status 0 once the tables are made, whoever wins; 2 for a bad argument or a results
 file it cannot compare (missing, unreadable, another protocol's, without the baseline

@@ -1,5 +1,5 @@
-"""The training set of README's mirror-augmentation figures ("On data nobody tuned it
-for"): a copy of an ImageNet-layout training root (train/<class>/, fg_mask/<class>/, as
+"""The training set of the mirror-augmentation figures of docs/heldout.md ("The ViT"): a
+copy of an ImageNet-layout training root (train/<class>/, fg_mask/<class>/, as
 setup_train_dataset.py writes it) in which each image and its foreground mask also
 appear mirrored left-right, as m<name>.
 

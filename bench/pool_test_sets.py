@@ -1,7 +1,7 @@
 """One MVTec-format folder with the training images of one draw of a world and the test
 images of several: the same distribution as one draw, with several times its test
 images, so that a choice of recipe can rest on gaps that the test images' luck would not
-make (README's "On data nobody tuned it for": a tuning draw of 20 good and 20 defective
+make (docs/heldout.md: a tuning draw of 20 good and 20 defective
 test images per class cannot tell 0.003 of image AUROC from noise).
 
     python bench/pool_test_sets.py data/pool_seed2-6 \\

@@ -1,6 +1,7 @@
-"""The clean protocol's score alternatives measured for README's "On data nobody tuned it
-for": one trained world (a demo world's outputs, or yours), each alternative beside the
-default and the baselines, every row from the same models and the same pass.
+"""The clean protocol's score alternatives measured in docs/heldout.md (README's "On data
+nobody tuned it for"): one trained world (a demo world's outputs, or yours), each
+alternative beside the default and the baselines, every row from the same models and the
+same pass.
 
     python bench/score_variants.py --model vit_tiny_patch16_224_8k_vocab \
         --ckpt output_dir/demo/heldout/pmad/checkpoint-last.pth --tokenizer_model kmeans \

@@ -1,5 +1,5 @@
-"""Per-class CE weight chosen on synthetic defects, measured for README's "On data nobody
-tuned it for": a label-free way to let each class decide how much the ViT's
+"""Per-class CE weight chosen on synthetic defects, measured in docs/heldout.md
+("Calibrating the cross-entropy"): a label-free way to let each class decide how much the ViT's
 cross-entropy should count (0 = ProtoFlow's map alone), rejected there on the tuning draws.
 
 Three steps around bench/score_variants.py, which scores the CE-weight rows:

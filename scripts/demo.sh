@@ -13,7 +13,7 @@
 # world only; 1: also the held-out world), DEMO_CLASSES / HELDOUT_CLASSES (all),
 # DEMO_TRAIN/DEMO_TEST_GOOD/DEMO_TEST_DEFECT and HELDOUT_TRAIN/HELDOUT_TEST_GOOD/
 # HELDOUT_TEST_DEFECT (images per class), PF_EPOCHS, VIT_MODEL
-# (vit_tiny_patch16_224_8k_vocab; README also measures vit_small_patch16_224_8k_vocab),
+# (vit_tiny_patch16_224_8k_vocab; docs/heldout.md also measures vit_small_patch16_224_8k_vocab),
 # VIT_INIT (unset: the ViT starts from random weights; a file such as
 # weights/beit_base_patch16_224_pt22k.pth: from BEiT's, as in the paper, with VIT_MODEL
 # vit_base_patch16_224_8k_vocab), VIT_EPOCHS, KMEANS_VOCAB (tokenizer codebook size, 1024),
