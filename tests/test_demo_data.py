@@ -338,7 +338,7 @@ def test_heldout_world_shares_no_class_photo_or_defect_kind_with_main():
     photos = {c: (demo_data._TEXTURE_PHOTOS.get(c) or demo_data._OBJECT_SPECS[c][0])
               for c in main.classes + held.classes}
     assert not {photos[c] for c in main.classes} & {photos[c] for c in held.classes}
-    # the one photograph both use, as README says: tissue's, among the main world's
+    # the one photograph both use, as docs/heldout.md says: tissue's, among the main world's
     # foreign-object sources
     assert set(demo_data._FOREIGN_PHOTOS) & {photos[c] for c in held.classes} == {"ihc.png"}
     for name in held.classes:  # every photograph ships with scikit-image

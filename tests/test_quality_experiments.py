@@ -1,4 +1,4 @@
-"""The bench scripts behind README's held-out experiments besides score_variants.py:
+"""The bench scripts behind docs/heldout.md's experiments besides score_variants.py:
 synthetic_calibration.py (per-class CE weight on synthetic defects: the defects it
 paints, the calibration set it writes, the weight it picks), mirror_copy.py (the
 mirrored training set) and cnn_stem_vit.py (the ViT with a frozen Lite0 stem)."""
@@ -218,7 +218,7 @@ def test_pick_scores_each_class_at_its_weight(calib) -> None:
 
 
 def test_pick_step_prints_each_class_and_the_means(calib, tmp_path: Path, capsys) -> None:
-    """`synthetic_calibration.py pick`, the line README's figures come from: the mean of
+    """`synthetic_calibration.py pick`, the line docs/heldout.md's figures come from: the mean of
     the picked, default and ProtoFlow image AUROCs over the classes."""
     calibration = {"a": _weight_rows(calib, [0.9, 0.8, 0.8, 0.8, 0.8]),
                    "b": _weight_rows(calib, [0.7] * 5)}

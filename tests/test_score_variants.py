@@ -1,4 +1,4 @@
-"""bench/score_variants.py (README's issue-11 tables) by hand: its rows on the tiny
+"""bench/score_variants.py (docs/heldout.md's tables) by hand: its rows on the tiny
 cases of test_protocols.py, whose answers are known by construction."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def score_variants(bench):
 
 
 def test_bench_score_variants_rows_by_hand(score_variants) -> None:
-    """bench/score_variants.py (README's issue-11 tables): its default row is the clean
+    """bench/score_variants.py (docs/heldout.md's tables): its default row is the clean
     protocol's map and score, the CE-weight rows scale CE / ln V, and the image-only
     rows score each map by one rule."""
     data = _hand_data()
@@ -236,7 +236,7 @@ def test_bench_score_variants_calibration_rows_by_hand(score_variants) -> None:
         "1 - expected cosine to the true codeword": 0.8 * ln2}  # codeword (0.8, 0.2) vs (0, 1)
     for row, score in expected.items():
         assert rows[row][1][1, 2, 2] == pytest.approx(ln4 * (1 + score / ln2), abs=1e-6), row
-    # README's tables name these rows: a changed CE weight or sigma renames one
+    # docs/heldout.md's tables name these rows: a changed CE weight or sigma renames one
     maps = ["pmad", "protoflow_only", "patchcore"]
     assert set(rows) == set(expected) | {
         "default", "CE weight 0.25", "CE weight 0.5", "CE weight 2",
