@@ -478,3 +478,46 @@ def test_image_scores() -> None:
     assert protocols.image_scores(maps, "topk").tolist() == [2.0]  # mean of the top 4
     with pytest.raises(ValueError, match="unknown image score"):
         protocols.image_scores(maps, "median")
+
+
+def test_paper_diagnostics_read_the_masks_the_maps_were_scored_with() -> None:
+    """A defective image ProtoFlow calls normal gets a random mask from its own seed;
+    the paper protocol's diagnostics must count its defect as masked exactly when the
+    mask its map was scored with covers it. Five images of 2x2 patches: a1 (score ln 8)
+    and a2 (score ln 2, below the three normals' ln 4) are defective in patch 3. The
+    F1-optimal threshold calls a1 alone (F1 2/3 against 4/7 for calling all five), so a2
+    is masked at random: with this seed its one masked patch (ratios 0.26 to 0.48) is its
+    defect, which another seed's mask misses."""
+    n = 5
+    labels = np.array([0, 1, 1, 0, 0])
+    logp = torch.zeros(n, 2, 2)
+    logp[1, 1, 1] = -math.log(8.0)  # a1
+    logp[2, 1, 1] = -math.log(2.0)  # a2: less anomalous than the normals' worst patch
+    logp[[0, 3, 4], 0, 0] = -math.log(4.0)
+    tokens = torch.zeros(n, 4, dtype=torch.long)
+    tokens[1:3, 3] = 1
+    gt = torch.zeros(n, 4, 4)
+    gt[1:3, 2:, 2:] = 1  # all of patch 3
+    ids = [f"sha-{i}" for i in range(n)]
+    data = protocols.ClassData(torch.zeros(n, 3, 4, 4), tokens, logp, -logp, labels, gt,
+                               [f"img_{i}" for i in range(n)],
+                               ["good", "crack", "crack", "good", "good"], ids)
+    ranks = protoflow.proposals_from_log_likelihood(logp, image_size=4, grid=(2, 2))
+
+    def a2_masked(seed: int) -> bool:
+        called = torch.tensor([False, True, False, False, False])
+        return bool(ranks.test_masks(0.26, called, protocols.mask_seeds(ids, seed))[2, 3])
+
+    seed = next(s for s in range(1, 200) if a2_masked(s) and not a2_masked(s + 1)
+                and not a2_masked(s - 1) and not a2_masked(0))
+    record, maps, _ = protocols.evaluate_paper(ConstantViT(), data, sigma=0.0, batch_size=5,
+                                               device=torch.device("cpu"), amp="none",
+                                               seed=seed)
+    assert record["called_anomalous"] == 1
+    assert record["threshold"] == pytest.approx((math.log(4) + math.log(8)) / 2)
+    assert record["mask_ratio"] == 0.26 and record["image_auroc"] == 1.0
+    # a2's defect was masked in its map: CE1 x (1 - 1/2) at the defect's pixels
+    assert maps["pmad"][2, 3, 3] == pytest.approx(CE1 * 0.5, abs=1e-6)
+    d = record["diagnostics"]
+    assert d["anomalous_images"] == 2 and d["anomalous_with_proposal"] == 1
+    assert d["masked_defect_fraction"] == 1.0  # a1's by its proposal, a2's by its seed
