@@ -353,3 +353,21 @@ def test_the_table_of_a_run_that_stopped_says_its_means_are_partial(tmp_path):
     assert reporting.format_table(results, "clean").splitlines()[2] == (
         "**INCOMPLETE**: the means are over the 2 class(es) evaluated only. Failed: b (its "
         "heatmaps: OSError: [Errno 28] No space left). Re-run with --resume_eval to finish.")
+
+
+def test_results_md_diagnostics_rows_by_class(tmp_path):
+    """results.md's mask diagnostics, one row per class: anomalous images given the
+    proposal mask of all anomalous ones, the fraction of defect pixels masked (not its
+    complement), the count of anomalous images with no defect pixel (blank for a record
+    of an earlier version, which has none)."""
+    a, b = _class_record(0.9, ["crack"]), _class_record(0.8, ["crack"])
+    a["diagnostics"] = {"anomalous_with_proposal": 3, "anomalous_images": 7,
+                        "masked_defect_fraction": 0.25, "empty_defect_masks": 1}
+    b["diagnostics"] = {"anomalous_with_proposal": 0, "anomalous_images": 4,
+                        "masked_defect_fraction": 0.875}
+    results = {"classes": {"a": a, "b": b}, "protocol": "clean"}
+    reporting.summarize(results)
+    table = reporting.write_results(results, tmp_path, "clean").splitlines()
+    assert table[-4].startswith("| Category | anomalous images given the proposal mask | "
+                                "defect pixels masked |")
+    assert table[-2:] == ["| a | 3/7 | 0.25 | 1 |", "| b | 0/4 | 0.88 |  |"]
