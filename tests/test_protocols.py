@@ -476,6 +476,9 @@ def test_image_scores() -> None:
     maps = torch.zeros(1, 20, 20)
     maps[0, 0, :4] = torch.tensor([4.0, 2.0, 1.0, 1.0])
     assert protocols.image_scores(maps, "topk").tolist() == [2.0]  # mean of the top 4
+    # a map under 100 pixels (a 2x2-patch case's 3x3) still takes its top pixel, not none
+    small = torch.arange(18.0).reshape(2, 3, 3)
+    assert protocols.image_scores(small, "topk").tolist() == [8.0, 17.0]
     with pytest.raises(ValueError, match="unknown image score"):
         protocols.image_scores(maps, "median")
 
