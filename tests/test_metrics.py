@@ -90,6 +90,17 @@ def test_f1_threshold_prefers_highest_recall_on_equal_f1(chunk, monkeypatch):
     assert f1_optimal_threshold(labels, scores) == np.nextafter(0.5, 0)
 
 
+@pytest.mark.parametrize('chunk', [1, 3, 1 << 16])
+def test_f1_threshold_at_a_positive_in_a_later_chunk(chunk, monkeypatch):
+    """The F1-optimal score is the highest positive's (F1 2/3 at 0.9 against 4/7 calling
+    all five), which a small chunk puts in another chunk than the first: the threshold is
+    that score's midpoint with the next lower score, 0.85, not a score of the first chunk."""
+    monkeypatch.setattr(metrics, '_CHUNK', chunk)
+    labels, scores = [1, 0, 0, 0, 1], [0.9, 0.8, 0.7, 0.6, 0.1]
+    assert image_f1_max(labels, scores) == pytest.approx(2 / 3, abs=1e-15)
+    assert f1_optimal_threshold(labels, scores) == pytest.approx(0.85, abs=1e-15)
+
+
 def test_f1_threshold_between_adjacent_floats():
     v = 0.5
     lower = np.nextafter(v, 0)
