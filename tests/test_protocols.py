@@ -483,16 +483,12 @@ def test_image_scores() -> None:
         protocols.image_scores(maps, "median")
 
 
-def test_paper_diagnostics_read_the_masks_the_maps_were_scored_with() -> None:
-    """A defective image ProtoFlow calls normal gets a random mask from its own seed;
-    the paper protocol's diagnostics must count its defect as masked exactly when the
-    mask its map was scored with covers it. Five images of 2x2 patches: a1 (score ln 8)
-    and a2 (score ln 2, below the three normals' ln 4) are defective in patch 3. The
-    F1-optimal threshold calls a1 alone (F1 2/3 against 4/7 for calling all five), so a2
-    is masked at random: with this seed its one masked patch (ratios 0.26 to 0.48) is its
-    defect, which another seed's mask misses."""
+def _called_normal_data() -> protocols.ClassData:
+    """Five images of 2x2 patches (4x4 pixels): a1 (image 1, score ln 8) and a2 (image 2,
+    score ln 2, below the three normals' ln 4) are defective in patch 3; each normal's
+    least likely patch is patch 0. The F1-optimal threshold calls a1 alone (F1 2/3
+    against 4/7 for calling all five)."""
     n = 5
-    labels = np.array([0, 1, 1, 0, 0])
     logp = torch.zeros(n, 2, 2)
     logp[1, 1, 1] = -math.log(8.0)  # a1
     logp[2, 1, 1] = -math.log(2.0)  # a2: less anomalous than the normals' worst patch
@@ -501,15 +497,52 @@ def test_paper_diagnostics_read_the_masks_the_maps_were_scored_with() -> None:
     tokens[1:3, 3] = 1
     gt = torch.zeros(n, 4, 4)
     gt[1:3, 2:, 2:] = 1  # all of patch 3
-    ids = [f"sha-{i}" for i in range(n)]
-    data = protocols.ClassData(torch.zeros(n, 3, 4, 4), tokens, logp, -logp, labels, gt,
-                               [f"img_{i}" for i in range(n)],
-                               ["good", "crack", "crack", "good", "good"], ids)
-    ranks = protoflow.proposals_from_log_likelihood(logp, image_size=4, grid=(2, 2))
+    return protocols.ClassData(torch.zeros(n, 3, 4, 4), tokens, logp, -logp,
+                               np.array([0, 1, 1, 0, 0]), gt, [f"img_{i}" for i in range(n)],
+                               ["good", "crack", "crack", "good", "good"],
+                               [f"sha-{i}" for i in range(n)])
+
+
+def _first_random_patch(data: protocols.ClassData, seed: int) -> list[int]:
+    """Each image's patch of rank 0 in the random order of its seed (a1 called anomalous)."""
+    ranks = protoflow.proposals_from_log_likelihood(
+        data.log_likelihood, image_size=4, grid=(2, 2)).test_ranks(
+        torch.tensor([False, True, False, False, False]),
+        protocols.mask_seeds(data.image_ids, seed))
+    return (ranks == 0).long().argmax(1).tolist()
+
+
+def test_paper_sweep_masks_the_images_called_normal_at_random() -> None:
+    """The paper protocol's per-ratio masks: ProtoFlow's proposal for the image it calls
+    anomalous (a1: its defect patch), a random patch of its own seed for the others, not
+    their proposals (a2's defect, a normal's patch 0). At 0.26 one patch of 4 is masked,
+    so each map is CE x abnormality at that patch alone."""
+    data = _called_normal_data()
+    proposals = protoflow.proposals_from_log_likelihood(data.log_likelihood, image_size=4,
+                                                        grid=(2, 2))
+    called = torch.tensor([False, True, False, False, False])
+    seed = next(s for s in range(200) if _first_random_patch(data, s)[2] != 3
+                and _first_random_patch(data, s)[0] != 0)
+    _, maps = protocols.sweep_mask_ratios(ConstantViT(), data, proposals, called, (0.26,),
+                                          sigma=0.0, batch_size=5, device=torch.device("cpu"),
+                                          amp="none", seed=seed)
+    m = maps[0.26]
+    assert m[1, 3, 3] == pytest.approx(CE1 * 0.875, abs=1e-6)  # a1: its proposal
+    assert m[2, 3, 3] == 0.0  # a2's defect left visible (its proposal would give CE1 x 0.5)
+    assert m[0, 0, 0] == 0.0  # the normal's patch 0 too (its proposal: CE0 x 0.75)
+    assert m[2].max() > 0  # a2's random patch scores where its abnormality is not 0
+
+
+def test_paper_diagnostics_read_the_masks_the_maps_were_scored_with() -> None:
+    """A defective image ProtoFlow calls normal gets a random mask from its own seed;
+    the paper protocol's diagnostics must count its defect as masked exactly when the
+    mask its map was scored with covers it. In the five-image case a2 is called normal
+    and masked at random: with this seed its one masked patch (ratios 0.26 to 0.48) is
+    its defect, which another seed's mask misses."""
+    data = _called_normal_data()
 
     def a2_masked(seed: int) -> bool:
-        called = torch.tensor([False, True, False, False, False])
-        return bool(ranks.test_masks(0.26, called, protocols.mask_seeds(ids, seed))[2, 3])
+        return _first_random_patch(data, seed)[2] == 3
 
     seed = next(s for s in range(1, 200) if a2_masked(s) and not a2_masked(s + 1)
                 and not a2_masked(s - 1) and not a2_masked(0))
@@ -524,3 +557,19 @@ def test_paper_diagnostics_read_the_masks_the_maps_were_scored_with() -> None:
     d = record["diagnostics"]
     assert d["anomalous_images"] == 2 and d["anomalous_with_proposal"] == 1
     assert d["masked_defect_fraction"] == 1.0  # a1's by its proposal, a2's by its seed
+
+
+def test_visible_patches_at_zero_give_no_ce_only_baseline() -> None:
+    """--unmasked zero runs the test mask alone, so the ViT's cross-entropy is known at
+    the masked patches only: no 'CE alone' baseline is scored (it would read 0 at every
+    visible patch as a score), while 'cover' scores every patch and reports it."""
+    kw = dict(ratio=0.5, threshold=None, sigma=0.0, batch_size=2,
+              device=torch.device("cpu"), amp="none", seed=0)
+    zero, maps, scores = protocols.evaluate_clean(
+        ConstantViT(), _hand_data(), options=protocols.CleanOptions(unmasked="zero"), **kw)
+    assert set(maps) == {"pmad", "protoflow_only", "patchcore"}
+    assert "ce_only" not in zero and "ce_only" not in scores
+    cover, maps, _ = protocols.evaluate_clean(
+        ConstantViT(), _hand_data(), options=protocols.CleanOptions(unmasked="cover"), **kw)
+    assert "ce_only" in cover
+    assert torch.allclose(maps["ce_only"], _hand_maps()["ce_only"], atol=1e-6)
