@@ -67,7 +67,10 @@ if [[ -n "${DEMO_DEFECT_AREA:-}" ]]; then
 fi
 LITE0=$("$PY" -c 'from backbones import lite0_weights_path; print(lite0_weights_path())')
 start=$SECONDS
-step() { printf '\n==> [%dm%02ds] %s\n' $(((SECONDS - start) / 60)) $(((SECONDS - start) % 60)) "$*"; }
+step() {
+    local t=$((SECONDS - start))
+    printf '\n==> [%dm%02ds] %s\n' $((t / 60)) $((t % 60)) "$*"
+}
 
 # run_world NAME WORLD "CLASSES" TRAIN TEST_GOOD TEST_DEFECT [setup_train_dataset.py flags]:
 # the whole recipe on one world
@@ -136,7 +139,8 @@ fi
 step "done"
 for w in "${worlds[@]}"; do
     echo
-    echo "### $w world ($DEMO_DIR/$w/results/results.md; heatmaps in $DEMO_DIR/$w/results/heatmaps/<class>/)"
+    echo "### $w world ($DEMO_DIR/$w/results/results.md;" \
+         "heatmaps in $DEMO_DIR/$w/results/heatmaps/<class>/)"
     echo
     cat "$DEMO_DIR/$w/results/results.md"
 done

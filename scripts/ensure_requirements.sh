@@ -41,6 +41,7 @@ while read -r req_line; do  # read trims the spaces around a line
     if [ -n "$req_line" ]; then reqs+=("$req_line"); fi
 done <<< "$to_install"
 if [ ${#reqs[@]} -gt 0 ]; then
-    echo "[$(basename "$0")] installing ${reqs[*]} into $("$PY" -c 'import sys; print(sys.prefix)') ..."
+    req_prefix=$("$PY" -c 'import sys; print(sys.prefix)')
+    echo "[$(basename "$0")] installing ${reqs[*]} into $req_prefix ..."
     "$PY" -m pip install -q "${reqs[@]}"
 fi
