@@ -40,8 +40,8 @@ from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_
 from utils import (CheckpointError, FlagError, JsonlLog, MissingFileError, UniqueNames,
                    build_sampler, capture_rng_state, cli, file_sha256, fraction_arg,
                    int_at_least, load_checkpoint_file, positive_float, prepare_output_dir,
-                   probability_arg, remove_stale_tmp_files, resolve_device, restore_rng_state, save_on_master,
-                   seed_everything, set_aside)
+                   probability_arg, remove_stale_tmp_files, resolve_device, restore_rng_state,
+                   save_on_master, seed_everything, set_aside)
 
 
 @torch.inference_mode()
