@@ -10,7 +10,11 @@ Per row: the end-to-end step rate (engine.train_one_epoch: loading, masks, forwa
 backward, AdamW), the data loader's own rate (iterating the same loader, no model) and
 the ratio to the row's baseline (fp32 without cache, same device/model/batch), all
 measured in this run. On a GPU the step must not wait on data: the loader rate has to
-stay above the step rate.
+stay above the step rate. Both rates are steady-state ones: the batches the loader's
+workers prepared before the first was asked for (num_workers x PREFETCH) are not
+timed, nor the warm-up, and a rate is the timed batches over their whole time. A median
+step would hide a slow loader: its workers finish their batches together, so most steps
+find one waiting.
 
 The data are synthetic PNGs of MVTec size (--image_px, default 1024) with foreground
 masks; the tokenizer is a random-weight DALL-E encoder of the released size, written in
@@ -18,6 +22,7 @@ OpenAI's format (or --tokenizer_weight_path for the real one).
 
   python bench/bench_train.py                       # everything this machine has
   python bench/bench_train.py --models tiny --steps 3 --image_px 256   # quick CPU look
+  python bench/bench_train.py --devices cuda --models base    # the paper's ViT on a GPU
 """
 from __future__ import annotations
 
@@ -25,11 +30,10 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import timm
@@ -46,6 +50,8 @@ from modeling_discrete_vae import DalleEncoder, create_tokenizer, save_dalle_enc
 
 MODELS = {"tiny": "vit_tiny_patch16_224_8k_vocab", "base": "vit_base_patch16_224_8k_vocab"}
 CLASSES = ("bottle", "carpet")
+PREFETCH = 2  # batches each loader worker prepares ahead (DataLoader's default)
+STEPS = {"cpu": 5, "cuda": 30}  # timed steps per row unless --steps
 
 
 def make_data(root: str, num_images: int, px: int, seed: int = 0) -> None:
@@ -75,6 +81,7 @@ def loader_for(dataset, batch_size: int, num_batches: int, num_workers: int,
                                              num_samples=batch_size * num_batches)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                        num_workers=num_workers, drop_last=True,
+                                       prefetch_factor=PREFETCH if num_workers else None,
                                        pin_memory=device.type == "cuda",
                                        persistent_workers=False)
 
@@ -92,10 +99,13 @@ def timed(loader: Iterable, stamps: list[float]) -> Iterator:
         yield batch
 
 
-def median_rate(stamps: list[float], skip: int, batch_size: int) -> float:
-    """images/s from the median step time after `skip` warm-up steps (robust to other
-    processes' bursts on a shared machine)."""
-    return batch_size / statistics.median(np.diff(stamps)[skip:])
+def window_rate(stamps: list[float], skip: int, batch_size: int) -> float:
+    """images/s over the batches after the first `skip`: stamps[i] is when batch i was
+    asked for, the last stamp when the last batch was done."""
+    timed_batches = len(stamps) - 1 - skip
+    if timed_batches < 1:
+        raise ValueError(f"{len(stamps)} stamps leave no batch to time after {skip}")
+    return batch_size * timed_batches / (stamps[-1] - stamps[skip])
 
 
 def epochs_of(cache: datasets.ImageCache, num_batches: int) -> Iterator[dict]:
@@ -111,26 +121,37 @@ def epochs_of(cache: datasets.ImageCache, num_batches: int) -> Iterator[dict]:
             yield batch
 
 
+class Source(NamedTuple):
+    """A data path: `make(n)` gives n batches; `ready` of them may have been prepared
+    before the first was asked for (a DataLoader's workers' prefetch)."""
+    make: Callable[[int], Iterable[dict]]
+    ready: int
+
+
 def sources(plain, cached, batch_size: int, num_workers: int, device: torch.device
-            ) -> dict[str, Callable[[int], Iterable[dict]]]:
-    """name -> (number of batches -> batches) for each data path."""
-    out = {"no cache": lambda n: loader_for(plain, batch_size, n, num_workers, device),
-           "cache": lambda n: loader_for(cached, batch_size, n, num_workers, device)}
+            ) -> dict[str, Source]:
+    """name -> Source for each data path."""
+    ahead = num_workers * PREFETCH
+    out = {"no cache": Source(lambda n: loader_for(plain, batch_size, n, num_workers, device),
+                              ahead),
+           "cache": Source(lambda n: loader_for(cached, batch_size, n, num_workers, device),
+                           ahead)}
     for where in ("ram", "device") if device.type == "cuda" else ("ram",):
         cache = datasets.ImageCache(cached, batch_size, where=where, device=device,
                                     num_workers=num_workers)
-        out[f"cache+{where}"] = lambda n, c=cache: epochs_of(c, n)
+        out[f"cache+{where}"] = Source(lambda n, c=cache: epochs_of(c, n), 0)
     return out
 
 
-def loader_rate(make: Callable[[int], Iterable[dict]], batch_size: int, steps: int,
-                warmup: int, device: torch.device) -> float:
-    """images/s of the loader alone, batches moved to the device."""
+def loader_rate(source: Source, batch_size: int, steps: int, warmup: int,
+                device: torch.device) -> float:
+    """images/s of the loader alone, batches moved to the device, in the steady state."""
     stamps: list[float] = []
-    for batch in timed(make(warmup + steps), stamps):
+    skip = warmup + source.ready
+    for batch in timed(source.make(skip + steps), stamps):
         batch["image"].to(device, non_blocking=True)
         sync(device)
-    return median_rate(stamps, warmup, batch_size)
+    return window_rate(stamps, skip, batch_size)
 
 
 def sync(device: torch.device) -> None:
@@ -138,27 +159,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_rate(model_name: str, make: Callable[[int], Iterable[dict]], tokenizer, amp: str,
-              batch_size: int, steps: int, warmup: int, device: torch.device) -> float:
-    """images/s of engine.train_one_epoch (dynamic masking on: the most work per step).
+def step_rate(model_name: str, source: Source, tokenizer, amp: str, batch_size: int,
+              steps: int, warmup: int, device: torch.device) -> float:
+    """images/s of engine.train_one_epoch (dynamic masking on: the most work per step)
+    in the steady state, data loading included.
 
     No step waits for the device, but dynamic masking reads the statistics of two steps
-    back, so the host runs at most two steps ahead of a GPU: in the steady state the
-    stamps' spacing is the device's step time."""
+    back, so the host runs at most two steps ahead of a GPU, and the last stamp is taken
+    after the device is done."""
     torch.manual_seed(0)
     model = timm.create_model(model_name, drop_path_rate=0.1, init_values=0.1).to(device)
     optimizer = utils.build_optimizer(model, 1e-4, 0.05, device=device)
-    n = warmup + steps
+    skip = warmup + source.ready
+    n = skip + steps
     schedule = np.full(n, 1e-4)
     stamps: list[float] = []
     engine.train_one_epoch(
-        model, timed(make(n), stamps), optimizer, utils.make_grad_scaler(device, amp),
+        model, timed(source.make(n), stamps), optimizer, utils.make_grad_scaler(device, amp),
         make_policy(device),
         engine.TrainConfig(schedule, schedule * 500, n, clip_grad=3.0, amp=amp),
         epoch=0, progress=False, tokenizer=tokenizer)
     sync(device)
     stamps.append(time.perf_counter())
-    return median_rate(stamps, warmup, batch_size)
+    return window_rate(stamps, skip, batch_size)
 
 
 def make_policy(device: torch.device) -> MaskingPolicy:
@@ -169,7 +192,9 @@ def make_policy(device: torch.device) -> MaskingPolicy:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--steps", type=int, default=5, help="timed steps per row")
+    p.add_argument("--steps", type=utils.int_at_least(1), default=None,
+                   help=f"timed steps per row (default: {STEPS['cpu']} on CPU, "
+                        f"{STEPS['cuda']} on CUDA)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--image_px", type=int, default=1024, help="MVTec images are 700-1024 px")
     p.add_argument("--num_images", type=int, default=32)
@@ -196,6 +221,7 @@ def main() -> None:
             amps = ["none"] + (["bf16"] if device.type == "cpu"
                                or utils.bf16_supported(device) else [])
             batches = [4] if device.type == "cpu" else [4, 64]
+            steps = args.steps or STEPS[device.type]
             tokenizer = create_tokenizer("dall-e", tok_path, device, amp=utils.default_amp(device))
             freq = make_policy(device).frequency
             plain = datasets.PretrainDataset(data, CLASSES, tokenizer.image_size,
@@ -204,23 +230,23 @@ def main() -> None:
                                               freq_weights=freq)
             t0 = time.perf_counter()
             datasets.cache_tokens(cached, tokenizer, os.path.join(tmp, "cache", dev_name),
-                                  device=device)
+                                  device=device, num_workers=workers)
             fill = len(cached) / (time.perf_counter() - t0)
             print(f"[{dev_name}] token cache filled at {fill:.1f} images/s "
                   f"({len(cached)} images, {args.image_px} px, {workers} loader workers)",
                   flush=True)
             for batch in batches:
                 paths = sources(plain, cached, batch, workers, device)
-                load = {name: loader_rate(make, batch, args.steps, args.warmup, device)
-                        for name, make in paths.items()}
+                load = {name: loader_rate(source, batch, steps, args.warmup, device)
+                        for name, source in paths.items()}
                 for key in args.models:
                     baseline = None
                     for amp in amps:
                         loader_path = None
-                        for name, make in paths.items():
-                            rate = step_rate(MODELS[key], make,
+                        for name, source in paths.items():
+                            rate = step_rate(MODELS[key], source,
                                              tokenizer if name == "no cache" else None,
-                                             amp, batch, args.steps, args.warmup, device)
+                                             amp, batch, steps, args.warmup, device)
                             baseline = baseline or rate
                             loader_path = rate if name == "cache" else loader_path
                             row = {"device": dev_name, "model": key, "amp": amp,

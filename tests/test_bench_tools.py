@@ -116,12 +116,43 @@ def test_bench_model_clock_choice(model_main, argv, cuda, clock):
 
 # ----- bench_train -----------------------------------------------------------------------
 
-def test_bench_train_median_rate_skips_warmup(load):
-    """images/s from the median step after the warm-up: steps of 10, 1, 2, 1 s with one
-    warm-up step give batch / 1 s (the mean, or the median with the warm-up, would not)."""
+def test_bench_train_window_rate_counts_the_whole_window(load):
+    """images/s over the batches after the first `skip`, by the window's whole time. Three
+    workers that finish together serve steps of 0, 0 and 3 s: 6 batches of 6 in 6 s is 6
+    img/s, where a median step (0 s) would claim no wait at all. The skipped 10 s of
+    warm-up do not count; without the skip they would."""
     bt = load("bench_train")
-    assert bt.median_rate([0.0, 10.0, 11.0, 13.0, 14.0], 1, 4) == 4.0
-    assert bt.median_rate([0.0, 10.0, 11.0, 13.0, 14.0], 0, 4) == pytest.approx(4 / 1.5)
+    bursts = [0.0, 0.0, 0.0, 3.0, 3.0, 3.0, 6.0]
+    assert bt.window_rate(bursts, 0, 6) == pytest.approx(6.0)
+    assert bt.window_rate([0.0, 10.0, 11.0, 13.0], 1, 4) == pytest.approx(8 / 3)
+    assert bt.window_rate([0.0, 10.0, 11.0, 13.0], 0, 4) == pytest.approx(12 / 13)
+    with pytest.raises(ValueError, match="no batch to time"):
+        bt.window_rate([0.0, 1.0], 1, 4)
+
+
+def test_bench_train_rates_skip_prefetched_batches(load, monkeypatch):
+    """loader_rate times only what follows the warm-up and the batches the workers had
+    ready (`Source.ready`): 3 prefetched batches come at once, the rest every 2 s, so the
+    steady state is batch / 2 s whatever was ready; it asks for exactly skip + steps
+    batches."""
+    bt = load("bench_train")
+    now = [0.0]
+    monkeypatch.setattr(bt, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    asked = []
+
+    def make(n):
+        asked.append(n)
+        for i in range(n):
+            if i >= 3:  # beyond the prefetch: the workers' pace
+                now[0] += 2.0
+            yield {"image": torch.zeros(1)}
+
+    rate = bt.loader_rate(bt.Source(make, 3), 4, 5, 1, torch.device("cpu"))
+    assert asked == [1 + 3 + 5]
+    assert rate == pytest.approx(4 / 2.0)
+    # without the skip the prefetched batches would inflate it: 9 batches in 12 s
+    assert bt.window_rate([0.0] * 4 + [2.0 * k for k in range(1, 7)], 0, 4) == \
+        pytest.approx(4 * 9 / 12)
 
 
 def test_bench_train_timed_stamps_every_request(load, monkeypatch):
@@ -177,17 +208,19 @@ def test_bench_train_baseline_is_fp32_no_cache_per_model(load, monkeypatch, tmp_
     """Each row's ratio is to the first row of its model: fp32 ('none') without cache,
     per device, batch and model (a model's ratios must not use another's baseline); the
     tokenizer runs in the step only without the token cache; a loader slower than 1.2 x
-    the step is flagged."""
+    the step is flagged; without --steps the CPU's rows time 5 steps."""
     bt = load("bench_train")
     rates = {("tiny", "none"): (10, 20, 40), ("tiny", "bf16"): (15, 25, 50),
              ("base", "none"): (2, 4, 8), ("base", "bf16"): (3, 5, 6)}
     paths = ("no cache", "cache", "cache+ram")
     tokenizer = SimpleNamespace(image_size=224)
     given_tokenizer = {}
+    given_steps = set()
 
     def step_rate(model, make, tok, amp, batch, steps, warmup, device):
         key = "tiny" if model == bt.MODELS["tiny"] else "base"
         given_tokenizer[key, amp, make] = tok
+        given_steps.add(steps)
         return float(rates[key, amp][paths.index(make)])
 
     monkeypatch.setattr(bt, "make_data", lambda *a: None)
@@ -214,6 +247,7 @@ def test_bench_train_baseline_is_fp32_no_cache_per_model(load, monkeypatch, tmp_
         ("base", "none", "cache+ram", 4.0), ("base", "bf16", "no cache", 1.5),
         ("base", "bf16", "cache", 2.5), ("base", "bf16", "cache+ram", 3.0)]
     assert [r["loader_img_s"] for r in rows[:3]] == [100.0, 22.0, 5.0]
+    assert given_steps == {5}  # the CPU's default without --steps
     assert {k: v is tokenizer for k, v in given_tokenizer.items()} == {
         (m, a, p): p == "no cache" for m in ("tiny", "base") for a in ("none", "bf16")
         for p in paths}
