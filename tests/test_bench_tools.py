@@ -155,6 +155,41 @@ def test_bench_train_rates_skip_prefetched_batches(load, monkeypatch):
         pytest.approx(4 * 9 / 12)
 
 
+def test_bench_train_step_rate_skips_prefetched_batches(load, monkeypatch):
+    """step_rate trains warm-up + ready + steps batches and times the last `steps`, up to
+    the end of the last step: 2 prefetched batches come at once, the others take 3 s to
+    load, each step 1 s, so the steady state is batch / 4 s."""
+    bt = load("bench_train")
+    now = [0.0]
+    monkeypatch.setattr(bt, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    trained = []
+
+    def train_one_epoch(model, loader, *args, **kwargs):
+        it = iter(loader)
+        for _ in range(args[-1].num_steps):
+            next(it)
+            now[0] += 1.0  # the step
+            trained.append(now[0])
+
+    def make(n):
+        for i in range(n):
+            if i >= 2:
+                now[0] += 3.0  # loading
+            yield {}
+
+    monkeypatch.setattr(bt, "timm", SimpleNamespace(
+        create_model=lambda *a, **k: SimpleNamespace(to=lambda device: None)))
+    monkeypatch.setattr(bt, "utils", SimpleNamespace(build_optimizer=lambda *a, **k: None,
+                                                     make_grad_scaler=lambda *a: None))
+    monkeypatch.setattr(bt, "make_policy", lambda device: None)
+    monkeypatch.setattr(bt, "engine", SimpleNamespace(
+        train_one_epoch=train_one_epoch,
+        TrainConfig=lambda lr, wd, num_steps, **k: SimpleNamespace(num_steps=num_steps)))
+    rate = bt.step_rate("m", bt.Source(make, 2), None, "none", 8, 4, 1, torch.device("cpu"))
+    assert len(trained) == 1 + 2 + 4
+    assert rate == pytest.approx(8 / 4.0)
+
+
 def test_bench_train_timed_stamps_every_request(load, monkeypatch):
     """timed() stamps each request for a batch, the last (unanswered) one included: n
     batches give n + 1 stamps, each taken after the consumer's previous step, so that
