@@ -1203,6 +1203,7 @@ class ImageCache:
             for key, value in batch.items():
                 parts.setdefault(key, []).append(value)
         store = {key: torch.cat(values) for key, values in parts.items()}  # row = index
+        del parts  # so that pinning below holds at most two copies, as auto_image_cache assumes
         keep = self.device if where == "device" else torch.device("cpu")
         pin = where == "ram" and self.device.type == "cuda"
         for key in ("image_u8", "tokens"):  # (N, 3, S, S) uint8, (N, L) int64
