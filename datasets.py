@@ -46,10 +46,7 @@ VISA_CLASSES = ["candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni
                 "macaroni2", "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum"]
 SETTINGS = ("multi_class", "obj2tex", "tex2obj", "leave_one_out")
 IMAGE_CACHES = ("ram", "device")  # where ImageCache keeps the decoded images
-CACHE_IMAGES = ("auto", "none", *IMAGE_CACHES)  # run_pretraining.py --cache_images
-# --cache_images auto keeps the images in RAM when all of this machine's processes' caches
-# take at most this share of it: filling one briefly holds it twice, so at most half
-AUTO_CACHE_RAM_SHARE = 0.25
+CACHE_IMAGES = ("none", *IMAGE_CACHES)  # run_pretraining.py --cache_images
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_DIRS = ("good", "ok")  # normal-image folder: MVTec AD / MPDD, BTAD
 JUNK_DIRS = ("__MACOSX",)  # beside the hidden folders: never data (is_junk_dir)
@@ -1240,38 +1237,6 @@ class ImageCache:
             batch["tokens"] = to_device(self.store["tokens"].index_select(0, sel_kept),
                                         self.device)
             yield batch
-
-
-def physical_ram_bytes() -> int | None:
-    """This machine's RAM, or None where the system does not say (os.sysconf is POSIX)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def auto_image_cache(dataset: PretrainDataset, processes: int, ram_bytes: int | None
-                     ) -> tuple[str, str]:
-    """--cache_images auto: 'ram' when the decoded training set (one sample's size, as
-    ImageCache keeps it, x N), once per process on this machine, fits in
-    AUTO_CACHE_RAM_SHARE of its RAM, else 'none'. -> (choice, one line saying why).
-    Decoding every PNG every epoch is what bounds a GPU's training at large batches
-    (README, Speed); the choice changes no batch, since ImageCache serves the
-    DataLoader's batches to the bit. Never 'device': the GPU's memory is the model's."""
-    sample = dataset.item(0, uint8=True)
-    per_sample = sum(v.nbytes if isinstance(v, torch.Tensor) else 8 for v in sample.values())
-    need = per_sample * len(dataset) * processes
-    size = (f"{need / 2**20:.1f} MiB for {len(dataset)} images x {processes} "
-            f"process{'es' if processes > 1 else ''}")
-    if ram_bytes is None:
-        return "none", (f"not cached: this system does not say its RAM size ({size} would "
-                        "be needed); --cache_images ram keeps them anyway")
-    ram = f"this machine's {ram_bytes / 2**30:.1f} GiB of RAM"
-    if need > AUTO_CACHE_RAM_SHARE * ram_bytes:
-        return "none", (f"not cached: {size} is over {AUTO_CACHE_RAM_SHARE:.0%} of {ram}; "
-                        "every step decodes its images (--cache_images ram keeps them anyway)")
-    return "ram", (f"decoded once and kept in RAM: {size}, within {AUTO_CACHE_RAM_SHARE:.0%} "
-                   f"of {ram} (--cache_images none decodes them every step)")
 
 
 def build_train_loader(dataset: PretrainDataset, batch_size: int, *, cache_images: str,

@@ -139,11 +139,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    default=True, help="ImageNet mean/std (else 0.5/0.5, BEiT's alternative)")
     p.add_argument("--skip_bad_images", action="store_true",
                    help="leave out unreadable images (listed) instead of stopping")
-    p.add_argument("--cache_images", default="auto", choices=datasets.CACHE_IMAGES,
+    p.add_argument("--cache_images", default="none", choices=datasets.CACHE_IMAGES,
                    help="decode every image once and keep it with its tokens in RAM or on "
-                        "the device (MVTec AD: 0.55 GB at 224 px, in each DDP process); "
-                        "auto: in RAM when this machine's processes' copies take at most "
-                        f"{datasets.AUTO_CACHE_RAM_SHARE:.0%} of it, else none")
+                        "the device (MVTec AD: 0.55 GB at 224 px, in each DDP process)")
     p.add_argument("--num_workers", type=utils.int_at_least(0), default=10)
     p.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
 
@@ -466,13 +464,8 @@ def _train_checked(args: argparse.Namespace, env: utils.DistEnv, train_classes: 
     del header
     if extended:
         utils.main_print(extended)
-    cache_images = args.cache_images
-    if cache_images == "auto":
-        cache_images, why = datasets.auto_image_cache(
-            dataset, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), datasets.physical_ram_bytes())
-        utils.main_print(f"[data] training images {why}")
     loader, sampler = datasets.build_train_loader(
-        dataset, args.batch_size, cache_images=cache_images, device=env.device,
+        dataset, args.batch_size, cache_images=args.cache_images, device=env.device,
         seed=args.seed, num_workers=args.num_workers, pin_memory=args.pin_mem)
     num_steps = min(len(loader), args.max_steps_per_epoch or len(loader))
     optimizer, scaler, config = build_optimisation(args, model, num_steps, env.device)

@@ -622,46 +622,6 @@ def test_image_cache_serves_the_dataloader_batches_exactly(train_root):
         datasets.ImageCache(_pretrain(train_root), 2, where="ram", device="cpu")
 
 
-def test_auto_image_cache_keeps_images_in_ram_when_they_fit(train_root):
-    """--cache_images auto: one sample as ImageCache keeps it (64 px uint8 image 12,288
-    bytes, 16 tokens as int64 128, 16 foreground flags 16, 16 frequency weights 64, class
-    and index 16: 12,512) x 6 images x the processes on this machine must fit in a quarter
-    of its RAM: 4 x that for one process keeps them in RAM, not for two, nor where the
-    system does not say its RAM size."""
-    from masking_generator import frequency_weights
-    ds = _pretrain(train_root, freq_weights=lambda x: frequency_weights(x, patch_size=16))
-    ds.attach_tokens(torch.zeros(6, 16, dtype=torch.int32))
-    need = 12_512 * 6
-    choice, why = datasets.auto_image_cache(ds, 1, 4 * need)
-    assert choice == "ram"
-    assert why == (f"decoded once and kept in RAM: {need / 2**20:.1f} MiB for 6 images x 1 "
-                   f"process, within 25% of this machine's {4 * need / 2**30:.1f} GiB of RAM "
-                   "(--cache_images none decodes them every step)")
-    choice, why = datasets.auto_image_cache(ds, 2, 4 * need)
-    assert choice == "none"
-    assert why.startswith(f"not cached: {2 * need / 2**20:.1f} MiB for 6 images x 2 processes"
-                          " is over 25% of")
-    assert datasets.auto_image_cache(ds, 1, 4 * need - 1)[0] == "none"
-    choice, why = datasets.auto_image_cache(ds, 1, None)
-    assert choice == "none" and "does not say its RAM size" in why
-
-
-def test_physical_ram_bytes(monkeypatch):
-    """The RAM size from os.sysconf (this test machine's: over 1 GiB), None where the
-    system lacks it (Windows has no os.sysconf; a POSIX system may not know the name)."""
-    ram = datasets.physical_ram_bytes()
-    assert ram is not None and ram > 2**30
-    assert ram == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-    def unknown(name):
-        raise ValueError(f"unrecognized configuration name {name}")
-
-    monkeypatch.setattr(os, "sysconf", unknown)
-    assert datasets.physical_ram_bytes() is None
-    monkeypatch.delattr(os, "sysconf")
-    assert datasets.physical_ram_bytes() is None
-
-
 def test_train_loader_refuses_a_set_without_one_full_batch(train_root):
     """6 images make 3 batches of 2 and 1 of 6; a batch of 7 would never step, so
     build_train_loader says so (with and without the image cache) instead of training

@@ -309,9 +309,8 @@ def test_resume_after_crash_equals_uninterrupted_run(env, reference, monkeypatch
 
 
 def test_each_epoch_draws_the_images_in_its_own_order(env, tmp_path, monkeypatch):
-    """The DataLoader's sampler is set to each epoch: epoch e sees the permutation a
-    DistributedSampler of --seed gives at epoch e, another one each epoch, and the same
-    after a resume. (ImageCache follows that sampler: the cache tests.)"""
+    """The sampler is set to each epoch: epoch e sees the permutation a DistributedSampler
+    of --seed gives at epoch e, another one each epoch, and the same after a resume."""
     orders, real = [], engine.train_one_epoch
 
     def record(model, data_loader, *args, epoch, **kwargs):
@@ -321,10 +320,9 @@ def test_each_epoch_draws_the_images_in_its_own_order(env, tmp_path, monkeypatch
         return real(model, data_loader, *args, epoch=epoch, **kwargs)
 
     monkeypatch.setattr(engine, "train_one_epoch", record)
-    argv = ("--seed", "3", "--cache_images", "none")
     with pytest.raises(_Crash):
-        run_pretraining.main(_args(env, str(tmp_path), *argv))
-    assert run_pretraining.main(_args(env, str(tmp_path), *argv))["start_epoch"] == 1
+        run_pretraining.main(_args(env, str(tmp_path), "--seed", "3"))
+    assert run_pretraining.main(_args(env, str(tmp_path), "--seed", "3"))["start_epoch"] == 1
     expected = []
     for epoch in (0, 1):
         sampler = torch.utils.data.DistributedSampler(range(8), num_replicas=1, rank=0, seed=3)
@@ -333,44 +331,16 @@ def test_each_epoch_draws_the_images_in_its_own_order(env, tmp_path, monkeypatch
     assert orders == [*expected, expected[1]] and expected[0] != expected[1]
 
 
-@pytest.mark.parametrize("cache", ["none", "device"])
-def test_cached_images_train_exactly_like_the_dataloader(env, reference, tmp_path, cache):
-    """--cache_images serves the DataLoader's batches to the bit: the reference run (the
-    default, auto, keeps these 8 images in RAM) is the same run as the DataLoader's
-    ('none') and as the cache on the device."""
+def test_cached_images_train_exactly_like_the_dataloader(env, reference, tmp_path):
+    """--cache_images serves the DataLoader's batches to the bit: the same run."""
     ref_out, _ = reference
-    run_pretraining.main(_args(env, str(tmp_path), "--cache_images", cache))
+    run_pretraining.main(_args(env, str(tmp_path), "--cache_images", "device"))
     ref_log = read_jsonl(os.path.join(ref_out, "log.txt"))
     log = read_jsonl(os.path.join(tmp_path, "log.txt"))
     assert [r["train_loss"] for r in log] == [r["train_loss"] for r in ref_log]
     a = utils.load_checkpoint_file(os.path.join(ref_out, "checkpoint-last.pth"))["model"]
     b = utils.load_checkpoint_file(os.path.join(tmp_path, "checkpoint-last.pth"))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-class _Stop(Exception):
-    pass
-
-
-@pytest.mark.parametrize("ram, want", [(2**40, "ram"), (2**20, "none")])
-def test_cache_images_auto_is_the_default(env, tmp_path, monkeypatch, capsys, ram, want):
-    """Without --cache_images, training keeps the images in RAM when they fit in a quarter
-    of it (datasets.auto_image_cache), and says which it chose and why in one line."""
-    chosen = []
-
-    def build_train_loader(dataset, batch_size, *, cache_images, **kwargs):
-        chosen.append(cache_images)
-        raise _Stop
-
-    monkeypatch.setattr(datasets, "physical_ram_bytes", lambda: ram)
-    monkeypatch.setattr(datasets, "build_train_loader", build_train_loader)
-    with pytest.raises(_Stop):
-        run_pretraining.main(_args(env, str(tmp_path)))
-    assert chosen == [want]
-    line = [ln for ln in capsys.readouterr().out.splitlines() if "--cache_images" in ln]
-    assert len(line) == 1 and line[0].startswith(
-        "[data] training images " + ("decoded once and kept in RAM: " if want == "ram"
-                                     else "not cached: "))
 
 
 def test_resume_refuses_other_arguments(env, reference):
