@@ -663,8 +663,10 @@ def to_uint8(image: Image.Image) -> torch.Tensor:
 def normalize_uint8(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
                     ) -> torch.Tensor:
     """(..., 3, H, W) uint8 -> float32 (x / 255 - mean) / std, mean/std (3, 1, 1): the
-    arithmetic of ToTensor + Normalize, so the result is the same to the bit."""
-    return images.float().div(255).sub(mean).div(std)
+    arithmetic of ToTensor + Normalize, so the result is the same to the bit. 255 is a
+    tensor on the images' device: given a Python number, CUDA multiplies by its
+    reciprocal instead, one bit off for about half the pixel values."""
+    return images.float().div(torch.full((), 255.0, device=images.device)).sub(mean).div(std)
 
 
 def build_token_transform(token_size: int) -> T.Compose:
@@ -1174,37 +1176,45 @@ class ImageCache:
     batches like DataLoader(dataset, DistributedSampler(seed), drop_last=True): the
     same batches, to the bit, in one process and under DDP.
 
-    Kept: the uint8 images and the visual tokens in host memory ('ram', pinned for a
-    GPU) or on `device` ('device'); the foreground patch masks, frequency weights and
-    class indices on the host, where MaskingPolicy draws the masks. Each batch's images
-    are normalised on `device`. PretrainDataset has no random augmentation, so nothing
-    else is left to do per step. With DDP each rank keeps all N images: the sampler's
-    order (one permutation of all N per epoch, padded by repeats to a multiple of the
-    world size, then every world_size-th) gives a rank other images every epoch, and
-    every image is seen in every epoch. Iterate after set_epoch(epoch), as a
-    DistributedSampler; the order depends only on (seed, epoch, rank, world size).
+    Kept: the uint8 images and the visual tokens in host memory ('ram', pinned for a GPU
+    unless `pin_memory` is off: --no_pin_mem) or on `device` ('device'); the foreground
+    patch masks, frequency weights and class indices on the host, where MaskingPolicy
+    draws the masks. Each batch's images are normalised on `device`. PretrainDataset has
+    no random augmentation, so nothing else is left to do per step. With DDP each rank
+    keeps all N images: the sampler's order (one permutation of all N per epoch, padded
+    by repeats to a multiple of the world size, then every world_size-th) gives a rank
+    other images every epoch, and every image is seen in every epoch. Iterate after
+    set_epoch(epoch), as a DistributedSampler; the order depends only on (seed, epoch,
+    rank, world size).
     """
 
     def __init__(self, dataset: PretrainDataset, batch_size: int, *, where: str,
-                 device: str | torch.device, seed: int = 0, num_workers: int = 0) -> None:
+                 device: str | torch.device, seed: int = 0, num_workers: int = 0,
+                 pin_memory: bool = True) -> None:
         if where not in IMAGE_CACHES:
             raise ValueError(f"--cache_images {where!r}: choose 'ram' or 'device'")
         if dataset.tokens is None:
             raise ValueError("ImageCache needs the visual tokens: call cache_tokens first")
         self.dataset, self.device, self.batch_size = dataset, torch.device(device), batch_size
         self.seed, self.epoch = seed, 0
-        parts: dict[str, list[torch.Tensor]] = {}
+        keep = self.device if where == "device" else torch.device("cpu")
+        pin = where == "ram" and self.device.type == "cuda" and pin_memory
+        store: dict[str, torch.Tensor] = {}  # key -> (N, ...), row = index
         loader = DataLoader(_Decoded(dataset), batch_size=64, num_workers=num_workers,
                             generator=torch.Generator())  # the global stream untouched
+        start = 0
         for batch in tqdm(loader, desc="decoding images once", disable=len(dataset) < 256):
+            rows = slice(start, start + len(batch["index"]))
             for key, value in batch.items():
-                parts.setdefault(key, []).append(value)
-        store = {key: torch.cat(values) for key, values in parts.items()}  # row = index
-        del parts  # so that pinning below holds at most two copies, as auto_image_cache assumes
-        keep = self.device if where == "device" else torch.device("cpu")
-        pin = where == "ram" and self.device.type == "cuda"
-        for key in ("image_u8", "tokens"):  # (N, 3, S, S) uint8, (N, L) int64
-            store[key] = store[key].pin_memory() if pin else store[key].to(keep)
+                if key not in store:  # filled in place, batch by batch: one copy of the
+                    # set at any time, and the workers' shared memory holds only theirs
+                    kept = key in ("image_u8", "tokens")  # (N, 3, S, S) uint8, (N, L) int64
+                    store[key] = torch.empty((len(dataset), *value.shape[1:]),
+                                             dtype=value.dtype,
+                                             device=keep if kept else "cpu",
+                                             pin_memory=pin and kept)
+                store[key][rows] = value
+            start = rows.stop
         self.store = store
         self.mean, self.std = dataset.mean.to(self.device), dataset.std.to(self.device)
         self.num_steps = len(self._sampler()) // batch_size
@@ -1249,7 +1259,8 @@ def build_train_loader(dataset: PretrainDataset, batch_size: int, *, cache_image
     require_full_batch(len(dataset), batch_size)
     if cache_images != "none":
         loader = sampler = ImageCache(dataset, batch_size, where=cache_images, device=device,
-                                      seed=seed, num_workers=num_workers)
+                                      seed=seed, num_workers=num_workers,
+                                      pin_memory=pin_memory)
     else:
         sampler = build_sampler(dataset, seed=seed)
         # its own generator: each epoch's iterator then leaves the global stream (drop

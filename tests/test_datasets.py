@@ -595,7 +595,8 @@ def test_token_cache_ranks_split_rank_0s_misses(train_root, tmp_path):
 
 def test_image_cache_serves_the_dataloader_batches_exactly(train_root):
     """--cache_images: decoded once, the same batches as the DataLoader path to the bit
-    (no augmentation to replay), in RAM and 'on the device' (here the CPU)."""
+    (no augmentation to replay), in RAM and 'on the device' (here the CPU), filled in
+    the process or by loader workers."""
     from masking_generator import frequency_weights
     freq = lambda x: frequency_weights(x, patch_size=16)  # noqa: E731
     ds = _pretrain(train_root, freq_weights=freq)
@@ -605,8 +606,9 @@ def test_image_cache_serves_the_dataloader_batches_exactly(train_root):
     sampler = utils.build_sampler(ds, seed=5)
     for batch_size, steps in ((2, 3), (4, 1)):  # 6 images: the last 2 are no full batch
         loader = DataLoader(ds, sampler=sampler, batch_size=batch_size, drop_last=True)
-        caches = [datasets.ImageCache(ds, batch_size, where=w, device="cpu", seed=5)
-                  for w in ("ram", "device")]
+        caches = [datasets.ImageCache(ds, batch_size, where=w, device="cpu", seed=5,
+                                      num_workers=workers)
+                  for w in ("ram", "device") for workers in (0, 2)]
         for epoch in (0, 1):
             sampler.set_epoch(epoch)
             want = list(loader)
@@ -620,6 +622,18 @@ def test_image_cache_serves_the_dataloader_batches_exactly(train_root):
     assert caches[0].store["image_u8"].dtype == torch.uint8
     with pytest.raises(ValueError, match="cache_tokens"):
         datasets.ImageCache(_pretrain(train_root), 2, where="ram", device="cpu")
+
+
+def test_train_loader_passes_pin_memory_to_the_image_cache(train_root, monkeypatch):
+    """--no_pin_mem reaches ImageCache as it reaches the DataLoader: a cache in RAM for a
+    GPU is pinned only when pin_memory is on."""
+    seen = []
+    monkeypatch.setattr(datasets, "ImageCache", lambda *a, **k: seen.append(k) or [])
+    ds = _pretrain(train_root)
+    for pin in (False, True):
+        datasets.build_train_loader(ds, 2, cache_images="ram", device=torch.device("cpu"),
+                                    seed=0, num_workers=0, pin_memory=pin)
+    assert [k["pin_memory"] for k in seen] == [False, True]
 
 
 def test_train_loader_refuses_a_set_without_one_full_batch(train_root):
