@@ -37,7 +37,7 @@ import utils  # noqa: E402
 from masking_generator import MaskGenerator, MaskingPolicy  # noqa: E402
 
 CHECKS = ("train_bf16", "fp16_scaler", "sync_free", "attention_grads", "dalle_tokens",
-          "run_test", "torchrun")
+          "image_cache", "run_test", "torchrun")
 # dense bf16 tensor-core peak (TFLOP/s, no sparsity) by a substring of the device name
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0,
                     "L40S": 362.0, "A10": 125.0, "4090": 165.0}
@@ -232,6 +232,42 @@ def check_dalle_tokens(args, device: torch.device) -> str:
         raise RuntimeError(f"tokens on {device} agree with the CPU's on {agreement:.2%} "
                            "of patches (< 99%)")
     return f"{device.type} vs CPU float32: {agreement:.2%} of {a.numel()} tokens agree"
+
+
+def check_image_cache(args, device: torch.device) -> str:
+    """--cache_images on the device: ImageCache's batches ('ram', pinned, and 'device',
+    normalised on the GPU) against the DataLoader's (normalised on the CPU, then moved),
+    to the bit: images, tokens, masks, weights."""
+    import datasets
+    from PIL import Image
+    from masking_generator import frequency_weights
+    root = Path(args.workdir) / "cache_world"
+    rng = np.random.default_rng(0)
+    for i in range(8):  # smooth random RGB at 3 sizes: resizes of every kind
+        px = (64, 96, 128)[i % 3]
+        for sub in ("train", "fg_mask"):
+            (root / sub / "a").mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((px, px), Image.BICUBIC).save(
+            root / "train" / "a" / f"{i}.png")
+        Image.fromarray(np.full((px, px), 255, np.uint8)).save(root / "fg_mask" / "a" / f"{i}.png")
+    ds = datasets.PretrainDataset(str(root), ["a"], token_size=32, img_size=64,
+                                  freq_weights=lambda x: frequency_weights(x, patch_size=16))
+    ds.attach_tokens(torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0)))
+    sampler = utils.build_sampler(ds, seed=5)
+    sampler.set_epoch(1)
+    want = list(torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=4, drop_last=True))
+    compared = 0
+    for where in ("ram", "device"):
+        cache = datasets.ImageCache(ds, 4, where=where, device=device, seed=5)
+        cache.set_epoch(1)
+        for got, ref in zip(cache, want, strict=True):
+            for key, value in ref.items():
+                if not torch.equal(got[key].cpu(), value):
+                    raise RuntimeError(f"--cache_images {where}: {key} differs from the "
+                                       "DataLoader's batch on the CPU")
+                compared += 1
+    return f"'ram' and 'device' equal the DataLoader's batches to the bit ({compared} tensors)"
 
 
 def _tiny_world(workdir: Path):

@@ -10,9 +10,10 @@
 # Checks (bench/gpu_check.py): ViT-B bf16 training at batch 32 and 128 (img/s, MFU);
 # fp16 with the loss scaler; no host sync in a step (sync debug mode 'error'); fused
 # attention gradients against the math backend; DALL-E tokens on the GPU against the
-# CPU; run_test.py on the GPU against the CPU; 2 ranks of torchrun (NCCL with 2 GPUs,
-# else gloo). Each check runs in its own process under its own time limit, so one
-# hang or crash cannot take the others (or the 8 minutes) with it.
+# CPU; --cache_images' batches on the GPU against the DataLoader's; run_test.py on the
+# GPU against the CPU; 2 ranks of torchrun (NCCL with 2 GPUs, else gloo). Each check
+# runs in its own process under its own time limit, so one hang or crash cannot take the
+# others (or the 8 minutes) with it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -25,8 +26,8 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 status=0
 # seconds per check; 460 in all, under 8 minutes with the interpreter starts
-for spec in train_bf16:100 fp16_scaler:45 sync_free:45 attention_grads:30 \
-            dalle_tokens:45 run_test:120 torchrun:75; do
+for spec in train_bf16:90 fp16_scaler:45 sync_free:45 attention_grads:30 \
+            dalle_tokens:45 image_cache:20 run_test:120 torchrun:65; do
     check=${spec%%:*}
     limit=${spec##*:}
     line=$(timeout --kill-after=5 "$limit" "$PY" bench/gpu_check.py "$check" \

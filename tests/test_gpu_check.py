@@ -40,6 +40,8 @@ def test_a_pass_line_of_a_check_that_then_fails_is_no_pass(tmp_path):
                         "Segmentation fault ")
     assert "FAIL run_test: maps differ" in lines
     assert not any(line.startswith("PASS") for line in lines)
+    # the script runs every check of gpu_check.py, in its order
+    assert [line.split()[1].rstrip(":") for line in lines] == list(gpu_check.CHECKS)
 
 
 def test_vit_b_flops_and_peak_table():
