@@ -1176,21 +1176,20 @@ class ImageCache:
     batches like DataLoader(dataset, DistributedSampler(seed), drop_last=True): the
     same batches, to the bit, in one process and under DDP.
 
-    Kept: the uint8 images and the visual tokens in host memory ('ram', pinned for a GPU
-    unless `pin_memory` is off: --no_pin_mem) or on `device` ('device'); the foreground
-    patch masks, frequency weights and class indices on the host, where MaskingPolicy
-    draws the masks. Each batch's images are normalised on `device`. PretrainDataset has
-    no random augmentation, so nothing else is left to do per step. With DDP each rank
-    keeps all N images: the sampler's order (one permutation of all N per epoch, padded
-    by repeats to a multiple of the world size, then every world_size-th) gives a rank
-    other images every epoch, and every image is seen in every epoch. Iterate after
-    set_epoch(epoch), as a DistributedSampler; the order depends only on (seed, epoch,
-    rank, world size).
+    Kept: the uint8 images and the visual tokens in host memory ('ram'; each batch is
+    gathered, then pinned on its way to a GPU by utils.to_device, so pinning the whole
+    store would only lock memory) or on `device` ('device'); the foreground patch masks,
+    frequency weights and class indices on the host, where MaskingPolicy draws the
+    masks. Each batch's images are normalised on `device`. PretrainDataset has no random
+    augmentation, so nothing else is left to do per step. With DDP each rank keeps all N
+    images: the sampler's order (one permutation of all N per epoch, padded by repeats
+    to a multiple of the world size, then every world_size-th) gives a rank other images
+    every epoch, and every image is seen in every epoch. Iterate after set_epoch(epoch),
+    as a DistributedSampler; the order depends only on (seed, epoch, rank, world size).
     """
 
     def __init__(self, dataset: PretrainDataset, batch_size: int, *, where: str,
-                 device: str | torch.device, seed: int = 0, num_workers: int = 0,
-                 pin_memory: bool = True) -> None:
+                 device: str | torch.device, seed: int = 0, num_workers: int = 0) -> None:
         if where not in IMAGE_CACHES:
             raise ValueError(f"--cache_images {where!r}: choose 'ram' or 'device'")
         if dataset.tokens is None:
@@ -1198,7 +1197,6 @@ class ImageCache:
         self.dataset, self.device, self.batch_size = dataset, torch.device(device), batch_size
         self.seed, self.epoch = seed, 0
         keep = self.device if where == "device" else torch.device("cpu")
-        pin = where == "ram" and self.device.type == "cuda" and pin_memory
         store: dict[str, torch.Tensor] = {}  # key -> (N, ...), row = index
         loader = DataLoader(_Decoded(dataset), batch_size=64, num_workers=num_workers,
                             generator=torch.Generator())  # the global stream untouched
@@ -1210,9 +1208,7 @@ class ImageCache:
                     # set at any time, and the workers' shared memory holds only theirs
                     kept = key in ("image_u8", "tokens")  # (N, 3, S, S) uint8, (N, L) int64
                     store[key] = torch.empty((len(dataset), *value.shape[1:]),
-                                             dtype=value.dtype,
-                                             device=keep if kept else "cpu",
-                                             pin_memory=pin and kept)
+                                             dtype=value.dtype, device=keep if kept else "cpu")
                 store[key][rows] = value
             start = rows.stop
         self.store = store
@@ -1259,8 +1255,7 @@ def build_train_loader(dataset: PretrainDataset, batch_size: int, *, cache_image
     require_full_batch(len(dataset), batch_size)
     if cache_images != "none":
         loader = sampler = ImageCache(dataset, batch_size, where=cache_images, device=device,
-                                      seed=seed, num_workers=num_workers,
-                                      pin_memory=pin_memory)
+                                      seed=seed, num_workers=num_workers)
     else:
         sampler = build_sampler(dataset, seed=seed)
         # its own generator: each epoch's iterator then leaves the global stream (drop

@@ -624,16 +624,15 @@ def test_image_cache_serves_the_dataloader_batches_exactly(train_root):
         datasets.ImageCache(_pretrain(train_root), 2, where="ram", device="cpu")
 
 
-def test_train_loader_passes_pin_memory_to_the_image_cache(train_root, monkeypatch):
-    """--no_pin_mem reaches ImageCache as it reaches the DataLoader: a cache in RAM for a
-    GPU is pinned only when pin_memory is on."""
-    seen = []
-    monkeypatch.setattr(datasets, "ImageCache", lambda *a, **k: seen.append(k) or [])
-    ds = _pretrain(train_root)
-    for pin in (False, True):
-        datasets.build_train_loader(ds, 2, cache_images="ram", device=torch.device("cpu"),
-                                    seed=0, num_workers=0, pin_memory=pin)
-    assert [k["pin_memory"] for k in seen] == [False, True]
+def test_normalize_uint8_is_totensor_and_normalize_to_the_bit():
+    """Every 8-bit value in each channel, normalised by the ImageNet mean and std as
+    ImageCache does (normalize_uint8), equals torchvision's ToTensor + Normalize."""
+    values = torch.arange(256, dtype=torch.uint8).repeat(3, 1)[:, :, None]  # (3, 256, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    pil = Image.fromarray(values.permute(1, 2, 0).numpy())
+    want = T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(T.ToTensor()(pil))
+    assert torch.equal(datasets.normalize_uint8(values, mean, std), want)
 
 
 def test_train_loader_refuses_a_set_without_one_full_batch(train_root):
