@@ -235,9 +235,9 @@ def check_dalle_tokens(args, device: torch.device) -> str:
 
 
 def check_image_cache(args, device: torch.device) -> str:
-    """--cache_images on the device: ImageCache's batches ('ram', pinned, and 'device',
-    normalised on the GPU) against the DataLoader's (normalised on the CPU, then moved),
-    to the bit: images, tokens, masks, weights."""
+    """--cache_images on the device: ImageCache's batches ('ram' and 'device', both
+    normalised on the GPU) against the DataLoader's (normalised on the CPU), to the bit:
+    images, tokens, masks, weights."""
     import datasets
     from PIL import Image
     from masking_generator import frequency_weights
