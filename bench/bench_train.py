@@ -206,7 +206,8 @@ def main() -> None:
                    help="loader workers (default: 0 on CPU, min(8, cores - 2) on CUDA)")
     p.add_argument("--tokenizer_weight_path", default=None,
                    help="a real DALL-E encoder.pkl folder (default: random weights)")
-    p.add_argument("--devices", nargs="+", default=None, help="default: cpu (+ cuda)")
+    p.add_argument("--devices", nargs="+", default=None, choices=list(STEPS),
+                   help="default: cpu (+ cuda)")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args()
 

@@ -239,19 +239,11 @@ def check_image_cache(args, device: torch.device) -> str:
     normalised on the GPU) against the DataLoader's (normalised on the CPU), to the bit:
     images, tokens, masks, weights."""
     import datasets
-    from PIL import Image
+    from bench_train import CLASSES, make_data
     from masking_generator import frequency_weights
     root = Path(args.workdir) / "cache_world"
-    rng = np.random.default_rng(0)
-    for i in range(8):  # smooth random RGB at 3 sizes: resizes of every kind
-        px = (64, 96, 128)[i % 3]
-        for sub in ("train", "fg_mask"):
-            (root / sub / "a").mkdir(parents=True, exist_ok=True)
-        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((px, px), Image.BICUBIC).save(
-            root / "train" / "a" / f"{i}.png")
-        Image.fromarray(np.full((px, px), 255, np.uint8)).save(root / "fg_mask" / "a" / f"{i}.png")
-    ds = datasets.PretrainDataset(str(root), ["a"], token_size=32, img_size=64,
+    make_data(str(root), 8, 96)  # smooth random RGB, resized to 64 px below
+    ds = datasets.PretrainDataset(str(root), list(CLASSES), token_size=32, img_size=64,
                                   freq_weights=lambda x: frequency_weights(x, patch_size=16))
     ds.attach_tokens(torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0)))
     sampler = utils.build_sampler(ds, seed=5)
