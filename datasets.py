@@ -34,7 +34,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from utils import (BadFileError, FlagError, LayoutError, all_gather_object, build_sampler,
-                   bullet_list, file_sha256, get_rank, get_world_size, main_print,
+                   bullet_list, file_sha256, get_rank, get_world_size, main_print, on_every_rank,
                    save_on_master, some_names, to_device)
 
 OBJECTS = ["bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
@@ -1615,25 +1615,33 @@ def cache_tokens(dataset: _TokenImageDataset, tokenizer: torch.nn.Module, cache_
     misses, tokens = all_gather_object(view)[0]  # rank 0's, on every rank
     vocab = getattr(tokenizer, "vocab_size", None)
     mine = misses[rank::world]
-    loader = DataLoader(_TokenImages(dataset, mine), batch_size=batch_size,
-                        num_workers=num_workers, shuffle=False)
-    computed: dict[int, torch.Tensor] = {}  # dataset index -> (L,) int32
-    for step, (indices, images) in enumerate(tqdm(loader, desc="visual tokens",
-                                                  disable=not mine)):
-        with torch.inference_mode():
-            codes = tokenizer.get_codebook_indices(images.to(device))  # (B, L)
-        if codes.shape != (len(indices), dataset.num_patches) or codes.is_floating_point():
-            raise ValueError(f"tokenizer returned {tuple(codes.shape)} {codes.dtype} for "
-                             f"{len(indices)} images; expected integer codes "
-                             f"({len(indices)}, {dataset.num_patches}) for the dataset's "
-                             f"{dataset.img_size // dataset.patch_size}^2 patch grid")
-        codes = codes.to("cpu", torch.int32, copy=True)  # outside inference mode
-        if vocab is not None and (codes.min() < 0 or codes.max() >= vocab):
-            raise ValueError(f"tokenizer returned codes outside [0, {vocab})")
-        computed.update(zip(indices.tolist(), codes))
-        if rank == 0 and (step + 1) % _SAVE_EVERY_BATCHES == 0:
-            _save_token_store(path, fingerprint, preprocess, compute,
-                              _with_codes(store, stamps, computed))
+
+    def tokenize_share() -> dict[int, torch.Tensor]:
+        """This rank's share of the misses: dataset index -> (L,) int32."""
+        loader = DataLoader(_TokenImages(dataset, mine), batch_size=batch_size,
+                            num_workers=num_workers, shuffle=False)
+        computed: dict[int, torch.Tensor] = {}
+        for step, (indices, images) in enumerate(tqdm(loader, desc="visual tokens",
+                                                      disable=not mine)):
+            with torch.inference_mode():
+                codes = tokenizer.get_codebook_indices(images.to(device))  # (B, L)
+            if codes.shape != (len(indices), dataset.num_patches) or codes.is_floating_point():
+                raise ValueError(f"tokenizer returned {tuple(codes.shape)} {codes.dtype} for "
+                                 f"{len(indices)} images; expected integer codes "
+                                 f"({len(indices)}, {dataset.num_patches}) for the dataset's "
+                                 f"{dataset.img_size // dataset.patch_size}^2 patch grid")
+            codes = codes.to("cpu", torch.int32, copy=True)  # outside inference mode
+            if vocab is not None and (codes.min() < 0 or codes.max() >= vocab):
+                raise ValueError(f"tokenizer returned codes outside [0, {vocab})")
+            computed.update(zip(indices.tolist(), codes))
+            if rank == 0 and (step + 1) % _SAVE_EVERY_BATCHES == 0:
+                _save_token_store(path, fingerprint, preprocess, compute,
+                                  _with_codes(store, stamps, computed))
+        return computed
+
+    # an image only this rank reads (unreadable, a link to nothing) is every rank's error,
+    # not a gloo traceback on the others at the gather below
+    computed = on_every_rank(tokenize_share)
     gathered = {i: row for part in all_gather_object(computed) for i, row in part.items()}
     for i, row in gathered.items():
         tokens[i] = row

@@ -547,6 +547,39 @@ def test_token_cache_fill_is_shared_by_the_ranks(train_root, tmp_path):
     assert cache_tokens(ds, tok, str(out / "cache")) == {"hits": 6, "misses": 0}
 
 
+def _bad_share_worker(rank: int, init_file: str, root: str, weights: str,
+                      out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    with utils.distributed("cpu", timeout_min=2, init_method=f"file://{init_file}"):
+        try:
+            cache_tokens(_pretrain(Path(root)), FakeTokenizer(Path(weights)),
+                         os.path.join(out_dir, "cache"), batch_size=1)
+            found = None
+        except utils.UserError as e:
+            found = f"{type(e).__name__}: {e}"
+        Path(out_dir, f"rank{rank}.txt").write_text(str(found))
+
+
+def test_token_cache_fill_an_image_one_rank_cannot_read_stops_every_rank(train_root,
+                                                                         tmp_path):
+    """The second image is rank 1's to tokenize (misses[1::2]); unreadable, it is rank 1's
+    error and rank 0's, naming rank 1 and the file, not rank 1's alone and a gloo
+    traceback ("Connection closed by peer") on rank 0 at the gather."""
+    weights = tmp_path / "tokenizer.pth"
+    weights.write_bytes(b"w")
+    bad = _pretrain(train_root).image_paths[1]
+    Path(bad).write_bytes(Path(bad).read_bytes()[:40])  # truncated
+    out = tmp_path / "out"
+    out.mkdir()
+    assert run_ranks(_bad_share_worker, (str(tmp_path / "init"), str(train_root),
+                                         str(weights), str(out))) == [0, 0]
+    rank0, rank1 = ((out / f"rank{r}.txt").read_text() for r in range(2))
+    assert rank1.startswith(f"BadFileError: cannot read image {bad}: ")
+    assert rank0 == rank1.replace("BadFileError: ", "BadFileError: rank 1 found: ", 1)
+    assert not (out / "cache").exists() or not os.listdir(out / "cache")
+
+
 def _split_view_worker(rank: int, init_file: str, root: str, weights: str,
                        out_dir: str) -> None:
     """Two fills in which rank 1 reads another folder than rank 0's: first one holding
