@@ -445,6 +445,19 @@ def test_estimate_fg_mask_ignores_an_uneven_backdrop():
     assert fg[disk].all() and not fg[radius > 24 + 0.04 * 128].any()
 
 
+def test_estimate_fg_mask_fills_the_hole_of_a_ring_shaped_object():
+    """An object whose middle shows the backdrop (a ring: a bottle seen from above, a
+    washer) is foreground inside too: the hole is filled, so masking can pick its middle
+    patches."""
+    yy, xx = np.mgrid[:128, :128]
+    radius = np.hypot(yy - 64, xx - 64)
+    ring = (radius <= 40) & (radius >= 28)
+    img = np.full((128, 128, 3), 120.0) + np.random.default_rng(6).normal(0, 3, (128, 128, 3))
+    img[ring] = (200, 40, 40)
+    fg = estimate_fg_mask(img.clip(0, 255).astype(np.uint8))
+    assert fg[radius <= 40].all() and not fg[radius > 40 + 0.04 * 128].any()
+
+
 def test_largest_components_drops_specks_only():
     """Components under `keep_fraction` of the largest one's area are dropped: a 20 x 20
     blob and an 8 x 8 one (16%) stay, a 2 x 2 speck (1%) goes."""
