@@ -417,6 +417,14 @@ def test_drop_path_drops_whole_samples():
     assert torch.equal(trained[~kept], torch.zeros_like(trained[~kept]))
 
 
+def test_drop_path_rate_rises_linearly_over_the_blocks():
+    """BEiT's stochastic-depth rule: block i of d drops its branches with probability
+    drop_path_rate * i / (d - 1), none in the first block, the full rate in the last."""
+    with torch.device("meta"):
+        model = build(depth=4, drop_path_rate=0.3)
+    assert [blk.drop_path for blk in model.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
 def test_drop_path_only_in_train_mode():
     model = randomize_(build(depth=2, drop_path_rate=0.5))
     x, mask = torch.randn(2, 3, 224, 224), torch.zeros(2, 196, dtype=torch.bool)
@@ -433,7 +441,13 @@ def test_drop_path_only_in_train_mode():
 
 
 def test_bf16_autocast_close_to_fp32(tiny):
-    x, mask = torch.randn(2, 3, 224, 224), torch.rand(2, 196) < 0.4
+    # Its own inputs: drawn from the global stream, they depended on the draws of the
+    # tests before it, and about 1 input in 10 has near-tied logits whose argmax bf16
+    # flips on more than a tenth of the patches (a stochastic-depth mutation that only
+    # drew one more number in an earlier test failed this test, not its own).
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 224, 224, generator=gen)
+    mask = torch.rand(2, 196, generator=gen) < 0.4
     with torch.no_grad():
         ref = tiny(x, mask)
         with torch.autocast("cpu", dtype=torch.bfloat16):
