@@ -211,6 +211,9 @@ def test_init():
     for layer in ("mlp.fc2", "attn.proj"):
         first, last = (model.blocks[i].get_submodule(layer).weight.std() for i in (0, 3))
         assert first / last == pytest.approx(math.sqrt(4), rel=0.05), layer
+        # and the first block's by sqrt(2), against the undivided qkv weights of that block
+        qkv = model.blocks[0].attn.qkv.weight.std()
+        assert first / qkv == pytest.approx(1 / math.sqrt(2), rel=0.05), layer
     assert model.no_weight_decay() == {"pos_embed", "cls_token"}
 
 
