@@ -248,6 +248,20 @@ def test_training_state_round_trip(tmp_path):
     assert _draws(policy2) == expected
 
 
+def test_the_fp16_loss_scale_is_saved_and_restored(tmp_path):
+    """An fp16 run resumes at its own loss scale and growth settings, not at a fresh
+    scaler's 2**16 (which would overflow again and skip steps the run did not skip)."""
+    model, opt = _trained(0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=7)
+    path = utils.save_training_state(str(tmp_path), [1], epoch=1, model=model, optimizer=opt,
+                                     scaler=scaler, args={}, masking=None)[0]
+    restored = utils.make_grad_scaler("cpu", "fp16")
+    assert restored.get_scale() == 2.0 ** 16
+    model2, opt2 = _trained(1)
+    utils.load_training_state(path, model=model2, optimizer=opt2, scaler=restored)
+    assert restored.get_scale() == 2.0 ** 10 and restored.get_growth_interval() == 7
+
+
 def test_earlier_checkpoint_layout_restores_dynamic_masking_and_mask_stream(tmp_path):
     """Checkpoints written before MaskingPolicy: 'dynamic_masking' at the top and each
     rank's 'mask_rng' inside 'rng'."""
