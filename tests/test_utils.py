@@ -262,6 +262,25 @@ def test_the_fp16_loss_scale_is_saved_and_restored(tmp_path):
     assert restored.get_scale() == 2.0 ** 10 and restored.get_growth_interval() == 7
 
 
+def test_each_rank_resumes_its_own_random_streams(tmp_path, monkeypatch):
+    """A training state holds every rank's random streams; rank 1 of two restores its
+    own, not rank 0's (every rank would then draw rank 0's drop-path and masks)."""
+    model, opt = _trained(0)
+    states = []
+    for seed in (5, 6):
+        utils.seed_everything(seed)
+        states.append(utils.capture_rng_state())
+    expected = _draws()  # rank 1's streams, from its saved state on
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 0,
+                "world_size": 2, "rng": states}, tmp_path / "two.pth")
+    model2 = _trained(1)[0]
+    monkeypatch.setattr(utils, "get_rank", lambda: 1)
+    monkeypatch.setattr(utils, "get_world_size", lambda: 2)
+    utils.seed_everything(99)
+    info = utils.load_training_state(str(tmp_path / "two.pth"), model=model2)
+    assert info["rng_restored"] and _draws() == expected
+
+
 def test_earlier_checkpoint_layout_restores_dynamic_masking_and_mask_stream(tmp_path):
     """Checkpoints written before MaskingPolicy: 'dynamic_masking' at the top and each
     rank's 'mask_rng' inside 'rng'."""
