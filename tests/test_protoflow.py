@@ -586,6 +586,26 @@ def test_positional_encoding_values():
     assert torch.equal(pe[:64, 0], pe[:64, 27]) and torch.equal(pe[64:, :, 0], pe[64:, :, 27])
 
 
+def test_each_patch_is_conditioned_on_its_own_position(monkeypatch):
+    """Patch (r, c) of the row-major grid gets the position code of row r, column c, as
+    the released flow was trained (a transposed code still trains, but not to its weights)."""
+    seen = {}
+
+    def spy(flow, x, cond):
+        seen["cond"] = cond
+        return x.sum(1)
+
+    monkeypatch.setattr(pf, "flow_log_likelihood", spy)
+    flow = pf.build_flow(8, 1, cond_dim=8)
+    maps = [torch.randn(1, 8, 4, 4)]  # a square grid: a transpose keeps the shapes
+    pf.patch_log_likelihood(_FixedMaps(maps), flow, torch.zeros(1, 3, 32, 32),
+                            [torch.zeros(1, 8)], torch.zeros(1, dtype=torch.long))
+    pe = pf.positional_encoding_2d(8, 4, 4)
+    for r in range(4):
+        for c in range(4):
+            assert torch.equal(seen["cond"][4 * r + c], pe[:, r, c])
+
+
 def test_log_likelihood_is_change_of_variables():
     torch.manual_seed(0)
     dim, cond_dim = 6, 4
