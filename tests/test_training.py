@@ -1261,6 +1261,52 @@ def test_resume_flags_choose_the_start_epoch(env, flagged, monkeypatch):
     assert fresh["start_epoch"] == 0 and [c["epoch"] for c in calls] == [0, 1]
 
 
+def test_weight_decay_has_no_warm_up():
+    """Only the learning rate warms up (--warmup_epochs, BEiT's schedule): the weight
+    decay starts at --weight_decay and follows its cosine to --weight_decay_end."""
+    args = run_pretraining.get_args_parser().parse_args(
+        ["--data_path", "x", "--epochs", "3", "--warmup_epochs", "1", "--weight_decay", "0.2",
+         "--weight_decay_end", "0.02"])
+    _, _, config = run_pretraining.build_optimisation(args, torch.nn.Linear(2, 2), 2,
+                                                      torch.device("cpu"))
+    assert config.lr_schedule[0] == 0.0
+    np.testing.assert_allclose(config.wd_schedule, utils.cosine_scheduler(0.2, 0.02, 3, 2))
+    assert config.wd_schedule[0] == pytest.approx(0.2)
+
+
+def test_restore_resumes_weights_optimiser_loss_scale_and_masking(tmp_path):
+    """run_pretraining.restore hands each part of the training state to what uses it:
+    the weights, AdamW's moments, fp16's loss scale and the masking policy's statistics
+    and stream (a part left out restarts silently, and the resumed run is another)."""
+    def parts(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(4, 4)
+        opt = utils.build_optimizer(model, 0.1, 0.05)
+        model(torch.randn(2, 4)).square().sum().backward()
+        opt.step()
+        policy = masking_generator.MaskingPolicy(masking_generator.MaskGenerator((2, 2)),
+                                                 ["a", "b"], dynamic_start=0, seed=seed)
+        return model, opt, policy
+
+    model, opt, policy = parts(0)
+    policy.observe(torch.tensor([1]), torch.tensor([[True, False, True, False]]),
+                   torch.tensor([[3.5, 0.0, 1.5, 0.0]]))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    path = utils.save_training_state(str(tmp_path), [3], epoch=3, model=model, optimizer=opt,
+                                     scaler=scaler, args={}, masking=policy.state_dict())[0]
+    draws = policy.rng.integers(0, 1 << 30, 4).tolist()
+    model2, opt2, policy2 = parts(1)
+    scaler2 = utils.make_grad_scaler("cpu", "fp16")
+    args = run_pretraining.get_args_parser().parse_args(["--data_path", "x", "--no_init"])
+    assert run_pretraining.restore(args, model2, opt2, scaler2, policy2, path,
+                                   torch.device("cpu")) == 4
+    assert torch.equal(model2.weight, model.weight)
+    assert torch.equal(opt2.state[model2.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
+    assert scaler2.get_scale() == 2.0 ** 10
+    assert torch.equal(policy2.dynamic.counts, policy.dynamic.counts)
+    assert policy2.rng.integers(0, 1 << 30, 4).tolist() == draws
+
+
 def test_pin_mem_is_asked_of_the_loader_by_default_and_not_with_no_pin_mem(env, tmp_path,
                                                                             monkeypatch):
     """What run_pretraining asks of datasets.build_train_loader (which pins on CUDA only,
