@@ -344,6 +344,13 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
                          args.output_dir, keep_dangling=args.skip_bad_images)
     out_dir = Path(utils.prepare_output_dir(args.output_dir, "--output_dir"))
     check_output_dir(out_dir)
+    with utils.RunLock(str(out_dir), "--output_dir"):  # one run moves and writes there
+        return _predict_into(out_dir, args, options, groups)
+
+
+def _predict_into(out_dir: Path, args: argparse.Namespace, options: protocols.CleanOptions,
+                  groups: dict[str, list[tuple[str, str]]]) -> list[dict[str, object]]:
+    """predict, once the inputs are found and --output_dir is ours."""
     utils.remove_stale_tmp_files(out_dir)  # a staging folder of a run that was killed
     m = run_test.load_models(args, "predict")
     m.protoflow.check_prototypes(list(groups))  # a missing class fails before any scoring

@@ -175,7 +175,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def check_inputs(args: argparse.Namespace
                  ) -> tuple[list[str], str | None, dict | None, str | None,
-                            utils.FolderLock | None]:
+                            utils.RunLock | None]:
     """Everything checkable before a model or the data is loaded, on every rank at once
     (utils.on_every_rank): flags, output folder (locked by rank 0), the data's layout and
     masks, --batch_size against the image count, the checkpoint to resume, the ranks'
@@ -209,7 +209,7 @@ def _check_local(args: argparse.Namespace, lock: list
     grid = check_image_grid(args)
     if utils.is_main_process():
         utils.prepare_output_dir(args.output_dir, "--output_dir")
-        lock.append(utils.FolderLock(args.output_dir, "--output_dir"))
+        lock.append(utils.RunLock(args.output_dir, "--output_dir"))
         utils.refuse_a_file(args.token_cache_dir, "--token_cache_dir")
         if args.log_dir:
             utils.refuse_a_file(args.log_dir, "--log_dir")

@@ -16,6 +16,7 @@ protoflow.py, the held-out split and the flow's augmentation in datasets.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -37,11 +38,11 @@ from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_
                        THRESHOLD_QUANTILE, build_flow, build_prototypes, image_score,
                        load_prototypes, patch_log_likelihood, prototypes_sha256,
                        read_prototype_meta, save_protoflow, save_prototypes, train_flow)
-from utils import (CheckpointError, FlagError, JsonlLog, MissingFileError, UniqueNames,
-                   build_sampler, capture_rng_state, cli, file_sha256, fraction_arg,
-                   int_at_least, load_checkpoint_file, positive_float, prepare_output_dir,
-                   probability_arg, remove_stale_tmp_files, resolve_device, restore_rng_state,
-                   save_on_master, seed_everything, set_aside)
+from utils import (CheckpointError, FlagError, JsonlLog, MissingFileError, RunLock,
+                   UniqueNames, build_sampler, capture_rng_state, cli, file_sha256,
+                   fraction_arg, int_at_least, load_checkpoint_file, positive_float,
+                   prepare_output_dir, probability_arg, remove_stale_tmp_files, resolve_device,
+                   restore_rng_state, save_on_master, seed_everything, set_aside)
 
 
 @torch.inference_mode()
@@ -480,14 +481,18 @@ def main(argv: Sequence[str] | None = None) -> list[str] | dict:
     content."""
     args = get_args_parser().parse_args(argv)
     args.data_path = datasets.resolve_train_root(args.data_path)
-    check_inputs(args)
-    return run_prototypes(args) if args.command == "prototypes" else run_train(args)
+    with check_inputs(args):
+        return run_prototypes(args) if args.command == "prototypes" else run_train(args)
 
 
-def check_inputs(args: argparse.Namespace) -> None:
+def check_inputs(args: argparse.Namespace) -> contextlib.AbstractContextManager:
     """Before the encoder or any image is loaded: the backbone name, the data's layout
     and classes, the output folder (created, writable; stale temporary files removed).
-    First --device: a GPU torch cannot see is one `error:` line, not a traceback."""
+    First --device: a GPU torch cannot see is one `error:` line, not a traceback. -> for
+    `train`, the lock of --output (RunLock) to hold while training: a second run of the
+    same --output (its .resume file, log and threshold) is refused by the holder's pid;
+    `prototypes` writes each class's file whole, so runs of other classes may share a
+    folder."""
     resolve_device(args.device)
     if not timm.is_model(args.encoder):
         raise FlagError(f"--encoder {args.encoder} is not a timm model name, e.g. "
@@ -499,12 +504,14 @@ def check_inputs(args: argparse.Namespace) -> None:
                         f"available: {available}")
     if args.command == "prototypes":
         prepare_output_dir(args.output_dir, "--output_dir")
-        return
+        return contextlib.nullcontext()
     if os.path.isdir(args.output):
         raise FlagError(f"--output {args.output} is a folder: name the file to write, e.g. "
                         f"{os.path.join(args.output, 'multi_class.pt')}")
     folder = prepare_output_dir(os.path.dirname(args.output) or ".", "--output's folder")
+    lock = RunLock(args.output, "--output", is_file=True)
     remove_stale_tmp_files(folder)
+    return lock
 
 
 def _cli_main() -> int:

@@ -34,10 +34,10 @@ from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORE
                        evaluate_paper)
 from protoflow import ProtoFlow, prototypes_sha256
 from reporting import HEATMAPS, TEST_DATA, PartialResults, exit_status, report
-from utils import (AMP_CHOICES, BadFileError, FlagError, MissingFileError, UniqueNames, cli,
-                   file_sha256, float_at_least, int_at_least, mask_ratio_arg, prepare_output_dir,
-                   read_weights_file, resolve_amp, resolve_device, resolve_weights_file,
-                   some_names)
+from utils import (AMP_CHOICES, BadFileError, FlagError, MissingFileError, RunLock,
+                   UniqueNames, cli, file_sha256, float_at_least, int_at_least, mask_ratio_arg,
+                   prepare_output_dir, read_weights_file, resolve_amp, resolve_device,
+                   resolve_weights_file, some_names)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -437,6 +437,12 @@ def main(args: argparse.Namespace) -> dict:
     check_protocol_flags(args)
     options = clean_options(args)
     out_dir = Path(prepare_output_dir(args.output_dir, "--output_dir"))
+    with RunLock(str(out_dir), "--output_dir"):  # one evaluation writes there at a time
+        return _evaluate(args, options, out_dir)
+
+
+def _evaluate(args: argparse.Namespace, options: CleanOptions, out_dir: Path) -> dict:
+    """main, once the flags are checked and --output_dir is ours."""
     setting = datasets.resolve_setting(args.setting, args.from_obj_to_texture)
     classes = select_classes(args, setting)
     root = Path(args.data_path)

@@ -1189,25 +1189,28 @@ def set_aside(output_dir: str | os.PathLike, paths: Iterable[str],
     return folder
 
 
-RUN_LOCK = ".run.lock"  # in an output folder while a run writes there: which process
+RUN_LOCK = ".run.lock"  # while a run writes: in its output folder, or .<file>.run.lock
 
 
-class FolderLock:
-    """An exclusive lock on a folder, held from construction to `close()`: flock of its
-    RUN_LOCK file, which names the holder, so that a second run in the same folder (or
-    ranks that outlived a killed torchrun) is refused by name rather than writing the
-    same checkpoints and log. The kernel drops the lock when its process ends, however
-    it ends; `close()` also removes the file (a killed holder leaves it, for the next run
-    to take over). A file system without locks gets a note and no lock."""
+class RunLock:
+    """An exclusive lock on what a run writes, held from construction to `close()` (or
+    the end of a `with`): flock of a hidden lock file that names the holder, RUN_LOCK in
+    an output folder, .<name>RUN_LOCK beside an output file (`is_file`). A second
+    run writing the same (or ranks that outlived a killed torchrun) is refused by name
+    rather than writing the same checkpoints, logs or results. The kernel drops the lock
+    when its process ends, however it ends; `close()` also removes the file (a killed
+    holder leaves it, for the next run to take over). A file system without locks gets a
+    note and no lock."""
 
-    def __init__(self, folder: str, flag: str) -> None:
+    def __init__(self, target: str, flag: str, is_file: bool = False) -> None:
         import fcntl  # POSIX only, as torchrun's launch is
-        self.path = os.path.join(folder, RUN_LOCK)
+        folder, name = os.path.split(target) if is_file else (target, "")
+        self.path = os.path.join(folder, f".{name}{RUN_LOCK}" if name else RUN_LOCK)
         while True:
             try:
                 f = open(self.path, "a+", encoding="utf-8")
             except OSError as e:  # another user's file, a folder of that name
-                raise UserError(f"{flag} {folder}: its lock file {self.path} cannot be opened "
+                raise UserError(f"{flag} {target}: its lock file {self.path} cannot be opened "
                                 f"({e.strerror}): remove it, or pass another {flag}") from None
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1215,7 +1218,7 @@ class FolderLock:
                 f.seek(0)
                 holder = f.read().strip() or "a process that did not say which"
                 f.close()
-                raise UserError(f"{flag} {folder} is in use by another run ({holder}): wait "
+                raise UserError(f"{flag} {target} is in use by another run ({holder}): wait "
                                 f"for it to end or stop it (a killed torchrun's ranks may "
                                 f"run on: look for that pid), or pass another {flag}") from None
             except OSError as e:
@@ -1223,7 +1226,7 @@ class FolderLock:
                 with contextlib.suppress(OSError):  # no lock, so no file naming a holder
                     os.remove(self.path)
                 self.file = None
-                print(f"note: {flag} {folder} cannot be locked ({e.strerror}): nothing stops a "
+                print(f"note: {flag} {target} cannot be locked ({e.strerror}): nothing stops a "
                       "second run from writing there at the same time", file=sys.stderr,
                       flush=True)
                 return
@@ -1250,6 +1253,12 @@ class FolderLock:
             os.remove(self.path)
         self.file.close()
         self.file = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def is_inside(path: str, folder: str) -> bool:

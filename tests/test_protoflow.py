@@ -937,6 +937,33 @@ def test_commands_normalise_images_as_the_encoder_was_trained(cli, tmp_path, mon
                   "--n_blocks", "1", "--output", str(tmp_path / "again.pt")])  # nor trains
 
 
+def test_a_second_training_of_the_same_output_is_refused(cli, tmp_path, monkeypatch):
+    """Two trainings of one --output wrote the same .resume file, log and ProtoFlow file
+    (the .resume file's message even said to start the second with --resume): the second
+    is refused naming the first, before the encoder loads. Another --output in the same
+    folder trains alongside (the three settings' files are made at once on 3 GPUs)."""
+    def reached(args):
+        raise KeyError(f"{args.output} started")
+
+    monkeypatch.setattr(rpf, "_encoder_from_args", reached)
+    out = tmp_path / "pf.pt"
+    resume = tmp_path / "pf.pt.resume"
+    resume.write_bytes(b"the first run's")
+    with utils.RunLock(str(out), "--output", is_file=True):
+        assert (tmp_path / ".pf.pt.run.lock").is_file()
+        for extra in ([], ["--resume"]):
+            with pytest.raises(utils.UserError) as err:
+                rpf.main(cli["train"] + ["--output", str(out), *extra])
+            assert str(err.value).startswith(f"--output {out} is in use by another run (pid "
+                                             f"{os.getpid()} on ")
+        with pytest.raises(KeyError, match="other.pt started"):
+            rpf.main(cli["train"] + ["--output", str(tmp_path / "other.pt")])
+    assert resume.read_bytes() == b"the first run's"
+    with pytest.raises(KeyError, match="pf.pt started"):  # the first let go
+        rpf.main(cli["train"] + ["--output", str(out), "--resume"])
+    assert sorted(os.listdir(tmp_path)) == ["pf.pt.resume"]
+
+
 def test_commands_take_the_train_folder_as_data_path(cli, capsys):
     """--data_path <root>/train (the original scripts' form) reads the same images."""
     common = list(cli["common"])

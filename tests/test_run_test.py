@@ -880,6 +880,32 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
     good[2].chmod(0o644)
 
 
+def test_a_second_evaluation_in_the_same_output_dir_is_refused(tiny_world, tmp_path,
+                                                               monkeypatch):
+    """Two evaluations in one --output_dir mixed their records, heatmaps and tables (the
+    second set the first's files aside while it ran): the second is refused naming the
+    first, before anything there moves or any model loads; one that stops lets go."""
+    out = tmp_path / "clean"
+    out.mkdir()
+    (out / "results.partial.jsonl").write_text("the first run's\n")
+    monkeypatch.setattr(run_test, "load_models", lambda *a: pytest.fail("loaded"))
+    with utils.RunLock(str(out), "--output_dir"):
+        with pytest.raises(utils.UserError) as err:
+            run_test.main(_args(tiny_world, tmp_path, "clean"))
+    assert str(err.value).startswith(f"--output_dir {out} is in use by another run (pid "
+                                     f"{os.getpid()} on ")
+    assert os.listdir(out) == ["results.partial.jsonl"]
+
+    def stop(*a):
+        raise KeyError("stopped")
+
+    monkeypatch.setattr(run_test, "load_models", stop)
+    for _ in range(2):  # the first stop let go of the folder: the same error again
+        with pytest.raises(KeyError, match="stopped"):
+            run_test.main(_args(tiny_world, tmp_path, "clean"))
+    assert os.listdir(out) == ["results.partial.jsonl"]
+
+
 def test_a_heatmap_that_cannot_be_written_costs_no_metrics(tiny_world, tmp_path,
                                                            monkeypatch, capsys):
     """A PNG name too long for the file system stopped the run after the class's metrics

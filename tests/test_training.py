@@ -727,7 +727,7 @@ def test_a_second_run_in_the_same_output_dir_is_refused_before_tokenizing(env, t
     that stops on an error lets go of it."""
     out = tmp_path / "out"
     out.mkdir()
-    held = utils.FolderLock(str(out), "--output_dir")
+    held = utils.RunLock(str(out), "--output_dir")
     try:
         err = _refused_before_tokenizing(_args(env, str(out)), monkeypatch, capsys)
     finally:

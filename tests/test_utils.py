@@ -1210,7 +1210,7 @@ def test_a_lock_file_that_cannot_be_opened_or_locked(tmp_path, monkeypatch, caps
     system without locks: a note, and no lock file left behind."""
     (tmp_path / utils.RUN_LOCK).mkdir()
     with pytest.raises(utils.UserError) as err:
-        utils.FolderLock(str(tmp_path), "--output_dir")
+        utils.RunLock(str(tmp_path), "--output_dir")
     assert str(err.value).startswith(f"--output_dir {tmp_path}: its lock file "
                                      f"{tmp_path / utils.RUN_LOCK} cannot be opened (")
     assert str(err.value).endswith("): remove it, or pass another --output_dir")
@@ -1221,7 +1221,7 @@ def test_a_lock_file_that_cannot_be_opened_or_locked(tmp_path, monkeypatch, caps
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    utils.FolderLock(str(tmp_path), "--output_dir").close()
+    utils.RunLock(str(tmp_path), "--output_dir").close()
     assert capsys.readouterr().err == (f"note: --output_dir {tmp_path} cannot be locked (No "
                                        "locks available): nothing stops a second run from "
                                        "writing there at the same time\n")
@@ -1232,32 +1232,32 @@ def test_an_output_folder_is_locked_by_one_run_at_a_time(tmp_path):
     """A second run in a folder (or a killed torchrun's ranks still running there) is
     refused naming the holder; the lock goes when the holder closes it (its file with it)
     or dies (its file then left for the next run to take over)."""
-    held = utils.FolderLock(str(tmp_path), "--output_dir")
+    held = utils.RunLock(str(tmp_path), "--output_dir")
     holder = (tmp_path / utils.RUN_LOCK).read_text().strip()
     assert re.fullmatch(rf"pid {os.getpid()} on \S+ since \d{{4}}-\d\d-\d\d "
                         r"\d\d:\d\d:\d\d UTC", holder)
     with pytest.raises(utils.UserError) as err:
-        utils.FolderLock(str(tmp_path), "--output_dir")
+        utils.RunLock(str(tmp_path), "--output_dir")
     assert str(err.value) == (
         f"--output_dir {tmp_path} is in use by another run ({holder}): wait for it to end or "
         "stop it (a killed torchrun's ranks may run on: look for that pid), or pass another "
         "--output_dir")
     held.close()
     assert not (tmp_path / utils.RUN_LOCK).exists()  # no file left in the folder
-    utils.FolderLock(str(tmp_path), "--output_dir").close()
-    code = ("import sys, time, utils; held = utils.FolderLock(sys.argv[1], '--output_dir'); "
+    utils.RunLock(str(tmp_path), "--output_dir").close()
+    code = ("import sys, time, utils; held = utils.RunLock(sys.argv[1], '--output_dir'); "
             "print('locked', flush=True); time.sleep(60)")
     other = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=utils.PROJECT_DIR,
                              stdout=subprocess.PIPE, text=True)
     try:
         assert other.stdout.readline() == "locked\n"
         with pytest.raises(utils.UserError, match=f"pid {other.pid} on "):
-            utils.FolderLock(str(tmp_path), "--output_dir")
+            utils.RunLock(str(tmp_path), "--output_dir")
     finally:
         other.kill()  # SIGKILL: no clean-up runs, and the kernel frees the lock
         other.wait()
     assert f"pid {other.pid} on " in (tmp_path / utils.RUN_LOCK).read_text()  # left behind
-    taken = utils.FolderLock(str(tmp_path), "--output_dir")  # and taken over
+    taken = utils.RunLock(str(tmp_path), "--output_dir")  # and taken over
     assert f"pid {os.getpid()} on " in (tmp_path / utils.RUN_LOCK).read_text()
     taken.close()
     assert os.listdir(tmp_path) == []
