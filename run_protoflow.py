@@ -104,6 +104,11 @@ def _loader(dataset: Dataset, indices: list[int], args: argparse.Namespace,
 def run_prototypes(args: argparse.Namespace) -> list[str]:
     """`prototypes` command: <output_dir>/<class>/coreset.npy for each class."""
     classes = args.classes or datasets.list_train_classes(args.data_path)
+    # every class's count from its folder, before the encoder loads: a class too small for
+    # --holdout or --num_shots stops the run now, not once the classes before it are built
+    labels = [c for _, c in datasets.list_train_samples(args.data_path, classes)]
+    for k, name in enumerate(classes):
+        _usable_split(args, name, [0] * labels.count(k))
     encoder = _encoder_from_args(args)
     mean, std = input_normalization(args.encoder)
     transform = datasets.build_transforms(args.img_size, mean, std)
@@ -111,13 +116,7 @@ def run_prototypes(args: argparse.Namespace) -> list[str]:
     for name in classes:
         dataset = datasets.TrainImageDataset(args.data_path, [name], transform,
                                              skip_bad_images=args.skip_bad_images)
-        kept, held = datasets.holdout_split([c for _, c in dataset.samples], [name],
-                                            args.holdout, args.seed)
-        if args.num_shots is not None:
-            if args.num_shots > len(kept):
-                raise FlagError(f"--num_shots {args.num_shots}: class '{name}' has "
-                                f"{len(kept)} usable images ({len(held)} held out)")
-            kept = kept[:args.num_shots]  # the first K in file-name order
+        kept, held = _usable_split(args, name, [c for _, c in dataset.samples])
         protos = build_prototypes(encoder, _loader(dataset, kept, args), args.coreset_ratio,
                                   args.projection_dim, args.device,
                                   rng=np.random.default_rng([args.seed, zlib.crc32(name.encode())]))
@@ -134,6 +133,20 @@ def run_prototypes(args: argparse.Namespace) -> list[str]:
         print(f"{name}: {len(kept)} images ({len(held)} held out) -> {len(protos)} "
               f"prototypes -> {paths[-1]}", flush=True)
     return paths
+
+
+def _usable_split(args: argparse.Namespace, name: str, labels: list[int]
+                  ) -> tuple[list[int], list[int]]:
+    """(kept, held out) indices of one class's images (`labels`: all 0): --holdout's
+    split, the kept cut to the first --num_shots in file-name order; a FlagError when
+    the class has too few images for either."""
+    kept, held = datasets.holdout_split(labels, [name], args.holdout, args.seed)
+    if args.num_shots is None:
+        return kept, held
+    if args.num_shots > len(kept):
+        raise FlagError(f"--num_shots {args.num_shots}: class '{name}' has "
+                        f"{len(kept)} usable images ({len(held)} held out)")
+    return kept[:args.num_shots], held
 
 
 def _split_by_class(dataset: Dataset, classes: list[str], kept: list[int], held: list[int]

@@ -899,6 +899,29 @@ def test_prototypes_command(cli):
                  "--classes", "gravel", "--num_shots", "9"])
 
 
+def test_a_class_too_small_for_its_split_is_refused_before_any_class_is_built(
+        cli, tmp_path, monkeypatch):
+    """A class with too few images for --holdout or --num_shots was found when reached,
+    after every class before it was built (hours with B6 on MVTec AD): each class's
+    count is checked from its folder before the encoder loads."""
+    data = tmp_path / "data" / "train"
+    shutil.copytree(os.path.join(cli["root"], "data", "train", "brick"), data / "brick")
+    (data / "solo").mkdir()
+    shutil.copy(data / "brick" / "000.png", data / "solo" / "000.png")
+    monkeypatch.setattr(rpf, "_encoder_from_args", lambda args: pytest.fail("loaded"))
+    common = list(cli["common"])
+    common[common.index("--data_path") + 1] = str(tmp_path / "data")
+    out = ["--output_dir", str(tmp_path / "protos")]
+    with pytest.raises(FlagError, match=r"^class 'solo' has 1 training image\(s\): too few "
+                       r"to hold out 1 \(--holdout 0.1\)"):
+        rpf.main(["prototypes", *common, *out, "--classes", "brick", "solo"])
+    with pytest.raises(FlagError, match=r"^--num_shots 2: class 'solo' has 1 usable images "
+                       r"\(0 held out\)"):
+        rpf.main(["prototypes", *common, *out, "--classes", "brick", "solo", "--holdout", "0",
+                  "--num_shots", "2"])
+    assert not any((tmp_path / "protos").iterdir())
+
+
 def test_commands_normalise_images_as_the_encoder_was_trained(cli, tmp_path, monkeypatch):
     """tf_efficientnet_lite0 was trained on inputs in [-1, 1] (timm: mean = std = 0.5):
     its prototypes, flow training and held-out scores see images normalised so, and
