@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+|last)\.pth$")
 NO_WEIGHT_DECAY = ("cls_token", "pos_embed")
@@ -108,7 +109,10 @@ def cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = 
 
 def _say(line: str) -> None:
     """`line` on stderr in one write: print's separate write of the newline lets the
-    ranks' lines run together on one terminal."""
+    ranks' lines run together on one terminal. The progress bars an error or Ctrl-C left
+    drawn are closed first, so the line starts a line of its own, not the bar's."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
@@ -541,9 +545,11 @@ def on_every_rank(check: Callable[[], Any]) -> Any:
 
 
 def main_print(*args: Any, **kwargs: Any) -> None:
-    """print on rank 0 only, so that N processes do not repeat every line."""
+    """print on rank 0 only, so that N processes do not repeat every line; on a line of
+    its own while a progress bar is drawn (the bar is redrawn below it)."""
     if is_main_process():
-        print(*args, **kwargs, flush=True)
+        with tqdm.external_write_mode(file=kwargs.get("file")):
+            print(*args, **kwargs, flush=True)
 
 
 def seed_everything(seed: int, rank: int = 0) -> int:

@@ -989,6 +989,27 @@ def test_cli_writes_each_ranks_line_whole_with_its_rank(monkeypatch):
                       "interrupted (Ctrl-C)\n"]
 
 
+def test_lines_said_while_a_progress_bar_is_drawn_start_lines_of_their_own(capsys):
+    """A note during a loop and the error or Ctrl-C that ends it were written after the
+    bar's last drawing, on its line ('epoch 2: 60%|...| 6/10 [...]interrupted (Ctrl-C)'):
+    a note clears the bar and is redrawn below it, the last line closes the bar first."""
+    from tqdm import tqdm
+    bar = tqdm(total=10, desc="epoch 2", disable=False, mininterval=0)
+    bar.update(3)
+    utils.main_print("[data] note: a folder", file=sys.stderr)
+    bar.update(3)
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    assert utils.cli(interrupted) == 130
+    lines = capsys.readouterr().err.split("\n")
+    note = next(line for line in lines if "[data] note" in line)
+    assert note.rpartition("\r")[2].lstrip() == "[data] note: a folder"
+    assert lines[-2:] == ["interrupted (Ctrl-C)", ""]
+    assert "6/10" in lines[-3] and bar.disable  # closed: drawn once more, then a newline
+
+
 # ----------------------------------------------------------------------------- distributed
 def test_single_process_without_torchrun(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
