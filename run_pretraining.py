@@ -476,14 +476,31 @@ def _train_checked(args: argparse.Namespace, env: utils.DistEnv, train_classes: 
         set_aside_previous_run(args)
     elif args.resume:  # maybe a roll-back to an older epoch
         set_aside_previous_run(args, rolled_back=(resume, done))
-    stats, saved = engine.fit(
-        model, loader, sampler, optimizer, scaler, policy, config, start_epoch=start_epoch,
-        epochs=args.epochs, output_dir=args.output_dir, save_ckpt_freq=args.save_ckpt_freq,
-        run_args={**vars(args), **identity}, log_dir=args.log_dir, distributed=env.distributed,
-        sample_names=[os.path.relpath(p, args.data_path) for p, _ in dataset.samples])
+    try:
+        stats, saved = engine.fit(
+            model, loader, sampler, optimizer, scaler, policy, config, start_epoch=start_epoch,
+            epochs=args.epochs, output_dir=args.output_dir, save_ckpt_freq=args.save_ckpt_freq,
+            run_args={**vars(args), **identity}, log_dir=args.log_dir,
+            distributed=env.distributed,
+            sample_names=[os.path.relpath(p, args.data_path) for p, _ in dataset.samples])
+    except KeyboardInterrupt:
+        utils.main_print(f"[train] stopped: {how_to_continue(args)}", file=sys.stderr)
+        raise
     return {"train_classes": train_classes, "num_images": len(dataset),
             "num_steps": num_steps, "start_epoch": start_epoch, "stats": stats,
             "checkpoints": saved}
+
+
+def how_to_continue(args: argparse.Namespace) -> str:
+    """What continues a run stopped by Ctrl-C: the same command (auto-resume) from the
+    newest complete checkpoint of --output_dir, the epoch it stopped in done again."""
+    last = utils.find_latest_checkpoint(args.output_dir)
+    if last is None:
+        return "no epoch of this run was saved; the same command starts it again"
+    if not args.auto_resume:
+        return (f"run the command without --no_auto_resume to continue from {last} (with "
+                "it, a new run starts and this one moves to previous-<UTC time>/)")
+    return f"the same command continues from {last}; the epoch it stopped in restarts"
 
 
 def _continues_output_dir(resume: str | None, output_dir: str) -> bool:

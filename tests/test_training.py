@@ -720,6 +720,34 @@ def test_a_missing_or_bad_init_ckpt_is_refused_before_tokenizing(env, tmp_path, 
     assert refused(small).startswith(f"error: --init_ckpt {small} is of another model size")
 
 
+def test_ctrl_c_in_training_says_how_to_continue(env, tmp_path, monkeypatch, capsys):
+    """Ctrl-C printed only 'interrupted (Ctrl-C)': it now also says what continues the run
+    (the same command, from the newest complete checkpoint; without --no_auto_resume,
+    which would start over; or nothing saved yet), before that line."""
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "fit", interrupted)
+    out = tmp_path / "out"
+    assert utils.cli(lambda: run_pretraining.main(_args(env, str(out)))) == 130
+    assert capsys.readouterr().err.endswith(
+        "[train] stopped: no epoch of this run was saved; the same command starts it again\n"
+        "interrupted (Ctrl-C)\n")
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    scaler = utils.make_grad_scaler("cpu", "none")
+    utils.save_training_state(str(out), [0], epoch=0, model=model, optimizer=opt,
+                              scaler=scaler, args={}, masking=None)
+    utils.save_training_state(str(out), [1, "last"], epoch=1, model=model, optimizer=opt,
+                              scaler=scaler, args={}, masking=None)
+    newest = utils.find_latest_checkpoint(str(out))
+    assert run_pretraining.how_to_continue(_args(env, str(out))) == (
+        f"the same command continues from {newest}; the epoch it stopped in restarts")
+    assert run_pretraining.how_to_continue(_args(env, str(out), "--no_auto_resume")) == (
+        f"run the command without --no_auto_resume to continue from {newest} (with it, a "
+        "new run starts and this one moves to previous-<UTC time>/)")
+
+
 def test_a_second_run_in_the_same_output_dir_is_refused_before_tokenizing(env, tmp_path,
                                                                          monkeypatch, capsys):
     """A run holds --output_dir until it ends: another run there (a second launch, or
