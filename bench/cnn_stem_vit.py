@@ -113,6 +113,9 @@ def register() -> None:
 
 
 def main(argv: list[str]) -> None:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return
     if not argv or os.path.normpath(argv[0]) not in SCRIPTS:
         raise UserError(f"usage: python bench/cnn_stem_vit.py {{{','.join(SCRIPTS)}}} "
                         "[its arguments]")

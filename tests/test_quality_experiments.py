@@ -842,7 +842,7 @@ def test_cnn_stem_runs_an_entry_point_with_its_model(stem, monkeypatch: pytest.M
                                                      capsys) -> None:
     """The wrapper makes vit_tiny_lite0_stem a --model choice of the script it runs
     (run_test.py, and bench/score_variants.py, which imports a bench module, --help) in
-    PMAD's layout, and refuses any other script."""
+    PMAD's layout, and refuses any other script; its own --help is its docstring."""
     import modeling_pmad
     monkeypatch.setattr(modeling_pmad, "PMAD_MODELS", dict(modeling_pmad.PMAD_MODELS))
     monkeypatch.setattr(modeling_pmad, "MODEL_CONFIGS", dict(modeling_pmad.MODEL_CONFIGS))
@@ -857,6 +857,9 @@ def test_cnn_stem_runs_an_entry_point_with_its_model(stem, monkeypatch: pytest.M
     assert model.rel_pos_bias is not None  # shared relative position bias
     with pytest.raises(UserError, match=r"usage: python bench/cnn_stem_vit.py"):
         stem.main(["engine.py"])
+    for flag in ("-h", "--help"):  # its own help: the docstring, with the commands
+        stem.main([flag])
+        assert capsys.readouterr().out == stem.__doc__ + "\n"
 
 
 def test_cnn_stem_projection_starts_as_the_vits_own_init(stem) -> None:
