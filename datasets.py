@@ -980,7 +980,7 @@ def _check_aspect(mask: Image.Image, mask_path: str, image: Image.Image, image_p
 def _drop_bad_files(items: list[_Item], check: Callable[[_Item], object],
                     what: str) -> tuple[list[_Item], list[str]]:
     """Decode every item once (threads: PIL releases the GIL while decoding); return the
-    good items and one message per bad one, and warn listing all bad ones. The messages
+    good items and one message per bad one, and warn listing all bad ones (rank 0). The messages
     lose their advice to pass --skip_bad_images, which the run already does."""
     def run(item: _Item) -> str | None:
         try:
@@ -993,7 +993,7 @@ def _drop_bad_files(items: list[_Item], check: Callable[[_Item], object],
         results = list(tqdm(pool.map(run, items), total=len(items),
                             desc=f"checking {what}", disable=len(items) < 100))
     bad = [r for r in results if r is not None]
-    if bad:
+    if bad and get_rank() == 0:  # every rank reads the same files (checked): one list
         warnings.warn(f"{what}: left out {len(bad)} bad file(s) of {len(items)}:\n  "
                       + "\n  ".join(bad), DataWarning, stacklevel=3)
     return [it for it, r in zip(items, results) if r is None], bad

@@ -149,6 +149,16 @@ def test_patch_any_batched():
     assert out[1].nonzero().flatten().tolist() == [0, 12]
 
 
+def test_bad_files_left_out_are_listed_by_rank_0_only(train_root, monkeypatch, recwarn):
+    """Under torchrun every rank reads the same files (run_pretraining checks it), so the
+    list of files left out is rank 0's warning alone, not one per rank."""
+    os.remove(train_root / "fg_mask" / "bottle" / "002.png")
+    monkeypatch.setattr(datasets, "get_rank", lambda: 1)
+    ds = _pretrain(train_root, skip_bad_images=True)
+    assert len(ds) == 5 and len(ds.bad_files) == 1
+    assert not [w for w in recwarn if "left out" in str(w.message)]
+
+
 def test_fg_mask_off_and_missing(train_root):
     os.remove(train_root / "fg_mask" / "bottle" / "002.png")
     with pytest.raises(BadFileError, match=r"bottle/002\.png(.|\n)*--fg_mask_zip"):
