@@ -444,8 +444,9 @@ def _train_checked(args: argparse.Namespace, env: utils.DistEnv, train_classes: 
         # a crash between a save's numbered file and checkpoint-last.pth: catch the latter up
         utils.relink_last_checkpoint(args.output_dir, resume, done)
     if isinstance(done, int) and done + 1 >= args.epochs:
-        utils.main_print(f"[resume] nothing to do: {resume} has trained {done + 1} epoch(s) "
-                         f"of --epochs {args.epochs}; pass a larger --epochs to extend the run")
+        utils.main_print(f"[resume] nothing to do: {resume} has trained {done + 1} epoch(s), "
+                         f"and --epochs is {args.epochs}; pass a larger --epochs to extend "
+                         "the run")
         return {"train_classes": train_classes, "num_images": 0, "num_steps": 0,
                 "start_epoch": done + 1, "stats": {}, "checkpoints": []}
     # rank 0 decides (the file may exist on one node only, or appear while a slow rank

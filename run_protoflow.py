@@ -40,7 +40,7 @@ from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_
                        read_prototype_meta, save_protoflow, save_prototypes, train_flow)
 from utils import (CheckpointError, FlagError, JsonlLog, MissingFileError, RunLock,
                    UniqueNames, build_sampler, capture_rng_state, cli, file_sha256,
-                   fraction_arg, int_at_least, load_checkpoint_file, positive_float,
+                   flag_changes, fraction_arg, int_at_least, load_checkpoint_file, positive_float,
                    prepare_output_dir, probability_arg, remove_stale_tmp_files, resolve_device,
                    restore_rng_state, save_on_master, seed_everything, set_aside)
 
@@ -296,7 +296,7 @@ def _resume(args: argparse.Namespace, resume_path: str, flow: Ff.SequenceINN,
                if k != "prototypes" and saved[k] != v}
     protos = [c for c, digest in run_args["prototypes"].items()
               if saved["prototypes"].get(c) != digest]
-    differ = [f"arguments (saved, now): {changed}"] if changed else []
+    differ = [f"arguments: {flag_changes(changed)}"] if changed else []
     if protos:
         differ.append(f"prototypes for {protos} than --prototypes_dir {args.prototypes_dir} "
                       "holds")

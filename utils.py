@@ -1450,10 +1450,14 @@ def check_resume_args(saved: dict | None, args: dict, path: str, must_match: Seq
             fix += (f". {AMP_DEFAULT_NOTE[0].upper()}{AMP_DEFAULT_NOTE[1:]}: pass --amp "
                     f"{saved_amp} to resume it"
                     + (" on a CUDA device" if saved_amp == "fp16" else " on this machine"))
-        raise CheckpointError(f"{path} was trained with other arguments: " + ", ".join(
-            f"--{k} {a!r} (now {b!r})" for k, (a, b) in diff.items())
-            + f"; resume it with the same flags, or {fix}")
+        raise CheckpointError(f"{path} was trained with other arguments: {flag_changes(diff)}"
+                              f"; resume it with the same flags, or {fix}")
     return note
+
+
+def flag_changes(diff: dict[str, tuple[Any, Any]]) -> str:
+    """{name: (saved, now)} as '--name saved (now now), ...', for a refused resume."""
+    return ", ".join(f"--{k} {a!r} (now {b!r})" for k, (a, b) in diff.items())
 
 
 def masking_state_of(ckpt: dict) -> dict | None:

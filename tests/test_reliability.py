@@ -409,8 +409,8 @@ def test_F10_F4b_resume_extend_folder_disk_full_and_stale_files(finished_run, ti
     # --resume <folder>: its newest checkpoint; all epochs done: said, not silent
     folder = results["folder"]
     assert folder["code"] == 0, folder["err"][-3000:]
-    assert (f"[resume] nothing to do: {run / 'checkpoint-1.pth'} has trained 2 epoch(s) of "
-            "--epochs 2; pass a larger --epochs") in folder["out"]
+    assert (f"[resume] nothing to do: {run / 'checkpoint-1.pth'} has trained 2 epoch(s), "
+            "and --epochs is 2; pass a larger --epochs") in folder["out"]
     assert not (tmp_path / "elsewhere" / "token_cache").exists()  # said before any work
     # disk full while writing epoch 1's checkpoint: one line, the old one intact
     _clear_error(results["F4b"], f"no space left in {full}; {full / 'checkpoint-last.pth'} "
