@@ -667,6 +667,40 @@ def test_weights_diverged_by_an_epochs_last_step_stop_training(lite0, brick_set)
     assert ends == []
 
 
+class _MapsAreImages(nn.Module):
+    """An encoder whose one feature map is its input."""
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x]
+
+
+def test_each_step_follows_its_own_batchs_gradient():
+    """Each step updates the flow by its own batch's gradient alone (the earlier steps'
+    are cleared first): two steps of plain SGD equal two made by hand, in float64 (a
+    first gradient left in the second step moves the weights by ~1e-4 relative)."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(2, 8, 4, 4).double(), torch.zeros(2, dtype=torch.long))
+               for _ in range(2)]
+    protos = [torch.randn(3, 8).double()]
+    flow = pf.build_flow(8, 1, cond_dim=8, rng=np.random.default_rng(0)).double()
+    ref = pf.build_flow(8, 1, cond_dim=8, rng=np.random.default_rng(0)).double()
+    ref.load_state_dict(flow.state_dict())
+    params = [p for p in flow.parameters() if p.requires_grad]
+    pf.train_flow(_MapsAreImages(), flow, batches, protos, epochs=1, lr=0.1, warmup_epochs=0,
+                  optimizer=torch.optim.SGD(params, lr=0.1))
+    ref_params = [p for p in ref.parameters() if p.requires_grad]
+    ref.train()
+    for (images, class_idx), lr in zip(batches, [0.1, (0.1 + 1e-4) / 2]):  # cosine, 2 steps
+        loss = pf.flow_loss(pf.patch_log_likelihood(_MapsAreImages(), ref, images, protos,
+                                                    class_idx))
+        grads = torch.autograd.grad(loss, ref_params)
+        with torch.no_grad():
+            for p, g in zip(ref_params, grads):
+                p.sub_(lr * g)
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- proposals
 def test_tied_patches_rank_in_patch_order():
     """Patches ProtoFlow finds equally anomalous (a flat map) rank in patch order, on
