@@ -1088,10 +1088,15 @@ def test_train_resumes_exactly_after_a_crash(cli, monkeypatch):
     straight = cli["trained"]
     crashed = str(cli["root"] / "b.pt")
     _crash_in_epoch_two(cli, monkeypatch, crashed)
+    before = set(os.listdir(cli["root"]))
     resumed = rpf.main(cli["train"] + ["--output", crashed, "--resume"])
     for key, value in straight["decoder_state_dict"].items():
         assert torch.equal(resumed["decoder_state_dict"][key], value), key
     assert resumed["image_score_threshold"] == straight["image_score_threshold"]
+    # the resumed run goes on with its own log (epoch 1's line after the crashed run's
+    # epoch 0), not set aside as an earlier run's: no previous-<time>/ folder
+    assert [r["epoch"] for r in map(json.loads, open(crashed + ".log.jsonl"))] == [0, 1]
+    assert set(os.listdir(cli["root"])) - before == {"b.pt"}
 
 
 def test_resume_refuses_training_images_changed_after_the_crash(cli, monkeypatch, tmp_path):
