@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1095,7 +1096,8 @@ def test_train_resumes_exactly_after_a_crash(cli, monkeypatch):
     assert resumed["image_score_threshold"] == straight["image_score_threshold"]
     # the resumed run goes on with its own log (epoch 1's line after the crashed run's
     # epoch 0), not set aside as an earlier run's: no previous-<time>/ folder
-    assert [r["epoch"] for r in map(json.loads, open(crashed + ".log.jsonl"))] == [0, 1]
+    log = Path(crashed + ".log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [0, 1]
     assert set(os.listdir(cli["root"])) - before == {"b.pt"}
 
 
