@@ -29,9 +29,9 @@ from typing import Callable, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from datasets import (NORMAL_DIRS, TEST_LAYOUT, VISA_CLASSES, LayoutError, data_subdirs,
-                      is_junk_dir, is_junk_file, list_images, loose_images, mask_problem,
-                      open_mask, too_large)
+from datasets import (NORMAL_DIRS, TEST_LAYOUT, VISA_CLASSES, LayoutError, as_found,
+                      data_subdirs, is_junk_dir, is_junk_file, list_images, loose_images,
+                      mask_problem, open_mask, too_large)
 from utils import some_names, write_atomic
 
 VISA_SPLIT = os.path.join("split_csv", "1cls.csv")
@@ -237,6 +237,7 @@ def custom_classes(src: str, classes: Sequence[str] | None) -> list[str]:
     found = data_subdirs(src)
     if not classes:
         return found
+    classes = as_found(classes, found)
     unknown = [c for c in dict.fromkeys(classes) if c not in found]
     if unknown:
         raise LayoutError(f"--classes {' '.join(unknown)}: no such class folder in {src}; "

@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 import sys
+import unicodedata
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -305,6 +306,16 @@ def is_junk_dir(name: str) -> bool:
     ('.ipynb_checkpoints', '.git') and the __MACOSX a zip made on macOS carries, which
     would otherwise be read as classes, defect types or images to score."""
     return name.startswith(".") or name in JUNK_DIRS
+
+
+def as_found(names: Sequence[str], found: Sequence[str]) -> list[str]:
+    """`names` (as a user typed them) spelt as the folders in `found` are where the two
+    differ only in Unicode normalisation: macOS stores a folder 'screw' with a hacek
+    decomposed (NFD), a shell passes the name composed (NFC); one name to a reader,
+    another string to Python, so '--classes' would name no folder."""
+    by_form = {unicodedata.normalize("NFC", f): f for f in found}
+    return [n if n in found else by_form.get(unicodedata.normalize("NFC", n), n)
+            for n in names]
 
 
 def data_subdirs(folder: str) -> list[str]:

@@ -511,6 +511,7 @@ def check_inputs(args: argparse.Namespace) -> contextlib.AbstractContextManager:
         raise FlagError(f"--encoder {args.encoder} is not a timm model name, e.g. "
                         f"{DEFAULT_ENCODER} (timm.list_models() lists them)")
     available = datasets.list_train_classes(args.data_path)
+    args.classes = args.classes and datasets.as_found(args.classes, available)
     unknown = sorted(set(args.classes or []) - set(available))
     if unknown:
         raise FlagError(f"--classes: {unknown} have no {args.data_path}/train/<class> folder; "

@@ -168,6 +168,7 @@ def select_classes(args: argparse.Namespace, setting: str) -> list[str]:
     root = args.data_path
     available = datasets.find_test_classes(root)
     if args.classes:
+        args.classes = datasets.as_found(args.classes, available)
         unknown = sorted(set(args.classes) - set(available))
         if unknown:
             raise FlagError(f"--classes: {unknown} have no {root}/<class>/test folder; "

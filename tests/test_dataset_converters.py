@@ -398,6 +398,19 @@ def test_an_unreadable_custom_image_is_to_be_replaced_in_the_custom_folder(tmp_p
                         "--data_path is rewritten from it) and re-run")
 
 
+def test_a_class_name_typed_in_another_unicode_form_names_its_folder(tmp_path):
+    """A folder macOS wrote as 'sčrew' decomposed (NFD) and --classes typed composed (NFC)
+    look the same and differ as strings: the name is taken as the folder spells it, by
+    --custom's conversion, run_protoflow.py and run_test.py alike (datasets.as_found)."""
+    import unicodedata
+    nfd, nfc = (unicodedata.normalize(form, "s\u010drew") for form in ("NFD", "NFC"))
+    assert nfd != nfc
+    src = _custom_set(tmp_path / "mine", {nfd: 4, "widget": 4})
+    assert dataset_converters.custom_classes(str(src), [nfc]) == [nfd]
+    assert datasets.as_found([nfc, "widget", "gadget"], [nfd, "widget"]) == [
+        nfd, "widget", "gadget"]  # a name of no folder stays as typed, for its error
+
+
 def test_custom_classes_and_folders_checked_before_writing(tmp_path, capsys):
     src = _custom_set(tmp_path / "mine", {"gadget": 4, "widget": 4})
     dst = tmp_path / "mvtec"

@@ -934,6 +934,24 @@ def test_prototypes_command(cli):
                  "--classes", "gravel", "--num_shots", "9"])
 
 
+def test_a_class_typed_in_another_unicode_form_trains_its_folder(cli, tmp_path,
+                                                                 monkeypatch):
+    """--classes typed composed (NFC) names a class folder stored decomposed (NFD, as
+    macOS writes it), not 'no train/<class> folder' (datasets.as_found)."""
+    import unicodedata
+    nfd, nfc = (unicodedata.normalize(form, "s\u010drew") for form in ("NFD", "NFC"))
+    shutil.copytree(os.path.join(cli["root"], "data", "train", "brick"),
+                    tmp_path / "data" / "train" / nfd)
+    seen = []
+    monkeypatch.setattr(rpf, "_encoder_from_args",
+                        lambda args: seen.append(args.classes) or pytest.fail("reached"))
+    common = list(cli["common"])
+    common[common.index("--data_path") + 1] = str(tmp_path / "data")
+    with pytest.raises(pytest.fail.Exception, match="reached"):
+        rpf.main(["prototypes", *common, "--output_dir", str(tmp_path / "p"), "--classes", nfc])
+    assert seen == [[nfd]]
+
+
 def test_a_class_too_small_for_its_split_is_refused_before_any_class_is_built(
         cli, tmp_path, monkeypatch):
     """A class with too few images for --holdout or --num_shots was found when reached,

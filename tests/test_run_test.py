@@ -232,6 +232,19 @@ def test_the_paper_protocol_refuses_a_class_without_anomalous_images(tiny_world,
         run_test.main(run_test.get_args_parser().parse_args(argv))
 
 
+def test_a_class_typed_in_another_unicode_form_is_the_folder_of_that_name(tiny_world,
+                                                                           tmp_path):
+    """--classes typed composed (NFC) selects a class folder stored decomposed (NFD, as
+    macOS writes it): datasets.as_found, not 'no <class>/test folder'."""
+    import unicodedata
+    nfd, nfc = (unicodedata.normalize(form, "s\u010drew") for form in ("NFD", "NFC"))
+    data = tmp_path / "data"
+    shutil.copytree(tiny_world.mvtec_root / "coins", data / nfd)
+    args = run_test.get_args_parser().parse_args(
+        tiny_world.run_test_argv(tmp_path / "out", "--classes", nfc, data=data))
+    assert run_test.select_classes(args, "multi_class") == [nfd] and args.classes == [nfd]
+
+
 def test_missing_class_is_a_clear_error(tiny_world, tmp_path) -> None:
     with pytest.raises(ValueError, match="available"):
         run_test.main(_args(tiny_world, tmp_path, "clean", "--classes", "screw"))
