@@ -361,7 +361,11 @@ def evaluate_clean(model: torch.nn.Module, data: ClassData, *, ratio: float,
                    for name, m in scores.baseline_maps.items()})
     record.update(mask_ratio=ratio,
                   threshold=threshold if options.masks == "threshold" else None,
-                  called_anomalous=int(scores.proposal.sum()),
+                  # ProtoFlow's calls at the stored threshold (None without one), and
+                  # the images masked by their proposal: all of them under 'proposal'
+                  called_anomalous=(None if scores.anomalous is None
+                                    else int(scores.anomalous.sum())),
+                  proposal_masks=int(scores.proposal.sum()),
                   clean_options=options.as_dict(),
                   diagnostics=mask_diagnostics(data, scores.test_masks, scores.proposal,
                                                tuple(model.patch_embed.grid_size)))

@@ -435,15 +435,18 @@ def test_an_anomalous_image_with_no_defect_pixel_is_counted_and_named() -> None:
 def test_clean_protocol_counts_the_images_that_got_the_proposal_mask() -> None:
     """With --clean_masks proposal every image gets its proposal mask, whatever ProtoFlow
     calls at the stored threshold (here only the defective image is above it): the record
-    counts the images masked by their proposal, 2, not ProtoFlow's calls, 1."""
+    counts the images masked by their proposal (proposal_masks), 2, apart from ProtoFlow's
+    calls (called_anomalous), 1; under 'threshold' both are 1. called_anomalous counted
+    the proposals under the same name as the paper protocol's calls, so read 2 here."""
     data = _hand_data()
     threshold = (math.log(2) + math.log(4)) / 2
-    for masks, called in (("proposal", 2), ("threshold", 1)):
+    for masks, proposed in (("proposal", 2), ("threshold", 1)):
         record, _, _ = protocols.evaluate_clean(
             ConstantViT(), data, ratio=0.5, threshold=threshold,
             options=protocols.CleanOptions(masks=masks), sigma=0.0, batch_size=2,
             device=torch.device("cpu"), amp="none", seed=0)
-        assert record["called_anomalous"] == called, masks
+        assert record["called_anomalous"] == 1, masks
+        assert record["proposal_masks"] == proposed, masks
         # the threshold is reported only where it chose the masks
         assert record["threshold"] == (threshold if masks == "threshold" else None), masks
 
