@@ -80,11 +80,11 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     out = maps.unsqueeze(0)  # (1, N, H, W)
     for dim in (2, 3):
         size = out.shape[dim]
-        # scipy's 'reflect' repeats the edge sample (d c b a | a b c d | d c b a)
-        idx = torch.arange(-radius, size + radius)
-        idx = torch.where(idx < 0, -idx - 1, idx)
+        # scipy's 'reflect' repeats the edge sample (d c b a | a b c d | d c b a), as
+        # often as a kernel wider than the map needs: period 2 * size
+        idx = torch.arange(-radius, size + radius).remainder(2 * size)
         idx = torch.where(idx >= size, 2 * size - idx - 1, idx)
-        out = out.index_select(dim, idx.clamp(0, size - 1))
+        out = out.index_select(dim, idx)
         shape = (n, 1, -1, 1) if dim == 2 else (n, 1, 1, -1)
         out = F.conv2d(out, kernel.view(shape[2:]).expand(shape), groups=n)
     return out.squeeze(0)

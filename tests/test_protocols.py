@@ -19,7 +19,8 @@ import utils
 
 def test_gaussian_blur_equals_scipy() -> None:
     """Every sigma above 0 smooths, as scipy does: a small one (0.5, radius 2) too, not
-    only the usual 4 (a sigma <= 0.5 cut-off would return the maps unsmoothed)."""
+    only the usual 4 (a sigma <= 0.5 cut-off would return the maps unsmoothed), and one
+    whose kernel is wider than the map."""
     maps = torch.rand(3, 40, 33, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for sigma in (0.5, 4.0):
         ours = protocols.gaussian_blur(maps, sigma).numpy()
@@ -27,6 +28,12 @@ def test_gaussian_blur_equals_scipy() -> None:
         np.testing.assert_allclose(ours, ref, atol=1e-12, err_msg=str(sigma))
         assert np.abs(ours - maps.numpy()).max() > 0.1, sigma
     assert protocols.gaussian_blur(maps[:0], 4.0).shape == (0, 40, 33)
+    # a kernel wider than the map (radius 4 sigma >= its side) reflects again and again,
+    # as scipy does: one reflection and a clamp to the edge differed by up to 5e-4
+    for small, sigma in ((maps[:, :10, :7], 4.0), (maps, 60.0)):
+        ours = protocols.gaussian_blur(small, sigma).numpy()
+        ref = np.stack([gaussian_filter(m, sigma=sigma) for m in small.numpy()])
+        np.testing.assert_allclose(ours, ref, atol=1e-12, err_msg=str(sigma))
 
 
 # ----------------------------------------------------------------------------- by hand
