@@ -247,8 +247,8 @@ def baseline_maps(data: ClassData, abnormality: torch.Tensor, token_scores: torc
     ProtoFlow's abnormality map alone (the one PMAD's map uses, (N, S, S)), PatchCore
     (each patch's distance to its nearest prototype: the prototypes are a PatchCore
     memory bank) and, given the covering passes' token scores, the ViT's cross-entropy
-    alone. Each is upsampled and smoothed as PMAD's map is, and its image score is taken
-    by PMAD's rule (`image_scores`; the paper protocol: the maximum)."""
+    alone. Each is upsampled and smoothed as PMAD's map is; the callers take each one's
+    image score by PMAD's rule (`image_scores`; the paper protocol: the maximum)."""
     size = data.images.shape[-1]
     maps = {"protoflow_only": gaussian_blur(abnormality, sigma),
             "patchcore": gaussian_blur(upsample(data.prototype_distance,
