@@ -40,6 +40,7 @@ CLASS_MASK_RATIOS: dict[str, float] = {
     "bottle": 0.42, "cable": 0.28, "capsule": 0.16, "hazelnut": 0.36, "metal_nut": 0.48,
     "pill": 0.48, "screw": 0.04, "toothbrush": 0.22, "transistor": 0.48, "zipper": 0.20,
 }
+DEFAULT_MASK_RATIO = 0.3  # a class without a Table 6 ratio (training and test alike)
 WEIGHTINGS = ("frequency", "dynamic", "uniform")
 FREQ_MODES = ("patch", "global")  # frequency_weights' spectra: per patch, whole image
 MIN_BLOCK = 4  # patches; BEiT's and the paper's lower bound of a block's area
@@ -114,7 +115,7 @@ class MaskGenerator:
 
     def __init__(self, window_size: tuple[int, int] = (14, 14),
                  class_ratios: dict[str, float] = CLASS_MASK_RATIOS,
-                 default_ratio: float = 0.3, p_region: float = 0.5,
+                 default_ratio: float = DEFAULT_MASK_RATIO, p_region: float = 0.5,
                  p_weighting: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
                  p_block: float = 0.5, min_block: int = MIN_BLOCK,
                  max_block: int | None = None):

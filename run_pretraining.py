@@ -28,8 +28,8 @@ import engine
 import modeling_discrete_vae
 import modeling_pmad
 import utils
-from masking_generator import (CLASS_MASK_RATIOS, FREQ_MODES, MaskGenerator, MaskingPolicy,
-                               min_mask_ratio, num_masked)
+from masking_generator import (CLASS_MASK_RATIOS, DEFAULT_MASK_RATIO, FREQ_MODES, MaskGenerator,
+                               MaskingPolicy, min_mask_ratio, num_masked)
 
 # Arguments that must match for a resumed run to continue the same training: the model
 # and data, the optimiser and its per-step schedules (recomputed from these flags at every
@@ -91,7 +91,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_masking_args(p: argparse.ArgumentParser) -> None:
     """Combinational and dynamic masking (docs/method.md 5)."""
-    p.add_argument("--mask_ratio", type=utils.mask_ratio_arg, default=0.3,
+    p.add_argument("--mask_ratio", type=utils.mask_ratio_arg, default=DEFAULT_MASK_RATIO,
                    help="mask ratio of classes without a ratio of their own")
     p.add_argument("--dynamic_masking_start", type=int, default=100,
                    help="first epoch of dynamic masking and rank-weighted loss")

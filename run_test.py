@@ -26,7 +26,7 @@ from tqdm import tqdm
 import datasets
 import modeling_pmad
 from heatmaps import save_heatmaps
-from masking_generator import CLASS_MASK_RATIOS, min_mask_ratio, num_masked
+from masking_generator import CLASS_MASK_RATIOS, DEFAULT_MASK_RATIO, min_mask_ratio, num_masked
 from modeling_discrete_vae import (available_tokenizers, create_tokenizer,
                                    kmeans_file_settings, token_grid)
 from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED,
@@ -70,7 +70,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 # refuse them instead of ignoring them (check_protocol_flags).
 CLEAN_FLAGS = {"clean_masks": "masks", "unmasked": "unmasked", "abnormality": "abnormality",
                "combine": "combine", "ce_weight": "ce_weight", "image_score": "image_score"}
-DEFAULT_MASK_RATIO = 0.3
 RELEASED_TOKENIZER = "weights/tokenizer"  # where weights/README.md puts DALL-E's and VQ-KD's
 
 

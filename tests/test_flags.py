@@ -79,3 +79,18 @@ def test_a_class_named_twice_counts_once(parse, argv, dest) -> None:
     twice: each name is kept once, in the order given."""
     args = parse().parse_args([*argv, "screw", "bottle", "screw"])
     assert getattr(args, dest) == ["screw", "bottle"]
+
+
+def test_a_class_without_a_table_6_ratio_is_masked_alike_in_training_and_testing() -> None:
+    """One default ratio (0.3, masking_generator.DEFAULT_MASK_RATIO) for a class the paper's
+    Table 6 does not list: training's --mask_ratio, the mask generator's and run_test.py's
+    --default_mask_ratio were three constants that could drift apart."""
+    from types import SimpleNamespace
+
+    import masking_generator
+    assert masking_generator.DEFAULT_MASK_RATIO == 0.3
+    trained = run_pretraining.get_args_parser().parse_args(["--data_path", "x"]).mask_ratio
+    generator = masking_generator.MaskGenerator((14, 14)).ratio_for("widget")
+    tested = run_test.class_mask_ratio(SimpleNamespace(mask_ratio=None,
+                                                       default_mask_ratio=None), "widget")
+    assert trained == generator == tested == 0.3
