@@ -593,6 +593,12 @@ def flow_shape(decoder_state_dict: dict[str, Tensor], path: str) -> tuple[int, i
     return int(scale.shape[-1]), len(blocks)
 
 
+def score_quantile(scores: Tensor, quantile: float) -> float:
+    """The `quantile` of normal images' scores (N,), in float64: the image-score
+    threshold over all classes and per class (ProtoFlow.threshold_for) alike."""
+    return float(torch.quantile(scores.double(), quantile))
+
+
 def save_protoflow(path: str, encoder: nn.Module, flow: Ff.SequenceINN, *, backbone: str,
                    out_indices: Sequence[int], classes: Sequence[str],
                    normal_scores: Tensor | None = None, normal_classes: Tensor | None = None,
@@ -611,11 +617,11 @@ def save_protoflow(path: str, encoder: nn.Module, flow: Ff.SequenceINN, *, backb
     stats, threshold = None, None
     if normal_scores is not None and len(normal_scores):
         s = normal_scores.double().cpu()
-        threshold = float(torch.quantile(s, threshold_quantile))
+        threshold = score_quantile(s, threshold_quantile)
         stats = {"scores": s.float(), "count": len(s), "mean": float(s.mean()),
                  "std": float(s.std()) if len(s) > 1 else 0.0, "min": float(s.min()),
                  "max": float(s.max()),
-                 "quantiles": {f"q{q:g}": float(torch.quantile(s, q)) for q in SCORE_QUANTILES}}
+                 "quantiles": {f"q{q:g}": score_quantile(s, q) for q in SCORE_QUANTILES}}
         if normal_classes is not None:
             stats["class_idx"] = normal_classes.long().cpu()
     feature_dim, n_blocks = flow_shape(flow.state_dict(), path)
@@ -769,7 +775,7 @@ class ProtoFlow:
         if len(scores) == 0:
             return self.threshold
         quantile = self.threshold_quantile or THRESHOLD_QUANTILE
-        return float(torch.quantile(scores.double(), quantile))
+        return score_quantile(scores, quantile)
 
     def prototypes(self, class_name: str) -> Tensor:
         """The class's prototypes (M, C) on the device, loaded once; those coreset.json
