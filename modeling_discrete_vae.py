@@ -44,10 +44,11 @@ __all__ = [
     "register_tokenizer", "available_tokenizers", "create_tokenizer", "token_grid",
     "DalleConv2d", "DalleEncoderBlock", "DalleEncoder", "DalleTokenizer", "load_dalle_encoder",
     "save_dalle_encoder", "ViTEncoder", "VQKDTokenizer", "CNNPatchFeatures", "KMeansTokenizer",
-    "spherical_kmeans", "fit_kmeans_tokenizer", "fit_kmeans_on_folder",
+    "spherical_kmeans", "fit_kmeans_tokenizer", "fit_kmeans_on_folder", "weights_fingerprint",
 ]
 
 _logger = logging.getLogger(__name__)
+FP16_PREFIX = "fp16-"  # of a fingerprint whose tokens are computed in fp16 (DALL-E on CUDA)
 
 _TOKENIZERS: dict[str, Callable[[str], nn.Module]] = {}
 # (side of the token grid, what gives it) <- weight path, read without building the tokenizer
@@ -99,6 +100,12 @@ def token_grid(name: str, weight_path: str | os.PathLike) -> tuple[int, str] | N
     or unreadable file raises read_weights_file's error, which names it."""
     reader = _GRIDS.get(name)
     return None if reader is None else reader(os.fspath(weight_path))
+
+
+def weights_fingerprint(fingerprint: str) -> str:
+    """A tokenizer's fingerprint without its compute prefix: the sha256 of its weights
+    alone, the same for a DALL-E that tokenized in fp16 on a GPU and one on the CPU."""
+    return fingerprint.removeprefix(FP16_PREFIX)
 
 
 def _check_token_images(images: torch.Tensor, image_size: int, name: str) -> None:
@@ -471,7 +478,7 @@ class DalleTokenizer(_FrozenTokenizer):
     @property
     def fingerprint(self) -> str:
         """sha256 of encoder.pkl, prefixed 'fp16-' when the tokens are computed in fp16."""
-        return ("fp16-" if self.computes_fp16 else "") + self.file_sha
+        return (FP16_PREFIX if self.computes_fp16 else "") + self.file_sha
 
     def _indices(self, images: torch.Tensor) -> torch.Tensor:
         eps = self.LOGIT_LAPLACE_EPS

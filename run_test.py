@@ -28,7 +28,7 @@ import modeling_pmad
 from heatmaps import save_heatmaps
 from masking_generator import CLASS_MASK_RATIOS, DEFAULT_MASK_RATIO, min_mask_ratio, num_masked
 from modeling_discrete_vae import (available_tokenizers, create_tokenizer,
-                                   kmeans_file_settings, token_grid)
+                                   kmeans_file_settings, token_grid, weights_fingerprint)
 from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED,
                        CleanOptions, collect_class, empty_defect_masks, evaluate_clean,
                        evaluate_paper)
@@ -321,16 +321,15 @@ def check_tokenizer(args: argparse.Namespace, tokenizer: torch.nn.Module,
                     trained_on: str | None) -> None:
     """The tokenizer must be the ViT's: another file of the same kind and vocabulary (a
     k-means tokenizer of another world) gives other targets and plausible wrong scores.
-    Our checkpoints record the tokenizer's fingerprint (compared without its 'fp16-'
-    prefix: a model trained with DALL-E in fp16 on a GPU is evaluated on the CPU too); a
-    released one does not. Its token grid must be the ViT's patch grid."""
-    def file_sha(fingerprint: str) -> str:
-        return fingerprint.removeprefix("fp16-")
-
-    if trained_on and file_sha(trained_on) != file_sha(tokenizer.fingerprint):
+    Our checkpoints record the tokenizer's fingerprint (compared by its weights alone,
+    weights_fingerprint: a model trained with DALL-E in fp16 on a GPU is evaluated on the
+    CPU too); a released one does not. Its token grid must be the ViT's patch grid."""
+    then = weights_fingerprint(trained_on) if trained_on else None
+    now = weights_fingerprint(tokenizer.fingerprint)
+    if then and then != now:
         raise FlagError(f"{args.ckpt} was trained with another tokenizer than "
                         f"--tokenizer_weight_path {args.tokenizer_weight_path} (sha256 "
-                        f"{file_sha(trained_on)[:12]} then, {file_sha(tokenizer.fingerprint)[:12]} "
+                        f"{then[:12]} then, {now[:12]} "
                         "now): its targets would differ and every score would be wrong; pass "
                         "the tokenizer file it was trained with")
     found = token_grid(args.tokenizer_model, args.tokenizer_weight_path)
