@@ -725,14 +725,12 @@ def build_optimisation(args: argparse.Namespace, model: torch.nn.Module, num_ste
                                amp=args.amp))
 
 
-def _cli_main() -> int:
-    try:
-        main(get_args_parser().parse_args())
-    except engine.NonFiniteLossError as err:
-        print(f"[rank {os.environ.get('RANK', 0)}] {err}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+def command_line(argv: list[str]) -> int:
+    """main's exit status: a non-finite loss (the last good checkpoint named, nothing
+    after it written) is its message and exit 1, on each rank."""
+    return utils.cli(lambda: main(get_args_parser().parse_args(argv)),
+                     failures=(engine.NonFiniteLossError,))
 
 
 if __name__ == "__main__":
-    sys.exit(utils.cli(_cli_main))
+    sys.exit(command_line(sys.argv[1:]))

@@ -528,16 +528,11 @@ def check_inputs(args: argparse.Namespace) -> contextlib.AbstractContextManager:
     return lock
 
 
-def _cli_main() -> int:
-    """main, with a diverged flow (FloatingPointError: nothing was written) as its message
-    and exit 1, as run_pretraining.py reports a non-finite loss."""
-    try:
-        main(sys.argv[1:])
-    except FloatingPointError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+def command_line(argv: Sequence[str]) -> int:
+    """main's exit status: a diverged flow (FloatingPointError: nothing was written) is
+    its message and exit 1, as run_pretraining.py's non-finite loss."""
+    return cli(lambda: main(argv), failures=(FloatingPointError,))
 
 
 if __name__ == "__main__":
-    sys.exit(cli(_cli_main))
+    sys.exit(command_line(sys.argv[1:]))

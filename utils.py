@@ -82,11 +82,14 @@ class DiskFullError(UserError, OSError):
     """The disk filled up while writing; what was there before is intact."""
 
 
-def cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = ()) -> int:
+def cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = (),
+        failures: tuple[type[BaseException], ...] = ()) -> int:
     """Run an entry point's `main` and return its exit status: `main`'s int result (0
     for anything else); 2 for a UserError (or one of `user_errors`) or a full disk,
-    printed as one `error: <message>` line with no traceback; 130 for Ctrl-C. Any other
-    exception keeps its traceback."""
+    printed as one `error: <message>` line with no traceback; 1 for one of `failures`
+    (a run that failed on its own, e.g. a non-finite loss: no flag was wrong, and its
+    message says what was kept), printed so too; 130 for Ctrl-C. Any other exception
+    keeps its traceback."""
     python_format = warnings.formatwarning
     warnings.formatwarning = _warning_format(python_format)
     try:
@@ -97,6 +100,9 @@ def cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = 
     except (UserError, *user_errors) as e:
         _say(f"{_rank_prefix()}error: {_user_message(e)}")
         return 2
+    except failures as e:
+        _say(f"{_rank_prefix()}error: {_user_message(e)}")
+        return 1
     except OSError as e:
         if e.errno not in DISK_FULL_ERRNOS:
             raise

@@ -1503,7 +1503,7 @@ def test_a_diverged_flow_is_its_message_and_exit_1_on_the_command_line(monkeypat
         raise FloatingPointError("the flow after epoch 1 gives non-finite scores")
 
     monkeypatch.setattr(rpf, "main", diverged)
-    assert rpf.cli(rpf._cli_main) == 1
+    assert rpf.command_line(["train"]) == 1
     assert capsys.readouterr().err == "error: the flow after epoch 1 gives non-finite scores\n"
 
 

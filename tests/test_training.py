@@ -640,6 +640,22 @@ def test_a_crash_between_the_numbered_checkpoint_and_last_loses_nothing(env, tmp
     assert [r["epoch"] for r in read_jsonl(out / "log.txt")] == [0, 1]
 
 
+def test_a_non_finite_loss_is_its_message_and_exit_1_on_the_command_line(monkeypatch,
+                                                                         capsys):
+    """No flag was wrong and the last good checkpoint is kept: the message alone as an
+    `error:` line (no traceback), exit 1, as run_protoflow.py's diverged flow; a user's
+    mistake stays exit 2."""
+    def diverged(args):
+        raise engine.NonFiniteLossError("non-finite loss nan at epoch 1, step 0")
+
+    monkeypatch.setattr(run_pretraining, "main", diverged)
+    assert run_pretraining.command_line(["--data_path", "x"]) == 1
+    assert capsys.readouterr().err == "error: non-finite loss nan at epoch 1, step 0\n"
+    monkeypatch.setattr(run_pretraining, "main", lambda args: (_ for _ in ()).throw(
+        utils.FlagError("--lr")))
+    assert run_pretraining.command_line(["--data_path", "x"]) == 2
+
+
 def test_nan_stops_the_run_and_keeps_the_last_checkpoint(env, monkeypatch):
     """The run stops with the step and images named, the last good checkpoint intact;
     the advice works as said: its fixes (--amp, --lr, the images) change what a resume
