@@ -721,6 +721,25 @@ def test_visa_split_refuses_rows_that_clash_before_writing(tmp_path):
     assert not out.exists()
 
 
+def test_visa_split_names_one_image_however_its_path_is_spelt(tmp_path):
+    """Rows naming one file by two spellings ('Normal/0000.JPG', './Normal/0000.JPG')
+    list one image: in train and in test it would be trained on and tested, and both
+    copies (train/good, test/good) go to different folders, so only the comparison of
+    normalised paths catches it."""
+    image = tmp_path / "candle" / "Data" / "Images" / "Normal" / "0000.JPG"
+    image.parent.mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(image)
+    (tmp_path / "split_csv").mkdir()
+    (tmp_path / "split_csv" / "1cls.csv").write_text(
+        "object,split,label,image,mask\n"
+        "candle,train,normal,candle/Data/Images/Normal/0000.JPG,\n"
+        "candle,test,normal,candle/Data/Images/./Normal/0000.JPG,\n")
+    with pytest.raises(dataset_converters.LayoutError, match=r"lines 2, 3: candle/Data/Images/"
+                       r"Normal/0000\.JPG is listed as train normal and test normal \(a test "
+                       r"image would be trained on\)"):
+        dataset_converters.read_visa_split(str(tmp_path), ["candle"])
+
+
 def test_custom_names_empty_defect_folders(tmp_path, capsys):
     """DIR/widget/dent/ without an image disappeared without a word (no test/dent, no
     defect type scored); now a note names it, as run_test.py does for the MVTec layout."""

@@ -149,6 +149,47 @@ def test_patch_any_batched():
     assert out[1].nonzero().flatten().tolist() == [0, 12]
 
 
+def test_every_input_is_a_bicubic_resize_of_the_short_side_and_a_centre_crop(tmp_path):
+    """docs/method.md 4 and 7: the ViT's and ProtoFlow's input (test set, training set and
+    its uint8 image cache) and the token image are Resize(short side, bicubic) + CenterCrop,
+    in the image's own orientation, then mean/std. A bilinear resize, or an image turned
+    on its side, changes every pixel the models and the tokenizer see, which images of
+    one colour (the other tests') cannot show. Reference: PIL's bicubic resize itself."""
+    pixels = np.random.default_rng(0).integers(0, 256, (96, 128, 3), np.uint8)  # H x W
+    img = Image.fromarray(pixels)
+    # short side 96 -> 64: 128 -> int(64 * 128 / 96) = 85 wide, centre columns 10-73
+    want_u8 = np.array(img.resize((85, 64), Image.BICUBIC).crop((10, 0, 74, 64)))
+    want01 = torch.from_numpy(want_u8).permute(2, 0, 1).float() / 255  # (3, 64, 64)
+    want = (want01 - MEAN) / STD
+    torch.testing.assert_close(datasets.build_transforms(64)(img), want)
+    torch.testing.assert_close(datasets.build_token_transform(64)(img), want01)
+    root = tmp_path / "inet"
+    _save(root / "train" / "wood" / "000.png", pixels)
+    ds = PretrainDataset(str(root), ["wood"], token_size=64, img_size=64, fg_mask=False)
+    torch.testing.assert_close(ds[0]["image"], want)
+    torch.testing.assert_close(ds[0]["token_image"], want01)
+    assert torch.equal(ds.item(0, uint8=True)["image_u8"], torch.from_numpy(want_u8).permute(
+        2, 0, 1))
+
+
+def test_flow_training_augmentation_is_the_papers():
+    """docs/method.md 6: ProtoFlow trains on RandomResizedCrop(scale 0.2-1, bicubic) and
+    horizontal flips of images normalised as its encoder was trained; a flow trained on
+    unnormalised or differently augmented images scores test images (normalised, not
+    augmented) off its training distribution. No test of a training run shows it."""
+    tf = datasets.flow_train_transform(32, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    crop = [t for t in tf.transforms if isinstance(t, T.RandomResizedCrop)]
+    flip = [t for t in tf.transforms if isinstance(t, T.RandomHorizontalFlip)]
+    assert len(crop) == 1 and len(flip) == 1 and flip[0].p == 0.5
+    assert crop[0].size == (32, 32) and crop[0].scale == (0.2, 1.0)
+    assert crop[0].interpolation == T.InterpolationMode.BICUBIC
+    colour = torch.tensor([200, 30, 90], dtype=torch.float32)[:, None, None] / 255
+    torch.manual_seed(0)
+    for _ in range(3):  # one colour: the same whatever the crop and the flip
+        out = tf(Image.new("RGB", (48, 40), (200, 30, 90)))
+        torch.testing.assert_close(out, ((colour - MEAN) / STD).expand(3, 32, 32))
+
+
 def test_bad_files_left_out_are_listed_by_rank_0_only(train_root, monkeypatch, recwarn):
     """Under torchrun every rank reads the same files (run_pretraining checks it), so the
     list of files left out is rank 0's warning alone, not one per rank."""
@@ -195,6 +236,28 @@ def test_mask_of_other_aspect_ratio_is_bad(train_root):
     _save(train_root / "fg_mask" / "bottle" / "000.png", np.zeros((64, 64), np.uint8))
     with pytest.raises(BadFileError, match="is 64x64 but its image .* is 96x64"):
         _pretrain(train_root)[0]
+
+
+def test_a_mask_a_few_percent_off_its_images_aspect_ratio_is_bad():
+    """Image and mask are resized and cropped apart, so they align only if their aspect
+    ratios agree to 1 % (a mask saved at a rounded size passes, 699x700 for 1024x1024);
+    5 % off (100x105 for a square image) moves the mask by ~5 px at 224 px and is refused."""
+    assert datasets._aspect_problem((699, 700), "m.png", (1024, 1024), "i.png") is None
+    assert datasets._aspect_problem((200, 100), "m.png", (100, 50), "i.png") is None
+    for size in ((100, 105), (105, 100), (100, 95)):
+        assert datasets._aspect_problem(size, "m.png", (1024, 1024), "i.png") == (
+            f"m.png is {size[0]}x{size[1]} but its image i.png is 1024x1024: they cannot "
+            "be aligned")
+
+
+def test_holdout_split_holds_out_the_rounded_fraction_of_each_class():
+    """--holdout 0.1 holds out round(0.1 n) images of a class, at least one: 15 images
+    -> 2 (not 1, as truncation gives), 14 -> 1, 25 -> 2 (2.5 rounds to even), 3 -> 1."""
+    counts = [15, 14, 25, 3]
+    labels = [k for k, n in enumerate(counts) for _ in range(n)]
+    kept, held = datasets.holdout_split(labels, ["a", "b", "c", "d"], 0.1)
+    assert [sum(labels[i] == k for i in held) for k in range(4)] == [2, 1, 2, 1]
+    assert sorted(kept + held) == list(range(len(labels)))
 
 
 def test_check_train_classes_refuses_unreadable_or_misshaped_masks(train_root):
@@ -1176,6 +1239,26 @@ def test_a_lower_case_mask_extension_wins_when_both_cases_exist(mvtec_root):
     _save(gt / "000_mask.PNG", np.zeros((128, 128), np.uint8))
     ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
     assert ds.mask_paths[0] == str(gt / "000_mask.png") and ds[0]["gt_mask"].sum() == 256
+
+
+def test_a_stem_mask_beside_the_image_named_one_is_not_taken_for_it(mvtec_root):
+    """MVTec's mask of 000.png is 000_mask.png; a file named 000.png in the ground-truth
+    folder too (a stray copy of the image, or BTAD's naming beside MVTec's) does not
+    replace it: '<stem>_mask' is looked up first."""
+    gt = mvtec_root / "bottle" / "ground_truth" / "broken"
+    _save(gt / "000.png", np.zeros((128, 128), np.uint8))
+    ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
+    assert ds.mask_paths[0] == str(gt / "000_mask.png") and ds[0]["gt_mask"].sum() == 256
+
+
+def test_a_foreground_mask_is_a_png_named_by_its_images_stem():
+    """docs/method.md 4: <root>/fg_mask/<class>/<stem>.png whatever the image's format
+    (VisA's .JPG, BTAD's .bmp): the released fg_mask.zip and --make_fg_masks write PNGs
+    (lossless), which a name taken from the image would not find."""
+    for image in ("/d/train/candle/0000.JPG", "/d/train/candle/0000.png",
+                  "/d/train/candle/0000.bmp"):
+        assert datasets.fg_mask_path("/d", "candle", image) == os.path.join(
+            "/d", "fg_mask", "candle", "0000.png")
 
 
 # ----------------------------------------------------------------------------------------

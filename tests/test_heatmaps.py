@@ -130,6 +130,25 @@ def test_render_layout():
     assert not (first == second).all()
 
 
+def test_overlay_is_half_image_half_jet_colour_rounded_to_the_nearest_level():
+    """The overlay panel is 0.5 image + 0.5 colour, so the part scored is seen beneath
+    its score, and a score maps to the jet level nearest to it on the class's scale: at
+    the middle of the range (127.5 of 255) level 128, whose green-blue mix differs from
+    127's in two channels; a truncating map shifts every colour down a level."""
+    scale = ColourScale(0.0, 1.0)
+    jet = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[None], cv2.COLORMAP_JET)[0, :, ::-1]
+    assert (scale.colours(np.array([[0.5, 0.0, 1.0, 0.2]]))[0]
+            == jet[[128, 0, 255, 51]]).all()
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 200, 101, 7
+    score = np.full((8, 8), 0.5)
+    out = heatmaps.render(image, score, scale, Caption("x", 1.0, 1.0, None))
+    overlay = out[:8, 8 + heatmaps.GAP:2 * 8 + heatmaps.GAP].astype(int)  # no ground truth
+    want = ((0.5 * image.astype(np.float32) + 0.5 * jet[128].astype(np.float32))
+            .astype(np.uint8))
+    assert (overlay == want).all() and (want != jet[128]).any()
+
+
 def test_ascii_caption_and_fit_width():
     assert heatmaps.ascii_caption("good_000.png: 1.5") == "good_000.png: 1.5"
     assert heatmaps.ascii_caption("café") == "caf\\xe9" != heatmaps.ascii_caption("cafe")

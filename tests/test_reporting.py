@@ -193,6 +193,32 @@ def test_results_csv_gives_the_mask_ratio_to_pmad_only(tmp_path):
         (c, m, "") for m in ("protoflow_only", "patchcore") for c in ("a", "b", "mean")]
 
 
+def test_each_method_reports_its_own_numbers_per_class_and_their_mean(tmp_path):
+    """Three classes of uneven scores (a median would differ from the mean): the per-defect
+    view is the mean over the classes that have the type, results.md's 'Mean (PMAD)' row is
+    PMAD's mean (not a baseline's), and results.csv's class rows of each baseline are that
+    baseline's own metrics, not PMAD's (a plot from the CSV would show them all equal)."""
+    results = {"classes": {c: _class_record(v, ["crack"])
+                           for c, v in (("a", 0.9), ("b", 0.6), ("c", 0.8))},
+               "protocol": "clean"}
+    reporting.summarize(results)
+    assert results["per_defect_mean"]["pmad"]["crack"] == pytest.approx(
+        {"image_auroc": 2.3 / 3, "pixel_auroc": 2.3 / 3})
+    assert results["per_defect_mean"]["patchcore"]["crack"]["image_auroc"] == pytest.approx(
+        1.1 / 3)
+    table = reporting.write_results(results, tmp_path, "clean").splitlines()
+    assert "| **Mean (PMAD)** | 0.767/0.767 | 0.767 | 0.767 | 0.767 | 0.767 | 0.767 |  |" \
+        in table
+    assert "| crack | 0.767/0.767 | 0.567/0.567 | 0.367/0.367 |" in table
+    with open(tmp_path / "results.csv") as f:
+        rows = {(row["class"], row["method"]): [float(row[k]) for k in METRIC_NAMES]
+                for row in csv.DictReader(f)}
+    for method, offset in (("pmad", 0.0), ("protoflow_only", 0.2), ("patchcore", 0.4)):
+        for c, v in (("a", 0.9), ("b", 0.6), ("c", 0.8), ("mean", 2.3 / 3)):
+            assert rows[c, method] == pytest.approx([v - offset] * len(METRIC_NAMES)), (
+                c, method)
+
+
 def test_results_md_lists_defect_types_in_sorted_order(tmp_path):
     """The per-defect-type rows of results.md come sorted by name, whatever the order of
     the classes and of their records (a set's order would change from run to run)."""

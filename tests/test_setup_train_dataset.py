@@ -146,6 +146,33 @@ def test_a_changed_training_image_loses_its_old_foreground_mask(tmp_path, capsys
     assert dst.is_file() and not dst.is_symlink()
 
 
+def test_a_copy_changed_in_place_to_the_same_size_is_replaced(tmp_path, capsys):
+    """Same size is no proof of the same image (a raw BMP of a new photo, a copy edited
+    in place): a copy whose size matches but whose mtime does not is compared byte by
+    byte and replaced, not counted unchanged and trained on."""
+    data, root = _make_mvtec(tmp_path / "mvtec", classes=("bottle",)), tmp_path / "inet"
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle") == 0
+    src, dst = data / "bottle" / "train" / "good" / "001.png", root / "train" / "bottle" / "001.png"
+    dst.write_bytes(bytes(reversed(src.read_bytes())))
+    os.utime(dst, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle") == 0
+    assert "train: 0 new, 2 unchanged, 1 replaced" in capsys.readouterr().out
+    assert dst.read_bytes() == src.read_bytes()
+
+
+def test_btad_training_images_in_train_ok_are_converted(tmp_path, capsys):
+    """BTAD keeps its normal training images in <class>/train/ok (datasets.NORMAL_DIRS),
+    MVTec AD in train/good: both are the class's training set."""
+    data, root = tmp_path / "btad", tmp_path / "inet"
+    for i in range(2):
+        _save(data / "01" / "train" / "ok" / f"{i:04d}.bmp", np.full((16, 16, 3), i, np.uint8))
+    _save(data / "01" / "test" / "ok" / "0000.bmp", np.zeros((16, 16, 3), np.uint8))
+    assert _run("--data_path", data, "--root", root, "--classes", "01") == 0
+    assert sorted(p.name for p in (root / "train" / "01").iterdir()) == ["0000.bmp", "0001.bmp"]
+    assert "train: 2 new, 0 unchanged, 0 replaced" in capsys.readouterr().out
+
+
 def test_link_makes_hard_links(tmp_path, capsys):
     data, root = _make_mvtec(tmp_path / "mvtec", classes=("bottle",)), tmp_path / "inet"
     assert _run("--data_path", data, "--root", root, "--classes", "bottle") == 0  # copies
