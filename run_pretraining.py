@@ -494,10 +494,16 @@ def _train_checked(args: argparse.Namespace, env: utils.DistEnv, train_classes: 
 
 def how_to_continue(args: argparse.Namespace) -> str:
     """What continues a run stopped by Ctrl-C: the same command (auto-resume) from the
-    newest complete checkpoint of --output_dir, the epoch it stopped in done again."""
+    newest complete checkpoint of --output_dir, the epoch it stopped in done again; not
+    with --no_auto_resume (a new run), nor with --resume of a file in --output_dir (a
+    roll-back to it again, the epochs since set aside)."""
     last = utils.find_latest_checkpoint(args.output_dir)
     if last is None:
         return "no epoch of this run was saved; the same command starts it again"
+    if args.resume and os.path.isfile(args.resume) \
+            and _continues_output_dir(args.resume, args.output_dir):
+        return (f"run the command without --resume to continue from {last} (with it, the "
+                f"run goes back to {args.resume} again)")
     if not args.auto_resume:
         return (f"run the command without --no_auto_resume to continue from {last} (with "
                 "it, a new run starts and this one moves to previous-<UTC time>/)")

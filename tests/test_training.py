@@ -762,6 +762,12 @@ def test_ctrl_c_in_training_says_how_to_continue(env, tmp_path, monkeypatch, cap
     assert run_pretraining.how_to_continue(_args(env, str(out), "--no_auto_resume")) == (
         f"run the command without --no_auto_resume to continue from {newest} (with it, a "
         "new run starts and this one moves to previous-<UTC time>/)")
+    first = str(out / "checkpoint-0.pth")  # a roll-back: the same command rolls back again
+    assert run_pretraining.how_to_continue(_args(env, str(out), "--resume", first)) == (
+        f"run the command without --resume to continue from {newest} (with it, the run "
+        f"goes back to {first} again)")
+    assert run_pretraining.how_to_continue(_args(env, str(out), "--resume", str(out))) == (
+        f"the same command continues from {newest}; the epoch it stopped in restarts")
 
 
 def test_a_second_run_in_the_same_output_dir_is_refused_before_tokenizing(env, tmp_path,
