@@ -343,8 +343,10 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
     groups = find_images(args.inputs, args.class_name, args.class_from_folder,
                          args.output_dir, keep_dangling=args.skip_bad_images)
     out_dir = Path(utils.prepare_output_dir(args.output_dir, "--output_dir"))
-    check_output_dir(out_dir)
-    with utils.RunLock(str(out_dir), "--output_dir"):  # one run moves and writes there
+    # one evaluation there at a time (run_test.py's too), locked before what it finds is
+    # read: a run putting its outputs in place leaves them half-moved for a moment
+    with utils.RunLock(str(out_dir), "--output_dir", utils.EVAL_LOCK):
+        check_output_dir(out_dir)
         return _predict_into(out_dir, args, options, groups)
 
 

@@ -209,7 +209,7 @@ def _check_local(args: argparse.Namespace, lock: list
     grid = check_image_grid(args)
     if utils.is_main_process():
         utils.prepare_output_dir(args.output_dir, "--output_dir")
-        lock.append(utils.RunLock(args.output_dir, "--output_dir"))
+        lock.append(utils.RunLock(args.output_dir, "--output_dir", hint=utils.TORCHRUN_HINT))
         utils.refuse_a_file(args.token_cache_dir, "--token_cache_dir")
         if args.log_dir:
             utils.refuse_a_file(args.log_dir, "--log_dir")

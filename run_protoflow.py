@@ -523,9 +523,8 @@ def check_inputs(args: argparse.Namespace) -> contextlib.AbstractContextManager:
         raise FlagError(f"--output {args.output} is a folder: name the file to write, e.g. "
                         f"{os.path.join(args.output, 'multi_class.pt')}")
     folder = prepare_output_dir(os.path.dirname(args.output) or ".", "--output's folder")
-    lock = RunLock(args.output, "--output", is_file=True)
-    remove_stale_tmp_files(folder)
-    return lock
+    remove_stale_tmp_files(folder)  # only dead writers' files: a live run's stay
+    return RunLock(args.output, "--output", is_file=True)
 
 
 def command_line(argv: Sequence[str]) -> int:

@@ -34,7 +34,7 @@ from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORE
                        evaluate_paper)
 from protoflow import ProtoFlow, prototypes_sha256
 from reporting import HEATMAPS, TEST_DATA, PartialResults, exit_status, report
-from utils import (AMP_CHOICES, BadFileError, FlagError, MissingFileError, RunLock,
+from utils import (AMP_CHOICES, EVAL_LOCK, BadFileError, FlagError, MissingFileError, RunLock,
                    UniqueNames, cli, file_sha256, float_at_least, int_at_least, mask_ratio_arg,
                    prepare_output_dir, read_weights_file, resolve_amp, resolve_device,
                    resolve_weights_file, some_names)
@@ -436,7 +436,7 @@ def main(args: argparse.Namespace) -> dict:
     check_protocol_flags(args)
     options = clean_options(args)
     out_dir = Path(prepare_output_dir(args.output_dir, "--output_dir"))
-    with RunLock(str(out_dir), "--output_dir"):  # one evaluation writes there at a time
+    with RunLock(str(out_dir), "--output_dir", EVAL_LOCK):  # one evaluation at a time
         return _evaluate(args, options, out_dir)
 
 

@@ -1201,23 +1201,27 @@ def set_aside(output_dir: str | os.PathLike, paths: Iterable[str],
     return folder
 
 
-RUN_LOCK = ".run.lock"  # while a run writes: in its output folder, or .<file>.run.lock
+RUN_LOCK = ".run.lock"  # a training's, in its output folder (.<file>.run.lock beside a file)
+EVAL_LOCK = ".eval.lock"  # an evaluation's (run_test.py, predict.py), in its output folder
+TORCHRUN_HINT = " (a killed torchrun's ranks may run on: look for that pid)"
 
 
 class RunLock:
     """An exclusive lock on what a run writes, held from construction to `close()` (or
-    the end of a `with`): flock of a hidden lock file that names the holder, RUN_LOCK in
-    an output folder, .<name>RUN_LOCK beside an output file (`is_file`). A second
-    run writing the same (or ranks that outlived a killed torchrun) is refused by name
-    rather than writing the same checkpoints, logs or results. The kernel drops the lock
-    when its process ends, however it ends; `close()` also removes the file (a killed
-    holder leaves it, for the next run to take over). A file system without locks gets a
-    note and no lock."""
+    the end of a `with`): flock of a hidden lock file that names the holder, `lock` in an
+    output folder, .<name>`lock` beside an output file (`is_file`). A second run writing
+    the same (or ranks that outlived a killed torchrun) is refused by name rather than
+    writing the same checkpoints, logs or results; runs of other kinds (an evaluation in
+    a training's folder) take other locks, as their files differ. The kernel drops the
+    lock when its process ends, however it ends; `close()` also removes the file (a
+    killed holder leaves it, for the next run to take over). A file system without locks
+    gets a note and no lock. `hint`: how to find the holder (TORCHRUN_HINT)."""
 
-    def __init__(self, target: str, flag: str, is_file: bool = False) -> None:
+    def __init__(self, target: str, flag: str, lock: str = RUN_LOCK, is_file: bool = False,
+                 hint: str = "") -> None:
         import fcntl  # POSIX only, as torchrun's launch is
         folder, name = os.path.split(target) if is_file else (target, "")
-        self.path = os.path.join(folder, f".{name}{RUN_LOCK}" if name else RUN_LOCK)
+        self.path = os.path.join(folder, f".{name}{lock}" if name else lock)
         while True:
             try:
                 f = open(self.path, "a+", encoding="utf-8")
@@ -1231,8 +1235,8 @@ class RunLock:
                 holder = f.read().strip() or "a process that did not say which"
                 f.close()
                 raise UserError(f"{flag} {target} is in use by another run ({holder}): wait "
-                                f"for it to end or stop it (a killed torchrun's ranks may "
-                                f"run on: look for that pid), or pass another {flag}") from None
+                                f"for it to end or stop it{hint}, or pass another "
+                                f"{flag}") from None
             except OSError as e:
                 f.close()
                 with contextlib.suppress(OSError):  # no lock, so no file naming a holder

@@ -128,17 +128,19 @@ def test_every_class_s_prototypes_are_checked_and_dropped_before_scoring(tiny_wo
 def test_a_second_run_in_the_same_output_dir_is_refused(tiny_world, tmp_path, monkeypatch,
                                                        capsys):
     """Two runs in one --output_dir each set the other's outputs aside and put theirs in
-    place: the second is refused naming the first, before it loads a model."""
+    place: the second is refused naming the first (run_test.py's evaluation too, which
+    shares the lock), before it reads the folder or loads a model."""
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.setattr(run_test, "load_models", lambda *a: pytest.fail("loaded"))
     argv = [str(tiny_world.mvtec_root / "coins" / "test" / "good"), "--class_name", "coins",
             "--output_dir", str(out), *tiny_world.model_argv()]
-    with utils.RunLock(str(out), "--output_dir"):
+    with utils.RunLock(str(out), "--output_dir", utils.EVAL_LOCK):
+        (out / "heatmaps").mkdir()  # another run's outputs half in place: the lock first
         assert predict.main(argv) == 2
     assert capsys.readouterr().err.startswith(
         f"error: --output_dir {out} is in use by another run (pid ")
-    assert not any(out.iterdir())
+    assert [p.name for p in out.iterdir()] == ["heatmaps"]
 
 
 def test_random_masks_follow_the_image_not_the_batch(tiny_world):

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import socket
 from types import SimpleNamespace
 
 import numpy as np
@@ -902,20 +903,26 @@ def test_a_second_evaluation_in_the_same_output_dir_is_refused(tiny_world, tmp_p
     out.mkdir()
     (out / "results.partial.jsonl").write_text("the first run's\n")
     monkeypatch.setattr(run_test, "load_models", lambda *a: pytest.fail("loaded"))
-    with utils.RunLock(str(out), "--output_dir"):
+    with utils.RunLock(str(out), "--output_dir", utils.EVAL_LOCK):
         with pytest.raises(utils.UserError) as err:
             run_test.main(_args(tiny_world, tmp_path, "clean"))
-    assert str(err.value).startswith(f"--output_dir {out} is in use by another run (pid "
-                                     f"{os.getpid()} on ")
+    assert str(err.value) == (f"--output_dir {out} is in use by another run (pid "
+                              f"{os.getpid()} on {socket.gethostname()} since "
+                              + str(err.value).split(" since ")[1].split(")")[0]
+                              + f"): wait for it to end or stop it, or pass another "
+                              "--output_dir")
     assert os.listdir(out) == ["results.partial.jsonl"]
 
     def stop(*a):
         raise KeyError("stopped")
 
     monkeypatch.setattr(run_test, "load_models", stop)
-    for _ in range(2):  # the first stop let go of the folder: the same error again
-        with pytest.raises(KeyError, match="stopped"):
-            run_test.main(_args(tiny_world, tmp_path, "clean"))
+    # the first stop let go of the folder: the same error again; a training's lock of
+    # the folder (checkpoints, not results) does not stop an evaluation there
+    with utils.RunLock(str(out), "--output_dir"):
+        for _ in range(2):
+            with pytest.raises(KeyError, match="stopped"):
+                run_test.main(_args(tiny_world, tmp_path, "clean"))
     assert os.listdir(out) == ["results.partial.jsonl"]
 
 

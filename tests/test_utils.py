@@ -1258,11 +1258,13 @@ def test_an_output_folder_is_locked_by_one_run_at_a_time(tmp_path):
     assert re.fullmatch(rf"pid {os.getpid()} on \S+ since \d{{4}}-\d\d-\d\d "
                         r"\d\d:\d\d:\d\d UTC", holder)
     with pytest.raises(utils.UserError) as err:
-        utils.RunLock(str(tmp_path), "--output_dir")
+        utils.RunLock(str(tmp_path), "--output_dir", hint=utils.TORCHRUN_HINT)
     assert str(err.value) == (
         f"--output_dir {tmp_path} is in use by another run ({holder}): wait for it to end or "
         "stop it (a killed torchrun's ranks may run on: look for that pid), or pass another "
         "--output_dir")
+    # another kind of run (an evaluation) takes its own lock: its files are others
+    utils.RunLock(str(tmp_path), "--output_dir", utils.EVAL_LOCK).close()
     held.close()
     assert not (tmp_path / utils.RUN_LOCK).exists()  # no file left in the folder
     utils.RunLock(str(tmp_path), "--output_dir").close()
