@@ -314,8 +314,8 @@ def as_found(names: Sequence[str], found: Sequence[str]) -> list[str]:
     decomposed (NFD), a shell passes the name composed (NFC); one name to a reader,
     another string to Python, so '--classes' would name no folder."""
     by_form = {unicodedata.normalize("NFC", f): f for f in found}
-    return [n if n in found else by_form.get(unicodedata.normalize("NFC", n), n)
-            for n in names]
+    return list(dict.fromkeys(  # a name given in both forms is one class
+        n if n in found else by_form.get(unicodedata.normalize("NFC", n), n) for n in names))
 
 
 def data_subdirs(folder: str) -> list[str]:

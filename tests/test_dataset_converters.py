@@ -409,6 +409,7 @@ def test_a_class_name_typed_in_another_unicode_form_names_its_folder(tmp_path):
     assert dataset_converters.custom_classes(str(src), [nfc]) == [nfd]
     assert datasets.as_found([nfc, "widget", "gadget"], [nfd, "widget"]) == [
         nfd, "widget", "gadget"]  # a name of no folder stays as typed, for its error
+    assert datasets.as_found([nfc, nfd], [nfd]) == [nfd]  # both forms: the class once
 
 
 def test_custom_classes_and_folders_checked_before_writing(tmp_path, capsys):

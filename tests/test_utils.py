@@ -994,7 +994,7 @@ def test_lines_said_while_a_progress_bar_is_drawn_start_lines_of_their_own(capsy
     bar's last drawing, on its line ('epoch 2: 60%|...| 6/10 [...]interrupted (Ctrl-C)'):
     a note clears the bar and is redrawn below it, the last line closes the bar first."""
     from tqdm import tqdm
-    bar = tqdm(total=10, desc="epoch 2", disable=False, mininterval=0)
+    bar = tqdm(total=10, desc="epoch 2", disable=False, mininterval=0, ncols=80)  # not TQDM_*
     bar.update(3)
     utils.main_print("[data] note: a folder", file=sys.stderr)
     bar.update(3)
