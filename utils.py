@@ -1190,10 +1190,13 @@ def set_aside(output_dir: str | os.PathLike, paths: Iterable[str],
     stamp = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
     base = folder = os.path.join(output_dir, f"{PREVIOUS_RUN_PREFIX}{stamp}")
     n = 1
-    while os.path.exists(folder):  # two fresh starts within a second: -2, -3, ...
-        n += 1
-        folder = f"{base}-{n}"
-    os.makedirs(folder)
+    while True:  # two fresh starts within a second (two runs in one folder): -2, -3, ...
+        try:
+            os.makedirs(folder)
+            break
+        except FileExistsError:
+            n += 1
+            folder = f"{base}-{n}"
     for rel in present:
         target = os.path.join(folder, rel)
         os.makedirs(os.path.dirname(target), exist_ok=True)

@@ -799,6 +799,26 @@ def test_set_aside_within_one_second_takes_the_next_free_folder(tmp_path):
     assert utils.set_aside(tmp_path, ["predictions.csv", "maps"], now=now) is None
 
 
+def test_set_aside_takes_the_next_folder_when_another_run_makes_its_first(tmp_path,
+                                                                          monkeypatch):
+    """Two runs in one folder (ProtoFlow files trained alongside) setting aside in the
+    same second: the folder free when looked at is made by the other run first; this run
+    takes the next (-2) instead of stopping on FileExistsError."""
+    now = datetime.datetime(2026, 12, 2, 10, 0, 0, tzinfo=datetime.timezone.utc)
+    base = str(tmp_path / "previous-20261202T100000Z")
+    real = os.makedirs
+
+    def the_other_run_first(path, *a, **k):
+        if path == base and not os.path.exists(base):
+            real(base)  # made by the other run in between
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(utils.os, "makedirs", the_other_run_first)
+    (tmp_path / "pf.pt").write_text("earlier")
+    assert utils.set_aside(tmp_path, ["pf.pt"], now=now) == f"{base}-2"
+    assert (Path(f"{base}-2") / "pf.pt").read_text() == "earlier"
+
+
 def _tar_of(path: Path, data: bytes) -> None:
     """A tar archive at `path` holding one file of `data`."""
     (path.parent / "inside.pt").write_bytes(data)
