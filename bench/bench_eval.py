@@ -43,12 +43,11 @@ import protocols  # noqa: E402
 import utils  # noqa: E402
 from backbones import create_backbone  # noqa: E402
 from engine import masked_token_ce, scatter_masked  # noqa: E402
-from masking_generator import num_masked  # noqa: E402
+from masking_generator import DEFAULT_MASK_RATIO, num_masked  # noqa: E402
 from modeling_discrete_vae import DalleEncoder, create_tokenizer, save_dalle_encoder  # noqa: E402
 from modeling_pmad import set_fused_attn  # noqa: E402
 
 SIGMA = 4.0
-CLEAN_RATIO = 0.3
 
 
 def build(tmp: str, args: argparse.Namespace, amp: str) -> tuple:
@@ -133,7 +132,7 @@ def main() -> None:
             if protocol == "paper":
                 protocols.evaluate_paper(model, data, **common)
             else:
-                protocols.evaluate_clean(model, data, ratio=CLEAN_RATIO, threshold=None,
+                protocols.evaluate_clean(model, data, ratio=DEFAULT_MASK_RATIO, threshold=None,
                                          options=protocols.CleanOptions(), **common)
 
         def original(protocol: str) -> None:
@@ -143,7 +142,7 @@ def main() -> None:
             paper = protocol == "paper"
             num_patches = model.patch_embed.num_patches
             n_passes = (len(protocols.PAPER_RATIOS) if paper else
-                        -(-num_patches // num_masked(CLEAN_RATIO, num_patches)))
+                        -(-num_patches // num_masked(DEFAULT_MASK_RATIO, num_patches)))
             logp = torch.cat([protoflow.log_likelihood(images[i:i + 1], "c")
                               for i in range(args.images)])
             abnormality = pf.proposals_from_log_likelihood(logp, grid=grid).abnormality_maps
@@ -154,7 +153,7 @@ def main() -> None:
                     protoflow.log_likelihood(images[i:i + 1], "c"), grid=grid)
                 if paper:
                     return prop.test_masks(protocols.PAPER_RATIOS[k])
-                return pf.covering_masks(prop.test_ranks(), CLEAN_RATIO)[k]
+                return pf.covering_masks(prop.test_ranks(), DEFAULT_MASK_RATIO)[k]
 
             def score(ce: torch.Tensor) -> None:  # ce (N, L)
                 m = scipy_blur(protocols.upsample(ce, grid, 224) * abnormality)
@@ -183,7 +182,7 @@ def main() -> None:
         original("clean")
         rows = {
             "paper protocol (24 ratios)": (lambda: ours("paper"), lambda: original("paper")),
-            f"clean protocol (r={CLEAN_RATIO})": (lambda: ours("clean"),
+            f"clean protocol (r={DEFAULT_MASK_RATIO})": (lambda: ours("clean"),
                                                  lambda: original("clean")),
             f"map smoothing ({args.maps} maps)": (
                 lambda: protocols.gaussian_blur(maps, SIGMA), lambda: scipy_blur(maps)),
@@ -191,8 +190,8 @@ def main() -> None:
         times = median_times(rows, args.repeats, device)
     print(f"{args.model} + DALL-E + {args.encoder} ProtoFlow, {args.images} images, "
           f"batch {args.batch_size}, {device}, amp {amp}, {torch.get_num_threads()} threads, "
-          f"{num_masked(CLEAN_RATIO, model.patch_embed.num_patches)} masked patches at "
-          f"r={CLEAN_RATIO}, median of {args.repeats}")
+          f"{num_masked(DEFAULT_MASK_RATIO, model.patch_embed.num_patches)} masked patches at "
+          f"r={DEFAULT_MASK_RATIO}, median of {args.repeats}")
     print(f"{'':30s} {'ours s':>9s} {'baseline s':>11s} {'speed-up':>9s}")
     for name, (t, base) in times.items():
         print(f"{name:30s} {t:9.3f} {base:11.3f} {base / t:8.2f}x")
