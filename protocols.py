@@ -365,6 +365,7 @@ def evaluate_clean(model: torch.nn.Module, data: ClassData, *, ratio: float,
                   # the images masked by their proposal: all of them under 'proposal'
                   called_anomalous=(None if scores.anomalous is None
                                     else int(scores.anomalous.sum())),
+                  called_at=threshold,
                   proposal_masks=int(scores.proposal.sum()),
                   clean_options=options.as_dict(),
                   diagnostics=mask_diagnostics(data, scores.test_masks, scores.proposal,

@@ -500,7 +500,8 @@ def main(argv: Sequence[str] | None = None) -> list[str] | dict:
 
 def check_inputs(args: argparse.Namespace) -> contextlib.AbstractContextManager:
     """Before the encoder or any image is loaded: the backbone name, the data's layout
-    and classes, the output folder (created, writable; stale temporary files removed).
+    and classes (--classes rewritten as the folders spell them, datasets.as_found), the
+    output folder (created, writable; stale temporary files removed).
     First --device: a GPU torch cannot see is one `error:` line, not a traceback. -> for
     `train`, the lock of --output (RunLock) to hold while training: a second run of the
     same --output (its .resume file, log and threshold) is refused by the holder's pid;

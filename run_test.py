@@ -163,7 +163,9 @@ def check_device_flags(args: argparse.Namespace) -> tuple[torch.device, str]:
 
 
 def select_classes(args: argparse.Namespace, setting: str) -> list[str]:
-    """The classes to evaluate, checked against the data (layout, masks) before any work."""
+    """The classes to evaluate, checked against the data (layout, masks) before any work.
+    --classes is rewritten as the folders spell them (datasets.as_found), which the
+    results' args and the resume key then record."""
     root = args.data_path
     available = datasets.find_test_classes(root)
     if args.classes:

@@ -452,7 +452,7 @@ def test_clean_protocol_counts_the_images_that_got_the_proposal_mask() -> None:
             ConstantViT(), data, ratio=0.5, threshold=threshold,
             options=protocols.CleanOptions(masks=masks), sigma=0.0, batch_size=2,
             device=torch.device("cpu"), amp="none", seed=0)
-        assert record["called_anomalous"] == 1, masks
+        assert record["called_anomalous"] == 1 and record["called_at"] == threshold, masks
         assert record["proposal_masks"] == proposed, masks
         # the threshold is reported only where it chose the masks
         assert record["threshold"] == (threshold if masks == "threshold" else None), masks
