@@ -191,6 +191,9 @@ def finite_or_null(value: Any) -> Any:
 
 SKIP_FLAG = "skip_bad_images"  # a key field a record may differ in, see PartialResults
 TEST_DATA = "test_data"  # the class's test images and masks (datasets.test_set_sha256)
+# The layout of a class's record, in the resume key: a record of another is evaluated again
+# (2: clean records' called_anomalous is ProtoFlow's calls, proposal_masks and called_at)
+RECORD_FORMAT, RECORD_VERSION = "record_format", 2
 
 
 def _left_out_images(entry: dict) -> bool:
@@ -230,6 +233,11 @@ class PartialResults:
             if changed == [SKIP_FLAG] and _left_out_images(entry):
                 print(f"[run_test] {entry['class']}: its record in {path} left out bad "
                       f"images (--{SKIP_FLAG}); evaluated again without", file=sys.stderr)
+                continue
+            if RECORD_FORMAT in changed and set(changed) <= {TEST_DATA, SKIP_FLAG,
+                                                              RECORD_FORMAT}:
+                print(f"[run_test] {entry['class']}: its record in {path} is of an earlier "
+                      "version, with other fields; evaluated again", file=sys.stderr)
                 continue
             if TEST_DATA in changed and set(changed) <= {TEST_DATA, SKIP_FLAG}:
                 print(f"[run_test] {entry['class']}: its record in {path} is of other test "

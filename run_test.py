@@ -33,7 +33,8 @@ from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORE
                        CleanOptions, collect_class, empty_defect_masks, evaluate_clean,
                        evaluate_paper)
 from protoflow import ProtoFlow, prototypes_sha256
-from reporting import HEATMAPS, TEST_DATA, PartialResults, exit_status, report
+from reporting import (HEATMAPS, RECORD_FORMAT, RECORD_VERSION, TEST_DATA, PartialResults,
+                       exit_status, report)
 from utils import (AMP_CHOICES, EVAL_LOCK, BadFileError, FlagError, MissingFileError, RunLock,
                    UniqueNames, cli, file_sha256, float_at_least, int_at_least, mask_ratio_arg,
                    prepare_output_dir, read_weights_file, resolve_amp, resolve_device,
@@ -428,7 +429,7 @@ def resume_key(args: argparse.Namespace, results: dict) -> dict:
             "mask_ratio": args.mask_ratio, "default_mask_ratio": default_mask_ratio(args),
             "sigma": args.sigma, "seed": args.seed, "skip_bad_images": args.skip_bad_images,
             **{k: getattr(args, k) for k in modeling_pmad.PAPER_EVAL_CONFIG},
-            "amp": results["amp"], **results["checkpoints"]}
+            "amp": results["amp"], **results["checkpoints"], RECORD_FORMAT: RECORD_VERSION}
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -331,6 +331,25 @@ def test_a_record_of_other_test_images_is_evaluated_again_not_the_resume_refused
         reporting.PartialResults(path, {"seed": 1}, {"a": {"test_data": "y"}}, resume=True)
 
 
+def test_a_record_of_an_earlier_record_format_is_evaluated_again(tmp_path, capsys):
+    """A record made before its fields changed meaning (clean records' called_anomalous,
+    before proposal_masks) is evaluated again with a note, not reused beside new ones nor
+    the resume refused as 'another evaluation'; another flag still refuses it."""
+    path = tmp_path / "results.partial.jsonl"
+    old = reporting.PartialResults(path, {"seed": 0}, {"a": {}, "b": {}}, resume=True)
+    old.add("a", {"image_auroc": 0.5})  # before the record format was in the key
+    now_key = {"seed": 0, reporting.RECORD_FORMAT: reporting.RECORD_VERSION}
+    reporting.PartialResults(path, now_key, {"b": {}}, resume=True).add(
+        "b", {"image_auroc": 0.6})
+    now = reporting.PartialResults(path, now_key, {"a": {}, "b": {}}, resume=True)
+    assert list(now.done) == ["b"]
+    assert capsys.readouterr().err == (
+        f"[run_test] a: its record in {path} is of an earlier version, with other fields; "
+        "evaluated again\n")
+    with pytest.raises(utils.FlagError, match="its record of a differs in record_format, seed"):
+        reporting.PartialResults(path, {**now_key, "seed": 1}, {"a": {}}, resume=True)
+
+
 def test_image_scores_csv_has_every_image_and_names_a_class_without_them(tmp_path, capsys):
     """image_scores.csv: one row per image of each class, in the record's order, with the
     record's columns; a class whose record has no 'images' (an earlier version's, reused
