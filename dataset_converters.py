@@ -237,8 +237,8 @@ def custom_classes(src: str, classes: Sequence[str] | None) -> list[str]:
     found = data_subdirs(src)
     if not classes:
         return found
-    classes = as_found(classes, found)
-    unknown = [c for c in dict.fromkeys(classes) if c not in found]
+    classes = as_found(classes, found)  # each name once
+    unknown = [c for c in classes if c not in found]
     if unknown:
         raise LayoutError(f"--classes {' '.join(unknown)}: no such class folder in {src}; "
                           f"its classes are {', '.join(found) or '(none)'}")

@@ -499,14 +499,13 @@ def main(argv: Sequence[str] | None = None) -> list[str] | dict:
 
 
 def check_inputs(args: argparse.Namespace) -> contextlib.AbstractContextManager:
-    """Before the encoder or any image is loaded: the backbone name, the data's layout
-    and classes (--classes rewritten as the folders spell them, datasets.as_found), the
-    output folder (created, writable; stale temporary files removed).
-    First --device: a GPU torch cannot see is one `error:` line, not a traceback. -> for
-    `train`, the lock of --output (RunLock) to hold while training: a second run of the
-    same --output (its .resume file, log and threshold) is refused by the holder's pid;
-    `prototypes` writes each class's file whole, so runs of other classes may share a
-    folder."""
+    """Before the encoder or any image is loaded: first --device (a GPU torch cannot see
+    is one `error:` line, not a traceback), then the backbone name, the data's layout and
+    classes (--classes rewritten as the folders spell them, datasets.as_found), the output
+    folder (created, writable; stale temporary files removed). -> for `train`, the lock
+    of --output (RunLock) to hold while training: a second run of the same --output (its
+    .resume file, log and threshold) is refused by the holder's pid; `prototypes` writes
+    each class's file whole, so runs of other classes may share a folder."""
     resolve_device(args.device)
     if not timm.is_model(args.encoder):
         raise FlagError(f"--encoder {args.encoder} is not a timm model name, e.g. "

@@ -332,9 +332,9 @@ def check_tokenizer(args: argparse.Namespace, tokenizer: torch.nn.Module,
     if then and then != now:
         raise FlagError(f"{args.ckpt} was trained with another tokenizer than "
                         f"--tokenizer_weight_path {args.tokenizer_weight_path} (sha256 "
-                        f"{then[:12]} then, {now[:12]} "
-                        "now): its targets would differ and every score would be wrong; pass "
-                        "the tokenizer file it was trained with")
+                        f"{then[:12]} then, {now[:12]} now): its targets would differ and "
+                        "every score would be wrong; pass the tokenizer file it was "
+                        "trained with")
     found = token_grid(args.tokenizer_model, args.tokenizer_weight_path)
     side = args.input_size // modeling_pmad.MODEL_CONFIGS[args.model]["patch_size"]
     if found is not None and found[0] != side:
