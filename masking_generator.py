@@ -67,6 +67,17 @@ def min_mask_ratio(num_patches: int) -> float:
     return ratio
 
 
+def class_mask_ratio(class_name: str, mask_ratio: float | None = None,
+                     default_ratio: float | None = None) -> float:
+    """A class's test-time mask ratio (the clean protocol, predict.py): `mask_ratio` for
+    every class where given, else the class's ratio of the paper's Table 6, else
+    `default_ratio` (DEFAULT_MASK_RATIO where None), as training masks it."""
+    if mask_ratio is not None:
+        return mask_ratio
+    return CLASS_MASK_RATIOS.get(
+        class_name, DEFAULT_MASK_RATIO if default_ratio is None else default_ratio)
+
+
 def _block_size(u_area: float, sqrt_aspect: float, remaining: int, min_block: int,
                 max_block: int) -> tuple[int, int]:
     """(h, w) of one block try: area ~ U(min_block, min(remaining, max_block)) (BEiT's

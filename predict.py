@@ -32,7 +32,9 @@ import datasets
 import heatmaps
 import protocols
 import run_test
+import scoring_models
 import utils
+from masking_generator import class_mask_ratio
 
 OUTPUT_COLUMNS = ("image", "class", "name", "pmad_score", "protoflow_score", "threshold",
                   "decision")
@@ -385,7 +387,7 @@ def _predict_into(out_dir: Path, args: argparse.Namespace, options: protocols.Cl
     return rows
 
 
-def _score_into(out: Path, args: argparse.Namespace, m: run_test.Models,
+def _score_into(out: Path, args: argparse.Namespace, m: scoring_models.Models,
                 groups: dict[str, list[tuple[str, str]]], options: protocols.CleanOptions
                 ) -> tuple[list[dict[str, object]], list[str]]:
     """Score every class, writing predictions.csv (and the skipped list, heatmaps and
@@ -413,8 +415,9 @@ def _score_into(out: Path, args: argparse.Namespace, m: run_test.Models,
         data = protocols.collect_class(dataset, m.tokenizer, m.protoflow, cls, args.batch_size,
                                       m.device, args.num_workers)
         threshold = m.protoflow.threshold_for(cls)
-        scores = protocols.clean_scores(m.model, data, ratio=run_test.class_mask_ratio(args, cls),
-                                       threshold=threshold, options=options, sigma=args.sigma,
+        ratio = class_mask_ratio(cls, args.mask_ratio, args.default_mask_ratio)
+        scores = protocols.clean_scores(m.model, data, ratio=ratio, threshold=threshold,
+                                       options=options, sigma=args.sigma,
                                        batch_size=args.batch_size, device=m.device, amp=m.amp,
                                        seed=args.seed)
         scale = heatmaps.ColourScale.of(scores.maps) if args.maps else None

@@ -1,20 +1,19 @@
 """Evaluate PMAD on MVTec-format test sets, under the paper's protocol or a leak-free one.
 
-The entry point: flags, the three files a test needs (`load_models`), the class loop
-with its partial results. The scoring and both protocols are in protocols.py, the
-tables and files in reporting.py. The ``clean`` protocol (default) reads no test label
-before all scores exist; the ``paper`` protocol reproduces the published numbers,
-which choose ProtoFlow's threshold and the mask ratio with the test labels.
+The entry point: flags, the three files a test needs (`load_models`: scoring_models.py
+from the flags), the class loop with its partial results. The scoring and both protocols
+are in protocols.py, the tables and files in reporting.py. The ``clean`` protocol
+(default) reads no test label before all scores exist; the ``paper`` protocol reproduces
+the published numbers, which choose ProtoFlow's threshold and the mask ratio with the
+test labels.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,20 +24,20 @@ from tqdm import tqdm
 
 import datasets
 import modeling_pmad
+import scoring_models
 from heatmaps import save_heatmaps
-from masking_generator import CLASS_MASK_RATIOS, DEFAULT_MASK_RATIO, min_mask_ratio, num_masked
-from modeling_discrete_vae import (available_tokenizers, create_tokenizer,
-                                   kmeans_file_settings, token_grid, weights_fingerprint)
+from masking_generator import DEFAULT_MASK_RATIO, class_mask_ratio, min_mask_ratio, num_masked
+from modeling_discrete_vae import available_tokenizers, kmeans_file_settings
 from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED,
                        CleanOptions, collect_class, empty_defect_masks, evaluate_clean,
                        evaluate_paper)
-from protoflow import ProtoFlow, prototypes_sha256
+from protoflow import prototypes_sha256
 from reporting import (HEATMAPS, RECORD_FORMAT, RECORD_VERSION, TEST_DATA, PartialResults,
                        exit_status, report)
-from utils import (AMP_CHOICES, EVAL_LOCK, BadFileError, FlagError, MissingFileError, RunLock,
-                   UniqueNames, cli, file_sha256, float_at_least, int_at_least, mask_ratio_arg,
-                   prepare_output_dir, read_weights_file, resolve_amp, resolve_device,
-                   resolve_weights_file, some_names)
+from scoring_models import RELEASED_TOKENIZER, Models
+from utils import (AMP_CHOICES, EVAL_LOCK, BadFileError, FlagError, RunLock, UniqueNames, cli,
+                   file_sha256, float_at_least, int_at_least, mask_ratio_arg,
+                   prepare_output_dir, resolve_amp, resolve_device, some_names)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +70,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 # refuse them instead of ignoring them (check_protocol_flags).
 CLEAN_FLAGS = {"clean_masks": "masks", "unmasked": "unmasked", "abnormality": "abnormality",
                "combine": "combine", "ce_weight": "ce_weight", "image_score": "image_score"}
-RELEASED_TOKENIZER = "weights/tokenizer"  # where weights/README.md puts DALL-E's and VQ-KD's
 
 
 def add_clean_args(p: argparse.ArgumentParser) -> None:
@@ -107,7 +105,7 @@ def add_clean_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_mask_ratio_args(p: argparse.ArgumentParser) -> None:
-    """The clean protocol's mask ratio of each class (class_mask_ratio)."""
+    """The clean protocol's mask ratio of each class (masking_generator.class_mask_ratio)."""
     p.add_argument("--mask_ratio", type=mask_ratio_arg, default=None,
                    help="clean protocol: one ratio for every class (default: the "
                         "per-class ratios of the paper's Table 6, --default_mask_ratio for "
@@ -155,12 +153,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_device_flags(args: argparse.Namespace) -> tuple[torch.device, str]:
-    """--device and --amp (run_test.py, predict.py: `load_models`, before any model is
-    read): a GPU torch cannot see, or fp16 off CUDA, is one `error:` line, not a
-    traceback. -> (device, amp)."""
-    device = resolve_device(args.device)
-    return device, resolve_amp(args.amp, device)
+def check_device_flags(args: argparse.Namespace) -> None:
+    """--device and --amp, checked first (run_test.py, predict.py; scoring_models.load
+    resolves them when the models load): a GPU torch cannot see, or fp16 off CUDA, is one
+    `error:` line before any output folder or data is touched, not a traceback."""
+    resolve_amp(args.amp, resolve_device(args.device))
 
 
 def select_classes(args: argparse.Namespace, setting: str) -> list[str]:
@@ -241,107 +238,18 @@ def check_unseen(args: argparse.Namespace, setting: str, classes: list[str], m: 
                   f"it never saw {', '.join(sorted(unseen))}")
 
 
-@dataclass
-class Models:
-    """What scoring a class needs, built from run_test.py's / predict.py's flags."""
-    model: torch.nn.Module
-    tokenizer: torch.nn.Module
-    protoflow: ProtoFlow
-    device: torch.device
-    amp: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    vit_classes: list[str] | None = None  # what the ViT trained on, where its file says
-
-    @property
-    def img_size(self) -> int:
-        return self.model.patch_embed.img_size[0]
-
-
 def load_models(args: argparse.Namespace, who: str = "run_test") -> Models:
-    """The ViT as the checkpoint was trained (its stored settings, explicit flags win and
-    are reported, as `[who]` notes; `args` is updated with them), its tokenizer
-    (vocabulary checked) and ProtoFlow, which is given the ViT's images and converts them
-    to its own normalisation."""
-    device, amp = check_device_flags(args)
-    checkpoint = read_weights_file(args.ckpt)
-    # first: another file given as --ckpt (a ProtoFlow file) is named as the problem, not
-    # the tokenizer the settings it lacks would choose
-    vocab_size = modeling_pmad.checkpoint_vocab_size(checkpoint, args.ckpt)
-    config, notes = modeling_pmad.resolve_eval_config(vars(args), checkpoint, args.ckpt)
-    for note in notes:
-        print(f"[{who}] {note}")
-    vars(args).update(config)
-    mean, std = datasets.normalization(args.imagenet_default_mean_and_std)
-    trained = modeling_pmad.checkpoint_args(checkpoint) or {}
-    tokenizer = _create_tokenizer(args, trained, device, amp, who)
-    vit_classes = trained.get("train_classes")
-    if vocab_size != tokenizer.vocab_size:
-        raise FlagError(f"{args.ckpt} predicts {vocab_size} visual tokens but the "
-                        f"{args.tokenizer_model} tokenizer {args.tokenizer_weight_path} has "
-                        f"{tokenizer.vocab_size}: evaluate with the tokenizer it was trained "
-                        "on (--tokenizer_weight_path)")
-    model = modeling_pmad.build_pmad(args.model, vocab_size=vocab_size,
-                                     img_size=args.input_size,
-                                     init_values=args.layer_scale_init_value)
-    modeling_pmad.load_checkpoint(model, args.ckpt, strict=True, checkpoint=checkpoint)
-    check_tokenizer(args, tokenizer, trained.get("tokenizer_fingerprint"))  # the ViT's own
-    del checkpoint
-    model.to(device).eval()
-    args.protoflow_weights = resolve_weights_file(args.protoflow_weights, "--protoflow_weights")
-    protoflow = ProtoFlow(args.protoflow_weights, args.prototypes_dir, device=str(device),
-                          encoder_weights=args.encoder_weights, input_normalization=(mean, std))
-    protoflow.check_image_size(*model.patch_embed.img_size)  # before any class is scored
-    return Models(model, tokenizer, protoflow, device, amp, mean, std, vit_classes)
-
-
-def _create_tokenizer(args: argparse.Namespace, trained: dict, device: torch.device, amp: str,
-                      who: str) -> torch.nn.Module:
-    """The tokenizer of --tokenizer_weight_path; without it, of the file the checkpoint
-    records it was trained with (a k-means tokenizer has no standard place) where that is
-    on this machine, else RELEASED_TOKENIZER, and a missing file then names the recorded
-    one. `args` is updated with the path used."""
-    recorded = trained.get("tokenizer_weight_path")
-    recorded = recorded if isinstance(recorded, str) else None
-    given = args.tokenizer_weight_path is not None
-    if not given:
-        here = recorded is not None and os.path.exists(recorded)
-        args.tokenizer_weight_path = recorded if here else RELEASED_TOKENIZER
-        if here:
-            print(f"[{who}] tokenizer: {recorded}, the path {args.ckpt} records it was "
-                  "trained with (--tokenizer_weight_path)")
-    try:
-        return create_tokenizer(args.tokenizer_model, args.tokenizer_weight_path,
-                                device=str(device), amp=amp)
-    except MissingFileError as e:
-        if given or recorded is None or recorded == args.tokenizer_weight_path:
-            raise
-        raise MissingFileError(f"{e} ({args.ckpt} was trained with --tokenizer_weight_path "
-                               f"{recorded}, which is not on this machine)") from None
-
-
-def check_tokenizer(args: argparse.Namespace, tokenizer: torch.nn.Module,
-                    trained_on: str | None) -> None:
-    """The tokenizer must be the ViT's: another file of the same kind and vocabulary (a
-    k-means tokenizer of another world) gives other targets and plausible wrong scores.
-    Our checkpoints record the tokenizer's fingerprint (compared by its weights alone,
-    weights_fingerprint: a model trained with DALL-E in fp16 on a GPU is evaluated on the
-    CPU too); a released one does not. Its token grid must be the ViT's patch grid."""
-    then = weights_fingerprint(trained_on) if trained_on else None
-    now = weights_fingerprint(tokenizer.fingerprint)
-    if then and then != now:
-        raise FlagError(f"{args.ckpt} was trained with another tokenizer than "
-                        f"--tokenizer_weight_path {args.tokenizer_weight_path} (sha256 "
-                        f"{then[:12]} then, {now[:12]} now): its targets would differ and "
-                        "every score would be wrong; pass the tokenizer file it was "
-                        "trained with")
-    found = token_grid(args.tokenizer_model, args.tokenizer_weight_path)
-    side = args.input_size // modeling_pmad.MODEL_CONFIGS[args.model]["patch_size"]
-    if found is not None and found[0] != side:
-        raise FlagError(f"{found[1]} gives {found[0]}x{found[0]} tokens per image but "
-                        f"{args.ckpt} ({args.model} at {args.input_size} px) predicts "
-                        f"{side}x{side}: pass the tokenizer it was trained with "
-                        "(--tokenizer_weight_path)")
+    """scoring_models.load from the model flags, its notes tagged `[who]`. `args` takes
+    the settings it resolved (the checkpoint's, the tokenizer and ProtoFlow files used),
+    which results.json's args and the resume key record."""
+    m = scoring_models.load(
+        args.ckpt, config={k: getattr(args, k) for k in modeling_pmad.PAPER_EVAL_CONFIG},
+        tokenizer_path=args.tokenizer_weight_path, protoflow_weights=args.protoflow_weights,
+        prototypes_dir=args.prototypes_dir, encoder_weights=args.encoder_weights,
+        device=args.device, amp=args.amp, say=lambda note: print(f"[{who}] {note}"))
+    vars(args).update(m.config, tokenizer_weight_path=m.tokenizer_path,
+                      protoflow_weights=m.protoflow_path)
+    return m
 
 
 def clean_options(args: argparse.Namespace) -> CleanOptions:
@@ -386,24 +294,12 @@ def check_protocol_flags(args: argparse.Namespace) -> None:
                         "scores: drop them, or evaluate with --protocol clean")
 
 
-def class_mask_ratio(args: argparse.Namespace, class_name: str) -> float:
-    """--mask_ratio, else the paper's Table 6 ratio of the class, else --default_mask_ratio."""
-    if args.mask_ratio is not None:
-        return args.mask_ratio
-    return CLASS_MASK_RATIOS.get(class_name, default_mask_ratio(args))
-
-
-def default_mask_ratio(args: argparse.Namespace) -> float:
-    """--default_mask_ratio, or DEFAULT_MASK_RATIO when it is not given."""
-    return DEFAULT_MASK_RATIO if args.default_mask_ratio is None else args.default_mask_ratio
-
-
 def check_mask_ratios(args: argparse.Namespace, classes: Sequence[str], num_patches: int
                       ) -> None:
     """Before any image is read: each class's clean-protocol ratio masks at least one of
     the model's patches (int(L r) >= 1; with none, nothing would be scored)."""
-    empty = sorted({class_mask_ratio(args, c) for c in classes
-                    if num_masked(class_mask_ratio(args, c), num_patches) < 1})
+    ratios = {class_mask_ratio(c, args.mask_ratio, args.default_mask_ratio) for c in classes}
+    empty = sorted(r for r in ratios if num_masked(r, num_patches) < 1)
     if empty:
         least = min_mask_ratio(num_patches)
         raise FlagError(f"mask ratio {', '.join(f'{r:g}' for r in empty)} masks no patch of "
@@ -426,7 +322,9 @@ def resume_key(args: argparse.Namespace, results: dict) -> dict:
     change the scores only by rounding."""
     return {"data_path": str(Path(args.data_path)), "setting": results["setting"],
             "protocol": args.protocol, "clean_options": results["clean_options"],
-            "mask_ratio": args.mask_ratio, "default_mask_ratio": default_mask_ratio(args),
+            "mask_ratio": args.mask_ratio,
+            "default_mask_ratio": (DEFAULT_MASK_RATIO if args.default_mask_ratio is None
+                                   else args.default_mask_ratio),
             "sigma": args.sigma, "seed": args.seed, "skip_bad_images": args.skip_bad_images,
             **{k: getattr(args, k) for k in modeling_pmad.PAPER_EVAL_CONFIG},
             "amp": results["amp"], **results["checkpoints"], RECORD_FORMAT: RECORD_VERSION}
@@ -535,7 +433,8 @@ def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, r
         record, maps, scores = evaluate_paper(m.model, data, **kwargs)
     else:
         record, maps, scores = evaluate_clean(
-            m.model, data, ratio=class_mask_ratio(args, class_name),
+            m.model, data, ratio=class_mask_ratio(class_name, args.mask_ratio,
+                                   args.default_mask_ratio),
             threshold=m.protoflow.threshold_for(class_name), options=options, **kwargs)
     record.update(num_images=len(data.labels), num_anomalous=int(data.labels.sum()),
                   ground_truth=data.gt_masks is not None, skipped_images=dataset.bad_files,

@@ -39,6 +39,7 @@ import metrics  # noqa: E402
 import run_test  # noqa: E402
 from compare_worlds import paired_auroc_gaps  # noqa: E402
 from engine import scatter_masked  # noqa: E402
+from masking_generator import class_mask_ratio  # noqa: E402
 from protocols import (CE_WEIGHT, ClassData, baseline_maps, collect_class,  # noqa: E402
                        covered_token_scores, gaussian_blur, image_scores, pmad_maps,
                        vit_batches)
@@ -258,9 +259,9 @@ def score_world(args: argparse.Namespace) -> None:
                                       token_size=m.tokenizer.image_size, img_size=m.img_size,
                                       mean=m.mean, std=m.std),
             m.tokenizer, m.protoflow, cls, args.batch_size, m.device, args.num_workers)
-        rows = variant_scores(m.model, data, run_test.class_mask_ratio(args, cls), args.sigma,
-                              args.batch_size, m.device, m.amp, args.seed, train,
-                              getattr(m.tokenizer, "codebook", None))
+        ratio = class_mask_ratio(cls, args.mask_ratio, args.default_mask_ratio)
+        rows = variant_scores(m.model, data, ratio, args.sigma, args.batch_size, m.device,
+                              m.amp, args.seed, train, getattr(m.tokenizer, "codebook", None))
         results[cls] = aurocs(data, rows)
         image_scores_of.append((np.asarray(data.labels) == 1,
                                 {k: np.asarray(s, dtype=float) for k, (s, _) in rows.items()}))

@@ -85,12 +85,11 @@ def test_a_class_without_a_table_6_ratio_is_masked_alike_in_training_and_testing
     """One default ratio (0.3, masking_generator.DEFAULT_MASK_RATIO) for a class the paper's
     Table 6 does not list: training's --mask_ratio, the mask generator's and run_test.py's
     --default_mask_ratio were three constants that could drift apart."""
-    from types import SimpleNamespace
-
     import masking_generator
     assert masking_generator.DEFAULT_MASK_RATIO == 0.3
     trained = run_pretraining.get_args_parser().parse_args(["--data_path", "x"]).mask_ratio
     generator = masking_generator.MaskGenerator((14, 14)).ratio_for("widget")
-    tested = run_test.class_mask_ratio(SimpleNamespace(mask_ratio=None,
-                                                       default_mask_ratio=None), "widget")
+    args = run_test.get_args_parser().parse_args([])
+    tested = masking_generator.class_mask_ratio("widget", args.mask_ratio,
+                                                args.default_mask_ratio)
     assert trained == generator == tested == 0.3

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import datasets
+import masking_generator
 import predict
 import protocols
 import protoflow
@@ -32,7 +33,9 @@ def _clean_protocol_scores(world, class_name: str, *extra: str) -> dict[str, tup
                                         token_size=m.tokenizer.image_size,
                                         img_size=m.img_size, mean=m.mean, std=m.std)
     data = protocols.collect_class(dataset, m.tokenizer, m.protoflow, class_name, 8, m.device)
-    s = protocols.clean_scores(m.model, data, ratio=run_test.class_mask_ratio(args, class_name),
+    ratio = masking_generator.class_mask_ratio(class_name, args.mask_ratio,
+                                               args.default_mask_ratio)
+    s = protocols.clean_scores(m.model, data, ratio=ratio,
                               threshold=m.protoflow.threshold_for(class_name),
                               options=run_test.clean_options(args), sigma=args.sigma,
                               batch_size=8, device=m.device, amp=m.amp, seed=args.seed)

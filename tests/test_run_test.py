@@ -27,6 +27,7 @@ import protocols
 import protoflow
 import run_pretraining
 import run_test
+import scoring_models
 import utils
 from conftest import KMEANS_VOCAB, strict_json
 
@@ -421,12 +422,13 @@ def test_a_tokenizer_other_than_the_checkpoints_is_refused(tiny_world, trained_1
     trained = modeling_pmad.checkpoint_args(utils.load_checkpoint_file(trained_112["ckpt"]))
     assert trained["tokenizer_fingerprint"] == sha
     tokenizer = SimpleNamespace(fingerprint="fp16-" + sha)  # DALL-E in fp16 on a GPU
-    args = run_test.get_args_parser().parse_args(argv)
-    vars(args).update(model=tiny_world.model, input_size=112, tokenizer_model="kmeans",
-                      tokenizer_weight_path=trained_112["tokenizer"])
-    run_test.check_tokenizer(args, tokenizer, sha)
+    files = dict(ckpt=trained_112["ckpt"], tokenizer_model="kmeans",
+                 tokenizer_path=trained_112["tokenizer"], model_name=tiny_world.model,
+                 input_size=112)
+    scoring_models.check_tokenizer(tokenizer, sha, **files)
     with pytest.raises(utils.FlagError, match="another tokenizer"):
-        run_test.check_tokenizer(args, SimpleNamespace(fingerprint="fp16-" + "0" * 64), sha)
+        scoring_models.check_tokenizer(SimpleNamespace(fingerprint="fp16-" + "0" * 64), sha,
+                                       **files)
     # No fingerprint recorded: a 224-px ViT with a tokenizer fitted at 112 px
     kmeans = torch.load(tiny_world.tokenizer, weights_only=True)
     small = tmp_path / "kmeans_112.pth"
@@ -439,14 +441,14 @@ def test_a_tokenizer_other_than_the_checkpoints_is_refused(tiny_world, trained_1
         run_test.main(run_test.get_args_parser().parse_args(argv))
     big = tmp_path / "kmeans_448.pth"  # more tokens than the ViT's patches: refused too
     torch.save({**kmeans, "image_size": 448}, big)
-    args = run_test.get_args_parser().parse_args(argv)
-    vars(args).update(model=tiny_world.model, input_size=224, tokenizer_model="kmeans",
-                      tokenizer_weight_path=str(big))
     with pytest.raises(utils.FlagError, match=(
             f"^the kmeans tokenizer {big} \\(fitted at 448 px\\) gives 28x28 tokens per "
             f"image but {tiny_world.pmad_ckpt} \\({tiny_world.model} at 224 px\\) predicts "
             "14x14")):
-        run_test.check_tokenizer(args, SimpleNamespace(fingerprint="0" * 64), None)
+        scoring_models.check_tokenizer(
+            SimpleNamespace(fingerprint="0" * 64), None, ckpt=tiny_world.pmad_ckpt,
+            tokenizer_model="kmeans", tokenizer_path=str(big), model_name=tiny_world.model,
+            input_size=224)
 
 
 @pytest.mark.parametrize("value", ["0", "1", "-0.2", "1.5", "nan", "x"])
@@ -475,7 +477,10 @@ def test_default_mask_ratio_is_the_ratio_of_a_class_without_its_own():
     """--default_mask_ratio masks a class outside the paper's Table 6 (every demo class);
     a Table-6 class keeps its own ratio; --mask_ratio overrides both."""
     parse = run_test.get_args_parser().parse_args
-    ratio = run_test.class_mask_ratio
+
+    def ratio(args, class_name):
+        return masking_generator.class_mask_ratio(class_name, args.mask_ratio,
+                                                  args.default_mask_ratio)
     assert "coins" not in masking_generator.CLASS_MASK_RATIOS
     assert masking_generator.CLASS_MASK_RATIOS["bottle"] == 0.42
     assert ratio(parse([]), "coins") == 0.3 and ratio(parse([]), "bottle") == 0.42
@@ -581,7 +586,7 @@ def test_a_mask_ratio_that_masks_no_patch_is_refused_before_any_class(tiny_world
 
 def _models(vit_classes: list[str] | None, protoflow_classes: list[str] | None
             ) -> SimpleNamespace:
-    """What check_unseen reads of run_test.Models: the classes each file trained on."""
+    """What check_unseen reads of scoring_models.Models: the classes each file trained on."""
     return SimpleNamespace(vit_classes=vit_classes,
                            protoflow=SimpleNamespace(classes=protoflow_classes))
 

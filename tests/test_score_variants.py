@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import masking_generator
 import protocols
 import run_test
 from test_protocols import ConstantViT, _hand_data
@@ -335,8 +336,8 @@ def test_bench_score_variants_flags(score_variants, capsys) -> None:
         "output_dir", "mask_ratio", "default_mask_ratio", "sigma", "batch_size", "num_workers",
         "device", "amp", "seed"}
     assert vars(ours) == {k: getattr(theirs, k) for k in vars(ours)}
-    assert run_test.class_mask_ratio(ours, "gizmo") == run_test.class_mask_ratio(
-        theirs, "gizmo") == 0.3
+    assert (ours.mask_ratio, ours.default_mask_ratio) == (None, None)
+    assert masking_generator.class_mask_ratio("gizmo") == 0.3
     given = parse(["--mask_ratio", "0.2", "--default_mask_ratio", "0.4", "--sigma", "0",
                    "--batch_size", "3", "--num_workers", "1", "--seed", "5", "--amp", "fp16"])
     assert (given.mask_ratio, given.default_mask_ratio, given.sigma, given.batch_size,
@@ -432,7 +433,9 @@ def test_bench_score_variants_end_to_end(score_variants, tiny_world, tmp_path, c
     assert score_variants.main(argv) == 0
     assert workers == [1] * 4  # per class, the test images' pass and train/good's
     args = score_variants.get_args_parser().parse_args(argv)
-    assert calls == [(run_test.class_mask_ratio(args, c), 3) for c in ("coins", other)]
+    assert calls == [(masking_generator.class_mask_ratio(c, args.mask_ratio,
+                                                         args.default_mask_ratio), 3)
+                     for c in ("coins", other)]
     assert calls[0][0] == 0.4  # --mask_ratio, not the default 0.3
     both = json.loads((tmp_path / "o1" / "score_variants.json").read_text())
     unmasked = both[other]

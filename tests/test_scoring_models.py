@@ -1,0 +1,89 @@
+"""scoring_models.load: the three scoring files from plain arguments, as a notebook calls
+it and as run_test.py and predict.py call it from their flags."""
+from __future__ import annotations
+
+import csv
+import re
+
+import pytest
+import torch
+
+import modeling_pmad
+import predict
+import run_test
+import scoring_models
+from conftest import ROOT
+
+
+def test_load_takes_plain_arguments_and_gives_what_the_flags_give(tiny_world):
+    """No argparse: the same files give the same models and settings as run_test.py's
+    flags, the settings the checkpoint lacks from the paper's (told through `say`), and
+    the paths used, which run_test.py records in results.json's args."""
+    notes: list[str] = []
+    m = scoring_models.load(str(tiny_world.pmad_ckpt),
+                            config={"model": tiny_world.model, "tokenizer_model": "kmeans"},
+                            tokenizer_path=str(tiny_world.tokenizer),
+                            protoflow_weights=str(tiny_world.protoflow),
+                            prototypes_dir=str(tiny_world.prototypes_dir), amp="none",
+                            say=notes.append)
+    assert m.config == {"model": tiny_world.model, "input_size": 224,
+                        "layer_scale_init_value": None, "imagenet_default_mean_and_std": True,
+                        "tokenizer_model": "kmeans"}
+    assert notes[0].startswith(f"{tiny_world.pmad_ckpt} stores no training arguments; "
+                               "evaluating with")
+    assert (m.device, m.amp, m.img_size, m.vit_classes) == (torch.device("cpu"), "none",
+                                                            224, None)
+    assert (m.tokenizer_path, m.protoflow_path) == (str(tiny_world.tokenizer),
+                                                    str(tiny_world.protoflow))
+    assert m.tokenizer.vocab_size == m.model.lm_head.out_features
+    assert not m.model.training
+
+    args = run_test.get_args_parser().parse_args(tiny_world.model_argv())
+    flags = run_test.load_models(args)
+    assert m.config == {k: getattr(args, k) for k in modeling_pmad.PAPER_EVAL_CONFIG}
+    assert (args.tokenizer_weight_path, args.protoflow_weights) == (m.tokenizer_path,
+                                                                    m.protoflow_path)
+    for ours, theirs in zip(m.model.state_dict().values(), flags.model.state_dict().values()):
+        assert torch.equal(ours, theirs)
+    assert (m.mean, m.std) == (flags.mean, flags.std)
+
+
+def _readme_block(heading: str) -> str:
+    """The first ```python block after `heading` in README.md."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(heading)
+    return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
+
+
+def test_readmes_python_example_scores_as_predict_py(tiny_world, tmp_path, monkeypatch):
+    """README's "From Python" block, run on the tiny world's files (its paths replaced),
+    gives predict.py's scores of the same images with predict.py's defaults."""
+    ckpt = tmp_path / "pmad.pth"  # as ours record: the settings the block does not pass
+    torch.save({**torch.load(tiny_world.pmad_ckpt, weights_only=True),
+                "args": {"model": tiny_world.model, "tokenizer_model": "kmeans"}}, ckpt)
+    images = tiny_world.mvtec_root / "coins" / "test" / "good"
+    code = _readme_block("**From Python**")
+    for theirs, ours in {"output_dir/multi_class/checkpoint-last.pth": ckpt,
+                         "weights/tokenizer": tiny_world.tokenizer,
+                         "weights/protoflow/multi_class.pt": tiny_world.protoflow,
+                         "weights/prototypes": tiny_world.prototypes_dir,
+                         "my_images/*.png": images / "*.png", '"bottle"': '"coins"'}.items():
+        assert theirs in code
+        code = code.replace(theirs, str(ours))
+    monkeypatch.chdir(tmp_path)
+    names: dict = {}
+    exec(compile(code, "README.md", "exec"), names)
+    assert len(names["paths"]) == len(list(images.glob("*.png"))) > 1
+
+    argv = [str(images), "--class_name", "coins", "--ckpt", str(ckpt),
+            "--tokenizer_weight_path", str(tiny_world.tokenizer),
+            "--protoflow_weights", str(tiny_world.protoflow),
+            "--prototypes_dir", str(tiny_world.prototypes_dir), "--output_dir",
+            str(tmp_path / "predict")]
+    assert predict.main(argv) == 0
+    with open(tmp_path / "predict" / "predictions.csv", newline="") as f:
+        rows = {r["image"]: float(r["pmad_score"]) for r in csv.DictReader(f)}
+    ours = dict(zip(names["paths"], names["scores"].image_scores.tolist()))
+    assert ours.keys() == rows.keys()
+    for path, score in ours.items():
+        assert score == pytest.approx(rows[path], rel=1e-5)
