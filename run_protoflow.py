@@ -104,19 +104,19 @@ def _loader(dataset: Dataset, indices: list[int], args: argparse.Namespace,
 def run_prototypes(args: argparse.Namespace) -> list[str]:
     """`prototypes` command: <output_dir>/<class>/coreset.npy for each class."""
     classes = args.classes or datasets.list_train_classes(args.data_path)
-    # every class's count from its folder, before the encoder loads: a class too small for
-    # --holdout or --num_shots stops the run now, not once the classes before it are built
-    labels = [c for _, c in datasets.list_train_samples(args.data_path, classes)]
-    for k, name in enumerate(classes):
-        _usable_split(args, name, [0] * labels.count(k))
-    encoder = _encoder_from_args(args)
     mean, std = input_normalization(args.encoder)
     transform = datasets.build_transforms(args.img_size, mean, std)
-    paths = []
+    # every class's images (less those --skip_bad_images leaves out) and split before the
+    # encoder loads: a class too small for --holdout or --num_shots stops the run now, not
+    # once the classes before it are built
+    splits = {}
     for name in classes:
         dataset = datasets.TrainImageDataset(args.data_path, [name], transform,
                                              skip_bad_images=args.skip_bad_images)
-        kept, held = _usable_split(args, name, [c for _, c in dataset.samples])
+        splits[name] = dataset, *_usable_split(args, name, [c for _, c in dataset.samples])
+    encoder = _encoder_from_args(args)
+    paths = []
+    for name, (dataset, kept, held) in splits.items():
         protos = build_prototypes(encoder, _loader(dataset, kept, args), args.coreset_ratio,
                                   args.projection_dim, args.device,
                                   rng=np.random.default_rng([args.seed, zlib.crc32(name.encode())]))

@@ -956,7 +956,8 @@ def test_a_class_too_small_for_its_split_is_refused_before_any_class_is_built(
         cli, tmp_path, monkeypatch):
     """A class with too few images for --holdout or --num_shots was found when reached,
     after every class before it was built (hours with B6 on MVTec AD): each class's
-    count is checked from its folder before the encoder loads."""
+    count, less the images --skip_bad_images leaves out, is checked before the encoder
+    loads."""
     data = tmp_path / "data" / "train"
     shutil.copytree(os.path.join(cli["root"], "data", "train", "brick"), data / "brick")
     (data / "solo").mkdir()
@@ -972,6 +973,14 @@ def test_a_class_too_small_for_its_split_is_refused_before_any_class_is_built(
                        r"\(0 held out\)"):
         rpf.main(["prototypes", *common, *out, "--classes", "brick", "solo", "--holdout", "0",
                   "--num_shots", "2"])
+    # counted after --skip_bad_images leaves out an unreadable image, not from the folder
+    (data / "pair").mkdir()
+    shutil.copy(data / "brick" / "000.png", data / "pair" / "000.png")
+    (data / "pair" / "001.png").write_bytes(b"not an image")
+    with pytest.raises(FlagError, match=r"^class 'pair' has 1 training image\(s\)"), \
+            pytest.warns(datasets.DataWarning, match="left out 1 bad file"):
+        rpf.main(["prototypes", *common, *out, "--classes", "brick", "pair",
+                  "--skip_bad_images"])
     assert not any((tmp_path / "protos").iterdir())
 
 
