@@ -135,6 +135,7 @@ def setting_classes(setting: str, unseen_classes: str | Sequence[str] | None = N
         if setting == "obj2tex":
             return list(OBJECTS), list(TEXTURES)
         return list(TEXTURES), list(OBJECTS)
+    unseen = as_found(unseen, pool)  # typed NFC, a folder stored NFD: that folder
     if len(unseen) != 1:
         raise FlagError(f"--setting leave_one_out needs exactly one unseen class, got "
                         f"{' '.join(unseen) or 'none'}: pass --unseen_classes CLASS, one of "

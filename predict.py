@@ -342,6 +342,10 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
     as it was."""
     run_test.check_device_flags(args)
     options = run_test.clean_options(args)
+    if args.class_name is not None and os.path.isdir(args.prototypes_dir):
+        # typed composed (NFC), its prototypes folder stored decomposed (NFD, macOS)
+        args.class_name = datasets.as_found([args.class_name],
+                                            os.listdir(args.prototypes_dir))[0]
     groups = find_images(args.inputs, args.class_name, args.class_from_folder,
                          args.output_dir, keep_dangling=args.skip_bad_images)
     out_dir = Path(utils.prepare_output_dir(args.output_dir, "--output_dir"))

@@ -66,6 +66,17 @@ def _pretrain(root: Path, **kw) -> PretrainDataset:
 # ----------------------------------------------------------------------------------------
 # Settings
 # ----------------------------------------------------------------------------------------
+def test_an_unseen_class_typed_in_another_unicode_form_is_its_folder():
+    """--unseen_classes typed composed (NFC) names the class folder stored decomposed
+    (NFD, as macOS writes it), in training and evaluation alike (datasets.as_found)."""
+    import unicodedata
+    nfd, nfc = (unicodedata.normalize(form, "s\u010drew") for form in ("NFD", "NFC"))
+    assert setting_classes("leave_one_out", [nfc], available=[nfd, "widget"]) == (
+        ["widget"], [nfd])
+    assert setting_classes("leave_one_out", [nfc, nfd], available=[nfd, "widget"]) == (
+        ["widget"], [nfd])  # both forms: one class
+
+
 def test_setting_classes_presets():
     assert setting_classes("multi_class") == (MVTEC_CLASSES, MVTEC_CLASSES)
     assert len(MVTEC_CLASSES) == 15 and MVTEC_CLASSES == sorted(OBJECTS + TEXTURES)

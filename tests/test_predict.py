@@ -128,6 +128,26 @@ def test_every_class_s_prototypes_are_checked_and_dropped_before_scoring(tiny_wo
     assert held == {"checked": ["coins"], "kept": {}}
 
 
+def test_a_class_name_typed_in_another_unicode_form_is_its_prototypes_folder(
+        tiny_world, tmp_path, monkeypatch):
+    """--class_name typed composed (NFC) scores with the prototypes of a folder stored
+    decomposed (NFD, as macOS writes it): datasets.as_found, not 'no prototypes'."""
+    import unicodedata
+    nfd, nfc = (unicodedata.normalize(form, "s\u010drew") for form in ("NFD", "NFC"))
+    protos = tmp_path / "prototypes"
+    shutil.copytree(tiny_world.prototypes_dir / "coins", protos / nfd)
+    checked = []
+    monkeypatch.setattr(protoflow.ProtoFlow, "check_prototypes",
+                        lambda self, classes: checked.extend(classes))
+    monkeypatch.setattr(predict, "_score_into", lambda *a: pytest.fail("scored"))
+    with pytest.raises(pytest.fail.Exception, match="scored"):
+        predict.predict(predict.get_args_parser().parse_args(
+            [str(tiny_world.mvtec_root / "coins" / "test" / "good"), "--class_name", nfc,
+             "--output_dir", str(tmp_path / "out"), *tiny_world.model_argv(),
+             "--prototypes_dir", str(protos)]))
+    assert checked == [nfd]
+
+
 def test_a_second_run_in_the_same_output_dir_is_refused(tiny_world, tmp_path, monkeypatch,
                                                        capsys):
     """Two runs in one --output_dir each set the other's outputs aside and put theirs in
