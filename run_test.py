@@ -35,9 +35,9 @@ from protoflow import prototypes_sha256
 from reporting import (HEATMAPS, RECORD_FORMAT, RECORD_VERSION, TEST_DATA, PartialResults,
                        exit_status, report)
 from scoring_models import RELEASED_TOKENIZER, Models
-from utils import (AMP_CHOICES, EVAL_LOCK, BadFileError, FlagError, RunLock, UniqueNames, cli,
-                   file_sha256, float_at_least, int_at_least, mask_ratio_arg,
-                   prepare_output_dir, resolve_amp, resolve_device, some_names)
+from utils import (AMP_CHOICES, EVAL_LOCK, BadFileError, FlagError, RunLock, UniqueNames,
+                   bullet_list, cli, file_sha256, float_at_least, int_at_least,
+                   mask_ratio_arg, prepare_output_dir, resolve_amp, resolve_device, some_names)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -262,22 +262,35 @@ def clean_options(args: argparse.Namespace) -> CleanOptions:
                            if getattr(args, flag) is not None})
 
 
-def check_paper_classes(root: Path, classes: Sequence[str]) -> None:
+def check_paper_classes(root: Path, classes: Sequence[str], skip_bad_images: bool = False
+                        ) -> None:
     """--protocol paper picks each class's normal/anomalous threshold by F1 on its test
     labels: a class without an anomalous test image has none (nor any defined metric).
-    Refused before any work, not a traceback after the classes before it."""
-    def anomalous_images(class_name: str) -> bool:
+    Refused before any work, not a traceback after the classes before it. With
+    --skip_bad_images so is a class whose every anomalous image it would leave out, by
+    their headers (datasets.image_problem; one that fails only in decoding is refused
+    when its class is reached)."""
+    def anomalous_images(class_name: str) -> list[str]:
         test_dir = root / class_name / "test"
-        return any(d not in datasets.NORMAL_DIRS
-                   and datasets.list_images(str(test_dir / d), keep_dangling=True)
-                   for d in datasets.data_subdirs(str(test_dir)))
+        return [p for d in datasets.data_subdirs(str(test_dir)) if d not in datasets.NORMAL_DIRS
+                for p in datasets.list_images(str(test_dir / d), keep_dangling=True)]
 
-    normal_only = [c for c in classes if not anomalous_images(c)]
+    found = {c: anomalous_images(c) for c in classes}
+    normal_only = [c for c in classes if not found[c]]
     if normal_only:
         raise FlagError(f"--protocol paper picks each class's threshold from its anomalous "
                         f"test images, and {', '.join(normal_only)} has none under "
                         f"{root}/<class>/test: evaluate it with --protocol clean, or leave it "
                         "out (--classes)")
+    if not skip_bad_images:
+        return  # a bad image stops the run by name (check_test_classes)
+    for c in classes:
+        problems = [datasets.image_problem(p) for p in found[c]]
+        if all(problems):
+            raise BadFileError(f"{c}: --skip_bad_images would leave out every anomalous test "
+                               f"image, and --protocol paper picks the class's threshold from "
+                               f"them:{bullet_list(problems)}\nReplace them, or evaluate {c} "
+                               "with --protocol clean")
 
 
 def check_protocol_flags(args: argparse.Namespace) -> None:
@@ -347,7 +360,7 @@ def _evaluate(args: argparse.Namespace, options: CleanOptions, out_dir: Path) ->
     classes = select_classes(args, setting)
     root = Path(args.data_path)
     if args.protocol == "paper":
-        check_paper_classes(root, classes)
+        check_paper_classes(root, classes, args.skip_bad_images)
     m = load_models(args)
     check_unseen(args, setting, classes, m)
     m.protoflow.check_prototypes(classes)

@@ -222,17 +222,30 @@ def test_the_paper_protocol_refuses_a_class_without_anomalous_images(tiny_world,
     (data / last / "test" / "crack" / "000.png").symlink_to(tmp_path / "gone.png")
     run_test.check_paper_classes(data, [last])
     # with --skip_bad_images that class has no anomalous image left: refused by name
-    # before its images are scored, not a traceback from the F1 threshold
+    # before any class is scored or any model loaded, not a traceback from the F1
+    # threshold once the class is reached
+    monkeypatch.setattr(run_test, "load_models", lambda *a: pytest.fail("loaded"))
+    argv += ["--skip_bad_images"]
+    with pytest.raises(utils.BadFileError, match=(
+            f"^{last}: --skip_bad_images would leave out every anomalous test image, and "
+            "--protocol paper picks the class's threshold from them:\n  "
+            f"{re.escape(str(data / last / 'test' / 'crack' / '000.png'))} .*\nReplace "
+            f"them, or evaluate {last} with --protocol clean$")):
+        run_test.main(run_test.get_args_parser().parse_args(argv))
+    # an image whose header reads but whose pixels do not is found when its class is
+    # reached, and refused there by name
+    (data / last / "test" / "crack" / "000.png").unlink()
+    whole = (tiny_world.mvtec_root / last / "test" / "good" / "000.png").read_bytes()
+    (data / last / "test" / "crack" / "000.png").write_bytes(whole[:len(whole) // 2])
     monkeypatch.undo()
     monkeypatch.setattr(run_test, "collect_class", lambda *a: pytest.fail("scored"))
-    argv += ["--skip_bad_images", "--classes", last]
     with pytest.warns(UserWarning, match=f"test images of {last}: left out 1 bad file"), \
             pytest.raises(utils.BadFileError, match=(
                 f"^{last}: every anomalous test image was left out as a bad file \\(the "
                 "warning above names them\\), and --protocol paper picks the class's "
                 f"threshold from them: replace them, or evaluate {last} with --protocol "
                 "clean$")):
-        run_test.main(run_test.get_args_parser().parse_args(argv))
+        run_test.main(run_test.get_args_parser().parse_args(argv + ["--classes", last]))
 
 
 def test_a_class_typed_in_another_unicode_form_is_the_folder_of_that_name(tiny_world,
