@@ -51,7 +51,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     # (modeling_pmad.PAPER_EVAL_CONFIG); a flag given explicitly wins.
     p.add_argument("--model", default=None, choices=sorted(modeling_pmad.PMAD_MODELS))
     p.add_argument("--input_size", type=int, default=None)
-    p.add_argument("--layer_scale_init_value", type=float, default=None)
+    p.add_argument("--layer_scale_init_value", type=float_at_least(0.0), default=None)
     p.add_argument("--imagenet_default_mean_and_std", action=argparse.BooleanOptionalAction,
                    default=None)
     p.add_argument("--tokenizer_model", default=None, choices=available_tokenizers())

@@ -23,6 +23,7 @@ import heatmaps
 import masking_generator
 import metrics
 import modeling_pmad
+import predict
 import protocols
 import protoflow
 import run_pretraining
@@ -484,6 +485,21 @@ def test_negative_sigma_is_refused(capsys):
     assert exit_info.value.code == 2
     assert "argument --sigma: -1 is not a finite number >= 0" in capsys.readouterr().err
     assert parse(["--sigma", "0"]).sigma == 0.0  # no smoothing
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_a_negative_layer_scale_is_refused_as_in_training(value, capsys):
+    """run_test.py's (and predict.py's) --layer_scale_init_value has training's range:
+    README says every entry point checks it, and run_test.py took any float."""
+    for parser, argv in ((run_test.get_args_parser(), []),
+                         (predict.get_args_parser(), ["in", "--class_name", "c"])):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([*argv, "--layer_scale_init_value", value])
+        assert exit_info.value.code == 2
+        assert (f"argument --layer_scale_init_value: {value} is not a finite number >= 0"
+                in capsys.readouterr().err)
+    assert run_test.get_args_parser().parse_args(
+        ["--layer_scale_init_value", "0"]).layer_scale_init_value == 0.0  # no layer scale
 
 
 def test_default_mask_ratio_is_the_ratio_of_a_class_without_its_own():
