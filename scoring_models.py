@@ -64,6 +64,10 @@ def load(ckpt: str, *, config: dict[str, Any] | None = None,
     (`protoflow_weights`: a file, or a folder of exactly one .pt) is given the ViT's
     images and converts them to its own normalisation. `device` None: CUDA where torch
     sees a GPU; `amp` None: bf16 where supported (both as the scripts' flags)."""
+    unknown = sorted(set(config or ()) - set(modeling_pmad.PAPER_EVAL_CONFIG))
+    if unknown:  # a typo would otherwise leave the checkpoint's value in place, unsaid
+        raise ValueError(f"scoring_models.load: config keys {unknown} are not settings of "
+                         f"the ViT; the settings are {list(modeling_pmad.PAPER_EVAL_CONFIG)}")
     device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = resolve_amp(amp, device)
     checkpoint = read_weights_file(ckpt)

@@ -46,6 +46,8 @@ def test_load_takes_plain_arguments_and_gives_what_the_flags_give(tiny_world):
     for ours, theirs in zip(m.model.state_dict().values(), flags.model.state_dict().values()):
         assert torch.equal(ours, theirs)
     assert (m.mean, m.std) == (flags.mean, flags.std)
+    with pytest.raises(ValueError, match=r"config keys \['input_sise'\] are not settings"):
+        scoring_models.load(str(tiny_world.pmad_ckpt), config={"input_sise": 112})
 
 
 def _readme_block(heading: str) -> str:
