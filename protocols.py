@@ -302,12 +302,13 @@ class CleanScores:
     anomalous: torch.Tensor | None  # (N,) bool ProtoFlow's call at the threshold, if any
     proposal: torch.Tensor          # (N,) bool: the image got ProtoFlow's proposal mask
     test_masks: torch.Tensor        # (N, L) bool the first (test) mask of each image
-    baseline_maps: dict[str, torch.Tensor]  # name -> (N, S, S), see baseline_maps
+    baseline_maps: dict[str, torch.Tensor]  # name -> (N, S, S) (baseline_maps), if asked
 
 
 def clean_scores(model: torch.nn.Module, data: ClassData, *, ratio: float,
                  threshold: float | None, options: CleanOptions, sigma: float,
-                 batch_size: int, device: torch.device, amp: str, seed: int) -> CleanScores:
+                 batch_size: int, device: torch.device, amp: str, seed: int,
+                 baselines: bool = False) -> CleanScores:
     """Every score of the clean protocol, from images alone (no label is read): the one
     computation behind run_test.py's clean protocol and predict.py.
 
@@ -317,7 +318,9 @@ def clean_scores(model: torch.nn.Module, data: ClassData, *, ratio: float,
     normal-data threshold calls anomalous ('threshold': the others get random masks,
     each seeded from the image file's bytes, `mask_seeds`). Visible patches score 0
     ('zero', as the paper) or are scored too, each in the covering pass that masks it
-    ('cover'). Image score: options.image_score.
+    ('cover'). Image score: options.image_score. With `baselines`, also the baselines'
+    maps (run_test.py's rows; as much memory again as the images, so predict.py, which
+    reports PMAD's scores only, leaves them out).
     """
     grid = tuple(model.patch_embed.grid_size)
     proposals = proposals_from_log_likelihood(data.log_likelihood,
@@ -336,11 +339,12 @@ def clean_scores(model: torch.nn.Module, data: ClassData, *, ratio: float,
     maps = pmad_maps(token_scores, abnormality, grid, sigma, options.combine,
                      model.lm_head.out_features, options.ce_weight)
     proposal = torch.ones(len(maps), dtype=torch.bool) if call is None else call
+    others = (baseline_maps(data, abnormality,
+                            token_scores if options.unmasked == "cover" else None, grid,
+                            sigma) if baselines else {})
     return CleanScores(maps, image_scores(maps, options.image_score),
                        proposals.image_scores.float().cpu(), anomalous, proposal, passes[0],
-                       baseline_maps(data, abnormality,
-                                     token_scores if options.unmasked == "cover" else None,
-                                     grid, sigma))
+                       others)
 
 
 def evaluate_clean(model: torch.nn.Module, data: ClassData, *, ratio: float,
@@ -353,7 +357,7 @@ def evaluate_clean(model: torch.nn.Module, data: ClassData, *, ratio: float,
     own score, which its threshold calls) and each baseline's, by the map's rule)."""
     scores = clean_scores(model, data, ratio=ratio, threshold=threshold, options=options,
                           sigma=sigma, batch_size=batch_size, device=device, amp=amp,
-                          seed=seed)
+                          seed=seed, baselines=True)
     record = evaluate_maps(data, scores.maps, scores=scores.image_scores)
     base_scores = {name: image_scores(m, options.image_score)
                    for name, m in scores.baseline_maps.items()}
