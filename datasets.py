@@ -1068,6 +1068,7 @@ class _TokenImageDataset(Dataset):
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.token_size, self.img_size, self.patch_size = token_size, img_size, patch_size
+        self.mean, self.std = tuple(mean), tuple(std)  # the images' normalisation
         self.num_patches = (img_size // patch_size) ** 2
         self.transform = build_transforms(img_size, mean, std)
         self.token_transform = build_token_transform(token_size)

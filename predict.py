@@ -404,11 +404,8 @@ def _score_into(out: Path, args: argparse.Namespace, m: scoring_models.Models,
     for cls in tqdm(sorted(groups), desc="classes", disable=len(groups) < 2):
         paths, names = zip(*groups[cls])
         try:
-            dataset = datasets.ImageListDataset(list(paths), list(names),
-                                                token_size=m.tokenizer.image_size,
-                                                img_size=m.img_size, mean=m.mean, std=m.std,
-                                                skip_bad_images=args.skip_bad_images,
-                                                what=f"images of class '{cls}'")
+            dataset = m.dataset(paths, names, skip_bad_images=args.skip_bad_images,
+                                what=f"images of class '{cls}'")
         except datasets.NoReadableImageError as e:
             skipped += e.bad_files
             unreadable.append(cls)

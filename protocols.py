@@ -107,6 +107,17 @@ class ClassData:
 
 
 @torch.inference_mode()
+def _check_normalization(dataset: torch.utils.data.Dataset, protoflow: ProtoFlow) -> None:
+    """The dataset's mean and std (datasets' image sets record them) against ProtoFlow's
+    `input_normalization`, which the models were loaded with (scoring_models.load)."""
+    mean, std = protoflow.input_normalization
+    if not (np.allclose(dataset.mean, mean) and np.allclose(dataset.std, std)):
+        raise ValueError(f"the images are normalised with mean {dataset.mean}, std "
+                         f"{dataset.std}, but the models were loaded for mean {tuple(mean)}, "
+                         f"std {tuple(std)}: build the set with the models' (Models.dataset, "
+                         "or mean=m.mean, std=m.std)")
+
+
 def collect_class(dataset: torch.utils.data.Dataset, tokenizer: torch.nn.Module,
                   protoflow: ProtoFlow, class_name: str, batch_size: int,
                   device: torch.device, num_workers: int = 0) -> ClassData:
@@ -114,7 +125,10 @@ def collect_class(dataset: torch.utils.data.Dataset, tokenizer: torch.nn.Module,
     computed once, and each image file's SHA-256 (it seeds the image's random test
     mask). `dataset` yields 'image', 'token_image', 'name', 'index' and, for a labelled
     test set, 'label', 'gt_mask', 'defect_type'; its `image_paths` are the files. A set
-    whose `has_ground_truth` is False (a custom set) keeps no masks."""
+    whose `has_ground_truth` is False (a custom set) keeps no masks. A set normalised
+    otherwise than ProtoFlow is told the images are (the ViT's, scoring_models.Models'
+    mean and std) is refused: every score would be off, with no error."""
+    _check_normalization(dataset, protoflow)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers)
     images, tokens, logps, dists, labels, gts, names, defects, ids = ([] for _ in range(9))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -49,6 +49,17 @@ class Models:
     @property
     def img_size(self) -> int:
         return self.model.patch_embed.img_size[0]
+
+    def dataset(self, paths: Sequence[str], names: Sequence[str] | None = None,
+                **options: Any) -> datasets.ImageListDataset:
+        """Images to score (protocols.collect_class), read as these models read them: at
+        the ViT's and the tokenizer's sizes, normalised as the ViT was trained (ProtoFlow
+        converts them to its own). `names` (default: the paths) name the outputs;
+        `options`: ImageListDataset's skip_bad_images and what."""
+        return datasets.ImageListDataset(
+            list(paths), list(paths if names is None else names),
+            token_size=self.tokenizer.image_size, img_size=self.img_size, mean=self.mean,
+            std=self.std, patch_size=self.model.patch_embed.patch_size[0], **options)
 
 
 def load(ckpt: str, *, config: dict[str, Any] | None = None,

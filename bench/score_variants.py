@@ -254,11 +254,9 @@ def score_world(args: argparse.Namespace) -> None:
                              args.num_workers)
         if data.gt_masks is None:  # no ground_truth folder (a custom set)
             no_masks.append(cls)
-        train = collect_class(
-            datasets.ImageListDataset(paths, [os.path.basename(p) for p in paths],
-                                      token_size=m.tokenizer.image_size, img_size=m.img_size,
-                                      mean=m.mean, std=m.std),
-            m.tokenizer, m.protoflow, cls, args.batch_size, m.device, args.num_workers)
+        train = collect_class(m.dataset(paths, [os.path.basename(p) for p in paths]),
+                              m.tokenizer, m.protoflow, cls, args.batch_size, m.device,
+                              args.num_workers)
         ratio = class_mask_ratio(cls, args.mask_ratio, args.default_mask_ratio)
         rows = variant_scores(m.model, data, ratio, args.sigma, args.batch_size, m.device,
                               m.amp, args.seed, train, getattr(m.tokenizer, "codebook", None))

@@ -301,10 +301,10 @@ def test_bench_score_variants_gaps_take_label_1_as_defective(score_variants, tmp
     (data / "a" / "train" / "good").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / "a" / "train" / "good" / "0.png")
     models = SimpleNamespace(tokenizer=SimpleNamespace(image_size=8), img_size=8, mean=None,
-                             std=None, protoflow=None, model=None, device=None, amp="none")
+                             std=None, protoflow=None, model=None, device=None, amp="none",
+                             dataset=lambda *a, **k: None)
     monkeypatch.setattr(score_variants.run_test, "load_models", lambda args: models)
     monkeypatch.setattr(score_variants.datasets, "MVTecTestDataset", lambda *a, **k: None)
-    monkeypatch.setattr(score_variants.datasets, "ImageListDataset", lambda *a, **k: None)
     monkeypatch.setattr(score_variants, "collect_class", lambda *a: SimpleNamespace(
         labels=np.array([0, 0, 1, 1]), gt_masks=None))
     rows = {"default": torch.tensor([0.1, 0.3, 0.2, 0.4]),

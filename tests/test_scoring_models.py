@@ -8,8 +8,10 @@ import re
 import pytest
 import torch
 
+import datasets
 import modeling_pmad
 import predict
+import protocols
 import run_test
 import scoring_models
 from conftest import ROOT
@@ -89,3 +91,29 @@ def test_readmes_python_example_scores_as_predict_py(tiny_world, tmp_path, monke
     assert ours.keys() == rows.keys()
     for path, score in ours.items():
         assert score == pytest.approx(rows[path], rel=1e-5)
+
+
+def test_a_set_normalised_otherwise_than_the_models_is_refused(tiny_world):
+    """ProtoFlow is told the images are normalised as the ViT was trained (Models' mean
+    and std); a set built by hand with other values scored every image off, with no
+    error. Models.dataset builds the set as the models read it."""
+    m = scoring_models.load(str(tiny_world.pmad_ckpt),
+                            config={"model": tiny_world.model, "tokenizer_model": "kmeans"},
+                            tokenizer_path=str(tiny_world.tokenizer),
+                            protoflow_weights=str(tiny_world.protoflow),
+                            prototypes_dir=str(tiny_world.prototypes_dir), amp="none",
+                            say=lambda note: None)
+    paths = [str(p) for p in sorted((tiny_world.mvtec_root / "coins" / "test" / "good")
+                                    .glob("*.png"))[:2]]
+    ours = m.dataset(paths)
+    assert (ours.mean, ours.std, ours.img_size, ours.token_size, ours.names) == (
+        m.mean, m.std, 224, m.tokenizer.image_size, paths)
+    assert m.dataset(paths, ["a", "b"]).names == ["a", "b"]
+    other = datasets.ImageListDataset(paths, paths, token_size=m.tokenizer.image_size,
+                                      mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(ValueError, match=(
+            r"^the images are normalised with mean \(0.5, 0.5, 0.5\), std \(0.5, 0.5, "
+            r"0.5\), but the models were loaded for mean \(0.485, 0.456, 0.406\)")):
+        protocols.collect_class(other, m.tokenizer, m.protoflow, "coins", 2, m.device)
+    data = protocols.collect_class(ours, m.tokenizer, m.protoflow, "coins", 2, m.device)
+    assert data.images.shape == (2, 3, 224, 224)
