@@ -79,6 +79,12 @@ def load(ckpt: str, *, config: dict[str, Any] | None = None,
     if unknown:  # a typo would otherwise leave the checkpoint's value in place, unsaid
         raise ValueError(f"scoring_models.load: config keys {unknown} are not settings of "
                          f"the ViT; the settings are {list(modeling_pmad.PAPER_EVAL_CONFIG)}")
+    if not os.path.isdir(prototypes_dir):  # before any model loads; else a missing class
+        raise MissingFileError(  # would name a file in it and advise making one there
+            f"--prototypes_dir {prototypes_dir} "
+            + ("is a file" if os.path.exists(prototypes_dir) else "does not exist")
+            + ": pass the folder of per-class prototypes that `python run_protoflow.py "
+            "prototypes --output_dir DIR` wrote (the released ones: weights/README.md)")
     device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = resolve_amp(amp, device)
     checkpoint = read_weights_file(ckpt)

@@ -14,6 +14,7 @@ import predict
 import protocols
 import run_test
 import scoring_models
+import utils
 from conftest import ROOT
 
 
@@ -117,3 +118,24 @@ def test_a_set_normalised_otherwise_than_the_models_is_refused(tiny_world):
         protocols.collect_class(other, m.tokenizer, m.protoflow, "coins", 2, m.device)
     data = protocols.collect_class(ours, m.tokenizer, m.protoflow, "coins", 2, m.device)
     assert data.images.shape == (2, 3, 224, 224)
+
+
+def test_a_prototypes_folder_that_is_not_there_is_named_before_any_model_loads(
+        tiny_world, tmp_path, monkeypatch, capsys):
+    """A forgotten --prototypes_dir (the default weights/prototypes, not there) or a file
+    given as it failed only at the first class's prototypes, after the models loaded, and
+    advised making that class's prototypes in the wrong place."""
+    monkeypatch.setattr(scoring_models, "read_weights_file", lambda *a: pytest.fail("read"))
+    for where, what in ((tmp_path / "gone", "does not exist"),
+                        (tiny_world.tokenizer, "is a file")):
+        with pytest.raises(utils.MissingFileError, match=(
+                f"^--prototypes_dir {re.escape(str(where))} {what}: pass the folder of "
+                "per-class prototypes that `python run_protoflow.py prototypes")):
+            scoring_models.load(str(tiny_world.pmad_ckpt), prototypes_dir=str(where))
+    monkeypatch.chdir(tmp_path)  # no weights/ here: predict.py's default folder
+    argv = [str(tiny_world.mvtec_root / "coins" / "test" / "good"), "--class_name", "coins",
+            *[a for a in tiny_world.model_argv() if a != "--prototypes_dir"
+              and a != str(tiny_world.prototypes_dir)]]
+    assert predict.main(argv) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: --prototypes_dir weights/prototypes does not exist")
