@@ -23,6 +23,7 @@ import hashlib
 import os
 import shutil
 import sys
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -277,10 +278,49 @@ def find_images(inputs: list[str], class_name: str | None, class_from_folder: bo
         print(f"[predict] {len(again)} image(s) reached a second time (a link, or inputs "
               f"that overlap) are scored once in their class:{utils.bullet_list(again)}",
               file=sys.stderr)
-    for cls, items in groups.items():  # the names name files: unique within a class
-        files, names = zip(*items)
-        groups[cls] = list(zip(files, unique_names(list(names))))
-    return groups
+    return _unique_per_class(groups)
+
+
+def _unique_per_class(groups: dict[str, list[tuple[str, str]]]
+                      ) -> dict[str, list[tuple[str, str]]]:
+    """The names name a class's output files: made unique within each class."""
+    return {cls: list(zip([f for f, _ in items], unique_names([n for _, n in items])))
+            for cls, items in groups.items()}
+
+
+def check_class_name(name: str) -> str:
+    """--class_name without the separator a shell's completion of a folder leaves
+    ('bottle/'); a path is refused: the class is a folder's name."""
+    stripped = name.rstrip("/" + os.sep)
+    if not stripped or "/" in stripped or os.sep in stripped:
+        raise utils.FlagError(f"--class_name {name!r} is a path: pass the class's name, "
+                              "its folder's under --prototypes_dir (e.g. bottle)")
+    return stripped
+
+
+def as_prototyped(groups: dict[str, list[tuple[str, str]]], prototypes_dir: str
+                  ) -> dict[str, list[tuple[str, str]]]:
+    """`groups` with each class named as its prototypes folder is. The name picks the
+    class's threshold, its Table 6 mask ratio and its row in predictions.csv, while a
+    macOS or Windows file system finds the folder by a name in another case ('Bottle'),
+    and macOS stores names decomposed (NFD) where a shell types them composed (NFC,
+    datasets.as_found): such a class was scored with the prototypes of 'bottle' but
+    another threshold and ratio. A name matching a folder only so is said; classes of
+    one folder are joined."""
+    found = os.listdir(prototypes_dir) if os.path.isdir(prototypes_dir) else []
+    folded: dict[str, list[str]] = {}
+    for f in found:
+        folded.setdefault(unicodedata.normalize("NFC", f).casefold(), []).append(f)
+    out: dict[str, list[tuple[str, str]]] = {}
+    for cls, items in groups.items():
+        name = datasets.as_found([cls], found)[0]
+        same = folded.get(unicodedata.normalize("NFC", name).casefold(), [])
+        if name not in found and len(same) == 1:
+            print(f"[predict] class '{cls}': scored as '{same[0]}', the name of its "
+                  f"prototypes folder in {prototypes_dir}", file=sys.stderr)
+            name = same[0]
+        out.setdefault(name, []).extend(items)
+    return _unique_per_class(out)
 
 
 def _file_stem(rel: Path) -> str:
@@ -342,12 +382,11 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
     as it was."""
     run_test.check_device_flags(args)
     options = run_test.clean_options(args)
-    if args.class_name is not None and os.path.isdir(args.prototypes_dir):
-        # typed composed (NFC), its prototypes folder stored decomposed (NFD, macOS)
-        args.class_name = datasets.as_found([args.class_name],
-                                            os.listdir(args.prototypes_dir))[0]
-    groups = find_images(args.inputs, args.class_name, args.class_from_folder,
-                         args.output_dir, keep_dangling=args.skip_bad_images)
+    if args.class_name is not None:
+        args.class_name = check_class_name(args.class_name)
+    groups = as_prototyped(find_images(args.inputs, args.class_name, args.class_from_folder,
+                                       args.output_dir, keep_dangling=args.skip_bad_images),
+                           args.prototypes_dir)
     out_dir = Path(utils.prepare_output_dir(args.output_dir, "--output_dir"))
     # one evaluation there at a time (run_test.py's too), locked before what it finds is
     # read: a run putting its outputs in place leaves them half-moved for a moment

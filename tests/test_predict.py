@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 from pathlib import Path
 
@@ -143,12 +144,38 @@ def test_a_class_name_typed_in_another_unicode_form_is_its_prototypes_folder(
     monkeypatch.setattr(protoflow.ProtoFlow, "check_prototypes",
                         lambda self, classes: checked.extend(classes))
     monkeypatch.setattr(predict, "_score_into", lambda *a: pytest.fail("scored"))
-    with pytest.raises(pytest.fail.Exception, match="scored"):
-        predict.predict(predict.get_args_parser().parse_args(
-            [str(tiny_world.mvtec_root / "coins" / "test" / "good"), "--class_name", nfc,
-             "--output_dir", str(tmp_path / "out"), *tiny_world.model_argv(),
-             "--prototypes_dir", str(protos)]))
-    assert checked == [nfd]
+    for typed in (nfc, nfc + "/"):  # and as a shell completes a folder's name
+        with pytest.raises(pytest.fail.Exception, match="scored"):
+            predict.predict(predict.get_args_parser().parse_args(
+                [str(tiny_world.mvtec_root / "coins" / "test" / "good"), "--class_name",
+                 typed, "--output_dir", str(tmp_path / "out"), *tiny_world.model_argv(),
+                 "--prototypes_dir", str(protos)]))
+    assert checked == [nfd, nfd]
+
+
+def test_a_class_name_is_its_prototypes_folders_name(tmp_path, capsys):
+    """The class's name picks its threshold, Table 6 mask ratio and CSV row, while a file
+    system may find its prototypes by another spelling: 'bottle/' (a shell's completion)
+    or 'Bottle' (macOS, Windows) scored with bottle's prototypes but the pooled threshold
+    and the default ratio, unsaid. Now each is scored as 'bottle'; a path is refused."""
+    assert predict.check_class_name("bottle/") == "bottle"
+    for path in ("a/b", "/", "../bottle"):
+        with pytest.raises(utils.FlagError, match=f"^--class_name '{re.escape(path)}' is a "
+                                                  "path: pass the class's name"):
+            predict.check_class_name(path)
+    protos = tmp_path / "prototypes"
+    (protos / "bottle").mkdir(parents=True)
+    (protos / "Screw").mkdir()
+    groups = {"Bottle": [("x/1.png", "1")], "bottle": [("y/1.png", "1")],
+              "screw": [("z/2.png", "2")], "zipper": [("w/3.png", "3")]}
+    assert predict.as_prototyped(groups, str(protos)) == {
+        "bottle": [("x/1.png", "1"), ("y/1.png", "1_2")],  # joined, names kept unique
+        "Screw": [("z/2.png", "2")], "zipper": [("w/3.png", "3")]}  # no folder: as given
+    err = capsys.readouterr().err
+    assert (f"[predict] class 'Bottle': scored as 'bottle', the name of its prototypes "
+            f"folder in {protos}\n") in err
+    assert "class 'screw': scored as 'Screw'" in err and "zipper" not in err
+    assert predict.as_prototyped(groups, str(tmp_path / "none")) == groups
 
 
 def test_a_second_run_in_the_same_output_dir_is_refused(tiny_world, tmp_path, monkeypatch,
