@@ -71,7 +71,8 @@ def class_mask_ratio(class_name: str, mask_ratio: float | None = None,
                      default_ratio: float | None = None) -> float:
     """A class's test-time mask ratio (the clean protocol, predict.py): `mask_ratio` for
     every class where given, else the class's ratio of the paper's Table 6, else
-    `default_ratio` (DEFAULT_MASK_RATIO where None), as training masks it."""
+    `default_ratio` (DEFAULT_MASK_RATIO where None: training's default --mask_ratio; a
+    checkpoint trained at another --mask_ratio does not change it)."""
     if mask_ratio is not None:
         return mask_ratio
     return CLASS_MASK_RATIOS.get(

@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import pickletools
+import re
 import signal
 import sys
 import tarfile
@@ -242,6 +243,13 @@ def test_dalle_wrong_contents(tmp_path):
     assert str(err.value).endswith(  # as the ViT tokenizer's file would be
         "give encoder.pkl with --tokenizer_weight_path; for a checkpoint trained with the ViT "
         "tokenizer (vit_tokenizer.pth, a dict of weights) pass --tokenizer_model vit_tokenizer")
+    kmeans = tmp_path / "kmeans.pth"  # a k-means file read as DALL-E's (the default)
+    torch.save({"tokenizer": "kmeans", "codebook": torch.zeros(4, 2)}, kmeans)
+    with pytest.raises(utils.CheckpointError, match=(
+            f"^{re.escape(str(kmeans))} is a k-means tokenizer, and --tokenizer_model is "
+            r"dall-e .*: pass --tokenizer_model kmeans \(from Python: scoring_models.load\(\.\.\., "
+            r"config=\{'tokenizer_model': 'kmeans'\}\)\)$")):
+        create_tokenizer("dall-e", kmeans)
     listed = tmp_path / "list.pkl"
     torch.save([1], listed)
     with pytest.raises(utils.CheckpointError) as err:
