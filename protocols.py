@@ -106,7 +106,6 @@ class ClassData:
     image_ids: list[str] = field(default_factory=list)  # SHA-256 of each image file
 
 
-@torch.inference_mode()
 def _check_normalization(dataset: torch.utils.data.Dataset, protoflow: ProtoFlow) -> None:
     """The dataset's mean and std (datasets' image sets record them) against ProtoFlow's
     `input_normalization`, which the models were loaded with (scoring_models.load)."""
@@ -118,6 +117,7 @@ def _check_normalization(dataset: torch.utils.data.Dataset, protoflow: ProtoFlow
                          "or mean=m.mean, std=m.std)")
 
 
+@torch.inference_mode()
 def collect_class(dataset: torch.utils.data.Dataset, tokenizer: torch.nn.Module,
                   protoflow: ProtoFlow, class_name: str, batch_size: int,
                   device: torch.device, num_workers: int = 0) -> ClassData:
