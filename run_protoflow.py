@@ -106,6 +106,7 @@ def run_prototypes(args: argparse.Namespace) -> list[str]:
     classes = args.classes or datasets.list_train_classes(args.data_path)
     mean, std = input_normalization(args.encoder)
     transform = datasets.build_transforms(args.img_size, mean, std)
+    datasets.list_train_samples(args.data_path, classes)  # every empty folder, one error
     # every class's images (less those --skip_bad_images leaves out) and split before the
     # encoder loads: a class too small for --holdout or --num_shots stops the run now, not
     # once the classes before it are built

@@ -982,6 +982,13 @@ def test_a_class_too_small_for_its_split_is_refused_before_any_class_is_built(
         rpf.main(["prototypes", *common, *out, "--classes", "brick", "pair",
                   "--skip_bad_images"])
     assert not any((tmp_path / "protos").iterdir())
+    # every class folder without images in one error, not the first one alone
+    for empty in ("e1", "e2"):
+        (data / empty).mkdir()
+    with pytest.raises(datasets.LayoutError, match="training set is incomplete") as info:
+        rpf.main(["prototypes", *common, *out, "--classes", "brick", "e1", "e2"])
+    for empty in ("e1", "e2"):
+        assert f"{data / empty} (no image files" in str(info.value)
 
 
 def test_commands_normalise_images_as_the_encoder_was_trained(cli, tmp_path, monkeypatch):
