@@ -292,7 +292,10 @@ def check_class_name(name: str) -> str:
     """--class_name without the separator a shell's completion of a folder leaves
     ('bottle/'); a path is refused: the class is a folder's name."""
     stripped = name.rstrip("/" + os.sep)
-    if not stripped or "/" in stripped or os.sep in stripped:
+    if not name:
+        raise utils.FlagError("--class_name is empty: pass the class's name, its folder's "
+                              "under --prototypes_dir (e.g. bottle)")
+    if stripped in ("", ".", "..") or "/" in stripped or os.sep in stripped:
         raise utils.FlagError(f"--class_name {name!r} is a path: pass the class's name, "
                               "its folder's under --prototypes_dir (e.g. bottle)")
     return stripped

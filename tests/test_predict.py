@@ -159,7 +159,9 @@ def test_a_class_name_is_its_prototypes_folders_name(tmp_path, capsys):
     or 'Bottle' (macOS, Windows) scored with bottle's prototypes but the pooled threshold
     and the default ratio, unsaid. Now each is scored as 'bottle'; a path is refused."""
     assert predict.check_class_name("bottle/") == "bottle"
-    for path in ("a/b", "/", "../bottle"):
+    with pytest.raises(utils.FlagError, match="^--class_name is empty"):
+        predict.check_class_name("")
+    for path in ("a/b", "/", "../bottle", ".", "..", "../"):
         with pytest.raises(utils.FlagError, match=f"^--class_name '{re.escape(path)}' is a "
                                                   "path: pass the class's name"):
             predict.check_class_name(path)
