@@ -63,11 +63,11 @@ def test_readmes_python_example_scores_as_predict_py(tiny_world, tmp_path, monke
     gives predict.py's scores of the same images with predict.py's defaults."""
     ckpt = tmp_path / "pmad.pth"  # as ours record: the settings the block does not pass
     torch.save({**torch.load(tiny_world.pmad_ckpt, weights_only=True),
-                "args": {"model": tiny_world.model, "tokenizer_model": "kmeans"}}, ckpt)
+                "args": {"model": tiny_world.model, "tokenizer_model": "kmeans",
+                         "tokenizer_weight_path": str(tiny_world.tokenizer)}}, ckpt)
     images = tiny_world.mvtec_root / "coins" / "test" / "good"
     code = _readme_block("**From Python**")
     for theirs, ours in {"output_dir/multi_class/checkpoint-last.pth": ckpt,
-                         "weights/tokenizer": tiny_world.tokenizer,
                          "weights/protoflow/multi_class.pt": tiny_world.protoflow,
                          "weights/prototypes": tiny_world.prototypes_dir,
                          "my_images/*.png": images / "*.png", '"bottle"': '"coins"'}.items():
@@ -76,10 +76,10 @@ def test_readmes_python_example_scores_as_predict_py(tiny_world, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     names: dict = {}
     exec(compile(code, "README.md", "exec"), names)
+    assert names["m"].tokenizer_path == str(tiny_world.tokenizer)  # the one recorded
     assert len(names["paths"]) == len(list(images.glob("*.png"))) > 1
 
     argv = [str(images), "--class_name", "coins", "--ckpt", str(ckpt),
-            "--tokenizer_weight_path", str(tiny_world.tokenizer),
             "--protoflow_weights", str(tiny_world.protoflow),
             "--prototypes_dir", str(tiny_world.prototypes_dir), "--output_dir",
             str(tmp_path / "predict")]
@@ -108,6 +108,9 @@ def test_a_set_normalised_otherwise_than_the_models_is_refused(tiny_world):
     assert (ours.mean, ours.std, ours.img_size, ours.token_size, ours.names) == (
         m.mean, m.std, 224, m.tokenizer.image_size, paths)
     assert m.dataset(paths, ["a", "b"]).names == ["a", "b"]
+    tests = m.test_set(str(tiny_world.mvtec_root), "coins", skip_bad_images=True)
+    assert (tests.mean, tests.std, tests.img_size, tests.token_size, tests.patch_size,
+            len(tests)) == (m.mean, m.std, 224, m.tokenizer.image_size, 16, 8)
     other = datasets.ImageListDataset(paths, paths, token_size=m.tokenizer.image_size,
                                       mean=(0.5,) * 3, std=(0.5,) * 3)
     with pytest.raises(ValueError, match=(
