@@ -75,8 +75,13 @@ def class_mask_ratio(class_name: str, mask_ratio: float | None = None,
     checkpoint trained at another --mask_ratio does not change it)."""
     if mask_ratio is not None:
         return mask_ratio
-    return CLASS_MASK_RATIOS.get(
-        class_name, DEFAULT_MASK_RATIO if default_ratio is None else default_ratio)
+    return CLASS_MASK_RATIOS.get(class_name, default_mask_ratio(default_ratio))
+
+
+def default_mask_ratio(default_ratio: float | None = None) -> float:
+    """The test-time ratio of a class without a Table 6 ratio of its own: `default_ratio`
+    (--default_mask_ratio), DEFAULT_MASK_RATIO where None."""
+    return DEFAULT_MASK_RATIO if default_ratio is None else default_ratio
 
 
 def _block_size(u_area: float, sqrt_aspect: float, remaining: int, min_block: int,

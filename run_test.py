@@ -26,7 +26,8 @@ import datasets
 import modeling_pmad
 import scoring_models
 from heatmaps import save_heatmaps
-from masking_generator import DEFAULT_MASK_RATIO, class_mask_ratio, min_mask_ratio, num_masked
+from masking_generator import (DEFAULT_MASK_RATIO, class_mask_ratio, default_mask_ratio,
+                               min_mask_ratio, num_masked)
 from modeling_discrete_vae import available_tokenizers, kmeans_file_settings
 from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED,
                        CleanOptions, collect_class, empty_defect_masks, evaluate_clean,
@@ -336,8 +337,7 @@ def resume_key(args: argparse.Namespace, results: dict) -> dict:
     return {"data_path": str(Path(args.data_path)), "setting": results["setting"],
             "protocol": args.protocol, "clean_options": results["clean_options"],
             "mask_ratio": args.mask_ratio,
-            "default_mask_ratio": (DEFAULT_MASK_RATIO if args.default_mask_ratio is None
-                                   else args.default_mask_ratio),
+            "default_mask_ratio": default_mask_ratio(args.default_mask_ratio),
             "sigma": args.sigma, "seed": args.seed, "skip_bad_images": args.skip_bad_images,
             **{k: getattr(args, k) for k in modeling_pmad.PAPER_EVAL_CONFIG},
             "amp": results["amp"], **results["checkpoints"], RECORD_FORMAT: RECORD_VERSION}
@@ -430,9 +430,7 @@ def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, r
     """One class under args.protocol: its record (and its diagnostics line), and what
     draws its heatmaps, called once the record is kept (a heatmap that cannot be written
     must not cost the class's metrics)."""
-    dataset = datasets.MVTecTestDataset(root, class_name, token_size=m.tokenizer.image_size,
-                                        img_size=m.img_size, mean=m.mean, std=m.std,
-                                        skip_bad_images=args.skip_bad_images)
+    dataset = m.test_set(root, class_name, skip_bad_images=args.skip_bad_images)
     if args.protocol == "paper" and not any(dataset.labels):
         raise BadFileError(f"{class_name}: every anomalous test image was left out as a bad "
                            "file (the warning above names them), and --protocol paper picks "

@@ -56,10 +56,20 @@ class Models:
         the ViT's and the tokenizer's sizes, normalised as the ViT was trained (ProtoFlow
         converts them to its own). `names` (default: the paths) name the outputs;
         `options`: ImageListDataset's skip_bad_images and what."""
-        return datasets.ImageListDataset(
-            list(paths), list(paths if names is None else names),
-            token_size=self.tokenizer.image_size, img_size=self.img_size, mean=self.mean,
-            std=self.std, patch_size=self.model.patch_embed.patch_size[0], **options)
+        return datasets.ImageListDataset(list(paths), list(paths if names is None else names),
+                                         **self._reading(), **options)
+
+    def test_set(self, root: str, class_name: str, **options: Any
+                 ) -> datasets.MVTecTestDataset:
+        """A class's MVTec-layout test set, read as `dataset` reads images; `options`:
+        MVTecTestDataset's skip_bad_images."""
+        return datasets.MVTecTestDataset(root, class_name, **self._reading(), **options)
+
+    def _reading(self) -> dict[str, Any]:
+        """How these models read an image: sizes and normalisation."""
+        return dict(token_size=self.tokenizer.image_size, img_size=self.img_size,
+                    mean=self.mean, std=self.std,
+                    patch_size=self.model.patch_embed.patch_size[0])
 
 
 def load(ckpt: str, *, config: dict[str, Any] | None = None,

@@ -248,10 +248,8 @@ def score_world(args: argparse.Namespace) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     results, no_masks, image_scores_of = {}, [], []
     for cls, paths in train_images.items():
-        ds = datasets.MVTecTestDataset(args.data_path, cls, token_size=m.tokenizer.image_size,
-                                       img_size=m.img_size, mean=m.mean, std=m.std)
-        data = collect_class(ds, m.tokenizer, m.protoflow, cls, args.batch_size, m.device,
-                             args.num_workers)
+        data = collect_class(m.test_set(args.data_path, cls), m.tokenizer, m.protoflow, cls,
+                             args.batch_size, m.device, args.num_workers)
         if data.gt_masks is None:  # no ground_truth folder (a custom set)
             no_masks.append(cls)
         train = collect_class(m.dataset(paths, [os.path.basename(p) for p in paths]),

@@ -302,9 +302,8 @@ def test_bench_score_variants_gaps_take_label_1_as_defective(score_variants, tmp
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / "a" / "train" / "good" / "0.png")
     models = SimpleNamespace(tokenizer=SimpleNamespace(image_size=8), img_size=8, mean=None,
                              std=None, protoflow=None, model=None, device=None, amp="none",
-                             dataset=lambda *a, **k: None)
+                             dataset=lambda *a, **k: None, test_set=lambda *a, **k: None)
     monkeypatch.setattr(score_variants.run_test, "load_models", lambda args: models)
-    monkeypatch.setattr(score_variants.datasets, "MVTecTestDataset", lambda *a, **k: None)
     monkeypatch.setattr(score_variants, "collect_class", lambda *a: SimpleNamespace(
         labels=np.array([0, 0, 1, 1]), gt_masks=None))
     rows = {"default": torch.tensor([0.1, 0.3, 0.2, 0.4]),
@@ -336,8 +335,9 @@ def test_bench_score_variants_flags(score_variants, capsys) -> None:
         "output_dir", "mask_ratio", "default_mask_ratio", "sigma", "batch_size", "num_workers",
         "device", "amp", "seed"}
     assert vars(ours) == {k: getattr(theirs, k) for k in vars(ours)}
-    assert (ours.mask_ratio, ours.default_mask_ratio) == (None, None)
-    assert masking_generator.class_mask_ratio("gizmo") == 0.3
+    assert masking_generator.class_mask_ratio(
+        "gizmo", ours.mask_ratio, ours.default_mask_ratio) == masking_generator.class_mask_ratio(
+        "gizmo", theirs.mask_ratio, theirs.default_mask_ratio) == 0.3
     given = parse(["--mask_ratio", "0.2", "--default_mask_ratio", "0.4", "--sigma", "0",
                    "--batch_size", "3", "--num_workers", "1", "--seed", "5", "--amp", "fp16"])
     assert (given.mask_ratio, given.default_mask_ratio, given.sigma, given.batch_size,
