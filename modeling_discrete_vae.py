@@ -382,10 +382,9 @@ def load_dalle_encoder(path: str | os.PathLike) -> DalleEncoder:
                               "again.") from e
     if isinstance(obj, dict) and obj.get("tokenizer") == "kmeans":
         raise CheckpointError(f"{path} is a k-means tokenizer, and --tokenizer_model is "
-                              "dall-e (the paper's, which a checkpoint that records no "
-                              "tokenizer gets): pass --tokenizer_model kmeans (from Python: "
-                              "scoring_models.load(..., config={'tokenizer_model': "
-                              "'kmeans'}))")
+                              "dall-e (its default, the paper's): pass --tokenizer_model "
+                              "kmeans (from Python: scoring_models.load(..., "
+                              "config={'tokenizer_model': 'kmeans'}))")
     if not isinstance(obj, DalleEncoder):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not DALL-E's pickled "
                               "dall_e.encoder.Encoder: give encoder.pkl with "
