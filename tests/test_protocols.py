@@ -4,6 +4,7 @@ known by construction (not by re-running the product's own expressions)."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -583,3 +584,29 @@ def test_visible_patches_at_zero_give_no_ce_only_baseline() -> None:
         ConstantViT(), _hand_data(), options=protocols.CleanOptions(unmasked="cover"), **kw)
     assert "ce_only" in cover
     assert torch.allclose(maps["ce_only"], _hand_maps()["ce_only"], atol=1e-6)
+
+
+def test_a_set_normalised_otherwise_in_its_std_or_slightly_is_refused():
+    """collect_class refuses a set whose mean or std is not the one ProtoFlow was told
+    the images have (the models'): the std alone differing (a set built with the mean
+    given and the std left at another value), or CLIP's values, a few hundredths from
+    ImageNet's, scale every pixel otherwise and score plausibly wrong. The check runs
+    before the set's first image is read."""
+    from types import SimpleNamespace
+
+    import datasets
+    imagenet = (tuple(datasets.IMAGENET_DEFAULT_MEAN), tuple(datasets.IMAGENET_DEFAULT_STD))
+    flow = SimpleNamespace(input_normalization=imagenet)
+    clip = ((0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758))
+    class Unread(torch.utils.data.Dataset):
+        def __init__(self, mean, std):
+            self.mean, self.std = mean, std
+
+        def __len__(self):
+            pytest.fail(f"a set normalised with {self.mean}, {self.std} was read")
+
+    for mean, std in ((imagenet[0], (0.5, 0.5, 0.5)), clip):
+        with pytest.raises(ValueError, match=(
+                f"^the images are normalised with mean {re.escape(str(mean))}, std "
+                f"{re.escape(str(std))}, but the models were loaded for mean")):
+            protocols.collect_class(Unread(mean, std), None, flow, "c", 2, torch.device("cpu"))

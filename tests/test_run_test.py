@@ -249,6 +249,24 @@ def test_the_paper_protocol_refuses_a_class_without_anomalous_images(tiny_world,
         run_test.main(run_test.get_args_parser().parse_args(argv + ["--classes", last]))
 
 
+def test_the_paper_protocol_keeps_a_class_with_an_anomalous_image_left(tiny_world, tmp_path):
+    """With --skip_bad_images, --protocol paper refuses a class only where every anomalous
+    test image would be left out: one bad file among readable ones costs that image (the
+    dataset's warning names it), not the class's evaluation."""
+    data = tmp_path / "data"
+    last = tiny_world.classes[-1]
+    shutil.copytree(tiny_world.mvtec_root / last, data / last)
+    defects = sorted(d for d in (data / last / "test").iterdir() if d.name != "good")
+    (defects[0] / "zzz.png").symlink_to(tmp_path / "gone.png")
+    run_test.check_paper_classes(data, [last], skip_bad_images=True)
+    for folder in defects:  # with no readable one left: refused
+        for image in folder.iterdir():
+            if image.name != "zzz.png":
+                image.unlink()
+    with pytest.raises(utils.BadFileError, match=f"^{last}: --skip_bad_images would leave"):
+        run_test.check_paper_classes(data, [last], skip_bad_images=True)
+
+
 def test_a_class_typed_in_another_unicode_form_is_the_folder_of_that_name(tiny_world,
                                                                            tmp_path):
     """--classes typed composed (NFC) selects a class folder stored decomposed (NFD, as
@@ -370,6 +388,21 @@ def test_checkpoint_evaluates_with_its_own_settings(tiny_world, trained_112, tmp
     with pytest.raises(ValueError, match=r"rel_pos_bias.* has shape .*image size"):
         run_test.main(run_test.get_args_parser().parse_args(argv + ["--input_size", "224"]))
     assert "--input_size 224 (checkpoint: 112)" in capsys.readouterr().out
+
+
+def test_a_protoflow_folder_is_recorded_as_the_file_it_holds(tiny_world, tmp_path):
+    """--protoflow_weights may name a folder holding one .pt (the default,
+    weights/protoflow): results.json's args record the file used, and the resume key
+    fingerprints that file's content (a folder has no sha256)."""
+    folder = tmp_path / "protoflow"
+    folder.mkdir()
+    shutil.copy(tiny_world.protoflow, folder / "multi_class.pt")
+    argv = tiny_world.model_argv()
+    argv[argv.index("--protoflow_weights") + 1] = str(folder)
+    args = run_test.get_args_parser().parse_args(argv)
+    m = run_test.load_models(args)
+    assert args.protoflow_weights == m.protoflow_path == str(folder / "multi_class.pt")
+    assert run_test.file_fingerprints(args, m)["protoflow"] == _sha256(tiny_world.protoflow)
 
 
 def test_without_the_flag_the_tokenizer_is_the_one_the_checkpoint_was_trained_with(
@@ -593,6 +626,23 @@ def test_evaluation_flags_reach_their_consumers(tiny_world, tmp_path, monkeypatc
     assert "ce_only" not in record  # 'zero': no covering passes, no CE-alone row
     (kwargs,) = seen
     assert kwargs["sigma"] == 2.0 and kwargs["seed"] == 7 and kwargs["ratio"] == 0.2
+
+
+def test_default_mask_ratio_reaches_the_clean_protocol(tiny_world, tmp_path, monkeypatch):
+    """run_test.py's --default_mask_ratio masks a class the paper's Table 6 does not list
+    (coins) in the clean protocol, and its record says so: the flag was checked and keyed
+    for --resume_eval but could be lost on its way to the scoring."""
+    ratios = []
+    original = protocols.evaluate_clean
+
+    def recording(model, data, **kwargs):
+        ratios.append(kwargs["ratio"])
+        return original(model, data, **kwargs)
+
+    monkeypatch.setattr(run_test, "evaluate_clean", recording)
+    results = run_test.main(_args(tiny_world, tmp_path, "clean", "--classes", "coins",
+                                  "--default_mask_ratio", "0.2"))
+    assert ratios == [0.2] and results["classes"]["coins"]["mask_ratio"] == 0.2
 
 
 def test_a_mask_ratio_that_masks_no_patch_is_refused_before_any_class(tiny_world, tmp_path):
@@ -836,6 +886,27 @@ def test_each_class_is_called_at_its_own_threshold(tiny_world, tmp_path, monkeyp
 
 
 @pytest.mark.filterwarnings("ignore::metrics.UndefinedMetricWarning")
+def test_the_resume_key_holds_every_setting_the_scores_depend_on():
+    """--resume_eval reuses a class's record only when its key matches: --mask_ratio,
+    --default_mask_ratio, --sigma, --seed, --skip_bad_images (which images a class has)
+    and --protocol each change the scores, so each changes the key; --default_mask_ratio
+    given at its default (0.3) and the batch, worker and device flags do not, and a
+    finished class is not evaluated again for them."""
+    parse = run_test.get_args_parser().parse_args
+    results = {"setting": "multi_class", "clean_options": {"masks": "threshold"},
+               "amp": "none", "checkpoints": {"pmad": "0" * 64}}
+
+    def key(*flags: str) -> dict:
+        return run_test.resume_key(parse(["--data_path", "data", *flags]), results)
+
+    base = key()
+    for flags in (["--mask_ratio", "0.2"], ["--default_mask_ratio", "0.2"], ["--sigma", "2"],
+                  ["--seed", "1"], ["--skip_bad_images"], ["--protocol", "paper"]):
+        assert key(*flags) != base, flags
+    assert key("--default_mask_ratio", "0.3", "--batch_size", "3", "--num_workers", "1",
+               "--device", "cpu") == base
+
+
 def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_world,
                                                                          tmp_path, capsys):
     """The resume key holds the model settings, --amp, the seed, the default mask ratio

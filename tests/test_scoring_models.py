@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import csv
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import datasets
+import modeling_discrete_vae
 import modeling_pmad
 import predict
 import protocols
 import run_test
 import scoring_models
 import utils
-from conftest import ROOT
+from conftest import KMEANS_VOCAB, ROOT
 
 
 def test_load_takes_plain_arguments_and_gives_what_the_flags_give(tiny_world):
@@ -141,3 +143,119 @@ def test_a_prototypes_folder_that_is_not_there_is_named_before_any_model_loads(
     assert predict.main(argv) == 2
     assert capsys.readouterr().err.startswith(
         "error: --prototypes_dir weights/prototypes does not exist")
+
+
+def _world_files(world) -> dict:
+    """load's arguments for the tiny world's tokenizer, ProtoFlow and prototypes."""
+    return dict(tokenizer_path=str(world.tokenizer), protoflow_weights=str(world.protoflow),
+                prototypes_dir=str(world.prototypes_dir), amp="none", say=lambda note: None)
+
+
+def test_images_are_normalised_as_the_vit_was_trained(tiny_world):
+    """A ViT trained without --imagenet_default_mean_and_std (BEiT's 0.5/0.5) is given
+    images normalised so, and ProtoFlow is told so (it converts them to its own). With
+    ImageNet's values the ViT read every image off its training distribution and scored
+    it plausibly wrong, with no error: ProtoFlow's scores alone do not show it."""
+    half = (0.5, 0.5, 0.5)
+    m = scoring_models.load(str(tiny_world.pmad_ckpt),
+                            config={"model": tiny_world.model, "tokenizer_model": "kmeans",
+                                    "imagenet_default_mean_and_std": False},
+                            **_world_files(tiny_world))
+    assert (m.mean, m.std) == (half, half)
+    assert tuple(tuple(v) for v in m.protoflow.input_normalization) == (half, half)
+    path = str(sorted((tiny_world.mvtec_root / "coins" / "test" / "good").glob("*.png"))[0])
+    ours = m.dataset([path])
+    assert (ours.mean, ours.std) == (half, half)
+    image = ours[0]["image"]  # pixels in [0, 1] -> [-1, 1]
+    assert image.min() >= -1 - 1e-6 and image.max() <= 1 + 1e-6 and image.min() < -0.5
+
+
+def test_a_checkpoint_loads_only_into_the_layer_scale_it_was_trained_with(tiny_world,
+                                                                           tmp_path):
+    """--layer_scale_init_value 0 trains a ViT without layer scale (no gamma weights): it
+    loads as trained, from its stored arguments, every weight the file's. Read as a
+    model with layer scale (the paper's, given explicitly) its gammas are missing: refused
+    by name, where a partial load would leave them at their initial values and score
+    plausibly wrong."""
+    torch.manual_seed(0)
+    vit = modeling_pmad.build_pmad(tiny_world.model, vocab_size=KMEANS_VOCAB, init_values=0.0)
+    assert not any("gamma" in k for k in vit.state_dict())
+    ckpt = tmp_path / "no_layer_scale.pth"
+    torch.save({"model": vit.state_dict(),
+                "args": {"model": tiny_world.model, "input_size": 224,
+                         "layer_scale_init_value": 0.0, "imagenet_default_mean_and_std": True,
+                         "tokenizer_model": "kmeans"}}, ckpt)
+    m = scoring_models.load(str(ckpt), **_world_files(tiny_world))
+    assert m.config["layer_scale_init_value"] == 0.0
+    torch.testing.assert_close(m.model.state_dict(), vit.state_dict())
+    with pytest.raises(utils.CheckpointError, match=(
+            f"^{re.escape(str(ckpt))} does not match .*: missing \\[[^]]*'blocks.0.gamma_1'")):
+        scoring_models.load(str(ckpt), config={"layer_scale_init_value": 0.1},
+                            **_world_files(tiny_world))
+
+
+def test_the_device_is_a_gpu_where_torch_sees_one_unless_one_is_given(tiny_world,
+                                                                     monkeypatch):
+    """load(device=None) asks for CUDA where torch sees a GPU (as the scripts' --device
+    default), and run_test.py's / predict.py's --device cpu is kept on a machine with a
+    GPU. On the tests' CPU-only machines both resolve to the CPU either way, which hid a
+    flag dropped (or a default lost) on the way to the models."""
+    asked: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(scoring_models, "resolve_device",
+                        lambda device: asked.append(device) or torch.device("cpu"))
+    scoring_models.load(str(tiny_world.pmad_ckpt),
+                        config={"model": tiny_world.model, "tokenizer_model": "kmeans"},
+                        **_world_files(tiny_world))
+    args = run_test.get_args_parser().parse_args(tiny_world.model_argv(device="cpu"))
+    assert run_test.load_models(args).device == torch.device("cpu")
+    assert asked == ["cuda", "cpu"]
+
+
+def test_a_missing_tokenizer_is_named_without_a_false_note(tiny_world, tmp_path):
+    """'(... was trained with --tokenizer_weight_path X, which is not on this machine)'
+    is said only where the recorded file was not found and the released one was tried
+    in its stead. A tokenizer the caller names that is missing, or the recorded one found
+    but unusable (a folder), is named alone: the note would send the user after a file
+    that is there, or away from the one they typed."""
+    def checkpoint(recorded: str) -> str:
+        path = tmp_path / f"pmad_{len(list(tmp_path.glob('pmad_*')))}.pth"
+        torch.save({**torch.load(tiny_world.pmad_ckpt, weights_only=True),
+                    "args": {"model": tiny_world.model, "tokenizer_model": "kmeans",
+                             "tokenizer_weight_path": recorded}}, path)
+        return str(path)
+
+    files = {**_world_files(tiny_world), "tokenizer_path": None}
+    gone = tmp_path / "gone.pth"
+    with pytest.raises(utils.MissingFileError, match=f"^k-means tokenizer {gone} not found") \
+            as info:
+        scoring_models.load(checkpoint(str(tiny_world.tokenizer)),
+                            **{**files, "tokenizer_path": str(gone)})
+    assert "not on this machine" not in str(info.value)
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    with pytest.raises(utils.MissingFileError, match=f"^weights file {folder} is a folder") \
+            as info:
+        scoring_models.load(checkpoint(str(folder)), **files)
+    assert "not on this machine" not in str(info.value)
+    with pytest.raises(utils.MissingFileError, match=(  # the note where it holds
+            f"\\(.* was trained with --tokenizer_weight_path {gone}, which is not on this "
+            "machine\\)$")):
+        scoring_models.load(checkpoint(str(gone)), **files)
+
+
+def test_a_tokenizer_fingerprinted_in_fp16_is_the_same_file_on_the_cpu(tiny_world):
+    """A ViT trained with DALL-E tokenizing in fp16 on a GPU records the tokenizer's
+    fingerprint with its compute prefix ('fp16-<sha256>'); evaluated on the CPU the same
+    file has none, and the other way round. Compared by weights alone it is accepted in
+    both directions; other weights are refused either way."""
+    sha, fp16 = "a" * 64, modeling_discrete_vae.FP16_PREFIX
+    files = dict(ckpt=str(tiny_world.pmad_ckpt), tokenizer_model="kmeans",
+                 tokenizer_path=str(tiny_world.tokenizer), model_name=tiny_world.model,
+                 input_size=224)
+    for then, now in ((fp16 + sha, sha), (sha, fp16 + sha), (fp16 + sha, fp16 + sha)):
+        scoring_models.check_tokenizer(SimpleNamespace(fingerprint=now), then, **files)
+    for then in (sha, fp16 + sha):
+        with pytest.raises(utils.FlagError, match="was trained with another tokenizer"):
+            scoring_models.check_tokenizer(SimpleNamespace(fingerprint="b" * 64), then,
+                                           **files)
