@@ -183,7 +183,7 @@ def main() -> None:
         rows = {
             "paper protocol (24 ratios)": (lambda: ours("paper"), lambda: original("paper")),
             f"clean protocol (r={DEFAULT_MASK_RATIO})": (lambda: ours("clean"),
-                                                        lambda: original("clean")),
+                                                         lambda: original("clean")),
             f"map smoothing ({args.maps} maps)": (
                 lambda: protocols.gaussian_blur(maps, SIGMA), lambda: scipy_blur(maps)),
         }
