@@ -885,7 +885,6 @@ def test_each_class_is_called_at_its_own_threshold(tiny_world, tmp_path, monkeyp
     assert captioned["coins"][0] == pytest.approx(expected["coins"])
 
 
-@pytest.mark.filterwarnings("ignore::metrics.UndefinedMetricWarning")
 def test_the_resume_key_holds_every_setting_the_scores_depend_on():
     """--resume_eval reuses a class's record only when its key matches: --mask_ratio,
     --default_mask_ratio, --sigma, --seed, --skip_bad_images (which images a class has)
@@ -907,6 +906,7 @@ def test_the_resume_key_holds_every_setting_the_scores_depend_on():
                "--device", "cpu") == base
 
 
+@pytest.mark.filterwarnings("ignore::metrics.UndefinedMetricWarning")
 def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_world,
                                                                          tmp_path, capsys):
     """The resume key holds the model settings, --amp, the seed, the default mask ratio
