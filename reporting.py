@@ -14,6 +14,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,17 @@ def summarize(results: dict) -> None:
     results["per_defect_mean"] = per_defect
 
 
+def display_names(names: Sequence[str]) -> dict[str, str]:
+    """{class: its name in the table}: as the paper prints MVTec AD's ('metal_nut' ->
+    'Metal nut'), the first letter raised and underscores as spaces, the rest as typed
+    ('bolt A', 'pcb1' -> 'Pcb1'); every name as it is where two would then read alike
+    ('metal_plate' and 'metal plate'). A '|' is escaped, as it would end the cell."""
+    shown = {n: (n[:1].upper() + n[1:]).replace("_", " ") for n in names}
+    if len(set(shown.values())) < len(shown):
+        shown = {n: n for n in names}
+    return {n: s.replace("|", "\\|") for n, s in shown.items()}
+
+
 def format_table(results: dict, protocol: str) -> str:
     """Markdown: PMAD per class shaped like the paper's table (a class scored without
     the bad images or masks --skip_bad_images left out says how many), the baselines' means
@@ -82,10 +94,11 @@ def format_table(results: dict, protocol: str) -> str:
                 f"{r['image_f1_max']:.3f} | {r['pixel_f1_max']:.3f} | "
                 f"{'' if ratio is None else f'{ratio:.2f}'} |")
 
+    shown = display_names(list(results["classes"]))
     for name, r in results["classes"].items():
         skipped = len(r.get("skipped_images") or ())
-        rows.append(row(name.replace("_", " ").capitalize()
-                        + (f" ({skipped} bad image(s) left out)" if skipped else ""), r))
+        rows.append(row(shown[name] + (f" ({skipped} bad image(s) left out)" if skipped
+                                       else ""), r))
     rows.append(row("**Mean (PMAD)**", results["mean"]))
     for key, label in _methods(results)[1:]:
         rows.append(row(f"*{label} (mean)*", results[f"mean_{key}"]))

@@ -400,6 +400,22 @@ def test_the_table_of_a_run_that_stopped_says_its_means_are_partial(tmp_path):
         "heatmaps: OSError: [Errno 28] No space left). Re-run with --resume_eval to finish.")
 
 
+def test_the_table_names_each_class_as_typed_but_for_its_first_letter():
+    """MVTec AD's names read as in the paper ('metal_nut' -> 'Metal nut'); a user's keep
+    their own case ('bolt A' was 'Bolt a', 'pcb1' stays 'Pcb1'); two names that would read
+    alike ('metal_plate', 'metal plate') stay as typed, so their rows differ; a '|' in a
+    name does not end its cell."""
+    names = ["metal_nut", "bolt A", "pcb1", "a|b"]
+    results = {"protocol": "clean", "classes": {n: _class_record(0.9, ["crack"])
+                                                for n in names}}
+    reporting.summarize(results)
+    first_cells = [line.split(" | ")[0] for line in
+                   reporting.format_table(results, "clean").splitlines()[4:8]]
+    assert first_cells == ["| Metal nut", "| Bolt A", "| Pcb1", "| A\\|b"]
+    assert reporting.display_names(["metal_plate", "metal plate", "x"]) == {
+        "metal_plate": "metal_plate", "metal plate": "metal plate", "x": "x"}
+
+
 def test_results_md_diagnostics_rows_by_class(tmp_path):
     """results.md's mask diagnostics, one row per class: anomalous images given the
     proposal mask of all anomalous ones, the fraction of defect pixels masked (not its
