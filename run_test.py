@@ -29,9 +29,10 @@ from heatmaps import save_heatmaps
 from masking_generator import (DEFAULT_MASK_RATIO, class_mask_ratio, default_mask_ratio,
                                min_mask_ratio, num_masked)
 from modeling_discrete_vae import available_tokenizers, kmeans_file_settings
-from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORES, UNMASKED,
-                       CleanOptions, collect_class, empty_defect_masks, evaluate_clean,
-                       evaluate_paper)
+from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORES,
+                       MOSTLY_DEFECT, UNMASKED, CleanOptions, collect_class,
+                       empty_defect_masks, evaluate_clean, evaluate_paper,
+                       mostly_defect_masks)
 from protoflow import prototypes_sha256
 from reporting import (HEATMAPS, RECORD_FORMAT, RECORD_VERSION, TEST_DATA, PartialResults,
                        exit_status, report)
@@ -465,6 +466,14 @@ def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, r
                    "): the pixel metrics never see their "
                    "defects. Check the masks, or the images' shape: the centre crop (as the "
                    "paper's) drops the sides of a non-square image", file=sys.stderr)
+    mostly = mostly_defect_masks(data)
+    if mostly:
+        tqdm.write(f"[run_test] note: {class_name}: {len(mostly)} ground-truth mask(s) mark "
+                   f"more than {MOSTLY_DEFECT:.0%} of their image defective "
+                   f"({some_names(mostly, 3)}): check that each marks its defect non-zero "
+                   "(white) on zero (black); an inverted mask, or a colour mask on a white "
+                   "background, scores the pixel metrics on the background",
+                   file=sys.stderr)
 
     def draw_heatmaps() -> None:
         """All the class's heatmaps or none: a folder cut short would pass, on

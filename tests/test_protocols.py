@@ -440,6 +440,22 @@ def test_an_anomalous_image_with_no_defect_pixel_is_counted_and_named() -> None:
     assert protocols.empty_defect_masks(data) == []
 
 
+def test_a_mask_marking_most_of_its_image_is_named() -> None:
+    """A mask marking more than half its image (an inverted one) is named; one marking
+    exactly half, or a small defect, is not; without masks none is."""
+    data = _hand_data(size=4)
+    assert protocols.mostly_defect_masks(data) == []
+    data.gt_masks[1] = 1 - data.gt_masks[1]  # inverted: 15 of 16 pixels
+    assert protocols.mostly_defect_masks(data) == ["bad_000"]
+    data.gt_masks[1] = 0
+    data.gt_masks[1, :2] = 1  # 8 of 16 pixels
+    assert protocols.mostly_defect_masks(data) == []
+    data.gt_masks[1, 2, 0] = 1  # 9 of 16
+    assert protocols.mostly_defect_masks(data) == ["bad_000"]
+    data.gt_masks = None
+    assert protocols.mostly_defect_masks(data) == []
+
+
 def test_clean_protocol_counts_the_images_that_got_the_proposal_mask() -> None:
     """With --clean_masks proposal every image gets its proposal mask, whatever ProtoFlow
     calls at the stored threshold (here only the defective image is above it): the record

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -155,17 +156,22 @@ class ShownTqdm(tqdm.tqdm):
         super().__init__(*args, **{**kwargs, "disable": False})
 
 
-def test_an_anomalous_image_with_an_empty_mask_is_named(tiny_world, tmp_path, capfd,
-                                                        monkeypatch):
+def test_an_anomalous_image_with_an_empty_or_inverted_mask_is_named(tiny_world, tmp_path,
+                                                                    capfd, monkeypatch):
     """An anomalous test image whose ground-truth mask marks no pixel was evaluated
     silently (its defect never reaches the pixel metrics): a note names it, and the
-    class's diagnostics in results.json count it."""
+    class's diagnostics in results.json count it. So was an inverted mask (the defect
+    black on white: the background scored as the defect): a note names it too."""
     monkeypatch.setattr(run_test, "tqdm", ShownTqdm)
     data = tmp_path / "data"
     shutil.copytree(tiny_world.mvtec_root / "coins", data / "coins")
-    mask = sorted((data / "coins" / "ground_truth").rglob("*.png"))[0]
+    mask, inverted = sorted((data / "coins" / "ground_truth").rglob("*.png"))[:2]
     Image.fromarray(np.zeros(np.asarray(Image.open(mask)).shape[:2], np.uint8)).save(mask)
-    name = f"{mask.parent.name}_{mask.name.replace('_mask.png', '')}"  # its result name
+    Image.fromarray(255 - np.asarray(Image.open(inverted).convert("L"))).save(inverted)
+
+    def result_name(path: Path) -> str:
+        return f"{path.parent.name}_{path.name.replace('_mask.png', '')}"
+    name = result_name(mask)
     with pytest.warns(metrics.UndefinedMetricWarning, match="pixel_auroc is undefined: 0 "
                       "positive"):  # that image's defect type has no defect pixel left
         results = run_test.main(run_test.get_args_parser().parse_args(
@@ -174,6 +180,9 @@ def test_an_anomalous_image_with_an_empty_mask_is_named(tiny_world, tmp_path, ca
     assert (f"[run_test] note: coins: 1 anomalous image(s) have no defect pixel in their "
             f"ground-truth mask as scored ({name}): the pixel metrics never see their "
             "defects") in err
+    assert (f"[run_test] note: coins: 1 ground-truth mask(s) mark more than 50% of their "
+            f"image defective ({result_name(inverted)}): check that each marks its defect "
+            "non-zero (white) on zero (black)") in err
     assert "\rreading the test sets:   0%|" in err  # the resume key's read: a progress bar
     assert results["classes"]["coins"]["diagnostics"]["empty_defect_masks"] == 1
     saved = strict_json(tmp_path / "out" / "results.json")
