@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 import shutil
 import sys
 from collections import Counter
@@ -29,9 +28,9 @@ from typing import Callable, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from datasets import (NORMAL_DIRS, TEST_LAYOUT, VISA_CLASSES, LayoutError, as_found,
-                      data_subdirs, is_junk_dir, is_junk_file, list_images, loose_images,
-                      mask_problem, open_mask, too_large)
+from datasets import (MASK_FOLDER, NORMAL_DIRS, TEST_LAYOUT, VISA_CLASSES, LayoutError,
+                      as_found, data_subdirs, is_junk_dir, is_junk_file, list_images,
+                      loose_images, mask_problem, open_mask, too_large)
 from utils import some_names, write_atomic
 
 VISA_SPLIT = os.path.join("split_csv", "1cls.csv")
@@ -47,9 +46,6 @@ MIN_TRAIN_IMAGES = 2
 # files a re-run may replace and remove (never those of a class it did not write).
 CUSTOM_MARKER = ".pmad_custom_split"
 MARKER_TEXT = "written by setup_train_dataset.py --custom "  # + the source's absolute path
-# Folder names of ground-truth masks (case-insensitive): --custom would score one as a
-# defect type, its masks as defective images.
-MASK_FOLDER = re.compile(r"ground[ _-]?truths?|gts?|masks?", re.IGNORECASE)
 
 Sync = Callable[[list[tuple[str, str]], str], Counter]  # (pairs, progress text) -> counts
 

@@ -50,6 +50,10 @@ IMAGE_CACHES = ("ram", "device")  # where ImageCache keeps the decoded images
 CACHE_IMAGES = ("none", *IMAGE_CACHES)  # run_pretraining.py --cache_images
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_DIRS = ("good", "ok")  # normal-image folder: MVTec AD / MPDD, BTAD
+# Folder names of ground-truth masks (case-insensitive): --custom would score one as a
+# defect type, its masks as defective images; beside test/, one not named ground_truth
+# is named (ground_truth_near_miss)
+MASK_FOLDER = re.compile(r"ground[ _-]?truths?|gts?|masks?", re.IGNORECASE)
 JUNK_DIRS = ("__MACOSX",)  # beside the hidden folders: never data (is_junk_dir)
 JUNK_FILES = ("thumbs.db", "desktop.ini")  # beside the hidden files (is_junk_file)
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a camera image is turned for viewing
@@ -1312,6 +1316,43 @@ def _mask_listing(gt_dir: str) -> dict[tuple[str, str], str]:
     return listing
 
 
+def _mask_near_miss(gt_dir: str, stem: str, listing: dict[tuple[str, str], str]) -> str:
+    """Why an image's mask was not found, where a near miss shows it: a file of the
+    image's stem named otherwise (000_gt.png, 000-mask.png), or the defect's folder named
+    in another case (ground_truth/Crack for test/crack). '' where none does."""
+    if listing:
+        near = [name for (other, _), name in listing.items() if other.startswith(stem)
+                and not other[len(stem):len(stem) + 1].isalnum()]
+        return (f": found {some_names(near, 3)}, rename it to {stem}_mask.png" if near
+                else "")
+    parent, defect = os.path.split(gt_dir)
+    if os.path.isdir(gt_dir) or not os.path.isdir(parent):
+        return ""
+    cased = [d for d in data_subdirs(parent) if d.lower() == defect.lower()]
+    return (f": {os.path.join(parent, cased[0])} differs from the test folder {defect} "
+            "only by case; rename one" if cased else f": no folder {gt_dir}")
+
+
+def ground_truth_near_miss(root: str, class_name: str) -> str | None:
+    """A class's folder beside test/ named like one of masks but not ground_truth (gt/,
+    masks/, Ground_Truth/), which is never read: the class is then evaluated on image
+    labels only. None where there is none."""
+    folder = os.path.join(root, class_name)
+    near = [d for d in data_subdirs(folder)
+            if d != "ground_truth" and MASK_FOLDER.fullmatch(d)]
+    return os.path.join(folder, near[0]) if near else None
+
+
+def _refuse_normal_case(test_dir: str, defects: Sequence[str]) -> None:
+    """test/Good would be scored as a defect type (its images as defective ones, with
+    masks looked for): the normal folder's name is matched exactly, as MVTec AD's."""
+    cased = [d for d in defects if d.lower() in NORMAL_DIRS and d not in NORMAL_DIRS]
+    if cased:
+        raise LayoutError(f"{os.path.join(test_dir, cased[0])}: the normal test images' "
+                          f"folder is named {' or '.join(NORMAL_DIRS)}, in lower case; "
+                          f"rename it to {cased[0].lower()}")
+
+
 def _find_gt_mask(gt_dir: str, listing: dict[tuple[str, str], str], stem: str) -> str | None:
     for key in [(stem + "_mask", ext) for ext in IMAGE_EXTENSIONS] + \
                [(stem, ext) for ext in IMAGE_EXTENSIONS]:
@@ -1364,7 +1405,9 @@ class MVTecTestDataset(_TokenImageDataset):
                               f"{TEST_LAYOUT}; classes present in {root}: "
                               f"{', '.join(found) or 'none'}")
         items, missing, empty = [], [], []
-        for defect in data_subdirs(test_dir):
+        defects = data_subdirs(test_dir)
+        _refuse_normal_case(test_dir, defects)
+        for defect in defects:
             files = list_images(os.path.join(test_dir, defect), keep_dangling=True)
             if not files:
                 empty.append(os.path.join(test_dir, defect))
@@ -1377,7 +1420,8 @@ class MVTecTestDataset(_TokenImageDataset):
                 mask = _find_gt_mask(gt_dir, listing, stem) if pixel_labels else None
                 if pixel_labels and mask is None:
                     missing.append(f"ground-truth mask {os.path.join(gt_dir, stem)}_mask.png "
-                                   f"(or {stem}.png) for {f}")
+                                   f"(or {stem}.png) for {f}"
+                                   + _mask_near_miss(gt_dir, stem, listing))
                     # BadFileError at load time names the file if it is kept
                     mask = os.path.join(gt_dir, stem + "_mask.png")
                 items.append((f, label, defect, mask))

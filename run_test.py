@@ -454,11 +454,15 @@ def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, r
                   ground_truth=data.gt_masks is not None, skipped_images=dataset.bad_files,
                   images=image_records(data.names, data.defect_types, scores))
     d = record["diagnostics"]
+    near = None if data.gt_masks is not None else datasets.ground_truth_near_miss(root,
+                                                                                  class_name)
     tqdm.write(f"[run_test] {class_name}: {d['anomalous_with_proposal']} of "
                f"{d['anomalous_images']} anomalous images got the proposal mask; "
                + (f"{d['masked_defect_fraction']:.0%} of defect pixels masked"
                   if data.gt_masks is not None else
-                  f"no {root}/{class_name}/ground_truth folder: pixel metrics undefined"))
+                  f"no {root}/{class_name}/ground_truth folder: pixel metrics undefined"
+                  + (f" ({near} is not read: rename it to ground_truth to score its masks)"
+                     if near else "")))
     empty = empty_defect_masks(data)
     if empty:
         tqdm.write(f"[run_test] note: {class_name}: {len(empty)} anomalous image(s) have no "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -479,6 +480,53 @@ def test_missing_or_corrupt_gt_mask(mvtec_root, capsys):
         ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64,
                               skip_bad_images=True)
     assert ds.labels == [0, 0] and len(ds.bad_files) == 2
+
+
+def test_a_mask_named_near_the_rule_is_named_with_its_fix(mvtec_root):
+    """A missing mask's line names what lies near: a file of the image's stem named
+    otherwise ('001_gt.png': rename it), or the defect's mask folder in another case
+    (ground_truth/Broken for test/broken); none where no file or folder is near (0010
+    is not 001's)."""
+    gt, test = mvtec_root / "bottle" / "ground_truth", mvtec_root / "bottle" / "test"
+    (gt / "broken" / "001_mask.png").rename(gt / "broken" / "001_gt.png")
+    with pytest.raises(BadFileError) as err:
+        datasets.check_test_classes(str(mvtec_root), ["bottle"])
+    assert (f"ground-truth mask {gt / 'broken' / '001'}_mask.png (or 001.png) for "
+            f"{test / 'broken' / '001.png'}: found 001_gt.png, rename it to 001_mask.png\n"
+            ) in str(err.value)
+    (gt / "broken" / "001_gt.png").rename(gt / "broken" / "0010_mask.png")
+    with pytest.raises(BadFileError) as err:
+        datasets.check_test_classes(str(mvtec_root), ["bottle"])
+    assert f"for {test / 'broken' / '001.png'}\n" in str(err.value)
+    (gt / "broken").rename(gt / "Broken")
+    with pytest.raises(BadFileError) as err:
+        datasets.check_test_classes(str(mvtec_root), ["bottle"])
+    assert (f"for {test / 'broken' / '000.png'}: {gt / 'Broken'} differs from the test "
+            "folder broken only by case; rename one\n") in str(err.value)
+    (gt / "Broken").rename(gt / "other")
+    with pytest.raises(BadFileError) as err:
+        datasets.check_test_classes(str(mvtec_root), ["bottle"])
+    assert f"for {test / 'broken' / '000.png'}: no folder {gt / 'broken'}\n" in str(err.value)
+
+
+def test_a_normal_folder_in_another_case_is_refused(mvtec_root):
+    """test/Good was scored as a defect type, its normal images as defective ones: it is
+    refused, before any image is read, with the rename."""
+    test = mvtec_root / "bottle" / "test"
+    (test / "good").rename(test / "Good")
+    with pytest.raises(LayoutError, match=re.escape(
+            f"{test / 'Good'}: the normal test images' folder is named good or ok, in lower "
+            "case; rename it to good")):
+        datasets.check_test_classes(str(mvtec_root), ["bottle"])
+
+
+def test_a_mask_folder_not_named_ground_truth_is_found(mvtec_root):
+    """A class whose masks lie in gt/ (or masks/, Ground_Truth/) is scored on image labels
+    only: the folder is found, for run_test.py's note; a class without one has none."""
+    (mvtec_root / "bottle" / "ground_truth").rename(mvtec_root / "bottle" / "gt")
+    assert datasets.ground_truth_near_miss(str(mvtec_root), "bottle") == str(
+        mvtec_root / "bottle" / "gt")
+    assert datasets.ground_truth_near_miss(str(mvtec_root), "01") is None
 
 
 def test_check_test_classes_finds_a_cut_short_ground_truth_mask(mvtec_root):

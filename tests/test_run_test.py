@@ -924,13 +924,14 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
     """The resume key holds the model settings, --amp, the seed, the default mask ratio
     and every file by content (the class's prototypes too): copied prototypes are reused,
     other prototypes or another --amp, --seed or --default_mask_ratio are refused by
-    name. The class has no ground truth (pixel metrics nan), as a custom set: the records
-    with nan are reused and results.json holds null. An evaluation afresh sets the last
+    name. The class has no ground_truth/ (pixel metrics nan; its masks lie in gt/, which
+    is named), as a custom set: the records with nan are reused and results.json holds
+    null. An evaluation afresh sets the last
     one's heatmaps aside (they mixed with its own); a resumed one keeps them, and says so
     where a reused class has none to keep."""
     data = tmp_path / "mvtec"
     shutil.copytree(tiny_world.mvtec_root / "coins", data / "coins")
-    shutil.rmtree(data / "coins" / "ground_truth")
+    (data / "coins" / "ground_truth").rename(data / "coins" / "gt")  # never read
     argv = _argv(tiny_world, tmp_path, "clean", "--classes", "coins")
     argv[argv.index("--data_path") + 1] = str(data)
     parse = run_test.get_args_parser().parse_args
@@ -942,7 +943,10 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
     (previous,) = out.glob("previous-*")
     assert [p.relative_to(previous).as_posix() for p in previous.rglob("*.*")] == [
         "heatmaps/coins/stale.png"]
-    assert not pngs.exists() and "heatmaps moved to" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert not pngs.exists() and "heatmaps moved to" in said
+    assert (f"no {data}/coins/ground_truth folder: pixel metrics undefined ({data}/coins/gt "
+            "is not read: rename it to ground_truth to score its masks)") in said
     pngs.mkdir(parents=True)
     (pngs / "kept.png").write_bytes(b"kept")
     (line,) = [json.loads(x) for x in (out / "results.partial.jsonl").read_text().splitlines()]
