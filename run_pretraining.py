@@ -373,6 +373,21 @@ def check_image_grid(args: argparse.Namespace) -> int:
     return grid
 
 
+def mask_ratio_note(train_classes: Sequence[str], mask_ratio: float) -> str | None:
+    """Which training classes take their own Table 6 ratio rather than --mask_ratio: a
+    class is matched by name, so a user's 'tile' or 'screw' gets MVTec AD's ratio. None
+    where no class has one of its own."""
+    own = [c for c in train_classes if c in CLASS_MASK_RATIOS]
+    if not own:
+        return None
+    rest = len(train_classes) - len(own)
+    ratios = utils.some_names([f"{c} {CLASS_MASK_RATIOS[c]:g}" for c in own], 4)
+    return (f"[masking] {len(own)} class(es) named as MVTec AD's take their ratio of the "
+            f"paper's Table 6 ({ratios})"
+            + (f"; --mask_ratio {mask_ratio:g} sets the other {rest} (rename a folder to "
+               "give it --mask_ratio)" if rest else "; --mask_ratio is not used"))
+
+
 def build_mask_generator(args: argparse.Namespace, grid: int) -> MaskGenerator:
     """The combinational mask generator: each class's ratio of the paper's Table 6,
     --mask_ratio for a class without one."""
@@ -439,6 +454,9 @@ def _train_checked(args: argparse.Namespace, env: utils.DistEnv, train_classes: 
                    resume: str | None, header: dict | None, extended: str | None) -> dict:
     """_train once check_inputs has passed."""
     utils.main_print(json.dumps(vars(args), indent=1))
+    note = mask_ratio_note(train_classes, args.mask_ratio)
+    if note:
+        utils.main_print(note)
     done = header.get("epoch") if header is not None and "optimizer" in header else None
     if isinstance(done, int) and _continues_output_dir(resume, args.output_dir):
         # a crash between a save's numbered file and checkpoint-last.pth: catch the latter up

@@ -855,11 +855,21 @@ def test_a_mask_ratio_that_masks_no_patch_is_refused_before_tokenizing(env, tmp_
 
 
 def test_a_mask_ratio_only_classes_without_their_own_use_is_not_checked(env, tmp_path,
-                                                                       monkeypatch):
-    """bottle and carpet have their own ratios: --mask_ratio 0.004 is not theirs."""
+                                                                       monkeypatch, capsys):
+    """bottle and carpet have their own ratios: --mask_ratio 0.004 is not theirs, and the
+    run says so (a user's class is matched by name: a 'tile' of theirs gets MVTec AD's
+    ratio, said beside the classes --mask_ratio sets)."""
     calls = _record_epochs(monkeypatch)
     run_pretraining.main(_args(env, str(tmp_path), "--mask_ratio", "0.004", "--epochs", "1"))
     assert len(calls) == 1
+    assert ("[masking] 2 class(es) named as MVTec AD's take their ratio of the paper's "
+            "Table 6 (bottle 0.42, carpet 0.16); --mask_ratio is not used\n"
+            ) in capsys.readouterr().out
+    assert run_pretraining.mask_ratio_note(["tile", "bolt A", "pcb1"], 0.5) == (
+        "[masking] 1 class(es) named as MVTec AD's take their ratio of the paper's Table 6 "
+        "(tile 0.38); --mask_ratio 0.5 sets the other 2 (rename a folder to give it "
+        "--mask_ratio)")
+    assert run_pretraining.mask_ratio_note(["bolt A"], 0.5) is None
 
 
 def _fake_tokenizer_file(path: Path, obj: dict) -> str:
