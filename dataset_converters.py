@@ -64,12 +64,13 @@ def _write_binary_mask(src: str, dst: str) -> None:
 def read_visa_split(visa_dir: str, classes: Sequence[str] | None = None
                     ) -> dict[str, list[dict[str, str]]]:
     """{class: rows of split_csv/1cls.csv}, every named file checked to exist and no
-    two rows clashing (`_clash_problems`)."""
+    two rows clashing (`_clash_problems`). Read as utf-8-sig: a split saved by Excel
+    ("CSV UTF-8") starts with a byte-order mark that would join the first column's name."""
     path = os.path.join(visa_dir, VISA_SPLIT)
     if not os.path.isfile(path):
         raise LayoutError(f"{path} does not exist; --visa takes the extracted VisA folder: "
                           f"{VISA_LAYOUT}")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames != VISA_COLUMNS:
             raise LayoutError(f"{path} has columns {reader.fieldnames}, expected "

@@ -183,6 +183,20 @@ def test_visa_split_is_checked_before_writing(tmp_path):
                 "candle,train,normal,,", "pcb1,train")
 
 
+def test_visa_split_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a BOM: it was refused as a column named
+    '\ufeffobject'."""
+    (tmp_path / "candle").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "candle" / "a.JPG", format="JPEG")
+    (tmp_path / "split_csv").mkdir()
+    (tmp_path / "split_csv" / "1cls.csv").write_bytes(
+        "\ufeffobject,split,label,image,mask\r\ncandle,train,normal,candle/a.JPG,\r\n"
+        .encode("utf-8"))
+    assert dataset_converters.read_visa_split(str(tmp_path), ["candle"]) == {"candle": [
+        {"object": "candle", "split": "train", "label": "normal", "image": "candle/a.JPG",
+         "mask": ""}]}
+
+
 def _split_error(visa: Path, *rows: str) -> str:
     """The LayoutError text of reading a split file of `rows` for class candle."""
     (visa / "split_csv" / "1cls.csv").write_text(
