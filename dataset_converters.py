@@ -68,8 +68,10 @@ def read_visa_split(visa_dir: str, classes: Sequence[str] | None = None
     ("CSV UTF-8") starts with a byte-order mark that would join the first column's name."""
     path = os.path.join(visa_dir, VISA_SPLIT)
     if not os.path.isfile(path):
+        nearest = _nearest_visa(visa_dir)
         raise LayoutError(f"{path} does not exist; --visa takes the extracted VisA folder: "
-                          f"{VISA_LAYOUT}")
+                          f"{VISA_LAYOUT}"
+                          + (f". did you mean --visa {nearest}?" if nearest else ""))
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames != VISA_COLUMNS:
@@ -130,6 +132,18 @@ def read_visa_split(visa_dir: str, classes: Sequence[str] | None = None
                           + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20
                              else "") + f"\nexpected {VISA_LAYOUT}")
     return by_class
+
+
+def _nearest_visa(visa_dir: str) -> str | None:
+    """The folder holding split_csv/1cls.csv that --visa was likely meant to be, as
+    find_test_classes names one: the split file's (or split_csv's) VisA folder, a class
+    folder's parent, or a sub-folder; None where none is evident."""
+    root = os.path.normpath(visa_dir)
+    up = [os.path.normpath(os.path.join(root, os.pardir))]  # split_csv/ or <class>/ given
+    if os.path.isfile(root):  # split_csv/1cls.csv given
+        up.insert(0, os.path.normpath(os.path.join(root, os.pardir, os.pardir)))
+    down = [os.path.join(root, d) for d in data_subdirs(root)] if os.path.isdir(root) else []
+    return next((d for d in up + down if os.path.isfile(os.path.join(d, VISA_SPLIT))), None)
 
 
 def _clash_problems(listed: list[tuple[int, dict[str, str]]]) -> list[str]:

@@ -183,6 +183,25 @@ def test_visa_split_is_checked_before_writing(tmp_path):
                 "candle,train,normal,,", "pcb1,train")
 
 
+def test_visa_folder_missing_its_split_names_the_nearest_visa_folder(tmp_path):
+    """--visa given the split file, split_csv/, a class folder or the folder above VisA
+    named only the missing path; the VisA folder meant is named, as --data_path's is."""
+    visa = tmp_path / "downloads" / "VisA"
+    (visa / "split_csv").mkdir(parents=True)
+    (visa / "split_csv" / "1cls.csv").write_text("object,split,label,image,mask\n")
+    (visa / "candle").mkdir()
+    (tmp_path / "downloads" / "other").mkdir()
+    for given in (visa / "split_csv" / "1cls.csv", visa / "split_csv", visa / "candle",
+                  tmp_path / "downloads"):
+        with pytest.raises(dataset_converters.LayoutError) as err:
+            dataset_converters.read_visa_split(str(given))
+        assert str(err.value).startswith(f"{given / 'split_csv' / '1cls.csv'} does not exist")
+        assert str(err.value).endswith(f".JPG. did you mean --visa {visa}?")
+    with pytest.raises(dataset_converters.LayoutError) as err:  # nothing evident: no hint
+        dataset_converters.read_visa_split(str(tmp_path / "downloads" / "other"))
+    assert str(err.value).endswith(dataset_converters.VISA_LAYOUT)
+
+
 def test_visa_split_saved_with_a_byte_order_mark_is_read(tmp_path):
     """Excel's "CSV UTF-8" starts the file with a BOM: it was refused as a column named
     '\ufeffobject'."""
