@@ -571,6 +571,22 @@ def test_custom_refuses_mask_folders_and_images_beside_the_class_folders(tmp_pat
     assert not dst.exists()
 
 
+def test_custom_class_of_images_without_a_good_folder_says_where_they_go(tmp_path):
+    """A class folder of images and no good/ was refused as 'found []': the images lying
+    in it are counted and named, with the folders they belong in."""
+    widget = tmp_path / "mine" / "widget"
+    widget.mkdir(parents=True)
+    for k in range(5):
+        Image.new("RGB", (16, 16)).save(widget / f"{k:03d}.png")
+    with pytest.raises(dataset_converters.LayoutError) as err:
+        dataset_converters.plan_custom(str(tmp_path / "mine"), str(tmp_path / "mvtec"))
+    assert (f"{widget}: 5 image(s) lie directly in the class folder (000.png, 001.png, "
+            f"002.png, ... 2 more) and it has no good/ or ok/ folder: move the normal images "
+            f"into {widget / 'good'}/ and defective ones into {widget / '<defect>'}/\n"
+            ) in str(err.value)
+    assert not (tmp_path / "mvtec").exists()
+
+
 def test_custom_defect_folders_only_named_like_masks_are_defect_types(tmp_path):
     """Only a folder named as a whole like ground-truth masks (masks, GT, ground_truth) is
     refused: defect types 'masking_tape' and 'gts_dent' are copied as any other."""
