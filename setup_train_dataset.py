@@ -33,12 +33,12 @@ from tqdm import tqdm
 from dataset_converters import (DEFAULT_TEST_FRACTION, convert_custom, convert_visa,
                                 custom_classes, read_visa_split, remove_unlisted)
 from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, BadFileError,
-                      LayoutError, data_subdirs, fg_mask_path, list_images,
+                      LayoutError, data_subdirs, fg_mask_path, list_images, loose_images,
                       resolve_train_root)
 from demo_data import DEFECT_AREA_BOUNDS, WORLDS, make_demo_dataset
 from fg_masks import REPLACE_IN_DATA_PATH, FgMaskZip, make_fg_masks, mask_coverage
 from utils import (UniqueNames, cli, fraction_arg, int_at_least, prepare_output_dir,
-                   refuse_a_file, write_atomic)
+                   refuse_a_file, some_names, write_atomic)
 
 DEFAULT_ROOT = "data/Mvtec-ImageNet"
 DEMO_ROOT = "data/demo_imagenet"
@@ -94,7 +94,7 @@ def plan_copies(data_path: str, root: str, classes: Sequence[str]
             problems.append(str(e).replace("\n", "\n  "))
             continue
         if src_dir is None:
-            problems.append(f"{os.path.join(class_dir, 'train', 'good')} (folder missing)")
+            problems.append(_no_train_good_problem(os.path.join(class_dir, "train")))
         elif not files:
             problems.append(f"{src_dir} (no image files {'/'.join(IMAGE_EXTENSIONS)})")
         plan[name]["train"] = [(f, os.path.join(root, "train", name, os.path.basename(f)))
@@ -103,6 +103,17 @@ def plan_copies(data_path: str, root: str, classes: Sequence[str]
         raise LayoutError(f"{data_path} is not a complete MVTec-format dataset:\n  "
                           + "\n  ".join(problems) + f"\nexpected {SOURCE_LAYOUT}")
     return plan
+
+
+def _no_train_good_problem(train_dir: str) -> str:
+    """<class>/train/good is missing; where the training images lie directly in train/
+    (a flat copy), how many and that they must move into train/good/."""
+    good = os.path.join(train_dir, "good")
+    loose = loose_images(train_dir) if os.path.isdir(train_dir) else []
+    if not loose:
+        return f"{good} (folder missing)"
+    return (f"{good} (folder missing): {len(loose)} image(s) lie directly in {train_dir} "
+            f"({some_names(loose, 3)}); move them into {good}/")
 
 
 def _identical(src: str, dst: str, link: bool) -> bool:

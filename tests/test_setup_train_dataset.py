@@ -241,6 +241,20 @@ def test_layout_errors_list_everything_before_writing(tmp_path, capsys):
     assert "absent does not exist" in capsys.readouterr().err
 
 
+def test_images_directly_in_train_are_counted_with_where_they_go(tmp_path, capsys):
+    """<class>/train/*.png without train/good/ was refused as '(folder missing)' alone."""
+    data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "inet"
+    train = data / "bottle" / "train"
+    for f in sorted((train / "good").iterdir()):
+        f.rename(train / f.name)
+    (train / "good").rmdir()
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle") == 2
+    assert (f"  {train / 'good'} (folder missing): 3 image(s) lie directly in {train} "
+            f"(000.png, 001.png, 002.png); move them into {train / 'good'}/\n"
+            ) in capsys.readouterr().err
+    assert not root.exists()
+
+
 def test_a_link_to_nothing_and_images_of_one_stem_stop_the_copy_before_writing(tmp_path,
                                                                               capsys):
     """A training image linking nowhere was dropped by the listing: part of the class
