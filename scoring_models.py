@@ -135,6 +135,8 @@ def _tokenizer(ckpt: str, name: str, path: str | None, trained: dict, device: to
     """The tokenizer of `path`; without it, of the file the checkpoint records it was
     trained with (a k-means tokenizer has no standard place) where that is on this
     machine, else RELEASED_TOKENIZER, and a missing file then names the recorded one.
+    A missing file given (README's weights/tokenizer for a k-means ViT) names the
+    recorded one where it is on this machine: leaving the flag out would use it.
     -> (tokenizer, the path used)."""
     recorded = trained.get("tokenizer_weight_path")
     recorded = recorded if isinstance(recorded, str) else None
@@ -148,6 +150,11 @@ def _tokenizer(ckpt: str, name: str, path: str | None, trained: dict, device: to
     try:
         return create_tokenizer(name, path, device=str(device), amp=amp), path
     except MissingFileError as e:
+        if given and recorded not in (None, path) and os.path.exists(recorded):
+            raise MissingFileError(
+                f"{e} ({ckpt} records the tokenizer it was trained with, {recorded}, which "
+                "is on this machine: leave out --tokenizer_weight_path to use it, or pass "
+                f"--tokenizer_weight_path {recorded})") from None
         if given or recorded is None or recorded == path:
             raise
         raise MissingFileError(f"{e} ({ckpt} was trained with --tokenizer_weight_path "

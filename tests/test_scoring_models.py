@@ -216,8 +216,8 @@ def test_a_missing_tokenizer_is_named_without_a_false_note(tiny_world, tmp_path)
     """'(... was trained with --tokenizer_weight_path X, which is not on this machine)'
     is said only where the recorded file was not found and the released one was tried
     in its stead. A tokenizer the caller names that is missing, or the recorded one found
-    but unusable (a folder), is named alone: the note would send the user after a file
-    that is there, or away from the one they typed."""
+    but unusable (a folder), is named without it: the note would send the user after a
+    file that is there, or away from the one they typed."""
     def checkpoint(recorded: str) -> str:
         path = tmp_path / f"pmad_{len(list(tmp_path.glob('pmad_*')))}.pth"
         torch.save({**torch.load(tiny_world.pmad_ckpt, weights_only=True),
@@ -242,6 +242,26 @@ def test_a_missing_tokenizer_is_named_without_a_false_note(tiny_world, tmp_path)
             f"\\(.* was trained with --tokenizer_weight_path {gone}, which is not on this "
             "machine\\)$")):
         scoring_models.load(checkpoint(str(gone)), **files)
+
+
+def test_a_missing_tokenizer_given_names_the_one_the_checkpoint_records(tiny_world,
+                                                                        tmp_path):
+    """README's --tokenizer_weight_path weights/tokenizer (the released DALL-E tokenizer)
+    on a k-means ViT said only that file was not found; the file the checkpoint records
+    is on this machine, and leaving the flag out would use it: that is said."""
+    ckpt = tmp_path / "pmad.pth"
+    torch.save({**torch.load(tiny_world.pmad_ckpt, weights_only=True),
+                "args": {"model": tiny_world.model, "tokenizer_model": "kmeans",
+                         "tokenizer_weight_path": str(tiny_world.tokenizer)}}, ckpt)
+    with pytest.raises(utils.MissingFileError) as info:
+        scoring_models.load(str(ckpt), **{**_world_files(tiny_world),
+                                          "tokenizer_path": "weights/tokenizer"})
+    assert str(info.value).startswith("k-means tokenizer weights/tokenizer not found")
+    assert str(info.value).endswith(
+        f"pass the file that run wrote ({ckpt} records the tokenizer it was trained with, "
+        f"{tiny_world.tokenizer}, which is on this machine: leave out "
+        f"--tokenizer_weight_path to use it, or pass --tokenizer_weight_path "
+        f"{tiny_world.tokenizer})")
 
 
 def test_a_tokenizer_fingerprinted_in_fp16_is_the_same_file_on_the_cpu(tiny_world):
