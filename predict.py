@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import glob
 import hashlib
 import os
@@ -64,6 +65,26 @@ def _glob_base(pattern: str) -> str:
             break
         fixed.append(part)
     return str(Path(*fixed)) if fixed else "."
+
+
+def _missed_by_case(pattern: str, found: list[str]) -> list[str]:
+    """Images in the folders of `pattern` that its last part matches only case-folded
+    (dir/IMG.PNG for 'dir/*.png'), sorted: named in a note, not taken. Glob patterns
+    stay case-sensitive, as the shell's are: matching by case-folding would take more
+    than was typed ('IMG_*' would take img_*), only what the pattern missed is new."""
+    folder, last = os.path.split(pattern)
+    folders = glob.glob(folder, recursive=True) if glob.has_magic(folder) else [folder]
+    taken = {os.path.normpath(f) for f in found}
+    missed = []
+    for d in folders:
+        if not os.path.isdir(d or "."):
+            continue
+        for name in sorted(os.listdir(d or ".")):
+            path = os.path.join(d, name)
+            if (_is_image(name) and fnmatch.fnmatchcase(name.lower(), last.lower())
+                    and os.path.normpath(path) not in taken and os.path.isfile(path)):
+                missed.append(path)
+    return sorted(missed)
 
 
 def _other_files(files: list[str]) -> list[str]:
@@ -217,6 +238,13 @@ def _expand(spec: str, keep_dangling: bool = False
     if glob.has_magic(spec):
         found = sorted(glob.glob(spec, recursive=True))
         files = _existing([f for f in found if _is_image(f)], keep_dangling)
+        missed = _missed_by_case(spec, found)
+        if missed:
+            names = [os.path.relpath(f, _glob_base(spec)) for f in missed]
+            print(f"[predict] {spec}: left out {len(missed)} image(s) that match it but for "
+                  f"case ({utils.some_names(names, 3)}): a glob pattern is case-sensitive; "
+                  "give their folder (any case of extension is read) or a pattern of their "
+                  "case", file=sys.stderr)
         return _glob_base(spec), files, False, _other_files(found)
     raise InputError(f"{spec} does not exist: give a folder, an image file or a glob pattern "
                      "(quote it, e.g. 'images/*.png')")

@@ -459,6 +459,27 @@ def test_an_image_link_to_a_missing_file_is_an_error_in_a_folder_or_a_glob(tmp_p
         f"{tmp_path}/gone_class, which does not exist\n")
 
 
+def test_a_glob_names_the_images_it_misses_only_by_case(tmp_path, capsys):
+    """'dir/*.png' (predict.py expands a quoted glob itself) silently missed dir/IMG.PNG,
+    which every loader reads: those images are counted and named on stderr."""
+    _touch(tmp_path, "in/a/1.png", "in/a/B.PNG", "in/a/c.Png", "in/a/d.jpg", "in/b/E.PNG",
+           "in/a/.F.PNG")
+    spec = str(tmp_path / "in" / "a" / "*.png")
+    assert predict.find_images([spec], "x", False) == {
+        "x": [(str(tmp_path / "in" / "a" / "1.png"), "1")]}
+    assert capsys.readouterr().err == (
+        f"[predict] {spec}: left out 2 image(s) that match it but for case (B.PNG, c.Png): "
+        "a glob pattern is case-sensitive; give their folder (any case of extension is "
+        "read) or a pattern of their case\n")
+    spec = str(tmp_path / "in" / "*" / "*.png")  # relative to the glob's folder
+    predict.find_images([spec], "x", False)
+    assert capsys.readouterr().err.startswith(
+        f"[predict] {spec}: left out 3 image(s) that match it but for case (a/B.PNG, "
+        "a/c.Png, b/E.PNG): ")
+    predict.find_images([str(tmp_path / "in" / "a" / "*.[pP][nN][gG]")], "x", False)
+    assert capsys.readouterr().err == ""
+
+
 def test_files_of_other_types_are_named_in_a_note(tmp_path, capsys):
     """A .webp photo among the images is not scored, so it is named on stderr, from a
     folder input and from a glob alike; hidden files, Windows' Thumbs.db and desktop.ini
