@@ -334,13 +334,11 @@ def resume_key(args: argparse.Namespace, results: dict) -> dict:
     """Every setting and file (by content) a class's record depends on but its
     prototypes: --resume_eval reuses a record only when all of it matches. Left out:
     the class selection, the output, and --device / --batch_size / --num_workers, which
-    change the scores only by rounding; --default_mask_ratio where --mask_ratio sets
-    every class's ratio (it is then unused)."""
+    change the scores only by rounding."""
     return {"data_path": str(Path(args.data_path)), "setting": results["setting"],
             "protocol": args.protocol, "clean_options": results["clean_options"],
             "mask_ratio": args.mask_ratio,
-            "default_mask_ratio": (default_mask_ratio(args.default_mask_ratio)
-                                   if args.mask_ratio is None else None),
+            "default_mask_ratio": default_mask_ratio(args.default_mask_ratio),
             "sigma": args.sigma, "seed": args.seed, "skip_bad_images": args.skip_bad_images,
             **{k: getattr(args, k) for k in modeling_pmad.PAPER_EVAL_CONFIG},
             "amp": results["amp"], **results["checkpoints"], RECORD_FORMAT: RECORD_VERSION}
