@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import warnings
 
 import numpy as np
@@ -85,8 +86,12 @@ def test_summary_means_each_method_and_defect_type_from_its_own_records(tmp_path
     assert "| *PatchCore (mean)* | 0.510/0.510 | 0.510 | 0.510 | 0.510 | 0.510 | 0.510 |  |" \
         in table
     assert "| crack | 0.810/0.405 | 0.610/0.305 | 0.410/0.205 |" in table
-    assert "| a | 3/4 | 0.50 | 1 |" in table and "| b | 3/4 | 0.50 |  |" in table
-    assert "| c | 3/4 | 0.50 | 0 |" in table  # none counted is 0; blank: never counted
+    assert "| A | 3/4 | 0.50 | 1 |" in table and "| B | 3/4 | 0.50 |  |" in table
+    assert "| C | 3/4 | 0.50 | 0 |" in table  # none counted is 0; blank: never counted
+    # PMAD's lead over each baseline's mean, 4 decimals; each method per class
+    assert "| ProtoFlow map alone | +0.2000 | +0.2000 | +0.2000 |" in table
+    assert "| PatchCore | +0.4000 | +0.4000 | +0.4000 |" in table
+    assert ("| B | 0.920/0.920/0.920 | 0.720/0.720/0.720 | 0.520/0.520/0.520 |") in table
     with open(tmp_path / "results.csv") as f:
         means = {row["method"]: float(row["image_auroc"]) for row in csv.DictReader(f)
                  if row["class"] == "mean"}
@@ -97,6 +102,20 @@ def test_summary_means_each_method_and_defect_type_from_its_own_records(tmp_path
         method = "pmad" if key == "mean" else key[len("mean_"):]
         assert results["per_defect_mean"][method]["crack"] == pytest.approx(
             {"image_auroc": crack, "pixel_auroc": crack / 2}), method
+
+
+def test_a_lead_under_a_thousandth_shows_in_the_lead_table():
+    """PMAD's pixel AUROC 0.98321 against ProtoFlow's map's 0.98305 both read 0.983 in
+    the paper-shaped table; the lead table shows +0.0002, and a loss with its sign."""
+    record = _class_record(0.9, ["crack"])
+    record.update(pixel_auroc=0.98321, image_auroc=0.9740)
+    record["protoflow_only"].update(pixel_auroc=0.98305, image_auroc=0.9796)
+    results = {"protocol": "clean", "classes": {"a": record}}
+    reporting.summarize(results)
+    table = reporting.format_table(results, "clean").splitlines()
+    assert "| *ProtoFlow map alone (mean)* | 0.980/0.983 | 0.700 | 0.700 | 0.700 | 0.700 " \
+           "| 0.700 |  |" in table and table[5].startswith("| **Mean (PMAD)** | 0.974/0.983 |")
+    assert "| ProtoFlow map alone | -0.0056 | +0.0002 | +0.2000 |" in table
 
 
 def test_exit_status_is_non_zero_when_a_class_fails(capsys):
@@ -413,7 +432,17 @@ def test_the_table_names_each_class_as_typed_but_for_its_first_letter():
                    reporting.format_table(results, "clean").splitlines()[4:8]]
     assert first_cells == ["| Metal nut", "| Bolt A", "| Pcb1", "| A\\|b"]
     assert reporting.display_names(["metal_plate", "metal plate", "x"]) == {
-        "metal_plate": "metal_plate", "metal plate": "metal plate", "x": "x"}
+        "metal_plate": "metal_plate", "metal plate": "metal plate", "x": "X"}
+    # a '|' in a class or defect-type name ends no cell of any table
+    results = {"protocol": "clean", "classes": {"a|b": _class_record(0.9, ["x|y"])}}
+    reporting.summarize(results)
+    tables = "\n".join(line if line.startswith("|") else "" for line in
+                       reporting.format_table(results, "clean").splitlines()).split("\n\n")
+    tables = [t.splitlines() for t in tables if t.strip()]
+    assert len(tables) == 5 and any("x\\|y" in row for row in tables[3])
+    for table in tables:  # as many cells in every row as in the header
+        assert {len(re.findall(r"(?<!\\)\|", row)) for row in table} == {
+            len(re.findall(r"(?<!\\)\|", table[0]))}, table
 
 
 def test_results_md_diagnostics_rows_by_class(tmp_path):
@@ -431,4 +460,4 @@ def test_results_md_diagnostics_rows_by_class(tmp_path):
     table = reporting.write_results(results, tmp_path, "clean").splitlines()
     assert table[-4].startswith("| Category | anomalous images given the proposal mask | "
                                 "defect pixels masked |")
-    assert table[-2:] == ["| a | 3/7 | 0.25 | 1 |", "| b | 0/4 | 0.88 |  |"]
+    assert table[-2:] == ["| A | 3/7 | 0.25 | 1 |", "| B | 0/4 | 0.88 |  |"]
