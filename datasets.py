@@ -1316,21 +1316,34 @@ def _mask_listing(gt_dir: str) -> dict[tuple[str, str], str]:
     return listing
 
 
-def _mask_near_miss(gt_dir: str, stem: str, listing: dict[tuple[str, str], str]) -> str:
+def _mask_near_miss(gt_dir: str, stem: str, listing: dict[tuple[str, str], str],
+                    stems: set[str]) -> str:
     """Why an image's mask was not found, where a near miss shows it: a file of the
-    image's stem named otherwise (000_gt.png, 000-mask.png), or the defect's folder named
-    in another case (ground_truth/Crack for test/crack). '' where none does."""
+    image's stem named otherwise (000_gt.png, 000-mask.png; not 000_1_mask.png, the mask
+    of 000_1, one of `stems`, the folder's image stems), or the defect's folder named in
+    another case (ground_truth/Crack for test/crack). '' where none does."""
     if listing:
-        near = [name for (other, _), name in listing.items() if other.startswith(stem)
-                and not other[len(stem):len(stem) + 1].isalnum()]
-        return (f": found {some_names(near, 3)}, rename it to {stem}_mask.png" if near
-                else "")
+        near = [(name, ext) for (other, ext), name in listing.items()
+                if other.startswith(stem) and not other[len(stem):len(stem) + 1].isalnum()
+                and other not in stems and other.removesuffix("_mask") not in stems]
+        return (f": found {some_names([n for n, _ in near], 3)}, rename it to "
+                f"{stem}_mask{near[0][1]}" if near else "")
     parent, defect = os.path.split(gt_dir)
-    if os.path.isdir(gt_dir) or not os.path.isdir(parent):
+    if os.path.isdir(gt_dir):
         return ""
-    cased = [d for d in data_subdirs(parent) if d.lower() == defect.lower()]
+    cased = [d for d in _folders_for_a_hint(parent) if d.lower() == defect.lower()]
     return (f": {os.path.join(parent, cased[0])} differs from the test folder {defect} "
             "only by case; rename one" if cased else f": no folder {gt_dir}")
+
+
+def _folders_for_a_hint(folder: str) -> list[str]:
+    """The sub-folders of `folder`, sorted, for a hint in a message: [] where it cannot
+    be listed, and a link to nothing skipped (data_subdirs refuses one, as data)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [d for d in names if not is_junk_dir(d) and os.path.isdir(os.path.join(folder, d))]
 
 
 def ground_truth_near_miss(root: str, class_name: str) -> str | None:
@@ -1338,7 +1351,7 @@ def ground_truth_near_miss(root: str, class_name: str) -> str | None:
     masks/, Ground_Truth/), which is never read: the class is then evaluated on image
     labels only. None where there is none."""
     folder = os.path.join(root, class_name)
-    near = [d for d in data_subdirs(folder)
+    near = [d for d in _folders_for_a_hint(folder)
             if d != "ground_truth" and MASK_FOLDER.fullmatch(d)]
     return os.path.join(folder, near[0]) if near else None
 
@@ -1348,9 +1361,10 @@ def _refuse_normal_case(test_dir: str, defects: Sequence[str]) -> None:
     masks looked for): the normal folder's name is matched exactly, as MVTec AD's."""
     cased = [d for d in defects if d.lower() in NORMAL_DIRS and d not in NORMAL_DIRS]
     if cased:
+        fix = (f"move its images into {cased[0].lower()}/" if cased[0].lower() in defects
+               else f"rename it to {cased[0].lower()}")
         raise LayoutError(f"{os.path.join(test_dir, cased[0])}: the normal test images' "
-                          f"folder is named {' or '.join(NORMAL_DIRS)}, in lower case; "
-                          f"rename it to {cased[0].lower()}")
+                          f"folder is named {' or '.join(NORMAL_DIRS)}, in lower case; {fix}")
 
 
 def _find_gt_mask(gt_dir: str, listing: dict[tuple[str, str], str], stem: str) -> str | None:
@@ -1415,13 +1429,14 @@ class MVTecTestDataset(_TokenImageDataset):
             pixel_labels = label and has_ground_truth
             gt_dir = os.path.join(root, class_name, "ground_truth", defect)
             listing = _mask_listing(gt_dir) if pixel_labels and os.path.isdir(gt_dir) else {}
+            stems = {os.path.splitext(os.path.basename(f))[0] for f in files}
             for f in files:
                 stem = os.path.splitext(os.path.basename(f))[0]
                 mask = _find_gt_mask(gt_dir, listing, stem) if pixel_labels else None
                 if pixel_labels and mask is None:
                     missing.append(f"ground-truth mask {os.path.join(gt_dir, stem)}_mask.png "
                                    f"(or {stem}.png) for {f}"
-                                   + _mask_near_miss(gt_dir, stem, listing))
+                                   + _mask_near_miss(gt_dir, stem, listing, stems))
                     # BadFileError at load time names the file if it is kept
                     mask = os.path.join(gt_dir, stem + "_mask.png")
                 items.append((f, label, defect, mask))

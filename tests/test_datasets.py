@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -484,9 +485,10 @@ def test_missing_or_corrupt_gt_mask(mvtec_root, capsys):
 
 def test_a_mask_named_near_the_rule_is_named_with_its_fix(mvtec_root):
     """A missing mask's line names what lies near: a file of the image's stem named
-    otherwise ('001_gt.png': rename it), or the defect's mask folder in another case
-    (ground_truth/Broken for test/broken); none where no file or folder is near (0010
-    is not 001's)."""
+    otherwise ('001_gt.png': rename it; '001-GT.bmp' keeps its type), or the defect's mask
+    folder in another case (ground_truth/Broken for test/broken); none where no file or
+    folder is near (0010 is not 001's, nor 001_1_mask.png where 001_1 is an image), and a
+    link to nothing in ground_truth/ adds no error."""
     gt, test = mvtec_root / "bottle" / "ground_truth", mvtec_root / "bottle" / "test"
     (gt / "broken" / "001_mask.png").rename(gt / "broken" / "001_gt.png")
     with pytest.raises(BadFileError) as err:
@@ -494,16 +496,29 @@ def test_a_mask_named_near_the_rule_is_named_with_its_fix(mvtec_root):
     assert (f"ground-truth mask {gt / 'broken' / '001'}_mask.png (or 001.png) for "
             f"{test / 'broken' / '001.png'}: found 001_gt.png, rename it to 001_mask.png\n"
             ) in str(err.value)
-    (gt / "broken" / "001_gt.png").rename(gt / "broken" / "0010_mask.png")
+    (gt / "broken" / "001_gt.png").rename(gt / "broken" / "001-GT.bmp")  # its own type
+    with pytest.raises(BadFileError) as err:
+        datasets.check_test_classes(str(mvtec_root), ["bottle"])
+    assert ": found 001-GT.bmp, rename it to 001_mask.bmp\n" in str(err.value)
+    (gt / "broken" / "001-GT.bmp").rename(gt / "broken" / "0010_mask.png")
     with pytest.raises(BadFileError) as err:
         datasets.check_test_classes(str(mvtec_root), ["bottle"])
     assert f"for {test / 'broken' / '001.png'}\n" in str(err.value)
+    # 001_1's mask is not 001's, where 001_1 is a test image of the folder
+    (gt / "broken" / "0010_mask.png").rename(gt / "broken" / "001_1_mask.png")
+    shutil.copy(test / "broken" / "001.png", test / "broken" / "001_1.png")
+    with pytest.raises(BadFileError) as err:
+        datasets.check_test_classes(str(mvtec_root), ["bottle"])
+    assert f"for {test / 'broken' / '001.png'}\n" in str(err.value)
+    assert "001_1.png" not in str(err.value)  # its mask is found
+    os.remove(test / "broken" / "001_1.png")
     (gt / "broken").rename(gt / "Broken")
     with pytest.raises(BadFileError) as err:
         datasets.check_test_classes(str(mvtec_root), ["bottle"])
     assert (f"for {test / 'broken' / '000.png'}: {gt / 'Broken'} differs from the test "
             "folder broken only by case; rename one\n") in str(err.value)
     (gt / "Broken").rename(gt / "other")
+    (gt / "gone").symlink_to(gt / "nowhere")  # a link to nothing: no hint, no other error
     with pytest.raises(BadFileError) as err:
         datasets.check_test_classes(str(mvtec_root), ["bottle"])
     assert f"for {test / 'broken' / '000.png'}: no folder {gt / 'broken'}\n" in str(err.value)
@@ -518,14 +533,26 @@ def test_a_normal_folder_in_another_case_is_refused(mvtec_root):
             f"{test / 'Good'}: the normal test images' folder is named good or ok, in lower "
             "case; rename it to good")):
         datasets.check_test_classes(str(mvtec_root), ["bottle"])
+    (test / "good").mkdir()  # beside good/: its images go there
+    shutil.copy(test / "Good" / "000.png", test / "good" / "002.png")
+    with pytest.raises(LayoutError, match=re.escape(
+            f"{test / 'Good'}: the normal test images' folder is named good or ok, in lower "
+            "case; move its images into good/")):
+        datasets.check_test_classes(str(mvtec_root), ["bottle"])
 
 
 def test_a_mask_folder_not_named_ground_truth_is_found(mvtec_root):
     """A class whose masks lie in gt/ (or masks/, Ground_Truth/) is scored on image labels
-    only: the folder is found, for run_test.py's note; a class without one has none."""
-    (mvtec_root / "bottle" / "ground_truth").rename(mvtec_root / "bottle" / "gt")
-    assert datasets.ground_truth_near_miss(str(mvtec_root), "bottle") == str(
-        mvtec_root / "bottle" / "gt")
+    only: the folder is found, for run_test.py's note; a class without one has none, and a
+    link to nothing beside test/ stops nothing (the note is made after the scoring)."""
+    bottle = mvtec_root / "bottle"
+    (bottle / "backup").symlink_to(bottle / "nowhere")  # a link to nothing: not an error
+    assert datasets.ground_truth_near_miss(str(mvtec_root), "bottle") is None
+    previous = bottle / "ground_truth"
+    for name in ("gt", "masks", "Ground_Truth"):
+        previous.rename(bottle / name)
+        previous = bottle / name
+        assert datasets.ground_truth_near_miss(str(mvtec_root), "bottle") == str(previous)
     assert datasets.ground_truth_near_miss(str(mvtec_root), "01") is None
 
 
