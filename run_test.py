@@ -471,10 +471,10 @@ def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, r
     mostly = mostly_defect_masks(data)
     if mostly:
         tqdm.write(f"[run_test] note: {class_name}: {len(mostly)} ground-truth mask(s) mark "
-                   f"more than {MOSTLY_DEFECT:.0%} of their image defective "
-                   f"({some_names(mostly, 3)}): check that each marks its defect non-zero "
-                   "(white) on zero (black); an inverted mask, or a colour mask on a white "
-                   "background, scores the pixel metrics on the background",
+                   f"more than {MOSTLY_DEFECT:.0%} of their image, its corners too, "
+                   f"defective ({some_names(mostly, 3)}): check that each marks its defect "
+                   "non-zero (white) on zero (black); an inverted mask, or a colour mask on a "
+                   "white background, scores the pixel metrics on the background",
                    file=sys.stderr)
 
     def draw_heatmaps() -> None:

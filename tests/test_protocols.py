@@ -441,17 +441,26 @@ def test_an_anomalous_image_with_no_defect_pixel_is_counted_and_named() -> None:
 
 
 def test_a_mask_marking_most_of_its_image_is_named() -> None:
-    """A mask marking more than half its image (an inverted one) is named; one marking
-    exactly half, or a small defect, is not; without masks none is."""
+    """A mask marking more than half its image and its four corners (an inverted one) is
+    named; one marking exactly half, a small defect, or a large one short of a corner (a
+    flipped part) is not; without masks none is."""
     data = _hand_data(size=4)
     assert protocols.mostly_defect_masks(data) == []
-    data.gt_masks[1] = 1 - data.gt_masks[1]  # inverted: 15 of 16 pixels
+    data.gt_masks[1] = 1 - data.gt_masks[1]  # inverted: 15 of 16 pixels, but one corner
+    assert protocols.mostly_defect_masks(data) == []
+    data.gt_masks[1, 1, 1] = 0  # the defect inside: 14 of 16, every corner
+    data.gt_masks[1, -1, -1] = 1
     assert protocols.mostly_defect_masks(data) == ["bad_000"]
     data.gt_masks[1] = 0
     data.gt_masks[1, :2] = 1  # 8 of 16 pixels
-    assert protocols.mostly_defect_masks(data) == []
-    data.gt_masks[1, 2, 0] = 1  # 9 of 16
+    data.gt_masks[1, -1, [0, -1]] = 1  # 10 of 16, every corner
     assert protocols.mostly_defect_masks(data) == ["bad_000"]
+    data.gt_masks[1, 1:] = 0
+    data.gt_masks[1, -1, [0, -1]] = 1  # 6 of 16, every corner
+    assert protocols.mostly_defect_masks(data) == []
+    data.gt_masks[1] = 1
+    data.gt_masks[1, 0, 0] = 0  # 15 of 16 but a corner: a large defect
+    assert protocols.mostly_defect_masks(data) == []
     data.gt_masks = None
     assert protocols.mostly_defect_masks(data) == []
 

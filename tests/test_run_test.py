@@ -181,8 +181,8 @@ def test_an_anomalous_image_with_an_empty_or_inverted_mask_is_named(tiny_world, 
             f"ground-truth mask as scored ({name}): the pixel metrics never see their "
             "defects") in err
     assert (f"[run_test] note: coins: 1 ground-truth mask(s) mark more than 50% of their "
-            f"image defective ({result_name(inverted)}): check that each marks its defect "
-            "non-zero (white) on zero (black)") in err
+            f"image, its corners too, defective ({result_name(inverted)}): check that each "
+            "marks its defect non-zero (white) on zero (black)") in err
     assert "\rreading the test sets:   0%|" in err  # the resume key's read: a progress bar
     assert results["classes"]["coins"]["diagnostics"]["empty_defect_masks"] == 1
     saved = strict_json(tmp_path / "out" / "results.json")
