@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 from PIL import Image, UnidentifiedImageError
 
 from datasets import (MASK_FOLDER, NORMAL_DIRS, TEST_LAYOUT, VISA_CLASSES, LayoutError,
-                      as_found, data_subdirs, is_junk_dir, is_junk_file, list_images,
-                      loose_images, mask_problem, open_mask, too_large)
+                      as_found, data_subdirs, hint_subdirs, is_junk_dir, is_junk_file,
+                      list_images, loose_images, mask_problem, open_mask, too_large)
 from utils import some_names, write_atomic
 
 VISA_SPLIT = os.path.join("split_csv", "1cls.csv")
@@ -71,7 +71,7 @@ def read_visa_split(visa_dir: str, classes: Sequence[str] | None = None
         nearest = _nearest_visa(visa_dir)
         raise LayoutError(f"{path} does not exist; --visa takes the extracted VisA folder: "
                           f"{VISA_LAYOUT}"
-                          + (f". did you mean --visa {nearest}?" if nearest else ""))
+                          + (f"; did you mean --visa {nearest}?" if nearest else ""))
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames != VISA_COLUMNS:
@@ -142,7 +142,7 @@ def _nearest_visa(visa_dir: str) -> str | None:
     up = [os.path.normpath(os.path.join(root, os.pardir))]  # split_csv/ or <class>/ given
     if os.path.isfile(root):  # split_csv/1cls.csv given
         up.insert(0, os.path.normpath(os.path.join(root, os.pardir, os.pardir)))
-    down = [os.path.join(root, d) for d in data_subdirs(root)] if os.path.isdir(root) else []
+    down = [os.path.join(root, d) for d in hint_subdirs(root)]
     return next((d for d in up + down if os.path.isfile(os.path.join(d, VISA_SPLIT))), None)
 
 
@@ -246,6 +246,13 @@ def custom_classes(src: str, classes: Sequence[str] | None) -> list[str]:
     if not os.path.isdir(src):
         raise LayoutError(f"{src} does not exist; --custom expects {CUSTOM_LAYOUT}")
     found = data_subdirs(src)
+    normal = [d for d in found if d in NORMAL_DIRS]
+    if normal:  # one class's folder: its good/ would be a class, told to hold good/ itself
+        src = os.path.normpath(src)
+        raise LayoutError(f"--custom {src} holds {normal[0]}/: it is one class's folder; "
+                          f"pass the folder of the class folders, e.g. --custom "
+                          f"{os.path.dirname(src) or '.'} --classes {os.path.basename(src)}; "
+                          f"--custom expects {CUSTOM_LAYOUT}")
     if not classes:
         return found
     classes = as_found(classes, found)  # each name once

@@ -1331,12 +1331,12 @@ def _mask_near_miss(gt_dir: str, stem: str, listing: dict[tuple[str, str], str],
     parent, defect = os.path.split(gt_dir)
     if os.path.isdir(gt_dir):
         return ""
-    cased = [d for d in _folders_for_a_hint(parent) if d.lower() == defect.lower()]
+    cased = [d for d in hint_subdirs(parent) if d.lower() == defect.lower()]
     return (f": {os.path.join(parent, cased[0])} differs from the test folder {defect} "
             "only by case; rename one" if cased else f": no folder {gt_dir}")
 
 
-def _folders_for_a_hint(folder: str) -> list[str]:
+def hint_subdirs(folder: str) -> list[str]:
     """The sub-folders of `folder`, sorted, for a hint in a message: [] where it cannot
     be listed, and a link to nothing skipped (data_subdirs refuses one, as data)."""
     try:
@@ -1351,7 +1351,7 @@ def ground_truth_near_miss(root: str, class_name: str) -> str | None:
     masks/, Ground_Truth/), which is never read: the class is then evaluated on image
     labels only. None where there is none."""
     folder = os.path.join(root, class_name)
-    near = [d for d in _folders_for_a_hint(folder)
+    near = [d for d in hint_subdirs(folder)
             if d != "ground_truth" and MASK_FOLDER.fullmatch(d)]
     return os.path.join(folder, near[0]) if near else None
 

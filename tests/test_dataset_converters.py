@@ -185,18 +185,20 @@ def test_visa_split_is_checked_before_writing(tmp_path):
 
 def test_visa_folder_missing_its_split_names_the_nearest_visa_folder(tmp_path):
     """--visa given the split file, split_csv/, a class folder or the folder above VisA
-    named only the missing path; the VisA folder meant is named, as --data_path's is."""
+    named only the missing path; the VisA folder meant is named, as --data_path's is (a
+    link to nothing beside it raises no other error)."""
     visa = tmp_path / "downloads" / "VisA"
     (visa / "split_csv").mkdir(parents=True)
     (visa / "split_csv" / "1cls.csv").write_text("object,split,label,image,mask\n")
     (visa / "candle").mkdir()
     (tmp_path / "downloads" / "other").mkdir()
+    (tmp_path / "downloads" / "gone").symlink_to(tmp_path / "nowhere")  # no other error
     for given in (visa / "split_csv" / "1cls.csv", visa / "split_csv", visa / "candle",
                   tmp_path / "downloads"):
         with pytest.raises(dataset_converters.LayoutError) as err:
             dataset_converters.read_visa_split(str(given))
         assert str(err.value).startswith(f"{given / 'split_csv' / '1cls.csv'} does not exist")
-        assert str(err.value).endswith(f".JPG. did you mean --visa {visa}?")
+        assert str(err.value).endswith(f".JPG; did you mean --visa {visa}?")
     with pytest.raises(dataset_converters.LayoutError) as err:  # nothing evident: no hint
         dataset_converters.read_visa_split(str(tmp_path / "downloads" / "other"))
     assert str(err.value).endswith(dataset_converters.VISA_LAYOUT)
@@ -573,7 +575,8 @@ def test_custom_refuses_mask_folders_and_images_beside_the_class_folders(tmp_pat
 
 def test_custom_class_of_images_without_a_good_folder_says_where_they_go(tmp_path):
     """A class folder of images and no good/ was refused as 'found []': the images lying
-    in it are counted and named, with the folders they belong in."""
+    in it are counted and named, with the folders they belong in. A class folder given as
+    the set (--custom widget) is named as one, not told to hold good/good/."""
     widget = tmp_path / "mine" / "widget"
     widget.mkdir(parents=True)
     for k in range(5):
@@ -585,6 +588,15 @@ def test_custom_class_of_images_without_a_good_folder_says_where_they_go(tmp_pat
             f"into {widget / 'good'}/ and defective ones into {widget / '<defect>'}/\n"
             ) in str(err.value)
     assert not (tmp_path / "mvtec").exists()
+    # one class's folder given as the set: its good/ is not a class to hold a good/ itself
+    (widget / "good").mkdir()
+    (widget / "crack").mkdir()
+    with pytest.raises(dataset_converters.LayoutError) as err:
+        dataset_converters.plan_custom(str(widget), str(tmp_path / "mvtec"))
+    assert str(err.value).startswith(
+        f"--custom {widget} holds good/: it is one class's folder; pass the folder of the "
+        f"class folders, e.g. --custom {widget.parent} --classes widget; --custom expects ")
+    assert "good/good" not in str(err.value)
 
 
 def test_custom_defect_folders_only_named_like_masks_are_defect_types(tmp_path):
