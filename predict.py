@@ -71,20 +71,34 @@ def _missed_by_case(pattern: str, found: list[str]) -> list[str]:
     """Images in the folders of `pattern` that its last part matches only case-folded
     (dir/IMG.PNG for 'dir/*.png'), sorted: named in a note, not taken. Glob patterns
     stay case-sensitive, as the shell's are: matching by case-folding would take more
-    than was typed ('IMG_*' would take img_*), only what the pattern missed is new."""
+    than was typed ('IMG_*' would take img_*), only what the pattern missed is new. A
+    file is compared by identity (a case-insensitive file system returns a literal part
+    as typed), and a folder that cannot be listed is passed over, as glob does."""
     folder, last = os.path.split(pattern)
     folders = glob.glob(folder, recursive=True) if glob.has_magic(folder) else [folder]
-    taken = {os.path.normpath(f) for f in found}
+    taken = {_identity(f) for f in found}
     missed = []
     for d in folders:
-        if not os.path.isdir(d or "."):
+        try:
+            names = sorted(os.listdir(d or "."))
+        except OSError:
             continue
-        for name in sorted(os.listdir(d or ".")):
+        for name in names:
             path = os.path.join(d, name)
             if (_is_image(name) and fnmatch.fnmatchcase(name.lower(), last.lower())
-                    and os.path.normpath(path) not in taken and os.path.isfile(path)):
+                    and os.path.isfile(path) and _identity(path) not in taken):
                 missed.append(path)
     return sorted(missed)
+
+
+def _identity(path: str) -> tuple[int, int] | str:
+    """(device, inode) of a file, so that two spellings of one file compare equal; its
+    path where it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.normpath(path)
+    return st.st_dev, st.st_ino
 
 
 def _other_files(files: list[str]) -> list[str]:
@@ -243,8 +257,7 @@ def _expand(spec: str, keep_dangling: bool = False
             names = [os.path.relpath(f, _glob_base(spec)) for f in missed]
             print(f"[predict] {spec}: left out {len(missed)} image(s) that match it but for "
                   f"case ({utils.some_names(names, 3)}): a glob pattern is case-sensitive; "
-                  "give their folder (any case of extension is read) or a pattern of their "
-                  "case", file=sys.stderr)
+                  "match both cases, e.g. '*.[pP][nN][gG]'", file=sys.stderr)
         return _glob_base(spec), files, False, _other_files(found)
     raise InputError(f"{spec} does not exist: give a folder, an image file or a glob pattern "
                      "(quote it, e.g. 'images/*.png')")
