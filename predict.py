@@ -8,8 +8,8 @@
 Inputs are folders (searched recursively), image files or glob patterns. Each image is
 scored exactly as run_test.py's clean protocol scores a test image (protocols.clean_scores,
 the same flags and defaults): `predictions.csv` holds per image its PMAD score, its
-ProtoFlow score, ProtoFlow's stored normal-data threshold for the class and the decision
-at it. ProtoFlow's abnormality map, and so PMAD's map and score, is normalised over the
+ProtoFlow score, ProtoFlow's stored normal-data threshold for the class and ProtoFlow's
+decision at it (PMAD's score has no threshold of its own). ProtoFlow's abnormality map, and so PMAD's map and score, is normalised over the
 images of a class given together (docs/method.md 6): they are one normalisation set, as a
 class's test set is in run_test.py. ProtoFlow's score and the decision depend on the
 image alone.
@@ -38,8 +38,9 @@ import scoring_models
 import utils
 from masking_generator import class_mask_ratio
 
+# the decision is ProtoFlow's, at its stored threshold: PMAD's score has no threshold
 OUTPUT_COLUMNS = ("image", "class", "name", "pmad_score", "protoflow_score", "threshold",
-                  "decision")
+                  "protoflow_decision")
 PREDICTIONS_FILE = "predictions.csv"  # put in place last: a whole run's outputs are there
 SKIPPED_FILE = "skipped_images.txt"  # the images --skip_bad_images left out, if any
 # one run's outputs, set aside in this order: predictions.csv last, as a crash between
@@ -464,10 +465,11 @@ def _predict_into(out_dir: Path, args: argparse.Namespace, options: protocols.Cl
               f"{out_dir / SKIPPED_FILE}")
     for cls in sorted({str(r["class"]) for r in rows}):  # a class left out is named above
         mine = [r for r in rows if r["class"] == cls]
-        called = sum(r["decision"] == "anomalous" for r in mine)
-        decided = any(r["decision"] for r in mine)
+        called = sum(r["protoflow_decision"] == "anomalous" for r in mine)
+        decided = any(r["protoflow_decision"] for r in mine)
         print(f"[predict] {cls}: {len(mine)} images, "
-              + (f"{called} anomalous" if decided else "no decision (no threshold)"))
+              + (f"{called} anomalous by ProtoFlow's score at its threshold" if decided
+                 else "no decision (no threshold)"))
     print(f"predictions: {out_dir / 'predictions.csv'}"
           + (f"; heatmaps: {out_dir / 'heatmaps'}" if args.maps else "")
           + (f"; maps: {out_dir / 'maps'}" if args.save_npy else ""))
@@ -512,7 +514,7 @@ def _score_into(out: Path, args: argparse.Namespace, m: scoring_models.Models,
                          "pmad_score": caption.pmad_score,
                          "protoflow_score": caption.protoflow_score,
                          "threshold": "" if threshold is None else threshold,
-                         "decision": caption.decision or ""})
+                         "protoflow_decision": caption.decision or ""})
             if scale is not None:
                 heatmaps.save_one(data.images[i], scores.maps[i], scale, caption,
                                   out / "heatmaps" / cls / f"{name}.png", m.mean, m.std)

@@ -44,9 +44,10 @@ def _clean_protocol_scores(world, class_name: str, *extra: str) -> dict[str, tup
             for i, n in enumerate(data.names)}
 
 
-def test_predict_reproduces_the_clean_protocol(tiny_world, tmp_path, monkeypatch):
+def test_predict_reproduces_the_clean_protocol(tiny_world, tmp_path, monkeypatch, capsys):
     """The demo's test images of a class, given together, score as in run_test.py's clean
-    protocol; the CSV, one heatmap PNG per image and the raw maps are written. The
+    protocol; the CSV, one heatmap PNG per image and the raw maps are written (the
+    decision named as ProtoFlow's: PMAD's score has no threshold). The
     baselines' maps, which predict.py does not report, are not computed (they held as
     much memory again as the images)."""
     monkeypatch.setattr(protocols, "baseline_maps", lambda *a: pytest.fail("baselines"))
@@ -54,6 +55,7 @@ def test_predict_reproduces_the_clean_protocol(tiny_world, tmp_path, monkeypatch
     pattern = str(tiny_world.mvtec_root / "coins" / "test" / "*" / "*.png")
     assert predict.main([pattern, "--class_name", "coins", "--output_dir", str(out),
                          "--maps", "--save_npy", *tiny_world.model_argv()]) == 0
+    said = capsys.readouterr().out
     rows = _rows(out)
     expected = _clean_protocol_scores(tiny_world, "coins")
     assert sorted(r["name"] for r in rows) == sorted(expected) and len(rows) == 8
@@ -65,12 +67,16 @@ def test_predict_reproduces_the_clean_protocol(tiny_world, tmp_path, monkeypatch
         assert float(r["pmad_score"]) == pytest.approx(pmad, abs=1e-5)
         assert float(r["protoflow_score"]) == pytest.approx(protoflow, abs=1e-5)
         assert float(r["threshold"]) == pytest.approx(threshold)
-        assert r["decision"] == ("anomalous" if protoflow > threshold else "normal")
+        assert r["protoflow_decision"] == ("anomalous" if protoflow > threshold else
+                                           "normal")
         saved = np.load(out / "maps" / "coins" / f"{r['name']}.npy")
         assert saved.dtype == np.float32 and saved.shape == (224, 224)
         np.testing.assert_allclose(saved, score_map.numpy(), atol=1e-5)
         with Image.open(out / "heatmaps" / "coins" / f"{r['name']}.png") as png:
             assert png.width > 2 * 224 and png.height > 224  # image | overlay + bar, caption
+    called = sum(r["protoflow_decision"] == "anomalous" for r in rows)  # ProtoFlow's call
+    assert f"[predict] coins: 8 images, {called} anomalous by ProtoFlow's score at its " \
+           "threshold\n" in said
 
 
 def test_each_class_gets_its_own_threshold_and_table_6_mask_ratio(tiny_world, tmp_path):
