@@ -9,10 +9,10 @@ Inputs are folders (searched recursively), image files or glob patterns. Each im
 scored exactly as run_test.py's clean protocol scores a test image (protocols.clean_scores,
 the same flags and defaults): `predictions.csv` holds per image its PMAD score, its
 ProtoFlow score, ProtoFlow's stored normal-data threshold for the class and ProtoFlow's
-decision at it (PMAD's score has no threshold of its own). ProtoFlow's abnormality map, and so PMAD's map and score, is normalised over the
-images of a class given together (docs/method.md 6): they are one normalisation set, as a
-class's test set is in run_test.py. ProtoFlow's score and the decision depend on the
-image alone.
+decision at it (PMAD's score has no threshold of its own). ProtoFlow's abnormality map,
+and so PMAD's map and score, is normalised over the images of a class given together
+(docs/method.md 6): they are one normalisation set, as a class's test set is in
+run_test.py. ProtoFlow's score and the decision depend on the image alone.
 """
 from __future__ import annotations
 
