@@ -98,6 +98,8 @@ def format_table(results: dict, protocol: str) -> str:
             + (f" ({', '.join(f'{k} {v}' for k, v in results['clean_options'].items())})"
                if results.get("clean_options") else "")
             + (f"; setting: **{results['setting']}**" if results.get("setting") else ""), ""]
+    if results.get("provenance"):
+        rows += [made_by(results), ""]
     if results.get("failed"):
         rows += [incomplete_note(results), ""]
     if results.get("undefined"):
@@ -158,6 +160,19 @@ def format_table(results: dict, protocol: str) -> str:
                     f"{d['anomalous_with_proposal']}/{d['anomalous_images']} | "
                     f"{d['masked_defect_fraction']:.2f} | {'' if empty is None else empty} |")
     return "\n".join(rows)
+
+
+def made_by(results: dict) -> str:
+    """The line that says what made the numbers: the checkpoint (path and the start of
+    its sha256), the code's version, when, where and how long (results.json has all of
+    it, the command line too)."""
+    p, args = results["provenance"], results.get("args") or {}
+    sha = (results.get("checkpoints") or {}).get("pmad")
+    seconds = results.get("seconds")
+    return (f"Checkpoint {args.get('ckpt')}" + (f" (sha256 {sha[:12]})" if sha else "")
+            + f"; code {p.get('code') or 'of no git checkout'}; started {p.get('started_utc')}"
+            f" on {p.get('host')} ({p.get('device')})"
+            + (f", {seconds:.0f} s" if seconds is not None else "") + ".")
 
 
 def incomplete_note(results: dict) -> str:

@@ -39,7 +39,8 @@ from reporting import (HEATMAPS, RECORD_FORMAT, RECORD_VERSION, TEST_DATA, Parti
 from scoring_models import RELEASED_TOKENIZER, Models
 from utils import (AMP_CHOICES, EVAL_LOCK, BadFileError, FlagError, RunLock, UniqueNames,
                    bullet_list, cli, file_sha256, float_at_least, int_at_least,
-                   mask_ratio_arg, prepare_output_dir, resolve_amp, resolve_device, some_names)
+                   mask_ratio_arg, prepare_output_dir, provenance, resolve_amp,
+                   resolve_device, some_names)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -378,14 +379,14 @@ def _evaluate(args: argparse.Namespace, options: CleanOptions, out_dir: Path) ->
                "args": vars(args), "amp": m.amp, "checkpoints": file_fingerprints(args, m),
                "prototypes": {c: prototypes_sha256(args.prototypes_dir, c) for c in classes},
                "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                            "timm": timm.__version__, "numpy": np.__version__}}
+                            "timm": timm.__version__, "numpy": np.__version__},
+               "provenance": provenance(m.device)}
     start = time.time()
+    results["test_data"] = {c: datasets.test_set_sha256(args.data_path, c) for c in tqdm(
+        classes, desc="reading the test sets", leave=False)}  # its images and masks
     partial = PartialResults(out_dir / "results.partial.jsonl", resume_key(args, results),
-                             {c: {"prototypes": sha,
-                                  TEST_DATA: datasets.test_set_sha256(args.data_path, c)}
-                              for c, sha in tqdm(results["prototypes"].items(),
-                                                 desc="reading the test sets",
-                                                 total=len(classes), leave=False)},
+                             {c: {"prototypes": results["prototypes"][c],
+                                  TEST_DATA: results["test_data"][c]} for c in classes},
                              args.resume_eval)
     if partial.set_aside_to:
         print(f"[run_test] the earlier evaluation's results and heatmaps moved to "

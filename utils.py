@@ -23,6 +23,7 @@ import random
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import tarfile
 import time
@@ -1482,6 +1483,28 @@ def masking_state_of(ckpt: dict) -> dict | None:
         return None
     return {"dynamic_masking": ckpt["dynamic_masking"],
             "mask_rng": [r.get("mask_rng") for r in ckpt.get("rng") or []]}
+
+
+# ----------------------------------------------------------------------------- provenance
+def code_version() -> str | None:
+    """This code's git commit (`git describe --always --dirty`: '-dirty' where tracked
+    files differ from it), so that a result names the code that made it; None outside a
+    git checkout, or without git."""
+    try:
+        done = subprocess.run(["git", "-C", PROJECT_DIR, "describe", "--always", "--dirty",
+                               "--abbrev=12"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
+def provenance(device: str | torch.device) -> dict[str, Any]:
+    """Where, when and by what a result was made: the code's version, the process's
+    command line, the UTC start time, the host and the device."""
+    return {"code": code_version(), "argv": list(sys.argv),
+            "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
+            "host": socket.gethostname(), "device": str(device)}
 
 
 # ----------------------------------------------------------------------------- logging

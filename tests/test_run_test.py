@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -187,6 +188,15 @@ def test_an_anomalous_image_with_an_empty_or_inverted_mask_is_named(tiny_world, 
     assert results["classes"]["coins"]["diagnostics"]["empty_defect_masks"] == 1
     saved = strict_json(tmp_path / "out" / "results.json")
     assert saved["classes"]["coins"]["diagnostics"]["empty_defect_masks"] == 1
+    # what made the numbers: in results.json, and its line in results.md
+    made = saved["provenance"]
+    assert (made["device"], made["argv"], made["code"]) == ("cpu", sys.argv,
+                                                          utils.code_version())
+    assert saved["test_data"] == {"coins": datasets.test_set_sha256(str(data), "coins")}
+    assert (tmp_path / "out" / "results.md").read_text().splitlines()[2] == (
+        f"Checkpoint {tiny_world.pmad_ckpt} (sha256 {_sha256(tiny_world.pmad_ckpt)[:12]}); "
+        f"code {made['code'] or 'of no git checkout'}; started {made['started_utc']} on "
+        f"{made['host']} (cpu), {saved['seconds']:.0f} s.")
     assert saved["classes"]["coins"]["per_defect"][mask.parent.name]["pixel_auroc"] is None
 
 

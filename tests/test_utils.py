@@ -12,6 +12,7 @@ import os
 import time
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1347,3 +1348,30 @@ def test_bullet_list_caps_long_listings():
     assert utils.bullet_list([f"f{i}" for i in range(5)], limit=3) == (
         "\n  f0\n  f1\n  f2\n  ... 2 more")
     assert utils.bullet_list([]) == ""
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to make a checkout")
+def test_code_version_names_the_commit_and_a_change_beside_it(tmp_path, monkeypatch):
+    """A result names the code that made it: the checkout's commit, '-dirty' where a
+    tracked file differs from it; None outside a git checkout or without git."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], check=True, text=True,
+                              capture_output=True).stdout.strip()
+    git("init", "-q")
+    (repo / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    monkeypatch.setattr(utils, "PROJECT_DIR", str(repo))
+    head = git("rev-parse", "--short=12", "HEAD")
+    assert utils.code_version() == head
+    (repo / "a.py").write_text("x = 2\n")
+    assert utils.code_version() == f"{head}-dirty"
+    monkeypatch.setattr(utils, "PROJECT_DIR", str(tmp_path / "plain"))
+    (tmp_path / "plain").mkdir()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repo above it
+    assert utils.code_version() is None
+    monkeypatch.setenv("PATH", str(tmp_path / "no_bin"))  # no git at all
+    assert utils.code_version() is None
