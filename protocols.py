@@ -309,6 +309,17 @@ def empty_defect_masks(data: ClassData) -> list[str]:
     return [data.names[i] for i in np.flatnonzero(empty)]
 
 
+def threshold_calls(anomalous: torch.Tensor, labels: np.ndarray) -> dict[str, int]:
+    """How ProtoFlow's calls at its stored threshold (predict.py's decision) fare: of the
+    good images, how many it calls anomalous (false alarms), and of the anomalous ones,
+    how many (found). `anomalous` (N,) bool, `labels` (N,) 1 = anomalous."""
+    called = anomalous.cpu().numpy().astype(bool)  # (N,)
+    bad = np.asarray(labels) == 1  # (N,)
+    return {"good_called_anomalous": int((called & ~bad).sum()), "good_images": int((~bad).sum()),
+            "anomalous_called_anomalous": int((called & bad).sum()),
+            "anomalous_images": int(bad.sum())}
+
+
 def mostly_defect_masks(data: ClassData, above: float = MOSTLY_DEFECT) -> list[str]:
     """The images whose ground-truth mask, as scored, marks more than `above` of the
     image and its four corners defective: an inverted mask (the defect black on white)
@@ -401,6 +412,8 @@ def evaluate_clean(model: torch.nn.Module, data: ClassData, *, ratio: float,
                   called_anomalous=(None if scores.anomalous is None
                                     else int(scores.anomalous.sum())),
                   called_at=threshold,
+                  calls=(None if scores.anomalous is None
+                         else threshold_calls(scores.anomalous, data.labels)),
                   proposal_masks=int(scores.proposal.sum()),
                   clean_options=options.as_dict(),
                   diagnostics=mask_diagnostics(data, scores.test_masks, scores.proposal,

@@ -159,6 +159,16 @@ def format_table(results: dict, protocol: str) -> str:
         rows.append(f"| {shown[name]} | "
                     f"{d['anomalous_with_proposal']}/{d['anomalous_images']} | "
                     f"{d['masked_defect_fraction']:.2f} | {'' if empty is None else empty} |")
+    calls = {name: r["calls"] for name, r in results["classes"].items() if r.get("calls")}
+    if calls:  # records of an earlier version, and files without a threshold, have none
+        rows += ["", "ProtoFlow's calls at its stored threshold (predict.py's "
+                 "protoflow_decision; PMAD's score has no threshold):", "",
+                 "| Category | threshold | good images called anomalous | anomalous images "
+                 "called anomalous |", "|:--|:--:|:--:|:--:|"]
+        for name, c in calls.items():
+            rows.append(f"| {shown[name]} | {results['classes'][name]['called_at']:.4g} | "
+                        f"{c['good_called_anomalous']}/{c['good_images']} | "
+                        f"{c['anomalous_called_anomalous']}/{c['anomalous_images']} |")
     return "\n".join(rows)
 
 

@@ -440,6 +440,16 @@ def test_an_anomalous_image_with_no_defect_pixel_is_counted_and_named() -> None:
     assert protocols.empty_defect_masks(data) == []
 
 
+def test_threshold_calls_count_false_alarms_and_found_defects() -> None:
+    """ProtoFlow's calls at its threshold against the labels: 1 of 3 good images called
+    anomalous, 1 of 2 anomalous ones (not the complements, nor the totals)."""
+    called = torch.tensor([True, False, False, True, False])
+    labels = np.array([0, 0, 0, 1, 1])
+    assert protocols.threshold_calls(called, labels) == {
+        "good_called_anomalous": 1, "good_images": 3, "anomalous_called_anomalous": 1,
+        "anomalous_images": 2}
+
+
 def test_a_mask_marking_most_of_its_image_is_named() -> None:
     """A mask marking more than half its image and its four corners (an inverted one) is
     named; one marking exactly half, a small defect, or a large one short of a corner (a

@@ -118,6 +118,25 @@ def test_a_lead_under_a_thousandth_shows_in_the_lead_table():
     assert "| ProtoFlow map alone | -0.0056 | +0.0002 | +0.2000 |" in table
 
 
+def test_results_md_shows_protoflows_calls_at_its_threshold():
+    """The operating point predict.py reports (ProtoFlow's call at its stored threshold)
+    is evaluated per class: its threshold, the good images it calls anomalous and the
+    anomalous ones it finds; a class without a threshold, or a record of an earlier
+    version, has no row, and no class with calls, no table."""
+    a, b = _class_record(0.9, ["crack"]), _class_record(0.8, ["crack"])
+    a.update(called_at=4.0321, calls={"good_called_anomalous": 2, "good_images": 20,
+                                      "anomalous_called_anomalous": 15,
+                                      "anomalous_images": 20})
+    results = {"protocol": "clean", "classes": {"a": a, "b": b}}
+    reporting.summarize(results)
+    table = reporting.format_table(results, "clean").splitlines()
+    assert table[-3:] == ["| Category | threshold | good images called anomalous | "
+                          "anomalous images called anomalous |", "|:--|:--:|:--:|:--:|",
+                          "| A | 4.032 | 2/20 | 15/20 |"]
+    del a["calls"]
+    assert "ProtoFlow's calls" not in reporting.format_table(results, "clean")
+
+
 def test_exit_status_is_non_zero_when_a_class_fails(capsys):
     ok = dict.fromkeys(metrics.METRIC_NAMES, 0.9)
     assert reporting.exit_status({"classes": {"bottle": ok, "cable": ok}}) == 0

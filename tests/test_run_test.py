@@ -193,6 +193,14 @@ def test_an_anomalous_image_with_an_empty_or_inverted_mask_is_named(tiny_world, 
     assert (made["device"], made["argv"], made["code"]) == ("cpu", sys.argv,
                                                           utils.code_version())
     assert saved["test_data"] == {"coins": datasets.test_set_sha256(str(data), "coins")}
+    record = saved["classes"]["coins"]  # ProtoFlow's calls at its threshold, by label
+    called = [i["protoflow_score"] > record["called_at"] for i in record["images"]]
+    good = [i["defect_type"] == "good" for i in record["images"]]
+    assert record["calls"] == {
+        "good_called_anomalous": sum(c and g for c, g in zip(called, good)),
+        "good_images": sum(good),
+        "anomalous_called_anomalous": sum(c and not g for c, g in zip(called, good)),
+        "anomalous_images": len(good) - sum(good)}
     assert (tmp_path / "out" / "results.md").read_text().splitlines()[2] == (
         f"Checkpoint {tiny_world.pmad_ckpt} (sha256 {_sha256(tiny_world.pmad_ckpt)[:12]}); "
         f"code {made['code'] or 'of no git checkout'}; started {made['started_utc']} on "
