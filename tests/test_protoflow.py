@@ -1456,6 +1456,8 @@ def test_protoflow_file_keeps_its_image_size_and_refuses_others(cli, tmp_path, c
     assert (f"image-score threshold {obj['image_score_threshold']:.4f} over all classes (q0.99 "
             f"of {held} held-out images; each class has its own, from its held-out images)"
             in said)
+    own = pf.ProtoFlow(out, protos).threshold_for("brick")  # what run_test.py calls at
+    assert f"[protoflow] each class's threshold: brick {own:.4f}\n" in said
     assert ("[protoflow] note:" in said) == (held < 3)
     weights = os.path.abspath(lite0_weights_path())
     assert obj["img_size"] == 64 and obj["train_args"]["img_size"] == 64
