@@ -186,17 +186,25 @@ def fit_width(text: str, width: int) -> str:
 def render(image: np.ndarray, score_map: np.ndarray, scale: ColourScale, caption: Caption,
            gt_mask: np.ndarray | None = None) -> np.ndarray:
     """image (H, W, 3) uint8, score_map (H, W), gt_mask (H, W) {0, 1} or None ->
-    RGB uint8: [image | ground truth | overlay + colour bar] above the caption."""
+    RGB uint8: [image | ground truth | overlay + colour bar], each panel named below it,
+    above the caption."""
     h, w = score_map.shape
     overlay = (0.5 * image.astype(np.float32) + 0.5 * scale.colours(score_map)).astype(np.uint8)
-    panels = [image]
+    panels, titles = [image], ["image"]
     if gt_mask is not None:
         panels.append(np.repeat((np.asarray(gt_mask) > 0).astype(np.uint8)[..., None] * 255,
                                 3, axis=2))
+        titles.append("ground truth (white: defect)")
     panels.append(overlay)
+    titles.append("PMAD score map (class's scale)")
     gap = np.full((h, GAP, 3), 255, np.uint8)
     row = [p for panel in panels for p in (panel, gap)] + [_colour_bar(h, scale)]
     top = np.concatenate(row, axis=1)
+    names = np.full((LINE_HEIGHT + 2, top.shape[1], 3), 255, np.uint8)
+    for k, title in enumerate(titles):
+        cv2.putText(names, fit_width(title, w - 4), (k * (w + GAP) + 2, LINE_HEIGHT - 2), FONT,
+                    FONT_SCALE, GREY, 1, cv2.LINE_AA)
+    top = np.concatenate([top, names], axis=0)
     lines = caption.lines(top.shape[1] - 8)
     text = np.full((LINE_HEIGHT * len(lines) + 6, top.shape[1], 3), 255, np.uint8)
     for k, (line, colour) in enumerate(lines):

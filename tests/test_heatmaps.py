@@ -83,7 +83,8 @@ def test_caption_refuses_a_non_finite_score_or_threshold(scores, threshold, valu
 
 def test_render_layout():
     """image | ground truth | overlay, a colour bar from the class's high (top) to low
-    (bottom), caption lines below; without ground truth one panel fewer."""
+    (bottom), each panel's name below it, caption lines below; without ground truth one
+    panel fewer."""
     h = w = 32
     image = np.full((h, w, 3), 128, np.uint8)
     score = np.zeros((h, w))
@@ -95,8 +96,11 @@ def test_render_layout():
     out = heatmaps.render(image, score, scale, caption, gt)
     panel = w + heatmaps.GAP
     bar_x = 3 * panel
-    assert out.shape == (h + heatmaps.LINE_HEIGHT * 4 + 6,
+    names = heatmaps.LINE_HEIGHT + 2  # each panel named below it
+    assert out.shape == (h + names + heatmaps.LINE_HEIGHT * 4 + 6,
                          bar_x + heatmaps.BAR_WIDTH + heatmaps.BAR_LABELS, 3)
+    assert all((out[h:h + names, k * panel:k * panel + w] < 200).any() for k in range(3))
+    assert (out[h:h + names, bar_x:] == 255).all()  # the colour bar has its own labels
     assert (out[:h, :w] == 128).all()  # the image
     assert (out[:8, panel:panel + 8] == 255).all() and (out[9:h, panel + 9:panel + w] == 0).all()
     overlay = out[:h, 2 * panel:2 * panel + w].astype(int)
