@@ -165,13 +165,14 @@ def mask_seeds(image_ids: list[str], seed: int) -> list[int]:
 # ----------------------------------------------------------------------------- scores
 @torch.inference_mode()
 def vit_batches(model: torch.nn.Module, data: ClassData, masks: torch.Tensor,
-                batch_size: int, device: torch.device, amp: str
+                batch_size: int, device: torch.device, amp: str, desc: str = "ViT"
                 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The ViT over a class's images in batches, under autocast: per batch (its slice
     of the images, ce (M,) float32 and logits (M, V) of its masked patches in
     `x[masks]` order, and its masks (n, L) on the device). The one ViT loop of the
-    scoring; bench/score_variants.py reads the logits too."""
-    for i in tqdm(range(0, len(data.images), batch_size), desc="ViT", leave=False):
+    scoring; bench/score_variants.py reads the logits too. `desc` names its progress
+    bar (which pass, which ratio)."""
+    for i in tqdm(range(0, len(data.images), batch_size), desc=desc, leave=False):
         rows = slice(i, i + batch_size)
         m = masks[rows].to(device)  # (n, L)
         with amp_autocast(device, amp):
@@ -181,12 +182,13 @@ def vit_batches(model: torch.nn.Module, data: ClassData, masks: torch.Tensor,
 
 
 def masked_token_scores(model: torch.nn.Module, data: ClassData, masks: torch.Tensor,
-                        batch_size: int, device: torch.device, amp: str) -> torch.Tensor:
+                        batch_size: int, device: torch.device, amp: str, desc: str = "ViT"
+                        ) -> torch.Tensor:
     """PMAD's masked-token score (method.md 7): each masked patch's token cross-entropy,
     0 at visible patches. masks (N, L) bool -> (N, L) float32 on the CPU."""
     scores = torch.cat([scatter_masked(ce, m).cpu()
                         for _, ce, _, m in vit_batches(model, data, masks, batch_size, device,
-                                                       amp)])  # (N, L)
+                                                       amp, desc)])  # (N, L)
     bad = ~torch.isfinite(scores).all(dim=1)  # (N,)
     if bad.any():
         named = f" ({data.names[int(bad.nonzero()[0])]}, ...)" if data.names else ""
@@ -201,7 +203,9 @@ def covered_token_scores(model: torch.nn.Module, data: ClassData, passes: list[t
                          batch_size: int, device: torch.device, amp: str) -> torch.Tensor:
     """Masked-token scores of every patch: the passes (disjoint (N, L) masks covering
     the grid) are scored one after the other and their scores added. -> (N, L)."""
-    return sum(masked_token_scores(model, data, m, batch_size, device, amp) for m in passes)
+    return sum(masked_token_scores(model, data, m, batch_size, device, amp,
+                                   f"ViT, pass {k + 1}/{len(passes)}")
+               for k, m in enumerate(passes))
 
 
 def upsample(patch_scores: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Tensor:
@@ -437,7 +441,8 @@ def sweep_mask_ratios(model: torch.nn.Module, data: ClassData, proposals: Propos
     per_ratio, maps = {}, {}
     for r in ratios:
         masks = proposals.test_masks(r, anomalous, seeds)
-        scores = masked_token_scores(model, data, masks, batch_size, device, amp)
+        scores = masked_token_scores(model, data, masks, batch_size, device, amp,
+                                     f"ViT, mask ratio {r:.2f}")
         maps[r] = pmad_maps(scores, abnormality, grid, sigma)
         per_ratio[r] = evaluate_maps(data, maps[r], gaussian_blur(maps[r], sigma))
     return per_ratio, maps

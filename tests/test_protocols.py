@@ -93,6 +93,26 @@ def test_non_finite_token_scores_name_the_checkpoint() -> None:
     assert scores[1, 3].item() == pytest.approx(CE1) and scores.sum() == scores[1, 3]
 
 
+def test_each_covering_pass_names_its_progress_bar(monkeypatch) -> None:
+    """The ViT's progress bars say which covering pass they are (four bars all named
+    'ViT' said nothing of how far the class was), and the passes' scores add up."""
+    names = []
+
+    def named_tqdm(iterable, desc: str, **kwargs):
+        names.append(desc)
+        return iterable
+    monkeypatch.setattr(protocols, "tqdm", named_tqdm)
+    model = ConstantViT()
+    model.logits = torch.log(torch.tensor([0.75, 0.25]))
+    passes = [torch.tensor([[True, True, False, False]] * 2),
+              torch.tensor([[False, False, True, True]] * 2)]
+    scores = protocols.covered_token_scores(model, _hand_data(), passes, 2,
+                                            torch.device("cpu"), "none")
+    assert names == ["ViT, pass 1/2", "ViT, pass 2/2"]
+    assert scores[1, 3].item() == pytest.approx(CE1) and scores[0, 3].item() == pytest.approx(
+        CE0)
+
+
 def _hand_maps() -> dict[str, torch.Tensor]:
     """The 2x2-patch case's unsmoothed 3x3 maps at ratio 0.5 with covering passes and the
     paper's product, by hand: every map is its 2x2 patch values resized bilinearly with
