@@ -306,7 +306,8 @@ def fit(model: nn.Module, data_loader: Iterable[dict], sampler: Any,
                 output_dir, names, epoch=epoch, model=unwrapped, optimizer=optimizer,
                 scaler=scaler, args=run_args, masking=policy.state_dict())
             utils.main_print(f"[epoch {epoch}] " + ", ".join(  # saved[0]: the numbered file
-                f"{k} {v:.4g}" for k, v in stats.items()) + f" -> {saved[0]}")
+                f"{k} {v:.4g}" for k, v in stats.items()) + f" -> {saved[0]}"
+                + "".join(f" (also {os.path.basename(p)})" for p in saved[1:]))
     except NonFiniteLossError as e:
         raise NonFiniteLossError(f"{e}. {non_finite_advice(output_dir)}") from None
     finally:

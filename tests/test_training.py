@@ -438,10 +438,13 @@ def test_a_fresh_start_sets_the_earlier_runs_files_aside(env, tmp_path, monkeypa
     _record_epochs(monkeypatch)
     capsys.readouterr()
     run_pretraining.main(_args(env, str(out), *common))  # A
-    # each epoch's line names its numbered checkpoint where one was written
+    # each epoch's line names its numbered checkpoint where one was written, and that
+    # checkpoint-last.pth (which evaluation reads) is the same epoch's
     assert [line.rsplit(" -> ", 1)[1] for line in capsys.readouterr().out.splitlines()
             if line.startswith("[epoch ")] == [
-        str(out / f"checkpoint-{n}.pth") for n in ("last", 1, "last", 3)]
+        str(out / "checkpoint-last.pth"), f"{out / 'checkpoint-1.pth'} (also "
+        "checkpoint-last.pth)", str(out / "checkpoint-last.pth"),
+        f"{out / 'checkpoint-3.pth'} (also checkpoint-last.pth)"]
     record = _crash_at_epoch(monkeypatch, 2)
     b = ("--lr", "5e-4", *common)
     with pytest.raises(_Crash):
