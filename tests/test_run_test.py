@@ -101,7 +101,8 @@ def test_clean_protocol_end_to_end(clean_run, tiny_world) -> None:
         assert any(p.name.startswith(f"{t}_") for p in pngs)
     with Image.open(pngs[0]) as png:  # image | ground truth | overlay | colour bar; caption
         assert png.width == 3 * (224 + heatmaps.GAP) + heatmaps.BAR_WIDTH + heatmaps.BAR_LABELS
-        assert png.height == 224 + 4 * heatmaps.LINE_HEIGHT + 6
+        # the panels' names below them, then the caption's 4 lines
+        assert png.height == 224 + (heatmaps.LINE_HEIGHT + 2) + 4 * heatmaps.LINE_HEIGHT + 6
 
 
 def test_paper_protocol_reports_best_ratio_per_metric(tiny_world, tmp_path) -> None:
