@@ -1485,14 +1485,17 @@ def _result_name(defect: str, path: str) -> str:
     return f"{defect}_{os.path.splitext(os.path.basename(path))[0]}"
 
 
-def test_set_sha256(root: str, class_name: str) -> str:
-    """A class's test images and ground-truth masks by name and content (one read of its
-    test files): a resumed evaluation reuses the class's record only for the same test set,
-    as an image replaced, added or removed changes every metric. A ground_truth folder
-    counts, and so do files that are missing (a mask not made yet) or unreadable."""
+def test_set_contents(root: str, class_name: str) -> tuple[str, dict[str, str]]:
+    """A class's test images and ground-truth masks by name and content, in one read of
+    its test files: (the set's sha256, {test image path: its content's sha256}). A resumed
+    evaluation reuses the class's record only for the same set, as an image replaced,
+    added or removed changes every metric; the images' own hashes find those the ViT
+    trained on. A ground_truth folder counts, and so do files that are missing (a mask
+    not made yet) or unreadable."""
     has_ground_truth = os.path.isdir(os.path.join(root, class_name, "ground_truth"))
     items, _ = MVTecTestDataset._list(root, class_name, has_ground_truth)
     digest = hashlib.sha256(b"ground_truth\n" if has_ground_truth else b"")
+    images = {}
     for image, _, _, mask in items:
         for path in (image, mask):
             if path is None:
@@ -1503,7 +1506,9 @@ def test_set_sha256(root: str, class_name: str) -> str:
                 content = f"unreadable:{e.errno}"
             name = os.path.relpath(path, root).encode("utf-8", "surrogateescape")
             digest.update(name + b"\0" + content.encode() + b"\n")
-    return digest.hexdigest()
+            if path == image:
+                images[image] = content
+    return digest.hexdigest(), images
 
 
 def _refuse_shared_result_names(test_dir: str, items: Sequence[tuple]) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 import metrics
-from utils import FlagError, UserError, complete_lines, set_aside, write_atomic
+from utils import FlagError, UserError, complete_lines, set_aside, some_names, write_atomic
 
 BASELINES = {"protoflow_only": "ProtoFlow map alone", "patchcore": "PatchCore",
              "ce_only": "ViT cross-entropy alone"}
@@ -102,6 +102,12 @@ def format_table(results: dict, protocol: str) -> str:
         rows += [made_by(results), ""]
     if results.get("failed"):
         rows += [incomplete_note(results), ""]
+    if results.get("trained_test_images"):
+        rows += ["**TRAINED ON TEST IMAGES**: " + "; ".join(
+            f"{c}: {len(paths)} test image(s) ({some_names(paths, 3)})"
+            for c, paths in results["trained_test_images"].items())
+            + " are training images of the checkpoint by content: their metrics read better "
+            "than they are.", ""]
     if results.get("undefined"):
         rows += ["Undefined metrics (so are the means of those metrics): " + "; ".join(
             f"{c}: {why}" for c, why in results["undefined"].items()), ""]
@@ -265,7 +271,7 @@ def finite_or_null(value: Any) -> Any:
 
 
 SKIP_FLAG = "skip_bad_images"  # a key field a record may differ in, see PartialResults
-TEST_DATA = "test_data"  # the class's test images and masks (datasets.test_set_sha256)
+TEST_DATA = "test_data"  # the class's test images and masks (datasets.test_set_contents)
 # The layout of a class's record, in the resume key: a record of another is evaluated again
 # (2: clean records' called_anomalous is ProtoFlow's calls, proposal_masks and called_at)
 RECORD_FORMAT, RECORD_VERSION = "record_format", 2

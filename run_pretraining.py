@@ -673,17 +673,20 @@ def data_identity(tokenizer_fingerprint: str, dataset: datasets.PretrainDataset,
     their mtimes, which a copy of the data to another node need not keep) and the classes
     (run_test.py refuses to score one of them as unseen). The contents cost one read of
     the training images per start; the sizes stay for checkpoints saved before the
-    contents were."""
+    contents were. Each image's content hash is kept too (sorted, TRAIN_IMAGE_HASHES):
+    run_test.py names a test image the ViT trained on (a re-split after training)."""
     paths = [p for p, _ in dataset.samples]
     names = "\n".join(os.path.relpath(p, data_path) for p in paths)
     sizes = ",".join(str(os.path.getsize(p)) for p in paths)
-    contents = ",".join(utils.file_sha256(p) for p in paths)
+    hashes = [utils.file_sha256(p) for p in paths]
     return {"tokenizer_fingerprint": tokenizer_fingerprint, "train_classes": list(train_classes),
             "train_images": len(dataset),
             "train_images_sha256": hashlib.sha256(names.encode("utf-8", "surrogateescape"))
             .hexdigest(),
             "train_image_sizes_sha256": hashlib.sha256(sizes.encode()).hexdigest(),
-            "train_image_contents_sha256": hashlib.sha256(contents.encode()).hexdigest()}
+            "train_image_contents_sha256": hashlib.sha256(",".join(hashes).encode())
+            .hexdigest(),
+            modeling_pmad.TRAIN_IMAGE_HASHES: sorted(set(hashes))}
 
 
 def check_same_tokenizer(header: dict, fingerprint: str, vocab_size: int, path: str) -> None:

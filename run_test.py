@@ -10,6 +10,7 @@ test labels.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import sys
@@ -331,6 +332,25 @@ def file_fingerprints(args: argparse.Namespace, m: Models) -> dict[str, str | No
             "encoder": None if args.encoder_weights is None else file_sha256(args.encoder_weights)}
 
 
+def trained_test_images(contents: dict[str, tuple[str, dict[str, str]]],
+                        trained: frozenset[str] | None, root: str) -> dict[str, list[str]]:
+    """{class: its test images (relative to `root`) whose content the ViT trained on}, for
+    the classes that have any, said on stderr: a custom set re-split after training (its
+    setup warns) scores images the ViT learned, and the metrics rise for it. Nothing
+    where the checkpoint lists no training images (the released ones)."""
+    if not trained:
+        return {}
+    seen = {c: sorted(os.path.relpath(p, root) for p, sha in images.items() if sha in trained)
+            for c, (_, images) in contents.items()}
+    seen = {c: paths for c, paths in seen.items() if paths}
+    for c, paths in seen.items():
+        print(f"[run_test] warning: {c}: {len(paths)} test image(s) are training images of "
+              f"--ckpt by content ({some_names(paths, 3)}): their scores count images the "
+              "ViT learned, so the metrics read better than they are; evaluate on images "
+              "it did not train on (a re-split set: train again on it)", file=sys.stderr)
+    return seen
+
+
 def resume_key(args: argparse.Namespace, results: dict) -> dict:
     """Every setting and file (by content) a class's record depends on but its
     prototypes: --resume_eval reuses a record only when all of it matches. Left out:
@@ -382,8 +402,12 @@ def _evaluate(args: argparse.Namespace, options: CleanOptions, out_dir: Path) ->
                             "timm": timm.__version__, "numpy": np.__version__},
                "provenance": provenance(m.device)}
     start = time.time()
-    results["test_data"] = {c: datasets.test_set_sha256(args.data_path, c) for c in tqdm(
+    contents = {c: datasets.test_set_contents(args.data_path, c) for c in tqdm(
         classes, desc="reading the test sets", leave=False)}  # its images and masks
+    results["test_data"] = {c: digest for c, (digest, _) in contents.items()}
+    seen = trained_test_images(contents, m.vit_train_images, args.data_path)
+    if seen:
+        results["trained_test_images"] = seen
     partial = PartialResults(out_dir / "results.partial.jsonl", resume_key(args, results),
                              {c: {"prototypes": results["prototypes"][c],
                                   TEST_DATA: results["test_data"][c]} for c in classes},

@@ -45,6 +45,8 @@ class Models:
     tokenizer_path: str  # the tokenizer file used (given, recorded, or the released one)
     protoflow_path: str  # the ProtoFlow file (a folder given resolved to its one .pt)
     vit_classes: list[str] | None = None  # what the ViT trained on, where its file says
+    # the content sha256s of the ViT's training images, where its file lists them
+    vit_train_images: frozenset[str] | None = None
 
     @property
     def img_size(self) -> int:
@@ -126,8 +128,10 @@ def load(ckpt: str, *, config: dict[str, Any] | None = None,
     protoflow = ProtoFlow(protoflow_path, prototypes_dir, device=str(device),
                           encoder_weights=encoder_weights, input_normalization=(mean, std))
     protoflow.check_image_size(*model.patch_embed.img_size)  # before any class is scored
+    hashes = trained.get(modeling_pmad.TRAIN_IMAGE_HASHES)
     return Models(model, tokenizer, protoflow, device, amp, mean, std, config, tokenizer_path,
-                  protoflow_path, trained.get("train_classes"))
+                  protoflow_path, trained.get("train_classes"),
+                  None if hashes is None else frozenset(hashes))
 
 
 def _tokenizer(ckpt: str, name: str, path: str | None, trained: dict, device: torch.device,

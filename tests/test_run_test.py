@@ -193,7 +193,7 @@ def test_an_anomalous_image_with_an_empty_or_inverted_mask_is_named(tiny_world, 
     made = saved["provenance"]
     assert (made["device"], made["argv"], made["code"]) == ("cpu", sys.argv,
                                                           utils.code_version())
-    assert saved["test_data"] == {"coins": datasets.test_set_sha256(str(data), "coins")}
+    assert saved["test_data"] == {"coins": datasets.test_set_contents(str(data), "coins")[0]}
     record = saved["classes"]["coins"]  # ProtoFlow's calls at its threshold, by label
     called = [i["protoflow_score"] > record["called_at"] for i in record["images"]]
     good = [i["defect_type"] == "good" for i in record["images"]]
@@ -207,6 +207,34 @@ def test_an_anomalous_image_with_an_empty_or_inverted_mask_is_named(tiny_world, 
         f"code {made['code'] or 'of no git checkout'}; started {made['started_utc']} on "
         f"{made['host']} (cpu), {saved['seconds']:.0f} s.")
     assert saved["classes"]["coins"]["per_defect"][mask.parent.name]["pixel_auroc"] is None
+
+
+def test_test_images_the_vit_trained_on_are_named(tiny_world, tmp_path, capsys):
+    """A set re-split after training scores images the ViT learned: a test image whose
+    content the checkpoint lists among its training images is named on stderr, in
+    results.json and at the top of results.md; a checkpoint that lists none of them,
+    or no list at all (a released one), adds nothing."""
+    good = sorted((tiny_world.mvtec_root / "coins" / "test" / "good").glob("*.png"))[0]
+    ckpt = torch.load(tiny_world.pmad_ckpt, weights_only=True)
+    ckpt["args"] = {modeling_pmad.TRAIN_IMAGE_HASHES: sorted([_sha256(good), "0" * 64])}
+    vit = tmp_path / "resplit.pth"
+    torch.save(ckpt, vit)
+    argv = _argv(tiny_world, tmp_path / "out", "clean", "--classes", "coins")
+    argv[argv.index("--ckpt") + 1] = str(vit)
+    results = run_test.main(run_test.get_args_parser().parse_args(argv))
+    rel = str(good.relative_to(tiny_world.mvtec_root))
+    assert results["trained_test_images"] == {"coins": [rel]}
+    assert (f"[run_test] warning: coins: 1 test image(s) are training images of --ckpt by "
+            f"content ({rel}): their scores count images the ViT learned") in \
+        capsys.readouterr().err
+    assert strict_json(tmp_path / "out" / "clean" / "results.json")[
+        "trained_test_images"] == {"coins": [rel]}
+    assert (tmp_path / "out" / "clean" / "results.md").read_text().splitlines()[4] == (
+        f"**TRAINED ON TEST IMAGES**: coins: 1 test image(s) ({rel}) are training images of "
+        "the checkpoint by content: their metrics read better than they are.")
+    contents = {"coins": datasets.test_set_contents(str(tiny_world.mvtec_root), "coins")}
+    assert run_test.trained_test_images(contents, frozenset({"0" * 64}), "x") == {}
+    assert run_test.trained_test_images(contents, None, "x") == {}
 
 
 def test_missing_prototypes_of_a_later_class_are_refused_before_any_class(
@@ -1006,7 +1034,7 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
             run_test.main(parse(argv + ["--resume_eval", flag, value]))
     # the test set changed under its path: the record, of the old images, is not reused
     # (it kept their numbers and image_scores.csv rows); that class is evaluated again
-    assert line["key"]["test_data"] == datasets.test_set_sha256(str(data), "coins")
+    assert line["key"]["test_data"] == datasets.test_set_contents(str(data), "coins")[0]
     good = sorted((data / "coins" / "test" / "good").iterdir())
     defect = next(p for p in sorted((data / "coins" / "test").rglob("*.png"))
                   if p.parent.name != "good")
@@ -1021,14 +1049,15 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
     assert ([r["protoflow_score"] for r in changed["images"] if r["name"] == name]
             != [r["protoflow_score"] for r in first["images"] if r["name"] == name])
     # each change counts: a file removed, a ground_truth folder made
-    after_copy = datasets.test_set_sha256(str(data), "coins")
+    after_copy = datasets.test_set_contents(str(data), "coins")[0]
     good[1].unlink()
-    after_removal = datasets.test_set_sha256(str(data), "coins")
+    after_removal = datasets.test_set_contents(str(data), "coins")[0]
     (data / "coins" / "ground_truth").mkdir()
-    assert len({after_copy, after_removal, datasets.test_set_sha256(str(data), "coins")}) == 3
+    assert len({after_copy, after_removal,
+                datasets.test_set_contents(str(data), "coins")[0]}) == 3
     (data / "coins" / "ground_truth").rmdir()
     good[2].chmod(0)  # unreadable (to a user who is not root): a marker, not a crash
-    datasets.test_set_sha256(str(data), "coins")
+    datasets.test_set_contents(str(data), "coins")[0]
     good[2].chmod(0o644)
 
 
