@@ -183,6 +183,18 @@ def fit_width(text: str, width: int) -> str:
     return text[:low] + "..." + text[len(text) - low:]
 
 
+def _cut_end(text: str, width: int) -> str:
+    """`text`, or as much of its start as fits `width` pixels with '...' (a panel's name
+    reads from its start; a file name keeps its end: fit_width)."""
+    def wide(t: str) -> int:
+        return cv2.getTextSize(t, FONT, FONT_SCALE, 1)[0][0]
+    if wide(text) <= width:
+        return text
+    while text and wide(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
+
+
 def render(image: np.ndarray, score_map: np.ndarray, scale: ColourScale, caption: Caption,
            gt_mask: np.ndarray | None = None) -> np.ndarray:
     """image (H, W, 3) uint8, score_map (H, W), gt_mask (H, W) {0, 1} or None ->
@@ -196,13 +208,13 @@ def render(image: np.ndarray, score_map: np.ndarray, scale: ColourScale, caption
                                 3, axis=2))
         titles.append("ground truth (white: defect)")
     panels.append(overlay)
-    titles.append("PMAD score map (class's scale)")
+    titles.append("PMAD score map")
     gap = np.full((h, GAP, 3), 255, np.uint8)
     row = [p for panel in panels for p in (panel, gap)] + [_colour_bar(h, scale)]
     top = np.concatenate(row, axis=1)
     names = np.full((LINE_HEIGHT + 2, top.shape[1], 3), 255, np.uint8)
     for k, title in enumerate(titles):
-        cv2.putText(names, fit_width(title, w - 4), (k * (w + GAP) + 2, LINE_HEIGHT - 2), FONT,
+        cv2.putText(names, _cut_end(title, w - 4), (k * (w + GAP) + 2, LINE_HEIGHT - 2), FONT,
                     FONT_SCALE, GREY, 1, cv2.LINE_AA)
     top = np.concatenate([top, names], axis=0)
     lines = caption.lines(top.shape[1] - 8)

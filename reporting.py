@@ -35,7 +35,19 @@ LEGEND = ("AUC: the area under the ROC curve (AUROC); AUPRO: the area under the 
           "per-region-overlap curve up to a 30 % false positive rate, normalised; AP: the "
           "average precision; F1-max: the F1 score at the best threshold on the test set. "
           "Means are unweighted over the classes; the baselines (in italics) come from the "
-          "same run. Mask ratio: the share of patches masked in each pass.")
+          "same run.")
+
+
+def ratio_legend(results: dict, protocol: str) -> str:
+    """What the Mask ratio column means under this run's protocol."""
+    if protocol == "paper":
+        return ("Mask ratio: the one of the 24 ratios the paper protocol tries that gives "
+                "the best image AUROC, picked with the test labels; each other metric of "
+                "PMAD's rows is at its own best ratio (the baselines are not picked).")
+    if (results.get("clean_options") or {}).get("unmasked") == "zero":
+        return "Mask ratio: the share of patches masked (one pass; the rest score 0)."
+    return ("Mask ratio: the share of patches masked in each pass but the last, which masks "
+            "the rest (every patch is masked once).")
 
 
 def _methods(results: dict) -> list[tuple[str, str]]:
@@ -128,15 +140,16 @@ def format_table(results: dict, protocol: str) -> str:
     rows.append(row("**Mean (PMAD)**", results["mean"]))
     for key, label in _methods(results)[1:]:
         rows.append(row(f"*{label} (mean)*", results[f"mean_{key}"]))
-    rows += ["", LEGEND]
+    rows += ["", f"{LEGEND} {ratio_legend(results, protocol)}"]
     methods = _methods(results)
     rows += ["", "PMAD's mean minus each baseline's (4 decimals, as differences under 0.001 "
              "vanish above; negative: PMAD is behind):", "",
              "| Baseline | " + " | ".join(label for _, label in LEADS) + " |",
              "|:--|" + ":--:|" * len(LEADS)]
     for key, label in methods[1:]:
+        leads = (results["mean"][k] - results[f"mean_{key}"][k] for k, _ in LEADS)
         rows.append(f"| {label} | " + " | ".join(
-            f"{results['mean'][k] - results[f'mean_{key}'][k]:+.4f}" for k, _ in LEADS) + " |")
+            f"{d:+.4f}" if math.isfinite(d) else "nan" for d in leads) + " |")
     rows += ["", "Image AUROC / pixel AUROC / AUPRO per class and method:", "",
              "| Category | " + " | ".join(label for _, label in methods) + " |",
              "|:--|" + ":--:|" * len(methods)]
@@ -155,8 +168,9 @@ def format_table(results: dict, protocol: str) -> str:
             cells.append("" if m is None else f"{m['image_auroc']:.3f}/{m['pixel_auroc']:.3f}")
         rows.append(f"| {cell(t)} | " + " | ".join(cells) + " |")
     rows += ["", "Why a map can miss a defect: the anomalous images masked by their proposal "
-             "(not at random), the fraction of their defect pixels (pooled) in the first "
-             "masking pass, and the anomalous images whose mask marks no pixel:", "",
+             "(not at random), the fraction of all anomalous images' defect pixels (pooled) "
+             "in the first masking pass, and the anomalous images whose mask marks no "
+             "pixel:", "",
              "| Category | anomalous images given the proposal mask | defect pixels "
              "masked | anomalous images with no defect pixel |", "|:--|:--:|:--:|:--:|"]
     for name, r in results["classes"].items():
@@ -165,30 +179,49 @@ def format_table(results: dict, protocol: str) -> str:
         rows.append(f"| {shown[name]} | "
                     f"{d['anomalous_with_proposal']}/{d['anomalous_images']} | "
                     f"{d['masked_defect_fraction']:.2f} | {'' if empty is None else empty} |")
-    calls = {name: r["calls"] for name, r in results["classes"].items() if r.get("calls")}
-    if calls:  # records of an earlier version, and files without a threshold, have none
-        rows += ["", "ProtoFlow's calls at its stored threshold (predict.py's "
-                 "protoflow_decision; PMAD's score has no threshold):", "",
-                 "| Category | threshold | good images called anomalous | anomalous images "
-                 "called anomalous |", "|:--|:--:|:--:|:--:|"]
-        for name, c in calls.items():
-            rows.append(f"| {shown[name]} | {results['classes'][name]['called_at']:.4g} | "
-                        f"{c['good_called_anomalous']}/{c['good_images']} | "
-                        f"{c['anomalous_called_anomalous']}/{c['anomalous_images']} |")
+    if protocol == "clean":
+        rows += calls_table(results, shown)
     return "\n".join(rows)
+
+
+def calls_table(results: dict, shown: dict[str, str]) -> list[str]:
+    """results.md's rows of ProtoFlow's calls at its stored threshold, per class, and the
+    classes without them named with why (no threshold for the class; a record of an
+    earlier version, reused by --resume_eval)."""
+    calls = {name: r["calls"] for name, r in results["classes"].items() if r.get("calls")}
+    missing = {name: ("no threshold for it: a released ProtoFlow file, or prototypes other "
+                      "than the file's" if "calls" in r else "a record of an earlier version")
+               for name, r in results["classes"].items() if not r.get("calls")}
+    rows = ["", "ProtoFlow's calls at its stored threshold (predict.py's protoflow_decision; "
+            "PMAD's score has no threshold):", ""]
+    if calls:
+        rows += ["| Category | threshold | good images called anomalous | anomalous images "
+                 "called anomalous |", "|:--|:--:|:--:|:--:|"]
+        rows += [f"| {shown[name]} | {results['classes'][name]['called_at']:.4f} | "
+                 f"{c['good_called_anomalous']}/{c['good_images']} | "
+                 f"{c['anomalous_called_anomalous']}/{c['anomalous_images']} |"
+                 for name, c in calls.items()]
+    if missing:
+        rows += (["", "None for: "] if calls else ["None for: "])
+        rows[-1] += "; ".join(f"{shown[n]} ({why})" for n, why in missing.items()) + "."
+    return rows
 
 
 def made_by(results: dict) -> str:
     """The line that says what made the numbers: the checkpoint (path and the start of
     its sha256), the code's version, when, where and how long (results.json has all of
-    it, the command line too)."""
+    it, the command line too), and the classes whose records an earlier run made
+    (--resume_eval), which the code and time above did not."""
     p, args = results["provenance"], results.get("args") or {}
     sha = (results.get("checkpoints") or {}).get("pmad")
     seconds = results.get("seconds")
+    earlier = [c for c, r in results["classes"].items() if r.get("provenance") != p]
     return (f"Checkpoint {args.get('ckpt')}" + (f" (sha256 {sha[:12]})" if sha else "")
             + f"; code {p.get('code') or 'of no git checkout'}; started {p.get('started_utc')}"
             f" on {p.get('host')} ({p.get('device')})"
-            + (f", {seconds:.0f} s" if seconds is not None else "") + ".")
+            + (f", {seconds:.0f} s" if seconds is not None else "")
+            + (f"; {len(earlier)} class(es) reused from an earlier run ({some_names(earlier, 3)}"
+               "; each record's provenance is in results.json)" if earlier else "") + ".")
 
 
 def incomplete_note(results: dict) -> str:
@@ -202,6 +235,9 @@ def incomplete_note(results: dict) -> str:
             + " Re-run with --resume_eval to finish.")
 
 
+# how a name that is not UTF-8 (a file name's byte as a surrogate) is written in the text
+# results: escaped, '\udce9', not a crash after the whole evaluation
+UNDECODABLE = "backslashreplace"
 RESULT_FILES = ("results.json", "results.md", "results.csv", "image_scores.csv")
 HEATMAPS = "heatmaps"  # the folder of run_test.py --save_heatmaps
 
@@ -214,10 +250,11 @@ def write_results(results: dict, output_dir: Path, protocol: str) -> str:
     table = format_table(results, protocol)
     text = json.dumps(finite_or_null(results), indent=2, default=float, allow_nan=False)
     write_atomic(output_dir / "results.json", lambda tmp: Path(tmp).write_text(text))
-    write_atomic(output_dir / "results.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+    write_atomic(output_dir / "results.md", lambda tmp: Path(tmp).write_text(
+        table + "\n", encoding="utf-8", errors=UNDECODABLE))
 
     def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8", errors=UNDECODABLE) as f:
             writer = csv.writer(f)
             writer.writerow(["protocol", "class", "method", *metrics.METRIC_NAMES,
                              "mask_ratio"])
@@ -251,7 +288,7 @@ def write_image_scores(results: dict, path: Path) -> None:
         return
 
     def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8", errors=UNDECODABLE) as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)

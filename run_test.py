@@ -427,6 +427,7 @@ def _evaluate(args: argparse.Namespace, options: CleanOptions, out_dir: Path) ->
                 continue
             record, draw_heatmaps = evaluate_class(args, m, options, root, out_dir,
                                                    class_name)
+            record["provenance"] = results["provenance"]  # a resumed run reuses it as is
             results["classes"][class_name] = record
             partial.add(class_name, record)  # kept, whatever drawing its heatmaps does
             draw_heatmaps()

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import uuid
 import warnings
 import zipfile
 from collections import defaultdict, deque
@@ -1488,20 +1489,30 @@ def masking_state_of(ckpt: dict) -> dict | None:
 # ----------------------------------------------------------------------------- provenance
 def code_version() -> str | None:
     """This code's git commit (`git describe --always --dirty`: '-dirty' where tracked
-    files differ from it), so that a result names the code that made it; None outside a
-    git checkout, or without git."""
-    try:
-        done = subprocess.run(["git", "-C", PROJECT_DIR, "describe", "--always", "--dirty",
-                               "--abbrev=12"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
+    files differ from it), so that a result names the code that made it; 'unknown (why)'
+    where git cannot tell (not installed, a checkout another user owns); None where the
+    code is no git checkout of its own (an unpacked archive, even inside another
+    repository, whose commit would not be this code's)."""
+    git_dir = os.path.join(PROJECT_DIR, ".git")
+    if not os.path.exists(git_dir):
         return None
-    return (done.stdout.strip() or None) if done.returncode == 0 else None
+    try:
+        done = subprocess.run(["git", f"--git-dir={git_dir}", f"--work-tree={PROJECT_DIR}",
+                               "describe", "--always", "--dirty", "--abbrev=12"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unknown ({type(e).__name__}: {e})"
+    if done.returncode != 0 or not done.stdout.strip():
+        why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0]
+        return f"unknown (git: {why})"
+    return done.stdout.strip()
 
 
 def provenance(device: str | torch.device) -> dict[str, Any]:
     """Where, when and by what a result was made: the code's version, the process's
-    command line, the UTC start time, the host and the device."""
-    return {"code": code_version(), "argv": list(sys.argv),
+    command line (a notebook's or pytest's where called from Python), the UTC start
+    time, the host and the device, and a random id that tells two runs apart."""
+    return {"run_id": uuid.uuid4().hex, "code": code_version(), "argv": list(sys.argv),
             "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),
             "host": socket.gethostname(), "device": str(device)}

@@ -230,3 +230,12 @@ def test_save_heatmaps_captions_each_image_with_its_own_scores_on_the_class_scal
     index = {"good_0": 0, "crack_0": 1, "crack_1": 2}
     for _, c, name, score_map in drawn:
         assert name == f"{c.name}.png" and torch.equal(score_map, maps[index[c.name]]), c.name
+
+
+def test_a_panel_name_too_wide_keeps_its_start():
+    """A panel's name reads from its start ('ground t...'), where a file name keeps its
+    end (fit_width: 'grou...ect)' said nothing); one that fits is kept whole."""
+    cut = heatmaps._cut_end("ground truth (white: defect)", 60)
+    assert cut.startswith("ground") and cut.endswith("...")
+    assert cv2.getTextSize(cut, heatmaps.FONT, heatmaps.FONT_SCALE, 1)[0][0] <= 60
+    assert heatmaps._cut_end("image", 60) == "image"

@@ -122,19 +122,61 @@ def test_results_md_shows_protoflows_calls_at_its_threshold():
     """The operating point predict.py reports (ProtoFlow's call at its stored threshold)
     is evaluated per class: its threshold, the good images it calls anomalous and the
     anomalous ones it finds; a class without a threshold, or a record of an earlier
-    version, has no row, and no class with calls, no table."""
+    version, has no row and is named with why; the paper protocol has no such table."""
     a, b = _class_record(0.9, ["crack"]), _class_record(0.8, ["crack"])
     a.update(called_at=4.0321, calls={"good_called_anomalous": 2, "good_images": 20,
                                       "anomalous_called_anomalous": 15,
                                       "anomalous_images": 20})
     results = {"protocol": "clean", "classes": {"a": a, "b": b}}
     reporting.summarize(results)
+    b["calls"] = None  # no threshold for b
     table = reporting.format_table(results, "clean").splitlines()
-    assert table[-3:] == ["| Category | threshold | good images called anomalous | "
+    assert table[-5:] == ["| Category | threshold | good images called anomalous | "
                           "anomalous images called anomalous |", "|:--|:--:|:--:|:--:|",
-                          "| A | 4.032 | 2/20 | 15/20 |"]
-    del a["calls"]
-    assert "ProtoFlow's calls" not in reporting.format_table(results, "clean")
+                          "| A | 4.0321 | 2/20 | 15/20 |", "",
+                          "None for: B (no threshold for it: a released ProtoFlow file, or "
+                          "prototypes other than the file's)."]
+    del a["calls"], b["calls"]
+    assert reporting.format_table(results, "clean").splitlines()[-1] == (
+        "None for: A (a record of an earlier version); B (a record of an earlier version).")
+    assert "ProtoFlow's calls" not in reporting.format_table(results, "paper")
+
+
+def test_the_mask_ratio_column_is_explained_as_each_protocol_picks_it():
+    """Clean, covering passes: every pass but the last masks the ratio (58/58/58/22 of
+    196 at 0.3); clean, unmasked patches at 0: one pass; paper: the ratio of the best
+    image AUROC, every other metric at its own. An undefined lead reads nan, not +nan."""
+    record = _class_record(0.9, ["crack"])
+    record["protoflow_only"]["pixel_aupro"] = math.nan
+    results = {"protocol": "clean", "classes": {"a": record},
+               "clean_options": {"unmasked": "cover"}}
+    reporting.summarize(results)
+    table = reporting.format_table(results, "clean")
+    assert "Mask ratio: the share of patches masked in each pass but the last, which " \
+           "masks the rest (every patch is masked once)." in table
+    assert "| ProtoFlow map alone | +0.2000 | +0.2000 | nan |" in table
+    results["clean_options"]["unmasked"] = "zero"
+    assert "Mask ratio: the share of patches masked (one pass; the rest score 0)." in \
+        reporting.format_table(results, "clean")
+    assert "Mask ratio: the one of the 24 ratios the paper protocol tries that gives the " \
+           "best image AUROC, picked with the test labels; each other metric of PMAD's " \
+           "rows is at its own best ratio" in reporting.format_table(results, "paper")
+
+
+def test_names_that_are_not_utf8_are_written_escaped(tmp_path):
+    """A class folder or --ckpt path whose name is not UTF-8 (its byte a surrogate) was a
+    UnicodeEncodeError after the whole evaluation, with results.md, results.csv and
+    image_scores.csv unwritten: each is written, the name escaped."""
+    record = {**_class_record(0.9, ["crack"]),
+              "images": [{"name": "crack_\udce9", "defect_type": "crack", "pmad": 1.0}]}
+    results = {"protocol": "clean", "classes": {"caf\udce9": record},
+               "provenance": {"code": None}, "args": {"ckpt": "/data/\udce9.pth"}}
+    reporting.summarize(results)
+    reporting.write_results(results, tmp_path, "clean")
+    md = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert "| Caf\\udce9 |" in md and "Checkpoint /data/\\udce9.pth;" in md
+    assert "caf\\udce9,pmad," in (tmp_path / "results.csv").read_text(encoding="utf-8")
+    assert "crack_\\udce9" in (tmp_path / "image_scores.csv").read_text(encoding="utf-8")
 
 
 def test_exit_status_is_non_zero_when_a_class_fails(capsys):
@@ -477,6 +519,9 @@ def test_results_md_diagnostics_rows_by_class(tmp_path):
     results = {"classes": {"a": a, "b": b}, "protocol": "clean"}
     reporting.summarize(results)
     table = reporting.write_results(results, tmp_path, "clean").splitlines()
-    assert table[-4].startswith("| Category | anomalous images given the proposal mask | "
-                                "defect pixels masked |")
-    assert table[-2:] == ["| A | 3/7 | 0.25 | 1 |", "| B | 0/4 | 0.88 |  |"]
+    head = table.index("| Category | anomalous images given the proposal mask | defect "
+                       "pixels masked | anomalous images with no defect pixel |")
+    assert table[head + 2:head + 4] == ["| A | 3/7 | 0.25 | 1 |", "| B | 0/4 | 0.88 |  |"]
+    # the records hold no ProtoFlow calls (an earlier version's): named, not left out
+    assert table[-1] == "None for: A (a record of an earlier version); B (a record of an " \
+                        "earlier version)."

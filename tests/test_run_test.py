@@ -1010,6 +1010,12 @@ def test_resume_eval_reuses_a_class_only_with_the_same_files_and_settings(tiny_w
     again = run_test.main(parse(argv + ["--resume_eval", "--prototypes_dir", str(same)]))
     assert "coins: done in an earlier run" in capsys.readouterr().out
     assert again["classes"]["coins"]["image_auroc"] == first["image_auroc"]
+    # results.md's provenance line says which records an earlier run made
+    assert again["classes"]["coins"]["provenance"] == first["provenance"] != again[
+        "provenance"]
+    assert (out / "results.md").read_text().splitlines()[2].endswith(
+        "; 1 class(es) reused from an earlier run (coins; each record's provenance is in "
+        "results.json).")
     assert (pngs / "kept.png").read_bytes() == b"kept"
     shutil.rmtree(pngs)  # a reused class's heatmaps are not drawn again: said, not hidden
     run_test.main(parse(argv + ["--resume_eval", "--save_heatmaps", "1"]))

@@ -1353,7 +1353,9 @@ def test_bullet_list_caps_long_listings():
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git to make a checkout")
 def test_code_version_names_the_commit_and_a_change_beside_it(tmp_path, monkeypatch):
     """A result names the code that made it: the checkout's commit, '-dirty' where a
-    tracked file differs from it; None outside a git checkout or without git."""
+    tracked file differs from it; None where the code is no checkout of its own (an
+    archive unpacked inside another repository: that one's commit is not this code's);
+    'unknown (why)' where git cannot tell (here: no git on the PATH)."""
     repo = tmp_path / "repo"
     repo.mkdir()
 
@@ -1363,15 +1365,16 @@ def test_code_version_names_the_commit_and_a_change_beside_it(tmp_path, monkeypa
     git("init", "-q")
     (repo / "a.py").write_text("x = 1\n")
     git("add", "a.py")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit",
+        "-q", "-m", "one")
     monkeypatch.setattr(utils, "PROJECT_DIR", str(repo))
     head = git("rev-parse", "--short=12", "HEAD")
     assert utils.code_version() == head
     (repo / "a.py").write_text("x = 2\n")
     assert utils.code_version() == f"{head}-dirty"
-    monkeypatch.setattr(utils, "PROJECT_DIR", str(tmp_path / "plain"))
-    (tmp_path / "plain").mkdir()
-    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repo above it
+    (repo / "unpacked").mkdir()  # an archive of the code inside another repository
+    monkeypatch.setattr(utils, "PROJECT_DIR", str(repo / "unpacked"))
     assert utils.code_version() is None
+    monkeypatch.setattr(utils, "PROJECT_DIR", str(repo))
     monkeypatch.setenv("PATH", str(tmp_path / "no_bin"))  # no git at all
-    assert utils.code_version() is None
+    assert utils.code_version().startswith("unknown (FileNotFoundError: ")
