@@ -40,7 +40,10 @@ from masking_generator import class_mask_ratio
 
 # the decision is ProtoFlow's, at its stored threshold: PMAD's score has no threshold
 OUTPUT_COLUMNS = ("image", "class", "name", "pmad_score", "protoflow_score", "threshold",
-                  "protoflow_decision")
+                  "protoflow_decision", "scored_with")
+# the columns of earlier versions' predictions.csv: their run folders are outputs too
+EARLIER_COLUMNS = (("image", "class", "name", "pmad_score", "protoflow_score", "threshold",
+                    "decision"),)
 PREDICTIONS_FILE = "predictions.csv"  # put in place last: a whole run's outputs are there
 SKIPPED_FILE = "skipped_images.txt"  # the images --skip_bad_images left out, if any
 # one run's outputs, set aside in this order: predictions.csv last, as a crash between
@@ -172,11 +175,12 @@ def _has_earlier_run(output_dir: str | os.PathLike) -> bool:
 
 def _is_run_folder(folder: str) -> bool:
     """Whether `folder` holds a predict.py run's outputs: a predictions.csv of our
-    columns (a user's own file of that name is not ours)."""
+    columns, or an earlier version's (a user's own file of that name is not ours)."""
     try:
         with open(os.path.join(folder, PREDICTIONS_FILE), encoding="utf-8",
                   errors="replace") as f:
-            return f.readline().rstrip("\r\n") == ",".join(OUTPUT_COLUMNS)
+            return f.readline().rstrip("\r\n") in {",".join(c) for c in (OUTPUT_COLUMNS,
+                                                                          *EARLIER_COLUMNS)}
     except OSError:
         return False
 
@@ -514,7 +518,9 @@ def _score_into(out: Path, args: argparse.Namespace, m: scoring_models.Models,
                          "pmad_score": caption.pmad_score,
                          "protoflow_score": caption.protoflow_score,
                          "threshold": "" if threshold is None else threshold,
-                         "protoflow_decision": caption.decision or ""})
+                         "protoflow_decision": caption.decision or "",
+                         # the class's images scored together: PMAD's score depends on them
+                         "scored_with": len(data.names)})
             if scale is not None:
                 heatmaps.save_one(data.images[i], scores.maps[i], scale, caption,
                                   out / "heatmaps" / cls / f"{name}.png", m.mean, m.std)

@@ -69,6 +69,7 @@ def test_predict_reproduces_the_clean_protocol(tiny_world, tmp_path, monkeypatch
         assert float(r["threshold"]) == pytest.approx(threshold)
         assert r["protoflow_decision"] == ("anomalous" if protoflow > threshold else
                                            "normal")
+        assert r["scored_with"] == "8"  # the class's images scored together
         saved = np.load(out / "maps" / "coins" / f"{r['name']}.npy")
         assert saved.dtype == np.float32 and saved.shape == (224, 224)
         np.testing.assert_allclose(saved, score_map.numpy(), atol=1e-5)
@@ -562,7 +563,9 @@ def test_an_earlier_runs_outputs_in_an_input_folder_are_no_input(tmp_path, capsy
            "in/run1/previous-20261202T000000Z/heatmaps/coins/b.png",
            "in/mine/maps/c.png")
     (tmp_path / "in/run1/predictions.csv").write_text(header + "x.png,coins,a,1,1,,\n")
-    (tmp_path / "in/run1/previous-20261202T000000Z/predictions.csv").write_text(header)
+    # an earlier version's run (its decision column was named 'decision') is a run too
+    (tmp_path / "in/run1/previous-20261202T000000Z/predictions.csv").write_text(
+        ",".join(predict.EARLIER_COLUMNS[0]) + "\n")
     (tmp_path / "in/mine/predictions.csv").write_text("image,label\n")
     want = [str(tmp_path / "in" / f) for f in ("a.png", "b.png", "mine/maps/c.png")]
     for inputs in ([str(tmp_path / "in")], [str(tmp_path / "in" / "**" / "*.png")]):
