@@ -95,7 +95,8 @@ def test_non_finite_token_scores_name_the_checkpoint() -> None:
 
 def test_each_covering_pass_names_its_progress_bar(monkeypatch) -> None:
     """The ViT's progress bars say which covering pass they are (four bars all named
-    'ViT' said nothing of how far the class was), and the passes' scores add up."""
+    'ViT' said nothing of how far the class was), and the passes' scores add up; the
+    paper protocol's say which mask ratio."""
     names = []
 
     def named_tqdm(iterable, desc: str, **kwargs):
@@ -111,6 +112,14 @@ def test_each_covering_pass_names_its_progress_bar(monkeypatch) -> None:
     assert names == ["ViT, pass 1/2", "ViT, pass 2/2"]
     assert scores[1, 3].item() == pytest.approx(CE1) and scores[0, 3].item() == pytest.approx(
         CE0)
+    names.clear()  # the paper protocol's: one bar per mask ratio, named by it
+    data = _called_normal_data()
+    proposals = protoflow.proposals_from_log_likelihood(data.log_likelihood, image_size=4,
+                                                        grid=(2, 2))
+    protocols.sweep_mask_ratios(model, data, proposals, torch.zeros(5, dtype=torch.bool),
+                                (0.26, 0.5), sigma=0.0, batch_size=5,
+                                device=torch.device("cpu"), amp="none", seed=0)
+    assert names == ["ViT, mask ratio 0.26", "ViT, mask ratio 0.50"]
 
 
 def _hand_maps() -> dict[str, torch.Tensor]:
