@@ -158,11 +158,13 @@ def format_table(results: dict, protocol: str) -> str:
             "/".join(f"{(r if key == 'pmad' else r[key])[k]:.3f}" for k, _ in LEADS)
             for key, _ in methods) + " |")
     types = sorted({t for per in results["per_defect_mean"].values() for t in per})
-    rows += ["", "Image/pixel AUROC per defect type (mean over the classes that have it):",
-             "", "| Defect type | " + " | ".join(label for _, label in methods) + " |",
-             "|:--|" + ":--:|" * len(methods)]
+    rows += ["", "Image/pixel AUROC per defect type (mean over the classes that have it; each "
+             "type's images against the class's good ones):", "",
+             "| Defect type | classes / defective images | "
+             + " | ".join(label for _, label in methods) + " |",
+             "|:--|:--:|" + ":--:|" * len(methods)]
     for t in types:
-        cells = []
+        cells = [defect_type_size(results, t)]
         for key, _ in methods:
             m = results["per_defect_mean"][key].get(t)
             cells.append("" if m is None else f"{m['image_auroc']:.3f}/{m['pixel_auroc']:.3f}")
@@ -182,6 +184,16 @@ def format_table(results: dict, protocol: str) -> str:
     if protocol == "clean":
         rows += calls_table(results, shown)
     return "\n".join(rows)
+
+
+def defect_type_size(results: dict, defect_type: str) -> str:
+    """'classes / defective images' of a defect type, so that a mean over one class of
+    3 images is not read as one over 15 of 300; the images unknown ('?') where a record
+    of an earlier version did not count them."""
+    per = [r["per_defect"][defect_type] for r in results["classes"].values()
+           if defect_type in r["per_defect"]]
+    counts = [p.get("count") for p in per]
+    return f"{len(per)} / " + ("?" if None in counts else str(sum(counts)))
 
 
 def calls_table(results: dict, shown: dict[str, str]) -> list[str]:

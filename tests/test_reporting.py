@@ -27,7 +27,8 @@ def _class_record(value: float, types: list[str]) -> dict:
     diagnostics, and each baseline's metrics, all with a per-defect-type view."""
     def method(v: float) -> dict:
         return {**dict.fromkeys(METRIC_NAMES, v),
-                "per_defect": {t: {"image_auroc": v, "pixel_auroc": v} for t in types}}
+                "per_defect": {t: {"image_auroc": v, "pixel_auroc": v, "count": 2}
+                               for t in types}}
     return {**method(value), "mask_ratio": 0.3, "protoflow_only": method(value - 0.2),
             "patchcore": method(value - 0.4),
             "diagnostics": {"anomalous_with_proposal": 1, "anomalous_images": 2,
@@ -66,13 +67,15 @@ def test_summary_means_each_method_and_defect_type_from_its_own_records(tmp_path
     """Two classes: PMAD's mean and each baseline's come from that method's own records,
     and so does each method's per-defect-type view, in results.json, results.md and
     results.csv; the diagnostics say how many anomalous images got the proposal."""
-    def record(value: float, crack: float) -> dict:
+    def record(value: float, crack: float, count: dict) -> dict:
         return {**dict.fromkeys(metrics.METRIC_NAMES, value),
-                "per_defect": {"crack": {"image_auroc": crack, "pixel_auroc": crack / 2}}}
+                "per_defect": {"crack": {"image_auroc": crack, "pixel_auroc": crack / 2,
+                                         **count}}}
 
-    classes = {c: {**record(0.9 + k, 0.8 + k), "mask_ratio": 0.3,
-                   "protoflow_only": record(0.7 + k, 0.6 + k),
-                   "patchcore": record(0.5 + k, 0.4 + k),
+    classes = {c: {**record(0.9 + k, 0.8 + k, {} if c == "b" else {"count": 4}),
+                   "mask_ratio": 0.3,
+                   "protoflow_only": record(0.7 + k, 0.6 + k, {}),
+                   "patchcore": record(0.5 + k, 0.4 + k, {}),
                    "diagnostics": {"anomalous_with_proposal": 3, "anomalous_images": 4,
                                    "masked_defect_fraction": 0.5,
                                    **({"empty_defect_masks": 1} if c == "a" else
@@ -85,7 +88,8 @@ def test_summary_means_each_method_and_defect_type_from_its_own_records(tmp_path
            "| 0.710 |  |" in table
     assert "| *PatchCore (mean)* | 0.510/0.510 | 0.510 | 0.510 | 0.510 | 0.510 | 0.510 |  |" \
         in table
-    assert "| crack | 0.810/0.405 | 0.610/0.305 | 0.410/0.205 |" in table
+    # 3 classes have crack; b's record (an earlier version's) did not count its images
+    assert "| crack | 3 / ? | 0.810/0.405 | 0.610/0.305 | 0.410/0.205 |" in table
     assert "| A | 3/4 | 0.50 | 1 |" in table and "| B | 3/4 | 0.50 |  |" in table
     assert "| C | 3/4 | 0.50 | 0 |" in table  # none counted is 0; blank: never counted
     # PMAD's lead over each baseline's mean, 4 decimals; each method per class
@@ -289,7 +293,7 @@ def test_each_method_reports_its_own_numbers_per_class_and_their_mean(tmp_path):
     table = reporting.write_results(results, tmp_path, "clean").splitlines()
     assert "| **Mean (PMAD)** | 0.767/0.767 | 0.767 | 0.767 | 0.767 | 0.767 | 0.767 |  |" \
         in table
-    assert "| crack | 0.767/0.767 | 0.567/0.567 | 0.367/0.367 |" in table
+    assert "| crack | 3 / 6 | 0.767/0.767 | 0.567/0.567 | 0.367/0.367 |" in table
     with open(tmp_path / "results.csv") as f:
         rows = {(row["class"], row["method"]): [float(row[k]) for k in METRIC_NAMES]
                 for row in csv.DictReader(f)}
@@ -306,12 +310,13 @@ def test_results_md_lists_defect_types_in_sorted_order(tmp_path):
                            "b": _class_record(0.8, DEFECT_TYPES[3:])}, "protocol": "clean"}
     reporting.summarize(results)
     table = reporting.write_results(results, tmp_path, "clean").splitlines()
-    start = table.index("| Defect type | **PMAD** | ProtoFlow map alone | PatchCore |") + 2
+    start = table.index("| Defect type | classes / defective images | **PMAD** | ProtoFlow "
+                        "map alone | PatchCore |") + 2
     rows = table[start:start + len(DEFECT_TYPES)]
     assert [row.split(" | ")[0] for row in rows] == [f"| {t}" for t in sorted(DEFECT_TYPES)]
-    assert rows[0] == "| bent | 0.850/0.850 | 0.650/0.650 | 0.450/0.450 |"  # a and b
-    assert rows[1] == "| crack | 0.900/0.900 | 0.700/0.700 | 0.500/0.500 |"  # a only
-    assert rows[3] == "| fold | 0.800/0.800 | 0.600/0.600 | 0.400/0.400 |"  # b only
+    assert rows[0] == "| bent | 2 / 4 | 0.850/0.850 | 0.650/0.650 | 0.450/0.450 |"  # a, b
+    assert rows[1] == "| crack | 1 / 2 | 0.900/0.900 | 0.700/0.700 | 0.500/0.500 |"  # a
+    assert rows[3] == "| fold | 1 / 2 | 0.800/0.800 | 0.600/0.600 | 0.400/0.400 |"  # b
 
 
 def test_partial_results_survive_a_cut_short_line_and_a_fresh_run_sets_the_last_aside(
