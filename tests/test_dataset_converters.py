@@ -599,6 +599,22 @@ def test_custom_class_of_images_without_a_good_folder_says_where_they_go(tmp_pat
     assert "good/good" not in str(err.value)
 
 
+def test_custom_class_with_two_normal_folders_is_not_told_it_has_none(tmp_path):
+    """A class folder holding both good/ and ok/ (and an image beside them) needs one
+    normal folder: it is told which it has, not that images lie in it and it has no
+    good/ or ok/ folder, which would send the user to make one it already has."""
+    widget = tmp_path / "mine" / "widget"
+    for folder in ("good", "ok", "crack"):
+        (widget / folder).mkdir(parents=True)
+        Image.new("RGB", (16, 16)).save(widget / folder / "000.png")
+    Image.new("RGB", (16, 16)).save(widget / "loose.png")
+    with pytest.raises(dataset_converters.LayoutError) as err:
+        dataset_converters.plan_custom(str(tmp_path / "mine"), str(tmp_path / "mvtec"))
+    assert (f"{widget}: needs one folder of normal images named good or ok, found "
+            "['crack', 'good', 'ok']") in str(err.value)
+    assert "it has no good/ or ok/ folder" not in str(err.value)
+
+
 def test_custom_defect_folders_only_named_like_masks_are_defect_types(tmp_path):
     """Only a folder named as a whole like ground-truth masks (masks, GT, ground_truth) is
     refused: defect types 'masking_tape' and 'gts_dent' are copied as any other."""

@@ -541,6 +541,33 @@ def test_a_normal_folder_in_another_case_is_refused(mvtec_root):
         datasets.check_test_classes(str(mvtec_root), ["bottle"])
 
 
+def test_an_empty_mask_folder_is_not_named_as_a_case_mismatch(mvtec_root):
+    """ground_truth/broken exists but holds no mask: each missing mask's line stops at the
+    mask's path. The case hint is for a folder that differs from test/broken by case; the
+    folder itself matches its own name case-insensitively, and naming it as 'differs from
+    the test folder broken only by case' would send the user to rename a folder that is
+    named right."""
+    gt, test = mvtec_root / "bottle" / "ground_truth", mvtec_root / "bottle" / "test"
+    for mask in (gt / "broken").iterdir():
+        mask.unlink()
+    with pytest.raises(BadFileError) as err:
+        datasets.check_test_classes(str(mvtec_root), ["bottle"])
+    assert (f"ground-truth mask {gt / 'broken' / '000'}_mask.png (or 000.png) for "
+            f"{test / 'broken' / '000.png'}\n") in str(err.value)
+    assert "only by case" not in str(err.value)
+
+
+def test_btads_normal_folder_in_another_case_is_refused(mvtec_root):
+    """BTAD's normal folder is ok/: test/OK was scored as a defect type, its normal images
+    as defective ones, as test/Good was; it is refused with the rename to ok."""
+    test = mvtec_root / "01" / "test"
+    (test / "ok").rename(test / "OK")
+    with pytest.raises(LayoutError, match=re.escape(
+            f"{test / 'OK'}: the normal test images' folder is named good or ok, in lower "
+            "case; rename it to ok")):
+        datasets.check_test_classes(str(mvtec_root), ["01"])
+
+
 def test_a_mask_folder_not_named_ground_truth_is_found(mvtec_root):
     """A class whose masks lie in gt/ (or masks/, Ground_Truth/) is scored on image labels
     only: the folder is found, for run_test.py's note; a class without one has none, and a
@@ -554,6 +581,24 @@ def test_a_mask_folder_not_named_ground_truth_is_found(mvtec_root):
         previous = bottle / name
         assert datasets.ground_truth_near_miss(str(mvtec_root), "bottle") == str(previous)
     assert datasets.ground_truth_near_miss(str(mvtec_root), "01") is None
+
+
+def test_only_a_folder_is_named_as_a_mask_folder_near_ground_truth(mvtec_root):
+    """The folders beside test/ are the sub-folders only: a file named masks, or a link
+    named gt to a folder that is not there (an unmounted share), holds no masks to be
+    scored, and naming either as 'not read: rename it to ground_truth' would send the
+    user to rename what is no folder of masks; nor is a file named Broken in
+    ground_truth/ the defect's folder in another case."""
+    bottle = mvtec_root / "01"
+    (bottle / "masks").write_bytes(b"")
+    (bottle / "gt").symlink_to(bottle / "nowhere")
+    assert datasets.ground_truth_near_miss(str(mvtec_root), "01") is None
+    gt, test = mvtec_root / "bottle" / "ground_truth", mvtec_root / "bottle" / "test"
+    (gt / "broken").rename(gt / "other")
+    (gt / "Broken").write_bytes(b"")
+    with pytest.raises(BadFileError) as err:
+        datasets.check_test_classes(str(mvtec_root), ["bottle"])
+    assert f"for {test / 'broken' / '000.png'}: no folder {gt / 'broken'}\n" in str(err.value)
 
 
 def test_check_test_classes_finds_a_cut_short_ground_truth_mask(mvtec_root):

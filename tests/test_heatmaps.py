@@ -239,3 +239,23 @@ def test_a_panel_name_too_wide_keeps_its_start():
     assert cut.startswith("ground") and cut.endswith("...")
     assert cv2.getTextSize(cut, heatmaps.FONT, heatmaps.FONT_SCALE, 1)[0][0] <= 60
     assert heatmaps._cut_end("image", 60) == "image"
+
+
+def test_a_title_that_fits_is_kept_whole_and_each_lies_under_its_panel():
+    """A panel's name exactly as wide as its room is kept whole (cutting one that fits
+    hid a word for nothing); each name starts inside its own panel, not in the white gap
+    before it (placed by the panel's width alone, the second and third drifted left by a
+    gap each)."""
+    wide = cv2.getTextSize("image", heatmaps.FONT, heatmaps.FONT_SCALE, 1)[0][0]
+    assert heatmaps._cut_end("image", wide) == "image"
+    assert heatmaps._cut_end("image", wide - 1).endswith("...")
+    h = w = 64
+    out = heatmaps.render(np.full((h, w, 3), 128, np.uint8), np.zeros((h, w)),
+                          ColourScale(0.0, 1.0), Caption("x", 1.0, 1.0, None),
+                          np.zeros((h, w)))
+    names = out[h:h + heatmaps.LINE_HEIGHT + 2]
+    panel = w + heatmaps.GAP
+    for k in range(3):
+        assert (names[:, k * panel:k * panel + w] < 200).any(), k  # named
+        assert (names[:, k * panel + w:(k + 1) * panel] == 255).all(), k  # the gap blank
+

@@ -80,7 +80,8 @@ def test_predict_reproduces_the_clean_protocol(tiny_world, tmp_path, monkeypatch
            "threshold\n" in said
 
 
-def test_each_class_gets_its_own_threshold_and_table_6_mask_ratio(tiny_world, tmp_path):
+def test_each_class_gets_its_own_threshold_and_table_6_mask_ratio(tiny_world, tmp_path,
+                                                                capsys):
     """A class of the paper's Table 6 (wood: 0.46, no other class's) is masked at its
     ratio, another (coins) at --default_mask_ratio's, and --mask_ratio masks both at its
     own; each is called at the quantile of its own held-out normal scores, not at the
@@ -98,9 +99,19 @@ def test_each_class_gets_its_own_threshold_and_table_6_mask_ratio(tiny_world, tm
                              "--prototypes_dir", str(protos), *extra]) == 0
         return {(r["class"], r["name"]): r for r in _rows(out)}
 
+    capsys.readouterr()
     rows = predictions(tmp_path / "own")
     assert {c: float(r["threshold"]) for (c, _), r in rows.items()} == pytest.approx(
         {"wood": 2.98, "coins": 39.8})
+    # each class's summary counts the images ProtoFlow calls anomalous, not those with a
+    # decision: here wood's are all above its threshold and coins' all below
+    called = {c: sum(r["protoflow_decision"] == "anomalous" for (k, _), r in rows.items()
+                     if k == c) for c in ("wood", "coins")}
+    assert called == {"wood": 4, "coins": 0}
+    said = capsys.readouterr().out
+    for c in ("coins", "wood"):
+        assert (f"[predict] {c}: 4 images, {called[c]} anomalous by ProtoFlow's score at "
+                "its threshold\n") in said
     assert len(rows) == 8
     for ratio, unchanged in (("0.46", "wood"), ("0.3", "coins")):
         forced = predictions(tmp_path / f"at_{ratio}", "--mask_ratio", ratio)
@@ -491,6 +502,18 @@ def test_a_glob_names_the_images_it_misses_only_by_case(tmp_path, capsys):
     (tmp_path / "in" / "c" / "one.png").hardlink_to(tmp_path / "in" / "c" / "ONE.PNG")
     predict.find_images([str(tmp_path / "in" / "*" / "one.png")], "x", False)
     assert capsys.readouterr().err == ""
+
+
+def test_a_folder_named_like_an_image_is_not_named_as_missed_by_case(tmp_path, capsys):
+    """'dir/*.png' names the images it missed only by case; a sub-folder named IMG.PNG
+    is no image the pattern missed (no loader reads a folder as one), so the note names
+    only the file."""
+    _touch(tmp_path, "in/a/1.png", "in/a/B.PNG", "in/a/D.PNG/x.txt")
+    spec = str(tmp_path / "in" / "a" / "*.png")
+    predict.find_images([spec], "x", False)
+    assert capsys.readouterr().err == (
+        f"[predict] {spec}: left out 1 image(s) that match it but for case (B.PNG): "
+        "a glob pattern is case-sensitive; match both cases, e.g. '*.[pP][nN][gG]'\n")
 
 
 def test_files_of_other_types_are_named_in_a_note(tmp_path, capsys):

@@ -504,6 +504,24 @@ def test_a_mask_marking_most_of_its_image_is_named() -> None:
     assert protocols.mostly_defect_masks(data) == []
 
 
+def test_a_mask_is_named_only_above_half_with_each_of_its_four_corners() -> None:
+    """The rule's edges: a mask marking exactly half its image (rows 0 and 3 of 4, every
+    corner) is not named, 'more than' half being the rule; and each of the four corners
+    counts, the top-right and bottom-left as the top-left and bottom-right (a check of
+    two corners only named a large defect short of one of the others)."""
+    data = _hand_data(size=4)
+    data.gt_masks[1] = 0
+    data.gt_masks[1, [0, -1]] = 1  # 8 of 16, every corner
+    assert protocols.mostly_defect_masks(data) == []
+    data.gt_masks[1, 1, 1] = 1  # 9 of 16, every corner
+    assert protocols.mostly_defect_masks(data) == ["bad_000"]
+    for corner in ((0, -1), (-1, 0)):  # 14 of 16 with the other rows, short of one corner
+        data.gt_masks[1] = 1
+        data.gt_masks[1, 1, 2] = 0
+        data.gt_masks[1][corner] = 0
+        assert protocols.mostly_defect_masks(data) == [], corner
+
+
 def test_clean_protocol_counts_the_images_that_got_the_proposal_mask() -> None:
     """With --clean_masks proposal every image gets its proposal mask, whatever ProtoFlow
     calls at the stored threshold (here only the defective image is above it): the record
@@ -518,6 +536,10 @@ def test_clean_protocol_counts_the_images_that_got_the_proposal_mask() -> None:
             options=protocols.CleanOptions(masks=masks), sigma=0.0, batch_size=2,
             device=torch.device("cpu"), amp="none", seed=0)
         assert record["called_anomalous"] == 1 and record["called_at"] == threshold, masks
+        # scored against the labels: the good image is not called, the anomalous one is
+        assert record["calls"] == {"good_called_anomalous": 0, "good_images": 1,
+                                   "anomalous_called_anomalous": 1,
+                                   "anomalous_images": 1}, masks
         assert record["proposal_masks"] == proposed, masks
         # the threshold is reported only where it chose the masks
         assert record["threshold"] == (threshold if masks == "threshold" else None), masks

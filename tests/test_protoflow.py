@@ -1438,6 +1438,20 @@ def test_a_threshold_from_few_held_out_images_is_named(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_the_training_line_gives_each_class_its_own_threshold(cli, tmp_path, capsys):
+    """With two classes, the line of per-class thresholds gives each class the quantile of
+    its own held-out scores (what run_test.py and predict.py call at, threshold_for), not
+    the file's quantile over every class, which a one-class run cannot tell apart."""
+    out = str(tmp_path / "pf.pt")
+    obj = rpf.main(cli["train"] + ["--output", out, "--epochs", "1"])
+    said = capsys.readouterr().out
+    flow = pf.ProtoFlow(out, cli["protos"])
+    own = {c: flow.threshold_for(c) for c in ("brick", "gravel")}
+    assert own["brick"] != own["gravel"] and obj["image_score_threshold"] not in own.values()
+    assert (f"[protoflow] each class's threshold: brick {own['brick']:.4f}, gravel "
+            f"{own['gravel']:.4f}\n") in said
+
+
 def test_protoflow_file_keeps_its_image_size_and_refuses_others(cli, tmp_path, capsys):
     """A ProtoFlow made at 64 px records it (a file of an earlier version, in its
     train_args): 224-px images (the ViT's) are refused, not scored against 64-px

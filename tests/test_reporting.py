@@ -159,6 +159,12 @@ def test_the_mask_ratio_column_is_explained_as_each_protocol_picks_it():
     assert "Mask ratio: the share of patches masked in each pass but the last, which " \
            "masks the rest (every patch is masked once)." in table
     assert "| ProtoFlow map alone | +0.2000 | +0.2000 | nan |" in table
+    # what the columns mean precedes the ratio's legend: AUPRO's 30 % limit, the means
+    # unweighted over the classes, the baselines from the same run
+    assert ("AUPRO: the area under the per-region-overlap curve up to a 30 % false "
+            "positive rate, normalised;") in table
+    assert ("Means are unweighted over the classes; the baselines (in italics) come from "
+            "the same run. Mask ratio: the share") in table
     results["clean_options"]["unmasked"] = "zero"
     assert "Mask ratio: the share of patches masked (one pass; the rest score 0)." in \
         reporting.format_table(results, "clean")

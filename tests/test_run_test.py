@@ -75,6 +75,15 @@ def test_clean_protocol_end_to_end(clean_run, tiny_world) -> None:
     for key in ("mean_protoflow_only", "mean_patchcore", "mean_ce_only"):
         assert set(metrics.METRIC_NAMES) <= set(saved[key])
     assert "| PatchCore" in table and "Defect type" in table
+    # each class's record is keyed to its own test set (--resume_eval reuses a record only
+    # for the same images): with two classes, one's digest under the other's name would
+    # let a changed test set of that other pass for the old one
+    digests = {c: datasets.test_set_contents(str(tiny_world.mvtec_root), c)[0]
+               for c in tiny_world.classes}
+    assert len(set(digests.values())) == 2 and saved["test_data"] == digests
+    lines = [json.loads(x) for x in
+             (out / "clean" / "results.partial.jsonl").read_text().splitlines()]
+    assert {x["class"]: x["key"]["test_data"] for x in lines} == digests
     # image_scores.csv: every test image once, its scores giving its class's image AUROCs
     with open(out / "clean" / "image_scores.csv") as f:
         images = list(csv.DictReader(f))

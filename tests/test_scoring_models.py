@@ -264,6 +264,35 @@ def test_a_missing_tokenizer_given_names_the_one_the_checkpoint_records(tiny_wor
         f"{tiny_world.tokenizer})")
 
 
+def test_a_missing_tokenizer_given_points_only_to_a_recorded_file_that_is_there(
+        tiny_world, tmp_path):
+    """The hint 'leave out --tokenizer_weight_path to use it' is given only where the
+    checkpoint's recorded tokenizer is on this machine and is not the file typed: a
+    recorded file that is gone too, or the typed path itself (here a folder, which
+    exists but is no tokenizer), would send the user to a file that cannot be used."""
+    def checkpoint(name: str, recorded: str) -> str:
+        path = tmp_path / name
+        torch.save({**torch.load(tiny_world.pmad_ckpt, weights_only=True),
+                    "args": {"model": tiny_world.model, "tokenizer_model": "kmeans",
+                             "tokenizer_weight_path": recorded}}, path)
+        return str(path)
+
+    gone, also_gone = tmp_path / "gone.pth", tmp_path / "also_gone.pth"
+    with pytest.raises(utils.MissingFileError) as info:
+        scoring_models.load(checkpoint("a.pth", str(also_gone)),
+                            **{**_world_files(tiny_world), "tokenizer_path": str(gone)})
+    assert str(info.value).startswith(f"k-means tokenizer {gone} not found")
+    assert "leave out --tokenizer_weight_path" not in str(info.value)
+    assert str(also_gone) not in str(info.value)
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    with pytest.raises(utils.MissingFileError) as info:
+        scoring_models.load(checkpoint("b.pth", str(folder)),
+                            **{**_world_files(tiny_world), "tokenizer_path": str(folder)})
+    assert str(info.value).startswith(f"weights file {folder} is a folder")
+    assert "leave out --tokenizer_weight_path" not in str(info.value)
+
+
 def test_a_tokenizer_fingerprinted_in_fp16_is_the_same_file_on_the_cpu(tiny_world):
     """A ViT trained with DALL-E tokenizing in fp16 on a GPU records the tokenizer's
     fingerprint with its compute prefix ('fp16-<sha256>'); evaluated on the CPU the same

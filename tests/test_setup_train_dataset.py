@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
 import stat
 import zipfile
 from pathlib import Path
@@ -252,6 +253,18 @@ def test_images_directly_in_train_are_counted_with_where_they_go(tmp_path, capsy
     assert (f"  {train / 'good'} (folder missing): 3 image(s) lie directly in {train} "
             f"(000.png, 001.png, 002.png); move them into {train / 'good'}/\n"
             ) in capsys.readouterr().err
+    assert not root.exists()
+
+
+def test_a_class_without_a_train_folder_is_listed_not_a_crash(tmp_path, capsys):
+    """A class folder of test images only (no train/ at all) is one more missing folder in
+    the list of problems, exit status 2, not a FileNotFoundError from counting the images
+    that lie in a train/ that is not there."""
+    data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "inet"
+    shutil.rmtree(data / "carpet" / "train")
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle", "carpet") == 2
+    assert f"  {data / 'carpet' / 'train' / 'good'} (folder missing)\n" in \
+        capsys.readouterr().err
     assert not root.exists()
 
 

@@ -875,6 +875,19 @@ def test_a_mask_ratio_only_classes_without_their_own_use_is_not_checked(env, tmp
     assert run_pretraining.mask_ratio_note(["bolt A"], 0.5) is None
 
 
+def test_the_mask_ratio_note_matches_a_class_by_its_exact_name():
+    """A class takes its Table 6 ratio by its exact name (masking_generator's rule): a
+    user's 'Tile' or 'BOTTLE' is masked at --mask_ratio, so the note must not say it
+    takes MVTec AD's ratio (matched case-folded, the note also crashed looking up the
+    ratio of 'Tile')."""
+    assert masking_generator.class_mask_ratio("Tile", None, 0.5) == 0.5
+    assert run_pretraining.mask_ratio_note(["Tile", "BOTTLE"], 0.5) is None
+    assert run_pretraining.mask_ratio_note(["Tile", "tile"], 0.5) == (
+        "[masking] 1 class(es) named as MVTec AD's take their ratio of the paper's Table 6 "
+        "(tile 0.38); --mask_ratio 0.5 sets the other 1 (rename a folder to give it "
+        "--mask_ratio)")
+
+
 def _fake_tokenizer_file(path: Path, obj: dict) -> str:
     torch.save(obj, path)
     return str(path)

@@ -1350,6 +1350,21 @@ def test_bullet_list_caps_long_listings():
     assert utils.bullet_list([]) == ""
 
 
+def test_provenance_names_the_device_given_and_tells_two_runs_apart(monkeypatch):
+    """results.json's provenance says which device made the numbers (a GPU run said 'cpu'
+    would hide it; the tests run on the CPU, which hid a constant), and each run gets its
+    own id: two runs of the same command in the same second, on the same host, differ
+    only by it, and results.md names a record of the earlier one as reused by it."""
+    monkeypatch.setattr(utils, "code_version", lambda: "abc")
+    first, second = utils.provenance(torch.device("cuda", 1)), utils.provenance("cpu")
+    assert (first["device"], second["device"], first["code"]) == ("cuda:1", "cpu", "abc")
+    assert re.fullmatch(r"[0-9a-f]{32}", first["run_id"])
+    assert first["run_id"] != second["run_id"]
+    assert first["argv"] == sys.argv
+    started = datetime.datetime.fromisoformat(first["started_utc"])
+    assert started.utcoffset() == datetime.timedelta(0)
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git to make a checkout")
 def test_code_version_names_the_commit_and_a_change_beside_it(tmp_path, monkeypatch):
     """A result names the code that made it: the checkout's commit, '-dirty' where a
