@@ -220,15 +220,18 @@ def calls_table(results: dict, shown: dict[str, str]) -> list[str]:
 
 
 def made_by(results: dict) -> str:
-    """The line that says what made the numbers: the checkpoint (path and the start of
-    its sha256), the code's version, when, where and how long (results.json has all of
+    """The line that says what made the numbers: the checkpoint (path, the epochs it
+    trained where its file says, the start of its sha256), the code's version, when, where and how long (results.json has all of
     it, the command line too), and the classes whose records an earlier run made
     (--resume_eval), which the code and time above did not."""
     p, args = results["provenance"], results.get("args") or {}
     sha = (results.get("checkpoints") or {}).get("pmad")
     seconds = results.get("seconds")
     earlier = [c for c, r in results["classes"].items() if r.get("provenance") != p]
-    return (f"Checkpoint {args.get('ckpt')}" + (f" (sha256 {sha[:12]})" if sha else "")
+    epochs = results.get("vit_epochs")
+    about = ", ".join(([f"{epochs} epoch(s)"] if epochs is not None else [])
+                      + ([f"sha256 {sha[:12]}"] if sha else []))
+    return (f"Checkpoint {args.get('ckpt')}" + (f" ({about})" if about else "")
             + f"; code {p.get('code') or 'of no git checkout'}; started {p.get('started_utc')}"
             f" on {p.get('host')} ({p.get('device')})"
             + (f", {seconds:.0f} s" if seconds is not None else "")

@@ -47,6 +47,7 @@ class Models:
     vit_classes: list[str] | None = None  # what the ViT trained on, where its file says
     # the content sha256s of the ViT's training images, where its file lists them
     vit_train_images: frozenset[str] | None = None
+    vit_epochs: int | None = None  # epochs the ViT trained, where its file says
 
     @property
     def img_size(self) -> int:
@@ -108,6 +109,7 @@ def load(ckpt: str, *, config: dict[str, Any] | None = None,
         say(note)
     mean, std = datasets.normalization(config["imagenet_default_mean_and_std"])
     trained = modeling_pmad.checkpoint_args(checkpoint) or {}
+    epoch = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None  # 0-based
     tokenizer, tokenizer_path = _tokenizer(ckpt, config["tokenizer_model"], tokenizer_path,
                                            trained, device, amp, say)
     if vocab_size != tokenizer.vocab_size:
@@ -131,7 +133,8 @@ def load(ckpt: str, *, config: dict[str, Any] | None = None,
     hashes = trained.get(modeling_pmad.TRAIN_IMAGE_HASHES)
     return Models(model, tokenizer, protoflow, device, amp, mean, std, config, tokenizer_path,
                   protoflow_path, trained.get("train_classes"),
-                  None if hashes is None else frozenset(hashes))
+                  None if hashes is None else frozenset(hashes),
+                  int(epoch) + 1 if isinstance(epoch, int) else None)
 
 
 def _tokenizer(ckpt: str, name: str, path: str | None, trained: dict, device: torch.device,

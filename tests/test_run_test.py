@@ -211,8 +211,11 @@ def test_an_anomalous_image_with_an_empty_or_inverted_mask_is_named(tiny_world, 
         "good_images": sum(good),
         "anomalous_called_anomalous": sum(c and not g for c, g in zip(called, good)),
         "anomalous_images": len(good) - sum(good)}
+    epoch = torch.load(tiny_world.pmad_ckpt, weights_only=True)["epoch"]  # 0-based
+    assert saved["vit_epochs"] == epoch + 1
     assert (tmp_path / "out" / "results.md").read_text().splitlines()[2] == (
-        f"Checkpoint {tiny_world.pmad_ckpt} (sha256 {_sha256(tiny_world.pmad_ckpt)[:12]}); "
+        f"Checkpoint {tiny_world.pmad_ckpt} ({epoch + 1} epoch(s), sha256 "
+        f"{_sha256(tiny_world.pmad_ckpt)[:12]}); "
         f"code {made['code'] or 'of no git checkout'}; started {made['started_utc']} on "
         f"{made['host']} (cpu), {saved['seconds']:.0f} s.")
     assert saved["classes"]["coins"]["per_defect"][mask.parent.name]["pixel_auroc"] is None
