@@ -221,9 +221,10 @@ def calls_table(results: dict, shown: dict[str, str]) -> list[str]:
 
 def made_by(results: dict) -> str:
     """The line that says what made the numbers: the checkpoint (path, the epochs it
-    trained where its file says, the start of its sha256), the code's version, when, where and how long (results.json has all of
-    it, the command line too), and the classes whose records an earlier run made
-    (--resume_eval), which the code and time above did not."""
+    trained where its file says, the start of its sha256), the code's version, when,
+    where and how long (results.json has all of it, the command line too), and the
+    classes whose records an earlier run made (--resume_eval), which the code and time
+    above did not."""
     p, args = results["provenance"], results.get("args") or {}
     sha = (results.get("checkpoints") or {}).get("pmad")
     seconds = results.get("seconds")

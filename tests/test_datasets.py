@@ -525,14 +525,17 @@ def test_a_mask_named_near_the_rule_is_named_with_its_fix(mvtec_root):
 
 
 def test_a_normal_folder_in_another_case_is_refused(mvtec_root):
-    """test/Good was scored as a defect type, its normal images as defective ones: it is
-    refused, before any image is read, with the rename."""
+    """test/Good (and BTAD's test/OK) was scored as a defect type, its normal images as
+    defective ones: it is refused, before any image is read, with the rename; beside
+    good/, with the move."""
+    for name, normal, cased in (("bottle", "good", "Good"), ("01", "ok", "OK")):
+        test = mvtec_root / name / "test"
+        (test / normal).rename(test / cased)
+        with pytest.raises(LayoutError, match=re.escape(
+                f"{test / cased}: the normal test images' folder is named good or ok, in "
+                f"lower case; rename it to {normal}")):
+            datasets.check_test_classes(str(mvtec_root), [name])
     test = mvtec_root / "bottle" / "test"
-    (test / "good").rename(test / "Good")
-    with pytest.raises(LayoutError, match=re.escape(
-            f"{test / 'Good'}: the normal test images' folder is named good or ok, in lower "
-            "case; rename it to good")):
-        datasets.check_test_classes(str(mvtec_root), ["bottle"])
     (test / "good").mkdir()  # beside good/: its images go there
     shutil.copy(test / "Good" / "000.png", test / "good" / "002.png")
     with pytest.raises(LayoutError, match=re.escape(
@@ -555,17 +558,6 @@ def test_an_empty_mask_folder_is_not_named_as_a_case_mismatch(mvtec_root):
     assert (f"ground-truth mask {gt / 'broken' / '000'}_mask.png (or 000.png) for "
             f"{test / 'broken' / '000.png'}\n") in str(err.value)
     assert "only by case" not in str(err.value)
-
-
-def test_btads_normal_folder_in_another_case_is_refused(mvtec_root):
-    """BTAD's normal folder is ok/: test/OK was scored as a defect type, its normal images
-    as defective ones, as test/Good was; it is refused with the rename to ok."""
-    test = mvtec_root / "01" / "test"
-    (test / "ok").rename(test / "OK")
-    with pytest.raises(LayoutError, match=re.escape(
-            f"{test / 'OK'}: the normal test images' folder is named good or ok, in lower "
-            "case; rename it to ok")):
-        datasets.check_test_classes(str(mvtec_root), ["01"])
 
 
 def test_a_mask_folder_not_named_ground_truth_is_found(mvtec_root):
