@@ -35,7 +35,9 @@ LEGEND = ("AUC: the area under the ROC curve (AUROC); AUPRO: the area under the 
           "per-region-overlap curve up to a 30 % false positive rate, normalised; AP: the "
           "average precision; F1-max: the F1 score at the best threshold on the test set. "
           "Means are unweighted over the classes; the baselines (in italics) come from the "
-          "same run.")
+          "same run. image_scores.csv has each test image's scores, higher as more "
+          "anomalous: pmad, protoflow_score (ProtoFlow's own, which its threshold calls) and "
+          "each baseline's by its map.")
 
 
 def ratio_legend(results: dict, protocol: str) -> str:

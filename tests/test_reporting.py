@@ -164,7 +164,9 @@ def test_the_mask_ratio_column_is_explained_as_each_protocol_picks_it():
     assert ("AUPRO: the area under the per-region-overlap curve up to a 30 % false "
             "positive rate, normalised;") in table
     assert ("Means are unweighted over the classes; the baselines (in italics) come from "
-            "the same run. Mask ratio: the share") in table
+            "the same run. image_scores.csv has each test image's scores, higher as more "
+            "anomalous: pmad, protoflow_score (ProtoFlow's own, which its threshold calls) "
+            "and each baseline's by its map. Mask ratio: the share") in table
     results["clean_options"]["unmasked"] = "zero"
     assert "Mask ratio: the share of patches masked (one pass; the rest score 0)." in \
         reporting.format_table(results, "clean")
