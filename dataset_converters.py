@@ -283,8 +283,10 @@ def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
     for name in names:
         folders = data_subdirs(os.path.join(src, name))
         normal = [d for d in folders if d in NORMAL_DIRS]
-        if len(normal) != 1:
-            problems.append(_no_normal_folder_problem(os.path.join(src, name), folders))
+        if len(normal) != 1:  # none beside loose images: where those go (_loose_problem)
+            problems += (not normal and _loose_problem(os.path.join(src, name))) or [
+                f"{os.path.join(src, name)}: needs one folder of normal images named "
+                f"{' or '.join(NORMAL_DIRS)}, found {folders}"]
             continue
         masks = [d for d in folders if MASK_FOLDER.fullmatch(d)]
         problems += [_masks_problem(os.path.join(src, name, d)) for d in masks]
@@ -365,19 +367,6 @@ def _masks_problem(folder: str) -> str:
             "it as a defect type: to evaluate with masks, lay the set out in the MVTec "
             f"layout ({TEST_LAYOUT}; README, 'Custom data sets') and pass it as --data_path "
             "without --custom; else rename or remove the folder")
-
-
-def _no_normal_folder_problem(class_dir: str, folders: list[str]) -> str:
-    """A class folder without exactly one good/ (or ok/): where it has none but images
-    lie directly in it (a flat folder of images), where they must go, not `found []`."""
-    loose = [] if set(folders) & set(NORMAL_DIRS) else loose_images(class_dir)
-    if loose:
-        return (f"{class_dir}: {len(loose)} image(s) lie directly in the class folder "
-                f"({some_names(loose, 3)}) and it has no {'/ or '.join(NORMAL_DIRS)}/ folder: "
-                f"move the normal images into {os.path.join(class_dir, 'good')}/ and "
-                f"defective ones into {os.path.join(class_dir, '<defect>')}/")
-    return (f"{class_dir}: needs one folder of normal images named "
-            f"{' or '.join(NORMAL_DIRS)}, found {folders}")
 
 
 def _loose_problem(class_dir: str) -> list[str]:

@@ -575,7 +575,8 @@ def test_custom_refuses_mask_folders_and_images_beside_the_class_folders(tmp_pat
 
 def test_custom_class_of_images_without_a_good_folder_says_where_they_go(tmp_path):
     """A class folder of images and no good/ was refused as 'found []': the images lying
-    in it are counted and named, with the folders they belong in. A class folder given as
+    in it are named, with the folders they belong in (as images beside a class's folders
+    are). A class folder given as
     the set (--custom widget) is named as one, not told to hold good/good/."""
     widget = tmp_path / "mine" / "widget"
     widget.mkdir(parents=True)
@@ -583,10 +584,10 @@ def test_custom_class_of_images_without_a_good_folder_says_where_they_go(tmp_pat
         Image.new("RGB", (16, 16)).save(widget / f"{k:03d}.png")
     with pytest.raises(dataset_converters.LayoutError) as err:
         dataset_converters.plan_custom(str(tmp_path / "mine"), str(tmp_path / "mvtec"))
-    assert (f"{widget}: 5 image(s) lie directly in the class folder (000.png, 001.png, "
-            f"002.png, ... 2 more) and it has no good/ or ok/ folder: move the normal images "
-            f"into {widget / 'good'}/ and defective ones into {widget / '<defect>'}/\n"
+    assert (f"{widget}: holds image(s) beside its folders (000.png, 001.png, 002.png, ... "
+            "2 more), which would be left out: move each into good/ or a defect folder\n"
             ) in str(err.value)
+    assert "needs one folder of normal images" not in str(err.value)
     assert not (tmp_path / "mvtec").exists()
     # one class's folder given as the set: its good/ is not a class to hold a good/ itself
     (widget / "good").mkdir()
@@ -601,8 +602,8 @@ def test_custom_class_of_images_without_a_good_folder_says_where_they_go(tmp_pat
 
 def test_custom_class_with_two_normal_folders_is_not_told_it_has_none(tmp_path):
     """A class folder holding both good/ and ok/ (and an image beside them) needs one
-    normal folder: it is told which it has, not that images lie in it and it has no
-    good/ or ok/ folder, which would send the user to make one it already has."""
+    normal folder: it is told which it has, not only to move the image beside them into
+    good/, which it already has."""
     widget = tmp_path / "mine" / "widget"
     for folder in ("good", "ok", "crack"):
         (widget / folder).mkdir(parents=True)
@@ -612,7 +613,7 @@ def test_custom_class_with_two_normal_folders_is_not_told_it_has_none(tmp_path):
         dataset_converters.plan_custom(str(tmp_path / "mine"), str(tmp_path / "mvtec"))
     assert (f"{widget}: needs one folder of normal images named good or ok, found "
             "['crack', 'good', 'ok']") in str(err.value)
-    assert "it has no good/ or ok/ folder" not in str(err.value)
+    assert "beside its folders" not in str(err.value)
 
 
 def test_custom_defect_folders_only_named_like_masks_are_defect_types(tmp_path):
