@@ -599,6 +599,15 @@ def score_quantile(scores: Tensor, quantile: float) -> float:
     return float(torch.quantile(scores.double(), quantile))
 
 
+def class_threshold(scores: Tensor, class_idx: Tensor, index: int, quantile: float
+                    ) -> float | None:
+    """Class `index`'s own image-score threshold: the `quantile` of its held-out normal
+    images' scores (N,) (class_idx (N,)); None where it has none, and the threshold over
+    all classes serves it (ProtoFlow.threshold_for; run_protoflow.py train prints each)."""
+    own = scores[class_idx == index]
+    return score_quantile(own, quantile) if len(own) else None
+
+
 def save_protoflow(path: str, encoder: nn.Module, flow: Ff.SequenceINN, *, backbone: str,
                    out_indices: Sequence[int], classes: Sequence[str],
                    normal_scores: Tensor | None = None, normal_classes: Tensor | None = None,
@@ -771,11 +780,10 @@ class ProtoFlow:
         if (stats is None or self.classes is None or class_name not in self.classes
                 or "class_idx" not in stats):
             return self.threshold
-        scores = stats["scores"][stats["class_idx"] == self.classes.index(class_name)]
-        if len(scores) == 0:
-            return self.threshold
-        quantile = self.threshold_quantile or THRESHOLD_QUANTILE
-        return score_quantile(scores, quantile)
+        own = class_threshold(stats["scores"], stats["class_idx"],
+                              self.classes.index(class_name),
+                              self.threshold_quantile or THRESHOLD_QUANTILE)
+        return self.threshold if own is None else own
 
     def prototypes(self, class_name: str) -> Tensor:
         """The class's prototypes (M, C) on the device, loaded once; those coreset.json

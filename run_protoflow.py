@@ -35,10 +35,9 @@ from tqdm import tqdm
 import datasets
 from backbones import create_backbone, input_normalization, lite0_hint, normalization_record
 from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_OUT_INDICES,
-                       THRESHOLD_QUANTILE, build_flow, build_prototypes, image_score,
-                       load_prototypes, patch_log_likelihood, prototypes_sha256,
-                       read_prototype_meta, save_protoflow, save_prototypes, score_quantile,
-                       train_flow)
+                       THRESHOLD_QUANTILE, build_flow, build_prototypes, class_threshold,
+                       image_score, load_prototypes, patch_log_likelihood, prototypes_sha256,
+                       read_prototype_meta, save_protoflow, save_prototypes, train_flow)
 from utils import (CheckpointError, FlagError, JsonlLog, MissingFileError, RunLock,
                    UniqueNames, build_sampler, capture_rng_state, cli, file_sha256,
                    flag_changes, fraction_arg, int_at_least, load_checkpoint_file, positive_float,
@@ -415,10 +414,10 @@ def run_train(args: argparse.Namespace) -> dict:
              "held-out images; each class has its own, from its held-out images)"
              if threshold is not None else "none (--holdout 0)"), flush=True)
     if score_classes is not None:  # the thresholds run_test.py and predict.py call at
-        own = [f"{c} {score_quantile(scores[score_classes == i], args.threshold_quantile):.4f}"
-               for i, c in enumerate(classes) if (score_classes == i).any()]
-        print(f"[protoflow] each class's threshold: {', '.join(own)}", flush=True)
-    if score_classes is not None:
+        own = {c: class_threshold(scores, score_classes, i, args.threshold_quantile)
+               for i, c in enumerate(classes)}
+        print("[protoflow] each class's threshold: " + ", ".join(
+            f"{c} {t:.4f}" for c, t in own.items() if t is not None), flush=True)
         note_few_held_out(classes, torch.bincount(score_classes, minlength=len(classes)))
     return obj
 

@@ -1647,3 +1647,14 @@ def test_command_flags_reach_their_consumers(cli, tmp_path):
     scores = obj["normal_image_scores"]["scores"].double()
     assert len(scores) == 2 and obj["threshold_quantile"] == 0.5
     assert obj["image_score_threshold"] == pytest.approx(float(scores.mean()))  # the median
+
+
+def test_a_class_threshold_is_the_quantile_of_its_own_held_out_scores():
+    """Class 1's threshold is the quantile of its scores alone (not of class 0's, nor of
+    all); a class with no held-out score has none, and the one over all classes serves
+    it (ProtoFlow.threshold_for)."""
+    scores = torch.tensor([1.0, 2.0, 10.0, 20.0, 30.0])
+    class_idx = torch.tensor([0, 0, 1, 1, 1])
+    assert pf.class_threshold(scores, class_idx, 1, 0.5) == pytest.approx(20.0)
+    assert pf.class_threshold(scores, class_idx, 0, 1.0) == pytest.approx(2.0)
+    assert pf.class_threshold(scores, class_idx, 2, 0.5) is None
