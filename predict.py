@@ -96,12 +96,13 @@ def _missed_by_case(pattern: str, found: list[str]) -> list[str]:
 
 
 def _identity(path: str) -> tuple[int, int] | str:
-    """(device, inode) of a file, so that two spellings of one file compare equal; its
-    path where it cannot be read."""
+    """Which file `path` is: (device, inode), so that two spellings of one file compare
+    equal (a link, a hard link, another case on a case-insensitive file system); its
+    real path where it cannot be read (a link to nothing)."""
     try:
         st = os.stat(path)
     except OSError:
-        return os.path.normpath(path)
+        return os.path.realpath(path)
     return st.st_dev, st.st_ino
 
 
@@ -280,10 +281,10 @@ def find_images(inputs: list[str], class_name: str | None, class_from_folder: bo
     `output_dir`, or in any earlier run's output folder inside an input (EarlierRuns), is
     never an input. An image's link to a missing file is an InputError, or with `keep_dangling`
     (--skip_bad_images) an image the dataset leaves out and lists. A file reached twice
-    in one class (a link to it, inputs that overlap) is scored once there and named on
-    stderr; in another class it is that class's image too."""
+    in one class (a link or hard link to it, inputs that overlap; `_identity`) is scored
+    once there and named on stderr; in another class it is that class's image too."""
     groups: dict[str, list[tuple[str, str]]] = {}
-    seen: set[tuple[str | None, str]] = set()  # (class, real path): a file once per class
+    seen: set[tuple[str | None, object]] = set()  # (class, _identity): a file once a class
     again: list[str] = []
     earlier = EarlierRuns()
     for spec in inputs:
@@ -315,14 +316,15 @@ def find_images(inputs: list[str], class_name: str | None, class_from_folder: bo
                     cls = Path(os.path.abspath(f)).parent.name  # 'top.png' has parent ''
             else:
                 cls = class_name
-            if (cls, os.path.realpath(f)) in seen:
+            if (cls, _identity(f)) in seen:
                 again.append(f)
                 continue
-            seen.add((cls, os.path.realpath(f)))
+            seen.add((cls, _identity(f)))
             groups.setdefault(cls, []).append((f, _file_stem(rel)))
     if again:
-        print(f"[predict] {len(again)} image(s) reached a second time (a link, or inputs "
-              f"that overlap) are scored once in their class:{utils.bullet_list(again)}",
+        print(f"[predict] {len(again)} image(s) reached a second time (a link or hard link, "
+              f"or inputs that overlap) are scored once in their class:"
+              f"{utils.bullet_list(again)}",
               file=sys.stderr)
     return _unique_per_class(groups)
 

@@ -392,12 +392,18 @@ def test_inputs_are_checked(tmp_path, capsys):
                                  "x", False)
     assert [n for _, n in groups["x"]] == ["a_1", "b_1", "b_c_2"]  # the file given twice: once
     assert capsys.readouterr().err == (
-        "[predict] 1 image(s) reached a second time (a link, or inputs that overlap) are "
-        f"scored once in their class:\n  {tmp_path / 'imgs' / 'a' / '1.png'}\n")
+        "[predict] 1 image(s) reached a second time (a link or hard link, or inputs that "
+        f"overlap) are scored once in their class:\n  {tmp_path / 'imgs' / 'a' / '1.png'}\n")
     groups = predict.find_images([str(tmp_path / "imgs" / "*" / "1.png"),
                                   str(tmp_path / "imgs" / "b" / "1.png")], "x", False)
     assert [n for _, n in groups["x"]] == ["a_1", "b_1"]
     assert "scored once" in capsys.readouterr().err
+    # a hard link is the same file (as another case of its name on macOS): scored once
+    (tmp_path / "imgs" / "b" / "c" / "3.png").hardlink_to(tmp_path / "imgs" / "a" / "1.png")
+    groups = predict.find_images([str(tmp_path / "imgs")], "x", False)
+    assert [n for _, n in groups["x"]] == ["a_1", "b_1", "b_c_2"]
+    assert f"scored once in their class:\n  {tmp_path / 'imgs' / 'b' / 'c' / '3.png'}\n" \
+        in capsys.readouterr().err
 
 
 def test_a_file_linked_into_two_class_folders_is_scored_in_both(tmp_path, capsys):
