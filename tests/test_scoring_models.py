@@ -2,6 +2,7 @@
 it and as run_test.py and predict.py call it from their flags."""
 from __future__ import annotations
 
+import argparse
 import csv
 import re
 from types import SimpleNamespace
@@ -308,3 +309,29 @@ def test_a_tokenizer_fingerprinted_in_fp16_is_the_same_file_on_the_cpu(tiny_worl
         with pytest.raises(utils.FlagError, match="was trained with another tokenizer"):
             scoring_models.check_tokenizer(SimpleNamespace(fingerprint="b" * 64), then,
                                            **files)
+
+
+def test_a_checkpoint_laid_out_as_the_authors_code_writes_it_gives_epochs_and_no_hashes(
+        tiny_world, tmp_path):
+    """The original training code saves {'model', 'optimizer', 'epoch', 'scaler', 'args'}
+    with args an argparse.Namespace (docs/method.md 2), and lists no training images:
+    load reads its epoch (0-based: 299 is 300 epochs) and finds no hashes, so no test
+    image is named as trained on; our checkpoints' list is read as a set."""
+    ours = torch.load(tiny_world.pmad_ckpt, weights_only=True)
+    theirs = {"model": ours["model"], "optimizer": {}, "epoch": 299, "scaler": {},
+              "args": argparse.Namespace(model=tiny_world.model, input_size=224,
+                                         discrete_vae_type="kmeans", lr=1.5e-3)}
+    path = tmp_path / "authors_layout.pth"
+    torch.save(theirs, path)
+    kwargs = dict(config={"tokenizer_model": "kmeans"},
+                  tokenizer_path=str(tiny_world.tokenizer),
+                  protoflow_weights=str(tiny_world.protoflow),
+                  prototypes_dir=str(tiny_world.prototypes_dir), amp="none",
+                  say=lambda note: None)
+    m = scoring_models.load(str(path), **kwargs)
+    assert (m.vit_epochs, m.vit_train_images) == (300, None)
+    torch.save({**ours, "epoch": 4, "args": {
+        "model": tiny_world.model, modeling_pmad.TRAIN_IMAGE_HASHES: ["b" * 64, "a" * 64]}},
+        path)
+    m = scoring_models.load(str(path), **kwargs)
+    assert (m.vit_epochs, m.vit_train_images) == (5, frozenset({"a" * 64, "b" * 64}))
