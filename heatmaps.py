@@ -1,10 +1,11 @@
 """Heatmap PNGs that explain themselves: the image, its ground truth when there is one,
-the score map over the image with a colour bar, and a caption with the image's score,
-the normal/anomalous threshold and the decision.
+each score map over the image with its named colour bar (run_test.py: PMAD's and
+ProtoFlow's map alone, so one sees where the ViT changes ProtoFlow's evidence), and a
+caption with the image's scores, the normal/anomalous threshold and the decision.
 
-One colour scale per class (`ColourScale`, from all of the class's maps): a normal
-image then looks cool and an anomalous one hot, and two images of a class compare.
-Drawn with OpenCV only (no plotting library).
+One colour scale per class and map (`ColourScale`, from all of the class's maps of that
+kind): a normal image then looks cool and an anomalous one hot, and two images of a class
+compare. Drawn with OpenCV only (no plotting library).
 """
 from __future__ import annotations
 
@@ -70,6 +71,16 @@ class ColourScale:
         level = np.clip((values - self.low) / span, 0.0, 1.0)
         grey = np.round(level * 255).astype(np.uint8)
         return cv2.applyColorMap(grey, cv2.COLORMAP_JET)[..., ::-1]
+
+
+@dataclass(frozen=True)
+class ScoreMap:
+    """One score-map panel: `title` names the overlay below it, `label` its colour bar
+    (BAR_WIDTH + BAR_LABELS pixels: a word or two), `values` (H, W) drawn on `scale`."""
+    title: str
+    label: str
+    values: np.ndarray
+    scale: ColourScale
 
 
 def _apart(a: float, b: float) -> tuple[str, str]:
@@ -195,28 +206,35 @@ def _cut_end(text: str, width: int) -> str:
     return text + "..."
 
 
-def render(image: np.ndarray, score_map: np.ndarray, scale: ColourScale, caption: Caption,
+def render(image: np.ndarray, maps: Sequence[ScoreMap], caption: Caption,
            gt_mask: np.ndarray | None = None) -> np.ndarray:
-    """image (H, W, 3) uint8, score_map (H, W), gt_mask (H, W) {0, 1} or None ->
-    RGB uint8: [image | ground truth | overlay + colour bar], each panel named below it,
-    above the caption."""
-    h, w = score_map.shape
-    overlay = (0.5 * image.astype(np.float32) + 0.5 * scale.colours(score_map)).astype(np.uint8)
-    panels, titles = [image], ["image"]
-    if gt_mask is not None:
-        panels.append(np.repeat((np.asarray(gt_mask) > 0).astype(np.uint8)[..., None] * 255,
-                                3, axis=2))
-        titles.append("ground truth (white: defect)")
-    panels.append(overlay)
-    titles.append("PMAD score map")
+    """image (H, W, 3) uint8, maps (each (H, W)), gt_mask (H, W) {0, 1} or None -> RGB
+    uint8: [image | ground truth | each map's overlay and its colour bar], each panel and
+    bar named below it, above the caption."""
+    if not maps:
+        raise ValueError("heatmaps.render: no score map to draw")
+    h, w = image.shape[:2]
     gap = np.full((h, GAP, 3), 255, np.uint8)
-    row = [p for panel in panels for p in (panel, gap)] + [_colour_bar(h, scale)]
-    top = np.concatenate(row, axis=1)
-    names = np.full((LINE_HEIGHT + 2, top.shape[1], 3), 255, np.uint8)
-    for k, title in enumerate(titles):
-        cv2.putText(names, _cut_end(title, w - 4), (k * (w + GAP) + 2, LINE_HEIGHT - 2), FONT,
-                    FONT_SCALE, GREY, 1, cv2.LINE_AA)
-    top = np.concatenate([top, names], axis=0)
+    panels = [(image, "image")]  # (pixels, the name below them), left to right
+    if gt_mask is not None:
+        truth = (np.asarray(gt_mask) > 0).astype(np.uint8)[..., None] * 255
+        panels.append((np.repeat(truth, 3, axis=2), "ground truth (white: defect)"))
+    for m in maps:
+        if m.values.shape != (h, w):
+            raise ValueError(f"heatmaps.render: the {m.title} is {tuple(m.values.shape)}, "
+                             f"the image {(h, w)}")
+        overlay = 0.5 * image.astype(np.float32) + 0.5 * m.scale.colours(m.values)
+        panels += [(overlay.astype(np.uint8), m.title), (_colour_bar(h, m.scale), m.label)]
+    panels = [p for panel in panels for p in (panel, (gap, ""))][:-1]
+    top = np.concatenate([pixels for pixels, _ in panels], axis=1)
+    under = np.full((LINE_HEIGHT + 2, top.shape[1], 3), 255, np.uint8)
+    x = 0
+    for pixels, name in panels:
+        if name:
+            cv2.putText(under, _cut_end(name, pixels.shape[1] - 4), (x + 2, LINE_HEIGHT - 2),
+                        FONT, FONT_SCALE, GREY, 1, cv2.LINE_AA)
+        x += pixels.shape[1]
+    top = np.concatenate([top, under], axis=0)
     lines = caption.lines(top.shape[1] - 8)
     text = np.full((LINE_HEIGHT * len(lines) + 6, top.shape[1], 3), 255, np.uint8)
     for k, (line, colour) in enumerate(lines):
@@ -254,25 +272,35 @@ def extremes_per_type(scores: Sequence[float], types: Sequence[str], count: int
     return picks
 
 
-def save_one(image: torch.Tensor, score_map: torch.Tensor, scale: ColourScale,
-             caption: Caption, path: str | os.PathLike, mean: Sequence[float],
-             std: Sequence[float], gt_mask: torch.Tensor | None = None) -> None:
-    """One image's PNG: normalised image (3, H, W), its map (H, W), its ground truth
-    (H, W) or None, drawn on the class's `scale`; run_test.py's and predict.py's."""
-    save_png(render(to_uint8_image(image, mean, std), score_map.numpy(), scale, caption,
+def save_one(image: torch.Tensor, maps: Sequence[ScoreMap], caption: Caption,
+             path: str | os.PathLike, mean: Sequence[float], std: Sequence[float],
+             gt_mask: torch.Tensor | None = None) -> None:
+    """One image's PNG: normalised image (3, H, W), its maps, its ground truth (H, W) or
+    None; run_test.py's and predict.py's."""
+    save_png(render(to_uint8_image(image, mean, std), maps, caption,
                     None if gt_mask is None else gt_mask.numpy()), path)
 
 
-def save_heatmaps(data: ClassData, maps: torch.Tensor, scores: torch.Tensor,
-                  protoflow_scores: torch.Tensor, threshold: float | None, out_dir: Path,
-                  count: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+def pmad_panel(values: torch.Tensor, scale: ColourScale) -> ScoreMap:
+    """PMAD's map (H, W) as a panel."""
+    return ScoreMap("PMAD score map", "PMAD", values.numpy(), scale)
+
+
+def save_heatmaps(data: ClassData, pmad_maps: torch.Tensor, protoflow_maps: torch.Tensor,
+                  scores: torch.Tensor, protoflow_scores: torch.Tensor,
+                  threshold: float | None, out_dir: Path, count: int,
+                  mean: tuple[float, ...], std: tuple[float, ...]) -> None:
     """run_test.py --save_heatmaps N: the N most and the N least anomalous images (PMAD's
     image score `scores`, (N,)) of each defect type and of the normal images, each as
-    image | ground truth | overlay with a colour bar on one scale per class, captioned
-    with its scores (ProtoFlow's too, (N,)), ProtoFlow's `threshold` and the decision."""
-    scale = ColourScale.of(maps)
+    image | ground truth | PMAD's map (N, H, W) | ProtoFlow's map alone (N, H, W), each
+    map on one scale per class with its colour bar, captioned with the scores
+    (ProtoFlow's too, (N,)), ProtoFlow's `threshold` and the decision."""
+    pmad_scale, protoflow_scale = ColourScale.of(pmad_maps), ColourScale.of(protoflow_maps)
     for i, note in extremes_per_type(scores.tolist(), data.defect_types, count):
         caption = Caption(data.names[i], float(scores[i]), float(protoflow_scores[i]),
                           threshold, truth=data.defect_types[i], note=note)
-        save_one(data.images[i], maps[i], scale, caption, out_dir / f"{data.names[i]}.png",
-                 mean, std, None if data.gt_masks is None else data.gt_masks[i])
+        panels = [pmad_panel(pmad_maps[i], pmad_scale),
+                  ScoreMap("ProtoFlow map alone", "ProtoFlow", protoflow_maps[i].numpy(),
+                           protoflow_scale)]
+        save_one(data.images[i], panels, caption, out_dir / f"{data.names[i]}.png", mean,
+                 std, None if data.gt_masks is None else data.gt_masks[i])

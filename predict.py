@@ -524,8 +524,9 @@ def _score_into(out: Path, args: argparse.Namespace, m: scoring_models.Models,
                          # the class's images scored together: PMAD's score depends on them
                          "scored_with": len(data.names)})
             if scale is not None:
-                heatmaps.save_one(data.images[i], scores.maps[i], scale, caption,
-                                  out / "heatmaps" / cls / f"{name}.png", m.mean, m.std)
+                heatmaps.save_one(data.images[i], [heatmaps.pmad_panel(scores.maps[i], scale)],
+                                  caption, out / "heatmaps" / cls / f"{name}.png", m.mean,
+                                  m.std)
             if args.save_npy:
                 path = out / "maps" / cls / f"{name}.npy"
                 path.parent.mkdir(parents=True, exist_ok=True)

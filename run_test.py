@@ -513,8 +513,9 @@ def evaluate_class(args: argparse.Namespace, m: Models, options: CleanOptions, r
                      else m.protoflow.threshold_for(class_name))
         folder = out_dir / HEATMAPS / class_name
         try:
-            save_heatmaps(data, maps["pmad"], scores["pmad"], scores["protoflow_score"],
-                          threshold, folder, args.save_heatmaps, m.mean, m.std)
+            save_heatmaps(data, maps["pmad"], maps["protoflow_only"], scores["pmad"],
+                          scores["protoflow_score"], threshold, folder, args.save_heatmaps,
+                          m.mean, m.std)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

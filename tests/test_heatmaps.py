@@ -34,6 +34,10 @@ def test_colour_scale_is_shared_and_clipped():
         ColourScale.of(torch.tensor([[[0.0, float("nan")]]]))
 
 
+def _pmad(score: np.ndarray, scale: ColourScale) -> heatmaps.ScoreMap:
+    return heatmaps.ScoreMap("PMAD score map", "PMAD", score, scale)
+
+
 def test_colour_scale_is_not_taken_by_a_few_outlier_pixels():
     """Ten 224 px maps, five with a defect blob of 1.0 over 400 pixels, one with a single
     pixel at 50: the plain maximum (50) drew every blob the same dark blue; the scale now
@@ -93,14 +97,14 @@ def test_render_layout():
     caption = Caption("crack_001", 10.0, 7.0, 6.0, truth="crack")
     gt = np.zeros((h, w))
     gt[:8, :8] = 1
-    out = heatmaps.render(image, score, scale, caption, gt)
+    out = heatmaps.render(image, [_pmad(score, scale)], caption, gt)
     panel = w + heatmaps.GAP
     bar_x = 3 * panel
     names = heatmaps.LINE_HEIGHT + 2  # each panel named below it
     assert out.shape == (h + names + heatmaps.LINE_HEIGHT * 4 + 6,
                          bar_x + heatmaps.BAR_WIDTH + heatmaps.BAR_LABELS, 3)
     assert all((out[h:h + names, k * panel:k * panel + w] < 200).any() for k in range(3))
-    assert (out[h:h + names, bar_x:] == 255).all()  # the colour bar has its own labels
+    assert (out[h:h + names, bar_x:] < 200).any()  # the colour bar named too
     assert (out[:h, :w] == 128).all()  # the image
     assert (out[:8, panel:panel + 8] == 255).all() and (out[9:h, panel + 9:panel + w] == 0).all()
     overlay = out[:h, 2 * panel:2 * panel + w].astype(int)
@@ -110,26 +114,27 @@ def test_render_layout():
     # there and blue at the transposed place
     corner = np.zeros((h, w))
     corner[:8, 16:24] = 10.0
-    flat = heatmaps.render(image, corner, scale, caption, gt)[:h, 2 * panel:2 * panel + w]
+    flat = heatmaps.render(image, [_pmad(corner, scale)], caption, gt)[:h, 2 * panel:2 * panel + w]
     red, blue = flat[4, 20].astype(int), flat[20, 4].astype(int)
     assert red[0] - red[2] > 50 and blue[2] - blue[0] > 50
     bar = out[:h, bar_x + 2].astype(int)
     assert bar[0][0] > bar[0][2] and bar[-1][2] > bar[-1][0]  # high on top, low at the bottom
     assert (out[h:] < 200).any()  # caption text was drawn
-    without = heatmaps.render(image, score, scale, Caption("x", 1.0, 1.0, None))
+    without = heatmaps.render(image, [_pmad(score, scale)], Caption("x", 1.0, 1.0, None))
     assert without.shape[1] == out.shape[1] - panel
     # a file name that is not UTF-8 (its byte as a surrogate; it crashed OpenCV) or not
     # ASCII: escaped, so two such names still read apart
-    odd = heatmaps.render(image, score, scale, Caption("caf\udce9", 1.0, 1.0, None))
-    plain = heatmaps.render(image, score, scale, Caption("caf\\udce9", 1.0, 1.0, None))
+    odd = heatmaps.render(image, [_pmad(score, scale)], Caption("caf\udce9", 1.0, 1.0, None))
+    plain = heatmaps.render(image, [_pmad(score, scale)], Caption("caf\\udce9", 1.0, 1.0, None))
     assert (odd == plain).all()
-    assert (heatmaps.render(image, score, scale, Caption("café图", 1.0, 1.0, None))
-            == heatmaps.render(image, score, scale, Caption("caf\\xe9\\u56fe", 1.0, 1.0,
+    assert (heatmaps.render(image, [_pmad(score, scale)], Caption("café图", 1.0, 1.0, None))
+            == heatmaps.render(image, [_pmad(score, scale)], Caption("caf\\xe9\\u56fe", 1.0, 1.0,
                                                             None))).all()
     # a name too long for the panel keeps its end (the escapes made the numbers of two
     # long Japanese names fall off the edge: their heatmaps were the same)
     long_name = "検査画像_ねじ_傷あり_正常品_0001"
-    first, second = (heatmaps.render(image, score, scale, Caption(n, 1.0, 1.0, None, note="good"))
+    first, second = (heatmaps.render(image, [_pmad(score, scale)],
+                                     Caption(n, 1.0, 1.0, None, note="good"))
                      for n in (long_name, long_name[:-1] + "2"))
     assert not (first == second).all()
 
@@ -146,7 +151,7 @@ def test_overlay_is_half_image_half_jet_colour_rounded_to_the_nearest_level():
     image = np.zeros((8, 8, 3), np.uint8)
     image[..., 0], image[..., 1], image[..., 2] = 200, 101, 7
     score = np.full((8, 8), 0.5)
-    out = heatmaps.render(image, score, scale, Caption("x", 1.0, 1.0, None))
+    out = heatmaps.render(image, [_pmad(score, scale)], Caption("x", 1.0, 1.0, None))
     overlay = out[:8, 8 + heatmaps.GAP:2 * 8 + heatmaps.GAP].astype(int)  # no ground truth
     want = ((0.5 * image.astype(np.float32) + 0.5 * jet[128].astype(np.float32))
             .astype(np.uint8))
@@ -199,11 +204,12 @@ def test_save_one_writes_the_rendered_png(tmp_path):
     score[4:8, 4:8] = 3.0
     gt = (score > 0).float()
     scale, caption = ColourScale(0.0, 3.0), Caption("a", 3.0, 2.0, 1.0, truth="crack")
-    heatmaps.save_one(image, score, scale, caption, tmp_path / "c" / "a.png", mean, std, gt)
+    panels = [heatmaps.pmad_panel(score, scale)]
+    heatmaps.save_one(image, panels, caption, tmp_path / "c" / "a.png", mean, std, gt)
     written = np.asarray(Image.open(tmp_path / "c" / "a.png"))
     rgb = np.full((16, 16, 3), [128, 102, 76], np.uint8)
     assert (written[:16, :16] == rgb).all()
-    assert (written == heatmaps.render(rgb, score.numpy(), scale, caption, gt.numpy())).all()
+    assert (written == heatmaps.render(rgb, panels, caption, gt.numpy())).all()
 
 
 def test_save_heatmaps_captions_each_image_with_its_own_scores_on_the_class_scale(
@@ -212,24 +218,31 @@ def test_save_heatmaps_captions_each_image_with_its_own_scores_on_the_class_scal
     own map and is captioned with its own PMAD and ProtoFlow scores (never the one for the
     other); the most and least anomalous follow PMAD's ranking (ProtoFlow's is reversed)."""
     drawn = []
-    monkeypatch.setattr(heatmaps, "save_one", lambda image, score_map, scale, caption, path,
-                        *a, **k: drawn.append((scale, caption, path.name, score_map)))
+    monkeypatch.setattr(heatmaps, "save_one", lambda image, panels, caption, path,
+                        *a, **k: drawn.append((panels, caption, path.name)))
     maps = torch.stack([torch.full((2, 2), float(v)) for v in (1, 5, 3)])  # (3, H, W)
+    protoflow = torch.stack([torch.full((2, 2), float(v)) for v in (-7, 2, 4)])
     data = SimpleNamespace(names=["good_0", "crack_0", "crack_1"], images=torch.zeros(3, 3, 2, 2),
                            defect_types=["good", "crack", "crack"], gt_masks=None)
-    heatmaps.save_heatmaps(data, maps, torch.tensor([1.0, 5.0, 3.0]),
+    heatmaps.save_heatmaps(data, maps, protoflow, torch.tensor([1.0, 5.0, 3.0]),
                            torch.tensor([10.0, 30.0, 50.0]), 20.0, tmp_path, 1,
                            (0.0,) * 3, (1.0,) * 3)
-    assert {(s.low, s.high) for s, _, _, _ in drawn} == {(1.0, 5.0)}
+    # PMAD's map, then ProtoFlow's map alone, each on its own class-wide scale
+    assert {tuple((p.title, p.label, p.scale.low, p.scale.high) for p in panels)
+            for panels, _, _ in drawn} == {(("PMAD score map", "PMAD", 1.0, 5.0),
+                                            ("ProtoFlow map alone", "ProtoFlow", -7.0, 4.0))}
     captions = {c.name: (c.pmad_score, c.protoflow_score, c.decision, c.note)
-                for _, c, _, _ in drawn}
+                for _, c, _ in drawn}
     assert captions == {
         "good_0": (1.0, 10.0, "normal", "good: most anomalous 1/1"),
         "crack_0": (5.0, 30.0, "anomalous", "crack: most anomalous 1/2"),
         "crack_1": (3.0, 50.0, "anomalous", "crack: least anomalous 1/2")}
     index = {"good_0": 0, "crack_0": 1, "crack_1": 2}
-    for _, c, name, score_map in drawn:
-        assert name == f"{c.name}.png" and torch.equal(score_map, maps[index[c.name]]), c.name
+    for (pmad, proto), c, name in drawn:
+        k = index[c.name]
+        assert name == f"{c.name}.png", c.name
+        assert (pmad.values == maps[k].numpy()).all(), c.name
+        assert (proto.values == protoflow[k].numpy()).all(), c.name
 
 
 def test_a_panel_name_too_wide_keeps_its_start():
@@ -250,12 +263,28 @@ def test_a_title_that_fits_is_kept_whole_and_each_lies_under_its_panel():
     assert heatmaps._cut_end("image", wide) == "image"
     assert heatmaps._cut_end("image", wide - 1).endswith("...")
     h = w = 64
-    out = heatmaps.render(np.full((h, w, 3), 128, np.uint8), np.zeros((h, w)),
-                          ColourScale(0.0, 1.0), Caption("x", 1.0, 1.0, None),
-                          np.zeros((h, w)))
+    maps = [_pmad(np.zeros((h, w)), ColourScale(0.0, 1.0)),
+            heatmaps.ScoreMap("ProtoFlow map alone", "ProtoFlow", np.zeros((h, w)),
+                              ColourScale(0.0, 1.0))]
+    out = heatmaps.render(np.full((h, w, 3), 128, np.uint8), maps,
+                          Caption("x", 1.0, 1.0, None), np.zeros((h, w)))
     names = out[h:h + heatmaps.LINE_HEIGHT + 2]
-    panel = w + heatmaps.GAP
-    for k in range(3):
-        assert (names[:, k * panel:k * panel + w] < 200).any(), k  # named
-        assert (names[:, k * panel + w:(k + 1) * panel] == 255).all(), k  # the gap blank
+    bar = heatmaps.BAR_WIDTH + heatmaps.BAR_LABELS
+    widths = [w, w, w, bar, w, bar]  # image, truth, PMAD, its bar, ProtoFlow, its bar
+    assert out.shape[1] == sum(widths) + 5 * heatmaps.GAP
+    x = 0
+    for k, width in enumerate(widths):
+        assert (names[:, x:x + width] < 200).any(), k  # named
+        assert (names[:, x + width:x + width + heatmaps.GAP] == 255).all(), k  # gap blank
+        x += width + heatmaps.GAP
+
+
+def test_render_refuses_no_map_and_a_map_of_another_size():
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="no score map"):
+        heatmaps.render(image, [], Caption("x", 1.0, 1.0, None))
+    with pytest.raises(ValueError) as e:
+        heatmaps.render(image, [_pmad(np.zeros((8, 9)), ColourScale(0.0, 1.0))],
+                        Caption("x", 1.0, 1.0, None))
+    assert str(e.value) == "heatmaps.render: the PMAD score map is (8, 9), the image (8, 8)"
 

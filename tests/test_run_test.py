@@ -108,8 +108,9 @@ def test_clean_protocol_end_to_end(clean_run, tiny_world) -> None:
     assert len(pngs) == sum(min(2, n) for n in per_type.values())
     for t in per_type:
         assert any(p.name.startswith(f"{t}_") for p in pngs)
-    with Image.open(pngs[0]) as png:  # image | ground truth | overlay | colour bar; caption
-        assert png.width == 3 * (224 + heatmaps.GAP) + heatmaps.BAR_WIDTH + heatmaps.BAR_LABELS
+    with Image.open(pngs[0]) as png:  # image | ground truth | PMAD | bar | ProtoFlow | bar
+        bar = heatmaps.BAR_WIDTH + heatmaps.BAR_LABELS
+        assert png.width == 4 * 224 + 2 * bar + 5 * heatmaps.GAP
         # the panels' names below them, then the caption's 4 lines
         assert png.height == 224 + (heatmaps.LINE_HEIGHT + 2) + 4 * heatmaps.LINE_HEIGHT + 6
 
@@ -935,17 +936,22 @@ def test_each_class_is_called_at_its_own_threshold(tiny_world, tmp_path, monkeyp
         tmp_path / "pf.pt", {"brick": [1.0, 2.0, 3.0], "coins": [20.0, 30.0, 40.0]})
     assert torch.load(pf, weights_only=True)["image_score_threshold"] == pytest.approx(39.5)
     captioned = {}
-    monkeypatch.setattr(run_test, "save_heatmaps", lambda data, maps, scores, pf_scores,
-                        threshold, out_dir, *rest: captioned.update(
-                            {out_dir.name: (threshold, pf_scores.tolist())}))
+    monkeypatch.setattr(run_test, "save_heatmaps", lambda data, maps, pf_maps, scores,
+                        pf_scores, threshold, out_dir, *rest: captioned.update(
+                            {out_dir.name: (threshold, pf_scores.tolist(), maps, pf_maps)}))
     results = run_test.main(_args(tiny_world, tmp_path, "clean", "--clean_masks", "threshold",
                                   "--save_heatmaps", "1", "--protoflow_weights", str(pf)))
     expected = {"brick": 2.98, "coins": 39.8}  # 0.99 quantiles of 1, 2, 3 and 20, 30, 40
     assert {c: r["threshold"] for c, r in results["classes"].items()} == pytest.approx(expected)
-    assert {c: t for c, (t, _) in captioned.items()} == pytest.approx(expected)
-    for c, (_, pf_scores) in captioned.items():
+    assert {c: t for c, (t, *_) in captioned.items()} == pytest.approx(expected)
+    for c, (_, pf_scores, maps, pf_maps) in captioned.items():
         images = results["classes"][c]["images"]
         assert pf_scores == [i["protoflow_score"] for i in images] != [i["pmad"] for i in images]
+        # the panels: PMAD's maps and ProtoFlow's maps alone, whose image scores are the rows'
+        assert protocols.image_scores(maps).tolist() == pytest.approx(
+            [i["pmad"] for i in images])
+        assert protocols.image_scores(pf_maps).tolist() == pytest.approx(
+            [i["protoflow_only"] for i in images])
     captioned.clear()  # proposal masks: the record has no threshold, the captions still do
     results = run_test.main(_args(tiny_world, tmp_path / "proposal", "clean", "--save_heatmaps",
                                   "1", "--protoflow_weights", str(pf), "--classes", "coins"))
@@ -1116,7 +1122,7 @@ def test_a_heatmap_that_cannot_be_written_costs_no_metrics(tiny_world, tmp_path,
     were computed, and they were lost: now the record is kept (partial file, results),
     the class is named as failed for its heatmaps, none of its heatmaps are left (some
     would pass for all), and --resume_eval reuses it and says it has none."""
-    def fail(data, maps, scores, pf_scores, threshold, folder, *a):
+    def fail(data, maps, pf_maps, scores, pf_scores, threshold, folder, *a):
         folder.mkdir(parents=True)
         (folder / "first.png").write_bytes(b"drawn")
         raise OSError(36, "File name too long")
