@@ -32,11 +32,10 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
-from tqdm import tqdm
 
 from utils import (BadFileError, FlagError, LayoutError, all_gather_object, build_sampler,
                    bullet_list, file_sha256, get_rank, get_world_size, main_print, on_every_rank,
-                   save_on_master, some_names, to_device)
+                   progress, save_on_master, some_names, to_device)
 
 OBJECTS = ["bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
            "toothbrush", "transistor", "zipper"]
@@ -1006,7 +1005,7 @@ def _drop_bad_files(items: list[_Item], check: Callable[[_Item], object],
         return None
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = list(tqdm(pool.map(run, items), total=len(items),
+        results = list(progress(pool.map(run, items), total=len(items),
                             desc=f"checking {what}", disable=len(items) < 100))
     bad = [r for r in results if r is not None]
     if bad and get_rank() == 0:  # every rank reads the same files (checked): one list
@@ -1218,7 +1217,7 @@ class ImageCache:
         loader = DataLoader(_Decoded(dataset), batch_size=64, num_workers=num_workers,
                             generator=torch.Generator())  # the global stream untouched
         start = 0
-        for batch in tqdm(loader, desc="decoding images once", disable=len(dataset) < 256):
+        for batch in progress(loader, desc="decoding images once", disable=len(dataset) < 256):
             rows = slice(start, start + len(batch["index"]))
             for key, value in batch.items():
                 if key not in store:  # filled in place, batch by batch: one copy of the
@@ -1698,7 +1697,7 @@ def cache_tokens(dataset: _TokenImageDataset, tokenizer: torch.nn.Module, cache_
         loader = DataLoader(_TokenImages(dataset, mine), batch_size=batch_size,
                             num_workers=num_workers, shuffle=False)
         computed: dict[int, torch.Tensor] = {}
-        for step, (indices, images) in enumerate(tqdm(loader, desc="visual tokens",
+        for step, (indices, images) in enumerate(progress(loader, desc="visual tokens",
                                                       disable=not mine)):
             with torch.inference_mode():
                 codes = tokenizer.get_codebook_indices(images.to(device))  # (B, L)

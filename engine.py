@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 import utils
 from masking_generator import MaskBatch, MaskingPolicy
@@ -225,7 +224,7 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable[dict],
     failed = torch.zeros((), dtype=torch.bool, device=device)
     hyper: list[tuple[float, float]] = []  # (lr, weight decay) per step, host
     indices: list[list[int]] = []  # each step's sample indices on this rank, host
-    bar = tqdm(total=num_steps, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False,
+    bar = utils.progress(total=num_steps, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False,
                disable=not (progress and utils.is_main_process()))
     it = iter(data_loader)
     for step in range(num_steps):

@@ -22,11 +22,10 @@ import cv2
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from tqdm import tqdm
 
 from datasets import (TEXTURES, BadFileError, bad_fg_masks_error, check_fg_masks,
                       fg_mask_path, is_junk_dir, list_images, mask_problem, open_rgb)
-from utils import bullet_list, write_atomic
+from utils import bullet_list, progress, write_atomic
 
 WORK_SIZE = 256  # mask estimation runs at this longest side, then is resized back
 MIN_FG_FRACTION = 0.005  # an estimated mask smaller than this is treated as failed
@@ -152,7 +151,7 @@ class FgMaskZip:
         'unchanged' and 'replaced', so that re-running rewrites nothing identical."""
         counts: Counter = Counter()
         with zipfile.ZipFile(self.path) as zf:
-            for info, name, filename in tqdm(self.entries, desc="fg masks", unit="file"):
+            for info, name, filename in progress(self.entries, desc="fg masks", unit="file"):
                 dst = os.path.join(root, "fg_mask", name, filename)
                 data = zf.read(info)
                 if os.path.isfile(dst):
@@ -276,7 +275,7 @@ def make_fg_masks(root: str, classes: Sequence[str], textures: Sequence[str] = T
         return _write_mask(root, *job, textures, sources, fix)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # cv2 frees the GIL
-        results = list(tqdm(pool.map(run, jobs), total=len(jobs), desc="estimating fg masks",
+        results = list(progress(pool.map(run, jobs), total=len(jobs), desc="estimating fg masks",
                             unit="image"))
     out = {name: Counter() for name in classes}
     for (name, _), (status, _) in zip(jobs, results):

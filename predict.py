@@ -28,7 +28,6 @@ import unicodedata
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 import datasets
 import heatmaps
@@ -492,7 +491,7 @@ def _score_into(out: Path, args: argparse.Namespace, m: scoring_models.Models,
     rows: list[dict[str, object]] = []
     skipped: list[str] = []
     unreadable: list[str] = []  # the classes of no readable image
-    for cls in tqdm(sorted(groups), desc="classes", disable=len(groups) < 2):
+    for cls in utils.progress(sorted(groups), desc="classes", disable=len(groups) < 2):
         paths, names = zip(*groups[cls])
         try:
             dataset = m.dataset(paths, names, skip_bad_images=args.skip_bad_images,

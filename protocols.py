@@ -22,13 +22,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import metrics
 from engine import masked_token_ce, scatter_masked
 from protoflow import (Proposals, ProtoFlow, covering_masks, is_anomalous,
                        proposals_from_log_likelihood, resize_maps)
-from utils import CheckpointError, amp_autocast, file_sha256
+from utils import CheckpointError, amp_autocast, file_sha256, progress
 
 PAPER_RATIOS = tuple(round(0.02 * i, 2) for i in range(1, 25))  # 0.02 ... 0.48
 CLEAN_MASKS = ("proposal", "threshold")
@@ -135,7 +134,7 @@ def collect_class(dataset: torch.utils.data.Dataset, tokenizer: torch.nn.Module,
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers)
     images, tokens, logps, dists, labels, gts, names, defects, ids = ([] for _ in range(9))
-    for batch in tqdm(loader, desc=f"{class_name}: tokens + ProtoFlow", leave=False):
+    for batch in progress(loader, desc=f"{class_name}: tokens + ProtoFlow", leave=False):
         x = batch["image"].to(device)
         tokens.append(tokenizer.get_codebook_indices(batch["token_image"].to(device)).cpu())
         logp, dist = protoflow.scores(x, class_name)
@@ -172,7 +171,7 @@ def vit_batches(model: torch.nn.Module, data: ClassData, masks: torch.Tensor,
     `x[masks]` order, and its masks (n, L) on the device). The one ViT loop of the
     scoring; bench/score_variants.py reads the logits too. `desc` names its progress
     bar (which pass, which ratio)."""
-    for i in tqdm(range(0, len(data.images), batch_size), desc=desc, leave=False):
+    for i in progress(range(0, len(data.images), batch_size), desc=desc, leave=False):
         rows = slice(i, i + batch_size)
         m = masks[rows].to(device)  # (n, L)
         with amp_autocast(device, amp):

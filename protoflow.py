@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from scipy.stats import special_ortho_group
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from backbones import create_backbone, normalization_record, recorded_normalization
 from masking_generator import Rng, as_numpy_rng, num_masked
+from utils import progress as progress_bar  # `progress` is greedy_coreset's flag
 from utils import (CheckpointError, FlagError, MissingFileError, cosine_scheduler,
                    file_sha256, read_json_object, read_weights_file, save_on_master,
                    write_atomic)
@@ -173,7 +173,7 @@ def greedy_coreset(features: Tensor, n: int, projection_dim: int | None = None,
     picks[0] = start
     # squared distances |x|^2 - 2 x.c + |c|^2: one pass over x per pick (memory-bound)
     min_dist = torch.addmv(sq, x, x[start], alpha=-2).add_(sq[start])  # (M,)
-    for i in tqdm(range(1, n), desc="coreset", disable=not progress or n < 2,
+    for i in progress_bar(range(1, n), desc="coreset", disable=not progress or n < 2,
                   mininterval=1.0, leave=False):
         j = torch.argmax(min_dist, dim=0, keepdim=True)  # (1,): stays on the device
         picks[i:i + 1] = j
@@ -202,7 +202,7 @@ def build_prototypes(encoder: nn.Module, loader: Iterable, coreset_ratio: float 
                      rng: Rng = None) -> np.ndarray:
     """A class's prototypes: the coreset of all its patch features, float32 (M, C)."""
     feats = []
-    for batch in tqdm(loader, desc="features", leave=False):
+    for batch in progress_bar(loader, desc="features", leave=False):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         feats.append(patch_rows(extract_features(encoder, images.to(device))).cpu())
     if not feats:
@@ -494,7 +494,7 @@ def train_flow(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
         if hasattr(getattr(loader, "sampler", None), "set_epoch"):
             loader.sampler.set_epoch(epoch)  # the order is a function of (seed, epoch)
         total, count = 0.0, 0
-        bar = tqdm(loader, desc=f"flow epoch {epoch + 1}/{epochs}", leave=False)
+        bar = progress_bar(loader, desc=f"flow epoch {epoch + 1}/{epochs}", leave=False)
         for step, (images, class_idx) in enumerate(bar):
             for group in optimizer.param_groups:
                 group["lr"] = float(schedule[epoch * steps + step])

@@ -30,7 +30,6 @@ import timm
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
 import datasets
 from backbones import create_backbone, input_normalization, lite0_hint, normalization_record
@@ -41,8 +40,8 @@ from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_
 from utils import (CheckpointError, FlagError, JsonlLog, MissingFileError, RunLock,
                    UniqueNames, build_sampler, capture_rng_state, cli, file_sha256,
                    flag_changes, fraction_arg, int_at_least, load_checkpoint_file, positive_float,
-                   prepare_output_dir, probability_arg, remove_stale_tmp_files, resolve_device,
-                   restore_rng_state, save_on_master, seed_everything, set_aside)
+                   prepare_output_dir, probability_arg, progress, remove_stale_tmp_files,
+                   resolve_device, restore_rng_state, save_on_master, seed_everything, set_aside)
 
 
 @torch.inference_mode()
@@ -55,7 +54,7 @@ def held_out_scores(encoder: nn.Module, flow: Ff.SequenceINN, loader: Iterable,
     protos = [p.to(device) for p in prototypes]
     flow.eval()
     scores, classes = [], []
-    for images, class_idx in tqdm(loader, desc="held-out scores", leave=False):
+    for images, class_idx in progress(loader, desc="held-out scores", leave=False):
         logp = patch_log_likelihood(encoder, flow, images.to(device), protos, class_idx)
         scores.append(image_score(logp).cpu())
         classes.append(class_idx.cpu())

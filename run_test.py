@@ -40,7 +40,7 @@ from reporting import (HEATMAPS, RECORD_FORMAT, RECORD_VERSION, TEST_DATA, Parti
 from scoring_models import RELEASED_TOKENIZER, Models
 from utils import (AMP_CHOICES, EVAL_LOCK, BadFileError, FlagError, RunLock, UniqueNames,
                    bullet_list, cli, file_sha256, float_at_least, int_at_least,
-                   mask_ratio_arg, prepare_output_dir, provenance, resolve_amp,
+                   mask_ratio_arg, prepare_output_dir, progress, provenance, resolve_amp,
                    resolve_device, some_names)
 
 
@@ -403,7 +403,7 @@ def _evaluate(args: argparse.Namespace, options: CleanOptions, out_dir: Path) ->
                             "timm": timm.__version__, "numpy": np.__version__},
                "provenance": provenance(m.device)}
     start = time.time()
-    contents = {c: datasets.test_set_contents(args.data_path, c) for c in tqdm(
+    contents = {c: datasets.test_set_contents(args.data_path, c) for c in progress(
         classes, desc="reading the test sets", leave=False)}  # its images and masks
     results["test_data"] = {c: digest for c, (digest, _) in contents.items()}
     seen = trained_test_images(contents, m.vit_train_images, args.data_path)
@@ -418,7 +418,7 @@ def _evaluate(args: argparse.Namespace, options: CleanOptions, out_dir: Path) ->
               f"{partial.set_aside_to}")
     class_name = None
     try:
-        for class_name in tqdm(classes, desc=f"evaluating ({args.protocol} protocol)"):
+        for class_name in progress(classes, desc=f"evaluating ({args.protocol} protocol)"):
             if class_name in partial.done:
                 results["classes"][class_name] = partial.done[class_name]
                 tqdm.write(f"[run_test] {class_name}: done in an earlier run ({partial.path})")

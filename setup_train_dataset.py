@@ -28,7 +28,6 @@ import zipfile
 from collections import Counter
 from typing import Callable, Sequence
 
-from tqdm import tqdm
 
 from dataset_converters import (DEFAULT_TEST_FRACTION, convert_custom, convert_visa,
                                 custom_classes, read_visa_split, remove_unlisted)
@@ -38,7 +37,7 @@ from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, Ba
 from demo_data import DEFECT_AREA_BOUNDS, WORLDS, make_demo_dataset
 from fg_masks import REPLACE_IN_DATA_PATH, FgMaskZip, make_fg_masks, mask_coverage
 from utils import (UniqueNames, cli, fraction_arg, int_at_least, prepare_output_dir,
-                   refuse_a_file, some_names, write_atomic)
+                   progress, refuse_a_file, some_names, write_atomic)
 
 DEFAULT_ROOT = "data/Mvtec-ImageNet"
 DEMO_ROOT = "data/demo_imagenet"
@@ -158,7 +157,7 @@ def sync_files(pairs: list[tuple[str, str]], link: bool, desc: str,
     called before a destination whose content changes is replaced (what was made from
     the old file, its foreground mask, no longer applies)."""
     counts: Counter = Counter()
-    for src, dst in tqdm(pairs, desc=desc, unit="file"):
+    for src, dst in progress(pairs, desc=desc, unit="file"):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         if os.path.lexists(dst):
             if os.path.exists(dst) and _identical(src, dst, link):

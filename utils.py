@@ -552,6 +552,25 @@ def on_every_rank(check: Callable[[], Any]) -> Any:
     return result
 
 
+LOG_INTERVAL = 30.0  # seconds between a progress bar's drawings in a log file
+
+
+def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
+    """tqdm, drawn to suit where it writes. On a terminal, as asked. Redirected to a
+    file (`> log`, a cluster job's log), a bar opened inside another is not drawn: two
+    bars at once move the cursor with escape sequences, which a log keeps as garbage
+    ('^[[A'); the outer bar is drawn every LOG_INTERVAL seconds, not ten times a second."""
+    try:
+        terminal = bool((kwargs.get("file") or sys.stderr).isatty())
+    except (AttributeError, ValueError):  # no stderr (pythonw), or a closed one
+        terminal = False
+    if not terminal:
+        if any(not bar.disable for bar in list(getattr(tqdm, "_instances", ()))):
+            kwargs["disable"] = True
+        kwargs["mininterval"] = max(kwargs.get("mininterval", 0.1), LOG_INTERVAL)
+    return tqdm(iterable, **kwargs)
+
+
 def main_print(*args: Any, **kwargs: Any) -> None:
     """print on rank 0 only, so that N processes do not repeat every line; on a line of
     its own while a progress bar is drawn (the bar is redrawn below it)."""

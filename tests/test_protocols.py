@@ -99,10 +99,10 @@ def test_each_covering_pass_names_its_progress_bar(monkeypatch) -> None:
     paper protocol's say which mask ratio."""
     names = []
 
-    def named_tqdm(iterable, desc: str, **kwargs):
+    def named_progress(iterable, desc: str, **kwargs):
         names.append(desc)
         return iterable
-    monkeypatch.setattr(protocols, "tqdm", named_tqdm)
+    monkeypatch.setattr(protocols, "progress", named_progress)
     model = ConstantViT()
     model.logits = torch.log(torch.tensor([0.75, 0.25]))
     passes = [torch.tensor([[True, True, False, False]] * 2),

@@ -174,7 +174,7 @@ def test_an_anomalous_image_with_an_empty_or_inverted_mask_is_named(tiny_world, 
     silently (its defect never reaches the pixel metrics): a note names it, and the
     class's diagnostics in results.json count it. So was an inverted mask (the defect
     black on white: the background scored as the defect): a note names it too."""
-    monkeypatch.setattr(run_test, "tqdm", ShownTqdm)
+    monkeypatch.setattr(utils, "tqdm", ShownTqdm)
     data = tmp_path / "data"
     shutil.copytree(tiny_world.mvtec_root / "coins", data / "coins")
     mask, inverted = sorted((data / "coins" / "ground_truth").rglob("*.png"))[:2]

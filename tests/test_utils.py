@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import datetime
 import errno
+import io
 import json
 import math
 import os
@@ -1029,6 +1030,32 @@ def test_lines_said_while_a_progress_bar_is_drawn_start_lines_of_their_own(capsy
     assert note.rpartition("\r")[2].lstrip() == "[data] note: a folder"
     assert lines[-2:] == ["interrupted (Ctrl-C)", ""]
     assert "6/10" in lines[-3] and bar.disable  # closed: drawn once more, then a newline
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_bars_in_a_log_file_are_not_nested(terminal):
+    """Redirected to a file, two bars at once wrote cursor moves ('\x1b[A') into the log:
+    there a bar inside another is not drawn and the outer one is drawn every LOG_INTERVAL
+    seconds; on a terminal both are drawn as asked."""
+    stream = _Terminal() if terminal else io.StringIO()
+    outer = utils.progress(range(2), desc="classes", file=stream, disable=False)
+    for _ in outer:
+        inner = utils.progress(range(3), desc="batches", file=stream, disable=False,
+                               leave=False)
+        assert inner.disable is not terminal
+        list(inner)
+    assert outer.mininterval == (0.1 if terminal else utils.LOG_INTERVAL)
+    log = stream.getvalue()
+    assert "classes: 100%" in log
+    assert ("batches" in log) is terminal and ("\x1b[A" in log) is terminal
+    alone = utils.progress(range(2), desc="alone", file=io.StringIO(), disable=False)
+    assert not alone.disable  # the outer bar closed: the next one is drawn
+    alone.close()
 
 
 # ----------------------------------------------------------------------------- distributed
