@@ -450,10 +450,17 @@ def _train(args: argparse.Namespace, env: utils.DistEnv) -> dict:
             lock.close()
 
 
+def flags_dump(args: argparse.Namespace) -> str:
+    """The run's flags as JSON, as they act: under --no_init, init_ckpt is null (the
+    default path beside it read as if BEiT's weights had been loaded)."""
+    return json.dumps({**vars(args), **({"init_ckpt": None} if args.no_init else {})},
+                      indent=1)
+
+
 def _train_checked(args: argparse.Namespace, env: utils.DistEnv, train_classes: list[str],
                    resume: str | None, header: dict | None, extended: str | None) -> dict:
     """_train once check_inputs has passed."""
-    utils.main_print(json.dumps(vars(args), indent=1))
+    utils.main_print(flags_dump(args))
     note = mask_ratio_note(train_classes, args.mask_ratio)
     if note:
         utils.main_print(note)

@@ -875,6 +875,14 @@ def test_a_mask_ratio_only_classes_without_their_own_use_is_not_checked(env, tmp
     assert run_pretraining.mask_ratio_note(["bolt A"], 0.5) is None
 
 
+def test_the_flags_dump_says_no_initial_checkpoint_under_no_init():
+    parse = run_pretraining.get_args_parser().parse_args
+    dumped = json.loads(run_pretraining.flags_dump(parse(["--no_init", "--epochs", "3"])))
+    assert dumped["init_ckpt"] is None and dumped["no_init"] is True and dumped["epochs"] == 3
+    given = json.loads(run_pretraining.flags_dump(parse(["--init_ckpt", "w/beit.pth"])))
+    assert given["init_ckpt"] == "w/beit.pth" and given["no_init"] is False
+
+
 def test_the_mask_ratio_note_matches_a_class_by_its_exact_name():
     """A class takes its Table 6 ratio by its exact name (masking_generator's rule): a
     user's 'Tile' or 'BOTTLE' is masked at --mask_ratio, so the note must not say it
