@@ -397,7 +397,7 @@ def _evaluate(args: argparse.Namespace, options: CleanOptions, out_dir: Path) ->
     results = {"protocol": args.protocol, "setting": setting, "classes": {},
                "clean_options": options.as_dict() if args.protocol == "clean" else None,
                "args": vars(args), "amp": m.amp, "checkpoints": file_fingerprints(args, m),
-               "vit_epochs": m.vit_epochs,
+               "vit_epochs": m.vit_epochs, "vit_training_args": m.vit_training_args,
                "prototypes": {c: prototypes_sha256(args.prototypes_dir, c) for c in classes},
                "versions": {"python": platform.python_version(), "torch": torch.__version__,
                             "timm": timm.__version__, "numpy": np.__version__},

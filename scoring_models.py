@@ -15,6 +15,7 @@ Errors name the command-line flag of each argument (--ckpt, --tokenizer_weight_p
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -48,6 +49,7 @@ class Models:
     # the content sha256s of the ViT's training images, where its file lists them
     vit_train_images: frozenset[str] | None = None
     vit_epochs: int | None = None  # epochs the ViT trained, where its file says
+    vit_training_args: dict[str, Any] | None = None  # its flags, where its file says
 
     @property
     def img_size(self) -> int:
@@ -134,7 +136,22 @@ def load(ckpt: str, *, config: dict[str, Any] | None = None,
     return Models(model, tokenizer, protoflow, device, amp, mean, std, config, tokenizer_path,
                   protoflow_path, trained.get("train_classes"),
                   None if hashes is None else frozenset(hashes),
-                  int(epoch) + 1 if isinstance(epoch, int) else None)
+                  int(epoch) + 1 if isinstance(epoch, int) else None,
+                  recorded_flags(trained) if trained else None)
+
+
+def recorded_flags(trained: dict[str, Any]) -> dict[str, Any]:
+    """The flags a ViT checkpoint records it trained with, for results.json (which run
+    made the model): all but its training images' hashes (one per image); a value JSON
+    cannot hold (an authors' Namespace may hold any object, a float NaN) as its repr."""
+    def plain(value: Any) -> Any:
+        try:
+            json.dumps(value, allow_nan=False)
+            return value
+        except (TypeError, ValueError):
+            return repr(value)
+    return {str(k): plain(v) for k, v in trained.items()
+            if k != modeling_pmad.TRAIN_IMAGE_HASHES}
 
 
 def _tokenizer(ckpt: str, name: str, path: str | None, trained: dict, device: torch.device,

@@ -214,6 +214,7 @@ def test_an_anomalous_image_with_an_empty_or_inverted_mask_is_named(tiny_world, 
         "anomalous_images": len(good) - sum(good)}
     epoch = torch.load(tiny_world.pmad_ckpt, weights_only=True)["epoch"]  # 0-based
     assert saved["vit_epochs"] == epoch + 1
+    assert saved["vit_training_args"] is None  # the world's checkpoint records no flags
     assert (tmp_path / "out" / "results.md").read_text().splitlines()[2] == (
         f"Checkpoint {tiny_world.pmad_ckpt} ({epoch + 1} epoch(s), sha256 "
         f"{_sha256(tiny_world.pmad_ckpt)[:12]}); "
@@ -229,7 +230,8 @@ def test_test_images_the_vit_trained_on_are_named(tiny_world, tmp_path, capsys):
     or no list at all (a released one), adds nothing."""
     good = sorted((tiny_world.mvtec_root / "coins" / "test" / "good").glob("*.png"))[0]
     ckpt = torch.load(tiny_world.pmad_ckpt, weights_only=True)
-    ckpt["args"] = {modeling_pmad.TRAIN_IMAGE_HASHES: sorted([_sha256(good), "0" * 64])}
+    ckpt["args"] = {modeling_pmad.TRAIN_IMAGE_HASHES: sorted([_sha256(good), "0" * 64]),
+                    "epochs": 7, "lr": 1e-3}
     vit = tmp_path / "resplit.pth"
     torch.save(ckpt, vit)
     argv = _argv(tiny_world, tmp_path / "out", "clean", "--classes", "coins")
@@ -240,8 +242,9 @@ def test_test_images_the_vit_trained_on_are_named(tiny_world, tmp_path, capsys):
     assert (f"[run_test] warning: coins: 1 test image(s) are training images of --ckpt by "
             f"content ({rel}): their scores count images the ViT learned") in \
         capsys.readouterr().err
-    assert strict_json(tmp_path / "out" / "clean" / "results.json")[
-        "trained_test_images"] == {"coins": [rel]}
+    saved = strict_json(tmp_path / "out" / "clean" / "results.json")
+    assert saved["trained_test_images"] == {"coins": [rel]}
+    assert saved["vit_training_args"] == {"epochs": 7, "lr": 1e-3}  # its flags, no hashes
     assert (tmp_path / "out" / "clean" / "results.md").read_text().splitlines()[4] == (
         f"**TRAINED ON TEST IMAGES**: coins: 1 test image(s) ({rel}) are training images of "
         "the checkpoint by content: their metrics read better than they are.")
