@@ -1,7 +1,8 @@
-"""Score new images with a trained PMAD: no ground truth, no MVTec layout.
+r"""Score new images with a trained PMAD: no ground truth, no MVTec layout.
 
     python predict.py path/to/images --class_name bottle \
-        --ckpt output_dir/pmad/checkpoint-last.pth --tokenizer_weight_path weights/tokenizer \
+        --ckpt output_dir/multi_class/checkpoint-last.pth \
+        --tokenizer_weight_path weights/tokenizer \
         --protoflow_weights weights/protoflow/multi_class.pt --prototypes_dir weights/prototypes \
         --output_dir output_dir/predict --maps
 

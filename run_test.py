@@ -130,8 +130,8 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", default=None, choices=AMP_CHOICES,
                    help="autocast for the ViT (default: bf16 where supported)")
     p.add_argument("--seed", type=int_at_least(0), default=0,
-                   help="mixed into each image's random-mask seed (--clean_masks threshold, "
-                        "the paper protocol)")
+                   help="mixed into each image's random-mask seed (--clean_masks threshold; "
+                        "run_test.py's paper protocol)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Convert an MVTec-format dataset into the ImageNet layout PMAD trains on (docs/method.md 4).
+r"""Convert an MVTec-format dataset into the ImageNet layout PMAD trains on (docs/method.md 4).
 
   <data_path>/<class>/train/good/*   ->  <root>/train/<class>/*
   released fg_mask.zip               ->  <root>/fg_mask/<class>/<stem>.png  (--fg_mask_zip)
