@@ -66,35 +66,44 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """The ViT, its initialisation and its visual tokenizer."""
     p.add_argument("--model", default="vit_base_patch16_224_8k_vocab",
-                   choices=sorted(modeling_pmad.PMAD_MODELS))
-    p.add_argument("--input_size", type=int, default=224)
-    p.add_argument("--drop_path", type=utils.probability_arg, default=0.1, metavar="PCT")
+                   choices=sorted(modeling_pmad.PMAD_MODELS), help="default %(default)s")
+    p.add_argument("--input_size", type=int, default=224, help="default %(default)s")
+    p.add_argument("--drop_path", type=utils.probability_arg, default=0.1, metavar="P",
+                   help="stochastic depth rate of the last block, in [0, 1) (default "
+                        "%(default)s)")
     p.add_argument("--layer_scale_init_value", type=utils.float_at_least(0.0), default=None,
                    help="default: the model's own (0.1 for tiny to base, 1e-5 for large; "
                         "docs/method.md 2); 0: no layer scale")
     p.add_argument("--init_ckpt", default="weights/beit_base_patch16_224_pt22k.pth",
-                   help="BEiT self-supervised ImageNet-22k checkpoint to start from")
+                   help="BEiT self-supervised ImageNet-22k checkpoint to start from "
+                        "(default %(default)s)")
     p.add_argument("--no_init", action="store_true", help="random weights, not --init_ckpt")
     p.add_argument("--tokenizer_model", default="dall-e",
-                   choices=modeling_discrete_vae.available_tokenizers())
+                   choices=modeling_discrete_vae.available_tokenizers(),
+                   help="default %(default)s")
     p.add_argument("--tokenizer_weight_path", default="weights/tokenizer",
-                   help="the tokenizer file, or its folder (dall-e: encoder.pkl)")
+                   help="the tokenizer file, or its folder (dall-e: encoder.pkl; default "
+                        "%(default)s)")
     p.add_argument("--fit_kmeans_tokenizer", action="store_true",
                    help="kmeans: fit the tokenizer on the training images first when "
                         "--tokenizer_weight_path does not exist (the offline demo)")
-    p.add_argument("--kmeans_vocab_size", type=utils.int_at_least(2), default=1024)
+    p.add_argument("--kmeans_vocab_size", type=utils.int_at_least(2), default=1024,
+                   help="kmeans: codebook size (default %(default)s)")
     p.add_argument("--kmeans_out_index", type=int, choices=(0, 1, 2, 3), default=1,
                    help="EfficientNet-Lite0 level the k-means codes cluster, pooled per "
-                        "patch (0: stride 2; 1: stride 4; 2: stride 8; 3: stride 16)")
+                        "patch (0: stride 2; 1: stride 4; 2: stride 8; 3: stride 16; "
+                        "default %(default)s)")
     p.add_argument("--token_cache_dir", default=None, help="default <output_dir>/token_cache")
 
 
 def _add_masking_args(p: argparse.ArgumentParser) -> None:
     """Combinational and dynamic masking (docs/method.md 5)."""
     p.add_argument("--mask_ratio", type=utils.mask_ratio_arg, default=DEFAULT_MASK_RATIO,
-                   help="mask ratio of classes without a ratio of their own")
+                   help="mask ratio of classes without a ratio of their own in the "
+                        "paper's Table 6 (default %(default)s)")
     p.add_argument("--dynamic_masking_start", type=int, default=100,
-                   help="first epoch of dynamic masking and rank-weighted loss")
+                   help="first epoch of dynamic masking and rank-weighted loss (default "
+                        "%(default)s)")
     p.add_argument("--freq_mode", default="patch", choices=FREQ_MODES,
                    help="frequency weights from each patch's spectrum (the paper's intent) "
                         "or, 'global', the original code's patchified image spectrum")
@@ -105,21 +114,27 @@ def _add_masking_args(p: argparse.ArgumentParser) -> None:
 
 def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
     """AdamW, its cosine schedules, clipping and autocast (BEiT's flags and defaults)."""
-    p.add_argument("--batch_size", type=utils.int_at_least(1), default=4, help="per process")
-    p.add_argument("--epochs", type=utils.int_at_least(1, "nothing to do"), default=300)
-    p.add_argument("--lr", type=utils.positive_float, default=1.5e-3)
+    p.add_argument("--batch_size", type=utils.int_at_least(1), default=4,
+                   help="per process (default %(default)s)")
+    p.add_argument("--epochs", type=utils.int_at_least(1, "nothing to do"), default=300,
+                   help="default %(default)s")
+    p.add_argument("--lr", type=utils.positive_float, default=1.5e-3,
+                   help="peak learning rate (default %(default)s)")
     p.add_argument("--min_lr", type=utils.float_at_least(0.0), default=1e-5,
-                   help="where the cosine ends (at most --lr)")
-    p.add_argument("--warmup_epochs", type=utils.int_at_least(0), default=10)
+                   help="where the cosine ends (at most --lr; default %(default)s)")
+    p.add_argument("--warmup_epochs", type=utils.int_at_least(0), default=10,
+                   help="default %(default)s")
     p.add_argument("--warmup_steps", type=int, default=-1, help="> 0: overrides warmup_epochs")
-    p.add_argument("--weight_decay", type=utils.float_at_least(0.0), default=0.05)
+    p.add_argument("--weight_decay", type=utils.float_at_least(0.0), default=0.05,
+                   help="default %(default)s")
     p.add_argument("--weight_decay_end", type=utils.float_at_least(0.0), default=None,
                    help="end of weight decay's cosine schedule (default: constant)")
     p.add_argument("--opt_betas", type=utils.probability_arg, nargs=2, default=[0.9, 0.999],
-                   metavar="BETA")
-    p.add_argument("--opt_eps", type=utils.positive_float, default=1e-8)
+                   metavar="BETA", help="AdamW's betas (default 0.9 0.999)")
+    p.add_argument("--opt_eps", type=utils.positive_float, default=1e-8,
+                   help="default %(default)s")
     p.add_argument("--clip_grad", type=utils.float_at_least(0.0), default=3.0,
-                   help="gradient norm clipping; 0: no clipping")
+                   help="gradient norm clipping; 0: no clipping (default %(default)s)")
     p.add_argument("--amp", default=None, choices=utils.AMP_CHOICES,
                    help="autocast (default: bf16 where it pays, else none; fp16 CUDA only)")
 
@@ -142,16 +157,17 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache_images", default="none", choices=datasets.CACHE_IMAGES,
                    help="decode every image once and keep it with its tokens in RAM or on "
                         "the device (MVTec AD: 0.55 GB at 224 px, in each DDP process)")
-    p.add_argument("--num_workers", type=utils.int_at_least(0), default=10)
+    p.add_argument("--num_workers", type=utils.int_at_least(0), default=10,
+                   help="default %(default)s")
     p.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     """Outputs, device, seeding and resumption."""
-    p.add_argument("--output_dir", default="output_dir")
+    p.add_argument("--output_dir", default="output_dir", help="default %(default)s")
     p.add_argument("--log_dir", default=None, help="TensorBoard folder (none if unset)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=utils.int_at_least(0), default=0)
+    p.add_argument("--seed", type=utils.int_at_least(0), default=0, help="default %(default)s")
     p.add_argument("--deterministic", action="store_true",
                    help="bitwise-reproducible kernels (slower): a resumed run then equals "
                         "an uninterrupted one exactly")
@@ -164,7 +180,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="start afresh even when --output_dir holds a checkpoint (that run's "
                         "checkpoints and log.txt move to <output_dir>/previous-<UTC time>/)")
     p.set_defaults(auto_resume=True)
-    p.add_argument("--save_ckpt_freq", type=utils.int_at_least(1), default=20)
+    p.add_argument("--save_ckpt_freq", type=utils.int_at_least(1), default=20,
+                   help="checkpoint-<epoch>.pth every this many epochs, and at the end "
+                        "(default %(default)s)")
     p.add_argument("--max_steps_per_epoch", type=utils.int_at_least(1), default=None,
                    help="cap the steps of each epoch (tests, demos)")
     # `python -m torch.distributed.launch` (the original scripts' launcher) appends this;
