@@ -442,17 +442,23 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
                    help="training images in ImageNet layout: <root>/train/<class>/* (the "
                         "root, or its train/ folder)")
     p.add_argument("--encoder", default=DEFAULT_ENCODER,
-                   help="timm backbone name (a tag selects timm's pretrained weights)")
-    p.add_argument("--out_indices", type=int, nargs="+", default=list(DEFAULT_OUT_INDICES))
+                   help="timm backbone name (a tag selects timm's pretrained weights; "
+                        "default %(default)s)")
+    p.add_argument("--out_indices", type=int, nargs="+", default=list(DEFAULT_OUT_INDICES),
+                   help="the encoder's feature levels (default 2 3: strides 8 and 16)")
     p.add_argument("--encoder_weights", default=None,
-                   help="local backbone weights (timm or efficientnet-pytorch file); "
-                        "without it timm downloads the pretrained weights")
+                   help="local backbone weights (a timm or efficientnet-pytorch file, or "
+                        "a ProtoFlow file: its encoder); without it timm downloads the "
+                        "pretrained weights")
     p.add_argument("--holdout", type=probability_arg, default=0.1,
-                   help="fraction of each class's images held out (threshold calibration)")
-    p.add_argument("--seed", type=int_at_least(0), default=0)
-    p.add_argument("--batch_size", type=int_at_least(1), default=32)
+                   help="fraction of each class's images held out (threshold "
+                        "calibration; default %(default)s)")
+    p.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="seeds the held-out split, the coreset and the flow's training (default "
+                        "%(default)s)")
+    p.add_argument("--batch_size", type=int_at_least(1), default=32, help="default %(default)s")
     p.add_argument("--num_workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1))
-    p.add_argument("--img_size", type=int_at_least(1), default=224)
+    p.add_argument("--img_size", type=int_at_least(1), default=224, help="default %(default)s")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip_bad_images", action="store_true",
                    help="leave unreadable images out (listed) instead of stopping")
@@ -465,9 +471,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     _add_common_args(pp)
     pp.add_argument("--classes", nargs="+", default=None, action=UniqueNames,
                     help="default: every class folder")
-    pp.add_argument("--output_dir", default="weights/prototypes")
+    pp.add_argument("--output_dir", default="weights/prototypes", help="default %(default)s")
     pp.add_argument("--coreset_ratio", type=fraction_arg(include_one=True), default=0.01,
-                    help="fraction of the patch features kept as prototypes")
+                    help="fraction of the patch features kept as prototypes (default "
+                         "%(default)s)")
     pp.add_argument("--projection_dim", type=int_at_least(1), default=None,
                     help="select the coreset on a random projection to this many dims")
     pp.add_argument("--num_shots", type=int_at_least(1), default=None,
@@ -481,13 +488,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     tp.add_argument("--unseen_classes", nargs="*", default=None, action=UniqueNames)
     tp.add_argument("--from_obj_to_texture", action="store_true",
                     help="as in run_pretraining.py and run_test.py: --setting obj2tex")
-    tp.add_argument("--prototypes_dir", default="weights/prototypes")
+    tp.add_argument("--prototypes_dir", default="weights/prototypes", help="default %(default)s")
     tp.add_argument("--output", required=True, help="e.g. weights/protoflow/multi_class.pt")
-    tp.add_argument("--epochs", type=int_at_least(1, "nothing to do"), default=200)
-    tp.add_argument("--lr", type=positive_float, default=2e-4)
-    tp.add_argument("--warmup_epochs", type=int_at_least(0), default=2)
-    tp.add_argument("--n_blocks", type=int_at_least(1), default=DEFAULT_N_BLOCKS)
-    tp.add_argument("--threshold_quantile", type=fraction_arg(), default=THRESHOLD_QUANTILE)
+    tp.add_argument("--epochs", type=int_at_least(1, "nothing to do"), default=200,
+                    help="default %(default)s")
+    tp.add_argument("--lr", type=positive_float, default=2e-4,
+                    help="Adam's peak learning rate (default %(default)s)")
+    tp.add_argument("--warmup_epochs", type=int_at_least(0), default=2,
+                    help="linear warm-up from lr / 10 (default %(default)s)")
+    tp.add_argument("--n_blocks", type=int_at_least(1), default=DEFAULT_N_BLOCKS,
+                    help="the flow's coupling blocks (default %(default)s)")
+    tp.add_argument("--threshold_quantile", type=fraction_arg(), default=THRESHOLD_QUANTILE,
+                    help="each class's threshold: this quantile of its held-out images' "
+                         "scores (default %(default)s)")
     tp.add_argument("--resume", action="store_true",
                     help="continue the unfinished run saved in <output>.resume")
     return parser
