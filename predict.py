@@ -417,7 +417,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "parent folder for files and glob patterns)")
     run_test.add_model_args(p)
     run_test.add_clean_args(p)
-    p.add_argument("--output_dir", default="output_dir/predict")
+    p.add_argument("--output_dir", default="output_dir/predict", help="default %(default)s")
     p.add_argument("--maps", action="store_true",
                    help="write one heatmap PNG per image: image | score map with colour "
                         "bar, one scale per class, caption with scores and decision")

@@ -63,8 +63,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"default: the file the checkpoint was trained with where it is on "
                         f"this machine, else {RELEASED_TOKENIZER} (the released tokenizers')")
     p.add_argument("--protoflow_weights", default="weights/protoflow",
-                   help="a ProtoFlow file, or a folder holding exactly one .pt file")
-    p.add_argument("--prototypes_dir", default="weights/prototypes")
+                   help="a ProtoFlow file, or a folder holding exactly one .pt file "
+                        "(default %(default)s)")
+    p.add_argument("--prototypes_dir", default="weights/prototypes",
+                   help="<prototypes_dir>/<class>/coreset.npy (default %(default)s)")
     p.add_argument("--encoder_weights", default=None,
                    help="local backbone weights for a ProtoFlow file without an encoder")
 
@@ -124,8 +126,10 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma", type=float_at_least(0), default=4.0,
                    help="std in pixels of the Gaussian that smooths every score map "
                         "(the paper: 4; 0: no smoothing)")
-    p.add_argument("--batch_size", type=int_at_least(1), default=32)
-    p.add_argument("--num_workers", type=int_at_least(0), default=2)
+    p.add_argument("--batch_size", type=int_at_least(1), default=32,
+                   help="images per batch (default %(default)s)")
+    p.add_argument("--num_workers", type=int_at_least(0), default=2,
+                   help="default %(default)s")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default=None, choices=AMP_CHOICES,
                    help="autocast for the ViT (default: bf16 where supported)")
@@ -138,16 +142,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("PMAD evaluation", add_help=True)
     add_model_args(p)
     p.add_argument("--data_path", default="data/mvtec_anomaly_detection",
-                   help="a folder in MVTec layout (MVTec AD, BTAD, MPDD, the demo set)")
-    p.add_argument("--setting", default=None, choices=datasets.SETTINGS)
+                   help="a folder in MVTec layout (MVTec AD, BTAD, MPDD, the demo set; "
+                        "default %(default)s)")
+    p.add_argument("--setting", default=None, choices=datasets.SETTINGS,
+                   help="default multi_class (obj2tex with --from_obj_to_texture)")
     p.add_argument("--unseen_classes", nargs="*", default=None, action=UniqueNames)
     p.add_argument("--from_obj_to_texture", action="store_true",
                    help="the original's switch: same as --setting obj2tex")
     p.add_argument("--classes", nargs="*", default=None, action=UniqueNames,
                    help="evaluate exactly these")
-    p.add_argument("--protocol", default="clean", choices=["clean", "paper"])
+    p.add_argument("--protocol", default="clean", choices=["clean", "paper"],
+                   help="clean (default): no test label chooses anything; paper: the "
+                        "published numbers' protocol (README 'The two protocols')")
     add_clean_args(p)
-    p.add_argument("--output_dir", default="output_dir/test")
+    p.add_argument("--output_dir", default="output_dir/test", help="default %(default)s")
     p.add_argument("--save_heatmaps", type=int_at_least(0), default=0, metavar="N",
                    help="per class, write heatmap PNGs of the N most and the N least "
                         "anomalous images of each defect type (and of the normal images)")
