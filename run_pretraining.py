@@ -101,7 +101,7 @@ def _add_masking_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask_ratio", type=utils.mask_ratio_arg, default=DEFAULT_MASK_RATIO,
                    help="mask ratio of classes without a ratio of their own in the "
                         "paper's Table 6 (default %(default)s)")
-    p.add_argument("--dynamic_masking_start", type=int, default=100,
+    p.add_argument("--dynamic_masking_start", type=utils.int_at_least(0), default=100,
                    help="first epoch of dynamic masking and rank-weighted loss (default "
                         "%(default)s)")
     p.add_argument("--freq_mode", default="patch", choices=FREQ_MODES,

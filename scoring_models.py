@@ -5,7 +5,7 @@ prototypes folder).
 run_test.py, predict.py and bench/ turn their flags into `load`'s arguments; from Python
 (a notebook scoring new images with protocols.clean_scores) call it directly:
 
-    m = scoring_models.load("output_dir/pmad/checkpoint-last.pth",
+    m = scoring_models.load("output_dir/multi_class/checkpoint-last.pth",
                             protoflow_weights="output_dir/protoflow.pt",
                             prototypes_dir="output_dir/prototypes")
 

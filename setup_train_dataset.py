@@ -254,7 +254,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "photographs and defect kinds; demo_data.py)")
     p.add_argument("--seed", type=int_at_least(0), default=0,
                    help="seed of the demo set (--make_demo)")
-    p.add_argument("--demo_counts", type=int, nargs=3, default=[40, 20, 20],
+    p.add_argument("--demo_counts", type=int_at_least(1), nargs=3, default=[40, 20, 20],
                    metavar=("TRAIN", "TEST_GOOD", "TEST_DEFECT"),
                    help="--make_demo: images per class: train, good test, defective test")
     p.add_argument("--demo_defect_area", type=float, nargs=2, metavar=("SMALLEST", "LARGEST"),
