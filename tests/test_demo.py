@@ -72,7 +72,7 @@ def _stubbed_demo(tmp_path: Path, **knobs: str
     results.md the script prints)."""
     stub, log = python_stub(tmp_path, on_script="""if [[ "$1" == run_test.py ]]; then
             while [[ $# -gt 0 && "$1" != --output_dir ]]; do shift; done
-            mkdir -p "$2" && echo "| stub |" > "$2/results.md"
+            mkdir -p "$2" && echo "| stub of $2 |" > "$2/results.md"
         fi""")
     env = _knob_free_env() | {"PYTHON": str(stub), "DEMO_DIR": str(tmp_path / "demo"),
                               "DATA_DIR": str(tmp_path / "data"), "DEVICE": "cpu", **knobs}
@@ -84,6 +84,22 @@ def _stubbed_demo_calls(tmp_path: Path, **knobs: str) -> list[list[str]]:
     run, calls = _stubbed_demo(tmp_path, **knobs)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return calls
+
+
+def test_demo_summary_repeats_only_the_tables_scrolled_away(tmp_path: Path) -> None:
+    """The closing summary printed every world's results.md, the last one's just after
+    run_test.py had printed the same table: now the worlds before the last only."""
+    run, _ = _stubbed_demo(tmp_path, DEMO_HELDOUT="1")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = run.stdout.rpartition("] done\n")[2]
+    demo = tmp_path / "demo"
+    assert summary.count("| stub of ") == 1 and f"| stub of {demo}/main/results |" in summary
+    assert (f"### heldout world ({demo}/heldout/results/results.md; heatmaps in "
+            f"{demo}/heldout/results/heatmaps/<class>/)\n(its table: the last one above, as "
+            "its evaluation printed it)") in summary
+    (tmp_path / "one").mkdir()
+    run, _ = _stubbed_demo(tmp_path / "one")
+    assert "| stub of " not in run.stdout.rpartition("] done\n")[2]
 
 
 def test_demo_script_knobs_reach_the_entry_points(tmp_path: Path) -> None:
