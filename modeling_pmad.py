@@ -431,11 +431,6 @@ PAPER_EVAL_CONFIG: dict[str, Any] = {
     "tokenizer_model": "dall-e"}
 
 
-# the key of a checkpoint's training arguments that lists its training images' content
-# sha256s (sorted; run_pretraining.data_identity), absent from the released checkpoints
-TRAIN_IMAGE_HASHES = "train_image_hashes"
-
-
 def checkpoint_args(checkpoint: Any) -> dict[str, Any] | None:
     """A checkpoint's training arguments: ours store a dict, the original code's an
     argparse.Namespace (read by utils.read_weights_file's allow-list); None if absent."""

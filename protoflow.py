@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from backbones import create_backbone, normalization_record, recorded_normalization
 from masking_generator import Rng, as_numpy_rng, num_masked
 from utils import progress as progress_bar  # `progress` is greedy_coreset's flag
-from utils import (CheckpointError, FlagError, MissingFileError, cosine_scheduler,
-                   file_sha256, read_json_object, read_weights_file, save_on_master,
-                   write_atomic)
+from utils import (TRAIN_IMAGE_HASHES, CheckpointError, FlagError, MissingFileError,
+                   cosine_scheduler, file_sha256, read_json_object, read_weights_file,
+                   save_on_master, write_atomic)
 
 DEFAULT_BACKBONE = "tf_efficientnet_b6"  # architecture of a file that names none
 # timm 0.3.2's `tf_efficientnet_b6` (the original's encoder) is the AutoAugment ImageNet
@@ -728,6 +728,9 @@ class ProtoFlow:
                                   "Train it again (`python run_protoflow.py train ...`, with a "
                                   "lower --lr)")
         self.classes: list[str] | None = ckpt.get("classes")
+        hashes = ckpt.get(TRAIN_IMAGE_HASHES)
+        # the content sha256s of the images the flow learned (ours; a released file: None)
+        self.train_images = None if hashes is None else frozenset(hashes)
 
         if "encoder_state_dict" in ckpt:
             if encoder_weights is not None:
@@ -792,6 +795,14 @@ class ProtoFlow:
         if class_name not in self._prototypes:
             self._prototypes[class_name] = self._load_prototypes(class_name).to(self.device)
         return self._prototypes[class_name]
+
+    def prototype_train_images(self, class_name: str) -> frozenset[str] | None:
+        """The content sha256s of the images a class's prototypes were made from, as its
+        coreset.json lists them (ours; None for the authors' release or an older file)."""
+        meta = read_prototype_meta(self.prototypes_dir, class_name, "rebuild the prototypes "
+                                   "with `python run_protoflow.py prototypes`")
+        hashes = None if meta is None else meta.get(TRAIN_IMAGE_HASHES)
+        return None if hashes is None else frozenset(hashes)
 
     def check_prototypes(self, classes: Sequence[str]) -> None:
         """Every class's prototypes load (present, of this encoder, made as this file's

@@ -118,10 +118,8 @@ def format_table(results: dict, protocol: str) -> str:
         rows += [incomplete_note(results), ""]
     if results.get("trained_test_images"):
         rows += ["**TRAINED ON TEST IMAGES**: " + "; ".join(
-            f"{c}: {len(paths)} test image(s) ({some_names(paths, 3)})"
-            for c, paths in results["trained_test_images"].items())
-            + " are training images of the checkpoint by content: their metrics read better "
-            "than they are.", ""]
+            f"{c}: {learned_what(by)}" for c, by in results["trained_test_images"].items())
+            + ": their metrics read better than they are.", ""]
     if results.get("undefined"):
         rows += ["Undefined metrics (so are the means of those metrics): " + "; ".join(
             f"{c}: {why}" for c, why in results["undefined"].items()), ""]
@@ -186,6 +184,13 @@ def format_table(results: dict, protocol: str) -> str:
     if protocol == "clean":
         rows += calls_table(results, shown)
     return "\n".join(rows)
+
+
+def learned_what(by: dict[str, list[str]]) -> str:
+    """'--ckpt learned 2 test image(s) (a, b), ... by content': run_test.trained_test_images'
+    finding of one class, {flag: paths}, for its warning and results.md."""
+    return ", ".join(f"{flag} learned {len(paths)} test image(s) ({some_names(paths, 3)})"
+                     for flag, paths in by.items()) + " by content"
 
 
 def defect_type_size(results: dict, defect_type: str) -> str:

@@ -711,7 +711,7 @@ def data_identity(tokenizer_fingerprint: str, dataset: datasets.PretrainDataset,
             "train_image_sizes_sha256": hashlib.sha256(sizes.encode()).hexdigest(),
             "train_image_contents_sha256": hashlib.sha256(",".join(hashes).encode())
             .hexdigest(),
-            modeling_pmad.TRAIN_IMAGE_HASHES: sorted(set(hashes))}
+            utils.TRAIN_IMAGE_HASHES: sorted(set(hashes))}
 
 
 def check_same_tokenizer(header: dict, fingerprint: str, vocab_size: int, path: str) -> None:

@@ -37,8 +37,8 @@ from protoflow import (CORESET_META, DEFAULT_ENCODER, DEFAULT_N_BLOCKS, DEFAULT_
                        THRESHOLD_QUANTILE, build_flow, build_prototypes, class_threshold,
                        image_score, load_prototypes, patch_log_likelihood, prototypes_sha256,
                        read_prototype_meta, save_protoflow, save_prototypes, train_flow)
-from utils import (CheckpointError, FlagError, JsonlLog, MissingFileError, RunLock,
-                   UniqueNames, build_sampler, capture_rng_state, cli, file_sha256,
+from utils import (TRAIN_IMAGE_HASHES, CheckpointError, FlagError, JsonlLog, MissingFileError,
+                   RunLock, UniqueNames, build_sampler, capture_rng_state, cli, file_sha256,
                    flag_changes, fraction_arg, int_at_least, load_checkpoint_file, positive_float,
                    prepare_output_dir, probability_arg, progress, remove_stale_tmp_files,
                    resolve_device, restore_rng_state, save_on_master, seed_everything, set_aside)
@@ -128,7 +128,8 @@ def run_prototypes(args: argparse.Namespace) -> list[str]:
                 "coreset_ratio": args.coreset_ratio, "projection_dim": args.projection_dim,
                 "img_size": args.img_size, "shape": list(protos.shape),
                 "normalization": normalization_record(mean, std),
-                "skip_bad_images": args.skip_bad_images}
+                "skip_bad_images": args.skip_bad_images,
+                TRAIN_IMAGE_HASHES: sorted({file_sha256(dataset.samples[i][0]) for i in kept})}
         paths.append(save_prototypes(args.output_dir, name, protos, meta))
         print(f"{name}: {len(kept)} images ({len(held)} held out) -> {len(protos)} "
               f"prototypes -> {paths[-1]}", flush=True)
@@ -404,7 +405,8 @@ def run_train(args: argparse.Namespace) -> dict:
                          out_indices=args.out_indices, classes=classes, normal_scores=scores,
                          normal_classes=score_classes, threshold_quantile=args.threshold_quantile,
                          mean=mean, std=std, img_size=args.img_size,
-                         extra={"train_args": run_args})
+                         extra={"train_args": run_args, TRAIN_IMAGE_HASHES: sorted(
+                             {sha for _, sha in data_files["kept"].values()})})
     if os.path.exists(resume_path):
         os.remove(resume_path)
     threshold = obj["image_score_threshold"]

@@ -36,7 +36,7 @@ from protocols import (ABNORMALITY, CE_WEIGHT, CLEAN_MASKS, COMBINE, IMAGE_SCORE
                        mostly_defect_masks)
 from protoflow import prototypes_sha256
 from reporting import (HEATMAPS, RECORD_FORMAT, RECORD_VERSION, TEST_DATA, PartialResults,
-                       exit_status, report)
+                       exit_status, learned_what, report)
 from scoring_models import RELEASED_TOKENIZER, Models
 from utils import (AMP_CHOICES, EVAL_LOCK, BadFileError, FlagError, RunLock, UniqueNames,
                    bullet_list, cli, file_sha256, float_at_least, int_at_least,
@@ -341,21 +341,25 @@ def file_fingerprints(args: argparse.Namespace, m: Models) -> dict[str, str | No
 
 
 def trained_test_images(contents: dict[str, tuple[str, dict[str, str]]],
-                        trained: frozenset[str] | None, root: str) -> dict[str, list[str]]:
-    """{class: its test images (relative to `root`) whose content the ViT trained on}, for
-    the classes that have any, said on stderr: a custom set re-split after training (its
-    setup warns) scores images the ViT learned, and the metrics rise for it. Nothing
-    where the checkpoint lists no training images (the released ones)."""
-    if not trained:
-        return {}
-    seen = {c: sorted(os.path.relpath(p, root) for p, sha in images.items() if sha in trained)
-            for c, (_, images) in contents.items()}
-    seen = {c: paths for c, paths in seen.items() if paths}
-    for c, paths in seen.items():
-        print(f"[run_test] warning: {c}: {len(paths)} test image(s) are training images of "
-              f"--ckpt by content ({some_names(paths, 3)}): their scores count images the "
-              "ViT learned, so the metrics read better than they are; evaluate on images "
-              "it did not train on (a re-split set: train again on it)", file=sys.stderr)
+                        trained: dict[str, Callable[[str], frozenset[str] | None]], root: str
+                        ) -> dict[str, dict[str, list[str]]]:
+    """{class: {flag: its test images (relative to `root`) whose content the model of
+    that flag learned}}, for the classes that have any, said on stderr: a custom set
+    re-split after training scores images a model learned, and the metrics rise for it.
+    `trained`: {flag: class -> the content sha256s of the images its file lists, or None
+    (the released files list none: nothing to check)}."""
+    seen = {}
+    for c, (_, images) in contents.items():
+        by = {flag: sorted(os.path.relpath(p, root) for p, sha in images.items()
+                           if sha in (learned(c) or ())) for flag, learned in trained.items()}
+        by = {flag: paths for flag, paths in by.items() if paths}
+        if not by:
+            continue
+        seen[c] = by
+        print(f"[run_test] warning: {c}: {learned_what(by)}: their scores count images "
+              "the models learned, so the metrics read "
+              "better than they are; evaluate on images they did not train on (a re-split "
+              "set: train again on it)", file=sys.stderr)
     return seen
 
 
@@ -414,7 +418,10 @@ def _evaluate(args: argparse.Namespace, options: CleanOptions, out_dir: Path) ->
     contents = {c: datasets.test_set_contents(args.data_path, c) for c in progress(
         classes, desc="reading the test sets", leave=False)}  # its images and masks
     results["test_data"] = {c: digest for c, (digest, _) in contents.items()}
-    seen = trained_test_images(contents, m.vit_train_images, args.data_path)
+    seen = trained_test_images(contents, {
+        "--ckpt": lambda c: m.vit_train_images,
+        "--protoflow_weights": lambda c: m.protoflow.train_images,
+        "--prototypes_dir": m.protoflow.prototype_train_images}, args.data_path)
     if seen:
         results["trained_test_images"] = seen
     partial = PartialResults(out_dir / "results.partial.jsonl", resume_key(args, results),

@@ -26,8 +26,8 @@ import datasets
 import modeling_pmad
 from modeling_discrete_vae import create_tokenizer, token_grid, weights_fingerprint
 from protoflow import ProtoFlow
-from utils import (FlagError, MissingFileError, read_weights_file, resolve_amp, resolve_device,
-                   resolve_weights_file)
+from utils import (TRAIN_IMAGE_HASHES, FlagError, MissingFileError, read_weights_file,
+                   resolve_amp, resolve_device, resolve_weights_file)
 
 RELEASED_TOKENIZER = "weights/tokenizer"  # where weights/README.md puts DALL-E's and VQ-KD's
 
@@ -132,7 +132,7 @@ def load(ckpt: str, *, config: dict[str, Any] | None = None,
     protoflow = ProtoFlow(protoflow_path, prototypes_dir, device=str(device),
                           encoder_weights=encoder_weights, input_normalization=(mean, std))
     protoflow.check_image_size(*model.patch_embed.img_size)  # before any class is scored
-    hashes = trained.get(modeling_pmad.TRAIN_IMAGE_HASHES)
+    hashes = trained.get(TRAIN_IMAGE_HASHES)
     return Models(model, tokenizer, protoflow, device, amp, mean, std, config, tokenizer_path,
                   protoflow_path, trained.get("train_classes"),
                   None if hashes is None else frozenset(hashes),
@@ -151,7 +151,7 @@ def recorded_flags(trained: dict[str, Any]) -> dict[str, Any]:
         except (TypeError, ValueError):
             return repr(value)
     return {str(k): plain(v) for k, v in trained.items()
-            if k != modeling_pmad.TRAIN_IMAGE_HASHES}
+            if k != TRAIN_IMAGE_HASHES}
 
 
 def _tokenizer(ckpt: str, name: str, path: str | None, trained: dict, device: torch.device,

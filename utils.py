@@ -305,6 +305,13 @@ def read_json_object(path: str | os.PathLike, fix: str,
     return obj
 
 
+# the key, in a ViT checkpoint's training arguments, a ProtoFlow file and a class's
+# coreset.json, that lists the content sha256s (sorted) of the images the model learned:
+# run_test.py names a test image among them (a set re-split after training); the
+# released files have none
+TRAIN_IMAGE_HASHES = "train_image_hashes"
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """A file's SHA-256 hex digest, read in 4 MiB chunks (any size, little memory)."""
     digest = hashlib.sha256()

@@ -201,6 +201,8 @@ def test_released_layout_file_loads_strictly_with_defaults(b6_state, flow272, tm
     assert (model.backbone, model.out_indices, model.n_blocks, model.feature_dim) == (
         "tf_efficientnet_b6", (2, 3), 8, 272)
     assert model.threshold is None
+    # the release lists no training images (and has no coreset.json): nothing to check
+    assert model.train_images is None and model.prototype_train_images("bottle") is None
     for k, v in b6_state.items():
         assert torch.equal(model.encoder.state_dict()[k], v), k
     for k, v in flow272.state_dict().items():
@@ -932,6 +934,31 @@ def test_prototypes_command(cli):
     with pytest.raises(ValueError, match="--num_shots 9"):
         rpf.main(["prototypes", *cli["common"], "--output_dir", str(cli["root"] / "shot"),
                  "--classes", "gravel", "--num_shots", "9"])
+
+
+def test_prototypes_and_flow_list_the_images_they_learned(cli):
+    """run_test.py names a test image a model learned (a set re-split after training):
+    coreset.json lists its class's prototype images and the ProtoFlow file the flow's, by
+    content, the held-out images (the threshold's, never learned) in neither; and
+    ProtoFlow reads both lists back."""
+    folder = cli["root"] / "data" / "train"
+
+    def learned(name: str, held_out: list[str]) -> list[str]:
+        return sorted(utils.file_sha256(p) for p in (folder / name).glob("*.png")
+                      if p.name not in held_out)
+    metas = {name: json.loads(open(os.path.join(cli["protos"], name, "coreset.json")).read())
+             for name in ("brick", "gravel")}
+    for name, meta in metas.items():
+        assert meta[utils.TRAIN_IMAGE_HASHES] == learned(name, meta["held_out"])
+        assert len(meta[utils.TRAIN_IMAGE_HASHES]) == 4
+    saved = torch.load(cli["out"], weights_only=True)
+    flow = sorted(learned("brick", metas["brick"]["held_out"])
+                  + learned("gravel", metas["gravel"]["held_out"]))
+    assert saved[utils.TRAIN_IMAGE_HASHES] == flow
+    model = pf.ProtoFlow(cli["out"], cli["protos"])
+    assert model.train_images == frozenset(flow)
+    assert model.prototype_train_images("gravel") == frozenset(
+        learned("gravel", metas["gravel"]["held_out"]))
 
 
 def test_a_class_typed_in_another_unicode_form_trains_its_folder(cli, tmp_path,

@@ -26,7 +26,6 @@ import pytest
 import torch
 
 import datasets
-import modeling_pmad
 import run_pretraining
 import utils
 from backbones import lite0_weights_path
@@ -533,10 +532,10 @@ def test_a_resume_on_an_image_replaced_under_its_name_is_refused(tmp_path):
     os.utime(root / "a" / "1.png", (0, 0))  # a copy that did not keep the mtime
     assert identity() == saved
     x10 = hashlib.sha256(b"x" * 10).hexdigest()  # both images' content, listed once
-    assert saved[modeling_pmad.TRAIN_IMAGE_HASHES] == [x10]
+    assert saved[utils.TRAIN_IMAGE_HASHES] == [x10]
     (root / "a" / "1.png").write_bytes(b"x" * 9 + b"y")  # the same name and size, edited
     now = identity()
-    assert now[modeling_pmad.TRAIN_IMAGE_HASHES] == sorted(
+    assert now[utils.TRAIN_IMAGE_HASHES] == sorted(
         [x10, hashlib.sha256(b"x" * 9 + b"y").hexdigest()])
     assert now["train_images_sha256"] == saved["train_images_sha256"]
     assert now["train_image_sizes_sha256"] == saved["train_image_sizes_sha256"]

@@ -223,34 +223,49 @@ def test_an_anomalous_image_with_an_empty_or_inverted_mask_is_named(tiny_world, 
     assert saved["classes"]["coins"]["per_defect"][mask.parent.name]["pixel_auroc"] is None
 
 
-def test_test_images_the_vit_trained_on_are_named(tiny_world, tmp_path, capsys):
-    """A set re-split after training scores images the ViT learned: a test image whose
-    content the checkpoint lists among its training images is named on stderr, in
-    results.json and at the top of results.md; a checkpoint that lists none of them,
-    or no list at all (a released one), adds nothing."""
-    good = sorted((tiny_world.mvtec_root / "coins" / "test" / "good").glob("*.png"))[0]
+def test_test_images_a_model_trained_on_are_named(tiny_world, tmp_path, capsys):
+    """A set re-split after training scores images a model learned: a test image whose
+    content the ViT checkpoint, the ProtoFlow file or the class's coreset.json lists among
+    its training images is named, with the file that learned it, on stderr, in
+    results.json and at the top of results.md; files that list none of them, or no list at
+    all (the released ones), add nothing."""
+    good = sorted((tiny_world.mvtec_root / "coins" / "test" / "good").glob("*.png"))
     ckpt = torch.load(tiny_world.pmad_ckpt, weights_only=True)
-    ckpt["args"] = {modeling_pmad.TRAIN_IMAGE_HASHES: sorted([_sha256(good), "0" * 64]),
+    ckpt["args"] = {utils.TRAIN_IMAGE_HASHES: sorted([_sha256(good[0]), "0" * 64]),
                     "epochs": 7, "lr": 1e-3}
     vit = tmp_path / "resplit.pth"
     torch.save(ckpt, vit)
+    pf = torch.load(tiny_world.protoflow, weights_only=True)
+    pf[utils.TRAIN_IMAGE_HASHES] = [_sha256(good[1])]
+    torch.save(pf, tmp_path / "pf.pt")
+    protos = tmp_path / "prototypes"
+    shutil.copytree(tiny_world.prototypes_dir, protos)
+    meta = json.loads((protos / "coins" / "coreset.json").read_text())
+    meta[utils.TRAIN_IMAGE_HASHES] = sorted([_sha256(good[1]), _sha256(good[2])])
+    (protos / "coins" / "coreset.json").write_text(json.dumps(meta))
     argv = _argv(tiny_world, tmp_path / "out", "clean", "--classes", "coins")
-    argv[argv.index("--ckpt") + 1] = str(vit)
+    for flag, path in (("--ckpt", vit), ("--protoflow_weights", tmp_path / "pf.pt"),
+                       ("--prototypes_dir", protos)):
+        argv[argv.index(flag) + 1] = str(path)
     results = run_test.main(run_test.get_args_parser().parse_args(argv))
-    rel = str(good.relative_to(tiny_world.mvtec_root))
-    assert results["trained_test_images"] == {"coins": [rel]}
-    assert (f"[run_test] warning: coins: 1 test image(s) are training images of --ckpt by "
-            f"content ({rel}): their scores count images the ViT learned") in \
-        capsys.readouterr().err
+    rel = [str(p.relative_to(tiny_world.mvtec_root)) for p in good[:3]]
+    found = {"coins": {"--ckpt": [rel[0]], "--protoflow_weights": [rel[1]],
+                       "--prototypes_dir": rel[1:3]}}
+    assert results["trained_test_images"] == found
+    learned = (f"--ckpt learned 1 test image(s) ({rel[0]}), --protoflow_weights learned 1 "
+               f"test image(s) ({rel[1]}), --prototypes_dir learned 2 test image(s) "
+               f"({rel[1]}, {rel[2]}) by content")
+    assert (f"[run_test] warning: coins: {learned}: their scores count images the models "
+            "learned, so the metrics read better than they are") in capsys.readouterr().err
     saved = strict_json(tmp_path / "out" / "clean" / "results.json")
-    assert saved["trained_test_images"] == {"coins": [rel]}
+    assert saved["trained_test_images"] == found
     assert saved["vit_training_args"] == {"epochs": 7, "lr": 1e-3}  # its flags, no hashes
     assert (tmp_path / "out" / "clean" / "results.md").read_text().splitlines()[4] == (
-        f"**TRAINED ON TEST IMAGES**: coins: 1 test image(s) ({rel}) are training images of "
-        "the checkpoint by content: their metrics read better than they are.")
+        f"**TRAINED ON TEST IMAGES**: coins: {learned}: their metrics read better than they "
+        "are.")
     contents = {"coins": datasets.test_set_contents(str(tiny_world.mvtec_root), "coins")}
-    assert run_test.trained_test_images(contents, frozenset({"0" * 64}), "x") == {}
-    assert run_test.trained_test_images(contents, None, "x") == {}
+    never = {"--ckpt": lambda c: frozenset({"0" * 64}), "--prototypes_dir": lambda c: None}
+    assert run_test.trained_test_images(contents, never, "x") == {}
 
 
 def test_missing_prototypes_of_a_later_class_are_refused_before_any_class(

@@ -334,7 +334,7 @@ def test_a_checkpoint_laid_out_as_the_authors_code_writes_it_gives_epochs_and_no
     assert m.vit_training_args == {"model": tiny_world.model, "input_size": 224,
                                    "discrete_vae_type": "kmeans", "lr": 1.5e-3}
     torch.save({**ours, "epoch": 4, "args": {
-        "model": tiny_world.model, modeling_pmad.TRAIN_IMAGE_HASHES: ["b" * 64, "a" * 64]}},
+        "model": tiny_world.model, utils.TRAIN_IMAGE_HASHES: ["b" * 64, "a" * 64]}},
         path)
     m = scoring_models.load(str(path), **kwargs)
     assert (m.vit_epochs, m.vit_train_images) == (5, frozenset({"a" * 64, "b" * 64}))
@@ -346,6 +346,6 @@ def test_recorded_flags_are_what_json_can_hold():
     but a value JSON cannot hold as its repr, and never the training images' hashes."""
     flags = scoring_models.recorded_flags({
         "lr": 1e-3, "betas": [0.9, 0.98], "output_dir": Path("out"), "clip_grad": None,
-        "min_lr": float("nan"), 3: "x", modeling_pmad.TRAIN_IMAGE_HASHES: ["a" * 64]})
+        "min_lr": float("nan"), 3: "x", utils.TRAIN_IMAGE_HASHES: ["a" * 64]})
     assert flags == {"lr": 1e-3, "betas": [0.9, 0.98], "output_dir": repr(Path("out")),
                      "clip_grad": None, "min_lr": "nan", "3": "x"}
