@@ -159,14 +159,16 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "the device (MVTec AD: 0.55 GB at 224 px, in each DDP process)")
     p.add_argument("--num_workers", type=utils.int_at_least(0), default=10,
                    help="default %(default)s")
-    p.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,
+                   help="page-locked batches for a faster copy to the GPU (default: on)")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     """Outputs, device, seeding and resumption."""
     p.add_argument("--output_dir", default="output_dir", help="default %(default)s")
     p.add_argument("--log_dir", default=None, help="TensorBoard folder (none if unset)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda where a GPU is seen, else cpu (here %(default)s)")
     p.add_argument("--seed", type=utils.int_at_least(0), default=0, help="default %(default)s")
     p.add_argument("--deterministic", action="store_true",
                    help="bitwise-reproducible kernels (slower): a resumed run then equals "

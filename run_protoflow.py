@@ -459,9 +459,11 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
                    help="seeds the held-out split, the coreset and the flow's training (default "
                         "%(default)s)")
     p.add_argument("--batch_size", type=int_at_least(1), default=32, help="default %(default)s")
-    p.add_argument("--num_workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1))
+    p.add_argument("--num_workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1),
+                   help="default: 4, or the CPU count if fewer (here %(default)s)")
     p.add_argument("--img_size", type=int_at_least(1), default=224, help="default %(default)s")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda where a GPU is seen, else cpu (here %(default)s)")
     p.add_argument("--skip_bad_images", action="store_true",
                    help="leave unreadable images out (listed) instead of stopping")
 

@@ -130,7 +130,8 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
                    help="images per batch (default %(default)s)")
     p.add_argument("--num_workers", type=int_at_least(0), default=2,
                    help="default %(default)s")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda where a GPU is seen, else cpu (here %(default)s)")
     p.add_argument("--amp", default=None, choices=AMP_CHOICES,
                    help="autocast for the ViT (default: bf16 where supported)")
     p.add_argument("--seed", type=int_at_least(0), default=0,
