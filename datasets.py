@@ -1006,7 +1006,7 @@ def _drop_bad_files(items: list[_Item], check: Callable[[_Item], object],
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         results = list(progress(pool.map(run, items), total=len(items),
-                            desc=f"checking {what}", disable=len(items) < 100))
+                                desc=f"checking {what}", disable=len(items) < 100))
     bad = [r for r in results if r is not None]
     if bad and get_rank() == 0:  # every rank reads the same files (checked): one list
         warnings.warn(f"{what}: left out {len(bad)} bad file(s) of {len(items)}:\n  "
@@ -1698,7 +1698,7 @@ def cache_tokens(dataset: _TokenImageDataset, tokenizer: torch.nn.Module, cache_
                             num_workers=num_workers, shuffle=False)
         computed: dict[int, torch.Tensor] = {}
         for step, (indices, images) in enumerate(progress(loader, desc="visual tokens",
-                                                      disable=not mine)):
+                                                          disable=not mine)):
             with torch.inference_mode():
                 codes = tokenizer.get_codebook_indices(images.to(device))  # (B, L)
             if codes.shape != (len(indices), dataset.num_patches) or codes.is_floating_point():

@@ -224,8 +224,8 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable[dict],
     failed = torch.zeros((), dtype=torch.bool, device=device)
     hyper: list[tuple[float, float]] = []  # (lr, weight decay) per step, host
     indices: list[list[int]] = []  # each step's sample indices on this rank, host
-    bar = utils.progress(total=num_steps, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False,
-               disable=not (progress and utils.is_main_process()))
+    bar = utils.progress(total=num_steps, desc=f"epoch {epoch}", dynamic_ncols=True,
+                         leave=False, disable=not (progress and utils.is_main_process()))
     it = iter(data_loader)
     for step in range(num_steps):
         batch = next(it)

@@ -275,8 +275,8 @@ def make_fg_masks(root: str, classes: Sequence[str], textures: Sequence[str] = T
         return _write_mask(root, *job, textures, sources, fix)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # cv2 frees the GIL
-        results = list(progress(pool.map(run, jobs), total=len(jobs), desc="estimating fg masks",
-                            unit="image"))
+        results = list(progress(pool.map(run, jobs), total=len(jobs),
+                                desc="estimating fg masks", unit="image"))
     out = {name: Counter() for name in classes}
     for (name, _), (status, _) in zip(jobs, results):
         out[name][status] += 1

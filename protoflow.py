@@ -174,7 +174,7 @@ def greedy_coreset(features: Tensor, n: int, projection_dim: int | None = None,
     # squared distances |x|^2 - 2 x.c + |c|^2: one pass over x per pick (memory-bound)
     min_dist = torch.addmv(sq, x, x[start], alpha=-2).add_(sq[start])  # (M,)
     for i in progress_bar(range(1, n), desc="coreset", disable=not progress or n < 2,
-                  mininterval=1.0, leave=False):
+                          mininterval=1.0, leave=False):
         j = torch.argmax(min_dist, dim=0, keepdim=True)  # (1,): stays on the device
         picks[i:i + 1] = j
         dist = torch.addmv(sq, x, x.index_select(0, j)[0], alpha=-2).add_(sq[j])  # (M,)
