@@ -55,6 +55,9 @@ RANKS_MUST_AGREE = RESUME_MUST_MATCH + ("save_ckpt_freq", "skip_bad_images", "de
                                         "layer_scale_init_value", "no_init")
 
 
+DEFAULT_INIT_CKPT = "weights/beit_base_patch16_224_pt22k.pth"
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("PMAD pre-training", add_help=True)
     for add in (_add_model_args, _add_masking_args, _add_optimisation_args, _add_data_args,
@@ -74,10 +77,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer_scale_init_value", type=utils.float_at_least(0.0), default=None,
                    help="default: the model's own (0.1 for tiny to base, 1e-5 for large; "
                         "docs/method.md 2); 0: no layer scale")
-    p.add_argument("--init_ckpt", default="weights/beit_base_patch16_224_pt22k.pth",
+    p.add_argument("--init_ckpt", default=DEFAULT_INIT_CKPT,
                    help="BEiT self-supervised ImageNet-22k checkpoint to start from "
                         "(default %(default)s)")
-    p.add_argument("--no_init", action="store_true", help="random weights, not --init_ckpt")
+    p.add_argument("--no_init", action="store_true",
+                   help="random weights, not --init_ckpt (refused with another --init_ckpt)")
     p.add_argument("--tokenizer_model", default="dall-e",
                    choices=modeling_discrete_vae.available_tokenizers(),
                    help="default %(default)s")
@@ -222,6 +226,14 @@ def _check_local(args: argparse.Namespace, lock: list
     if args.fit_kmeans_tokenizer and args.tokenizer_model != "kmeans":
         raise utils.FlagError(f"--fit_kmeans_tokenizer needs --tokenizer_model kmeans, not "
                               f"{args.tokenizer_model}")
+    if args.no_init and args.init_ckpt != DEFAULT_INIT_CKPT:
+        # --no_init would win and the named weights be ignored with no word: the advice to
+        # start a new run from a checkpoint (--init_ckpt <file>) added to a command that
+        # trains from scratch (scripts/demo.sh) must not silently train from random weights
+        raise utils.FlagError(f"--no_init (random weights) and --init_ckpt {args.init_ckpt} "
+                              "(weights to start from) contradict each other: drop --no_init "
+                              "to start from that file, or drop --init_ckpt to start from "
+                              "random weights")
     if args.min_lr > args.lr:
         raise utils.FlagError(f"--min_lr {args.min_lr:g} is above --lr {args.lr:g}: the "
                               "cosine schedule decays the learning rate from --lr down to "

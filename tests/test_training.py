@@ -1463,6 +1463,24 @@ def test_init_ckpt_loads_a_beit_checkpoint(env, tmp_path, monkeypatch):
         assert torch.equal(loaded[key], value), key
 
 
+def test_no_init_with_another_init_ckpt_is_refused_not_silently_random(env, tmp_path, capsys):
+    """The advice after a refused resume or a non-finite loss (--init_ckpt <checkpoint>
+    with another --output_dir), added to a command that trains from scratch (--no_init,
+    as scripts/demo.sh's), must not train from random weights with no word: refused
+    before anything is written. The default --init_ckpt with --no_init (what
+    scripts/train_multi_class.sh passes with a user's --no_init) still trains."""
+    _, path = _beit_like_file(tmp_path)
+    out = tmp_path / "out"
+    argv = _argv(env, str(out), "--epochs", "1", "--init_ckpt", str(path))
+    assert run_pretraining.command_line(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --no_init (random weights) and --init_ckpt {path} "), err
+    assert "drop --no_init" in err and not out.exists()
+    default = _argv(env, str(out), "--epochs", "1", "--init_ckpt",
+                    run_pretraining.DEFAULT_INIT_CKPT)
+    assert run_pretraining.command_line(default) == 0
+
+
 def test_a_resume_goes_on_without_the_init_ckpt_it_started_from(env, tmp_path, monkeypatch):
     """--init_ckpt is read by a run's first start only: a resume (its weights are the
     checkpoint's) is not refused when the file is gone since, e.g. on another node."""
