@@ -40,8 +40,8 @@ from reporting import (HEATMAPS, RECORD_FORMAT, RECORD_VERSION, TEST_DATA, Parti
 from scoring_models import RELEASED_TOKENIZER, Models
 from utils import (AMP_CHOICES, EVAL_LOCK, BadFileError, FlagError, RunLock, UniqueNames,
                    bullet_list, cli, file_sha256, float_at_least, int_at_least,
-                   mask_ratio_arg, prepare_output_dir, progress, provenance, resolve_amp,
-                   resolve_device, some_names)
+                   interruption, mask_ratio_arg, prepare_output_dir, progress, provenance,
+                   resolve_amp, resolve_device, some_names)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -450,7 +450,7 @@ def _evaluate(args: argparse.Namespace, options: CleanOptions, out_dir: Path) ->
             draw_heatmaps()
     except (Exception, KeyboardInterrupt) as e:
         interrupted = isinstance(e, KeyboardInterrupt)
-        results["failed"] = {class_name: "interrupted (Ctrl-C)" if interrupted
+        results["failed"] = {class_name: interruption(e) if interrupted
                              else f"{type(e).__name__}: {e}"}
         if class_name in results["classes"]:  # its metrics are in; a heatmap failed
             results["failed"][class_name] = f"its heatmaps: {results['failed'][class_name]}"

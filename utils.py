@@ -22,10 +22,12 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import uuid
 import warnings
@@ -84,21 +86,38 @@ class DiskFullError(UserError, OSError):
     """The disk filled up while writing; what was there before is intact."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a cluster job's preemption or time limit, torchrun
+    passing one on), raised where Ctrl-C raises KeyboardInterrupt: what a run keeps and
+    says on Ctrl-C (the finished classes, how to continue) it keeps and says on it."""
+
+
+def interruption(e: KeyboardInterrupt) -> str:
+    """How a run was stopped, for its last line and results.json."""
+    return "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = (),
         failures: tuple[type[BaseException], ...] = ()) -> int:
     """Run an entry point's `main` and return its exit status: `main`'s int result (0
     for anything else); 2 for a UserError (or one of `user_errors`) or a full disk,
     printed as one `error: <message>` line with no traceback; 1 for one of `failures`
     (a run that failed on its own, e.g. a non-finite loss: no flag was wrong, and its
-    message says what was kept), printed so too; 130 for Ctrl-C. Any other exception
-    keeps its traceback."""
+    message says what was kept), printed so too; 130 for Ctrl-C, 143 for SIGTERM (see
+    Terminated). Any other exception keeps its traceback."""
     python_format = warnings.formatwarning
     warnings.formatwarning = _warning_format(python_format)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         result = main()
-    except KeyboardInterrupt:
-        _say(f"{_rank_prefix()}interrupted (Ctrl-C)")
-        return 130
+    except KeyboardInterrupt as e:
+        _say(f"{_rank_prefix()}{interruption(e)}")
+        return 143 if isinstance(e, Terminated) else 130
     except (UserError, *user_errors) as e:
         _say(f"{_rank_prefix()}error: {_user_message(e)}")
         return 2
@@ -112,6 +131,8 @@ def cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = 
         return 2
     finally:
         warnings.formatwarning = python_format
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, sigterm)
     return result if isinstance(result, int) else 0
 
 

@@ -1134,6 +1134,23 @@ def test_a_second_evaluation_in_the_same_output_dir_is_refused(tiny_world, tmp_p
     assert os.listdir(out) == ["results.partial.jsonl"]
 
 
+def test_sigterm_in_a_class_keeps_the_classes_finished(tiny_world, tmp_path, monkeypatch):
+    """SIGTERM (utils.Terminated: a cluster's preemption) stops an evaluation as Ctrl-C
+    does: the classes finished are kept in the table and results.json, the class it
+    stopped in is named with how it was stopped."""
+    evaluate = run_test.evaluate_class
+
+    def stopped_in_coins(args, m, options, root, out_dir, class_name):
+        if class_name == "coins":
+            raise utils.Terminated
+        return evaluate(args, m, options, root, out_dir, class_name)
+    monkeypatch.setattr(run_test, "evaluate_class", stopped_in_coins)
+    results = run_test.main(_args(tiny_world, tmp_path, "clean"))
+    assert list(results["classes"]) == ["brick"] and results["not_evaluated"] == []
+    saved = strict_json(tmp_path / "clean" / "results.json")
+    assert saved["failed"] == {"coins": "terminated (SIGTERM)"} and "brick" in saved["classes"]
+
+
 def test_a_heatmap_that_cannot_be_written_costs_no_metrics(tiny_world, tmp_path,
                                                            monkeypatch, capsys):
     """A PNG name too long for the file system stopped the run after the class's metrics

@@ -752,6 +752,14 @@ def test_ctrl_c_in_training_says_how_to_continue(env, tmp_path, monkeypatch, cap
     assert capsys.readouterr().err.endswith(
         "[train] stopped: no epoch of this run was saved; the same command starts it again\n"
         "interrupted (Ctrl-C)\n")
+
+    def terminated(*a, **k):  # SIGTERM (a cluster's preemption): the same advice
+        raise utils.Terminated
+    monkeypatch.setattr(engine, "fit", terminated)
+    assert utils.cli(lambda: run_pretraining.main(_args(env, str(out)))) == 143
+    assert capsys.readouterr().err.endswith(
+        "[train] stopped: no epoch of this run was saved; the same command starts it again\n"
+        "terminated (SIGTERM)\n")
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
     scaler = utils.make_grad_scaler("cpu", "none")

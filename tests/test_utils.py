@@ -1011,6 +1011,32 @@ def test_cli_writes_each_ranks_line_whole_with_its_rank(monkeypatch):
                       "interrupted (Ctrl-C)\n"]
 
 
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_says_so(tmp_path):
+    """`kill`, `timeout` or a cluster's preemption (SIGTERM) ended a run with no word, so
+    a training run did not say how to continue nor an evaluation keep its table: cli turns
+    it into Terminated, a KeyboardInterrupt (the Ctrl-C path), says so on one line and
+    exits 143; the handler it replaced is back afterwards."""
+    script = tmp_path / "sleeper.py"
+    script.write_text("import sys, time\nsys.path.insert(0, sys.argv[1])\nimport utils\n"
+                      "def main():\n    print('ready', flush=True)\n    time.sleep(60)\n"
+                      "sys.exit(utils.cli(main))\n")
+    proc = subprocess.Popen([sys.executable, str(script), str(Path(utils.__file__).parent)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and err == "terminated (SIGTERM)\n"
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+    assert utils.cli(lambda: seen.append(signal.getsignal(signal.SIGTERM))) == 0
+    assert seen == [utils._terminate] and signal.getsignal(signal.SIGTERM) is before
+    assert utils.interruption(utils.Terminated()) == "terminated (SIGTERM)"
+    assert utils.interruption(KeyboardInterrupt()) == "interrupted (Ctrl-C)"
+
+
 def test_lines_said_while_a_progress_bar_is_drawn_start_lines_of_their_own(capsys):
     """A note during a loop and the error or Ctrl-C that ends it were written after the
     bar's last drawing, on its line ('epoch 2: 60%|...| 6/10 [...]interrupted (Ctrl-C)'):
