@@ -101,13 +101,25 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated
 
 
+# how gloo says that the process at the other end of a collective is gone
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
+def _peer_gone(e: BaseException) -> bool:
+    """A collective failed because another process of the job stopped (its own error is
+    what to read: this one's traceback, 40 lines per rank, buried it)."""
+    return (isinstance(e, RuntimeError) and os.environ.get("WORLD_SIZE", "1") != "1"
+            and any(words in str(e) for words in PEER_GONE))
+
+
 def cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = (),
         failures: tuple[type[BaseException], ...] = ()) -> int:
     """Run an entry point's `main` and return its exit status: `main`'s int result (0
     for anything else); 2 for a UserError (or one of `user_errors`) or a full disk,
     printed as one `error: <message>` line with no traceback; 1 for one of `failures`
     (a run that failed on its own, e.g. a non-finite loss: no flag was wrong, and its
-    message says what was kept), printed so too; 130 for Ctrl-C, 143 for SIGTERM (see
+    message says what was kept), printed so too, and for a collective whose peer process
+    stopped (one line saying so, under torchrun); 130 for Ctrl-C, 143 for SIGTERM (see
     Terminated). Any other exception keeps its traceback."""
     python_format = warnings.formatwarning
     warnings.formatwarning = _warning_format(python_format)
@@ -123,6 +135,12 @@ def cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = 
         return 2
     except failures as e:
         _say(f"{_rank_prefix()}error: {_user_message(e)}")
+        return 1
+    except RuntimeError as e:
+        if not _peer_gone(e):
+            raise
+        _say(f"{_rank_prefix()}stopped: another process of this job stopped first (its "
+             f"error, above or in its node's log, says why): {str(e).strip().splitlines()[0]}")
         return 1
     except OSError as e:
         if e.errno not in DISK_FULL_ERRNOS:

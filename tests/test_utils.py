@@ -1037,6 +1037,33 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_says_so(tmp_path):
     assert utils.interruption(KeyboardInterrupt()) == "interrupted (Ctrl-C)"
 
 
+def test_a_collective_whose_peer_stopped_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """One rank's error ended the job, and every other rank printed a 40-line gloo
+    traceback after it ('Connection closed by peer'), burying the error that mattered:
+    under torchrun that is one line saying another process stopped first, exit 1. The same
+    error in a single process, or another RuntimeError, keeps its traceback."""
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] "
+                        "Connection closed by peer [127.0.0.1]:24300. This is typically "
+                        "caused by a remote worker crashing.")
+
+    def failing(e: Exception):
+        def main() -> None:
+            raise e
+        return main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert utils.cli(failing(gloo)) == 1
+    assert capsys.readouterr().err == (
+        "[rank 0] stopped: another process of this job stopped first (its error, above or "
+        f"in its node's log, says why): {gloo}\n")
+    other = RuntimeError("CUDA error: an illegal memory access was encountered")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        utils.cli(failing(other))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        utils.cli(failing(gloo))
+
+
 def test_lines_said_while_a_progress_bar_is_drawn_start_lines_of_their_own(capsys):
     """A note during a loop and the error or Ctrl-C that ends it were written after the
     bar's last drawing, on its line ('epoch 2: 60%|...| 6/10 [...]interrupted (Ctrl-C)'):
