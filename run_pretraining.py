@@ -638,7 +638,8 @@ def build_model_and_data(args: argparse.Namespace, env: utils.DistEnv, train_cla
     token is computed: the ranks share one token table)."""
     tokenizer, model, policy, dataset, identity = utils.on_every_rank(
         lambda: _build_local(args, env, train_classes, resume, header))
-    check_ranks_read_same_data(identity, args.data_path)
+    check_ranks_read_same_data(identity, args.data_path,
+                               [p for p, _ in dataset.samples])
     stats = datasets.cache_tokens(dataset, tokenizer, args.token_cache_dir, device=env.device,
                                   num_workers=args.num_workers)
     utils.main_print(f"[tokens] {stats['hits']} cached, {stats['misses']} computed in "
@@ -681,11 +682,12 @@ def _build_local(args: argparse.Namespace, env: utils.DistEnv, train_classes: li
     return tokenizer, model, policy, dataset, identity
 
 
-def check_ranks_read_same_data(identity: dict, data_path: str) -> None:
+def check_ranks_read_same_data(identity: dict, data_path: str, paths: Sequence[str]) -> None:
     """Every rank must read the same training images and tokenizer: they share one token
     table, which rank 0 also caches under its own files' names, so nodes whose copies
     of the data differ would train on tokens of the other node's images (and leave a
-    cache that a later run trusts)."""
+    cache that a later run trusts). Where the images differ, the files that differ from
+    rank 0's are named (`paths`: this rank's training images, read again to say so)."""
     seen = utils.all_gather_object(identity)
     if all(s == seen[0] for s in seen):
         return
@@ -695,13 +697,24 @@ def check_ranks_read_same_data(identity: dict, data_path: str) -> None:
             "the processes read other visual tokenizers (" + "; ".join(
                 f"rank {r}: {s['tokenizer_fingerprint']}" for r, s in enumerate(seen))
             + "): every node's --tokenizer_weight_path must be the same file")
+    files = utils.all_gather_object({os.path.relpath(p, data_path): utils.file_sha256(p)
+                                     for p in paths})
     raise utils.LayoutError(
         "the processes read other training images (" + "; ".join(
-            f"rank {r}: {s['train_images']} image(s), digest of names "
-            f"{s['train_images_sha256'][:8]}, of contents {s['train_image_contents_sha256'][:8]}"
+            f"rank {r}: {s['train_images']} image(s){files_differ(files[0], files[r])}"
             for r, s in enumerate(seen))
         + f"): every node's --data_path ({data_path} on this one) must hold the same files, "
         "e.g. one shared folder or a copy by `rsync -a`")
+
+
+def files_differ(first: dict[str, str], other: dict[str, str]) -> str:
+    """How one rank's training images ({relative path: sha256}) differ from rank 0's:
+    ', lacks a.png, has more b.png, other content: c.png' (a few of each), or ''."""
+    kinds = {"lacks": sorted(set(first) - set(other)),
+             "has more": sorted(set(other) - set(first)),
+             "other content:": sorted(k for k in set(first) & set(other) if first[k] != other[k])}
+    return "".join(f", {kind} {utils.some_names(names, 3)}" for kind, names in kinds.items()
+                   if names)
 
 
 def data_identity(tokenizer_fingerprint: str, dataset: datasets.PretrainDataset,

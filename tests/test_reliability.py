@@ -586,29 +586,46 @@ def test_every_rank_must_resume_the_same_checkpoint_with_the_same_flags(monkeypa
             "log_dir", "pin_mem", "local_rank"}.isdisjoint(run_pretraining.RANKS_MUST_AGREE)
 
 
-def test_every_rank_must_read_the_same_training_images_and_tokenizer(monkeypatch):
+def test_every_rank_must_read_the_same_training_images_and_tokenizer(monkeypatch, tmp_path):
     """The ranks share one token table, cached by rank 0 under its files' names: nodes
     whose copies of the data differ (in count, or in content under the same names) are
-    refused on every rank before any token is computed."""
-    base = {"tokenizer_fingerprint": "kmeans:1", "train_classes": ["a"], "train_images": 16,
+    refused on every rank before any token is computed, naming the files that differ
+    from rank 0's (the digests it named before told nothing of which)."""
+    base = {"tokenizer_fingerprint": "kmeans:1", "train_classes": ["a"], "train_images": 3,
             "train_images_sha256": "n" * 64, "train_image_sizes_sha256": "s" * 64,
             "train_image_contents_sha256": "c" * 64}
+    root = tmp_path / "train"
+    (root / "a").mkdir(parents=True)
+    for name in ("0.png", "1.png", "2.png"):
+        (root / "a" / name).write_bytes(name.encode())
+    paths = sorted(str(p) for p in (root / "a").iterdir())
     seen = [base, dict(base)]
-    monkeypatch.setattr(utils, "all_gather_object", lambda obj: seen)
-    run_pretraining.check_ranks_read_same_data(base, "data/train")
+    mine = {f"a/{n}": utils.file_sha256(root / "a" / n) for n in ("0.png", "1.png", "2.png")}
+    theirs = {"a/0.png": mine["a/0.png"], "a/1.png": "e" * 64, "a/3.png": "f" * 64}
+    gathered = []
+
+    def all_gather(obj):
+        gathered.append(obj)
+        return seen if len(gathered) == 1 else [obj, theirs]
+    monkeypatch.setattr(utils, "all_gather_object", all_gather)
+    run_pretraining.check_ranks_read_same_data(base, str(root), paths)
+    assert len(gathered) == 1  # the same images: no second read of the files
+    gathered.clear()
     seen[1] = {**base, "train_image_contents_sha256": "d" * 64}
     with pytest.raises(utils.LayoutError) as info:
-        run_pretraining.check_ranks_read_same_data(base, "data/train")
+        run_pretraining.check_ranks_read_same_data(base, str(root), paths)
+    assert gathered[1] == mine
     assert str(info.value) == (
-        "the processes read other training images (rank 0: 16 image(s), digest of names "
-        "nnnnnnnn, of contents cccccccc; rank 1: 16 image(s), digest of names nnnnnnnn, of "
-        "contents dddddddd): every node's --data_path (data/train on this one) must hold the "
-        "same files, e.g. one shared folder or a copy by `rsync -a`")
+        "the processes read other training images (rank 0: 3 image(s); rank 1: 3 image(s), "
+        "lacks a/2.png, has more a/3.png, other content: a/1.png): every node's --data_path "
+        f"({root} on this one) must hold the same files, e.g. one shared folder or a copy by "
+        "`rsync -a`")
+    gathered.clear()
     seen[1] = {**base, "tokenizer_fingerprint": "kmeans:2"}
     with pytest.raises(utils.FlagError, match=r"^the processes read other visual tokenizers "
                        r"\(rank 0: kmeans:1; rank 1: kmeans:2\): every node's "
                        "--tokenizer_weight_path must be the same file"):
-        run_pretraining.check_ranks_read_same_data(base, "data/train")
+        run_pretraining.check_ranks_read_same_data(base, str(root), paths)
 
 
 def test_an_older_checkpoint_tells_its_process_count_by_its_random_states():
