@@ -639,7 +639,8 @@ def build_model_and_data(args: argparse.Namespace, env: utils.DistEnv, train_cla
     tokenizer, model, policy, dataset, identity = utils.on_every_rank(
         lambda: _build_local(args, env, train_classes, resume, header))
     check_ranks_read_same_data(identity, args.data_path,
-                               [p for p, _ in dataset.samples])
+                               [p for p, _ in dataset.samples]
+                               + [m for m in dataset.mask_paths if m is not None])
     stats = datasets.cache_tokens(dataset, tokenizer, args.token_cache_dir, device=env.device,
                                   num_workers=args.num_workers)
     utils.main_print(f"[tokens] {stats['hits']} cached, {stats['misses']} computed in "
@@ -686,8 +687,9 @@ def check_ranks_read_same_data(identity: dict, data_path: str, paths: Sequence[s
     """Every rank must read the same training images and tokenizer: they share one token
     table, which rank 0 also caches under its own files' names, so nodes whose copies
     of the data differ would train on tokens of the other node's images (and leave a
-    cache that a later run trusts). Where the images differ, the files that differ from
-    rank 0's are named (`paths`: this rank's training images, read again to say so)."""
+    cache that a later run trusts), and the same foreground masks. Where they differ, the
+    files that differ from rank 0's are named (`paths`: this rank's training images and
+    masks, read again to say so)."""
     seen = utils.all_gather_object(identity)
     if all(s == seen[0] for s in seen):
         return
@@ -700,7 +702,7 @@ def check_ranks_read_same_data(identity: dict, data_path: str, paths: Sequence[s
     files = utils.all_gather_object({os.path.relpath(p, data_path): utils.file_sha256(p)
                                      for p in paths})
     raise utils.LayoutError(
-        "the processes read other training images (" + "; ".join(
+        "the processes read other training images or foreground masks (" + "; ".join(
             f"rank {r}: {s['train_images']} image(s){files_differ(files[0], files[r])}"
             for r, s in enumerate(seen))
         + f"): every node's --data_path ({data_path} on this one) must hold the same files, "
@@ -717,6 +719,9 @@ def files_differ(first: dict[str, str], other: dict[str, str]) -> str:
                    if names)
 
 
+FG_MASKS = "train_fg_masks_sha256"  # data_identity's digest of the foreground masks
+
+
 def data_identity(tokenizer_fingerprint: str, dataset: datasets.PretrainDataset,
                   data_path: str, train_classes: Sequence[str]) -> dict:
     """What a run's targets and images are, saved with its arguments: the tokenizer's
@@ -726,12 +731,18 @@ def data_identity(tokenizer_fingerprint: str, dataset: datasets.PretrainDataset,
     (run_test.py refuses to score one of them as unseen). The contents cost one read of
     the training images per start; the sizes stay for checkpoints saved before the
     contents were. Each image's content hash is kept too (sorted, TRAIN_IMAGE_HASHES):
-    run_test.py names a test image the ViT trained on (a re-split after training)."""
+    run_test.py names a test image the ViT trained on (a re-split after training). With
+    foreground masks, their contents too (FG_MASKS): masks remade or edited since change
+    where the ViT masks."""
     paths = [p for p, _ in dataset.samples]
     names = "\n".join(os.path.relpath(p, data_path) for p in paths)
     sizes = ",".join(str(os.path.getsize(p)) for p in paths)
     hashes = [utils.file_sha256(p) for p in paths]
-    return {"tokenizer_fingerprint": tokenizer_fingerprint, "train_classes": list(train_classes),
+    masks = [m for m in dataset.mask_paths if m is not None]
+    fg = ({FG_MASKS: hashlib.sha256(",".join(utils.file_sha256(m) for m in masks).encode())
+           .hexdigest()} if masks else {})
+    return {**fg, "tokenizer_fingerprint": tokenizer_fingerprint,
+            "train_classes": list(train_classes),
             "train_images": len(dataset),
             "train_images_sha256": hashlib.sha256(names.encode("utf-8", "surrogateescape"))
             .hexdigest(),
@@ -778,6 +789,9 @@ def check_same_data(saved: dict | None, identity: dict, path: str) -> None:
              for key in ("train_image_sizes_sha256", "train_image_contents_sha256")):
         problem = ("training images of the same names but other contents (an image was "
                    "replaced or edited since)")
+    elif FG_MASKS in saved and FG_MASKS in identity and saved[FG_MASKS] != identity[FG_MASKS]:
+        problem = ("other foreground masks (fg_mask/ remade, e.g. by --make_fg_masks, or "
+                   "edited since), which change where the ViT masks")
     else:
         return
     raise utils.CheckpointError(f"{path} was trained on other data; this run has {problem}. "

@@ -518,6 +518,7 @@ def test_a_resume_on_an_image_replaced_under_its_name_is_refused(tmp_path):
 
     class Images(list):  # what data_identity reads of a PretrainDataset
         samples = [(str(p), 0) for p in sorted((root / "a").iterdir())]
+        mask_paths = [None, None]  # --no-fg_mask
 
     def identity() -> dict:
         return run_pretraining.data_identity("kmeans:1", Images([0, 1]), str(root), ["a"])
@@ -547,6 +548,40 @@ def test_a_resume_on_an_image_replaced_under_its_name_is_refused(tmp_path):
     refused(saved, now)
     refused(older, now)
     del older["train_image_sizes_sha256"]
+    run_pretraining.check_same_data(older, now, "ck.pth")
+    assert run_pretraining.FG_MASKS not in now  # no masks read
+
+
+def test_a_resume_on_remade_foreground_masks_is_refused(tmp_path):
+    """Foreground masks decide where the ViT masks: masks remade (--make_fg_masks) or
+    edited since the checkpoint change the run as an edited image does, and are refused;
+    a checkpoint saved before masks were recorded resumes unchecked."""
+    root = tmp_path / "train"
+    (root / "a").mkdir(parents=True)
+    (root / "fg").mkdir()
+    for name in ("0.png", "1.png"):
+        (root / "a" / name).write_bytes(b"x" * 10)
+        (root / "fg" / name).write_bytes(b"m" * 10)
+
+    class Images(list):
+        samples = [(str(root / "a" / n), 0) for n in ("0.png", "1.png")]
+        mask_paths = [str(root / "fg" / n) for n in ("0.png", "1.png")]
+
+    def identity() -> dict:
+        return run_pretraining.data_identity("kmeans:1", Images([0, 1]), str(root), ["a"])
+    saved = identity()
+    assert saved[run_pretraining.FG_MASKS] == hashlib.sha256(
+        ",".join([hashlib.sha256(b"m" * 10).hexdigest()] * 2).encode()).hexdigest()
+    (root / "fg" / "1.png").write_bytes(b"n" * 10)
+    now = identity()
+    with pytest.raises(utils.CheckpointError) as info:
+        run_pretraining.check_same_data(saved, now, "ck.pth")
+    assert str(info.value) == (
+        "ck.pth was trained on other data; this run has other foreground masks (fg_mask/ "
+        "remade, e.g. by --make_fg_masks, or edited since), which change where the ViT "
+        "masks. Resume it with the data it was trained on, or start a new run in another "
+        "--output_dir")
+    older = {k: v for k, v in saved.items() if k != run_pretraining.FG_MASKS}
     run_pretraining.check_same_data(older, now, "ck.pth")
 
 
@@ -616,10 +651,10 @@ def test_every_rank_must_read_the_same_training_images_and_tokenizer(monkeypatch
         run_pretraining.check_ranks_read_same_data(base, str(root), paths)
     assert gathered[1] == mine
     assert str(info.value) == (
-        "the processes read other training images (rank 0: 3 image(s); rank 1: 3 image(s), "
-        "lacks a/2.png, has more a/3.png, other content: a/1.png): every node's --data_path "
-        f"({root} on this one) must hold the same files, e.g. one shared folder or a copy by "
-        "`rsync -a`")
+        "the processes read other training images or foreground masks (rank 0: 3 image(s); "
+        "rank 1: 3 image(s), lacks a/2.png, has more a/3.png, other content: a/1.png): every "
+        f"node's --data_path ({root} on this one) must hold the same files, e.g. one shared "
+        "folder or a copy by `rsync -a`")
     gathered.clear()
     seen[1] = {**base, "tokenizer_fingerprint": "kmeans:2"}
     with pytest.raises(utils.FlagError, match=r"^the processes read other visual tokenizers "
