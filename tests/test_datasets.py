@@ -68,6 +68,31 @@ def _pretrain(root: Path, **kw) -> PretrainDataset:
 # ----------------------------------------------------------------------------------------
 # Settings
 # ----------------------------------------------------------------------------------------
+def test_auto_cache_decides_by_the_nodes_available_memory():
+    """'ram' where every process of the node fits in CACHE_SHARE of the available memory,
+    'none' beyond it or where the system does not say; each with its line. MVTec AD's
+    3,629 training images at 224 px take 0.56 GB (README)."""
+    class MVTecAD:  # what cache_bytes reads of a PretrainDataset
+        img_size, num_patches = 224, 196
+
+        def __len__(self) -> int:
+            return 3629
+    per_image = 3 * 224 ** 2 + 196 * (8 + 1 + 4) + 16  # image, tokens, mask, weights
+    assert datasets.cache_bytes(MVTecAD()) == 3629 * per_image
+    assert round(3629 * per_image / 1e9, 2) == 0.56
+    need = 10 ** 9
+    assert datasets.auto_cache(need, 8, 16 * 10 ** 9) == (
+        "ram", "--cache_images auto: ram (the decoded images take 1.00 GB per process, x8 on "
+        "this node; 16.0 GB available)")
+    assert datasets.auto_cache(need, 8, 15 * 10 ** 9) == (
+        "none", "--cache_images auto: none (the decoded images take 1.00 GB per process, x8 "
+        "on this node; 15.0 GB available, over the 50% it may take)")
+    assert datasets.auto_cache(need, 1, None)[0] == "none"
+    assert "does not tell its free memory" in datasets.auto_cache(need, 1, None)[1]
+    if os.path.exists("/proc/meminfo"):
+        assert datasets.available_memory() > 0
+
+
 def test_an_unseen_class_typed_in_another_unicode_form_is_its_folder():
     """--unseen_classes typed composed (NFC) names the class folder stored decomposed
     (NFD, as macOS writes it), in training and evaluation alike (datasets.as_found)."""

@@ -310,7 +310,8 @@ def test_resume_after_crash_equals_uninterrupted_run(env, reference, monkeypatch
 
 def test_each_epoch_draws_the_images_in_its_own_order(env, tmp_path, monkeypatch):
     """The sampler is set to each epoch: epoch e sees the permutation a DistributedSampler
-    of --seed gives at epoch e, another one each epoch, and the same after a resume."""
+    of --seed gives at epoch e, another one each epoch, and the same after a resume (the
+    DataLoader's; ImageCache serves the same batches: test_cached_images_train_exactly_...)."""
     orders, real = [], engine.train_one_epoch
 
     def record(model, data_loader, *args, epoch, **kwargs):
@@ -320,9 +321,10 @@ def test_each_epoch_draws_the_images_in_its_own_order(env, tmp_path, monkeypatch
         return real(model, data_loader, *args, epoch=epoch, **kwargs)
 
     monkeypatch.setattr(engine, "train_one_epoch", record)
+    argv = ["--seed", "3", "--cache_images", "none"]
     with pytest.raises(_Crash):
-        run_pretraining.main(_args(env, str(tmp_path), "--seed", "3"))
-    assert run_pretraining.main(_args(env, str(tmp_path), "--seed", "3"))["start_epoch"] == 1
+        run_pretraining.main(_args(env, str(tmp_path), *argv))
+    assert run_pretraining.main(_args(env, str(tmp_path), *argv))["start_epoch"] == 1
     expected = []
     for epoch in (0, 1):
         sampler = torch.utils.data.DistributedSampler(range(8), num_replicas=1, rank=0, seed=3)
@@ -332,15 +334,36 @@ def test_each_epoch_draws_the_images_in_its_own_order(env, tmp_path, monkeypatch
 
 
 def test_cached_images_train_exactly_like_the_dataloader(env, reference, tmp_path):
-    """--cache_images serves the DataLoader's batches to the bit: the same run."""
+    """--cache_images serves the DataLoader's batches to the bit: the same run. The
+    reference ran with the default, auto, which caches this small set in RAM
+    (test_auto_cache_caches_what_fits); this run decodes every epoch (none)."""
     ref_out, _ = reference
-    run_pretraining.main(_args(env, str(tmp_path), "--cache_images", "device"))
+    run_pretraining.main(_args(env, str(tmp_path), "--cache_images", "none"))
     ref_log = read_jsonl(os.path.join(ref_out, "log.txt"))
     log = read_jsonl(os.path.join(tmp_path, "log.txt"))
     assert [r["train_loss"] for r in log] == [r["train_loss"] for r in ref_log]
     a = utils.load_checkpoint_file(os.path.join(ref_out, "checkpoint-last.pth"))["model"]
     b = utils.load_checkpoint_file(os.path.join(tmp_path, "checkpoint-last.pth"))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_cache_caches_what_fits(env, tmp_path, monkeypatch, capsys):
+    """--cache_images auto (the default) keeps the decoded images in RAM when the node's
+    processes fit in half its available memory, and says so; else it decodes every
+    epoch."""
+    chosen = []
+
+    def loader(dataset, batch_size, *, cache_images, **kw):
+        chosen.append(cache_images)
+        raise KeyboardInterrupt  # enough: the choice is made
+    monkeypatch.setattr(datasets, "build_train_loader", loader)
+    for available, want in ((10 ** 12, "ram"), (10 ** 6, "none")):
+        monkeypatch.setattr(datasets, "available_memory", lambda: available)
+        with pytest.raises(KeyboardInterrupt):
+            run_pretraining.main(_args(env, str(tmp_path / want)))
+        assert chosen.pop() == want
+        assert f"[data] --cache_images auto: {want} (the decoded images take 0.00 GB per " \
+               "process, x1 on this node; " in capsys.readouterr().out
 
 
 def test_resume_refuses_other_arguments(env, reference):
