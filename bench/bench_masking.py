@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import masking_generator as mg  # noqa: E402
+import utils  # noqa: E402
 
 
 def baseline_mask(m: int, grid: tuple[int, int], region: np.ndarray | None,
@@ -125,7 +126,8 @@ def masks_per_second(fn, batch: int, seconds: float) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=0.4, help="time per measurement")
+    parser.add_argument("--seconds", type=utils.positive_float, default=0.4,
+                        help="CPU time per measurement (> 0)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)

@@ -331,6 +331,18 @@ def test_bench_masking_baseline_covers_a_small_region(load, block):
         assert mask.sum() == 58 and mask[region].all()
 
 
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan"])
+def test_bench_masking_refuses_a_non_positive_time(load, monkeypatch, capsys, seconds):
+    """--seconds 0 timed no call and divided by a zero count (a ZeroDivisionError after
+    the header): it is refused by argparse, exit 2, before any timing."""
+    bmk = load("bench_masking")
+    monkeypatch.setattr(sys, "argv", ["bench_masking.py", "--seconds", seconds])
+    with pytest.raises(SystemExit) as exc:
+        bmk.main()
+    assert exc.value.code == 2
+    assert "--seconds" in capsys.readouterr().err
+
+
 # ----- bench_protoflow -------------------------------------------------------------------
 
 def test_bench_protoflow_ratios_are_the_papers(load):
