@@ -16,11 +16,13 @@ import tempfile
 import time
 
 import numpy as np
+import timm
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import protoflow as pf  # noqa: E402
+import utils  # noqa: E402
 from backbones import create_backbone  # noqa: E402
 
 RATIOS = [round(0.02 * i, 2) for i in range(1, 25)]
@@ -99,22 +101,33 @@ def bench_proposals(args, device: torch.device) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser("bench_protoflow")
-    p.add_argument("--features", type=int, default=100_000)
-    p.add_argument("--dim", type=int, default=272)
-    p.add_argument("--coreset_ratio", type=float, default=0.01)
-    p.add_argument("--projection_dims", type=int, nargs="*", default=[128, 64])
+    p = argparse.ArgumentParser("bench_protoflow", description=__doc__.split("\n\n")[0])
+    positive = utils.int_at_least(1)
+    p.add_argument("--features", type=positive, default=100_000)
+    p.add_argument("--dim", type=positive, default=272)
+    p.add_argument("--coreset_ratio", type=utils.positive_float, default=0.01,
+                   help="prototypes per feature, > 0 and at most 1")
+    p.add_argument("--projection_dims", type=positive, nargs="*", default=[128, 64])
     p.add_argument("--backbone", default="tf_efficientnet_b6")
-    p.add_argument("--n_blocks", type=int, default=pf.DEFAULT_N_BLOCKS)
-    p.add_argument("--prototypes", type=int, default=1600)
-    p.add_argument("--images", type=int, default=8)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--class_images", type=int, default=400,
+    p.add_argument("--n_blocks", type=positive, default=pf.DEFAULT_N_BLOCKS)
+    p.add_argument("--prototypes", type=positive, default=1600)
+    p.add_argument("--images", type=positive, default=8)
+    p.add_argument("--batch_size", type=positive, default=8)
+    p.add_argument("--class_images", type=positive, default=400,
                    help="set size for the masks-and-maps step alone")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip", nargs="*", default=[], choices=["coreset", "proposals"])
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    if args.coreset_ratio > 1:
+        p.error(f"--coreset_ratio {args.coreset_ratio}: at most 1 (every feature a prototype)")
+    if "proposals" not in args.skip and not timm.is_model(args.backbone):
+        p.error(f"--backbone {args.backbone}: not a timm model name (e.g. tf_efficientnet_b6)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if "coreset" not in args.skip:
         bench_coreset(args, device)

@@ -353,6 +353,27 @@ def test_bench_protoflow_ratios_are_the_papers(load):
     assert len(bpf.RATIOS) == 24 and bpf.RATIOS[0] == 0.02 and bpf.RATIOS[-1] == 0.48
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--features", "0"], "--features"),          # was a ValueError of greedy_coreset
+    (["--images", "0"], "--images"),              # was an IndexError in the flow
+    (["--coreset_ratio", "2"], "--coreset_ratio"),
+    (["--projection_dims", "0"], "--projection_dims"),
+    (["--backbone", "nope"], "--backbone nope"),  # was timm's RuntimeError
+    (["--device", "cuda"], "no CUDA device"),     # was torch's 'Found no NVIDIA driver'
+])
+def test_bench_protoflow_refuses_bad_arguments(load, monkeypatch, capsys, argv, message):
+    """A bad argument ends the script with one argparse error line, exit 2, before any
+    timing, instead of a traceback from inside the benchmark."""
+    bpf = load("bench_protoflow")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bpf, "bench_coreset", lambda *a: pytest.fail("timed"))
+    monkeypatch.setattr(bpf, "bench_proposals", lambda *a: pytest.fail("timed"))
+    with pytest.raises(SystemExit) as exc:
+        bpf.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 # ----- bench_eval ------------------------------------------------------------------------
 
 def test_bench_eval_median_times_per_row_and_side(load, monkeypatch):
