@@ -221,6 +221,19 @@ def format_row(r: dict) -> str:
     return row + f" {share:>11.0%} {bound}"
 
 
+def bf16_summary(rows: list[dict]) -> str | None:
+    """One line: our model's CPU speed with bf16 autocast against fp32, per step, from
+    the rows measured in this run (> 1: bf16 is faster here); None without both."""
+    cpu = {(r["precision"], r["step"]): r["seconds"]["ours"] for r in rows
+           if r["device"] == "cpu"}
+    steps = [s for s in ("forward", "train") if ("fp32", s) in cpu and ("bf16", s) in cpu]
+    if not steps:
+        return None
+    return ("CPU bf16 autocast against fp32 (ours, measured here): "
+            + ", ".join(f"{s} {cpu['fp32', s] / cpu['bf16', s]:.2f}x" for s in steps)
+            + " (> 1: bf16 is faster on this CPU)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_base_patch16_224_8k_vocab")
@@ -250,9 +263,11 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, timm {timm.__version__}, "
           f"{args.model}, median of {args.reps} interleaved calls after {args.warmup} "
           f"warm-up, {args.clock} clock, mask ratio {MASK_RATIO}")
+    cpu_amp = "bf16" if modeling_pmad.bf16_supported("cpu") else "none"
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
           f"threads, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"bf16 autocast pays here: {modeling_pmad.bf16_supported('cpu')}")
+          f"--amp default on this CPU: {cpu_amp} (bf16 only with AMX tiles; the bf16 "
+          "rows below measure it here)")
     runs = []
     if "cpu" in args.devices:
         runs.append((torch.device("cpu"), args.precisions, [args.cpu_batch]))
@@ -262,6 +277,7 @@ def main() -> None:
     elif "cuda" in args.devices:
         print("CUDA: not available, skipped")
     header = format_header(args.compile)
+    measured = []
     for device, precisions, batches in runs:
         rows = bench_device(args.model, device, precisions, batches, args.reps,
                             args.warmup, args.compile, clock)
@@ -269,6 +285,10 @@ def main() -> None:
             if i == 0:
                 print(header, "-" * len(header), sep="\n")
             print(format_row(row), flush=True)
+            measured.append(row)
+    summary = bf16_summary(measured)
+    if summary:
+        print(summary)
     print("speed-up = original time / ours; bound = 1 / layer share: the most any "
           "implementation can gain that computes the linear layers with the same kernels")
 

@@ -64,6 +64,20 @@ def test_bench_model_bound_without_layer_ops(load, share):
     assert len(row) == len(bm.format_header(False))
 
 
+def test_bench_model_bf16_summary_is_fp32_time_over_bf16_time(load):
+    """The closing bf16 line is our model's fp32 seconds over its bf16 seconds per CPU
+    step (> 1: bf16 faster), from the rows of this run; none without both precisions."""
+    bm = load("bench_model")
+    rows = [_model_row(precision=p, step=s, seconds={"original": 9.0, "ours": t})
+            for p, s, t in (("fp32", "forward", 0.8), ("bf16", "forward", 0.5),
+                            ("fp32", "train", 2.0), ("bf16", "train", 4.0))]
+    rows.append(_model_row(device="cuda", precision="bf16", step="forward",
+                           seconds={"original": 1.0, "ours": 0.01}))
+    line = bm.bf16_summary(rows)
+    assert "forward 1.60x" in line and "train 0.50x" in line
+    assert bm.bf16_summary(rows[::2]) is None  # fp32 rows only (--precisions fp32)
+
+
 @pytest.fixture
 def model_main(load, monkeypatch):
     """bench_model.main() with a fake thread count (starting at 4), no benchmark run
