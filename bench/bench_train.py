@@ -193,6 +193,16 @@ def make_policy(device: torch.device) -> MaskingPolicy:
     return MaskingPolicy(MaskGenerator(), list(CLASSES), dynamic_start=0, device=device)
 
 
+def machine_line() -> str:
+    """Date, versions, CPU and threads, and the GPU where there is one: what was measured."""
+    from bench_model import cpu_model
+    gpu = (f", GPU {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
+           if torch.cuda.is_available() else ", no GPU")
+    return (f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, timm {timm.__version__}, "
+            f"CPU {cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch "
+            f"threads, {torch.backends.cpu.get_cpu_capability()}){gpu}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -212,6 +222,10 @@ def main() -> None:
     args = p.parse_args()
 
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    print(machine_line(), flush=True)
+    steps_text = args.steps or " / ".join(f"{n} ({d})" for d, n in STEPS.items())
+    print(f"models {', '.join(args.models)}, {args.image_px} px PNGs, {args.warmup} warm-up "
+          f"+ {steps_text} timed steps per row", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data")

@@ -300,7 +300,12 @@ def test_bench_train_baseline_is_fp32_no_cache_per_model(load, monkeypatch, tmp_
     assert {k: v is tokenizer for k, v in given_tokenizer.items()} == {
         (m, a, p): p == "no cache" for m in ("tiny", "base") for a in ("none", "bf16")
         for p in paths}
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if " step " in ln]
+    printed = capsys.readouterr().out.splitlines()
+    # what was measured comes first: versions, the CPU, threads, the GPU or its absence
+    assert f"torch {torch.__version__}" in printed[0] and "CPU " in printed[0]
+    assert "torch threads" in printed[0] and "GPU" in printed[0]
+    assert "5 (cpu) / 30 (cuda) timed steps" in printed[1]
+    lines = [ln for ln in printed if " step " in ln]
     # loader < 1.2 x step: 22 < 1.2 x 20 and 25, not 4 and 5; 5 < 1.2 x 6 and up
     assert ["LOADER-BOUND" in ln for ln in lines] == [False, True, True] * 2 + [
         False, False, True] * 2
