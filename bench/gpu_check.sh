@@ -40,6 +40,8 @@ for spec in train_bf16:90 fp16_scaler:40 sync_free:40 attention_grads:30 \
         # its own FAIL line says why; anything else (a PASS printed before a crash or
         # the time limit) is no pass
         case $line in
+            # no GPU: every other check would say the same; one line, then stop
+            "FAIL no CUDA device"*) echo "$line"; exit 1 ;;
             FAIL*) echo "$line" ;;
             *) echo "FAIL $check: exit $rc$([ $rc -eq 124 ] && echo " (over its ${limit} s)")$(
                    [ -n "$line" ] && echo " after: $line"): $(tail -n 2 "$WORK/$check.err" |

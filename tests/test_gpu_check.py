@@ -44,6 +44,19 @@ def test_a_pass_line_of_a_check_that_then_fails_is_no_pass(tmp_path):
     assert [line.split()[1].rstrip(":") for line in lines] == list(gpu_check.CHECKS)
 
 
+def test_no_gpu_is_said_once_and_stops_the_script(tmp_path):
+    """Without CUDA every check would print the same FAIL line (8 lines, 40 s of imports
+    on a 2-core machine): the script prints it once and exits 1."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\n"
+                    'echo "FAIL no CUDA device (use --dry-run on a CPU machine)"; exit 1\n')
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PY": str(fake)})
+    assert proc.returncode == 1
+    assert proc.stdout == "FAIL no CUDA device (use --dry-run on a CPU machine)\n"
+
+
 def test_vit_b_flops_and_peak_table():
     # ViT-B/16 at 224 px: 17.56 G multiply-adds in the encoder (the usual "17.6 GFLOPs")
     assert gpu_check.vit_forward_flops(**gpu_check.VIT_B) / 2 == pytest.approx(17.56e9,
