@@ -104,7 +104,15 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default=None, choices=utils.AMP_CHOICES)
     args = p.parse_args()
-    device = torch.device(args.device)
+    for flag, name in (("--model", args.model), ("--encoder", args.encoder)):
+        if not timm.is_model(name):
+            p.error(f"{flag} {name}: not a registered timm model name")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
     amp = utils.resolve_amp(args.amp, device)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.images, 3, 224, 224, generator=g)

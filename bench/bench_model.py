@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 
 import modeling_pmad  # noqa: E402, F401  (registers the models with timm)
+import utils  # noqa: E402
 from bench.original_beit import OriginalViT  # noqa: E402
 
 MASK_RATIO = 0.4
@@ -237,9 +238,9 @@ def bf16_summary(rows: list[dict]) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_base_patch16_224_8k_vocab")
-    parser.add_argument("--reps", type=int, default=7, help="timed calls per variant")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--reps", type=utils.int_at_least(1), default=7, help="timed calls per variant")
+    parser.add_argument("--warmup", type=utils.int_at_least(0), default=1)
+    parser.add_argument("--threads", type=utils.int_at_least(1), default=None,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: this process's CPU time, steadier than wall time on a "
@@ -250,9 +251,12 @@ def main() -> None:
                         choices=["cpu", "cuda"], help="cuda is skipped when absent")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
                         choices=["fp32", "bf16"], help="CPU precisions")
-    parser.add_argument("--cpu-batch", type=int, default=4)
-    parser.add_argument("--cuda-batches", type=int, nargs="+", default=[4, 32, 128])
+    parser.add_argument("--cpu-batch", type=utils.int_at_least(1), default=4)
+    parser.add_argument("--cuda-batches", type=utils.int_at_least(1), nargs="+", default=[4, 32, 128])
     args = parser.parse_args()
+    if not timm.is_model(args.model):
+        parser.error(f"--model {args.model}: not a registered model (e.g. "
+                     "vit_tiny_patch16_224_8k_vocab)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and (torch.get_num_threads() != 1 or "cuda" in args.devices

@@ -128,6 +128,18 @@ def test_bench_model_clock_choice(model_main, argv, cuda, clock):
     assert model_main(*argv, cuda=cuda) == [("cpu", clock)]
 
 
+@pytest.mark.parametrize("argv", [["--reps", "0"], ["--cpu-batch", "0"], ["--threads", "0"],
+                                  ["--model", "nope"]])
+def test_bench_model_refuses_bad_arguments_before_building(model_main, capsys, argv):
+    """--reps 0 ended in statistics' 'no median for empty data' after the models were
+    built and checked, an unknown --model in timm's traceback: now an argparse error,
+    exit 2, before any benchmark (--threads 0 was silently torch's default)."""
+    with pytest.raises(SystemExit) as exc:
+        model_main(*argv, "--devices", "cpu")
+    assert exc.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
 # ----- bench_train -----------------------------------------------------------------------
 
 def test_bench_train_window_rate_counts_the_whole_window(load):
@@ -394,6 +406,22 @@ def test_bench_protoflow_refuses_bad_arguments(load, monkeypatch, capsys, argv, 
 
 
 # ----- bench_eval ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cuda"], "no CUDA device"), (["--model", "nope"], "--model nope"),
+    (["--encoder", "nope"], "--encoder nope")])
+def test_bench_eval_refuses_bad_arguments(load, monkeypatch, capsys, argv, message):
+    """A bad model, encoder or an absent CUDA device is one argparse error, exit 2,
+    before the models are built (was a traceback from timm or torch)."""
+    be = load("bench_eval")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(be, "build", lambda *a: pytest.fail("built"))
+    monkeypatch.setattr(sys, "argv", ["bench_eval.py", *argv])
+    with pytest.raises(SystemExit) as exc:
+        be.main()
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
 
 def test_bench_eval_median_times_per_row_and_side(load, monkeypatch):
     """median_times() calls every row's (ours, baseline) pair once per round and reports
