@@ -108,11 +108,9 @@ def main() -> None:
         if not timm.is_model(name):
             p.error(f"{flag} {name}: not a registered timm model name")
     try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        p.error(f"--device {args.device}: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
+        device = utils.resolve_device(args.device)
+    except utils.FlagError as e:
+        p.error(str(e))
     amp = utils.resolve_amp(args.amp, device)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.images, 3, 224, 224, generator=g)

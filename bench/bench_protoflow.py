@@ -123,11 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     if "proposals" not in args.skip and not timm.is_model(args.backbone):
         p.error(f"--backbone {args.backbone}: not a timm model name (e.g. tf_efficientnet_b6)")
     try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        p.error(f"--device {args.device}: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
+        device = utils.resolve_device(args.device)
+    except utils.FlagError as e:
+        p.error(str(e))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if "coreset" not in args.skip:
         bench_coreset(args, device)

@@ -390,7 +390,7 @@ def test_bench_protoflow_ratios_are_the_papers(load):
     (["--coreset_ratio", "2"], "--coreset_ratio"),
     (["--projection_dims", "0"], "--projection_dims"),
     (["--backbone", "nope"], "--backbone nope"),  # was timm's RuntimeError
-    (["--device", "cuda"], "no CUDA device"),     # was torch's 'Found no NVIDIA driver'
+    (["--device", "cuda"], "torch sees no CUDA GPU"),     # was torch's 'Found no NVIDIA driver'
 ])
 def test_bench_protoflow_refuses_bad_arguments(load, monkeypatch, capsys, argv, message):
     """A bad argument ends the script with one argparse error line, exit 2, before any
@@ -408,7 +408,7 @@ def test_bench_protoflow_refuses_bad_arguments(load, monkeypatch, capsys, argv, 
 # ----- bench_eval ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
-    (["--device", "cuda"], "no CUDA device"), (["--model", "nope"], "--model nope"),
+    (["--device", "cuda"], "torch sees no CUDA GPU"), (["--model", "nope"], "--model nope"),
     (["--encoder", "nope"], "--encoder nope")])
 def test_bench_eval_refuses_bad_arguments(load, monkeypatch, capsys, argv, message):
     """A bad model, encoder or an absent CUDA device is one argparse error, exit 2,
