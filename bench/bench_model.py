@@ -238,7 +238,8 @@ def bf16_summary(rows: list[dict]) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_base_patch16_224_8k_vocab")
-    parser.add_argument("--reps", type=utils.int_at_least(1), default=7, help="timed calls per variant")
+    parser.add_argument("--reps", type=utils.int_at_least(1), default=7,
+                        help="timed calls per variant")
     parser.add_argument("--warmup", type=utils.int_at_least(0), default=1)
     parser.add_argument("--threads", type=utils.int_at_least(1), default=None,
                         help="torch CPU threads (default: torch's choice)")
@@ -252,7 +253,8 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
                         choices=["fp32", "bf16"], help="CPU precisions")
     parser.add_argument("--cpu-batch", type=utils.int_at_least(1), default=4)
-    parser.add_argument("--cuda-batches", type=utils.int_at_least(1), nargs="+", default=[4, 32, 128])
+    parser.add_argument("--cuda-batches", type=utils.int_at_least(1), nargs="+",
+                        default=[4, 32, 128])
     args = parser.parse_args()
     if not timm.is_model(args.model):
         parser.error(f"--model {args.model}: not a registered model (e.g. "
