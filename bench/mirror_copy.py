@@ -36,6 +36,16 @@ def mirror_copy(data_path: str, output_dir: str) -> int:
     if not classes:
         raise UserError(f"{data_path} has no train/<class>/ folders (an ImageNet-layout "
                         "root written by setup_train_dataset.py)")
+    for sub in ("train", "fg_mask"):  # before any file is written
+        for cls in classes:
+            src = os.path.join(data_path, sub, cls)
+            names = ({os.path.basename(p) for p in datasets.list_images(src)}
+                     if os.path.isdir(src) else set())
+            clash = sorted(n for n in names if "m" + n in names)
+            if clash:
+                raise UserError(f"{src}: m{clash[0]} is a file of it and would be the mirror "
+                                f"of {clash[0]} too ({len(clash)} such name(s); a set mirrored "
+                                "already?): give the set as setup_train_dataset.py wrote it")
     written = 0
     for sub in ("train", "fg_mask"):
         for cls in tqdm(classes, desc=sub):

@@ -306,6 +306,15 @@ def test_mirror_copy_adds_each_image_and_mask_mirrored(bench, tmp_path: Path, ca
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(UserError, match="empty has no train/<class>/ folders"):
         mirror_copy.mirror_copy(str(tmp_path / "empty"), str(tmp_path / "x"))
+    # a set mirrored already: m0.png would be a file and the mirror of 0.png (it was
+    # overwritten, and the count said 4 files more than were there)
+    with pytest.raises(UserError) as e:
+        mirror_copy.mirror_copy(str(out), str(tmp_path / "twice"))
+    assert str(e.value) == (
+        f"{out / 'train' / 'a'}: m0.png is a file of it and would be the mirror of 0.png too "
+        "(2 such name(s); a set mirrored already?): give the set as setup_train_dataset.py "
+        "wrote it")
+    assert not (tmp_path / "twice").exists()
 
 
 # ------------------------------------------------------------------ compare_worlds.py
