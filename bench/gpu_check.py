@@ -370,7 +370,7 @@ def main() -> int:
     p.add_argument("check", choices=CHECKS + ("all",))
     p.add_argument("--dry-run", dest="dry_run", action="store_true",
                    help="the CPU parts only, tiny sizes; command lines built, not run")
-    p.add_argument("--peak_tflops", type=float, default=None,
+    p.add_argument("--peak_tflops", type=utils.positive_float, default=None,
                    help="the GPU's dense bf16 peak when its name is not in the table")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args()

@@ -68,6 +68,16 @@ def test_vit_b_flops_and_peak_table():
     assert gpu_check.peak_tflops("Some New GPU", 500.0) == 500.0
 
 
+@pytest.mark.parametrize("value", ["-5", "0", "nan"])
+def test_a_peak_that_is_no_positive_number_is_refused(monkeypatch, capsys, value):
+    """--peak_tflops -5 was taken, and the MFU printed negative."""
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "all", "--peak_tflops", value])
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main()
+    assert e.value.code == 2
+    assert "argument --peak_tflops" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
 def test_a_check_without_a_gpu_fails_in_one_line(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "attention_grads"])
