@@ -18,7 +18,8 @@
 # weights/beit_base_patch16_224_pt22k.pth: from BEiT's, as in the paper, with VIT_MODEL
 # vit_base_patch16_224_8k_vocab), VIT_EPOCHS, KMEANS_VOCAB (tokenizer codebook size, 1024),
 # KMEANS_OUT_INDEX (the Lite0 stage the tokenizer clusters: 1, stride 4; 2, stride 8;
-# 3, stride 16), DEVICE (cpu, or cuda when present).
+# 3, stride 16), DEVICE (cpu, or cuda when present), AMP (unset: the ViT's --amp default,
+# bf16 where this machine runs it faster; none: fp32, as docs/heldout.md's figures).
 # Another draw of the main world: DEMO_SEED (0) and DEMO_DEFECT_AREA ("SMALLEST LARGEST",
 # fractions of the image); README's tuning draws are DEMO_DEFECT_AREA="0.001 0.01" with
 # DEMO_SEED=0 and 1. A draw is named after them (e.g. main_seed1_area0.001-0.01), so it
@@ -40,6 +41,15 @@ try:
     utils.resolve_device(sys.argv[1], "DEVICE")
 except utils.FlagError as e:
     sys.exit(f"error: {e}")' "$DEVICE" || exit 2
+fi
+AMP_ARGS=()
+if [[ -n "${AMP:-}" ]]; then  # before any step, as DEVICE
+    "$PY" -c 'import sys, utils
+try:
+    utils.resolve_amp(sys.argv[1], sys.argv[2])
+except utils.FlagError as e:
+    sys.exit(f"error: AMP: {e}")' "$AMP" "$DEVICE" || exit 2
+    AMP_ARGS=(--amp "$AMP")
 fi
 VIT_START=(--no_init)
 if [[ -n "${VIT_INIT:-}" ]]; then
@@ -115,7 +125,7 @@ run_world() {
         --output_dir "$out/pmad" --epochs "$VIT_EPOCHS" --warmup_epochs 2 \
         --batch_size 16 --lr 1.5e-3 --dynamic_masking_start $((VIT_EPOCHS / 2)) \
         --save_ckpt_freq "$VIT_EPOCHS" --num_workers 2 --device "$DEVICE" --no_auto_resume \
-        --cache_images ram
+        --cache_images ram ${AMP_ARGS[@]+"${AMP_ARGS[@]}"}
 
     step "[$name] 5/5 evaluation, clean protocol, with the baselines"
     "$PY" run_test.py --model "$VIT_MODEL" \
@@ -124,7 +134,7 @@ run_world() {
         --protoflow_weights "$out/protoflow.pt" --prototypes_dir "$out/prototypes" \
         --data_path "$mvtec" ${class_args[@]+"${class_args[@]}"} --protocol clean \
         --output_dir "$out/results" --save_heatmaps 2 --batch_size 16 \
-        --num_workers 2 --device "$DEVICE"
+        --num_workers 2 --device "$DEVICE" ${AMP_ARGS[@]+"${AMP_ARGS[@]}"}
 }
 
 run_world "$main_name" main "${DEMO_CLASSES:-}" "${DEMO_TRAIN:-40}" "${DEMO_TEST_GOOD:-20}" \

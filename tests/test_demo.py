@@ -62,7 +62,8 @@ def _knob_free_env() -> dict[str, str]:
     """The environment without demo.sh's knobs, so a user's exported DEMO_SEED or
     VIT_MODEL cannot change what a test runs."""
     return {k: v for k, v in os.environ.items()
-            if not k.startswith(("DEMO_", "HELDOUT_", "VIT_", "PF_", "KMEANS_"))}
+            if not k.startswith(("DEMO_", "HELDOUT_", "VIT_", "PF_", "KMEANS_"))
+            and k not in ("AMP", "DEVICE")}
 
 
 def _stubbed_demo(tmp_path: Path, **knobs: str
@@ -174,6 +175,24 @@ def test_demo_script_checks_device_before_any_step(tmp_path: Path) -> None:
     assert run.stderr.splitlines()[-1] == ("error: DEVICE 'gpu' is not a device: pass cpu, "
                                            "cuda or cuda:<index>")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_amp_knob_reaches_training_and_evaluation(tmp_path: Path) -> None:
+    """AMP (none: fp32, as docs/heldout.md's figures were made; on a CPU that measures bf16
+    faster the ViT's default is bf16) reaches run_pretraining.py and run_test.py; unset,
+    neither gets --amp (their own default); a value the device cannot run stops the
+    script before any step, naming AMP (the real interpreter, as for DEVICE)."""
+    calls = _stubbed_demo_calls(tmp_path, AMP="none")
+    vits = [c for c in calls if c[0] in ("run_pretraining.py", "run_test.py")]
+    assert len(vits) == 2 and all(arg(c, "--amp") == ["none"] for c in vits)
+    assert all("--amp" not in c for c in _stubbed_demo_calls(tmp_path))
+    env = _knob_free_env() | {"DEMO_DIR": str(tmp_path / "d"), "DATA_DIR": str(tmp_path / "x"),
+                              "PYTHON": sys.executable, "DEVICE": "cpu"}
+    for amp, said in (("fp16", "fp16 needs a CUDA device"), ("fp8", "choose one of")):
+        run = run_command(["bash", "scripts/demo.sh"], cwd=ROOT, env=env | {"AMP": amp})
+        assert run.returncode == 2 and said in run.stderr.splitlines()[-1]
+        assert run.stderr.splitlines()[-1].startswith("error: AMP: ")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "x").exists()
 
 
 def test_heldout_check_runs_both_tuning_draws_then_the_heldout_world(tmp_path: Path) -> None:
