@@ -167,10 +167,9 @@ def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     SDPA where it runs a fused kernel. On the CPU a bias that needs a gradient (training)
     sends SDPA to its unfused math path, which costs more than the explicit form (extra
     passes for the scaling and its -inf guard), so the explicit form runs there.
-    On a CPU where bf16 matmuls do not pay (`utils.bf16_supported`, measured: on some
-    CPUs without AMX torch's bf16 batched matmul is several times slower than its fp32
-    one) bf16/fp16 inputs are computed in fp32, as torch's own CPU math path does; the
-    result is then fp32.
+    On a CPU where bf16 matmuls do not pay (`utils.bf16_supported`; without AMX, torch's
+    bf16 batched matmul is several times slower than its fp32 one) bf16/fp16 inputs are
+    computed in fp32, as torch's own CPU math path does; the result is then fp32.
     """
     if q.device.type == "cpu" and q.dtype != torch.float32 and not bf16_supported("cpu"):
         with torch.autocast("cpu", enabled=False):

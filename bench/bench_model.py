@@ -272,9 +272,8 @@ def main() -> None:
     cpu_amp = "bf16" if modeling_pmad.bf16_supported("cpu") else "none"
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
           f"threads, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"--amp default on this CPU: {cpu_amp} (utils.cpu_bf16_pays: matmul speed-ups "
-          f"{', '.join(f'{g:.2f}x' for g in utils.bf16_speedups())}; the bf16 rows below "
-          "measure the whole model)")
+          f"--amp default on this CPU: {cpu_amp} (bf16 only with AMX tiles; the bf16 rows "
+          "below measure it here)")
     runs = []
     if "cpu" in args.devices:
         runs.append((torch.device("cpu"), args.precisions, [args.cpu_batch]))

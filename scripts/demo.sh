@@ -19,7 +19,7 @@
 # vit_base_patch16_224_8k_vocab), VIT_EPOCHS, KMEANS_VOCAB (tokenizer codebook size, 1024),
 # KMEANS_OUT_INDEX (the Lite0 stage the tokenizer clusters: 1, stride 4; 2, stride 8;
 # 3, stride 16), DEVICE (cpu, or cuda when present), AMP (unset: the ViT's --amp default,
-# bf16 where this machine runs it faster; none: fp32, as docs/heldout.md's figures).
+# bf16 on GPUs and AMX CPUs, else fp32 as README's figures; bf16: README 'Speed').
 # Another draw of the main world: DEMO_SEED (0) and DEMO_DEFECT_AREA ("SMALLEST LARGEST",
 # fractions of the image); README's tuning draws are DEMO_DEFECT_AREA="0.001 0.01" with
 # DEMO_SEED=0 and 1. A draw is named after them (e.g. main_seed1_area0.001-0.01), so it

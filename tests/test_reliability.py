@@ -615,8 +615,8 @@ def test_every_rank_must_resume_the_same_checkpoint_with_the_same_flags(monkeypa
         run_pretraining.check_ranks_agree("out/checkpoint-last.pth", {"epoch": 3}, args)
     assert str(info.value).endswith(
         "(scripts/train_multi_class.sh); without --amp a run takes bf16 where the hardware "
-        "runs it fast (a GPU with bf16, a CPU measured to run it faster) and none elsewhere, "
-        "so give every node one --amp")
+        "runs it fast (a GPU with bf16, a CPU with AMX tiles) and none elsewhere, so give "
+        "every node one --amp")
     assert {"data_path", "output_dir", "num_workers", "cache_images", "token_cache_dir",
             "log_dir", "pin_mem", "local_rank"}.isdisjoint(run_pretraining.RANKS_MUST_AGREE)
 
@@ -684,7 +684,7 @@ def test_F10_unfinished_run_with_other_epochs_names_the_way_to_extend():
 
 def test_a_resume_on_hardware_with_another_default_amp_names_the_flag_to_pass():
     """A run started without --amp on a bf16 GPU records bf16; the same command on a CPU
-    where bf16 does not pay defaults to none, which the resume refuses: the error says why and which
+    without AMX defaults to none, which the resume refuses: the error says why and which
     --amp continues the run (fp16 only on a CUDA device, resolve_amp refuses it elsewhere)."""
     for saved, where in (("bf16", "on this machine"), ("fp16", "on a CUDA device")):
         with pytest.raises(utils.CheckpointError) as info:
@@ -694,8 +694,8 @@ def test_a_resume_on_hardware_with_another_default_amp_names_the_flag_to_pass():
                                           f"'{saved}' (now 'none'); resume it with the same")
         assert str(info.value).endswith(
             "first). Without --amp a run takes bf16 where the hardware runs it fast (a GPU "
-            "with bf16, a CPU measured to run it faster) and none elsewhere: pass --amp "
-            f"{saved} to resume it {where}")
+            f"with bf16, a CPU with AMX tiles) and none elsewhere: pass --amp {saved} to "
+            f"resume it {where}")
     with pytest.raises(utils.CheckpointError) as info:
         utils.check_resume_args({"lr": 1.0}, {"lr": 2.0}, "c.pth",
                                 run_pretraining.RESUME_MUST_MATCH, epoch=0)

@@ -107,34 +107,6 @@ def test_a_weight_decay_schedule_from_zero_reaches_the_decayed_group():
 
 
 # ----------------------------------------------------------------------------- autocast
-def test_a_cpu_takes_bf16_where_it_measures_it_faster(monkeypatch):
-    """Without --amp a CPU takes bf16 where both measured matmuls run BF16_GAIN x faster
-    in it, fp32 where either does not, and never where it has no bf16 instructions (not
-    measured there); the measurement is made once per process."""
-    calls = []
-
-    def gains(values):
-        def measured():
-            calls.append(values)
-            return values
-        return measured
-    for flags, values, want in ((True, [2.2, 2.5], True), (True, [2.2, 1.1], False),
-                                (True, [0.4, 0.3], False), (False, [2.2, 2.5], False)):
-        utils.cpu_bf16_pays.cache_clear()
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flags)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-        monkeypatch.setattr(utils, "bf16_speedups", gains(values))
-        assert utils.bf16_supported("cpu") is want and utils.bf16_supported("cpu") is want
-        assert utils.default_amp("cpu") == ("bf16" if want else "none")
-        assert calls == ([values] if flags else [])  # once, and only with the instructions
-        calls.clear()
-    utils.cpu_bf16_pays.cache_clear()
-    monkeypatch.undo()
-    utils.cpu_bf16_pays.cache_clear()
-    real = utils.bf16_speedups()
-    assert len(real) == 2 and all(g > 0 for g in real)
-
-
 def test_amp_choices():
     assert utils.resolve_amp("none", "cpu") == "none"
     assert utils.resolve_amp(None, "cpu") == utils.default_amp("cpu")
