@@ -98,6 +98,11 @@ def interruption(e: KeyboardInterrupt) -> str:
 
 
 def _terminate(signum: int, frame: Any) -> None:
+    # a SIGTERM to the process group (`timeout`, a job's cancellation) kills the DataLoader
+    # workers too; torch's SIGCHLD handler would then raise 'DataLoader worker ... killed
+    # by signal' while the loader shuts down, a traceback under the line that says why
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     raise Terminated
 
 

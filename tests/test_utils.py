@@ -1037,6 +1037,34 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_says_so(tmp_path):
     assert utils.interruption(KeyboardInterrupt()) == "interrupted (Ctrl-C)"
 
 
+def test_sigterm_to_the_process_group_stops_loader_workers_without_a_traceback(tmp_path):
+    """`timeout`, a job's cancellation or a terminal's hang-up send SIGTERM to the whole
+    process group: the DataLoader's workers die of it (torch's worker handler re-raises a
+    SIGTERM that does not come from its parent), and torch's SIGCHLD handler raised
+    'DataLoader worker (pid N) is killed by signal: Terminated' in the main process, a
+    15-line traceback under the one line that says the run was terminated."""
+    script = tmp_path / "loader.py"
+    script.write_text(
+        "import sys, time\nsys.path.insert(0, sys.argv[1])\nimport torch, utils\n"
+        "from torch.utils.data import DataLoader\n"
+        "class Slow(torch.utils.data.Dataset):\n"
+        "    def __len__(self):\n        return 10 ** 6\n"
+        "    def __getitem__(self, i):\n        time.sleep(0.01)\n        return i\n"
+        "def main():\n    for k, _ in enumerate(DataLoader(Slow(), num_workers=2)):\n"
+        "        if k == 5:\n            print('ready', flush=True)\n"
+        "sys.exit(utils.cli(main))\n")
+    proc = subprocess.Popen([sys.executable, str(script), str(Path(utils.__file__).parent)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (proc.returncode, err) == (143, "terminated (SIGTERM)\n")
+
+
 def test_a_collective_whose_peer_stopped_is_one_line_not_a_traceback(monkeypatch, capsys):
     """One rank's error ended the job, and every other rank printed a 40-line gloo
     traceback after it ('Connection closed by peer'), burying the error that mattered:
