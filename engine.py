@@ -224,38 +224,39 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable[dict],
     failed = torch.zeros((), dtype=torch.bool, device=device)
     hyper: list[tuple[float, float]] = []  # (lr, weight decay) per step, host
     indices: list[list[int]] = []  # each step's sample indices on this rank, host
-    bar = utils.progress(total=num_steps, desc=f"epoch {epoch}", dynamic_ncols=True,
-                         leave=False, disable=not (progress and utils.is_main_process()))
-    it = iter(data_loader)
-    for step in range(num_steps):
-        batch = next(it)
-        global_step = epoch * num_steps + step
-        hyper.append((float(config.lr_schedule[global_step]),
-                      float(config.wd_schedule[global_step])))
-        utils.set_step_hyperparams(optimizer, *hyper[-1])
-        indices.append(batch["index"].tolist() if "index" in batch else [])
+    # closed on an exception too: a bar left open would keep every later one in a log file
+    # from being drawn (utils.progress)
+    with utils.progress(total=num_steps, desc=f"epoch {epoch}", dynamic_ncols=True,
+                        leave=False, disable=not (progress and utils.is_main_process())) as bar:
+        it = iter(data_loader)
+        for step in range(num_steps):
+            batch = next(it)
+            global_step = epoch * num_steps + step
+            hyper.append((float(config.lr_schedule[global_step]),
+                          float(config.wd_schedule[global_step])))
+            utils.set_step_hyperparams(optimizer, *hyper[-1])
+            indices.append(batch["index"].tolist() if "index" in batch else [])
 
-        images = batch["image"].to(device, non_blocking=True)  # (N, 3, H, W)
-        tokens = _tokens_of(batch, tokenizer, device)  # (N, L)
-        drawn = policy.draw(batch["class_idx"], batch.get("fg_mask"),
-                            batch.get("freq_weights"), epoch)
-        out = train_step(model, images, tokens, drawn, optimizer, scaler,
-                         clip_grad=config.clip_grad, amp=config.amp, failed=failed)
-        policy.observe(batch["class_idx"], drawn.masks, out.patch_losses, valid=~out.failed)
-        failed = out.failed
-        scale = scaler._get_scale_async() if scaler.is_enabled() else None
-        history[step] = torch.stack([
-            out.loss.float(), out.loss_all_ranks, out.mlm_acc, out.grad_norm.float(),
-            torch.full((), math.nan, device=device) if scale is None else scale.float(),
-            failed.float(), out.skipped.float()])
-        bar.update()
-        if (step + 1) % config.sync_every == 0 or step + 1 == num_steps:
-            first = step + 1 - (step % config.sync_every + 1)
-            rows = _read_rows(history, first, step + 1)
-            _log_rows(rows, first, hyper, metrics, log_writer, epoch * num_steps)
-            _raise_if_failed(rows, first, epoch, num_steps, indices, sample_names)
-            bar.set_postfix(metrics.postfix(), refresh=False)
-    bar.close()
+            images = batch["image"].to(device, non_blocking=True)  # (N, 3, H, W)
+            tokens = _tokens_of(batch, tokenizer, device)  # (N, L)
+            drawn = policy.draw(batch["class_idx"], batch.get("fg_mask"),
+                                batch.get("freq_weights"), epoch)
+            out = train_step(model, images, tokens, drawn, optimizer, scaler,
+                             clip_grad=config.clip_grad, amp=config.amp, failed=failed)
+            policy.observe(batch["class_idx"], drawn.masks, out.patch_losses, valid=~out.failed)
+            failed = out.failed
+            scale = scaler._get_scale_async() if scaler.is_enabled() else None
+            history[step] = torch.stack([
+                out.loss.float(), out.loss_all_ranks, out.mlm_acc, out.grad_norm.float(),
+                torch.full((), math.nan, device=device) if scale is None else scale.float(),
+                failed.float(), out.skipped.float()])
+            bar.update()
+            if (step + 1) % config.sync_every == 0 or step + 1 == num_steps:
+                first = step + 1 - (step % config.sync_every + 1)
+                rows = _read_rows(history, first, step + 1)
+                _log_rows(rows, first, hyper, metrics, log_writer, epoch * num_steps)
+                _raise_if_failed(rows, first, epoch, num_steps, indices, sample_names)
+                bar.set_postfix(metrics.postfix(), refresh=False)
     metrics.synchronize_between_processes(device)
     return metrics.summary()
 

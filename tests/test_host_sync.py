@@ -76,6 +76,24 @@ def test_train_one_epoch_reads_the_device_only_at_planned_points(monkeypatch):
     assert int(policy.dynamic.counts.sum()) > 0
 
 
+def test_an_epoch_that_fails_closes_its_progress_bar():
+    """An epoch stopped by an error left its bar open: in a log file (utils.progress) every
+    later bar of the process then counted as nested and was not drawn."""
+    from tqdm import tqdm
+    model, policy = _model(), _policy()
+
+    def failing():
+        yield from synthetic_batches(1, 2, VOCAB)
+        raise OSError("the disk went away")
+    with pytest.raises(OSError, match="went away") as info:
+        engine.train_one_epoch(model, failing(), utils.build_optimizer(model, 1e-3, 0.05),
+                               utils.make_grad_scaler("cpu", "none"), policy, _config(3, 3),
+                               epoch=0, progress=True)
+    # while the error is kept (its traceback holds the epoch's frame, as a handler does)
+    assert info.value.__traceback__ is not None
+    assert not [bar for bar in tqdm._instances if not bar.disable]
+
+
 class _Writer:
     """A TensorBoard writer that keeps its scalars: [(tag, value, step)]."""
 
