@@ -1330,13 +1330,20 @@ def _cgroup_headroom() -> int | None:
     return room
 
 
-def auto_cache(needed: int, processes: int, available: int | None) -> tuple[str, str]:
+def auto_cache(needed: int, processes: int, available: int | None,
+               read: tuple[int, int] | None = None) -> tuple[str, str]:
     """--cache_images auto: 'ram' where the node's `processes`, each keeping `needed`
     bytes, fit in CACHE_SHARE of its `available` memory, else 'none'; and the line that
     says so. Decoding once trained as fast as the DataLoader's PNG decoding within noise
     where the step is the bottleneck, and 10-14x as fast on a GPU at batch 64 (README
-    'Speed')."""
+    'Speed'). `read` (images an epoch reads, of all): an epoch cut short by
+    --max_steps_per_epoch reads fewer than all, and decoding every one first (each start)
+    would cost more than it saves: 'none'."""
     gb = 1e9
+    if read is not None and read[0] < read[1]:
+        return "none", (f"--cache_images auto: none (--max_steps_per_epoch reads {read[0]} of "
+                        f"the {read[1]} images per epoch; decoding them all first would cost "
+                        "more)")
     if available is None:
         return "none", ("--cache_images auto: none (this system does not tell its free "
                         "memory; --cache_images ram keeps the decoded images, "

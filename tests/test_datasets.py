@@ -87,6 +87,8 @@ def test_auto_cache_decides_by_the_nodes_available_memory():
     assert datasets.auto_cache(need, 8, 15 * 10 ** 9) == (
         "none", "--cache_images auto: none (the decoded images take 1.00 GB per process, x8 "
         "on this node; 15.0 GB available, over the 50% it may take)")
+    assert datasets.auto_cache(need, 1, 10 ** 12, read=(64, 3629))[0] == "none"
+    assert datasets.auto_cache(need, 1, 10 ** 12, read=(3629, 3629))[0] == "ram"
     assert datasets.auto_cache(need, 1, None)[0] == "none"
     assert "does not tell its free memory" in datasets.auto_cache(need, 1, None)[1]
     if os.path.exists("/proc/meminfo"):

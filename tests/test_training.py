@@ -335,10 +335,10 @@ def test_each_epoch_draws_the_images_in_its_own_order(env, tmp_path, monkeypatch
 
 def test_cached_images_train_exactly_like_the_dataloader(env, reference, tmp_path):
     """--cache_images serves the DataLoader's batches to the bit: the same run. The
-    reference ran with the default, auto, which caches this small set in RAM
-    (test_auto_cache_caches_what_fits); this run decodes every epoch (none)."""
+    reference ran with the default, auto, which does not cache here (its epochs of one
+    step read 2 of the 8 images: test_auto_cache_caches_what_fits)."""
     ref_out, _ = reference
-    run_pretraining.main(_args(env, str(tmp_path), "--cache_images", "none"))
+    run_pretraining.main(_args(env, str(tmp_path), "--cache_images", "device"))
     ref_log = read_jsonl(os.path.join(ref_out, "log.txt"))
     log = read_jsonl(os.path.join(tmp_path, "log.txt"))
     assert [r["train_loss"] for r in log] == [r["train_loss"] for r in ref_log]
@@ -350,20 +350,28 @@ def test_cached_images_train_exactly_like_the_dataloader(env, reference, tmp_pat
 def test_auto_cache_caches_what_fits(env, tmp_path, monkeypatch, capsys):
     """--cache_images auto (the default) keeps the decoded images in RAM when the node's
     processes fit in half its available memory, and says so; else it decodes every
-    epoch."""
+    epoch, as it does when --max_steps_per_epoch cuts the epoch short (decoding every
+    image first would cost more than the epoch reads)."""
     chosen = []
 
     def loader(dataset, batch_size, *, cache_images, **kw):
         chosen.append(cache_images)
         raise KeyboardInterrupt  # enough: the choice is made
     monkeypatch.setattr(datasets, "build_train_loader", loader)
+    whole = ["--max_steps_per_epoch", "4"]  # 8 images, batch 2: every image each epoch
     for available, want in ((10 ** 12, "ram"), (10 ** 6, "none")):
         monkeypatch.setattr(datasets, "available_memory", lambda: available)
         with pytest.raises(KeyboardInterrupt):
-            run_pretraining.main(_args(env, str(tmp_path / want)))
+            run_pretraining.main(_args(env, str(tmp_path / want), *whole))
         assert chosen.pop() == want
         assert f"[data] --cache_images auto: {want} (the decoded images take 0.00 GB per " \
                "process, x1 on this node; " in capsys.readouterr().out
+    monkeypatch.setattr(datasets, "available_memory", lambda: 10 ** 12)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretraining.main(_args(env, str(tmp_path / "cut")))  # 1 step of 2 images
+    assert chosen.pop() == "none"
+    assert ("[data] --cache_images auto: none (--max_steps_per_epoch reads 2 of the 8 images "
+            "per epoch; decoding them all first would cost more)") in capsys.readouterr().out
 
 
 def test_resume_refuses_other_arguments(env, reference):
