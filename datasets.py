@@ -1270,66 +1270,6 @@ def cache_bytes(dataset: PretrainDataset) -> int:
     return len(dataset) * per_image
 
 
-MEMINFO, PROC_CGROUP, CGROUP_ROOT = "/proc/meminfo", "/proc/self/cgroup", "/sys/fs/cgroup"
-
-
-def available_memory() -> int | None:
-    """This machine's available memory in bytes (Linux: MemAvailable), or less where a
-    memory cgroup limits this process (a container, a cluster job: MemAvailable is the
-    whole machine's, and --cache_images auto would cache by it and the job be killed);
-    None where the system does not tell."""
-    machine = None
-    try:
-        with open(MEMINFO) as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    machine = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    limited = _cgroup_headroom()
-    if machine is None or limited is None:
-        return machine if limited is None else limited
-    return min(machine, limited)
-
-
-def _cgroup_headroom() -> int | None:
-    """What this process's memory cgroups (v1 or v2, each up to its root) may still take:
-    limit - usage + the reclaimable page cache (inactive files); None without a limit."""
-    def read(folder: str, name: str) -> str:
-        with open(os.path.join(folder, name)) as f:
-            return f.read()
-    try:
-        with open(PROC_CGROUP) as f:
-            entries = [line.rstrip("\n").split(":", 2) for line in f]
-    except OSError:
-        return None
-    room = None
-    for entry in entries:
-        if len(entry) != 3:
-            continue
-        v2 = entry[1] == ""
-        if not v2 and "memory" not in entry[1].split(","):
-            continue
-        base = CGROUP_ROOT if v2 else os.path.join(CGROUP_ROOT, "memory")
-        limit_file, usage_file, cache = (("memory.max", "memory.current", "inactive_file")
-                                         if v2 else ("memory.limit_in_bytes",
-                                                     "memory.usage_in_bytes",
-                                                     "total_inactive_file"))
-        parts = [p for p in entry[2].split("/") if p]
-        for k in range(len(parts), -1, -1):
-            folder = os.path.join(base, *parts[:k])
-            try:
-                limit = read(folder, limit_file).strip()
-                if limit == "max" or int(limit) >= 2 ** 60:  # no limit here
-                    continue
-                stat = dict(line.split() for line in read(folder, "memory.stat").splitlines())
-                free = (int(limit) - int(read(folder, usage_file)) + int(stat.get(cache, 0)))
-            except (OSError, ValueError):
-                continue
-            room = max(free, 0) if room is None else min(room, max(free, 0))
-    return room
-
-
 def auto_cache(needed: int, processes: int, available: int | None,
                read: tuple[int, int] | None = None) -> tuple[str, str]:
     """--cache_images auto: 'ram' where the node's `processes`, each keeping `needed`
@@ -1582,8 +1522,8 @@ def test_set_contents(root: str, class_name: str) -> tuple[str, dict[str, str]]:
     """A class's test images and ground-truth masks by name and content, in one read of
     its test files: (the set's sha256, {test image path: its content's sha256}). A resumed
     evaluation reuses the class's record only for the same set, as an image replaced,
-    added or removed changes every metric; the images' own hashes find those the ViT
-    trained on. A ground_truth folder counts, and so do files that are missing (a mask
+    added or removed changes every metric; the images' own hashes find those a model
+    trained on (run_test.trained_test_images). A ground_truth folder counts, and so do files that are missing (a mask
     not made yet) or unreadable."""
     has_ground_truth = os.path.isdir(os.path.join(root, class_name, "ground_truth"))
     items, _ = MVTecTestDataset._list(root, class_name, has_ground_truth)

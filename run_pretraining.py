@@ -531,7 +531,7 @@ def _train_checked(args: argparse.Namespace, env: utils.DistEnv, train_classes: 
             args.max_steps_per_epoch < len(dataset) // per_step  # the epoch cut short
         cache, said = datasets.auto_cache(
             datasets.cache_bytes(dataset), int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-            datasets.available_memory(),
+            utils.available_memory(),
             read=(args.max_steps_per_epoch * per_step, len(dataset)) if cut else None)
         utils.main_print(f"[data] {said}")
     loader, sampler = datasets.build_train_loader(

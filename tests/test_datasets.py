@@ -92,7 +92,7 @@ def test_auto_cache_decides_by_the_nodes_available_memory():
     assert datasets.auto_cache(need, 1, None)[0] == "none"
     assert "does not tell its free memory" in datasets.auto_cache(need, 1, None)[1]
     if os.path.exists("/proc/meminfo"):
-        assert datasets.available_memory() > 0
+        assert utils.available_memory() > 0
 
 
 def test_available_memory_is_the_memory_cgroups_where_one_limits_the_process(tmp_path,
@@ -103,9 +103,9 @@ def test_available_memory_is_the_memory_cgroups_where_one_limits_the_process(tmp
     tightest up to the root) bounds it; an unlimited cgroup ('max') does not."""
     gb = 10 ** 9
     (tmp_path / "meminfo").write_text(f"MemTotal: 1 kB\nMemAvailable: {500 * gb // 1024} kB\n")
-    monkeypatch.setattr(datasets, "MEMINFO", str(tmp_path / "meminfo"))
-    monkeypatch.setattr(datasets, "CGROUP_ROOT", str(tmp_path / "cg"))
-    monkeypatch.setattr(datasets, "PROC_CGROUP", str(tmp_path / "self_cgroup"))
+    monkeypatch.setattr(utils, "MEMINFO", str(tmp_path / "meminfo"))
+    monkeypatch.setattr(utils, "CGROUP_ROOT", str(tmp_path / "cg"))
+    monkeypatch.setattr(utils, "PROC_CGROUP", str(tmp_path / "self_cgroup"))
 
     def cgroup(folder: Path, limit: str, usage: int, stat: str) -> None:
         folder.mkdir(parents=True)
@@ -116,9 +116,9 @@ def test_available_memory_is_the_memory_cgroups_where_one_limits_the_process(tmp
     cgroup(tmp_path / "cg" / "slurm", str(64 * gb), 40 * gb, "anon 1\ninactive_file 0")
     cgroup(job, str(16 * gb), 10 * gb, f"anon 1\ninactive_file {2 * gb}")
     (tmp_path / "self_cgroup").write_text("0::/slurm/job_7\n")
-    assert datasets.available_memory() == 8 * gb  # 16 - 10 + 2, under the parent's 24
+    assert utils.available_memory() == 8 * gb  # 16 - 10 + 2, under the parent's 24
     (job / "memory.max").write_text("max\n")
-    assert datasets.available_memory() == 24 * gb  # the parent's limit
+    assert utils.available_memory() == 24 * gb  # the parent's limit
     (tmp_path / "self_cgroup").write_text("4:memory:/docker/c1\n0::/\n")  # cgroup v1
     v1 = tmp_path / "cg" / "memory" / "docker" / "c1"
     v1.mkdir(parents=True)
@@ -126,12 +126,12 @@ def test_available_memory_is_the_memory_cgroups_where_one_limits_the_process(tmp
                        ("memory.usage_in_bytes", str(3 * gb)),
                        ("memory.stat", f"cache 5\ntotal_inactive_file {gb}")):
         (v1 / name).write_text(text + "\n")
-    assert datasets.available_memory() == 2 * gb
+    assert utils.available_memory() == 2 * gb
     (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's no limit
-    assert datasets.available_memory() == 500 * gb // 1024 * 1024
+    assert utils.available_memory() == 500 * gb // 1024 * 1024
     (tmp_path / "meminfo").unlink()
     (v1 / "memory.limit_in_bytes").write_text(str(4 * gb))
-    assert datasets.available_memory() == 2 * gb  # no MemAvailable: the cgroup's still
+    assert utils.available_memory() == 2 * gb  # no MemAvailable: the cgroup's still
 
 
 def test_an_unseen_class_typed_in_another_unicode_form_is_its_folder():

@@ -360,13 +360,13 @@ def test_auto_cache_caches_what_fits(env, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(datasets, "build_train_loader", loader)
     whole = ["--max_steps_per_epoch", "4"]  # 8 images, batch 2: every image each epoch
     for available, want in ((10 ** 12, "ram"), (10 ** 6, "none")):
-        monkeypatch.setattr(datasets, "available_memory", lambda: available)
+        monkeypatch.setattr(utils, "available_memory", lambda: available)
         with pytest.raises(KeyboardInterrupt):
             run_pretraining.main(_args(env, str(tmp_path / want), *whole))
         assert chosen.pop() == want
         assert f"[data] --cache_images auto: {want} (the decoded images take 0.00 GB per " \
                "process, x1 on this node; " in capsys.readouterr().out
-    monkeypatch.setattr(datasets, "available_memory", lambda: 10 ** 12)
+    monkeypatch.setattr(utils, "available_memory", lambda: 10 ** 12)
     with pytest.raises(KeyboardInterrupt):
         run_pretraining.main(_args(env, str(tmp_path / "cut")))  # 1 step of 2 images
     assert chosen.pop() == "none"
