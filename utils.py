@@ -610,7 +610,9 @@ def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
     """tqdm, drawn to suit where it writes. On a terminal, as asked. Redirected to a
     file (`> log`, a cluster job's log), a bar opened inside another is not drawn: two
     bars at once move the cursor with escape sequences, which a log keeps as garbage
-    ('^[[A'); the outer bar is drawn every LOG_INTERVAL seconds, not ten times a second."""
+    ('^[[A'); the outer bar is drawn every LOG_INTERVAL seconds, not ten times a second,
+    and only by the loop: with tqdm's adaptive `miniters` its monitor thread redraws a
+    quiet bar itself, with the count of its last redraw (a stale line in the log)."""
     try:
         terminal = bool((kwargs.get("file") or sys.stderr).isatty())
     except (AttributeError, ValueError):  # no stderr (pythonw), or a closed one
@@ -619,6 +621,7 @@ def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
         if any(not bar.disable for bar in list(getattr(tqdm, "_instances", ()))):
             kwargs["disable"] = True
         kwargs["mininterval"] = max(kwargs.get("mininterval", 0.1), LOG_INTERVAL)
+        kwargs["miniters"] = 1
     return tqdm(iterable, **kwargs)
 
 

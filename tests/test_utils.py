@@ -1139,6 +1139,22 @@ def test_progress_bars_in_a_log_file_are_not_nested(terminal):
     alone.close()
 
 
+def test_a_bar_in_a_log_file_is_redrawn_by_its_loop_only(monkeypatch):
+    """tqdm's monitor thread redraws a bar whose adaptive miniters grew above 1 once
+    maxinterval passes without a redraw, showing the count of the last redraw (the loop
+    keeps the live count to itself): in a log, a stale line. In a log the loop draws."""
+    monkeypatch.setattr(utils, "LOG_INTERVAL", 0.01)
+    bars = {}
+    for name, stream in (("log", io.StringIO()), ("terminal", _Terminal())):
+        bar = utils.progress(range(20000), file=stream, disable=False, mininterval=0.01)
+        for i in bar:
+            if i % 1000 == 0:
+                time.sleep(0.02)
+        bars[name] = bar
+    assert bars["log"].miniters == 1  # what the monitor reads: 'miniters > 1' to redraw
+    assert bars["terminal"].miniters > 1  # tqdm's adaptive default, kept on a terminal
+
+
 # ----------------------------------------------------------------------------- distributed
 def test_single_process_without_torchrun(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
