@@ -38,6 +38,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
+from utils import progress
 
 
 @dataclass(frozen=True)
@@ -744,18 +745,16 @@ def make_demo_dataset(mvtec_root: str, imagenet_root: str, seed: int = 0,
         os.makedirs(root, exist_ok=True)
         with open(os.path.join(root, MARKER), "w") as f:
             json.dump(params, f, indent=1)
-    bar = tqdm(total=len(classes) * (n_train + n_test_good + n_test_defect), unit="img",
-               desc="demo set")
-    for cls in classes:
-        bar.set_postfix_str(cls)
-        try:
-            counts[cls] = _write_class(cls, mvtec_root, imagenet_root, spec, seed, size,
-                                       n_train, n_test_good, n_test_defect, bar)
-        except RuntimeError as err:
-            bar.close()
-            if defect_area is None:
-                raise
-            raise ValueError(f"defect_area {tuple(defect_area)}: {err}; choose sizes nearer "
-                             f"the world's {WORLDS[world].area_range}") from err
-    bar.close()
+    with progress(total=len(classes) * (n_train + n_test_good + n_test_defect), unit="img",
+                  desc="demo set") as bar:
+        for cls in classes:
+            bar.set_postfix_str(cls)
+            try:
+                counts[cls] = _write_class(cls, mvtec_root, imagenet_root, spec, seed, size,
+                                           n_train, n_test_good, n_test_defect, bar)
+            except RuntimeError as err:
+                if defect_area is None:
+                    raise
+                raise ValueError(f"defect_area {tuple(defect_area)}: {err}; choose sizes "
+                                 f"nearer the world's {WORLDS[world].area_range}") from err
     return counts

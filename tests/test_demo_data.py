@@ -392,3 +392,15 @@ def test_make_heldout_set(tmp_path):
         make_demo_dataset(str(tmp_path / "x"), str(tmp_path / "y"), world="other")
     with pytest.raises(ValueError, match="colour"):
         render_defect("retina", "scratch", np.random.default_rng(0))
+
+
+def test_progress_in_a_log_is_drawn_per_class_not_per_tenth_of_a_second(tmp_path, capsys):
+    """Redirected to a log (stderr is no terminal here), the set's bar follows
+    utils.progress: drawn at its start, at each class (its name) and at its end, not
+    every tenth of a second, which left a '\r'-separated redraw per image or two in a
+    cluster job's log."""
+    make_demo_dataset(str(tmp_path / "m"), str(tmp_path / "i"), classes=["grass"],
+                      n_train=30, n_test_good=5, n_test_defect=5)
+    log = capsys.readouterr().err
+    assert log.count("demo set") == 3, log
+    assert log.count("grass") == 2 and "demo set: 100%" in log and "40/40" in log
