@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from typing import Callable
 
 import numpy as np
@@ -41,6 +39,7 @@ import metrics  # noqa: E402
 import protoflow as pf  # noqa: E402
 import protocols  # noqa: E402
 import utils  # noqa: E402
+from bench.timing import machine_line, median_seconds  # noqa: E402
 from backbones import create_backbone  # noqa: E402
 from engine import masked_token_ce, scatter_masked  # noqa: E402
 from masking_generator import DEFAULT_MASK_RATIO, num_masked  # noqa: E402
@@ -78,18 +77,10 @@ def scipy_blur(maps: torch.Tensor) -> torch.Tensor:
 
 def median_times(rows: dict[str, tuple[Callable[[], None], Callable[[], None]]],
                  repeats: int, device: torch.device) -> dict[str, tuple[float, float]]:
-    """Row -> (ours, baseline) median seconds over `repeats` rounds; each round times
-    every function once, in turn, so that drifts of the machine hit both sides alike."""
-    times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in rows}
-    for _ in range(repeats):
-        for name, fns in rows.items():
-            for side, fn in enumerate(fns):
-                start = time.perf_counter()
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[name][side].append(time.perf_counter() - start)
-    return {k: (statistics.median(a), statistics.median(b)) for k, (a, b) in times.items()}
+    """Row -> (ours, baseline) median seconds over `repeats` interleaved rounds."""
+    seconds = median_seconds({(name, side): fn for name, fns in rows.items()
+                              for side, fn in enumerate(fns)}, repeats, 0, device)
+    return {name: (seconds[name, 0], seconds[name, 1]) for name in rows}
 
 
 def main() -> None:
@@ -194,8 +185,9 @@ def main() -> None:
                 lambda: protocols.gaussian_blur(maps, SIGMA), lambda: scipy_blur(maps)),
         }
         times = median_times(rows, args.repeats, device)
+    print(machine_line())
     print(f"{args.model} + DALL-E + {args.encoder} ProtoFlow, {args.images} images, "
-          f"batch {args.batch_size}, {device}, amp {amp}, {torch.get_num_threads()} threads, "
+          f"batch {args.batch_size}, {device}, amp {amp}, "
           f"{num_masked(DEFAULT_MASK_RATIO, model.patch_embed.num_patches)} masked patches at "
           f"r={DEFAULT_MASK_RATIO}, median of {args.repeats}")
     print(f"{'':30s} {'ours s':>9s} {'baseline s':>11s} {'speed-up':>9s}")

@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import masking_generator as mg  # noqa: E402
 import utils  # noqa: E402
+from bench.timing import machine_line  # noqa: E402
 
 
 def baseline_mask(m: int, grid: tuple[int, int], region: np.ndarray | None,
@@ -142,9 +143,9 @@ def main() -> None:
                          f"{'block' if block else 'random'}")
                 variants.append((label, region, pw, block))
 
+    print(machine_line())
     print(f"masks per CPU-second, one thread, {gen.window_size[0]}x{gen.window_size[1]} "
-          f"grid, MVTec class ratios; baseline = per-sample Python loop (same rules); "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+          f"grid, MVTec class ratios; baseline = per-sample Python loop (same rules)")
     print(f"{'variant':26s} {'ours b=4':>10s} {'ours b=64':>10s} {'baseline':>10s} "
           f"{'x (b=4)':>8s} {'x (b=64)':>9s}")
     walls = {}

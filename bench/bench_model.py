@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import sys
 import time
 from typing import Callable, Iterator
@@ -36,6 +34,7 @@ import timm  # noqa: E402
 
 import modeling_pmad  # noqa: E402, F401  (registers the models with timm)
 import utils  # noqa: E402
+from bench.timing import machine_line, median_seconds  # noqa: E402
 from bench.original_beit import OriginalViT  # noqa: E402
 
 MASK_RATIO = 0.4
@@ -106,29 +105,6 @@ def check_same_network(ours: torch.nn.Module, original: OriginalViT, device: tor
         raise AssertionError(f"the baseline is not the same network: logits differ by "
                              f"{logit_diff:.2e}, gradients by {grad_diff:.2e} (relative)")
     return logit_diff, grad_diff
-
-
-def median_seconds(fns: dict[str, Callable[[], None]], reps: int, warmup: int,
-                   device: torch.device, clock: Callable[[], float] = time.perf_counter
-                   ) -> dict[str, float]:
-    """Median seconds per call of each function, timed interleaved in alternating order."""
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for rep in range(reps):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            sync()
-            start = clock()
-            fns[name]()
-            sync()
-            times[name].append(clock() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def layer_share(fn: Callable[[], None], device: torch.device) -> float:
@@ -266,14 +242,11 @@ def main() -> None:
         parser.error("--clock cpu measures one CPU thread: add --threads 1 and --devices cpu")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
-    print(f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, timm {timm.__version__}, "
-          f"{args.model}, median of {args.reps} interleaved calls after {args.warmup} "
-          f"warm-up, {args.clock} clock, mask ratio {MASK_RATIO}")
+    print(machine_line())
     cpu_amp = "bf16" if modeling_pmad.bf16_supported("cpu") else "none"
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
-          f"threads, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"--amp default on this CPU: {cpu_amp} (bf16 only with AMX tiles; the bf16 rows "
-          "below measure it here)")
+    print(f"{args.model}, median of {args.reps} interleaved calls after {args.warmup} "
+          f"warm-up, {args.clock} clock, mask ratio {MASK_RATIO}; --amp default on this CPU: "
+          f"{cpu_amp} (bf16 only with AMX tiles; the bf16 rows below measure it here)")
     runs = []
     if "cpu" in args.devices:
         runs.append((torch.device("cpu"), args.precisions, [args.cpu_batch]))
@@ -297,17 +270,6 @@ def main() -> None:
         print(summary)
     print("speed-up = original time / ours; bound = 1 / layer share: the most any "
           "implementation can gain that computes the linear layers with the same kernels")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 import timm
@@ -23,19 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import protoflow as pf  # noqa: E402
 import utils  # noqa: E402
+from bench.timing import machine_line, timed  # noqa: E402
 from backbones import create_backbone  # noqa: E402
 
 RATIOS = [round(0.02 * i, 2) for i in range(1, 25)]
-
-
-def timed(fn, device: torch.device) -> tuple[float, object]:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
 
 
 def bench_coreset(args, device: torch.device) -> None:
@@ -126,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         device = utils.resolve_device(args.device)
     except utils.FlagError as e:
         p.error(str(e))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(machine_line())
     if "coreset" not in args.skip:
         bench_coreset(args, device)
     if "proposals" not in args.skip:

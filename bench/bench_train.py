@@ -49,6 +49,7 @@ import datasets  # noqa: E402
 import engine  # noqa: E402
 import modeling_pmad  # noqa: E402,F401  (registers the ViTs with timm)
 import utils  # noqa: E402
+from bench.timing import machine_line, sync  # noqa: E402
 from masking_generator import MaskGenerator, MaskingPolicy  # noqa: E402
 from modeling_discrete_vae import DalleEncoder, create_tokenizer, save_dalle_encoder  # noqa: E402
 
@@ -158,11 +159,6 @@ def loader_rate(source: Source, batch_size: int, steps: int, warmup: int,
     return window_rate(stamps, skip, batch_size)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def step_rate(model_name: str, source: Source, tokenizer, amp: str, batch_size: int,
               steps: int, warmup: int, device: torch.device) -> float:
     """images/s of engine.train_one_epoch (dynamic masking on: the most work per step)
@@ -191,16 +187,6 @@ def step_rate(model_name: str, source: Source, tokenizer, amp: str, batch_size: 
 def make_policy(device: torch.device) -> MaskingPolicy:
     """Dynamic masking from the first step: the most work per step."""
     return MaskingPolicy(MaskGenerator(), list(CLASSES), dynamic_start=0, device=device)
-
-
-def machine_line() -> str:
-    """Date, versions, CPU and threads, and the GPU where there is one: what was measured."""
-    from bench_model import cpu_model
-    gpu = (f", GPU {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
-           if torch.cuda.is_available() else ", no GPU")
-    return (f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, timm {timm.__version__}, "
-            f"CPU {cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch "
-            f"threads, {torch.backends.cpu.get_cpu_capability()}){gpu}")
 
 
 def main() -> None:

@@ -92,6 +92,7 @@ def model_main(load, monkeypatch):
         calls.append((device.type, clock))
         return iter(())
     monkeypatch.setattr(bm, "bench_device", bench_device)
+    monkeypatch.setattr(bm, "machine_line", lambda: "a machine")  # no GPU to name here
 
     def run(*argv: str, cuda: bool = False) -> list:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -424,11 +425,13 @@ def test_bench_eval_refuses_bad_arguments(load, monkeypatch, capsys, argv, messa
 
 
 def test_bench_eval_median_times_per_row_and_side(load, monkeypatch):
-    """median_times() calls every row's (ours, baseline) pair once per round and reports
-    each side's median seconds (a fake clock: each call advances it by a scripted time)."""
+    """median_times() calls every row's (ours, baseline) pair once per round, in turn
+    and in alternating order, and reports each side's median seconds (a fake clock: each
+    call advances it by a scripted time)."""
     be = load("bench_eval")
+    from bench import timing
     now = [0.0]
-    monkeypatch.setattr(be, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     script = {"a0": iter([1.0, 9.0, 2.0]), "a1": iter([5.0, 4.0, 6.0]),
               "b0": iter([0.5, 0.5, 0.7]), "b1": iter([3.0, 1.0, 2.0])}
     order = []
@@ -441,4 +444,43 @@ def test_bench_eval_median_times_per_row_and_side(load, monkeypatch):
     rows = {"a": (fn("a0"), fn("a1")), "b": (fn("b0"), fn("b1"))}
     times = be.median_times(rows, 3, torch.device("cpu"))
     assert times == {"a": (2.0, 5.0), "b": (0.5, 2.0)}
-    assert order == ["a0", "a1", "b0", "b1"] * 3  # interleaved rounds
+    assert order == ["a0", "a1", "b0", "b1", "b1", "b0", "a1", "a0", "a0", "a1", "b0", "b1"]
+
+
+# ----- timing (shared by the bench scripts) ----------------------------------------------
+
+def test_timing_median_seconds_warms_up_each_function_first():
+    """Warm-up calls are not timed: each function's first `warmup` calls take 100 s on
+    the fake clock and no median shows them."""
+    from bench import timing
+    now, calls = [0.0], {"x": 0, "y": 0}
+
+    def fn(key: str, seconds: float):
+        def call() -> None:
+            calls[key] += 1
+            now[0] += 100.0 if calls[key] <= 2 else seconds
+        return call
+    medians = timing.median_seconds({"x": fn("x", 1.0), "y": fn("y", 3.0)}, 5, 2,
+                                    torch.device("cpu"), clock=lambda: now[0])
+    assert medians == {"x": 1.0, "y": 3.0} and calls == {"x": 7, "y": 7}
+
+
+def test_timing_machine_line_names_cpu_threads_load_and_versions(monkeypatch):
+    """The first line of every bench script: a figure of a loaded machine must say so."""
+    from bench import timing
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (3.25, 1.0, 0.5))
+    monkeypatch.setattr(timing, "cpu_model", lambda: "Test CPU 9000")
+    line = timing.machine_line()
+    assert f"torch {torch.__version__}" in line and "CPU Test CPU 9000" in line
+    assert f"{torch.get_num_threads()} torch threads" in line
+    assert "load average 3.2" in line  # 3.25 rounds half to even
+    assert line.endswith("no GPU") or "GPU " in line
+
+
+@pytest.mark.parametrize("script", ["bench_eval", "bench_masking", "bench_model",
+                                    "bench_protoflow", "bench_train"])
+def test_every_bench_script_prints_the_machine_line_first(load, script):
+    """Each script's main() prints timing.machine_line() before any figure."""
+    import inspect
+    source = inspect.getsource(load(script).main)
+    assert source[source.index("print("):].startswith("print(machine_line()")
