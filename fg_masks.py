@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from datasets import (TEXTURES, BadFileError, bad_fg_masks_error, check_fg_masks,
                       fg_mask_path, is_junk_dir, list_images, mask_problem, open_rgb)
-from utils import bullet_list, progress, write_atomic
+from utils import bullet_list, download_mistake, progress, write_atomic
 
 WORK_SIZE = 256  # mask estimation runs at this longest side, then is resized back
 MIN_FG_FRACTION = 0.005  # an estimated mask smaller than this is treated as failed
@@ -72,7 +72,9 @@ class FgMaskZip:
         try:
             zipfile.ZipFile(path).close()
         except zipfile.BadZipFile as e:
-            raise zipfile.BadZipFile(f"--fg_mask_zip {path} is not a readable zip file ({e}): "
+            mistake = download_mistake(path)  # a web page, a Git LFS pointer
+            raise zipfile.BadZipFile(f"--fg_mask_zip {mistake}" if mistake else
+                                     f"--fg_mask_zip {path} is not a readable zip file ({e}): "
                                      "download fg_mask.zip again") from None
 
     def __init__(self, path: str, images: dict[str, Sequence[str]]) -> None:

@@ -37,8 +37,8 @@ from backbones import (create_backbone, input_normalization, lite0_weights_path,
                        normalization_record, recorded_normalization)
 from modeling_pmad import (Block, LayerNorm, PatchEmbed, load_state_dict_checked,
                            unwrap_state_dict)
-from utils import (CheckpointError, FlagError, MissingFileError, file_sha256, read_weights_file,
-                   save_on_master)
+from utils import (CheckpointError, FlagError, MissingFileError, download_mistake, file_sha256,
+                   read_weights_file, save_on_master)
 
 __all__ = [
     "register_tokenizer", "available_tokenizers", "create_tokenizer", "token_grid",
@@ -377,6 +377,9 @@ def load_dalle_encoder(path: str | os.PathLike) -> DalleEncoder:
                               "DALL-E encoder does not contain; refusing to unpickle it (a "
                               "pickle can run code). Use the original encoder.pkl.") from None
     except Exception as e:
+        mistake = download_mistake(path)
+        if mistake:
+            raise CheckpointError(mistake) from None
         raise CheckpointError(f"{path} is not a readable pickled DALL-E encoder (truncated "
                               f"download?): {type(e).__name__}: {e}. Download encoder.pkl "
                               "again.") from e

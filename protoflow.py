@@ -32,8 +32,8 @@ from backbones import create_backbone, normalization_record, recorded_normalizat
 from masking_generator import Rng, as_numpy_rng, num_masked
 from utils import progress as progress_bar  # `progress` is greedy_coreset's flag
 from utils import (TRAIN_IMAGE_HASHES, CheckpointError, FlagError, MissingFileError,
-                   cosine_scheduler, file_sha256, read_json_object, read_weights_file,
-                   save_on_master, write_atomic)
+                   cosine_scheduler, download_mistake, file_sha256, read_json_object,
+                   read_weights_file, save_on_master, write_atomic)
 
 DEFAULT_BACKBONE = "tf_efficientnet_b6"  # architecture of a file that names none
 # timm 0.3.2's `tf_efficientnet_b6` (the original's encoder) is the AutoAugment ImageNet
@@ -296,8 +296,8 @@ def load_prototypes(prototypes_dir: str, class_name: str, feature_dim: int,
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable .npy array ({e}); rebuild it with "
-                              f"`{make}`") from None
+        raise CheckpointError(download_mistake(path) or f"{path} is not a readable .npy "
+                              f"array ({e}); rebuild it with `{make}`") from None
     if arr.dtype.kind != "f":  # strings fail astype; complex would drop its imaginary part
         raise CheckpointError(f"{path} holds {arr.dtype} values, not float features; "
                               f"rebuild it with `{make}`")

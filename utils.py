@@ -1003,10 +1003,44 @@ def _all_zero(path: str) -> bool:
     return True
 
 
+# How a download of a released file goes wrong in a way its bytes show: a Git LFS pointer
+# (a clone of the release without git-lfs) or a web page (a Hugging Face `blob/` link,
+# as the original README gives, is the page that shows the file; `resolve/` serves it).
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+HTML_STARTS = (b"<!doctype html", b"<html")
+
+
+def download_mistake(path: str | os.PathLike) -> str | None:
+    """What `path` plainly is instead of the file asked for (a sentence naming it and the
+    fix) when it is a Git LFS pointer or a web page; None otherwise (unreadable too)."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    name = os.path.basename(path)
+    if head.startswith(LFS_POINTER):
+        size = re.search(rb"\nsize (\d+)", head)
+        return (f"{path} is a Git LFS pointer ({os.path.getsize(path)} bytes"
+                + (f" standing for a file of {int(size.group(1)):,} bytes" if size else "")
+                + "), not the file itself: the release was cloned without Git LFS. Run "
+                "`git lfs pull` in that clone, or download the file itself (links in "
+                "weights/README.md)")
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith(HTML_STARTS):
+        return (f"{path} is a web page (HTML), not the file itself: the link downloaded was "
+                "the page that shows the file, as Hugging Face's .../blob/main/"
+                f"{name} is. Download .../resolve/main/{name} instead (links in "
+                "weights/README.md)")
+    return None
+
+
 def _unreadable_weights_error(path: str, e: Exception, fix: str) -> CheckpointError:
     """The error for a file torch.load refused: the object it refused to unpickle; or
-    what the file plainly is (empty, all zero bytes, a tar archive, cut short) where
-    torch's own message is empty or only its unsafe advice; else torch's reason."""
+    what the file plainly is (a web page or a Git LFS pointer: download_mistake; empty,
+    all zero bytes, a tar archive, cut short) where torch's own message is empty or only
+    its unsafe advice; else torch's reason."""
     refused = re.search(r"GLOBAL ([\w.]+)", str(e))
     if isinstance(e, pickle.UnpicklingError) and refused \
             and refused.group(1).startswith("dall_e."):
@@ -1020,6 +1054,9 @@ def _unreadable_weights_error(path: str, e: Exception, fix: str) -> CheckpointEr
                                "it (unpickling can run code). Use the originally released "
                                "file.")
     size, text = os.path.getsize(path), _torch_error_text(e)
+    mistake = download_mistake(path)
+    if mistake:
+        return CheckpointError(mistake)
     if size == 0 or _all_zero(path):
         return CheckpointError(f"{path} is not a PyTorch checkpoint ({size} bytes"
                                f"{', all zero' if size else ''}: an empty or interrupted "

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -850,6 +851,65 @@ def test_files_torch_says_nothing_about_are_described(tmp_path, name, write, rea
     with pytest.raises(utils.CheckpointError) as e:
         utils.read_weights_file(tmp_path / name)
     assert str(e.value) == f"{tmp_path / name} {reason}"
+
+
+# What `wget` of the original README's links gives (a Hugging Face .../blob/main/ link is
+# the page that shows the file), and what a clone of the release without git-lfs holds.
+HF_PAGE = (b"\n<!doctype html>\n<html class=\"\">\n<head><title>vit_tokenizer.pth \xc2\xb7 "
+           b"xcyao00/PMAD at main</title></head><body></body></html>\n")
+LFS_FILE = (b"version https://git-lfs.github.com/spec/v1\n"
+            b"oid sha256:4d7a214614ab2935c943f9e0904d5ec8a6f6e1b2d3c4b5a69788796a5b4c3d2e\n"
+            b"size 349634560\n")
+
+
+def _download_mistakes(path: Path) -> dict[str, str]:
+    return {
+        "page": (f"{path} is a web page (HTML), not the file itself: the link downloaded was "
+                 "the page that shows the file, as Hugging Face's .../blob/main/"
+                 f"{path.name} is. Download .../resolve/main/{path.name} instead (links in "
+                 "weights/README.md)"),
+        "lfs": (f"{path} is a Git LFS pointer (134 bytes standing for a file of 349,634,560 "
+                "bytes), not the file itself: the release was cloned without Git LFS. Run "
+                "`git lfs pull` in that clone, or download the file itself (links in "
+                "weights/README.md)")}
+
+
+@pytest.mark.parametrize("kind", ["page", "lfs"])
+def test_a_web_page_or_lfs_pointer_is_named_with_its_fix(tmp_path, kind):
+    """"Download it again" repeats the mistake: the error says what was downloaded and
+    which link serves the file, for every released file's loader."""
+    import fg_masks
+    import modeling_discrete_vae
+    import protoflow
+    data = {"page": HF_PAGE, "lfs": LFS_FILE}[kind]
+    assert kind != "lfs" or len(data) == 134
+    ckpt = tmp_path / "vit_base_16_checkpoint_962_955.pth"
+    ckpt.write_bytes(data)
+    with pytest.raises(utils.CheckpointError) as e:
+        utils.read_weights_file(ckpt)
+    assert str(e.value) == _download_mistakes(ckpt)[kind]
+    pkl = tmp_path / "encoder.pkl"
+    pkl.write_bytes(data)
+    with pytest.raises(utils.CheckpointError) as e:
+        modeling_discrete_vae.load_dalle_encoder(pkl)
+    assert str(e.value) == _download_mistakes(pkl)[kind]
+    npy = tmp_path / "prototypes" / "bottle" / "coreset.npy"
+    npy.parent.mkdir(parents=True)
+    npy.write_bytes(data)
+    with pytest.raises(utils.CheckpointError) as e:
+        protoflow.load_prototypes(str(tmp_path / "prototypes"), "bottle", 272)
+    assert str(e.value) == _download_mistakes(npy)[kind]
+    zipped = tmp_path / "fg_mask.zip"
+    zipped.write_bytes(data)
+    with pytest.raises(zipfile.BadZipFile) as e:
+        fg_masks.FgMaskZip.check_file(str(zipped))
+    assert str(e.value) == "--fg_mask_zip " + _download_mistakes(zipped)[kind]
+    # told by the first bytes alone; a checkpoint is neither
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"<html" + bytes(10))
+    assert utils.download_mistake(other) == _download_mistakes(other)["page"]
+    torch.save({"w": torch.zeros(2)}, other)
+    assert utils.download_mistake(other) is None
 
 
 # ----------------------------------------------------------------------------- logs
