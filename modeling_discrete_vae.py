@@ -501,9 +501,20 @@ def _dalle_grid(weight_path: str) -> tuple[int, str]:
                   f"stride {DalleTokenizer.STRIDE})")
 
 
+def tokenizer_file(weight_path: str, file_name: str) -> str:
+    """The file --tokenizer_weight_path names: itself, or `file_name` in it where it is a
+    folder (weights/tokenizer, as the original scripts pass it) or names none that
+    exists and has no extension (weights/tokenizer on a fresh clone), so that a missing
+    file is named as the file to put there."""
+    if os.path.isdir(weight_path) or (not os.path.exists(weight_path)
+                                      and not os.path.splitext(weight_path)[1]):
+        return os.path.join(weight_path, file_name)
+    return weight_path
+
+
 @register_tokenizer("dall-e", grid=_dalle_grid)
 def _build_dalle(weight_path: str) -> DalleTokenizer:
-    path = os.path.join(weight_path, "encoder.pkl") if os.path.isdir(weight_path) else weight_path
+    path = tokenizer_file(weight_path, "encoder.pkl")
     return DalleTokenizer(load_dalle_encoder(path), file_sha256(path))
 
 
@@ -594,12 +605,19 @@ def vqkd_grid_side(pos_embed: torch.Tensor) -> int:
     return math.isqrt(pos_embed.shape[1] - 1)
 
 
+VIT_TOKENIZER_URL = "https://huggingface.co/xcyao00/PMAD/resolve/main/vit_tokenizer.pth"
+
+
 def vit_tokenizer_path(weight_path: str) -> str:
-    """The ViT tokenizer's file: a folder (weights/tokenizer, as the original scripts
-    pass it) means its vit_tokenizer.pth."""
-    if os.path.isdir(weight_path):
-        return os.path.join(weight_path, "vit_tokenizer.pth")
-    return weight_path
+    """The ViT tokenizer's file (a folder means its vit_tokenizer.pth: tokenizer_file);
+    a missing one is an error naming it, the download and the flag."""
+    path = tokenizer_file(weight_path, "vit_tokenizer.pth")
+    if not os.path.isfile(path):
+        raise MissingFileError(f"ViT tokenizer {path} "
+                               + ("is a folder" if os.path.isdir(path) else "not found")
+                               + f": download {VIT_TOKENIZER_URL} to {path}, or give its "
+                               "location with --tokenizer_weight_path")
+    return path
 
 
 def _vit_tokenizer_grid(weight_path: str) -> tuple[int, str] | None:

@@ -292,10 +292,23 @@ def test_tokenizer_mistakes_are_one_error_line(tmp_path, capsys):
     pmad = tmp_path / "checkpoint-last.pth"  # a PMAD checkpoint given as the tokenizer
     torch.save({"model": {"lm_head.weight": torch.zeros(8, 4)}, "epoch": 0}, pmad)
     pkl = tmp_path / "encoder.pkl"
+    fresh = tmp_path / "clone" / "weights" / "tokenizer"  # the default folder, not made yet
+    vqkd_url = "https://huggingface.co/xcyao00/PMAD/resolve/main/vit_tokenizer.pth"
     cases = [
         ("dall-e", tmp_path, f"DALL-E encoder {pkl} not found: download "
                              f"https://cdn.openai.com/dall-e/encoder.pkl to {pkl}, or give its "
                              "location with --tokenizer_weight_path"),
+        ("dall-e", fresh, f"DALL-E encoder {fresh / 'encoder.pkl'} not found: download "
+                          "https://cdn.openai.com/dall-e/encoder.pkl to "
+                          f"{fresh / 'encoder.pkl'}, or give its location with "
+                          "--tokenizer_weight_path"),
+        ("vit_tokenizer", fresh, f"ViT tokenizer {fresh / 'vit_tokenizer.pth'} not found: "
+                                 f"download {vqkd_url} to {fresh / 'vit_tokenizer.pth'}, or "
+                                 "give its location with --tokenizer_weight_path"),
+        ("vit_tokenizer", tmp_path, f"ViT tokenizer {tmp_path / 'vit_tokenizer.pth'} not "
+                                    f"found: download {vqkd_url} to "
+                                    f"{tmp_path / 'vit_tokenizer.pth'}, or give its location "
+                                    "with --tokenizer_weight_path"),
         ("kmeans", pmad, f"{pmad} is not a k-means tokenizer file (needs 'tokenizer': "
                          "'kmeans' and"),
         ("kmeans", tmp_path / "km.pth",  # made by training, not downloaded
@@ -311,7 +324,10 @@ def test_tokenizer_mistakes_are_one_error_line(tmp_path, capsys):
         assert utils.cli(lambda: create_tokenizer(name, path)) == 2, name
         err = capsys.readouterr().err
         assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
-        assert "Traceback" not in err and "weights/tokenizer" not in err
+        assert "Traceback" not in err and ("weights/tokenizer" not in err or path == fresh)
+    with pytest.raises(utils.MissingFileError, match="vit_tokenizer.pth not found"):
+        dv.token_grid("vit_tokenizer", fresh)  # read before any tokenizer is built
+    assert not fresh.exists()
 
 
 # ------------------------------------------------------------------------- ViT (VQ-KD)
