@@ -449,6 +449,10 @@ def resolve_eval_config(given: dict[str, Any], checkpoint: Any, path: str | os.P
     code cannot build (another version's, a typo) is a CheckpointError naming the file
     and --model, not build_pmad's error about a flag that was never given."""
     saved = checkpoint_args(checkpoint) or {}
+    if "tokenizer_model" not in saved and saved.get("discrete_vae_type") == "dall-e":
+        # BEiT's name for it, recorded by BEiT-based code such as the original's (its
+        # other value, 'customized', names a tokenizer of BEiT's that this code lacks)
+        saved = {**saved, "tokenizer_model": "dall-e"}
     config, overridden = {}, []
     path = os.fspath(path)
     for key, paper in PAPER_EVAL_CONFIG.items():

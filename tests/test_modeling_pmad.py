@@ -738,7 +738,7 @@ def test_settings_an_original_checkpoints_arguments_lack_are_named_as_the_papers
     from modeling_pmad import resolve_eval_config
     from utils import read_weights_file
     args = argparse.Namespace(model=TINY, input_size=112, imagenet_default_mean_and_std=False,
-                              discrete_vae_type="dall-e", lr=1e-3)
+                              num_mask_patches=58, lr=1e-3)
     path = _eval_checkpoint(tmp_path / "original.pth", args)
     config, notes = resolve_eval_config({}, read_weights_file(path), path)
     assert config == {"model": TINY, "input_size": 112, "layer_scale_init_value": None,
@@ -754,3 +754,32 @@ def test_settings_an_original_checkpoints_arguments_lack_are_named_as_the_papers
     assert notes == [f"{path} stores its training arguments; evaluating with {config} "
                      "(given flags, else the checkpoint's; the paper's for "
                      "layer_scale_init_value, which its arguments do not record)"]
+
+
+@pytest.mark.parametrize("vae_type, recorded", [("dall-e", True), ("customized", False)])
+def test_beits_discrete_vae_type_records_the_dall_e_tokenizer(tmp_path, vae_type, recorded):
+    """The original code is BEiT's, whose arguments name the tokenizer kind
+    `discrete_vae_type` ('dall-e', the paper's): a checkpoint recording it says which
+    tokenizer it was trained with, with no note that it does not. BEiT's other kind,
+    'customized', is none of ours: the paper's is assumed and said so."""
+    from modeling_pmad import resolve_eval_config
+    from utils import read_weights_file
+    args = argparse.Namespace(model=TINY, input_size=224, layer_scale_init_value=0.1,
+                              imagenet_default_mean_and_std=True, discrete_vae_type=vae_type,
+                              discrete_vae_weight_path="weights/tokenizer")
+    path = _eval_checkpoint(tmp_path / "beit_args.pth", args)
+    config, notes = resolve_eval_config({}, read_weights_file(path), path)
+    assert config == {"model": TINY, "input_size": 224, "layer_scale_init_value": 0.1,
+                      "imagenet_default_mean_and_std": True, "tokenizer_model": "dall-e"}
+    if recorded:
+        assert notes == [f"{path} stores its training arguments; evaluating with {config} "
+                         "(given flags, else the checkpoint's)"]
+    else:
+        assert len(notes) == 2 and "the paper's for tokenizer_model" in notes[0]
+        assert notes[1].startswith("the file does not say which tokenizer it was trained")
+    config, notes = resolve_eval_config({"tokenizer_model": "vit_tokenizer"},
+                                        read_weights_file(path), path)
+    assert config["tokenizer_model"] == "vit_tokenizer"
+    assert notes[1:] == (["given flags override the checkpoint's training arguments: "
+                          "--tokenizer_model vit_tokenizer (checkpoint: dall-e)"]
+                         if recorded else [])
