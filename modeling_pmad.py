@@ -28,7 +28,7 @@ from timm.models import register_model
 from torch import nn
 
 from utils import (CheckpointError, FlagError, MissingFileError, bf16_supported, main_print,
-                   read_weights_file, some_names)
+                   read_weights_file, some_names, strip_ddp_prefix)
 
 __all__ = [
     "PatchEmbed", "Attention", "Block", "RelativePositionBias",
@@ -495,7 +495,8 @@ def checkpoint_vocab_size(checkpoint: Any, path: str | os.PathLike) -> int:
 
 def unwrap_state_dict(obj: Any, path: str | os.PathLike,
                       keys: tuple[str, ...] = ("model", "module")) -> dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint: under the first of `keys` present, or `obj`."""
+    """The state dict inside a checkpoint: under the first of `keys` present, or `obj`;
+    one saved from a DDP-wrapped model ('module.' before every key) as the model's."""
     if isinstance(obj, dict):
         for key in keys:
             if isinstance(obj.get(key), dict):
@@ -503,7 +504,7 @@ def unwrap_state_dict(obj: Any, path: str | os.PathLike,
                 break
         if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                        for k, v in obj.items()):
-            return obj
+            return strip_ddp_prefix(obj)
     found = sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__
     what = ("; it is a ProtoFlow file (run_test.py and predict.py take it as "
             "--protoflow_weights)"

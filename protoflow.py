@@ -33,7 +33,7 @@ from masking_generator import Rng, as_numpy_rng, num_masked
 from utils import progress as progress_bar  # `progress` is greedy_coreset's flag
 from utils import (TRAIN_IMAGE_HASHES, CheckpointError, FlagError, MissingFileError,
                    cosine_scheduler, download_mistake, file_sha256, read_json_object,
-                   read_weights_file, save_on_master, write_atomic)
+                   read_weights_file, save_on_master, strip_ddp_prefix, write_atomic)
 
 DEFAULT_BACKBONE = "tf_efficientnet_b6"  # architecture of a file that names none
 # timm 0.3.2's `tf_efficientnet_b6` (the original's encoder) is the AutoAugment ImageNet
@@ -669,6 +669,9 @@ def load_protoflow_file(path: str) -> dict:
         raise CheckpointError(f"{path} has no 'decoder_state_dict' ({keys}); it is not a "
                               "ProtoFlow file: pass the ProtoFlow weights (released, or "
                               "written by `python run_protoflow.py train`)")
+    for field in ("encoder_state_dict", "decoder_state_dict"):  # saved from a DDP wrapper
+        if isinstance(obj.get(field), dict):
+            obj[field] = strip_ddp_prefix(obj[field])
     return obj
 
 

@@ -1073,6 +1073,18 @@ def _unreadable_weights_error(path: str, e: Exception, fix: str) -> CheckpointEr
                            f"{fix}")
 
 
+DDP_PREFIX = "module."  # what (Distributed)DataParallel puts before every key it wraps
+
+
+def strip_ddp_prefix(state_dict: dict) -> dict:
+    """A state dict saved from a model wrapped in DistributedDataParallel or DataParallel
+    (`model.state_dict()`, not the wrapped module's: every key 'module.<key>') as the
+    wrapped model's; any other as it is."""
+    if state_dict and all(isinstance(k, str) and k.startswith(DDP_PREFIX) for k in state_dict):
+        return {k[len(DDP_PREFIX):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
 def read_weights_file(path: str | os.PathLike, fix: str = "Download it again.",
                       mmap: bool = False) -> Any:
     """torch.load(weights_only=True) with errors that name the file and say `fix`.

@@ -474,14 +474,25 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[key], sb[key]), key
 
 
-@pytest.mark.parametrize("layout", ["model", "module", "bare"])
+@pytest.mark.parametrize("layout", ["model", "module", "bare", "ddp"])
 def test_load_checkpoint_layouts(tmp_path, source_model, layout):
+    """'ddp': saved from the DistributedDataParallel wrapper (`model.state_dict()`, not
+    the wrapped module's), every key 'module.<key>': the same weights, not another
+    model's."""
     sd = source_model.state_dict()
     path = tmp_path / "ckpt.pth"
-    torch.save(sd if layout == "bare" else {layout: sd}, path)
+    if layout == "ddp":
+        sd = {f"module.{k}": v for k, v in sd.items()}
+        assert "module.blocks.0.attn.qkv.weight" in sd
+    torch.save(sd if layout == "bare" else {"module" if layout == "module" else "model": sd},
+               path)
     target = build(depth=2)
-    assert load_checkpoint(target, path) == {"missing": [], "unexpected": []}
+    assert load_checkpoint(target, path, strict=True) == {"missing": [], "unexpected": []}
     assert_same_weights(target, source_model)
+    if layout == "ddp":  # as --init_ckpt too
+        loaded = build(depth=2)
+        modeling_pmad.load_init_checkpoint(loaded, str(path))
+        assert_same_weights(loaded, source_model)
 
 
 def test_load_pmad_training_checkpoint(tmp_path, source_model):
