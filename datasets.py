@@ -104,7 +104,7 @@ def resolve_setting(setting: str | None, from_obj_to_texture: bool = False) -> s
 
 def normalization(imagenet_default_mean_and_std: bool = True
                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std): ImageNet's, or BEiT's 0.5/0.5 without --imagenet_default_mean_and_std."""
+    """(mean, std): ImageNet's, or BEiT's 0.5/0.5 (--no-imagenet_default_mean_and_std)."""
     if imagenet_default_mean_and_std:
         return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
     return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)

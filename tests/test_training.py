@@ -1143,6 +1143,18 @@ def test_the_original_launchers_local_rank_flag(monkeypatch):
     assert ranks == [("1", 1), ("0", 0)]
 
 
+def test_imagenet_normalisation_is_the_default_the_original_scripts_ask_for():
+    """The original parser's --imagenet_default_mean_and_std is off unless given, and its
+    scripts give it: here it is on by default (docs/method.md 4), the same meaning for
+    its command lines; BEiT's 0.5/0.5 takes --no-imagenet_default_mean_and_std."""
+    parse = run_pretraining.get_args_parser().parse_args
+    assert parse([]).imagenet_default_mean_and_std is True
+    assert parse(["--imagenet_default_mean_and_std"]).imagenet_default_mean_and_std is True
+    off = parse(["--no-imagenet_default_mean_and_std"]).imagenet_default_mean_and_std
+    assert datasets.normalization(off) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert datasets.normalization(True) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
 def test_from_obj_to_texture_alias():
     parse = run_pretraining.get_args_parser().parse_args
     assert parse(["--from_obj_to_texture"]).from_obj_to_texture
