@@ -1191,13 +1191,13 @@ def test_shell_scripts_build_the_run_test_commands(tmp_path):
     from conftest import ROOT, arg, python_stub, run_command, stub_calls
     stub, log = python_stub(tmp_path)
 
-    def calls(script: str, **env: str) -> list[list[str]]:
+    def calls(script: str, *extra: str, **env: str) -> list[list[str]]:
         log.unlink(missing_ok=True)
         clean_env = {k: v for k, v in os.environ.items() if k not in (
             "SETTING", "CKPT", "MODEL", "TOKENIZER", "PROTOCOLS", "FROM_OBJ_TO_TEXTURE",
             "OUTPUT_DIR", "DATA_PATH", "PROTOFLOW_WEIGHTS", "TOKENIZER_WEIGHT_PATH")}
-        run = run_command(["bash", f"scripts/{script}", "--save_heatmaps", "4"], cwd=ROOT,
-                          env={**clean_env, "PYTHON": str(stub), **env})
+        run = run_command(["bash", f"scripts/{script}", *extra, "--save_heatmaps", "4"],
+                          cwd=ROOT, env={**clean_env, "PYTHON": str(stub), **env})
         assert run.returncode == 0, run.stderr
         return stub_calls(log)
 
@@ -1226,6 +1226,15 @@ def test_shell_scripts_build_the_run_test_commands(tmp_path):
     assert arg(obj2tex, "--ckpt")[0] == "weights/checkpoint_976_931.pth"
     assert arg(obj2tex, "--protoflow_weights")[0] == "weights/protoflow/weights_texture.pt"
     assert arg(obj2tex, "--output_dir")[0] == "output_dir/test_obj2tex/clean"
+    # the original switch, as train_cross_class.sh takes it: the same run (it said
+    # textures -> objects has no released ProtoFlow file)
+    switch = calls("test_cross_class.sh", "--from_obj_to_texture", PROTOCOLS="clean")[0]
+    assert {k: arg(switch, k) for k in ("--setting", "--ckpt", "--protoflow_weights")} == {
+        "--setting": ["obj2tex"], "--ckpt": ["weights/checkpoint_976_931.pth"],
+        "--protoflow_weights": ["weights/protoflow/weights_texture.pt"]}
+    assert "--from_obj_to_texture" in switch
+    parsed = run_test.get_args_parser().parse_args(switch[1:])
+    assert datasets.resolve_setting(parsed.setting, parsed.from_obj_to_texture) == "obj2tex"
     off = calls("test_cross_class.sh", PROTOCOLS="clean", FROM_OBJ_TO_TEXTURE="Off",
                 PROTOFLOW_WEIGHTS="pf.pt")[0]
     assert arg(off, "--setting")[0] == "tex2obj"  # not any non-empty word: on
