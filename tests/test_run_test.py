@@ -1235,6 +1235,11 @@ def test_shell_scripts_build_the_run_test_commands(tmp_path):
     assert "--from_obj_to_texture" in switch
     parsed = run_test.get_args_parser().parse_args(switch[1:])
     assert datasets.resolve_setting(parsed.setting, parsed.from_obj_to_texture) == "obj2tex"
+    run = run_command(["bash", "scripts/test_multi_class.sh", "--from_obj_to_texture"],
+                      cwd=ROOT, env={**os.environ, "PYTHON": str(stub)})
+    assert run.returncode == 2 and run.stderr.startswith(
+        "error: --from_obj_to_texture selects objects -> textures, not SETTING=multi_class: "
+        "run bash scripts/test_cross_class.sh --from_obj_to_texture")
     off = calls("test_cross_class.sh", PROTOCOLS="clean", FROM_OBJ_TO_TEXTURE="Off",
                 PROTOFLOW_WEIGHTS="pf.pt")[0]
     assert arg(off, "--setting")[0] == "tex2obj"  # not any non-empty word: on

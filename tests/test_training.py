@@ -1273,6 +1273,14 @@ def test_shell_scripts_build_the_torchrun_command(tmp_path):
     assert proc.stderr.startswith("error: FROM_OBJ_TO_TEXTURE=objects: give 1 (objects -> "
                                   "textures) or 0")
     assert obj2tex[obj2tex.index("--data_path") + 1] == "/d"
+    # the original switch given to the multi-class script: said so (it was run_pretraining's
+    # '--setting multi_class was given', a flag the user never typed)
+    proc = run_command(["bash", "scripts/train_multi_class.sh", "--from_obj_to_texture"],
+                       cwd=REPO, env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("error: --from_obj_to_texture selects objects -> textures, not "
+                           "SETTING=multi_class: run bash scripts/train_cross_class.sh "
+                           "--from_obj_to_texture (its checkpoint and output folder)\n")
     # one process: the interpreter itself, so a mistake's exit code 2 reaches the caller
     (fake / "py").write_text("#!/usr/bin/env bash\necho python \"$@\"\nexit 2\n")
     (fake / "py").chmod(0o755)
