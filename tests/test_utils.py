@@ -1097,6 +1097,23 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_says_so(tmp_path):
     assert utils.interruption(KeyboardInterrupt()) == "interrupted (Ctrl-C)"
 
 
+def test_cli_runs_a_main_on_another_thread_without_a_sigterm_handler():
+    """Python sets signal handlers on the main thread only (signal.signal raises
+    ValueError elsewhere): an entry point run on another thread (a notebook's worker, a
+    GUI) still runs, exits as it would, and leaves the process's SIGTERM handler alone."""
+    import threading
+    before = signal.getsignal(signal.SIGTERM)
+    seen, results = [], []
+
+    def run() -> None:
+        results.append(utils.cli(lambda: seen.append(signal.getsignal(signal.SIGTERM)) or 3))
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=30)
+    assert results == [3] and seen == [before]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_sigterm_to_the_process_group_stops_loader_workers_without_a_traceback(tmp_path):
     """`timeout`, a job's cancellation or a terminal's hang-up send SIGTERM to the whole
     process group: the DataLoader's workers die of it (torch's worker handler re-raises a
@@ -1150,6 +1167,16 @@ def test_a_collective_whose_peer_stopped_is_one_line_not_a_traceback(monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(RuntimeError, match="Connection closed by peer"):
         utils.cli(failing(gloo))
+    # gloo's other wording of it; a message of several lines is said by its first
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    reset = RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:81] Read error "
+                         "[10.0.0.2]:4711: Connection reset by peer\nException raised from "
+                         "recvFromRank at ../torch/csrc/distributed/c10d/ProcessGroupGloo.cpp")
+    assert utils.cli(failing(reset)) == 1
+    assert capsys.readouterr().err == (
+        "[rank 0] stopped: another process of this job stopped first (its error, above or "
+        "in its node's log, says why): [../gloo/transport/tcp/unbound_buffer.cc:81] Read "
+        "error [10.0.0.2]:4711: Connection reset by peer\n")
 
 
 def test_lines_said_while_a_progress_bar_is_drawn_start_lines_of_their_own(capsys):
@@ -1213,6 +1240,47 @@ def test_a_bar_in_a_log_file_is_redrawn_by_its_loop_only(monkeypatch):
         bars[name] = bar
     assert bars["log"].miniters == 1  # what the monitor reads: 'miniters > 1' to redraw
     assert bars["terminal"].miniters > 1  # tqdm's adaptive default, kept on a terminal
+
+
+def test_progress_in_a_log_file_draws_every_30_seconds_whatever_it_is_asked():
+    """In a log file a bar draws every 30 s (LOG_INTERVAL), also one that asks for more
+    often (greedy_coreset's 1 s would write a line a second into the log); a bar that is
+    open but not drawn (disable=True: a short check's) does not count as an outer bar;
+    without a stderr (pythonw) a bar is one for a log file."""
+    assert utils.LOG_INTERVAL == 30.0
+    fast = utils.progress(range(2), desc="coreset", file=io.StringIO(), disable=False,
+                          mininterval=1.0)
+    assert fast.mininterval == 30.0
+    fast.close()
+    slow = utils.progress(range(2), file=io.StringIO(), disable=False, mininterval=60.0)
+    assert slow.mininterval == 60.0  # slower than asked is kept
+    slow.close()
+    hidden = utils.progress(range(2), desc="checking", file=io.StringIO(), disable=True)
+    drawn = utils.progress(range(2), desc="epoch 0", file=io.StringIO(), disable=False)
+    assert not drawn.disable
+    drawn.close()
+    hidden.close()
+
+
+class _Writer:
+    """A stream with no isatty (a logging adapter put in place of sys.stderr)."""
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_on_a_stderr_that_cannot_say_it_is_a_terminal_is_for_a_log(monkeypatch):
+    """A closed stderr (isatty raises ValueError) or one without isatty (AttributeError)
+    is taken as a log file, not as a terminal."""
+    closed = io.StringIO()
+    closed.close()
+    for stderr in (closed, _Writer()):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        bar = utils.progress(range(2), disable=False)
+        assert bar.mininterval == utils.LOG_INTERVAL, stderr
+        bar.close()
 
 
 # ----------------------------------------------------------------------------- distributed
