@@ -134,6 +134,39 @@ def test_available_memory_is_the_memory_cgroups_where_one_limits_the_process(tmp
     assert utils.available_memory() == 2 * gb  # no MemAvailable: the cgroup's still
 
 
+def test_available_memory_in_a_container_of_its_own_cgroup_namespace(tmp_path, monkeypatch):
+    """Docker's default on cgroup v2: /proc/self/cgroup says '0::/' and the container's
+    limit is the root's own memory.max, which bounds it. A usage over the limit (reclaim
+    lags) leaves no room, not a negative one; v1 lines of other controllers are not
+    memory's (their folders are not read); v1's 'no limit' with no MemAvailable tells
+    nothing."""
+    gb = 10 ** 9
+    (tmp_path / "meminfo").write_text(f"MemAvailable: {500 * gb // 1024} kB\n")
+    monkeypatch.setattr(utils, "MEMINFO", str(tmp_path / "meminfo"))
+    root = tmp_path / "cg"
+    monkeypatch.setattr(utils, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(utils, "PROC_CGROUP", str(tmp_path / "self_cgroup"))
+    root.mkdir()
+    for name, text in (("memory.max", str(4 * gb)), ("memory.current", str(gb)),
+                       ("memory.stat", "anon 1\ninactive_file 0")):
+        (root / name).write_text(text + "\n")
+    (tmp_path / "self_cgroup").write_text("0::/\n")
+    assert utils.available_memory() == 3 * gb
+    (root / "memory.current").write_text(str(5 * gb))
+    assert utils.available_memory() == 0
+    (tmp_path / "self_cgroup").write_text("3:cpu,cpuacct:/other\n4:memory:/docker/c1\n")
+    for folder, limit in (("other", gb), ("docker/c1", 2 ** 63 - 4096)):
+        v1 = root / "memory" / folder
+        v1.mkdir(parents=True)
+        for name, text in (("memory.limit_in_bytes", str(limit)),
+                           ("memory.usage_in_bytes", str(gb // 2)),
+                           ("memory.stat", "total_inactive_file 0")):
+            (v1 / name).write_text(text + "\n")
+    assert utils.available_memory() == 500 * gb // 1024 * 1024  # cpu's folder not read
+    (tmp_path / "meminfo").unlink()
+    assert utils.available_memory() is None
+
+
 def test_an_unseen_class_typed_in_another_unicode_form_is_its_folder():
     """--unseen_classes typed composed (NFC) names the class folder stored decomposed
     (NFD, as macOS writes it), in training and evaluation alike (datasets.as_found)."""
