@@ -374,6 +374,33 @@ def test_auto_cache_caches_what_fits(env, tmp_path, monkeypatch, capsys):
             "per epoch; decoding them all first would cost more)") in capsys.readouterr().out
 
 
+def test_auto_cache_counts_the_ranks_of_the_job_and_of_the_node(env, tmp_path, monkeypatch,
+                                                                capsys):
+    """Under torchrun an epoch's step reads --batch_size images on each rank: 2 ranks of
+    batch 2 read the 8 images in 2 steps, so --max_steps_per_epoch 2 reads them all (ram)
+    and 1 half of them (none). The node keeps one copy per process on it
+    (LOCAL_WORLD_SIZE), not per process of the job."""
+    chosen = []
+
+    def loader(dataset, batch_size, *, cache_images, **kw):
+        chosen.append(cache_images)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(datasets, "build_train_loader", loader)
+    monkeypatch.setattr(utils, "available_memory", lambda: 10 ** 12)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # two nodes of two
+    for steps, want in (("2", "ram"), ("1", "none")):
+        args = _args(env, str(tmp_path / steps), "--max_steps_per_epoch", steps)
+        with pytest.raises(KeyboardInterrupt):  # _train: the job's world without a group
+            run_pretraining._train(args, utils.DistEnv(world_size=2))
+        assert chosen.pop() == want
+        said = capsys.readouterr().out
+        assert ("[data] --cache_images auto: ram (the decoded images take 0.00 GB per "
+                "process, x2 on this node; ") in said if want == "ram" else (
+            "[data] --cache_images auto: none (--max_steps_per_epoch reads 4 of the 8 "
+            "images per epoch; decoding them all first would cost more)") in said
+
+
 def test_resume_refuses_other_arguments(env, reference):
     out, _ = reference
     with pytest.raises(ValueError, match="--batch_size 2 .now 1.(.|\n)*--no_auto_resume"):
@@ -1520,6 +1547,25 @@ def test_init_ckpt_loads_a_beit_checkpoint(env, tmp_path, monkeypatch):
     loaded = calls[0]["model"].state_dict()
     for key, value in source.state_dict().items():
         assert torch.equal(loaded[key], value), key
+
+
+def test_the_ranks_compare_their_foreground_masks_file_by_file_too(env, tmp_path,
+                                                                   monkeypatch):
+    """Masks decide where the ViT masks: ranks whose masks differ are refused naming the
+    files, so the files compared are this rank's training images and its masks."""
+    compared = []
+
+    def check(identity, data_path, paths):
+        compared.append((identity, data_path, list(paths)))
+        raise KeyboardInterrupt  # enough: the files are named
+    monkeypatch.setattr(run_pretraining, "check_ranks_read_same_data", check)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretraining.main(_args(env, str(tmp_path / "out")))
+    [(identity, data_path, paths)] = compared
+    rel = sorted(os.path.relpath(p, data_path) for p in paths)
+    assert rel == sorted(f"{sub}/{c}/{i:03d}.png" for sub in ("train", "fg_mask")
+                         for c in TWO_CLASSES for i in range(4))
+    assert run_pretraining.FG_MASKS in identity
 
 
 def test_no_init_with_another_init_ckpt_is_refused_not_silently_random(env, tmp_path, capsys):
