@@ -258,25 +258,38 @@ def test_a_title_that_fits_is_kept_whole_and_each_lies_under_its_panel():
     """A panel's name exactly as wide as its room is kept whole (cutting one that fits
     hid a word for nothing); each name starts inside its own panel, not in the white gap
     before it (placed by the panel's width alone, the second and third drifted left by a
-    gap each)."""
+    gap each): a map's title under its overlay, its label under its colour bar. Each
+    overlay is drawn on its own map's scale."""
     wide = cv2.getTextSize("image", heatmaps.FONT, heatmaps.FONT_SCALE, 1)[0][0]
     assert heatmaps._cut_end("image", wide) == "image"
     assert heatmaps._cut_end("image", wide - 1).endswith("...")
     h = w = 64
     maps = [_pmad(np.zeros((h, w)), ColourScale(0.0, 1.0)),
-            heatmaps.ScoreMap("ProtoFlow map alone", "ProtoFlow", np.zeros((h, w)),
-                              ColourScale(0.0, 1.0))]
+            heatmaps.ScoreMap("ProtoFlow map alone", "ProtoFlow", np.full((h, w), 5.0),
+                              ColourScale(0.0, 10.0))]
     out = heatmaps.render(np.full((h, w, 3), 128, np.uint8), maps,
                           Caption("x", 1.0, 1.0, None), np.zeros((h, w)))
     names = out[h:h + heatmaps.LINE_HEIGHT + 2]
     bar = heatmaps.BAR_WIDTH + heatmaps.BAR_LABELS
     widths = [w, w, w, bar, w, bar]  # image, truth, PMAD, its bar, ProtoFlow, its bar
+    titles = ["image", "ground truth (white: defect)", "PMAD score map", "PMAD",
+              "ProtoFlow map alone", "ProtoFlow"]
     assert out.shape[1] == sum(widths) + 5 * heatmaps.GAP
     x = 0
-    for k, width in enumerate(widths):
+    for k, (width, title) in enumerate(zip(widths, titles)):
         assert (names[:, x:x + width] < 200).any(), k  # named
         assert (names[:, x + width:x + width + heatmaps.GAP] == 255).all(), k  # gap blank
+        alone = np.full((heatmaps.LINE_HEIGHT + 2, width, 3), 255, np.uint8)
+        cv2.putText(alone, heatmaps._cut_end(title, width - 4), (2, heatmaps.LINE_HEIGHT - 2),
+                    heatmaps.FONT, heatmaps.FONT_SCALE, heatmaps.GREY, 1, cv2.LINE_AA)
+        assert (names[:, x:x + width] == alone).all(), title  # that name, at its start
         x += width + heatmaps.GAP
+    # ProtoFlow's 5.0 is the middle of its own 0-10 scale (jet level 128), where PMAD's
+    # 0-1 scale would clip it to red
+    jet = cv2.applyColorMap(np.array([[128]], np.uint8), cv2.COLORMAP_JET)[0, 0, ::-1]
+    start = 3 * (w + heatmaps.GAP) + bar + heatmaps.GAP  # image, truth, PMAD, its bar
+    want = (0.5 * np.float32(128) + 0.5 * jet.astype(np.float32)).astype(np.uint8)
+    assert (out[:h, start:start + w] == want).all()
 
 
 def test_render_refuses_no_map_and_a_map_of_another_size():
