@@ -130,7 +130,8 @@ def test_bench_model_clock_choice(model_main, argv, cuda, clock):
 
 
 @pytest.mark.parametrize("argv", [["--reps", "0"], ["--cpu-batch", "0"], ["--threads", "0"],
-                                  ["--model", "nope"]])
+                                  ["--model", "nope"], ["--warmup", "-1"],
+                                  ["--cuda-batches", "4", "0"]])
 def test_bench_model_refuses_bad_arguments_before_building(model_main, capsys, argv):
     """--reps 0 ended in statistics' 'no median for empty data' after the models were
     built and checked, an unknown --model in timm's traceback: now an argparse error,
