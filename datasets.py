@@ -1324,17 +1324,26 @@ def _require_masks(items: list[tuple[str, int, str]], root: str, classes: list[s
     missing = [(c, m) for _, c, m in items if not os.path.isfile(m)]
     if not missing:
         return
-    lines = []
+    lines, nested = [], []
     for idx, name in enumerate(classes):
         files = [m for c, m in missing if c == idx]
         total = sum(1 for _, c, _ in items if c == idx)
         if files and len(files) == total:
-            lines.append(f"{os.path.join(root, 'fg_mask', name)}/ (no masks for any of "
-                         f"its {total} images)")
+            folder = os.path.join(root, "fg_mask", name)
+            lines.append(f"{folder}/ (no masks for any of its {total} images)")
+            # fg_mask.zip holds fg_mask/<class>/: unzipped inside fg_mask/ by hand
+            if os.path.isdir(os.path.join(root, "fg_mask", "fg_mask", name)):
+                nested.append(name)
         else:
             lines += [dangling_link(m) or m for m in files]
+    fix = FIX_FG_MASK
+    if nested:
+        deep = os.path.join(root, "fg_mask", "fg_mask")
+        fix = (f"the masks of {', '.join(nested)} are one folder too deep, in {deep}/ (the "
+               f"zip unpacked inside fg_mask/): move its class folders up into "
+               f"{os.path.join(root, 'fg_mask')}/, or {FIX_FG_MASK}")
     raise BadFileError(f"{len(missing)} foreground mask(s) missing:{bullet_list(lines)}"
-                       f"\nFix: {FIX_FG_MASK}")
+                       f"\nFix: {fix}")
 
 
 def _mask_listing(gt_dir: str) -> dict[tuple[str, str], str]:

@@ -1528,6 +1528,23 @@ def test_a_foreground_mask_linking_nowhere_is_named_with_its_lost_target(train_r
         f"exist\nFix: {datasets.FIX_FG_MASK}")
 
 
+def test_foreground_masks_one_folder_too_deep_are_found_and_named(train_root):
+    """fg_mask.zip holds fg_mask/<class>/; unzipped by hand inside fg_mask/ its masks lie
+    in fg_mask/fg_mask/<class>/, and the error said only that the class had none."""
+    masks = train_root / "fg_mask" / "bottle"
+    deep = train_root / "fg_mask" / "fg_mask"
+    deep.mkdir()
+    masks.rename(deep / "bottle")
+    with pytest.raises(BadFileError) as err:
+        _pretrain(train_root)
+    head, fix = str(err.value).split("\nFix: ")
+    assert head == (f"3 foreground mask(s) missing:\n  {masks}/ (no masks for any of its 3 "
+                    "images)")
+    assert fix == (f"the masks of bottle are one folder too deep, in {deep}/ (the zip "
+                   f"unpacked inside fg_mask/): move its class folders up into "
+                   f"{train_root / 'fg_mask'}/, or {datasets.FIX_FG_MASK}")
+
+
 def test_a_test_image_or_mask_linking_nowhere_is_refused_or_left_out(mvtec_root):
     image = mvtec_root / "bottle" / "test" / "good" / "002.png"
     image_target = _dangle(image)
