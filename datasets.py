@@ -1532,8 +1532,8 @@ def test_set_contents(root: str, class_name: str) -> tuple[str, dict[str, str]]:
     its test files: (the set's sha256, {test image path: its content's sha256}). A resumed
     evaluation reuses the class's record only for the same set, as an image replaced,
     added or removed changes every metric; the images' own hashes find those a model
-    trained on (run_test.trained_test_images). A ground_truth folder counts, and so do files that are missing (a mask
-    not made yet) or unreadable."""
+    trained on (run_test.trained_test_images). A ground_truth folder counts, and so do
+    files that are missing (a mask not made yet) or unreadable."""
     has_ground_truth = os.path.isdir(os.path.join(root, class_name, "ground_truth"))
     items, _ = MVTecTestDataset._list(root, class_name, has_ground_truth)
     digest = hashlib.sha256(b"ground_truth\n" if has_ground_truth else b"")
