@@ -170,5 +170,6 @@ def main() -> None:
           f"baseline {walls['combinational', 0]:.0f}")
     print("target: >= 5,000 combinational masks/s on one core (published code: ~650/s)")
 
+
 if __name__ == "__main__":
     main()

@@ -623,9 +623,7 @@ def test_only_namespace_is_allowed_besides_tensors(tmp_path, source_model):
         load_checkpoint(build(depth=2), path)
 
 
-
 # ------------------------------------------------------------ builder and eval settings
-
 def test_build_pmad_is_the_paper_layout():
     from modeling_pmad import build_pmad
     model = build_pmad(TINY, vocab_size=40, img_size=112, init_values=0.05, drop_path_rate=0.1)
