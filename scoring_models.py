@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -77,6 +78,10 @@ class Models:
                     patch_size=self.model.patch_embed.patch_size[0])
 
 
+# BEiT's released pretraining files (beit_base_patch16_224_pt22k.pth, ...): PMAD's init
+BEIT_PRETRAINING_NAME = re.compile(r"beit_\w+_pt(22k|1k)\.pth")
+
+
 def load(ckpt: str, *, config: dict[str, Any] | None = None,
          tokenizer_path: str | None = None, protoflow_weights: str = "weights/protoflow",
          prototypes_dir: str = "weights/prototypes", encoder_weights: str | None = None,
@@ -109,6 +114,11 @@ def load(ckpt: str, *, config: dict[str, Any] | None = None,
     config, notes = modeling_pmad.resolve_eval_config(config or {}, checkpoint, ckpt)
     for note in notes:
         say(note)
+    if BEIT_PRETRAINING_NAME.fullmatch(os.path.basename(ckpt)):
+        say(f"warning: {ckpt} is named as BEiT's ImageNet pretraining checkpoint (the "
+            "ViT's --init_ckpt), whose layout a PMAD checkpoint shares: scored as one, its "
+            "ViT never learned these classes' normal images. Pass a PMAD checkpoint: "
+            "released (weights/README.md) or run_pretraining.py's checkpoint-last.pth")
     mean, std = datasets.normalization(config["imagenet_default_mean_and_std"])
     trained = modeling_pmad.checkpoint_args(checkpoint) or {}
     epoch = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None  # 0-based

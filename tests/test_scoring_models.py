@@ -341,6 +341,35 @@ def test_a_checkpoint_laid_out_as_the_authors_code_writes_it_gives_epochs_and_no
     assert m.vit_training_args == {"model": tiny_world.model}  # not the image list
 
 
+def test_beits_pretraining_checkpoint_given_as_the_vit_is_said_to_be_one(tiny_world,
+                                                                        tmp_path):
+    """BEiT's pt22k file (the ViT's --init_ckpt) has a PMAD checkpoint's layout, so it
+    loads and scores: plausibly, and meaninglessly. Its name is said; a PMAD
+    checkpoint's name is not."""
+    named = scoring_models.BEIT_PRETRAINING_NAME.fullmatch
+    assert named("beit_large_patch16_224_pt22k.pth") and named("beit_base_patch16_224_pt1k.pth")
+    assert not named("my_beit_base_pt22k_run.pth") and not named("checkpoint-299.pth")
+    state = torch.load(tiny_world.pmad_ckpt, weights_only=True)
+    kwargs = dict(config={"tokenizer_model": "kmeans", "model": tiny_world.model},
+                  tokenizer_path=str(tiny_world.tokenizer),
+                  protoflow_weights=str(tiny_world.protoflow),
+                  prototypes_dir=str(tiny_world.prototypes_dir), amp="none")
+    said: dict[str, list[str]] = {}
+    for name in ("beit_base_patch16_224_pt22k.pth", "checkpoint-last.pth"):
+        path = tmp_path / name
+        torch.save({"model": state["model"]}, path)
+        scoring_models.load(str(path), say=said.setdefault(name, []).append, **kwargs)
+    path = tmp_path / "beit_base_patch16_224_pt22k.pth"
+    assert said["beit_base_patch16_224_pt22k.pth"][-1] == (
+        f"warning: {path} is named as BEiT's ImageNet pretraining checkpoint (the ViT's "
+        "--init_ckpt), whose layout a PMAD checkpoint shares: scored as one, its ViT never "
+        "learned these classes' normal images. Pass a PMAD checkpoint: released "
+        "(weights/README.md) or run_pretraining.py's checkpoint-last.pth")
+    notes = said["checkpoint-last.pth"]
+    assert len(notes) == len(said["beit_base_patch16_224_pt22k.pth"]) - 1
+    assert notes and not any(n.startswith("warning:") for n in notes)
+
+
 def test_recorded_flags_are_what_json_can_hold():
     """results.json (written strictly: no NaN) takes a checkpoint's flags as they are,
     but a value JSON cannot hold as its repr, and never the training images' hashes."""
