@@ -219,24 +219,24 @@ def test_released_layout_file_loads_strictly_with_defaults(b6_state, flow272, tm
     assert logp.shape == (1, 28, 28) and torch.isfinite(logp).all()
 
 
-def test_a_file_saved_from_ddp_wrappers_loads(b6_state, flow272, tmp_path):
+def test_a_file_saved_from_ddp_wrappers_loads(trained, tmp_path):
     """Encoder and flow saved from (Distributed)DataParallel wrappers, every key
     'module.<key>': the same weights, for ProtoFlow and as --encoder_weights alike."""
+    plain = torch.load(trained["path"], weights_only=True)
     wrapped = tmp_path / "wrapped.pt"
-    torch.save({"encoder_state_dict": {f"module.{k}": v for k, v in b6_state.items()},
-                "decoder_state_dict": {f"module.{k}": v
-                                       for k, v in flow272.state_dict().items()}}, wrapped)
-    (tmp_path / "p" / "bottle").mkdir(parents=True)
-    np.save(tmp_path / "p" / "bottle" / pf.CORESET_FILE, np.zeros((5, 272), np.float32))
-    model = pf.ProtoFlow(str(wrapped), str(tmp_path / "p"))
-    assert (model.feature_dim, model.n_blocks) == (272, 8)
-    for k, v in b6_state.items():
-        assert torch.equal(model.encoder.state_dict()[k], v), k
-    for k, v in flow272.state_dict().items():
-        assert torch.equal(model.flow.state_dict()[k], v), k
-    encoder = create_backbone("tf_efficientnet_b6", (2, 3), weights=str(wrapped))
+    torch.save({**plain, **{field: {f"module.{k}": v for k, v in plain[field].items()}
+                            for field in ("encoder_state_dict", "decoder_state_dict")}},
+               wrapped)
+    model = pf.ProtoFlow(str(wrapped), trained["proto_dir"])
+    for field, module in (("encoder_state_dict", model.encoder),
+                          ("decoder_state_dict", model.flow)):
+        loaded = module.state_dict()
+        assert loaded.keys() == plain[field].keys()
+        for k, v in plain[field].items():
+            assert torch.equal(loaded[k], v), k
+    encoder = create_backbone("efficientnet_lite0", (2, 3), weights=str(wrapped))
     key = "blocks.2.0.conv_pw.weight"
-    assert torch.equal(encoder.state_dict()[key], b6_state[key])
+    assert torch.equal(encoder.state_dict()[key], plain["encoder_state_dict"][key])
 
 
 def test_a_new_class_is_told_to_make_prototypes_with_the_flows_own_encoder(
