@@ -280,6 +280,11 @@ def plan_custom(src: str, out: str, test_fraction: float = DEFAULT_TEST_FRACTION
     least = min_normal_images(test_fraction)
     plan: dict[str, list[tuple[str, str]]] = {}
     problems, notes = [], []
+    loose = loose_images(src)  # in no class: left out unseen by every run
+    if loose:
+        problems.append(f"{src}: holds image(s) outside any class folder "
+                        f"({some_names(loose, 3)}), which would be left out: move each into "
+                        "<class>/good/ or <class>/<defect>/")
     for name in names:
         folders = data_subdirs(os.path.join(src, name))
         normal = [d for d in folders if d in NORMAL_DIRS]

@@ -914,3 +914,28 @@ def test_visa_split_refuses_stems_that_differ_only_in_case(tmp_path):
         "  lines 2, 3: candle/Data/Images/Normal/A.JPG and candle/Data/Images/Extra/a.JPG "
         "would both be copied to candle/train/good/ as A (one over the other, or sharing its "
         "mask): rename all but one image, and its row"]
+
+
+def test_custom_refuses_images_outside_the_class_folders(tmp_path, capsys):
+    """DIR/extra.png (beside the class folders) was left out with exit 0, unnamed, and
+    DIR/*.png with no class folder at all got only 'no class folders'; now each such
+    image is named, with where it belongs, and nothing is written."""
+    src = _custom_set(tmp_path / "mine", {"widget": 3})
+    Image.new("RGB", (16, 16)).save(src / "extra.png")
+    (src / "notes.txt").write_text("not an image\n")
+    dst = tmp_path / "mvtec"
+    assert setup_main(["--custom", str(src), "--data_path", str(dst), "--root",
+                       str(tmp_path / "inet")]) == 2
+    err = capsys.readouterr().err
+    assert (f"{src}: holds image(s) outside any class folder (extra.png), which would be "
+            "left out: move each into <class>/good/ or <class>/<defect>/") in err
+    assert not dst.exists()
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for k in range(4):
+        Image.new("RGB", (16, 16)).save(flat / f"{k:03d}.png")
+    with pytest.raises(dataset_converters.LayoutError) as e:
+        dataset_converters.plan_custom(str(flat), str(tmp_path / "mvtec2"))
+    assert (f"{flat}: holds image(s) outside any class folder (000.png, 001.png, 002.png, "
+            "... 1 more), which would be left out") in str(e.value)
+    assert "no class folders" not in str(e.value)
