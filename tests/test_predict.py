@@ -759,3 +759,28 @@ def test_contradictory_clean_flags_fail_before_anything_is_read(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("error: --ce_weight weighs the cross-entropy in --combine weighted")
     assert not (tmp_path / "out").exists()
+
+
+def test_class_from_folder_on_one_class_s_folder_says_so_before_loading(tiny_world, tmp_path,
+                                                                         monkeypatch, capsys):
+    """--class_from_folder given one class's folder (DIR/coins/ with good/ and a defect
+    folder), or a glob of its good/ images, took 'good' and 'scratch' as classes and,
+    after the models loaded, advised making prototypes for a class 'scratch'; now it is
+    refused up front, naming the classes taken, the reason and --class_name coins."""
+    monkeypatch.setattr(run_test, "load_models", lambda *a: pytest.fail("models loaded"))
+    coins = tmp_path / "mine" / "coins"
+    for folder in ("good", "scratch"):
+        shutil.copytree(tiny_world.mvtec_root / "coins" / "test" / folder, coins / folder)
+    argv = ["--class_from_folder", "--output_dir", str(tmp_path / "out"),
+            *tiny_world.model_argv()]
+    assert predict.main([str(coins), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "error: --class_from_folder took 'good', 'scratch' as class(es), which have no "
+        f"prototypes in {tiny_world.prototypes_dir} (its classes: ")
+    assert err.rstrip().endswith(
+        "'good' is the folder of a class's normal images. Give the folder holding the class "
+        "folders, or --class_name for one class (e.g. --class_name coins)")
+    assert predict.main([str(coins / "good" / "*.png"), *argv]) == 2
+    assert "took 'good' as class(es)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
