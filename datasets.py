@@ -393,16 +393,28 @@ def _train_layout_fix(root: str) -> str:
                                              os.path.basename(grandparent)))
         return (f"{root} is one class's folder of a training set: pass --data_path "
                 f"{grandparent} --classes {os.path.basename(root)}")
-    if os.path.isdir(root) and any(os.path.isdir(os.path.join(root, c, d))
-                                   for c in data_subdirs(root) for d in NORMAL_DIRS):
-        name = os.path.basename(os.path.abspath(root))
-        return (f"{root} holds your own images (<class>/good): convert them with `python "
-                f"setup_train_dataset.py --custom {root} --data_path data/{name}_mvtec "
-                f"--root data/{name}-ImageNet --make_fg_masks` and pass --data_path "
-                f"data/{name}-ImageNet")
+    if _holds_custom_set(root):
+        return _custom_conversion(root, "-ImageNet")
     target = parent if os.path.basename(root) == "train" else root
     return ("pass the folder holding train/ and fg_mask/ as --data_path, or make it with "
             f"`python setup_train_dataset.py --data_path <MVTec AD> --root {target}`")
+
+
+def _holds_custom_set(root: str) -> bool:
+    """Whether `root` holds your own images as setup_train_dataset.py --custom takes
+    them: <class>/good (or ok)."""
+    return os.path.isdir(root) and any(os.path.isdir(os.path.join(root, c, d))
+                                       for c in data_subdirs(root) for d in NORMAL_DIRS)
+
+
+def _custom_conversion(root: str, use: str) -> str:
+    """How to convert your own images at `root` (setup_train_dataset.py --custom), and
+    which of its outputs to pass: `use` '-ImageNet' (training) or '_mvtec' (evaluation)."""
+    name = os.path.basename(os.path.abspath(root))
+    return (f"{root} holds your own images (<class>/good): convert them with `python "
+            f"setup_train_dataset.py --custom {root} --data_path data/{name}_mvtec "
+            f"--root data/{name}-ImageNet --make_fg_masks` and pass --data_path "
+            f"data/{name}{use}")
 
 
 def list_test_classes(root: str) -> list[str]:
@@ -427,6 +439,8 @@ def find_test_classes(root: str) -> list[str]:
         hint = (f"{root} looks like an ImageNet-layout training set (train/<class>): "
                 "evaluation reads the MVTec-format set it was made from (the --data_path "
                 "given to setup_train_dataset.py)")
+    elif _holds_custom_set(root):
+        hint = _custom_conversion(root, "_mvtec")
     else:
         nearest = [os.path.join(root, d) for d in data_subdirs(root)
                    if list_test_classes(os.path.join(root, d))]

@@ -488,6 +488,28 @@ def test_train_root_or_its_train_folder(train_root, tmp_path, capsys):
         "data/my_images-ImageNet --make_fg_masks` and pass --data_path data/my_images-ImageNet")
 
 
+def test_evaluation_given_your_own_images_says_how_to_convert_them(tmp_path):
+    """run_test.py --data_path my_images (setup_train_dataset.py --custom's input, not yet
+    converted) was told only to 'pass the folder of an MVTec-format set', while training
+    named the conversion; now evaluation names it too, and the MVTec copy to pass."""
+    own = tmp_path / "my_images"
+    (own / "cat" / "good").mkdir(parents=True)
+    (own / "cat" / "scratch").mkdir()
+    with pytest.raises(LayoutError) as err:
+        datasets.find_test_classes(str(own))
+    assert str(err.value) == (
+        f"--data_path {own} holds no <class>/test folder; expected {datasets.TEST_LAYOUT}. "
+        f"{own} holds your own images (<class>/good): convert them with `python "
+        f"setup_train_dataset.py --custom {own} --data_path data/my_images_mvtec --root "
+        "data/my_images-ImageNet --make_fg_masks` and pass --data_path data/my_images_mvtec")
+    # a folder of neither layout keeps the general advice
+    (own / "cat" / "good").rename(own / "cat" / "normal")
+    with pytest.raises(LayoutError) as err:
+        datasets.find_test_classes(str(own))
+    assert str(err.value).endswith("pass the folder of an MVTec-format set (MVTec AD, BTAD, "
+                                   "MPDD, the demo set)")
+
+
 def test_dataloader_batches(train_root):
     batch = next(iter(DataLoader(_pretrain(train_root), batch_size=4)))
     assert batch["image"].shape == (4, 3, 64, 64) and batch["token_image"].shape == (4, 3, 32, 32)
