@@ -32,8 +32,8 @@ from typing import Callable, Sequence
 from dataset_converters import (DEFAULT_TEST_FRACTION, convert_custom, convert_visa,
                                 custom_classes, read_visa_split, remove_unlisted)
 from datasets import (IMAGE_EXTENSIONS, MVTEC_CLASSES, NORMAL_DIRS, TEXTURES, BadFileError,
-                      LayoutError, data_subdirs, fg_mask_path, list_images, loose_images,
-                      resolve_train_root)
+                      LayoutError, data_subdirs, fg_mask_path, is_image_name, list_images,
+                      loose_images, resolve_train_root)
 from demo_data import DEFECT_AREA_BOUNDS, WORLDS, make_demo_dataset
 from fg_masks import REPLACE_IN_DATA_PATH, FgMaskZip, make_fg_masks, mask_coverage
 from utils import (UniqueNames, cli, fraction_arg, int_at_least, prepare_output_dir,
@@ -98,10 +98,33 @@ def plan_copies(data_path: str, root: str, classes: Sequence[str]
             problems.append(f"{src_dir} (no image files {'/'.join(IMAGE_EXTENSIONS)})")
         plan[name]["train"] = [(f, os.path.join(root, "train", name, os.path.basename(f)))
                                for f in files]
+        if src_dir is not None:
+            _note_not_trained(os.path.join(class_dir, "train"), src_dir)
     if problems:
         raise LayoutError(f"{data_path} is not a complete MVTec-format dataset:\n  "
                           + "\n  ".join(problems) + f"\nexpected {SOURCE_LAYOUT}")
     return plan
+
+
+def _note_not_trained(train_dir: str, normal_dir: str) -> None:
+    """A note on stderr naming the images in <class>/train that are not in its normal
+    folder: beside it (train/001.png) or in another folder (train/scratch/), neither of
+    which is copied (training reads normal images only), so none is left out unseen."""
+    loose = loose_images(train_dir)
+    others = []
+    for d in data_subdirs(train_dir):
+        folder = os.path.join(train_dir, d)
+        if folder != normal_dir:
+            count = sum(is_image_name(n) for _, _, names in os.walk(folder) for n in names)
+            if count:
+                others.append(f"{d}/ ({count})")
+    if loose or others:
+        what = " and ".join(
+            ([f"{len(loose)} image(s) beside {os.path.basename(normal_dir)}/ "
+              f"({some_names(loose, 3)})"] if loose else [])
+            + ([f"the images in {', '.join(others)}"] if others else []))
+        print(f"note: {train_dir}: left out {what}: training reads only the normal images "
+              f"in {normal_dir}; move any normal image there to train on it", file=sys.stderr)
 
 
 def _no_train_good_problem(train_dir: str) -> str:

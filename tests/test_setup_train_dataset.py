@@ -256,6 +256,25 @@ def test_images_directly_in_train_are_counted_with_where_they_go(tmp_path, capsy
     assert not root.exists()
 
 
+def test_images_in_train_beside_good_are_named_not_left_out_unseen(tmp_path, capsys):
+    """<class>/train/001.png beside train/good/, and train/scratch/*.png, were left out
+    with exit 0 and no word; now a note names them (only train/good is copied)."""
+    data, root = _make_mvtec(tmp_path / "mvtec"), tmp_path / "inet"
+    train = data / "bottle" / "train"
+    rng = np.random.default_rng(1)
+    for rel in ("loose.png", "scratch/000.png", "scratch/lot2/001.png"):
+        _save(train / rel, rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    (train / "empty").mkdir()
+    assert _run("--data_path", data, "--root", root, "--classes", "bottle", "carpet") == 0
+    err = capsys.readouterr().err
+    assert (f"note: {train}: left out 1 image(s) beside good/ (loose.png) and the images in "
+            f"scratch/ (2): training reads only the normal images in {train / 'good'}; move "
+            "any normal image there to train on it\n") in err
+    assert err.count("left out") == 1  # carpet's train/ holds good/ alone
+    assert sorted(p.name for p in (root / "train" / "bottle").iterdir()) == [
+        "000.png", "001.png", "002.png"]
+
+
 def test_a_class_without_a_train_folder_is_listed_not_a_crash(tmp_path, capsys):
     """A class folder of test images only (no train/ at all) is one more missing folder in
     the list of problems, exit status 2, not a FileNotFoundError from counting the images
