@@ -29,8 +29,9 @@ from typing import Callable, Sequence
 from PIL import Image, UnidentifiedImageError
 
 from datasets import (MASK_FOLDER, NORMAL_DIRS, TEST_LAYOUT, VISA_CLASSES, LayoutError,
-                      as_found, data_subdirs, hint_subdirs, is_junk_dir, is_junk_file,
-                      list_images, loose_images, mask_problem, open_mask, too_large)
+                      as_found, data_subdirs, hint_subdirs, is_image_name, is_junk_dir,
+                      is_junk_file, list_images, loose_images, mask_problem, open_mask,
+                      too_large)
 from utils import some_names, write_atomic
 
 VISA_SPLIT = os.path.join("split_csv", "1cls.csv")
@@ -181,12 +182,48 @@ def _clash_problems(listed: list[tuple[int, dict[str, str]]]) -> list[str]:
     return problems
 
 
-def convert_visa(visa_dir: str, out: str, sync: Sync, classes: Sequence[str] | None = None
-                 ) -> dict[str, Counter]:
+def _refuse_unlisted_visa(out: str, train_copy: str | None, classes: Sequence[str],
+                         pairs: list[tuple[str, str]]) -> None:
+    """An earlier conversion's images in the classes' train/ and test/ folders (and in the
+    training copy `train_copy`/<class>) that the split no longer puts there: after an
+    edited split (an image moved from train to test, a row removed) one would stay in
+    train/ and be trained on while it is also tested. Refused before anything is written,
+    naming them; nothing is deleted (the folders need not be this tool's alone)."""
+    listed = {os.path.normpath(dst) for _, dst in pairs}
+    stale: list[str] = []
+    folders = [os.path.join(out, name, split) for name in classes for split in ("train", "test")]
+    if train_copy is not None:
+        trained = {name: {os.path.basename(dst) for _, dst in pairs
+                          if Path(dst).parts[-3:-1] == ("train", "good")
+                          and Path(dst).parts[-4] == name} for name in classes}
+        for name in classes:
+            folder = os.path.join(train_copy, name)
+            if os.path.isdir(folder):
+                stale += [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+                          if is_image_name(f) and f not in trained[name]]
+    for folder in folders:
+        for parent, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not is_junk_dir(d))
+            stale += [path for f in sorted(files) if is_image_name(f)
+                      and (path := os.path.normpath(os.path.join(parent, f))) not in listed]
+    if stale:
+        places = sorted({os.path.dirname(p) for p in stale})
+        raise LayoutError(
+            f"{len(stale)} image(s) of an earlier conversion lie where the split "
+            f"{VISA_SPLIT} no longer puts them ({some_names(stale, 3)}): one left in a "
+            "training folder would be trained on, while the split may now test it. Fix: "
+            f"remove {', '.join(places)} and convert again (then train again: models "
+            "trained on the earlier conversion may have seen the new split's test images)")
+
+
+def convert_visa(visa_dir: str, out: str, sync: Sync, classes: Sequence[str] | None = None,
+                 train_copy: str | None = None) -> dict[str, Counter]:
     """VisA's 1-class split into the MVTec layout under `out`: normal training images in
     train/good, test images in test/good and test/bad, each anomalous image's mask
     binarised to ground_truth/bad/<stem>_mask.png. Images are copied as they are, as
-    VisA's split script does (every loader here resizes). -> {class: image counts}."""
+    VisA's split script does (every loader here resizes). An earlier conversion's image
+    the split no longer puts where it lies, in `out` or the training copy `train_copy`
+    (<root>/train), is refused (_refuse_unlisted_visa). -> {class: image counts}."""
     by_class = read_visa_split(visa_dir, classes)
     pairs: list[tuple[str, str]] = []
     masks: list[tuple[str, str]] = []
@@ -204,6 +241,7 @@ def convert_visa(visa_dir: str, out: str, sync: Sync, classes: Sequence[str] | N
                 masks.append((os.path.join(visa_dir, row["mask"]),
                               os.path.join(out, name, "ground_truth", "bad",
                                            f"{stem}_mask.png")))
+    _refuse_unlisted_visa(out, train_copy, sorted(by_class), pairs)
     counts_all = sync(pairs, "VisA images")
     for src, dst in masks:
         _write_binary_mask(src, dst)

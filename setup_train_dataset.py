@@ -366,7 +366,8 @@ def _source_classes(args: argparse.Namespace) -> tuple[list[str], dict[str, str]
         if args.textures:  # before writing (the split file's classes: a read of it more)
             _refuse_unknown_textures(args.textures, list(read_visa_split(args.visa,
                                                                          args.classes)))
-        classes = list(convert_visa(args.visa, args.data_path, sync, args.classes))
+        classes = list(convert_visa(args.visa, args.data_path, sync, args.classes,
+                                    train_copy=os.path.join(args.root, "train")))
     elif args.custom:
         _refuse_unknown_textures(args.textures, custom_classes(args.custom, args.classes))
         classes = convert_custom(args.custom, args.data_path, sync, args.custom_test_fraction,

@@ -939,3 +939,51 @@ def test_custom_refuses_images_outside_the_class_folders(tmp_path, capsys):
     assert (f"{flat}: holds image(s) outside any class folder (000.png, 001.png, 002.png, "
             "... 1 more), which would be left out") in str(e.value)
     assert "no class folders" not in str(e.value)
+
+
+def test_visa_rerun_with_an_edited_split_refuses_the_earlier_conversion_s_images(tmp_path,
+                                                                                capsys):
+    """A split edited to move 0003.JPG from train to test converted with exit 0 and left
+    it in train/good/ and the training copy, so it was trained on and tested; now the
+    re-run names both copies and the folders to remove, writing nothing, and converts
+    once they are gone."""
+    visa = tmp_path / "VisA"
+    normal = visa / "candle" / "Data" / "Images" / "Normal"
+    normal.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for k in range(5):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            normal / f"{k:04d}.JPG", format="JPEG")
+    (visa / "split_csv").mkdir()
+
+    def split(test: set[int]) -> None:
+        (visa / "split_csv" / "1cls.csv").write_text("object,split,label,image,mask\n" + "".join(
+            f"candle,{'test' if k in test else 'train'},normal,"
+            f"candle/Data/Images/Normal/{k:04d}.JPG,\n" for k in range(5)))
+
+    mvtec, root = tmp_path / "visa_mvtec", tmp_path / "visa_inet"
+    argv = ["--visa", str(visa), "--data_path", str(mvtec), "--root", str(root),
+            "--classes", "candle"]
+    split({4})
+    assert setup_main(argv) == 0
+    assert _names(mvtec / "candle" / "train" / "good") == [
+        "0000.JPG", "0001.JPG", "0002.JPG", "0003.JPG"]
+    capsys.readouterr()
+    split({3, 4})
+    assert setup_main(argv) == 2
+    err = capsys.readouterr().err
+    train_copy, train_good = root / "train" / "candle", mvtec / "candle" / "train" / "good"
+    assert err == (
+        f"error: 2 image(s) of an earlier conversion lie where the split "
+        f"{dataset_converters.VISA_SPLIT} no longer puts them ({train_copy / '0003.JPG'}, "
+        f"{train_good / '0003.JPG'}): one left in a training folder would be trained on, "
+        f"while the split may now test it. Fix: remove {train_copy}, {train_good} and "
+        "convert again (then train again: models trained on the earlier conversion may have "
+        "seen the new split's test images)\n")
+    assert not (mvtec / "candle" / "test" / "good" / "0003.JPG").exists()  # nothing written
+    shutil.rmtree(train_copy)
+    shutil.rmtree(train_good)
+    assert setup_main(argv) == 0
+    assert _names(train_good) == _names(train_copy) == ["0000.JPG", "0001.JPG", "0002.JPG"]
+    assert _names(mvtec / "candle" / "test" / "good") == ["0003.JPG", "0004.JPG"]
+    assert setup_main(argv) == 0  # the same split again: nothing is refused
