@@ -374,30 +374,34 @@ def as_prototyped(groups: dict[str, list[tuple[str, str]]], prototypes_dir: str
     return _unique_per_class(out)
 
 
+# folders inside a class's folder: a class taken from one was taken a level too low
+CLASS_INNER_FOLDERS = (*datasets.NORMAL_DIRS, "train", "test", "ground_truth")
+
+
 def check_folder_classes(groups: dict[str, list[tuple[str, str]]], prototypes_dir: str
                          ) -> None:
-    """--class_from_folder classes named as a folder of normal images ('good', 'ok') that
-    have no prototypes: the input was one class's folder (DIR/<class>/ with good/ and
-    defect folders) or a glob or files in its good/, so the class was taken a level too
-    low. Refused before the models load, saying so, rather than told to make prototypes
-    for a class 'good'."""
+    """--class_from_folder classes named as a folder inside a class's folder (good/ or
+    ok/ of normal images, the MVTec layout's train/ and test/) that have no prototypes:
+    the input was one class's folder (DIR/<class>/ with good/ and defect folders) or a
+    glob or files in its good/, so the class was taken a level too low. Refused before
+    the models load, saying so, rather than told to make prototypes for a class 'good'."""
     if not os.path.isdir(prototypes_dir):
         return  # named when the models load
     found = set(os.listdir(prototypes_dir))
     missing = [c for c in groups if c not in found]
-    normal = next((c for c in missing if c.casefold() in datasets.NORMAL_DIRS), None)
-    if normal is None:
+    inner = next((c for c in missing if c.casefold() in CLASS_INNER_FOLDERS), None)
+    if inner is None:
         return  # a class of its own: the models' check names the prototypes to make
-    parts = Path(os.path.abspath(groups[normal][0][0])).parts
-    below = [k for k, part in enumerate(parts[:-1]) if part.casefold() == normal.casefold()]
+    parts = Path(os.path.abspath(groups[inner][0][0])).parts
+    below = [k for k, part in enumerate(parts[:-1]) if part.casefold() == inner.casefold()]
     example = parts[below[-1] - 1] if below and below[-1] > 0 else "CLASS"
     raise InputError(
         f"--class_from_folder took {', '.join(repr(c) for c in missing)} as class(es), "
         f"which have no prototypes in {prototypes_dir} (its classes: "
         f"{', '.join(sorted(found)) or 'none'}): the class is the first folder below a "
         "folder input, or an image's parent folder for files and glob patterns, and "
-        f"'{normal}' is the folder of a class's normal images. Give the folder holding the "
-        f"class folders, or --class_name for one class (e.g. --class_name {example})")
+        f"'{inner}' is a folder inside a class's folder. Give the folder holding the class "
+        f"folders, or --class_name for one class (e.g. --class_name {example})")
 
 
 def _file_stem(rel: Path) -> str:

@@ -779,8 +779,12 @@ def test_class_from_folder_on_one_class_s_folder_says_so_before_loading(tiny_wor
         "error: --class_from_folder took 'good', 'scratch' as class(es), which have no "
         f"prototypes in {tiny_world.prototypes_dir} (its classes: ")
     assert err.rstrip().endswith(
-        "'good' is the folder of a class's normal images. Give the folder holding the class "
+        "'good' is a folder inside a class's folder. Give the folder holding the class "
         "folders, or --class_name for one class (e.g. --class_name coins)")
     assert predict.main([str(coins / "good" / "*.png"), *argv]) == 2
     assert "took 'good' as class(es)" in capsys.readouterr().err
+    # one class of a set in MVTec layout: its test/ (and train/) taken as classes
+    assert predict.main([str(tiny_world.mvtec_root / "coins"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "'test'" in err and "(e.g. --class_name coins)" in err
     assert not (tmp_path / "out").exists()
