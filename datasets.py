@@ -1412,6 +1412,22 @@ def ground_truth_near_miss(root: str, class_name: str) -> str | None:
     return os.path.join(folder, near[0]) if near else None
 
 
+def _note_outside_splits(class_dir: str) -> None:
+    """A note naming the images of a class of a set in MVTec layout that lie outside its
+    train/, test/ and ground_truth/ (<class>/extra.png, <class>/validation/good/): no tool
+    reads them, so none is left out unseen. A folder named like one of masks (gt/) has
+    its own note (ground_truth_near_miss)."""
+    found = loose_images(class_dir)
+    for d in hint_subdirs(class_dir):
+        if d not in ("train", "test", "ground_truth") and not MASK_FOLDER.fullmatch(d):
+            found += _images_below(os.path.join(class_dir, d), class_dir)
+    if found:
+        _note_once(class_dir, f"left out {len(found)} image(s) outside its train/, test/ "
+                              f"and ground_truth/ ({some_names(found, 3)}), which no tool "
+                              "reads: a test image lies in test/<defect>/ ('good' for "
+                              "normal ones), its mask in ground_truth/<defect>/")
+
+
 def _refuse_normal_case(test_dir: str, defects: Sequence[str]) -> None:
     """test/Good would be scored as a defect type (its images as defective ones, with
     masks looked for): the normal folder's name is matched exactly, as MVTec AD's."""
@@ -1511,6 +1527,7 @@ class MVTecTestDataset(_TokenImageDataset):
                                  f"folders ({some_names(loose, 3)}): a test image lies in "
                                  "test/<defect>/ ('good' for normal ones); move each into "
                                  "one to score it")
+        _note_outside_splits(os.path.join(root, class_name))
         return items, missing
 
     def _load(self, item: tuple) -> tuple[Image.Image, Image.Image | None]:

@@ -1740,6 +1740,28 @@ def test_images_at_other_folder_depths_are_named_in_a_note(mvtec_root, train_roo
         "into it to use them\n")
 
 
+def test_images_of_a_class_outside_its_splits_are_named_in_a_note(mvtec_root, capsys):
+    """<class>/extra.png and <class>/validation/good/*.png (MVTec LOCO's validation
+    split) were left out by run_test.py with no word: a note names them once per class;
+    a mask folder (gt/, its own note), junk folders and ground_truth/ stay silent."""
+    bottle = mvtec_root / "bottle"
+    for rel in ("extra.png", "validation/good/000.png", "validation/good/001.png",
+                "gt/broken/000_mask.png", ".ipynb_checkpoints/000.png",
+                "__MACOSX/validation/000.png"):
+        _save(bottle / rel, np.zeros((64, 64, 3), np.uint8))
+    capsys.readouterr()
+    datasets.check_test_classes(str(mvtec_root), ["bottle"])
+    ds = MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
+    assert len(ds) == 4
+    assert capsys.readouterr().err == (
+        f"[data] note: {bottle}: left out 3 image(s) outside its train/, test/ and "
+        "ground_truth/ (extra.png, validation/good/000.png, validation/good/001.png), which "
+        "no tool reads: a test image lies in test/<defect>/ ('good' for normal ones), its "
+        "mask in ground_truth/<defect>/\n")
+    MVTecTestDataset(str(mvtec_root), "01", token_size=32, img_size=64)
+    assert "outside its" not in capsys.readouterr().err  # test/ and ground_truth/ only
+
+
 def test_macos_companions_beside_or_below_the_folders_are_no_images_left_out(mvtec_root,
                                                                              capsys):
     """A macOS '._002.png' companion beside the defect folders or in a sub-folder of one
@@ -1791,7 +1813,8 @@ def test_non_square_images_are_named_in_a_note_once_per_class_folder(mvtec_root,
     _save(mvtec_root / "bottle" / "test" / "broken" / "002.png", np.zeros((64, 128, 3),
                                                                           np.uint8))
     _save(mvtec_root / "bottle" / "test" / "good" / "002.png", np.zeros((64, 80, 3), np.uint8))
-    (mvtec_root / "bottle" / "ground_truth").rename(mvtec_root / "bottle" / "gt_elsewhere")
+    # out of the set (in the class folder, its masks would be named as left out)
+    (mvtec_root / "bottle" / "ground_truth").rename(mvtec_root.parent / "gt_elsewhere")
     MVTecTestDataset(str(mvtec_root), "bottle", token_size=32, img_size=64)
     assert capsys.readouterr().err == (
         f"[data] note: {mvtec_root / 'bottle' / 'test'}: 2 of 6 images are not square; "
