@@ -97,12 +97,18 @@ def interruption(e: KeyboardInterrupt) -> str:
     return "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
 
 
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """A Python handler that does nothing. Not SIG_DFL: a signal already received but not
+    yet handled by Python then finds no Python handler, and CPython prints 'Signal N
+    ignored due to race condition' with a traceback."""
+
+
 def _terminate(signum: int, frame: Any) -> None:
     # a SIGTERM to the process group (`timeout`, a job's cancellation) kills the DataLoader
     # workers too; torch's SIGCHLD handler would then raise 'DataLoader worker ... killed
     # by signal' while the loader shuts down, a traceback under the line that says why
     if hasattr(signal, "SIGCHLD"):
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, _ignore_signal)
     raise Terminated
 
 
