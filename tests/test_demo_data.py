@@ -394,11 +394,19 @@ def test_make_heldout_set(tmp_path):
         render_defect("retina", "scratch", np.random.default_rng(0))
 
 
-def test_progress_in_a_log_is_drawn_per_class_not_per_tenth_of_a_second(tmp_path, capsys):
+def test_progress_in_a_log_is_drawn_per_class_not_per_tenth_of_a_second(tmp_path, capsys,
+                                                                        monkeypatch):
     """Redirected to a log (stderr is no terminal here), the set's bar follows
     utils.progress: drawn at its start, at each class (its name) and at its end, not
     every tenth of a second, which left a '\r'-separated redraw per image or two in a
-    cluster job's log."""
+    cluster job's log. tqdm's clock is a fake one that advances 0.2 s per reading, so
+    the count does not depend on how fast this machine writes the images: a bar redrawn
+    every 0.1 s draws at every image, one redrawn every 30 s not within the ~10 s."""
+    import itertools
+
+    import tqdm.std
+    clock = itertools.count(0.0, 0.2)
+    monkeypatch.setattr(tqdm.std, "time", lambda: next(clock))
     make_demo_dataset(str(tmp_path / "m"), str(tmp_path / "i"), classes=["grass"],
                       n_train=30, n_test_good=5, n_test_defect=5)
     log = capsys.readouterr().err
