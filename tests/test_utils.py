@@ -1247,14 +1247,19 @@ def test_progress_bars_in_a_log_file_are_not_nested(terminal):
 def test_a_bar_in_a_log_file_is_redrawn_by_its_loop_only(monkeypatch):
     """tqdm's monitor thread redraws a bar whose adaptive miniters grew above 1 once
     maxinterval passes without a redraw, showing the count of the last redraw (the loop
-    keeps the live count to itself): in a log, a stale line. In a log the loop draws."""
+    keeps the live count to itself): in a log, a stale line. In a log the loop draws.
+    tqdm's clock is a fake one (1 ms a reading), so that the adaptive miniters a terminal
+    keeps grows the same on any machine, however busy."""
+    import itertools
+
+    import tqdm.std
     monkeypatch.setattr(utils, "LOG_INTERVAL", 0.01)
     bars = {}
     for name, stream in (("log", io.StringIO()), ("terminal", _Terminal())):
-        bar = utils.progress(range(20000), file=stream, disable=False, mininterval=0.01)
-        for i in bar:
-            if i % 1000 == 0:
-                time.sleep(0.02)
+        clock = itertools.count(0.0, 0.001)
+        monkeypatch.setattr(tqdm.std, "time", lambda: next(clock))
+        bar = utils.progress(range(2000), file=stream, disable=False, mininterval=0.01)
+        assert sum(1 for _ in bar) == 2000
         bars[name] = bar
     assert bars["log"].miniters == 1  # what the monitor reads: 'miniters > 1' to redraw
     assert bars["terminal"].miniters > 1  # tqdm's adaptive default, kept on a terminal
