@@ -103,6 +103,7 @@ def main() -> None:
     except utils.FlagError as e:
         p.error(str(e))
     amp = utils.resolve_amp(args.amp, device)
+    print(machine_line(), flush=True)  # before the run: its load average is not our own
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.images, 3, 224, 224, generator=g)
     token_images = torch.rand(args.images, 3, 112, 112, generator=g)
@@ -185,7 +186,6 @@ def main() -> None:
                 lambda: protocols.gaussian_blur(maps, SIGMA), lambda: scipy_blur(maps)),
         }
         times = median_times(rows, args.repeats, device)
-    print(machine_line())
     print(f"{args.model} + DALL-E + {args.encoder} ProtoFlow, {args.images} images, "
           f"batch {args.batch_size}, {device}, amp {amp}, "
           f"{num_masked(DEFAULT_MASK_RATIO, model.patch_embed.num_patches)} masked patches at "

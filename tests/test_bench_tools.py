@@ -478,10 +478,14 @@ def test_timing_machine_line_names_cpu_threads_load_and_versions(monkeypatch):
     assert line.endswith("no GPU") or "GPU " in line
 
 
-@pytest.mark.parametrize("script", ["bench_eval", "bench_masking", "bench_model",
-                                    "bench_protoflow", "bench_train"])
-def test_every_bench_script_prints_the_machine_line_first(load, script):
-    """Each script's main() prints timing.machine_line() before any figure."""
+@pytest.mark.parametrize("script, first_work", [
+    ("bench_eval", "build("), ("bench_masking", "masks_per_second("),
+    ("bench_model", "bench_device("), ("bench_protoflow", "bench_coreset("),
+    ("bench_train", "make_data(")])
+def test_every_bench_script_prints_the_machine_line_first(load, script, first_work):
+    """Each script's main() prints timing.machine_line() before any figure, and reads it
+    before its first work: read after the run, the load average was the run's own."""
     import inspect
     source = inspect.getsource(load(script).main)
     assert source[source.index("print("):].startswith("print(machine_line()")
+    assert source.index("machine_line()") < source.index(first_work)
