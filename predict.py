@@ -394,7 +394,10 @@ def check_folder_classes(groups: dict[str, list[tuple[str, str]]], prototypes_di
         return  # a class of its own: the models' check names the prototypes to make
     parts = Path(os.path.abspath(groups[inner][0][0])).parts
     below = [k for k, part in enumerate(parts[:-1]) if part.casefold() == inner.casefold()]
-    example = parts[below[-1] - 1] if below and below[-1] > 0 else "CLASS"
+    up = below[-1] - 1 if below else -1
+    while up >= 0 and parts[up].casefold() in CLASS_INNER_FOLDERS:  # <class>/test/good/
+        up -= 1
+    example = parts[up] if up >= 0 else "CLASS"
     raise InputError(
         f"--class_from_folder took {', '.join(repr(c) for c in missing)} as class(es), "
         f"which have no prototypes in {prototypes_dir} (its classes: "

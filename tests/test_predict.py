@@ -788,3 +788,22 @@ def test_class_from_folder_on_one_class_s_folder_says_so_before_loading(tiny_wor
     err = capsys.readouterr().err
     assert "'test'" in err and "(e.g. --class_name coins)" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_class_from_folder_names_the_class_above_every_inner_folder(tmp_path):
+    """One class's test/ folder (or its test/*/*.png) takes 'good' and the defect types as
+    classes: the class to name with --class_name is the one above test/, not 'test'."""
+    protos = tmp_path / "prototypes"
+    (protos / "bottle").mkdir(parents=True)
+    test = tmp_path / "mvtec" / "bottle" / "test"
+    groups = {"good": [(str(test / "good" / "000.png"), "good/000.png")],
+              "broken_large": [(str(test / "broken_large" / "000.png"), "000.png")]}
+    with pytest.raises(predict.InputError) as e:
+        predict.check_folder_classes(groups, str(protos))
+    assert str(e.value).endswith("(e.g. --class_name bottle)"), e.value
+    # the class taken from the class's own folder: test/ below it, the class above
+    groups = {"test": [(str(test / "broken_large" / "000.png"), "000.png")]}
+    with pytest.raises(predict.InputError) as e:
+        predict.check_folder_classes(groups, str(protos))
+    assert str(e.value).endswith("(e.g. --class_name bottle)"), e.value
+    predict.check_folder_classes({"bottle": groups["test"]}, str(protos))  # has prototypes
