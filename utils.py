@@ -1025,7 +1025,6 @@ def download_mistake(path: str | os.PathLike) -> str | None:
             head = f.read(4096)
     except OSError:
         return None
-    name = os.path.basename(path)
     if head.startswith(LFS_POINTER):
         size = re.search(rb"\nsize (\d+)", head)
         return (f"{path} is a Git LFS pointer ({os.path.getsize(path)} bytes"
@@ -1035,10 +1034,12 @@ def download_mistake(path: str | os.PathLike) -> str | None:
                 "weights/README.md)")
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if text.startswith(HTML_STARTS):
+        # not every file is the release's (encoder.pkl is OpenAI's, BEiT's on Azure) nor
+        # at its top level (prototypes/<class>/coreset.npy): the rule, not one guessed URL
         return (f"{path} is a web page (HTML), not the file itself: the link downloaded was "
-                "the page that shows the file, as Hugging Face's .../blob/main/"
-                f"{name} is. Download .../resolve/main/{name} instead (links in "
-                "weights/README.md)")
+                "a page that shows the file, as a Hugging Face .../blob/main/... link is "
+                "(.../resolve/main/... serves the file). Download it from its link in "
+                "weights/README.md")
     return None
 
 

@@ -865,9 +865,9 @@ LFS_FILE = (b"version https://git-lfs.github.com/spec/v1\n"
 def _download_mistakes(path: Path) -> dict[str, str]:
     return {
         "page": (f"{path} is a web page (HTML), not the file itself: the link downloaded was "
-                 "the page that shows the file, as Hugging Face's .../blob/main/"
-                 f"{path.name} is. Download .../resolve/main/{path.name} instead (links in "
-                 "weights/README.md)"),
+                 "a page that shows the file, as a Hugging Face .../blob/main/... link is "
+                 "(.../resolve/main/... serves the file). Download it from its link in "
+                 "weights/README.md"),
         "lfs": (f"{path} is a Git LFS pointer (134 bytes standing for a file of 349,634,560 "
                 "bytes), not the file itself: the release was cloned without Git LFS. Run "
                 "`git lfs pull` in that clone, or download the file itself (links in "
@@ -893,6 +893,7 @@ def test_a_web_page_or_lfs_pointer_is_named_with_its_fix(tmp_path, kind):
     with pytest.raises(utils.CheckpointError) as e:
         modeling_discrete_vae.load_dalle_encoder(pkl)
     assert str(e.value) == _download_mistakes(pkl)[kind]
+    assert "resolve/main/encoder.pkl" not in str(e.value)  # OpenAI's file, not the release's
     npy = tmp_path / "prototypes" / "bottle" / "coreset.npy"
     npy.parent.mkdir(parents=True)
     npy.write_bytes(data)
