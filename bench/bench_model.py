@@ -251,7 +251,6 @@ def main() -> None:
     if "cpu" in args.devices:
         runs.append((torch.device("cpu"), args.precisions, [args.cpu_batch]))
     if "cuda" in args.devices and torch.cuda.is_available():
-        print(f"GPU: {torch.cuda.get_device_name()}")
         runs.append((torch.device("cuda"), ["bf16"], args.cuda_batches))
     elif "cuda" in args.devices:
         print("CUDA: not available, skipped")
