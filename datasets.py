@@ -616,13 +616,18 @@ def bad_fg_masks_error(problems: Sequence[str], fix: str) -> BadFileError:
                         f"image's aspect ratio:{bullet_list(problems)}\nFix: {fix}")
 
 
+def images_per_rank(num_images: int, world_size: int) -> int:
+    """What each of W ranks reads per epoch: DistributedSampler (drop_last=False) gives
+    each ceil(N / W), padding by repeats, and so does ImageCache, which follows it."""
+    return -(-num_images // world_size)
+
+
 def require_full_batch(num_images: int, batch_size: int) -> None:
     """Training steps on full batches only (every rank steps as often), so each rank
-    needs at least `batch_size` samples. DistributedSampler (drop_last=False) gives each
-    of W ranks ceil(N / W), padding by repeats, and so does ImageCache, which follows it.
-    Checked before tokenizing, from the image count."""
+    needs at least `batch_size` samples (images_per_rank). Checked before tokenizing,
+    from the image count."""
     world = get_world_size()
-    per_rank = -(-num_images // world)
+    per_rank = images_per_rank(num_images, world)
     if per_rank >= batch_size:
         return
     share = (f"each of {world} processes gets {per_rank} of the {num_images} training images"

@@ -526,13 +526,13 @@ def _train_checked(args: argparse.Namespace, env: utils.DistEnv, train_classes: 
         utils.main_print(extended)
     cache = args.cache_images
     if cache == "auto":
-        per_step = args.batch_size * env.world_size
-        cut = args.max_steps_per_epoch is not None and \
-            args.max_steps_per_epoch < len(dataset) // per_step  # the epoch cut short
+        steps = datasets.images_per_rank(len(dataset), env.world_size) // args.batch_size
+        cut = args.max_steps_per_epoch is not None and args.max_steps_per_epoch < steps
+        read = min(len(dataset), args.max_steps_per_epoch * args.batch_size * env.world_size
+                   ) if cut else None  # the images of the epoch's steps, at most all
         cache, said = datasets.auto_cache(
             datasets.cache_bytes(dataset), int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-            utils.available_memory(),
-            read=(args.max_steps_per_epoch * per_step, len(dataset)) if cut else None)
+            utils.available_memory(), read=None if read is None else (read, len(dataset)))
         utils.main_print(f"[data] {said}")
     loader, sampler = datasets.build_train_loader(
         dataset, args.batch_size, cache_images=cache, device=env.device,

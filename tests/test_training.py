@@ -399,6 +399,15 @@ def test_auto_cache_counts_the_ranks_of_the_job_and_of_the_node(env, tmp_path, m
                 "process, x2 on this node; ") in said if want == "ram" else (
             "[data] --cache_images auto: none (--max_steps_per_epoch reads 4 of the 8 "
             "images per epoch; decoding them all first would cost more)") in said
+    # 3 ranks of batch 1: each reads ceil(8 / 3) = 3 images, in 3 steps (not 8 // 3 = 2),
+    # so 2 steps cut the epoch short
+    args = _args(env, str(tmp_path / "three"), "--max_steps_per_epoch", "2",
+                 "--batch_size", "1")
+    with pytest.raises(KeyboardInterrupt):
+        run_pretraining._train(args, utils.DistEnv(world_size=3))
+    assert chosen.pop() == "none"
+    assert ("--max_steps_per_epoch reads 6 of the 8 images per epoch"
+            in capsys.readouterr().out)
 
 
 def test_resume_refuses_other_arguments(env, reference):
