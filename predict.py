@@ -10,7 +10,8 @@ Inputs are folders (searched recursively), image files or glob patterns. Each im
 scored exactly as run_test.py's clean protocol scores a test image (protocols.clean_scores,
 the same flags and defaults): `predictions.csv` holds per image its PMAD score, its
 ProtoFlow score, ProtoFlow's stored normal-data threshold for the class and ProtoFlow's
-decision at it (PMAD's score has no threshold of its own). ProtoFlow's abnormality map,
+decision at it (PMAD's score has no threshold of its own); `predictions.json` the same
+rows with the run's flags and files and a per-class summary. ProtoFlow's abnormality map,
 and so PMAD's map and score, is normalised over the images of a class given together
 (docs/method.md 6): they are one normalisation set, as a class's test set is in
 run_test.py. ProtoFlow's score and the decision depend on the image alone.
@@ -22,6 +23,7 @@ import csv
 import fnmatch
 import glob
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -33,6 +35,7 @@ import numpy as np
 import datasets
 import heatmaps
 import protocols
+import reporting
 import run_test
 import scoring_models
 import utils
@@ -45,10 +48,12 @@ OUTPUT_COLUMNS = ("image", "class", "name", "pmad_score", "protoflow_score", "th
 EARLIER_COLUMNS = (("image", "class", "name", "pmad_score", "protoflow_score", "threshold",
                     "decision"),)
 PREDICTIONS_FILE = "predictions.csv"  # put in place last: a whole run's outputs are there
+# the same rows with the run's flags and files and a per-class summary, for programs
+PREDICTIONS_JSON = "predictions.json"
 SKIPPED_FILE = "skipped_images.txt"  # the images --skip_bad_images left out, if any
 # one run's outputs, set aside in this order: predictions.csv last, as a crash between
 # two moves must not leave heatmaps/ without it (check_output_dir would refuse them)
-OUTPUTS = (SKIPPED_FILE, "heatmaps", "maps", PREDICTIONS_FILE)
+OUTPUTS = (SKIPPED_FILE, "heatmaps", "maps", PREDICTIONS_JSON, PREDICTIONS_FILE)
 MAX_NAME_BYTES = 200  # an output name's limit, below the file systems' 255 with suffixes
 
 
@@ -511,7 +516,7 @@ def _predict_into(out_dir: Path, args: argparse.Namespace, options: protocols.Cl
         print(f"[predict] {cls}: {len(mine)} images, "
               + (f"{called} anomalous by ProtoFlow's score at its threshold" if decided
                  else "no decision (no threshold)"))
-    print(f"predictions: {out_dir / 'predictions.csv'}"
+    print(f"predictions: {out_dir / PREDICTIONS_FILE}, {out_dir / PREDICTIONS_JSON}"
           + (f"; heatmaps: {out_dir / 'heatmaps'}" if args.maps else "")
           + (f"; maps: {out_dir / 'maps'}" if args.save_npy else ""))
     return rows
@@ -581,7 +586,31 @@ def _score_into(out: Path, args: argparse.Namespace, m: scoring_models.Models,
     if skipped:
         (out / SKIPPED_FILE).write_text("\n".join(skipped) + "\n", encoding="utf-8",
                                         errors="surrogateescape")
+    (out / PREDICTIONS_JSON).write_text(predictions_json(args, m, rows, skipped))
     return rows, skipped
+
+
+def predictions_json(args: argparse.Namespace, m: scoring_models.Models,
+                     rows: list[dict[str, object]], skipped: list[str]) -> str:
+    """predictions.json: the run's flags and scoring files, each class's image count,
+    threshold and ProtoFlow's anomalous calls, and the CSV's rows, with null for no
+    threshold or decision (the CSV's empty cells). A name that is not UTF-8 is written
+    escaped ('\\udce9'), as JSON holds text only."""
+    images = [{k: (None if v == "" else v) for k, v in r.items()} for r in rows]
+    classes = {}
+    for cls in sorted({str(r["class"]) for r in images}):
+        mine = [r for r in images if r["class"] == cls]
+        decided = mine[0]["protoflow_decision"] is not None
+        classes[cls] = {"images": len(mine), "threshold": mine[0]["threshold"],
+                        "protoflow_anomalous": sum(r["protoflow_decision"] == "anomalous"
+                                                   for r in mine) if decided else None}
+    record = {"flags": vars(args), "files": {"ckpt": args.ckpt,
+                                             "protoflow_weights": m.protoflow_path,
+                                             "prototypes_dir": args.prototypes_dir},
+              "device": str(m.device), "amp": m.amp, "classes": classes,
+              "skipped_images": skipped, "images": images}
+    return json.dumps(reporting.finite_or_null(record), indent=1, allow_nan=False,
+                      default=str)  # a flag's value of another type, as its text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shutil
 from pathlib import Path
@@ -78,6 +79,16 @@ def test_predict_reproduces_the_clean_protocol(tiny_world, tmp_path, monkeypatch
     called = sum(r["protoflow_decision"] == "anomalous" for r in rows)  # ProtoFlow's call
     assert f"[predict] coins: 8 images, {called} anomalous by ProtoFlow's score at its " \
            "threshold\n" in said
+    # the same rows for programs, with the run's flags, files and per-class summary
+    record = json.loads((out / "predictions.json").read_text())
+    assert record["classes"] == {"coins": {"images": 8, "threshold": pytest.approx(threshold),
+                                           "protoflow_anomalous": called}}
+    assert [(r["name"], r["pmad_score"], r["protoflow_decision"]) for r in record["images"]] \
+        == [(r["name"], pytest.approx(float(r["pmad_score"])), r["protoflow_decision"])
+            for r in rows]
+    assert record["flags"]["class_name"] == "coins" and record["skipped_images"] == []
+    assert record["files"]["ckpt"] == str(tiny_world.pmad_ckpt)
+    assert f"predictions: {out / 'predictions.csv'}, {out / 'predictions.json'}" in said
 
 
 def test_each_class_gets_its_own_threshold_and_table_6_mask_ratio(tiny_world, tmp_path,
@@ -339,7 +350,8 @@ def test_class_from_folder_and_bad_images(tiny_world, tmp_path, capsys):
     (inbox / "coins" / "zz_broken.png").write_bytes(b"not a png")
     assert predict.main(argv) == 2
     assert (out / "predictions.csv").read_text() == good
-    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", previous.name]
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "predictions.json",
+                                                     previous.name]
 
 
 def test_a_class_of_no_readable_image_is_left_out_and_the_others_kept(tiny_world, tmp_path,
@@ -643,6 +655,10 @@ def test_a_users_own_maps_folder_is_an_input_and_is_never_moved(tiny_world, tmp_
     with pytest.raises(predict.InputError, match=(
             f"^{linked / 'heatmaps'} is not an earlier predict.py run's output")):
         predict.check_output_dir(linked)
+    _touch(tmp_path, "own/predictions.json")  # a file of the user's named like ours
+    with pytest.raises(predict.InputError, match=(
+            f"^{tmp_path / 'own' / 'predictions.json'} is not an earlier predict.py run's")):
+        predict.check_output_dir(tmp_path / "own")
 
 
 def test_a_crash_while_setting_aside_keeps_the_earlier_run_recognisable(tmp_path,
