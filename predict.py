@@ -507,8 +507,9 @@ def _predict_into(out_dir: Path, args: argparse.Namespace, options: protocols.Cl
     if earlier:
         print(f"[predict] the earlier run's outputs in {out_dir} moved to {earlier}")
     if skipped:
-        print(f"[predict] left out {len(skipped)} unreadable image(s), listed in "
-              f"{out_dir / SKIPPED_FILE}")
+        # not all unreadable: an image of an extreme shape is refused too
+        print(f"[predict] left out {len(skipped)} image(s) it could not score, each listed "
+              f"with its reason in {out_dir / SKIPPED_FILE}")
     for cls in sorted({str(r["class"]) for r in rows}):  # a class left out is named above
         mine = [r for r in rows if r["class"] == cls]
         called = sum(r["protoflow_decision"] == "anomalous" for r in mine)

@@ -316,6 +316,8 @@ def test_class_from_folder_and_bad_images(tiny_world, tmp_path, capsys):
     assert [r["image"] for r in rows] == [str(inbox / r["class"] / f"{r['name']}.png")
                                           for r in rows]
     assert "broken.png" in (out / "skipped_images.txt").read_text()
+    assert (f"[predict] left out 1 image(s) it could not score, each listed with its reason "
+            f"in {out / 'skipped_images.txt'}\n") in capsys.readouterr().out
     # an image's link to nothing: refused by name, or with --skip_bad_images listed
     gone = inbox / "brick" / "+gone.png"
     gone.symlink_to(tmp_path / "gone.png")
