@@ -18,14 +18,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SETTING=${SETTING:-multi_class}
-for arg in "$@"; do  # the original's switch: another setting, with its own defaults
-    if [[ "$arg" == "--from_obj_to_texture" && "$SETTING" != obj2tex ]]; then
-        echo "error: --from_obj_to_texture selects objects -> textures, not SETTING=$SETTING:" \
-             "run bash scripts/train_cross_class.sh --from_obj_to_texture (its checkpoint and" \
-             "output folder)" >&2
-        exit 2
-    fi
-done
+if [[ " $* " == *" --from_obj_to_texture "* && "$SETTING" != obj2tex ]]; then
+    echo "error: --from_obj_to_texture selects objects -> textures, not SETTING=$SETTING:" \
+         "run bash scripts/train_cross_class.sh --from_obj_to_texture (its checkpoint and" \
+         "output folder)" >&2  # the original's switch: another setting, its own defaults
+    exit 2
+fi
 DATA_PATH=${DATA_PATH:-data/Mvtec-ImageNet}
 OUTPUT_DIR=${OUTPUT_DIR:-output_dir/${SETTING}}
 LOG_DIR=${LOG_DIR:-log_dir/${SETTING}}
